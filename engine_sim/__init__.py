@@ -1,0 +1,1 @@
+"""vLLM-compatible engine simulator for tests, demos and benchmarks."""

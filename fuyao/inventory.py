@@ -1,0 +1,269 @@
+"""What NPUs a node has, how they are connected and which NUMA node each sits on.
+
+One implementation shared by the device plugin (what to advertise, which devices to hand out together) and the
+scheduler extender (through the ``npu.openfuyao.com/topology`` annotation it produces). :func:`build_inventory` is
+a pure function of parsed npu-smi output; :func:`discover` is the I/O edge that runs npu-smi and reads sysfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .contracts import DeviceHealth, DeviceTopology, InterconnectGroup, InterconnectKind, NodeTopology
+from .npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
+from .npusmi.models import ChipMapping, NpuHealthState, NpuSmiInfo, Topology
+
+log = logging.getLogger(__name__)
+
+# Link kinds of `npu-smi info -t topo` that mean a direct high-bandwidth NPU interconnect.
+_FABRIC_LINKS = re.compile(r"^(HCCS|HCCS_SW|SIO|XLINK|UB)", re.IGNORECASE)
+_PCIE_SWITCH_LINKS = {"PIX"}
+# First-generation 910 (A1) boards: two HCCS rings of four cards (0-3, 4-7).
+_A1_MODELS = re.compile(r"^910(A|B|ProA|ProB|PremiumA)?$", re.IGNORECASE)
+
+
+class NpuDevice(BaseModel):
+    """One schedulable NPU die."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    npu_id: int
+    chip_id: int
+    physical_id: int
+    chip_model: str
+    health: NpuHealthState
+    bus_id: str | None = None
+    numa_node: int | None = None
+    group: str | None = None
+    aicore: int | None = None
+    memory_mb: int | None = None
+
+
+class NodeInventory(BaseModel):
+    """Every NPU die of a node, its interconnect groups and the versions npu-smi reported."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chip_model: str
+    driver_version: str | None
+    tool_version: str | None
+    devices: tuple[NpuDevice, ...]
+    groups: tuple[InterconnectGroup, ...]
+    numa_source: str  # "sysfs", "affinity-order" or "unknown"
+
+    def device(self, device_id: str) -> NpuDevice:
+        return next(d for d in self.devices if d.id == device_id)
+
+    def to_topology(self) -> NodeTopology:
+        """The value of the ``npu.openfuyao.com/topology`` node annotation."""
+        return NodeTopology(
+            chip_model=self.chip_model,
+            driver_version=self.driver_version,
+            devices={
+                d.id: DeviceTopology(
+                    npu_id=d.npu_id, chip_id=d.chip_id, physical_id=d.physical_id, chip_model=d.chip_model,
+                    health=DeviceHealth.HEALTHY if d.health.schedulable else DeviceHealth.UNHEALTHY,
+                    numa_node=d.numa_node, group=d.group, aicore=d.aicore, memory_mb=d.memory_mb)
+                for d in self.devices
+            },
+            groups=self.groups,
+        )
+
+
+def chip_family(model: str) -> str:
+    """``910B4`` → ``910``, ``Ascend910`` → ``910``, ``310P3`` → ``310P``, ``310B4`` → ``310B``."""
+    m = re.search(r"(\d{3})([A-Za-z]?)", model)
+    if not m:
+        return re.sub(r"[^A-Za-z0-9]", "", model) or "NPU"
+    number, suffix = m.group(1), m.group(2).upper()
+    return number + suffix if number == "310" and suffix in ("P", "B") else number
+
+
+def device_id(model: str, physical_id: int) -> str:
+    """Stable device ID (MindCluster's form ``Ascend910-3``): physical ids survive restarts and re-plugging."""
+    return f"Ascend{chip_family(model)}-{physical_id}"
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """``0-3,8,10-11`` → {0,1,2,3,8,10,11}; raises ValueError on garbage."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def numa_from_affinity(affinity: Mapping[str, str | None],
+                       node_cpus: Mapping[int, set[int]]) -> tuple[dict[str, int | None], str]:
+    """NUMA node per topology label from its CPU Affinity range.
+
+    A range maps to the sysfs NUMA node that contains all of its CPUs; when the host does not have those CPUs
+    (a simulated node, or a container without sysfs), distinct ranges are numbered in order of their first CPU.
+    """
+    ranges = {label: r for label, r in affinity.items() if r}
+    if not ranges:
+        return {label: None for label in affinity}, "unknown"
+    parsed: dict[str, set[int]] = {}
+    for label, text in ranges.items():
+        try:
+            parsed[label] = parse_cpu_list(text)
+        except ValueError:
+            log.debug("unparseable CPU affinity %r for %s", text, label)
+    by_sysfs: dict[str, int | None] = {}
+    for label, cpus in parsed.items():
+        by_sysfs[label] = next((node for node, node_set in sorted(node_cpus.items()) if cpus and cpus <= node_set),
+                               None)
+    if parsed and all(v is not None for v in by_sysfs.values()):
+        return {label: by_sysfs.get(label) for label in affinity}, "sysfs"
+    order = sorted({frozenset(c) for c in parsed.values()}, key=lambda s: min(s) if s else -1)
+    index = {cpus: i for i, cpus in enumerate(order)}
+    return {label: (index[frozenset(parsed[label])] if label in parsed else None) for label in affinity}, \
+        "affinity-order"
+
+
+def interconnect_groups(topo: Topology, label_to_device: Mapping[str, str]) -> list[InterconnectGroup]:
+    """Connected components of the fabric (HCCS/SIO) links; without fabric links, of same-PCIe-switch links."""
+    labels = [lbl for lbl in topo.devices if lbl in label_to_device]
+
+    def components(linked: Callable[[str], bool]) -> list[list[str]]:
+        seen: set[str] = set()
+        out: list[list[str]] = []
+        for start in labels:
+            if start in seen:
+                continue
+            stack, comp = [start], []
+            seen.add(start)
+            while stack:
+                cur = stack.pop()
+                comp.append(cur)
+                for other in labels:
+                    if other not in seen and linked(topo.links[cur].get(other, "")):
+                        seen.add(other)
+                        stack.append(other)
+            out.append(sorted(comp, key=labels.index))
+        return out
+
+    fabric = components(lambda link: bool(_FABRIC_LINKS.match(link)))
+    if any(len(c) > 1 for c in fabric):
+        kind = InterconnectKind.HCCS_MESH if len(fabric) == 1 else InterconnectKind.HCCS_RING
+        comps, prefix = fabric, ("hccs-mesh" if kind == InterconnectKind.HCCS_MESH else "hccs-ring")
+    else:
+        kind, prefix = InterconnectKind.PCIE, "pcie-switch"
+        comps = components(lambda link: link.upper() in _PCIE_SWITCH_LINKS)
+    return [InterconnectGroup(id=f"{prefix}-{i}", kind=kind, devices=tuple(label_to_device[x] for x in comp))
+            for i, comp in enumerate(comps)]
+
+
+def _a1_ring_groups(devices: Iterable[NpuDevice]) -> list[InterconnectGroup]:
+    rings: dict[int, list[str]] = {}
+    for d in devices:
+        rings.setdefault(d.npu_id // 4, []).append(d.id)
+    return [InterconnectGroup(id=f"hccs-ring-{i}", kind=InterconnectKind.HCCS_RING, devices=tuple(ids))
+            for i, ids in sorted(rings.items())]
+
+
+def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None, topo: Topology | None = None,
+                    node_cpus: Mapping[int, set[int]] | None = None,
+                    aicore: Mapping[int, int] | None = None) -> NodeInventory:
+    """The node's NPU inventory from parsed npu-smi output (pure; see :func:`discover` for the I/O)."""
+    logic_ids = {(m.npu_id, m.chip_id): (m.phy_id if m.phy_id is not None else m.logic_id)
+                 for m in (chip_map or []) if m.is_compute_chip}
+    devices: list[NpuDevice] = []
+    for chip in info.chips:
+        phy = chip.phy_id
+        if phy is None:
+            phy = logic_ids.get((chip.npu_id, chip.chip_id))
+        if phy is None:
+            phy = chip.npu_id if chip.chip_id == 0 else None
+        if phy is None:
+            log.warning("no physical id for NPU %d chip %d; skipping it", chip.npu_id, chip.chip_id)
+            continue
+        memory = chip.hbm_mb or chip.memory_mb
+        devices.append(NpuDevice(
+            id=device_id(chip.name, phy), npu_id=chip.npu_id, chip_id=chip.chip_id, physical_id=phy,
+            chip_model=chip.name, health=chip.health, bus_id=chip.bus_id,
+            memory_mb=int(memory.total) if memory and memory.total else None,
+            aicore=(aicore or {}).get(chip.npu_id)))
+    numa_source = "unknown"
+    groups: list[InterconnectGroup] = []
+    if topo is not None:
+        label_to_device = {}
+        for label in topo.devices:
+            index = int(re.sub(r"\D", "", label))
+            match = next((d for d in devices if d.physical_id == index), None)
+            if match:
+                label_to_device[label] = match.id
+        numa, numa_source = numa_from_affinity(topo.cpu_affinity, node_cpus or {})
+        by_id = {label_to_device[lbl]: n for lbl, n in numa.items() if lbl in label_to_device}
+        groups = interconnect_groups(topo, label_to_device)
+        devices = [d.model_copy(update={"numa_node": by_id.get(d.id)}) for d in devices]
+    elif devices and _A1_MODELS.match(devices[0].chip_model) and len({d.npu_id for d in devices}) == 8:
+        groups = _a1_ring_groups(devices)
+    group_of = {dev: g.id for g in groups for dev in g.devices}
+    devices = [d.model_copy(update={"group": group_of.get(d.id)}) for d in devices]
+    model = devices[0].chip_model if devices else ""
+    return NodeInventory(chip_model=model, driver_version=info.driver_version, tool_version=info.tool_version,
+                         devices=tuple(devices), groups=tuple(groups), numa_source=numa_source)
+
+
+def read_node_cpus(sysfs_root: str | Path = "/sys") -> dict[int, set[int]]:
+    """CPUs of each NUMA node from ``/sys/devices/system/node/node*/cpulist`` (empty when unavailable)."""
+    out: dict[int, set[int]] = {}
+    for path in Path(sysfs_root, "devices/system/node").glob("node[0-9]*/cpulist"):
+        try:
+            out[int(path.parent.name[4:])] = parse_cpu_list(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.debug("cannot read %s: %s", path, exc)
+    return out
+
+
+def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
+    """Run npu-smi (info, -m, -t topo, -t common) and build the inventory. ``info`` errors propagate; the others
+    only reduce what is known (logged)."""
+    info = npu_smi.info()
+    chip_map: list[ChipMapping] | None = None
+    if any(c.phy_id is None for c in info.chips):
+        try:
+            chip_map = npu_smi.chip_map()
+        except NpuSmiError as exc:
+            log.warning("npu-smi info -m failed, physical ids fall back to card ids: %s", exc)
+    topo: Topology | None = None
+    try:
+        topo = npu_smi.topology()
+    except NpuSmiUnsupported as exc:
+        log.info("topology not supported by this device/driver: %s", exc)
+    except NpuSmiError as exc:
+        log.warning("npu-smi -t topo failed, NUMA and interconnect groups unknown: %s", exc)
+    aicore: dict[int, int] = {}
+    for npu_id in sorted({c.npu_id for c in info.chips}):
+        try:
+            value = npu_smi.common(npu_id).first("Aicore Count")
+        except NpuSmiError as exc:
+            log.debug("npu-smi -t common -i %d failed: %s", npu_id, exc)
+            continue
+        if value and value.isdigit():
+            aicore[npu_id] = int(value)
+    return build_inventory(info, chip_map, topo, read_node_cpus(sysfs_root), aicore)
+
+
+__all__ = [
+    "DeviceHealth",
+    "NodeInventory",
+    "NpuDevice",
+    "build_inventory",
+    "chip_family",
+    "device_id",
+    "discover",
+    "interconnect_groups",
+    "numa_from_affinity",
+    "parse_cpu_list",
+    "read_node_cpus",
+]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# fuyao demo: discover the NPUs of a simulated node (the fake npu-smi) and print inventory and topology.
+# Usage: hack/demo.sh [PRESET]   presets: 910b4-8 (default), 910a1-8, 310p3-4, 910c-8
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
+ensure_venv
+cd "$REPO_ROOT"
+preset="${1:-910b4-8}"
+state="$(mktemp -d)/npu-state.json"
+trap 'rm -rf "$(dirname "$state")"' EXIT
+export FAKE_NPU_SMI_STATE="$state"
+hack/fake-npu-smi fake init --preset "$preset"
+
+echo "==> simulated node: preset $preset (fake npu-smi, state $state)"
+echo
+echo "==> npu-smi info (as the real tool prints it)"
+hack/fake-npu-smi info | head -14
+echo "   ..."
+echo
+echo "==> fuyao inventory: what the device plugin will advertise"
+fuyao --log-format text inventory --npu-smi hack/fake-npu-smi
+echo
+echo "==> a chip fails: npu-smi reports NPU 1 Critical (error code 80E01801)"
+hack/fake-npu-smi fake set-health -i 1 Critical --code 80E01801
+fuyao --log-format text inventory --npu-smi hack/fake-npu-smi | sed -n '3,6p'
+echo
+echo "==> node annotation npu.openfuyao.com/topology (what the scheduler extender reads)"
+fuyao --log-level warning inventory --npu-smi hack/fake-npu-smi --json | head -30
+echo "   ..."
+echo
+echo "Next: hack/test.sh runs the test suite; docs/architecture.md shows how the components fit together."

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run fuyao's checks: creates .venv, installs .[test], runs ruff and pytest. Extra args go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
+ensure_venv test
+cd "$REPO_ROOT"
+echo "==> ruff check"
+ruff check .
+echo "==> pytest"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,1 @@
+"""OpenAI-compatible inference router: load- and prefix-cache-aware, prefill/decode disaggregation."""

@@ -1,0 +1,1 @@
+"""Global KV-cache index (event-fed) and shared block tier."""

@@ -1,0 +1,1 @@
+"""Preset node descriptions for the fake npu-smi (JSON files beside this module)."""

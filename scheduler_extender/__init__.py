@@ -1,0 +1,1 @@
+"""HTTP scheduler extender for kube-scheduler and Volcano: NPU fit, NUMA, business type, QoS, prefill/decode."""

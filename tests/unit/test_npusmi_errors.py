@@ -1,0 +1,98 @@
+"""Bad npu-smi output and misbehaving binaries give typed errors, never a crash or a hang."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fuyao.npusmi import (
+    NpuSmi,
+    NpuSmiCommandFailed,
+    NpuSmiNotFound,
+    NpuSmiParseError,
+    NpuSmiTimeout,
+    NpuSmiUnsupported,
+)
+from fuyao.npusmi import parse as p
+from tests.conftest import sample
+
+GARBAGE = "\x1b[0m\ufffd\ufffd dcmi_get_device_info failed ret=-8005 |||| 0x7f3c\n+--+\n| ?? |\n"
+
+
+@pytest.mark.parametrize("parser", [p.parse_info, p.parse_topology, p.parse_chip_map, p.parse_template_info,
+                                    p.parse_vnpu_info, p.parse_key_values, p.parse_health, p.parse_npu_list])
+@pytest.mark.parametrize("text", [GARBAGE, "", "\n\n", "Segmentation fault\n", "\x00\x01\x02"])
+def test_garbage_is_a_parse_error(parser, text: str) -> None:
+    with pytest.raises(NpuSmiParseError):
+        parser(text)
+
+
+def test_truncated_info_table_names_the_line() -> None:
+    lines = sample("S1-info-910b4-8.txt").splitlines()
+    for cut in (3, 6, 8, 11):  # inside the header, after it, mid-entry, mid-row
+        text = "\n".join(lines[:cut]) + ("\n| 2     910B4   | OK  " if cut == 11 else "")
+        with pytest.raises(NpuSmiParseError) as err:
+            p.parse_info(text)
+        assert "info" in str(err.value)
+    with pytest.raises(NpuSmiParseError) as err:
+        p.parse_info("\n".join(lines[:10]) + "\n| 1     910B4   | OK   |\n")
+    assert err.value.line_no == 11 and "910B4" in (err.value.line or "")
+
+
+def test_truncated_topology_and_vnpu() -> None:
+    with pytest.raises(NpuSmiParseError, match="truncated"):
+        p.parse_topology("\n".join(sample("S12-topo-910b-hccs.txt").splitlines()[:5]))
+    with pytest.raises(NpuSmiParseError):
+        p.parse_vnpu_info("\n".join(sample("V5-info-vnpu-two.txt").splitlines()[:9]))
+    with pytest.raises(NpuSmiParseError, match="Total number of vnpu: 2"):
+        p.parse_vnpu_info("\n".join(sample("V5-info-vnpu-two.txt").splitlines()[:14]))
+
+
+def test_hanging_npu_smi_times_out(fake_node) -> None:
+    node = fake_node("910b4-8")
+    node.run("fake", "inject", "info", "hang", "--seconds", "60")
+    client = NpuSmi(node.path, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(NpuSmiTimeout) as err:
+        client.info()
+    assert time.monotonic() - started < 5
+    assert err.value.timeout_s == 0.5 and "info" in str(err.value)
+    assert client.topology().link("NPU0", "NPU1") == "HCCS"  # other commands are unaffected
+
+
+def test_garbage_and_truncated_from_the_binary(fake_node) -> None:
+    node = fake_node("910b4-8")
+    client = NpuSmi(node.path)
+    node.run("fake", "inject", "info", "garbage", "--times", "1")
+    with pytest.raises(NpuSmiParseError):
+        client.info()
+    assert len(client.info().chips) == 8  # the fault was one-shot
+    node.run("fake", "inject", "info -t topo", "truncate")
+    with pytest.raises(NpuSmiParseError):
+        client.topology()
+
+
+def test_failing_and_missing_binary(fake_node, tmp_path) -> None:
+    node = fake_node("910b4-8")
+    node.run("fake", "inject", "info -m", "fail")
+    with pytest.raises(NpuSmiCommandFailed) as err:
+        NpuSmi(node.path).chip_map()
+    assert err.value.returncode == 1 and "Failed to get device info." in str(err.value)
+    with pytest.raises(NpuSmiNotFound):
+        NpuSmi(str(tmp_path / "no-such-npu-smi")).info()
+
+
+def test_unsupported_is_typed(fake_node) -> None:
+    node = fake_node("910b4-8")
+    node.run("fake", "inject", "info -t topo", "unsupported")
+    with pytest.raises(NpuSmiUnsupported):
+        NpuSmi(node.path).topology()
+
+
+def test_invalid_card_id(fake_node) -> None:
+    node = fake_node("910b4-8")
+    proc = node.run("info", "-t", "health", "-i", "9", check=False)
+    assert proc.returncode == 1 and proc.stdout == "Invalid card id.\nError parameter of -i\n"
+    with pytest.raises(NpuSmiCommandFailed, match="Error parameter of -i"):
+        NpuSmi(node.path).health(9)

@@ -1,0 +1,1 @@
+"""vNPU templates, static partitioning, dynamic create-on-allocate, leak-free reconcile."""
