@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import NpuSmiParseError, NpuSmiUnsupported
 from .models import (
@@ -32,6 +33,7 @@ from .models import (
 )
 
 log = logging.getLogger(__name__)
+_N = TypeVar("_N", int, float)
 
 _MISSING = {"", "NA", "N/A", "-", "--"}
 _SEPARATOR = re.compile(r"^\+[-=+]+\+$")
@@ -48,22 +50,22 @@ def _missing(text: str | None) -> bool:
     return text is None or text.strip().upper() in _MISSING
 
 
-def _to_int(text: str | None) -> int | None:
-    if _missing(text):
+def _to_number(text: str | None, kind: type[_N]) -> _N | None:
+    """A cell as a number; missing markers and non-numbers are None."""
+    if text is None or _missing(text):
         return None
     try:
-        return int(text.strip())  # type: ignore[union-attr]
+        return kind(text.strip())
     except ValueError:
         return None
+
+
+def _to_int(text: str | None) -> int | None:
+    return _to_number(text, int)
 
 
 def _to_float(text: str | None) -> float | None:
-    if _missing(text):
-        return None
-    try:
-        return float(text.strip())  # type: ignore[union-attr]
-    except ValueError:
-        return None
+    return _to_number(text, float)
 
 
 def _to_fraction(text: str | None) -> Fraction | None:
