@@ -75,7 +75,7 @@ class NpuSmi:
         log.debug("npu-smi %s exited %d in %.3fs", " ".join(args), proc.returncode, elapsed)
         if proc.returncode != 0:
             text = (stdout + stderr).strip()
-            if parse._UNSUPPORTED.search(text) and len(text.splitlines()) <= 2:
+            if parse.is_unsupported_message(text):
                 raise NpuSmiUnsupported(f"npu-smi says: {text}", command)
             tail = text.splitlines()[-1] if text else "no output"
             raise NpuSmiCommandFailed(f"npu-smi exited with code {proc.returncode}: {tail}", proc.returncode, text,

@@ -96,6 +96,11 @@ def _assign(fields: Sequence[str], tokens: Sequence[str]) -> dict[str, str | Non
     return out
 
 
+def _first_line(text: str) -> tuple[int | None, str | None]:
+    """(line number, line) of the first non-blank line, for errors about output with no recognisable structure."""
+    return next(((i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), (None, None))
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
@@ -142,7 +147,7 @@ def _boxed_blocks(text: str, what: str) -> list[_Block]:
     if rows:
         blocks.append(_Block(rows, ""))
     if not seen_box:
-        first = next(((i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), (None, None))
+        first = _first_line(text)
         raise NpuSmiParseError(what, "no table found", first[1], first[0])
     return [b for b in blocks if b.rows or b.closed_by]
 
@@ -296,15 +301,20 @@ def parse_key_values(text: str, what: str = "report") -> KeyValueReport:
     if current:
         sections.append(tuple(current))
     if not sections:
-        first = next(((i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), (None, None))
+        first = _first_line(text)
         raise NpuSmiParseError(what, "no 'Key : Value' lines", first[1], first[0])
     return KeyValueReport(sections=tuple(sections))
 
 
-def _raise_if_unsupported(text: str, what: str) -> None:
+def is_unsupported_message(text: str) -> bool:
+    """npu-smi's short refusal, e.g. ``This device does not support querying topo.``"""
     stripped = text.strip()
-    if stripped and len(stripped.splitlines()) <= 2 and _UNSUPPORTED.search(stripped):
-        raise NpuSmiUnsupported(f"npu-smi {what}: {stripped}")
+    return bool(stripped) and len(stripped.splitlines()) <= 2 and bool(_UNSUPPORTED.search(stripped))
+
+
+def _raise_if_unsupported(text: str, what: str) -> None:
+    if is_unsupported_message(text):
+        raise NpuSmiUnsupported(f"npu-smi {what}: {text.strip()}")
 
 
 def parse_npu_list(text: str) -> list[NpuCount]:
@@ -385,7 +395,7 @@ def parse_chip_map(text: str) -> list[ChipMapping]:
         out.append(ChipMapping(npu_id=npu_id, chip_id=chip_id, logic_id=_to_int(values.get("chiplogicid")),
                                phy_id=_to_int(values.get("chipphyid")), name=values.get("chipname") or ""))
     if header is None:
-        first = next(((i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), (None, None))
+        first = _first_line(text)
         raise NpuSmiParseError("info -m", "no header (expected 'NPU ID  Chip ID  Chip Logic ID ...')", first[1],
                                first[0])
     return out
@@ -425,7 +435,7 @@ def parse_topology(text: str) -> Topology:
         links[cols[0]] = dict(zip(devices, row[: len(devices)], strict=True))
         affinity[cols[0]] = None if not has_affinity or _missing(row[-1]) else row[-1]
     if header is None:
-        first = next(((i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()), (None, None))
+        first = _first_line(text)
         raise NpuSmiParseError("-t topo", "no header row (expected 'NPU0  NPU1 ...')", first[1], first[0])
     devices = tuple(h for h in header if _DEVICE_NAME.match(h))
     missing = [d for d in devices if d not in links]
@@ -437,14 +447,6 @@ def parse_topology(text: str) -> Topology:
 # ----------------------------------------------------------------------------------------------------------------
 # vNPU tables
 # ----------------------------------------------------------------------------------------------------------------
-def _aligned_fields(header_line: str) -> list[tuple[int, int, str]]:
-    """Fields of a header line with their character spans, for sub-header lines that sit under them."""
-    spans = []
-    for m in re.finditer(r"\S+(?: \S+)*", header_line):
-        spans.append((m.start(), m.end(), m.group(0)))
-    return spans
-
-
 def _field_under(spans: list[tuple[int, int, str]], start: int, end: int) -> str | None:
     """The header field a sub-header token belongs to: the one overlapping it most, else the nearest."""
     best, best_overlap = None, 0
