@@ -29,7 +29,7 @@ ensure_venv() {
   fi
   # Reinstall only when pyproject.toml changed (or the extra differs).
   stamp="$VENV/.fuyao-installed-$extra"
-  if [ ! -f "$stamp" ] || [ "$REPO_ROOT/pyproject.toml" -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ "$REPO_ROOT/pyproject.toml" -nt "$stamp" ] || [ ! -x "$VENV/bin/fuyao" ]; then
     echo "==> installing fuyao${extra:+[$extra]} into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
     "$VENV/bin/python" -m pip install -q -e "$spec"

@@ -4,6 +4,7 @@ works, and components not built yet say so and exit 2."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def test_every_component_has_a_script() -> None:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prefix = tmp_path_factory.mktemp("prefix")
+    before = importlib.metadata.distribution("fuyao").files
+    # --ignore-installed: without it pip uninstalls the developer's (editable) fuyao from the running venv.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--prefix", str(prefix), str(REPO)], check=True, cwd=tmp_path_factory.mktemp("cwd"),
-                   timeout=300)
+                    "--ignore-installed", "--prefix", str(prefix), str(REPO)], check=True,
+                   cwd=tmp_path_factory.mktemp("cwd"), timeout=300)
+    assert importlib.metadata.distribution("fuyao").files == before, "the test venv's fuyao was changed"
     return prefix
 
 
