@@ -1,11 +1,106 @@
-"""Entry point of `fuyao-device-plugin`."""
+"""Entry point of ``fuyao-device-plugin``: flags and config file → :class:`~deviceplugin.daemon.DevicePluginDaemon`.
 
-from fuyao.cli import component_placeholder
+Exit codes: 0 after SIGTERM/SIGINT, 2 for invalid flags or config (the message names the field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from fuyao import __version__, logs
+
+from .config import (
+    DEFAULT_DEVICE_PLUGIN_DIR,
+    DEFAULT_METRICS_ADDRESS,
+    ConfigError,
+    PluginConfig,
+    build_config,
+    load_config_file,
+)
+
+log = logging.getLogger("deviceplugin")
+
+# flag dest → dotted config field
+_FLAG_FIELDS = {
+    "npu_smi": "npu_smi.path",
+    "npu_smi_timeout": "npu_smi.timeout",
+    "device_plugin_dir": "device_plugin_dir",
+    "dev_root": "dev_root",
+    "host_root": "host_root",
+    "sysfs_root": "sysfs_root",
+    "node_name": "node_name",
+    "kubeconfig": "kubeconfig",
+    "health_interval": "health.interval",
+    "health_failure_threshold": "health.failure_threshold",
+    "metrics_address": "metrics_address",
+    "server_usage": "server_usage",
+}
 
 
-def main() -> None:
-    component_placeholder(
-        "fuyao-device-plugin",
-        "Kubelet device plugin for Huawei Ascend NPUs (npu.huawei.com/NPU, vNPU slices).",
-        issue=3,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuyao-device-plugin",
+        description="Kubelet device plugin for Huawei Ascend NPUs: advertises npu.huawei.com/NPU over the "
+                    "device-plugin API v1beta1, with health checks, topology-aware allocation, node labels and "
+                    "Prometheus metrics. Flags override the config file.",
+        epilog="Docs: docs/device-plugin.md")
+    p.add_argument("--version", action="version", version=f"fuyao-device-plugin (fuyao {__version__})")
+    p.add_argument("--config", help="versioned YAML config file (version: v1)")
+    p.add_argument("--npu-smi", help="npu-smi binary, a name on PATH or a path (default: npu-smi)")
+    p.add_argument("--npu-smi-timeout", help="kill an npu-smi call after this long (default: 10s)")
+    p.add_argument("--device-plugin-dir",
+                   help=f"kubelet device-plugin directory holding kubelet.sock (default: {DEFAULT_DEVICE_PLUGIN_DIR})")
+    p.add_argument("--dev-root", help="where the NPU device nodes (davinciN, davinci_manager...) are (default: /dev)")
+    p.add_argument("--host-root", help="where host paths of driver mounts are visible to the plugin (default: /)")
+    p.add_argument("--sysfs-root", help="where to read NUMA nodes from (default: /sys)")
+    p.add_argument("--node-name", help="this node's name (default: env NODE_NAME, else the hostname)")
+    p.add_argument("--kubeconfig", help="kubeconfig for node publishing (default: in-cluster config when in a pod; "
+                                        "without either, publishing is off)")
+    p.add_argument("--health-interval", help="npu-smi health poll interval, e.g. 5s or 500ms (default: 5s)")
+    p.add_argument("--health-failure-threshold", type=int,
+                   help="consecutive npu-smi failures before all devices are Unhealthy (default: 3)")
+    p.add_argument("--metrics-address",
+                   help=f"HOST:PORT for /metrics, empty to disable (default: {DEFAULT_METRICS_ADDRESS})")
+    p.add_argument("--server-usage", help="value of the server-usage node label: train or infer (default: unset)")
+    logs.add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PluginConfig:
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
+    if overrides["node_name"] is None and os.environ.get("NODE_NAME"):
+        overrides["node_name"] = os.environ["NODE_NAME"]
+    return build_config(file_values, overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"fuyao-device-plugin: {exc}", file=sys.stderr)
+        sys.exit(2)
+    from .daemon import DevicePluginDaemon
+
+    daemon = DevicePluginDaemon(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("starting fuyao-device-plugin %s", __version__,
+             extra={"node": daemon.node_name, "config": config.model_dump(mode="json", by_alias=True,
+                                                                          exclude={"kubeconfig"})})
+    sys.exit(daemon.run())
+
+
+if __name__ == "__main__":
+    main()

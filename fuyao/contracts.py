@@ -116,6 +116,16 @@ ANNOTATION_NODE_TOPOLOGY = "npu.openfuyao.com/topology"
 ANNOTATION_POD_ASSIGNED = "npu.openfuyao.com/assigned"
 """Pod annotation (JSON, :class:`PodAssignment`) written by the scheduler extender at bind time."""
 
+# What the device plugin's Allocate hands the container runtime (Ascend runtime conventions + fuyao's own key)
+ENV_ASCEND_VISIBLE_DEVICES = "ASCEND_VISIBLE_DEVICES"
+"""Comma-separated physical (logic) ids of the NPUs given to a container (MindCluster/HAMi convention)."""
+ENV_ASCEND_VNPU_SPECS = "ASCEND_VNPU_SPECS"
+"""vNPU template of a container's slice (HAMi convention)."""
+ENV_ASCEND_RUNTIME_OPTIONS = "ASCEND_RUNTIME_OPTIONS"
+"""``VIRTUAL`` for vNPU containers (Ascend docker runtime convention)."""
+ANNOTATION_CONTAINER_DEVICES = "npu.openfuyao.com/devices"
+"""Container annotation set at Allocate: the comma-separated device IDs the container received."""
+
 # Service annotations of the design doc (the doc writes ``inference.openFuyao.com``; keys must be lowercase)
 ANNOTATION_ENABLE_ROUTER = "inference.openfuyao.com/enable-router"
 ANNOTATION_KV_CACHE_POLICY = "inference.openfuyao.com/kv-cache-policy"

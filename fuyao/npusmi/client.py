@@ -6,11 +6,13 @@ never hang a daemon. The client holds no state beyond its configuration, so it i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 
@@ -44,6 +46,8 @@ class NpuSmi:
         self.path = path
         self.timeout_s = timeout_s
         self.env = env
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._running_lock = threading.Lock()
 
     def resolve(self) -> str:
         """The executable that will run, or :class:`NpuSmiNotFound`."""
@@ -64,11 +68,16 @@ class NpuSmi:
                                     start_new_session=True, env=env)
         except OSError as exc:
             raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None
+        with self._running_lock:
+            self._running.add(proc)
         try:
             out, err = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise NpuSmiTimeout(limit, command) from None
+        finally:
+            with self._running_lock:
+                self._running.discard(proc)
         elapsed = time.monotonic() - started
         stdout = out[:_OUTPUT_LIMIT].decode("utf-8", errors="replace")
         stderr = err[:_OUTPUT_LIMIT].decode("utf-8", errors="replace")
@@ -81,6 +90,16 @@ class NpuSmi:
             raise NpuSmiCommandFailed(f"npu-smi exited with code {proc.returncode}: {tail}", proc.returncode, text,
                                       command)
         return stdout
+
+    def kill_running(self) -> int:
+        """Kill every npu-smi call in flight (a daemon shutting down must not leave a hung npu-smi behind).
+        Returns how many were killed; their callers get :class:`NpuSmiCommandFailed`."""
+        with self._running_lock:
+            procs = list(self._running)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        return len(procs)
 
     # Queries ---------------------------------------------------------------------------------------------------
     def info(self) -> NpuSmiInfo:

@@ -1,0 +1,137 @@
+"""Which devices to hand out together: the pure decision behind GetPreferredAllocation.
+
+Devices that talk over the same HCCS fabric and sit on the same NUMA node as the CPUs feeding them run collective
+operations and host transfers fastest, so a request is kept inside the smallest scope that fits it (best fit keeps
+large free blocks intact for later, larger requests). First-generation 8-card 910 (A1) boards have two HCCS rings
+of four and only 1, 2, 4 or 8 cards per job perform well; their ring rules come from Ascend's own scheduler.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a device sits: its interconnect group, NUMA node and position in npu-smi's order."""
+
+    group: str | None
+    numa: int | None
+    order: int
+
+
+# A1 ring rules: for a request of N cards, the free counts of the ring to take from, in order of preference.
+# (1 card: a ring with exactly 1 free, then 3, then 2, then 4 — so a fully free ring stays whole for 4-card jobs.)
+A1_RING_PREFERENCE: dict[int, tuple[int, ...]] = {1: (1, 3, 2, 4), 2: (2, 4, 3), 4: (4,)}
+
+PlaceOf = Callable[[str], Placement]
+Ordered = Callable[[Iterable[str]], list[str]]
+
+
+def preferred_allocation(
+    available: Iterable[str],
+    must_include: Iterable[str],
+    size: int,
+    placement: Mapping[str, Placement],
+    *,
+    ring_rules: bool = False,
+    scheduler_choices: Iterable[Sequence[str]] = (),
+) -> list[str]:
+    """The devices to suggest for one container, ``size`` of them (fewer only if fewer are available).
+
+    Order of preference: a device set the scheduler already chose for a pending pod on this node (so the kubelet's
+    accounting matches the scheduler's), then the A1 ring rules when ``ring_rules``, then the smallest
+    (group, NUMA) cell, group or NUMA node that holds the request and every ``must_include`` device, then a spread
+    over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
+    """
+    avail = list(dict.fromkeys(available))
+    avail_set = set(avail)
+
+    def place(device: str) -> Placement:
+        return placement.get(device) or Placement(None, None, 1 << 30)
+
+    def ordered(devices: Iterable[str]) -> list[str]:
+        return sorted(devices, key=lambda d: (place(d).order, d))
+
+    must = ordered(d for d in dict.fromkeys(must_include) if d in avail_set)
+    if size <= 0:
+        return []
+    if len(must) >= size:
+        return must[:size]
+    if size >= len(avail):
+        return ordered(avail)
+    for choice in scheduler_choices:
+        chosen = set(choice)
+        if len(chosen) == size and chosen <= avail_set and set(must) <= chosen:
+            return ordered(chosen)
+    if ring_rules:
+        picked = _a1_ring_pick(avail, must, size, place, ordered)
+        if picked is not None:
+            return picked
+    picked = _best_fit(avail, must, size, place, ordered)
+    if picked is not None:
+        return picked
+    return _spread(avail, must, size, place)
+
+
+def _a1_ring_pick(avail: list[str], must: list[str], size: int, place: PlaceOf, ordered: Ordered) -> list[str] | None:
+    preference = A1_RING_PREFERENCE.get(size)
+    if preference is None:
+        return None
+    rings: dict[str | None, list[str]] = {}
+    for device in avail:
+        rings.setdefault(place(device).group, []).append(device)
+    ring_order = sorted(rings, key=lambda g: min(place(d).order for d in rings[g]))
+    for free in preference:
+        for ring in ring_order:
+            members = rings[ring]
+            if ring is not None and len(members) == free and set(must) <= set(members):
+                return ordered(must + [d for d in ordered(members) if d not in must][: size - len(must)])
+    return None
+
+
+def _best_fit(avail: list[str], must: list[str], size: int, place: PlaceOf, ordered: Ordered) -> list[str] | None:
+    """The smallest scope (cell, then group, then NUMA node) that holds the request and all must devices; inside
+    it, the fewest NUMA cells (see :func:`_spread`)."""
+    scopes: tuple[Callable[[str], object], ...] = (
+        lambda d: (place(d).group, place(d).numa),
+        lambda d: place(d).group,
+        lambda d: place(d).numa,
+    )
+    for scope_of in scopes:
+        members: dict[object, list[str]] = {}
+        for device in avail:
+            members.setdefault(scope_of(device), []).append(device)
+        fitting = [
+            (len(devs), min(place(d).order for d in devs), key)
+            for key, devs in members.items()
+            if len(devs) >= size and all(scope_of(m) == key for m in must)
+        ]
+        if fitting:
+            _, _, key = min(fitting, key=lambda t: (t[0], t[1]))
+            return _spread(ordered(members[key]), must, size, place)
+    return None
+
+
+def _spread(avail: list[str], must: list[str], size: int, place: PlaceOf) -> list[str]:
+    """Fill whole groups (largest first, those of the must devices first), and inside a group whole NUMA cells
+    (largest first), so the result spans as few groups and NUMA nodes as the free devices allow."""
+    group_free = Counter(place(d).group for d in avail)
+    cell_free = Counter((place(d).group, place(d).numa) for d in avail)
+    group_first: dict[str | None, int] = {}
+    for device in avail:
+        g = place(device).group
+        group_first[g] = min(group_first.get(g, 1 << 31), place(device).order)
+    must_groups = {place(d).group for d in must}
+    must_numas = {place(d).numa for d in must}
+
+    def key(device: str) -> tuple[object, ...]:
+        p = place(device)
+        return (p.group not in must_groups, -group_free[p.group], group_first[p.group],
+                p.numa not in must_numas, -cell_free[(p.group, p.numa)], p.order, device)
+
+    rest = sorted((d for d in avail if d not in must), key=key)
+    chosen = must + rest[: size - len(must)]
+    return sorted(chosen, key=lambda d: (place(d).order, d))

@@ -1,0 +1,151 @@
+"""What the device plugin reads from and writes to the API server: the node's labels and topology annotation,
+and the devices the scheduler assigned to pending pods on this node.
+
+Optional by design: with no cluster (no kubeconfig, not in a pod) the plugin serves the kubelet all the same.
+The ``kubernetes`` client is imported only when a cluster is configured (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, ContractError, PodAssignment, parse_annotation
+
+log = logging.getLogger(__name__)
+
+API_TIMEOUT_S = 5.0
+RESYNC_S = 60.0
+
+
+def connect(kubeconfig: str | None) -> Any | None:
+    """A ``CoreV1Api`` from ``kubeconfig``, else from the in-cluster service account, else None (no cluster)."""
+    if not kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    from kubernetes import client, config
+
+    if kubeconfig:
+        api_client = config.new_client_from_config(config_file=kubeconfig)
+    else:
+        config.load_incluster_config()
+        api_client = client.ApiClient()
+    return client.CoreV1Api(api_client)
+
+
+def node_patch(current_labels: Mapping[str, str], current_annotations: Mapping[str, str],
+               labels: Mapping[str, str], annotations: Mapping[str, str]) -> dict[str, Any] | None:
+    """The merge patch that brings the node to the wanted labels/annotations, or None when nothing differs."""
+    label_diff = {k: v for k, v in labels.items() if current_labels.get(k) != v}
+    annotation_diff = {k: v for k, v in annotations.items() if current_annotations.get(k) != v}
+    if not label_diff and not annotation_diff:
+        return None
+    metadata: dict[str, Any] = {}
+    if label_diff:
+        metadata["labels"] = label_diff
+    if annotation_diff:
+        metadata["annotations"] = annotation_diff
+    return {"metadata": metadata}
+
+
+class NodePublisher:
+    """Keeps the node's labels and annotations at the wanted values, in the background, patching only changes.
+
+    ``want`` never blocks (the API server may be slow or down); the latest wanted state wins. The node is re-read
+    every ``RESYNC_S`` so labels removed by someone else come back.
+    """
+
+    def __init__(self, api: Any, node_name: str):
+        self.api = api
+        self.node_name = node_name
+        self.patches = 0
+        self._wanted: tuple[dict[str, str], dict[str, str]] | None = None
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._done: tuple[dict[str, str], dict[str, str]] | None = None
+        self._thread = threading.Thread(target=self._run, name="node-publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def want(self, labels: Mapping[str, str], annotations: Mapping[str, str]) -> None:
+        with self._cond:
+            self._wanted = (dict(labels), dict(annotations))
+            self._cond.notify_all()
+
+    def _has_work(self) -> bool:
+        return self._stopped or (self._wanted is not None and self._wanted != self._done)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._has_work, timeout=RESYNC_S)
+                if self._stopped:
+                    return
+                wanted = self._wanted
+            if wanted is None:
+                continue
+            try:
+                self.sync(*wanted)
+                self._done, backoff = wanted, 1.0
+            except Exception as exc:
+                log.warning("cannot update node %s (retrying in %.0fs): %s", self.node_name, backoff, exc,
+                            extra={"node": self.node_name})
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopped, timeout=backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def sync(self, labels: Mapping[str, str], annotations: Mapping[str, str]) -> bool:
+        """Read the node and patch what differs; True when a patch was sent."""
+        node = self.api.read_node(self.node_name, _request_timeout=API_TIMEOUT_S)
+        patch = node_patch(node.metadata.labels or {}, node.metadata.annotations or {}, labels, annotations)
+        if patch is None:
+            return False
+        self.api.patch_node(self.node_name, patch, _request_timeout=API_TIMEOUT_S)
+        self.patches += 1
+        log.info("updated node %s", self.node_name,
+                 extra={"node": self.node_name, "labels": sorted(patch["metadata"].get("labels", {})),
+                        "annotations": sorted(patch["metadata"].get("annotations", {}))})
+        return True
+
+
+def assignments_for(resource: str, node_name: str, pods: list[tuple[str, Mapping[str, str]]]) -> list[tuple[str, ...]]:
+    """Device sets of ``resource`` that the scheduler wrote into ``npu.openfuyao.com/assigned`` of these pods
+    (``(pod name, annotations)``) for this node; invalid annotations are logged and skipped."""
+    out: list[tuple[str, ...]] = []
+    for pod, pod_annotations in pods:
+        raw = pod_annotations.get(ANNOTATION_POD_ASSIGNED)
+        if raw is None:
+            continue
+        try:
+            assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment)
+        except ContractError as exc:
+            log.warning("ignoring pod %s: %s", pod, exc, extra={"pod": pod})
+            continue
+        if assignment.node != node_name:
+            continue
+        out.extend(tuple(c.devices) for c in assignment.containers if c.resource == resource)
+    return out
+
+
+class PendingPodAssignments:
+    """Reads pending pods bound to this node (one list call, filtered by the API server)."""
+
+    def __init__(self, api: Any, node_name: str, timeout_s: float = 2.0):
+        self.api = api
+        self.node_name = node_name
+        self.timeout_s = timeout_s
+
+    def __call__(self, resource: str) -> list[tuple[str, ...]]:
+        pods = self.api.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={self.node_name},status.phase=Pending", _request_timeout=self.timeout_s)
+        return assignments_for(resource, self.node_name, [
+            (f"{p.metadata.namespace}/{p.metadata.name}", p.metadata.annotations or {}) for p in pods.items])

@@ -1,0 +1,174 @@
+"""The device plugin's versioned configuration: a YAML file (``--config``) whose values command-line flags override.
+
+```yaml
+version: v1
+npuSmi: {path: npu-smi, timeout: 10s}
+devicePluginDir: /var/lib/kubelet/device-plugins
+devRoot: /dev
+health: {interval: 5s, failureThreshold: 3}
+metricsAddress: 127.0.0.1:9400
+driverMounts:
+  - {hostPath: /usr/local/Ascend/driver/lib64, readOnly: true}
+```
+
+Unknown keys are errors (a typo must not silently fall back to a default); every error names the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from fuyao.contracts import ContractError, ServerUsage, parse_duration
+
+CONFIG_VERSION = "v1"
+DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
+DEFAULT_DRIVER_MOUNTS = (
+    "/usr/local/Ascend/driver/lib64",
+    "/usr/local/Ascend/driver/include",
+    "/usr/local/dcmi",
+    "/usr/local/bin/npu-smi",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field (dotted, as written in the YAML)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"invalid config field {field!r}: {message}" if field else f"invalid config: {message}")
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration("duration", value)
+        except ContractError:
+            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class NpuSmiSettings(_Section):
+    path: str = Field(default="npu-smi", min_length=1, description="npu-smi binary (a name on PATH or a path)")
+    timeout: Seconds = Field(default=10.0, description="seconds before a hung npu-smi call is killed")
+
+
+class HealthSettings(_Section):
+    interval: Seconds = Field(default=5.0, description="how often npu-smi is polled for device health")
+    failure_threshold: int = Field(default=3, ge=1, description="consecutive npu-smi failures before every device "
+                                                                "is reported Unhealthy")
+
+
+class DriverMount(_Section):
+    """A host path bind-mounted into every container that receives NPUs (skipped when missing on the host)."""
+
+    host_path: str = Field(min_length=1)
+    container_path: str | None = Field(default=None, description="defaults to host_path")
+    read_only: bool = True
+
+    @field_validator("host_path", "container_path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+    @property
+    def target(self) -> str:
+        return self.container_path or self.host_path
+
+
+class PluginConfig(_Section):
+    """Everything the daemon needs; built from defaults, then the YAML file, then flags."""
+
+    version: Literal["v1"] = CONFIG_VERSION
+    npu_smi: NpuSmiSettings = NpuSmiSettings()
+    device_plugin_dir: str = DEFAULT_DEVICE_PLUGIN_DIR
+    dev_root: str = "/dev"
+    host_root: str = Field(default="/", description="where host paths (driver mounts) are visible to the plugin")
+    sysfs_root: str = "/sys"
+    node_name: str | None = None
+    kubeconfig: str | None = None
+    health: HealthSettings = HealthSettings()
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    driver_mounts: tuple[DriverMount, ...] = tuple(DriverMount(host_path=p) for p in DEFAULT_DRIVER_MOUNTS)
+    server_usage: ServerUsage | None = Field(default=None, description="value of the server-usage node label")
+    prefer_scheduler_assignment: bool = Field(
+        default=True, description="prefer the devices the scheduler wrote into a pending pod's annotation")
+    publish_node: bool = Field(default=True, description="patch node labels and the topology annotation")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value == "":
+            return value  # metrics off
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT (or an empty string to turn metrics off)")
+        return value
+
+    @field_validator("device_plugin_dir", "dev_root", "host_root", "sysfs_root")
+    @classmethod
+    def _absolute_dir(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+
+def _field_of(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    loc = [to_camel(str(p)) if isinstance(p, str) else str(p) for p in first["loc"]]
+    return ".".join(loc), first["msg"].removeprefix("Value error, ")
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PluginConfig:
+    """Merge file values and flag overrides (dotted snake_case keys such as ``health.interval``) and validate."""
+    data: dict[str, Any] = dict(file_values or {})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
+        for parent in parents:
+            section = target.get(parent)
+            target[parent] = dict(section) if isinstance(section, dict) else {}
+            target = target[parent]
+        target[leaf] = value
+    try:
+        return PluginConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(*_field_of(exc)) from None
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the YAML file; its ``version`` must be present and known."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level")
+    if "version" not in data:
+        raise ConfigError("version", f"missing; this build reads version {CONFIG_VERSION!r}")
+    if data["version"] != CONFIG_VERSION:
+        raise ConfigError("version", f"unsupported version {data['version']!r}; this build reads {CONFIG_VERSION!r}")
+    return data

@@ -1,0 +1,99 @@
+"""What a container needs to use the NPUs it was given: environment, device nodes, driver mounts, annotations.
+
+The decision is pure (:func:`container_spec`); the only host facts it needs, which device nodes and driver paths
+exist, come in through ``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fuyao.contracts import ANNOTATION_CONTAINER_DEVICES, ENV_ASCEND_VISIBLE_DEVICES
+from fuyao.inventory import NpuDevice
+
+from .config import DriverMount
+from .devices import DeviceStatus
+
+# Device nodes every NPU container needs besides its /dev/davinciN (when the driver created them).
+SHARED_DEVICE_NODES = ("davinci_manager", "devmm_svm", "hisi_hdc")
+
+
+class AllocationRefused(Exception):
+    """The kubelet asked for devices we cannot give; ``code`` is the gRPC status name to answer with."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    container_path: str
+    host_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True)
+class BindMount:
+    container_path: str
+    host_path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """The content of one ContainerAllocateResponse."""
+
+    envs: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[BindMount, ...] = ()
+    devices: tuple[DeviceNode, ...] = ()
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def container_spec(
+    device_ids: Sequence[str],
+    devices: Mapping[str, NpuDevice],
+    statuses: Mapping[str, DeviceStatus],
+    *,
+    dev_root: str,
+    driver_mounts: Sequence[DriverMount],
+    host_root: str = "/",
+    exists: Callable[[str], bool] = os.path.exists,
+) -> ContainerSpec:
+    """The spec for one container, or :class:`AllocationRefused` naming every unknown or unhealthy device."""
+    if not device_ids:
+        raise AllocationRefused("INVALID_ARGUMENT", "the container request names no devices")
+    unknown = [d for d in device_ids if d not in devices]
+    if unknown:
+        raise AllocationRefused("INVALID_ARGUMENT", f"unknown device IDs {unknown}; this plugin serves "
+                                                    f"{sorted(devices)}")
+    unhealthy = {d: statuses[d].reason for d in device_ids if d in statuses and not statuses[d].healthy}
+    if unhealthy:
+        detail = "; ".join(f"{d}: {reason}" for d, reason in unhealthy.items())
+        raise AllocationRefused("FAILED_PRECONDITION", f"unhealthy devices requested ({detail})")
+    chosen = sorted({devices[d].physical_id: devices[d] for d in device_ids}.values(), key=lambda d: d.physical_id)
+    nodes: list[DeviceNode] = []
+    for device in chosen:
+        host = os.path.join(dev_root, f"davinci{device.physical_id}")
+        if not exists(host):
+            raise AllocationRefused("FAILED_PRECONDITION",
+                                    f"device node {host} for {device.id} does not exist (check --dev-root and the "
+                                    "Ascend driver)")
+        nodes.append(DeviceNode(container_path=f"/dev/davinci{device.physical_id}", host_path=host))
+    for name in SHARED_DEVICE_NODES:
+        host = os.path.join(dev_root, name)
+        if exists(host):
+            nodes.append(DeviceNode(container_path=f"/dev/{name}", host_path=host))
+    mounts = tuple(
+        BindMount(container_path=m.target, host_path=m.host_path, read_only=m.read_only)
+        for m in driver_mounts
+        if exists(os.path.join(host_root, m.host_path.lstrip("/")))
+    )
+    return ContainerSpec(
+        envs={ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(d.physical_id) for d in chosen)},
+        mounts=mounts,
+        devices=tuple(nodes),
+        annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(d.id for d in chosen)},
+    )

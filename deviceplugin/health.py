@@ -1,0 +1,92 @@
+"""Polls ``npu-smi info`` and feeds device health and telemetry into the registry and the metrics.
+
+One ``npu-smi info`` call per interval gives every chip's health, AICore usage, temperature, power and memory.
+A failing or hanging npu-smi never stops the loop: the client's timeout kills it, the failure is counted, and
+after ``failure_threshold`` consecutive failures every device is reported Unhealthy with the reason logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from fuyao.npusmi import NpuSmi, NpuSmiError
+from fuyao.npusmi.models import NpuSmiInfo
+
+from .devices import DeviceRegistry, DeviceStatus, match_chips, statuses_after_failures, statuses_from_info
+from .metrics import PluginMetrics
+
+log = logging.getLogger(__name__)
+
+
+class HealthMonitor:
+    def __init__(self, npu_smi: NpuSmi, registry: DeviceRegistry, metrics: PluginMetrics, *, interval_s: float,
+                 failure_threshold: int, on_change: Callable[[], None] | None = None):
+        self.npu_smi = npu_smi
+        self.registry = registry
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.failure_threshold = failure_threshold
+        self.on_change = on_change
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval_s)
+
+    def poll_once(self) -> None:
+        try:
+            info = self.npu_smi.info()
+        except NpuSmiError as exc:
+            self._failed(str(exc))
+            return
+        except Exception as exc:  # a parser bug must not end health checking
+            log.exception("unexpected error polling npu-smi")
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return
+        if self.failures:
+            log.info("npu-smi answers again after %d failed polls", self.failures, extra={"failures": self.failures})
+        self.failures = 0
+        self._apply(statuses_from_info(self.registry.devices.values(), info))
+        self._telemetry(info)
+
+    def _failed(self, error: str) -> None:
+        self.failures += 1
+        self.metrics.npu_smi_failures.inc()
+        if self.failures == self.failure_threshold:
+            log.error("npu-smi failed %d times in a row; reporting every device Unhealthy: %s", self.failures, error,
+                      extra={"failures": self.failures, "error": error})
+        else:
+            log.warning("npu-smi health poll failed (%d in a row): %s", self.failures, error,
+                        extra={"failures": self.failures, "error": error})
+        self._apply(statuses_after_failures(self.registry.statuses(), self.failures, self.failure_threshold, error))
+
+    def _apply(self, statuses: dict[str, DeviceStatus]) -> None:
+        changes = self.registry.update(statuses)
+        devices = self.registry.devices
+        for device_id, status in statuses.items():
+            if device_id in devices:
+                self.metrics.set_health(devices[device_id], status.healthy)
+        for device_id, old, new in changes:
+            log.log(logging.INFO if new.healthy else logging.WARNING, "device %s is now %s (%s)", device_id,
+                    new.health.value, new.reason,
+                    extra={"device": device_id, "health": new.health.value, "was": old.health.value,
+                           "reason": new.reason})
+        if changes and self.on_change is not None:
+            self.on_change()
+
+    def _telemetry(self, info: NpuSmiInfo) -> None:
+        for device, chip in match_chips(self.registry.devices.values(), info):
+            if chip is not None:
+                self.metrics.observe_chip(device, chip)

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the device plugin: per-NPU telemetry (the design doc's alerts use ``npu_utilization``)
+and the plugin's own counters. Each daemon owns one registry, so tests can run several in a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+from fuyao.inventory import NpuDevice
+from fuyao.npusmi.models import ChipStatus
+
+_DEVICE_LABELS = ("node", "device", "chip")
+_MB = 1024 * 1024
+
+
+class PluginMetrics:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.utilization = Gauge("npu_utilization", "AI Core utilization of the NPU, 0..1 (npu-smi AICore%)",
+                                 _DEVICE_LABELS, registry=r)
+        self.temperature = Gauge("npu_temperature_celsius", "NPU chip temperature", _DEVICE_LABELS, registry=r)
+        self.power = Gauge("npu_power_watts", "NPU power draw", _DEVICE_LABELS, registry=r)
+        self.hbm_used = Gauge("npu_hbm_used_bytes", "NPU HBM (or DDR on 310-class chips) in use", _DEVICE_LABELS,
+                              registry=r)
+        self.hbm_total = Gauge("npu_hbm_total_bytes", "NPU HBM (or DDR on 310-class chips) capacity", _DEVICE_LABELS,
+                               registry=r)
+        self.health = Gauge("npu_health", "1 when the device is advertised Healthy, 0 when Unhealthy",
+                            _DEVICE_LABELS, registry=r)
+        self.allocations = Counter("fuyao_deviceplugin_allocations_total",
+                                   "Allocate calls per container by result", ("resource", "result"), registry=r)
+        self.allocate_seconds = Histogram(
+            "fuyao_deviceplugin_allocate_duration_seconds", "Time to answer one Allocate call", ("resource",),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.registrations = Counter("fuyao_deviceplugin_registrations_total",
+                                     "Registrations with the kubelet by result", ("resource", "result"), registry=r)
+        self.npu_smi_failures = Counter("fuyao_deviceplugin_npu_smi_failures_total",
+                                        "Failed npu-smi health polls", registry=r)
+        self.devices = Gauge("fuyao_deviceplugin_devices", "Advertised devices by health",
+                             ("resource", "health"), registry=r)
+        self._server = None
+
+    def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:
+        labels = (self.node, device.id, device.chip_model)
+        if chip.aicore_percent is not None:
+            self.utilization.labels(*labels).set(chip.aicore_percent / 100.0)
+        if chip.temp_c is not None:
+            self.temperature.labels(*labels).set(chip.temp_c)
+        if chip.power_w is not None:
+            self.power.labels(*labels).set(chip.power_w)
+        memory = chip.hbm_mb or chip.memory_mb
+        if memory is not None:
+            if memory.used is not None:
+                self.hbm_used.labels(*labels).set(memory.used * _MB)
+            if memory.total is not None:
+                self.hbm_total.labels(*labels).set(memory.total * _MB)
+
+    def set_health(self, device: NpuDevice, healthy: bool) -> None:
+        self.health.labels(self.node, device.id, device.chip_model).set(1 if healthy else 0)
+
+    def serve(self, address: str) -> tuple[str, int]:
+        """Serve /metrics on ``HOST:PORT`` (port 0 picks a free one); returns the bound address."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        self._server = server
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

@@ -1,0 +1,171 @@
+"""A kubelet stand-in for device-plugin tests: the kubelet's side of the device-plugin API over real unix sockets.
+
+It serves ``Registration`` on ``<dir>/kubelet.sock`` with the generated stubs, and on every Register it does what
+the kubelet's device manager does: dials the plugin's endpoint (a basename inside the directory), asks for its
+options, and keeps a ListAndWatch stream open, recording every device list. ``restart()`` behaves like a kubelet
+restart: every socket in the directory is removed and ``kubelet.sock`` is recreated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from deviceplugin.api.v1beta1 import api_pb2 as pb
+from deviceplugin.api.v1beta1 import api_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Registration:
+    resource_name: str
+    endpoint: str
+    version: str
+    preferred_available: bool
+    at: float
+    generation: int
+
+
+@dataclass
+class PluginConnection:
+    registration: Registration
+    channel: grpc.Channel
+    stub: pb_grpc.DevicePluginStub
+    lists: list[list[pb.Device]] = field(default_factory=list)
+    stream: object | None = None
+    ended: bool = False
+
+
+class KubeletStandIn(pb_grpc.RegistrationServicer):
+    def __init__(self, plugin_dir: str):
+        self.plugin_dir = plugin_dir
+        self.socket_path = os.path.join(plugin_dir, "kubelet.sock")
+        self.registrations: list[Registration] = []
+        self.connections: dict[str, PluginConnection] = {}
+        self.generation = 0
+        self._server: grpc.Server | None = None
+        self._cond = threading.Condition()
+
+    # Registration service -------------------------------------------------------------------------------------
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+        if request.version != "v1beta1":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported version {request.version}")
+        if "/" in request.endpoint:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoint must be a basename")
+        reg = Registration(request.resource_name, request.endpoint, request.version,
+                           request.options.get_preferred_allocation_available, time.monotonic(), self.generation)
+        with self._cond:
+            self.registrations.append(reg)
+            self._cond.notify_all()
+        threading.Thread(target=self._connect, args=(reg,), daemon=True).start()
+        return pb.Empty()
+
+    def _connect(self, reg: Registration) -> None:
+        channel = grpc.insecure_channel("unix://" + os.path.join(self.plugin_dir, reg.endpoint))
+        stub = pb_grpc.DevicePluginStub(channel)
+        conn = PluginConnection(reg, channel, stub)
+        with self._cond:
+            old = self.connections.get(reg.resource_name)
+            self.connections[reg.resource_name] = conn
+        if old is not None:
+            old.channel.close()
+        try:
+            stub.GetDevicePluginOptions(pb.Empty(), timeout=5)
+            stream = stub.ListAndWatch(pb.Empty())
+            conn.stream = stream
+            for response in stream:
+                with self._cond:
+                    conn.lists.append(list(response.devices))
+                    self._cond.notify_all()
+        except grpc.RpcError:
+            pass
+        finally:
+            with self._cond:
+                conn.ended = True
+                self._cond.notify_all()
+
+    # Lifecycle ---------------------------------------------------------------------------------------------------
+    def start(self) -> KubeletStandIn:
+        os.makedirs(self.plugin_dir, exist_ok=True)
+        self.generation += 1
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_RegistrationServicer_to_server(self, server)
+        server.add_insecure_port("unix://" + self.socket_path)
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait(2)
+            self._server = None
+        with self._cond:
+            conns = list(self.connections.values())
+            self.connections.clear()
+        for conn in conns:
+            conn.channel.close()
+
+    def drop_streams(self) -> None:
+        """Forget every plugin (close our connections) while keeping kubelet.sock: a kubelet that lost a plugin."""
+        with self._cond:
+            conns = list(self.connections.values())
+            self.connections.clear()
+        for conn in conns:
+            conn.channel.close()
+
+    def restart(self) -> None:
+        """Like a kubelet restart: stop, remove every socket in the directory, serve a new kubelet.sock."""
+        self.stop()
+        for name in os.listdir(self.plugin_dir):
+            if name.endswith(".sock"):
+                os.unlink(os.path.join(self.plugin_dir, name))
+        self.start()
+
+    # Waiting -----------------------------------------------------------------------------------------------------
+    def wait(self, predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                self._cond.wait(min(remaining, 0.1))
+
+    def wait_registered(self, resource: str, generation: int | None = None, timeout: float = 10.0) -> Registration:
+        gen = self.generation if generation is None else generation
+        return self.wait(lambda: next((r for r in reversed(self.registrations)
+                                       if r.resource_name == resource and r.generation == gen), None),
+                         timeout, f"{resource} to register with kubelet generation {gen}")  # type: ignore[return-value]
+
+    def wait_devices(self, resource: str, predicate: Callable[[list[pb.Device]], bool] = lambda d: bool(d),
+                     timeout: float = 10.0) -> list[pb.Device]:
+        def latest() -> list[pb.Device] | None:
+            conn = self.connections.get(resource)
+            if conn and conn.lists and predicate(conn.lists[-1]):
+                return conn.lists[-1]
+            return None
+
+        return self.wait(latest, timeout, f"a device list of {resource} matching the test")  # type: ignore[return-value]
+
+    def plugin(self, resource: str) -> pb_grpc.DevicePluginStub:
+        return self.connections[resource].stub
+
+    def allocate(self, resource: str, *containers: list[str]) -> pb.AllocateResponse:
+        return self.plugin(resource).Allocate(pb.AllocateRequest(container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=ids) for ids in containers]), timeout=5)
+
+    def preferred(self, resource: str, available: list[str], size: int,
+                  must_include: list[str] | None = None) -> list[str]:
+        response = self.plugin(resource).GetPreferredAllocation(pb.PreferredAllocationRequest(container_requests=[
+            pb.ContainerPreferredAllocationRequest(available_deviceIDs=available,
+                                                   must_include_deviceIDs=must_include or [],
+                                                   allocation_size=size)]), timeout=5)
+        return list(response.container_responses[0].deviceIDs)
