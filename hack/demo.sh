@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# fuyao demo: discover the NPUs of a simulated node (the fake npu-smi) and print inventory and topology.
+# fuyao demo: discover the NPUs of a simulated node (the fake npu-smi), print inventory and topology, then run the
+# device plugin against a kubelet stand-in.
 # Usage: hack/demo.sh [PRESET]   presets: 910b4-8 (default), 910a1-8, 310p3-4, 910c-8
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
@@ -27,5 +28,8 @@ echo
 echo "==> node annotation npu.openfuyao.com/topology (what the scheduler extender reads)"
 fuyao --log-level warning inventory --npu-smi hack/fake-npu-smi --json | head -30
 echo "   ..."
+echo
+echo "==> fuyao-device-plugin serving a kubelet stand-in (real gRPC v1beta1 over unix sockets)"
+python hack/demo_deviceplugin.py "$preset"
 echo
 echo "Next: hack/test.sh runs the test suite; docs/architecture.md shows how the components fit together."

@@ -249,7 +249,7 @@ def test_sigterm_during_a_hung_npu_smi_leaves_no_process_behind(plugin_factory) 
     assert children, "npu-smi was never started"
     code, seconds = p.terminate()
     assert code == 0 and seconds < 3.0
-    gone, alive = psutil.wait_procs(children, timeout=3)
+    _gone, alive = psutil.wait_procs(children, timeout=3)
     assert not alive, f"left behind: {alive}"
 
 
@@ -261,7 +261,7 @@ def test_invalid_flag_value_exits_2_naming_the_field(plugin_factory) -> None:  #
     import subprocess
 
     p = plugin_factory("910b4-8", start_kubelet=False)
-    command = p.command() + ["--health-interval", "fast"]
+    command = [*p.command(), "--health-interval", "fast"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=30, env=p.env)
     assert proc.returncode == 2
     assert "'health.interval'" in proc.stderr and "fast" in proc.stderr

@@ -1,0 +1,156 @@
+"""The device plugin against a real kube-apiserver (and etcd): node labels and the topology annotation, patched
+only on change, and the scheduler's device choice read from pending pods — under least-privilege RBAC."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fuyao.contracts import (
+    ANNOTATION_NODE_TOPOLOGY,
+    ANNOTATION_POD_ASSIGNED,
+    RESOURCE_NPU,
+    ContainerAssignment,
+    DeviceHealth,
+    NodeTopology,
+    PodAssignment,
+    dump_annotation,
+    parse_annotation,
+)
+from tests.support.apiserver import LocalApiServer
+from tests.support.deviceplugin import PluginUnderTest
+
+pytestmark = pytest.mark.integration
+
+USER = "fuyao-device-plugin"
+# What the chart must grant the device plugin, and nothing more.
+DEVICE_PLUGIN_RULES = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalApiServer]:
+    server = LocalApiServer(users={USER: []}).start()
+    try:
+        server.create([
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": USER}, "rules": DEVICE_PLUGIN_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": USER},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": USER},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}},
+        ])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def node(cluster: LocalApiServer) -> Iterator[str]:
+    from kubernetes import client
+
+    api = cluster.client()
+    name = f"node-{int(time.time() * 1000) % 10**8}"
+    api.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels={"keep": "me"})))
+    yield name
+    api.delete_node(name)
+
+
+@pytest.fixture
+def plugin(cluster: LocalApiServer, node: str) -> Iterator[PluginUnderTest]:
+    p = PluginUnderTest("910b4-8", extra_args=("--kubeconfig", cluster.kubeconfig_for(USER), "--node-name", node,
+                                               "--server-usage", "infer"))
+    try:
+        p.start()
+        p.wait_ready()
+        yield p
+    finally:
+        p.close()
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def topology_of(api, node: str) -> NodeTopology | None:  # type: ignore[no-untyped-def]
+    raw = (api.read_node(node).metadata.annotations or {}).get(ANNOTATION_NODE_TOPOLOGY)
+    return parse_annotation(ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology) if raw else None
+
+
+def test_labels_and_topology_are_published_and_patched_only_on_change(
+        cluster: LocalApiServer, node: str, plugin: PluginUnderTest) -> None:
+    api = cluster.client()
+    topo = wait_for(lambda: topology_of(api, node), what="the topology annotation")
+    labels = api.read_node(node).metadata.labels
+    assert labels["accelerator"] == "huawei-ascend-npu" and labels["accelerate-type"] == "910B4"
+    assert labels["npu.openfuyao.com/device-count"] == "8" and labels["server-usage"] == "infer"
+    assert labels["node.kubernetes.io/npu-driver"] and labels["keep"] == "me"  # others' labels untouched
+    assert len(topo.devices) == 8 and {d.health for d in topo.devices.values()} == {DeviceHealth.HEALTHY}
+    assert {d.numa_node for d in topo.devices.values()} == {0, 1, 2, 3}
+
+    version = api.read_node(node).metadata.resource_version
+    time.sleep(1.5)  # about seven health polls with nothing changing
+    assert api.read_node(node).metadata.resource_version == version
+
+    plugin.fake("fake", "set-health", "-i", "4", "Critical")
+    wait_for(lambda: topology_of(api, node).devices["Ascend910-4"].health == DeviceHealth.UNHEALTHY,
+             what="Ascend910-4 Unhealthy in the annotation")
+    plugin.fake("fake", "set-health", "-i", "4", "OK")
+    wait_for(lambda: topology_of(api, node).devices["Ascend910-4"].health == DeviceHealth.HEALTHY,
+             what="Ascend910-4 Healthy again")
+
+
+def test_scheduler_choice_in_a_pending_pod_wins_preferred_allocation(
+        cluster: LocalApiServer, node: str, plugin: PluginUnderTest) -> None:
+    from kubernetes import client
+
+    api = cluster.client()
+    chosen = ("Ascend910-3", "Ascend910-6")  # not what topology alone would pick
+    assignment = PodAssignment(node=node, containers=(ContainerAssignment(container="c", resource=RESOURCE_NPU,
+                                                                          devices=chosen),))
+
+    def pod(name: str, annotation: str) -> client.V1Pod:
+        return client.V1Pod(
+            metadata=client.V1ObjectMeta(name=name, annotations={ANNOTATION_POD_ASSIGNED: annotation}),
+            spec=client.V1PodSpec(node_name=node, containers=[client.V1Container(
+                name="c", image="busybox", resources=client.V1ResourceRequirements(
+                    limits={RESOURCE_NPU: "2"}))]))
+
+    api.create_namespaced_pod("default", pod(f"bad-{node}", "{not json"))
+    api.create_namespaced_pod("default", pod(f"good-{node}", dump_annotation(assignment)))
+    try:
+        available = [f"Ascend910-{i}" for i in range(8)]
+        assert plugin.kubelet.preferred(RESOURCE_NPU, available, 2) == list(chosen)
+        # without a fitting choice, topology decides (size 4 ≠ the pod's 2)
+        assert len(plugin.kubelet.preferred(RESOURCE_NPU, available, 4)) == 4
+        entry = plugin.wait_log("ignoring pod default/bad-")
+        assert "not valid JSON" in str(entry["msg"])
+    finally:
+        api.delete_namespaced_pod(f"good-{node}", "default", grace_period_seconds=0)
+        api.delete_namespaced_pod(f"bad-{node}", "default", grace_period_seconds=0)
+
+
+def test_the_plugin_user_cannot_do_more_than_its_rules(cluster: LocalApiServer, node: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    api = cluster.client(USER)
+    api.read_node(node)
+    with pytest.raises(ApiException) as err:
+        api.delete_node(node)
+    assert err.value.status == 403
+    with pytest.raises(ApiException) as err:
+        api.list_secret_for_all_namespaces()
+    assert err.value.status == 403
+    assert json.loads(err.value.body)["reason"] == "Forbidden"

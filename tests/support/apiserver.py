@@ -1,0 +1,132 @@
+"""A real control plane for integration tests: etcd and kube-apiserver from ``hack/build-upstream.sh``, on
+loopback ports, in a private temp directory.
+
+Authentication is a static token file: an admin token (``system:masters``) for the test itself, and one token per
+extra user so components can be run with exactly the RBAC their chart grants. Each user gets a kubeconfig.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao"))
+BIN = CACHE / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def binary(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        raise RuntimeError(f"{path} missing: run hack/build-upstream.sh (hack/test.sh does it)")
+    return str(path)
+
+
+class LocalApiServer:
+    def __init__(self, users: dict[str, list[str]] | None = None):
+        """``users``: name → groups, each gets a token and a kubeconfig (``kubeconfig_for(name)``)."""
+        self.root = Path(tempfile.mkdtemp(prefix="fapi", dir="/tmp"))
+        self.users = {"admin": ["system:masters"], **(users or {})}
+        self.tokens = {name: f"{name}-{os.urandom(8).hex()}" for name in self.users}
+        self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, timeout: float = 90.0) -> LocalApiServer:
+        etcd_url = f"http://127.0.0.1:{self.etcd_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self._spawn("etcd", [binary("etcd"), "--data-dir", str(self.root / "etcd"), "--name", "default",
+                             "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+                             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                             "--initial-cluster", f"default={peer_url}", "--log-level", "warn"])
+        key = self.root / "sa.key"
+        subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+        tokens = self.root / "tokens.csv"
+        tokens.write_text("".join(f'{self.tokens[u]},{u},{u},"{",".join(g)}"\n' for u, g in self.users.items()))
+        self._spawn("kube-apiserver", [
+            binary("kube-apiserver"), f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1",
+            f"--secure-port={self.port}", f"--cert-dir={self.root / 'certs'}", f"--token-auth-file={tokens}",
+            "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
+            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true", "--v=0"])
+        self._wait_ready(timeout)
+        return self
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True))
+
+    def _wait_ready(self, timeout: float) -> None:
+        context: ssl.SSLContext | None = None
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {self.log_tail()}")
+            request = urllib.request.Request(self.url + "/readyz",
+                                             headers={"Authorization": f"Bearer {self.tokens['admin']}"})
+            try:
+                if context is None:  # the apiserver writes its self-signed chain at start
+                    context = ssl.create_default_context(cafile=str(self.root / "certs" / "apiserver.crt"))
+                with urllib.request.urlopen(request, context=context, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError as exc:  # includes ssl.SSLError and a missing/partial certificate file
+                context = None if isinstance(exc, (FileNotFoundError, ssl.SSLError)) else context
+                last = str(exc)
+            time.sleep(0.3)
+        raise RuntimeError(f"kube-apiserver not ready after {timeout}s ({last}): {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in self.root.glob("*.log"))
+
+    def kubeconfig_for(self, user: str) -> str:
+        path = self.root / f"{user}.kubeconfig"
+        if not path.exists():
+            path.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "local",
+                "clusters": [{"name": "local", "cluster": {
+                    "server": self.url, "certificate-authority": str(self.root / "certs" / "apiserver.crt")}}],
+                "users": [{"name": user, "user": {"token": self.tokens[user]}}],
+                "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+            }))
+        return str(path)
+
+    def client(self, user: str = "admin"):  # type: ignore[no-untyped-def]
+        from kubernetes import client, config
+
+        return client.CoreV1Api(config.new_client_from_config(config_file=self.kubeconfig_for(user)))
+
+    def create(self, documents: list[dict]) -> None:  # type: ignore[type-arg]
+        """Create objects (RBAC, service accounts...) as admin."""
+        from kubernetes import config, utils
+
+        api = config.new_client_from_config(config_file=self.kubeconfig_for("admin"))
+        for doc in documents:
+            utils.create_from_dict(api, doc)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(self.root, ignore_errors=True)
