@@ -30,9 +30,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deviceplugin.api.v1beta1 import api_pb2 as pb
 from deviceplugin.daemon import WATCH_INTERVAL_S
 from fuyao.contracts import RESOURCE_NPU
+from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
 from tests.support.deviceplugin import PluginUnderTest
 
 

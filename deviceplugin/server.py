@@ -13,8 +13,9 @@ from concurrent import futures
 
 import grpc
 
-from .api.v1beta1 import api_pb2 as pb
-from .api.v1beta1 import api_pb2_grpc as pb_grpc
+from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+
 from .container_spec import AllocationRefused, ContainerSpec
 from .metrics import PluginMetrics
 from .resource import ResourcePlugin

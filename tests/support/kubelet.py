@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from deviceplugin.api.v1beta1 import api_pb2 as pb
-from deviceplugin.api.v1beta1 import api_pb2_grpc as pb_grpc
+from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The device-plugin API stubs: regenerating them changes nothing, and the descriptor matches upstream v1beta1."""
+"""The kubelet API stubs (device plugin v1beta1, pod-resources v1): regenerating them changes nothing, and the
+descriptors match upstream's packages, messages, fields and services."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import filecmp
 import subprocess
 from pathlib import Path
 
+import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from deviceplugin.api.v1beta1 import api_pb2
+from kubeletapi.deviceplugin.v1beta1 import api_pb2
+from kubeletapi.podresources.v1 import api_pb2 as podresources_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py")
@@ -100,40 +103,85 @@ UPSTREAM_SERVICES = {
 }
 
 
+# Facts from k8s.io/kubelet pkg/apis/podresources/v1/api.proto.
+PODRESOURCES_MESSAGES = {
+    "AllocatableResourcesRequest": [],
+    "AllocatableResourcesResponse": [("devices", 1, True, "ContainerDevices"), ("cpu_ids", 2, True, "int64"),
+                                     ("memory", 3, True, "ContainerMemory")],
+    "ListPodResourcesRequest": [],
+    "ListPodResourcesResponse": [("pod_resources", 1, True, "PodResources")],
+    "PodResources": [("name", 1, False, "string"), ("namespace", 2, False, "string"),
+                     ("containers", 3, True, "ContainerResources"), ("cpu_ids", 4, True, "int64"),
+                     ("memory", 5, True, "ContainerMemory")],
+    "ContainerResources": [("name", 1, False, "string"), ("devices", 2, True, "ContainerDevices"),
+                           ("cpu_ids", 3, True, "int64"), ("memory", 4, True, "ContainerMemory"),
+                           ("dynamic_resources", 5, True, "DynamicResource")],
+    "ContainerMemory": [("memory_type", 1, False, "string"), ("size", 2, False, "uint64"),
+                        ("topology", 3, False, "TopologyInfo")],
+    "ContainerDevices": [("resource_name", 1, False, "string"), ("device_ids", 2, True, "string"),
+                         ("topology", 3, False, "TopologyInfo")],
+    "TopologyInfo": [("nodes", 1, True, "NUMANode")],
+    "NUMANode": [("ID", 1, False, "int64")],
+    "DynamicResource": [("claim_name", 2, False, "string"), ("claim_namespace", 3, False, "string"),
+                        ("claim_resources", 4, True, "ClaimResource")],
+    "ClaimResource": [("cdi_devices", 1, True, "CDIDevice"), ("driver_name", 2, False, "string"),
+                      ("pool_name", 3, False, "string"), ("device_name", 4, False, "string"),
+                      ("share_id", 5, False, "string")],
+    "CDIDevice": [("name", 1, False, "string")],
+    "GetPodResourcesRequest": [("pod_name", 1, False, "string"), ("pod_namespace", 2, False, "string")],
+    "GetPodResourcesResponse": [("pod_resources", 1, False, "PodResources")],
+}
+PODRESOURCES_SERVICES = {
+    "PodResourcesLister": [
+        ("List", "ListPodResourcesRequest", "ListPodResourcesResponse", False),
+        ("GetAllocatableResources", "AllocatableResourcesRequest", "AllocatableResourcesResponse", False),
+        ("Get", "GetPodResourcesRequest", "GetPodResourcesResponse", False),
+    ],
+}
+APIS = [
+    pytest.param(api_pb2, "v1beta1", UPSTREAM_MESSAGES, UPSTREAM_SERVICES, id="deviceplugin-v1beta1"),
+    pytest.param(podresources_pb2, "v1", PODRESOURCES_MESSAGES, PODRESOURCES_SERVICES, id="podresources-v1"),
+]
+STUB_DIRS = ("kubeletapi/deviceplugin/v1beta1", "kubeletapi/podresources/v1")
+
+
 def _type_name(field: FieldDescriptor) -> str:
     if field.message_type is not None:
         return field.message_type.name
     return {FieldDescriptor.TYPE_STRING: "string", FieldDescriptor.TYPE_BOOL: "bool",
-            FieldDescriptor.TYPE_INT32: "int32", FieldDescriptor.TYPE_INT64: "int64"}[field.type]
+            FieldDescriptor.TYPE_INT32: "int32", FieldDescriptor.TYPE_INT64: "int64",
+            FieldDescriptor.TYPE_UINT64: "uint64"}[field.type]
 
 
 def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
-    subprocess.run(["bash", str(REPO / "hack" / "gen-deviceplugin-api.sh"), str(tmp_path)], check=True,
+    subprocess.run(["bash", str(REPO / "hack" / "gen-kubelet-api.sh"), str(tmp_path)], check=True,
                    capture_output=True, timeout=300)
-    committed = REPO / "deviceplugin" / "api" / "v1beta1"
-    fresh = tmp_path / "deviceplugin" / "api" / "v1beta1"
-    for name in GENERATED:
-        assert (fresh / name).exists(), f"generator did not write {name}"
-        assert filecmp.cmp(committed / name, fresh / name, shallow=False), \
-            f"{name} differs from a fresh generation: run hack/gen-deviceplugin-api.sh and commit the result"
+    for stub_dir in STUB_DIRS:
+        for name in GENERATED:
+            fresh = tmp_path / stub_dir / name
+            assert fresh.exists(), f"generator did not write {stub_dir}/{name}"
+            assert filecmp.cmp(REPO / stub_dir / name, fresh, shallow=False), \
+                f"{stub_dir}/{name} differs from a fresh generation: run hack/gen-kubelet-api.sh and commit it"
 
 
-def test_package_and_messages_match_upstream_v1beta1() -> None:
-    file = api_pb2.DESCRIPTOR
-    assert file.package == "v1beta1"
-    assert set(file.message_types_by_name) == set(UPSTREAM_MESSAGES)
-    for name, fields in UPSTREAM_MESSAGES.items():
+@pytest.mark.parametrize(("module", "package", "messages", "services"), APIS)
+def test_package_and_messages_match_upstream(module, package, messages, services) -> None:  # type: ignore[no-untyped-def]
+    file = module.DESCRIPTOR
+    assert file.package == package
+    assert set(file.message_types_by_name) == set(messages)
+    for name, fields in messages.items():
         message = file.message_types_by_name[name]
         got = [(f.name, f.number, f.is_repeated, _type_name(f)) for f in message.fields]
         assert got == fields, f"message {name}"
 
 
-def test_services_match_upstream_v1beta1() -> None:
-    file = api_pb2.DESCRIPTOR
-    assert set(file.services_by_name) == set(UPSTREAM_SERVICES)
-    for name, methods in UPSTREAM_SERVICES.items():
+@pytest.mark.parametrize(("module", "package", "messages", "services"), APIS)
+def test_services_match_upstream(module, package, messages, services) -> None:  # type: ignore[no-untyped-def]
+    file = module.DESCRIPTOR
+    assert set(file.services_by_name) == set(services)
+    for name, methods in services.items():
         service = file.services_by_name[name]
-        assert service.full_name == f"v1beta1.{name}"
+        assert service.full_name == f"{package}.{name}"
         got = [(m.name, m.input_type.name, m.output_type.name, m.server_streaming) for m in service.methods]
         assert got == methods
 
