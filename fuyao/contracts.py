@@ -116,6 +116,32 @@ ANNOTATION_NODE_TOPOLOGY = "npu.openfuyao.com/topology"
 ANNOTATION_POD_ASSIGNED = "npu.openfuyao.com/assigned"
 """Pod annotation (JSON, :class:`PodAssignment`) written by the scheduler extender at bind time."""
 
+# Device IDs of the sub-device resources (the whole-NPU form ``Ascend910-3`` is ``fuyao.inventory.device_id``).
+# They appear in pod annotations, the kubelet's checkpoint and its pod-resources API, so their form is a contract.
+_VNPU_DEVICE = re.compile(r"^(?P<parent>.+)-v(?P<vnpu>\d+)$")
+_CORE_DEVICE = re.compile(r"^(?P<parent>.+)-c(?P<core>\d+)$")
+
+
+def vnpu_device_id(parent: str, vnpu_id: int) -> str:
+    """``npu.huawei.com/vNPU`` device: ``Ascend910-0-v100`` (parent device, npu-smi vNPU id)."""
+    return f"{parent}-v{vnpu_id}"
+
+
+def core_device_id(parent: str, core: int) -> str:
+    """``npu.huawei.com/npu-core`` device: ``Ascend910-0-c7`` (parent device, AICore index)."""
+    return f"{parent}-c{core}"
+
+
+def parse_vnpu_device_id(device: str) -> tuple[str, int] | None:
+    m = _VNPU_DEVICE.match(device)
+    return (m.group("parent"), int(m.group("vnpu"))) if m else None
+
+
+def parse_core_device_id(device: str) -> tuple[str, int] | None:
+    m = _CORE_DEVICE.match(device)
+    return (m.group("parent"), int(m.group("core"))) if m else None
+
+
 # What the device plugin's Allocate hands the container runtime (Ascend runtime conventions + fuyao's own key)
 ENV_ASCEND_VISIBLE_DEVICES = "ASCEND_VISIBLE_DEVICES"
 """Comma-separated physical (logic) ids of the NPUs given to a container (MindCluster/HAMi convention)."""

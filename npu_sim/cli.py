@@ -6,7 +6,8 @@
     npu-smi -v
 
 plus ``fake ...`` commands (not in the real tool) that change the simulated node: ``fake init``, ``fake
-set-health``, ``fake inject``, ``fake clear-faults``, ``fake show``, ``fake presets``. The node is the JSON file
+set-health``, ``fake inject``, ``fake clear-faults``, ``fake bind-vnpu``, ``fake unbind-vnpu``, ``fake show``,
+``fake presets``. The node is the JSON file
 named by ``FAKE_NPU_SMI_STATE`` (or, read-only, the preset named by ``FAKE_NPU_SMI_PRESET``, default 910b4-8).
 
 Exit codes: 0 on success; 1 for invalid parameters and failed ``set`` commands (the exit status real npu-smi uses
@@ -171,8 +172,8 @@ def _destroy(s: dict[str, Any], npu: int, chip: int, opts: dict[str, str]) -> st
     return render.set_ok(f"Destroy vnpu {raw} success")
 
 
-def _apply_fault(argv: list[str], s: dict[str, Any]) -> str | None:
-    """Act on the first fault whose glob matches the command line. Returns its mode, or None."""
+def _apply_fault(argv: list[str], s: dict[str, Any]) -> dict[str, Any] | None:
+    """Act on the first fault whose glob matches the command line (before the command runs). Returns it."""
     line = " ".join(argv)
     fault = next((f for f in s["faults"] if fnmatch.fnmatchcase(line, f["command"])), None)
     if fault is None:
@@ -194,7 +195,7 @@ def _apply_fault(argv: list[str], s: dict[str, Any]) -> str | None:
         raise Failure(fault.get("message", "Failed to get device info."), int(fault.get("exit_code", 1)))
     elif mode == "unsupported":
         sys.stdout.write(f"This device does not support querying {argv[-1] if argv else 'info'}.\n")
-    return mode
+    return fault
 
 
 def run(argv: list[str]) -> int:
@@ -209,7 +210,8 @@ def run(argv: list[str]) -> int:
         sys.stderr.write(f"fake npu-smi: bad state: {exc}\n")
         return 2
     try:
-        mode = _apply_fault(argv, s)
+        fault = _apply_fault(argv, s)
+        mode = fault["mode"] if fault else None
         if mode in ("hang", "garbage", "unsupported"):
             return 0
         if argv[0] == "-v":
@@ -222,6 +224,11 @@ def run(argv: list[str]) -> int:
             raise Failure(f"Error parameter of {argv[0]}")
         if mode == "truncate":
             out = out[: len(out) // 2]
+        if mode == "hang-after":  # the command took effect, then the tool hangs (a wedged driver call)
+            sys.stdout.write(out)
+            sys.stdout.flush()
+            time.sleep(float(fault.get("seconds", 3600)) if fault else 0)
+            return 0
     except Failure as exc:
         sys.stdout.write(exc.message + "\n")
         return exc.code
@@ -246,12 +253,18 @@ def fake(argv: list[str]) -> int:
     p.add_argument("-c", type=int, default=0, help="chip/die index")
     p.add_argument("health", choices=st.HEALTH_VALUES)
     p.add_argument("--code", action="append", default=[], help="error code, e.g. 80E01801 (repeatable)")
-    p = sub.add_parser("inject", help="make commands matching a glob hang, print garbage, truncate or fail")
+    p = sub.add_parser("inject", help="make commands matching a glob hang (before, or after taking effect: "
+                                      "hang-after), print garbage, truncate or fail")
     p.add_argument("command", help="glob over the command line, e.g. 'info -t topo' or 'info*'")
     p.add_argument("mode", choices=st.FAULT_MODES)
     p.add_argument("--times", type=int, help="only the next N matching calls")
     p.add_argument("--seconds", type=float, default=3600.0, help="how long 'hang' sleeps")
     sub.add_parser("clear-faults", help="remove every injected fault")
+    p = sub.add_parser("bind-vnpu", help="mark a vNPU as used by a container (npu-smi then refuses to destroy it)")
+    p.add_argument("vnpu_id", type=int)
+    p.add_argument("--container", default="3f2a9c1d0b7e", help="container id shown by info-vnpu")
+    p = sub.add_parser("unbind-vnpu", help="the container using a vNPU went away")
+    p.add_argument("vnpu_id", type=int)
     sub.add_parser("show", help="print the expanded state as JSON")
     sub.add_parser("presets", help="list the presets")
     args = parser.parse_args(argv)
@@ -280,6 +293,13 @@ def fake(argv: list[str]) -> int:
                     s["faults"].append(fault)
                 elif args.cmd == "clear-faults":
                     s["faults"] = []
+                elif args.cmd in ("bind-vnpu", "unbind-vnpu"):
+                    vnpu = next((v for v in s["vnpus"] if v["vnpu_id"] == args.vnpu_id), None)
+                    if vnpu is None:
+                        raise st.StateError(f"no vNPU {args.vnpu_id}")
+                    bound = args.cmd == "bind-vnpu"
+                    vnpu["container_id"] = args.container if bound else "000000000000"
+                    vnpu["status"] = 1 if bound else 0
     except (st.StateError, OSError) as exc:
         sys.stderr.write(f"npu-smi fake: {exc}\n")
         return 2

@@ -23,7 +23,7 @@ PRESET_ENV = "FAKE_NPU_SMI_PRESET"
 DEFAULT_PRESET = "910b4-8"
 HEALTH_VALUES = ("OK", "Warning", "Alarm", "Critical", "UNKNOWN")
 TOPOLOGY_KINDS = ("hccs-mesh", "hccs-ring", "pcie", "none", "unsupported")
-FAULT_MODES = ("hang", "garbage", "truncate", "fail", "unsupported")
+FAULT_MODES = ("hang", "hang-after", "garbage", "truncate", "fail", "unsupported")
 
 _REQUIRED = {
     "chip_model": str, "npu_count": int, "dies_per_npu": int, "aicore": int, "aicpu": int, "memory_mb": int,

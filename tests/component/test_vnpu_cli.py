@@ -1,0 +1,173 @@
+"""fuyao-vnpu against the stateful fake npu-smi: plans for every preset, idempotent apply, vNPUs in use, and a
+crash between npu-smi creating a vNPU and the ledger recording it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAKE, REPO
+
+
+class Node:
+    def __init__(self, tmp: Path, preset: str):
+        self.tmp = tmp
+        self.env = {**os.environ, "FAKE_NPU_SMI_STATE": str(tmp / "npu.json")}
+        self.ledger = tmp / "ledger.json"
+        self.fake("fake", "init", "--preset", preset)
+
+    def fake(self, *args: str) -> str:
+        proc = subprocess.run([sys.executable, str(FAKE), *args], env=self.env, capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def config(self, entries: list[dict]) -> str:  # type: ignore[type-arg]
+        path = self.tmp / "vnpu-config.json"
+        path.write_text(json.dumps({"devices": entries}))
+        return str(path)
+
+    def command(self, verb: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", "vnpu.cli", verb, "--npu-smi", str(FAKE), "--ledger", str(self.ledger),
+                "--log-level", "warning", *args]
+
+    def vnpu(self, verb: str, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        extra = ("--no-kubelet",) if verb in ("apply", "gc", "list") else ()
+        proc = subprocess.run(self.command(verb, *extra, *args), env=self.env, capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        return proc
+
+    def vnpus(self) -> list[dict]:  # type: ignore[type-arg]
+        return json.loads(self.fake("fake", "show"))["vnpus"]
+
+    def ledger_records(self) -> list[dict]:  # type: ignore[type-arg]
+        return json.loads(self.ledger.read_text())["records"] if self.ledger.exists() else []
+
+
+@pytest.mark.parametrize(("preset", "entries", "code", "expect"), [
+    ("910b4-8", [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"}], 0, "4 x vir05_1c_8g on Ascend910-0"),
+    ("910b4-8", [{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "16GB"}], 2, "need 30 AICore"),
+    ("910b4-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"},
+                 {"device_id": "1", "vnpu_count": 2, "template": "vir10_3c_16g_nm"}], 0,
+     "2 x vir10_3c_16g_nm on Ascend910-1"),
+    ("310p3-4", [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "6GB"}], 0, "4 x vir02_1c on Ascend310P-0"),
+    ("310p3-4", [{"device_id": "0", "vnpu_count": 2, "template": "vir04"},
+                 {"device_id": "1", "vnpu_count": 9, "vnpu_memory": "3GB"}], 2, "devices[1]"),
+    ("910a1-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}], 2, "cannot be split"),
+    ("910c-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}], 2, "cannot be split"),
+])
+def test_plan_every_preset(tmp_path: Path, preset: str, entries: list[dict], code: int, expect: str) -> None:  # type: ignore[type-arg]
+    node = Node(tmp_path, preset)
+    proc = node.vnpu("plan", "--config", node.config(entries), code=code)
+    assert expect in proc.stdout + proc.stderr
+    assert node.vnpus() == []  # plan never changes anything
+
+
+def test_apply_is_idempotent_and_follows_plan_changes(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    config = node.config([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"},
+                          {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "16GB"}])
+    first = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert len(first["created"]) == 6 and not first["errors"]
+    second = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert second["created"] == [] and second["destroyed"] == [] and second["kept"] == 6
+    assert len(node.vnpus()) == 6 and len(node.ledger_records()) == 6
+
+    # shrink device 0 to 2; a container holds one of the surplus vNPUs (npu-smi shows it bound)
+    node.fake("fake", "bind-vnpu", "103")
+    smaller = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"},
+                           {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "16GB"}])
+    third = json.loads(node.vnpu("apply", "--config", smaller, "--json").stdout)
+    assert third["destroyed"] == ["Ascend910-0/102:vir05_1c_8g"]
+    assert third["in_use_not_destroyed"] == ["Ascend910-0/103"]
+    node.fake("fake", "unbind-vnpu", "103")
+    fourth = json.loads(node.vnpu("apply", "--config", smaller, "--json").stdout)
+    assert fourth["destroyed"] == ["Ascend910-0/103:vir05_1c_8g"]
+    assert sorted(v["vnpu_id"] for v in node.vnpus()) == [100, 101, 116, 117]
+
+
+def test_vnpus_made_by_others_are_left_alone(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    node.fake("set", "-t", "create-vnpu", "-i", "0", "-c", "0", "-f", "vir05_1c_8g", "-v", "100")
+    config = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}])
+    report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert report["created"] == ["Ascend910-0/101:vir05_1c_8g", "Ascend910-0/102:vir05_1c_8g"]
+    node.vnpu("apply", "--config", node.config([{"device_id": "0", "vnpu_count": 0}]))
+    assert [v["vnpu_id"] for v in node.vnpus()] == [100]  # the foreign one survives
+    listed = json.loads(node.vnpu("list", "--json").stdout)
+    assert listed == [{"device": "Ascend910-0", "vnpu_id": 100, "template": "vir05_1c_8g", "owner": "not fuyao",
+                       "state": "-", "in_use": False}]
+
+
+def test_an_invalid_plan_creates_nothing(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    config = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"},
+                          {"device_id": "1", "vnpu_count": 1, "template": "vir-unknown"}])
+    proc = node.vnpu("apply", "--config", config, code=2)
+    assert "plan rejected, nothing changed" in proc.stderr and "devices[1]" in proc.stderr
+    assert node.vnpus() == [] and node.ledger_records() == []
+
+
+def test_without_the_kubelets_view_nothing_is_destroyed(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    node.vnpu("apply", "--config", node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}]))
+    proc = subprocess.run(node.command("apply", "--json", "--pod-resources-socket", str(tmp_path / "no.sock"),
+                                       "--config", node.config([{"device_id": "0", "vnpu_count": 0}])),
+                          env=node.env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "pod-resources" in proc.stderr
+    assert json.loads(proc.stdout)["in_use_not_destroyed"] == ["Ascend910-0/100", "Ascend910-0/101"]
+    assert len(node.vnpus()) == 2
+
+
+def test_crash_between_create_and_record_leaves_no_orphan_and_no_duplicate(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    config = node.config([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "8GB"}])
+    # the second create takes effect, then npu-smi hangs: we kill fuyao-vnpu while it waits
+    node.fake("fake", "inject", "set -t create-vnpu*-v 101*", "hang-after", "--seconds", "30")
+    proc = subprocess.Popen(node.command("apply", "--no-kubelet", "--config", config, "--npu-smi-timeout", "60"),
+                            env=node.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(node.vnpus()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(node.vnpus()) == 2, "the hanging create never took effect"
+    os.killpg(proc.pid, signal.SIGKILL)  # the tool and its hung npu-smi die: the ledger still says pending
+    proc.wait(10)
+    states = {r["vnpu_id"]: r["state"] for r in node.ledger_records()}
+    assert states == {100: "created", 101: "pending"}
+    node.fake("fake", "clear-faults")
+
+    report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert report["adopted"] == ["Ascend910-0/101"]
+    assert report["created"] == ["Ascend910-0/102:vir05_1c_8g"]
+    on_chip = sorted(v["vnpu_id"] for v in node.vnpus())
+    assert on_chip == [100, 101, 102]  # no duplicate
+    assert sorted(r["vnpu_id"] for r in node.ledger_records() if r["state"] == "created") == on_chip  # no orphan
+
+
+def test_crash_before_the_create_took_effect_drops_the_intent(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    config = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}])
+    node.fake("fake", "inject", "set -t create-vnpu*", "hang", "--seconds", "30")
+    proc = subprocess.Popen(node.command("apply", "--no-kubelet", "--config", config, "--npu-smi-timeout", "60"),
+                            env=node.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not node.ledger_records() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert [r["state"] for r in node.ledger_records()] == ["pending"] and node.vnpus() == []
+    node.fake("fake", "clear-faults")
+    report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert report["adopted"] == [] and len(report["created"]) == 2
+    assert len(node.vnpus()) == 2 and len(node.ledger_records()) == 2

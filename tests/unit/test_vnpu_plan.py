@@ -1,0 +1,189 @@
+"""vNPU planning without processes: templates, the ConfigMap, fits and rejections, static changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fuyao.inventory import NpuDevice
+from fuyao.npusmi.models import NpuHealthState, VnpuEntry
+from vnpu.ledger import Ledger, VnpuRecord, dynamic_owner
+from vnpu.manager import choose_vnpu_id, entry_in_use, static_changes, vnpu_id_range
+from vnpu.plan import (
+    ChipCapacity,
+    PlanError,
+    VnpuConfig,
+    load_vnpu_config,
+    make_plan,
+    parse_memory_gb,
+    parse_vnpu_config,
+)
+from vnpu.templates import Template, builtin_templates, smallest_covering
+
+# what the 910b4-8 preset's driver reports on top of the documented two
+B4 = (*builtin_templates("910B4"), Template(name="vir10_4c_16g_m", aicore=10, memory_gb=16, aicpu=4))
+B4_CAP = ChipCapacity(aicore=20, memory_gb=32, aicpu=7)
+P3_CAP = ChipCapacity(aicore=8, memory_gb=24, aicpu=8)
+
+
+def devices(model: str, n: int) -> list[NpuDevice]:
+    family = "310P" if model.startswith("310P") else "910"
+    return [NpuDevice(id=f"Ascend{family}-{i}", npu_id=i, chip_id=0, physical_id=i, chip_model=model,
+                      health=NpuHealthState.OK, aicore=20, memory_mb=32768) for i in range(n)]
+
+
+def plan_for(entries: list[dict], model: str = "910B4", cap: ChipCapacity = B4_CAP):  # type: ignore[no-untyped-def]
+    devs = devices(model, 4)
+    templates = B4 if model == "910B4" else builtin_templates(model)
+    return make_plan(parse_vnpu_config({"devices": entries}), devs, templates, {d.id: cap for d in devs})
+
+
+@pytest.mark.parametrize(("raw", "gb"), [("16GB", 16), ("16G", 16), ("16Gi", 16), ("8192MB", 8), (" 3 GB ", 3),
+                                         (12, 12), ("1.5GB", 1.5)])
+def test_memory_sizes(raw: str | int, gb: float) -> None:
+    assert parse_memory_gb(raw) == gb
+
+
+@pytest.mark.parametrize("raw", ["16TB", "lots", "-1GB", "0"])
+def test_bad_memory_sizes(raw: str) -> None:
+    with pytest.raises(ValueError):
+        parse_memory_gb(raw)
+
+
+def test_builtin_catalog_matches_the_documented_sizes() -> None:
+    assert [(t.name, t.aicore, t.memory_gb, t.aicpu) for t in builtin_templates("Ascend910B4")] == [
+        ("vir05_1c_8g", 5, 8, 1), ("vir10_3c_16g", 10, 16, 3)]
+    assert len(builtin_templates("310P3")) == 7 and builtin_templates("910ProB") == ()
+    assert [t.name for t in smallest_covering(builtin_templates("310P3"), aicore=2)][:2] == ["vir02_1c", "vir02"]
+
+
+@pytest.mark.parametrize(("entries", "expected"), [
+    ([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"}], [("Ascend910-0", "vir05_1c_8g", 4)]),
+    ([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "16GB"}], [("Ascend910-0", "vir10_3c_16g", 2)]),
+    # 6 GB → the smallest template with at least 6 GB
+    ([{"device_id": "Ascend910-2", "vnpu_count": 3, "vnpu_memory": "6GB"}], [("Ascend910-2", "vir05_1c_8g", 3)]),
+    # mixed templates on different chips, and a chip left whole
+    ([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"},
+      {"device_id": "1", "vnpu_count": 1, "template": "vir10_4c_16g_m"},
+      {"device_id": "2", "vnpu_count": 0}],
+     [("Ascend910-0", "vir05_1c_8g", 4), ("Ascend910-1", "vir10_4c_16g_m", 1), ("Ascend910-2", None, 0)]),
+])
+def test_910b4_plans_that_fit(entries: list[dict], expected: list[tuple]) -> None:  # type: ignore[type-arg]
+    plan = plan_for(entries)
+    assert [(d.device_id, d.template.name if d.template else None, d.count) for d in plan.devices] == expected
+    assert plan.carved == {d for d, t, n in expected if n}
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "16GB"}], "need 30 AICore, the chip has 20"),
+    ([{"device_id": "0", "vnpu_count": 5, "vnpu_memory": "8GB"}], "need 25 AICore"),
+    ([{"device_id": "1", "vnpu_count": 2, "template": "vir10_4c_16g_m"}], "need 8 AICPU, the chip has 7"),
+    ([{"device_id": "0", "vnpu_count": 1, "vnpu_memory": "64GB"}], "no template has 64GB"),
+    ([{"device_id": "0", "vnpu_count": 1, "template": "vir99"}], "unknown template 'vir99'"),
+    ([{"device_id": "0", "vnpu_count": 1, "template": "vir05_1c_8g", "vnpu_memory": "16GB"}], "less than"),
+    ([{"device_id": "9", "vnpu_count": 1, "vnpu_memory": "8GB"}], "no such device"),
+    ([{"device_id": "0", "vnpu_count": 1}], "give vnpu_memory"),
+    ([{"device_id": "0", "vnpu_count": 1, "vnpu_memory": "8GB"},
+      {"device_id": "Ascend910-0", "vnpu_count": 1, "vnpu_memory": "8GB"}], "listed twice"),
+])
+def test_910b4_plans_rejected_naming_the_entry(entries: list[dict], message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(PlanError) as err:
+        plan_for(entries)
+    assert message in str(err.value)
+    assert str(err.value).startswith(f"devices[{len(entries) - 1}]")
+
+
+def test_a_later_bad_entry_rejects_the_whole_plan() -> None:
+    with pytest.raises(PlanError) as err:
+        plan_for([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"},
+                  {"device_id": "1", "vnpu_count": 9, "vnpu_memory": "8GB"}])
+    assert err.value.entry == 1 and err.value.device_id == "1"
+
+
+def test_310p3_plans() -> None:
+    plan = plan_for([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "6GB"},
+                     {"device_id": "1", "vnpu_count": 8, "vnpu_memory": "3GB"}], "310P3", P3_CAP)
+    assert [(d.template.name, d.count) for d in plan.devices if d.template] == [("vir02_1c", 4), ("vir01", 8)]
+    with pytest.raises(PlanError, match=r"need 12 AICore, the chip has 8"):
+        plan_for([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "12GB"}], "310P3", P3_CAP)
+
+
+def test_chips_without_templates_cannot_be_carved() -> None:
+    devs = devices("910ProB", 2)
+    with pytest.raises(PlanError, match="cannot be split into vNPUs"):
+        make_plan(parse_vnpu_config({"devices": [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}]}),
+                  devs, (), {d.id: B4_CAP for d in devs})
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"devices": [{"device_id": "0", "vnpu_count": -1}]}, "devices.0.vnpu_count"),
+    ({"devices": [{"device_id": "0", "vnpu_count": 17}]}, "devices.0.vnpu_count"),
+    ({"devices": [{"device_id": "0", "vnpu_count": 1, "vnpu_memory": "big"}]}, "devices.0.vnpu_memory"),
+    ({"devices": [{"device_id": "0", "vnpu_count": 1, "vnpu_mem": "8GB"}]}, "devices.0.vnpu_mem"),
+    ({"device": []}, "device"),
+])
+def test_config_errors_name_the_field(data: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(PlanError) as err:
+        parse_vnpu_config(data)
+    assert repr(field) in str(err.value)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="cannot read"):
+        load_vnpu_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{devices: []")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        load_vnpu_config(bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"devices": [{"device_id": 0, "vnpu_count": 2, "vnpu_memory": "16GB"}]}))
+    assert load_vnpu_config(good) == VnpuConfig.model_validate(
+        {"devices": [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "16GB"}]})
+
+
+# --- static changes ---------------------------------------------------------------------------------------------
+def rec(vnpu_id: int, template: str = "vir05_1c_8g", device: str = "Ascend910-0", owner: str = "static",
+        state: str = "created") -> VnpuRecord:
+    return VnpuRecord(vnpu_id=vnpu_id, device_id=device, npu_id=0, chip_id=0, template=template, owner=owner,
+                      state=state, at=0.0)  # type: ignore[arg-type]
+
+
+def test_static_changes_keep_create_destroy_forget() -> None:
+    plan = plan_for([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "8GB"}])
+    records = [rec(100), rec(101), rec(102, "vir10_3c_16g"), rec(103), rec(104, owner=dynamic_owner(["x-c0"]))]
+    existing = {"Ascend910-0": {100, 102, 104, 105}}  # 101 and 103 vanished; 105 is not ours
+    changes = static_changes(plan, records, existing)
+    assert [r.vnpu_id for r in changes.keep] == [100]
+    assert [r.vnpu_id for r in changes.destroy] == [102]
+    assert sorted(r.vnpu_id for r in changes.forget) == [101, 103]
+    assert [(d, t.name, n) for d, t, n in changes.create] == [("Ascend910-0", "vir05_1c_8g", 2)]
+
+
+def test_static_changes_after_the_plan_drops_a_device() -> None:
+    plan = plan_for([{"device_id": "1", "vnpu_count": 0}])
+    changes = static_changes(plan, [rec(100), rec(101)], {"Ascend910-0": {100, 101}})
+    assert [r.vnpu_id for r in changes.destroy] == [100, 101] and not changes.create
+
+
+def test_vnpu_ids_and_binding() -> None:
+    assert list(vnpu_id_range(1))[:2] == [116, 117] and len(vnpu_id_range(1)) == 16
+    assert choose_vnpu_id(0, {100, 101, 103}) == 102
+    assert choose_vnpu_id(0, set(range(100, 116))) is None
+    assert not entry_in_use(VnpuEntry(vnpu_id=100, vgroup_id=0, container_id="000000000000", status="0",
+                                      template="t"))
+    assert entry_in_use(VnpuEntry(vnpu_id=100, vgroup_id=0, container_id="3f2a9c1d0b7e", status="1", template="t"))
+
+
+def test_ledger_round_trip_and_corruption(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.json")
+    ledger.put(rec(100, state="pending"))
+    ledger.put(rec(100))
+    ledger.put(rec(101))
+    assert [(r.vnpu_id, r.state) for r in ledger.records()] == [(100, "created"), (101, "created")]
+    ledger.remove(rec(100))
+    assert [r.vnpu_id for r in Ledger(tmp_path / "l.json").records()] == [101]
+    (tmp_path / "l.json").write_text("{garbage")
+    assert ledger.records() == []
+    assert list(tmp_path.glob("l.json.corrupt-*")), "the unreadable ledger is kept aside"

@@ -1,0 +1,226 @@
+"""Static partitioning: the design doc's ``vnpu-config.json`` and the planner that turns it into real templates.
+
+```json
+{"devices": [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"},
+             {"device_id": "Ascend910-1", "vnpu_count": 2, "template": "vir10_3c_16g"}]}
+```
+
+``device_id`` is a physical id (``"0"``) or a device ID (``"Ascend910-0"``). The planner is pure: it either returns
+a plan in which every entry fits its chip (AICore, memory, AICPU), or raises :class:`PlanError` naming the entry and
+the reason — a plan is accepted or rejected as a whole, so nothing is created from a half-valid file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fuyao.inventory import NpuDevice
+
+from .templates import Template, smallest_covering
+
+MAX_VNPUS_PER_CHIP = 16  # vNPU ids phy*16+100 .. +115
+
+
+class PlanError(ValueError):
+    """The config cannot be applied; names the entry (index and device) and why."""
+
+    def __init__(self, message: str, entry: int | None = None, device_id: str | None = None):
+        self.entry = entry
+        self.device_id = device_id
+        where = "" if entry is None else f"devices[{entry}]" + (f" (device {device_id!r})" if device_id else "") + ": "
+        super().__init__(where + message)
+
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|G|GIB|GI|MB|M|MIB|MI)?\s*$", re.IGNORECASE)
+
+
+def parse_memory_gb(raw: str | int | float) -> float:
+    """``"16GB"``, ``"16G"``, ``"16Gi"``, ``"16384MB"``, ``16`` → GB (the unit templates are sized in)."""
+    if isinstance(raw, int | float):
+        value, unit = float(raw), "GB"
+    else:
+        m = _MEMORY.match(raw)
+        if not m:
+            raise ValueError(f"expected a size such as 16GB or 8192MB, got {raw!r}")
+        value, unit = float(m.group(1)), (m.group(2) or "GB").upper()
+    gb = value / 1024 if unit.startswith("M") else value
+    if gb <= 0:
+        raise ValueError(f"size must be positive, got {raw!r}")
+    return gb
+
+
+class DeviceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str = Field(min_length=1)
+    vnpu_count: int = Field(ge=0, le=MAX_VNPUS_PER_CHIP)
+    vnpu_memory: str | None = None
+    template: str | None = None
+
+    @field_validator("device_id", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @field_validator("vnpu_memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_memory_gb(value)
+        return str(value)
+
+    @property
+    def memory_gb(self) -> float | None:
+        return None if self.vnpu_memory is None else parse_memory_gb(self.vnpu_memory)
+
+
+class VnpuConfig(BaseModel):
+    """The ``vnpu-config.json`` ConfigMap."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = Field(default=1, ge=1, le=1)
+    devices: tuple[DeviceEntry, ...] = ()
+
+
+def load_vnpu_config(path: str | Path) -> VnpuConfig:
+    """Read and validate the file; errors are :class:`PlanError` naming the file and the field."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PlanError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path} is not valid JSON: {exc}") from None
+    return parse_vnpu_config(data, str(path))
+
+
+def parse_vnpu_config(data: Any, source: str = "vnpu config") -> VnpuConfig:
+    try:
+        return VnpuConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise PlanError(f"{source}: field {field!r}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+class ChipCapacity(BaseModel):
+    """What a chip offers to vNPUs (``info-vnpu`` Total, or the inventory when that is not available)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    aicore: int
+    memory_gb: float
+    aicpu: int | None = None
+
+
+class DevicePlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    device_id: str
+    npu_id: int
+    chip_id: int
+    physical_id: int
+    template: Template | None
+    count: int
+
+
+class Plan(BaseModel):
+    """Per device: the template and how many vNPUs of it. Devices not listed are left whole."""
+
+    model_config = ConfigDict(frozen=True)
+
+    devices: tuple[DevicePlan, ...]
+
+    def for_device(self, device_id: str) -> DevicePlan | None:
+        return next((d for d in self.devices if d.device_id == device_id), None)
+
+    @property
+    def carved(self) -> set[str]:
+        """Devices that are split into vNPUs (no longer offered whole)."""
+        return {d.device_id for d in self.devices if d.count > 0}
+
+
+def resolve_device(raw: str, devices: Sequence[NpuDevice]) -> NpuDevice | None:
+    for device in devices:
+        if raw == device.id or (raw.isdigit() and int(raw) == device.physical_id):
+            return device
+    return None
+
+
+def fits(template: Template, count: int, capacity: ChipCapacity) -> str | None:
+    """None when ``count`` copies of ``template`` fit the chip, else the reason."""
+    if count * template.aicore > capacity.aicore:
+        return f"{count} x {template.name} need {count * template.aicore} AICore, the chip has {capacity.aicore}"
+    if count * template.memory_gb > capacity.memory_gb + 1e-9:
+        return (f"{count} x {template.name} need {count * template.memory_gb:g} GB, the chip has "
+                f"{capacity.memory_gb:g} GB")
+    if capacity.aicpu is not None and count * template.aicpu > capacity.aicpu:
+        return f"{count} x {template.name} need {count * template.aicpu} AICPU, the chip has {capacity.aicpu}"
+    return None
+
+
+def make_plan(config: VnpuConfig, devices: Sequence[NpuDevice], templates: Sequence[Template],
+              capacity: Mapping[str, ChipCapacity]) -> Plan:
+    """Map every entry to a real template that fits its chip, or raise :class:`PlanError` for the first that
+    cannot (nothing is planned from an invalid file)."""
+    planned: list[DevicePlan] = []
+    seen: dict[str, int] = {}
+    names = sorted(t.name for t in templates)
+    for index, entry in enumerate(config.devices):
+        device = resolve_device(entry.device_id, devices)
+        if device is None:
+            raise PlanError(f"no such device on this node (devices: {[d.id for d in devices]})", index,
+                            entry.device_id)
+        if device.id in seen:
+            raise PlanError(f"device listed twice (also devices[{seen[device.id]}])", index, entry.device_id)
+        seen[device.id] = index
+        if entry.vnpu_count == 0:
+            planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
+                                      physical_id=device.physical_id, template=None, count=0))
+            continue
+        if not templates:
+            raise PlanError(f"{device.chip_model} cannot be split into vNPUs (no templates)", index, entry.device_id)
+        cap = capacity.get(device.id)
+        if cap is None:
+            raise PlanError("capacity of the chip is unknown (npu-smi info-vnpu and the inventory say nothing)",
+                            index, entry.device_id)
+        template = _choose(entry, templates, cap, names, index)
+        planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
+                                  physical_id=device.physical_id, template=template, count=entry.vnpu_count))
+    return Plan(devices=tuple(planned))
+
+
+def _choose(entry: DeviceEntry, templates: Sequence[Template], cap: ChipCapacity, names: list[str],
+            index: int) -> Template:
+    memory = entry.memory_gb
+    if entry.template is not None:
+        template = next((t for t in templates if t.name == entry.template), None)
+        if template is None:
+            raise PlanError(f"unknown template {entry.template!r} (this chip has {names})", index, entry.device_id)
+        if memory is not None and template.memory_gb + 1e-9 < memory:
+            raise PlanError(f"template {template.name} has {template.memory_gb:g} GB, less than vnpu_memory "
+                            f"{entry.vnpu_memory}", index, entry.device_id)
+        problem = fits(template, entry.vnpu_count, cap)
+        if problem:
+            raise PlanError(problem, index, entry.device_id)
+        return template
+    if memory is None:
+        raise PlanError("give vnpu_memory (e.g. \"8GB\") or template", index, entry.device_id)
+    candidates = smallest_covering(templates, memory_gb=memory)
+    if not candidates:
+        largest = max(t.memory_gb for t in templates)
+        raise PlanError(f"no template has {entry.vnpu_memory} (largest: {largest:g} GB)", index, entry.device_id)
+    problems = []
+    for template in candidates:
+        problem = fits(template, entry.vnpu_count, cap)
+        if problem is None:
+            return template
+        problems.append(problem)
+    raise PlanError(problems[0], index, entry.device_id)
