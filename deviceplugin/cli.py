@@ -38,6 +38,10 @@ _FLAG_FIELDS = {
     "health_failure_threshold": "health.failure_threshold",
     "metrics_address": "metrics_address",
     "server_usage": "server_usage",
+    "vnpu_mode": "vnpu.mode",
+    "vnpu_config": "vnpu.config",
+    "vnpu_ledger": "vnpu.ledger",
+    "pod_resources_socket": "vnpu.pod_resources_socket",
 }
 
 
@@ -66,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address",
                    help=f"HOST:PORT for /metrics, empty to disable (default: {DEFAULT_METRICS_ADDRESS})")
     p.add_argument("--server-usage", help="value of the server-usage node label: train or infer (default: unset)")
+    p.add_argument("--vnpu-mode", choices=["off", "static", "dynamic"],
+                   help="vNPUs: static slices from --vnpu-config, dynamic per-container vNPUs (npu.huawei.com/"
+                        "npu-core), or off (default: static when --vnpu-config is given, else off)")
+    p.add_argument("--vnpu-config", help="vnpu-config.json, the ConfigMap of static slices (re-read on change)")
+    p.add_argument("--vnpu-ledger", help="file recording the vNPUs fuyao created (default: "
+                                         "/var/lib/fuyao/vnpu-ledger.json; keep it on the host)")
+    p.add_argument("--pod-resources-socket",
+                   help="kubelet pod-resources API (default: /var/lib/kubelet/pod-resources/kubelet.sock)")
     logs.add_arguments(p)
     return p
 
@@ -75,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
     overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
     if overrides["node_name"] is None and os.environ.get("NODE_NAME"):
         overrides["node_name"] = os.environ["NODE_NAME"]
+    if overrides["vnpu.config"] and not overrides["vnpu.mode"] and \
+            not (file_values.get("vnpu") or {}).get("mode"):
+        overrides["vnpu.mode"] = "static"
     return build_config(file_values, overrides)
 
 

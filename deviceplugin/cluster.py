@@ -139,7 +139,7 @@ def assignments_for(resource: str, node_name: str, pods: list[tuple[str, Mapping
 class PendingPodAssignments:
     """Reads pending pods bound to this node (one list call, filtered by the API server)."""
 
-    def __init__(self, api: Any, node_name: str, timeout_s: float = 2.0):
+    def __init__(self, api: Any, node_name: str, timeout_s: float = 1.0):
         self.api = api
         self.node_name = node_name
         self.timeout_s = timeout_s
@@ -147,5 +147,8 @@ class PendingPodAssignments:
     def __call__(self, resource: str) -> list[tuple[str, ...]]:
         pods = self.api.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={self.node_name},status.phase=Pending", _request_timeout=self.timeout_s)
+        # The kubelet admits pending pods oldest first: offer the oldest pod's choice first.
+        ordered = sorted(pods.items, key=lambda p: (p.metadata.creation_timestamp is None,
+                                                    p.metadata.creation_timestamp or 0, p.metadata.name))
         return assignments_for(resource, self.node_name, [
-            (f"{p.metadata.namespace}/{p.metadata.name}", p.metadata.annotations or {}) for p in pods.items])
+            (f"{p.metadata.namespace}/{p.metadata.name}", p.metadata.annotations or {}) for p in ordered])

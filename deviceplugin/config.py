@@ -29,6 +29,7 @@ from fuyao.contracts import ContractError, ServerUsage, parse_duration
 CONFIG_VERSION = "v1"
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
+MAX_SOCKET_NAME = 40  # our longest socket name is fuyao-npu.huawei.com-npu-core.sock (34)
 DEFAULT_DRIVER_MOUNTS = (
     "/usr/local/Ascend/driver/lib64",
     "/usr/local/Ascend/driver/include",
@@ -91,6 +92,19 @@ class DriverMount(_Section):
         return self.container_path or self.host_path
 
 
+class VnpuSettings(_Section):
+    """vNPUs: ``static`` carves dies as the ConfigMap file says, ``dynamic`` creates a vNPU per container."""
+
+    mode: Literal["off", "static", "dynamic"] = "off"
+    config: str | None = Field(default=None, description="vnpu-config.json (static mode; re-read when it changes)")
+    ledger: str = Field(default="/var/lib/fuyao/vnpu-ledger.json", description="which vNPUs fuyao created")
+    pod_resources_socket: str = Field(default="/var/lib/kubelet/pod-resources/kubelet.sock",
+                                      description="kubelet pod-resources API: which containers hold which devices")
+    reconcile_interval: Seconds = Field(default=10.0, description="how often orphans are collected")
+    collect_grace: Seconds = Field(default=30.0, description="a dynamic vNPU younger than this is never collected "
+                                                             "(the kubelet records an allocation after Allocate)")
+
+
 class PluginConfig(_Section):
     """Everything the daemon needs; built from defaults, then the YAML file, then flags."""
 
@@ -109,6 +123,7 @@ class PluginConfig(_Section):
     prefer_scheduler_assignment: bool = Field(
         default=True, description="prefer the devices the scheduler wrote into a pending pod's annotation")
     publish_node: bool = Field(default=True, description="patch node labels and the topology annotation")
+    vnpu: VnpuSettings = VnpuSettings()
 
     @field_validator("metrics_address")
     @classmethod
@@ -118,6 +133,15 @@ class PluginConfig(_Section):
         _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("expected HOST:PORT (or an empty string to turn metrics off)")
+        return value
+
+    @field_validator("device_plugin_dir")
+    @classmethod
+    def _socket_paths_fit(cls, value: str) -> str:
+        longest = os.path.join(value, "x" * MAX_SOCKET_NAME)
+        if len(longest.encode()) > 107:
+            raise ValueError(f"too long for unix socket paths inside it ({len(value)} characters; at most "
+                             f"{106 - MAX_SOCKET_NAME})")
         return value
 
     @field_validator("device_plugin_dir", "dev_root", "host_root", "sysfs_root")

@@ -1,7 +1,9 @@
 """What a container needs to use the NPUs it was given: environment, device nodes, driver mounts, annotations.
 
-The decision is pure (:func:`container_spec`); the only host facts it needs, which device nodes and driver paths
-exist, come in through ``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
+Whole dies get ``ASCEND_VISIBLE_DEVICES=<physical ids>`` and ``/dev/davinci<N>``; vNPUs get their vNPU ids,
+``ASCEND_VNPU_SPECS=<template>``, ``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` and ``/dev/vdavinci<id>`` when the driver made
+it. The decision is pure (:func:`container_spec`); the only host facts it needs, which device nodes and driver
+paths exist, come in through ``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fuyao.contracts import ANNOTATION_CONTAINER_DEVICES, ENV_ASCEND_VISIBLE_DEVICES
-from fuyao.inventory import NpuDevice
+from fuyao.contracts import (
+    ANNOTATION_CONTAINER_DEVICES,
+    ENV_ASCEND_RUNTIME_OPTIONS,
+    ENV_ASCEND_VISIBLE_DEVICES,
+    ENV_ASCEND_VNPU_SPECS,
+)
 
 from .config import DriverMount
-from .devices import DeviceStatus
+from .devices import DeviceStatus, Slot
 
 # Device nodes every NPU container needs besides its /dev/davinciN (when the driver created them).
 SHARED_DEVICE_NODES = ("davinci_manager", "devmm_svm", "hisi_hdc")
@@ -54,7 +60,7 @@ class ContainerSpec:
 
 def container_spec(
     device_ids: Sequence[str],
-    devices: Mapping[str, NpuDevice],
+    slots: Mapping[str, Slot],
     statuses: Mapping[str, DeviceStatus],
     *,
     dev_root: str,
@@ -62,26 +68,46 @@ def container_spec(
     host_root: str = "/",
     exists: Callable[[str], bool] = os.path.exists,
 ) -> ContainerSpec:
-    """The spec for one container, or :class:`AllocationRefused` naming every unknown or unhealthy device."""
+    """The spec for one container given whole dies or vNPU slots, or :class:`AllocationRefused` naming every
+    unknown or unhealthy device."""
     if not device_ids:
         raise AllocationRefused("INVALID_ARGUMENT", "the container request names no devices")
-    unknown = [d for d in device_ids if d not in devices]
+    unknown = [d for d in device_ids if d not in slots]
     if unknown:
         raise AllocationRefused("INVALID_ARGUMENT", f"unknown device IDs {unknown}; this plugin serves "
-                                                    f"{sorted(devices)}")
+                                                    f"{sorted(slots)}")
     unhealthy = {d: statuses[d].reason for d in device_ids if d in statuses and not statuses[d].healthy}
     if unhealthy:
         detail = "; ".join(f"{d}: {reason}" for d, reason in unhealthy.items())
         raise AllocationRefused("FAILED_PRECONDITION", f"unhealthy devices requested ({detail})")
-    chosen = sorted({devices[d].physical_id: devices[d] for d in device_ids}.values(), key=lambda d: d.physical_id)
+    chosen = [slots[d] for d in dict.fromkeys(device_ids)]
+    vnpus = [s for s in chosen if s.vnpu is not None]
+    if vnpus and len(vnpus) != len(chosen):
+        raise AllocationRefused("INVALID_ARGUMENT", "a container cannot mix whole NPUs and vNPUs")
     nodes: list[DeviceNode] = []
-    for device in chosen:
-        host = os.path.join(dev_root, f"davinci{device.physical_id}")
-        if not exists(host):
-            raise AllocationRefused("FAILED_PRECONDITION",
-                                    f"device node {host} for {device.id} does not exist (check --dev-root and the "
-                                    "Ascend driver)")
-        nodes.append(DeviceNode(container_path=f"/dev/davinci{device.physical_id}", host_path=host))
+    envs: dict[str, str]
+    if vnpus:
+        ordered = sorted(vnpus, key=lambda s: s.vnpu.vnpu_id if s.vnpu else 0)
+        for slot in ordered:
+            assert slot.vnpu is not None
+            host = os.path.join(dev_root, f"vdavinci{slot.vnpu.vnpu_id}")
+            if exists(host):
+                nodes.append(DeviceNode(container_path=f"/dev/vdavinci{slot.vnpu.vnpu_id}", host_path=host))
+        envs = {ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(s.vnpu.vnpu_id) for s in ordered if s.vnpu),
+                ENV_ASCEND_VNPU_SPECS: ",".join(s.vnpu.template for s in ordered if s.vnpu),
+                ENV_ASCEND_RUNTIME_OPTIONS: "VIRTUAL"}
+        ids = [s.id for s in ordered]
+    else:
+        whole = sorted({s.parent.physical_id: s for s in chosen}.values(), key=lambda s: s.parent.physical_id)
+        for slot in whole:
+            host = os.path.join(dev_root, f"davinci{slot.parent.physical_id}")
+            if not exists(host):
+                raise AllocationRefused("FAILED_PRECONDITION",
+                                        f"device node {host} for {slot.id} does not exist (check --dev-root and "
+                                        "the Ascend driver)")
+            nodes.append(DeviceNode(container_path=f"/dev/davinci{slot.parent.physical_id}", host_path=host))
+        envs = {ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(s.parent.physical_id) for s in whole)}
+        ids = [s.id for s in whole]
     for name in SHARED_DEVICE_NODES:
         host = os.path.join(dev_root, name)
         if exists(host):
@@ -91,9 +117,5 @@ def container_spec(
         for m in driver_mounts
         if exists(os.path.join(host_root, m.host_path.lstrip("/")))
     )
-    return ContainerSpec(
-        envs={ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(d.physical_id) for d in chosen)},
-        mounts=mounts,
-        devices=tuple(nodes),
-        annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(d.id for d in chosen)},
-    )
+    return ContainerSpec(envs=envs, mounts=mounts, devices=tuple(nodes),
+                         annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(ids)})

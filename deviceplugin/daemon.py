@@ -19,63 +19,96 @@ from collections.abc import Sequence
 from fuyao.contracts import (
     ANNOTATION_NODE_TOPOLOGY,
     NodeTopology,
+    VnpuSlice,
     dump_annotation,
     npu_node_labels,
 )
 from fuyao.inventory import NodeInventory, discover
 from fuyao.npusmi import NpuSmi, NpuSmiError
+from vnpu.templates import Template
 
 from . import cluster
 from .config import PluginConfig
-from .devices import DeviceRegistry, DeviceStatus
+from .devices import ChipHealth, DeviceStatus, Slot
 from .health import HealthMonitor
 from .metrics import PluginMetrics
-from .resource import NpuResource, ResourcePlugin
+from .resource import ResourcePlugin
 from .server import KUBELET_SOCKET, RegistrationFailed, ResourceServer
+from .vnpu_control import VnpuControl
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
-STREAM_GRACE_S = 1.5
-MAX_BACKOFF_S = 5.0
+STREAM_GRACE_S = 1.5  # registered, but no ListAndWatch yet
+STREAM_END_GRACE_S = 0.3  # the stream ended: a kubelet that restarts replaces kubelet.sock within this
+MAX_BACKOFF_S = 1.0  # a refused Register is cheap; a new kubelet must be found within 2 s
 
 
-def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus]) -> NodeTopology:
-    """The topology annotation with each device's current health."""
+def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
+                  slices: Sequence[Slot] = (), templates: Sequence[Template] = ()) -> NodeTopology:
+    """The topology annotation with each device's current health and its vNPU slices."""
     topo = inventory.to_topology()
-    devices = {i: d.model_copy(update={"health": statuses[i].health}) if i in statuses else d
-               for i, d in topo.devices.items()}
+    sizes = {t.name: t for t in templates}
+    devices = {}
+    for i, d in topo.devices.items():
+        mine = tuple(
+            VnpuSlice(id=s.id, vnpu_id=s.vnpu.vnpu_id, template=s.vnpu.template,
+                      aicore=sizes[s.vnpu.template].aicore if s.vnpu.template in sizes else 0,
+                      memory_mb=int(sizes[s.vnpu.template].memory_gb * 1024) if s.vnpu.template in sizes else 0)
+            for s in slices if s.parent.id == i and s.vnpu is not None)
+        update: dict[str, object] = {"vnpus": mine}
+        if i in statuses:
+            update["health"] = statuses[i].health
+        devices[i] = d.model_copy(update=update)
     return topo.model_copy(update={"devices": devices})
 
 
 class KubeletSession:
-    """Keeps one resource served and registered with whichever kubelet currently owns ``kubelet.sock``."""
+    """Keeps one resource served and registered with whichever kubelet currently owns ``kubelet.sock``.
 
-    def __init__(self, server: ResourceServer):
+    Re-registers (on a fresh socket) when our socket disappears, when ``kubelet.sock`` is recreated, when the
+    kubelet's ListAndWatch stream ends and none replaces it within ``STREAM_END_GRACE_S``, or when the kubelet never
+    opens one after registering. The old server is stopped before the new registration, so an old stream can never
+    end after it (kubelets up to 1.34 then drop the new registration: kubernetes#121994).
+    """
+
+    def __init__(self, server: ResourceServer, stop: threading.Event | None = None):
         self.server = server
+        self.stop = stop
         self.kubelet_socket = os.path.join(server.plugin_dir, KUBELET_SOCKET)
-        self.registered_with: tuple[int, int, int] | None = None
+        self.registered_with: tuple[int, int] | None = None
         self.registered_at = 0.0
+        self.opened_before = 0
         self.next_attempt = 0.0
         self.backoff = 0.2
+        self.backoff_for: tuple[int, int] | None = None
         self.stream_grace = STREAM_GRACE_S
         self.waiting_logged = False
+        self.failures = 0
 
-    def kubelet_identity(self) -> tuple[int, int, int] | None:
+    def kubelet_identity(self) -> tuple[int, int] | None:
+        """The socket file's identity. (Not its ctime: the kubelet's gRPC server changes the socket's mode right
+        after creating it. An inode number reused by a restart is caught by our own socket's removal and the
+        ListAndWatch stream's end.)"""
         try:
             st = os.stat(self.kubelet_socket)
         except OSError:
             return None
-        return st.st_dev, st.st_ino, st.st_ctime_ns
+        return st.st_dev, st.st_ino
+
+    def _restart(self, why: str) -> None:
+        log.warning("%s; serving a fresh socket and registering again", why,
+                    extra={"resource": self.server.resource.resource_name})
+        self.server.start()
+        self.registered_with = None
 
     def tick(self, now: float) -> None:
         name = self.server.resource.resource_name
-        if not self.server.serving or not self.server.socket_intact():
-            if self.server.serving:
-                log.warning("socket %s was removed (kubelet restart?); serving a fresh one", self.server.socket_path,
-                            extra={"resource": name})
+        if not self.server.serving:
             self.server.start()
             self.registered_with = None
+        elif not self.server.socket_intact():
+            self._restart(f"socket {self.server.socket_path} was removed (kubelet restart?)")
         kubelet = self.kubelet_identity()
         if kubelet is None:
             if not self.waiting_logged:
@@ -85,31 +118,44 @@ class KubeletSession:
             return
         self.waiting_logged = False
         if self.registered_with != kubelet:
-            if now < self.next_attempt:
-                return
-            if self.registered_with is not None:
-                log.warning("kubelet.sock was recreated (kubelet restart); registering again",
-                            extra={"resource": name})
-            try:
-                self.server.register()
-            except RegistrationFailed as exc:
-                log.warning("registration of %s failed, retrying in %.1fs: %s", name, self.backoff, exc,
-                            extra={"resource": name})
-                self.next_attempt = now + self.backoff
-                self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
-                return
-            self.registered_with, self.registered_at, self.backoff = kubelet, now, 0.2
+            self._register(kubelet, now)
             return
         servicer = self.server.servicer
-        if servicer is not None and now - self.registered_at > self.stream_grace and \
-                servicer.idle_for() > self.stream_grace:
-            log.warning("the kubelet holds no ListAndWatch stream for %s; serving a fresh socket and registering "
-                        "again", name, extra={"resource": name})
-            self.stream_grace = min(self.stream_grace * 2, 30.0)
-            self.server.start()
-            self.registered_with = None
-        elif servicer is not None and servicer.idle_for() == 0.0:
+        if servicer is None:
+            return
+        open_now, opened, ended_at = servicer.stream_state()
+        if open_now:
             self.stream_grace = STREAM_GRACE_S
+        elif opened > self.opened_before and time.monotonic() - ended_at > STREAM_END_GRACE_S:
+            self._restart(f"the kubelet's ListAndWatch stream for {name} ended")
+        elif opened == self.opened_before and time.monotonic() - self.registered_at > self.stream_grace:
+            self.stream_grace = min(self.stream_grace * 2, 30.0)
+            self._restart(f"the kubelet opened no ListAndWatch stream for {name} after registering")
+
+    def _register(self, kubelet: tuple[int, int], now: float) -> None:
+        name = self.server.resource.resource_name
+        if self.backoff_for != kubelet:  # a new kubelet: forget the backoff earned by the old socket
+            self.backoff_for, self.backoff, self.next_attempt = kubelet, 0.2, 0.0
+        if now < self.next_attempt:
+            return
+        if self.registered_with is not None:
+            log.warning("kubelet.sock was recreated (kubelet restart); registering again", extra={"resource": name})
+        servicer = self.server.servicer
+        opened_before = servicer.stream_state()[1] if servicer is not None else 0
+        try:
+            self.server.register(self.stop)
+        except RegistrationFailed as exc:
+            if self.stop is not None and self.stop.is_set():
+                return
+            self.failures += 1
+            level = logging.WARNING if self.failures == 1 or self.failures % 60 == 0 else logging.DEBUG
+            log.log(level, "registration of %s failed (%d in a row), retrying in %.1fs: %s", name, self.failures,
+                    self.backoff, exc, extra={"resource": name})
+            self.next_attempt = now + self.backoff
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+            return
+        self.registered_with, self.registered_at, self.opened_before = kubelet, time.monotonic(), opened_before
+        self.backoff, self.failures = 0.2, 0
 
 
 class DevicePluginDaemon:
@@ -120,7 +166,8 @@ class DevicePluginDaemon:
         self.metrics = PluginMetrics(self.node_name)
         self.stop_event = threading.Event()
         self.inventory: NodeInventory | None = None
-        self.registry: DeviceRegistry | None = None
+        self.chips: ChipHealth | None = None
+        self.vnpu: VnpuControl | None = None
         self.resources: list[ResourcePlugin] = []
         self.sessions: list[KubeletSession] = []
         self.monitor: HealthMonitor | None = None
@@ -128,17 +175,23 @@ class DevicePluginDaemon:
         self.metrics_address: tuple[str, int] | None = None
 
     def request_stop(self) -> None:
-        """Safe from a signal handler: ends the main loop and kills a hung npu-smi call."""
+        """Safe from a signal handler: ends the main loop, kills a hung npu-smi call and refuses new ones."""
         self.stop_event.set()
-        self.npu_smi.kill_running()
+        self.npu_smi.close()
 
     def run(self) -> int:
         if self.config.metrics_address:
-            self.metrics_address = self.metrics.serve(self.config.metrics_address)
-            log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+            try:
+                self.metrics_address = self.metrics.serve(self.config.metrics_address)
+                log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s (%s); running without metrics", self.config.metrics_address,
+                          exc)
         try:
+            if not self._hold_instance_lock():
+                return 0
             inventory = self._discover()
-            if inventory is None:
+            if inventory is None or self.stop_event.is_set():
                 return 0
             self._start(inventory)
             while not self.stop_event.is_set():
@@ -152,6 +205,25 @@ class DevicePluginDaemon:
             return 0
         finally:
             self._shutdown()
+
+    def _hold_instance_lock(self) -> bool:
+        """One plugin per device-plugin directory: two would delete each other's sockets and both carve vNPUs.
+        The lock is an abstract unix socket (no file for the kubelet to delete; released when we die). A second
+        instance (a rolling update with surge) waits for the first to exit."""
+        name = "\0fuyao-device-plugin:" + os.path.realpath(self.config.device_plugin_dir)
+        self._lock_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        logged = False
+        while not self.stop_event.is_set():
+            try:
+                self._lock_socket.bind(name[:107])
+                return True
+            except OSError:
+                if not logged:
+                    log.warning("another fuyao-device-plugin serves %s; waiting for it to exit",
+                                self.config.device_plugin_dir)
+                    logged = True
+                self.stop_event.wait(1.0)
+        return False
 
     def _discover(self) -> NodeInventory | None:
         """Discover until it works or we are told to stop; a broken npu-smi at start must not kill the pod."""
@@ -174,23 +246,39 @@ class DevicePluginDaemon:
 
     def _start(self, inventory: NodeInventory) -> None:
         self.inventory = inventory
-        self.registry = DeviceRegistry(inventory.devices)
+        self.chips = ChipHealth(inventory.devices)
         api = self._connect()
         choices = None
         if api is not None:
             self.publisher = cluster.NodePublisher(api, self.node_name)
             self.publisher.start()
             choices = cluster.PendingPodAssignments(api, self.node_name)
-        self.resources = [NpuResource(inventory, self.config, self.registry, choices)]
-        self.monitor = HealthMonitor(self.npu_smi, self.registry, self.metrics,
+        self.monitor = HealthMonitor(self.npu_smi, self.chips, self.metrics,
                                      interval_s=self.config.health.interval,
                                      failure_threshold=self.config.health.failure_threshold,
                                      on_change=self._publish)
         self.monitor.poll_once()  # advertise real health from the first ListAndWatch response
+        self.vnpu = VnpuControl(inventory, self.config, self.npu_smi, self.chips, self.metrics, choices)
+        try:
+            self.vnpu.start()  # static: apply the plan before advertising, so no die is offered twice
+        except NpuSmiError as exc:
+            log.error("vNPU reconcile at start failed (retried every %gs): %s", self.config.vnpu.reconcile_interval,
+                      exc)
+        self.vnpu.on_reconciled = self._publish
+        self.resources = self.vnpu.resources()
         self._publish()
         self.monitor.start()
-        self.sessions = [KubeletSession(ResourceServer(r, self.config.device_plugin_dir, self.metrics))
-                         for r in self.resources]
+        self._check_driver_mounts()
+        self.sessions = [KubeletSession(ResourceServer(r, self.config.device_plugin_dir, self.metrics),
+                                        self.stop_event) for r in self.resources]
+
+    def _check_driver_mounts(self) -> None:
+        missing = [m.host_path for m in self.config.driver_mounts
+                   if not os.path.exists(os.path.join(self.config.host_root, m.host_path.lstrip("/")))]
+        if missing:
+            log.warning("driver paths not visible under --host-root %s are left out of NPU containers: %s (mount "
+                        "them into the plugin's pod at the same path, or set hostRoot)", self.config.host_root,
+                        missing, extra={"missing": missing})
 
     def _connect(self) -> object | None:
         if not self.config.publish_node and not self.config.prefer_scheduler_assignment:
@@ -207,22 +295,26 @@ class DevicePluginDaemon:
         return api
 
     def _publish(self) -> None:
-        if self.publisher is None or self.inventory is None or self.registry is None \
+        if self.publisher is None or self.inventory is None or self.chips is None \
                 or not self.config.publish_node:
             return
         labels = npu_node_labels(self.inventory.chip_model, len(self.inventory.devices),
                                  self.inventory.driver_version, self.config.server_usage)
-        topology = node_topology(self.inventory, self.registry.statuses())
+        slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
+        topology = node_topology(self.inventory, self.chips.statuses(), slices,
+                                 self.vnpu.templates if self.vnpu else ())
         self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
 
     def _shutdown(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
+        if self.vnpu is not None:
+            self.vnpu.stop()
         for session in self.sessions:
             session.server.stop(grace_s=0.2)
         if self.publisher is not None:
             self.publisher.stop()
-        self.npu_smi.kill_running()
+        self.npu_smi.close()
         self.metrics.shutdown()
         log.info("stopped; sockets removed")
 

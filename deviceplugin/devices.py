@@ -1,6 +1,8 @@
-"""The devices one resource advertises and their health: a thread-safe registry with a change version.
+"""The devices each resource advertises and their health.
 
-ListAndWatch streams wait on the registry's version; the health monitor and Allocate update it. Health decisions
+:class:`ChipHealth` holds the health of every die; :class:`ResourceDevices` holds what one resource advertises
+(whole dies, vNPUs or AICores — :class:`Slot`) and derives their health from their chip. ListAndWatch streams wait
+on a resource's version; the health monitor, vNPU changes and failed Allocates move it. Health decisions
 are pure functions of npu-smi output (:func:`statuses_from_info`, :func:`statuses_after_failures`), so they can be
 tested without processes or clocks.
 """
@@ -9,12 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
 from fuyao.contracts import DeviceHealth
 from fuyao.inventory import NpuDevice
 from fuyao.npusmi.models import ChipStatus, NpuSmiInfo
+from vnpu.ledger import VnpuRecord
 
 
 class DeviceStatus(BaseModel):
@@ -75,40 +79,36 @@ def statuses_after_failures(previous: Mapping[str, DeviceStatus], failures: int,
     return {device: DeviceStatus(health=DeviceHealth.UNHEALTHY, reason=reason) for device in previous}
 
 
-class DeviceRegistry:
-    """The devices of one resource with their current status; ``version`` grows on every visible change."""
+class ChipHealth:
+    """Health of every NPU die of the node (one per daemon); resources derive their devices' health from it."""
 
     def __init__(self, devices: Sequence[NpuDevice]):
         self._devices = {d.id: d for d in devices}
         self._status = {d.id: DeviceStatus(health=DeviceHealth.HEALTHY, reason="discovered") for d in devices}
-        self._version = 1
-        self._cond = threading.Condition()
+        self.cond = threading.Condition()
+        self._subscribers: list[ResourceDevices] = []
 
     @property
     def devices(self) -> dict[str, NpuDevice]:
         return dict(self._devices)
 
-    def device(self, device_id: str) -> NpuDevice | None:
-        return self._devices.get(device_id)
-
     def status(self, device_id: str) -> DeviceStatus | None:
-        with self._cond:
+        with self.cond:
             return self._status.get(device_id)
 
     def statuses(self) -> dict[str, DeviceStatus]:
-        with self._cond:
+        with self.cond:
             return dict(self._status)
 
-    def snapshot(self) -> tuple[int, tuple[AdvertisedDevice, ...]]:
-        with self._cond:
-            return self._version, tuple(
-                AdvertisedDevice(id=d.id, health=self._status[d.id].health, numa_node=d.numa_node)
-                for d in self._devices.values())
+    def subscribe(self, resource: ResourceDevices) -> None:
+        with self.cond:
+            self._subscribers.append(resource)
 
     def update(self, statuses: Mapping[str, DeviceStatus]) -> list[tuple[str, DeviceStatus, DeviceStatus]]:
-        """Apply new statuses; returns (device, old, new) for every health change and bumps the version if any."""
+        """Apply new statuses; returns (device, old, new) for every health change; resources whose devices sit
+        on a changed chip get a new version (their ListAndWatch streams send the list again)."""
         changes = []
-        with self._cond:
+        with self.cond:
             for device, new in statuses.items():
                 old = self._status.get(device)
                 if old is None:
@@ -117,18 +117,97 @@ class DeviceRegistry:
                     changes.append((device, old, new))
                 self._status[device] = new
             if changes:
-                self._version += 1
-                self._cond.notify_all()
+                changed = {c[0] for c in changes}
+                for resource in self._subscribers:
+                    resource._chips_changed(changed)
+                self.cond.notify_all()
         return changes
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One device advertised to the kubelet: a whole die, a vNPU carved from one, or one AICore of one."""
+
+    id: str
+    parent: NpuDevice
+    vnpu: VnpuRecord | None = None
+    core: int | None = None
+
+
+class ResourceDevices:
+    """The devices one resource advertises; ``version`` grows on every change the kubelet must see."""
+
+    def __init__(self, chips: ChipHealth, slots: Sequence[Slot] = ()):
+        self.chips = chips
+        self._slots = {s.id: s for s in slots}
+        self._reserved: dict[str, str] = {}
+        self._version = 1
+        chips.subscribe(self)
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self.chips.cond
+
+    def slots(self) -> dict[str, Slot]:
+        with self.cond:
+            return dict(self._slots)
+
+    def slot(self, device_id: str) -> Slot | None:
+        with self.cond:
+            return self._slots.get(device_id)
+
+    def status(self, device_id: str) -> DeviceStatus | None:
+        """A reserved device (its capacity went to a larger vNPU) or a sick parent chip is Unhealthy."""
+        with self.cond:
+            slot = self._slots.get(device_id)
+            if slot is None:
+                return None
+            if device_id in self._reserved:
+                return DeviceStatus(health=DeviceHealth.UNHEALTHY, reason=self._reserved[device_id])
+            return self.chips.status(slot.parent.id)
+
+    def statuses(self) -> dict[str, DeviceStatus]:
+        with self.cond:
+            return {i: s for i in self._slots if (s := self.status(i)) is not None}
+
+    def snapshot(self) -> tuple[int, tuple[AdvertisedDevice, ...]]:
+        with self.cond:
+            return self._version, tuple(
+                AdvertisedDevice(id=i, health=self.statuses()[i].health, numa_node=slot.parent.numa_node)
+                for i, slot in self._slots.items())
+
+    def set_slots(self, slots: Sequence[Slot]) -> None:
+        with self.cond:
+            new = {s.id: s for s in slots}
+            if new != self._slots:
+                self._slots = new
+                self._bump()
+
+    def set_reserved(self, reserved: Mapping[str, str]) -> None:
+        with self.cond:
+            if dict(reserved) != self._reserved:
+                self._reserved = dict(reserved)
+                self._bump()
+
+    def _chips_changed(self, chips: set[str]) -> None:  # called with cond held
+        if any(s.parent.id in chips for s in self._slots.values()):
+            self._version += 1
+
+    def _bump(self) -> None:
+        self._version += 1
+        self.cond.notify_all()
 
     def resend(self) -> None:
         """Make every ListAndWatch stream send the list again (after a failed Allocate, per the API contract)."""
-        with self._cond:
-            self._version += 1
-            self._cond.notify_all()
+        with self.cond:
+            self._bump()
 
     def wait_for_change(self, seen_version: int, timeout: float) -> int:
         """Block until the version differs from ``seen_version`` or ``timeout`` passes; returns the version."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._version != seen_version, timeout=timeout)
+        with self.cond:
+            self.cond.wait_for(lambda: self._version != seen_version, timeout=timeout)
             return self._version
+
+
+def whole_device_slots(devices: Iterable[NpuDevice]) -> list[Slot]:
+    return [Slot(id=d.id, parent=d) for d in devices]

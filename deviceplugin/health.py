@@ -1,4 +1,4 @@
-"""Polls ``npu-smi info`` and feeds device health and telemetry into the registry and the metrics.
+"""Polls ``npu-smi info`` and feeds device health and telemetry into the chip health and the metrics.
 
 One ``npu-smi info`` call per interval gives every chip's health, AICore usage, temperature, power and memory.
 A failing or hanging npu-smi never stops the loop: the client's timeout kills it, the failure is counted, and
@@ -11,20 +11,20 @@ import logging
 import threading
 from collections.abc import Callable
 
-from fuyao.npusmi import NpuSmi, NpuSmiError
+from fuyao.npusmi import NpuSmi, NpuSmiClosed, NpuSmiError
 from fuyao.npusmi.models import NpuSmiInfo
 
-from .devices import DeviceRegistry, DeviceStatus, match_chips, statuses_after_failures, statuses_from_info
+from .devices import ChipHealth, DeviceStatus, match_chips, statuses_after_failures, statuses_from_info
 from .metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 
 
 class HealthMonitor:
-    def __init__(self, npu_smi: NpuSmi, registry: DeviceRegistry, metrics: PluginMetrics, *, interval_s: float,
+    def __init__(self, npu_smi: NpuSmi, chips: ChipHealth, metrics: PluginMetrics, *, interval_s: float,
                  failure_threshold: int, on_change: Callable[[], None] | None = None):
         self.npu_smi = npu_smi
-        self.registry = registry
+        self.chips = chips
         self.metrics = metrics
         self.interval_s = interval_s
         self.failure_threshold = failure_threshold
@@ -48,7 +48,11 @@ class HealthMonitor:
     def poll_once(self) -> None:
         try:
             info = self.npu_smi.info()
+        except NpuSmiClosed:
+            return  # shutting down: not a device failure
         except NpuSmiError as exc:
+            if self._stop.is_set():
+                return  # the call was killed by the shutdown
             self._failed(str(exc))
             return
         except Exception as exc:  # a parser bug must not end health checking
@@ -58,7 +62,7 @@ class HealthMonitor:
         if self.failures:
             log.info("npu-smi answers again after %d failed polls", self.failures, extra={"failures": self.failures})
         self.failures = 0
-        self._apply(statuses_from_info(self.registry.devices.values(), info))
+        self._apply(statuses_from_info(self.chips.devices.values(), info))
         self._telemetry(info)
 
     def _failed(self, error: str) -> None:
@@ -70,11 +74,11 @@ class HealthMonitor:
         else:
             log.warning("npu-smi health poll failed (%d in a row): %s", self.failures, error,
                         extra={"failures": self.failures, "error": error})
-        self._apply(statuses_after_failures(self.registry.statuses(), self.failures, self.failure_threshold, error))
+        self._apply(statuses_after_failures(self.chips.statuses(), self.failures, self.failure_threshold, error))
 
     def _apply(self, statuses: dict[str, DeviceStatus]) -> None:
-        changes = self.registry.update(statuses)
-        devices = self.registry.devices
+        changes = self.chips.update(statuses)
+        devices = self.chips.devices
         for device_id, status in statuses.items():
             if device_id in devices:
                 self.metrics.set_health(devices[device_id], status.healthy)
@@ -87,6 +91,6 @@ class HealthMonitor:
             self.on_change()
 
     def _telemetry(self, info: NpuSmiInfo) -> None:
-        for device, chip in match_chips(self.registry.devices.values(), info):
+        for device, chip in match_chips(self.chips.devices.values(), info):
             if chip is not None:
                 self.metrics.observe_chip(device, chip)

@@ -39,6 +39,9 @@ class PluginMetrics:
                                         "Failed npu-smi health polls", registry=r)
         self.devices = Gauge("fuyao_deviceplugin_devices", "Advertised devices by health",
                              ("resource", "health"), registry=r)
+        self.vnpu_operations = Counter("fuyao_vnpu_operations_total", "vNPU creations and destructions by result",
+                                       ("action", "result"), registry=r)
+        self.vnpus = Gauge("fuyao_vnpu_vnpus", "vNPUs fuyao created that exist now", registry=r)
         self._server = None
 
     def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:

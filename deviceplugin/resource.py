@@ -1,22 +1,38 @@
-"""One advertised resource (``npu.huawei.com/NPU``): its devices, how it picks and hands them out.
+"""The resources the plugin advertises, each a set of :class:`~deviceplugin.devices.Slot` with its own rules.
 
-The gRPC server (:mod:`deviceplugin.server`) only translates messages; everything a resource decides lives here,
-so the vNPU resources can plug into the same server and supervisor by providing the same methods.
+- :class:`NpuResource` — ``npu.huawei.com/NPU``: whole dies not carved into vNPUs.
+- :class:`VnpuResource` — ``npu.huawei.com/vNPU``: static vNPUs created from the ConfigMap.
+- :class:`CoreResource` — ``npu.huawei.com/npu-core``: one device per AICore (dynamic mode); Allocate creates a
+  vNPU covering the cores the kubelet picked.
+
+A die is offered under exactly one resource, so nothing is counted twice. The gRPC server
+(:mod:`deviceplugin.server`) only translates messages; what a resource decides lives here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from fuyao.contracts import RESOURCE_NPU, InterconnectKind
-from fuyao.inventory import NodeInventory
+from fuyao.contracts import (
+    RESOURCE_NPU,
+    RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
+    InterconnectKind,
+    core_device_id,
+    parse_core_device_id,
+    vnpu_device_id,
+)
+from fuyao.inventory import NodeInventory, NpuDevice
+from vnpu.ledger import VnpuRecord
+from vnpu.manager import VnpuError, VnpuManager
+from vnpu.templates import Template
 
 from .allocation import Placement, preferred_allocation
 from .config import PluginConfig
-from .container_spec import ContainerSpec, container_spec
-from .devices import DeviceRegistry
+from .container_spec import AllocationRefused, ContainerSpec, container_spec
+from .devices import ResourceDevices, Slot
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +44,7 @@ class ResourcePlugin(Protocol):
     """What the gRPC server and the supervisor need from a resource."""
 
     resource_name: str
-    registry: DeviceRegistry
+    advertised: ResourceDevices
 
     @property
     def socket_name(self) -> str: ...
@@ -43,26 +59,29 @@ def socket_name_for(resource_name: str) -> str:
     return "fuyao-" + resource_name.replace("/", "-") + ".sock"
 
 
-class NpuResource:
-    """Whole NPU dies: one device per die, grouped by HCCS fabric and NUMA node."""
+class SlotResource:
+    """Shared behaviour: preferred allocation by placement, Allocate through :func:`container_spec`."""
 
-    resource_name = RESOURCE_NPU
+    resource_name = ""
+    ring_rules = False
 
-    def __init__(self, inventory: NodeInventory, config: PluginConfig, registry: DeviceRegistry,
+    def __init__(self, inventory: NodeInventory, config: PluginConfig, advertised: ResourceDevices,
                  scheduler_choices: SchedulerChoices | None = None):
         self.inventory = inventory
         self.config = config
-        self.registry = registry
+        self.advertised = advertised
         self.scheduler_choices = scheduler_choices
-        self.placement = {d.id: Placement(group=d.group, numa=d.numa_node, order=i)
-                          for i, d in enumerate(inventory.devices)}
-        rings = [g for g in inventory.groups if g.kind == InterconnectKind.HCCS_RING]
-        self.ring_rules = bool(rings) and len(rings) == len(inventory.groups) and all(
-            len(g.devices) <= 4 for g in rings)
+        self._order = {d.id: i for i, d in enumerate(inventory.devices)}
 
     @property
     def socket_name(self) -> str:
         return socket_name_for(self.resource_name)
+
+    def placement(self, slot: Slot) -> Placement:
+        """Sub-devices of one die group by die (packing a die leaves others whole); dies by interconnect group."""
+        return Placement(group=slot.parent.id, numa=slot.parent.numa_node,
+                         order=self._order.get(slot.parent.id, 0) * 1000 + (slot.core or 0) +
+                         (slot.vnpu.vnpu_id if slot.vnpu else 0))
 
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
         choices: Sequence[Sequence[str]] = ()
@@ -71,10 +90,110 @@ class NpuResource:
                 choices = self.scheduler_choices(self.resource_name)
             except Exception as exc:  # the API server being slow or down must not fail pod admission
                 log.warning("cannot read scheduler assignments of pending pods: %s", exc)
-        return preferred_allocation(available, must_include, size, self.placement, ring_rules=self.ring_rules,
+        slots = self.advertised.slots()
+        placement = {i: self.placement(s) for i, s in slots.items()}
+        return preferred_allocation(available, must_include, size, placement, ring_rules=self.ring_rules,
                                     scheduler_choices=choices)
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
-        return container_spec(device_ids, self.registry.devices, self.registry.statuses(),
+        return container_spec(device_ids, self.advertised.slots(), self.advertised.statuses(),
                               dev_root=self.config.dev_root, driver_mounts=self.config.driver_mounts,
                               host_root=self.config.host_root)
+
+
+class NpuResource(SlotResource):
+    """Whole NPU dies, grouped by HCCS fabric and NUMA node."""
+
+    resource_name = RESOURCE_NPU
+
+    def __init__(self, inventory: NodeInventory, config: PluginConfig, advertised: ResourceDevices,
+                 scheduler_choices: SchedulerChoices | None = None):
+        super().__init__(inventory, config, advertised, scheduler_choices)
+        rings = [g for g in inventory.groups if g.kind == InterconnectKind.HCCS_RING]
+        self.ring_rules = bool(rings) and len(rings) == len(inventory.groups) and all(
+            len(g.devices) <= 4 for g in rings)
+
+    def placement(self, slot: Slot) -> Placement:
+        return Placement(group=slot.parent.group, numa=slot.parent.numa_node, order=self._order.get(slot.id, 0))
+
+
+def vnpu_slots(devices: dict[str, NpuDevice], records: Iterable[VnpuRecord]) -> list[Slot]:
+    return [Slot(id=vnpu_device_id(r.device_id, r.vnpu_id), parent=devices[r.device_id], vnpu=r)
+            for r in sorted(records, key=lambda r: (r.device_id, r.vnpu_id)) if r.device_id in devices]
+
+
+class VnpuResource(SlotResource):
+    """Static vNPUs: one device per vNPU in the ledger."""
+
+    resource_name = RESOURCE_VNPU
+
+
+def core_slots(devices: Iterable[NpuDevice], aicore: dict[str, int]) -> list[Slot]:
+    return [Slot(id=core_device_id(d.id, k), parent=d, core=k) for d in devices for k in range(aicore.get(d.id, 0))]
+
+
+class CoreResource(SlotResource):
+    """Dynamic vNPUs: the kubelet counts AICores; Allocate turns the cores it picked into a vNPU."""
+
+    resource_name = RESOURCE_NPU_CORE
+
+    def __init__(self, inventory: NodeInventory, config: PluginConfig, advertised: ResourceDevices,
+                 manager: VnpuManager, templates: Sequence[Template],
+                 scheduler_choices: SchedulerChoices | None = None):
+        super().__init__(inventory, config, advertised, scheduler_choices)
+        self.manager = manager
+        self.templates = tuple(templates)
+
+    def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
+        slots = self.advertised.slots()
+        statuses = self.advertised.statuses()
+        unknown = [d for d in device_ids if d not in slots]
+        if unknown or not device_ids:
+            raise AllocationRefused("INVALID_ARGUMENT", f"unknown npu-core devices {unknown or '(none)'}")
+        unhealthy = {d: statuses[d].reason for d in device_ids if not statuses[d].healthy}
+        if unhealthy:
+            raise AllocationRefused("FAILED_PRECONDITION", "unavailable cores requested (" +
+                                    "; ".join(f"{d}: {r}" for d, r in unhealthy.items()) + ")")
+        parents = {slots[d].parent.id for d in device_ids}
+        if len(parents) != 1:
+            raise AllocationRefused("INVALID_ARGUMENT", f"the cores of one container must be on one chip, got "
+                                                        f"cores of {sorted(parents)}")
+        parent = slots[device_ids[0]].parent
+        try:
+            record = self.manager.create_dynamic(parent.id, list(device_ids), self.templates)
+        except VnpuError as exc:
+            raise AllocationRefused("FAILED_PRECONDITION", str(exc)) from None
+        finally:
+            self.refresh_reserved()
+        slot = Slot(id=vnpu_device_id(parent.id, record.vnpu_id), parent=parent, vnpu=record)
+        return container_spec([slot.id], {slot.id: slot}, {slot.id: statuses[device_ids[0]]},
+                              dev_root=self.config.dev_root, driver_mounts=self.config.driver_mounts,
+                              host_root=self.config.host_root)
+
+    def refresh_reserved(self) -> None:
+        """Report as Unhealthy the free cores whose capacity a larger-than-asked vNPU (or a foreign one) took, so
+        the kubelet's count of free cores matches what the chip can still give."""
+        records = [r for r in self.manager.ledger.records() if r.dynamic and r.state == "created"]
+        slots = self.advertised.slots()
+        reserved: dict[str, str] = {}
+        for device in self.inventory.devices:
+            mine = sorted((s for s in slots.values() if s.parent.id == device.id), key=lambda s: s.core or 0)
+            if not mine:
+                continue
+            held = {c for r in records if r.device_id == device.id for c in r.cores}
+            try:
+                core = self.manager.observe(device.id).resources.get("AICORE")
+            except Exception as exc:
+                log.debug("cannot read free AICores of %s: %s", device.id, exc)
+                continue
+            if core is None or core.free is None:
+                continue
+            unheld = [s for s in mine if s.id not in held]
+            surplus = len(unheld) - int(core.free)
+            for s in reversed(unheld[len(unheld) - max(surplus, 0):] if surplus > 0 else []):
+                reserved[s.id] = f"capacity used by a vNPU on {device.id}"
+        self.advertised.set_reserved(reserved)
+
+
+def parse_cores(device_ids: Iterable[str]) -> set[str]:
+    return {d for d in device_ids if parse_core_device_id(d) is not None}

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
-REGISTER_TIMEOUT_S = 5.0
+REGISTER_TIMEOUT_S = 15.0  # above the kubelet's 10 s dial back to the plugin
 _STREAM_POLL_S = 0.5
 
 
@@ -48,23 +48,28 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self.resource = resource
         self.metrics = metrics
         self.stopping = stopping
-        self.active_streams = 0
-        self.last_stream_end = time.monotonic()
+        self._streams: set[object] = set()
+        self.streams_opened = 0
+        self.last_stream_end = 0.0
         self._lock = threading.Lock()
 
     def GetDevicePluginOptions(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.DevicePluginOptions:
         return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
     def ListAndWatch(self, request: pb.Empty, context: grpc.ServicerContext) -> Iterator[pb.ListAndWatchResponse]:
-        registry = self.resource.registry
+        advertised = self.resource.advertised
+        token = object()
         with self._lock:
-            self.active_streams += 1
+            self._streams.add(token)
+            self.streams_opened += 1
+        # Noticed the moment the kubelet goes away, not when the generator next wakes up.
+        context.add_callback(lambda: self._stream_ended(token))
         log.info("kubelet opened ListAndWatch for %s", self.resource.resource_name,
                  extra={"resource": self.resource.resource_name})
         try:
             seen = -1
             while context.is_active() and not self.stopping.is_set():
-                version, devices = registry.snapshot()
+                version, devices = advertised.snapshot()
                 if version != seen:
                     seen = version
                     healthy = sum(1 for d in devices if d.health.value == "Healthy")
@@ -75,13 +80,18 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                                   topology=None if d.numa_node is None else
                                   pb.TopologyInfo(nodes=[pb.NUMANode(ID=d.numa_node)]))
                         for d in devices])
-                registry.wait_for_change(seen, _STREAM_POLL_S)
+                advertised.wait_for_change(seen, _STREAM_POLL_S)
         finally:
-            with self._lock:
-                self.active_streams -= 1
-                self.last_stream_end = time.monotonic()
-            log.info("ListAndWatch stream for %s ended", self.resource.resource_name,
-                     extra={"resource": self.resource.resource_name})
+            self._stream_ended(token)
+
+    def _stream_ended(self, token: object) -> None:
+        with self._lock:
+            if token not in self._streams:
+                return
+            self._streams.discard(token)
+            self.last_stream_end = time.monotonic()
+        log.info("ListAndWatch stream for %s ended", self.resource.resource_name,
+                 extra={"resource": self.resource.resource_name})
 
     def GetPreferredAllocation(self, request: pb.PreferredAllocationRequest,
                                context: grpc.ServicerContext) -> pb.PreferredAllocationResponse:
@@ -103,14 +113,14 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             for req in request.container_requests:
                 spec = self.resource.allocate(list(req.devices_ids))
                 responses.append(_to_pb(spec))
-                self.metrics.allocations.labels(name, "ok").inc()
                 log.info("allocated %s", list(req.devices_ids),
                          extra={"resource": name, "devices": list(req.devices_ids), "envs": spec.envs})
+            self.metrics.allocations.labels(name, "ok").inc(len(responses))
         except AllocationRefused as exc:
             self.metrics.allocations.labels(name, "refused").inc()
             log.warning("refused Allocate: %s", exc, extra={"resource": name})
             # The API asks for a fresh ListAndWatch update whenever an allocation fails.
-            self.resource.registry.resend()
+            self.resource.advertised.resend()
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         finally:
             self.metrics.allocate_seconds.labels(name).observe(time.perf_counter() - started)
@@ -120,10 +130,10 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                           context: grpc.ServicerContext) -> pb.PreStartContainerResponse:
         return pb.PreStartContainerResponse()
 
-    def idle_for(self) -> float:
-        """Seconds since the last ListAndWatch stream ended, or 0 while one is open."""
+    def stream_state(self) -> tuple[int, int, float]:
+        """(streams open now, streams opened so far, monotonic time the last one ended or 0)."""
         with self._lock:
-            return 0.0 if self.active_streams else time.monotonic() - self.last_stream_end
+            return len(self._streams), self.streams_opened, self.last_stream_end
 
 
 class ResourceServer:
@@ -153,7 +163,11 @@ class ResourceServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="dp-grpc"),
                              options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
-        if server.add_insecure_port("unix://" + self.socket_path) == 0:
+        try:
+            port = server.add_insecure_port("unix://" + self.socket_path)
+        except RuntimeError as exc:  # grpcio raises instead of returning 0 on bind failures
+            raise OSError(f"cannot listen on {self.socket_path}: {exc}") from None
+        if port == 0:
             raise OSError(f"cannot listen on {self.socket_path}")
         server.start()
         self._server = server
@@ -162,18 +176,24 @@ class ResourceServer:
         log.info("serving %s on %s", self.resource.resource_name, self.socket_path,
                  extra={"resource": self.resource.resource_name, "socket": self.socket_path})
 
-    def register(self) -> None:
-        """Register with ``kubelet.sock``; :class:`RegistrationFailed` says why not."""
+    def register(self, stop: threading.Event | None = None) -> None:
+        """Register with ``kubelet.sock``; :class:`RegistrationFailed` says why not. ``stop`` cancels the call
+        (the kubelet dials us back inside Register, which can take up to its 10 s dial timeout)."""
         kubelet = os.path.join(self.plugin_dir, KUBELET_SOCKET)
         name = self.resource.resource_name
+        request = pb.RegisterRequest(
+            version=API_VERSION, endpoint=self.resource.socket_name, resource_name=name,
+            options=pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True))
         try:
             with grpc.insecure_channel("unix://" + kubelet) as channel:
-                pb_grpc.RegistrationStub(channel).Register(
-                    pb.RegisterRequest(
-                        version=API_VERSION, endpoint=self.resource.socket_name, resource_name=name,
-                        options=pb.DevicePluginOptions(pre_start_required=False,
-                                                       get_preferred_allocation_available=True)),
-                    timeout=REGISTER_TIMEOUT_S)
+                call = pb_grpc.RegistrationStub(channel).Register.future(request, timeout=REGISTER_TIMEOUT_S)
+                done = threading.Event()
+                call.add_done_callback(lambda _call: done.set())
+                while not done.wait(0.05):
+                    if stop is not None and stop.is_set():
+                        call.cancel()
+                        raise RegistrationFailed("shutting down")
+                call.result()
         except grpc.RpcError as exc:
             self.metrics.registrations.labels(name, "error").inc()
             detail = exc.details() if hasattr(exc, "details") else str(exc)
@@ -191,12 +211,11 @@ class ResourceServer:
         return (st.st_dev, st.st_ino) == self.socket_identity
 
     def stop(self, grace_s: float = 0.5) -> None:
+        """Stop serving; grpc removes the socket file (only one instance runs per node: see the daemon's lock)."""
         self._stopping.set()
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 1.0)
             self._server = None
-            if self.socket_intact():
-                _unlink(self.socket_path)
             self.socket_identity = None
 
 

@@ -2,6 +2,7 @@
 
 from .client import DEFAULT_TIMEOUT_S, NpuSmi
 from .errors import (
+    NpuSmiClosed,
     NpuSmiCommandFailed,
     NpuSmiError,
     NpuSmiNotFound,
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "NpuHealthState",
     "NpuSmi",
+    "NpuSmiClosed",
     "NpuSmiCommandFailed",
     "NpuSmiError",
     "NpuSmiNotFound",

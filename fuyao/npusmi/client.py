@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from . import parse
-from .errors import NpuSmiCommandFailed, NpuSmiNotFound, NpuSmiTimeout, NpuSmiUnsupported
+from .errors import NpuSmiClosed, NpuSmiCommandFailed, NpuSmiNotFound, NpuSmiTimeout, NpuSmiUnsupported
 from .models import (
     ChipMapping,
     HealthReport,
@@ -48,6 +48,7 @@ class NpuSmi:
         self.env = env
         self._running: set[subprocess.Popen[bytes]] = set()
         self._running_lock = threading.Lock()
+        self._closed = False
 
     def resolve(self) -> str:
         """The executable that will run, or :class:`NpuSmiNotFound`."""
@@ -63,12 +64,14 @@ class NpuSmi:
         limit = self.timeout_s if timeout_s is None else timeout_s
         env = None if self.env is None else {**os.environ, **self.env}
         started = time.monotonic()
-        try:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=env)
-        except OSError as exc:
-            raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None
-        with self._running_lock:
+        with self._running_lock:  # started and registered atomically with respect to close()
+            if self._closed:
+                raise NpuSmiClosed("npu-smi client closed (shutting down)", command)
+            try:
+                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            except OSError as exc:
+                raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None
             self._running.add(proc)
         try:
             out, err = proc.communicate(timeout=limit)
@@ -91,10 +94,11 @@ class NpuSmi:
                                       command)
         return stdout
 
-    def kill_running(self) -> int:
-        """Kill every npu-smi call in flight (a daemon shutting down must not leave a hung npu-smi behind).
-        Returns how many were killed; their callers get :class:`NpuSmiCommandFailed`."""
+    def close(self) -> int:
+        """Refuse new calls and kill every call in flight (a daemon shutting down must neither wait for nor leave
+        behind a hung npu-smi). Returns how many were killed; their callers get :class:`NpuSmiCommandFailed`."""
         with self._running_lock:
+            self._closed = True
             procs = list(self._running)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):

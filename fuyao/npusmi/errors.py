@@ -16,6 +16,10 @@ class NpuSmiNotFound(NpuSmiError):
     """The npu-smi binary does not exist or is not executable."""
 
 
+class NpuSmiClosed(NpuSmiError):
+    """The client was closed (its daemon is shutting down): no new npu-smi call is started."""
+
+
 class NpuSmiTimeout(NpuSmiError):
     """npu-smi did not finish within the timeout; the process group was killed."""
 

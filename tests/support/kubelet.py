@@ -9,6 +9,7 @@ restart: every socket in the directory is removed and ``kubelet.sock`` is recrea
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,9 @@ import grpc
 
 from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
 from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+
+# <DNS subdomain>/<name>, like the kubelet's IsExtendedResourceName check
+EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 @dataclass
@@ -53,29 +57,38 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
 
     # Registration service -------------------------------------------------------------------------------------
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+        """Like the kubelet's device manager: validate, dial the plugin back and ask its options before answering
+        (a plugin whose socket does not answer fails registration), then stream ListAndWatch in the background."""
         if request.version != "v1beta1":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported version {request.version}")
         if "/" in request.endpoint:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "endpoint must be a basename")
-        reg = Registration(request.resource_name, request.endpoint, request.version,
-                           request.options.get_preferred_allocation_available, time.monotonic(), self.generation)
-        with self._cond:
-            self.registrations.append(reg)
-            self._cond.notify_all()
-        threading.Thread(target=self._connect, args=(reg,), daemon=True).start()
-        return pb.Empty()
-
-    def _connect(self, reg: Registration) -> None:
-        channel = grpc.insecure_channel("unix://" + os.path.join(self.plugin_dir, reg.endpoint))
+        if not EXTENDED_RESOURCE.match(request.resource_name) or request.resource_name.startswith("kubernetes.io/"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid extended resource {request.resource_name!r}")
+        channel = grpc.insecure_channel("unix://" + os.path.join(self.plugin_dir, request.endpoint))
         stub = pb_grpc.DevicePluginStub(channel)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            options = stub.GetDevicePluginOptions(pb.Empty(), timeout=5)
+        except (grpc.FutureTimeoutError, grpc.RpcError) as exc:
+            channel.close()
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot dial plugin {request.endpoint}: {exc}")
+        reg = Registration(request.resource_name, request.endpoint, request.version,
+                           options.get_preferred_allocation_available, time.monotonic(), self.generation)
         conn = PluginConnection(reg, channel, stub)
         with self._cond:
             old = self.connections.get(reg.resource_name)
             self.connections[reg.resource_name] = conn
+            self.registrations.append(reg)
+            self._cond.notify_all()
         if old is not None:
             old.channel.close()
+        threading.Thread(target=self._stream, args=(conn,), daemon=True).start()
+        return pb.Empty()
+
+    def _stream(self, conn: PluginConnection) -> None:
+        stub = conn.stub
         try:
-            stub.GetDevicePluginOptions(pb.Empty(), timeout=5)
             stream = stub.ListAndWatch(pb.Empty())
             conn.stream = stream
             for response in stream:

@@ -11,7 +11,15 @@ from deviceplugin.cluster import assignments_for, node_patch
 from deviceplugin.config import ConfigError, build_config, load_config_file
 from deviceplugin.container_spec import AllocationRefused, container_spec
 from deviceplugin.daemon import node_topology
-from deviceplugin.devices import DeviceRegistry, DeviceStatus, statuses_after_failures, statuses_from_info
+from deviceplugin.devices import (
+    ChipHealth,
+    DeviceStatus,
+    ResourceDevices,
+    Slot,
+    statuses_after_failures,
+    statuses_from_info,
+    whole_device_slots,
+)
 from deviceplugin.resource import socket_name_for
 from fuyao.contracts import (
     ANNOTATION_POD_ASSIGNED,
@@ -26,6 +34,7 @@ from fuyao.inventory import build_inventory
 from fuyao.npusmi import parse
 from fuyao.npusmi.models import NpuHealthState
 from tests.conftest import sample
+from vnpu.ledger import VnpuRecord
 
 HEALTHY = DeviceStatus(health=DeviceHealth.HEALTHY, reason="ok")
 
@@ -110,22 +119,30 @@ def test_failures_below_threshold_keep_health_then_all_unhealthy() -> None:
     assert "3 times" in after["a"].reason and "timed out" in after["a"].reason
 
 
-def test_registry_versions_only_move_on_health_changes(inventory) -> None:  # type: ignore[no-untyped-def]
-    registry = DeviceRegistry(inventory.devices)
-    version, devices = registry.snapshot()
-    assert len(devices) == 8 and {d.numa_node for d in devices} == {0, 1, 2, 3}
-    assert registry.update({"Ascend910-0": DeviceStatus(health=DeviceHealth.HEALTHY, reason="npu-smi OK")}) == []
-    assert registry.snapshot()[0] == version
-    changes = registry.update({"Ascend910-0": DeviceStatus(health=DeviceHealth.UNHEALTHY, reason="Critical")})
+def test_resource_versions_move_on_health_slot_and_reservation_changes(inventory) -> None:  # type: ignore[no-untyped-def]
+    chips = ChipHealth(inventory.devices)
+    whole = ResourceDevices(chips, whole_device_slots(inventory.devices[:4]))
+    other = ResourceDevices(chips, whole_device_slots(inventory.devices[4:]))
+    version, devices = whole.snapshot()
+    assert len(devices) == 4 and {d.numa_node for d in devices} == {2, 3}
+    assert chips.update({"Ascend910-0": DeviceStatus(health=DeviceHealth.HEALTHY, reason="npu-smi OK")}) == []
+    assert whole.snapshot()[0] == version
+    changes = chips.update({"Ascend910-0": DeviceStatus(health=DeviceHealth.UNHEALTHY, reason="Critical")})
     assert [c[0] for c in changes] == ["Ascend910-0"]
-    assert registry.wait_for_change(version, 0.01) == version + 1
-    registry.resend()
-    assert registry.snapshot()[0] == version + 2
+    assert whole.wait_for_change(version, 0.01) == version + 1
+    assert other.snapshot()[0] == 1  # a chip it does not advertise changed: no resend
+    assert whole.status("Ascend910-0").reason == "Critical"
+    whole.resend()
+    assert whole.snapshot()[0] == version + 2
+    whole.set_reserved({"Ascend910-1": "capacity used by a vNPU"})
+    assert whole.status("Ascend910-1").health == DeviceHealth.UNHEALTHY and whole.snapshot()[0] == version + 3
+    whole.set_slots(whole_device_slots(inventory.devices[:4]))  # unchanged: no new version
+    assert whole.snapshot()[0] == version + 3
 
 
 # --- container spec -------------------------------------------------------------------------------------------------
 def _spec(inventory, ids, existing, statuses=None, **kw):  # type: ignore[no-untyped-def]
-    devices = {d.id: d for d in inventory.devices}
+    devices = {s.id: s for s in whole_device_slots(inventory.devices)}
     return container_spec(ids, devices, statuses or {i: HEALTHY for i in devices}, dev_root="/devroot",
                           driver_mounts=build_config({}).driver_mounts, exists=lambda p: p in existing, **kw)
 
@@ -156,6 +173,22 @@ def test_container_spec_refusals_name_the_problem(inventory) -> None:  # type: i
         _spec(inventory, ["Ascend910-4"], existing - {"/devroot/davinci4"})
     with pytest.raises(AllocationRefused, match="no devices"):
         _spec(inventory, [], existing)
+
+
+def test_container_spec_for_vnpu_slices(inventory) -> None:  # type: ignore[no-untyped-def]
+    parent = inventory.devices[2]
+    record = VnpuRecord(vnpu_id=133, device_id=parent.id, npu_id=2, chip_id=0, template="vir05_1c_8g",
+                        owner="static", state="created", at=0.0)
+    slot = Slot(id="Ascend910-2-v133", parent=parent, vnpu=record)
+    slots = {slot.id: slot} | {s.id: s for s in whole_device_slots(inventory.devices)}
+    spec = container_spec([slot.id], slots, {i: HEALTHY for i in slots}, dev_root="/devroot", driver_mounts=(),
+                          exists=lambda p: p in {"/devroot/vdavinci133", "/devroot/davinci_manager"})
+    assert spec.envs == {"ASCEND_VISIBLE_DEVICES": "133", "ASCEND_VNPU_SPECS": "vir05_1c_8g",
+                         "ASCEND_RUNTIME_OPTIONS": "VIRTUAL"}
+    assert [d.container_path for d in spec.devices] == ["/dev/vdavinci133", "/dev/davinci_manager"]
+    with pytest.raises(AllocationRefused, match="cannot mix"):
+        container_spec([slot.id, "Ascend910-0"], slots, {i: HEALTHY for i in slots}, dev_root="/devroot",
+                       driver_mounts=(), exists=lambda p: True)
 
 
 # --- node publishing and scheduler assignments ----------------------------------------------------------------------

@@ -39,9 +39,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prefix = tmp_path_factory.mktemp("prefix")
     before = importlib.metadata.distribution("fuyao").files
     # --ignore-installed: without it pip uninstalls the developer's (editable) fuyao from the running venv.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--ignore-installed", "--prefix", str(prefix), str(REPO)], check=True,
-                   cwd=tmp_path_factory.mktemp("cwd"), timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--ignore-installed", "--prefix", str(prefix), str(REPO)],
+                          cwd=tmp_path_factory.mktemp("cwd"), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
     assert importlib.metadata.distribution("fuyao").files == before, "the test venv's fuyao was changed"
     return prefix
 

@@ -1,0 +1,168 @@
+"""The device plugin's vNPU side: which resources to serve in each mode, and the reconcile loop.
+
+- off: whole dies only (``npu.huawei.com/NPU``).
+- static: the ConfigMap file is planned and applied at start and whenever it changes; carved dies move from
+  ``npu.huawei.com/NPU`` to one ``npu.huawei.com/vNPU`` device per slice.
+- dynamic: every die is offered as ``npu.huawei.com/npu-core`` devices; Allocate creates the vNPU, the reconcile
+  loop destroys it once no container holds its cores (per the kubelet's pod-resources API) — never on a guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from fuyao.contracts import RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
+from fuyao.inventory import NodeInventory
+from fuyao.npusmi import NpuSmi, NpuSmiError
+from vnpu.ledger import Ledger
+from vnpu.manager import VnpuManager
+from vnpu.plan import Plan, PlanError, load_vnpu_config, make_plan
+from vnpu.templates import load_templates
+from vnpu.usage import PodResourcesUnavailable, held_devices
+
+from .config import PluginConfig
+from .devices import ChipHealth, ResourceDevices, whole_device_slots
+from .metrics import PluginMetrics
+from .resource import (
+    CoreResource,
+    NpuResource,
+    ResourcePlugin,
+    SchedulerChoices,
+    VnpuResource,
+    core_slots,
+    vnpu_slots,
+)
+
+log = logging.getLogger(__name__)
+
+
+class VnpuControl:
+    def __init__(self, inventory: NodeInventory, config: PluginConfig, npu_smi: NpuSmi, chips: ChipHealth,
+                 metrics: PluginMetrics, scheduler_choices: SchedulerChoices | None = None):
+        self.inventory = inventory
+        self.config = config
+        self.settings = config.vnpu
+        self.mode = config.vnpu.mode
+        self.metrics = metrics
+        self.devices = {d.id: d for d in inventory.devices}
+        self.manager = VnpuManager(npu_smi, Ledger(self.settings.ledger), inventory.devices,
+                                   on_event=lambda action, result: metrics.vnpu_operations.labels(action,
+                                                                                                  result).inc())
+        self.templates = ()
+        if self.mode != "off":
+            self.templates, source = load_templates(npu_smi, inventory.chip_model, inventory.devices[0].npu_id)
+            log.info("vNPU mode %s: %d templates from %s", self.mode, len(self.templates), source,
+                     extra={"templates": [t.name for t in self.templates]})
+        self.npu = NpuResource(inventory, config, ResourceDevices(chips, whole_device_slots(inventory.devices)),
+                               scheduler_choices)
+        self.vnpu = VnpuResource(inventory, config, ResourceDevices(chips), scheduler_choices)
+        self.cores: CoreResource | None = None
+        if self.mode == "dynamic":
+            aicore = {d.id: c.aicore for d in inventory.devices if (c := self.manager.capacity(d.id)) is not None}
+            self.cores = CoreResource(inventory, config, ResourceDevices(chips, core_slots(inventory.devices,
+                                                                                            aicore)),
+                                      self.manager, self.templates, scheduler_choices)
+        self.plan: Plan | None = None
+        self._config_stamp: tuple[float, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_reconciled: Callable[[], None] | None = None  # e.g. republish the topology annotation
+
+    def resources(self) -> list[ResourcePlugin]:
+        if self.mode == "dynamic":
+            assert self.cores is not None
+            return [self.cores]
+        if self.mode == "static":
+            return [self.npu, self.vnpu]
+        return [self.npu]
+
+    # Loop ---------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.mode == "off":
+            return
+        self.reconcile()
+        self._thread = threading.Thread(target=self._run, name="vnpu-reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval):
+            try:
+                self.reconcile()
+            except Exception:  # one bad round must not end reconciliation
+                log.exception("vNPU reconcile failed")
+
+    def held(self) -> tuple[set[tuple[str, int]], set[str]] | None:
+        """(vNPU slices held, npu-core devices held) from the kubelet, or None when it does not answer."""
+        try:
+            held = held_devices(self.settings.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
+        except PodResourcesUnavailable as exc:
+            log.warning("%s; vNPUs are not destroyed until it answers", exc)
+            return None
+        slices = {p for d in held[RESOURCE_VNPU] if (p := parse_vnpu_device_id(d)) is not None}
+        return slices, held[RESOURCE_NPU_CORE]
+
+    def reconcile(self) -> None:
+        held = self.held()
+        if self.mode == "static":
+            self._reconcile_static(None if held is None else held[0])
+        elif self.mode == "dynamic":
+            self._reconcile_dynamic(None if held is None else held[1])
+        self.metrics.vnpus.set(len([r for r in self.manager.ledger.records() if r.state == "created"]))
+        if self.on_reconciled is not None:
+            self.on_reconciled()
+
+    def _reconcile_static(self, held_slices: set[tuple[str, int]] | None) -> None:
+        plan = self._current_plan()
+        if plan is not None:
+            report = self.manager.apply(plan, held_slices)
+            if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
+                log.info("static vNPUs applied", extra=report.summary())
+        records = self.manager.static_records()
+        carved = {r.device_id for r in records} | (plan.carved if plan else set())
+        self.vnpu.advertised.set_slots(vnpu_slots(self.devices, records))
+        self.npu.advertised.set_slots(whole_device_slots(d for d in self.inventory.devices if d.id not in carved))
+
+    def _current_plan(self) -> Plan | None:
+        """The plan of the ConfigMap file, re-made when the file changes; the last good plan while it is bad."""
+        path = self.settings.config
+        if not path:
+            return self.plan or Plan(devices=())
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime, st.st_size)
+        except OSError as exc:
+            log.warning("vNPU config %s unreadable (%s); keeping the current vNPUs", path, exc)
+            return self.plan
+        if stamp == self._config_stamp and self.plan is not None:
+            return self.plan
+        self._config_stamp = stamp
+        try:
+            config = load_vnpu_config(path)
+            capacity = {d: c for d in self.devices if (c := self.manager.capacity(d)) is not None}
+            self.plan = make_plan(config, self.inventory.devices, self.templates, capacity)
+            log.info("vNPU plan from %s", path, extra={"plan": [
+                f"{d.device_id}: {d.count} x {d.template.name if d.template else '-'}" for d in self.plan.devices]})
+        except (PlanError, NpuSmiError) as exc:
+            log.error("vNPU config %s rejected, nothing changed: %s", path, exc)
+        return self.plan
+
+    def _reconcile_dynamic(self, held_cores: set[str] | None) -> None:
+        assert self.cores is not None
+        self.manager.recover()
+        if held_cores is not None:
+            young = {c for r in self.manager.ledger.records() if r.dynamic
+                     and time.time() - r.at < self.settings.collect_grace for c in r.cores}
+            destroyed, errors = self.manager.collect_dynamic(held_cores | young)
+            for error in errors:
+                log.warning("vNPU collection: %s", error)
+            if destroyed:
+                log.info("destroyed %d dynamic vNPUs no container holds", len(destroyed),
+                         extra={"vnpus": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed]})
+        self.cores.refresh_reserved()
