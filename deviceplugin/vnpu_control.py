@@ -123,7 +123,7 @@ class VnpuControl:
         if plan is not None:
             report = self.manager.apply(plan, held_slices)
             if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
-                log.info("static vNPUs applied", extra=report.summary())
+                log.info("static vNPUs applied", extra={"report": report.summary()})
         records = self.manager.static_records()
         carved = {r.device_id for r in records} | (plan.carved if plan else set())
         self.vnpu.advertised.set_slots(vnpu_slots(self.devices, records))

@@ -38,7 +38,9 @@ class PluginUnderTest:
         self.log_path = self.root / "plugin.log"
         self.health_interval = health_interval
         self.extra_args = extra_args
-        self.kubelet = KubeletStandIn(str(self.plugin_dir))
+        self.pod_resources = self.root / "pr" / "kubelet.sock"
+        self.ledger = self.root / "vnpu-ledger.json"
+        self.kubelet = KubeletStandIn(str(self.plugin_dir), str(self.pod_resources))
         self.start_kubelet = start_kubelet
         self.proc: subprocess.Popen[bytes] | None = None
         self.fake("fake", "init", "--preset", preset)
@@ -62,7 +64,8 @@ class PluginUnderTest:
         return [sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(FAKE_NPU_SMI),
                 "--device-plugin-dir", str(self.plugin_dir), "--dev-root", str(self.dev_root),
                 "--node-name", "node-a", "--health-interval", self.health_interval,
-                "--metrics-address", "127.0.0.1:0", "--npu-smi-timeout", "2s", *self.extra_args]
+                "--metrics-address", "127.0.0.1:0", "--npu-smi-timeout", "2s", "--vnpu-ledger", str(self.ledger),
+                "--pod-resources-socket", str(self.pod_resources), *self.extra_args]
 
     def start(self) -> PluginUnderTest:
         if self.start_kubelet:

@@ -3,7 +3,8 @@
 It serves ``Registration`` on ``<dir>/kubelet.sock`` with the generated stubs, and on every Register it does what
 the kubelet's device manager does: dials the plugin's endpoint (a basename inside the directory), asks for its
 options, and keeps a ListAndWatch stream open, recording every device list. ``restart()`` behaves like a kubelet
-restart: every socket in the directory is removed and ``kubelet.sock`` is recreated.
+restart: every socket in the directory is removed and ``kubelet.sock`` is recreated. With ``pod_resources_socket``
+it also serves the pod-resources API over its pod table (``admit`` / ``delete_pod`` play the kubelet's part).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import grpc
 
 from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
 from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from kubeletapi.podresources.v1 import api_pb2 as pr
+from kubeletapi.podresources.v1 import api_pb2_grpc as pr_grpc
 
 # <DNS subdomain>/<name>, like the kubelet's IsExtendedResourceName check
 EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
@@ -45,15 +48,69 @@ class PluginConnection:
     ended: bool = False
 
 
+class AdmissionFailed(Exception):
+    pass
+
+
+class PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
+    """The kubelet's pod-resources API over the stand-in's pod table."""
+
+    def __init__(self, kubelet: KubeletStandIn):
+        self.kubelet = kubelet
+
+    def List(self, request: pr.ListPodResourcesRequest, context: grpc.ServicerContext) -> pr.ListPodResourcesResponse:
+        with self.kubelet._cond:
+            pods = {name: dict(containers) for name, containers in self.kubelet.pods.items()}
+        return pr.ListPodResourcesResponse(pod_resources=[
+            pr.PodResources(name=name, namespace="default", containers=[
+                pr.ContainerResources(name="main", devices=[
+                    pr.ContainerDevices(resource_name=resource, device_ids=ids)
+                    for resource, ids in containers.items()])])
+            for name, containers in pods.items()])
+
+
 class KubeletStandIn(pb_grpc.RegistrationServicer):
-    def __init__(self, plugin_dir: str):
+    def __init__(self, plugin_dir: str, pod_resources_socket: str | None = None):
         self.plugin_dir = plugin_dir
         self.socket_path = os.path.join(plugin_dir, "kubelet.sock")
+        self.pod_resources_socket = pod_resources_socket
         self.registrations: list[Registration] = []
         self.connections: dict[str, PluginConnection] = {}
+        self.pods: dict[str, dict[str, list[str]]] = {}  # pod → resource → device IDs (the kubelet's checkpoint)
         self.generation = 0
         self._server: grpc.Server | None = None
+        self._pr_server: grpc.Server | None = None
         self._cond = threading.Condition()
+
+    # Pods ---------------------------------------------------------------------------------------------------------
+    def free_devices(self, resource: str) -> list[str]:
+        """Healthy advertised devices no pod holds: what the kubelet offers GetPreferredAllocation."""
+        with self._cond:
+            conn = self.connections.get(resource)
+            latest = conn.lists[-1] if conn and conn.lists else []
+            held = {d for pod in self.pods.values() for d in pod.get(resource, [])}
+            return [d.ID for d in latest if d.health == "Healthy" and d.ID not in held]
+
+    def admit(self, pod: str, resource: str, size: int) -> pb.ContainerAllocateResponse:
+        """What the kubelet does for a container asking ``size`` of ``resource``: pick (asking the plugin), call
+        Allocate, record the devices (so pod-resources reports them). Raises :class:`AdmissionFailed`."""
+        free = self.free_devices(resource)
+        if len(free) < size:
+            raise AdmissionFailed(f"{resource}: {len(free)} free, {size} requested")
+        chosen = self.preferred(resource, free, size)
+        if len(chosen) != size or not set(chosen) <= set(free):
+            chosen = free[:size]  # the kubelet falls back to its own pick
+        try:
+            response = self.allocate(resource, chosen).container_responses[0]
+        except grpc.RpcError as exc:
+            raise AdmissionFailed(f"Allocate {chosen}: {exc.code().name} {exc.details()}") from None
+        with self._cond:
+            self.pods.setdefault(pod, {})[resource] = list(chosen)
+        return response
+
+    def delete_pod(self, pod: str) -> None:
+        with self._cond:
+            self.pods.pop(pod, None)
 
     # Registration service -------------------------------------------------------------------------------------
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -111,12 +168,22 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
         server.add_insecure_port("unix://" + self.socket_path)
         server.start()
         self._server = server
+        if self.pod_resources_socket:
+            os.makedirs(os.path.dirname(self.pod_resources_socket), exist_ok=True)
+            pr_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            pr_grpc.add_PodResourcesListerServicer_to_server(PodResourcesServicer(self), pr_server)
+            pr_server.add_insecure_port("unix://" + self.pod_resources_socket)
+            pr_server.start()
+            self._pr_server = pr_server
         return self
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop(0).wait(2)
             self._server = None
+        if self._pr_server is not None:
+            self._pr_server.stop(0).wait(2)
+            self._pr_server = None
         with self._cond:
             conns = list(self.connections.values())
             self.connections.clear()
@@ -160,13 +227,14 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
 
     def wait_devices(self, resource: str, predicate: Callable[[list[pb.Device]], bool] = lambda d: bool(d),
                      timeout: float = 10.0) -> list[pb.Device]:
-        def latest() -> list[pb.Device] | None:
+        def latest() -> tuple[list[pb.Device]] | None:  # a tuple, so an empty list still counts as found
             conn = self.connections.get(resource)
             if conn and conn.lists and predicate(conn.lists[-1]):
-                return conn.lists[-1]
+                return (conn.lists[-1],)
             return None
 
-        return self.wait(latest, timeout, f"a device list of {resource} matching the test")  # type: ignore[return-value]
+        found = self.wait(latest, timeout, f"a device list of {resource} matching the test")
+        return found[0]  # type: ignore[index]
 
     def plugin(self, resource: str) -> pb_grpc.DevicePluginStub:
         return self.connections[resource].stub
