@@ -13,7 +13,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from fuyao.contracts import ANNOTATION_POD_ASSIGNED, ContractError, PodAssignment, parse_annotation
+from fuyao.contracts import (
+    ANNOTATION_POD_ASSIGNED,
+    ContainerAssignment,
+    ContractError,
+    PodAssignment,
+    parse_annotation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +123,12 @@ class NodePublisher:
         return True
 
 
-def assignments_for(resource: str, node_name: str, pods: list[tuple[str, Mapping[str, str]]]) -> list[tuple[str, ...]]:
-    """Device sets of ``resource`` that the scheduler wrote into ``npu.openfuyao.com/assigned`` of these pods
-    (``(pod name, annotations)``) for this node; invalid annotations are logged and skipped."""
-    out: list[tuple[str, ...]] = []
+def assignments_for(resource: str, node_name: str,
+                    pods: list[tuple[str, Mapping[str, str]]]) -> list[ContainerAssignment]:
+    """The container assignments of ``resource`` (device set, and for dynamic vNPUs the template) that the
+    scheduler wrote into ``npu.openfuyao.com/assigned`` of these pods (``(pod name, annotations)``) for this node;
+    invalid annotations are logged and skipped."""
+    out: list[ContainerAssignment] = []
     for pod, pod_annotations in pods:
         raw = pod_annotations.get(ANNOTATION_POD_ASSIGNED)
         if raw is None:
@@ -132,7 +140,7 @@ def assignments_for(resource: str, node_name: str, pods: list[tuple[str, Mapping
             continue
         if assignment.node != node_name:
             continue
-        out.extend(tuple(c.devices) for c in assignment.containers if c.resource == resource)
+        out.extend(c for c in assignment.containers if c.resource == resource)
     return out
 
 
@@ -144,7 +152,7 @@ class PendingPodAssignments:
         self.node_name = node_name
         self.timeout_s = timeout_s
 
-    def __call__(self, resource: str) -> list[tuple[str, ...]]:
+    def __call__(self, resource: str) -> list[ContainerAssignment]:
         pods = self.api.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={self.node_name},status.phase=Pending", _request_timeout=self.timeout_s)
         # The kubelet admits pending pods oldest first: offer the oldest pod's choice first.

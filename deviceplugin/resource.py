@@ -19,6 +19,7 @@ from fuyao.contracts import (
     RESOURCE_NPU,
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
+    ContainerAssignment,
     InterconnectKind,
     core_device_id,
     parse_core_device_id,
@@ -36,8 +37,8 @@ from .devices import ResourceDevices, Slot
 
 log = logging.getLogger(__name__)
 
-SchedulerChoices = Callable[[str], Sequence[Sequence[str]]]
-"""resource name → device sets the scheduler assigned to pending pods on this node."""
+SchedulerChoices = Callable[[str], Sequence[ContainerAssignment]]
+"""resource name → what the scheduler assigned to pending pods' containers on this node (oldest pod first)."""
 
 
 class ResourcePlugin(Protocol):
@@ -83,17 +84,20 @@ class SlotResource:
                          order=self._order.get(slot.parent.id, 0) * 1000 + (slot.core or 0) +
                          (slot.vnpu.vnpu_id if slot.vnpu else 0))
 
+    def choices(self) -> Sequence[ContainerAssignment]:
+        if self.scheduler_choices is None or not self.config.prefer_scheduler_assignment:
+            return ()
+        try:
+            return self.scheduler_choices(self.resource_name)
+        except Exception as exc:  # the API server being slow or down must not fail pod admission
+            log.warning("cannot read scheduler assignments of pending pods: %s", exc)
+            return ()
+
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
-        choices: Sequence[Sequence[str]] = ()
-        if self.scheduler_choices is not None and self.config.prefer_scheduler_assignment:
-            try:
-                choices = self.scheduler_choices(self.resource_name)
-            except Exception as exc:  # the API server being slow or down must not fail pod admission
-                log.warning("cannot read scheduler assignments of pending pods: %s", exc)
         slots = self.advertised.slots()
         placement = {i: self.placement(s) for i, s in slots.items()}
         return preferred_allocation(available, must_include, size, placement, ring_rules=self.ring_rules,
-                                    scheduler_choices=choices)
+                                    scheduler_choices=[c.devices for c in self.choices()])
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
         return container_spec(device_ids, self.advertised.slots(), self.advertised.statuses(),
@@ -159,8 +163,10 @@ class CoreResource(SlotResource):
             raise AllocationRefused("INVALID_ARGUMENT", f"the cores of one container must be on one chip, got "
                                                         f"cores of {sorted(parents)}")
         parent = slots[device_ids[0]].parent
+        template = next((c.vnpu_template for c in self.choices()
+                         if c.vnpu_template and set(c.devices) == set(device_ids)), None)
         try:
-            record = self.manager.create_dynamic(parent.id, list(device_ids), self.templates)
+            record = self.manager.create_dynamic(parent.id, list(device_ids), self.templates, template)
         except VnpuError as exc:
             raise AllocationRefused("FAILED_PRECONDITION", str(exc)) from None
         finally:

@@ -29,6 +29,21 @@ echo "==> node annotation npu.openfuyao.com/topology (what the scheduler extende
 fuyao --log-level warning inventory --npu-smi hack/fake-npu-smi --json | head -30
 echo "   ..."
 echo
+if [ "$preset" = "910b4-8" ] || [ "$preset" = "310p3-4" ]; then
+  echo "==> vNPUs: split NPU 0 into four slices (fuyao-vnpu, the design doc's vnpu-config.json)"
+  cfg="$(dirname "$state")/vnpu-config.json"
+  echo '{"devices": [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "3GB"}]}' > "$cfg"
+  vnpu() { fuyao-vnpu "$1" --log-level warning --npu-smi hack/fake-npu-smi --ledger "$(dirname "$state")/ledger.json" "${@:2}"; }
+  vnpu plan --config "$cfg"
+  vnpu apply --config "$cfg" --no-kubelet | grep -E '^created'
+  hack/fake-npu-smi info -t info-vnpu -i 0 -c 0 | sed -n '7,13p'
+  echo '{"devices": [{"device_id": "0", "vnpu_count": 9, "vnpu_memory": "8GB"}]}' > "$cfg"
+  echo "   an impossible plan is rejected as a whole:"
+  vnpu plan --config "$cfg" || true
+  echo '{"devices": []}' > "$cfg"
+  vnpu apply --config "$cfg" --no-kubelet | grep -E '^destroyed'
+  echo
+fi
 echo "==> fuyao-device-plugin serving a kubelet stand-in (real gRPC v1beta1 over unix sockets)"
 python hack/demo_deviceplugin.py "$preset"
 echo

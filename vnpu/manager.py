@@ -259,10 +259,11 @@ class VnpuManager:
                     break
         return report
 
-    def create_dynamic(self, device_id: str, cores: Sequence[str], templates: Sequence[Template]) -> VnpuRecord:
-        """The vNPU for a container given ``cores`` (npu-core devices of one chip): the smallest template with at
-        least that many AICores that still fits the chip. The same core set again re-uses its vNPU (the kubelet
-        only hands out devices whose previous holder is gone)."""
+    def create_dynamic(self, device_id: str, cores: Sequence[str], templates: Sequence[Template],
+                       template_name: str | None = None) -> VnpuRecord:
+        """The vNPU for a container given ``cores`` (npu-core devices of one chip): ``template_name`` when the
+        scheduler chose one, else the smallest template with at least that many AICores that still fits the chip.
+        The same core set again re-uses its vNPU (the kubelet only hands out devices whose holder is gone)."""
         owner = dynamic_owner(cores)
         existing = next((r for r in self.ledger.records() if r.owner == owner and r.state == "created"), None)
         if existing is not None and self._exists(existing.device_id, existing.vnpu_id, existing.template):
@@ -272,6 +273,11 @@ class VnpuManager:
         info = self.observe(device_id)
         free = {k: v.free for k, v in info.resources.items()}
         candidates = smallest_covering(templates, aicore=len(cores))
+        if template_name is not None:
+            candidates = [t for t in candidates if t.name == template_name]
+            if not candidates:
+                raise VnpuError(f"the scheduler's template {template_name!r} is unknown here or has fewer than "
+                                f"{len(cores)} AICores (templates: {[t.name for t in templates]})")
         for template in candidates:
             if (free.get("AICORE") is None or template.aicore <= (free["AICORE"] or 0)) and \
                     (free.get("Memory") is None or template.memory_gb <= (free["Memory"] or 0) + 1e-9) and \

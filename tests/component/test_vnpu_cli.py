@@ -171,3 +171,29 @@ def test_crash_before_the_create_took_effect_drops_the_intent(tmp_path: Path) ->
     report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
     assert report["adopted"] == [] and len(report["created"]) == 2
     assert len(node.vnpus()) == 2 and len(node.ledger_records()) == 2
+
+
+def test_gc_destroys_unheld_dynamic_vnpus_only_when_the_kubelets_view_is_known(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from fuyao.inventory import discover
+    from fuyao.npusmi import NpuSmi
+    from vnpu.ledger import Ledger
+    from vnpu.manager import VnpuManager
+    from vnpu.templates import builtin_templates
+
+    node = Node(tmp_path, "910b4-8")
+    monkeypatch.setenv("FAKE_NPU_SMI_STATE", node.env["FAKE_NPU_SMI_STATE"])
+    npu_smi = NpuSmi(str(FAKE))
+    manager = VnpuManager(npu_smi, Ledger(node.ledger), discover(npu_smi).devices)
+    record = manager.create_dynamic("Ascend910-2", ["Ascend910-2-c0", "Ascend910-2-c1"], builtin_templates("910B4"))
+    assert record.template == "vir05_1c_8g" and len(node.vnpus()) == 1
+
+    proc = subprocess.run(node.command("gc", "--json", "--pod-resources-socket", str(tmp_path / "none.sock")),
+                          env=node.env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    report = json.loads(proc.stdout)
+    assert report["destroyed"] == [] and "pod-resources" in report["pod_resources"]
+    assert len(node.vnpus()) == 1  # unknown kubelet view: kept
+
+    report = json.loads(node.vnpu("gc", "--json").stdout)  # --no-kubelet: npu-smi shows nobody bound
+    assert report["destroyed"] == ["Ascend910-2/132"]
+    assert node.vnpus() == [] and node.ledger_records() == []

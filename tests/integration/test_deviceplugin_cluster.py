@@ -154,3 +154,56 @@ def test_the_plugin_user_cannot_do_more_than_its_rules(cluster: LocalApiServer, 
         api.list_secret_for_all_namespaces()
     assert err.value.status == 403
     assert json.loads(err.value.body)["reason"] == "Forbidden"
+
+
+def test_static_vnpus_appear_in_the_topology_annotation(cluster: LocalApiServer, node: str) -> None:
+    import json as jsonlib
+
+    api = cluster.client()
+    p = PluginUnderTest("910b4-8")
+    config = p.root / "vnpu-config.json"
+    config.write_text(jsonlib.dumps({"devices": [{"device_id": "3", "vnpu_count": 2, "vnpu_memory": "16GB"}]}))
+    p.extra_args = ("--kubeconfig", cluster.kubeconfig_for(USER), "--node-name", node, "--vnpu-config", str(config))
+    try:
+        p.start()
+        topo = wait_for(lambda: (t := topology_of(api, node)) and t.devices["Ascend910-3"].vnpus and t,
+                        what="vNPU slices in the annotation")
+        slices = topo.devices["Ascend910-3"].vnpus
+        assert [(s.id, s.template, s.aicore, s.memory_mb) for s in slices] == [
+            ("Ascend910-3-v148", "vir10_3c_16g", 10, 16384), ("Ascend910-3-v149", "vir10_3c_16g", 10, 16384)]
+        assert all(not d.vnpus for i, d in topo.devices.items() if i != "Ascend910-3")
+    finally:
+        p.close()
+
+
+def test_dynamic_vnpu_uses_the_template_the_scheduler_chose(cluster: LocalApiServer, node: str) -> None:
+    from kubernetes import client
+
+    from fuyao.contracts import RESOURCE_NPU_CORE
+
+    api = cluster.client()
+    p = PluginUnderTest("910b4-8")
+    settings = p.root / "plugin.yaml"
+    settings.write_text("version: v1\nvnpu: {mode: dynamic, reconcileInterval: 0.3s, collectGrace: 0.5s}\n")
+    p.extra_args = ("--kubeconfig", cluster.kubeconfig_for(USER), "--node-name", node, "--config", str(settings))
+    cores = tuple(f"Ascend910-6-c{i}" for i in range(4))
+    assignment = PodAssignment(node=node, containers=(ContainerAssignment(
+        container="c", resource=RESOURCE_NPU_CORE, devices=cores, vnpu_template="vir10_3c_16g"),))
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name=f"dyn-{node}", annotations={ANNOTATION_POD_ASSIGNED:
+                                                                       dump_annotation(assignment)}),
+        spec=client.V1PodSpec(node_name=node, containers=[client.V1Container(
+            name="c", image="busybox", resources=client.V1ResourceRequirements(limits={RESOURCE_NPU_CORE: "4"}))]))
+    api.create_namespaced_pod("default", pod)
+    try:
+        p.start()
+        p.kubelet.wait_registered(RESOURCE_NPU_CORE, timeout=30)
+        p.kubelet.wait_devices(RESOURCE_NPU_CORE)
+        response = p.kubelet.admit("dyn", RESOURCE_NPU_CORE, 4)
+        # the scheduler's chip and template, not the smallest covering one (vir05_1c_8g)
+        assert response.envs["ASCEND_VNPU_SPECS"] == "vir10_3c_16g"
+        assert p.kubelet.pods["dyn"][RESOURCE_NPU_CORE] == list(cores)
+        assert 'fuyao_vnpu_operations_total{action="create",result="ok"} 1.0' in p.metrics()
+    finally:
+        api.delete_namespaced_pod(f"dyn-{node}", "default", grace_period_seconds=0)
+        p.close()

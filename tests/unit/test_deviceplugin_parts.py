@@ -220,7 +220,8 @@ def test_assignments_for_reads_this_nodes_npu_choices_and_skips_bad_ones() -> No
         ("ns/d", {ANNOTATION_POD_ASSIGNED: "{not json"}),
         ("ns/e", {}),
     ]
-    assert assignments_for(RESOURCE_NPU, "n1", pods) == [("Ascend910-2", "Ascend910-3")]
+    assert [c.devices for c in assignments_for(RESOURCE_NPU, "n1", pods)] == [("Ascend910-2", "Ascend910-3")]
+    assert [c.devices for c in assignments_for(RESOURCE_VNPU, "n1", pods)] == [("Ascend910-0-vir01",)]
 
 
 def test_socket_names_are_basenames_unique_per_resource() -> None:
