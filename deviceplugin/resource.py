@@ -26,11 +26,11 @@ from fuyao.contracts import (
     vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, NpuDevice
+from fuyao.placement import Placement, preferred_allocation
 from vnpu.ledger import VnpuRecord
 from vnpu.manager import VnpuError, VnpuManager
 from vnpu.templates import Template
 
-from .allocation import Placement, preferred_allocation
 from .config import PluginConfig
 from .container_spec import AllocationRefused, ContainerSpec, container_spec
 from .devices import ResourceDevices, Slot

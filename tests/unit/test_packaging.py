@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -39,8 +40,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prefix = tmp_path_factory.mktemp("prefix")
     before = importlib.metadata.distribution("fuyao").files
     # --ignore-installed: without it pip uninstalls the developer's (editable) fuyao from the running venv.
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree, and two test runs at once
+    # (or a developer's editable install) must not trip over each other.
+    source = tmp_path_factory.mktemp("src") / "fuyao"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+        ".hypothesis"))
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--ignore-installed", "--prefix", str(prefix), str(REPO)],
+                           "--ignore-installed", "--prefix", str(prefix), str(source)],
                           cwd=tmp_path_factory.mktemp("cwd"), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
     assert importlib.metadata.distribution("fuyao").files == before, "the test venv's fuyao was changed"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deviceplugin.allocation import Placement, preferred_allocation
+from fuyao.placement import Placement, preferred_allocation
 
 # An 8-card 910 A1 board: rings 0-3 and 4-7, two NUMA nodes (one per ring).
 A1 = {f"Ascend910-{i}": Placement(group=f"hccs-ring-{i // 4}", numa=i // 4, order=i) for i in range(8)}

@@ -1,4 +1,5 @@
-"""Which devices to hand out together: the pure decision behind GetPreferredAllocation.
+"""Which devices to hand out together: one pure function shared by the device plugin (GetPreferredAllocation)
+and the scheduler extender (choosing devices at bind time), so both always agree.
 
 Devices that talk over the same HCCS fabric and sit on the same NUMA node as the CPUs feeding them run collective
 operations and host transfers fastest, so a request is kept inside the smallest scope that fits it (best fit keeps
