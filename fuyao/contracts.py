@@ -115,6 +115,10 @@ ANNOTATION_NODE_TOPOLOGY = "npu.openfuyao.com/topology"
 """Node annotation (JSON, :class:`NodeTopology`) written by the device plugin."""
 ANNOTATION_POD_ASSIGNED = "npu.openfuyao.com/assigned"
 """Pod annotation (JSON, :class:`PodAssignment`) written by the scheduler extender at bind time."""
+ANNOTATION_NODE_USAGE = "qos.openfuyao.com/usage"
+"""Node annotation (JSON, :class:`NodeUsage`) written by the QoS agent: measured CPU/memory use, LS and BE."""
+LABEL_PD_TOPOLOGY_DEFAULT = "topology.kubernetes.io/zone"
+"""Default topology domain for prefill/decode affinity beyond the node (configurable in the extender)."""
 
 # Device IDs of the sub-device resources (the whole-NPU form ``Ascend910-3`` is ``fuyao.inventory.device_id``).
 # They appear in pod annotations, the kubelet's checkpoint and its pod-resources API, so their form is a contract.
@@ -287,12 +291,41 @@ class PodAssignment(_Schema):
     containers: tuple[ContainerAssignment, ...]
 
 
+class NodeUsage(_Schema):
+    """Value of node annotation ``qos.openfuyao.com/usage``: real usage measured by the QoS agent (LS and BE), so
+    the scheduler extender can place by what nodes do, not only by what pods requested."""
+
+    schema_version: Literal[1] = 1
+    updated_at: float = Field(description="Unix seconds of the measurement; stale values are ignored")
+    cpu_capacity_milli: int = Field(gt=0)
+    cpu_used_milli: int = Field(ge=0)
+    memory_capacity_bytes: int = Field(gt=0)
+    memory_used_bytes: int = Field(ge=0)
+    be_cpu_used_milli: int = Field(default=0, ge=0)
+    be_memory_used_bytes: int = Field(default=0, ge=0)
+
+    @property
+    def cpu_ratio(self) -> float:
+        return min(1.0, self.cpu_used_milli / self.cpu_capacity_milli)
+
+    @property
+    def memory_ratio(self) -> float:
+        return min(1.0, self.memory_used_bytes / self.memory_capacity_bytes)
+
+    @property
+    def be_pressure(self) -> float:
+        """The larger of BE's CPU and memory share of the node."""
+        return min(1.0, max(self.be_cpu_used_milli / self.cpu_capacity_milli,
+                            self.be_memory_used_bytes / self.memory_capacity_bytes))
+
+
 M = TypeVar("M", bound=_Schema)
 E = TypeVar("E", bound=StrEnum)
 
 ANNOTATION_SCHEMAS: dict[str, type[_Schema]] = {
     ANNOTATION_NODE_TOPOLOGY: NodeTopology,
     ANNOTATION_POD_ASSIGNED: PodAssignment,
+    ANNOTATION_NODE_USAGE: NodeUsage,
 }
 
 

@@ -1,0 +1,235 @@
+"""Cluster state from watches of Nodes and Pods, kept as parsed :class:`NodeInfo` / :class:`PodInfo`.
+
+An informer in miniature: list, then watch from the list's resourceVersion; a watch that ends is resumed from the
+last resourceVersion seen; ``410 Gone`` (or any error) re-lists. Raw JSON is read with orjson (no client model
+deserialisation: that would dominate at thousands of pods). Pods the binder just bound are *assumed* on their node
+until the watch shows them, so two binds in a row never hand out the same devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from .model import NodeInfo, PodInfo, parse_node, parse_pod
+
+log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT_S = 300
+ASSUME_TTL_S = 60.0
+
+
+class ClusterCache:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._pods: dict[str, PodInfo] = {}  # uid → pod
+        self._by_node: dict[str, set[str]] = {}
+        self._assumed: dict[str, tuple[PodInfo, float]] = {}
+        self._infos: dict[str, NodeInfo] = {}
+        self.synced = {"nodes": False, "pods": False}
+        self.relists = {"nodes": 0, "pods": 0}
+        self.on_problem: Callable[[PodInfo], None] | None = None  # e.g. emit an event for an invalid annotation
+
+    # Updates (from the watch) ------------------------------------------------------------------------------------
+    def replace_nodes(self, items: Iterable[dict[str, Any]]) -> None:
+        with self._lock:
+            self._nodes = {(n.get("metadata") or {}).get("name", ""): n for n in items}
+            self._infos.clear()
+            self.synced["nodes"] = True
+
+    def upsert_node(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
+        with self._lock:
+            self._nodes[name] = obj
+            self._infos.pop(name, None)
+
+    def delete_node(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
+        with self._lock:
+            self._nodes.pop(name, None)
+            self._infos.pop(name, None)
+
+    def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
+        with self._lock:
+            self._pods.clear()
+            self._by_node.clear()
+            for item in items:
+                self._put_pod(parse_pod(item))
+            self._infos.clear()
+            self.synced["pods"] = True
+
+    def upsert_pod(self, obj: dict[str, Any]) -> None:
+        pod = parse_pod(obj)
+        with self._lock:
+            old = self._pods.get(pod.uid)
+            if old is not None:
+                self._drop_pod(old)
+            self._put_pod(pod)
+            if pod.node_name:
+                self._assumed.pop(pod.uid, None)
+
+    def delete_pod(self, obj: dict[str, Any]) -> None:
+        uid = (obj.get("metadata") or {}).get("uid", "")
+        with self._lock:
+            old = self._pods.pop(uid, None)
+            if old is not None:
+                self._drop_pod(old)
+            self._assumed.pop(uid, None)
+
+    def _put_pod(self, pod: PodInfo) -> None:
+        self._pods[pod.uid] = pod
+        if pod.node_name:
+            self._by_node.setdefault(pod.node_name, set()).add(pod.uid)
+            self._infos.pop(pod.node_name, None)
+
+    def _drop_pod(self, pod: PodInfo) -> None:
+        if pod.node_name:
+            self._by_node.get(pod.node_name, set()).discard(pod.uid)
+            self._infos.pop(pod.node_name, None)
+
+    def assume(self, pod: PodInfo) -> None:
+        """A pod we just bound (with its assignment): count it on its node until the watch reports it."""
+        with self._lock:
+            self._assumed[pod.uid] = (pod, time.monotonic())
+            if pod.node_name:
+                self._infos.pop(pod.node_name, None)
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            entry = self._assumed.pop(uid, None)
+            if entry and entry[0].node_name:
+                self._infos.pop(entry[0].node_name, None)
+
+    # Reads -------------------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return all(self.synced.values())
+
+    def node_names(self) -> list[str]:
+        with self._lock:
+            return list(self._nodes)
+
+    def pod(self, namespace: str, name: str) -> PodInfo | None:
+        with self._lock:
+            return next((p for p in self._pods.values() if p.namespace == namespace and p.name == name), None)
+
+    def pods_on(self, node: str) -> list[PodInfo]:
+        now = time.monotonic()
+        with self._lock:
+            pods = [self._pods[u] for u in self._by_node.get(node, ()) if u in self._pods]
+            seen = {p.uid for p in pods}
+            for uid, (pod, at) in list(self._assumed.items()):
+                if now - at > ASSUME_TTL_S:
+                    del self._assumed[uid]
+                elif pod.node_name == node and uid not in seen:
+                    pods.append(pod)
+            return pods
+
+    def node_info(self, name: str, obj: Mapping[str, Any] | None = None) -> NodeInfo | None:
+        """The node as the cache knows it, or parsed from ``obj`` (the scheduler sent the full Node) with the
+        cached pods on it."""
+        if obj is not None:
+            return parse_node(obj, self.pods_on(name))
+        with self._lock:
+            info = self._infos.get(name)
+            if info is not None and not any(p.node_name == name for p, _ in self._assumed.values()):
+                return info
+            raw = self._nodes.get(name)
+            if raw is None:
+                return None
+            info = parse_node(raw, self.pods_on(name))
+            self._infos[name] = info
+            return info
+
+    def all_nodes(self) -> dict[str, NodeInfo]:
+        return {n: info for n in self.node_names() if (info := self.node_info(n)) is not None}
+
+
+class Watcher:
+    """Feeds a :class:`ClusterCache` from the API server (list + watch with re-list), one thread per kind."""
+
+    def __init__(self, api: Any, cache: ClusterCache):
+        self.api = api
+        self.cache = cache
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for kind in ("nodes", "pods"):
+            t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _calls(self, kind: str) -> Callable[..., Any]:
+        return self.api.list_node if kind == "nodes" else self.api.list_pod_for_all_namespaces
+
+    def _run(self, kind: str) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                version = self._list(kind)
+                backoff = 0.5
+                while not self._stop.is_set() and version is not None:
+                    version = self._watch(kind, version)
+            except Exception as exc:
+                log.warning("%s watch failed (re-listing in %.1fs): %s", kind, backoff, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _list(self, kind: str) -> str:
+        response = self._calls(kind)(_preload_content=False, _request_timeout=60)
+        data = orjson.loads(response.data)
+        items = data.get("items") or []
+        (self.cache.replace_nodes if kind == "nodes" else self.cache.replace_pods)(items)
+        self.cache.relists[kind] += 1
+        log.info("listed %d %s", len(items), kind)
+        return str((data.get("metadata") or {}).get("resourceVersion") or "")
+
+    def _watch(self, kind: str, version: str) -> str | None:
+        """Stream events from ``version``; returns the last version (resume) or None (re-list: 410 Gone)."""
+        response = self._calls(kind)(watch=True, resource_version=version, allow_watch_bookmarks=True,
+                                     timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False,
+                                     _request_timeout=WATCH_TIMEOUT_S + 30)
+        upsert = self.cache.upsert_node if kind == "nodes" else self.cache.upsert_pod
+        delete = self.cache.delete_node if kind == "nodes" else self.cache.delete_pod
+        try:
+            for line in _lines(response):
+                if self._stop.is_set():
+                    return None
+                if not line.strip():
+                    continue
+                event = orjson.loads(line)
+                kind_of, obj = event.get("type"), event.get("object") or {}
+                if kind_of == "ERROR":
+                    if obj.get("code") == 410:
+                        log.info("%s watch expired (410 Gone); re-listing", kind)
+                        return None
+                    raise RuntimeError(f"watch error: {obj.get('message')}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind_of in ("ADDED", "MODIFIED"):
+                    upsert(obj)
+                elif kind_of == "DELETED":
+                    delete(obj)
+        finally:
+            response.release_conn()
+        return version
+
+
+def _lines(response: Any) -> Iterable[bytes]:
+    buffer = b""
+    for chunk in response.stream(65536, decode_content=True):
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line
+    if buffer:
+        yield buffer

@@ -1,0 +1,151 @@
+"""The extender's versioned configuration (YAML, ``--config``); flags override it; errors name the field.
+
+```yaml
+version: v1
+listen: 127.0.0.1:8888
+tls: {certFile: /etc/fuyao/tls.crt, keyFile: /etc/fuyao/tls.key}
+kubeconfig: null              # in-cluster config in a pod; without either, no watches (requests carry Nodes)
+bind: true                    # act as the binder (bindVerb): choose devices, annotate, create the Binding
+plugins:                      # weight 0 turns scoring off (the filter still runs)
+  deviceFit: {weight: 3, strategy: binpack}
+  numa: {weight: 2}
+  businessType: {weight: 1, stackingPenalty: 0.1}
+  qosColocation: {weight: 2, lsUsageWatermark: 0.7, lsMaxUsage: 0.95, bePressureWatermark: 0.5}
+  pdAffinity: {weight: 2, topologyKey: topology.kubernetes.io/zone, ratio: "1:2", spreadPenalty: 0.2}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
+
+CONFIG_VERSION = "v1"
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"invalid config field {field!r}: {message}" if field else f"invalid config: {message}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class TlsSettings(_Section):
+    cert_file: str
+    key_file: str
+
+
+class DeviceFitArgs(_Section):
+    weight: float = Field(default=3.0, ge=0)
+    strategy: Literal["binpack", "spread"] = "binpack"
+
+
+class NumaArgs(_Section):
+    weight: float = Field(default=2.0, ge=0)
+
+
+class BusinessTypeArgs(_Section):
+    weight: float = Field(default=1.0, ge=0)
+    stacking_penalty: float = Field(default=0.1, ge=0)
+
+
+class QosColocationArgs(_Section):
+    weight: float = Field(default=2.0, ge=0)
+    ls_usage_watermark: float = Field(default=0.7, gt=0, le=1)
+    ls_max_usage: float = Field(default=0.95, gt=0, le=1)
+    be_pressure_watermark: float = Field(default=0.5, gt=0, le=1)
+
+
+class PdAffinityArgs(_Section):
+    weight: float = Field(default=2.0, ge=0)
+    topology_key: str = Field(default=LABEL_PD_TOPOLOGY_DEFAULT, min_length=1)
+    ratio: str | None = Field(default=None, description="prefill:decode per topology domain, e.g. 1:2")
+    spread_penalty: float = Field(default=0.2, ge=0)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError("expected PREFILL:DECODE with positive integers, e.g. 1:2")
+        return value
+
+    @property
+    def ratio_pair(self) -> tuple[int, int] | None:
+        if self.ratio is None:
+            return None
+        p, d = self.ratio.split(":")
+        return int(p), int(d)
+
+
+class PluginSettings(_Section):
+    device_fit: DeviceFitArgs = DeviceFitArgs()
+    numa: NumaArgs = NumaArgs()
+    business_type: BusinessTypeArgs = BusinessTypeArgs()
+    qos_colocation: QosColocationArgs = QosColocationArgs()
+    pd_affinity: PdAffinityArgs = PdAffinityArgs()
+
+
+class ExtenderConfig(_Section):
+    version: Literal["v1"] = CONFIG_VERSION
+    listen: str = "127.0.0.1:8888"
+    tls: TlsSettings | None = None
+    kubeconfig: str | None = None
+    bind: bool = True
+    metrics: bool = True
+    explain_entries: int = Field(default=10000, ge=0, description="decisions kept for /explain")
+    plugins: PluginSettings = PluginSettings()
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT")
+        return value
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExtenderConfig:
+    data: dict[str, Any] = dict(file_values or {})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
+        for parent in parents:
+            section = target.get(parent)
+            target[parent] = dict(section) if isinstance(section, dict) else {}
+            target = target[parent]
+        target[leaf] = value
+    try:
+        return ExtenderConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level")
+    if data.get("version") != CONFIG_VERSION:
+        raise ConfigError("version", f"expected {CONFIG_VERSION!r}, got {data.get('version')!r}")
+    return data

@@ -1,0 +1,154 @@
+"""Device-level view of a node for the extender: which NPU dies, vNPU slices and AI cores are free, how they
+spread over NUMA nodes and interconnect groups, and which ones a pod would get (with the kernel's placement
+function — the same one the device plugin uses, so the scheduler's choice is the plugin's preference).
+
+Free devices come from the node's ``npu.openfuyao.com/topology`` annotation (healthy devices) minus the devices
+in the ``npu.openfuyao.com/assigned`` annotations of the pods on the node. Pure functions of a :class:`NodeInfo`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fuyao.contracts import (
+    RESOURCE_NPU,
+    RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
+    DeviceHealth,
+    InterconnectKind,
+    NodeTopology,
+    core_device_id,
+    parse_core_device_id,
+)
+from fuyao.placement import A1_RING_PREFERENCE, Placement, preferred_allocation
+
+from .model import NodeInfo
+
+
+def placements(topology: NodeTopology) -> dict[str, Placement]:
+    return {i: Placement(group=d.group, numa=d.numa_node, order=n) for n, (i, d) in enumerate(topology.devices.items())}
+
+
+def ring_board(topology: NodeTopology) -> bool:
+    """A first-generation 910 (A1) board: only HCCS rings of at most four cards."""
+    return bool(topology.groups) and all(
+        g.kind == InterconnectKind.HCCS_RING and len(g.devices) <= 4 for g in topology.groups)
+
+
+def free_npus(node: NodeInfo) -> list[str]:
+    """Healthy whole dies no pod holds and no static vNPU carves, in npu-smi order."""
+    if node.topology is None:
+        return []
+    taken = node.assigned.get(RESOURCE_NPU, set())
+    return [i for i, d in node.topology.devices.items()
+            if d.health == DeviceHealth.HEALTHY and not d.vnpus and i not in taken]
+
+
+def free_vnpus(node: NodeInfo) -> list[str]:
+    if node.topology is None:
+        return []
+    taken = node.assigned.get(RESOURCE_VNPU, set())
+    return [s.id for d in node.topology.devices.values() if d.health == DeviceHealth.HEALTHY
+            for s in d.vnpus if s.id not in taken]
+
+
+def free_cores(node: NodeInfo) -> dict[str, list[str]]:
+    """Per healthy die: its npu-core devices no pod holds."""
+    if node.topology is None:
+        return {}
+    taken = node.assigned.get(RESOURCE_NPU_CORE, set())
+    out: dict[str, list[str]] = {}
+    for i, d in node.topology.devices.items():
+        if d.health != DeviceHealth.HEALTHY or d.vnpus or not d.aicore:
+            continue
+        out[i] = [c for k in range(d.aicore) if (c := core_device_id(i, k)) not in taken]
+    return out
+
+
+def core_parent(core: str) -> str | None:
+    parsed = parse_core_device_id(core)
+    return parsed[0] if parsed else None
+
+
+def numa_nodes_needed(free: list[str], topology: NodeTopology, count: int) -> int | None:
+    """The fewest NUMA nodes whose free dies add up to ``count``; None if the node cannot hold it at all.
+    Dies with an unknown NUMA node count as one NUMA node of their own."""
+    if count <= 0:
+        return 0
+    if len(free) < count:
+        return None
+    per_numa = Counter(topology.devices[d].numa_node if topology.devices[d].numa_node is not None else f"?{d}"
+                       for d in free)
+    sizes = sorted(per_numa.values(), reverse=True)
+    total = 0
+    for n, size in enumerate(sizes, start=1):
+        total += size
+        if total >= count:
+            return n
+    return None
+
+
+def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
+    """None when an A1 ring board can give ``count`` cards the way Ascend's rules allow; else why not."""
+    if count == len(topology.devices):
+        return None if len(free) == count else f"{count} cards need every card free ({len(free)} are)"
+    if count not in A1_RING_PREFERENCE:
+        return f"910 A1 boards take 1, 2, 4 or {len(topology.devices)} cards, not {count}"
+    free_set = set(free)
+    per_ring = [sum(1 for d in g.devices if d in free_set) for g in topology.groups]
+    if count == 4 and 4 not in per_ring:
+        return f"4 cards need a whole free HCCS ring (free per ring: {per_ring})"
+    if max(per_ring, default=0) < count:
+        return f"{count} cards need one HCCS ring with {count} free (free per ring: {per_ring})"
+    return None
+
+
+def choose_npus(node: NodeInfo, count: int) -> list[str]:
+    """The dies the device plugin would prefer for ``count`` (the kernel's placement function)."""
+    assert node.topology is not None
+    return preferred_allocation(free_npus(node), [], count, placements(node.topology),
+                                ring_rules=ring_board(node.topology))
+
+
+def choose_cores(node: NodeInfo, count: int) -> list[str]:
+    """``count`` free cores of one die: the die with the fewest free cores that still fits (best fit)."""
+    fitting = [(len(cores), parent, cores) for parent, cores in free_cores(node).items() if len(cores) >= count]
+    if not fitting:
+        return []
+    _, _, cores = min(fitting)
+    return cores[:count]
+
+
+def choose_vnpus(node: NodeInfo, count: int) -> list[str]:
+    """``count`` free static slices, packed on the die with the fewest free slices that fits (else any)."""
+    if node.topology is None:
+        return []
+    free = set(free_vnpus(node))
+    by_die = [[s.id for s in d.vnpus if s.id in free] for d in node.topology.devices.values()]
+    fitting = sorted((len(s), s) for s in by_die if len(s) >= count)
+    if fitting:
+        return fitting[0][1][:count]
+    return sorted(free)[:count]
+
+
+def spans(devices: list[str], topology: NodeTopology) -> tuple[int, int]:
+    """(interconnect groups, NUMA nodes) a set of dies spans."""
+    groups = {topology.devices[d].group for d in devices if d in topology.devices}
+    numas = {topology.devices[d].numa_node for d in devices if d in topology.devices}
+    return len(groups), len(numas)
+
+
+def best_group_span(free: list[str], topology: NodeTopology, count: int) -> int:
+    """The fewest groups any choice of ``count`` free dies can span (for small boards, exactly)."""
+    per_group = sorted(Counter(topology.devices[d].group for d in free).values(), reverse=True)
+    total = 0
+    for n, size in enumerate(per_group, start=1):
+        total += size
+        if total >= count:
+            return n
+    return len(per_group)
+
+
+__all__ = ["best_group_span", "choose_cores", "choose_npus", "choose_vnpus", "core_parent",
+           "free_cores", "free_npus", "free_vnpus", "numa_nodes_needed", "placements", "ring_board",
+           "ring_feasible", "spans"]

@@ -1,0 +1,111 @@
+"""The scheduling framework of the extender: plugins filter (with a reason for every rejection) and score in
+[0, 1]; scores are combined as a weighted average (llm-d style profiles) and mapped to each scheduler's range.
+
+Everything here is pure: a decision is a function of the pod, the candidate nodes and the configuration, which is
+what makes it testable and explainable (``/explain``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .model import NodeInfo, PodInfo
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a node cannot take the pod. ``unresolvable``: evicting pods would not help (kube-scheduler then
+    skips preemption on that node)."""
+
+    reason: str
+    unresolvable: bool = False
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """What a plugin may look at besides the pod and the node: every node the extender knows (for
+    topology-domain questions such as prefill/decode balance)."""
+
+    nodes: Mapping[str, NodeInfo]
+
+
+class Plugin(Protocol):
+    name: str
+
+    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None: ...
+
+    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float: ...
+
+
+@dataclass
+class Explanation:
+    """One decision, for ``GET /explain/<namespace>/<pod>``."""
+
+    pod: str
+    verb: str
+    rejected: dict[str, str] = field(default_factory=dict)  # node → "plugin: reason"
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # node → plugin → [0, 1]
+    totals: dict[str, float] = field(default_factory=dict)  # node → weighted [0, 1]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"pod": self.pod, "verb": self.verb, "rejected": self.rejected, "scores": self.scores,
+                "totals": self.totals}
+
+
+@dataclass
+class FilterOutcome:
+    passed: list[str]
+    failed: dict[str, str]
+    unresolvable: dict[str, str]
+    explanation: Explanation
+
+
+class Framework:
+    """Runs the enabled plugins with their weights."""
+
+    def __init__(self, plugins: Sequence[tuple[Plugin, float]]):
+        self.plugins = [(p, w) for p, w in plugins if w > 0]
+        self.filters = [p for p, _ in plugins]  # a plugin with weight 0 still filters
+        self.total_weight = sum(w for _, w in self.plugins) or 1.0
+
+    def filter(self, pod: PodInfo, nodes: Sequence[NodeInfo], cycle: Cycle) -> FilterOutcome:
+        explanation = Explanation(pod=pod.key, verb="filter")
+        passed: list[str] = []
+        failed: dict[str, str] = {}
+        unresolvable: dict[str, str] = {}
+        for node in nodes:
+            rejection = self.check(pod, node, cycle)
+            if rejection is None:
+                passed.append(node.name)
+                continue
+            plugin, why = rejection
+            text = f"{plugin}: {why.reason}"
+            (unresolvable if why.unresolvable else failed)[node.name] = text
+            explanation.rejected[node.name] = text
+        return FilterOutcome(passed, failed, unresolvable, explanation)
+
+    def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> tuple[str, Rejection] | None:
+        for plugin in self.filters:
+            rejection = plugin.filter(pod, node, cycle)
+            if rejection is not None:
+                return plugin.name, rejection
+        return None
+
+    def score(self, pod: PodInfo, nodes: Sequence[NodeInfo], cycle: Cycle) -> Explanation:
+        explanation = Explanation(pod=pod.key, verb="prioritize")
+        for node in nodes:
+            parts = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
+            explanation.scores[node.name] = parts
+            explanation.totals[node.name] = sum(parts[p.name] * w for p, w in self.plugins) / self.total_weight
+        return explanation
+
+
+def _clamp(value: float) -> float:
+    return 0.0 if value != value else min(1.0, max(0.0, value))  # NaN → 0
+
+
+def to_extender_score(total: float, max_score: int = 10) -> int:
+    """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10)."""
+    return round(_clamp(total) * max_score)

@@ -1,0 +1,296 @@
+"""What the extender knows about a pod and a node, parsed once from raw Kubernetes JSON (dicts, as the scheduler
+sends them and the watch delivers them) into plain values the plugins read. Pure: no I/O here.
+
+Parsing is lenient where Kubernetes is (missing fields are empty) and strict where our contracts are: an invalid
+annotation value is recorded in ``problems`` (so the pod gets an event naming it) and treated as absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from fuyao.contracts import (
+    ACCELERATOR_RESOURCES,
+    ANNOTATION_BUSINESS_TYPE,
+    ANNOTATION_NODE_TOPOLOGY,
+    ANNOTATION_NODE_USAGE,
+    ANNOTATION_NUMA_POLICY,
+    ANNOTATION_POD_ASSIGNED,
+    ANNOTATION_VNPU_MODE,
+    LABEL_VOLCANO_COLOCATION,
+    RESOURCE_BATCH_CPU,
+    RESOURCE_BATCH_MEMORY,
+    BusinessType,
+    ContractError,
+    NodeTopology,
+    NodeUsage,
+    NumaPolicy,
+    Phase,
+    PodAssignment,
+    QoSClass,
+    VnpuMode,
+    parse_annotation,
+    parse_business_type,
+    parse_numa_policy,
+    parse_phase,
+    parse_vnpu_mode,
+    pd_group,
+    resolve_qos,
+)
+
+log = logging.getLogger(__name__)
+
+CPU = "cpu"
+MEMORY = "memory"
+USAGE_STALE_S = 120.0
+GiB = 1024**3
+
+
+@lru_cache(maxsize=4096)
+def quantity(raw: str | int | float) -> Decimal:
+    """A Kubernetes quantity (``500m``, ``2Gi``, ``1e3``); garbage raises ValueError."""
+    return parse_quantity(raw)
+
+
+def _resources(spec: Mapping[str, Any] | None) -> dict[str, Decimal]:
+    """A container's requests, with limits standing in for missing requests (Kubernetes' defaulting)."""
+    if not spec:
+        return {}
+    requests = dict(spec.get("limits") or {})
+    requests.update(spec.get("requests") or {})
+    out: dict[str, Decimal] = {}
+    for name, raw in requests.items():
+        try:
+            out[name] = quantity(raw)
+        except ValueError:
+            log.debug("ignoring unparseable quantity %r for %s", raw, name)
+    return out
+
+
+def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[dict[str, Decimal], list[tuple[str, dict[str, Decimal]]]]:
+    """(pod total, per container): the pod total is max(sum of containers, largest init container), as the
+    kube-scheduler computes it."""
+    containers = [(c.get("name", ""), _resources(c.get("resources"))) for c in pod_spec.get("containers") or []]
+    total: dict[str, Decimal] = {}
+    for _, req in containers:
+        for name, value in req.items():
+            total[name] = total.get(name, Decimal(0)) + value
+    for init in pod_spec.get("initContainers") or []:
+        for name, value in _resources(init.get("resources")).items():
+            total[name] = max(total.get(name, Decimal(0)), value)
+    for name, value in _resources(pod_spec.get("overhead") and {"requests": pod_spec["overhead"]}).items():
+        total[name] = total.get(name, Decimal(0)) + value
+    return total, containers
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    uid: str
+    node_name: str | None
+    phase_status: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    requests: Mapping[str, Decimal]
+    containers: tuple[tuple[str, Mapping[str, Decimal]], ...]
+    business: BusinessType | None
+    business_explicit: bool
+    qos: QoSClass
+    phase: Phase | None
+    pd_group: str | None
+    numa_policy: NumaPolicy
+    vnpu_mode: VnpuMode | None
+    assignment: PodAssignment | None
+    problems: tuple[str, ...] = ()
+    creation: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def request(self, resource: str) -> int:
+        """Integer request of an extended resource (0 when absent)."""
+        return int(self.requests.get(resource, 0))
+
+    @property
+    def cpu_milli(self) -> int:
+        return int(self.requests.get(CPU, Decimal(0)) * 1000)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.requests.get(MEMORY, Decimal(0)))
+
+    @property
+    def accelerators(self) -> dict[str, int]:
+        return {r: self.request(r) for r in ACCELERATOR_RESOURCES if self.request(r) > 0}
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase_status in ("Succeeded", "Failed")
+
+
+def infer_business(requests: Mapping[str, Decimal]) -> BusinessType:
+    """No ``business.workload/type``: accelerators → compute-intensive; ≥ 8 GiB per requested CPU core →
+    memory-sensitive; otherwise io-intensive (services that mostly move data)."""
+    if any(requests.get(r, 0) > 0 for r in ACCELERATOR_RESOURCES):
+        return BusinessType.COMPUTE_INTENSIVE
+    cpu = float(requests.get(CPU, 0))
+    memory = float(requests.get(MEMORY, 0))
+    if memory > 0 and (cpu == 0 or memory / cpu >= 8 * GiB):
+        return BusinessType.MEMORY_SENSITIVE
+    return BusinessType.IO_INTENSIVE
+
+
+def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    problems: list[str] = []
+    total, containers = effective_requests(spec)
+    business, explicit = None, False
+    if ANNOTATION_BUSINESS_TYPE in annotations:
+        try:
+            business, explicit = parse_business_type(annotations[ANNOTATION_BUSINESS_TYPE]), True
+        except ContractError as exc:
+            problems.append(str(exc))
+    if business is None and not problems:
+        business = infer_business(total)
+    qos = resolve_qos(labels, annotations)
+    problems.extend(qos.problems)
+    try:
+        phase = parse_phase(labels)
+    except ContractError as exc:
+        phase = None
+        problems.append(str(exc))
+    numa = NumaPolicy.NONE
+    if ANNOTATION_NUMA_POLICY in annotations:
+        try:
+            numa = parse_numa_policy(annotations[ANNOTATION_NUMA_POLICY])
+        except ContractError as exc:
+            problems.append(str(exc))
+    vnpu_mode = None
+    if ANNOTATION_VNPU_MODE in annotations:
+        try:
+            vnpu_mode = parse_vnpu_mode(annotations[ANNOTATION_VNPU_MODE])
+        except ContractError as exc:
+            problems.append(str(exc))
+    assignment = None
+    if ANNOTATION_POD_ASSIGNED in annotations:
+        try:
+            assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, annotations[ANNOTATION_POD_ASSIGNED],
+                                          PodAssignment)
+        except ContractError as exc:
+            problems.append(str(exc))
+    return PodInfo(
+        namespace=meta.get("namespace") or "default", name=meta.get("name") or "", uid=meta.get("uid") or "",
+        node_name=spec.get("nodeName") or None, phase_status=(obj.get("status") or {}).get("phase") or "",
+        labels=labels, annotations=annotations, requests=total, containers=tuple(containers),
+        business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
+        numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
+        creation=meta.get("creationTimestamp") or "")
+
+
+@dataclass
+class NodeInfo:
+    """A node with the pods on it: what is allocatable, what is taken, which devices are free."""
+
+    name: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    allocatable: Mapping[str, Decimal]
+    topology: NodeTopology | None
+    usage: NodeUsage | None
+    pods: list[PodInfo] = field(default_factory=list)
+    problems: tuple[str, ...] = ()
+
+    # derived, filled by refresh()
+    used: dict[str, Decimal] = field(default_factory=dict)
+    assigned: dict[str, set[str]] = field(default_factory=dict)
+
+    def refresh(self) -> NodeInfo:
+        self.used = {}
+        self.assigned = {}
+        for pod in self.pods:
+            if pod.terminal:
+                continue
+            for name, value in pod.requests.items():
+                self.used[name] = self.used.get(name, Decimal(0)) + value
+            if pod.assignment is not None and pod.assignment.node == self.name:
+                for c in pod.assignment.containers:
+                    self.assigned.setdefault(c.resource, set()).update(c.devices)
+        return self
+
+    def allocatable_int(self, resource: str) -> int:
+        return int(self.allocatable.get(resource, 0))
+
+    def free(self, resource: str) -> int:
+        return int(self.allocatable.get(resource, 0)) - int(self.used.get(resource, 0))
+
+    @property
+    def cpu_allocatable_milli(self) -> int:
+        return int(self.allocatable.get(CPU, Decimal(0)) * 1000)
+
+    @property
+    def cpu_requested_milli(self) -> int:
+        return int(self.used.get(CPU, Decimal(0)) * 1000)
+
+    @property
+    def memory_allocatable(self) -> int:
+        return int(self.allocatable.get(MEMORY, Decimal(0)))
+
+    @property
+    def memory_requested(self) -> int:
+        return int(self.used.get(MEMORY, Decimal(0)))
+
+    @property
+    def colocation(self) -> bool:
+        return self.labels.get(LABEL_VOLCANO_COLOCATION, "").lower() == "true"
+
+    def batch_free(self) -> tuple[int, int]:
+        """Free ``kubernetes.io/batch-cpu`` (milli) and ``batch-memory`` (bytes)."""
+        return self.free(RESOURCE_BATCH_CPU), self.free(RESOURCE_BATCH_MEMORY)
+
+    def fresh_usage(self, now: float | None = None) -> NodeUsage | None:
+        if self.usage is None:
+            return None
+        if (now or time.time()) - self.usage.updated_at > USAGE_STALE_S:
+            return None
+        return self.usage
+
+
+def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo:
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    allocatable: dict[str, Decimal] = {}
+    for name, raw in (status.get("allocatable") or status.get("capacity") or {}).items():
+        try:
+            allocatable[name] = quantity(raw)
+        except ValueError:
+            log.debug("node %s: unparseable allocatable %s=%r", meta.get("name"), name, raw)
+    problems: list[str] = []
+    topology = usage = None
+    if ANNOTATION_NODE_TOPOLOGY in annotations:
+        try:
+            topology = parse_annotation(ANNOTATION_NODE_TOPOLOGY, annotations[ANNOTATION_NODE_TOPOLOGY],
+                                        NodeTopology)
+        except ContractError as exc:
+            problems.append(str(exc))
+    if ANNOTATION_NODE_USAGE in annotations:
+        try:
+            usage = parse_annotation(ANNOTATION_NODE_USAGE, annotations[ANNOTATION_NODE_USAGE], NodeUsage)
+        except ContractError as exc:
+            problems.append(str(exc))
+    return NodeInfo(name=meta.get("name") or "", labels=meta.get("labels") or {}, annotations=annotations,
+                    allocatable=allocatable, topology=topology, usage=usage, pods=list(pods),
+                    problems=tuple(problems)).refresh()

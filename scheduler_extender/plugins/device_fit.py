@@ -1,0 +1,71 @@
+"""Device fit: the pod's NPU / vNPU / npu-core / GPU requests fit the node's free devices, in a shape the node's
+topology allows (a whole HCCS ring for 4 cards on 910 A1 boards; one die for a dynamic vNPU's cores).
+
+Score: binpack (default) prefers nodes already busy, keeping whole cards and rings free for large jobs; spread
+prefers empty nodes. A placement that stays inside one interconnect group scores higher than one that must span
+groups.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
+
+from .. import devices
+from ..framework import Cycle, Rejection
+from ..model import NodeInfo, PodInfo
+
+
+class DeviceFitPlugin:
+    name = "device-fit"
+
+    def __init__(self, strategy: Literal["binpack", "spread"] = "binpack"):
+        self.strategy = strategy
+
+    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
+        for resource, want in pod.accelerators.items():
+            total = node.allocatable_int(resource)
+            if total < want:
+                return Rejection(f"node has {total} {resource}, the pod asks for {want}", unresolvable=True)
+            free = node.free(resource)
+            if free < want:
+                return Rejection(f"insufficient {resource}: {free} free, {want} requested")
+            if node.topology is None:
+                continue
+            if resource == RESOURCE_NPU:
+                free_ids = devices.free_npus(node)
+                if len(free_ids) < want:
+                    return Rejection(f"{len(free_ids)} healthy free NPUs by device, {want} requested")
+                if devices.ring_board(node.topology):
+                    why = devices.ring_feasible(free_ids, node.topology, want)
+                    if why:
+                        return Rejection(why, unresolvable=want not in (1, 2, 4, len(node.topology.devices)))
+            elif resource == RESOURCE_NPU_CORE:
+                per_die = {d: len(c) for d, c in devices.free_cores(node).items()}
+                if max(per_die.values(), default=0) < want:
+                    return Rejection(f"no die has {want} free AI cores (most free on one die: "
+                                     f"{max(per_die.values(), default=0)}); a vNPU lives on one die")
+            elif resource == RESOURCE_VNPU and len(devices.free_vnpus(node)) < want:
+                return Rejection(f"{len(devices.free_vnpus(node))} free vNPU slices, {want} requested")
+        return None
+
+    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
+        wanted = pod.accelerators
+        if not wanted:
+            return 0.5
+        fractions = []
+        for resource, want in wanted.items():
+            total = node.allocatable_int(resource)
+            if total <= 0:
+                return 0.0
+            fractions.append(min(1.0, (total - node.free(resource) + want) / total))
+        fill = sum(fractions) / len(fractions)
+        value = fill if self.strategy == "binpack" else 1.0 - fill
+        want_npu = wanted.get(RESOURCE_NPU, 0)
+        if want_npu and node.topology is not None and node.topology.groups:
+            free_ids = devices.free_npus(node)
+            if len(free_ids) >= want_npu:
+                best = devices.best_group_span(free_ids, node.topology, want_npu)
+                value = value * (1.0 if best <= 1 else 0.5)
+        return value

@@ -1,0 +1,245 @@
+"""Extender plugin decisions, one by one, with the reason every rejection gives."""
+
+from __future__ import annotations
+
+from fuyao.contracts import (
+    RESOURCE_BATCH_CPU,
+    RESOURCE_BATCH_MEMORY,
+    RESOURCE_NPU,
+    RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
+    BusinessType,
+    QoSClass,
+)
+from scheduler_extender import devices
+from scheduler_extender.framework import Cycle, Framework, to_extender_score
+from scheduler_extender.model import NodeInfo, parse_node, parse_pod
+from scheduler_extender.plugins import (
+    BusinessTypePlugin,
+    ColocationPlugin,
+    DeviceFitPlugin,
+    NumaPlugin,
+    PdAffinityPlugin,
+)
+from scheduler_extender.plugins.colocation import be_victims
+from tests.support.k8s_objects import node, pod, topology, usage
+
+
+def info(raw_node: dict, *pods: dict) -> NodeInfo:  # type: ignore[type-arg]
+    return parse_node(raw_node, [parse_pod(p) for p in pods])
+
+
+def holding(node_name: str, *dies: int, resource: str = RESOURCE_NPU) -> dict:  # type: ignore[type-arg]
+    ids = [f"Ascend910-{d}" for d in dies]
+    return pod(f"holder-{node_name}-{'-'.join(map(str, dies))}", node_name=node_name, phase="Running",
+               requests={resource: str(len(ids))}, assigned={resource: ids})
+
+
+CYCLE = Cycle(nodes={})
+
+
+# --- model ----------------------------------------------------------------------------------------------------------
+def test_pod_parsing_and_business_inference() -> None:
+    p = parse_pod(pod("a", requests={"cpu": "500m", "memory": "1Gi", RESOURCE_NPU: "2"}))
+    assert p.cpu_milli == 500 and p.memory_bytes == 2**30 and p.accelerators == {RESOURCE_NPU: 2}
+    assert p.business == BusinessType.COMPUTE_INTENSIVE and not p.business_explicit and p.qos == QoSClass.LS
+    assert parse_pod(pod("b", requests={"cpu": "1", "memory": "16Gi"})).business == BusinessType.MEMORY_SENSITIVE
+    assert parse_pod(pod("c", requests={"cpu": "4", "memory": "4Gi"})).business == BusinessType.IO_INTENSIVE
+    bad = parse_pod(pod("d", annotations={"business.workload/type": "gpu-heavy", "volcano.sh/qos-level": "BE"}))
+    assert bad.business is None and bad.qos == QoSClass.BE
+    assert any("business.workload/type" in problem and "gpu-heavy" in problem for problem in bad.problems)
+
+
+def test_init_containers_and_limits_as_requests() -> None:
+    raw = pod("a", requests={"cpu": "1"})
+    raw["spec"]["initContainers"] = [{"name": "init", "resources": {"requests": {"cpu": "3"}}}]
+    raw["spec"]["containers"].append({"name": "side", "resources": {"limits": {RESOURCE_NPU: "1", "cpu": "1"}}})
+    p = parse_pod(raw)
+    assert p.cpu_milli == 3000 and p.request(RESOURCE_NPU) == 1
+
+
+def test_node_accounting_from_pods_and_assignments() -> None:
+    n = info(node("n1", topo=topology()), holding("n1", 0, 1),
+             pod("done", node_name="n1", requests={RESOURCE_NPU: "4"}, phase="Succeeded"))
+    assert n.free(RESOURCE_NPU) == 6 and n.assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1"}
+    assert devices.free_npus(n) == [f"Ascend910-{i}" for i in range(2, 8)]
+
+
+# --- device fit -----------------------------------------------------------------------------------------------------
+def test_device_fit_counts_and_reasons() -> None:
+    plugin = DeviceFitPlugin()
+    small = info(node("small", npus=2))
+    big_ask = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    rejection = plugin.filter(big_ask, small, CYCLE)
+    assert rejection and rejection.unresolvable and "has 2 npu.huawei.com/NPU, the pod asks for 4" in rejection.reason
+    busy = info(node("busy", topo=topology()), holding("busy", 0, 1, 2, 3, 4, 5))
+    rejection = plugin.filter(big_ask, busy, CYCLE)
+    assert rejection and not rejection.unresolvable and "2 free, 4 requested" in rejection.reason
+    sick = info(node("sick", topo=topology(unhealthy=(0, 1, 2, 3, 4))))
+    rejection = plugin.filter(big_ask, sick, CYCLE)
+    assert rejection and "3 healthy free NPUs by device" in rejection.reason
+    assert plugin.filter(big_ask, info(node("free", topo=topology())), CYCLE) is None
+    gpu = parse_pod(pod("g", requests={"nvidia.com/gpu": "1"}))
+    assert "nvidia.com/gpu" in plugin.filter(gpu, small, CYCLE).reason  # type: ignore[union-attr]
+
+
+def test_a1_rings_need_whole_rings_for_four_cards() -> None:
+    plugin = DeviceFitPlugin()
+    four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    split = info(node("a1", topo=topology("a1")), holding("a1", 0, 4))  # 3 free in each ring
+    rejection = plugin.filter(four, split, CYCLE)
+    assert rejection and "whole free HCCS ring" in rejection.reason and "[3, 3]" in rejection.reason
+    assert plugin.filter(four, info(node("a1", topo=topology("a1")), holding("a1", 0, 1)), CYCLE) is None
+    three = parse_pod(pod("q", requests={RESOURCE_NPU: "3"}))
+    rejection = plugin.filter(three, info(node("a1", topo=topology("a1"))), CYCLE)
+    assert rejection and rejection.unresolvable and "1, 2, 4 or 8 cards" in rejection.reason
+
+
+def test_npu_core_requests_must_fit_one_die() -> None:
+    plugin = DeviceFitPlugin()
+    raw = node("d", npus=0, topo=topology(aicore=20), extra={RESOURCE_NPU_CORE: "160"})
+    held = [f"Ascend910-{d}-c{k}" for d in range(8) for k in range(15)]  # 5 free cores per die
+    holder = pod("h", node_name="d", phase="Running", requests={RESOURCE_NPU_CORE: str(len(held))},
+                 assigned={RESOURCE_NPU_CORE: held})
+    ask = parse_pod(pod("p", requests={RESOURCE_NPU_CORE: "10"}))
+    rejection = plugin.filter(ask, info(raw, holder), CYCLE)
+    assert rejection and "no die has 10 free AI cores" in rejection.reason and "most free on one die: 5" in \
+        rejection.reason
+    assert devices.choose_cores(info(raw, holder), 5) == [f"Ascend910-0-c{k}" for k in range(15, 20)]
+
+
+def test_vnpu_slices() -> None:
+    raw = node("v", npus=6, topo=topology(vnpus={0: 4, 1: 2}), extra={RESOURCE_VNPU: "6"})
+    n = info(raw, holding("v", 2))
+    assert devices.free_npus(n) == [f"Ascend910-{i}" for i in range(3, 8)]  # carved dies are not whole NPUs
+    assert devices.choose_vnpus(n, 2) == ["Ascend910-1-v116", "Ascend910-1-v117"]  # packs the fuller die
+    rejection = DeviceFitPlugin().filter(parse_pod(pod("p", requests={RESOURCE_VNPU: "7"})), n, CYCLE)
+    assert rejection and "node has 6 npu.huawei.com/vNPU" in rejection.reason
+
+
+def test_binpack_and_spread() -> None:
+    ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}))
+    empty = info(node("empty", topo=topology()))
+    half = info(node("half", topo=topology()), holding("half", 0, 1, 2, 3))
+    assert DeviceFitPlugin("binpack").score(ask, half, CYCLE) > DeviceFitPlugin("binpack").score(ask, empty, CYCLE)
+    assert DeviceFitPlugin("spread").score(ask, empty, CYCLE) > DeviceFitPlugin("spread").score(ask, half, CYCLE)
+    # a 4-card job on an A1 board: the board that keeps it inside one ring wins
+    four = parse_pod(pod("q", requests={RESOURCE_NPU: "4"}))
+    ring_free = info(node("r1", topo=topology("a1")), holding("r1", 0))
+    rings_split = info(node("r2", topo=topology("a1")), holding("r2", 0, 1, 4))
+    assert DeviceFitPlugin().score(four, ring_free, CYCLE) > DeviceFitPlugin().score(four, rings_split, CYCLE)
+
+
+# --- NUMA -----------------------------------------------------------------------------------------------------------
+def test_single_numa_node_policy_and_scores() -> None:
+    plugin = NumaPlugin()
+    ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"},
+                        annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
+    scattered = info(node("s", topo=topology()), holding("s", 0, 2, 4, 6))  # one free die per NUMA node
+    rejection = plugin.filter(ask, scattered, CYCLE)
+    assert rejection and "need 2 NUMA nodes" in rejection.reason and not rejection.unresolvable
+    packed = info(node("p", topo=topology()), holding("p", 0, 1, 2))
+    assert plugin.filter(ask, packed, CYCLE) is None
+    assert plugin.score(ask, packed, CYCLE) == 1.0 and plugin.score(ask, scattered, CYCLE) == 0.5
+    restricted = parse_pod(pod("r", requests={RESOURCE_NPU: "2"},
+                               annotations={"volcano.sh/numa-topology-policy": "restricted"}))
+    assert "restricted" in plugin.filter(restricted, scattered, CYCLE).reason  # type: ignore[union-attr]
+    best_effort = parse_pod(pod("b", requests={RESOURCE_NPU: "2"},
+                                annotations={"volcano.sh/numa-topology-policy": "best-effort"}))
+    assert plugin.filter(best_effort, scattered, CYCLE) is None
+
+
+# --- business type --------------------------------------------------------------------------------------------------
+def test_business_type_prefers_free_dominant_resource_and_penalises_stacking() -> None:
+    plugin = BusinessTypePlugin(stacking_penalty=0.5)
+    mem = parse_pod(pod("m", annotations={"business.workload/type": "memory-sensitive"},
+                        requests={"cpu": "1", "memory": "8Gi"}))
+    light = info(node("light", npus=0))
+    heavy = info(node("heavy", npus=0), pod("x", node_name="heavy", phase="Running",
+                                            requests={"cpu": "1", "memory": "200Gi"}))
+    assert plugin.score(mem, light, CYCLE) > plugin.score(mem, heavy, CYCLE)
+    # measured usage wins over requests
+    measured = info(node("measured", npus=0, usage=usage(0.1, 0.9)))
+    assert plugin.score(mem, measured, CYCLE) < 0.2
+    stacked = info(node("stacked", npus=0), *[pod(f"s{i}", node_name="stacked", phase="Running",
+                                                  annotations={"business.workload/type": "memory-sensitive"},
+                                                  requests={"memory": "1Gi"}) for i in range(4)])
+    assert plugin.score(mem, stacked, CYCLE) < plugin.score(mem, light, CYCLE) / 2
+    unknown = parse_pod(pod("u", annotations={"business.workload/type": "quantum"}))
+    assert plugin.score(unknown, light, CYCLE) == 0.5
+
+
+# --- QoS colocation -------------------------------------------------------------------------------------------------
+def test_be_pods_need_colocation_nodes_with_batch_capacity() -> None:
+    plugin = ColocationPlugin()
+    be = parse_pod(pod("be", labels={"volcano.sh/qos": "BE"},
+                       requests={RESOURCE_BATCH_CPU: "4000", RESOURCE_BATCH_MEMORY: str(8 * 2**30)}))
+    plain = info(node("plain", npus=0))
+    rejection = plugin.filter(be, plain, CYCLE)
+    assert rejection and rejection.unresolvable and "volcano.sh/colocation=true" in rejection.reason
+    batch = {RESOURCE_BATCH_CPU: "6000", RESOURCE_BATCH_MEMORY: str(16 * 2**30)}
+    colo = info(node("colo", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch))
+    assert plugin.filter(be, colo, CYCLE) is None
+    full = info(node("full", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch),
+                pod("other-be", node_name="full", phase="Running", labels={"volcano.sh/qos": "BE"},
+                    requests={RESOURCE_BATCH_CPU: "3000"}))
+    rejection = plugin.filter(be, full, CYCLE)
+    assert rejection and "insufficient batch resources: cpu 3000m free / 4000m asked" in rejection.reason
+    assert plugin.score(be, colo, CYCLE) > plugin.score(be, full, CYCLE)
+
+
+def test_ls_pods_avoid_hot_nodes() -> None:
+    plugin = ColocationPlugin(ls_usage_watermark=0.7, ls_max_usage=0.95)
+    ls = parse_pod(pod("ls", requests={"cpu": "1"}))
+    cool = info(node("cool", npus=0, usage=usage(0.3, 0.3)))
+    warm = info(node("warm", npus=0, usage=usage(0.85, 0.3)))
+    hot = info(node("hot", npus=0, usage=usage(0.97, 0.3)))
+    pressured = info(node("pressured", npus=0, usage=usage(0.3, 0.3, be=0.6)))
+    stale = info(node("stale", npus=0, usage=usage(0.99, 0.99, age_s=600)))
+    assert "above 95% for LS pods" in plugin.filter(ls, hot, CYCLE).reason  # type: ignore[union-attr]
+    assert plugin.filter(ls, stale, CYCLE) is None  # a stale measurement is ignored
+    assert plugin.score(ls, cool, CYCLE) == 1.0 > plugin.score(ls, warm, CYCLE) > 0
+    assert plugin.score(ls, pressured, CYCLE) == 0.5
+
+
+def test_preemption_victims() -> None:
+    ls = parse_pod(pod("ls"))
+    be1, be2 = (parse_pod(pod(n, labels={"volcano.sh/qos": "BE"})) for n in ("be1", "be2"))
+    other_ls = parse_pod(pod("ls2"))
+    assert be_victims(ls, [be1, be2]) == [be1, be2]
+    assert be_victims(ls, [be1, other_ls]) is None
+    assert be_victims(be1, [be2]) is None
+
+
+# --- prefill/decode -------------------------------------------------------------------------------------------------
+def test_prefill_decode_affinity_spread_and_ratio() -> None:
+    plugin = PdAffinityPlugin(topology_key="zone", ratio=(1, 2))
+    decode = pod("d1", node_name="n1", phase="Running", labels={"app": "llama", "phase": "decode"})
+    n1 = info(node("n1", labels={"zone": "a"}), decode)
+    n2 = info(node("n2", labels={"zone": "a"}))
+    n3 = info(node("n3", labels={"zone": "b"}))
+    cycle = Cycle(nodes={"n1": n1, "n2": n2, "n3": n3})
+    prefill = parse_pod(pod("p1", labels={"app": "llama", "phase": "prefill"}))
+    assert plugin.score(prefill, n1, cycle) > plugin.score(prefill, n2, cycle) > plugin.score(prefill, n3, cycle)
+    # another decode replica: spread away from the node that already has one
+    decode2 = parse_pod(pod("d2", labels={"app": "llama", "phase": "decode"}))
+    assert plugin.score(decode2, n2, cycle) > plugin.score(decode2, n1, cycle)
+    # other groups and non-PD pods are neutral
+    assert plugin.score(parse_pod(pod("x", labels={"app": "other", "phase": "prefill"})), n1, cycle) == 0.5
+    assert plugin.score(parse_pod(pod("y")), n1, cycle) == 0.5
+
+
+# --- framework ------------------------------------------------------------------------------------------------------
+def test_framework_collects_reasons_and_weights_scores() -> None:
+    framework = Framework([(DeviceFitPlugin(), 3.0), (NumaPlugin(), 1.0)])
+    ask = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    nodes = [info(node("ok", topo=topology())), info(node("short", npus=2)),
+             info(node("busy", topo=topology()), holding("busy", 0, 1, 2, 3, 4, 5))]
+    outcome = framework.filter(ask, nodes, CYCLE)
+    assert outcome.passed == ["ok"]
+    assert outcome.unresolvable["short"].startswith("device-fit: node has 2")
+    assert outcome.failed["busy"].startswith("device-fit: insufficient")
+    explanation = framework.score(ask, [nodes[0]], CYCLE)
+    assert set(explanation.scores["ok"]) == {"device-fit", "numa"}
+    assert 0 <= to_extender_score(explanation.totals["ok"]) <= 10
+    assert to_extender_score(1.0) == 10 and to_extender_score(float("nan")) == 0
