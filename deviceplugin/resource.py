@@ -12,6 +12,7 @@ A die is offered under exactly one resource, so nothing is counted twice. The gR
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from fuyao.contracts import (
     vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, NpuDevice
+from fuyao.npusmi import NpuSmiError
 from fuyao.placement import Placement, preferred_allocation
 from vnpu.ledger import VnpuRecord
 from vnpu.manager import VnpuError, VnpuManager
@@ -147,6 +149,9 @@ class CoreResource(SlotResource):
         super().__init__(inventory, config, advertised, scheduler_choices)
         self.manager = manager
         self.templates = tuple(templates)
+        self._reserve_lock = threading.Lock()
+        self._last_held: set[str] | None = None
+        self._reserved: dict[str, str] = {}
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
         slots = self.advertised.slots()
@@ -167,38 +172,51 @@ class CoreResource(SlotResource):
                          if c.vnpu_template and set(c.devices) == set(device_ids)), None)
         try:
             record = self.manager.create_dynamic(parent.id, list(device_ids), self.templates, template)
-        except VnpuError as exc:
+        except (VnpuError, NpuSmiError) as exc:
             raise AllocationRefused("FAILED_PRECONDITION", str(exc)) from None
         finally:
-            self.refresh_reserved()
+            self.refresh_reserved(just_allocated=device_ids, only=parent.id)
         slot = Slot(id=vnpu_device_id(parent.id, record.vnpu_id), parent=parent, vnpu=record)
-        return container_spec([slot.id], {slot.id: slot}, {slot.id: statuses[device_ids[0]]},
+        spec = container_spec([slot.id], {slot.id: slot}, {slot.id: statuses[device_ids[0]]},
                               dev_root=self.config.dev_root, driver_mounts=self.config.driver_mounts,
                               host_root=self.config.host_root)
+        self.manager.touch(record)  # its grace period starts as the kubelet learns of the allocation
+        return spec
 
-    def refresh_reserved(self) -> None:
-        """Report as Unhealthy the free cores whose capacity a larger-than-asked vNPU (or a foreign one) took, so
-        the kubelet's count of free cores matches what the chip can still give."""
-        records = [r for r in self.manager.ledger.records() if r.dynamic and r.state == "created"]
-        slots = self.advertised.slots()
-        reserved: dict[str, str] = {}
-        for device in self.inventory.devices:
-            mine = sorted((s for s in slots.values() if s.parent.id == device.id), key=lambda s: s.core or 0)
-            if not mine:
-                continue
-            held = {c for r in records if r.device_id == device.id for c in r.cores}
-            try:
-                core = self.manager.observe(device.id).resources.get("AICORE")
-            except Exception as exc:
-                log.debug("cannot read free AICores of %s: %s", device.id, exc)
-                continue
-            if core is None or core.free is None:
-                continue
-            unheld = [s for s in mine if s.id not in held]
-            surplus = len(unheld) - int(core.free)
-            for s in reversed(unheld[len(unheld) - max(surplus, 0):] if surplus > 0 else []):
-                reserved[s.id] = f"capacity used by a vNPU on {device.id}"
-        self.advertised.set_reserved(reserved)
+    def refresh_reserved(self, held_cores: set[str] | None = None, just_allocated: Sequence[str] = (),
+                         only: str | None = None) -> None:
+        """Report as Unhealthy the cores the kubelet thinks free whose capacity is gone (a larger-than-asked
+        vNPU, one awaiting collection, a foreign vNPU), so the kubelet's free count matches the chip's.
+        ``held_cores``: what the kubelet holds (pod-resources, from the reconcile loop); without it (in Allocate),
+        the last answer plus the cores just allocated."""
+        with self._reserve_lock:
+            if held_cores is not None:
+                self._last_held = set(held_cores)
+            elif self._last_held is None:
+                self._last_held = {c for r in self.manager.ledger.records() if r.dynamic for c in r.cores}
+            held_cores = self._last_held | set(just_allocated)
+            slots = self.advertised.slots()
+            reserved: dict[str, str] = {} if only is None else {
+                i: r for i, r in self._reserved.items() if not i.startswith(only + "-c")}
+            for device in self.inventory.devices:
+                if only is not None and device.id != only:
+                    continue
+                mine = sorted((s for s in slots.values() if s.parent.id == device.id), key=lambda s: s.core or 0)
+                if not mine:
+                    continue
+                try:
+                    core = self.manager.observe(device.id).resources.get("AICORE")
+                except Exception as exc:
+                    log.debug("cannot read free AICores of %s: %s", device.id, exc)
+                    continue
+                if core is None or core.free is None:
+                    continue
+                unheld = [s for s in mine if s.id not in held_cores]
+                surplus = len(unheld) - int(core.free)
+                for s in unheld[len(unheld) - surplus:] if surplus > 0 else []:
+                    reserved[s.id] = f"capacity used by a vNPU on {device.id}"
+            self._reserved = reserved
+            self.advertised.set_reserved(reserved)
 
 
 def parse_cores(device_ids: Iterable[str]) -> set[str]:

@@ -21,7 +21,7 @@ from fuyao.npusmi import NpuSmi, NpuSmiError
 from vnpu.ledger import Ledger
 from vnpu.manager import VnpuManager
 from vnpu.plan import Plan, PlanError, load_vnpu_config, make_plan
-from vnpu.templates import load_templates
+from vnpu.templates import Template, load_templates
 from vnpu.usage import PodResourcesUnavailable, held_devices
 
 from .config import PluginConfig
@@ -49,16 +49,21 @@ class VnpuControl:
         self.mode = config.vnpu.mode
         self.metrics = metrics
         self.devices = {d.id: d for d in inventory.devices}
-        self.manager = VnpuManager(npu_smi, Ledger(self.settings.ledger), inventory.devices,
-                                   on_event=lambda action, result: metrics.vnpu_operations.labels(action,
-                                                                                                  result).inc())
-        self.templates = ()
+        self.templates: tuple[Template, ...] = ()
         if self.mode != "off":
             self.templates, source = load_templates(npu_smi, inventory.chip_model, inventory.devices[0].npu_id)
             log.info("vNPU mode %s: %d templates from %s", self.mode, len(self.templates), source,
                      extra={"templates": [t.name for t in self.templates]})
-        self.npu = NpuResource(inventory, config, ResourceDevices(chips, whole_device_slots(inventory.devices)),
-                               scheduler_choices)
+        self.manager = VnpuManager(npu_smi, Ledger(self.settings.ledger), inventory.devices,
+                                   on_event=lambda action, result: metrics.vnpu_operations.labels(action,
+                                                                                                  result).inc(),
+                                   templates=self.templates)
+        self._retiring: dict[tuple[str, int], float] = {}
+        self.held_at = time.time()
+        # Until the first reconcile knows better, a die with any record in the ledger is not offered whole.
+        carved = {r.device_id for r in self.manager.ledger.records()} if self.mode != "off" else set()
+        self.npu = NpuResource(inventory, config, ResourceDevices(chips, whole_device_slots(
+            d for d in inventory.devices if d.id not in carved)), scheduler_choices)
         self.vnpu = VnpuResource(inventory, config, ResourceDevices(chips), scheduler_choices)
         self.cores: CoreResource | None = None
         if self.mode == "dynamic":
@@ -99,7 +104,9 @@ class VnpuControl:
                 log.exception("vNPU reconcile failed")
 
     def held(self) -> tuple[set[tuple[str, int]], set[str]] | None:
-        """(vNPU slices held, npu-core devices held) from the kubelet, or None when it does not answer."""
+        """(vNPU slices held, npu-core devices held) from the kubelet, or None when it does not answer. The time
+        of the question is kept in ``held_at``: only vNPUs older than that (minus the grace) can be judged by it."""
+        self.held_at = time.time()
         try:
             held = held_devices(self.settings.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
         except PodResourcesUnavailable as exc:
@@ -110,24 +117,64 @@ class VnpuControl:
 
     def reconcile(self) -> None:
         held = self.held()
-        if self.mode == "static":
-            self._reconcile_static(None if held is None else held[0])
-        elif self.mode == "dynamic":
-            self._reconcile_dynamic(None if held is None else held[1])
-        self.metrics.vnpus.set(len([r for r in self.manager.ledger.records() if r.state == "created"]))
-        if self.on_reconciled is not None:
-            self.on_reconciled()
+        try:
+            if self.mode == "static":
+                self._reconcile_static(None if held is None else held[0])
+                self._collect_dynamic(None if held is None else held[1])  # leftovers of dynamic mode
+            elif self.mode == "dynamic":
+                self._collect_dynamic(None if held is None else held[1])
+                if self.manager.static_records():  # leftovers of static mode: an empty plan retires them
+                    self.manager.apply(Plan(devices=()), None if held is None else held[0])
+        finally:
+            if self.mode == "dynamic":
+                assert self.cores is not None
+                # Allocations younger than the grace period may not be in the kubelet's answer yet: count their
+                # cores as held, or the snapshot (taken before them) would reserve their capacity a second time.
+                young = {c for r in self.manager.ledger.records() if r.dynamic
+                         and r.at > self.held_at - self.settings.collect_grace for c in r.cores}
+                self.cores.refresh_reserved(None if held is None else held[1] | young)
+            self.metrics.vnpus.set(len([r for r in self.manager.ledger.records() if r.state == "created"]))
+            if self.on_reconciled is not None:
+                self.on_reconciled()
 
     def _reconcile_static(self, held_slices: set[tuple[str, int]] | None) -> None:
+        """Apply the plan. A slice the plan drops is first withdrawn from ListAndWatch and destroyed only a grace
+        period later, judged by a fresh pod-resources answer (one allocated in between is then seen as held)."""
         plan = self._current_plan()
-        if plan is not None:
-            report = self.manager.apply(plan, held_slices)
-            if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
-                log.info("static vNPUs applied", extra={"report": report.summary()})
-        records = self.manager.static_records()
-        carved = {r.device_id for r in records} | (plan.carved if plan else set())
-        self.vnpu.advertised.set_slots(vnpu_slots(self.devices, records))
-        self.npu.advertised.set_slots(whole_device_slots(d for d in self.inventory.devices if d.id not in carved))
+        now = time.monotonic()
+        grace = self.settings.collect_grace
+        # withdrawn at least a grace period before this round's question to the kubelet
+        asked = now - (time.time() - self.held_at)
+        destroyable = {k for k, since in self._retiring.items() if asked - since >= grace}
+        retiring: set[tuple[str, int]] = set()
+        try:
+            if plan is not None:
+                report = self.manager.apply(plan, held_slices, destroyable)
+                retiring = {(r.device_id, r.vnpu_id) for r in report.retiring + report.in_use}
+                if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
+                    log.info("static vNPUs applied", extra={"report": report.summary()})
+        except NpuSmiError as exc:
+            log.error("applying the vNPU plan failed (retried every %gs): %s", self.settings.reconcile_interval, exc)
+        finally:
+            self._retiring = {k: self._retiring.get(k, now) for k in retiring}
+            records = self.manager.static_records()
+            offered = [r for r in records if (r.device_id, r.vnpu_id) not in self._retiring
+                       or (held_slices is not None and (r.device_id, r.vnpu_id) in held_slices)]
+            carved = {r.device_id for r in self.manager.ledger.records()} | (plan.carved if plan else set()) | \
+                self._dies_with_vnpus()
+            self.vnpu.advertised.set_slots(vnpu_slots(self.devices, offered))
+            self.npu.advertised.set_slots(whole_device_slots(d for d in self.inventory.devices if d.id not in carved))
+
+    def _dies_with_vnpus(self) -> set[str]:
+        """Dies npu-smi shows any vNPU on (ours, another tool's, a leftover): never offered whole."""
+        out = set()
+        for device in self.inventory.devices:
+            try:
+                if self.manager.observe(device.id).vnpus:
+                    out.add(device.id)
+            except NpuSmiError:
+                continue
+        return out
 
     def _current_plan(self) -> Plan | None:
         """The plan of the ConfigMap file, re-made when the file changes; the last good plan while it is bad."""
@@ -145,7 +192,7 @@ class VnpuControl:
         self._config_stamp = stamp
         try:
             config = load_vnpu_config(path)
-            capacity = {d: c for d in self.devices if (c := self.manager.capacity(d)) is not None}
+            capacity = {d: c for d in self.devices if (c := self.manager.capacity(d, for_plan=True)) is not None}
             self.plan = make_plan(config, self.inventory.devices, self.templates, capacity)
             log.info("vNPU plan from %s", path, extra={"plan": [
                 f"{d.device_id}: {d.count} x {d.template.name if d.template else '-'}" for d in self.plan.devices]})
@@ -153,16 +200,12 @@ class VnpuControl:
             log.error("vNPU config %s rejected, nothing changed: %s", path, exc)
         return self.plan
 
-    def _reconcile_dynamic(self, held_cores: set[str] | None) -> None:
-        assert self.cores is not None
+    def _collect_dynamic(self, held_cores: set[str] | None) -> None:
         self.manager.recover()
-        if held_cores is not None:
-            young = {c for r in self.manager.ledger.records() if r.dynamic
-                     and time.time() - r.at < self.settings.collect_grace for c in r.cores}
-            destroyed, errors = self.manager.collect_dynamic(held_cores | young)
-            for error in errors:
-                log.warning("vNPU collection: %s", error)
-            if destroyed:
-                log.info("destroyed %d dynamic vNPUs no container holds", len(destroyed),
-                         extra={"vnpus": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed]})
-        self.cores.refresh_reserved()
+        destroyed, errors = self.manager.collect_dynamic(held_cores, self.settings.collect_grace, self.templates,
+                                                         observed_at=self.held_at)
+        for error in errors:
+            log.warning("vNPU collection: %s", error)
+        if destroyed:
+            log.info("destroyed %d dynamic vNPUs no container holds", len(destroyed),
+                     extra={"vnpus": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed]})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from fuyao import __version__, logs
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("apply", "gc", "list"):
             s.add_argument("--pod-resources-socket", default=DEFAULT_POD_RESOURCES_SOCKET,
                            help="kubelet pod-resources API, to see which vNPUs containers hold")
+            if name == "gc":
+                s.add_argument("--grace", type=float, default=30.0,
+                               help="never destroy a dynamic vNPU younger than this many seconds (the kubelet "
+                                    "records an allocation only after Allocate returns; default 30)")
             s.add_argument("--no-kubelet", action="store_true",
                            help="this node runs no kubelet: trust npu-smi's container binding alone (without this, "
                                 "nothing is destroyed when the pod-resources API does not answer)")
@@ -66,9 +71,8 @@ def _held(args: argparse.Namespace) -> tuple[set[tuple[str, int]], set[str], str
 
 def _plan(npu_smi: NpuSmi, inventory: NodeInventory, manager: VnpuManager, config_path: str) -> Plan:
     config = load_vnpu_config(config_path)
-    first = inventory.devices[0]
-    templates, _source = load_templates(npu_smi, inventory.chip_model, first.npu_id)
-    capacity = {d.id: c for d in inventory.devices if (c := manager.capacity(d.id)) is not None}
+    templates = tuple(manager.templates.values())
+    capacity = {d.id: c for d in inventory.devices if (c := manager.capacity(d.id, for_plan=True)) is not None}
     return make_plan(config, inventory.devices, templates, capacity)
 
 
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print("fuyao-vnpu: npu-smi reports no NPUs", file=sys.stderr)
         return 1
     ledger = Ledger(args.ledger)
-    manager = VnpuManager(npu_smi, ledger, inventory.devices)
+    templates, _source = load_templates(npu_smi, inventory.chip_model, inventory.devices[0].npu_id)
+    manager = VnpuManager(npu_smi, ledger, inventory.devices, templates=templates)
     if args.command == "plan":
         plan = _plan(npu_smi, inventory, manager, args.config)
         records = ledger.records()
@@ -131,9 +136,10 @@ def run(args: argparse.Namespace) -> int:
         _print(rows, args.json)
         return 0
     # gc
+    asked = time.time()
     slices, cores, unknown = _held(args)
     adopted = manager.recover()
-    destroyed, errors = manager.collect_dynamic(cores if unknown is None else None)
+    destroyed, errors = manager.collect_dynamic(cores if unknown is None else None, args.grace, observed_at=asked)
     _print({"adopted": [f"{r.device_id}/{r.vnpu_id}" for r in adopted],
             "destroyed": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed], "errors": errors,
             "pod_resources": unknown or "ok"}, args.json)

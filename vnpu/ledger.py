@@ -6,8 +6,10 @@ record (with the vNPU id we are about to ask for) is written, then npu-smi creat
 dropped if not — so a crash at any point leaves neither an orphan nor a duplicate. Only vNPUs in the ledger are
 ever destroyed automatically; vNPUs made by others are left alone.
 
-The file is rewritten atomically (temp file, fsync, rename) under an flock, so the device plugin and an operator's
-``fuyao-vnpu`` never interleave writes.
+The file is rewritten atomically (temp file, fsync, rename), with a backup copy a corrupted file falls back to.
+Every create, destroy and recovery runs inside :meth:`Ledger.transaction` (an flock), so the device plugin's
+threads and an operator's ``fuyao-vnpu`` never interleave, and a pending record is only resolved once the process
+that wrote it is gone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -44,6 +46,10 @@ class VnpuRecord(BaseModel):
     """``static`` (from the ConfigMap) or ``dynamic:<allocation key>`` (created at Allocate)."""
     state: Literal["pending", "created"]
     at: float
+    pid: int | None = None
+    """The process that wrote a ``pending`` record (with its start time): while it lives, the creation may still
+    be in flight and the record must not be resolved by anyone else."""
+    pid_started: float | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -65,62 +71,104 @@ class _File(BaseModel):
     records: list[VnpuRecord] = []
 
 
+class LedgerConflict(Exception):
+    """A record for this vNPU id already belongs to another owner."""
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self.backup = self.path.with_name(self.path.name + ".bak")
         self._lock = threading.RLock()
+        self._depth = 0
+        self._lock_file: Any = None
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
+        """Exclusive across threads and processes (flock), re-entrant within a thread. Hold it across a whole
+        pending → npu-smi → created sequence, so nobody resolves or reuses a record while its vNPU is in flight."""
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            if self._depth == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                    self._lock_file.close()
+                    self._lock_file = None
 
     def records(self) -> list[VnpuRecord]:
-        with self._locked():
+        with self.transaction():
             return self._read()
 
     def _read(self) -> list[VnpuRecord]:
         try:
-            raw = self.path.read_text()
+            return self._parse(self.path.read_text())
         except FileNotFoundError:
             return []
-        try:
-            return _File.model_validate(json.loads(raw)).records
         except (json.JSONDecodeError, ValidationError) as exc:
-            # Keep the evidence; start empty. Unknown vNPUs are then treated as foreign: never destroyed.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             os.replace(self.path, aside)
-            log.error("vNPU ledger %s is unreadable (%s); moved it to %s and starting empty — vNPUs it listed "
-                      "are now treated as not ours and will not be destroyed automatically", self.path, exc, aside)
-            return []
+            try:
+                records = self._parse(self.backup.read_text())
+            except (OSError, json.JSONDecodeError, ValidationError):
+                # Nothing trustworthy left: vNPUs are treated as not ours and never destroyed automatically.
+                log.error("vNPU ledger %s is unreadable (%s) and has no usable backup; moved it to %s and starting "
+                          "empty — vNPUs it listed are now treated as not ours", self.path, exc, aside)
+                return []
+            log.error("vNPU ledger %s is unreadable (%s); moved it to %s and restored the last good copy (%d "
+                      "records)", self.path, exc, aside, len(records))
+            self._write(records)
+            return records
+
+    @staticmethod
+    def _parse(raw: str) -> list[VnpuRecord]:
+        return _File.model_validate(json.loads(raw)).records
 
     def _write(self, records: list[VnpuRecord]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         data = _File(records=sorted(records, key=lambda r: (r.device_id, r.vnpu_id))).model_dump_json(indent=1)
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        for target in (self.path, self.backup):  # the backup is what a torn or corrupted ledger falls back to
+            tmp = target.with_name(target.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
 
     def update(self, change: Callable[[list[VnpuRecord]], list[VnpuRecord]]) -> list[VnpuRecord]:
         """Read, apply ``change``, write — atomically with respect to other writers."""
-        with self._locked():
+        with self.transaction():
             records = change(self._read())
             self._write(records)
             return records
 
     def put(self, record: VnpuRecord) -> None:
-        self.update(lambda rs: [r for r in rs if not _same(r, record)] + [record])
+        """Add or replace the record of this vNPU; :class:`LedgerConflict` if another owner holds the id."""
+        def change(records: list[VnpuRecord]) -> list[VnpuRecord]:
+            other = next((r for r in records if _same(r, record)), None)
+            if other is not None and other.owner != record.owner:
+                raise LedgerConflict(f"vNPU {record.vnpu_id} on {record.device_id} already belongs to {other.owner}")
+            return [r for r in records if not _same(r, record)] + [record]
 
-    def remove(self, record: VnpuRecord) -> None:
-        self.update(lambda rs: [r for r in rs if not _same(r, record)])
+        self.update(change)
+
+    def remove(self, record: VnpuRecord) -> bool:
+        """Remove exactly this record (same owner, state and time); False if it changed meanwhile."""
+        removed = False
+
+        def change(records: list[VnpuRecord]) -> list[VnpuRecord]:
+            nonlocal removed
+            kept = [r for r in records if r != record]
+            removed = len(kept) != len(records)
+            return kept
+
+        self.update(change)
+        return removed
 
 
 def _same(a: VnpuRecord, b: VnpuRecord) -> bool:

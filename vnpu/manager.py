@@ -12,9 +12,13 @@ is the I/O edge. Rules that keep vNPUs from leaking or vanishing under a workloa
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
 
 from fuyao.inventory import NpuDevice
 from fuyao.npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
@@ -85,6 +89,7 @@ class ApplyReport:
     destroyed: list[VnpuRecord] = field(default_factory=list)
     kept: list[VnpuRecord] = field(default_factory=list)
     in_use: list[VnpuRecord] = field(default_factory=list)  # should go, but a container uses it
+    retiring: list[VnpuRecord] = field(default_factory=list)  # should go: withdrawn first, destroyed later
     forgotten: list[VnpuRecord] = field(default_factory=list)
     adopted: list[VnpuRecord] = field(default_factory=list)  # pending records whose vNPU turned out to exist
     errors: list[str] = field(default_factory=list)
@@ -96,24 +101,59 @@ class ApplyReport:
             "kept": len(self.kept), "in_use_not_destroyed": [f"{r.device_id}/{r.vnpu_id}" for r in self.in_use],
             "forgotten": [f"{r.device_id}/{r.vnpu_id}" for r in self.forgotten],
             "adopted": [f"{r.device_id}/{r.vnpu_id}" for r in self.adopted], "errors": self.errors,
+            "retiring": [f"{r.device_id}/{r.vnpu_id}" for r in self.retiring],
         }
 
 
+Presence = Literal["present", "absent", "unknown"]
+
+
+def _process_alive(pid: int | None, started: float | None) -> bool:
+    """Whether the process that wrote a pending record still runs (same pid *and* start time: pids are reused)."""
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+_SELF_STARTED = psutil.Process().create_time()
+
+
 class VnpuManager:
+    """All vNPU changes of a node go through here, each inside the ledger's transaction."""
+
     def __init__(self, npu_smi: NpuSmi, ledger: Ledger, devices: Sequence[NpuDevice],
-                 on_event: Callable[[str, str], None] | None = None):
+                 on_event: Callable[[str, str], None] | None = None,
+                 templates: Sequence[Template] = ()):
         self.npu_smi = npu_smi
         self.ledger = ledger
         self.devices = {d.id: d for d in devices}
         self.on_event = on_event  # (action, result) → metrics
+        self.templates = {t.name: t for t in templates}
 
     # Observation -----------------------------------------------------------------------------------------------
     def observe(self, device_id: str) -> VnpuInfo:
         d = self.devices[device_id]
         return self.npu_smi.vnpu_info(d.npu_id, d.chip_id)
 
-    def capacity(self, device_id: str, info: VnpuInfo | None = None) -> ChipCapacity | None:
-        """The chip's totals from ``info-vnpu``, else from the inventory (AICPU then unknown)."""
+    def probe(self, device_id: str, vnpu_id: int, template: str | None = None) -> Presence:
+        """Is the vNPU on the chip? ``unknown`` when npu-smi cannot tell (never treat that as absent)."""
+        try:
+            entries = {e.vnpu_id: e for e in self.observe(device_id).vnpus}
+        except NpuSmiError as exc:
+            log.warning("cannot check vNPU %d on %s: %s", vnpu_id, device_id, exc)
+            return "unknown"
+        found = entries.get(vnpu_id)
+        return "present" if found is not None and (template is None or found.template == template) else "absent"
+
+    def capacity(self, device_id: str, info: VnpuInfo | None = None, *, for_plan: bool = False) -> ChipCapacity | None:
+        """What the chip offers. ``for_plan``: what a static plan may use — the free resources plus those of our
+        own static vNPUs (the plan keeps or replaces them); vNPUs of others and dynamic ones are taken. Without
+        ``info-vnpu`` (unsupported), the inventory's AICore count, and no memory check (npu-smi's table shows
+        usable memory, less than the nominal size templates carve)."""
         try:
             info = info or self.observe(device_id)
         except NpuSmiUnsupported:
@@ -125,12 +165,20 @@ class VnpuManager:
             r = info.resources
             core, mem, cpu = r.get("AICORE"), r.get("Memory"), r.get("AICPU")
             if core and core.total is not None and mem and mem.total is not None:
-                return ChipCapacity(aicore=int(core.total), memory_gb=mem.total,
-                                    aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
+                if not for_plan:
+                    return ChipCapacity(aicore=int(core.total), memory_gb=mem.total,
+                                        aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
+                ours = [self.templates.get(r.template) for r in self.ledger.records()
+                        if r.device_id == device_id and r.owner == OWNER_STATIC]
+                sizes = [t for t in ours if t is not None]
+                return ChipCapacity(
+                    aicore=int(core.free or 0) + sum(t.aicore for t in sizes),
+                    memory_gb=(mem.free or 0) + sum(t.memory_gb for t in sizes),
+                    aicpu=(int(cpu.free or 0) + sum(t.aicpu for t in sizes)) if cpu and cpu.free is not None else None)
         d = self.devices[device_id]
-        if d.aicore is None or d.memory_mb is None:
+        if d.aicore is None:
             return None
-        return ChipCapacity(aicore=d.aicore, memory_gb=d.memory_mb / 1024)
+        return ChipCapacity(aicore=d.aicore, memory_gb=float("inf"))
 
     def existing(self, device_ids: Iterable[str]) -> dict[str, dict[int, VnpuEntry]]:
         out: dict[str, dict[int, VnpuEntry]] = {}
@@ -140,124 +188,130 @@ class VnpuManager:
 
     # Recovery ----------------------------------------------------------------------------------------------------
     def recover(self) -> list[VnpuRecord]:
-        """Resolve creations that were in flight when a previous process died: adopt or drop. Returns adopted."""
-        pending = [r for r in self.ledger.records() if r.state == "pending"]
+        """Resolve creations left pending by a process that is gone: adopt the vNPU if npu-smi shows it, drop the
+        record if npu-smi shows it absent, leave it if npu-smi cannot tell. Returns the adopted records."""
         adopted = []
-        for record in pending:
-            try:
-                entries = {e.vnpu_id: e for e in self.observe(record.device_id).vnpus}
-            except NpuSmiError as exc:
-                log.warning("cannot resolve pending vNPU %s/%d yet: %s", record.device_id, record.vnpu_id, exc)
-                continue
-            found = entries.get(record.vnpu_id)
-            if found is not None and found.template == record.template:
-                done = record.model_copy(update={"state": "created"})
-                self.ledger.put(done)
-                adopted.append(done)
-                log.info("adopted vNPU %d on %s (created before a restart)", record.vnpu_id, record.device_id,
-                         extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
-            else:
-                self.ledger.remove(record)
-                log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id, record.device_id,
-                         extra={"device": record.device_id, "vnpu": record.vnpu_id})
+        with self.ledger.transaction():
+            for record in [r for r in self.ledger.records() if r.state == "pending"]:
+                if record.pid != os.getpid() and _process_alive(record.pid, record.pid_started):
+                    continue  # its creator may still be waiting on npu-smi
+                presence = self.probe(record.device_id, record.vnpu_id, record.template)
+                if presence == "present":
+                    done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
+                    self.ledger.remove(record)
+                    self.ledger.put(done)
+                    adopted.append(done)
+                    log.info("adopted vNPU %d on %s (created before a crash)", record.vnpu_id, record.device_id,
+                             extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
+                elif presence == "absent":
+                    self.ledger.remove(record)
+                    log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id,
+                             record.device_id, extra={"device": record.device_id, "vnpu": record.vnpu_id})
         return adopted
 
     # Changes ----------------------------------------------------------------------------------------------------
-    def create(self, device_id: str, template: Template, owner: str) -> VnpuRecord:
+    def create(self, device_id: str, template: Template, owner: str, vnpu_id: int | None = None) -> VnpuRecord:
+        """Create a vNPU (``vnpu_id``: re-create a known one with its id). Raises :class:`VnpuError`; when npu-smi
+        failed in a way that leaves the outcome unknown, the record stays pending for :meth:`recover`."""
         d = self.devices[device_id]
-        entries = {e.vnpu_id for e in self.observe(device_id).vnpus}
-        taken = entries | {r.vnpu_id for r in self.ledger.records() if r.device_id == device_id}
-        vnpu_id = choose_vnpu_id(d.physical_id, taken)
-        if vnpu_id is None:
-            raise VnpuError(f"{device_id} has no free vNPU id (16 per chip)")
-        record = VnpuRecord(vnpu_id=vnpu_id, device_id=device_id, npu_id=d.npu_id, chip_id=d.chip_id,
-                            template=template.name, owner=owner, state="pending", at=time.time())
-        self.ledger.put(record)
-        try:
-            self.npu_smi.create_vnpu(d.npu_id, d.chip_id, template.name, vnpu_id=vnpu_id)
-        except NpuSmiError as exc:
-            # The call may have failed after the driver created it (a timeout): look before giving up.
-            if self._exists(device_id, vnpu_id, template.name):
+        with self.ledger.transaction():
+            entries = {e.vnpu_id for e in self.observe(device_id).vnpus}
+            if vnpu_id is None:
+                taken = entries | {r.vnpu_id for r in self.ledger.records() if r.device_id == device_id}
+                vnpu_id = choose_vnpu_id(d.physical_id, taken)
+                if vnpu_id is None:
+                    raise VnpuError(f"{device_id} has no free vNPU id (16 per chip)")
+            record = VnpuRecord(vnpu_id=vnpu_id, device_id=device_id, npu_id=d.npu_id, chip_id=d.chip_id,
+                                template=template.name, owner=owner, state="pending", at=time.time(),
+                                pid=os.getpid(), pid_started=_SELF_STARTED)
+            self.ledger.put(record)
+            try:
+                self.npu_smi.create_vnpu(d.npu_id, d.chip_id, template.name, vnpu_id=vnpu_id)
+            except NpuSmiError as exc:
+                # The driver may have acted before the call failed (a timeout): look before giving up.
+                presence = self.probe(device_id, vnpu_id, template.name)
+                if presence == "absent":
+                    self.ledger.remove(record)
+                    self._event("create", "error")
+                    raise VnpuError(f"cannot create {template.name} vNPU {vnpu_id} on {device_id}: {exc}") from None
+                if presence == "unknown":
+                    self._event("create", "error")
+                    raise VnpuError(f"creating {template.name} vNPU {vnpu_id} on {device_id} has an unknown outcome "
+                                    f"({exc}); it stays pending until npu-smi answers") from None
                 log.warning("npu-smi reported an error but vNPU %d on %s exists; keeping it: %s", vnpu_id,
                             device_id, exc)
-            else:
-                self.ledger.remove(record)
-                self._event("create", "error")
-                raise VnpuError(f"cannot create {template.name} vNPU {vnpu_id} on {device_id}: {exc}") from None
-        done = record.model_copy(update={"state": "created"})
-        self.ledger.put(done)
+            done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
+            self.ledger.remove(record)
+            self.ledger.put(done)
         self._event("create", "ok")
         log.info("created vNPU %d (%s) on %s for %s", vnpu_id, template.name, device_id, owner,
                  extra={"device": device_id, "vnpu": vnpu_id, "template": template.name, "owner": owner})
         return done
 
     def destroy(self, record: VnpuRecord) -> None:
-        try:
-            self.npu_smi.destroy_vnpu(record.npu_id, record.chip_id, record.vnpu_id)
-        except NpuSmiError as exc:
-            if not self._exists(record.device_id, record.vnpu_id, None, default=True):
+        with self.ledger.transaction():
+            try:
+                self.npu_smi.destroy_vnpu(record.npu_id, record.chip_id, record.vnpu_id)
+            except NpuSmiError as exc:
+                if self.probe(record.device_id, record.vnpu_id) != "absent":
+                    self._event("destroy", "error")
+                    raise VnpuError(f"cannot destroy vNPU {record.vnpu_id} on {record.device_id}: {exc}") from None
                 log.info("vNPU %d on %s was already gone", record.vnpu_id, record.device_id)
-            else:
-                self._event("destroy", "error")
-                raise VnpuError(f"cannot destroy vNPU {record.vnpu_id} on {record.device_id}: {exc}") from None
-        self.ledger.remove(record)
+            self.ledger.remove(record)
         self._event("destroy", "ok")
         log.info("destroyed vNPU %d (%s) on %s", record.vnpu_id, record.template, record.device_id,
                  extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template,
                         "owner": record.owner})
 
-    def _exists(self, device_id: str, vnpu_id: int, template: str | None, default: bool = False) -> bool:
-        try:
-            entries = {e.vnpu_id: e for e in self.observe(device_id).vnpus}
-        except NpuSmiError:
-            return default
-        return vnpu_id in entries and (template is None or entries[vnpu_id].template == template)
-
     def _event(self, action: str, result: str) -> None:
         if self.on_event is not None:
             self.on_event(action, result)
 
-    def apply(self, plan: Plan, in_use: set[tuple[str, int]] | None) -> ApplyReport:
+    def apply(self, plan: Plan, in_use: set[tuple[str, int]] | None,
+              destroyable: set[tuple[str, int]] | None = None) -> ApplyReport:
         """Make the static vNPUs match ``plan``. ``in_use``: (device, vNPU id) pairs containers hold, from the
-        kubelet; None when that is unknown — then nothing is destroyed (creations still happen)."""
-        report = ApplyReport(adopted=self.recover())
-        records = self.ledger.records()
-        devices = sorted({d.device_id for d in plan.devices} | {r.device_id for r in records
-                                                                if r.owner == OWNER_STATIC})
-        observed = self.existing(devices)
-        changes = static_changes(plan, records, {d: set(e) for d, e in observed.items()})
-        report.kept = changes.keep
-        for record in changes.forget:
-            self.ledger.remove(record)
-            report.forgotten.append(record)
-            log.warning("vNPU %d on %s vanished (reboot or someone else destroyed it); forgetting it",
-                        record.vnpu_id, record.device_id)
-        busy = set(in_use or ())
-        for record in changes.destroy:
-            entry = observed.get(record.device_id, {}).get(record.vnpu_id)
-            if in_use is None:
-                report.in_use.append(record)
-                log.warning("vNPU %d on %s is no longer in the plan; not destroying it while the kubelet's view of "
-                            "which containers use it is unknown", record.vnpu_id, record.device_id)
-                continue
-            if (record.device_id, record.vnpu_id) in busy or (entry is not None and entry_in_use(entry)):
-                report.in_use.append(record)
-                log.warning("vNPU %d on %s is no longer in the plan but a container uses it; keeping it until "
-                            "it is free", record.vnpu_id, record.device_id)
-                continue
-            try:
-                self.destroy(record)
-                report.destroyed.append(record)
-            except VnpuError as exc:
-                report.errors.append(str(exc))
-        for device_id, template, count in changes.create:
-            for _ in range(count):
+        kubelet; None when that is unknown — then nothing is destroyed (creations still happen). ``destroyable``:
+        when given, only these surplus vNPUs are destroyed now; the others are reported as ``retiring`` (the
+        caller stops advertising them first and destroys them a grace period later)."""
+        with self.ledger.transaction():
+            report = ApplyReport(adopted=self.recover())
+            records = self.ledger.records()
+            devices = sorted({d.device_id for d in plan.devices} | {r.device_id for r in records
+                                                                    if r.owner == OWNER_STATIC})
+            observed = self.existing(devices)
+            changes = static_changes(plan, records, {d: set(e) for d, e in observed.items()})
+            report.kept = changes.keep
+            for record in changes.forget:
+                self.ledger.remove(record)
+                report.forgotten.append(record)
+                log.warning("vNPU %d on %s vanished (reboot or someone else destroyed it); forgetting it",
+                            record.vnpu_id, record.device_id)
+            busy = set(in_use or ())
+            for record in changes.destroy:
+                entry = observed.get(record.device_id, {}).get(record.vnpu_id)
+                key = (record.device_id, record.vnpu_id)
+                if in_use is None or key in busy or (entry is not None and entry_in_use(entry)):
+                    report.in_use.append(record)
+                    log.info("vNPU %d on %s is no longer in the plan; kept while %s", record.vnpu_id,
+                             record.device_id, "a container uses it" if in_use is not None else
+                             "the kubelet's view of which containers use it is unknown")
+                    continue
+                if destroyable is not None and key not in destroyable:
+                    report.retiring.append(record)
+                    continue
                 try:
-                    report.created.append(self.create(device_id, template, OWNER_STATIC))
-                except (VnpuError, NpuSmiError) as exc:
+                    self.destroy(record)
+                    report.destroyed.append(record)
+                except VnpuError as exc:
                     report.errors.append(str(exc))
-                    break
-        return report
+            for device_id, template, count in changes.create:
+                for _ in range(count):
+                    try:
+                        report.created.append(self.create(device_id, template, OWNER_STATIC))
+                    except (VnpuError, NpuSmiError) as exc:
+                        report.errors.append(str(exc))
+                        break
+            return report
 
     def create_dynamic(self, device_id: str, cores: Sequence[str], templates: Sequence[Template],
                        template_name: str | None = None) -> VnpuRecord:
@@ -265,51 +319,91 @@ class VnpuManager:
         scheduler chose one, else the smallest template with at least that many AICores that still fits the chip.
         The same core set again re-uses its vNPU (the kubelet only hands out devices whose holder is gone)."""
         owner = dynamic_owner(cores)
-        existing = next((r for r in self.ledger.records() if r.owner == owner and r.state == "created"), None)
-        if existing is not None and self._exists(existing.device_id, existing.vnpu_id, existing.template):
-            return existing
-        if existing is not None:
-            self.ledger.remove(existing)
-        info = self.observe(device_id)
-        free = {k: v.free for k, v in info.resources.items()}
-        candidates = smallest_covering(templates, aicore=len(cores))
-        if template_name is not None:
-            candidates = [t for t in candidates if t.name == template_name]
+        with self.ledger.transaction():
+            existing = next((r for r in self.ledger.records() if r.owner == owner and r.state == "created"), None)
+            if existing is not None:
+                presence = self.probe(existing.device_id, existing.vnpu_id, existing.template)
+                if presence == "unknown":
+                    raise VnpuError(f"cannot tell whether vNPU {existing.vnpu_id} on {existing.device_id} still "
+                                    "exists (npu-smi does not answer)")
+                if presence == "present":
+                    fresh = existing.model_copy(update={"at": time.time()})  # a new holder: a new grace period
+                    self.ledger.remove(existing)
+                    self.ledger.put(fresh)
+                    return fresh
+                self.ledger.remove(existing)
+            info = self.observe(device_id)
+            free = {k: v.free for k, v in info.resources.items()}
+            candidates = smallest_covering(templates, aicore=len(cores))
+            if template_name is not None:
+                candidates = [t for t in candidates if t.name == template_name]
+                if not candidates:
+                    raise VnpuError(f"the scheduler's template {template_name!r} is unknown here or has fewer than "
+                                    f"{len(cores)} AICores (templates: {[t.name for t in templates]})")
+            for template in candidates:
+                if (free.get("AICORE") is None or template.aicore <= (free["AICORE"] or 0)) and \
+                        (free.get("Memory") is None or template.memory_gb <= (free["Memory"] or 0) + 1e-9) and \
+                        (free.get("AICPU") is None or template.aicpu <= (free["AICPU"] or 0)):
+                    return self.create(device_id, template, owner)
             if not candidates:
-                raise VnpuError(f"the scheduler's template {template_name!r} is unknown here or has fewer than "
-                                f"{len(cores)} AICores (templates: {[t.name for t in templates]})")
-        for template in candidates:
-            if (free.get("AICORE") is None or template.aicore <= (free["AICORE"] or 0)) and \
-                    (free.get("Memory") is None or template.memory_gb <= (free["Memory"] or 0) + 1e-9) and \
-                    (free.get("AICPU") is None or template.aicpu <= (free["AICPU"] or 0)):
-                return self.create(device_id, template, owner)
-        if not candidates:
-            raise VnpuError(f"no template has {len(cores)} AICores (templates: {[t.name for t in templates]})")
-        raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU (free: "
-                        f"{free.get('AICORE')} AICore, {free.get('Memory')} GB, {free.get('AICPU')} AICPU)")
+                raise VnpuError(f"no template has {len(cores)} AICores (templates: {[t.name for t in templates]})")
+            raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU (free: "
+                            f"{free.get('AICORE')} AICore, {free.get('Memory')} GB, {free.get('AICPU')} AICPU)")
 
-    def collect_dynamic(self, held_cores: set[str] | None) -> tuple[list[VnpuRecord], list[str]]:
-        """Destroy our dynamic vNPUs whose cores no container holds. ``held_cores`` None (the kubelet's view is
-        unknown) destroys nothing: a vNPU is never destroyed on a guess."""
+    def collect_dynamic(self, held_cores: set[str] | None, min_age_s: float = 0.0,
+                        templates: Sequence[Template] = (),
+                        observed_at: float | None = None) -> tuple[list[VnpuRecord], list[str]]:
+        """Destroy our dynamic vNPUs whose cores no container holds; re-create (same id and template) those a
+        container holds but that vanished (a node reboot). ``held_cores`` is the kubelet's answer, asked at
+        ``observed_at``: only vNPUs created at least ``min_age_s`` before that moment can be judged by it (the kubelet
+        records an allocation after Allocate returns). ``held_cores`` None (the kubelet's view is unknown) changes
+        nothing: a vNPU is never destroyed on a guess."""
         if held_cores is None:
             return [], []
         destroyed, errors = [], []
-        for record in self.ledger.records():
-            if not record.dynamic or record.state != "created" or record.cores & held_cores:
-                continue
-            try:
-                entry = {e.vnpu_id: e for e in self.observe(record.device_id).vnpus}.get(record.vnpu_id)
-            except NpuSmiError as exc:
-                errors.append(f"{record.device_id}: {exc}")
-                continue
-            if entry is not None and entry_in_use(entry):
-                continue
-            try:
-                self.destroy(record)
-                destroyed.append(record)
-            except VnpuError as exc:
-                errors.append(str(exc))
+        sizes = {t.name: t for t in templates} | self.templates
+        with self.ledger.transaction():
+            for record in self.ledger.records():
+                if not record.dynamic or record.state != "created":
+                    continue
+                if record.cores & held_cores:
+                    if sizes.get(record.template) and self.probe(record.device_id, record.vnpu_id) == "absent":
+                        try:
+                            self.ledger.remove(record)
+                            self.create(record.device_id, sizes[record.template], record.owner, record.vnpu_id)
+                            log.warning("re-created vNPU %d on %s: a container holds it but it had vanished",
+                                        record.vnpu_id, record.device_id)
+                        except VnpuError as exc:
+                            errors.append(str(exc))
+                    continue
+                if record.at > (observed_at if observed_at is not None else time.time()) - min_age_s:
+                    continue  # too young for this answer of the kubelet to know about it
+                try:
+                    entry = {e.vnpu_id: e for e in self.observe(record.device_id).vnpus}.get(record.vnpu_id)
+                except NpuSmiError as exc:
+                    errors.append(f"{record.device_id}: {exc}")
+                    continue
+                if entry is not None and entry_in_use(entry):
+                    continue
+                try:
+                    self.destroy(record)
+                    destroyed.append(record)
+                except VnpuError as exc:
+                    errors.append(str(exc))
         return destroyed, errors
+
+    def touch(self, record: VnpuRecord) -> VnpuRecord:
+        """Restart a record's grace period (call it as the Allocate that handed the vNPU out returns: the kubelet
+        records the allocation only then)."""
+        with self.ledger.transaction():
+            current = next((r for r in self.ledger.records() if r.device_id == record.device_id
+                            and r.vnpu_id == record.vnpu_id and r.owner == record.owner), None)
+            if current is None:
+                return record
+            fresh = current.model_copy(update={"at": time.time()})
+            self.ledger.remove(current)
+            self.ledger.put(fresh)
+            return fresh
 
     def static_records(self) -> list[VnpuRecord]:
         return [r for r in self.ledger.records() if r.owner == OWNER_STATIC and r.state == "created"]

@@ -33,6 +33,11 @@ from .models import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+
+# Linux: an npu-smi child dies with the process that started it (no orphan finishing a create after a crash).
+# setpriv (util-linux) sets the parent-death signal before exec; a preexec_fn would do it in Python between fork
+# and exec, which is unsafe in a threaded daemon.
+_SETPRIV = shutil.which("setpriv")
 _OUTPUT_LIMIT = 4 * 1024 * 1024
 
 
@@ -68,7 +73,8 @@ class NpuSmi:
             if self._closed:
                 raise NpuSmiClosed("npu-smi client closed (shutting down)", command)
             try:
-                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                argv = (_SETPRIV, "--pdeathsig", "KILL", "--", *command) if _SETPRIV else command
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
             except OSError as exc:
                 raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None

@@ -140,7 +140,7 @@ def test_crash_between_create_and_record_leaves_no_orphan_and_no_duplicate(tmp_p
     while len(node.vnpus()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(node.vnpus()) == 2, "the hanging create never took effect"
-    os.killpg(proc.pid, signal.SIGKILL)  # the tool and its hung npu-smi die: the ledger still says pending
+    os.killpg(proc.pid, signal.SIGKILL)  # the tool dies; its npu-smi dies with it (parent-death signal)
     proc.wait(10)
     states = {r["vnpu_id"]: r["state"] for r in node.ledger_records()}
     assert states == {100: "created", 101: "pending"}
@@ -194,6 +194,21 @@ def test_gc_destroys_unheld_dynamic_vnpus_only_when_the_kubelets_view_is_known(t
     assert report["destroyed"] == [] and "pod-resources" in report["pod_resources"]
     assert len(node.vnpus()) == 1  # unknown kubelet view: kept
 
-    report = json.loads(node.vnpu("gc", "--json").stdout)  # --no-kubelet: npu-smi shows nobody bound
+    report = json.loads(node.vnpu("gc", "--json").stdout)  # still younger than the grace period: kept
+    assert report["destroyed"] == [] and len(node.vnpus()) == 1
+    report = json.loads(node.vnpu("gc", "--json", "--grace", "0").stdout)  # --no-kubelet: nobody bound
     assert report["destroyed"] == ["Ascend910-2/132"]
     assert node.vnpus() == [] and node.ledger_records() == []
+
+
+def test_plan_counts_vnpus_of_others_against_the_chip(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    node.fake("set", "-t", "create-vnpu", "-i", "0", "-c", "0", "-f", "vir10_3c_16g", "-v", "110")  # not ours
+    config = node.config([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"}])
+    proc = node.vnpu("apply", "--config", config, code=2)
+    assert "need 20 AICore, the chip has 10" in proc.stderr
+    assert [v["vnpu_id"] for v in node.vnpus()] == [110]  # nothing half-applied
+    fits = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}])
+    assert len(json.loads(node.vnpu("apply", "--config", fits, "--json").stdout)["created"]) == 2
+    # re-applying the same plan counts our own vNPUs as available to it, not as taken
+    assert json.loads(node.vnpu("apply", "--config", fits, "--json").stdout)["kept"] == 2

@@ -185,5 +185,19 @@ def test_ledger_round_trip_and_corruption(tmp_path: Path) -> None:
     ledger.remove(rec(100))
     assert [r.vnpu_id for r in Ledger(tmp_path / "l.json").records()] == [101]
     (tmp_path / "l.json").write_text("{garbage")
-    assert ledger.records() == []
+    assert [r.vnpu_id for r in ledger.records()] == [101]  # restored from the last good copy
     assert list(tmp_path.glob("l.json.corrupt-*")), "the unreadable ledger is kept aside"
+    (tmp_path / "l.json").write_text("{garbage")
+    (tmp_path / "l.json.bak").write_text("also garbage")
+    assert ledger.records() == []  # nothing trustworthy: empty (and everything on the chip counts as foreign)
+
+
+def test_ledger_refuses_a_second_owner_and_removes_only_the_exact_record(tmp_path: Path) -> None:
+    from vnpu.ledger import LedgerConflict
+
+    ledger = Ledger(tmp_path / "l.json")
+    ledger.put(rec(100))
+    with pytest.raises(LedgerConflict, match="already belongs to static"):
+        ledger.put(rec(100, owner=dynamic_owner(["Ascend910-0-c0"])))
+    assert not ledger.remove(rec(100, state="pending"))  # not the record that is there
+    assert ledger.remove(rec(100)) and ledger.records() == []

@@ -1,0 +1,152 @@
+"""kube-scheduler's extender protocol (k8s.io/kube-scheduler/extender/v1): the request/response JSON shapes, as
+pure functions from decoded JSON to decoded JSON. The types have no JSON tags, so keys are the Go field names
+(PascalCase); a field the scheduler leaves nil is ``null``.
+
+- filter: ``ExtenderArgs{Pod, Nodes, NodeNames}`` → ``ExtenderFilterResult{Nodes, NodeNames, FailedNodes,
+  FailedAndUnresolvableNodes, Error}``. ``Nodes`` (a NodeList) is sent when ``nodeCacheCapable: false``,
+  ``NodeNames`` when true; the answer uses the same form.
+- prioritize: ``ExtenderArgs`` → ``HostPriorityList`` (a bare array of ``{Host, Score}``, Score 0..10).
+- bind: ``ExtenderBindingArgs{PodName, PodNamespace, PodUID, Node}`` → ``ExtenderBindingResult{Error}``.
+- preempt: ``ExtenderPreemptionArgs{Pod, NodeNameToVictims, NodeNameToMetaVictims}`` →
+  ``ExtenderPreemptionResult{NodeNameToMetaVictims}`` with ``MetaVictims{Pods: [{UID}], NumPDBViolations}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """The request does not have the shape of the verb's arguments; the message says what is wrong."""
+
+
+def _object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _key(body: Mapping[str, Any], name: str) -> Any:
+    """Go's decoder matches keys case-insensitively; accept ``pod`` for ``Pod`` the same way."""
+    if name in body:
+        return body[name]
+    lowered = name.lower()
+    for key, value in body.items():
+        if isinstance(key, str) and key.lower() == lowered:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class ExtenderArgs:
+    pod: dict[str, Any]
+    nodes: list[dict[str, Any]] | None  # full Node objects (nodeCacheCapable: false)
+    node_names: list[str] | None  # names only (nodeCacheCapable: true)
+
+
+def parse_extender_args(body: Any) -> ExtenderArgs:
+    body = _object(body, "ExtenderArgs")
+    pod = _key(body, "Pod")
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        raise ProtocolError("ExtenderArgs.Pod: expected a Pod object with metadata")
+    nodes = _key(body, "Nodes")
+    names = _key(body, "NodeNames")
+    if nodes is None and names is None:
+        raise ProtocolError("ExtenderArgs: one of Nodes or NodeNames is required")
+    node_items = None
+    if nodes is not None:
+        items = nodes.get("items") if isinstance(nodes, dict) else None
+        if not isinstance(items, list) or not all(isinstance(n, dict) and isinstance(n.get("metadata"), dict)
+                                                  and isinstance(n["metadata"].get("name"), str) for n in items):
+            raise ProtocolError("ExtenderArgs.Nodes: expected a NodeList whose items are Nodes with metadata.name")
+        node_items = items
+    node_names = None
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError("ExtenderArgs.NodeNames: expected an array of strings")
+        node_names = names
+    return ExtenderArgs(pod=pod, nodes=node_items, node_names=node_names)
+
+
+def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],
+                  unresolvable: Mapping[str, str], error: str = "") -> dict[str, Any]:
+    keep = set(passed)
+    return {
+        "Nodes": ({"metadata": {}, "items": [n for n in args.nodes if n["metadata"]["name"] in keep]}
+                  if args.nodes is not None else None),
+        "NodeNames": [n for n in args.node_names if n in keep] if args.node_names is not None else None,
+        "FailedNodes": dict(failed),
+        "FailedAndUnresolvableNodes": dict(unresolvable),
+        "Error": error,
+    }
+
+
+def priority_list(scores: Mapping[str, int]) -> list[dict[str, Any]]:
+    return [{"Host": host, "Score": int(score)} for host, score in scores.items()]
+
+
+@dataclass(frozen=True)
+class BindingArgs:
+    pod_name: str
+    pod_namespace: str
+    pod_uid: str
+    node: str
+
+
+def parse_binding_args(body: Any) -> BindingArgs:
+    body = _object(body, "ExtenderBindingArgs")
+    values = {k: _key(body, k) for k in ("PodName", "PodNamespace", "PodUID", "Node")}
+    missing = [k for k, v in values.items() if not isinstance(v, str) or (k != "PodUID" and not v)]
+    if missing:
+        raise ProtocolError(f"ExtenderBindingArgs: missing or not a string: {missing}")
+    return BindingArgs(values["PodName"], values["PodNamespace"], values["PodUID"], values["Node"])
+
+
+@dataclass(frozen=True)
+class PreemptionArgs:
+    pod: dict[str, Any]
+    victims: dict[str, list[dict[str, Any]]] | None  # node → victim Pods (nodeCacheCapable: false)
+    meta_victims: dict[str, list[str]] | None  # node → victim UIDs (nodeCacheCapable: true)
+    pdb_violations: dict[str, int]
+
+
+def parse_preemption_args(body: Any) -> PreemptionArgs:
+    body = _object(body, "ExtenderPreemptionArgs")
+    pod = _key(body, "Pod")
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        raise ProtocolError("ExtenderPreemptionArgs.Pod: expected a Pod object with metadata")
+    victims_raw, meta_raw = _key(body, "NodeNameToVictims"), _key(body, "NodeNameToMetaVictims")
+    violations: dict[str, int] = {}
+    victims = meta = None
+    if victims_raw is not None:
+        if not isinstance(victims_raw, dict):
+            raise ProtocolError("ExtenderPreemptionArgs.NodeNameToVictims: expected an object")
+        victims = {}
+        for node, v in victims_raw.items():
+            pods = _key(v, "Pods") if isinstance(v, dict) else None
+            if not isinstance(pods, list) or not all(isinstance(p, dict) for p in pods):
+                raise ProtocolError(f"NodeNameToVictims[{node!r}].Pods: expected an array of Pods")
+            victims[node] = pods
+            violations[node] = int(_key(v, "NumPDBViolations") or 0)
+    if meta_raw is not None:
+        if not isinstance(meta_raw, dict):
+            raise ProtocolError("ExtenderPreemptionArgs.NodeNameToMetaVictims: expected an object")
+        meta = {}
+        for node, v in meta_raw.items():
+            pods = _key(v, "Pods") if isinstance(v, dict) else None
+            if not isinstance(pods, list) or not all(isinstance(p, dict) and isinstance(_key(p, "UID"), str)
+                                                     for p in pods):
+                raise ProtocolError(f"NodeNameToMetaVictims[{node!r}].Pods: expected an array of {{UID}}")
+            meta[node] = [_key(p, "UID") for p in pods]
+            violations[node] = int(_key(v, "NumPDBViolations") or 0)
+    if victims is None and meta is None:
+        raise ProtocolError("ExtenderPreemptionArgs: one of NodeNameToVictims or NodeNameToMetaVictims is required")
+    return PreemptionArgs(pod=pod, victims=victims, meta_victims=meta, pdb_violations=violations)
+
+
+def preemption_result(kept: Mapping[str, list[str]], violations: Mapping[str, int]) -> dict[str, Any]:
+    return {"NodeNameToMetaVictims": {node: {"Pods": [{"UID": uid} for uid in uids],
+                                             "NumPDBViolations": violations.get(node, 0)}
+                                      for node, uids in kept.items()}}
