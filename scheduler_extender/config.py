@@ -105,6 +105,8 @@ class ExtenderConfig(_Section):
     bind: bool = True
     metrics: bool = True
     explain_entries: int = Field(default=10000, ge=0, description="decisions kept for /explain")
+    volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
+                                       "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
     plugins: PluginSettings = PluginSettings()
 
     @field_validator("listen")

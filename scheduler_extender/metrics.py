@@ -1,0 +1,25 @@
+"""Prometheus metrics of the extender: latency per verb, decisions, rejections by plugin."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+
+class ExtenderMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.latency = Histogram("fuyao_extender_request_duration_seconds", "Time to answer a request, per verb",
+                                 ("verb",), registry=r,
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.decisions = Counter("fuyao_extender_decisions_total", "Answered requests by verb and result",
+                                 ("verb", "result"), registry=r)
+        self.rejections = Counter("fuyao_extender_rejections_total", "Node rejections by the plugin that rejected",
+                                  ("plugin",), registry=r)
+        self.bad_requests = Counter("fuyao_extender_bad_requests_total", "Requests answered 400", ("verb",),
+                                    registry=r)
+        self.nodes = Gauge("fuyao_extender_cached_nodes", "Nodes in the watch cache", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""HTTP front of the extender (aiohttp): routes, JSON in and out (orjson), 400 for malformed bodies, latency
+metrics. Decisions are CPU-bound and short; they run inline on the event loop, which keeps a request's latency at
+the cost of its own work (no thread hops)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .kube_protocol import ProtocolError
+from .service import ExtenderService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024 * 1024  # a NodeList of 5,000 full nodes is tens of MB
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any]) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            raw = await request.read()
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise ProtocolError(f"body is not valid JSON: {exc}") from None
+            return _json(call(body))
+        except ProtocolError as exc:
+            service.metrics.bad_requests.labels(name).inc()
+            log.warning("bad %s request: %s", name, exc, extra={"verb": name, "remote": request.remote})
+            return _json({"error": str(exc)}, status=400)
+        except Exception as exc:  # a bug must not take the server down; the scheduler sees a clear 500
+            log.exception("%s failed", name)
+            return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, status=500)
+        finally:
+            service.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    return handler
+
+
+def build_app(service: ExtenderService) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    s = service
+    routes = {
+        "/filter": ("filter", s.filter),
+        "/prioritize": ("prioritize", s.prioritize),
+        "/bind": ("bind", s.bind),
+        "/preempt": ("preempt", s.preempt),
+        "/volcano/predicate": ("volcano-predicate", s.volcano_predicate),
+        "/volcano/prioritize": ("volcano-prioritize", s.volcano_prioritize),
+        "/volcano/preemptable": ("volcano-preemptable", lambda b: s.volcano_victims(b, "preemptable")),
+        "/volcano/reclaimable": ("volcano-reclaimable", lambda b: s.volcano_victims(b, "reclaimable")),
+        "/volcano/onSessionOpen": ("volcano-onSessionOpen", lambda b: s.volcano_session(b, "onSessionOpen")),
+        "/volcano/onSessionClose": ("volcano-onSessionClose", lambda b: s.volcano_session(b, "onSessionClose")),
+    }
+    for path, (name, call) in routes.items():
+        app.router.add_post(path, _verb(service, name, call))
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready, why = service.readiness()
+        return web.Response(text=why, status=200 if ready else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        service.metrics.nodes.set(len(service.cache.node_names()))
+        return web.Response(body=service.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def explain(request: web.Request) -> web.Response:
+        key = f"{request.match_info['namespace']}/{request.match_info['pod']}"
+        found = service.explanations.get(key)
+        if found is None:
+            return _json({"error": f"no decision recorded for {key}"}, status=404)
+        return _json(found)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/explain/{namespace}/{pod}", explain)
+    return app
+
+
+def ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context

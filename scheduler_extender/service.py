@@ -1,0 +1,243 @@
+"""The extender's verbs for both schedulers, as methods from decoded JSON to decoded JSON (the HTTP layer only
+moves bytes). State comes from the :class:`ClusterCache` (watches) or, when the scheduler sends full objects
+(kube-scheduler's ``Nodes`` mode, every Volcano request), from the request itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fuyao.contracts import QoSClass
+
+from . import kube_protocol as kp
+from .cluster import ClusterCache
+from .config import ExtenderConfig
+from .framework import Cycle, Explanation, Framework, to_extender_score
+from .metrics import ExtenderMetrics
+from .model import NodeInfo, PodInfo, parse_node, parse_pod
+from .plugins import BusinessTypePlugin, ColocationPlugin, DeviceFitPlugin, NumaPlugin, PdAffinityPlugin
+from .plugins.colocation import be_victims
+
+log = logging.getLogger(__name__)
+
+# Volcano's predicate codes (pkg/scheduler/api/types.go)
+VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
+VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
+
+
+def build_framework(config: ExtenderConfig) -> Framework:
+    p = config.plugins
+    return Framework([
+        (DeviceFitPlugin(p.device_fit.strategy), p.device_fit.weight),
+        (NumaPlugin(), p.numa.weight),
+        (BusinessTypePlugin(p.business_type.stacking_penalty), p.business_type.weight),
+        (ColocationPlugin(p.qos_colocation.ls_usage_watermark, p.qos_colocation.ls_max_usage,
+                          p.qos_colocation.be_pressure_watermark), p.qos_colocation.weight),
+        (PdAffinityPlugin(p.pd_affinity.topology_key, p.pd_affinity.ratio_pair, p.pd_affinity.spread_penalty),
+         p.pd_affinity.weight),
+    ])
+
+
+class Explanations:
+    """The last decision per pod, bounded (LRU)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, explanation: Explanation) -> None:
+        if self.limit <= 0:
+            return
+        with self._lock:
+            entry = self._items.pop(explanation.pod, {})
+            entry[explanation.verb] = explanation.as_dict() | {"at": time.time()}
+            self._items[explanation.pod] = entry
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def get(self, pod: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._items.get(pod)
+
+
+class ExtenderService:
+    def __init__(self, config: ExtenderConfig, cache: ClusterCache, metrics: ExtenderMetrics,
+                 binder: Callable[[kp.BindingArgs], str] | None = None,
+                 warn_pod: Callable[[PodInfo, str], None] | None = None, has_cluster: bool = False):
+        self.config = config
+        self.cache = cache
+        self.metrics = metrics
+        self.framework = build_framework(config)
+        self.explanations = Explanations(config.explain_entries)
+        self.binder = binder
+        self.warn_pod = warn_pod
+        self.has_cluster = has_cluster
+        self._warned: set[tuple[str, str]] = set()
+
+    # Shared ------------------------------------------------------------------------------------------------------
+    def _pod(self, raw: Mapping[str, Any]) -> PodInfo:
+        pod = parse_pod(raw)
+        if pod.problems and self.warn_pod is not None:
+            for problem in pod.problems:
+                if (pod.uid, problem) not in self._warned:
+                    self._warned.add((pod.uid, problem))
+                    self.warn_pod(pod, problem)
+        return pod
+
+    def _cycle(self, nodes: list[NodeInfo]) -> Cycle:
+        known = self.cache.all_nodes() if self.cache.ready else {}
+        return Cycle(nodes={**known, **{n.name: n for n in nodes}})
+
+    def _nodes_from_args(self, args: kp.ExtenderArgs) -> tuple[list[NodeInfo], dict[str, str]]:
+        """The candidate nodes, and those we cannot judge (name → reason)."""
+        if args.nodes is not None:
+            return [info for raw in args.nodes if (info := self.cache.node_info(raw["metadata"]["name"], raw))], {}
+        unknown: dict[str, str] = {}
+        infos = []
+        for name in args.node_names or []:
+            info = self.cache.node_info(name) if self.cache.ready else None
+            if info is None:
+                unknown[name] = ("the extender has no cluster state (use nodeCacheCapable: false, or give it a "
+                                 "kubeconfig)" if not self.cache.ready else "node unknown to the extender's cache")
+            else:
+                infos.append(info)
+        return infos, unknown
+
+    def _observe(self, outcome_rejected: Mapping[str, str]) -> None:
+        for reason in outcome_rejected.values():
+            self.metrics.rejections.labels(reason.split(":", 1)[0]).inc()
+
+    # kube-scheduler --------------------------------------------------------------------------------------------
+    def filter(self, body: Any) -> dict[str, Any]:
+        args = kp.parse_extender_args(body)
+        pod = self._pod(args.pod)
+        nodes, unknown = self._nodes_from_args(args)
+        if args.node_names is not None and not self.cache.ready:
+            self.metrics.decisions.labels("filter", "error").inc()
+            return kp.filter_result(args, [], {}, {}, error=next(iter(unknown.values()), "no cluster state"))
+        outcome = self.framework.filter(pod, nodes, self._cycle(nodes))
+        outcome.failed.update(unknown)
+        outcome.explanation.rejected.update(unknown)
+        self.explanations.record(outcome.explanation)
+        self._observe(outcome.explanation.rejected)
+        self.metrics.decisions.labels("filter", "ok" if outcome.passed else "none-fit").inc()
+        log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
+        return kp.filter_result(args, outcome.passed, outcome.failed, outcome.unresolvable)
+
+    def prioritize(self, body: Any) -> list[dict[str, Any]]:
+        args = kp.parse_extender_args(body)
+        pod = self._pod(args.pod)
+        nodes, _unknown = self._nodes_from_args(args)
+        explanation = self.framework.score(pod, nodes, self._cycle(nodes))
+        self.explanations.record(explanation)
+        self.metrics.decisions.labels("prioritize", "ok").inc()
+        log.debug("prioritize %s", pod.key, extra=explanation.as_dict())
+        return kp.priority_list({n: to_extender_score(t) for n, t in explanation.totals.items()})
+
+    def bind(self, body: Any) -> dict[str, Any]:
+        args = kp.parse_binding_args(body)
+        if self.binder is None:
+            error = "this extender is not configured to bind (no cluster, or bind: false)"
+        else:
+            error = self.binder(args)
+        self.metrics.decisions.labels("bind", "error" if error else "ok").inc()
+        return {"Error": error}
+
+    def preempt(self, body: Any) -> dict[str, Any]:
+        args = kp.parse_preemption_args(body)
+        preemptor = self._pod(args.pod)
+        kept: dict[str, list[str]] = {}
+        candidates: dict[str, list[PodInfo]] = {}
+        if args.victims is not None:
+            candidates = {n: [parse_pod(p) for p in pods] for n, pods in args.victims.items()}
+        elif args.meta_victims is not None:
+            for node, uids in args.meta_victims.items():
+                by_uid = {p.uid: p for p in self.cache.pods_on(node)}
+                # a victim we do not know is treated as latency-sensitive: never evicted on a guess
+                candidates[node] = [by_uid.get(u) or parse_pod({"metadata": {"uid": u}}) for u in uids]
+        for node, victims in candidates.items():
+            allowed = be_victims(preemptor, victims)
+            if allowed:
+                kept[node] = [v.uid for v in allowed]
+        self.metrics.decisions.labels("preempt", "ok" if kept else "none").inc()
+        return kp.preemption_result(kept, args.pdb_violations)
+
+    # Volcano ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _volcano_node(raw: Any) -> NodeInfo:
+        if not isinstance(raw, dict) or not isinstance(raw.get("Node"), dict):
+            raise kp.ProtocolError("Volcano NodeInfo: expected an object with the full v1.Node under 'Node'")
+        tasks = raw.get("Tasks") or {}
+        if not isinstance(tasks, dict):
+            raise kp.ProtocolError("Volcano NodeInfo.Tasks: expected an object")
+        pods = [parse_pod(t["Pod"]) for t in tasks.values() if isinstance(t, dict) and isinstance(t.get("Pod"), dict)]
+        return parse_node(raw["Node"], pods)
+
+    def _volcano_task(self, raw: Any, what: str = "task") -> PodInfo:
+        if not isinstance(raw, dict) or not isinstance(raw.get("Pod"), dict):
+            raise kp.ProtocolError(f"Volcano {what}: expected a TaskInfo with the full v1.Pod under 'Pod'")
+        return self._pod(raw["Pod"])
+
+    def volcano_predicate(self, body: Any) -> dict[str, Any]:
+        body = kp._object(body, "PredicateRequest")
+        pod = self._volcano_task(body.get("task"))
+        node = self._volcano_node(body.get("node"))
+        result = self.framework.check(pod, node, self._cycle([node]))
+        explanation = Explanation(pod=pod.key, verb="volcano-predicate")
+        if result is None:
+            self.metrics.decisions.labels("volcano-predicate", "ok").inc()
+            self.explanations.record(explanation)
+            return {"status": "", "code": VOLCANO_SUCCESS}
+        plugin, rejection = result
+        text = f"{plugin}: {rejection.reason}"
+        explanation.rejected[node.name] = text
+        self.explanations.record(explanation)
+        self._observe({node.name: text})
+        self.metrics.decisions.labels("volcano-predicate", "rejected").inc()
+        return {"status": text, "code": VOLCANO_UNRESOLVABLE if rejection.unresolvable else VOLCANO_UNSCHEDULABLE}
+
+    def volcano_prioritize(self, body: Any) -> dict[str, Any]:
+        body = kp._object(body, "PrioritizeRequest")
+        pod = self._volcano_task(body.get("task"))
+        raw_nodes = body.get("nodes") or []
+        if not isinstance(raw_nodes, list):
+            raise kp.ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
+        nodes = [self._volcano_node(n) for n in raw_nodes]
+        explanation = self.framework.score(pod, nodes, self._cycle(nodes))
+        explanation.verb = "volcano-prioritize"
+        self.explanations.record(explanation)
+        self.metrics.decisions.labels("volcano-prioritize", "ok").inc()
+        scale = self.config.volcano_score_scale
+        return {"nodeScore": {n: round(t * scale, 3) for n, t in explanation.totals.items()}, "errorMessage": ""}
+
+    def volcano_victims(self, body: Any, verb: str) -> dict[str, Any]:
+        """preemptable / reclaimable: an LS evictor may evict BE evictees (returned verbatim); a BE evictor none."""
+        body = kp._object(body, f"{verb} request")
+        evictor = self._volcano_task(body.get("evictor"), "evictor")
+        evictees = body.get("evictees") or []
+        if not isinstance(evictees, list):
+            raise kp.ProtocolError(f"{verb} request.evictees: expected an array of TaskInfo")
+        victims = [t for t in evictees if isinstance(t, dict) and isinstance(t.get("Pod"), dict)
+                   and evictor.qos == QoSClass.LS and parse_pod(t["Pod"]).qos == QoSClass.BE]
+        self.metrics.decisions.labels(f"volcano-{verb}", "ok" if victims else "none").inc()
+        return {"status": VOLCANO_PERMIT, "victims": victims}
+
+    def volcano_session(self, body: Any, verb: str) -> dict[str, Any]:
+        """onSessionOpen / onSessionClose: acknowledged (Volcano reads only the status code)."""
+        self.metrics.decisions.labels(f"volcano-{verb}", "ok").inc()
+        return {}
+
+    # Health ----------------------------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if not self.has_cluster:
+            return True, ("serving without cluster state: requests must carry full Node objects "
+                          "(nodeCacheCapable: false, or Volcano); pods on nodes are unknown")
+        if not self.cache.ready:
+            return False, f"waiting for the first list of nodes and pods ({self.cache.synced})"
+        return True, f"cluster state synced ({len(self.cache.node_names())} nodes)"
