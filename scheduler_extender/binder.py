@@ -111,8 +111,9 @@ class Binder:
                 body = V1Binding(metadata=V1ObjectMeta(name=args.pod_name, namespace=args.pod_namespace,
                                                        uid=pod.uid or None),
                                  target=V1ObjectReference(api_version="v1", kind="Node", name=args.node))
-                self.api.create_namespaced_binding(args.pod_namespace, body, _preload_content=False,
-                                                   _request_timeout=5)
+                # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
+                self.api.create_namespaced_pod_binding(args.pod_name, args.pod_namespace, body,
+                                                       _preload_content=False, _request_timeout=5)
             except ApiException as exc:
                 what = "the pod changed meanwhile (409)" if exc.status == 409 else f"{exc.status} {exc.reason}"
                 log.warning("bind of %s to %s failed: %s", pod.key, args.node, what)

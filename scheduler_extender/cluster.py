@@ -154,9 +154,10 @@ class ClusterCache:
 class Watcher:
     """Feeds a :class:`ClusterCache` from the API server (list + watch with re-list), one thread per kind."""
 
-    def __init__(self, api: Any, cache: ClusterCache):
+    def __init__(self, api: Any, cache: ClusterCache, watch_timeout_s: int = WATCH_TIMEOUT_S):
         self.api = api
         self.cache = cache
+        self.watch_timeout_s = watch_timeout_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -196,9 +197,17 @@ class Watcher:
 
     def _watch(self, kind: str, version: str) -> str | None:
         """Stream events from ``version``; returns the last version (resume) or None (re-list: 410 Gone)."""
-        response = self._calls(kind)(watch=True, resource_version=version, allow_watch_bookmarks=True,
-                                     timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False,
-                                     _request_timeout=WATCH_TIMEOUT_S + 30)
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self._calls(kind)(watch=True, resource_version=version, allow_watch_bookmarks=True,
+                                         timeout_seconds=self.watch_timeout_s, _preload_content=False,
+                                         _request_timeout=self.watch_timeout_s + 30)
+        except ApiException as exc:
+            if exc.status == 410:
+                log.info("%s watch from %s expired (410 Gone); re-listing", kind, version)
+                return None
+            raise
         upsert = self.cache.upsert_node if kind == "nodes" else self.cache.upsert_pod
         delete = self.cache.delete_node if kind == "nodes" else self.cache.delete_pod
         try:

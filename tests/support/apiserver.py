@@ -37,7 +37,7 @@ def binary(name: str) -> str:
 
 
 class LocalApiServer:
-    def __init__(self, users: dict[str, list[str]] | None = None):
+    def __init__(self, users: dict[str, list[str]] | None = None, extra_args: tuple[str, ...] = ()):
         """``users``: name → groups, each gets a token and a kubeconfig (``kubeconfig_for(name)``)."""
         self.root = Path(tempfile.mkdtemp(prefix="fapi", dir="/tmp"))
         self.users = {"admin": ["system:masters"], **(users or {})}
@@ -45,6 +45,7 @@ class LocalApiServer:
         self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.extra_args = extra_args
 
     def start(self, timeout: float = 90.0) -> LocalApiServer:
         etcd_url = f"http://127.0.0.1:{self.etcd_port}"
@@ -62,7 +63,7 @@ class LocalApiServer:
             f"--secure-port={self.port}", f"--cert-dir={self.root / 'certs'}", f"--token-auth-file={tokens}",
             "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true", "--v=0"])
+            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true", "--v=0", *self.extra_args])
         self._wait_ready(timeout)
         return self
 
