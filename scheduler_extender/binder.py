@@ -53,7 +53,7 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
         if any(pod.request(r) for r in _CHOOSERS):
             raise AssignmentFailed(f"node {node.name} publishes no NPU topology (is the device plugin running?)")
         return None
-    working = dataclasses.replace(node, assigned={r: set(d) for r, d in node.assigned.items()})
+    working = dataclasses.replace(node, assigned={r: set(d) for r, d in node.assigned.items()}, memo={})
     containers = []
     for name, requests in pod.containers:
         for resource, choose in _CHOOSERS.items():
@@ -65,6 +65,7 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
                 raise AssignmentFailed(f"node {node.name} has no {want} free {resource} for container {name} "
                                        f"(found {len(chosen)})")
             working.assigned.setdefault(resource, set()).update(chosen)
+            working.memo = {}
             containers.append(ContainerAssignment(container=name or "main", resource=resource,
                                                   devices=tuple(chosen)))
     return PodAssignment(node=node.name, containers=tuple(containers)) if containers else None

@@ -35,10 +35,12 @@ class ClusterCache:
         self.synced = {"nodes": False, "pods": False}
         self.relists = {"nodes": 0, "pods": 0}
         self.on_problem: Callable[[PodInfo], None] | None = None  # e.g. emit an event for an invalid annotation
+        self.generation = 0  # grows on every change: lets callers reuse what they derived from an unchanged cache
 
     # Updates (from the watch) ------------------------------------------------------------------------------------
     def replace_nodes(self, items: Iterable[dict[str, Any]]) -> None:
         with self._lock:
+            self.generation += 1
             self._nodes = {(n.get("metadata") or {}).get("name", ""): n for n in items}
             self._infos.clear()
             self.synced["nodes"] = True
@@ -46,17 +48,20 @@ class ClusterCache:
     def upsert_node(self, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name", "")
         with self._lock:
+            self.generation += 1
             self._nodes[name] = obj
             self._infos.pop(name, None)
 
     def delete_node(self, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name", "")
         with self._lock:
+            self.generation += 1
             self._nodes.pop(name, None)
             self._infos.pop(name, None)
 
     def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
         with self._lock:
+            self.generation += 1
             self._pods.clear()
             self._by_node.clear()
             for item in items:
@@ -67,6 +72,7 @@ class ClusterCache:
     def upsert_pod(self, obj: dict[str, Any]) -> None:
         pod = parse_pod(obj)
         with self._lock:
+            self.generation += 1
             old = self._pods.get(pod.uid)
             if old is not None:
                 self._drop_pod(old)
@@ -77,6 +83,7 @@ class ClusterCache:
     def delete_pod(self, obj: dict[str, Any]) -> None:
         uid = (obj.get("metadata") or {}).get("uid", "")
         with self._lock:
+            self.generation += 1
             old = self._pods.pop(uid, None)
             if old is not None:
                 self._drop_pod(old)
@@ -96,12 +103,14 @@ class ClusterCache:
     def assume(self, pod: PodInfo) -> None:
         """A pod we just bound (with its assignment): count it on its node until the watch reports it."""
         with self._lock:
+            self.generation += 1
             self._assumed[pod.uid] = (pod, time.monotonic())
             if pod.node_name:
                 self._infos.pop(pod.node_name, None)
 
     def forget(self, uid: str) -> None:
         with self._lock:
+            self.generation += 1
             entry = self._assumed.pop(uid, None)
             if entry and entry[0].node_name:
                 self._infos.pop(entry[0].node_name, None)

@@ -36,12 +36,15 @@ def ring_board(topology: NodeTopology) -> bool:
 
 
 def free_npus(node: NodeInfo) -> list[str]:
-    """Healthy whole dies no pod holds and no static vNPU carves, in npu-smi order."""
+    """Healthy whole dies no pod holds and no static vNPU carves, in npu-smi order (memoised per node state)."""
     if node.topology is None:
         return []
-    taken = node.assigned.get(RESOURCE_NPU, set())
-    return [i for i, d in node.topology.devices.items()
-            if d.health == DeviceHealth.HEALTHY and not d.vnpus and i not in taken]
+    found = node.memo.get("free_npus")
+    if found is None:
+        taken = node.assigned.get(RESOURCE_NPU, set())
+        found = node.memo["free_npus"] = [i for i, d in node.topology.devices.items()
+                                          if d.health == DeviceHealth.HEALTHY and not d.vnpus and i not in taken]
+    return list(found)
 
 
 def free_vnpus(node: NodeInfo) -> list[str]:
@@ -77,8 +80,8 @@ def numa_nodes_needed(free: list[str], topology: NodeTopology, count: int) -> in
         return 0
     if len(free) < count:
         return None
-    per_numa = Counter(topology.devices[d].numa_node if topology.devices[d].numa_node is not None else f"?{d}"
-                       for d in free)
+    per_numa: Counter[object] = Counter(
+        topology.devices[d].numa_node if topology.devices[d].numa_node is not None else f"?{d}" for d in free)
     sizes = sorted(per_numa.values(), reverse=True)
     total = 0
     for n, size in enumerate(sizes, start=1):

@@ -7,8 +7,10 @@ what makes it testable and explainable (``/explain``).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from .model import NodeInfo, PodInfo
@@ -26,9 +28,37 @@ class Rejection:
 @dataclass(frozen=True)
 class Cycle:
     """What a plugin may look at besides the pod and the node: every node the extender knows (for
-    topology-domain questions such as prefill/decode balance)."""
+    topology-domain questions such as prefill/decode balance), with indexes built once per request."""
 
     nodes: Mapping[str, NodeInfo]
+
+    @cached_property
+    def pd_pods(self) -> dict[tuple[str, str], Counter[str]]:
+        """(pd group, phase) → node name → running pods of that group and phase."""
+        index: dict[tuple[str, str], Counter[str]] = {}
+        for node in self.nodes.values():
+            for pod in node.pods:
+                if pod.phase is not None and pod.pd_group is not None and not pod.terminal:
+                    index.setdefault((pod.pd_group, pod.phase.value), Counter())[node.name] += 1
+        return index
+
+    def pd_by_domain(self, key: str, group: str, phase: str) -> Counter[str | None]:
+        """Pods of (group, phase) per value of label ``key``."""
+        cache = self.__dict__.setdefault("_pd_domain", {})
+        if (key, group, phase) not in cache:
+            domains = self.domain_of(key)
+            counts: Counter[str | None] = Counter()
+            for name, n in self.pd_pods.get((group, phase), Counter()).items():
+                counts[domains.get(name)] += n
+            cache[(key, group, phase)] = counts
+        return cache[(key, group, phase)]
+
+    def domain_of(self, key: str) -> dict[str, str | None]:
+        """node name → value of label ``key`` (its topology domain)."""
+        cache = self.__dict__.setdefault("_domains", {})
+        if key not in cache:
+            cache[key] = {name: n.labels.get(key) for name, n in self.nodes.items()}
+        return cache[key]
 
 
 class Plugin(Protocol):

@@ -216,10 +216,13 @@ class NodeInfo:
     # derived, filled by refresh()
     used: dict[str, Decimal] = field(default_factory=dict)
     assigned: dict[str, set[str]] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+    """Derived values plugins share (free devices...); cleared by refresh(). Copies must get a fresh one."""
 
     def refresh(self) -> NodeInfo:
         self.used = {}
         self.assigned = {}
+        self.memo = {}
         for pod in self.pods:
             if pod.terminal:
                 continue

@@ -79,6 +79,7 @@ class ExtenderService:
         self.warn_pod = warn_pod
         self.has_cluster = has_cluster
         self._warned: set[tuple[str, str]] = set()
+        self._cached_cycle: tuple[int, Cycle] | None = None
 
     # Shared ------------------------------------------------------------------------------------------------------
     def _pod(self, raw: Mapping[str, Any]) -> PodInfo:
@@ -90,7 +91,14 @@ class ExtenderService:
                     self.warn_pod(pod, problem)
         return pod
 
-    def _cycle(self, nodes: list[NodeInfo]) -> Cycle:
+    def _cycle(self, nodes: list[NodeInfo], from_cache: bool = False) -> Cycle:
+        """The cycle's view of the cluster. Built from the cache, it is reused until the cache changes (its
+        indexes, e.g. prefill/decode pods per domain, are then computed once, not per request)."""
+        if from_cache and self.cache.ready:
+            generation = self.cache.generation
+            if self._cached_cycle is None or self._cached_cycle[0] != generation:
+                self._cached_cycle = (generation, Cycle(nodes=self.cache.all_nodes()))
+            return self._cached_cycle[1]
         known = self.cache.all_nodes() if self.cache.ready else {}
         return Cycle(nodes={**known, **{n.name: n for n in nodes}})
 
@@ -121,7 +129,7 @@ class ExtenderService:
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=next(iter(unknown.values()), "no cluster state"))
-        outcome = self.framework.filter(pod, nodes, self._cycle(nodes))
+        outcome = self.framework.filter(pod, nodes, self._cycle(nodes, from_cache=args.node_names is not None))
         outcome.failed.update(unknown)
         outcome.explanation.rejected.update(unknown)
         self.explanations.record(outcome.explanation)
@@ -134,7 +142,7 @@ class ExtenderService:
         args = kp.parse_extender_args(body)
         pod = self._pod(args.pod)
         nodes, _unknown = self._nodes_from_args(args)
-        explanation = self.framework.score(pod, nodes, self._cycle(nodes))
+        explanation = self.framework.score(pod, nodes, self._cycle(nodes, from_cache=args.node_names is not None))
         self.explanations.record(explanation)
         self.metrics.decisions.labels("prioritize", "ok").inc()
         log.debug("prioritize %s", pod.key, extra=explanation.as_dict())

@@ -27,36 +27,32 @@ class PdAffinityPlugin:
     def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
         return None
 
-    @staticmethod
-    def _count(nodes: list[NodeInfo], group: str, phase: Phase, skip_uid: str) -> int:
-        return sum(1 for n in nodes for p in n.pods if not p.terminal and p.pd_group == group and p.phase == phase
-                   and p.uid != skip_uid)
-
     def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
         if pod.phase not in _OTHER or pod.pd_group is None:
             return 0.5
         other = _OTHER[pod.phase]
-        group = pod.pd_group
+        index = cycle.pd_pods
+        peers = index.get((pod.pd_group, other.value), Counter())
+        same = index.get((pod.pd_group, pod.phase.value), Counter())
         domain = node.labels.get(self.topology_key)
-        domain_nodes = [n for n in cycle.nodes.values() if domain is not None and n.labels.get(self.topology_key)
-                        == domain] or [node]
-        peers_here = self._count([node], group, other, pod.uid)
-        peers_domain = self._count(domain_nodes, group, other, pod.uid)
-        if peers_here:
+
+        def in_domain(phase: Phase, counts: Counter[str]) -> int:
+            if domain is None:
+                return counts.get(node.name, 0)
+            return cycle.pd_by_domain(self.topology_key, pod.pd_group or "", phase.value).get(domain, 0)
+
+        peers_domain = in_domain(other, peers)
+        if peers.get(node.name, 0):
             value = 1.0
         elif peers_domain:
             value = 0.7
         else:
-            any_peer = self._count(list(cycle.nodes.values()), group, other, pod.uid)
-            value = 0.3 if any_peer else 0.5
-        same_here = self._count([node], group, pod.phase, pod.uid)
-        value /= 1.0 + self.spread_penalty * same_here
+            value = 0.3 if peers else 0.5
+        value /= 1.0 + self.spread_penalty * same.get(node.name, 0)
         if self.ratio is not None:
-            counts = Counter({p: self._count(domain_nodes, group, p, pod.uid) for p in _OTHER})
             want_p, want_d = self.ratio
             mine, theirs = (want_p, want_d) if pod.phase == Phase.PREFILL else (want_d, want_p)
-            # after adding this pod, how far is the domain from mine:theirs?
-            have_mine, have_theirs = counts[pod.phase] + 1, counts[other]
+            have_mine, have_theirs = in_domain(pod.phase, same) + 1, peers_domain
             if have_theirs and have_mine / have_theirs > mine / theirs:
                 value *= 0.6  # the domain already has enough of this phase
         return value

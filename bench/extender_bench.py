@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Scheduler extender benchmark: prints one JSON object with the figures of docs/benchmarks.md.
+
+The real HTTP server (aiohttp, in this process, on one event loop) with a cluster cache filled with N synthetic
+NPU nodes (8 dies each, topology annotation, 4 pods per node holding devices). A client on a keep-alive connection
+sends kube-scheduler's filter then prioritize for a 2-NPU pod, in both modes:
+
+- ``NodeNames`` (nodeCacheCapable: true): names only, state from the cache;
+- ``Nodes`` (nodeCacheCapable: false): every request carries the full NodeList.
+
+Reported per N: filter+prioritize latency p50/p99 (goals: p99 <= 5 ms at 500 and <= 25 ms at 5,000 nodes with
+NodeNames) and requests/s; baseline: a GET /healthz round trip on the same connection (the HTTP floor).
+
+Usage: bench/extender_bench.py [--sizes 100,500,5000] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fuyao.contracts import RESOURCE_NPU
+from scheduler_extender.cluster import ClusterCache
+from scheduler_extender.config import build_config
+from scheduler_extender.metrics import ExtenderMetrics
+from scheduler_extender.server import build_app
+from scheduler_extender.service import ExtenderService
+from tests.support.k8s_objects import node, pod, topology
+
+
+def cluster(n: int) -> tuple[list[dict], list[dict]]:  # type: ignore[type-arg]
+    topo = topology()
+    nodes = [node(f"node-{i:05d}", topo=topo, labels={"topology.kubernetes.io/zone": f"z{i % 8}"})
+             for i in range(n)]
+    pods = []
+    for i in range(n):
+        for k in range(4):
+            held = [f"Ascend910-{(k * 2 + j) % 8}" for j in range((i + k) % 2)]
+            pods.append(pod(f"p-{i}-{k}", node_name=f"node-{i:05d}", phase="Running",
+                            requests={"cpu": "2", "memory": "8Gi", **({RESOURCE_NPU: str(len(held))} if held else {})},
+                            assigned={RESOURCE_NPU: held} if held else None,
+                            labels={"app": f"svc{k}", "phase": "decode" if k % 2 else "prefill"}))
+    return nodes, pods
+
+
+def serve(service: ExtenderService) -> tuple[int, asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(build_app(service), access_log=None)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        port.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(30)
+    return port[0], loop
+
+
+def timed(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None) -> float:
+    started = time.perf_counter()
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    elapsed = time.perf_counter() - started
+    if response.status != 200:
+        raise RuntimeError(f"{path}: {response.status} {data[:200]!r}")
+    return elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,500,5000")
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    results = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        nodes, pods = cluster(n)
+        cache = ClusterCache()
+        cache.replace_nodes(nodes)
+        cache.replace_pods(pods)
+        service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+        port, loop = serve(service)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        ask = pod("bench", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"},
+                  labels={"app": "svc1", "phase": "prefill"})
+        names = [n["metadata"]["name"] for n in nodes]
+        bodies = {
+            "NodeNames": orjson.dumps({"Pod": ask, "Nodes": None, "NodeNames": names}),
+            "Nodes": orjson.dumps({"Pod": ask, "Nodes": {"metadata": {}, "items": nodes}, "NodeNames": None}),
+        }
+        health = [timed(conn, "GET", "/healthz", None) for _ in range(max(50, args.requests))]
+        row: dict[str, object] = {"nodes": n, "baseline_healthz_ms": {"p50": round(pct(health, 50) * 1e3, 3),
+                                                                      "p99": round(pct(health, 99) * 1e3, 3)}}
+        for mode, body in bodies.items():
+            count = args.requests if n <= 500 else max(20, args.requests // 10)
+            for _ in range(3):  # warm the node-info cache
+                timed(conn, "POST", "/filter", body)
+            samples, filters, prios = [], [], []
+            wall = time.perf_counter()
+            for _ in range(count):
+                f = timed(conn, "POST", "/filter", body)
+                p = timed(conn, "POST", "/prioritize", body)
+                filters.append(f)
+                prios.append(p)
+                samples.append(f + p)
+            wall = time.perf_counter() - wall
+            row[mode] = {
+                "filter_plus_prioritize_ms": {"p50": round(pct(samples, 50) * 1e3, 2),
+                                              "p99": round(pct(samples, 99) * 1e3, 2)},
+                "filter_ms_p50": round(statistics.median(filters) * 1e3, 2),
+                "prioritize_ms_p50": round(statistics.median(prios) * 1e3, 2),
+                "requests_per_s": round(2 * count / wall, 1),
+                "request_bytes": len(body),
+                "ratio_p50_to_healthz": round(pct(samples, 50) / pct(health, 50), 1),
+            }
+        goal = {500: 5.0, 5000: 25.0}.get(n)
+        if goal:
+            row["goal_nodenames_p99_ms"] = goal
+        results.append(row)
+        conn.close()
+        loop.call_soon_threadsafe(loop.stop)
+    print(json.dumps({"benchmark": "scheduler-extender", "pod": "2 NPUs", "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
