@@ -7,6 +7,7 @@ what makes it testable and explainable (``/explain``).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,17 @@ class Rejection:
     unresolvable: bool = False
 
 
+_CYCLES = itertools.count()
+
+
 @dataclass(frozen=True)
 class Cycle:
     """What a plugin may look at besides the pod and the node: every node the extender knows (for
     topology-domain questions such as prefill/decode balance), with indexes built once per request."""
 
     nodes: Mapping[str, NodeInfo]
+    serial: int = field(default_factory=lambda: next(_CYCLES))
+    """Unique per cycle (unlike id(), never reused): keys the node memos of cluster-wide scores."""
 
     @cached_property
     def pd_pods(self) -> dict[tuple[str, str], Counter[str]]:
@@ -117,16 +123,27 @@ class Framework:
         return FilterOutcome(passed, failed, unresolvable, explanation)
 
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> tuple[str, Rejection] | None:
+        key = ("filter", pod.shape)  # filters read only the pod and the node
+        if key in node.memo:
+            return node.memo[key]  # type: ignore[no-any-return]
+        result = None
         for plugin in self.filters:
             rejection = plugin.filter(pod, node, cycle)
             if rejection is not None:
-                return plugin.name, rejection
-        return None
+                result = plugin.name, rejection
+                break
+        node.memo[key] = result
+        return result
 
     def score(self, pod: PodInfo, nodes: Sequence[NodeInfo], cycle: Cycle) -> Explanation:
+        """Scores per node; reused for pods of the same shape while the node and the cycle are unchanged (node
+        memos die with the node's state; a cycle lives as long as the cache generation)."""
         explanation = Explanation(pod=pod.key, verb="prioritize")
         for node in nodes:
-            parts = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
+            key = ("score", pod.shape, cycle.serial)
+            parts = node.memo.get(key)
+            if parts is None:
+                parts = node.memo[key] = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
             explanation.scores[node.name] = parts
             explanation.totals[node.name] = sum(parts[p.name] * w for p, w in self.plugins) / self.total_weight
         return explanation

@@ -137,6 +137,14 @@ class PodInfo:
     def terminal(self) -> bool:
         return self.phase_status in ("Succeeded", "Failed")
 
+    @property
+    def shape(self) -> tuple[object, ...]:
+        """Everything the plugins read from a pending pod: replicas of one workload share it, so a node's filter
+        result and scores for it can be reused until the node (or, for cluster-wide plugins, the cycle) changes."""
+        return (tuple(sorted(self.accelerators.items())), self.cpu_milli, self.memory_bytes,
+                tuple(sorted((k, int(v)) for k, v in self.requests.items() if k.startswith("kubernetes.io/batch"))),
+                self.business, self.qos, self.phase, self.pd_group, self.numa_policy, self.vnpu_mode)
+
 
 def infer_business(requests: Mapping[str, Decimal]) -> BusinessType:
     """No ``business.workload/type``: accelerators → compute-intensive; ≥ 8 GiB per requested CPU core →
