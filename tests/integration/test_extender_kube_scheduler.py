@@ -13,6 +13,7 @@ import yaml
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from tests.component.test_extender_http import Extender
+from tests.conftest import REPO
 from tests.support.apiserver import LocalApiServer, binary
 from tests.support.k8s_objects import node, pod, topology
 
@@ -43,18 +44,13 @@ def scheduler(cluster: LocalApiServer) -> Iterator[Extender]:
     deadline = time.monotonic() + 30
     while extender.get("/readyz")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
+    # the documented example, pointed at this test's cluster and extender
+    example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
+    example["clientConnection"]["kubeconfig"] = cluster.kubeconfig_for("admin")
+    example["leaderElection"]["leaderElect"] = False
+    example["extenders"][0]["urlPrefix"] = extender.url
     config = cluster.root / "scheduler.yaml"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration",
-        "clientConnection": {"kubeconfig": cluster.kubeconfig_for("admin")},
-        "leaderElection": {"leaderElect": False},
-        "extenders": [{
-            "urlPrefix": extender.url, "filterVerb": "filter", "prioritizeVerb": "prioritize",
-            "preemptVerb": "preempt", "bindVerb": "bind", "weight": 5, "enableHTTPS": False, "httpTimeout": "5s",
-            "nodeCacheCapable": True, "ignorable": False,
-            "managedResources": [{"name": RESOURCE_NPU, "ignoredByScheduler": False}],
-        }],
-    }))
+    config.write_text(yaml.safe_dump(example))
     log = open(cluster.root / "kube-scheduler.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=2"],
                             stdout=log, stderr=log)
