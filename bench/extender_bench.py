@@ -104,6 +104,7 @@ def main() -> None:
         cache = ClusterCache()
         cache.replace_nodes(nodes)
         cache.replace_pods(pods)
+        cache.settle()  # what the watcher does after each full list
         service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
         port, loop = serve(service)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)

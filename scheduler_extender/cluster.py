@@ -8,6 +8,7 @@ until the watch shows them, so two binds in a row never hand out the same device
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -115,6 +116,12 @@ class ClusterCache:
             if entry and entry[0].node_name:
                 self._infos.pop(entry[0].node_name, None)
 
+    def settle(self) -> None:
+        """After a full list: move the (long-lived) cached objects out of the garbage collector's generations, so
+        its full collections stop scanning them on the request path (pauses of 100+ ms at 5,000 nodes)."""
+        gc.collect()
+        gc.freeze()
+
     # Reads -------------------------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
@@ -201,6 +208,7 @@ class Watcher:
         items = data.get("items") or []
         (self.cache.replace_nodes if kind == "nodes" else self.cache.replace_pods)(items)
         self.cache.relists[kind] += 1
+        self.cache.settle()
         log.info("listed %d %s", len(items), kind)
         return str((data.get("metadata") or {}).get("resourceVersion") or "")
 

@@ -134,6 +134,52 @@ def choose_vnpus(node: NodeInfo, count: int) -> list[str]:
     return sorted(free)[:count]
 
 
+def _memo(node: NodeInfo, key: str, compute):  # type: ignore[no-untyped-def]
+    if key not in node.memo:
+        node.memo[key] = compute()
+    return node.memo[key]
+
+
+def cover(sizes: list[int], count: int) -> int | None:
+    """How many of the (descending) ``sizes`` it takes to add up to ``count``; None if they never do."""
+    if count <= 0:
+        return 0
+    total = 0
+    for n, size in enumerate(sizes, start=1):
+        total += size
+        if total >= count:
+            return n
+    return None
+
+
+def free_numa_sizes(node: NodeInfo) -> list[int]:
+    """Free dies per NUMA node, largest first (dies with unknown NUMA count as their own node). Memoised."""
+    def compute() -> list[int]:
+        assert node.topology is not None
+        per = Counter(node.topology.devices[d].numa_node if node.topology.devices[d].numa_node is not None
+                      else f"?{d}" for d in free_npus(node))
+        return sorted(per.values(), reverse=True)
+    return _memo(node, "free_numa_sizes", compute)  # type: ignore[no-any-return]
+
+
+def healthy_numa_sizes(node: NodeInfo) -> list[int]:
+    """Healthy whole dies per NUMA node, largest first: the shape of the node when empty. Memoised."""
+    def compute() -> list[int]:
+        assert node.topology is not None
+        per = Counter(d.numa_node if d.numa_node is not None else f"?{i}" for i, d in node.topology.devices.items()
+                      if d.health == DeviceHealth.HEALTHY and not d.vnpus)
+        return sorted(per.values(), reverse=True)
+    return _memo(node, "healthy_numa_sizes", compute)  # type: ignore[no-any-return]
+
+
+def free_group_sizes(node: NodeInfo) -> list[int]:
+    """Free dies per interconnect group, largest first. Memoised."""
+    def compute() -> list[int]:
+        assert node.topology is not None
+        return sorted(Counter(node.topology.devices[d].group for d in free_npus(node)).values(), reverse=True)
+    return _memo(node, "free_group_sizes", compute)  # type: ignore[no-any-return]
+
+
 def spans(devices: list[str], topology: NodeTopology) -> tuple[int, int]:
     """(interconnect groups, NUMA nodes) a set of dies spans."""
     groups = {topology.devices[d].group for d in devices if d in topology.devices}
@@ -152,6 +198,22 @@ def best_group_span(free: list[str], topology: NodeTopology, count: int) -> int:
     return len(per_group)
 
 
-__all__ = ["best_group_span", "choose_cores", "choose_npus", "choose_vnpus", "core_parent",
-           "free_cores", "free_npus", "free_vnpus", "numa_nodes_needed", "placements", "ring_board",
-           "ring_feasible", "spans"]
+__all__ = [
+    "best_group_span",
+    "choose_cores",
+    "choose_npus",
+    "choose_vnpus",
+    "core_parent",
+    "cover",
+    "free_cores",
+    "free_group_sizes",
+    "free_npus",
+    "free_numa_sizes",
+    "free_vnpus",
+    "healthy_numa_sizes",
+    "numa_nodes_needed",
+    "placements",
+    "ring_board",
+    "ring_feasible",
+    "spans",
+]

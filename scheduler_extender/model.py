@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -129,7 +129,7 @@ class PodInfo:
     def memory_bytes(self) -> int:
         return int(self.requests.get(MEMORY, Decimal(0)))
 
-    @property
+    @cached_property
     def accelerators(self) -> dict[str, int]:
         return {r: self.request(r) for r in ACCELERATOR_RESOURCES if self.request(r) > 0}
 
@@ -137,7 +137,7 @@ class PodInfo:
     def terminal(self) -> bool:
         return self.phase_status in ("Succeeded", "Failed")
 
-    @property
+    @cached_property
     def shape(self) -> tuple[object, ...]:
         """Everything the plugins read from a pending pod: replicas of one workload share it, so a node's filter
         result and scores for it can be reused until the node (or, for cluster-wide plugins, the cycle) changes."""

@@ -5,6 +5,8 @@ many pods of the same type on one node (they contend for the same resource)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fuyao.contracts import ACCELERATOR_RESOURCES, BusinessType
 
 from ..framework import Cycle, Rejection
@@ -24,7 +26,10 @@ class BusinessTypePlugin:
         if pod.business is None:
             return 0.5  # an invalid explicit value: neutral (the pod got an event naming it)
         free = self.free_share(pod.business, node)
-        same = sum(1 for p in node.pods if not p.terminal and p.business == pod.business and p.uid != pod.uid)
+        counts = node.memo.get("business_counts")
+        if counts is None:
+            counts = node.memo["business_counts"] = Counter(p.business for p in node.pods if not p.terminal)
+        same = counts.get(pod.business, 0) - (1 if any(p.uid == pod.uid for p in node.pods) else 0)
         return free / (1.0 + self.stacking_penalty * same)
 
     @staticmethod

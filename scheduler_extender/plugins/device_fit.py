@@ -64,8 +64,7 @@ class DeviceFitPlugin:
         value = fill if self.strategy == "binpack" else 1.0 - fill
         want_npu = wanted.get(RESOURCE_NPU, 0)
         if want_npu and node.topology is not None and node.topology.groups:
-            free_ids = devices.free_npus(node)
-            if len(free_ids) >= want_npu:
-                best = devices.best_group_span(free_ids, node.topology, want_npu)
+            best = devices.cover(devices.free_group_sizes(node), want_npu)
+            if best is not None:
                 value = value * (1.0 if best <= 1 else 0.5)
         return value

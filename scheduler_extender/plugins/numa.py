@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fuyao.contracts import RESOURCE_NPU, DeviceHealth, NumaPolicy
+from fuyao.contracts import RESOURCE_NPU, NumaPolicy
 
 from .. import devices
 from ..framework import Cycle, Rejection
@@ -26,10 +26,8 @@ class NumaPlugin:
             return None
         if all(d.numa_node is None for d in node.topology.devices.values()):
             return None
-        free = devices.free_npus(node)
-        needed = devices.numa_nodes_needed(free, node.topology, want)
-        healthy = [i for i, d in node.topology.devices.items() if d.health == DeviceHealth.HEALTHY and not d.vnpus]
-        ideal = devices.numa_nodes_needed(healthy, node.topology, want) or 1
+        needed = devices.cover(devices.free_numa_sizes(node), want)
+        ideal = devices.cover(devices.healthy_numa_sizes(node), want) or 1
         return needed, ideal
 
     def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
