@@ -17,13 +17,13 @@ Unknown keys are errors (a typo must not silently fall back to a default); every
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
+from fuyao.config_files import load_versioned_yaml, merged, validated
 from fuyao.contracts import ContractError, ServerUsage, parse_duration
 
 CONFIG_VERSION = "v1"
@@ -36,14 +36,6 @@ DEFAULT_DRIVER_MOUNTS = (
     "/usr/local/dcmi",
     "/usr/local/bin/npu-smi",
 )
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field (dotted, as written in the YAML)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"invalid config field {field!r}: {message}" if field else f"invalid config: {message}")
 
 
 def _duration(value: Any) -> Any:
@@ -152,47 +144,11 @@ class PluginConfig(_Section):
         return value
 
 
-def _field_of(exc: ValidationError) -> tuple[str, str]:
-    first = exc.errors()[0]
-    loc = [to_camel(str(p)) if isinstance(p, str) else str(p) for p in first["loc"]]
-    return ".".join(loc), first["msg"].removeprefix("Value error, ")
-
-
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PluginConfig:
     """Merge file values and flag overrides (dotted snake_case keys such as ``health.interval``) and validate."""
-    data: dict[str, Any] = dict(file_values or {})
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target = data
-        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
-        for parent in parents:
-            section = target.get(parent)
-            target[parent] = dict(section) if isinstance(section, dict) else {}
-            target = target[parent]
-        target[leaf] = value
-    try:
-        return PluginConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(*_field_of(exc)) from None
+    return validated(PluginConfig, merged(file_values, overrides))
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read the YAML file; its ``version`` must be present and known."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a mapping at the top level")
-    if "version" not in data:
-        raise ConfigError("version", f"missing; this build reads version {CONFIG_VERSION!r}")
-    if data["version"] != CONFIG_VERSION:
-        raise ConfigError("version", f"unsupported version {data['version']!r}; this build reads {CONFIG_VERSION!r}")
-    return data
+    return load_versioned_yaml(path, CONFIG_VERSION)

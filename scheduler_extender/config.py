@@ -17,22 +17,16 @@ plugins:                      # weight 0 turns scoring off (the filter still run
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
+from fuyao.config_files import load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
 
 CONFIG_VERSION = "v1"
-
-
-class ConfigError(ValueError):
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"invalid config field {field!r}: {message}" if field else f"invalid config: {message}")
 
 
 class _Section(BaseModel):
@@ -119,35 +113,8 @@ class ExtenderConfig(_Section):
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExtenderConfig:
-    data: dict[str, Any] = dict(file_values or {})
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target = data
-        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
-        for parent in parents:
-            section = target.get(parent)
-            target[parent] = dict(section) if isinstance(section, dict) else {}
-            target = target[parent]
-        target[leaf] = value
-    try:
-        return ExtenderConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
+    return validated(ExtenderConfig, merged(file_values, overrides))
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a mapping at the top level")
-    if data.get("version") != CONFIG_VERSION:
-        raise ConfigError("version", f"expected {CONFIG_VERSION!r}, got {data.get('version')!r}")
-    return data
+    return load_versioned_yaml(path, CONFIG_VERSION)

@@ -73,24 +73,6 @@ def core_parent(core: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def numa_nodes_needed(free: list[str], topology: NodeTopology, count: int) -> int | None:
-    """The fewest NUMA nodes whose free dies add up to ``count``; None if the node cannot hold it at all.
-    Dies with an unknown NUMA node count as one NUMA node of their own."""
-    if count <= 0:
-        return 0
-    if len(free) < count:
-        return None
-    per_numa: Counter[object] = Counter(
-        topology.devices[d].numa_node if topology.devices[d].numa_node is not None else f"?{d}" for d in free)
-    sizes = sorted(per_numa.values(), reverse=True)
-    total = 0
-    for n, size in enumerate(sizes, start=1):
-        total += size
-        if total >= count:
-            return n
-    return None
-
-
 def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
     """None when an A1 ring board can give ``count`` cards the way Ascend's rules allow; else why not."""
     if count == len(topology.devices):
@@ -187,19 +169,7 @@ def spans(devices: list[str], topology: NodeTopology) -> tuple[int, int]:
     return len(groups), len(numas)
 
 
-def best_group_span(free: list[str], topology: NodeTopology, count: int) -> int:
-    """The fewest groups any choice of ``count`` free dies can span (for small boards, exactly)."""
-    per_group = sorted(Counter(topology.devices[d].group for d in free).values(), reverse=True)
-    total = 0
-    for n, size in enumerate(per_group, start=1):
-        total += size
-        if total >= count:
-            return n
-    return len(per_group)
-
-
 __all__ = [
-    "best_group_span",
     "choose_cores",
     "choose_npus",
     "choose_vnpus",
@@ -211,7 +181,6 @@ __all__ = [
     "free_numa_sizes",
     "free_vnpus",
     "healthy_numa_sizes",
-    "numa_nodes_needed",
     "placements",
     "ring_board",
     "ring_feasible",

@@ -1,0 +1,71 @@
+"""Versioned YAML configuration files of the fuyao daemons: read, merge with flags, validate — one
+implementation, so every component reports a bad file the same way (exit 2, the field named as written)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``field`` is dotted, as written in the YAML (camelCase)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"invalid config field {field!r}: {message}" if field else f"invalid config: {message}")
+
+
+def load_versioned_yaml(path: str | os.PathLike[str], version: str) -> dict[str, Any]:
+    """Read the YAML file; its ``version`` must be present and equal to ``version``."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level")
+    if "version" not in data:
+        raise ConfigError("version", f"missing; this build reads version {version!r}")
+    if data["version"] != version:
+        raise ConfigError("version", f"unsupported version {data['version']!r}; this build reads {version!r}")
+    return data
+
+
+def merged(file_values: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """File values with flag overrides applied; override keys are dotted snake_case (``health.interval``),
+    None means "flag not given"."""
+    data: dict[str, Any] = dict(file_values or {})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
+        for parent in parents:
+            section = target.get(parent)
+            target[parent] = dict(section) if isinstance(section, dict) else {}
+            target = target[parent]
+        target[leaf] = value
+    return data
+
+
+def validated(model: type[M], data: Mapping[str, Any]) -> M:
+    """The model, or :class:`ConfigError` naming the first bad field as the YAML writes it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in first["loc"])
+        raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
