@@ -2,9 +2,10 @@
 Binding) and Warning events for pods whose annotations are invalid.
 
 Two binds must never hand out the same devices. Within one extender, a lock per node serialises choice and
-bookkeeping, and a bound pod is *assumed* on its node until the watch reports it. Against another writer, the
-annotation patch carries the pod's resourceVersion (optimistic concurrency: a changed pod fails the patch with 409
-and the scheduler retries).
+bookkeeping, and a bound pod is *assumed* on its node until the watch reports it. The binding carries the
+assignment annotation and the pod's uid and resourceVersion: the API server applies node and annotation in one
+step, only if the pod is unchanged (409 otherwise; the scheduler retries). Across several binding replicas devices
+of one node could still be chosen twice: run one active binder.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class Binder:
         pod = parse_pod(raw)
         if args.pod_uid and pod.uid != args.pod_uid:
             return f"pod {pod.key} is now uid {pod.uid}, not {args.pod_uid}: it was re-created"
+        if pod.node_name:
+            # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod
+            if pod.node_name == args.node:
+                return ""
+            return f"pod {pod.key} is already bound to {pod.node_name}"
         with self._lock(args.node):
             node = self.cache.node_info(args.node)
             if node is None:
@@ -105,12 +111,14 @@ class Binder:
             except AssignmentFailed as exc:
                 return str(exc)
             try:
-                if assignment is not None:
-                    patch = {"metadata": {"resourceVersion": raw["metadata"].get("resourceVersion"),
-                                          "annotations": {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)}}}
-                    self.api.patch_namespaced_pod(args.pod_name, args.pod_namespace, patch, _request_timeout=5)
+                # One request, atomic in the API server: the binding sets the node and the annotations together,
+                # on the condition that the pod still has this uid and resourceVersion (a pod changed by anyone
+                # since we read it — another extender replica binding it — fails with 409).
+                annotations = {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)} if assignment else None
                 body = V1Binding(metadata=V1ObjectMeta(name=args.pod_name, namespace=args.pod_namespace,
-                                                       uid=pod.uid or None),
+                                                       uid=pod.uid or None,
+                                                       resource_version=raw["metadata"].get("resourceVersion"),
+                                                       annotations=annotations),
                                  target=V1ObjectReference(api_version="v1", kind="Node", name=args.node))
                 # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
                 self.api.create_namespaced_pod_binding(args.pod_name, args.pod_namespace, body,

@@ -104,6 +104,9 @@ class ClusterCache:
     def assume(self, pod: PodInfo) -> None:
         """A pod we just bound (with its assignment): count it on its node until the watch reports it."""
         with self._lock:
+            known = self._pods.get(pod.uid)
+            if known is not None and known.node_name:
+                return  # the watch was faster than our bookkeeping
             self.generation += 1
             self._assumed[pod.uid] = (pod, time.monotonic())
             if pod.node_name:
@@ -143,6 +146,9 @@ class ClusterCache:
             for uid, (pod, at) in list(self._assumed.items()):
                 if now - at > ASSUME_TTL_S:
                     del self._assumed[uid]
+                    self.generation += 1
+                    if pod.node_name:
+                        self._infos.pop(pod.node_name, None)
                 elif pod.node_name == node and uid not in seen:
                     pods.append(pod)
             return pods

@@ -123,7 +123,8 @@ class Framework:
         return FilterOutcome(passed, failed, unresolvable, explanation)
 
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> tuple[str, Rejection] | None:
-        key = ("filter", pod.shape)  # filters read only the pod and the node
+        # filters read only the pod and the node — and the clock, through the staleness of measured usage
+        key = ("filter", pod.shape, node.fresh_usage() is not None)
         if key in node.memo:
             return node.memo[key]  # type: ignore[no-any-return]
         result = None
@@ -140,10 +141,13 @@ class Framework:
         memos die with the node's state; a cycle lives as long as the cache generation)."""
         explanation = Explanation(pod=pod.key, verb="prioritize")
         for node in nodes:
-            key = ("score", pod.shape, cycle.serial)
-            parts = node.memo.get(key)
-            if parts is None:
-                parts = node.memo[key] = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
+            key = ("score", pod.shape, node.fresh_usage() is not None)
+            slot = node.memo.get(key)  # one slot per shape: (cycle serial, parts); a newer cycle replaces it
+            if slot is not None and slot[0] == cycle.serial:
+                parts = slot[1]
+            else:
+                parts = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
+                node.memo[key] = (cycle.serial, parts)
             explanation.scores[node.name] = parts
             explanation.totals[node.name] = sum(parts[p.name] * w for p, w in self.plugins) / self.total_weight
         return explanation

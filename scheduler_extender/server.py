@@ -4,6 +4,7 @@ the cost of its own work (no thread hops)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -25,7 +26,18 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any]) -> Callable[[web.Request], Any]:
+def _ack(service: ExtenderService, name: str) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        service.metrics.decisions.labels(name, "ok").inc()
+        return _json({})
+
+    return handler
+
+
+def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
+          blocking: bool = False) -> Callable[[web.Request], Any]:
+    """``blocking``: the call waits on the API server (bind) — run it in a thread, not on the event loop."""
+
     async def handler(request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
@@ -34,7 +46,15 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any]) -> Ca
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise ProtocolError(f"body is not valid JSON: {exc}") from None
-            return _json(call(body))
+            if blocking:
+                return _json(await asyncio.get_running_loop().run_in_executor(None, call, body))
+            try:
+                return _json(call(body))
+            except ProtocolError:
+                raise
+            except (AttributeError, TypeError, ValueError, ArithmeticError, KeyError) as exc:
+                # a well-formed JSON document whose objects have the wrong types deep inside (spec: "x")
+                raise ProtocolError(f"malformed object in the request: {type(exc).__name__}: {exc}") from None
         except ProtocolError as exc:
             service.metrics.bad_requests.labels(name).inc()
             log.warning("bad %s request: %s", name, exc, extra={"verb": name, "remote": request.remote})
@@ -64,7 +84,12 @@ def build_app(service: ExtenderService) -> web.Application:
         "/volcano/onSessionClose": ("volcano-onSessionClose", lambda b: s.volcano_session(b, "onSessionClose")),
     }
     for path, (name, call) in routes.items():
-        app.router.add_post(path, _verb(service, name, call))
+        if name.startswith("volcano-onSession"):
+            app.router.add_post(path, _ack(service, name))  # Volcano reads only the status: skip the body
+        elif name == "bind":
+            app.router.add_post(path, _verb(service, name, call, blocking=True))
+        else:
+            app.router.add_post(path, _verb(service, name, call))
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok")

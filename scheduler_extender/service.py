@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Volcano's predicate codes (pkg/scheduler/api/types.go)
 VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
 VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
+NO_CYCLE = Cycle(nodes={})
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
@@ -87,6 +88,8 @@ class ExtenderService:
         if pod.problems and self.warn_pod is not None:
             for problem in pod.problems:
                 if (pod.uid, problem) not in self._warned:
+                    if len(self._warned) > 100_000:
+                        self._warned.clear()  # bounded: at worst a pod is warned twice
                     self._warned.add((pod.uid, problem))
                     self.warn_pod(pod, problem)
         return pod
@@ -129,7 +132,7 @@ class ExtenderService:
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=next(iter(unknown.values()), "no cluster state"))
-        outcome = self.framework.filter(pod, nodes, self._cycle(nodes, from_cache=args.node_names is not None))
+        outcome = self.framework.filter(pod, nodes, NO_CYCLE)  # filters read no cluster-wide state
         outcome.failed.update(unknown)
         outcome.explanation.rejected.update(unknown)
         self.explanations.record(outcome.explanation)
@@ -196,7 +199,7 @@ class ExtenderService:
         body = kp._object(body, "PredicateRequest")
         pod = self._volcano_task(body.get("task"))
         node = self._volcano_node(body.get("node"))
-        result = self.framework.check(pod, node, self._cycle([node]))
+        result = self.framework.check(pod, node, NO_CYCLE)
         explanation = Explanation(pod=pod.key, verb="volcano-predicate")
         if result is None:
             self.metrics.decisions.labels("volcano-predicate", "ok").inc()

@@ -35,8 +35,10 @@ class NumaPlugin:
             return None
         result = self._needed(pod, node)
         if result is None:
-            if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and pod.request(RESOURCE_NPU) and node.topology:
-                return Rejection("single-numa-node: the node publishes no NUMA placement of its NPUs")
+            if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and pod.request(RESOURCE_NPU):
+                return Rejection("single-numa-node: the node publishes no NUMA placement of its NPUs "
+                                 "(no npu.openfuyao.com/topology, or npu-smi reports no CPU affinity)",
+                                 unresolvable=True)
             return None
         needed, ideal = result
         if needed is None:

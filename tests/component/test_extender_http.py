@@ -225,6 +225,50 @@ def test_fuzzed_bodies_never_crash_the_server(extender: Extender, path: str, bod
     assert status in (200, 400), f"{path} answered {status} for {raw[:200]!r}"
 
 
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+    """Every path to a value inside a JSON document."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _replace(value: object, path: tuple, new: object) -> object:  # type: ignore[type-arg]
+    if not path:
+        return new
+    copy = json.loads(json.dumps(value))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return copy
+
+
+VALID = {
+    "/filter": {"Pod": FOUR, "Nodes": {"metadata": {}, "items": NODES[:2]}, "NodeNames": None},
+    "/prioritize": {"Pod": FOUR, "Nodes": {"items": NODES[:2]}, "NodeNames": None},
+    "/preempt": {"Pod": FOUR, "NodeNameToVictims": {"n1": {"Pods": [pod("v", labels={"volcano.sh/qos": "BE"})],
+                                                            "NumPDBViolations": 0}}},
+    "/volcano/predicate": {"task": {"Pod": FOUR}, "node": {"Node": NODES[0], "Tasks": {}}},
+}
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), path=st.sampled_from(sorted(VALID)),
+       junk=st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.just([1]) | st.just({"x": 1})
+       | st.just("NaN") | st.just("-1Gi"))
+def test_valid_requests_with_one_value_broken_never_crash(extender: Extender, data: st.DataObject, path: str,
+                                                          junk: object) -> None:
+    where = data.draw(st.sampled_from(_paths(VALID[path])))
+    body = _replace(VALID[path], where, junk)
+    status, _ = extender.post(path, body)
+    assert status in (200, 400), f"{path} answered {status} with {where} = {junk!r}"
+
+
 def test_fuzzing_left_the_server_healthy(extender: Extender) -> None:
     assert extender.get("/healthz") == (200, "ok")
     assert extender.post("/filter", {"Pod": FOUR, "Nodes": {"items": NODES[:1]}})[0] == 200

@@ -23,7 +23,7 @@ USER = "fuyao-scheduler-extender"
 # What the chart must grant the extender, and nothing more.
 EXTENDER_RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -104,6 +104,13 @@ def test_bind_chooses_devices_annotates_and_binds(cluster: LocalApiServer, exten
     assert assignment is not None and assignment.node == "npu-b"
     devices = assignment.containers[0].devices
     assert len(devices) == 2 and len({int(d.rsplit("-", 1)[1]) // 4 for d in devices}) == 1  # one A1 ring
+    # a retried bind (the first answer was lost) changes nothing
+    assert extender.post("/bind", {"PodName": "bind-2", "PodNamespace": "default", "PodUID": p["metadata"]["uid"],
+                                   "Node": "npu-b"})[1] == {"Error": ""}
+    assert assigned(cluster, "bind-2").containers[0].devices == devices  # type: ignore[union-attr]
+    retry_elsewhere = extender.post("/bind", {"PodName": "bind-2", "PodNamespace": "default",
+                                              "PodUID": p["metadata"]["uid"], "Node": "npu-a"})[1]
+    assert "already bound to npu-b" in retry_elsewhere["Error"]  # type: ignore[index]
     # the next 4-card pod on that board must get the other, whole ring
     p4 = create_pod(cluster, "bind-4", 4)
     assert extender.post("/bind", {"PodName": "bind-4", "PodNamespace": "default", "PodUID": p4["metadata"]["uid"],
