@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from fuyao.contracts import (
     ANNOTATION_NODE_TOPOLOGY,
+    RESOURCE_NPU,
     NodeTopology,
     VnpuSlice,
     dump_annotation,
@@ -26,6 +27,7 @@ from fuyao.contracts import (
 from fuyao.inventory import NodeInventory, discover
 from fuyao.npusmi import NpuSmi, NpuSmiError
 from vnpu.templates import Template
+from vnpu.usage import PodResourcesUnavailable, held_devices
 
 from . import cluster
 from .config import PluginConfig
@@ -39,14 +41,17 @@ from .vnpu_control import VnpuControl
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
+ALLOCATION_POLL_S = 2.0  # how often allocations are read from the kubelet for the topology annotation
 STREAM_GRACE_S = 1.5  # registered, but no ListAndWatch yet
 STREAM_END_GRACE_S = 0.3  # the stream ended: a kubelet that restarts replaces kubelet.sock within this
 MAX_BACKOFF_S = 1.0  # a refused Register is cheap; a new kubelet must be found within 2 s
 
 
 def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
-                  slices: Sequence[Slot] = (), templates: Sequence[Template] = ()) -> NodeTopology:
-    """The topology annotation with each device's current health and its vNPU slices."""
+                  slices: Sequence[Slot] = (), templates: Sequence[Template] = (),
+                  allocated: frozenset[str] = frozenset()) -> NodeTopology:
+    """The topology annotation with each device's current health, its vNPU slices and whether a container holds
+    it (so the scheduler extender knows which dies are taken, also for pods it did not bind)."""
     topo = inventory.to_topology()
     sizes = {t.name: t for t in templates}
     devices = {}
@@ -56,7 +61,7 @@ def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                       aicore=sizes[s.vnpu.template].aicore if s.vnpu.template in sizes else 0,
                       memory_mb=int(sizes[s.vnpu.template].memory_gb * 1024) if s.vnpu.template in sizes else 0)
             for s in slices if s.parent.id == i and s.vnpu is not None)
-        update: dict[str, object] = {"vnpus": mine}
+        update: dict[str, object] = {"vnpus": mine, "allocated": i in allocated}
         if i in statuses:
             update["health"] = statuses[i].health
         devices[i] = d.model_copy(update=update)
@@ -173,6 +178,8 @@ class DevicePluginDaemon:
         self.monitor: HealthMonitor | None = None
         self.publisher: cluster.NodePublisher | None = None
         self.metrics_address: tuple[str, int] | None = None
+        self.allocated: frozenset[str] = frozenset()
+        self._next_allocation_poll = 0.0
 
     def request_stop(self) -> None:
         """Safe from a signal handler: ends the main loop, kills a hung npu-smi call and refuses new ones."""
@@ -196,6 +203,9 @@ class DevicePluginDaemon:
             self._start(inventory)
             while not self.stop_event.is_set():
                 now = time.monotonic()
+                if self.publisher is not None and now >= self._next_allocation_poll:
+                    self._next_allocation_poll = now + ALLOCATION_POLL_S
+                    self._poll_allocations()
                 for session in self.sessions:
                     try:
                         session.tick(now)
@@ -272,6 +282,18 @@ class DevicePluginDaemon:
         self.sessions = [KubeletSession(ResourceServer(r, self.config.device_plugin_dir, self.metrics),
                                         self.stop_event) for r in self.resources]
 
+    def _poll_allocations(self) -> None:
+        """Which dies containers hold (kubelet pod-resources); republish the topology when that changes."""
+        try:
+            held = held_devices(self.config.vnpu.pod_resources_socket, (RESOURCE_NPU,), timeout_s=2.0)
+        except PodResourcesUnavailable as exc:
+            log.debug("allocations not published: %s", exc)
+            return
+        allocated = frozenset(held[RESOURCE_NPU])
+        if allocated != self.allocated:
+            self.allocated = allocated
+            self._publish()
+
     def _check_driver_mounts(self) -> None:
         missing = [m.host_path for m in self.config.driver_mounts
                    if not os.path.exists(os.path.join(self.config.host_root, m.host_path.lstrip("/")))]
@@ -302,7 +324,7 @@ class DevicePluginDaemon:
                                  self.inventory.driver_version, self.config.server_usage)
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
         topology = node_topology(self.inventory, self.chips.statuses(), slices,
-                                 self.vnpu.templates if self.vnpu else ())
+                                 self.vnpu.templates if self.vnpu else (), self.allocated)
         self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
 
     def _shutdown(self) -> None:

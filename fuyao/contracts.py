@@ -243,6 +243,8 @@ class DeviceTopology(_Schema):
     aicore: int | None = Field(default=None, ge=0)
     memory_mb: int | None = Field(default=None, ge=0)
     vnpus: tuple[VnpuSlice, ...] = ()
+    allocated: bool = Field(default=False, description="Held by a container, per the kubelet's pod-resources API "
+                                                       "(published by the device plugin, seconds behind)")
 
 
 class InterconnectGroup(_Schema):

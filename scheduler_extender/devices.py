@@ -42,9 +42,19 @@ def free_npus(node: NodeInfo) -> list[str]:
     found = node.memo.get("free_npus")
     if found is None:
         taken = node.assigned.get(RESOURCE_NPU, set())
+        # taken: assigned by our binder, or held per the kubelet (published by the device plugin)
         found = node.memo["free_npus"] = [i for i, d in node.topology.devices.items()
-                                          if d.health == DeviceHealth.HEALTHY and not d.vnpus and i not in taken]
+                                          if d.health == DeviceHealth.HEALTHY and not d.vnpus and not d.allocated
+                                          and i not in taken]
     return list(found)
+
+
+def unplaced_npus(node: NodeInfo) -> int:
+    """NPUs held by pods whose devices we do not know (bound without ``npu.openfuyao.com/assigned``: by another
+    binder, or under Volcano): the free dies by device cannot be trusted while this is above 0."""
+    if node.topology is None:
+        return 0
+    return max(0, len(free_npus(node)) - max(0, node.free(RESOURCE_NPU)))
 
 
 def free_vnpus(node: NodeInfo) -> list[str]:
@@ -185,4 +195,5 @@ __all__ = [
     "ring_board",
     "ring_feasible",
     "spans",
+    "unplaced_npus",
 ]

@@ -37,6 +37,10 @@ class DeviceFitPlugin:
                 free_ids = devices.free_npus(node)
                 if len(free_ids) < want:
                     return Rejection(f"{len(free_ids)} healthy free NPUs by device, {want} requested")
+                unknown = devices.unplaced_npus(node)
+                if unknown and devices.ring_board(node.topology) and want > 1:
+                    return Rejection(f"{unknown} NPUs of this 910 A1 board are held by pods bound without "
+                                     "npu.openfuyao.com/assigned: whether a whole ring is free is unknown")
                 if devices.ring_board(node.topology):
                     why = devices.ring_feasible(free_ids, node.topology, want)
                     if why:

@@ -43,6 +43,10 @@ class NumaPlugin:
         needed, ideal = result
         if needed is None:
             return None  # device fit reports the shortage
+        unknown = devices.unplaced_npus(node)
+        if unknown and pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE:
+            return Rejection(f"single-numa-node: {unknown} NPUs are held by pods bound without "
+                             "npu.openfuyao.com/assigned, so which NUMA nodes are free is unknown")
         if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and needed > 1:
             per = Counter(node.topology.devices[d].numa_node for d in devices.free_npus(node))  # type: ignore[union-attr]
             return Rejection(f"single-numa-node: {pod.request(RESOURCE_NPU)} NPUs need {needed} NUMA nodes "

@@ -104,6 +104,15 @@ def test_labels_and_topology_are_published_and_patched_only_on_change(
     time.sleep(1.5)  # about seven health polls with nothing changing
     assert api.read_node(node).metadata.resource_version == version
 
+    # a container gets two dies: the annotation says which (the extender then knows, whoever bound the pod)
+    plugin.kubelet.admit("holder", RESOURCE_NPU, 2)
+    held = set(plugin.kubelet.pods["holder"][RESOURCE_NPU])
+    wait_for(lambda: {i for i, d in topology_of(api, node).devices.items() if d.allocated} == held,
+             what="allocated dies in the annotation")
+    plugin.kubelet.delete_pod("holder")
+    wait_for(lambda: not any(d.allocated for d in topology_of(api, node).devices.values()),
+             what="released dies in the annotation")
+
     plugin.fake("fake", "set-health", "-i", "4", "Critical")
     wait_for(lambda: topology_of(api, node).devices["Ascend910-4"].health == DeviceHealth.UNHEALTHY,
              what="Ascend910-4 Unhealthy in the annotation")

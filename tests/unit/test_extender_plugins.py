@@ -243,3 +243,30 @@ def test_framework_collects_reasons_and_weights_scores() -> None:
     assert set(explanation.scores["ok"]) == {"device-fit", "numa"}
     assert 0 <= to_extender_score(explanation.totals["ok"]) <= 10
     assert to_extender_score(1.0) == 10 and to_extender_score(float("nan")) == 0
+
+
+def test_npus_held_without_an_assignment_make_topology_decisions_conservative() -> None:
+    # 4 of 8 dies held by a pod bound by someone else (no npu.openfuyao.com/assigned): which ones is unknown
+    foreign = pod("foreign", node_name="a1", phase="Running", requests={RESOURCE_NPU: "4"})
+    board = info(node("a1", topo=topology("a1")), foreign)
+    assert devices.unplaced_npus(board) == 4
+    four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    rejection = DeviceFitPlugin().filter(four, board, CYCLE)
+    assert rejection and not rejection.unresolvable and "whether a whole ring is free is unknown" in rejection.reason
+    assert DeviceFitPlugin().filter(parse_pod(pod("one", requests={RESOURCE_NPU: "1"})), board, CYCLE) is None
+    strict = parse_pod(pod("s", requests={RESOURCE_NPU: "2"},
+                           annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
+    mesh = info(node("m", topo=topology()), pod("f2", node_name="m", phase="Running", requests={RESOURCE_NPU: "2"}))
+    assert "which NUMA nodes are free is unknown" in NumaPlugin().filter(strict, mesh, CYCLE).reason  # type: ignore[union-attr]
+
+
+def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
+    # the same foreign pod, but the device plugin published which dies the kubelet gave it: decisions are exact
+    foreign = pod("foreign", node_name="a1", phase="Running", requests={RESOURCE_NPU: "4"})
+    board = info(node("a1", topo=topology("a1", allocated=(0, 1, 2, 3))), foreign)
+    assert devices.unplaced_npus(board) == 0
+    assert devices.free_npus(board) == [f"Ascend910-{i}" for i in range(4, 8)]
+    four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    assert DeviceFitPlugin().filter(four, board, CYCLE) is None  # the other ring is whole
+    split = info(node("a1", topo=topology("a1", allocated=(0, 1, 4, 5))), foreign)
+    assert "whole free HCCS ring" in DeviceFitPlugin().filter(four, split, CYCLE).reason  # type: ignore[union-attr]
