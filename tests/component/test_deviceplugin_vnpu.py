@@ -52,13 +52,11 @@ def ids(devices) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def chip_free_cores(p: PluginUnderTest) -> dict[int, int]:
-    """AICORE free per NPU, as npu-smi info-vnpu shows it."""
-    out = {}
-    for npu in range(8):
-        text = p.fake("info", "-t", "info-vnpu", "-i", str(npu), "-c", "0")
-        row = next(line for line in text.splitlines() if "/" in line and line.strip("| ")[:1].isdigit())
-        out[npu] = int(row.strip("| ").split()[0].split("/")[0])
-    return out
+    """AICore free per NPU, from the simulated node's state (``fake show`` is never hit by injected faults)."""
+    state = json.loads(p.fake("fake", "show"))
+    size = {t["name"]: t["aicore"] for t in state["templates"]}
+    used = {npu: sum(size[v["template"]] for v in state["vnpus"] if v["npu"] == npu) for npu in range(8)}
+    return {npu: state["aicore"] - used[npu] for npu in range(8)}
 
 
 def kubelet_free_per_chip(p: PluginUnderTest) -> dict[int, int]:
