@@ -214,7 +214,11 @@ def test_dynamic_lifecycles_with_failures_leak_nothing(made) -> None:  # type: i
             p.proc.kill()  # type: ignore[union-attr]
             p.proc.wait(10)  # type: ignore[union-attr]
             admit.join(20)
-            failed += 1
+            if pod in k.pods:  # Allocate finished before the kill: the pod runs and holds its vNPU
+                live.append(pod)
+                admitted += 1
+            else:
+                failed += 1
             p.fake("fake", "clear-faults")
             _restart_plugin(p)
             continue
@@ -240,7 +244,8 @@ def test_dynamic_lifecycles_with_failures_leak_nothing(made) -> None:  # type: i
     while (chip_vnpus(p) or ledger(p)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert admitted >= 50 and failed >= 5, (admitted, failed)
-    assert chip_vnpus(p) == [], "leaked vNPUs"
+    assert chip_vnpus(p) == [], (f"leaked vNPUs: chip {chip_vnpus(p)}; ledger {ledger(p)}; pods {k.pods}; log "
+                                 f"{[e['msg'] for e in p.logs() if 'vNPU' in str(e.get('msg'))][-25:]}")
     assert ledger(p) == []
     wait_counts_agree(p)
     assert chip_free_cores(p) == dict.fromkeys(range(8), 20)  # capacity restored
