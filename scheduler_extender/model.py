@@ -112,6 +112,8 @@ class PodInfo:
     assignment: PodAssignment | None
     problems: tuple[str, ...] = ()
     creation: str = ""
+    qos_explicit: bool = False
+    """The QoS class came from a key (not the LS default)."""
 
     @property
     def key(self) -> str:
@@ -205,7 +207,7 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         labels=labels, annotations=annotations, requests=total, containers=tuple(containers),
         business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
-        creation=meta.get("creationTimestamp") or "")
+        creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None)
 
 
 @dataclass

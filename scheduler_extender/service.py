@@ -5,6 +5,7 @@ moves bytes). State comes from the :class:`ClusterCache` (watches) or, when the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -171,13 +172,24 @@ class ExtenderService:
             for node, uids in args.meta_victims.items():
                 by_uid = {p.uid: p for p in self.cache.pods_on(node)}
                 # a victim we do not know is treated as latency-sensitive: never evicted on a guess
-                candidates[node] = [by_uid.get(u) or parse_pod({"metadata": {"uid": u}}) for u in uids]
+                candidates[node] = [by_uid.get(u) or dataclasses.replace(
+                    parse_pod({"metadata": {"uid": u}}), qos_explicit=True) for u in uids]
         for node, victims in candidates.items():
             allowed = be_victims(preemptor, victims)
-            if allowed:
-                kept[node] = [v.uid for v in allowed]
+            if not allowed or not self._helps(preemptor, node, {v.uid for v in allowed}):
+                continue
+            kept[node] = [v.uid for v in allowed]
         self.metrics.decisions.labels("preempt", "ok" if kept else "none").inc()
         return kp.preemption_result(kept, args.pdb_violations)
+
+    def _helps(self, preemptor: PodInfo, node: str, victims: set[str]) -> bool:
+        """Would the preemptor pass our filters once the victims are gone? (Evicting pods that would not make room
+        — say a NUMA or ring shape that stays wrong — only hurts them.) Unknown nodes are not second-guessed."""
+        info = self.cache.node_info(node) if self.cache.ready else None
+        if info is None:
+            return True
+        reduced = dataclasses.replace(info, pods=[p for p in info.pods if p.uid not in victims], memo={}).refresh()
+        return self.framework.check(preemptor, reduced, NO_CYCLE) is None
 
     # Volcano ---------------------------------------------------------------------------------------------------
     @staticmethod

@@ -59,10 +59,11 @@ class ColocationPlugin:
 
 
 def be_victims(preemptor: PodInfo, victims: list[PodInfo]) -> list[PodInfo] | None:
-    """The victims an LS preemptor may evict on one node: all of them when all are BE, else None (the node is
-    not a preemption candidate). A BE preemptor evicts nobody."""
+    """The victims a preemptor may evict on one node, or None (the node is not a preemption candidate). A BE pod
+    evicts nobody; an LS pod never evicts a pod marked LS — BE pods and pods without a QoS key (ordinary
+    priority preemption) may go."""
     if preemptor.qos == QoSClass.BE:
         return None
-    if all(v.qos == QoSClass.BE for v in victims):
-        return victims
-    return None
+    if any(v.qos == QoSClass.LS and v.qos_explicit for v in victims):
+        return None
+    return victims

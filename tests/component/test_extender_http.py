@@ -121,7 +121,7 @@ def test_go_style_lowercase_keys_are_accepted(extender: Extender) -> None:
 
 def test_preempt_keeps_only_nodes_whose_victims_are_all_best_effort(extender: Extender) -> None:
     be = pod("batch", labels={"volcano.sh/qos": "BE"}, node_name="n1", phase="Running", uid="be-uid")
-    ls = pod("web", node_name="n2", phase="Running", uid="ls-uid")
+    ls = pod("web", node_name="n2", phase="Running", uid="ls-uid", labels={"volcano.sh/qos": "LS"})
     status, result = extender.post("/preempt", {"Pod": FOUR, "NodeNameToMetaVictims": None, "NodeNameToVictims": {
         "n1": {"Pods": [be], "NumPDBViolations": 0}, "n2": {"Pods": [ls, be], "NumPDBViolations": 1}}})
     assert status == 200

@@ -203,11 +203,13 @@ def test_ls_pods_avoid_hot_nodes() -> None:
 
 
 def test_preemption_victims() -> None:
-    ls = parse_pod(pod("ls"))
+    ls = parse_pod(pod("ls", labels={"volcano.sh/qos": "LS"}))
     be1, be2 = (parse_pod(pod(n, labels={"volcano.sh/qos": "BE"})) for n in ("be1", "be2"))
-    other_ls = parse_pod(pod("ls2"))
+    marked_ls = parse_pod(pod("ls2", annotations={"volcano.sh/qos-level": "LC"}))
+    unmarked = parse_pod(pod("plain"))
     assert be_victims(ls, [be1, be2]) == [be1, be2]
-    assert be_victims(ls, [be1, other_ls]) is None
+    assert be_victims(ls, [be1, marked_ls]) is None  # a pod marked LS is never a victim
+    assert be_victims(unmarked, [unmarked]) == [unmarked]  # no QoS keys: ordinary priority preemption
     assert be_victims(be1, [be2]) is None
 
 
@@ -270,3 +272,27 @@ def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
     assert DeviceFitPlugin().filter(four, board, CYCLE) is None  # the other ring is whole
     split = info(node("a1", topo=topology("a1", allocated=(0, 1, 4, 5))), foreign)
     assert "whole free HCCS ring" in DeviceFitPlugin().filter(four, split, CYCLE).reason  # type: ignore[union-attr]
+
+
+def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> None:
+    from scheduler_extender.cluster import ClusterCache
+    from scheduler_extender.config import build_config
+    from scheduler_extender.metrics import ExtenderMetrics
+    from scheduler_extender.service import ExtenderService
+
+    be_big = pod("be-big", node_name="n1", phase="Running", labels={"volcano.sh/qos": "BE"}, uid="be-big",
+                 requests={RESOURCE_NPU: "6"}, assigned={RESOURCE_NPU: [f"Ascend910-{i}" for i in range(6)]})
+    be_small = pod("be-small", node_name="n2", phase="Running", labels={"volcano.sh/qos": "BE"}, uid="be-small",
+                   requests={RESOURCE_NPU: "1"}, assigned={RESOURCE_NPU: ["Ascend910-0"]})
+    ls_rest = pod("ls-rest", node_name="n2", phase="Running", labels={"volcano.sh/qos": "LS"}, uid="ls-rest",
+                  requests={RESOURCE_NPU: "5"}, assigned={RESOURCE_NPU: [f"Ascend910-{i}" for i in range(1, 6)]})
+    cache = ClusterCache()
+    cache.replace_nodes([node("n1", topo=topology()), node("n2", topo=topology())])
+    cache.replace_pods([be_big, be_small, ls_rest])
+    service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+    preemptor = pod("ls-4", labels={"volcano.sh/qos": "LS"}, requests={RESOURCE_NPU: "4"})
+    result = service.preempt({"Pod": preemptor, "NodeNameToMetaVictims": {
+        "n1": {"Pods": [{"UID": "be-big"}], "NumPDBViolations": 0},
+        "n2": {"Pods": [{"UID": "be-small"}], "NumPDBViolations": 0},  # 3 free after: evicting it does not help
+        "n3": {"Pods": [{"UID": "stranger"}], "NumPDBViolations": 0}}})  # unknown victim: never evicted
+    assert result == {"NodeNameToMetaVictims": {"n1": {"Pods": [{"UID": "be-big"}], "NumPDBViolations": 0}}}
