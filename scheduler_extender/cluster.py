@@ -34,6 +34,7 @@ class ClusterCache:
         self._assumed: dict[str, tuple[PodInfo, float]] = {}
         self._infos: dict[str, NodeInfo] = {}
         self.synced = {"nodes": False, "pods": False}
+        self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
         self.relists = {"nodes": 0, "pods": 0}
         self.on_problem: Callable[[PodInfo], None] | None = None  # e.g. emit an event for an invalid annotation
         self.generation = 0  # grows on every change: lets callers reuse what they derived from an unchanged cache
@@ -200,11 +201,14 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 version = self._list(kind)
+                self.cache.failing.pop(kind, None)
                 backoff = 0.5
                 while not self._stop.is_set() and version is not None:
                     version = self._watch(kind, version)
             except Exception as exc:
                 log.warning("%s watch failed (re-listing in %.1fs): %s", kind, backoff, exc)
+                if backoff >= 8.0:  # several attempts in a row: the cache is going stale
+                    self.cache.failing[kind] = str(exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 

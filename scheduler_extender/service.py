@@ -263,4 +263,6 @@ class ExtenderService:
                           "(nodeCacheCapable: false, or Volcano); pods on nodes are unknown")
         if not self.cache.ready:
             return False, f"waiting for the first list of nodes and pods ({self.cache.synced})"
+        if self.cache.failing:
+            return False, f"the API server watch keeps failing, cluster state is stale: {self.cache.failing}"
         return True, f"cluster state synced ({len(self.cache.node_names())} nodes)"
