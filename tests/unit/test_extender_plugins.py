@@ -296,3 +296,21 @@ def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> Non
         "n2": {"Pods": [{"UID": "be-small"}], "NumPDBViolations": 0},  # 3 free after: evicting it does not help
         "n3": {"Pods": [{"UID": "stranger"}], "NumPDBViolations": 0}}})  # unknown victim: never evicted
     assert result == {"NodeNameToMetaVictims": {"n1": {"Pods": [{"UID": "be-big"}], "NumPDBViolations": 0}}}
+
+
+def test_readiness_follows_the_watch() -> None:
+    from scheduler_extender.cluster import ClusterCache
+    from scheduler_extender.config import build_config
+    from scheduler_extender.metrics import ExtenderMetrics
+    from scheduler_extender.service import ExtenderService
+
+    cache = ClusterCache()
+    service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+    assert service.readiness()[0] is False and "waiting for the first list" in service.readiness()[1]
+    cache.replace_nodes([node("n1")])
+    cache.replace_pods([])
+    assert service.readiness() == (True, "cluster state synced (1 nodes)")
+    cache.failing["pods"] = "connection refused"
+    ready, why = service.readiness()
+    assert not ready and "stale" in why and "connection refused" in why
+    assert ExtenderService(build_config({}), ClusterCache(), ExtenderMetrics()).readiness()[0] is True  # no cluster
