@@ -24,6 +24,8 @@ class Rejection:
 
     reason: str
     unresolvable: bool = False
+    code: str = "rejected"
+    """A short, fixed reason for metrics (the reason text carries numbers)."""
 
 
 _CYCLES = itertools.count()
@@ -82,6 +84,7 @@ class Explanation:
     pod: str
     verb: str
     rejected: dict[str, str] = field(default_factory=dict)  # node → "plugin: reason"
+    codes: dict[str, str] = field(default_factory=dict)  # node → "plugin/code", for metrics
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # node → plugin → [0, 1]
     totals: dict[str, float] = field(default_factory=dict)  # node → weighted [0, 1]
 
@@ -120,6 +123,7 @@ class Framework:
             text = f"{plugin}: {why.reason}"
             (unresolvable if why.unresolvable else failed)[node.name] = text
             explanation.rejected[node.name] = text
+            explanation.codes[node.name] = f"{plugin}/{why.code}"
         return FilterOutcome(passed, failed, unresolvable, explanation)
 
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> tuple[str, Rejection] | None:

@@ -15,8 +15,8 @@ class ExtenderMetrics:
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self.decisions = Counter("fuyao_extender_decisions_total", "Answered requests by verb and result",
                                  ("verb", "result"), registry=r)
-        self.rejections = Counter("fuyao_extender_rejections_total", "Node rejections by the plugin that rejected",
-                                  ("plugin",), registry=r)
+        self.rejections = Counter("fuyao_extender_rejections_total", "Node rejections by plugin and reason",
+                                  ("plugin", "reason"), registry=r)
         self.bad_requests = Counter("fuyao_extender_bad_requests_total", "Requests answered 400", ("verb",),
                                     registry=r)
         self.nodes = Gauge("fuyao_extender_cached_nodes", "Nodes in the watch cache", registry=r)

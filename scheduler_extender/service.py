@@ -121,9 +121,10 @@ class ExtenderService:
                 infos.append(info)
         return infos, unknown
 
-    def _observe(self, outcome_rejected: Mapping[str, str]) -> None:
-        for reason in outcome_rejected.values():
-            self.metrics.rejections.labels(reason.split(":", 1)[0]).inc()
+    def _observe(self, codes: Mapping[str, str]) -> None:
+        for code in codes.values():
+            plugin, _, reason = code.partition("/")
+            self.metrics.rejections.labels(plugin, reason or "rejected").inc()
 
     # kube-scheduler --------------------------------------------------------------------------------------------
     def filter(self, body: Any) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class ExtenderService:
         outcome.failed.update(unknown)
         outcome.explanation.rejected.update(unknown)
         self.explanations.record(outcome.explanation)
-        self._observe(outcome.explanation.rejected)
+        self._observe(outcome.explanation.codes)
         self.metrics.decisions.labels("filter", "ok" if outcome.passed else "none-fit").inc()
         log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
         return kp.filter_result(args, outcome.passed, outcome.failed, outcome.unresolvable)
@@ -221,7 +222,7 @@ class ExtenderService:
         text = f"{plugin}: {rejection.reason}"
         explanation.rejected[node.name] = text
         self.explanations.record(explanation)
-        self._observe({node.name: text})
+        self._observe({node.name: f"{plugin}/{rejection.code}"})
         self.metrics.decisions.labels("volcano-predicate", "rejected").inc()
         return {"status": text, "code": VOLCANO_UNRESOLVABLE if rejection.unresolvable else VOLCANO_UNSCHEDULABLE}
 

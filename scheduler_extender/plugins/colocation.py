@@ -28,17 +28,17 @@ class ColocationPlugin:
         if pod.qos == QoSClass.BE:
             if not node.colocation:
                 return Rejection("BE pods need a colocation node (label volcano.sh/colocation=true)",
-                                 unresolvable=True)
+                                 unresolvable=True, code="not-colocation-node")
             want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
             free_cpu, free_mem = node.batch_free()
             if want_cpu > free_cpu or want_mem > free_mem:
                 return Rejection(f"insufficient batch resources: cpu {free_cpu}m free / {want_cpu}m asked, memory "
-                                 f"{free_mem} free / {want_mem} asked")
+                                 f"{free_mem} free / {want_mem} asked", code="insufficient-batch")
             return None
         usage = node.fresh_usage()
         if usage is not None and max(usage.cpu_ratio, usage.memory_ratio) > self.ls_max_usage:
             return Rejection(f"node usage cpu {usage.cpu_ratio:.0%} / memory {usage.memory_ratio:.0%} is above "
-                             f"{self.ls_max_usage:.0%} for LS pods")
+                             f"{self.ls_max_usage:.0%} for LS pods", code="node-too-busy")
         return None
 
     def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:

@@ -27,31 +27,37 @@ class DeviceFitPlugin:
         for resource, want in pod.accelerators.items():
             total = node.allocatable_int(resource)
             if total < want:
-                return Rejection(f"node has {total} {resource}, the pod asks for {want}", unresolvable=True)
+                return Rejection(f"node has {total} {resource}, the pod asks for {want}", unresolvable=True,
+                                 code="node-too-small")
             free = node.free(resource)
             if free < want:
-                return Rejection(f"insufficient {resource}: {free} free, {want} requested")
+                return Rejection(f"insufficient {resource}: {free} free, {want} requested", code="insufficient-devices")
             if node.topology is None:
                 continue
             if resource == RESOURCE_NPU:
                 free_ids = devices.free_npus(node)
                 if len(free_ids) < want:
-                    return Rejection(f"{len(free_ids)} healthy free NPUs by device, {want} requested")
+                    return Rejection(f"{len(free_ids)} healthy free NPUs by device, {want} requested",
+                                     code="insufficient-healthy-devices")
                 unknown = devices.unplaced_npus(node)
                 if unknown and devices.ring_board(node.topology) and want > 1:
                     return Rejection(f"{unknown} NPUs of this 910 A1 board are held by pods bound without "
-                                     "npu.openfuyao.com/assigned: whether a whole ring is free is unknown")
+                                     "npu.openfuyao.com/assigned: whether a whole ring is free is unknown",
+                                     code="placement-unknown")
                 if devices.ring_board(node.topology):
                     why = devices.ring_feasible(free_ids, node.topology, want)
                     if why:
-                        return Rejection(why, unresolvable=want not in (1, 2, 4, len(node.topology.devices)))
+                        return Rejection(why, unresolvable=want not in (1, 2, 4, len(node.topology.devices)),
+                                         code="ring-shape")
             elif resource == RESOURCE_NPU_CORE:
                 per_die = {d: len(c) for d, c in devices.free_cores(node).items()}
                 if max(per_die.values(), default=0) < want:
                     return Rejection(f"no die has {want} free AI cores (most free on one die: "
-                                     f"{max(per_die.values(), default=0)}); a vNPU lives on one die")
+                                     f"{max(per_die.values(), default=0)}); a vNPU lives on one die",
+                                     code="cores-not-on-one-die")
             elif resource == RESOURCE_VNPU and len(devices.free_vnpus(node)) < want:
-                return Rejection(f"{len(devices.free_vnpus(node))} free vNPU slices, {want} requested")
+                return Rejection(f"{len(devices.free_vnpus(node))} free vNPU slices, {want} requested",
+                                 code="insufficient-vnpus")
         return None
 
     def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:

@@ -38,7 +38,7 @@ class NumaPlugin:
             if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and pod.request(RESOURCE_NPU):
                 return Rejection("single-numa-node: the node publishes no NUMA placement of its NPUs "
                                  "(no npu.openfuyao.com/topology, or npu-smi reports no CPU affinity)",
-                                 unresolvable=True)
+                                 unresolvable=True, code="numa-unknown")
             return None
         needed, ideal = result
         if needed is None:
@@ -46,14 +46,16 @@ class NumaPlugin:
         unknown = devices.unplaced_npus(node)
         if unknown and pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE:
             return Rejection(f"single-numa-node: {unknown} NPUs are held by pods bound without "
-                             "npu.openfuyao.com/assigned, so which NUMA nodes are free is unknown")
+                             "npu.openfuyao.com/assigned, so which NUMA nodes are free is unknown",
+                             code="placement-unknown")
         if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and needed > 1:
             per = Counter(node.topology.devices[d].numa_node for d in devices.free_npus(node))  # type: ignore[union-attr]
             return Rejection(f"single-numa-node: {pod.request(RESOURCE_NPU)} NPUs need {needed} NUMA nodes "
                              f"(free per NUMA node: {dict(sorted(per.items(), key=str))})",
-                             unresolvable=ideal > 1)
+                             unresolvable=ideal > 1, code="numa-single-node")
         if pod.numa_policy == NumaPolicy.RESTRICTED and needed > ideal:
-            return Rejection(f"restricted: the free NPUs span {needed} NUMA nodes, {ideal} would do")
+            return Rejection(f"restricted: the free NPUs span {needed} NUMA nodes, {ideal} would do",
+                             code="numa-restricted")
         return None
 
     def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:

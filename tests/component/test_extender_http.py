@@ -187,7 +187,7 @@ def test_explain_health_and_metrics(extender: Extender) -> None:
     assert status == 200 and "without cluster state" in text
     status, text = extender.get("/metrics")
     assert 'fuyao_extender_request_duration_seconds_count{verb="filter"}' in text
-    assert 'fuyao_extender_rejections_total{plugin="device-fit"}' in text
+    assert 'fuyao_extender_rejections_total{plugin="device-fit",reason="node-too-small"}' in text
 
 
 @pytest.mark.parametrize(("path", "body", "fragment"), [

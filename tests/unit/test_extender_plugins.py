@@ -72,6 +72,7 @@ def test_device_fit_counts_and_reasons() -> None:
     big_ask = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     rejection = plugin.filter(big_ask, small, CYCLE)
     assert rejection and rejection.unresolvable and "has 2 npu.huawei.com/NPU, the pod asks for 4" in rejection.reason
+    assert rejection.code == "node-too-small"
     busy = info(node("busy", topo=topology()), holding("busy", 0, 1, 2, 3, 4, 5))
     rejection = plugin.filter(big_ask, busy, CYCLE)
     assert rejection and not rejection.unresolvable and "2 free, 4 requested" in rejection.reason
@@ -89,6 +90,7 @@ def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     split = info(node("a1", topo=topology("a1")), holding("a1", 0, 4))  # 3 free in each ring
     rejection = plugin.filter(four, split, CYCLE)
     assert rejection and "whole free HCCS ring" in rejection.reason and "[3, 3]" in rejection.reason
+    assert rejection.code == "ring-shape"
     assert plugin.filter(four, info(node("a1", topo=topology("a1")), holding("a1", 0, 1)), CYCLE) is None
     three = parse_pod(pod("q", requests={RESOURCE_NPU: "3"}))
     rejection = plugin.filter(three, info(node("a1", topo=topology("a1"))), CYCLE)
