@@ -339,6 +339,3 @@ class DevicePluginDaemon:
         self.npu_smi.close()
         self.metrics.shutdown()
         log.info("stopped; sockets removed")
-
-    def served_sockets(self) -> Sequence[str]:
-        return [s.server.socket_path for s in self.sessions]

@@ -23,7 +23,6 @@ from fuyao.contracts import (
     ContainerAssignment,
     InterconnectKind,
     core_device_id,
-    parse_core_device_id,
     vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, NpuDevice
@@ -218,6 +217,3 @@ class CoreResource(SlotResource):
             self._reserved = reserved
             self.advertised.set_reserved(reserved)
 
-
-def parse_cores(device_ids: Iterable[str]) -> set[str]:
-    return {d for d in device_ids if parse_core_device_id(d) is not None}

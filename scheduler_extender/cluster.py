@@ -36,7 +36,6 @@ class ClusterCache:
         self.synced = {"nodes": False, "pods": False}
         self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
         self.relists = {"nodes": 0, "pods": 0}
-        self.on_problem: Callable[[PodInfo], None] | None = None  # e.g. emit an event for an invalid annotation
         self.generation = 0  # grows on every change: lets callers reuse what they derived from an unchanged cache
 
     # Updates (from the watch) ------------------------------------------------------------------------------------
@@ -112,13 +111,6 @@ class ClusterCache:
             self._assumed[pod.uid] = (pod, time.monotonic())
             if pod.node_name:
                 self._infos.pop(pod.node_name, None)
-
-    def forget(self, uid: str) -> None:
-        with self._lock:
-            self.generation += 1
-            entry = self._assumed.pop(uid, None)
-            if entry and entry[0].node_name:
-                self._infos.pop(entry[0].node_name, None)
 
     def settle(self) -> None:
         """After a full list: move the (long-lived) cached objects out of the garbage collector's generations, so

@@ -18,7 +18,6 @@ from fuyao.contracts import (
     InterconnectKind,
     NodeTopology,
     core_device_id,
-    parse_core_device_id,
 )
 from fuyao.placement import A1_RING_PREFERENCE, Placement, preferred_allocation
 
@@ -76,11 +75,6 @@ def free_cores(node: NodeInfo) -> dict[str, list[str]]:
             continue
         out[i] = [c for k in range(d.aicore) if (c := core_device_id(i, k)) not in taken]
     return out
-
-
-def core_parent(core: str) -> str | None:
-    parsed = parse_core_device_id(core)
-    return parsed[0] if parsed else None
 
 
 def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
@@ -172,18 +166,10 @@ def free_group_sizes(node: NodeInfo) -> list[int]:
     return _memo(node, "free_group_sizes", compute)  # type: ignore[no-any-return]
 
 
-def spans(devices: list[str], topology: NodeTopology) -> tuple[int, int]:
-    """(interconnect groups, NUMA nodes) a set of dies spans."""
-    groups = {topology.devices[d].group for d in devices if d in topology.devices}
-    numas = {topology.devices[d].numa_node for d in devices if d in topology.devices}
-    return len(groups), len(numas)
-
-
 __all__ = [
     "choose_cores",
     "choose_npus",
     "choose_vnpus",
-    "core_parent",
     "cover",
     "free_cores",
     "free_group_sizes",
@@ -194,6 +180,5 @@ __all__ = [
     "placements",
     "ring_board",
     "ring_feasible",
-    "spans",
     "unplaced_npus",
 ]
