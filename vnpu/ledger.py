@@ -149,13 +149,12 @@ class Ledger:
 
     def put(self, record: VnpuRecord) -> None:
         """Add or replace the record of this vNPU; :class:`LedgerConflict` if another owner holds the id."""
-        def change(records: list[VnpuRecord]) -> list[VnpuRecord]:
-            other = next((r for r in records if _same(r, record)), None)
-            if other is not None and other.owner != record.owner:
-                raise LedgerConflict(f"vNPU {record.vnpu_id} on {record.device_id} already belongs to {other.owner}")
-            return [r for r in records if not _same(r, record)] + [record]
+        self.update(lambda records: _put(records, record))
 
-        self.update(change)
+    def replace(self, old: VnpuRecord, new: VnpuRecord) -> None:
+        """``remove(old)`` then ``put(new)`` in one rewrite of the file (a record moving from pending to created,
+        or getting a new grace period)."""
+        self.update(lambda records: _put([r for r in records if r != old], new))
 
     def remove(self, record: VnpuRecord) -> bool:
         """Remove exactly this record (same owner, state and time); False if it changed meanwhile."""
@@ -169,6 +168,13 @@ class Ledger:
 
         self.update(change)
         return removed
+
+
+def _put(records: list[VnpuRecord], record: VnpuRecord) -> list[VnpuRecord]:
+    other = next((r for r in records if _same(r, record)), None)
+    if other is not None and other.owner != record.owner:
+        raise LedgerConflict(f"vNPU {record.vnpu_id} on {record.device_id} already belongs to {other.owner}")
+    return [r for r in records if not _same(r, record)] + [record]
 
 
 def _same(a: VnpuRecord, b: VnpuRecord) -> bool:

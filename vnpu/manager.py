@@ -198,8 +198,7 @@ class VnpuManager:
                 presence = self.probe(record.device_id, record.vnpu_id, record.template)
                 if presence == "present":
                     done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
-                    self.ledger.remove(record)
-                    self.ledger.put(done)
+                    self.ledger.replace(record, done)
                     adopted.append(done)
                     log.info("adopted vNPU %d on %s (created before a crash)", record.vnpu_id, record.device_id,
                              extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
@@ -241,8 +240,7 @@ class VnpuManager:
                 log.warning("npu-smi reported an error but vNPU %d on %s exists; keeping it: %s", vnpu_id,
                             device_id, exc)
             done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
-            self.ledger.remove(record)
-            self.ledger.put(done)
+            self.ledger.replace(record, done)
         self._event("create", "ok")
         log.info("created vNPU %d (%s) on %s for %s", vnpu_id, template.name, device_id, owner,
                  extra={"device": device_id, "vnpu": vnpu_id, "template": template.name, "owner": owner})
@@ -328,8 +326,7 @@ class VnpuManager:
                                     "exists (npu-smi does not answer)")
                 if presence == "present":
                     fresh = existing.model_copy(update={"at": time.time()})  # a new holder: a new grace period
-                    self.ledger.remove(existing)
-                    self.ledger.put(fresh)
+                    self.ledger.replace(existing, fresh)
                     return fresh
                 self.ledger.remove(existing)
             info = self.observe(device_id)
@@ -401,8 +398,7 @@ class VnpuManager:
             if current is None:
                 return record
             fresh = current.model_copy(update={"at": time.time()})
-            self.ledger.remove(current)
-            self.ledger.put(fresh)
+            self.ledger.replace(current, fresh)
             return fresh
 
     def static_records(self) -> list[VnpuRecord]:

@@ -201,3 +201,6 @@ def test_ledger_refuses_a_second_owner_and_removes_only_the_exact_record(tmp_pat
         ledger.put(rec(100, owner=dynamic_owner(["Ascend910-0-c0"])))
     assert not ledger.remove(rec(100, state="pending"))  # not the record that is there
     assert ledger.remove(rec(100)) and ledger.records() == []
+    ledger.put(rec(101, state="pending"))
+    ledger.replace(rec(101, state="pending"), rec(101))
+    assert [(r.vnpu_id, r.state) for r in ledger.records()] == [(101, "created")]
