@@ -8,7 +8,6 @@ The ``kubernetes`` client is imported only when a cluster is configured (it is s
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -25,20 +24,6 @@ log = logging.getLogger(__name__)
 
 API_TIMEOUT_S = 5.0
 RESYNC_S = 60.0
-
-
-def connect(kubeconfig: str | None) -> Any | None:
-    """A ``CoreV1Api`` from ``kubeconfig``, else from the in-cluster service account, else None (no cluster)."""
-    if not kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return None
-    from kubernetes import client, config
-
-    if kubeconfig:
-        api_client = config.new_client_from_config(config_file=kubeconfig)
-    else:
-        config.load_incluster_config()
-        api_client = client.ApiClient()
-    return client.CoreV1Api(api_client)
 
 
 def node_patch(current_labels: Mapping[str, str], current_annotations: Mapping[str, str],

@@ -25,6 +25,7 @@ from fuyao.contracts import (
     npu_node_labels,
 )
 from fuyao.inventory import NodeInventory, discover
+from fuyao.kube_client import connect
 from fuyao.npusmi import NpuSmi, NpuSmiError
 from vnpu.templates import Template
 from vnpu.usage import PodResourcesUnavailable, held_devices
@@ -307,7 +308,7 @@ class DevicePluginDaemon:
             log.info("node publishing and scheduler assignments turned off by config")
             return None
         try:
-            api = cluster.connect(self.config.kubeconfig)
+            api = connect(self.config.kubeconfig)
         except Exception as exc:
             log.error("cannot load cluster credentials (%s); running without a cluster", exc)
             return None

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
 from aiohttp import web
 
 from fuyao import __version__, logs
+from fuyao.kube_client import connect
 
 from .binder import Binder, PodWarnings
 from .cluster import ClusterCache, Watcher
@@ -59,22 +59,10 @@ def config_from_args(args: argparse.Namespace) -> ExtenderConfig:
     return build_config(file_values, overrides)
 
 
-def _connect(config: ExtenderConfig):  # type: ignore[no-untyped-def]
-    if not config.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return None
-    from kubernetes import client
-    from kubernetes import config as kube_config
-
-    if config.kubeconfig:
-        return client.CoreV1Api(kube_config.new_client_from_config(config_file=config.kubeconfig))
-    kube_config.load_incluster_config()
-    return client.CoreV1Api()
-
-
 async def serve(config: ExtenderConfig) -> int:
     cache = ClusterCache()
     metrics = ExtenderMetrics()
-    api = _connect(config)
+    api = connect(config.kubeconfig)
     watcher = None
     binder = warnings = None
     if api is not None:
