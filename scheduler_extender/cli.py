@@ -60,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ExtenderConfig:
 
 
 async def serve(config: ExtenderConfig) -> int:
-    cache = ClusterCache()
+    cache = ClusterCache(config.plugins.pd_affinity.topology_key)
     metrics = ExtenderMetrics()
     api = connect(config.kubeconfig)
     watcher = None

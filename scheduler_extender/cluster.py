@@ -8,6 +8,7 @@ until the watch shows them, so two binds in a row never hand out the same device
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -17,6 +18,9 @@ from typing import Any
 
 import orjson
 
+from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
+
+from .features import NodeTable, PdIndex
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 
 log = logging.getLogger(__name__)
@@ -26,91 +30,158 @@ ASSUME_TTL_S = 60.0
 
 
 class ClusterCache:
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._nodes: dict[str, dict[str, Any]] = {}
+    """Nodes and pods as the watches report them, kept three ways: the raw node objects, a parsed
+    :class:`NodeInfo` per node (with its pods: what the binder reads) and a :class:`NodeTable` row per node (what
+    the plugins read). Every change recomputes the rows of the nodes it touches, in the watch's thread, so
+    requests only gather rows. ``lock`` guards all of it; a request holds it while it reads the table."""
+
+    def __init__(self, domain_key: str = LABEL_PD_TOPOLOGY_DEFAULT) -> None:
+        self.lock = threading.RLock()
+        self._nodes: dict[str, NodeInfo] = {}  # name → parsed node without pods
         self._pods: dict[str, PodInfo] = {}  # uid → pod
         self._by_node: dict[str, set[str]] = {}
         self._assumed: dict[str, tuple[PodInfo, float]] = {}
-        self._infos: dict[str, NodeInfo] = {}
+        self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
+        self.table = NodeTable(domain_key)
+        self.pd = PdIndex()
         self.synced = {"nodes": False, "pods": False}
         self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
         self.relists = {"nodes": 0, "pods": 0}
-        self.generation = 0  # grows on every change: lets callers reuse what they derived from an unchanged cache
+        self.generation = 0  # grows on every change
 
     # Updates (from the watch) ------------------------------------------------------------------------------------
     def replace_nodes(self, items: Iterable[dict[str, Any]]) -> None:
-        with self._lock:
+        parsed = [parse_node(n) for n in items]
+        with self.lock:
             self.generation += 1
-            self._nodes = {(n.get("metadata") or {}).get("name", ""): n for n in items}
-            self._infos.clear()
+            gone = set(self._nodes) - {n.name for n in parsed}
+            self._nodes = {n.name: n for n in parsed}
+            for name in gone:
+                self._forget_node(name)
             self.synced["nodes"] = True
+            for name in self._nodes:
+                self._touch(name)
 
     def upsert_node(self, obj: dict[str, Any]) -> None:
-        name = (obj.get("metadata") or {}).get("name", "")
-        with self._lock:
+        info = parse_node(obj)
+        with self.lock:
             self.generation += 1
-            self._nodes[name] = obj
-            self._infos.pop(name, None)
+            self._nodes[info.name] = info
+            self._touch(info.name)
 
     def delete_node(self, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name", "")
-        with self._lock:
+        with self.lock:
             self.generation += 1
             self._nodes.pop(name, None)
-            self._infos.pop(name, None)
+            self._forget_node(name)
 
     def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
-        with self._lock:
+        parsed = [parse_pod(item) for item in items]
+        with self.lock:
             self.generation += 1
             self._pods.clear()
             self._by_node.clear()
-            for item in items:
-                self._put_pod(parse_pod(item))
-            self._infos.clear()
+            self.pd.clear()
+            for pod in parsed:
+                self._put_pod(pod)
+            for pod, _at in self._assumed.values():
+                self.pd.add(pod)
             self.synced["pods"] = True
+            for name in self._nodes:
+                self._touch(name)
 
     def upsert_pod(self, obj: dict[str, Any]) -> None:
         pod = parse_pod(obj)
-        with self._lock:
+        with self.lock:
             self.generation += 1
+            touched = set()
             old = self._pods.get(pod.uid)
             if old is not None:
                 self._drop_pod(old)
+                touched.add(old.node_name)
             self._put_pod(pod)
+            touched.add(pod.node_name)
             if pod.node_name:
-                self._assumed.pop(pod.uid, None)
+                assumed = self._assumed.pop(pod.uid, None)
+                if assumed is not None:
+                    self.pd.remove(assumed[0])
+                    touched.add(assumed[0].node_name)
+            for name in touched:
+                if name:
+                    self._touch(name)
 
     def delete_pod(self, obj: dict[str, Any]) -> None:
         uid = (obj.get("metadata") or {}).get("uid", "")
-        with self._lock:
+        with self.lock:
             self.generation += 1
             old = self._pods.pop(uid, None)
             if old is not None:
                 self._drop_pod(old)
-            self._assumed.pop(uid, None)
+                if old.node_name:
+                    self._touch(old.node_name)
+            assumed = self._assumed.pop(uid, None)
+            if assumed is not None:
+                self.pd.remove(assumed[0])
+                if assumed[0].node_name:
+                    self._touch(assumed[0].node_name)
 
     def _put_pod(self, pod: PodInfo) -> None:
         self._pods[pod.uid] = pod
         if pod.node_name:
             self._by_node.setdefault(pod.node_name, set()).add(pod.uid)
-            self._infos.pop(pod.node_name, None)
+            self.pd.add(pod)
 
     def _drop_pod(self, pod: PodInfo) -> None:
         if pod.node_name:
             self._by_node.get(pod.node_name, set()).discard(pod.uid)
-            self._infos.pop(pod.node_name, None)
+            self.pd.remove(pod)
+
+    def _touch(self, name: str) -> None:
+        """Recompute what the cache derives from a node and its pods (under the lock)."""
+        base = self._nodes.get(name)
+        if base is None:
+            self._infos.pop(name, None)
+            return
+        info = dataclasses.replace(base, pods=self._pods_on(name), memo={}).refresh()
+        self._infos[name] = info
+        if self.synced["pods"]:  # before the first pod list, rows would be computed twice at start
+            self.table.put(info)
+
+    def _forget_node(self, name: str) -> None:
+        self._infos.pop(name, None)
+        self.table.remove(name)
 
     def assume(self, pod: PodInfo) -> None:
         """A pod we just bound (with its assignment): count it on its node until the watch reports it."""
-        with self._lock:
+        with self.lock:
             known = self._pods.get(pod.uid)
             if known is not None and known.node_name:
                 return  # the watch was faster than our bookkeeping
             self.generation += 1
+            previous = self._assumed.pop(pod.uid, None)
             self._assumed[pod.uid] = (pod, time.monotonic())
+            self.pd.add(pod)
+            if previous is not None:
+                self.pd.remove(previous[0])
+                if previous[0].node_name and previous[0].node_name != pod.node_name:
+                    self._touch(previous[0].node_name)
             if pod.node_name:
-                self._infos.pop(pod.node_name, None)
+                self._touch(pod.node_name)
+
+    def expire_assumed(self) -> None:
+        """Forget assumed pods the watch never reported (their bind was lost)."""
+        if not self._assumed:
+            return
+        now = time.monotonic()
+        with self.lock:
+            for uid, (pod, at) in list(self._assumed.items()):
+                if now - at > ASSUME_TTL_S:
+                    del self._assumed[uid]
+                    self.generation += 1
+                    self.pd.remove(pod)
+                    if pod.node_name:
+                        self._touch(pod.node_name)
 
     def settle(self) -> None:
         """After a full list: move the (long-lived) cached objects out of the garbage collector's generations, so
@@ -124,46 +195,48 @@ class ClusterCache:
         return all(self.synced.values())
 
     def node_names(self) -> list[str]:
-        with self._lock:
+        with self.lock:
             return list(self._nodes)
 
     def pod(self, namespace: str, name: str) -> PodInfo | None:
-        with self._lock:
+        with self.lock:
             return next((p for p in self._pods.values() if p.namespace == namespace and p.name == name), None)
 
+    def _pods_on(self, node: str) -> list[PodInfo]:
+        pods = [self._pods[u] for u in self._by_node.get(node, ()) if u in self._pods]
+        seen = {p.uid for p in pods}
+        pods.extend(pod for uid, (pod, _at) in self._assumed.items() if pod.node_name == node and uid not in seen)
+        return pods
+
     def pods_on(self, node: str) -> list[PodInfo]:
-        now = time.monotonic()
-        with self._lock:
-            pods = [self._pods[u] for u in self._by_node.get(node, ()) if u in self._pods]
-            seen = {p.uid for p in pods}
-            for uid, (pod, at) in list(self._assumed.items()):
-                if now - at > ASSUME_TTL_S:
-                    del self._assumed[uid]
-                    self.generation += 1
-                    if pod.node_name:
-                        self._infos.pop(pod.node_name, None)
-                elif pod.node_name == node and uid not in seen:
-                    pods.append(pod)
-            return pods
+        with self.lock:
+            return self._pods_on(node)
 
     def node_info(self, name: str, obj: Mapping[str, Any] | None = None) -> NodeInfo | None:
         """The node as the cache knows it, or parsed from ``obj`` (the scheduler sent the full Node) with the
         cached pods on it."""
         if obj is not None:
             return parse_node(obj, self.pods_on(name))
-        with self._lock:
-            info = self._infos.get(name)
-            if info is not None and not any(p.node_name == name for p, _ in self._assumed.values()):
-                return info
-            raw = self._nodes.get(name)
-            if raw is None:
-                return None
-            info = parse_node(raw, self.pods_on(name))
-            self._infos[name] = info
-            return info
+        with self.lock:
+            return self._infos.get(name)
+
+    def names_if_current(self, raws: list[dict[str, Any]]) -> list[str] | None:
+        """The names of these full Node objects if the cache holds exactly these versions of them (so its table
+        rows describe them), else None."""
+        names = []
+        with self.lock:
+            for raw in raws:
+                meta = raw["metadata"]
+                known = self._nodes.get(meta["name"])
+                if known is None or not known.resource_version or known.resource_version != meta.get(
+                        "resourceVersion"):
+                    return None
+                names.append(meta["name"])
+        return names
 
     def all_nodes(self) -> dict[str, NodeInfo]:
-        return {n: info for n in self.node_names() if (info := self.node_info(n)) is not None}
+        with self.lock:
+            return dict(self._infos)
 
 
 class Watcher:

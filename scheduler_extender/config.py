@@ -98,7 +98,9 @@ class ExtenderConfig(_Section):
     kubeconfig: str | None = None
     bind: bool = True
     metrics: bool = True
-    explain_entries: int = Field(default=10000, ge=0, description="decisions kept for /explain")
+    explain_entries: int = Field(default=10000, ge=0, description="pods whose last decision /explain keeps")
+    explain_node_budget: int = Field(default=2_000_000, ge=0, description="node entries (scores, rejections) "
+                                     "kept for /explain in all; ~100 bytes each")
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
     plugins: PluginSettings = PluginSettings()

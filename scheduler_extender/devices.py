@@ -77,19 +77,30 @@ def free_cores(node: NodeInfo) -> dict[str, list[str]]:
     return out
 
 
-def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
-    """None when an A1 ring board can give ``count`` cards the way Ascend's rules allow; else why not."""
-    if count == len(topology.devices):
-        return None if len(free) == count else f"{count} cards need every card free ({len(free)} are)"
-    if count not in A1_RING_PREFERENCE:
-        return f"910 A1 boards take 1, 2, 4 or {len(topology.devices)} cards, not {count}"
+def ring_free_counts(free: list[str], topology: NodeTopology) -> list[int]:
+    """Free dies per HCCS ring, in ring order."""
     free_set = set(free)
-    per_ring = [sum(1 for d in g.devices if d in free_set) for g in topology.groups]
+    return [sum(1 for d in g.devices if d in free_set) for g in topology.groups]
+
+
+def ring_problem(per_ring: list[int], n_devices: int, count: int) -> str | None:
+    """None when an A1 ring board with ``per_ring`` free dies per ring can give ``count`` cards the way Ascend's
+    rules allow; else why not."""
+    if count == n_devices:
+        free = sum(per_ring)
+        return None if free == count else f"{count} cards need every card free ({free} are)"
+    if count not in A1_RING_PREFERENCE:
+        return f"910 A1 boards take 1, 2, 4 or {n_devices} cards, not {count}"
     if count == 4 and 4 not in per_ring:
         return f"4 cards need a whole free HCCS ring (free per ring: {per_ring})"
     if max(per_ring, default=0) < count:
         return f"{count} cards need one HCCS ring with {count} free (free per ring: {per_ring})"
     return None
+
+
+def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
+    """None when an A1 ring board can give ``count`` of the ``free`` cards; else why not."""
+    return ring_problem(ring_free_counts(free, topology), len(topology.devices), count)
 
 
 def choose_npus(node: NodeInfo, count: int) -> list[str]:
@@ -180,5 +191,7 @@ __all__ = [
     "placements",
     "ring_board",
     "ring_feasible",
+    "ring_free_counts",
+    "ring_problem",
     "unplaced_npus",
 ]

@@ -1,96 +1,102 @@
 """The scheduling framework of the extender: plugins filter (with a reason for every rejection) and score in
 [0, 1]; scores are combined as a weighted average (llm-d style profiles) and mapped to each scheduler's range.
 
-Everything here is pure: a decision is a function of the pod, the candidate nodes and the configuration, which is
-what makes it testable and explainable (``/explain``).
+Plugins answer for all candidate nodes of a request at once, over the columns of a :class:`NodeView` (see
+``features``): ``filter`` returns a small integer per node (0 passes, k is the plugin's k-th kind of rejection),
+``reasons`` writes the text for the rejected ones, ``score`` returns an array in [0, 1]. Everything here is pure:
+a decision is a function of the pod, the candidates' features and the configuration, which is what makes it
+testable and explainable (``/explain``).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
+
+from .features import NodeTable, NodeView, PdIndex
 from .model import NodeInfo, PodInfo
 
 
 @dataclass(frozen=True)
+class RejectKind:
+    """One way a plugin rejects a node. ``unresolvable``: evicting pods would not help (kube-scheduler then skips
+    preemption on that node). ``code``: a short, fixed reason for metrics (the reason text carries numbers)."""
+
+    code: str
+    unresolvable: bool = False
+
+
+@dataclass(frozen=True)
 class Rejection:
-    """Why a node cannot take the pod. ``unresolvable``: evicting pods would not help (kube-scheduler then
-    skips preemption on that node)."""
+    """One node's rejection, as the one-node verbs (Volcano predicate, preemption checks) report it."""
 
     reason: str
     unresolvable: bool = False
     code: str = "rejected"
-    """A short, fixed reason for metrics (the reason text carries numbers)."""
 
 
-_CYCLES = itertools.count()
-
-
-@dataclass(frozen=True)
+@dataclass
 class Cycle:
-    """What a plugin may look at besides the pod and the node: every node the extender knows (for
-    topology-domain questions such as prefill/decode balance), with indexes built once per request."""
+    """What a plugin may look at besides the pod and the candidates: the cluster-wide prefill/decode index and the
+    table that knows every node's topology domain, and the time (staleness of measured usage)."""
 
-    nodes: Mapping[str, NodeInfo]
-    serial: int = field(default_factory=lambda: next(_CYCLES))
-    """Unique per cycle (unlike id(), never reused): keys the node memos of cluster-wide scores."""
-
-    @cached_property
-    def pd_pods(self) -> dict[tuple[str, str], Counter[str]]:
-        """(pd group, phase) → node name → running pods of that group and phase."""
-        index: dict[tuple[str, str], Counter[str]] = {}
-        for node in self.nodes.values():
-            for pod in node.pods:
-                if pod.phase is not None and pod.pd_group is not None and not pod.terminal:
-                    index.setdefault((pod.pd_group, pod.phase.value), Counter())[node.name] += 1
-        return index
-
-    def pd_by_domain(self, key: str, group: str, phase: str) -> Counter[str | None]:
-        """Pods of (group, phase) per value of label ``key``."""
-        cache = self.__dict__.setdefault("_pd_domain", {})
-        if (key, group, phase) not in cache:
-            domains = self.domain_of(key)
-            counts: Counter[str | None] = Counter()
-            for name, n in self.pd_pods.get((group, phase), Counter()).items():
-                counts[domains.get(name)] += n
-            cache[(key, group, phase)] = counts
-        return cache[(key, group, phase)]
-
-    def domain_of(self, key: str) -> dict[str, str | None]:
-        """node name → value of label ``key`` (its topology domain)."""
-        cache = self.__dict__.setdefault("_domains", {})
-        if key not in cache:
-            cache[key] = {name: n.labels.get(key) for name, n in self.nodes.items()}
-        return cache[key]
+    pd: PdIndex = field(default_factory=PdIndex)
+    domains: NodeTable | None = None
+    now: float = field(default_factory=time.time)
 
 
 class Plugin(Protocol):
     name: str
+    kinds: Sequence[RejectKind]
+    """``filter`` returns k for ``kinds[k - 1]``."""
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None: ...
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+        """Per candidate: 0 passes, k > 0 is rejected by ``kinds[k - 1]``; None: every candidate passes."""
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float: ...
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        """The reason texts of the candidates at positions ``at``, all rejected with ``kind``."""
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
+        """Per candidate, in [0, 1] (a scalar: the same for all)."""
 
 
-@dataclass
 class Explanation:
-    """One decision, for ``GET /explain/<namespace>/<pod>``."""
+    """One decision, for ``GET /explain/<namespace>/<pod>``. Holds the arrays of the decision; the per-node JSON
+    is built only when someone asks."""
 
-    pod: str
-    verb: str
-    rejected: dict[str, str] = field(default_factory=dict)  # node → "plugin: reason"
-    codes: dict[str, str] = field(default_factory=dict)  # node → "plugin/code", for metrics
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # node → plugin → [0, 1]
-    totals: dict[str, float] = field(default_factory=dict)  # node → weighted [0, 1]
+    def __init__(self, pod: str, verb: str, names: Sequence[str] = (),
+                 rejected: dict[str, str] | None = None, parts: dict[str, np.ndarray] | None = None,
+                 totals: np.ndarray | None = None):
+        self.pod = pod
+        self.verb = verb
+        self.names = names
+        self.rejected = rejected if rejected is not None else {}
+        self.parts = parts or {}
+        self.totals = totals
 
-    def as_dict(self) -> dict[str, object]:
-        return {"pod": self.pod, "verb": self.verb, "rejected": self.rejected, "scores": self.scores,
-                "totals": self.totals}
+    @property
+    def size(self) -> int:
+        """Node entries held (what bounds the memory of kept explanations)."""
+        return len(self.rejected) + (len(self.names) if self.totals is not None else 0)
+
+    def total_of(self) -> dict[str, float]:
+        if self.totals is None:
+            return {}
+        return dict(zip(self.names, self.totals.tolist(), strict=True))
+
+    def scores_of(self) -> dict[str, dict[str, float]]:
+        if self.totals is None:
+            return {}
+        columns = {p: v.tolist() for p, v in self.parts.items()}
+        return {name: {p: round(v[i], 4) for p, v in columns.items()} for i, name in enumerate(self.names)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pod": self.pod, "verb": self.verb, "rejected": self.rejected, "scores": self.scores_of(),
+                "totals": {n: round(t, 4) for n, t in self.total_of().items()}}
 
 
 @dataclass
@@ -99,6 +105,7 @@ class FilterOutcome:
     failed: dict[str, str]
     unresolvable: dict[str, str]
     explanation: Explanation
+    rejections: dict[tuple[str, str], int] = field(default_factory=dict)  # (plugin, code) → nodes, for metrics
 
 
 class Framework:
@@ -109,58 +116,75 @@ class Framework:
         self.filters = [p for p, _ in plugins]  # a plugin with weight 0 still filters
         self.total_weight = sum(w for _, w in self.plugins) or 1.0
 
-    def filter(self, pod: PodInfo, nodes: Sequence[NodeInfo], cycle: Cycle) -> FilterOutcome:
-        explanation = Explanation(pod=pod.key, verb="filter")
-        passed: list[str] = []
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> FilterOutcome:
+        """The first plugin (in order) that rejects a node gives its reason."""
+        cycle = cycle or Cycle()
+        n = len(view)
+        by = np.full(n, -1, dtype=np.int16)  # which plugin rejected
+        kind = np.zeros(n, dtype=np.int16)
+        for i, plugin in enumerate(self.filters):
+            kinds = plugin.filter(pod, view, cycle)
+            if kinds is None:
+                continue
+            hit = (by < 0) & (kinds > 0)
+            by[hit] = i
+            kind[hit] = kinds[hit]
+        names = view.names
+        passed_at = np.flatnonzero(by < 0)
+        passed = names if len(passed_at) == n else [names[i] for i in passed_at.tolist()]
         failed: dict[str, str] = {}
         unresolvable: dict[str, str] = {}
-        for node in nodes:
-            rejection = self.check(pod, node, cycle)
-            if rejection is None:
-                passed.append(node.name)
-                continue
-            plugin, why = rejection
-            text = f"{plugin}: {why.reason}"
-            (unresolvable if why.unresolvable else failed)[node.name] = text
-            explanation.rejected[node.name] = text
-            explanation.codes[node.name] = f"{plugin}/{why.code}"
-        return FilterOutcome(passed, failed, unresolvable, explanation)
+        rejected: dict[str, str] = {}
+        counts: dict[tuple[str, str], int] = {}
+        if len(passed_at) < n:
+            for i in np.unique(by[by >= 0]).tolist():
+                plugin = self.filters[i]
+                mine = by == i
+                for k in np.unique(kind[mine]).tolist():
+                    at = np.flatnonzero(mine & (kind == k))
+                    what = plugin.kinds[k - 1]
+                    target = unresolvable if what.unresolvable else failed
+                    prefix = f"{plugin.name}: "
+                    for position, text in zip(at.tolist(), plugin.reasons(k, pod, view, at, cycle), strict=True):
+                        target[names[position]] = rejected[names[position]] = prefix + text
+                    key = (plugin.name, what.code)
+                    counts[key] = counts.get(key, 0) + len(at)
+        explanation = Explanation(pod=pod.key, verb="filter", rejected=rejected)
+        return FilterOutcome(passed, failed, unresolvable, explanation, counts)
 
-    def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> tuple[str, Rejection] | None:
-        # filters read only the pod and the node — and the clock, through the staleness of measured usage
-        key = ("filter", pod.shape, node.fresh_usage() is not None)
-        if key in node.memo:
-            return node.memo[key]  # type: ignore[no-any-return]
-        result = None
-        for plugin in self.filters:
-            rejection = plugin.filter(pod, node, cycle)
-            if rejection is not None:
-                result = plugin.name, rejection
-                break
-        node.memo[key] = result
-        return result
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> Explanation:
+        """Weighted [0, 1] totals per candidate, with each plugin's part."""
+        cycle = cycle or Cycle()
+        n = len(view)
+        parts: dict[str, np.ndarray] = {}
+        total = np.zeros(n)
+        for plugin, weight in self.plugins:
+            value = np.broadcast_to(np.asarray(plugin.score(pod, view, cycle), dtype=np.float64), (n,))
+            value = np.clip(np.nan_to_num(value, nan=0.0), 0.0, 1.0)  # NaN → 0
+            parts[plugin.name] = value
+            total += value * weight
+        return Explanation(pod=pod.key, verb="prioritize", names=view.names, parts=parts,
+                           totals=total / self.total_weight)
 
-    def score(self, pod: PodInfo, nodes: Sequence[NodeInfo], cycle: Cycle) -> Explanation:
-        """Scores per node; reused for pods of the same shape while the node and the cycle are unchanged (node
-        memos die with the node's state; a cycle lives as long as the cache generation)."""
-        explanation = Explanation(pod=pod.key, verb="prioritize")
-        for node in nodes:
-            key = ("score", pod.shape, node.fresh_usage() is not None)
-            slot = node.memo.get(key)  # one slot per shape: (cycle serial, parts); a newer cycle replaces it
-            if slot is not None and slot[0] == cycle.serial:
-                parts = slot[1]
-            else:
-                parts = {p.name: _clamp(p.score(pod, node, cycle)) for p, _ in self.plugins}
-                node.memo[key] = (cycle.serial, parts)
-            explanation.scores[node.name] = parts
-            explanation.totals[node.name] = sum(parts[p.name] * w for p, w in self.plugins) / self.total_weight
-        return explanation
+    # Conveniences for nodes that are not in a table (the request carried them, or a what-if copy) -------------------
+    def table_of(self, nodes: Sequence[NodeInfo], domain_key: str = "") -> NodeView:
+        return NodeTable.of(nodes, domain_key).view_all()
+
+    def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle | None = None) -> tuple[str, Rejection] | None:
+        """One node: None if it passes every filter, else (plugin, rejection)."""
+        outcome = self.filter(pod, NodeTable.of([node], "").view_all(), cycle)
+        if outcome.passed:
+            return None
+        text = outcome.explanation.rejected[node.name]
+        plugin, _, reason = text.partition(": ")
+        code = next(iter(outcome.rejections))[1]
+        return plugin, Rejection(reason, unresolvable=node.name in outcome.unresolvable, code=code)
 
 
-def _clamp(value: float) -> float:
-    return 0.0 if value != value else min(1.0, max(0.0, value))  # NaN → 0
+def to_extender_scores(totals: np.ndarray, max_score: int = 10) -> list[int]:
+    """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10)."""
+    return np.rint(np.clip(np.nan_to_num(totals, nan=0.0), 0.0, 1.0) * max_score).astype(np.int64).tolist()
 
 
 def to_extender_score(total: float, max_score: int = 10) -> int:
-    """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10)."""
-    return round(_clamp(total) * max_score)
+    return to_extender_scores(np.asarray([total]), max_score)[0]

@@ -13,7 +13,7 @@ pure functions from decoded JSON to decoded JSON. The types have no JSON tags, s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,19 +72,20 @@ def parse_extender_args(body: Any) -> ExtenderArgs:
 
 def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],
                   unresolvable: Mapping[str, str], error: str = "") -> dict[str, Any]:
-    keep = set(passed)
+    """``passed``: the feasible node names, in the order of the request."""
+    keep = set(passed) if args.nodes is not None else ()
     return {
         "Nodes": ({"metadata": {}, "items": [n for n in args.nodes if n["metadata"]["name"] in keep]}
                   if args.nodes is not None else None),
-        "NodeNames": [n for n in args.node_names if n in keep] if args.node_names is not None else None,
+        "NodeNames": list(passed) if args.node_names is not None else None,
         "FailedNodes": dict(failed),
         "FailedAndUnresolvableNodes": dict(unresolvable),
         "Error": error,
     }
 
 
-def priority_list(scores: Mapping[str, int]) -> list[dict[str, Any]]:
-    return [{"Host": host, "Score": int(score)} for host, score in scores.items()]
+def priority_list(hosts: Sequence[str], scores: Sequence[int]) -> list[dict[str, Any]]:
+    return [{"Host": host, "Score": score} for host, score in zip(hosts, scores, strict=True)]
 
 
 @dataclass(frozen=True)

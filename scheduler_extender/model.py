@@ -52,6 +52,8 @@ CPU = "cpu"
 MEMORY = "memory"
 USAGE_STALE_S = 120.0
 GiB = 1024**3
+QUANTITY_LIMIT = Decimal(2**53)
+"""Requests beyond this (9 PB, 9e15 cores) are clamped: they fit nowhere anyway, and stay exact in int64/float."""
 
 
 @lru_cache(maxsize=4096)
@@ -69,7 +71,7 @@ def _resources(spec: Mapping[str, Any] | None) -> dict[str, Decimal]:
     out: dict[str, Decimal] = {}
     for name, raw in requests.items():
         try:
-            out[name] = quantity(raw)
+            out[name] = max(-QUANTITY_LIMIT, min(QUANTITY_LIMIT, quantity(raw)))
         except ValueError:
             log.debug("ignoring unparseable quantity %r for %s", raw, name)
     return out
@@ -222,6 +224,7 @@ class NodeInfo:
     usage: NodeUsage | None
     pods: list[PodInfo] = field(default_factory=list)
     problems: tuple[str, ...] = ()
+    resource_version: str = ""
 
     # derived, filled by refresh()
     used: dict[str, Decimal] = field(default_factory=dict)
@@ -306,4 +309,4 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
             problems.append(str(exc))
     return NodeInfo(name=meta.get("name") or "", labels=meta.get("labels") or {}, annotations=annotations,
                     allocatable=allocatable, topology=topology, usage=usage, pods=list(pods),
-                    problems=tuple(problems)).refresh()
+                    problems=tuple(problems), resource_version=meta.get("resourceVersion") or "").refresh()

@@ -5,12 +5,13 @@ moves bytes). State comes from the :class:`ClusterCache` (watches) or, when the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from fuyao.contracts import QoSClass
@@ -18,7 +19,8 @@ from fuyao.contracts import QoSClass
 from . import kube_protocol as kp
 from .cluster import ClusterCache
 from .config import ExtenderConfig
-from .framework import Cycle, Explanation, Framework, to_extender_score
+from .features import NodeTable, NodeView, PdIndex
+from .framework import Cycle, Explanation, Framework, to_extender_scores
 from .metrics import ExtenderMetrics
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .plugins import BusinessTypePlugin, ColocationPlugin, DeviceFitPlugin, NumaPlugin, PdAffinityPlugin
@@ -29,7 +31,6 @@ log = logging.getLogger(__name__)
 # Volcano's predicate codes (pkg/scheduler/api/types.go)
 VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
 VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
-NO_CYCLE = Cycle(nodes={})
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
@@ -46,11 +47,15 @@ def build_framework(config: ExtenderConfig) -> Framework:
 
 
 class Explanations:
-    """The last decision per pod, bounded (LRU)."""
+    """The last decision per pod, bounded twice: at most ``limit`` pods and ``node_budget`` node entries in all
+    (a decision over 5,000 nodes holds 5,000), oldest first out."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, node_budget: int = 2_000_000):
         self.limit = limit
-        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.node_budget = node_budget
+        self._items: OrderedDict[str, dict[str, Explanation]] = OrderedDict()
+        self._at: dict[str, float] = {}
+        self._size = 0
         self._lock = threading.Lock()
 
     def record(self, explanation: Explanation) -> None:
@@ -58,14 +63,27 @@ class Explanations:
             return
         with self._lock:
             entry = self._items.pop(explanation.pod, {})
-            entry[explanation.verb] = explanation.as_dict() | {"at": time.time()}
+            old = entry.get(explanation.verb)
+            if old is not None:
+                self._size -= old.size
+            entry[explanation.verb] = explanation
+            self._size += explanation.size
             self._items[explanation.pod] = entry
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            self._at[explanation.pod] = time.time()
+            while self._items and (len(self._items) > self.limit or self._size > self.node_budget):
+                if len(self._items) == 1 and len(entry) == 1:
+                    break  # keep the newest decision, however large
+                pod, gone = self._items.popitem(last=False)
+                self._at.pop(pod, None)
+                self._size -= sum(e.size for e in gone.values())
 
     def get(self, pod: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._items.get(pod)
+            entry = self._items.get(pod)
+            if entry is None:
+                return None
+            at = self._at.get(pod)
+            return {verb: e.as_dict() | {"at": at} for verb, e in entry.items()}
 
 
 class ExtenderService:
@@ -76,12 +94,14 @@ class ExtenderService:
         self.cache = cache
         self.metrics = metrics
         self.framework = build_framework(config)
-        self.explanations = Explanations(config.explain_entries)
+        self.domain_key = config.plugins.pd_affinity.topology_key
+        with cache.lock:
+            cache.table.set_domain_key(self.domain_key)
+        self.explanations = Explanations(config.explain_entries, config.explain_node_budget)
         self.binder = binder
         self.warn_pod = warn_pod
         self.has_cluster = has_cluster
         self._warned: set[tuple[str, str]] = set()
-        self._cached_cycle: tuple[int, Cycle] | None = None
 
     # Shared ------------------------------------------------------------------------------------------------------
     def _pod(self, raw: Mapping[str, Any]) -> PodInfo:
@@ -95,63 +115,70 @@ class ExtenderService:
                     self.warn_pod(pod, problem)
         return pod
 
-    def _cycle(self, nodes: list[NodeInfo], from_cache: bool = False) -> Cycle:
-        """The cycle's view of the cluster. Built from the cache, it is reused until the cache changes (its
-        indexes, e.g. prefill/decode pods per domain, are then computed once, not per request)."""
-        if from_cache and self.cache.ready:
-            generation = self.cache.generation
-            if self._cached_cycle is None or self._cached_cycle[0] != generation:
-                self._cached_cycle = (generation, Cycle(nodes=self.cache.all_nodes()))
-            return self._cached_cycle[1]
-        known = self.cache.all_nodes() if self.cache.ready else {}
-        return Cycle(nodes={**known, **{n.name: n for n in nodes}})
+    def _request_view(self, nodes: list[NodeInfo]) -> tuple[NodeView, Cycle]:
+        """Candidates the request carried in full (kube-scheduler's Nodes mode, Volcano): a table of their own;
+        prefill/decode counts from the cache when it is synced (it sees every node), else from these nodes."""
+        view = NodeTable.of(nodes, self.domain_key).view_all()
+        if self.cache.ready:
+            return view, Cycle(pd=self.cache.pd, domains=self.cache.table)
+        return view, Cycle(pd=PdIndex.of(nodes))
 
-    def _nodes_from_args(self, args: kp.ExtenderArgs) -> tuple[list[NodeInfo], dict[str, str]]:
-        """The candidate nodes, and those we cannot judge (name → reason)."""
-        if args.nodes is not None:
-            return [info for raw in args.nodes if (info := self.cache.node_info(raw["metadata"]["name"], raw))], {}
-        unknown: dict[str, str] = {}
-        infos = []
-        for name in args.node_names or []:
-            info = self.cache.node_info(name) if self.cache.ready else None
-            if info is None:
-                unknown[name] = ("the extender has no cluster state (use nodeCacheCapable: false, or give it a "
-                                 "kubeconfig)" if not self.cache.ready else "node unknown to the extender's cache")
-            else:
-                infos.append(info)
-        return infos, unknown
+    @contextlib.contextmanager
+    def _candidates(self, args: kp.ExtenderArgs) -> Iterator[tuple[NodeView, Cycle, list[str]]]:
+        """The candidate nodes of a kube-scheduler request, the cycle, and the names the extender does not know.
+        From the cache's table (under its lock) for ``NodeNames``, and for ``Nodes`` whose versions the cache
+        holds; otherwise from the Node objects of the request."""
+        names = args.node_names
+        if names is None and self.cache.ready:
+            names = self.cache.names_if_current(args.nodes or [])
+        if names is not None:
+            self.cache.expire_assumed()
+            with self.cache.lock:
+                view, unknown = self.cache.table.view(names)
+                yield view, Cycle(pd=self.cache.pd, domains=self.cache.table), unknown
+            return
+        infos = [info for raw in args.nodes or [] if (info := self.cache.node_info(raw["metadata"]["name"], raw))]
+        view, cycle = self._request_view(infos)
+        yield view, cycle, []
 
-    def _observe(self, codes: Mapping[str, str]) -> None:
-        for code in codes.values():
-            plugin, _, reason = code.partition("/")
-            self.metrics.rejections.labels(plugin, reason or "rejected").inc()
+    def _observe(self, rejections: Mapping[tuple[str, str], int]) -> None:
+        for (plugin, code), count in rejections.items():
+            self.metrics.rejections.labels(plugin, code).inc(count)
 
     # kube-scheduler --------------------------------------------------------------------------------------------
     def filter(self, body: Any) -> dict[str, Any]:
         args = kp.parse_extender_args(body)
         pod = self._pod(args.pod)
-        nodes, unknown = self._nodes_from_args(args)
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
-            return kp.filter_result(args, [], {}, {}, error=next(iter(unknown.values()), "no cluster state"))
-        outcome = self.framework.filter(pod, nodes, NO_CYCLE)  # filters read no cluster-wide state
-        outcome.failed.update(unknown)
-        outcome.explanation.rejected.update(unknown)
+            return kp.filter_result(args, [], {}, {}, error=(
+                "the extender has no cluster state (use nodeCacheCapable: false, or give it a kubeconfig)"
+                if not self.has_cluster else "the extender is still listing nodes and pods"))
+        with self._candidates(args) as (view, cycle, unknown):
+            outcome = self.framework.filter(pod, view, cycle)
+        if unknown:
+            for name in unknown:
+                outcome.failed[name] = outcome.explanation.rejected[name] = "node unknown to the extender's cache"
+            outcome.rejections[("extender", "node-unknown")] = len(unknown)
         self.explanations.record(outcome.explanation)
-        self._observe(outcome.explanation.codes)
+        self._observe(outcome.rejections)
         self.metrics.decisions.labels("filter", "ok" if outcome.passed else "none-fit").inc()
-        log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
         return kp.filter_result(args, outcome.passed, outcome.failed, outcome.unresolvable)
 
     def prioritize(self, body: Any) -> list[dict[str, Any]]:
         args = kp.parse_extender_args(body)
         pod = self._pod(args.pod)
-        nodes, _unknown = self._nodes_from_args(args)
-        explanation = self.framework.score(pod, nodes, self._cycle(nodes, from_cache=args.node_names is not None))
+        if args.node_names is not None and not self.cache.ready:
+            return []  # the filter already answered with an error
+        with self._candidates(args) as (view, cycle, _unknown):
+            explanation = self.framework.score(pod, view, cycle)
         self.explanations.record(explanation)
         self.metrics.decisions.labels("prioritize", "ok").inc()
-        log.debug("prioritize %s", pod.key, extra=explanation.as_dict())
-        return kp.priority_list({n: to_extender_score(t) for n, t in explanation.totals.items()})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("prioritize %s", pod.key, extra=explanation.as_dict())
+        return kp.priority_list(explanation.names, to_extender_scores(explanation.totals))  # type: ignore[arg-type]
 
     def bind(self, body: Any) -> dict[str, Any]:
         args = kp.parse_binding_args(body)
@@ -190,7 +217,7 @@ class ExtenderService:
         if info is None:
             return True
         reduced = dataclasses.replace(info, pods=[p for p in info.pods if p.uid not in victims], memo={}).refresh()
-        return self.framework.check(preemptor, reduced, NO_CYCLE) is None
+        return self.framework.check(preemptor, reduced) is None
 
     # Volcano ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -212,7 +239,7 @@ class ExtenderService:
         body = kp._object(body, "PredicateRequest")
         pod = self._volcano_task(body.get("task"))
         node = self._volcano_node(body.get("node"))
-        result = self.framework.check(pod, node, NO_CYCLE)
+        result = self.framework.check(pod, node)
         explanation = Explanation(pod=pod.key, verb="volcano-predicate")
         if result is None:
             self.metrics.decisions.labels("volcano-predicate", "ok").inc()
@@ -222,7 +249,7 @@ class ExtenderService:
         text = f"{plugin}: {rejection.reason}"
         explanation.rejected[node.name] = text
         self.explanations.record(explanation)
-        self._observe({node.name: f"{plugin}/{rejection.code}"})
+        self._observe({(plugin, rejection.code): 1})
         self.metrics.decisions.labels("volcano-predicate", "rejected").inc()
         return {"status": text, "code": VOLCANO_UNRESOLVABLE if rejection.unresolvable else VOLCANO_UNSCHEDULABLE}
 
@@ -232,13 +259,15 @@ class ExtenderService:
         raw_nodes = body.get("nodes") or []
         if not isinstance(raw_nodes, list):
             raise kp.ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
-        nodes = [self._volcano_node(n) for n in raw_nodes]
-        explanation = self.framework.score(pod, nodes, self._cycle(nodes))
+        view, cycle = self._request_view([self._volcano_node(n) for n in raw_nodes])
+        explanation = self.framework.score(pod, view, cycle)
         explanation.verb = "volcano-prioritize"
         self.explanations.record(explanation)
         self.metrics.decisions.labels("volcano-prioritize", "ok").inc()
         scale = self.config.volcano_score_scale
-        return {"nodeScore": {n: round(t * scale, 3) for n, t in explanation.totals.items()}, "errorMessage": ""}
+        totals = explanation.totals.tolist() if explanation.totals is not None else []
+        return {"nodeScore": {n: round(t * scale, 3) for n, t in zip(view.names, totals, strict=True)},
+                "errorMessage": ""}
 
     def volcano_victims(self, body: Any, verb: str) -> dict[str, Any]:
         """preemptable / reclaimable: an LS evictor may evict BE evictees (returned verbatim); a BE evictor none."""

@@ -5,46 +5,58 @@ many pods of the same type on one node (they contend for the same resource)."""
 
 from __future__ import annotations
 
-from collections import Counter
+import numpy as np
 
-from fuyao.contracts import ACCELERATOR_RESOURCES, BusinessType
+from fuyao.contracts import BusinessType
 
-from ..framework import Cycle, Rejection
-from ..model import NodeInfo, PodInfo
+from ..features import BUSINESS_COLUMN, NodeView
+from ..framework import Cycle
+from ..model import USAGE_STALE_S, PodInfo
 
 
 class BusinessTypePlugin:
     name = "business-type"
+    kinds = ()
 
     def __init__(self, stacking_penalty: float = 0.1):
         self.stacking_penalty = stacking_penalty
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         return None
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        return []
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         if pod.business is None:
             return 0.5  # an invalid explicit value: neutral (the pod got an event naming it)
-        free = self.free_share(pod.business, node)
-        counts = node.memo.get("business_counts")
-        if counts is None:
-            counts = node.memo["business_counts"] = Counter(p.business for p in node.pods if not p.terminal)
-        same = counts.get(pod.business, 0) - (1 if any(p.uid == pod.uid for p in node.pods) else 0)
-        return free / (1.0 + self.stacking_penalty * same)
-
-    @staticmethod
-    def free_share(business: BusinessType, node: NodeInfo) -> float:
-        usage = node.fresh_usage()
-        cpu_used = usage.cpu_ratio if usage else _ratio(node.cpu_requested_milli, node.cpu_allocatable_milli)
-        mem_used = usage.memory_ratio if usage else _ratio(node.memory_requested, node.memory_allocatable)
-        if business == BusinessType.COMPUTE_INTENSIVE:
-            shares = [1 - _ratio(node.allocatable_int(r) - node.free(r), node.allocatable_int(r))
-                      for r in ACCELERATOR_RESOURCES if node.allocatable_int(r) > 0]
-            return sum(shares) / len(shares) if shares else 1 - cpu_used
-        if business == BusinessType.MEMORY_SENSITIVE:
-            return 1 - mem_used
-        return 1 - cpu_used
+        free = free_share(pod.business, view, cycle.now)
+        same = view.business[:, BUSINESS_COLUMN[pod.business]].astype(np.float64)
+        if pod.node_name and not pod.terminal:  # the pod itself is counted on its node
+            at, _ = view.positions([pod.node_name])
+            same[at] -= 1
+        return free / (1.0 + self.stacking_penalty * np.maximum(same, 0))
 
 
-def _ratio(used: float, total: float) -> float:
-    return 1.0 if total <= 0 else min(1.0, max(0.0, used / total))
+def fresh_usage(view: NodeView, now: float) -> np.ndarray:
+    """Which candidates publish a measured usage recent enough to trust."""
+    return view.usage_at >= now - USAGE_STALE_S
+
+
+def free_share(business: BusinessType, view: NodeView, now: float) -> np.ndarray:
+    fresh = fresh_usage(view, now)
+    cpu_used = np.where(fresh, view.cpu_ratio, ratio(view.cpu_req, view.cpu_alloc))
+    if business == BusinessType.MEMORY_SENSITIVE:
+        return 1 - np.where(fresh, view.mem_ratio, ratio(view.mem_req, view.mem_alloc))
+    if business == BusinessType.COMPUTE_INTENSIVE:
+        alloc, free = view.alloc, view.free
+        has = alloc > 0
+        shares = np.where(has, 1 - ratio(alloc - free, alloc), 0.0).sum(axis=1)
+        kinds = has.sum(axis=1)
+        return np.where(kinds > 0, shares / np.maximum(kinds, 1), 1 - cpu_used)
+    return 1 - cpu_used
+
+
+def ratio(used: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """used / total in [0, 1]; 1 where there is no total."""
+    return np.where(total > 0, np.clip(used / np.maximum(total, 1), 0.0, 1.0), 1.0)

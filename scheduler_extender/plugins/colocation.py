@@ -9,14 +9,25 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from fuyao.contracts import RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, QoSClass
 
-from ..framework import Cycle, Rejection
-from ..model import NodeInfo, PodInfo
+from ..features import NodeView
+from ..framework import Cycle, RejectKind
+from ..model import PodInfo
+from .business import fresh_usage
+
+NOT_COLOCATION, NO_BATCH, TOO_BUSY = 1, 2, 3
 
 
 class ColocationPlugin:
     name = "qos-colocation"
+    kinds = (
+        RejectKind("not-colocation-node", unresolvable=True),
+        RejectKind("insufficient-batch"),
+        RejectKind("node-too-busy"),
+    )
 
     def __init__(self, ls_usage_watermark: float = 0.7, ls_max_usage: float = 0.95,
                  be_pressure_watermark: float = 0.5):
@@ -24,38 +35,38 @@ class ColocationPlugin:
         self.ls_max_usage = ls_max_usage
         self.be_pressure_watermark = be_pressure_watermark
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+        out = np.zeros(len(view), dtype=np.int16)
         if pod.qos == QoSClass.BE:
-            if not node.colocation:
-                return Rejection("BE pods need a colocation node (label volcano.sh/colocation=true)",
-                                 unresolvable=True, code="not-colocation-node")
-            want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
-            free_cpu, free_mem = node.batch_free()
-            if want_cpu > free_cpu or want_mem > free_mem:
-                return Rejection(f"insufficient batch resources: cpu {free_cpu}m free / {want_cpu}m asked, memory "
-                                 f"{free_mem} free / {want_mem} asked", code="insufficient-batch")
-            return None
-        usage = node.fresh_usage()
-        if usage is not None and max(usage.cpu_ratio, usage.memory_ratio) > self.ls_max_usage:
-            return Rejection(f"node usage cpu {usage.cpu_ratio:.0%} / memory {usage.memory_ratio:.0%} is above "
-                             f"{self.ls_max_usage:.0%} for LS pods", code="node-too-busy")
-        return None
+            want = (pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY))
+            short = (view.batch_free[:, 0] < want[0]) | (view.batch_free[:, 1] < want[1])
+            out[short] = NO_BATCH
+            out[~view.colocation] = NOT_COLOCATION
+            return out
+        load = np.maximum(view.cpu_ratio, view.mem_ratio)
+        out[fresh_usage(view, cycle.now) & (load > self.ls_max_usage)] = TOO_BUSY
+        return out
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        if kind == NOT_COLOCATION:
+            return ["BE pods need a colocation node (label volcano.sh/colocation=true)"] * len(at)
+        if kind == NO_BATCH:
+            want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
+            return [f"insufficient batch resources: cpu {cpu}m free / {want_cpu}m asked, memory {mem} free / "
+                    f"{want_mem} asked" for cpu, mem in view.batch_free[at].tolist()]
+        return [f"node usage cpu {cpu:.0%} / memory {mem:.0%} is above {self.ls_max_usage:.0%} for LS pods"
+                for cpu, mem in zip(view.cpu_ratio[at].tolist(), view.mem_ratio[at].tolist(), strict=True)]
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         if pod.qos == QoSClass.BE:
-            total_cpu, total_mem = node.allocatable_int(RESOURCE_BATCH_CPU), node.allocatable_int(RESOURCE_BATCH_MEMORY)
-            free_cpu, free_mem = node.batch_free()
-            shares = [f / t for f, t in ((free_cpu, total_cpu), (free_mem, total_mem)) if t > 0]
-            return min(shares) if shares else 0.0
-        usage = node.fresh_usage()
-        if usage is None:
-            return 0.5
-        load = max(usage.cpu_ratio, usage.memory_ratio)
-        value = 1.0 if load <= self.ls_usage_watermark else max(
-            0.0, (self.ls_max_usage - load) / max(1e-9, self.ls_max_usage - self.ls_usage_watermark))
-        if usage.be_pressure > self.be_pressure_watermark:
-            value *= 0.5
-        return value
+            total, free = view.batch_alloc, view.batch_free
+            shares = np.where(total > 0, free / np.maximum(total, 1), np.inf).min(axis=1)
+            return np.where(np.isinf(shares), 0.0, shares)
+        load = np.maximum(view.cpu_ratio, view.mem_ratio)
+        span = max(1e-9, self.ls_max_usage - self.ls_usage_watermark)
+        value = np.where(load <= self.ls_usage_watermark, 1.0, np.maximum(0.0, (self.ls_max_usage - load) / span))
+        value = np.where(view.be_pressure > self.be_pressure_watermark, value * 0.5, value)
+        return np.where(fresh_usage(view, cycle.now), value, 0.5)
 
 
 def be_victims(preemptor: PodInfo, victims: list[PodInfo]) -> list[PodInfo] | None:

@@ -10,71 +10,120 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
+from fuyao.placement import A1_RING_PREFERENCE
 
 from .. import devices
-from ..framework import Cycle, Rejection
-from ..model import NodeInfo, PodInfo
+from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
+from ..framework import Cycle, RejectKind
+from ..model import PodInfo
+
+TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, RING_NEVER, RING_NOW, CORES, VNPUS = range(1, 9)
 
 
 class DeviceFitPlugin:
     name = "device-fit"
+    kinds = (
+        RejectKind("node-too-small", unresolvable=True),
+        RejectKind("insufficient-devices"),
+        RejectKind("insufficient-healthy-devices"),
+        RejectKind("placement-unknown"),
+        RejectKind("ring-shape", unresolvable=True),  # a request size the board never takes
+        RejectKind("ring-shape"),  # not with the rings free now
+        RejectKind("cores-not-on-one-die"),
+        RejectKind("insufficient-vnpus"),
+    )
 
     def __init__(self, strategy: Literal["binpack", "spread"] = "binpack"):
         self.strategy = strategy
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
-        for resource, want in pod.accelerators.items():
-            total = node.allocatable_int(resource)
-            if total < want:
-                return Rejection(f"node has {total} {resource}, the pod asks for {want}", unresolvable=True,
-                                 code="node-too-small")
-            free = node.free(resource)
-            if free < want:
-                return Rejection(f"insufficient {resource}: {free} free, {want} requested", code="insufficient-devices")
-            if node.topology is None:
-                continue
-            if resource == RESOURCE_NPU:
-                free_ids = devices.free_npus(node)
-                if len(free_ids) < want:
-                    return Rejection(f"{len(free_ids)} healthy free NPUs by device, {want} requested",
-                                     code="insufficient-healthy-devices")
-                unknown = devices.unplaced_npus(node)
-                if unknown and devices.ring_board(node.topology) and want > 1:
-                    return Rejection(f"{unknown} NPUs of this 910 A1 board are held by pods bound without "
-                                     "npu.openfuyao.com/assigned: whether a whole ring is free is unknown",
-                                     code="placement-unknown")
-                if devices.ring_board(node.topology):
-                    why = devices.ring_feasible(free_ids, node.topology, want)
-                    if why:
-                        return Rejection(why, unresolvable=want not in (1, 2, 4, len(node.topology.devices)),
-                                         code="ring-shape")
-            elif resource == RESOURCE_NPU_CORE:
-                per_die = {d: len(c) for d, c in devices.free_cores(node).items()}
-                if max(per_die.values(), default=0) < want:
-                    return Rejection(f"no die has {want} free AI cores (most free on one die: "
-                                     f"{max(per_die.values(), default=0)}); a vNPU lives on one die",
-                                     code="cores-not-on-one-die")
-            elif resource == RESOURCE_VNPU and len(devices.free_vnpus(node)) < want:
-                return Rejection(f"{len(devices.free_vnpus(node))} free vNPU slices, {want} requested",
-                                 code="insufficient-vnpus")
-        return None
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+        wanted = pod.accelerators
+        if not wanted:
+            return None
+        out = np.zeros(len(view), dtype=np.int16)
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
+        def mark(condition: np.ndarray, kind: int) -> None:
+            out[(out == 0) & condition] = kind
+
+        for resource, want in wanted.items():  # in ACCELERATOR_RESOURCES order: the first problem is reported
+            column = RESOURCE_COLUMN[resource]
+            mark(view.alloc[:, column] < want, TOO_SMALL)
+            mark(view.free[:, column] < want, SHORT)
+            topo = view.topo
+            if resource == RESOURCE_NPU:
+                mark(topo & (view.free_by_device < want), UNHEALTHY)
+                ring = topo & view.ring_board
+                if want > 1:
+                    mark(ring & (view.unplaced > 0), UNPLACED)
+                allowed = ((view.ring_ok >> want) & 1).astype(bool) if want <= 62 else np.zeros(len(view), bool)
+                never = (want not in A1_RING_PREFERENCE) & (view.n_devices != want)
+                mark(ring & ~allowed & never, RING_NEVER)
+                mark(ring & ~allowed, RING_NOW)
+            elif resource == RESOURCE_NPU_CORE:
+                mark(topo & (view.die_cores_max < want), CORES)
+            elif resource == RESOURCE_VNPU:
+                mark(topo & (view.vnpus_free < want), VNPUS)
+        return out
+
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        wanted = pod.accelerators
+        # the resource that failed at each position: the first whose check matches (same order as filter)
+        def first(check) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+            found = []
+            for i in at.tolist():
+                for resource, want in wanted.items():
+                    if check(resource, want, i):
+                        found.append((resource, want))
+                        break
+                else:
+                    found.append(next(iter(wanted.items())))
+            return found
+
+        alloc, free = view.alloc, view.free
+        if kind == TOO_SMALL:
+            return [f"node has {alloc[i, RESOURCE_COLUMN[r]]} {r}, the pod asks for {w}"
+                    for i, (r, w) in zip(at.tolist(), first(lambda r, w, i: alloc[i, RESOURCE_COLUMN[r]] < w),
+                                         strict=True)]
+        if kind == SHORT:
+            return [f"insufficient {r}: {free[i, RESOURCE_COLUMN[r]]} free, {w} requested"
+                    for i, (r, w) in zip(at.tolist(), first(lambda r, w, i: free[i, RESOURCE_COLUMN[r]] < w),
+                                         strict=True)]
+        want = wanted.get(RESOURCE_NPU, 0)
+        if kind == UNHEALTHY:
+            return [f"{n} healthy free NPUs by device, {want} requested" for n in view.free_by_device[at].tolist()]
+        if kind == UNPLACED:
+            return [f"{n} NPUs of this 910 A1 board are held by pods bound without npu.openfuyao.com/assigned: "
+                    "whether a whole ring is free is unknown" for n in view.unplaced[at].tolist()]
+        if kind in (RING_NEVER, RING_NOW):
+            return [devices.ring_problem(list(rings), n, want) or f"{want} cards do not fit the rings"
+                    for rings, n in zip(view.ring_free[at].tolist(), view.n_devices[at].tolist(), strict=True)]
+        if kind == CORES:
+            cores = wanted.get(RESOURCE_NPU_CORE, 0)
+            return [f"no die has {cores} free AI cores (most free on one die: {m}); a vNPU lives on one die"
+                    for m in view.die_cores_max[at].tolist()]
+        slices = wanted.get(RESOURCE_VNPU, 0)
+        return [f"{m} free vNPU slices, {slices} requested" for m in view.vnpus_free[at].tolist()]
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         wanted = pod.accelerators
         if not wanted:
             return 0.5
-        fractions = []
+        fill = np.zeros(len(view))
+        missing = np.zeros(len(view), dtype=bool)
         for resource, want in wanted.items():
-            total = node.allocatable_int(resource)
-            if total <= 0:
-                return 0.0
-            fractions.append(min(1.0, (total - node.free(resource) + want) / total))
-        fill = sum(fractions) / len(fractions)
+            column = RESOURCE_COLUMN[resource]
+            total = view.alloc[:, column]
+            missing |= total <= 0
+            safe = np.maximum(total, 1)
+            fill += np.minimum(1.0, (total - view.free[:, column] + want) / safe)
+        fill /= len(wanted)
         value = fill if self.strategy == "binpack" else 1.0 - fill
         want_npu = wanted.get(RESOURCE_NPU, 0)
-        if want_npu and node.topology is not None and node.topology.groups:
-            best = devices.cover(devices.free_group_sizes(node), want_npu)
-            if best is not None:
-                value = value * (1.0 if best <= 1 else 0.5)
-        return value
+        if want_npu and want_npu <= MAX_COVER:
+            groups = view.group_need[:, want_npu]
+            spans = view.topo & view.has_groups & (groups > 1)
+            value = np.where(spans, value * 0.5, value)
+        return np.where(missing, 0.0, value)

@@ -8,58 +8,79 @@ placement is the kubelet's Topology Manager's job; the API does not publish per-
 
 from __future__ import annotations
 
-from collections import Counter
+import numpy as np
 
 from fuyao.contracts import RESOURCE_NPU, NumaPolicy
 
-from .. import devices
-from ..framework import Cycle, Rejection
-from ..model import NodeInfo, PodInfo
+from ..features import MAX_COVER, NodeView
+from ..framework import Cycle, RejectKind
+from ..model import PodInfo
+
+UNKNOWN, UNPLACED, SINGLE_NEVER, SINGLE_NOW, RESTRICTED = range(1, 6)
 
 
 class NumaPlugin:
     name = "numa"
+    kinds = (
+        RejectKind("numa-unknown", unresolvable=True),
+        RejectKind("placement-unknown"),
+        RejectKind("numa-single-node", unresolvable=True),  # even the empty node needs several NUMA nodes
+        RejectKind("numa-single-node"),
+        RejectKind("numa-restricted"),
+    )
 
-    def _needed(self, pod: PodInfo, node: NodeInfo) -> tuple[int | None, int] | None:
+    @staticmethod
+    def _needed(pod: PodInfo, view: NodeView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(known, needed, ideal) per candidate: whether the node places its dies on NUMA nodes, how many NUMA
+        nodes the free dies need (0: not enough dies), how many the empty node would need."""
         want = pod.request(RESOURCE_NPU)
-        if not want or node.topology is None:
+        if want <= 0:
             return None
-        if all(d.numa_node is None for d in node.topology.devices.values()):
-            return None
-        needed = devices.cover(devices.free_numa_sizes(node), want)
-        ideal = devices.cover(devices.healthy_numa_sizes(node), want) or 1
-        return needed, ideal
+        known = view.topo & view.numa_known
+        if want > MAX_COVER:
+            return known, np.zeros(len(view), np.int8), np.ones(len(view), np.int8)
+        return known, view.numa_need[:, want], np.maximum(view.numa_ideal[:, want], 1)
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
-        if pod.numa_policy not in (NumaPolicy.SINGLE_NUMA_NODE, NumaPolicy.RESTRICTED):
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+        policy = pod.numa_policy
+        if policy not in (NumaPolicy.SINGLE_NUMA_NODE, NumaPolicy.RESTRICTED):
             return None
-        result = self._needed(pod, node)
-        if result is None:
-            if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and pod.request(RESOURCE_NPU):
-                return Rejection("single-numa-node: the node publishes no NUMA placement of its NPUs "
-                                 "(no npu.openfuyao.com/topology, or npu-smi reports no CPU affinity)",
-                                 unresolvable=True, code="numa-unknown")
+        found = self._needed(pod, view)
+        if found is None:
             return None
-        needed, ideal = result
-        if needed is None:
-            return None  # device fit reports the shortage
-        unknown = devices.unplaced_npus(node)
-        if unknown and pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE:
-            return Rejection(f"single-numa-node: {unknown} NPUs are held by pods bound without "
-                             "npu.openfuyao.com/assigned, so which NUMA nodes are free is unknown",
-                             code="placement-unknown")
-        if pod.numa_policy == NumaPolicy.SINGLE_NUMA_NODE and needed > 1:
-            per = Counter(node.topology.devices[d].numa_node for d in devices.free_npus(node))  # type: ignore[union-attr]
-            return Rejection(f"single-numa-node: {pod.request(RESOURCE_NPU)} NPUs need {needed} NUMA nodes "
-                             f"(free per NUMA node: {dict(sorted(per.items(), key=str))})",
-                             unresolvable=ideal > 1, code="numa-single-node")
-        if pod.numa_policy == NumaPolicy.RESTRICTED and needed > ideal:
-            return Rejection(f"restricted: the free NPUs span {needed} NUMA nodes, {ideal} would do",
-                             code="numa-restricted")
-        return None
+        known, needed, ideal = found
+        out = np.zeros(len(view), dtype=np.int16)
+        single = policy == NumaPolicy.SINGLE_NUMA_NODE
+        if single:
+            out[~known] = UNKNOWN
+        placed = known & (needed > 0)  # not enough free dies: device fit reports the shortage
+        if single:
+            out[placed & (view.unplaced > 0)] = UNPLACED
+            late = placed & (out == 0) & (needed > 1)
+            out[late & (ideal > 1)] = SINGLE_NEVER
+            out[late & (ideal <= 1)] = SINGLE_NOW
+        else:
+            out[placed & (needed > ideal)] = RESTRICTED
+        return out
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
-        result = self._needed(pod, node)
-        if result is None or result[0] is None:
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        want = pod.request(RESOURCE_NPU)
+        if kind == UNKNOWN:
+            return ["single-numa-node: the node publishes no NUMA placement of its NPUs (no npu.openfuyao.com/"
+                    "topology, or npu-smi reports no CPU affinity)"] * len(at)
+        if kind == UNPLACED:
+            return [f"single-numa-node: {n} NPUs are held by pods bound without npu.openfuyao.com/assigned, so "
+                    "which NUMA nodes are free is unknown" for n in view.unplaced[at].tolist()]
+        _, needed, ideal = self._needed(pod, view)  # type: ignore[misc]
+        if kind in (SINGLE_NEVER, SINGLE_NOW):
+            return [f"single-numa-node: {want} NPUs need {k} NUMA nodes (free per NUMA node: {per})"
+                    for k, per in zip(needed[at].tolist(), view.numa_free[at].tolist(), strict=True)]
+        return [f"restricted: the free NPUs span {k} NUMA nodes, {i} would do"
+                for k, i in zip(needed[at].tolist(), ideal[at].tolist(), strict=True)]
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
+        found = self._needed(pod, view)
+        if found is None:
             return 0.5
-        return 1.0 / max(1, result[0])
+        known, needed, _ = found
+        return np.where(known & (needed > 0), 1.0 / np.maximum(needed, 1), 0.5)

@@ -5,18 +5,20 @@ topology domain (``topology_key``, default the zone); replicas of the same phase
 
 from __future__ import annotations
 
-from collections import Counter
+import numpy as np
 
 from fuyao.contracts import Phase
 
-from ..framework import Cycle, Rejection
-from ..model import NodeInfo, PodInfo
+from ..features import NodeView
+from ..framework import Cycle
+from ..model import PodInfo
 
 _OTHER = {Phase.PREFILL: Phase.DECODE, Phase.DECODE: Phase.PREFILL}
 
 
 class PdAffinityPlugin:
     name = "pd-affinity"
+    kinds = ()
 
     def __init__(self, topology_key: str = "topology.kubernetes.io/zone", ratio: tuple[int, int] | None = None,
                  spread_penalty: float = 0.2):
@@ -24,35 +26,42 @@ class PdAffinityPlugin:
         self.ratio = ratio
         self.spread_penalty = spread_penalty
 
-    def filter(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> Rejection | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         return None
 
-    def score(self, pod: PodInfo, node: NodeInfo, cycle: Cycle) -> float:
+    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+        return []
+
+    def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         if pod.phase not in _OTHER or pod.pd_group is None:
             return 0.5
-        other = _OTHER[pod.phase]
-        index = cycle.pd_pods
-        peers = index.get((pod.pd_group, other.value), Counter())
-        same = index.get((pod.pd_group, pod.phase.value), Counter())
-        domain = node.labels.get(self.topology_key)
+        group, mine, other = pod.pd_group, pod.phase.value, _OTHER[pod.phase].value
+        peers_by_node = cycle.pd.on_nodes(group, other)
+        same_by_node = cycle.pd.on_nodes(group, mine)
+        domains = cycle.domains if cycle.domains is not None else view.table
+        n = len(view)
 
-        def in_domain(phase: Phase, counts: Counter[str]) -> int:
-            if domain is None:
-                return counts.get(node.name, 0)
-            return cycle.pd_by_domain(self.topology_key, pod.pd_group or "", phase.value).get(domain, 0)
+        def per_node(counts: dict[str, int]) -> np.ndarray:
+            out = np.zeros(n)
+            at, names = view.positions(counts)
+            out[at] = [counts[name] for name in names]
+            return out
 
-        peers_domain = in_domain(other, peers)
-        if peers.get(node.name, 0):
-            value = 1.0
-        elif peers_domain:
-            value = 0.7
-        else:
-            value = 0.3 if peers else 0.5
-        value /= 1.0 + self.spread_penalty * same.get(node.name, 0)
+        # domains only when the tables were built for this plugin's topology key
+        keyed = view.table.domain_key == self.topology_key and domains.domain_key == self.topology_key
+        with_domain = (view.domain >= 0) if keyed else np.zeros(n, dtype=bool)
+
+        def in_domain(phase: str, on_node: np.ndarray) -> np.ndarray:
+            return np.where(with_domain, view.domain_values(cycle.pd.by_domain(group, phase, domains)), on_node)
+
+        peers_node, same_node = per_node(peers_by_node), per_node(same_by_node)
+        peers_domain = in_domain(other, peers_node)
+        value = np.where(peers_node > 0, 1.0, np.where(peers_domain > 0, 0.7, 0.3 if peers_by_node else 0.5))
+        value = value / (1.0 + self.spread_penalty * same_node)
         if self.ratio is not None:
             want_p, want_d = self.ratio
-            mine, theirs = (want_p, want_d) if pod.phase == Phase.PREFILL else (want_d, want_p)
-            have_mine, have_theirs = in_domain(pod.phase, same) + 1, peers_domain
-            if have_theirs and have_mine / have_theirs > mine / theirs:
-                value *= 0.6  # the domain already has enough of this phase
+            mine_share, theirs_share = (want_p, want_d) if pod.phase == Phase.PREFILL else (want_d, want_p)
+            have_mine = in_domain(mine, same_node) + 1
+            crowded = (peers_domain > 0) & (have_mine / np.maximum(peers_domain, 1) > mine_share / theirs_share)
+            value = np.where(crowded, value * 0.6, value)
         return value

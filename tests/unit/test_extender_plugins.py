@@ -12,8 +12,9 @@ from fuyao.contracts import (
     QoSClass,
 )
 from scheduler_extender import devices
-from scheduler_extender.framework import Cycle, Framework, to_extender_score
-from scheduler_extender.model import NodeInfo, parse_node, parse_pod
+from scheduler_extender.features import NodeTable, NodeView, PdIndex
+from scheduler_extender.framework import Cycle, Framework, Plugin, Rejection, to_extender_score
+from scheduler_extender.model import NodeInfo, PodInfo, parse_node, parse_pod
 from scheduler_extender.plugins import (
     BusinessTypePlugin,
     ColocationPlugin,
@@ -35,7 +36,21 @@ def holding(node_name: str, *dies: int, resource: str = RESOURCE_NPU) -> dict:  
                requests={resource: str(len(ids))}, assigned={resource: ids})
 
 
-CYCLE = Cycle(nodes={})
+def reject(plugin: Plugin, p: PodInfo, n: NodeInfo) -> Rejection | None:
+    """The plugin's rejection of one node (through the framework, as the one-node verbs run it)."""
+    found = Framework([(plugin, 1.0)]).check(p, n)
+    return None if found is None else found[1]
+
+
+def score(plugin: Plugin, p: PodInfo, n: NodeInfo, cluster: list[NodeInfo] | None = None) -> float:
+    """The plugin's score of ``n`` among the nodes of ``cluster`` (the prefill/decode plugin looks at all)."""
+    nodes = cluster or [n]
+    view, _ = NodeTable.of(nodes, getattr(plugin, "topology_key", "")).view([n.name])
+    return float(Framework([(plugin, 1.0)]).score(p, view, Cycle(pd=PdIndex.of(nodes))).totals[0])  # type: ignore[index]
+
+
+def view_of(nodes: list[NodeInfo]) -> NodeView:
+    return NodeTable.of(nodes, "").view_all()
 
 
 # --- model ----------------------------------------------------------------------------------------------------------
@@ -70,30 +85,30 @@ def test_device_fit_counts_and_reasons() -> None:
     plugin = DeviceFitPlugin()
     small = info(node("small", npus=2))
     big_ask = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
-    rejection = plugin.filter(big_ask, small, CYCLE)
+    rejection = reject(plugin, big_ask, small)
     assert rejection and rejection.unresolvable and "has 2 npu.huawei.com/NPU, the pod asks for 4" in rejection.reason
     assert rejection.code == "node-too-small"
     busy = info(node("busy", topo=topology()), holding("busy", 0, 1, 2, 3, 4, 5))
-    rejection = plugin.filter(big_ask, busy, CYCLE)
+    rejection = reject(plugin, big_ask, busy)
     assert rejection and not rejection.unresolvable and "2 free, 4 requested" in rejection.reason
     sick = info(node("sick", topo=topology(unhealthy=(0, 1, 2, 3, 4))))
-    rejection = plugin.filter(big_ask, sick, CYCLE)
+    rejection = reject(plugin, big_ask, sick)
     assert rejection and "3 healthy free NPUs by device" in rejection.reason
-    assert plugin.filter(big_ask, info(node("free", topo=topology())), CYCLE) is None
+    assert reject(plugin, big_ask, info(node("free", topo=topology()))) is None
     gpu = parse_pod(pod("g", requests={"nvidia.com/gpu": "1"}))
-    assert "nvidia.com/gpu" in plugin.filter(gpu, small, CYCLE).reason  # type: ignore[union-attr]
+    assert "nvidia.com/gpu" in reject(plugin, gpu, small).reason  # type: ignore[union-attr]
 
 
 def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     plugin = DeviceFitPlugin()
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     split = info(node("a1", topo=topology("a1")), holding("a1", 0, 4))  # 3 free in each ring
-    rejection = plugin.filter(four, split, CYCLE)
+    rejection = reject(plugin, four, split)
     assert rejection and "whole free HCCS ring" in rejection.reason and "[3, 3]" in rejection.reason
     assert rejection.code == "ring-shape"
-    assert plugin.filter(four, info(node("a1", topo=topology("a1")), holding("a1", 0, 1)), CYCLE) is None
+    assert reject(plugin, four, info(node("a1", topo=topology("a1")), holding("a1", 0, 1))) is None
     three = parse_pod(pod("q", requests={RESOURCE_NPU: "3"}))
-    rejection = plugin.filter(three, info(node("a1", topo=topology("a1"))), CYCLE)
+    rejection = reject(plugin, three, info(node("a1", topo=topology("a1"))))
     assert rejection and rejection.unresolvable and "1, 2, 4 or 8 cards" in rejection.reason
 
 
@@ -104,7 +119,7 @@ def test_npu_core_requests_must_fit_one_die() -> None:
     holder = pod("h", node_name="d", phase="Running", requests={RESOURCE_NPU_CORE: str(len(held))},
                  assigned={RESOURCE_NPU_CORE: held})
     ask = parse_pod(pod("p", requests={RESOURCE_NPU_CORE: "10"}))
-    rejection = plugin.filter(ask, info(raw, holder), CYCLE)
+    rejection = reject(plugin, ask, info(raw, holder))
     assert rejection and "no die has 10 free AI cores" in rejection.reason and "most free on one die: 5" in \
         rejection.reason
     assert devices.choose_cores(info(raw, holder), 5) == [f"Ascend910-0-c{k}" for k in range(15, 20)]
@@ -115,7 +130,7 @@ def test_vnpu_slices() -> None:
     n = info(raw, holding("v", 2))
     assert devices.free_npus(n) == [f"Ascend910-{i}" for i in range(3, 8)]  # carved dies are not whole NPUs
     assert devices.choose_vnpus(n, 2) == ["Ascend910-1-v116", "Ascend910-1-v117"]  # packs the fuller die
-    rejection = DeviceFitPlugin().filter(parse_pod(pod("p", requests={RESOURCE_VNPU: "7"})), n, CYCLE)
+    rejection = reject(DeviceFitPlugin(), parse_pod(pod("p", requests={RESOURCE_VNPU: "7"})), n)
     assert rejection and "node has 6 npu.huawei.com/vNPU" in rejection.reason
 
 
@@ -123,13 +138,13 @@ def test_binpack_and_spread() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}))
     empty = info(node("empty", topo=topology()))
     half = info(node("half", topo=topology()), holding("half", 0, 1, 2, 3))
-    assert DeviceFitPlugin("binpack").score(ask, half, CYCLE) > DeviceFitPlugin("binpack").score(ask, empty, CYCLE)
-    assert DeviceFitPlugin("spread").score(ask, empty, CYCLE) > DeviceFitPlugin("spread").score(ask, half, CYCLE)
+    assert score(DeviceFitPlugin("binpack"), ask, half) > score(DeviceFitPlugin("binpack"), ask, empty)
+    assert score(DeviceFitPlugin("spread"), ask, empty) > score(DeviceFitPlugin("spread"), ask, half)
     # a 4-card job on an A1 board: the board that keeps it inside one ring wins
     four = parse_pod(pod("q", requests={RESOURCE_NPU: "4"}))
     ring_free = info(node("r1", topo=topology("a1")), holding("r1", 0))
     rings_split = info(node("r2", topo=topology("a1")), holding("r2", 0, 1, 4))
-    assert DeviceFitPlugin().score(four, ring_free, CYCLE) > DeviceFitPlugin().score(four, rings_split, CYCLE)
+    assert score(DeviceFitPlugin(), four, ring_free) > score(DeviceFitPlugin(), four, rings_split)
 
 
 # --- NUMA -----------------------------------------------------------------------------------------------------------
@@ -138,17 +153,17 @@ def test_single_numa_node_policy_and_scores() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"},
                         annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
     scattered = info(node("s", topo=topology()), holding("s", 0, 2, 4, 6))  # one free die per NUMA node
-    rejection = plugin.filter(ask, scattered, CYCLE)
+    rejection = reject(plugin, ask, scattered)
     assert rejection and "need 2 NUMA nodes" in rejection.reason and not rejection.unresolvable
     packed = info(node("p", topo=topology()), holding("p", 0, 1, 2))
-    assert plugin.filter(ask, packed, CYCLE) is None
-    assert plugin.score(ask, packed, CYCLE) == 1.0 and plugin.score(ask, scattered, CYCLE) == 0.5
+    assert reject(plugin, ask, packed) is None
+    assert score(plugin, ask, packed) == 1.0 and score(plugin, ask, scattered) == 0.5
     restricted = parse_pod(pod("r", requests={RESOURCE_NPU: "2"},
                                annotations={"volcano.sh/numa-topology-policy": "restricted"}))
-    assert "restricted" in plugin.filter(restricted, scattered, CYCLE).reason  # type: ignore[union-attr]
+    assert "restricted" in reject(plugin, restricted, scattered).reason  # type: ignore[union-attr]
     best_effort = parse_pod(pod("b", requests={RESOURCE_NPU: "2"},
                                 annotations={"volcano.sh/numa-topology-policy": "best-effort"}))
-    assert plugin.filter(best_effort, scattered, CYCLE) is None
+    assert reject(plugin, best_effort, scattered) is None
 
 
 # --- business type --------------------------------------------------------------------------------------------------
@@ -159,16 +174,16 @@ def test_business_type_prefers_free_dominant_resource_and_penalises_stacking() -
     light = info(node("light", npus=0))
     heavy = info(node("heavy", npus=0), pod("x", node_name="heavy", phase="Running",
                                             requests={"cpu": "1", "memory": "200Gi"}))
-    assert plugin.score(mem, light, CYCLE) > plugin.score(mem, heavy, CYCLE)
+    assert score(plugin, mem, light) > score(plugin, mem, heavy)
     # measured usage wins over requests
     measured = info(node("measured", npus=0, usage=usage(0.1, 0.9)))
-    assert plugin.score(mem, measured, CYCLE) < 0.2
+    assert score(plugin, mem, measured) < 0.2
     stacked = info(node("stacked", npus=0), *[pod(f"s{i}", node_name="stacked", phase="Running",
                                                   annotations={"business.workload/type": "memory-sensitive"},
                                                   requests={"memory": "1Gi"}) for i in range(4)])
-    assert plugin.score(mem, stacked, CYCLE) < plugin.score(mem, light, CYCLE) / 2
+    assert score(plugin, mem, stacked) < score(plugin, mem, light) / 2
     unknown = parse_pod(pod("u", annotations={"business.workload/type": "quantum"}))
-    assert plugin.score(unknown, light, CYCLE) == 0.5
+    assert score(plugin, unknown, light) == 0.5
 
 
 # --- QoS colocation -------------------------------------------------------------------------------------------------
@@ -177,17 +192,17 @@ def test_be_pods_need_colocation_nodes_with_batch_capacity() -> None:
     be = parse_pod(pod("be", labels={"volcano.sh/qos": "BE"},
                        requests={RESOURCE_BATCH_CPU: "4000", RESOURCE_BATCH_MEMORY: str(8 * 2**30)}))
     plain = info(node("plain", npus=0))
-    rejection = plugin.filter(be, plain, CYCLE)
+    rejection = reject(plugin, be, plain)
     assert rejection and rejection.unresolvable and "volcano.sh/colocation=true" in rejection.reason
     batch = {RESOURCE_BATCH_CPU: "6000", RESOURCE_BATCH_MEMORY: str(16 * 2**30)}
     colo = info(node("colo", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch))
-    assert plugin.filter(be, colo, CYCLE) is None
+    assert reject(plugin, be, colo) is None
     full = info(node("full", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch),
                 pod("other-be", node_name="full", phase="Running", labels={"volcano.sh/qos": "BE"},
                     requests={RESOURCE_BATCH_CPU: "3000"}))
-    rejection = plugin.filter(be, full, CYCLE)
+    rejection = reject(plugin, be, full)
     assert rejection and "insufficient batch resources: cpu 3000m free / 4000m asked" in rejection.reason
-    assert plugin.score(be, colo, CYCLE) > plugin.score(be, full, CYCLE)
+    assert score(plugin, be, colo) > score(plugin, be, full)
 
 
 def test_ls_pods_avoid_hot_nodes() -> None:
@@ -198,10 +213,10 @@ def test_ls_pods_avoid_hot_nodes() -> None:
     hot = info(node("hot", npus=0, usage=usage(0.97, 0.3)))
     pressured = info(node("pressured", npus=0, usage=usage(0.3, 0.3, be=0.6)))
     stale = info(node("stale", npus=0, usage=usage(0.99, 0.99, age_s=600)))
-    assert "above 95% for LS pods" in plugin.filter(ls, hot, CYCLE).reason  # type: ignore[union-attr]
-    assert plugin.filter(ls, stale, CYCLE) is None  # a stale measurement is ignored
-    assert plugin.score(ls, cool, CYCLE) == 1.0 > plugin.score(ls, warm, CYCLE) > 0
-    assert plugin.score(ls, pressured, CYCLE) == 0.5
+    assert "above 95% for LS pods" in reject(plugin, ls, hot).reason  # type: ignore[union-attr]
+    assert reject(plugin, ls, stale) is None  # a stale measurement is ignored
+    assert score(plugin, ls, cool) == 1.0 > score(plugin, ls, warm) > 0
+    assert score(plugin, ls, pressured) == 0.5
 
 
 def test_preemption_victims() -> None:
@@ -222,15 +237,15 @@ def test_prefill_decode_affinity_spread_and_ratio() -> None:
     n1 = info(node("n1", labels={"zone": "a"}), decode)
     n2 = info(node("n2", labels={"zone": "a"}))
     n3 = info(node("n3", labels={"zone": "b"}))
-    cycle = Cycle(nodes={"n1": n1, "n2": n2, "n3": n3})
+    cycle = [n1, n2, n3]
     prefill = parse_pod(pod("p1", labels={"app": "llama", "phase": "prefill"}))
-    assert plugin.score(prefill, n1, cycle) > plugin.score(prefill, n2, cycle) > plugin.score(prefill, n3, cycle)
+    assert score(plugin, prefill, n1, cycle) > score(plugin, prefill, n2, cycle) > score(plugin, prefill, n3, cycle)
     # another decode replica: spread away from the node that already has one
     decode2 = parse_pod(pod("d2", labels={"app": "llama", "phase": "decode"}))
-    assert plugin.score(decode2, n2, cycle) > plugin.score(decode2, n1, cycle)
+    assert score(plugin, decode2, n2, cycle) > score(plugin, decode2, n1, cycle)
     # other groups and non-PD pods are neutral
-    assert plugin.score(parse_pod(pod("x", labels={"app": "other", "phase": "prefill"})), n1, cycle) == 0.5
-    assert plugin.score(parse_pod(pod("y")), n1, cycle) == 0.5
+    assert score(plugin, parse_pod(pod("x", labels={"app": "other", "phase": "prefill"})), n1, cycle) == 0.5
+    assert score(plugin, parse_pod(pod("y")), n1, cycle) == 0.5
 
 
 # --- framework ------------------------------------------------------------------------------------------------------
@@ -239,13 +254,13 @@ def test_framework_collects_reasons_and_weights_scores() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     nodes = [info(node("ok", topo=topology())), info(node("short", npus=2)),
              info(node("busy", topo=topology()), holding("busy", 0, 1, 2, 3, 4, 5))]
-    outcome = framework.filter(ask, nodes, CYCLE)
+    outcome = framework.filter(ask, view_of(nodes))
     assert outcome.passed == ["ok"]
     assert outcome.unresolvable["short"].startswith("device-fit: node has 2")
     assert outcome.failed["busy"].startswith("device-fit: insufficient")
-    explanation = framework.score(ask, [nodes[0]], CYCLE)
-    assert set(explanation.scores["ok"]) == {"device-fit", "numa"}
-    assert 0 <= to_extender_score(explanation.totals["ok"]) <= 10
+    explanation = framework.score(ask, view_of([nodes[0]]))
+    assert set(explanation.scores_of()["ok"]) == {"device-fit", "numa"}
+    assert 0 <= to_extender_score(explanation.total_of()["ok"]) <= 10
     assert to_extender_score(1.0) == 10 and to_extender_score(float("nan")) == 0
 
 
@@ -255,13 +270,13 @@ def test_npus_held_without_an_assignment_make_topology_decisions_conservative() 
     board = info(node("a1", topo=topology("a1")), foreign)
     assert devices.unplaced_npus(board) == 4
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
-    rejection = DeviceFitPlugin().filter(four, board, CYCLE)
+    rejection = reject(DeviceFitPlugin(), four, board)
     assert rejection and not rejection.unresolvable and "whether a whole ring is free is unknown" in rejection.reason
-    assert DeviceFitPlugin().filter(parse_pod(pod("one", requests={RESOURCE_NPU: "1"})), board, CYCLE) is None
+    assert reject(DeviceFitPlugin(), parse_pod(pod("one", requests={RESOURCE_NPU: "1"})), board) is None
     strict = parse_pod(pod("s", requests={RESOURCE_NPU: "2"},
                            annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
     mesh = info(node("m", topo=topology()), pod("f2", node_name="m", phase="Running", requests={RESOURCE_NPU: "2"}))
-    assert "which NUMA nodes are free is unknown" in NumaPlugin().filter(strict, mesh, CYCLE).reason  # type: ignore[union-attr]
+    assert "which NUMA nodes are free is unknown" in reject(NumaPlugin(), strict, mesh).reason  # type: ignore[union-attr]
 
 
 def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
@@ -271,9 +286,9 @@ def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
     assert devices.unplaced_npus(board) == 0
     assert devices.free_npus(board) == [f"Ascend910-{i}" for i in range(4, 8)]
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
-    assert DeviceFitPlugin().filter(four, board, CYCLE) is None  # the other ring is whole
+    assert reject(DeviceFitPlugin(), four, board) is None  # the other ring is whole
     split = info(node("a1", topo=topology("a1", allocated=(0, 1, 4, 5))), foreign)
-    assert "whole free HCCS ring" in DeviceFitPlugin().filter(four, split, CYCLE).reason  # type: ignore[union-attr]
+    assert "whole free HCCS ring" in reject(DeviceFitPlugin(), four, split).reason  # type: ignore[union-attr]
 
 
 def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> None:

@@ -1,0 +1,155 @@
+"""The extender's node table: rows kept up to date by watch events equal rows computed from scratch, and a decision
+over many nodes at once equals the decisions node by node."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuyao.contracts import RESOURCE_NPU
+from scheduler_extender.cluster import ClusterCache
+from scheduler_extender.config import build_config
+from scheduler_extender.features import COLUMNS, NodeTable, PdIndex
+from scheduler_extender.framework import Cycle
+from scheduler_extender.metrics import ExtenderMetrics
+from scheduler_extender.model import parse_pod
+from scheduler_extender.service import ExtenderService, build_framework
+from tests.support.k8s_objects import node, pod, topology, usage
+
+NODES = [f"n{i}" for i in range(5)]
+
+
+def _node(name: str, kind: int, zone: int) -> dict:  # type: ignore[type-arg]
+    topo = [None, topology(), topology("a1"), topology(unhealthy=(1,), allocated=(2,))][kind]
+    return node(name, topo=topo, labels={"topology.kubernetes.io/zone": f"z{zone}",
+                                         **({"volcano.sh/colocation": "true"} if kind == 3 else {})},
+                usage=usage(0.5, 0.4) if kind == 1 else None,
+                extra={"kubernetes.io/batch-cpu": "4000"} if kind == 3 else None)
+
+
+def _pod(uid: str, node_name: str | None, dies: list[int], phase: str | None, group: int, business: int) -> dict:  # type: ignore[type-arg]
+    labels = {"app": f"g{group}", **({"phase": phase} if phase else {})}
+    annotations = {"business.workload/type": ["compute-intensive", "io-intensive", "memory-sensitive"][business]}
+    held = [f"Ascend910-{d}" for d in sorted(set(dies))]
+    return pod(uid, uid=uid, node_name=node_name, phase="Running" if node_name else "Pending", labels=labels,
+               annotations=annotations, requests={"cpu": "1", "memory": "1Gi",
+                                                  **({RESOURCE_NPU: str(len(held))} if held else {})},
+               assigned={RESOURCE_NPU: held} if held and node_name else None)
+
+
+events = st.lists(st.one_of(
+    st.tuples(st.just("node"), st.sampled_from(NODES), st.integers(0, 3), st.integers(0, 2)),
+    st.tuples(st.just("delete-node"), st.sampled_from(NODES)),
+    st.tuples(st.just("pod"), st.sampled_from([f"p{i}" for i in range(8)]), st.sampled_from([None, *NODES]),
+              st.lists(st.integers(0, 7), max_size=4), st.sampled_from([None, "prefill", "decode"]),
+              st.integers(0, 1), st.integers(0, 2)),
+    st.tuples(st.just("delete-pod"), st.sampled_from([f"p{i}" for i in range(8)])),
+    st.tuples(st.just("assume"), st.sampled_from([f"a{i}" for i in range(3)]), st.sampled_from(NODES),
+              st.lists(st.integers(0, 7), max_size=2), st.sampled_from([None, "prefill", "decode"])),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events)
+def test_rows_kept_by_watch_events_equal_rows_computed_from_scratch(history: list[tuple]) -> None:  # type: ignore[type-arg]
+    cache = ClusterCache("topology.kubernetes.io/zone")
+    cache.replace_nodes([])
+    cache.replace_pods([])
+    for event in history:
+        if event[0] == "node":
+            cache.upsert_node(_node(event[1], event[2], event[3]))
+        elif event[0] == "delete-node":
+            cache.delete_node({"metadata": {"name": event[1]}})
+        elif event[0] == "pod":
+            cache.upsert_pod(_pod(*event[1:]))
+        elif event[0] == "delete-pod":
+            cache.delete_pod({"metadata": {"uid": event[1]}})
+        else:
+            _, uid, where, dies, phase = event
+            cache.assume(parse_pod(_pod(uid, where, dies, phase, 0, 0)))
+    fresh_infos = list(cache.all_nodes().values())
+    fresh = NodeTable.of(fresh_infos, "topology.kubernetes.io/zone")
+    assert set(cache.table.index) == set(fresh.index) == {n.name for n in fresh_infos}
+    for name in fresh.index:
+        kept, built = cache.table.index[name], fresh.index[name]
+        for column in COLUMNS:
+            if column == "domain":  # interned ids differ between tables: compare the values
+                ids = cache.table.cols[column][kept], fresh.cols[column][built]
+                assert (cache.table.domain_names[ids[0]] if ids[0] >= 0 else None) == (
+                    fresh.domain_names[ids[1]] if ids[1] >= 0 else None)
+                continue
+            assert np.array_equal(cache.table.cols[column][kept], fresh.cols[column][built]), (name, column)
+    on_known_nodes = {key: {n: c for n, c in counts.items() if n in fresh.index}
+                      for key, counts in cache.pd.counts.items()}  # (pods may name a node not listed yet)
+    assert {k: v for k, v in on_known_nodes.items() if v} == PdIndex.of(fresh_infos).counts
+
+
+asks = st.builds(
+    lambda npus, policy, phase, qos: pod(
+        "ask", requests={"cpu": "2", **({RESOURCE_NPU: str(npus)} if npus else {}),
+                         **({"kubernetes.io/batch-cpu": "1000"} if qos == "BE" else {})},
+        labels={"app": "g0", **({"phase": phase} if phase else {}), **({"volcano.sh/qos": qos} if qos else {})},
+        annotations={"volcano.sh/numa-topology-policy": policy} if policy else {}),
+    st.integers(0, 9), st.sampled_from([None, "single-numa-node", "restricted", "best-effort"]),
+    st.sampled_from([None, "prefill", "decode"]), st.sampled_from([None, "BE", "LS"]))
+clusters = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.lists(st.integers(0, 7), max_size=6),
+                              st.sampled_from([None, "prefill", "decode"])), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(asks, clusters)
+def test_a_decision_over_all_nodes_equals_the_decisions_node_by_node(ask: dict, shape: list[tuple]) -> None:  # type: ignore[type-arg]
+    cache = ClusterCache()
+    cache.replace_nodes([_node(f"n{i}", kind, zone) for i, (kind, zone, _, _) in enumerate(shape)])
+    cache.replace_pods([_pod(f"p{i}", f"n{i}", dies, phase, 0, 0)
+                        for i, (kind, _, dies, phase) in enumerate(shape) if kind])
+    framework = build_framework(build_config({}))
+    p = parse_pod(ask)
+    names = list(cache.table.index)
+    view, _ = cache.table.view(names)
+    cycle = Cycle(pd=cache.pd, domains=cache.table)
+    together = framework.filter(p, view, cycle)
+    scores = framework.score(p, view, cycle).total_of()
+    for name in names:
+        alone = framework.check(p, cache.node_info(name))  # type: ignore[arg-type]
+        if alone is None:
+            assert name in together.passed
+        else:
+            plugin, rejection = alone
+            assert together.explanation.rejected[name] == f"{plugin}: {rejection.reason}"
+            assert (name in together.unresolvable) == rejection.unresolvable
+        one, _ = cache.table.view([name])
+        assert abs(framework.score(p, one, cycle).total_of()[name] - scores[name]) < 1e-9
+
+
+def test_nodes_mode_with_the_cached_versions_answers_like_node_names() -> None:
+    raws = [_node(f"n{i}", i % 4, i % 2) for i in range(4)]
+    for i, raw in enumerate(raws):
+        raw["metadata"]["resourceVersion"] = str(100 + i)
+    cache = ClusterCache()
+    cache.replace_nodes(raws)
+    cache.replace_pods([_pod("p1", "n1", [0, 1], "decode", 0, 0)])
+    service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+    ask = pod("ask", requests={RESOURCE_NPU: "2"}, labels={"app": "g0", "phase": "prefill"})
+    by_names = service.prioritize({"Pod": ask, "NodeNames": [r["metadata"]["name"] for r in raws]})
+    by_nodes = service.prioritize({"Pod": ask, "Nodes": {"items": raws}})
+    assert by_nodes == by_names and len(by_names) == 4
+    stale = [dict(r, metadata={**r["metadata"], "resourceVersion": "1"}) for r in raws]
+    assert service.prioritize({"Pod": ask, "Nodes": {"items": stale}}) == by_names  # parsed from the request
+    feasible = service.filter({"Pod": ask, "NodeNames": [r["metadata"]["name"] for r in raws]})["NodeNames"]
+    for nodes in (raws, stale):
+        answer = service.filter({"Pod": ask, "Nodes": {"items": nodes}})["Nodes"]["items"]
+        assert [n["metadata"]["name"] for n in answer] == feasible
+
+
+def test_explanations_are_bounded_by_node_entries() -> None:
+    from scheduler_extender.framework import Explanation
+    from scheduler_extender.service import Explanations
+
+    kept = Explanations(limit=100, node_budget=10)
+    for i in range(5):
+        kept.record(Explanation(f"ns/p{i}", "filter", rejected={f"n{k}": "x" for k in range(4)}))
+    assert kept.get("ns/p4") is not None and kept.get("ns/p3") is not None and kept.get("ns/p2") is None
+    kept.record(Explanation("ns/huge", "filter", rejected={f"n{k}": "x" for k in range(50)}))
+    assert kept.get("ns/huge") is not None and kept.get("ns/p4") is None  # the newest stays, however large
