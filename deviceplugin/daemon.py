@@ -14,21 +14,22 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fuyao.contracts import (
     ANNOTATION_NODE_TOPOLOGY,
     RESOURCE_NPU,
     NodeTopology,
+    NumaCpus,
     VnpuSlice,
     dump_annotation,
     npu_node_labels,
 )
-from fuyao.inventory import NodeInventory, discover
+from fuyao.inventory import NodeInventory, discover, read_node_cpus
 from fuyao.kube_client import connect
 from fuyao.npusmi import NpuSmi, NpuSmiError
 from vnpu.templates import Template
-from vnpu.usage import PodResourcesUnavailable, held_devices
+from vnpu.usage import PodResourcesUnavailable, allocatable_cpus, holdings
 
 from . import cluster
 from .config import PluginConfig
@@ -48,11 +49,23 @@ STREAM_END_GRACE_S = 0.3  # the stream ended: a kubelet that restarts replaces k
 MAX_BACKOFF_S = 1.0  # a refused Register is cheap; a new kubelet must be found within 2 s
 
 
+def numa_cpu_counts(node_cpus: Mapping[int, set[int]], allocatable: frozenset[int],
+                    exclusive: frozenset[int]) -> dict[int, NumaCpus]:
+    """Per NUMA node: CPUs the static CPU manager can give exclusively, and those it gave. Empty when it gives
+    none (the none policy) or the NUMA layout is unknown."""
+    if not allocatable or not node_cpus:
+        return {}
+    return {node: NumaCpus(allocatable=len(cpus & allocatable), exclusive=len(cpus & allocatable & exclusive))
+            for node, cpus in sorted(node_cpus.items())}
+
+
 def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                   slices: Sequence[Slot] = (), templates: Sequence[Template] = (),
-                  allocated: frozenset[str] = frozenset()) -> NodeTopology:
+                  allocated: frozenset[str] = frozenset(),
+                  numa_cpus: Mapping[int, NumaCpus] | None = None) -> NodeTopology:
     """The topology annotation with each device's current health, its vNPU slices and whether a container holds
-    it (so the scheduler extender knows which dies are taken, also for pods it did not bind)."""
+    it (so the scheduler extender knows which dies are taken, also for pods it did not bind), and the exclusive
+    CPUs per NUMA node."""
     topo = inventory.to_topology()
     sizes = {t.name: t for t in templates}
     devices = {}
@@ -66,7 +79,7 @@ def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
         if i in statuses:
             update["health"] = statuses[i].health
         devices[i] = d.model_copy(update=update)
-    return topo.model_copy(update={"devices": devices})
+    return topo.model_copy(update={"devices": devices, "numa_cpus": dict(numa_cpus or {})})
 
 
 class KubeletSession:
@@ -180,6 +193,8 @@ class DevicePluginDaemon:
         self.publisher: cluster.NodePublisher | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.allocated: frozenset[str] = frozenset()
+        self.numa_cpus: dict[int, NumaCpus] = {}
+        self.node_cpus: dict[int, set[int]] = {}  # NUMA node → CPUs (sysfs), when the dies' NUMA nodes come from it
         self._next_allocation_poll = 0.0
 
     def request_stop(self) -> None:
@@ -257,6 +272,8 @@ class DevicePluginDaemon:
 
     def _start(self, inventory: NodeInventory) -> None:
         self.inventory = inventory
+        if inventory.numa_source == "sysfs":  # CPUs per NUMA node only where the dies' NUMA nodes are real
+            self.node_cpus = read_node_cpus(self.config.sysfs_root)
         self.chips = ChipHealth(inventory.devices)
         api = self._connect()
         choices = None
@@ -284,15 +301,20 @@ class DevicePluginDaemon:
                                         self.stop_event) for r in self.resources]
 
     def _poll_allocations(self) -> None:
-        """Which dies containers hold (kubelet pod-resources); republish the topology when that changes."""
+        """Which dies and exclusive CPUs containers hold (kubelet pod-resources); republish the topology when that
+        changes."""
+        socket = self.config.vnpu.pod_resources_socket
         try:
-            held = held_devices(self.config.vnpu.pod_resources_socket, (RESOURCE_NPU,), timeout_s=2.0)
+            held = holdings(socket, (RESOURCE_NPU,), timeout_s=2.0)
+            numa_cpus = numa_cpu_counts(self.node_cpus, allocatable_cpus(socket, timeout_s=2.0),
+                                        held.exclusive_cpus) if self.node_cpus else {}
         except PodResourcesUnavailable as exc:
             log.debug("allocations not published: %s", exc)
             return
-        allocated = frozenset(held[RESOURCE_NPU])
-        if allocated != self.allocated:
+        allocated = frozenset(held.devices[RESOURCE_NPU])
+        if allocated != self.allocated or numa_cpus != self.numa_cpus:
             self.allocated = allocated
+            self.numa_cpus = numa_cpus
             self._publish()
 
     def _check_driver_mounts(self) -> None:
@@ -325,7 +347,7 @@ class DevicePluginDaemon:
                                  self.inventory.driver_version, self.config.server_usage)
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
         topology = node_topology(self.inventory, self.chips.statuses(), slices,
-                                 self.vnpu.templates if self.vnpu else (), self.allocated)
+                                 self.vnpu.templates if self.vnpu else (), self.allocated, self.numa_cpus)
         self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
 
     def _shutdown(self) -> None:

@@ -253,6 +253,14 @@ class InterconnectGroup(_Schema):
     devices: tuple[str, ...]
 
 
+class NumaCpus(_Schema):
+    """CPUs of one NUMA node as the kubelet's static CPU manager sees them (pod-resources API): those it can give
+    containers exclusively, and those it has given. Free = allocatable - exclusive."""
+
+    allocatable: int = Field(ge=0)
+    exclusive: int = Field(ge=0)
+
+
 class NodeTopology(_Schema):
     """Value of node annotation ``npu.openfuyao.com/topology``."""
 
@@ -261,6 +269,9 @@ class NodeTopology(_Schema):
     driver_version: str | None = None
     devices: dict[str, DeviceTopology]
     groups: tuple[InterconnectGroup, ...] = ()
+    numa_cpus: dict[int, NumaCpus] = Field(
+        default_factory=dict, description="NUMA node → exclusive-CPU accounting; present only when the kubelet runs "
+        "the static CPU manager policy and the devices' NUMA nodes come from sysfs")
 
     @model_validator(mode="after")
     def _groups_name_known_devices(self) -> NodeTopology:

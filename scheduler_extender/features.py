@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ from .model import NodeInfo, PodInfo
 
 MAX_COVER = 32
 """NPU counts up to this have their NUMA / group / ring feasibility precomputed (910C nodes have 16 dies)."""
+NUMA_SLOTS = 8
+"""Nodes with at most this many NUMA nodes get the joint NPU + CPU table (larger ones: NPUs only)."""
 
 RESOURCE_COLUMN = {r: i for i, r in enumerate(ACCELERATOR_RESOURCES)}
 BUSINESS_COLUMN = {b: i for i, b in enumerate(BusinessType)}
@@ -55,6 +58,12 @@ COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "numa_need": (np.int8, (MAX_COVER + 1,), 0),  # k → NUMA nodes the free dies need for k (0: cannot)
     "numa_ideal": (np.int8, (MAX_COVER + 1,), 0),  # k → NUMA nodes on the empty node (0: cannot)
     "numa_free": (object, (), None),  # free dies per NUMA node (for reasons)
+    # with exclusive CPUs per NUMA node published (static CPU manager): [k, d] → the most free exclusive CPUs on
+    # at most k NUMA nodes that together have at least d free dies (-1: no k NUMA nodes have d free dies)
+    "cpu_numa": (np.bool_, (), False),
+    "numa_joint": (np.int32, (NUMA_SLOTS + 1, MAX_COVER + 1), -1),
+    "numa_joint_ideal": (np.int32, (NUMA_SLOTS + 1, MAX_COVER + 1), -1),  # the same on the empty node
+    "numa_cpus_free": (object, (), None),  # free exclusive CPUs per NUMA node (for reasons)
     "has_groups": (np.bool_, (), False),
     "group_need": (np.int8, (MAX_COVER + 1,), 0),  # k → interconnect groups the free dies need (0: cannot)
     "cpu_alloc": (np.int64, (), 0),  # milli
@@ -121,6 +130,7 @@ def node_row(info: NodeInfo) -> dict[str, Any]:
             row.update(numa_known=True, numa_need=_covers(devices.free_numa_sizes(info)),
                        numa_ideal=_covers(devices.healthy_numa_sizes(info)),
                        numa_free=dict(sorted(Counter(topo.devices[d].numa_node for d in free).items(), key=str)))
+        row.update(_numa_cpu_rows(info, free))
     return row
 
 
@@ -131,6 +141,57 @@ def _most_free_cores(info: NodeInfo) -> int:
     assert info.topology is not None
     return max((d.aicore for d in info.topology.devices.values()
                 if d.health == DeviceHealth.HEALTHY and not d.vnpus and d.aicore), default=0)
+
+
+@lru_cache(maxsize=4096)
+def joint_table(per_numa: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], ...]:
+    """[k][d] → the most CPUs on at most k of the NUMA nodes ``per_numa`` = [(free dies, free CPUs)...] that have
+    at least d dies together (-1: none do). Every subset is tried (at most 2^NUMA_SLOTS)."""
+    best = [[-1] * (MAX_COVER + 1) for _ in range(NUMA_SLOTS + 1)]
+    m = len(per_numa)
+    for subset in range(1 << m):
+        dies = cpus = k = 0
+        for i in range(m):
+            if subset >> i & 1:
+                k += 1
+                dies += per_numa[i][0]
+                cpus += per_numa[i][1]
+        row = best[k]
+        d = min(dies, MAX_COVER)
+        if cpus > row[d]:
+            row[d] = cpus
+    for k in range(NUMA_SLOTS + 1):
+        row = best[k]
+        for d in range(MAX_COVER - 1, -1, -1):  # at least d dies
+            row[d] = max(row[d], row[d + 1])
+        if k:
+            previous = best[k - 1]  # at most k NUMA nodes
+            for d in range(MAX_COVER + 1):
+                row[d] = max(row[d], previous[d])
+    return tuple(tuple(row) for row in best)
+
+
+def _numa_cpu_rows(info: NodeInfo, free: list[str]) -> dict[str, Any]:
+    """The joint NPU + CPU tables, when the node publishes its exclusive CPUs per NUMA node and every usable die
+    has a NUMA node among them."""
+    topo = info.topology
+    assert topo is not None
+    if not topo.numa_cpus or len(topo.numa_cpus) > NUMA_SLOTS:
+        return {}
+    usable = {i: d for i, d in topo.devices.items() if d.health == DeviceHealth.HEALTHY and not d.vnpus}
+    if any(d.numa_node not in topo.numa_cpus for d in usable.values()):
+        return {}
+    nodes = sorted(topo.numa_cpus)
+    free_dies = Counter(topo.devices[d].numa_node for d in free)
+    all_dies = Counter(d.numa_node for d in usable.values())
+    cpus = {n: topo.numa_cpus[n] for n in nodes}
+    return {
+        "cpu_numa": True,
+        "numa_joint": joint_table(tuple((free_dies[n], max(0, cpus[n].allocatable - cpus[n].exclusive))
+                                        for n in nodes)),
+        "numa_joint_ideal": joint_table(tuple((all_dies[n], cpus[n].allocatable) for n in nodes)),
+        "numa_cpus_free": {n: max(0, cpus[n].allocatable - cpus[n].exclusive) for n in nodes},
+    }
 
 
 class NodeTable:
@@ -353,5 +414,16 @@ def _on(pod: PodInfo, node: str) -> PodInfo:
     return dataclasses.replace(pod, node_name=node)
 
 
-__all__ = ["BUSINESS_COLUMN", "COLUMNS", "MAX_COVER", "NO_USAGE", "RESOURCE_COLUMN", "NodeTable", "NodeView",
-           "PdIndex", "node_row"]
+__all__ = [
+    "BUSINESS_COLUMN",
+    "COLUMNS",
+    "MAX_COVER",
+    "NO_USAGE",
+    "NUMA_SLOTS",
+    "RESOURCE_COLUMN",
+    "NodeTable",
+    "NodeView",
+    "PdIndex",
+    "joint_table",
+    "node_row",
+]

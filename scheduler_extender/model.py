@@ -93,6 +93,26 @@ def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[dict[str, Decimal],
     return total, containers
 
 
+def exclusive_cpus(pod_spec: Mapping[str, Any]) -> int:
+    """CPUs the kubelet's static CPU manager pins for this pod: the integer CPU requests of its containers when the
+    pod is Guaranteed (every container limits CPU and memory, requests equal to limits); else 0."""
+    total = 0
+    for kind in ("initContainers", "containers"):
+        for container in pod_spec.get(kind) or []:
+            spec = container.get("resources") or {}
+            limits, requests = spec.get("limits") or {}, spec.get("requests") or {}
+            try:
+                for name in (CPU, MEMORY):
+                    if name not in limits or quantity(requests.get(name, limits[name])) != quantity(limits[name]):
+                        return 0
+                cpu = quantity(limits[CPU])
+            except (ValueError, TypeError):
+                return 0
+            if kind == "containers" and cpu == cpu.to_integral_value():
+                total += int(cpu)
+    return min(total, 2**31)
+
+
 @dataclass(frozen=True)
 class PodInfo:
     namespace: str
@@ -116,6 +136,8 @@ class PodInfo:
     creation: str = ""
     qos_explicit: bool = False
     """The QoS class came from a key (not the LS default)."""
+    exclusive_cpus: int = 0
+    """CPUs the static CPU manager would pin (Guaranteed pod, integer CPUs)."""
 
     @property
     def key(self) -> str:
@@ -140,14 +162,6 @@ class PodInfo:
     @property
     def terminal(self) -> bool:
         return self.phase_status in ("Succeeded", "Failed")
-
-    @cached_property
-    def shape(self) -> tuple[object, ...]:
-        """Everything the plugins read from a pending pod: replicas of one workload share it, so a node's filter
-        result and scores for it can be reused until the node (or, for cluster-wide plugins, the cycle) changes."""
-        return (tuple(sorted(self.accelerators.items())), self.cpu_milli, self.memory_bytes,
-                tuple(sorted((k, int(v)) for k, v in self.requests.items() if k.startswith("kubernetes.io/batch"))),
-                self.business, self.qos, self.phase, self.pd_group, self.numa_policy, self.vnpu_mode)
 
 
 def infer_business(requests: Mapping[str, Decimal]) -> BusinessType:
@@ -209,7 +223,8 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         labels=labels, annotations=annotations, requests=total, containers=tuple(containers),
         business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
-        creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None)
+        creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None,
+        exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0)
 
 
 @dataclass

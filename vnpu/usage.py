@@ -1,12 +1,15 @@
-"""Which devices containers hold right now, from the kubelet's pod-resources API (v1 ``List``).
+"""What containers hold right now, from the kubelet's pod-resources API (v1 ``List``, ``GetAllocatableResources``):
+devices per resource and exclusive CPUs.
 
-The reconciler destroys a vNPU only when no container holds it; this is how it knows. The kubelet serves the API on
+The reconciler destroys a vNPU only when no container holds it; this is how it knows. The device plugin also
+publishes which dies and (under the static CPU manager) which CPUs are taken. The kubelet serves the API on
 ``/var/lib/kubelet/pod-resources/kubelet.sock`` (the DaemonSet mounts it read-only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 
@@ -20,19 +23,48 @@ class PodResourcesUnavailable(Exception):
     """The kubelet's pod-resources API did not answer: nothing may be assumed free."""
 
 
-def held_devices(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> dict[str, set[str]]:
-    """resource name → device IDs held by some container on this node."""
+@dataclass(frozen=True)
+class Holdings:
+    devices: dict[str, set[str]]  # resource name → device IDs held by some container
+    exclusive_cpus: frozenset[int]  # CPUs the static CPU manager gave containers (empty under the none policy)
+
+
+def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> Holdings:
+    """What the containers on this node hold (one ``List`` call)."""
     wanted = set(resources)
     out: dict[str, set[str]] = {r: set() for r in wanted}
+    cpus: set[int] = set()
     try:
         with grpc.insecure_channel("unix://" + socket_path) as channel:
             response = pb_grpc.PodResourcesListerStub(channel).List(pb.ListPodResourcesRequest(), timeout=timeout_s)
     except grpc.RpcError as exc:
-        detail = exc.details() if hasattr(exc, "details") else str(exc)
-        raise PodResourcesUnavailable(f"kubelet pod-resources API at {socket_path}: {detail}") from None
+        raise _unavailable(socket_path, exc) from None
     for pod in response.pod_resources:
         for container in pod.containers:
+            cpus.update(container.cpu_ids)
             for devices in container.devices:
                 if devices.resource_name in wanted:
                     out[devices.resource_name].update(devices.device_ids)
-    return out
+    return Holdings(out, frozenset(cpus))
+
+
+def held_devices(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> dict[str, set[str]]:
+    """resource name → device IDs held by some container on this node."""
+    return holdings(socket_path, resources, timeout_s).devices
+
+
+def allocatable_cpus(socket_path: str, timeout_s: float = 5.0) -> frozenset[int]:
+    """CPUs the kubelet can give containers exclusively (``GetAllocatableResources``; empty under the none CPU
+    manager policy)."""
+    try:
+        with grpc.insecure_channel("unix://" + socket_path) as channel:
+            response = pb_grpc.PodResourcesListerStub(channel).GetAllocatableResources(
+                pb.AllocatableResourcesRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        raise _unavailable(socket_path, exc) from None
+    return frozenset(response.cpu_ids)
+
+
+def _unavailable(socket_path: str, exc: grpc.RpcError) -> PodResourcesUnavailable:
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return PodResourcesUnavailable(f"kubelet pod-resources API at {socket_path}: {detail}")

@@ -1,9 +1,15 @@
-"""NUMA: the pod's NPUs should sit on as few NUMA nodes as the node allows (host-device transfers stay local).
+"""NUMA: the pod's NPUs and its exclusive CPUs should sit on as few NUMA nodes as the node allows (host-device
+transfers and memory stay local).
 
-Honours ``volcano.sh/numa-topology-policy``: ``single-numa-node`` rejects nodes that cannot place the NPUs on one
-NUMA node; ``restricted`` rejects nodes that can only place them on more NUMA nodes than the request needs on an
-empty node of the same shape; ``best-effort`` / ``none`` only score. Score: 1 / NUMA nodes needed. (CPU NUMA
-placement is the kubelet's Topology Manager's job; the API does not publish per-NUMA CPUs.)
+Exclusive CPUs are those the kubelet's static CPU manager pins for a Guaranteed pod with integer CPU requests; the
+device plugin publishes, per NUMA node, how many it can give and has given (``numa_cpus`` in
+``npu.openfuyao.com/topology``). Where a node publishes them, the NUMA nodes needed are the fewest that hold the
+pod's NPUs *and* its exclusive CPUs together; elsewhere (none CPU manager policy, or a pod without exclusive CPUs)
+the NPUs alone.
+
+Honours ``volcano.sh/numa-topology-policy``: ``single-numa-node`` rejects nodes that cannot place the pod on one
+NUMA node; ``restricted`` rejects nodes that can only place it on more NUMA nodes than it needs on an empty node of
+the same shape; ``best-effort`` / ``none`` only score. Score: 1 / NUMA nodes needed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from ..model import PodInfo
 UNKNOWN, UNPLACED, SINGLE_NEVER, SINGLE_NOW, RESTRICTED = range(1, 6)
 
 
+def _fewest(table: np.ndarray, cpus: int) -> np.ndarray:
+    """Per row of a [n, k] slice of the joint table (most CPUs on at most k NUMA nodes with enough dies): the
+    smallest k whose CPUs reach ``cpus`` (0: none)."""
+    fits = table >= cpus
+    fits[:, 0] = False  # zero NUMA nodes place nothing
+    return np.where(fits.any(axis=1), fits.argmax(axis=1), 0)
+
+
 class NumaPlugin:
     name = "numa"
     kinds = (
@@ -30,16 +44,32 @@ class NumaPlugin:
     )
 
     @staticmethod
-    def _needed(pod: PodInfo, view: NodeView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(known, needed, ideal) per candidate: whether the node places its dies on NUMA nodes, how many NUMA
-        nodes the free dies need (0: not enough dies), how many the empty node would need."""
-        want = pod.request(RESOURCE_NPU)
-        if want <= 0:
+    def _needed(pod: PodInfo, view: NodeView) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(known, needed, ideal, joint) per candidate: whether the node knows where the pod would sit, how many
+        NUMA nodes its free NPUs (and exclusive CPUs) need (0: not enough), how many on the empty node, and
+        whether CPUs were counted."""
+        want = max(0, pod.request(RESOURCE_NPU))
+        cpus = pod.exclusive_cpus
+        if (not want and not cpus) or want > MAX_COVER:
             return None
-        known = view.topo & view.numa_known
-        if want > MAX_COVER:
-            return known, np.zeros(len(view), np.int8), np.ones(len(view), np.int8)
-        return known, view.numa_need[:, want], np.maximum(view.numa_ideal[:, want], 1)
+        n = len(view)
+        needed = np.zeros(n, dtype=np.int64)
+        ideal = np.ones(n, dtype=np.int64)
+        known = np.zeros(n, dtype=bool)
+        if want:
+            known = view.topo & view.numa_known
+            needed = view.numa_need[:, want].astype(np.int64)
+            ideal = np.maximum(view.numa_ideal[:, want], 1).astype(np.int64)
+        joint = np.zeros(n, dtype=bool)
+        if cpus:
+            joint = view.cpu_numa.copy()
+            if joint.any():  # gather only the d = want slice of the [k, d] tables
+                columns, rows = view.table.cols, view.rows
+                needed = np.where(joint, _fewest(columns["numa_joint"][rows, :, want], cpus), needed)
+                ideal = np.where(joint, np.maximum(_fewest(columns["numa_joint_ideal"][rows, :, want], cpus), 1),
+                                 ideal)
+                known = known | joint
+        return known, needed, ideal, joint
 
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         policy = pod.numa_policy
@@ -48,14 +78,16 @@ class NumaPlugin:
         found = self._needed(pod, view)
         if found is None:
             return None
-        known, needed, ideal = found
+        known, needed, ideal, _ = found
+        want = pod.request(RESOURCE_NPU)
         out = np.zeros(len(view), dtype=np.int16)
         single = policy == NumaPolicy.SINGLE_NUMA_NODE
+        if single and want > 0:
+            out[~known] = UNKNOWN  # a pod without NPUs on a node that publishes no CPUs: the kubelet decides
+        placed = known & (needed > 0)  # not enough free dies or CPUs: device fit / the scheduler report the shortage
         if single:
-            out[~known] = UNKNOWN
-        placed = known & (needed > 0)  # not enough free dies: device fit reports the shortage
-        if single:
-            out[placed & (view.unplaced > 0)] = UNPLACED
+            if want > 0:
+                out[placed & (view.unplaced > 0)] = UNPLACED
             late = placed & (out == 0) & (needed > 1)
             out[late & (ideal > 1)] = SINGLE_NEVER
             out[late & (ideal <= 1)] = SINGLE_NOW
@@ -71,16 +103,26 @@ class NumaPlugin:
         if kind == UNPLACED:
             return [f"single-numa-node: {n} NPUs are held by pods bound without npu.openfuyao.com/assigned, so "
                     "which NUMA nodes are free is unknown" for n in view.unplaced[at].tolist()]
-        _, needed, ideal = self._needed(pod, view)  # type: ignore[misc]
-        if kind in (SINGLE_NEVER, SINGLE_NOW):
-            return [f"single-numa-node: {want} NPUs need {k} NUMA nodes (free per NUMA node: {per})"
-                    for k, per in zip(needed[at].tolist(), view.numa_free[at].tolist(), strict=True)]
-        return [f"restricted: the free NPUs span {k} NUMA nodes, {i} would do"
-                for k, i in zip(needed[at].tolist(), ideal[at].tolist(), strict=True)]
+        _, needed, ideal, joint = self._needed(pod, view)  # type: ignore[misc]
+        texts = []
+        for i, k, best in zip(at.tolist(), needed[at].tolist(), ideal[at].tolist(), strict=True):
+            asks = [f"{want} NPUs"] if want else []
+            free = f"free NPUs per NUMA node: {view.numa_free[i]}" if want else ""
+            if joint[i]:
+                asks.append(f"{pod.exclusive_cpus} exclusive CPUs")
+                free = ", ".join(x for x in (free, f"free exclusive CPUs per NUMA node: {view.numa_cpus_free[i]}")
+                                 if x)
+            what = " + ".join(asks)
+            if kind in (SINGLE_NEVER, SINGLE_NOW):
+                texts.append(f"single-numa-node: {what} need {k} NUMA nodes ({free})")
+            else:
+                texts.append(f"restricted: {what} span {k} NUMA nodes, {best} would do ({free})")
+        return texts
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         found = self._needed(pod, view)
         if found is None:
             return 0.5
-        known, needed, _ = found
+        known, needed, _, _ = found
         return np.where(known & (needed > 0), 1.0 / np.maximum(needed, 1), 0.5)
+

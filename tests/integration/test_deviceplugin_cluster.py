@@ -216,3 +216,28 @@ def test_dynamic_vnpu_uses_the_template_the_scheduler_chose(cluster: LocalApiSer
     finally:
         api.delete_namespaced_pod(f"dyn-{node}", "default", grace_period_seconds=0)
         p.close()
+
+
+def test_exclusive_cpus_per_numa_node_are_published(cluster: LocalApiServer, node: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a host with four NUMA nodes of 48 CPUs (the fake's NPU CPU affinities fall inside them), under the static CPU
+    # manager policy with CPUs 0-1 reserved
+    for n in range(4):
+        (tmp_path / f"devices/system/node/node{n}").mkdir(parents=True)
+        (tmp_path / f"devices/system/node/node{n}/cpulist").write_text(f"{n * 48}-{n * 48 + 47}\n")
+    p = PluginUnderTest("910b4-8", extra_args=("--kubeconfig", cluster.kubeconfig_for(USER), "--node-name", node,
+                                               "--sysfs-root", str(tmp_path)))
+    p.kubelet.allocatable_cpus = list(range(2, 192))
+    api = cluster.client()
+    try:
+        p.start()
+        p.wait_ready()
+        topo = wait_for(lambda: (t := topology_of(api, node)) and t.numa_cpus and t, what="NUMA CPUs")
+        assert {i: (c.allocatable, c.exclusive) for i, c in topo.numa_cpus.items()} == {
+            0: (46, 0), 1: (48, 0), 2: (48, 0), 3: (48, 0)}
+        assert {d.numa_node for d in topo.devices.values()} == {0, 1, 2, 3}  # from sysfs, same numbering
+        p.kubelet.pin_cpus("guaranteed", list(range(50, 58)))
+        wait_for(lambda: topology_of(api, node).numa_cpus[1].exclusive == 8, what="exclusive CPUs on NUMA node 1")
+        p.kubelet.delete_pod("guaranteed")
+        wait_for(lambda: topology_of(api, node).numa_cpus[1].exclusive == 0, what="released CPUs")
+    finally:
+        p.close()

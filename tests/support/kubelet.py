@@ -61,12 +61,19 @@ class PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
     def List(self, request: pr.ListPodResourcesRequest, context: grpc.ServicerContext) -> pr.ListPodResourcesResponse:
         with self.kubelet._cond:
             pods = {name: dict(containers) for name, containers in self.kubelet.pods.items()}
+            cpus = {name: list(ids) for name, ids in self.kubelet.pod_cpus.items()}
         return pr.ListPodResourcesResponse(pod_resources=[
             pr.PodResources(name=name, namespace="default", containers=[
-                pr.ContainerResources(name="main", devices=[
+                pr.ContainerResources(name="main", cpu_ids=cpus.get(name, []), devices=[
                     pr.ContainerDevices(resource_name=resource, device_ids=ids)
-                    for resource, ids in containers.items()])])
-            for name, containers in pods.items()])
+                    for resource, ids in pods.get(name, {}).items()])])
+            for name in sorted(set(pods) | set(cpus))])
+
+    def GetAllocatableResources(self, request: pr.AllocatableResourcesRequest,
+                                context: grpc.ServicerContext) -> pr.AllocatableResourcesResponse:
+        """Like the kubelet: CPUs only under the static CPU manager policy (``allocatable_cpus`` set)."""
+        with self.kubelet._cond:
+            return pr.AllocatableResourcesResponse(cpu_ids=list(self.kubelet.allocatable_cpus))
 
 
 class KubeletStandIn(pb_grpc.RegistrationServicer):
@@ -77,6 +84,8 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
         self.registrations: list[Registration] = []
         self.connections: dict[str, PluginConnection] = {}
         self.pods: dict[str, dict[str, list[str]]] = {}  # pod → resource → device IDs (the kubelet's checkpoint)
+        self.pod_cpus: dict[str, list[int]] = {}  # pod → exclusive CPUs (static CPU manager)
+        self.allocatable_cpus: list[int] = []  # empty: the none CPU manager policy
         self.generation = 0
         self._server: grpc.Server | None = None
         self._pr_server: grpc.Server | None = None
@@ -108,9 +117,15 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
             self.pods.setdefault(pod, {})[resource] = list(chosen)
         return response
 
+    def pin_cpus(self, pod: str, cpus: list[int]) -> None:
+        """What the static CPU manager does for a Guaranteed pod with integer CPUs: exclusive CPUs."""
+        with self._cond:
+            self.pod_cpus[pod] = list(cpus)
+
     def delete_pod(self, pod: str) -> None:
         with self._cond:
             self.pods.pop(pod, None)
+            self.pod_cpus.pop(pod, None)
 
     # Registration service -------------------------------------------------------------------------------------
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:

@@ -9,6 +9,7 @@ from fuyao.contracts import (
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
     BusinessType,
+    NumaCpus,
     QoSClass,
 )
 from scheduler_extender import devices
@@ -164,6 +165,71 @@ def test_single_numa_node_policy_and_scores() -> None:
     best_effort = parse_pod(pod("b", requests={RESOURCE_NPU: "2"},
                                 annotations={"volcano.sh/numa-topology-policy": "best-effort"}))
     assert reject(plugin, best_effort, scattered) is None
+
+
+def test_exclusive_cpus_of_guaranteed_pods() -> None:
+    def with_resources(requests: dict[str, str], limits: dict[str, str]) -> dict:  # type: ignore[type-arg]
+        raw = pod("g")
+        raw["spec"]["containers"][0]["resources"] = {"requests": requests, "limits": limits}
+        return raw
+
+    assert parse_pod(with_resources({}, {"cpu": "16", "memory": "64Gi"})).exclusive_cpus == 16  # requests = limits
+    assert parse_pod(with_resources({"cpu": "8"}, {"cpu": "16", "memory": "64Gi"})).exclusive_cpus == 0  # burstable
+    assert parse_pod(with_resources({}, {"cpu": "1500m", "memory": "1Gi"})).exclusive_cpus == 0  # not an integer
+    assert parse_pod(with_resources({}, {"cpu": "4"})).exclusive_cpus == 0  # no memory limit: not Guaranteed
+    assert parse_pod(with_resources({}, {"cpu": "4", "memory": "garbage"})).exclusive_cpus == 0
+
+
+def test_numa_counts_exclusive_cpus_where_the_node_publishes_them() -> None:
+    # NUMA nodes 0..3 with two dies each; dies 2, 4-7 held: NUMA 0 has both dies free, NUMA 1 one
+    base = topology()
+    cpus = {0: NumaCpus(allocatable=48, exclusive=40), 1: NumaCpus(allocatable=48, exclusive=0),
+            2: NumaCpus(allocatable=48, exclusive=48), 3: NumaCpus(allocatable=48, exclusive=48)}
+    with_cpus = base.model_copy(update={"numa_cpus": cpus})
+    held = (2, 4, 5, 6, 7)
+    published = info(node("c", topo=with_cpus), holding("c", *held))
+    silent = info(node("s", topo=base), holding("s", *held))
+
+    def guaranteed(npus: int, cpu: int, policy: str = "single-numa-node") -> PodInfo:
+        raw = pod("g", annotations={"volcano.sh/numa-topology-policy": policy})
+        raw["spec"]["containers"][0]["resources"] = {"limits": {
+            "cpu": str(cpu), "memory": "8Gi", **({RESOURCE_NPU: str(npus)} if npus else {})}}
+        return parse_pod(raw)
+
+    plugin = NumaPlugin()
+    ask = guaranteed(2, 16)  # NUMA 0 has the dies but only 8 free CPUs; NUMA 1 the CPUs but one die
+    rejection = reject(plugin, ask, published)
+    assert rejection and not rejection.unresolvable and rejection.code == "numa-single-node"
+    assert "2 NPUs + 16 exclusive CPUs need 2 NUMA nodes" in rejection.reason
+    assert "free exclusive CPUs per NUMA node: {0: 8, 1: 48, 2: 0, 3: 0}" in rejection.reason
+    assert reject(plugin, ask, silent) is None  # CPUs unknown there: the NPUs alone fit NUMA node 0
+    assert reject(plugin, guaranteed(2, 8), published) is None
+    assert score(plugin, guaranteed(2, 8), published) == 1.0 and score(plugin, guaranteed(2, 16), published) == 0.5
+    # CPUs only: 40 fit NUMA node 1 alone; 50 need two (48 + 8); 60 fit nowhere (the scheduler reports that)
+    assert reject(plugin, guaranteed(0, 40), published) is None and score(plugin, guaranteed(0, 40), published) == 1
+    assert "50 exclusive CPUs need 2 NUMA nodes" in reject(plugin, guaranteed(0, 50), published).reason  # type: ignore[union-attr]
+    assert reject(plugin, guaranteed(0, 60), published) is None
+    assert reject(plugin, guaranteed(0, 50), silent) is None  # a CPU-only pod where CPUs are unknown: not ours
+    assert "restricted" in reject(plugin, guaranteed(2, 16, "restricted"), published).reason  # type: ignore[union-attr]
+    # even the empty node cannot give 2 dies + 50 CPUs on one NUMA node (48 each): unresolvable
+    assert reject(plugin, guaranteed(2, 50), published).unresolvable  # type: ignore[union-attr]
+
+
+def test_joint_table_matches_brute_force() -> None:
+    import itertools
+    import random
+
+    from scheduler_extender.features import MAX_COVER, joint_table
+
+    rng = random.Random(7)
+    for _ in range(200):
+        per = tuple((rng.randint(0, 4), rng.randint(0, 64)) for _ in range(rng.randint(1, 6)))
+        table = joint_table(per)
+        for k in range(len(per) + 1):
+            for d in range(0, 10):
+                best = max((sum(c for _, c in s) for r in range(k + 1) for s in itertools.combinations(per, r)
+                            if sum(x for x, _ in s) >= d), default=-1)
+                assert table[k][min(d, MAX_COVER)] == best, (per, k, d)
 
 
 # --- business type --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuyao.contracts import RESOURCE_NPU
+from fuyao.contracts import RESOURCE_NPU, NumaCpus
 from scheduler_extender.cluster import ClusterCache
 from scheduler_extender.config import build_config
 from scheduler_extender.features import COLUMNS, NodeTable, PdIndex
@@ -21,7 +21,9 @@ NODES = [f"n{i}" for i in range(5)]
 
 
 def _node(name: str, kind: int, zone: int) -> dict:  # type: ignore[type-arg]
-    topo = [None, topology(), topology("a1"), topology(unhealthy=(1,), allocated=(2,))][kind]
+    topo = [None, topology(), topology("a1"), topology(unhealthy=(1,), allocated=(2,)),
+            topology().model_copy(update={"numa_cpus": {n: NumaCpus(allocatable=16, exclusive=4 * n)
+                                                        for n in range(4)}})][kind]
     return node(name, topo=topo, labels={"topology.kubernetes.io/zone": f"z{zone}",
                                          **({"volcano.sh/colocation": "true"} if kind == 3 else {})},
                 usage=usage(0.5, 0.4) if kind == 1 else None,
@@ -39,7 +41,7 @@ def _pod(uid: str, node_name: str | None, dies: list[int], phase: str | None, gr
 
 
 events = st.lists(st.one_of(
-    st.tuples(st.just("node"), st.sampled_from(NODES), st.integers(0, 3), st.integers(0, 2)),
+    st.tuples(st.just("node"), st.sampled_from(NODES), st.integers(0, 4), st.integers(0, 2)),
     st.tuples(st.just("delete-node"), st.sampled_from(NODES)),
     st.tuples(st.just("pod"), st.sampled_from([f"p{i}" for i in range(8)]), st.sampled_from([None, *NODES]),
               st.lists(st.integers(0, 7), max_size=4), st.sampled_from([None, "prefill", "decode"]),
@@ -85,15 +87,21 @@ def test_rows_kept_by_watch_events_equal_rows_computed_from_scratch(history: lis
     assert {k: v for k, v in on_known_nodes.items() if v} == PdIndex.of(fresh_infos).counts
 
 
-asks = st.builds(
-    lambda npus, policy, phase, qos: pod(
-        "ask", requests={"cpu": "2", **({RESOURCE_NPU: str(npus)} if npus else {}),
-                         **({"kubernetes.io/batch-cpu": "1000"} if qos == "BE" else {})},
-        labels={"app": "g0", **({"phase": phase} if phase else {}), **({"volcano.sh/qos": qos} if qos else {})},
-        annotations={"volcano.sh/numa-topology-policy": policy} if policy else {}),
-    st.integers(0, 9), st.sampled_from([None, "single-numa-node", "restricted", "best-effort"]),
-    st.sampled_from([None, "prefill", "decode"]), st.sampled_from([None, "BE", "LS"]))
-clusters = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.lists(st.integers(0, 7), max_size=6),
+def _ask(npus: int, policy: str | None, phase: str | None, qos: str | None, pinned: int) -> dict:  # type: ignore[type-arg]
+    raw = pod("ask", requests={"cpu": "2", **({RESOURCE_NPU: str(npus)} if npus else {}),
+                               **({"kubernetes.io/batch-cpu": "1000"} if qos == "BE" else {})},
+              labels={"app": "g0", **({"phase": phase} if phase else {}), **({"volcano.sh/qos": qos} if qos else {})},
+              annotations={"volcano.sh/numa-topology-policy": policy} if policy else {})
+    if pinned:  # Guaranteed: exclusive CPUs
+        raw["spec"]["containers"][0]["resources"] = {"limits": {
+            "cpu": str(pinned), "memory": "1Gi", **({RESOURCE_NPU: str(npus)} if npus else {})}}
+    return raw
+
+
+asks = st.builds(_ask, st.integers(0, 9), st.sampled_from([None, "single-numa-node", "restricted", "best-effort"]),
+                 st.sampled_from([None, "prefill", "decode"]), st.sampled_from([None, "BE", "LS"]),
+                 st.sampled_from([0, 4, 16, 40]))
+clusters = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2), st.lists(st.integers(0, 7), max_size=6),
                               st.sampled_from([None, "prefill", "decode"])), min_size=1, max_size=6)
 
 
