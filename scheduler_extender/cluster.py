@@ -1,9 +1,6 @@
-"""Cluster state from watches of Nodes and Pods, kept as parsed :class:`NodeInfo` / :class:`PodInfo`.
-
-An informer in miniature: list, then watch from the list's resourceVersion; a watch that ends is resumed from the
-last resourceVersion seen; ``410 Gone`` (or any error) re-lists. Raw JSON is read with orjson (no client model
-deserialisation: that would dominate at thousands of pods). Pods the binder just bound are *assumed* on their node
-until the watch shows them, so two binds in a row never hand out the same devices.
+"""Cluster state from watches of Nodes and Pods (``fuyao.kube_watch``: list, watch, re-list on 410), kept as
+parsed :class:`NodeInfo` / :class:`PodInfo` and as rows of the node table. Pods the binder just bound are *assumed*
+on their node until the watch shows them, so two binds in a row never hand out the same devices.
 """
 
 from __future__ import annotations
@@ -13,19 +10,17 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import orjson
-
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
+from fuyao.kube_watch import WATCH_TIMEOUT_S, ListWatch
 
 from .features import NodeTable, PdIndex
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 
 log = logging.getLogger(__name__)
 
-WATCH_TIMEOUT_S = 300
 ASSUME_TTL_S = 60.0
 
 
@@ -239,98 +234,36 @@ class ClusterCache:
             return dict(self._infos)
 
 
+class _Kind:
+    """One kind's events into the cache (a :class:`fuyao.kube_watch.Sink`)."""
+
+    def __init__(self, cache: ClusterCache, kind: str):
+        self.cache, self.kind = cache, kind
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        (self.cache.replace_nodes if self.kind == "nodes" else self.cache.replace_pods)(items)
+        self.cache.relists[self.kind] += 1
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        (self.cache.upsert_node if self.kind == "nodes" else self.cache.upsert_pod)(obj)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        (self.cache.delete_node if self.kind == "nodes" else self.cache.delete_pod)(obj)
+
+
 class Watcher:
-    """Feeds a :class:`ClusterCache` from the API server (list + watch with re-list), one thread per kind."""
+    """Feeds a :class:`ClusterCache` from the API server: list + watch of nodes and of pods (all namespaces)."""
 
     def __init__(self, api: Any, cache: ClusterCache, watch_timeout_s: int = WATCH_TIMEOUT_S):
-        self.api = api
         self.cache = cache
-        self.watch_timeout_s = watch_timeout_s
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self.watches = {kind: ListWatch(kind, call, _Kind(cache, kind), watch_timeout_s=watch_timeout_s,
+                                        after_list=cache.settle, failing=cache.failing)
+                        for kind, call in (("nodes", api.list_node), ("pods", api.list_pod_for_all_namespaces))}
 
     def start(self) -> None:
-        for kind in ("nodes", "pods"):
-            t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        for watch in self.watches.values():
+            watch.start()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _calls(self, kind: str) -> Callable[..., Any]:
-        return self.api.list_node if kind == "nodes" else self.api.list_pod_for_all_namespaces
-
-    def _run(self, kind: str) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                version = self._list(kind)
-                self.cache.failing.pop(kind, None)
-                backoff = 0.5
-                while not self._stop.is_set() and version is not None:
-                    version = self._watch(kind, version)
-            except Exception as exc:
-                log.warning("%s watch failed (re-listing in %.1fs): %s", kind, backoff, exc)
-                if backoff >= 8.0:  # several attempts in a row: the cache is going stale
-                    self.cache.failing[kind] = str(exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    def _list(self, kind: str) -> str:
-        response = self._calls(kind)(_preload_content=False, _request_timeout=60)
-        data = orjson.loads(response.data)
-        items = data.get("items") or []
-        (self.cache.replace_nodes if kind == "nodes" else self.cache.replace_pods)(items)
-        self.cache.relists[kind] += 1
-        self.cache.settle()
-        log.info("listed %d %s", len(items), kind)
-        return str((data.get("metadata") or {}).get("resourceVersion") or "")
-
-    def _watch(self, kind: str, version: str) -> str | None:
-        """Stream events from ``version``; returns the last version (resume) or None (re-list: 410 Gone)."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            response = self._calls(kind)(watch=True, resource_version=version, allow_watch_bookmarks=True,
-                                         timeout_seconds=self.watch_timeout_s, _preload_content=False,
-                                         _request_timeout=self.watch_timeout_s + 30)
-        except ApiException as exc:
-            if exc.status == 410:
-                log.info("%s watch from %s expired (410 Gone); re-listing", kind, version)
-                return None
-            raise
-        upsert = self.cache.upsert_node if kind == "nodes" else self.cache.upsert_pod
-        delete = self.cache.delete_node if kind == "nodes" else self.cache.delete_pod
-        try:
-            for line in _lines(response):
-                if self._stop.is_set():
-                    return None
-                if not line.strip():
-                    continue
-                event = orjson.loads(line)
-                kind_of, obj = event.get("type"), event.get("object") or {}
-                if kind_of == "ERROR":
-                    if obj.get("code") == 410:
-                        log.info("%s watch expired (410 Gone); re-listing", kind)
-                        return None
-                    raise RuntimeError(f"watch error: {obj.get('message')}")
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                if kind_of in ("ADDED", "MODIFIED"):
-                    upsert(obj)
-                elif kind_of == "DELETED":
-                    delete(obj)
-        finally:
-            response.release_conn()
-        return version
-
-
-def _lines(response: Any) -> Iterable[bytes]:
-    buffer = b""
-    for chunk in response.stream(65536, decode_content=True):
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            yield line
-    if buffer:
-        yield buffer
+        for watch in self.watches.values():
+            watch.stop()

@@ -160,12 +160,13 @@ def test_invalid_annotation_gets_a_warning_event(cluster: LocalApiServer, extend
 def test_watch_relists_after_410_gone(cluster: LocalApiServer) -> None:
     cache = ClusterCache()
     watcher = Watcher(cluster.client(USER), cache, watch_timeout_s=5)
-    version = watcher._list("pods")
+    pods = watcher.watches["pods"]
+    version = pods._list()
     assert cache.synced["pods"] and version
     create_pod(cluster, "moves-the-revision", 0)
     time.sleep(3)  # etcd compacts the old revisions
     # a compacted resourceVersion answers 410 Gone: the watcher asks to re-list
-    assert watcher._watch("pods", version) is None
+    assert pods._watch(version) is None
     watcher.start()
     try:
         create_pod(cluster, "seen-by-watch", 0)
