@@ -3,10 +3,11 @@ and the plugin's own counters. Each daemon owns one registry, so tests can run s
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from fuyao.inventory import NpuDevice
+from fuyao.metrics_http import MetricsEndpoint
 from fuyao.npusmi.models import ChipStatus
 
 _DEVICE_LABELS = ("node", "device", "chip")
@@ -42,7 +43,7 @@ class PluginMetrics:
         self.vnpu_operations = Counter("fuyao_vnpu_operations_total", "vNPU creations and destructions by result",
                                        ("action", "result"), registry=r)
         self.vnpus = Gauge("fuyao_vnpu_vnpus", "vNPUs fuyao created that exist now", registry=r)
-        self._server = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:
         labels = (self.node, device.id, device.chip_model)
@@ -64,17 +65,10 @@ class PluginMetrics:
 
     def serve(self, address: str) -> tuple[str, int]:
         """Serve /metrics on ``HOST:PORT`` (port 0 picks a free one); returns the bound address."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
-        self._server = server
-        bound = server.server_address
-        return str(bound[0]), int(bound[1])
+        return self._endpoint.serve(address)
 
     def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._endpoint.shutdown()
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

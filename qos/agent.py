@@ -1,0 +1,283 @@
+"""One QoS agent cycle: measure, decide (``policy``), then act — cgroup writes on BE pods, batch resources and
+usage on the Node, evictions — or, in a dry run, only report what it would do. Every step that can fail (a cgroup
+file, an API call) fails alone: logged, counted, retried next cycle; the daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from fuyao.contracts import NodeUsage, QoSClass
+
+from . import cgroups, policy
+from .collect import Collector, Measurement
+from .config import AgentConfig
+from .kube import Evictor, NodeState, Publisher
+from .metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+EVICTION_RETRY_S = 60.0
+
+
+class PodLine(BaseModel):
+    uid: str
+    pod: str
+    qos: str
+    known: bool
+    cpu_milli: int
+    cpu_peak_milli: int
+    memory_bytes: int
+
+
+class WriteLine(BaseModel):
+    path: str
+    value: str
+    reason: str
+    error: str = ""
+
+
+class EvictionLine(BaseModel):
+    pod: str
+    uid: str
+    memory_bytes: int
+    reason: str
+    error: str = ""
+
+
+class Report(BaseModel):
+    """What one cycle measured, decided and did (``--once --dry-run`` prints it: did = would do)."""
+
+    node: str
+    at: float
+    dry_run: bool
+    cluster: bool
+    cgroup: str
+    notes: list[str]
+    node_usage: dict[str, int]
+    usage_by_class: dict[str, dict[str, int]]
+    pods: list[PodLine]
+    batch: dict[str, int]
+    batch_published: bool
+    usage_published: bool
+    suppress: dict[str, Any]
+    cgroup_writes: list[WriteLine]
+    evictions: list[EvictionLine]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, collector: Collector, metrics: AgentMetrics,
+                 state: NodeState | None = None, publisher: Publisher | None = None, evictor: Evictor | None = None):
+        self.config = config
+        self.collector = collector
+        self.metrics = metrics
+        self.state = state
+        self.publisher = publisher
+        self.evictor = evictor
+        self.suppressed = False
+        self._batch: tuple[int, int] | None = None
+        self._batch_at = 0.0
+        self._usage: NodeUsage | None = None
+        self._usage_at = 0.0
+        self._evicted: dict[str, float] = {}
+
+    # --------------------------------------------------------------------------------------------------------------
+    def cycle(self, dry_run: bool = False) -> Report:
+        started = time.perf_counter()
+        notes: list[str] = []
+        facts: dict[str, Any] = {}
+        capacity = reserved = None
+        if self.state is None:
+            notes.append("no cluster configured: every pod counts as LS, nothing is published or evicted")
+        elif not self.state.ready:
+            notes.append("still listing this node and its pods: every pod counts as LS this cycle")
+        else:
+            facts = self.state.facts()
+            found = self.state.capacity()
+            if found is None:
+                notes.append("the Node has no readable capacity: the host's CPUs and memory are used")
+            else:
+                capacity, reserved = found
+        if self.state is not None and self.state.failing:
+            notes.append(f"API server watch failing, pod classes may be stale: {self.state.failing}")
+        m = self.collector.sample(facts, capacity, reserved or (0, 0))
+        if m.errors:
+            self.metrics.cgroup_errors.inc(len(m.errors))
+            notes.extend(f"skipped: {e}" for e in m.errors)
+        if not m.warm:
+            notes.append("first sample: CPU rates need a second one; no cgroup changes this cycle")
+        batch = policy.batch_resources(m.node, m.pods, self.config)
+        plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed)
+        writes = self._writes(m, plan) if m.warm else []
+        evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config)
+                     if time.monotonic() - self._evicted.get(e.pod.uid, -1e9) > EVICTION_RETRY_S]
+        now = time.time()
+        usage = self._usage_value(m, now)
+        batch_due = self._batch_due(m, batch, now)
+        usage_due = m.warm and self._usage_due(usage, now)
+        if not dry_run:
+            for line in writes:
+                try:
+                    cgroups.apply(cgroups.Write(line.path, line.value))
+                    self.metrics.cgroup_writes.labels("ok").inc()
+                except cgroups.CgroupError as exc:
+                    line.error = str(exc)
+                    self.metrics.cgroup_writes.labels("error").inc()
+                    log.warning("cgroup write failed: %s", exc)
+            if m.warm:
+                self.suppressed = plan.active
+            batch_due = batch_due and self._publish("batch", lambda: self.publisher.batch_resources(  # type: ignore[union-attr]
+                batch.cpu_milli, batch.memory_bytes))
+            if batch_due:
+                self._batch, self._batch_at = (batch.cpu_milli, batch.memory_bytes), now
+            usage_due = usage_due and self._publish("usage", lambda: self.publisher.usage(usage))  # type: ignore[union-attr]
+            if usage_due:
+                self._usage, self._usage_at = usage, now
+        eviction_lines = [self._evict(e, dry_run) for e in evictions]
+        self._observe(m, batch, plan)
+        self.metrics.cycle_seconds.observe(time.perf_counter() - started)
+        return self._report(m, batch, plan, writes, eviction_lines, notes, dry_run, now, batch_due, usage_due)
+
+    def run(self, stop: threading.Event, dry_run: bool = False) -> None:
+        """Cycle every ``interval`` until ``stop``. A dry run logs what each cycle would do."""
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                report = self.cycle(dry_run=dry_run)
+                if dry_run and (report.cgroup_writes or report.evictions):
+                    log.info("dry run: would make %d cgroup writes and %d evictions", len(report.cgroup_writes),
+                             len(report.evictions), extra=report.model_dump())
+            except Exception:  # a bug in one cycle must not end the agent
+                log.exception("QoS cycle failed; next one in %gs", self.config.interval)
+            stop.wait(max(0.0, self.config.interval - (time.monotonic() - began)))
+
+    # Decisions → actions -----------------------------------------------------------------------------------------
+    def _writes(self, m: Measurement, plan: policy.SuppressPlan) -> list[WriteLine]:
+        """cgroup writes that make BE pods match the plan (only where the file differs)."""
+        layout = self.collector.layout
+        out: list[WriteLine] = []
+        for pod in m.pods:
+            group = m.groups.get(pod.uid)
+            if not pod.be or group is None:
+                continue
+            try:
+                weight = cgroups.cpu_weight(layout, group)
+                want_weight = self.config.be_cpu_shares if layout.version == 1 else cgroups.shares_to_weight(
+                    self.config.be_cpu_shares)
+                if weight != want_weight:
+                    write = cgroups.cpu_weight_write(layout, group, self.config.be_cpu_shares)
+                    out.append(WriteLine(path=write.path, value=write.value,
+                                         reason=f"BE pod {pod.key}: low CPU weight"))
+                current = cgroups.cpu_limit(layout, group)
+                target = cgroups.CpuLimit(policy.quota_us(plan.limits.get(pod.uid), current.period_us),
+                                          current.period_us)
+                if target.quota_us != current.quota_us:
+                    why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
+                           f"{plan.ls_and_system_milli}m)" if plan.active else
+                           f"BE pod {pod.key}: suppression lifted, back to its own limit")
+                    out.extend(WriteLine(path=w.path, value=w.value, reason=why)
+                               for w in cgroups.cpu_limit_write(layout, group, target))
+            except cgroups.CgroupError as exc:
+                self.metrics.cgroup_errors.inc()
+                log.warning("BE pod %s left as is: %s", pod.key, exc)
+        return out
+
+    def _evict(self, eviction: policy.Eviction, dry_run: bool) -> EvictionLine:
+        pod = eviction.pod
+        line = EvictionLine(pod=pod.key, uid=pod.uid, memory_bytes=pod.memory_bytes, reason=eviction.reason)
+        if dry_run or self.evictor is None:
+            return line
+        line.error = self.evictor.evict(pod.namespace, pod.name)
+        self.metrics.evictions.labels("error" if line.error else "ok").inc()
+        if not line.error:
+            self._evicted[pod.uid] = time.monotonic()
+            log.warning("evicted %s: %s", pod.key, eviction.reason, extra={"pod": pod.key, "uid": pod.uid})
+        else:
+            log.warning("eviction of %s failed: %s", pod.key, line.error)
+        return line
+
+    def _usage_value(self, m: Measurement, now: float) -> NodeUsage:
+        be = [p for p in m.pods if p.be]
+        return NodeUsage(updated_at=now, cpu_capacity_milli=max(1, m.node.cpu_capacity_milli),
+                         cpu_used_milli=m.node.cpu_used_milli,
+                         memory_capacity_bytes=max(1, m.node.memory_capacity_bytes),
+                         memory_used_bytes=m.node.memory_used_bytes,
+                         be_cpu_used_milli=sum(p.cpu_milli for p in be),
+                         be_memory_used_bytes=sum(p.memory_bytes for p in be))
+
+    def _batch_due(self, m: Measurement, batch: policy.BatchResources, now: float) -> bool:
+        if self.publisher is None or not m.warm:
+            return False
+        settings = self.config.batch
+        old = self._batch
+        moved = (policy.changed_enough(old and old[0], batch.cpu_milli, m.node.cpu_capacity_milli,
+                                       settings.change_threshold_percent)
+                 or policy.changed_enough(old and old[1], batch.memory_bytes, m.node.memory_capacity_bytes,
+                                          settings.change_threshold_percent))
+        return moved and (old is None or now - self._batch_at >= settings.min_publish_interval)
+
+    def _usage_due(self, usage: NodeUsage, now: float) -> bool:
+        if self.publisher is None:
+            return False
+        old = self._usage
+        if old is None or now - self._usage_at >= self.config.usage.publish_interval:
+            return True
+        jump = self.config.usage.jump_percent / 100
+        return max(abs(usage.cpu_ratio - old.cpu_ratio), abs(usage.memory_ratio - old.memory_ratio),
+                   abs(usage.be_pressure - old.be_pressure)) > jump
+
+    def _publish(self, what: str, call: Any) -> bool:
+        try:
+            call()
+        except Exception as exc:
+            self.metrics.publishes.labels(what, "error").inc()
+            log.warning("publishing %s failed (retried next cycle): %s", what, exc)
+            return False
+        self.metrics.publishes.labels(what, "ok").inc()
+        return True
+
+    # Reporting ---------------------------------------------------------------------------------------------------
+    def _observe(self, m: Measurement, batch: policy.BatchResources, plan: policy.SuppressPlan) -> None:
+        self.metrics.batch.labels("kubernetes.io/batch-cpu").set(batch.cpu_milli)
+        self.metrics.batch.labels("kubernetes.io/batch-memory").set(batch.memory_bytes)
+        for name, value in _by_class(m).items():
+            self.metrics.usage_cpu.labels(name).set(value["cpu_milli"])
+            self.metrics.usage_memory.labels(name).set(value["memory_bytes"])
+        self.metrics.suppressed.set(1 if plan.active else 0)
+        self.metrics.be_allowed.set(plan.be_allowed_milli or 0)
+
+    def _report(self, m: Measurement, batch: policy.BatchResources, plan: policy.SuppressPlan,
+                writes: list[WriteLine], evictions: list[EvictionLine], notes: list[str], dry_run: bool, now: float,
+                batch_due: bool, usage_due: bool) -> Report:
+        n = m.node
+        return Report(
+            node=self.config.node_name, at=now, dry_run=dry_run, cluster=self.state is not None,
+            cgroup=self.collector.layout.describe(), notes=notes,
+            node_usage={"cpu_capacity_milli": n.cpu_capacity_milli, "cpu_used_milli": n.cpu_used_milli,
+                        "cpu_reserved_milli": n.cpu_reserved_milli, "memory_capacity_bytes": n.memory_capacity_bytes,
+                        "memory_used_bytes": n.memory_used_bytes, "memory_reserved_bytes": n.memory_reserved_bytes},
+            usage_by_class=_by_class(m),
+            pods=[PodLine(uid=p.uid, pod=p.key, qos=p.qos.value if p.known else QoSClass.LS.value, known=p.known,
+                          cpu_milli=p.cpu_milli, cpu_peak_milli=p.cpu_peak_milli, memory_bytes=p.memory_bytes)
+                  for p in m.pods],
+            batch={"kubernetes.io/batch-cpu": batch.cpu_milli, "kubernetes.io/batch-memory": batch.memory_bytes},
+            batch_published=batch_due, usage_published=usage_due,
+            suppress={"active": plan.active, "ls_and_system_cpu_milli": plan.ls_and_system_milli,
+                      "be_cpu_allowed_milli": plan.be_allowed_milli},
+            cgroup_writes=writes, evictions=evictions)
+
+
+def _by_class(m: Measurement) -> dict[str, dict[str, int]]:
+    out = {c: {"cpu_milli": 0, "memory_bytes": 0} for c in ("LS", "BE", "system")}
+    for p in m.pods:
+        bucket = out["BE" if p.be else "LS"]
+        bucket["cpu_milli"] += p.cpu_milli
+        bucket["memory_bytes"] += p.memory_bytes
+    out["system"]["cpu_milli"] = max(0, m.node.cpu_used_milli - sum(p.cpu_milli for p in m.pods))
+    out["system"]["memory_bytes"] = max(0, m.node.memory_used_bytes - sum(p.memory_bytes for p in m.pods))
+    return out

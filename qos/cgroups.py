@@ -1,0 +1,224 @@
+"""Pod cgroups as the kubelet lays them out, read and written by file: cgroup v1 and v2, cgroupfs and systemd
+drivers.
+
+Layouts (``<root>`` is ``--cgroup-root``, default ``/sys/fs/cgroup``; ``<uid>`` the pod UID, with ``-`` as ``_``
+under systemd):
+
+==========  =========  =====================================================================================
+version     driver     pod directory
+==========  =========  =====================================================================================
+v1          cgroupfs   ``<root>/<controller>/kubepods[/burstable|/besteffort]/pod<uid>``
+v1          systemd    ``<root>/<controller>/kubepods.slice[/kubepods-<tier>.slice]/kubepods[-<tier>]-pod<uid>.slice``
+v2          cgroupfs   ``<root>/kubepods[/burstable|/besteffort]/pod<uid>``
+v2          systemd    ``<root>/kubepods.slice[/kubepods-<tier>.slice]/kubepods[-<tier>]-pod<uid>.slice``
+==========  =========  =====================================================================================
+
+v1 controllers: ``cpu`` (``cpu.shares``, ``cpu.cfs_quota_us``, ``cpu.cfs_period_us``), ``cpuacct``
+(``cpuacct.usage``, ns), ``memory`` (``memory.usage_in_bytes``, ``memory.stat`` ``total_inactive_file``).
+v2 files: ``cpu.stat`` (``usage_usec``), ``cpu.weight``, ``cpu.max`` (``max 100000`` or ``<quota> <period>``),
+``memory.current``, ``memory.stat`` (``inactive_file``). Memory usage is the working set (usage - inactive file
+pages), as the kubelet computes it for eviction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "/sys/fs/cgroup"
+DEFAULT_PERIOD_US = 100_000
+_POD_DIR = re.compile(r"^(?:kubepods(?:-[a-z]+)?-)?pod([0-9a-fA-F_-]{8,})(?:\.slice)?$")
+
+
+class CgroupError(Exception):
+    """A cgroup file is missing, unreadable or malformed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    version: Literal[1, 2]
+    driver: Literal["cgroupfs", "systemd"]
+    root: Path
+
+    def describe(self) -> str:
+        return f"cgroup v{self.version}, {self.driver} driver, under {self.root}"
+
+
+@dataclass(frozen=True)
+class PodCgroup:
+    uid: str
+    tier: Literal["guaranteed", "burstable", "besteffort"]
+    cpu: Path  # the directory with the cpu controller's files
+    cpuacct: Path
+    memory: Path
+
+
+def detect(root: str | Path = DEFAULT_ROOT) -> Layout:
+    """The layout under ``root``: v2 when ``cgroup.controllers`` is there; the driver by which kubepods directory
+    exists. Raises :class:`CgroupError` when there is no kubepods hierarchy."""
+    base = Path(root)
+    if (base / "cgroup.controllers").is_file():
+        version: Literal[1, 2] = 2
+        probe = base
+    else:
+        version = 1
+        probe = base / "cpu"
+    if (probe / "kubepods.slice").is_dir():
+        return Layout(version, "systemd", base)
+    if (probe / "kubepods").is_dir():
+        return Layout(version, "cgroupfs", base)
+    raise CgroupError(f"no kubepods cgroup under {probe} (looked for kubepods.slice and kubepods): is "
+                      f"--cgroup-root right, and is this a Kubernetes node?")
+
+
+def _controller_root(layout: Layout, controller: str) -> Path:
+    return layout.root if layout.version == 2 else layout.root / controller
+
+
+def _tier_dirs(layout: Layout, controller: str) -> list[tuple[str, Path]]:
+    base = _controller_root(layout, controller)
+    if layout.driver == "systemd":
+        top = base / "kubepods.slice"
+        return [("guaranteed", top), ("burstable", top / "kubepods-burstable.slice"),
+                ("besteffort", top / "kubepods-besteffort.slice")]
+    top = base / "kubepods"
+    return [("guaranteed", top), ("burstable", top / "burstable"), ("besteffort", top / "besteffort")]
+
+
+def pod_cgroups(layout: Layout) -> dict[str, PodCgroup]:
+    """Every pod cgroup on the node, by pod UID (dashes restored)."""
+    found: dict[str, PodCgroup] = {}
+    for tier, directory in _tier_dirs(layout, "cpu"):
+        try:
+            entries = list(directory.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            match = _POD_DIR.match(entry.name)
+            if not match or not entry.is_dir():
+                continue
+            uid = match.group(1).replace("_", "-")
+            relative = entry.relative_to(_controller_root(layout, "cpu"))
+            found[uid] = PodCgroup(uid=uid, tier=tier,  # type: ignore[arg-type]
+                                   cpu=entry, cpuacct=_controller_root(layout, "cpuacct") / relative,
+                                   memory=_controller_root(layout, "memory") / relative)
+    return found
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _int(path: Path) -> int:
+    text = _read(path).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CgroupError(f"{path}: expected an integer, got {text[:40]!r}") from None
+
+
+def _stat(path: Path, key: str) -> int:
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value.strip())
+            except ValueError:
+                break
+    raise CgroupError(f"{path}: no integer {key!r} line")
+
+
+def cpu_usage_ns(layout: Layout, pod: PodCgroup) -> int:
+    """Cumulative CPU time of the pod, nanoseconds."""
+    if layout.version == 2:
+        return _stat(pod.cpu / "cpu.stat", "usage_usec") * 1000
+    return _int(pod.cpuacct / "cpuacct.usage")
+
+
+def memory_working_set(layout: Layout, pod: PodCgroup) -> int:
+    """Memory usage minus inactive file pages (what the kubelet evicts on), bytes."""
+    if layout.version == 2:
+        usage = _int(pod.memory / "memory.current")
+        inactive = _stat(pod.memory / "memory.stat", "inactive_file")
+    else:
+        usage = _int(pod.memory / "memory.usage_in_bytes")
+        inactive = _stat(pod.memory / "memory.stat", "total_inactive_file")
+    return max(0, usage - inactive)
+
+
+@dataclass(frozen=True)
+class CpuLimit:
+    """CFS bandwidth: ``quota_us`` per ``period_us``; None: unlimited."""
+
+    quota_us: int | None
+    period_us: int = DEFAULT_PERIOD_US
+
+    @property
+    def milli(self) -> int | None:
+        return None if self.quota_us is None else self.quota_us * 1000 // self.period_us
+
+
+@dataclass(frozen=True)
+class Write:
+    """One file write the agent makes (or, in a dry run, would make)."""
+
+    path: str
+    value: str
+
+
+def cpu_limit(layout: Layout, pod: PodCgroup) -> CpuLimit:
+    if layout.version == 2:
+        text = _read(pod.cpu / "cpu.max").split()
+        if len(text) != 2:
+            raise CgroupError(f"{pod.cpu / 'cpu.max'}: expected '<quota|max> <period>'")
+        try:
+            period = int(text[1])
+            return CpuLimit(None if text[0] == "max" else int(text[0]), period)
+        except ValueError:
+            raise CgroupError(f"{pod.cpu / 'cpu.max'}: expected '<quota|max> <period>', got {' '.join(text)!r}") \
+                from None
+    quota = _int(pod.cpu / "cpu.cfs_quota_us")
+    return CpuLimit(None if quota < 0 else quota, _int(pod.cpu / "cpu.cfs_period_us"))
+
+
+def cpu_limit_write(layout: Layout, pod: PodCgroup, limit: CpuLimit) -> list[Write]:
+    """The writes that set ``limit`` (the period is left as it is on v1)."""
+    if layout.version == 2:
+        quota = "max" if limit.quota_us is None else str(limit.quota_us)
+        return [Write(str(pod.cpu / "cpu.max"), f"{quota} {limit.period_us}")]
+    return [Write(str(pod.cpu / "cpu.cfs_quota_us"), "-1" if limit.quota_us is None else str(limit.quota_us))]
+
+
+def cpu_weight(layout: Layout, pod: PodCgroup) -> int:
+    """v2 ``cpu.weight`` (1..10000) or v1 ``cpu.shares`` (2..262144), as the file says."""
+    return _int(pod.cpu / ("cpu.weight" if layout.version == 2 else "cpu.shares"))
+
+
+def cpu_weight_write(layout: Layout, pod: PodCgroup, shares: int) -> Write:
+    """Set the CPU weight given in v1 shares (converted for v2 the way the kubelet and runc do)."""
+    if layout.version == 2:
+        return Write(str(pod.cpu / "cpu.weight"), str(shares_to_weight(shares)))
+    return Write(str(pod.cpu / "cpu.shares"), str(shares))
+
+
+def shares_to_weight(shares: int) -> int:
+    """runc's conversion of cgroup v1 cpu.shares [2, 262144] to v2 cpu.weight [1, 10000]."""
+    shares = max(2, min(262144, shares))
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def apply(write: Write) -> None:
+    """Write one cgroup file (the value is one line, as the kernel expects)."""
+    try:
+        with open(write.path, "w") as handle:
+            handle.write(write.value)
+    except OSError as exc:
+        raise CgroupError(f"cannot write {write.value!r} to {write.path}: {exc.strerror or exc}") from None

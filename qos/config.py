@@ -1,0 +1,111 @@
+"""The QoS agent's versioned configuration (YAML, ``--config``); flags override it; errors name the field.
+
+```yaml
+version: v1
+interval: 10s                 # one collection cycle
+window: 6                     # samples in the sliding window (LS usage = the window's peak)
+cgroupRoot: /sys/fs/cgroup
+batch:                        # kubernetes.io/batch-cpu / batch-memory (Koordinator's usage policy)
+  cpuReclaimPercent: 65       # capacity x 65% - max(system used, reserved) - Σ LS used
+  memoryReclaimPercent: 65
+  changeThresholdPercent: 5   # publish when a value moves by more than 5% of capacity
+  minPublishInterval: 30s
+usage:                        # node annotation qos.openfuyao.com/usage, for the scheduler extender
+  publishInterval: 60s        # at most once per interval (5,000 nodes → ≤ 84 patches/s), sooner on a jump
+  jumpPercent: 10
+cpuSuppress:
+  enabled: true
+  thresholdPercent: 65        # LS + system CPU above this share of capacity → BE pods get a CFS quota
+  hysteresisPercent: 5        # lifted below threshold - hysteresis
+  minBeMilli: 100             # BE pods together never get less than this
+beCpuShares: 2                # BE pods' CPU weight (v1 cpu.shares; v2 cpu.weight converted)
+memoryEviction:
+  enabled: true
+  highPercent: 85             # node memory above this → evict BE pods…
+  lowPercent: 80              # …until the projection is below this
+```
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
+from fuyao.config_files import load_versioned_yaml, merged, validated
+from fuyao.contracts import ContractError, parse_duration
+
+CONFIG_VERSION = "v1"
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration("duration", value)
+        except ContractError:
+            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class BatchSettings(_Section):
+    cpu_reclaim_percent: Percent = 65.0
+    memory_reclaim_percent: Percent = 65.0
+    change_threshold_percent: Percent = 5.0
+    min_publish_interval: Seconds = 30.0
+
+
+class UsageSettings(_Section):
+    publish_interval: Seconds = 60.0
+    jump_percent: Percent = 10.0
+
+
+class CpuSuppressSettings(_Section):
+    enabled: bool = True
+    threshold_percent: Percent = 65.0
+    hysteresis_percent: Percent = 5.0
+    min_be_milli: int = Field(default=100, ge=1)
+
+
+class MemoryEvictionSettings(_Section):
+    enabled: bool = True
+    high_percent: Percent = 85.0
+    low_percent: Percent = 80.0
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> MemoryEvictionSettings:
+        if self.low_percent >= self.high_percent:
+            raise ValueError("lowPercent must be below highPercent")
+        return self
+
+
+class AgentConfig(_Section):
+    version: Literal["v1"] = CONFIG_VERSION
+    node_name: str = Field(default="", description="this node (flag --node-name, env NODE_NAME)")
+    interval: Seconds = 10.0
+    window: int = Field(default=6, ge=1, le=360)
+    cgroup_root: str = "/sys/fs/cgroup"
+    kubeconfig: str | None = None
+    metrics_address: str = "127.0.0.1:9401"
+    batch: BatchSettings = BatchSettings()
+    usage: UsageSettings = UsageSettings()
+    cpu_suppress: CpuSuppressSettings = CpuSuppressSettings()
+    be_cpu_shares: int = Field(default=2, ge=2, le=262144)
+    memory_eviction: MemoryEvictionSettings = MemoryEvictionSettings()
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    return validated(AgentConfig, merged(file_values, overrides))
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    return load_versioned_yaml(path, CONFIG_VERSION)

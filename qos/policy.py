@@ -1,0 +1,147 @@
+"""The QoS agent's decisions, as pure functions of one measurement: batch resources for BE pods, CPU suppression
+of BE pods, and which BE pods to evict under memory pressure. No I/O here (see ``agent``).
+
+Classes: LS (latency-sensitive: online inference, and every pod the agent cannot classify) and BE (best-effort,
+by the contract keys). Only BE pods are ever throttled or evicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fuyao.contracts import QoSClass
+
+from .config import AgentConfig
+
+MIN_QUOTA_US = 1000  # the kernel refuses CFS quotas below 1 ms
+
+
+@dataclass(frozen=True)
+class PodSample:
+    """One pod's usage, with what the API says about it (``known`` False: only its cgroup was seen)."""
+
+    uid: str
+    namespace: str = ""
+    name: str = ""
+    qos: QoSClass = QoSClass.LS
+    known: bool = False
+    priority: int = 0
+    terminating: bool = False
+    cpu_limit_milli: int | None = None  # from the pod spec (what the kubelet set); None: unlimited
+    cpu_milli: int = 0  # latest rate
+    cpu_peak_milli: int = 0  # peak over the window
+    memory_bytes: int = 0  # latest working set
+    memory_peak_bytes: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.known else f"<unknown pod {self.uid}>"
+
+    @property
+    def be(self) -> bool:
+        return self.known and self.qos == QoSClass.BE
+
+
+@dataclass(frozen=True)
+class NodeSample:
+    cpu_capacity_milli: int
+    memory_capacity_bytes: int
+    cpu_reserved_milli: int = 0  # capacity - allocatable (kube-reserved + system-reserved)
+    memory_reserved_bytes: int = 0
+    cpu_used_milli: int = 0  # latest
+    memory_used_bytes: int = 0
+    system_cpu_peak_milli: int = 0  # node used - Σ pods, peak over the window
+    system_memory_peak_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class BatchResources:
+    cpu_milli: int
+    memory_bytes: int
+    ls_cpu_milli: int
+    ls_memory_bytes: int
+    system_cpu_milli: int
+    system_memory_bytes: int
+
+
+def batch_resources(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig) -> BatchResources:
+    """Koordinator's usage policy: capacity x reclaim% - max(system used, reserved) - Σ LS used (window peaks),
+    never negative. BE pods' own usage is not subtracted: it is what the batch resources hand out."""
+    ls_cpu = sum(p.cpu_peak_milli for p in pods if not p.be)
+    ls_memory = sum(p.memory_peak_bytes for p in pods if not p.be)
+    cpu = node.cpu_capacity_milli * config.batch.cpu_reclaim_percent / 100 \
+        - max(node.system_cpu_peak_milli, node.cpu_reserved_milli) - ls_cpu
+    memory = node.memory_capacity_bytes * config.batch.memory_reclaim_percent / 100 \
+        - max(node.system_memory_peak_bytes, node.memory_reserved_bytes) - ls_memory
+    return BatchResources(cpu_milli=max(0, int(cpu)), memory_bytes=max(0, int(memory)), ls_cpu_milli=ls_cpu,
+                          ls_memory_bytes=ls_memory, system_cpu_milli=node.system_cpu_peak_milli,
+                          system_memory_bytes=node.system_memory_peak_bytes)
+
+
+def changed_enough(old: int | None, new: int, capacity: int, threshold_percent: float) -> bool:
+    """Publish a batch value when it is new or moved by more than the threshold (share of capacity)."""
+    return old is None or abs(new - old) > capacity * threshold_percent / 100
+
+
+@dataclass(frozen=True)
+class SuppressPlan:
+    active: bool
+    ls_and_system_milli: int
+    be_allowed_milli: int | None  # None: not suppressed
+    limits: dict[str, int | None]  # BE pod uid → CPU limit in milli (None: unlimited)
+
+
+def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig, was_active: bool) -> SuppressPlan:
+    """When LS + system CPU passes the threshold, BE pods share what is left below it (at least ``minBeMilli``),
+    equally, as CFS quotas; below threshold - hysteresis the quotas go back to what the pods' specs say."""
+    settings = config.cpu_suppress
+    be = [p for p in pods if p.be]
+    ls_and_system = sum(p.cpu_milli for p in pods if not p.be) + max(
+        0, node.cpu_used_milli - sum(p.cpu_milli for p in pods))
+    ratio = ls_and_system / max(1, node.cpu_capacity_milli) * 100
+    threshold = settings.threshold_percent
+    active = settings.enabled and (
+        ratio > threshold or (was_active and ratio > threshold - settings.hysteresis_percent))
+    if not active:
+        return SuppressPlan(False, ls_and_system, None, {p.uid: p.cpu_limit_milli for p in be})
+    allowed = max(settings.min_be_milli, int(node.cpu_capacity_milli * threshold / 100) - ls_and_system)
+    share = allowed // max(1, len(be))
+    limits: dict[str, int | None] = {}
+    for pod in be:
+        own = pod.cpu_limit_milli
+        limits[pod.uid] = max(1, share if own is None else min(own, share))
+    return SuppressPlan(True, ls_and_system, allowed, limits)
+
+
+def quota_us(limit_milli: int | None, period_us: int) -> int | None:
+    if limit_milli is None:
+        return None
+    return max(MIN_QUOTA_US, limit_milli * period_us // 1000)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    pod: PodSample
+    reason: str
+
+
+def memory_evictions(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig) -> list[Eviction]:
+    """Above the high watermark, BE pods — lowest priority first, then largest memory — until the node's memory
+    minus theirs is below the low watermark. Terminating pods are already going and count as freed."""
+    settings = config.memory_eviction
+    capacity = node.memory_capacity_bytes
+    used = node.memory_used_bytes
+    if not settings.enabled or capacity <= 0 or used <= capacity * settings.high_percent / 100:
+        return []
+    low = capacity * settings.low_percent / 100
+    used -= sum(p.memory_bytes for p in pods if p.be and p.terminating)
+    out: list[Eviction] = []
+    for pod in sorted((p for p in pods if p.be and not p.terminating), key=lambda p: (p.priority, -p.memory_bytes)):
+        if used <= low:
+            break
+        out.append(Eviction(pod, f"node memory {node.memory_used_bytes / capacity:.0%} is above the "
+                                 f"{settings.high_percent:g}% watermark; BE pod using {pod.memory_bytes} bytes "
+                                 f"(priority {pod.priority}) evicted to get below {settings.low_percent:g}%"))
+        used -= pod.memory_bytes
+    return out

@@ -1,0 +1,102 @@
+"""A pod cgroup tree in a temp directory, laid out as the kubelet does (cgroup v1 or v2, cgroupfs or systemd driver)
+with the real file names and formats, for the QoS agent's tests and benchmark."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+
+class FakeCgroupTree:
+    def __init__(self, root: Path, version: Literal[1, 2] = 2, driver: Literal["cgroupfs", "systemd"] = "cgroupfs"):
+        self.root = root
+        self.version = version
+        self.driver = driver
+        self.dirs: dict[str, Path] = {}  # uid → the pod directory under the cpu controller (v1) or the root (v2)
+        if version == 2:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+        else:
+            (root / "cpu,cpuacct").mkdir(parents=True, exist_ok=True)
+            (root / "memory").mkdir(exist_ok=True)
+            for alias in ("cpu", "cpuacct"):
+                if not (root / alias).exists():
+                    os.symlink("cpu,cpuacct", root / alias)
+        for controller in self._controllers():
+            self._tier(controller, "guaranteed").mkdir(parents=True, exist_ok=True)
+
+    def _controllers(self) -> list[Path]:
+        return [self.root] if self.version == 2 else [self.root / "cpu,cpuacct", self.root / "memory"]
+
+    def _tier(self, base: Path, tier: str) -> Path:
+        if self.driver == "systemd":
+            top = base / "kubepods.slice"
+            return top if tier == "guaranteed" else top / f"kubepods-{tier}.slice"
+        top = base / "kubepods"
+        return top if tier == "guaranteed" else top / tier
+
+    def _pod_name(self, uid: str, tier: str) -> str:
+        if self.driver == "systemd":
+            escaped = uid.replace("-", "_")
+            return f"kubepods-pod{escaped}.slice" if tier == "guaranteed" else f"kubepods-{tier}-pod{escaped}.slice"
+        return f"pod{uid}"
+
+    def add_pod(self, uid: str, tier: str = "burstable", *, cpu_ns: int = 0, memory: int = 0, inactive_file: int = 0,
+                quota_us: int | None = None, period_us: int = 100_000, shares: int = 1024) -> None:
+        paths = []
+        for base in self._controllers():
+            directory = self._tier(base, tier) / self._pod_name(uid, tier)
+            directory.mkdir(parents=True, exist_ok=True)
+            paths.append(directory)
+        self.dirs[uid] = paths[0]
+        if self.version == 2:
+            d = paths[0]
+            (d / "cpu.weight").write_text(f"{1 + ((shares - 2) * 9999) // 262142}\n")
+            (d / "cpu.max").write_text(f"{'max' if quota_us is None else quota_us} {period_us}\n")
+        else:
+            d = paths[0]
+            (d / "cpu.shares").write_text(f"{shares}\n")
+            (d / "cpu.cfs_quota_us").write_text(f"{-1 if quota_us is None else quota_us}\n")
+            (d / "cpu.cfs_period_us").write_text(f"{period_us}\n")
+        self.set_usage(uid, cpu_ns=cpu_ns, memory=memory, inactive_file=inactive_file)
+
+    def memory_dir(self, uid: str) -> Path:
+        if self.version == 2:
+            return self.dirs[uid]
+        return self.root / "memory" / self.dirs[uid].relative_to(self.root / "cpu,cpuacct")
+
+    def set_usage(self, uid: str, *, cpu_ns: int | None = None, memory: int | None = None,
+                  inactive_file: int = 0) -> None:
+        d, m = self.dirs[uid], self.memory_dir(uid)
+        if cpu_ns is not None:
+            if self.version == 2:
+                usec = cpu_ns // 1000
+                (d / "cpu.stat").write_text(f"usage_usec {usec}\nuser_usec {usec * 2 // 3}\nsystem_usec "
+                                            f"{usec - usec * 2 // 3}\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n"
+                                            "nr_bursts 0\nburst_usec 0\n")
+            else:
+                (d / "cpuacct.usage").write_text(f"{cpu_ns}\n")
+        if memory is not None:
+            if self.version == 2:
+                (m / "memory.current").write_text(f"{memory}\n")
+                (m / "memory.stat").write_text(
+                    f"anon {memory - inactive_file}\nfile {inactive_file}\nkernel 0\nshmem 0\n"
+                    f"inactive_anon {memory - inactive_file}\nactive_anon 0\ninactive_file {inactive_file}\n"
+                    "active_file 0\nunevictable 0\n")
+            else:
+                (m / "memory.usage_in_bytes").write_text(f"{memory}\n")
+                (m / "memory.stat").write_text(
+                    f"cache {inactive_file}\nrss {memory - inactive_file}\nmapped_file 0\ninactive_file "
+                    f"{inactive_file}\nactive_file 0\ntotal_cache {inactive_file}\ntotal_rss "
+                    f"{memory - inactive_file}\ntotal_inactive_file {inactive_file}\ntotal_active_file 0\n")
+
+    def cpu_file(self, uid: str, name: str) -> str:
+        return (self.dirs[uid] / name).read_text().strip()
+
+    def quota(self, uid: str) -> str:
+        """The pod's CFS quota as the file holds it: ``cpu.max`` (v2) or ``cpu.cfs_quota_us`` (v1)."""
+        return self.cpu_file(uid, "cpu.max" if self.version == 2 else "cpu.cfs_quota_us")
+
+    def weight(self, uid: str) -> str:
+        return self.cpu_file(uid, "cpu.weight" if self.version == 2 else "cpu.shares")

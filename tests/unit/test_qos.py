@@ -1,0 +1,259 @@
+"""QoS agent: cgroup layouts (v1/v2 x cgroupfs/systemd, real file names and formats), the batch formula, CPU
+suppression with hysteresis, eviction order and stop condition, a full cycle against a temp cgroup tree."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from fuyao.contracts import QoSClass
+from qos import cgroups, policy
+from qos.agent import Agent, Report
+from qos.collect import Collector, HostReading
+from qos.config import ConfigError, build_config
+from qos.kube import NodeState, pod_facts
+from qos.metrics import AgentMetrics
+from tests.support.cgroups import FakeCgroupTree
+
+GiB = 2**30
+LAYOUTS = [(1, "cgroupfs"), (1, "systemd"), (2, "cgroupfs"), (2, "systemd")]
+UID_LS, UID_BE, UID_BE2 = "0a1b2c3d-0000-4000-8000-00000000000a", "0a1b2c3d-0000-4000-8000-00000000000b", \
+    "0a1b2c3d-0000-4000-8000-00000000000c"
+
+
+@pytest.mark.parametrize(("version", "driver"), LAYOUTS)
+def test_layouts_are_detected_and_pods_found_read_and_written(tmp_path: Path, version: int, driver: str) -> None:
+    tree = FakeCgroupTree(tmp_path, version, driver)  # type: ignore[arg-type]
+    tree.add_pod(UID_LS, "guaranteed", cpu_ns=5_000_000_000, memory=3 * GiB, inactive_file=GiB, quota_us=200_000)
+    tree.add_pod(UID_BE, "besteffort", cpu_ns=7_000_000_000, memory=GiB, shares=2)
+    layout = cgroups.detect(tmp_path)
+    assert (layout.version, layout.driver) == (version, driver)
+    pods = cgroups.pod_cgroups(layout)
+    assert set(pods) == {UID_LS, UID_BE}  # systemd's underscores turned back into dashes
+    assert pods[UID_LS].tier == "guaranteed" and pods[UID_BE].tier == "besteffort"
+    assert cgroups.cpu_usage_ns(layout, pods[UID_LS]) == 5_000_000_000
+    assert cgroups.memory_working_set(layout, pods[UID_LS]) == 2 * GiB  # usage - inactive file
+    assert cgroups.cpu_limit(layout, pods[UID_LS]) == cgroups.CpuLimit(200_000, 100_000)
+    assert cgroups.cpu_limit(layout, pods[UID_BE]).quota_us is None
+    for write in cgroups.cpu_limit_write(layout, pods[UID_BE], cgroups.CpuLimit(50_000)):
+        cgroups.apply(write)
+    assert tree.quota(UID_BE) == ("50000 100000" if version == 2 else "50000")
+    for write in cgroups.cpu_limit_write(layout, pods[UID_BE], cgroups.CpuLimit(None)):
+        cgroups.apply(write)
+    assert tree.quota(UID_BE) == ("max 100000" if version == 2 else "-1")
+    cgroups.apply(cgroups.cpu_weight_write(layout, pods[UID_LS], 2))
+    assert tree.weight(UID_LS) == ("1" if version == 2 else "2")
+
+
+def test_no_kubepods_hierarchy_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(cgroups.CgroupError, match="no kubepods cgroup under"):
+        cgroups.detect(tmp_path)
+
+
+def test_shares_to_weight_matches_runc() -> None:
+    assert [cgroups.shares_to_weight(s) for s in (2, 1024, 262144)] == [1, 39, 10000]
+
+
+def test_malformed_cgroup_files_name_the_file(tmp_path: Path) -> None:
+    tree = FakeCgroupTree(tmp_path, 2)
+    tree.add_pod(UID_BE, "besteffort")
+    layout = cgroups.detect(tmp_path)
+    group = cgroups.pod_cgroups(layout)[UID_BE]
+    (tree.dirs[UID_BE] / "cpu.max").write_text("garbage\n")
+    with pytest.raises(cgroups.CgroupError, match=r"cpu\.max"):
+        cgroups.cpu_limit(layout, group)
+    (tree.dirs[UID_BE] / "memory.current").write_text("lots\n")
+    with pytest.raises(cgroups.CgroupError, match=r"memory\.current: expected an integer"):
+        cgroups.memory_working_set(layout, group)
+
+
+# --- policy ----------------------------------------------------------------------------------------------------------
+CONFIG = build_config({})
+
+
+def pod(uid: str, qos: QoSClass, cpu: int = 0, memory: int = 0, *, peak_cpu: int | None = None,
+        priority: int = 0, limit: int | None = None, terminating: bool = False) -> policy.PodSample:
+    return policy.PodSample(uid=uid, namespace="default", name=uid, qos=qos, known=True, priority=priority,
+                            terminating=terminating, cpu_limit_milli=limit, cpu_milli=cpu,
+                            cpu_peak_milli=cpu if peak_cpu is None else peak_cpu, memory_bytes=memory,
+                            memory_peak_bytes=memory)
+
+
+def test_batch_resources_follow_the_formula() -> None:
+    node = policy.NodeSample(cpu_capacity_milli=32_000, memory_capacity_bytes=128 * GiB, cpu_reserved_milli=2_000,
+                             memory_reserved_bytes=4 * GiB, cpu_used_milli=15_000, memory_used_bytes=60 * GiB,
+                             system_cpu_peak_milli=3_000, system_memory_peak_bytes=2 * GiB)
+    pods = [pod("ls", QoSClass.LS, 6_000, 40 * GiB, peak_cpu=8_000), pod("be", QoSClass.BE, 4_000, 10 * GiB)]
+    batch = policy.batch_resources(node, pods, CONFIG)
+    # 32000 x 65% - max(3000 system, 2000 reserved) - 8000 LS peak (BE usage not subtracted)
+    assert batch.cpu_milli == 20_800 - 3_000 - 8_000
+    # 128Gi x 65% - max(2Gi, 4Gi reserved) - 40Gi
+    assert batch.memory_bytes == int(128 * GiB * 0.65) - 4 * GiB - 40 * GiB
+    hot = [pod("ls", QoSClass.LS, 30_000, 100 * GiB)]
+    assert policy.batch_resources(node, hot, CONFIG).cpu_milli == 0  # never negative
+    unknown = policy.PodSample(uid="x", qos=QoSClass.BE, known=False, cpu_milli=8_000, cpu_peak_milli=8_000)
+    assert policy.batch_resources(node, [unknown], CONFIG).cpu_milli == 20_800 - 3_000 - 8_000  # unknown → LS
+    assert policy.changed_enough(None, 5, 100, 5) and not policy.changed_enough(100, 104, 100, 5)
+    assert policy.changed_enough(100, 106, 100, 5)
+
+
+def test_cpu_suppression_and_restore_with_hysteresis() -> None:
+    node = policy.NodeSample(cpu_capacity_milli=10_000, memory_capacity_bytes=GiB, cpu_used_milli=0)
+
+    def step(ls_cpu: int, was: bool) -> policy.SuppressPlan:
+        pods = [pod("ls", QoSClass.LS, ls_cpu), pod("be1", QoSClass.BE, 1_000),
+                pod("be2", QoSClass.BE, 1_000, limit=500)]
+        used = policy.NodeSample(cpu_capacity_milli=node.cpu_capacity_milli, memory_capacity_bytes=GiB,
+                                 cpu_used_milli=ls_cpu + 2_000 + 500)  # 500m system
+        return policy.cpu_suppress(used, pods, CONFIG, was)
+
+    calm = step(5_000, False)  # 5.5 of 10 cores: below 65%
+    assert not calm.active and calm.limits == {"be1": None, "be2": 500}  # their own limits
+    hot = step(6_500, False)  # 7.0 > 6.5
+    assert hot.active and hot.be_allowed_milli == 100  # 6500 - 7000 < min: the floor
+    assert hot.limits == {"be1": 50, "be2": 50}
+    warm = step(6_000, True)  # 6.5: above 60% (65 - 5 hysteresis): stays suppressed
+    assert warm.active and warm.be_allowed_milli == 100
+    easing = step(4_000, True)  # 4.5 < 6.0: lifted
+    assert not easing.active and easing.limits["be1"] is None
+    assert step(6_000, False).active is False  # the same load without history does not start suppression
+    assert policy.quota_us(50, 100_000) == 5_000 and policy.quota_us(0, 100_000) == policy.MIN_QUOTA_US
+
+
+def test_memory_eviction_order_and_stop_condition() -> None:
+    node = policy.NodeSample(cpu_capacity_milli=1_000, memory_capacity_bytes=100 * GiB, memory_used_bytes=90 * GiB)
+    pods = [pod("ls-big", QoSClass.LS, memory=40 * GiB),
+            pod("be-low-small", QoSClass.BE, memory=3 * GiB, priority=0),
+            pod("be-low-big", QoSClass.BE, memory=6 * GiB, priority=0),
+            pod("be-high", QoSClass.BE, memory=20 * GiB, priority=100),
+            pod("be-going", QoSClass.BE, memory=2 * GiB, terminating=True)]
+    chosen = [e.pod.uid for e in policy.memory_evictions(node, pods, CONFIG)]
+    # 90 - 2 (already terminating) = 88 → evict lowest priority, largest first, until <= 80
+    assert chosen == ["be-low-big", "be-low-small"]  # 88 - 6 - 3 = 79: stop; LS never chosen
+    calm = policy.NodeSample(cpu_capacity_milli=1_000, memory_capacity_bytes=100 * GiB, memory_used_bytes=85 * GiB)
+    assert policy.memory_evictions(calm, pods, CONFIG) == []  # not above 85%
+    desperate = policy.NodeSample(cpu_capacity_milli=1_000, memory_capacity_bytes=100 * GiB,
+                                  memory_used_bytes=99 * GiB)
+    assert [e.pod.uid for e in policy.memory_evictions(desperate, pods, CONFIG)] == [
+        "be-low-big", "be-low-small", "be-high"]  # all BE, still never LS
+    assert "above the 85% watermark" in policy.memory_evictions(node, pods, CONFIG)[0].reason
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="memoryEviction"):
+        build_config({"memoryEviction": {"highPercent": 50, "lowPercent": 60}})
+    with pytest.raises(ConfigError, match="interval"):
+        build_config({"interval": "soon"})
+    with pytest.raises(ConfigError, match="cpuSupress"):
+        build_config({"cpuSupress": {}})
+
+
+def test_pod_facts_from_the_api_object() -> None:
+    raw = {"metadata": {"uid": UID_BE, "name": "train", "namespace": "jobs", "labels": {"volcano.sh/qos": "BE"},
+                        "deletionTimestamp": "2026-11-30T00:00:00Z"},
+           "spec": {"priority": -10, "containers": [{"resources": {"limits": {"cpu": "1500m"}}},
+                                                    {"resources": {"limits": {"cpu": "2"}}}]}}
+    uid, facts = pod_facts(raw)  # type: ignore[misc]
+    assert uid == UID_BE and facts.qos == QoSClass.BE and facts.priority == -10 and facts.terminating
+    assert facts.cpu_limit_milli == 3_500
+    raw["spec"]["containers"].append({"resources": {}})
+    assert pod_facts(raw)[1].cpu_limit_milli is None  # type: ignore[index]
+    assert pod_facts({"metadata": {}}) is None
+
+
+# --- a whole cycle ---------------------------------------------------------------------------------------------------
+class FakeHost:
+    """Host readings advancing by one second per sample, with busy CPU and memory the test sets."""
+
+    def __init__(self) -> None:
+        self.at, self.busy, self.memory = 1000.0, 0.0, 10 * GiB
+        self.cpu_milli = 0
+
+    def __call__(self) -> HostReading:
+        self.at += 1.0
+        self.busy += self.cpu_milli / 1000
+        return HostReading(at=self.at, cpu_busy_s=self.busy, memory_used_bytes=self.memory,
+                           memory_total_bytes=64 * GiB, cpus=8)
+
+
+def _state(*pods: dict) -> NodeState:  # type: ignore[type-arg]
+    state = NodeState()
+    NodeState._Node(state).replace([{"metadata": {"name": "n1"}, "status": {
+        "capacity": {"cpu": "8", "memory": "64Gi"}, "allocatable": {"cpu": "7", "memory": "60Gi"}}}])
+    NodeState._Pods(state).replace(list(pods))
+    return state
+
+
+def _raw(uid: str, qos: str | None, limit: str | None = None) -> dict:  # type: ignore[type-arg]
+    return {"metadata": {"uid": uid, "name": uid[-1], "namespace": "default",
+                         "labels": {"volcano.sh/qos": qos} if qos else {}},
+            "spec": {"containers": [{"resources": {"limits": {"cpu": limit}} if limit else {}}]}}
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.batch: list[tuple[int, int]] = []
+        self.usages: list[object] = []
+
+    def batch_resources(self, cpu: int, memory: int) -> None:
+        self.batch.append((cpu, memory))
+
+    def usage(self, usage: object) -> None:
+        self.usages.append(usage)
+
+
+@pytest.mark.parametrize(("version", "driver"), [(1, "systemd"), (2, "cgroupfs")])
+def test_a_cycle_suppresses_be_pods_restores_them_and_publishes(tmp_path: Path, version: int, driver: str) -> None:
+    tree = FakeCgroupTree(tmp_path, version, driver)  # type: ignore[arg-type]
+    tree.add_pod(UID_LS, "burstable", memory=8 * GiB)
+    tree.add_pod(UID_BE, "besteffort", memory=GiB)
+    tree.add_pod(UID_BE2, "burstable", memory=GiB, quota_us=100_000)  # a BE pod with its own 1-CPU limit
+    host = FakeHost()
+    publisher = RecordingPublisher()
+    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
+                  _state(_raw(UID_LS, None), _raw(UID_BE, "BE"), _raw(UID_BE2, "BE", "1")), publisher)  # type: ignore[arg-type]
+    first = agent.cycle()
+    assert first.cgroup_writes == [] and any("first sample" in n for n in first.notes)
+
+    def advance(ls_cores: float, be_cores: float) -> Report:
+        for uid, cores in ((UID_LS, ls_cores), (UID_BE, be_cores), (UID_BE2, 0.0)):
+            current = cgroups.cpu_usage_ns(agent.collector.layout, cgroups.pod_cgroups(agent.collector.layout)[uid])
+            tree.set_usage(uid, cpu_ns=current + int(cores * 1e9))
+        host.cpu_milli = int((ls_cores + be_cores) * 1000) + 500
+        return agent.cycle()
+
+    calm = advance(2.0, 1.0)
+    assert not calm.suppress["active"]
+    assert {Path(w.path).resolve() for w in calm.cgroup_writes} == {
+        (tree.dirs[u] / ("cpu.weight" if version == 2 else "cpu.shares")).resolve() for u in (UID_BE, UID_BE2)}
+    assert tree.weight(UID_BE) == ("1" if version == 2 else "2") and tree.weight(UID_LS) != tree.weight(UID_BE)
+    # capacity 8 cores x 65% - max(system 0.5, reserved 1) - LS peak 2 = 2.2 cores
+    assert calm.batch["kubernetes.io/batch-cpu"] == 5_200 - 1_000 - 2_000
+    assert publisher.batch == [(2_200, calm.batch["kubernetes.io/batch-memory"])] and len(publisher.usages) == 1
+    hot = advance(5.0, 1.0)  # LS 5 + system 0.5 = 5.5 > 5.2 (65% of 8)
+    assert hot.suppress["active"] and hot.suppress["be_cpu_allowed_milli"] == 100
+    assert tree.quota(UID_BE) == ("5000 100000" if version == 2 else "5000")  # 50m each
+    assert tree.quota(UID_BE2) == ("5000 100000" if version == 2 else "5000")
+    assert tree.quota(UID_LS) == ("max 100000" if version == 2 else "-1")  # LS untouched
+    calm_again = advance(1.0, 0.1)
+    assert not calm_again.suppress["active"]
+    assert tree.quota(UID_BE) == ("max 100000" if version == 2 else "-1")  # back to unlimited
+    assert tree.quota(UID_BE2) == ("100000 100000" if version == 2 else "100000")  # back to its own limit
+    Report.model_validate(calm_again.model_dump())
+
+
+def test_a_vanished_or_unreadable_cgroup_is_skipped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tree = FakeCgroupTree(tmp_path, 2)
+    tree.add_pod(UID_LS, "burstable", memory=GiB)
+    tree.add_pod(UID_BE, "besteffort", memory=GiB)
+    agent = Agent(build_config({}), Collector(cgroups.detect(tmp_path), 3, FakeHost()), AgentMetrics())
+    (tree.dirs[UID_BE] / "memory.stat").unlink()
+    with caplog.at_level(logging.WARNING):
+        report = agent.cycle()
+    assert [p.uid for p in report.pods] == [UID_LS]
+    assert any("memory.stat" in n for n in report.notes) and "memory.stat" in caplog.text
+    assert "no cluster configured" in report.notes[0]
+    assert all(p.qos == "LS" for p in report.pods)  # nothing classified: everything counts as LS
+    assert agent.metrics.render().count("fuyao_qos_cgroup_read_errors_total 1.0") == 1
