@@ -60,6 +60,7 @@ class Report(BaseModel):
     cgroup: str
     notes: list[str]
     node_usage: dict[str, int]
+    node_io_bytes_per_second: dict[str, int]
     usage_by_class: dict[str, dict[str, int]]
     pods: list[PodLine]
     batch: dict[str, int]
@@ -248,6 +249,8 @@ class Agent:
         for name, value in _by_class(m).items():
             self.metrics.usage_cpu.labels(name).set(value["cpu_milli"])
             self.metrics.usage_memory.labels(name).set(value["memory_bytes"])
+        for name, value in m.io.items():
+            self.metrics.io.labels(name).set(value)
         self.metrics.suppressed.set(1 if plan.active else 0)
         self.metrics.be_allowed.set(plan.be_allowed_milli or 0)
 
@@ -261,7 +264,7 @@ class Agent:
             node_usage={"cpu_capacity_milli": n.cpu_capacity_milli, "cpu_used_milli": n.cpu_used_milli,
                         "cpu_reserved_milli": n.cpu_reserved_milli, "memory_capacity_bytes": n.memory_capacity_bytes,
                         "memory_used_bytes": n.memory_used_bytes, "memory_reserved_bytes": n.memory_reserved_bytes},
-            usage_by_class=_by_class(m),
+            node_io_bytes_per_second=m.io, usage_by_class=_by_class(m),
             pods=[PodLine(uid=p.uid, pod=p.key, qos=p.qos.value if p.known else QoSClass.LS.value, known=p.known,
                           cpu_milli=p.cpu_milli, cpu_peak_milli=p.cpu_peak_milli, memory_bytes=p.memory_bytes)
                   for p in m.pods],

@@ -1,4 +1,5 @@
-"""Usage collection: the node (psutil) and each pod (its cgroup), turned into rates and kept in a sliding window.
+"""Usage collection: the node (psutil: CPU, memory, disk and network IO) and each pod (its cgroup), turned into rates
+and kept in a sliding window.
 
 CPU is cumulative in both sources; a rate needs two samples, so the first cycle reports 0 CPU. A pod cgroup that
 vanishes or has a file the agent cannot read is logged and skipped for that cycle, never fatal.
@@ -29,6 +30,7 @@ class HostReading:
     memory_used_bytes: int
     memory_total_bytes: int
     cpus: int
+    io_bytes: tuple[int, int, int, int] = (0, 0, 0, 0)  # disk read, disk write, network rx, network tx
 
 
 def read_host() -> HostReading:
@@ -36,8 +38,11 @@ def read_host() -> HostReading:
     idle = times.idle + getattr(times, "iowait", 0.0)
     busy = sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
     memory = psutil.virtual_memory()
+    disk, net = psutil.disk_io_counters(), psutil.net_io_counters()
+    io = (disk.read_bytes if disk else 0, disk.write_bytes if disk else 0, net.bytes_recv if net else 0,
+          net.bytes_sent if net else 0)
     return HostReading(at=time.monotonic(), cpu_busy_s=busy, memory_used_bytes=memory.total - memory.available,
-                       memory_total_bytes=memory.total, cpus=psutil.cpu_count() or 1)
+                       memory_total_bytes=memory.total, cpus=psutil.cpu_count() or 1, io_bytes=io)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Measurement:
     pods: list[PodSample]
     errors: list[str]
     warm: bool  # CPU rates are measured (not the first sample)
+    io: dict[str, int]  # node IO, bytes per second: disk_read, disk_write, net_rx, net_tx
     groups: dict[str, cgroups.PodCgroup]  # uid → cgroup, for the writes
 
 class Collector:
@@ -91,8 +97,12 @@ class Collector:
         host = self.read()
         previous, self._host = self._host, host
         node_cpu = 0
+        io = dict.fromkeys(("disk_read", "disk_write", "net_rx", "net_tx"), 0)
         if previous is not None and host.at > previous.at:
-            node_cpu = max(0, int((host.cpu_busy_s - previous.cpu_busy_s) / (host.at - previous.at) * 1000))
+            elapsed = host.at - previous.at
+            node_cpu = max(0, int((host.cpu_busy_s - previous.cpu_busy_s) / elapsed * 1000))
+            io = {name: max(0, int((now - before) / elapsed))
+                  for name, now, before in zip(io, host.io_bytes, previous.io_bytes, strict=True)}
         errors: list[str] = []
         pods: list[PodSample] = []
         seen = set()
@@ -137,4 +147,4 @@ class Collector:
             cpu_reserved_milli=reserved[0], memory_reserved_bytes=reserved[1], cpu_used_milli=node_cpu,
             memory_used_bytes=host.memory_used_bytes, system_cpu_peak_milli=max(self._system_cpu, default=0),
             system_memory_peak_bytes=max(self._system_memory, default=0))
-        return Measurement(node, pods, errors, warm=previous is not None, groups=groups)
+        return Measurement(node, pods, errors, warm=previous is not None, io=io, groups=groups)

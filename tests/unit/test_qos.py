@@ -170,12 +170,14 @@ class FakeHost:
     def __init__(self) -> None:
         self.at, self.busy, self.memory = 1000.0, 0.0, 10 * GiB
         self.cpu_milli = 0
+        self.io = (0, 0, 0, 0)
 
     def __call__(self) -> HostReading:
         self.at += 1.0
         self.busy += self.cpu_milli / 1000
+        self.io = tuple(x + step for x, step in zip(self.io, (100, 200, 300, 400), strict=True))
         return HostReading(at=self.at, cpu_busy_s=self.busy, memory_used_bytes=self.memory,
-                           memory_total_bytes=64 * GiB, cpus=8)
+                           memory_total_bytes=64 * GiB, cpus=8, io_bytes=self.io)
 
 
 def _state(*pods: dict) -> NodeState:  # type: ignore[type-arg]
@@ -226,6 +228,7 @@ def test_a_cycle_suppresses_be_pods_restores_them_and_publishes(tmp_path: Path, 
 
     calm = advance(2.0, 1.0)
     assert not calm.suppress["active"]
+    assert calm.node_io_bytes_per_second == {"disk_read": 100, "disk_write": 200, "net_rx": 300, "net_tx": 400}
     assert {Path(w.path).resolve() for w in calm.cgroup_writes} == {
         (tree.dirs[u] / ("cpu.weight" if version == 2 else "cpu.shares")).resolve() for u in (UID_BE, UID_BE2)}
     assert tree.weight(UID_BE) == ("1" if version == 2 else "2") and tree.weight(UID_LS) != tree.weight(UID_BE)
