@@ -17,14 +17,13 @@ Unknown keys are errors (a typo must not silently fall back to a default); every
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import load_versioned_yaml, merged, validated
-from fuyao.contracts import ContractError, ServerUsage, parse_duration
+from fuyao.config_files import ConfigSection, Seconds, load_versioned_yaml, merged, validated
+from fuyao.contracts import ServerUsage
 
 CONFIG_VERSION = "v1"
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
@@ -38,34 +37,22 @@ DEFAULT_DRIVER_MOUNTS = (
 )
 
 
-def _duration(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_duration("duration", value)
-        except ContractError:
-            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
-    return value
 
 
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
-
-
-class NpuSmiSettings(_Section):
+class NpuSmiSettings(ConfigSection):
     path: str = Field(default="npu-smi", min_length=1, description="npu-smi binary (a name on PATH or a path)")
     timeout: Seconds = Field(default=10.0, description="seconds before a hung npu-smi call is killed")
 
 
-class HealthSettings(_Section):
+class HealthSettings(ConfigSection):
     interval: Seconds = Field(default=5.0, description="how often npu-smi is polled for device health")
     failure_threshold: int = Field(default=3, ge=1, description="consecutive npu-smi failures before every device "
                                                                 "is reported Unhealthy")
 
 
-class DriverMount(_Section):
+class DriverMount(ConfigSection):
     """A host path bind-mounted into every container that receives NPUs (skipped when missing on the host)."""
 
     host_path: str = Field(min_length=1)
@@ -84,7 +71,7 @@ class DriverMount(_Section):
         return self.container_path or self.host_path
 
 
-class VnpuSettings(_Section):
+class VnpuSettings(ConfigSection):
     """vNPUs: ``static`` carves dies as the ConfigMap file says, ``dynamic`` creates a vNPU per container."""
 
     mode: Literal["off", "static", "dynamic"] = "off"
@@ -97,7 +84,7 @@ class VnpuSettings(_Section):
                                                              "(the kubelet records an allocation after Allocate)")
 
 
-class PluginConfig(_Section):
+class PluginConfig(ConfigSection):
     """Everything the daemon needs; built from defaults, then the YAML file, then flags."""
 
     version: Literal["v1"] = CONFIG_VERSION

@@ -6,13 +6,35 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigSection(BaseModel):
+    """Base of every section of a component's config file: camelCase keys (snake_case accepted), unknown keys are
+    errors (a typo must not fall back to a default silently), values frozen."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+def _duration(value: Any) -> Any:
+    from .contracts import ContractError, parse_duration
+
+    if isinstance(value, str):
+        try:
+            return parse_duration("duration", value)
+        except ContractError:
+            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+"""A duration in a config file (``10s``, ``1m30s``, ``500ms`` or a number of seconds), as seconds."""
 
 
 class ConfigError(ValueError):

@@ -30,53 +30,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import load_versioned_yaml, merged, validated
-from fuyao.contracts import ContractError, parse_duration
+from fuyao.config_files import ConfigSection, Seconds, load_versioned_yaml, merged, validated
 
 CONFIG_VERSION = "v1"
 
 
-def _duration(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_duration("duration", value)
-        except ContractError:
-            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
-    return value
-
-
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
-class BatchSettings(_Section):
+class BatchSettings(ConfigSection):
     cpu_reclaim_percent: Percent = 65.0
     memory_reclaim_percent: Percent = 65.0
     change_threshold_percent: Percent = 5.0
     min_publish_interval: Seconds = 30.0
 
 
-class UsageSettings(_Section):
+class UsageSettings(ConfigSection):
     publish_interval: Seconds = 60.0
     jump_percent: Percent = 10.0
 
 
-class CpuSuppressSettings(_Section):
+class CpuSuppressSettings(ConfigSection):
     enabled: bool = True
     threshold_percent: Percent = 65.0
     hysteresis_percent: Percent = 5.0
     min_be_milli: int = Field(default=100, ge=1)
 
 
-class MemoryEvictionSettings(_Section):
+class MemoryEvictionSettings(ConfigSection):
     enabled: bool = True
     high_percent: Percent = 85.0
     low_percent: Percent = 80.0
@@ -88,7 +74,7 @@ class MemoryEvictionSettings(_Section):
         return self
 
 
-class AgentConfig(_Section):
+class AgentConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
     node_name: str = Field(default="", description="this node (flag --node-name, env NODE_NAME)")
     interval: Seconds = 10.0

@@ -19,47 +19,44 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
 
 CONFIG_VERSION = "v1"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
-class TlsSettings(_Section):
+class TlsSettings(ConfigSection):
     cert_file: str
     key_file: str
 
 
-class DeviceFitArgs(_Section):
+class DeviceFitArgs(ConfigSection):
     weight: float = Field(default=3.0, ge=0)
     strategy: Literal["binpack", "spread"] = "binpack"
 
 
-class NumaArgs(_Section):
+class NumaArgs(ConfigSection):
     weight: float = Field(default=2.0, ge=0)
 
 
-class BusinessTypeArgs(_Section):
+class BusinessTypeArgs(ConfigSection):
     weight: float = Field(default=1.0, ge=0)
     stacking_penalty: float = Field(default=0.1, ge=0)
 
 
-class QosColocationArgs(_Section):
+class QosColocationArgs(ConfigSection):
     weight: float = Field(default=2.0, ge=0)
     ls_usage_watermark: float = Field(default=0.7, gt=0, le=1)
     ls_max_usage: float = Field(default=0.95, gt=0, le=1)
     be_pressure_watermark: float = Field(default=0.5, gt=0, le=1)
 
 
-class PdAffinityArgs(_Section):
+class PdAffinityArgs(ConfigSection):
     weight: float = Field(default=2.0, ge=0)
     topology_key: str = Field(default=LABEL_PD_TOPOLOGY_DEFAULT, min_length=1)
     ratio: str | None = Field(default=None, description="prefill:decode per topology domain, e.g. 1:2")
@@ -83,7 +80,7 @@ class PdAffinityArgs(_Section):
         return int(p), int(d)
 
 
-class PluginSettings(_Section):
+class PluginSettings(ConfigSection):
     device_fit: DeviceFitArgs = DeviceFitArgs()
     numa: NumaArgs = NumaArgs()
     business_type: BusinessTypeArgs = BusinessTypeArgs()
@@ -91,7 +88,7 @@ class PluginSettings(_Section):
     pd_affinity: PdAffinityArgs = PdAffinityArgs()
 
 
-class ExtenderConfig(_Section):
+class ExtenderConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
     listen: str = "127.0.0.1:8888"
     tls: TlsSettings | None = None

@@ -20,8 +20,9 @@ from fuyao.contracts import (
     dump_annotation,
     parse_annotation,
 )
-from tests.support.apiserver import LocalApiServer
+from tests.support.apiserver import LocalApiServer, least_privilege
 from tests.support.deviceplugin import PluginUnderTest
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +39,7 @@ def cluster() -> Iterator[LocalApiServer]:
     server = LocalApiServer(users={USER: []}).start()
     try:
         server.create([
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": USER}, "rules": DEVICE_PLUGIN_RULES},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": {"name": USER},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": USER},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]},
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}},
+            *least_privilege(USER, DEVICE_PLUGIN_RULES),
         ])
         yield server
     finally:
@@ -72,16 +67,6 @@ def plugin(cluster: LocalApiServer, node: str) -> Iterator[PluginUnderTest]:
         yield p
     finally:
         p.close()
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def topology_of(api, node: str) -> NodeTopology | None:  # type: ignore[no-untyped-def]

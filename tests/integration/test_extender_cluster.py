@@ -14,7 +14,7 @@ import pytest
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from scheduler_extender.cluster import ClusterCache, Watcher
 from tests.component.test_extender_http import Extender
-from tests.support.apiserver import LocalApiServer
+from tests.support.apiserver import LocalApiServer, least_privilege
 from tests.support.k8s_objects import node, pod, topology
 
 pytestmark = pytest.mark.integration
@@ -36,12 +36,7 @@ def cluster() -> Iterator[LocalApiServer]:
     server.start()
     try:
         server.create([
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": USER},
-             "rules": EXTENDER_RULES},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": USER},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": USER},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]},
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}},
+            *least_privilege(USER, EXTENDER_RULES),
         ])
         admin = server.client()
         for name, raw in (("npu-a", node("npu-a", topo=topology())), ("npu-b", node("npu-b", topo=topology("a1"))),

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from qos.collect import Collector
 from qos.config import build_config
 from qos.kube import Evictor, NodeState, Publisher
 from qos.metrics import AgentMetrics
-from tests.support.apiserver import LocalApiServer
+from tests.support.apiserver import LocalApiServer, least_privilege
 from tests.support.cgroups import FakeCgroupTree
+from tests.support.polling import wait_for
 from tests.unit.test_qos import FakeHost
 
 pytestmark = pytest.mark.integration
@@ -49,13 +49,7 @@ def cluster() -> Iterator[LocalApiServer]:
     server = LocalApiServer(users={USER: []}).start()
     try:
         server.create([
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": USER}, "rules": QOS_AGENT_RULES},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": {"name": USER},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": USER},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]},
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}},
+            *least_privilege(USER, QOS_AGENT_RULES),
             {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "colo-1"}},
             {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "other"}},
         ])
@@ -75,16 +69,6 @@ def make_pod(cluster: LocalApiServer, name: str, node: str, qos: str | None, pri
         spec=client.V1PodSpec(node_name=node, priority=priority, containers=[
             client.V1Container(name="main", image="registry.invalid/app:1")]))
     return cluster.client().create_namespaced_pod("default", body).metadata.uid  # type: ignore[no-any-return]
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cycles_publish_batch_resources_and_evict_be_pods_under_memory_pressure(

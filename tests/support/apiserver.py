@@ -36,6 +36,19 @@ def binary(name: str) -> str:
     return str(path)
 
 
+def least_privilege(user: str, rules: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+    """A ClusterRole with exactly ``rules`` bound to ``user``, and the default ServiceAccount pods need: what a
+    component's chart grants, to create before testing the component as that user."""
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": user},
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": user},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}},
+    ]
+
+
 class LocalApiServer:
     def __init__(self, users: dict[str, list[str]] | None = None, extra_args: tuple[str, ...] = ()):
         """``users``: name → groups, each gets a token and a kubeconfig (``kubeconfig_for(name)``)."""
