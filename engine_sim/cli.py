@@ -1,11 +1,150 @@
-"""Entry point of `fuyao-engine-sim`."""
+"""Entry point of ``fuyao-engine-sim``: a vLLM-compatible engine simulator (``docs/engine-sim.md``).
 
-from fuyao.cli import component_placeholder
+Flags follow ``vllm serve`` where they exist. Exit codes: 0 after SIGTERM/SIGINT (within 3 s), 2 for invalid flags,
+config or latency profile (the field is named), 1 when the port or the event endpoint cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import uuid
+
+from aiohttp import web
+
+from fuyao import __version__, logs
+from fuyao.kv_blocks import topic as kv_topic
+
+from .api import EngineApi
+from .engine import Engine, EngineSettings
+from .metrics import EngineMetrics
+from .profile import ProfileError, load_profile
+
+log = logging.getLogger("engine_sim")
 
 
-def main() -> None:
-    component_placeholder(
-        "fuyao-engine-sim",
-        "vLLM-compatible inference engine simulator (OpenAI API, vLLM metrics and KV events).",
-        issue=7,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuyao-engine-sim",
+        description="A vLLM-compatible LLM engine simulator: OpenAI API (completions, chat, streaming), vLLM "
+                    "metrics, paged KV cache with prefix caching, KV events over ZMQ, prefill/decode roles. "
+                    "No model runs: timing comes from a latency profile, text is deterministic.",
+        epilog="Docs: docs/engine-sim.md")
+    p.add_argument("--version", action="version", version=f"fuyao-engine-sim (fuyao {__version__})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="fuyao-sim-7b", help="the served model name")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV blocks (vLLM's --num-gpu-blocks-override)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=0, help="output text and block-hash seed (like PYTHONHASHSEED)")
+    p.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
+                   help="prefill/decode disaggregation role (vLLM's kv_role producer/consumer/both)")
+    p.add_argument("--kv-events-endpoint", help="ZMQ PUB endpoint for KV events, e.g. tcp://*:5557 (binds)")
+    p.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER endpoint for replays, e.g. tcp://*:5558")
+    p.add_argument("--kv-events-topic", help="default kv@<host>@<model>")
+    p.add_argument("--kv-events-format", choices=["release", "main", "array"], default="release",
+                   help="vLLM's payload envelope (see docs/engine-sim.md)")
+    p.add_argument("--kv-remote", help="URL of the shared KV block tier (fuyao-kvcache)")
+    p.add_argument("--latency-profile", help="YAML latency profile (step_base_ms, prefill_per_token_ms, ...)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="run the clock this many times faster")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
+    p.add_argument("--enable-fault-injection", action="store_true", help="serve POST/DELETE /fault (tests only)")
+    logs.add_arguments(p)
+    return p
+
+
+def _validate(args: argparse.Namespace) -> str | None:
+    for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                 "default_max_tokens"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')}: must be positive"
+    if args.time_scale <= 0:
+        return "--time-scale: must be positive"
+    if not 0 <= args.port <= 65535:
+        return "--port: must be 0..65535"
+    return None
+
+
+async def serve(args: argparse.Namespace) -> int:
+    profile = load_profile(args.latency_profile)
+    settings = EngineSettings(model=args.model, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              max_model_len=args.max_model_len, seed=args.seed, time_scale=args.time_scale,
+                              default_max_tokens=args.default_max_tokens, role=args.role,
+                              engine_id=str(uuid.uuid4()))
+    publisher = None
+    if args.kv_events_endpoint:
+        from .events import KvEventPublisher
+
+        host = args.host if args.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        try:
+            publisher = KvEventPublisher(args.kv_events_endpoint, args.kv_events_replay_endpoint,
+                                         args.kv_events_topic or kv_topic(host, args.model), args.kv_events_format)
+        except Exception as exc:
+            log.error("cannot open KV event endpoint %s: %s", args.kv_events_endpoint, exc)
+            return 1
+        log.info("KV events on %s", publisher.endpoint, extra={"replay": publisher.replay_endpoint})
+    metrics = EngineMetrics(args.model, args.block_size, args.num_gpu_blocks)
+    engine = Engine(settings, profile, metrics, publisher.publish if publisher else None)
+    if args.kv_remote:
+        from .remote import RemoteTier
+
+        engine.remote = RemoteTier(args.kv_remote, settings.block_size)
+    engine.start()
+    api = EngineApi(engine, args.host, args.port, publisher, args.enable_fault_injection)
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        await runner.cleanup()
+        await engine.stop()
+        if publisher:
+            publisher.shutdown()
+        return 1
+    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (args.host,  # type: ignore[union-attr]
+                                                                                                  args.port)
+    api.port = int(bound[1])
+    log.info("serving %s on http://%s:%s", args.model, bound[0], bound[1],
+             extra={"role": args.role, "blocks": args.num_gpu_blocks, "block_size": args.block_size})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    await engine.stop()
+    if engine.remote is not None:
+        await engine.remote.close()
+    if publisher:
+        publisher.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    problem = _validate(args)
+    if problem is None:
+        try:
+            load_profile(args.latency_profile)
+        except ProfileError as exc:
+            problem = str(exc)
+    if problem:
+        print(f"fuyao-engine-sim: {problem}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    main()

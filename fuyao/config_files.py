@@ -83,11 +83,12 @@ def merged(file_values: Mapping[str, Any] | None, overrides: Mapping[str, Any] |
     return data
 
 
-def validated(model: type[M], data: Mapping[str, Any]) -> M:
-    """The model, or :class:`ConfigError` naming the first bad field as the YAML writes it."""
+def validated(model: type[M], data: Mapping[str, Any], camel_case: bool = True) -> M:
+    """The model, or :class:`ConfigError` naming the first bad field as the YAML writes it (camelCase, unless the
+    file's keys are snake_case)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in first["loc"])
+        field = ".".join((to_camel(p) if camel_case else p) if isinstance(p, str) else str(p) for p in first["loc"])
         raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None

@@ -163,6 +163,19 @@ ANNOTATION_HEALTH_CHECK_PATH = "inference.openfuyao.com/health-check-path"
 ANNOTATION_HEALTH_CHECK_INTERVAL = "inference.openfuyao.com/health-check-interval"
 
 
+# Engine pods whose KV events the KV-cache index follows (fuyao-kvcache discovery)
+LABEL_KV_EVENTS = "inference.openfuyao.com/kv-events"
+"""Pod label (any value) marking an engine that publishes KV events; the index's default discovery selector."""
+ANNOTATION_KV_EVENTS_PORT = "inference.openfuyao.com/kv-events-port"
+"""Pod annotation: the engine's KV event PUB port (default 5557, vLLM's)."""
+ANNOTATION_KV_REPLAY_PORT = "inference.openfuyao.com/kv-events-replay-port"
+"""Pod annotation: the engine's KV event replay (ROUTER) port, if it has one."""
+ANNOTATION_SERVED_MODEL = "inference.openfuyao.com/model"
+"""Pod annotation: the model name the engine serves (``--model`` / ``--served-model-name``)."""
+DEFAULT_KV_EVENTS_PORT = 5557
+DEFAULT_ENGINE_HTTP_PORT = 8000
+
+
 class KvCachePolicy(StrEnum):
     """Eviction policy of the shared KV block tier."""
 

@@ -1,11 +1,115 @@
-"""Entry point of `fuyao-kvcache`."""
+"""Entry point of ``fuyao-kvcache``: the global KV-cache index (fed by engines' KV events) and the shared block
+tier, over HTTP (``docs/kv-cache.md``).
 
-from fuyao.cli import component_placeholder
+Exit codes: 0 after SIGTERM/SIGINT (within 3 s), 2 for invalid flags or config (the field is named), 1 when the
+listen address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from fuyao import __version__, logs
+
+from .config import ConfigError, EndpointConfig, KvCacheConfig, build_config, load_config_file
+from .discovery import follow_pods
+from .service import KvCacheService
+from .subscriber import Source
+
+log = logging.getLogger("kvcache")
 
 
-def main() -> None:
-    component_placeholder(
-        "fuyao-kvcache",
-        "Global KV-cache index fed by vLLM KV events, and a shared block tier.",
-        issue=7,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuyao-kvcache",
+        description="Global KV-cache index fed by vLLM-compatible KV events (ZMQ), plus the shared KV block tier "
+                    "(LRU/LFU/FIFO, ttl, warming), over HTTP: POST /v1/lookup, /v1/blocks, /v1/blocks/lookup; "
+                    "GET /v1/endpoints, /metrics.",
+        epilog="Docs: docs/kv-cache.md")
+    p.add_argument("--version", action="version", version=f"fuyao-kvcache (fuyao {__version__})")
+    p.add_argument("--config", help="versioned YAML config (version: v1) with the kv_cache: section")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8100)")
+    p.add_argument("--kubeconfig", help="for engine discovery (kv_cache.events.discovery)")
+    p.add_argument("--kv-events", action="append", default=[], metavar="NAME=URL[,REPLAY_URL]",
+                   help="follow the KV events at URL (tcp://host:5557) of the engine NAME (its HTTP URL); "
+                        "repeatable")
+    logs.add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> KvCacheConfig:
+    file_values = load_config_file(args.config) if args.config else {}
+    config = build_config(file_values, {"listen": args.listen, "kubeconfig": args.kubeconfig})
+    extra = []
+    for item in args.kv_events:
+        name, sep, urls = item.partition("=")
+        events, _, replay = urls.partition(",")
+        if not sep or not name or not events:
+            raise ConfigError("kv-events", f"expected NAME=URL[,REPLAY_URL], got {item!r}")
+        try:
+            extra.append(EndpointConfig(name=name, events=events, replay=replay or None))
+        except ValueError as exc:
+            raise ConfigError("kv-events", str(exc).splitlines()[-1]) from None
+    if extra:
+        events = config.kv_cache.events
+        config = config.model_copy(update={"kv_cache": config.kv_cache.model_copy(update={
+            "events": events.model_copy(update={"endpoints": [*events.endpoints, *extra]})})})
+    return config
+
+
+async def serve(config: KvCacheConfig) -> int:
+    service = KvCacheService(config.kv_cache)
+    service.warm()
+    for endpoint in config.kv_cache.events.endpoints:
+        service.subscriber.add(Source(endpoint.name, endpoint.events, endpoint.replay, endpoint.model))
+    service.subscriber.start()
+    watch = None
+    if config.kv_cache.events.discovery.enabled:
+        watch = follow_pods(config.kubeconfig, config.kv_cache.events.discovery, service.subscriber)
+    runner = web.AppRunner(service.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    host, _, port = config.listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listen, exc)
+        await runner.cleanup()
+        service.subscriber.stop()
+        return 1
+    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
+    log.info("serving on http://%s:%s", bound[0], bound[1],
+             extra={"endpoints": len(config.kv_cache.events.endpoints),
+                    "tier": config.kv_cache.size, "policy": config.kv_cache.eviction_policy.value})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    if watch is not None:
+        watch.stop()
+    await runner.cleanup()
+    service.subscriber.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"fuyao-kvcache: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(serve(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The simulated engine's HTTP surface, shaped like vLLM's OpenAI-compatible server: ``/v1/completions`` and
+``/v1/chat/completions`` (JSON or SSE streams with vLLM's chunk shapes and ``data: [DONE]``), ``/v1/models``,
+``/health``, ``/metrics``, ``/version``, ``/tokenize``, ``/detokenize``, ``/v1/completions/render``,
+``/v1/chat/completions/render``, ``/reset_prefix_cache``; and, with ``--enable-fault-injection``, ``/fault``.
+
+Unknown request fields are ignored (routers add ``echo``, ``ignore_eos``…); an unknown model is 404; errors use
+vLLM's ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from fuyao import tokenizer
+from fuyao.kv_blocks import block_hashes
+
+from .engine import Engine, Request
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps({"error": {"message": message, "type": kind, "param": param,
+                                                     "code": status}}),
+                        status=status, content_type="application/json")
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+@dataclass
+class Faults:
+    """What ``POST /fault`` injected: the next ``error_count`` requests answer ``error_status``; the next
+    ``drop_count`` lose their connection without an answer."""
+
+    error_status: int = 503
+    error_count: int = 0
+    drop_count: int = 0
+
+
+class EngineApi:
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, publisher: Any = None,
+                 fault_injection: bool = False):
+        self.engine = engine
+        self.model = engine.settings.model
+        self.host, self.port = host, port
+        self.publisher = publisher
+        self.fault_injection = fault_injection
+        self.faults = Faults()
+        self.started = int(time.time())
+
+    # Parsing -----------------------------------------------------------------------------------------------------
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return body
+
+    @staticmethod
+    def _int(body: dict[str, Any], key: str, default: int | None, minimum: int = 1) -> int | None:
+        value = body.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ApiError(400, f"{key} must be an integer >= {minimum}", param=key)
+        return value
+
+    def _prompts(self, body: dict[str, Any]) -> list[list[int]]:
+        prompt = body.get("prompt")
+        add_special = body.get("add_special_tokens", True) is not False
+        if isinstance(prompt, str):
+            return [tokenizer.encode(prompt, add_special)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+                return [list(prompt)]
+            if all(isinstance(p, str) for p in prompt):
+                return [tokenizer.encode(p, add_special) for p in prompt]
+            if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+                return [list(p) for p in prompt]
+        raise ApiError(400, "prompt must be a string, an array of strings, an array of token ids or an array of "
+                            "token-id arrays", param="prompt")
+
+    @staticmethod
+    def _chat_ids(body: dict[str, Any]) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, "messages must be a non-empty array of message objects", param="messages")
+        text = tokenizer.render_chat(messages, body.get("add_generation_prompt", True) is not False)
+        return tokenizer.encode(text, body.get("add_special_tokens", False) is True)
+
+    def _check_length(self, ids: list[int], max_tokens: int) -> None:
+        limit = self.engine.settings.max_model_len
+        if len(ids) + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                                "completion). Please reduce the length of the messages or completion.")
+
+    def _transfer(self, body: dict[str, Any]) -> tuple[bool, bool]:
+        params = body.get("kv_transfer_params")
+        if params is None:
+            return False, False
+        if not isinstance(params, dict):
+            raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+        remote_decode, remote_prefill = bool(params.get("do_remote_decode")), bool(params.get("do_remote_prefill"))
+        role = self.engine.settings.role
+        if remote_decode and role == "decode":
+            raise ApiError(400, "this engine runs --role decode: it does not prefill for a remote decoder",
+                           param="kv_transfer_params")
+        if remote_prefill and role == "prefill":
+            raise ApiError(400, "this engine runs --role prefill: it does not decode remotely prefilled requests",
+                           param="kv_transfer_params")
+        return remote_prefill, remote_decode
+
+    def _transfer_result(self, request: Request) -> dict[str, Any] | None:
+        if not request.remote_decode:
+            return None
+        return {"do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": request.block_ids,
+                "remote_engine_id": self.engine.settings.engine_id, "remote_host": self.host,
+                "remote_port": self.port, "tp_size": 1}
+
+    # Generation --------------------------------------------------------------------------------------------------
+    async def completions(self, http: web.Request) -> web.StreamResponse:
+        body = await self._body(http)
+        prompts = self._prompts(body)
+        return await self._generate(http, body, prompts, chat=False)
+
+    async def chat(self, http: web.Request) -> web.StreamResponse:
+        body = await self._body(http)
+        return await self._generate(http, body, [self._chat_ids(body)], chat=True)
+
+    async def _generate(self, http: web.Request, body: dict[str, Any], prompts: list[list[int]],
+                        chat: bool) -> web.StreamResponse:
+        if self._int(body, "n", 1) != 1:
+            raise ApiError(400, "n > 1 is not supported by the simulator", param="n")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = self._int(body, key, 16 if not chat else self.engine.settings.default_max_tokens)
+        assert max_tokens is not None
+        seed = body.get("seed") if isinstance(body.get("seed"), int) else None
+        remote_prefill, remote_decode = self._transfer(body)
+        for ids in prompts:
+            self._check_length(ids, max_tokens)
+        external = [await self._from_tier(ids) if not remote_prefill else 0 for ids in prompts]
+        requests = [self.engine.submit(ids, max_tokens, request_seed=seed, remote_prefill=remote_prefill,
+                                       remote_decode=remote_decode, external_tokens=ext)
+                    for ids, ext in zip(prompts, external, strict=True)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        try:
+            if body.get("stream"):
+                return await self._stream(http, requests, rid, created, chat, bool(stream_options.get(
+                    "include_usage")))
+            outputs = [await self._collect(r) for r in requests]
+        except BaseException:
+            for r in requests:
+                if not r.finished:
+                    self.engine.abort(r)
+            raise
+        usage = self._usage(requests)
+        if chat:
+            r = requests[0]
+            return _json({"id": rid, "object": "chat.completion", "created": created, "model": self.model,
+                          "choices": [{"index": 0, "message": {
+                              "role": "assistant", "content": outputs[0], "refusal": None, "annotations": None,
+                              "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None},
+                              "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": None}],
+                          "service_tier": None, "system_fingerprint": None, "usage": usage,
+                          "prompt_logprobs": None, "kv_transfer_params": self._transfer_result(r)})
+        return _json({"id": rid, "object": "text_completion", "created": created, "model": self.model,
+                      "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": r.finish_reason,
+                                   "stop_reason": None, "prompt_logprobs": None}
+                                  for i, (r, text) in enumerate(zip(requests, outputs, strict=True))],
+                      "service_tier": None, "system_fingerprint": None, "usage": usage,
+                      "kv_transfer_params": self._transfer_result(requests[0])})
+
+    async def _from_tier(self, ids: list[int]) -> int:
+        """Leading prompt tokens the shared tier can give beyond the local prefix cache (``--kv-remote``)."""
+        remote = self.engine.remote
+        if remote is None:
+            return 0
+        pool = self.engine.pool
+        hashes = block_hashes(ids, pool.block_size, pool.seed, limit=(len(ids) - 1) // pool.block_size)
+        local = len(pool.cached_prefix(hashes))
+        if local >= len(hashes):
+            return 0
+        found = await remote.fetchable(hashes[local:])
+        return (local + found) * pool.block_size if found else 0
+
+    @staticmethod
+    async def _collect(request: Request) -> str:
+        tokens = []
+        while (token := await request.tokens_out.get()) is not None:
+            tokens.append(token)
+        return tokenizer.decode(tokens)
+
+    @staticmethod
+    def _usage(requests: list[Request]) -> dict[str, Any]:
+        prompt = sum(len(r.prompt) for r in requests)
+        completion = sum(len(r.output) for r in requests)
+        return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion,
+                "prompt_tokens_details": None}
+
+    async def _stream(self, http: web.Request, requests: list[Request], rid: str, created: int, chat: bool,
+                      include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(http)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if include_usage else {}
+
+        async def send(choices: list[dict[str, Any]], **more: Any) -> None:
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": choices,
+                     **extra, **more}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+        if chat:
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}])
+        for index, request in enumerate(requests):
+            while (token := await request.tokens_out.get()) is not None:
+                text = tokenizer.decode([token])
+                if chat:
+                    await send([{"index": index, "delta": {"content": text}, "logprobs": None,
+                                 "finish_reason": None}])
+                else:
+                    await send([{"index": index, "text": text, "logprobs": None, "finish_reason": None,
+                                 "stop_reason": None}])
+            final: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": request.finish_reason,
+                                     "stop_reason": None}
+            final.update({"delta": {}} if chat else {"text": ""})
+            more = {"kv_transfer_params": self._transfer_result(request)} if request.remote_decode else {}
+            await send([final], **more)
+        if include_usage:
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [],
+                     "usage": self._usage(requests)}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # Other endpoints ---------------------------------------------------------------------------------------------
+    async def models(self, _http: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": self.started, "owned_by": "vllm", "root": self.model,
+            "parent": None, "max_model_len": self.engine.settings.max_model_len, "permission": [{
+                "id": f"modelperm-{self.model}", "object": "model_permission", "created": self.started,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}]}]})
+
+    async def tokenize(self, http: web.Request) -> web.Response:
+        body = await self._body(http)
+        ids = self._chat_ids(body) if "messages" in body else self._prompts(body)[0]
+        return _json({"count": len(ids), "max_model_len": self.engine.settings.max_model_len, "tokens": ids,
+                      "token_strs": None})
+
+    async def detokenize(self, http: web.Request) -> web.Response:
+        body = await self._body(http)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ApiError(400, "tokens must be an array of token ids", param="tokens")
+        return _json({"prompt": tokenizer.decode(tokens)})
+
+    async def render_completion(self, http: web.Request) -> web.Response:
+        body = await self._body(http)
+        return _json({"token_ids": self._prompts(body)[0]})
+
+    async def render_chat(self, http: web.Request) -> web.Response:
+        body = await self._body(http)
+        return _json({"token_ids": self._chat_ids(body)})
+
+    async def health(self, _http: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(self, _http: web.Request) -> web.Response:
+        from fuyao import __version__
+
+        return _json({"version": f"fuyao-engine-sim {__version__}"})
+
+    async def metrics(self, _http: web.Request) -> web.Response:
+        metrics = self.engine.metrics
+        return web.Response(body=metrics.render() if metrics else b"", content_type="text/plain", charset="utf-8")
+
+    async def reset_prefix_cache(self, _http: web.Request) -> web.Response:
+        self.engine.reset_prefix_cache()
+        return web.Response(status=200)
+
+    async def fault(self, http: web.Request) -> web.Response:
+        """``POST /fault {"slowdown": 3, "error_status": 503, "error_count": 2, "drop_count": 1, "events": false}``;
+        ``DELETE /fault`` clears everything."""
+        if http.method == "DELETE":
+            self.faults = Faults()
+            self.engine.slowdown = 1.0
+            if self.publisher is not None:
+                self.publisher.enabled = True
+            return _json({"faults": "cleared"})
+        body = await self._body(http)
+        if "slowdown" in body:
+            value = body["slowdown"]
+            if not isinstance(value, int | float) or value <= 0:
+                raise ApiError(400, "slowdown must be a positive number", param="slowdown")
+            self.engine.slowdown = float(value)
+        for key in ("error_count", "drop_count"):
+            if key in body:
+                setattr(self.faults, key, self._int(body, key, 0, minimum=0))
+        if "error_status" in body:
+            status = self._int(body, "error_status", 503, minimum=400)
+            if status is None or status > 599:
+                raise ApiError(400, "error_status must be 400..599", param="error_status")
+            self.faults.error_status = status
+        if "events" in body and self.publisher is not None:
+            self.publisher.enabled = bool(body["events"])
+        return _json({"slowdown": self.engine.slowdown, "error_status": self.faults.error_status,
+                      "error_count": self.faults.error_count, "drop_count": self.faults.drop_count,
+                      "events": self.publisher.enabled if self.publisher is not None else None})
+
+    # Wiring ------------------------------------------------------------------------------------------------------
+    def _guarded(self, handler: Handler, faulty: bool = False) -> Handler:
+        async def wrapped(http: web.Request) -> web.StreamResponse:
+            if faulty and self.faults.drop_count > 0:
+                self.faults.drop_count -= 1
+                if http.transport is not None:
+                    http.transport.close()
+                raise asyncio.CancelledError
+            if faulty and self.faults.error_count > 0:
+                self.faults.error_count -= 1
+                return _error(self.faults.error_status, "injected fault", "InternalServerError")
+            try:
+                return await handler(http)
+            except ApiError as exc:
+                return _error(exc.status, exc.message, exc.kind, exc.param)
+        return wrapped
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        g = self._guarded
+        app.router.add_post("/v1/completions", g(self.completions, faulty=True))
+        app.router.add_post("/v1/chat/completions", g(self.chat, faulty=True))
+        app.router.add_get("/v1/models", g(self.models))
+        app.router.add_post("/tokenize", g(self.tokenize))
+        app.router.add_post("/detokenize", g(self.detokenize))
+        app.router.add_post("/v1/completions/render", g(self.render_completion))
+        app.router.add_post("/v1/chat/completions/render", g(self.render_chat))
+        app.router.add_get("/health", g(self.health, faulty=True))
+        app.router.add_get("/version", g(self.version))
+        app.router.add_get("/metrics", g(self.metrics))
+        app.router.add_post("/reset_prefix_cache", g(self.reset_prefix_cache))
+        if self.fault_injection:
+            app.router.add_post("/fault", g(self.fault))
+            app.router.add_delete("/fault", g(self.fault))
+        return app

@@ -1,0 +1,79 @@
+"""vLLM's metrics, same names and meanings (v1 engine), labelled ``model_name`` and ``engine``: what routers and
+dashboards read from real vLLM pods. Counters are exposed with ``_total``, as prometheus_client (and vLLM) do."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+            80.0)
+_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineMetrics:
+    def __init__(self, model: str, block_size: int, num_gpu_blocks: int, engine: str = "0"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = ("model_name", "engine")
+        self._labels = (model, engine)
+        self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                             labels, registry=r).labels(*self._labels)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels,
+                             registry=r).labels(*self._labels)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels,
+                              registry=r).labels(*self._labels)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                                      "queried tokens.", labels, registry=r).labels(*self._labels)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+                                   "tokens.", labels, registry=r).labels(*self._labels)
+        self.preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                                   labels, registry=r).labels(*self._labels)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels,
+                                     registry=r).labels(*self._labels)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", labels,
+                                         registry=r).labels(*self._labels)
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               (*labels, "finished_reason"), registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             labels, buckets=_ITL, registry=r).labels(*self._labels)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+        self.kv_transferred_tokens = Counter("fuyao_engine_kv_transfer_tokens", "Prompt tokens whose KV was pulled "
+                                             "from a prefill engine or the shared tier instead of computed", labels,
+                                             registry=r).labels(*self._labels)
+        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                     ("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"), registry=r)
+        info.labels(str(block_size), str(num_gpu_blocks), "True", engine).set(1)
+        self._last_queries = self._last_hits = 0
+
+    def state(self, running: int, waiting: int, pool: Any) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(pool.usage)
+        if pool.queries > self._last_queries:
+            self.prefix_queries.inc(pool.queries - self._last_queries)
+            self._last_queries = pool.queries
+        if pool.hits > self._last_hits:
+            self.prefix_hits.inc(pool.hits - self._last_hits)
+            self._last_hits = pool.hits
+
+    def token(self, request: Any, now: float) -> None:
+        if request.first_token_at is None:
+            self.ttft.observe(now - request.arrival)
+            self.prompt_tokens.inc(len(request.prompt))
+        elif request.last_token_at is not None:
+            self.itl.observe(now - request.last_token_at)
+        self.generation_tokens.inc()
+
+    def finished(self, request: Any) -> None:
+        self.success.labels(*self._labels, request.finish_reason or "length").inc()
+        self.e2e.observe(time.monotonic() - request.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

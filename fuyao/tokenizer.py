@@ -1,0 +1,82 @@
+"""The deterministic tokenizer every fuyao component shares (engine simulator, router, KV-cache index), so that the
+token ids a router computes for a prompt are the ones the engine caches and reports in its KV events.
+
+Not a real model's tokenizer — we run no models — but with the properties routing depends on: deterministic
+across processes and machines, prefix-stable (a text's tokens start with its prefix's tokens when the prefix ends
+at a piece boundary), about 4 characters per token on English text.
+
+Rules (documented contract):
+
+- Text is split into pieces by :data:`PIECE`: a run of letters with one optional leading space, one digit with an
+  optional leading space, one other non-space character with an optional leading space, or a run of whitespace.
+- A piece's id is ``FIRST_ID + xxh32(piece as UTF-8, seed 0) mod (VOCAB_SIZE - FIRST_ID)``.
+- Ids below ``FIRST_ID`` are special: ``BOS_ID`` 1, ``EOS_ID`` 2 (``add_special_tokens`` prepends BOS).
+- Chat messages render as ``<|role|>\\n{content}\\n`` each, then ``<|assistant|>\\n`` when a generation prompt is
+  added (vLLM's default), and that text is tokenized.
+- Decoding joins the pieces of ids this process has seen (tokenized or generated); others render as ``<id>``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+
+import xxhash
+
+VOCAB_SIZE = 32000
+FIRST_ID = 256
+BOS_ID, EOS_ID = 1, 2
+PIECE = re.compile(r" ?[^\W\d_]+| ?\d| ?[^\s\w]| ?_|\s+(?!\S)|\s+")
+"""Letters, digits, other characters, whitespace — GPT-2's pre-tokenizer shape."""
+
+_pieces: dict[int, str] = {}
+
+
+@lru_cache(maxsize=200_000)
+def piece_id(piece: str) -> int:
+    token = FIRST_ID + xxhash.xxh32_intdigest(piece.encode("utf-8")) % (VOCAB_SIZE - FIRST_ID)
+    _pieces.setdefault(token, piece)
+    return token
+
+
+def encode(text: str, add_special_tokens: bool = False) -> list[int]:
+    ids = [piece_id(p) for p in PIECE.findall(text)]
+    return [BOS_ID, *ids] if add_special_tokens else ids
+
+
+def decode(ids: Iterable[int]) -> str:
+    return "".join(_pieces.get(i, "" if i in (BOS_ID, EOS_ID) else f"<{i}>") for i in ids)
+
+
+def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True) -> str:
+    """The chat template: each message as ``<|role|>\\n{content}\\n``; content given as a list of parts keeps the
+    text parts."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+        out.append(f"<|{message.get('role', 'user')}|>\n{content if content is not None else ''}\n")
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def _output_words(count: int = 512, seed: int = 20261130) -> list[str]:
+    """A fixed vocabulary of pronounceable words the engine simulator generates from."""
+    rng = random.Random(seed)
+    consonants, vowels = "bcdfghklmnprstvz", "aeiou"
+    words: list[str] = []
+    seen = set()
+    while len(words) < count:
+        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(1, 3)))
+        if word not in seen:
+            seen.add(word)
+            words.append(" " + word)
+    return words
+
+
+OUTPUT_PIECES = tuple(_output_words())
+OUTPUT_IDS = tuple(piece_id(p) for p in OUTPUT_PIECES)

@@ -1,0 +1,114 @@
+"""``fuyao-kvcache`` configuration: the design doc's ``kv_cache:`` section (snake_case keys, as the doc writes
+them), versioned; flags override; errors name the field.
+
+```yaml
+version: v1
+listen: 127.0.0.1:8100
+kv_cache:
+  block_size: 16              # must equal the engines' --block-size
+  hash_seed: 0                # must equal the engines' --seed
+  size: 10Gi                  # shared block tier capacity (Kubernetes quantity); 0 turns the tier off
+  bytes_per_token: 524288     # KV bytes per token (7B, fp16: 2 x 32 layers x 4096 x 2 bytes)
+  eviction_policy: LRU        # LRU | LFU | FIFO
+  ttl: 1h                     # blocks older than this are gone (none: keep until evicted)
+  warming:
+    enabled: true
+    queries: ["You are a helpful assistant.", ...]   # prefilled into the tier once at start
+  events:
+    endpoints:                # engines whose KV events feed the index
+      - {name: "http://10.0.0.5:8000", events: "tcp://10.0.0.5:5557", replay: "tcp://10.0.0.5:5558", model: m}
+    discovery:                # or: engines found as pods
+      enabled: false
+      namespace: default
+      label_selector: app=vllm
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from kubernetes.utils.quantity import parse_quantity
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
+from fuyao.config_files import Seconds, load_versioned_yaml, merged, validated
+from fuyao.contracts import KvCachePolicy
+
+CONFIG_VERSION = "v1"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointConfig(_Section):
+    name: str = Field(min_length=1, description="how the index calls the engine (the router's backend URL)")
+    events: str = Field(pattern=r"^(tcp|ipc|inproc)://", description="the engine's KV event PUB endpoint")
+    replay: str | None = Field(default=None, pattern=r"^(tcp|ipc|inproc)://")
+    model: str = ""
+
+
+class DiscoveryConfig(_Section):
+    enabled: bool = False
+    namespace: str | None = None
+    label_selector: str = "inference.openfuyao.com/kv-events"
+
+
+class EventsConfig(_Section):
+    endpoints: list[EndpointConfig] = []
+    discovery: DiscoveryConfig = DiscoveryConfig()
+
+
+class WarmingConfig(_Section):
+    enabled: bool = False
+    queries: list[str] = []
+
+
+class KvCacheSection(_Section):
+    block_size: int = Field(default=16, ge=1, le=4096)
+    hash_seed: int = 0
+    size: int = Field(default=10 * 2**30, ge=0, description="bytes; a Kubernetes quantity in the file")
+    bytes_per_token: int = Field(default=524288, ge=1)
+    eviction_policy: KvCachePolicy = KvCachePolicy.LRU
+    ttl: Seconds | None = None
+    warming: WarmingConfig = WarmingConfig()
+    events: EventsConfig = EventsConfig()
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(parse_quantity(value))
+            except ValueError:
+                raise ValueError(f"expected a Kubernetes quantity such as 10Gi or 500M, got {value!r}") from None
+        return value
+
+    @field_validator("eviction_policy", mode="before")
+    @classmethod
+    def _policy(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class KvCacheConfig(_Section):
+    version: Literal["v1"] = CONFIG_VERSION
+    listen: str = "127.0.0.1:8100"
+    kubeconfig: str | None = None
+    kv_cache: KvCacheSection = KvCacheSection()
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT")
+        return value
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> KvCacheConfig:
+    return validated(KvCacheConfig, merged(file_values, overrides), camel_case=False)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    return load_versioned_yaml(path, CONFIG_VERSION)

@@ -1,0 +1,205 @@
+"""``fuyao-kvcache`` as a service: the index (fed by the subscriber) and the shared tier behind HTTP, with metrics.
+
+- ``POST /v1/lookup`` ``{model?, prompt? | messages? | token_ids?}`` → ``{block_size, blocks, endpoints: {name:
+  cached leading blocks}, tier_blocks}`` — what a router asks before choosing an engine;
+- ``POST /v1/blocks/lookup`` ``{hashes}`` → ``{found}`` — leading blocks the shared tier holds (an engine's fetch);
+- ``POST /v1/blocks`` ``{hashes}`` → ``{stored}`` — an engine publishes the blocks it computed;
+- ``GET /v1/endpoints`` — per engine: model, entries, sequence, gaps, replays, drops, lag;
+- ``/healthz``, ``/readyz``, ``/metrics``.
+
+Metrics keep the design doc's names, so its ``rate(kv_cache_hits[5m]) / rate(kv_cache_requests[5m])`` works:
+``kv_cache_hits`` and ``kv_cache_requests`` (cumulative blocks, label ``layer`` = index | tier) are exposed as
+untyped samples without the ``_total`` suffix a Prometheus counter would add.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from fuyao import tokenizer
+
+from .config import KvCacheSection
+from .index import KvIndex
+from .subscriber import Subscriber
+from .tier import SharedTier
+
+log = logging.getLogger(__name__)
+
+
+class KvCacheService:
+    def __init__(self, settings: KvCacheSection):
+        self.settings = settings
+        self.index = KvIndex(settings.block_size, settings.hash_seed)
+        self.tier = SharedTier(settings.size, settings.bytes_per_token * settings.block_size,
+                               settings.eviction_policy, settings.ttl) if settings.size > 0 else None
+        self.metrics = KvCacheMetrics(self)
+        self.subscriber = Subscriber(self.index, on_batch=self.metrics.batch)
+        self.lookups = {"requests": 0, "hits": 0}
+
+    def warm(self) -> int:
+        """Prefill the tier with the configured queries' blocks (once, at start)."""
+        if self.tier is None or not self.settings.warming.enabled:
+            return 0
+        stored = 0
+        for query in self.settings.warming.queries:
+            stored += self.tier.put(self.index.hashes(tokenizer.encode(query, add_special_tokens=True)))
+        log.info("warmed the shared tier with %d blocks from %d queries", stored, len(self.settings.warming.queries))
+        return stored
+
+    # Requests ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _token_ids(body: dict[str, Any]) -> list[int]:
+        if isinstance(body.get("token_ids"), list):
+            ids = body["token_ids"]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
+                raise web.HTTPBadRequest(text="token_ids: expected an array of non-negative integers")
+            return ids
+        if isinstance(body.get("prompt"), str):
+            return tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)
+                                    is not False)
+        if isinstance(body.get("messages"), list):
+            return tokenizer.encode(tokenizer.render_chat(body["messages"]))
+        raise web.HTTPBadRequest(text="expected token_ids, prompt (a string) or messages")
+
+    def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
+        ids = self._token_ids(body)
+        hashes = self.index.hashes(ids)
+        model = body.get("model") if isinstance(body.get("model"), str) else ""
+        found = self.index.lookup(hashes=hashes, model=model)
+        best = max(found.values(), default=0)
+        self.metrics.requests.labels("index").inc(len(hashes))
+        self.metrics.hits.labels("index").inc(best)
+        tier_blocks = self.tier.peek(hashes) if self.tier is not None else 0
+        return {"block_size": self.index.block_size, "blocks": len(hashes), "endpoints": found,
+                "tier_blocks": tier_blocks}
+
+    @staticmethod
+    def _hashes(body: dict[str, Any]) -> list[int]:
+        hashes = body.get("hashes")
+        if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0
+                                                   for h in hashes):
+            raise web.HTTPBadRequest(text="hashes: expected an array of non-negative integers")
+        return hashes
+
+    def fetch(self, body: dict[str, Any]) -> dict[str, Any]:
+        hashes = self._hashes(body)
+        if self.tier is None:
+            return {"found": 0}
+        found = self.tier.fetch(hashes)
+        self.metrics.requests.labels("tier").inc(len(hashes))
+        self.metrics.hits.labels("tier").inc(found)
+        return {"found": found}
+
+    def store(self, body: dict[str, Any]) -> dict[str, Any]:
+        hashes = self._hashes(body)
+        return {"stored": self.tier.put(hashes) if self.tier is not None else 0}
+
+    def endpoints(self) -> dict[str, Any]:
+        out = {}
+        for name, state in self.index.endpoints.items():
+            stats = self.subscriber.stats.get(name)
+            out[name] = {"model": state.model, "entries": len(state.hashes),
+                         **({"last_seq": stats.last_seq, "batches": stats.batches, "gaps": stats.gaps,
+                             "replays": stats.replays, "drops": stats.drops, "decode_errors": stats.decode_errors,
+                             "lag_s": round(stats.lag_s, 4)} if stats else {})}
+        return out
+
+    # HTTP --------------------------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+
+        def post(call):  # type: ignore[no-untyped-def]
+            async def handler(request: web.Request) -> web.Response:
+                started = time.perf_counter()
+                try:
+                    body = orjson.loads(await request.read())
+                except orjson.JSONDecodeError as exc:
+                    return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
+                if not isinstance(body, dict):
+                    return web.json_response({"error": "the body must be a JSON object"}, status=400)
+                try:
+                    result = call(body)
+                except web.HTTPBadRequest as exc:
+                    return web.json_response({"error": exc.text}, status=400)
+                self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+                return web.Response(body=orjson.dumps(result), content_type="application/json")
+            return handler
+
+        async def endpoints(_request: web.Request) -> web.Response:
+            return web.Response(body=orjson.dumps(self.endpoints()), content_type="application/json")
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+        app.router.add_post("/v1/lookup", post(self.lookup))
+        app.router.add_post("/v1/blocks/lookup", post(self.fetch))
+        app.router.add_post("/v1/blocks", post(self.store))
+        app.router.add_get("/v1/endpoints", endpoints)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", healthz)
+        app.router.add_get("/metrics", metrics)
+        return app
+
+
+class _DesignDocNames(Collector):
+    """``kv_cache_hits`` / ``kv_cache_requests`` exactly as the design doc's PromQL names them (untyped, no
+    ``_total``), mirroring the labelled counters."""
+
+    def __init__(self, hits: Counter, requests: Counter):
+        self._hits, self._requests = hits, requests
+
+    def collect(self) -> Iterator[Metric]:
+        for name, counter in (("kv_cache_hits", self._hits), ("kv_cache_requests", self._requests)):
+            metric = Metric(name, f"{name.replace('_', ' ')} in blocks (cumulative; design doc name)", "unknown")
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        metric.add_sample(name, sample.labels, sample.value)
+            yield metric
+
+
+class KvCacheMetrics:
+    def __init__(self, service: KvCacheService):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.service = service
+        self.hits = Counter("fuyao_kvcache_hits", "Prompt blocks found cached (index: on the best engine; tier: in "
+                            "the shared tier)", ("layer",), registry=r)
+        self.requests = Counter("fuyao_kvcache_requests", "Prompt blocks asked for", ("layer",), registry=r)
+        r.register(_DesignDocNames(self.hits, self.requests))
+        self.events = Counter("fuyao_kvcache_events", "KV events applied to the index", ("endpoint",), registry=r)
+        self.lag = Gauge("fuyao_kvcache_event_lag_seconds", "Age of the newest applied event batch",
+                         ("endpoint",), registry=r)
+        self.index_blocks = Gauge("fuyao_kvcache_index_blocks", "Distinct blocks in the index", registry=r)
+        self.tier_blocks = Gauge("fuyao_kvcache_tier_blocks", "Blocks in the shared tier", registry=r)
+        self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
+                               ("policy",), registry=r)
+        self.expirations = Gauge("fuyao_kvcache_tier_expirations", "Blocks expired by ttl (cumulative)", registry=r)
+        self.latency = Histogram("fuyao_kvcache_request_duration_seconds", "HTTP request time by path", ("path",),
+                                 buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
+
+    def batch(self, endpoint: str, events: int, lag: float) -> None:
+        self.events.labels(endpoint).inc(events)
+        self.lag.labels(endpoint).set(lag)
+
+    def render(self) -> bytes:
+        self.index_blocks.set(len(self.service.index))
+        tier = self.service.tier
+        if tier is not None:
+            self.tier_blocks.set(len(tier))
+            self.evictions.labels(tier.policy.value).set(tier.evictions)
+            self.expirations.set(tier.expirations)
+        return generate_latest(self.registry)

@@ -1,0 +1,252 @@
+"""``fuyao-engine-sim`` as a real process: vLLM's OpenAI response shapes (from vLLM's protocol definitions),
+streaming, prefix-cache hits and metrics, KV events over ZMQ decoded with plain msgpack, replay, a prefill/decode
+pair, the shared tier through ``fuyao-kvcache``, fault injection, flag errors, SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import zmq
+
+from fuyao import tokenizer
+from tests.support.engines import Daemon, engine, kvcache
+
+PROMPT = "The history of computing is long and full of interesting people and machines. " * 8
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Daemon]:
+    daemon = engine("--model", "sim-7b", "--enable-fault-injection", events=True, replay=True).start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def stream(daemon: Daemon, path: str, body: dict) -> list[object]:  # type: ignore[type-arg]
+    request = urllib.request.Request(daemon.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    events: list[object] = []
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.read().decode().split("\n\n"):
+            if line.startswith("data: "):
+                data = line[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_completion_shape(sim: Daemon) -> None:
+    status, body = sim.post("/v1/completions", {"model": "sim-7b", "prompt": PROMPT, "max_tokens": 7,
+                                                "echo": False, "ignore_eos": True, "temperature": 0})
+    assert status == 200
+    assert set(body) >= {"id", "object", "created", "model", "choices", "usage"}
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "sim-7b"
+    choice = body["choices"][0]
+    assert set(choice) >= {"index", "text", "logprobs", "finish_reason", "stop_reason"}
+    assert choice["finish_reason"] == "length" and len(tokenizer.encode(choice["text"])) == 7
+    usage = body["usage"]
+    prompt_tokens = len(tokenizer.encode(PROMPT, add_special_tokens=True))
+    assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7,
+                     "prompt_tokens_details": None}
+    again = sim.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 7})[1]
+    assert again["choices"][0]["text"] == choice["text"]  # deterministic (seeded)
+    batch = sim.post("/v1/completions", {"prompt": ["a b c", "d e f"], "max_tokens": 2})[1]
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+
+
+def test_chat_shape_and_streams(sim: Daemon) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    status, body = sim.post("/v1/chat/completions", {"model": "sim-7b", "messages": messages, "max_tokens": 4})
+    assert status == 200 and body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str) and message["tool_calls"] == []
+    chunks = stream(sim, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]"
+    first, *middle, final, usage = chunks[:-1]
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {  # type: ignore[index]
+        "role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"]["content"] for c in middle) == message["content"]  # type: ignore[index]
+    assert final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4  # type: ignore[index]
+    completion = stream(sim, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True})
+    assert completion[-1] == "[DONE]" and len(completion) == 5  # 3 tokens, the final chunk, [DONE]
+    assert all("usage" not in c for c in completion[:-1])  # type: ignore[operator]
+
+
+def test_models_tokenize_render_and_errors(sim: Daemon) -> None:
+    models = json.loads(sim.get("/v1/models")[1])
+    assert models["object"] == "list" and models["data"][0]["id"] == "sim-7b"
+    assert models["data"][0]["max_model_len"] == 32768
+    tokens = sim.post("/tokenize", {"model": "sim-7b", "prompt": "Hello world"})[1]
+    assert tokens == {"count": 3, "max_model_len": 32768, "token_strs": None,
+                      "tokens": tokenizer.encode("Hello world", add_special_tokens=True)}
+    assert sim.post("/detokenize", {"tokens": tokens["tokens"]})[1] == {"prompt": "Hello world"}
+    messages = [{"role": "user", "content": "Hi"}]
+    assert sim.post("/v1/chat/completions/render", {"messages": messages})[1]["token_ids"] == \
+        sim.post("/tokenize", {"messages": messages})[1]["tokens"]
+    assert sim.post("/v1/completions/render", {"prompt": "Hello world"})[1]["token_ids"] == tokens["tokens"]
+    status, error = sim.post("/v1/completions", {"model": "gpt-4", "prompt": "x"})
+    assert status == 404 and error["error"]["type"] == "NotFoundError" and "gpt-4" in error["error"]["message"]
+    status, error = sim.post("/v1/completions", {"prompt": 42})
+    assert status == 400 and error["error"]["param"] == "prompt"
+    status, error = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 40000})
+    assert status == 400 and "maximum context length is 32768" in error["error"]["message"]
+    status, raw = sim.request("POST", "/v1/completions", None)
+    assert status == 400 and b"invalid JSON" in raw
+    assert sim.get("/health")[0] == 200 and "fuyao-engine-sim" in sim.get("/version")[1]
+
+
+def test_prefix_cache_hits_on_repeated_prompts(sim: Daemon) -> None:
+    sim.request("POST", "/reset_prefix_cache")
+    hits, queries = sim.metric("vllm:prefix_cache_hits_total"), sim.metric("vllm:prefix_cache_queries_total")
+    prompt = PROMPT + " A fresh tail."
+    sim.post("/v1/completions", {"prompt": prompt, "max_tokens": 2})
+    sim.post("/v1/completions", {"prompt": prompt, "max_tokens": 2})
+    length = len(tokenizer.encode(prompt, add_special_tokens=True))
+    assert sim.metric("vllm:prefix_cache_queries_total") - queries == 2 * length
+    assert sim.metric("vllm:prefix_cache_hits_total") - hits == (length - 1) // 16 * 16  # all full blocks, once
+    text = sim.get("/metrics")[1]
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total"):
+        assert f'{name}{{' in text and 'model_name="sim-7b"' in text
+    assert 'vllm:cache_config_info{block_size="16",enable_prefix_caching="True",engine="0",num_gpu_blocks="4096"}' \
+        in text
+
+
+def test_kv_events_on_the_wire_and_replay(sim: Daemon) -> None:
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(sim.events)  # type: ignore[attr-defined]
+    try:
+        prompt = "Events travel over ZMQ in msgpack batches. " * 6
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        frames = None
+        deadline = time.monotonic() + 10
+        while frames is None and time.monotonic() < deadline:  # the slow joiner: resend until we see a batch
+            sim.request("POST", "/reset_prefix_cache")
+            sim.post("/v1/completions", {"prompt": prompt, "max_tokens": 1})
+            while sub.poll(200):
+                got = sub.recv_multipart()
+                body = msgpack.unpackb(got[2], raw=False)
+                if any(e.get("type") == "BlockStored" and e["token_ids"][:16] == ids[:16] for e in body[1]):
+                    frames = got
+                    break
+        assert frames is not None
+        topic, seq, payload = frames
+        assert topic == b"kv@127.0.0.1@sim-7b" and len(seq) == 8
+        ts, events, rank = msgpack.unpackb(payload, raw=False)  # vLLM's release envelope
+        stored = next(e for e in events if e["type"] == "BlockStored")
+        assert set(stored) == {"type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                               "medium", "lora_name"}
+        assert stored["block_size"] == 16 and stored["medium"] == "GPU" and rank == 0 and ts > 0
+        assert len(stored["token_ids"]) == 16 * len(stored["block_hashes"])
+        assert all(isinstance(h, int) and h >= 0 for h in stored["block_hashes"])
+        # the replay socket answers [seq, payload]... then -1
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(sim.replay)  # type: ignore[attr-defined]
+        dealer.send_multipart([b"", seq])
+        replies = []
+        while dealer.poll(2000):
+            reply = dealer.recv_multipart()
+            replies.append(reply)
+            if int.from_bytes(reply[1], "big", signed=True) == -1:
+                break
+        dealer.close(linger=0)
+        assert replies[0][1:] == [seq, payload] and int.from_bytes(replies[-1][1], "big", signed=True) == -1
+    finally:
+        sub.close(linger=0)
+
+
+def test_fault_injection(sim: Daemon) -> None:
+    try:
+        assert sim.post("/fault", {"error_count": 2, "error_status": 503})[0] == 200
+        assert sim.post("/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 503
+        assert sim.get("/health")[0] == 503  # health fails too: what a router's checks see
+        assert sim.post("/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+        sim.post("/fault", {"drop_count": 1})
+        with pytest.raises((ConnectionError, urllib.error.URLError, http.client.HTTPException)):  # no answer
+            urllib.request.urlopen(urllib.request.Request(sim.url + "/v1/completions", data=b'{"prompt":"x"}'),
+                                   timeout=10)
+        started = time.monotonic()
+        sim.post("/v1/completions", {"prompt": "x", "max_tokens": 5})
+        normal = time.monotonic() - started
+        sim.post("/fault", {"slowdown": 20})
+        started = time.monotonic()
+        sim.post("/v1/completions", {"prompt": "x", "max_tokens": 5})
+        assert time.monotonic() - started > 3 * normal
+        assert sim.post("/fault", {"slowdown": -1})[0] == 400
+    finally:
+        sim.request("DELETE", "/fault")
+
+
+def test_prefill_decode_pair() -> None:
+    prefill = engine("--role", "prefill").start()
+    decode = engine("--role", "decode").start()
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 1, "kv_transfer_params": {
+            "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+            "remote_block_ids": None, "remote_host": None, "remote_port": None}}
+        status, first = prefill.post("/v1/completions", body)
+        params = first["kv_transfer_params"]
+        assert status == 200 and first["usage"]["completion_tokens"] == 1
+        assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+        assert params["remote_block_ids"] and params["remote_port"] == prefill.port and params["remote_engine_id"]
+        status, second = decode.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 6,
+                                                         "kv_transfer_params": params})
+        assert status == 200 and second["usage"]["completion_tokens"] == 6
+        prompt_tokens = second["usage"]["prompt_tokens"]
+        # the decode side pulled all but the last prompt token instead of computing them
+        assert decode.metric("fuyao_engine_kv_transfer_tokens_total") == prompt_tokens - 1
+        assert decode.metric("vllm:prompt_tokens_total") == prompt_tokens
+        wrong = decode.post("/v1/completions", body)
+        assert wrong[0] == 400 and "--role decode" in wrong[1]["error"]["message"]
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_shared_tier_between_engines() -> None:
+    cache = kvcache().start()
+    first = engine("--kv-remote", cache.url).start()
+    second = engine("--kv-remote", cache.url).start()
+    try:
+        first.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+        blocks = (len(tokenizer.encode(PROMPT, add_special_tokens=True)) - 1) // 16
+        deadline = time.monotonic() + 5
+        while cache.metric("fuyao_kvcache_tier_blocks") < blocks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cache.metric("fuyao_kvcache_tier_blocks") >= blocks
+        second.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+        assert second.metric("fuyao_engine_kv_transfer_tokens_total") == blocks * 16  # fetched, not computed
+        assert cache.metric('kv_cache_hits{layer="tier"}') == blocks
+    finally:
+        for daemon in (first, second, cache):
+            daemon.close()
+
+
+def test_flag_errors_and_sigterm(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("step_base_ms: 5\nprefil_per_token_ms: 1\n")
+    result = subprocess.run([sys.executable, "-m", "engine_sim.cli", "--latency-profile", str(profile)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "prefil_per_token_ms" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "engine_sim.cli", "--num-gpu-blocks", "0"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "--num-gpu-blocks" in result.stderr
+    daemon = engine().start()
+    code, seconds = daemon.stop()
+    assert code == 0 and seconds < 3

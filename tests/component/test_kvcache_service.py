@@ -1,0 +1,103 @@
+"""``fuyao-kvcache`` as a real process following real engine simulators' KV events: lookups name the engine
+with the longest cached prefix, a cleared cache leaves the index, joining mid-stream catches up through replay;
+bad config exits 2 naming the field; discovery turns engine pods into event sources."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from kvcache.discovery import _Pods, source_of
+from kvcache.subscriber import Source
+from tests.support.engines import engine, kvcache
+
+SHARED = "You are a helpful assistant. Answer in one short paragraph, citing sources. " * 4
+
+
+def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_the_index_follows_engines_and_answers_lookups() -> None:
+    a = engine(events=True, replay=True).start()
+    b = engine(events=True, replay=True).start()
+    # a computes a prompt before the index exists: the index catches up through a's replay buffer
+    a.post("/v1/completions", {"prompt": SHARED + "Question one?", "max_tokens": 1})
+    cache = kvcache("--kv-events", f"{a.url}={a.events},{a.replay}",  # type: ignore[attr-defined]
+                    "--kv-events", f"{b.url}={b.events}").start()  # type: ignore[attr-defined]
+    try:
+        # the subscription is live once b's events arrive: prompt b until then
+        wait_for(lambda: b.post("/v1/completions", {"prompt": SHARED[:150], "max_tokens": 1}) and
+                 cache.post("/v1/lookup", {"prompt": SHARED[:150]})[1]["endpoints"].get(b.url))
+        a.post("/v1/completions", {"prompt": "unrelated " * 40, "max_tokens": 1})  # a's stream is live: catch up
+        found = wait_for(lambda: (r := cache.post("/v1/lookup", {"prompt": SHARED + "Question two?"})[1])
+                         ["endpoints"].get(a.url) and r)
+        assert found["endpoints"][a.url] > found["endpoints"].get(b.url, 0)  # a holds the longer prefix
+        assert found["block_size"] == 16 and found["blocks"] >= found["endpoints"][a.url]
+        endpoints = cache.post("/v1/lookup", {"prompt": "nothing like it"})[1]["endpoints"]
+        assert endpoints == {}
+        a.request("POST", "/reset_prefix_cache")  # AllBlocksCleared
+        wait_for(lambda: a.url not in cache.post("/v1/lookup", {"prompt": SHARED + "Question two?"})[1]["endpoints"])
+        stats = wait_for(lambda: (s := __import__("json").loads(cache.get("/v1/endpoints")[1])) and s)
+        assert set(stats) == {a.url, b.url} and stats[a.url]["gaps"] == 0
+        assert cache.metric("kv_cache_requests") > 0 and cache.metric("fuyao_kvcache_events_total") > 0
+        assert cache.post("/v1/lookup", {"token_ids": [-1]})[0] == 400
+        assert cache.post("/v1/blocks", {"hashes": "x"})[0] == 400
+    finally:
+        for daemon in (cache, a, b):
+            daemon.close()
+
+
+def test_config_errors_exit_2_naming_the_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "kv.yaml"
+    config.write_text("version: v1\nkv_cache:\n  eviction_policy: MRU\n")
+    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "eviction_policy" in result.stderr
+    config.write_text("version: v1\nkv_cache:\n  size: lots\n")
+    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "size" in result.stderr and "quantity" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--kv-events", "no-url"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "NAME=URL" in result.stderr
+
+
+def test_discovery_turns_running_engine_pods_into_sources() -> None:
+    pod = {"metadata": {"uid": "u1", "name": "vllm-0", "namespace": "ai", "annotations": {
+        "inference.openfuyao.com/kv-events-port": "5600", "inference.openfuyao.com/kv-events-replay-port": "5601",
+        "inference.openfuyao.com/model": "llama"}},
+        "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9000},
+                                           {"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": "10.1.2.3"}}
+    assert source_of(pod) == Source("http://10.1.2.3:8080", "tcp://10.1.2.3:5600", "tcp://10.1.2.3:5601", "llama")
+    assert source_of({**pod, "status": {"phase": "Pending"}}) is None
+    bad = {**pod, "metadata": {**pod["metadata"], "annotations": {"inference.openfuyao.com/kv-events-port": "x"}}}
+    assert source_of(bad) is None
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def add(self, source: Source) -> None:
+            self.calls.append(("add", source.name))
+
+        def remove(self, name: str) -> None:
+            self.calls.append(("remove", name))
+
+    recorder = Recorder()
+    pods = _Pods(recorder)  # type: ignore[arg-type]
+    pods.replace([pod])
+    pods.upsert(pod)  # unchanged: nothing to do
+    moved = {**pod, "status": {"phase": "Running", "podIP": "10.1.2.4"}}
+    pods.upsert(moved)
+    pods.delete(moved)
+    assert recorder.calls == [("add", "http://10.1.2.3:8080"), ("remove", "http://10.1.2.3:8080"),
+                              ("add", "http://10.1.2.4:8080"), ("remove", "http://10.1.2.4:8080")]

@@ -1,0 +1,107 @@
+"""Engine simulators and the KV-cache service as real processes on free loopback ports, for component tests, the
+router's tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .apiserver import free_port
+
+
+class Daemon:
+    """A ``python -m <module>`` process with an HTTP port; ``start()`` waits until ``health_path`` answers."""
+
+    def __init__(self, module: str, args: list[str], port: int, health_path: str):
+        self.module, self.args, self.port, self.health_path = module, args, port, health_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--log-format", "text"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.module} exited {self.proc.returncode}: "
+                                     f"{self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                with urllib.request.urlopen(self.url + self.health_path, timeout=1):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        raise AssertionError(f"{self.module} did not answer {self.health_path} within {timeout}s")
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        status, raw = self.request("POST", path, body)
+        return status, json.loads(raw) if raw else None
+
+    def get(self, path: str) -> tuple[int, str]:
+        status, raw = self.request("GET", path)
+        return status, raw.decode()
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples on /metrics (0 when absent)."""
+        total = 0.0
+        for line in self.get("/metrics")[1].splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, timeout: float = 5.0) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds to exit)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        return code, time.monotonic() - started
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: float = 20.0) -> Daemon:
+    """An engine simulator (fast clock); with ``events`` its KV events on a free port (``daemon.events``)."""
+    port = free_port()
+    args = ["--port", str(port), "--time-scale", str(time_scale), *extra]
+    daemon = Daemon("engine_sim.cli", args, port, "/health")
+    daemon.events = daemon.replay = None  # type: ignore[attr-defined]
+    if events:
+        events_port = free_port()
+        args += ["--kv-events-endpoint", f"tcp://*:{events_port}"]
+        daemon.events = f"tcp://127.0.0.1:{events_port}"  # type: ignore[attr-defined]
+    if replay:
+        replay_port = free_port()
+        args += ["--kv-events-replay-endpoint", f"tcp://*:{replay_port}"]
+        daemon.replay = f"tcp://127.0.0.1:{replay_port}"  # type: ignore[attr-defined]
+    return daemon
+
+
+def kvcache(*extra: str) -> Daemon:
+    port = free_port()
+    return Daemon("kvcache.cli", ["--listen", f"127.0.0.1:{port}", *extra], port, "/healthz")

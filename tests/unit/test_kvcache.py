@@ -1,0 +1,209 @@
+"""The engine's block pool (prefix caching, LRU eviction, events), the global index against a brute-force model,
+the shared tier's eviction policies and ttl, and the subscriber's gap handling over real ZMQ sockets."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine_sim.kv import BlockPool
+from fuyao.contracts import KvCachePolicy
+from fuyao.kv_blocks import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, block_hashes, encode_batch
+from kvcache.index import KvIndex
+from kvcache.subscriber import Source, Subscriber
+from kvcache.tier import SharedTier
+from tests.support.apiserver import free_port
+
+
+# --- the engine's block pool ------------------------------------------------------------------------------------------
+def run(pool: BlockPool, prompt: list[int], output: int = 0) -> int:
+    """A request through the pool: reuse, allocate, compute, finish; returns its cached tokens."""
+    allocation, cached = pool.start(prompt)
+    tokens = prompt + [7] * output
+    assert pool.grow(allocation, len(tokens))
+    pool.computed(allocation, tokens, len(tokens))
+    pool.release(allocation)
+    return cached
+
+
+def test_prefix_cache_hits_and_events() -> None:
+    pool = BlockPool(num_blocks=8, block_size=4)
+    prompt = list(range(100, 110))  # 2 full blocks + 2 tokens
+    assert run(pool, prompt) == 0
+    stored = pool.take_events()
+    assert stored == [BlockStored(block_hashes(prompt, 4), None, prompt[:8], 4)]
+    assert run(pool, prompt) == 8  # both full blocks reused
+    assert run(pool, [*prompt[:8], 1, 2, 3]) == 8  # a different tail: the shared blocks still hit
+    assert run(pool, prompt[:8]) == 4  # the last token is always computed: 7 of 8 tokens → one block
+    assert pool.queries == 10 + 10 + 11 + 8 and pool.hits == 8 + 8 + 4
+    assert pool.usage == 0.0  # everything released
+
+
+def test_lru_eviction_emits_block_removed_tail_first() -> None:
+    pool = BlockPool(num_blocks=6, block_size=2)
+    a, b = [1, 2, 3, 4], [5, 6, 7, 8]  # 2 full blocks + 1 partial each
+    run(pool, [*a, 0])
+    run(pool, [*b, 0])
+    pool.take_events()
+    # a third prompt needs 3 blocks: the LRU free blocks go first; a's tail block before its head
+    run(pool, [9, 10, 11, 12, 13])
+    removed = [e for e in pool.take_events() if isinstance(e, BlockRemoved)]
+    a_hashes = block_hashes(a, 2)
+    assert removed == [BlockRemoved([a_hashes[1], a_hashes[0]])]  # one event for the run
+    assert run(pool, [*b, 0]) == 4  # b survived (more recently used)
+
+
+def test_grow_refuses_without_taking_anything() -> None:
+    pool = BlockPool(num_blocks=2, block_size=2)
+    allocation, _ = pool.start([1, 2, 3])
+    assert not pool.grow(allocation, 5) and allocation.blocks == [] and pool.num_free == 2
+
+
+# --- the index ----------------------------------------------------------------------------------------------------
+CHAINS = [block_hashes(list(range(seed, seed + 64)), 4) for seed in (0, 1000, 2000)]
+ops = st.lists(st.one_of(
+    st.tuples(st.just("store"), st.sampled_from("abc"), st.integers(0, 2), st.integers(0, 15), st.integers(1, 6)),
+    st.tuples(st.just("remove"), st.sampled_from("abc"), st.integers(0, 2), st.integers(0, 15), st.integers(1, 6)),
+    st.tuples(st.just("clear"), st.sampled_from("abc")),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_index_lookups_equal_a_brute_force_model(history: list[tuple]) -> None:  # type: ignore[type-arg]
+    index = KvIndex(block_size=4)
+    model: dict[str, set[int]] = {e: set() for e in "abc"}
+    for op in history:
+        if op[0] == "clear":
+            index.apply(op[1], [AllBlocksCleared()])
+            model[op[1]].clear()
+            continue
+        _, endpoint, chain, start, length = op
+        hashes = CHAINS[chain][start:start + length]
+        if op[0] == "store":
+            index.apply(endpoint, [BlockStored(hashes, None, [0] * 4 * len(hashes), 4)])
+            model[endpoint].update(hashes)
+        else:
+            index.apply(endpoint, [BlockRemoved(hashes)])
+            model[endpoint].difference_update(hashes)
+    for chain in CHAINS:
+        expected = {}
+        for endpoint, held in model.items():
+            depth = 0
+            while depth < len(chain) and chain[depth] in held:
+                depth += 1
+            if depth:
+                expected[endpoint] = depth
+        assert index.lookup(hashes=chain) == expected
+    assert set(index.blocks) == set().union(*model.values())
+
+
+def test_lookup_by_tokens_and_model() -> None:
+    index = KvIndex(block_size=4)
+    prompt = list(range(50))
+    index.endpoint("a", "llama")
+    index.endpoint("b", "qwen")
+    for name in "ab":
+        index.apply(name, [BlockStored(block_hashes(prompt, 4)[:5], None, prompt[:20], 4)])
+    assert index.lookup(prompt) == {"a": 5, "b": 5}
+    assert index.lookup(prompt, model="llama") == {"a": 5}
+    assert index.drop("a") == 5 and index.lookup(prompt) == {"b": 5} and "a" not in index.endpoints
+
+
+# --- the shared tier ------------------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tier(policy: KvCachePolicy, ttl: float | None = None, clock: Clock | None = None) -> SharedTier:
+    return SharedTier(capacity_bytes=300, block_bytes=100, policy=policy, ttl_s=ttl, clock=clock or Clock())
+
+
+@pytest.mark.parametrize(("policy", "survivor_after_touching_1"), [
+    (KvCachePolicy.LRU, {1, 3, 4}), (KvCachePolicy.FIFO, {2, 3, 4}), (KvCachePolicy.LFU, {1, 3, 4})])
+def test_eviction_policies(policy: KvCachePolicy, survivor_after_touching_1: set[int]) -> None:
+    t = tier(policy)
+    assert t.put([1, 2, 3]) == 3 and t.put([1]) == 0  # already there
+    assert t.fetch([1]) == 1  # block 1 used
+    t.put([4])  # full: one goes
+    assert {b for b in (1, 2, 3, 4) if b in t} == survivor_after_touching_1 and t.evictions == 1
+
+
+def test_lfu_keeps_the_frequently_fetched() -> None:
+    t = tier(KvCachePolicy.LFU)
+    t.put([1, 2, 3])
+    for _ in range(3):
+        t.fetch([2])
+    t.fetch([3])
+    t.put([4, 5])  # 1 (0 fetches) goes, then 4 (0 fetches, newer than... the oldest of the least used)
+    assert 2 in t and 3 in t and 1 not in t and len(t) == 3
+
+
+def test_fetch_counts_the_leading_run_and_ttl_expires() -> None:
+    clock = Clock()
+    t = tier(KvCachePolicy.LRU, ttl=10, clock=clock)
+    t.put([1, 2])
+    assert t.fetch([1, 2, 3]) == 2 and t.fetch([2, 1]) == 2 and t.fetch([3, 1]) == 0
+    assert (t.requests, t.hits) == (3 + 2 + 1, 4)
+    clock.now = 11
+    assert t.peek([1]) == 0 and t.fetch([1, 2]) == 0 and t.expirations == 1
+    assert SharedTier(0, 100).put([1]) == 0  # size 0: the tier is off
+
+
+# --- the subscriber over real sockets -------------------------------------------------------------------------------
+def _frames(seq: int, hashes: list[int]) -> list[bytes]:
+    batch = EventBatch(time.time(), [BlockStored(hashes, None, [0] * 4 * len(hashes), 4)])
+    return [b"kv@test@m", seq.to_bytes(8, "big"), encode_batch(batch)]
+
+
+def _wait(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.02)
+    assert predicate()
+
+
+@pytest.mark.parametrize("with_replay", [True, False])
+def test_a_sequence_gap_is_replayed_or_the_endpoint_dropped(with_replay: bool) -> None:
+    ctx = zmq.Context.instance()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    pub_port, replay_port = free_port(), free_port()
+    pub.bind(f"tcp://127.0.0.1:{pub_port}")
+    router.bind(f"tcp://127.0.0.1:{replay_port}")
+    index = KvIndex(block_size=4)
+    subscriber = Subscriber(index, replay_timeout_s=2.0).start()
+    subscriber.add(Source("engine", f"tcp://127.0.0.1:{pub_port}",
+                          f"tcp://127.0.0.1:{replay_port}" if with_replay else None))
+    try:
+        # the slow-joiner problem: publish until the subscriber is connected
+        _wait(lambda: pub.send_multipart(_frames(0, [100])) or 100 in index.blocks)
+        pub.send_multipart(_frames(1, [101]))
+        _wait(lambda: 101 in index.blocks)
+        pub.send_multipart(_frames(3, [103]))  # 2 was lost
+        if with_replay:
+            request = router.recv_multipart()  # [identity, "", start]
+            assert int.from_bytes(request[2], "big") == 2
+            router.send_multipart([request[0], b"", (2).to_bytes(8, "big"), _frames(2, [102])[2]])
+            router.send_multipart([request[0], b"", (-1).to_bytes(8, "big", signed=True), b""])
+            _wait(lambda: 103 in index.blocks)
+            assert {100, 101, 102, 103} <= set(index.blocks) and subscriber.stats["engine"].replays == 1
+        else:
+            _wait(lambda: 103 in index.blocks)
+            assert set(index.blocks) == {103}  # what came before the gap cannot be trusted any more
+            assert subscriber.stats["engine"].drops == 1
+        assert subscriber.stats["engine"].gaps == 1
+        pub.send_multipart([b"t", (4).to_bytes(8, "big"), b"\xc1 not msgpack"])
+        _wait(lambda: subscriber.stats["engine"].decode_errors == 1)
+        assert not index.blocks  # an undecodable batch: the endpoint's state is unknown
+    finally:
+        subscriber.stop()
+        pub.close(linger=0)
+        router.close(linger=0)
