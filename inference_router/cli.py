@@ -1,11 +1,192 @@
-"""Entry point of `fuyao-router`."""
+"""Entry point of ``fuyao-router`` (a Deployment): the OpenAI-compatible inference router (``docs/router.md``).
 
-from fuyao.cli import component_placeholder
+Flags override the config file; the file is re-read when it changes (a bad file keeps the running config and logs
+why). Exit codes: 0 after SIGTERM/SIGINT (in-flight requests drained first), 2 for invalid flags or config (the
+field is named), 1 when the listen address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from fuyao import __version__, logs
+
+from .config import ConfigError, RouterConfig, build_config, load_config_file, with_overrides
+from .fleet import Fleet, PrefixSource, Role
+from .proxy import Router
+
+log = logging.getLogger("inference_router")
+STRATEGIES = ("round-robin", "least-connections", "intelligent", "prefix-aware")
 
 
-def main() -> None:
-    component_placeholder(
-        "fuyao-router",
-        "OpenAI-compatible inference router: load-, prefix-cache- and PD-aware.",
-        issue=8,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuyao-router",
+        description="OpenAI-compatible inference router: round-robin, least-connections, intelligent (health score) "
+                    "and prefix-aware (KV-cache index + load) routing, prefill/decode disaggregation, circuit "
+                    "breakers and retries. POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "
+                    "/metrics.",
+        epilog="Docs: docs/router.md")
+    p.add_argument("--version", action="version", version=f"fuyao-router (fuyao {__version__})")
+    p.add_argument("--config", help="config.yaml (version: v1) with router / kv_cache / inference / pd_separation")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:9000)")
+    p.add_argument("--backend", action="append", default=[], metavar="URL", help="an engine (repeatable)")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL",
+                   help="a prefill engine (repeatable; turns on prefill/decode disaggregation)")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode engine (repeatable)")
+    p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--kvcache", metavar="URL", help="a fuyao-kvcache service for prefix lookups (default: the index "
+                                                    "runs in the router, fed by --kv-events)")
+    p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT=URL",
+                   help="the KV event stream ENDPOINT (tcp://host:5557) belongs to the backend at URL (repeatable)")
+    p.add_argument("--kubeconfig", help="for backend discovery (router.discovery.enabled)")
+    logs.add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    config = build_config(load_config_file(args.config) if args.config else {})
+    events = dict(config.kv_cache.events)
+    for item in args.kv_events:
+        endpoint, sep, url = item.partition("=")
+        if not sep or not endpoint or not url:
+            raise ConfigError("kv-events", f"expected ENDPOINT=URL, got {item!r}")
+        events[endpoint] = url
+    router: dict[str, Any] = {"listen": args.listen, "strategy": args.strategy}
+    if args.backend:
+        router["backends"] = args.backend
+    pd: dict[str, Any] = {}
+    if args.prefill or args.decode:
+        pd = {"enabled": True, "prefill": args.prefill, "decode": args.decode}
+    config = with_overrides(config, router=router, kv_cache={"service": args.kvcache, "events": events},
+                            pd_separation=pd)
+    if args.kubeconfig:
+        config = config.model_copy(update={"kubeconfig": args.kubeconfig})
+    return config
+
+
+def static_backends(config: RouterConfig) -> dict[str, Role]:
+    out: dict[str, Role] = {url: "both" for url in config.router.backends}
+    if config.pd_separation.enabled:
+        out.update({url: "prefill" for url in config.pd_separation.prefill})
+        out.update({url: "decode" for url in config.pd_separation.decode})
+    return out
+
+
+class ConfigWatcher:
+    """Re-reads ``path`` when its mtime changes; a valid file replaces the config (flags still win), a bad one is
+    logged and ignored."""
+
+    def __init__(self, path: str, args: argparse.Namespace, apply: Any):
+        self.path, self.args, self.apply = path, args, apply
+        self._mtime = self._stat()
+
+    def _stat(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime_ns
+        except OSError:
+            return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            mtime = self._stat()
+            if mtime is None or mtime == self._mtime:
+                continue
+            self._mtime = mtime
+            try:
+                config = config_from_args(self.args)
+            except ConfigError as exc:
+                log.error("config %s changed but is invalid, keeping the running config: %s", self.path, exc)
+                continue
+            self.apply(config)
+            log.info("config %s reloaded", self.path, extra={"strategy": config.router.strategy})
+
+
+async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
+    fleet = Fleet(config.router)
+    fleet.configure(config.router, static_backends(config))
+    prefix = PrefixSource(config.kv_cache)
+    prefix.start()
+    router = Router(config, fleet, prefix)
+    await router.open()
+
+    def apply(new: RouterConfig) -> None:
+        router.config = new
+        fleet.configure(new.router, static_backends(new))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    discovery = None
+    if config.router.discovery.enabled:
+        from .discovery import Discovery
+
+        try:
+            discovery = Discovery(config.kubeconfig or args.kubeconfig, config.router.discovery.namespace,
+                                  lambda found: loop.call_soon_threadsafe(fleet.set_discovered, found)).start()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+    tasks = [loop.create_task(fleet.watch(router.session, stop))]  # type: ignore[arg-type]
+    if args.config:
+        tasks.append(loop.create_task(ConfigWatcher(args.config, args, apply).run(stop)))
+    runner = web.AppRunner(router.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=min(30.0, config.inference.decode_timeout))
+    await runner.setup()
+    host, _, port = config.router.listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), backlog=2048)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.router.listen, exc)
+        stop.set()
+        await runner.cleanup()
+        await router.close()
+        prefix.stop()
+        return 1
+    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
+    log.info("routing on http://%s:%s", bound[0], bound[1],
+             extra={"strategy": config.router.strategy, "backends": list(fleet.backends),
+                    "pd": config.pd_separation.enabled})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"in_flight": router.in_flight})
+    router.draining = True
+    await runner.cleanup()  # stops accepting, waits for in-flight requests (shutdown_timeout)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if discovery is not None:
+        discovery.stop()
+    await router.close()
+    prefix.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"fuyao-router: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not (config.router.backends or config.pd_separation.enabled or config.router.discovery.enabled):
+        print("fuyao-router: backends: none configured (--backend URL, --prefill/--decode URL, or "
+              "router.discovery.enabled)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(serve(config, args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """``fuyao-kvcache`` as a service: the index (fed by the subscriber) and the shared tier behind HTTP, with metrics.
 
-- ``POST /v1/lookup`` ``{model?, prompt? | messages? | token_ids?}`` → ``{block_size, blocks, endpoints: {name:
-  cached leading blocks}, tier_blocks}`` — what a router asks before choosing an engine;
+- ``POST /v1/lookup`` ``{model?, prompt? | messages? | token_ids? | hashes?}`` → ``{block_size, blocks,
+  endpoints: {name: cached leading blocks}, tier_blocks}`` — what a router asks before choosing an engine;
 - ``POST /v1/blocks/lookup`` ``{hashes}`` → ``{found}`` — leading blocks the shared tier holds (an engine's fetch);
 - ``POST /v1/blocks`` ``{hashes}`` → ``{stored}`` — an engine publishes the blocks it computed;
 - ``GET /v1/endpoints`` — per engine: model, entries, sequence, gaps, replays, drops, lag;
@@ -72,8 +72,10 @@ class KvCacheService:
         raise web.HTTPBadRequest(text="expected token_ids, prompt (a string) or messages")
 
     def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
-        ids = self._token_ids(body)
-        hashes = self.index.hashes(ids)
+        if isinstance(body.get("hashes"), list) and body["hashes"]:
+            hashes = self._hashes(body)  # a router that hashed the prompt itself
+        else:
+            hashes = self.index.hashes(self._token_ids(body))
         model = body.get("model") if isinstance(body.get("model"), str) else ""
         found = self.index.lookup(hashes=hashes, model=model)
         best = max(found.values(), default=0)

@@ -1,0 +1,240 @@
+"""The router's backends: who they are (static flags/config, or Kubernetes discovery), whether they are up (health
+checks, circuit breakers) and how loaded (the router's in-flight counts, the engines' vLLM metrics scraped on an
+interval), and which prompt prefixes they hold (the KV index, fed by engine events or asked of ``fuyao-kvcache``,
+plus the router's own record of where it sent each prefix, since events only arrive once a prefill is done)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from fuyao import tokenizer
+from fuyao.kv_blocks import BlockStored, block_hashes
+from kvcache.index import KvIndex
+from kvcache.subscriber import Source, Subscriber
+
+from .balancing import Candidate, CircuitBreaker
+from .config import KvCacheSection, RouterSection
+
+log = logging.getLogger(__name__)
+
+Role = Literal["both", "prefill", "decode"]
+_GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
+           "vllm:kv_cache_usage_perc": "kv_usage", "vllm:gpu_cache_usage_perc": "kv_usage"}
+
+
+@dataclass
+class Backend:
+    url: str
+    role: Role = "both"
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(5, 30.0))
+    healthy: bool = True
+    in_flight: int = 0
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    scraped_at: float = 0.0
+    node: str | None = None  # where the scheduler placed it (discovery), for prefill/decode co-location
+    health_path: str = "/health"
+    health_interval: float = 5.0
+    checked_at: float = 0.0
+
+    def candidate(self, prefix_blocks: int = 0) -> Candidate:
+        return Candidate(self.url, self.in_flight, self.waiting, self.running, self.kv_usage, prefix_blocks)
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        key = _GAUGES.get(name)
+        if key is None:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+class Fleet:
+    def __init__(self, settings: RouterSection):
+        self.settings = settings
+        self.backends: dict[str, Backend] = {}
+        self._static: dict[str, Role] = {}
+        self._discovered: dict[str, Backend] = {}
+
+    # Membership --------------------------------------------------------------------------------------------------
+    def configure(self, settings: RouterSection, static: Mapping[str, Role]) -> None:
+        """(Re)apply settings and the static backends; discovered ones stay."""
+        self.settings = settings
+        self._static = dict(static)
+        self._rebuild()
+
+    def set_discovered(self, backends: Iterable[Backend]) -> None:
+        self._discovered = {b.url: b for b in backends}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        wanted: dict[str, tuple[Role, Backend | None]] = {url: (role, None) for url, role in self._static.items()}
+        for url, found in self._discovered.items():
+            wanted.setdefault(url, (found.role, found))
+        breaker = self.settings.circuit_breaker
+        for url in list(self.backends):
+            if url not in wanted:
+                del self.backends[url]
+        for url, (role, found) in wanted.items():
+            backend = self.backends.get(url)
+            if backend is None:
+                backend = self.backends[url] = Backend(url, role)
+            backend.role = role
+            backend.breaker.failure_threshold, backend.breaker.timeout_s = breaker.failure_threshold, breaker.timeout
+            backend.health_path = found.health_path if found else self.settings.health_check.path
+            backend.health_interval = found.health_interval if found else self.settings.health_check.interval
+            backend.node = found.node if found else None
+
+    def pool(self, role: Role, exclude: Sequence[str] = (), now: float | None = None) -> list[Backend]:
+        """Backends that can take a request of ``role`` now (healthy, circuit not open). Dedicated backends first:
+        prefill work goes to prefill engines when there are any (else to "both" engines), plain requests to "both"
+        engines when there are any (else to any)."""
+        now = time.monotonic() if now is None else now
+        members = [b for b in self.backends.values() if b.role == role]
+        if not members:
+            members = [b for b in self.backends.values() if b.role == "both"] if role != "both" \
+                else list(self.backends.values())
+        return [b for b in members if b.url not in exclude and b.healthy and b.breaker.allows(now)]
+
+    # Checks ------------------------------------------------------------------------------------------------------
+    async def watch(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        """Health checks (each backend on its own interval) and metric scrapes, until ``stop``."""
+        while not stop.is_set():
+            now = time.monotonic()
+            jobs = []
+            for backend in list(self.backends.values()):
+                if now - backend.checked_at >= backend.health_interval:
+                    backend.checked_at = now
+                    jobs.append(self._check(session, backend))
+                if now - backend.scraped_at >= self.settings.metrics_interval:
+                    backend.scraped_at = now
+                    jobs.append(self._scrape(session, backend))
+            if jobs:
+                await asyncio.gather(*jobs, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=min(0.25, self.settings.metrics_interval))
+
+    async def _check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_check.timeout)
+        try:
+            async with session.get(backend.url + backend.health_path, timeout=timeout) as response:
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            healthy = False
+        if healthy != backend.healthy:
+            log.warning("backend %s is now %s", backend.url, "healthy" if healthy else "unhealthy",
+                        extra={"backend": backend.url, "healthy": healthy})
+        backend.healthy = healthy
+        if healthy and backend.breaker.state == "open":
+            backend.breaker.opened_at = 0.0  # a passing health check lets the half-open probe through now
+
+    async def _scrape(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        try:
+            async with session.get(backend.url + "/metrics",
+                                   timeout=aiohttp.ClientTimeout(total=self.settings.health_check.timeout)) as r:
+                if r.status != 200:
+                    return
+                values = parse_vllm_metrics(await r.text())
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
+            return
+        backend.waiting = values.get("waiting", 0.0)
+        backend.running = values.get("running", 0.0)
+        backend.kv_usage = values.get("kv_usage", 0.0)
+
+
+class PrefixSource:
+    """Which backends hold which leading blocks of a prompt: the KV index (events from the engines, or the
+    ``fuyao-kvcache`` service) merged with where the router itself sent each prefix lately (two generations, each
+    at most ``routed_blocks`` blocks: an approximate LRU)."""
+
+    def __init__(self, settings: KvCacheSection, routed_blocks: int = 500_000):
+        self.settings = settings
+        self.block_size = settings.block_size
+        self.index = KvIndex(settings.block_size, settings.hash_seed)
+        self.subscriber: Subscriber | None = None
+        self.routed_blocks = routed_blocks
+        self._routed = [KvIndex(settings.block_size, settings.hash_seed)]
+        self.remote_errors = 0
+
+    def start(self) -> None:
+        if self.settings.events and self.subscriber is None:
+            self.subscriber = Subscriber(self.index).start()
+            for stream, backend in self.settings.events.items():
+                self.subscriber.add(Source(backend, stream))
+
+    def stop(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop()
+
+    # Prompts → blocks --------------------------------------------------------------------------------------------
+    @staticmethod
+    def token_ids(path: str, body: Mapping[str, Any]) -> list[int] | None:
+        """The prompt's token ids as the engines compute them (``fuyao.tokenizer``), or None."""
+        if path.endswith("chat/completions"):
+            messages = body.get("messages")
+            if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+                return tokenizer.encode(tokenizer.render_chat(messages))
+            return None
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True) is not False)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        return None
+
+    def hashes(self, ids: Sequence[int]) -> list[int]:
+        return block_hashes(ids, self.block_size, self.settings.hash_seed, limit=(len(ids) - 1) // self.block_size)
+
+    # Matches -----------------------------------------------------------------------------------------------------
+    async def matches(self, hashes: list[int], session: aiohttp.ClientSession | None = None) -> dict[str, int]:
+        found: dict[str, int] = {}
+        if self.settings.service and session is not None:
+            try:
+                async with session.post(self.settings.service + "/v1/lookup",
+                                        json={"token_ids": [], "hashes": hashes},
+                                        timeout=aiohttp.ClientTimeout(total=0.2)) as response:
+                    if response.status == 200:
+                        found = dict((await response.json()).get("endpoints") or {})
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                self.remote_errors += 1
+        else:
+            found = self.index.lookup(hashes=hashes)
+        for generation in self._routed:
+            for url, blocks in generation.lookup(hashes=hashes).items():
+                if blocks > found.get(url, 0):
+                    found[url] = blocks
+        return found
+
+    def routed(self, url: str, hashes: list[int]) -> None:
+        """The router sent these blocks to ``url``: they will be cached there (until events say otherwise)."""
+        if not hashes:
+            return
+        current = self._routed[-1]
+        current.apply(url, [BlockStored(hashes, None, [], self.block_size)])
+        if len(current) > self.routed_blocks // 2:
+            self._routed = [current, KvIndex(self.block_size, self.settings.hash_seed)]
+
+    def forget(self, url: str) -> None:
+        for generation in self._routed:
+            generation.drop(url)

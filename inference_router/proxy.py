@@ -1,0 +1,332 @@
+"""The router's request path: admission, backend choice, forwarding with streaming passthrough, retries,
+prefill/decode disaggregation, and what it reports (metrics with the design doc's names, one ``routing_decision``
+log line per request).
+
+- Admission: beyond ``max_concurrent_requests`` in flight, 429 at once (a router that queues unboundedly hides
+  overload until everything times out).
+- Forwarding: one keep-alive connection pool to all backends; bodies pass through untouched; a streamed answer is
+  relayed chunk by chunk as it arrives (never buffered), so the client sees the backend's bytes exactly.
+- Retries: a request that fails before the first byte reaches the client (connection refused or reset, timeout
+  to the first byte, a 5xx) is retried on another backend, at most ``retries`` times; once bytes have gone out it
+  never is (a streamed answer is never duplicated). Failures feed the backend's circuit breaker.
+- Prefill/decode: the prefill engine computes the prompt (``max_tokens: 1``, ``kv_transfer_params.do_remote_decode``),
+  its ``kv_transfer_params`` go with the original request to the decode engine, whose answer is streamed back. A
+  failed prefill falls back to decode-only or answers 502, per ``pd_separation.fallback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from .balancing import Decision, RoundRobin, choose
+from .config import RouterConfig
+from .fleet import Backend, Fleet, PrefixSource
+
+log = logging.getLogger(__name__)
+decisions_log = logging.getLogger("inference_router.decisions")
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
+                "proxy-connection", "te", "trailer"}
+_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.latency = Histogram("inference_latency", "End-to-end request latency through the router, seconds",
+                                 buckets=_LATENCY, registry=r)
+        self.requests = Counter("inference_requests", "Requests answered, by HTTP status", ("code",), registry=r)
+        self.errors = Counter("inference_errors", "Requests that failed, by reason", ("reason",), registry=r)
+        self.queue_depth = Gauge("queue_depth", "Requests in the router now (admitted, not finished)", registry=r)
+        self.queue_time = Histogram("queue_time", "Time from arrival to the backend's first byte is asked "
+                                    "(admission, tokenising, choosing, prefill in P/D), seconds", registry=r,
+                                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        self.ttft = Histogram("inference_ttft_seconds", "Time to the first byte of the answer, seconds",
+                              buckets=_LATENCY, registry=r)
+        self.retries = Counter("inference_retries", "Requests retried on another backend", registry=r)
+        self.backend_requests = Counter("inference_backend_requests", "Requests sent, by backend and role",
+                                        ("backend", "role"), registry=r)
+        self.prefix_blocks = Histogram("inference_prefix_match_ratio", "Share of the prompt's blocks cached on the "
+                                       "chosen backend", buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _BackendFailed(Exception):
+    def __init__(self, reason: str, status: int = 502, body: bytes = b""):
+        super().__init__(reason)
+        self.reason, self.status, self.body = reason, status, body
+
+
+def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> web.Response:
+    return web.Response(body=orjson.dumps({"error": {"message": message, "type": kind, "param": None,
+                                                     "code": status}}),
+                        status=status, content_type="application/json")
+
+
+class Router:
+    def __init__(self, config: RouterConfig, fleet: Fleet, prefix: PrefixSource):
+        self.config = config
+        self.fleet = fleet
+        self.prefix = prefix
+        self.metrics = RouterMetrics()
+        self.rr = RoundRobin()
+        self.in_flight = 0
+        self.session: aiohttp.ClientSession | None = None
+        self.draining = False
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # Choosing ----------------------------------------------------------------------------------------------------
+    async def _decide(self, role: str, hashes: list[int], exclude: list[str],
+                      strategy: str | None = None) -> tuple[Backend, Decision] | None:
+        pool = self.fleet.pool(role, exclude)  # type: ignore[arg-type]
+        if not pool:
+            return None
+        settings = self.config.router
+        strategy = strategy or settings.strategy
+        matches = await self.prefix.matches(hashes, self.session) if hashes and strategy == "prefix-aware" else {}
+        candidates = [b.candidate(matches.get(b.url, 0)) for b in pool]
+        decision = choose(strategy, candidates, self.rr, total_blocks=len(hashes),  # type: ignore[arg-type]
+                          intelligent=settings.intelligent, prefix=settings.prefix_aware)
+        backend = next(b for b in pool if b.url == decision.url)
+        return backend, decision
+
+    # The request path --------------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        if self.draining:
+            return self._finish(_error(503, "the router is shutting down"), started, "draining")
+        if self.in_flight >= self.config.router.max_concurrent_requests:
+            return self._finish(_error(429, "too many requests in flight; retry later", "RateLimitError"), started,
+                                "overloaded")
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
+        try:
+            raw = await request.read()
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                return self._finish(_error(400, f"invalid JSON body: {exc}", "BadRequestError"), started, "bad-json")
+            if not isinstance(body, dict):
+                return self._finish(_error(400, "the body must be a JSON object", "BadRequestError"), started,
+                                    "bad-json")
+            path = request.path
+            ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
+            hashes = self.prefix.hashes(ids) if ids else []
+            if self.config.pd_separation.enabled and self.fleet.pool("decode"):
+                response = await self._pd(request, path, body, raw, hashes, started)
+            else:
+                response = await self._forward(request, path, raw, hashes, started, "both",
+                                               self.config.inference.decode_timeout)
+            return self._finish(response, started)
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+
+    def _wants_prefix(self) -> bool:
+        return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"
+                                                 or self.config.pd_separation.enabled)
+
+    def _finish(self, response: web.StreamResponse, started: float, error: str | None = None) -> web.StreamResponse:
+        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.requests.labels(str(response.status)).inc()
+        if error or response.status >= 400:
+            self.metrics.errors.labels(error or f"http-{response.status}").inc()
+        return response
+
+    async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
+                       role: str, timeout_s: float, strategy: str | None = None) -> web.StreamResponse:
+        tried: list[str] = []
+        last: _BackendFailed | None = None
+        for attempt in range(self.config.router.retries + 1):
+            chosen = await self._decide(role, hashes, tried, strategy)
+            if chosen is None:
+                break
+            backend, decision = chosen
+            tried.append(backend.url)
+            if attempt:
+                self.metrics.retries.inc()
+            self._log_decision(path, decision, len(hashes), role, attempt)
+            try:
+                return await self._relay(request, backend, path, raw, timeout_s, started, hashes)
+            except _BackendFailed as exc:
+                last = exc
+                log.warning("backend %s failed before answering (%s)%s", backend.url, exc.reason,
+                            "; retrying on another" if attempt < self.config.router.retries else "",
+                            extra={"backend": backend.url, "reason": exc.reason})
+        if last is not None and last.body and last.status < 500:
+            return web.Response(body=last.body, status=last.status, content_type="application/json")
+        reason = last.reason if last else "no healthy backend"
+        self.metrics.errors.labels("no-backend" if last is None else "backend-failed").inc()
+        return _error(502 if last else 503, f"no backend could answer: {reason}")
+
+    async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
+                     started: float, hashes: list[int]) -> web.StreamResponse:
+        """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte."""
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        backend.in_flight += 1
+        backend.breaker.dispatched()
+        self.metrics.backend_requests.labels(backend.url, backend.role).inc()
+        self.metrics.queue_time.observe(time.perf_counter() - started)
+        try:
+            try:
+                upstream = await asyncio.wait_for(self.session.post(
+                    backend.url + path, data=raw, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)), timeout=self.config.inference.prefill_timeout)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                backend.breaker.failure(time.monotonic())
+                raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+            async with upstream:
+                if upstream.status >= 500:
+                    body = await upstream.read()
+                    backend.breaker.failure(time.monotonic())
+                    raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
+                self.prefix.routed(backend.url, hashes)
+                response = web.StreamResponse(status=upstream.status, headers={
+                    k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS})
+                first = True
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        if first:
+                            await response.prepare(request)
+                            self.metrics.ttft.observe(time.perf_counter() - started)
+                            first = False
+                        await response.write(chunk)
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    backend.breaker.failure(time.monotonic())
+                    if first:
+                        raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                    log.warning("backend %s broke off a response: %s", backend.url, exc)
+                    self.metrics.errors.labels("broken-stream").inc()
+                    if request.transport is not None:
+                        request.transport.close()  # cut the client's answer too: never retried, never duplicated
+                    return response
+                if first:
+                    await response.prepare(request)
+                await response.write_eof()
+                backend.breaker.success()
+                return response
+        finally:
+            backend.in_flight -= 1
+
+    async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
+                  started: float) -> web.StreamResponse:
+        """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
+        assert self.session is not None
+        prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
+        prefill_body.pop("stream_options", None)
+        if "max_completion_tokens" in prefill_body:
+            prefill_body["max_completion_tokens"] = 1
+        params = None
+        failure = "no prefill engine"
+        tried: list[str] = []
+        for _ in range(self.config.router.retries + 1):
+            chosen = await self._decide("prefill", hashes, tried, "prefix-aware")
+            if chosen is None:
+                break
+            backend, decision = chosen
+            tried.append(backend.url)
+            self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1)
+            backend.in_flight += 1
+            backend.breaker.dispatched()
+            self.metrics.backend_requests.labels(backend.url, "prefill").inc()
+            try:
+                async with self.session.post(backend.url + path, data=orjson.dumps(prefill_body),
+                                             headers={"Content-Type": "application/json"},
+                                             timeout=aiohttp.ClientTimeout(
+                                                 total=self.config.inference.prefill_timeout)) as response:
+                    data = await response.read()
+                    if response.status != 200:
+                        raise _BackendFailed(f"HTTP {response.status}", response.status, data)
+                    params = orjson.loads(data).get("kv_transfer_params")
+                    if not isinstance(params, dict):
+                        raise _BackendFailed("the prefill answer has no kv_transfer_params")
+                backend.breaker.success()
+                self.prefix.routed(backend.url, hashes)
+                break
+            except (_BackendFailed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                failure = str(exc) or type(exc).__name__
+                if not isinstance(exc, _BackendFailed) or getattr(exc, "status", 502) >= 500:
+                    backend.breaker.failure(time.monotonic())
+                log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
+            finally:
+                backend.in_flight -= 1
+        if params is None:
+            self.metrics.errors.labels("prefill-failed").inc()
+            if self.config.pd_separation.fallback == "error":
+                return _error(502, f"prefill failed: {failure}")
+            decode_raw = raw  # decode-only: the decode engine computes the prompt itself
+        else:
+            decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
+        return await self._forward(request, path, decode_raw, [], started, "decode",
+                                   self.config.inference.decode_timeout, strategy="least-connections")
+
+    def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
+        if decisions_log.isEnabledFor(logging.INFO):
+            decisions_log.info("routing_decision", extra={
+                "event": "routing_decision", "path": path, "endpoint": decision.url, "strategy": decision.strategy,
+                "role": role, "attempt": attempt, "prefix_blocks_matched": decision.prefix_blocks,
+                "prompt_blocks": blocks, "scores": {u: round(s, 4) for u, s in decision.scores.items()}})
+
+    # Other endpoints ---------------------------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        assert self.session is not None
+        for backend in self.fleet.pool("both") or self.fleet.pool("decode"):
+            try:
+                async with self.session.get(backend.url + "/v1/models",
+                                            timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    if response.status == 200:
+                        return web.Response(body=await response.read(), content_type="application/json")
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+        model = self.config.inference.model
+        if model:
+            return web.json_response({"object": "list", "data": [{"id": model, "object": "model",
+                                                                  "owned_by": "fuyao"}]})
+        return _error(503, "no healthy backend")
+
+    async def health(self, _request: web.Request) -> web.Response:
+        if self.draining:
+            return web.Response(status=503, text="draining")
+        up = [b.url for b in self.fleet.backends.values() if b.healthy]
+        return web.Response(status=200 if up else 503, text=f"{len(up)} healthy backends")
+
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def backends_page(self, _request: web.Request) -> web.Response:
+        return web.json_response({b.url: {"role": b.role, "healthy": b.healthy, "circuit": b.breaker.state,
+                                          "in_flight": b.in_flight, "waiting": b.waiting, "running": b.running,
+                                          "kv_usage": b.kv_usage} for b in self.fleet.backends.values()})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/debug/backends", self.backends_page)
+        return app
+

@@ -1,0 +1,203 @@
+"""``fuyao-router`` as a real process in front of engine simulators (and scripted backends): streaming relayed
+byte for byte, prefix-aware affinity, a backend killed mid-load (circuit opens, recovers), retries that never
+duplicate a stream, admission (429), prefill/decode with its fallback, config reload with a bad file, SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.apiserver import free_port
+from tests.support.engines import Daemon, engine
+from tests.support.fake_backend import FakeBackend, Script
+
+PREFIX = "You are a careful assistant for the Hydrology Department. Context: " + "rivers and floods " * 60
+
+
+def router(*args: str) -> Daemon:
+    port = free_port()
+    return Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", *args], port, "/health")
+
+
+def raw_post(daemon: Daemon, path: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:  # type: ignore[type-arg]
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def backends(daemon: Daemon) -> dict:  # type: ignore[type-arg]
+    return json.loads(daemon.get("/debug/backends")[1])
+
+
+def test_streams_are_relayed_byte_for_byte_and_never_duplicated() -> None:
+    fake = FakeBackend()
+    fake.script = Script(chunks=[f"data: {{\"i\": {i}, \"pad\": \"{'x' * i}\"}}\n\n".encode() for i in range(40)]
+                         + [b"data: [DONE]\n\n"], delay_s=0.005)
+    front = router("--backend", fake.url, "--strategy", "round-robin").start()
+    try:
+        status, body = raw_post(front, "/v1/completions", {"prompt": "hi", "stream": True})
+        assert status == 200 and body == b"".join(fake.script.chunks)  # exactly the backend's bytes
+        # a backend that breaks off mid-stream: the client's answer is cut, and the request is not sent again
+        fake.script.break_after = 5
+        before = len(fake.received)
+        try:
+            status, body = raw_post(front, "/v1/completions", {"prompt": "hi", "stream": True})
+        except (http.client.IncompleteRead, ConnectionError) as exc:
+            body = getattr(exc, "partial", b"")
+        assert b"[DONE]" not in body and len(fake.received) == before + 1
+    finally:
+        front.close()
+        fake.close()
+
+
+def test_prefix_aware_keeps_a_prefix_on_one_engine_and_spreads_others() -> None:
+    fleet = [engine(events=True).start() for _ in range(3)]
+    events = [f"--kv-events={e.events}={e.url}" for e in fleet]  # type: ignore[attr-defined]
+    front = router(*[a for e in fleet for a in ("--backend", e.url)], *events, "--strategy", "prefix-aware").start()
+    try:
+        for question in range(6):
+            assert front.post("/v1/completions", {"prompt": PREFIX + f"Question {question}?", "max_tokens": 2})[0] \
+                == 200
+        served = {e.url: e.metric("vllm:prompt_tokens_total") for e in fleet}
+        assert sorted(v > 0 for v in served.values()) == [False, False, True]  # one engine got the whole group
+        hits = sum(e.metric("vllm:prefix_cache_hits_total") for e in fleet)
+        queries = sum(e.metric("vllm:prefix_cache_queries_total") for e in fleet)
+        assert hits / queries > 0.7
+        for question in range(6):  # unrelated prompts: spread by load, not stuck on one engine
+            front.post("/v1/completions", {"prompt": f"Completely different topic number {question} " * 3,
+                                           "max_tokens": 2})
+        assert sum(e.metric("vllm:prompt_tokens_total") > 0 for e in fleet) >= 2
+        metrics = front.get("/metrics")[1]
+        assert "inference_latency_bucket" in metrics and 'inference_requests_total{code="200"} 12.0' in metrics
+    finally:
+        front.close()
+        for e in fleet:
+            e.close()
+
+
+def test_a_killed_backend_opens_its_circuit_and_recovers(tmp_path: Path) -> None:
+    good = engine().start()
+    doomed = engine("--enable-fault-injection").start()
+    config = tmp_path / "router.yaml"
+    config.write_text("version: v1\nrouter:\n  strategy: round-robin\n  health_check: {interval: 0.3s, timeout: 1s}\n"
+                      "  circuit_breaker: {failure_threshold: 2, timeout: 1s}\n")
+    front = router("--config", str(config), "--backend", good.url, "--backend", doomed.url).start()
+    try:
+        doomed.post("/fault", {"error_count": 1000})  # every request and health check fails
+        statuses = [front.post("/v1/completions", {"prompt": "x", "max_tokens": 1})[0] for _ in range(10)]
+        assert statuses == [200] * 10  # retried on the good backend before any byte went out
+        state = backends(front)[doomed.url]
+        assert state["circuit"] == "open" or state["healthy"] is False
+        sent = doomed.metric("vllm:e2e_request_latency_seconds_count")
+        for _ in range(5):
+            front.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert doomed.metric("vllm:e2e_request_latency_seconds_count") == sent  # nothing new went there
+        doomed.request("DELETE", "/fault")  # it recovers: health checks pass, the half-open probe succeeds
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and doomed.metric("vllm:e2e_request_latency_seconds_count") == sent:
+            front.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
+            time.sleep(0.1)
+        assert doomed.metric("vllm:e2e_request_latency_seconds_count") > sent
+        assert backends(front)[doomed.url]["circuit"] == "closed"
+    finally:
+        front.close()
+        good.close()
+        doomed.close()
+
+
+def test_admission_beyond_max_concurrent_requests_is_429(tmp_path: Path) -> None:
+    slow = FakeBackend()
+    slow.script = Script(chunks=[b"data: a\n\n"] * 20, delay_s=0.1)
+    config = tmp_path / "router.yaml"
+    config.write_text("version: v1\nrouter:\n  max_concurrent_requests: 1\n")
+    front = router("--config", str(config), "--backend", slow.url).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        conn.request("POST", "/v1/completions", body=b'{"prompt": "x", "stream": true}')
+        time.sleep(0.3)
+        status, body = raw_post(front, "/v1/completions", {"prompt": "y"})
+        assert status == 429 and json.loads(body)["error"]["type"] == "RateLimitError"
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        front.close()
+        slow.close()
+
+
+def test_prefill_decode_flow_and_fallback(tmp_path: Path) -> None:
+    prefill = engine("--role", "prefill", "--enable-fault-injection").start()
+    decode = engine("--role", "decode").start()
+    front = router("--prefill", prefill.url, "--decode", decode.url).start()
+    try:
+        status, body = raw_post(front, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": PREFIX}], "max_tokens": 5, "stream": True})
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n") and body.count(b'"content"') >= 5
+        prompt_tokens = prefill.metric("vllm:prompt_tokens_total")
+        assert prompt_tokens > 0 and decode.metric("fuyao_engine_kv_transfer_tokens_total") == prompt_tokens - 1
+        prefill.post("/fault", {"error_count": 100})
+        status, body = raw_post(front, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3  # decode-only fallback
+        assert decode.metric("fuyao_engine_kv_transfer_tokens_total") == prompt_tokens - 1  # computed, not pulled
+    finally:
+        front.close()
+    config = tmp_path / "pd.yaml"
+    config.write_text("version: v1\npd_separation: {fallback: error}\n")
+    strict = router("--config", str(config), "--prefill", prefill.url, "--decode", decode.url).start()
+    try:
+        status, body = raw_post(strict, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3})
+        assert status == 502 and b"prefill failed" in body
+    finally:
+        strict.close()
+        prefill.close()
+        decode.close()
+
+
+def test_config_reload_and_a_bad_file_keeps_the_old_config(tmp_path: Path) -> None:
+    a, b = FakeBackend(), FakeBackend()
+    config = tmp_path / "router.yaml"
+    config.write_text("version: v1\nrouter:\n  strategy: round-robin\n")
+    front = router("--config", str(config), "--backend", a.url, "--backend", b.url).start()
+    try:
+        for _ in range(4):
+            raw_post(front, "/v1/completions", {"prompt": "x"})
+        assert len(a.received) == len(b.received) == 2  # round-robin
+        time.sleep(0.05)
+        config.write_text("version: v1\nrouter:\n  strategy: least-connections\n  retries: nope\n")
+        time.sleep(2.5)
+        assert front.proc.poll() is None  # type: ignore[union-attr]
+        for _ in range(4):
+            raw_post(front, "/v1/completions", {"prompt": "x"})
+        assert len(a.received) == len(b.received) == 4  # still round-robin
+        front.proc.send_signal(15)  # type: ignore[union-attr]
+        assert front.proc.wait(5) == 0  # type: ignore[union-attr]
+        log = front.proc.stderr.read().decode()  # type: ignore[union-attr]
+        assert "invalid, keeping the running config" in log and "router.retries" in log
+    finally:
+        front.close()
+        a.close()
+        b.close()
+
+
+def test_flags_and_sigterm() -> None:
+    result = subprocess.run([sys.executable, "-m", "inference_router.cli", "--backend", "not-a-url"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "router.backends" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "inference_router.cli"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and "none configured" in result.stderr
+    fake = FakeBackend()
+    front = router("--backend", fake.url).start()
+    try:
+        code, seconds = front.stop()
+        assert code == 0 and seconds < 3
+    finally:
+        front.close()
+        fake.close()

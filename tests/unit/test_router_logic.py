@@ -1,0 +1,155 @@
+"""The router's decisions on controlled loads (each strategy), the circuit breaker, vLLM metric parsing, the
+config, and backend discovery from Service / EndpointSlice / Pod fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference_router.balancing import Candidate, CircuitBreaker, RoundRobin, choose, health_scores, prefix_scores
+from inference_router.config import ConfigError, IntelligentWeights, PrefixWeights, build_config, with_overrides
+from inference_router.discovery import backends_from
+from inference_router.fleet import Fleet, PrefixSource, parse_vllm_metrics
+
+
+def test_round_robin_and_least_connections() -> None:
+    rr = RoundRobin()
+    fleet = [Candidate("http://a"), Candidate("http://b"), Candidate("http://c")]
+    assert [choose("round-robin", fleet, rr).url for _ in range(4)] == ["http://a", "http://b", "http://c",
+                                                                       "http://a"]
+    loaded = [Candidate("http://a", in_flight=5), Candidate("http://b", waiting=1, running=2),
+              Candidate("http://c", in_flight=4)]
+    assert choose("least-connections", loaded, rr).url == "http://b"  # load = max(in-flight, waiting + running)
+
+
+def test_intelligent_is_the_design_docs_health_score() -> None:
+    weights = IntelligentWeights()
+    idle = Candidate("http://idle")
+    assert health_scores([idle], weights)["http://idle"] == pytest.approx(1.0)
+    busy = Candidate("http://busy", waiting=16, running=32, kv_usage=0.5)
+    # 0.4*(1 - 16/32) + 0.3*(1 - 32/64) + 0.3*(1 - 0.5)
+    assert health_scores([busy], weights)["http://busy"] == pytest.approx(0.4 * 0.5 + 0.3 * 0.5 + 0.3 * 0.5)
+    fresh = Candidate("http://fresh", in_flight=40)  # the router's own count, before any scrape
+    assert health_scores([fresh], weights)["http://fresh"] < 0.7
+    assert choose("intelligent", [busy, idle, fresh], RoundRobin()).url == "http://idle"
+
+
+def test_prefix_aware_prefers_the_cached_prefix_but_not_a_hot_spot() -> None:
+    w = PrefixWeights()
+    cached = Candidate("http://cached", in_flight=3, prefix_blocks=30)
+    cold = Candidate("http://cold", in_flight=2)
+    assert choose("prefix-aware", [cached, cold], RoundRobin(), total_blocks=32, prefix=w).url == "http://cached"
+    hot = Candidate("http://cached", in_flight=20, prefix_blocks=30)  # 20 > 1.5 x 2 + 2: no prefix credit
+    decision = choose("prefix-aware", [hot, cold], RoundRobin(), total_blocks=32, prefix=w)
+    assert decision.url == "http://cold" and decision.scores["http://cached"] < decision.scores["http://cold"]
+    scores = prefix_scores([Candidate("http://x", prefix_blocks=8), Candidate("http://y", prefix_blocks=16)], 16, w)
+    assert scores["http://y"] - scores["http://x"] == pytest.approx(w.prefix_weight * 0.5)
+    full = Candidate("http://full", kv_usage=0.9)
+    assert choose("prefix-aware", [full, Candidate("http://free")], RoundRobin(), total_blocks=0,
+                  prefix=w).url == "http://free"
+
+
+def test_circuit_breaker_opens_probes_and_closes() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, timeout_s=10)
+    for _ in range(2):
+        breaker.failure(now=0)
+    assert breaker.state == "closed" and breaker.allows(0)
+    breaker.failure(now=1)
+    assert breaker.state == "open" and not breaker.allows(5)
+    assert breaker.allows(11) and breaker.state == "half-open"  # one probe…
+    breaker.dispatched()
+    assert not breaker.allows(11)  # …at a time
+    breaker.failure(now=12)
+    assert breaker.state == "open" and not breaker.allows(15)
+    assert breaker.allows(23)
+    breaker.dispatched()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allows(23) and breaker.failures == 0
+
+
+def test_vllm_metrics_parsing() -> None:
+    text = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 2.0
+vllm:num_requests_running{engine="0",model_name="m"} 7.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 100.0
+garbage line
+vllm:num_requests_running{engine="1"} not-a-number
+"""
+    assert parse_vllm_metrics(text) == {"waiting": 5.0, "running": 7.0, "kv_usage": 0.25}
+
+
+def test_config_validation_overrides_and_pools() -> None:
+    config = build_config({"router": {"strategy": "intelligent", "backends": ["http://a:8000/"]},
+                           "pd_separation": {"enabled": True, "prefill": ["http://p:8000"],
+                                             "decode": ["http://d:8000"]}})
+    assert config.router.backends == ["http://a:8000"]
+    assert with_overrides(config, router={"strategy": "round-robin", "listen": None}).router.strategy == "round-robin"
+    for bad, field in (({"router": {"strategy": "fastest"}}, "router.strategy"),
+                       ({"router": {"backends": ["a:8000"]}}, "router.backends"),
+                       ({"router": {"circuit_breaker": {"timeout": "soon"}}}, "router.circuit_breaker.timeout"),
+                       ({"kv_cache": {"events": {"a:5557": "http://a"}}}, "kv_cache.events"),
+                       ({"pd_separation": {"fallback": "retry"}}, "pd_separation.fallback"),
+                       ({"routr": {}}, "routr")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            build_config(bad)
+    fleet = Fleet(config.router)
+    fleet.configure(config.router, {"http://a:8000": "both", "http://p:8000": "prefill", "http://d:8000": "decode"})
+    assert [b.url for b in fleet.pool("prefill")] == ["http://p:8000"]
+    assert [b.url for b in fleet.pool("both")] == ["http://a:8000"]
+    fleet.backends["http://a:8000"].healthy = False
+    assert fleet.pool("both") == [] and fleet.pool("decode")[0].url == "http://d:8000"
+
+
+def test_prefix_source_tokenises_like_the_engines_and_remembers_routes() -> None:
+    source = PrefixSource(build_config({}).kv_cache)
+    ids = source.token_ids("/v1/completions", {"prompt": "Hello world"})
+    from fuyao import tokenizer
+
+    assert ids == tokenizer.encode("Hello world", add_special_tokens=True)
+    assert source.token_ids("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}) == \
+        tokenizer.encode("<|user|>\nHi\n<|assistant|>\n")
+    assert source.token_ids("/v1/completions", {"prompt": 5}) is None
+    hashes = source.hashes(list(range(100)))
+    assert len(hashes) == 6  # (100 - 1) // 16 full blocks: the engine's cached prefix, never the last token
+    import asyncio
+
+    source.routed("http://a", hashes)
+    assert asyncio.run(source.matches(hashes)) == {"http://a": 6}
+    source.forget("http://a")
+    assert asyncio.run(source.matches(hashes)) == {}
+
+
+def test_discovery_from_service_endpointslice_and_pod_fixtures() -> None:
+    services = [
+        {"metadata": {"name": "llm", "namespace": "ai", "annotations": {
+            "inference.openfuyao.com/enable-router": "true", "inference.openfuyao.com/health-check-path": "/ready",
+            "inference.openfuyao.com/health-check-interval": "3s"}}},
+        {"metadata": {"name": "other", "namespace": "ai", "annotations": {}}},
+        {"metadata": {"name": "broken", "namespace": "ai", "annotations": {
+            "inference.openfuyao.com/enable-router": "yes"}}},
+    ]
+    slices = [
+        {"metadata": {"name": "llm-abc", "namespace": "ai", "labels": {"kubernetes.io/service-name": "llm"}},
+         "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 8000}],
+         "endpoints": [
+             {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "nodeName": "n1",
+              "targetRef": {"kind": "Pod", "name": "p-0", "namespace": "ai"}},
+             {"addresses": ["10.0.0.2"], "conditions": {"ready": True},
+              "targetRef": {"kind": "Pod", "name": "d-0", "namespace": "ai"}},
+             {"addresses": ["10.0.0.3"], "conditions": {"ready": False},
+              "targetRef": {"kind": "Pod", "name": "x-0", "namespace": "ai"}},
+             {"addresses": ["fd00::4"], "targetRef": {"kind": "Pod", "name": "b-0", "namespace": "ai"}}]},
+        {"metadata": {"name": "other-x", "namespace": "ai", "labels": {"kubernetes.io/service-name": "other"}},
+         "ports": [{"port": 80}], "endpoints": [{"addresses": ["10.9.9.9"]}]},
+    ]
+    pods = {("ai", "p-0"): {"metadata": {"labels": {"phase": "prefill"}}},
+            ("ai", "d-0"): {"metadata": {"labels": {"phase": "decode"}}, "spec": {"nodeName": "n2"}},
+            ("ai", "b-0"): {"metadata": {"labels": {"phase": "sideways"}}}}
+    found = {b.url: b for b in backends_from(services, slices, pods)}
+    assert set(found) == {"http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::4]:8000"}
+    assert found["http://10.0.0.1:8000"].role == "prefill" and found["http://10.0.0.1:8000"].node == "n1"
+    assert found["http://10.0.0.2:8000"].role == "decode" and found["http://10.0.0.2:8000"].node == "n2"
+    assert found["http://[fd00::4]:8000"].role == "both"  # an invalid phase label: both, with a warning
+    assert found["http://10.0.0.1:8000"].health_path == "/ready"
+    assert found["http://10.0.0.1:8000"].health_interval == 3.0
