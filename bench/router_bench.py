@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Router benchmark: fuyao-router's strategies against vllm-router (PyPI, Rust) on the same fleet of engine
+simulators and the same arrivals. Prints a table, then one JSON object (figures of docs/benchmarks.md).
+
+Workloads (Poisson arrivals, seeded; streamed completions, fixed output lengths):
+
+- ``shared-prefix``: groups of users sharing a long context (llm-d's benchmark shape): G groups x a ~2k-token
+  prefix + a short unique question. Engines hold only a few groups' prefixes (``--num-gpu-blocks``), so where a
+  request lands decides whether its prefill is 2k tokens or ~50.
+- ``multi-turn``: chat conversations; each turn resends the whole history plus a new message.
+- ``random``: unique prompts (control: no prefix to exploit).
+
+For each: fuyao ``round-robin``, ``intelligent``, ``prefix-aware``, and vllm-router ``round_robin``,
+``cache_aware`` and ``kv_aware`` (fed by the simulators' KV events): TTFT p50/p88/p99, ITL p50, throughput,
+fleet KV-cache hit rate, errors. Then prefill/decode disaggregation (same number of engines, colocated vs 3:5) and
+the router's overhead on a zero-latency backend (added p50 latency and CPU per request, fuyao vs vllm-router).
+Every engine fleet is started fresh for each run (cold caches).
+
+vllm-router comes from PyPI into ``~/.cache/fuyao/bench-venv`` (installed on first use).
+
+Usage: bench/router_bench.py [--duration 40] [--rate 8] [--engines 4] [--only shared-prefix,...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.apiserver import free_port
+from tests.support.engines import Daemon
+
+BENCH_VENV = Path.home() / ".cache" / "fuyao" / "bench-venv"
+WORDS = ("river flood basin rainfall gauge levee delta channel sediment estuary aquifer runoff catchment tide "
+         "reservoir drought monsoon wetland erosion current").split()
+
+
+# Workloads ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    at: float  # seconds after the start
+    path: str
+    body: dict  # type: ignore[type-arg]
+
+
+def _text(rng: random.Random, words: int) -> str:
+    """About one token per word (the shared tokenizer: a word with its leading space)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def shared_prefix(rate: float, duration: float, seed: int, groups: int = 16, prefix_words: int = 1800,
+                  output: int = 32) -> list[Job]:
+    rng = random.Random(seed)
+    prefixes = [f"Group {g} shared context: " + _text(rng, prefix_words) for g in range(groups)]
+    jobs, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            return jobs
+        prompt = rng.choice(prefixes) + " Question: " + _text(rng, 20) + "?"
+        jobs.append(Job(t, "/v1/completions", {"prompt": prompt, "max_tokens": output, "stream": True}))
+
+
+def multi_turn(rate: float, duration: float, seed: int, conversations: int = 24, output: int = 32) -> list[Job]:
+    rng = random.Random(seed)
+    histories = [[{"role": "system", "content": "You are a hydrologist. " + _text(rng, 300)}]
+                 for _ in range(conversations)]
+    jobs, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            return jobs
+        history = rng.choice(histories)
+        history.append({"role": "user", "content": _text(rng, 40)})
+        jobs.append(Job(t, "/v1/chat/completions", {"messages": list(history), "max_tokens": output, "stream": True}))
+        history.append({"role": "assistant", "content": _text(rng, output // 2)})
+        if len(history) > 13:
+            del history[1:3]
+
+
+def random_prompts(rate: float, duration: float, seed: int, words: int = 400, output: int = 32) -> list[Job]:
+    rng = random.Random(seed)
+    jobs, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            return jobs
+        jobs.append(Job(t, "/v1/completions", {"prompt": _text(rng, words), "max_tokens": output, "stream": True}))
+
+
+WORKLOADS = {"shared-prefix": shared_prefix, "multi-turn": multi_turn, "random": random_prompts}
+
+
+# Processes ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Fleet:
+    engines: list[Daemon]
+    events: dict[str, str] = field(default_factory=dict)  # engine URL → its KV event endpoint
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.close()
+
+
+def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile: str | None = None) -> Fleet:
+    engines, events = [], {}
+    for i in range(count):
+        port, events_port = free_port(), free_port()
+        args = ["--port", str(port), "--num-gpu-blocks", str(blocks), "--max-num-batched-tokens", "4096",
+                "--kv-events-endpoint", f"tcp://*:{events_port}", "--log-level", "warning"]
+        if roles:
+            args += ["--role", roles[i]]
+        if profile:
+            args += ["--latency-profile", profile]
+        daemon = Daemon("engine_sim.cli", args, port, "/health")
+        engines.append(daemon)
+        events[daemon.url] = f"tcp://127.0.0.1:{events_port}"
+    for daemon in engines:
+        daemon.start()
+    return Fleet(engines, events)
+
+
+def ensure_vllm_router() -> Path | None:
+    binary = BENCH_VENV / "bin" / "vllm-router"
+    if binary.exists():
+        return binary
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "vllm-router==0.1.17"], check=True,
+                       timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"vllm-router unavailable ({exc}); its rows are skipped", file=sys.stderr)
+        return None
+    return binary if binary.exists() else None
+
+
+def start_router(kind: str, strategy: str, fleet: Fleet, pd: tuple[list[str], list[str]] | None = None) -> Daemon:
+    port = free_port()
+    if kind == "fuyao":
+        args = ["--listen", f"127.0.0.1:{port}", "--strategy", strategy, "--log-level", "warning"]
+        if pd:
+            args += [a for url in pd[0] for a in ("--prefill", url)] + [a for url in pd[1] for a in ("--decode", url)]
+        else:
+            args += [a for e in fleet.engines for a in ("--backend", e.url)]
+        args += [f"--kv-events={stream}={url}" for url, stream in fleet.events.items()]
+        return Daemon("inference_router.cli", args, port, "/health").start()
+    binary = ensure_vllm_router()
+    assert binary is not None
+    args = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--policy", strategy, "--log-level", "warning",
+            "--prometheus-port", str(free_port())]
+    if pd:
+        args += ["--vllm-pd-disaggregation"] + [a for url in pd[0] for a in ("--prefill", url)] + \
+            [a for url in pd[1] for a in ("--decode", url)]
+    else:
+        args += ["--worker-urls", *[e.url for e in fleet.engines]]
+    if strategy == "kv_aware":
+        args += ["--kv-event-block-size", "16", "--kv-event-model", "fuyao-sim-7b"]
+        args += [a for url, stream in fleet.events.items() for a in ("--kv-event-source", f"{url}={stream}")]
+    daemon = _External(args, port)
+    return daemon.start(timeout=60)
+
+
+class _External(Daemon):
+    """A non-Python router process (vllm-router) with the Daemon interface."""
+
+    def __init__(self, argv: list[str], port: int):
+        super().__init__("", [], port, "/health")
+        self.argv = argv
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited: {self.proc.stderr.read().decode()[-1500:]}")  # type: ignore[union-attr]
+            try:
+                if self.get("/health")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("router did not become healthy")
+
+
+# Load --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+
+async def _one(session: aiohttp.ClientSession, url: str, job: Job) -> Sample:
+    sample = Sample()
+    started = time.perf_counter()
+    try:
+        async with session.post(url + job.path, json=job.body) as response:
+            if response.status != 200:
+                sample.error = f"HTTP {response.status}"
+                await response.read()
+                return sample
+            last = None
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                        continue
+                    data = json.loads(event[6:])
+                    choices = data.get("choices") or []
+                    if not choices:
+                        continue
+                    text = choices[0].get("text") or (choices[0].get("delta") or {}).get("content")
+                    if not text:
+                        continue
+                    now = time.perf_counter()
+                    if sample.ttft is None:
+                        sample.ttft = now - started
+                    elif last is not None:
+                        sample.itl.append(now - last)
+                    last = now
+                    sample.tokens += 1
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        sample.error = type(exc).__name__
+    sample.e2e = time.perf_counter() - started
+    return sample
+
+
+async def run_load(url: str, jobs: list[Job]) -> tuple[list[Sample], float]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+
+        async def scheduled(job: Job) -> Sample:
+            delay = job.at - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await _one(session, url, job)
+
+        samples = await asyncio.gather(*(scheduled(j) for j in jobs))
+        return list(samples), time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(samples: list[Sample], wall: float, fleet: Fleet, before: dict[str, tuple[float, float]]) -> dict:  # type: ignore[type-arg]
+    ok = [s for s in samples if s.error is None and s.ttft is not None]
+    ttft = [s.ttft for s in ok]  # type: ignore[misc]
+    itl = [x for s in ok for x in s.itl]
+    hits = queries = 0.0
+    for e in fleet.engines:
+        h0, q0 = before[e.url]
+        hits += e.metric("vllm:prefix_cache_hits_total") - h0
+        queries += e.metric("vllm:prefix_cache_queries_total") - q0
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
+    return {"requests": len(samples), "errors": len(samples) - len(ok),
+            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p88": ms(pct(ttft, 88)), "p99": ms(pct(ttft, 99))},
+            "itl_ms_p50": ms(pct(itl, 50)), "e2e_ms_p50": ms(pct([s.e2e for s in ok], 50)),
+            "throughput_tokens_per_s": round(sum(s.tokens for s in ok) / wall, 1),
+            "requests_per_s": round(len(ok) / wall, 2),
+            "kv_hit_rate": round(hits / queries, 3) if queries else None}
+
+
+def measure(kind: str, strategy: str, jobs: list[Job], engines: int, blocks: int,
+            pd: tuple[int, int] | None = None) -> dict:  # type: ignore[type-arg]
+    roles = None
+    if pd:
+        roles = ["prefill"] * pd[0] + ["decode"] * pd[1]
+    fleet = start_fleet(engines if not pd else sum(pd), blocks, roles)
+    try:
+        pools = None
+        if pd:
+            pools = ([e.url for e in fleet.engines[:pd[0]]], [e.url for e in fleet.engines[pd[0]:]])
+        url = fleet.engines[0].url
+        router = None
+        if kind != "direct":
+            router = start_router(kind, strategy, fleet, pools)
+            url = router.url
+        try:
+            before = {e.url: (e.metric("vllm:prefix_cache_hits_total"), e.metric("vllm:prefix_cache_queries_total"))
+                      for e in fleet.engines}
+            samples, wall = asyncio.run(run_load(url, jobs))
+            return summarize(samples, wall, fleet, before)
+        finally:
+            if router is not None:
+                router.close()
+    finally:
+        fleet.close()
+
+
+# Overhead ----------------------------------------------------------------------------------------------------------
+def overhead(requests: int) -> dict:  # type: ignore[type-arg]
+    """Router vs direct on a zero-latency engine: added p50 latency, router CPU per request."""
+    profile = Path("/tmp/fuyao-zero-latency.yaml")
+    profile.write_text("step_base_ms: 0\nprefill_per_token_ms: 0\ndecode_per_seq_ms: 0\nkv_transfer_per_token_ms: 0\n")
+    fleet = start_fleet(1, 4096, profile=str(profile))
+    results: dict[str, object] = {}
+    try:
+        body = {"prompt": "Measure the router, not the engine.", "max_tokens": 4}
+
+        async def sequential(url: str) -> list[float]:
+            async with aiohttp.ClientSession() as session:
+                times = []
+                for _ in range(requests):
+                    started = time.perf_counter()
+                    async with session.post(url + "/v1/completions", json=body) as response:
+                        await response.read()
+                    times.append(time.perf_counter() - started)
+                return times
+
+        direct = asyncio.run(sequential(fleet.engines[0].url))
+        results["direct_p50_ms"] = round(statistics.median(direct) * 1000, 3)
+        for kind, strategy in (("fuyao", "prefix-aware"), ("fuyao", "round-robin"), ("vllm-router", "cache_aware"),
+                               ("vllm-router", "round_robin")):
+            if kind == "vllm-router" and ensure_vllm_router() is None:
+                continue
+            router = start_router(kind, strategy, fleet)
+            try:
+                asyncio.run(sequential(router.url))  # warm up
+                proc = psutil.Process(router.proc.pid)  # type: ignore[union-attr]
+                cpu0 = sum(proc.cpu_times()[:2])
+                times = asyncio.run(sequential(router.url))
+                cpu = sum(proc.cpu_times()[:2]) - cpu0
+            finally:
+                router.close()
+            results[f"{kind} {strategy}"] = {
+                "p50_ms": round(statistics.median(times) * 1000, 3),
+                "added_p50_ms": round((statistics.median(times) - statistics.median(direct)) * 1000, 3),
+                "router_cpu_ms_per_request": round(cpu / requests * 1000, 3)}
+    finally:
+        fleet.close()
+    return results
+
+
+# Main --------------------------------------------------------------------------------------------------------------
+ROUTERS = [("fuyao", "round-robin"), ("fuyao", "intelligent"), ("fuyao", "prefix-aware"),
+           ("vllm-router", "round_robin"), ("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    parser.add_argument("--rate", type=float, default=8.0, help="requests per second offered to the fleet")
+    parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument("--blocks", type=int, default=640, help="KV blocks per engine (16 tokens each)")
+    parser.add_argument("--only", default="shared-prefix,multi-turn,random,pd,overhead")
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    if args.quick:
+        args.duration = 8.0
+    wanted = args.only.split(",")
+    have_vllm_router = ensure_vllm_router() is not None
+    results: dict[str, object] = {"benchmark": "router", "engines": args.engines, "rate": args.rate,
+                                  "duration_s": args.duration, "blocks_per_engine": args.blocks, "workloads": {}}
+    for name, make in WORKLOADS.items():
+        if name not in wanted:
+            continue
+        jobs = make(args.rate, args.duration, args.seed)
+        rows = {}
+        for kind, strategy in ROUTERS:
+            if kind == "vllm-router" and not have_vllm_router:
+                continue
+            try:
+                rows[f"{kind} {strategy}"] = measure(kind, strategy, jobs, args.engines, args.blocks)
+            except RuntimeError as exc:
+                rows[f"{kind} {strategy}"] = {"failed": str(exc)[:300]}
+            print(f"{name:14s} {kind:12s} {strategy:18s} {json.dumps(rows[f'{kind} {strategy}'])}", flush=True)
+        results["workloads"][name] = rows  # type: ignore[index]
+    if "pd" in wanted:
+        # the same 8 engines, the same offered load: all colocated vs 3 prefill : 5 decode
+        jobs = shared_prefix(args.rate * 1.5, args.duration, args.seed + 1, groups=64, prefix_words=1000,
+                             output=128)
+        pd_rows = {"colocated 8x both, fuyao least-connections":
+                   measure("fuyao", "least-connections", jobs, 8, args.blocks),
+                   "disaggregated 3 prefill : 5 decode, fuyao": measure("fuyao", "prefix-aware", jobs, 8, args.blocks,
+                                                                         pd=(3, 5))}
+        for key, row in pd_rows.items():
+            print(f"pd             {key:45s} {json.dumps(row)}", flush=True)
+        results["pd"] = pd_rows
+    if "overhead" in wanted:
+        results["overhead"] = overhead(300 if not args.quick else 50)
+        print(f"overhead       {json.dumps(results['overhead'])}", flush=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
