@@ -11,12 +11,12 @@ import os
 import signal
 import sys
 
-from fuyao import __version__, logs
+from fuyao import __version__
+from fuyao import daemon as fuyao_daemon
 
 from .config import (
     DEFAULT_DEVICE_PLUGIN_DIR,
     DEFAULT_METRICS_ADDRESS,
-    ConfigError,
     PluginConfig,
     build_config,
     load_config_file,
@@ -46,13 +46,11 @@ _FLAG_FIELDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuyao-device-plugin",
-        description="Kubelet device plugin for Huawei Ascend NPUs: advertises npu.huawei.com/NPU over the "
-                    "device-plugin API v1beta1, with health checks, topology-aware allocation, node labels and "
-                    "Prometheus metrics. Flags override the config file.",
-        epilog="Docs: docs/device-plugin.md")
-    p.add_argument("--version", action="version", version=f"fuyao-device-plugin (fuyao {__version__})")
+    p = fuyao_daemon.parser(
+        "fuyao-device-plugin",
+        "Kubelet device plugin for Huawei Ascend NPUs: advertises npu.huawei.com/NPU over the device-plugin API "
+        "v1beta1, with health checks, topology-aware allocation, node labels and Prometheus metrics. Flags "
+        "override the config file.", "docs/device-plugin.md")
     p.add_argument("--config", help="versioned YAML config file (version: v1)")
     p.add_argument("--npu-smi", help="npu-smi binary, a name on PATH or a path (default: npu-smi)")
     p.add_argument("--npu-smi-timeout", help="kill an npu-smi call after this long (default: 10s)")
@@ -78,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                                          "/var/lib/fuyao/vnpu-ledger.json; keep it on the host)")
     p.add_argument("--pod-resources-socket",
                    help="kubelet pod-resources API (default: /var/lib/kubelet/pod-resources/kubelet.sock)")
-    logs.add_arguments(p)
     return p
 
 
@@ -94,13 +91,8 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print(f"fuyao-device-plugin: {exc}", file=sys.stderr)
-        sys.exit(2)
+    args = fuyao_daemon.parse(build_parser(), argv)
+    config = fuyao_daemon.config_or_exit("fuyao-device-plugin", lambda: config_from_args(args))
     from .daemon import DevicePluginDaemon
 
     daemon = DevicePluginDaemon(config)

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import socket
 import sys
 import uuid
 
-from aiohttp import web
-
-from fuyao import __version__, logs
+from fuyao import daemon
 from fuyao.kv_blocks import topic as kv_topic
 
 from .api import EngineApi
@@ -28,13 +25,11 @@ log = logging.getLogger("engine_sim")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuyao-engine-sim",
-        description="A vLLM-compatible LLM engine simulator: OpenAI API (completions, chat, streaming), vLLM "
-                    "metrics, paged KV cache with prefix caching, KV events over ZMQ, prefill/decode roles. "
-                    "No model runs: timing comes from a latency profile, text is deterministic.",
-        epilog="Docs: docs/engine-sim.md")
-    p.add_argument("--version", action="version", version=f"fuyao-engine-sim (fuyao {__version__})")
+    p = daemon.parser(
+        "fuyao-engine-sim",
+        "A vLLM-compatible LLM engine simulator: OpenAI API (completions, chat, streaming), vLLM metrics, paged KV "
+        "cache with prefix caching, KV events over ZMQ, prefill/decode roles. No model runs: timing comes from a "
+        "latency profile, text is deterministic.", "docs/engine-sim.md")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default="fuyao-sim-7b", help="the served model name")
@@ -56,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="run the clock this many times faster")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
     p.add_argument("--enable-fault-injection", action="store_true", help="serve POST/DELETE /fault (tests only)")
-    logs.add_arguments(p)
     return p
 
 
@@ -99,41 +93,23 @@ async def serve(args: argparse.Namespace) -> int:
         engine.remote = RemoteTier(args.kv_remote, settings.block_size)
     engine.start()
     api = EngineApi(engine, args.host, args.port, publisher, args.enable_fault_injection)
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        await runner.cleanup()
-        await engine.stop()
-        if publisher:
-            publisher.shutdown()
-        return 1
-    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (args.host,  # type: ignore[union-attr]
-                                                                                                  args.port)
-    api.port = int(bound[1])
-    log.info("serving %s on http://%s:%s", args.model, bound[0], bound[1],
-             extra={"role": args.role, "blocks": args.num_gpu_blocks, "block_size": args.block_size})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
+
+    def started(host: str, port: int) -> None:
+        api.port = port
+        log.info("serving %s on http://%s:%s", args.model, host, port,
+                 extra={"role": args.role, "blocks": args.num_gpu_blocks, "block_size": args.block_size})
+
+    code = await daemon.serve_until_signal(api.app(), f"{args.host}:{args.port}", log, started=started)
     await engine.stop()
     if engine.remote is not None:
         await engine.remote.close()
     if publisher:
         publisher.shutdown()
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
+    args = daemon.parse(build_parser(), argv)
     problem = _validate(args)
     if problem is None:
         try:

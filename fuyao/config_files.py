@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,6 +35,17 @@ def _duration(value: Any) -> Any:
 
 Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 """A duration in a config file (``10s``, ``1m30s``, ``500ms`` or a number of seconds), as seconds."""
+
+
+def _host_port(value: str) -> str:
+    _host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+"""A listen address, ``HOST:PORT`` (port 0: any free port)."""
 
 
 class ConfigError(ValueError):

@@ -24,6 +24,9 @@ class Candidate:
     running: float = 0.0
     kv_usage: float = 0.0
     prefix_blocks: int = 0
+    pending_tokens: int = 0  # prompt tokens the router sent there that are not prefilled yet (no first byte)
+    prefilling: int = 0  # requests among in_flight still waiting for their first byte
+    occupancy: float = 0.0  # share of the engine's KV blocks its prefix cache holds (from its events)
 
     @property
     def load(self) -> float:
@@ -49,7 +52,8 @@ class RoundRobin:
 
 
 def choose(strategy: Strategy, candidates: Sequence[Candidate], rr: RoundRobin, *, total_blocks: int = 0,
-           intelligent: IntelligentWeights | None = None, prefix: PrefixWeights | None = None) -> Decision:
+           intelligent: IntelligentWeights | None = None, prefix: PrefixWeights | None = None,
+           prompt_tokens: int = 0, block_size: int = 16) -> Decision:
     if not candidates:
         raise ValueError("no candidates")
     if strategy == "round-robin":
@@ -59,7 +63,8 @@ def choose(strategy: Strategy, candidates: Sequence[Candidate], rr: RoundRobin, 
     elif strategy == "intelligent":
         scores = health_scores(candidates, intelligent or IntelligentWeights())
     else:
-        scores = prefix_scores(candidates, total_blocks, prefix or PrefixWeights())
+        scores = prefix_scores(candidates, prompt_tokens or total_blocks * block_size, block_size,
+                               prefix or PrefixWeights())
     best = max(scores.values())
     tied = [url for url, score in scores.items() if score >= best - 1e-9]
     url = rr.pick(tied) if len(tied) > 1 else tied[0]
@@ -68,34 +73,41 @@ def choose(strategy: Strategy, candidates: Sequence[Candidate], rr: RoundRobin, 
 
 
 def health_scores(candidates: Sequence[Candidate], w: IntelligentWeights) -> dict[str, float]:
-    """The design doc's ``0.4*(1-queue) + 0.3*(1-cpu) + 0.3*(1-mem)``: queue = queued requests / queue_scale, cpu =
-    running requests / running_scale (an engine's compute saturation), mem = KV-cache usage; each in [0, 1]."""
+    """The design doc's ``0.4*(1-queue) + 0.3*(1-cpu) + 0.3*(1-mem)``, each term in [0, 1]: queue = the candidate's
+    queued requests relative to the most queued candidate (at least ``queue_scale``), cpu = running requests /
+    ``running_scale`` (the engine's compute saturation), mem = KV-cache usage. Queued counts the router's own
+    in-flight requests beyond what the engine last reported running, so a burst is seen before the next scrape."""
+    queued = {c.url: max(c.waiting, c.in_flight - c.running, 0.0) for c in candidates}
+    scale = max(w.queue_scale, max(queued.values()))
     out = {}
     for c in candidates:
-        queued = max(c.waiting, c.in_flight - c.running)
         busy = max(c.running, min(float(c.in_flight), w.running_scale))
-        out[c.url] = (w.queue_weight * (1 - min(1.0, queued / w.queue_scale))
+        out[c.url] = (w.queue_weight * (1 - queued[c.url] / scale)
                       + w.cpu_weight * (1 - min(1.0, busy / w.running_scale))
                       + w.memory_weight * (1 - min(1.0, max(0.0, c.kv_usage))))
     return out
 
 
-def prefix_scores(candidates: Sequence[Candidate], total_blocks: int, w: PrefixWeights) -> dict[str, float]:
-    """Weighted sum (llm-d style scorers in [0, 1]): the share of the prompt's blocks cached on the backend, 1 - its
-    load relative to the busiest candidate, 1 - its KV-cache usage. A backend loaded beyond ``max_load_ratio`` x the
-    least loaded (+ 2) gets no prefix credit, so a hot prefix spreads instead of piling onto one engine."""
-    loads = [c.load for c in candidates]
-    least, most = min(loads), max(loads)
-    out = {}
+def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
+                  w: PrefixWeights) -> dict[str, float]:
+    """Estimated time to this request's first token on each candidate, in prefill tokens (higher score = sooner):
+    the prefill work already queued there by the router (``pending_tokens``), plus this prompt's tokens the
+    candidate does not cache, plus ``decode_cost_tokens`` per request decoding there (decodes share each step),
+    plus ``kv_pressure_tokens`` x KV-cache usage (blocks held by running requests) and ``cache_pressure_tokens`` x
+    the share of the engine's blocks its prefix cache holds (a new prefix placed on a full cache evicts others; a
+    fresh one goes where there is room). A hot prefix spreads by
+    itself: once its engine's queue costs more than recomputing the prefix elsewhere, the next request goes
+    elsewhere. Scores are ``1 - work / the largest work`` in [0, 1]."""
+    work = {}
     for c in candidates:
-        match = 0.0
-        if total_blocks and c.prefix_blocks >= max(1, w.min_prefix_blocks) and \
-                c.load <= w.max_load_ratio * least + 2:
-            match = c.prefix_blocks / total_blocks
-        relative = c.load / most if most > 0 else 0.0
-        out[c.url] = (w.prefix_weight * match + w.load_weight * (1 - relative)
-                      + w.kv_weight * (1 - min(1.0, max(0.0, c.kv_usage))))
-    return out
+        cached = c.prefix_blocks * block_size if c.prefix_blocks >= max(1, w.min_prefix_blocks) else 0
+        uncached = max(0, prompt_tokens - cached)
+        decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
+        work[c.url] = (c.pending_tokens + uncached + w.decode_cost_tokens * decoding
+                       + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage))
+                       + w.cache_pressure_tokens * c.occupancy)
+    most = max(work.values()) or 1.0
+    return {url: 1.0 - value / most for url, value in work.items()}
 
 
 class CircuitBreaker:

@@ -12,13 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from typing import Any
 
-from aiohttp import web
-
-from fuyao import __version__, logs
+from fuyao import daemon
 
 from .config import ConfigError, RouterConfig, build_config, load_config_file, with_overrides
 from .fleet import Fleet, PrefixSource, Role
@@ -29,14 +26,11 @@ STRATEGIES = ("round-robin", "least-connections", "intelligent", "prefix-aware")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuyao-router",
-        description="OpenAI-compatible inference router: round-robin, least-connections, intelligent (health score) "
-                    "and prefix-aware (KV-cache index + load) routing, prefill/decode disaggregation, circuit "
-                    "breakers and retries. POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "
-                    "/metrics.",
-        epilog="Docs: docs/router.md")
-    p.add_argument("--version", action="version", version=f"fuyao-router (fuyao {__version__})")
+    p = daemon.parser(
+        "fuyao-router",
+        "OpenAI-compatible inference router: round-robin, least-connections, intelligent (health score) and "
+        "prefix-aware (KV-cache index + load) routing, prefill/decode disaggregation, circuit breakers and retries. "
+        "POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /metrics.", "docs/router.md")
     p.add_argument("--config", help="config.yaml (version: v1) with router / kv_cache / inference / pd_separation")
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:9000)")
     p.add_argument("--backend", action="append", default=[], metavar="URL", help="an engine (repeatable)")
@@ -49,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT=URL",
                    help="the KV event stream ENDPOINT (tcp://host:5557) belongs to the backend at URL (repeatable)")
     p.add_argument("--kubeconfig", help="for backend discovery (router.discovery.enabled)")
-    logs.add_arguments(p)
     return p
 
 
@@ -139,30 +132,21 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
     tasks = [loop.create_task(fleet.watch(router.session, stop))]  # type: ignore[arg-type]
     if args.config:
         tasks.append(loop.create_task(ConfigWatcher(args.config, args, apply).run(stop)))
-    runner = web.AppRunner(router.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=min(30.0, config.inference.decode_timeout))
-    await runner.setup()
-    host, _, port = config.router.listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), backlog=2048)
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", config.router.listen, exc)
+
+    def started(host: str, port: int) -> None:
+        log.info("routing on http://%s:%s", host, port,
+                 extra={"strategy": config.router.strategy, "backends": list(fleet.backends),
+                        "pd": config.pd_separation.enabled})
+
+    def draining() -> None:
+        log.info("draining", extra={"in_flight": router.in_flight})
+        router.draining = True
         stop.set()
-        await runner.cleanup()
-        await router.close()
-        prefix.stop()
-        return 1
-    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
-    log.info("routing on http://%s:%s", bound[0], bound[1],
-             extra={"strategy": config.router.strategy, "backends": list(fleet.backends),
-                    "pd": config.pd_separation.enabled})
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining", extra={"in_flight": router.in_flight})
-    router.draining = True
-    await runner.cleanup()  # stops accepting, waits for in-flight requests (shutdown_timeout)
+
+    code = await daemon.serve_until_signal(router.app(), config.router.listen, log, backlog=2048,
+                                           shutdown_timeout=min(30.0, config.inference.decode_timeout),
+                                           started=started, stopping=draining)
+    stop.set()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -170,17 +154,12 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
         discovery.stop()
     await router.close()
     prefix.stop()
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print(f"fuyao-router: {exc}", file=sys.stderr)
-        sys.exit(2)
+    args = daemon.parse(build_parser(), argv)
+    config = daemon.config_or_exit("fuyao-router", lambda: config_from_args(args))
     if not (config.router.backends or config.pd_separation.enabled or config.router.discovery.enabled):
         print("fuyao-router: backends: none configured (--backend URL, --prefill/--decode URL, or "
               "router.discovery.enabled)", file=sys.stderr)

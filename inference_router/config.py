@@ -13,8 +13,8 @@ router:
   health_check: {path: /health, interval: 5s, timeout: 2s}
   metrics_interval: 1s             # scrape of the backends' vLLM metrics
   circuit_breaker: {failure_threshold: 5, timeout: 30s}
-  intelligent: {queue_weight: 0.4, cpu_weight: 0.3, memory_weight: 0.3, queue_scale: 32}
-  prefix_aware: {prefix_weight: 2.0, load_weight: 1.0, kv_weight: 0.5, max_load_ratio: 1.5, min_prefix_blocks: 1}
+  intelligent: {queue_weight: 0.4, cpu_weight: 0.3, memory_weight: 0.3, queue_scale: 2, running_scale: 64}
+  prefix_aware: {decode_cost_tokens: 24, kv_pressure_tokens: 256, cache_pressure_tokens: 512, min_prefix_blocks: 1}
   discovery: {enabled: false, namespace: null}
 kv_cache:
   enabled: true
@@ -41,7 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import Seconds, load_versioned_yaml, merged, validated
+from fuyao.config_files import HostPort, Seconds, load_versioned_yaml, merged, validated
 
 CONFIG_VERSION = "v1"
 Strategy = Literal["round-robin", "least-connections", "intelligent", "prefix-aware"]
@@ -75,17 +75,20 @@ class IntelligentWeights(_Section):
     queue_weight: float = Field(default=0.4, ge=0)
     cpu_weight: float = Field(default=0.3, ge=0)
     memory_weight: float = Field(default=0.3, ge=0)
-    queue_scale: float = Field(default=32.0, gt=0)
+    queue_scale: float = Field(default=2.0, gt=0, description="the queue term is queued / max(this, the most queued)")
     running_scale: float = Field(default=64.0, gt=0)
 
 
 class PrefixWeights(_Section):
-    prefix_weight: float = Field(default=2.0, ge=0, description="share of the prompt's blocks cached there")
-    load_weight: float = Field(default=1.0, ge=0, description="1 - load relative to the busiest backend")
-    kv_weight: float = Field(default=0.5, ge=0, description="1 - KV-cache usage")
-    max_load_ratio: float = Field(default=1.5, ge=1.0, description="a backend more loaded than this x the "
-                                  "fleet's least loaded (+ 2) gets no prefix credit: hot prefixes spread")
-    min_prefix_blocks: int = Field(default=1, ge=0)
+    """The prefix-aware cost model: estimated prefill tokens before this request's first token on each engine."""
+
+    decode_cost_tokens: float = Field(default=24.0, ge=0, description="prefill-token equivalent of one request "
+                                      "decoding on the engine (it shares every step)")
+    kv_pressure_tokens: float = Field(default=256.0, ge=0, description="penalty at 100% KV-cache usage (blocks held "
+                                      "by running requests)")
+    cache_pressure_tokens: float = Field(default=512.0, ge=0, description="penalty when the engine's prefix cache "
+                                         "fills all its blocks (from its events and vllm:cache_config_info)")
+    min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
 
 
 class Discovery(_Section):
@@ -94,7 +97,7 @@ class Discovery(_Section):
 
 
 class RouterSection(_Section):
-    listen: str = "127.0.0.1:9000"
+    listen: HostPort = "127.0.0.1:9000"
     strategy: Strategy = "prefix-aware"
     backends: list[str] = []
     max_concurrent_requests: int = Field(default=1000, ge=1)
@@ -110,14 +113,6 @@ class RouterSection(_Section):
     @classmethod
     def _backends(cls, value: list[str]) -> list[str]:
         return [_url(u) for u in value]
-
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("expected HOST:PORT")
-        return value
 
 
 class KvCacheSection(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 Role = Literal["both", "prefill", "decode"]
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
            "vllm:kv_cache_usage_perc": "kv_usage", "vllm:gpu_cache_usage_perc": "kv_usage"}
+_NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 
 
 @dataclass
@@ -37,17 +39,22 @@ class Backend:
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(5, 30.0))
     healthy: bool = True
     in_flight: int = 0
+    pending_tokens: int = 0  # prompt tokens sent here by the router, not prefilled yet
+    prefilling: int = 0  # requests sent here still waiting for their first byte
     waiting: float = 0.0
     running: float = 0.0
     kv_usage: float = 0.0
+    num_blocks: int = 0  # the engine's KV blocks (vllm:cache_config_info)
     scraped_at: float = 0.0
     node: str | None = None  # where the scheduler placed it (discovery), for prefill/decode co-location
     health_path: str = "/health"
     health_interval: float = 5.0
     checked_at: float = 0.0
 
-    def candidate(self, prefix_blocks: int = 0) -> Candidate:
-        return Candidate(self.url, self.in_flight, self.waiting, self.running, self.kv_usage, prefix_blocks)
+    def candidate(self, prefix_blocks: int = 0, cached_blocks: int = 0) -> Candidate:
+        occupancy = min(1.0, cached_blocks / self.num_blocks) if self.num_blocks else 0.0
+        return Candidate(self.url, self.in_flight, self.waiting, self.running, self.kv_usage, prefix_blocks,
+                         self.pending_tokens, self.prefilling, occupancy)
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
@@ -55,6 +62,11 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
+            continue
+        if line.startswith("vllm:cache_config_info"):
+            found = _NUM_BLOCKS.search(line)
+            if found:
+                out["num_blocks"] = out.get("num_blocks", 0.0) + float(found.group(1))
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         key = _GAUGES.get(name)
@@ -122,7 +134,8 @@ class Fleet:
             now = time.monotonic()
             jobs = []
             for backend in list(self.backends.values()):
-                if now - backend.checked_at >= backend.health_interval:
+                interval = backend.health_interval if backend.healthy else min(1.0, backend.health_interval)
+                if now - backend.checked_at >= interval:  # a down backend is re-checked every second
                     backend.checked_at = now
                     jobs.append(self._check(session, backend))
                 if now - backend.scraped_at >= self.settings.metrics_interval:
@@ -159,6 +172,7 @@ class Fleet:
         backend.waiting = values.get("waiting", 0.0)
         backend.running = values.get("running", 0.0)
         backend.kv_usage = values.get("kv_usage", 0.0)
+        backend.num_blocks = int(values.get("num_blocks", backend.num_blocks))
 
 
 class PrefixSource:
@@ -166,14 +180,22 @@ class PrefixSource:
     ``fuyao-kvcache`` service) merged with where the router itself sent each prefix lately (two generations, each
     at most ``routed_blocks`` blocks: an approximate LRU)."""
 
-    def __init__(self, settings: KvCacheSection, routed_blocks: int = 500_000):
+    def __init__(self, settings: KvCacheSection, routed_blocks: int = 500_000, routed_ttl_s: float = 5.0):
         self.settings = settings
         self.block_size = settings.block_size
         self.index = KvIndex(settings.block_size, settings.hash_seed)
         self.subscriber: Subscriber | None = None
         self.routed_blocks = routed_blocks
+        self.routed_ttl_s = routed_ttl_s
         self._routed = [KvIndex(settings.block_size, settings.hash_seed)]
+        self._routed_since = time.monotonic()
         self.remote_errors = 0
+
+    @property
+    def event_fed(self) -> bool:
+        """Engines report what they cache (events or the kvcache service): the router's own record then only
+        bridges the time until a prefill's events arrive (``routed_ttl_s``), so it never outlives an eviction."""
+        return bool(self.settings.events or self.settings.service)
 
     def start(self) -> None:
         if self.settings.events and self.subscriber is None:
@@ -208,6 +230,7 @@ class PrefixSource:
 
     # Matches -----------------------------------------------------------------------------------------------------
     async def matches(self, hashes: list[int], session: aiohttp.ClientSession | None = None) -> dict[str, int]:
+        self._rotate()
         found: dict[str, int] = {}
         if self.settings.service and session is not None:
             try:
@@ -230,10 +253,20 @@ class PrefixSource:
         """The router sent these blocks to ``url``: they will be cached there (until events say otherwise)."""
         if not hashes:
             return
+        self._rotate()
+        self._routed[-1].apply(url, [BlockStored(hashes, None, [], self.block_size)])
+
+    def _rotate(self) -> None:
         current = self._routed[-1]
-        current.apply(url, [BlockStored(hashes, None, [], self.block_size)])
-        if len(current) > self.routed_blocks // 2:
+        now = time.monotonic()
+        if (self.event_fed and now - self._routed_since > self.routed_ttl_s) or len(current) > self.routed_blocks // 2:
             self._routed = [current, KvIndex(self.block_size, self.settings.hash_seed)]
+            self._routed_since = now
+
+    def cached_blocks(self, url: str) -> int:
+        """Blocks the engine reports holding (its prefix-cache occupancy), from its events."""
+        state = self.index.endpoints.get(url)
+        return len(state.hashes) if state is not None else 0
 
     def forget(self, url: str) -> None:
         for generation in self._routed:

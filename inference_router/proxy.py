@@ -97,17 +97,18 @@ class Router:
             await self.session.close()
 
     # Choosing ----------------------------------------------------------------------------------------------------
-    async def _decide(self, role: str, hashes: list[int], exclude: list[str],
-                      strategy: str | None = None) -> tuple[Backend, Decision] | None:
+    async def _decide(self, role: str, hashes: list[int], exclude: list[str], strategy: str | None = None,
+                      prompt_tokens: int = 0) -> tuple[Backend, Decision] | None:
         pool = self.fleet.pool(role, exclude)  # type: ignore[arg-type]
         if not pool:
             return None
         settings = self.config.router
         strategy = strategy or settings.strategy
         matches = await self.prefix.matches(hashes, self.session) if hashes and strategy == "prefix-aware" else {}
-        candidates = [b.candidate(matches.get(b.url, 0)) for b in pool]
+        candidates = [b.candidate(matches.get(b.url, 0), self.prefix.cached_blocks(b.url)) for b in pool]
         decision = choose(strategy, candidates, self.rr, total_blocks=len(hashes),  # type: ignore[arg-type]
-                          intelligent=settings.intelligent, prefix=settings.prefix_aware)
+                          intelligent=settings.intelligent, prefix=settings.prefix_aware,
+                          prompt_tokens=prompt_tokens, block_size=self.prefix.block_size)
         backend = next(b for b in pool if b.url == decision.url)
         return backend, decision
 
@@ -133,11 +134,12 @@ class Router:
             path = request.path
             ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
             hashes = self.prefix.hashes(ids) if ids else []
+            tokens = len(ids) if ids else 0
             if self.config.pd_separation.enabled and self.fleet.pool("decode"):
-                response = await self._pd(request, path, body, raw, hashes, started)
+                response = await self._pd(request, path, body, raw, hashes, started, tokens)
             else:
                 response = await self._forward(request, path, raw, hashes, started, "both",
-                                               self.config.inference.decode_timeout)
+                                               self.config.inference.decode_timeout, prompt_tokens=tokens)
             return self._finish(response, started)
         finally:
             self.in_flight -= 1
@@ -155,11 +157,12 @@ class Router:
         return response
 
     async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
-                       role: str, timeout_s: float, strategy: str | None = None) -> web.StreamResponse:
+                       role: str, timeout_s: float, strategy: str | None = None,
+                       prompt_tokens: int = 0) -> web.StreamResponse:
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
-            chosen = await self._decide(role, hashes, tried, strategy)
+            chosen = await self._decide(role, hashes, tried, strategy, prompt_tokens)
             if chosen is None:
                 break
             backend, decision = chosen
@@ -167,8 +170,11 @@ class Router:
             if attempt:
                 self.metrics.retries.inc()
             self._log_decision(path, decision, len(hashes), role, attempt)
+            uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
+            if hashes:
+                self.metrics.prefix_blocks.observe(decision.prefix_blocks / len(hashes))
             try:
-                return await self._relay(request, backend, path, raw, timeout_s, started, hashes)
+                return await self._relay(request, backend, path, raw, timeout_s, started, hashes, uncached)
             except _BackendFailed as exc:
                 last = exc
                 log.warning("backend %s failed before answering (%s)%s", backend.url, exc.reason,
@@ -181,11 +187,23 @@ class Router:
         return _error(502 if last else 503, f"no backend could answer: {reason}")
 
     async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
-                     started: float, hashes: list[int]) -> web.StreamResponse:
-        """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte."""
+                     started: float, hashes: list[int], uncached: int = 0) -> web.StreamResponse:
+        """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte.
+        Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there."""
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         backend.in_flight += 1
+        backend.pending_tokens += uncached
+        backend.prefilling += 1
+        prefilling = True
+
+        def prefilled() -> None:
+            nonlocal prefilling
+            if prefilling:
+                prefilling = False
+                backend.pending_tokens -= uncached
+                backend.prefilling -= 1
+
         backend.breaker.dispatched()
         self.metrics.backend_requests.labels(backend.url, backend.role).inc()
         self.metrics.queue_time.observe(time.perf_counter() - started)
@@ -209,6 +227,7 @@ class Router:
                 try:
                     async for chunk in upstream.content.iter_any():
                         if first:
+                            prefilled()
                             await response.prepare(request)
                             self.metrics.ttft.observe(time.perf_counter() - started)
                             first = False
@@ -228,10 +247,11 @@ class Router:
                 backend.breaker.success()
                 return response
         finally:
+            prefilled()
             backend.in_flight -= 1
 
     async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
-                  started: float) -> web.StreamResponse:
+                  started: float, prompt_tokens: int = 0) -> web.StreamResponse:
         """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
@@ -242,12 +262,14 @@ class Router:
         failure = "no prefill engine"
         tried: list[str] = []
         for _ in range(self.config.router.retries + 1):
-            chosen = await self._decide("prefill", hashes, tried, "prefix-aware")
+            chosen = await self._decide("prefill", hashes, tried, "prefix-aware", prompt_tokens)
             if chosen is None:
                 break
             backend, decision = chosen
             tried.append(backend.url)
             self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1)
+            uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
+            backend.pending_tokens += uncached
             backend.in_flight += 1
             backend.breaker.dispatched()
             self.metrics.backend_requests.labels(backend.url, "prefill").inc()
@@ -272,6 +294,7 @@ class Router:
                 log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
             finally:
                 backend.in_flight -= 1
+                backend.pending_tokens -= uncached
         if params is None:
             self.metrics.errors.labels("prefill-failed").inc()
             if self.config.pd_separation.fallback == "error":

@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
-from aiohttp import web
-
-from fuyao import __version__, logs
+from fuyao import daemon
 
 from .config import ConfigError, EndpointConfig, KvCacheConfig, build_config, load_config_file
 from .discovery import follow_pods
@@ -26,20 +23,17 @@ log = logging.getLogger("kvcache")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuyao-kvcache",
-        description="Global KV-cache index fed by vLLM-compatible KV events (ZMQ), plus the shared KV block tier "
-                    "(LRU/LFU/FIFO, ttl, warming), over HTTP: POST /v1/lookup, /v1/blocks, /v1/blocks/lookup; "
-                    "GET /v1/endpoints, /metrics.",
-        epilog="Docs: docs/kv-cache.md")
-    p.add_argument("--version", action="version", version=f"fuyao-kvcache (fuyao {__version__})")
+    p = daemon.parser(
+        "fuyao-kvcache",
+        "Global KV-cache index fed by vLLM-compatible KV events (ZMQ), plus the shared KV block tier (LRU/LFU/FIFO, "
+        "ttl, warming), over HTTP: POST /v1/lookup, /v1/blocks, /v1/blocks/lookup; GET /v1/endpoints, /metrics.",
+        "docs/kv-cache.md")
     p.add_argument("--config", help="versioned YAML config (version: v1) with the kv_cache: section")
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8100)")
     p.add_argument("--kubeconfig", help="for engine discovery (kv_cache.events.discovery)")
     p.add_argument("--kv-events", action="append", default=[], metavar="NAME=URL[,REPLAY_URL]",
                    help="follow the KV events at URL (tcp://host:5557) of the engine NAME (its HTTP URL); "
                         "repeatable")
-    logs.add_arguments(p)
     return p
 
 
@@ -72,42 +66,22 @@ async def serve(config: KvCacheConfig) -> int:
     watch = None
     if config.kv_cache.events.discovery.enabled:
         watch = follow_pods(config.kubeconfig, config.kv_cache.events.discovery, service.subscriber)
-    runner = web.AppRunner(service.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    host, _, port = config.listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listen, exc)
-        await runner.cleanup()
-        service.subscriber.stop()
-        return 1
-    bound = site._server.sockets[0].getsockname() if site._server and site._server.sockets else (host, port)  # type: ignore[union-attr]
-    log.info("serving on http://%s:%s", bound[0], bound[1],
-             extra={"endpoints": len(config.kv_cache.events.endpoints),
-                    "tier": config.kv_cache.size, "policy": config.kv_cache.eviction_policy.value})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
+
+    def started(host: str, port: int) -> None:
+        log.info("serving on http://%s:%s", host, port,
+                 extra={"endpoints": len(config.kv_cache.events.endpoints), "tier": config.kv_cache.size,
+                        "policy": config.kv_cache.eviction_policy.value})
+
+    code = await daemon.serve_until_signal(service.app(), config.listen, log, started=started)
     if watch is not None:
         watch.stop()
-    await runner.cleanup()
     service.subscriber.stop()
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print(f"fuyao-kvcache: {exc}", file=sys.stderr)
-        sys.exit(2)
+    args = daemon.parse(build_parser(), argv)
+    config = daemon.config_or_exit("fuyao-kvcache", lambda: config_from_args(args))
     sys.exit(asyncio.run(serve(config)))
 
 

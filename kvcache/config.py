@@ -32,7 +32,7 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import Seconds, load_versioned_yaml, merged, validated
+from fuyao.config_files import HostPort, Seconds, load_versioned_yaml, merged, validated
 from fuyao.contracts import KvCachePolicy
 
 CONFIG_VERSION = "v1"
@@ -93,17 +93,9 @@ class KvCacheSection(_Section):
 
 class KvCacheConfig(_Section):
     version: Literal["v1"] = CONFIG_VERSION
-    listen: str = "127.0.0.1:8100"
+    listen: HostPort = "127.0.0.1:8100"
     kubeconfig: str | None = None
     kv_cache: KvCacheSection = KvCacheSection()
-
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("expected HOST:PORT")
-        return value
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> KvCacheConfig:

@@ -16,7 +16,7 @@ import time
 
 import orjson
 
-from fuyao import __version__, logs
+from fuyao import daemon
 from fuyao.kube_client import connect
 
 from . import cgroups
@@ -30,14 +30,12 @@ log = logging.getLogger("qos")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fuyao-qos-agent",
-        description="LS/BE colocation on one node: measures node and pod usage (psutil, pod cgroups), publishes "
-                    "kubernetes.io/batch-cpu / batch-memory and qos.openfuyao.com/usage on the Node, lowers BE "
-                    "pods' CPU weight, suppresses their CPU when LS usage is high and evicts them under memory "
-                    "pressure. LS pods are never throttled or evicted.",
-        epilog="Docs: docs/qos.md")
-    p.add_argument("--version", action="version", version=f"fuyao-qos-agent (fuyao {__version__})")
+    p = daemon.parser(
+        "fuyao-qos-agent",
+        "LS/BE colocation on one node: measures node and pod usage (psutil, pod cgroups), publishes "
+        "kubernetes.io/batch-cpu / batch-memory and qos.openfuyao.com/usage on the Node, lowers BE "
+        "pods' CPU weight, suppresses their CPU when LS usage is high and evicts them under memory "
+        "pressure. LS pods are never throttled or evicted.", "docs/qos.md")
     p.add_argument("--config", help="versioned YAML config (version: v1)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: env NODE_NAME)")
     p.add_argument("--cgroup-root", help="cgroup hierarchy (default /sys/fs/cgroup)")
@@ -49,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "JSON report, exit")
     p.add_argument("--dry-run", action="store_true", help="change nothing (no cgroup writes, no API writes)")
     p.add_argument("--sample-gap", type=float, default=1.0, help="seconds between the two samples of --once")
-    logs.add_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    if args.sample_gap <= 0:
+        raise ConfigError("sample-gap", "must be positive")
     file_values = load_config_file(args.config) if args.config else {}
     overrides = {"node_name": args.node_name, "cgroup_root": args.cgroup_root, "interval": args.interval,
                  "kubeconfig": args.kubeconfig, "metrics_address": args.metrics_address}
@@ -61,15 +60,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    try:
-        config = config_from_args(args)
-        if args.sample_gap <= 0:
-            raise ConfigError("sample-gap", "must be positive")
-    except ConfigError as exc:
-        print(f"fuyao-qos-agent: {exc}", file=sys.stderr)
-        sys.exit(2)
+    args = daemon.parse(build_parser(), argv)
+    config = daemon.config_or_exit("fuyao-qos-agent", lambda: config_from_args(args))
     try:
         layout = cgroups.detect(config.cgroup_root)
     except cgroups.CgroupError as exc:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import ConfigSection, load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, HostPort, load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
 
 CONFIG_VERSION = "v1"
@@ -90,7 +90,7 @@ class PluginSettings(ConfigSection):
 
 class ExtenderConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
-    listen: str = "127.0.0.1:8888"
+    listen: HostPort = "127.0.0.1:8888"
     tls: TlsSettings | None = None
     kubeconfig: str | None = None
     bind: bool = True
@@ -101,14 +101,6 @@ class ExtenderConfig(ConfigSection):
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
     plugins: PluginSettings = PluginSettings()
-
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("expected HOST:PORT")
-        return value
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExtenderConfig:

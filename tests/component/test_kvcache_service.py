@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 from kvcache.discovery import _Pods, source_of
 from kvcache.subscriber import Source
 from tests.support.engines import engine, kvcache
+from tests.support.polling import wait_for
 
 SHARED = "You are a helpful assistant. Answer in one short paragraph, citing sources. " * 4
-
-
-def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_the_index_follows_engines_and_answers_lookups() -> None:

@@ -22,29 +22,38 @@ def test_round_robin_and_least_connections() -> None:
 
 
 def test_intelligent_is_the_design_docs_health_score() -> None:
-    weights = IntelligentWeights()
+    weights = IntelligentWeights(queue_scale=32)
     idle = Candidate("http://idle")
     assert health_scores([idle], weights)["http://idle"] == pytest.approx(1.0)
     busy = Candidate("http://busy", waiting=16, running=32, kv_usage=0.5)
-    # 0.4*(1 - 16/32) + 0.3*(1 - 32/64) + 0.3*(1 - 0.5)
+    # 0.4*(1 - 16/32) + 0.3*(1 - 32/64) + 0.3*(1 - 0.5)   (queue relative to max(queue_scale, the most queued))
     assert health_scores([busy], weights)["http://busy"] == pytest.approx(0.4 * 0.5 + 0.3 * 0.5 + 0.3 * 0.5)
     fresh = Candidate("http://fresh", in_flight=40)  # the router's own count, before any scrape
     assert health_scores([fresh], weights)["http://fresh"] < 0.7
     assert choose("intelligent", [busy, idle, fresh], RoundRobin()).url == "http://idle"
 
 
-def test_prefix_aware_prefers_the_cached_prefix_but_not_a_hot_spot() -> None:
+def test_prefix_aware_estimates_the_time_to_first_token() -> None:
     w = PrefixWeights()
-    cached = Candidate("http://cached", in_flight=3, prefix_blocks=30)
+    cached = Candidate("http://cached", in_flight=3, prefix_blocks=30)  # 480 of 512 prompt tokens cached
     cold = Candidate("http://cold", in_flight=2)
-    assert choose("prefix-aware", [cached, cold], RoundRobin(), total_blocks=32, prefix=w).url == "http://cached"
-    hot = Candidate("http://cached", in_flight=20, prefix_blocks=30)  # 20 > 1.5 x 2 + 2: no prefix credit
-    decision = choose("prefix-aware", [hot, cold], RoundRobin(), total_blocks=32, prefix=w)
-    assert decision.url == "http://cold" and decision.scores["http://cached"] < decision.scores["http://cold"]
-    scores = prefix_scores([Candidate("http://x", prefix_blocks=8), Candidate("http://y", prefix_blocks=16)], 16, w)
-    assert scores["http://y"] - scores["http://x"] == pytest.approx(w.prefix_weight * 0.5)
+    decision = choose("prefix-aware", [cached, cold], RoundRobin(), total_blocks=32, prompt_tokens=512, prefix=w)
+    assert decision.url == "http://cached" and decision.prefix_blocks == 30
+    # work: cached 32 uncached + 3 x 24 decoding = 104; cold 512 + 2 x 24 = 560 → scores 1 - work / 560
+    assert decision.scores["http://cached"] == pytest.approx(1 - 104 / 560)
+    # a hot prefix: its engine already has 2,000 prefill tokens queued by the router → recomputing elsewhere wins
+    queued = Candidate("http://cached", in_flight=6, prefix_blocks=30, pending_tokens=2000, prefilling=4)
+    assert choose("prefix-aware", [queued, cold], RoundRobin(), total_blocks=32, prompt_tokens=512,
+                  prefix=w).url == "http://cold"
+    # many requests decoding there (they share every step): the same
+    crowded = Candidate("http://cached", in_flight=30, prefix_blocks=30)
+    assert choose("prefix-aware", [crowded, cold], RoundRobin(), total_blocks=32, prompt_tokens=512,
+                  prefix=w).url == "http://cold"
+    scores = prefix_scores([Candidate("http://x", prefix_blocks=8), Candidate("http://y", prefix_blocks=16)], 300,
+                           16, w)
+    assert scores["http://y"] > scores["http://x"]
     full = Candidate("http://full", kv_usage=0.9)
-    assert choose("prefix-aware", [full, Candidate("http://free")], RoundRobin(), total_blocks=0,
+    assert choose("prefix-aware", [full, Candidate("http://free")], RoundRobin(), prompt_tokens=100,
                   prefix=w).url == "http://free"
 
 

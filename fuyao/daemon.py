@@ -1,0 +1,81 @@
+"""What every fuyao daemon's entry point shares: the standard flags, config errors as exit code 2 naming the
+field, and serving an aiohttp app until SIGTERM/SIGINT (exit 1 when the address cannot be bound)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+
+from . import __version__, logs
+from .config_files import ConfigError
+
+T = TypeVar("T")
+
+
+def parser(prog: str, description: str, docs: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--version``; :func:`parse` adds the logging flags last."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=f"Docs: {docs}")
+    p.add_argument("--version", action="version", version=f"{prog} (fuyao {__version__})")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add ``--log-level`` / ``--log-format``, parse, configure logging."""
+    logs.add_arguments(p)
+    args = p.parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    return args
+
+
+def config_or_exit(prog: str, build: Callable[[], T]) -> T:
+    """``build()``, or exit 2 with the error naming the field."""
+    try:
+        return build()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+async def serve_until_signal(app: web.Application, listen: str, log: logging.Logger, *,
+                             ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
+                             shutdown_timeout: float = 1.0,
+                             started: Callable[[str, int], None] | None = None,
+                             stopping: Callable[[], Awaitable[None] | None] | None = None) -> int:
+    """Serve ``app`` on ``listen`` (HOST:PORT; port 0 picks one, ``started`` learns it) until SIGTERM or SIGINT;
+    ``stopping`` runs before the server stops accepting and drains (up to ``shutdown_timeout``). Returns the exit
+    code: 0, or 1 when the address cannot be bound."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=ssl_context, backlog=backlog)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", listen, exc)
+        await runner.cleanup()
+        return 1
+    server = site._server  # the bound address (port 0 → the one the kernel picked)
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname() if sockets else (host, int(port))
+    if started is not None:
+        started(str(bound[0]), int(bound[1]))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    if stopping is not None:
+        result = stopping()
+        if result is not None:
+            await result
+    await runner.cleanup()
+    return 0
