@@ -169,7 +169,6 @@ class Engine:
     def _plan(self, now: float) -> StepPlan:
         budget = self.settings.max_num_batched_tokens
         granted: list[tuple[Request, int]] = []
-        prefill = decodes = 0
         for request in list(self.running):
             if request not in self.running or budget <= 0:
                 continue
@@ -184,10 +183,6 @@ class Engine:
                 continue
             granted.append((request, want))
             budget -= want
-            if request.num_tokens - request.computed == 1:
-                decodes += 1
-            else:
-                prefill += want
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.settings.max_num_seqs:
                 break
@@ -212,11 +207,8 @@ class Engine:
             self.running.append(request)
             granted.append((request, want))
             budget -= want
-            if request.num_tokens - request.computed == 1:
-                decodes += 1
-            else:
-                prefill += want
-        return StepPlan(granted, prefill, decodes)
+        decoding = [n for r, n in granted if r.num_tokens - r.computed == 1]  # one token, the rest computed
+        return StepPlan(granted, sum(n for _, n in granted) - len(decoding), len(decoding))
 
     def _load(self, request: Request, target: int, now: float) -> bool:
         """KV that comes from elsewhere instead of being computed: the decode side of a P/D pair pulls the prompt

@@ -69,15 +69,9 @@ class KvIndex:
                     for h in event.block_hashes:
                         self.media[(h, endpoint)] = event.medium
             elif isinstance(event, BlockRemoved):
-                for h in event.block_hashes:
-                    mask = get(h)
-                    if mask is not None:
-                        mask &= keep
-                        if mask:
-                            blocks[h] = mask
-                        else:
-                            del blocks[h]
-                    if self.media:
+                self._unset(event.block_hashes, keep)
+                if self.media:
+                    for h in event.block_hashes:
                         self.media.pop((h, endpoint), None)
                 state.hashes.difference_update(event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
@@ -88,16 +82,7 @@ class KvIndex:
         state = self.endpoints.get(endpoint)
         if state is None:
             return 0
-        keep = ~(1 << state.bit)
-        blocks = self.blocks
-        for h in state.hashes:
-            mask = blocks.get(h)
-            if mask is not None:
-                mask &= keep
-                if mask:
-                    blocks[h] = mask
-                else:
-                    del blocks[h]
+        self._unset(state.hashes, ~(1 << state.bit))
         if self.media:
             for key in [k for k in self.media if k[1] == endpoint]:
                 del self.media[key]
@@ -107,6 +92,18 @@ class KvIndex:
             del self.endpoints[endpoint]
             del self._by_bit[state.bit]
         return count
+
+    def _unset(self, hashes: Iterable[int], keep: int) -> None:
+        """Clear an engine's bit (``keep`` is every other bit) on these blocks; blocks nobody holds go."""
+        blocks = self.blocks
+        for h in hashes:
+            mask = blocks.get(h)
+            if mask is not None:
+                mask &= keep
+                if mask:
+                    blocks[h] = mask
+                else:
+                    del blocks[h]
 
     # Lookups -----------------------------------------------------------------------------------------------------
     def hashes(self, token_ids: Sequence[int]) -> list[int]:
