@@ -98,10 +98,17 @@ class Router:
 
     # Choosing ----------------------------------------------------------------------------------------------------
     async def _decide(self, role: str, hashes: list[int], exclude: list[str], strategy: str | None = None,
-                      prompt_tokens: int = 0) -> tuple[Backend, Decision] | None:
+                      prompt_tokens: int = 0, near: str | None = None) -> tuple[Backend, Decision] | None:
         pool = self.fleet.pool(role, exclude)  # type: ignore[arg-type]
         if not pool:
             return None
+        if near is not None:
+            # decode next to its prefill (same node: the KV moves over the local interconnect) unless those
+            # engines are clearly busier than the rest
+            local = [b for b in pool if b.node == near]
+            least = min(b.candidate().load for b in pool)
+            if local and min(b.candidate().load for b in local) <= least + 2:
+                pool = local
         settings = self.config.router
         strategy = strategy or settings.strategy
         matches = await self.prefix.matches(hashes, self.session) if hashes and strategy == "prefix-aware" else {}
@@ -158,11 +165,11 @@ class Router:
 
     async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
                        role: str, timeout_s: float, strategy: str | None = None,
-                       prompt_tokens: int = 0) -> web.StreamResponse:
+                       prompt_tokens: int = 0, near: str | None = None) -> web.StreamResponse:
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
-            chosen = await self._decide(role, hashes, tried, strategy, prompt_tokens)
+            chosen = await self._decide(role, hashes, tried, strategy, prompt_tokens, near)
             if chosen is None:
                 break
             backend, decision = chosen
@@ -302,8 +309,9 @@ class Router:
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
         else:
             decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
+        near = self.fleet.backends[tried[-1]].node if params is not None and tried else None
         return await self._forward(request, path, decode_raw, [], started, "decode",
-                                   self.config.inference.decode_timeout, strategy="least-connections")
+                                   self.config.inference.decode_timeout, strategy="least-connections", near=near)
 
     def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
         if decisions_log.isEnabledFor(logging.INFO):

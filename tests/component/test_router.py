@@ -201,3 +201,20 @@ def test_flags_and_sigterm() -> None:
     finally:
         front.close()
         fake.close()
+
+
+def test_a_backend_process_that_dies_is_routed_around() -> None:
+    alive, dying = engine().start(), engine().start()
+    front = router("--backend", alive.url, "--backend", dying.url, "--strategy", "round-robin").start()
+    try:
+        dying.proc.kill()  # type: ignore[union-attr]
+        dying.proc.wait()  # type: ignore[union-attr]
+        statuses = [front.post("/v1/completions", {"prompt": "x", "max_tokens": 1})[0] for _ in range(10)]
+        assert statuses == [200] * 10  # connection refused → retried on the live engine before any byte
+        state = backends(front)[dying.url]
+        assert state["circuit"] == "open" or state["healthy"] is False
+        assert "inference_retries_total" in front.get("/metrics")[1]
+    finally:
+        front.close()
+        alive.close()
+        dying.close()

@@ -162,3 +162,24 @@ def test_discovery_from_service_endpointslice_and_pod_fixtures() -> None:
     assert found["http://[fd00::4]:8000"].role == "both"  # an invalid phase label: both, with a warning
     assert found["http://10.0.0.1:8000"].health_path == "/ready"
     assert found["http://10.0.0.1:8000"].health_interval == 3.0
+
+
+def test_decode_goes_next_to_its_prefill_unless_that_node_is_busier() -> None:
+    import asyncio
+
+    from inference_router.proxy import Router
+
+    config = build_config({"pd_separation": {"enabled": True, "prefill": ["http://p1:8000"],
+                                             "decode": ["http://d1:8000", "http://d2:8000"]}})
+    fleet = Fleet(config.router)
+    fleet.configure(config.router, {"http://p1:8000": "prefill", "http://d1:8000": "decode",
+                                    "http://d2:8000": "decode"})
+    fleet.backends["http://d1:8000"].node = "n1"
+    fleet.backends["http://d2:8000"].node = "n2"
+    router = Router(config, fleet, PrefixSource(config.kv_cache))
+    fleet.backends["http://d1:8000"].in_flight = 2  # a little busier than d2, but on the prefill's node
+    chosen = asyncio.run(router._decide("decode", [], [], "least-connections", near="n1"))
+    assert chosen is not None and chosen[0].url == "http://d1:8000"
+    fleet.backends["http://d1:8000"].in_flight = 9  # clearly busier: load wins
+    chosen = asyncio.run(router._decide("decode", [], [], "least-connections", near="n1"))
+    assert chosen is not None and chosen[0].url == "http://d2:8000"
