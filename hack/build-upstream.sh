@@ -6,7 +6,7 @@
 #
 # Usage: hack/build-upstream.sh [name...]
 #   names: etcd kube-apiserver kube-scheduler kube-controller-manager kubelet helm (default: all
-#          of these), kubectl, vc-scheduler (only when VOLCANO_VERSION is set; best effort).
+#          of these), kubectl, kwok, vc-scheduler (only when VOLCANO_VERSION is set; best effort).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -16,6 +16,7 @@ set -euo pipefail
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3 (its root package is main)
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"     # k8s.io/kubernetes; staging modules use v0.<minor>.<patch>
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"   # helm.sh/helm/v3 cmd/helm
+KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"     # sigs.k8s.io/kwok cmd/kwok (fake nodes for scale tests)
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -122,6 +123,7 @@ helm_ldflags() {
     "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$maj -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$min"
 }
 no_ldflags() { :; }
+kwok_ldflags() { echo "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"; }
 
 K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl)
 k8s_pkgs() { local c; for c in "${K8S_CMDS[@]}"; do echo "k8s.io/kubernetes/cmd/$c"; done; }
@@ -131,16 +133,20 @@ spec() {
   case $1 in
     etcd) echo "etcd go.etcd.io/etcd/server/v3 $ETCD_VERSION - go.etcd.io/etcd/server/v3 no_ldflags --version" ;;
     kube-apiserver | kube-scheduler | kube-controller-manager | kubelet | kubectl)
-      local s=v0.${K8S_VERSION#v1.}
-      echo "k8s k8s.io/kubernetes $K8S_VERSION $s k8s.io/kubernetes/cmd/$1 k8s_ldflags --version" ;;
+      local s=v0.${K8S_VERSION#v1.} varg=--version
+      [[ $1 == kubectl ]] && varg=version,--client  # kubectl has no --version flag
+      echo "k8s k8s.io/kubernetes $K8S_VERSION $s k8s.io/kubernetes/cmd/$1 k8s_ldflags $varg" ;;
     helm) echo "helm helm.sh/helm/v3 $HELM_VERSION - helm.sh/helm/v3/cmd/helm helm_ldflags version" ;;
+    kwok) echo "kwok sigs.k8s.io/kwok $KWOK_VERSION - sigs.k8s.io/kwok/cmd/kwok kwok_ldflags --version" ;;
     vc-scheduler) echo "volcano volcano.sh/volcano $VOLCANO_VERSION - volcano.sh/volcano/cmd/scheduler no_ldflags --version" ;;
     *) echo "build-upstream: unknown binary '$1'" >&2; return 1 ;;
   esac
 }
 
-runs_ok() { # BINARY VERSION-ARG
-  timeout 30 "$1" "$2" >/dev/null 2>&1
+runs_ok() { # BINARY VERSION-ARGS (comma-separated)
+  local -a args
+  IFS=, read -r -a args <<<"$2"
+  timeout 30 "$1" "${args[@]}" >/dev/null 2>&1
 }
 
 build() { # NAME
@@ -166,8 +172,10 @@ build() { # NAME
     flags="-s -w $($ldf)"
     echo "==> go build -ldflags '$flags' $pkg"
     nice -n "$BUILD_NICE" go build -p 1 -v -trimpath -ldflags "$flags" -o "$out.tmp" "$pkg"
-    echo "==> $out.tmp $varg"
-    timeout 30 "$out.tmp" "$varg"
+    echo "==> $out.tmp ${varg//,/ }"
+    local -a vargs
+    IFS=, read -r -a vargs <<<"$varg"
+    timeout 30 "$out.tmp" "${vargs[@]}"
     mv -f "$out.tmp" "$out"
   ) >"$log" 2>&1
   rc=$?

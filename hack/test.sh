@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Run fuyao's checks: creates .venv, installs .[test], builds (once, cached under ~/.cache/fuyao) the upstream
-# binaries the integration tests run (etcd, kube-apiserver, kube-scheduler), runs ruff and pytest. Extra args go to pytest.
+# binaries the integration and end-to-end tests run (etcd, kube-apiserver, kube-scheduler, kube-controller-manager,
+# kubelet, kubectl), installs the local cluster's Debian packages (containerd, runc, CNI plugins), runs ruff and
+# pytest. Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
 cd "$REPO_ROOT"
 echo "==> upstream binaries (cached after the first build: hack/build-upstream.sh)"
-bash hack/build-upstream.sh etcd kube-apiserver kube-scheduler
+bash hack/build-upstream.sh etcd kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl
+source "$REPO_ROOT/hack/lib/cluster-deps.sh"
+ensure_cluster_deps
 echo "==> ruff check"
 ruff check .
 echo "==> pytest"

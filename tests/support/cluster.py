@@ -1,0 +1,342 @@
+"""A real single-node Kubernetes cluster on this machine without Docker, for end-to-end tests and the demo.
+
+Upstream binaries built from source (``hack/build-upstream.sh``): etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler (configured with fuyao's extender), a kubelet; containerd and runc from Debian. Around them,
+fuyao's device plugin on the fake npu-smi (device nodes ``davinci*`` made with ``mknod`` under a harness dev root)
+and the scheduler extender. Facts this relies on (checked on the project's machines, see
+``../shared/reference/local-cluster-notes.md``):
+
+- Images come from docker-archive tars imported with ``ctr`` (``tests.support.images``); pods use
+  ``imagePullPolicy: Never``.
+- containerd runs inside a network namespace the harness creates (``ip netns add``), entered with ``nsenter --net``
+  only (``ip netns exec`` would remount /sys and hide the cgroup mounts from runc), so the CNI bridge, its veths
+  and pod addresses (10.244.0.0/24) live there and never touch the host's network. The kubelet talks to containerd
+  over its unix socket.
+- AppArmor is disabled in containerd's CRI config (runc's init fails on this kernel with the default profile).
+- The kubelet: cgroupfs driver, ``failCgroupV1: false`` (cgroup v1 is mounted), swap allowed, its server on
+  loopback with anonymous access (development only; ``kubectl logs`` therefore does not reach it — container logs
+  are read from ``<state>/pod-logs``). Its device-plugin directory is the API's constant
+  ``/var/lib/kubelet/device-plugins``.
+
+State lives under one directory; ``state.json`` records every process started (pid, name, log), so
+``hack/local-down.sh`` (``python -m tests.support.cluster down``) stops exactly those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .apiserver import LocalApiServer, binary, free_port
+from .images import PAUSE_IMAGE, build_busybox, build_pause
+
+REPO = Path(__file__).resolve().parents[2]
+NODE = "fuyao-node"
+POD_SUBNET = "10.244.0.0/24"
+DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
+"""The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
+
+
+class LocalCluster:
+    def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8"):
+        self.dir = Path(state_dir)
+        self.node = node
+        self.preset = preset
+        self.netns = f"fuyao-{os.getpid()}"
+        self.procs: list[dict[str, Any]] = []
+        self.api: LocalApiServer | None = None
+        self.extender_url = ""
+
+    # Helpers -----------------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
+               netns: bool = False) -> subprocess.Popen[bytes]:
+        if netns:
+            command = ["nsenter", f"--net=/var/run/netns/{self.netns}", *command]
+        log_path = self.dir / "logs" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        self.procs = [p for p in self.procs if p["name"] != name]
+        self.procs.append({"name": name, "pid": proc.pid, "log": str(log_path), "command": command,
+                           "env": env or {}})
+        self._save()
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Stop one component (tests: a crashing device plugin, a restarting kubelet)."""
+        record = next(p for p in self.procs if p["name"] == name)
+        _kill(record["pid"], sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(record["pid"], os.WNOHANG)
+                os.kill(record["pid"], 0)
+            except (ProcessLookupError, ChildProcessError):
+                return
+            time.sleep(0.1)
+        _kill(record["pid"], signal.SIGKILL)
+
+    def start(self, name: str) -> None:
+        """Start a stopped component again, as it was started."""
+        record = next(p for p in self.procs if p["name"] == name)
+        self._spawn(name, record["command"], record["env"])
+
+    def fake_npu_smi(self, *args: str) -> str:
+        return subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), *args], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")}).stdout
+
+    def node_json(self) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", "node", self.node, "-o", "json"))  # type: ignore[no-any-return]
+
+    def pod_log(self, namespace: str, pod: str, container: str = "main") -> str:
+        """A container's log, from the kubelet's log directory (its server is loopback-only)."""
+        found = sorted((self.dir / "pod-logs").glob(f"{namespace}_{pod}_*/{container}/*.log"))
+        return "".join(p.read_text(errors="replace") for p in found)
+
+    def _save(self) -> None:
+        state = {"procs": self.procs, "netns": self.netns, "node": self.node,
+                 "api_root": str(self.api.root) if self.api else None, "extender": self.extender_url,
+                 "kubeconfig": str(self.dir / "admin.kubeconfig")}
+        (self.dir / "state.json").write_text(json.dumps(state, indent=2))
+
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run([binary("kubectl"), "--kubeconfig", str(self.dir / "admin.kubeconfig"), *args],
+                                capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    @staticmethod
+    def _wait(what: str, predicate: Any, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.25)
+        raise RuntimeError(f"timed out waiting for {what}")
+
+    # Bring-up --------------------------------------------------------------------------------------------------
+    def up(self) -> LocalCluster:
+        started = time.monotonic()
+        if (self.dir / "state.json").exists():
+            down(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.dir / "logs").mkdir(parents=True)
+        for tool in ("containerd", "runc", "ctr", "nsenter", "ip"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is missing: apt-get install containerd runc util-linux iproute2 "
+                                   "containernetworking-plugins busybox-static gcc")
+        self.api = LocalApiServer(users={f"system:node:{self.node}": ["system:nodes"]},
+                                  extra_args=("--kubelet-preferred-address-types=InternalIP",)).start()
+        shutil.copy(self.api.kubeconfig_for("admin"), self.dir / "admin.kubeconfig")
+        self._controller_manager()
+        self._containerd()
+        self._device_plugin()
+        self._kubelet()
+        self._extender_and_scheduler()
+        self._wait("the node to be Ready with NPUs", lambda: self._node_ready(), timeout=90)
+        (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
+        return self
+
+    def _controller_manager(self) -> None:
+        assert self.api is not None
+        self._spawn("kube-controller-manager", [
+            binary("kube-controller-manager"), f"--kubeconfig={self.dir / 'admin.kubeconfig'}",
+            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
+            f"--service-account-private-key-file={self.api.root / 'sa.key'}",
+            f"--root-ca-file={self.api.root / 'certs' / 'apiserver.crt'}", "--use-service-account-credentials=false",
+            "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle", "--v=1"])
+
+    def _containerd(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+        base = self.dir / "containerd"
+        (base / "net.d").mkdir(parents=True)
+        (base / "net.d" / "10-fuyao.conflist").write_text(json.dumps({
+            "cniVersion": "0.4.0", "name": "fuyao-pods", "plugins": [
+                {"type": "bridge", "bridge": "fuyao0", "isGateway": True, "ipMasq": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                          "dataDir": str(base / "ipam")}},
+                {"type": "loopback"}]}))
+        cni_bin = next((d for d in ("/usr/lib/cni", "/opt/cni/bin") if Path(d, "bridge").exists()), None)
+        if cni_bin is None:
+            raise RuntimeError("CNI plugins missing: apt-get install containernetworking-plugins")
+        (base / "config.toml").write_text(f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+[grpc]
+  address = "{base / 'containerd.sock'}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{base / 'net.d'}"
+""")
+        self._spawn("containerd", ["containerd", "--config", str(base / "config.toml")], netns=True)
+        sock = base / "containerd.sock"
+        self._wait("containerd", sock.exists, timeout=30)
+        images = self.dir / "images"
+        images.mkdir()
+        for archive in (build_pause(images), build_busybox(images)):
+            subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(archive)],
+                           check=True, capture_output=True, timeout=120)
+
+    def _device_plugin(self) -> None:
+        state = self.dir / "npu.json"
+        env = {"FAKE_NPU_SMI_STATE": str(state)}
+        subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), "fake", "init", "--preset", self.preset],
+                       check=True, capture_output=True, env={**os.environ, **env})
+        dev = self.dir / "dev"
+        dev.mkdir()
+        for name in [f"davinci{i}" for i in range(16)] + ["davinci_manager", "devmm_svm", "hisi_hdc"]:
+            os.mknod(dev / name, 0o666 | 0o020000, os.makedev(1, 3))  # a char device with /dev/null's numbers
+        kubelet_root = self.dir / "kubelet"
+        DEVICE_PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+        self._spawn("fuyao-device-plugin", [
+            sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(REPO / "hack" / "fake-npu-smi"),
+            "--device-plugin-dir", str(DEVICE_PLUGIN_DIR), "--dev-root", str(dev),
+            "--node-name", self.node, "--kubeconfig", str(self.dir / "admin.kubeconfig"),
+            "--pod-resources-socket", str(kubelet_root / "pod-resources" / "kubelet.sock"),
+            "--vnpu-ledger", str(self.dir / "vnpu-ledger.json"), "--metrics-address", "127.0.0.1:0",
+            "--health-interval", "1s"], env=env)
+
+    def _kubelet(self) -> None:
+        assert self.api is not None
+        port, healthz = free_port(), free_port()
+        config = self.dir / "kubelet.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
+            "authorization": {"mode": "AlwaysAllow"}, "address": "127.0.0.1", "port": port, "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": healthz, "cgroupDriver": "cgroupfs",
+            "cgroupsPerQOS": False, "enforceNodeAllocatable": [], "failSwapOn": False, "failCgroupV1": False,
+            "resolvConf": "", "containerRuntimeEndpoint": f"unix://{self.dir / 'containerd' / 'containerd.sock'}",
+            "imageGCHighThresholdPercent": 100, "evictionHard": {}, "serializeImagePulls": False,
+            "podLogsDir": str(self.dir / "pod-logs")}))
+        self._spawn("kubelet", [
+            binary("kubelet"), f"--config={config}",
+            f"--kubeconfig={self.api.kubeconfig_for(f'system:node:{self.node}')}",
+            f"--root-dir={self.dir / 'kubelet'}", f"--hostname-override={self.node}", "--v=1"])
+        self.kubectl("create", "clusterrolebinding", "fuyao-kubelet", "--clusterrole=system:node",
+                     f"--user=system:node:{self.node}")
+
+    def _extender_and_scheduler(self) -> None:
+        assert self.api is not None
+        port = free_port()
+        self.extender_url = f"http://127.0.0.1:{port}"
+        self._spawn("fuyao-scheduler-extender", [
+            sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
+            "--kubeconfig", str(self.dir / "admin.kubeconfig")])
+        example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
+        example["clientConnection"]["kubeconfig"] = str(self.dir / "admin.kubeconfig")
+        example["leaderElection"]["leaderElect"] = False
+        example["extenders"][0]["urlPrefix"] = self.extender_url
+        config = self.dir / "kube-scheduler.yaml"
+        config.write_text(yaml.safe_dump(example))
+        self._spawn("kube-scheduler", [binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=1"])
+
+    def _node_ready(self) -> bool:
+        try:
+            node = json.loads(self.kubectl("get", "node", self.node, "-o", "json", check=True))
+        except RuntimeError:
+            return False
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+        return ready and int(node["status"].get("allocatable", {}).get("npu.huawei.com/NPU", "0")) > 0
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def down(state_dir: str | Path = "/tmp/fuyao-cluster") -> None:
+    """Stop everything ``up`` started: the pods' containers (through containerd), the recorded processes, the API
+    server and etcd, the network namespaces (the harness's and its pods'), mounts under the state directory."""
+    root = Path(state_dir)
+    path = root / "state.json"
+    if not path.exists():
+        return
+    state = json.loads(path.read_text())
+    sock = root / "containerd" / "containerd.sock"
+    if sock.exists():  # containers first: they outlive their shim otherwise
+        ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
+        tasks = subprocess.run([*ctr, "tasks", "ls", "-q"], capture_output=True, text=True, timeout=30).stdout
+        for task in tasks.split():
+            subprocess.run([*ctr, "tasks", "kill", "-s", "SIGKILL", task], capture_output=True, timeout=30)
+    for proc in reversed(state.get("procs", [])):
+        _kill(proc["pid"], signal.SIGTERM)
+    patterns = [f"containerd-shim-runc-v2.*{root}"]
+    if state.get("api_root"):
+        patterns += [f"kube-apiserver.*{state['api_root']}", f"etcd.*{state['api_root']}"]
+    for pattern in patterns:
+        subprocess.run(["pkill", "-f", pattern], capture_output=True)
+    deadline = time.monotonic() + 10
+    for proc in state.get("procs", []):
+        while time.monotonic() < deadline:
+            try:
+                os.kill(proc["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            _kill(proc["pid"], signal.SIGKILL)
+    for pattern in patterns:
+        subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for name in netns:
+        if name == state.get("netns") or name.startswith("cni-"):  # ours, and our pods' (containerd's CNI)
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
+        target = mount.split()[1]
+        if target.startswith(str(root)) or target.startswith(str(DEVICE_PLUGIN_DIR)):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+    path.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.cluster",
+                                     description="A local single-node Kubernetes cluster with fuyao (hack/local-up.sh)")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--state-dir", default="/tmp/fuyao-cluster")
+    parser.add_argument("--preset", default="910b4-8", help="the fake npu-smi preset of the node")
+    args = parser.parse_args(argv)
+    if args.action == "down":
+        down(args.state_dir)
+        print(f"stopped the cluster in {args.state_dir}")
+        return
+    cluster = LocalCluster(args.state_dir, preset=args.preset)
+    try:
+        cluster.up()
+    except Exception:
+        down(args.state_dir)
+        raise
+    print(f"cluster up in {(Path(args.state_dir) / 'up-seconds').read_text().strip()} s\n"
+          f"  export KUBECONFIG={args.state_dir}/admin.kubeconfig\n"
+          f"  kubectl get nodes   ({binary('kubectl')})\n"
+          f"  logs: {args.state_dir}/logs/   stop: hack/local-down.sh")
+
+
+if __name__ == "__main__":
+    main()
