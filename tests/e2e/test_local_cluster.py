@@ -133,3 +133,19 @@ def test_device_plugin_and_kubelet_restarts(cluster: LocalCluster) -> None:
     survivor = pod(cluster, "survivor")
     assert survivor["status"]["phase"] == "Running"
     assert survivor["status"]["containerStatuses"][0]["state"]["running"]["startedAt"] == started  # not disturbed
+
+
+def test_the_qos_agent_publishes_batch_resources_that_be_pods_use(cluster: LocalCluster) -> None:
+    from fuyao.contracts import ANNOTATION_NODE_USAGE, NodeUsage
+
+    node = wait_for(lambda: (n := cluster.node_json())["status"]["capacity"].get("kubernetes.io/batch-cpu") and n, 60,
+                    "kubernetes.io/batch-cpu on the node")
+    assert int(node["status"]["allocatable"]["kubernetes.io/batch-memory"]) > 0
+    usage = wait_for(lambda: cluster.node_json()["metadata"].get("annotations", {}).get(ANNOTATION_NODE_USAGE), 60,
+                     "the usage annotation")
+    assert parse_annotation(ANNOTATION_NODE_USAGE, usage, NodeUsage).memory_capacity_bytes > 0
+    manifest = json.loads(pod_manifest("batch-job", labels={"volcano.sh/qos": "BE"}))
+    manifest["spec"]["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "100",
+                                                                 "kubernetes.io/batch-memory": str(64 * 2**20)}}
+    apply(cluster, json.dumps(manifest))
+    wait_for(lambda: pod(cluster, "batch-job")["status"].get("phase") == "Running", 60, "the BE pod Running")

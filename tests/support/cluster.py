@@ -2,9 +2,9 @@
 
 Upstream binaries built from source (``hack/build-upstream.sh``): etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler (configured with fuyao's extender), a kubelet; containerd and runc from Debian. Around them,
-fuyao's device plugin on the fake npu-smi (device nodes ``davinci*`` made with ``mknod`` under a harness dev root)
-and the scheduler extender. Facts this relies on (checked on the project's machines, see
-``../shared/reference/local-cluster-notes.md``):
+fuyao's device plugin on the fake npu-smi (device nodes ``davinci*`` made with ``mknod`` under a harness dev root),
+the scheduler extender and the QoS agent (on the host's cgroups: the kubelet's ``kubepods`` tree). Facts this
+relies on (checked on the project's machines, see ``../shared/reference/local-cluster-notes.md``):
 
 - Images come from docker-archive tars imported with ``ctr`` (``tests.support.images``); pods use
   ``imagePullPolicy: Never``.
@@ -13,7 +13,8 @@ and the scheduler extender. Facts this relies on (checked on the project's machi
   and pod addresses (10.244.0.0/24) live there and never touch the host's network. The kubelet talks to containerd
   over its unix socket.
 - AppArmor is disabled in containerd's CRI config (runc's init fails on this kernel with the default profile).
-- The kubelet: cgroupfs driver, ``failCgroupV1: false`` (cgroup v1 is mounted), swap allowed, its server on
+- The kubelet: cgroupfs driver, per-QoS cgroups (``kubepods``, for the QoS agent), ``failCgroupV1: false``
+  (cgroup v1 is mounted), swap allowed, its server on
   loopback with anonymous access (development only; ``kubectl logs`` therefore does not reach it — container logs
   are read from ``<state>/pod-logs``). Its device-plugin directory is the API's constant
   ``/var/lib/kubelet/device-plugins``.
@@ -147,6 +148,7 @@ class LocalCluster:
         self._device_plugin()
         self._kubelet()
         self._extender_and_scheduler()
+        self._qos_agent()
         self._wait("the node to be Ready with NPUs", lambda: self._node_ready(), timeout=90)
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
         return self
@@ -231,7 +233,7 @@ state = "{base / 'state'}"
             "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
             "authorization": {"mode": "AlwaysAllow"}, "address": "127.0.0.1", "port": port, "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1", "healthzPort": healthz, "cgroupDriver": "cgroupfs",
-            "cgroupsPerQOS": False, "enforceNodeAllocatable": [], "failSwapOn": False, "failCgroupV1": False,
+            "cgroupsPerQOS": True, "enforceNodeAllocatable": ["pods"], "failSwapOn": False, "failCgroupV1": False,
             "resolvConf": "", "containerRuntimeEndpoint": f"unix://{self.dir / 'containerd' / 'containerd.sock'}",
             "imageGCHighThresholdPercent": 100, "evictionHard": {}, "serializeImagePulls": False,
             "podLogsDir": str(self.dir / "pod-logs")}))
@@ -257,6 +259,12 @@ state = "{base / 'state'}"
         config.write_text(yaml.safe_dump(example))
         self._spawn("kube-scheduler", [binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=1"])
 
+    def _qos_agent(self) -> None:
+        self._spawn("fuyao-qos-agent", [
+            sys.executable, "-m", "qos.cli", "--node-name", self.node, "--kubeconfig",
+            str(self.dir / "admin.kubeconfig"), "--cgroup-root", "/sys/fs/cgroup", "--interval", "2s",
+            "--metrics-address", ""])
+
     def _node_ready(self) -> bool:
         try:
             node = json.loads(self.kubectl("get", "node", self.node, "-o", "json", check=True))
@@ -264,6 +272,18 @@ state = "{base / 'state'}"
             return False
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
         return ready and int(node["status"].get("allocatable", {}).get("npu.huawei.com/NPU", "0")) > 0
+
+
+def _remove_kubepods_cgroups(root: Path = Path("/sys/fs/cgroup")) -> None:
+    """The kubelet leaves its (empty) kubepods cgroups behind: remove them, deepest first."""
+    for top in [*root.glob("*/kubepods"), root / "kubepods"]:
+        if not top.is_dir():
+            continue
+        for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -308,6 +328,7 @@ def down(state_dir: str | Path = "/tmp/fuyao-cluster") -> None:
     for name in netns:
         if name == state.get("netns") or name.startswith("cni-"):  # ours, and our pods' (containerd's CNI)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    _remove_kubepods_cgroups()
     for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
         target = mount.split()[1]
         if target.startswith(str(root)) or target.startswith(str(DEVICE_PLUGIN_DIR)):
