@@ -149,3 +149,23 @@ def test_the_qos_agent_publishes_batch_resources_that_be_pods_use(cluster: Local
                                                                  "kubernetes.io/batch-memory": str(64 * 2**20)}}
     apply(cluster, json.dumps(manifest))
     wait_for(lambda: pod(cluster, "batch-job")["status"].get("phase") == "Running", 60, "the BE pod Running")
+
+
+def test_static_vnpus_from_a_config_are_advertised_and_used(cluster: LocalCluster) -> None:
+    config = cluster.dir / "vnpu-config.json"
+    config.write_text(json.dumps({"devices": [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "8GB"}]}))
+    cluster.stop("fuyao-device-plugin")
+    cluster.start("fuyao-device-plugin", ("--vnpu-config", str(config)))
+    wait_for(lambda: int(cluster.node_json()["status"]["allocatable"].get("npu.huawei.com/vNPU", "0")) == 4, 90,
+             "4 vNPU slices on the node")
+    assert npus(cluster) == 7  # the carved die is no longer a whole NPU
+    manifest = json.loads(pod_manifest("vnpu-pod", command="echo ASCEND_VNPU_SPECS=$ASCEND_VNPU_SPECS "
+                                                          "ASCEND_VISIBLE_DEVICES=$ASCEND_VISIBLE_DEVICES; sleep 3600"))
+    manifest["spec"]["containers"][0]["resources"] = {"limits": {"npu.huawei.com/vNPU": "1"}}
+    apply(cluster, json.dumps(manifest))
+    wait_for(lambda: pod(cluster, "vnpu-pod")["status"].get("phase") == "Running", 60, "the vNPU pod Running")
+    log = wait_for(lambda: "ASCEND_VNPU_SPECS=" in (text := cluster.pod_log("default", "vnpu-pod")) and text, 30,
+                   "the vNPU pod's log")
+    # a vNPU is visible by its vNPU id (physical id x 16 + 100 + k: 100..103 on die 0), Ascend's convention
+    assert "ASCEND_VNPU_SPECS=vir05_1c_8g" in log
+    assert log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0] in {"100", "101", "102", "103"}

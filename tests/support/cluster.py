@@ -88,10 +88,10 @@ class LocalCluster:
             time.sleep(0.1)
         _kill(record["pid"], signal.SIGKILL)
 
-    def start(self, name: str) -> None:
-        """Start a stopped component again, as it was started."""
+    def start(self, name: str, extra_args: tuple[str, ...] = ()) -> None:
+        """Start a stopped component again, as it was started (plus ``extra_args``, kept for later restarts)."""
         record = next(p for p in self.procs if p["name"] == name)
-        self._spawn(name, record["command"], record["env"])
+        self._spawn(name, [*record["command"], *extra_args], record["env"])
 
     def fake_npu_smi(self, *args: str) -> str:
         return subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), *args], check=True,
