@@ -41,6 +41,7 @@ import yaml
 
 from .apiserver import LocalApiServer, binary, free_port
 from .images import PAUSE_IMAGE, build_busybox, build_pause
+from .polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "fuyao-node"
@@ -119,16 +120,6 @@ class LocalCluster:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
-    @staticmethod
-    def _wait(what: str, predicate: Any, timeout: float = 60.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.25)
-        raise RuntimeError(f"timed out waiting for {what}")
-
     # Bring-up --------------------------------------------------------------------------------------------------
     def up(self) -> LocalCluster:
         started = time.monotonic()
@@ -149,7 +140,7 @@ class LocalCluster:
         self._kubelet()
         self._extender_and_scheduler()
         self._qos_agent()
-        self._wait("the node to be Ready with NPUs", lambda: self._node_ready(), timeout=90)
+        wait_for(self._node_ready, 90, "the node to be Ready with NPUs")
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
         return self
 
@@ -198,7 +189,7 @@ state = "{base / 'state'}"
 """)
         self._spawn("containerd", ["containerd", "--config", str(base / "config.toml")], netns=True)
         sock = base / "containerd.sock"
-        self._wait("containerd", sock.exists, timeout=30)
+        wait_for(sock.exists, 30, "containerd")
         images = self.dir / "images"
         images.mkdir()
         for archive in (build_pause(images), build_busybox(images)):
