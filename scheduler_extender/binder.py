@@ -121,8 +121,9 @@ class Binder:
                                                        annotations=annotations),
                                  target=V1ObjectReference(api_version="v1", kind="Node", name=args.node))
                 # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
-                self.api.create_namespaced_pod_binding(args.pod_name, args.pod_namespace, body,
-                                                       _preload_content=False, _request_timeout=5)
+                response = self.api.create_namespaced_pod_binding(args.pod_name, args.pod_namespace, body,
+                                                                  _preload_content=False, _request_timeout=5)
+                response.release_conn()  # an unread response keeps its connection out of the pool
             except ApiException as exc:
                 what = "the pod changed meanwhile (409)" if exc.status == 409 else f"{exc.status} {exc.reason}"
                 log.warning("bind of %s to %s failed: %s", pod.key, args.node, what)
