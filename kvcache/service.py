@@ -44,7 +44,6 @@ class KvCacheService:
                                settings.eviction_policy, settings.ttl) if settings.size > 0 else None
         self.metrics = KvCacheMetrics(self)
         self.subscriber = Subscriber(self.index, on_batch=self.metrics.batch)
-        self.lookups = {"requests": 0, "hits": 0}
 
     def warm(self) -> int:
         """Prefill the tier with the configured queries' blocks (once, at start)."""

@@ -42,13 +42,11 @@ class ClusterCache:
         self.synced = {"nodes": False, "pods": False}
         self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
         self.relists = {"nodes": 0, "pods": 0}
-        self.generation = 0  # grows on every change
 
     # Updates (from the watch) ------------------------------------------------------------------------------------
     def replace_nodes(self, items: Iterable[dict[str, Any]]) -> None:
         parsed = [parse_node(n) for n in items]
         with self.lock:
-            self.generation += 1
             gone = set(self._nodes) - {n.name for n in parsed}
             self._nodes = {n.name: n for n in parsed}
             for name in gone:
@@ -60,21 +58,18 @@ class ClusterCache:
     def upsert_node(self, obj: dict[str, Any]) -> None:
         info = parse_node(obj)
         with self.lock:
-            self.generation += 1
             self._nodes[info.name] = info
             self._touch(info.name)
 
     def delete_node(self, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name", "")
         with self.lock:
-            self.generation += 1
             self._nodes.pop(name, None)
             self._forget_node(name)
 
     def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
         parsed = [parse_pod(item) for item in items]
         with self.lock:
-            self.generation += 1
             self._pods.clear()
             self._by_node.clear()
             self.pd.clear()
@@ -89,7 +84,6 @@ class ClusterCache:
     def upsert_pod(self, obj: dict[str, Any]) -> None:
         pod = parse_pod(obj)
         with self.lock:
-            self.generation += 1
             touched = set()
             old = self._pods.get(pod.uid)
             if old is not None:
@@ -109,7 +103,6 @@ class ClusterCache:
     def delete_pod(self, obj: dict[str, Any]) -> None:
         uid = (obj.get("metadata") or {}).get("uid", "")
         with self.lock:
-            self.generation += 1
             old = self._pods.pop(uid, None)
             if old is not None:
                 self._drop_pod(old)
@@ -153,7 +146,6 @@ class ClusterCache:
             known = self._pods.get(pod.uid)
             if known is not None and known.node_name:
                 return  # the watch was faster than our bookkeeping
-            self.generation += 1
             previous = self._assumed.pop(pod.uid, None)
             self._assumed[pod.uid] = (pod, time.monotonic())
             self.pd.add(pod)
@@ -173,7 +165,6 @@ class ClusterCache:
             for uid, (pod, at) in list(self._assumed.items()):
                 if now - at > ASSUME_TTL_S:
                     del self._assumed[uid]
-                    self.generation += 1
                     self.pd.remove(pod)
                     if pod.node_name:
                         self._touch(pod.node_name)
