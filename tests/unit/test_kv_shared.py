@@ -18,7 +18,7 @@ def test_tokenizer_is_deterministic_prefix_stable_and_round_trips() -> None:
     assert tokenizer.decode(ids) == text
     assert tokenizer.encode(text + " More words")[: len(ids)] == ids  # a prefix ending at a piece boundary
     assert tokenizer.encode("hi", add_special_tokens=True) == [tokenizer.BOS_ID, *tokenizer.encode("hi")]
-    assert 3 < len(text) / len(ids) < 6 or len(ids) > 10
+    assert 3 < len(text) / len(ids) < 6  # a few characters per token, like real tokenizers
     chat = tokenizer.render_chat([{"role": "system", "content": "Be brief."},
                                   {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
     assert chat == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
