@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +51,7 @@ def populate(server: LocalApiServer, nodes: int) -> None:
 
 def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dict[str, float]:
     extender = None
+    port = 0
     config = {"apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration",
               "clientConnection": {"kubeconfig": server.kubeconfig_for("admin"), "qps": 500, "burst": 1000},
               "leaderElection": {"leaderElect": False}}
@@ -90,22 +94,122 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dic
                 "name": "main", "image": "fuyao.local/busybox:1",
                 "resources": {"limits": {"npu.huawei.com/NPU": "1", "cpu": "100m", "memory": "64Mi"}}}]}})
 
+    counter = BoundCounter(api, namespace, pods)
+    processes = {"etcd": server.procs[0].pid, "kube-apiserver": server.procs[1].pid,
+                 "kube-scheduler": scheduler.pid, **({"extender": extender.pid} if extender else {})}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     started = time.monotonic()
     creator = threading.Thread(target=lambda: list(ThreadPoolExecutor(8).map(create, range(pods))))
     creator.start()
-    bound = 0
-    while time.monotonic() - started < 1800:
-        items = api.list_namespaced_pod(namespace, field_selector="spec.nodeName!=", _request_timeout=60).items
-        bound = len(items)
-        if bound >= pods:
-            break
-        time.sleep(1)
-    elapsed = time.monotonic() - started
+    counter.done.wait(1800)
+    elapsed = (counter.last_bound or time.monotonic()) - started
+    bound = len(counter.bound)
+    cpu = {name: round(1000 * (cpu_seconds(pid) - cpu_before[name]) / max(bound, 1), 2)
+           for name, pid in processes.items()}
     creator.join()
     scheduler.terminate()
+    result: dict[str, Any] = {"pods": pods, "bound": bound, "seconds": round(elapsed, 1),
+                              "pods_per_s": round(bound / elapsed, 1), "cpu_ms_per_pod": cpu}
     if extender is not None:
+        result["extender_calls"] = extender_calls(port)
         extender.terminate()
-    return {"pods": pods, "bound": bound, "seconds": round(elapsed, 1), "pods_per_s": round(bound / elapsed, 1)}
+    counter.stop()
+    # free the NPUs for the next run: no kubelet runs here, so pods go at once with grace period 0
+    api.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _request_timeout=120)
+    while api.list_namespaced_pod(namespace, limit=1, _request_timeout=60).items:
+        time.sleep(0.5)
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (this machine has 2 cores: the figure is CPU-bound)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BoundCounter:
+    """Counts the pods of a namespace that have a node, from a watch (raw JSON lines: polling lists of thousands
+    of pods would cost the API server and this process more CPU than the scheduler under test). The API server
+    closes a watch whose reader falls behind: then list once and watch again from there."""
+
+    def __init__(self, api: Any, namespace: str, want: int):
+        self.api, self.namespace = api, namespace
+        self.bound: set[str] = set()
+        self.last_bound: float | None = None
+        self.done = threading.Event()
+        self._want = want
+        self._stopped = False
+        self._response: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _count(self, obj: dict[str, Any]) -> None:
+        if (obj.get("spec") or {}).get("nodeName") and obj["metadata"]["name"] not in self.bound:
+            self.bound.add(obj["metadata"]["name"])
+            self.last_bound = time.monotonic()
+            if len(self.bound) >= self._want:
+                self.done.set()
+
+    def _run(self) -> None:
+        while not self._stopped and not self.done.is_set():
+            try:
+                listed = orjson.loads(self.api.list_namespaced_pod(self.namespace, _preload_content=False).data)
+                for item in listed["items"]:
+                    self._count(item)
+                self._response = self.api.list_namespaced_pod(
+                    self.namespace, watch=True, resource_version=listed["metadata"]["resourceVersion"],
+                    timeout_seconds=1800, _preload_content=False)
+                for line in self._lines():
+                    event = orjson.loads(line)
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self._count(event.get("object") or {})
+                    if self.done.is_set():
+                        return
+            except Exception as exc:
+                if not self._stopped:
+                    print(f"watch of bound pods: {type(exc).__name__}: {exc}; again", file=sys.stderr)
+                    time.sleep(0.5)
+
+    def _lines(self) -> Any:
+        buffer = b""
+        for chunk in self._response.stream(65536):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            yield from (line for line in lines if line.strip())
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._response is not None:
+            self._response.close()
+
+
+def extender_calls(port: int) -> dict[str, dict[str, float]]:
+    """Per verb: answered requests by result and mean latency, from the extender's /metrics (a pod scheduled
+    more than once — a failed bind, a retry — shows as more calls than pods)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    calls: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            verb = sample.labels.get("verb", "")
+            if sample.name == "fuyao_extender_decisions_total":
+                calls.setdefault(verb, {})[sample.labels["result"]] = sample.value
+            elif sample.name == "fuyao_extender_api_calls_total":
+                calls.setdefault(f"api_{sample.labels['call']}", {})[sample.labels["code"]] = sample.value
+            elif sample.name == "fuyao_extender_request_duration_seconds_sum":
+                sums[verb] = sample.value
+            elif sample.name == "fuyao_extender_request_duration_seconds_count":
+                counts[verb] = sample.value
+    for verb, count in counts.items():
+        if count:
+            calls.setdefault(verb, {})["mean_ms"] = round(1000 * sums.get(verb, 0.0) / count, 2)
+    return calls
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
 """What the extender writes to the API server: the bind (device choice → ``npu.openfuyao.com/assigned`` → the
 Binding) and Warning events for pods whose annotations are invalid.
 
-Two binds must never hand out the same devices. Within one extender, a lock per node serialises choice and
-bookkeeping, and a bound pod is *assumed* on its node until the watch reports it. The binding carries the
-assignment annotation and the pod's uid and resourceVersion: the API server applies node and annotation in one
-step, only if the pod is unchanged (409 otherwise; the scheduler retries). Across several binding replicas devices
-of one node could still be chosen twice: run one active binder.
+Two binds must never hand out the same devices. Within one extender, binds run on the event loop and choose +
+assume with no await between, and a bound pod is *assumed* on its node until the watch reports it. The binding
+carries the assignment annotation and the pod's uid and resourceVersion: the API server applies node and
+annotation in one step, only if the pod is unchanged (409 otherwise; the scheduler retries). Across several
+binding replicas devices of one node could still be chosen twice: run one active binder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import orjson
 
 from fuyao.contracts import (
@@ -28,10 +30,12 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
+from fuyao.kube_client import RestEndpoint
 
 from . import devices
 from .cluster import ClusterCache
 from .kube_protocol import BindingArgs
+from .metrics import ExtenderMetrics
 from .model import NodeInfo, PodInfo, parse_pod
 
 log = logging.getLogger(__name__)
@@ -73,68 +77,140 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
 
 
 class Binder:
-    def __init__(self, api: Any, cache: ClusterCache):
-        self.api = api
+    """The bind verb, on the event loop: choose devices from the cache, count them as taken (assume), POST the
+    Binding. Choice and assumption happen with no await between them, so concurrent binds — on one node or many —
+    never see the same devices free; a failed POST gives them back. The pod comes from the watch cache when it
+    has it (no GET per bind); a stale copy costs one 409 and one GET, then a second try."""
+
+    def __init__(self, endpoint: RestEndpoint, cache: ClusterCache, metrics: ExtenderMetrics | None = None,
+                 timeout_s: float = 5.0):
+        self.metrics = metrics
+        self.endpoint = endpoint
         self.cache = cache
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
 
-    def _lock(self, node: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(node, threading.Lock())
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self.endpoint.ssl_context or False, limit=64),
+                timeout=self.timeout, json_serialize=lambda o: orjson.dumps(o).decode())
+        return self._session
 
-    def __call__(self, args: BindingArgs) -> str:
-        """Bind; returns "" or the error the scheduler should see."""
-        from kubernetes.client import V1Binding, V1ObjectMeta, V1ObjectReference
-        from kubernetes.client.exceptions import ApiException
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
+    def _count(self, call: str, code: int | str) -> None:
+        if self.metrics is not None:
+            self.metrics.api_calls.labels(call, str(code)).inc()
+
+    def _pod_url(self, namespace: str, name: str) -> str:
+        return f"{self.endpoint.base_url}/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+
+    async def _read_pod(self, args: BindingArgs) -> tuple[PodInfo | None, str]:
         try:
-            response = self.api.read_namespaced_pod(args.pod_name, args.pod_namespace, _preload_content=False,
-                                                    _request_timeout=5)
-            raw = orjson.loads(response.data)
-        except ApiException as exc:
-            return f"cannot read pod {args.pod_namespace}/{args.pod_name}: {exc.status} {exc.reason}"
-        pod = parse_pod(raw)
+            async with self._client().get(self._pod_url(args.pod_namespace, args.pod_name),
+                                          headers=self.endpoint.headers()) as response:
+                body = await response.read()
+                self._count("read", response.status)
+                if response.status != 200:
+                    return None, (f"cannot read pod {args.pod_namespace}/{args.pod_name}: {response.status} "
+                                  f"{_status_message(body)}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count("read", "error")
+            return None, f"cannot read pod {args.pod_namespace}/{args.pod_name}: {type(exc).__name__}: {exc}"
+        try:
+            return parse_pod(orjson.loads(body)), ""
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            return None, f"cannot read pod {args.pod_namespace}/{args.pod_name}: the API server sent {exc}"
+
+    async def __call__(self, args: BindingArgs) -> str:
+        """Bind; returns "" or the error the scheduler should see."""
+        pod = self.cache.pod_by_uid(args.pod_uid) if args.pod_uid else None
+        if pod is None or pod.name != args.pod_name or pod.namespace != args.pod_namespace:
+            pod, error = await self._read_pod(args)
+            if pod is None:
+                return error
+        try:
+            error = await self._bind(args, pod)
+        except _Conflict:  # our copy was stale (or someone else changed the pod): read it once more
+            pod, error = await self._read_pod(args)
+            if pod is None:
+                return error
+            try:
+                error = await self._bind(args, pod)
+            except _Conflict:
+                error = (f"bind of {pod.key} to {args.node} failed: the pod changed meanwhile (409); "
+                         "the scheduler retries")
+        if error:
+            log.warning("%s", error, extra={"pod": f"{args.pod_namespace}/{args.pod_name}", "node": args.node})
+        return error
+
+    async def _bind(self, args: BindingArgs, pod: PodInfo) -> str:
+        """One attempt: "" or the error; raises :class:`_Conflict` on 409."""
         if args.pod_uid and pod.uid != args.pod_uid:
             return f"pod {pod.key} is now uid {pod.uid}, not {args.pod_uid}: it was re-created"
         if pod.node_name:
             # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod
-            if pod.node_name == args.node:
-                return ""
-            return f"pod {pod.key} is already bound to {pod.node_name}"
-        with self._lock(args.node):
-            node = self.cache.node_info(args.node)
-            if node is None:
-                return f"node {args.node} is unknown to the extender"
-            try:
-                assignment = assignment_for(pod, node)
-            except AssignmentFailed as exc:
-                return str(exc)
-            try:
-                # One request, atomic in the API server: the binding sets the node and the annotations together,
-                # on the condition that the pod still has this uid and resourceVersion (a pod changed by anyone
-                # since we read it — another extender replica binding it — fails with 409).
-                annotations = {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)} if assignment else None
-                body = V1Binding(metadata=V1ObjectMeta(name=args.pod_name, namespace=args.pod_namespace,
-                                                       uid=pod.uid or None,
-                                                       resource_version=raw["metadata"].get("resourceVersion"),
-                                                       annotations=annotations),
-                                 target=V1ObjectReference(api_version="v1", kind="Node", name=args.node))
-                # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
-                response = self.api.create_namespaced_pod_binding(args.pod_name, args.pod_namespace, body,
-                                                                  _preload_content=False, _request_timeout=5)
-                response.release_conn()  # an unread response keeps its connection out of the pool
-            except ApiException as exc:
-                what = "the pod changed meanwhile (409)" if exc.status == 409 else f"{exc.status} {exc.reason}"
-                log.warning("bind of %s to %s failed: %s", pod.key, args.node, what)
-                return f"bind of {pod.key} to {args.node} failed: {what}"
-            self.cache.assume(dataclasses.replace(pod, node_name=args.node, assignment=assignment,
-                                                  phase_status="Pending"))
+            return "" if pod.node_name == args.node else f"pod {pod.key} is already bound to {pod.node_name}"
+        node = self.cache.node_info(args.node)
+        if node is None:
+            return f"node {args.node} is unknown to the extender"
+        try:
+            assignment = assignment_for(pod, node)
+        except AssignmentFailed as exc:
+            return str(exc)
+        self.cache.assume(dataclasses.replace(pod, node_name=args.node, assignment=assignment,
+                                              phase_status="Pending"))
+        # One request, atomic in the API server: the binding sets the node and the annotations together, on the
+        # condition that the pod still has this uid and resourceVersion (409 otherwise).
+        metadata: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace}
+        if pod.uid:
+            metadata["uid"] = pod.uid
+        if pod.resource_version:
+            metadata["resourceVersion"] = pod.resource_version
+        if assignment:
+            metadata["annotations"] = {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)}
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": metadata,
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": args.node}}
+        try:
+            # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
+            async with self._client().post(self._pod_url(pod.namespace, pod.name) + "/binding",
+                                           data=orjson.dumps(binding),
+                                           headers={**self.endpoint.headers(),
+                                                    "Content-Type": "application/json"}) as response:
+                body = await response.read()
+                status = response.status
+            self._count("bind", status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count("bind", "error")
+            self.cache.forget_assumed(pod.uid)
+            return f"bind of {pod.key} to {args.node} failed: {type(exc).__name__}: {exc}"
+        if status == 409:
+            self.cache.forget_assumed(pod.uid)
+            raise _Conflict
+        if status >= 300:
+            self.cache.forget_assumed(pod.uid)
+            return f"bind of {pod.key} to {args.node} failed: {status} {_status_message(body)}"
         log.info("bound %s to %s", pod.key, args.node,
                  extra={"pod": pod.key, "node": args.node,
                         "devices": {c.container: list(c.devices) for c in assignment.containers}
                         if assignment else {}})
         return ""
+
+
+class _Conflict(Exception):
+    """The API server refused the binding's preconditions (409): the pod is not the version we read."""
+
+
+def _status_message(body: bytes) -> str:
+    """The message of a Kubernetes Status body (or its start, if it is not one)."""
+    try:
+        status = orjson.loads(body)
+        return str(status.get("message") or status.get("reason") or "")
+    except (orjson.JSONDecodeError, AttributeError):
+        return body[:200].decode(errors="replace")
 
 
 class PodWarnings:

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from fuyao import daemon
-from fuyao.kube_client import connect
+from fuyao.kube_client import connect, rest_endpoint
 
 from .binder import Binder, PodWarnings
 from .cluster import ClusterCache, Watcher
@@ -65,7 +65,7 @@ async def serve(config: ExtenderConfig) -> int:
         watcher.start()
         warnings = PodWarnings(api)
         if config.bind:
-            binder = Binder(api, cache)
+            binder = Binder(rest_endpoint(api), cache, metrics)
     else:
         log.info("no cluster configured: serving requests that carry full Node objects only; /readyz says so")
     service = ExtenderService(config, cache, metrics, binder=binder, warn_pod=warnings, has_cluster=api is not None)
@@ -78,6 +78,8 @@ async def serve(config: ExtenderConfig) -> int:
     code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started)
     if watcher is not None:
         watcher.stop()
+    if binder is not None:
+        await binder.close()
     return code
 
 

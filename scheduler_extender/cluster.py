@@ -35,7 +35,8 @@ class ClusterCache:
         self._nodes: dict[str, NodeInfo] = {}  # name → parsed node without pods
         self._pods: dict[str, PodInfo] = {}  # uid → pod
         self._by_node: dict[str, set[str]] = {}
-        self._assumed: dict[str, tuple[PodInfo, float]] = {}
+        self._assumed: dict[str, tuple[PodInfo, float]] = {}  # uid → (pod as bound, when)
+        self._assumed_on: dict[str, set[str]] = {}  # node → uids assumed there (events touch one node each)
         self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
         self.table = NodeTable(domain_key)
         self.pd = PdIndex()
@@ -92,10 +93,9 @@ class ClusterCache:
             self._put_pod(pod)
             touched.add(pod.node_name)
             if pod.node_name:
-                assumed = self._assumed.pop(pod.uid, None)
+                assumed = self._unassume(pod.uid)
                 if assumed is not None:
-                    self.pd.remove(assumed[0])
-                    touched.add(assumed[0].node_name)
+                    touched.add(assumed.node_name)
             for name in touched:
                 if name:
                     self._touch(name)
@@ -108,11 +108,9 @@ class ClusterCache:
                 self._drop_pod(old)
                 if old.node_name:
                     self._touch(old.node_name)
-            assumed = self._assumed.pop(uid, None)
-            if assumed is not None:
-                self.pd.remove(assumed[0])
-                if assumed[0].node_name:
-                    self._touch(assumed[0].node_name)
+            assumed = self._unassume(uid)
+            if assumed is not None and assumed.node_name:
+                self._touch(assumed.node_name)
 
     def _put_pod(self, pod: PodInfo) -> None:
         self._pods[pod.uid] = pod
@@ -146,28 +144,52 @@ class ClusterCache:
             known = self._pods.get(pod.uid)
             if known is not None and known.node_name:
                 return  # the watch was faster than our bookkeeping
-            previous = self._assumed.pop(pod.uid, None)
+            previous = self._unassume(pod.uid)
             self._assumed[pod.uid] = (pod, time.monotonic())
+            self._assumed_on.setdefault(pod.node_name, set()).add(pod.uid)
             self.pd.add(pod)
-            if previous is not None:
-                self.pd.remove(previous[0])
-                if previous[0].node_name and previous[0].node_name != pod.node_name:
-                    self._touch(previous[0].node_name)
+            if previous is not None and previous.node_name and previous.node_name != pod.node_name:
+                self._touch(previous.node_name)
             if pod.node_name:
                 self._touch(pod.node_name)
 
+    def forget_assumed(self, uid: str) -> None:
+        """A bind we assumed did not happen: give its devices back."""
+        with self.lock:
+            pod = self._unassume(uid)
+            if pod is not None and pod.node_name:
+                self._touch(pod.node_name)
+
+    def _unassume(self, uid: str) -> PodInfo | None:
+        """Stop counting an assumed pod (under the lock); the pod, or None if it was not assumed."""
+        entry = self._assumed.pop(uid, None)
+        if entry is None:
+            return None
+        pod = entry[0]
+        on = self._assumed_on.get(pod.node_name)
+        if on is not None:
+            on.discard(uid)
+            if not on:
+                del self._assumed_on[pod.node_name]
+        self.pd.remove(pod)
+        return pod
+
     def expire_assumed(self) -> None:
-        """Forget assumed pods the watch never reported (their bind was lost)."""
+        """Forget assumed pods the watch never reported (their bind was lost). ``_assumed`` is in the order of
+        assumption (a re-assumed pod moves to the end), so only the expired head is visited."""
         if not self._assumed:
             return
-        now = time.monotonic()
+        cutoff = time.monotonic() - ASSUME_TTL_S
         with self.lock:
-            for uid, (pod, at) in list(self._assumed.items()):
-                if now - at > ASSUME_TTL_S:
-                    del self._assumed[uid]
-                    self.pd.remove(pod)
-                    if pod.node_name:
-                        self._touch(pod.node_name)
+            expired = []
+            for uid, (pod, at) in self._assumed.items():
+                if at > cutoff:
+                    break
+                expired.append((uid, pod))
+            for uid, pod in expired:
+                self._unassume(uid)
+                if pod.node_name:
+                    self._touch(pod.node_name)
 
     def settle(self) -> None:
         """After a full list: move the (long-lived) cached objects out of the garbage collector's generations, so
@@ -188,10 +210,15 @@ class ClusterCache:
         with self.lock:
             return next((p for p in self._pods.values() if p.namespace == namespace and p.name == name), None)
 
+    def pod_by_uid(self, uid: str) -> PodInfo | None:
+        """The pod as the watch last reported it."""
+        with self.lock:
+            return self._pods.get(uid)
+
     def _pods_on(self, node: str) -> list[PodInfo]:
         pods = [self._pods[u] for u in self._by_node.get(node, ()) if u in self._pods]
         seen = {p.uid for p in pods}
-        pods.extend(pod for uid, (pod, _at) in self._assumed.items() if pod.node_name == node and uid not in seen)
+        pods.extend(self._assumed[uid][0] for uid in self._assumed_on.get(node, ()) if uid not in seen)
         return pods
 
     def pods_on(self, node: str) -> list[PodInfo]:

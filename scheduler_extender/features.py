@@ -325,6 +325,15 @@ class NodeView:
         self.__dict__[column] = gathered
         return gathered
 
+    def take(self, at: np.ndarray) -> NodeView:
+        """The candidates at positions ``at`` (in that order), as a view of their own."""
+        names = self.names
+        view = NodeView(self.table, self.rows[at], [names[i] for i in at.tolist()])
+        for column, gathered in list(self.__dict__.items()):
+            if column in self.table.cols:  # already gathered: slice instead of gathering again
+                view.__dict__[column] = gathered[at]
+        return view
+
     def positions(self, node_names: Iterable[str]) -> tuple[np.ndarray, list[str]]:
         """Positions in this view of those ``node_names`` that are in it (and those names, same order)."""
         if self._positions is None:

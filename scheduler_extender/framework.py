@@ -70,7 +70,8 @@ class Explanation:
 
     def __init__(self, pod: str, verb: str, names: Sequence[str] = (),
                  rejected: dict[str, str] | None = None, parts: dict[str, np.ndarray] | None = None,
-                 totals: np.ndarray | None = None):
+                 totals: np.ndarray | None = None, note: str = ""):
+        self.note = note
         self.pod = pod
         self.verb = verb
         self.names = names
@@ -95,8 +96,11 @@ class Explanation:
         return {name: {p: round(v[i], 4) for p, v in columns.items()} for i, name in enumerate(self.names)}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pod": self.pod, "verb": self.verb, "rejected": self.rejected, "scores": self.scores_of(),
-                "totals": {n: round(t, 4) for n, t in self.total_of().items()}}
+        found = {"pod": self.pod, "verb": self.verb, "rejected": self.rejected, "scores": self.scores_of(),
+                 "totals": {n: round(t, 4) for n, t in self.total_of().items()}}
+        if self.note:
+            found["note"] = self.note
+        return found
 
 
 @dataclass
@@ -106,6 +110,7 @@ class FilterOutcome:
     unresolvable: dict[str, str]
     explanation: Explanation
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)  # (plugin, code) → nodes, for metrics
+    passed_at: np.ndarray | None = None  # positions of ``passed`` in the view
 
 
 class Framework:
@@ -150,7 +155,7 @@ class Framework:
                     key = (plugin.name, what.code)
                     counts[key] = counts.get(key, 0) + len(at)
         explanation = Explanation(pod=pod.key, verb="filter", rejected=rejected)
-        return FilterOutcome(passed, failed, unresolvable, explanation, counts)
+        return FilterOutcome(passed, failed, unresolvable, explanation, counts, passed_at)
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> Explanation:
         """Weighted [0, 1] totals per candidate, with each plugin's part."""
@@ -165,6 +170,24 @@ class Framework:
             total += value * weight
         return Explanation(pod=pod.key, verb="prioritize", names=view.names, parts=parts,
                            totals=total / self.total_weight)
+
+    def shortlist(self, pod: PodInfo, view: NodeView, outcome: FilterOutcome, keep: int,
+                  cycle: Cycle | None = None) -> Explanation | None:
+        """Narrow ``outcome.passed`` to the ``keep`` best-scoring feasible nodes (ties: request order), and return
+        the score explanation of those (what prioritize answers). None when no more than ``keep`` passed: nothing
+        to narrow."""
+        if keep <= 0 or len(outcome.passed) <= keep or outcome.passed_at is None:
+            return None
+        feasible = view.take(outcome.passed_at)
+        scored = self.score(pod, feasible, cycle)
+        assert scored.totals is not None
+        best = np.sort(np.argsort(-scored.totals, kind="stable")[:keep])  # the top ``keep``, back in request order
+        names = feasible.names
+        outcome.explanation.note = (f"shortlist: the {keep} best-scoring of {len(names)} feasible nodes passed; "
+                                    "the others were not rejected, only not needed")
+        outcome.passed = [names[i] for i in best.tolist()]
+        return Explanation(pod=pod.key, verb="prioritize", names=outcome.passed,
+                           parts={p: v[best] for p, v in scored.parts.items()}, totals=scored.totals[best])
 
     # Conveniences for nodes that are not in a table (the request carried them, or a what-if copy) -------------------
     def table_of(self, nodes: Sequence[NodeInfo], domain_key: str = "") -> NodeView:

@@ -19,6 +19,9 @@ class ExtenderMetrics:
                                   ("plugin", "reason"), registry=r)
         self.bad_requests = Counter("fuyao_extender_bad_requests_total", "Requests answered 400", ("verb",),
                                     registry=r)
+        self.api_calls = Counter("fuyao_extender_api_calls_total", "The binder's API server calls: read (a pod the "
+                                 "watch cache did not have yet, or a stale copy) and bind, by HTTP status",
+                                 ("call", "code"), registry=r)
         self.nodes = Gauge("fuyao_extender_cached_nodes", "Nodes in the watch cache", registry=r)
 
     def render(self) -> bytes:

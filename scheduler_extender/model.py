@@ -138,6 +138,8 @@ class PodInfo:
     """The QoS class came from a key (not the LS default)."""
     exclusive_cpus: int = 0
     """CPUs the static CPU manager would pin (Guaranteed pod, integer CPUs)."""
+    resource_version: str = ""
+    """The version the binder's Binding requires (a precondition of the API server)."""
 
     @property
     def key(self) -> str:
@@ -224,7 +226,8 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
         creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None,
-        exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0)
+        exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0,
+        resource_version=meta.get("resourceVersion") or "")
 
 
 @dataclass

@@ -4,7 +4,7 @@ the cost of its own work (no thread hops)."""
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import logging
 import ssl
 import time
@@ -34,9 +34,10 @@ def _ack(service: ExtenderService, name: str) -> Callable[[web.Request], Any]:
     return handler
 
 
-def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
-          blocking: bool = False) -> Callable[[web.Request], Any]:
-    """``blocking``: the call waits on the API server (bind) — run it in a thread, not on the event loop."""
+def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any]) -> Callable[[web.Request], Any]:
+    """``call`` decides inline on the event loop, or is a coroutine function when it waits on the API server
+    (bind)."""
+    is_async = inspect.iscoroutinefunction(call)
 
     async def handler(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -46,8 +47,8 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise ProtocolError(f"body is not valid JSON: {exc}") from None
-            if blocking:
-                return _json(await asyncio.get_running_loop().run_in_executor(None, call, body))
+            if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
+                return _json(await call(body))
             try:
                 return _json(call(body))
             except ProtocolError:
@@ -86,8 +87,6 @@ def build_app(service: ExtenderService) -> web.Application:
     for path, (name, call) in routes.items():
         if name.startswith("volcano-onSession"):
             app.router.add_post(path, _ack(service, name))  # Volcano reads only the status: skip the body
-        elif name == "bind":
-            app.router.add_post(path, _verb(service, name, call, blocking=True))
         else:
             app.router.add_post(path, _verb(service, name, call))
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # Volcano's predicate codes (pkg/scheduler/api/types.go)
 VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
 VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
+SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
@@ -102,6 +103,8 @@ class ExtenderService:
         self.warn_pod = warn_pod
         self.has_cluster = has_cluster
         self._warned: set[tuple[str, str]] = set()
+        # pod uid → the shortlist's scores, computed by filter, answered by the prioritize that follows it
+        self._shortlisted: OrderedDict[str, Explanation] = OrderedDict()
 
     # Shared ------------------------------------------------------------------------------------------------------
     def _pod(self, raw: Mapping[str, Any]) -> PodInfo:
@@ -156,6 +159,12 @@ class ExtenderService:
                 if not self.has_cluster else "the extender is still listing nodes and pods"))
         with self._candidates(args) as (view, cycle, unknown):
             outcome = self.framework.filter(pod, view, cycle)
+            scored = self.framework.shortlist(pod, view, outcome, self.config.shortlist, cycle)
+        if scored is not None:
+            self._shortlisted[pod.uid or pod.key] = scored
+            self._shortlisted.move_to_end(pod.uid or pod.key)
+            while len(self._shortlisted) > SHORTLISTS_KEPT:
+                self._shortlisted.popitem(last=False)
         if unknown:
             for name in unknown:
                 outcome.failed[name] = outcome.explanation.rejected[name] = "node unknown to the extender's cache"
@@ -172,20 +181,23 @@ class ExtenderService:
         pod = self._pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             return []  # the filter already answered with an error
-        with self._candidates(args) as (view, cycle, _unknown):
-            explanation = self.framework.score(pod, view, cycle)
+        explanation = self._shortlisted.pop(pod.uid or pod.key, None)
+        asked = args.node_names if args.node_names is not None else [n["metadata"]["name"] for n in args.nodes or []]
+        if explanation is None or len(explanation.names) != len(asked) or set(explanation.names) != set(asked):
+            with self._candidates(args) as (view, cycle, _unknown):
+                explanation = self.framework.score(pod, view, cycle)
         self.explanations.record(explanation)
         self.metrics.decisions.labels("prioritize", "ok").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prioritize %s", pod.key, extra=explanation.as_dict())
         return kp.priority_list(explanation.names, to_extender_scores(explanation.totals))  # type: ignore[arg-type]
 
-    def bind(self, body: Any) -> dict[str, Any]:
+    async def bind(self, body: Any) -> dict[str, Any]:
         args = kp.parse_binding_args(body)
         if self.binder is None:
             error = "this extender is not configured to bind (no cluster, or bind: false)"
         else:
-            error = self.binder(args)
+            error = await self.binder(args)
         self.metrics.decisions.labels("bind", "error" if error else "ok").inc()
         return {"Error": error}
 

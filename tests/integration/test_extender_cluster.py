@@ -92,7 +92,7 @@ def test_bind_chooses_devices_annotates_and_binds(cluster: LocalApiServer, exten
     p = create_pod(cluster, "bind-2", 2)
     status, result = extender.post("/bind", {"PodName": "bind-2", "PodNamespace": "default",
                                              "PodUID": p["metadata"]["uid"], "Node": "npu-b"})
-    assert status == 200 and result == {"Error": ""}
+    assert (status, result) == (200, {"Error": ""})
     bound = cluster.client().read_namespaced_pod("bind-2", "default")
     assert bound.spec.node_name == "npu-b"
     assignment = assigned(cluster, "bind-2")

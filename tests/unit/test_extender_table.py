@@ -161,3 +161,31 @@ def test_explanations_are_bounded_by_node_entries() -> None:
     assert kept.get("ns/p4") is not None and kept.get("ns/p3") is not None and kept.get("ns/p2") is None
     kept.record(Explanation("ns/huge", "filter", rejected={f"n{k}": "x" for k in range(50)}))
     assert kept.get("ns/huge") is not None and kept.get("ns/p4") is None  # the newest stays, however large
+
+
+@settings(max_examples=100, deadline=None)
+@given(asks, clusters, st.integers(1, 4))
+def test_the_shortlist_passes_the_best_scoring_feasible_nodes(ask: dict, shape: list[tuple], keep: int) -> None:  # type: ignore[type-arg]
+    """With ``shortlist: k`` the filter passes the k feasible nodes with the highest totals (ties: request order),
+    and the prioritize that follows answers exactly the scores a fresh prioritize over them would."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node(f"n{i}", kind, zone) for i, (kind, zone, _, _) in enumerate(shape)])
+    cache.replace_pods([_pod(f"p{i}", f"n{i}", dies, phase, 0, 0)
+                        for i, (kind, _, dies, phase) in enumerate(shape) if kind])
+    names = list(cache.table.index)
+    full = ExtenderService(build_config({"shortlist": 0}), cache, ExtenderMetrics(), has_cluster=True)
+    short = ExtenderService(build_config({"shortlist": keep}), cache, ExtenderMetrics(), has_cluster=True)
+    feasible = full.filter({"Pod": ask, "NodeNames": names})["NodeNames"]
+    totals = full.framework.score(parse_pod(ask), cache.table.view(feasible)[0],
+                                  Cycle(pd=cache.pd, domains=cache.table)).total_of()
+    answer = short.filter({"Pod": ask, "NodeNames": names})
+    passed = answer["NodeNames"]
+    assert set(passed) <= set(feasible) and len(passed) == min(keep, len(feasible))
+    assert passed == [n for n in feasible if n in passed]  # request order kept
+    left_out = [n for n in feasible if n not in passed]
+    assert all(totals[p] >= totals[o] for p in passed for o in left_out)
+    for o in left_out:  # a tie went to the earlier node
+        assert all(totals[p] > totals[o] or feasible.index(p) < feasible.index(o) for p in passed)
+    assert not (set(answer["FailedNodes"]) | set(answer["FailedAndUnresolvableNodes"])) & set(feasible)
+    cached = short.prioritize({"Pod": ask, "NodeNames": passed})
+    assert cached == full.prioritize({"Pod": ask, "NodeNames": passed})
