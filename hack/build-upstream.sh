@@ -147,6 +147,26 @@ spec() {
   esac
 }
 
+# KWOK reads its behaviour (node and pod "stages") from config files that the binary does not embed: take the
+# upstream defaults (node-initialize, node-heartbeat-with-lease, pod-ready/complete/delete) from the very module
+# the binary was built from, into $BIN/kwok-stages-<version>/ (tests.support.cluster passes them with --config).
+kwok_stages() {
+  local dest="$BIN/kwok-stages-$KWOK_VERSION" dir f
+  [[ -f $dest/.ready ]] && return 0
+  dir=$(cd "$SRC" && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error","no Dir")))')
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  for f in "$dir"/kustomize/stage/node/fast/*.yaml "$dir"/kustomize/stage/node/heartbeat-with-lease/*.yaml \
+           "$dir"/kustomize/stage/pod/fast/*.yaml; do
+    [[ $(basename "$f") == kustomization.yaml ]] && continue
+    cp "$f" "$dest/"
+  done
+  chmod -R u+w "$dest"
+  touch "$dest/.ready"
+  echo "kwok stages: $dest ($(ls "$dest" | tr '\n' ' '))"
+}
+
 runs_ok() { # BINARY VERSION-ARGS (comma-separated)
   local -a args
   IFS=, read -r -a args <<<"$2"
@@ -162,6 +182,7 @@ build() { # NAME
   if [[ -x $out ]] && runs_ok "$out" "$varg"; then
     ln -sfn "$name-$ver" "$BIN/$name"
     echo "$name $ver: cached $out"
+    [[ $name == kwok ]] && kwok_stages
     return 0
   fi
   local -a pkgs=("$pkg")
@@ -194,6 +215,8 @@ build() { # NAME
   fi
   ln -sfn "$name-$ver" "$BIN/$name"
   echo "$name $ver: built in ${took}s -> $out"
+  [[ $name == kwok ]] && kwok_stages
+  return 0
 }
 
 names=("$@")

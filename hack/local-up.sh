@@ -4,7 +4,7 @@
 # npu-smi. Builds/reuses the upstream binaries (hack/build-upstream.sh) and installs the Debian packages it needs.
 # Needs root (containerd, the kubelet, network namespaces, mknod). Idempotent: a running cluster is replaced.
 #
-# Usage: hack/local-up.sh [--state-dir DIR] [--preset 910b4-8|910a1-8|310p3-4|910c-8]
+# Usage: hack/local-up.sh [--state-dir DIR] [--preset 910b4-8|910a1-8|310p3-4|910c-8] [--nodes kwok=N]
 # Stop:  hack/local-down.sh [--state-dir DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,5 @@ ensure_venv test
 [ "$(id -u)" = 0 ] || { echo "local-up: needs root (containerd, kubelet, network namespaces)" >&2; exit 1; }
 source hack/lib/cluster-deps.sh
 ensure_cluster_deps
-hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
+hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kwok
 exec "$VENV/bin/python" -m tests.support.cluster up "$@"

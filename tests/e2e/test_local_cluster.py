@@ -169,3 +169,85 @@ def test_static_vnpus_from_a_config_are_advertised_and_used(cluster: LocalCluste
     # a vNPU is visible by its vNPU id (physical id x 16 + 100 + k: 100..103 on die 0), Ascend's convention
     assert "ASCEND_VNPU_SPECS=vir05_1c_8g" in log
     assert log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0] in {"100", "101", "102", "103"}
+
+
+# Placement across several nodes: KWOK nodes (fake kubelets) with the real node's NPU capacity, labels and topology,
+# in two zones. The real kube-scheduler and fuyao's extender decide; KWOK only marks the pods Running.
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.fixture(scope="module")
+def kwok_nodes(cluster: LocalCluster) -> list[str]:
+    return cluster.add_kwok_nodes(4)  # kwok-0000 and -0002 in zone-0, -0001 and -0003 in zone-1
+
+
+def kwok_pod(name: str, npus: int, labels: dict[str, str], limits: dict[str, str] | None = None) -> str:
+    manifest = json.loads(pod_manifest(name, npus, labels=labels))
+    manifest["spec"]["nodeSelector"] = {"type": "kwok"}
+    manifest["spec"]["tolerations"] = [KWOK_TOLERATION]
+    manifest["spec"]["containers"][0]["resources"]["limits"].update(limits or {})
+    return json.dumps(manifest)
+
+
+def placed(cluster: LocalCluster, name: str) -> str:
+    """The node of a pod once it is bound (and KWOK says Running)."""
+    return wait_for(lambda: (p := pod(cluster, name))["status"].get("phase") == "Running" and p["spec"]["nodeName"],
+                    60, f"{name} Running")
+
+
+def zone_of(cluster: LocalCluster, node: str) -> str:
+    return json.loads(cluster.kubectl("get", "node", node, "-o", "json"))["metadata"]["labels"][
+        "topology.kubernetes.io/zone"]
+
+
+def explain(cluster: LocalCluster, name: str) -> dict:  # type: ignore[type-arg]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{cluster.extender_url}/explain/default/{name}", timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_decode_pods_join_their_prefill_pod(cluster: LocalCluster, kwok_nodes: list[str]) -> None:
+    group = {"inference.openfuyao.com/pd-group": "chat"}
+    apply(cluster, kwok_pod("chat-prefill-0", 2, {**group, "phase": "prefill"}))
+    prefill_node = placed(cluster, "chat-prefill-0")
+    assert prefill_node in kwok_nodes
+    for i in range(2):  # one at a time: each decision sees the pods before it
+        apply(cluster, kwok_pod(f"chat-decode-{i}", 2, {**group, "phase": "decode"}))
+        node = placed(cluster, f"chat-decode-{i}")
+        assert zone_of(cluster, node) == zone_of(cluster, prefill_node), (i, node, prefill_node)
+    first = placed(cluster, "chat-decode-0")
+    assert first == prefill_node  # the node of the other phase scores highest
+    scores = explain(cluster, "chat-decode-1")["prioritize"]["scores"]
+    pd = {node: parts["pd-affinity"] for node, parts in scores.items()}
+    assert pd[prefill_node] == max(pd.values())
+    other_zone = [n for n in kwok_nodes if zone_of(cluster, n) != zone_of(cluster, prefill_node)]
+    assert all(pd[n] < pd[prefill_node] for n in other_zone if n in pd)
+
+
+def test_ls_pods_avoid_a_busy_node_and_be_pods_go_to_the_colocation_node(cluster: LocalCluster,
+                                                                           kwok_nodes: list[str]) -> None:
+    from fuyao.contracts import ANNOTATION_NODE_USAGE, NodeUsage, dump_annotation
+
+    busy, colocation = kwok_nodes[1], kwok_nodes[3]
+    now = time.time()
+    for node in kwok_nodes:  # what QoS agents would publish: one node at 97 % CPU, the others quiet
+        used = 0.97 if node == busy else 0.1
+        usage = NodeUsage(updated_at=now, cpu_capacity_milli=64000, cpu_used_milli=int(64000 * used),
+                          memory_capacity_bytes=256 * 2**30, memory_used_bytes=32 * 2**30)
+        cluster.kubectl("annotate", "node", node, "--overwrite", f"{ANNOTATION_NODE_USAGE}={dump_annotation(usage)}")
+    cluster.kubectl("label", "node", colocation, "volcano.sh/colocation=true")
+    cluster.kubectl("patch", "node", colocation, "--subresource=status", "--type=merge", "-p", json.dumps(
+        {"status": {"capacity": {"kubernetes.io/batch-cpu": "8000", "kubernetes.io/batch-memory": str(16 * 2**30)},
+                    "allocatable": {"kubernetes.io/batch-cpu": "8000",
+                                    "kubernetes.io/batch-memory": str(16 * 2**30)}}}))
+
+    apply(cluster, kwok_pod("ls-server", 1, {"volcano.sh/qos": "LS"}))
+    assert placed(cluster, "ls-server") != busy
+    rejected = explain(cluster, "ls-server")["filter"]["rejected"]
+    assert rejected.get(busy, "").startswith("qos-colocation: node usage cpu 97%")
+
+    for i in range(2):
+        apply(cluster, kwok_pod(f"be-batch-{i}", 1, {"volcano.sh/qos": "BE"},
+                                {"kubernetes.io/batch-cpu": "1000", "kubernetes.io/batch-memory": str(2**30)}))
+        assert placed(cluster, f"be-batch-{i}") == colocation

@@ -46,12 +46,15 @@ from .polling import wait_for
 REPO = Path(__file__).resolve().parents[2]
 NODE = "fuyao-node"
 POD_SUBNET = "10.244.0.0/24"
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
 
 
 class LocalCluster:
-    def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8"):
+    def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
+                 kwok_nodes: int = 0):
+        self.kwok_nodes = kwok_nodes
         self.dir = Path(state_dir)
         self.node = node
         self.preset = preset
@@ -141,6 +144,8 @@ class LocalCluster:
         self._extender_and_scheduler()
         self._qos_agent()
         wait_for(self._node_ready, 90, "the node to be Ready with NPUs")
+        if self.kwok_nodes:
+            self.add_kwok_nodes(self.kwok_nodes)
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
         return self
 
@@ -256,6 +261,45 @@ state = "{base / 'state'}"
             str(self.dir / "admin.kubeconfig"), "--cgroup-root", "/sys/fs/cgroup", "--interval", "2s",
             "--metrics-address", ""])
 
+    def add_kwok_nodes(self, count: int, zones: int = 2) -> list[str]:
+        """``count`` fake nodes run by KWOK (its controller keeps them Ready and moves their pods to Running): NPU
+        capacity, labels and topology annotation copied from the real node as its device plugin published them,
+        ``topology.kubernetes.io/zone`` = ``zone-<i mod zones>``, and the taint ``kwok.x-k8s.io/node=fake:NoSchedule``
+        so only pods that tolerate it land there. For scale and placement tests; nothing runs in their pods."""
+        real = self.node_json()
+        names = [f"kwok-{i:04d}" for i in range(count)]
+        carried = {k: v for k, v in real["metadata"].get("labels", {}).items()
+                   if not k.startswith(("kubernetes.io/", "node.kubernetes.io/", "beta.kubernetes.io/"))}
+        annotations = {k: v for k, v in real["metadata"].get("annotations", {}).items()
+                       if "openfuyao.com/" in k}
+        status = {key: real["status"][key] for key in ("capacity", "allocatable")}
+        items = [{"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name, "annotations": {**annotations, KWOK_ANNOTATION: "fake"},
+            "labels": {**carried, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok",
+                       "topology.kubernetes.io/zone": f"zone-{i % zones}"}},
+            "spec": {"taints": [{"key": KWOK_ANNOTATION, "value": "fake", "effect": "NoSchedule"}]},
+            "status": status} for i, name in enumerate(names)]
+        path = self.dir / "kwok-nodes.json"
+        path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        self.kubectl("apply", "-f", str(path))
+        if not any(p["name"] == "kwok" for p in self.procs):
+            kwok = Path(binary("kwok")).resolve()  # kwok-<version>; its stages sit beside it (hack/build-upstream.sh)
+            stages = sorted((kwok.parent / kwok.name.replace("kwok-", "kwok-stages-", 1)).glob("*.yaml"))
+            if not stages:
+                raise RuntimeError(f"no KWOK stages beside {kwok}: run hack/build-upstream.sh kwok")
+            self._spawn("kwok", [str(kwok), f"--kubeconfig={self.dir / 'admin.kubeconfig'}",
+                                 *(f"--config={stage}" for stage in stages), "--node-lease-duration-seconds=40",
+                                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                                 "--cidr=10.245.0.0/16", "--node-ip=127.0.0.1", "--server-address="])
+
+        def ready() -> bool:
+            listed = json.loads(self.kubectl("get", "nodes", "-l", "type=kwok", "-o", "json"))["items"]
+            return sum(any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                       for n in listed) >= len(names)
+
+        wait_for(ready, 60, f"{count} KWOK nodes to be Ready")
+        return names
+
     def _node_ready(self) -> bool:
         try:
             node = json.loads(self.kubectl("get", "node", self.node, "-o", "json", check=True))
@@ -333,12 +377,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--state-dir", default="/tmp/fuyao-cluster")
     parser.add_argument("--preset", default="910b4-8", help="the fake npu-smi preset of the node")
+    parser.add_argument("--nodes", default="", metavar="kwok=N",
+                        help="also N fake NPU nodes run by KWOK (placement and scale; nothing runs in their pods)")
     args = parser.parse_args(argv)
+    kwok = 0
+    if args.nodes:
+        kind, _, count = args.nodes.partition("=")
+        if kind != "kwok" or not count.isdigit():
+            parser.error(f"--nodes {args.nodes!r}: expected kwok=N (N fake nodes)")
+        kwok = int(count)
     if args.action == "down":
         down(args.state_dir)
         print(f"stopped the cluster in {args.state_dir}")
         return
-    cluster = LocalCluster(args.state_dir, preset=args.preset)
+    cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok)
     try:
         cluster.up()
     except Exception:
