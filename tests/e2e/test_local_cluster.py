@@ -251,3 +251,83 @@ def test_ls_pods_avoid_a_busy_node_and_be_pods_go_to_the_colocation_node(cluster
         apply(cluster, kwok_pod(f"be-batch-{i}", 1, {"volcano.sh/qos": "BE"},
                                 {"kubernetes.io/batch-cpu": "1000", "kubernetes.io/batch-memory": str(2**30)}))
         assert placed(cluster, f"be-batch-{i}") == colocation
+
+
+def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_through_it(
+        cluster: LocalCluster) -> None:
+    """fuyao's runtime image (built here: debootstrap + pip, cached) runs two engine-simulator pods behind a Service
+    annotated for routing; a router with discovery finds them through the real EndpointSlices and serves a chat
+    completion from one of them (the host reaches pod IPs over the harness's link)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.support.apiserver import free_port
+    from tests.support.runtime_image import build
+
+    archive, image = build()
+    cluster.import_image(archive)
+    labels = {"app": "chat-sim"}
+    container = {"name": "engine", "image": image, "imagePullPolicy": "Never",
+                 "command": ["python3", "-m", "engine_sim.cli", "--host", "0.0.0.0", "--port", "8000",
+                             "--model", "sim-chat", "--time-scale", "20"],
+                 "ports": [{"name": "http", "containerPort": 8000}],
+                 "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1}}
+    manifests = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat-sim", "namespace": "default"},
+         "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+             "metadata": {"labels": labels},
+             "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                      "containers": [container]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "chat-sim", "namespace": "default",
+            "annotations": {"inference.openfuyao.com/enable-router": "true",
+                            "inference.openfuyao.com/health-check-path": "/health"}},
+         "spec": {"selector": labels, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}]
+    apply(cluster, json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
+
+    def ready_ips() -> list[str]:
+        listed = json.loads(cluster.kubectl("get", "pods", "-l", "app=chat-sim", "-o", "json"))["items"]
+        return [p["status"]["podIP"] for p in listed
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+    ips = wait_for(lambda: len(ips := ready_ips()) == 2 and ips, 120, "two engine-simulator pods Ready")
+    config = cluster.dir / "router.yaml"
+    config.write_text(json.dumps({"version": "v1", "router": {
+        "strategy": "round-robin", "discovery": {"enabled": True, "namespace": "default"},
+        "health_check": {"path": "/health", "interval": "1s", "timeout": "2s"}}}))
+    port = free_port()
+    log = open(cluster.dir / "logs" / "router.log", "ab")  # noqa: SIM115
+    router = subprocess.Popen([sys.executable, "-m", "inference_router.cli", "--config", str(config),
+                               "--listen", f"127.0.0.1:{port}", "--kubeconfig",
+                               str(cluster.dir / "admin.kubeconfig")], stdout=log, stderr=log)
+    try:
+        def ask() -> dict | None:  # type: ignore[type-arg]
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": "sim-chat", "max_tokens": 8,
+                                 "messages": [{"role": "user", "content": "hello from the e2e test"}]}).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return json.loads(response.read())  # type: ignore[no-any-return]
+            except OSError:
+                return None
+
+        answer = wait_for(ask, 60, "a chat completion through the router")
+        assert answer["object"] == "chat.completion" and answer["model"] == "sim-chat"
+        assert answer["choices"][0]["message"]["content"]
+        for _ in range(5):
+            assert ask() is not None
+        # both pods served (round-robin over what discovery found): their own counters say so
+        served = []
+        for ip in ips:
+            with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as response:
+                text = response.read().decode()
+            served.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                              if line.startswith("vllm:request_success_total")))
+        assert all(n >= 1 for n in served), served
+    finally:
+        router.terminate()
+        router.wait(30)
+        cluster.kubectl("delete", "deployment,service", "chat-sim", "--wait=false")

@@ -46,6 +46,8 @@ from .polling import wait_for
 REPO = Path(__file__).resolve().parents[2]
 NODE = "fuyao-node"
 POD_SUBNET = "10.244.0.0/24"
+LINK_HOST, LINK_NETNS = "10.243.0.1", "10.243.0.2"
+"""The two ends of the host ↔ harness-namespace link (a private /30)."""
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
@@ -62,6 +64,7 @@ class LocalCluster:
         self.procs: list[dict[str, Any]] = []
         self.api: LocalApiServer | None = None
         self.extender_url = ""
+        self.link = ""
 
     # Helpers -----------------------------------------------------------------------------------------------------
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
@@ -111,7 +114,7 @@ class LocalCluster:
         return "".join(p.read_text(errors="replace") for p in found)
 
     def _save(self) -> None:
-        state = {"procs": self.procs, "netns": self.netns, "node": self.node,
+        state = {"procs": self.procs, "netns": self.netns, "node": self.node, "link": self.link,
                  "api_root": str(self.api.root) if self.api else None, "extender": self.extender_url,
                  "kubeconfig": str(self.dir / "admin.kubeconfig")}
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -167,6 +170,7 @@ class LocalCluster:
             "cniVersion": "0.4.0", "name": "fuyao-pods", "plugins": [
                 {"type": "bridge", "bridge": "fuyao0", "isGateway": True, "ipMasq": False,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                          "routes": [{"dst": "0.0.0.0/0"}],  # via the bridge: pods reach the host over the link
                           "dataDir": str(base / "ipam")}},
                 {"type": "loopback"}]}))
         cni_bin = next((d for d in ("/usr/lib/cni", "/opt/cni/bin") if Path(d, "bridge").exists()), None)
@@ -192,6 +196,7 @@ state = "{base / 'state'}"
     bin_dir = "{cni_bin}"
     conf_dir = "{base / 'net.d'}"
 """)
+        self._pod_network_link()
         self._spawn("containerd", ["containerd", "--config", str(base / "config.toml")], netns=True)
         sock = base / "containerd.sock"
         wait_for(sock.exists, 30, "containerd")
@@ -200,6 +205,28 @@ state = "{base / 'state'}"
         for archive in (build_pause(images), build_busybox(images)):
             subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(archive)],
                            check=True, capture_output=True, timeout=120)
+
+    def _pod_network_link(self) -> None:
+        """A veth pair between this host and the harness's network namespace, with private addresses
+        (``LINK_HOST``/``LINK_NETNS``) and a host route to the pod subnet through it: tests and the demo reach pod
+        IPs from the host. Nothing else on the host changes (no forwarding, no NAT); deleting the namespace
+        deletes the pair and the route."""
+        self.link = f"fyh{os.getpid() % 100000}"
+        run = lambda *args: subprocess.run(list(args), check=True, capture_output=True)  # noqa: E731
+        run("ip", "link", "add", self.link, "type", "veth", "peer", "name", "fyn0", "netns", self.netns)
+        run("ip", "addr", "add", f"{LINK_HOST}/30", "dev", self.link)
+        run("ip", "link", "set", self.link, "up")
+        run("ip", "-n", self.netns, "addr", "add", f"{LINK_NETNS}/30", "dev", "fyn0")
+        run("ip", "-n", self.netns, "link", "set", "fyn0", "up")
+        run("nsenter", f"--net=/var/run/netns/{self.netns}", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run("ip", "route", "add", POD_SUBNET, "via", LINK_NETNS, "dev", self.link)
+        self._save()
+
+    def import_image(self, archive: Path) -> None:
+        """Load a docker-archive into the node's containerd (pods use it with ``imagePullPolicy: Never``)."""
+        sock = self.dir / "containerd" / "containerd.sock"
+        subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(archive)],
+                       check=True, capture_output=True, timeout=600)
 
     def _device_plugin(self) -> None:
         state = self.dir / "npu.json"
@@ -270,9 +297,23 @@ state = "{base / 'state'}"
         names = [f"kwok-{i:04d}" for i in range(count)]
         carried = {k: v for k, v in real["metadata"].get("labels", {}).items()
                    if not k.startswith(("kubernetes.io/", "node.kubernetes.io/", "beta.kubernetes.io/"))}
-        annotations = {k: v for k, v in real["metadata"].get("annotations", {}).items()
-                       if "openfuyao.com/" in k}
-        status = {key: real["status"][key] for key in ("capacity", "allocatable")}
+        from fuyao.contracts import (
+            ANNOTATION_NODE_TOPOLOGY,
+            RESOURCE_NPU,
+            DeviceHealth,
+            NodeTopology,
+            dump_annotation,
+        )
+
+        # the hardware as published, without the real node's state (allocations, carved vNPUs, a sick chip)
+        topology = NodeTopology.model_validate_json(real["metadata"]["annotations"][ANNOTATION_NODE_TOPOLOGY])
+        clean = topology.model_copy(update={"devices": {
+            key: device.model_copy(update={"allocated": False, "vnpus": (), "health": DeviceHealth.HEALTHY})
+            for key, device in topology.devices.items()}})
+        annotations = {ANNOTATION_NODE_TOPOLOGY: dump_annotation(clean)}
+        resources = {k: v for k, v in real["status"]["capacity"].items() if k in ("cpu", "memory", "pods")}
+        resources[RESOURCE_NPU] = str(len(clean.devices))
+        status = {"capacity": resources, "allocatable": resources}
         items = [{"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": name, "annotations": {**annotations, KWOK_ANNOTATION: "fake"},
             "labels": {**carried, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok",
@@ -359,6 +400,8 @@ def down(state_dir: str | Path = "/tmp/fuyao-cluster") -> None:
             _kill(proc["pid"], signal.SIGKILL)
     for pattern in patterns:
         subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
+    if state.get("link"):  # gone with the namespace already, normally
+        subprocess.run(["ip", "link", "delete", state["link"]], capture_output=True)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     for name in netns:
         if name == state.get("netns") or name.startswith("cni-"):  # ours, and our pods' (containerd's CNI)

@@ -1,0 +1,179 @@
+"""fuyao's runtime image without Docker or a registry: three layers packed into a docker-archive for
+``ctr images import`` (the local cluster) — a Debian minbase root file system with python3 (``debootstrap``), the
+Python dependencies (``pip install --target`` from this machine's pip: same Debian, same Python minor), and fuyao
+itself. Each layer is cached under ``~/.cache/fuyao/images`` by the hash of what makes it (suite and packages;
+the dependency list; the source files), so a rebuild after a code change repacks only the last layer.
+
+Usage: python -m tests.support.runtime_image [--cache DIR]   (prints the archive path and the image tag)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "images"
+IMAGE_REPOSITORY = "fuyao.local/fuyao"
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = ("python3", "ca-certificates")
+SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's python3 sys.path
+SOURCE_PACKAGES = ("fuyao", "npu_sim", "kubeletapi", "deviceplugin", "scheduler_extender", "vnpu", "qos",
+                   "inference_router", "kvcache", "engine_sim")
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def _pack(root: Path, out: Path) -> None:
+    """A layer tar of ``root`` (numeric owners; no device nodes or mount points' contents)."""
+    tmp = out.with_suffix(".tmp")
+    subprocess.run(["tar", "--numeric-owner", "--sort=name", "--mtime=@0", "-C", str(root),
+                    "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "-cf", str(tmp), "."],
+                   check=True)
+    tmp.rename(out)
+
+
+def base_layer(cache: Path = CACHE) -> Path:
+    out = cache / f"base-{SUITE}-{_key(SUITE, BASE_PACKAGES, 'minbase')}.tar"
+    if out.exists():
+        return out
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("the runtime image's base needs debootstrap (apt-get install debootstrap)")
+    if os.geteuid() != 0:
+        raise RuntimeError("debootstrap needs root")
+    started = time.monotonic()
+    _log(f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)} (once; cached as {out.name})")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp) / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE,
+                        str(root), MIRROR], check=True, stdout=subprocess.DEVNULL)
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "var/log", "usr/share/doc", "usr/share/man"):
+            for path in (root / junk).glob("*"):
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                elif path.is_dir():
+                    shutil.rmtree(path)
+        _pack(root, out)
+    _log(f"base layer in {time.monotonic() - started:.0f} s: {out}")
+    return out
+
+
+def dependencies() -> list[str]:
+    return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def deps_layer(cache: Path = CACHE) -> Path:
+    requirements = dependencies()
+    out = cache / f"deps-{_key(requirements, sys.version_info[:2])}.tar"
+    if out.exists():
+        return out
+    started = time.monotonic()
+    _log(f"pip install {len(requirements)} dependencies into the image's site-packages")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        target = Path(tmp) / SITE_PACKAGES
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location",
+                        "--only-binary=:all:", "--target", str(target), *requirements], check=True)
+        shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts with this machine's shebang
+        _pack(Path(tmp), out)
+    _log(f"dependency layer in {time.monotonic() - started:.0f} s: {out}")
+    return out
+
+
+def source_files() -> list[Path]:
+    files = [REPO / "pyproject.toml"]
+    for package in SOURCE_PACKAGES:
+        files += sorted(p for p in (REPO / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return files
+
+
+def app_layer(cache: Path = CACHE) -> Path:
+    digest = hashlib.sha256()
+    for path in source_files():
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    out = cache / f"app-{digest.hexdigest()[:16]}.tar"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        target = Path(tmp) / SITE_PACKAGES
+        for package in SOURCE_PACKAGES:  # the packages as they are in the tree (what pip would install)
+            shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-d", "/" + SITE_PACKAGES, str(target)],
+                       check=True)
+        _pack(Path(tmp), out)
+    return out
+
+
+def _diff_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def build(cache: Path = CACHE) -> tuple[Path, str]:
+    """The docker-archive of the runtime image (built or reused) and its tag."""
+    cache.mkdir(parents=True, exist_ok=True)
+    layers = [base_layer(cache), deps_layer(cache), app_layer(cache)]
+    tag = f"{IMAGE_REPOSITORY}:{_key([p.name for p in layers])[:12]}"
+    out = cache / f"fuyao-{tag.rsplit(':', 1)[1]}.tar"
+    if out.exists():
+        return out, tag
+    diff_ids = [_diff_id(p) for p in layers]
+    config = {"architecture": "amd64", "os": "linux",
+              "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                 "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"],
+                         "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
+                         "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": [{"created_by": f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)}"},
+                          {"created_by": "pip install --target (pyproject dependencies)"},
+                          {"created_by": "fuyao packages"}]}
+    config_bytes = json.dumps(config).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": [tag, f"{IMAGE_REPOSITORY}:dev"],
+                 "Layers": [f"{i}/layer.tar" for i in range(len(layers))]}]
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as archive:
+        for i, layer in enumerate(layers):
+            archive.add(layer, arcname=f"{i}/layer.tar")
+        for name, data in ((config_name, config_bytes), ("manifest.json", json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    tmp.rename(out)
+    for stale in cache.glob("fuyao-*.tar"):  # keep the newest archive only (layers stay cached)
+        if stale != out:
+            stale.unlink()
+    return out, tag
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.runtime_image", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    path, tag = build(args.cache)
+    print(json.dumps({"archive": str(path), "tag": tag, "seconds": round(time.monotonic() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
