@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from fuyao.contracts import QoSClass
@@ -89,7 +89,7 @@ class Explanations:
 
 class ExtenderService:
     def __init__(self, config: ExtenderConfig, cache: ClusterCache, metrics: ExtenderMetrics,
-                 binder: Callable[[kp.BindingArgs], str] | None = None,
+                 binder: Callable[[kp.BindingArgs], Awaitable[str]] | None = None,
                  warn_pod: Callable[[PodInfo, str], None] | None = None, has_cluster: bool = False):
         self.config = config
         self.cache = cache

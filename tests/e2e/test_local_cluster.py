@@ -223,6 +223,8 @@ def test_decode_pods_join_their_prefill_pod(cluster: LocalCluster, kwok_nodes: l
     assert pd[prefill_node] == max(pd.values())
     other_zone = [n for n in kwok_nodes if zone_of(cluster, n) != zone_of(cluster, prefill_node)]
     assert all(pd[n] < pd[prefill_node] for n in other_zone if n in pd)
+    # give the NPUs back for the next placement test (KWOK removes deleted pods)
+    cluster.kubectl("delete", "pod", "chat-prefill-0", "chat-decode-0", "chat-decode-1", "--timeout=60s")
 
 
 def test_ls_pods_avoid_a_busy_node_and_be_pods_go_to_the_colocation_node(cluster: LocalCluster,
