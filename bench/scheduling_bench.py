@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fuyao.kube_watch import ListWatch
 from tests.support.apiserver import LocalApiServer, binary, free_port
 from tests.support.k8s_objects import node, topology
 
@@ -128,59 +128,34 @@ def cpu_seconds(pid: int) -> float:
 
 
 class BoundCounter:
-    """Counts the pods of a namespace that have a node, from a watch (raw JSON lines: polling lists of thousands
-    of pods would cost the API server and this process more CPU than the scheduler under test). The API server
-    closes a watch whose reader falls behind: then list once and watch again from there."""
+    """Counts the pods of a namespace that have a node, fed by :class:`fuyao.kube_watch.ListWatch` (raw JSON
+    events: polling lists of thousands of pods would cost the API server and this process more CPU than the
+    scheduler under test; a watch the API server closes because its reader fell behind is resumed)."""
 
     def __init__(self, api: Any, namespace: str, want: int):
-        self.api, self.namespace = api, namespace
         self.bound: set[str] = set()
         self.last_bound: float | None = None
         self.done = threading.Event()
         self._want = want
-        self._stopped = False
-        self._response: Any = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._watch = ListWatch("bench-pods", api.list_namespaced_pod, self, kwargs={"namespace": namespace},
+                                watch_timeout_s=1800).start()
 
-    def _count(self, obj: dict[str, Any]) -> None:
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            self.upsert(item)
+
+    def upsert(self, obj: dict[str, Any]) -> None:
         if (obj.get("spec") or {}).get("nodeName") and obj["metadata"]["name"] not in self.bound:
             self.bound.add(obj["metadata"]["name"])
             self.last_bound = time.monotonic()
             if len(self.bound) >= self._want:
                 self.done.set()
 
-    def _run(self) -> None:
-        while not self._stopped and not self.done.is_set():
-            try:
-                listed = orjson.loads(self.api.list_namespaced_pod(self.namespace, _preload_content=False).data)
-                for item in listed["items"]:
-                    self._count(item)
-                self._response = self.api.list_namespaced_pod(
-                    self.namespace, watch=True, resource_version=listed["metadata"]["resourceVersion"],
-                    timeout_seconds=1800, _preload_content=False)
-                for line in self._lines():
-                    event = orjson.loads(line)
-                    if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._count(event.get("object") or {})
-                    if self.done.is_set():
-                        return
-            except Exception as exc:
-                if not self._stopped:
-                    print(f"watch of bound pods: {type(exc).__name__}: {exc}; again", file=sys.stderr)
-                    time.sleep(0.5)
-
-    def _lines(self) -> Any:
-        buffer = b""
-        for chunk in self._response.stream(65536):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            yield from (line for line in lines if line.strip())
+    def delete(self, obj: dict[str, Any]) -> None:
+        pass  # a bound pod stays counted
 
     def stop(self) -> None:
-        self._stopped = True
-        if self._response is not None:
-            self._response.close()
+        self._watch.stop()
 
 
 def extender_calls(port: int) -> dict[str, dict[str, float]]:
