@@ -94,7 +94,7 @@ class Binder:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self.endpoint.ssl_context or False, limit=64),
-                timeout=self.timeout, json_serialize=lambda o: orjson.dumps(o).decode())
+                timeout=self.timeout)
         return self._session
 
     async def close(self) -> None:
@@ -174,6 +174,7 @@ class Binder:
             metadata["annotations"] = {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)}
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": metadata,
                    "target": {"apiVersion": "v1", "kind": "Node", "name": args.node}}
+        status: int | str
         try:
             # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
             async with self._client().post(self._pod_url(pod.namespace, pod.name) + "/binding",
@@ -182,17 +183,15 @@ class Binder:
                                                     "Content-Type": "application/json"}) as response:
                 body = await response.read()
                 status = response.status
-            self._count("bind", status)
+            failure = f"{status} {_status_message(body)}" if status >= 300 else ""
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._count("bind", "error")
-            self.cache.forget_assumed(pod.uid)
-            return f"bind of {pod.key} to {args.node} failed: {type(exc).__name__}: {exc}"
-        if status == 409:
-            self.cache.forget_assumed(pod.uid)
-            raise _Conflict
-        if status >= 300:
-            self.cache.forget_assumed(pod.uid)
-            return f"bind of {pod.key} to {args.node} failed: {status} {_status_message(body)}"
+            status, failure = "error", f"{type(exc).__name__}: {exc}"
+        self._count("bind", status)
+        if failure:
+            self.cache.forget_assumed(pod.uid)  # the devices are free again
+            if status == 409:
+                raise _Conflict
+            return f"bind of {pod.key} to {args.node} failed: {failure}"
         log.info("bound %s to %s", pod.key, args.node,
                  extra={"pod": pod.key, "node": args.node,
                         "devices": {c.container: list(c.devices) for c in assignment.containers}

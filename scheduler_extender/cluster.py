@@ -108,9 +108,7 @@ class ClusterCache:
                 self._drop_pod(old)
                 if old.node_name:
                     self._touch(old.node_name)
-            assumed = self._unassume(uid)
-            if assumed is not None and assumed.node_name:
-                self._touch(assumed.node_name)
+            self._forget(uid)
 
     def _put_pod(self, pod: PodInfo) -> None:
         self._pods[pod.uid] = pod
@@ -156,9 +154,13 @@ class ClusterCache:
     def forget_assumed(self, uid: str) -> None:
         """A bind we assumed did not happen: give its devices back."""
         with self.lock:
-            pod = self._unassume(uid)
-            if pod is not None and pod.node_name:
-                self._touch(pod.node_name)
+            self._forget(uid)
+
+    def _forget(self, uid: str) -> None:
+        """Stop counting an assumed pod and recompute its node (under the lock)."""
+        pod = self._unassume(uid)
+        if pod is not None and pod.node_name:
+            self._touch(pod.node_name)
 
     def _unassume(self, uid: str) -> PodInfo | None:
         """Stop counting an assumed pod (under the lock); the pod, or None if it was not assumed."""
@@ -182,14 +184,12 @@ class ClusterCache:
         cutoff = time.monotonic() - ASSUME_TTL_S
         with self.lock:
             expired = []
-            for uid, (pod, at) in self._assumed.items():
+            for uid, (_pod, at) in self._assumed.items():
                 if at > cutoff:
                     break
-                expired.append((uid, pod))
-            for uid, pod in expired:
-                self._unassume(uid)
-                if pod.node_name:
-                    self._touch(pod.node_name)
+                expired.append(uid)
+            for uid in expired:
+                self._forget(uid)
 
     def settle(self) -> None:
         """After a full list: move the (long-lived) cached objects out of the garbage collector's generations, so
