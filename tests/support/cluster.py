@@ -203,8 +203,7 @@ state = "{base / 'state'}"
         images = self.dir / "images"
         images.mkdir()
         for archive in (build_pause(images), build_busybox(images)):
-            subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(archive)],
-                           check=True, capture_output=True, timeout=120)
+            self.import_image(archive)
 
     def _pod_network_link(self) -> None:
         """A veth pair between this host and the harness's network namespace, with private addresses

@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 PAUSE_IMAGE = "fuyao.local/pause:3.10"
 BUSYBOX_IMAGE = "fuyao.local/busybox:1"
@@ -48,19 +50,45 @@ def _archive(path: Path, tag: str, files: dict[str, tuple[bytes | None, int, str
             else:
                 info.size = len(content or b"")
                 tar.addfile(info, io.BytesIO(content or b""))
-    layer_bytes = layer.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
-              "rootfs": {"type": "layers", "diff_ids": [diff_id]}, "history": [{"created_by": "fuyao tests"}]}
-    config_bytes = json.dumps(config).encode()
+    return write_docker_archive(path, [tag], [layer.getvalue()], {"Cmd": cmd, "Env": ["PATH=/bin"]},
+                                ["fuyao tests"])
+
+
+def write_docker_archive(path: Path, tags: list[str], layers: Sequence[bytes | Path], config: dict[str, Any],
+                         history: list[str]) -> Path:
+    """Write a docker-archive (what ``ctr images import`` reads): ``layers`` are uncompressed layer tars, bottom
+    first, in memory or as files; ``config`` is the image's runtime config (Cmd, Env…); one history entry per
+    layer."""
+    diff_ids = []
+    for layer in layers:
+        digest = hashlib.sha256()
+        if isinstance(layer, bytes):
+            digest.update(layer)
+        else:
+            with open(layer, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        diff_ids.append("sha256:" + digest.hexdigest())
+    image = {"architecture": "amd64", "os": "linux", "config": config,
+             "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": [{"created_by": h} for h in history]}
+    config_bytes = json.dumps(image).encode()
     config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-    manifest = json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]).encode()
+    names = [f"{i}/layer.tar" for i in range(len(layers))]
+    manifest = json.dumps([{"Config": config_name, "RepoTags": tags, "Layers": names}]).encode()
+
+    def add(out: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out.addfile(info, io.BytesIO(data))
+
     with tarfile.open(path, "w") as out:
-        for name, data in (("layer/layer.tar", layer_bytes), (config_name, config_bytes),
-                           ("manifest.json", manifest)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))
+        for name, layer in zip(names, layers, strict=True):
+            if isinstance(layer, bytes):
+                add(out, name, layer)
+            else:
+                out.add(layer, arcname=name)
+        add(out, config_name, config_bytes)
+        add(out, "manifest.json", manifest)
     return path
 
 

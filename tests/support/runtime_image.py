@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import tomllib
 from pathlib import Path
+
+from .images import write_docker_archive
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "images"
@@ -121,14 +121,6 @@ def app_layer(cache: Path = CACHE) -> Path:
     return out
 
 
-def _diff_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 def build(cache: Path = CACHE) -> tuple[Path, str]:
     """The docker-archive of the runtime image (built or reused) and its tag."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -137,28 +129,15 @@ def build(cache: Path = CACHE) -> tuple[Path, str]:
     out = cache / f"fuyao-{tag.rsplit(':', 1)[1]}.tar"
     if out.exists():
         return out, tag
-    diff_ids = [_diff_id(p) for p in layers]
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                 "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"],
-                         "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
-                         "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "history": [{"created_by": f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)}"},
-                          {"created_by": "pip install --target (pyproject dependencies)"},
-                          {"created_by": "fuyao packages"}]}
-    config_bytes = json.dumps(config).encode()
-    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-    manifest = [{"Config": config_name, "RepoTags": [tag, f"{IMAGE_REPOSITORY}:dev"],
-                 "Layers": [f"{i}/layer.tar" for i in range(len(layers))]}]
     tmp = out.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as archive:
-        for i, layer in enumerate(layers):
-            archive.add(layer, arcname=f"{i}/layer.tar")
-        for name, data in ((config_name, config_bytes), ("manifest.json", json.dumps(manifest).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
+    write_docker_archive(
+        tmp, [tag, f"{IMAGE_REPOSITORY}:dev"], layers,
+        {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED=1",
+                 "PYTHONDONTWRITEBYTECODE=1"],
+         "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
+         "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
+        [f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)}", "pip install --target (pyproject dependencies)",
+         "fuyao packages"])
     tmp.rename(out)
     for stale in cache.glob("fuyao-*.tar"):  # keep the newest archive only (layers stay cached)
         if stale != out:
