@@ -6,7 +6,7 @@
 #
 # Usage: hack/build-upstream.sh [name...]
 #   names: etcd kube-apiserver kube-scheduler kube-controller-manager kubelet helm (default: all
-#          of these), kubectl, kwok, vc-scheduler (only when VOLCANO_VERSION is set; best effort).
+#          of these), kubectl, kube-proxy, coredns, kwok, vc-scheduler (only when VOLCANO_VERSION is set; best effort).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -21,6 +21,7 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3 (its root 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"     # k8s.io/kubernetes; staging modules use v0.<minor>.<patch>
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"   # helm.sh/helm/v3 cmd/helm
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"     # sigs.k8s.io/kwok cmd/kwok (fake nodes for scale tests)
+COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}" # github.com/coredns/coredns (cluster DNS of the local cluster)
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -61,7 +62,17 @@ prepare_src() {
   local key=$1 mod=$2 ver=$3 staging=$4
   shift 4
   local dir="$SRC/$key-$ver"
-  [[ -f $dir/.ready ]] && return 0
+  local -a targets=()
+  local p
+  for p in "$@"; do targets+=("$p@$ver"); done
+  if [[ -f $dir/.ready ]]; then
+    # .ready lists the packages go.sum covers; a package added later (kube-proxy) is fetched into the same module
+    [[ "$(cat "$dir/.ready")" == "$*" ]] && return 0
+    echo "==> adding tools to $dir: $*"
+    (cd "$dir" && go get -tool "${targets[@]}" && go mod download)
+    echo "$*" >"$dir/.ready"
+    return 0
+  fi
   echo "==> preparing $dir"
   rm -rf "$dir"
   mkdir -p "$dir"
@@ -93,12 +104,9 @@ for r in m.get("Replace") or []:
 ' "$staging")
   printf '    %s\n' "${edits[@]}"
   go mod edit -require="$mod@$ver" "${edits[@]}"
-  local -a targets=()
-  local p
-  for p in "$@"; do targets+=("$p@$ver"); done
   go get -tool "${targets[@]}"
   go mod download
-  touch .ready
+  echo "$*" >.ready
 }
 
 # Extra -ldflags per family (run inside the prepared module dir).
@@ -129,18 +137,19 @@ helm_ldflags() {
 no_ldflags() { :; }
 kwok_ldflags() { echo "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"; }
 
-K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl)
+K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy)
 k8s_pkgs() { local c; for c in "${K8S_CMDS[@]}"; do echo "k8s.io/kubernetes/cmd/$c"; done; }
 
 # spec NAME -> "key module version staging pkg ldflags-func version-args"
 spec() {
   case $1 in
     etcd) echo "etcd go.etcd.io/etcd/server/v3 $ETCD_VERSION - go.etcd.io/etcd/server/v3 no_ldflags --version" ;;
-    kube-apiserver | kube-scheduler | kube-controller-manager | kubelet | kubectl)
+    kube-apiserver | kube-scheduler | kube-controller-manager | kubelet | kubectl | kube-proxy)
       local s=v0.${K8S_VERSION#v1.} varg=--version
       [[ $1 == kubectl ]] && varg=version,--client  # kubectl has no --version flag
       echo "k8s k8s.io/kubernetes $K8S_VERSION $s k8s.io/kubernetes/cmd/$1 k8s_ldflags $varg" ;;
     helm) echo "helm helm.sh/helm/v3 $HELM_VERSION - helm.sh/helm/v3/cmd/helm helm_ldflags version" ;;
+    coredns) echo "coredns github.com/coredns/coredns $COREDNS_VERSION - github.com/coredns/coredns no_ldflags -version" ;;
     kwok) echo "kwok sigs.k8s.io/kwok $KWOK_VERSION - sigs.k8s.io/kwok/cmd/kwok kwok_ldflags --version" ;;
     vc-scheduler) echo "volcano volcano.sh/volcano $VOLCANO_VERSION - volcano.sh/volcano/cmd/scheduler no_ldflags --version" ;;
     *) echo "build-upstream: unknown binary '$1'" >&2; return 1 ;;

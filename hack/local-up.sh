@@ -13,5 +13,5 @@ ensure_venv test
 [ "$(id -u)" = 0 ] || { echo "local-up: needs root (containerd, kubelet, network namespaces)" >&2; exit 1; }
 source hack/lib/cluster-deps.sh
 ensure_cluster_deps
-hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kwok
+hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns kwok
 exec "$VENV/bin/python" -m tests.support.cluster up "$@"

@@ -50,13 +50,17 @@ def least_privilege(user: str, rules: list[dict]) -> list[dict]:  # type: ignore
 
 
 class LocalApiServer:
-    def __init__(self, users: dict[str, list[str]] | None = None, extra_args: tuple[str, ...] = ()):
-        """``users``: name → groups, each gets a token and a kubeconfig (``kubeconfig_for(name)``)."""
+    def __init__(self, users: dict[str, list[str]] | None = None, extra_args: tuple[str, ...] = (),
+                 bind_address: str = "127.0.0.1"):
+        """``users``: name → groups, each gets a token and a kubeconfig (``kubeconfig_for(name)``).
+        ``bind_address``: where the API server listens and what it advertises (the ``kubernetes`` Service's
+        endpoint); loopback unless pods must reach it (the local cluster binds the host end of its private link)."""
         self.root = Path(tempfile.mkdtemp(prefix="fapi", dir="/tmp"))
         self.users = {"admin": ["system:masters"], **(users or {})}
         self.tokens = {name: f"{name}-{os.urandom(8).hex()}" for name in self.users}
         self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.bind_address = bind_address
+        self.url = f"https://{bind_address}:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.extra_args = extra_args
 
@@ -72,7 +76,7 @@ class LocalApiServer:
         tokens = self.root / "tokens.csv"
         tokens.write_text("".join(f'{self.tokens[u]},{u},{u},"{",".join(g)}"\n' for u, g in self.users.items()))
         self._spawn("kube-apiserver", [
-            binary("kube-apiserver"), f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1",
+            binary("kube-apiserver"), f"--etcd-servers={etcd_url}", f"--bind-address={self.bind_address}",
             f"--secure-port={self.port}", f"--cert-dir={self.root / 'certs'}", f"--token-auth-file={tokens}",
             "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",

@@ -47,7 +47,16 @@ REPO = Path(__file__).resolve().parents[2]
 NODE = "fuyao-node"
 POD_SUBNET = "10.244.0.0/24"
 LINK_HOST, LINK_NETNS = "10.243.0.1", "10.243.0.2"
-"""The two ends of the host ↔ harness-namespace link (a private /30)."""
+"""The two ends of the host ↔ harness-namespace link (a private /30). The API server listens on ``LINK_HOST`` (pods
+reach it through the ``kubernetes`` Service, which kube-proxy maps there); CoreDNS on ``LINK_NETNS``."""
+SERVICE_CIDR = "10.96.0.0/16"
+"""The API server's service range: kube-proxy (in the harness namespace) serves it; the host routes it over the
+link, so tests, the demo and the host's kube-scheduler reach ClusterIPs."""
+CLUSTER_DOMAIN = "cluster.local"
+EXTENDER_CLUSTER_IP = "10.96.0.50"
+"""With ``components="chart"`` the kube-scheduler calls the extender the chart installs, at this fixed ClusterIP
+(the chart's ``service.clusterIP``) on port 8888."""
+COMPONENTS = ("host", "chart")
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
@@ -55,7 +64,12 @@ DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 
 class LocalCluster:
     def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
-                 kwok_nodes: int = 0):
+                 kwok_nodes: int = 0, components: str = "host"):
+        """``components``: ``host`` runs fuyao's device plugin, extender and QoS agent as host processes (the e2e
+        tests stop and restart them); ``chart`` runs none, for fuyao's Helm charts to install them as pods."""
+        if components not in COMPONENTS:
+            raise ValueError(f"components={components!r}: expected one of {', '.join(COMPONENTS)}")
+        self.components = components
         self.kwok_nodes = kwok_nodes
         self.dir = Path(state_dir)
         self.node = node
@@ -114,7 +128,7 @@ class LocalCluster:
         return "".join(p.read_text(errors="replace") for p in found)
 
     def _save(self) -> None:
-        state = {"procs": self.procs, "netns": self.netns, "node": self.node, "link": self.link,
+        state = {"procs": self.procs, "netns": self.netns, "components": self.components, "node": self.node, "link": self.link,
                  "api_root": str(self.api.root) if self.api else None, "extender": self.extender_url,
                  "kubeconfig": str(self.dir / "admin.kubeconfig")}
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -137,16 +151,23 @@ class LocalCluster:
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is missing: apt-get install containerd runc util-linux iproute2 "
                                    "containernetworking-plugins busybox-static gcc")
-        self.api = LocalApiServer(users={f"system:node:{self.node}": ["system:nodes"]},
+        self._network()
+        self.api = LocalApiServer(users={f"system:node:{self.node}": ["system:nodes"]}, bind_address=LINK_HOST,
                                   extra_args=("--kubelet-preferred-address-types=InternalIP",)).start()
         shutil.copy(self.api.kubeconfig_for("admin"), self.dir / "admin.kubeconfig")
         self._controller_manager()
         self._containerd()
-        self._device_plugin()
+        self._kube_proxy()
+        self._cluster_dns()
+        self._simulated_npus()
+        if self.components == "host":
+            self._device_plugin()
         self._kubelet()
         self._extender_and_scheduler()
-        self._qos_agent()
-        wait_for(self._node_ready, 90, "the node to be Ready with NPUs")
+        if self.components == "host":
+            self._qos_agent()
+        wait_for(self._node_ready, 90,
+                 "the node to be Ready" + (" with NPUs" if self.components == "host" else ""))
         if self.kwok_nodes:
             self.add_kwok_nodes(self.kwok_nodes)
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
@@ -162,8 +183,6 @@ class LocalCluster:
             "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle", "--v=1"])
 
     def _containerd(self) -> None:
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         base = self.dir / "containerd"
         (base / "net.d").mkdir(parents=True)
         (base / "net.d" / "10-fuyao.conflist").write_text(json.dumps({
@@ -196,7 +215,6 @@ state = "{base / 'state'}"
     bin_dir = "{cni_bin}"
     conf_dir = "{base / 'net.d'}"
 """)
-        self._pod_network_link()
         self._spawn("containerd", ["containerd", "--config", str(base / "config.toml")], netns=True)
         sock = base / "containerd.sock"
         wait_for(sock.exists, 30, "containerd")
@@ -205,13 +223,16 @@ state = "{base / 'state'}"
         for archive in (build_pause(images), build_busybox(images)):
             self.import_image(archive)
 
-    def _pod_network_link(self) -> None:
-        """A veth pair between this host and the harness's network namespace, with private addresses
-        (``LINK_HOST``/``LINK_NETNS``) and a host route to the pod subnet through it: tests and the demo reach pod
-        IPs from the host. Nothing else on the host changes (no forwarding, no NAT); deleting the namespace
-        deletes the pair and the route."""
+    def _network(self) -> None:
+        """The harness's network namespace, and a veth pair between it and this host with private addresses
+        (``LINK_HOST``/``LINK_NETNS``) and host routes to the pod subnet and the service range through it: pods
+        reach the API server, tests and the demo reach pod IPs and ClusterIPs from the host. Nothing else on the
+        host changes (no forwarding, no NAT); deleting the namespace deletes the pair and the routes."""
         self.link = f"fyh{os.getpid() % 100000}"
         run = lambda *args: subprocess.run(list(args), check=True, capture_output=True)  # noqa: E731
+        run("ip", "netns", "add", self.netns)
+        self._save()
+        run("ip", "-n", self.netns, "link", "set", "lo", "up")
         run("ip", "link", "add", self.link, "type", "veth", "peer", "name", "fyn0", "netns", self.netns)
         run("ip", "addr", "add", f"{LINK_HOST}/30", "dev", self.link)
         run("ip", "link", "set", self.link, "up")
@@ -219,7 +240,37 @@ state = "{base / 'state'}"
         run("ip", "-n", self.netns, "link", "set", "fyn0", "up")
         run("nsenter", f"--net=/var/run/netns/{self.netns}", "sysctl", "-qw", "net.ipv4.ip_forward=1")
         run("ip", "route", "add", POD_SUBNET, "via", LINK_NETNS, "dev", self.link)
+        run("ip", "route", "add", SERVICE_CIDR, "via", LINK_NETNS, "dev", self.link)
         self._save()
+
+    def _kube_proxy(self) -> None:
+        """The real kube-proxy (iptables mode) in the harness namespace, where the pods' traffic is routed: Services
+        work for pods (the ``kubernetes`` Service reaches the API server on the link) and, through the host route,
+        for the host. Its conntrack sysctls are left alone (not settable in a namespace)."""
+        config = self.dir / "kube-proxy.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.dir / "admin.kubeconfig")},
+            "hostnameOverride": self.node, "clusterCIDR": POD_SUBNET, "mode": "iptables",
+            "conntrack": {"maxPerCore": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "metricsBindAddress": "127.0.0.1:10249", "healthzBindAddress": "127.0.0.1:10256"}))
+        self._spawn("kube-proxy", [binary("kube-proxy"), f"--config={config}", "--v=1"], netns=True)
+
+    def _cluster_dns(self) -> None:
+        """CoreDNS (its ``kubernetes`` plugin) on ``LINK_NETNS``:53 in the harness namespace, the kubelet's
+        ``clusterDNS``: pods resolve ``<service>.<namespace>.svc``. No forwarding: nothing outside the cluster."""
+        corefile = self.dir / "Corefile"
+        corefile.write_text(f""".:53 {{
+    bind {LINK_NETNS}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {self.dir / 'admin.kubeconfig'}
+        pods insecure
+    }}
+    cache 10
+}}
+""")
+        self._spawn("coredns", [binary("coredns"), "-conf", str(corefile)], netns=True)
 
     def import_image(self, archive: Path) -> None:
         """Load a docker-archive into the node's containerd (pods use it with ``imagePullPolicy: Never``)."""
@@ -227,17 +278,20 @@ state = "{base / 'state'}"
         subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(archive)],
                        check=True, capture_output=True, timeout=600)
 
-    def _device_plugin(self) -> None:
-        state = self.dir / "npu.json"
-        env = {"FAKE_NPU_SMI_STATE": str(state)}
+    def _simulated_npus(self) -> None:
+        """The node's NPUs: the fake npu-smi's state (``npu.json``) and device nodes under ``dev/``."""
         subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), "fake", "init", "--preset", self.preset],
-                       check=True, capture_output=True, env={**os.environ, **env})
+                       check=True, capture_output=True, env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")})
         dev = self.dir / "dev"
         dev.mkdir()
         for name in [f"davinci{i}" for i in range(16)] + ["davinci_manager", "devmm_svm", "hisi_hdc"]:
             os.mknod(dev / name, 0o666 | 0o020000, os.makedev(1, 3))  # a char device with /dev/null's numbers
-        kubelet_root = self.dir / "kubelet"
         DEVICE_PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+
+    def _device_plugin(self) -> None:
+        env = {"FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")}
+        dev = self.dir / "dev"
+        kubelet_root = self.dir / "kubelet"
         self._spawn("fuyao-device-plugin", [
             sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(REPO / "hack" / "fake-npu-smi"),
             "--device-plugin-dir", str(DEVICE_PLUGIN_DIR), "--dev-root", str(dev),
@@ -258,7 +312,7 @@ state = "{base / 'state'}"
             "cgroupsPerQOS": True, "enforceNodeAllocatable": ["pods"], "failSwapOn": False, "failCgroupV1": False,
             "resolvConf": "", "containerRuntimeEndpoint": f"unix://{self.dir / 'containerd' / 'containerd.sock'}",
             "imageGCHighThresholdPercent": 100, "evictionHard": {}, "serializeImagePulls": False,
-            "podLogsDir": str(self.dir / "pod-logs")}))
+            "podLogsDir": str(self.dir / "pod-logs"), "clusterDNS": [LINK_NETNS], "clusterDomain": CLUSTER_DOMAIN}))
         self._spawn("kubelet", [
             binary("kubelet"), f"--config={config}",
             f"--kubeconfig={self.api.kubeconfig_for(f'system:node:{self.node}')}",
@@ -268,11 +322,14 @@ state = "{base / 'state'}"
 
     def _extender_and_scheduler(self) -> None:
         assert self.api is not None
-        port = free_port()
-        self.extender_url = f"http://127.0.0.1:{port}"
-        self._spawn("fuyao-scheduler-extender", [
-            sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
-            "--kubeconfig", str(self.dir / "admin.kubeconfig")])
+        if self.components == "host":
+            port = free_port()
+            self.extender_url = f"http://127.0.0.1:{port}"
+            self._spawn("fuyao-scheduler-extender", [
+                sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
+                "--kubeconfig", str(self.dir / "admin.kubeconfig")])
+        else:
+            self.extender_url = f"http://{EXTENDER_CLUSTER_IP}:8888"
         example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
         example["clientConnection"]["kubeconfig"] = str(self.dir / "admin.kubeconfig")
         example["leaderElection"]["leaderElect"] = False
@@ -346,6 +403,8 @@ state = "{base / 'state'}"
         except RuntimeError:
             return False
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+        if self.components == "chart":
+            return ready
         return ready and int(node["status"].get("allocatable", {}).get("npu.huawei.com/NPU", "0")) > 0
 
 
@@ -419,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--state-dir", default="/tmp/fuyao-cluster")
     parser.add_argument("--preset", default="910b4-8", help="the fake npu-smi preset of the node")
+    parser.add_argument("--components", choices=COMPONENTS, default="host",
+                        help="host: fuyao's device plugin, extender and QoS agent as host processes; chart: none "
+                             "(the Helm charts install them as pods, as hack/demo.sh does)")
     parser.add_argument("--nodes", default="", metavar="kwok=N",
                         help="also N fake NPU nodes run by KWOK (placement and scale; nothing runs in their pods)")
     args = parser.parse_args(argv)
@@ -432,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         down(args.state_dir)
         print(f"stopped the cluster in {args.state_dir}")
         return
-    cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok)
+    cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok, components=args.components)
     try:
         cluster.up()
     except Exception:

@@ -1,0 +1,71 @@
+{{- define "scheduler-extender.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "scheduler-extender.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "scheduler-extender.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "scheduler-extender.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "scheduler-extender.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "scheduler-extender.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "scheduler-extender.labels" -}}
+{{ include "scheduler-extender.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fuyao
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "scheduler-extender.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "scheduler-extender.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "scheduler-extender.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "scheduler-extender.url" -}}
+{{- printf "%s://%s.%s.svc:%v" (ternary "https" "http" (ne .Values.tls.secretName "")) (include "scheduler-extender.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- end -}}
+
+{{/* The extender's config file (scheduler_extender config v1): what the chart decides, then .Values.config over it. */}}
+{{- define "scheduler-extender.config" -}}
+{{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.service.port) "bind" .Values.bind -}}
+{{- if .Values.tls.secretName -}}
+{{- $_ := set $cfg "tls" (dict "certFile" "/etc/fuyao/tls/tls.crt" "keyFile" "/etc/fuyao/tls/tls.key") -}}
+{{- end -}}
+{{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) -}}
+{{- end -}}
+
+{{/* The extenders: entry of a KubeSchedulerConfiguration (docs/examples/kube-scheduler-config.yaml). */}}
+{{- define "scheduler-extender.kubeSchedulerEntry" -}}
+- urlPrefix: {{ include "scheduler-extender.url" . }}
+  filterVerb: filter
+  prioritizeVerb: prioritize
+  preemptVerb: preempt
+  {{- if .Values.bind }}
+  bindVerb: bind
+  {{- end }}
+  weight: {{ .Values.extenderEntry.weight }}
+  enableHTTPS: {{ ne .Values.tls.secretName "" }}
+  httpTimeout: {{ .Values.extenderEntry.httpTimeout }}
+  nodeCacheCapable: true
+  ignorable: {{ .Values.extenderEntry.ignorable }}
+  managedResources:
+  - {name: npu.huawei.com/NPU, ignoredByScheduler: false}
+  - {name: npu.huawei.com/vNPU, ignoredByScheduler: false}
+  - {name: npu.huawei.com/npu-core, ignoredByScheduler: false}
+{{- end -}}
