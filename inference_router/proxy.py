@@ -343,6 +343,16 @@ class Router:
         up = [b.url for b in self.fleet.backends.values() if b.healthy]
         return web.Response(status=200 if up else 503, text=f"{len(up)} healthy backends")
 
+    async def livez(self, _request: web.Request) -> web.Response:
+        """Liveness: the event loop answers. Unlike /health it does not depend on engines being up (a router with
+        no engine yet must not be restarted)."""
+        return web.Response(text="ok")
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Readiness: accepting requests (not draining); with no healthy engine it still answers, with a clear 503
+        per request, so installs do not wait for the engines."""
+        return web.Response(status=503 if self.draining else 200, text="draining" if self.draining else "ok")
+
     async def metrics_page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -357,6 +367,8 @@ class Router:
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/debug/backends", self.backends_page)
         return app

@@ -4,6 +4,7 @@ duplicate a stream, admission (429), prefill/decode with its fallback, config re
 
 from __future__ import annotations
 
+
 import http.client
 import json
 import subprocess
@@ -201,6 +202,19 @@ def test_flags_and_sigterm() -> None:
     finally:
         front.close()
         fake.close()
+
+
+def test_probes_liveness_and_readiness_do_not_depend_on_engines() -> None:
+    """/health reports engines (503 with none healthy); /livez and /readyz (the chart's probes) answer 200 anyway,
+    so a router installed before its engines is neither restarted nor kept out of its Service."""
+    port = free_port()
+    front = Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", "--backend",
+                                            f"http://127.0.0.1:{free_port()}"], port, "/livez").start()
+    try:
+        assert front.get("/health")[0] == 503
+        assert front.get("/readyz") == (200, "ok")
+    finally:
+        front.close()
 
 
 def test_a_backend_process_that_dies_is_routed_around() -> None:

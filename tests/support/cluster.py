@@ -79,6 +79,7 @@ class LocalCluster:
         self.api: LocalApiServer | None = None
         self.extender_url = ""
         self.link = ""
+        self.npu_state = self.dir / "npu" / "npu.json"
 
     # Helpers -----------------------------------------------------------------------------------------------------
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
@@ -117,7 +118,7 @@ class LocalCluster:
     def fake_npu_smi(self, *args: str) -> str:
         return subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), *args], check=True,
                               capture_output=True, text=True,
-                              env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")}).stdout
+                              env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)}).stdout
 
     def node_json(self) -> dict[str, Any]:
         return json.loads(self.kubectl("get", "node", self.node, "-o", "json"))  # type: ignore[no-any-return]
@@ -279,9 +280,11 @@ state = "{base / 'state'}"
                        check=True, capture_output=True, timeout=600)
 
     def _simulated_npus(self) -> None:
-        """The node's NPUs: the fake npu-smi's state (``npu.json``) and device nodes under ``dev/``."""
+        """The node's NPUs: the fake npu-smi's state (``npu/npu.json``, in a directory of its own: a device plugin pod
+        mounts it, and the state is replaced by rename) and device nodes under ``dev/``."""
+        self.npu_state.parent.mkdir()
         subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), "fake", "init", "--preset", self.preset],
-                       check=True, capture_output=True, env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")})
+                       check=True, capture_output=True, env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)})
         dev = self.dir / "dev"
         dev.mkdir()
         for name in [f"davinci{i}" for i in range(16)] + ["davinci_manager", "devmm_svm", "hisi_hdc"]:
@@ -289,7 +292,7 @@ state = "{base / 'state'}"
         DEVICE_PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
 
     def _device_plugin(self) -> None:
-        env = {"FAKE_NPU_SMI_STATE": str(self.dir / "npu.json")}
+        env = {"FAKE_NPU_SMI_STATE": str(self.npu_state)}
         dev = self.dir / "dev"
         kubelet_root = self.dir / "kubelet"
         self._spawn("fuyao-device-plugin", [

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Write charts/<chart>/values.schema.json for every fuyao chart (JSON Schema draft-07, which Helm checks on lint,
+template, install and upgrade: a misspelt key or a wrong type fails with the key's path).
+
+The pieces every chart shares (image, scheduling, resources, RBAC, metrics) are defined once here; each chart adds
+its own keys. Unknown keys are errors (``additionalProperties: false``) except in free-form maps (labels,
+annotations, resources) and ``config`` (the component validates its own config file at start, naming the field).
+tests/charts/test_charts.py fails when a committed schema differs from what this prints.
+
+Usage: hack/gen-chart-schemas.py [--check]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+CHARTS = Path(__file__).resolve().parents[1] / "charts"
+Schema = dict[str, Any]
+
+
+def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), description: str = "") -> Schema:
+    schema: Schema = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def string(description: str = "", **extra: Any) -> Schema:
+    return {"type": "string", **({"description": description} if description else {}), **extra}
+
+
+def integer(minimum: int | None = None, maximum: int | None = None, description: str = "") -> Schema:
+    schema: Schema = {"type": "integer"}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def boolean(description: str = "") -> Schema:
+    return {"type": "boolean", **({"description": description} if description else {})}
+
+
+FREE_MAP: Schema = {"type": "object"}
+STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+LIST: Schema = {"type": "array"}
+DURATION = string("a duration: 500ms, 5s, 1m, 1h", pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+PORT = integer(1, 65535)
+QUANTITY: Schema = {"type": ["string", "integer"], "description": "a Kubernetes quantity, e.g. 10Gi",
+                    "pattern": r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[mkMGTPE]|e[0-9]+)?$"}
+ABS_PATH = string(pattern=r"^/")
+
+IMAGE = obj({"repository": string("image repository", minLength=1), "tag": string("default: the chart's appVersion"),
+             "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, ("repository",))
+RESOURCES = obj({"requests": FREE_MAP, "limits": FREE_MAP, "claims": LIST})
+SERVICE_MONITOR = obj({"enabled": boolean("needs the monitoring.coreos.com CRDs"), "interval": DURATION,
+                       "labels": STRING_MAP})
+RBAC = obj({"create": boolean()})
+SERVICE_ACCOUNT = obj({"create": boolean(), "name": string()})
+ENV_LIST: Schema = {"type": "array", "items": {"type": "object", "required": ["name"]}}
+VOLUME_LIST: Schema = {"type": "array", "items": {"type": "object", "required": ["name"]}}
+MOUNT_LIST: Schema = {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}}
+STRING_LIST: Schema = {"type": "array", "items": {"type": "string"}}
+
+
+def common() -> dict[str, Schema]:
+    """Keys of every chart."""
+    return {
+        "global": FREE_MAP,  # what an umbrella chart passes down
+        "image": IMAGE,
+        "imagePullSecrets": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "nameOverride": string(),
+        "fullnameOverride": string(),
+        "podAnnotations": STRING_MAP,
+        "rbac": RBAC,
+        "serviceAccount": SERVICE_ACCOUNT,
+    }
+
+
+def placement() -> dict[str, Schema]:
+    return {"nodeSelector": STRING_MAP, "affinity": FREE_MAP, "tolerations": {"type": "array", "items": FREE_MAP}}
+
+
+def node_agent() -> dict[str, Schema]:
+    """A DaemonSet's keys (device plugin, QoS agent)."""
+    return {**placement(), "priorityClassName": string(), "resources": RESOURCES,
+            "config": {**FREE_MAP, "description": "merged into the component's config file (validated at start)"},
+            "extraArgs": STRING_LIST, "extraEnv": ENV_LIST, "extraVolumes": VOLUME_LIST,
+            "extraVolumeMounts": MOUNT_LIST}
+
+
+def metrics(default_port: int) -> Schema:
+    return obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR},
+               description=f"/metrics on port {default_port} by default")
+
+
+SCHEMAS: dict[str, Schema] = {
+    "npu-device-plugin": obj({
+        **common(), **node_agent(),
+        "privileged": boolean("npu-smi opens the driver's management devices"),
+        "npuSmi": obj({"path": ABS_PATH, "timeout": DURATION}, ("path",)),
+        "hostPaths": obj({"devicePlugins": ABS_PATH, "podResources": ABS_PATH, "dev": ABS_PATH, "state": ABS_PATH,
+                          "driver": {"type": "array", "items": ABS_PATH}},
+                         ("devicePlugins", "podResources", "dev", "state")),
+        "health": obj({"interval": DURATION, "failureThreshold": integer(1)}),
+        "serverUsage": {"enum": ["", "train", "infer"]},
+        "vnpu": obj({"mode": {"enum": ["off", "static", "dynamic"]},
+                     "config": obj({"devices": {"type": "array", "items": {"type": "object"}}},
+                                   description="vnpu-config.json (static mode)")}),
+        "metrics": metrics(9400),
+    }),
+    "scheduler-extender": obj({
+        **common(), **placement(), "priorityClassName": string(), "resources": RESOURCES,
+        "replicas": integer(0, 1, "at most one binder: the extender keeps the devices it just assigned in memory"),
+        "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,
+                        "clusterIP": string(pattern=r"^$|^None$|^[0-9a-fA-F.:]+$")}),
+        "tls": obj({"secretName": string("a kubernetes.io/tls Secret; empty: plain HTTP")}),
+        "bind": boolean("act as the binder (bindVerb)"),
+        "metrics": obj({"serviceMonitor": SERVICE_MONITOR}),
+        "config": {**FREE_MAP, "description": "merged into the extender's config file (validated at start)"},
+        "scheduler": obj({"enabled": boolean("a second kube-scheduler configured with the extender"),
+                          "schedulerName": string(minLength=1), "image": string(minLength=1),
+                          "replicas": integer(0), "leaderElect": boolean(), "resources": RESOURCES}),
+        "extenderEntry": obj({"weight": integer(1), "httpTimeout": DURATION, "volcanoHttpTimeout": DURATION,
+                              "ignorable": boolean()}),
+        "extraArgs": STRING_LIST, "extraEnv": ENV_LIST,
+    }),
+    "qos-agent": obj({
+        **common(), **node_agent(),
+        "cgroupRoot": ABS_PATH, "interval": DURATION,
+        "metrics": metrics(9401),
+    }),
+    "ai-inference-optimization": obj({
+        **common(),
+        "configMapName": string(minLength=1, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        "router": obj({
+            "replicas": integer(0), "port": PORT,
+            "strategy": {"enum": ["round-robin", "least-connections", "intelligent", "prefix-aware"]},
+            "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT}),
+            "discovery": obj({"namespace": string("empty: every namespace")}),
+            "pdSeparation": obj({"enabled": boolean(), "fallback": {"enum": ["decode-only", "error"]}}),
+            "model": string(),
+            "config": {**FREE_MAP, "description": "merged into the router's config.yaml (validated at start)"},
+            "resources": RESOURCES, **placement(),
+        }),
+        "kvCache": obj({
+            "enabled": boolean(), "replicas": integer(0), "size": QUANTITY, "blockSize": integer(1, 4096),
+            "hashSeed": integer(0), "port": PORT,
+            "discovery": obj({"labelSelector": string(minLength=1)}),
+            "config": {**FREE_MAP, "description": "merged into the kv_cache section (validated at start)"},
+            "resources": RESOURCES, **placement(),
+        }),
+        "monitoring": obj({
+            "serviceMonitor": SERVICE_MONITOR,
+            "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
+                                   "highInferenceLatencySeconds": {"type": "number", "exclusiveMinimum": 0},
+                                   "highInferenceErrorRatio": {"type": "number", "minimum": 0, "maximum": 1},
+                                   "lowCacheHitRatio": {"type": "number", "minimum": 0, "maximum": 1},
+                                   "lowNpuUtilization": {"type": "number", "minimum": 0, "maximum": 1}}),
+            "grafanaDashboard": obj({"enabled": boolean(), "labels": STRING_MAP}),
+        }),
+    }),
+}
+
+
+def render(chart: str) -> str:
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "title": f"fuyao {chart} values",
+              **SCHEMAS[chart]}
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for chart in SCHEMAS:
+        path = CHARTS / chart / "values.schema.json"
+        text = render(chart)
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print("stale (run hack/gen-chart-schemas.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,260 @@
+"""fuyao's Helm charts without a cluster: ``helm lint`` and ``helm template`` with default and custom values, every
+rendered object checked against the Kubernetes 1.34 OpenAPI schemas (kubernetes-validate, strict: unknown fields
+fail), the config files the charts write accepted by the components' own config models, RBAC equal to the rules
+the integration tests run each component with, and alerts / dashboard on metrics the components really export.
+The server-side dry run and a real install are in tests/e2e/test_charts_on_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.support.apiserver import binary
+from tests.support.charts import CHARTS, INSTALL_ORDER
+
+REPO = CHARTS.parent
+K8S_VERSION = "1.34.0"
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+
+CUSTOM_VALUES: dict[str, dict[str, Any]] = {
+    "npu-device-plugin": {
+        "image": {"repository": "registry.example.com/fuyao", "tag": "1.2.3", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}], "privileged": False, "serverUsage": "infer",
+        "nodeSelector": {"node-role/npu": "true"}, "health": {"interval": "2s", "failureThreshold": 5},
+        "vnpu": {"mode": "static", "config": {"devices": [{"device_id": "0", "vnpu_count": 4,
+                                                           "vnpu_memory": "3GB"}]}},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "config": {"preferSchedulerAssignment": False},
+        "extraArgs": ["--log-level=debug"],
+    },
+    "scheduler-extender": {
+        "tls": {"secretName": "extender-tls"}, "bind": False, "service": {"clusterIP": "10.96.0.50"},
+        "config": {"shortlist": 32, "plugins": {"deviceFit": {"strategy": "spread"}, "pdAffinity": {"ratio": "1:2"}}},
+        "scheduler": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "qos-agent": {
+        "nodeSelector": {"volcano.sh/colocation": "true"}, "interval": "5s", "metrics": {"enabled": False},
+        "config": {"cpuSuppress": {"thresholdPercent": 70}, "memoryEviction": {"highPercent": 90, "lowPercent": 85}},
+    },
+    "ai-inference-optimization": {
+        "router": {"replicas": 3, "strategy": "intelligent", "discovery": {"namespace": "llm"},
+                   "pdSeparation": {"enabled": True}, "model": "qwen", "config": {"router": {"retries": 1}}},
+        "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"eviction_policy": "LFU", "ttl": "1h"}},
+        "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                       "grafanaDashboard": {"enabled": True}},
+    },
+}
+CASES = [(chart, variant) for chart in INSTALL_ORDER for variant in ("default", "custom")]
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([binary("helm"), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{result.stderr}")
+    return result
+
+
+def values_args(chart: str, variant: str, tmp_path: Path) -> list[str]:
+    if variant == "default":
+        return []
+    path = tmp_path / f"{chart}.yaml"
+    path.write_text(yaml.safe_dump(CUSTOM_VALUES[chart]))
+    return ["--values", str(path)]
+
+
+def render(chart: str, variant: str, tmp_path: Path, *extra: str) -> list[dict[str, Any]]:
+    apis = [arg for api in MONITORING_APIS for arg in ("--api-versions", api)]
+    out = helm("template", "rel", str(CHARTS / chart), "--namespace", "fuyao-system", "--kube-version", K8S_VERSION,
+               *apis, *values_args(chart, variant, tmp_path), *extra).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def config_map(docs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    found = [d["data"][key] for d in of_kind(docs, "ConfigMap") if key in d.get("data", {})]
+    assert len(found) == 1, f"{key}: {len(found)} ConfigMaps carry it"
+    return yaml.safe_load(found[0])  # type: ignore[no-any-return]
+
+
+def test_committed_schemas_are_what_the_generator_writes() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "hack" / "gen-chart-schemas.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("chart", "variant"), CASES)
+def test_lint_is_clean(chart: str, variant: str, tmp_path: Path) -> None:
+    result = helm("lint", "--strict", str(CHARTS / chart), *values_args(chart, variant, tmp_path))
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(("chart", "variant"), CASES)
+def test_rendered_objects_are_valid_kubernetes_1_34(chart: str, variant: str, tmp_path: Path) -> None:
+    docs = render(chart, variant, tmp_path)
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no OpenAPI schema in kubernetes-validate; its fields are checked below
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at "
+                                 f"{'/'.join(map(str, exc.path))}") from exc
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "fuyao", f"{doc['kind']} {doc['metadata']['name']}"
+
+
+def test_bad_values_are_refused_with_the_key_named(tmp_path: Path) -> None:
+    for chart, values, expected in [
+        ("npu-device-plugin", ["--set", "vnpu.mode=sometimes"], "/vnpu/mode"),
+        ("scheduler-extender", ["--set", "replicas=2"], "/replicas"),
+        ("qos-agent", ["--set", "interval=ten"], "/interval"),
+        ("ai-inference-optimization", ["--set", "router.strategy=random"], "/router/strategy"),
+        ("ai-inference-optimization", ["--set", "kvCache.sise=1Gi"], "sise"),
+    ]:
+        result = helm("template", "rel", str(CHARTS / chart), *values, check=False)
+        assert result.returncode != 0 and expected in result.stderr, (chart, values, result.stderr)
+
+
+@pytest.mark.parametrize("variant", ["default", "custom"])
+def test_config_files_the_charts_write_are_accepted_by_the_components(variant: str, tmp_path: Path) -> None:
+    from deviceplugin.config import build_config as device_plugin_config
+    from inference_router.config import build_config as router_config
+    from kvcache.config import build_config as kvcache_config
+    from qos.config import build_config as qos_config
+    from scheduler_extender.config import build_config as extender_config
+
+    plugin = device_plugin_config(config_map(render("npu-device-plugin", variant, tmp_path), "config.yaml"))
+    extender = extender_config(config_map(render("scheduler-extender", variant, tmp_path), "config.yaml"))
+    agent = qos_config(config_map(render("qos-agent", variant, tmp_path), "config.yaml"))
+    inference = render("ai-inference-optimization", variant, tmp_path)
+    router = router_config(config_map(inference, "config.yaml"))
+    index = kvcache_config(config_map(inference, "kvcache.yaml"))
+    assert plugin.metrics_address.startswith("0.0.0.0:") and extender.listen.startswith("0.0.0.0:")
+    assert agent.cgroup_root == "/host/sys/fs/cgroup" and router.router.discovery.enabled
+    assert index.kv_cache.events.discovery.enabled
+    if variant == "custom":  # the chart's values and the free-form config both arrive
+        assert plugin.vnpu.mode == "static" and plugin.vnpu.config and plugin.server_usage == "infer"
+        assert plugin.prefer_scheduler_assignment is False and plugin.health.failure_threshold == 5
+        assert extender.tls is not None and extender.bind is False and extender.shortlist == 32
+        assert extender.plugins.device_fit.strategy == "spread" and extender.plugins.pd_affinity.ratio == "1:2"
+        assert agent.cpu_suppress.threshold_percent == 70 and agent.metrics_address == ""
+        assert router.router.strategy == "intelligent" and router.router.retries == 1
+        assert router.pd_separation.enabled and router.router.discovery.namespace == "llm"
+        assert index.kv_cache.size == 20 * 2**30 and index.kv_cache.block_size == router.kv_cache.block_size == 32
+    else:
+        assert router.kv_cache.service == "http://rel-ai-inference-optimization-kvcache.fuyao-system.svc:8100"
+
+
+def rules_of(docs: list[dict[str, Any]], kind: str = "ClusterRole") -> list[dict[str, Any]]:
+    roles = of_kind(docs, kind)
+    assert len(roles) == 1, [r["metadata"]["name"] for r in roles]
+    return roles[0]["rules"]  # type: ignore[no-any-return]
+
+
+def test_rbac_is_exactly_what_the_integration_tests_run_each_component_with(tmp_path: Path) -> None:
+    from tests.integration.test_deviceplugin_cluster import DEVICE_PLUGIN_RULES
+    from tests.integration.test_extender_cluster import EXTENDER_RULES
+    from tests.integration.test_qos_cluster import QOS_AGENT_RULES
+
+    assert rules_of(render("npu-device-plugin", "default", tmp_path)) == DEVICE_PLUGIN_RULES
+    assert rules_of(render("scheduler-extender", "default", tmp_path)) == EXTENDER_RULES
+    assert rules_of(render("qos-agent", "default", tmp_path)) == QOS_AGENT_RULES
+    no_bind = rules_of(render("scheduler-extender", "default", tmp_path, "--set", "bind=false"))
+    assert no_bind == [r for r in EXTENDER_RULES if r["resources"] != ["pods/binding"]]
+    # discovery in one namespace: Roles there, no ClusterRole
+    inference = render("ai-inference-optimization", "custom", tmp_path)
+    assert not of_kind(inference, "ClusterRole")
+    assert {r["metadata"]["namespace"] for r in of_kind(inference, "Role")} == {"llm"}
+    for doc in of_kind(inference, "Role"):
+        assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in doc["rules"])
+
+
+def test_only_the_device_plugin_is_privileged_and_api_pods_run_as_non_root(tmp_path: Path) -> None:
+    for chart in INSTALL_ORDER:
+        for workload in [d for d in render(chart, "default", tmp_path) if d["kind"] in ("DaemonSet", "Deployment")]:
+            pod = workload["spec"]["template"]["spec"]
+            for container in pod["containers"]:
+                security = container.get("securityContext", {})
+                assert security.get("privileged", False) == (chart == "npu-device-plugin"), workload["metadata"]
+                if chart in ("scheduler-extender", "ai-inference-optimization"):
+                    assert pod["securityContext"]["runAsNonRoot"] is True
+                    assert security["capabilities"] == {"drop": ["ALL"]}
+                    assert security["readOnlyRootFilesystem"] is True
+
+
+def test_scheduler_snippets_match_the_documented_examples(tmp_path: Path) -> None:
+    docs = render("scheduler-extender", "default", tmp_path)
+    snippets = next(d for d in of_kind(docs, "ConfigMap") if "kube-scheduler-config.yaml" in d["data"])["data"]
+    example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
+    rendered = yaml.safe_load(snippets["kube-scheduler-config.yaml"])
+    assert rendered["extenders"][0]["urlPrefix"] == "http://rel-scheduler-extender.fuyao-system.svc:8888"
+    assert ({**rendered["extenders"][0], "urlPrefix": "-"} == {**example["extenders"][0], "urlPrefix": "-"})
+    volcano_example = yaml.safe_load((REPO / "docs" / "examples" / "volcano-scheduler.conf").read_text())
+    volcano = yaml.safe_load(snippets["volcano-scheduler.conf"])
+    args = volcano["tiers"][0]["plugins"][3]["arguments"]
+    assert args.pop("extender.urlPrefix") == "http://rel-scheduler-extender.fuyao-system.svc:8888/volcano"
+    volcano_example["tiers"][0]["plugins"][3]["arguments"].pop("extender.urlPrefix")
+    assert volcano == volcano_example
+    # the optional second scheduler: its own profile, leader lease and the extender
+    docs = render("scheduler-extender", "custom", tmp_path)
+    config = yaml.safe_load(next(d for d in of_kind(docs, "ConfigMap")
+                                 if "kube-scheduler-config.yaml" in d["data"])["data"]["kube-scheduler-config.yaml"])
+    assert config["profiles"] == [{"schedulerName": "fuyao-scheduler"}]
+    assert config["extenders"][0]["urlPrefix"].startswith("https://") and "bindVerb" not in config["extenders"][0]
+    assert any(d["metadata"]["name"] == "rel-scheduler-extender-scheduler" for d in of_kind(docs, "Deployment"))
+
+
+def exported_metrics() -> set[str]:
+    """Metric names the components register (prometheus_client: a counter's samples end in _total)."""
+    names: set[str] = set()
+    for package in ("deviceplugin", "scheduler_extender", "qos", "inference_router", "kvcache"):
+        for source in (REPO / package).glob("*.py"):
+            names |= set(re.findall(r"(?:Counter|Gauge|Histogram|Summary)\(\s*\"([a-z_:]+)\"", source.read_text()))
+    return {re.sub(r"_total$", "", n) for n in names}
+
+
+def metrics_in(expr: str) -> set[str]:
+    words = set(re.findall(r"\b([a-z_:][a-z0-9_:]*)\s*(?:\{|\[)", expr))
+    words |= set(re.findall(r"\(\s*([a-z_][a-z0-9_]*)\s*\)", expr))  # avg by (node) (npu_utilization)
+    return {re.sub(r"_(bucket|total|count|sum)$", "", w) for w in words if "_" in w and w not in {"by"}}
+
+
+def test_the_four_alerts_and_the_dashboard_use_metrics_fuyao_exports(tmp_path: Path) -> None:
+    exported = exported_metrics()
+    docs = render("ai-inference-optimization", "custom", tmp_path)
+    (rule,) = of_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"HighInferenceLatency", "HighInferenceErrorRate", "LowCacheHitRate", "LowNPUUtilization"}
+    for name, alert in alerts.items():
+        used = metrics_in(alert["expr"])
+        assert used and used <= exported, (name, used - exported)
+        assert alert["labels"]["severity"] and alert["annotations"]["summary"]
+    assert len(of_kind(docs, "ServiceMonitor")) == 2
+    dashboard = json.loads((CHARTS / "ai-inference-optimization" / "dashboards" / "fuyao.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert {r["title"] for r in dashboard["panels"] if r["type"] == "row"} == {"NPUs", "Scheduling", "Router",
+                                                                                "KV cache"}
+    for panel in panels:
+        for target in panel["targets"]:
+            used = metrics_in(target["expr"])
+            assert used and used <= exported, (panel["title"], used - exported)
+    (shipped,) = [d for d in of_kind(docs, "ConfigMap") if "fuyao.json" in d.get("data", {})]
+    assert json.loads(shipped["data"]["fuyao.json"]) == dashboard
+    # without the CRDs nothing of the monitoring API is rendered, even when asked for
+    plain = helm("template", "rel", str(CHARTS / "ai-inference-optimization"),
+                 *values_args("ai-inference-optimization", "custom", tmp_path)).stdout
+    assert "monitoring.coreos.com" not in plain

@@ -1,0 +1,96 @@
+"""fuyao's Helm charts on the local cluster: the values that fit it, install in the documented order, uninstall.
+
+The charts are installed as a platform engineer would (``helm install`` of each chart into one namespace, in the
+order of docs/install.md); only the values differ from a real cluster: the locally built image (no registry), the
+harness's host paths (fake npu-smi, its state, device nodes, the kubelet's pod-resources directory) and the fixed
+ClusterIP the host's kube-scheduler calls the extender at.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fuyao.contracts import ACCELERATOR_ASCEND_NPU, LABEL_ACCELERATOR
+
+from .apiserver import binary
+from .cluster import EXTENDER_CLUSTER_IP, REPO, LocalCluster
+
+CHARTS = REPO / "charts"
+INSTALL_ORDER = ("npu-device-plugin", "scheduler-extender", "qos-agent", "ai-inference-optimization")
+"""docs/install.md's order: NPUs advertised, then the scheduler that places NPU pods, then the node agent and the
+inference workloads."""
+NAMESPACE = "fuyao-system"
+PART_OF = "app.kubernetes.io/part-of=fuyao"
+
+
+def helm(*args: str, kubeconfig: Path | None = None, timeout: float = 600) -> str:
+    command = [binary("helm"), *args]
+    if kubeconfig is not None:
+        command += ["--kubeconfig", str(kubeconfig)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def local_values(cluster: LocalCluster, image: str) -> dict[str, dict[str, Any]]:
+    """Per chart, the values for the local cluster (``image``: ``repository:tag`` imported into its containerd)."""
+    repository, _, tag = image.rpartition(":")
+    common = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}}
+    npu_dir = str(cluster.npu_state.parent)
+    return {
+        "npu-device-plugin": {
+            **common,
+            "npuSmi": {"path": str(REPO / "hack" / "fake-npu-smi")},
+            "hostPaths": {"dev": str(cluster.dir / "dev"), "podResources": str(cluster.dir / "kubelet" / "pod-resources"),
+                          "state": str(cluster.dir / "fuyao-state"), "driver": []},
+            "health": {"interval": "1s"},
+            "extraEnv": [{"name": "FAKE_NPU_SMI_STATE", "value": str(cluster.npu_state)}],
+            "extraVolumes": [{"name": "fake-npu", "hostPath": {"path": npu_dir, "type": "Directory"}}],
+            "extraVolumeMounts": [{"name": "fake-npu", "mountPath": npu_dir}],
+        },
+        "scheduler-extender": {**common, "service": {"clusterIP": EXTENDER_CLUSTER_IP}},
+        "qos-agent": {**common, "tolerations": [], "interval": "2s"},
+        "ai-inference-optimization": {**common, "router": {"replicas": 1},
+                                      "kvCache": {"size": "256Mi"}},
+    }
+
+
+def install_stack(cluster: LocalCluster, image: str, namespace: str = NAMESPACE, timeout: str = "240s",
+                  log: Any = print) -> dict[str, float]:
+    """Label the NPU node as an administrator would, then ``helm install --wait`` every chart in order. Returns the
+    seconds each install took (until its pods were Ready)."""
+    cluster.kubectl("label", "node", cluster.node, f"{LABEL_ACCELERATOR}={ACCELERATOR_ASCEND_NPU}", "--overwrite")
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    values = local_values(cluster, image)
+    took: dict[str, float] = {}
+    for chart in INSTALL_ORDER:
+        path = cluster.dir / f"values-{chart}.yaml"
+        path.write_text(yaml.safe_dump(values[chart]))
+        started = time.monotonic()
+        log(f"    helm install {chart} (namespace {namespace}) ...")
+        helm("upgrade", "--install", chart, str(CHARTS / chart), "--namespace", namespace, "--create-namespace",
+             "--values", str(path), "--wait", "--timeout", timeout, kubeconfig=kubeconfig)
+        took[chart] = time.monotonic() - started
+    return took
+
+
+def uninstall_stack(cluster: LocalCluster, namespace: str = NAMESPACE) -> None:
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    for chart in reversed(INSTALL_ORDER):
+        helm("uninstall", chart, "--namespace", namespace, "--wait", "--timeout", "120s", kubeconfig=kubeconfig)
+
+
+def leftovers(cluster: LocalCluster) -> list[str]:
+    """Every object labelled part-of=fuyao that still exists (namespaced or not), as ``kind/name``."""
+    kinds = ("all,configmaps,secrets,serviceaccounts,roles,rolebindings,endpointslices,"
+             "clusterroles,clusterrolebindings")
+    listed = json.loads(cluster.kubectl("get", kinds, "-A", "-l", PART_OF, "-o", "json"))
+    return [f"{item['kind']}/{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
+            for item in listed["items"]]
