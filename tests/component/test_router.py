@@ -4,7 +4,6 @@ duplicate a stream, admission (429), prefill/decode with its fallback, config re
 
 from __future__ import annotations
 
-
 import http.client
 import json
 import subprocess

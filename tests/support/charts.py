@@ -48,8 +48,8 @@ def local_values(cluster: LocalCluster, image: str) -> dict[str, dict[str, Any]]
         "npu-device-plugin": {
             **common,
             "npuSmi": {"path": str(REPO / "hack" / "fake-npu-smi")},
-            "hostPaths": {"dev": str(cluster.dir / "dev"), "podResources": str(cluster.dir / "kubelet" / "pod-resources"),
-                          "state": str(cluster.dir / "fuyao-state"), "driver": []},
+            "hostPaths": {"dev": str(cluster.dir / "dev"), "state": str(cluster.dir / "fuyao-state"), "driver": [],
+                          "podResources": str(cluster.dir / "kubelet" / "pod-resources")},
             "health": {"interval": "1s"},
             "extraEnv": [{"name": "FAKE_NPU_SMI_STATE", "value": str(cluster.npu_state)}],
             "extraVolumes": [{"name": "fake-npu", "hostPath": {"path": npu_dir, "type": "Directory"}}],

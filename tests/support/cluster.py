@@ -129,7 +129,8 @@ class LocalCluster:
         return "".join(p.read_text(errors="replace") for p in found)
 
     def _save(self) -> None:
-        state = {"procs": self.procs, "netns": self.netns, "components": self.components, "node": self.node, "link": self.link,
+        state = {"procs": self.procs, "netns": self.netns, "components": self.components, "node": self.node,
+                 "link": self.link,
                  "api_root": str(self.api.root) if self.api else None, "extender": self.extender_url,
                  "kubeconfig": str(self.dir / "admin.kubeconfig")}
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))

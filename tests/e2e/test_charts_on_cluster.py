@@ -1,0 +1,171 @@
+"""fuyao's Helm charts on the real local cluster (``components="chart"``: no fuyao host process; the charts install
+everything as pods): server-side dry runs, the stack installed and Ready, NPUs advertised by the device plugin pod,
+an NPU pod placed through the chart's extender, the demo's request path (router Service → P/D engine pods, with the
+KV-cache index following their events), and ``helm uninstall`` leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
+from tests.charts.test_charts import CUSTOM_VALUES
+from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
+from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
+from tests.support.inference_service import pd_service
+from tests.support.polling import wait_for
+
+pytestmark = pytest.mark.e2e
+IMAGE = "fuyao.local/fuyao:dev"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    from tests.support.cluster import down
+    from tests.support.runtime_image import build
+
+    state = tmp_path_factory.mktemp("chart-cluster", numbered=True)
+    local = LocalCluster(state, components="chart")
+    try:
+        local.up()
+        archive, _ = build()
+        local.import_image(archive)  # tagged fuyao.local/fuyao:<hash> and :dev
+        yield local
+    finally:
+        down(state)
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: LocalCluster) -> Iterator[dict[str, float]]:
+    took = install_stack(cluster, IMAGE, log=lambda _line: None)
+    yield took
+    # (uninstall is a test of its own, last; nothing to do if it ran)
+
+
+def get_json(cluster: LocalCluster, *args: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))  # type: ignore[no-any-return]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 10) -> dict:  # type: ignore[type-arg]
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_every_chart_passes_a_server_side_dry_run_with_default_and_custom_values(cluster: LocalCluster) -> None:
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    for chart in INSTALL_ORDER:
+        custom = cluster.dir / f"custom-{chart}.yaml"
+        custom.write_text(yaml.safe_dump(CUSTOM_VALUES[chart]))
+        for values in ([], ["--values", str(custom)]):
+            out = helm("install", f"dry-{chart}", str(CHARTS / chart), "--namespace", "dry-run",
+                       "--create-namespace", "--dry-run=server", *values, kubeconfig=kubeconfig)
+            assert "STATUS: pending-install" in out, out[:400]
+    assert "dry-run" not in cluster.kubectl("get", "namespaces", "-o", "name")  # nothing was created
+
+
+def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluster: LocalCluster,
+                                                                         stack: dict[str, float]) -> None:
+    assert set(stack) == set(INSTALL_ORDER)
+    pods = get_json(cluster, "pods", "-n", NAMESPACE)["items"]
+    ready = {p["metadata"]["name"]: all(c["ready"] for c in p["status"].get("containerStatuses", [])) for p in pods}
+    assert ready and all(ready.values()), ready
+    assert {p["metadata"]["labels"]["app.kubernetes.io/name"] for p in pods} == set(INSTALL_ORDER)
+    # no fuyao host process in this cluster: the NPUs on the node come from the DaemonSet's pod
+    assert not [p for p in cluster.procs if p["name"].startswith("fuyao-")]
+    node = wait_for(lambda: (n := cluster.node_json())["status"]["allocatable"].get(RESOURCE_NPU) == "8" and n,
+                    60, "8 NPUs allocatable")
+    assert node["metadata"]["labels"]["npu.openfuyao.com/device-count"] == "8"
+    plugin = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/name"] == "npu-device-plugin")
+    log = cluster.pod_log(NAMESPACE, plugin["metadata"]["name"], "device-plugin")
+    assert "registered" in log and RESOURCE_NPU in log
+    # the QoS agent pod publishes batch resources from the host's cgroups
+    wait_for(lambda: "kubernetes.io/batch-cpu" in cluster.node_json()["status"]["allocatable"], 60,
+             "batch-cpu published by the qos-agent pod")
+
+
+def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster, stack: dict[str, float]) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "two-npus", "namespace": "default"},
+           "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                                    "command": ["/bin/sh", "-c", "env; sleep 3600"],
+                                    "resources": {"limits": {RESOURCE_NPU: "2"}}}]}}
+    path = cluster.dir / "two-npus.json"
+    path.write_text(json.dumps(pod))
+    cluster.kubectl("apply", "-f", str(path))
+    try:
+        placed = wait_for(lambda: (p := get_json(cluster, "pod", "two-npus"))["status"].get("phase") == "Running"
+                          and p, 90, "the NPU pod Running")
+        assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, placed["metadata"]["annotations"][
+            ANNOTATION_POD_ASSIGNED], PodAssignment)
+        devices = assignment.containers[0].devices
+        assert assignment.node == cluster.node and len(devices) == 2
+        log = wait_for(lambda: "ASCEND_VISIBLE_DEVICES=" in (text := cluster.pod_log("default", "two-npus")) and text,
+                       30, "the container's environment")
+        visible = log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0]
+        assert sorted(visible.split(",")) == sorted(d.rsplit("-", 1)[1] for d in devices)
+        explained = http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/default/two-npus")
+        assert explained["filter"]["pod"] == "default/two-npus" and explained["filter"]["rejected"] == {}
+    finally:
+        cluster.kubectl("delete", "pod", "two-npus", "--wait=false")
+
+
+def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(
+        cluster: LocalCluster, stack: dict[str, float]) -> None:
+    objects = pd_service("chat", IMAGE, replicas={"prefill": 1, "decode": 1}, time_scale=20)
+    path = cluster.dir / "pd-service.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    cluster.kubectl("apply", "-f", str(path))
+    try:
+        def ready_roles() -> set[str]:
+            pods = get_json(cluster, "pods", "-l", "app=chat")["items"]
+            return {p["metadata"]["labels"]["phase"] for p in pods
+                    if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+
+        wait_for(lambda: ready_roles() == {"prefill", "decode"}, 120, "prefill and decode engine pods Ready")
+        router = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-router")
+        url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
+        body = {"model": "fuyao-sim-7b", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "a question through the chart's router " * 8}]}
+
+        def ask() -> dict | None:  # type: ignore[type-arg]
+            try:
+                return http_json(url + "/v1/chat/completions", body)
+            except OSError:
+                return None
+
+        answer = wait_for(ask, 90, "a chat completion through the router Service")
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
+        backends = http_json(url + "/debug/backends")
+        assert sorted(b["role"] for b in backends.values()) == ["decode", "prefill"]
+        kvcache = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-kvcache")
+        index = f"http://{kvcache['spec']['clusterIP']}:8100"
+        endpoints = wait_for(lambda: len(e := http_json(index + "/v1/endpoints")) == 2 and e, 60,
+                             "the KV-cache index subscribed to both engines")
+        assert endpoints
+        wait_for(lambda: "fuyao_kvcache_events_total" in (m := urllib.request.urlopen(index + "/metrics").read()
+                                                          .decode()) and _events(m) > 0, 60,
+                 "KV events from the engines in the index")
+    finally:
+        cluster.kubectl("delete", "-f", str(path), "--wait=false")
+
+
+def _events(metrics: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("fuyao_kvcache_events_total"))
+
+
+def test_helm_uninstall_leaves_nothing_behind(cluster: LocalCluster, stack: dict[str, float]) -> None:
+    uninstall_stack(cluster)
+    wait_for(lambda: not leftovers(cluster), 90, "no object labelled part-of=fuyao")
+    wait_for(lambda: not get_json(cluster, "pods", "-n", NAMESPACE)["items"], 90, "the stack's pods gone")
+    # the device plugin pod removed its sockets on SIGTERM; the kubelet then stops offering its NPUs
+    wait_for(lambda: not list(DEVICE_PLUGIN_DIR.glob("fuyao-*.sock")), 30, "the plugin's sockets removed")
+    wait_for(lambda: cluster.node_json()["status"]["allocatable"].get(RESOURCE_NPU) == "0", 60,
+             "no NPU allocatable without a device plugin")

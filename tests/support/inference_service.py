@@ -1,0 +1,67 @@
+"""A prefill/decode-disaggregated inference service of engine-simulator pods, as the design doc deploys vLLM: a
+prefill Deployment and a decode Deployment requesting NPUs, labelled with their phase and P/D group (the scheduler
+extender's affinity), publishing KV events (the KV-cache index), behind one Service annotated for the router.
+
+Used by the charts' end-to-end test and by ``hack/demo.sh``; the engine is ``engine_sim`` from fuyao's runtime
+image, serving vLLM's API, metrics and KV events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fuyao.contracts import (
+    ANNOTATION_ENABLE_ROUTER,
+    ANNOTATION_HEALTH_CHECK_PATH,
+    ANNOTATION_KV_EVENTS_PORT,
+    ANNOTATION_SERVED_MODEL,
+    DEFAULT_ENGINE_HTTP_PORT,
+    DEFAULT_KV_EVENTS_PORT,
+    LABEL_APP,
+    LABEL_KV_EVENTS,
+    LABEL_PD_GROUP,
+    LABEL_PHASE,
+    RESOURCE_NPU,
+)
+
+ROLES = ("prefill", "decode")
+
+
+def pd_service(name: str, image: str, namespace: str = "default", model: str = "fuyao-sim-7b",
+               replicas: dict[str, int] | None = None, npus: int = 1, blocks: int = 2048,
+               time_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The Service and the two Deployments (``replicas`` per role, default one prefill and two decode pods)."""
+    replicas = replicas or {"prefill": 1, "decode": 2}
+    objects: list[dict[str, Any]] = [{
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_APP: name},
+                     "annotations": {ANNOTATION_ENABLE_ROUTER: "true", ANNOTATION_HEALTH_CHECK_PATH: "/health"}},
+        "spec": {"selector": {LABEL_APP: name},
+                 "ports": [{"name": "http", "port": DEFAULT_ENGINE_HTTP_PORT, "targetPort": "http"}]}}]
+    for role in ROLES:
+        labels = {LABEL_APP: name, LABEL_PHASE: role, LABEL_PD_GROUP: name, LABEL_KV_EVENTS: "true"}
+        container = {
+            "name": "engine", "image": image, "imagePullPolicy": "Never",
+            "command": ["python3", "-m", "engine_sim.cli", "--host", "0.0.0.0",
+                        "--port", str(DEFAULT_ENGINE_HTTP_PORT), "--model", model, "--role", role,
+                        "--num-gpu-blocks", str(blocks), "--time-scale", str(time_scale),
+                        "--kv-events-endpoint", f"tcp://*:{DEFAULT_KV_EVENTS_PORT}"],
+            "ports": [{"name": "http", "containerPort": DEFAULT_ENGINE_HTTP_PORT},
+                      {"name": "kv-events", "containerPort": DEFAULT_KV_EVENTS_PORT}],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
+            "resources": {"limits": {RESOURCE_NPU: str(npus)}},
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+        }
+        objects.append({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": f"{name}-{role}", "namespace": namespace, "labels": labels},
+            "spec": {"replicas": replicas[role], "selector": {"matchLabels": {LABEL_APP: name, LABEL_PHASE: role}},
+                     "template": {
+                         "metadata": {"labels": labels,
+                                      "annotations": {ANNOTATION_KV_EVENTS_PORT: str(DEFAULT_KV_EVENTS_PORT),
+                                                      ANNOTATION_SERVED_MODEL: model}},
+                         "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                                  "securityContext": {"runAsNonRoot": True, "runAsUser": 65534},
+                                  "containers": [container]}}}})
+    return objects
