@@ -1,50 +1,27 @@
 #!/usr/bin/env bash
-# fuyao demo: discover the NPUs of a simulated node (the fake npu-smi), print inventory and topology, then run the
-# device plugin against a kubelet stand-in.
-# Usage: hack/demo.sh [PRESET]   presets: 910b4-8 (default), 910a1-8, 310p3-4, 910c-8
+# The fuyao demo: the whole stack on a local single-node Kubernetes cluster with 8 simulated Ascend NPUs, without
+# Docker or a registry. Brings up the cluster (or reuses the running one), builds fuyao's image, installs the four
+# Helm charts, deploys a prefill/decode-disaggregated inference service of engine-simulator pods that request NPUs,
+# shows where each pod landed and why, and compares TTFT of prefix-aware routing against round-robin.
+# Installs what it needs (Python venv, Debian packages, upstream binaries built once into ~/.cache/fuyao).
+# Needs root (containerd, the kubelet, network namespaces).
+#
+# Usage: hack/demo.sh [--state-dir DIR] [--fresh] [--rate R] [--duration S]   (hack/demo.sh --help)
+# Stop:  hack/local-down.sh --state-dir /tmp/fuyao-demo
+# Without root: hack/demo-node.sh (one simulated node: npu-smi, inventory, the device plugin's gRPC API).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
-ensure_venv
-cd "$REPO_ROOT"
-preset="${1:-910b4-8}"
-state="$(mktemp -d)/npu-state.json"
-trap 'rm -rf "$(dirname "$state")"' EXIT
-export FAKE_NPU_SMI_STATE="$state"
-hack/fake-npu-smi fake init --preset "$preset"
-
-echo "==> simulated node: preset $preset (fake npu-smi, state $state)"
-echo
-echo "==> npu-smi info (as the real tool prints it)"
-hack/fake-npu-smi info | head -14
-echo "   ..."
-echo
-echo "==> fuyao inventory: what the device plugin will advertise"
-fuyao --log-format text inventory --npu-smi hack/fake-npu-smi
-echo
-echo "==> a chip fails: npu-smi reports NPU 1 Critical (error code 80E01801)"
-hack/fake-npu-smi fake set-health -i 1 Critical --code 80E01801
-fuyao --log-format text inventory --npu-smi hack/fake-npu-smi | sed -n '3,6p'
-echo
-echo "==> node annotation npu.openfuyao.com/topology (what the scheduler extender reads)"
-fuyao --log-level warning inventory --npu-smi hack/fake-npu-smi --json | head -30
-echo "   ..."
-echo
-if [ "$preset" = "910b4-8" ] || [ "$preset" = "310p3-4" ]; then
-  echo "==> vNPUs: split NPU 0 into four slices (fuyao-vnpu, the design doc's vnpu-config.json)"
-  cfg="$(dirname "$state")/vnpu-config.json"
-  echo '{"devices": [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "3GB"}]}' > "$cfg"
-  vnpu() { fuyao-vnpu "$1" --log-level warning --npu-smi hack/fake-npu-smi --ledger "$(dirname "$state")/ledger.json" "${@:2}"; }
-  vnpu plan --config "$cfg"
-  vnpu apply --config "$cfg" --no-kubelet | grep -E '^created'
-  hack/fake-npu-smi info -t info-vnpu -i 0 -c 0 | sed -n '7,13p'
-  echo '{"devices": [{"device_id": "0", "vnpu_count": 9, "vnpu_memory": "8GB"}]}' > "$cfg"
-  echo "   an impossible plan is rejected as a whole:"
-  vnpu plan --config "$cfg" || true
-  echo '{"devices": []}' > "$cfg"
-  vnpu apply --config "$cfg" --no-kubelet | grep -E '^destroyed'
-  echo
-fi
-echo "==> fuyao-device-plugin serving a kubelet stand-in (real gRPC v1beta1 over unix sockets)"
-python hack/demo_deviceplugin.py "$preset"
-echo
-echo "Next: hack/test.sh runs the test suite; docs/architecture.md shows how the components fit together."
+cd "$(dirname "$0")/.."
+source hack/lib/venv.sh
+ensure_venv test
+for arg in "$@"; do
+  case $arg in -h | --help) exec "$VENV/bin/python" hack/demo.py --help ;; esac
+done
+[ "$(id -u)" = 0 ] || { echo "demo: needs root (containerd, kubelet, network namespaces); try hack/demo-node.sh" >&2; exit 1; }
+started=$SECONDS
+echo "==> prerequisites: Debian packages, upstream binaries (built once, cached in ~/.cache/fuyao/bin)"
+source hack/lib/cluster-deps.sh
+ensure_cluster_deps
+hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns helm \
+  | sed 's/^/    /'
+echo "    prerequisites ready after $((SECONDS - started)) s"
+exec "$VENV/bin/python" hack/demo.py "$@"

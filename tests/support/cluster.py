@@ -168,7 +168,7 @@ class LocalCluster:
         self._extender_and_scheduler()
         if self.components == "host":
             self._qos_agent()
-        wait_for(self._node_ready, 90,
+        wait_for(self.node_ready, 90,
                  "the node to be Ready" + (" with NPUs" if self.components == "host" else ""))
         if self.kwok_nodes:
             self.add_kwok_nodes(self.kwok_nodes)
@@ -401,7 +401,7 @@ state = "{base / 'state'}"
         wait_for(ready, 60, f"{count} KWOK nodes to be Ready")
         return names
 
-    def _node_ready(self) -> bool:
+    def node_ready(self) -> bool:
         try:
             node = json.loads(self.kubectl("get", "node", self.node, "-o", "json", check=True))
         except RuntimeError:

@@ -1,0 +1,293 @@
+"""The fuyao demo (``hack/demo.sh``): the whole stack on a local single-node cluster with simulated NPUs.
+
+1. the local cluster (``tests.support.cluster``, reused when one is running), with no fuyao host process;
+2. fuyao's runtime image, built without Docker and imported into the node's containerd;
+3. ``helm install`` of the four charts (device plugin, scheduler extender, QoS agent, router + KV-cache index);
+4. NPUs per node as the kubelet reports them (advertised by the device plugin pod);
+5. a prefill/decode-disaggregated inference service of engine-simulator pods requesting NPUs, and where each pod
+   landed and why (the extender's assignment and explanation);
+6. a shared-prefix workload through a round-robin router (the baseline) and through the chart's prefix-aware router,
+   on the same engines, with different prefixes per run: TTFT p50/p88 and the engines' prefix-cache hit rate;
+7. where to look next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.router_bench import pct, run_load, shared_prefix  # noqa: E402
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, RESOURCE_VNPU, PodAssignment, parse_annotation  # noqa: E402
+from tests.support.apiserver import binary, free_port  # noqa: E402
+from tests.support.charts import NAMESPACE, install_stack  # noqa: E402
+from tests.support.cluster import EXTENDER_CLUSTER_IP, LocalCluster, down  # noqa: E402
+from tests.support.inference_service import pd_service  # noqa: E402
+from tests.support.polling import wait_for  # noqa: E402
+
+SERVICE = "chat"
+MODEL = "fuyao-sim-7b"
+STEPS = 7
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.step = 0
+        self.started = time.monotonic()
+        self.timings: list[tuple[str, float]] = []
+
+    def begin(self, title: str) -> float:
+        self.step += 1
+        print(f"\n[{self.step}/{STEPS}] {title}", flush=True)
+        return time.monotonic()
+
+    def done(self, title: str, since: float) -> None:
+        took = time.monotonic() - since
+        self.timings.append((title, took))
+        print(f"      done in {took:.1f} s", flush=True)
+
+
+def say(line: str) -> None:
+    print(f"      {line}", flush=True)
+
+
+def get_json(cluster: LocalCluster, *args: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))  # type: ignore[no-any-return]
+
+
+def http_json(url: str, timeout: float = 10) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
+    """The running demo cluster when there is a healthy one (components=chart), else a new one."""
+    cluster = LocalCluster(state, components="chart")
+    record = state / "state.json"
+    if record.exists() and not fresh:
+        saved = json.loads(record.read_text())
+        if saved.get("components") == "chart":
+            cluster.procs, cluster.netns, cluster.link = saved["procs"], saved["netns"], saved["link"]
+            try:
+                ready = cluster.node_ready()
+            except Exception:  # noqa: BLE001 - any failure means: start over
+                ready = False
+            if ready:
+                return cluster, True
+        down(state)
+    cluster.up()
+    return cluster, False
+
+
+def npu_table(cluster: LocalCluster) -> None:
+    nodes = get_json(cluster, "nodes")["items"]
+    say(f"{'NODE':<14} {'NPU capacity':>12} {'allocatable':>12} {'vNPU':>6}  labels")
+    for node in nodes:
+        status, labels = node["status"], node["metadata"].get("labels", {})
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())
+                          if k in ("accelerator", "accelerate-type", "npu.openfuyao.com/device-count",
+                                   "node.kubernetes.io/npu-driver"))
+        say(f"{node['metadata']['name']:<14} {status['capacity'].get(RESOURCE_NPU, '0'):>12} "
+            f"{status['allocatable'].get(RESOURCE_NPU, '0'):>12} {status['allocatable'].get(RESOURCE_VNPU, '0'):>6}"
+            f"  {shown}")
+
+
+def deploy_service(cluster: LocalCluster, image: str, blocks: int) -> list[dict[str, Any]]:
+    objects = pd_service(SERVICE, image, model=MODEL, replicas={"prefill": 2, "decode": 2}, blocks=blocks)
+    path = cluster.dir / "demo-service.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    cluster.kubectl("apply", "-f", str(path))
+    say("prefill Deployment: 2 pods x 1 NPU, decode Deployment: 2 pods x 1 NPU, Service 'chat' "
+        "(inference.openfuyao.com/enable-router: true)")
+
+    def ready() -> list[dict[str, Any]] | None:
+        pods = get_json(cluster, "pods", "-l", f"app={SERVICE}")["items"]
+        up = [p for p in pods if p["metadata"].get("deletionTimestamp") is None and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        return up if len(up) == 4 else None
+
+    return wait_for(ready, 180, "four engine pods Ready")  # type: ignore[no-any-return]
+
+
+def placement(pods: list[dict[str, Any]]) -> None:
+    say(f"{'POD':<26} {'PHASE':<8} {'NODE':<12} {'NPUs':<14} why (scheduler extender)")
+    for pod in sorted(pods, key=lambda p: (p["metadata"]["labels"]["phase"], p["metadata"]["name"])):
+        meta = pod["metadata"]
+        raw = meta.get("annotations", {}).get(ANNOTATION_POD_ASSIGNED)
+        devices = ",".join(d for c in parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment).containers
+                           for d in c.devices) if raw else "-"
+        try:
+            explained = http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/{meta['namespace']}/{meta['name']}")
+        except OSError as exc:
+            explained = {"error": str(exc)}
+        say(f"{meta['name']:<26} {meta['labels']['phase']:<8} {pod['spec']['nodeName']:<12} {devices:<14} "
+            f"{why(explained)}")
+
+
+def why(explained: dict[str, Any]) -> str:
+    if "error" in explained:
+        return f"(no explanation: {explained['error']})"
+    parts = []
+    decision = explained.get("prioritize") or explained.get("filter") or {}
+    rejected = decision.get("rejected") or {}
+    parts.append(f"{len(rejected)} node(s) rejected" + (f" ({next(iter(rejected.values()))})" if rejected else ""))
+    scores = decision.get("scores") or {}
+    for node, plugins in list(scores.items())[:1]:
+        parts.append(f"{node}: " + ", ".join(f"{k} {v:.2f}" for k, v in plugins.items()))
+    for note in decision.get("notes", [])[:1]:
+        parts.append(str(note))
+    return "; ".join(parts)
+
+
+def engine_counters(pods: list[dict[str, Any]]) -> tuple[float, float]:
+    hits = queries = 0.0
+    for pod in pods:
+        if pod["metadata"]["labels"]["phase"] != "prefill":
+            continue
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8000/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("vllm:prefix_cache_hits_total"):
+                    hits += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("vllm:prefix_cache_queries_total"):
+                    queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def workload_run(url: str, seed: int, rate: float, duration: float, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    jobs = shared_prefix(rate, duration, seed, groups=8, prefix_words=900, output=16)
+    for job in jobs:
+        job.body["model"] = MODEL
+    before = engine_counters(pods)
+    samples, wall = asyncio.run(run_load(url, jobs))
+    after = engine_counters(pods)
+    ok = [s for s in samples if s.error is None and s.ttft is not None]
+    ttft = [s.ttft for s in ok]
+    queries = after[1] - before[1]
+    return {"requests": len(samples), "errors": len(samples) - len(ok),
+            "p50": pct(ttft, 50), "p88": pct(ttft, 88),  # type: ignore[arg-type]
+            "hit_rate": (after[0] - before[0]) / queries if queries else None, "wall": wall}
+
+
+def baseline_router(cluster: LocalCluster) -> tuple[subprocess.Popen[bytes], str]:
+    """fuyao's router as a host process with strategy round-robin, discovering the same Service."""
+    config = cluster.dir / "demo-round-robin.yaml"
+    config.write_text(json.dumps({"version": "v1", "router": {
+        "strategy": "round-robin", "discovery": {"enabled": True, "namespace": "default"},
+        "health_check": {"path": "/health", "interval": "1s", "timeout": "2s"}},
+        "kv_cache": {"enabled": False}, "pd_separation": {"enabled": True}}))
+    port = free_port()
+    log = open(cluster.dir / "logs" / "demo-round-robin-router.log", "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen([sys.executable, "-m", "inference_router.cli", "--config", str(config),
+                             "--listen", f"127.0.0.1:{port}", "--kubeconfig", str(cluster.dir / "admin.kubeconfig")],
+                            stdout=log, stderr=log)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_serving(url: str, backends: int) -> None:
+    def serving() -> bool:
+        try:
+            listed = http_json(url + "/debug/backends")
+        except OSError:
+            return False
+        return sum(1 for b in listed.values() if b["healthy"]) >= backends
+
+    wait_for(serving, 90, f"{backends} healthy backends at {url}")
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="hack/demo.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", default="/tmp/fuyao-demo", type=Path)
+    parser.add_argument("--fresh", action="store_true", help="replace a running demo cluster")
+    parser.add_argument("--rate", type=float, default=3.0, help="requests per second of the workload")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
+    parser.add_argument("--blocks", type=int, default=320, help="KV blocks per engine (16 tokens each)")
+    args = parser.parse_args()
+    progress = Progress()
+
+    since = progress.begin("local cluster: etcd, kube-apiserver, controller-manager, kube-scheduler (extender: "
+                           "the chart's), kubelet + containerd, kube-proxy, CoreDNS")
+    cluster, reused = cluster_up(args.state_dir, args.fresh)
+    say(("reused the running cluster in " if reused else "started a new cluster in ") + str(args.state_dir))
+    progress.done("cluster", since)
+
+    since = progress.begin("fuyao runtime image (Debian minbase + python3 + fuyao; layers cached by content)")
+    from tests.support.runtime_image import build
+
+    archive, tag = build()
+    cluster.import_image(archive)
+    say(f"{tag} (and fuyao.local/fuyao:dev) imported into the node's containerd")
+    progress.done("image", since)
+
+    since = progress.begin(f"helm install the stack into namespace {NAMESPACE}")
+    took = install_stack(cluster, "fuyao.local/fuyao:dev", log=say)
+    say("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
+    progress.done("charts", since)
+
+    since = progress.begin("NPUs per node (advertised by the npu-device-plugin pod, as the kubelet reports them)")
+    wait_for(lambda: cluster.node_json()["status"]["allocatable"].get(RESOURCE_NPU, "0") != "0", 60, "NPUs")
+    npu_table(cluster)
+    progress.done("npus", since)
+
+    since = progress.begin("a P/D-disaggregated inference service of engine-simulator pods requesting NPUs")
+    pods = deploy_service(cluster, "fuyao.local/fuyao:dev", args.blocks)
+    placement(pods)
+    progress.done("service", since)
+
+    since = progress.begin(f"shared-prefix workload ({args.rate:g} req/s for {args.duration:g} s, 8 prefixes of "
+                           "~900 tokens): round-robin vs fuyao prefix-aware, same engines")
+    router = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-router")
+    chart_url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
+    proc, baseline_url = baseline_router(cluster)
+    try:
+        wait_serving(baseline_url, 4)
+        wait_serving(chart_url, 4)
+        say("round-robin (baseline: fuyao's router, strategy round-robin, as a host process) ...")
+        baseline = workload_run(baseline_url, 101, args.rate, args.duration, pods)
+        say("prefix-aware (the chart's router Service, KV-cache index fed by the engines' KV events) ...")
+        fuyao = workload_run(chart_url, 202, args.rate, args.duration, pods)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    say("")
+    say(f"{'router':<34} {'requests':>8} {'errors':>6} {'TTFT p50':>10} {'TTFT p88':>10} {'prefix hits':>12}")
+    for name, result in (("round-robin (baseline)", baseline), ("fuyao prefix-aware (chart)", fuyao)):
+        hit = "-" if result["hit_rate"] is None else f"{result['hit_rate'] * 100:.0f} %"
+        say(f"{name:<34} {result['requests']:>8} {result['errors']:>6} {ms(result['p50']):>10} "
+            f"{ms(result['p88']):>10} {hit:>12}")
+    if baseline["p50"] and fuyao["p50"]:
+        say(f"TTFT p50: {baseline['p50'] / fuyao['p50']:.1f}x lower with prefix-aware routing "
+            f"(p88 {baseline['p88'] / fuyao['p88']:.1f}x)")
+    progress.done("workload", since)
+
+    progress.begin("where to look next")
+    print(f"""
+      total {time.monotonic() - progress.started:.0f} s ({', '.join(f'{t} {s:.0f} s' for t, s in progress.timings)})
+      export KUBECONFIG={cluster.dir / 'admin.kubeconfig'}    (kubectl: {binary('kubectl')})
+      kubectl get pods -A -o wide                      the stack and the engines
+      curl http://{EXTENDER_CLUSTER_IP}:8888/explain/default/<pod>   why a pod went where it did
+      curl {chart_url}/debug/backends        the router's view of the engines
+      curl {chart_url}/metrics                router metrics (TTFT, latency, errors)
+      hack/diagnose.sh --kubeconfig {cluster.dir / 'admin.kubeconfig'}   read-only health report
+      charts/ai-inference-optimization/dashboards/fuyao.json   Grafana dashboard (import it)
+      docs/install.md (real clusters), docs/operations.md (alerts, dashboard, upgrades)
+      logs: {cluster.dir / 'logs'}   pod logs: {cluster.dir / 'pod-logs'}
+      stop: hack/local-down.sh --state-dir {cluster.dir}
+""".rstrip())
+
+
+if __name__ == "__main__":
+    main()
