@@ -62,7 +62,8 @@ def numa_cpu_counts(node_cpus: Mapping[int, set[int]], allocatable: frozenset[in
 def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                   slices: Sequence[Slot] = (), templates: Sequence[Template] = (),
                   allocated: frozenset[str] = frozenset(),
-                  numa_cpus: Mapping[int, NumaCpus] | None = None) -> NodeTopology:
+                  numa_cpus: Mapping[int, NumaCpus] | None = None,
+                  holders: Mapping[str, str] | None = None) -> NodeTopology:
     """The topology annotation with each device's current health, its vNPU slices and whether a container holds
     it (so the scheduler extender knows which dies are taken, also for pods it did not bind), and the exclusive
     CPUs per NUMA node."""
@@ -75,7 +76,8 @@ def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                       aicore=sizes[s.vnpu.template].aicore if s.vnpu.template in sizes else 0,
                       memory_mb=int(sizes[s.vnpu.template].memory_gb * 1024) if s.vnpu.template in sizes else 0)
             for s in slices if s.parent.id == i and s.vnpu is not None)
-        update: dict[str, object] = {"vnpus": mine, "allocated": i in allocated}
+        update: dict[str, object] = {"vnpus": mine, "allocated": i in allocated,
+                                     "holder": (holders or {}).get(i) if i in allocated else None}
         if i in statuses:
             update["health"] = statuses[i].health
         devices[i] = d.model_copy(update=update)
@@ -193,6 +195,7 @@ class DevicePluginDaemon:
         self.publisher: cluster.NodePublisher | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.allocated: frozenset[str] = frozenset()
+        self.holders: dict[str, str] = {}
         self.numa_cpus: dict[int, NumaCpus] = {}
         self.node_cpus: dict[int, set[int]] = {}  # NUMA node → CPUs (sysfs), when the dies' NUMA nodes come from it
         self._next_allocation_poll = 0.0
@@ -312,8 +315,10 @@ class DevicePluginDaemon:
             log.debug("allocations not published: %s", exc)
             return
         allocated = frozenset(held.devices[RESOURCE_NPU])
-        if allocated != self.allocated or numa_cpus != self.numa_cpus:
+        holders = held.holders.get(RESOURCE_NPU, {})
+        if allocated != self.allocated or numa_cpus != self.numa_cpus or holders != self.holders:
             self.allocated = allocated
+            self.holders = holders
             self.numa_cpus = numa_cpus
             self._publish()
 
@@ -347,7 +352,8 @@ class DevicePluginDaemon:
                                  self.inventory.driver_version, self.config.server_usage)
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
         topology = node_topology(self.inventory, self.chips.statuses(), slices,
-                                 self.vnpu.templates if self.vnpu else (), self.allocated, self.numa_cpus)
+                                 self.vnpu.templates if self.vnpu else (), self.allocated, self.numa_cpus,
+                                 self.holders)
         self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
 
     def _shutdown(self) -> None:

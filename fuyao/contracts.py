@@ -256,6 +256,9 @@ class DeviceTopology(_Schema):
     aicore: int | None = Field(default=None, ge=0)
     memory_mb: int | None = Field(default=None, ge=0)
     vnpus: tuple[VnpuSlice, ...] = ()
+    holder: str | None = Field(default=None, description="namespace/name of the pod holding it, per the kubelet's "
+                               "pod-resources API: what the pod really got, which the extender trusts over the "
+                               "pod's planned npu.openfuyao.com/assigned")
     allocated: bool = Field(default=False, description="Held by a container, per the kubelet's pod-resources API "
                                                        "(published by the device plugin, seconds behind)")
 

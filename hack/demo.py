@@ -27,7 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.router_bench import pct, run_load, shared_prefix  # noqa: E402
-from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, RESOURCE_VNPU, PodAssignment, parse_annotation  # noqa: E402
+from fuyao.contracts import (  # noqa: E402
+    ANNOTATION_NODE_TOPOLOGY,
+    ANNOTATION_POD_ASSIGNED,
+    RESOURCE_NPU,
+    RESOURCE_VNPU,
+    NodeTopology,
+    PodAssignment,
+    parse_annotation,
+)
 from tests.support.apiserver import binary, free_port  # noqa: E402
 from tests.support.charts import NAMESPACE, install_stack  # noqa: E402
 from tests.support.cluster import EXTENDER_CLUSTER_IP, LocalCluster, down  # noqa: E402
@@ -79,7 +87,7 @@ def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
             cluster.procs, cluster.netns, cluster.link = saved["procs"], saved["netns"], saved["link"]
             try:
                 ready = cluster.node_ready()
-            except Exception:  # noqa: BLE001 - any failure means: start over
+            except Exception:
                 ready = False
             if ready:
                 return cluster, True
@@ -101,50 +109,60 @@ def npu_table(cluster: LocalCluster) -> None:
             f"  {shown}")
 
 
-def deploy_service(cluster: LocalCluster, image: str, blocks: int) -> list[dict[str, Any]]:
-    objects = pd_service(SERVICE, image, model=MODEL, replicas={"prefill": 2, "decode": 2}, blocks=blocks)
+def deploy_service(cluster: LocalCluster, image: str, blocks: int, prefill: int, decode: int) -> list[dict[str, Any]]:
+    objects = pd_service(SERVICE, image, model=MODEL, replicas={"prefill": prefill, "decode": decode}, blocks=blocks)
     path = cluster.dir / "demo-service.json"
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
     cluster.kubectl("apply", "-f", str(path))
-    say("prefill Deployment: 2 pods x 1 NPU, decode Deployment: 2 pods x 1 NPU, Service 'chat' "
+    say(f"prefill Deployment: {prefill} pods x 1 NPU, decode Deployment: {decode} pods x 1 NPU, Service '{SERVICE}' "
         "(inference.openfuyao.com/enable-router: true)")
+
+    for role in ("prefill", "decode"):  # a changed spec rolls: wait until only the new pods are left
+        cluster.kubectl("rollout", "status", f"deployment/{SERVICE}-{role}", "--timeout=180s")
 
     def ready() -> list[dict[str, Any]] | None:
         pods = get_json(cluster, "pods", "-l", f"app={SERVICE}")["items"]
         up = [p for p in pods if p["metadata"].get("deletionTimestamp") is None and any(
             c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
-        return up if len(up) == 4 else None
+        return up if len(up) == len(pods) == prefill + decode else None
 
-    return wait_for(ready, 180, "four engine pods Ready")  # type: ignore[no-any-return]
+    return wait_for(ready, 120, f"{prefill + decode} engine pods Ready")  # type: ignore[no-any-return]
 
 
-def placement(pods: list[dict[str, Any]]) -> None:
-    say(f"{'POD':<26} {'PHASE':<8} {'NODE':<12} {'NPUs':<14} why (scheduler extender)")
+def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
+    """Each pod's node and devices (the extender's ``npu.openfuyao.com/assigned``), where those devices sit in the
+    node's topology, and the extender's last decision for it (``/explain``)."""
+    topologies = {n["metadata"]["name"]: parse_annotation(ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology)
+                  for n in get_json(cluster, "nodes")["items"]
+                  if (raw := n["metadata"].get("annotations", {}).get(ANNOTATION_NODE_TOPOLOGY))}
+    say(f"{'POD':<32} {'PHASE':<8} {'NODE':<11} {'NPU':<12} {'group/NUMA':<11} extender")
     for pod in sorted(pods, key=lambda p: (p["metadata"]["labels"]["phase"], p["metadata"]["name"])):
-        meta = pod["metadata"]
+        meta, node = pod["metadata"], pod["spec"]["nodeName"]
         raw = meta.get("annotations", {}).get(ANNOTATION_POD_ASSIGNED)
-        devices = ",".join(d for c in parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment).containers
-                           for d in c.devices) if raw else "-"
+        devices = [d for c in parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment).containers
+                   for d in c.devices] if raw else []
+        topology = topologies.get(node)
+        where = ",".join(f"{t.group or '-'}/{t.numa_node if t.numa_node is not None else '-'}"
+                         for d in devices if topology and (t := topology.devices.get(d)))
         try:
             explained = http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/{meta['namespace']}/{meta['name']}")
         except OSError as exc:
             explained = {"error": str(exc)}
-        say(f"{meta['name']:<26} {meta['labels']['phase']:<8} {pod['spec']['nodeName']:<12} {devices:<14} "
-            f"{why(explained)}")
+        say(f"{meta['name']:<32} {meta['labels']['phase']:<8} {node:<11} {','.join(devices) or '-':<12} "
+            f"{where or '-':<11} {why(explained)}")
 
 
 def why(explained: dict[str, Any]) -> str:
     if "error" in explained:
         return f"(no explanation: {explained['error']})"
-    parts = []
     decision = explained.get("prioritize") or explained.get("filter") or {}
     rejected = decision.get("rejected") or {}
-    parts.append(f"{len(rejected)} node(s) rejected" + (f" ({next(iter(rejected.values()))})" if rejected else ""))
-    scores = decision.get("scores") or {}
-    for node, plugins in list(scores.items())[:1]:
-        parts.append(f"{node}: " + ", ".join(f"{k} {v:.2f}" for k, v in plugins.items()))
-    for note in decision.get("notes", [])[:1]:
-        parts.append(str(note))
+    parts = [f"filter: {len(rejected)} node(s) rejected" + (f" ({next(iter(rejected.values()))})" if rejected else
+                                                           ", devices chosen and bound by the extender")]
+    totals = decision.get("totals") or {}
+    if len(totals) > 1:
+        best = max(totals, key=totals.get)  # type: ignore[arg-type]
+        parts.append(f"best of {len(totals)} scored: {best} {totals[best]:.2f}")
     return "; ".join(parts)
 
 
@@ -162,10 +180,14 @@ def engine_counters(pods: list[dict[str, Any]]) -> tuple[float, float]:
     return hits, queries
 
 
-def workload_run(url: str, seed: int, rate: float, duration: float, pods: list[dict[str, Any]]) -> dict[str, Any]:
-    jobs = shared_prefix(rate, duration, seed, groups=8, prefix_words=900, output=16)
+def workload_run(url: str, run: str, args: argparse.Namespace, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same arrivals and prompt shapes for every run (one seed); the run's name in front of every prompt makes
+    its prefixes its own, so no run is served from another's cache."""
+    jobs = shared_prefix(args.rate, args.duration, args.seed, groups=args.groups, prefix_words=args.prefix_words,
+                         output=16)
     for job in jobs:
         job.body["model"] = MODEL
+        job.body["prompt"] = f"[{run}] " + job.body["prompt"]
     before = engine_counters(pods)
     samples, wall = asyncio.run(run_load(url, jobs))
     after = engine_counters(pods)
@@ -213,8 +235,13 @@ def main() -> None:
     parser.add_argument("--state-dir", default="/tmp/fuyao-demo", type=Path)
     parser.add_argument("--fresh", action="store_true", help="replace a running demo cluster")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second of the workload")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
-    parser.add_argument("--blocks", type=int, default=320, help="KV blocks per engine (16 tokens each)")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    parser.add_argument("--blocks", type=int, default=192, help="KV blocks per engine (16 tokens each)")
+    parser.add_argument("--prefill", type=int, default=4, help="prefill engine pods (1 NPU each)")
+    parser.add_argument("--decode", type=int, default=2, help="decode engine pods (1 NPU each)")
+    parser.add_argument("--groups", type=int, default=8, help="distinct shared prefixes")
+    parser.add_argument("--prefix-words", type=int, default=900, help="words (~tokens) per shared prefix")
+    parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     progress = Progress()
 
@@ -243,22 +270,22 @@ def main() -> None:
     progress.done("npus", since)
 
     since = progress.begin("a P/D-disaggregated inference service of engine-simulator pods requesting NPUs")
-    pods = deploy_service(cluster, "fuyao.local/fuyao:dev", args.blocks)
-    placement(pods)
+    pods = deploy_service(cluster, "fuyao.local/fuyao:dev", args.blocks, args.prefill, args.decode)
+    placement(cluster, pods)
     progress.done("service", since)
 
-    since = progress.begin(f"shared-prefix workload ({args.rate:g} req/s for {args.duration:g} s, 8 prefixes of "
-                           "~900 tokens): round-robin vs fuyao prefix-aware, same engines")
+    since = progress.begin(f"shared-prefix workload ({args.rate:g} req/s for {args.duration:g} s, {args.groups} "
+                           f"prefixes of ~{args.prefix_words} tokens): round-robin vs fuyao prefix-aware, same engines")
     router = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-router")
     chart_url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
     proc, baseline_url = baseline_router(cluster)
     try:
-        wait_serving(baseline_url, 4)
-        wait_serving(chart_url, 4)
+        wait_serving(baseline_url, args.prefill + args.decode)
+        wait_serving(chart_url, args.prefill + args.decode)
         say("round-robin (baseline: fuyao's router, strategy round-robin, as a host process) ...")
-        baseline = workload_run(baseline_url, 101, args.rate, args.duration, pods)
+        baseline = workload_run(baseline_url, "round-robin", args, pods)
         say("prefix-aware (the chart's router Service, KV-cache index fed by the engines' KV events) ...")
-        fuyao = workload_run(chart_url, 202, args.rate, args.duration, pods)
+        fuyao = workload_run(chart_url, "prefix-aware", args, pods)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -251,14 +251,22 @@ class NodeInfo:
     """Derived values plugins share (free devices...); cleared by refresh(). Copies must get a fresh one."""
 
     def refresh(self) -> NodeInfo:
+        """``used`` from every live pod's requests; ``assigned`` from the planned devices of the pods the kubelet
+        has not admitted yet. A pod that holds devices per the topology annotation (``holder``: the kubelet's
+        pod-resources) is accounted there, by what it really got: the kubelet may have given it other devices
+        than planned (its GetPreferredAllocation does not say which pod it is for), and counting both would hide
+        free NPUs."""
         self.used = {}
         self.assigned = {}
         self.memo = {}
+        admitted = {d.holder for d in self.topology.devices.values() if d.holder} if self.topology else set()
         for pod in self.pods:
             if pod.terminal:
                 continue
             for name, value in pod.requests.items():
                 self.used[name] = self.used.get(name, Decimal(0)) + value
+            if pod.key in admitted:
+                continue
             if pod.assignment is not None and pod.assignment.node == self.name:
                 for c in pod.assignment.containers:
                     self.assigned.setdefault(c.resource, set()).update(c.devices)

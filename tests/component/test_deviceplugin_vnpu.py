@@ -271,3 +271,25 @@ def test_ledger_survives_for_static_slices_across_restart(made, tmp_path: Path) 
            what="re-registration")
     assert ids(k.wait_devices(RESOURCE_VNPU, lambda ds: len(ds) == 2)) == before
     assert len(chip_vnpus(p)) == 2  # re-used, not duplicated
+
+
+def test_holdings_name_the_pod_holding_each_device(tmp_path: Path) -> None:
+    """The pod-resources client reports which pod holds which device (the kubelet's truth the device plugin publishes
+    as each die's holder), over the kubelet API's real gRPC on a unix socket."""
+    from tests.support.kubelet import KubeletStandIn
+    from vnpu.usage import PodResourcesUnavailable, holdings
+
+    socket = tmp_path / "pr" / "kubelet.sock"
+    kubelet = KubeletStandIn(str(tmp_path / "plugins"), str(socket)).start()
+    try:
+        kubelet.pods["decode-0"] = {RESOURCE_NPU: ["Ascend910-5"]}
+        kubelet.pods["prefill-0"] = {RESOURCE_NPU: ["Ascend910-1", "Ascend910-2"], RESOURCE_VNPU: ["Ascend910-7-v1"]}
+        held = holdings(str(socket), (RESOURCE_NPU,))
+        assert held.devices[RESOURCE_NPU] == {"Ascend910-1", "Ascend910-2", "Ascend910-5"}
+        assert held.holders[RESOURCE_NPU] == {"Ascend910-5": "default/decode-0", "Ascend910-1": "default/prefill-0",
+                                              "Ascend910-2": "default/prefill-0"}
+        assert RESOURCE_VNPU not in held.holders  # only what was asked for
+    finally:
+        kubelet.stop()
+    with pytest.raises(PodResourcesUnavailable, match="pod-resources"):
+        holdings(str(socket), (RESOURCE_NPU,), timeout_s=0.5)

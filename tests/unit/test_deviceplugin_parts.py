@@ -207,6 +207,15 @@ def test_topology_annotation_carries_current_health(inventory) -> None:  # type:
     assert json.loads(dump_annotation(topo))["devices"]["Ascend910-6"]["health"] == "Unhealthy"
 
 
+def test_topology_annotation_names_the_pod_holding_each_die(inventory) -> None:  # type: ignore[no-untyped-def]
+    statuses = {d.id: HEALTHY for d in inventory.devices}
+    topo = node_topology(inventory, statuses, allocated=frozenset({"Ascend910-2"}),
+                         holders={"Ascend910-2": "llm/decode-0", "Ascend910-3": "llm/stale"})
+    assert topo.devices["Ascend910-2"].allocated and topo.devices["Ascend910-2"].holder == "llm/decode-0"
+    assert topo.devices["Ascend910-3"].holder is None  # only held dies carry a holder
+    assert json.loads(dump_annotation(topo))["devices"]["Ascend910-2"]["holder"] == "llm/decode-0"
+
+
 def test_assignments_for_reads_this_nodes_npu_choices_and_skips_bad_ones() -> None:
     def ann(node: str, resource: str, devices: tuple[str, ...]) -> dict[str, str]:
         value = PodAssignment(node=node, containers=(ContainerAssignment(container="c", resource=resource,

@@ -81,6 +81,24 @@ def test_node_accounting_from_pods_and_assignments() -> None:
     assert devices.free_npus(n) == [f"Ascend910-{i}" for i in range(2, 8)]
 
 
+def test_admitted_pods_count_by_what_the_kubelet_gave_them_not_by_the_plan() -> None:
+    """The kubelet's GetPreferredAllocation does not say which pod it is for: pods admitted together can get each
+    other's planned dies. A pod the topology names as holder is accounted by its real dies; a pod not admitted yet
+    by its plan. Counting both would lose free dies (a 7-of-8 node looked full)."""
+    a, b = (pod(name, node_name="n1", phase="Running", requests={RESOURCE_NPU: "1"},
+                assigned={RESOURCE_NPU: [f"Ascend910-{die}"]}) for name, die in (("a", 0), ("b", 1)))
+    waiting = pod("c", node_name="n1", phase="Pending", requests={RESOURCE_NPU: "1"},
+                  assigned={RESOURCE_NPU: ["Ascend910-3"]})
+    swapped = topology(holders={1: "default/a", 2: "default/b"})  # a got die 1 (b's plan), b got die 2
+    n = info(node("n1", topo=swapped), a, b, waiting)
+    assert n.assigned[RESOURCE_NPU] == {"Ascend910-3"}
+    assert devices.free_npus(n) == ["Ascend910-0"] + [f"Ascend910-{i}" for i in range(4, 8)]
+    assert len(devices.free_npus(n)) == n.free(RESOURCE_NPU)  # sets and counts agree again
+    # before the device plugin published the holders, plans are all there is
+    planned = info(node("n1", topo=topology()), a, b, waiting)
+    assert planned.assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1", "Ascend910-3"}
+
+
 # --- device fit -----------------------------------------------------------------------------------------------------
 def test_device_fit_counts_and_reasons() -> None:
     plugin = DeviceFitPlugin()
