@@ -54,7 +54,9 @@ class ColocationPlugin:
             want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
             return [f"insufficient batch resources: cpu {cpu}m free / {want_cpu}m asked, memory {mem} free / "
                     f"{want_mem} asked" for cpu, mem in view.batch_free[at].tolist()]
-        return [f"node usage cpu {cpu:.0%} / memory {mem:.0%} is above {self.ls_max_usage:.0%} for LS pods"
+        # no '%' in reasons: kube-scheduler puts them into its event message as a format string ("%!/(MISSING)")
+        return [f"node usage (share of capacity) cpu {cpu:.2f} / memory {mem:.2f} is above {self.ls_max_usage:.2f} "
+                "for LS pods"
                 for cpu, mem in zip(view.cpu_ratio[at].tolist(), view.mem_ratio[at].tolist(), strict=True)]
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:

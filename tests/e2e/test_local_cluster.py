@@ -247,7 +247,7 @@ def test_ls_pods_avoid_a_busy_node_and_be_pods_go_to_the_colocation_node(cluster
     apply(cluster, kwok_pod("ls-server", 1, {"volcano.sh/qos": "LS"}))
     assert placed(cluster, "ls-server") != busy
     rejected = explain(cluster, "ls-server")["filter"]["rejected"]
-    assert rejected.get(busy, "").startswith("qos-colocation: node usage cpu 97%")
+    assert rejected.get(busy, "").startswith("qos-colocation: node usage (share of capacity) cpu 0.97")
 
     for i in range(2):
         apply(cluster, kwok_pod(f"be-batch-{i}", 1, {"volcano.sh/qos": "BE"},
