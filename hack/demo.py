@@ -139,9 +139,11 @@ def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
     for pod in sorted(pods, key=lambda p: (p["metadata"]["labels"]["phase"], p["metadata"]["name"])):
         meta, node = pod["metadata"], pod["spec"]["nodeName"]
         raw = meta.get("annotations", {}).get(ANNOTATION_POD_ASSIGNED)
-        devices = [d for c in parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment).containers
-                   for d in c.devices] if raw else []
         topology = topologies.get(node)
+        held = [d for d, t in topology.devices.items() if t.holder == f"{meta['namespace']}/{meta['name']}"] \
+            if topology else []  # what the kubelet gave it (published by the device plugin), else the plan
+        devices = held or ([d for c in parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment).containers
+                            for d in c.devices] if raw else [])
         where = ",".join(f"{t.group or '-'}/{t.numa_node if t.numa_node is not None else '-'}"
                          for d in devices if topology and (t := topology.devices.get(d)))
         try:
@@ -256,11 +258,11 @@ def main() -> None:
 
     archive, tag = build()
     cluster.import_image(archive)
-    say(f"{tag} (and fuyao.local/fuyao:dev) imported into the node's containerd")
+    say(f"{tag} imported into the node's containerd")
     progress.done("image", since)
 
     since = progress.begin(f"helm install the stack into namespace {NAMESPACE}")
-    took = install_stack(cluster, "fuyao.local/fuyao:dev", log=say)
+    took = install_stack(cluster, tag, log=say)  # the content tag: a changed image rolls the pods
     say("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
     progress.done("charts", since)
 
@@ -270,7 +272,7 @@ def main() -> None:
     progress.done("npus", since)
 
     since = progress.begin("a P/D-disaggregated inference service of engine-simulator pods requesting NPUs")
-    pods = deploy_service(cluster, "fuyao.local/fuyao:dev", args.blocks, args.prefill, args.decode)
+    pods = deploy_service(cluster, tag, args.blocks, args.prefill, args.decode)
     placement(cluster, pods)
     progress.done("service", since)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,28 +21,38 @@ from tests.support.inference_service import pd_service
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.e2e
-IMAGE = "fuyao.local/fuyao:dev"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    from tests.support.cluster import down
+def built() -> tuple[Path, str]:
+    """fuyao's runtime image: (docker archive, its content tag fuyao.local/fuyao:<hash>)."""
     from tests.support.runtime_image import build
+
+    return build()
+
+
+@pytest.fixture(scope="module")
+def image(built: tuple[Path, str]) -> str:
+    return built[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, built: tuple[Path, str]) -> Iterator[LocalCluster]:
+    from tests.support.cluster import down
 
     state = tmp_path_factory.mktemp("chart-cluster", numbered=True)
     local = LocalCluster(state, components="chart")
     try:
         local.up()
-        archive, _ = build()
-        local.import_image(archive)  # tagged fuyao.local/fuyao:<hash> and :dev
+        local.import_image(built[0])
         yield local
     finally:
         down(state)
 
 
 @pytest.fixture(scope="module")
-def stack(cluster: LocalCluster) -> Iterator[dict[str, float]]:
-    took = install_stack(cluster, IMAGE, log=lambda _line: None)
+def stack(cluster: LocalCluster, image: str) -> Iterator[dict[str, float]]:
+    took = install_stack(cluster, image, log=lambda _line: None)
     yield took
     # (uninstall is a test of its own, last; nothing to do if it ran)
 
@@ -117,8 +128,8 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
 
 
 def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(
-        cluster: LocalCluster, stack: dict[str, float]) -> None:
-    objects = pd_service("chat", IMAGE, replicas={"prefill": 1, "decode": 1}, time_scale=20)
+        cluster: LocalCluster, stack: dict[str, float], image: str) -> None:
+    objects = pd_service("chat", image, replicas={"prefill": 1, "decode": 1}, time_scale=20)
     path = cluster.dir / "pd-service.json"
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
     cluster.kubectl("apply", "-f", str(path))
