@@ -71,6 +71,11 @@ class ClusterCache:
     def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
         parsed = [parse_pod(item) for item in items]
         with self.lock:
+            # an assumed pod the list shows bound is counted from the list from now on (as upsert_pod does): keeping
+            # the assumption would count it twice in the prefill/decode index until it expired
+            for pod in parsed:
+                if pod.node_name and pod.uid in self._assumed:
+                    self._unassume(pod.uid)
             self._pods.clear()
             self._by_node.clear()
             self.pd.clear()

@@ -131,6 +131,21 @@ def test_a_decision_over_all_nodes_equals_the_decisions_node_by_node(ask: dict, 
         assert abs(framework.score(p, one, cycle).total_of()[name] - scores[name]) < 1e-9
 
 
+def test_a_relist_that_shows_an_assumed_pod_bound_counts_it_once() -> None:
+    """After a re-list (a watch that expired), a pod we assumed and the list shows bound is counted once: in the
+    prefill/decode index and on its node."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node("n1", 1, 0), _node("n2", 1, 1)])
+    cache.replace_pods([])
+    cache.assume(parse_pod(_pod("d1", "n1", [0], "decode", 0, 0)))
+    cache.assume(parse_pod(_pod("d2", "n2", [1], "decode", 0, 0)))
+    assert cache.pd.counts[("g0", "decode")] == {"n1": 1, "n2": 1}
+    cache.replace_pods([_pod("d1", "n1", [0], "decode", 0, 0)])  # d1 bound; d2's bind not seen yet
+    assert cache.pd.counts[("g0", "decode")] == {"n1": 1, "n2": 1}
+    assert "d1" not in cache._assumed and "d2" in cache._assumed
+    assert cache.node_info("n1").assigned[RESOURCE_NPU] == {"Ascend910-0"}  # type: ignore[union-attr]
+
+
 def test_nodes_mode_with_the_cached_versions_answers_like_node_names() -> None:
     raws = [_node(f"n{i}", i % 4, i % 2) for i in range(4)]
     for i, raw in enumerate(raws):
