@@ -22,6 +22,6 @@ echo "==> prerequisites: Debian packages, upstream binaries (built once, cached 
 source hack/lib/cluster-deps.sh
 ensure_cluster_deps
 hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns helm \
-  | sed 's/^/    /'
+  | sed -u 's/^/    /'
 echo "    prerequisites ready after $((SECONDS - started)) s"
 exec "$VENV/bin/python" hack/demo.py "$@"

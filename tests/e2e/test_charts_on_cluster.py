@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
+from fuyao.contracts import RESOURCE_NPU
 from tests.charts.test_charts import CUSTOM_VALUES
+from tests.e2e.checks import planned_and_visible_npus
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
 from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
 from tests.support.inference_service import pd_service
@@ -113,14 +114,10 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
     try:
         placed = wait_for(lambda: (p := get_json(cluster, "pod", "two-npus"))["status"].get("phase") == "Running"
                           and p, 90, "the NPU pod Running")
-        assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, placed["metadata"]["annotations"][
-            ANNOTATION_POD_ASSIGNED], PodAssignment)
+        assignment, visible, _ = planned_and_visible_npus(cluster, placed)
         devices = assignment.containers[0].devices
         assert assignment.node == cluster.node and len(devices) == 2
-        log = wait_for(lambda: "ASCEND_VISIBLE_DEVICES=" in (text := cluster.pod_log("default", "two-npus")) and text,
-                       30, "the container's environment")
-        visible = log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0]
-        assert sorted(visible.split(",")) == sorted(d.rsplit("-", 1)[1] for d in devices)
+        assert sorted(visible) == sorted(d.rsplit("-", 1)[1] for d in devices)
         explained = http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/default/two-npus")
         assert explained["filter"]["pod"] == "default/two-npus" and explained["filter"]["rejected"] == {}
     finally:
@@ -170,6 +167,55 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
 def _events(metrics: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("fuyao_kvcache_events_total"))
+
+
+READ_ONLY = [
+    {"apiGroups": ["", "apps", "discovery.k8s.io", "events.k8s.io"], "resources": ["*"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/log", "pods/proxy", "services/proxy"], "verbs": ["get"]},
+]
+
+
+def test_diagnose_reports_the_stack_with_read_only_rights(cluster: LocalCluster, stack: dict[str, float],
+                                                          tmp_path: Path) -> None:
+    """hack/diagnose.sh run as a user who may only read (impersonated through the admin kubeconfig): every section
+    is there with this cluster's facts, and nothing it does needs more than reading."""
+    import subprocess
+
+    from tests.support.cluster import REPO
+
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "fuyao-diagnose"}, "rules": READ_ONLY}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "fuyao-diagnose"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fuyao-diagnose"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "fuyao-diagnose"}]}
+    path = tmp_path / "rbac.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [role, binding]}))
+    cluster.kubectl("apply", "-f", str(path))
+    config = yaml.safe_load((cluster.dir / "admin.kubeconfig").read_text())
+    config["users"][0]["user"]["as"] = "fuyao-diagnose"
+    reader = tmp_path / "reader.kubeconfig"
+    reader.write_text(yaml.safe_dump(config))
+    out = subprocess.run(["bash", str(REPO / "hack" / "diagnose.sh"), "--kubeconfig", str(reader),
+                          "--output", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = out.stdout
+    for title in ("1. cluster", "2. NPUs per node", "3. fuyao components", "4. recent logs", "5. metrics excerpts",
+                  "6. pods waiting for NPUs", "7. warning events"):
+        assert f"=== {title}" in report
+    npus = report.split("=== 2. NPUs per node")[1].split("===")[0]
+    assert cluster.node in npus and " 8 " in npus and "huawei-ascend-npu" in npus
+    components = report.split("=== 3. fuyao components")[1].split("=== 4.")[0]
+    assert all(chart in components for chart in INSTALL_ORDER)
+    metrics = report.split("=== 5. metrics excerpts")[1].split("=== 6.")[0]
+    assert 'fuyao_deviceplugin_devices{health="Healthy",resource="npu.huawei.com/NPU"} 8.0' in metrics
+    assert "fuyao_qos_batch_resource" in metrics
+    assert "Forbidden" not in report.replace("logs unavailable", "")  # reading was enough for everything else
+    assert sorted(p.name for p in (tmp_path / "report").iterdir())[0].startswith("1-")
+    # a bad argument is refused with its name
+    bad = subprocess.run(["bash", str(REPO / "hack" / "diagnose.sh"), "--tail", "many"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--tail" in bad.stderr
 
 
 def test_helm_uninstall_leaves_nothing_behind(cluster: LocalCluster, stack: dict[str, float]) -> None:

@@ -15,11 +15,10 @@ import pytest
 
 from fuyao.contracts import (
     ANNOTATION_NODE_TOPOLOGY,
-    ANNOTATION_POD_ASSIGNED,
     NodeTopology,
-    PodAssignment,
     parse_annotation,
 )
+from tests.e2e.checks import planned_and_visible_npus
 from tests.support.cluster import LocalCluster
 from tests.support.polling import wait_for
 
@@ -82,16 +81,12 @@ def test_an_npu_pod_goes_through_the_extender_and_the_device_plugin(cluster: Loc
                                                "sleep 3600"))
     running = wait_for(lambda: (p := pod(cluster, "two-npus"))["status"].get("phase") == "Running" and p, 60,
                        "the 2-NPU pod Running")
-    assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, running["metadata"]["annotations"][ANNOTATION_POD_ASSIGNED],
-                                  PodAssignment)  # written by the extender's bind
+    assignment, visible, log = planned_and_visible_npus(cluster, running)
     devices = assignment.containers[0].devices
     assert assignment.node == cluster.node and len(devices) == 2
-    log = wait_for(lambda: "ASCEND_VISIBLE_DEVICES=" in (text := cluster.pod_log("default", "two-npus")) and text,
-                   30, "the pod's log")
-    visible = log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0]
     # the kubelet called Allocate with the extender's choice (the plugin's preferred allocation honours it)
-    assert sorted(visible.split(",")) == sorted(d.rsplit("-", 1)[1] for d in devices)
-    for physical in visible.split(","):
+    assert sorted(visible) == sorted(d.rsplit("-", 1)[1] for d in devices)
+    for physical in visible:
         assert f"davinci{physical}" in log  # the device node is in the container
     assert npus(cluster) == 8  # allocatable stays; the kubelet accounts the 2 as allocated
 

@@ -1,0 +1,23 @@
+"""Checks shared by the end-to-end modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, PodAssignment, parse_annotation
+from tests.support.cluster import LocalCluster
+from tests.support.polling import wait_for
+
+
+def planned_and_visible_npus(cluster: LocalCluster, pod: dict[str, Any], container: str = "main"
+                             ) -> tuple[PodAssignment, list[str], str]:
+    """The extender's assignment of a running pod that prints ``ASCEND_VISIBLE_DEVICES=…``, the physical ids its
+    container really sees, and its log."""
+    meta = pod["metadata"]
+    assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, meta["annotations"][ANNOTATION_POD_ASSIGNED],
+                                  PodAssignment)  # written by the extender's bind
+    log = wait_for(lambda: "ASCEND_VISIBLE_DEVICES=" in (text := cluster.pod_log(meta["namespace"], meta["name"],
+                                                                                container)) and text,
+                   30, f"the log of {meta['name']}")
+    visible = log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0].split(",")
+    return assignment, visible, log
