@@ -314,6 +314,12 @@ def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_thr
         answer = wait_for(ask, 60, "a chat completion through the router")
         assert answer["object"] == "chat.completion" and answer["model"] == "sim-chat"
         assert answer["choices"][0]["message"]["content"]
+
+        def healthy() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/backends", timeout=10) as response:
+                return sum(1 for b in json.loads(response.read()).values() if b["healthy"])
+
+        wait_for(lambda: healthy() == 2, 30, "both engines healthy in the router")  # each after its health check
         for _ in range(5):
             assert ask() is not None
         # both pods served (round-robin over what discovery found): their own counters say so
