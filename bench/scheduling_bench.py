@@ -5,7 +5,9 @@ is what is measured) and M pods asking for 1 NPU each. Without: kube-scheduler a
 extender configuration (filter, prioritize and bind by fuyao; nodeCacheCapable). Figure: pods bound per second,
 and the ratio with/without (goal >= 0.7; a public Go extender measured 0.11). Prints one JSON object.
 
-Usage: bench/scheduling_bench.py [--nodes 1000] [--pods 5000]
+Usage: bench/scheduling_bench.py [--nodes 1000] [--pods 5000] [--no-bind] [--shortlist N]
+  --no-bind --shortlist 1: the extender's throughput profile (docs/scheduler-extender.md).
+  FUYAO_BENCH_PROFILE=FILE: py-spy samples of the extender during its run (raw folded stacks; needs py-spy).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -49,7 +52,8 @@ def populate(server: LocalApiServer, nodes: int) -> None:
                                                                            "namespace": "default"}}])
 
 
-def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dict[str, float]:
+def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: bool = True,
+        shortlist: int | None = None) -> dict[str, float]:
     extender = None
     port = 0
     config = {"apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration",
@@ -60,10 +64,15 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dic
         log = open(server.root / f"extender-{tag}.log", "wb")  # noqa: SIM115
         extender = subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen",
                                      f"127.0.0.1:{port}", "--kubeconfig", server.kubeconfig_for("admin"),
-                                     "--log-level", "warning"], stdout=log, stderr=log)
+                                     "--log-level", "warning", *([] if bind else ["--no-bind"]),
+                                     *(["--config", str(extender_config(server, shortlist))] if shortlist is not None
+                                       else [])],
+                                    stdout=log, stderr=log)
         example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
         config["extenders"] = example["extenders"]
         config["extenders"][0]["urlPrefix"] = f"http://127.0.0.1:{port}"
+        if not bind:  # kube-scheduler binds; the device plugin picks the dies on the chosen node
+            del config["extenders"][0]["bindVerb"]
         import urllib.request
 
         deadline = time.monotonic() + 120
@@ -98,6 +107,10 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dic
     processes = {"etcd": server.procs[0].pid, "kube-apiserver": server.procs[1].pid,
                  "kube-scheduler": scheduler.pid, **({"extender": extender.pid} if extender else {})}
     cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    profile = os.environ.get("FUYAO_BENCH_PROFILE")  # py-spy samples of the extender's run (raw, folded stacks)
+    profiler = subprocess.Popen(["py-spy", "record", "--pid", str(extender.pid), "--nonblocking", "-r", "200",
+                                 "-f", "raw", "-o", profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
+        if profile and extender is not None else None
     started = time.monotonic()
     creator = threading.Thread(target=lambda: list(ThreadPoolExecutor(8).map(create, range(pods))))
     creator.start()
@@ -107,6 +120,9 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dic
     cpu = {name: round(1000 * (cpu_seconds(pid) - cpu_before[name]) / max(bound, 1), 2)
            for name, pid in processes.items()}
     creator.join()
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        profiler.wait(60)
     scheduler.terminate()
     result: dict[str, Any] = {"pods": pods, "bound": bound, "seconds": round(elapsed, 1),
                               "pods_per_s": round(bound / elapsed, 1), "cpu_ms_per_pod": cpu}
@@ -119,6 +135,12 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str) -> dic
     while api.list_namespaced_pod(namespace, limit=1, _request_timeout=60).items:
         time.sleep(0.5)
     return result
+
+
+def extender_config(server: LocalApiServer, shortlist: int) -> Path:
+    path = server.root / "extender.yaml"
+    path.write_text(yaml.safe_dump({"version": "v1", "shortlist": shortlist}))
+    return path
 
 
 def cpu_seconds(pid: int) -> float:
@@ -191,16 +213,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--pods", type=int, default=5000)
+    parser.add_argument("--no-bind", action="store_true",
+                        help="the extender filters and scores only (no bindVerb): kube-scheduler binds")
+    parser.add_argument("--shortlist", type=int, help="the extender's shortlist (default: its config default, 16)")
     args = parser.parse_args()
     server = LocalApiServer(extra_args=("--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000"))
     server.start()
     try:
         populate(server, args.nodes)
         without = run(server, args.pods, False, "plain")
-        with_extender = run(server, args.pods, True, "fuyao")
+        with_extender = run(server, args.pods, True, "fuyao", bind=not args.no_bind, shortlist=args.shortlist)
     finally:
         server.stop()
-    print(json.dumps({"benchmark": "scheduling", "nodes": args.nodes, "kube_scheduler_alone": without,
+    print(json.dumps({"benchmark": "scheduling", "nodes": args.nodes, "extender_binds": not args.no_bind,
+                      "shortlist": args.shortlist,
+                      "kube_scheduler_alone": without,
                       "with_fuyao_extender": with_extender,
                       "ratio": round(with_extender["pods_per_s"] / without["pods_per_s"], 2), "goal_ratio": 0.7,
                       "public_go_extender_ratio": 0.11}, indent=2))

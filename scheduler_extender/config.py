@@ -99,7 +99,9 @@ class ExtenderConfig(ConfigSection):
     explain_node_budget: int = Field(default=2_000_000, ge=0, description="node entries (scores, rejections) "
                                      "kept for /explain in all; ~100 bytes each")
     shortlist: int = Field(default=16, ge=0, description="the filter passes only this many feasible nodes, the "
-                           "best by the extender's score (0: all); kube-scheduler scores only those")
+                           "best by the extender's score (0: all); kube-scheduler scores only those. 1: the "
+                           "extender decides (kube-scheduler binds its node without scoring), except for pods with "
+                           "soft preferences (preferred affinity, ScheduleAnyway spread), which get 16")
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
     plugins: PluginSettings = PluginSettings()

@@ -140,6 +140,9 @@ class PodInfo:
     """CPUs the static CPU manager would pin (Guaranteed pod, integer CPUs)."""
     resource_version: str = ""
     """The version the binder's Binding requires (a precondition of the API server)."""
+    soft_preferences: bool = False
+    """The pod asks kube-scheduler to weigh something (preferred node or pod (anti-)affinity, a ScheduleAnyway
+    topology spread): the extender must leave it a choice (see ``shortlist``)."""
 
     @property
     def key(self) -> str:
@@ -176,6 +179,17 @@ def infer_business(requests: Mapping[str, Decimal]) -> BusinessType:
     if memory > 0 and (cpu == 0 or memory / cpu >= 8 * GiB):
         return BusinessType.MEMORY_SENSITIVE
     return BusinessType.IO_INTENSIVE
+
+
+def has_soft_preferences(spec: Mapping[str, Any]) -> bool:
+    """Preferences only kube-scheduler's score plugins honour: preferred node affinity, preferred pod affinity or
+    anti-affinity, a topology spread constraint with ``whenUnsatisfiable: ScheduleAnyway``."""
+    affinity = spec.get("affinity") or {}
+    for kind in ("nodeAffinity", "podAffinity", "podAntiAffinity"):
+        if (affinity.get(kind) or {}).get("preferredDuringSchedulingIgnoredDuringExecution"):
+            return True
+    return any((c or {}).get("whenUnsatisfiable") == "ScheduleAnyway"
+               for c in spec.get("topologySpreadConstraints") or [])
 
 
 def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
@@ -227,7 +241,8 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
         creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None,
         exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0,
-        resource_version=meta.get("resourceVersion") or "")
+        resource_version=meta.get("resourceVersion") or "",
+        soft_preferences=has_soft_preferences(spec) if isinstance(spec, dict) else False)
 
 
 @dataclass

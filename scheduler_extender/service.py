@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
 VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
 SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
+SOFT_SHORTLIST = 16
+"""With ``shortlist: 1``, pods with soft scheduling preferences still get this many nodes, for kube-scheduler to weigh
+their preferences."""
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
@@ -159,7 +162,7 @@ class ExtenderService:
                 if not self.has_cluster else "the extender is still listing nodes and pods"))
         with self._candidates(args) as (view, cycle, unknown):
             outcome = self.framework.filter(pod, view, cycle)
-            scored = self.framework.shortlist(pod, view, outcome, self.config.shortlist, cycle)
+            scored = self.framework.shortlist(pod, view, outcome, self.shortlist_for(pod), cycle)
         if scored is not None:
             self._shortlisted[pod.uid or pod.key] = scored
             self._shortlisted.move_to_end(pod.uid or pod.key)
@@ -175,6 +178,14 @@ class ExtenderService:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
         return kp.filter_result(args, outcome.passed, outcome.failed, outcome.unresolvable)
+
+    def shortlist_for(self, pod: PodInfo) -> int:
+        """How many feasible nodes the filter passes. ``shortlist: 1`` makes the extender decisive: kube-scheduler
+        binds its single node without scoring (no prioritize call, no score plugins: the throughput profile) —
+        except for pods with preferences only kube-scheduler's scoring honours, which get ``SOFT_SHORTLIST``."""
+        if self.config.shortlist == 1 and pod.soft_preferences:
+            return SOFT_SHORTLIST
+        return self.config.shortlist
 
     def prioritize(self, body: Any) -> list[dict[str, Any]]:
         args = kp.parse_extender_args(body)

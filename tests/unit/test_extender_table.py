@@ -204,3 +204,32 @@ def test_the_shortlist_passes_the_best_scoring_feasible_nodes(ask: dict, shape: 
     assert not (set(answer["FailedNodes"]) | set(answer["FailedAndUnresolvableNodes"])) & set(feasible)
     cached = short.prioritize({"Pod": ask, "NodeNames": passed})
     assert cached == full.prioritize({"Pod": ask, "NodeNames": passed})
+
+
+def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_preferences() -> None:
+    """``shortlist: 1``: one node passes (kube-scheduler binds it without scoring), unless the pod has preferences
+    only kube-scheduler's score plugins honour; then it gets SOFT_SHORTLIST nodes to weigh."""
+    from scheduler_extender.service import SOFT_SHORTLIST
+
+    cache = ClusterCache()
+    cache.replace_nodes([_node(f"n{i}", 1, i % 2) for i in range(20)])
+    cache.replace_pods([])
+    service = ExtenderService(build_config({"shortlist": 1}), cache, ExtenderMetrics(), has_cluster=True)
+    names = list(cache.table.index)
+    plain = pod("plain", requests={RESOURCE_NPU: "1"})
+    assert len(service.filter({"Pod": plain, "NodeNames": names})["NodeNames"]) == 1
+    preferred = {"weight": 10, "preference": {"matchExpressions": [
+        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}}
+    spread = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "labelSelector": {}}
+    for extra in ({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [preferred]}}},
+                  {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                      {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}},
+                  {"topologySpreadConstraints": [{**spread, "whenUnsatisfiable": "ScheduleAnyway"}]}):
+        soft = pod("soft", requests={RESOURCE_NPU: "1"})
+        soft["spec"].update(extra)
+        assert parse_pod(soft).soft_preferences
+        assert len(service.filter({"Pod": soft, "NodeNames": names})["NodeNames"]) == SOFT_SHORTLIST, extra
+    hard = pod("hard", requests={RESOURCE_NPU: "1"})
+    hard["spec"]["topologySpreadConstraints"] = [{**spread, "whenUnsatisfiable": "DoNotSchedule"}]
+    assert not parse_pod(hard).soft_preferences  # a hard constraint is kube-scheduler's filter, not its score
+    assert len(service.filter({"Pod": hard, "NodeNames": names})["NodeNames"]) == 1

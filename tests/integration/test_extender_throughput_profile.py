@@ -1,0 +1,106 @@
+"""The extender's throughput profile with a real kube-scheduler: no bindVerb (kube-scheduler binds; the device plugin
+picks the dies on the node) and ``shortlist: 1`` (the filter passes only its best node, so kube-scheduler binds it
+without scoring: no prioritize call). Pods with soft preferences still get a choice. docs/scheduler-extender.md."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU
+from tests.component.test_extender_http import Extender
+from tests.conftest import REPO
+from tests.integration.test_extender_kube_scheduler import wait_bound
+from tests.support.apiserver import LocalApiServer, binary
+from tests.support.k8s_objects import node, pod, topology
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalApiServer]:
+    server = LocalApiServer().start()
+    try:
+        server.create([{"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": "default", "namespace": "default"}}])
+        admin = server.client()
+        for name in ("npu-a", "npu-b", "npu-c"):
+            raw = node(name, topo=topology(), npus=8)
+            admin.create_node({k: v for k, v in raw.items() if k != "status"})
+            admin.patch_node_status(name, {"status": raw["status"]})
+            admin.patch_node(name, {"spec": {"taints": None}})
+        # npu-b holds 6 NPUs already: binpack (the extender's default) prefers it for a small pod
+        admin.create_namespaced_pod("default", create(pod("holder", node_name="npu-b",
+                                                          requests={RESOURCE_NPU: "6", "cpu": "1"})))
+        yield server
+    finally:
+        server.stop()
+
+
+def create(raw: dict) -> dict:  # type: ignore[type-arg]
+    for key in ("uid", "creationTimestamp"):
+        raw["metadata"].pop(key, None)
+    raw.pop("status", None)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def scheduler(cluster: LocalApiServer) -> Iterator[Extender]:
+    config = cluster.root / "extender.yaml"
+    config.write_text(yaml.safe_dump({"version": "v1", "shortlist": 1, "bind": False}))
+    extender = Extender("--kubeconfig", cluster.kubeconfig_for("admin"), "--config", str(config))
+    deadline = time.monotonic() + 30
+    while extender.get("/readyz")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
+    example["clientConnection"]["kubeconfig"] = cluster.kubeconfig_for("admin")
+    example["leaderElection"]["leaderElect"] = False
+    example["extenders"][0]["urlPrefix"] = extender.url
+    del example["extenders"][0]["bindVerb"]  # the throughput profile: kube-scheduler binds
+    path = cluster.root / "scheduler.yaml"
+    path.write_text(yaml.safe_dump(example))
+    log = open(cluster.root / "kube-scheduler.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([binary("kube-scheduler"), f"--config={path}", "--secure-port=0", "--v=2"],
+                            stdout=log, stderr=log)
+    try:
+        yield extender
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        extender.stop()
+
+
+def calls(extender: Extender, verb: str) -> float:
+    total = 0.0
+    for line in extender.get("/metrics")[1].splitlines():
+        if line.startswith("fuyao_extender_decisions_total{") and f'verb="{verb}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_the_extender_decides_and_kube_scheduler_binds_without_scoring(cluster: LocalApiServer,
+                                                                      scheduler: Extender) -> None:
+    cluster.client().create_namespaced_pod("default", create(pod("small", requests={RESOURCE_NPU: "2", "cpu": "1"})))
+    bound = wait_bound(cluster, "small")
+    assert bound.spec.node_name == "npu-b"  # the extender's single best node (binpack), bound by kube-scheduler
+    assert ANNOTATION_POD_ASSIGNED not in (bound.metadata.annotations or {})  # no bindVerb: the device plugin picks
+    assert calls(scheduler, "filter") >= 1 and calls(scheduler, "prioritize") == 0 and calls(scheduler, "bind") == 0
+    status, text = scheduler.get("/explain/default/small")
+    assert status == 200 and "shortlist: the 1 best-scoring of 3 feasible nodes passed" in text
+
+
+def test_a_pod_with_soft_preferences_gets_a_choice_kube_scheduler_scores(cluster: LocalApiServer,
+                                                                         scheduler: Extender) -> None:
+    before = calls(scheduler, "prioritize")
+    raw = create(pod("prefers-a", requests={RESOURCE_NPU: "1", "cpu": "1"}))
+    raw["spec"]["affinity"] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "preference": {"matchFields": [
+            {"key": "metadata.name", "operator": "In", "values": ["npu-a"]}]}}]}}
+    cluster.client().create_namespaced_pod("default", raw)
+    wait_bound(cluster, "prefers-a")
+    # both feasible nodes (npu-b is full now) went back to kube-scheduler, which scored them: prioritize was called
+    assert calls(scheduler, "prioritize") == before + 1
