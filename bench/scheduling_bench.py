@@ -40,11 +40,8 @@ def populate(server: LocalApiServer, nodes: int) -> None:
     topo = topology()
 
     def make(i: int) -> None:
-        raw = node(f"npu-{i:05d}", topo=topo)
-        api.create_node({k: v for k, v in raw.items() if k != "status"})
-        api.patch_node_status(raw["metadata"]["name"], {"status": {**raw["status"], "conditions": [
-            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "bench"}]}})
-        api.patch_node(raw["metadata"]["name"], {"spec": {"taints": None}})
+        server.add_node(node(f"npu-{i:05d}", topo=topo), api=api, conditions=[
+            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "bench"}])
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(make, range(nodes)))

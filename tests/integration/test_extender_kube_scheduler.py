@@ -4,6 +4,7 @@ binding carries the devices the extender chose."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import yaml
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from tests.component.test_extender_http import Extender
 from tests.conftest import REPO
-from tests.support.apiserver import LocalApiServer, binary
+from tests.support.apiserver import LocalApiServer, binary, control_plane
 from tests.support.k8s_objects import node, pod, topology
 
 pytestmark = pytest.mark.integration
@@ -22,20 +23,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalApiServer]:
-    server = LocalApiServer().start()
-    try:
-        server.create([{"apiVersion": "v1", "kind": "ServiceAccount",
-                        "metadata": {"name": "default", "namespace": "default"}}])
-        admin = server.client()
-        for name, topo, npus in (("ring-node", topology("a1"), 8), ("small-node", None, 2), ("cpu-node", None, 0)):
-            raw = node(name, topo=topo, npus=npus)
-            admin.create_node({k: v for k, v in raw.items() if k != "status"})
-            admin.patch_node_status(name, {"status": raw["status"]})
-            # admission taints new nodes not-ready; with no kubelet here, clear it so the scheduler may use them
-            admin.patch_node(name, {"spec": {"taints": None}})
+    with control_plane(node("ring-node", topo=topology("a1"), npus=8), node("small-node", npus=2),
+                       node("cpu-node", npus=0)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +34,33 @@ def scheduler(cluster: LocalApiServer) -> Iterator[Extender]:
     deadline = time.monotonic() + 30
     while extender.get("/readyz")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
-    # the documented example, pointed at this test's cluster and extender
+    try:
+        with kube_scheduler(cluster, extender.url):
+            yield extender
+    finally:
+        extender.stop()
+
+
+@contextlib.contextmanager
+def kube_scheduler(cluster: LocalApiServer, extender_url: str, bind: bool = True) -> Iterator[None]:
+    """A real kube-scheduler with the documented example config, pointed at this cluster and extender (without
+    ``bindVerb`` when not ``bind``: kube-scheduler binds)."""
     example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
     example["clientConnection"]["kubeconfig"] = cluster.kubeconfig_for("admin")
     example["leaderElection"]["leaderElect"] = False
-    example["extenders"][0]["urlPrefix"] = extender.url
+    example["extenders"][0]["urlPrefix"] = extender_url
+    if not bind:
+        del example["extenders"][0]["bindVerb"]
     config = cluster.root / "scheduler.yaml"
     config.write_text(yaml.safe_dump(example))
     log = open(cluster.root / "kube-scheduler.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=2"],
                             stdout=log, stderr=log)
     try:
-        yield extender
+        yield
     finally:
         proc.terminate()
         proc.wait(10)
-        extender.stop()
 
 
 def wait_bound(cluster: LocalApiServer, name: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]

@@ -4,7 +4,6 @@ without scoring: no prioritize call). Pods with soft preferences still get a cho
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -13,9 +12,8 @@ import yaml
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU
 from tests.component.test_extender_http import Extender
-from tests.conftest import REPO
-from tests.integration.test_extender_kube_scheduler import wait_bound
-from tests.support.apiserver import LocalApiServer, binary
+from tests.integration.test_extender_kube_scheduler import kube_scheduler, wait_bound
+from tests.support.apiserver import LocalApiServer, control_plane
 from tests.support.k8s_objects import node, pod, topology
 
 pytestmark = pytest.mark.integration
@@ -23,22 +21,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalApiServer]:
-    server = LocalApiServer().start()
-    try:
-        server.create([{"apiVersion": "v1", "kind": "ServiceAccount",
-                        "metadata": {"name": "default", "namespace": "default"}}])
-        admin = server.client()
-        for name in ("npu-a", "npu-b", "npu-c"):
-            raw = node(name, topo=topology(), npus=8)
-            admin.create_node({k: v for k, v in raw.items() if k != "status"})
-            admin.patch_node_status(name, {"status": raw["status"]})
-            admin.patch_node(name, {"spec": {"taints": None}})
+    with control_plane(*(node(name, topo=topology(), npus=8) for name in ("npu-a", "npu-b", "npu-c"))) as server:
         # npu-b holds 6 NPUs already: binpack (the extender's default) prefers it for a small pod
-        admin.create_namespaced_pod("default", create(pod("holder", node_name="npu-b",
-                                                          requests={RESOURCE_NPU: "6", "cpu": "1"})))
+        server.client().create_namespaced_pod("default", create(pod("holder", node_name="npu-b",
+                                                                    requests={RESOURCE_NPU: "6", "cpu": "1"})))
         yield server
-    finally:
-        server.stop()
 
 
 def create(raw: dict) -> dict:  # type: ignore[type-arg]
@@ -56,21 +43,10 @@ def scheduler(cluster: LocalApiServer) -> Iterator[Extender]:
     deadline = time.monotonic() + 30
     while extender.get("/readyz")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
-    example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
-    example["clientConnection"]["kubeconfig"] = cluster.kubeconfig_for("admin")
-    example["leaderElection"]["leaderElect"] = False
-    example["extenders"][0]["urlPrefix"] = extender.url
-    del example["extenders"][0]["bindVerb"]  # the throughput profile: kube-scheduler binds
-    path = cluster.root / "scheduler.yaml"
-    path.write_text(yaml.safe_dump(example))
-    log = open(cluster.root / "kube-scheduler.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([binary("kube-scheduler"), f"--config={path}", "--secure-port=0", "--v=2"],
-                            stdout=log, stderr=log)
     try:
-        yield extender
+        with kube_scheduler(cluster, extender.url, bind=False):  # the throughput profile: kube-scheduler binds
+            yield extender
     finally:
-        proc.terminate()
-        proc.wait(10)
         extender.stop()
 
 

@@ -7,6 +7,7 @@ extra user so components can be run with exactly the RBAC their chart grants. Ea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -34,6 +36,21 @@ def binary(name: str) -> str:
     if not path.exists():
         raise RuntimeError(f"{path} missing: run hack/build-upstream.sh (hack/test.sh does it)")
     return str(path)
+
+
+@contextlib.contextmanager
+def control_plane(*nodes: dict) -> Iterator[LocalApiServer]:  # type: ignore[type-arg]
+    """etcd + kube-apiserver with the default ServiceAccount and these nodes (``LocalApiServer.add_node``; no
+    kubelets: pods bound to them stay Pending), stopped afterwards."""
+    server = LocalApiServer().start()
+    try:
+        server.create([{"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": "default", "namespace": "default"}}])
+        for raw in nodes:
+            server.add_node(raw)
+        yield server
+    finally:
+        server.stop()
 
 
 def least_privilege(user: str, rules: list[dict]) -> list[dict]:  # type: ignore[type-arg]
@@ -137,6 +154,17 @@ class LocalApiServer:
         api = config.new_client_from_config(config_file=self.kubeconfig_for("admin"))
         for doc in documents:
             utils.create_from_dict(api, doc)
+
+    def add_node(self, raw: dict, conditions: list[dict] | None = None, api=None) -> None:  # type: ignore[no-untyped-def,type-arg]
+        """A node object as a kubelet would leave it (``raw`` from ``tests.support.k8s_objects.node``): created,
+        its status patched in, and the not-ready taint admission puts on new nodes cleared (no kubelet here).
+        ``api``: a CoreV1Api to reuse (many nodes)."""
+        api = api or self.client()
+        name = raw["metadata"]["name"]
+        api.create_node({k: v for k, v in raw.items() if k != "status"})
+        status = {**raw["status"], **({"conditions": conditions} if conditions else {})}
+        api.patch_node_status(name, {"status": status})
+        api.patch_node(name, {"spec": {"taints": None}})
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
