@@ -153,6 +153,11 @@ def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
             explained = {"error": str(exc)}
         say(f"{meta['name']:<32} {meta['labels']['phase']:<8} {node:<11} {','.join(devices) or '-':<12} "
             f"{where or '-':<11} {why(explained)}")
+    prefill_nodes = {p["spec"]["nodeName"] for p in pods if p["metadata"]["labels"]["phase"] == "prefill"}
+    decode = [p for p in pods if p["metadata"]["labels"]["phase"] == "decode"]
+    joined = sum(1 for p in decode if p["spec"]["nodeName"] in prefill_nodes)
+    say(f"decode pods on a node of their group's prefill pods: {joined}/{len(decode)} (the extender's pd-affinity: "
+        "the KV cache moves between them without leaving the node)")
 
 
 def why(explained: dict[str, Any]) -> str:
