@@ -13,6 +13,7 @@ incrementally by the cache (rebuilding it per request would cost O(pods)).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -288,9 +289,8 @@ class NodeTable:
 
     def view(self, names: Sequence[str]) -> tuple[NodeView, list[str]]:
         """The rows of ``names`` (in that order), and the names this table does not know."""
-        get = self.index.get
-        rows = [get(n, -1) for n in names]
-        array = np.fromiter(rows, dtype=np.int64, count=len(rows))
+        array = np.fromiter(map(self.index.get, names, itertools.repeat(-1, len(names))), dtype=np.int64,
+                            count=len(names))
         missing = np.flatnonzero(array < 0)
         if len(missing):
             unknown = [names[i] for i in missing.tolist()]

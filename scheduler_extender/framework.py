@@ -164,8 +164,9 @@ class Framework:
         parts: dict[str, np.ndarray] = {}
         total = np.zeros(n)
         for plugin, weight in self.plugins:
-            value = np.broadcast_to(np.asarray(plugin.score(pod, view, cycle), dtype=np.float64), (n,))
-            value = np.clip(np.nan_to_num(value, nan=0.0), 0.0, 1.0)  # NaN → 0
+            raw = plugin.score(pod, view, cycle)
+            value = np.full(n, raw, dtype=np.float64) if np.ndim(raw) == 0 else np.asarray(raw, dtype=np.float64)
+            value = np.fmin(np.fmax(value, 0.0), 1.0)  # clamp to [0, 1]; fmax turns NaN into 0
             parts[plugin.name] = value
             total += value * weight
         return Explanation(pod=pod.key, verb="prioritize", names=view.names, parts=parts,

@@ -64,7 +64,7 @@ def parse_extender_args(body: Any) -> ExtenderArgs:
         node_items = items
     node_names = None
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list) or not set(map(type, names)) <= {str}:  # (C-level: ~400 names per call)
             raise ProtocolError("ExtenderArgs.NodeNames: expected an array of strings")
         node_names = names
     return ExtenderArgs(pod=pod, nodes=node_items, node_names=node_names)
