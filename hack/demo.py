@@ -256,6 +256,12 @@ def main() -> None:
     parser.add_argument("--prefix-words", type=int, default=900, help="words (~tokens) per shared prefix")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    if args.prefill < 1 or args.decode < 1 or args.prefill + args.decode > 8:
+        parser.error(f"--prefill {args.prefill} --decode {args.decode}: each at least 1, together at most the "
+                     "node's 8 NPUs")
+    if args.rate <= 0 or args.duration <= 0 or args.groups < 1 or args.prefix_words < 1 or args.blocks < 16:
+        parser.error("--rate and --duration must be positive, --groups and --prefix-words at least 1, --blocks "
+                     "at least 16")
     progress = Progress()
 
     since = progress.begin("local cluster: etcd, kube-apiserver, controller-manager, kube-scheduler (extender: "
