@@ -211,10 +211,6 @@ class ClusterCache:
         with self.lock:
             return list(self._nodes)
 
-    def pod(self, namespace: str, name: str) -> PodInfo | None:
-        with self.lock:
-            return next((p for p in self._pods.values() if p.namespace == namespace and p.name == name), None)
-
     def pod_by_uid(self, uid: str) -> PodInfo | None:
         """The pod as the watch last reported it."""
         with self.lock:

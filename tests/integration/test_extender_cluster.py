@@ -164,11 +164,11 @@ def test_watch_relists_after_410_gone(cluster: LocalApiServer) -> None:
     assert pods._watch(version) is None
     watcher.start()
     try:
-        create_pod(cluster, "seen-by-watch", 0)
+        uid = create_pod(cluster, "seen-by-watch", 0)["metadata"]["uid"]
         deadline = time.monotonic() + 15
-        while cache.pod("default", "seen-by-watch") is None and time.monotonic() < deadline:
+        while cache.pod_by_uid(uid) is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert cache.pod("default", "seen-by-watch") is not None
+        assert cache.pod_by_uid(uid) is not None
         assert cache.relists["pods"] >= 2
     finally:
         watcher.stop()
