@@ -170,6 +170,55 @@ def _events(metrics: str) -> float:
                if line.startswith("fuyao_kvcache_events_total"))
 
 
+def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluster: LocalCluster,
+                                                                         stack: dict[str, float]) -> None:
+    """scheduler.enabled: a second kube-scheduler (the locally built binary in an image of its own) runs in the
+    cluster with the chart's RBAC and config, reaches the extender by its Service name, and binds a pod that names
+    it (through the extender's bind verb: the pod carries the assigned NPUs)."""
+    import os
+
+    from tests.support.apiserver import binary
+    from tests.support.runtime_image import kube_scheduler_image
+
+    built = Path(os.path.realpath(binary("kube-scheduler")))
+    archive, tag = kube_scheduler_image(built, built.name.rsplit("-", 1)[1])
+    cluster.import_image(archive)
+    values = cluster.dir / "values-scheduler-extender.yaml"
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    helm("upgrade", "scheduler-extender", str(CHARTS / "scheduler-extender"), "--namespace", NAMESPACE,
+         "--values", str(values), "--set", "scheduler.enabled=true", "--set", f"scheduler.image={tag}",
+         "--set", "scheduler.leaderElect=true", "--wait", "--timeout", "180s", kubeconfig=kubeconfig)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "by-second-scheduler", "namespace": "default"},
+           "spec": {"schedulerName": "fuyao-scheduler", "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                                    "command": ["/bin/sh", "-c", "env; sleep 3600"],
+                                    "resources": {"limits": {RESOURCE_NPU: "1"}}}]}}
+    path = cluster.dir / "by-second-scheduler.json"
+    path.write_text(json.dumps(pod))
+    cluster.kubectl("apply", "-f", str(path))
+    try:
+        placed = wait_for(lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["spec"].get("nodeName")
+                          and p, 120, "the pod bound by the chart's kube-scheduler")
+        assignment, visible, _ = planned_and_visible_npus(cluster, wait_for(
+            lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["status"].get("phase") == "Running"
+            and p, 60, "the pod Running"))
+        assert placed["spec"]["nodeName"] == cluster.node and len(visible) == 1
+        events = get_json(cluster, "events", "--field-selector", "involvedObject.name=by-second-scheduler")["items"]
+        scheduled = [e for e in events if e["reason"] == "Scheduled"]
+        assert scheduled and all(e.get("reportingComponent") == "fuyao-scheduler"
+                                 or (e.get("source") or {}).get("component") == "fuyao-scheduler"
+                                 for e in scheduled), scheduled
+        lease = get_json(cluster, "lease", "-n", NAMESPACE, "fuyao-scheduler")  # its own leader election
+        assert lease["spec"]["holderIdentity"]
+        # the default scheduler (the host's) left it alone: only pods naming fuyao-scheduler go there
+        assert assignment.node == cluster.node
+    finally:
+        cluster.kubectl("delete", "pod", "by-second-scheduler", "--wait=false")
+        helm("upgrade", "scheduler-extender", str(CHARTS / "scheduler-extender"), "--namespace", NAMESPACE,
+             "--values", str(values), "--wait", "--timeout", "120s", kubeconfig=kubeconfig)
+
+
 READ_ONLY = [
     {"apiGroups": ["", "apps", "discovery.k8s.io", "events.k8s.io"], "resources": ["*"], "verbs": ["get", "list"]},
     {"apiGroups": [""], "resources": ["pods/log", "pods/proxy", "services/proxy"], "verbs": ["get"]},

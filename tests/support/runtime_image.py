@@ -145,6 +145,32 @@ def build(cache: Path = CACHE) -> tuple[Path, str]:
     return out, tag
 
 
+def kube_scheduler_image(scheduler: Path, version: str, cache: Path = CACHE) -> tuple[Path, str]:
+    """An image of the locally built kube-scheduler (``fuyao.local/kube-scheduler:<version>``) on the same Debian
+    base layer, for the scheduler-extender chart's optional second scheduler on the local cluster (the chart
+    defaults to registry.k8s.io's image)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    base = base_layer(cache)
+    binary_bytes = scheduler.read_bytes()
+    key = hashlib.sha256(binary_bytes).hexdigest()[:16]
+    layer = cache / f"kube-scheduler-{key}.tar"
+    if not layer.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            target = Path(tmp) / "usr" / "local" / "bin"
+            target.mkdir(parents=True)
+            (target / "kube-scheduler").write_bytes(binary_bytes)
+            (target / "kube-scheduler").chmod(0o755)
+            _pack(Path(tmp), layer)
+    tag = f"fuyao.local/kube-scheduler:{version}"
+    out = cache / f"kube-scheduler-{version}-{key}.docker.tar"
+    if not out.exists():
+        write_docker_archive(out.with_suffix(".tmp"), [tag], [base, layer],
+                             {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["kube-scheduler", "--help"]},
+                             [f"debootstrap {SUITE} minbase", f"kube-scheduler {version} (hack/build-upstream.sh)"])
+        out.with_suffix(".tmp").rename(out)
+    return out, tag
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.support.runtime_image", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=CACHE)
