@@ -6,7 +6,7 @@
 #
 # Usage: hack/build-upstream.sh [name...]
 #   names: etcd kube-apiserver kube-scheduler kube-controller-manager kubelet helm (default: all
-#          of these), kubectl, kube-proxy, coredns, kwok, vc-scheduler (only when VOLCANO_VERSION is set; best effort).
+#          of these), kubectl, kube-proxy, coredns, kwok, prometheus-crds (CRD files), vc-scheduler (only when VOLCANO_VERSION is set; best effort).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -22,6 +22,7 @@ K8S_VERSION="${K8S_VERSION:-v1.34.4}"     # k8s.io/kubernetes; staging modules u
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"   # helm.sh/helm/v3 cmd/helm
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"     # sigs.k8s.io/kwok cmd/kwok (fake nodes for scale tests)
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}" # github.com/coredns/coredns (cluster DNS of the local cluster)
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}" # its CRDs only (prometheus-crds)
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -176,6 +177,28 @@ kwok_stages() {
   echo "kwok stages: $dest ($(ls "$dest" | tr '\n' ' '))"
 }
 
+# Not a binary: the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs, from the module's example/
+# directory at a pinned version, into $BIN/prometheus-operator-crds-<version>/ (the e2e tests install them to check
+# the charts' monitoring objects against the real CRD schemas).
+prometheus_crds() {
+  local dest="$BIN/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION" dir f
+  if [[ -f $dest/.ready ]]; then
+    echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached $dest"
+    return 0
+  fi
+  dir=$(cd "$SRC" && GOFLAGS=-mod=mod go mod download -json \
+      "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error","no Dir")))')
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  for f in servicemonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$f.yaml" "$dest/"
+  done
+  chmod -R u+w "$dest"
+  touch "$dest/.ready"
+  echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: $dest"
+}
+
 runs_ok() { # BINARY VERSION-ARGS (comma-separated)
   local -a args
   IFS=, read -r -a args <<<"$2"
@@ -245,6 +268,10 @@ for n in "${names[@]}"; do
       set -e
       [[ $rc -eq 0 ]] || echo "vc-scheduler: WARNING build failed (optional, continuing)" >&2
     fi
+    continue
+  fi
+  if [[ $n == prometheus-crds ]]; then
+    prometheus_crds
     continue
   fi
   build "$n"

@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
 cd "$REPO_ROOT"
 echo "==> upstream binaries (cached after the first build: hack/build-upstream.sh)"
-bash hack/build-upstream.sh etcd kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm
+bash hack/build-upstream.sh etcd kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm prometheus-crds
 source "$REPO_ROOT/hack/lib/cluster-deps.sh"
 ensure_cluster_deps
 echo "==> ruff check"

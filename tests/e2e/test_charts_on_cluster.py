@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from fuyao.contracts import RESOURCE_NPU
 from tests.charts.test_charts import CUSTOM_VALUES
 from tests.e2e.checks import planned_and_visible_npus
+from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
 from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
 from tests.support.inference_service import pd_service
@@ -81,6 +83,48 @@ def test_every_chart_passes_a_server_side_dry_run_with_default_and_custom_values
                        "--create-namespace", "--dry-run=server", *values, kubeconfig=kubeconfig)
             assert "STATUS: pending-install" in out, out[:400]
     assert "dry-run" not in cluster.kubectl("get", "namespaces", "-o", "name")  # nothing was created
+
+
+def test_the_monitoring_objects_pass_the_prometheus_operator_crds(cluster: LocalCluster) -> None:
+    """With the Prometheus Operator's CRDs installed (the real ServiceMonitor and PrometheusRule schemas, from its
+    module: hack/build-upstream.sh prometheus-crds), the charts render their monitoring objects (Helm sees the CRDs)
+    and the API server accepts them in a server-side dry run."""
+    from tests.support.apiserver import BIN
+
+    found = sorted(BIN.glob("prometheus-operator-crds-*/monitoring.coreos.com_*.yaml"))
+    assert len(found) == 2, f"no Prometheus Operator CRDs under {BIN}: run hack/build-upstream.sh prometheus-crds"
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    for crd in found:
+        cluster.kubectl("create", "-f", str(crd))
+    try:
+        for name in ("servicemonitors", "prometheusrules"):
+            cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}.monitoring.coreos.com",
+                            "--timeout=60s")
+        wait_for(lambda: "monitoring.coreos.com/v1" in cluster.kubectl("api-versions"), 30, "the monitoring API")
+        monitoring = {"ai-inference-optimization": ["--set", "monitoring.serviceMonitor.enabled=true",
+                                                    "--set", "monitoring.prometheusRule.enabled=true"],
+                      "npu-device-plugin": ["--set", "metrics.serviceMonitor.enabled=true"],
+                      "scheduler-extender": ["--set", "metrics.serviceMonitor.enabled=true"],
+                      "qos-agent": ["--set", "metrics.serviceMonitor.enabled=true"]}
+        kinds = []
+        for chart, values in monitoring.items():
+            out = helm("install", f"mon-{chart}", str(CHARTS / chart), "--namespace", "dry-run",
+                       "--create-namespace", "--dry-run=server", *values, kubeconfig=kubeconfig)
+            docs = [d for d in yaml.safe_load_all(out.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0]) if d]
+            kinds += [d["kind"] for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"]
+        assert sorted(kinds) == ["PrometheusRule", "ServiceMonitor", "ServiceMonitor", "ServiceMonitor",
+                                 "ServiceMonitor", "ServiceMonitor"]
+        # a broken rule is refused by the CRD's schema: the dry run really validates
+        bad = cluster.dir / "bad-rule.yaml"
+        bad.write_text(yaml.safe_dump({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                                       "metadata": {"name": "bad", "namespace": "default"},
+                                       "spec": {"groups": [{"name": "g", "rules": [{"alert": "A"}]}]}}))
+        refused = subprocess.run([binary("kubectl"), "--kubeconfig", str(kubeconfig), "create", "--dry-run=server",
+                                  "-f", str(bad)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "expr" in refused.stderr
+    finally:
+        for crd in found:
+            cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)
 
 
 def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluster: LocalCluster,
@@ -177,7 +221,6 @@ def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluste
     it (through the extender's bind verb: the pod carries the assigned NPUs)."""
     import os
 
-    from tests.support.apiserver import binary
     from tests.support.runtime_image import kube_scheduler_image
 
     built = Path(os.path.realpath(binary("kube-scheduler")))
@@ -229,8 +272,6 @@ def test_diagnose_reports_the_stack_with_read_only_rights(cluster: LocalCluster,
                                                           tmp_path: Path) -> None:
     """hack/diagnose.sh run as a user who may only read (impersonated through the admin kubeconfig): every section
     is there with this cluster's facts, and nothing it does needs more than reading."""
-    import subprocess
-
     from tests.support.cluster import REPO
 
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
