@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
-from fuyao.contracts import ANNOTATION_POD_ASSIGNED, PodAssignment, parse_annotation
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from tests.support.cluster import LocalCluster
 from tests.support.polling import wait_for
 
@@ -21,3 +24,23 @@ def planned_and_visible_npus(cluster: LocalCluster, pod: dict[str, Any], contain
                    30, f"the log of {meta['name']}")
     visible = log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0].split(",")
     return assignment, visible, log
+
+
+def npu_pod(name: str, npus: int, scheduler_name: str | None = None) -> dict[str, Any]:
+    """A busybox pod asking for ``npus`` NPUs that prints its environment (``ASCEND_VISIBLE_DEVICES``)."""
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", "env; sleep 3600"],
+                        "resources": {"limits": {RESOURCE_NPU: str(npus)}}}]}
+    if scheduler_name:
+        spec["schedulerName"] = scheduler_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+
+
+def apply_object(cluster: LocalCluster, obj: dict[str, Any]) -> Path:
+    """``kubectl apply`` of one object (or a List); the file it applied, for a later ``kubectl delete -f``."""
+    path = cluster.dir / f"{obj['metadata']['name'] if 'metadata' in obj else 'list'}-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(obj))
+    cluster.kubectl("apply", "-f", str(path))
+    return path

@@ -17,7 +17,7 @@ import yaml
 
 from fuyao.contracts import RESOURCE_NPU
 from tests.charts.test_charts import CUSTOM_VALUES
-from tests.e2e.checks import planned_and_visible_npus
+from tests.e2e.checks import apply_object, npu_pod, planned_and_visible_npus
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
 from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
@@ -148,14 +148,7 @@ def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluste
 
 
 def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster, stack: dict[str, float]) -> None:
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "two-npus", "namespace": "default"},
-           "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
-                                    "command": ["/bin/sh", "-c", "env; sleep 3600"],
-                                    "resources": {"limits": {RESOURCE_NPU: "2"}}}]}}
-    path = cluster.dir / "two-npus.json"
-    path.write_text(json.dumps(pod))
-    cluster.kubectl("apply", "-f", str(path))
+    apply_object(cluster, npu_pod("two-npus", 2))
     try:
         placed = wait_for(lambda: (p := get_json(cluster, "pod", "two-npus"))["status"].get("phase") == "Running"
                           and p, 90, "the NPU pod Running")
@@ -172,9 +165,7 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
 def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(
         cluster: LocalCluster, stack: dict[str, float], image: str) -> None:
     objects = pd_service("chat", image, replicas={"prefill": 1, "decode": 1}, time_scale=20)
-    path = cluster.dir / "pd-service.json"
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    cluster.kubectl("apply", "-f", str(path))
+    path = apply_object(cluster, {"apiVersion": "v1", "kind": "List", "items": objects})
     try:
         def ready_roles() -> set[str]:
             pods = get_json(cluster, "pods", "-l", "app=chat")["items"]
@@ -231,15 +222,7 @@ def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluste
     helm("upgrade", "scheduler-extender", str(CHARTS / "scheduler-extender"), "--namespace", NAMESPACE,
          "--values", str(values), "--set", "scheduler.enabled=true", "--set", f"scheduler.image={tag}",
          "--set", "scheduler.leaderElect=true", "--wait", "--timeout", "180s", kubeconfig=kubeconfig)
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "by-second-scheduler", "namespace": "default"},
-           "spec": {"schedulerName": "fuyao-scheduler", "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
-                                    "command": ["/bin/sh", "-c", "env; sleep 3600"],
-                                    "resources": {"limits": {RESOURCE_NPU: "1"}}}]}}
-    path = cluster.dir / "by-second-scheduler.json"
-    path.write_text(json.dumps(pod))
-    cluster.kubectl("apply", "-f", str(path))
+    apply_object(cluster, npu_pod("by-second-scheduler", 1, scheduler_name="fuyao-scheduler"))
     try:
         placed = wait_for(lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["spec"].get("nodeName")
                           and p, 120, "the pod bound by the chart's kube-scheduler")
