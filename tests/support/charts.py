@@ -94,3 +94,39 @@ def leftovers(cluster: LocalCluster) -> list[str]:
     listed = json.loads(cluster.kubectl("get", kinds, "-A", "-l", PART_OF, "-o", "json"))
     return [f"{item['kind']}/{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
             for item in listed["items"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.support.charts install|uninstall``: the charts on a running ``--components chart`` cluster."""
+    import argparse
+    import json as json_
+
+    from .runtime_image import build
+
+    parser = argparse.ArgumentParser(prog="python -m tests.support.charts",
+                                     description="fuyao's charts on the local cluster (hack/local-up.sh "
+                                                 "--components chart), in the order of docs/install.md")
+    parser.add_argument("action", choices=["install", "uninstall"])
+    parser.add_argument("--state-dir", default="/tmp/fuyao-cluster", type=Path)
+    parser.add_argument("--namespace", default=NAMESPACE)
+    args = parser.parse_args(argv)
+    record = args.state_dir / "state.json"
+    if not record.exists():
+        parser.error(f"no cluster in {args.state_dir}: start one with hack/local-up.sh --components chart")
+    state = json_.loads(record.read_text())
+    if state.get("components") != "chart":
+        parser.error(f"the cluster in {args.state_dir} runs fuyao as host processes; start it with "
+                     "hack/local-up.sh --components chart")
+    cluster = LocalCluster(args.state_dir, components="chart")
+    if args.action == "uninstall":
+        uninstall_stack(cluster, args.namespace)
+        print(f"uninstalled {', '.join(reversed(INSTALL_ORDER))} from {args.namespace}")
+        return
+    archive, tag = build()
+    cluster.import_image(archive)
+    took = install_stack(cluster, tag, args.namespace)
+    print("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
+
+
+if __name__ == "__main__":
+    main()

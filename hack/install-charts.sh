@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install (or uninstall) fuyao's four Helm charts on the local cluster started with
+# `hack/local-up.sh --components chart`, with the values that fit it (the locally built image, the fake npu-smi's
+# paths, the extender's fixed ClusterIP), in the order of docs/install.md. hack/demo.sh does this and more.
+# Usage: hack/install-charts.sh [install|uninstall] [--state-dir DIR] [--namespace fuyao-system]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source hack/lib/venv.sh
+ensure_venv test
+action="${1:-install}"
+[ $# -gt 0 ] && shift
+exec "$VENV/bin/python" -m tests.support.charts "$action" "$@"
