@@ -194,8 +194,7 @@ class DevicePluginDaemon:
         self.monitor: HealthMonitor | None = None
         self.publisher: cluster.NodePublisher | None = None
         self.metrics_address: tuple[str, int] | None = None
-        self.allocated: frozenset[str] = frozenset()
-        self.holders: dict[str, str] = {}
+        self.holders: dict[str, str] = {}  # held die → the pod holding it (kubelet pod-resources)
         self.numa_cpus: dict[int, NumaCpus] = {}
         self.node_cpus: dict[int, set[int]] = {}  # NUMA node → CPUs (sysfs), when the dies' NUMA nodes come from it
         self._next_allocation_poll = 0.0
@@ -314,10 +313,8 @@ class DevicePluginDaemon:
         except PodResourcesUnavailable as exc:
             log.debug("allocations not published: %s", exc)
             return
-        allocated = frozenset(held.devices[RESOURCE_NPU])
-        holders = held.holders.get(RESOURCE_NPU, {})
-        if allocated != self.allocated or numa_cpus != self.numa_cpus or holders != self.holders:
-            self.allocated = allocated
+        holders = held.holders[RESOURCE_NPU]
+        if holders != self.holders or numa_cpus != self.numa_cpus:
             self.holders = holders
             self.numa_cpus = numa_cpus
             self._publish()
@@ -352,8 +349,8 @@ class DevicePluginDaemon:
                                  self.inventory.driver_version, self.config.server_usage)
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
         topology = node_topology(self.inventory, self.chips.statuses(), slices,
-                                 self.vnpu.templates if self.vnpu else (), self.allocated, self.numa_cpus,
-                                 self.holders)
+                                 self.vnpu.templates if self.vnpu else (), frozenset(self.holders),
+                                 self.numa_cpus, self.holders)
         self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
 
     def _shutdown(self) -> None:

@@ -9,7 +9,7 @@ publishes which dies and (under the static CPU manager) which CPUs are taken. Th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -25,17 +25,20 @@ class PodResourcesUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Holdings:
-    devices: dict[str, set[str]]  # resource name → device IDs held by some container
-    exclusive_cpus: frozenset[int]  # CPUs the static CPU manager gave containers (empty under the none policy)
-    holders: dict[str, dict[str, str]] = field(default_factory=dict)
+    holders: dict[str, dict[str, str]]
     """resource name → device ID → ``namespace/name`` of the pod holding it (the kubelet's truth, which can differ
     from what a scheduler planned)."""
+    exclusive_cpus: frozenset[int]  # CPUs the static CPU manager gave containers (empty under the none policy)
+
+    @property
+    def devices(self) -> dict[str, set[str]]:
+        """resource name → device IDs held by some container."""
+        return {resource: set(held) for resource, held in self.holders.items()}
 
 
 def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> Holdings:
     """What the containers on this node hold (one ``List`` call)."""
     wanted = set(resources)
-    out: dict[str, set[str]] = {r: set() for r in wanted}
     holders: dict[str, dict[str, str]] = {r: {} for r in wanted}
     cpus: set[int] = set()
     try:
@@ -48,10 +51,9 @@ def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0)
             cpus.update(container.cpu_ids)
             for devices in container.devices:
                 if devices.resource_name in wanted:
-                    out[devices.resource_name].update(devices.device_ids)
                     holders[devices.resource_name].update(
                         dict.fromkeys(devices.device_ids, f"{pod.namespace}/{pod.name}"))
-    return Holdings(out, frozenset(cpus), holders)
+    return Holdings(holders, frozenset(cpus))
 
 
 def held_devices(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> dict[str, set[str]]:
