@@ -163,7 +163,7 @@ class ExtenderService:
         with self._candidates(args) as (view, cycle, unknown):
             outcome = self.framework.filter(pod, view, cycle)
             scored = self.framework.shortlist(pod, view, outcome, self.shortlist_for(pod), cycle)
-        if scored is not None:
+        if scored is not None and len(scored.names) > 1:  # for a single node kube-scheduler skips prioritize
             self._shortlisted[pod.uid or pod.key] = scored
             self._shortlisted.move_to_end(pod.uid or pod.key)
             while len(self._shortlisted) > SHORTLISTS_KEPT:
