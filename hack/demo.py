@@ -40,6 +40,7 @@ from fuyao.contracts import (  # noqa: E402
 from tests.support.apiserver import binary, free_port  # noqa: E402
 from tests.support.charts import NAMESPACE, install_stack  # noqa: E402
 from tests.support.cluster import EXTENDER_CLUSTER_IP, LocalCluster, down  # noqa: E402
+from tests.support.engines import metric_total  # noqa: E402
 from tests.support.inference_service import pd_service  # noqa: E402
 from tests.support.polling import wait_for  # noqa: E402
 
@@ -80,21 +81,17 @@ def http_json(url: str, timeout: float = 10) -> Any:
 
 def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
     """The running demo cluster when there is a healthy one (components=chart), else a new one."""
-    cluster = LocalCluster(state, components="chart")
-    record = state / "state.json"
-    if record.exists() and not fresh:
-        saved = json.loads(record.read_text())
-        if saved.get("components") == "chart":
-            cluster.procs, cluster.netns, cluster.link = saved["procs"], saved["netns"], saved["link"]
+    running = LocalCluster.running(state)
+    if running is not None:
+        if not fresh and running.components == "chart":
             try:
-                ready = cluster.node_ready()
+                ready = running.node_ready()
             except Exception:
                 ready = False
             if ready:
-                return cluster, True
+                return running, True
         down(state)
-    cluster.up()
-    return cluster, False
+    return LocalCluster(state, components="chart").up(), False
 
 
 def npu_table(cluster: LocalCluster) -> None:
@@ -112,9 +109,7 @@ def npu_table(cluster: LocalCluster) -> None:
 
 def deploy_service(cluster: LocalCluster, image: str, blocks: int, prefill: int, decode: int) -> list[dict[str, Any]]:
     objects = pd_service(SERVICE, image, model=MODEL, replicas={"prefill": prefill, "decode": decode}, blocks=blocks)
-    path = cluster.dir / "demo-service.json"
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    cluster.kubectl("apply", "-f", str(path))
+    cluster.apply({"apiVersion": "v1", "kind": "List", "items": objects}, "demo-service")
     say(f"prefill Deployment: {prefill} pods x 1 NPU, decode Deployment: {decode} pods x 1 NPU, Service '{SERVICE}' "
         "(inference.openfuyao.com/enable-router: true)")
 
@@ -180,11 +175,9 @@ def engine_counters(pods: list[dict[str, Any]]) -> tuple[float, float]:
         if pod["metadata"]["labels"]["phase"] != "prefill":
             continue
         with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8000/metrics", timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("vllm:prefix_cache_hits_total"):
-                    hits += float(line.rsplit(" ", 1)[1])
-                elif line.startswith("vllm:prefix_cache_queries_total"):
-                    queries += float(line.rsplit(" ", 1)[1])
+            text = response.read().decode()
+        hits += metric_total(text, "vllm:prefix_cache_hits_total")
+        queries += metric_total(text, "vllm:prefix_cache_queries_total")
     return hits, queries
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 from typing import Any
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
@@ -37,10 +34,3 @@ def npu_pod(name: str, npus: int, scheduler_name: str | None = None) -> dict[str
         spec["schedulerName"] = scheduler_name
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "spec": spec}
 
-
-def apply_object(cluster: LocalCluster, obj: dict[str, Any]) -> Path:
-    """``kubectl apply`` of one object (or a List); the file it applied, for a later ``kubectl delete -f``."""
-    path = cluster.dir / f"{obj['metadata']['name'] if 'metadata' in obj else 'list'}-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(obj))
-    cluster.kubectl("apply", "-f", str(path))
-    return path

@@ -17,10 +17,11 @@ import yaml
 
 from fuyao.contracts import RESOURCE_NPU
 from tests.charts.test_charts import CUSTOM_VALUES
-from tests.e2e.checks import apply_object, npu_pod, planned_and_visible_npus
+from tests.e2e.checks import npu_pod, planned_and_visible_npus
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
 from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
+from tests.support.engines import metric_total
 from tests.support.inference_service import pd_service
 from tests.support.polling import wait_for
 
@@ -148,7 +149,7 @@ def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluste
 
 
 def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster, stack: dict[str, float]) -> None:
-    apply_object(cluster, npu_pod("two-npus", 2))
+    cluster.apply(npu_pod("two-npus", 2))
     try:
         placed = wait_for(lambda: (p := get_json(cluster, "pod", "two-npus"))["status"].get("phase") == "Running"
                           and p, 90, "the NPU pod Running")
@@ -165,7 +166,7 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
 def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(
         cluster: LocalCluster, stack: dict[str, float], image: str) -> None:
     objects = pd_service("chat", image, replicas={"prefill": 1, "decode": 1}, time_scale=20)
-    path = apply_object(cluster, {"apiVersion": "v1", "kind": "List", "items": objects})
+    path = cluster.apply({"apiVersion": "v1", "kind": "List", "items": objects}, "pd-service")
     try:
         def ready_roles() -> set[str]:
             pods = get_json(cluster, "pods", "-l", "app=chat")["items"]
@@ -193,16 +194,14 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
         endpoints = wait_for(lambda: len(e := http_json(index + "/v1/endpoints")) == 2 and e, 60,
                              "the KV-cache index subscribed to both engines")
         assert endpoints
-        wait_for(lambda: "fuyao_kvcache_events_total" in (m := urllib.request.urlopen(index + "/metrics").read()
-                                                          .decode()) and _events(m) > 0, 60,
-                 "KV events from the engines in the index")
+        def events() -> float:
+            with urllib.request.urlopen(index + "/metrics", timeout=10) as response:
+                return metric_total(response.read().decode(), "fuyao_kvcache_events_total")
+
+        wait_for(lambda: events() > 0, 60, "KV events from the engines in the index")
     finally:
         cluster.kubectl("delete", "-f", str(path), "--wait=false")
 
-
-def _events(metrics: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("fuyao_kvcache_events_total"))
 
 
 def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluster: LocalCluster,
@@ -222,7 +221,7 @@ def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluste
     helm("upgrade", "scheduler-extender", str(CHARTS / "scheduler-extender"), "--namespace", NAMESPACE,
          "--values", str(values), "--set", "scheduler.enabled=true", "--set", f"scheduler.image={tag}",
          "--set", "scheduler.leaderElect=true", "--wait", "--timeout", "180s", kubeconfig=kubeconfig)
-    apply_object(cluster, npu_pod("by-second-scheduler", 1, scheduler_name="fuyao-scheduler"))
+    cluster.apply(npu_pod("by-second-scheduler", 1, scheduler_name="fuyao-scheduler"))
     try:
         placed = wait_for(lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["spec"].get("nodeName")
                           and p, 120, "the pod bound by the chart's kube-scheduler")
@@ -263,9 +262,7 @@ def test_diagnose_reports_the_stack_with_read_only_rights(cluster: LocalCluster,
                "metadata": {"name": "fuyao-diagnose"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fuyao-diagnose"},
                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "fuyao-diagnose"}]}
-    path = tmp_path / "rbac.json"
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [role, binding]}))
-    cluster.kubectl("apply", "-f", str(path))
+    cluster.apply({"apiVersion": "v1", "kind": "List", "items": [role, binding]}, "diagnose-rbac")
     config = yaml.safe_load((cluster.dir / "admin.kubeconfig").read_text())
     config["users"][0]["user"]["as"] = "fuyao-diagnose"
     reader = tmp_path / "reader.kubeconfig"

@@ -20,6 +20,7 @@ from fuyao.contracts import (
 )
 from tests.e2e.checks import planned_and_visible_npus
 from tests.support.cluster import LocalCluster
+from tests.support.engines import metric_total
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -53,9 +54,7 @@ def pod_manifest(name: str, npus: int = 0, command: str = "sleep 3600", labels: 
 
 
 def apply(cluster: LocalCluster, manifest: str) -> None:
-    path = cluster.dir / f"manifest-{time.monotonic_ns()}.json"
-    path.write_text(manifest)
-    cluster.kubectl("apply", "-f", str(path))
+    cluster.apply(json.loads(manifest), f"manifest-{time.monotonic_ns()}")
 
 
 def pod(cluster: LocalCluster, name: str) -> dict:  # type: ignore[type-arg]
@@ -327,8 +326,7 @@ def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_thr
         for ip in ips:
             with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as response:
                 text = response.read().decode()
-            served.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                              if line.startswith("vllm:request_success_total")))
+            served.append(metric_total(text, "vllm:request_success_total"))
         assert all(n >= 1 for n in served), served
     finally:
         router.terminate()

@@ -14,6 +14,7 @@ from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU
 from tests.component.test_extender_http import Extender
 from tests.integration.test_extender_kube_scheduler import kube_scheduler, wait_bound
 from tests.support.apiserver import LocalApiServer, control_plane
+from tests.support.engines import metric_total
 from tests.support.k8s_objects import node, pod, topology
 
 pytestmark = pytest.mark.integration
@@ -51,11 +52,7 @@ def scheduler(cluster: LocalApiServer) -> Iterator[Extender]:
 
 
 def calls(extender: Extender, verb: str) -> float:
-    total = 0.0
-    for line in extender.get("/metrics")[1].splitlines():
-        if line.startswith("fuyao_extender_decisions_total{") and f'verb="{verb}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_total(extender.get("/metrics")[1], "fuyao_extender_decisions_total", verb=verb)
 
 
 def test_the_extender_decides_and_kube_scheduler_binds_without_scoring(cluster: LocalApiServer,

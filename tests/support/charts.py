@@ -99,7 +99,6 @@ def leftovers(cluster: LocalCluster) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.support.charts install|uninstall``: the charts on a running ``--components chart`` cluster."""
     import argparse
-    import json as json_
 
     from .runtime_image import build
 
@@ -110,14 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", default="/tmp/fuyao-cluster", type=Path)
     parser.add_argument("--namespace", default=NAMESPACE)
     args = parser.parse_args(argv)
-    record = args.state_dir / "state.json"
-    if not record.exists():
+    cluster = LocalCluster.running(args.state_dir)
+    if cluster is None:
         parser.error(f"no cluster in {args.state_dir}: start one with hack/local-up.sh --components chart")
-    state = json_.loads(record.read_text())
-    if state.get("components") != "chart":
+    if cluster.components != "chart":
         parser.error(f"the cluster in {args.state_dir} runs fuyao as host processes; start it with "
                      "hack/local-up.sh --components chart")
-    cluster = LocalCluster(args.state_dir, components="chart")
     if args.action == "uninstall":
         uninstall_stack(cluster, args.namespace)
         print(f"uninstalled {', '.join(reversed(INSTALL_ORDER))} from {args.namespace}")

@@ -128,12 +128,33 @@ class LocalCluster:
         found = sorted((self.dir / "pod-logs").glob(f"{namespace}_{pod}_*/{container}/*.log"))
         return "".join(p.read_text(errors="replace") for p in found)
 
+    @classmethod
+    def running(cls, state_dir: str | Path) -> LocalCluster | None:
+        """The cluster ``up`` started in ``state_dir`` (from its ``state.json``), or None when there is none."""
+        record = Path(state_dir) / "state.json"
+        if not record.exists():
+            return None
+        saved = json.loads(record.read_text())
+        cluster = cls(state_dir, node=saved["node"], components=saved.get("components", "host"))
+        cluster.procs, cluster.netns, cluster.link = saved["procs"], saved["netns"], saved["link"]
+        cluster.extender_url = saved.get("extender") or ""
+        return cluster
+
     def _save(self) -> None:
         state = {"procs": self.procs, "netns": self.netns, "components": self.components, "node": self.node,
                  "link": self.link,
                  "api_root": str(self.api.root) if self.api else None, "extender": self.extender_url,
                  "kubeconfig": str(self.dir / "admin.kubeconfig")}
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
+
+    def apply(self, obj: dict[str, Any], name: str = "") -> Path:
+        """``kubectl apply`` of one object or a List, written to ``<state>/<name>.json`` (default: the object's
+        name); that file, for a later ``kubectl delete -f``."""
+        name = name or (obj.get("metadata") or {}).get("name") or f"list-{time.monotonic_ns()}"
+        path = self.dir / f"{name}.json"
+        path.write_text(json.dumps(obj))
+        self.kubectl("apply", "-f", str(path))
+        return path
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         result = subprocess.run([binary("kubectl"), "--kubeconfig", str(self.dir / "admin.kubeconfig"), *args],
@@ -380,9 +401,7 @@ state = "{base / 'state'}"
                        "topology.kubernetes.io/zone": f"zone-{i % zones}"}},
             "spec": {"taints": [{"key": KWOK_ANNOTATION, "value": "fake", "effect": "NoSchedule"}]},
             "status": status} for i, name in enumerate(names)]
-        path = self.dir / "kwok-nodes.json"
-        path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
-        self.kubectl("apply", "-f", str(path))
+        self.apply({"apiVersion": "v1", "kind": "List", "items": items}, "kwok-nodes")
         if not any(p["name"] == "kwok" for p in self.procs):
             kwok = Path(binary("kwok")).resolve()  # kwok-<version>; its stages sit beside it (hack/build-upstream.sh)
             stages = sorted((kwok.parent / kwok.name.replace("kwok-", "kwok-stages-", 1)).glob("*.yaml"))

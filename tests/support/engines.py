@@ -4,6 +4,7 @@ router's tests and benchmarks."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,17 @@ import urllib.request
 from typing import Any
 
 from .apiserver import free_port
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` (with these label values) in a Prometheus text page; 0 when absent.
+    ``name`` may carry a selector, as written in the page: ``kv_cache_hits{layer="tier"}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, selector = name.partition("{")
+    labels = {**dict(re.findall(r'(\w+)="([^"]*)"', selector)), **labels}
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 class Daemon:
@@ -61,11 +73,7 @@ class Daemon:
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples on /metrics (0 when absent)."""
-        total = 0.0
-        for line in self.get("/metrics")[1].splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_total(self.get("/metrics")[1], name)
 
     def stop(self, timeout: float = 5.0) -> tuple[int, float]:
         """SIGTERM; (exit code, seconds to exit)."""
