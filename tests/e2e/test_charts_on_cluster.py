@@ -236,8 +236,8 @@ def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluste
                                  for e in scheduled), scheduled
         lease = get_json(cluster, "lease", "-n", NAMESPACE, "fuyao-scheduler")  # its own leader election
         assert lease["spec"]["holderIdentity"]
-        # the default scheduler (the host's) left it alone: only pods naming fuyao-scheduler go there
-        assert assignment.node == cluster.node
+        # bound through the extender's bind verb (the Scheduled events above say which scheduler asked for it)
+        assert assignment.node == cluster.node and len(assignment.containers[0].devices) == 1
     finally:
         cluster.kubectl("delete", "pod", "by-second-scheduler", "--wait=false")
         helm("upgrade", "scheduler-extender", str(CHARTS / "scheduler-extender"), "--namespace", NAMESPACE,
