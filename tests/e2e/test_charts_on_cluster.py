@@ -179,6 +179,17 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
         body = {"model": "fuyao-sim-7b", "max_tokens": 8,
                 "messages": [{"role": "user", "content": "a question through the chart's router " * 8}]}
 
+        def roles_seen_by_router() -> list[str] | None:
+            try:
+                return sorted(b["role"] for b in http_json(url + "/debug/backends").values())
+            except OSError:
+                return None
+
+        # Pods Ready → EndpointSlice ready → the router's watch: the router may see one engine a moment before the
+        # other (and would then serve the request unsplit), so wait for both before asking.
+        wait_for(lambda: roles_seen_by_router() == ["decode", "prefill"], 60,
+                 "the router discovering the prefill and the decode engine")
+
         def ask() -> dict | None:  # type: ignore[type-arg]
             try:
                 return http_json(url + "/v1/chat/completions", body)
@@ -187,8 +198,11 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
 
         answer = wait_for(ask, 90, "a chat completion through the router Service")
         assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
-        backends = http_json(url + "/debug/backends")
-        assert sorted(b["role"] for b in backends.values()) == ["decode", "prefill"]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        # split: the prompt went to the prefill engine and the answer came from the decode engine
+        assert metric_total(exposition, "inference_backend_requests_total", role="prefill") >= 1
+        assert metric_total(exposition, "inference_backend_requests_total", role="decode") >= 1
         kvcache = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-kvcache")
         index = f"http://{kvcache['spec']['clusterIP']}:8100"
         endpoints = wait_for(lambda: len(e := http_json(index + "/v1/endpoints")) == 2 and e, 60,
