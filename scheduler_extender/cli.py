@@ -61,8 +61,8 @@ async def serve(config: ExtenderConfig) -> int:
     watcher = None
     binder = warnings = None
     if api is not None:
-        watcher = Watcher(api, cache)
-        watcher.start()
+        watcher = Watcher(rest_endpoint(api), cache, bound_pods_only=not config.bind)
+        await watcher.start()
         warnings = PodWarnings(api)
         if config.bind:
             binder = Binder(rest_endpoint(api), cache, metrics)
@@ -77,7 +77,7 @@ async def serve(config: ExtenderConfig) -> int:
 
     code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started)
     if watcher is not None:
-        watcher.stop()
+        await watcher.stop()
     if binder is not None:
         await binder.close()
     return code

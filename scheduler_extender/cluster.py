@@ -5,6 +5,7 @@ on their node until the watch shows them, so two binds in a row never hand out t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import logging
@@ -13,8 +14,11 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import aiohttp
+
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
-from fuyao.kube_watch import WATCH_TIMEOUT_S, ListWatch
+from fuyao.kube_client import RestEndpoint
+from fuyao.kube_watch import WATCH_TIMEOUT_S, AsyncListWatch
 
 from .features import NodeTable, PdIndex
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
@@ -39,6 +43,7 @@ class ClusterCache:
         self._assumed_on: dict[str, set[str]] = {}  # node → uids assumed there (events touch one node each)
         self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
         self.table = NodeTable(domain_key)
+        self.table.long_lived = True
         self.pd = PdIndex()
         self.synced = {"nodes": False, "pods": False}
         self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
@@ -271,18 +276,33 @@ class _Kind:
 
 
 class Watcher:
-    """Feeds a :class:`ClusterCache` from the API server: list + watch of nodes and of pods (all namespaces)."""
+    """Feeds a :class:`ClusterCache` from the API server: list + watch of nodes and of pods (all namespaces), on the
+    running event loop (the one that answers requests: events land between requests, no watch threads)."""
 
-    def __init__(self, api: Any, cache: ClusterCache, watch_timeout_s: int = WATCH_TIMEOUT_S):
+    def __init__(self, endpoint: RestEndpoint, cache: ClusterCache, watch_timeout_s: int = WATCH_TIMEOUT_S,
+                 bound_pods_only: bool = False):
+        """``bound_pods_only``: watch pods that have a node (field selector ``spec.nodeName!=``), for an extender
+        that does not bind: only the binder reads pending pods, and at a scheduler's pace they are half of all pod
+        events (each one JSON-encoded by the API server for this watch, then parsed here)."""
         self.cache = cache
-        self.watches = {kind: ListWatch(kind, call, _Kind(cache, kind), watch_timeout_s=watch_timeout_s,
-                                        after_list=cache.settle, failing=cache.failing)
-                        for kind, call in (("nodes", api.list_node), ("pods", api.list_pod_for_all_namespaces))}
+        pods = {"fieldSelector": "spec.nodeName!="} if bound_pods_only else {}
+        self.watches = {kind: AsyncListWatch(kind, path, _Kind(cache, kind), endpoint, params=params,
+                                             watch_timeout_s=watch_timeout_s, after_list=cache.settle,
+                                             failing=cache.failing)
+                        for kind, path, params in (("nodes", "/api/v1/nodes", {}), ("pods", "/api/v1/pods", pods))}
+        self._session: aiohttp.ClientSession | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        for watch in self.watches.values():
-            watch.start()
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._tasks = [asyncio.create_task(w.run(self._session, self._stop), name=f"watch-{kind}")
+                       for kind, w in self.watches.items()]
 
-    def stop(self) -> None:
-        for watch in self.watches.values():
-            watch.stop()
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()

@@ -209,6 +209,15 @@ class NodeTable:
         self.version = 0  # grows when a node's domain changes (memos of domain counts key on it)
         self._spare: list[int] = []
         self.cols: dict[str, np.ndarray] = {}
+        self.stamps = np.zeros(0, dtype=np.int64)
+        """Per row: when it last changed (a counter; 0 = never written). Per-row results computed from a row stay
+        valid while its stamp does (the framework's decision cache)."""
+        self._clock = 0
+        self.long_lived = False
+        """The cluster cache's table (rows outlive requests, so per-row results are worth keeping); a request's own
+        table is not."""
+        self.decisions: dict[Any, Any] = {}
+        """Per-row results kept for this table by the framework (see ``Framework``); dropped with the table."""
         self._capacity = 0
         self._grow(capacity)
 
@@ -230,6 +239,9 @@ class NodeTable:
             if old is not None:
                 grown[: self._capacity] = old
             self.cols[name] = grown
+        stamps = np.zeros(capacity, dtype=np.int64)
+        stamps[: self._capacity] = self.stamps
+        self.stamps = stamps
         self.names.extend([None] * (capacity - self._capacity))
         self.labels.extend([{}] * (capacity - self._capacity))
         self._spare.extend(range(capacity - 1, self._capacity - 1, -1))
@@ -264,7 +276,12 @@ class NodeTable:
             self.version += 1
         self.cols["domain"][row] = domain
         self.labels[row] = info.labels
+        self._stamp(row)
         return row
+
+    def _stamp(self, rows: int | np.ndarray) -> None:
+        self._clock += 1
+        self.stamps[rows] = self._clock
 
     def remove(self, name: str) -> None:
         row = self.index.pop(name, None)
@@ -275,6 +292,7 @@ class NodeTable:
         self.names[row] = None
         self.labels[row] = {}
         self._spare.append(row)
+        self._stamp(row)
         self.version += 1
 
     def set_domain_key(self, key: str) -> None:
@@ -285,6 +303,7 @@ class NodeTable:
         self.domains, self.domain_names = {}, []
         for row in self.index.values():
             self.cols["domain"][row] = self._domain_id(self.labels[row])
+        self._stamp(np.arange(self._capacity))
         self.version += 1
 
     def view(self, names: Sequence[str]) -> tuple[NodeView, list[str]]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .features import NodeTable, NodeView, PdIndex
 from .model import NodeInfo, PodInfo
+from .row_cache import RowDecisions, decisions_for
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class Plugin(Protocol):
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         """Per candidate, in [0, 1] (a scalar: the same for all)."""
+
+    def row_local(self, pod: PodInfo) -> bool:
+        """Whether ``filter`` and ``score`` decide each candidate from its own row alone (and the time, only
+        through the staleness of measured usage), so per-row results may be kept (``row_cache``). Optional:
+        a plugin without it is never cached."""
 
 
 class Explanation:
@@ -113,6 +119,10 @@ class FilterOutcome:
     passed_at: np.ndarray | None = None  # positions of ``passed`` in the view
 
 
+def _never(_pod: PodInfo) -> bool:
+    return False
+
+
 class Framework:
     """Runs the enabled plugins with their weights."""
 
@@ -120,12 +130,24 @@ class Framework:
         self.plugins = [(p, w) for p, w in plugins if w > 0]
         self.filters = [p for p, _ in plugins]  # a plugin with weight 0 still filters
         self.total_weight = sum(w for _, w in self.plugins) or 1.0
+        self._last_kept: tuple[PodInfo, NodeTable, RowDecisions | None] | None = None
 
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> FilterOutcome:
-        """The first plugin (in order) that rejects a node gives its reason."""
-        cycle = cycle or Cycle()
+    def _kept(self, pod: PodInfo, view: NodeView) -> RowDecisions | None:
+        """The per-row decisions kept for this pod's shape, when they can be (see ``row_cache``)."""
+        if not view.table.long_lived:
+            return None
+        last = self._last_kept
+        if last is not None and last[0] is pod and last[1] is view.table:  # filter, then shortlist's score
+            return last[2]
+        kept = decisions_for(view.table, self, pod, len(self.plugins)) \
+            if all(getattr(p, "row_local", _never)(pod) for p in self.filters) else None
+        self._last_kept = (pod, view.table, kept)
+        return kept
+
+    def _verdicts(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> tuple[np.ndarray, np.ndarray]:
+        """Per candidate: which filter rejected it (-1: none) and with which of its kinds."""
         n = len(view)
-        by = np.full(n, -1, dtype=np.int16)  # which plugin rejected
+        by = np.full(n, -1, dtype=np.int16)
         kind = np.zeros(n, dtype=np.int16)
         for i, plugin in enumerate(self.filters):
             kinds = plugin.filter(pod, view, cycle)
@@ -134,6 +156,17 @@ class Framework:
             hit = (by < 0) & (kinds > 0)
             by[hit] = i
             kind[hit] = kinds[hit]
+        return by, kind
+
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> FilterOutcome:
+        """The first plugin (in order) that rejects a node gives its reason."""
+        cycle = cycle or Cycle()
+        n = len(view)
+        kept = self._kept(pod, view)
+        if kept is not None:
+            by, kind = kept.filters(view, cycle.now, lambda sub: self._verdicts(pod, sub, cycle))
+        else:
+            by, kind = self._verdicts(pod, view, cycle)
         names = view.names
         passed_at = np.flatnonzero(by < 0)
         passed = names if len(passed_at) == n else [names[i] for i in passed_at.tolist()]
@@ -157,20 +190,31 @@ class Framework:
         explanation = Explanation(pod=pod.key, verb="filter", rejected=rejected)
         return FilterOutcome(passed, failed, unresolvable, explanation, counts, passed_at)
 
+    def _scores(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> tuple[np.ndarray, np.ndarray]:
+        """Per candidate: each plugin's part (rows of a [plugin, candidate] array) and the weighted total."""
+        n = len(view)
+        parts = np.empty((len(self.plugins), n))
+        for i, (plugin, _weight) in enumerate(self.plugins):
+            raw = plugin.score(pod, view, cycle)
+            if np.ndim(raw) == 0:
+                parts[i] = min(max(float(raw), 0.0), 1.0) if raw == raw else 0.0  # NaN → 0, as fmax does
+            else:
+                np.fmin(np.fmax(np.asarray(raw, dtype=np.float64), 0.0), 1.0, out=parts[i])  # clamp; NaN → 0
+        total = np.zeros(n)
+        for i, (_plugin, weight) in enumerate(self.plugins):
+            total += parts[i] * weight  # element by element: a node's total never depends on its neighbours
+        return parts, total / self.total_weight
+
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> Explanation:
         """Weighted [0, 1] totals per candidate, with each plugin's part."""
         cycle = cycle or Cycle()
-        n = len(view)
-        parts: dict[str, np.ndarray] = {}
-        total = np.zeros(n)
-        for plugin, weight in self.plugins:
-            raw = plugin.score(pod, view, cycle)
-            value = np.full(n, raw, dtype=np.float64) if np.ndim(raw) == 0 else np.asarray(raw, dtype=np.float64)
-            value = np.fmin(np.fmax(value, 0.0), 1.0)  # clamp to [0, 1]; fmax turns NaN into 0
-            parts[plugin.name] = value
-            total += value * weight
-        return Explanation(pod=pod.key, verb="prioritize", names=view.names, parts=parts,
-                           totals=total / self.total_weight)
+        kept = self._kept(pod, view)
+        if kept is not None:
+            parts, totals = kept.scores(view, cycle.now, lambda sub: self._scores(pod, sub, cycle))
+        else:
+            parts, totals = self._scores(pod, view, cycle)
+        return Explanation(pod=pod.key, verb="prioritize", names=view.names,
+                           parts={p.name: parts[i] for i, (p, _w) in enumerate(self.plugins)}, totals=totals)
 
     def shortlist(self, pod: PodInfo, view: NodeView, outcome: FilterOutcome, keep: int,
                   cycle: Cycle | None = None) -> Explanation | None:
@@ -179,7 +223,7 @@ class Framework:
         to narrow."""
         if keep <= 0 or len(outcome.passed) <= keep or outcome.passed_at is None:
             return None
-        feasible = view.take(outcome.passed_at)
+        feasible = view if len(outcome.passed_at) == len(view) else view.take(outcome.passed_at)
         scored = self.score(pod, feasible, cycle)
         assert scored.totals is not None
         best = np.sort(np.argsort(-scored.totals, kind="stable")[:keep])  # the top ``keep``, back in request order

@@ -21,6 +21,9 @@ class BusinessTypePlugin:
     def __init__(self, stacking_penalty: float = 0.1):
         self.stacking_penalty = stacking_penalty
 
+    def row_local(self, pod: PodInfo) -> bool:
+        return True
+
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         return None
 

@@ -35,6 +35,9 @@ class ColocationPlugin:
         self.ls_max_usage = ls_max_usage
         self.be_pressure_watermark = be_pressure_watermark
 
+    def row_local(self, pod: PodInfo) -> bool:
+        return True
+
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         out = np.zeros(len(view), dtype=np.int16)
         if pod.qos == QoSClass.BE:

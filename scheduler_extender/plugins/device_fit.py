@@ -39,6 +39,9 @@ class DeviceFitPlugin:
     def __init__(self, strategy: Literal["binpack", "spread"] = "binpack"):
         self.strategy = strategy
 
+    def row_local(self, pod: PodInfo) -> bool:
+        return True
+
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         wanted = pod.accelerators
         if not wanted:

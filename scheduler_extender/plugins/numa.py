@@ -71,6 +71,9 @@ class NumaPlugin:
                 known = known | joint
         return known, needed, ideal, joint
 
+    def row_local(self, pod: PodInfo) -> bool:
+        return True
+
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         policy = pod.numa_policy
         if policy not in (NumaPolicy.SINGLE_NUMA_NODE, NumaPolicy.RESTRICTED):

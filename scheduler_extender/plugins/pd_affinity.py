@@ -26,6 +26,10 @@ class PdAffinityPlugin:
         self.ratio = ratio
         self.spread_penalty = spread_penalty
 
+    def row_local(self, pod: PodInfo) -> bool:
+        """A pod of a prefill/decode group is scored by where the group's other pods are (cluster-wide)."""
+        return pod.phase not in _OTHER or pod.pd_group is None
+
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
         return None
 

@@ -4,14 +4,17 @@ the RBAC the chart grants."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
+from fuyao.kube_client import rest_endpoint
 from scheduler_extender.cluster import ClusterCache, Watcher
 from tests.component.test_extender_http import Extender
 from tests.support.apiserver import LocalApiServer, least_privilege
@@ -153,25 +156,65 @@ def test_invalid_annotation_gets_a_warning_event(cluster: LocalApiServer, extend
 
 
 def test_watch_relists_after_410_gone(cluster: LocalApiServer) -> None:
-    cache = ClusterCache()
-    watcher = Watcher(cluster.client(USER), cache, watch_timeout_s=5)
-    pods = watcher.watches["pods"]
-    version = pods._list()
-    assert cache.synced["pods"] and version
-    create_pod(cluster, "moves-the-revision", 0)
-    time.sleep(3)  # etcd compacts the old revisions
-    # a compacted resourceVersion answers 410 Gone: the watcher asks to re-list
-    assert pods._watch(version) is None
-    watcher.start()
-    try:
-        uid = create_pod(cluster, "seen-by-watch", 0)["metadata"]["uid"]
-        deadline = time.monotonic() + 15
-        while cache.pod_by_uid(uid) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert cache.pod_by_uid(uid) is not None
-        assert cache.relists["pods"] >= 2
-    finally:
-        watcher.stop()
+    async def scenario() -> None:
+        cache = ClusterCache()
+        watcher = Watcher(rest_endpoint(cluster.client(USER)), cache, watch_timeout_s=5)
+        pods = watcher.watches["pods"]
+        async with aiohttp.ClientSession() as session:
+            version = await pods._list(session)
+            assert cache.synced["pods"] and version
+            create_pod(cluster, "moves-the-revision", 0)
+            await asyncio.sleep(3)  # etcd compacts the old revisions
+            # a compacted resourceVersion answers 410 Gone: the watcher asks to re-list
+            assert await pods._watch(session, version, asyncio.Event()) is None
+        await watcher.start()
+        try:
+            uid = create_pod(cluster, "seen-by-watch", 0)["metadata"]["uid"]
+            deadline = time.monotonic() + 15
+            while cache.pod_by_uid(uid) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert cache.pod_by_uid(uid) is not None
+            assert cache.relists["pods"] >= 2
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_extender_that_does_not_bind_watches_only_bound_pods(cluster: LocalApiServer) -> None:
+    """Without the bind verb nothing reads pending pods: the watch asks the API server for bound ones only, and a
+    pod appears in the cache when it is bound (with its node), and leaves it when deleted."""
+    async def scenario() -> None:
+        cache = ClusterCache()
+        watcher = Watcher(rest_endpoint(cluster.client(USER)), cache, watch_timeout_s=5, bound_pods_only=True)
+        await watcher.start()
+        try:
+            deadline = time.monotonic() + 15
+            while not cache.ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            pending = create_pod(cluster, "pending-unwatched", 1)
+            bound = create_pod(cluster, "bound-watched", 1)
+            cluster.client().create_namespaced_binding("default", {
+                "apiVersion": "v1", "kind": "Binding", "metadata": {"name": "bound-watched"},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": "npu-a"}}, _preload_content=False)
+            deadline = time.monotonic() + 15
+            while cache.pod_by_uid(bound["metadata"]["uid"]) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            seen = cache.pod_by_uid(bound["metadata"]["uid"])
+            assert seen is not None and seen.node_name == "npu-a"
+            assert cache.pod_by_uid(pending["metadata"]["uid"]) is None  # pending: never sent to this watch
+            assert any(p.uid == seen.uid for p in cache.pods_on("npu-a"))
+            cluster.client().delete_namespaced_pod("bound-watched", "default", grace_period_seconds=0)
+            deadline = time.monotonic() + 15
+            while cache.pod_by_uid(seen.uid) is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert cache.pod_by_uid(seen.uid) is None
+            assert all(p.uid != seen.uid for p in cache.pods_on("npu-a"))  # its devices are free again
+        finally:
+            await watcher.stop()
+            cluster.client().delete_namespaced_pod("pending-unwatched", "default", grace_period_seconds=0)
+
+    asyncio.run(scenario())
 
 
 def test_the_extender_user_cannot_do_more_than_its_rules(cluster: LocalApiServer) -> None:

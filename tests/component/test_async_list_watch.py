@@ -1,0 +1,121 @@
+"""fuyao.kube_watch.AsyncListWatch against a real HTTP server speaking the API server's list and watch (chunked
+JSON lines): a failing API server makes the kind ``failing`` (readiness), a recovered one clears it; events reach
+the sink; a watch that ends resumes from the last resourceVersion; 410 Gone re-lists."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from fuyao.kube_client import RestEndpoint
+from fuyao.kube_watch import AsyncListWatch
+
+
+class FakeApiServer:
+    """Pods list + watch. ``down`` answers 503; each watch streams ``script[n]`` (lines) then ends."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.lists = 0
+        self.watch_versions: list[str] = []
+        self.headers: list[str] = []
+        self.script: list[list[bytes]] = []
+
+    async def pods(self, request: web.Request) -> web.StreamResponse:
+        self.headers.append(request.headers.get("Authorization", ""))
+        if self.down:
+            return web.Response(status=503, text="etcd is not ready")
+        if request.query.get("watch") != "true":
+            self.lists += 1
+            return web.Response(body=orjson.dumps({"metadata": {"resourceVersion": "10"}, "items": [
+                {"metadata": {"name": "listed", "resourceVersion": "10"}}]}), content_type="application/json")
+        self.watch_versions.append(request.query["resourceVersion"])
+        lines = self.script.pop(0) if self.script else []
+        if lines == [b"410"]:
+            return web.Response(status=410, text="too old")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for line in lines:
+            await response.write(line[: len(line) // 2])  # events arrive split across chunks
+            await response.write(line[len(line) // 2:] + b"\n")
+        if not lines:
+            await asyncio.sleep(30)  # an idle watch
+        return response
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.replaced = 0
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        self.replaced += 1
+        self.names = {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in items}
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        self.names[obj["metadata"]["name"]] = obj["metadata"]["resourceVersion"]
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        self.names.pop(obj["metadata"]["name"], None)
+
+
+def event(kind: str, name: str, version: str) -> bytes:
+    return orjson.dumps({"type": kind, "object": {"metadata": {"name": name, "resourceVersion": version}}})
+
+
+class Token:
+    """A configuration whose bearer token rotates (as a projected service-account token does)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def auth_settings(self) -> dict[str, dict[str, str]]:
+        self.n += 1
+        return {"BearerToken": {"in": "header", "key": "Authorization", "value": f"Bearer t{self.n}"}}
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_failing_then_recovered_then_events_resumes_and_relists() -> None:
+    async def scenario() -> None:
+        api = FakeApiServer()
+        app = web.Application()
+        app.router.add_get("/api/v1/pods", api.pods)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sink, failing = Sink(), {}  # type: ignore[var-annotated]
+        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
+                               RestEndpoint(f"http://127.0.0.1:{port}", None, Token()),
+                               failing=failing, backoff_s=0.01)
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(watch.run(session, stop))
+            await until(lambda: "pods" in failing)
+            assert "503" in failing["pods"] and "etcd is not ready" in failing["pods"]
+            assert sink.replaced == 0  # nothing made up while the API server is down
+            api.script = [[event("ADDED", "a", "11"), event("MODIFIED", "listed", "12")],  # ends: resume from 12
+                          [event("DELETED", "a", "13")], [b"410"]]  # 410: re-list
+            api.down = False
+            await until(lambda: api.lists >= 2 and len(api.watch_versions) >= 4)
+            assert "pods" not in failing
+            assert api.watch_versions[:4] == ["10", "12", "13", "10"]
+            assert sink.replaced == 2 and sink.names == {"listed": "10"}  # the re-list's view
+            assert len(set(api.headers)) == len(api.headers)  # the token is read again for every request
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+
+    asyncio.run(scenario())
