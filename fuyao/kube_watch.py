@@ -1,5 +1,6 @@
 """List + watch of one kind of Kubernetes object, an informer in miniature, shared by the components that follow
-the API server (the scheduler extender's cache, the QoS agent's view of its node).
+the API server: :class:`ListWatch` in a thread (the QoS agent's view of its node, the router's and the KV index's
+discovery), :class:`AsyncListWatch` on an asyncio loop (the scheduler extender's cache, read by its requests).
 
 List, then watch from the list's resourceVersion; a watch that ends is resumed from the last resourceVersion seen;
 ``410 Gone`` (or any error) re-lists, with backoff. Raw JSON is read with orjson (no client model

@@ -31,8 +31,9 @@ ASSUME_TTL_S = 60.0
 class ClusterCache:
     """Nodes and pods as the watches report them, kept three ways: the raw node objects, a parsed
     :class:`NodeInfo` per node (with its pods: what the binder reads) and a :class:`NodeTable` row per node (what
-    the plugins read). Every change recomputes the rows of the nodes it touches, in the watch's thread, so
-    requests only gather rows. ``lock`` guards all of it; a request holds it while it reads the table."""
+    the plugins read). Every change recomputes the rows of the nodes it touches as the watch applies it, so
+    requests only gather rows. ``lock`` guards all of it (events arrive on the event loop, full lists in a worker
+    thread); a request holds it while it reads the table."""
 
     def __init__(self, domain_key: str = LABEL_PD_TOPOLOGY_DEFAULT) -> None:
         self.lock = threading.RLock()
@@ -97,6 +98,12 @@ class ClusterCache:
         with self.lock:
             touched = set()
             old = self._pods.get(pod.uid)
+            if old is not None and old.node_name == pod.node_name and _same_accounting(old, pod):
+                self._pods[pod.uid] = pod  # a status update (Running, conditions, IPs): the node's rows stay
+                info = self._infos.get(pod.node_name or "")
+                if info is not None:
+                    info.pods[:] = [pod if p.uid == pod.uid else p for p in info.pods]
+                return
             if old is not None:
                 self._drop_pod(old)
                 touched.add(old.node_name)
@@ -256,6 +263,17 @@ class ClusterCache:
     def all_nodes(self) -> dict[str, NodeInfo]:
         with self.lock:
             return dict(self._infos)
+
+
+_UNACCOUNTED = frozenset({"resource_version", "phase_status", "problems"})
+"""PodInfo fields nothing derived from a node's pods reads (rows, the P/D index): the phase only through
+``terminal``, compared on its own."""
+_ACCOUNTED = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not in _UNACCOUNTED)
+
+
+def _same_accounting(old: PodInfo, new: PodInfo) -> bool:
+    """Whether ``new`` leaves its node's accounting as ``old`` did (most pod events after binding are status)."""
+    return old.terminal == new.terminal and all(getattr(old, f) == getattr(new, f) for f in _ACCOUNTED)
 
 
 class _Kind:

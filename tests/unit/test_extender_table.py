@@ -3,6 +3,8 @@ over many nodes at once equals the decisions node by node."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,30 +49,43 @@ events = st.lists(st.one_of(
               st.lists(st.integers(0, 7), max_size=4), st.sampled_from([None, "prefill", "decode"]),
               st.integers(0, 1), st.integers(0, 2)),
     st.tuples(st.just("delete-pod"), st.sampled_from([f"p{i}" for i in range(8)])),
+    st.tuples(st.just("status"), st.sampled_from([f"p{i}" for i in range(3)]),
+              st.sampled_from(["Pending", "Running", "Succeeded", "Failed"])),
     st.tuples(st.just("assume"), st.sampled_from([f"a{i}" for i in range(3)]), st.sampled_from(NODES),
               st.lists(st.integers(0, 7), max_size=2), st.sampled_from([None, "prefill", "decode"])),
 ), max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(events)
 def test_rows_kept_by_watch_events_equal_rows_computed_from_scratch(history: list[tuple]) -> None:  # type: ignore[type-arg]
     cache = ClusterCache("topology.kubernetes.io/zone")
     cache.replace_nodes([])
     cache.replace_pods([])
+    last: dict[str, dict] = {}  # type: ignore[type-arg]
     for event in history:
         if event[0] == "node":
             cache.upsert_node(_node(event[1], event[2], event[3]))
         elif event[0] == "delete-node":
             cache.delete_node({"metadata": {"name": event[1]}})
         elif event[0] == "pod":
-            cache.upsert_pod(_pod(*event[1:]))
+            last[event[1]] = _pod(*event[1:])
+            cache.upsert_pod(last[event[1]])
         elif event[0] == "delete-pod":
             cache.delete_pod({"metadata": {"uid": event[1]}})
+            last.pop(event[1], None)
+        elif event[0] == "status":  # the same pod, only its status changed (a kubelet's or KWOK's update)
+            if event[1] in last:
+                raw = last[event[1]]
+                raw["metadata"]["resourceVersion"] = str(int(raw["metadata"].get("resourceVersion") or 0) + 1)
+                raw["status"] = {**raw.get("status", {}), "phase": event[2], "podIP": "10.0.0.1"}
+                cache.upsert_pod(raw)
         else:
             _, uid, where, dies, phase = event
             cache.assume(parse_pod(_pod(uid, where, dies, phase, 0, 0)))
-    fresh_infos = list(cache.all_nodes().values())
+    # from scratch: each node's pods as the cache now holds them, accounted again
+    fresh_infos = [dataclasses.replace(info, pods=cache.pods_on(name), memo={}).refresh()
+                   for name, info in cache.all_nodes().items()]
     fresh = NodeTable.of(fresh_infos, "topology.kubernetes.io/zone")
     assert set(cache.table.index) == set(fresh.index) == {n.name for n in fresh_infos}
     for name in fresh.index:
@@ -233,3 +248,24 @@ def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_prefe
     hard["spec"]["topologySpreadConstraints"] = [{**spread, "whenUnsatisfiable": "DoNotSchedule"}]
     assert not parse_pod(hard).soft_preferences  # a hard constraint is kube-scheduler's filter, not its score
     assert len(service.filter({"Pod": hard, "NodeNames": names})["NodeNames"]) == 1
+
+
+def test_a_status_update_keeps_the_row_and_a_finished_pod_frees_its_node() -> None:
+    """Most pod events after binding only change the status (Running, conditions, IPs: a kubelet's or KWOK's
+    update): the node's row is kept as it is (its stamp does not move). A pod that finishes gives its NPUs back."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node("n0", 1, 0)])
+    cache.replace_pods([])
+    raw = _pod("p0", "n0", [1, 2], None, 0, 0)
+    cache.upsert_pod(raw)
+    row = cache.table.index["n0"]
+    stamp, free = cache.table.stamps[row], cache.all_nodes()["n0"].free(RESOURCE_NPU)
+    raw["metadata"]["resourceVersion"] = "7"
+    raw["status"] = {**raw["status"], "phase": "Running", "podIP": "10.0.0.9"}
+    cache.upsert_pod(raw)
+    assert cache.table.stamps[row] == stamp and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free
+    assert cache.pod_by_uid("p0").resource_version == "7"  # type: ignore[union-attr]
+    assert [p.resource_version for p in cache.all_nodes()["n0"].pods] == ["7"]
+    raw["status"] = {**raw["status"], "phase": "Succeeded"}
+    cache.upsert_pod(raw)
+    assert cache.table.stamps[row] > stamp and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free + 2
