@@ -164,7 +164,9 @@ class Framework:
         n = len(view)
         kept = self._kept(pod, view)
         if kept is not None:
-            by, kind = kept.filters(view, cycle.now, lambda sub: self._verdicts(pod, sub, cycle))
+            found = kept.verdicts.get(view, cycle.now, lambda sub: dict(zip(
+                ("by", "kind"), self._verdicts(pod, sub, cycle), strict=True)))
+            by, kind = found["by"], found["kind"]
         else:
             by, kind = self._verdicts(pod, view, cycle)
         names = view.names
@@ -210,7 +212,12 @@ class Framework:
         cycle = cycle or Cycle()
         kept = self._kept(pod, view)
         if kept is not None:
-            parts, totals = kept.scores(view, cycle.now, lambda sub: self._scores(pod, sub, cycle))
+            def compute(sub: NodeView) -> dict[str, np.ndarray]:
+                parts, total = self._scores(pod, sub, cycle)
+                return {"parts": parts.T, "total": total}  # kept with rows first
+
+            found = kept.scores.get(view, cycle.now, compute)
+            parts, totals = found["parts"].T, found["total"]
         else:
             parts, totals = self._scores(pod, view, cycle)
         return Explanation(pod=pod.key, verb="prioritize", names=view.names,

@@ -57,70 +57,54 @@ def valid_until(view: NodeView, now: float) -> np.ndarray:
     return np.where(usage_at >= now - USAGE_STALE_S, usage_at + USAGE_STALE_S, np.inf)
 
 
-class RowDecisions:
-    """The verdicts (which filter rejected, and how) and score parts of one shape, per table row."""
+class KeptRows:
+    """Named per-row values (rows on the first axis) with, per row, the table stamp and the time span they were
+    computed for."""
 
-    def __init__(self, plugins: int) -> None:
-        self.plugins = plugins
-        self.filter_stamp = np.zeros(0, dtype=np.int64)
-        self.filter_span = np.zeros((0, 2))  # computed at, valid until
-        self.by = np.zeros(0, dtype=np.int16)
-        self.kind = np.zeros(0, dtype=np.int16)
-        self.score_stamp = np.zeros(0, dtype=np.int64)
-        self.score_span = np.zeros((0, 2))
-        self.parts = np.zeros((plugins, 0))
-        self.total = np.zeros(0)
+    def __init__(self, columns: dict[str, tuple[tuple[int, ...], Any, Any]]) -> None:
+        """``columns``: name → (shape after the row axis, dtype, fill)."""
+        self.stamp = np.zeros(0, dtype=np.int64)
+        self.span = np.zeros((0, 2))  # computed at, valid until
+        self.values = {name: np.full((0, *tail), fill, dtype=dtype) for name, (tail, dtype, fill) in columns.items()}
+        self._fills = {name: fill for name, (_tail, _dtype, fill) in columns.items()}
 
     def _fit(self, capacity: int) -> None:
         """Room for every row of the table (it grows)."""
-        if capacity <= len(self.by):
+        if capacity <= len(self.stamp):
             return
 
-        def grown(old: np.ndarray, fill: Any) -> np.ndarray:  # rows on the first axis
+        def grown(old: np.ndarray, fill: Any) -> np.ndarray:
             new = np.full((capacity, *old.shape[1:]), fill, dtype=old.dtype)
             new[: len(old)] = old
             return new
 
-        self.filter_stamp, self.score_stamp = grown(self.filter_stamp, -1), grown(self.score_stamp, -1)
-        self.filter_span, self.score_span = grown(self.filter_span, 0.0), grown(self.score_span, 0.0)
-        self.by, self.kind, self.total = grown(self.by, -1), grown(self.kind, 0), grown(self.total, 0.0)
-        self.parts = grown(self.parts.T, 0.0).T.copy()
+        self.stamp, self.span = grown(self.stamp, -1), grown(self.span, 0.0)
+        self.values = {name: grown(old, self._fills[name]) for name, old in self.values.items()}
 
-    @staticmethod
-    def _stale(view: NodeView, stamp: np.ndarray, span: np.ndarray, now: float) -> np.ndarray:
+    def get(self, view: NodeView, now: float,
+            compute: Callable[[NodeView], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The values of the candidates; ``compute`` runs on those whose rows changed since (or whose results
+        expired) and its answers are kept."""
+        table = view.table
+        self._fit(len(table.stamps))
         rows = view.rows
-        return np.flatnonzero((stamp[rows] != view.table.stamps[rows]) | (span[rows, 0] > now)
-                              | (span[rows, 1] < now))
-
-    def filters(self, view: NodeView, now: float,
-                compute: Callable[[NodeView], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """(by, kind) per candidate: ``compute`` runs on the candidates whose rows changed since."""
-        self._fit(len(view.table.stamps))
-        at = self._stale(view, self.filter_stamp, self.filter_span, now)
+        at = np.flatnonzero((self.stamp[rows] != table.stamps[rows]) | (self.span[rows, 0] > now)
+                            | (self.span[rows, 1] < now))
         if len(at):
             sub = view if len(at) == len(view) else view.take(at)
-            by, kind = compute(sub)
-            rows = sub.rows
-            self.by[rows], self.kind[rows] = by, kind
-            self.filter_stamp[rows] = view.table.stamps[rows]
-            self.filter_span[rows, 0], self.filter_span[rows, 1] = now, valid_until(sub, now)
-        rows = view.rows
-        return self.by[rows], self.kind[rows]
+            for name, value in compute(sub).items():
+                self.values[name][sub.rows] = value
+            self.stamp[sub.rows] = table.stamps[sub.rows]
+            self.span[sub.rows, 0], self.span[sub.rows, 1] = now, valid_until(sub, now)
+        return {name: values[rows] for name, values in self.values.items()}
 
-    def scores(self, view: NodeView, now: float,
-               compute: Callable[[NodeView], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """(parts [plugin, candidate], totals) per candidate, computing only the changed rows."""
-        self._fit(len(view.table.stamps))
-        at = self._stale(view, self.score_stamp, self.score_span, now)
-        if len(at):
-            sub = view if len(at) == len(view) else view.take(at)
-            parts, total = compute(sub)
-            rows = sub.rows
-            self.parts[:, rows], self.total[rows] = parts, total
-            self.score_stamp[rows] = view.table.stamps[rows]
-            self.score_span[rows, 0], self.score_span[rows, 1] = now, valid_until(sub, now)
-        rows = view.rows
-        return self.parts[:, rows], self.total[rows]
+
+class RowDecisions:
+    """The verdicts (which filter rejected, and how) and score parts of one shape, per table row."""
+
+    def __init__(self, plugins: int) -> None:
+        self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0)})
+        self.scores = KeptRows({"parts": ((plugins,), np.float64, 0.0), "total": ((), np.float64, 0.0)})
 
 
 def decisions_for(table: NodeTable, owner: object, pod: PodInfo, plugins: int) -> RowDecisions:
