@@ -44,10 +44,18 @@ def _hashable(value: Any) -> Hashable:
     return repr(value)
 
 
+_INSTANCE_LABELS = frozenset({
+    "statefulset.kubernetes.io/pod-name", "apps.kubernetes.io/pod-index", "batch.kubernetes.io/job-completion-index",
+    "leaderworkerset.sigs.k8s.io/worker-index", "pod-template-generation"})
+"""Labels a controller sets per pod (its name, its index): say who the pod is, like its name; left out of the
+shape so that the replicas of a StatefulSet, an indexed Job or a LeaderWorkerSet share one."""
+
+
 def pod_shape(pod: PodInfo) -> Hashable:
     """What the plugins can read from a pod, as a key: two pods with the same shape get the same per-node
     verdicts and scores."""
-    return tuple(_hashable(getattr(pod, name)) for name in _SHAPE_FIELDS)
+    return tuple(_hashable({k: v for k, v in pod.labels.items() if k not in _INSTANCE_LABELS}
+                           if name == "labels" else getattr(pod, name)) for name in _SHAPE_FIELDS)
 
 
 def valid_until(view: NodeView, now: float) -> np.ndarray:

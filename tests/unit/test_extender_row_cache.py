@@ -93,6 +93,9 @@ def test_pods_of_one_workload_share_a_shape_and_other_requests_do_not() -> None:
     raw = _ask(2, None, None, None, 0)
     b = parse_pod({**raw, "metadata": {**raw["metadata"], "name": "other", "namespace": "x", "uid": "u2"}})
     assert pod_shape(a) == pod_shape(b)  # who the pod is does not matter
+    replica = {"statefulset.kubernetes.io/pod-name": "web-3", "apps.kubernetes.io/pod-index": "3"}
+    indexed = {**raw, "metadata": {**raw["metadata"], "labels": {**raw["metadata"]["labels"], **replica}}}
+    assert pod_shape(parse_pod(indexed)) == pod_shape(a)  # nor which replica of a StatefulSet it is
     for different in (_ask(1, None, None, None, 0), _ask(2, "single-numa-node", None, None, 0),
                       _ask(2, None, "prefill", None, 0), _ask(2, None, None, "BE", 0), _ask(2, None, None, None, 4)):
         assert pod_shape(parse_pod(different)) != pod_shape(a)
