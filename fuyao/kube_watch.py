@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -36,22 +35,68 @@ class Sink(Protocol):
     def delete(self, obj: dict[str, Any]) -> None: ...
 
 
-class ListWatch:
+class _Follower:
+    """What both list + watch flavours share: the sink they feed, the retry policy, readiness reporting."""
+
+    def __init__(self, kind: str, sink: Sink, watch_timeout_s: int, after_list: Callable[[], None] | None,
+                 failing: dict[str, str] | None, backoff_s: float):
+        self.kind = kind
+        self.sink = sink
+        self.watch_timeout_s = watch_timeout_s
+        self.after_list = after_list
+        self.failing = failing if failing is not None else {}
+        """kind → the error of a list/watch that keeps failing (readiness); shared by several watches."""
+        self.backoff_s = backoff_s
+        """first retry delay; doubles up to 60x; from the fifth failure in a row the kind is reported ``failing``"""
+        self.relists = 0
+        self._delay = backoff_s
+
+    def _listed(self, body: bytes) -> str:
+        """A full list's body into the sink; the resourceVersion to watch from."""
+        data = orjson.loads(body)
+        items = data.get("items") or []
+        self.sink.replace(items)
+        self.relists += 1
+        if self.after_list is not None:
+            self.after_list()
+        log.info("listed %d %s", len(items), self.kind)
+        return str((data.get("metadata") or {}).get("resourceVersion") or "")
+
+    def _recovered(self) -> None:
+        self.failing.pop(self.kind, None)
+        self._delay = self.backoff_s
+
+    def _failed(self, exc: Exception) -> float:
+        """Log a failed list or watch; the delay before re-listing."""
+        delay = self._delay
+        log.warning("%s watch failed (re-listing in %.1fs): %s", self.kind, delay, exc)
+        if delay >= 16 * self.backoff_s:  # several attempts in a row: what we hold is going stale
+            self.failing[self.kind] = str(exc)
+        self._delay = min(delay * 2, 60 * self.backoff_s)
+        return delay
+
+    def _applied(self, lines: list[bytes], version: str, stopped: Callable[[], bool]) -> str | None:
+        """Watch event lines into the sink; the version to resume from, or None (stopped, or re-list)."""
+        for line in lines:
+            if stopped():
+                return None
+            found = apply_event(self.kind, self.sink, line, version)
+            if found is None:
+                return None
+            version = found
+        return version
+
+
+class ListWatch(_Follower):
     """Keeps ``sink`` in step with ``call`` (a list function of the official client, e.g. ``CoreV1Api.list_node``,
     called with ``kwargs`` such as a field selector) in a daemon thread."""
 
     def __init__(self, kind: str, call: Callable[..., Any], sink: Sink, *, kwargs: dict[str, Any] | None = None,
                  watch_timeout_s: int = WATCH_TIMEOUT_S, after_list: Callable[[], None] | None = None,
                  failing: dict[str, str] | None = None):
-        self.kind = kind
+        super().__init__(kind, sink, watch_timeout_s, after_list, failing, backoff_s=0.5)
         self.call = call
-        self.sink = sink
         self.kwargs = kwargs or {}
-        self.watch_timeout_s = watch_timeout_s
-        self.after_list = after_list
-        self.failing = failing if failing is not None else {}
-        """kind → the error of a list/watch that keeps failing (readiness); shared by several watches."""
-        self.relists = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,31 +109,17 @@ class ListWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        backoff = 0.5
         while not self._stop.is_set():
             try:
-                version = self._list()
-                self.failing.pop(self.kind, None)
-                backoff = 0.5
+                version: str | None = self._list()
+                self._recovered()
                 while not self._stop.is_set() and version is not None:
                     version = self._watch(version)
             except Exception as exc:
-                log.warning("%s watch failed (re-listing in %.1fs): %s", self.kind, backoff, exc)
-                if backoff >= 8.0:  # several attempts in a row: what we hold is going stale
-                    self.failing[self.kind] = str(exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._stop.wait(self._failed(exc))
 
     def _list(self) -> str:
-        response = self.call(_preload_content=False, _request_timeout=60, **self.kwargs)
-        data = orjson.loads(response.data)
-        items = data.get("items") or []
-        self.sink.replace(items)
-        self.relists += 1
-        if self.after_list is not None:
-            self.after_list()
-        log.info("listed %d %s", len(items), self.kind)
-        return str((data.get("metadata") or {}).get("resourceVersion") or "")
+        return self._listed(self.call(_preload_content=False, _request_timeout=60, **self.kwargs).data)
 
     def _watch(self, version: str) -> str | None:
         """Stream events from ``version``; returns the last version (resume) or None (re-list: 410 Gone)."""
@@ -105,17 +136,14 @@ class ListWatch:
             raise
         try:
             lines = LineSplitter()
-            for chunk in itertools.chain(response.stream(65536, decode_content=True), [None]):
-                for line in lines.feed(chunk) if chunk is not None else lines.rest():
-                    if self._stop.is_set():
-                        return None
-                    found = apply_event(self.kind, self.sink, line, version)
-                    if found is None:
-                        return None
-                    version = found
+            found: str | None = version
+            for chunk in response.stream(65536, decode_content=True):
+                found = self._applied(lines.feed(chunk), found, self._stop.is_set)
+                if found is None:
+                    return None
+            return self._applied(lines.rest(), found, self._stop.is_set)
         finally:
             response.release_conn()
-        return version
 
 
 class LineSplitter:
@@ -160,7 +188,7 @@ def apply_event(kind: str, sink: Sink, line: bytes, version: str) -> str | None:
     return found
 
 
-class AsyncListWatch:
+class AsyncListWatch(_Follower):
     """The same list + watch on the caller's asyncio event loop (aiohttp), for a daemon whose requests read what
     the watch writes: events are applied between requests on one thread. A watch thread would contend with the
     request thread for the GIL and the cache lock, and read the stream through urllib3's pure-Python chunk parser
@@ -173,37 +201,24 @@ class AsyncListWatch:
                  params: dict[str, str] | None = None, watch_timeout_s: int = WATCH_TIMEOUT_S,
                  after_list: Callable[[], None] | None = None, failing: dict[str, str] | None = None,
                  backoff_s: float = 0.5):
-        self.kind = kind
-        self.backoff_s = backoff_s
-        """first retry delay; doubles up to 60x; after four failures in a row the kind is reported ``failing``"""
+        super().__init__(kind, sink, watch_timeout_s, after_list, failing, backoff_s)
         self.path = path
-        self.sink = sink
         self.endpoint = endpoint
         self.params = params or {}
-        self.watch_timeout_s = watch_timeout_s
-        self.after_list = after_list
-        self.failing = failing if failing is not None else {}
-        self.relists = 0
 
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         """List and watch until ``stop``; failures re-list with backoff (never raises)."""
-        backoff = self.backoff_s
         while not stop.is_set():
             try:
                 version: str | None = await self._list(session)
-                self.failing.pop(self.kind, None)
-                backoff = self.backoff_s
+                self._recovered()
                 while not stop.is_set() and version is not None:
                     version = await self._watch(session, version, stop)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("%s watch failed (re-listing in %.1fs): %s", self.kind, backoff, exc)
-                if backoff >= 16 * self.backoff_s:  # several attempts in a row: what we hold is going stale
-                    self.failing[self.kind] = str(exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 60 * self.backoff_s)
+                    await asyncio.wait_for(stop.wait(), self._failed(exc))
 
     async def _get(self, session: aiohttp.ClientSession, params: dict[str, str],
                    timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
@@ -217,19 +232,7 @@ class AsyncListWatch:
             if response.status != 200:
                 raise RuntimeError(f"list {self.path}: HTTP {response.status}: {(await response.text())[:300]}")
             body = await response.read()
-
-        def apply() -> tuple[int, str]:
-            data = orjson.loads(body)
-            items = data.get("items") or []
-            self.sink.replace(items)
-            if self.after_list is not None:
-                self.after_list()
-            return len(items), str((data.get("metadata") or {}).get("resourceVersion") or "")
-
-        count, version = await asyncio.to_thread(apply)
-        self.relists += 1
-        log.info("listed %d %s", count, self.kind)
-        return version
+        return await asyncio.to_thread(self._listed, body)
 
     async def _watch(self, session: aiohttp.ClientSession, version: str, stop: asyncio.Event) -> str | None:
         """Stream events from ``version``; returns the last version (resume) or None (re-list: 410 Gone)."""
@@ -243,21 +246,13 @@ class AsyncListWatch:
             if response.status != 200:
                 raise RuntimeError(f"watch {self.path}: HTTP {response.status}: {(await response.text())[:300]}")
             lines = LineSplitter()
-            applied = 0
+            found: str | None = version
             async for chunk in response.content.iter_any():
-                for line in lines.feed(chunk):
-                    if stop.is_set():
-                        return None
-                    found = apply_event(self.kind, self.sink, line, version)
+                batch = lines.feed(chunk)
+                for at in range(0, len(batch), self.EVENTS_PER_TURN):
+                    if at:
+                        await asyncio.sleep(0)
+                    found = self._applied(batch[at:at + self.EVENTS_PER_TURN], found, stop.is_set)
                     if found is None:
                         return None
-                    version = found
-                    applied += 1
-                    if applied % self.EVENTS_PER_TURN == 0:
-                        await asyncio.sleep(0)
-            for line in lines.rest():
-                found = apply_event(self.kind, self.sink, line, version)
-                if found is None:
-                    return None
-                version = found
-        return version
+            return self._applied(lines.rest(), found, stop.is_set)
