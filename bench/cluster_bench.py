@@ -38,7 +38,7 @@ def main() -> None:
         manifest = Path(args.state_dir) / "first-pod.json"
         manifest.write_text(json.dumps(POD))
         cluster.kubectl("apply", "-f", str(manifest))
-        wait_for(lambda: json.loads(cluster.kubectl("get", "pod", "first-npu-pod", "-o", "json"))["status"].get(
+        wait_for(lambda: cluster.get_json("pod", "first-npu-pod")["status"].get(
             "phase") == "Running", 120, "the first NPU pod Running")
         total = time.monotonic() - started
     finally:

@@ -40,7 +40,7 @@ from fuyao.contracts import (  # noqa: E402
 from tests.support.apiserver import binary, free_port  # noqa: E402
 from tests.support.charts import NAMESPACE, install_stack  # noqa: E402
 from tests.support.cluster import EXTENDER_CLUSTER_IP, LocalCluster, down  # noqa: E402
-from tests.support.engines import metric_total  # noqa: E402
+from tests.support.engines import http_json, metric_total  # noqa: E402
 from tests.support.inference_service import pd_service  # noqa: E402
 from tests.support.polling import wait_for  # noqa: E402
 
@@ -70,15 +70,6 @@ def say(line: str) -> None:
     print(f"      {line}", flush=True)
 
 
-def get_json(cluster: LocalCluster, *args: str) -> dict[str, Any]:
-    return json.loads(cluster.kubectl("get", *args, "-o", "json"))  # type: ignore[no-any-return]
-
-
-def http_json(url: str, timeout: float = 10) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
     """The running demo cluster when there is a healthy one (components=chart), else a new one."""
     running = LocalCluster.running(state)
@@ -95,7 +86,7 @@ def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
 
 
 def npu_table(cluster: LocalCluster) -> None:
-    nodes = get_json(cluster, "nodes")["items"]
+    nodes = cluster.get_json("nodes")["items"]
     say(f"{'NODE':<14} {'NPU capacity':>12} {'allocatable':>12} {'vNPU':>6}  labels")
     for node in nodes:
         status, labels = node["status"], node["metadata"].get("labels", {})
@@ -117,7 +108,7 @@ def deploy_service(cluster: LocalCluster, image: str, blocks: int, prefill: int,
         cluster.kubectl("rollout", "status", f"deployment/{SERVICE}-{role}", "--timeout=180s")
 
     def ready() -> list[dict[str, Any]] | None:
-        pods = get_json(cluster, "pods", "-l", f"app={SERVICE}")["items"]
+        pods = cluster.get_json("pods", "-l", f"app={SERVICE}")["items"]
         up = [p for p in pods if p["metadata"].get("deletionTimestamp") is None and any(
             c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
         return up if len(up) == len(pods) == prefill + decode else None
@@ -129,7 +120,7 @@ def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
     """Each pod's node and devices (the extender's ``npu.openfuyao.com/assigned``), where those devices sit in the
     node's topology, and the extender's last decision for it (``/explain``)."""
     topologies = {n["metadata"]["name"]: parse_annotation(ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology)
-                  for n in get_json(cluster, "nodes")["items"]
+                  for n in cluster.get_json("nodes")["items"]
                   if (raw := n["metadata"].get("annotations", {}).get(ANNOTATION_NODE_TOPOLOGY))}
     say(f"{'POD':<32} {'PHASE':<8} {'NODE':<11} {'NPU':<12} {'group/NUMA':<11} extender")
     for pod in sorted(pods, key=lambda p: (p["metadata"]["labels"]["phase"], p["metadata"]["name"])):
@@ -288,7 +279,7 @@ def main() -> None:
 
     since = progress.begin(f"shared-prefix workload ({args.rate:g} req/s for {args.duration:g} s, {args.groups} "
                            f"prefixes of ~{args.prefix_words} tokens): round-robin vs fuyao prefix-aware, same engines")
-    router = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-router")
+    router = cluster.get_json("service", "-n", NAMESPACE, "ai-inference-optimization-router")
     chart_url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
     proc, baseline_url = baseline_router(cluster)
     try:

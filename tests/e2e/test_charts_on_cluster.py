@@ -5,7 +5,6 @@ KV-cache index following their events), and ``helm uninstall`` leaving nothing b
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import urllib.request
@@ -21,7 +20,7 @@ from tests.e2e.checks import npu_pod, planned_and_visible_npus
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
 from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
-from tests.support.engines import metric_total
+from tests.support.engines import http_json, metric_total
 from tests.support.inference_service import pd_service
 from tests.support.polling import wait_for
 
@@ -60,18 +59,6 @@ def stack(cluster: LocalCluster, image: str) -> Iterator[dict[str, float]]:
     took = install_stack(cluster, image, log=lambda _line: None)
     yield took
     # (uninstall is a test of its own, last; nothing to do if it ran)
-
-
-def get_json(cluster: LocalCluster, *args: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(cluster.kubectl("get", *args, "-o", "json"))  # type: ignore[no-any-return]
-
-
-def http_json(url: str, body: dict | None = None, timeout: float = 10) -> dict:  # type: ignore[type-arg]
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
 
 
 def test_every_chart_passes_a_server_side_dry_run_with_default_and_custom_values(cluster: LocalCluster) -> None:
@@ -131,7 +118,7 @@ def test_the_monitoring_objects_pass_the_prometheus_operator_crds(cluster: Local
 def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluster: LocalCluster,
                                                                          stack: dict[str, float]) -> None:
     assert set(stack) == set(INSTALL_ORDER)
-    pods = get_json(cluster, "pods", "-n", NAMESPACE)["items"]
+    pods = cluster.get_json("pods", "-n", NAMESPACE)["items"]
     ready = {p["metadata"]["name"]: all(c["ready"] for c in p["status"].get("containerStatuses", [])) for p in pods}
     assert ready and all(ready.values()), ready
     assert {p["metadata"]["labels"]["app.kubernetes.io/name"] for p in pods} == set(INSTALL_ORDER)
@@ -151,7 +138,7 @@ def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluste
 def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster, stack: dict[str, float]) -> None:
     cluster.apply(npu_pod("two-npus", 2))
     try:
-        placed = wait_for(lambda: (p := get_json(cluster, "pod", "two-npus"))["status"].get("phase") == "Running"
+        placed = wait_for(lambda: (p := cluster.get_json("pod", "two-npus"))["status"].get("phase") == "Running"
                           and p, 90, "the NPU pod Running")
         assignment, visible, _ = planned_and_visible_npus(cluster, placed)
         devices = assignment.containers[0].devices
@@ -169,12 +156,12 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
     path = cluster.apply({"apiVersion": "v1", "kind": "List", "items": objects}, "pd-service")
     try:
         def ready_roles() -> set[str]:
-            pods = get_json(cluster, "pods", "-l", "app=chat")["items"]
+            pods = cluster.get_json("pods", "-l", "app=chat")["items"]
             return {p["metadata"]["labels"]["phase"] for p in pods
                     if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
 
         wait_for(lambda: ready_roles() == {"prefill", "decode"}, 120, "prefill and decode engine pods Ready")
-        router = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-router")
+        router = cluster.get_json("service", "-n", NAMESPACE, "ai-inference-optimization-router")
         url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
         body = {"model": "fuyao-sim-7b", "max_tokens": 8,
                 "messages": [{"role": "user", "content": "a question through the chart's router " * 8}]}
@@ -203,7 +190,7 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
         # split: the prompt went to the prefill engine and the answer came from the decode engine
         assert metric_total(exposition, "inference_backend_requests_total", role="prefill") >= 1
         assert metric_total(exposition, "inference_backend_requests_total", role="decode") >= 1
-        kvcache = get_json(cluster, "service", "-n", NAMESPACE, "ai-inference-optimization-kvcache")
+        kvcache = cluster.get_json("service", "-n", NAMESPACE, "ai-inference-optimization-kvcache")
         index = f"http://{kvcache['spec']['clusterIP']}:8100"
         endpoints = wait_for(lambda: len(e := http_json(index + "/v1/endpoints")) == 2 and e, 60,
                              "the KV-cache index subscribed to both engines")
@@ -237,18 +224,18 @@ def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluste
          "--set", "scheduler.leaderElect=true", "--wait", "--timeout", "180s", kubeconfig=kubeconfig)
     cluster.apply(npu_pod("by-second-scheduler", 1, scheduler_name="fuyao-scheduler"))
     try:
-        placed = wait_for(lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["spec"].get("nodeName")
+        placed = wait_for(lambda: (p := cluster.get_json("pod", "by-second-scheduler"))["spec"].get("nodeName")
                           and p, 120, "the pod bound by the chart's kube-scheduler")
         assignment, visible, _ = planned_and_visible_npus(cluster, wait_for(
-            lambda: (p := get_json(cluster, "pod", "by-second-scheduler"))["status"].get("phase") == "Running"
+            lambda: (p := cluster.get_json("pod", "by-second-scheduler"))["status"].get("phase") == "Running"
             and p, 60, "the pod Running"))
         assert placed["spec"]["nodeName"] == cluster.node and len(visible) == 1
-        events = get_json(cluster, "events", "--field-selector", "involvedObject.name=by-second-scheduler")["items"]
+        events = cluster.get_json("events", "--field-selector", "involvedObject.name=by-second-scheduler")["items"]
         scheduled = [e for e in events if e["reason"] == "Scheduled"]
         assert scheduled and all(e.get("reportingComponent") == "fuyao-scheduler"
                                  or (e.get("source") or {}).get("component") == "fuyao-scheduler"
                                  for e in scheduled), scheduled
-        lease = get_json(cluster, "lease", "-n", NAMESPACE, "fuyao-scheduler")  # its own leader election
+        lease = cluster.get_json("lease", "-n", NAMESPACE, "fuyao-scheduler")  # its own leader election
         assert lease["spec"]["holderIdentity"]
         # bound through the extender's bind verb (the Scheduled events above say which scheduler asked for it)
         assert assignment.node == cluster.node and len(assignment.containers[0].devices) == 1
@@ -305,7 +292,7 @@ def test_diagnose_reports_the_stack_with_read_only_rights(cluster: LocalCluster,
 def test_helm_uninstall_leaves_nothing_behind(cluster: LocalCluster, stack: dict[str, float]) -> None:
     uninstall_stack(cluster)
     wait_for(lambda: not leftovers(cluster), 90, "no object labelled part-of=fuyao")
-    wait_for(lambda: not get_json(cluster, "pods", "-n", NAMESPACE)["items"], 90, "the stack's pods gone")
+    wait_for(lambda: not cluster.get_json("pods", "-n", NAMESPACE)["items"], 90, "the stack's pods gone")
     # the device plugin pod removed its sockets on SIGTERM; the kubelet then stops offering its NPUs
     wait_for(lambda: not list(DEVICE_PLUGIN_DIR.glob("fuyao-*.sock")), 30, "the plugin's sockets removed")
     wait_for(lambda: cluster.node_json()["status"]["allocatable"].get(RESOURCE_NPU) == "0", 60,

@@ -58,7 +58,7 @@ def apply(cluster: LocalCluster, manifest: str) -> None:
 
 
 def pod(cluster: LocalCluster, name: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(cluster.kubectl("get", "pod", name, "-o", "json"))  # type: ignore[no-any-return]
+    return cluster.get_json("pod", name)
 
 
 def npus(cluster: LocalCluster, field: str = "allocatable") -> int:
@@ -95,8 +95,7 @@ def test_what_cannot_be_placed_stays_pending_with_a_reason(cluster: LocalCluster
     apply(cluster, pod_manifest("be-npu", 1, labels={"volcano.sh/qos": "BE"}))
 
     def reasons(name: str) -> str:
-        events = json.loads(cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}",
-                                            "-o", "json"))["items"]
+        events = cluster.get_json("events", "--field-selector", f"involvedObject.name={name}")["items"]
         return " ".join(e.get("message", "") for e in events if e.get("reason") == "FailedScheduling")
 
     assert "Insufficient npu.huawei.com/NPU" in wait_for(lambda: reasons("nine-npus"), 60, "nine-npus event")
@@ -190,8 +189,7 @@ def placed(cluster: LocalCluster, name: str) -> str:
 
 
 def zone_of(cluster: LocalCluster, node: str) -> str:
-    return json.loads(cluster.kubectl("get", "node", node, "-o", "json"))["metadata"]["labels"][
-        "topology.kubernetes.io/zone"]
+    return cluster.get_json("node", node)["metadata"]["labels"]["topology.kubernetes.io/zone"]  # type: ignore[no-any-return]
 
 
 def explain(cluster: LocalCluster, name: str) -> dict:  # type: ignore[type-arg]
@@ -283,7 +281,7 @@ def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_thr
     apply(cluster, json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
 
     def ready_ips() -> list[str]:
-        listed = json.loads(cluster.kubectl("get", "pods", "-l", "app=chat-sim", "-o", "json"))["items"]
+        listed = cluster.get_json("pods", "-l", "app=chat-sim")["items"]
         return [p["status"]["podIP"] for p in listed
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
 

@@ -8,7 +8,6 @@ ClusterIP the host's kube-scheduler calls the extender at.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -91,7 +90,7 @@ def leftovers(cluster: LocalCluster) -> list[str]:
     """Every object labelled part-of=fuyao that still exists (namespaced or not), as ``kind/name``."""
     kinds = ("all,configmaps,secrets,serviceaccounts,roles,rolebindings,endpointslices,"
              "clusterroles,clusterrolebindings")
-    listed = json.loads(cluster.kubectl("get", kinds, "-A", "-l", PART_OF, "-o", "json"))
+    listed = cluster.get_json(kinds, "-A", "-l", PART_OF)
     return [f"{item['kind']}/{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
             for item in listed["items"]]
 

@@ -121,7 +121,7 @@ class LocalCluster:
                               env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)}).stdout
 
     def node_json(self) -> dict[str, Any]:
-        return json.loads(self.kubectl("get", "node", self.node, "-o", "json"))  # type: ignore[no-any-return]
+        return self.get_json("node", self.node)  # type: ignore[no-any-return]
 
     def pod_log(self, namespace: str, pod: str, container: str = "main") -> str:
         """A container's log, from the kubelet's log directory (its server is loopback-only)."""
@@ -162,6 +162,10 @@ class LocalCluster:
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
+
+    def get_json(self, *args: str, check: bool = True) -> dict[str, Any]:
+        """``kubectl get <args> -o json``, parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json", check=check))  # type: ignore[no-any-return]
 
     # Bring-up --------------------------------------------------------------------------------------------------
     def up(self) -> LocalCluster:
@@ -413,7 +417,7 @@ state = "{base / 'state'}"
                                  "--cidr=10.245.0.0/16", "--node-ip=127.0.0.1", "--server-address="])
 
         def ready() -> bool:
-            listed = json.loads(self.kubectl("get", "nodes", "-l", "type=kwok", "-o", "json"))["items"]
+            listed = self.get_json("nodes", "-l", "type=kwok")["items"]
             return sum(any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
                        for n in listed) >= len(names)
 
@@ -422,7 +426,7 @@ state = "{base / 'state'}"
 
     def node_ready(self) -> bool:
         try:
-            node = json.loads(self.kubectl("get", "node", self.node, "-o", "json", check=True))
+            node = self.get_json("node", self.node)
         except RuntimeError:
             return False
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))

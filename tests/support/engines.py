@@ -16,6 +16,15 @@ from typing import Any
 from .apiserver import free_port
 
 
+def http_json(url: str, body: Any = None, timeout: float = 10) -> Any:
+    """GET ``url`` (POST ``body`` as JSON when given) and parse the JSON answer; HTTP errors raise."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 def metric_total(text: str, name: str, **labels: str) -> float:
     """The sum of the samples named ``name`` (with these label values) in a Prometheus text page; 0 when absent.
     ``name`` may carry a selector, as written in the page: ``kv_cache_hits{layer="tier"}``."""
