@@ -43,8 +43,7 @@ class ClusterCache:
         self._assumed: dict[str, tuple[PodInfo, float]] = {}  # uid → (pod as bound, when)
         self._assumed_on: dict[str, set[str]] = {}  # node → uids assumed there (events touch one node each)
         self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
-        self.table = NodeTable(domain_key)
-        self.table.long_lived = True
+        self.table = NodeTable(domain_key, long_lived=True)
         self.pd = PdIndex()
         self.synced = {"nodes": False, "pods": False}
         self.failing: dict[str, str] = {}  # kind → the error of a list/watch that keeps failing (readiness)
@@ -98,7 +97,7 @@ class ClusterCache:
         with self.lock:
             touched = set()
             old = self._pods.get(pod.uid)
-            if old is not None and old.node_name == pod.node_name and _same_accounting(old, pod):
+            if old is not None and _same_accounting(old, pod):  # node_name is one of the accounted fields
                 self._pods[pod.uid] = pod  # a status update (Running, conditions, IPs): the node's rows stay
                 info = self._infos.get(pod.node_name or "")
                 if info is not None:

@@ -199,7 +199,7 @@ class NodeTable:
     """Rows of :data:`COLUMNS`, one per node, in numpy arrays that grow by doubling; deleted rows are reused.
     Not thread-safe: the owner (the cache) serialises writes and the reads of a request."""
 
-    def __init__(self, domain_key: str, capacity: int = 64):
+    def __init__(self, domain_key: str, capacity: int = 64, long_lived: bool = False):
         self.domain_key = domain_key
         self.index: dict[str, int] = {}
         self.names: list[str | None] = []
@@ -213,7 +213,7 @@ class NodeTable:
         """Per row: when it last changed (a counter; 0 = never written). Per-row results computed from a row stay
         valid while its stamp does (the framework's decision cache)."""
         self._clock = 0
-        self.long_lived = False
+        self.long_lived = long_lived
         """The cluster cache's table (rows outlive requests, so per-row results are worth keeping); a request's own
         table is not."""
         self.decisions: dict[Any, Any] = {}
