@@ -66,8 +66,7 @@ class Plugin(Protocol):
 
     def row_local(self, pod: PodInfo) -> bool:
         """Whether ``filter`` and ``score`` decide each candidate from its own row alone (and the time, only
-        through the staleness of measured usage), so per-row results may be kept (``row_cache``). Optional:
-        a plugin without it is never cached."""
+        through the staleness of measured usage), so per-row results may be kept (``row_cache``)."""
 
 
 class Explanation:
@@ -119,10 +118,6 @@ class FilterOutcome:
     passed_at: np.ndarray | None = None  # positions of ``passed`` in the view
 
 
-def _never(_pod: PodInfo) -> bool:
-    return False
-
-
 class Framework:
     """Runs the enabled plugins with their weights."""
 
@@ -140,7 +135,7 @@ class Framework:
         if last is not None and last[0] is pod and last[1] is view.table:  # filter, then shortlist's score
             return last[2]
         kept = decisions_for(view.table, self, pod, len(self.plugins)) \
-            if all(getattr(p, "row_local", _never)(pod) for p in self.filters) else None
+            if all(p.row_local(pod) for p in self.filters) else None
         self._last_kept = (pod, view.table, kept)
         return kept
 
