@@ -239,9 +239,8 @@ def main() -> None:
                         help="plain node objects: no KWOK controller (no heartbeats, pods stay Pending after binding)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs (alone and with the extender, in alternating order), on the same API "
-                             "server and nodes; the "
-                             "ratio reported is the median of the pairs' ratios (on a shared machine one pair can "
-                             "be off by 0.1 either way)")
+                             "server and nodes; the ratio reported is the median of the pairs' ratios (on a shared "
+                             "machine one pair can be off by 0.1 either way)")
     args = parser.parse_args()
     server = LocalApiServer(extra_args=("--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000"))
     server.start()
@@ -251,19 +250,11 @@ def main() -> None:
         populate(server, args.nodes, kwok=not args.no_kwok)
         kwok = None if args.no_kwok else start_kwok(server)
         for i in range(max(1, args.repeat)):
-            def alone(i: int = i) -> dict[str, Any]:
-                return run(server, args.pods, False, f"plain-{i}", kwok=kwok)
-
-            def extended(i: int = i) -> dict[str, Any]:
-                return run(server, args.pods, True, f"fuyao-{i}", bind=not args.no_bind, shortlist=args.shortlist,
-                           kwok=kwok)
-
-            if i % 2 == 0:  # alternate which goes first: the second of a pair meets a bigger etcd history
-                without = alone()
-                with_extender = extended()
-            else:
-                with_extender = extended()
-                without = alone()
+            # alternate which goes first: the second of a pair meets a bigger etcd history
+            runs = {extended: run(server, args.pods, extended, f"{'fuyao' if extended else 'plain'}-{i}",
+                                  bind=not args.no_bind, shortlist=args.shortlist, kwok=kwok)
+                    for extended in ((False, True) if i % 2 == 0 else (True, False))}
+            without, with_extender = runs[False], runs[True]
             pairs.append((without, with_extender))
             print(f"pair {i + 1}: alone {without['pods_per_s']} pods/s, with the extender "
                   f"{with_extender['pods_per_s']} pods/s, ratio "
