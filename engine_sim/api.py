@@ -21,12 +21,14 @@ import orjson
 from aiohttp import web
 
 from fuyao import tokenizer
+from fuyao.http_body import BodyError, read_json
 from fuyao.kv_blocks import block_hashes
 
-from .engine import Engine, Request
+from .engine import Engine, EngineDead, Request
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024 * 1024
 
 
 class ApiError(Exception):
@@ -69,9 +71,9 @@ class EngineApi:
     # Parsing -----------------------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}") from None
+            _, body = await read_json(request, MAX_BODY)
+        except BodyError as exc:
+            raise ApiError(exc.status, exc.message) from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -89,26 +91,38 @@ class EngineApi:
         return value
 
     def _prompts(self, body: dict[str, Any]) -> list[list[int]]:
+        """The prompt(s) as token ids; ids given by the client must be in the vocabulary (vLLM's check)."""
         prompt = body.get("prompt")
         add_special = body.get("add_special_tokens", True) is not False
         if isinstance(prompt, str):
             return [tokenizer.encode(prompt, add_special)]
+        prompts: list[list[int]] | None = None
         if isinstance(prompt, list) and prompt:
-            if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-                return [list(prompt)]
             if all(isinstance(p, str) for p in prompt):
                 return [tokenizer.encode(p, add_special) for p in prompt]
-            if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-                return [list(p) for p in prompt]
-        raise ApiError(400, "prompt must be a string, an array of strings, an array of token ids or an array of "
-                            "token-id arrays", param="prompt")
+            if all(isinstance(p, list) and p for p in prompt):
+                prompts = [list(p) for p in prompt]
+            elif not any(isinstance(p, list | str) for p in prompt):
+                prompts = [list(prompt)]
+        if prompts is None:
+            raise ApiError(400, "prompt must be a string, an array of strings, an array of token ids or an array "
+                                "of token-id arrays", param="prompt")
+        for ids in prompts:
+            try:
+                tokenizer.check_token_ids(ids, tokenizer.VOCAB_SIZE)
+            except tokenizer.TokenIdError as exc:
+                raise ApiError(400, str(exc), param="prompt") from None
+        return prompts
 
     @staticmethod
     def _chat_ids(body: dict[str, Any]) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty array of message objects", param="messages")
-        text = tokenizer.render_chat(messages, body.get("add_generation_prompt", True) is not False)
+        try:
+            text = tokenizer.render_chat(messages, body.get("add_generation_prompt", True) is not False)
+        except tokenizer.ChatFormatError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
         return tokenizer.encode(text, body.get("add_special_tokens", False) is True)
 
     def _check_length(self, ids: list[int], max_tokens: int) -> None:
@@ -164,9 +178,12 @@ class EngineApi:
         for ids in prompts:
             self._check_length(ids, max_tokens)
         external = [await self._from_tier(ids) if not remote_prefill else 0 for ids in prompts]
-        requests = [self.engine.submit(ids, max_tokens, request_seed=seed, remote_prefill=remote_prefill,
-                                       remote_decode=remote_decode, external_tokens=ext)
-                    for ids, ext in zip(prompts, external, strict=True)]
+        try:
+            requests = [self.engine.submit(ids, max_tokens, request_seed=seed, remote_prefill=remote_prefill,
+                                           remote_decode=remote_decode, external_tokens=ext)
+                        for ids, ext in zip(prompts, external, strict=True)]
+        except EngineDead as exc:
+            raise ApiError(500, str(exc), "InternalServerError") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
@@ -215,6 +232,8 @@ class EngineApi:
         tokens = []
         while (token := await request.tokens_out.get()) is not None:
             tokens.append(token)
+        if request.error is not None:
+            raise ApiError(500, f"the engine failed this request: {request.error}", "InternalServerError")
         return tokenizer.decode(tokens)
 
     @staticmethod
@@ -248,6 +267,13 @@ class EngineApi:
                 else:
                     await send([{"index": index, "text": text, "logprobs": None, "finish_reason": None,
                                  "stop_reason": None}])
+            if request.error is not None:  # vLLM's streamed error: an error object, then [DONE]
+                await response.write(b"data: " + orjson.dumps({"error": {
+                    "message": f"the engine failed this request: {request.error}", "type": "InternalServerError",
+                    "param": None, "code": 500}}) + b"\n\n")
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
             final: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": request.finish_reason,
                                      "stop_reason": None}
             final.update({"delta": {}} if chat else {"text": ""})
@@ -280,8 +306,12 @@ class EngineApi:
     async def detokenize(self, http: web.Request) -> web.Response:
         body = await self._body(http)
         tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        if not isinstance(tokens, list):
             raise ApiError(400, "tokens must be an array of token ids", param="tokens")
+        try:
+            tokenizer.check_token_ids(tokens, tokenizer.VOCAB_SIZE)
+        except tokenizer.TokenIdError as exc:
+            raise ApiError(400, str(exc), param="tokens") from None
         return _json({"prompt": tokenizer.decode(tokens)})
 
     async def render_completion(self, http: web.Request) -> web.Response:
@@ -293,6 +323,8 @@ class EngineApi:
         return _json({"token_ids": self._chat_ids(body)})
 
     async def health(self, _http: web.Request) -> web.Response:
+        if self.engine.failure is not None:  # a dead loop is not healthy, whatever else still answers
+            return web.Response(status=500, text=self.engine.failure)
         return web.Response(status=200)
 
     async def version(self, _http: web.Request) -> web.Response:
@@ -309,11 +341,15 @@ class EngineApi:
         return web.Response(status=200)
 
     async def fault(self, http: web.Request) -> web.Response:
-        """``POST /fault {"slowdown": 3, "error_status": 503, "error_count": 2, "drop_count": 1, "events": false}``;
-        ``DELETE /fault`` clears everything."""
+        """``POST /fault {"slowdown": 3, "error_status": 503, "error_count": 2, "drop_count": 1, "events": false,
+        "request_errors": 1, "loop_failure": true}``; ``DELETE /fault`` clears everything (a loop that died stays
+        dead). ``request_errors``: the next N requests the loop admits raise inside it; ``loop_failure``: every
+        loop iteration raises outside any request, until the loop gives up."""
         if http.method == "DELETE":
             self.faults = Faults()
-            self.engine.slowdown = 1.0
+            self.engine.set_slowdown(1.0)
+            self.engine.inject_request_errors = 0
+            self.engine.inject_loop_failure = False
             if self.publisher is not None:
                 self.publisher.enabled = True
             return _json({"faults": "cleared"})
@@ -322,7 +358,7 @@ class EngineApi:
             value = body["slowdown"]
             if not isinstance(value, int | float) or value <= 0:
                 raise ApiError(400, "slowdown must be a positive number", param="slowdown")
-            self.engine.slowdown = float(value)
+            self.engine.set_slowdown(float(value))
         for key in ("error_count", "drop_count"):
             if key in body:
                 setattr(self.faults, key, self._int(body, key, 0, minimum=0))
@@ -333,6 +369,10 @@ class EngineApi:
             self.faults.error_status = status
         if "events" in body and self.publisher is not None:
             self.publisher.enabled = bool(body["events"])
+        if "request_errors" in body:
+            self.engine.inject_request_errors = self._int(body, "request_errors", 0, minimum=0) or 0
+        if body.get("loop_failure") is True:
+            self.engine.break_loop()
         return _json({"slowdown": self.engine.slowdown, "error_status": self.faults.error_status,
                       "error_count": self.faults.error_count, "drop_count": self.faults.drop_count,
                       "events": self.publisher.enabled if self.publisher is not None else None})
@@ -352,10 +392,15 @@ class EngineApi:
                 return await handler(http)
             except ApiError as exc:
                 return _error(exc.status, exc.message, exc.kind, exc.param)
+            except (ConnectionError, asyncio.CancelledError):
+                raise  # the client went away: nothing to answer
+            except Exception as exc:  # a bug answers a clear 500 and is logged; the server goes on
+                log.exception("%s %s failed", http.method, http.path)
+                return _error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError")
         return wrapped
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY)
         g = self._guarded
         app.router.add_post("/v1/completions", g(self.completions, faulty=True))
         app.router.add_post("/v1/chat/completions", g(self.chat, faulty=True))

@@ -7,6 +7,11 @@ next chunk for each one still in prefill — then waiting requests in arrival or
 (divided by ``time_scale``), so a long prefill slows every decode sharing the engine — what prefill/decode
 disaggregation removes. When a request's every token has its KV computed, the step samples its next token.
 A request that cannot get a block for its next token preempts the newest running request (recomputed later).
+
+Faults: an exception while the loop works on one request fails that request (its answer is an error naming the
+cause; its blocks are freed) and the loop goes on. An exception outside any one request fails the requests of that
+step. Should the loop end anyway (``MAX_LOOP_FAILURES`` failing iterations in a row), every request it held fails,
+new ones are refused, and ``failure`` says why (``/health`` answers 500 with it, as vLLM's does for a dead engine).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from .profile import LatencyProfile
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+MAX_LOOP_FAILURES = 3
+"""Iterations in a row that fail outside any one request before the loop gives up (and /health says so)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine's loop has stopped; the message says why."""
 
 
 @dataclass
@@ -66,6 +77,7 @@ class Request:
     external_tokens: int = 0  # leading prompt tokens whose KV the shared tier has (fetched, not computed)
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # the engine failed this request: why
     first_token_at: float | None = None
     last_token_at: float | None = None
     rng: random.Random = field(default_factory=random.Random)
@@ -100,15 +112,42 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.slowdown = 1.0  # fault injection: every step takes this many times longer
+        self.inject_request_errors = 0  # fault injection: this many next admitted requests raise inside the loop
+        self.inject_loop_failure = False  # fault injection: every iteration raises outside any request
         self.remote: Any = None  # the shared block tier client (--kv-remote)
         self.steps = 0
+        self.failure: str | None = None  # why the loop stopped, when it did
+        self.request_errors = 0
+        self._current: Request | None = None  # the request the loop is working on, for failing just that one
         self._wake = asyncio.Event()
+        self._resume = asyncio.Event()  # the slowdown changed: a slowed step in progress ends now
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+        self._task.add_done_callback(self._loop_ended)
+
+    def set_slowdown(self, factor: float) -> None:
+        """Fault injection: every step takes ``factor`` times longer, from the step in progress on (a step slowed
+        before is cut short, so a stall ends when the factor goes back to 1)."""
+        self.slowdown = factor
+        self._resume.set()
+
+    def break_loop(self) -> None:
+        """Fault injection: from now on every iteration raises outside any request (the loop then gives up)."""
+        self.inject_loop_failure = True
+        self._wake.set()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        self.failure = f"the engine loop stopped: {type(exc).__name__}: {exc}" if exc else "the engine loop stopped"
+        log.error("%s; failing every request it held", self.failure, exc_info=exc)
+        for request in [*self.running, *self.waiting]:
+            self._fail(request, self.failure)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -120,6 +159,8 @@ class Engine:
     def submit(self, prompt: list[int], max_tokens: int, *, request_seed: int | None = None,
                remote_prefill: bool = False, remote_decode: bool = False, external_tokens: int = 0,
                request_id: str | None = None) -> Request:
+        if self.failure is not None:
+            raise EngineDead(self.failure)
         key = xxhash.xxh64_hexdigest(repr((self.settings.seed, request_seed, len(prompt), prompt[:64],
                                            prompt[-64:])).encode())
         request = Request(id=request_id or f"req-{next(_ids)}", prompt=list(prompt), max_tokens=max(1, max_tokens),
@@ -141,26 +182,69 @@ class Engine:
             self.pool.release(request.allocation)
         request.finished = True
 
+    def _fail(self, request: Request, why: str) -> None:
+        """The engine cannot finish ``request``: free what it holds and end its answer with ``why``."""
+        if request.error is not None or request.aborted:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+        self.pool.release(request.allocation)
+        request.finished, request.finish_reason, request.error = True, "error", why
+        request.tokens_out.put_nowait(None)
+        self.request_errors += 1
+        if self.metrics is not None:
+            self.metrics.request_errors.inc()
+
     # The loop ----------------------------------------------------------------------------------------------------
     async def _run(self) -> None:
+        failures = 0
         while not self._stopping:
-            now = time.monotonic()
-            plan = self._plan(now)
-            if not plan.granted:
-                self._publish_events()
-                self._observe_state()
-                delay = self._next_ready(now)
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                continue
-            step_ms = (self.profile.step_base_ms + self.profile.prefill_per_token_ms * plan.prefill_tokens
-                       + self.profile.decode_per_seq_ms * plan.decodes) * self.slowdown
-            await asyncio.sleep(step_ms / 1000 / self.settings.time_scale)
-            self._apply(plan)
-            self.steps += 1
+            try:
+                await self._iteration()
+                failures = 0
+            except Exception as exc:  # one request's fault must fail that request, never the engine
+                current, self._current = self._current, None
+                why = f"{type(exc).__name__}: {exc}"
+                if current is not None:
+                    log.warning("request %s failed in the engine: %s", current.id, why, exc_info=exc)
+                    self._fail(current, why)
+                    continue
+                failures += 1
+                log.exception("engine step failed outside any one request (%d in a row); failing its requests",
+                              failures)
+                for request in list(self.running):
+                    self._fail(request, why)
+                if failures >= MAX_LOOP_FAILURES:
+                    raise
+
+    async def _iteration(self) -> None:
+        """One step: plan, wait the step's cost, apply; or wait for work."""
+        if self.inject_loop_failure:
+            raise RuntimeError("injected fault: the engine loop fails")
+        now = time.monotonic()
+        plan = self._plan(now)
+        if not plan.granted:
             self._publish_events()
             self._observe_state()
+            delay = self._next_ready(now)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            return
+        step_ms = (self.profile.step_base_ms + self.profile.prefill_per_token_ms * plan.prefill_tokens
+                   + self.profile.decode_per_seq_ms * plan.decodes) * self.slowdown
+        if self.slowdown == 1.0:
+            await asyncio.sleep(step_ms / 1000 / self.settings.time_scale)
+        else:  # injected slowness: interruptible, so that clearing it ends a stall
+            self._resume.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resume.wait(), timeout=step_ms / 1000 / self.settings.time_scale)
+        self._apply(plan)
+        self.steps += 1
+        self._publish_events()
+        self._observe_state()
 
     def _next_ready(self, now: float) -> float | None:
         pending = [r.ready_at - now for r in self.waiting if r.ready_at > now]
@@ -188,6 +272,10 @@ class Engine:
                 break
             if request.ready_at > now:
                 continue  # its KV is still in transfer
+            self._current = request
+            if self.inject_request_errors > 0:
+                self.inject_request_errors -= 1
+                raise RuntimeError("injected fault: this request fails inside the engine loop")
             if not request.allocation.blocks and not request.computed:
                 request.allocation, cached = self.pool.start(request.all_tokens(), count_query=not request.queried)
                 request.queried = True
@@ -207,6 +295,7 @@ class Engine:
             self.running.append(request)
             granted.append((request, want))
             budget -= want
+        self._current = None
         decoding = [n for r, n in granted if r.num_tokens - r.computed == 1]  # one token, the rest computed
         return StepPlan(granted, sum(n for _, n in granted) - len(decoding), len(decoding))
 
@@ -243,6 +332,7 @@ class Engine:
         for request, count in plan.granted:
             if request.aborted or request.finished:
                 continue
+            self._current = request
             request.computed += count
             tokens = request.all_tokens()
             self.pool.computed(request.allocation, tokens, request.computed)
@@ -257,6 +347,7 @@ class Engine:
             request.tokens_out.put_nowait(token)
             if len(request.output) >= request.max_tokens or request.num_tokens >= self.settings.max_model_len:
                 self._finish(request, "length")
+        self._current = None
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finished = True

@@ -47,6 +47,9 @@ class EngineMetrics:
         self.kv_transferred_tokens = Counter("fuyao_engine_kv_transfer_tokens", "Prompt tokens whose KV was pulled "
                                              "from a prefill engine or the shared tier instead of computed", labels,
                                              registry=r).labels(*self._labels)
+        self.request_errors = Counter("fuyao_engine_request_errors", "Requests the engine failed (an error inside "
+                                      "its loop while working on them); the loop went on", labels,
+                                      registry=r).labels(*self._labels)
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                      ("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"), registry=r)
         info.labels(str(block_size), str(num_gpu_blocks), "True", engine).set(1)

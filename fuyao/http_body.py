@@ -8,6 +8,8 @@
 - **event loop**: a body over ``offload_above`` bytes is scanned and parsed in a worker thread, so one big request
   does not hold up the small ones being served beside it.
 
+- **time**: optionally, the whole body must arrive within a deadline (408), so a slow sender cannot hold a slot.
+
 Errors are :class:`BodyError` with the HTTP status and a message naming what is wrong; each server renders it in its
 own protocol's error shape.
 """
@@ -77,29 +79,34 @@ def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
         raise BodyError(400, f"invalid JSON body: {exc}") from None
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The request's body, at most ``max_bytes`` long (else :class:`BodyError` 413, without reading the rest)."""
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The request's body, at most ``max_bytes`` long (else :class:`BodyError` 413, without reading the rest), all
+    of it within ``timeout_s`` when given (else 408: a client trickling its body cannot hold the server)."""
     length = request.content_length
     if length is not None and length > max_bytes:
         raise BodyError(413, f"the request body is {length} bytes; at most {max_bytes} are accepted")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > max_bytes:
-                raise BodyError(413, f"the request body is over {max_bytes} bytes; at most {max_bytes} are accepted")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyError(413, f"the request body is over {max_bytes} bytes; at most {max_bytes} are "
+                                         "accepted")
+                chunks.append(chunk)
     except web.HTTPRequestEntityTooLarge:
         raise BodyError(413, f"the request body is over {max_bytes} bytes") from None
+    except TimeoutError:
+        raise BodyError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
     return b"".join(chunks)
 
 
 async def read_json(request: web.Request, max_bytes: int, max_depth: int = MAX_DEPTH,
-                    offload_above: int = OFFLOAD_ABOVE) -> tuple[bytes, Any]:
-    """``(raw body, decoded body)``, refusing oversized (413), too deep or invalid (400) bodies before any work;
-    bodies over ``offload_above`` bytes are checked and parsed in a worker thread."""
-    raw = await read_body(request, max_bytes)
+                    offload_above: int = OFFLOAD_ABOVE, timeout_s: float | None = None) -> tuple[bytes, Any]:
+    """``(raw body, decoded body)``, refusing oversized (413), too deep or invalid (400), or too slow (408) bodies
+    before any work; bodies over ``offload_above`` bytes are checked and parsed in a worker thread."""
+    raw = await read_body(request, max_bytes, timeout_s)
     if len(raw) > offload_above:
         return raw, await asyncio.get_running_loop().run_in_executor(None, parse_json, raw, max_depth)
     return raw, parse_json(raw, max_depth)

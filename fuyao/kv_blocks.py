@@ -31,6 +31,7 @@ import numpy as np
 
 HASH_MASK = (1 << 63) - 1
 _M64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
 _PRIME = 0x9E3779B97F4A7C15  # odd: invertible modulo 2^64
 _PRIME_INV = pow(_PRIME, -1, 1 << 64)
 _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -67,7 +68,8 @@ def _content(tokens: Sequence[int], weights: tuple[int, ...]) -> int:
 def block_hashes(token_ids: Sequence[int], block_size: int, seed: int = 0, parent: int | None = None,
                  limit: int | None = None) -> list[int]:
     """Chained hashes of the full blocks of ``token_ids`` (at most ``limit``), continuing from ``parent``:
-    ``h_i = (h_{i-1} x P + c_i) mod 2^63`` with ``c_i = mix(sum_k (t_ik + 1) x W_k mod 2^64)``."""
+    ``h_i = (h_{i-1} x P + c_i) mod 2^63`` with ``c_i = mix(sum_k (t_ik + 1) x W_k mod 2^64)``. Token ids are
+    unsigned 32-bit integers; any other value in the hashed blocks is a ``ValueError`` naming it (on both paths)."""
     full = len(token_ids) // block_size
     if limit is not None:
         full = min(full, limit)
@@ -77,6 +79,9 @@ def block_hashes(token_ids: Sequence[int], block_size: int, seed: int = 0, paren
     weights = _weights(block_size)
     if full >= VECTOR_FROM_BLOCKS:
         return _block_hashes_vector(token_ids, block_size, full, previous, weights)
+    hashed = token_ids[: full * block_size]
+    if min(hashed) < 0 or max(hashed) > _U32:
+        raise ValueError(f"token ids must be in 0..{_U32}: got {min(hashed) if min(hashed) < 0 else max(hashed)}")
     out = []
     for start in range(0, full * block_size, block_size):
         previous = (previous * _PRIME + _content(token_ids[start:start + block_size], weights)) & HASH_MASK
@@ -103,7 +108,11 @@ def _power_table(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _block_hashes_vector(token_ids: Sequence[int], block_size: int, full: int, previous: int,
                          weights: tuple[int, ...]) -> list[int]:
     """The same chain with numpy: ``h_i = P^i (P h_{-1} + sum_{j<=i} c_j P^-j)``, all modulo 2^64, then 2^63."""
-    tokens = np.frombuffer(array("I", token_ids[: full * block_size]), dtype=np.uint32).astype(np.uint64)
+    try:
+        packed = array("I", token_ids[: full * block_size])
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"token ids must be integers in 0..{_U32}: {exc}") from None
+    tokens = np.frombuffer(packed, dtype=np.uint32).astype(np.uint64)
     x = (tokens.reshape(full, block_size) + np.uint64(1)) * np.array(weights, dtype=np.uint64)
     x = x.sum(axis=1, dtype=np.uint64) + np.uint64(_PRIME)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(_C1)

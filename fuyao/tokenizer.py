@@ -26,6 +26,9 @@ from functools import lru_cache
 import xxhash
 
 VOCAB_SIZE = 32000
+MAX_TOKEN_ID = 2**32 - 1
+"""The largest id any tokenizer's vocabulary can have here (ids are unsigned 32-bit): what a router that does not
+know the served model's vocabulary can still check."""
 FIRST_ID = 256
 BOS_ID, EOS_ID = 1, 2
 PIECE = re.compile(r" ?[^\W\d_]+| ?\d| ?[^\s\w]| ?_|\s+(?!\S)|\s+")
@@ -50,15 +53,66 @@ def decode(ids: Iterable[int]) -> str:
     return "".join(_pieces.get(i, "" if i in (BOS_ID, EOS_ID) else f"<{i}>") for i in ids)
 
 
+class TokenIdError(ValueError):
+    """A prompt given as token ids holds a value that is not a token id; the message names it."""
+
+
+class ChatFormatError(ValueError):
+    """A chat message that the template cannot render (a role or content of the wrong type); the message names
+    the message and the field."""
+
+
+def check_token_ids(ids: Sequence[object], vocab_size: int = MAX_TOKEN_ID + 1) -> None:
+    """Every element of ``ids`` is an integer token id below ``vocab_size``, else :class:`TokenIdError` with vLLM's
+    wording ("Token id N is out of vocabulary")."""
+    for token in ids:
+        if type(token) is not int:
+            raise TokenIdError(f"token ids must be integers, got {type(token).__name__}")
+    if ids:
+        low, high = min(ids), max(ids)  # type: ignore[type-var]
+        if low < 0:  # type: ignore[operator]
+            raise TokenIdError(f"Token id {low} is out of vocabulary")
+        if high >= vocab_size:  # type: ignore[operator]
+            raise TokenIdError(f"Token id {high} is out of vocabulary")
+
+
+def _message(number: int, message: Mapping[str, object]) -> tuple[str, str]:
+    """A chat message's role and text, or :class:`ChatFormatError` naming what is off (as the OpenAI schema has it:
+    the role a string; the content a string, null, or a list of part objects whose ``text`` is a string)."""
+    role = message.get("role", "user")
+    if not isinstance(role, str):
+        raise ChatFormatError(f"messages[{number}].role must be a string, got {type(role).__name__}")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return role, content or ""
+    if not isinstance(content, list):
+        raise ChatFormatError(f"messages[{number}].content must be a string, an array of parts or null, got "
+                              f"{type(content).__name__}")
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping):
+            raise ChatFormatError(f"messages[{number}].content: each part must be an object")
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise ChatFormatError(f"messages[{number}].content: a part's text must be a string")
+        texts.append(text)
+    return role, "".join(texts)
+
+
+def check_chat(messages: object) -> None:
+    """``messages`` is a non-empty array of chat messages the template can render, else :class:`ChatFormatError`."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty array of message objects")
+    for number, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ChatFormatError(f"messages[{number}] must be an object")
+        _message(number, message)
+
+
 def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True) -> str:
     """The chat template: each message as ``<|role|>\\n{content}\\n``; content given as a list of parts keeps the
-    text parts."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
-        out.append(f"<|{message.get('role', 'user')}|>\n{content if content is not None else ''}\n")
+    text parts. A message the template cannot render is a :class:`ChatFormatError`."""
+    out = [f"<|{role}|>\n{text}\n" for role, text in (_message(n, m) for n, m in enumerate(messages))]
     if add_generation_prompt:
         out.append("<|assistant|>\n")
     return "".join(out)

@@ -137,6 +137,11 @@ class CircuitBreaker:
     def success(self) -> None:
         self.state, self.failures, self.probing = "closed", 0, False
 
+    def release(self) -> None:
+        """A request ended with no verdict on the backend (its client went away): a half-open probe slot is free
+        again, and nothing else changes."""
+        self.probing = False
+
     def failure(self, now: float) -> None:
         self.failures += 1
         if self.state == "half-open" or self.failures >= self.failure_threshold:

@@ -26,6 +26,9 @@ inference:
   model: null                      # answered by /v1/models when no backend is up
   prefill_timeout: 30s
   decode_timeout: 300s
+  stream_idle_timeout: 60s         # a backend silent this long mid-answer is cut off (and counted against it)
+  request_body_timeout: 30s        # a client must have sent its whole body by then (else 408)
+  max_body_bytes: 67108864         # larger bodies: 413
 pd_separation:
   enabled: false
   prefill: []                      # prefill engines
@@ -141,6 +144,12 @@ class InferenceSection(_Section):
     model: str | None = None
     prefill_timeout: Seconds = 30.0
     decode_timeout: Seconds = 300.0
+    stream_idle_timeout: Seconds = Field(default=60.0, gt=0, description=(
+        "a backend that sends nothing for this long in the middle of an answer is cut off: the stream counts as "
+        "broken and against the backend, and the client's connection is closed"))
+    request_body_timeout: Seconds = Field(default=30.0, gt=0, description=(
+        "a client that has not sent its whole body by then gets 408 (a slow sender cannot hold a slot forever)"))
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
 
 
 class PdSection(_Section):

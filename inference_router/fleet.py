@@ -56,6 +56,52 @@ class Backend:
         return Candidate(self.url, self.in_flight, self.waiting, self.running, self.kv_usage, prefix_blocks,
                          self.pending_tokens, self.prefilling, occupancy)
 
+    def dispatch(self, uncached: int = 0) -> Dispatch:
+        """One request's stay here, as a context manager: see :class:`Dispatch`."""
+        return Dispatch(self, uncached)
+
+
+class Dispatch:
+    """The router's bookkeeping of one request on one backend, the same on every path (plain, prefill, decode):
+    on entry it counts as in flight, as ``uncached`` prompt tokens of pending prefill and as a half-open probe
+    when the circuit is half-open; :meth:`first_byte` ends the prefill part; :meth:`succeeded` / :meth:`failed`
+    give the circuit breaker its verdict. Leaving without a verdict (the client went away) frees the probe slot
+    and is held against no one."""
+
+    def __init__(self, backend: Backend, uncached: int):
+        self.backend, self.uncached = backend, uncached
+        self._prefilling = False
+        self._verdict = False
+
+    def __enter__(self) -> Dispatch:
+        backend = self.backend
+        backend.in_flight += 1
+        backend.pending_tokens += self.uncached
+        backend.prefilling += 1
+        self._prefilling = True
+        backend.breaker.dispatched()
+        return self
+
+    def first_byte(self) -> None:
+        if self._prefilling:
+            self._prefilling = False
+            self.backend.pending_tokens -= self.uncached
+            self.backend.prefilling -= 1
+
+    def succeeded(self) -> None:
+        self._verdict = True
+        self.backend.breaker.success()
+
+    def failed(self) -> None:
+        self._verdict = True
+        self.backend.breaker.failure(time.monotonic())
+
+    def __exit__(self, *_exc: object) -> None:
+        self.first_byte()
+        self.backend.in_flight -= 1
+        if not self._verdict:
+            self.backend.breaker.release()
+
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
     """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines)."""

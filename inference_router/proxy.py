@@ -27,9 +27,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from fuyao.http_body import BodyError, read_json
+
+from . import admission
 from .balancing import Decision, RoundRobin, choose
 from .config import RouterConfig
-from .fleet import Backend, Fleet, PrefixSource
+from .fleet import Backend, Dispatch, Fleet, PrefixSource
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("inference_router.decisions")
@@ -56,6 +59,8 @@ class RouterMetrics:
         self.ttft = Histogram("inference_ttft_seconds", "Time to the first byte of the answer, seconds",
                               buckets=_LATENCY, registry=r)
         self.retries = Counter("inference_retries", "Requests retried on another backend", registry=r)
+        self.client_disconnects = Counter("inference_client_disconnects", "Clients that went away before their "
+                                          "answer was complete (not held against the backend)", registry=r)
         self.backend_requests = Counter("inference_backend_requests", "Requests sent, by backend and role",
                                         ("backend", "role"), registry=r)
         self.prefix_blocks = Histogram("inference_prefix_match_ratio", "Share of the prompt's blocks cached on the "
@@ -69,6 +74,18 @@ class _BackendFailed(Exception):
     def __init__(self, reason: str, status: int = 502, body: bytes = b""):
         super().__init__(reason)
         self.reason, self.status, self.body = reason, status, body
+
+
+class _ClientGone(Exception):
+    """The client left before any engine was asked."""
+
+
+class _Refused(Exception):
+    """The request is answered at the door with ``status`` (bad body, bad fields)."""
+
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
 
 
 def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> web.Response:
@@ -130,27 +147,41 @@ class Router:
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            raw = await request.read()
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                return self._finish(_error(400, f"invalid JSON body: {exc}", "BadRequestError"), started, "bad-json")
-            if not isinstance(body, dict):
-                return self._finish(_error(400, "the body must be a JSON object", "BadRequestError"), started,
-                                    "bad-json")
-            path = request.path
-            ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
-            hashes = self.prefix.hashes(ids) if ids else []
-            tokens = len(ids) if ids else 0
-            if self.config.pd_separation.enabled and self.fleet.pool("decode"):
-                response = await self._pd(request, path, body, raw, hashes, started, tokens)
-            else:
-                response = await self._forward(request, path, raw, hashes, started, "both",
-                                               self.config.inference.decode_timeout, prompt_tokens=tokens)
-            return self._finish(response, started)
+            return self._finish(await self._serve(request, started), started)
+        except _ClientGone:
+            self.metrics.client_disconnects.inc()
+            return self._finish(web.Response(status=499), started, "client-gone")  # nginx's "client closed request"
+        except _Refused as exc:
+            kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError"}.get(exc.status, "BadRequestError")
+            return self._finish(_error(exc.status, exc.message, kind), started, exc.reason)
+        except Exception as exc:  # a bug answers a clear 500, counted and logged; the router goes on
+            log.exception("request %s %s failed in the router", request.method, request.path)
+            return self._finish(_error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError"),
+                                started, "internal")
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
+
+    async def _serve(self, request: web.Request, started: float) -> web.StreamResponse:
+        path = request.path
+        try:
+            inference = self.config.inference
+            raw, body = await read_json(request, inference.max_body_bytes, timeout_s=inference.request_body_timeout)
+        except BodyError as exc:
+            raise _Refused(exc.status, exc.message, "bad-request") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "the body must be a JSON object", "bad-request")
+        try:
+            admission.check(path, body)
+        except admission.BadRequest as exc:
+            raise _Refused(400, f"{exc}", "bad-request") from None
+        ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
+        hashes = self.prefix.hashes(ids) if ids else []
+        tokens = len(ids) if ids else 0
+        if self.config.pd_separation.enabled and self.fleet.pool("decode"):
+            return await self._pd(request, path, body, raw, hashes, started, tokens)
+        return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
+                                   prompt_tokens=tokens)
 
     def _wants_prefix(self) -> bool:
         return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"
@@ -193,69 +224,81 @@ class Router:
         self.metrics.errors.labels("no-backend" if last is None else "backend-failed").inc()
         return _error(502 if last else 503, f"no backend could answer: {reason}")
 
+    def _dispatch(self, backend: Backend, role: str, uncached: int = 0) -> Dispatch:
+        self.metrics.backend_requests.labels(backend.url, role).inc()
+        return backend.dispatch(uncached)
+
     async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
                      started: float, hashes: list[int], uncached: int = 0) -> web.StreamResponse:
         """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte.
-        Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there."""
+        Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there.
+        What goes wrong on the backend's side (connection, timeout, 5xx, a stream cut short) counts against it;
+        a client that goes away does not (``inference_client_disconnects_total``): the backend's answer is then
+        abandoned, which makes the engine abort the generation."""
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        backend.in_flight += 1
-        backend.pending_tokens += uncached
-        backend.prefilling += 1
-        prefilling = True
-
-        def prefilled() -> None:
-            nonlocal prefilling
-            if prefilling:
-                prefilling = False
-                backend.pending_tokens -= uncached
-                backend.prefilling -= 1
-
-        backend.breaker.dispatched()
-        self.metrics.backend_requests.labels(backend.url, backend.role).inc()
-        self.metrics.queue_time.observe(time.perf_counter() - started)
-        try:
+        if request.transport is None or request.transport.is_closing():
+            raise _ClientGone  # it left while the request waited (admission, prefill, a retry): ask no engine
+        with self._dispatch(backend, backend.role, uncached) as dispatch:
+            self.metrics.queue_time.observe(time.perf_counter() - started)
             try:
                 upstream = await asyncio.wait_for(self.session.post(
                     backend.url + path, data=raw, headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=timeout_s)), timeout=self.config.inference.prefill_timeout)
+                    timeout=aiohttp.ClientTimeout(total=timeout_s, sock_read=self.config.inference.stream_idle_timeout)
+                ), timeout=self.config.inference.prefill_timeout)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                backend.breaker.failure(time.monotonic())
+                dispatch.failed()
                 raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
             async with upstream:
                 if upstream.status >= 500:
                     body = await upstream.read()
-                    backend.breaker.failure(time.monotonic())
+                    dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                 self.prefix.routed(backend.url, hashes)
                 response = web.StreamResponse(status=upstream.status, headers={
                     k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS})
+                chunks = aiter(upstream.content.iter_any())
                 first = True
-                try:
-                    async for chunk in upstream.content.iter_any():
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        dispatch.failed()
                         if first:
-                            prefilled()
+                            raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                        log.warning("backend %s broke off a response: %s", backend.url, exc,
+                                    extra={"backend": backend.url})
+                        self.metrics.errors.labels("broken-stream").inc()
+                        if request.transport is not None:
+                            request.transport.close()  # cut the client's answer too: never retried or duplicated
+                        return response
+                    try:
+                        if first:
+                            dispatch.first_byte()
                             await response.prepare(request)
                             self.metrics.ttft.observe(time.perf_counter() - started)
                             first = False
                         await response.write(chunk)
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    backend.breaker.failure(time.monotonic())
+                    except (OSError, RuntimeError) as exc:  # ClientConnectionResetError: the client is gone
+                        return self._client_gone(request, backend, upstream, response, exc)
+                try:
                     if first:
-                        raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
-                    log.warning("backend %s broke off a response: %s", backend.url, exc)
-                    self.metrics.errors.labels("broken-stream").inc()
-                    if request.transport is not None:
-                        request.transport.close()  # cut the client's answer too: never retried, never duplicated
-                    return response
-                if first:
-                    await response.prepare(request)
-                await response.write_eof()
-                backend.breaker.success()
+                        await response.prepare(request)
+                    await response.write_eof()
+                except (OSError, RuntimeError) as exc:
+                    return self._client_gone(request, backend, upstream, response, exc)
+                dispatch.succeeded()
                 return response
-        finally:
-            prefilled()
-            backend.in_flight -= 1
+
+    def _client_gone(self, request: web.Request, backend: Backend, upstream: aiohttp.ClientResponse,
+                     response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+        self.metrics.client_disconnects.inc()
+        log.info("client went away during the answer from %s: %s", backend.url, exc,
+                 extra={"backend": backend.url, "remote": request.remote})
+        upstream.close()  # drop the backend connection: the engine sees the disconnect and aborts the request
+        return response
 
     async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
                   started: float, prompt_tokens: int = 0) -> web.StreamResponse:
@@ -276,32 +319,29 @@ class Router:
             tried.append(backend.url)
             self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1)
             uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
-            backend.pending_tokens += uncached
-            backend.in_flight += 1
-            backend.breaker.dispatched()
-            self.metrics.backend_requests.labels(backend.url, "prefill").inc()
-            try:
-                async with self.session.post(backend.url + path, data=orjson.dumps(prefill_body),
-                                             headers={"Content-Type": "application/json"},
-                                             timeout=aiohttp.ClientTimeout(
-                                                 total=self.config.inference.prefill_timeout)) as response:
-                    data = await response.read()
-                    if response.status != 200:
-                        raise _BackendFailed(f"HTTP {response.status}", response.status, data)
-                    params = orjson.loads(data).get("kv_transfer_params")
-                    if not isinstance(params, dict):
-                        raise _BackendFailed("the prefill answer has no kv_transfer_params")
-                backend.breaker.success()
-                self.prefix.routed(backend.url, hashes)
-                break
-            except (_BackendFailed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                failure = str(exc) or type(exc).__name__
-                if not isinstance(exc, _BackendFailed) or getattr(exc, "status", 502) >= 500:
-                    backend.breaker.failure(time.monotonic())
-                log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
-            finally:
-                backend.in_flight -= 1
-                backend.pending_tokens -= uncached
+            with self._dispatch(backend, "prefill", uncached) as dispatch:
+                try:
+                    async with self.session.post(backend.url + path, data=orjson.dumps(prefill_body),
+                                                 headers={"Content-Type": "application/json"},
+                                                 timeout=aiohttp.ClientTimeout(
+                                                     total=self.config.inference.prefill_timeout)) as response:
+                        data = await response.read()
+                        dispatch.first_byte()
+                        if response.status != 200:
+                            raise _BackendFailed(f"HTTP {response.status}", response.status, data)
+                        params = orjson.loads(data).get("kv_transfer_params")
+                        if not isinstance(params, dict):
+                            raise _BackendFailed("the prefill answer has no kv_transfer_params")
+                    dispatch.succeeded()
+                    self.prefix.routed(backend.url, hashes)
+                    break
+                except (_BackendFailed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                    failure = str(exc) or type(exc).__name__
+                    if not isinstance(exc, _BackendFailed) or exc.status >= 500:
+                        dispatch.failed()
+                    else:
+                        dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
+                    log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
         if params is None:
             self.metrics.errors.labels("prefill-failed").inc()
             if self.config.pd_separation.fallback == "error":

@@ -12,15 +12,10 @@ import time
 from pathlib import Path
 
 from tests.support.apiserver import free_port
-from tests.support.engines import Daemon, engine
+from tests.support.engines import Daemon, engine, router
 from tests.support.fake_backend import FakeBackend, Script
 
 PREFIX = "You are a careful assistant for the Hydrology Department. Context: " + "rivers and floods " * 60
-
-
-def router(*args: str) -> Daemon:
-    port = free_port()
-    return Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", *args], port, "/health")
 
 
 def raw_post(daemon: Daemon, path: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:  # type: ignore[type-arg]

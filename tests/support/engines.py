@@ -119,6 +119,12 @@ def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: 
     return daemon
 
 
+def router(*args: str) -> Daemon:
+    """``fuyao-router`` on a free loopback port (ready when its /health answers: at least one healthy backend)."""
+    port = free_port()
+    return Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", *args], port, "/health")
+
+
 def kvcache(*extra: str) -> Daemon:
     port = free_port()
     return Daemon("kvcache.cli", ["--listen", f"127.0.0.1:{port}", *extra], port, "/healthz")

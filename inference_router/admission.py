@@ -1,0 +1,67 @@
+"""What the router accepts at its door, checked before any work (tokenizing, hashing, choosing, forwarding):
+
+- the body: at most ``inference.max_body_bytes`` (413), all of it within ``inference.request_body_timeout`` (408),
+  at most ``fuyao.http_body.MAX_DEPTH`` levels deep (400), a JSON object;
+- ``model`` a string when given, ``stream`` a boolean when given;
+- completions: ``prompt`` a string, an array of strings, an array of token ids or an array of token-id arrays, each
+  id an unsigned 32-bit integer (the engine then checks its own vocabulary);
+- chat: ``messages`` a non-empty array of messages whose role is a string and whose content is a string, null or
+  an array of parts with string ``text`` (what the chat template can render).
+
+A refused request gets a 400 in the OpenAI error shape naming the field, is counted (``inference_requests_total``
+by code, ``inference_errors_total{reason="bad-request"}``), and never reaches an engine: a malformed body must
+not be retried on every engine and open their circuits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fuyao import tokenizer
+
+
+class BadRequest(ValueError):
+    """The request is not one the router forwards; the message names the field (``param``)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def check(path: str, body: Mapping[str, Any]) -> None:
+    """:class:`BadRequest` unless ``body`` is a request for ``path`` the engines can be asked."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean", "stream")
+    if path.endswith("chat/completions"):
+        try:
+            tokenizer.check_chat(body.get("messages"))
+        except tokenizer.ChatFormatError as exc:
+            raise BadRequest(str(exc), "messages") from None
+        return
+    _check_prompt(body.get("prompt"))
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("prompt must be a string, an array of strings, an array of token ids or an array of "
+                         "token-id arrays", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return
+    if all(isinstance(p, list) and p for p in prompt):
+        arrays = prompt
+    elif not any(isinstance(p, list | str) for p in prompt):
+        arrays = [prompt]
+    else:
+        raise BadRequest("prompt must not mix strings, token ids and token-id arrays", "prompt")
+    for ids in arrays:
+        try:
+            tokenizer.check_token_ids(ids)
+        except tokenizer.TokenIdError as exc:
+            raise BadRequest(str(exc), "prompt") from None
