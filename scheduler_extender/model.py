@@ -2,7 +2,9 @@
 sends them and the watch delivers them) into plain values the plugins read. Pure: no I/O here.
 
 Parsing is lenient where Kubernetes is (missing fields are empty) and strict where our contracts are: an invalid
-annotation value is recorded in ``problems`` (so the pod gets an event naming it) and treated as absent.
+annotation value is recorded in ``problems`` (so the pod gets an event naming it) and treated as absent. The fields
+that say which object it is (name, namespace, uid, node name...) must be strings when present: anything else is a
+:class:`ProtocolError` naming the field (they become dict keys, log lines and f-strings everywhere after this).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from fuyao.contracts import (
     pd_group,
     resolve_qos,
 )
+
+from .kube_protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +196,29 @@ def has_soft_preferences(spec: Mapping[str, Any]) -> bool:
                for c in spec.get("topologySpreadConstraints") or [])
 
 
+def _strings(obj: Mapping[str, Any], fields: tuple[str, ...], what: str) -> dict[str, str]:
+    """``obj``'s ``fields`` that are present and not null; :class:`ProtocolError` naming the first that is not a
+    string."""
+    out = {}
+    for name in fields:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ProtocolError(f"{what}.{name}: expected a string, got {type(value).__name__}")
+        out[name] = value
+    return out
+
+
+_POD_META = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+
+
 def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
+    """:class:`ProtocolError` when an identifying field is not a string (see the module doc)."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
+    ids = _strings(meta, _POD_META, "Pod metadata")
+    node_name = _strings(spec, ("nodeName",), "Pod spec").get("nodeName")
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     problems: list[str] = []
@@ -234,14 +258,14 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         except ContractError as exc:
             problems.append(str(exc))
     return PodInfo(
-        namespace=meta.get("namespace") or "default", name=meta.get("name") or "", uid=meta.get("uid") or "",
-        node_name=spec.get("nodeName") or None, phase_status=(obj.get("status") or {}).get("phase") or "",
+        namespace=ids.get("namespace") or "default", name=ids.get("name", ""), uid=ids.get("uid", ""),
+        node_name=node_name or None, phase_status=(obj.get("status") or {}).get("phase") or "",
         labels=labels, annotations=annotations, requests=total, containers=tuple(containers),
         business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
-        creation=meta.get("creationTimestamp") or "", qos_explicit=qos.source is not None,
+        creation=ids.get("creationTimestamp", ""), qos_explicit=qos.source is not None,
         exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0,
-        resource_version=meta.get("resourceVersion") or "",
+        resource_version=ids.get("resourceVersion", ""),
         soft_preferences=has_soft_preferences(spec) if isinstance(spec, dict) else False)
 
 
@@ -326,7 +350,9 @@ class NodeInfo:
 
 
 def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo:
+    """:class:`ProtocolError` when the name or resourceVersion is not a string."""
     meta = obj.get("metadata") or {}
+    ids = _strings(meta, ("name", "resourceVersion"), "Node metadata")
     status = obj.get("status") or {}
     annotations = meta.get("annotations") or {}
     allocatable: dict[str, Decimal] = {}
@@ -334,7 +360,7 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
         try:
             allocatable[name] = quantity(raw)
         except ValueError:
-            log.debug("node %s: unparseable allocatable %s=%r", meta.get("name"), name, raw)
+            log.debug("node %s: unparseable allocatable %s=%r", ids.get("name"), name, raw)
     problems: list[str] = []
     topology = usage = None
     if ANNOTATION_NODE_TOPOLOGY in annotations:
@@ -348,6 +374,6 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
             usage = parse_annotation(ANNOTATION_NODE_USAGE, annotations[ANNOTATION_NODE_USAGE], NodeUsage)
         except ContractError as exc:
             problems.append(str(exc))
-    return NodeInfo(name=meta.get("name") or "", labels=meta.get("labels") or {}, annotations=annotations,
+    return NodeInfo(name=ids.get("name", ""), labels=meta.get("labels") or {}, annotations=annotations,
                     allocatable=allocatable, topology=topology, usage=usage, pods=list(pods),
-                    problems=tuple(problems), resource_version=meta.get("resourceVersion") or "").refresh()
+                    problems=tuple(problems), resource_version=ids.get("resourceVersion", "")).refresh()

@@ -1,18 +1,30 @@
-"""HTTP front of the extender (aiohttp): routes, JSON in and out (orjson), 400 for malformed bodies, latency
-metrics. Decisions are CPU-bound and short; they run inline on the event loop, which keeps a request's latency at
-the cost of its own work (no thread hops)."""
+"""HTTP front of the extender (aiohttp): routes, JSON in and out (orjson), 400 for malformed bodies, 413 for
+oversized ones, latency metrics.
+
+Bodies are read with :func:`fuyao.http_body.read_json`: over ``MAX_BODY`` → 413 before any work, nested deeper than
+``MAX_DEPTH`` → 400 before parsing (so nothing later can recurse out of stack on a hostile document), and bodies over
+``OFFLOAD_ABOVE`` are parsed in a worker thread. Decisions are CPU-bound and short for the requests schedulers send:
+they run inline on the event loop, which keeps a request's latency at the cost of its own work (no thread hops).
+A big body (over ``OFFLOAD_ABOVE``: thousands of full Node objects) is decided — and its answer encoded — in a worker
+thread instead: its work grows with its size (10 MB of Nodes is ~1-2 s), and on the loop it would hold up every
+request behind it. The loop keeps serving meanwhile (the worker and the loop share the GIL: a small request waits
+for at most a few switch intervals, plus any single C call such as orjson parsing the big body)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, read_json
 
 from .kube_protocol import ProtocolError
 from .service import ExtenderService
@@ -20,6 +32,9 @@ from .service import ExtenderService
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024  # a NodeList of 5,000 full nodes is tens of MB
+BIG_DECISION_WORKERS = 2
+"""Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
+from queueing another behind it."""
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -34,43 +49,60 @@ def _ack(service: ExtenderService, name: str) -> Callable[[web.Request], Any]:
     return handler
 
 
-def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any]) -> Callable[[web.Request], Any]:
-    """``call`` decides inline on the event loop, or is a coroutine function when it waits on the API server
-    (bind)."""
+def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
+    """``call(body)`` encoded; the errors of a well-formed JSON document whose objects have the wrong types deep
+    inside (spec: "x") are the client's: :class:`ProtocolError`."""
+    try:
+        return orjson.dumps(call(body))
+    except ProtocolError:
+        raise
+    except (AttributeError, TypeError, ValueError, ArithmeticError, KeyError) as exc:
+        raise ProtocolError(f"malformed object in the request: {type(exc).__name__}: {exc}") from None
+
+
+def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
+          big: ThreadPoolExecutor) -> Callable[[web.Request], Any]:
+    """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
+    coroutine function when it waits on the API server (bind)."""
     is_async = inspect.iscoroutinefunction(call)
 
     async def handler(request: web.Request) -> web.Response:
         started = time.perf_counter()
+        status = 400
         try:
-            raw = await request.read()
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise ProtocolError(f"body is not valid JSON: {exc}") from None
+            raw, body = await read_json(request, MAX_BODY, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
                 return _json(await call(body))
-            try:
-                return _json(call(body))
-            except ProtocolError:
-                raise
-            except (AttributeError, TypeError, ValueError, ArithmeticError, KeyError) as exc:
-                # a well-formed JSON document whose objects have the wrong types deep inside (spec: "x")
-                raise ProtocolError(f"malformed object in the request: {type(exc).__name__}: {exc}") from None
+            if len(raw) > OFFLOAD_ABOVE:
+                answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, body)
+            else:
+                answer = _decide(call, body)
+            return web.Response(body=answer, content_type="application/json")
+        except BodyError as exc:  # refused before any work: too big (413), too deep or not JSON (400)
+            status, error = exc.status, exc.message
         except ProtocolError as exc:
-            service.metrics.bad_requests.labels(name).inc()
-            log.warning("bad %s request: %s", name, exc, extra={"verb": name, "remote": request.remote})
-            return _json({"error": str(exc)}, status=400)
+            error = str(exc)
         except Exception as exc:  # a bug must not take the server down; the scheduler sees a clear 500
             log.exception("%s failed", name)
             return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, status=500)
         finally:
             service.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        service.metrics.bad_requests.labels(name).inc()
+        log.warning("bad %s request (%d): %s", name, status, error,
+                    extra={"verb": name, "remote": request.remote, "status": status})
+        return _json({"error": error}, status=status)
 
     return handler
 
 
 def build_app(service: ExtenderService) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
+    big = ThreadPoolExecutor(BIG_DECISION_WORKERS, thread_name_prefix="extender-big-decision")
+
+    async def stop_workers(_app: web.Application) -> None:
+        big.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(stop_workers)
     s = service
     routes = {
         "/filter": ("filter", s.filter),
@@ -88,7 +120,7 @@ def build_app(service: ExtenderService) -> web.Application:
         if name.startswith("volcano-onSession"):
             app.router.add_post(path, _ack(service, name))  # Volcano reads only the status: skip the body
         else:
-            app.router.add_post(path, _verb(service, name, call))
+            app.router.add_post(path, _verb(service, name, call, big))
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -121,13 +121,18 @@ class ExtenderService:
                     self.warn_pod(pod, problem)
         return pod
 
-    def _request_view(self, nodes: list[NodeInfo]) -> tuple[NodeView, Cycle]:
+    @contextlib.contextmanager
+    def _request_view(self, nodes: list[NodeInfo]) -> Iterator[tuple[NodeView, Cycle]]:
         """Candidates the request carried in full (kube-scheduler's Nodes mode, Volcano): a table of their own;
-        prefill/decode counts from the cache when it is synced (it sees every node), else from these nodes."""
+        prefill/decode counts from the cache when it is synced (it sees every node), else from these nodes. The
+        table is built outside the cache's lock (its cost grows with the request); the decision reads the cache's
+        counts under it (a big request is decided in a worker thread while the watch applies events)."""
         view = NodeTable.of(nodes, self.domain_key).view_all()
-        if self.cache.ready:
-            return view, Cycle(pd=self.cache.pd, domains=self.cache.table)
-        return view, Cycle(pd=PdIndex.of(nodes))
+        if not self.cache.ready:
+            yield view, Cycle(pd=PdIndex.of(nodes))
+            return
+        with self.cache.lock:
+            yield view, Cycle(pd=self.cache.pd, domains=self.cache.table)
 
     @contextlib.contextmanager
     def _candidates(self, args: kp.ExtenderArgs) -> Iterator[tuple[NodeView, Cycle, list[str]]]:
@@ -144,8 +149,8 @@ class ExtenderService:
                 yield view, Cycle(pd=self.cache.pd, domains=self.cache.table), unknown
             return
         infos = [info for raw in args.nodes or [] if (info := self.cache.node_info(raw["metadata"]["name"], raw))]
-        view, cycle = self._request_view(infos)
-        yield view, cycle, []
+        with self._request_view(infos) as (view, cycle):
+            yield view, cycle, []
 
     def _observe(self, rejections: Mapping[tuple[str, str], int]) -> None:
         for (plugin, code), count in rejections.items():
@@ -164,10 +169,11 @@ class ExtenderService:
             outcome = self.framework.filter(pod, view, cycle)
             scored = self.framework.shortlist(pod, view, outcome, self.shortlist_for(pod), cycle)
         if scored is not None and len(scored.names) > 1:  # for a single node kube-scheduler skips prioritize
-            self._shortlisted[pod.uid or pod.key] = scored
-            self._shortlisted.move_to_end(pod.uid or pod.key)
-            while len(self._shortlisted) > SHORTLISTS_KEPT:
-                self._shortlisted.popitem(last=False)
+            with self.cache.lock:  # big requests are decided in worker threads
+                self._shortlisted[pod.uid or pod.key] = scored
+                self._shortlisted.move_to_end(pod.uid or pod.key)
+                while len(self._shortlisted) > SHORTLISTS_KEPT:
+                    self._shortlisted.popitem(last=False)
         if unknown:
             for name in unknown:
                 outcome.failed[name] = outcome.explanation.rejected[name] = "node unknown to the extender's cache"
@@ -192,7 +198,8 @@ class ExtenderService:
         pod = self._pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             return []  # the filter already answered with an error
-        explanation = self._shortlisted.pop(pod.uid or pod.key, None)
+        with self.cache.lock:
+            explanation = self._shortlisted.pop(pod.uid or pod.key, None)
         asked = args.node_names if args.node_names is not None else [n["metadata"]["name"] for n in args.nodes or []]
         if explanation is None or len(explanation.names) != len(asked) or set(explanation.names) != set(asked):
             with self._candidates(args) as (view, cycle, _unknown):
@@ -282,8 +289,8 @@ class ExtenderService:
         raw_nodes = body.get("nodes") or []
         if not isinstance(raw_nodes, list):
             raise kp.ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
-        view, cycle = self._request_view([self._volcano_node(n) for n in raw_nodes])
-        explanation = self.framework.score(pod, view, cycle)
+        with self._request_view([self._volcano_node(n) for n in raw_nodes]) as (view, cycle):
+            explanation = self.framework.score(pod, view, cycle)
         explanation.verb = "volcano-prioritize"
         self.explanations.record(explanation)
         self.metrics.decisions.labels("volcano-prioritize", "ok").inc()

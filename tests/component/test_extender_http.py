@@ -191,7 +191,7 @@ def test_explain_health_and_metrics(extender: Extender) -> None:
 
 
 @pytest.mark.parametrize(("path", "body", "fragment"), [
-    ("/filter", b"{not json", "not valid JSON"),
+    ("/filter", b"{not json", "invalid JSON"),
     ("/filter", b"[1, 2]", "expected a JSON object"),
     ("/filter", json.dumps({"Pod": FOUR}).encode(), "one of Nodes or NodeNames"),
     ("/filter", json.dumps({"Pod": FOUR, "NodeNames": "mesh"}).encode(), "NodeNames: expected an array"),
