@@ -4,8 +4,12 @@
   endpoints: {name: cached leading blocks}, tier_blocks}`` — what a router asks before choosing an engine;
 - ``POST /v1/blocks/lookup`` ``{hashes}`` → ``{found}`` — leading blocks the shared tier holds (an engine's fetch);
 - ``POST /v1/blocks`` ``{hashes}`` → ``{stored}`` — an engine publishes the blocks it computed;
-- ``GET /v1/endpoints`` — per engine: model, entries, sequence, gaps, replays, drops, lag;
+- ``GET /v1/endpoints`` — per engine: model, entries, sequence, gaps, replays, drops, restarts, disconnects,
+  whether connected, lag;
 - ``/healthz``, ``/readyz``, ``/metrics``.
+
+Request bodies are read with :mod:`fuyao.http_body`: over ``MAX_BODY_BYTES`` → 413, nested too deep or not JSON →
+400; any field of the wrong type or out of range → 400 naming it (a client's mistake is never a 5xx).
 
 Metrics keep the design doc's names, so its ``rate(kv_cache_hits[5m]) / rate(kv_cache_requests[5m])`` works:
 ``kv_cache_hits`` and ``kv_cache_requests`` (cumulative blocks, label ``layer`` = index | tier) are exposed as
@@ -22,18 +26,24 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from fuyao import tokenizer
+from fuyao.http_body import BodyError, read_json
 
 from .config import KvCacheSection
 from .index import KvIndex
-from .subscriber import Subscriber
+from .subscriber import SourceStats, Subscriber
 from .tier import SharedTier
 
 log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""A lookup by token ids of a 128k-token prompt is about 1.4 MB of JSON, its block hashes (8k blocks) about 170 kB:
+8 MiB leaves room for long chats while bounding what one request can make the service hold."""
+MAX_HASH = 2**64  # block hashes are unsigned 64-bit integers
 
 
 class KvCacheService:
@@ -61,22 +71,28 @@ class KvCacheService:
         if isinstance(body.get("token_ids"), list):
             ids = body["token_ids"]
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
-                raise web.HTTPBadRequest(text="token_ids: expected an array of non-negative integers")
+                raise web.HTTPBadRequest(text="token_ids: expected an array of integers in 0..2^32-1")
             return ids
         if isinstance(body.get("prompt"), str):
             return tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)
                                     is not False)
         if isinstance(body.get("messages"), list):
+            try:
+                tokenizer.check_chat(body["messages"])
+            except tokenizer.ChatFormatError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from None
             return tokenizer.encode(tokenizer.render_chat(body["messages"]))
         raise web.HTTPBadRequest(text="expected token_ids, prompt (a string) or messages")
 
     def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(body.get("hashes"), list) and body["hashes"]:
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise web.HTTPBadRequest(text="model: expected a string")
+        if body.get("hashes") not in (None, []):
             hashes = self._hashes(body)  # a router that hashed the prompt itself
         else:
             hashes = self.index.hashes(self._token_ids(body))
-        model = body.get("model") if isinstance(body.get("model"), str) else ""
-        found = self.index.lookup(hashes=hashes, model=model)
+        found = self.index.lookup(hashes=hashes, model=model or "")
         best = max(found.values(), default=0)
         self.metrics.requests.labels("index").inc(len(hashes))
         self.metrics.hits.labels("index").inc(best)
@@ -87,9 +103,9 @@ class KvCacheService:
     @staticmethod
     def _hashes(body: dict[str, Any]) -> list[int]:
         hashes = body.get("hashes")
-        if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0
-                                                   for h in hashes):
-            raise web.HTTPBadRequest(text="hashes: expected an array of non-negative integers")
+        if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and
+                                                   0 <= h < MAX_HASH for h in hashes):
+            raise web.HTTPBadRequest(text="hashes: expected an array of integers in 0..2^64-1")
         return hashes
 
     def fetch(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,25 +123,26 @@ class KvCacheService:
 
     def endpoints(self) -> dict[str, Any]:
         out = {}
-        for name, state in self.index.endpoints.items():
+        for name, state in list(self.index.endpoints.items()):  # the subscriber thread may add one meanwhile
             stats = self.subscriber.stats.get(name)
             out[name] = {"model": state.model, "entries": len(state.hashes),
                          **({"last_seq": stats.last_seq, "batches": stats.batches, "gaps": stats.gaps,
                              "replays": stats.replays, "drops": stats.drops, "decode_errors": stats.decode_errors,
-                             "lag_s": round(stats.lag_s, 4)} if stats else {})}
+                             "restarts": stats.restarts, "disconnects": stats.disconnects,
+                             "connected": stats.connected, "lag_s": round(stats.lag_s, 4)} if stats else {})}
         return out
 
     # HTTP --------------------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
 
         def post(call):  # type: ignore[no-untyped-def]
             async def handler(request: web.Request) -> web.Response:
                 started = time.perf_counter()
                 try:
-                    body = orjson.loads(await request.read())
-                except orjson.JSONDecodeError as exc:
-                    return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
+                    _, body = await read_json(request, MAX_BODY_BYTES)
+                except BodyError as exc:
+                    return web.json_response({"error": exc.message}, status=exc.status)
                 if not isinstance(body, dict):
                     return web.json_response({"error": "the body must be a JSON object"}, status=400)
                 try:
@@ -172,6 +189,34 @@ class _DesignDocNames(Collector):
             yield metric
 
 
+class _StreamCounters(Collector):
+    """Per engine, what happened to its event stream (the subscriber's counts, read at scrape time):
+    ``fuyao_kvcache_event_{gaps,replays,drops,restarts,disconnects,decode_errors}_total{endpoint}``."""
+
+    FIELDS = {"gaps": "Sequence gaps seen", "replays": "Replays asked from the engine's replay socket",
+              "drops": "Times the engine's entries were dropped because a gap or a join could not be replayed",
+              "restarts": "Engine restarts seen (its sequence numbers started over): entries dropped, resynced",
+              "disconnects": "Connections to the engine's event stream lost: entries dropped, resynced on the next "
+                             "batch",
+              "decode_errors": "Event batches that did not decode"}
+
+    def __init__(self, service: KvCacheService):
+        self._service = service
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(dict(self._service.subscriber.stats))
+
+    def _families(self, streams: dict[str, SourceStats]) -> Iterator[Metric]:
+        for field, doc in self.FIELDS.items():
+            family = CounterMetricFamily(f"fuyao_kvcache_event_{field}", doc, labels=("endpoint",))
+            for name, stats in streams.items():
+                family.add_metric((name,), getattr(stats, field))
+            yield family
+
+
 class KvCacheMetrics:
     def __init__(self, service: KvCacheService):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -189,6 +234,7 @@ class KvCacheMetrics:
         self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
                                ("policy",), registry=r)
         self.expirations = Gauge("fuyao_kvcache_tier_expirations", "Blocks expired by ttl (cumulative)", registry=r)
+        r.register(_StreamCounters(service))
         self.latency = Histogram("fuyao_kvcache_request_duration_seconds", "HTTP request time by path", ("path",),
                                  buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
 

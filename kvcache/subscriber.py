@@ -1,16 +1,24 @@
 """Subscribes to the KV events of many engines (ZMQ SUB, one socket each, one thread for all) and applies them to
-a :class:`~kvcache.index.KvIndex`, never silently wrong:
+a :class:`~kvcache.index.KvIndex`, never silently wrong (a lookup may find fewer blocks than an engine holds, never
+a block it no longer holds):
 
-- on joining mid-stream, the batches the engine still buffers are replayed first;
+- on joining mid-stream, the batches the engine still buffers are replayed first (vLLM's ROUTER: ``["", start
+  seq]`` → ``["", seq, payload]``… then seq -1); if that is impossible or incomplete, what was replayed is dropped;
 - every message's sequence number is checked; after a gap the missing batches are asked from the engine's replay
-  socket (vLLM's ROUTER: ``["", start seq]`` → ``["", seq, payload]``… then seq -1); if that is impossible or
-  incomplete, the endpoint's entries are dropped (fewer hits, never a hit on a block that is gone);
+  socket; if that is impossible or incomplete, the endpoint's entries are dropped;
+- an engine that restarted is noticed two ways, and then handled as a fresh join (its entries dropped, the new
+  engine's buffer replayed from 0): its sequence numbers go backwards (one publisher's batches arrive in order on a
+  SUB socket and replays come on their own socket, so a backwards number is never a duplicate), or the connection
+  was lost (a socket monitor on each SUB socket, in the same poller, reports ``EVENT_DISCONNECTED``; its entries are
+  dropped at once and the next batch starts a fresh join — so a restarted engine that has already published more
+  batches than the old one is not taken for a continuation with a gap);
 - a payload that does not decode is counted and skipped (the endpoint is then also dropped: its state is unknown);
 - endpoints can be added and removed while running (Kubernetes discovery).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from fuyao.kv_blocks import EventDecodeError, decode_batch
 
@@ -26,6 +35,7 @@ from .index import KvIndex
 log = logging.getLogger(__name__)
 
 END_SEQ = -1
+CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,9 @@ class SourceStats:
     replays: int = 0
     drops: int = 0
     decode_errors: int = 0
+    restarts: int = 0  # the engine started over (its sequence went back): entries dropped, stream followed anew
+    disconnects: int = 0  # the connection was lost: entries dropped, the next batch starts a fresh join
+    connected: bool = False
     lag_s: float = 0.0
 
 
@@ -59,6 +72,10 @@ class Subscriber:
         self._ctx = zmq.Context.instance()
         self._sources: dict[str, Source] = {}
         self._sockets: dict[str, zmq.Socket] = {}
+        self._monitors: dict[str, zmq.Socket] = {}
+        self._names: dict[zmq.Socket, str] = {}  # SUB socket → endpoint
+        self._watched: dict[zmq.Socket, str] = {}  # monitor socket → endpoint
+        self._seq_before: dict[str, int] = {}  # the last sequence number before the connection was lost
         self._pending: list[tuple[str, Source | None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -80,10 +97,10 @@ class Subscriber:
         with self._lock:
             pending, self._pending = self._pending, []
         for name, source in pending:
-            old = self._sockets.pop(name, None)
-            if old is not None:
-                poller.unregister(old)
-                old.close(linger=0)
+            if name in self._sockets:
+                self._close(name, poller)
+                self.index.drop(name, forget=False)  # a new stream for this name: the old one's entries go
+            self._seq_before.pop(name, None)
             if source is None:
                 self._sources.pop(name, None)
                 self.index.drop(name)
@@ -93,14 +110,28 @@ class Subscriber:
             socket = self._ctx.socket(zmq.SUB)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
+            monitor = socket.get_monitor_socket(CONNECTION_EVENTS)  # before connecting: no event is missed
             socket.connect(source.events)
             poller.register(socket, zmq.POLLIN)
-            self._sockets[name] = socket
+            poller.register(monitor, zmq.POLLIN)
+            self._sockets[name], self._monitors[name] = socket, monitor
+            self._names[socket], self._watched[monitor] = name, name
             self._sources[name] = source
             self.stats[name] = SourceStats()
             self.index.endpoint(name, source.model)
             log.info("following KV events of %s at %s", name, source.events,
                      extra={"replay": source.replay, "model": source.model})
+
+    def _close(self, name: str, poller: zmq.Poller | None = None) -> None:
+        socket, monitor = self._sockets.pop(name), self._monitors.pop(name)
+        del self._names[socket], self._watched[monitor]
+        if poller is not None:
+            poller.unregister(socket)
+            poller.unregister(monitor)
+        with contextlib.suppress(zmq.ZMQError):
+            socket.disable_monitor()
+        monitor.close(linger=0)
+        socket.close(linger=0)
 
     # The loop ----------------------------------------------------------------------------------------------------
     def start(self) -> Subscriber:
@@ -118,20 +149,63 @@ class Subscriber:
         try:
             while not self._stop.is_set():
                 self._apply_pending(poller)
-                for socket, _ in poller.poll(timeout=50):
-                    name = next((n for n, s in self._sockets.items() if s is socket), None)
-                    if name is None:
-                        continue
-                    # drain what is there, a batch at a time
-                    while True:
-                        try:
-                            frames = socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._handle(name, frames)
+                ready = poller.poll(timeout=50)
+                # connection events first: batches that follow a reconnect must not be taken as a continuation
+                for socket, _ in ready:
+                    if (name := self._watched.get(socket)) is not None:
+                        self._connection_events(name)
+                for socket, _ in ready:
+                    if (name := self._names.get(socket)) is not None:
+                        self._drain(name)
         finally:
-            for socket in self._sockets.values():
-                socket.close(linger=0)
+            for name in list(self._sockets):
+                self._close(name)
+
+    def _drain(self, name: str) -> None:
+        """Apply what the endpoint's socket holds, a batch at a time, looking at its connection events before each
+        (a disconnect reported meanwhile is handled before the batches that follow it)."""
+        socket, monitor = self._sockets[name], self._monitors[name]
+        while True:
+            if monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                self._connection_events(name)
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(name, frames)
+
+    def _connection_events(self, name: str) -> None:
+        monitor, stats = self._monitors[name], self.stats[name]
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_CONNECTED:
+                stats.connected = True
+                log.info("connected to the KV events of %s", name)
+            elif event == zmq.EVENT_DISCONNECTED:
+                # the batches the lost connection delivered were queued before the event: apply them first
+                socket = self._sockets[name]
+                while True:
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(name, frames)
+                stats.connected = False
+                stats.disconnects += 1
+                dropped = self._unfollow(name)
+                log.warning("lost the connection to the KV events of %s; dropped its %d entries (the next batch "
+                            "starts a fresh join)", name, dropped)
+
+    def _unfollow(self, name: str) -> int:
+        """Forget where the endpoint's stream was (the next batch starts a fresh join) and drop its entries."""
+        stats = self.stats[name]
+        if stats.last_seq is not None:
+            self._seq_before[name] = stats.last_seq
+        stats.last_seq = None
+        return self.index.drop(name, forget=False)
 
     def _handle(self, name: str, frames: list[bytes]) -> None:
         stats = self.stats[name]
@@ -140,12 +214,26 @@ class Subscriber:
             log.warning("malformed KV event message from %s (%d frames)", name, len(frames))
             return
         seq = int.from_bytes(frames[1], "big")
-        if stats.last_seq is None and seq > 0 and self._sources[name].replay:
-            self._replay(name, 0, seq)  # joined mid-stream: catch up on what the engine still buffers
-        expected = None if stats.last_seq is None else stats.last_seq + 1
-        if expected is not None and seq < expected:
-            return  # a duplicate (already applied through a replay)
-        if expected is not None and seq > expected:
+        if stats.last_seq is not None and seq <= stats.last_seq:
+            # batches of one publisher arrive in order (replays come on their own socket): a new publisher
+            previous = stats.last_seq
+            stats.restarts += 1
+            dropped = self._unfollow(name)
+            self._seq_before.pop(name, None)
+            log.warning("KV events of %s: sequence went back from %d to %d (the engine restarted); dropped its %d "
+                        "entries and follows it anew", name, previous, seq, dropped)
+        elif stats.last_seq is None and seq <= self._seq_before.pop(name, -1):
+            stats.restarts += 1  # the first batch after a lost connection, numbered at or below the last one before
+        if stats.last_seq is None:
+            # a fresh join (first batch, or after a restart or a lost connection; the entries are empty): catch up
+            # on what the engine still buffers
+            if seq > 0 and self._sources[name].replay and not self._replay(name, 0, seq):
+                stats.drops += 1
+                dropped = self.index.drop(name, forget=False)
+                log.warning("KV events of %s: joined at batch %d and batches 0..%d could not be replayed; dropped "
+                            "the %d entries replayed", name, seq, seq - 1, dropped)
+        elif seq > stats.last_seq + 1:
+            expected = stats.last_seq + 1
             stats.gaps += 1
             if not self._replay(name, expected, seq):
                 stats.drops += 1

@@ -1,0 +1,210 @@
+"""The KV subscriber notices an engine that restarted, over real ZMQ sockets in-process: a sequence number going
+backwards, and a lost connection after which the new engine has already published more batches than the old one.
+Either way the old engine's blocks leave the index and the new engine's are indexed (through its replay buffer when
+it has one) — for the ``fuyao-kvcache`` service's subscriber and for the router's in-process index alike."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from engine_sim.events import KvEventPublisher
+from fuyao.kv_blocks import BlockStored, EventBatch, encode_batch
+from inference_router.config import build_config
+from inference_router.fleet import PrefixSource
+from kvcache.index import KvIndex
+from kvcache.subscriber import Source, Subscriber
+from tests.support.apiserver import free_port
+from tests.support.polling import wait_for
+
+
+def _batch(*hashes: int) -> EventBatch:
+    return EventBatch(time.time(), [BlockStored(list(hashes), None, [0] * 4 * len(hashes), 4)])
+
+
+def _frames(seq: int, *hashes: int) -> list[bytes]:
+    return [b"kv@test@m", seq.to_bytes(8, "big"), encode_batch(_batch(*hashes))]
+
+
+class _Replay:
+    """A replay ROUTER serving ``buffer`` (seq → hashes) the way vLLM does, in a thread; ``requests`` are the start
+    sequence numbers asked."""
+
+    def __init__(self, port: int):
+        self.buffer: dict[int, tuple[int, ...]] = {}
+        self.requests: list[int] = []
+        self._router = zmq.Context.instance().socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(f"tcp://127.0.0.1:{port}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._router.poll(20):
+                continue
+            client, _, start = self._router.recv_multipart()
+            first = int.from_bytes(start, "big")
+            self.requests.append(first)
+            for seq in sorted(s for s in self.buffer if s >= first):
+                self._router.send_multipart([client, b"", *_frames(seq, *self.buffer[seq])[1:]])
+            self._router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._router.close(linger=0)
+
+
+@pytest.fixture
+def ports() -> tuple[int, int]:
+    return free_port(), free_port()
+
+
+@pytest.fixture
+def subscriber() -> Iterator[Subscriber]:
+    sub = Subscriber(KvIndex(block_size=4), replay_timeout_s=2.0).start()
+    try:
+        yield sub
+    finally:
+        sub.stop()
+
+
+@pytest.mark.parametrize("with_replay", [True, False])
+def test_a_sequence_going_back_is_a_restart(subscriber: Subscriber, ports: tuple[int, int],
+                                            with_replay: bool) -> None:
+    events_port, replay_port = ports
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{events_port}")
+    replay = _Replay(replay_port) if with_replay else None
+    subscriber.add(Source("engine", f"tcp://127.0.0.1:{events_port}",
+                          f"tcp://127.0.0.1:{replay_port}" if with_replay else None))
+    index, stats = subscriber.index, subscriber.stats
+    try:
+        sent: dict[int, tuple[int, ...]] = {}
+
+        def send(seq: int, *hashes: int) -> None:
+            sent[seq] = hashes
+            pub.send_multipart(_frames(seq, *hashes))
+
+        # the slow-joiner problem: publish until the subscriber is connected
+        wait_for(lambda: send(len(sent), 100 + len(sent)) or time.sleep(0.02) or index.blocks, 5, "the subscription")
+        if replay is not None:
+            replay.buffer = dict(sent)
+        last = len(sent) + 4
+        for seq in range(len(sent), last + 1):
+            send(seq, 100 + seq)
+        wait_for(lambda: 100 + last in index.blocks, 5, "the old engine's last batch")
+        assert stats["engine"].restarts == 0
+        if replay is not None:
+            replay.requests.clear()
+        # the engine restarts behind the same connection: its batches 0 and 1 were missed, 2 arrives
+        if replay is not None:
+            replay.buffer = {0: (200,), 1: (201,), 2: (202,)}
+        pub.send_multipart(_frames(2, 202))
+        wait_for(lambda: 202 in index.blocks, 5, "the new engine's batch")
+        assert stats["engine"].restarts == 1 and stats["engine"].last_seq == 2
+        if replay is not None:
+            assert set(index.blocks) == {200, 201, 202} and replay.requests == [0]  # resynced from its buffer
+        else:
+            assert set(index.blocks) == {202}  # what it published before is unknown: fewer hits, never wrong
+        pub.send_multipart(_frames(3, 203))  # and the stream goes on from there
+        wait_for(lambda: 203 in index.blocks, 5, "the next batch")
+        assert stats["engine"].gaps == 0 and stats["engine"].restarts == 1
+    finally:
+        pub.close(linger=0)
+        if replay is not None:
+            replay.close()
+
+
+def _wait_port_free(port: int) -> None:
+    def free() -> bool:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+            return True
+
+    wait_for(free, 5, f"port {port} to be free")
+
+
+def _engine(events_port: int, replay_port: int | None) -> KvEventPublisher:
+    for port in (events_port, replay_port):
+        if port is not None:
+            _wait_port_free(port)
+    return KvEventPublisher(f"tcp://*:{events_port}", f"tcp://*:{replay_port}" if replay_port else None)
+
+
+def _publish_until_seen(engine: KvEventPublisher, index: KvIndex, first: int) -> set[int]:
+    """Publish a new block per batch until the subscriber has one (the slow-joiner problem); all those published."""
+    published: set[int] = set()
+
+    def seen() -> bool:
+        block = first + len(published)
+        engine.publish(_batch(block))
+        published.add(block)
+        time.sleep(0.02)
+        return bool(published & set(index.blocks))
+
+    wait_for(seen, 10, "the subscription")
+    return published
+
+
+@pytest.mark.parametrize("follower", ["service", "router"])
+def test_a_lost_connection_drops_the_engine_and_the_next_batch_is_a_fresh_join(ports: tuple[int, int],
+                                                                              follower: str) -> None:
+    """The service's subscriber with a replay socket; the router's in-process index (``PrefixSource``, no replay)."""
+    events_port, replay_port = ports
+    url = "http://engine:8000"
+    if follower == "service":
+        sub = Subscriber(KvIndex(block_size=4), replay_timeout_s=2.0).start()
+        sub.add(Source(url, f"tcp://127.0.0.1:{events_port}", f"tcp://127.0.0.1:{replay_port}"))
+        prefix = None
+    else:
+        prefix = PrefixSource(build_config({"kv_cache": {"events": {f"tcp://127.0.0.1:{events_port}": url}}})
+                              .kv_cache)
+        prefix.start()
+        assert prefix.subscriber is not None
+        sub = prefix.subscriber
+    with_replay = follower == "service"
+    index = sub.index
+    engine = _engine(events_port, replay_port if with_replay else None)
+    try:
+        old = _publish_until_seen(engine, index, 100)
+        for block in range(150, 155):
+            engine.publish(_batch(block))
+        old |= set(range(150, 155))
+        wait_for(lambda: 154 in index.blocks, 5, "the old engine's batches")
+        assert index.lookup(hashes=[154]) == {url: 1}
+        engine.shutdown()  # the engine dies: its cache is gone, so are its entries, before any new batch
+        wait_for(lambda: not old & set(index.blocks), 5, "the old blocks to go")
+        assert sub.stats[url].disconnects == 1 and not sub.stats[url].connected
+        # the new engine starts on the same ports and publishes more batches than the old one did before the
+        # subscriber is connected again (these are lost on the SUB socket; only its replay buffer has them)
+        engine = _engine(events_port, replay_port if with_replay else None)
+        early = set(range(300, 300 + len(old) + 5))
+        for block in sorted(early):
+            engine.publish(_batch(block))
+        late = _publish_until_seen(engine, index, 400)
+        wait_for(lambda: sub.stats[url].connected, 5, "the reconnect")
+        new = early | late
+        assert not old & set(index.blocks), "an old block came back"
+        assert set(index.blocks) <= new
+        if with_replay:
+            wait_for(lambda: new <= set(index.blocks), 5, "the new engine's blocks, replayed")
+            assert sub.stats[url].replays >= 1 and sub.stats[url].gaps == 0
+        assert index.lookup(hashes=[154]) == {} and index.lookup(hashes=[max(late)]) == {url: 1}
+        if prefix is not None:
+            assert prefix.cached_blocks(url) == len(set(index.blocks))
+    finally:
+        engine.shutdown()
+        sub.stop()
