@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ from hypothesis import strategies as st
 
 from fuyao.contracts import RESOURCE_NPU
 from tests.conftest import REPO
+from tests.support.apiserver import free_port
+from tests.support.hostile_json import json_paths
 from tests.support.k8s_objects import node, pod, topology
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Extender:
@@ -225,18 +220,6 @@ def test_fuzzed_bodies_never_crash_the_server(extender: Extender, path: str, bod
     assert status in (200, 400), f"{path} answered {status} for {raw[:200]!r}"
 
 
-def _paths(value: object, prefix: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
-    """Every path to a value inside a JSON document."""
-    out = [prefix]
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 def _replace(value: object, path: tuple, new: object) -> object:  # type: ignore[type-arg]
     if not path:
         return new
@@ -263,7 +246,7 @@ VALID = {
        | st.just("NaN") | st.just("-1Gi"))
 def test_valid_requests_with_one_value_broken_never_crash(extender: Extender, data: st.DataObject, path: str,
                                                           junk: object) -> None:
-    where = data.draw(st.sampled_from(_paths(VALID[path])))
+    where = data.draw(st.sampled_from(json_paths(VALID[path])))
     body = _replace(VALID[path], where, junk)
     status, _ = extender.post(path, body)
     assert status in (200, 400), f"{path} answered {status} with {where} = {junk!r}"

@@ -26,7 +26,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,13 @@ from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment
 from fuyao.http_body import MAX_DEPTH
 from scheduler_extender.server import MAX_BODY
 from tests.component.test_extender_http import FOUR, NODES, Extender, volcano_node, volcano_task
+from tests.component.test_extender_http import extender as extender  # the module's extender process fixture
 from tests.conftest import REPO
+from tests.support.apiserver import free_port
+from tests.support.hostile_json import json_paths
 from tests.support.k8s_objects import node, pod, topology
 
 pytestmark = pytest.mark.reliability
-
-
-@pytest.fixture(scope="module")
-def extender() -> Iterator[Extender]:
-    e = Extender()
-    yield e
-    if e.proc.poll() is None:
-        e.stop()
 
 
 def filter_body(pod_raw: dict[str, Any]) -> dict[str, Any]:
@@ -263,18 +257,6 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every path to a value inside a JSON document (the root is ``()``)."""
-    out = [prefix]
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out += paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out += paths(v, (*prefix, i))
-    return out
-
-
 def deep_marker(depth: int) -> str:
     return f"__deep_{depth}__"
 
@@ -315,7 +297,7 @@ def mutated(draw: st.DrawFn, path: str) -> bytes:
     if kind == "not-an-object":
         return splice_deep(json.dumps(draw(junk) if draw(st.booleans()) else [body])).encode()
     for _ in range(1 if kind == "deep" else draw(st.integers(1, 3))):
-        every = paths(body)
+        every = json_paths(body)
         identity = [p for p in every if p and p[-1] in IDENTITY]
         where = draw(st.sampled_from(identity if identity and draw(st.booleans()) else every))
         if not where:
@@ -413,12 +395,6 @@ class RestartableExtender:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 KILL_PODS = 16

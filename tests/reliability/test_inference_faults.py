@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.engines import Daemon, engine, metric_total, router
+from tests.support.hostile_json import Deep, encode
 
 pytestmark = pytest.mark.reliability
 
@@ -35,29 +35,8 @@ def figure(name: str, value: object) -> None:
     print(f"FIGURE {name}: {value}")
 
 
-@dataclass(frozen=True)
-class Deep:
-    """``leaf`` inside ``depth`` arrays, written by :func:`encode` (deeper than Python's json module would go)."""
-
-    depth: int
-    leaf: Any = "x"
-
-
 def nested(depth: int, leaf: Any = "x") -> Deep:
     return Deep(depth, leaf)
-
-
-def encode(value: Any) -> bytes:
-    def text(v: Any) -> str:
-        if isinstance(v, Deep):
-            return "[" * v.depth + json.dumps(v.leaf) + "]" * v.depth
-        if isinstance(v, dict):
-            return "{" + ",".join(f"{json.dumps(str(k))}:{text(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, list):
-            return "[" + ",".join(map(text, v)) + "]"
-        return json.dumps(v)
-
-    return text(value).encode()
 
 
 def send(daemon: Daemon, path: str, body: Any, timeout: float = 30) -> tuple[int, bytes]:
