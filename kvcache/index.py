@@ -6,6 +6,16 @@ entries). A lookup hashes the prompt's full blocks with the shared chain (``fuya
 masks in one pass and ANDs them cumulatively: an engine's cached prefix ends where its bit first drops out.
 Blocks held in another medium than GPU (CPU offload) are remembered per (block, engine).
 
+**Blocks are keyed by content**, not by the engine's hash: a ``BlockStored`` carries the blocks' ``token_ids`` and
+its parent's hash, so the index computes its own chain (``fuyao.kv_blocks``) from the tokens, continuing from its
+own hash of the parent, and remembers per engine which of its hashes each engine hash stands for (``BlockRemoved``
+names engine hashes). Lookups then match whatever each engine's hash algorithm and seed are (vLLM's sha256 or
+xxhash, a per-process random seed, a mixed or upgraded fleet). A block whose parent the index never saw, or an
+event of another block size, cannot be placed and is skipped (fewer hits, never a wrong one). An engine that
+hashes exactly as the index does (the simulator) is recognised per event by its first block, and its hashes are
+taken as they are. Events without ``token_ids`` are taken as they are too (the engine must then hash like the
+index).
+
 Single writer: the subscriber thread applies events; lookups may run in other threads (a dict read is atomic in
 CPython, and a lookup racing an update sees either state of a block).
 """
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +38,17 @@ class EndpointState:
     model: str = ""
     hashes: set[int] = field(default_factory=set)
     block_size: int | None = None
+    ours: dict[int, int] = field(default_factory=dict)  # engine block hash → the index's content hash
+    removed: OrderedDict[int, int] = field(default_factory=OrderedDict)  # recently removed, for late children
+    skipped: int = 0  # blocks that could not be placed (parent unknown, other block size)
+
+    def translate(self, engine_hash: int) -> int | None:
+        found = self.ours.get(engine_hash)
+        return found if found is not None else self.removed.get(engine_hash)
+
+
+REMEMBER_REMOVED = 4096
+"""Removed blocks whose content hash is kept per engine, for children stored after their parent was evicted."""
 
 
 class KvIndex:
@@ -62,20 +84,63 @@ class KvIndex:
             self.events_applied += 1
             if isinstance(event, BlockStored):
                 state.block_size = event.block_size
-                for h in event.block_hashes:
+                stored = self._content(state, event)
+                for h in stored:
                     blocks[h] = get(h, 0) | flag
-                state.hashes.update(event.block_hashes)
+                state.hashes.update(stored)
                 if event.medium not in (None, "GPU"):
-                    for h in event.block_hashes:
+                    for h in stored:
                         self.media[(h, endpoint)] = event.medium
             elif isinstance(event, BlockRemoved):
-                self._unset(event.block_hashes, keep)
+                removed = self._forget(state, event.block_hashes)
+                self._unset(removed, keep)
                 if self.media:
-                    for h in event.block_hashes:
+                    for h in removed:
                         self.media.pop((h, endpoint), None)
-                state.hashes.difference_update(event.block_hashes)
+                state.hashes.difference_update(removed)
             elif isinstance(event, AllBlocksCleared):
                 self.drop(endpoint, forget=False)
+
+    def _content(self, state: EndpointState, event: BlockStored) -> list[int]:
+        """The index's hashes for the blocks of ``event`` (recorded against the engine's), in order; blocks that
+        cannot be placed are left out (with everything after them: a chain cannot skip a link)."""
+        engine = event.block_hashes
+        tokens = event.token_ids
+        if not tokens or not engine:
+            return list(engine)  # no content to key by: the engine must hash like the index
+        if event.block_size != self.block_size or len(tokens) != len(engine) * event.block_size:
+            state.skipped += len(engine)
+            return []
+        if event.parent_block_hash is None:
+            parent = None
+        else:
+            parent = state.translate(event.parent_block_hash)
+            if parent is None:
+                state.skipped += len(engine)
+                return []
+        size = self.block_size
+        first = block_hashes(tokens[:size], size, self.seed, parent=parent)[0]
+        if first == engine[0]:
+            ours = list(engine)  # this engine hashes as the index does (checked on every event's first block)
+        else:
+            ours = [first, *block_hashes(tokens[size:], size, self.seed, parent=first)] if len(engine) > 1 \
+                else [first]
+        for theirs, mine in zip(engine, ours, strict=True):
+            state.ours[theirs] = mine
+        return ours
+
+    @staticmethod
+    def _forget(state: EndpointState, engine: Iterable[int]) -> list[int]:
+        out = []
+        for theirs in engine:
+            mine = state.ours.pop(theirs, None)
+            if mine is None:
+                continue
+            out.append(mine)
+            state.removed[theirs] = mine
+            if len(state.removed) > REMEMBER_REMOVED:
+                state.removed.popitem(last=False)
+        return out
 
     def drop(self, endpoint: str, forget: bool = True) -> int:
         """Remove every entry of ``endpoint`` (its cache was cleared, its stream lost, its pod gone)."""
@@ -88,6 +153,7 @@ class KvIndex:
                 del self.media[key]
         count = len(state.hashes)
         state.hashes = set()
+        state.ours, state.removed = {}, OrderedDict()
         if forget:
             del self.endpoints[endpoint]
             del self._by_bit[state.bit]

@@ -24,7 +24,7 @@ from tests.support.polling import wait_for
 
 
 def _batch(*hashes: int) -> EventBatch:
-    return EventBatch(time.time(), [BlockStored(list(hashes), None, [0] * 4 * len(hashes), 4)])
+    return EventBatch(time.time(), [BlockStored(list(hashes), None, [], 4)])  # no tokens: keyed by its hashes
 
 
 def _frames(seq: int, *hashes: int) -> list[bytes]:

@@ -64,7 +64,11 @@ def test_grow_refuses_without_taking_anything() -> None:
 
 
 # --- the index ----------------------------------------------------------------------------------------------------
-CHAINS = [block_hashes(list(range(seed, seed + 64)), 4) for seed in (0, 1000, 2000)]
+TOKENS = [list(range(seed, seed + 64)) for seed in (0, 1000, 2000)]
+CHAINS = [block_hashes(tokens, 4) for tokens in TOKENS]
+SALTS = {"a": 0, "b": 0x5A5A_1234_0000_FFFF, "c": (1 << 63) | 77}
+"""Engine "a" hashes as the index does (the simulator); "b" and "c" hash otherwise (vLLM's sha256 or xxhash with
+its own seed; "c"'s hashes are above 2^63 as vLLM's are): the index must find the same blocks on all three."""
 ops = st.lists(st.one_of(
     st.tuples(st.just("store"), st.sampled_from("abc"), st.integers(0, 2), st.integers(0, 15), st.integers(1, 6)),
     st.tuples(st.just("remove"), st.sampled_from("abc"), st.integers(0, 2), st.integers(0, 15), st.integers(1, 6)),
@@ -72,23 +76,39 @@ ops = st.lists(st.one_of(
 ), max_size=60)
 
 
+def engine_event(endpoint: str, chain: int, start: int, length: int) -> BlockStored:
+    """What engine ``endpoint`` publishes when it stores blocks ``start``.. of a chain: its own hashes, the parent's
+    (its own) hash, and the blocks' tokens."""
+    salt = SALTS[endpoint]
+    hashes = [h ^ salt for h in CHAINS[chain][start:start + length]]
+    parent = CHAINS[chain][start - 1] ^ salt if start else None
+    return BlockStored(hashes, parent, TOKENS[chain][4 * start:4 * (start + len(hashes))], 4)
+
+
 @settings(max_examples=300, deadline=None)
 @given(ops)
 def test_index_lookups_equal_a_brute_force_model(history: list[tuple]) -> None:  # type: ignore[type-arg]
+    """Whatever each engine's hash: a block counts once its tokens are stored with a parent the index placed (or the
+    chain's root); it stops counting when removed or cleared. Lookups equal that model's."""
     index = KvIndex(block_size=4)
     model: dict[str, set[int]] = {e: set() for e in "abc"}
+    placed: dict[str, set[int]] = {e: set() for e in "abc"}  # ever stored (and so translatable) since the last clear
     for op in history:
         if op[0] == "clear":
             index.apply(op[1], [AllBlocksCleared()])
             model[op[1]].clear()
+            placed[op[1]].clear()
             continue
         _, endpoint, chain, start, length = op
         hashes = CHAINS[chain][start:start + length]
         if op[0] == "store":
-            index.apply(endpoint, [BlockStored(hashes, None, [0] * 4 * len(hashes), 4)])
-            model[endpoint].update(hashes)
+            event = engine_event(endpoint, chain, start, length)
+            index.apply(endpoint, [event])
+            if start == 0 or CHAINS[chain][start - 1] in placed[endpoint]:
+                model[endpoint].update(hashes)
+                placed[endpoint].update(hashes)
         else:
-            index.apply(endpoint, [BlockRemoved(hashes)])
+            index.apply(endpoint, [BlockRemoved([h ^ SALTS[endpoint] for h in hashes])])
             model[endpoint].difference_update(hashes)
     for chain in CHAINS:
         expected = {}
@@ -100,6 +120,15 @@ def test_index_lookups_equal_a_brute_force_model(history: list[tuple]) -> None: 
                 expected[endpoint] = depth
         assert index.lookup(hashes=chain) == expected
     assert set(index.blocks) == set().union(*model.values())
+
+
+def test_blocks_of_another_size_or_with_an_unknown_parent_are_skipped_not_guessed() -> None:
+    index = KvIndex(block_size=4)
+    index.apply("b", [engine_event("b", 0, 2, 3)])  # its parent (block 1) was never stored
+    index.apply("b", [BlockStored([99], None, list(range(8)), 8)])  # 8-token blocks: not this index's
+    assert index.lookup(hashes=CHAINS[0]) == {} and index.endpoints["b"].skipped == 4
+    index.apply("b", [engine_event("b", 0, 0, 5)])
+    assert index.lookup(TOKENS[0]) == {"b": 5}
 
 
 def test_lookup_by_tokens_and_model() -> None:
@@ -160,7 +189,7 @@ def test_fetch_counts_the_leading_run_and_ttl_expires() -> None:
 
 # --- the subscriber over real sockets -------------------------------------------------------------------------------
 def _frames(seq: int, hashes: list[int]) -> list[bytes]:
-    batch = EventBatch(time.time(), [BlockStored(hashes, None, [0] * 4 * len(hashes), 4)])
+    batch = EventBatch(time.time(), [BlockStored(hashes, None, [], 4)])  # no tokens: keyed by its hashes
     return [b"kv@test@m", seq.to_bytes(8, "big"), encode_batch(batch)]
 
 
