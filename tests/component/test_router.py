@@ -173,7 +173,7 @@ def test_config_reload_and_a_bad_file_keeps_the_old_config(tmp_path: Path) -> No
         assert len(a.received) == len(b.received) == 4  # still round-robin
         front.proc.send_signal(15)  # type: ignore[union-attr]
         assert front.proc.wait(5) == 0  # type: ignore[union-attr]
-        log = front.proc.stderr.read().decode()  # type: ignore[union-attr]
+        log = front.log_text()
         assert "invalid, keeping the running config" in log and "router.retries" in log
     finally:
         front.close()

@@ -3,11 +3,14 @@ router's tests and benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,30 +40,46 @@ def metric_total(text: str, name: str, **labels: str) -> float:
 
 
 class Daemon:
-    """A ``python -m <module>`` process with an HTTP port; ``start()`` waits until ``health_path`` answers."""
+    """A ``python -m <module>`` process with an HTTP port; ``start()`` waits until ``health_path`` answers. Its
+    output goes to a log file (``log_text()``): a pipe nobody reads would stop a chatty process once full."""
 
-    def __init__(self, module: str, args: list[str], port: int, health_path: str):
+    def __init__(self, module: str, args: list[str], port: int, health_path: str, *, python: str = sys.executable,
+                 env: dict[str, str] | None = None, log_args: tuple[str, ...] = ("--log-format", "text"),
+                 group: bool = False):
+        """``group``: the daemon forks workers of its own (vLLM's engine core): it gets a process group, and
+        ``close()`` kills all of it."""
         self.module, self.args, self.port, self.health_path = module, args, port, health_path
+        self.python, self.env, self.log_args, self.group = python, env, log_args, group
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: str | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log_text(self) -> str:
+        if self.log_path is None:
+            return ""
+        with open(self.log_path, errors="replace") as log:
+            return log.read()
+
     def start(self, timeout: float = 20.0) -> Daemon:
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--log-format", "text"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with tempfile.NamedTemporaryFile(prefix=f"{self.module}-", suffix=".log", delete=False) as log:
+            self.log_path = log.name
+            self.proc = subprocess.Popen([self.python, "-m", self.module, *self.args, *self.log_args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=self.group)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.module} exited {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                raise AssertionError(f"{self.module} exited {self.proc.returncode}: {self.log_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url + self.health_path, timeout=1):
                     return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.05)
-        raise AssertionError(f"{self.module} did not answer {self.health_path} within {timeout}s")
+        raise AssertionError(f"{self.module} did not answer {self.health_path} within {timeout}s: "
+                             f"{self.log_text()[-3000:]}")
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
         data = json.dumps(body).encode() if body is not None else None
@@ -97,9 +116,17 @@ class Daemon:
         return code, time.monotonic() - started
 
     def close(self) -> None:
+        """Kill it (if running; its whole group with ``group``) and remove its log."""
+        if self.proc is not None and self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
+        if self.proc is not None:
             self.proc.wait()
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
 
 def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: float = 20.0) -> Daemon:

@@ -1,0 +1,129 @@
+"""Against a real vLLM (CPU build) serving the tiny generated model: its tokenizer is the model directory's, and the
+KV index — keyed by content — finds the blocks it reports in its own events (hashes of its own algorithm, above
+2^63, with fields our decoder does not list), drops them when the engine restarts, and vLLM's own counters prove
+the blocks were cached. Marker ``vllm``: ``hack/test.sh`` builds the cached venv (``hack/build-vllm.sh``) first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from tokenizers import Tokenizer
+
+from fuyao.kv_blocks import BlockStored, decode_batch
+from tests.support.engines import Daemon, http_json, kvcache, metric_total
+from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine
+
+pytestmark = pytest.mark.vllm
+
+CONTEXT = "You answer questions about rivers. Context: " + "floods and levees rain storm water " * 40
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Daemon]:
+    daemon = vllm_engine().start(timeout=240)
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_model() / "tokenizer.json"))
+
+
+def complete(daemon: Daemon, prompt: str, max_tokens: int = 2) -> dict[str, Any]:
+    return http_json(daemon.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens},
+                     timeout=60)  # type: ignore[no-any-return]
+
+
+def test_the_engine_tokenizes_as_the_model_directory_does(engine: Daemon) -> None:
+    assert [m["id"] for m in http_json(engine.url + "/v1/models")["data"]] == [MODEL]
+    for text in (CONTEXT, "Hello, world! 42", "floods"):
+        ids = http_json(engine.url + "/tokenize", {"model": MODEL, "prompt": text})["tokens"]
+        assert ids == tokenizer().encode(text).ids
+
+
+def test_its_kv_events_decode_and_carry_the_blocks_tokens(engine: Daemon) -> None:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(engine.events)  # type: ignore[attr-defined]
+    try:
+        stored: list[BlockStored] = []
+        deadline = time.monotonic() + 30
+        while not stored and time.monotonic() < deadline:  # the slow joiner: send until an event arrives
+            complete(engine, f"{time.monotonic()} {CONTEXT}")
+            while sub.poll(500):
+                batch = decode_batch(sub.recv_multipart()[2])
+                stored += [e for e in batch.events if isinstance(e, BlockStored)]
+        assert stored, "no BlockStored event from the engine"
+        event = stored[0]
+        assert event.block_size == BLOCK_SIZE and len(event.token_ids) == BLOCK_SIZE * len(event.block_hashes)
+        assert all(0 <= h < 2**64 for h in event.block_hashes)
+    finally:
+        sub.close(linger=0)
+
+
+def _lookup(service: Daemon, ids: list[int]) -> dict[str, int]:
+    return http_json(service.url + "/v1/lookup", {"token_ids": ids})["endpoints"]  # type: ignore[no-any-return]
+
+
+def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(tmp_path: Path) -> None:
+    engine = vllm_engine().start(timeout=240)
+    config = tmp_path / "kvcache.yaml"
+    config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
+    index = kvcache("--config", str(config), "--kv-events",
+                    f"{engine.url}={engine.events},{engine.replay}")  # type: ignore[attr-defined]
+    try:
+        index.start()
+        ids = tokenizer().encode(CONTEXT).ids
+        full = len(ids) // BLOCK_SIZE
+        deadline = time.monotonic() + 30
+        while _lookup(index, ids).get(engine.url) != full and time.monotonic() < deadline:
+            complete(engine, CONTEXT)  # the first may go out before the index's subscription is up
+            time.sleep(0.3)
+        assert _lookup(index, ids) == {engine.url: full}
+        # vLLM's own counters: the blocks are in its prefix cache
+        before = _metric(engine, "vllm:prefix_cache_hits_total")
+        complete(engine, CONTEXT + " And what about the levees?")
+        assert _metric(engine, "vllm:prefix_cache_hits_total") - before >= full * BLOCK_SIZE
+        # a prompt the engine never saw: nothing
+        assert _lookup(index, tokenizer().encode("Unrelated text " * 40).ids) == {}
+        # the engine restarts on the same ports: its blocks leave the index (its cache is empty)
+        where = engine.where  # type: ignore[attr-defined]
+        engine.close()
+        deadline = time.monotonic() + 10
+        while _lookup(index, ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _lookup(index, ids) == {}
+        engine = vllm_engine(**where).start(timeout=240)
+        other = tokenizer().encode("A second context about storms. " * 30).ids
+        deadline = time.monotonic() + 30
+        while _lookup(index, other).get(engine.url) != len(other) // BLOCK_SIZE and time.monotonic() < deadline:
+            complete(engine, "A second context about storms. " * 30)
+            time.sleep(0.3)
+        assert _lookup(index, other) == {engine.url: len(other) // BLOCK_SIZE}
+        assert _lookup(index, ids) == {}  # the old engine's blocks did not come back
+        endpoint = http_json(index.url + "/v1/endpoints")[engine.url]
+        assert endpoint["disconnects"] >= 1 and endpoint["connected"]
+    finally:
+        index.close()
+        engine.close()
+
+
+def _metric(daemon: Daemon, name: str) -> float:
+    return metric_total(daemon.get("/metrics")[1], name)
+
+
+def test_chat_and_streaming_against_the_real_server(engine: Daemon) -> None:
+    chat = http_json(engine.url + "/v1/chat/completions", {"model": MODEL, "max_tokens": 3, "messages": [
+        {"role": "user", "content": "Tell me about floods."}]}, timeout=60)
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] <= 3
+    rendered = http_json(engine.url + "/tokenize", {"model": MODEL, "messages": [
+        {"role": "user", "content": "Tell me about floods."}]})["tokens"]
+    template = tokenizer().encode("<|user|>\nTell me about floods.\n<|assistant|>\n", add_special_tokens=False).ids
+    assert rendered == template  # vLLM applies the model's chat template, without BOS for chat
