@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fuyao import tokenizer
+from fuyao import tokenization, tokenizer
 from fuyao.http_body import BodyError, read_json
 from fuyao.kv_blocks import block_hashes
 
@@ -59,8 +59,9 @@ class Faults:
 
 class EngineApi:
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, publisher: Any = None,
-                 fault_injection: bool = False):
+                 fault_injection: bool = False, tokenizer: tokenization.Tokenizer | None = None):
         self.engine = engine
+        self.tokenizer = tokenizer or tokenization.BuiltinTokenizer()
         self.model = engine.settings.model
         self.host, self.port = host, port
         self.publisher = publisher
@@ -95,11 +96,11 @@ class EngineApi:
         prompt = body.get("prompt")
         add_special = body.get("add_special_tokens", True) is not False
         if isinstance(prompt, str):
-            return [tokenizer.encode(prompt, add_special)]
+            return [self.tokenizer.encode(prompt, add_special)]
         prompts: list[list[int]] | None = None
         if isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                return [tokenizer.encode(p, add_special) for p in prompt]
+                return [self.tokenizer.encode(p, add_special) for p in prompt]
             if all(isinstance(p, list) and p for p in prompt):
                 prompts = [list(p) for p in prompt]
             elif not any(isinstance(p, list | str) for p in prompt):
@@ -109,21 +110,21 @@ class EngineApi:
                                 "of token-id arrays", param="prompt")
         for ids in prompts:
             try:
-                tokenizer.check_token_ids(ids, tokenizer.VOCAB_SIZE)
+                tokenizer.check_token_ids(ids, self.tokenizer.vocab_size)
             except tokenizer.TokenIdError as exc:
                 raise ApiError(400, str(exc), param="prompt") from None
         return prompts
 
-    @staticmethod
-    def _chat_ids(body: dict[str, Any]) -> list[int]:
+    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty array of message objects", param="messages")
         try:
-            text = tokenizer.render_chat(messages, body.get("add_generation_prompt", True) is not False)
+            return tokenization.chat_ids(self.tokenizer, messages,
+                                         body.get("add_generation_prompt", True) is not False,
+                                         body.get("add_special_tokens", False) is True)
         except tokenizer.ChatFormatError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        return tokenizer.encode(text, body.get("add_special_tokens", False) is True)
 
     def _check_length(self, ids: list[int], max_tokens: int) -> None:
         limit = self.engine.settings.max_model_len
@@ -227,14 +228,13 @@ class EngineApi:
         found = await remote.fetchable(hashes[local:])
         return (local + found) * pool.block_size if found else 0
 
-    @staticmethod
-    async def _collect(request: Request) -> str:
+    async def _collect(self, request: Request) -> str:
         tokens = []
         while (token := await request.tokens_out.get()) is not None:
             tokens.append(token)
         if request.error is not None:
             raise ApiError(500, f"the engine failed this request: {request.error}", "InternalServerError")
-        return tokenizer.decode(tokens)
+        return self.tokenizer.decode(tokens)
 
     @staticmethod
     def _usage(requests: list[Request]) -> dict[str, Any]:
@@ -260,7 +260,7 @@ class EngineApi:
                          "finish_reason": None}])
         for index, request in enumerate(requests):
             while (token := await request.tokens_out.get()) is not None:
-                text = tokenizer.decode([token])
+                text = self.tokenizer.decode([token])
                 if chat:
                     await send([{"index": index, "delta": {"content": text}, "logprobs": None,
                                  "finish_reason": None}])
@@ -309,10 +309,10 @@ class EngineApi:
         if not isinstance(tokens, list):
             raise ApiError(400, "tokens must be an array of token ids", param="tokens")
         try:
-            tokenizer.check_token_ids(tokens, tokenizer.VOCAB_SIZE)
+            tokenizer.check_token_ids(tokens, self.tokenizer.vocab_size)
         except tokenizer.TokenIdError as exc:
             raise ApiError(400, str(exc), param="tokens") from None
-        return _json({"prompt": tokenizer.decode(tokens)})
+        return _json({"prompt": self.tokenizer.decode(tokens)})
 
     async def render_completion(self, http: web.Request) -> web.Response:
         body = await self._body(http)

@@ -13,7 +13,7 @@ import socket
 import sys
 import uuid
 
-from fuyao import daemon
+from fuyao import daemon, tokenization
 from fuyao.kv_blocks import topic as kv_topic
 
 from .api import EngineApi
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-profile", help="YAML latency profile (step_base_ms, prefill_per_token_ms, ...)")
     p.add_argument("--time-scale", type=float, default=1.0, help="run the clock this many times faster")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
+    p.add_argument("--tokenizer", help="the served model's tokenizer: a model directory or tokenizer.json (HF "
+                   "tokenizers, with its chat template), as a real vLLM serving that model tokenizes; default: "
+                   "fuyao's builtin tokenizer")
     p.add_argument("--enable-fault-injection", action="store_true", help="serve POST/DELETE /fault (tests only)")
     return p
 
@@ -68,6 +71,11 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 async def serve(args: argparse.Namespace) -> int:
     profile = load_profile(args.latency_profile)
+    try:
+        tokenizer = tokenization.load(args.tokenizer)
+    except tokenization.TokenizerError as exc:
+        log.error("--tokenizer: %s", exc)
+        return 2
     settings = EngineSettings(model=args.model, block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, seed=args.seed, time_scale=args.time_scale,
@@ -86,13 +94,14 @@ async def serve(args: argparse.Namespace) -> int:
             return 1
         log.info("KV events on %s", publisher.endpoint, extra={"replay": publisher.replay_endpoint})
     metrics = EngineMetrics(args.model, args.block_size, args.num_gpu_blocks)
-    engine = Engine(settings, profile, metrics, publisher.publish if publisher else None)
+    engine = Engine(settings, profile, metrics, publisher.publish if publisher else None,
+                    output_ids=tokenizer.output_ids())
     if args.kv_remote:
         from .remote import RemoteTier
 
         engine.remote = RemoteTier(args.kv_remote, settings.block_size)
     engine.start()
-    api = EngineApi(engine, args.host, args.port, publisher, args.enable_fault_injection)
+    api = EngineApi(engine, args.host, args.port, publisher, args.enable_fault_injection, tokenizer)
 
     def started(host: str, port: int) -> None:
         api.port = port

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,8 +103,10 @@ class StepPlan:
 
 class Engine:
     def __init__(self, settings: EngineSettings, profile: LatencyProfile, metrics: Any = None,
-                 publish: Callable[[EventBatch], None] | None = None):
+                 publish: Callable[[EventBatch], None] | None = None,
+                 output_ids: Sequence[int] = tokenizer.OUTPUT_IDS):
         self.settings = settings
+        self.output_ids = tuple(output_ids)  # what it generates from (the tokenizer's ordinary word pieces)
         self.profile = profile
         self.metrics = metrics
         self.publish = publish
@@ -338,7 +340,7 @@ class Engine:
             self.pool.computed(request.allocation, tokens, request.computed)
             if request.computed < request.num_tokens:
                 continue  # a prefill chunk: no token yet
-            token = tokenizer.OUTPUT_IDS[request.rng.randrange(len(tokenizer.OUTPUT_IDS))]
+            token = self.output_ids[request.rng.randrange(len(self.output_ids))]
             request.output.append(token)
             if self.metrics is not None:
                 self.metrics.token(request, now)

@@ -103,3 +103,13 @@ def validated(model: type[M], data: Mapping[str, Any], camel_case: bool = True) 
         first = exc.errors()[0]
         field = ".".join((to_camel(p) if camel_case else p) if isinstance(p, str) else str(p) for p in first["loc"])
         raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
+
+
+def check_tokenizer_path(value: str | None) -> str | None:
+    """A tokenizer setting: ``None``/``"builtin"``, or a model directory holding ``tokenizer.json``, or that file."""
+    if value in (None, "", "builtin"):
+        return None
+    path = Path(value)
+    if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
+        raise ValueError(f"{value}: expected a model directory with tokenizer.json, or a tokenizer.json file")
+    return value

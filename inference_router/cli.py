@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "runs in the router, fed by --kv-events)")
     p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT=URL",
                    help="the KV event stream ENDPOINT (tcp://host:5557) belongs to the backend at URL (repeatable)")
+    p.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer: a model directory or "
+                   "tokenizer.json (kv_cache.tokenizer; default: fuyao's builtin, as the engine simulator's)")
     p.add_argument("--kubeconfig", help="for backend discovery (router.discovery.enabled)")
     return p
 
@@ -60,8 +62,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     pd: dict[str, Any] = {}
     if args.prefill or args.decode:
         pd = {"enabled": True, "prefill": args.prefill, "decode": args.decode}
-    config = with_overrides(config, router=router, kv_cache={"service": args.kvcache, "events": events},
-                            pd_separation=pd)
+    config = with_overrides(config, router=router, kv_cache={"service": args.kvcache, "events": events,
+                                                             "tokenizer": args.tokenizer}, pd_separation=pd)
     if args.kubeconfig:
         config = config.model_copy(update={"kubeconfig": args.kubeconfig})
     return config

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from fuyao import tokenizer
+from fuyao import tokenization
 from fuyao.kv_blocks import BlockStored, block_hashes
 from kvcache.index import KvIndex
 from kvcache.subscriber import Source, Subscriber
@@ -228,6 +228,7 @@ class PrefixSource:
 
     def __init__(self, settings: KvCacheSection, routed_blocks: int = 500_000, routed_ttl_s: float = 5.0):
         self.settings = settings
+        self.tokenizer = tokenization.load(settings.tokenizer)
         self.block_size = settings.block_size
         self.index = KvIndex(settings.block_size, settings.hash_seed)
         self.subscriber: Subscriber | None = None
@@ -254,19 +255,20 @@ class PrefixSource:
             self.subscriber.stop()
 
     # Prompts → blocks --------------------------------------------------------------------------------------------
-    @staticmethod
-    def token_ids(path: str, body: Mapping[str, Any]) -> list[int] | None:
-        """The prompt's token ids as the engines compute them (``fuyao.tokenizer``), or None."""
+    def token_ids(self, path: str, body: Mapping[str, Any]) -> list[int] | None:
+        """The prompt's token ids as the engines compute them (``kv_cache.tokenizer``), or None."""
         if path.endswith("chat/completions"):
             messages = body.get("messages")
             if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
-                return tokenizer.encode(tokenizer.render_chat(messages))
+                return tokenization.chat_ids(self.tokenizer, messages,
+                                             body.get("add_generation_prompt", True) is not False,
+                                             body.get("add_special_tokens", False) is True)
             return None
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True) is not False)
+            return self.tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True) is not False)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
         return None

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from fuyao import daemon
+from fuyao.config_files import check_tokenizer_path
 
 from .config import ConfigError, EndpointConfig, KvCacheConfig, build_config, load_config_file
 from .discovery import follow_pods
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-events", action="append", default=[], metavar="NAME=URL[,REPLAY_URL]",
                    help="follow the KV events at URL (tcp://host:5557) of the engine NAME (its HTTP URL); "
                         "repeatable")
+    p.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer for lookups by prompt (a model "
+                   "directory or tokenizer.json; kv_cache.tokenizer; default: fuyao's builtin)")
     return p
 
 
@@ -50,6 +53,12 @@ def config_from_args(args: argparse.Namespace) -> KvCacheConfig:
             extra.append(EndpointConfig(name=name, events=events, replay=replay or None))
         except ValueError as exc:
             raise ConfigError("kv-events", str(exc).splitlines()[-1]) from None
+    if args.tokenizer:
+        try:
+            config = config.model_copy(update={"kv_cache": config.kv_cache.model_copy(update={
+                "tokenizer": check_tokenizer_path(args.tokenizer)})})
+        except ValueError as exc:
+            raise ConfigError("tokenizer", str(exc)) from None
     if extra:
         events = config.kv_cache.events
         config = config.model_copy(update={"kv_cache": config.kv_cache.model_copy(update={

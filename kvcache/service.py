@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from fuyao import tokenizer
+from fuyao import tokenization, tokenizer
 from fuyao.http_body import BodyError, read_json
 
 from .config import KvCacheSection
@@ -49,6 +49,7 @@ MAX_HASH = 2**64  # block hashes are unsigned 64-bit integers
 class KvCacheService:
     def __init__(self, settings: KvCacheSection):
         self.settings = settings
+        self.tokenizer = tokenization.load(settings.tokenizer)
         self.index = KvIndex(settings.block_size, settings.hash_seed)
         self.tier = SharedTier(settings.size, settings.bytes_per_token * settings.block_size,
                                settings.eviction_policy, settings.ttl) if settings.size > 0 else None
@@ -61,27 +62,25 @@ class KvCacheService:
             return 0
         stored = 0
         for query in self.settings.warming.queries:
-            stored += self.tier.put(self.index.hashes(tokenizer.encode(query, add_special_tokens=True)))
+            stored += self.tier.put(self.index.hashes(self.tokenizer.encode(query, add_special_tokens=True)))
         log.info("warmed the shared tier with %d blocks from %d queries", stored, len(self.settings.warming.queries))
         return stored
 
     # Requests ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _token_ids(body: dict[str, Any]) -> list[int]:
+    def _token_ids(self, body: dict[str, Any]) -> list[int]:
         if isinstance(body.get("token_ids"), list):
             ids = body["token_ids"]
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
                 raise web.HTTPBadRequest(text="token_ids: expected an array of integers in 0..2^32-1")
             return ids
         if isinstance(body.get("prompt"), str):
-            return tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)
-                                    is not False)
+            return self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)
+                                         is not False)
         if isinstance(body.get("messages"), list):
             try:
-                tokenizer.check_chat(body["messages"])
+                return tokenization.chat_ids(self.tokenizer, body["messages"])
             except tokenizer.ChatFormatError as exc:
                 raise web.HTTPBadRequest(text=str(exc)) from None
-            return tokenizer.encode(tokenizer.render_chat(body["messages"]))
         raise web.HTTPBadRequest(text="expected token_ids, prompt (a string) or messages")
 
     def lookup(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Against a real vLLM (CPU build) serving the tiny generated model: its tokenizer is the model directory's, and the
-KV index — keyed by content — finds the blocks it reports in its own events (hashes of its own algorithm, above
-2^63, with fields our decoder does not list), drops them when the engine restarts, and vLLM's own counters prove
-the blocks were cached. Marker ``vllm``: ``hack/test.sh`` builds the cached venv (``hack/build-vllm.sh``) first."""
+"""Against real vLLM engines (CPU build) serving the tiny generated model: their tokenizer is the model directory's
+(fuyao's HF tokenizer and the simulator with ``--tokenizer`` tokenize as they do, chat template included); the KV
+index — keyed by content — finds the blocks they report in their own events (hashes of their own algorithm, above
+2^63, with fields our decoder does not list) and drops them when an engine restarts; through the router, a context
+that only an engine's events reveal goes back to that engine, and vLLM's own counters prove the hits. Marker
+``vllm``: ``hack/test.sh`` builds the cached venv (``hack/build-vllm.sh``) first. Two engines run at once (~9 GB)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import pytest
 import zmq
 from tokenizers import Tokenizer
 
+from fuyao import tokenization
 from fuyao.kv_blocks import BlockStored, decode_batch
-from tests.support.engines import Daemon, http_json, kvcache, metric_total
+from tests.support.engines import Daemon, http_json, kvcache, metric_total, router
+from tests.support.engines import engine as sim_engine
 from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine
 
 pytestmark = pytest.mark.vllm
@@ -24,12 +28,20 @@ CONTEXT = "You answer questions about rivers. Context: " + "floods and levees ra
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Daemon]:
-    daemon = vllm_engine().start(timeout=240)
+def pair() -> Iterator[list[Daemon]]:
+    engines = [vllm_engine() for _ in range(2)]
     try:
-        yield daemon
+        for daemon in engines:
+            daemon.start(timeout=240)
+        yield engines
     finally:
-        daemon.close()
+        for daemon in engines:
+            daemon.close()
+
+
+@pytest.fixture(scope="module")
+def engine(pair: list[Daemon]) -> Daemon:
+    return pair[0]
 
 
 def tokenizer() -> Tokenizer:
@@ -72,8 +84,82 @@ def _lookup(service: Daemon, ids: list[int]) -> dict[str, int]:
     return http_json(service.url + "/v1/lookup", {"token_ids": ids})["endpoints"]  # type: ignore[no-any-return]
 
 
-def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(tmp_path: Path) -> None:
-    engine = vllm_engine().start(timeout=240)
+def _metric(daemon: Daemon, name: str) -> float:
+    return metric_total(daemon.get("/metrics")[1], name)
+
+
+def test_chat_and_streaming_against_the_real_server(engine: Daemon) -> None:
+    chat = http_json(engine.url + "/v1/chat/completions", {"model": MODEL, "max_tokens": 3, "messages": [
+        {"role": "user", "content": "Tell me about floods."}]}, timeout=60)
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] <= 3
+    rendered = http_json(engine.url + "/tokenize", {"model": MODEL, "messages": [
+        {"role": "user", "content": "Tell me about floods."}]})["tokens"]
+    template = tokenizer().encode("<|user|>\nTell me about floods.\n<|assistant|>\n", add_special_tokens=False).ids
+    assert rendered == template  # vLLM applies the model's chat template, without BOS for chat
+
+
+def test_fuyao_and_the_simulator_tokenize_as_the_engine(engine: Daemon) -> None:
+    """The router's and the KV index's tokenizer (``--tokenizer`` the model directory), and the simulator started
+    with it, give the engine's own ids for completions and chats (its chat template, no BOS for chat)."""
+    hf = tokenization.load(str(tiny_model()))
+    sim = sim_engine("--tokenizer", str(tiny_model()), "--model", MODEL).start()
+    try:
+        chats = [[{"role": "user", "content": "Tell me about floods."}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+                     {"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]]
+        for messages in chats:
+            real = http_json(engine.url + "/tokenize", {"model": MODEL, "messages": messages})["tokens"]
+            assert tokenization.chat_ids(hf, messages) == real
+            assert http_json(sim.url + "/tokenize", {"model": MODEL, "messages": messages})["tokens"] == real
+        real = http_json(engine.url + "/tokenize", {"model": MODEL, "prompt": CONTEXT})["tokens"]
+        assert hf.encode(CONTEXT) == real
+        assert http_json(sim.url + "/tokenize", {"model": MODEL, "prompt": CONTEXT})["tokens"] == real
+    finally:
+        sim.close()
+
+
+def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: list[Daemon],
+                                                                          tmp_path: Path) -> None:
+    """Each engine gets a context straight (the router never saw it: only the engines' events reveal where it is);
+    then follow-ups through the prefix-aware router land on the engine holding their context, and that engine's
+    ``vllm:prefix_cache_hits_total`` grows by the context's blocks."""
+    config = tmp_path / "router.yaml"
+    config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
+    front = router("--config", str(config), "--tokenizer", str(tiny_model()), "--strategy", "prefix-aware",
+                   *[a for e in pair for a in ("--backend", e.url, "--kv-events", f"{e.events}={e.url}")])  # type: ignore[attr-defined]
+    contexts = [f"Context {name}: " + f"{name} floods, levees and rain storms by the river. " * 25
+                for name in ("north", "south")]
+    try:
+        front.start()
+        time.sleep(1.0)  # the router's subscriptions connect (a ZMQ subscriber misses what comes before)
+        for engine, context in zip(pair, contexts, strict=True):
+            complete(engine, context)
+        time.sleep(1.0)
+        for _ in range(2):  # twice each, crossing: a router guessing by load or turn would miss half
+            for engine, context in zip(pair, contexts, strict=True):
+                before = {e.url: _metric(e, "vllm:prefix_cache_hits_total") for e in pair}
+                sent = {e.url: metric_total(front.get("/metrics")[1], "inference_backend_requests_total",
+                                            backend=e.url) for e in pair}
+                status, body = _post(front, {"model": MODEL, "prompt": context + " What about the dams?",
+                                             "max_tokens": 2})
+                assert status == 200, body
+                after = {e.url: metric_total(front.get("/metrics")[1], "inference_backend_requests_total",
+                                             backend=e.url) for e in pair}
+                assert {u: after[u] - sent[u] for u in after} == {e.url: float(e is engine) for e in pair}
+                full = len(tokenizer().encode(context).ids) // BLOCK_SIZE
+                assert _metric(engine, "vllm:prefix_cache_hits_total") - before[engine.url] >= full * BLOCK_SIZE
+    finally:
+        front.close()
+
+
+def _post(daemon: Daemon, body: dict[str, Any]) -> tuple[int, Any]:
+    return daemon.post("/v1/completions", body)
+
+
+def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(pair: list[Daemon],
+                                                                                 tmp_path: Path) -> None:
+    """Last in the module: it restarts the second engine (where it was)."""
+    engine = pair[1]
     config = tmp_path / "kvcache.yaml"
     config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
     index = kvcache("--config", str(config), "--kv-events",
@@ -100,7 +186,7 @@ def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(t
         while _lookup(index, ids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _lookup(index, ids) == {}
-        engine = vllm_engine(**where).start(timeout=240)
+        engine = pair[1] = vllm_engine(**where).start(timeout=240)
         other = tokenizer().encode("A second context about storms. " * 30).ids
         deadline = time.monotonic() + 30
         while _lookup(index, other).get(engine.url) != len(other) // BLOCK_SIZE and time.monotonic() < deadline:
@@ -112,18 +198,3 @@ def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(t
         assert endpoint["disconnects"] >= 1 and endpoint["connected"]
     finally:
         index.close()
-        engine.close()
-
-
-def _metric(daemon: Daemon, name: str) -> float:
-    return metric_total(daemon.get("/metrics")[1], name)
-
-
-def test_chat_and_streaming_against_the_real_server(engine: Daemon) -> None:
-    chat = http_json(engine.url + "/v1/chat/completions", {"model": MODEL, "max_tokens": 3, "messages": [
-        {"role": "user", "content": "Tell me about floods."}]}, timeout=60)
-    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] <= 3
-    rendered = http_json(engine.url + "/tokenize", {"model": MODEL, "messages": [
-        {"role": "user", "content": "Tell me about floods."}]})["tokens"]
-    template = tokenizer().encode("<|user|>\nTell me about floods.\n<|assistant|>\n", add_special_tokens=False).ids
-    assert rendered == template  # vLLM applies the model's chat template, without BOS for chat
