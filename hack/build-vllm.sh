@@ -21,7 +21,15 @@ STAMP="$VENV/.fuyao-vllm-$VLLM_VERSION"
 LOG="$CACHE/logs/build-vllm.log"
 mkdir -p "$CACHE/logs" "$CACHE/wheels"
 
+# Optional packages vLLM uses when asked: xxhash for --prefix-caching-hash-algo xxhash / xxhash_cbor.
+EXTRAS=(xxhash)
+ensure_extras() {
+  "$VENV/bin/python" -c 'import xxhash' 2>/dev/null ||
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${EXTRAS[@]}" >>"$LOG" 2>&1
+}
+
 if [ -f "$STAMP" ] && "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' 2>/dev/null; then
+  ensure_extras
   echo "$VENV/bin/python"
   exit 0
 fi
@@ -80,6 +88,7 @@ echo "    torch: $(grep '^torch' "$CACHE/wheels/vllm-requirements.txt")" >&2
 "${PIP[@]}" install -q -r "$CACHE/wheels/vllm-requirements.txt" >>"$LOG" 2>&1 || {
   echo "pip could not install vLLM's requirements; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
 "${PIP[@]}" install -q --no-deps "$WHEEL" >>"$LOG" 2>&1
+ensure_extras
 "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >>"$LOG" 2>&1 || {
   echo "vLLM does not import; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
 touch "$STAMP"
