@@ -22,7 +22,6 @@ from aiohttp import web
 
 from fuyao import tokenization, tokenizer
 from fuyao.http_body import BodyError, read_json
-from fuyao.kv_blocks import block_hashes
 
 from .engine import Engine, EngineDead, Request
 
@@ -221,7 +220,7 @@ class EngineApi:
         if remote is None:
             return 0
         pool = self.engine.pool
-        hashes = block_hashes(ids, pool.block_size, pool.seed, limit=(len(ids) - 1) // pool.block_size)
+        hashes = pool.hashes(ids, limit=(len(ids) - 1) // pool.block_size)
         local = len(pool.cached_prefix(hashes))
         if local >= len(hashes):
             return 0

@@ -15,6 +15,7 @@ import uuid
 
 from fuyao import daemon, tokenization
 from fuyao.kv_blocks import topic as kv_topic
+from fuyao.vllm_hashing import ALGORITHMS
 
 from .api import EngineApi
 from .engine import Engine, EngineSettings
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the served model's tokenizer: a model directory or tokenizer.json (HF "
                    "tokenizers, with its chat template), as a real vLLM serving that model tokenizes; default: "
                    "fuyao's builtin tokenizer")
+    p.add_argument("--prefix-caching-hash-algo", choices=["builtin", *ALGORITHMS], default="builtin",
+                   help="block hashes: fuyao's chain (seeded by --seed; fast) or vLLM's own (sha256 is vLLM's default; "
+                        "seeded by PYTHONHASHSEED as vLLM is)")
     p.add_argument("--enable-fault-injection", action="store_true", help="serve POST/DELETE /fault (tests only)")
     return p
 
@@ -80,7 +84,7 @@ async def serve(args: argparse.Namespace) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               max_model_len=args.max_model_len, seed=args.seed, time_scale=args.time_scale,
                               default_max_tokens=args.default_max_tokens, role=args.role,
-                              engine_id=str(uuid.uuid4()))
+                              engine_id=str(uuid.uuid4()), hash_algo=args.prefix_caching_hash_algo)
     publisher = None
     if args.kv_events_endpoint:
         from .events import KvEventPublisher

@@ -32,7 +32,7 @@ import xxhash
 from fuyao import tokenizer
 from fuyao.kv_blocks import BlockStored, EventBatch, KvEvent
 
-from .kv import Allocation, BlockPool
+from .kv import Allocation, BlockPool, VllmChain
 from .profile import LatencyProfile
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class EngineSettings:
     default_max_tokens: int = 256
     role: str = "both"  # prefill | decode | both
     engine_id: str = ""
+    hash_algo: str = "builtin"  # builtin (fuyao.kv_blocks, seeded by seed) | one of vLLM's (fuyao.vllm_hashing)
 
 
 @dataclass(eq=False)
@@ -110,7 +111,8 @@ class Engine:
         self.profile = profile
         self.metrics = metrics
         self.publish = publish
-        self.pool = BlockPool(settings.num_gpu_blocks, settings.block_size, settings.seed)
+        chain = VllmChain(settings.block_size, settings.hash_algo) if settings.hash_algo != "builtin" else None
+        self.pool = BlockPool(settings.num_gpu_blocks, settings.block_size, settings.seed, chain)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.slowdown = 1.0  # fault injection: every step takes this many times longer

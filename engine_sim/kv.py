@@ -11,9 +11,51 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fuyao.kv_blocks import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
+from fuyao.vllm_hashing import VllmHasher, external
+
+
+class Chain(Protocol):
+    """How blocks are hashed: ``states`` continues a chain over the full blocks of ``tokens`` from ``parent`` (a
+    state, or None for the first block); ``key`` is what the cache is keyed by and events carry."""
+
+    def states(self, tokens: Sequence[int], parent: Any, limit: int | None = None) -> list[Any]: ...
+
+    def key(self, state: Any) -> int: ...
+
+
+class BuiltinChain:
+    """fuyao's chain (``fuyao.kv_blocks``): the state is the key."""
+
+    def __init__(self, block_size: int, seed: int = 0):
+        self.block_size, self.seed = block_size, seed
+
+    def states(self, tokens: Sequence[int], parent: Any, limit: int | None = None) -> list[Any]:
+        return block_hashes(tokens, self.block_size, self.seed, parent=parent, limit=limit)  # type: ignore[return-value]
+
+    @staticmethod
+    def key(state: Any) -> int:
+        return state  # type: ignore[no-any-return]
+
+
+class VllmChain:
+    """vLLM's own (``fuyao.vllm_hashing``, ``--prefix-caching-hash-algo``): the state is the full digest, the key
+    and the events its low 64 bits, as vLLM's."""
+
+    def __init__(self, block_size: int, algo: str = "sha256", seed: str | None = None):
+        self.block_size = block_size
+        self.hasher = VllmHasher(algo, seed)
+
+    def states(self, tokens: Sequence[int], parent: Any, limit: int | None = None) -> list[Any]:
+        return self.hasher.block_hashes(tokens, self.block_size, parent=parent, limit=limit)  # type: ignore[return-value]
+
+    @staticmethod
+    def key(state: Any) -> int:
+        return external(state)
 
 
 @dataclass(eq=False)
@@ -29,13 +71,14 @@ class Allocation:
 
     blocks: list[Block] = field(default_factory=list)
     hashed: int = 0  # leading blocks that carry their hash (cached or duplicates of cached ones)
-    parent: int | None = None  # hash of the last hashed block
+    parent: Any = None  # the chain state of the last hashed block (see :class:`Chain`)
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0, chain: Chain | None = None):
         self.block_size = block_size
         self.seed = seed
+        self.chain: Chain = chain or BuiltinChain(block_size, seed)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in self.blocks)  # LRU first
         self.cached: dict[int, Block] = {}
@@ -69,11 +112,11 @@ class BlockPool:
     def start(self, prompt: list[int], count_query: bool = True) -> tuple[Allocation, int]:
         """Reuse the prompt's longest cached prefix; returns the allocation and the number of cached tokens (never
         the whole prompt: the last token is always computed, as in vLLM)."""
-        hashes = block_hashes(prompt, self.block_size, self.seed, limit=(len(prompt) - 1) // self.block_size)
-        hit = self.cached_prefix(hashes)
+        states = self.chain.states(prompt, None, limit=(len(prompt) - 1) // self.block_size)
+        hit = self.cached_prefix([self.chain.key(s) for s in states])
         for block in hit:
             self._take(block)
-        allocation = Allocation(blocks=list(hit), hashed=len(hit), parent=hit[-1].hash if hit else None)
+        allocation = Allocation(blocks=list(hit), hashed=len(hit), parent=states[len(hit) - 1] if hit else None)
         cached_tokens = len(hit) * self.block_size
         if count_query:
             self.queries += len(prompt)
@@ -100,13 +143,13 @@ class BlockPool:
         if full <= allocation.hashed:
             return
         start = allocation.hashed * self.block_size
-        new = block_hashes(tokens[start: full * self.block_size], self.block_size, self.seed,
-                           parent=allocation.parent)
+        new = self.chain.states(tokens[start: full * self.block_size], allocation.parent)
         stored_hashes: list[int] = []
         stored_tokens: list[int] = []
-        parent = allocation.parent
+        parent = self.chain.key(allocation.parent) if allocation.parent is not None else None
         first_parent = parent
-        for offset, h in enumerate(new):
+        for offset, state in enumerate(new):
+            h = self.chain.key(state)
             index = allocation.hashed + offset
             block = allocation.blocks[index]
             existing = self.cached.get(h)
@@ -118,13 +161,22 @@ class BlockPool:
                 stored_hashes.append(h)
                 stored_tokens.extend(tokens[index * self.block_size:(index + 1) * self.block_size])
             elif stored_hashes:  # a gap in what is new: publish the run so far
-                self.events.append(BlockStored(stored_hashes, first_parent, stored_tokens, self.block_size))
+                self.events.append(self._stored(stored_hashes, first_parent, stored_tokens))
                 stored_hashes, stored_tokens = [], []
             parent = h
         if stored_hashes:
-            self.events.append(BlockStored(stored_hashes, first_parent, stored_tokens, self.block_size))
+            self.events.append(self._stored(stored_hashes, first_parent, stored_tokens))
         allocation.hashed = full
-        allocation.parent = parent
+        allocation.parent = new[-1]
+
+    def _stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> BlockStored:
+        """The event as vLLM 0.32 writes it (one KV cache group of full attention, no extra keys)."""
+        return BlockStored(hashes, parent, tokens, self.block_size, extra_keys=[None] * len(hashes), group_idx=0,
+                           kv_cache_spec_kind="full_attention")
+
+    def hashes(self, tokens: Sequence[int], limit: int | None = None) -> list[int]:
+        """The cache keys of the full blocks of ``tokens`` (at most ``limit``)."""
+        return [self.chain.key(s) for s in self.chain.states(tokens, None, limit=limit)]
 
     def release(self, allocation: Allocation) -> None:
         """The request is done (or preempted): its blocks go back to the free queue, tail first."""

@@ -132,6 +132,9 @@ class BlockStored:
     lora_id: int | None = None
     medium: str | None = MEDIUM_GPU
     lora_name: str | None = None
+    extra_keys: list[Any] | None = None  # per block (vLLM 0.32: LoRA, multimodal and cache-salt keys, or None)
+    group_idx: int | None = None  # the KV cache group (vLLM 0.32)
+    kv_cache_spec_kind: str | None = None  # e.g. "full_attention" (vLLM 0.32)
 
 
 @dataclass(frozen=True)
@@ -157,19 +160,24 @@ class EventBatch:
 
 _FIELDS: dict[str, tuple[str, ...]] = {
     "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
-                    "lora_name"),
+                    "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind"),
     "BlockRemoved": ("block_hashes", "medium"),
     "AllBlocksCleared": (),
 }
 _TYPES = {"BlockStored": BlockStored, "BlockRemoved": BlockRemoved, "AllBlocksCleared": AllBlocksCleared}
 
 
+_NEWER = ("extra_keys", "group_idx", "kv_cache_spec_kind")
+"""Fields vLLM 0.32 added to BlockStored: written when set (never in the older ``array`` envelope)."""
+
+
 def _event_value(event: KvEvent, fmt: EventFormat) -> Any:
     name = type(event).__name__
-    values = [getattr(event, f) for f in _FIELDS[name]]
+    fields = [f for f in _FIELDS[name] if f not in _NEWER or (fmt != "array" and getattr(event, f) is not None)]
+    values = [getattr(event, f) for f in fields]
     if fmt == "array":
         return [name, *values]
-    return {"type": name, **dict(zip(_FIELDS[name], values, strict=True))}
+    return {"type": name, **dict(zip(fields, values, strict=True))}
 
 
 def encode_batch(batch: EventBatch, fmt: EventFormat = "release") -> bytes:

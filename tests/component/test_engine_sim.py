@@ -151,7 +151,8 @@ def test_kv_events_on_the_wire_and_replay(sim: Daemon) -> None:
         ts, events, rank = msgpack.unpackb(payload, raw=False)  # vLLM's release envelope
         stored = next(e for e in events if e["type"] == "BlockStored")
         assert set(stored) == {"type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
-                               "medium", "lora_name"}
+                               "medium", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind"}  # vLLM 0.32's
+        assert stored["extra_keys"] == [None] * len(stored["block_hashes"]) and stored["group_idx"] == 0
         assert stored["block_size"] == 16 and stored["medium"] == "GPU" and rank == 0 and ts > 0
         assert len(stored["token_ids"]) == 16 * len(stored["block_hashes"])
         assert all(isinstance(h, int) and h >= 0 for h in stored["block_hashes"])

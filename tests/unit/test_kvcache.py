@@ -35,7 +35,8 @@ def test_prefix_cache_hits_and_events() -> None:
     prompt = list(range(100, 110))  # 2 full blocks + 2 tokens
     assert run(pool, prompt) == 0
     stored = pool.take_events()
-    assert stored == [BlockStored(block_hashes(prompt, 4), None, prompt[:8], 4)]
+    assert stored == [BlockStored(block_hashes(prompt, 4), None, prompt[:8], 4, extra_keys=[None, None], group_idx=0,
+                                  kv_cache_spec_kind="full_attention")]  # as vLLM 0.32 writes it
     assert run(pool, prompt) == 8  # both full blocks reused
     assert run(pool, [*prompt[:8], 1, 2, 3]) == 8  # a different tail: the shared blocks still hit
     assert run(pool, prompt[:8]) == 4  # the last token is always computed: 7 of 8 tokens → one block

@@ -7,6 +7,7 @@ that only an engine's events reveal goes back to that engine, and vLLM's own cou
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from fuyao import tokenization
@@ -154,6 +156,50 @@ def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: 
 
 def _post(daemon: Daemon, body: dict[str, Any]) -> tuple[int, Any]:
     return daemon.post("/v1/completions", body)
+
+
+def _first_stored(daemon: Daemon, events: str, prompt: str) -> dict[str, Any]:
+    """The raw map of the first BlockStored the engine publishes for ``prompt`` (sent until the subscription is up)."""
+    import msgpack
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(events)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            complete(daemon, prompt)
+            while sub.poll(500):
+                body = msgpack.unpackb(sub.recv_multipart()[2], raw=False, strict_map_key=False)
+                stored = [e for e in body[1] if isinstance(e, dict) and e.get("type") == "BlockStored"]
+                if stored:
+                    return stored[0]  # type: ignore[no-any-return]
+            prompt = "Again. " + prompt  # a cached prompt publishes nothing new
+        raise AssertionError("no BlockStored event")
+    finally:
+        sub.close(linger=0)
+
+
+def test_the_simulator_is_faithful_to_the_engine(engine: Daemon) -> None:
+    """Same model directory, vLLM's hashing (sha256, the default seed): the simulator's tokens, block hashes,
+    event fields and metric names are the engine's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    sim = sim_engine("--tokenizer", str(tiny_model()), "--model", MODEL, "--block-size", str(BLOCK_SIZE),
+                     "--prefix-caching-hash-algo", "sha256", events=True)
+    sim.env = env
+    sim.start()
+    try:
+        prompt = "Compare these engines. " + CONTEXT
+        real, simulated = _first_stored(engine, engine.events, prompt), _first_stored(sim, sim.events, prompt)  # type: ignore[attr-defined]
+        assert set(simulated) == set(real)  # the same fields, vLLM 0.32's
+        for key in ("block_hashes", "parent_block_hash", "token_ids", "block_size", "extra_keys", "group_idx",
+                    "kv_cache_spec_kind", "medium"):
+            assert simulated[key] == real[key], key
+        real_names = {f.name for f in text_string_to_metric_families(engine.get("/metrics")[1])}
+        sim_names = {f.name for f in text_string_to_metric_families(sim.get("/metrics")[1])}
+        assert {n for n in sim_names if n.startswith("vllm:")} <= real_names  # every vllm: metric it has is real
+    finally:
+        sim.close()
 
 
 def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(pair: list[Daemon],
