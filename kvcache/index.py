@@ -28,7 +28,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fuyao.kv_blocks import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
+import xxhash
+
+from fuyao.kv_blocks import HASH_MASK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
 
 
 @dataclass
@@ -119,6 +121,12 @@ class KvIndex:
                 state.skipped += len(engine)
                 return []
         size = self.block_size
+        keys = event.extra_keys or []
+        if event.lora_name is not None or event.lora_id is not None or any(k is not None for k in keys):
+            ours = self._salted(event, parent)  # LoRA / multimodal / cache-salt blocks: kept apart, as in vLLM
+            for theirs, mine in zip(engine, ours, strict=True):
+                state.ours[theirs] = mine
+            return ours
         first = block_hashes(tokens[:size], size, self.seed, parent=parent)[0]
         if first == engine[0]:
             ours = list(engine)  # this engine hashes as the index does (checked on every event's first block)
@@ -128,6 +136,21 @@ class KvIndex:
         for theirs, mine in zip(engine, ours, strict=True):
             state.ours[theirs] = mine
         return ours
+
+    def _salted(self, event: BlockStored, parent: int | None) -> list[int]:
+        """The chain with each block's extra keys (and the LoRA adapter) mixed in, so such blocks never match the
+        same tokens without them — vLLM keeps them apart the same way (its hash covers the extra keys)."""
+        size, keys = self.block_size, list(event.extra_keys or [])
+        keys += [None] * (len(event.block_hashes) - len(keys))
+        lora = (event.lora_id, event.lora_name)
+        out: list[int] = []
+        for i, extra in enumerate(keys[: len(event.block_hashes)]):
+            h = block_hashes(event.token_ids[i * size:(i + 1) * size], size, self.seed, parent=parent)[0]
+            if extra is not None or lora != (None, None):
+                h = (h ^ xxhash.xxh64_intdigest(repr((extra, lora)).encode())) & HASH_MASK
+            out.append(h)
+            parent = h
+        return out
 
     @staticmethod
     def _forget(state: EndpointState, engine: Iterable[int]) -> list[int]:

@@ -61,5 +61,6 @@ def vllm_engine(*extra: str, hash_algo: str | None = None, env: dict[str, str] |
                     env=environment, log_args=(), group=True)
     daemon.events = events  # type: ignore[attr-defined]
     daemon.replay = f"tcp://127.0.0.1:{replay_port}"  # type: ignore[attr-defined]
-    daemon.where = {"port": port, "events": events, "replay_port": replay_port}  # type: ignore[attr-defined]
+    daemon.where = {"port": port, "events": events, "replay_port": replay_port,  # type: ignore[attr-defined]
+                    "hash_algo": hash_algo}
     return daemon

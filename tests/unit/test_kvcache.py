@@ -132,6 +132,21 @@ def test_blocks_of_another_size_or_with_an_unknown_parent_are_skipped_not_guesse
     assert index.lookup(TOKENS[0]) == {"b": 5}
 
 
+def test_lora_and_extra_key_blocks_are_kept_apart_from_plain_ones() -> None:
+    """As in vLLM (its block hash covers LoRA, multimodal and cache-salt keys): the same tokens stored under a LoRA
+    adapter or a cache salt are not hits for a plain prompt; their chain's children are not either."""
+    index = KvIndex(block_size=4)
+    tokens = TOKENS[0][:16]
+    index.apply("lora", [BlockStored([1, 2, 3, 4], None, tokens, 4, lora_id=7, lora_name="adapter")])
+    index.apply("salt", [BlockStored([5, 6, 7, 8], None, tokens, 4, extra_keys=[("cache_salt", "s"), None, None,
+                                                                                   None])])
+    index.apply("plain", [BlockStored([9, 10, 11, 12], None, tokens, 4, extra_keys=[None] * 4)])
+    assert index.lookup(tokens) == {"plain": 4}
+    index.apply("salt", [BlockRemoved([5, 6, 7, 8])])
+    index.apply("lora", [BlockRemoved([1, 2, 3, 4])])
+    assert index.endpoints["salt"].hashes == index.endpoints["lora"].hashes == set() and len(index) == 4
+
+
 def test_lookup_by_tokens_and_model() -> None:
     index = KvIndex(block_size=4)
     prompt = list(range(50))

@@ -31,7 +31,9 @@ CONTEXT = "You answer questions about rivers. Context: " + "floods and levees ra
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[list[Daemon]]:
-    engines = [vllm_engine() for _ in range(2)]
+    """Two engines hashing differently, PYTHONHASHSEED unset: sha256 (vLLM's default, a fixed seed) and xxhash (a
+    random seed per process) — the same tokens get unrelated hashes on the two, and again after a restart."""
+    engines = [vllm_engine(), vllm_engine(hash_algo="xxhash")]
     try:
         for daemon in engines:
             daemon.start(timeout=240)
@@ -200,6 +202,15 @@ def test_the_simulator_is_faithful_to_the_engine(engine: Daemon) -> None:
         assert {n for n in sim_names if n.startswith("vllm:")} <= real_names  # every vllm: metric it has is real
     finally:
         sim.close()
+
+
+def test_the_two_engines_hash_the_same_tokens_differently(pair: list[Daemon]) -> None:
+    """What the routing test relies on being hard: sha256 and xxhash engines report unrelated hashes for the same
+    blocks (so only content can match them)."""
+    prompt = "Same tokens on both engines. " + CONTEXT
+    first, second = (_first_stored(e, e.events, prompt) for e in pair)  # type: ignore[attr-defined]
+    assert first["token_ids"] == second["token_ids"] and first["block_size"] == second["block_size"] == BLOCK_SIZE
+    assert not set(first["block_hashes"]) & set(second["block_hashes"])
 
 
 def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(pair: list[Daemon],
