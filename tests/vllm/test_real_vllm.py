@@ -7,6 +7,7 @@ that only an engine's events reveal goes back to that engine, and vLLM's own cou
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -211,6 +212,32 @@ def test_the_two_engines_hash_the_same_tokens_differently(pair: list[Daemon]) ->
     first, second = (_first_stored(e, e.events, prompt) for e in pair)  # type: ignore[attr-defined]
     assert first["token_ids"] == second["token_ids"] and first["block_size"] == second["block_size"] == BLOCK_SIZE
     assert not set(first["block_hashes"]) & set(second["block_hashes"])
+
+
+def test_the_router_in_front_of_the_real_server(pair: list[Daemon]) -> None:
+    """Models, streaming and errors through the router, as the engine answers them."""
+    engine = pair[0]
+    front = router("--backend", engine.url, "--tokenizer", str(tiny_model()), "--strategy", "least-connections")
+    try:
+        front.start()
+        assert [m["id"] for m in json.loads(front.get("/v1/models")[1])["data"]] == [MODEL]
+        status, raw = front.request("POST", "/v1/completions", {"model": MODEL, "prompt": CONTEXT, "max_tokens": 4,
+                                                               "stream": True, "ignore_eos": True})
+        events = [line for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])  # text came, chunk by chunk
+        status, body = front.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "user", "content": "Hello"}]})
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+        status, body = front.post("/v1/completions", {"model": "no-such-model", "prompt": "x", "max_tokens": 2})
+        assert status == 404 and "no-such-model" in body["error"]["message"]  # the engine's answer, passed on
+        status, body = front.post("/v1/completions", {"model": MODEL, "prompt": [5, 99999], "max_tokens": 2})
+        assert status == 400 and "99999" in body["error"]["message"]  # out of the model's vocabulary
+        status, body = front.post("/v1/completions", {"model": MODEL, "prompt": CONTEXT * 20, "max_tokens": 2})
+        assert status == 400  # longer than --max-model-len
+        assert json.loads(front.get("/debug/backends")[1])[engine.url]["circuit"] == "closed"
+    finally:
+        front.close()
 
 
 def test_the_index_finds_its_blocks_by_content_and_drops_them_when_it_restarts(pair: list[Daemon],
