@@ -27,6 +27,8 @@ from .config import KvCacheSection, RouterSection
 log = logging.getLogger(__name__)
 
 Role = Literal["both", "prefill", "decode"]
+MODELS_INTERVAL_S = 30.0
+"""How often a healthy backend's /v1/models is read again (a pod can be re-pointed at another model)."""
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
            "vllm:kv_cache_usage_perc": "kv_usage", "vllm:gpu_cache_usage_perc": "kv_usage"}
 _NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
@@ -50,6 +52,12 @@ class Backend:
     health_path: str = "/health"
     health_interval: float = 5.0
     checked_at: float = 0.0
+    models: frozenset[str] = frozenset()  # what it serves (its /v1/models); empty until known
+    models_at: float = 0.0
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for ``model`` may go here: any model when none is named or its list is not known."""
+        return model is None or not self.models or model in self.models
 
     def candidate(self, prefix_blocks: int = 0, cached_blocks: int = 0) -> Candidate:
         occupancy = min(1.0, cached_blocks / self.num_blocks) if self.num_blocks else 0.0
@@ -162,16 +170,21 @@ class Fleet:
             backend.health_interval = found.health_interval if found else self.settings.health_check.interval
             backend.node = found.node if found else None
 
-    def pool(self, role: Role, exclude: Sequence[str] = (), now: float | None = None) -> list[Backend]:
-        """Backends that can take a request of ``role`` now (healthy, circuit not open). Dedicated backends first:
-        prefill work goes to prefill engines when there are any (else to "both" engines), plain requests to "both"
-        engines when there are any (else to any)."""
+    def pool(self, role: Role, exclude: Sequence[str] = (), now: float | None = None,
+             model: str | None = None) -> list[Backend]:
+        """Backends that can take a request of ``role`` for ``model`` now (serving it, healthy, circuit not open).
+        Dedicated backends first: prefill work goes to prefill engines when there are any (else to "both" engines),
+        plain requests to "both" engines when there are any (else to any)."""
         now = time.monotonic() if now is None else now
-        members = [b for b in self.backends.values() if b.role == role]
+        candidates = [b for b in self.backends.values() if b.serves(model)]
+        members = [b for b in candidates if b.role == role]
         if not members:
-            members = [b for b in self.backends.values() if b.role == "both"] if role != "both" \
-                else list(self.backends.values())
+            members = [b for b in candidates if b.role == "both"] if role != "both" else candidates
         return [b for b in members if b.url not in exclude and b.healthy and b.breaker.allows(now)]
+
+    def known_models(self) -> set[str]:
+        """Every model a backend says it serves."""
+        return set().union(*(b.models for b in self.backends.values()))
 
     # Checks ------------------------------------------------------------------------------------------------------
     async def watch(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
@@ -205,6 +218,24 @@ class Fleet:
         backend.healthy = healthy
         if healthy and backend.breaker.state == "open":
             backend.breaker.opened_at = 0.0  # a passing health check lets the half-open probe through now
+        if healthy and (not backend.models or time.monotonic() - backend.models_at >= MODELS_INTERVAL_S):
+            await self._models(session, backend, timeout)
+
+    async def _models(self, session: aiohttp.ClientSession, backend: Backend, timeout: aiohttp.ClientTimeout) -> None:
+        """What the backend serves, from its ``/v1/models`` (vLLM's shape: ``data[].id``); kept when unreadable."""
+        try:
+            async with session.get(backend.url + "/v1/models", timeout=timeout) as response:
+                if response.status != 200:
+                    return
+                data = (await response.json(content_type=None)).get("data")
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
+            return
+        if isinstance(data, list):
+            found = frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+            if found != backend.models:
+                log.info("backend %s serves %s", backend.url, ", ".join(sorted(found)) or "no model",
+                         extra={"backend": backend.url})
+            backend.models, backend.models_at = found, time.monotonic()
 
     async def _scrape(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         try:

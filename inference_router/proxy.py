@@ -115,8 +115,9 @@ class Router:
 
     # Choosing ----------------------------------------------------------------------------------------------------
     async def _decide(self, role: str, hashes: list[int], exclude: list[str], strategy: str | None = None,
-                      prompt_tokens: int = 0, near: str | None = None) -> tuple[Backend, Decision] | None:
-        pool = self.fleet.pool(role, exclude)  # type: ignore[arg-type]
+                      prompt_tokens: int = 0, near: str | None = None,
+                      model: str | None = None) -> tuple[Backend, Decision] | None:
+        pool = self.fleet.pool(role, exclude, model=model)  # type: ignore[arg-type]
         if not pool:
             return None
         if near is not None:
@@ -152,7 +153,8 @@ class Router:
             self.metrics.client_disconnects.inc()
             return self._finish(web.Response(status=499), started, "client-gone")  # nginx's "client closed request"
         except _Refused as exc:
-            kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError"}.get(exc.status, "BadRequestError")
+            kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError", 404: "NotFoundError"}.get(
+                exc.status, "BadRequestError")
             return self._finish(_error(exc.status, exc.message, kind), started, exc.reason)
         except Exception as exc:  # a bug answers a clear 500, counted and logged; the router goes on
             log.exception("request %s %s failed in the router", request.method, request.path)
@@ -175,13 +177,16 @@ class Router:
             admission.check(path, body)
         except admission.BadRequest as exc:
             raise _Refused(400, f"{exc}", "bad-request") from None
+        model = body.get("model")
+        if model is not None and model not in self.fleet.known_models() and not self.fleet.pool("both", model=model):
+            raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model")
         ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
         hashes = self.prefix.hashes(ids) if ids else []
         tokens = len(ids) if ids else 0
-        if self.config.pd_separation.enabled and self.fleet.pool("decode"):
-            return await self._pd(request, path, body, raw, hashes, started, tokens)
+        if self.config.pd_separation.enabled and self.fleet.pool("decode", model=model):
+            return await self._pd(request, path, body, raw, hashes, started, tokens, model)
         return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
-                                   prompt_tokens=tokens)
+                                   prompt_tokens=tokens, model=model)
 
     def _wants_prefix(self) -> bool:
         return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"
@@ -196,11 +201,12 @@ class Router:
 
     async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
                        role: str, timeout_s: float, strategy: str | None = None,
-                       prompt_tokens: int = 0, near: str | None = None) -> web.StreamResponse:
+                       prompt_tokens: int = 0, near: str | None = None,
+                       model: str | None = None) -> web.StreamResponse:
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
-            chosen = await self._decide(role, hashes, tried, strategy, prompt_tokens, near)
+            chosen = await self._decide(role, hashes, tried, strategy, prompt_tokens, near, model)
             if chosen is None:
                 break
             backend, decision = chosen
@@ -301,7 +307,7 @@ class Router:
         return response
 
     async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
-                  started: float, prompt_tokens: int = 0) -> web.StreamResponse:
+                  started: float, prompt_tokens: int = 0, model: str | None = None) -> web.StreamResponse:
         """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
@@ -312,7 +318,7 @@ class Router:
         failure = "no prefill engine"
         tried: list[str] = []
         for _ in range(self.config.router.retries + 1):
-            chosen = await self._decide("prefill", hashes, tried, "prefix-aware", prompt_tokens)
+            chosen = await self._decide("prefill", hashes, tried, "prefix-aware", prompt_tokens, model=model)
             if chosen is None:
                 break
             backend, decision = chosen
@@ -351,7 +357,8 @@ class Router:
             decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
         near = self.fleet.backends[tried[-1]].node if params is not None and tried else None
         return await self._forward(request, path, decode_raw, [], started, "decode",
-                                   self.config.inference.decode_timeout, strategy="least-connections", near=near)
+                                   self.config.inference.decode_timeout, strategy="least-connections", near=near,
+                                   model=model)
 
     def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
         if decisions_log.isEnabledFor(logging.INFO):
@@ -362,15 +369,24 @@ class Router:
 
     # Other endpoints ---------------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.StreamResponse:
+        """Every model the healthy backends serve (vLLM's list shape, one entry per model id, from the first backend
+        that lists it)."""
         assert self.session is not None
-        for backend in self.fleet.pool("both") or self.fleet.pool("decode"):
+        merged: dict[str, Any] = {}
+        for backend in self.fleet.pool("both") + self.fleet.pool("decode"):
             try:
                 async with self.session.get(backend.url + "/v1/models",
                                             timeout=aiohttp.ClientTimeout(total=5)) as response:
-                    if response.status == 200:
-                        return web.Response(body=await response.read(), content_type="application/json")
-            except (aiohttp.ClientError, TimeoutError, OSError):
+                    if response.status != 200:
+                        continue
+                    data = orjson.loads(await response.read()).get("data")
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
                 continue
+            for entry in data if isinstance(data, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                    merged.setdefault(entry["id"], entry)
+        if merged:
+            return web.json_response({"object": "list", "data": list(merged.values())})
         model = self.config.inference.model
         if model:
             return web.json_response({"object": "list", "data": [{"id": model, "object": "model",

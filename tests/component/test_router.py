@@ -226,3 +226,35 @@ def test_a_backend_process_that_dies_is_routed_around() -> None:
         front.close()
         alive.close()
         dying.close()
+
+
+def test_each_request_goes_to_the_engines_serving_its_model() -> None:
+    """A fleet of two models: the router learns what each engine serves (its /v1/models), sends each request only
+    to an engine serving the request's model, lists both models, and answers 404 itself for a model nobody serves."""
+    llama, qwen = engine("--model", "llama"), engine("--model", "qwen")
+    front = router("--backend", llama.url, "--backend", qwen.url, "--strategy", "round-robin")
+    try:
+        for daemon in (llama, qwen, front):
+            daemon.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            listed = sorted(m["id"] for m in json.loads(front.get("/v1/models")[1])["data"])
+            status, _ = raw_post(front, "/v1/completions", {"model": "gemma", "prompt": "x", "max_tokens": 1})
+            if listed == ["llama", "qwen"] and status == 404:
+                break
+            time.sleep(0.2)
+        assert listed == ["llama", "qwen"]
+        for model, daemon in (("llama", llama), ("qwen", qwen)):
+            before = daemon.metric("vllm:request_success_total")
+            for _ in range(4):  # round-robin would alternate: the model decides
+                status, body = raw_post(front, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
+                assert status == 200 and json.loads(body)["model"] == model
+            assert daemon.metric("vllm:request_success_total") - before == 4
+        status, body = raw_post(front, "/v1/completions", {"model": "gemma", "prompt": "x", "max_tokens": 1})
+        assert status == 404 and json.loads(body)["error"]["type"] == "NotFoundError"
+        status, _ = raw_post(front, "/v1/completions", {"prompt": "no model named", "max_tokens": 1})
+        assert status == 200  # no model: any engine
+    finally:
+        front.close()
+        llama.close()
+        qwen.close()
