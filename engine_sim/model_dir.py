@@ -23,7 +23,6 @@ VOCAB_SIZE = 4096
 SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-NAME = "fuyao-tiny-llama"
 
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
