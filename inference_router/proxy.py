@@ -178,7 +178,7 @@ class Router:
         except admission.BadRequest as exc:
             raise _Refused(400, f"{exc}", "bad-request") from None
         model = body.get("model")
-        if model is not None and model not in self.fleet.known_models() and not self.fleet.pool("both", model=model):
+        if model is not None and not self.fleet.serves(model):
             raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model")
         ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
         hashes = self.prefix.hashes(ids) if ids else []
@@ -373,7 +373,8 @@ class Router:
         that lists it)."""
         assert self.session is not None
         merged: dict[str, Any] = {}
-        for backend in self.fleet.pool("both") + self.fleet.pool("decode"):
+        healthy = {b.url: b for b in self.fleet.pool("both") + self.fleet.pool("decode")}  # each asked once
+        for backend in healthy.values():
             try:
                 async with self.session.get(backend.url + "/v1/models",
                                             timeout=aiohttp.ClientTimeout(total=5)) as response:

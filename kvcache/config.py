@@ -32,7 +32,7 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import HostPort, Seconds, check_tokenizer_path, load_versioned_yaml, merged, validated
+from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.contracts import KvCachePolicy
 
 CONFIG_VERSION = "v1"
@@ -74,14 +74,9 @@ class KvCacheSection(_Section):
     ttl: Seconds | None = None
     warming: WarmingConfig = WarmingConfig()
     events: EventsConfig = EventsConfig()
-    tokenizer: str | None = Field(default=None, description=(
+    tokenizer: TokenizerPath = Field(default=None, description=(
         "the served model's tokenizer (a model directory or tokenizer.json) for lookups by prompt or messages; null: "
         "fuyao's builtin tokenizer (the engine simulator's default)"))
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer(cls, value: str | None) -> str | None:
-        return check_tokenizer_path(value)
 
     @field_validator("size", mode="before")
     @classmethod

@@ -4,15 +4,17 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${FUYAO_VENV:-$REPO_ROOT/.venv}"
 
-pick_python() {
+pick_python() {  # [UPPER]: a Python >= 3.11 and below UPPER (e.g. 3.15) when given
+  local upper="${1:-}" below="True"
+  [ -n "$upper" ] && below="sys.version_info < (${upper/./, })"
   for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
     [ -n "$candidate" ] || continue
     if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+       "$candidate" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) and $below else 1)" 2>/dev/null; then
       echo "$candidate"; return 0
     fi
   done
-  echo "fuyao needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  echo "fuyao needs Python >= 3.11${upper:+ and < $upper} (set PYTHON=/path/to/python3.11)" >&2
   return 1
 }
 
