@@ -105,13 +105,22 @@ def validated(model: type[M], data: Mapping[str, Any], camel_case: bool = True) 
         raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
 
 
+TOKENIZER_KEYWORDS = ("builtin", "engine")
+"""Tokenizer settings that name no file: fuyao's builtin tokenizer (the engine simulator's), or the engines' own
+``/tokenize`` (the router's default: the served model's tokenizer and chat template, whatever they are)."""
+
+
 def check_tokenizer_path(value: str | None) -> str | None:
-    """A tokenizer setting: ``None``/``"builtin"``, or a model directory holding ``tokenizer.json``, or that file."""
-    if value in (None, "", "builtin"):
+    """A tokenizer setting: ``None`` (the component's default), a keyword of :data:`TOKENIZER_KEYWORDS`, or a model
+    directory holding ``tokenizer.json``, or that file."""
+    if value in (None, ""):
         return None
+    if value in TOKENIZER_KEYWORDS:
+        return value
     path = Path(value)
     if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
-        raise ValueError(f"{value}: expected a model directory with tokenizer.json, or a tokenizer.json file")
+        raise ValueError(f"{value}: expected builtin, engine, a model directory with tokenizer.json, or a "
+                         "tokenizer.json file")
     return value
 
 

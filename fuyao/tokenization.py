@@ -8,7 +8,8 @@ the ones the engine caches and reports in its KV events:
   its ``tojson``, the special tokens as variables) on messages prepared as vLLM prepares them for a template that
   takes string content (text parts joined with a newline).
 
-``load(spec)``: ``None`` or ``"builtin"`` → the builtin one; a model directory or a ``tokenizer.json`` → HF.
+``load(spec)``: ``None`` or ``"builtin"`` → the builtin one; a model directory or a ``tokenizer.json`` → HF. (The
+router's default, ``"engine"``, is no local tokenizer: it asks the engines, see ``inference_router.prompts``.)
 Completions add the tokenizer's special tokens (BOS) by default, chat requests do not (vLLM's defaults).
 """
 
@@ -176,4 +177,6 @@ def load(spec: str | None) -> Tokenizer:
     """``None``/``"builtin"``: fuyao's own; anything else: a model directory or ``tokenizer.json`` (HF)."""
     if spec in (None, "", "builtin"):
         return BuiltinTokenizer()
+    if spec == "engine":
+        raise TokenizerError("'engine' names no local tokenizer: only the router asks the engines' /tokenize")
     return HfTokenizer(spec)

@@ -19,10 +19,13 @@ router:
 kv_cache:
   enabled: true
   block_size: 16                   # the engines' --block-size
-  hash_seed: 0                     # the engines' --seed
+  hash_seed: 0                     # the content chain's seed (the simulator's --seed hashes alike)
   service: null                    # a fuyao-kvcache URL; null: the index runs in the router
   events: {}                       # engine KV event streams: {"tcp://10.0.0.5:5557": "http://10.0.0.5:8000"}
-  tokenizer: null                  # the served model's directory or tokenizer.json (null: fuyao's builtin)
+  block_hashing: {mode: content}   # content: blocks keyed by their tokens (any engine hash algorithm and seed);
+                                   # vllm (+ algo, seed): the engines' own hashes, for streams without token_ids
+  tokenizer: engine                # engine: the engines' /tokenize | a model directory or tokenizer.json | builtin
+  tokenize_timeout: 1s
 inference:
   model: null                      # answered by /v1/models when no backend is up
   prefill_timeout: 30s
@@ -46,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
+from kvcache.keys import BlockHashing
 
 CONFIG_VERSION = "v1"
 Strategy = Literal["round-robin", "least-connections", "intelligent", "prefix-aware"]
@@ -125,10 +129,15 @@ class KvCacheSection(_Section):
     hash_seed: int = 0
     service: str | None = None
     events: dict[str, str] = Field(default_factory=dict, description="event stream URL → backend URL")
-    tokenizer: TokenizerPath = Field(default=None, description=(
-        "the served model's tokenizer (a model directory or tokenizer.json; HF tokenizers and the model's chat "
-        "template), so prompts become the token ids the engines cache; null: fuyao's builtin tokenizer (the "
-        "engine simulator's default)"))
+    block_hashing: BlockHashing = Field(default=BlockHashing(), description=(
+        "how blocks are named: by content (any engine hash) or by the engines' own vLLM hashes"))
+    tokenizer: TokenizerPath = Field(default="engine", description=(
+        "how prompts become the token ids the engines cache: engine (ask an engine's /tokenize once per distinct "
+        "prompt: its own tokenizer and chat template), a model directory or tokenizer.json (tokenized in the "
+        "router, HF tokenizers and the model's chat template), or builtin (the engine simulator's default)"))
+    tokenize_timeout: Seconds = Field(default=1.0, gt=0, description=(
+        "tokenizer engine: an engine that has not tokenized a prompt by then is not waited for (the request is "
+        "routed on load alone)"))
 
     @field_validator("service")
     @classmethod

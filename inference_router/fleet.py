@@ -12,13 +12,13 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import aiohttp
 
-from fuyao import tokenization
-from fuyao.kv_blocks import BlockStored, block_hashes
+from fuyao.kv_blocks import BlockStored
 from kvcache.index import KvIndex
+from kvcache.keys import block_keys
 from kvcache.subscriber import Source, Subscriber
 
 from .balancing import Candidate, CircuitBreaker
@@ -54,6 +54,7 @@ class Backend:
     checked_at: float = 0.0
     models: frozenset[str] = frozenset()  # what it serves (its /v1/models); empty until known
     models_at: float = 0.0
+    tokenize_after: float = 0.0  # monotonic time before which its /tokenize is not asked (it had none)
 
     def serves(self, model: str | None) -> bool:
         """Whether a request for ``model`` may go here: any model when none is named or its list is not known."""
@@ -259,13 +260,13 @@ class PrefixSource:
 
     def __init__(self, settings: KvCacheSection, routed_blocks: int = 500_000, routed_ttl_s: float = 5.0):
         self.settings = settings
-        self.tokenizer = tokenization.load(settings.tokenizer)
         self.block_size = settings.block_size
-        self.index = KvIndex(settings.block_size, settings.hash_seed)
+        self.keys = block_keys(settings.block_size, settings.hash_seed, settings.block_hashing)
+        self.index = KvIndex(settings.block_size, settings.hash_seed, self.keys)
         self.subscriber: Subscriber | None = None
         self.routed_blocks = routed_blocks
         self.routed_ttl_s = routed_ttl_s
-        self._routed = [KvIndex(settings.block_size, settings.hash_seed)]
+        self._routed = [KvIndex(settings.block_size, settings.hash_seed, self.keys)]
         self._routed_since = time.monotonic()
         self.remote_errors = 0
 
@@ -284,28 +285,6 @@ class PrefixSource:
     def stop(self) -> None:
         if self.subscriber is not None:
             self.subscriber.stop()
-
-    # Prompts → blocks --------------------------------------------------------------------------------------------
-    def token_ids(self, path: str, body: Mapping[str, Any]) -> list[int] | None:
-        """The prompt's token ids as the engines compute them (``kv_cache.tokenizer``), or None."""
-        if path.endswith("chat/completions"):
-            messages = body.get("messages")
-            if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
-                return tokenization.chat_ids(self.tokenizer, messages,
-                                             body.get("add_generation_prompt", True) is not False,
-                                             body.get("add_special_tokens", False) is True)
-            return None
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True) is not False)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        return None
-
-    def hashes(self, ids: Sequence[int]) -> list[int]:
-        return block_hashes(ids, self.block_size, self.settings.hash_seed, limit=(len(ids) - 1) // self.block_size)
 
     # Matches -----------------------------------------------------------------------------------------------------
     async def matches(self, hashes: list[int], session: aiohttp.ClientSession | None = None) -> dict[str, int]:
@@ -339,7 +318,7 @@ class PrefixSource:
         current = self._routed[-1]
         now = time.monotonic()
         if (self.event_fed and now - self._routed_since > self.routed_ttl_s) or len(current) > self.routed_blocks // 2:
-            self._routed = [current, KvIndex(self.block_size, self.settings.hash_seed)]
+            self._routed = [current, KvIndex(self.block_size, self.settings.hash_seed, self.keys)]
             self._routed_since = now
 
     def cached_blocks(self, url: str) -> int:

@@ -33,6 +33,7 @@ from . import admission
 from .balancing import Decision, RoundRobin, choose
 from .config import RouterConfig
 from .fleet import Backend, Dispatch, Fleet, PrefixSource
+from .prompts import Prompts
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("inference_router.decisions")
@@ -40,6 +41,8 @@ decisions_log = logging.getLogger("inference_router.decisions")
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
                 "proxy-connection", "te", "trailer"}
+TOKENIZE_RETRY_S = 60.0
+"""A backend without ``/tokenize`` is not asked again for this long."""
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
@@ -63,6 +66,10 @@ class RouterMetrics:
                                           "answer was complete (not held against the backend)", registry=r)
         self.backend_requests = Counter("inference_backend_requests", "Requests sent, by backend and role",
                                         ("backend", "role"), registry=r)
+        self.prompts = Counter("inference_prompt_tokenizations", "Requests' prompts by how their tokens were "
+                               "found: ids (sent as token ids), cache (seen before), local (the router's tokenizer), "
+                               "engine (an engine's /tokenize), failed (routed on load alone)", ("source",),
+                               registry=r)
         self.prefix_blocks = Histogram("inference_prefix_match_ratio", "Share of the prompt's blocks cached on the "
                                        "chosen backend", buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
 
@@ -99,6 +106,7 @@ class Router:
         self.config = config
         self.fleet = fleet
         self.prefix = prefix
+        self.prompts = Prompts(config.kv_cache.tokenizer, prefix.keys, prefix.block_size)
         self.metrics = RouterMetrics()
         self.rr = RoundRobin()
         self.in_flight = 0
@@ -180,13 +188,51 @@ class Router:
         model = body.get("model")
         if model is not None and not self.fleet.serves(model):
             raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model")
-        ids = self.prefix.token_ids(path, body) if self._wants_prefix() else None
-        hashes = self.prefix.hashes(ids) if ids else []
-        tokens = len(ids) if ids else 0
+        hashes: list[int] = []
+        tokens = 0
+        if self._wants_prefix():
+            prompt = await self.prompts.resolve(path, body, self._engine_tokenize)
+            if prompt is not None:
+                hashes, tokens = prompt.hashes, prompt.tokens
+                self.metrics.prompts.labels(prompt.source).inc()
         if self.config.pd_separation.enabled and self.fleet.pool("decode", model=model):
             return await self._pd(request, path, body, raw, hashes, started, tokens, model)
         return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
                                    prompt_tokens=tokens, model=model)
+
+    async def _engine_tokenize(self, kind: str, payload: dict[str, Any], model: str | None) -> list[int] | None:
+        """The prompt's token ids from an engine's own ``/tokenize`` (the least busy healthy engine serving
+        ``model`` that has one), or None when none answers within ``tokenize_timeout``."""
+        assert self.session is not None
+        now = time.monotonic()
+        pool = [b for b in self.fleet.pool("prefill", model=model) + self.fleet.pool("both", model=model)
+                if b.tokenize_after <= now]
+        if not pool:
+            return None
+        backend = min(pool, key=lambda b: b.in_flight)
+        body = {**payload, "model": model} if model is not None else payload
+        try:
+            async with self.session.post(backend.url + "/tokenize", data=orjson.dumps(body),
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=aiohttp.ClientTimeout(
+                                             total=self.config.kv_cache.tokenize_timeout)) as response:
+                data = await response.read()
+                if response.status in (404, 405):
+                    backend.tokenize_after = now + TOKENIZE_RETRY_S
+                    log.warning("backend %s has no /tokenize (HTTP %d): prompts are not tokenized there for "
+                                "%.0f s", backend.url, response.status, TOKENIZE_RETRY_S,
+                                extra={"backend": backend.url})
+                    return None
+                if response.status != 200:
+                    return None  # the engine refuses this prompt; it will say why when the request reaches it
+                tokens = orjson.loads(data).get("tokens")
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError) as exc:
+            log.info("tokenizing on %s failed: %s", backend.url, exc or type(exc).__name__,
+                     extra={"backend": backend.url})
+            return None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return None
+        return tokens
 
     def _wants_prefix(self) -> bool:
         return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"

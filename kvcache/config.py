@@ -6,7 +6,11 @@ version: v1
 listen: 127.0.0.1:8100
 kv_cache:
   block_size: 16              # must equal the engines' --block-size
-  hash_seed: 0                # must equal the engines' --seed
+  hash_seed: 0                # the content chain's seed (any value; the simulator's --seed hashes alike)
+  block_hashing:              # content (default: blocks keyed by their tokens, any engine hash algorithm/seed)
+    mode: content             # or vllm: the engines' own hashes, for event streams without token_ids:
+    algo: sha256              #   their --prefix-caching-hash-algo
+    seed: null                #   their PYTHONHASHSEED (null: vLLM's default; xxhash algorithms need it)
   size: 10Gi                  # shared block tier capacity (Kubernetes quantity); 0 turns the tier off
   bytes_per_token: 524288     # KV bytes per token (7B, fp16: 2 x 32 layers x 4096 x 2 bytes)
   eviction_policy: LRU        # LRU | LFU | FIFO
@@ -34,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.contracts import KvCachePolicy
+
+from .keys import BlockHashing
 
 CONFIG_VERSION = "v1"
 
@@ -74,9 +80,19 @@ class KvCacheSection(_Section):
     ttl: Seconds | None = None
     warming: WarmingConfig = WarmingConfig()
     events: EventsConfig = EventsConfig()
+    block_hashing: BlockHashing = Field(default=BlockHashing(), description=(
+        "how blocks are named: by content (any engine hash) or by the engines' own vLLM hashes"))
     tokenizer: TokenizerPath = Field(default=None, description=(
         "the served model's tokenizer (a model directory or tokenizer.json) for lookups by prompt or messages; null: "
         "fuyao's builtin tokenizer (the engine simulator's default)"))
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _local_tokenizer(cls, value: str | None) -> str | None:
+        if value == "engine":
+            raise ValueError("the index tokenizes lookups itself: give builtin or the model's tokenizer (a model "
+                             "directory or tokenizer.json); 'engine' is the router's setting")
+        return value
 
     @field_validator("size", mode="before")
     @classmethod

@@ -14,7 +14,8 @@ xxhash, a per-process random seed, a mixed or upgraded fleet). A block whose par
 event of another block size, cannot be placed and is skipped (fewer hits, never a wrong one). An engine that
 hashes exactly as the index does (the simulator) is recognised per event by its first block, and its hashes are
 taken as they are. Events without ``token_ids`` are taken as they are too (the engine must then hash like the
-index).
+index), and so is every event with ``keys`` in vLLM's own hashes (``kv_cache.block_hashing.mode: vllm``, see
+``kvcache.keys``).
 
 Single writer: the subscriber thread applies events; lookups may run in other threads (a dict read is atomic in
 CPython, and a lookup racing an update sees either state of a block).
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 from fuyao.kv_blocks import HASH_MASK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
+
+from .keys import BlockKeys, ContentKeys
 
 
 @dataclass
@@ -54,9 +57,10 @@ REMEMBER_REMOVED = 4096
 
 
 class KvIndex:
-    def __init__(self, block_size: int = 16, seed: int = 0):
+    def __init__(self, block_size: int = 16, seed: int = 0, keys: BlockKeys | None = None):
         self.block_size = block_size
         self.seed = seed
+        self.keys = keys or ContentKeys(block_size, seed)
         self.blocks: dict[int, int] = {}  # hash → bitmask of endpoints
         self.media: dict[tuple[int, str], str] = {}  # (hash, endpoint) → medium, when not GPU
         self.endpoints: dict[str, EndpointState] = {}
@@ -108,8 +112,8 @@ class KvIndex:
         cannot be placed are left out (with everything after them: a chain cannot skip a link)."""
         engine = event.block_hashes
         tokens = event.token_ids
-        if not tokens or not engine:
-            return list(engine)  # no content to key by: the engine must hash like the index
+        if not tokens or not engine or self.keys.exact:
+            return list(engine)  # the engines' own hashes (block_hashing.mode vllm), or no content to key by
         if event.block_size != self.block_size or len(tokens) != len(engine) * event.block_size:
             state.skipped += len(engine)
             return []
@@ -158,7 +162,9 @@ class KvIndex:
         for theirs in engine:
             mine = state.ours.pop(theirs, None)
             if mine is None:
-                continue
+                if theirs not in state.hashes:
+                    continue
+                mine = theirs  # a block taken as the engine named it (no tokens, or vLLM-exact keys)
             out.append(mine)
             state.removed[theirs] = mine
             if len(state.removed) > REMEMBER_REMOVED:
@@ -196,7 +202,7 @@ class KvIndex:
 
     # Lookups -----------------------------------------------------------------------------------------------------
     def hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return block_hashes(token_ids, self.block_size, self.seed)
+        return self.keys.chain(token_ids)
 
     def lookup(self, token_ids: Sequence[int] | None = None, model: str = "",
                hashes: list[int] | None = None) -> dict[str, int]:

@@ -35,6 +35,7 @@ from fuyao.http_body import BodyError, read_json
 
 from .config import KvCacheSection
 from .index import KvIndex
+from .keys import block_keys
 from .subscriber import SourceStats, Subscriber
 from .tier import SharedTier
 
@@ -50,7 +51,8 @@ class KvCacheService:
     def __init__(self, settings: KvCacheSection):
         self.settings = settings
         self.tokenizer = tokenization.load(settings.tokenizer)
-        self.index = KvIndex(settings.block_size, settings.hash_seed)
+        self.index = KvIndex(settings.block_size, settings.hash_seed,
+                             block_keys(settings.block_size, settings.hash_seed, settings.block_hashing))
         self.tier = SharedTier(settings.size, settings.bytes_per_token * settings.block_size,
                                settings.eviction_policy, settings.ttl) if settings.size > 0 else None
         self.metrics = KvCacheMetrics(self)

@@ -258,3 +258,32 @@ def test_each_request_goes_to_the_engines_serving_its_model() -> None:
         front.close()
         llama.close()
         qwen.close()
+
+
+def test_prompts_are_tokenized_by_an_engine_once_and_an_engine_without_tokenize_is_routed_on_load() -> None:
+    """The default tokenizer is the engines' own /tokenize: asked once per distinct prompt (repeats come from the
+    cache, so no round trip), and the router's hashes then match the engine's events. A backend with no /tokenize
+    (404) still serves: routed on load alone, and not asked again for a while."""
+    sim = engine(events=True).start()
+    fake = FakeBackend()
+    front = router("--backend", sim.url, f"--kv-events={sim.events}={sim.url}").start()  # type: ignore[attr-defined]
+    plain = router("--backend", fake.url).start()
+    try:
+        chat = {"messages": [{"role": "user", "content": PREFIX}], "max_tokens": 2}
+        for _ in range(3):
+            assert front.post("/v1/chat/completions", chat)[0] == 200
+        assert front.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1})[0] == 200
+        assert front.metric('inference_prompt_tokenizations_total{source="engine"}') == 1
+        assert front.metric('inference_prompt_tokenizations_total{source="cache"}') == 2
+        assert front.metric('inference_prompt_tokenizations_total{source="ids"}') == 1
+        # the repeats were served from the engine's prefix cache
+        assert sim.metric("vllm:prefix_cache_hits_total") > 0
+        for question in range(3):
+            assert raw_post(plain, "/v1/completions", {"prompt": f"q{question}", "max_tokens": 1})[0] == 200
+        assert plain.metric('inference_prompt_tokenizations_total{source="failed"}') == 3
+        assert fake.paths.count("/tokenize") == 1  # asked once, then left alone
+    finally:
+        front.close()
+        plain.close()
+        sim.close()
+        fake.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -27,6 +28,7 @@ class FakeBackend:
         self.port = free_port()
         self.script = Script()
         self.received: list[bytes] = []
+        self.paths: list[str] = []  # every request's path, in order (routes it does not have too)
         self.health_status = 200
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -40,7 +42,12 @@ class FakeBackend:
 
     def _serve(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.paths.append(request.path)
+            return await handler(request)  # type: ignore[no-any-return]
+
+        app = web.Application(middlewares=[record])
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/health", self._health)

@@ -14,6 +14,7 @@ from engine_sim.kv import BlockPool
 from fuyao.contracts import KvCachePolicy
 from fuyao.kv_blocks import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, block_hashes, encode_batch
 from kvcache.index import KvIndex
+from kvcache.keys import VllmKeys
 from kvcache.subscriber import Source, Subscriber
 from kvcache.tier import SharedTier
 from tests.support.apiserver import free_port
@@ -145,6 +146,21 @@ def test_lora_and_extra_key_blocks_are_kept_apart_from_plain_ones() -> None:
     index.apply("salt", [BlockRemoved([5, 6, 7, 8])])
     index.apply("lora", [BlockRemoved([1, 2, 3, 4])])
     assert index.endpoints["salt"].hashes == index.endpoints["lora"].hashes == set() and len(index) == 4
+
+
+def test_vllm_exact_keys_take_event_hashes_as_they_are() -> None:
+    """block_hashing.mode vllm: the engines' own hashes are the keys (streams without token_ids, and with them),
+    and a lookup by tokens hashes them as vLLM does."""
+    keys = VllmKeys(4, "sha256")
+    index = KvIndex(block_size=4, keys=keys)
+    prompt = list(range(300, 317))
+    theirs = keys.chain(prompt)
+    index.apply("a", [BlockStored(theirs[:2], None, [], 4)])  # no token_ids
+    index.apply("b", [BlockStored(theirs, None, prompt[:16], 4)])  # token_ids, not re-hashed
+    assert index.lookup(prompt) == {"a": 2, "b": 4} and set(index.blocks) == set(theirs)
+    index.apply("b", [BlockRemoved(theirs[2:])])
+    assert index.lookup(prompt) == {"a": 2, "b": 2}
+    assert KvIndex(block_size=4).lookup(prompt) == {}  # the content chain names these tokens differently
 
 
 def test_lookup_by_tokens_and_model() -> None:

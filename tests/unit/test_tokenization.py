@@ -66,4 +66,7 @@ def test_bad_tokenizer_settings_name_the_path(tmp_path: Path) -> None:
     assert check_tokenizer_path(str(tmp_path)) == str(tmp_path)
     with pytest.raises(tokenization.TokenizerError, match="cannot load the tokenizer"):
         tokenization.load(str(tmp_path))
-    assert check_tokenizer_path("builtin") is None and check_tokenizer_path(None) is None
+    assert check_tokenizer_path("builtin") == "builtin" and check_tokenizer_path(None) is None
+    assert check_tokenizer_path("engine") == "engine"
+    with pytest.raises(tokenization.TokenizerError, match="names no local tokenizer"):
+        tokenization.load("engine")
