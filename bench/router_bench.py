@@ -77,6 +77,29 @@ def shared_prefix(rate: float, duration: float, seed: int, groups: int = 16, pre
         jobs.append(Job(t, "/v1/completions", {"prompt": prompt, "max_tokens": output, "stream": True}))
 
 
+def shared_prefix_pressure(rate: float, duration: float, seed: int) -> list[Job]:
+    """More distinct long contexts than the fleet's KV cache holds at once (48 x ~1.9k tokens against 4 x 640
+    blocks of 16 = ~21 such contexts), at a load near the fleet's capacity: where a context is recomputed, and
+    whether it is copied to several engines, decides the hit rate."""
+    return shared_prefix(rate, duration, seed, groups=48)
+
+
+def zipf_contexts(rate: float, duration: float, seed: int, contexts: int = 96, prefix_words: int = 900,
+                  skew: float = 1.1, output: int = 32) -> list[Job]:
+    """Hot and cold contexts: context k is asked with probability ∝ 1/k^skew (a few hot ones carry most requests,
+    a long tail of cold ones evicts them), ~0.9k-token contexts plus a short question."""
+    rng = random.Random(seed)
+    prefixes = [f"Document {k}: " + _text(rng, prefix_words) for k in range(contexts)]
+    weights = [1 / (k + 1) ** skew for k in range(contexts)]
+    jobs, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            return jobs
+        prompt = rng.choices(prefixes, weights)[0] + " Question: " + _text(rng, 20) + "?"
+        jobs.append(Job(t, "/v1/completions", {"prompt": prompt, "max_tokens": output, "stream": True}))
+
+
 def multi_turn(rate: float, duration: float, seed: int, conversations: int = 24, output: int = 32) -> list[Job]:
     rng = random.Random(seed)
     histories = [[{"role": "system", "content": "You are a hydrologist. " + _text(rng, 300)}]
@@ -104,7 +127,11 @@ def random_prompts(rate: float, duration: float, seed: int, words: int = 400, ou
         jobs.append(Job(t, "/v1/completions", {"prompt": _text(rng, words), "max_tokens": output, "stream": True}))
 
 
-WORKLOADS = {"shared-prefix": shared_prefix, "multi-turn": multi_turn, "random": random_prompts}
+DEFAULT_RATES: dict[str, float] = {}
+"""Offered load per workload where it differs from ``--rate`` (set near the fleet's capacity for the pressure
+cases)."""
+WORKLOADS = {"shared-prefix": shared_prefix, "shared-prefix-pressure": shared_prefix_pressure, "zipf": zipf_contexts,
+             "multi-turn": multi_turn, "random": random_prompts}
 
 
 # Processes ---------------------------------------------------------------------------------------------------------
@@ -112,13 +139,18 @@ WORKLOADS = {"shared-prefix": shared_prefix, "multi-turn": multi_turn, "random":
 class Fleet:
     engines: list[Daemon]
     events: dict[str, str] = field(default_factory=dict)  # engine URL → its KV event endpoint
+    block_size: int = 16
+    model: str = "fuyao-sim-7b"
 
     def close(self) -> None:
         for e in self.engines:
             e.close()
 
 
-def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile: str | None = None) -> Fleet:
+def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile: str | None = None,
+                kind: str = "sim") -> Fleet:
+    if kind == "vllm":
+        return start_vllm_fleet(count, blocks)
     engines, events = [], {}
     for i in range(count):
         port, events_port = free_port(), free_port()
@@ -134,6 +166,24 @@ def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile
     for daemon in engines:
         daemon.start()
     return Fleet(engines, events)
+
+
+def start_vllm_fleet(count: int, blocks: int) -> Fleet:
+    """Real vLLM CPU engines (tests.support.vllm: the tiny generated model, random weights, prefix caching, KV
+    events), each with ``blocks`` KV blocks of 32 tokens (``--num-gpu-blocks-override``), started one after the
+    other (each start loads torch: ~40 s)."""
+    from tests.support.vllm import BLOCK_SIZE, MODEL, vllm_engine
+
+    engines: list[Daemon] = []
+    try:
+        for _ in range(count):
+            engines.append(vllm_engine("--num-gpu-blocks-override", str(blocks), "--max-num-seqs", "32")
+                           .start(timeout=300))
+    except BaseException:
+        for e in engines:
+            e.close()
+        raise
+    return Fleet(engines, {e.url: e.events for e in engines}, BLOCK_SIZE, MODEL)  # type: ignore[attr-defined]
 
 
 def ensure_vllm_router() -> Path | None:
@@ -170,7 +220,7 @@ def start_router(kind: str, strategy: str, fleet: Fleet, pd: tuple[list[str], li
     else:
         args += ["--worker-urls", *[e.url for e in fleet.engines]]
     if strategy == "kv_aware":
-        args += ["--kv-event-block-size", "16", "--kv-event-model", "fuyao-sim-7b"]
+        args += ["--kv-event-block-size", str(fleet.block_size), "--kv-event-model", fleet.model]
         args += [a for url, stream in fleet.events.items() for a in ("--kv-event-source", f"{url}={stream}")]
     daemon = _External(args, port)
     return daemon.start(timeout=60)
@@ -296,11 +346,11 @@ def summarize(samples: list[Sample], wall: float, fleet: Fleet, before: dict[str
 
 
 def measure(kind: str, strategy: str, jobs: list[Job], engines: int, blocks: int,
-            pd: tuple[int, int] | None = None) -> dict:  # type: ignore[type-arg]
+            pd: tuple[int, int] | None = None, fleet_kind: str = "sim") -> dict:  # type: ignore[type-arg]
     roles = None
     if pd:
         roles = ["prefill"] * pd[0] + ["decode"] * pd[1]
-    fleet = start_fleet(engines if not pd else sum(pd), blocks, roles)
+    fleet = start_fleet(engines if not pd else sum(pd), blocks, roles, kind=fleet_kind)
     try:
         pools = None
         if pd:
@@ -379,6 +429,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=640, help="KV blocks per engine (16 tokens each)")
     parser.add_argument("--only", default="shared-prefix,multi-turn,random,pd,overhead")
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
+    parser.add_argument("--vllm-rate", type=float, default=6.0, help="requests per second for vllm-pressure")
+    parser.add_argument("--rates", default="", help="per-workload rates, e.g. 'zipf=10,shared-prefix-pressure=9' "
+                        "(others: --rate)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--routers", default="", help="only these, e.g. 'fuyao prefix-aware,vllm-router cache_aware'")
     parser.add_argument("--pd-rates", type=lambda v: [float(x) for x in v.split(",")], default=[3.0, 5.0, 7.0],
@@ -387,13 +440,15 @@ def main() -> None:
     if args.quick:
         args.duration = 8.0
     wanted = args.only.split(",")
+    rates = {**DEFAULT_RATES, **{k: float(v) for k, _, v in (item.partition("=") for item in args.rates.split(",")
+                                                             if item)}}
     have_vllm_router = ensure_vllm_router() is not None
     results: dict[str, object] = {"benchmark": "router", "engines": args.engines, "rate": args.rate,
                                   "duration_s": args.duration, "blocks_per_engine": args.blocks, "workloads": {}}
     for name, make in WORKLOADS.items():
         if name not in wanted:
             continue
-        jobs = make(args.rate, args.duration, args.seed)
+        jobs = make(rates.get(name, args.rate), args.duration, args.seed)
         rows = {}
         for kind, strategy in ROUTERS:
             if kind == "vllm-router" and not have_vllm_router:
@@ -406,6 +461,24 @@ def main() -> None:
                 rows[f"{kind} {strategy}"] = {"failed": str(exc)[:300]}
             print(f"{name:14s} {kind:12s} {strategy:18s} {json.dumps(rows[f'{kind} {strategy}'])}", flush=True)
         results["workloads"][name] = rows  # type: ignore[index]
+    if "vllm-pressure" in wanted:
+        # The pressure case on real vLLM CPU engines: 2 engines of 96 blocks x 32 tokens (~7 of these ~0.4k-token
+        # contexts each), 24 contexts, a load near what the two engines serve on this machine.
+        jobs = shared_prefix(args.vllm_rate, args.duration, args.seed, groups=24, prefix_words=300, output=16)
+        rows = {}
+        for kind, strategy in (("fuyao", "round-robin"), ("fuyao", "prefix-aware"), ("vllm-router", "cache_aware"),
+                               ("vllm-router", "kv_aware")):
+            if kind == "vllm-router" and not have_vllm_router:
+                continue
+            if args.routers and f"{kind} {strategy}" not in args.routers.split(","):
+                continue
+            try:
+                rows[f"{kind} {strategy}"] = measure(kind, strategy, jobs, 2, 96, fleet_kind="vllm")
+            except RuntimeError as exc:
+                rows[f"{kind} {strategy}"] = {"failed": str(exc)[:300]}
+            print(f"vllm-pressure  {kind:12s} {strategy:18s} {json.dumps(rows[f'{kind} {strategy}'])}", flush=True)
+        results["vllm_pressure"] = {"engines": 2, "blocks_per_engine": 96, "block_size": 32, "rate": args.vllm_rate,
+                                    "rows": rows}
     if "pd" in wanted:
         # Same 8 engines, long unique prompts and long answers (prefill-heavy: what disaggregation is for), offered
         # at several rates; the figure is the best goodput (requests/s within the SLO) each layout reaches.

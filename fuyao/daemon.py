@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -42,6 +43,24 @@ def config_or_exit(prog: str, build: Callable[[], T]) -> T:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a daemon's main coroutine, on uvloop when it is installed (libuv: fewer system calls and less Python per
+    I/O event than asyncio's selector loop; the router's added latency and CPU per request drop with it).
+    ``FUYAO_EVENT_LOOP=asyncio`` picks the standard loop."""
+    choice = os.environ.get("FUYAO_EVENT_LOOP", "auto")
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SystemExit(f"FUYAO_EVENT_LOOP={choice}: expected auto, uvloop or asyncio")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("FUYAO_EVENT_LOOP=uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.run(main)  # type: ignore[no-any-return]
+    return asyncio.run(main)
 
 
 async def serve_until_signal(app: web.Application, listen: str, log: logging.Logger, *,

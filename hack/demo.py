@@ -229,6 +229,8 @@ def ms(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="hack/demo.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["sim", "vllm"], default="sim", help="sim: engine-simulator pods on the "
+                        "cluster (this demo); vllm: two real vLLM CPU engines as host processes (hack/demo_vllm.py)")
     parser.add_argument("--state-dir", default="/tmp/fuyao-demo", type=Path)
     parser.add_argument("--fresh", action="store_true", help="replace a running demo cluster")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second of the workload")

@@ -7,12 +7,22 @@
 # Needs root (containerd, the kubelet, network namespaces).
 #
 # Usage: hack/demo.sh [--state-dir DIR] [--fresh] [--rate R] [--duration S]   (hack/demo.sh --help)
+#        hack/demo.sh --engine vllm [--rate R] [--duration S]   two real vLLM CPU engines behind fuyao-router, as host
+#                                   processes (no cluster, no root; hack/demo.sh --engine vllm --help)
 # Stop:  hack/local-down.sh --state-dir /tmp/fuyao-demo
 # Without root: hack/demo-node.sh (one simulated node: npu-smi, inventory, the device plugin's gRPC API).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib/venv.sh
 ensure_venv test
+engine=sim
+for arg in "$@"; do
+  case $arg in --engine=vllm | vllm) engine=vllm ;; esac
+done
+if [ "$engine" = vllm ]; then
+  # real vLLM engines as host processes (the venv is too big for an image): no cluster, no root
+  exec "$VENV/bin/python" hack/demo_vllm.py "$@"
+fi
 for arg in "$@"; do
   case $arg in -h | --help) exec "$VENV/bin/python" hack/demo.py --help ;; esac
 done

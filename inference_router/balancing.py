@@ -90,22 +90,24 @@ def health_scores(candidates: Sequence[Candidate], w: IntelligentWeights) -> dic
 
 def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
                   w: PrefixWeights) -> dict[str, float]:
-    """Estimated time to this request's first token on each candidate, in prefill tokens (higher score = sooner):
-    the prefill work already queued there by the router (``pending_tokens``), plus this prompt's tokens the
-    candidate does not cache, plus ``decode_cost_tokens`` per request decoding there (decodes share each step),
-    plus ``kv_pressure_tokens`` x KV-cache usage (blocks held by running requests) and ``cache_pressure_tokens`` x
-    the share of the engine's blocks its prefix cache holds (a new prefix placed on a full cache evicts others; a
-    fresh one goes where there is room). A hot prefix spreads by
-    itself: once its engine's queue costs more than recomputing the prefix elsewhere, the next request goes
-    elsewhere. Scores are ``1 - work / the largest work`` in [0, 1]."""
+    """Estimated cost of serving this request on each candidate, in prefill tokens (higher score = cheaper): the
+    prefill work already queued there by the router (``pending_tokens``), plus this prompt's tokens the candidate does
+    not cache, plus ``decode_cost_tokens`` per request decoding there (decodes share each step), plus
+    ``kv_pressure_tokens`` x KV-cache usage (blocks held by running requests), plus what the new blocks evict:
+    ``eviction_weight`` x the uncached tokens x the share of the engine's blocks its prefix cache holds. A full
+    cache drops a cached block for every block it stores, and that block is recomputed later by whoever needs it;
+    an engine with room drops nothing. So under KV pressure a context stays where it is cached unless the queue
+    there costs more than computing it twice, and is not copied to a second engine for a small gain; with room to
+    spare a hot prefix spreads as soon as its engine's queue costs more than recomputing it elsewhere. Scores are
+    ``1 - cost / the largest cost`` in [0, 1]."""
     work = {}
     for c in candidates:
         cached = c.prefix_blocks * block_size if c.prefix_blocks >= max(1, w.min_prefix_blocks) else 0
         uncached = max(0, prompt_tokens - cached)
         decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
-        work[c.url] = (c.pending_tokens + uncached + w.decode_cost_tokens * decoding
-                       + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage))
-                       + w.cache_pressure_tokens * c.occupancy)
+        work[c.url] = (c.pending_tokens + uncached * (1.0 + w.eviction_weight * c.occupancy)
+                       + w.decode_cost_tokens * decoding
+                       + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage)))
     most = max(work.values()) or 1.0
     return {url: 1.0 - value / most for url, value in work.items()}
 

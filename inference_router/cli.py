@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "runs in the router, fed by --kv-events)")
     p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT=URL",
                    help="the KV event stream ENDPOINT (tcp://host:5557) belongs to the backend at URL (repeatable)")
-    p.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer: a model directory or "
-                   "tokenizer.json (kv_cache.tokenizer; default: fuyao's builtin, as the engine simulator's)")
+    p.add_argument("--tokenizer", metavar="engine|PATH|builtin", help="how prompts become the engines' token ids "
+                   "(kv_cache.tokenizer): engine (default: ask an engine's /tokenize once per distinct prompt), the "
+                   "served model's directory or tokenizer.json (tokenized in the router), or builtin (the engine "
+                   "simulator's)")
     p.add_argument("--kubeconfig", help="for backend discovery (router.discovery.enabled)")
     return p
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         print("fuyao-router: backends: none configured (--backend URL, --prefill/--decode URL, or "
               "router.discovery.enabled)", file=sys.stderr)
         sys.exit(2)
-    sys.exit(asyncio.run(serve(config, args)))
+    sys.exit(daemon.run(serve(config, args)))
 
 
 if __name__ == "__main__":

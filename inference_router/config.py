@@ -14,7 +14,7 @@ router:
   metrics_interval: 1s             # scrape of the backends' vLLM metrics
   circuit_breaker: {failure_threshold: 5, timeout: 30s}
   intelligent: {queue_weight: 0.4, cpu_weight: 0.3, memory_weight: 0.3, queue_scale: 2, running_scale: 64}
-  prefix_aware: {decode_cost_tokens: 24, kv_pressure_tokens: 256, cache_pressure_tokens: 512, min_prefix_blocks: 1}
+  prefix_aware: {decode_cost_tokens: 24, kv_pressure_tokens: 256, eviction_weight: 1.0, min_prefix_blocks: 1}
   discovery: {enabled: false, namespace: null}
 kv_cache:
   enabled: true
@@ -94,8 +94,10 @@ class PrefixWeights(_Section):
                                       "decoding on the engine (it shares every step)")
     kv_pressure_tokens: float = Field(default=256.0, ge=0, description="penalty at 100% KV-cache usage (blocks held "
                                       "by running requests)")
-    cache_pressure_tokens: float = Field(default=512.0, ge=0, description="penalty when the engine's prefix cache "
-                                         "fills all its blocks (from its events and vllm:cache_config_info)")
+    eviction_weight: float = Field(default=1.0, ge=0, description=(
+        "cost of the cached blocks a request's new blocks evict, per uncached token, at a full prefix cache (share "
+        "of its blocks from the engine's events and vllm:cache_config_info): 0 ignores it, 1 counts each evicted "
+        "block as recomputed once later"))
     min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
 
 

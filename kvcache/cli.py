@@ -8,7 +8,6 @@ listen address cannot be bound.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -91,7 +90,7 @@ async def serve(config: KvCacheConfig) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = daemon.parse(build_parser(), argv)
     config = daemon.config_or_exit("fuyao-kvcache", lambda: config_from_args(args))
-    sys.exit(asyncio.run(serve(config)))
+    sys.exit(daemon.run(serve(config)))
 
 
 if __name__ == "__main__":

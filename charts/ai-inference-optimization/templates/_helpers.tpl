@@ -37,7 +37,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "ai-inference-optimization.routerConfig" -}}
 {{- $discovery := dict "enabled" true "namespace" (default nil .Values.router.discovery.namespace) -}}
 {{- $router := dict "listen" (printf "0.0.0.0:%v" .Values.router.port) "strategy" .Values.router.strategy "discovery" $discovery -}}
-{{- $kv := dict "enabled" true "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed -}}
+{{- $kv := dict "enabled" true "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed "block_hashing" .Values.kvCache.blockHashing "tokenizer" .Values.router.tokenizer -}}
 {{- if .Values.kvCache.enabled -}}
 {{- $_ := set $kv "service" (printf "http://%s.%s.svc:%v" (include "ai-inference-optimization.kvcacheName" .) .Release.Namespace .Values.kvCache.port) -}}
 {{- end -}}
@@ -54,7 +54,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.router.discovery.namespace -}}
 {{- $_ := set $discovery "namespace" .Values.router.discovery.namespace -}}
 {{- end -}}
-{{- $kv := dict "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed "size" (toString .Values.kvCache.size) "events" (dict "discovery" $discovery) -}}
+{{- $kv := dict "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed "block_hashing" .Values.kvCache.blockHashing "size" (toString .Values.kvCache.size) "events" (dict "discovery" $discovery) -}}
 {{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.kvCache.port) "kv_cache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
