@@ -154,8 +154,11 @@ def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile
     engines, events = [], {}
     for i in range(count):
         port, events_port = free_port(), free_port()
+        # vLLM's own block hashes (sha256, its default seed), as a real vLLM reports them: vllm-router's kv_aware
+        # recomputes exactly these, and fuyao's index keys blocks by content whatever the hash
         args = ["--port", str(port), "--num-gpu-blocks", str(blocks), "--max-num-batched-tokens", "4096",
-                "--kv-events-endpoint", f"tcp://*:{events_port}", "--log-level", "warning"]
+                "--kv-events-endpoint", f"tcp://*:{events_port}", "--log-level", "warning",
+                "--prefix-caching-hash-algo", "sha256"]
         if roles:
             args += ["--role", roles[i]]
         if profile:

@@ -35,7 +35,7 @@ Source = Literal["ids", "cache", "local", "engine", "failed"]
 """How a prompt's ids were found: given as ids, cached, tokenized in the router, asked of an engine, or not at all."""
 
 CHAT_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template",
-               "chat_template_kwargs", "tools", "documents")
+               "chat_template_kwargs", "tools")
 """The chat request fields that decide its prompt tokens (vLLM's ``TokenizeChatRequest`` takes the same)."""
 OFF_LOOP_CHARS = 64 * 1024
 """Longer texts are tokenized in a worker thread (the event loop keeps serving other requests)."""

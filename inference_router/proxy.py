@@ -41,6 +41,8 @@ decisions_log = logging.getLogger("inference_router.decisions")
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
                 "proxy-connection", "te", "trailer"}
+_WHOLE_BODY_BYTES = 1 << 20
+"""Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
 TOKENIZE_RETRY_S = 60.0
 """A backend without ``/tokenize`` is not asked again for this long."""
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
@@ -75,6 +77,13 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Relayed(web.StreamResponse):
+    """A relayed stream whose headers go out with its first chunk (one write, not two; aiohttp's own
+    ``web.Response`` buffers them the same way)."""
+
+    _send_headers_immediately = False
 
 
 class _BackendFailed(Exception):
@@ -307,8 +316,20 @@ class Router:
                     dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                 self.prefix.routed(backend.url, hashes)
-                response = web.StreamResponse(status=upstream.status, headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS})
+                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+                length = upstream.content_length
+                if length is not None and length <= _WHOLE_BODY_BYTES:
+                    # a complete answer of known, small size (not streamed): read it and answer in one write
+                    try:
+                        body = await upstream.read()
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        dispatch.failed()
+                        raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                    dispatch.first_byte()
+                    self.metrics.ttft.observe(time.perf_counter() - started)
+                    dispatch.succeeded()
+                    return web.Response(body=body, status=upstream.status, headers=headers)
+                response = _Relayed(status=upstream.status, headers=headers)
                 chunks = aiter(upstream.content.iter_any())
                 first = True
                 while True:

@@ -55,6 +55,20 @@ def test_prefix_aware_estimates_the_time_to_first_token() -> None:
     full = Candidate("http://full", kv_usage=0.9)
     assert choose("prefix-aware", [full, Candidate("http://free")], RoundRobin(), prompt_tokens=100,
                   prefix=w).url == "http://free"
+    # under KV pressure (every prefix cache full) a copy elsewhere also evicts ~its size of someone's cache: the
+    # same queue that spreads a context on a roomy fleet keeps it on its engine on a full one
+    roomy_holder = Candidate("http://a", in_flight=2, prefix_blocks=30, pending_tokens=800, prefilling=1)
+    roomy_other = Candidate("http://b", in_flight=1)
+    assert choose("prefix-aware", [roomy_holder, roomy_other], RoundRobin(), prompt_tokens=512, prefix=w).url \
+        == "http://b"
+    full_holder = Candidate("http://a", in_flight=2, prefix_blocks=30, pending_tokens=800, prefilling=1,
+                            occupancy=1.0)
+    full_other = Candidate("http://b", in_flight=1, occupancy=1.0)
+    assert choose("prefix-aware", [full_holder, full_other], RoundRobin(), prompt_tokens=512, prefix=w).url \
+        == "http://a"
+    # a new context (cached nowhere) goes where its blocks evict least
+    assert choose("prefix-aware", [Candidate("http://a", occupancy=1.0), Candidate("http://b", occupancy=0.2)],
+                  RoundRobin(), prompt_tokens=512, prefix=w).url == "http://b"
 
 
 def test_circuit_breaker_opens_probes_and_closes() -> None:

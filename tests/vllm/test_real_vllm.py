@@ -123,16 +123,19 @@ def test_fuyao_and_the_simulator_tokenize_as_the_engine(engine: Daemon) -> None:
         sim.close()
 
 
-def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: list[Daemon],
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokenizing", ["engine", "model-dir"])
+def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: list[Daemon], tmp_path: Path,
+                                                                          tokenizing: str) -> None:
     """Each engine gets a context straight (the router never saw it: only the engines' events reveal where it is);
     then follow-ups through the prefix-aware router land on the engine holding their context, and that engine's
-    ``vllm:prefix_cache_hits_total`` grows by the context's blocks."""
+    ``vllm:prefix_cache_hits_total`` grows by the context's blocks. With the router's default tokenizer (the
+    engines' own /tokenize, nothing but the engines given) and with the model directory."""
     config = tmp_path / "router.yaml"
     config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
-    front = router("--config", str(config), "--tokenizer", str(tiny_model()), "--strategy", "prefix-aware",
+    local = ["--tokenizer", str(tiny_model())] if tokenizing == "model-dir" else []
+    front = router("--config", str(config), *local, "--strategy", "prefix-aware",
                    *[a for e in pair for a in ("--backend", e.url, "--kv-events", f"{e.events}={e.url}")])  # type: ignore[attr-defined]
-    contexts = [f"Context {name}: " + f"{name} floods, levees and rain storms by the river. " * 25
+    contexts = [f"Context {name} {tokenizing}: " + f"{name} floods, levees and rain storms by the river. " * 25
                 for name in ("north", "south")]
     try:
         front.start()
@@ -153,8 +156,59 @@ def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: 
                 assert {u: after[u] - sent[u] for u in after} == {e.url: float(e is engine) for e in pair}
                 full = len(tokenizer().encode(context).ids) // BLOCK_SIZE
                 assert _metric(engine, "vllm:prefix_cache_hits_total") - before[engine.url] >= full * BLOCK_SIZE
+        page = front.get("/metrics")[1]
+        source = "engine" if tokenizing == "engine" else "local"
+        assert metric_total(page, "inference_prompt_tokenizations_total", source=source) == 4
     finally:
         front.close()
+
+
+def test_chats_return_to_the_engine_holding_them_with_the_engines_own_template(pair: list[Daemon],
+                                                                                tmp_path: Path) -> None:
+    """A conversation started straight on one engine continues through the router (default tokenizer: the engine
+    renders the chat template) on that engine, and its cache serves the history."""
+    config = tmp_path / "router.yaml"
+    config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
+    front = router("--config", str(config), "--strategy", "prefix-aware",
+                   *[a for e in pair for a in ("--backend", e.url, "--kv-events", f"{e.events}={e.url}")])  # type: ignore[attr-defined]
+    history = [{"role": "system", "content": "You answer about estuaries. " + CONTEXT},
+               {"role": "user", "content": "Where does the river meet the sea?"}]
+    try:
+        front.start()
+        time.sleep(1.0)
+        for holder in pair:
+            chat = [{**history[0], "content": f"{holder.url} " + history[0]["content"]}, history[1]]
+            assert http_json(holder.url + "/v1/chat/completions", {"model": MODEL, "messages": chat,
+                                                                   "max_tokens": 2}, timeout=60)
+        time.sleep(1.0)
+        for holder in reversed(pair):
+            chat = [{**history[0], "content": f"{holder.url} " + history[0]["content"]}, history[1],
+                    {"role": "assistant", "content": "At the estuary."}, {"role": "user", "content": "And then?"}]
+            before = {e.url: _metric(e, "vllm:prefix_cache_hits_total") for e in pair}
+            status, body = front.post("/v1/chat/completions", {"model": MODEL, "messages": chat, "max_tokens": 2})
+            assert status == 200, body
+            gained = {e.url: _metric(e, "vllm:prefix_cache_hits_total") - before[e.url] for e in pair}
+            assert gained[holder.url] >= 4 * BLOCK_SIZE and not any(v for u, v in gained.items() if u != holder.url)
+    finally:
+        front.close()
+
+
+def test_vllm_exact_keys_match_the_engines_hashes_without_token_ids(engine: Daemon) -> None:
+    """``block_hashing.mode: vllm`` (sha256, PYTHONHASHSEED unset: vLLM's default seed): the engine's events with
+    their token_ids taken away still place its blocks, and a lookup by the prompt's ids — hashed as vLLM hashes
+    them — finds every full block."""
+    from fuyao.kv_blocks import BlockStored as Stored
+    from kvcache.index import KvIndex
+    from kvcache.keys import VllmKeys
+
+    prompt = "Exact keys, no tokens. " + CONTEXT
+    raw = _first_stored(engine, engine.events, prompt)  # type: ignore[attr-defined]
+    keys = VllmKeys(BLOCK_SIZE, "sha256")
+    index = KvIndex(BLOCK_SIZE, keys=keys)
+    index.apply(engine.url, [Stored(raw["block_hashes"], raw["parent_block_hash"], [], raw["block_size"])])
+    ids = raw["token_ids"]
+    assert keys.chain(ids) == raw["block_hashes"]  # vLLM's own hashes, computed by the router
+    assert index.lookup(ids) == {engine.url: len(raw["block_hashes"])}
 
 
 def _post(daemon: Daemon, body: dict[str, Any]) -> tuple[int, Any]:
