@@ -85,6 +85,8 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
     length = request.content_length
     if length is not None and length > max_bytes:
         raise BodyError(413, f"the request body is {length} bytes; at most {max_bytes} are accepted")
+    if length is not None and request.content.is_eof():
+        return await request.read()  # all of it (within the cap) is here already: the common small request
     chunks: list[bytes] = []
     size = 0
     try:

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from yarl import URL
 
 from fuyao.http_body import BodyError, read_json
 
@@ -121,6 +122,7 @@ class Router:
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None
         self.draining = False
+        self._urls: dict[tuple[str, str], URL] = {}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
@@ -285,6 +287,15 @@ class Router:
         self.metrics.errors.labels("no-backend" if last is None else "backend-failed").inc()
         return _error(502 if last else 503, f"no backend could answer: {reason}")
 
+    def _url(self, base: str, path: str) -> URL:
+        """The parsed URL of ``path`` on a backend (parsed once: the request path does not parse it again)."""
+        url = self._urls.get((base, path))
+        if url is None:
+            if len(self._urls) > 4096:
+                self._urls.clear()  # backends come and go with discovery: never grows without bound
+            url = self._urls[(base, path)] = URL(base + path)
+        return url
+
     def _dispatch(self, backend: Backend, role: str, uncached: int = 0) -> Dispatch:
         self.metrics.backend_requests.labels(backend.url, role).inc()
         return backend.dispatch(uncached)
@@ -303,10 +314,11 @@ class Router:
         with self._dispatch(backend, backend.role, uncached) as dispatch:
             self.metrics.queue_time.observe(time.perf_counter() - started)
             try:
-                upstream = await asyncio.wait_for(self.session.post(
-                    backend.url + path, data=raw, headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=timeout_s, sock_read=self.config.inference.stream_idle_timeout)
-                ), timeout=self.config.inference.prefill_timeout)
+                async with asyncio.timeout(self.config.inference.prefill_timeout):  # to the answer's headers
+                    upstream = await self.session.post(
+                        self._url(backend.url, path), data=raw, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=timeout_s,
+                                                      sock_read=self.config.inference.stream_idle_timeout))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 dispatch.failed()
                 raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
