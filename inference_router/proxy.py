@@ -73,11 +73,29 @@ class RouterMetrics:
                                "found: ids (sent as token ids), cache (seen before), local (the router's tokenizer), "
                                "engine (an engine's /tokenize), failed (routed on load alone)", ("source",),
                                registry=r)
+        self._by_status: dict[int, Any] = {}
+        self._by_backend: dict[tuple[str, str], Any] = {}
         self.prefix_blocks = Histogram("inference_prefix_match_ratio", "Share of the prompt's blocks cached on the "
                                        "chosen backend", buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def answered(self, status: int) -> None:
+        """One more answer with this HTTP status (the label's child is looked up once per status)."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
+
+    def sent(self, backend: str, role: str) -> None:
+        key = (backend, role)
+        child = self._by_backend.get(key)
+        if child is None:
+            if len(self._by_backend) > 4096:
+                self._by_backend.clear()
+            child = self._by_backend[key] = self.backend_requests.labels(backend, role)
+        child.inc()
 
 
 class _Relayed(web.StreamResponse):
@@ -126,7 +144,10 @@ class Router:
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # no cookie jar: a cookie one engine sets must never ride along with another client's request (and the
+        # jar's bookkeeping costs on every request)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self.session is not None:
@@ -251,7 +272,7 @@ class Router:
 
     def _finish(self, response: web.StreamResponse, started: float, error: str | None = None) -> web.StreamResponse:
         self.metrics.latency.observe(time.perf_counter() - started)
-        self.metrics.requests.labels(str(response.status)).inc()
+        self.metrics.answered(response.status)
         if error or response.status >= 400:
             self.metrics.errors.labels(error or f"http-{response.status}").inc()
         return response
@@ -297,7 +318,7 @@ class Router:
         return url
 
     def _dispatch(self, backend: Backend, role: str, uncached: int = 0) -> Dispatch:
-        self.metrics.backend_requests.labels(backend.url, role).inc()
+        self.metrics.sent(backend.url, role)
         return backend.dispatch(uncached)
 
     async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,

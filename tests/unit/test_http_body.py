@@ -70,6 +70,9 @@ def _request(body: bytes, length: bool = True) -> web.Request:
         def iter_any(self):  # type: ignore[no-untyped-def]
             return payload.iter_any_gen()
 
+        def is_eof(self) -> bool:
+            return False  # still arriving: read chunk by chunk
+
     request._payload = Content()  # type: ignore[attr-defined]
     request.payload_chunks = payload  # type: ignore[attr-defined]
     return request
