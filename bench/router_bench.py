@@ -186,7 +186,23 @@ def start_vllm_fleet(count: int, blocks: int) -> Fleet:
         for e in engines:
             e.close()
         raise
-    return Fleet(engines, {e.url: e.events for e in engines}, BLOCK_SIZE, MODEL)  # type: ignore[attr-defined]
+    # vLLM binds its PUB socket only on a wildcard or ipc address, and vllm-router's kv_aware takes only
+    # tcp://HOST:PORT: forward each engine's ipc stream to a loopback TCP PUB (a ZMQ XSUB/XPUB proxy)
+    return Fleet(engines, {e.url: _loopback_events(e.events) for e in engines}, BLOCK_SIZE, MODEL)  # type: ignore[attr-defined]
+
+
+def _loopback_events(ipc: str) -> str:
+    import threading
+
+    import zmq
+
+    context = zmq.Context.instance()
+    port = free_port()
+    inbound, outbound = context.socket(zmq.XSUB), context.socket(zmq.XPUB)
+    inbound.connect(ipc)
+    outbound.bind(f"tcp://127.0.0.1:{port}")
+    threading.Thread(target=zmq.proxy, args=(inbound, outbound), daemon=True).start()
+    return f"tcp://127.0.0.1:{port}"
 
 
 def ensure_vllm_router() -> Path | None:
@@ -206,7 +222,14 @@ def ensure_vllm_router() -> Path | None:
 def start_router(kind: str, strategy: str, fleet: Fleet, pd: tuple[list[str], list[str]] | None = None) -> Daemon:
     port = free_port()
     if kind == "fuyao":
+        strategy, _, tokenizer = strategy.partition(" +tokenizer=")  # "prefix-aware +tokenizer=DIR": local tokens
         args = ["--listen", f"127.0.0.1:{port}", "--strategy", strategy, "--log-level", "warning"]
+        if tokenizer:
+            args += ["--tokenizer", tokenizer]
+        if fleet.block_size != 16:
+            config = Path(f"/tmp/fuyao-bench-router-{port}.yaml")
+            config.write_text(f"version: v1\nkv_cache:\n  block_size: {fleet.block_size}\n")
+            args += ["--config", str(config)]
         if pd:
             args += [a for url in pd[0] for a in ("--prefill", url)] + [a for url in pd[1] for a in ("--decode", url)]
         else:
@@ -432,7 +455,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=640, help="KV blocks per engine (16 tokens each)")
     parser.add_argument("--only", default="shared-prefix,multi-turn,random,pd,overhead")
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
-    parser.add_argument("--vllm-rate", type=float, default=6.0, help="requests per second for vllm-pressure")
+    parser.add_argument("--vllm-rate", type=float, default=1.2, help="requests per second for vllm-pressure (two "
+                        "CPU engines sharing this machine's cores serve about 1.5 at most)")
+    parser.add_argument("--vllm-words", type=int, default=150, help="words per shared context for vllm-pressure")
     parser.add_argument("--rates", default="", help="per-workload rates, e.g. 'zipf=10,shared-prefix-pressure=9' "
                         "(others: --rate)")
     parser.add_argument("--seed", type=int, default=7)
@@ -467,10 +492,14 @@ def main() -> None:
     if "vllm-pressure" in wanted:
         # The pressure case on real vLLM CPU engines: 2 engines of 96 blocks x 32 tokens (~7 of these ~0.4k-token
         # contexts each), 24 contexts, a load near what the two engines serve on this machine.
-        jobs = shared_prefix(args.vllm_rate, args.duration, args.seed, groups=24, prefix_words=300, output=16)
+        jobs = shared_prefix(args.vllm_rate, args.duration, args.seed, groups=24, prefix_words=args.vllm_words,
+                             output=16)
         rows = {}
-        for kind, strategy in (("fuyao", "round-robin"), ("fuyao", "prefix-aware"), ("vllm-router", "cache_aware"),
-                               ("vllm-router", "kv_aware")):
+        from tests.support.vllm import tiny_model
+
+        for kind, strategy in (("fuyao", "round-robin"), ("fuyao", "prefix-aware"),
+                               ("fuyao", f"prefix-aware +tokenizer={tiny_model()}"),
+                               ("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")):
             if kind == "vllm-router" and not have_vllm_router:
                 continue
             if args.routers and f"{kind} {strategy}" not in args.routers.split(","):
