@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.router_bench import pct, run_load, shared_prefix  # noqa: E402
-from tests.support.engines import Daemon, router  # noqa: E402
+from tests.support.engines import Daemon, metric_total, router  # noqa: E402
 from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine, vllm_python  # noqa: E402
 
 STEPS = 5
@@ -75,7 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="hack/demo.sh --engine vllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["vllm"], default="vllm")
-    parser.add_argument("--rate", type=float, default=4.0, help="requests per second of the workload")
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per second of the workload (two CPU "
+                        "engines sharing a 2-core machine serve about 1.5)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     parser.add_argument("--groups", type=int, default=8, help="distinct shared prefixes")
     parser.add_argument("--prefix-words", type=int, default=300, help="words per shared prefix")
@@ -124,10 +125,11 @@ def main() -> None:
             hit = "-" if result["hit_rate"] is None else f"{result['hit_rate'] * 100:.0f} %"
             say(f"{name:<26} {result['requests']:>8} {result['errors']:>6} {ms(result['p50']):>10} "
                 f"{ms(result['p88']):>10} {hit:>17}")
-        tokenized = fuyao.get("/metrics")[1]
-        lines = [line for line in tokenized.splitlines() if line.startswith("inference_prompt_tokenizations_total")]
-        say("prompts tokenized by: " + ", ".join(line.split("source=")[1].replace('"}', "=").replace('"', "")
-                                                for line in lines))
+        page = fuyao.get("/metrics")[1]
+        counts = {source: metric_total(page, "inference_prompt_tokenizations_total", source=source)
+                  for source in ("engine", "cache", "failed")}
+        say("prompts through prefix-aware: {engine:.0f} tokenized by an engine's /tokenize, {cache:.0f} from the "
+            "router's cache, {failed:.0f} routed on load alone".format(**counts))
         say(f"done in {time.monotonic() - since:.1f} s")
 
         step(5, "where to look next")
