@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -35,8 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -334,6 +337,26 @@ async def run_load(url: str, jobs: list[Job]) -> tuple[list[Sample], float]:
 
         samples = await asyncio.gather(*(scheduled(j) for j in jobs))
         return list(samples), time.perf_counter() - start
+
+
+def steady_state_run(url: str, jobs: list[Job], run: str,
+                     counters: Callable[[], tuple[float, float]]) -> dict[str, Any]:
+    """The demos' measured run: ``run``'s name goes in front of every prompt (its prefixes are its own, so no run is
+    served from another's cache), one unmeasured warm-up request per prefix (measured in steady state, not on the
+    first sight of each prefix, which no router can avoid), then the jobs. TTFT from the streamed answers; the hit
+    rate from ``counters()`` (the engines' prefix-cache hits and queries) before and after."""
+    for job in jobs:
+        job.body["prompt"] = f"[{run}] " + job.body["prompt"]
+    firsts = {job.body["prompt"].split(" Question: ", 1)[0]: job for job in reversed(jobs)}
+    asyncio.run(run_load(url, [dataclasses.replace(job, at=0.0) for job in firsts.values()]))
+    before = counters()
+    samples, wall = asyncio.run(run_load(url, jobs))
+    after = counters()
+    ok = [s for s in samples if s.error is None and s.ttft is not None]
+    ttft = [s.ttft for s in ok if s.ttft is not None]
+    queries = after[1] - before[1]
+    return {"requests": len(samples), "errors": len(samples) - len(ok), "p50": pct(ttft, 50), "p88": pct(ttft, 88),
+            "hit_rate": (after[0] - before[0]) / queries if queries else None, "wall": wall}
 
 
 def pct(values: list[float], q: float) -> float | None:

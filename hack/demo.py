@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.router_bench import pct, run_load, shared_prefix  # noqa: E402
+from bench.router_bench import shared_prefix, steady_state_run  # noqa: E402
 from fuyao.contracts import (  # noqa: E402
     ANNOTATION_NODE_TOPOLOGY,
     ANNOTATION_POD_ASSIGNED,
@@ -173,27 +171,13 @@ def engine_counters(pods: list[dict[str, Any]]) -> tuple[float, float]:
 
 
 def workload_run(url: str, run: str, args: argparse.Namespace, pods: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same arrivals and prompt shapes for every run (one seed); the run's name in front of every prompt makes
-    its prefixes its own, so no run is served from another's cache. TTFT from the router's streamed answers; the hit
-    rate from the prefill engines' own vLLM counters."""
+    """The same arrivals and prompt shapes for every run (one seed), measured in steady state
+    (``steady_state_run``); the hit rate from the prefill engines' own vLLM counters."""
     jobs = shared_prefix(args.rate, args.duration, args.seed, groups=args.groups, prefix_words=args.prefix_words,
                          output=16)
     for job in jobs:
         job.body["model"] = MODEL
-        job.body["prompt"] = f"[{run}] " + job.body["prompt"]
-    # warm-up, not measured: one request per prefix, so both runs are measured in steady state (not on the first
-    # sight of each prefix, which no router can avoid)
-    firsts = {job.body["prompt"].split(" Question: ", 1)[0]: job for job in reversed(jobs)}
-    asyncio.run(run_load(url, [dataclasses.replace(job, at=0.0) for job in firsts.values()]))
-    before = engine_counters(pods)
-    samples, wall = asyncio.run(run_load(url, jobs))
-    after = engine_counters(pods)
-    ok = [s for s in samples if s.error is None and s.ttft is not None]
-    ttft = [s.ttft for s in ok]
-    queries = after[1] - before[1]
-    return {"requests": len(samples), "errors": len(samples) - len(ok),
-            "p50": pct(ttft, 50), "p88": pct(ttft, 88),  # type: ignore[arg-type]
-            "hit_rate": (after[0] - before[0]) / queries if queries else None, "wall": wall}
+    return steady_state_run(url, jobs, run, lambda: engine_counters(pods))
 
 
 def baseline_router(cluster: LocalCluster) -> tuple[subprocess.Popen[bytes], str]:

@@ -15,8 +15,6 @@ vLLM's CPU build is too big for the runtime image (about 6 GB), so this demo run
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.router_bench import pct, run_load, shared_prefix  # noqa: E402
+from bench.router_bench import shared_prefix, steady_state_run  # noqa: E402
 from tests.support.engines import Daemon, metric_total, router  # noqa: E402
 from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine, vllm_python  # noqa: E402
 
@@ -47,24 +45,12 @@ def counters(engines: list[Daemon]) -> tuple[float, float]:
 
 
 def workload_run(url: str, run: str, args: argparse.Namespace, engines: list[Daemon]) -> dict[str, Any]:
-    """Same arrivals and prompt shapes for both runs (one seed); the run's name in front of every prompt makes its
-    prefixes its own. One unmeasured warm-up request per prefix first, so both runs are measured in steady state."""
+    """Same arrivals and prompt shapes for both runs (one seed), measured in steady state (``steady_state_run``)."""
     jobs = shared_prefix(args.rate, args.duration, args.seed, groups=args.groups, prefix_words=args.prefix_words,
                          output=16)
     for job in jobs:
         job.body["model"] = MODEL
-        job.body["prompt"] = f"[{run}] " + job.body["prompt"]
-    firsts = {job.body["prompt"].split(" Question: ", 1)[0]: job for job in reversed(jobs)}
-    asyncio.run(run_load(url, [dataclasses.replace(job, at=0.0) for job in firsts.values()]))
-    before = counters(engines)
-    samples, wall = asyncio.run(run_load(url, jobs))
-    after = counters(engines)
-    ok = [s for s in samples if s.error is None and s.ttft is not None]
-    ttft = [s.ttft for s in ok]
-    queries = after[1] - before[1]
-    return {"requests": len(samples), "errors": len(samples) - len(ok), "p50": pct(ttft, 50),  # type: ignore[arg-type]
-            "p88": pct(ttft, 88), "hit_rate": (after[0] - before[0]) / queries if queries else None,  # type: ignore[arg-type]
-            "wall": wall}
+    return steady_state_run(url, jobs, run, lambda: counters(engines))
 
 
 def ms(value: float | None) -> str:
