@@ -359,6 +359,21 @@ def steady_state_run(url: str, jobs: list[Job], run: str,
             "hit_rate": (after[0] - before[0]) / queries if queries else None, "wall": wall}
 
 
+def comparison_lines(rows: list[tuple[str, dict[str, Any]]], hits: str = "prefix hits") -> list[str]:
+    """The demos' table of :func:`steady_state_run` results, one line per router."""
+    width = max(len(name) for name, _ in rows) + 2
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    lines = [f"{'router':<{width}} {'requests':>8} {'errors':>6} {'TTFT p50':>10} {'TTFT p88':>10} {hits:>{len(hits)}}"]
+    for name, result in rows:
+        hit = "-" if result["hit_rate"] is None else f"{result['hit_rate'] * 100:.0f} %"
+        lines.append(f"{name:<{width}} {result['requests']:>8} {result['errors']:>6} {ms(result['p50']):>10} "
+                     f"{ms(result['p88']):>10} {hit:>{len(hits)}}")
+    return lines
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None

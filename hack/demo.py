@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.router_bench import shared_prefix, steady_state_run  # noqa: E402
+from bench.router_bench import comparison_lines, shared_prefix, steady_state_run  # noqa: E402
 from fuyao.contracts import (  # noqa: E402
     ANNOTATION_NODE_TOPOLOGY,
     ANNOTATION_POD_ASSIGNED,
@@ -206,10 +206,6 @@ def wait_serving(url: str, backends: int) -> None:
     wait_for(serving, 90, f"{backends} healthy backends at {url}")
 
 
-def ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="hack/demo.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,11 +275,8 @@ def main() -> None:
         proc.terminate()
         proc.wait(10)
     say("")
-    say(f"{'router':<34} {'requests':>8} {'errors':>6} {'TTFT p50':>10} {'TTFT p88':>10} {'prefix hits':>12}")
-    for name, result in (("round-robin (baseline)", baseline), ("fuyao prefix-aware (chart)", fuyao)):
-        hit = "-" if result["hit_rate"] is None else f"{result['hit_rate'] * 100:.0f} %"
-        say(f"{name:<34} {result['requests']:>8} {result['errors']:>6} {ms(result['p50']):>10} "
-            f"{ms(result['p88']):>10} {hit:>12}")
+    for line in comparison_lines([("round-robin (baseline)", baseline), ("fuyao prefix-aware (chart)", fuyao)]):
+        say(line)
     if baseline["p50"] and fuyao["p50"]:
         say(f"TTFT p50: {baseline['p50'] / fuyao['p50']:.1f}x lower with prefix-aware routing "
             f"(p88 {baseline['p88'] / fuyao['p88']:.1f}x)")

@@ -23,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.router_bench import shared_prefix, steady_state_run  # noqa: E402
+from bench.router_bench import comparison_lines, shared_prefix, steady_state_run  # noqa: E402
 from tests.support.engines import Daemon, metric_total, router  # noqa: E402
 from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine, vllm_python  # noqa: E402
 
@@ -51,10 +51,6 @@ def workload_run(url: str, run: str, args: argparse.Namespace, engines: list[Dae
     for job in jobs:
         job.body["model"] = MODEL
     return steady_state_run(url, jobs, run, lambda: counters(engines))
-
-
-def ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
 
 
 def main() -> None:
@@ -106,11 +102,9 @@ def main() -> None:
         say("prefix-aware ...")
         pa = workload_run(fuyao.url, "prefix-aware", args, engines)
         say("")
-        say(f"{'router':<26} {'requests':>8} {'errors':>6} {'TTFT p50':>10} {'TTFT p88':>10} {'vLLM prefix hits':>17}")
-        for name, result in (("round-robin (baseline)", rr), ("fuyao prefix-aware", pa)):
-            hit = "-" if result["hit_rate"] is None else f"{result['hit_rate'] * 100:.0f} %"
-            say(f"{name:<26} {result['requests']:>8} {result['errors']:>6} {ms(result['p50']):>10} "
-                f"{ms(result['p88']):>10} {hit:>17}")
+        for line in comparison_lines([("round-robin (baseline)", rr), ("fuyao prefix-aware", pa)],
+                                     "vLLM prefix hits"):
+            say(line)
         page = fuyao.get("/metrics")[1]
         counts = {source: metric_total(page, "inference_prompt_tokenizations_total", source=source)
                   for source in ("engine", "cache", "failed")}
