@@ -148,12 +148,18 @@ SCHEMAS: dict[str, Schema] = {
             "discovery": obj({"namespace": string("empty: every namespace")}),
             "pdSeparation": obj({"enabled": boolean(), "fallback": {"enum": ["decode-only", "error"]}}),
             "model": string(),
+            "tokenizer": string("engine (the engines' /tokenize), builtin, or the served model's directory or "
+                                "tokenizer.json", minLength=1),
             "config": {**FREE_MAP, "description": "merged into the router's config.yaml (validated at start)"},
             "resources": RESOURCES, **placement(),
         }),
         "kvCache": obj({
             "enabled": boolean(), "replicas": integer(0), "size": QUANTITY, "blockSize": integer(1, 4096),
             "hashSeed": integer(0), "port": PORT,
+            "blockHashing": obj({"mode": {"enum": ["content", "vllm"]},
+                                 "algo": {"enum": ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]},
+                                 "seed": {"type": ["string", "null"]}},
+                                description="how blocks are named, for the router and the index alike"),
             "discovery": obj({"labelSelector": string(minLength=1)}),
             "config": {**FREE_MAP, "description": "merged into the kv_cache section (validated at start)"},
             "resources": RESOURCES, **placement(),
