@@ -249,7 +249,9 @@ class Router:
                                          timeout=aiohttp.ClientTimeout(
                                              total=self.config.kv_cache.tokenize_timeout)) as response:
                 data = await response.read()
-                if response.status in (404, 405):
+                if response.status == 405 or (response.status == 404 and b'"error"' not in data):
+                    # no such route (an OpenAI-style error body is the engine's answer about this request instead,
+                    # e.g. a model it does not serve)
                     backend.tokenize_after = now + TOKENIZE_RETRY_S
                     log.warning("backend %s has no /tokenize (HTTP %d): prompts are not tokenized there for "
                                 "%.0f s", backend.url, response.status, TOKENIZE_RETRY_S,
