@@ -90,7 +90,7 @@ def main() -> None:
         events = [f"--kv-events={e.events}={e.url}" for e in engines]  # type: ignore[attr-defined]
         baseline = router(*common, "--strategy", "round-robin").start()
         routers.append(baseline)
-        fuyao = router(*common, *events, "--strategy", "prefix-aware", "--config", str(_config(args))).start()
+        fuyao = router(*common, *events, "--strategy", "prefix-aware", "--config", str(_config())).start()
         routers.append(fuyao)
         say(f"round-robin router {baseline.url}, prefix-aware router {fuyao.url}")
         say(f"done in {time.monotonic() - since:.1f} s")
@@ -125,7 +125,7 @@ def main() -> None:
             daemon.close()
 
 
-def _config(args: argparse.Namespace) -> Path:
+def _config() -> Path:
     path = Path("/tmp/fuyao-demo-vllm-router.yaml")
     path.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
     return path
