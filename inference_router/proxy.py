@@ -16,7 +16,6 @@ log line per request).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -24,9 +23,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import generate_latest
-from yarl import URL
 
 from fuyao.http_body import BodyError, read_json
 
@@ -34,68 +30,24 @@ from . import admission
 from .balancing import Decision, RoundRobin, choose
 from .config import RouterConfig
 from .fleet import Backend, Dispatch, Fleet, PrefixSource
+from .metrics import RouterMetrics
 from .prompts import Prompts
+from .upstream import Response as UpstreamResponse
+from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("inference_router.decisions")
 
-_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
-                "proxy-connection", "te", "trailer"}
+_HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
+                          b"proxy-connection", b"te", b"trailer", b"expect"})
+"""Headers that belong to one connection (RFC 9110 §7.6.1), never passed on; ``expect`` is answered by the router."""
+_JSON = ((b"Content-Type", b"application/json"),)
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
 TOKENIZE_RETRY_S = 60.0
 """A backend without ``/tokenize`` is not asked again for this long."""
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
-
-
-class RouterMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.latency = Histogram("inference_latency", "End-to-end request latency through the router, seconds",
-                                 buckets=_LATENCY, registry=r)
-        self.requests = Counter("inference_requests", "Requests answered, by HTTP status", ("code",), registry=r)
-        self.errors = Counter("inference_errors", "Requests that failed, by reason", ("reason",), registry=r)
-        self.queue_depth = Gauge("queue_depth", "Requests in the router now (admitted, not finished)", registry=r)
-        self.queue_time = Histogram("queue_time", "Time from arrival to the backend's first byte is asked "
-                                    "(admission, tokenising, choosing, prefill in P/D), seconds", registry=r,
-                                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
-        self.ttft = Histogram("inference_ttft_seconds", "Time to the first byte of the answer, seconds",
-                              buckets=_LATENCY, registry=r)
-        self.retries = Counter("inference_retries", "Requests retried on another backend", registry=r)
-        self.client_disconnects = Counter("inference_client_disconnects", "Clients that went away before their "
-                                          "answer was complete (not held against the backend)", registry=r)
-        self.backend_requests = Counter("inference_backend_requests", "Requests sent, by backend and role",
-                                        ("backend", "role"), registry=r)
-        self.prompts = Counter("inference_prompt_tokenizations", "Requests' prompts by how their tokens were "
-                               "found: ids (sent as token ids), cache (seen before), local (the router's tokenizer), "
-                               "engine (an engine's /tokenize), failed (routed on load alone)", ("source",),
-                               registry=r)
-        self._by_status: dict[int, Any] = {}
-        self._by_backend: dict[tuple[str, str], Any] = {}
-        self.prefix_blocks = Histogram("inference_prefix_match_ratio", "Share of the prompt's blocks cached on the "
-                                       "chosen backend", buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def answered(self, status: int) -> None:
-        """One more answer with this HTTP status (the label's child is looked up once per status)."""
-        child = self._by_status.get(status)
-        if child is None:
-            child = self._by_status[status] = self.requests.labels(str(status))
-        child.inc()
-
-    def sent(self, backend: str, role: str) -> None:
-        key = (backend, role)
-        child = self._by_backend.get(key)
-        if child is None:
-            if len(self._by_backend) > 4096:
-                self._by_backend.clear()
-            child = self._by_backend[key] = self.backend_requests.labels(backend, role)
-        child.inc()
 
 
 class _Relayed(web.StreamResponse):
@@ -123,6 +75,12 @@ class _Refused(Exception):
         self.status, self.message, self.reason = status, message, reason
 
 
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: no answer in time"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> web.Response:
     return web.Response(body=orjson.dumps({"error": {"message": message, "type": kind, "param": None,
                                                      "code": status}}),
@@ -135,12 +93,12 @@ class Router:
         self.fleet = fleet
         self.prefix = prefix
         self.prompts = Prompts(config.kv_cache.tokenizer, prefix.keys, prefix.block_size)
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(lambda: self.in_flight)
         self.rr = RoundRobin()
         self.in_flight = 0
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # the fleet's health checks, scrapes and index lookups
+        self.upstream = UpstreamPool()  # the request path: proxied requests, prefills, /tokenize
         self.draining = False
-        self._urls: dict[tuple[str, str], URL] = {}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
@@ -150,6 +108,7 @@ class Router:
                                              cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
+        await self.upstream.close()
         if self.session is not None:
             await self.session.close()
 
@@ -186,7 +145,6 @@ class Router:
             return self._finish(_error(429, "too many requests in flight; retry later", "RateLimitError"), started,
                                 "overloaded")
         self.in_flight += 1
-        self.metrics.queue_depth.set(self.in_flight)
         try:
             return self._finish(await self._serve(request, started), started)
         except _ClientGone:
@@ -202,7 +160,6 @@ class Router:
                                 started, "internal")
         finally:
             self.in_flight -= 1
-            self.metrics.queue_depth.set(self.in_flight)
 
     async def _serve(self, request: web.Request, started: float) -> web.StreamResponse:
         path = request.path
@@ -226,7 +183,7 @@ class Router:
             prompt = await self.prompts.resolve(path, body, self._engine_tokenize)
             if prompt is not None:
                 hashes, tokens = prompt.hashes, prompt.tokens
-                self.metrics.prompts.labels(prompt.source).inc()
+                self.metrics.prompts.inc(prompt.source)
         if self.config.pd_separation.enabled and self.fleet.pool("decode", model=model):
             return await self._pd(request, path, body, raw, hashes, started, tokens, model)
         return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
@@ -235,7 +192,6 @@ class Router:
     async def _engine_tokenize(self, kind: str, payload: dict[str, Any], model: str | None) -> list[int] | None:
         """The prompt's token ids from an engine's own ``/tokenize`` (the least busy healthy engine serving
         ``model`` that has one), or None when none answers within ``tokenize_timeout``."""
-        assert self.session is not None
         now = time.monotonic()
         pool = [b for b in self.fleet.pool("prefill", model=model) + self.fleet.pool("both", model=model)
                 if b.tokenize_after <= now]
@@ -244,23 +200,21 @@ class Router:
         backend = min(pool, key=lambda b: b.in_flight)
         body = {**payload, "model": model} if model is not None else payload
         try:
-            async with self.session.post(backend.url + "/tokenize", data=orjson.dumps(body),
-                                         headers={"Content-Type": "application/json"},
-                                         timeout=aiohttp.ClientTimeout(
-                                             total=self.config.kv_cache.tokenize_timeout)) as response:
+            async with await self.upstream.request(backend.url, b"POST", "/tokenize", orjson.dumps(body), _JSON,
+                                                   total=self.config.kv_cache.tokenize_timeout) as response:
                 data = await response.read()
-                if response.status == 405 or (response.status == 404 and b'"error"' not in data):
-                    # no such route (an OpenAI-style error body is the engine's answer about this request instead,
-                    # e.g. a model it does not serve)
-                    backend.tokenize_after = now + TOKENIZE_RETRY_S
-                    log.warning("backend %s has no /tokenize (HTTP %d): prompts are not tokenized there for "
-                                "%.0f s", backend.url, response.status, TOKENIZE_RETRY_S,
-                                extra={"backend": backend.url})
-                    return None
-                if response.status != 200:
-                    return None  # the engine refuses this prompt; it will say why when the request reaches it
-                tokens = orjson.loads(data).get("tokens")
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError) as exc:
+            if response.status == 405 or (response.status == 404 and b'"error"' not in data):
+                # no such route (an OpenAI-style error body is the engine's answer about this request instead,
+                # e.g. a model it does not serve)
+                backend.tokenize_after = now + TOKENIZE_RETRY_S
+                log.warning("backend %s has no /tokenize (HTTP %d): prompts are not tokenized there for "
+                            "%.0f s", backend.url, response.status, TOKENIZE_RETRY_S,
+                            extra={"backend": backend.url})
+                return None
+            if response.status != 200:
+                return None  # the engine refuses this prompt; it will say why when the request reaches it
+            tokens = orjson.loads(data).get("tokens")
+        except (UpstreamError, TimeoutError, OSError, ValueError, AttributeError) as exc:
             log.info("tokenizing on %s failed: %s", backend.url, exc or type(exc).__name__,
                      extra={"backend": backend.url})
             return None
@@ -276,7 +230,7 @@ class Router:
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.answered(response.status)
         if error or response.status >= 400:
-            self.metrics.errors.labels(error or f"http-{response.status}").inc()
+            self.metrics.errors.inc(error or f"http-{response.status}")
         return response
 
     async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
@@ -307,20 +261,11 @@ class Router:
         if last is not None and last.body and last.status < 500:
             return web.Response(body=last.body, status=last.status, content_type="application/json")
         reason = last.reason if last else "no healthy backend"
-        self.metrics.errors.labels("no-backend" if last is None else "backend-failed").inc()
+        self.metrics.errors.inc("no-backend" if last is None else "backend-failed")
         return _error(502 if last else 503, f"no backend could answer: {reason}")
 
-    def _url(self, base: str, path: str) -> URL:
-        """The parsed URL of ``path`` on a backend (parsed once: the request path does not parse it again)."""
-        url = self._urls.get((base, path))
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()  # backends come and go with discovery: never grows without bound
-            url = self._urls[(base, path)] = URL(base + path)
-        return url
-
     def _dispatch(self, backend: Backend, role: str, uncached: int = 0) -> Dispatch:
-        self.metrics.sent(backend.url, role)
+        self.metrics.backend_requests.inc(backend.url, role)
         return backend.dispatch(uncached)
 
     async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
@@ -330,58 +275,59 @@ class Router:
         What goes wrong on the backend's side (connection, timeout, 5xx, a stream cut short) counts against it;
         a client that goes away does not (``inference_client_disconnects_total``): the backend's answer is then
         abandoned, which makes the engine abort the generation."""
-        assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _HOP_HEADERS]
         if request.transport is None or request.transport.is_closing():
             raise _ClientGone  # it left while the request waited (admission, prefill, a retry): ask no engine
+        inference = self.config.inference
         with self._dispatch(backend, backend.role, uncached) as dispatch:
             self.metrics.queue_time.observe(time.perf_counter() - started)
             try:
-                async with asyncio.timeout(self.config.inference.prefill_timeout):  # to the answer's headers
-                    upstream = await self.session.post(
-                        self._url(backend.url, path), data=raw, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=timeout_s,
-                                                      sock_read=self.config.inference.stream_idle_timeout))
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                upstream = await self.upstream.request(backend.url, b"POST", path, raw, headers, total=timeout_s,
+                                                       first=inference.prefill_timeout,
+                                                       idle=inference.stream_idle_timeout)
+            except (UpstreamError, OSError) as exc:
                 dispatch.failed()
-                raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                raise _BackendFailed(_failure(exc)) from None
             async with upstream:
                 if upstream.status >= 500:
-                    body = await upstream.read()
+                    try:
+                        body = await upstream.read()
+                    except UpstreamError:
+                        body = b""
                     dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                 self.prefix.routed(backend.url, hashes)
-                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.headers
+                           if k.lower() not in _HOP_HEADERS]
                 length = upstream.content_length
                 if length is not None and length <= _WHOLE_BODY_BYTES:
                     # a complete answer of known, small size (not streamed): read it and answer in one write
                     try:
                         body = await upstream.read()
-                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    except UpstreamError as exc:
                         dispatch.failed()
-                        raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                        raise _BackendFailed(_failure(exc)) from None
                     dispatch.first_byte()
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     dispatch.succeeded()
                     return web.Response(body=body, status=upstream.status, headers=headers)
                 response = _Relayed(status=upstream.status, headers=headers)
-                chunks = aiter(upstream.content.iter_any())
                 first = True
                 while True:
                     try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        chunk = await upstream.next_chunk()
+                    except UpstreamError as exc:
                         dispatch.failed()
                         if first:
-                            raise _BackendFailed(f"{type(exc).__name__}: {exc}") from None
+                            raise _BackendFailed(_failure(exc)) from None
                         log.warning("backend %s broke off a response: %s", backend.url, exc,
                                     extra={"backend": backend.url})
-                        self.metrics.errors.labels("broken-stream").inc()
+                        self.metrics.errors.inc("broken-stream")
                         if request.transport is not None:
                             request.transport.close()  # cut the client's answer too: never retried or duplicated
                         return response
+                    if chunk is None:
+                        break
                     try:
                         if first:
                             dispatch.first_byte()
@@ -400,7 +346,7 @@ class Router:
                 dispatch.succeeded()
                 return response
 
-    def _client_gone(self, request: web.Request, backend: Backend, upstream: aiohttp.ClientResponse,
+    def _client_gone(self, request: web.Request, backend: Backend, upstream: UpstreamResponse,
                      response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
         self.metrics.client_disconnects.inc()
         log.info("client went away during the answer from %s: %s", backend.url, exc,
@@ -429,29 +375,28 @@ class Router:
             uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
             with self._dispatch(backend, "prefill", uncached) as dispatch:
                 try:
-                    async with self.session.post(backend.url + path, data=orjson.dumps(prefill_body),
-                                                 headers={"Content-Type": "application/json"},
-                                                 timeout=aiohttp.ClientTimeout(
-                                                     total=self.config.inference.prefill_timeout)) as response:
+                    async with await self.upstream.request(backend.url, b"POST", path, orjson.dumps(prefill_body),
+                                                           _JSON, total=self.config.inference.prefill_timeout
+                                                           ) as response:
                         data = await response.read()
-                        dispatch.first_byte()
-                        if response.status != 200:
-                            raise _BackendFailed(f"HTTP {response.status}", response.status, data)
-                        params = orjson.loads(data).get("kv_transfer_params")
-                        if not isinstance(params, dict):
-                            raise _BackendFailed("the prefill answer has no kv_transfer_params")
+                    dispatch.first_byte()
+                    if response.status != 200:
+                        raise _BackendFailed(f"HTTP {response.status}", response.status, data)
+                    params = orjson.loads(data).get("kv_transfer_params")
+                    if not isinstance(params, dict):
+                        raise _BackendFailed("the prefill answer has no kv_transfer_params")
                     dispatch.succeeded()
                     self.prefix.routed(backend.url, hashes)
                     break
-                except (_BackendFailed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                    failure = str(exc) or type(exc).__name__
+                except (_BackendFailed, UpstreamError, TimeoutError, OSError, ValueError) as exc:
+                    failure = _failure(exc)
                     if not isinstance(exc, _BackendFailed) or exc.status >= 500:
                         dispatch.failed()
                     else:
                         dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
                     log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
         if params is None:
-            self.metrics.errors.labels("prefill-failed").inc()
+            self.metrics.errors.inc("prefill-failed")
             if self.config.pd_separation.fallback == "error":
                 return _error(502, f"prefill failed: {failure}")
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
