@@ -34,6 +34,10 @@ RESOURCE_NVIDIA_GPU = "nvidia.com/gpu"
 
 NPU_RESOURCES = (RESOURCE_NPU, RESOURCE_VNPU, RESOURCE_NPU_CORE)
 ACCELERATOR_RESOURCES = (*NPU_RESOURCES, RESOURCE_NVIDIA_GPU)
+EXTENDER_MANAGED_RESOURCES = (*ACCELERATOR_RESOURCES, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY)
+"""What the scheduler extender decides about: a pod asking for one of these is sent to it (kube-scheduler's and
+Volcano's ``managedResources``; both skip the extender for pods that ask for none of them). The chart's default
+``extenderEntry.managedResources``."""
 
 # --------------------------------------------------------------------------------------------------------------
 # Node labels written by the device plugin

@@ -57,6 +57,8 @@ PORT = integer(1, 65535)
 QUANTITY: Schema = {"type": ["string", "integer"], "description": "a Kubernetes quantity, e.g. 10Gi",
                     "pattern": r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[mkMGTPE]|e[0-9]+)?$"}
 ABS_PATH = string(pattern=r"^/")
+RESOURCE_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # a Kubernetes resource name, prefix optional
 
 IMAGE = obj({"repository": string("image repository", minLength=1), "tag": string("default: the chart's appVersion"),
              "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, ("repository",))
@@ -130,7 +132,12 @@ SCHEMAS: dict[str, Schema] = {
                           "schedulerName": string(minLength=1), "image": string(minLength=1),
                           "replicas": integer(0), "leaderElect": boolean(), "resources": RESOURCES}),
         "extenderEntry": obj({"weight": integer(1), "httpTimeout": DURATION, "volcanoHttpTimeout": DURATION,
-                              "ignorable": boolean()}),
+                              "ignorable": boolean(),
+                              "managedResources": {
+                                  "type": "array", "uniqueItems": True, "description":
+                                  "resource names (a YAML list: Volcano exits on any other type)",
+                                  "items": string(pattern=RESOURCE_NAME)},
+                              "volcanoJobEnqueueable": boolean("serve Volcano's jobEnqueueable verb")}),
         "extraArgs": STRING_LIST, "extraEnv": ENV_LIST,
     }),
     "qos-agent": obj({

@@ -28,6 +28,7 @@ from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, read_json
 
 from .kube_protocol import ProtocolError
 from .service import ExtenderService
+from .volcano_verbs import VolcanoVerbs
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +110,12 @@ def build_app(service: ExtenderService) -> web.Application:
         "/prioritize": ("prioritize", s.prioritize),
         "/bind": ("bind", s.bind),
         "/preempt": ("preempt", s.preempt),
-        "/volcano/predicate": ("volcano-predicate", s.volcano_predicate),
-        "/volcano/prioritize": ("volcano-prioritize", s.volcano_prioritize),
-        "/volcano/preemptable": ("volcano-preemptable", lambda b: s.volcano_victims(b, "preemptable")),
-        "/volcano/reclaimable": ("volcano-reclaimable", lambda b: s.volcano_victims(b, "reclaimable")),
-        "/volcano/onSessionOpen": ("volcano-onSessionOpen", lambda b: s.volcano_session(b, "onSessionOpen")),
-        "/volcano/onSessionClose": ("volcano-onSessionClose", lambda b: s.volcano_session(b, "onSessionClose")),
+        **VolcanoVerbs(service).routes(),
     }
     for path, (name, call) in routes.items():
-        if name.startswith("volcano-onSession"):
-            app.router.add_post(path, _ack(service, name))  # Volcano reads only the status: skip the body
-        else:
-            app.router.add_post(path, _verb(service, name, call, big))
+        app.router.add_post(path, _verb(service, name, call, big))
+    for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
+        app.router.add_post(f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok")

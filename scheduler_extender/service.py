@@ -14,23 +14,18 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-from fuyao.contracts import QoSClass
-
 from . import kube_protocol as kp
 from .cluster import ClusterCache
 from .config import ExtenderConfig
 from .features import NodeTable, NodeView, PdIndex
 from .framework import Cycle, Explanation, Framework, to_extender_scores
 from .metrics import ExtenderMetrics
-from .model import NodeInfo, PodInfo, parse_node, parse_pod
+from .model import NodeInfo, PodInfo, parse_pod
 from .plugins import BusinessTypePlugin, ColocationPlugin, DeviceFitPlugin, NumaPlugin, PdAffinityPlugin
 from .plugins.colocation import be_victims
 
 log = logging.getLogger(__name__)
 
-# Volcano's predicate codes (pkg/scheduler/api/types.go)
-VOLCANO_SUCCESS, VOLCANO_UNSCHEDULABLE, VOLCANO_UNRESOLVABLE = 0, 2, 3
-VOLCANO_PERMIT, VOLCANO_ABSTAIN = 1, 0
 SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
 SOFT_SHORTLIST = 16
 """With ``shortlist: 1``, pods with soft scheduling preferences still get this many nodes, for kube-scheduler to weigh
@@ -110,7 +105,7 @@ class ExtenderService:
         self._shortlisted: OrderedDict[str, Explanation] = OrderedDict()
 
     # Shared ------------------------------------------------------------------------------------------------------
-    def _pod(self, raw: Mapping[str, Any]) -> PodInfo:
+    def pod(self, raw: Mapping[str, Any]) -> PodInfo:
         pod = parse_pod(raw)
         if pod.problems and self.warn_pod is not None:
             for problem in pod.problems:
@@ -122,7 +117,7 @@ class ExtenderService:
         return pod
 
     @contextlib.contextmanager
-    def _request_view(self, nodes: list[NodeInfo]) -> Iterator[tuple[NodeView, Cycle]]:
+    def request_view(self, nodes: list[NodeInfo]) -> Iterator[tuple[NodeView, Cycle]]:
         """Candidates the request carried in full (kube-scheduler's Nodes mode, Volcano): a table of their own;
         prefill/decode counts from the cache when it is synced (it sees every node), else from these nodes. The
         table is built outside the cache's lock (its cost grows with the request); the decision reads the cache's
@@ -149,17 +144,17 @@ class ExtenderService:
                 yield view, Cycle(pd=self.cache.pd, domains=self.cache.table), unknown
             return
         infos = [info for raw in args.nodes or [] if (info := self.cache.node_info(raw["metadata"]["name"], raw))]
-        with self._request_view(infos) as (view, cycle):
+        with self.request_view(infos) as (view, cycle):
             yield view, cycle, []
 
-    def _observe(self, rejections: Mapping[tuple[str, str], int]) -> None:
+    def observe(self, rejections: Mapping[tuple[str, str], int]) -> None:
         for (plugin, code), count in rejections.items():
             self.metrics.rejections.labels(plugin, code).inc(count)
 
     # kube-scheduler --------------------------------------------------------------------------------------------
     def filter(self, body: Any) -> dict[str, Any]:
         args = kp.parse_extender_args(body)
-        pod = self._pod(args.pod)
+        pod = self.pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=(
@@ -179,7 +174,7 @@ class ExtenderService:
                 outcome.failed[name] = outcome.explanation.rejected[name] = "node unknown to the extender's cache"
             outcome.rejections[("extender", "node-unknown")] = len(unknown)
         self.explanations.record(outcome.explanation)
-        self._observe(outcome.rejections)
+        self.observe(outcome.rejections)
         self.metrics.decisions.labels("filter", "ok" if outcome.passed else "none-fit").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("filter %s", pod.key, extra=outcome.explanation.as_dict())
@@ -195,7 +190,7 @@ class ExtenderService:
 
     def prioritize(self, body: Any) -> list[dict[str, Any]]:
         args = kp.parse_extender_args(body)
-        pod = self._pod(args.pod)
+        pod = self.pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             return []  # the filter already answered with an error
         with self.cache.lock:
@@ -221,7 +216,7 @@ class ExtenderService:
 
     def preempt(self, body: Any) -> dict[str, Any]:
         args = kp.parse_preemption_args(body)
-        preemptor = self._pod(args.pod)
+        preemptor = self.pod(args.pod)
         kept: dict[str, list[str]] = {}
         candidates: dict[str, list[PodInfo]] = {}
         if args.victims is not None:
@@ -248,73 +243,6 @@ class ExtenderService:
             return True
         reduced = dataclasses.replace(info, pods=[p for p in info.pods if p.uid not in victims], memo={}).refresh()
         return self.framework.check(preemptor, reduced) is None
-
-    # Volcano ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _volcano_node(raw: Any) -> NodeInfo:
-        if not isinstance(raw, dict) or not isinstance(raw.get("Node"), dict):
-            raise kp.ProtocolError("Volcano NodeInfo: expected an object with the full v1.Node under 'Node'")
-        tasks = raw.get("Tasks") or {}
-        if not isinstance(tasks, dict):
-            raise kp.ProtocolError("Volcano NodeInfo.Tasks: expected an object")
-        pods = [parse_pod(t["Pod"]) for t in tasks.values() if isinstance(t, dict) and isinstance(t.get("Pod"), dict)]
-        return parse_node(raw["Node"], pods)
-
-    def _volcano_task(self, raw: Any, what: str = "task") -> PodInfo:
-        if not isinstance(raw, dict) or not isinstance(raw.get("Pod"), dict):
-            raise kp.ProtocolError(f"Volcano {what}: expected a TaskInfo with the full v1.Pod under 'Pod'")
-        return self._pod(raw["Pod"])
-
-    def volcano_predicate(self, body: Any) -> dict[str, Any]:
-        body = kp._object(body, "PredicateRequest")
-        pod = self._volcano_task(body.get("task"))
-        node = self._volcano_node(body.get("node"))
-        result = self.framework.check(pod, node)
-        explanation = Explanation(pod=pod.key, verb="volcano-predicate")
-        if result is None:
-            self.metrics.decisions.labels("volcano-predicate", "ok").inc()
-            self.explanations.record(explanation)
-            return {"status": "", "code": VOLCANO_SUCCESS}
-        plugin, rejection = result
-        text = f"{plugin}: {rejection.reason}"
-        explanation.rejected[node.name] = text
-        self.explanations.record(explanation)
-        self._observe({(plugin, rejection.code): 1})
-        self.metrics.decisions.labels("volcano-predicate", "rejected").inc()
-        return {"status": text, "code": VOLCANO_UNRESOLVABLE if rejection.unresolvable else VOLCANO_UNSCHEDULABLE}
-
-    def volcano_prioritize(self, body: Any) -> dict[str, Any]:
-        body = kp._object(body, "PrioritizeRequest")
-        pod = self._volcano_task(body.get("task"))
-        raw_nodes = body.get("nodes") or []
-        if not isinstance(raw_nodes, list):
-            raise kp.ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
-        with self._request_view([self._volcano_node(n) for n in raw_nodes]) as (view, cycle):
-            explanation = self.framework.score(pod, view, cycle)
-        explanation.verb = "volcano-prioritize"
-        self.explanations.record(explanation)
-        self.metrics.decisions.labels("volcano-prioritize", "ok").inc()
-        scale = self.config.volcano_score_scale
-        totals = explanation.totals.tolist() if explanation.totals is not None else []
-        return {"nodeScore": {n: round(t * scale, 3) for n, t in zip(view.names, totals, strict=True)},
-                "errorMessage": ""}
-
-    def volcano_victims(self, body: Any, verb: str) -> dict[str, Any]:
-        """preemptable / reclaimable: an LS evictor may evict BE evictees (returned verbatim); a BE evictor none."""
-        body = kp._object(body, f"{verb} request")
-        evictor = self._volcano_task(body.get("evictor"), "evictor")
-        evictees = body.get("evictees") or []
-        if not isinstance(evictees, list):
-            raise kp.ProtocolError(f"{verb} request.evictees: expected an array of TaskInfo")
-        victims = [t for t in evictees if isinstance(t, dict) and isinstance(t.get("Pod"), dict)
-                   and evictor.qos == QoSClass.LS and parse_pod(t["Pod"]).qos == QoSClass.BE]
-        self.metrics.decisions.labels(f"volcano-{verb}", "ok" if victims else "none").inc()
-        return {"status": VOLCANO_PERMIT, "victims": victims}
-
-    def volcano_session(self, body: Any, verb: str) -> dict[str, Any]:
-        """onSessionOpen / onSessionClose: acknowledged (Volcano reads only the status code)."""
-        self.metrics.decisions.labels(f"volcano-{verb}", "ok").inc()
-        return {}
 
     # Health ----------------------------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from fuyao.contracts import EXTENDER_MANAGED_RESOURCES
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER
 
@@ -120,6 +121,8 @@ def test_bad_values_are_refused_with_the_key_named(tmp_path: Path) -> None:
     for chart, values, expected in [
         ("npu-device-plugin", ["--set", "vnpu.mode=sometimes"], "/vnpu/mode"),
         ("scheduler-extender", ["--set", "replicas=2"], "/replicas"),
+        ("scheduler-extender", ["--set", "extenderEntry.managedResources=npu.huawei.com/NPU"],
+         "/extenderEntry/managedResources"),  # a string stops vc-scheduler at every session open
         ("qos-agent", ["--set", "interval=ten"], "/interval"),
         ("ai-inference-optimization", ["--set", "router.strategy=random"], "/router/strategy"),
         ("ai-inference-optimization", ["--set", "kvCache.sise=1Gi"], "sise"),
@@ -208,6 +211,14 @@ def test_scheduler_snippets_match_the_documented_examples(tmp_path: Path) -> Non
     assert args.pop("extender.urlPrefix") == "http://rel-scheduler-extender.fuyao-system.svc:8888/volcano"
     volcano_example["tiers"][0]["plugins"][3]["arguments"].pop("extender.urlPrefix")
     assert volcano == volcano_example
+    # both snippets send every pod that asks for something the extender decides about
+    assert args["extender.managedResources"] == list(EXTENDER_MANAGED_RESOURCES)
+    assert [r["name"] for r in rendered["extenders"][0]["managedResources"]] == list(EXTENDER_MANAGED_RESOURCES)
+    assert "extender.jobEnqueueableVerb" not in args
+    docs = render("scheduler-extender", "default", tmp_path, "--set", "extenderEntry.volcanoJobEnqueueable=true")
+    volcano = yaml.safe_load(next(d for d in of_kind(docs, "ConfigMap")
+                                  if "volcano-scheduler.conf" in d["data"])["data"]["volcano-scheduler.conf"])
+    assert volcano["tiers"][0]["plugins"][3]["arguments"]["extender.jobEnqueueableVerb"] == "jobEnqueueable"
     # the optional second scheduler: its own profile, leader lease and the extender
     docs = render("scheduler-extender", "custom", tmp_path)
     config = yaml.safe_load(next(d for d in of_kind(docs, "ConfigMap")

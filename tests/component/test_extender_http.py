@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from fuyao.contracts import RESOURCE_NPU
 from tests.conftest import REPO
+from tests.support import volcano as vc
 from tests.support.apiserver import free_port
 from tests.support.hostile_json import json_paths
 from tests.support.k8s_objects import node, pod, topology
@@ -169,6 +170,26 @@ def test_volcano_prioritize_and_victims(extender: Extender) -> None:
     assert result == {"status": 1, "victims": []}
     assert extender.post("/volcano/onSessionOpen", {"Jobs": {}, "Nodes": {}})[0] == 200
     assert extender.post("/volcano/onSessionClose", {})[0] == 200
+
+
+def test_every_volcano_verb_is_served_with_its_shape(extender: Extender) -> None:
+    """Each verb Volcano's extender plugin can be configured with answers 200 and the fields its response struct
+    decodes (a 404 would be an error for Volcano)."""
+    task = vc.task(FOUR)
+    job = vc.job_info("train", [task], 1)
+    expected = {
+        "predicate": ({"task": task, "node": vc.node_info(NODES[0])}, {"status": "", "code": 0}),
+        "jobEnqueueable": ({"job": job}, {"status": 0}),  # abstain: no cluster state here
+        "jobEnqueued": ({"job": job}, {}),
+        "jobReady": ({"job": job}, {"status": True}),
+        "queueOverused": ({"queue": vc.queue_info()}, {"overused": False}),
+        "allocateFunc": ({"task": task}, {"errorMessage": ""}),
+        "deallocateFunc": ({"task": task}, {"errorMessage": ""}),
+    }
+    for verb, (body, answer) in expected.items():
+        assert extender.post(f"/volcano/{verb}", body) == (200, answer), verb
+    status, result = extender.post("/volcano/jobReady", {"job": {"Tasks": "w-0"}})
+    assert status == 400 and "JobInfo.Tasks" in result["error"]  # type: ignore[index]
 
 
 def test_explain_health_and_metrics(extender: Extender) -> None:

@@ -65,7 +65,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   nodeCacheCapable: true
   ignorable: {{ .Values.extenderEntry.ignorable }}
   managedResources:
-  - {name: npu.huawei.com/NPU, ignoredByScheduler: false}
-  - {name: npu.huawei.com/vNPU, ignoredByScheduler: false}
-  - {name: npu.huawei.com/npu-core, ignoredByScheduler: false}
+  {{- range .Values.extenderEntry.managedResources }}
+  - {name: {{ . }}, ignoredByScheduler: false}
+  {{- end }}
 {{- end -}}
