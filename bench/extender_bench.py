@@ -100,7 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,500,5000")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--volcano", action="store_true", help="Volcano's allocate-cycle load instead "
+                        "(bench/volcano_load.py): per-node predicates 16 at a time, prioritize with full NodeInfos")
+    parser.add_argument("--nodes", type=int, default=1000, help="--volcano: nodes in the cluster")
+    parser.add_argument("--cycles", type=int, default=10, help="--volcano: allocate cycles (one task each)")
+    parser.add_argument("--prioritize-sizes", default="100,250,500", help="--volcano: NodeInfos per prioritize")
+    parser.add_argument("--extender-arg", action="append", default=[], help="--volcano: extra extender flags")
     args = parser.parse_args()
+    if args.volcano:
+        from bench.volcano_load import run
+
+        sizes = [int(x) for x in args.prioritize_sizes.split(",") if x]
+        print(json.dumps(run(args.nodes, args.cycles, sizes, args.extender_arg), indent=2))
+        return
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
         nodes, pods = cluster(n)

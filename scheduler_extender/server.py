@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, read_json
+from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, json_depth, read_body, read_json
 
 from .kube_protocol import ProtocolError
 from .service import ExtenderService
@@ -32,7 +32,9 @@ from .volcano_verbs import VolcanoVerbs
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024 * 1024  # a NodeList of 5,000 full nodes is tens of MB
+MAX_BODY = 256 * 1024 * 1024
+"""A NodeList of 5,000 full nodes is tens of MB; Volcano's prioritize with 500 full NodeInfos (every pod of every
+node, managedFields included) about 100 MB."""
 BIG_DECISION_WORKERS = 2
 """Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
 from queueing another behind it."""
@@ -62,15 +64,24 @@ def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
 
 
 def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
-          big: ThreadPoolExecutor) -> Callable[[web.Request], Any]:
+          big: ThreadPoolExecutor, raw_body: bool = False) -> Callable[[web.Request], Any]:
     """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
-    coroutine function when it waits on the API server (bind)."""
+    coroutine function when it waits on the API server (bind). With ``raw_body`` it gets the request's bytes (after
+    the size and depth checks) and decodes them itself."""
     is_async = inspect.iscoroutinefunction(call)
 
     async def handler(request: web.Request) -> web.Response:
         started = time.perf_counter()
         status = 400
         try:
+            if raw_body:
+                raw = await read_body(request, MAX_BODY)
+                body: Any = raw
+                if len(raw) > OFFLOAD_ABOVE:
+                    answer = await asyncio.get_running_loop().run_in_executor(big, _decide_raw, call, raw)
+                else:
+                    answer = _decide_raw(call, raw)
+                return web.Response(body=answer, content_type="application/json")
             raw, body = await read_json(request, MAX_BODY, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
                 return _json(await call(body))
@@ -96,6 +107,13 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
     return handler
 
 
+def _decide_raw(call: Callable[[Any], Any], raw: bytes) -> bytes:
+    """The depth check of ``fuyao.http_body`` (no parse: ``call`` decodes what it reads), then :func:`_decide`."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and (depth := json_depth(raw)) > MAX_DEPTH:
+        raise BodyError(400, f"the JSON body nests {depth} levels deep; at most {MAX_DEPTH} are accepted")
+    return _decide(call, raw)
+
+
 def build_app(service: ExtenderService) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     big = ThreadPoolExecutor(BIG_DECISION_WORKERS, thread_name_prefix="extender-big-decision")
@@ -112,8 +130,9 @@ def build_app(service: ExtenderService) -> web.Application:
         "/preempt": ("preempt", s.preempt),
         **VolcanoVerbs(service).routes(),
     }
+    raw_verbs = {f"volcano-{verb}" for verb in VolcanoVerbs.RAW}
     for path, (name, call) in routes.items():
-        app.router.add_post(path, _verb(service, name, call, big))
+        app.router.add_post(path, _verb(service, name, call, big, raw_body=name in raw_verbs))
     for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
         app.router.add_post(f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 

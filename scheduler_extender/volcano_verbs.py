@@ -17,17 +17,20 @@ Shapes and codes: :mod:`.volcano_protocol`. What each verb decides:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+
+import xxhash
 
 from fuyao.contracts import ACCELERATOR_RESOURCES, QoSClass
 
 from .features import RESOURCE_COLUMN
 from .framework import Cycle, Explanation, Framework
 from .kube_protocol import ProtocolError
-from .model import PodInfo, parse_pod
+from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .plugins import DeviceFitPlugin
 from .volcano_protocol import (
     ABSTAIN,
@@ -37,10 +40,13 @@ from .volcano_protocol import (
     UNSCHEDULABLE,
     UNSCHEDULABLE_AND_UNRESOLVABLE,
     as_object,
+    decode_node_info,
+    decode_prioritize,
     node_info,
     parse_job,
     predicate_result,
     prioritize_result,
+    split_predicate,
     task_pod,
     victims_result,
 )
@@ -50,6 +56,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PODS_KEPT = 200_000
+"""Parsed pods kept by (uid, resourceVersion): every pod on every node a predicate or prioritize carries."""
+NODES_KEPT = 8_192
+"""Parsed NodeInfos kept by the digest of their bytes, and parsed Nodes by (name, resourceVersion)."""
+
 
 class VolcanoVerbs:
     def __init__(self, service: ExtenderService):
@@ -58,6 +69,14 @@ class VolcanoVerbs:
         self.metrics = service.metrics
         # jobEnqueueable asks only whether devices could ever fit: device-fit alone, whatever else is enabled
         self.capacity = Framework([(DeviceFitPlugin(service.config.plugins.device_fit.strategy), 1.0)])
+        # Volcano sends every node with all its pods in every call: 420 calls of ~200 kB for one task over 1,000
+        # nodes, and the same nodes again for the next task and the next session. What was parsed is kept, by
+        # what identifies it exactly: a pod by (uid, resourceVersion), a Node by (name, resourceVersion), a whole
+        # NodeInfo by a 128-bit digest of its bytes. Plain dicts, emptied when full (the GIL makes each get and
+        # set atomic between the event loop and the big-request worker).
+        self._pods: dict[tuple[str, str], PodInfo] = {}
+        self._nodes: dict[tuple[str, str], NodeInfo] = {}
+        self._node_infos: dict[bytes, NodeInfo] = {}
 
     def routes(self) -> dict[str, tuple[str, Callable[[Any], Any]]]:
         """URL path → (metric name, handler) for every verb Volcano's extender plugin can call."""
@@ -72,14 +91,63 @@ class VolcanoVerbs:
         }
         return {f"/volcano/{verb}": (f"volcano-{verb}", call) for verb, call in verbs.items()}
 
+    RAW = frozenset({"predicate", "prioritize"})
+    """Verbs that take the request's bytes (they decode only what they read)."""
+
     def _count(self, verb: str, outcome: str) -> None:
         self.metrics.decisions.labels(f"volcano-{verb}", outcome).inc()
 
+    # Parsing, with what was parsed before ----------------------------------------------------------------------
+    def _pod_of(self, raw: Mapping[str, Any]) -> PodInfo:
+        meta = raw.get("metadata")
+        key = (meta.get("uid"), meta.get("resourceVersion")) if isinstance(meta, dict) else (None, None)
+        if not (isinstance(key[0], str) and key[0] and isinstance(key[1], str) and key[1]):
+            return parse_pod(raw)
+        pod = self._pods.get(key)  # type: ignore[arg-type]
+        if pod is None:
+            pod = parse_pod(raw)
+            if len(self._pods) >= PODS_KEPT:
+                self._pods.clear()
+            self._pods[key] = pod  # type: ignore[index]
+        return pod
+
+    def _node_of(self, raw: Mapping[str, Any], pods: list[PodInfo]) -> NodeInfo:
+        meta = raw.get("metadata")
+        key = (meta.get("name"), meta.get("resourceVersion")) if isinstance(meta, dict) else (None, None)
+        if not (isinstance(key[0], str) and isinstance(key[1], str) and key[1]):
+            return parse_node(raw, pods)
+        base = self._nodes.get(key)  # type: ignore[arg-type]
+        if base is None:
+            base = parse_node(raw)
+            if len(self._nodes) >= NODES_KEPT:
+                self._nodes.clear()
+            self._nodes[key] = base  # type: ignore[index]
+        return dataclasses.replace(base, pods=pods, memo={}).refresh()
+
+    def _node_info(self, raw: Any) -> NodeInfo:
+        return node_info(raw, self._pod_of, self._node_of)
+
+    def _node_info_bytes(self, raw: bytes) -> NodeInfo:
+        digest = xxhash.xxh3_128_digest(raw)
+        node = self._node_infos.get(digest)
+        if node is None:
+            node = self._node_info(decode_node_info(raw))
+            if len(self._node_infos) >= NODES_KEPT:
+                self._node_infos.clear()
+            self._node_infos[digest] = node
+        return node
+
     # Placement ---------------------------------------------------------------------------------------------------
-    def predicate(self, body: Any) -> dict[str, Any]:
-        body = as_object(body, "PredicateRequest")
-        pod = self.service.pod(task_pod(body.get("task")))
-        node = node_info(body.get("node"), parse_pod)
+    def predicate(self, body: bytes | Any) -> dict[str, Any]:
+        """``body``: the request's bytes (the server's path) or decoded JSON."""
+        if isinstance(body, bytes):
+            task, node_bytes, node_raw = split_predicate(body)
+            pod = self.service.pod(task_pod(task))
+            node = self._node_info_bytes(node_bytes) if node_bytes is not None else self._node_info(node_raw)
+        else:
+            body = as_object(body, "PredicateRequest")
+            pod = self.service.pod(task_pod(body.get("task")))
+            node = self._node_info(body.get("node"))
         result = self.service.framework.check(pod, node)
         explanation = Explanation(pod=pod.key, verb="volcano-predicate")
         if result is None:
@@ -94,13 +162,13 @@ class VolcanoVerbs:
         self._count("predicate", "rejected")
         return predicate_result(text, UNSCHEDULABLE_AND_UNRESOLVABLE if rejection.unresolvable else UNSCHEDULABLE)
 
-    def prioritize(self, body: Any) -> dict[str, Any]:
-        body = as_object(body, "PrioritizeRequest")
+    def prioritize(self, body: bytes | Any) -> dict[str, Any]:
+        body = decode_prioritize(body) if isinstance(body, bytes) else as_object(body, "PrioritizeRequest")
         pod = self.service.pod(task_pod(body.get("task")))
         raw_nodes = body.get("nodes") or []
         if not isinstance(raw_nodes, list):
             raise ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
-        with self.service.request_view([node_info(n, parse_pod) for n in raw_nodes]) as (view, cycle):
+        with self.service.request_view([self._node_info(n) for n in raw_nodes]) as (view, cycle):
             explanation = self.service.framework.score(pod, view, cycle)
         explanation.verb = "volcano-prioritize"
         self.service.explanations.record(explanation)

@@ -134,3 +134,79 @@ def test_neutral_verbs_answer_volcanos_shapes() -> None:
         v.event({"task": {"Name": "no pod"}}, "allocateFunc")
     with pytest.raises(ProtocolError, match="MinAvailable"):
         v.job_enqueueable({"job": {**job, "MinAvailable": "two"}})
+
+
+def test_raw_bodies_decode_to_the_same_decisions_as_full_json() -> None:
+    """The server's path (bytes, only the read fields decoded, parsed objects reused) against decoded JSON."""
+    import orjson
+
+    v = verbs()
+    for status in (TaskStatus.RUNNING, TaskStatus.RELEASING):
+        node_info, _ = victim(status, holder=True)
+        body = {"task": preemptor(), "node": node_info}
+        go_shaped = orjson.dumps(body)  # {"task":...,"node":{...}}: the node is looked up by its bytes
+        reordered = orjson.dumps({"node": node_info, "task": preemptor()})  # decoded whole instead
+        assert v.predicate(go_shaped) == v.predicate(reordered) == v.predicate(body)
+        assert v.predicate(go_shaped) == v.predicate(go_shaped)  # from the kept NodeInfo
+    prioritize = {"task": preemptor(), "nodes": [victim(TaskStatus.RELEASING, holder=False)[0],
+                                                  vc.node_info(node("n2", topo=topology()))]}
+    assert v.prioritize(orjson.dumps(prioritize)) == v.prioritize(prioritize)
+    # preempt asks with no candidates at all: nodeScore must still be an object
+    assert v.prioritize(b'{"task":' + orjson.dumps(preemptor()) + b',"nodes":null}') == {
+        "nodeScore": {}, "errorMessage": ""}
+    with pytest.raises(ProtocolError, match=r"PredicateRequest: .*\$\.node\.Tasks"):
+        v.predicate(b'{"node":{"Tasks":[1]},"task":{}}')
+    with pytest.raises(ProtocolError, match="invalid JSON"):
+        v.predicate(b'{"task":{"Pod":')
+
+
+def test_pods_are_reused_by_uid_and_resource_version() -> None:
+    import orjson
+
+    v = verbs()
+    holder = pod("be-big", labels={"volcano.sh/qos": "BE"}, node_name="n1", phase="Running", uid="be-big",
+                 requests={RESOURCE_NPU: "6"}, assigned={RESOURCE_NPU: SIX})
+    holder["metadata"]["resourceVersion"] = "7"
+    info = vc.node_info(node("n1", topo=topology()), vc.task(holder, TaskStatus.RUNNING, node="n1"))
+    assert v.predicate(orjson.dumps({"task": preemptor(), "node": info}))["code"] == 2
+    # the pod changes (a new version: it gave its dies back); the same uid at another version is parsed anew
+    holder["metadata"]["resourceVersion"] = "8"
+    holder["spec"]["containers"][0]["resources"]["requests"][RESOURCE_NPU] = "2"
+    holder["metadata"]["annotations"].clear()
+    assert v.predicate(orjson.dumps({"task": preemptor(), "node": info}))["code"] == 0
+
+
+def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
+    """A pod and a node using every field parse_pod / parse_node read, decoded in full and by the predicate
+    request's partial schema: the same PodInfo and NodeInfo."""
+    import orjson
+
+    from scheduler_extender.model import parse_node, parse_pod
+    from scheduler_extender.volcano_protocol import split_predicate
+
+    rich = pod("rich", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"}, node_name="n1", phase="Running",
+               labels={"volcano.sh/qos": "BE", "inference.openfuyao.com/phase": "decode"},
+               annotations={"business.workload/type": "memory-sensitive",
+                            "npu.openfuyao.com/numa-policy": "single-numa-node"},
+               assigned={RESOURCE_NPU: ["Ascend910-0", "Ascend910-1"]}, uid="rich-uid")
+    rich["metadata"].update({"resourceVersion": "42", "creationTimestamp": "2026-12-05T00:00:00Z",
+                             "managedFields": [{"manager": "x", "fieldsV1": {"f:spec": {}}}]})
+    rich["spec"].update({
+        "initContainers": [{"name": "init", "resources": {"requests": {"cpu": "8"}, "limits": {"cpu": "8"}}}],
+        "overhead": {"cpu": "250m"},
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1}]}},
+        "topologySpreadConstraints": [{"whenUnsatisfiable": "ScheduleAnyway", "maxSkew": 1}],
+        "volumes": [{"name": "v", "emptyDir": {}}]})
+    rich["spec"]["containers"][0]["resources"]["limits"].update({"cpu": "4", "memory": "16Gi"})
+    the_node = node("n1", topo=topology(holders={0: "default/rich"}), labels={"zone": "a"})
+    the_node["metadata"]["resourceVersion"] = "9"
+    info = vc.node_info(the_node, vc.task(rich, TaskStatus.RUNNING, node="n1"))
+    task, node_bytes, _ = split_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))
+    assert parse_pod(task["Pod"]) == parse_pod(rich)
+    from scheduler_extender.volcano_protocol import decode_node_info
+
+    partial = decode_node_info(node_bytes)  # type: ignore[arg-type]
+    assert parse_pod(partial["Tasks"]["default/rich"]["Pod"]) == parse_pod(rich)
+    full, cut = parse_node(the_node, [parse_pod(rich)]), parse_node(partial["Node"], [parse_pod(rich)])
+    assert (full.labels, full.annotations, full.allocatable, full.topology, full.used, full.assigned) == (
+        cut.labels, cut.annotations, cut.allocatable, cut.topology, cut.used, cut.assigned)
