@@ -21,6 +21,7 @@ from .metrics import ExtenderMetrics
 from .server import build_app, ssl_context
 from .service import ExtenderService
 
+GO_IDLE_CONN_TIMEOUT_S = 90.0  # net/http DefaultTransport.IdleConnTimeout
 log = logging.getLogger("scheduler_extender")
 
 
@@ -75,7 +76,10 @@ async def serve(config: ExtenderConfig) -> int:
         log.info("listening on %s://%s:%s", "https" if context else "http", host, port,
                  extra={"bind": binder is not None, "cluster": api is not None})
 
-    code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started)
+    # Go's default transport keeps idle connections for 90 s and does not retry a POST the server closed under it:
+    # outlive it, so vc-scheduler and kube-scheduler never write into a connection the extender is closing
+    code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started,
+                                           keepalive_timeout=GO_IDLE_CONN_TIMEOUT_S + 30)
     if watcher is not None:
         await watcher.stop()
     if binder is not None:
