@@ -37,7 +37,13 @@ ACCELERATOR_RESOURCES = (*NPU_RESOURCES, RESOURCE_NVIDIA_GPU)
 EXTENDER_MANAGED_RESOURCES = (*ACCELERATOR_RESOURCES, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY)
 """What the scheduler extender decides about: a pod asking for one of these is sent to it (kube-scheduler's and
 Volcano's ``managedResources``; both skip the extender for pods that ask for none of them). The chart's default
-``extenderEntry.managedResources``."""
+``extenderEntry.managedResources``. kube-scheduler refuses names in the ``kubernetes.io`` domain there ("an invalid
+extended resource name"), so its entry leaves the batch resources out (:func:`kube_scheduler_managed`)."""
+
+
+def kube_scheduler_managed(resources: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The names kube-scheduler accepts in an extender's ``managedResources``."""
+    return tuple(r for r in resources or EXTENDER_MANAGED_RESOURCES if not r.startswith("kubernetes.io/"))
 
 # --------------------------------------------------------------------------------------------------------------
 # Node labels written by the device plugin

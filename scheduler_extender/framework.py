@@ -241,8 +241,12 @@ class Framework:
         return NodeTable.of(nodes, domain_key).view_all()
 
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle | None = None) -> tuple[str, Rejection] | None:
-        """One node: None if it passes every filter, else (plugin, rejection)."""
-        outcome = self.filter(pod, NodeTable.of([node], "").view_all(), cycle)
+        """One node: None if it passes every filter, else (plugin, rejection). The node's one-row table is kept in
+        its memo (cleared whenever the node changes), so a node asked about again is not tabulated again."""
+        view = node.memo.get("one-node-view")
+        if view is None:
+            view = node.memo["one-node-view"] = NodeTable.of([node], "").view_all()
+        outcome = self.filter(pod, view, cycle)
         if outcome.passed:
             return None
         text = outcome.explanation.rejected[node.name]

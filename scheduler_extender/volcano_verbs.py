@@ -41,12 +41,12 @@ from .volcano_protocol import (
     UNSCHEDULABLE_AND_UNRESOLVABLE,
     as_object,
     decode_node_info,
+    decode_predicate,
     decode_prioritize,
     node_info,
     parse_job,
     predicate_result,
     prioritize_result,
-    split_predicate,
     task_pod,
     victims_result,
 )
@@ -127,7 +127,10 @@ class VolcanoVerbs:
     def _node_info(self, raw: Any) -> NodeInfo:
         return node_info(raw, self._pod_of, self._node_of)
 
-    def _node_info_bytes(self, raw: bytes) -> NodeInfo:
+    def _node_info_bytes(self, raw: Any) -> NodeInfo:
+        """A NodeInfo from its JSON bytes (a ``msgspec.Raw``), reused when the same bytes came before."""
+        if raw is None:
+            raise ProtocolError("Volcano NodeInfo: missing")
         digest = xxhash.xxh3_128_digest(raw)
         node = self._node_infos.get(digest)
         if node is None:
@@ -141,9 +144,9 @@ class VolcanoVerbs:
     def predicate(self, body: bytes | Any) -> dict[str, Any]:
         """``body``: the request's bytes (the server's path) or decoded JSON."""
         if isinstance(body, bytes):
-            task, node_bytes, node_raw = split_predicate(body)
+            task, node_bytes = decode_predicate(body)
             pod = self.service.pod(task_pod(task))
-            node = self._node_info_bytes(node_bytes) if node_bytes is not None else self._node_info(node_raw)
+            node = self._node_info_bytes(node_bytes)
         else:
             body = as_object(body, "PredicateRequest")
             pod = self.service.pod(task_pod(body.get("task")))
@@ -163,12 +166,18 @@ class VolcanoVerbs:
         return predicate_result(text, UNSCHEDULABLE_AND_UNRESOLVABLE if rejection.unresolvable else UNSCHEDULABLE)
 
     def prioritize(self, body: bytes | Any) -> dict[str, Any]:
-        body = decode_prioritize(body) if isinstance(body, bytes) else as_object(body, "PrioritizeRequest")
-        pod = self.service.pod(task_pod(body.get("task")))
-        raw_nodes = body.get("nodes") or []
-        if not isinstance(raw_nodes, list):
-            raise ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
-        with self.service.request_view([self._node_info(n) for n in raw_nodes]) as (view, cycle):
+        """``body``: the request's bytes (the server's path) or decoded JSON."""
+        if isinstance(body, bytes):
+            task, raw_nodes = decode_prioritize(body)
+            nodes = [self._node_info_bytes(n) for n in raw_nodes]
+        else:
+            body = as_object(body, "PrioritizeRequest")
+            task, raw_nodes = body.get("task"), body.get("nodes") or []
+            if not isinstance(raw_nodes, list):
+                raise ProtocolError("PrioritizeRequest.nodes: expected an array of NodeInfo")
+            nodes = [self._node_info(n) for n in raw_nodes]
+        pod = self.service.pod(task_pod(task))
+        with self.service.request_view(nodes) as (view, cycle):
             explanation = self.service.framework.score(pod, view, cycle)
         explanation.verb = "volcano-prioritize"
         self.service.explanations.record(explanation)

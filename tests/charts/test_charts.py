@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from fuyao.contracts import EXTENDER_MANAGED_RESOURCES
+from fuyao.contracts import EXTENDER_MANAGED_RESOURCES, kube_scheduler_managed
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER
 
@@ -213,7 +213,7 @@ def test_scheduler_snippets_match_the_documented_examples(tmp_path: Path) -> Non
     assert volcano == volcano_example
     # both snippets send every pod that asks for something the extender decides about
     assert args["extender.managedResources"] == list(EXTENDER_MANAGED_RESOURCES)
-    assert [r["name"] for r in rendered["extenders"][0]["managedResources"]] == list(EXTENDER_MANAGED_RESOURCES)
+    assert [r["name"] for r in rendered["extenders"][0]["managedResources"]] == list(kube_scheduler_managed())
     assert "extender.jobEnqueueableVerb" not in args
     docs = render("scheduler-extender", "default", tmp_path, "--set", "extenderEntry.volcanoJobEnqueueable=true")
     volcano = yaml.safe_load(next(d for d in of_kind(docs, "ConfigMap")

@@ -92,7 +92,10 @@ def test_a_name_nested_a_thousand_deep_is_400_and_the_server_keeps_deciding(exte
     before = bad_requests(extender, path.strip("/").replace("/", "-"))
     status, result = extender.post(path, None, raw=with_deep_name(path, 1000))
     assert status == 400, result  # was 500: RecursionError in PodInfo.key
-    assert re.search(rf"nests 100\d levels deep; at most {MAX_DEPTH} are accepted", result["error"]), result
+    if path.startswith("/volcano/"):  # decoded by msgspec, which refuses what passes the recursion limit itself
+        assert "PredicateRequest: nested too deep" in result["error"], result
+    else:
+        assert re.search(rf"nests 100\d levels deep; at most {MAX_DEPTH} are accepted", result["error"]), result
     assert bad_requests(extender, path.strip("/").replace("/", "-")) == before + 1
     assert_filter_is_right(extender)
 

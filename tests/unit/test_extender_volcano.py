@@ -154,8 +154,10 @@ def test_raw_bodies_decode_to_the_same_decisions_as_full_json() -> None:
     # preempt asks with no candidates at all: nodeScore must still be an object
     assert v.prioritize(b'{"task":' + orjson.dumps(preemptor()) + b',"nodes":null}') == {
         "nodeScore": {}, "errorMessage": ""}
-    with pytest.raises(ProtocolError, match=r"PredicateRequest: .*\$\.node\.Tasks"):
-        v.predicate(b'{"node":{"Tasks":[1]},"task":{}}')
+    with pytest.raises(ProtocolError, match=r"NodeInfo: .*\$\.Tasks"):
+        v.predicate(b'{"node":{"Tasks":[1]},"task":' + orjson.dumps(preemptor()) + b"}")
+    with pytest.raises(ProtocolError, match="nested too deep"):
+        v.predicate(b'{"task":' + orjson.dumps(preemptor()) + b',"node":{"x":' + b"[" * 5000 + b"]" * 5000 + b"}}")
     with pytest.raises(ProtocolError, match="invalid JSON"):
         v.predicate(b'{"task":{"Pod":')
 
@@ -182,7 +184,7 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     import orjson
 
     from scheduler_extender.model import parse_node, parse_pod
-    from scheduler_extender.volcano_protocol import split_predicate
+    from scheduler_extender.volcano_protocol import decode_predicate
 
     rich = pod("rich", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"}, node_name="n1", phase="Running",
                labels={"volcano.sh/qos": "BE", "inference.openfuyao.com/phase": "decode"},
@@ -201,7 +203,7 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     the_node = node("n1", topo=topology(holders={0: "default/rich"}), labels={"zone": "a"})
     the_node["metadata"]["resourceVersion"] = "9"
     info = vc.node_info(the_node, vc.task(rich, TaskStatus.RUNNING, node="n1"))
-    task, node_bytes, _ = split_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))
+    task, node_bytes = decode_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))
     assert parse_pod(task["Pod"]) == parse_pod(rich)
     from scheduler_extender.volcano_protocol import decode_node_info
 
