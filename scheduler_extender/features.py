@@ -96,7 +96,16 @@ def _covers(sizes: list[int]) -> list[int]:
 
 
 def node_row(info: NodeInfo) -> dict[str, Any]:
-    """The features of one node (everything the plugins read), from its parsed state. Pure."""
+    """The features of one node (everything the plugins read), from its parsed state. Pure, so kept in the node's
+    memo (cleared whenever the node changes): a node tabulated again is not computed again. Do not modify it."""
+    kept = info.memo.get("row")
+    if kept is not None:
+        return kept  # type: ignore[no-any-return]
+    row = info.memo["row"] = _node_row(info)
+    return row
+
+
+def _node_row(info: NodeInfo) -> dict[str, Any]:
     row: dict[str, Any] = {
         "alloc": [info.allocatable_int(r) for r in ACCELERATOR_RESOURCES],
         "free": [info.free(r) for r in ACCELERATOR_RESOURCES],

@@ -181,7 +181,30 @@ def decode_predicate(raw: bytes) -> tuple[Any, bytes | msgspec.Raw | None]:
     return body.get("task"), body.get("node")
 
 
-def decode_prioritize(raw: bytes) -> tuple[Any, list[msgspec.Raw]]:
+_NODES_KEY = b',"nodes":['
+_NEXT_NODE = b'},{"Name":"'  # between two NodeInfos: Name is NodeInfo's first field, so Go writes it first
+
+
+def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | msgspec.Raw]]:
+    """A prioritize request's task (decoded) and its nodes, each undecoded (its bytes). As for the predicate (see
+    :func:`decode_predicate`), the Go-shaped body ``{"task":…,"nodes":[{"Name":…},{"Name":…}]}`` is cut by byte
+    search; a cut in the wrong place leaves a piece that is not a whole JSON object, which fails to decode (it
+    was never seen, so it is decoded), and then the whole body is decoded instead."""
+    at = raw.find(_NODES_KEY) if cut else -1
+    if at > 8 and raw.startswith(b'{"task":') and raw.endswith(b"]}"):
+        try:
+            task = _TASK.decode(memoryview(raw)[8:at])
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            view, start, end = memoryview(raw), at + len(_NODES_KEY), len(raw) - 2
+            nodes: list[bytes | msgspec.Raw] = []
+            while start < end:
+                cut = raw.find(_NEXT_NODE, start, end)
+                stop = end if cut < 0 else cut + 1
+                nodes.append(view[start:stop])  # type: ignore[arg-type]
+                start = stop + 1
+            return task, nodes
     body = _decode(_PRIORITIZE, raw, "PrioritizeRequest")
     return body.get("task"), body.get("nodes") or []
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import xxhash
 
 from fuyao.contracts import ACCELERATOR_RESOURCES, QoSClass
@@ -169,7 +170,13 @@ class VolcanoVerbs:
         """``body``: the request's bytes (the server's path) or decoded JSON."""
         if isinstance(body, bytes):
             task, raw_nodes = decode_prioritize(body)
-            nodes = [self._node_info_bytes(n) for n in raw_nodes]
+            try:
+                nodes = [self._node_info_bytes(n) for n in raw_nodes]
+            except ProtocolError:
+                if isinstance(raw_nodes[0], msgspec.Raw):
+                    raise  # decoded by msgspec already: the node itself is malformed
+                task, raw_nodes = decode_prioritize(body, cut=False)  # cut in the wrong place: decode whole
+                nodes = [self._node_info_bytes(n) for n in raw_nodes]
         else:
             body = as_object(body, "PrioritizeRequest")
             task, raw_nodes = body.get("task"), body.get("nodes") or []

@@ -212,3 +212,18 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     full, cut = parse_node(the_node, [parse_pod(rich)]), parse_node(partial["Node"], [parse_pod(rich)])
     assert (full.labels, full.annotations, full.allocatable, full.topology, full.used, full.assigned) == (
         cut.labels, cut.annotations, cut.allocatable, cut.topology, cut.used, cut.assigned)
+
+
+def test_prioritize_cut_by_bytes_falls_back_when_a_node_holds_the_separator() -> None:
+    import orjson
+
+    v = verbs()
+    tricky = vc.node_info(node("n1", topo=topology()))
+    tricky["Others"] = {"x": [{"a": 1}, {"Name": "not a node"}]}  # '},{"Name":"' inside a NodeInfo
+    body = {"task": preemptor(), "nodes": [tricky, vc.node_info(node("n2", topo=topology()))]}
+    assert b'},{"Name":"not' in orjson.dumps(body)
+    assert v.prioritize(orjson.dumps(body)) == v.prioritize(body)
+    assert set(v.prioritize(orjson.dumps(body))["nodeScore"]) == {"n1", "n2"}
+    broken = orjson.dumps(body).replace(b'"Node":{', b'"Node":[', 1)
+    with pytest.raises(ProtocolError):
+        v.prioritize(broken)
