@@ -106,12 +106,14 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=10, help="--volcano: allocate cycles (one task each)")
     parser.add_argument("--prioritize-sizes", default="100,250,500", help="--volcano: NodeInfos per prioritize")
     parser.add_argument("--extender-arg", action="append", default=[], help="--volcano: extra extender flags")
+    parser.add_argument("--processes", type=int, default=1, help="--volcano: extender processes sharing the port "
+                        "(--reuse-port)")
     args = parser.parse_args()
     if args.volcano:
         from bench.volcano_load import run
 
         sizes = [int(x) for x in args.prioritize_sizes.split(",") if x]
-        print(json.dumps(run(args.nodes, args.cycles, sizes, args.extender_arg), indent=2))
+        print(json.dumps(run(args.nodes, args.cycles, sizes, args.extender_arg, args.processes), indent=2))
         return
     results = []
     for n in (int(x) for x in args.sizes.split(",")):

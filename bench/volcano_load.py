@@ -213,14 +213,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str]) -> dict[str, Any]:
+def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str], processes: int = 1) -> dict[str, Any]:
     started = time.perf_counter()
     encoded, _infos = build(n)
     built_s = time.perf_counter() - started
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
-                             "--log-level", "warning", *extra_args], cwd=REPO,
-                            env={k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"})
+    procs = [subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
+                               "--log-level", "warning", *(["--reuse-port"] if processes > 1 else []), *extra_args],
+                              cwd=REPO, env={k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"})
+             for _ in range(processes)]
     try:
         for _ in range(300):
             try:
@@ -228,7 +229,11 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str])
                 break
             except OSError:
                 time.sleep(0.1)
-        server = psutil.Process(proc.pid)
+        servers = [psutil.Process(p.pid) for p in procs]
+
+        def server_cpu() -> float:
+            return sum(sum(s.cpu_times()[:2]) for s in servers)
+
         rng = random.Random(11)
         tasks = [orjson.dumps(vc.task(pod(f"ask-{c}", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"},
                                           labels={"app": "svc-1"}))) for c in range(cycles + 2)]
@@ -251,12 +256,12 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str])
             async def measure(count: int, first_task: int, random_start: bool) -> dict[str, Any]:
                 latencies: list[float] = []
                 walls: list[float] = []
-                cpu0, opened0 = sum(server.cpu_times()[:2]), transport.opened
+                cpu0, opened0 = server_cpu(), transport.opened
                 for c in range(count):
                     wall, _ = await predicate_cycle(transport, tasks[first_task + c], encoded,
                                                     rng.randrange(n) if random_start else 0, latencies)
                     walls.append(wall)
-                return figures(latencies, walls, len(latencies), sum(server.cpu_times()[:2]) - cpu0,
+                return figures(latencies, walls, len(latencies), server_cpu() - cpu0,
                                transport.opened - opened0, count)
 
             out: dict[str, Any] = {"feasible_to_find": feasible_to_find(n)}
@@ -264,7 +269,9 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str])
             out["cold_cycle"] = await measure(1, 0, random_start=False)
             # Volcano runs a session every second over the same nodes: once every node was sent, later cycles
             # meet nodes (and pods) the extender parsed before
-            for start in range(0, n, 16):
+            # (each extender process keeps what it parsed: with several, every node is sent a few times, as
+            # sessions do, before the warm figures)
+            for start in [s for _ in range(1 if processes == 1 else 3 * processes) for s in range(0, n, 16)]:
                 await asyncio.gather(*(transport.post("/volcano/predicate", b'{"task":' + tasks[-1] + b',"node":'
                                                       + encoded[i] + b"}") for i in range(start, min(n, start + 16))))
             out["warm_cycles"] = await measure(cycles, 1, random_start=True)
@@ -294,9 +301,11 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str])
 
         result = asyncio.run(session())
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
     sizes = [len(b) for b in encoded]
-    return {"nodes": n, "pods_per_node": "20-60", "nodeinfo_kb": {"median": round(statistics.median(sizes) / 1024),
-                                                                  "max": round(max(sizes) / 1024)},
+    return {"nodes": n, "extender_processes": processes, "pods_per_node": "20-60",
+            "nodeinfo_kb": {"median": round(statistics.median(sizes) / 1024), "max": round(max(sizes) / 1024)},
             "built_s": round(built_s, 1), **result}

@@ -66,17 +66,20 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 async def serve_until_signal(app: web.Application, listen: str, log: logging.Logger, *,
                              ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
                              shutdown_timeout: float = 1.0, keepalive_timeout: float = 75.0,
+                             reuse_port: bool = False,
                              started: Callable[[str, int], None] | None = None,
                              stopping: Callable[[], Awaitable[None] | None] | None = None) -> int:
     """Serve ``app`` on ``listen`` (HOST:PORT; port 0 picks one, ``started`` learns it) until SIGTERM or SIGINT;
     ``stopping`` runs before the server stops accepting and drains (up to ``shutdown_timeout``); an idle client
-    connection is closed after ``keepalive_timeout``. Returns the exit code: 0, or 1 when the address cannot be
-    bound."""
+    connection is closed after ``keepalive_timeout``. ``reuse_port``: several processes may listen on the port
+    (SO_REUSEPORT; the kernel spreads new connections over them). Returns the exit code: 0, or 1 when the address
+    cannot be bound."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
                            keepalive_timeout=keepalive_timeout)
     await runner.setup()
     host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=ssl_context, backlog=backlog)
+    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=ssl_context, backlog=backlog,
+                       reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:

@@ -39,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (with --tls-key-file)")
     p.add_argument("--tls-key-file", help="private key of --tls-cert-file")
     p.add_argument("--no-bind", action="store_true", help="do not act as the binder (bindVerb)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="let several extender processes listen on the same port (SO_REUSEPORT): each decides the "
+                        "requests on the connections the kernel gives it, with its own state, metrics and /explain "
+                        "(docs/scheduler-extender.md: Volcano-sized clusters)"),
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExtenderConfig:
     file_values = load_config_file(args.config) if args.config else {}
     overrides: dict[str, object] = {"listen": args.listen, "kubeconfig": args.kubeconfig}
+    if args.reuse_port:
+        overrides["reuse_port"] = True
     if args.no_bind:
         overrides["bind"] = False
     if args.tls_cert_file or args.tls_key_file:
@@ -79,7 +85,7 @@ async def serve(config: ExtenderConfig) -> int:
     # Go's default transport keeps idle connections for 90 s and does not retry a POST the server closed under it:
     # outlive it, so vc-scheduler and kube-scheduler never write into a connection the extender is closing
     code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started,
-                                           keepalive_timeout=GO_IDLE_CONN_TIMEOUT_S + 30)
+                                           keepalive_timeout=GO_IDLE_CONN_TIMEOUT_S + 30, reuse_port=config.reuse_port)
     if watcher is not None:
         await watcher.stop()
     if binder is not None:

@@ -91,6 +91,8 @@ class PluginSettings(ConfigSection):
 class ExtenderConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
     listen: HostPort = "127.0.0.1:8888"
+    reuse_port: bool = Field(default=False, description="listen with SO_REUSEPORT, so that several extender "
+                             "processes share the port (each with its own state, metrics and /explain)")
     tls: TlsSettings | None = None
     kubeconfig: str | None = None
     bind: bool = True
