@@ -219,7 +219,8 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str],
     built_s = time.perf_counter() - started
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
-                               "--log-level", "warning", *(["--reuse-port"] if processes > 1 else []), *extra_args],
+                               "--log-level", "warning", *(["--reuse-port", "--no-bind"] if processes > 1 else []),
+                               *extra_args],
                               cwd=REPO, env={k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"})
              for _ in range(processes)]
     try:

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-port", action="store_true",
                    help="let several extender processes listen on the same port (SO_REUSEPORT): each decides the "
                         "requests on the connections the kernel gives it, with its own state, metrics and /explain "
-                        "(docs/scheduler-extender.md: Volcano-sized clusters)"),
+                        "(needs --no-bind; docs/scheduler-extender.md: Volcano-sized clusters)"),
     return p
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, load_versioned_yaml, merged, validated
@@ -107,6 +107,13 @@ class ExtenderConfig(ConfigSection):
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
     plugins: PluginSettings = PluginSettings()
+
+    @model_validator(mode="after")
+    def _one_binder(self) -> ExtenderConfig:
+        if self.reuse_port and self.bind:
+            raise ValueError("reuse_port needs bind: false: the binder remembers the devices it has just assigned "
+                             "until the watch shows them, and several processes would each remember only their own")
+        return self
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExtenderConfig:

@@ -28,8 +28,8 @@ from tests.support.k8s_objects import node, pod, topology
 
 
 class Extender:
-    def __init__(self, *args: str):
-        self.port = free_port()
+    def __init__(self, *args: str, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         self.log = tempfile.NamedTemporaryFile(prefix="extender-", suffix=".log", delete=False)  # noqa: SIM115
@@ -287,3 +287,25 @@ def test_bad_config_exits_2_and_sigterm_exits_quickly(tmp_path) -> None:  # type
     e = Extender()
     code, seconds = e.stop()
     assert code == 0 and seconds < 3.0
+
+
+def test_several_processes_share_the_port_only_without_the_binder() -> None:
+    refused = subprocess.run([sys.executable, "-m", "scheduler_extender.cli", "--reuse-port"], cwd=REPO,
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "reuse_port needs bind: false" in refused.stderr
+    first = Extender("--reuse-port", "--no-bind")
+    second = Extender("--reuse-port", "--no-bind", port=first.port)  # a second process on the same port
+    try:
+        deadline = time.monotonic() + 30  # /healthz was answered by the first: wait for the second's own start
+        while "listening on" not in Path(second.log.name).read_text():
+            assert time.monotonic() < deadline and second.proc.poll() is None, Path(second.log.name).read_text()
+            time.sleep(0.1)
+        shared = pod("shared-port", requests={RESOURCE_NPU: "1"})
+        assert first.post("/volcano/predicate", {"task": vc.task(shared), "node": vc.node_info(NODES[0])}) == (
+            200, {"status": "", "code": 0})
+        # each process keeps its own /explain: over new connections, one of them knows the decision, one does not
+        seen = {first.get("/explain/default/shared-port")[0] for _ in range(40)}
+        assert seen == {200, 404}
+    finally:
+        assert second.stop()[0] == 0
+        assert first.stop()[0] == 0
