@@ -152,9 +152,12 @@ def _create(s: dict[str, Any], npu: int, chip: int, phy: int, opts: dict[str, st
         if vnpu_id < 0:
             raise Failure("create vnpu failed.")
     free = st.chip_free(s, npu, chip)
-    if (template["aicore"] > free["aicore"] or template["memory_gb"] > free["memory_gb"] + 1e-9
-            or template["aicpu"] > free["aicpu"]):
-        raise Failure("create vnpu failed.")
+    # what npu-smi checks before asking the driver (npu_chip_set.c): AICores and AICPUs, not memory (the driver
+    # gives the vNPU its share of what it does not keep for itself: st.vnpu_takes_gb)
+    if template["aicore"] > free["aicore"]:
+        raise Failure("Insufficient number of cores available, create vnpu failed.")
+    if template["aicpu"] > free["aicpu"]:
+        raise Failure("Insufficient number of AICPU available, create vnpu failed.")
     groups = {v.get("vgroup", 0) for v in s["vnpus"] if v["npu"] == npu and v["chip"] == chip}
     vgroup = int(opts["g"]) if opts.get("g", "").isdigit() else next(g for g in range(64) if g not in groups)
     s["vnpus"].append({"npu": npu, "chip": chip, "vnpu_id": vnpu_id, "template": template["name"],

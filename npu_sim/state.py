@@ -74,6 +74,9 @@ def validate(state: dict[str, Any]) -> None:
         raise StateError(f"topology: expected one of {TOPOLOGY_KINDS}, got {state['topology']!r}")
     if state["memory_kind"] not in ("hbm", "ddr"):
         raise StateError(f"memory_kind: expected 'hbm' or 'ddr', got {state['memory_kind']!r}")
+    reserved = state.get("vnpu_reserved_gb", 0)
+    if isinstance(reserved, bool) or not isinstance(reserved, int | float) or not 0 <= reserved < vnpu_memory_gb(state):
+        raise StateError(f"vnpu_reserved_gb: expected GB the driver keeps, below the chip's memory, got {reserved!r}")
     affinity = state.get("cpu_affinity")
     if affinity is not None and (not isinstance(affinity, list) or len(affinity) != state["npu_count"]):
         raise StateError("cpu_affinity: expected a list with one CPU range per NPU, or null")
@@ -178,13 +181,26 @@ def vnpu_memory_gb(state: dict[str, Any]) -> float:
     return float(state.get("vnpu_memory_gb") or state["memory_mb"] / 1024)
 
 
+def vnpu_reserved_gb(state: dict[str, Any]) -> float:
+    """Memory the driver keeps for itself on a chip (``info-vnpu`` shows 60/64 GB free on an uncarved 64 GB 910B)."""
+    return float(state.get("vnpu_reserved_gb") or 0)
+
+
+def vnpu_takes_gb(state: dict[str, Any], t: dict[str, Any]) -> float:
+    """What a created vNPU really gets: its template's share of the memory the driver leaves (a ``32g`` vNPU of a
+    64 GB chip gets 30 GB: the driver's table reserves 30720 MB for it)."""
+    nominal = vnpu_memory_gb(state)
+    return float(t["memory_gb"]) * (nominal - vnpu_reserved_gb(state)) / nominal if nominal else 0.0
+
+
 def chip_free(state: dict[str, Any], npu: int, die: int) -> dict[str, float]:
     """Free AICore, memory (GB) and AICPU on a chip after its vNPUs."""
-    free = {"aicore": state["aicore"], "memory_gb": vnpu_memory_gb(state), "aicpu": state["aicpu"]}
+    free = {"aicore": state["aicore"], "memory_gb": vnpu_memory_gb(state) - vnpu_reserved_gb(state),
+            "aicpu": state["aicpu"]}
     for v in state["vnpus"]:
         if v["npu"] == npu and v["chip"] == die:
             t = template(state, v["template"]) or {"aicore": 0, "memory_gb": 0, "aicpu": 0}
             free["aicore"] -= t["aicore"]
-            free["memory_gb"] -= t["memory_gb"]
+            free["memory_gb"] -= vnpu_takes_gb(state, t)
             free["aicpu"] -= t["aicpu"]
     return free

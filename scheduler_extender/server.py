@@ -32,9 +32,10 @@ from .volcano_verbs import VolcanoVerbs
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 256 * 1024 * 1024
-"""A NodeList of 5,000 full nodes is tens of MB; Volcano's prioritize with 500 full NodeInfos (every pod of every
-node, managedFields included) about 100 MB."""
+MAX_BODY = 64 * 1024 * 1024  # a NodeList of 5,000 full nodes is tens of MB
+VOLCANO_PRIORITIZE_MAX_BODY = 256 * 1024 * 1024
+"""Volcano's prioritize carries every candidate's full NodeInfo, every pod of every node with its managedFields: about
+100 MB for 500 nodes. Only that verb may send this much."""
 BIG_DECISION_WORKERS = 2
 """Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
 from queueing another behind it."""
@@ -64,7 +65,8 @@ def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
 
 
 def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
-          big: ThreadPoolExecutor, raw_body: bool = False) -> Callable[[web.Request], Any]:
+          big: ThreadPoolExecutor, raw_body: bool = False,
+          max_body: int = MAX_BODY) -> Callable[[web.Request], Any]:
     """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
     coroutine function when it waits on the API server (bind). With ``raw_body`` it gets the request's bytes (after
     the size and depth checks) and decodes them itself."""
@@ -75,14 +77,14 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
         status = 400
         try:
             if raw_body:
-                raw = await read_body(request, MAX_BODY)
+                raw = await read_body(request, max_body)
                 body: Any = raw
                 if len(raw) > OFFLOAD_ABOVE:
                     answer = await asyncio.get_running_loop().run_in_executor(big, _decide_raw, call, raw)
                 else:
                     answer = _decide_raw(call, raw)
                 return web.Response(body=answer, content_type="application/json")
-            raw, body = await read_json(request, MAX_BODY, MAX_DEPTH, OFFLOAD_ABOVE)
+            raw, body = await read_json(request, max_body, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
                 return _json(await call(body))
             if len(raw) > OFFLOAD_ABOVE:
@@ -115,7 +117,7 @@ def _decide_raw(call: Callable[[Any], Any], raw: bytes) -> bytes:
 
 
 def build_app(service: ExtenderService) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=VOLCANO_PRIORITIZE_MAX_BODY)  # each verb checks its own cap first
     big = ThreadPoolExecutor(BIG_DECISION_WORKERS, thread_name_prefix="extender-big-decision")
 
     async def stop_workers(_app: web.Application) -> None:
@@ -132,7 +134,9 @@ def build_app(service: ExtenderService) -> web.Application:
     }
     raw_verbs = {f"volcano-{verb}" for verb in VolcanoVerbs.RAW}
     for path, (name, call) in routes.items():
-        app.router.add_post(path, _verb(service, name, call, big, raw_body=name in raw_verbs))
+        app.router.add_post(path, _verb(service, name, call, big, raw_body=name in raw_verbs,
+                                        max_body=VOLCANO_PRIORITIZE_MAX_BODY if name == "volcano-prioritize"
+                                        else MAX_BODY))
     for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
         app.router.add_post(f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 

@@ -92,6 +92,7 @@ class ApplyReport:
     retiring: list[VnpuRecord] = field(default_factory=list)  # should go: withdrawn first, destroyed later
     forgotten: list[VnpuRecord] = field(default_factory=list)
     adopted: list[VnpuRecord] = field(default_factory=list)  # pending records whose vNPU turned out to exist
+    rolled_back: list[VnpuRecord] = field(default_factory=list)  # created, then destroyed: the chip's split failed
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
@@ -102,6 +103,7 @@ class ApplyReport:
             "forgotten": [f"{r.device_id}/{r.vnpu_id}" for r in self.forgotten],
             "adopted": [f"{r.device_id}/{r.vnpu_id}" for r in self.adopted], "errors": self.errors,
             "retiring": [f"{r.device_id}/{r.vnpu_id}" for r in self.retiring],
+            "rolled_back": [f"{r.device_id}/{r.vnpu_id}:{r.template}" for r in self.rolled_back],
         }
 
 
@@ -152,8 +154,8 @@ class VnpuManager:
     def capacity(self, device_id: str, info: VnpuInfo | None = None, *, for_plan: bool = False) -> ChipCapacity | None:
         """What the chip offers. ``for_plan``: what a static plan may use — the free resources plus those of our
         own static vNPUs (the plan keeps or replaces them); vNPUs of others and dynamic ones are taken. Without
-        ``info-vnpu`` (unsupported), the inventory's AICore count, and no memory check (npu-smi's table shows
-        usable memory, less than the nominal size templates carve)."""
+        ``info-vnpu`` (unsupported), the inventory's AICore count. AICores and AICPUs decide; memory is reported
+        only (see :class:`ChipCapacity`)."""
         try:
             info = info or self.observe(device_id)
         except NpuSmiUnsupported:
@@ -303,13 +305,37 @@ class VnpuManager:
                 except VnpuError as exc:
                     report.errors.append(str(exc))
             for device_id, template, count in changes.create:
-                for _ in range(count):
+                made: list[VnpuRecord] = []
+                for k in range(count):
                     try:
-                        report.created.append(self.create(device_id, template, OWNER_STATIC))
+                        made.append(self.create(device_id, template, OWNER_STATIC))
                     except (VnpuError, NpuSmiError) as exc:
-                        report.errors.append(str(exc))
+                        # the driver refused the chip's split: undo what this apply created on the chip, so the
+                        # chip is left as it was (whole, or as the previous plan had it) rather than half carved
+                        undone = self._roll_back(made)
+                        report.errors.append(f"{device_id}: the driver refused vNPU {k + 1} of {count} x "
+                                             f"{template.name} ({exc}); rolled back the {undone} created on this chip "
+                                             "in this apply")
+                        kept = len(made) - undone  # a failed destroy leaves the older ones: still there
+                        report.rolled_back.extend(made[kept:])
+                        made = made[:kept]
                         break
+                report.created.extend(made)
             return report
+
+    def _roll_back(self, records: list[VnpuRecord]) -> int:
+        """Destroy ``records`` (newest first); returns how many were destroyed (a failure leaves the rest, logged,
+        for the next reconcile)."""
+        done = 0
+        for record in reversed(records):
+            try:
+                self.destroy(record)
+                done += 1
+            except VnpuError as exc:
+                log.error("rolling back vNPU %d on %s failed: %s", record.vnpu_id, record.device_id, exc,
+                          extra={"device": record.device_id, "vnpu": record.vnpu_id})
+                break
+        return done
 
     def create_dynamic(self, device_id: str, cores: Sequence[str], templates: Sequence[Template],
                        template_name: str | None = None) -> VnpuRecord:
@@ -338,8 +364,8 @@ class VnpuManager:
                     raise VnpuError(f"the scheduler's template {template_name!r} is unknown here or has fewer than "
                                     f"{len(cores)} AICores (templates: {[t.name for t in templates]})")
             for template in candidates:
+                # AICores and AICPUs, as npu-smi checks them; never the memory figure (ChipCapacity)
                 if (free.get("AICORE") is None or template.aicore <= (free["AICORE"] or 0)) and \
-                        (free.get("Memory") is None or template.memory_gb <= (free["Memory"] or 0) + 1e-9) and \
                         (free.get("AICPU") is None or template.aicpu <= (free["AICPU"] or 0)):
                     return self.create(device_id, template, owner)
             if not candidates:

@@ -111,7 +111,11 @@ def parse_vnpu_config(data: Any, source: str = "vnpu config") -> VnpuConfig:
 
 
 class ChipCapacity(BaseModel):
-    """What a chip offers to vNPUs (``info-vnpu`` Total, or the inventory when that is not available)."""
+    """What a chip offers to vNPUs (``info-vnpu`` Total, or the inventory when that is not available). Only the
+    AICores and AICPUs decide what fits: that is what npu-smi checks before it creates a vNPU (the driver's
+    ``npu_chip_set.c``). Memory is not a budget here: the driver keeps some of the chip for itself (a 64 GB 910B
+    shows 60 GB free) and gives each vNPU a share of the rest, less than its template's name says (a ``32g`` vNPU
+    gets 30 GB), so two ``32g`` halves of a 64 GB chip fit although 64 > 60. ``memory_gb`` is reported only."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -155,12 +159,10 @@ def resolve_device(raw: str, devices: Sequence[NpuDevice]) -> NpuDevice | None:
 
 
 def fits(template: Template, count: int, capacity: ChipCapacity) -> str | None:
-    """None when ``count`` copies of ``template`` fit the chip, else the reason."""
+    """None when ``count`` copies of ``template`` fit the chip's AICores and AICPUs (see :class:`ChipCapacity`:
+    never its memory figure), else the reason."""
     if count * template.aicore > capacity.aicore:
         return f"{count} x {template.name} need {count * template.aicore} AICore, the chip has {capacity.aicore}"
-    if count * template.memory_gb > capacity.memory_gb + 1e-9:
-        return (f"{count} x {template.name} need {count * template.memory_gb:g} GB, the chip has "
-                f"{capacity.memory_gb:g} GB")
     if capacity.aicpu is not None and count * template.aicpu > capacity.aicpu:
         return f"{count} x {template.name} need {count * template.aicpu} AICPU, the chip has {capacity.aicpu}"
     return None

@@ -59,10 +59,16 @@ class Node:
                  {"device_id": "1", "vnpu_count": 2, "template": "vir10_3c_16g_nm"}], 0,
      "2 x vir10_3c_16g_nm on Ascend910-1"),
     ("310p3-4", [{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "6GB"}], 0, "4 x vir02_1c on Ascend310P-0"),
-    ("310p3-4", [{"device_id": "0", "vnpu_count": 2, "template": "vir04"},
+    ("310p3-4", [{"device_id": "0", "vnpu_count": 1, "template": "vir04"},
                  {"device_id": "1", "vnpu_count": 9, "vnpu_memory": "3GB"}], 2, "devices[1]"),
+    # a 310P3 has 7 AI CPUs: two 4-AICPU vir04 do not fit, vir04 + vir04_3c would
+    ("310p3-4", [{"device_id": "0", "vnpu_count": 2, "template": "vir04"}], 2, "need 8 AICPU, the chip has 7"),
     ("910a1-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}], 2, "cannot be split"),
-    ("910c-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}], 2, "cannot be split"),
+    ("910c-8", [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "16GB"}], 0, "2 x vir06_1c_16g on Ascend910-0"),
+    # a 64 GB 910B shows 60 GB free (the driver keeps 4): its two 32g halves still plan (AICores and AICPUs decide)
+    ("910b3-8", [{"device_id": "0", "vnpu_count": 2, "template": "vir10_3c_32g"}], 0,
+     "2 x vir10_3c_32g on Ascend910-0"),
+    ("910b3-8", [{"device_id": "0", "vnpu_count": 3, "template": "vir10_3c_32g"}], 2, "need 30 AICore"),
 ])
 def test_plan_every_preset(tmp_path: Path, preset: str, entries: list[dict], code: int, expect: str) -> None:  # type: ignore[type-arg]
     node = Node(tmp_path, preset)
@@ -212,3 +218,45 @@ def test_plan_counts_vnpus_of_others_against_the_chip(tmp_path: Path) -> None:
     assert len(json.loads(node.vnpu("apply", "--config", fits, "--json").stdout)["created"]) == 2
     # re-applying the same plan counts our own vNPUs as available to it, not as taken
     assert json.loads(node.vnpu("apply", "--config", fits, "--json").stdout)["kept"] == 2
+
+
+SPLITTABLE = ["910b3-8", "910b4-8", "910c-8", "310p3-4"]
+
+
+@pytest.mark.parametrize("preset", SPLITTABLE)
+@pytest.mark.parametrize("parts", [2, 4])
+def test_half_and_quarter_chip_splits_of_every_preset_plan_and_apply(tmp_path: Path, preset: str,
+                                                                     parts: int) -> None:
+    """The split into halves and quarters of each chip model, with the templates its driver lists, whatever the
+    chip's free-memory figure says; one part more is refused before anything is created."""
+    node = Node(tmp_path, preset)
+    state = json.loads(node.fake("fake", "show"))
+    template = next(t for t in state["templates"] if t["aicore"] * parts == state["aicore"]
+                    and t["aicpu"] * parts <= state["aicpu"])
+    split = node.config([{"device_id": "0", "vnpu_count": parts, "template": template["name"]}])
+    report = json.loads(node.vnpu("apply", "--config", split, "--json").stdout)
+    assert len(report["created"]) == parts and not report["errors"], report
+    assert [v["template"] for v in node.vnpus()] == [template["name"]] * parts
+    node.vnpu("apply", "--config", node.config([{"device_id": "0", "vnpu_count": 0}]))
+    assert node.vnpus() == []
+    too_many = node.config([{"device_id": "0", "vnpu_count": parts + 1, "template": template["name"]}])
+    proc = node.vnpu("apply", "--config", too_many, code=2)
+    assert "plan rejected, nothing changed" in proc.stderr and "AICore" in proc.stderr
+    assert node.vnpus() == [] and node.ledger_records() == []
+
+
+def test_a_driver_refusal_rolls_back_the_chips_split_and_names_chip_and_template(tmp_path: Path) -> None:
+    node = Node(tmp_path, "910b4-8")
+    # the driver refuses the third vNPU of device 0 (as firmware may, for reasons npu-smi does not check)
+    node.fake("fake", "inject", "set -t create-vnpu -i 0 -c 0 -f vir05_1c_8g -v 102*", "fail")
+    config = node.config([{"device_id": "0", "vnpu_count": 4, "template": "vir05_1c_8g"},
+                          {"device_id": "1", "vnpu_count": 2, "template": "vir10_3c_16g"}])
+    report = json.loads(node.vnpu("apply", "--config", config, "--json", code=1).stdout)
+    assert len(report["errors"]) == 1
+    error = report["errors"][0]
+    assert error.startswith("Ascend910-0: the driver refused vNPU 3 of 4 x vir05_1c_8g"), error
+    assert "rolled back the 2" in error
+    assert sorted(report["rolled_back"]) == ["Ascend910-0/100:vir05_1c_8g", "Ascend910-0/101:vir05_1c_8g"]
+    assert report["created"] == ["Ascend910-1/116:vir10_3c_16g", "Ascend910-1/117:vir10_3c_16g"]
+    assert sorted(v["vnpu_id"] for v in node.vnpus()) == [116, 117]  # device 0 as it was: whole
+    assert sorted(r["vnpu_id"] for r in node.ledger_records()) == [116, 117]
