@@ -160,6 +160,18 @@ _TASK = msgspec.json.Decoder(_Task | None)
 _NODE_KEY = b',"node":{'
 
 
+def _task_before(raw: bytes, key: bytes, end: bytes) -> tuple[Any, int] | None:
+    """When ``raw`` is ``{"task":<task><key>…<end>`` and the part before the first ``key`` decodes as a whole task:
+    the task and where ``key`` starts. Else None (the caller decodes the whole body)."""
+    at = raw.find(key)
+    if at <= 8 or not raw.startswith(b'{"task":') or not raw.endswith(end):
+        return None
+    try:
+        return _TASK.decode(memoryview(raw)[8:at]), at
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+
+
 def decode_predicate(raw: bytes) -> tuple[Any, bytes | msgspec.Raw | None]:
     """A predicate request's task (decoded: the fields the model reads) and its node, undecoded: its bytes.
 
@@ -169,14 +181,10 @@ def decode_predicate(raw: bytes) -> tuple[Any, bytes | msgspec.Raw | None]:
     that costs a byte search instead of a pass of the decoder over the node's ~200 kB. The node's bytes are then
     decoded only if they were not seen before (:meth:`VolcanoVerbs._node_info_bytes`), which also checks that they
     are JSON. Any other shape is decoded whole."""
-    at = raw.find(_NODE_KEY)
-    if at > 8 and raw.startswith(b'{"task":') and raw.endswith(b"}"):
-        try:
-            task = _TASK.decode(memoryview(raw)[8:at])
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            pass
-        else:
-            return task, memoryview(raw)[at + 8:-1]
+    found = _task_before(raw, _NODE_KEY, b"}")
+    if found is not None:
+        task, at = found
+        return task, memoryview(raw)[at + len(_NODE_KEY) - 1:-1]
     body = _decode(_PREDICATE, raw, "PredicateRequest")
     return body.get("task"), body.get("node")
 
@@ -190,21 +198,17 @@ def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | m
     :func:`decode_predicate`), the Go-shaped body ``{"task":…,"nodes":[{"Name":…},{"Name":…}]}`` is cut by byte
     search; a cut in the wrong place leaves a piece that is not a whole JSON object, which fails to decode (it
     was never seen, so it is decoded), and then the whole body is decoded instead."""
-    at = raw.find(_NODES_KEY) if cut else -1
-    if at > 8 and raw.startswith(b'{"task":') and raw.endswith(b"]}"):
-        try:
-            task = _TASK.decode(memoryview(raw)[8:at])
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            pass
-        else:
-            view, start, end = memoryview(raw), at + len(_NODES_KEY), len(raw) - 2
-            nodes: list[bytes | msgspec.Raw] = []
-            while start < end:
-                cut = raw.find(_NEXT_NODE, start, end)
-                stop = end if cut < 0 else cut + 1
-                nodes.append(view[start:stop])  # type: ignore[arg-type]
-                start = stop + 1
-            return task, nodes
+    found = _task_before(raw, _NODES_KEY, b"]}") if cut else None
+    if found is not None:
+        task, at = found
+        view, start, end = memoryview(raw), at + len(_NODES_KEY), len(raw) - 2
+        nodes: list[bytes | msgspec.Raw] = []
+        while start < end:
+            next_at = raw.find(_NEXT_NODE, start, end)
+            stop = end if next_at < 0 else next_at + 1
+            nodes.append(view[start:stop])  # type: ignore[arg-type]
+            start = stop + 1
+        return task, nodes
     body = _decode(_PRIORITIZE, raw, "PrioritizeRequest")
     return body.get("task"), body.get("nodes") or []
 

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import xxhash
@@ -63,6 +63,37 @@ NODES_KEPT = 8_192
 """Parsed NodeInfos kept by the digest of their bytes, and parsed Nodes by (name, resourceVersion)."""
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Kept(dict[K, V]):
+    """Parsed objects by what identifies them exactly; emptied when full (never grows without bound)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key: K, compute: Callable[[], V]) -> V:
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            if len(self) >= self.limit:
+                self.clear()
+            self[key] = value
+        return value
+
+
+def _identity(raw: Mapping[str, Any], name: str) -> tuple[str, str] | None:
+    """(metadata[name], metadata.resourceVersion) when both are non-empty strings: a version of an object never
+    changes, so what was parsed from it holds; None otherwise (parsed every time)."""
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    first, version = meta.get(name), meta.get("resourceVersion")
+    return (first, version) if isinstance(first, str) and first and isinstance(version, str) and version else None
+
+
 class VolcanoVerbs:
     def __init__(self, service: ExtenderService):
         self.service = service
@@ -75,9 +106,9 @@ class VolcanoVerbs:
         # what identifies it exactly: a pod by (uid, resourceVersion), a Node by (name, resourceVersion), a whole
         # NodeInfo by a 128-bit digest of its bytes. Plain dicts, emptied when full (the GIL makes each get and
         # set atomic between the event loop and the big-request worker).
-        self._pods: dict[tuple[str, str], PodInfo] = {}
-        self._nodes: dict[tuple[str, str], NodeInfo] = {}
-        self._node_infos: dict[bytes, NodeInfo] = {}
+        self._pods: _Kept[tuple[str, str], PodInfo] = _Kept(PODS_KEPT)
+        self._nodes: _Kept[tuple[str, str], NodeInfo] = _Kept(NODES_KEPT)
+        self._node_infos: _Kept[bytes, NodeInfo] = _Kept(NODES_KEPT)
 
     def routes(self) -> dict[str, tuple[str, Callable[[Any], Any]]]:
         """URL path → (metric name, handler) for every verb Volcano's extender plugin can call."""
@@ -100,29 +131,14 @@ class VolcanoVerbs:
 
     # Parsing, with what was parsed before ----------------------------------------------------------------------
     def _pod_of(self, raw: Mapping[str, Any]) -> PodInfo:
-        meta = raw.get("metadata")
-        key = (meta.get("uid"), meta.get("resourceVersion")) if isinstance(meta, dict) else (None, None)
-        if not (isinstance(key[0], str) and key[0] and isinstance(key[1], str) and key[1]):
-            return parse_pod(raw)
-        pod = self._pods.get(key)  # type: ignore[arg-type]
-        if pod is None:
-            pod = parse_pod(raw)
-            if len(self._pods) >= PODS_KEPT:
-                self._pods.clear()
-            self._pods[key] = pod  # type: ignore[index]
-        return pod
+        key = _identity(raw, "uid")
+        return parse_pod(raw) if key is None else self._pods.get_or(key, lambda: parse_pod(raw))
 
     def _node_of(self, raw: Mapping[str, Any], pods: list[PodInfo]) -> NodeInfo:
-        meta = raw.get("metadata")
-        key = (meta.get("name"), meta.get("resourceVersion")) if isinstance(meta, dict) else (None, None)
-        if not (isinstance(key[0], str) and isinstance(key[1], str) and key[1]):
+        key = _identity(raw, "name")
+        if key is None:
             return parse_node(raw, pods)
-        base = self._nodes.get(key)  # type: ignore[arg-type]
-        if base is None:
-            base = parse_node(raw)
-            if len(self._nodes) >= NODES_KEPT:
-                self._nodes.clear()
-            self._nodes[key] = base  # type: ignore[index]
+        base = self._nodes.get_or(key, lambda: parse_node(raw))
         return dataclasses.replace(base, pods=pods, memo={}).refresh()
 
     def _node_info(self, raw: Any) -> NodeInfo:
@@ -132,14 +148,8 @@ class VolcanoVerbs:
         """A NodeInfo from its JSON bytes (a ``msgspec.Raw``), reused when the same bytes came before."""
         if raw is None:
             raise ProtocolError("Volcano NodeInfo: missing")
-        digest = xxhash.xxh3_128_digest(raw)
-        node = self._node_infos.get(digest)
-        if node is None:
-            node = self._node_info(decode_node_info(raw))
-            if len(self._node_infos) >= NODES_KEPT:
-                self._node_infos.clear()
-            self._node_infos[digest] = node
-        return node
+        return self._node_infos.get_or(xxhash.xxh3_128_digest(raw),
+                                       lambda: self._node_info(decode_node_info(raw)))
 
     # Placement ---------------------------------------------------------------------------------------------------
     def predicate(self, body: bytes | Any) -> dict[str, Any]:
