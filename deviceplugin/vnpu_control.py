@@ -195,7 +195,7 @@ class VnpuControl:
             capacity = {d: c for d in self.devices if (c := self.manager.capacity(d, for_plan=True)) is not None}
             self.plan = make_plan(config, self.inventory.devices, self.templates, capacity)
             log.info("vNPU plan from %s", path, extra={"plan": [
-                f"{d.device_id}: {d.count} x {d.template.name if d.template else '-'}" for d in self.plan.devices]})
+                f"{d.device_id}: {d.describe()}" for d in self.plan.devices]})
         except (PlanError, NpuSmiError) as exc:
             log.error("vNPU config %s rejected, nothing changed: %s", path, exc)
         return self.plan

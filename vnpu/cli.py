@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         records = ledger.records()
         devices = sorted({d.device_id for d in plan.devices} | {r.device_id for r in records})
         changes = static_changes(plan, records, {d: set(e) for d, e in manager.existing(devices).items()})
-        _print({"plan": [{"device": d.device_id, "template": d.template.name if d.template else None,
-                          "count": d.count} for d in plan.devices],
+        _print({"plan": [{"device": d.device_id, "vnpus": {t.name: n for t, n in d.parts}, "count": d.count}
+                         for d in plan.devices],
                 "create": [f"{n} x {t.name} on {d}" for d, t, n in changes.create],
                 "destroy": [f"{r.device_id}/{r.vnpu_id} ({r.template})" for r in changes.destroy],
                 "keep": [f"{r.device_id}/{r.vnpu_id} ({r.template})" for r in changes.keep]}, args.json)

@@ -73,13 +73,15 @@ def static_changes(plan: Plan, records: Sequence[VnpuRecord], existing: Mapping[
         ours = [r for r in static if r.device_id == device]
         alive = [r for r in ours if r.vnpu_id in existing.get(device, set())]
         changes.forget.extend(r for r in ours if r not in alive)
-        want = target.count if target is not None and target.template is not None else 0
-        name = target.template.name if target is not None and target.template is not None else None
-        matching = sorted((r for r in alive if r.template == name), key=lambda r: r.vnpu_id)
-        changes.keep.extend(matching[:want])
-        changes.destroy.extend(matching[want:] + [r for r in alive if r.template != name])
-        if want > len(matching) and target is not None and target.template is not None:
-            changes.create.append((device, target.template, want - len(matching)))
+        parts = target.parts if target is not None else ()
+        wanted = {t.name for t, _ in parts}
+        changes.destroy.extend(r for r in alive if r.template not in wanted)
+        for template, want in parts:
+            matching = sorted((r for r in alive if r.template == template.name), key=lambda r: r.vnpu_id)
+            changes.keep.extend(matching[:want])
+            changes.destroy.extend(matching[want:])
+            if want > len(matching):
+                changes.create.append((device, template, want - len(matching)))
     return changes
 
 
@@ -304,24 +306,29 @@ class VnpuManager:
                     report.destroyed.append(record)
                 except VnpuError as exc:
                     report.errors.append(str(exc))
+            by_device: dict[str, list[tuple[Template, int]]] = {}
             for device_id, template, count in changes.create:
-                made: list[VnpuRecord] = []
-                for k in range(count):
-                    try:
-                        made.append(self.create(device_id, template, OWNER_STATIC))
-                    except (VnpuError, NpuSmiError) as exc:
-                        # the driver refused the chip's split: undo what this apply created on the chip, so the
-                        # chip is left as it was (whole, or as the previous plan had it) rather than half carved
-                        undone = self._roll_back(made)
-                        report.errors.append(f"{device_id}: the driver refused vNPU {k + 1} of {count} x "
-                                             f"{template.name} ({exc}); rolled back the {undone} created on this chip "
-                                             "in this apply")
-                        kept = len(made) - undone  # a failed destroy leaves the older ones: still there
-                        report.rolled_back.extend(made[kept:])
-                        made = made[:kept]
-                        break
-                report.created.extend(made)
+                by_device.setdefault(device_id, []).append((template, count))
+            for device_id, parts in by_device.items():
+                report.created.extend(self._create_split(device_id, parts, report))
             return report
+
+    def _create_split(self, device_id: str, parts: list[tuple[Template, int]], report: ApplyReport) -> list[VnpuRecord]:
+        """Create the missing vNPUs of one chip; if the driver refuses one, undo what this call created on the chip,
+        so it is left as it was (whole, or as the previous plan had it) rather than half carved."""
+        made: list[VnpuRecord] = []
+        for template, count in parts:
+            for k in range(count):
+                try:
+                    made.append(self.create(device_id, template, OWNER_STATIC))
+                except (VnpuError, NpuSmiError) as exc:
+                    undone = self._roll_back(made)
+                    report.errors.append(f"{device_id}: the driver refused vNPU {k + 1} of {count} x {template.name} "
+                                         f"({exc}); rolled back the {undone} created on this chip in this apply")
+                    kept = len(made) - undone  # a failed destroy leaves the older ones: still there
+                    report.rolled_back.extend(made[kept:])
+                    return made[:kept]
+        return made
 
     def _roll_back(self, records: list[VnpuRecord]) -> int:
         """Destroy ``records`` (newest first); returns how many were destroyed (a failure leaves the rest, logged,

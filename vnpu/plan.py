@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuyao.inventory import NpuDevice
 
@@ -59,9 +59,26 @@ class DeviceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device_id: str = Field(min_length=1)
-    vnpu_count: int = Field(ge=0, le=MAX_VNPUS_PER_CHIP)
+    vnpu_count: int = Field(default=0, ge=0, le=MAX_VNPUS_PER_CHIP)
     vnpu_memory: str | None = None
     template: str | None = None
+    mix: dict[str, int] | None = Field(default=None, description="a mixed split: template → how many, e.g. "
+                                       "{\"vir10_3c_32g\": 1, \"vir05_1c_16g\": 2} (instead of vnpu_count with "
+                                       "template or vnpu_memory)")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> DeviceEntry:
+        if self.mix is None:
+            return self
+        if self.template is not None or self.vnpu_memory is not None:
+            raise ValueError("mix names its templates: leave template and vnpu_memory out")
+        if any(n < 1 for n in self.mix.values()) or not self.mix:
+            raise ValueError("mix: every template needs a count of at least 1")
+        total = sum(self.mix.values())
+        if self.vnpu_count not in (0, total) or total > MAX_VNPUS_PER_CHIP:
+            raise ValueError(f"mix makes {total} vNPUs; vnpu_count, when given, must say the same "
+                             f"(at most {MAX_VNPUS_PER_CHIP})")
+        return self
 
     @field_validator("device_id", mode="before")
     @classmethod
@@ -125,14 +142,22 @@ class ChipCapacity(BaseModel):
 
 
 class DevicePlan(BaseModel):
+    """One device's vNPUs: ``parts`` (template, how many); empty keeps the die whole."""
+
     model_config = ConfigDict(frozen=True)
 
     device_id: str
     npu_id: int
     chip_id: int
     physical_id: int
-    template: Template | None
-    count: int
+    parts: tuple[tuple[Template, int], ...] = ()
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def describe(self) -> str:
+        return " + ".join(f"{n} x {t.name}" for t, n in self.parts) or "whole"
 
 
 class Plan(BaseModel):
@@ -161,10 +186,19 @@ def resolve_device(raw: str, devices: Sequence[NpuDevice]) -> NpuDevice | None:
 def fits(template: Template, count: int, capacity: ChipCapacity) -> str | None:
     """None when ``count`` copies of ``template`` fit the chip's AICores and AICPUs (see :class:`ChipCapacity`:
     never its memory figure), else the reason."""
-    if count * template.aicore > capacity.aicore:
-        return f"{count} x {template.name} need {count * template.aicore} AICore, the chip has {capacity.aicore}"
-    if capacity.aicpu is not None and count * template.aicpu > capacity.aicpu:
-        return f"{count} x {template.name} need {count * template.aicpu} AICPU, the chip has {capacity.aicpu}"
+    return fits_all(((template, count),), capacity)
+
+
+def fits_all(parts: Sequence[tuple[Template, int]], capacity: ChipCapacity) -> str | None:
+    """None when the templates of ``parts`` (template, how many) fit the chip together: their AICores and AICPUs
+    add up to no more than it has (npu-smi's own check), else the reason."""
+    what = " + ".join(f"{n} x {t.name}" for t, n in parts)
+    cores = sum(n * t.aicore for t, n in parts)
+    if cores > capacity.aicore:
+        return f"{what} need {cores} AICore, the chip has {capacity.aicore}"
+    cpus = sum(n * t.aicpu for t, n in parts)
+    if capacity.aicpu is not None and cpus > capacity.aicpu:
+        return f"{what} need {cpus} AICPU, the chip has {capacity.aicpu}"
     return None
 
 
@@ -183,9 +217,9 @@ def make_plan(config: VnpuConfig, devices: Sequence[NpuDevice], templates: Seque
         if device.id in seen:
             raise PlanError(f"device listed twice (also devices[{seen[device.id]}])", index, entry.device_id)
         seen[device.id] = index
-        if entry.vnpu_count == 0:
+        if entry.vnpu_count == 0 and entry.mix is None:
             planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
-                                      physical_id=device.physical_id, template=None, count=0))
+                                      physical_id=device.physical_id))
             continue
         if not templates:
             raise PlanError(f"{device.chip_model} cannot be split into vNPUs (no templates)", index, entry.device_id)
@@ -193,19 +227,30 @@ def make_plan(config: VnpuConfig, devices: Sequence[NpuDevice], templates: Seque
         if cap is None:
             raise PlanError("capacity of the chip is unknown (npu-smi info-vnpu and the inventory say nothing)",
                             index, entry.device_id)
-        template = _choose(entry, templates, cap, names, index)
+        if entry.mix is not None:
+            parts = tuple((_named(name, templates, names, entry, index), n) for name, n in entry.mix.items())
+            problem = fits_all(parts, cap)
+            if problem:
+                raise PlanError(problem, index, entry.device_id)
+        else:
+            parts = ((_choose(entry, templates, cap, names, index), entry.vnpu_count),)
         planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
-                                  physical_id=device.physical_id, template=template, count=entry.vnpu_count))
+                                  physical_id=device.physical_id, parts=parts))
     return Plan(devices=tuple(planned))
+
+
+def _named(name: str, templates: Sequence[Template], names: list[str], entry: DeviceEntry, index: int) -> Template:
+    template = next((t for t in templates if t.name == name), None)
+    if template is None:
+        raise PlanError(f"unknown template {name!r} (this chip has {names})", index, entry.device_id)
+    return template
 
 
 def _choose(entry: DeviceEntry, templates: Sequence[Template], cap: ChipCapacity, names: list[str],
             index: int) -> Template:
     memory = entry.memory_gb
     if entry.template is not None:
-        template = next((t for t in templates if t.name == entry.template), None)
-        if template is None:
-            raise PlanError(f"unknown template {entry.template!r} (this chip has {names})", index, entry.device_id)
+        template = _named(entry.template, templates, names, entry, index)
         if memory is not None and template.memory_gb + 1e-9 < memory:
             raise PlanError(f"template {template.name} has {template.memory_gb:g} GB, less than vnpu_memory "
                             f"{entry.vnpu_memory}", index, entry.device_id)

@@ -260,3 +260,23 @@ def test_a_driver_refusal_rolls_back_the_chips_split_and_names_chip_and_template
     assert report["created"] == ["Ascend910-1/116:vir10_3c_16g", "Ascend910-1/117:vir10_3c_16g"]
     assert sorted(v["vnpu_id"] for v in node.vnpus()) == [116, 117]  # device 0 as it was: whole
     assert sorted(r["vnpu_id"] for r in node.ledger_records()) == [116, 117]
+
+
+def test_a_mixed_split_applies_changes_and_rolls_back_as_one(tmp_path: Path) -> None:
+    """A 64 GB 910B as a half and two quarters; then as four quarters (the half goes, two quarters are added);
+    a refusal in the middle of a mix leaves the chip as it was."""
+    node = Node(tmp_path, "910b3-8")
+    mixed = node.config([{"device_id": "0", "mix": {"vir10_3c_32g": 1, "vir05_1c_16g": 2}}])
+    report = json.loads(node.vnpu("apply", "--config", mixed, "--json").stdout)
+    assert sorted(report["created"]) == ["Ascend910-0/100:vir10_3c_32g", "Ascend910-0/101:vir05_1c_16g",
+                                         "Ascend910-0/102:vir05_1c_16g"] and not report["errors"]
+    quarters = node.config([{"device_id": "0", "mix": {"vir05_1c_16g": 4}}])
+    report = json.loads(node.vnpu("apply", "--config", quarters, "--json").stdout)
+    assert report["destroyed"] == ["Ascend910-0/100:vir10_3c_32g"] and report["kept"] == 2
+    assert sorted(v["template"] for v in node.vnpus()) == ["vir05_1c_16g"] * 4
+    node.vnpu("apply", "--config", node.config([{"device_id": "1", "vnpu_count": 0}]))  # device 0 back to whole
+    assert node.vnpus() == []
+    node.fake("fake", "inject", "set -t create-vnpu -i 0 -c 0 -f vir05_1c_16g -v 102*", "fail")
+    report = json.loads(node.vnpu("apply", "--config", mixed, "--json", code=1).stdout)
+    assert "refused vNPU 2 of 2 x vir05_1c_16g" in report["errors"][0] and "rolled back the 2" in report["errors"][0]
+    assert node.vnpus() == [] and node.ledger_records() == []

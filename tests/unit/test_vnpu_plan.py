@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_builtin_catalog_matches_the_documented_sizes() -> None:
 ])
 def test_910b4_plans_that_fit(entries: list[dict], expected: list[tuple]) -> None:  # type: ignore[type-arg]
     plan = plan_for(entries)
-    assert [(d.device_id, d.template.name if d.template else None, d.count) for d in plan.devices] == expected
+    assert [(d.device_id, d.parts[0][0].name if d.parts else None, d.count) for d in plan.devices] == expected
     assert plan.carved == {d for d, t, n in expected if n}
 
 
@@ -105,7 +106,7 @@ def test_a_later_bad_entry_rejects_the_whole_plan() -> None:
 def test_310p3_plans() -> None:
     plan = plan_for([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "6GB"},
                      {"device_id": "1", "vnpu_count": 8, "vnpu_memory": "3GB"}], "310P3", P3_CAP)
-    assert [(d.template.name, d.count) for d in plan.devices if d.template] == [("vir02_1c", 4), ("vir01", 8)]
+    assert [(d.parts[0][0].name, d.count) for d in plan.devices if d.parts] == [("vir02_1c", 4), ("vir01", 8)]
     with pytest.raises(PlanError, match=r"need 12 AICore, the chip has 8"):
         plan_for([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "12GB"}], "310P3", P3_CAP)
 
@@ -204,3 +205,31 @@ def test_ledger_refuses_a_second_owner_and_removes_only_the_exact_record(tmp_pat
     ledger.put(rec(101, state="pending"))
     ledger.replace(rec(101, state="pending"), rec(101))
     assert [(r.vnpu_id, r.state) for r in ledger.records()] == [(101, "created")]
+
+
+@pytest.mark.parametrize(("mix", "problem"), [
+    ({"vir10_3c_16g": 1, "vir05_1c_8g": 2}, None),  # a half and two quarters: 20 cores, 5 AICPUs
+    ({"vir10_3c_16g": 2}, None),
+    ({"vir10_4c_16g_m": 1, "vir10_3c_16g": 1}, None),  # 7 AICPUs exactly
+    ({"vir10_4c_16g_m": 2}, "2 x vir10_4c_16g_m need 8 AICPU, the chip has 7"),
+    ({"vir10_3c_16g": 1, "vir05_1c_8g": 3}, "1 x vir10_3c_16g + 3 x vir05_1c_8g need 25 AICore, the chip has 20"),
+    ({"vir-unknown": 1}, "unknown template 'vir-unknown'"),
+])
+def test_a_mixed_split_is_checked_as_a_whole(mix: dict[str, int], problem: str | None) -> None:
+    if problem is None:
+        plan = plan_for([{"device_id": "0", "mix": mix}])
+        assert {t.name: n for t, n in plan.devices[0].parts} == mix
+        assert plan.devices[0].count == sum(mix.values())
+    else:
+        with pytest.raises(PlanError, match=re.escape(problem)):
+            plan_for([{"device_id": "0", "mix": mix}])
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"device_id": "0", "mix": {"vir05_1c_8g": 2}, "template": "vir05_1c_8g"}, "leave template and vnpu_memory out"),
+    ({"device_id": "0", "mix": {"vir05_1c_8g": 2}, "vnpu_count": 3}, "mix makes 2 vNPUs"),
+    ({"device_id": "0", "mix": {"vir05_1c_8g": 0}}, "a count of at least 1"),
+])
+def test_a_mix_that_contradicts_itself_is_refused_naming_it(entry: dict, problem: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(PlanError, match=re.escape(problem)):
+        parse_vnpu_config({"devices": [entry]})
