@@ -277,6 +277,7 @@ def test_a_mixed_split_applies_changes_and_rolls_back_as_one(tmp_path: Path) -> 
     node.vnpu("apply", "--config", node.config([{"device_id": "1", "vnpu_count": 0}]))  # device 0 back to whole
     assert node.vnpus() == []
     node.fake("fake", "inject", "set -t create-vnpu -i 0 -c 0 -f vir05_1c_16g -v 102*", "fail")
+    mixed = node.config([{"device_id": "0", "mix": {"vir10_3c_32g": 1, "vir05_1c_16g": 2}}])  # one file: rewrite
     report = json.loads(node.vnpu("apply", "--config", mixed, "--json", code=1).stdout)
     assert "refused vNPU 2 of 2 x vir05_1c_16g" in report["errors"][0] and "rolled back the 2" in report["errors"][0]
     assert node.vnpus() == [] and node.ledger_records() == []
