@@ -69,7 +69,9 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
           max_body: int = MAX_BODY) -> Callable[[web.Request], Any]:
     """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
     coroutine function when it waits on the API server (bind). With ``raw_body`` it gets the request's bytes (after
-    the size and depth checks) and decodes them itself."""
+    the size check) and decodes only what it reads, with msgspec, which refuses nesting deeper than the recursion
+    limit itself (a ``ProtocolError``): no depth scan, which would cost more than the whole decision on a 200 kB
+    Volcano NodeInfo."""
     is_async = inspect.iscoroutinefunction(call)
 
     async def handler(request: web.Request) -> web.Response:
@@ -78,11 +80,10 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
         try:
             if raw_body:
                 raw = await read_body(request, max_body)
-                body: Any = raw
                 if len(raw) > OFFLOAD_ABOVE:
-                    answer = await asyncio.get_running_loop().run_in_executor(big, _decide_raw, call, raw)
+                    answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, raw)
                 else:
-                    answer = _decide_raw(call, raw)
+                    answer = _decide(call, raw)
                 return web.Response(body=answer, content_type="application/json")
             raw, body = await read_json(request, max_body, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
@@ -107,13 +108,6 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
         return _json({"error": error}, status=status)
 
     return handler
-
-
-def _decide_raw(call: Callable[[Any], Any], raw: bytes) -> bytes:
-    """:func:`_decide` on the body's bytes: ``call`` decodes only what it reads, with msgspec, which refuses nesting
-    deeper than the recursion limit itself (a ``ProtocolError``): no depth scan, which would cost more than the
-    whole decision on a 200 kB Volcano NodeInfo."""
-    return _decide(call, raw)
 
 
 def build_app(service: ExtenderService) -> web.Application:
