@@ -76,8 +76,6 @@ class _Refused(Exception):
 
 
 def _failure(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "TimeoutError: no answer in time"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -214,7 +212,7 @@ class Router:
             if response.status != 200:
                 return None  # the engine refuses this prompt; it will say why when the request reaches it
             tokens = orjson.loads(data).get("tokens")
-        except (UpstreamError, TimeoutError, OSError, ValueError, AttributeError) as exc:
+        except (UpstreamError, OSError, ValueError, AttributeError) as exc:
             log.info("tokenizing on %s failed: %s", backend.url, exc or type(exc).__name__,
                      extra={"backend": backend.url})
             return None
@@ -388,7 +386,7 @@ class Router:
                     dispatch.succeeded()
                     self.prefix.routed(backend.url, hashes)
                     break
-                except (_BackendFailed, UpstreamError, TimeoutError, OSError, ValueError) as exc:
+                except (_BackendFailed, UpstreamError, OSError, ValueError) as exc:
                     failure = _failure(exc)
                     if not isinstance(exc, _BackendFailed) or exc.status >= 500:
                         dispatch.failed()
