@@ -36,6 +36,10 @@ _FLAG_FIELDS = {
     "kubeconfig": "kubeconfig",
     "health_interval": "health.interval",
     "health_failure_threshold": "health.failure_threshold",
+    "fault_table": "health.fault_table",
+    "hccn_tool": "health.hccn_tool",
+    "isolation_state": "health.isolation_state",
+    "link_interval": "health.link_interval",
     "metrics_address": "metrics_address",
     "server_usage": "server_usage",
     "vnpu_mode": "vnpu.mode",
@@ -65,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-interval", help="npu-smi health poll interval, e.g. 5s or 500ms (default: 5s)")
     p.add_argument("--health-failure-threshold", type=int,
                    help="consecutive npu-smi failures before all devices are Unhealthy (default: 3)")
+    p.add_argument("--fault-table", help="NPU fault table: fuyao's (version: v1) or MindCluster's faultCode.json "
+                                         "(default: the built-in table)")
+    p.add_argument("--hccn-tool", help="hccn_tool for NPU link checks; empty turns them off (default: hccn_tool)")
+    p.add_argument("--link-interval", help="how often each NPU's link is checked, e.g. 30s (default: 30s)")
+    p.add_argument("--isolation-state", help="record of isolated NPUs (default: /var/lib/fuyao/npu-isolated.json)")
+    p.add_argument("--release-npu", action="append", metavar="DEVICE",
+                   help="release an isolated NPU (repeatable), e.g. after a repair, and exit; the running plugin "
+                        "puts it back in service at its next poll")
     p.add_argument("--metrics-address",
                    help=f"HOST:PORT for /metrics, empty to disable (default: {DEFAULT_METRICS_ADDRESS})")
     p.add_argument("--server-usage", help="value of the server-usage node label: train or infer (default: unset)")
@@ -87,12 +99,34 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
     if overrides["vnpu.config"] and not overrides["vnpu.mode"] and \
             not (file_values.get("vnpu") or {}).get("mode"):
         overrides["vnpu.mode"] = "static"
-    return build_config(file_values, overrides)
+    config = build_config(file_values, overrides)
+    from .faults.table import load_table
+
+    load_table(config.health.fault_table)  # a bad table: exit 2 naming the field, before anything starts
+    return config
+
+
+def release(path: str, devices: list[str]) -> int:
+    """``--release-npu``: 0 when every device was isolated and is released, 1 otherwise."""
+    from .faults.isolation import IsolationRecord
+
+    record = IsolationRecord(path)
+    isolated = record.read()
+    code = 0
+    for device in devices:
+        if record.release(device):
+            print(f"released {device} ({isolated[device].reason}, isolated since {isolated[device].since})")
+        else:
+            print(f"{device} is not isolated (isolated: {', '.join(sorted(isolated)) or 'none'})", file=sys.stderr)
+            code = 1
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
     args = fuyao_daemon.parse(build_parser(), argv)
     config = fuyao_daemon.config_or_exit("fuyao-device-plugin", lambda: config_from_args(args))
+    if args.release_npu:
+        sys.exit(release(config.health.isolation_state, args.release_npu))
     from .daemon import DevicePluginDaemon
 
     daemon = DevicePluginDaemon(config)

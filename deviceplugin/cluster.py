@@ -7,7 +7,10 @@ The ``kubernetes`` client is imported only when a cluster is configured (it is s
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
+import queue
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +109,56 @@ class NodePublisher:
                  extra={"node": self.node_name, "labels": sorted(patch["metadata"].get("labels", {})),
                         "annotations": sorted(patch["metadata"].get("annotations", {}))})
         return True
+
+
+class NodeEvents:
+    """Kubernetes Events on this node (``kubectl describe node`` shows them: NPU faults, resets, isolations).
+
+    ``__call__`` never blocks: events go through a bounded queue to one sender thread, in order; when the API
+    server is slow and the queue is full, new events are dropped with a log line (the log has them all anyway)."""
+
+    NAMESPACE = "default"  # where node events live (the kubelet's convention)
+
+    def __init__(self, api: Any, node_name: str, component: str = "fuyao-device-plugin", capacity: int = 256):
+        self.api = api
+        self.node_name = node_name
+        self.component = component
+        self.sent = 0
+        self._queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="node-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
+    def __call__(self, type_: str, reason: str, message: str) -> None:
+        try:
+            self._queue.put_nowait((type_, reason, message))
+        except queue.Full:
+            log.warning("event queue full; dropped %s event %s: %s", type_, reason, message)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._send(*item)
+
+    def _send(self, type_: str, reason: str, message: str) -> None:
+        from kubernetes.client import CoreV1Event, V1EventSource, V1ObjectMeta, V1ObjectReference
+
+        now = datetime.datetime.now(datetime.UTC)
+        event = CoreV1Event(
+            metadata=V1ObjectMeta(generate_name=f"{self.node_name}.", namespace=self.NAMESPACE),
+            involved_object=V1ObjectReference(kind="Node", name=self.node_name, uid=self.node_name,
+                                              api_version="v1"),
+            reason=reason, message=message[:1024], type=type_, first_timestamp=now, last_timestamp=now, count=1,
+            source=V1EventSource(component=self.component, host=self.node_name))
+        try:
+            self.api.create_namespaced_event(self.NAMESPACE, event, _request_timeout=API_TIMEOUT_S)
+            self.sent += 1
+        except Exception as exc:
+            log.warning("cannot record event %s on node %s: %s", reason, self.node_name, exc)
 
 
 def assignments_for(resource: str, node_name: str,

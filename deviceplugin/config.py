@@ -5,7 +5,14 @@ version: v1
 npuSmi: {path: npu-smi, timeout: 10s}
 devicePluginDir: /var/lib/kubelet/device-plugins
 devRoot: /dev
-health: {interval: 5s, failureThreshold: 3}
+health:
+  interval: 5s
+  failureThreshold: 3
+  faultTable: /etc/fuyao/faults/faultCode.json   # fuyao's v1 table or MindCluster's faultCode.json
+  reset: {enabled: true, maxAttempts: 3, window: 24h, settle: 30s, timeout: 60s}
+  isolationState: /var/lib/fuyao/npu-isolated.json
+  hccnTool: /usr/local/Ascend/driver/tools/hccn_tool    # "" turns link checks off
+  linkInterval: 30s
 metricsAddress: 127.0.0.1:9400
 driverMounts:
   - {hostPath: /usr/local/Ascend/driver/lib64, readOnly: true}
@@ -46,10 +53,28 @@ class NpuSmiSettings(ConfigSection):
     timeout: Seconds = Field(default=10.0, description="seconds before a hung npu-smi call is killed")
 
 
+class ResetSettings(ConfigSection):
+    """Hot reset of an NPU whose fault level asks for one (FreeRestartNPU, RestartNPU), once no pod holds it."""
+
+    enabled: bool = True
+    max_attempts: int = Field(default=3, ge=1, description="resets within `window` before the NPU is isolated")
+    window: Seconds = Field(default=86400.0, description="how long a reset counts towards maxAttempts")
+    settle: Seconds = Field(default=30.0, description="time an NPU gets to come back after a reset")
+    timeout: Seconds = Field(default=60.0, description="seconds before a hung npu-smi reset call is killed")
+
+
 class HealthSettings(ConfigSection):
     interval: Seconds = Field(default=5.0, description="how often npu-smi is polled for device health")
     failure_threshold: int = Field(default=3, ge=1, description="consecutive npu-smi failures before every device "
                                                                 "is reported Unhealthy")
+    fault_table: str | None = Field(default=None, description="fault table file: fuyao's (version: v1) or "
+                                    "MindCluster's faultCode.json; default: the built-in table")
+    reset: ResetSettings = ResetSettings()
+    isolation_state: str = Field(default="/var/lib/fuyao/npu-isolated.json",
+                                 description="record of isolated NPUs (keep it on the host)")
+    hccn_tool: str = Field(default="hccn_tool", description="hccn_tool for link checks (a name on PATH or a path); "
+                           "empty: no link checks. Skipped, with a log line, when it is not installed")
+    link_interval: Seconds = Field(default=30.0, description="how often each NPU's link is checked")
 
 
 class DriverMount(ConfigSection):

@@ -17,13 +17,17 @@ import time
 from collections.abc import Mapping, Sequence
 
 from fuyao.contracts import (
+    ANNOTATION_NODE_FAULTS,
     ANNOTATION_NODE_TOPOLOGY,
+    NPU_RESOURCES,
     RESOURCE_NPU,
     NodeTopology,
     NumaCpus,
     VnpuSlice,
     dump_annotation,
     npu_node_labels,
+    parse_core_device_id,
+    parse_vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, discover, read_node_cpus
 from fuyao.kube_client import connect
@@ -34,9 +38,13 @@ from vnpu.usage import PodResourcesUnavailable, allocatable_cpus, holdings
 from . import cluster
 from .config import PluginConfig
 from .devices import ChipHealth, DeviceStatus, Slot
+from .faults.isolation import IsolationRecord
+from .faults.manager import FaultManager, LinkSettings
+from .faults.recovery import ResetPolicy
+from .faults.table import load_table
 from .health import HealthMonitor
 from .metrics import PluginMetrics
-from .resource import ResourcePlugin
+from .resource import ResourcePlugin, SlotResource
 from .server import KUBELET_SOCKET, RegistrationFailed, ResourceServer
 from .vnpu_control import VnpuControl
 
@@ -63,7 +71,8 @@ def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                   slices: Sequence[Slot] = (), templates: Sequence[Template] = (),
                   allocated: frozenset[str] = frozenset(),
                   numa_cpus: Mapping[int, NumaCpus] | None = None,
-                  holders: Mapping[str, str] | None = None) -> NodeTopology:
+                  holders: Mapping[str, str] | None = None,
+                  links: Mapping[str, bool | None] | None = None) -> NodeTopology:
     """The topology annotation with each device's current health, its vNPU slices and whether a container holds
     it (so the scheduler extender knows which dies are taken, also for pods it did not bind), and the exclusive
     CPUs per NUMA node."""
@@ -77,7 +86,8 @@ def node_topology(inventory: NodeInventory, statuses: dict[str, DeviceStatus],
                       memory_mb=int(sizes[s.vnpu.template].memory_gb * 1024) if s.vnpu.template in sizes else 0)
             for s in slices if s.parent.id == i and s.vnpu is not None)
         update: dict[str, object] = {"vnpus": mine, "allocated": i in allocated,
-                                     "holder": (holders or {}).get(i) if i in allocated else None}
+                                     "holder": (holders or {}).get(i) if i in allocated else None,
+                                     "link_up": (links or {}).get(i)}
         if i in statuses:
             update["health"] = statuses[i].health
         devices[i] = d.model_copy(update=update)
@@ -192,6 +202,8 @@ class DevicePluginDaemon:
         self.resources: list[ResourcePlugin] = []
         self.sessions: list[KubeletSession] = []
         self.monitor: HealthMonitor | None = None
+        self.faults: FaultManager | None = None
+        self.events: cluster.NodeEvents | None = None
         self.publisher: cluster.NodePublisher | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.holders: dict[str, str] = {}  # held die → the pod holding it (kubelet pod-resources)
@@ -282,11 +294,14 @@ class DevicePluginDaemon:
         if api is not None:
             self.publisher = cluster.NodePublisher(api, self.node_name)
             self.publisher.start()
+            self.events = cluster.NodeEvents(api, self.node_name)
+            self.events.start()
             choices = cluster.PendingPodAssignments(api, self.node_name)
+        self.faults = self._fault_manager(inventory)
         self.monitor = HealthMonitor(self.npu_smi, self.chips, self.metrics,
                                      interval_s=self.config.health.interval,
                                      failure_threshold=self.config.health.failure_threshold,
-                                     on_change=self._publish)
+                                     on_change=self._publish, faults=self.faults)
         self.monitor.poll_once()  # advertise real health from the first ListAndWatch response
         self.vnpu = VnpuControl(inventory, self.config, self.npu_smi, self.chips, self.metrics, choices)
         try:
@@ -296,11 +311,52 @@ class DevicePluginDaemon:
                       exc)
         self.vnpu.on_reconciled = self._publish
         self.resources = self.vnpu.resources()
+        faults = self.faults
+        for resource in self.resources:
+            if isinstance(resource, SlotResource):
+                resource.links_down = lambda: [d for d, up in faults.links.items() if up is False]
         self._publish()
         self.monitor.start()
         self._check_driver_mounts()
         self.sessions = [KubeletSession(ResourceServer(r, self.config.device_plugin_dir, self.metrics),
                                         self.stop_event) for r in self.resources]
+
+    def _fault_manager(self, inventory: NodeInventory) -> FaultManager:
+        health = self.config.health
+        table = load_table(health.fault_table)  # validated with the config
+        hccn: NpuSmi | None = None
+        if health.hccn_tool:
+            hccn = NpuSmi(health.hccn_tool, timeout_s=self.config.npu_smi.timeout)
+            try:
+                hccn.resolve()
+            except NpuSmiError:
+                log.info("hccn_tool %r not found: NPU link checks are off", health.hccn_tool)
+                hccn = None
+        log.info("fault table %s (%d codes; unknown codes: %s)", table.source, len(table.codes),
+                 table.unknown_code.value)
+        reset = health.reset
+        return FaultManager(
+            self.npu_smi, inventory.devices, table,
+            ResetPolicy(enabled=reset.enabled, max_attempts=reset.max_attempts, window_s=reset.window,
+                        settle_s=reset.settle),
+            IsolationRecord(health.isolation_state), self.metrics, holders=self._holders_now, events=self.events,
+            link=LinkSettings(hccn, health.link_interval), reset_timeout_s=reset.timeout,
+            table_path=health.fault_table)
+
+    def _holders_now(self) -> dict[str, str] | None:
+        """Die → the pod holding it or a vNPU / AICore of it, asked of the kubelet now (before a reset); None when
+        the kubelet does not answer."""
+        try:
+            held = holdings(self.config.vnpu.pod_resources_socket, NPU_RESOURCES, timeout_s=2.0)
+        except PodResourcesUnavailable as exc:
+            log.debug("holders unknown: %s", exc)
+            return None
+        out: dict[str, str] = {}
+        for devices in held.holders.values():
+            for device, pod in devices.items():
+                parent = parse_vnpu_device_id(device) or parse_core_device_id(device)
+                out[parent[0] if parent else device] = pod
+        return out
 
     def _poll_allocations(self) -> None:
         """Which dies and exclusive CPUs containers hold (kubelet pod-resources); republish the topology when that
@@ -350,8 +406,11 @@ class DevicePluginDaemon:
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
         topology = node_topology(self.inventory, self.chips.statuses(), slices,
                                  self.vnpu.templates if self.vnpu else (), frozenset(self.holders),
-                                 self.numa_cpus, self.holders)
-        self.publisher.want(labels, {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)})
+                                 self.numa_cpus, self.holders, self.faults.links if self.faults else None)
+        annotations = {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)}
+        if self.faults is not None:
+            annotations[ANNOTATION_NODE_FAULTS] = dump_annotation(self.faults.report())
+        self.publisher.want(labels, annotations)
 
     def _shutdown(self) -> None:
         if self.monitor is not None:
@@ -362,6 +421,8 @@ class DevicePluginDaemon:
             session.server.stop(grace_s=0.2)
         if self.publisher is not None:
             self.publisher.stop()
+        if self.events is not None:
+            self.events.stop()
         self.npu_smi.close()
         self.metrics.shutdown()
         log.info("stopped; sockets removed")

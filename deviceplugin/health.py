@@ -1,8 +1,10 @@
 """Polls ``npu-smi info`` and feeds device health and telemetry into the chip health and the metrics.
 
 One ``npu-smi info`` call per interval gives every chip's health, AICore usage, temperature, power and memory.
-A failing or hanging npu-smi never stops the loop: the client's timeout kills it, the failure is counted, and
-after ``failure_threshold`` consecutive failures every device is reported Unhealthy with the reason logged.
+Chips npu-smi does not call OK are graded by their error codes (:mod:`deviceplugin.faults`), which may keep them
+in service, reset or isolate them. A failing or hanging npu-smi never stops the loop: the client's timeout kills
+it, the failure is counted, and after ``failure_threshold`` consecutive failures every device is reported
+Unhealthy with the reason logged.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fuyao.npusmi import NpuSmi, NpuSmiClosed, NpuSmiError
 from fuyao.npusmi.models import NpuSmiInfo
 
 from .devices import ChipHealth, DeviceStatus, match_chips, statuses_after_failures, statuses_from_info
+from .faults.manager import FaultManager
 from .metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
@@ -22,13 +25,15 @@ log = logging.getLogger(__name__)
 
 class HealthMonitor:
     def __init__(self, npu_smi: NpuSmi, chips: ChipHealth, metrics: PluginMetrics, *, interval_s: float,
-                 failure_threshold: int, on_change: Callable[[], None] | None = None):
+                 failure_threshold: int, on_change: Callable[[], None] | None = None,
+                 faults: FaultManager | None = None):
         self.npu_smi = npu_smi
         self.chips = chips
         self.metrics = metrics
         self.interval_s = interval_s
         self.failure_threshold = failure_threshold
         self.on_change = on_change
+        self.faults = faults
         self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,7 +67,17 @@ class HealthMonitor:
         if self.failures:
             log.info("npu-smi answers again after %d failed polls", self.failures, extra={"failures": self.failures})
         self.failures = 0
-        self._apply(statuses_from_info(self.chips.devices.values(), info))
+        statuses = statuses_from_info(self.chips.devices.values(), info)
+        faults_changed = False
+        if self.faults is not None:
+            before = self.faults.report()
+            try:
+                statuses = self.faults.update(info, statuses)
+            except Exception:  # a bug in fault handling must not end health checking
+                log.exception("fault handling failed; health from npu-smi's Health column only")
+            faults_changed = self.faults.report() != before
+        if not self._apply(statuses) and faults_changed and self.on_change is not None:
+            self.on_change()
         self._telemetry(info)
 
     def _failed(self, error: str) -> None:
@@ -76,7 +91,8 @@ class HealthMonitor:
                         extra={"failures": self.failures, "error": error})
         self._apply(statuses_after_failures(self.chips.statuses(), self.failures, self.failure_threshold, error))
 
-    def _apply(self, statuses: dict[str, DeviceStatus]) -> None:
+    def _apply(self, statuses: dict[str, DeviceStatus]) -> bool:
+        """Apply statuses; True when a health changed (and ``on_change`` was called)."""
         changes = self.chips.update(statuses)
         devices = self.chips.devices
         for device_id, status in statuses.items():
@@ -89,6 +105,7 @@ class HealthMonitor:
                            "reason": new.reason})
         if changes and self.on_change is not None:
             self.on_change()
+        return bool(changes)
 
     def _telemetry(self, info: NpuSmiInfo) -> None:
         for device, chip in match_chips(self.chips.devices.values(), info):

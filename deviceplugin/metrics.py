@@ -3,6 +3,8 @@ and the plugin's own counters. Each daemon owns one registry, so tests can run s
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -43,6 +45,18 @@ class PluginMetrics:
         self.vnpu_operations = Counter("fuyao_vnpu_operations_total", "vNPU creations and destructions by result",
                                        ("action", "result"), registry=r)
         self.vnpus = Gauge("fuyao_vnpu_vnpus", "vNPUs fuyao created that exist now", registry=r)
+        self.fault = Gauge("fuyao_npu_fault", "1 while the NPU has a fault: its fault-table level (MindCluster's "
+                           "names) and the plugin's action (keep, unhealthy, reset, isolate)",
+                           ("node", "device", "level", "action"), registry=r)
+        self.faults = Counter("fuyao_npu_faults_total", "NPU faults seen (a new code or level on an NPU), by level",
+                              ("node", "level"), registry=r)
+        self.resets = Counter("fuyao_npu_resets_total", "Hot resets of NPUs by result (ok, failed)",
+                              ("node", "result"), registry=r)
+        self.isolated = Gauge("fuyao_npu_isolated", "1 while the NPU is isolated (until an operator releases it)",
+                              ("node", "device"), registry=r)
+        self.link_up = Gauge("npu_link_up", "1 when the NPU's RoCE link is up (hccn_tool -link -g), 0 when down",
+                             _DEVICE_LABELS, registry=r)
+        self._fault_labels: dict[str, tuple[str, str, str, str]] = {}
         self._endpoint = MetricsEndpoint(self.registry)
 
     def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:
@@ -62,6 +76,29 @@ class PluginMetrics:
 
     def set_health(self, device: NpuDevice, healthy: bool) -> None:
         self.health.labels(self.node, device.id, device.chip_model).set(1 if healthy else 0)
+
+    def set_fault(self, device: NpuDevice, level: str | None, action: str | None) -> None:
+        labels = (self.node, device.id, level, action) if level and action else None
+        old = self._fault_labels.get(device.id)
+        if old == labels:
+            return
+        if old is not None:
+            self.fault.remove(*old)
+            del self._fault_labels[device.id]
+        if labels is not None:
+            self.fault.labels(*labels).set(1)
+            self._fault_labels[device.id] = labels  # type: ignore[assignment]
+
+    def set_isolated(self, device: NpuDevice, isolated: bool) -> None:
+        self.isolated.labels(self.node, device.id).set(1 if isolated else 0)
+
+    def set_link(self, device: NpuDevice, up: bool | None) -> None:
+        labels = (self.node, device.id, device.chip_model)
+        if up is None:
+            with contextlib.suppress(KeyError):
+                self.link_up.remove(*labels)
+        else:
+            self.link_up.labels(*labels).set(1 if up else 0)
 
     def serve(self, address: str) -> tuple[str, int]:
         """Serve /metrics on ``HOST:PORT`` (port 0 picks a free one); returns the bound address."""

@@ -74,6 +74,8 @@ class SlotResource:
         self.advertised = advertised
         self.scheduler_choices = scheduler_choices
         self._order = {d.id: i for i, d in enumerate(inventory.devices)}
+        self.links_down: Callable[[], Iterable[str]] = lambda: ()
+        """Dies whose RoCE link is down (the fault manager's): whole dies for one-die requests only."""
 
     @property
     def socket_name(self) -> str:
@@ -97,8 +99,10 @@ class SlotResource:
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
         slots = self.advertised.slots()
         placement = {i: self.placement(s) for i, s in slots.items()}
+        down = set(self.links_down())
+        single_only = [i for i, s in slots.items() if s.parent.id in down and s.vnpu is None and s.core is None]
         return preferred_allocation(available, must_include, size, placement, ring_rules=self.ring_rules,
-                                    scheduler_choices=[c.devices for c in self.choices()])
+                                    scheduler_choices=[c.devices for c in self.choices()], single_only=single_only)
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
         return container_spec(device_ids, self.advertised.slots(), self.advertised.statuses(),

@@ -126,6 +126,9 @@ ANNOTATION_NODE_TOPOLOGY = "npu.openfuyao.com/topology"
 ANNOTATION_POD_ASSIGNED = "npu.openfuyao.com/assigned"
 """Pod annotation (JSON, :class:`PodAssignment`) written by the scheduler extender at bind time."""
 ANNOTATION_NODE_USAGE = "qos.openfuyao.com/usage"
+# Node annotation (JSON, NodeFaults), written by the device plugin: each NPU's current fault codes, their level, what
+# the plugin does about them (keep, unhealthy, reset when free, isolated) and its link state.
+ANNOTATION_NODE_FAULTS = "npu.openfuyao.com/faults"
 """Node annotation (JSON, :class:`NodeUsage`) written by the QoS agent: measured CPU/memory use, LS and BE."""
 LABEL_PD_TOPOLOGY_DEFAULT = "topology.kubernetes.io/zone"
 """Default topology domain for prefill/decode affinity beyond the node (configurable in the extender)."""
@@ -271,6 +274,9 @@ class DeviceTopology(_Schema):
                                "pod's planned npu.openfuyao.com/assigned")
     allocated: bool = Field(default=False, description="Held by a container, per the kubelet's pod-resources API "
                                                        "(published by the device plugin, seconds behind)")
+    link_up: bool | None = Field(default=None, description="The die's RoCE link (hccn_tool -link -g); None where the "
+                                 "node has no hccn_tool. A die whose link is down is left out of multi-die "
+                                 "placements only")
 
 
 class InterconnectGroup(_Schema):
@@ -358,6 +364,37 @@ class NodeUsage(_Schema):
                             self.be_memory_used_bytes / self.memory_capacity_bytes))
 
 
+class FaultAction(StrEnum):
+    """What the device plugin does about a fault level (docs/device-plugin.md, "Faults")."""
+
+    KEEP = "keep"  # the device stays Healthy; the fault is published
+    UNHEALTHY = "unhealthy"  # Unhealthy while the fault lasts
+    RESET = "reset"  # Unhealthy; hot reset once no pod holds it
+    ISOLATE = "isolate"  # Unhealthy until an operator releases it
+
+
+class DeviceFault(_Schema):
+    """One NPU's faults as the device plugin sees and handles them."""
+
+    codes: tuple[str, ...] = Field(default=(), description="npu-smi error codes, uppercase hex (80E01801)")
+    level: str | None = Field(default=None, description="The fault table's level of the worst code (MindCluster's "
+                              "names: NotHandleFault ... SeparateNPU); None when only the link is down")
+    action: FaultAction | None = None
+    state: str = Field(default="", description="What the plugin does or waits for, for the operator")
+    since: str | None = Field(default=None, description="RFC 3339 time the fault was first seen")
+    resets: int = Field(default=0, ge=0, description="Hot resets tried in the fault table's reset window")
+    holder: str | None = Field(default=None, description="namespace/name of the pod holding the NPU")
+    isolated: bool = False
+    link_up: bool | None = None
+
+
+class NodeFaults(_Schema):
+    """Value of node annotation ``npu.openfuyao.com/faults``: the NPUs that have a fault or a link down."""
+
+    schema_version: Literal[1] = 1
+    devices: dict[str, DeviceFault] = Field(default_factory=dict)
+
+
 M = TypeVar("M", bound=_Schema)
 E = TypeVar("E", bound=StrEnum)
 
@@ -365,6 +402,7 @@ ANNOTATION_SCHEMAS: dict[str, type[_Schema]] = {
     ANNOTATION_NODE_TOPOLOGY: NodeTopology,
     ANNOTATION_POD_ASSIGNED: PodAssignment,
     ANNOTATION_NODE_USAGE: NodeUsage,
+    ANNOTATION_NODE_FAULTS: NodeFaults,
 }
 
 

@@ -39,6 +39,7 @@ def preferred_allocation(
     *,
     ring_rules: bool = False,
     scheduler_choices: Iterable[Sequence[str]] = (),
+    single_only: Iterable[str] = (),
 ) -> list[str]:
     """The devices to suggest for one container, ``size`` of them (fewer only if fewer are available).
 
@@ -46,8 +47,12 @@ def preferred_allocation(
     accounting matches the scheduler's), then the A1 ring rules when ``ring_rules``, then the smallest
     (group, NUMA) cell, group or NUMA node that holds the request and every ``must_include`` device, then a spread
     over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
+    ``single_only`` devices (an NPU whose RoCE link is down) are offered to one-device requests only.
     """
     avail = list(dict.fromkeys(available))
+    if size > 1:
+        excluded = set(single_only) - set(must_include)
+        avail = [d for d in avail if d not in excluded]
     avail_set = set(avail)
 
     def place(device: str) -> Placement:

@@ -76,6 +76,16 @@ npus_per_node() {
       [ -n "$topo" ] || state="$state; NO topology annotation (device plugin not publishing?)"
       printf '  %-20s %s\n' "$node" "$state"
     done
+  echo
+  echo "NPU faults (annotation npu.openfuyao.com/faults: codes, level, what the device plugin does) and their events:"
+  k get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\t"}{.metadata.annotations.npu\.openfuyao\.com/faults}{"\n"}{end}' |
+    while IFS=$'\t' read -r node faults; do
+      [ -n "$faults" ] || continue
+      case "$faults" in *'"devices":{}'*) continue ;; esac
+      printf '  %-20s %s\n' "$node" "$faults"
+    done
+  k get events -A --field-selector involvedObject.kind=Node -o jsonpath='{range .items[?(@.source.component=="fuyao-device-plugin")]}{.lastTimestamp}{"  "}{.involvedObject.name}{"  "}{.reason}{"  "}{.message}{"\n"}{end}' 2>/dev/null |
+    tail -n 20 | sed 's/^/  /'
 }
 
 components() {

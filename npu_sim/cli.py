@@ -3,10 +3,12 @@
     npu-smi info | info -l | info -m | info -t TYPE [-i N] [-c C]
     npu-smi set -t create-vnpu -i N -c C -f TEMPLATE [-v ID] [-g VGROUP]
     npu-smi set -t destroy-vnpu -i N -c C -v ID
+    npu-smi set -t reset -i N -c C          (asks for confirmation on stdin, as the real tool does)
     npu-smi -v
 
 plus ``fake ...`` commands (not in the real tool) that change the simulated node: ``fake init``, ``fake
-set-health``, ``fake inject``, ``fake clear-faults``, ``fake bind-vnpu``, ``fake unbind-vnpu``, ``fake show``,
+set-health``, ``fake set-link``, ``fake inject``, ``fake clear-faults``, ``fake bind-vnpu``, ``fake unbind-vnpu``,
+``fake show``,
 ``fake presets``. The node is the JSON file
 named by ``FAKE_NPU_SMI_STATE`` (or, read-only, the preset named by ``FAKE_NPU_SMI_PRESET``, default 910b4-8).
 
@@ -123,8 +125,10 @@ def info(s: dict[str, Any], args: list[str]) -> str:
 def set_command(args: list[str]) -> str:
     opts = _options(args, "ticfvg")
     kind = opts.get("t")
-    if kind not in ("create-vnpu", "destroy-vnpu"):
+    if kind not in ("create-vnpu", "destroy-vnpu", "reset"):
         raise Failure("Error parameter of -t")
+    if kind == "reset":
+        return _reset(opts)
     with st.locked_update() as s:
         npu = _card(s, opts)
         chip = _chip_id(s, opts, required=True)
@@ -173,6 +177,34 @@ def _destroy(s: dict[str, Any], npu: int, chip: int, opts: dict[str, str]) -> st
         raise Failure(f"destroy vnpu {raw} failed.")
     s["vnpus"].remove(match)
     return render.set_ok(f"Destroy vnpu {raw} success")
+
+
+RESET_PROMPT = ("Resetting the standard PCIe card or NPU chip may cause a system hang or abnormal reset during service "
+                "running.\nAre you sure you want to continue resetting?(Y/N)")
+
+
+def _reset(opts: dict[str, str]) -> str:
+    """Hot reset of a chip (npu_chip_set.c): a risk warning and a Y/N question on stdin, then the result. The reset
+    clears the chip's health and error codes unless the fault was set with ``--survives-reset`` (the fault comes
+    back at once) or ``--reset-fails`` (the driver fails the reset). Every reset is counted in the chip's
+    ``resets``."""
+    sys.stdout.write(RESET_PROMPT + "\n")
+    sys.stdout.flush()
+    reply = sys.stdin.readline().strip()
+    if reply not in ("Y", "y"):
+        return render.reset_result("Fail", "User aborts reset chip by outband.")
+    with st.locked_update() as s:
+        npu = _card(s, opts)
+        chip = _chip_id(s, opts, required=True)
+        assert chip is not None
+        override = s["chips"].setdefault(f"{npu}-{chip}", {})
+        override["resets"] = int(override.get("resets", 0)) + 1
+        if override.get("reset_fails"):
+            return render.reset_result("Fail", "Failed to reset chip")
+        if not override.get("survives_reset"):
+            for key in ("health", "error_codes", "error_information"):
+                override.pop(key, None)
+    return render.reset_result("OK", "Reset chip successfully.")
 
 
 def _apply_fault(argv: list[str], s: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,6 +288,12 @@ def fake(argv: list[str]) -> int:
     p.add_argument("-c", type=int, default=0, help="chip/die index")
     p.add_argument("health", choices=st.HEALTH_VALUES)
     p.add_argument("--code", action="append", default=[], help="error code, e.g. 80E01801 (repeatable)")
+    p.add_argument("--survives-reset", action="store_true", help="a hot reset reports success but the fault stays")
+    p.add_argument("--reset-fails", action="store_true", help="a hot reset of this chip fails")
+    p = sub.add_parser("set-link", help="set one chip's RoCE link (hccn_tool -link -g)")
+    p.add_argument("-i", type=int, required=True, help="NPU (card) index")
+    p.add_argument("-c", type=int, default=0, help="chip/die index")
+    p.add_argument("link", choices=("UP", "DOWN"))
     p = sub.add_parser("inject", help="make commands matching a glob hang (before, or after taking effect: "
                                       "hang-after), print garbage, truncate or fail")
     p.add_argument("command", help="glob over the command line, e.g. 'info -t topo' or 'info*'")
@@ -283,12 +321,20 @@ def fake(argv: list[str]) -> int:
             st.write(path, st.expand({"preset": args.preset}))
         else:
             with st.locked_update() as s:
-                if args.cmd == "set-health":
+                if args.cmd in ("set-health", "set-link"):
                     if not (0 <= args.i < s["npu_count"] and 0 <= args.c < s["dies_per_npu"]):
                         raise st.StateError(f"no chip {args.i}-{args.c} on this node")
                     chip = s["chips"].setdefault(f"{args.i}-{args.c}", {})
+                if args.cmd == "set-link":
+                    chip["link"] = args.link
+                elif args.cmd == "set-health":
                     chip["health"] = args.health
                     chip["error_codes"] = args.code if args.health != "OK" else []
+                    for flag in ("survives_reset", "reset_fails"):
+                        if getattr(args, flag) and args.health != "OK":
+                            chip[flag] = True
+                        else:
+                            chip.pop(flag, None)
                 elif args.cmd == "inject":
                     fault = {"command": args.command, "mode": args.mode, "seconds": args.seconds}
                     if args.times:

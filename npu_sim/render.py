@@ -31,6 +31,11 @@ def _kv(pairs: list[tuple[str, Any]]) -> str:
     return "\n".join(KV.format(k, v) for k, v in pairs) + "\n"
 
 
+def reset_result(status: str, message: str) -> str:
+    """``npu-smi set -t reset`` after the prompt (npu_set_print.c): progress, then status and result."""
+    return _kv([("Message", "resetting ..."), ("Status", status), ("Message", message)])
+
+
 def _is_310p(s: dict[str, Any]) -> bool:
     return s["chip_model"].upper().startswith("310")
 

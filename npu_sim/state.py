@@ -146,6 +146,7 @@ def chips(state: dict[str, Any]) -> list[dict[str, Any]]:
             phy = npu * state["dies_per_npu"] + die
             base = {
                 "npu": npu, "chip": die, "phy": phy, "health": "OK", "error_codes": [], "error_information": [],
+                "link": "UP",
                 "power_w": 85.0 if die == 0 else None, "temp_c": 36 + (phy % 3), "aicore_percent": 0,
                 "memory_used_mb": int(state["memory_mb"] * 0.0865), "hugepages": [0, 0],
                 "bus_id": _bus_id(state, phy),

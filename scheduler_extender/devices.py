@@ -107,7 +107,8 @@ def choose_npus(node: NodeInfo, count: int) -> list[str]:
     """The dies the device plugin would prefer for ``count`` (the kernel's placement function)."""
     assert node.topology is not None
     return preferred_allocation(free_npus(node), [], count, placements(node.topology),
-                                ring_rules=ring_board(node.topology))
+                                ring_rules=ring_board(node.topology),
+                                single_only=[i for i, d in node.topology.devices.items() if d.link_up is False])
 
 
 def choose_cores(node: NodeInfo, count: int) -> list[str]:

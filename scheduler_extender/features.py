@@ -50,6 +50,7 @@ COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "ring_board": (np.bool_, (), False),  # 910 A1: HCCS rings of at most four
     "n_devices": (np.int32, (), 0),
     "free_by_device": (np.int32, (), 0),  # healthy whole dies no pod holds
+    "free_linked": (np.int32, (), 0),  # of those, the dies whose RoCE link is not down (multi-die requests)
     "unplaced": (np.int32, (), 0),  # NPUs held by pods whose devices are unknown
     "ring_ok": (np.int64, (), 0),  # bit k: the ring rules allow a k-card request now
     "ring_free": (object, (), ()),  # free dies per ring (for reasons)
@@ -128,6 +129,7 @@ def _node_row(info: NodeInfo) -> dict[str, Any]:
         free = devices.free_npus(info)
         ring = devices.ring_board(topo)
         row.update(topo=True, ring_board=ring, n_devices=len(topo.devices), free_by_device=len(free),
+                   free_linked=sum(1 for d in free if topo.devices[d].link_up is not False),
                    unplaced=devices.unplaced_npus(info), vnpus_free=len(devices.free_vnpus(info)),
                    die_cores_max=_most_free_cores(info),
                    has_groups=bool(topo.groups), group_need=_covers(devices.free_group_sizes(info)))

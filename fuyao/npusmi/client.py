@@ -62,8 +62,9 @@ class NpuSmi:
             raise NpuSmiNotFound(f"npu-smi not found or not executable: {self.path!r}")
         return found
 
-    def run(self, args: Sequence[str], timeout_s: float | None = None) -> str:
-        """Run ``npu-smi ARGS`` and return stdout; raise a typed error on timeout or a non-zero exit."""
+    def run(self, args: Sequence[str], timeout_s: float | None = None, answer: str | None = None) -> str:
+        """Run ``npu-smi ARGS`` and return stdout; raise a typed error on timeout or a non-zero exit. ``answer`` is
+        written to its stdin (a confirmation prompt's reply); without it stdin is empty."""
         exe = self.resolve()
         command = (exe, *args)
         limit = self.timeout_s if timeout_s is None else timeout_s
@@ -75,12 +76,13 @@ class NpuSmi:
             try:
                 argv = (_SETPRIV, "--pdeathsig", "KILL", "--", *command) if _SETPRIV else command
                 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                        stdin=subprocess.DEVNULL if answer is None else subprocess.PIPE,
+                                        start_new_session=True, env=env)
             except OSError as exc:
                 raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None
             self._running.add(proc)
         try:
-            out, err = proc.communicate(timeout=limit)
+            out, err = proc.communicate(None if answer is None else answer.encode(), timeout=limit)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise NpuSmiTimeout(limit, command) from None
@@ -159,6 +161,20 @@ class NpuSmi:
     def destroy_vnpu(self, npu_id: int, chip_id: int, vnpu_id: int) -> SetResult:
         return self._checked_set(["set", "-t", "destroy-vnpu", *_target(npu_id, chip_id), "-v", str(vnpu_id)],
                                  "destroy-vnpu")
+
+    def reset_chip(self, npu_id: int, chip_id: int, timeout_s: float | None = None) -> SetResult:
+        """Hot reset of one chip, ``npu-smi set -t reset -i N -c C``, answering its confirmation prompt. Raises
+        :class:`NpuSmiCommandFailed` unless npu-smi reports ``Status : OK``."""
+        args = ["set", "-t", "reset", *_target(npu_id, chip_id)]
+        try:
+            text = self.run(args, timeout_s=timeout_s, answer="Y\n")
+        except NpuSmiCommandFailed as exc:
+            raise NpuSmiCommandFailed(f"npu-smi reset failed: {exc.output or exc}", exc.returncode, exc.output,
+                                      exc.command) from None
+        result = parse.parse_reset_result(text)
+        if result.status.upper() != "OK":
+            raise NpuSmiCommandFailed(f"npu-smi reset failed: {result.message}", 0, text, tuple(args))
+        return result
 
     def _checked_set(self, args: list[str], what: str) -> SetResult:
         try:

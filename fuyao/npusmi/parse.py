@@ -368,6 +368,41 @@ def parse_set_result(text: str, what: str = "set") -> SetResult:
     return SetResult(status=status, message=message)
 
 
+_STATUS_LINE = re.compile(r"^\s*(Status|Message)\s+:\s*(.*?)\s*$")
+
+
+def parse_reset_result(text: str) -> SetResult:
+    """``npu-smi set -t reset``: the risk warning and the ``(Y/N)`` prompt, then ``Message : resetting ...``,
+    ``Status : OK|Fail`` and the final ``Message`` (``Reset chip successfully.``, ``Failed to reset chip``, ``User
+    aborts reset chip by inband.``). The last Status and the last Message decide; a bare sentence (``This device
+    does not support setting reset.``) is a failure carrying that sentence."""
+    _raise_if_unsupported(text, "reset")
+    status: str | None = None
+    message = ""
+    for line in text.splitlines():
+        m = _STATUS_LINE.match(line)
+        if m and m.group(1) == "Status":
+            status = m.group(2)
+        elif m:
+            message = m.group(2)
+    if status is None:
+        return SetResult(status="FAILED", message=text.strip()[:200] or "no output")
+    return SetResult(status=status, message=message)
+
+
+_LINK_STATUS = re.compile(r"^\s*link status\s*:\s*(\S+)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_link_status(text: str) -> bool:
+    """``hccn_tool -i N -link -g``: ``link status: UP`` or ``link status: DOWN``; True when UP."""
+    m = _LINK_STATUS.search(text)
+    if m is None or m.group(1).upper() not in ("UP", "DOWN"):
+        first = _first_line(text)
+        raise NpuSmiParseError("hccn_tool -link", "expected 'link status: UP' or 'link status: DOWN'", first[1],
+                               first[0])
+    return m.group(1).upper() == "UP"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plain column tables (info -m, -t topo)
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
 from ..framework import Cycle, RejectKind
 from ..model import PodInfo
 
-TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, RING_NEVER, RING_NOW, CORES, VNPUS = range(1, 9)
+TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, RING_NEVER, RING_NOW, CORES, VNPUS, LINKS = range(1, 10)
 
 
 class DeviceFitPlugin:
@@ -34,6 +34,7 @@ class DeviceFitPlugin:
         RejectKind("ring-shape"),  # not with the rings free now
         RejectKind("cores-not-on-one-die"),
         RejectKind("insufficient-vnpus"),
+        RejectKind("links-down"),  # a multi-NPU request needs NPUs whose RoCE link is up
     )
 
     def __init__(self, strategy: Literal["binpack", "spread"] = "binpack"):
@@ -58,6 +59,8 @@ class DeviceFitPlugin:
             topo = view.topo
             if resource == RESOURCE_NPU:
                 mark(topo & (view.free_by_device < want), UNHEALTHY)
+                if want > 1:
+                    mark(topo & (view.free_linked < want), LINKS)
                 ring = topo & view.ring_board
                 if want > 1:
                     mark(ring & (view.unplaced > 0), UNPLACED)
@@ -97,6 +100,9 @@ class DeviceFitPlugin:
         want = wanted.get(RESOURCE_NPU, 0)
         if kind == UNHEALTHY:
             return [f"{n} healthy free NPUs by device, {want} requested" for n in view.free_by_device[at].tolist()]
+        if kind == LINKS:
+            return [f"{n} free NPUs with their RoCE link up, {want} requested (NPUs whose link is down take "
+                    "single-NPU pods only)" for n in view.free_linked[at].tolist()]
         if kind == UNPLACED:
             return [f"{n} NPUs of this 910 A1 board are held by pods bound without npu.openfuyao.com/assigned: "
                     "whether a whole ring is free is unknown" for n in view.unplaced[at].tolist()]

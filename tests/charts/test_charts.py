@@ -29,10 +29,14 @@ CUSTOM_VALUES: dict[str, dict[str, Any]] = {
     "npu-device-plugin": {
         "image": {"repository": "registry.example.com/fuyao", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}], "privileged": False, "serverUsage": "infer",
-        "nodeSelector": {"node-role/npu": "true"}, "health": {"interval": "2s", "failureThreshold": 5},
+        "nodeSelector": {"node-role/npu": "true"},
+        "health": {"interval": "2s", "failureThreshold": 5, "reset": {"maxAttempts": 2, "window": "1h"},
+                   "faultTable": {"NotHandleFaultCodes": ["80E21007"], "RestartNPUCodes": ["8C03A000"]},
+                   "hccnTool": ""},
         "vnpu": {"mode": "static", "config": {"devices": [{"device_id": "0", "vnpu_count": 4,
                                                            "vnpu_memory": "3GB"}]}},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                    "prometheusRule": {"enabled": True, "resetPendingFor": "30m"}},
         "config": {"preferSchedulerAssignment": False},
         "extraArgs": ["--log-level=debug"],
     },
@@ -151,6 +155,12 @@ def test_config_files_the_charts_write_are_accepted_by_the_components(variant: s
     if variant == "custom":  # the chart's values and the free-form config both arrive
         assert plugin.vnpu.mode == "static" and plugin.vnpu.config and plugin.server_usage == "infer"
         assert plugin.prefer_scheduler_assignment is False and plugin.health.failure_threshold == 5
+        assert plugin.health.reset.max_attempts == 2 and plugin.health.hccn_tool == ""
+        from deviceplugin.faults.table import FaultLevel, parse_table
+
+        table = parse_table(config_map(render("npu-device-plugin", variant, tmp_path), "fault-table.json"), "cm")
+        assert plugin.health.fault_table == "/etc/fuyao/faults/fault-table.json"
+        assert table.level_of_code("8C03A000") == FaultLevel.RESTART_NPU
         assert extender.tls is not None and extender.bind is False and extender.shortlist == 32
         assert extender.plugins.device_fit.strategy == "spread" and extender.plugins.pd_affinity.ratio == "1:2"
         assert agent.cpu_suppress.threshold_percent == 70 and agent.metrics_address == ""
@@ -232,7 +242,7 @@ def exported_metrics() -> set[str]:
     """Metric names the components register (prometheus_client: a counter's samples end in _total)."""
     names: set[str] = set()
     for package in ("deviceplugin", "scheduler_extender", "qos", "inference_router", "kvcache"):
-        for source in (REPO / package).glob("*.py"):
+        for source in (REPO / package).glob("**/*.py"):
             names |= set(re.findall(r"(?:Counter|Gauge|Histogram|Summary)\(\s*\"([a-z_:]+)\"", source.read_text()))
     return {re.sub(r"_total$", "", n) for n in names}
 
@@ -241,6 +251,25 @@ def metrics_in(expr: str) -> set[str]:
     words = set(re.findall(r"\b([a-z_:][a-z0-9_:]*)\s*(?:\{|\[)", expr))
     words |= set(re.findall(r"\(\s*([a-z_][a-z0-9_]*)\s*\)", expr))  # avg by (node) (npu_utilization)
     return {re.sub(r"_(bucket|total|count|sum)$", "", w) for w in words if "_" in w and w not in {"by"}}
+
+
+def test_the_npu_fault_alerts_use_metrics_the_device_plugin_exports(tmp_path: Path) -> None:
+    exported = exported_metrics()
+    docs = render("npu-device-plugin", "custom", tmp_path)
+    (rule,) = of_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"NpuFaultKept", "NpuUnhealthy", "NpuResetPending", "NpuIsolated", "NpuLinkDown"}
+    for name, alert in alerts.items():
+        used = metrics_in(alert["expr"])
+        assert used and used <= exported, (name, used - exported)
+    assert alerts["NpuResetPending"]["for"] == "30m"
+    # every action the fault table can ask for has its alert
+    from fuyao.contracts import FaultAction
+
+    actions = {a.value for a in FaultAction}
+    assert actions == {re.search(r'action="(\w+)"', a["expr"]).group(1)  # type: ignore[union-attr]
+                       for a in alerts.values() if "action=" in a["expr"]} | {"isolate"}
+    assert not of_kind(render("npu-device-plugin", "default", tmp_path), "PrometheusRule")
 
 
 def test_the_four_alerts_and_the_dashboard_use_metrics_fuyao_exports(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from fuyao.contracts import (
+    ANNOTATION_NODE_FAULTS,
     ANNOTATION_NODE_TOPOLOGY,
+    NodeFaults,
     NodeTopology,
     parse_annotation,
 )
@@ -110,6 +112,60 @@ def test_a_critical_chip_leaves_allocatable_and_comes_back(cluster: LocalCluster
     wait_for(lambda: npus(cluster) == 7, 60, "allocatable 7 after a Critical chip")
     cluster.fake_npu_smi("fake", "set-health", "-i", "7", "OK")
     wait_for(lambda: npus(cluster) == 8, 60, "allocatable 8 after recovery")
+
+
+def node_faults(cluster: LocalCluster) -> NodeFaults:
+    raw = cluster.node_json()["metadata"].get("annotations", {}).get(ANNOTATION_NODE_FAULTS, "{}")
+    return parse_annotation(ANNOTATION_NODE_FAULTS, raw, NodeFaults)
+
+
+def node_events(cluster: LocalCluster, reason: str) -> list[str]:
+    events = cluster.get_json("events", "--field-selector", f"involvedObject.name={cluster.node},reason={reason}")
+    return [e.get("message", "") for e in events["items"]]
+
+
+def chip_resets(cluster: LocalCluster, npu: int) -> int:
+    return int(json.loads(cluster.fake_npu_smi("fake", "show"))["chips"].get(f"{npu}-0", {}).get("resets", 0))
+
+
+def test_a_reset_level_fault_on_a_free_chip_is_reset_and_comes_back(cluster: LocalCluster) -> None:
+    before = chip_resets(cluster, 6)
+    cluster.fake_npu_smi("fake", "set-health", "-i", "6", "Critical", "--code", "8C03A000")  # RestartNPU
+    wait_for(lambda: chip_resets(cluster, 6) == before + 1, 60, "the device plugin resets NPU 6")
+    wait_for(lambda: npus(cluster) == 8 and "Ascend910-6" not in node_faults(cluster).devices, 60,
+             "NPU 6 back in allocatable, its fault gone from the annotation")
+    assert any("Ascend910-6" in m for m in wait_for(lambda: node_events(cluster, "NpuReset"), 30, "NpuReset"))
+    assert any("8C03A000" in m for m in wait_for(lambda: node_events(cluster, "NpuRecovered"), 30, "NpuRecovered"))
+    assert chip_resets(cluster, 6) == before + 1  # once
+
+
+def test_a_fault_on_a_held_chip_marks_it_and_leaves_the_pod_running(cluster: LocalCluster) -> None:
+    apply(cluster, pod_manifest("held", 1))
+    wait_for(lambda: pod(cluster, "held")["status"].get("phase") == "Running", 60, "held Running")
+    started = pod(cluster, "held")["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+
+    def holder_die() -> str | None:
+        raw = cluster.node_json()["metadata"]["annotations"][ANNOTATION_NODE_TOPOLOGY]
+        topo = parse_annotation(ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology)
+        return next((i for i, d in topo.devices.items() if d.holder == "default/held"), None)
+
+    die = wait_for(holder_die, 30, "the held die in the topology annotation")
+    npu = int(die.rsplit("-", 1)[1])
+    before = chip_resets(cluster, npu)
+    cluster.fake_npu_smi("fake", "set-health", "-i", str(npu), "Alarm", "--code", "8C0E4E00")  # FreeRestartNPU
+    fault = wait_for(lambda: node_faults(cluster).devices.get(die), 60, "the fault in the node annotation")
+    assert fault.level == "FreeRestartNPU" and fault.holder == "default/held"
+    assert "reset pending: held by pod default/held" in fault.state  # the annotation tells the operator
+    wait_for(lambda: npus(cluster) == 7, 60, "the held chip out of allocatable")
+    time.sleep(3)  # several health polls: still no reset under the pod, and the pod is untouched
+    assert chip_resets(cluster, npu) == before
+    status = pod(cluster, "held")["status"]
+    assert status["phase"] == "Running"
+    assert status["containerStatuses"][0]["state"]["running"]["startedAt"] == started
+    assert any(die in m for m in node_events(cluster, "NpuFault"))
+    cluster.kubectl("delete", "pod", "held", "--wait=true", "--timeout=60s")
+    wait_for(lambda: chip_resets(cluster, npu) == before + 1, 60, "the chip reset once the pod is gone")
+    wait_for(lambda: npus(cluster) == 8 and die not in node_faults(cluster).devices, 60, "the chip back")
 
 
 def test_device_plugin_and_kubelet_restarts(cluster: LocalCluster) -> None:

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from fuyao.contracts import (
+    ANNOTATION_NODE_FAULTS,
     ANNOTATION_NODE_TOPOLOGY,
     ANNOTATION_POD_ASSIGNED,
     RESOURCE_NPU,
     ContainerAssignment,
     DeviceHealth,
+    FaultAction,
+    NodeFaults,
     NodeTopology,
     PodAssignment,
     dump_annotation,
@@ -31,6 +34,7 @@ USER = "fuyao-device-plugin"
 DEVICE_PLUGIN_RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 
 
@@ -60,7 +64,7 @@ def node(cluster: LocalApiServer) -> Iterator[str]:
 @pytest.fixture
 def plugin(cluster: LocalApiServer, node: str) -> Iterator[PluginUnderTest]:
     p = PluginUnderTest("910b4-8", extra_args=("--kubeconfig", cluster.kubeconfig_for(USER), "--node-name", node,
-                                               "--server-usage", "infer"))
+                                               "--server-usage", "infer", "--link-interval", "0.5s"))
     try:
         p.start()
         p.wait_ready()
@@ -104,6 +108,47 @@ def test_labels_and_topology_are_published_and_patched_only_on_change(
     plugin.fake("fake", "set-health", "-i", "4", "OK")
     wait_for(lambda: topology_of(api, node).devices["Ascend910-4"].health == DeviceHealth.HEALTHY,
              what="Ascend910-4 Healthy again")
+
+
+def faults_of(api, node: str) -> NodeFaults | None:  # type: ignore[no-untyped-def]
+    raw = (api.read_node(node).metadata.annotations or {}).get(ANNOTATION_NODE_FAULTS)
+    return parse_annotation(ANNOTATION_NODE_FAULTS, raw, NodeFaults) if raw else None
+
+
+def node_events(api, node: str) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    out: dict[str, list[str]] = {}
+    for e in api.list_namespaced_event("default", field_selector=f"involvedObject.name={node}").items:
+        out.setdefault(e.reason, []).append(e.message)
+    return out
+
+
+def test_faults_reach_the_node_annotation_and_events(cluster: LocalApiServer, node: str,
+                                                     plugin: PluginUnderTest) -> None:
+    api = cluster.client()
+    with plugin.kubelet._cond:
+        plugin.kubelet.pods["llm-0"] = {RESOURCE_NPU: ["Ascend910-2"]}
+    plugin.fake("fake", "set-health", "-i", "2", "Alarm", "--code", "8C03A000")  # RestartNPU, on a held chip
+    plugin.fake("fake", "set-link", "-i", "6", "DOWN")
+    faults = wait_for(lambda: (f := faults_of(api, node)) and "Ascend910-2" in f.devices and f, 30,
+                      "the fault in the node annotation")
+    fault = faults.devices["Ascend910-2"]
+    assert fault.codes == ("8C03A000",) and fault.level == "RestartNPU" and fault.action == FaultAction.RESET
+    assert fault.holder == "default/llm-0" and "held by pod default/llm-0" in fault.state and fault.since
+    assert topology_of(api, node).devices["Ascend910-2"].health == DeviceHealth.UNHEALTHY
+    events = wait_for(lambda: (e := node_events(api, node)) and "NpuFault" in e and e, 30, "an NpuFault event")
+    assert any("8C03A000" in m and "RestartNPU" in m for m in events["NpuFault"])
+    # the pod ends: the chip is reset, comes back, and the annotation and events say so
+    plugin.kubelet.delete_pod("llm-0")
+    wait_for(lambda: "Ascend910-2" not in faults_of(api, node).devices, 30, "the fault gone from the annotation")
+    events = wait_for(lambda: (e := node_events(api, node)) and "NpuRecovered" in e and e, 30, "NpuRecovered")
+    assert any("Ascend910-2" in m for m in events["NpuReset"])
+    assert topology_of(api, node).devices["Ascend910-2"].health == DeviceHealth.HEALTHY
+    # a link down: published, and the die stays Healthy (single-NPU pods may use it)
+    wait_for(lambda: topology_of(api, node).devices["Ascend910-6"].link_up is False, 30, "link down in the topology")
+    assert faults_of(api, node).devices["Ascend910-6"].link_up is False
+    assert topology_of(api, node).devices["Ascend910-6"].health == DeviceHealth.HEALTHY
+    assert any("Ascend910-6" in m for m in wait_for(lambda: node_events(api, node).get("NpuLinkDown"), 30,
+                                                     "an NpuLinkDown event"))
 
 
 def test_scheduler_choice_in_a_pending_pod_wins_preferred_allocation(

@@ -327,6 +327,8 @@ state = "{base / 'state'}"
             "--node-name", self.node, "--kubeconfig", str(self.dir / "admin.kubeconfig"),
             "--pod-resources-socket", str(kubelet_root / "pod-resources" / "kubelet.sock"),
             "--vnpu-ledger", str(self.dir / "vnpu-ledger.json"), "--metrics-address", "127.0.0.1:0",
+            "--isolation-state", str(self.dir / "npu-isolated.json"),
+            "--hccn-tool", str(REPO / "hack" / "fake-hccn-tool"),
             "--health-interval", "1s"], env=env)
 
     def _kubelet(self) -> None:

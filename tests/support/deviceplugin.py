@@ -24,6 +24,7 @@ from .kubelet import KubeletStandIn
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_NPU_SMI = REPO / "hack" / "fake-npu-smi"
+FAKE_HCCN_TOOL = REPO / "hack" / "fake-hccn-tool"
 
 
 class PluginUnderTest:
@@ -40,6 +41,7 @@ class PluginUnderTest:
         self.extra_args = extra_args
         self.pod_resources = self.root / "pr" / "kubelet.sock"
         self.ledger = self.root / "vnpu-ledger.json"
+        self.isolation = self.root / "npu-isolated.json"
         self.kubelet = KubeletStandIn(str(self.plugin_dir), str(self.pod_resources))
         self.start_kubelet = start_kubelet
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,7 +67,8 @@ class PluginUnderTest:
                 "--device-plugin-dir", str(self.plugin_dir), "--dev-root", str(self.dev_root),
                 "--node-name", "node-a", "--health-interval", self.health_interval,
                 "--metrics-address", "127.0.0.1:0", "--npu-smi-timeout", "2s", "--vnpu-ledger", str(self.ledger),
-                "--pod-resources-socket", str(self.pod_resources), *self.extra_args]
+                "--pod-resources-socket", str(self.pod_resources), "--isolation-state", str(self.isolation),
+                "--hccn-tool", str(FAKE_HCCN_TOOL), *self.extra_args]
 
     def start(self) -> PluginUnderTest:
         if self.start_kubelet:

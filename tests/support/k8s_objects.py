@@ -27,7 +27,8 @@ _uid = itertools.count(1)
 
 
 def topology(kind: str = "mesh", unhealthy: tuple[int, ...] = (), vnpus: dict[int, int] | None = None,
-             aicore: int = 20, allocated: tuple[int, ...] = (), holders: dict[int, str] | None = None) -> NodeTopology:
+             aicore: int = 20, allocated: tuple[int, ...] = (), holders: dict[int, str] | None = None,
+             links_down: tuple[int, ...] = ()) -> NodeTopology:
     """``mesh``: 8x 910B, one HCCS mesh, two dies per NUMA node. ``a1``: 8x 910, rings 0-3 / 4-7, a NUMA node per
     ring. ``vnpus``: die → number of static vir05 slices on it. ``holders``: die → the pod (namespace/name) the
     kubelet gave it to (the die is then allocated too)."""
@@ -43,7 +44,8 @@ def topology(kind: str = "mesh", unhealthy: tuple[int, ...] = (), vnpus: dict[in
             health=DeviceHealth.UNHEALTHY if i in unhealthy else DeviceHealth.HEALTHY,
             numa_node=(i // 2) if kind == "mesh" else ring,
             group="hccs-mesh-0" if kind == "mesh" else f"hccs-ring-{ring}", aicore=aicore, memory_mb=32768,
-            vnpus=slices, allocated=i in allocated or i in holders, holder=holders.get(i))
+            vnpus=slices, allocated=i in allocated or i in holders, holder=holders.get(i),
+            link_up=False if i in links_down else None)
     if kind == "mesh":
         groups = (InterconnectGroup(id="hccs-mesh-0", kind=InterconnectKind.HCCS_MESH, devices=tuple(devices)),)
     else:

@@ -118,6 +118,20 @@ def test_device_fit_counts_and_reasons() -> None:
     assert "nvidia.com/gpu" in reject(plugin, gpu, small).reason  # type: ignore[union-attr]
 
 
+def test_npus_whose_link_is_down_take_single_npu_pods_only() -> None:
+    plugin = DeviceFitPlugin()
+    linkless = info(node("linkless", topo=topology(links_down=(0, 1, 2, 3, 4))))
+    four = parse_pod(pod("p4", requests={RESOURCE_NPU: "4"}))
+    rejection = reject(plugin, four, linkless)
+    assert rejection and rejection.code == "links-down"
+    assert "3 free NPUs with their RoCE link up, 4 requested" in rejection.reason
+    assert reject(plugin, parse_pod(pod("p3", requests={RESOURCE_NPU: "3"})), linkless) is None
+    assert reject(plugin, parse_pod(pod("p1", requests={RESOURCE_NPU: "1"})), linkless) is None
+    # the dies chosen at bind time: linked ones for a multi-die pod, any for a single one
+    assert set(devices.choose_npus(linkless, 3)) == {"Ascend910-5", "Ascend910-6", "Ascend910-7"}
+    assert len(devices.choose_npus(linkless, 1)) == 1
+
+
 def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     plugin = DeviceFitPlugin()
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))

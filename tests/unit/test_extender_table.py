@@ -23,7 +23,7 @@ NODES = [f"n{i}" for i in range(5)]
 
 
 def _node(name: str, kind: int, zone: int) -> dict:  # type: ignore[type-arg]
-    topo = [None, topology(), topology("a1"), topology(unhealthy=(1,), allocated=(2,)),
+    topo = [None, topology(), topology("a1"), topology(unhealthy=(1,), allocated=(2,), links_down=(5, 6)),
             topology().model_copy(update={"numa_cpus": {n: NumaCpus(allocatable=16, exclusive=4 * n)
                                                         for n in range(4)}})][kind]
     return node(name, topo=topo, labels={"topology.kubernetes.io/zone": f"z{zone}",

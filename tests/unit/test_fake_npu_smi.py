@@ -160,3 +160,43 @@ def test_parse_info_roundtrip_values(fake_node) -> None:
     node.state.write_text(json.dumps(state))
     chip = p.parse_info(node.run("info").stdout).chips[5]
     assert (chip.aicore_percent, chip.hbm_mb.used, chip.power_w, chip.temp_c) == (77, 30000, 250.5, 47)
+
+
+def test_hot_reset_through_the_client_and_the_fakes_fault_switches(fake_node) -> None:  # type: ignore[no-untyped-def]
+    node = fake_node("910b4-8")
+    client = NpuSmi(node.path, timeout_s=10)
+    node.run("fake", "set-health", "-i", "2", "Critical", "--code", "8C03A000")
+    assert client.reset_chip(2, 0).message == "Reset chip successfully."
+    assert client.health(2, 0).health == NpuHealthState.OK  # the reset cleared the fault
+    node.run("fake", "set-health", "-i", "3", "Alarm", "--code", "80E18005", "--survives-reset")
+    client.reset_chip(3, 0)
+    assert client.health(3, 0).error_codes == ("80E18005",)
+    node.run("fake", "set-health", "-i", "4", "Alarm", "--code", "80E18005", "--reset-fails")
+    with pytest.raises(NpuSmiCommandFailed, match="Failed to reset chip"):
+        client.reset_chip(4, 0)
+    state = json.loads(node.run("fake", "show").stdout)["chips"]
+    assert (state["2-0"]["resets"], state["3-0"]["resets"], state["4-0"]["resets"]) == (1, 1, 1)
+    # without the confirmation, nothing happens
+    aborted = node.run("set", "-t", "reset", "-i", "5", "-c", "0")
+    assert "User aborts reset chip" in aborted.stdout
+    assert "resets" not in json.loads(node.run("fake", "show").stdout)["chips"].get("5-0", {})
+
+
+def test_fake_hccn_tool_reports_links_by_logic_id(fake_node) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.support.deviceplugin import FAKE_HCCN_TOOL
+
+    node = fake_node("910c-8")  # two dies per NPU: logic id = npu * 2 + die
+    node.run("fake", "set-link", "-i", "1", "-c", "1", "DOWN")
+
+    def hccn(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(FAKE_HCCN_TOOL), *args], env=node.env(), capture_output=True,
+                              text=True, timeout=30)
+
+    assert p.parse_link_status(hccn("-i", "3", "-link", "-g").stdout) is False
+    assert p.parse_link_status(hccn("-i", "2", "-link", "-g").stdout) is True
+    assert hccn("-i", "3", "-net_health", "-g").stdout == "net health status: Fault\n"
+    bad = hccn("-i", "99", "-link", "-g")
+    assert bad.returncode == 1 and "invalid" in bad.stdout

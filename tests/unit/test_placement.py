@@ -172,3 +172,13 @@ def test_a_fitting_scheduler_choice_is_returned_exactly(
         return
     got = preferred_allocation(available, must, size, placement, scheduler_choices=[choice])
     assert set(got) == set(choice)
+
+
+def test_single_only_devices_serve_one_device_requests_only() -> None:
+    down = ids(0, 1)
+    assert set(preferred_allocation(ids(0, 1, 2, 3), [], 2, MESH, single_only=down)) == set(ids(2, 3))
+    assert preferred_allocation(ids(0, 1, 2), [], 1, MESH, single_only=down)[0] in ids(0, 1, 2)
+    # too few others: only what may be given (the kubelet then decides)
+    assert preferred_allocation(ids(0, 1, 2), [], 2, MESH, single_only=down) == ids(2)
+    # a device the kubelet must include stays in
+    assert ids(0)[0] in preferred_allocation(ids(0, 1, 2, 3), ids(0), 2, MESH, single_only=down)

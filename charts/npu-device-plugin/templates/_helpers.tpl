@@ -47,7 +47,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if eq .Values.vnpu.mode "static" -}}
 {{- $_ := set $vnpu "config" "/etc/fuyao/vnpu/vnpu-config.json" -}}
 {{- end -}}
-{{- $cfg := dict "version" "v1" "npuSmi" (dict "path" .Values.npuSmi.path "timeout" .Values.npuSmi.timeout) "devicePluginDir" .Values.hostPaths.devicePlugins "devRoot" .Values.hostPaths.dev "health" (dict "interval" .Values.health.interval "failureThreshold" .Values.health.failureThreshold) "metricsAddress" (ternary (printf "0.0.0.0:%v" .Values.metrics.port) "" .Values.metrics.enabled) "driverMounts" $mounts "vnpu" $vnpu -}}
+{{- $h := .Values.health -}}
+{{- $health := dict "interval" $h.interval "failureThreshold" $h.failureThreshold "reset" $h.reset "hccnTool" $h.hccnTool "linkInterval" $h.linkInterval "isolationState" (printf "%s/npu-isolated.json" .Values.hostPaths.state) -}}
+{{- if $h.faultTable -}}
+{{- $_ := set $health "faultTable" "/etc/fuyao/faults/fault-table.json" -}}
+{{- end -}}
+{{- $cfg := dict "version" "v1" "npuSmi" (dict "path" .Values.npuSmi.path "timeout" .Values.npuSmi.timeout) "devicePluginDir" .Values.hostPaths.devicePlugins "devRoot" .Values.hostPaths.dev "health" $health "metricsAddress" (ternary (printf "0.0.0.0:%v" .Values.metrics.port) "" .Values.metrics.enabled) "driverMounts" $mounts "vnpu" $vnpu -}}
 {{- if .Values.serverUsage -}}
 {{- $_ := set $cfg "serverUsage" .Values.serverUsage -}}
 {{- end -}}
