@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fuyao.kube_watch import ListWatch
 from tests.support.apiserver import LocalApiServer, binary, free_port
-from tests.support.cluster import KWOK_ANNOTATION
 from tests.support.k8s_objects import node, topology
+from tests.support.kwok import KWOK_ANNOTATION, start_kwok
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,22 +138,6 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     while api.list_namespaced_pod(namespace, limit=1, _request_timeout=60).items:
         time.sleep(0.5)
     return result
-
-
-def start_kwok(server: LocalApiServer) -> subprocess.Popen[bytes]:
-    """KWOK's controller for the bench nodes (as ``hack/local-up.sh --nodes kwok=N`` runs it): node heartbeats and
-    leases, and every bound pod moved to Running with an IP — the status writes and watch events a cluster of real
-    nodes adds to each scheduled pod, in both runs."""
-    kwok = Path(binary("kwok")).resolve()  # kwok-<version>; its stages sit beside it (hack/build-upstream.sh)
-    stages = sorted((kwok.parent / kwok.name.replace("kwok-", "kwok-stages-", 1)).glob("*.yaml"))
-    if not stages:
-        raise SystemExit(f"no KWOK stages beside {kwok}: run hack/build-upstream.sh kwok")
-    log = open(server.root / "kwok.log", "wb")  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen([str(kwok), f"--kubeconfig={server.kubeconfig_for('admin')}",
-                             *(f"--config={stage}" for stage in stages), "--node-lease-duration-seconds=40",
-                             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                             "--cidr=10.245.0.0/16", "--node-ip=127.0.0.1", "--server-address="],
-                            stdout=log, stderr=log)
 
 
 def extender_config(server: LocalApiServer, shortlist: int) -> Path:

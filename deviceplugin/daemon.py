@@ -404,12 +404,15 @@ class DevicePluginDaemon:
         labels = npu_node_labels(self.inventory.chip_model, len(self.inventory.devices),
                                  self.inventory.driver_version, self.config.server_usage)
         slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
-        topology = node_topology(self.inventory, self.chips.statuses(), slices,
-                                 self.vnpu.templates if self.vnpu else (), frozenset(self.holders),
-                                 self.numa_cpus, self.holders, self.faults.links if self.faults else None)
+        with self.chips.cond:  # health and faults as one health poll left them (HealthMonitor._apply)
+            statuses = self.chips.statuses()
+            faults = self.faults.published if self.faults else None
+            links = self.faults.published_links if self.faults else None
+        topology = node_topology(self.inventory, statuses, slices, self.vnpu.templates if self.vnpu else (),
+                                 frozenset(self.holders), self.numa_cpus, self.holders, links)
         annotations = {ANNOTATION_NODE_TOPOLOGY: dump_annotation(topology)}
-        if self.faults is not None:
-            annotations[ANNOTATION_NODE_FAULTS] = dump_annotation(self.faults.report())
+        if faults is not None:
+            annotations[ANNOTATION_NODE_FAULTS] = dump_annotation(faults)
         self.publisher.want(labels, annotations)
 
     def _shutdown(self) -> None:

@@ -68,15 +68,13 @@ class HealthMonitor:
             log.info("npu-smi answers again after %d failed polls", self.failures, extra={"failures": self.failures})
         self.failures = 0
         statuses = statuses_from_info(self.chips.devices.values(), info)
-        faults_changed = False
         if self.faults is not None:
-            before = self.faults.report()
             try:
                 statuses = self.faults.update(info, statuses)
             except Exception:  # a bug in fault handling must not end health checking
                 log.exception("fault handling failed; health from npu-smi's Health column only")
-            faults_changed = self.faults.report() != before
-        if not self._apply(statuses) and faults_changed and self.on_change is not None:
+        if not self._apply(statuses) and self.faults is not None and self.faults.published_changed \
+                and self.on_change is not None:
             self.on_change()
         self._telemetry(info)
 
@@ -92,8 +90,13 @@ class HealthMonitor:
         self._apply(statuses_after_failures(self.chips.statuses(), self.failures, self.failure_threshold, error))
 
     def _apply(self, statuses: dict[str, DeviceStatus]) -> bool:
-        """Apply statuses; True when a health changed (and ``on_change`` was called)."""
-        changes = self.chips.update(statuses)
+        """Apply statuses; True when a health changed (and ``on_change`` was called). The devices' health and the
+        fault report change together (under the chips' lock, which node publishing takes too), so the node's
+        topology and faults annotations never disagree."""
+        with self.chips.cond:
+            changes = self.chips.update(statuses)
+            if self.faults is not None:
+                self.faults.commit()
         devices = self.chips.devices
         for device_id, status in statuses.items():
             if device_id in devices:

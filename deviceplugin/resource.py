@@ -21,13 +21,13 @@ from fuyao.contracts import (
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
     ContainerAssignment,
-    InterconnectKind,
     core_device_id,
     vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, NpuDevice
 from fuyao.npusmi import NpuSmiError
 from fuyao.placement import Placement, preferred_allocation
+from fuyao.products import Product, product_of, shape_problem
 from vnpu.ledger import VnpuRecord
 from vnpu.manager import VnpuError, VnpuManager
 from vnpu.templates import Template
@@ -65,7 +65,7 @@ class SlotResource:
     """Shared behaviour: preferred allocation by placement, Allocate through :func:`container_spec`."""
 
     resource_name = ""
-    ring_rules = False
+    product: Product | None = None  # rules on which NPUs go together (whole dies only)
 
     def __init__(self, inventory: NodeInventory, config: PluginConfig, advertised: ResourceDevices,
                  scheduler_choices: SchedulerChoices | None = None):
@@ -101,7 +101,7 @@ class SlotResource:
         placement = {i: self.placement(s) for i, s in slots.items()}
         down = set(self.links_down())
         single_only = [i for i, s in slots.items() if s.parent.id in down and s.vnpu is None and s.core is None]
-        return preferred_allocation(available, must_include, size, placement, ring_rules=self.ring_rules,
+        return preferred_allocation(available, must_include, size, placement, product=self.product,
                                     scheduler_choices=[c.devices for c in self.choices()], single_only=single_only)
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
@@ -118,12 +118,26 @@ class NpuResource(SlotResource):
     def __init__(self, inventory: NodeInventory, config: PluginConfig, advertised: ResourceDevices,
                  scheduler_choices: SchedulerChoices | None = None):
         super().__init__(inventory, config, advertised, scheduler_choices)
-        rings = [g for g in inventory.groups if g.kind == InterconnectKind.HCCS_RING]
-        self.ring_rules = bool(rings) and len(rings) == len(inventory.groups) and all(
-            len(g.devices) <= 4 for g in rings)
+        self.product = product_of(inventory.to_topology())
+        log.info("product %s: %s", self.product.name, self.product.description,
+                 extra={"product": self.product.name})
 
     def placement(self, slot: Slot) -> Placement:
-        return Placement(group=slot.parent.group, numa=slot.parent.numa_node, order=self._order.get(slot.id, 0))
+        return Placement(group=slot.parent.group, numa=slot.parent.numa_node, order=slot.parent.physical_id,
+                         card=slot.parent.npu_id)  # ordered by physical id, as the extender orders them
+
+    def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
+        """Refuses a set the product forbids (a count it never takes, NPUs that must not go together), naming the
+        rule; the scheduler extender refuses such pods before they reach a node."""
+        assert self.product is not None
+        slots = self.advertised.slots()
+        known = [d for d in dict.fromkeys(device_ids) if d in slots]
+        if len(known) == len(device_ids):
+            problem = shape_problem(self.product, known, {i: self.placement(slots[i]) for i in known},
+                                    len(self.inventory.devices))
+            if problem is not None:
+                raise AllocationRefused("FAILED_PRECONDITION", f"{', '.join(device_ids)}: {problem}")
+        return super().allocate(device_ids)
 
 
 def vnpu_slots(devices: dict[str, NpuDevice], records: Iterable[VnpuRecord]) -> list[Slot]:

@@ -3,8 +3,9 @@ and the scheduler extender (choosing devices at bind time), so both always agree
 
 Devices that talk over the same HCCS fabric and sit on the same NUMA node as the CPUs feeding them run collective
 operations and host transfers fastest, so a request is kept inside the smallest scope that fits it (best fit keeps
-large free blocks intact for later, larger requests). First-generation 8-card 910 (A1) boards have two HCCS rings
-of four and only 1, 2, 4 or 8 cards per job perform well; their ring rules come from Ascend's own scheduler.
+large free blocks intact for later, larger requests). Products with rules on which NPUs go together
+(:mod:`fuyao.products`: 910 A1 rings of four, 910B x16 halves, A3 die pairs) get a set their rules allow whenever
+the free devices hold one; their preferences come from Ascend's own scheduler.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .products import Product
+
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a device sits: its interconnect group, NUMA node and position in npu-smi's order."""
+    """Where a device sits: its interconnect group, NUMA node, position (its physical id) and card."""
 
     group: str | None
     numa: int | None
     order: int
+    card: int | None = None  # the NPU (npu-smi -i) of a die: two dies of one card are one chip on A3
 
 
 # A1 ring rules: for a request of N cards, the free counts of the ring to take from, in order of preference.
@@ -37,14 +41,14 @@ def preferred_allocation(
     size: int,
     placement: Mapping[str, Placement],
     *,
-    ring_rules: bool = False,
+    product: Product | None = None,
     scheduler_choices: Iterable[Sequence[str]] = (),
     single_only: Iterable[str] = (),
 ) -> list[str]:
     """The devices to suggest for one container, ``size`` of them (fewer only if fewer are available).
 
     Order of preference: a device set the scheduler already chose for a pending pod on this node (so the kubelet's
-    accounting matches the scheduler's), then the A1 ring rules when ``ring_rules``, then the smallest
+    accounting matches the scheduler's), then the ``product``'s rules (:func:`_product_pick`), then the smallest
     (group, NUMA) cell, group or NUMA node that holds the request and every ``must_include`` device, then a spread
     over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
     ``single_only`` devices (an NPU whose RoCE link is down) are offered to one-device requests only.
@@ -72,14 +76,72 @@ def preferred_allocation(
         chosen = set(choice)
         if len(chosen) == size and chosen <= avail_set and set(must) <= chosen:
             return ordered(chosen)
-    if ring_rules:
-        picked = _a1_ring_pick(avail, must, size, place, ordered)
+    if product is not None:
+        picked = _product_pick(product, avail, must, size, place, ordered)
         if picked is not None:
             return picked
     picked = _best_fit(avail, must, size, place, ordered)
     if picked is not None:
         return picked
     return _spread(avail, must, size, place)
+
+
+def _product_pick(product: Product, avail: list[str], must: list[str], size: int, place: PlaceOf,
+                  ordered: Ordered) -> list[str] | None:
+    """A set the product's rules allow, or None (no rule applies to this size, or the free devices hold none)."""
+    if product.ring:
+        return _a1_ring_pick(avail, must, size, place, ordered)
+    if product.halves:
+        return _halves_pick(product.halves, avail, must, size, place, ordered)
+    if product.die_pairs:
+        return _die_pairs_pick(avail, must, size, place, ordered)
+    return None
+
+
+def _halves_pick(half: int, avail: list[str], must: list[str], size: int, place: PlaceOf,
+                 ordered: Ordered) -> list[str] | None:
+    """910B x16: up to ``half`` inside the half with the fewest free that fits (best fit); more as matched pairs
+    (NPU i with NPU i+half), lowest first."""
+    first = [d for d in avail if place(d).order < half]
+    second = [d for d in avail if place(d).order >= half]
+    if size <= half:
+        fitting = [(len(side), side) for side in (first, second)
+                   if len(side) >= size and set(must) <= set(side)]
+        if not fitting:
+            return None
+        _, side = min(fitting, key=lambda t: t[0])
+        return _best_fit(side, must, size, place, ordered) or _spread(ordered(side), must, size, place)
+    if size % 2:
+        return None
+    high = {place(d).order - half: d for d in second}
+    pairs = [(d, high[place(d).order]) for d in ordered(first) if place(d).order in high]
+    must_set = set(must)
+    pairs.sort(key=lambda p: (not (set(p) & must_set), place(p[0]).order))
+    chosen = [d for pair in pairs[: size // 2] for d in pair]
+    return ordered(chosen) if len(chosen) == size and must_set <= set(chosen) else None
+
+
+def _die_pairs_pick(avail: list[str], must: list[str], size: int, place: PlaceOf,
+                    ordered: Ordered) -> list[str] | None:
+    """A3: one die: a lone die first (its chip's other die is taken), keeping whole chips for larger pods; more:
+    whole chips (both dies free), compact by the usual best fit over the chips."""
+    cards: dict[int | None, list[str]] = {}
+    for device in avail:
+        cards.setdefault(place(device).card, []).append(device)
+    if size == 1:
+        lone = [d for d in avail if len(cards[place(d).card]) == 1]
+        pool = lone if lone and not must else avail
+        return _best_fit(pool, must, 1, place, ordered) or ordered(pool)[:1]
+    if size % 2:
+        return None
+    whole = {card: devs for card, devs in cards.items() if len(devs) >= 2}
+    heads = {ordered(devs)[0]: card for card, devs in whole.items()}
+    must_heads = [h for h, card in heads.items() if any(place(m).card == card for m in must)]
+    if len(heads) < size // 2 or len(must_heads) < len({place(m).card for m in must}):
+        return None
+    picked = _best_fit(list(heads), must_heads, size // 2, place, ordered) or _spread(
+        ordered(heads), must_heads, size // 2, place)
+    return ordered(d for head in picked for d in whole[heads[head]])
 
 
 def _a1_ring_pick(avail: list[str], must: list[str], size: int, place: PlaceOf, ordered: Ordered) -> list[str] | None:

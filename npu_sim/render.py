@@ -249,6 +249,8 @@ def link(s: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> str:
         return "HCCS"
     if kind == "hccs-ring":
         return "HCCS" if a["npu"] // 4 == b["npu"] // 4 else "SYS"
+    if kind == "hccs-halves":  # 16-NPU 910B servers: two HCCS meshes of 8
+        return "HCCS" if a["npu"] // 8 == b["npu"] // 8 else "SYS"
     if kind == "pcie":
         affinity = s.get("cpu_affinity") or []
         same_numa = not affinity or affinity[a["npu"]] == affinity[b["npu"]]

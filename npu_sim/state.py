@@ -22,7 +22,7 @@ STATE_ENV = "FAKE_NPU_SMI_STATE"
 PRESET_ENV = "FAKE_NPU_SMI_PRESET"
 DEFAULT_PRESET = "910b4-8"
 HEALTH_VALUES = ("OK", "Warning", "Alarm", "Critical", "UNKNOWN")
-TOPOLOGY_KINDS = ("hccs-mesh", "hccs-ring", "pcie", "none", "unsupported")
+TOPOLOGY_KINDS = ("hccs-mesh", "hccs-ring", "hccs-halves", "pcie", "none", "unsupported")
 FAULT_MODES = ("hang", "hang-after", "garbage", "truncate", "fail", "unsupported")
 
 _REQUIRED = {

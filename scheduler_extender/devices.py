@@ -10,28 +10,57 @@ from __future__ import annotations
 
 from collections import Counter
 
+from fuyao import products
 from fuyao.contracts import (
     RESOURCE_NPU,
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
     DeviceHealth,
-    InterconnectKind,
     NodeTopology,
     core_device_id,
 )
-from fuyao.placement import A1_RING_PREFERENCE, Placement, preferred_allocation
+from fuyao.placement import Placement, preferred_allocation
 
 from .model import NodeInfo
 
 
 def placements(topology: NodeTopology) -> dict[str, Placement]:
-    return {i: Placement(group=d.group, numa=d.numa_node, order=n) for n, (i, d) in enumerate(topology.devices.items())}
+    """Each die's place; ordered by physical id, as the device plugin orders them (the annotation's keys are sorted
+    as strings: Ascend910-10 before Ascend910-2)."""
+    return {i: Placement(group=d.group, numa=d.numa_node, order=d.physical_id, card=d.npu_id)
+            for i, d in topology.devices.items()}
 
 
-def ring_board(topology: NodeTopology) -> bool:
-    """A first-generation 910 (A1) board: only HCCS rings of at most four cards."""
-    return bool(topology.groups) and all(
-        g.kind == InterconnectKind.HCCS_RING and len(g.devices) <= 4 for g in topology.groups)
+def product(node: NodeInfo) -> products.Product:
+    """The node's product (its rules on NPU counts and which NPUs go together); memoised per node state."""
+    assert node.topology is not None
+    found = node.memo.get("product")
+    if found is None:
+        found = node.memo["product"] = products.product_of(node.topology)
+    return found  # type: ignore[no-any-return]
+
+
+def _placements(node: NodeInfo) -> dict[str, Placement]:
+    assert node.topology is not None
+    found = node.memo.get("placements")
+    if found is None:
+        found = node.memo["placements"] = placements(node.topology)
+    return found  # type: ignore[no-any-return]
+
+
+def never(node: NodeInfo, count: int) -> bool:
+    """The node's product never takes ``count`` NPUs in one pod."""
+    assert node.topology is not None
+    return products.count_problem(product(node), count, len(node.topology.devices)) is not None
+
+
+def count_problem(node: NodeInfo, count: int) -> str | None:
+    """Why a pod of ``count`` NPUs cannot get a set the node's product allows from the dies free now."""
+    assert node.topology is not None
+    free = free_npus(node)
+    if count > 1:  # a multi-die pod never gets a die whose link is down
+        free = [d for d in free if node.topology.devices[d].link_up is not False]
+    return products.free_problem(product(node), free, count, _placements(node), len(node.topology.devices))
 
 
 def free_npus(node: NodeInfo) -> list[str]:
@@ -77,37 +106,10 @@ def free_cores(node: NodeInfo) -> dict[str, list[str]]:
     return out
 
 
-def ring_free_counts(free: list[str], topology: NodeTopology) -> list[int]:
-    """Free dies per HCCS ring, in ring order."""
-    free_set = set(free)
-    return [sum(1 for d in g.devices if d in free_set) for g in topology.groups]
-
-
-def ring_problem(per_ring: list[int], n_devices: int, count: int) -> str | None:
-    """None when an A1 ring board with ``per_ring`` free dies per ring can give ``count`` cards the way Ascend's
-    rules allow; else why not."""
-    if count == n_devices:
-        free = sum(per_ring)
-        return None if free == count else f"{count} cards need every card free ({free} are)"
-    if count not in A1_RING_PREFERENCE:
-        return f"910 A1 boards take 1, 2, 4 or {n_devices} cards, not {count}"
-    if count == 4 and 4 not in per_ring:
-        return f"4 cards need a whole free HCCS ring (free per ring: {per_ring})"
-    if max(per_ring, default=0) < count:
-        return f"{count} cards need one HCCS ring with {count} free (free per ring: {per_ring})"
-    return None
-
-
-def ring_feasible(free: list[str], topology: NodeTopology, count: int) -> str | None:
-    """None when an A1 ring board can give ``count`` of the ``free`` cards; else why not."""
-    return ring_problem(ring_free_counts(free, topology), len(topology.devices), count)
-
-
 def choose_npus(node: NodeInfo, count: int) -> list[str]:
     """The dies the device plugin would prefer for ``count`` (the kernel's placement function)."""
     assert node.topology is not None
-    return preferred_allocation(free_npus(node), [], count, placements(node.topology),
-                                ring_rules=ring_board(node.topology),
+    return preferred_allocation(free_npus(node), [], count, _placements(node), product=product(node),
                                 single_only=[i for i, d in node.topology.devices.items() if d.link_up is False])
 
 
@@ -182,6 +184,7 @@ __all__ = [
     "choose_cores",
     "choose_npus",
     "choose_vnpus",
+    "count_problem",
     "cover",
     "free_cores",
     "free_group_sizes",
@@ -189,10 +192,8 @@ __all__ = [
     "free_numa_sizes",
     "free_vnpus",
     "healthy_numa_sizes",
+    "never",
     "placements",
-    "ring_board",
-    "ring_feasible",
-    "ring_free_counts",
-    "ring_problem",
+    "product",
     "unplaced_npus",
 ]

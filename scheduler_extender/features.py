@@ -47,13 +47,15 @@ COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "alloc": (np.int64, (len(ACCELERATOR_RESOURCES),), 0),  # allocatable per accelerator resource
     "free": (np.int64, (len(ACCELERATOR_RESOURCES),), 0),  # allocatable - requested by pods on the node
     "topo": (np.bool_, (), False),  # publishes npu.openfuyao.com/topology
-    "ring_board": (np.bool_, (), False),  # 910 A1: HCCS rings of at most four
+    "shaped": (np.bool_, (), False),  # the node's product has rules on which NPUs go together (fuyao.products)
     "n_devices": (np.int32, (), 0),
     "free_by_device": (np.int32, (), 0),  # healthy whole dies no pod holds
     "free_linked": (np.int32, (), 0),  # of those, the dies whose RoCE link is not down (multi-die requests)
     "unplaced": (np.int32, (), 0),  # NPUs held by pods whose devices are unknown
-    "ring_ok": (np.int64, (), 0),  # bit k: the ring rules allow a k-card request now
-    "ring_free": (object, (), ()),  # free dies per ring (for reasons)
+    "ruled": (np.bool_, (), False),  # the product limits counts or shapes (counts_ok / counts_never apply)
+    "counts_ok": (np.int64, (), 0),  # bit k: the product's rules allow a k-NPU pod with the dies free now
+    "counts_never": (np.int64, (), 0),  # bit k: the product never takes k NPUs in one pod
+    "count_reasons": (object, (), ()),  # ((k, why not), ...) for the counts that fail now
     "die_cores_max": (np.int32, (), 0),  # most free AI cores on one die
     "vnpus_free": (np.int32, (), 0),
     "numa_known": (np.bool_, (), False),  # the dies have NUMA nodes
@@ -127,17 +129,24 @@ def _node_row(info: NodeInfo) -> dict[str, Any]:
     topo = info.topology
     if topo is not None:
         free = devices.free_npus(info)
-        ring = devices.ring_board(topo)
-        row.update(topo=True, ring_board=ring, n_devices=len(topo.devices), free_by_device=len(free),
+        product = devices.product(info)
+        row.update(topo=True, shaped=product.shaped, n_devices=len(topo.devices), free_by_device=len(free),
                    free_linked=sum(1 for d in free if topo.devices[d].link_up is not False),
                    unplaced=devices.unplaced_npus(info), vnpus_free=len(devices.free_vnpus(info)),
                    die_cores_max=_most_free_cores(info),
                    has_groups=bool(topo.groups), group_need=_covers(devices.free_group_sizes(info)))
-        if ring:
-            per_ring = devices.ring_free_counts(free, topo)
-            row["ring_free"] = tuple(per_ring)
-            row["ring_ok"] = sum(1 << k for k in range(1, min(len(topo.devices), 62) + 1)
-                                 if devices.ring_problem(per_ring, len(topo.devices), k) is None)
+        if product.counts is not None or product.shaped:
+            ok = never = 0
+            reasons = []
+            for k in range(1, min(len(topo.devices), 62) + 1):
+                problem = devices.count_problem(info, k)
+                if problem is None:
+                    ok |= 1 << k
+                else:
+                    reasons.append((k, problem))
+                    if devices.never(info, k):
+                        never |= 1 << k
+            row.update(ruled=True, counts_ok=ok, counts_never=never, count_reasons=tuple(reasons))
         if any(d.numa_node is not None for d in topo.devices.values()):
             row.update(numa_known=True, numa_need=_covers(devices.free_numa_sizes(info)),
                        numa_ideal=_covers(devices.healthy_numa_sizes(info)),

@@ -199,6 +199,37 @@ def fits_all(parts: Sequence[tuple[Template, int]], capacity: ChipCapacity) -> s
     cpus = sum(n * t.aicpu for t, n in parts)
     if capacity.aicpu is not None and cpus > capacity.aicpu:
         return f"{what} need {cpus} AICPU, the chip has {capacity.aicpu}"
+    if parts and all(_P310_TEMPLATE.match(t.name) for t, _ in parts):
+        return _vgroup_problem(parts, capacity, what)
+    return None
+
+
+# 310P templates name no memory size (vir01, vir02_1c, vir04_3c_ndvpp...); their chips add vGroup rules
+# (docs/facts/vnpu-template-rules.md): at most 7 vNPUs and 4 vGroups (npu-smi -g 0..3) per chip; every template but
+# vir01 takes a vGroup of its own, two vir01 share one 2-AICore vGroup (a lone vir01 still costs 2 AICores); the
+# vir04_4c_dvpp template takes every media unit, so only vir04_3c_ndvpp may sit beside it.
+_P310_TEMPLATE = re.compile(r"^vir0[124](_\dc)?(_n?dvpp)?$")
+P310_MAX_VNPUS = 7
+P310_MAX_VGROUPS = 4
+
+
+def _vgroup_problem(parts: Sequence[tuple[Template, int]], capacity: ChipCapacity, what: str) -> str | None:
+    count = {t.name: n for t, n in parts if n}
+    vnpus = sum(count.values())
+    if vnpus > P310_MAX_VNPUS:
+        return f"{what} are {vnpus} vNPUs, a 310P chip holds at most {P310_MAX_VNPUS} (rule 310p/vnpus)"
+    shared = (count.get("vir01", 0) + 1) // 2
+    groups = sum(n for name, n in count.items() if name != "vir01") + shared
+    if groups > P310_MAX_VGROUPS:
+        return (f"{what} need {groups} vGroups (two vir01 share one, every other template takes its own), a 310P "
+                f"chip has {P310_MAX_VGROUPS} (rule 310p/vgroups)")
+    cores = sum(n * t.aicore for t, n in parts if t.name != "vir01") + 2 * shared
+    if cores > capacity.aicore:
+        return (f"{what} need {cores} AICore (a vir01 vGroup takes 2, shared by two vir01), the chip has "
+                f"{capacity.aicore} (rule 310p/vgroups)")
+    if "vir04_4c_dvpp" in count and set(count) - {"vir04_4c_dvpp", "vir04_3c_ndvpp"}:
+        return (f"{what}: vir04_4c_dvpp takes every media unit; only vir04_3c_ndvpp may share its chip "
+                "(rule 310p/dvpp)")
     return None
 
 

@@ -79,6 +79,9 @@ class FaultManager:
         self.states: dict[str, FaultState] = {}
         self.links: dict[str, bool | None] = {}
         self.holders: dict[str, str] = {}
+        self.published = NodeFaults()  # the report as of the statuses last applied (commit)
+        self.published_links: dict[str, bool | None] = {}
+        self.published_changed = False
         self._next_link_poll = 0.0
         self._record_stamp: tuple[int, int] | None = None
         self._load_isolations(self.record.read())
@@ -260,6 +263,12 @@ class FaultManager:
                 self.events("Normal" if up else "Warning", "NpuLinkUp" if up else "NpuLinkDown",
                             f"NPU {device.id} RoCE link {'up' if up else 'down'}"
                             + ("" if up else ": left out of multi-NPU placements"))
+
+    def commit(self) -> None:
+        """Make the current report the published one (called with the statuses it goes with applied)."""
+        report = self.report()
+        self.published_changed = report != self.published or self.links != self.published_links
+        self.published, self.published_links = report, dict(self.links)
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def report(self) -> NodeFaults:

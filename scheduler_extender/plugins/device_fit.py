@@ -1,8 +1,10 @@
 """Device fit: the pod's NPU / vNPU / npu-core / GPU requests fit the node's free devices, in a shape the node's
-topology allows (a whole HCCS ring for 4 cards on 910 A1 boards; one die for a dynamic vNPU's cores).
+product allows (fuyao.products: 910 A1 rings, 910B x16 halves, A3 die pairs, the counts each takes; the device
+plugin applies the same rules) and one die for a dynamic vNPU's cores.
 
 Score: binpack (default) prefers nodes already busy, keeping whole cards and rings free for large jobs; spread
-prefers empty nodes. A placement that stays inside one interconnect group scores higher than one that must span
+prefers empty nodes. A pod that asks for no accelerator prefers nodes without NPUs or GPUs (in a mixed cluster,
+accelerator nodes stay free for accelerator pods). A placement that stays inside one interconnect group scores higher than one that must span
 groups.
 """
 
@@ -13,14 +15,14 @@ from typing import Literal
 import numpy as np
 
 from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
-from fuyao.placement import A1_RING_PREFERENCE
 
-from .. import devices
 from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
 from ..framework import Cycle, RejectKind
 from ..model import PodInfo
 
-TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, RING_NEVER, RING_NOW, CORES, VNPUS, LINKS = range(1, 10)
+ACCELERATOR_NODE_SCORE = 0.25  # a pod that asks for no accelerator, on a node that has some
+
+TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, COUNT_NEVER, SHAPE_NOW, CORES, VNPUS, LINKS = range(1, 10)
 
 
 class DeviceFitPlugin:
@@ -30,8 +32,8 @@ class DeviceFitPlugin:
         RejectKind("insufficient-devices"),
         RejectKind("insufficient-healthy-devices"),
         RejectKind("placement-unknown"),
-        RejectKind("ring-shape", unresolvable=True),  # a request size the board never takes
-        RejectKind("ring-shape"),  # not with the rings free now
+        RejectKind("product-count", unresolvable=True),  # a count the node's product never takes in one pod
+        RejectKind("product-shape"),  # not with the dies free now
         RejectKind("cores-not-on-one-die"),
         RejectKind("insufficient-vnpus"),
         RejectKind("links-down"),  # a multi-NPU request needs NPUs whose RoCE link is up
@@ -61,13 +63,12 @@ class DeviceFitPlugin:
                 mark(topo & (view.free_by_device < want), UNHEALTHY)
                 if want > 1:
                     mark(topo & (view.free_linked < want), LINKS)
-                ring = topo & view.ring_board
                 if want > 1:
-                    mark(ring & (view.unplaced > 0), UNPLACED)
-                allowed = ((view.ring_ok >> want) & 1).astype(bool) if want <= 62 else np.zeros(len(view), bool)
-                never = (want not in A1_RING_PREFERENCE) & (view.n_devices != want)
-                mark(ring & ~allowed & never, RING_NEVER)
-                mark(ring & ~allowed, RING_NOW)
+                    mark(topo & view.shaped & (view.unplaced > 0), UNPLACED)
+                ruled = topo & view.ruled
+                if want <= 62:
+                    mark(ruled & ((view.counts_never >> want) & 1).astype(bool), COUNT_NEVER)
+                    mark(ruled & ~((view.counts_ok >> want) & 1).astype(bool), SHAPE_NOW)
             elif resource == RESOURCE_NPU_CORE:
                 mark(topo & (view.die_cores_max < want), CORES)
             elif resource == RESOURCE_VNPU:
@@ -104,11 +105,11 @@ class DeviceFitPlugin:
             return [f"{n} free NPUs with their RoCE link up, {want} requested (NPUs whose link is down take "
                     "single-NPU pods only)" for n in view.free_linked[at].tolist()]
         if kind == UNPLACED:
-            return [f"{n} NPUs of this 910 A1 board are held by pods bound without npu.openfuyao.com/assigned: "
-                    "whether a whole ring is free is unknown" for n in view.unplaced[at].tolist()]
-        if kind in (RING_NEVER, RING_NOW):
-            return [devices.ring_problem(list(rings), n, want) or f"{want} cards do not fit the rings"
-                    for rings, n in zip(view.ring_free[at].tolist(), view.n_devices[at].tolist(), strict=True)]
+            return [f"{n} NPUs of this node are held by pods bound without npu.openfuyao.com/assigned: whether "
+                    "dies its product lets go together are free is unknown" for n in view.unplaced[at].tolist()]
+        if kind in (COUNT_NEVER, SHAPE_NOW):
+            return [dict(reasons).get(want) or f"{want} NPUs do not fit the node's product rules"
+                    for reasons in view.count_reasons[at].tolist()]
         if kind == CORES:
             cores = wanted.get(RESOURCE_NPU_CORE, 0)
             return [f"no die has {cores} free AI cores (most free on one die: {m}); a vNPU lives on one die"
@@ -119,7 +120,8 @@ class DeviceFitPlugin:
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         wanted = pod.accelerators
         if not wanted:
-            return 0.5
+            # a pod without accelerators keeps NPU and GPU nodes for the pods that need them (mixed clusters)
+            return np.where(view.alloc.sum(axis=1) > 0, ACCELERATOR_NODE_SCORE, 1.0)
         fill = np.zeros(len(view))
         missing = np.zeros(len(view), dtype=bool)
         for resource, want in wanted.items():

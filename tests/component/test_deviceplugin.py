@@ -339,3 +339,27 @@ def test_invalid_flag_value_exits_2_naming_the_field(plugin_factory, flag: str, 
         return
     assert proc.returncode == 2
     assert f"'{field}'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_product_rules_shape_preferred_allocation_and_refuse_what_the_product_forbids(plugin_factory) -> None:  # type: ignore[no-untyped-def]
+    a3 = plugin_factory("910c-8").start()
+    dies = [d.ID for d in a3.wait_ready()]
+    # A3: a 2-die pod gets both dies of one chip, even when a lone die is offered first
+    offered = [dies[1]] + dies[2:6]
+    pair = a3.kubelet.preferred(RESOURCE_NPU, offered, 2)
+    assert sorted(pair) in ([dies[2], dies[3]], [dies[4], dies[5]])
+    assert a3.kubelet.preferred(RESOURCE_NPU, offered, 1) == [dies[1]]  # a lone die first: whole chips stay whole
+    with pytest.raises(grpc.RpcError) as err:
+        a3.kubelet.allocate(RESOURCE_NPU, [dies[1], dies[2]])  # dies of two chips
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rule 910c-a3/die-pairs" in err.value.details()
+    assert a3.kubelet.allocate(RESOURCE_NPU, [dies[2], dies[3]]).container_responses[0].envs
+    a1 = plugin_factory("910a1-8").start()
+    cards = [d.ID for d in a1.wait_ready()]
+    with pytest.raises(grpc.RpcError) as err:
+        a1.kubelet.allocate(RESOURCE_NPU, cards[:3])
+    assert "rule 910-a1-module/counts" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        a1.kubelet.allocate(RESOURCE_NPU, [cards[0], cards[4]])
+    assert "rule 910-a1-module/ring" in err.value.details()
+    assert a1.kubelet.preferred(RESOURCE_NPU, [cards[0], *cards[4:8]], 4) == cards[4:8]

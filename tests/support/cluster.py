@@ -41,6 +41,7 @@ import yaml
 
 from .apiserver import LocalApiServer, binary, free_port
 from .images import PAUSE_IMAGE, build_busybox, build_pause
+from .kwok import KWOK_ANNOTATION, kwok_command
 from .polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,6 @@ EXTENDER_CLUSTER_IP = "10.96.0.50"
 """With ``components="chart"`` the kube-scheduler calls the extender the chart installs, at this fixed ClusterIP
 (the chart's ``service.clusterIP``) on port 8888."""
 COMPONENTS = ("host", "chart")
-KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
 
@@ -409,14 +409,7 @@ state = "{base / 'state'}"
             "status": status} for i, name in enumerate(names)]
         self.apply({"apiVersion": "v1", "kind": "List", "items": items}, "kwok-nodes")
         if not any(p["name"] == "kwok" for p in self.procs):
-            kwok = Path(binary("kwok")).resolve()  # kwok-<version>; its stages sit beside it (hack/build-upstream.sh)
-            stages = sorted((kwok.parent / kwok.name.replace("kwok-", "kwok-stages-", 1)).glob("*.yaml"))
-            if not stages:
-                raise RuntimeError(f"no KWOK stages beside {kwok}: run hack/build-upstream.sh kwok")
-            self._spawn("kwok", [str(kwok), f"--kubeconfig={self.dir / 'admin.kubeconfig'}",
-                                 *(f"--config={stage}" for stage in stages), "--node-lease-duration-seconds=40",
-                                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                                 "--cidr=10.245.0.0/16", "--node-ip=127.0.0.1", "--server-address="])
+            self._spawn("kwok", kwok_command(self.dir / "admin.kubeconfig"))
 
         def ready() -> bool:
             listed = self.get_json("nodes", "-l", "type=kwok")["items"]

@@ -137,12 +137,13 @@ def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     split = info(node("a1", topo=topology("a1")), holding("a1", 0, 4))  # 3 free in each ring
     rejection = reject(plugin, four, split)
-    assert rejection and "whole free HCCS ring" in rejection.reason and "[3, 3]" in rejection.reason
-    assert rejection.code == "ring-shape"
+    assert rejection and "one HCCS ring with 4 free" in rejection.reason and "[3, 3]" in rejection.reason
+    assert "rule 910-a1-module/ring" in rejection.reason and rejection.code == "product-shape"
     assert reject(plugin, four, info(node("a1", topo=topology("a1")), holding("a1", 0, 1))) is None
     three = parse_pod(pod("q", requests={RESOURCE_NPU: "3"}))
     rejection = reject(plugin, three, info(node("a1", topo=topology("a1"))))
-    assert rejection and rejection.unresolvable and "1, 2, 4 or 8 cards" in rejection.reason
+    assert rejection and rejection.unresolvable and "takes 1, 2, 4, 8 NPUs per pod, not 3" in rejection.reason
+    assert "rule 910-a1-module/counts" in rejection.reason and rejection.code == "product-count"
 
 
 def test_npu_core_requests_must_fit_one_die() -> None:
@@ -370,7 +371,7 @@ def test_npus_held_without_an_assignment_make_topology_decisions_conservative() 
     assert devices.unplaced_npus(board) == 4
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     rejection = reject(DeviceFitPlugin(), four, board)
-    assert rejection and not rejection.unresolvable and "whether a whole ring is free is unknown" in rejection.reason
+    assert rejection and not rejection.unresolvable and "dies its product lets go together are free is unknown" in rejection.reason
     assert reject(DeviceFitPlugin(), parse_pod(pod("one", requests={RESOURCE_NPU: "1"})), board) is None
     strict = parse_pod(pod("s", requests={RESOURCE_NPU: "2"},
                            annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
@@ -387,7 +388,7 @@ def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     assert reject(DeviceFitPlugin(), four, board) is None  # the other ring is whole
     split = info(node("a1", topo=topology("a1", allocated=(0, 1, 4, 5))), foreign)
-    assert "whole free HCCS ring" in reject(DeviceFitPlugin(), four, split).reason  # type: ignore[union-attr]
+    assert "one HCCS ring with 4 free" in reject(DeviceFitPlugin(), four, split).reason  # type: ignore[union-attr]
 
 
 def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> None:
@@ -430,3 +431,32 @@ def test_readiness_follows_the_watch() -> None:
     ready, why = service.readiness()
     assert not ready and "stale" in why and "connection refused" in why
     assert ExtenderService(build_config({}), ClusterCache(), ExtenderMetrics()).readiness()[0] is True  # no cluster
+
+
+def test_product_rules_in_the_extender_agree_with_the_device_plugin() -> None:
+    from tests.unit.test_products import topology as preset_topology
+
+    plugin = DeviceFitPlugin()
+    a3 = preset_topology("910c-8")
+    dies = list(a3.devices)
+    # one die of each of chips 0-3 held: 8 dies free but only 4 whole chips
+    held = {f"Ascend910-{2 * c}": "default/x" for c in range(4)}
+    a3_node = info(node("a3", npus=16, topo=a3.model_copy(update={"devices": {
+        i: d.model_copy(update={"allocated": i in held, "holder": held.get(i)}) for i, d in a3.devices.items()}})))
+    ten = parse_pod(pod("ten", requests={RESOURCE_NPU: "10"}))
+    rejection = reject(plugin, ten, a3_node)
+    assert rejection and rejection.code == "product-shape" and "rule 910c-a3/die-pairs" in rejection.reason
+    assert reject(plugin, parse_pod(pod("eight", requests={RESOURCE_NPU: "8"})), a3_node) is None
+    odd = reject(plugin, parse_pod(pod("three", requests={RESOURCE_NPU: "3"})), a3_node)
+    assert odd and odd.unresolvable and odd.code == "product-count" and "rule 910c-a3/counts" in odd.reason
+    chosen = devices.choose_npus(a3_node, 8)
+    assert len(chosen) == 8 and all(int(d.rsplit("-", 1)[1]) >= 8 for d in chosen)  # the four whole chips
+    assert devices.choose_npus(a3_node, 1)[0] in {dies[2 * c + 1] for c in range(4)}  # a lone die first
+    x16 = info(node("x16", npus=16, topo=preset_topology("910b3-16")))
+    nine = reject(plugin, parse_pod(pod("nine", requests={RESOURCE_NPU: "9"})), x16)
+    assert nine and nine.unresolvable and "rule 910b-x16/counts" in nine.reason
+    assert reject(plugin, parse_pod(pod("twelve", requests={RESOURCE_NPU: "12"})), x16) is None
+    twelve = devices.choose_npus(x16, 12)
+    numbers = [int(d.rsplit("-", 1)[1]) for d in twelve]
+    low, high = {i for i in numbers if i < 8}, {i - 8 for i in numbers if i >= 8}
+    assert low == high and len(low) == 6  # matched pairs i, i+8

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuyao.placement import Placement, preferred_allocation
+from fuyao.products import PRODUCTS
 
 # An 8-card 910 A1 board: rings 0-3 and 4-7, two NUMA nodes (one per ring).
 A1 = {f"Ascend910-{i}": Placement(group=f"hccs-ring-{i // 4}", numa=i // 4, order=i) for i in range(8)}
@@ -19,7 +20,7 @@ def ids(*numbers: int) -> list[str]:
 
 
 def a1(available: list[str], size: int, must: list[str] | None = None) -> list[str]:
-    return preferred_allocation(available, must or [], size, A1, ring_rules=True)
+    return preferred_allocation(available, must or [], size, A1, product=PRODUCTS["910-a1-module"])
 
 
 @pytest.mark.parametrize(("free", "size", "expected"), [

@@ -105,8 +105,10 @@ def test_a_later_bad_entry_rejects_the_whole_plan() -> None:
 
 def test_310p3_plans() -> None:
     plan = plan_for([{"device_id": "0", "vnpu_count": 4, "vnpu_memory": "6GB"},
-                     {"device_id": "1", "vnpu_count": 8, "vnpu_memory": "3GB"}], "310P3", P3_CAP)
-    assert [(d.parts[0][0].name, d.count) for d in plan.devices if d.parts] == [("vir02_1c", 4), ("vir01", 8)]
+                     {"device_id": "1", "vnpu_count": 7, "vnpu_memory": "3GB"}], "310P3", P3_CAP)
+    assert [(d.parts[0][0].name, d.count) for d in plan.devices if d.parts] == [("vir02_1c", 4), ("vir01", 7)]
+    with pytest.raises(PlanError, match=r"at most 7 \(rule 310p/vnpus\)"):
+        plan_for([{"device_id": "0", "vnpu_count": 8, "vnpu_memory": "3GB"}], "310P3", P3_CAP)
     with pytest.raises(PlanError, match=r"need 12 AICore, the chip has 8"):
         plan_for([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "12GB"}], "310P3", P3_CAP)
 
@@ -233,3 +235,28 @@ def test_a_mixed_split_is_checked_as_a_whole(mix: dict[str, int], problem: str |
 def test_a_mix_that_contradicts_itself_is_refused_naming_it(entry: dict, problem: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(PlanError, match=re.escape(problem)):
         parse_vnpu_config({"devices": [entry]})
+
+
+def test_310p_vgroup_rules() -> None:
+    """docs/facts/vnpu-template-rules.md: 7 vNPUs and 4 vGroups per 310P chip, vir01 pairs share a 2-core vGroup,
+    vir04_4c_dvpp only beside vir04_3c_ndvpp. The documented valid combinations fit, the invalid ones do not."""
+    from vnpu.plan import fits_all
+
+    t = {x.name: x for x in builtin_templates("310P3")}
+    cap = ChipCapacity(aicore=8, memory_gb=24, aicpu=7)
+
+    def check(**mix: int) -> str | None:
+        return fits_all(tuple((t[name], n) for name, n in mix.items()), cap)
+
+    for valid in ({"vir04": 1, "vir04_3c": 1}, {"vir04": 1, "vir02": 1, "vir02_1c": 1},
+                  {"vir02": 3, "vir02_1c": 1}, {"vir01": 6, "vir02_1c": 1}, {"vir04_4c_dvpp": 1, "vir04_3c_ndvpp": 1}):
+        assert check(**valid) is None, valid
+    assert "AICPU" in (check(vir02=4) or "")
+    assert "rule 310p/vnpus" in (fits_all(((t["vir01"], 8),), ChipCapacity(aicore=8, memory_gb=24, aicpu=8)) or "")
+    assert check(vir01=1, vir04=1, vir02_1c=1) is None  # a lone vir01's vGroup: 2 + 4 + 2 = 8 AICores
+    # a lone vir01 costs its whole 2-core vGroup: on a chip with 7 AICores, 1 + 3 x 2 = 7 does not fit
+    seven = ChipCapacity(aicore=7, memory_gb=24, aicpu=7)
+    assert "rule 310p/vgroups" in (fits_all(((t["vir01"], 1), (t["vir02"], 3)), seven) or "")
+    assert fits_all(((t["vir01"], 2), (t["vir02"], 2), (t["vir02_1c"], 1)), ChipCapacity(aicore=8, memory_gb=24,
+                                                                                         aicpu=7)) is None
+    assert "rule 310p/dvpp" in (check(vir04_4c_dvpp=1, vir02_1c=1) or "")
