@@ -258,17 +258,16 @@ def test_the_npu_fault_alerts_use_metrics_the_device_plugin_exports(tmp_path: Pa
     docs = render("npu-device-plugin", "custom", tmp_path)
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert set(alerts) == {"NpuFaultKept", "NpuUnhealthy", "NpuResetPending", "NpuIsolated", "NpuLinkDown"}
+    from deviceplugin.faults.table import FaultLevel
+
+    # one alert per fault level, one for isolation, one for links
+    assert set(alerts) == {f"NpuFault{level.value}" for level in FaultLevel} | {"NpuIsolated", "NpuLinkDown"}
     for name, alert in alerts.items():
         used = metrics_in(alert["expr"])
         assert used and used <= exported, (name, used - exported)
-    assert alerts["NpuResetPending"]["for"] == "30m"
-    # every action the fault table can ask for has its alert
-    from fuyao.contracts import FaultAction
-
-    actions = {a.value for a in FaultAction}
-    assert actions == {re.search(r'action="(\w+)"', a["expr"]).group(1)  # type: ignore[union-attr]
-                       for a in alerts.values() if "action=" in a["expr"]} | {"isolate"}
+        assert alert["labels"]["severity"] in ("info", "warning", "critical") and alert["annotations"]["summary"]
+    assert alerts["NpuFaultRestartNPU"]["for"] == alerts["NpuFaultFreeRestartNPU"]["for"] == "30m"
+    assert alerts["NpuFaultSeparateNPU"]["labels"]["severity"] == "critical"
     assert not of_kind(render("npu-device-plugin", "default", tmp_path), "PrometheusRule")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from npu_sim.state import load_preset, preset_names
 from tests.conftest import FAKE, REPO
 
 
@@ -220,7 +221,7 @@ def test_plan_counts_vnpus_of_others_against_the_chip(tmp_path: Path) -> None:
     assert json.loads(node.vnpu("apply", "--config", fits, "--json").stdout)["kept"] == 2
 
 
-SPLITTABLE = ["910b3-8", "910b4-8", "910c-8", "310p3-4"]
+SPLITTABLE = [p for p in preset_names() if load_preset(p).get("templates")]  # every preset whose chips split
 
 
 @pytest.mark.parametrize("preset", SPLITTABLE)
