@@ -4,8 +4,8 @@ plugin applies the same rules) and one die for a dynamic vNPU's cores.
 
 Score: binpack (default) prefers nodes already busy, keeping whole cards and rings free for large jobs; spread
 prefers empty nodes. A pod that asks for no accelerator prefers nodes without NPUs or GPUs (in a mixed cluster,
-accelerator nodes stay free for accelerator pods). A placement that stays inside one interconnect group scores higher than one that must span
-groups.
+accelerator nodes stay free for accelerator pods). A placement that stays inside one interconnect group scores
+higher than one that must span groups.
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def test_product_rules_shape_preferred_allocation_and_refuse_what_the_product_fo
     a3 = plugin_factory("910c-8").start()
     dies = [d.ID for d in a3.wait_ready()]
     # A3: a 2-die pod gets both dies of one chip, even when a lone die is offered first
-    offered = [dies[1]] + dies[2:6]
+    offered = [dies[1], *dies[2:6]]
     pair = a3.kubelet.preferred(RESOURCE_NPU, offered, 2)
     assert sorted(pair) in ([dies[2], dies[3]], [dies[4], dies[5]])
     assert a3.kubelet.preferred(RESOURCE_NPU, offered, 1) == [dies[1]]  # a lone die first: whole chips stay whole
