@@ -371,7 +371,8 @@ def test_npus_held_without_an_assignment_make_topology_decisions_conservative() 
     assert devices.unplaced_npus(board) == 4
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
     rejection = reject(DeviceFitPlugin(), four, board)
-    assert rejection and not rejection.unresolvable and "dies its product lets go together are free is unknown" in rejection.reason
+    assert rejection and not rejection.unresolvable
+    assert "dies its product lets go together are free is unknown" in rejection.reason
     assert reject(DeviceFitPlugin(), parse_pod(pod("one", requests={RESOURCE_NPU: "1"})), board) is None
     strict = parse_pod(pod("s", requests={RESOURCE_NPU: "2"},
                            annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
