@@ -1,0 +1,199 @@
+"""The policy's status as a pure function of what the operator observes: per component a state (running, pending,
+degraded, failed, disabled) with a reason and a message that names the nodes concerned, node counts, and the
+Ready / Progressing / Degraded conditions. The controller gathers the observations; nothing here does I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .api import (
+    Component,
+    ComponentState,
+    ComponentStatus,
+    Condition,
+    NodeCounts,
+    PolicySpec,
+    PolicyStatus,
+    StateType,
+)
+
+S = StateType
+MAX_NAMED = 5  # nodes named in a message before "and N more"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A DaemonSet or Deployment the operator applied, as its status and pods report it."""
+
+    exists: bool = True
+    desired: int = 0
+    ready: int = 0
+    updated: int = 0  # pods running the current spec
+    generation_seen: bool = True  # status.observedGeneration ≥ metadata.generation
+    not_ready_nodes: tuple[str, ...] = ()  # nodes whose pod is not ready (for DaemonSets)
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status is computed from."""
+
+    npu_nodes: tuple[str, ...] = ()  # nodes labelled as NPU nodes
+    workloads: Mapping[Component, Workload] = field(default_factory=dict)
+    allocatable: Mapping[str, int] = field(default_factory=dict)  # NPU node → allocatable NPUs
+    driver_versions: Mapping[str, str | None] = field(default_factory=dict)  # NPU node → version (None: unknown)
+    validation: Mapping[str, tuple[bool | None, str]] = field(default_factory=dict)  # node → (passed?, message)
+    extender_answers: bool | None = None  # the extender's /readyz (None: not probed)
+
+
+def _named(nodes: Sequence[str]) -> str:
+    shown = ", ".join(sorted(nodes)[:MAX_NAMED])
+    return shown + (f" and {len(nodes) - MAX_NAMED} more" if len(nodes) > MAX_NAMED else "")
+
+
+def _workload_state(name: str, w: Workload | None) -> tuple[ComponentState, NodeCounts, str | None]:
+    if w is None or not w.exists:
+        return ComponentState(type=S.PENDING, reason="NotCreated", message=f"{name} is not created yet"), \
+            NodeCounts(), None
+    counts = NodeCounts(desired=w.desired, ready=w.ready)
+    if not w.generation_seen or w.updated < w.desired:
+        return ComponentState(type=S.PENDING, reason="RollingOut",
+                              message=f"{w.updated}/{w.desired} pods run the current spec"), counts, w.version
+    if w.desired and w.ready < w.desired:
+        where = f" on {_named(w.not_ready_nodes)}" if w.not_ready_nodes else ""
+        kind = S.DEGRADED if w.ready else S.PENDING
+        return ComponentState(type=kind, reason="PodsNotReady",
+                              message=f"{w.desired - w.ready} of {w.desired} pods not ready{where}"), counts, w.version
+    return ComponentState(type=S.RUNNING, reason="Ready", message=f"{w.ready}/{w.desired} ready"), counts, w.version
+
+
+def _driver(spec: PolicySpec, seen: Observed) -> ComponentStatus:
+    nodes = seen.npu_nodes
+    counts = NodeCounts(desired=len(nodes), ready=sum(1 for n in nodes if seen.driver_versions.get(n)))
+    unknown = [n for n in nodes if not seen.driver_versions.get(n)]
+    expected = spec.driver.version
+    wrong = [n for n in nodes if expected and seen.driver_versions.get(n) not in (None, expected)]
+    if wrong:
+        found = sorted({f"{seen.driver_versions[n]} on {n}" for n in wrong})
+        return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected, state=ComponentState(
+            type=S.DEGRADED, reason="VersionMismatch",
+            message=f"expected driver {expected}, found {'; '.join(found[:MAX_NAMED])}"
+                    + (f" and {len(found) - MAX_NAMED} more" if len(found) > MAX_NAMED else "")))
+    if unknown:
+        return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected, state=ComponentState(
+            type=S.PENDING, reason="VersionUnknown", message=f"no driver version read yet on {_named(unknown)}"))
+    versions = sorted({v for v in seen.driver_versions.values() if v})
+    return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected or ", ".join(versions) or None,
+                           state=ComponentState(type=S.RUNNING, reason="Ready",
+                                                message=f"driver {', '.join(versions) or 'n/a'} on {len(nodes)} "
+                                                        "node(s)"))
+
+
+def _nfd(seen: Observed) -> ComponentStatus:
+    if not seen.npu_nodes:
+        return ComponentStatus(name=Component.NODE_FEATURE_DISCOVERY, state=ComponentState(
+            type=S.PENDING, reason="NoNpuNodes", message="no node with a Huawei PCI device (vendor 0x19e5) found"))
+    return ComponentStatus(name=Component.NODE_FEATURE_DISCOVERY, nodes=NodeCounts(
+        desired=len(seen.npu_nodes), ready=len(seen.npu_nodes)), state=ComponentState(
+        type=S.RUNNING, reason="Labelled", message=f"{len(seen.npu_nodes)} NPU node(s) labelled"))
+
+
+def _device_plugin(seen: Observed) -> ComponentStatus:
+    state, counts, version = _workload_state("the device plugin DaemonSet", seen.workloads.get(
+        Component.DEVICE_PLUGIN))
+    if state.type == S.RUNNING:
+        empty = [n for n in seen.npu_nodes if seen.allocatable.get(n, 0) <= 0]
+        if empty:
+            state = ComponentState(type=S.DEGRADED, reason="NoAllocatableNpus",
+                                   message=f"no allocatable npu.huawei.com/NPU on {_named(empty)} (the plugin is "
+                                           "not registered with the kubelet, or every NPU is unhealthy)")
+    return ComponentStatus(name=Component.DEVICE_PLUGIN, state=state, nodes=counts, version=version)
+
+
+def _extender(seen: Observed) -> ComponentStatus:
+    state, counts, version = _workload_state("the scheduler extender Deployment", seen.workloads.get(
+        Component.SCHEDULER_EXTENDER))
+    if state.type == S.RUNNING and seen.extender_answers is False:
+        state = ComponentState(type=S.DEGRADED, reason="NotAnswering",
+                               message="the extender's pods are ready but its Service does not answer /readyz")
+    return ComponentStatus(name=Component.SCHEDULER_EXTENDER, state=state, nodes=counts, version=version)
+
+
+def _validator(seen: Observed) -> ComponentStatus:
+    nodes = seen.npu_nodes
+    results = {n: seen.validation.get(n, (None, "")) for n in nodes}
+    failed = [n for n, (ok, _) in results.items() if ok is False]
+    waiting = [n for n, (ok, _) in results.items() if ok is None]
+    counts = NodeCounts(desired=len(nodes), ready=sum(1 for ok, _ in results.values() if ok))
+    if failed:
+        first = failed[0]
+        return ComponentStatus(name=Component.VALIDATOR, nodes=counts, state=ComponentState(
+            type=S.FAILED, reason="ValidationFailed",
+            message=f"validation failed on {_named(failed)}: {results[first][1][:300]}"))
+    if waiting or not nodes:
+        return ComponentStatus(name=Component.VALIDATOR, nodes=counts, state=ComponentState(
+            type=S.PENDING, reason="Validating",
+            message=f"waiting for the validation pod on {_named(waiting)}" if waiting else "no NPU node to validate"))
+    return ComponentStatus(name=Component.VALIDATOR, nodes=counts, state=ComponentState(
+        type=S.RUNNING, reason="Validated", message=f"a one-NPU pod ran npu-smi info on {len(nodes)} node(s)"))
+
+
+def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatus, ...]:
+    out = []
+    for component in Component:
+        if not spec.enabled(component):
+            out.append(ComponentStatus(name=component, state=ComponentState(
+                type=S.DISABLED, reason="Disabled", message=f"spec.{component.value}.enabled is false")))
+        elif component == Component.DRIVER:
+            out.append(_driver(spec, seen))
+        elif component == Component.NODE_FEATURE_DISCOVERY:
+            out.append(_nfd(seen))
+        elif component == Component.DEVICE_PLUGIN:
+            out.append(_device_plugin(seen))
+        elif component == Component.SCHEDULER_EXTENDER:
+            out.append(_extender(seen))
+        elif component == Component.VALIDATOR:
+            out.append(_validator(seen))
+        else:
+            state, counts, version = _workload_state(f"the {component.value} workload", seen.workloads.get(component))
+            out.append(ComponentStatus(name=component, state=state, nodes=counts, version=version))
+    return tuple(out)
+
+
+def conditions(statuses: Sequence[ComponentStatus], previous: Sequence[Condition] = (),
+               now: datetime | None = None) -> tuple[Condition, ...]:
+    """Ready (every enabled component running), Progressing (some pending), Degraded (some degraded or failed).
+    ``lastTransitionTime`` moves only when a condition's status changes."""
+    at = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    active = [s for s in statuses if s.state.type != S.DISABLED]
+    bad = [s for s in active if s.state.type in (S.DEGRADED, S.FAILED)]
+    pending = [s for s in active if s.state.type == S.PENDING]
+    ready = not bad and not pending
+
+    def names(group: list[ComponentStatus]) -> str:
+        return ", ".join(f"{s.name.value} ({s.state.reason})" for s in group)
+
+    wanted = (
+        ("Ready", ready, "AllComponentsRunning" if ready else "ComponentsNotRunning",
+         "" if ready else names(bad + pending)),
+        ("Progressing", bool(pending), "ComponentsPending" if pending else "Settled", names(pending)),
+        ("Degraded", bool(bad), "ComponentsDegraded" if bad else "NoProblems", names(bad)),
+    )
+    before = {c.type: c for c in previous}
+    out = []
+    for kind, value, reason, message in wanted:
+        status = "True" if value else "False"
+        old = before.get(kind)  # type: ignore[call-overload]
+        since = old.last_transition_time if old is not None and old.status == status else at
+        out.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
+                             last_transition_time=since))
+    return tuple(out)
+
+
+def policy_status(spec: PolicySpec, seen: Observed, generation: int, previous: PolicyStatus | None = None,
+                  now: datetime | None = None) -> PolicyStatus:
+    statuses = component_statuses(spec, seen)
+    return PolicyStatus(observed_generation=generation, component_statuses=statuses,
+                        conditions=conditions(statuses, previous.conditions if previous else (), now))
