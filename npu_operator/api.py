@@ -7,8 +7,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Field
+
+from fuyao.config_files import ConfigSection
 
 GROUP = "npu.openfuyao.com"
 VERSION = "v1alpha1"
@@ -17,8 +18,8 @@ PLURAL = "npuclusterpolicies"
 POLICY_NAME = "cluster"
 
 
-class _Api(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+class _Api(ConfigSection):
+    """camelCase keys as the API writes them (snake_case accepted), unknown fields refused, frozen."""
 
 
 class Component(StrEnum):
