@@ -109,12 +109,8 @@ def count_problem(product: Product, count: int, node_size: int) -> str | None:
 
 def _halves(devices: Iterable[str], place: Mapping[str, Placed], size: int) -> tuple[list[str], list[str]]:
     ordered = sorted(devices, key=lambda d: place[d].order)
-    first = [d for d in ordered if _position(d, place) < size]
-    return first, [d for d in ordered if _position(d, place) >= size]
-
-
-def _position(device: str, place: Mapping[str, Placed]) -> int:
-    return place[device].order
+    first = [d for d in ordered if place[d].order < size]
+    return first, [d for d in ordered if place[d].order >= size]
 
 
 def shape_problem(product: Product, chosen: Sequence[str], place: Mapping[str, Placed],
@@ -134,8 +130,8 @@ def shape_problem(product: Product, chosen: Sequence[str], place: Mapping[str, P
         if n <= product.halves and first and second:
             return f"{n} NPUs must sit in one half of the node (0-7 or 8-15) ({product.rule('halves')})"
         if n > product.halves:
-            low = {_position(d, place) for d in first}
-            high = {_position(d, place) - product.halves for d in second}
+            low = {place[d].order for d in first}
+            high = {place[d].order - product.halves for d in second}
             if low != high:
                 return (f"{n} NPUs must be matched pairs across the halves (NPU i with NPU i+{product.halves}) "
                         f"({product.rule('halves')})")
@@ -171,7 +167,7 @@ def free_problem(product: Product, free: Sequence[str], count: int, place: Mappi
             return (f"{count} NPUs need one half with {count} free (free: {len(first)} and {len(second)}) "
                     f"({product.rule('halves')})")
         if count > product.halves:
-            pairs = len({_position(d, place) for d in first} & {_position(d, place) - product.halves for d in second})
+            pairs = len({place[d].order for d in first} & {place[d].order - product.halves for d in second})
             if 2 * pairs < count:
                 return (f"{count} NPUs need {count // 2} matched free pairs across the halves, {pairs} are "
                         f"({product.rule('halves')})")

@@ -26,7 +26,7 @@ from ..devices import DeviceStatus, match_chips
 from ..metrics import PluginMetrics
 from .isolation import IsolatedNpu, IsolationRecord
 from .recovery import FaultState, Observation, ResetPolicy, Step, assess
-from .table import FaultTable, load_table
+from .table import FaultLevel, FaultTable, load_table
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class FaultManager:
         processes: dict[tuple[int, int], int] = {}
         for p in info.processes:
             processes[(p.npu_id, p.chip_id)] = processes.get((p.npu_id, p.chip_id), 0) + 1
-        graded: dict[str, tuple[tuple[str, ...], object]] = {}
+        graded: dict[str, tuple[tuple[str, ...], FaultLevel | None]] = {}
         for device, chip in match_chips(self.devices.values(), info):
             if chip is None:
                 continue
@@ -155,7 +155,7 @@ class FaultManager:
         for device_id, (codes, level) in graded.items():
             device = self.devices[device_id]
             prev = self.states.get(device_id)
-            seen = Observation(level=level, codes=codes, holder=(holders or {}).get(device_id),  # type: ignore[arg-type]
+            seen = Observation(level=level, codes=codes, holder=(holders or {}).get(device_id),
                                processes=processes.get((device.npu_id, device.chip_id), 0),
                                holders_known=holders is not None, now=now, wall=wall)
             state, step = assess(prev, seen, self.policy)

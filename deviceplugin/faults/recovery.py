@@ -102,7 +102,3 @@ def assess(prev: FaultState | None, seen: Observation, policy: ResetPolicy) -> t
         return replace(state, note=f"reset pending: {seen.processes} process(es) run on it"), Step.NONE
     return replace(state, resets=(*resets, seen.now), note=f"resetting (attempt {len(resets) + 1})"), Step.RESET
 
-
-def released(state: FaultState) -> FaultState:
-    """An operator released the isolation: the NPU starts over (with no reset history)."""
-    return FaultState()
