@@ -176,7 +176,10 @@ def test_dynamic_lifecycles_with_failures_leak_nothing(made) -> None:  # type: i
     import threading
 
     rng = random.Random(20261130)
-    p = start(made, "dynamic", grace="0.2s")
+    # the grace covers the time from Allocate (the vNPU is created) to the kubelet recording the pod: 30 s in
+    # production; 1 s here, as 0.2 s was shorter than that time on a loaded 2-core CI machine (the stand-in records
+    # the pod after Allocate's answer arrives) and a held vNPU could then be collected
+    p = start(made, "dynamic", grace="1s")
     k = p.kubelet
     k.wait_registered(RESOURCE_NPU_CORE, timeout=30)
     k.wait_devices(RESOURCE_NPU_CORE)
