@@ -24,13 +24,19 @@ Unknown keys are errors (a typo must not silently fall back to a default); every
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, Seconds, load_versioned_yaml, merged, validated
-from fuyao.contracts import ServerUsage
+from fuyao.contracts import (
+    ENV_ASCEND_RUNTIME_OPTIONS,
+    ENV_ASCEND_VISIBLE_DEVICES,
+    ENV_ASCEND_VNPU_SPECS,
+    ServerUsage,
+)
 
 CONFIG_VERSION = "v1"
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
@@ -123,11 +129,25 @@ class PluginConfig(ConfigSection):
     health: HealthSettings = HealthSettings()
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     driver_mounts: tuple[DriverMount, ...] = tuple(DriverMount(host_path=p) for p in DEFAULT_DRIVER_MOUNTS)
+    container_env: dict[str, str] = Field(
+        default_factory=dict, description="environment for every container that receives NPUs, beside the driver "
+        "mounts (e.g. LD_LIBRARY_PATH for the driver's libraries); the device variables cannot be overridden")
     server_usage: ServerUsage | None = Field(default=None, description="value of the server-usage node label")
     prefer_scheduler_assignment: bool = Field(
         default=True, description="prefer the devices the scheduler wrote into a pending pod's annotation")
     publish_node: bool = Field(default=True, description="patch node labels and the topology annotation")
     vnpu: VnpuSettings = VnpuSettings()
+
+    @field_validator("container_env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = {ENV_ASCEND_VISIBLE_DEVICES, ENV_ASCEND_VNPU_SPECS, ENV_ASCEND_RUNTIME_OPTIONS}
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name in reserved:
+                raise ValueError(f"{name} is set by the plugin for the devices it allocates")
+        return value
 
     @field_validator("metrics_address")
     @classmethod

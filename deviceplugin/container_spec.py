@@ -66,6 +66,7 @@ def container_spec(
     dev_root: str,
     driver_mounts: Sequence[DriverMount],
     host_root: str = "/",
+    extra_env: Mapping[str, str] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
 ) -> ContainerSpec:
     """The spec for one container given whole dies or vNPU slots, or :class:`AllocationRefused` naming every
@@ -117,5 +118,6 @@ def container_spec(
         for m in driver_mounts
         if exists(os.path.join(host_root, m.host_path.lstrip("/")))
     )
+    envs = {**(extra_env or {}), **envs}  # the device variables always win
     return ContainerSpec(envs=envs, mounts=mounts, devices=tuple(nodes),
                          annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(ids)})

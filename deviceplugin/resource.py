@@ -107,7 +107,7 @@ class SlotResource:
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
         return container_spec(device_ids, self.advertised.slots(), self.advertised.statuses(),
                               dev_root=self.config.dev_root, driver_mounts=self.config.driver_mounts,
-                              host_root=self.config.host_root)
+                              host_root=self.config.host_root, extra_env=self.config.container_env)
 
 
 class NpuResource(SlotResource):
@@ -196,7 +196,7 @@ class CoreResource(SlotResource):
         slot = Slot(id=vnpu_device_id(parent.id, record.vnpu_id), parent=parent, vnpu=record)
         spec = container_spec([slot.id], {slot.id: slot}, {slot.id: statuses[device_ids[0]]},
                               dev_root=self.config.dev_root, driver_mounts=self.config.driver_mounts,
-                              host_root=self.config.host_root)
+                              host_root=self.config.host_root, extra_env=self.config.container_env)
         self.manager.touch(record)  # its grace period starts as the kubelet learns of the allocation
         return spec
 

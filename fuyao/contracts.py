@@ -126,10 +126,18 @@ ANNOTATION_NODE_TOPOLOGY = "npu.openfuyao.com/topology"
 ANNOTATION_POD_ASSIGNED = "npu.openfuyao.com/assigned"
 """Pod annotation (JSON, :class:`PodAssignment`) written by the scheduler extender at bind time."""
 ANNOTATION_NODE_USAGE = "qos.openfuyao.com/usage"
-# Node annotation (JSON, NodeFaults), written by the device plugin: each NPU's current fault codes, their level, what
-# the plugin does about them (keep, unhealthy, reset when free, isolated) and its link state.
-ANNOTATION_NODE_FAULTS = "npu.openfuyao.com/faults"
 """Node annotation (JSON, :class:`NodeUsage`) written by the QoS agent: measured CPU/memory use, LS and BE."""
+ANNOTATION_NODE_FAULTS = "npu.openfuyao.com/faults"
+"""Node annotation (JSON, :class:`NodeFaults`), written by the device plugin: each NPU's current fault codes, their
+level, what the plugin does about them (keep, unhealthy, reset when free, isolated) and its link state."""
+ANNOTATION_NFD_LABELS = "npu.openfuyao.com/nfd-labels"
+"""Node annotation written by the NPU operator's node feature discovery: the comma-separated label keys it set, so
+that deleting the policy removes exactly those (and never a label an administrator set)."""
+LABEL_OPERATOR_COMPONENT = "npu.openfuyao.com/component"
+"""Label on every object the NPU operator applies: the policy component it belongs to (``devicePlugin``, ...)."""
+LABEL_OPERATOR_REVISION = "npu.openfuyao.com/revision"
+"""Label on the NPU operator's validation pods: a hash of what they validate (a new one re-runs the validation)."""
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PD_TOPOLOGY_DEFAULT = "topology.kubernetes.io/zone"
 """Default topology domain for prefill/decode affinity beyond the node (configurable in the extender)."""
 

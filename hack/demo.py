@@ -48,14 +48,15 @@ STEPS = 7
 
 
 class Progress:
-    def __init__(self) -> None:
+    def __init__(self, steps: int = STEPS) -> None:
         self.step = 0
+        self.steps = steps
         self.started = time.monotonic()
         self.timings: list[tuple[str, float]] = []
 
     def begin(self, title: str) -> float:
         self.step += 1
-        print(f"\n[{self.step}/{STEPS}] {title}", flush=True)
+        print(f"\n[{self.step}/{self.steps}] {title}", flush=True)
         return time.monotonic()
 
     def done(self, title: str, since: float) -> None:
@@ -206,12 +207,71 @@ def wait_serving(url: str, backends: int) -> None:
     wait_for(serving, 90, f"{backends} healthy backends at {url}")
 
 
+def operator_demo(args: argparse.Namespace) -> None:
+    """The design doc's deployment path, timed: an empty cluster, ``helm install npu-operator`` with its flags, the
+    policy's status turning ``running``, the node labelled and its NPUs allocatable, the validation pod's
+    ``npu-smi info``."""
+    from tests.support.charts import OPERATOR_NAMESPACE, design_doc_flags, install_operator
+    from tests.support.runtime_image import build
+
+    progress = Progress(steps=5)
+    since = progress.begin("an empty local cluster (no fuyao component, no NPU label)")
+    state = args.state_dir if args.state_dir != DEFAULT_STATE else Path("/tmp/fuyao-operator-demo")
+    down(state)
+    cluster = LocalCluster(state, components="chart").up()
+    progress.done("cluster", since)
+
+    since = progress.begin("fuyao runtime image (the operator and every component; layers cached by content)")
+    archive, tag = build()
+    cluster.import_image(archive)
+    progress.done("image", since)
+
+    driver = json.loads(cluster.fake_npu_smi("fake", "show"))["driver_version"]
+    since = progress.begin(f"helm install npu-operator {' '.join(design_doc_flags(driver))}")
+    took = install_operator(cluster, tag, log=say)
+    progress.done("operator", since)
+
+    since = progress.begin("kubectl get npuclusterpolicy cluster; NPUs per node")
+    for line in cluster.kubectl("get", "npuclusterpolicy", "cluster", "-o", "wide").splitlines():
+        say(line)
+    out = cluster.kubectl("get", "npuclusterpolicy", "cluster", "-o",
+                          "jsonpath={range .status.componentStatuses[*]}{.name}={.state.type}{' '}{end}")
+    say(out)
+    npu_table(cluster)
+    progress.done("status", since)
+
+    since = progress.begin("the validation pod (one NPU) ran npu-smi info")
+    pod = cluster.get_json("pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=npu-validator")["items"][0]
+    for line in cluster.pod_log(OPERATOR_NAMESPACE, pod["metadata"]["name"], "validator").splitlines()[:16]:
+        say(line.split(" ", 3)[-1] if " stdout F " in line or " stderr F " in line else line)
+    progress.done("validated", since)
+    total = time.monotonic() - progress.started
+    print(f"""
+      design doc's path: helm install to every component running in {took['every component running']:.0f} s \
+(goal: 3 minutes warm; the design doc says 9)
+      whole demo {total:.0f} s ({', '.join(f'{t} {s:.0f} s' for t, s in progress.timings)})
+      steps after helm install: {', '.join(f'{k} at {v:.0f} s' for k, v in took.items())}
+      export KUBECONFIG={cluster.dir / 'admin.kubeconfig'}    (kubectl: {binary('kubectl')})
+      kubectl get npuclusterpolicy cluster -o yaml     the status, per component and node
+      kubectl describe npuclusterpolicy cluster        state changes as events
+      docs/npu-operator.md
+      stop: hack/local-down.sh --state-dir {cluster.dir}
+""".rstrip())
+
+
+DEFAULT_STATE = Path("/tmp/fuyao-demo")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="hack/demo.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["sim", "vllm"], default="sim", help="sim: engine-simulator pods on the "
                         "cluster (this demo); vllm: two real vLLM CPU engines as host processes (hack/demo_vllm.py)")
-    parser.add_argument("--state-dir", default="/tmp/fuyao-demo", type=Path)
+    parser.add_argument("--mode", choices=["charts", "operator"], default="charts",
+                        help="charts: the four charts, then an inference service and a routing comparison; "
+                             "operator: the design doc's path (helm install npu-operator on an empty cluster), timed")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE, type=Path,
+                        help="default /tmp/fuyao-demo (operator mode: /tmp/fuyao-operator-demo, always fresh)")
     parser.add_argument("--fresh", action="store_true", help="replace a running demo cluster")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second of the workload")
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
@@ -222,6 +282,9 @@ def main() -> None:
     parser.add_argument("--prefix-words", type=int, default=900, help="words (~tokens) per shared prefix")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    if args.mode == "operator":
+        operator_demo(args)
+        return
     if args.prefill < 1 or args.decode < 1 or args.prefill + args.decode > 8:
         parser.error(f"--prefill {args.prefill} --decode {args.decode}: each at least 1, together at most the "
                      "node's 8 NPUs")

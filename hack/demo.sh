@@ -7,6 +7,7 @@
 # Needs root (containerd, the kubelet, network namespaces).
 #
 # Usage: hack/demo.sh [--state-dir DIR] [--fresh] [--rate R] [--duration S]   (hack/demo.sh --help)
+#        hack/demo.sh --mode operator   the design doc's path, timed: helm install npu-operator on an empty cluster
 #        hack/demo.sh --engine vllm [--rate R] [--duration S]   two real vLLM CPU engines behind fuyao-router, as host
 #                                   processes (no cluster, no root; hack/demo.sh --engine vllm --help)
 # Stop:  hack/local-down.sh --state-dir /tmp/fuyao-demo

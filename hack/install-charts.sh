@@ -2,7 +2,10 @@
 # Install (or uninstall) fuyao's four Helm charts on the local cluster started with
 # `hack/local-up.sh --components chart`, with the values that fit it (the locally built image, the fake npu-smi's
 # paths, the extender's fixed ClusterIP), in the order of docs/install.md. hack/demo.sh does this and more.
-# Usage: hack/install-charts.sh [install|uninstall] [--state-dir DIR] [--namespace fuyao-system]
+# `operator` takes the design doc's path instead: `helm install npu-operator` with its flags, and the operator
+# installs, validates and reports the rest (`operator-uninstall` removes it).
+# Usage: hack/install-charts.sh [install|uninstall|operator|operator-uninstall] [--state-dir DIR]
+#        [--namespace fuyao-system]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib/venv.sh

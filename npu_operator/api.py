@@ -41,10 +41,20 @@ class DriverSpec(_Api):
                                 "the operator checks hosts, it does not install drivers")
 
 
+def _image() -> Any:
+    return Field(default=None, description="the image (repository:tag); default: the operator's own")
+
+
+def _values() -> Any:
+    return Field(default_factory=dict, description="the chart's own values, merged over what the policy sets "
+                 "(anything the policy does not model: host paths, tolerations, resources)")
+
+
 class DevicePluginSpec(_Api):
     enabled: bool = True
-    image: str | None = None
+    image: str | None = _image()
     health_interval: str = Field(default="5s", pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+    values: dict[str, Any] = _values()
 
 
 class VnpuSpec(_Api):
@@ -64,14 +74,19 @@ class ExporterSpec(_Api):
 
 class SchedulerExtenderSpec(_Api):
     enabled: bool = True
+    image: str | None = _image()
+    values: dict[str, Any] = _values()
 
 
 class QosAgentSpec(_Api):
     enabled: bool = False
+    image: str | None = _image()
+    values: dict[str, Any] = _values()
 
 
 class ValidatorSpec(_Api):
     enabled: bool = True
+    image: str | None = _image()
 
 
 class PolicySpec(_Api):

@@ -46,6 +46,8 @@ class Observed:
     driver_versions: Mapping[str, str | None] = field(default_factory=dict)  # NPU node → version (None: unknown)
     validation: Mapping[str, tuple[bool | None, str]] = field(default_factory=dict)  # node → (passed?, message)
     extender_answers: bool | None = None  # the extender's /readyz (None: not probed)
+    errors: Mapping[Component, str] = field(default_factory=dict)  # a component that could not be applied: why
+    was_up: frozenset[Component] = frozenset()  # components running or degraded in the previous status
 
 
 def _named(nodes: Sequence[str]) -> str:
@@ -53,20 +55,25 @@ def _named(nodes: Sequence[str]) -> str:
     return shown + (f" and {len(nodes) - MAX_NAMED} more" if len(nodes) > MAX_NAMED else "")
 
 
-def _workload_state(name: str, w: Workload | None) -> tuple[ComponentState, NodeCounts, str | None]:
+def _workload_state(name: str, w: Workload | None, was_up: bool = False
+                    ) -> tuple[ComponentState, NodeCounts, str | None]:
+    """``was_up``: the component was running (or degraded) before. Pods that stop being ready then make it
+    degraded; before it ever ran, they only make it pending (still coming up)."""
     if w is None or not w.exists:
         return ComponentState(type=S.PENDING, reason="NotCreated", message=f"{name} is not created yet"), \
             NodeCounts(), None
-    counts = NodeCounts(desired=w.desired, ready=w.ready)
+    ready = min(w.ready, w.desired - len(w.not_ready_nodes)) if w.not_ready_nodes else w.ready
+    counts = NodeCounts(desired=w.desired, ready=max(ready, 0))
     if not w.generation_seen or w.updated < w.desired:
         return ComponentState(type=S.PENDING, reason="RollingOut",
                               message=f"{w.updated}/{w.desired} pods run the current spec"), counts, w.version
-    if w.desired and w.ready < w.desired:
+    if w.desired and ready < w.desired:
         where = f" on {_named(w.not_ready_nodes)}" if w.not_ready_nodes else ""
-        kind = S.DEGRADED if w.ready else S.PENDING
+        kind = S.DEGRADED if (ready > 0 or was_up) else S.PENDING
         return ComponentState(type=kind, reason="PodsNotReady",
-                              message=f"{w.desired - w.ready} of {w.desired} pods not ready{where}"), counts, w.version
-    return ComponentState(type=S.RUNNING, reason="Ready", message=f"{w.ready}/{w.desired} ready"), counts, w.version
+                              message=f"{w.desired - max(ready, 0)} of {w.desired} pods not ready{where}"), \
+            counts, w.version
+    return ComponentState(type=S.RUNNING, reason="Ready", message=f"{ready}/{w.desired} ready"), counts, w.version
 
 
 def _driver(spec: PolicySpec, seen: Observed) -> ComponentStatus:
@@ -102,7 +109,7 @@ def _nfd(seen: Observed) -> ComponentStatus:
 
 def _device_plugin(seen: Observed) -> ComponentStatus:
     state, counts, version = _workload_state("the device plugin DaemonSet", seen.workloads.get(
-        Component.DEVICE_PLUGIN))
+        Component.DEVICE_PLUGIN), Component.DEVICE_PLUGIN in seen.was_up)
     if state.type == S.RUNNING:
         empty = [n for n in seen.npu_nodes if seen.allocatable.get(n, 0) <= 0]
         if empty:
@@ -114,7 +121,7 @@ def _device_plugin(seen: Observed) -> ComponentStatus:
 
 def _extender(seen: Observed) -> ComponentStatus:
     state, counts, version = _workload_state("the scheduler extender Deployment", seen.workloads.get(
-        Component.SCHEDULER_EXTENDER))
+        Component.SCHEDULER_EXTENDER), Component.SCHEDULER_EXTENDER in seen.was_up)
     if state.type == S.RUNNING and seen.extender_answers is False:
         state = ComponentState(type=S.DEGRADED, reason="NotAnswering",
                                message="the extender's pods are ready but its Service does not answer /readyz")
@@ -133,9 +140,11 @@ def _validator(seen: Observed) -> ComponentStatus:
             type=S.FAILED, reason="ValidationFailed",
             message=f"validation failed on {_named(failed)}: {results[first][1][:300]}"))
     if waiting or not nodes:
+        why = next((results[n][1] for n in sorted(waiting) if results[n][1]), "")
         return ComponentStatus(name=Component.VALIDATOR, nodes=counts, state=ComponentState(
             type=S.PENDING, reason="Validating",
-            message=f"waiting for the validation pod on {_named(waiting)}" if waiting else "no NPU node to validate"))
+            message=(f"waiting for the validation pod on {_named(waiting)}" + (f" ({why[:200]})" if why else ""))
+            if waiting else "no NPU node to validate"))
     return ComponentStatus(name=Component.VALIDATOR, nodes=counts, state=ComponentState(
         type=S.RUNNING, reason="Validated", message=f"a one-NPU pod ran npu-smi info on {len(nodes)} node(s)"))
 
@@ -146,6 +155,9 @@ def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatu
         if not spec.enabled(component):
             out.append(ComponentStatus(name=component, state=ComponentState(
                 type=S.DISABLED, reason="Disabled", message=f"spec.{component.value}.enabled is false")))
+        elif component in seen.errors:
+            out.append(ComponentStatus(name=component, state=ComponentState(
+                type=S.FAILED, reason="ApplyFailed", message=seen.errors[component][:500])))
         elif component == Component.DRIVER:
             out.append(_driver(spec, seen))
         elif component == Component.NODE_FEATURE_DISCOVERY:
@@ -157,7 +169,8 @@ def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatu
         elif component == Component.VALIDATOR:
             out.append(_validator(seen))
         else:
-            state, counts, version = _workload_state(f"the {component.value} workload", seen.workloads.get(component))
+            state, counts, version = _workload_state(f"the {component.value} workload", seen.workloads.get(component),
+                                                     component in seen.was_up)
             out.append(ComponentStatus(name=component, state=state, nodes=counts, version=version))
     return tuple(out)
 
@@ -190,6 +203,18 @@ def conditions(statuses: Sequence[ComponentStatus], previous: Sequence[Condition
         out.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
                              last_transition_time=since))
     return tuple(out)
+
+
+def was_up(previous: PolicyStatus | None) -> frozenset[Component]:
+    """The components the previous status showed running or degraded."""
+    return frozenset(s.name for s in (previous.component_statuses if previous else ())
+                     if s.state.type in (S.RUNNING, S.DEGRADED))
+
+
+def transitions(previous: PolicyStatus | None, current: PolicyStatus) -> list[ComponentStatus]:
+    """The components whose state type changed (each becomes an Event)."""
+    before = {s.name: s.state.type for s in (previous.component_statuses if previous else ())}
+    return [s for s in current.component_statuses if before.get(s.name) != s.state.type]
 
 
 def policy_status(spec: PolicySpec, seen: Observed, generation: int, previous: PolicyStatus | None = None,

@@ -306,12 +306,17 @@ def fake(argv: list[str]) -> int:
     p.add_argument("--container", default="3f2a9c1d0b7e", help="container id shown by info-vnpu")
     p = sub.add_parser("unbind-vnpu", help="the container using a vNPU went away")
     p.add_argument("vnpu_id", type=int)
+    p = sub.add_parser("sysfs", help="write a sysfs tree (bus/pci/devices) with the node's NPUs, for node feature "
+                                     "discovery")
+    p.add_argument("--root", required=True, help="directory to write under (a fake /sys)")
     sub.add_parser("show", help="print the expanded state as JSON")
     sub.add_parser("presets", help="list the presets")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "presets":
             print("\n".join(st.preset_names()))
+        elif args.cmd == "sysfs":
+            st.write_sysfs(st.read(), args.root)
         elif args.cmd == "show":
             print(json.dumps(st.read(), indent=2, sort_keys=True))
         elif args.cmd == "init":

@@ -227,7 +227,7 @@ def board(s: dict[str, Any], npu: int, chip: int | None) -> str:
         return _kv([("NPU ID", _card_id(s, npu)), ("Software Version", s["driver_version"]),
                     ("Firmware Version", "7.5.0.1.220"), ("Compatibility", "OK"), ("Board ID", "0x02"),
                     ("PCB ID", "A"), ("BOM ID", 1), ("PCIe Bus Info", c["bus_id"]), ("Slot ID", npu),
-                    ("Class ID", "NA"), ("PCI Vendor ID", "0x19e5"), ("PCI Device ID", "0xD802"),
+                    ("Class ID", "NA"), ("PCI Vendor ID", "0x19e5"), ("PCI Device ID", st.pci_device_id(s).upper().replace("0X", "0x")),
                     ("Subsystem Vendor ID", "0x0200"), ("Subsystem Device ID", "0x0100"),
                     ("Chip Count", s["dies_per_npu"])])
     return _kv([("NPU ID", _card_id(s, npu)), ("Chip ID", chip), ("Chip Type", "Ascend"),

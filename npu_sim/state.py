@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -162,6 +163,33 @@ def _bus_id(state: dict[str, Any], phy: int) -> str:
     if buses and phy < len(buses):
         return buses[phy]
     return f"0000:{(0x01 + phy * 0x20) % 0x100:02X}:00.0"
+
+
+def pci_device_id(state: dict[str, Any]) -> str:
+    """The chip's PCI device id (vendor 0x19e5), as ``npu-smi info -t board`` prints it and sysfs holds it."""
+    model = state["chip_model"].upper()
+    for prefix, device in (("310P", "0xd500"), ("310", "0xd100"), ("910B", "0xd802"), ("910C", "0xd803")):
+        if model.startswith(prefix):
+            return device
+    return "0xd801"  # Ascend 910 (910ProA/ProB/PremiumA)
+
+
+def write_sysfs(state: dict[str, Any], root: str | Path) -> list[Path]:
+    """A sysfs tree with one PCI function per NPU card (``bus/pci/devices/<bdf>/{vendor,device,class}``), as node
+    feature discovery reads it, plus a Huawei NIC that is not an NPU. Returns the NPU device directories."""
+    base = Path(root) / "bus" / "pci" / "devices"
+    made = []
+    cards = [c for c in chips(state) if c["chip"] == 0]
+    entries = [(c["bus_id"].lower(), "0x19e5", pci_device_id(state), "0x120000") for c in cards]
+    entries.append(("0000:7d:00.0", "0x19e5", "0x1822", "0x020000"))  # Hi1822 NIC: vendor 0x19e5, not an NPU
+    for bdf, vendor, device, klass in entries:
+        d = base / bdf
+        d.mkdir(parents=True, exist_ok=True)
+        for name, value in (("vendor", vendor), ("device", device), ("class", klass)):
+            (d / name).write_text(value + "\n")
+        if device != "0x1822":
+            made.append(d)
+    return made
 
 
 def chip(state: dict[str, Any], npu: int, die: int) -> dict[str, Any] | None:

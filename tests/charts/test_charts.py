@@ -57,7 +57,15 @@ CUSTOM_VALUES: dict[str, dict[str, Any]] = {
                        "grafanaDashboard": {"enabled": True}},
     },
 }
-CASES = [(chart, variant) for chart in INSTALL_ORDER for variant in ("default", "custom")]
+CUSTOM_VALUES["npu-operator"] = {
+    "image": {"repository": "registry.example.com/fuyao", "tag": "1.2.3"},
+    "operator": {"resync": "1m", "nfdEnv": {"A": "b"}, "nfdHostDirs": ["/opt/npu"]},
+    "driver": {"version": "24.1.rc3"}, "qosAgent": {"enabled": True, "values": {"interval": "5s"}},
+    "vnpu": {"enabled": True, "mode": "static", "config": {"devices": [{"device_id": "0", "vnpu_count": 2}]}},
+    "devicePlugin": {"values": {"serverUsage": "infer"}}, "exporter": {"serviceMonitor": True},
+}
+CHART_NAMES = (*INSTALL_ORDER, "npu-operator")
+CASES = [(chart, variant) for chart in CHART_NAMES for variant in ("default", "custom")]
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -112,6 +120,11 @@ def test_rendered_objects_are_valid_kubernetes_1_34(chart: str, variant: str, tm
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no OpenAPI schema in kubernetes-validate; its fields are checked below
+        if doc["kind"] == "NPUClusterPolicy":  # ours: checked against the CRD's model
+            from npu_operator.api import PolicySpec
+
+            PolicySpec.model_validate(doc["spec"])
+            continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -195,14 +208,61 @@ def test_rbac_is_exactly_what_the_integration_tests_run_each_component_with(tmp_
         assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in doc["rules"])
 
 
+def test_the_operator_holds_every_permission_it_grants_its_components(tmp_path: Path) -> None:
+    """Kubernetes refuses a ClusterRole with rules its creator does not hold (no escalate verb here): the operator's
+    ClusterRole must cover each component's, in every variant the operator renders."""
+    operator = render("npu-operator", "default", tmp_path)
+    held = rules_of(operator)
+    namespaced = rules_of(operator, "Role")
+
+    def covered(rule: dict[str, Any], by: list[dict[str, Any]]) -> bool:
+        return all(any(g in r["apiGroups"] and res in r["resources"] and verb in r["verbs"] for r in by)
+                   for g in rule["apiGroups"] for res in rule["resources"] for verb in rule["verbs"])
+
+    from npu_operator.render import Settings, nfd_objects
+
+    component_roles = [rules_of(render(chart, variant, tmp_path)) for chart in INSTALL_ORDER[:3]
+                       for variant in ("default", "custom")]
+    component_roles.append(rules_of([o for o in nfd_objects(Settings()) if o["kind"] == "ClusterRole"]))
+    for rules in component_roles:
+        for rule in rules:
+            assert covered(rule, held), rule
+    # what it applies in its namespace, and its policy
+    for kind in ("configmaps", "services", "serviceaccounts", "pods"):
+        assert covered({"apiGroups": [""], "resources": [kind], "verbs": ["create", "patch", "delete"]}, namespaced)
+    assert covered({"apiGroups": ["npu.openfuyao.com"], "resources": ["npuclusterpolicies/status"],
+                    "verbs": ["patch"]}, held)
+    assert not any("escalate" in r["verbs"] or "bind" in r["verbs"] or "*" in r["verbs"] for r in held + namespaced)
+
+
+def test_the_operator_chart_carries_the_crd_the_api_generates() -> None:
+    from npu_operator.api import crd
+
+    committed = yaml.safe_load((CHARTS / "npu-operator" / "crds" / "npuclusterpolicies.yaml").read_text())
+    assert committed == crd(), "regenerate: python -m npu_operator.cli crd > charts/npu-operator/crds/..."
+
+
+def test_the_design_doc_flags_make_the_policy(tmp_path: Path) -> None:
+    docs = helm("template", "npu-operator", str(CHARTS / "npu-operator"), "--set", "driver.enabled=true",
+                "--set", "driver.version=24.1.rc2", "--set", "devicePlugin.enabled=true", "--set", "nfd.enabled=true",
+                "--set", "schedulerExtender.enabled=false").stdout
+    from npu_operator.api import Component, PolicySpec
+
+    policy = next(d for d in yaml.safe_load_all(docs) if d and d["kind"] == "NPUClusterPolicy")
+    spec = PolicySpec.model_validate(policy["spec"])
+    assert policy["metadata"]["name"] == "cluster" and spec.driver.version == "24.1.rc2"
+    assert spec.enabled(Component.NODE_FEATURE_DISCOVERY) and spec.enabled(Component.DEVICE_PLUGIN)
+    assert not spec.enabled(Component.SCHEDULER_EXTENDER) and not spec.enabled(Component.QOS_AGENT)
+
+
 def test_only_the_device_plugin_is_privileged_and_api_pods_run_as_non_root(tmp_path: Path) -> None:
-    for chart in INSTALL_ORDER:
+    for chart in CHART_NAMES:
         for workload in [d for d in render(chart, "default", tmp_path) if d["kind"] in ("DaemonSet", "Deployment")]:
             pod = workload["spec"]["template"]["spec"]
             for container in pod["containers"]:
                 security = container.get("securityContext", {})
                 assert security.get("privileged", False) == (chart == "npu-device-plugin"), workload["metadata"]
-                if chart in ("scheduler-extender", "ai-inference-optimization"):
+                if chart in ("scheduler-extender", "ai-inference-optimization", "npu-operator"):
                     assert pod["securityContext"]["runAsNonRoot"] is True
                     assert security["capabilities"] == {"drop": ["ALL"]}
                     assert security["readOnlyRootFilesystem"] is True

@@ -8,6 +8,7 @@ ClusterIP the host's kube-scheduler calls the extender at.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -95,6 +96,100 @@ def leftovers(cluster: LocalCluster) -> list[str]:
             for item in listed["items"]]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The NPU operator (issue 21): the design doc's path, one chart
+# ---------------------------------------------------------------------------------------------------------------
+OPERATOR = "npu-operator"
+OPERATOR_NAMESPACE = "npu-operator"
+POLICY = "npuclusterpolicy/cluster"
+
+
+def design_doc_flags(driver_version: str) -> list[str]:
+    """The design doc's ``helm install npu-operator`` flags."""
+    return ["--set", "driver.enabled=true", "--set", f"driver.version={driver_version}",
+            "--set", "devicePlugin.enabled=true", "--set", "nfd.enabled=true"]
+
+
+def operator_values(cluster: LocalCluster, image: str) -> dict[str, Any]:
+    """Where the local cluster differs from an Atlas server, and nothing else: the locally built image, and the fake
+    npu-smi with its state, sysfs tree and device nodes under the harness's directory instead of Ascend's paths;
+    the extender at the fixed ClusterIP the host's kube-scheduler calls."""
+    repository, _, tag = image.rpartition(":")
+    fake = str(REPO / "hack" / "fake-npu-smi")
+    npu_dir = str(cluster.npu_state.parent)
+    plugin = {k: v for k, v in local_values(cluster, image)["npu-device-plugin"].items() if k != "image"}
+    plugin["containerEnv"] = {"FAKE_NPU_SMI_STATE": str(cluster.npu_state)}
+    # NPU containers get the fake npu-smi at /usr/local/bin/npu-smi and its state (read-only), as a real node's
+    # containers get npu-smi and the driver's files
+    plugin["config"] = {"driverMounts": [{"hostPath": npu_dir},
+                                         {"hostPath": fake, "containerPath": "/usr/local/bin/npu-smi"}]}
+    return {
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "operator": {"npuSmi": fake, "sysfsRoot": str(cluster.sysfs), "nfdInterval": "5s", "resync": "10s",
+                     "nfdEnv": {"FAKE_NPU_SMI_STATE": str(cluster.npu_state)}, "nfdHostDirs": [npu_dir]},
+        "devicePlugin": {"healthInterval": "1s", "values": plugin},
+        "schedulerExtender": {"values": {"service": {"clusterIP": EXTENDER_CLUSTER_IP}}},
+    }
+
+
+def policy_states(cluster: LocalCluster) -> dict[str, tuple[str, str]]:
+    """Component → (state, message) from the policy's status (empty before the operator wrote one)."""
+    try:
+        got = cluster.get_json(POLICY, check=False)
+    except json.JSONDecodeError:  # no policy (yet)
+        return {}
+    return {s["name"]: (s["state"]["type"], s["state"].get("message", ""))
+            for s in (got.get("status") or {}).get("componentStatuses") or []}
+
+
+def all_running(cluster: LocalCluster) -> bool:
+    got = policy_states(cluster)
+    return bool(got) and all(state in ("running", "disabled") for state, _ in got.values())
+
+
+def install_operator(cluster: LocalCluster, image: str, namespace: str = OPERATOR_NAMESPACE, timeout: float = 300,
+                     log: Any = print) -> dict[str, float]:
+    """``helm install npu-operator`` with the design doc's flags on an empty cluster, then wait for each step of
+    the design doc's path. Returns the seconds from the start to each step."""
+    from fuyao.contracts import RESOURCE_NPU
+
+    from .polling import wait_for
+
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    values = cluster.dir / "values-npu-operator.yaml"
+    values.write_text(yaml.safe_dump(operator_values(cluster, image)))
+    driver = json.loads(cluster.fake_npu_smi("fake", "show"))["driver_version"]
+    started = time.monotonic()
+    took: dict[str, float] = {}
+    log(f"    helm install {OPERATOR} (namespace {namespace}) {' '.join(design_doc_flags(driver))}")
+    helm("install", OPERATOR, str(CHARTS / OPERATOR), "--namespace", namespace, "--create-namespace",
+         "--values", str(values), *design_doc_flags(driver), "--wait", "--timeout", f"{timeout:.0f}s",
+         kubeconfig=kubeconfig)
+    took["operator ready"] = time.monotonic() - started
+
+    def labelled() -> bool:
+        return cluster.node_json()["metadata"].get("labels", {}).get(LABEL_ACCELERATOR) == ACCELERATOR_ASCEND_NPU
+
+    def allocatable() -> bool:
+        return int(cluster.node_json()["status"].get("allocatable", {}).get(RESOURCE_NPU, "0")) > 0
+
+    def validated() -> bool:
+        return policy_states(cluster).get("validator", ("", ""))[0] == "running"
+
+    for step, check in (("node labelled", labelled), ("NPUs allocatable", allocatable),
+                        ("validation pod passed", validated), ("every component running", lambda: all_running(
+                            cluster))):
+        wait_for(check, timeout, f"{step} (policy: {policy_states(cluster)})")
+        took[step] = time.monotonic() - started
+        log(f"    {step}: {took[step]:.1f} s")
+    return took
+
+
+def uninstall_operator(cluster: LocalCluster, namespace: str = OPERATOR_NAMESPACE) -> None:
+    helm("uninstall", OPERATOR, "--namespace", namespace, "--wait", "--timeout", "180s",
+         kubeconfig=cluster.dir / "admin.kubeconfig")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.support.charts install|uninstall``: the charts on a running ``--components chart`` cluster."""
     import argparse
@@ -104,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.support.charts",
                                      description="fuyao's charts on the local cluster (hack/local-up.sh "
                                                  "--components chart), in the order of docs/install.md")
-    parser.add_argument("action", choices=["install", "uninstall"])
+    parser.add_argument("action", choices=["install", "uninstall", "operator", "operator-uninstall"],
+                        help="install/uninstall: the four charts; operator: helm install npu-operator with the design "
+                             "doc's flags (the operator installs the rest); operator-uninstall: helm uninstall it")
     parser.add_argument("--state-dir", default="/tmp/fuyao-cluster", type=Path)
     parser.add_argument("--namespace", default=NAMESPACE)
     args = parser.parse_args(argv)
@@ -114,12 +211,20 @@ def main(argv: list[str] | None = None) -> None:
     if cluster.components != "chart":
         parser.error(f"the cluster in {args.state_dir} runs fuyao as host processes; start it with "
                      "hack/local-up.sh --components chart")
+    if args.action == "operator-uninstall":
+        uninstall_operator(cluster, OPERATOR_NAMESPACE)
+        print(f"uninstalled {OPERATOR}")
+        return
     if args.action == "uninstall":
         uninstall_stack(cluster, args.namespace)
         print(f"uninstalled {', '.join(reversed(INSTALL_ORDER))} from {args.namespace}")
         return
     archive, tag = build()
     cluster.import_image(archive)
+    if args.action == "operator":
+        took = install_operator(cluster, tag)
+        print("Ready: " + ", ".join(f"{step} at {seconds:.0f} s" for step, seconds in took.items()))
+        return
     took = install_stack(cluster, tag, args.namespace)
     print("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
 

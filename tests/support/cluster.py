@@ -80,6 +80,8 @@ class LocalCluster:
         self.extender_url = ""
         self.link = ""
         self.npu_state = self.dir / "npu" / "npu.json"
+        self.sysfs = self.dir / "sys"
+        """A sysfs tree with the node's NPUs as PCI devices (vendor 0x19e5), for node feature discovery."""
 
     # Helpers -----------------------------------------------------------------------------------------------------
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
@@ -307,10 +309,13 @@ state = "{base / 'state'}"
 
     def _simulated_npus(self) -> None:
         """The node's NPUs: the fake npu-smi's state (``npu/npu.json``, in a directory of its own: a device plugin pod
-        mounts it, and the state is replaced by rename) and device nodes under ``dev/``."""
+        mounts it, and the state is replaced by rename), device nodes under ``dev/`` and PCI devices under
+        ``sys/``."""
         self.npu_state.parent.mkdir()
-        subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), "fake", "init", "--preset", self.preset],
-                       check=True, capture_output=True, env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)})
+        env = {**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)}
+        for args in (("init", "--preset", self.preset), ("sysfs", "--root", str(self.sysfs))):
+            subprocess.run([sys.executable, str(REPO / "hack" / "fake-npu-smi"), "fake", *args], check=True,
+                           capture_output=True, env=env)
         dev = self.dir / "dev"
         dev.mkdir()
         for name in [f"davinci{i}" for i in range(16)] + ["davinci_manager", "devmm_svm", "hisi_hdc"]:

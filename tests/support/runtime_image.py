@@ -1,8 +1,9 @@
-"""fuyao's runtime image without Docker or a registry: three layers packed into a docker-archive for
+"""fuyao's runtime image without Docker or a registry: four layers packed into a docker-archive for
 ``ctr images import`` (the local cluster) — a Debian minbase root file system with python3 (``debootstrap``), the
-Python dependencies (``pip install --target`` from this machine's pip: same Debian, same Python minor), and fuyao
-itself. Each layer is cached under ``~/.cache/fuyao/images`` by the hash of what makes it (suite and packages;
-the dependency list; the source files), so a rebuild after a code change repacks only the last layer.
+Python dependencies (``pip install --target`` from this machine's pip: same Debian, same Python minor), helm (the
+NPU operator renders fuyao's charts with it), and fuyao itself with its charts. Each layer is cached under
+``~/.cache/fuyao/images`` by the hash of what makes it (suite and packages; the dependency list; the helm binary;
+the source files), so a rebuild after a code change repacks only the last layer.
 
 Usage: python -m tests.support.runtime_image [--cache DIR]   (prints the archive path and the image tag)
 """
@@ -21,6 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from .apiserver import binary
 from .images import write_docker_archive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +33,10 @@ MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "ca-certificates")
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's python3 sys.path
 SOURCE_PACKAGES = ("fuyao", "npu_sim", "kubeletapi", "deviceplugin", "scheduler_extender", "vnpu", "qos",
-                   "inference_router", "kvcache", "engine_sim")
+                   "inference_router", "kvcache", "engine_sim", "npu_operator")
+CHARTS_IN_IMAGE = "opt/fuyao/charts"
+"""fuyao's charts, which the NPU operator renders (``helm template``) for the components it installs."""
+HELM_IN_IMAGE = "usr/local/bin/helm"
 
 
 def _key(*parts: object) -> str:
@@ -97,8 +102,25 @@ def deps_layer(cache: Path = CACHE) -> Path:
     return out
 
 
+def tools_layer(cache: Path = CACHE) -> Path:
+    """helm (built by hack/build-upstream.sh), for the NPU operator."""
+    helm = Path(binary("helm"))
+    data = helm.read_bytes()
+    out = cache / f"tools-{hashlib.sha256(data).hexdigest()[:16]}.tar"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        target = Path(tmp) / HELM_IN_IMAGE
+        target.parent.mkdir(parents=True)
+        target.write_bytes(data)
+        target.chmod(0o755)
+        _pack(Path(tmp), out)
+    return out
+
+
 def source_files() -> list[Path]:
     files = [REPO / "pyproject.toml"]
+    files += sorted(p for p in (REPO / "charts").rglob("*") if p.is_file())
     for package in SOURCE_PACKAGES:
         files += sorted(p for p in (REPO / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return files
@@ -117,6 +139,7 @@ def app_layer(cache: Path = CACHE) -> Path:
             shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-d", "/" + SITE_PACKAGES, str(target)],
                        check=True)
+        shutil.copytree(REPO / "charts", Path(tmp) / CHARTS_IN_IMAGE)
         _pack(Path(tmp), out)
     return out
 
@@ -124,7 +147,7 @@ def app_layer(cache: Path = CACHE) -> Path:
 def build(cache: Path = CACHE) -> tuple[Path, str]:
     """The docker-archive of the runtime image (built or reused) and its tag."""
     cache.mkdir(parents=True, exist_ok=True)
-    layers = [base_layer(cache), deps_layer(cache), app_layer(cache)]
+    layers = [base_layer(cache), deps_layer(cache), tools_layer(cache), app_layer(cache)]
     tag = f"{IMAGE_REPOSITORY}:{_key([p.name for p in layers])[:12]}"
     out = cache / f"fuyao-{tag.rsplit(':', 1)[1]}.tar"
     if out.exists():
@@ -137,7 +160,7 @@ def build(cache: Path = CACHE) -> tuple[Path, str]:
          "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
          "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
         [f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)}", "pip install --target (pyproject dependencies)",
-         "fuyao packages"])
+         "helm (hack/build-upstream.sh)", "fuyao packages and charts"])
     tmp.rename(out)
     for stale in cache.glob("fuyao-*.tar"):  # keep the newest archive only (layers stay cached)
         if stale != out:

@@ -72,6 +72,8 @@ def test_defaults_match_the_documented_ones() -> None:
     ("version: v1\ndriverMounts: [{hostPath: relative/path}]\n", "driverMounts.0.hostPath"),
     ("version: v1\nmetricsAddress: nonsense\n", "metricsAddress"),
     ("version: v1\nserverUsage: gaming\n", "serverUsage"),
+    ("version: v1\ncontainerEnv: {ASCEND_VISIBLE_DEVICES: '0'}\n", "containerEnv"),
+    ("version: v1\ncontainerEnv: {'bad name': x}\n", "containerEnv"),
     ("version: v2\n", "version"),
     ("devRoot: /dev\n", "version"),
 ])
@@ -189,6 +191,13 @@ def test_container_spec_for_vnpu_slices(inventory) -> None:  # type: ignore[no-u
     with pytest.raises(AllocationRefused, match="cannot mix"):
         container_spec([slot.id, "Ascend910-0"], slots, {i: HEALTHY for i in slots}, dev_root="/devroot",
                        driver_mounts=(), exists=lambda p: True)
+
+
+def test_container_env_reaches_every_npu_container_and_never_overrides_the_devices(inventory) -> None:  # type: ignore[no-untyped-def]
+    existing = {"/devroot/davinci2"}
+    spec = _spec(inventory, ["Ascend910-2"], existing,
+                 extra_env={"LD_LIBRARY_PATH": "/usr/local/Ascend/driver/lib64", "ASCEND_VISIBLE_DEVICES": "7"})
+    assert spec.envs == {"LD_LIBRARY_PATH": "/usr/local/Ascend/driver/lib64", "ASCEND_VISIBLE_DEVICES": "2"}
 
 
 # --- node publishing and scheduler assignments ----------------------------------------------------------------------

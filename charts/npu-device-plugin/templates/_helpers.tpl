@@ -43,6 +43,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- range .Values.hostPaths.driver -}}
 {{- $mounts = append $mounts (dict "hostPath" .) -}}
 {{- end -}}
+{{- if .Values.npuSmi.mountIntoContainers -}}
+{{- $mounts = append $mounts (dict "hostPath" .Values.npuSmi.path "containerPath" "/usr/local/bin/npu-smi") -}}
+{{- end -}}
 {{- $vnpu := dict "mode" .Values.vnpu.mode "ledger" (printf "%s/vnpu-ledger.json" .Values.hostPaths.state) "podResourcesSocket" (printf "%s/kubelet.sock" .Values.hostPaths.podResources) -}}
 {{- if eq .Values.vnpu.mode "static" -}}
 {{- $_ := set $vnpu "config" "/etc/fuyao/vnpu/vnpu-config.json" -}}
@@ -55,6 +58,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $cfg := dict "version" "v1" "npuSmi" (dict "path" .Values.npuSmi.path "timeout" .Values.npuSmi.timeout) "devicePluginDir" .Values.hostPaths.devicePlugins "devRoot" .Values.hostPaths.dev "health" $health "metricsAddress" (ternary (printf "0.0.0.0:%v" .Values.metrics.port) "" .Values.metrics.enabled) "driverMounts" $mounts "vnpu" $vnpu -}}
 {{- if .Values.serverUsage -}}
 {{- $_ := set $cfg "serverUsage" .Values.serverUsage -}}
+{{- end -}}
+{{- if .Values.containerEnv -}}
+{{- $_ := set $cfg "containerEnv" .Values.containerEnv -}}
 {{- end -}}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) -}}
 {{- end -}}

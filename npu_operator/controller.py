@@ -1,0 +1,465 @@
+"""The NPUClusterPolicy controller: one level-triggered reconcile of the whole stack, run whenever something it
+watches changes (the policy, nodes, its workloads and pods) and every ``resync`` seconds regardless.
+
+Each reconcile:
+
+1. reads the policy ``cluster`` (none: nothing to do; being deleted: :func:`cleanup`, then the finalizer goes);
+2. renders every enabled component (:mod:`npu_operator.render`) and server-side applies it, owned by the policy;
+   applying everything each time is what corrects drift (an edited or deleted child comes back);
+3. prunes what the operator applied before but no longer wants (a component disabled, a chart object dropped);
+4. keeps one validation pod per NPU node, re-run when what it validates changes or after a failure;
+5. observes (workload status, allocatable NPUs, driver versions, validation results, the extender's ``/readyz``,
+   every device plugin's ``/metrics``) and writes the status that :mod:`npu_operator.status` computes from it.
+
+Why the official client and not kopf: the reconcile is level-triggered, so a watch only has to say "something
+changed"; ``fuyao.kube_watch.ListWatch`` (list + watch with resume and backoff, already used by three daemons)
+does that, and server-side apply is one PATCH. kopf would bring its own event loop, handler registry and state
+annotations for a controller with a single object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from fuyao.contracts import (
+    ACCELERATOR_ASCEND_NPU,
+    ANNOTATION_NFD_LABELS,
+    ANNOTATION_NODE_FAULTS,
+    ANNOTATION_NODE_TOPOLOGY,
+    ANNOTATION_NODE_USAGE,
+    LABEL_ACCELERATE_TYPE,
+    LABEL_ACCELERATOR,
+    LABEL_DEVICE_COUNT,
+    LABEL_MANAGED_BY,
+    LABEL_NPU_DRIVER,
+    LABEL_OPERATOR_COMPONENT,
+    LABEL_OPERATOR_REVISION,
+    NPU_RESOURCES,
+)
+
+from . import render
+from .api import (
+    GROUP,
+    KIND,
+    PLURAL,
+    POLICY_NAME,
+    VERSION,
+    Component,
+    ComponentStatus,
+    PolicySpec,
+    PolicyStatus,
+    StateType,
+)
+from .kube import KINDS, KubeError, Rest, collection
+from .render import MANAGER, RenderError, Settings
+from .status import Observed, Workload, policy_status, transitions, was_up
+
+log = logging.getLogger(__name__)
+
+FINALIZER = f"{GROUP}/cleanup"
+POLICY_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}/{POLICY_NAME}"
+MANAGED = f"{LABEL_MANAGED_BY}={MANAGER}"
+MONITORING = "monitoring.coreos.com/v1"
+
+
+@dataclass
+class Controller:
+    rest: Rest
+    settings: Settings
+    resync_s: float = 30.0
+    validator_retry_s: float = 60.0
+    probe_timeout_s: float = 2.0
+    probe: Callable[[str, float], bool] | None = None
+    """GET a URL, True when it answers 200 (tests replace it; default: urllib)."""
+    _renders: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    reconciles: int = 0
+    last_error: str = ""
+
+    # The loop ----------------------------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Reconcile until stopped: on every wake-up (debounced by 0.3 s) and every ``resync_s``."""
+        while not self._stop.is_set():
+            self._wake.wait(self.resync_s)
+            if self._stop.is_set():
+                return
+            time.sleep(0.3)  # a burst of watch events makes one reconcile
+            self._wake.clear()
+            try:
+                self.reconcile()
+                self.last_error = ""
+            except Exception as exc:
+                self.last_error = str(exc)
+                log.exception("reconcile failed (retrying in 5s)")
+                self._stop.wait(5.0)
+                self._wake.set()
+
+    # One pass ----------------------------------------------------------------------------------------------------
+    def reconcile(self) -> PolicyStatus | None:
+        self.reconciles += 1
+        policy = self.rest.get(POLICY_PATH)
+        if policy is None:
+            return None
+        meta = policy["metadata"]
+        if meta.get("deletionTimestamp"):
+            cleanup(self.rest, self.settings.namespace)
+            if FINALIZER in (meta.get("finalizers") or []):
+                self._drop_finalizer(policy)
+            return None
+        if FINALIZER not in (meta.get("finalizers") or []):
+            self.rest.merge_patch(POLICY_PATH, {"metadata": {
+                "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
+                "resourceVersion": meta["resourceVersion"]}})
+        try:
+            spec = PolicySpec.model_validate(policy.get("spec") or {})
+        except ValidationError as exc:  # the CRD's schema prevents this; an older CRD might not
+            log.error("policy spec is invalid: %s", exc)
+            return None
+        errors: dict[Component, str] = {}
+        desired = self._desired(spec, policy, errors)
+        applied = self._apply(desired, errors)
+        self._prune({render.key(o) for o in desired}, errors)
+        nodes = self.rest.list("/api/v1/nodes")
+        npu_nodes = sorted(n["metadata"]["name"] for n in nodes
+                           if (n["metadata"].get("labels") or {}).get(LABEL_ACCELERATOR) == ACCELERATOR_ASCEND_NPU)
+        pods = self.rest.list(collection("v1", "pods", self.settings.namespace))
+        validation = self._validate(spec, policy, npu_nodes, pods, applied)
+        previous = _status_model(policy.get("status"))
+        seen = self._observe(spec, nodes, npu_nodes, pods, applied, validation, errors, was_up(previous))
+        status = policy_status(spec, seen, int(meta.get("generation") or 0), previous)
+        body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if body != (policy.get("status") or {}):
+            self.rest.merge_patch(POLICY_PATH + "/status", {"status": body})
+            for changed in transitions(previous, status):
+                self._event(policy, changed)
+        return status
+
+    def _event(self, policy: Mapping[str, Any], changed: ComponentStatus) -> None:
+        """A Kubernetes Event on the policy for a component's state change (``kubectl describe`` shows them)."""
+        state = changed.state
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta = policy["metadata"]
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": "default"},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                               "uid": meta["uid"]},
+            "reason": f"Component{state.type.value.capitalize()}",
+            "message": f"{changed.name.value}: {state.type.value} ({state.reason}) {state.message}"[:1024],
+            "type": "Warning" if state.type in (StateType.DEGRADED, StateType.FAILED) else "Normal",
+            "source": {"component": MANAGER}, "reportingComponent": MANAGER, "reportingInstance": MANAGER,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            self.rest.request("POST", "/api/v1/namespaces/default/events", body=event)
+        except KubeError as exc:  # an event is a courtesy; the status already says it
+            log.warning("cannot record an event: %s", exc)
+
+    def _drop_finalizer(self, policy: Mapping[str, Any]) -> None:
+        meta = policy["metadata"]
+        keep = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        self.rest.merge_patch(POLICY_PATH, {"metadata": {"finalizers": keep or None,
+                                                         "resourceVersion": meta["resourceVersion"]}})
+        log.info("policy %s deleted: its components are removed", POLICY_NAME)
+
+    def _api_versions(self) -> tuple[str, ...]:
+        try:
+            kinds = self.rest.served(MONITORING)
+        except KubeError:
+            kinds = set()
+        return tuple(f"{MONITORING}/{k}" for k in sorted(kinds & {"ServiceMonitor", "PrometheusRule"}))
+
+    def _desired(self, spec: PolicySpec, policy: Mapping[str, Any],
+                 errors: dict[Component, str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        ns = self.settings.namespace
+        api_versions = self._api_versions()
+        for component, chart in render.CHARTS.items():
+            if not spec.enabled(component):
+                continue
+            try:
+                values = render.chart_values(spec, component, self.settings)
+                cache_key = json.dumps([chart, ns, api_versions, values], sort_keys=True, default=str)
+                if cache_key not in self._renders:
+                    if len(self._renders) >= 64:  # spec edits over months: keep the cache bounded
+                        self._renders.clear()
+                    self._renders[cache_key] = render.helm_template(
+                        self.settings.charts_dir / chart, chart, ns, values, helm=self.settings.helm,
+                        api_versions=api_versions)
+            except RenderError as exc:
+                errors[component] = str(exc)
+                continue
+            out += render.owned(self._renders[cache_key], policy, component, ns)
+        if spec.enabled(Component.NODE_FEATURE_DISCOVERY):
+            out += render.owned(render.nfd_objects(self.settings), policy, Component.NODE_FEATURE_DISCOVERY, ns)
+        return out
+
+    def _apply(self, desired: list[dict[str, Any]], errors: dict[Component, str]) -> list[dict[str, Any]]:
+        applied = []
+        for obj in desired:
+            component = Component(obj["metadata"]["labels"][LABEL_OPERATOR_COMPONENT])
+            try:
+                applied.append(self.rest.apply(obj))
+            except KubeError as exc:
+                errors.setdefault(component, f"applying {obj['kind']} {obj['metadata']['name']}: {exc}")
+        return applied
+
+    def _prune(self, wanted: set[tuple[str, str, str, str]], errors: dict[Component, str]) -> None:
+        ns = self.settings.namespace
+        failed = {c.value for c in errors}
+        for kind, (api_version, plural, namespaced) in KINDS.items():
+            if kind == "Pod":
+                continue
+            try:
+                found = self.rest.list(collection(api_version, plural, ns if namespaced else None), MANAGED)
+            except KubeError as exc:
+                if exc.status in (403, 404):  # a kind the cluster does not serve (ServiceMonitor)
+                    continue
+                raise
+            for obj in found:
+                label = (obj["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT, "")
+                if label in failed:  # a component that could not be rendered keeps what it runs
+                    continue
+                if render.key(obj) not in wanted:
+                    log.info("removing %s %s (no longer wanted by the policy)", kind, obj["metadata"]["name"])
+                    try:
+                        self.rest.delete(obj)
+                    except KubeError as exc:
+                        label = (obj["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT, "")
+                        if label in {c.value for c in Component}:
+                            errors.setdefault(Component(label), f"removing {kind} {obj['metadata']['name']}: {exc}")
+
+    # Validation pods ---------------------------------------------------------------------------------------------
+    def _validate(self, spec: PolicySpec, policy: Mapping[str, Any], npu_nodes: list[str],
+                  pods: list[dict[str, Any]], applied: list[dict[str, Any]]) -> dict[str, tuple[bool | None, str]]:
+        mine = {p["metadata"]["name"]: p for p in pods
+                if (p["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT) == Component.VALIDATOR.value}
+        if not spec.enabled(Component.VALIDATOR):
+            for pod in mine.values():
+                self.rest.delete(pod)
+            return {}
+        plugin = [o.get("spec") for o in applied
+                  if o.get("kind") == "DaemonSet"
+                  and o["metadata"]["labels"].get(LABEL_OPERATOR_COMPONENT) == Component.DEVICE_PLUGIN.value]
+        rev = render.revision(plugin, spec.validator.image or self.settings.image)
+        wanted = {render.validator_name(n): n for n in npu_nodes}
+        results: dict[str, tuple[bool | None, str]] = {}
+        now = time.time()
+        for name, pod in mine.items():
+            labels = pod["metadata"].get("labels") or {}
+            stale = name not in wanted or labels.get(LABEL_OPERATOR_REVISION) != rev
+            failed_at = _finished_at(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None
+            if stale or (failed_at is not None and now - failed_at > self.validator_retry_s):
+                self.rest.delete(pod)
+                mine[name] = {}
+        for name, node in wanted.items():
+            pod = mine.get(name)
+            if not pod:
+                manifest = render.owned([render.validator_pod(node, self.settings, rev, spec.validator.image)],
+                                        policy, Component.VALIDATOR, self.settings.namespace)[0]
+                try:
+                    self.rest.create(manifest)
+                except KubeError as exc:
+                    if exc.status != 409:  # 409: the old pod is still terminating; next pass
+                        results[node] = (False, f"cannot create the validation pod: {exc}")
+                        continue
+                results[node] = (None, "")
+                continue
+            results[node] = _validation_result(pod)
+        return results
+
+    # Observation -------------------------------------------------------------------------------------------------
+    def _observe(self, spec: PolicySpec, nodes: list[dict[str, Any]], npu_nodes: list[str],
+                 pods: list[dict[str, Any]], applied: list[dict[str, Any]],
+                 validation: Mapping[str, tuple[bool | None, str]], errors: Mapping[Component, str],
+                 up: frozenset[Component] = frozenset()) -> Observed:
+        by_name = {n["metadata"]["name"]: n for n in nodes}
+        allocatable = {}
+        drivers: dict[str, str | None] = {}
+        for name in npu_nodes:
+            node = by_name[name]
+            alloc = (node.get("status") or {}).get("allocatable") or {}
+            allocatable[name] = sum(_int(alloc.get(r)) for r in NPU_RESOURCES)
+            drivers[name] = (node["metadata"].get("labels") or {}).get(LABEL_NPU_DRIVER)
+        workloads: dict[Component, Workload] = {}
+        extender_url = ""
+        metrics_urls: dict[str, str] = {}
+        for obj in applied:
+            labels = obj["metadata"].get("labels") or {}
+            component = Component(labels[LABEL_OPERATOR_COMPONENT])
+            if obj.get("kind") in ("DaemonSet", "Deployment"):
+                workloads[component] = _workload(obj, pods)
+                if component == Component.DEVICE_PLUGIN:
+                    metrics_urls = _metrics_urls(obj, pods)
+            if obj.get("kind") == "Service" and component == Component.SCHEDULER_EXTENDER:
+                extender_url = _service_url(obj)
+        if Component.DEVICE_PLUGIN in workloads:
+            workloads[Component.VNPU] = workloads[Component.DEVICE_PLUGIN]
+            if spec.exporter.enabled:
+                workloads[Component.EXPORTER] = self._probe_metrics(workloads[Component.DEVICE_PLUGIN], metrics_urls)
+        answers = None
+        if extender_url and spec.enabled(Component.SCHEDULER_EXTENDER):
+            answers = self._get(extender_url + "/readyz")
+        return Observed(npu_nodes=tuple(npu_nodes), workloads=workloads, allocatable=allocatable,
+                        driver_versions=drivers, validation=validation, extender_answers=answers,
+                        errors=dict(errors), was_up=up)
+
+    def _get(self, url: str) -> bool:
+        if self.probe is not None:
+            return self.probe(url, self.probe_timeout_s)
+        try:
+            with urllib.request.urlopen(url, timeout=self.probe_timeout_s) as response:
+                return bool(response.status == 200)
+        except Exception:
+            return False
+
+    def _probe_metrics(self, plugin: Workload, urls: Mapping[str, str]) -> Workload:
+        silent = tuple(sorted(node for node, url in urls.items() if not self._get(url)))
+        return Workload(desired=plugin.desired, ready=len(urls) - len(silent), updated=plugin.updated,
+                        generation_seen=plugin.generation_seen, not_ready_nodes=silent + tuple(
+                            n for n in plugin.not_ready_nodes if n not in urls), version=plugin.version)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cleanup (the policy's finalizer, and `fuyao-npu-operator cleanup` for helm's pre-delete hook)
+# ---------------------------------------------------------------------------------------------------------------
+COMPONENT_NODE_LABELS = frozenset({LABEL_ACCELERATE_TYPE, LABEL_DEVICE_COUNT, LABEL_NPU_DRIVER})
+"""Node labels the device plugin writes (besides ``accelerator``, which an administrator may have set)."""
+COMPONENT_NODE_ANNOTATIONS = frozenset({ANNOTATION_NODE_TOPOLOGY, ANNOTATION_NODE_FAULTS, ANNOTATION_NODE_USAGE})
+"""Node annotations the device plugin and the QoS agent write."""
+
+
+def cleanup(rest: Rest, namespace: str) -> list[str]:
+    """Undo what ownership does not: the node labels discovery set (exactly the keys it recorded; a label an
+    administrator set stays), the labels and annotations the components write on nodes, and the validation pods.
+    Every other object is owned by the policy and goes with it. Returns what it did."""
+    done = []
+    for node in rest.list("/api/v1/nodes"):
+        meta = node["metadata"]
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+        recorded = annotations.get(ANNOTATION_NFD_LABELS)
+        keys = sorted({k for k in (recorded or "").split(",") if k} | (COMPONENT_NODE_LABELS & set(labels)))
+        notes = sorted(({ANNOTATION_NFD_LABELS} | COMPONENT_NODE_ANNOTATIONS) & set(annotations))
+        if not keys and not notes:
+            continue
+        rest.merge_patch(f"/api/v1/nodes/{meta['name']}", {"metadata": {
+            "labels": dict.fromkeys(keys), "annotations": dict.fromkeys(notes)}})
+        done.append(f"node {meta['name']}: removed labels {', '.join(keys) or '-'}, annotations "
+                    f"{', '.join(notes) or '-'}")
+    for pod in rest.list(collection("v1", "pods", namespace),
+                         f"{LABEL_OPERATOR_COMPONENT}={Component.VALIDATOR.value}"):
+        if rest.delete(pod):
+            done.append(f"pod {pod['metadata']['name']} deleted")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading workload and pod status (pure)
+# ---------------------------------------------------------------------------------------------------------------
+def _int(value: Any) -> int:
+    try:
+        return int(str(value or 0))
+    except ValueError:
+        return 0
+
+
+def _selected(obj: Mapping[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    match = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return [p for p in pods if match and all((p["metadata"].get("labels") or {}).get(k) == v
+                                             for k, v in match.items())
+            and not p["metadata"].get("deletionTimestamp")]
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _image_tag(obj: Mapping[str, Any]) -> str | None:
+    containers = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    image = containers[0].get("image", "") if containers else ""
+    return image.rpartition(":")[2] or None
+
+
+def _workload(obj: Mapping[str, Any], pods: list[dict[str, Any]]) -> Workload:
+    status = obj.get("status") or {}
+    generation_seen = _int(status.get("observedGeneration")) >= _int(obj["metadata"].get("generation"))
+    mine = _selected(obj, pods)
+    not_ready = tuple(sorted({p["spec"].get("nodeName") or p["metadata"]["name"] for p in mine if not _ready(p)}))
+    if obj["kind"] == "DaemonSet":
+        desired, ready = _int(status.get("desiredNumberScheduled")), _int(status.get("numberReady"))
+        updated = _int(status.get("updatedNumberScheduled"))
+    else:
+        desired = _int((obj.get("spec") or {}).get("replicas", 1))
+        ready, updated = _int(status.get("readyReplicas")), _int(status.get("updatedReplicas"))
+    return Workload(desired=desired, ready=ready, updated=updated, generation_seen=generation_seen,
+                    not_ready_nodes=not_ready, version=_image_tag(obj))
+
+
+def _metrics_urls(plugin: Mapping[str, Any], pods: list[dict[str, Any]]) -> dict[str, str]:
+    containers = plugin["spec"]["template"]["spec"]["containers"]
+    port = next((p["containerPort"] for c in containers for p in c.get("ports") or [] if p.get("name") == "metrics"),
+                None)
+    if port is None:
+        return {}
+    return {p["spec"].get("nodeName", ""): f"http://{p['status']['podIP']}:{port}/metrics"
+            for p in _selected(plugin, pods) if (p.get("status") or {}).get("podIP") and _ready(p)}
+
+
+def _service_url(service: Mapping[str, Any]) -> str:
+    spec = service.get("spec") or {}
+    ip, ports = spec.get("clusterIP"), spec.get("ports") or []
+    if not ip or ip == "None" or not ports:
+        return ""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{ports[0]['port']}"
+
+
+def _finished_at(pod: Mapping[str, Any]) -> float | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        at = ((status.get("state") or {}).get("terminated") or {}).get("finishedAt")
+        if at:
+            return datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    return None
+
+
+def _validation_result(pod: Mapping[str, Any]) -> tuple[bool | None, str]:
+    """(passed?, message) from a validation pod: its container's termination message, or why it has none yet."""
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    message = ""
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        message = (terminated.get("message") or terminated.get("reason") or "").strip()
+    if phase == "Succeeded":
+        return True, message
+    if phase == "Failed":
+        return False, message or status.get("message") or "the validation pod failed"
+    waiting = [c.get("message") or c.get("reason") for c in status.get("conditions") or []
+               if c.get("type") == "PodScheduled" and c.get("status") == "False"]
+    return None, f"pending: {waiting[0]}" if waiting and waiting[0] else ""
+
+
+def _status_model(raw: Any) -> PolicyStatus | None:
+    try:
+        return PolicyStatus.model_validate(raw) if raw else None
+    except ValidationError:
+        return None
