@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fuyao.contracts import ANNOTATION_NFD_LABELS, ENV_ASCEND_VISIBLE_DEVICES, LABEL_NPU_DRIVER, label_value
+from fuyao.contracts import (
+    ANNOTATION_NFD_LABELS,
+    ENV_ASCEND_VISIBLE_DEVICES,
+    LABEL_NPU_DRIVER,
+    LABEL_NPU_FIRMWARE,
+    label_value,
+)
 from fuyao.npusmi import parse
 from fuyao.npusmi.client import NpuSmi
 from fuyao.npusmi.errors import NpuSmiError
@@ -40,6 +46,7 @@ class Discovered:
     devices: tuple[tuple[str, str], ...]
     chip_model: str | None = None
     driver_version: str | None = None
+    firmware_version: str | None = None
     problem: str = ""
 
 
@@ -49,19 +56,23 @@ def discover(sysfs_root: str, npu_smi: str, driver_version_file: str, timeout_s:
     devices = tuple(nfd.ascend_devices(sysfs_root))
     if not devices:
         return Discovered(devices=())
-    model = driver = None
+    model = driver = firmware = None
     problem = ""
     if Path(npu_smi).exists():
         try:
-            info = NpuSmi(npu_smi, timeout_s=timeout_s).info()
+            tool = NpuSmi(npu_smi, timeout_s=timeout_s)
+            info = tool.info()
             model = info.chips[0].name if info.chips else None
             driver = info.driver_version
+            if info.chips:
+                firmware = tool.board(info.chips[0].npu_id).first("Firmware Version")
         except NpuSmiError as exc:
             problem = f"npu-smi: {exc}"
     if driver is None:
         with contextlib.suppress(OSError):
             driver = version_from_file(Path(driver_version_file).read_text())
-    return Discovered(devices=devices, chip_model=model, driver_version=driver, problem=problem)
+    return Discovered(devices=devices, chip_model=model, driver_version=driver, firmware_version=firmware,
+                      problem=problem)
 
 
 def label_patch(found: Discovered, node_meta: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -70,6 +81,8 @@ def label_patch(found: Discovered, node_meta: Mapping[str, Any]) -> dict[str, An
     labels = nfd.node_labels(list(found.devices), found.chip_model)
     if labels and found.driver_version:
         labels[LABEL_NPU_DRIVER] = label_value(found.driver_version)
+    if labels and found.firmware_version:
+        labels[LABEL_NPU_FIRMWARE] = label_value(found.firmware_version)
     current = node_meta.get("labels") or {}
     recorded_raw = (node_meta.get("annotations") or {}).get(ANNOTATION_NFD_LABELS)
     recorded = {k for k in (recorded_raw or "").split(",") if k}

@@ -39,6 +39,8 @@ class DriverSpec(_Api):
     enabled: bool = True
     version: str | None = Field(default=None, description="expected driver version (npu-smi's Software Version); "
                                 "the operator checks hosts, it does not install drivers")
+    firmware_version: str | None = Field(default=None, description="expected firmware version (npu-smi info -t "
+                                         "board's Firmware Version); empty: reported, not checked")
 
 
 def _image() -> Any:

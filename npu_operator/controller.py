@@ -42,6 +42,7 @@ from fuyao.contracts import (
     LABEL_DEVICE_COUNT,
     LABEL_MANAGED_BY,
     LABEL_NPU_DRIVER,
+    LABEL_NPU_FIRMWARE,
     LABEL_OPERATOR_COMPONENT,
     LABEL_OPERATOR_REVISION,
     NPU_RESOURCES,
@@ -294,11 +295,13 @@ class Controller:
         by_name = {n["metadata"]["name"]: n for n in nodes}
         allocatable = {}
         drivers: dict[str, str | None] = {}
+        firmware: dict[str, str | None] = {}
         for name in npu_nodes:
             node = by_name[name]
             alloc = (node.get("status") or {}).get("allocatable") or {}
             allocatable[name] = sum(_int(alloc.get(r)) for r in NPU_RESOURCES)
             drivers[name] = (node["metadata"].get("labels") or {}).get(LABEL_NPU_DRIVER)
+            firmware[name] = (node["metadata"].get("labels") or {}).get(LABEL_NPU_FIRMWARE)
         workloads: dict[Component, Workload] = {}
         extender_url = ""
         metrics_urls: dict[str, str] = {}
@@ -319,8 +322,8 @@ class Controller:
         if extender_url and spec.enabled(Component.SCHEDULER_EXTENDER):
             answers = self._get(extender_url + "/readyz")
         return Observed(npu_nodes=tuple(npu_nodes), workloads=workloads, allocatable=allocatable,
-                        driver_versions=drivers, validation=validation, extender_answers=answers,
-                        errors=dict(errors), was_up=up)
+                        driver_versions=drivers, firmware_versions=firmware, validation=validation,
+                        extender_answers=answers, errors=dict(errors), was_up=up)
 
     def _get(self, url: str) -> bool:
         if self.probe is not None:
@@ -393,6 +396,21 @@ def _ready(pod: Mapping[str, Any]) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
+def _pod_node(pod: Mapping[str, Any]) -> str:
+    """The node a pod runs on, or is meant for: a DaemonSet's pod names its node in a required node affinity before
+    the scheduler binds it. Its own name when neither says."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    terms = (((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    for term in terms:
+        for match in term.get("matchFields") or []:
+            if match.get("key") == "metadata.name" and match.get("operator") == "In" and match.get("values"):
+                return str(match["values"][0])
+    return f"pod {pod['metadata']['name']} (not scheduled)"
+
+
 def _image_tag(obj: Mapping[str, Any]) -> str | None:
     containers = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
     image = containers[0].get("image", "") if containers else ""
@@ -403,7 +421,7 @@ def _workload(obj: Mapping[str, Any], pods: list[dict[str, Any]]) -> Workload:
     status = obj.get("status") or {}
     generation_seen = _int(status.get("observedGeneration")) >= _int(obj["metadata"].get("generation"))
     mine = _selected(obj, pods)
-    not_ready = tuple(sorted({p["spec"].get("nodeName") or p["metadata"]["name"] for p in mine if not _ready(p)}))
+    not_ready = tuple(sorted({_pod_node(p) for p in mine if not _ready(p)}))
     if obj["kind"] == "DaemonSet":
         desired, ready = _int(status.get("desiredNumberScheduled")), _int(status.get("numberReady"))
         updated = _int(status.get("updatedNumberScheduled"))
@@ -420,7 +438,7 @@ def _metrics_urls(plugin: Mapping[str, Any], pods: list[dict[str, Any]]) -> dict
                 None)
     if port is None:
         return {}
-    return {p["spec"].get("nodeName", ""): f"http://{p['status']['podIP']}:{port}/metrics"
+    return {_pod_node(p): f"http://{p['status']['podIP']}:{port}/metrics"
             for p in _selected(plugin, pods) if (p.get("status") or {}).get("podIP") and _ready(p)}
 
 

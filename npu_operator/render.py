@@ -123,7 +123,8 @@ def chart_values(spec: PolicySpec, component: Component, settings: Settings) -> 
         return deep_merge({"image": _image(settings, ext.image)}, ext.values)
     if component == Component.QOS_AGENT:
         qos = spec.qos_agent
-        return deep_merge({"image": _image(settings, qos.image)}, qos.values)
+        return deep_merge({"image": _image(settings, qos.image),
+                           "nodeSelector": {LABEL_ACCELERATOR: ACCELERATOR_ASCEND_NPU}}, qos.values)
     raise ValueError(f"{component.value} is not rendered from a chart")
 
 

@@ -44,6 +44,7 @@ class Observed:
     workloads: Mapping[Component, Workload] = field(default_factory=dict)
     allocatable: Mapping[str, int] = field(default_factory=dict)  # NPU node → allocatable NPUs
     driver_versions: Mapping[str, str | None] = field(default_factory=dict)  # NPU node → version (None: unknown)
+    firmware_versions: Mapping[str, str | None] = field(default_factory=dict)  # NPU node → firmware version
     validation: Mapping[str, tuple[bool | None, str]] = field(default_factory=dict)  # node → (passed?, message)
     extender_answers: bool | None = None  # the extender's /readyz (None: not probed)
     errors: Mapping[Component, str] = field(default_factory=dict)  # a component that could not be applied: why
@@ -76,26 +77,35 @@ def _workload_state(name: str, w: Workload | None, was_up: bool = False
     return ComponentState(type=S.RUNNING, reason="Ready", message=f"{ready}/{w.desired} ready"), counts, w.version
 
 
+def _mismatches(nodes: Sequence[str], found: Mapping[str, str | None], expected: str | None) -> list[str]:
+    """``<version> on <node>`` for each node whose known version is not ``expected``."""
+    wrong = sorted({f"{found[n]} on {n}" for n in nodes if expected and found.get(n) not in (None, expected)})
+    return wrong[:MAX_NAMED] + ([f"{len(wrong) - MAX_NAMED} more"] if len(wrong) > MAX_NAMED else [])
+
+
 def _driver(spec: PolicySpec, seen: Observed) -> ComponentStatus:
     nodes = seen.npu_nodes
     counts = NodeCounts(desired=len(nodes), ready=sum(1 for n in nodes if seen.driver_versions.get(n)))
     unknown = [n for n in nodes if not seen.driver_versions.get(n)]
     expected = spec.driver.version
-    wrong = [n for n in nodes if expected and seen.driver_versions.get(n) not in (None, expected)]
-    if wrong:
-        found = sorted({f"{seen.driver_versions[n]} on {n}" for n in wrong})
+    problems = []
+    if wrong := _mismatches(nodes, seen.driver_versions, expected):
+        problems.append(f"expected driver {expected}, found {'; '.join(wrong)}")
+    if wrong := _mismatches(nodes, seen.firmware_versions, spec.driver.firmware_version):
+        problems.append(f"expected firmware {spec.driver.firmware_version}, found {'; '.join(wrong)}")
+    if problems:
         return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected, state=ComponentState(
-            type=S.DEGRADED, reason="VersionMismatch",
-            message=f"expected driver {expected}, found {'; '.join(found[:MAX_NAMED])}"
-                    + (f" and {len(found) - MAX_NAMED} more" if len(found) > MAX_NAMED else "")))
+            type=S.DEGRADED, reason="VersionMismatch", message="; ".join(problems)))
     if unknown:
         return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected, state=ComponentState(
             type=S.PENDING, reason="VersionUnknown", message=f"no driver version read yet on {_named(unknown)}"))
     versions = sorted({v for v in seen.driver_versions.values() if v})
+    firmware = sorted({v for n, v in seen.firmware_versions.items() if v and n in nodes})
     return ComponentStatus(name=Component.DRIVER, nodes=counts, version=expected or ", ".join(versions) or None,
                            state=ComponentState(type=S.RUNNING, reason="Ready",
-                                                message=f"driver {', '.join(versions) or 'n/a'} on {len(nodes)} "
-                                                        "node(s)"))
+                                                message=f"driver {', '.join(versions) or 'n/a'}"
+                                                        + (f" (firmware {', '.join(firmware)})" if firmware else "")
+                                                        + f" on {len(nodes)} node(s)"))
 
 
 def _nfd(seen: Observed) -> ComponentStatus:

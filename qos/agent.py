@@ -86,6 +86,7 @@ class Agent:
         self._usage: NodeUsage | None = None
         self._usage_at = 0.0
         self._evicted: dict[str, float] = {}
+        self._limited: set[str] = set()  # pods whose cgroups hold BE limits the agent wrote
 
     # --------------------------------------------------------------------------------------------------------------
     def cycle(self, dry_run: bool = False) -> Report:
@@ -114,7 +115,7 @@ class Agent:
             notes.append("first sample: CPU rates need a second one; no cgroup changes this cycle")
         batch = policy.batch_resources(m.node, m.pods, self.config)
         plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed)
-        writes = self._writes(m, plan) if m.warm else []
+        writes = self._writes(m, plan, notes) if m.warm else []
         evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config)
                      if time.monotonic() - self._evicted.get(e.pod.uid, -1e9) > EVICTION_RETRY_S]
         now = time.time()
@@ -158,34 +159,84 @@ class Agent:
             stop.wait(max(0.0, self.config.interval - (time.monotonic() - began)))
 
     # Decisions → actions -----------------------------------------------------------------------------------------
-    def _writes(self, m: Measurement, plan: policy.SuppressPlan) -> list[WriteLine]:
-        """cgroup writes that make BE pods match the plan (only where the file differs)."""
-        layout = self.collector.layout
+    def _writes(self, m: Measurement, plan: policy.SuppressPlan, notes: list[str]) -> list[WriteLine]:
+        """cgroup writes that make each BE pod, and each of its containers, hold what its batch resources and the
+        suppression plan say (only where a file differs). A pod that stopped being BE gets its spec's values back.
+        A container whose cgroup is not where its runtime puts it is reported, never guessed."""
         out: list[WriteLine] = []
+        present = {p.uid for p in m.pods}
+        self._limited &= present  # a pod that went took its cgroups with it
         for pod in m.pods:
             group = m.groups.get(pod.uid)
-            if not pod.be or group is None:
+            if group is None:
+                continue
+            if pod.be:
+                targets = policy.be_targets(pod, plan.limits.get(pod.uid, pod.cpu_limit_milli),
+                                            self.config.be_cpu_shares)
+                why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
+                       f"{plan.ls_and_system_milli}m)" if plan.active else f"BE pod {pod.key}: its batch resources")
+            elif pod.known and pod.uid in self._limited:
+                targets = policy.PodTargets(policy.CgroupTarget(
+                    pod.cpu_limit_milli, policy.milli_to_shares(pod.cpu_request_milli), pod.memory_limit_bytes), {
+                        c.name: policy.CgroupTarget(c.cpu_limit_milli, policy.milli_to_shares(c.cpu_request_milli),
+                                                    c.memory_limit_bytes) for c in pod.containers if c.container_id})
+                why = f"pod {pod.key} is no longer BE: its spec's values back"
+            else:
                 continue
             try:
-                weight = cgroups.cpu_weight(layout, group)
-                want_weight = self.config.be_cpu_shares if layout.version == 1 else cgroups.shares_to_weight(
-                    self.config.be_cpu_shares)
-                if weight != want_weight:
-                    write = cgroups.cpu_weight_write(layout, group, self.config.be_cpu_shares)
-                    out.append(WriteLine(path=write.path, value=write.value,
-                                         reason=f"BE pod {pod.key}: low CPU weight"))
-                current = cgroups.cpu_limit(layout, group)
-                target = cgroups.CpuLimit(policy.quota_us(plan.limits.get(pod.uid), current.period_us),
-                                          current.period_us)
-                if target.quota_us != current.quota_us:
-                    why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
-                           f"{plan.ls_and_system_milli}m)" if plan.active else
-                           f"BE pod {pod.key}: suppression lifted, back to its own limit")
-                    out.extend(WriteLine(path=w.path, value=w.value, reason=why)
-                               for w in cgroups.cpu_limit_write(layout, group, target))
+                out.extend(self._pod_writes(pod, group, targets, why, notes))
             except cgroups.CgroupError as exc:
                 self.metrics.cgroup_errors.inc()
+                notes.append(f"BE pod {pod.key} left as is: {exc}")
                 log.warning("BE pod %s left as is: %s", pod.key, exc)
+                continue
+            if pod.be:
+                self._limited.add(pod.uid)
+            else:
+                self._limited.discard(pod.uid)
+        return out
+
+    def _pod_writes(self, pod: policy.PodSample, group: cgroups.PodCgroup, targets: policy.PodTargets, why: str,
+                    notes: list[str]) -> list[WriteLine]:
+        layout = self.collector.layout
+        pod_lines = self._target_writes(group, targets.pod, why)
+        children: list[WriteLine] = []
+        for container in pod.containers:
+            target = targets.containers.get(container.name)
+            if target is None:
+                continue
+            cpu_dir = cgroups.container_dir(layout, group.cpu, container.container_id)
+            memory_dir = cgroups.container_dir(layout, group.memory, container.container_id)
+            if cpu_dir is None or memory_dir is None:
+                self.metrics.cgroup_errors.inc()
+                notes.append(f"pod {pod.key} container {container.name}: no cgroup for {container.container_id} "
+                             f"under {group.cpu} ({layout.describe()}); its limits wait for the next cycle")
+                continue
+            child = cgroups.PodCgroup(uid=pod.uid, tier=group.tier, cpu=cpu_dir,
+                                      cpuacct=cgroups.controller_dir(layout, cpu_dir, "cpuacct"), memory=memory_dir)
+            children += self._target_writes(child, target, f"{why} (container {container.name})")
+        # cgroup v1 refuses a child CFS quota above its parent's: shrink children first, grow the pod first
+        current = cgroups.cpu_limit(layout, group).milli
+        shrinking = targets.pod.cpu_limit_milli is not None and (
+            current is None or targets.pod.cpu_limit_milli < current)
+        return children + pod_lines if shrinking else pod_lines + children
+
+    def _target_writes(self, group: cgroups.PodCgroup, target: policy.CgroupTarget, why: str) -> list[WriteLine]:
+        layout = self.collector.layout
+        out = []
+        want_weight = target.cpu_shares if layout.version == 1 else cgroups.shares_to_weight(target.cpu_shares)
+        if cgroups.cpu_weight(layout, group) != want_weight:
+            write = cgroups.cpu_weight_write(layout, group, target.cpu_shares)
+            out.append(WriteLine(path=write.path, value=write.value, reason=f"{why}: CPU weight"))
+        current = cgroups.cpu_limit(layout, group)
+        quota = cgroups.CpuLimit(policy.quota_us(target.cpu_limit_milli, current.period_us), current.period_us)
+        if quota.quota_us != current.quota_us:
+            out.extend(WriteLine(path=w.path, value=w.value, reason=f"{why}: CPU limit {target.cpu_limit_milli}m")
+                       for w in cgroups.cpu_limit_write(layout, group, quota))
+        if not cgroups.same_memory(cgroups.memory_limit(layout, group.memory), target.memory_limit_bytes):
+            write = cgroups.memory_limit_write(layout, group.memory, target.memory_limit_bytes)
+            out.append(WriteLine(path=write.path, value=write.value,
+                                 reason=f"{why}: memory limit {target.memory_limit_bytes}"))
         return out
 
     def _evict(self, eviction: policy.Eviction, dry_run: bool) -> EvictionLine:

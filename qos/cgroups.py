@@ -215,10 +215,103 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
+PAGE = 4096
+UNLIMITED_V1_MEMORY = 9223372036854771712  # what memory.limit_in_bytes reads when unlimited (PAGE_COUNTER_MAX)
+
+
+def memory_limit(layout: Layout, directory: Path) -> int | None:
+    """``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) of a cgroup directory, bytes; None: unlimited."""
+    if layout.version == 2:
+        text = _read(directory / "memory.max").strip()
+        if text == "max":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise CgroupError(f"{directory / 'memory.max'}: expected 'max' or bytes, got {text[:40]!r}") from None
+    value = _int(directory / "memory.limit_in_bytes")
+    return None if value < 0 or value >= UNLIMITED_V1_MEMORY else value
+
+
+def memory_limit_write(layout: Layout, directory: Path, limit: int | None) -> Write:
+    if layout.version == 2:
+        return Write(str(directory / "memory.max"), "max" if limit is None else str(limit))
+    return Write(str(directory / "memory.limit_in_bytes"), "-1" if limit is None else str(limit))
+
+
+def same_memory(current: int | None, want: int | None) -> bool:
+    """The kernel stores a memory limit rounded down to whole pages."""
+    if current is None or want is None:
+        return current is None and want is None
+    return want - PAGE < current <= want
+
+
+# Container cgroups: the runtime names them after the container ID, below the pod's directory. Only these layouts
+# (the ones containerd, CRI-O and cri-dockerd create) are tried; nothing else is guessed.
+_CONTAINER_DIRS = {
+    ("containerd", "cgroupfs"): ("{id}",), ("containerd", "systemd"): ("cri-containerd-{id}.scope",),
+    ("cri-o", "cgroupfs"): ("crio-{id}",), ("cri-o", "systemd"): ("crio-{id}.scope",),
+    ("docker", "cgroupfs"): ("{id}",), ("docker", "systemd"): ("docker-{id}.scope",),
+}
+
+
+def split_container_id(raw: str) -> tuple[str, str] | None:
+    """``containerd://<id>`` (a pod status's containerID) → (runtime, id); None when it is not one."""
+    runtime, sep, cid = raw.partition("://")
+    if not sep or not re.fullmatch(r"[0-9a-f]{12,128}", cid):
+        return None
+    return runtime, cid
+
+
+def container_dir(layout: Layout, pod_dir: Path, container_id: str) -> Path | None:
+    """The directory of a container's cgroup under ``pod_dir`` (one controller's pod directory), or None when the
+    runtime's layout for it does not exist there (not started yet, gone, or an unknown runtime)."""
+    found = split_container_id(container_id)
+    if found is None:
+        return None
+    runtime, cid = found
+    for pattern in _CONTAINER_DIRS.get((runtime, layout.driver), ()):
+        candidate = pod_dir / pattern.format(id=cid)
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def controller_dir(layout: Layout, cpu_dir: Path, controller: str) -> Path:
+    """The same cgroup under another controller (v1: ``memory``...; v2: the same directory)."""
+    if layout.version == 2:
+        return cpu_dir
+    return _controller_root(layout, controller) / cpu_dir.relative_to(_controller_root(layout, "cpu"))
+
+
+def _reads_as(write: Write) -> bool:
+    """Whether the file now holds what was written (memory limits: to the page)."""
+    text = Path(write.path).read_text().strip()
+    name = Path(write.path).name
+    if name in ("memory.max", "memory.limit_in_bytes"):
+        def value(raw: str) -> int | None:
+            if raw == "max" or raw.startswith("-"):
+                return None
+            number = int(raw)
+            return None if number >= UNLIMITED_V1_MEMORY else number
+        return same_memory(value(text), value(write.value))
+    if name == "cpu.max":
+        return text.split() == write.value.split() or (
+            text.split()[0] == write.value.split()[0] and len(write.value.split()) == 1)
+    return text == write.value.strip()
+
+
 def apply(write: Write) -> None:
-    """Write one cgroup file (the value is one line, as the kernel expects)."""
+    """Write one cgroup file (the value is one line, as the kernel expects), then read it back: a value the kernel
+    did not take (clamped, refused silently) is an error naming the file."""
     try:
         with open(write.path, "w") as handle:
             handle.write(write.value)
+        ok = _reads_as(write)
     except OSError as exc:
         raise CgroupError(f"cannot write {write.value!r} to {write.path}: {exc.strerror or exc}") from None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CgroupError(f"wrote {write.value!r} to {write.path} but it reads "
+                          f"{Path(write.path).read_text().strip()[:40]!r}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import cgroups
-from .policy import NodeSample, PodSample
+from .policy import ContainerResources, NodeSample, PodSample
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class PodFacts:
     priority: int = 0
     terminating: bool = False
     cpu_limit_milli: int | None = None
+    cpu_request_milli: int = 0
+    memory_limit_bytes: int | None = None
+    containers: tuple[ContainerResources, ...] = ()
 
 
 @dataclass
@@ -129,7 +132,10 @@ class Collector:
                 uid=uid, namespace=fact.namespace if fact else "", name=fact.name if fact else "",
                 qos=fact.qos if fact else PodSample.qos, known=fact is not None,  # type: ignore[arg-type]
                 priority=fact.priority if fact else 0, terminating=fact.terminating if fact else False,
-                cpu_limit_milli=fact.cpu_limit_milli if fact else None, cpu_milli=rate,
+                cpu_limit_milli=fact.cpu_limit_milli if fact else None,
+                cpu_request_milli=fact.cpu_request_milli if fact else 0,
+                memory_limit_bytes=fact.memory_limit_bytes if fact else None,
+                containers=fact.containers if fact else (), cpu_milli=rate,
                 cpu_peak_milli=max(series.cpu, default=0), memory_bytes=memory,
                 memory_peak_bytes=max(series.memory, default=memory)))
         for gone in set(self._pods) - seen:

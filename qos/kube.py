@@ -21,12 +21,14 @@ from fuyao.contracts import (
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     NodeUsage,
+    QoSClass,
     dump_annotation,
     resolve_qos,
 )
 from fuyao.kube_watch import ListWatch
 
 from .collect import PodFacts
+from .policy import ContainerResources
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,52 @@ def _quantity(raw: Any) -> Decimal | None:
         return None
 
 
+def _milli(raw: Any, batch: bool) -> int | None:
+    """CPU as milli-CPU: ``cpu`` is in cores (``1500m``, ``2``), ``kubernetes.io/batch-cpu`` already in milli."""
+    value = _quantity(raw) if raw is not None else None
+    if value is None:
+        return None
+    return int(value) if batch else int(value * 1000)
+
+
+def _bytes(raw: Any) -> int | None:
+    value = _quantity(raw) if raw is not None else None
+    return None if value is None else int(value)
+
+
+def container_resources(container: Mapping[str, Any], container_id: str = "", batch: bool = False
+                        ) -> ContainerResources:
+    """A container's cgroup needs from its spec: cpu/memory where set, else (``batch``: a BE pod, which asks for
+    nothing else) the batch resources. Extended resources default their request to the limit, as the API server
+    does."""
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+
+    def cpu(values: Mapping[str, Any]) -> int | None:
+        own = _milli(values.get("cpu"), batch=False)
+        return own if own is not None or not batch else _milli(values.get(RESOURCE_BATCH_CPU), batch=True)
+
+    def memory(values: Mapping[str, Any]) -> int | None:
+        own = _bytes(values.get("memory"))
+        return own if own is not None or not batch else _bytes(values.get(RESOURCE_BATCH_MEMORY))
+
+    cpu_limit, memory_limit = cpu(limits), memory(limits)
+    cpu_request = cpu(requests)
+    if cpu_request is None and batch and "cpu" not in limits:  # an extended resource's request defaults to its limit
+        cpu_request = _milli(limits.get(RESOURCE_BATCH_CPU), batch=True)
+    return ContainerResources(name=str(container.get("name") or ""), container_id=container_id,
+                              cpu_request_milli=max(0, cpu_request or 0),
+                              cpu_limit_milli=cpu_limit if cpu_limit and cpu_limit > 0 else None,
+                              memory_limit_bytes=memory_limit if memory_limit and memory_limit > 0 else None)
+
+
+def _total(values: list[int | None]) -> int | None:
+    """The pod's limit: the sum of its containers', or None (unlimited) when one of them has none."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None)
+
+
 def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
     """(uid, facts) of a pod object; None without a uid."""
     meta = obj.get("metadata") or {}
@@ -45,18 +93,16 @@ def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
     uid = meta.get("uid")
     if not uid:
         return None
-    limit: Decimal | None = Decimal(0)
-    for container in spec.get("containers") or []:
-        value = _quantity(((container.get("resources") or {}).get("limits") or {}).get("cpu"))
-        if value is None:
-            limit = None  # a container without a CPU limit: the pod is not capped
-            break
-        limit += value  # type: ignore[operator]
+    ids = {s.get("name"): s.get("containerID") or "" for s in (obj.get("status") or {}).get("containerStatuses") or []}
+    qos = resolve_qos(meta.get("labels") or {}, meta.get("annotations") or {}).qos
+    containers = tuple(container_resources(c, ids.get(c.get("name"), ""), batch=qos == QoSClass.BE)
+                       for c in spec.get("containers") or [])
     return uid, PodFacts(
-        namespace=meta.get("namespace") or "default", name=meta.get("name") or "",
-        qos=resolve_qos(meta.get("labels") or {}, meta.get("annotations") or {}).qos,
+        namespace=meta.get("namespace") or "default", name=meta.get("name") or "", qos=qos,
         priority=int(spec.get("priority") or 0), terminating=bool(meta.get("deletionTimestamp")),
-        cpu_limit_milli=None if limit is None or limit <= 0 else int(limit * 1000))
+        cpu_limit_milli=_total([c.cpu_limit_milli for c in containers]),
+        cpu_request_milli=sum(c.cpu_request_milli for c in containers),
+        memory_limit_bytes=_total([c.memory_limit_bytes for c in containers]), containers=containers)
 
 
 class NodeState:

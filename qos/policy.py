@@ -15,6 +15,19 @@ from fuyao.contracts import QoSClass
 from .config import AgentConfig
 
 MIN_QUOTA_US = 1000  # the kernel refuses CFS quotas below 1 ms
+MIN_SHARES, MAX_SHARES = 2, 262144
+
+
+@dataclass(frozen=True)
+class ContainerResources:
+    """What one container's spec asks of its cgroup. For a BE pod, the batch resources stand in for cpu and memory
+    (``kubernetes.io/batch-cpu`` in milli-CPU, ``kubernetes.io/batch-memory`` in bytes), as koordlet applies them."""
+
+    name: str
+    container_id: str = ""  # runtime://id from the pod status ("" before it runs)
+    cpu_request_milli: int = 0
+    cpu_limit_milli: int | None = None  # None: unlimited
+    memory_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,9 @@ class PodSample:
     priority: int = 0
     terminating: bool = False
     cpu_limit_milli: int | None = None  # from the pod spec (what the kubelet set); None: unlimited
+    cpu_request_milli: int = 0
+    memory_limit_bytes: int | None = None
+    containers: tuple[ContainerResources, ...] = ()
     cpu_milli: int = 0  # latest rate
     cpu_peak_milli: int = 0  # peak over the window
     memory_bytes: int = 0  # latest working set
@@ -118,6 +134,46 @@ def quota_us(limit_milli: int | None, period_us: int) -> int | None:
     if limit_milli is None:
         return None
     return max(MIN_QUOTA_US, limit_milli * period_us // 1000)
+
+
+def milli_to_shares(milli: int) -> int:
+    """The kubelet's MilliCPUToShares: cpu.shares for a CPU request (2 for none)."""
+    return max(MIN_SHARES, min(MAX_SHARES, milli * 1024 // 1000))
+
+
+@dataclass(frozen=True)
+class CgroupTarget:
+    """What one cgroup (a pod's or a container's) should hold."""
+
+    cpu_limit_milli: int | None  # CFS quota in milli-CPU; None: unlimited
+    cpu_shares: int  # v1 shares (v2 weight converted from it)
+    memory_limit_bytes: int | None  # None: unlimited
+
+
+@dataclass(frozen=True)
+class PodTargets:
+    pod: CgroupTarget
+    containers: dict[str, CgroupTarget]  # container name → target (containers with a runtime id only)
+
+
+def _min_limit(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def be_targets(pod: PodSample, cpu_limit_milli: int | None, be_cpu_shares: int) -> PodTargets:
+    """A BE pod's cgroups from its batch requests and limits (``cpu_limit_milli``: the pod's CPU allowance now,
+    its own limit or less while suppressed). CPU weight from the request (``be_cpu_shares`` without one); a
+    container's quota never above the pod's, which the kernel (cgroup v1) refuses."""
+    shares = milli_to_shares(pod.cpu_request_milli) if pod.cpu_request_milli > 0 else be_cpu_shares
+    containers = {}
+    for c in pod.containers:
+        if not c.container_id:
+            continue
+        containers[c.name] = CgroupTarget(
+            cpu_limit_milli=_min_limit(c.cpu_limit_milli, cpu_limit_milli),
+            cpu_shares=milli_to_shares(c.cpu_request_milli) if c.cpu_request_milli > 0 else MIN_SHARES,
+            memory_limit_bytes=c.memory_limit_bytes)
+    return PodTargets(CgroupTarget(cpu_limit_milli, shares, pod.memory_limit_bytes), containers)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -198,6 +199,95 @@ def test_the_qos_agent_publishes_batch_resources_that_be_pods_use(cluster: Local
                                                                  "kubernetes.io/batch-memory": str(64 * 2**20)}}
     apply(cluster, json.dumps(manifest))
     wait_for(lambda: pod(cluster, "batch-job")["status"].get("phase") == "Running", 60, "the BE pod Running")
+
+
+def _pod_cgroup(cluster: LocalCluster, name: str) -> tuple[Path, Path, str]:
+    """(cpu dir, memory dir, container id) of a running BestEffort pod on the real node (cgroup v1, cgroupfs)."""
+    got = pod(cluster, name)
+    assert got["status"]["qosClass"] == "BestEffort"
+    uid, cid = got["metadata"]["uid"], got["status"]["containerStatuses"][0]["containerID"].split("://")[1]
+    base = Path("/sys/fs/cgroup")
+    return base / "cpu" / "kubepods" / "besteffort" / f"pod{uid}", \
+        base / "memory" / "kubepods" / "besteffort" / f"pod{uid}", cid
+
+
+def test_a_be_pods_batch_limits_are_its_real_cgroup_limits_and_go_back(cluster: LocalCluster) -> None:
+    """The kubelet gives a BE pod (batch resources only) no limits; the agent writes them from its batch requests
+    and limits, at pod and container level, in the real cgroup files, and restores them when it stops being BE."""
+    manifest = json.loads(pod_manifest("be-limited", labels={"volcano.sh/qos": "BE"}))
+    manifest["spec"]["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "300",
+                                                                 "kubernetes.io/batch-memory": str(96 * 2**20)}}
+    apply(cluster, json.dumps(manifest))
+    wait_for(lambda: pod(cluster, "be-limited")["status"].get("phase") == "Running", 60, "the BE pod Running")
+    cpu, memory, cid = _pod_cgroup(cluster, "be-limited")
+
+    def reads(directory: Path, name: str) -> str:
+        return (directory / name).read_text().strip()
+
+    wait_for(lambda: reads(cpu, "cpu.cfs_quota_us") == "30000", 30, "the pod's CFS quota from batch-cpu 300")
+    assert reads(cpu / cid, "cpu.cfs_quota_us") == "30000" and reads(cpu, "cpu.cfs_period_us") == "100000"
+    assert reads(cpu, "cpu.shares") == reads(cpu / cid, "cpu.shares") == "307"  # 300m x 1024 / 1000
+    assert reads(memory, "memory.limit_in_bytes") == reads(memory / cid, "memory.limit_in_bytes") == str(96 * 2**20)
+    # the same pod, no longer BE: what the kubelet set comes back (BestEffort: no quota, 2 shares, no memory limit)
+    cluster.kubectl("label", "pod", "be-limited", "volcano.sh/qos=LS", "--overwrite")
+    wait_for(lambda: reads(cpu, "cpu.cfs_quota_us") == "-1", 30, "the quota lifted")
+    assert reads(cpu / cid, "cpu.cfs_quota_us") == "-1" and reads(cpu, "cpu.shares") == "2"
+    assert int(reads(memory, "memory.limit_in_bytes")) > 2**62
+    cluster.kubectl("delete", "pod", "be-limited", "--wait=true", "--timeout=60s")
+    wait_for(lambda: not cpu.exists() and not memory.exists(), 60, "the pod's cgroups removed with it")
+
+
+def test_memory_pressure_evicts_be_pods_lowest_priority_first_and_never_ls(cluster: LocalCluster,
+                                                                           tmp_path: Path) -> None:
+    """The agent restarted with watermarks set around the node's memory use now: two BE pods and an LS pod each
+    hold 600 MiB (a memory-backed emptyDir, which counts in the pod's working set); the lower-priority BE pod is
+    evicted, which brings the node below the low watermark, so the other BE pod stays, and the LS pod is never
+    touched."""
+    import psutil
+
+    size = 600 * 2**20
+    memory = psutil.virtual_memory()
+    used = (memory.total - memory.available) / memory.total * 100
+    step = size / memory.total * 100  # one pod's share of the node
+    config = tmp_path / "qos.yaml"  # 3 pods on top: above high; minus the evicted one: below low
+    config.write_text(f"version: v1\ninterval: 1s\nwindow: 2\nmemoryEviction: {{enabled: true, highPercent: "
+                      f"{used + 2.6 * step:.2f}, lowPercent: {used + 2.4 * step:.2f}}}\n")
+    for value in (0, -10):
+        apply(cluster, json.dumps({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                   "metadata": {"name": f"e2e-be-{-value}"}, "value": value}))
+    for name, qos, priority in (("ls-mem", "LS", 0), ("be-mem-high", "BE", 0), ("be-mem-low", "BE", -10)):
+        manifest = json.loads(pod_manifest(name, labels={"volcano.sh/qos": qos}, command=(
+            f"dd if=/dev/zero of=/mem/fill bs=1048576 count={size // 2**20} 2>/dev/null; sleep 3600")))
+        spec = manifest["spec"]
+        spec["volumes"] = [{"name": "mem", "emptyDir": {"medium": "Memory"}}]
+        spec["containers"][0]["volumeMounts"] = [{"name": "mem", "mountPath": "/mem"}]
+        if qos == "BE":
+            spec["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "100"}}
+            spec["priorityClassName"] = f"e2e-be-{-priority}"
+        apply(cluster, json.dumps(manifest))
+    for name in ("ls-mem", "be-mem-high", "be-mem-low"):
+        wait_for(lambda n=name: pod(cluster, n)["status"].get("phase") == "Running", 60, f"{name} Running")
+    time.sleep(3)  # the fills are written
+    cluster.stop("fuyao-qos-agent")
+    try:
+        cluster.start("fuyao-qos-agent", ("--config", str(config)))
+        def evicted(name: str) -> bool:
+            found = cluster.kubectl("get", "pod", name, "--ignore-not-found", "-o", "json", check=False)
+            return not found.strip() or bool(json.loads(found)["metadata"].get("deletionTimestamp"))
+
+        wait_for(lambda: evicted("be-mem-low"), 90, "be-mem-low evicted")
+        time.sleep(5)  # the agent keeps cycling: the node is below the low watermark now
+        assert not pod(cluster, "ls-mem")["metadata"].get("deletionTimestamp")
+        assert pod(cluster, "ls-mem")["status"]["phase"] == "Running"
+        assert not evicted("be-mem-high")
+    finally:
+        cluster.stop("fuyao-qos-agent")
+        record = next(p for p in cluster.procs if p["name"] == "fuyao-qos-agent")
+        record["command"] = [a for a in record["command"] if a not in ("--config", str(config))]
+        cluster.start("fuyao-qos-agent")
+        for name in ("ls-mem", "be-mem-high", "be-mem-low"):
+            cluster.kubectl("delete", "pod", name, "--ignore-not-found", "--wait=false")
+        cluster.kubectl("delete", "priorityclass", "e2e-be-0", "e2e-be-10", "--ignore-not-found")
 
 
 def test_static_vnpus_from_a_config_are_advertised_and_used(cluster: LocalCluster) -> None:

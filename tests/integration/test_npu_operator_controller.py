@@ -217,6 +217,23 @@ def test_the_validation_result_reaches_the_status(server: LocalApiServer, contro
     assert validator == ("running", "a one-NPU pod ran npu-smi info on 1 node(s)")
 
 
+def test_a_node_labelled_later_is_served_without_touching_the_policy(server: LocalApiServer,
+                                                                    controller: Controller) -> None:
+    rest = admin(server)
+    generation = rest.get(POLICY)["metadata"]["generation"]
+    server.add_node(node("npu-1", labels={LABEL_NPU_DRIVER: "24.1.rc3"}))
+    controller.reconcile()
+    assert rest.get(f"/api/v1/namespaces/{NS}/pods/{validator_name('npu-1')}") is None  # not an NPU node yet
+    rest.merge_patch("/api/v1/nodes/npu-1", {"metadata": {"labels": {LABEL_ACCELERATOR: "huawei-ascend-npu"}}})
+    status = controller.reconcile()
+    assert rest.get(f"/api/v1/namespaces/{NS}/pods/{validator_name('npu-1')}") is not None
+    assert status is not None and status.observed_generation == generation
+    driver = next(s for s in status.component_statuses if s.name.value == "driver")
+    assert driver.nodes.desired == 2
+    validator = states(status)["validator"]
+    assert validator[0] == "pending" and "npu-1" in validator[1]
+
+
 def test_deleting_the_policy_removes_discovery_labels_only(server: LocalApiServer, controller: Controller,
                                                            tmp_path: Path) -> None:
     from npu_sim import state as st

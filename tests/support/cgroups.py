@@ -50,16 +50,46 @@ class FakeCgroupTree:
             directory.mkdir(parents=True, exist_ok=True)
             paths.append(directory)
         self.dirs[uid] = paths[0]
+        self._files(paths, shares, quota_us, period_us)
+        self.set_usage(uid, cpu_ns=cpu_ns, memory=memory, inactive_file=inactive_file)
+
+    def _files(self, paths: list[Path], shares: int, quota_us: int | None, period_us: int) -> None:
+        """A cgroup's CPU and memory limit files as the kernel shows a new one."""
+        d = paths[0]
         if self.version == 2:
-            d = paths[0]
             (d / "cpu.weight").write_text(f"{1 + ((shares - 2) * 9999) // 262142}\n")
             (d / "cpu.max").write_text(f"{'max' if quota_us is None else quota_us} {period_us}\n")
+            (d / "memory.max").write_text("max\n")
         else:
-            d = paths[0]
             (d / "cpu.shares").write_text(f"{shares}\n")
             (d / "cpu.cfs_quota_us").write_text(f"{-1 if quota_us is None else quota_us}\n")
             (d / "cpu.cfs_period_us").write_text(f"{period_us}\n")
-        self.set_usage(uid, cpu_ns=cpu_ns, memory=memory, inactive_file=inactive_file)
+            (paths[1] / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+
+    def container_name(self, container_id: str) -> str:
+        """containerd's directory name for a container under its pod (cgroupfs: the ID; systemd: a scope)."""
+        return f"cri-containerd-{container_id}.scope" if self.driver == "systemd" else container_id
+
+    def add_container(self, uid: str, container_id: str, shares: int = 2) -> list[Path]:
+        """A container cgroup under the pod (containerd's layout); returns its directories (cpu, memory)."""
+        pod_dirs = [self.dirs[uid]] if self.version == 2 else [self.dirs[uid], self.memory_dir(uid)]
+        paths = []
+        for pod_dir in pod_dirs:
+            directory = pod_dir / self.container_name(container_id)
+            directory.mkdir(exist_ok=True)
+            paths.append(directory)
+        if self.version == 2:
+            paths.append(paths[0])
+        self._files(paths, shares, None, 100_000)
+        return paths
+
+    def file(self, uid: str, name: str, container_id: str | None = None) -> str:
+        """A limit file of the pod (or of one of its containers), for either controller."""
+        memory = name.startswith("memory.")
+        base = self.memory_dir(uid) if memory else self.dirs[uid]
+        if container_id:
+            base = base / self.container_name(container_id)
+        return (base / name).read_text().strip()
 
     def memory_dir(self, uid: str) -> Path:
         if self.version == 2:

@@ -62,6 +62,17 @@ def test_ready_pods_without_allocatable_npus_are_degraded() -> None:
     assert kind == StateType.DEGRADED and "npu-1" in message and "allocatable" in message
 
 
+def test_a_firmware_mismatch_is_reported_and_the_versions_shown() -> None:
+    spec = PolicySpec.model_validate({"driver": {"version": "24.1.rc2", "firmwareVersion": "7.5.0.1.220"}})
+    versions = {"npu-0": "24.1.rc2", "npu-1": "24.1.rc2", "npu-2": "24.1.rc2"}
+    seen = healthy(driver_versions=versions,
+                   firmware_versions={"npu-0": "7.5.0.1.220", "npu-1": "7.1.0.3.220", "npu-2": None})
+    kind, message = states(spec, seen)["driver"]
+    assert kind == StateType.DEGRADED and message == "expected firmware 7.5.0.1.220, found 7.1.0.3.220 on npu-1"
+    fine = healthy(driver_versions=versions, firmware_versions=dict.fromkeys(versions, "7.5.0.1.220"))
+    assert states(spec, fine)["driver"] == (StateType.RUNNING, "driver 24.1.rc2 (firmware 7.5.0.1.220) on 3 node(s)")
+
+
 def test_a_driver_mismatch_is_never_silent() -> None:
     spec = PolicySpec.model_validate({"driver": {"version": "24.1.rc2"}})
     seen = healthy(driver_versions={"npu-0": "24.1.rc2", "npu-1": "23.0.5", "npu-2": None})

@@ -118,7 +118,8 @@ def test_discovery_reads_sysfs_npu_smi_and_the_version_file(tmp_path: Path) -> N
     finally:
         del os.environ["FAKE_NPU_SMI_STATE"]
     assert {family for _, family in found.devices} == {"310P"} and found.chip_model == "310P3"
-    assert found.driver_version
+    assert found.driver_version and found.firmware_version == "7.5.0.1.220"
+    assert agents.label_patch(found, {})["metadata"]["labels"]["npu.openfuyao.com/firmware-version"] == "7.5.0.1.220"
     (tmp_path / "version.info").write_text("Version=23.0.5\nascendhal_version=7.35.19\n")
     only_file = agents.discover(str(tmp_path / "sys"), str(tmp_path / "no-npu-smi"), str(tmp_path / "version.info"))
     assert only_file.driver_version == "23.0.5" and only_file.chip_model is None
@@ -180,9 +181,12 @@ def test_workloads_and_validation_pods_are_read_from_their_status() -> None:
              "status": {"podIP": "10.0.0.5", "conditions": [ready]}},
             {"metadata": {"name": "p1", "labels": {"app": "dp"}}, "spec": {"nodeName": "n1"},
              "status": {"conditions": [{"type": "Ready", "status": "False"}]}},
-            {"metadata": {"name": "other", "labels": {"app": "x"}}, "spec": {"nodeName": "n1"}, "status": {}}]
+            {"metadata": {"name": "other", "labels": {"app": "x"}}, "spec": {"nodeName": "n1"}, "status": {}},
+            {"metadata": {"name": "p2", "labels": {"app": "dp"}}, "spec": {"affinity": {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": ["n2"]}]}]}}}}, "status": {}}]
     w = controller._workload(ds, pods)
-    assert (w.desired, w.ready, w.updated, w.not_ready_nodes, w.version) == (2, 2, 2, ("n1",), "7")
+    assert (w.desired, w.ready, w.updated, w.not_ready_nodes, w.version) == (2, 2, 2, ("n1", "n2"), "7")
     assert controller._metrics_urls(ds, pods) == {"n0": "http://10.0.0.5:9400/metrics"}
     pending = {"status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "message": "0/1 nodes are available: Insufficient NPU"}]}}
@@ -193,3 +197,24 @@ def test_workloads_and_validation_pods_are_read_from_their_status() -> None:
     assert controller._service_url({"spec": {"clusterIP": "fd00::5", "ports": [{"port": 8888}]}}) == \
         "http://[fd00::5]:8888"
     assert controller._service_url({"spec": {"clusterIP": "None", "ports": [{"port": 1}]}}) == ""
+
+
+def test_the_cli_prints_the_crd_and_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from npu_operator.api import crd
+    from npu_operator.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["crd", "-o", "json"])
+    assert done.value.code == 0 and json.loads(capsys.readouterr().out) == crd()
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--resync", "soon"])
+    assert done.value.code == 2 and "--resync" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--nfd-env", "NOVALUE"])
+    assert done.value.code == 2 and "NAME=VALUE" in capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    out = subprocess.run([sys.executable, "-m", "npu_operator.cli", "run"], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=60)
+    assert out.returncode != 0 and "no cluster" in out.stderr

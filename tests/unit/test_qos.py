@@ -260,3 +260,105 @@ def test_a_vanished_or_unreadable_cgroup_is_skipped_not_fatal(tmp_path: Path, ca
     assert "no cluster configured" in report.notes[0]
     assert all(p.qos == "LS" for p in report.pods)  # nothing classified: everything counts as LS
     assert agent.metrics.render().count("fuyao_qos_cgroup_read_errors_total 1.0") == 1
+
+
+# --- per-pod batch limits (issue 22) ---------------------------------------------------------------------------------
+CID_A, CID_B = "a" * 64, "b" * 64
+
+
+def _be_raw(uid: str, with_ids: bool = True) -> dict:  # type: ignore[type-arg]
+    """A BE pod as the docs shape it: batch requests and limits only (BestEffort to the kubelet), two containers,
+    the second one without a batch limit and the third not started yet."""
+    batch = {"kubernetes.io/batch-cpu": "1500", "kubernetes.io/batch-memory": "2Gi"}
+    return {"metadata": {"uid": uid, "name": "train", "namespace": "jobs", "labels": {"volcano.sh/qos": "BE"}},
+            "spec": {"containers": [
+                {"name": "main", "resources": {"requests": dict(batch), "limits": dict(batch)}},
+                {"name": "side", "resources": {"limits": {"kubernetes.io/batch-cpu": "500",
+                                                          "kubernetes.io/batch-memory": "512Mi"}}},
+                {"name": "late", "resources": {"limits": {"kubernetes.io/batch-cpu": "100"}}}]},
+            "status": {"containerStatuses": [
+                {"name": "main", "containerID": f"containerd://{CID_A}" if with_ids else ""},
+                {"name": "side", "containerID": f"containerd://{CID_B}" if with_ids else ""}]}}
+
+
+def test_batch_resources_become_the_pod_and_container_limits() -> None:
+    uid, facts = pod_facts(_be_raw(UID_BE))  # type: ignore[misc]
+    assert facts.qos == QoSClass.BE
+    assert facts.cpu_limit_milli == 2_100 and facts.cpu_request_milli == 2_100  # requests default to the limits
+    assert facts.memory_limit_bytes is None  # "late" has no memory limit: the pod is not capped
+    main, side, late = facts.containers
+    assert (main.container_id, main.cpu_limit_milli, main.memory_limit_bytes) == (f"containerd://{CID_A}", 1_500,
+                                                                                 2 * GiB)
+    assert (side.cpu_request_milli, side.memory_limit_bytes, late.container_id) == (500, 512 * 2**20, "")
+    sample = policy.PodSample(uid=uid, known=True, qos=QoSClass.BE, cpu_limit_milli=facts.cpu_limit_milli,
+                              cpu_request_milli=facts.cpu_request_milli, memory_limit_bytes=2 * GiB,
+                              containers=facts.containers)
+    free = policy.be_targets(sample, sample.cpu_limit_milli, 2)
+    assert free.pod == policy.CgroupTarget(2_100, 2_150, 2 * GiB)  # shares: 2100m x 1024 / 1000
+    assert set(free.containers) == {"main", "side"}  # "late" has no cgroup yet
+    assert free.containers["main"] == policy.CgroupTarget(1_500, 1_536, 2 * GiB)
+    squeezed = policy.be_targets(sample, 300, 2)  # suppressed: no container above the pod
+    assert squeezed.pod.cpu_limit_milli == 300 and squeezed.containers["main"].cpu_limit_milli == 300
+    assert policy.milli_to_shares(0) == 2 and policy.milli_to_shares(10**9) == 262144
+
+
+@pytest.mark.parametrize(("version", "driver"), LAYOUTS)
+def test_a_cycle_writes_batch_limits_at_pod_and_container_level_and_checks_them(
+        tmp_path: Path, version: int, driver: str) -> None:
+    tree = FakeCgroupTree(tmp_path, version, driver)  # type: ignore[arg-type]
+    tree.add_pod(UID_BE, "besteffort", memory=GiB, shares=2)
+    tree.add_container(UID_BE, CID_A)
+    tree.add_container(UID_BE, CID_B)
+    raw = _be_raw(UID_BE)
+    raw["spec"]["containers"][2]["resources"]["limits"]["kubernetes.io/batch-memory"] = "1Gi"
+    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, FakeHost()),
+                  AgentMetrics(), _state(raw))  # type: ignore[arg-type]
+    agent.cycle()
+    report = agent.cycle()
+    quota, weight = ("cpu.max", "cpu.weight") if version == 2 else ("cpu.cfs_quota_us", "cpu.shares")
+    memory = "memory.max" if version == 2 else "memory.limit_in_bytes"
+
+    def expect_quota(milli: int) -> str:
+        return f"{milli * 100} 100000" if version == 2 else str(milli * 100)
+
+    def expect_weight(shares: int) -> str:
+        return str(cgroups.shares_to_weight(shares)) if version == 2 else str(shares)
+
+    assert tree.file(UID_BE, quota) == expect_quota(2_100)
+    assert tree.file(UID_BE, weight) == expect_weight(2_150)
+    assert tree.file(UID_BE, memory) == str(2 * GiB + 512 * 2**20 + GiB)
+    assert tree.file(UID_BE, quota, CID_A) == expect_quota(1_500)
+    assert tree.file(UID_BE, weight, CID_A) == expect_weight(1_536)
+    assert tree.file(UID_BE, memory, CID_A) == str(2 * GiB)
+    assert tree.file(UID_BE, memory, CID_B) == str(512 * 2**20)
+    assert all(not w.error for w in report.cgroup_writes) and len(report.cgroup_writes) == 9
+    # the container whose cgroup does not exist yet is named, not guessed
+    assert not any("late" in n for n in report.notes)  # it has no container ID: nothing to look for
+    assert agent.cycle().cgroup_writes == []  # idempotent
+    # the runtime recreates a container (a restart): its fresh cgroup gets the limits again on the next cycle
+    for name in (quota, memory):
+        path = (tree.dirs[UID_BE] if not name.startswith("memory") else tree.memory_dir(UID_BE)) / \
+            tree.container_name(CID_A) / name
+        path.write_text("max 100000\n" if name == "cpu.max" else "-1\n" if version == 1 and name == quota else
+                        "max\n" if version == 2 else "9223372036854771712\n")
+    again = agent.cycle()
+    assert len(again.cgroup_writes) == 2 and tree.file(UID_BE, quota, CID_A) == expect_quota(1_500)
+    # a container started whose cgroup is missing: reported with what was looked for
+    raw["status"]["containerStatuses"].append({"name": "late", "containerID": "containerd://" + "c" * 64})
+    NodeState._Pods(agent.state).upsert(raw)  # type: ignore[arg-type]
+    missing = agent.cycle()
+    assert any("container late: no cgroup for containerd://ccc" in n for n in missing.notes)
+    # the pod stops being BE: its spec's values come back (no limits, shares from its requests)
+    raw["metadata"]["labels"] = {}
+    NodeState._Pods(agent.state).upsert(raw)  # type: ignore[arg-type]
+    restored = agent.cycle()
+    assert restored.cgroup_writes and tree.file(UID_BE, memory) in ("max", "-1")  # the kernel shows -1 as 2^63-4096
+    assert tree.file(UID_BE, quota) in ("max 100000", "-1")
+
+
+def test_memory_limits_read_back_to_the_page() -> None:
+    assert cgroups.same_memory(999_424, 1_000_000) and not cgroups.same_memory(995_000, 1_000_000)
+    assert cgroups.same_memory(None, None) and not cgroups.same_memory(None, 1)
+    assert cgroups.split_container_id("containerd://" + "f" * 64) == ("containerd", "f" * 64)
+    assert cgroups.split_container_id("containerd://../../etc") is None  # never a path
+    assert cgroups.split_container_id("") is None
