@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Colocation benchmark on the local cluster's real kubelet: node utilization and a latency-sensitive service's
+latency, LS alone, LS + BE without the QoS agent, LS + BE with it; then a memory-pressure phase. Prints one JSON
+object; the figures and the method are in docs/benchmarks.md and docs/qos.md. Needs root.
+
+- LS: a CPU-bound HTTP service in fuyao's runtime image (each request: a fixed PBKDF2 computation, ~4 ms of CPU),
+  `volcano.sh/qos: LS`, cpu request 500m, behind a ClusterIP Service; an open-loop client on the host sends a
+  fixed rate (Poisson arrivals) and records each request's latency.
+- BE: CPU burners (busybox `while :; do :; done`), `volcano.sh/qos: BE`, batch resources only (BestEffort to the
+  kubelet): requests and limits of `kubernetes.io/batch-cpu` each.
+- Utilization: the node's busy CPU (/proc/stat, all cores) over each phase. Latency: the client's p50 and p99.
+- Phases, each ``--phase-seconds`` (default 60) after a 5 s settle: U0/L0 LS alone; U1/L1 LS + BE with the agent
+  stopped (nothing enforces the batch limits); U2/L2 LS + BE with the agent (batch limits in the cgroups, CPU
+  suppression above its threshold).
+- Memory pressure: the agent restarted with watermarks around the node's memory use; an LS pod and two BE pods
+  (priorities 0 and -10) each fill a memory-backed emptyDir; the report says which pods were evicted, in what
+  order, and whether any LS container was OOM-killed.
+
+Goals (issue 22): U2 >= 1.8 x U0 (the design doc's 35 % -> 65 %), L2 <= 1.15 x L0, L1 visibly worse than L0.
+
+Usage: bench/colocation_bench.py [--rate 100] [--phase-seconds 60] [--burners 2] [--state-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+import psutil
+
+from tests.support.cluster import LocalCluster, down
+from tests.support.polling import wait_for
+
+LS_SERVER = r"""
+import hashlib, http.server, os
+ITER = int(os.environ["WORK_ITERATIONS"])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = hashlib.pbkdf2_hmac("sha256", b"fuyao", self.path.encode(), ITER).hex().encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+
+def calibrate(target_ms: float) -> int:
+    """PBKDF2 iterations that take ``target_ms`` of CPU here (the pod runs on this machine's CPUs)."""
+    import hashlib
+
+    n = 2000
+    started = time.process_time()
+    hashlib.pbkdf2_hmac("sha256", b"fuyao", b"/calibrate", n)
+    took = max(time.process_time() - started, 1e-6)
+    return max(100, int(n * target_ms / 1000 / took))
+
+
+def ls_objects(image: str, iterations: int) -> list[dict[str, Any]]:
+    labels = {"app": "ls-server", "volcano.sh/qos": "LS"}
+    return [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ls-server", "namespace": "default", "labels": labels},
+         "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1, "containers": [{
+             "name": "main", "image": image, "imagePullPolicy": "Never", "command": ["python3", "-c", LS_SERVER],
+             "env": [{"name": "WORK_ITERATIONS", "value": str(iterations)}],
+             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+             "resources": {"requests": {"cpu": "500m", "memory": "64Mi"}}}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ls-server", "namespace": "default"},
+         "spec": {"selector": {"app": "ls-server"}, "ports": [{"port": 80, "targetPort": 8080}]}},
+    ]
+
+
+def burner(i: int, milli: int) -> dict[str, Any]:
+    batch = {"kubernetes.io/batch-cpu": str(milli), "kubernetes.io/batch-memory": str(64 * 2**20)}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"be-burner-{i}", "namespace": "default", "labels": {"volcano.sh/qos": "BE"}},
+            "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", "while :; do :; done"],
+                "resources": {"requests": batch, "limits": batch}}]}}
+
+
+async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` for ``seconds``; each request's latency (ms), errors counted."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors = 0
+    tasks = []
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def one(n: int) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                async with session.get(f"{url}/{n}") as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                errors += 1
+                return
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        at, n = start, 0
+        while at - start < seconds:
+            delay = at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(n)))
+            n += 1
+            at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2) if latencies else 0.0
+
+    return {"requests": n, "errors": errors, "p50_ms": pct(50), "p99_ms": pct(99),
+            "mean_ms": round(statistics.fmean(latencies), 2) if latencies else 0.0}
+
+
+def phase(url: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    time.sleep(5)  # settle
+    before = psutil.cpu_times()
+    latency = asyncio.run(open_loop(url, rate, seconds, seed))
+    after = psutil.cpu_times()
+
+    def busy(t: Any) -> float:
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+    total = sum(after) - sum(before)
+    return {"utilization": round((busy(after) - busy(before)) / total, 3) if total else 0.0, **latency}
+
+
+def memory_phase(cluster: LocalCluster, size: int = 600 * 2**20) -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    used = (memory.total - memory.available) / memory.total * 100
+    step = size / memory.total * 100
+    config = cluster.dir / "qos-memory.yaml"
+    config.write_text(f"version: v1\ninterval: 1s\nwindow: 2\nmemoryEviction: {{enabled: true, highPercent: "
+                      f"{used + 2.6 * step:.2f}, lowPercent: {used + 2.4 * step:.2f}}}\n")
+    for value in (0, -10):
+        cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                       "metadata": {"name": f"bench-be-{-value}"}, "value": value}, f"pc-{-value}")
+    pods = (("mem-ls", "LS", 0), ("mem-be-high", "BE", 0), ("mem-be-low", "BE", -10))
+    for name, qos, priority in pods:
+        spec: dict[str, Any] = {
+            "automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "mem", "emptyDir": {"medium": "Memory"}}],
+            "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                            "command": ["/bin/sh", "-c", f"dd if=/dev/zero of=/mem/fill bs=1048576 "
+                                                         f"count={size // 2**20} 2>/dev/null; sleep 3600"],
+                            "volumeMounts": [{"name": "mem", "mountPath": "/mem"}]}]}
+        if qos == "BE":
+            spec["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "100"}}
+            spec["priorityClassName"] = f"bench-be-{-priority}"
+        cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": "default", "labels": {"volcano.sh/qos": qos}}, "spec": spec}, name)
+    for name, _, _ in pods:
+        wait_for(lambda n=name: cluster.get_json("pod", n)["status"].get("phase") == "Running", 90, f"{name}")
+    time.sleep(3)
+    cluster.stop("fuyao-qos-agent")
+    cluster.start("fuyao-qos-agent", ("--config", str(config)))
+    order: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(order) < 2:
+        for name, _, _ in pods:
+            found = cluster.kubectl("get", "pod", name, "--ignore-not-found", "-o", "json", check=False).strip()
+            gone = not found or bool(json.loads(found)["metadata"].get("deletionTimestamp"))
+            if gone and name not in order:
+                order.append(name)
+        time.sleep(0.5)
+    ls = cluster.get_json("pod", "mem-ls")
+    status = ls["status"]["containerStatuses"][0]
+    oom = (status.get("lastState", {}).get("terminated") or {}).get("reason") == "OOMKilled"
+    return {"watermarks_percent": {"high": round(used + 2.6 * step, 2), "low": round(used + 2.4 * step, 2)},
+            "evicted_in_order": order, "ls_running": ls["status"]["phase"] == "Running",
+            "ls_restarts": status.get("restartCount", 0), "ls_oom_killed": oom}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=100.0, help="LS requests per second (open loop)")
+    parser.add_argument("--work-ms", type=float, default=4.0, help="CPU per LS request")
+    parser.add_argument("--phase-seconds", type=float, default=60.0)
+    parser.add_argument("--burners", type=int, default=2, help="BE CPU burner pods")
+    parser.add_argument("--burner-milli", type=int, default=1000, help="each burner's batch-cpu request and limit")
+    parser.add_argument("--state-dir", default="/tmp/fuyao-colocation")
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args()
+    from tests.support.runtime_image import build
+
+    archive, image = build()
+    iterations = calibrate(args.work_ms)
+    down(args.state_dir)
+    cluster = LocalCluster(args.state_dir)
+    result: dict[str, Any] = {"benchmark": "colocation", "rate": args.rate, "work_ms": args.work_ms,
+                              "phase_seconds": args.phase_seconds, "cpus": psutil.cpu_count(),
+                              "burners": args.burners, "burner_milli": args.burner_milli}
+    try:
+        cluster.up()
+        cluster.import_image(archive)
+        wait_for(lambda: "default" in cluster.kubectl("get", "sa", "-o", "name"), 60, "the default service account")
+        for i, obj in enumerate(ls_objects(image, iterations)):
+            cluster.apply(obj, f"ls-{i}")
+        wait_for(lambda: any(c.get("type") == "Ready" and c.get("status") == "True" for c in cluster.get_json(
+            "pod", "ls-server")["status"].get("conditions", [])), 120, "the LS server Ready")
+        service = cluster.get_json("service", "ls-server")["spec"]["clusterIP"]
+        url = f"http://{service}"
+        wait_for(lambda: cluster.node_json()["status"]["allocatable"].get("kubernetes.io/batch-cpu"), 60,
+                 "batch resources published")
+        result["ls_alone"] = phase(url, args.rate, args.phase_seconds, args.seed)
+        cluster.stop("fuyao-qos-agent")
+        for i in range(args.burners):
+            cluster.apply(burner(i, args.burner_milli), f"burner-{i}")
+        for i in range(args.burners):
+            wait_for(lambda n=i: cluster.get_json("pod", f"be-burner-{n}")["status"].get("phase") == "Running",
+                     90, f"burner {i} Running")
+        result["ls_be_without_agent"] = phase(url, args.rate, args.phase_seconds, args.seed + 1)
+        cluster.start("fuyao-qos-agent")
+        time.sleep(6)  # two agent cycles: limits written, suppression measured
+        result["ls_be_with_agent"] = phase(url, args.rate, args.phase_seconds, args.seed + 2)
+        for i in range(args.burners):
+            cluster.kubectl("delete", "pod", f"be-burner-{i}", "--wait=false")
+        result["memory_pressure"] = memory_phase(cluster)
+    finally:
+        down(args.state_dir)
+    u0, l0 = result["ls_alone"]["utilization"], result["ls_alone"]["p99_ms"]
+    u2, l2 = result["ls_be_with_agent"]["utilization"], result["ls_be_with_agent"]["p99_ms"]
+    l1 = result["ls_be_without_agent"]["p99_ms"]
+    result["ratios"] = {"U2/U0": round(u2 / u0, 2) if u0 else None, "L2/L0 (p99)": round(l2 / l0, 2) if l0 else None,
+                        "L1/L0 (p99)": round(l1 / l0, 2) if l0 else None,
+                        "goals": {"U2/U0": ">= 1.8", "L2/L0": "<= 1.15", "L1/L0": "visibly > 1"}}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
