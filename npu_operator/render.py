@@ -30,7 +30,7 @@ from fuyao.contracts import (
     RESOURCE_NPU,
 )
 
-from .api import GROUP, KIND, POLICY_NAME, VERSION, Component, PolicySpec
+from .api import GROUP, KIND, VERSION, Component, PolicySpec
 
 MANAGER = "fuyao-npu-operator"
 """The operator's field manager (server-side apply) and its ``app.kubernetes.io/managed-by`` value."""
@@ -282,6 +282,3 @@ def validator_pod(node: str, settings: Settings, rev: str, image: str | None = N
         },
     }
 
-
-def policy_ref(policy: Mapping[str, Any]) -> str:
-    return f"{KIND.lower()}/{policy.get('metadata', {}).get('name', POLICY_NAME)}"

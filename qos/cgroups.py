@@ -295,10 +295,7 @@ def _reads_as(write: Write) -> bool:
             number = int(raw)
             return None if number >= UNLIMITED_V1_MEMORY else number
         return same_memory(value(text), value(write.value))
-    if name == "cpu.max":
-        return text.split() == write.value.split() or (
-            text.split()[0] == write.value.split()[0] and len(write.value.split()) == 1)
-    return text == write.value.strip()
+    return text.split() == write.value.split()
 
 
 def apply(write: Write) -> None:
