@@ -176,10 +176,7 @@ class Agent:
                 why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
                        f"{plan.ls_and_system_milli}m)" if plan.active else f"BE pod {pod.key}: its batch resources")
             elif pod.known and pod.uid in self._limited:
-                targets = policy.PodTargets(policy.CgroupTarget(
-                    pod.cpu_limit_milli, policy.milli_to_shares(pod.cpu_request_milli), pod.memory_limit_bytes), {
-                        c.name: policy.CgroupTarget(c.cpu_limit_milli, policy.milli_to_shares(c.cpu_request_milli),
-                                                    c.memory_limit_bytes) for c in pod.containers if c.container_id})
+                targets = policy.spec_targets(pod)
                 why = f"pod {pod.key} is no longer BE: its spec's values back"
             else:
                 continue

@@ -219,18 +219,24 @@ PAGE = 4096
 UNLIMITED_V1_MEMORY = 9223372036854771712  # what memory.limit_in_bytes reads when unlimited (PAGE_COUNTER_MAX)
 
 
+def _memory_bytes(text: str) -> int | None:
+    """A memory limit file's value (``max``, ``-1`` or v1's page-counter maximum: unlimited, None); ValueError when
+    it is not a number."""
+    text = text.strip()
+    if text == "max":
+        return None
+    value = int(text)
+    return None if value < 0 or value >= UNLIMITED_V1_MEMORY else value
+
+
 def memory_limit(layout: Layout, directory: Path) -> int | None:
     """``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) of a cgroup directory, bytes; None: unlimited."""
-    if layout.version == 2:
-        text = _read(directory / "memory.max").strip()
-        if text == "max":
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            raise CgroupError(f"{directory / 'memory.max'}: expected 'max' or bytes, got {text[:40]!r}") from None
-    value = _int(directory / "memory.limit_in_bytes")
-    return None if value < 0 or value >= UNLIMITED_V1_MEMORY else value
+    path = directory / ("memory.max" if layout.version == 2 else "memory.limit_in_bytes")
+    text = _read(path)
+    try:
+        return _memory_bytes(text)
+    except ValueError:
+        raise CgroupError(f"{path}: expected 'max' or bytes, got {text.strip()[:40]!r}") from None
 
 
 def memory_limit_write(layout: Layout, directory: Path, limit: int | None) -> Write:
@@ -289,12 +295,7 @@ def _reads_as(write: Write) -> bool:
     text = Path(write.path).read_text().strip()
     name = Path(write.path).name
     if name in ("memory.max", "memory.limit_in_bytes"):
-        def value(raw: str) -> int | None:
-            if raw == "max" or raw.startswith("-"):
-                return None
-            number = int(raw)
-            return None if number >= UNLIMITED_V1_MEMORY else number
-        return same_memory(value(text), value(write.value))
+        return same_memory(_memory_bytes(text), _memory_bytes(write.value))
     return text.split() == write.value.split()
 
 

@@ -176,6 +176,14 @@ def be_targets(pod: PodSample, cpu_limit_milli: int | None, be_cpu_shares: int) 
     return PodTargets(CgroupTarget(cpu_limit_milli, shares, pod.memory_limit_bytes), containers)
 
 
+def spec_targets(pod: PodSample) -> PodTargets:
+    """What the kubelet would set from the pod's own cpu/memory (for a pod that stopped being BE)."""
+    def own(c: PodSample | ContainerResources) -> CgroupTarget:
+        return CgroupTarget(c.cpu_limit_milli, milli_to_shares(c.cpu_request_milli), c.memory_limit_bytes)
+
+    return PodTargets(own(pod), {c.name: own(c) for c in pod.containers if c.container_id})
+
+
 @dataclass(frozen=True)
 class Eviction:
     pod: PodSample
