@@ -134,6 +134,11 @@ class KubeletSession:
         self.registered_with = None
 
     def tick(self, now: float) -> None:
+        self._tick(now)
+        self.server.metrics.registered.labels(self.server.resource.resource_name).set(
+            0 if self.registered_with is None else 1)
+
+    def _tick(self, now: float) -> None:
         name = self.server.resource.resource_name
         if not self.server.serving:
             self.server.start()
@@ -233,7 +238,7 @@ class DevicePluginDaemon:
             self._start(inventory)
             while not self.stop_event.is_set():
                 now = time.monotonic()
-                if self.publisher is not None and now >= self._next_allocation_poll:
+                if now >= self._next_allocation_poll:  # the topology annotation and npu_allocated
                     self._next_allocation_poll = now + ALLOCATION_POLL_S
                     self._poll_allocations()
                 for session in self.sessions:
@@ -398,6 +403,8 @@ class DevicePluginDaemon:
         return api
 
     def _publish(self) -> None:
+        if self.inventory is not None:
+            self.metrics.observe_allocation(self.inventory.devices, self.holders)
         if self.publisher is None or self.inventory is None or self.chips is None \
                 or not self.config.publish_node:
             return

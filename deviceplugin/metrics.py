@@ -4,6 +4,7 @@ and the plugin's own counters. Each daemon owns one registry, so tests can run s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Container, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -29,6 +30,8 @@ class PluginMetrics:
                               registry=r)
         self.hbm_total = Gauge("npu_hbm_total_bytes", "NPU HBM (or DDR on 310-class chips) capacity", _DEVICE_LABELS,
                                registry=r)
+        self.allocated = Gauge("npu_allocated", "1 while a container holds the whole NPU",
+                               _DEVICE_LABELS, registry=r)
         self.health = Gauge("npu_health", "1 when the device is advertised Healthy, 0 when Unhealthy",
                             _DEVICE_LABELS, registry=r)
         self.allocations = Counter("fuyao_deviceplugin_allocations_total",
@@ -38,6 +41,9 @@ class PluginMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.registrations = Counter("fuyao_deviceplugin_registrations_total",
                                      "Registrations with the kubelet by result", ("resource", "result"), registry=r)
+        self.registered = Gauge("fuyao_deviceplugin_registered", "1 while the resource is registered with the "
+                                "running kubelet (0: waiting for it, registering, or serving a fresh socket)",
+                                ("resource",), registry=r)
         self.npu_smi_failures = Counter("fuyao_deviceplugin_npu_smi_failures_total",
                                         "Failed npu-smi health polls", registry=r)
         self.devices = Gauge("fuyao_deviceplugin_devices", "Advertised devices by health",
@@ -58,6 +64,10 @@ class PluginMetrics:
                              _DEVICE_LABELS, registry=r)
         self._fault_labels: dict[str, tuple[str, str, str, str]] = {}
         self._endpoint = MetricsEndpoint(self.registry)
+
+    def observe_allocation(self, devices: Iterable[NpuDevice], held: Container[str]) -> None:
+        for device in devices:
+            self.allocated.labels(self.node, device.id, device.chip_model).set(1 if device.id in held else 0)
 
     def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:
         labels = (self.node, device.id, device.chip_model)

@@ -6,7 +6,10 @@
 #
 # Usage: hack/build-upstream.sh [name...]
 #   names: etcd kube-apiserver kube-scheduler kube-controller-manager kubelet helm (default: all
-#          of these), kubectl, kube-proxy, coredns, kwok, prometheus-crds (CRD files), vc-scheduler (only when VOLCANO_VERSION is set; best effort).
+#          of these), kubectl, kube-proxy, coredns, kwok, prometheus-crds (CRD files), vc-scheduler (only when
+#          VOLCANO_VERSION is set; best effort), and for monitoring: prometheus promtool prometheus-operator
+#          prometheus-config-reloader metrics-server keda-operator keda-adapter (the group name "monitoring" stands
+#          for all of them, plus the manifests keda-config and metrics-server-config).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -22,7 +25,10 @@ K8S_VERSION="${K8S_VERSION:-v1.34.4}"     # k8s.io/kubernetes; staging modules u
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"   # helm.sh/helm/v3 cmd/helm
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"     # sigs.k8s.io/kwok cmd/kwok (fake nodes for scale tests)
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}" # github.com/coredns/coredns (cluster DNS of the local cluster)
-PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}" # its CRDs only (prometheus-crds)
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}" # CRDs, cmd/operator, cmd/prometheus-config-reloader
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}" # github.com/prometheus/prometheus: Prometheus 3.16.0 (v0.3MM.P = 3.MM.P)
+METRICS_SERVER_VERSION="${METRICS_SERVER_VERSION:-v0.8.0}" # sigs.k8s.io/metrics-server cmd/metrics-server
+KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"   # github.com/kedacore/keda/v2 cmd/operator, cmd/adapter
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -40,6 +46,7 @@ esac
 # One core: -p 1 limits parallel packages, GOMAXPROCS=1 keeps compile/link single-threaded.
 export GOMAXPROCS="${GOMAXPROCS:-1}"
 BUILD_NICE="${BUILD_NICE:-19}"
+BUILD_JOBS="${BUILD_JOBS:-1}"   # go build -p; CI's cold run (nothing else running) sets 2
 
 command -v go >/dev/null || { echo "build-upstream: go not found in PATH" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "build-upstream: python3 not found in PATH" >&2; exit 1; }
@@ -136,6 +143,29 @@ helm_ldflags() {
     "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$maj -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$min"
 }
 no_ldflags() { :; }
+# github.com/prometheus/common/version, which prometheus, promtool and the Prometheus Operator print
+prom_version_ldflags() { # VERSION
+  local p=github.com/prometheus/common/version
+  echo "-X $p.Version=$1 -X $p.Branch=HEAD -X $p.BuildUser=fuyao -X $p.BuildDate=$(date -u +%Y%m%d-%H:%M:%S)"
+}
+prometheus_ldflags() { # v0.316.0 -> 3.16.0
+  local v=${PROMETHEUS_VERSION#v0.}
+  prom_version_ldflags "${v:0:1}.$((10#${v:1:2})).${v#*.}"
+}
+operator_ldflags() { prom_version_ldflags "${PROMETHEUS_OPERATOR_VERSION#v}"; }
+metrics_server_ldflags() {
+  local p=k8s.io/client-go/pkg/version   # what its Makefile sets (and --version prints)
+  echo "-X $p.gitVersion=$METRICS_SERVER_VERSION -X $p.gitTreeState=clean"
+}
+keda_ldflags() { echo "-X github.com/kedacore/keda/v2/version.Version=${KEDA_VERSION#v}"; }
+# Go build tags: Prometheus with the Kubernetes service discovery only (what the Prometheus Operator's generated
+# configuration uses; the other 25 mechanisms pull in every cloud SDK and double the build).
+build_tags() {
+  case $1 in
+    prometheus | promtool) echo "remove_all_sd,enable_kubernetes_sd" ;;
+    *) echo "" ;;
+  esac
+}
 kwok_ldflags() { echo "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"; }
 
 K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy)
@@ -152,6 +182,15 @@ spec() {
     helm) echo "helm helm.sh/helm/v3 $HELM_VERSION - helm.sh/helm/v3/cmd/helm helm_ldflags version" ;;
     coredns) echo "coredns github.com/coredns/coredns $COREDNS_VERSION - github.com/coredns/coredns no_ldflags -version" ;;
     kwok) echo "kwok sigs.k8s.io/kwok $KWOK_VERSION - sigs.k8s.io/kwok/cmd/kwok kwok_ldflags --version" ;;
+    prometheus | promtool)
+      echo "prometheus github.com/prometheus/prometheus $PROMETHEUS_VERSION - github.com/prometheus/prometheus/cmd/$1 prometheus_ldflags --version" ;;
+    prometheus-operator)
+      echo "prometheus-operator github.com/prometheus-operator/prometheus-operator $PROMETHEUS_OPERATOR_VERSION - github.com/prometheus-operator/prometheus-operator/cmd/operator operator_ldflags --version" ;;
+    prometheus-config-reloader)
+      echo "prometheus-operator github.com/prometheus-operator/prometheus-operator $PROMETHEUS_OPERATOR_VERSION - github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader operator_ldflags --version" ;;
+    metrics-server) echo "metrics-server sigs.k8s.io/metrics-server $METRICS_SERVER_VERSION - sigs.k8s.io/metrics-server/cmd/metrics-server metrics_server_ldflags --version" ;;
+    keda-operator | keda-adapter)
+      echo "keda github.com/kedacore/keda/v2 $KEDA_VERSION - github.com/kedacore/keda/v2/cmd/${1#keda-} keda_ldflags --help" ;;
     vc-scheduler) echo "volcano volcano.sh/volcano $VOLCANO_VERSION - volcano.sh/volcano/cmd/scheduler no_ldflags --version" ;;
     *) echo "build-upstream: unknown binary '$1'" >&2; return 1 ;;
   esac
@@ -163,8 +202,7 @@ spec() {
 kwok_stages() {
   local dest="$BIN/kwok-stages-$KWOK_VERSION" dir f
   [[ -f $dest/.ready ]] && return 0
-  dir=$(cd "$SRC" && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error","no Dir")))')
+  dir=$(module_dir "sigs.k8s.io/kwok@$KWOK_VERSION")
   rm -rf "$dest"
   mkdir -p "$dest"
   for f in "$dir"/kustomize/stage/node/fast/*.yaml "$dir"/kustomize/stage/node/heartbeat-with-lease/*.yaml \
@@ -177,26 +215,49 @@ kwok_stages() {
   echo "kwok stages: $dest ($(ls "$dest" | tr '\n' ' '))"
 }
 
-# Not a binary: the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs, from the module's example/
-# directory at a pinned version, into $BIN/prometheus-operator-crds-<version>/ (the e2e tests install them to check
-# the charts' monitoring objects against the real CRD schemas).
-prometheus_crds() {
-  local dest="$BIN/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION" dir f
-  if [[ -f $dest/.ready ]]; then
-    echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached $dest"
+# Not binaries: upstream manifests, copied from the very module a binary is built from at its pinned version into
+# $BIN/<name>-<version>/ (marked complete by .ready holding what was copied):
+# - prometheus-crds: the Prometheus Operator's CRDs (ServiceMonitor, PrometheusRule, Prometheus and the rest) at the
+#   top (e2e tests check the charts' monitoring objects against them) and its example RBAC and Deployment under
+#   rbac/ (tests.support.monitoring installs the operator and a Prometheus from them);
+# - keda-config: KEDA's kustomize tree (config/: CRDs, RBAC, the operator's and metrics API server's Deployments,
+#   the APIService);
+# - metrics-server-config: metrics-server's kustomize base (manifests/base).
+upstream_files() { # DEST-NAME MODULE@VERSION SRC:DST...
+  local name=$1 dest="$BIN/$1" module=$2 dir pair want
+  shift 2
+  want="$*"
+  if [[ -f $dest/.ready && $(cat "$dest/.ready") == "$want" ]]; then
+    echo "$name: cached $dest"
     return 0
   fi
-  dir=$(cd "$SRC" && GOFLAGS=-mod=mod go mod download -json \
-      "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error","no Dir")))')
+  dir=$(module_dir "$module")
   rm -rf "$dest"
   mkdir -p "$dest"
-  for f in servicemonitors prometheusrules; do
-    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$f.yaml" "$dest/"
+  for pair in "$@"; do
+    mkdir -p "$dest/${pair#*:}"
+    cp -r "$dir/${pair%%:*}"/. "$dest/${pair#*:}/"
   done
   chmod -R u+w "$dest"
-  touch "$dest/.ready"
-  echo "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: $dest"
+  echo "$want" >"$dest/.ready"
+  echo "$name: $dest"
+}
+prometheus_crds() {
+  upstream_files "prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION" \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    example/prometheus-operator-crd:. example/rbac:rbac
+}
+keda_config() {
+  upstream_files "keda-config-$KEDA_VERSION" "github.com/kedacore/keda/v2@$KEDA_VERSION" config:.
+}
+metrics_server_config() {
+  upstream_files "metrics-server-config-$METRICS_SERVER_VERSION" "sigs.k8s.io/metrics-server@$METRICS_SERVER_VERSION" \
+    manifests/base:.
+}
+
+module_dir() { # MODULE@VERSION -> its directory in the module cache (downloaded if needed)
+  (cd "$SRC" && GOFLAGS=-mod=mod go mod download -json "$1") |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error","no Dir")))'
 }
 
 runs_ok() { # BINARY VERSION-ARGS (comma-separated)
@@ -219,6 +280,13 @@ build() { # NAME
   fi
   local -a pkgs=("$pkg")
   [[ $key == k8s ]] && mapfile -t pkgs < <(k8s_pkgs)
+  # every binary of a module is recorded at once, so building a second one never re-resolves the first
+  case $key in
+    prometheus) pkgs=(github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool) ;;
+    prometheus-operator) pkgs=(github.com/prometheus-operator/prometheus-operator/cmd/operator
+                               github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader) ;;
+    keda) pkgs=(github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter) ;;
+  esac
   local start=$SECONDS rc
   set +e
   (
@@ -228,7 +296,8 @@ build() { # NAME
     cd "$SRC/$key-$ver"
     flags="-s -w $($ldf)"
     echo "==> go build -ldflags '$flags' $pkg"
-    nice -n "$BUILD_NICE" go build -p 1 -v -trimpath -ldflags "$flags" -o "$out.tmp" "$pkg"
+    nice -n "$BUILD_NICE" go build -p "$BUILD_JOBS" -v -trimpath -tags "$(build_tags "$name")" -ldflags "$flags" \
+      -o "$out.tmp" "$pkg"
     echo "==> $out.tmp ${varg//,/ }"
     local -a vargs
     IFS=, read -r -a vargs <<<"$varg"
@@ -251,7 +320,15 @@ build() { # NAME
   return 0
 }
 
-names=("$@")
+names=()
+for n in "$@"; do
+  if [[ $n == monitoring ]]; then
+    names+=(prometheus-crds prometheus promtool prometheus-operator prometheus-config-reloader metrics-server
+            metrics-server-config keda-config keda-operator keda-adapter)
+  else
+    names+=("$n")
+  fi
+done
 if [[ ${#names[@]} -eq 0 ]]; then
   names=(etcd kube-apiserver kube-scheduler kube-controller-manager kubelet helm)
   [[ -n $VOLCANO_VERSION ]] && names+=(vc-scheduler)
@@ -274,6 +351,9 @@ for n in "${names[@]}"; do
     prometheus_crds
     continue
   fi
+  case $n in
+    keda-config | metrics-server-config) "${n//-/_}"; continue ;;
+  esac
   build "$n"
 done
 echo "binaries in $BIN ($(du -sh "$BIN" | cut -f1))"

@@ -6,16 +6,18 @@
 4. NPUs per node as the kubelet reports them (advertised by the device plugin pod);
 5. a prefill/decode-disaggregated inference service of engine-simulator pods requesting NPUs, and where each pod
    landed and why (the extender's assignment and explanation);
-6. a shared-prefix workload through a round-robin router (the baseline) and through the chart's prefix-aware router,
-   on the same engines, with different prefixes per run: TTFT p50/p88 and the engines' prefix-cache hit rate;
-7. where to look next.
+6. a shared-prefix workload through a round-robin router (the baseline: a second release of the same chart) and
+   through the chart's prefix-aware router, on the same engines, with different prefixes per run: TTFT p50/p88 and the
+   engines' prefix-cache hit rate;
+7. Prometheus (the Prometheus Operator's, scraping the charts' ServiceMonitors and the engines' PodMonitor): the
+   design doc's queries answered, PNG charts of TTFT and hit rate per router and of NPU allocation over the demo;
+8. where to look next.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import urllib.request
@@ -35,16 +37,19 @@ from fuyao.contracts import (  # noqa: E402
     PodAssignment,
     parse_annotation,
 )
-from tests.support.apiserver import binary, free_port  # noqa: E402
-from tests.support.charts import NAMESPACE, install_stack  # noqa: E402
+from tests.support.apiserver import binary  # noqa: E402
+from tests.support.charts import CHARTS, NAMESPACE, helm, install_stack  # noqa: E402
 from tests.support.cluster import EXTENDER_CLUSTER_IP, LocalCluster, down  # noqa: E402
 from tests.support.engines import http_json, metric_total  # noqa: E402
 from tests.support.inference_service import pd_service  # noqa: E402
+from tests.support.monitoring import Monitoring  # noqa: E402
 from tests.support.polling import wait_for  # noqa: E402
 
 SERVICE = "chat"
 MODEL = "fuyao-sim-7b"
-STEPS = 7
+STEPS = 8
+BASELINE = "baseline"
+"""The round-robin baseline: a second helm release of ai-inference-optimization (router only, no KV index)."""
 
 
 class Progress:
@@ -52,6 +57,7 @@ class Progress:
         self.step = 0
         self.steps = steps
         self.started = time.monotonic()
+        self.wall_started = time.time()
         self.timings: list[tuple[str, float]] = []
 
     def begin(self, title: str) -> float:
@@ -69,8 +75,9 @@ def say(line: str) -> None:
     print(f"      {line}", flush=True)
 
 
-def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
-    """The running demo cluster when there is a healthy one (components=chart), else a new one."""
+def cluster_up(state: Path, fresh: bool, monitoring: bool = True) -> tuple[LocalCluster, bool]:
+    """The running demo cluster when there is a healthy one (components=chart), else a new one; with the monitoring
+    stack (installed on a reused cluster that lacks it)."""
     running = LocalCluster.running(state)
     if running is not None:
         if not fresh and running.components == "chart":
@@ -79,9 +86,11 @@ def cluster_up(state: Path, fresh: bool) -> tuple[LocalCluster, bool]:
             except Exception:
                 ready = False
             if ready:
+                if monitoring and not Monitoring(running).ready():
+                    Monitoring(running).install()
                 return running, True
         down(state)
-    return LocalCluster(state, components="chart").up(), False
+    return LocalCluster(state, components="chart", monitoring=monitoring).up(), False
 
 
 def npu_table(cluster: LocalCluster) -> None:
@@ -181,19 +190,22 @@ def workload_run(url: str, run: str, args: argparse.Namespace, pods: list[dict[s
     return steady_state_run(url, jobs, run, lambda: engine_counters(pods))
 
 
-def baseline_router(cluster: LocalCluster) -> tuple[subprocess.Popen[bytes], str]:
-    """fuyao's router as a host process with strategy round-robin, discovering the same Service."""
-    config = cluster.dir / "demo-round-robin.yaml"
-    config.write_text(json.dumps({"version": "v1", "router": {
-        "strategy": "round-robin", "discovery": {"enabled": True, "namespace": "default"},
-        "health_check": {"path": "/health", "interval": "1s", "timeout": "2s"}},
-        "kv_cache": {"enabled": False}, "pd_separation": {"enabled": True}}))
-    port = free_port()
-    log = open(cluster.dir / "logs" / "demo-round-robin-router.log", "ab")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "inference_router.cli", "--config", str(config),
-                             "--listen", f"127.0.0.1:{port}", "--kubeconfig", str(cluster.dir / "admin.kubeconfig")],
-                            stdout=log, stderr=log)
-    return proc, f"http://127.0.0.1:{port}"
+def baseline_router(cluster: LocalCluster, image: str) -> str:
+    """A second release of the router chart with strategy round-robin and no KV-cache index, discovering the same
+    Service (scraped by Prometheus like the first); its URL."""
+    repository, _, tag = image.rpartition(":")
+    values = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+              "configMapName": f"{BASELINE}-router-config",
+              "router": {"replicas": 1, "strategy": "round-robin", "pdSeparation": {"enabled": True},
+                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}},
+              "kvCache": {"enabled": False},
+              "monitoring": {"serviceMonitor": {"enabled": True, "interval": "5s"}}}
+    path = cluster.dir / "values-baseline.yaml"
+    path.write_text(json.dumps(values))
+    helm("upgrade", "--install", BASELINE, str(CHARTS / "ai-inference-optimization"), "--namespace", NAMESPACE,
+         "--values", str(path), "--wait", "--timeout", "180s", kubeconfig=cluster.dir / "admin.kubeconfig")
+    service = cluster.get_json("service", "-n", NAMESPACE, f"{BASELINE}-ai-inference-optimization-router")
+    return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
 
 def wait_serving(url: str, backends: int) -> None:
@@ -205,6 +217,58 @@ def wait_serving(url: str, backends: int) -> None:
         return sum(1 for b in listed.values() if b["healthy"]) >= backends
 
     wait_for(serving, 90, f"{backends} healthy backends at {url}")
+
+
+DESIGN_DOC_QUERIES = (
+    ("P88 latency", "histogram_quantile(0.88, sum by (le) (rate(inference_latency_bucket[5m])))"),
+    ("KV hit rate (index)",
+     'sum(rate(kv_cache_hits{layer="index"}[5m])) / sum(rate(kv_cache_requests{layer="index"}[5m]))'),
+    ("NPU utilization", "avg(npu_utilization)"),
+    ("extender decisions", 'sum(fuyao_extender_decisions_total{verb="filter"})'),
+)
+
+
+def design_doc_answers(prometheus: Monitoring) -> list[tuple[str, str, str]]:
+    """The design doc's queries as Prometheus answers them now: (title, query, value)."""
+    answers = []
+    for title, expr in DESIGN_DOC_QUERIES:
+        result = prometheus.query(expr)
+        value = ", ".join(f"{float(r['value'][1]):.3g}" for r in result) or "(no data)"
+        answers.append((title, expr, value))
+    return answers
+
+
+def demo_plots(prometheus: Monitoring, windows: dict[str, tuple[float, float]], since: float,
+               out: Path) -> list[Path]:
+    """PNG charts from Prometheus's query_range: TTFT p88 and the engines' prefix-cache hit rate of each router's
+    run (x: seconds into the run), and NPUs allocated over the whole demo."""
+    from bench import plots
+
+    routers = {"round-robin": f"{BASELINE}-ai-inference-optimization-router",
+               "prefix-aware": "ai-inference-optimization-router"}
+    ttft, hits = {}, {}
+    for run, (start, end) in windows.items():
+        selector = '{service="' + routers[run] + '"}'
+        expr = f"histogram_quantile(0.88, sum by (le) (rate(inference_ttft_seconds_bucket{selector}[20s])))"
+        ttft[run] = _series(prometheus.query_range(expr, start, end + 10, 5), start)
+        expr = "sum(rate(vllm:prefix_cache_hits_total[20s])) / sum(rate(vllm:prefix_cache_queries_total[20s]))"
+        hits[run] = _series(prometheus.query_range(expr, start, end + 10, 5), start)
+    now = time.time()
+    held = prometheus.query_range("sum(npu_allocated)", since, now, 5)
+    allocated = {"NPUs held by containers": _series(held, since)}
+    return [plots.lines(out / "ttft-p88.png", "TTFT p88 through the router (Prometheus)", ttft,
+                        "seconds into the run", "seconds"),
+            plots.lines(out / "prefix-hit-rate.png", "engines' prefix-cache hit rate (Prometheus)", hits,
+                        "seconds into the run", "hit rate", ylim=(0, 1)),
+            plots.lines(out / "npu-allocation.png", "NPU allocation on the node (npu_allocated)", allocated,
+                        "seconds into the demo", "NPUs", steps=True)]
+
+
+def _series(result: list[dict[str, Any]], origin: float) -> tuple[list[float], list[float]]:
+    if not result:
+        return [], []
+    points = [(float(t) - origin, float(v)) for t, v in result[0]["values"] if v not in ("NaN", "+Inf", "-Inf")]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def operator_demo(args: argparse.Namespace) -> None:
@@ -308,7 +372,8 @@ def main() -> None:
     progress.done("image", since)
 
     since = progress.begin(f"helm install the stack into namespace {NAMESPACE}")
-    took = install_stack(cluster, tag, log=say)  # the content tag: a changed image rolls the pods
+    took = install_stack(cluster, tag, log=say, monitoring=True, extra={  # the content tag: a changed image rolls pods
+        "ai-inference-optimization": {"monitoring": {"enginePodMonitor": {"enabled": True, "interval": "5s"}}}})
     say("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
     progress.done("charts", since)
 
@@ -326,17 +391,18 @@ def main() -> None:
                            f"prefixes of ~{args.prefix_words} tokens): round-robin vs fuyao prefix-aware, same engines")
     router = cluster.get_json("service", "-n", NAMESPACE, "ai-inference-optimization-router")
     chart_url = f"http://{router['spec']['clusterIP']}:{router['spec']['ports'][0]['port']}"
-    proc, baseline_url = baseline_router(cluster)
-    try:
-        wait_serving(baseline_url, args.prefill + args.decode)
-        wait_serving(chart_url, args.prefill + args.decode)
-        say("round-robin (baseline: fuyao's router, strategy round-robin, as a host process) ...")
-        baseline = workload_run(baseline_url, "round-robin", args, pods)
-        say("prefix-aware (the chart's router Service, KV-cache index fed by the engines' KV events) ...")
-        fuyao = workload_run(chart_url, "prefix-aware", args, pods)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    baseline_url = baseline_router(cluster, tag)
+    wait_serving(baseline_url, args.prefill + args.decode)
+    wait_serving(chart_url, args.prefill + args.decode)
+    windows: dict[str, tuple[float, float]] = {}
+    say(f"round-robin (baseline: helm release '{BASELINE}' of the same chart, strategy round-robin) ...")
+    started = time.time()
+    baseline = workload_run(baseline_url, "round-robin", args, pods)
+    windows["round-robin"] = (started, time.time())
+    say("prefix-aware (the chart's router Service, KV-cache index fed by the engines' KV events) ...")
+    started = time.time()
+    fuyao = workload_run(chart_url, "prefix-aware", args, pods)
+    windows["prefix-aware"] = (started, time.time())
     say("")
     for line in comparison_lines([("round-robin (baseline)", baseline), ("fuyao prefix-aware (chart)", fuyao)]):
         say(line)
@@ -344,6 +410,15 @@ def main() -> None:
         say(f"TTFT p50: {baseline['p50'] / fuyao['p50']:.1f}x lower with prefix-aware routing "
             f"(p88 {baseline['p88'] / fuyao['p88']:.1f}x)")
     progress.done("workload", since)
+
+    since = progress.begin("Prometheus: the design doc's queries, and charts of the runs (query_range)")
+    prometheus = Monitoring(cluster)
+    time.sleep(12)  # two more scrapes and rule evaluations after the last request
+    for title, expr, value in design_doc_answers(prometheus):
+        say(f"{title:<20} {value:<28} {expr}")
+    for path in demo_plots(prometheus, windows, progress.wall_started, args.state_dir / "plots"):
+        say(f"wrote {path}")
+    progress.done("prometheus", since)
 
     progress.begin("where to look next")
     print(f"""
@@ -354,6 +429,8 @@ def main() -> None:
       curl {chart_url}/debug/backends        the router's view of the engines
       curl {chart_url}/metrics                router metrics (TTFT, latency, errors)
       hack/diagnose.sh --kubeconfig {cluster.dir / 'admin.kubeconfig'}   read-only health report
+      {prometheus.prometheus_url()}/api/v1/alerts   Prometheus (the operator's; docs/monitoring.md)
+      kubectl top pods -A; kubectl logs / exec         metrics-server; the kubelet's authenticated server
       charts/ai-inference-optimization/dashboards/fuyao.json   Grafana dashboard (import it)
       docs/install.md (real clusters), docs/operations.md (alerts, dashboard, upgrades)
       logs: {cluster.dir / 'logs'}   pod logs: {cluster.dir / 'pod-logs'}

@@ -33,6 +33,7 @@ echo "==> prerequisites: Debian packages, upstream binaries (built once, cached 
 source hack/lib/cluster-deps.sh
 ensure_cluster_deps
 hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns helm \
+  monitoring \
   | sed -u 's/^/    /'
 echo "    prerequisites ready after $((SECONDS - started)) s"
 exec "$VENV/bin/python" hack/demo.py "$@"

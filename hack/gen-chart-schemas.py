@@ -99,11 +99,6 @@ def node_agent() -> dict[str, Schema]:
             "extraVolumeMounts": MOUNT_LIST}
 
 
-def metrics(default_port: int) -> Schema:
-    return obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR},
-               description=f"/metrics on port {default_port} by default")
-
-
 SCHEMAS: dict[str, Schema] = {
     "npu-device-plugin": obj({
         **common(), **node_agent(),
@@ -129,7 +124,8 @@ SCHEMAS: dict[str, Schema] = {
                                    description="vnpu-config.json (static mode)")}),
         "metrics": obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR,
                         "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
-                                               "resetPendingFor": DURATION})},
+                                               "resetPendingFor": DURATION, "unhealthyFor": DURATION,
+                                               "notRegisteredFor": DURATION})},
                        description="/metrics on port 9400 by default"),
     }),
     "scheduler-extender": obj({
@@ -139,7 +135,9 @@ SCHEMAS: dict[str, Schema] = {
                         "clusterIP": string(pattern=r"^$|^None$|^[0-9a-fA-F.:]+$")}),
         "tls": obj({"secretName": string("a kubernetes.io/tls Secret; empty: plain HTTP")}),
         "bind": boolean("act as the binder (bindVerb)"),
-        "metrics": obj({"serviceMonitor": SERVICE_MONITOR}),
+        "metrics": obj({"serviceMonitor": SERVICE_MONITOR,
+                        "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
+                                               "slowSeconds": {"type": "number", "exclusiveMinimum": 0}})}),
         "config": {**FREE_MAP, "description": "merged into the extender's config file (validated at start)"},
         "scheduler": obj({"enabled": boolean("a second kube-scheduler configured with the extender"),
                           "schedulerName": string(minLength=1), "image": string(minLength=1),
@@ -178,7 +176,10 @@ SCHEMAS: dict[str, Schema] = {
     "qos-agent": obj({
         **common(), **node_agent(),
         "cgroupRoot": ABS_PATH, "interval": DURATION,
-        "metrics": metrics(9401),
+        "metrics": obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR,
+                        "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
+                                               "evictionStorm": integer(1)})},
+                       description="/metrics on port 9401 by default"),
     }),
     "ai-inference-optimization": obj({
         **common(),
@@ -209,11 +210,26 @@ SCHEMAS: dict[str, Schema] = {
         "monitoring": obj({
             "serviceMonitor": SERVICE_MONITOR,
             "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
+                                   "latencyQuantile": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                                    "highInferenceLatencySeconds": {"type": "number", "exclusiveMinimum": 0},
                                    "highInferenceErrorRatio": {"type": "number", "minimum": 0, "maximum": 1},
                                    "lowCacheHitRatio": {"type": "number", "minimum": 0, "maximum": 1},
-                                   "lowNpuUtilization": {"type": "number", "minimum": 0, "maximum": 1}}),
+                                   "lowNpuUtilization": {"type": "number", "minimum": 0, "maximum": 1},
+                                   "circuitOpenFor": DURATION,
+                                   "kvEventsStaleSeconds": {"type": "number", "exclusiveMinimum": 0}}),
+            "enginePodMonitor": obj({"enabled": boolean(), "labelSelector": string(minLength=1),
+                                     "port": {"type": ["string", "integer"]}, "interval": DURATION}),
             "grafanaDashboard": obj({"enabled": boolean(), "labels": STRING_MAP}),
+        }),
+        "autoscaling": obj({
+            "enabled": boolean("KEDA ScaledObjects for the targets (needs the keda.sh CRDs)"),
+            "prometheus": obj({"serverAddress": string(pattern=r"^https?://")}),
+            "pollingInterval": integer(1), "cooldownPeriod": integer(0), "scaleDownStabilization": integer(0),
+            "targets": {"type": "array", "items": obj({
+                "deployment": string(minLength=1, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+                "namespace": string(pattern=r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+                "minReplicas": integer(0), "maxReplicas": integer(1),
+                "requestsPerReplica": {"type": "number", "exclusiveMinimum": 0}}, ("deployment", "maxReplicas"))},
         }),
     }),
 }

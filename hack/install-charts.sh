@@ -5,7 +5,9 @@
 # `operator` takes the design doc's path instead: `helm install npu-operator` with its flags, and the operator
 # installs, validates and reports the rest (`operator-uninstall` removes it).
 # Usage: hack/install-charts.sh [install|uninstall|operator|operator-uninstall] [--state-dir DIR]
-#        [--namespace fuyao-system]
+#        [--namespace fuyao-system] [--monitoring]
+# --monitoring (install): with the charts' ServiceMonitors, PrometheusRules and dashboard, for the Prometheus that
+# `hack/local-up.sh --components chart --monitoring` runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib/venv.sh

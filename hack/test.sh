@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Run fuyao's checks: creates .venv, installs .[test], builds (once, cached under ~/.cache/fuyao) the upstream
 # binaries the integration and end-to-end tests run (etcd, kube-apiserver, kube-scheduler, kube-controller-manager,
-# kubelet, kubectl), installs the local cluster's Debian packages (containerd, runc, CNI plugins), builds the
+# kubelet, kubectl, and for monitoring Prometheus, promtool, the Prometheus Operator, metrics-server, KEDA), installs
+# the local cluster's Debian packages (containerd, runc, CNI plugins), builds the
 # cached vLLM CPU venv the real-engine tests use (hack/build-vllm.sh), runs ruff and pytest. Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
 cd "$REPO_ROOT"
 echo "==> upstream binaries (cached after the first build: hack/build-upstream.sh)"
-bash hack/build-upstream.sh etcd kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm prometheus-crds
+# nothing else runs yet: a cold build may use both cores
+BUILD_JOBS="${BUILD_JOBS:-2}" GOMAXPROCS="${GOMAXPROCS:-2}" bash hack/build-upstream.sh etcd kube-apiserver \
+  kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring
 source "$REPO_ROOT/hack/lib/cluster-deps.sh"
 ensure_cluster_deps
 echo "==> vLLM CPU venv for the real-engine tests (cached after the first build: hack/build-vllm.sh)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -19,6 +19,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ERROR_REASONS = ("no-backend", "backend-failed", "broken-stream", "prefill-failed")
+"""The router's own failure reasons (a backend's error answer counts as ``http-<status>`` or its error type)."""
 MAX_SERIES = 4096
 """Label combinations kept per counter; beyond that (backends churning for days) the counter starts over."""
 
@@ -43,6 +45,10 @@ class Counter:
 
     def value(self, *label_values: str) -> float:
         return self.values.get(label_values, 0.0)
+
+    def zero(self, *label_values: str) -> None:
+        """Export these label values at 0 before the first increment: ``rate()`` over them is 0, not "no data"."""
+        self.values.setdefault(label_values, 0.0)
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -77,12 +83,17 @@ class Histogram:
 class RouterMetrics:
     """Every metric the router serves. ``queue_depth`` is read from ``in_flight`` when scraped."""
 
-    def __init__(self, in_flight: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, in_flight: Callable[[], int] = lambda: 0,
+                 backends: Callable[[], Iterable[tuple[str, str, bool]]] = tuple) -> None:
+        """``backends``: each backend's (url, circuit state, healthy) when scraped."""
         self.in_flight = in_flight
+        self.backends = backends
         self.latency = Histogram("inference_latency", "End-to-end request latency through the router, seconds",
                                  _LATENCY)
         self.requests = Counter("inference_requests", "Requests answered, by HTTP status", ("code",))
         self.errors = Counter("inference_errors", "Requests that failed, by reason", ("reason",))
+        for reason in ERROR_REASONS:
+            self.errors.zero(reason)
         self.queue_time = Histogram("queue_time", "Time from arrival to the backend's first byte is asked "
                                     "(admission, tokenising, choosing, prefill in P/D), seconds",
                                     (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
@@ -113,6 +124,15 @@ class RouterMetrics:
             yield metric.family()
         yield GaugeMetricFamily("queue_depth", "Requests in the router now (admitted, not finished)",
                                 value=self.in_flight())
+        circuit = GaugeMetricFamily("inference_backend_circuit_open", "1 while the backend's circuit breaker is open "
+                                    "or half-open (it gets no requests, or one probe)", labels=("backend",))
+        healthy = GaugeMetricFamily("inference_backend_healthy", "1 while the backend passes its health check",
+                                    labels=("backend",))
+        for url, state, up in self.backends():
+            circuit.add_metric((url,), 0.0 if state == "closed" else 1.0)
+            healthy.add_metric((url,), 1.0 if up else 0.0)
+        yield circuit
+        yield healthy
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

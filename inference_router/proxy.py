@@ -91,7 +91,8 @@ class Router:
         self.fleet = fleet
         self.prefix = prefix
         self.prompts = Prompts(config.kv_cache.tokenizer, prefix.keys, prefix.block_size)
-        self.metrics = RouterMetrics(lambda: self.in_flight)
+        self.metrics = RouterMetrics(lambda: self.in_flight, lambda: (
+            (b.url, b.breaker.state, b.healthy) for b in list(self.fleet.backends.values())))
         self.rr = RoundRobin()
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None  # the fleet's health checks, scrapes and index lookups

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -211,6 +211,11 @@ class _StreamCounters(Collector):
         return self._families(dict(self._service.subscriber.stats))
 
     def _families(self, streams: dict[str, SourceStats]) -> Iterator[Metric]:
+        connected = GaugeMetricFamily("fuyao_kvcache_event_stream_connected", "1 while the engine's KV event stream "
+                                      "is connected", labels=("endpoint",))
+        for name, stats in streams.items():
+            connected.add_metric((name,), 1.0 if stats.connected else 0.0)
+        yield connected
         for field, doc in self.FIELDS.items():
             family = CounterMetricFamily(f"fuyao_kvcache_event_{field}", doc, labels=("endpoint",))
             for name, stats in streams.items():
@@ -230,6 +235,8 @@ class KvCacheMetrics:
         self.events = Counter("fuyao_kvcache_events", "KV events applied to the index", ("endpoint",), registry=r)
         self.lag = Gauge("fuyao_kvcache_event_lag_seconds", "Age of the newest applied event batch",
                          ("endpoint",), registry=r)
+        self.last_event = Gauge("fuyao_kvcache_last_event_timestamp_seconds", "When the newest event batch of the "
+                                "endpoint was applied (Unix time)", ("endpoint",), registry=r)
         self.index_blocks = Gauge("fuyao_kvcache_index_blocks", "Distinct blocks in the index", registry=r)
         self.tier_blocks = Gauge("fuyao_kvcache_tier_blocks", "Blocks in the shared tier", registry=r)
         self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
@@ -242,6 +249,7 @@ class KvCacheMetrics:
     def batch(self, endpoint: str, events: int, lag: float) -> None:
         self.events.labels(endpoint).inc(events)
         self.lag.labels(endpoint).set(lag)
+        self.last_event.labels(endpoint).set_to_current_time()
 
     def render(self) -> bytes:
         self.index_blocks.set(len(self.service.index))

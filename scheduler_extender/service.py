@@ -93,6 +93,9 @@ class ExtenderService:
         self.cache = cache
         self.metrics = metrics
         self.framework = build_framework(config)
+        for plugin in self.framework.filters:  # every (plugin, reason) at 0: a rejections rate is 0, not "no data"
+            for kind in plugin.kinds:
+                metrics.rejections.labels(plugin.name, kind.code)
         self.domain_key = config.plugins.pd_affinity.topology_key
         with cache.lock:
             cache.table.set_domain_key(self.domain_key)

@@ -23,7 +23,8 @@ from tests.support.charts import CHARTS, INSTALL_ORDER
 
 REPO = CHARTS.parent
 K8S_VERSION = "1.34.0"
-MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule",
+                   "monitoring.coreos.com/v1/PodMonitor", "keda.sh/v1alpha1/ScaledObject")
 
 CUSTOM_VALUES: dict[str, dict[str, Any]] = {
     "npu-device-plugin": {
@@ -54,7 +55,10 @@ CUSTOM_VALUES: dict[str, dict[str, Any]] = {
                    "pdSeparation": {"enabled": True}, "model": "qwen", "config": {"router": {"retries": 1}}},
         "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"eviction_policy": "LFU", "ttl": "1h"}},
         "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
-                       "grafanaDashboard": {"enabled": True}},
+                       "grafanaDashboard": {"enabled": True}, "enginePodMonitor": {"enabled": True}},
+        "autoscaling": {"enabled": True, "targets": [
+            {"deployment": "chat-decode", "namespace": "llm", "minReplicas": 0, "maxReplicas": 4},
+            {"deployment": "chat-prefill", "maxReplicas": 2, "requestsPerReplica": 8}]},
     },
 }
 CUSTOM_VALUES["npu-operator"] = {
@@ -118,8 +122,8 @@ def test_rendered_objects_are_valid_kubernetes_1_34(chart: str, variant: str, tm
     docs = render(chart, variant, tmp_path)
     assert docs
     for doc in docs:
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: no OpenAPI schema in kubernetes-validate; its fields are checked below
+        if doc["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
+            continue  # a CRD's kind: no schema in kubernetes-validate; the e2e tests apply them to the real CRDs
         if doc["kind"] == "NPUClusterPolicy":  # ours: checked against the CRD's model
             from npu_operator.api import PolicySpec
 
@@ -299,18 +303,31 @@ def test_scheduler_snippets_match_the_documented_examples(tmp_path: Path) -> Non
 
 
 def exported_metrics() -> set[str]:
-    """Metric names the components register (prometheus_client: a counter's samples end in _total)."""
-    names: set[str] = set()
-    for package in ("deviceplugin", "scheduler_extender", "qos", "inference_router", "kvcache"):
-        for source in (REPO / package).glob("**/*.py"):
-            names |= set(re.findall(r"(?:Counter|Gauge|Histogram|Summary)\(\s*\"([a-z_:]+)\"", source.read_text()))
-    return {re.sub(r"_total$", "", n) for n in names}
+    """The series names every component serves, read from their registries' exposition by prometheus_client's parser
+    (counters and histograms by family name: the alerts' ``_total`` / ``_bucket`` suffixes are stripped by
+    ``metrics_in``), plus ``up``, which Prometheus records for every target."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deviceplugin.metrics import PluginMetrics
+    from inference_router.metrics import RouterMetrics
+    from kvcache.config import KvCacheSection
+    from kvcache.service import KvCacheService
+    from qos.metrics import AgentMetrics
+    from scheduler_extender.metrics import ExtenderMetrics
+
+    registries = [ExtenderMetrics().registry, AgentMetrics().registry, PluginMetrics("node").registry,
+                  RouterMetrics().registry, KvCacheService(KvCacheSection(tokenizer="builtin")).metrics.registry]
+    names = {"up"}
+    for registry in registries:
+        names |= {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    return names
 
 
 def metrics_in(expr: str) -> set[str]:
     words = set(re.findall(r"\b([a-z_:][a-z0-9_:]*)\s*(?:\{|\[)", expr))
     words |= set(re.findall(r"\(\s*([a-z_][a-z0-9_]*)\s*\)", expr))  # avg by (node) (npu_utilization)
-    return {re.sub(r"_(bucket|total|count|sum)$", "", w) for w in words if "_" in w and w not in {"by"}}
+    return {re.sub(r"_(bucket|total|count|sum)$", "", w) for w in words if "_" in w or w == "up"}
 
 
 def test_the_npu_fault_alerts_use_metrics_the_device_plugin_exports(tmp_path: Path) -> None:
@@ -320,8 +337,10 @@ def test_the_npu_fault_alerts_use_metrics_the_device_plugin_exports(tmp_path: Pa
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
     from deviceplugin.faults.table import FaultLevel
 
-    # one alert per fault level, one for isolation, one for links
-    assert set(alerts) == {f"NpuFault{level.value}" for level in FaultLevel} | {"NpuIsolated", "NpuLinkDown"}
+    # one alert per fault level, one for isolation, one for links, and the device and registration alerts
+    assert set(alerts) == {f"NpuFault{level.value}" for level in FaultLevel} | {
+        "NpuIsolated", "NpuLinkDown", "NpuUnhealthy", "NpuAllocatableBelowCapacity", "DevicePluginNotRegistered",
+        "DevicePluginDown"}
     for name, alert in alerts.items():
         used = metrics_in(alert["expr"])
         assert used and used <= exported, (name, used - exported)
@@ -336,7 +355,8 @@ def test_the_four_alerts_and_the_dashboard_use_metrics_fuyao_exports(tmp_path: P
     docs = render("ai-inference-optimization", "custom", tmp_path)
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert set(alerts) == {"HighInferenceLatency", "HighInferenceErrorRate", "LowCacheHitRate", "LowNPUUtilization"}
+    assert set(alerts) == {"HighInferenceLatency", "HighInferenceErrorRate", "LowCacheHitRate", "LowNPUUtilization",
+                           "RouterCircuitOpen", "KvEventStreamDown", "KvEventStreamStale"}
     for name, alert in alerts.items():
         used = metrics_in(alert["expr"])
         assert used and used <= exported, (name, used - exported)

@@ -148,3 +148,14 @@ def _config(*, reset_settle: str, max_attempts: int = 3) -> Path:
     path = Path(tempfile.mkdtemp(prefix="fdpc", dir="/tmp")) / "plugin.yaml"
     path.write_text(f"version: v1\nhealth:\n  reset: {{settle: {reset_settle}, maxAttempts: {max_attempts}}}\n")
     return path
+
+
+def test_registration_and_allocation_are_metrics(make) -> None:  # type: ignore[no-untyped-def]
+    """What the DevicePluginNotRegistered alert and the demo's NPU-allocation chart read."""
+    p = make()
+    assert f'fuyao_deviceplugin_registered{{resource="{RESOURCE_NPU}"}} 1.0' in p.metrics()
+    assert 'npu_allocated{chip="910B4",device="Ascend910-2",node="node-a"} 0.0' in p.metrics()
+    hold(p, "default/engine-0", "Ascend910-2")
+    wait_for(lambda: 'npu_allocated{chip="910B4",device="Ascend910-2",node="node-a"} 1.0' in p.metrics(), 20,
+             "NPU 2 counted as allocated once a container holds it")
+    assert 'npu_allocated{chip="910B4",device="Ascend910-3",node="node-a"} 0.0' in p.metrics()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 from kvcache.discovery import _Pods, source_of
 from kvcache.subscriber import Source
@@ -38,6 +39,11 @@ def test_the_index_follows_engines_and_answers_lookups() -> None:
         stats = wait_for(lambda: (s := __import__("json").loads(cache.get("/v1/endpoints")[1])) and s)
         assert set(stats) == {a.url, b.url} and stats[a.url]["gaps"] == 0
         assert cache.metric("kv_cache_requests") > 0 and cache.metric("fuyao_kvcache_events_total") > 0
+        # what the KvEventStreamDown / KvEventStreamStale alerts read, per engine
+        for url in (a.url, b.url):
+            assert cache.metric(f'fuyao_kvcache_event_stream_connected{{endpoint="{url}"}}') == 1
+            last = cache.metric(f'fuyao_kvcache_last_event_timestamp_seconds{{endpoint="{url}"}}')
+            assert time.time() - 120 < last <= time.time()
         assert cache.post("/v1/lookup", {"token_ids": [-1]})[0] == 400
         assert cache.post("/v1/blocks", {"hashes": "x"})[0] == 400
     finally:

@@ -91,6 +91,12 @@ def test_a_killed_backend_opens_its_circuit_and_recovers(tmp_path: Path) -> None
         assert statuses == [200] * 10  # retried on the good backend before any byte went out
         state = backends(front)[doomed.url]
         assert state["circuit"] == "open" or state["healthy"] is False
+        # what the RouterCircuitOpen alert reads: the breaker's state per backend, and health beside it
+        circuit = f'inference_backend_circuit_open{{backend="{doomed.url}"}}'
+        healthy = f'inference_backend_healthy{{backend="{doomed.url}"}}'
+        assert front.metric(circuit) == (0 if state["circuit"] == "closed" else 1)
+        assert front.metric(f'inference_backend_circuit_open{{backend="{good.url}"}}') == 0
+        assert front.metric(f'inference_backend_healthy{{backend="{good.url}"}}') == 1
         sent = doomed.metric("vllm:e2e_request_latency_seconds_count")
         for _ in range(5):
             front.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
@@ -102,6 +108,7 @@ def test_a_killed_backend_opens_its_circuit_and_recovers(tmp_path: Path) -> None
             time.sleep(0.1)
         assert doomed.metric("vllm:e2e_request_latency_seconds_count") > sent
         assert backends(front)[doomed.url]["circuit"] == "closed"
+        assert front.metric(circuit) == 0 and front.metric(healthy) == 1
     finally:
         front.close()
         good.close()

@@ -62,13 +62,39 @@ def local_values(cluster: LocalCluster, image: str) -> dict[str, dict[str, Any]]
     }
 
 
+def monitoring_values(interval: str = "5s") -> dict[str, dict[str, Any]]:
+    """Per chart, what ``--monitoring`` adds: its ServiceMonitors (scraped every ``interval``), PrometheusRules and the
+    dashboard ConfigMap."""
+    on = {"enabled": True, "interval": interval}
+    return {
+        "npu-device-plugin": {"metrics": {"serviceMonitor": on, "prometheusRule": {"enabled": True}}},
+        "scheduler-extender": {"metrics": {"serviceMonitor": on, "prometheusRule": {"enabled": True}}},
+        "qos-agent": {"metrics": {"serviceMonitor": on, "prometheusRule": {"enabled": True}}},
+        "ai-inference-optimization": {"monitoring": {"serviceMonitor": on, "prometheusRule": {"enabled": True},
+                                                     "grafanaDashboard": {"enabled": True}}},
+    }
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def install_stack(cluster: LocalCluster, image: str, namespace: str = NAMESPACE, timeout: str = "240s",
-                  log: Any = print) -> dict[str, float]:
-    """Label the NPU node as an administrator would, then ``helm install --wait`` every chart in order. Returns the
-    seconds each install took (until its pods were Ready)."""
+                  log: Any = print, monitoring: bool = False,
+                  extra: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Label the NPU node as an administrator would, then ``helm install --wait`` every chart in order (``monitoring``:
+    with their ServiceMonitors, PrometheusRules and dashboard; ``extra``: more values per chart). Returns the seconds
+    each install took (until its pods were Ready)."""
     cluster.kubectl("label", "node", cluster.node, f"{LABEL_ACCELERATOR}={ACCELERATOR_ASCEND_NPU}", "--overwrite")
     kubeconfig = cluster.dir / "admin.kubeconfig"
     values = local_values(cluster, image)
+    if monitoring:
+        values = {chart: _merge(v, monitoring_values()[chart]) for chart, v in values.items()}
+    for chart, more in (extra or {}).items():
+        values[chart] = _merge(values[chart], more)
     took: dict[str, float] = {}
     for chart in INSTALL_ORDER:
         path = cluster.dir / f"values-{chart}.yaml"
@@ -204,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
                              "doc's flags (the operator installs the rest); operator-uninstall: helm uninstall it")
     parser.add_argument("--state-dir", default="/tmp/fuyao-cluster", type=Path)
     parser.add_argument("--namespace", default=NAMESPACE)
+    parser.add_argument("--monitoring", action="store_true",
+                        help="install: with the charts' ServiceMonitors, PrometheusRules and dashboard (the cluster "
+                             "runs Prometheus: hack/local-up.sh --monitoring)")
     args = parser.parse_args(argv)
     cluster = LocalCluster.running(args.state_dir)
     if cluster is None:
@@ -225,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         took = install_operator(cluster, tag)
         print("Ready: " + ", ".join(f"{step} at {seconds:.0f} s" for step, seconds in took.items()))
         return
-    took = install_stack(cluster, tag, args.namespace)
+    took = install_stack(cluster, tag, args.namespace, monitoring=args.monitoring)
     print("Ready: " + ", ".join(f"{chart} {seconds:.0f} s" for chart, seconds in took.items()))
 
 

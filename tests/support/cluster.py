@@ -14,9 +14,12 @@ relies on (checked on the project's machines, see ``../shared/reference/local-cl
   over its unix socket.
 - AppArmor is disabled in containerd's CRI config (runc's init fails on this kernel with the default profile).
 - The kubelet: cgroupfs driver, per-QoS cgroups (``kubepods``, for the QoS agent), ``failCgroupV1: false``
-  (cgroup v1 is mounted), swap allowed, its server on
-  loopback with anonymous access (development only; ``kubectl logs`` therefore does not reach it — container logs
-  are read from ``<state>/pod-logs``). Its device-plugin directory is the API's constant
+  (cgroup v1 is mounted), swap allowed. Its server listens on the harness link (``LINK_HOST``, also the node's
+  InternalIP) with a serving certificate from the cluster CA (``tests.support.pki``), client-certificate and webhook
+  (TokenReview) authentication, no anonymous access, and webhook (SubjectAccessReview) authorization, as kubeadm sets
+  it up: the API server reaches it with its kubelet client certificate (``kubectl logs``, ``exec``), metrics-server
+  with its service account's token. containerd's streaming server (``exec``, ``attach``, ``port-forward``) listens on
+  ``LINK_NETNS`` so the kubelet on the host reaches it. Its device-plugin directory is the API's constant
   ``/var/lib/kubelet/device-plugins``.
 
 State lives under one directory; ``state.json`` records every process started (pid, name, log), so
@@ -42,6 +45,8 @@ import yaml
 from .apiserver import LocalApiServer, binary, free_port
 from .images import PAUSE_IMAGE, build_busybox, build_pause
 from .kwok import KWOK_ANNOTATION, kwok_command
+from .pki import ClusterPki
+from .pki import make as make_pki
 from .polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,9 +69,12 @@ DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 
 class LocalCluster:
     def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
-                 kwok_nodes: int = 0, components: str = "host"):
+                 kwok_nodes: int = 0, components: str = "host", monitoring: bool = False):
         """``components``: ``host`` runs fuyao's device plugin, extender and QoS agent as host processes (the e2e
-        tests stop and restart them); ``chart`` runs none, for fuyao's Helm charts to install them as pods."""
+        tests stop and restart them); ``chart`` runs none, for fuyao's Helm charts to install them as pods.
+        ``monitoring``: also the Prometheus Operator and a Prometheus, metrics-server and KEDA
+        (``tests.support.monitoring``)."""
+        self.monitoring = monitoring
         if components not in COMPONENTS:
             raise ValueError(f"components={components!r}: expected one of {', '.join(COMPONENTS)}")
         self.components = components
@@ -77,6 +85,7 @@ class LocalCluster:
         self.netns = f"fuyao-{os.getpid()}"
         self.procs: list[dict[str, Any]] = []
         self.api: LocalApiServer | None = None
+        self.pki: ClusterPki | None = None
         self.extender_url = ""
         self.link = ""
         self.npu_state = self.dir / "npu" / "npu.json"
@@ -126,7 +135,8 @@ class LocalCluster:
         return self.get_json("node", self.node)  # type: ignore[no-any-return]
 
     def pod_log(self, namespace: str, pod: str, container: str = "main") -> str:
-        """A container's log, from the kubelet's log directory (its server is loopback-only)."""
+        """A container's log, from the kubelet's log directory (also after the pod is gone; ``kubectl logs``
+        reads the same files through the kubelet while it exists)."""
         found = sorted((self.dir / "pod-logs").glob(f"{namespace}_{pod}_*/{container}/*.log"))
         return "".join(p.read_text(errors="replace") for p in found)
 
@@ -181,8 +191,10 @@ class LocalCluster:
                 raise RuntimeError(f"{tool} is missing: apt-get install containerd runc util-linux iproute2 "
                                    "containernetworking-plugins busybox-static gcc")
         self._network()
+        self.pki = make_pki(self.dir / "pki", self.node, LINK_HOST)
         self.api = LocalApiServer(users={f"system:node:{self.node}": ["system:nodes"]}, bind_address=LINK_HOST,
-                                  extra_args=("--kubelet-preferred-address-types=InternalIP",)).start()
+                                  extra_args=("--kubelet-preferred-address-types=InternalIP",
+                                              *self.pki.apiserver_args())).start()
         shutil.copy(self.api.kubeconfig_for("admin"), self.dir / "admin.kubeconfig")
         self._controller_manager()
         self._containerd()
@@ -199,6 +211,10 @@ class LocalCluster:
                  "the node to be Ready" + (" with NPUs" if self.components == "host" else ""))
         if self.kwok_nodes:
             self.add_kwok_nodes(self.kwok_nodes)
+        if self.monitoring:
+            from .monitoring import Monitoring
+
+            Monitoring(self).install()
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
         return self
 
@@ -231,6 +247,8 @@ state = "{base / 'state'}"
   address = "{base / 'containerd.sock'}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "{LINK_NETNS}"
+  stream_server_port = "0"
   disable_apparmor = true
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -337,13 +355,17 @@ state = "{base / 'state'}"
             "--health-interval", "1s"], env=env)
 
     def _kubelet(self) -> None:
-        assert self.api is not None
+        assert self.api is not None and self.pki is not None
         port, healthz = free_port(), free_port()
         config = self.dir / "kubelet.yaml"
         config.write_text(yaml.safe_dump({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
-            "authorization": {"mode": "AlwaysAllow"}, "address": "127.0.0.1", "port": port, "readOnlyPort": 0,
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True, "cacheTTL": "30s"},
+                               "x509": {"clientCAFile": str(self.pki.ca.cert)}},
+            "authorization": {"mode": "Webhook", "webhook": {"cacheAuthorizedTTL": "30s",
+                                                             "cacheUnauthorizedTTL": "10s"}},
+            "tlsCertFile": str(self.pki.kubelet.cert), "tlsPrivateKeyFile": str(self.pki.kubelet.key),
+            "address": LINK_HOST, "port": port, "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1", "healthzPort": healthz, "cgroupDriver": "cgroupfs",
             "cgroupsPerQOS": True, "enforceNodeAllocatable": ["pods"], "failSwapOn": False, "failCgroupV1": False,
             "resolvConf": "", "containerRuntimeEndpoint": f"unix://{self.dir / 'containerd' / 'containerd.sock'}",
@@ -352,7 +374,8 @@ state = "{base / 'state'}"
         self._spawn("kubelet", [
             binary("kubelet"), f"--config={config}",
             f"--kubeconfig={self.api.kubeconfig_for(f'system:node:{self.node}')}",
-            f"--root-dir={self.dir / 'kubelet'}", f"--hostname-override={self.node}", "--v=1"])
+            f"--root-dir={self.dir / 'kubelet'}", f"--hostname-override={self.node}", f"--node-ip={LINK_HOST}",
+            "--v=1"])
         self.kubectl("create", "clusterrolebinding", "fuyao-kubelet", "--clusterrole=system:node",
                      f"--user=system:node:{self.node}")
 
@@ -508,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", choices=COMPONENTS, default="host",
                         help="host: fuyao's device plugin, extender and QoS agent as host processes; chart: none "
                              "(the Helm charts install them as pods, as hack/demo.sh does)")
+    parser.add_argument("--monitoring", action="store_true",
+                        help="also the Prometheus Operator with a Prometheus, metrics-server (kubectl top) and KEDA, "
+                             "as pods from upstream's manifests (hack/build-upstream.sh monitoring)")
     parser.add_argument("--nodes", default="", metavar="kwok=N",
                         help="also N fake NPU nodes run by KWOK (placement and scale; nothing runs in their pods)")
     args = parser.parse_args(argv)
@@ -521,12 +547,17 @@ def main(argv: list[str] | None = None) -> None:
         down(args.state_dir)
         print(f"stopped the cluster in {args.state_dir}")
         return
-    cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok, components=args.components)
+    cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok, components=args.components,
+                           monitoring=args.monitoring)
     try:
         cluster.up()
     except Exception:
         down(args.state_dir)
         raise
+    if args.monitoring:
+        from .monitoring import Monitoring
+
+        print(f"Prometheus: {Monitoring(cluster).prometheus_url()}  (kubectl top nodes; kubectl get scaledobjects -A)")
     print(f"cluster up in {(Path(args.state_dir) / 'up-seconds').read_text().strip()} s\n"
           f"  export KUBECONFIG={args.state_dir}/admin.kubeconfig\n"
           f"  kubectl get nodes   ({binary('kubectl')})\n"

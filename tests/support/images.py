@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +55,44 @@ def _archive(path: Path, tag: str, files: dict[str, tuple[bytes | None, int, str
                                 ["fuyao tests"])
 
 
-def write_docker_archive(path: Path, tags: list[str], layers: Sequence[bytes | Path], config: dict[str, Any],
-                         history: list[str]) -> Path:
-    """Write a docker-archive (what ``ctr images import`` reads): ``layers`` are uncompressed layer tars, bottom
-    first, in memory or as files; ``config`` is the image's runtime config (Cmd, Env…); one history entry per
-    layer."""
-    diff_ids = []
-    for layer in layers:
-        digest = hashlib.sha256()
-        if isinstance(layer, bytes):
-            digest.update(layer)
-        else:
-            with open(layer, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-        diff_ids.append("sha256:" + digest.hexdigest())
-    image = {"architecture": "amd64", "os": "linux", "config": config,
-             "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": [{"created_by": h} for h in history]}
-    config_bytes = json.dumps(image).encode()
-    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-    names = [f"{i}/layer.tar" for i in range(len(layers))]
-    manifest = json.dumps([{"Config": config_name, "RepoTags": tags, "Layers": names}]).encode()
+@dataclass(frozen=True)
+class Image:
+    """One image of a docker-archive: its tags, its layers (uncompressed layer tars, bottom first, in memory or as
+    files), its runtime config (Entrypoint, Cmd, Env…) and one history entry per layer."""
+
+    tags: list[str]
+    layers: Sequence[bytes | Path]
+    config: dict[str, Any]
+    history: list[str]
+
+
+def _digest(layer: bytes | Path) -> str:
+    digest = hashlib.sha256()
+    if isinstance(layer, bytes):
+        digest.update(layer)
+    else:
+        with open(layer, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_images(path: Path, images: Sequence[Image]) -> Path:
+    """Write a docker-archive (what ``ctr images import`` reads) holding ``images``; a layer they share (the same
+    file or the same bytes) is stored once."""
+    stored: dict[str, tuple[str, bytes | Path]] = {}  # digest -> (name in the archive, layer)
+    entries, configs = [], []
+    for image in images:
+        digests = [_digest(layer) for layer in image.layers]
+        for digest, layer in zip(digests, image.layers, strict=True):
+            stored.setdefault(digest, (f"{digest}/layer.tar", layer))
+        config = {"architecture": "amd64", "os": "linux", "config": image.config,
+                  "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for d in digests]},
+                  "history": [{"created_by": h} for h in image.history]}
+        config_bytes = json.dumps(config).encode()
+        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+        configs.append((config_name, config_bytes))
+        entries.append({"Config": config_name, "RepoTags": image.tags, "Layers": [stored[d][0] for d in digests]})
 
     def add(out: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -82,14 +100,21 @@ def write_docker_archive(path: Path, tags: list[str], layers: Sequence[bytes | P
         out.addfile(info, io.BytesIO(data))
 
     with tarfile.open(path, "w") as out:
-        for name, layer in zip(names, layers, strict=True):
+        for name, layer in stored.values():
             if isinstance(layer, bytes):
                 add(out, name, layer)
             else:
                 out.add(layer, arcname=name)
-        add(out, config_name, config_bytes)
-        add(out, "manifest.json", manifest)
+        for config_name, config_bytes in configs:
+            add(out, config_name, config_bytes)
+        add(out, "manifest.json", json.dumps(entries).encode())
     return path
+
+
+def write_docker_archive(path: Path, tags: list[str], layers: Sequence[bytes | Path], config: dict[str, Any],
+                         history: list[str]) -> Path:
+    """A docker-archive of one image (``write_images``)."""
+    return write_images(path, [Image(tags, layers, config, history)])
 
 
 def build_pause(out_dir: Path) -> Path:

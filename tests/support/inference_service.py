@@ -29,8 +29,9 @@ ROLES = ("prefill", "decode")
 
 def pd_service(name: str, image: str, namespace: str = "default", model: str = "fuyao-sim-7b",
                replicas: dict[str, int] | None = None, npus: int = 1, blocks: int = 2048,
-               time_scale: float = 1.0) -> list[dict[str, Any]]:
-    """The Service and the two Deployments (``replicas`` per role, default one prefill and two decode pods)."""
+               time_scale: float = 1.0, resources: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The Service and the two Deployments (``replicas`` per role, default one prefill and two decode pods; each
+    pod asks for ``npus`` NPUs, or for ``resources`` when given, e.g. vNPU cores and a CPU request)."""
     replicas = replicas or {"prefill": 1, "decode": 2}
     objects: list[dict[str, Any]] = [{
         "apiVersion": "v1", "kind": "Service",
@@ -49,7 +50,7 @@ def pd_service(name: str, image: str, namespace: str = "default", model: str = "
             "ports": [{"name": "http", "containerPort": DEFAULT_ENGINE_HTTP_PORT},
                       {"name": "kv-events", "containerPort": DEFAULT_KV_EVENTS_PORT}],
             "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
-            "resources": {"limits": {RESOURCE_NPU: str(npus)}},
+            "resources": resources or {"limits": {RESOURCE_NPU: str(npus)}},
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
         }

@@ -20,10 +20,11 @@ import sys
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .apiserver import binary
-from .images import write_docker_archive
+from .images import Image, write_docker_archive, write_images
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "images"
@@ -168,29 +169,69 @@ def build(cache: Path = CACHE) -> tuple[Path, str]:
     return out, tag
 
 
+@dataclass(frozen=True)
+class BinaryImage:
+    """An image of locally built binaries on the Debian base layer: ``files`` maps a path in the image to a file on
+    this machine; ``entrypoint`` and ``cmd`` as the upstream image has them (manifests and operators rely on them)."""
+
+    tag: str
+    files: dict[str, Path]
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    workdir: str = ""
+    user: str = ""  # as the upstream image's USER (a pod with runAsNonRoot needs a numeric one)
+
+
+def _binary_layer(image: BinaryImage, cache: Path) -> Path:
+    """One layer with ``image.files``, cached by what they are (path, size, modification time)."""
+    stamp = [(dest, str(src.resolve()), src.stat().st_size, src.stat().st_mtime_ns)
+             for dest, src in image.files.items()]
+    layer = cache / f"bin-{_key(stamp)}.tar"
+    if not layer.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            for dest, src in image.files.items():
+                target = Path(tmp) / dest.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+                target.chmod(0o755)
+            _pack(Path(tmp), layer)
+    return layer
+
+
+def binary_images(images: list[BinaryImage], name: str, cache: Path = CACHE) -> tuple[Path, list[str]]:
+    """One docker-archive ``<name>-<key>.docker.tar`` holding ``images`` (they share the base layer); returns it and
+    the tags. Rebuilt only when a binary changes."""
+    cache.mkdir(parents=True, exist_ok=True)
+    base = base_layer(cache)
+    layers = [_binary_layer(image, cache) for image in images]
+    key = _key([base.name], [layer.name for layer in layers],
+               [(i.tag, i.entrypoint, i.cmd, i.workdir, i.user) for i in images])
+    out = cache / f"{name}-{key}.docker.tar"
+    if not out.exists():
+        for stale in cache.glob(f"{name}-*.docker.tar"):
+            stale.unlink()
+        specs = []
+        for image, layer in zip(images, layers, strict=True):
+            config: dict[str, object] = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Entrypoint": image.entrypoint,
+                                         "Cmd": image.cmd}
+            if image.workdir:
+                config["WorkingDir"] = image.workdir
+            if image.user:
+                config["User"] = image.user
+            specs.append(Image([image.tag], [base, layer], config,
+                               [f"debootstrap {SUITE} minbase", f"{', '.join(image.files)} (hack/build-upstream.sh)"]))
+        write_images(out.with_suffix(".tmp"), specs)
+        out.with_suffix(".tmp").rename(out)
+    return out, [image.tag for image in images]
+
+
 def kube_scheduler_image(scheduler: Path, version: str, cache: Path = CACHE) -> tuple[Path, str]:
     """An image of the locally built kube-scheduler (``fuyao.local/kube-scheduler:<version>``) on the same Debian
     base layer, for the scheduler-extender chart's optional second scheduler on the local cluster (the chart
     defaults to registry.k8s.io's image)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    base = base_layer(cache)
-    binary_bytes = scheduler.read_bytes()
-    key = hashlib.sha256(binary_bytes).hexdigest()[:16]
-    layer = cache / f"kube-scheduler-{key}.tar"
-    if not layer.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            target = Path(tmp) / "usr" / "local" / "bin"
-            target.mkdir(parents=True)
-            (target / "kube-scheduler").write_bytes(binary_bytes)
-            (target / "kube-scheduler").chmod(0o755)
-            _pack(Path(tmp), layer)
     tag = f"fuyao.local/kube-scheduler:{version}"
-    out = cache / f"kube-scheduler-{version}-{key}.docker.tar"
-    if not out.exists():
-        write_docker_archive(out.with_suffix(".tmp"), [tag], [base, layer],
-                             {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["kube-scheduler", "--help"]},
-                             [f"debootstrap {SUITE} minbase", f"kube-scheduler {version} (hack/build-upstream.sh)"])
-        out.with_suffix(".tmp").rename(out)
+    image = BinaryImage(tag, {"/usr/local/bin/kube-scheduler": scheduler}, cmd=["kube-scheduler", "--help"])
+    out, _ = binary_images([image], f"kube-scheduler-{version}", cache)
     return out, tag
 
 
