@@ -197,6 +197,8 @@ def baseline_router(cluster: LocalCluster, image: str) -> str:
     values = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
               "configMapName": f"{BASELINE}-router-config",
               "router": {"replicas": 1, "strategy": "round-robin", "pdSeparation": {"enabled": True},
+                         # no KV-cache lookups at all (not even the router's record of its own choices)
+                         "config": {"kv_cache": {"enabled": False}},
                          "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}},
               "kvCache": {"enabled": False},
               "monitoring": {"serviceMonitor": {"enabled": True, "interval": "5s"}}}
@@ -261,7 +263,7 @@ def demo_plots(prometheus: Monitoring, windows: dict[str, tuple[float, float]], 
             plots.lines(out / "prefix-hit-rate.png", "engines' prefix-cache hit rate (Prometheus)", hits,
                         "seconds into the run", "hit rate", ylim=(0, 1)),
             plots.lines(out / "npu-allocation.png", "NPU allocation on the node (npu_allocated)", allocated,
-                        "seconds into the demo", "NPUs", steps=True)]
+                        "seconds into the demo", "NPUs", ylim=(0, 8.5), steps=True)]
 
 
 def _series(result: list[dict[str, Any]], origin: float) -> tuple[list[float], list[float]]:
