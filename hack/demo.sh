@@ -32,8 +32,9 @@ started=$SECONDS
 echo "==> prerequisites: Debian packages, upstream binaries (built once, cached in ~/.cache/fuyao/bin)"
 source hack/lib/cluster-deps.sh
 ensure_cluster_deps
-hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns helm \
-  monitoring \
+# nothing else runs yet: a cold build may use both cores
+BUILD_JOBS="${BUILD_JOBS:-2}" GOMAXPROCS="${GOMAXPROCS:-2}" hack/build-upstream.sh etcd kube-apiserver \
+  kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns helm monitoring \
   | sed -u 's/^/    /'
 echo "    prerequisites ready after $((SECONDS - started)) s"
 exec "$VENV/bin/python" hack/demo.py "$@"

@@ -42,16 +42,10 @@ def image(built: tuple[Path, str]) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, built: tuple[Path, str]) -> Iterator[LocalCluster]:
-    from tests.support.cluster import down
+    from tests.support.cluster import running
 
-    state = tmp_path_factory.mktemp("chart-cluster", numbered=True)
-    local = LocalCluster(state, components="chart")
-    try:
-        local.up()
-        local.import_image(built[0])
+    with running(tmp_path_factory.mktemp("chart-cluster", numbered=True), built[0], components="chart") as local:
         yield local
-    finally:
-        down(state)
 
 
 @pytest.fixture(scope="module")

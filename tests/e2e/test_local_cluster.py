@@ -33,16 +33,11 @@ BUSYBOX = "fuyao.local/busybox:1"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    from tests.support.cluster import down
+    from tests.support.cluster import running
 
-    state = tmp_path_factory.mktemp("cluster", numbered=True)
-    local = LocalCluster(state)
-    try:
-        local.up()
+    with running(tmp_path_factory.mktemp("cluster", numbered=True)) as local:
         wait_for(lambda: "default" in local.kubectl("get", "sa", "-o", "name"), 60, "the default service account")
         yield local
-    finally:
-        down(state)
 
 
 def pod_manifest(name: str, npus: int = 0, command: str = "sleep 3600", labels: dict | None = None) -> str:  # type: ignore[type-arg]

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from fuyao.contracts import RESOURCE_NPU, RESOURCE_VNPU
+from fuyao.contracts import (
+    ANNOTATION_POD_ASSIGNED,
+    RESOURCE_NPU,
+    RESOURCE_VNPU,
+    PodAssignment,
+    parse_annotation,
+)
 from tests.support.charts import NAMESPACE, install_stack
 from tests.support.cluster import LocalCluster
 from tests.support.inference_service import pd_service
@@ -48,16 +54,11 @@ def built() -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, built: tuple[Path, str]) -> Iterator[LocalCluster]:
-    from tests.support.cluster import down
+    from tests.support.cluster import running
 
-    state = tmp_path_factory.mktemp("monitoring-cluster", numbered=True)
-    local = LocalCluster(state, components="chart", monitoring=True)
-    try:
-        local.up()
-        local.import_image(built[0])
+    with running(tmp_path_factory.mktemp("monitoring-cluster", numbered=True), built[0], components="chart",
+                 monitoring=True) as local:
         yield local
-    finally:
-        down(state)
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +302,14 @@ def test_keda_scales_the_decode_engines_on_queue_depth_and_back_without_client_e
         wait_for(lambda: decode_replicas() == 3, 240, "KEDA to scale the decode engines to 3")
         running = wait_for(lambda: len(r := [p for p in pods(cluster, f"app={SERVICE},phase=decode") if ready(p)])
                            == 3 and r, 180, "three decode engines Ready")
-        for pod in running:
+        for pod in running:  # placed by the chart's extender, which chose each one's NPU
             assert int(pod["spec"]["containers"][0]["resources"]["limits"][RESOURCE_NPU]) == 1
             assert pod["spec"].get("nodeName") == cluster.node
+            assert ANNOTATION_POD_ASSIGNED in pod["metadata"].get("annotations", {}), pod["metadata"]
+        chosen = [d for p in running for c in parse_annotation(
+            ANNOTATION_POD_ASSIGNED, p["metadata"]["annotations"][ANNOTATION_POD_ASSIGNED], PodAssignment).containers
+            for d in c.devices]
+        assert len(chosen) == len(set(chosen)) == 3, f"three different NPUs: {chosen}"
         prefill = cluster.get_json("deployment", f"{SERVICE}-prefill")["spec"]["replicas"]
         assert prefill == 1, "only the decode Deployment is a KEDA target"
         wait_for(lambda: len(json.load(urllib.request.urlopen(service + "/debug/backends", timeout=5))) == 4, 60,

@@ -38,18 +38,12 @@ NS = OPERATOR_NAMESPACE
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, str]]:
-    from tests.support.cluster import down
+    from tests.support.cluster import running
     from tests.support.runtime_image import build
 
     archive, tag = build()
-    state = tmp_path_factory.mktemp("operator-cluster", numbered=True)
-    local = LocalCluster(state, components="chart")
-    try:
-        local.up()
-        local.import_image(archive)
+    with running(tmp_path_factory.mktemp("operator-cluster", numbered=True), archive, components="chart") as local:
         yield local, tag
-    finally:
-        down(state)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -520,6 +521,20 @@ def down(state_dir: str | Path = "/tmp/fuyao-cluster") -> None:
         if target.startswith(str(root)) or target.startswith(str(DEVICE_PLUGIN_DIR)):
             subprocess.run(["umount", "-l", target], capture_output=True)
     path.unlink()
+
+
+@contextlib.contextmanager
+def running(state_dir: str | Path, image: Path | None = None, **options: Any) -> Iterator[LocalCluster]:
+    """A cluster brought up in ``state_dir`` (``LocalCluster`` options), with ``image`` (a docker-archive) imported,
+    stopped afterwards whatever happens: the e2e suites' module fixture."""
+    local = LocalCluster(state_dir, **options)
+    try:
+        local.up()
+        if image is not None:
+            local.import_image(image)
+        yield local
+    finally:
+        down(state_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
