@@ -129,8 +129,10 @@ def test_kubectl_logs_exec_and_top_reach_the_kubelet(cluster: LocalCluster, stac
     and webhook authorization: the API server reaches it for logs and exec, metrics-server for ``kubectl top``."""
     (plugin,) = pods(cluster, "app.kubernetes.io/name=npu-device-plugin", NAMESPACE)
     name = plugin["metadata"]["name"]
-    logs = cluster.kubectl("logs", "-n", NAMESPACE, name)
-    assert "registered" in logs, logs[-2000:]
+    # the pod is Ready before it has registered with the kubelet: wait for that line, read through the kubelet
+    logs = wait_for(lambda: "registered" in (out := cluster.kubectl("logs", "-n", NAMESPACE, name)) and out, 60,
+                    "the device plugin's registration in kubectl logs")
+    assert "registered npu.huawei.com/NPU with the kubelet" in logs, logs[-2000:]
     out = cluster.kubectl("exec", "-n", NAMESPACE, name, "--", "python3", "-c", "print(6 * 7)")
     assert out.strip() == "42"
 
