@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -309,7 +309,7 @@ class Controller:
             labels = obj["metadata"].get("labels") or {}
             component = Component(labels[LABEL_OPERATOR_COMPONENT])
             if obj.get("kind") in ("DaemonSet", "Deployment"):
-                workloads[component] = _workload(obj, pods)
+                workloads[component] = _workload(obj, pods, nodes)
                 if component == Component.DEVICE_PLUGIN:
                     metrics_urls = _metrics_urls(obj, pods)
             if obj.get("kind") == "Service" and component == Component.SCHEDULER_EXTENDER:
@@ -417,19 +417,28 @@ def _image_tag(obj: Mapping[str, Any]) -> str | None:
     return image.rpartition(":")[2] or None
 
 
-def _workload(obj: Mapping[str, Any], pods: list[dict[str, Any]]) -> Workload:
+def _workload(obj: Mapping[str, Any], pods: list[dict[str, Any]],
+              nodes: Sequence[Mapping[str, Any]] = ()) -> Workload:
+    """A DaemonSet's or Deployment's state. ``nodes`` (a DaemonSet's candidates): between a pod's deletion and its
+    replacement's creation, the node its DaemonSet selects but that has no pod is named as not ready."""
     status = obj.get("status") or {}
     generation_seen = _int(status.get("observedGeneration")) >= _int(obj["metadata"].get("generation"))
     mine = _selected(obj, pods)
-    not_ready = tuple(sorted({_pod_node(p) for p in mine if not _ready(p)}))
+    not_ready = {_pod_node(p) for p in mine if not _ready(p)}
     if obj["kind"] == "DaemonSet":
         desired, ready = _int(status.get("desiredNumberScheduled")), _int(status.get("numberReady"))
         updated = _int(status.get("updatedNumberScheduled"))
+        if desired - ready > len(not_ready):
+            selector = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("nodeSelector") or {}
+            with_pod = {_pod_node(p) for p in mine}
+            not_ready |= {str(n["metadata"]["name"]) for n in nodes
+                          if n["metadata"]["name"] not in with_pod
+                          and all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())}
     else:
         desired = _int((obj.get("spec") or {}).get("replicas", 1))
         ready, updated = _int(status.get("readyReplicas")), _int(status.get("updatedReplicas"))
     return Workload(desired=desired, ready=ready, updated=updated, generation_seen=generation_seen,
-                    not_ready_nodes=not_ready, version=_image_tag(obj))
+                    not_ready_nodes=tuple(sorted(not_ready)), version=_image_tag(obj))
 
 
 def _metrics_urls(plugin: Mapping[str, Any], pods: list[dict[str, Any]]) -> dict[str, str]:

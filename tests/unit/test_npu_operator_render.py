@@ -188,6 +188,17 @@ def test_workloads_and_validation_pods_are_read_from_their_status() -> None:
     w = controller._workload(ds, pods)
     assert (w.desired, w.ready, w.updated, w.not_ready_nodes, w.version) == (2, 2, 2, ("n1", "n2"), "7")
     assert controller._metrics_urls(ds, pods) == {"n0": "http://10.0.0.5:9400/metrics"}
+    # The pod on n1 was deleted and its replacement is not created yet: the DaemonSet counts one not ready, and the
+    # node it selects without a pod is the one named (a node it does not select is not).
+    gap = {**ds, "spec": {**ds["spec"], "template": {"spec": {**ds["spec"]["template"]["spec"],
+                                                              "nodeSelector": {"npu": "yes"}}}},
+           "status": {**ds["status"], "desiredNumberScheduled": 2, "numberReady": 1}}
+    nodes = [{"metadata": {"name": n, "labels": {"npu": "yes"}}} for n in ("n0", "n1")] + \
+        [{"metadata": {"name": "cpu-0", "labels": {}}}]
+    w = controller._workload(gap, pods[:1], nodes)
+    assert (w.ready, w.not_ready_nodes) == (1, ("n1",))
+    terminating = {**pods[1], "metadata": {**pods[1]["metadata"], "deletionTimestamp": "2026-12-05T00:00:00Z"}}
+    assert controller._workload(gap, [pods[0], terminating], nodes).not_ready_nodes == ("n1",)
     pending = {"status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "message": "0/1 nodes are available: Insufficient NPU"}]}}
     assert controller._validation_result(pending) == (None, "pending: 0/1 nodes are available: Insufficient NPU")
