@@ -13,9 +13,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit
 from tests.support.cluster import LocalCluster, down
 from tests.support.polling import wait_for
 
@@ -28,6 +31,7 @@ POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "first-npu-pod", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", default="/tmp/fuyao-bench-cluster")
+    add_out_argument(parser)
     args = parser.parse_args()
     started = time.monotonic()
     cluster = LocalCluster(args.state_dir)
@@ -43,9 +47,16 @@ def main() -> None:
         total = time.monotonic() - started
     finally:
         down(args.state_dir)
-    print(json.dumps({"benchmark": "local-cluster", "cache": "warm", "cluster_up_s": round(up, 1),
-                      "first_npu_pod_running_s": round(total, 1), "goal_s": 180,
-                      "baseline_design_doc_s": 540, "ratio_to_design_doc": round(total / 540, 3)}, indent=2))
+    emit({"benchmark": "local-cluster", "cache": "warm", "cluster_up_s": round(up, 1),
+          "first_npu_pod_running_s": round(total, 1), "goal_s": 180,
+          "baseline_design_doc_s": 540, "ratio_to_design_doc": round(total / 540, 3)}, args.out, "cluster", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    return [plots.bars(out / "cluster.png", "nothing running → first NPU pod Running (warm cache)", {
+        "cluster up": result["cluster_up_s"], "first NPU pod Running": result["first_npu_pod_running_s"],
+        "baseline: the design doc's deployment": result["baseline_design_doc_s"]}, "seconds",
+        goal=result["goal_s"], goal_label=f"goal {result['goal_s']} s")]
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 import psutil
 
+from bench import plots
+from bench.report import add_out_argument, emit, quantiles
 from tests.support.cluster import LocalCluster, down
 from tests.support.polling import wait_for
 
@@ -135,7 +137,8 @@ async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict[st
         return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2) if latencies else 0.0
 
     return {"requests": n, "errors": errors, "p50_ms": pct(50), "p99_ms": pct(99),
-            "mean_ms": round(statistics.fmean(latencies), 2) if latencies else 0.0}
+            "mean_ms": round(statistics.fmean(latencies), 2) if latencies else 0.0,
+            "cdf_ms": quantiles(latencies, 1.0, 2)}
 
 
 def phase(url: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
@@ -209,6 +212,7 @@ def main() -> None:
                         "the node would)")
     parser.add_argument("--state-dir", default="/tmp/fuyao-colocation")
     parser.add_argument("--seed", type=int, default=11)
+    add_out_argument(parser)
     args = parser.parse_args()
     from tests.support.runtime_image import build
 
@@ -288,7 +292,24 @@ def main() -> None:
                                        "L1/L0": round(r["ls_be_without_agent"]["p99_ms"] / r["ls_alone"]["p99_ms"], 2)}
                                       for r in rounds],
                         "goals": {"U2/U0": ">= 1.8", "L2/L0": "<= 1.15", "L1/L0": "visibly > 1"}}
-    print(json.dumps(result, indent=2))
+    emit(result, args.out, "colocation", charts)
+
+
+PHASES = {"ls_alone": "LS alone", "ls_be_without_agent": "LS + BE, no agent", "ls_be_with_agent": "LS + BE, agent"}
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    rounds = result.get("rounds") or []
+    paths = [plots.grouped_bars(out / "colocation-phases.png", "colocation on the real kubelet (median of rounds)", {
+        "node CPU utilization": {label: result[key]["utilization"] for key, label in PHASES.items()},
+        "LS p99 / LS-alone p99": {label: result[key]["p99_ms"] / result["ls_alone"]["p99_ms"]
+                                  for key, label in PHASES.items() if result["ls_alone"]["p99_ms"]}},
+        "fraction / ratio", goal=1.15, goal_label="goal: L2/L0 <= 1.15")]
+    if rounds and "cdf_ms" in rounds[0]["ls_alone"]:
+        paths.append(plots.quantile_cdf(out / "colocation-ls-latency.png", "LS request latency (first round)",
+                                        {label: rounds[0][key]["cdf_ms"] for key, label in PHASES.items()}, "ms",
+                                        log_x=True))
+    return paths
 
 
 if __name__ == "__main__":

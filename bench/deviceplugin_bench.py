@@ -19,17 +19,19 @@ Usage: bench/deviceplugin_bench.py [--calls 10000] [--health-trials 5] [--restar
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit, quantiles
 from deviceplugin.daemon import WATCH_INTERVAL_S
 from fuyao.contracts import RESOURCE_NPU
 from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--health-trials", type=int, default=5)
     parser.add_argument("--restarts", type=int, default=20)
     parser.add_argument("--start-trials", type=int, default=3)
+    add_out_argument(parser)
     args = parser.parse_args()
 
     base_start, base_rss = bare_python_baseline()
@@ -145,7 +148,8 @@ def main() -> None:
                         "baseline_empty_rpc_p50": ms(percentile(empty, 50)),
                         "baseline_empty_rpc_p99": ms(percentile(empty, 99)),
                         "ratio_p50": round(percentile(allocate, 50) / percentile(empty, 50), 2),
-                        "ratio_p99": round(percentile(allocate, 99) / percentile(empty, 99), 2)},
+                        "ratio_p99": round(percentile(allocate, 99) / percentile(empty, 99), 2),
+                        "cdf_ms": quantiles(allocate, 1e3), "baseline_empty_rpc_cdf_ms": quantiles(empty, 1e3)},
         "health_change_to_update_s": {"median": round(statistics.median(health_latency), 3),
                                       "max": round(max(health_latency), 3), "trials": len(health_latency),
                                       "interval_s": 1.0, "goal_s": 2.0,
@@ -158,7 +162,24 @@ def main() -> None:
         "rss_mb": {"plugin": round(rss / 2**20, 1), "baseline_python_grpc": round(base_rss / 2**20, 1),
                    "ratio": round(rss / base_rss, 2)},
     }
-    print(json.dumps(result, indent=2))
+    emit(result, args.out, "deviceplugin", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    allocate = result["allocate_ms"]
+    return [
+        plots.quantile_cdf(out / "deviceplugin-allocate.png", "Allocate latency (real gRPC over the kubelet socket)",
+                           {"Allocate (2 NPUs)": allocate["cdf_ms"],
+                            "baseline: empty RPC": allocate["baseline_empty_rpc_cdf_ms"]}, "ms", log_x=True),
+        plots.bars(out / "deviceplugin-ratios.png", "device plugin: each figure over its baseline", {
+            "start → registered\n/ import grpc": result["start_to_registered_s"]["ratio"],
+            "Allocate p50\n/ empty RPC": allocate["ratio_p50"],
+            "Allocate p99\n/ empty RPC": allocate["ratio_p99"],
+            "health → update\n/ poll interval": result["health_change_to_update_s"]["ratio_max_to_interval"],
+            "kubelet restart\n/ watch interval":
+                result["kubelet_restart_to_registered_s"]["ratio_median_to_watch_interval"],
+            "RSS / python+grpc": result["rss_mb"]["ratio"]}, "ratio"),
+    ]
 
 
 if __name__ == "__main__":

@@ -22,18 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import json
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit, quantiles
 from fuyao.contracts import RESOURCE_NPU
 from scheduler_extender.cluster import ClusterCache
 from scheduler_extender.config import build_config
@@ -108,12 +110,14 @@ def main() -> None:
     parser.add_argument("--extender-arg", action="append", default=[], help="--volcano: extra extender flags")
     parser.add_argument("--processes", type=int, default=1, help="--volcano: extender processes sharing the port "
                         "(--reuse-port)")
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.volcano:
         from bench.volcano_load import run
 
         sizes = [int(x) for x in args.prioritize_sizes.split(",") if x]
-        print(json.dumps(run(args.nodes, args.cycles, sizes, args.extender_arg, args.processes), indent=2))
+        emit(run(args.nodes, args.cycles, sizes, args.extender_arg, args.processes), args.out, "extender-volcano",
+             charts)
         return
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
@@ -168,6 +172,7 @@ def main() -> None:
                 "requests_per_s": round(2 * count / wall, 1),
                 "request_bytes": len(body),
                 "ratio_p50_to_healthz": round(pct(samples, 50) / pct(health, 50), 1),
+                "cdf_ms": quantiles(samples, 1e3, 2),
             }
         cold_samples = []
         for body in cold:
@@ -184,7 +189,39 @@ def main() -> None:
         bare.close()
         loop.call_soon_threadsafe(loop.stop)
         bare_loop.call_soon_threadsafe(bare_loop.stop)
-    print(json.dumps({"benchmark": "scheduler-extender", "pod": "2 NPUs", "results": results}, indent=2))
+    emit({"benchmark": "scheduler-extender", "pod": "2 NPUs", "results": results}, args.out, "extender", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    if result["benchmark"] == "scheduler-extender-volcano":
+        return volcano_charts(result, out)
+    rows = result["results"]
+    modes = [m for m in rows[0] if isinstance(rows[0][m], dict) and "filter_plus_prioritize_ms" in rows[0][m]]
+    sizes = [row["nodes"] for row in rows]
+    p99 = {m: (sizes, [row[m]["filter_plus_prioritize_ms"]["p99"] for row in rows]) for m in modes}
+    p99["baseline: GET /healthz"] = (sizes, [row["baseline_healthz_ms"]["p99"] for row in rows])
+    largest = rows[-1]
+    return [
+        plots.lines(out / "extender-p99.png", "filter + prioritize p99 by cluster size (2-NPU pod)", p99, "nodes",
+                    "ms", log=True),
+        plots.quantile_cdf(out / "extender-cdf.png", f"filter + prioritize at {largest['nodes']} nodes",
+                           {m: largest[m]["cdf_ms"] for m in modes if "cdf_ms" in largest[m]}, "ms", log_x=True),
+    ]
+
+
+def volcano_charts(result: dict[str, Any], out: Path) -> list[Path]:
+    phases = {"cold cycle": result["cold_cycle"], "warm cycles": result["warm_cycles"]}
+    prioritize = result.get("prioritize") or {}
+    paths = [plots.quantile_cdf(
+        out / "extender-volcano-predicate.png",
+        f"Volcano per-node predicate calls, {result['nodes']} nodes, {result['extender_processes']} process(es)",
+        {name: p["predicate_call_ms"]["cdf"] for name, p in phases.items() if "cdf" in p["predicate_call_ms"]},
+        "ms per call", log_x=True)]
+    if prioritize:
+        paths.append(plots.bars(out / "extender-volcano-prioritize.png", "Volcano prioritize with full NodeInfos", {
+            f"{size} NodeInfos ({p['body_mb']} MB)": p["ms_median_of_3"] for size, p in prioritize.items()},
+            "ms (median of 3)"))
+    return paths
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ Usage: bench/qos_bench.py [--pods 110] [--cycles 200]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit, quantiles
 from qos import cgroups
 from qos.agent import Agent
 from qos.collect import Collector
@@ -79,6 +81,7 @@ def measure(root: Path, version: int, driver: str, pods: int, cycles: int) -> di
             "cycle_cpu_ms": {"p50": round(p50 * 1e3, 2), "p99": round(sorted(costs)[int(0.99 * (len(costs) - 1))]
                                                                       * 1e3, 2)},
             "baseline_read_files_cpu_ms_p50": round(floor50 * 1e3, 2), "files": len(files),
+            "cdf_ms": quantiles(costs, 1e3, 2), "baseline_read_files_cdf_ms": quantiles(floor, 1e3, 2),
             "ratio_to_baseline": round(p50 / floor50, 2), "goal_ms": 50}
 
 
@@ -86,12 +89,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=110)
     parser.add_argument("--cycles", type=int, default=200)
+    add_out_argument(parser)
     args = parser.parse_args()
     results = []
     for version, driver in ((1, "cgroupfs"), (2, "systemd")):
         with tempfile.TemporaryDirectory(prefix="qosbench") as tmp:
             results.append(measure(Path(tmp), version, driver, args.pods, args.cycles))
-    print(json.dumps({"benchmark": "qos-agent-cycle", "results": results}, indent=2))
+    emit({"benchmark": "qos-agent-cycle", "results": results}, args.out, "qos", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    curves = {}
+    for row in result["results"]:
+        curves[f"agent cycle, cgroup {row['layout']} ({row['pods']} pods)"] = row["cdf_ms"]
+        curves[f"baseline: reading its files, {row['layout']}"] = row["baseline_read_files_cdf_ms"]
+    return [plots.quantile_cdf(out / "qos-cycle.png", "QoS agent: CPU time per cycle", curves, "CPU ms")]
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit, quantiles
 from tests.support.apiserver import free_port
 from tests.support.engines import Daemon
 
@@ -400,7 +402,8 @@ def summarize(samples: list[Sample], wall: float, fleet: Fleet, before: dict[str
         return None if v is None else round(v * 1000, 1)
 
     return {"requests": len(samples), "errors": len(samples) - len(ok),
-            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p88": ms(pct(ttft, 88)), "p99": ms(pct(ttft, 99))},
+            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p88": ms(pct(ttft, 88)), "p99": ms(pct(ttft, 99)),
+                        "cdf": quantiles(ttft, 1e3, 1)},
             "itl_ms_p50": ms(pct(itl, 50)), "e2e_ms_p50": ms(pct([s.e2e for s in ok], 50)),
             "throughput_tokens_per_s": round(sum(s.tokens for s in ok) / wall, 1),
             "requests_per_s": round(len(ok) / wall, 2),
@@ -511,6 +514,7 @@ def main() -> None:
     parser.add_argument("--routers", default="", help="only these, e.g. 'fuyao prefix-aware,vllm-router cache_aware'")
     parser.add_argument("--pd-rates", type=lambda v: [float(x) for x in v.split(",")], default=[3.0, 5.0, 7.0],
                         help="offered loads for the disaggregation comparison")
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.duration = 8.0
@@ -577,7 +581,41 @@ def main() -> None:
     if "overhead" in wanted:
         results["overhead"] = overhead(1000 if not args.quick else 50)
         print(f"overhead       {json.dumps(results['overhead'])}", flush=True)
-    print(json.dumps(results, indent=2))
+    emit(results, args.out, "router", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    """Per workload, TTFT CDFs of every router; TTFT p88 over round-robin's; P/D goodput by offered load; the
+    router's own overhead."""
+    paths = []
+    tables = {name: rows for name, rows in (result.get("workloads") or {}).items()}
+    if result.get("vllm_pressure"):
+        tables["vllm-pressure"] = result["vllm_pressure"]["rows"]
+    ratios: dict[str, dict[str, float | None]] = {}
+    for name, rows in tables.items():
+        ok = {router: row for router, row in rows.items() if "ttft_ms" in row and row["ttft_ms"].get("p88")}
+        paths.append(plots.quantile_cdf(out / f"router-{name}-ttft.png", f"{name}: time to first token",
+                                        {router: row["ttft_ms"].get("cdf", []) for router, row in ok.items()}, "ms",
+                                        log_x=True))
+        base = ok.get("fuyao round-robin")
+        if base:
+            ratios[name] = {router: row["ttft_ms"]["p88"] / base["ttft_ms"]["p88"] for router, row in ok.items()
+                            if router != "fuyao round-robin"}
+    if ratios:
+        paths.append(plots.grouped_bars(out / "router-ttft-p88-ratio.png", "TTFT p88 / fuyao round-robin's (lower "
+                                        "is better)", ratios, "ratio", goal=1.0, goal_label="round-robin"))
+    if result.get("pd"):
+        runs = result["pd"]["runs"]
+        paths.append(plots.lines(out / "router-pd-goodput.png", "goodput within the SLO by offered load", {
+            layout: ([float(rate.split()[0]) for rate in rows], [r["smooth_goodput_requests_per_s"]
+                                                                 for r in rows.values()])
+            for layout, rows in runs.items()}, "offered requests / s", "requests / s within the SLO"))
+    if result.get("overhead"):
+        over = {k: v for k, v in result["overhead"].items() if isinstance(v, dict)}
+        paths.append(plots.grouped_bars(out / "router-overhead.png", "router overhead on a zero-latency engine", {
+            "added p50 (ms)": {k: v["added_p50_ms"] for k, v in over.items()},
+            "CPU ms / request": {k: v["router_cpu_ms_per_request"] for k, v in over.items()}}, "ms"))
+    return paths
 
 
 if __name__ == "__main__":

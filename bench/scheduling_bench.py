@@ -14,7 +14,6 @@ Usage: bench/scheduling_bench.py [--nodes 1000] [--pods 5000] [--no-bind] [--sho
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -29,6 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
+from bench.report import add_out_argument, emit
 from fuyao.kube_watch import ListWatch
 from tests.support.apiserver import LocalApiServer, binary, free_port
 from tests.support.k8s_objects import node, topology
@@ -225,6 +226,7 @@ def main() -> None:
                         help="pairs of runs (alone and with the extender, in alternating order), on the same API "
                              "server and nodes; the ratio reported is the median of the pairs' ratios (on a shared "
                              "machine one pair can be off by 0.1 either way)")
+    add_out_argument(parser)
     args = parser.parse_args()
     server = LocalApiServer(extra_args=("--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000"))
     server.start()
@@ -259,7 +261,23 @@ def main() -> None:
     if len(pairs) > 1:
         result["ratios"] = ratios
         result["median_pair"] = middle + 1
-    print(json.dumps(result, indent=2))
+    result["pairs"] = [{"alone_pods_per_s": a["pods_per_s"], "with_extender_pods_per_s": w["pods_per_s"]}
+                       for a, w in pairs]
+    emit(result, args.out, "scheduling", charts)
+
+
+def charts(result: dict[str, Any], out: Path) -> list[Path]:
+    pairs = result.get("pairs") or [{"alone_pods_per_s": result["kube_scheduler_alone"]["pods_per_s"],
+                                     "with_extender_pods_per_s": result["with_fuyao_extender"]["pods_per_s"]}]
+    title = f"{result['nodes']} nodes: scheduling throughput, kube-scheduler alone and with the extender"
+    return [plots.grouped_bars(out / "scheduling.png", title, {
+        f"pair {i + 1}": {"kube-scheduler alone": p["alone_pods_per_s"],
+                          "with the fuyao extender": p["with_extender_pods_per_s"]} for i, p in enumerate(pairs)},
+        "pods / s"),
+        plots.bars(out / "scheduling-ratio.png", "with the extender / alone (median pair marked)", {
+            f"pair {i + 1}{' (median)' if i + 1 == result.get('median_pair', 1) else ''}":
+                p["with_extender_pods_per_s"] / p["alone_pods_per_s"] for i, p in enumerate(pairs)},
+            "ratio", goal=result["goal_ratio"], goal_label=f"goal {result['goal_ratio']}")]
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import quantiles  # noqa: E402
 from fuyao.contracts import RESOURCE_NPU  # noqa: E402
 from tests.support import volcano as vc  # noqa: E402
 from tests.support.apiserver import free_port  # noqa: E402
@@ -249,7 +250,8 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str],
                     "calls_per_cycle": round(calls / cycles),
                     "new_connections_per_cycle": round(opened / cycles),
                     "predicate_call_ms": {"p50": round(pct(latencies, 50) * 1e3, 2),
-                                          "p99": round(pct(latencies, 99) * 1e3, 2)},
+                                          "p99": round(pct(latencies, 99) * 1e3, 2),
+                                          "cdf": quantiles(latencies, 1e3, 2)},
                     "cycle_wall_ms": {"p50": round(pct(walls, 50) * 1e3, 1), "p99": round(pct(walls, 99) * 1e3, 1),
                                       "max": round(max(walls) * 1e3, 1)},
                     "extender_cpu_ms_per_call": round(cpu / calls * 1e3, 3)}
@@ -307,6 +309,7 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str],
         for proc in procs:
             proc.wait(10)
     sizes = [len(b) for b in encoded]
-    return {"nodes": n, "extender_processes": processes, "pods_per_node": "20-60",
+    return {"benchmark": "scheduler-extender-volcano", "nodes": n, "extender_processes": processes,
+            "pods_per_node": "20-60",
             "nodeinfo_kb": {"median": round(statistics.median(sizes) / 1024), "max": round(max(sizes) / 1024)},
             "built_s": round(built_s, 1), **result}

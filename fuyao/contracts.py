@@ -181,6 +181,8 @@ ANNOTATION_CONTAINER_DEVICES = "npu.openfuyao.com/devices"
 
 # Service annotations of the design doc (the doc writes ``inference.openFuyao.com``; keys must be lowercase)
 ANNOTATION_ENABLE_ROUTER = "inference.openfuyao.com/enable-router"
+ANNOTATION_LEADER_URL = "inference.openfuyao.com/leader-url"
+"""On a leader-election Lease: where its holder serves (the extender's followers forward binds there)."""
 ANNOTATION_KV_CACHE_POLICY = "inference.openfuyao.com/kv-cache-policy"
 ANNOTATION_HEALTH_CHECK_PATH = "inference.openfuyao.com/health-check-path"
 ANNOTATION_HEALTH_CHECK_INTERVAL = "inference.openfuyao.com/health-check-interval"

@@ -130,7 +130,12 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "scheduler-extender": obj({
         **common(), **placement(), "priorityClassName": string(), "resources": RESOURCES,
-        "replicas": integer(0, 1, "at most one binder: the extender keeps the devices it just assigned in memory"),
+        "replicas": integer(0, None, "replicas behind the Service; with bind, more than one needs leaderElection"),
+        "leaderElection": obj({"enabled": boolean("elect the binder with a Lease; followers forward binds to it"),
+                               "leaseDuration": DURATION, "renewDeadline": DURATION, "retryPeriod": DURATION}),
+        "antiAffinity": {"enum": ["", "soft", "hard"], "description": "spread the replicas over nodes (when "
+                         "affinity is empty): soft prefers it, hard requires it"},
+        "podDisruptionBudget": obj({"enabled": boolean(), "minAvailable": integer(0)}),
         "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,
                         "clusterIP": string(pattern=r"^$|^None$|^[0-9a-fA-F.:]+$")}),
         "tls": obj({"secretName": string("a kubernetes.io/tls Secret; empty: plain HTTP")}),

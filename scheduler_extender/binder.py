@@ -125,8 +125,9 @@ class Binder:
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             return None, f"cannot read pod {args.pod_namespace}/{args.pod_name}: the API server sent {exc}"
 
-    async def __call__(self, args: BindingArgs) -> str:
-        """Bind; returns "" or the error the scheduler should see."""
+    async def __call__(self, args: BindingArgs, forwarded: bool = False) -> str:
+        """Bind; returns "" or the error the scheduler should see (``forwarded``: sent by another replica; the
+        single binder binds it all the same)."""
         pod = self.cache.pod_by_uid(args.pod_uid) if args.pod_uid else None
         if pod is None or pod.name != args.pod_name or pod.namespace != args.pod_namespace:
             pod, error = await self._read_pod(args)
@@ -161,8 +162,12 @@ class Binder:
             assignment = assignment_for(pod, node)
         except AssignmentFailed as exc:
             return str(exc)
+        annotations = dict(pod.annotations)
+        if assignment:
+            annotations[ANNOTATION_POD_ASSIGNED] = dump_annotation(assignment)
+        # assumed as the watch will report it (node, assignment annotation): then its event costs no recomputation
         self.cache.assume(dataclasses.replace(pod, node_name=args.node, assignment=assignment,
-                                              phase_status="Pending"))
+                                              annotations=annotations, phase_status="Pending"))
         # One request, atomic in the API server: the binding sets the node and the annotations together, on the
         # condition that the pod still has this uid and resourceVersion (409 otherwise).
         metadata: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace}
@@ -171,7 +176,7 @@ class Binder:
         if pod.resource_version:
             metadata["resourceVersion"] = pod.resource_version
         if assignment:
-            metadata["annotations"] = {ANNOTATION_POD_ASSIGNED: dump_annotation(assignment)}
+            metadata["annotations"] = {ANNOTATION_POD_ASSIGNED: annotations[ANNOTATION_POD_ASSIGNED]}
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": metadata,
                    "target": {"apiVersion": "v1", "kind": "Node", "name": args.node}}
         status: int | str

@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
+import ssl
 import sys
 
 from fuyao import daemon
 from fuyao.kube_client import connect, rest_endpoint
+from fuyao.leader import LeaderElector, Timing
 
 from .binder import Binder, PodWarnings
 from .cluster import ClusterCache, Watcher
 from .config import ConfigError, ExtenderConfig, build_config, load_config_file
+from .leading import LeaderBinder
 from .metrics import ExtenderMetrics
 from .server import build_app, ssl_context
 from .service import ExtenderService
@@ -39,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (with --tls-key-file)")
     p.add_argument("--tls-key-file", help="private key of --tls-cert-file")
     p.add_argument("--no-bind", action="store_true", help="do not act as the binder (bindVerb)")
+    p.add_argument("--leader-elect", action="store_true",
+                   help="several replicas: elect the binder with a Lease; followers forward binds to it (config "
+                        "leaderElection; identity and address from POD_NAME / POD_NAMESPACE / POD_IP)")
     p.add_argument("--reuse-port", action="store_true",
                    help="let several extender processes listen on the same port (SO_REUSEPORT): each decides the "
                         "requests on the connections the kernel gives it, with its own state, metrics and /explain "
@@ -53,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> ExtenderConfig:
         overrides["reuse_port"] = True
     if args.no_bind:
         overrides["bind"] = False
+    if args.leader_elect:
+        overrides["leader_election.enabled"] = True
     if args.tls_cert_file or args.tls_key_file:
         if not (args.tls_cert_file and args.tls_key_file):
             raise ConfigError("tls", "--tls-cert-file and --tls-key-file go together")
@@ -65,14 +75,24 @@ async def serve(config: ExtenderConfig) -> int:
     cache = ClusterCache(config.plugins.pd_affinity.topology_key)
     metrics = ExtenderMetrics()
     api = connect(config.kubeconfig)
-    watcher = None
-    binder = warnings = None
+    watcher = elector = None
+    binder: Binder | LeaderBinder | None = None
+    warnings = None
     if api is not None:
         watcher = Watcher(rest_endpoint(api), cache, bound_pods_only=not config.bind)
         await watcher.start()
         warnings = PodWarnings(api)
         if config.bind:
             binder = Binder(rest_endpoint(api), cache, metrics)
+            if config.leader_election.enabled:
+                elector = LeaderElector(
+                    rest_endpoint(api), **election_identity(config),
+                    timing=Timing(config.leader_election.lease_duration, config.leader_election.renew_deadline,
+                                  config.leader_election.retry_period),
+                    on_change=lambda leading: metrics.leader.set(1 if leading else 0)).start()
+                binder = LeaderBinder(binder, elector, metrics, forwarding_ssl(config))
+            else:
+                metrics.leader.set(1)
     else:
         log.info("no cluster configured: serving requests that carry full Node objects only; /readyz says so")
     service = ExtenderService(config, cache, metrics, binder=binder, warn_pod=warnings, has_cluster=api is not None)
@@ -86,11 +106,48 @@ async def serve(config: ExtenderConfig) -> int:
     # outlive it, so vc-scheduler and kube-scheduler never write into a connection the extender is closing
     code = await daemon.serve_until_signal(build_app(service), config.listen, log, ssl_context=context, started=started,
                                            keepalive_timeout=GO_IDLE_CONN_TIMEOUT_S + 30, reuse_port=config.reuse_port)
+    if elector is not None:
+        await elector.stop(release=True)  # a successor takes over at once
     if watcher is not None:
         await watcher.stop()
     if binder is not None:
         await binder.close()
     return code
+
+
+def election_identity(config: ExtenderConfig) -> dict[str, str]:
+    """Where the Lease lives, who this replica is, and where followers reach it: from the config, else the pod's
+    downward-API environment (POD_NAMESPACE, POD_NAME, POD_IP), else the service account's namespace and the host."""
+    le = config.leader_election
+    namespace = le.namespace or os.environ.get("POD_NAMESPACE") or _service_account_namespace() or "default"
+    identity = le.identity or os.environ.get("POD_NAME") or socket.gethostname()
+    url = le.advertise_url
+    if not url:
+        host, _, port = config.listen.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
+        url = f"{'https' if config.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    return {"namespace": namespace, "name": le.lease_name, "identity": identity, "url": url}
+
+
+def _service_account_namespace() -> str | None:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def forwarding_ssl(config: ExtenderConfig) -> ssl.SSLContext | None:
+    """TLS for binds forwarded to the leader: every replica serves the same certificate, so that certificate is the
+    one trusted (pinned; the leader is reached by pod IP, which the certificate need not name)."""
+    if not config.tls:
+        return None
+    context = ssl.create_default_context(cafile=config.tls.cert_file)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -100,6 +100,16 @@ class ClusterCache:
             if old is not None and _same_accounting(old, pod):  # node_name is one of the accounted fields
                 self._pods[pod.uid] = pod  # a status update (Running, conditions, IPs): the node's rows stay
                 info = self._infos.get(pod.node_name or "")
+                if info is not None:
+                    info.pods[:] = [pod if p.uid == pod.uid else p for p in info.pods]
+                return
+            assumed = self._assumed.get(pod.uid)
+            if pod.node_name and (old is None or not old.node_name) and assumed is not None \
+                    and _same_accounting(assumed[0], pod):
+                # our own bind, reported by the watch as we assumed it: the node's row already counts it
+                self._unassume(pod.uid)
+                self._put_pod(pod)
+                info = self._infos.get(pod.node_name)
                 if info is not None:
                     info.pods[:] = [pod if p.uid == pod.uid else p for p in info.pods]
                 return
@@ -237,27 +247,20 @@ class ClusterCache:
         with self.lock:
             return self._pods_on(node)
 
-    def node_info(self, name: str, obj: Mapping[str, Any] | None = None) -> NodeInfo | None:
-        """The node as the cache knows it, or parsed from ``obj`` (the scheduler sent the full Node) with the
-        cached pods on it."""
-        if obj is not None:
-            return parse_node(obj, self.pods_on(name))
+    def node_info(self, name: str) -> NodeInfo | None:
+        """The node as the cache knows it."""
         with self.lock:
             return self._infos.get(name)
 
-    def names_if_current(self, raws: list[dict[str, Any]]) -> list[str] | None:
-        """The names of these full Node objects if the cache holds exactly these versions of them (so its table
-        rows describe them), else None."""
-        names = []
+    def names_if_current(self, nodes: list[tuple[str, str]]) -> list[str] | None:
+        """The names of these (name, resourceVersion) Nodes if the cache holds exactly these versions of them (so
+        its table rows describe them), else None."""
         with self.lock:
-            for raw in raws:
-                meta = raw["metadata"]
-                known = self._nodes.get(meta["name"])
-                if known is None or not known.resource_version or known.resource_version != meta.get(
-                        "resourceVersion"):
+            for name, version in nodes:
+                known = self._nodes.get(name)
+                if known is None or not known.resource_version or known.resource_version != version:
                     return None
-                names.append(meta["name"])
-        return names
+        return [name for name, _ in nodes]
 
     def all_nodes(self) -> dict[str, NodeInfo]:
         with self.lock:

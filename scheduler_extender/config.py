@@ -6,6 +6,15 @@ listen: 127.0.0.1:8888
 tls: {certFile: /etc/fuyao/tls.crt, keyFile: /etc/fuyao/tls.key}
 kubeconfig: null              # in-cluster config in a pod; without either, no watches (requests carry Nodes)
 bind: true                    # act as the binder (bindVerb): choose devices, annotate, create the Binding
+leaderElection:               # several replicas: one binds (the Lease holder), the others forward binds to it
+  enabled: false
+  namespace: null             # default: the pod's namespace (POD_NAMESPACE)
+  leaseName: fuyao-scheduler-extender
+  identity: null              # default: POD_NAME, else the host name
+  advertiseUrl: null          # where followers reach this replica; default: <scheme>://POD_IP:<listen port>
+  leaseDuration: 15s
+  renewDeadline: 10s
+  retryPeriod: 2s
 plugins:                      # weight 0 turns scoring off (the filter still runs)
   deviceFit: {weight: 3, strategy: binpack}
   numa: {weight: 2}
@@ -22,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import ConfigSection, HostPort, load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
 
 CONFIG_VERSION = "v1"
@@ -33,6 +42,25 @@ CONFIG_VERSION = "v1"
 class TlsSettings(ConfigSection):
     cert_file: str
     key_file: str
+
+
+class LeaderElectionSettings(ConfigSection):
+    enabled: bool = False
+    namespace: str | None = None
+    lease_name: str = Field(default="fuyao-scheduler-extender", min_length=1, max_length=253,
+                            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    identity: str | None = None
+    advertise_url: str | None = Field(default=None, pattern=r"^https?://")
+    lease_duration: Seconds = 15.0
+    renew_deadline: Seconds = 10.0
+    retry_period: Seconds = 2.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElectionSettings:
+        if not 0 < self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("needs 0 < retryPeriod < renewDeadline < leaseDuration (client-go's rule: a leader "
+                             "steps down before anyone may take over)")
+        return self
 
 
 class DeviceFitArgs(ConfigSection):
@@ -96,6 +124,7 @@ class ExtenderConfig(ConfigSection):
     tls: TlsSettings | None = None
     kubeconfig: str | None = None
     bind: bool = True
+    leader_election: LeaderElectionSettings = LeaderElectionSettings()
     metrics: bool = True
     explain_entries: int = Field(default=10000, ge=0, description="pods whose last decision /explain keeps")
     explain_node_budget: int = Field(default=2_000_000, ge=0, description="node entries (scores, rejections) "
@@ -110,6 +139,8 @@ class ExtenderConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _one_binder(self) -> ExtenderConfig:
+        if self.leader_election.enabled and not self.bind:
+            raise ValueError("leaderElection elects the binder: it needs bind: true")
         if self.reuse_port and self.bind:
             raise ValueError("reuse_port needs bind: false: the binder remembers the devices it has just assigned "
                              "until the watch shows them, and several processes would each remember only their own")

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
+import msgspec
+import orjson
 
-class ProtocolError(ValueError):
-    """The request does not have the shape of the verb's arguments; the message says what is wrong."""
+from fuyao.http_body import parse_json
+
+from . import partial
+from .partial import ProtocolError
 
 
 def _object(body: Any, what: str) -> dict[str, Any]:
@@ -39,14 +43,36 @@ def _key(body: Mapping[str, Any], name: str) -> Any:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    """A Node the scheduler sent in full: its name and version (what the cache's rows are checked against), and the
+    object as it came: its JSON bytes (the answer repeats them, and they are decoded only when needed) or, when the
+    request was decoded whole, the object."""
+
+    name: str
+    version: str
+    raw: bytes | memoryview | msgspec.Raw | None = None
+    obj: dict[str, Any] | None = None
+
+    def decoded(self) -> dict[str, Any]:
+        """What the extender reads of the Node (partial decoding)."""
+        if self.obj is not None:
+            return self.obj
+        return partial.decode(partial.NODE, self.raw, f"ExtenderArgs.Nodes[{self.name}]")  # type: ignore[arg-type]
+
+    def json(self) -> bytes:
+        return bytes(self.raw) if self.raw is not None else orjson.dumps(self.obj)
+
+
 @dataclass(frozen=True)
 class ExtenderArgs:
     pod: dict[str, Any]
-    nodes: list[dict[str, Any]] | None  # full Node objects (nodeCacheCapable: false)
+    nodes: list[NodeRef] | None  # full Node objects (nodeCacheCapable: false)
     node_names: list[str] | None  # names only (nodeCacheCapable: true)
 
 
 def parse_extender_args(body: Any) -> ExtenderArgs:
+    """From decoded JSON (Go's decoder matches keys case-insensitively; so does this)."""
     body = _object(body, "ExtenderArgs")
     pod = _key(body, "Pod")
     if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
@@ -55,33 +81,75 @@ def parse_extender_args(body: Any) -> ExtenderArgs:
     names = _key(body, "NodeNames")
     if nodes is None and names is None:
         raise ProtocolError("ExtenderArgs: one of Nodes or NodeNames is required")
-    node_items = None
+    refs = None
     if nodes is not None:
         items = nodes.get("items") if isinstance(nodes, dict) else None
         if not isinstance(items, list) or not all(isinstance(n, dict) and isinstance(n.get("metadata"), dict)
                                                   and isinstance(n["metadata"].get("name"), str) for n in items):
             raise ProtocolError("ExtenderArgs.Nodes: expected a NodeList whose items are Nodes with metadata.name")
-        node_items = items
+        refs = [NodeRef(n["metadata"]["name"], _version(n["metadata"].get("resourceVersion")), obj=n) for n in items]
     node_names = None
     if names is not None:
         if not isinstance(names, list) or not set(map(type, names)) <= {str}:  # (C-level: ~400 names per call)
             raise ProtocolError("ExtenderArgs.NodeNames: expected an array of strings")
         node_names = names
-    return ExtenderArgs(pod=pod, nodes=node_items, node_names=node_names)
+    return ExtenderArgs(pod=pod, nodes=refs, node_names=node_names)
+
+
+def _version(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class _NodeList(TypedDict, total=False):
+    items: list[msgspec.Raw] | None
+
+
+class _Args(TypedDict, total=False):
+    Pod: partial.Pod | None
+    Nodes: _NodeList | None
+    NodeNames: Any
+
+
+_ARGS = msgspec.json.Decoder(_Args)
+
+
+def decode_extender_args(raw: bytes) -> ExtenderArgs:
+    """From the request's bytes, decoding only what the extender reads: the Pod, and of each Node its name and
+    version; each Node's bytes are kept undecoded (decoded later only if the cache does not hold that version, and
+    repeated as they are in a filter's answer). A body with other key spellings (``pod``) is decoded whole, after
+    the depth check of every other JSON body."""
+    try:
+        body = partial.decode(_ARGS, raw, "ExtenderArgs")
+    except ProtocolError:
+        body = None  # decoded whole below: the error names what is wrong as for decoded JSON
+    if body is None or "Pod" not in body or ("Nodes" not in body and "NodeNames" not in body):
+        return parse_extender_args(parse_json(raw))
+    nodes = body.get("Nodes")
+    refs = None
+    if nodes is not None:
+        refs = []
+        for item in nodes.get("items") or []:
+            meta = partial.decode(partial.NODE_HEAD, item, "ExtenderArgs.Nodes.items").get("metadata")
+            if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+                raise ProtocolError("ExtenderArgs.Nodes: expected a NodeList whose items are Nodes with "
+                                    "metadata.name")
+            refs.append(NodeRef(meta["name"], _version(meta.get("resourceVersion")), raw=item))
+        body["Nodes"] = {"items": []}  # checked by parse_extender_args below without the items
+    args = parse_extender_args(body)
+    return ExtenderArgs(pod=args.pod, nodes=refs, node_names=args.node_names)
 
 
 def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],
-                  unresolvable: Mapping[str, str], error: str = "") -> dict[str, Any]:
-    """``passed``: the feasible node names, in the order of the request."""
-    keep = set(passed) if args.nodes is not None else ()
-    return {
-        "Nodes": ({"metadata": {}, "items": [n for n in args.nodes if n["metadata"]["name"] in keep]}
-                  if args.nodes is not None else None),
-        "NodeNames": list(passed) if args.node_names is not None else None,
-        "FailedNodes": dict(failed),
-        "FailedAndUnresolvableNodes": dict(unresolvable),
-        "Error": error,
-    }
+                  unresolvable: Mapping[str, str], error: str = "") -> bytes:
+    """The encoded ``ExtenderFilterResult``. ``passed``: the feasible node names, in the order of the request. In
+    ``Nodes`` form the passing Nodes are the request's own bytes, not encoded again."""
+    rest = orjson.dumps({"FailedNodes": dict(failed), "FailedAndUnresolvableNodes": dict(unresolvable),
+                         "Error": error})
+    if args.nodes is None:
+        return b'{"Nodes":null,"NodeNames":' + orjson.dumps(list(passed)) + b"," + rest[1:]
+    keep = set(passed)
+    items = b",".join([ref.json() for ref in args.nodes if ref.name in keep])
+    return b'{"Nodes":{"metadata":{},"items":[' + items + b']},"NodeNames":null,' + rest[1:]
 
 
 def priority_list(hosts: Sequence[str], scores: Sequence[int]) -> list[dict[str, Any]]:

@@ -23,6 +23,13 @@ class ExtenderMetrics:
                                  "watch cache did not have yet, or a stale copy) and bind, by HTTP status",
                                  ("call", "code"), registry=r)
         self.nodes = Gauge("fuyao_extender_cached_nodes", "Nodes in the watch cache", registry=r)
+        self.leader = Gauge("fuyao_extender_leader", "1 while this replica holds the binder lease (leaderElection; "
+                            "always 1 for a single binder, 0 when not binding)", registry=r)
+        self.forwarded = Counter("fuyao_extender_forwarded_binds_total", "Binds a follower replica forwarded to the "
+                                 "leader, by result (ok, error: the leader answered an error, unreachable, "
+                                 "no-leader)", ("result",), registry=r)
+        for result in ("ok", "error", "unreachable", "no-leader"):
+            self.forwarded.labels(result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,7 +48,7 @@ from fuyao.contracts import (
     resolve_qos,
 )
 
-from .kube_protocol import ProtocolError
+from .partial import ProtocolError
 
 log = logging.getLogger(__name__)
 

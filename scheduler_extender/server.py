@@ -26,7 +26,8 @@ from aiohttp import web
 
 from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, read_body, read_json
 
-from .kube_protocol import ProtocolError
+from .leading import FORWARDED_PATH
+from .partial import ProtocolError
 from .service import ExtenderService
 from .volcano_verbs import VolcanoVerbs
 
@@ -54,10 +55,11 @@ def _ack(service: ExtenderService, name: str) -> Callable[[web.Request], Any]:
 
 
 def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
-    """``call(body)`` encoded; the errors of a well-formed JSON document whose objects have the wrong types deep
-    inside (spec: "x") are the client's: :class:`ProtocolError`."""
+    """``call(body)`` encoded (unless it answers bytes: encoded already); the errors of a well-formed JSON document
+    whose objects have the wrong types deep inside (spec: "x") are the client's: :class:`ProtocolError`."""
     try:
-        return orjson.dumps(call(body))
+        answer = call(body)
+        return answer if isinstance(answer, bytes) else orjson.dumps(answer)
     except ProtocolError:
         raise
     except (AttributeError, TypeError, ValueError, ArithmeticError, KeyError) as exc:
@@ -123,10 +125,11 @@ def build_app(service: ExtenderService) -> web.Application:
         "/filter": ("filter", s.filter),
         "/prioritize": ("prioritize", s.prioritize),
         "/bind": ("bind", s.bind),
+        FORWARDED_PATH: ("bind-forwarded", s.bind_forwarded),
         "/preempt": ("preempt", s.preempt),
         **VolcanoVerbs(service).routes(),
     }
-    raw_verbs = {f"volcano-{verb}" for verb in VolcanoVerbs.RAW}
+    raw_verbs = {"filter", "prioritize"} | {f"volcano-{verb}" for verb in VolcanoVerbs.RAW}
     for path, (name, call) in routes.items():
         app.router.add_post(path, _verb(service, name, call, big, raw_body=name in raw_verbs,
                                         max_body=VOLCANO_PRIORITIZE_MAX_BODY if name == "volcano-prioritize"

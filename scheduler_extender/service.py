@@ -14,19 +14,24 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+import xxhash
+
 from . import kube_protocol as kp
 from .cluster import ClusterCache
 from .config import ExtenderConfig
 from .features import NodeTable, NodeView, PdIndex
 from .framework import Cycle, Explanation, Framework, to_extender_scores
 from .metrics import ExtenderMetrics
-from .model import NodeInfo, PodInfo, parse_pod
+from .model import NodeInfo, PodInfo, parse_node, parse_pod
+from .partial import Kept
 from .plugins import BusinessTypePlugin, ColocationPlugin, DeviceFitPlugin, NumaPlugin, PdAffinityPlugin
 from .plugins.colocation import be_victims
 
 log = logging.getLogger(__name__)
 
 SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
+REQUEST_NODES_KEPT = 16_384
+"""Nodes parsed from kube-scheduler's full-Node requests, by (name, resourceVersion)."""
 SOFT_SHORTLIST = 16
 """With ``shortlist: 1``, pods with soft scheduling preferences still get this many nodes, for kube-scheduler to weigh
 their preferences."""
@@ -87,7 +92,7 @@ class Explanations:
 
 class ExtenderService:
     def __init__(self, config: ExtenderConfig, cache: ClusterCache, metrics: ExtenderMetrics,
-                 binder: Callable[[kp.BindingArgs], Awaitable[str]] | None = None,
+                 binder: Callable[[kp.BindingArgs, bool], Awaitable[str]] | None = None,
                  warn_pod: Callable[[PodInfo, str], None] | None = None, has_cluster: bool = False):
         self.config = config
         self.cache = cache
@@ -106,6 +111,7 @@ class ExtenderService:
         self._warned: set[tuple[str, str]] = set()
         # pod uid → the shortlist's scores, computed by filter, answered by the prioritize that follows it
         self._shortlisted: OrderedDict[str, Explanation] = OrderedDict()
+        self._request_nodes: Kept[Any, NodeInfo] = Kept(REQUEST_NODES_KEPT)
 
     # Shared ------------------------------------------------------------------------------------------------------
     def pod(self, raw: Mapping[str, Any]) -> PodInfo:
@@ -139,24 +145,42 @@ class ExtenderService:
         holds; otherwise from the Node objects of the request."""
         names = args.node_names
         if names is None and self.cache.ready:
-            names = self.cache.names_if_current(args.nodes or [])
+            names = self.cache.names_if_current([(ref.name, ref.version) for ref in args.nodes or []])
         if names is not None:
             self.cache.expire_assumed()
             with self.cache.lock:
                 view, unknown = self.cache.table.view(names)
                 yield view, Cycle(pd=self.cache.pd, domains=self.cache.table), unknown
             return
-        infos = [info for raw in args.nodes or [] if (info := self.cache.node_info(raw["metadata"]["name"], raw))]
+        infos = [self._request_node(ref) for ref in args.nodes or []]
         with self.request_view(infos) as (view, cycle):
             yield view, cycle, []
+
+    def _request_node(self, ref: kp.NodeRef) -> NodeInfo:
+        """A Node the request carried, with the cache's pods on it. The Node is parsed once per version (by name
+        and resourceVersion, or by its bytes when it has no version)."""
+        if ref.version:
+            key: Any = (ref.name, ref.version)
+        elif ref.raw is not None:
+            key = xxhash.xxh3_128_digest(ref.raw)
+        else:
+            return parse_node(ref.decoded(), self.cache.pods_on(ref.name))
+        base = self._request_nodes.get_or(key, lambda: parse_node(ref.decoded()))
+        pods = self.cache.pods_on(ref.name)
+        return dataclasses.replace(base, pods=pods, memo={}).refresh() if pods else base
 
     def observe(self, rejections: Mapping[tuple[str, str], int]) -> None:
         for (plugin, code), count in rejections.items():
             self.metrics.rejections.labels(plugin, code).inc(count)
 
     # kube-scheduler --------------------------------------------------------------------------------------------
-    def filter(self, body: Any) -> dict[str, Any]:
-        args = kp.parse_extender_args(body)
+    def args(self, body: bytes | Any) -> kp.ExtenderArgs:
+        """``body``: the request's bytes (the server's path: only what is read is decoded) or decoded JSON."""
+        return kp.decode_extender_args(body) if isinstance(body, bytes) else kp.parse_extender_args(body)
+
+    def filter(self, body: bytes | Any) -> bytes:
+        """The encoded ``ExtenderFilterResult``."""
+        args = self.args(body)
         pod = self.pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
@@ -191,14 +215,14 @@ class ExtenderService:
             return SOFT_SHORTLIST
         return self.config.shortlist
 
-    def prioritize(self, body: Any) -> list[dict[str, Any]]:
-        args = kp.parse_extender_args(body)
+    def prioritize(self, body: bytes | Any) -> list[dict[str, Any]]:
+        args = self.args(body)
         pod = self.pod(args.pod)
         if args.node_names is not None and not self.cache.ready:
             return []  # the filter already answered with an error
         with self.cache.lock:
             explanation = self._shortlisted.pop(pod.uid or pod.key, None)
-        asked = args.node_names if args.node_names is not None else [n["metadata"]["name"] for n in args.nodes or []]
+        asked = args.node_names if args.node_names is not None else [ref.name for ref in args.nodes or []]
         if explanation is None or len(explanation.names) != len(asked) or set(explanation.names) != set(asked):
             with self._candidates(args) as (view, cycle, _unknown):
                 explanation = self.framework.score(pod, view, cycle)
@@ -209,12 +233,19 @@ class ExtenderService:
         return kp.priority_list(explanation.names, to_extender_scores(explanation.totals))  # type: ignore[arg-type]
 
     async def bind(self, body: Any) -> dict[str, Any]:
+        return await self._bind(body, forwarded=False)
+
+    async def bind_forwarded(self, body: Any) -> dict[str, Any]:
+        """A bind another replica forwarded to this one (the binder lease's holder): bound here, never forwarded."""
+        return await self._bind(body, forwarded=True)
+
+    async def _bind(self, body: Any, forwarded: bool) -> dict[str, Any]:
         args = kp.parse_binding_args(body)
         if self.binder is None:
             error = "this extender is not configured to bind (no cluster, or bind: false)"
         else:
-            error = await self.binder(args)
-        self.metrics.decisions.labels("bind", "error" if error else "ok").inc()
+            error = await self.binder(args, forwarded)
+        self.metrics.decisions.labels("bind-forwarded" if forwarded else "bind", "error" if error else "ok").inc()
         return {"Error": error}
 
     def preempt(self, body: Any) -> dict[str, Any]:

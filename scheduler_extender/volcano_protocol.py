@@ -36,8 +36,9 @@ from typing import Any, TypedDict
 
 import msgspec
 
-from .kube_protocol import ProtocolError
+from . import partial
 from .model import NodeInfo, PodInfo, parse_node, quantity
+from .partial import ProtocolError
 
 
 class TaskStatus(enum.IntEnum):
@@ -69,61 +70,15 @@ SUCCESS, ERROR, UNSCHEDULABLE, UNSCHEDULABLE_AND_UNRESOLVABLE = 0, 1, 2, 3
 PERMIT, ABSTAIN, REJECT = 1, 0, -1
 
 
-# What the extender reads of the big requests (predicate, prioritize), for msgspec to decode: every other field
-# (managedFields, env, volumes, status conditions, images...) is skipped without being built, about 6x faster than
-# decoding it all. These are exactly the fields model.parse_pod and model.parse_node read (checked by a test that
-# decodes a full object both ways); leaves stay ``Any`` so that those functions report malformed values as before.
-class _Meta(TypedDict, total=False):
-    name: Any
-    namespace: Any
-    uid: Any
-    resourceVersion: Any
-    creationTimestamp: Any
-    labels: dict[str, str] | None
-    annotations: dict[str, str] | None
-
-
-class _Container(TypedDict, total=False):
-    name: Any
-    resources: Any
-
-
-class _PodSpec(TypedDict, total=False):
-    nodeName: Any
-    containers: list[_Container] | None
-    initContainers: list[_Container] | None
-    overhead: Any
-    affinity: Any
-    topologySpreadConstraints: Any
-
-
-class _PodStatus(TypedDict, total=False):
-    phase: Any
-
-
-class _Pod(TypedDict, total=False):
-    metadata: _Meta | None
-    spec: _PodSpec | None
-    status: _PodStatus | None
-
-
+# What the extender reads of the big requests (predicate, prioritize): partial types (scheduler_extender.partial),
+# every other field skipped without being built.
 class _Task(TypedDict, total=False):
     Status: Any
-    Pod: _Pod | None
-
-
-class _NodeStatus(TypedDict, total=False):
-    allocatable: Any
-    capacity: Any
-
-
-class _Node(TypedDict, total=False):
-    metadata: _Meta | None
-    status: _NodeStatus | None
+    Pod: partial.Pod | None
 
 
 class _NodeInfo(TypedDict, total=False):
-    Node: _Node | None
+    Node: partial.Node | None
     Tasks: dict[str, _Task | None] | None
 
 
@@ -140,20 +95,6 @@ class _PrioritizeRequest(TypedDict, total=False):
 _NODE_INFO = msgspec.json.Decoder(_NodeInfo)
 _PREDICATE = msgspec.json.Decoder(_PredicateRequest)
 _PRIORITIZE = msgspec.json.Decoder(_PrioritizeRequest)
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes | msgspec.Raw, what: str) -> Any:
-    """Decode with msgspec; malformed input is a :class:`ProtocolError` naming where. Nesting deeper than Python's
-    recursion limit is refused the same way (msgspec checks it, in skipped fields too), so these verbs need no
-    separate depth scan of their ~200 kB bodies."""
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"{what}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"{what}: invalid JSON: {exc}") from None
-    except RecursionError:
-        raise ProtocolError(f"{what}: nested too deep") from None
 
 
 _TASK = msgspec.json.Decoder(_Task | None)
@@ -185,7 +126,7 @@ def decode_predicate(raw: bytes) -> tuple[Any, bytes | msgspec.Raw | None]:
     if found is not None:
         task, at = found
         return task, memoryview(raw)[at + len(_NODE_KEY) - 1:-1]
-    body = _decode(_PREDICATE, raw, "PredicateRequest")
+    body = partial.decode(_PREDICATE, raw, "PredicateRequest")
     return body.get("task"), body.get("node")
 
 
@@ -209,12 +150,12 @@ def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | m
             nodes.append(view[start:stop])  # type: ignore[arg-type]
             start = stop + 1
         return task, nodes
-    body = _decode(_PRIORITIZE, raw, "PrioritizeRequest")
+    body = partial.decode(_PRIORITIZE, raw, "PrioritizeRequest")
     return body.get("task"), body.get("nodes") or []
 
 
 def decode_node_info(raw: bytes | msgspec.Raw) -> Any:
-    return _decode(_NODE_INFO, raw, "NodeInfo")
+    return partial.decode(_NODE_INFO, raw, "NodeInfo")
 
 
 def as_object(body: Any, what: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import xxhash
@@ -30,8 +30,8 @@ from fuyao.contracts import ACCELERATOR_RESOURCES, QoSClass
 
 from .features import RESOURCE_COLUMN
 from .framework import Cycle, Explanation, Framework
-from .kube_protocol import ProtocolError
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
+from .partial import Kept, ProtocolError, identity
 from .plugins import DeviceFitPlugin
 from .volcano_protocol import (
     ABSTAIN,
@@ -63,37 +63,6 @@ NODES_KEPT = 8_192
 """Parsed NodeInfos kept by the digest of their bytes, and parsed Nodes by (name, resourceVersion)."""
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _Kept(dict[K, V]):
-    """Parsed objects by what identifies them exactly; emptied when full (never grows without bound)."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def get_or(self, key: K, compute: Callable[[], V]) -> V:
-        value = self.get(key)
-        if value is None:
-            value = compute()
-            if len(self) >= self.limit:
-                self.clear()
-            self[key] = value
-        return value
-
-
-def _identity(raw: Mapping[str, Any], name: str) -> tuple[str, str] | None:
-    """(metadata[name], metadata.resourceVersion) when both are non-empty strings: a version of an object never
-    changes, so what was parsed from it holds; None otherwise (parsed every time)."""
-    meta = raw.get("metadata")
-    if not isinstance(meta, dict):
-        return None
-    first, version = meta.get(name), meta.get("resourceVersion")
-    return (first, version) if isinstance(first, str) and first and isinstance(version, str) and version else None
-
-
 class VolcanoVerbs:
     def __init__(self, service: ExtenderService):
         self.service = service
@@ -106,9 +75,9 @@ class VolcanoVerbs:
         # what identifies it exactly: a pod by (uid, resourceVersion), a Node by (name, resourceVersion), a whole
         # NodeInfo by a 128-bit digest of its bytes. Plain dicts, emptied when full (the GIL makes each get and
         # set atomic between the event loop and the big-request worker).
-        self._pods: _Kept[tuple[str, str], PodInfo] = _Kept(PODS_KEPT)
-        self._nodes: _Kept[tuple[str, str], NodeInfo] = _Kept(NODES_KEPT)
-        self._node_infos: _Kept[bytes, NodeInfo] = _Kept(NODES_KEPT)
+        self._pods: Kept[tuple[str, str], PodInfo] = Kept(PODS_KEPT)
+        self._nodes: Kept[tuple[str, str], NodeInfo] = Kept(NODES_KEPT)
+        self._node_infos: Kept[bytes, NodeInfo] = Kept(NODES_KEPT)
 
     def routes(self) -> dict[str, tuple[str, Callable[[Any], Any]]]:
         """URL path → (metric name, handler) for every verb Volcano's extender plugin can call."""
@@ -131,11 +100,11 @@ class VolcanoVerbs:
 
     # Parsing, with what was parsed before ----------------------------------------------------------------------
     def _pod_of(self, raw: Mapping[str, Any]) -> PodInfo:
-        key = _identity(raw, "uid")
+        key = identity(raw, "uid")
         return parse_pod(raw) if key is None else self._pods.get_or(key, lambda: parse_pod(raw))
 
     def _node_of(self, raw: Mapping[str, Any], pods: list[PodInfo]) -> NodeInfo:
-        key = _identity(raw, "name")
+        key = identity(raw, "name")
         if key is None:
             return parse_node(raw, pods)
         base = self._nodes.get_or(key, lambda: parse_node(raw))

@@ -141,7 +141,9 @@ def test_rendered_objects_are_valid_kubernetes_1_34(chart: str, variant: str, tm
 def test_bad_values_are_refused_with_the_key_named(tmp_path: Path) -> None:
     for chart, values, expected in [
         ("npu-device-plugin", ["--set", "vnpu.mode=sometimes"], "/vnpu/mode"),
-        ("scheduler-extender", ["--set", "replicas=2"], "/replicas"),
+        ("scheduler-extender", ["--set", "replicas=-1"], "/replicas"),
+        ("scheduler-extender", ["--set", "leaderElection.enabled=false"], "needs leaderElection.enabled"),  # 2 binders
+        ("scheduler-extender", ["--set", "antiAffinity=always"], "/antiAffinity"),
         ("scheduler-extender", ["--set", "extenderEntry.managedResources=npu.huawei.com/NPU"],
          "/extenderEntry/managedResources"),  # a string stops vc-scheduler at every session open
         ("qos-agent", ["--set", "interval=ten"], "/interval"),
@@ -197,13 +199,16 @@ def rules_of(docs: list[dict[str, Any]], kind: str = "ClusterRole") -> list[dict
 def test_rbac_is_exactly_what_the_integration_tests_run_each_component_with(tmp_path: Path) -> None:
     from tests.integration.test_deviceplugin_cluster import DEVICE_PLUGIN_RULES
     from tests.integration.test_extender_cluster import EXTENDER_RULES
+    from tests.integration.test_extender_ha import leader_rules
     from tests.integration.test_qos_cluster import QOS_AGENT_RULES
 
     assert rules_of(render("npu-device-plugin", "default", tmp_path)) == DEVICE_PLUGIN_RULES
     assert rules_of(render("scheduler-extender", "default", tmp_path)) == EXTENDER_RULES
     assert rules_of(render("qos-agent", "default", tmp_path)) == QOS_AGENT_RULES
-    no_bind = rules_of(render("scheduler-extender", "default", tmp_path, "--set", "bind=false"))
-    assert no_bind == [r for r in EXTENDER_RULES if r["resources"] != ["pods/binding"]]
+    assert rules_of(render("scheduler-extender", "default", tmp_path), "Role") == leader_rules("rel-scheduler-extender")
+    no_bind = render("scheduler-extender", "default", tmp_path, "--set", "bind=false")
+    assert rules_of(no_bind) == [r for r in EXTENDER_RULES if r["resources"] != ["pods/binding"]]
+    assert not of_kind(no_bind, "Role")  # no binder, no lease
     # discovery in one namespace: Roles there, no ClusterRole
     inference = render("ai-inference-optimization", "custom", tmp_path)
     assert not of_kind(inference, "ClusterRole")
@@ -231,6 +236,10 @@ def test_the_operator_holds_every_permission_it_grants_its_components(tmp_path: 
     for rules in component_roles:
         for rule in rules:
             assert covered(rule, held), rule
+    for variant in ("default", "custom"):  # the Roles it applies in its namespace (the extender's binder lease)
+        for role in of_kind(render("scheduler-extender", variant, tmp_path), "Role"):
+            for rule in role["rules"]:
+                assert covered(rule, namespaced), rule
     # what it applies in its namespace, and its policy
     for kind in ("configmaps", "services", "serviceaccounts", "pods"):
         assert covered({"apiGroups": [""], "resources": [kind], "verbs": ["create", "patch", "delete"]}, namespaced)

@@ -5,8 +5,10 @@ KV-cache index following their events), and ``helm uninstall`` leaving nothing b
 
 from __future__ import annotations
 
+import datetime
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuyao.contracts import RESOURCE_NPU
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU
 from tests.charts.test_charts import CUSTOM_VALUES
 from tests.e2e.checks import npu_pod, planned_and_visible_npus
 from tests.support.apiserver import binary
@@ -143,6 +145,102 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
         assert explained["filter"]["pod"] == "default/two-npus" and explained["filter"]["rejected"] == {}
     finally:
         cluster.kubectl("delete", "pod", "two-npus", "--wait=false")
+
+
+EXTENDER = "scheduler-extender"  # the release's Deployment and its binder Lease
+
+
+def extender_pods(cluster: LocalCluster, ready: bool = True) -> list[str]:
+    pods = cluster.get_json("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/name={EXTENDER}")["items"]
+    return sorted(p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp") and (
+        not ready or any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))))
+
+
+def free_npus(cluster: LocalCluster) -> int:
+    """The node's NPUs not held by a pod on it (terminating ones still hold theirs)."""
+    held = sum(int(c.get("resources", {}).get("limits", {}).get(RESOURCE_NPU, 0))
+               for p in cluster.get_json("pods", "-A", "--field-selector", f"spec.nodeName={cluster.node}")["items"]
+               if p["status"].get("phase") not in ("Succeeded", "Failed") for c in p["spec"]["containers"])
+    return int(cluster.node_json()["status"]["allocatable"][RESOURCE_NPU]) - held
+
+
+def test_killing_the_binder_replica_under_a_stream_of_npu_pods_loses_nothing_and_books_no_npu_twice(
+        cluster: LocalCluster, stack: dict[str, float]) -> None:
+    """The chart's two replicas: one holds the binder Lease. It is killed (no clean release) while NPU pods keep
+    arriving: every pod is bound once the other replica takes the Lease over, each NPU to one pod, and the pause in
+    binding is bounded by the lease duration plus kube-scheduler's retry backoff (printed: the figure in
+    docs/scheduler-extender.md)."""
+    assert len(wait_for(lambda: len(extender_pods(cluster)) == 2 and extender_pods(cluster), 120,
+                        "two extender replicas Ready")) == 2
+    holder = wait_for(lambda: cluster.get_json("lease", "-n", NAMESPACE, EXTENDER)["spec"].get("holderIdentity"),
+                      60, "a binder lease holder")
+    assert holder in extender_pods(cluster)
+    wait_for(lambda: free_npus(cluster) >= 4, 60, "four free NPUs")
+    count = min(6, free_npus(cluster))
+    names = [f"ha-{i}" for i in range(count)]
+    killed = 0.0
+    try:
+        for i, name in enumerate(names):
+            cluster.apply(npu_pod(name, 1))
+            if i == 1:
+                cluster.kubectl("delete", "pod", "-n", NAMESPACE, holder, "--grace-period=0", "--force")
+                killed = time.time()
+            time.sleep(0.5)
+        wait_for(lambda: all(cluster.get_json("pod", n)["spec"].get("nodeName") for n in names), 120,
+                 f"all {count} NPU pods bound")
+        running = [wait_for(lambda n=n: (p := cluster.get_json("pod", n))["status"].get("phase") == "Running" and p,
+                            90, f"{n} Running") for n in names]
+        given = [d for p in running for d in planned_and_visible_npus(cluster, p)[0].containers[0].devices]
+        assert len(given) == count and len(set(given)) == count, given  # every NPU to one pod
+        bound_at = [datetime.datetime.fromisoformat(c["lastTransitionTime"].replace("Z", "+00:00")).timestamp()
+                    for p in running for c in p["status"]["conditions"] if c["type"] == "PodScheduled"]
+        pause = min(bound_at[2:]) - killed  # the first bind of a pod created after the kill
+        print(f"binder replica killed: the first pod created after it bound {pause:.0f} s later (1 s resolution); "
+              f"all {count} bound {max(bound_at) - killed:.0f} s after the kill")
+        assert pause <= 15 + 10 + 15, pause  # leaseDuration + kube-scheduler's max pod backoff + slack
+        lease = cluster.get_json("lease", "-n", NAMESPACE, EXTENDER)["spec"]
+        assert lease["holderIdentity"] != holder and lease["leaseTransitions"] >= 1
+    finally:
+        cluster.kubectl("delete", "pod", *names, "--wait=false", "--ignore-not-found")
+    wait_for(lambda: len(extender_pods(cluster)) == 2, 120, "the Deployment back at two Ready replicas")
+
+
+def test_with_the_whole_extender_down_npu_pods_wait_and_ignorable_lets_them_through(
+        cluster: LocalCluster, stack: dict[str, float]) -> None:
+    """Scaled to zero: NPU pods wait (ignorable: false, the default) and schedule when it is back; pods without NPUs
+    never wait on it (managedResources); a kube-scheduler whose extender entry says ignorable: true schedules NPU
+    pods without it (the device plugin then picks their NPUs itself)."""
+    cpu_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "no-npus", "namespace": "default"},
+               "spec": {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+                        "containers": [{"name": "main", "image": "fuyao.local/busybox:1", "imagePullPolicy": "Never",
+                                        "command": ["sleep", "3600"]}]}}
+    cluster.kubectl("scale", "deployment", "-n", NAMESPACE, EXTENDER, "--replicas=0")
+    try:
+        wait_for(lambda: not extender_pods(cluster, ready=False), 90, "no extender pod left")
+        wait_for(lambda: free_npus(cluster) >= 2, 60, "two free NPUs")
+        cluster.apply(npu_pod("waits", 1))
+        cluster.apply(cpu_pod)
+        cluster.scheduler("kube-scheduler-ignorable", scheduler_name="ignorable", ignorable=True)
+        cluster.apply(npu_pod("through", 1, scheduler_name="ignorable"))
+        wait_for(lambda: cluster.get_json("pod", "no-npus")["spec"].get("nodeName"), 60, "the CPU pod bound")
+        through = wait_for(lambda: (p := cluster.get_json("pod", "through"))["status"].get("phase") == "Running"
+                           and p, 90, "the ignorable scheduler's NPU pod Running")
+        assert ANNOTATION_POD_ASSIGNED not in through["metadata"].get("annotations", {})  # no extender bound it
+        time.sleep(5)
+        waiting = cluster.get_json("pod", "waits")
+        assert not waiting["spec"].get("nodeName"), "an NPU pod was scheduled without the extender"
+        events = cluster.get_json("events", "--field-selector", "involvedObject.name=waits")["items"]
+        assert any(e["reason"] == "FailedScheduling" for e in events), events
+    finally:
+        cluster.stop("kube-scheduler-ignorable")
+        cluster.kubectl("scale", "deployment", "-n", NAMESPACE, EXTENDER, "--replicas=2")
+    try:
+        placed = wait_for(lambda: (p := cluster.get_json("pod", "waits"))["status"].get("phase") == "Running"
+                          and p, 120, "the waiting NPU pod Running once the extender is back")
+        assert placed["metadata"]["annotations"][ANNOTATION_POD_ASSIGNED]  # bound by the extender
+    finally:
+        cluster.kubectl("delete", "pod", "waits", "through", "no-npus", "--wait=false", "--ignore-not-found")
+    wait_for(lambda: len(extender_pods(cluster)) == 2, 120, "two extender replicas Ready")
 
 
 def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(

@@ -390,13 +390,21 @@ state = "{base / 'state'}"
                 "--kubeconfig", str(self.dir / "admin.kubeconfig")])
         else:
             self.extender_url = f"http://{EXTENDER_CLUSTER_IP}:8888"
+        self.scheduler("kube-scheduler")
+
+    def scheduler(self, name: str, scheduler_name: str | None = None, **entry: Any) -> None:
+        """Run a kube-scheduler (process ``name``) configured with docs/examples/kube-scheduler-config.yaml: its
+        extender entry pointed at this cluster's extender and updated with ``entry`` (e.g. ``ignorable=True``);
+        ``scheduler_name``: a profile of that name (pods opt in with spec.schedulerName) instead of the default."""
         example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
         example["clientConnection"]["kubeconfig"] = str(self.dir / "admin.kubeconfig")
         example["leaderElection"]["leaderElect"] = False
-        example["extenders"][0]["urlPrefix"] = self.extender_url
-        config = self.dir / "kube-scheduler.yaml"
+        example["extenders"][0].update(urlPrefix=self.extender_url, **entry)
+        if scheduler_name:
+            example["profiles"] = [{"schedulerName": scheduler_name}]
+        config = self.dir / f"{name}.yaml"
         config.write_text(yaml.safe_dump(example))
-        self._spawn("kube-scheduler", [binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=1"])
+        self._spawn(name, [binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=1"])
 
     def _qos_agent(self) -> None:
         self._spawn("fuyao-qos-agent", [

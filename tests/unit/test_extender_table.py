@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +47,7 @@ def _pod(uid: str, node_name: str | None, dies: list[int], phase: str | None, gr
 events = st.lists(st.one_of(
     st.tuples(st.just("node"), st.sampled_from(NODES), st.integers(0, 4), st.integers(0, 2)),
     st.tuples(st.just("delete-node"), st.sampled_from(NODES)),
-    st.tuples(st.just("pod"), st.sampled_from([f"p{i}" for i in range(8)]), st.sampled_from([None, *NODES]),
+    st.tuples(st.just("pod"), st.sampled_from([f"p{i}" for i in range(8)] + ["a0"]), st.sampled_from([None, *NODES]),
               st.lists(st.integers(0, 7), max_size=4), st.sampled_from([None, "prefill", "decode"]),
               st.integers(0, 1), st.integers(0, 2)),
     st.tuples(st.just("delete-pod"), st.sampled_from([f"p{i}" for i in range(8)])),
@@ -53,6 +55,7 @@ events = st.lists(st.one_of(
               st.sampled_from(["Pending", "Running", "Succeeded", "Failed"])),
     st.tuples(st.just("assume"), st.sampled_from([f"a{i}" for i in range(3)]), st.sampled_from(NODES),
               st.lists(st.integers(0, 7), max_size=2), st.sampled_from([None, "prefill", "decode"])),
+    st.tuples(st.just("confirm"), st.sampled_from([f"a{i}" for i in range(3)])),  # the watch shows our bind
 ), max_size=40)
 
 
@@ -63,6 +66,7 @@ def test_rows_kept_by_watch_events_equal_rows_computed_from_scratch(history: lis
     cache.replace_nodes([])
     cache.replace_pods([])
     last: dict[str, dict] = {}  # type: ignore[type-arg]
+    assumed_as: dict[str, tuple] = {}  # type: ignore[type-arg]
     for event in history:
         if event[0] == "node":
             cache.upsert_node(_node(event[1], event[2], event[3]))
@@ -80,9 +84,14 @@ def test_rows_kept_by_watch_events_equal_rows_computed_from_scratch(history: lis
                 raw["metadata"]["resourceVersion"] = str(int(raw["metadata"].get("resourceVersion") or 0) + 1)
                 raw["status"] = {**raw.get("status", {}), "phase": event[2], "podIP": "10.0.0.1"}
                 cache.upsert_pod(raw)
+        elif event[0] == "confirm":  # the watch reports an assumed pod bound as it was assumed
+            if event[1] in assumed_as:
+                last[event[1]] = _pod(*assumed_as[event[1]])
+                cache.upsert_pod(last[event[1]])
         else:
             _, uid, where, dies, phase = event
-            cache.assume(parse_pod(_pod(uid, where, dies, phase, 0, 0)))
+            assumed_as[uid] = (uid, where, dies, phase, 0, 0)
+            cache.assume(parse_pod(_pod(*assumed_as[uid])))
     # from scratch: each node's pods as the cache now holds them, accounted again
     fresh_infos = [dataclasses.replace(info, pods=cache.pods_on(name), memo={}).refresh()
                    for name, info in cache.all_nodes().items()]
@@ -161,6 +170,13 @@ def test_a_relist_that_shows_an_assumed_pod_bound_counts_it_once() -> None:
     assert cache.node_info("n1").assigned[RESOURCE_NPU] == {"Ascend910-0"}  # type: ignore[union-attr]
 
 
+def _filter(service: ExtenderService, body: dict) -> dict:  # type: ignore[type-arg]
+    """The filter's answer, decoded; the same from the request's bytes (the server's path) as from decoded JSON."""
+    answer = service.filter(body)
+    assert service.filter(orjson.dumps(body)) == answer
+    return orjson.loads(answer)  # type: ignore[no-any-return]
+
+
 def test_nodes_mode_with_the_cached_versions_answers_like_node_names() -> None:
     raws = [_node(f"n{i}", i % 4, i % 2) for i in range(4)]
     for i, raw in enumerate(raws):
@@ -175,10 +191,18 @@ def test_nodes_mode_with_the_cached_versions_answers_like_node_names() -> None:
     assert by_nodes == by_names and len(by_names) == 4
     stale = [dict(r, metadata={**r["metadata"], "resourceVersion": "1"}) for r in raws]
     assert service.prioritize({"Pod": ask, "Nodes": {"items": stale}}) == by_names  # parsed from the request
-    feasible = service.filter({"Pod": ask, "NodeNames": [r["metadata"]["name"] for r in raws]})["NodeNames"]
+    feasible = _filter(service, {"Pod": ask, "NodeNames": [r["metadata"]["name"] for r in raws]})["NodeNames"]
     for nodes in (raws, stale):
-        answer = service.filter({"Pod": ask, "Nodes": {"items": nodes}})["Nodes"]["items"]
+        answer = _filter(service, {"Pod": ask, "Nodes": {"items": nodes}})["Nodes"]["items"]
         assert [n["metadata"]["name"] for n in answer] == feasible
+        assert answer == [n for n in nodes if n["metadata"]["name"] in feasible]  # the Nodes as they were sent
+    # from the request's bytes, each passing Node is answered byte for byte as it came (spacing, key order)
+    for nodes in (raws, stale):
+        sent = [orjson.dumps(n, option=orjson.OPT_INDENT_2) for n in nodes]
+        body = b'{"Pod":' + orjson.dumps(ask) + b',"Nodes":{"metadata":{},"items":[' + b",".join(sent) + b"]}}"
+        answer = service.filter(body)
+        expected = [raw for raw, n in zip(sent, nodes, strict=True) if n["metadata"]["name"] in feasible]
+        assert answer.startswith(b'{"Nodes":{"metadata":{},"items":[' + b",".join(expected) + b"]}")
 
 
 def test_explanations_are_bounded_by_node_entries() -> None:
@@ -205,10 +229,10 @@ def test_the_shortlist_passes_the_best_scoring_feasible_nodes(ask: dict, shape: 
     names = list(cache.table.index)
     full = ExtenderService(build_config({"shortlist": 0}), cache, ExtenderMetrics(), has_cluster=True)
     short = ExtenderService(build_config({"shortlist": keep}), cache, ExtenderMetrics(), has_cluster=True)
-    feasible = full.filter({"Pod": ask, "NodeNames": names})["NodeNames"]
+    feasible = _filter(full, {"Pod": ask, "NodeNames": names})["NodeNames"]
     totals = full.framework.score(parse_pod(ask), cache.table.view(feasible)[0],
                                   Cycle(pd=cache.pd, domains=cache.table)).total_of()
-    answer = short.filter({"Pod": ask, "NodeNames": names})
+    answer = _filter(short, {"Pod": ask, "NodeNames": names})
     passed = answer["NodeNames"]
     assert set(passed) <= set(feasible) and len(passed) == min(keep, len(feasible))
     assert passed == [n for n in feasible if n in passed]  # request order kept
@@ -232,7 +256,7 @@ def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_prefe
     service = ExtenderService(build_config({"shortlist": 1}), cache, ExtenderMetrics(), has_cluster=True)
     names = list(cache.table.index)
     plain = pod("plain", requests={RESOURCE_NPU: "1"})
-    assert len(service.filter({"Pod": plain, "NodeNames": names})["NodeNames"]) == 1
+    assert len(_filter(service, {"Pod": plain, "NodeNames": names})["NodeNames"]) == 1
     preferred = {"weight": 10, "preference": {"matchExpressions": [
         {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}}
     spread = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "labelSelector": {}}
@@ -243,11 +267,11 @@ def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_prefe
         soft = pod("soft", requests={RESOURCE_NPU: "1"})
         soft["spec"].update(extra)
         assert parse_pod(soft).soft_preferences
-        assert len(service.filter({"Pod": soft, "NodeNames": names})["NodeNames"]) == SOFT_SHORTLIST, extra
+        assert len(_filter(service, {"Pod": soft, "NodeNames": names})["NodeNames"]) == SOFT_SHORTLIST, extra
     hard = pod("hard", requests={RESOURCE_NPU: "1"})
     hard["spec"]["topologySpreadConstraints"] = [{**spread, "whenUnsatisfiable": "DoNotSchedule"}]
     assert not parse_pod(hard).soft_preferences  # a hard constraint is kube-scheduler's filter, not its score
-    assert len(service.filter({"Pod": hard, "NodeNames": names})["NodeNames"]) == 1
+    assert len(_filter(service, {"Pod": hard, "NodeNames": names})["NodeNames"]) == 1
 
 
 def test_a_status_update_keeps_the_row_and_a_finished_pod_frees_its_node() -> None:
@@ -269,3 +293,24 @@ def test_a_status_update_keeps_the_row_and_a_finished_pod_frees_its_node() -> No
     raw["status"] = {**raw["status"], "phase": "Succeeded"}
     cache.upsert_pod(raw)
     assert cache.table.stamps[row] > stamp and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free + 2
+
+
+def test_the_watch_reporting_our_own_bind_costs_no_recomputation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod the binder assumed (with the node and assignment annotation it wrote) and the watch then reports as
+    such leaves its node's row as it is: the row already counted it. Reported differently, the row is recomputed."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node("n1", 1, 0)])
+    cache.replace_pods([])
+    puts: list[str] = []
+    original = cache.table.put
+    monkeypatch.setattr(cache.table, "put", lambda info: (puts.append(info.name), original(info))[1])
+    cache.assume(parse_pod(_pod("d1", "n1", [0, 1], "decode", 0, 0)))
+    assert puts == ["n1"]
+    cache.upsert_pod(_pod("d1", "n1", [0, 1], "decode", 0, 0))
+    assert puts == ["n1"] and "d1" not in cache._assumed
+    assert cache.node_info("n1").assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1"}  # type: ignore[union-attr]
+    assert [p.phase_status for p in cache.pods_on("n1")] == ["Running"]  # the watched copy replaced the assumed one
+    cache.assume(parse_pod(_pod("d2", "n1", [2], "decode", 0, 0)))
+    cache.upsert_pod(_pod("d2", "n1", [3], "decode", 0, 0))  # bound with other devices than we assumed
+    assert puts == ["n1", "n1", "n1"]
+    assert cache.node_info("n1").assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1", "Ascend910-3"}  # type: ignore[union-attr]

@@ -9,8 +9,8 @@ import pytest
 from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
 from scheduler_extender.cluster import ClusterCache
 from scheduler_extender.config import build_config
-from scheduler_extender.kube_protocol import ProtocolError
 from scheduler_extender.metrics import ExtenderMetrics
+from scheduler_extender.partial import ProtocolError
 from scheduler_extender.service import ExtenderService
 from scheduler_extender.volcano_protocol import ABSTAIN, REJECT, TaskStatus
 from scheduler_extender.volcano_verbs import VolcanoVerbs

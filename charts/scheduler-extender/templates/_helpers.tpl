@@ -44,6 +44,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The extender's config file (scheduler_extender config v1): what the chart decides, then .Values.config over it. */}}
 {{- define "scheduler-extender.config" -}}
 {{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.service.port) "bind" .Values.bind -}}
+{{- if and .Values.bind (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail "scheduler-extender: replicas > 1 with bind: true needs leaderElection.enabled (one binder; see values.yaml)" -}}
+{{- end -}}
+{{- if and .Values.bind .Values.leaderElection.enabled -}}
+{{- $_ := set $cfg "leaderElection" (dict "enabled" true "leaseName" (include "scheduler-extender.fullname" .) "leaseDuration" .Values.leaderElection.leaseDuration "renewDeadline" .Values.leaderElection.renewDeadline "retryPeriod" .Values.leaderElection.retryPeriod) -}}
+{{- end -}}
 {{- if .Values.tls.secretName -}}
 {{- $_ := set $cfg "tls" (dict "certFile" "/etc/fuyao/tls/tls.crt" "keyFile" "/etc/fuyao/tls/tls.key") -}}
 {{- end -}}

@@ -1,0 +1,79 @@
+"""The bind verb with several replicas: one binder, elected.
+
+Two binders choosing devices from their own caches could hand out the same NPU twice (each remembers only the
+devices it has just assigned, until the watch shows them). So the replicas elect one binder with a Lease
+(:mod:`fuyao.leader`); every replica filters and scores (those read the cache and decide nothing for good), and a
+bind that reaches a follower through the Service is forwarded to the leader, whose URL the Lease carries. A forwarded
+bind is never forwarded again: a replica that lost the lease meanwhile answers an error, and the scheduler retries the
+pod. While no replica leads (the leader died without releasing: at most the lease duration), binds answer an error
+naming the lease, and the scheduler retries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import aiohttp
+import orjson
+
+from fuyao.leader import LeaderElector
+
+from .binder import Binder
+from .kube_protocol import BindingArgs
+from .metrics import ExtenderMetrics
+
+log = logging.getLogger(__name__)
+
+FORWARDED_PATH = "/bind/forwarded"
+"""Where a follower sends a bind to the leader (the leader binds it, never forwards it)."""
+
+
+class LeaderBinder:
+    def __init__(self, binder: Binder, elector: LeaderElector, metrics: ExtenderMetrics,
+                 ssl_context: ssl.SSLContext | None = None, timeout_s: float = 5.0):
+        self.binder, self.elector, self.metrics = binder, elector, metrics
+        self.ssl_context = ssl_context
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self.ssl_context or False, limit=64), timeout=self.timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _lease(self) -> str:
+        return f"{self.elector.namespace}/{self.elector.name}"
+
+    async def __call__(self, args: BindingArgs, forwarded: bool = False) -> str:
+        """"" or the error the scheduler should see."""
+        if self.elector.is_leader:
+            return await self.binder(args)
+        if forwarded:
+            return (f"this replica ({self.elector.identity}) was forwarded a bind but does not hold the lease "
+                    f"{self._lease()} any more; the scheduler retries")
+        url = self.elector.leader_url
+        if not url:
+            self.metrics.forwarded.labels("no-leader").inc()
+            why = self.elector.last_error or f"no live holder (last: {self.elector.leader or 'none'})"
+            return f"no replica holds the binder lease {self._lease()} yet ({why}); the scheduler retries"
+        body = {"PodName": args.pod_name, "PodNamespace": args.pod_namespace, "PodUID": args.pod_uid,
+                "Node": args.node}
+        try:
+            async with self._client().post(url.rstrip("/") + FORWARDED_PATH, data=orjson.dumps(body),
+                                           headers={"Content-Type": "application/json"}) as response:
+                data = await response.read()
+            answer = orjson.loads(data) if response.status == 200 else None
+            error = answer.get("Error", "") if isinstance(answer, dict) else \
+                f"the leader {self.elector.leader} at {url} answered {response.status}: {data[:200]!r}"
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            self.metrics.forwarded.labels("unreachable").inc()
+            return (f"cannot forward the bind to the leader {self.elector.leader} at {url}: {type(exc).__name__}: "
+                    f"{exc}; the scheduler retries")
+        self.metrics.forwarded.labels("error" if error else "ok").inc()
+        return str(error)
