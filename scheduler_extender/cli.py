@@ -7,7 +7,6 @@ cannot be bound.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -153,7 +152,7 @@ def forwarding_ssl(config: ExtenderConfig) -> ssl.SSLContext | None:
 def main(argv: list[str] | None = None) -> None:
     args = daemon.parse(build_parser(), argv)
     config = daemon.config_or_exit("fuyao-scheduler-extender", lambda: config_from_args(args))
-    sys.exit(asyncio.run(serve(config)))
+    sys.exit(daemon.run(serve(config)))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ pure functions from decoded JSON to decoded JSON. The types have no JSON tags, s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import msgspec
 import orjson
@@ -43,11 +44,10 @@ def _key(body: Mapping[str, Any], name: str) -> Any:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class NodeRef:
+class NodeRef(NamedTuple):
     """A Node the scheduler sent in full: its name and version (what the cache's rows are checked against), and the
     object as it came: its JSON bytes (the answer repeats them, and they are decoded only when needed) or, when the
-    request was decoded whole, the object."""
+    request was decoded whole, the object. (A tuple: thousands are made per request.)"""
 
     name: str
     version: str
@@ -116,8 +116,12 @@ _ARGS = msgspec.json.Decoder(_Args)
 def decode_extender_args(raw: bytes) -> ExtenderArgs:
     """From the request's bytes, decoding only what the extender reads: the Pod, and of each Node its name and
     version; each Node's bytes are kept undecoded (decoded later only if the cache does not hold that version, and
-    repeated as they are in a filter's answer). A body with other key spellings (``pod``) is decoded whole, after
-    the depth check of every other JSON body."""
+    repeated as they are in a filter's answer). kube-scheduler's body is cut by byte search (:func:`_go_shaped`);
+    another shape is decoded with msgspec, and a body with other key spellings (``pod``) is decoded whole, after the
+    depth check of every other JSON body."""
+    shaped = _go_shaped(raw)
+    if shaped is not None:
+        return shaped
     try:
         body = partial.decode(_ARGS, raw, "ExtenderArgs")
     except ProtocolError:
@@ -127,16 +131,75 @@ def decode_extender_args(raw: bytes) -> ExtenderArgs:
     nodes = body.get("Nodes")
     refs = None
     if nodes is not None:
-        refs = []
-        for item in nodes.get("items") or []:
-            meta = partial.decode(partial.NODE_HEAD, item, "ExtenderArgs.Nodes.items").get("metadata")
-            if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
-                raise ProtocolError("ExtenderArgs.Nodes: expected a NodeList whose items are Nodes with "
-                                    "metadata.name")
-            refs.append(NodeRef(meta["name"], _version(meta.get("resourceVersion")), raw=item))
+        refs = [_ref(item) for item in nodes.get("items") or []]
         body["Nodes"] = {"items": []}  # checked by parse_extender_args below without the items
     args = parse_extender_args(body)
     return ExtenderArgs(pod=args.pod, nodes=refs, node_names=args.node_names)
+
+
+def _ref(item: bytes | memoryview | msgspec.Raw) -> NodeRef:
+    """A Node's name and version, decoded with msgspec (which checks the item is JSON)."""
+    meta = partial.decode(partial.NODE_HEAD, item, "ExtenderArgs.Nodes.items").get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise ProtocolError("ExtenderArgs.Nodes: expected a NodeList whose items are Nodes with metadata.name")
+    return NodeRef(meta["name"], _version(meta.get("resourceVersion")), raw=item)
+
+
+_POD = msgspec.json.Decoder(partial.Pod)
+_NODES_AT = b',"Nodes":{"metadata":'
+_ITEMS = b'"items":['
+_ITEM = b'{"metadata":{"name":"'
+_NEXT_ITEM = b"}," + _ITEM
+_END = b']},"NodeNames":null}'
+_HEAD = re.compile(rb'\{"metadata":\{"name":"([^"\\]*)"(?:,"(?:generateName|namespace|selfLink|uid)":"[^"\\]*")*'
+                   rb',"resourceVersion":"([^"\\]*)"')
+"""A Node as Go's encoder writes it: ``metadata`` first (the TypeMeta of an informer's object is empty), and in it
+the fields of ObjectMeta in declaration order: ``name``, then plain strings up to ``resourceVersion``."""
+
+
+def _go_shaped(raw: bytes) -> ExtenderArgs | None:
+    """kube-scheduler's ``Nodes`` body as Go's encoder writes it, cut by byte search instead of decoded:
+    ``{"Pod":<Pod>,"Nodes":{"metadata":{…},"items":[<Node>,<Node>…]},"NodeNames":null}``. The Pod is the part before
+    the first ``,"Nodes":{"metadata":`` when that part decodes as a whole Pod (the key cannot occur inside a Pod with
+    an object value and leave its braces balanced); the Nodes are cut before each ``},{"metadata":{"name":"`` (an
+    array of objects whose first key is ``metadata`` exists nowhere inside a Node). Each Node's name and version are
+    read from its first bytes (``_HEAD``; else decoded). Any other shape: None, and the body is decoded."""
+    if not raw.startswith(b'{"Pod":') or not raw.endswith(_END):
+        return None
+    at = raw.find(_NODES_AT)
+    if at < 0:
+        return None
+    try:
+        pod = _POD.decode(memoryview(raw)[7:at])
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        return None
+    start = raw.find(_ITEMS, at + len(_NODES_AT))
+    end = len(raw) - len(_END)
+    if start < 0:
+        return None
+    start += len(_ITEMS)
+    refs: list[NodeRef] = []
+    if start < end:
+        if not raw.startswith(_ITEM, start):
+            return None
+        view, find, match, append = memoryview(raw), raw.find, _HEAD.match, refs.append
+        while True:
+            cut = find(_NEXT_ITEM, start, end)
+            stop = end if cut < 0 else cut + 1
+            head = match(raw, start, min(stop, start + 2048))
+            if head is not None:
+                name, version = head.groups()
+                append(NodeRef(name.decode(), version.decode(), view[start:stop]))
+            else:
+                append(_ref(view[start:stop]))
+            if cut < 0:
+                break
+            start = cut + 2
+    elif start != end:
+        return None
+    return ExtenderArgs(pod=pod, nodes=refs, node_names=None)
 
 
 def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],

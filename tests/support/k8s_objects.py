@@ -95,3 +95,31 @@ def usage(cpu_ratio: float, memory_ratio: float, be: float = 0.0, age_s: float =
     return NodeUsage(updated_at=time.time() - age_s, cpu_capacity_milli=64000, cpu_used_milli=int(64000 * cpu_ratio),
                      memory_capacity_bytes=256 * 2**30, memory_used_bytes=int(256 * 2**30 * memory_ratio),
                      be_cpu_used_milli=int(64000 * be), be_memory_used_bytes=0)
+
+
+OBJECT_META_ORDER = ("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+                     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations",
+                     "ownerReferences", "finalizers", "managedFields")
+"""metav1.ObjectMeta's fields in declaration order: the order Go's encoder writes them."""
+
+
+def go_ordered_node(obj: dict[str, Any]) -> dict[str, Any]:
+    """A Node as kube-scheduler's informer holds it and Go's encoder writes it: no TypeMeta (an informer's objects
+    have it empty), ``metadata`` (ObjectMeta in declaration order), ``spec``, ``status``."""
+    meta = obj.get("metadata") or {}
+    ordered = {"metadata": {k: meta[k] for k in OBJECT_META_ORDER if k in meta}}
+    ordered["metadata"].update({k: v for k, v in meta.items() if k not in ordered["metadata"]})
+    for key in ("spec", "status"):
+        if key in obj:
+            ordered[key] = obj[key]
+    return ordered
+
+
+def go_extender_args(pod_obj: dict[str, Any], nodes: list[dict[str, Any]]) -> bytes:
+    """kube-scheduler's ExtenderArgs body with full Nodes (nodeCacheCapable: false), byte for byte as Go writes it:
+    the struct's fields in order (Pod, Nodes, NodeNames), no spaces."""
+    import orjson
+
+    items = b",".join(orjson.dumps(go_ordered_node(n)) for n in nodes)
+    return (b'{"Pod":' + orjson.dumps(pod_obj) + b',"Nodes":{"metadata":{"resourceVersion":"77"},"items":[' + items
+            + b']},"NodeNames":null}')

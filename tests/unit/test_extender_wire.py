@@ -1,0 +1,71 @@
+"""kube-scheduler's full-Node requests decoded partially (scheduler_extender.kube_protocol): the byte-cut path for
+Go's encoding and the msgspec path agree with decoding the whole body, on every shape."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler_extender import kube_protocol as kp
+from scheduler_extender.partial import ProtocolError
+from tests.support.k8s_objects import go_extender_args, go_ordered_node, node, pod, topology
+
+ASK = pod("ask", requests={"npu.huawei.com/NPU": "2"}, labels={"app": "a"})
+names = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,20}[a-z0-9])?", fullmatch=True)
+tricky = st.sampled_from(['},{"metadata":{"name":"x', '"', "\\", "é", "{[", '"items":[', '"Nodes":{"metadata":'])
+
+
+def _nodes(specs: list[tuple[str, str, str]]) -> list[dict]:  # type: ignore[type-arg]
+    out = []
+    for name, version, label in specs:
+        raw = node(name, topo=topology(), labels={"note": label})
+        raw["metadata"]["resourceVersion"] = version
+        raw["metadata"]["uid"] = f"uid-{name}"
+        out.append(raw)
+    return out
+
+
+def _expected(body: bytes) -> list[tuple[str, str, dict]]:  # type: ignore[type-arg]
+    whole = orjson.loads(body)
+    return [(n["metadata"]["name"], n["metadata"].get("resourceVersion", ""), n) for n in whole["Nodes"]["items"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(names, st.from_regex(r"[0-9]{0,6}", fullmatch=True), st.one_of(names, tricky)),
+                max_size=8, unique_by=lambda t: t[0]))
+def test_the_byte_cut_and_msgspec_paths_agree_with_decoding_the_whole_body(specs: list[tuple[str, str, str]]) -> None:
+    nodes = _nodes(specs)
+    go = go_extender_args(ASK, nodes)
+    other = orjson.dumps({"Pod": ASK, "Nodes": {"items": nodes}, "NodeNames": None})  # TypeMeta first: msgspec path
+    for body in (go, other):
+        args = kp.decode_extender_args(body)
+        assert args.node_names is None and args.pod["metadata"]["name"] == "ask"
+        assert args.nodes is not None
+        got = [(r.name, r.version, orjson.loads(r.json())) for r in args.nodes]
+        assert got == _expected(body)
+        assert [r.decoded()["metadata"]["name"] for r in args.nodes] == [n for n, _, _ in specs]
+    # the byte-cut path keeps each Node's own bytes: the answer repeats them
+    args = kp.decode_extender_args(go)
+    answer = kp.filter_result(args, [r.name for r in args.nodes or []], {}, {})
+    assert answer.startswith(b'{"Nodes":{"metadata":{},"items":[' + b",".join(
+        orjson.dumps(go_ordered_node(n)) for n in nodes) + b"]}")
+
+
+def test_shapes_the_cut_does_not_take_are_decoded_and_bad_ones_named() -> None:
+    nodes = _nodes([("n1", "5", "x"), ("n2", "6", "y")])
+    go = go_extender_args(ASK, nodes)
+    # an escaped name is read by decoding that Node
+    escaped = go.replace(b'"name":"n2"', b'"name":"n\\u0032"')
+    assert [r.name for r in kp.decode_extender_args(escaped).nodes or []] == ["n1", "n2"]
+    # spaces, another key order, NodeNames, lower-case keys: decoded, same answer
+    spaced = orjson.dumps(orjson.loads(go), option=orjson.OPT_INDENT_2)
+    assert [r.name for r in kp.decode_extender_args(spaced).nodes or []] == ["n1", "n2"]
+    assert kp.decode_extender_args(orjson.dumps({"pod": ASK, "nodenames": ["a"]})).node_names == ["a"]
+    empty = go_extender_args(ASK, [])
+    assert kp.decode_extender_args(empty).nodes == []
+    for broken, fragment in ((go[:-3], "invalid JSON"), (b'{"Pod":"x",' + go[go.index(b'"Nodes"'):], "expected a Pod object"),
+                             (go_extender_args(ASK, [{"metadata": {"uid": "x"}}]), "metadata.name")):
+        with pytest.raises((ProtocolError, Exception), match=fragment):
+            kp.decode_extender_args(broken)
