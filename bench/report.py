@@ -27,9 +27,9 @@ Charts = Callable[[dict[str, Any], Path], list[Path]]
 
 BENCHES = {  # the JSON's file name → the module whose charts() draws it
     "deviceplugin": "bench.deviceplugin_bench", "extender": "bench.extender_bench",
-    "extender-volcano": "bench.extender_bench", "qos": "bench.qos_bench", "kvcache": "bench.kvcache_bench",
-    "router": "bench.router_bench", "scheduling": "bench.scheduling_bench", "colocation": "bench.colocation_bench",
-    "cluster": "bench.cluster_bench",
+    "extender-volcano": "bench.extender_bench", "extender-scale": "bench.extender_scale",
+    "qos": "bench.qos_bench", "kvcache": "bench.kvcache_bench", "router": "bench.router_bench",
+    "scheduling": "bench.scheduling_bench", "colocation": "bench.colocation_bench", "cluster": "bench.cluster_bench",
 }
 
 

@@ -55,3 +55,27 @@ def rest_endpoint(api: Any) -> RestEndpoint:
         if conf.cert_file:
             context.load_cert_chain(conf.cert_file, conf.key_file or None)
     return RestEndpoint(base_url=conf.host.rstrip("/"), ssl_context=context, configuration=conf)
+
+
+class LazySession:
+    """An ``aiohttp.ClientSession`` made on first use (inside the running event loop) and made again if it was
+    closed: one per client of fuyao's asyncio daemons (the binder, leader election, forwarded binds)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, limit: int, timeout_s: float):
+        self.ssl_context, self.limit = ssl_context, limit
+        self.timeout_s = timeout_s
+        self._session: Any = None
+
+    def __call__(self) -> Any:
+        """The session (an ``aiohttp.ClientSession``)."""
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self.ssl_context or False, limit=self.limit),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 
 from fuyao.contracts import ANNOTATION_LEADER_URL
-from fuyao.kube_client import RestEndpoint
+from fuyao.kube_client import LazySession, RestEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class LeaderElector:
         self._renewed_at: float | None = None  # our clock at our last successful write as the leader
         self._leading = False
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client = LazySession(endpoint.ssl_context, 4, timing.retry_period_s)
         self.last_error = ""
 
     # State ------------------------------------------------------------------------------------------------------
@@ -176,13 +176,6 @@ class LeaderElector:
         base = (f"{self.endpoint.base_url}/apis/coordination.k8s.io/v1/namespaces/"
                 f"{quote(self.namespace, safe='')}/leases")
         return base if collection else f"{base}/{quote(self.name, safe='')}"
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.endpoint.ssl_context or False, limit=4),
-                timeout=aiohttp.ClientTimeout(total=self.timing.retry_period_s))
-        return self._session
 
     async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         headers = self.endpoint.headers()
@@ -262,8 +255,7 @@ class LeaderElector:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("could not release the lease: %s", exc)
             self._set_leading(False, "stopped")
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()
 
 
 class LeaseError(Exception):

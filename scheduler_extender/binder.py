@@ -30,7 +30,7 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
-from fuyao.kube_client import RestEndpoint
+from fuyao.kube_client import LazySession, RestEndpoint
 
 from . import devices
 from .cluster import ClusterCache
@@ -87,19 +87,10 @@ class Binder:
         self.metrics = metrics
         self.endpoint = endpoint
         self.cache = cache
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.endpoint.ssl_context or False, limit=64),
-                timeout=self.timeout)
-        return self._session
+        self._client = LazySession(endpoint.ssl_context, 64, timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()
 
     def _count(self, call: str, code: int | str) -> None:
         if self.metrics is not None:

@@ -78,7 +78,7 @@ async def serve(config: ExtenderConfig) -> int:
     binder: Binder | LeaderBinder | None = None
     warnings = None
     if api is not None:
-        watcher = Watcher(rest_endpoint(api), cache, bound_pods_only=not config.bind)
+        watcher = Watcher(rest_endpoint(api), cache, bound_pods_only=True)
         await watcher.start()
         warnings = PodWarnings(api)
         if config.bind:

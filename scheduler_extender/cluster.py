@@ -11,6 +11,7 @@ import gc
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,8 @@ from .model import NodeInfo, PodInfo, parse_node, parse_pod
 log = logging.getLogger(__name__)
 
 ASSUME_TTL_S = 60.0
+REQUESTED_KEPT = 8192
+"""Pending pods kept as the scheduler's requests carried them (see :meth:`ClusterCache.remember`)."""
 
 
 class ClusterCache:
@@ -41,6 +44,7 @@ class ClusterCache:
         self._pods: dict[str, PodInfo] = {}  # uid → pod
         self._by_node: dict[str, set[str]] = {}
         self._assumed: dict[str, tuple[PodInfo, float]] = {}  # uid → (pod as bound, when)
+        self._requested: OrderedDict[str, PodInfo] = OrderedDict()  # pending pods as the scheduler sent them
         self._assumed_on: dict[str, set[str]] = {}  # node → uids assumed there (events touch one node each)
         self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
         self.table = NodeTable(domain_key, long_lived=True)
@@ -233,9 +237,21 @@ class ClusterCache:
             return list(self._nodes)
 
     def pod_by_uid(self, uid: str) -> PodInfo | None:
-        """The pod as the watch last reported it."""
+        """The pod as the watch last reported it, else as the scheduler last sent it (a pending pod: the watch
+        carries bound pods only)."""
         with self.lock:
-            return self._pods.get(uid)
+            return self._pods.get(uid) or self._requested.get(uid)
+
+    def remember(self, pod: PodInfo) -> None:
+        """A pending pod as a scheduler request carried it (kube-scheduler's copy, with its resourceVersion): what
+        the binder binds, without a GET. The last ``REQUESTED_KEPT``."""
+        if not pod.uid or pod.node_name:
+            return
+        with self.lock:
+            self._requested[pod.uid] = pod
+            self._requested.move_to_end(pod.uid)
+            if len(self._requested) > REQUESTED_KEPT:
+                self._requested.popitem(last=False)
 
     def _pods_on(self, node: str) -> list[PodInfo]:
         pods = [self._pods[u] for u in self._by_node.get(node, ()) if u in self._pods]
@@ -301,9 +317,10 @@ class Watcher:
 
     def __init__(self, endpoint: RestEndpoint, cache: ClusterCache, watch_timeout_s: int = WATCH_TIMEOUT_S,
                  bound_pods_only: bool = False):
-        """``bound_pods_only``: watch pods that have a node (field selector ``spec.nodeName!=``), for an extender
-        that does not bind: only the binder reads pending pods, and at a scheduler's pace they are half of all pod
-        events (each one JSON-encoded by the API server for this watch, then parsed here)."""
+        """``bound_pods_only``: watch pods that have a node (field selector ``spec.nodeName!=``): at a scheduler's
+        pace pending pods are half of all pod events (each one JSON-encoded by the API server for this watch, then
+        parsed here), and nothing reads them: the binder binds the pod the scheduler's own filter request carried
+        (:meth:`ClusterCache.remember`), and a pod it never saw costs one GET."""
         self.cache = cache
         pods = {"fieldSelector": "spec.nodeName!="} if bound_pods_only else {}
         self.watches = {kind: AsyncListWatch(kind, path, _Kind(cache, kind), endpoint, params=params,

@@ -17,6 +17,7 @@ import ssl
 import aiohttp
 import orjson
 
+from fuyao.kube_client import LazySession
 from fuyao.leader import LeaderElector
 
 from .binder import Binder
@@ -33,19 +34,10 @@ class LeaderBinder:
     def __init__(self, binder: Binder, elector: LeaderElector, metrics: ExtenderMetrics,
                  ssl_context: ssl.SSLContext | None = None, timeout_s: float = 5.0):
         self.binder, self.elector, self.metrics = binder, elector, metrics
-        self.ssl_context = ssl_context
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.ssl_context or False, limit=64), timeout=self.timeout)
-        return self._session
+        self._client = LazySession(ssl_context, 64, timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()
 
     def _lease(self) -> str:
         return f"{self.elector.namespace}/{self.elector.name}"

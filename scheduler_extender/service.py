@@ -182,6 +182,7 @@ class ExtenderService:
         """The encoded ``ExtenderFilterResult``."""
         args = self.args(body)
         pod = self.pod(args.pod)
+        self.cache.remember(pod)  # the copy the binder binds (the pod watch carries bound pods only)
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=(

@@ -65,7 +65,8 @@ def test_shapes_the_cut_does_not_take_are_decoded_and_bad_ones_named() -> None:
     assert kp.decode_extender_args(orjson.dumps({"pod": ASK, "nodenames": ["a"]})).node_names == ["a"]
     empty = go_extender_args(ASK, [])
     assert kp.decode_extender_args(empty).nodes == []
-    for broken, fragment in ((go[:-3], "invalid JSON"), (b'{"Pod":"x",' + go[go.index(b'"Nodes"'):], "expected a Pod object"),
+    not_a_pod = b'{"Pod":"x",' + go[go.index(b'"Nodes"'):]
+    for broken, fragment in ((go[:-3], "invalid JSON"), (not_a_pod, "expected a Pod object"),
                              (go_extender_args(ASK, [{"metadata": {"uid": "x"}}]), "metadata.name")):
         with pytest.raises((ProtocolError, Exception), match=fragment):
             kp.decode_extender_args(broken)
