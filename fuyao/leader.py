@@ -101,16 +101,15 @@ def may_acquire(record: Record | None, me: str, observed_at: float, now: float) 
 
 
 def claimed(record: Record | None, me: str, url: str, duration_s: float, wall: dt.datetime) -> Record:
-    """The record ``me`` writes to take or renew the Lease: a new holder counts a transition and sets the acquire
-    time; a renewal keeps both."""
+    """The record ``me`` writes to take or renew the Lease: taking an existing Lease (from another holder, or
+    released) counts a transition and sets the acquire time, as client-go does; a renewal keeps both."""
     stamp = wall.astimezone(dt.UTC).strftime(MICRO_TIME)
     if record is not None and record.holder == me:
         return Record(holder=me, duration_s=int(duration_s), acquire_time=record.acquire_time or stamp,
                       renew_time=stamp, transitions=record.transitions, url=url,
                       resource_version=record.resource_version)
     return Record(holder=me, duration_s=int(duration_s), acquire_time=stamp, renew_time=stamp,
-                  transitions=(record.transitions + 1) if record is not None and record.holder else
-                  (record.transitions if record is not None else 0),
+                  transitions=record.transitions + 1 if record is not None else 0,  # as client-go counts them
                   url=url, resource_version=record.resource_version if record is not None else "")
 
 

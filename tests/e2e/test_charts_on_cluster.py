@@ -166,10 +166,10 @@ def free_npus(cluster: LocalCluster) -> int:
 
 def test_killing_the_binder_replica_under_a_stream_of_npu_pods_loses_nothing_and_books_no_npu_twice(
         cluster: LocalCluster, stack: dict[str, float]) -> None:
-    """The chart's two replicas: one holds the binder Lease. It is killed (no clean release) while NPU pods keep
-    arriving: every pod is bound once the other replica takes the Lease over, each NPU to one pod, and the pause in
+    """The chart's two replicas: one holds the binder Lease. Its pod is force-deleted (grace period 0) while NPU pods
+    keep arriving: every pod is bound once the other replica holds the Lease, each NPU to one pod, and the pause in
     binding is bounded by the lease duration plus kube-scheduler's retry backoff (printed: the figure in
-    docs/scheduler-extender.md)."""
+    docs/scheduler-extender.md). A holder killed without releasing the Lease: tests/integration/test_extender_ha.py."""
     assert len(wait_for(lambda: len(extender_pods(cluster)) == 2 and extender_pods(cluster), 120,
                         "two extender replicas Ready")) == 2
     holder = wait_for(lambda: cluster.get_json("lease", "-n", NAMESPACE, EXTENDER)["spec"].get("holderIdentity"),
