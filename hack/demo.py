@@ -141,10 +141,7 @@ def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
                             for d in c.devices] if raw else [])
         where = ",".join(f"{t.group or '-'}/{t.numa_node if t.numa_node is not None else '-'}"
                          for d in devices if topology and (t := topology.devices.get(d)))
-        try:
-            explained = http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/{meta['namespace']}/{meta['name']}")
-        except OSError as exc:
-            explained = {"error": str(exc)}
+        explained = explain(f"{meta['namespace']}/{meta['name']}")
         say(f"{meta['name']:<32} {meta['labels']['phase']:<8} {node:<11} {','.join(devices) or '-':<12} "
             f"{where or '-':<11} {why(explained)}")
     prefill_nodes = {p["spec"]["nodeName"] for p in pods if p["metadata"]["labels"]["phase"] == "prefill"}
@@ -152,6 +149,25 @@ def placement(cluster: LocalCluster, pods: list[dict[str, Any]]) -> None:
     joined = sum(1 for p in decode if p["spec"]["nodeName"] in prefill_nodes)
     say(f"decode pods on a node of their group's prefill pods: {joined}/{len(decode)} (the extender's pd-affinity: "
         "the KV cache moves between them without leaving the node)")
+
+
+def explain(pod: str, attempts: int = 8) -> dict[str, Any]:
+    """The extender's /explain of ``pod`` through its Service. Each of the chart's two replicas explains the decisions
+    it made itself, and kube-proxy picks one per connection: a 404 from the other replica is asked again."""
+    import urllib.error
+
+    error = ""
+    for _ in range(attempts):
+        try:
+            return http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/{pod}")  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as exc:
+            error = str(exc)
+            if exc.code != 404:
+                break
+        except OSError as exc:
+            error = str(exc)
+            break
+    return {"error": error}
 
 
 def why(explained: dict[str, Any]) -> str:
