@@ -30,6 +30,7 @@ BENCHES = {  # the JSON's file name → the module whose charts() draws it
     "extender-volcano": "bench.extender_bench", "extender-scale": "bench.extender_scale",
     "qos": "bench.qos_bench", "kvcache": "bench.kvcache_bench", "router": "bench.router_bench",
     "scheduling": "bench.scheduling_bench", "colocation": "bench.colocation_bench", "cluster": "bench.cluster_bench",
+    "ray-serve": "bench.ray_serve_bench",
 }
 
 

@@ -1,9 +1,11 @@
 """What a container needs to use the NPUs it was given: environment, device nodes, driver mounts, annotations.
 
 Whole dies get ``ASCEND_VISIBLE_DEVICES=<physical ids>`` and ``/dev/davinci<N>``; vNPUs get their vNPU ids,
-``ASCEND_VNPU_SPECS=<template>``, ``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` and ``/dev/vdavinci<id>`` when the driver made
-it. The decision is pure (:func:`container_spec`); the only host facts it needs, which device nodes and driver
-paths exist, come in through ``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
+``ASCEND_VNPU_SPECS=<template>``, ``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` and the host's ``/dev/vdavinci<id>`` at
+``/dev/davinci<id>`` in the container when the driver made it, as Ascend's docker runtime mounts it (so the CANN
+runtime, and Ray's NPU manager, which counts ``/dev/davinci[0-9]*``, see one device). The decision is pure
+(:func:`container_spec`); the only host facts it needs, which device nodes and driver paths exist, come in through
+``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def container_spec(
             assert slot.vnpu is not None
             host = os.path.join(dev_root, f"vdavinci{slot.vnpu.vnpu_id}")
             if exists(host):
-                nodes.append(DeviceNode(container_path=f"/dev/vdavinci{slot.vnpu.vnpu_id}", host_path=host))
+                # the container path is /dev/davinci<id>, as Ascend's docker runtime mounts it (VIRTUAL)
+                nodes.append(DeviceNode(container_path=f"/dev/davinci{slot.vnpu.vnpu_id}", host_path=host))
         envs = {ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(s.vnpu.vnpu_id) for s in ordered if s.vnpu),
                 ENV_ASCEND_VNPU_SPECS: ",".join(s.vnpu.template for s in ordered if s.vnpu),
                 ENV_ASCEND_RUNTIME_OPTIONS: "VIRTUAL"}

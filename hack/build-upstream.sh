@@ -9,7 +9,8 @@
 #          of these), kubectl, kube-proxy, coredns, kwok, prometheus-crds (CRD files), vc-scheduler (only when
 #          VOLCANO_VERSION is set; best effort), and for monitoring: prometheus promtool prometheus-operator
 #          prometheus-config-reloader metrics-server keda-operator keda-adapter (the group name "monitoring" stands
-#          for all of them, plus the manifests keda-config and metrics-server-config).
+#          for all of them, plus the manifests keda-config and metrics-server-config), and for Ray: kuberay-operator
+#          and kuberay-crds (the group name "ray" stands for both).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -29,6 +30,7 @@ PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}" # CRDs, cm
 PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}" # github.com/prometheus/prometheus: Prometheus 3.16.0 (v0.3MM.P = 3.MM.P)
 METRICS_SERVER_VERSION="${METRICS_SERVER_VERSION:-v0.8.0}" # sigs.k8s.io/metrics-server cmd/metrics-server
 KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"   # github.com/kedacore/keda/v2 cmd/operator, cmd/adapter
+KUBERAY_VERSION="${KUBERAY_VERSION:-v1.5.2}" # github.com/ray-project/kuberay/ray-operator (its root package is main)
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -191,6 +193,8 @@ spec() {
     metrics-server) echo "metrics-server sigs.k8s.io/metrics-server $METRICS_SERVER_VERSION - sigs.k8s.io/metrics-server/cmd/metrics-server metrics_server_ldflags --version" ;;
     keda-operator | keda-adapter)
       echo "keda github.com/kedacore/keda/v2 $KEDA_VERSION - github.com/kedacore/keda/v2/cmd/${1#keda-} keda_ldflags --help" ;;
+    kuberay-operator)
+      echo "kuberay github.com/ray-project/kuberay/ray-operator $KUBERAY_VERSION - github.com/ray-project/kuberay/ray-operator no_ldflags --help" ;;
     vc-scheduler) echo "volcano volcano.sh/volcano $VOLCANO_VERSION - volcano.sh/volcano/cmd/scheduler no_ldflags --version" ;;
     *) echo "build-upstream: unknown binary '$1'" >&2; return 1 ;;
   esac
@@ -222,7 +226,8 @@ kwok_stages() {
 #   rbac/ (tests.support.monitoring installs the operator and a Prometheus from them);
 # - keda-config: KEDA's kustomize tree (config/: CRDs, RBAC, the operator's and metrics API server's Deployments,
 #   the APIService);
-# - metrics-server-config: metrics-server's kustomize base (manifests/base).
+# - metrics-server-config: metrics-server's kustomize base (manifests/base);
+# - kuberay-crds: KubeRay's CRDs (config/crd/bases of the ray-operator module).
 upstream_files() { # DEST-NAME MODULE@VERSION SRC:DST...
   local name=$1 dest="$BIN/$1" module=$2 dir pair want
   shift 2
@@ -249,6 +254,10 @@ prometheus_crds() {
 }
 keda_config() {
   upstream_files "keda-config-$KEDA_VERSION" "github.com/kedacore/keda/v2@$KEDA_VERSION" config:.
+}
+kuberay_crds() {  # RayCluster, RayJob, RayService (and the rest of the version's CRDs)
+  upstream_files "kuberay-crds-$KUBERAY_VERSION" "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION" \
+    config/crd/bases:.
 }
 metrics_server_config() {
   upstream_files "metrics-server-config-$METRICS_SERVER_VERSION" "sigs.k8s.io/metrics-server@$METRICS_SERVER_VERSION" \
@@ -325,6 +334,8 @@ for n in "$@"; do
   if [[ $n == monitoring ]]; then
     names+=(prometheus-crds prometheus promtool prometheus-operator prometheus-config-reloader metrics-server
             metrics-server-config keda-config keda-operator keda-adapter)
+  elif [[ $n == ray ]]; then
+    names+=(kuberay-crds kuberay-operator)
   else
     names+=("$n")
   fi
@@ -352,7 +363,7 @@ for n in "${names[@]}"; do
     continue
   fi
   case $n in
-    keda-config | metrics-server-config) "${n//-/_}"; continue ;;
+    keda-config | metrics-server-config | kuberay-crds) "${n//-/_}"; continue ;;
   esac
   build "$n"
 done

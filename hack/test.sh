@@ -3,7 +3,8 @@
 # binaries the integration and end-to-end tests run (etcd, kube-apiserver, kube-scheduler, kube-controller-manager,
 # kubelet, kubectl, and for monitoring Prometheus, promtool, the Prometheus Operator, metrics-server, KEDA), installs
 # the local cluster's Debian packages (containerd, runc, CNI plugins), builds the
-# cached vLLM CPU venv the real-engine tests use (hack/build-vllm.sh), runs ruff and pytest. Extra args go to pytest.
+# cached vLLM CPU venv the real-engine tests use (hack/build-vllm.sh) and the Ray venv (hack/build-ray.sh), runs
+# ruff and pytest. Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
@@ -11,11 +12,13 @@ cd "$REPO_ROOT"
 echo "==> upstream binaries (cached after the first build: hack/build-upstream.sh)"
 # nothing else runs yet: a cold build may use both cores
 BUILD_JOBS="${BUILD_JOBS:-2}" GOMAXPROCS="${GOMAXPROCS:-2}" bash hack/build-upstream.sh etcd kube-apiserver \
-  kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring
+  kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring ray
 source "$REPO_ROOT/hack/lib/cluster-deps.sh"
 ensure_cluster_deps
 echo "==> vLLM CPU venv for the real-engine tests (cached after the first build: hack/build-vllm.sh)"
 bash hack/build-vllm.sh >/dev/null
+echo "==> Ray venv for the Ray Serve tests (cached after the first build: hack/build-ray.sh)"
+bash hack/build-ray.sh >/dev/null
 echo "==> ruff check"
 ruff check .
 echo "==> pytest"

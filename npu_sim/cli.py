@@ -11,6 +11,8 @@ set-health``, ``fake set-link``, ``fake inject``, ``fake clear-faults``, ``fake 
 ``fake show``,
 ``fake presets``. The node is the JSON file
 named by ``FAKE_NPU_SMI_STATE`` (or, read-only, the preset named by ``FAKE_NPU_SMI_PRESET``, default 910b4-8).
+With ``FAKE_NPU_SMI_DEV`` set, creating a vNPU also makes ``vdavinci<id>`` in that directory and destroying it
+removes it, as the driver does with ``/dev``.
 
 Exit codes: 0 on success; 1 for invalid parameters and failed ``set`` commands (the exit status real npu-smi uses
 for these is not documented; its messages are reproduced exactly). Standard library only.
@@ -166,6 +168,7 @@ def _create(s: dict[str, Any], npu: int, chip: int, phy: int, opts: dict[str, st
     vgroup = int(opts["g"]) if opts.get("g", "").isdigit() else next(g for g in range(64) if g not in groups)
     s["vnpus"].append({"npu": npu, "chip": chip, "vnpu_id": vnpu_id, "template": template["name"],
                        "vgroup": vgroup, "container_id": "000000000000", "status": 0})
+    st.vnpu_device_node(vnpu_id, present=True)
     return render.set_ok("Create vnpu success")
 
 
@@ -176,6 +179,7 @@ def _destroy(s: dict[str, Any], npu: int, chip: int, opts: dict[str, str]) -> st
     if match is None or int(match.get("status", 0)) != 0:
         raise Failure(f"destroy vnpu {raw} failed.")
     s["vnpus"].remove(match)
+    st.vnpu_device_node(match["vnpu_id"], present=False)
     return render.set_ok(f"Destroy vnpu {raw} success")
 
 

@@ -21,6 +21,9 @@ from typing import Any
 SCHEMA_VERSION = 1
 STATE_ENV = "FAKE_NPU_SMI_STATE"
 PRESET_ENV = "FAKE_NPU_SMI_PRESET"
+DEV_ENV = "FAKE_NPU_SMI_DEV"
+"""Where the simulated driver keeps its device nodes (the host's ``/dev``): creating a vNPU makes
+``vdavinci<id>`` there and destroying it removes the node, as the Ascend driver does. Unset: no device nodes."""
 DEFAULT_PRESET = "910b4-8"
 HEALTH_VALUES = ("OK", "Warning", "Alarm", "Critical", "UNKNOWN")
 TOPOLOGY_KINDS = ("hccs-mesh", "hccs-ring", "hccs-halves", "pcie", "none", "unsupported")
@@ -233,3 +236,21 @@ def chip_free(state: dict[str, Any], npu: int, die: int) -> dict[str, float]:
             free["memory_gb"] -= vnpu_takes_gb(state, t)
             free["aicpu"] -= t["aicpu"]
     return free
+
+
+def vnpu_device_node(vnpu_id: int, present: bool) -> None:
+    """Make or remove ``$FAKE_NPU_SMI_DEV/vdavinci<id>``, the node the driver creates with a vNPU: a character
+    device with /dev/null's numbers when we may (root), else an empty file (what fuyao checks is that it exists)."""
+    root = os.environ.get(DEV_ENV)
+    if not root:
+        return
+    path = Path(root) / f"vdavinci{vnpu_id}"
+    if not present:
+        path.unlink(missing_ok=True)
+        return
+    if path.exists():
+        return
+    try:
+        os.mknod(path, 0o666 | 0o020000, os.makedev(1, 3))
+    except PermissionError:
+        path.touch()

@@ -31,6 +31,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that were all free (for daemons that number their ports
+    from a base: fuyao's Ray engines listen on base + NPU slot)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                held.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in held:
+                probe.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free loopback ports")
+
+
 def binary(name: str) -> str:
     path = BIN / name
     if not path.exists():

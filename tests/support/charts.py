@@ -51,7 +51,9 @@ def local_values(cluster: LocalCluster, image: str) -> dict[str, dict[str, Any]]
             "hostPaths": {"dev": str(cluster.dir / "dev"), "state": str(cluster.dir / "fuyao-state"), "driver": [],
                           "podResources": str(cluster.dir / "kubelet" / "pod-resources")},
             "health": {"interval": "1s"},
-            "extraEnv": [{"name": "FAKE_NPU_SMI_STATE", "value": str(cluster.npu_state)}],
+            # the simulated driver makes vdavinci<id> under the dev root with a vNPU, as the real one does in /dev
+            "extraEnv": [{"name": "FAKE_NPU_SMI_STATE", "value": str(cluster.npu_state)},
+                         {"name": "FAKE_NPU_SMI_DEV", "value": str(cluster.dir / "dev")}],
             "extraVolumes": [{"name": "fake-npu", "hostPath": {"path": npu_dir, "type": "Directory"}}],
             "extraVolumeMounts": [{"name": "fake-npu", "mountPath": npu_dir}],
         },
@@ -144,7 +146,8 @@ def operator_values(cluster: LocalCluster, image: str) -> dict[str, Any]:
     fake = str(REPO / "hack" / "fake-npu-smi")
     npu_dir = str(cluster.npu_state.parent)
     plugin = {k: v for k, v in local_values(cluster, image)["npu-device-plugin"].items() if k != "image"}
-    plugin["containerEnv"] = {"FAKE_NPU_SMI_STATE": str(cluster.npu_state)}
+    plugin["containerEnv"] = {"FAKE_NPU_SMI_STATE": str(cluster.npu_state),
+                              "FAKE_NPU_SMI_DEV": str(cluster.dir / "dev")}
     # NPU containers get the fake npu-smi at /usr/local/bin/npu-smi and its state (read-only), as a real node's
     # containers get npu-smi and the driver's files
     plugin["config"] = {"driverMounts": [{"hostPath": npu_dir},

@@ -70,12 +70,14 @@ DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 
 class LocalCluster:
     def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
-                 kwok_nodes: int = 0, components: str = "host", monitoring: bool = False):
+                 kwok_nodes: int = 0, components: str = "host", monitoring: bool = False, ray: bool = False):
         """``components``: ``host`` runs fuyao's device plugin, extender and QoS agent as host processes (the e2e
         tests stop and restart them); ``chart`` runs none, for fuyao's Helm charts to install them as pods.
         ``monitoring``: also the Prometheus Operator and a Prometheus, metrics-server and KEDA
-        (``tests.support.monitoring``)."""
+        (``tests.support.monitoring``). ``ray``: also KubeRay's operator with its CRDs and fuyao's Ray image
+        (``tests.support.kuberay``)."""
         self.monitoring = monitoring
+        self.ray = ray
         if components not in COMPONENTS:
             raise ValueError(f"components={components!r}: expected one of {', '.join(COMPONENTS)}")
         self.components = components
@@ -216,6 +218,10 @@ class LocalCluster:
             from .monitoring import Monitoring
 
             Monitoring(self).install()
+        if self.ray:
+            from .kuberay import KubeRay
+
+            KubeRay(self).install()
         (self.dir / "up-seconds").write_text(f"{time.monotonic() - started:.1f}\n")
         return self
 
@@ -342,8 +348,8 @@ state = "{base / 'state'}"
         DEVICE_PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
 
     def _device_plugin(self) -> None:
-        env = {"FAKE_NPU_SMI_STATE": str(self.npu_state)}
         dev = self.dir / "dev"
+        env = {"FAKE_NPU_SMI_STATE": str(self.npu_state), "FAKE_NPU_SMI_DEV": str(dev)}
         kubelet_root = self.dir / "kubelet"
         self._spawn("fuyao-device-plugin", [
             sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(REPO / "hack" / "fake-npu-smi"),
@@ -557,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--monitoring", action="store_true",
                         help="also the Prometheus Operator with a Prometheus, metrics-server (kubectl top) and KEDA, "
                              "as pods from upstream's manifests (hack/build-upstream.sh monitoring)")
+    parser.add_argument("--ray", action="store_true",
+                        help="also KubeRay's operator with its CRDs and fuyao's Ray image (hack/build-upstream.sh ray; "
+                             "docs/ray.md)")
     parser.add_argument("--nodes", default="", metavar="kwok=N",
                         help="also N fake NPU nodes run by KWOK (placement and scale; nothing runs in their pods)")
     args = parser.parse_args(argv)
@@ -571,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped the cluster in {args.state_dir}")
         return
     cluster = LocalCluster(args.state_dir, preset=args.preset, kwok_nodes=kwok, components=args.components,
-                           monitoring=args.monitoring)
+                           monitoring=args.monitoring, ray=args.ray)
     try:
         cluster.up()
     except Exception:

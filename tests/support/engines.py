@@ -45,17 +45,18 @@ class Daemon:
 
     def __init__(self, module: str, args: list[str], port: int, health_path: str, *, python: str = sys.executable,
                  env: dict[str, str] | None = None, log_args: tuple[str, ...] = ("--log-format", "text"),
-                 group: bool = False):
+                 group: bool = False, host: str = "127.0.0.1"):
         """``group``: the daemon forks workers of its own (vLLM's engine core): it gets a process group, and
-        ``close()`` kills all of it."""
+        ``close()`` kills all of it. ``host``: the address it listens on (its ``url``)."""
         self.module, self.args, self.port, self.health_path = module, args, port, health_path
+        self.host = host
         self.python, self.env, self.log_args, self.group = python, env, log_args, group
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def log_text(self) -> str:
         if self.log_path is None:

@@ -5,7 +5,11 @@ NPU operator renders fuyao's charts with it), and fuyao itself with its charts. 
 ``~/.cache/fuyao/images`` by the hash of what makes it (suite and packages; the dependency list; the helm binary;
 the source files), so a rebuild after a code change repacks only the last layer.
 
-Usage: python -m tests.support.runtime_image [--cache DIR]   (prints the archive path and the image tag)
+With ``--ray``, the Ray image ``fuyao.local/fuyao-ray``: the same layers, with ``ray[serve]`` (``RAY_VERSION`` in
+``hack/cluster/versions.env``) installed beside the dependencies, for KubeRay's head and worker pods and Ray Serve
+applications that run fuyao's engines (docs/ray.md).
+
+Usage: python -m tests.support.runtime_image [--cache DIR] [--ray]   (prints the archive path and the image tag)
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from .images import Image, write_docker_archive, write_images
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "images"
 IMAGE_REPOSITORY = "fuyao.local/fuyao"
+RAY_IMAGE_REPOSITORY = "fuyao.local/fuyao-ray"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "ca-certificates")
+RAY_BASE_PACKAGES = (*BASE_PACKAGES, "wget")
+"""KubeRay's liveness and readiness probes run ``bash -c "wget … | grep success"`` in the Ray container."""
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's python3 sys.path
 SOURCE_PACKAGES = ("fuyao", "npu_sim", "kubeletapi", "deviceplugin", "scheduler_extender", "vnpu", "qos",
-                   "inference_router", "kvcache", "engine_sim", "npu_operator")
+                   "inference_router", "kvcache", "engine_sim", "npu_operator", "fuyao_ray")
 CHARTS_IN_IMAGE = "opt/fuyao/charts"
 """fuyao's charts, which the NPU operator renders (``helm template``) for the components it installs."""
 HELM_IN_IMAGE = "usr/local/bin/helm"
@@ -57,8 +64,8 @@ def _pack(root: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def base_layer(cache: Path = CACHE) -> Path:
-    out = cache / f"base-{SUITE}-{_key(SUITE, BASE_PACKAGES, 'minbase')}.tar"
+def base_layer(cache: Path = CACHE, packages: tuple[str, ...] = BASE_PACKAGES) -> Path:
+    out = cache / f"base-{SUITE}-{_key(SUITE, packages, 'minbase')}.tar"
     if out.exists():
         return out
     if shutil.which("debootstrap") is None:
@@ -66,10 +73,10 @@ def base_layer(cache: Path = CACHE) -> Path:
     if os.geteuid() != 0:
         raise RuntimeError("debootstrap needs root")
     started = time.monotonic()
-    _log(f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)} (once; cached as {out.name})")
+    _log(f"debootstrap {SUITE} minbase + {' '.join(packages)} (once; cached as {out.name})")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         root = Path(tmp) / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE,
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE,
                         str(root), MIRROR], check=True, stdout=subprocess.DEVNULL)
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "var/log", "usr/share/doc", "usr/share/man"):
             for path in (root / junk).glob("*"):
@@ -86,9 +93,26 @@ def dependencies() -> list[str]:
     return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
-def deps_layer(cache: Path = CACHE) -> Path:
-    requirements = dependencies()
-    out = cache / f"deps-{_key(requirements, sys.version_info[:2])}.tar"
+def pinned_version(name: str) -> str:
+    """A version from hack/cluster/versions.env (an environment variable of the same name wins)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    for line in (REPO / "hack" / "cluster" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name and value.strip():
+            return value.strip()
+    raise RuntimeError(f"{name} is not set in hack/cluster/versions.env")
+
+
+def ray_requirement() -> str:
+    return f"ray[serve]=={pinned_version('RAY_VERSION')}"
+
+
+def deps_layer(cache: Path = CACHE, extra: tuple[str, ...] = ()) -> Path:
+    """The dependencies in one ``pip install`` (resolved together), plus ``extra`` requirements (the Ray image's
+    ``ray[serve]``)."""
+    requirements = dependencies() + list(extra)
+    out = cache / f"deps-{_key(requirements, sys.version_info[:2], 'scripts')}.tar"
     if out.exists():
         return out
     started = time.monotonic()
@@ -97,10 +121,26 @@ def deps_layer(cache: Path = CACHE) -> Path:
         target = Path(tmp) / SITE_PACKAGES
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location",
                         "--only-binary=:all:", "--target", str(target), *requirements], check=True)
-        shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts with this machine's shebang
+        _console_scripts(target / "bin", Path(tmp) / "usr" / "local" / "bin")
         _pack(Path(tmp), out)
     _log(f"dependency layer in {time.monotonic() - started:.0f} s: {out}")
     return out
+
+
+def _console_scripts(made: Path, dest: Path) -> None:
+    """pip's console scripts (``ray``, ``serve``…) at ``/usr/local/bin`` with the image's python as their
+    interpreter (pip wrote this machine's)."""
+    if not made.is_dir():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for script in sorted(made.iterdir()):
+        data = script.read_bytes()
+        if not data.startswith(b"#!") or b"python" not in data.split(b"\n", 1)[0]:
+            continue  # not a Python entry point (activate scripts and the like)
+        target = dest / script.name
+        target.write_bytes(b"#!/usr/bin/python3\n" + data.split(b"\n", 1)[1])
+        target.chmod(0o755)
+    shutil.rmtree(made)
 
 
 def tools_layer(cache: Path = CACHE) -> Path:
@@ -145,26 +185,30 @@ def app_layer(cache: Path = CACHE) -> Path:
     return out
 
 
-def build(cache: Path = CACHE) -> tuple[Path, str]:
-    """The docker-archive of the runtime image (built or reused) and its tag."""
+def build(cache: Path = CACHE, ray: bool = False) -> tuple[Path, str]:
+    """The docker-archive of the runtime image (built or reused) and its tag; ``ray``: the Ray image."""
     cache.mkdir(parents=True, exist_ok=True)
-    layers = [base_layer(cache), deps_layer(cache), tools_layer(cache), app_layer(cache)]
-    tag = f"{IMAGE_REPOSITORY}:{_key([p.name for p in layers])[:12]}"
-    out = cache / f"fuyao-{tag.rsplit(':', 1)[1]}.tar"
+    extra = (ray_requirement(),) if ray else ()
+    packages = RAY_BASE_PACKAGES if ray else BASE_PACKAGES
+    layers = [base_layer(cache, packages), deps_layer(cache, extra), tools_layer(cache), app_layer(cache)]
+    repository, prefix = (RAY_IMAGE_REPOSITORY, "fuyao-ray") if ray else (IMAGE_REPOSITORY, "fuyao")
+    tag = f"{repository}:{_key([p.name for p in layers])[:12]}"
+    out = cache / f"{prefix}-{tag.rsplit(':', 1)[1]}.tar"
     if out.exists():
         return out, tag
     tmp = out.with_suffix(".tmp")
     write_docker_archive(
-        tmp, [tag, f"{IMAGE_REPOSITORY}:dev"], layers,
+        tmp, [tag, f"{repository}:dev"], layers,
         {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED=1",
                  "PYTHONDONTWRITEBYTECODE=1"],
          "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
          "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
-        [f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)}", "pip install --target (pyproject dependencies)",
+        [f"debootstrap {SUITE} minbase + {' '.join(packages)}",
+         f"pip install --target (pyproject dependencies{', ' + extra[0] if extra else ''})",
          "helm (hack/build-upstream.sh)", "fuyao packages and charts"])
     tmp.rename(out)
-    for stale in cache.glob("fuyao-*.tar"):  # keep the newest archive only (layers stay cached)
-        if stale != out:
+    for stale in cache.glob(f"{prefix}-*.tar"):  # keep the newest archive only (layers stay cached)
+        if stale != out and (ray or not stale.name.startswith("fuyao-ray-")):
             stale.unlink()
     return out, tag
 
@@ -238,9 +282,10 @@ def kube_scheduler_image(scheduler: Path, version: str, cache: Path = CACHE) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.support.runtime_image", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--ray", action="store_true", help="the Ray image (ray[serve] beside fuyao)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    path, tag = build(args.cache)
+    path, tag = build(args.cache, ray=args.ray)
     print(json.dumps({"archive": str(path), "tag": tag, "seconds": round(time.monotonic() - started, 1)}))
 
 

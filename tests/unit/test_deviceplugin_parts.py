@@ -187,7 +187,10 @@ def test_container_spec_for_vnpu_slices(inventory) -> None:  # type: ignore[no-u
                           exists=lambda p: p in {"/devroot/vdavinci133", "/devroot/davinci_manager"})
     assert spec.envs == {"ASCEND_VISIBLE_DEVICES": "133", "ASCEND_VNPU_SPECS": "vir05_1c_8g",
                          "ASCEND_RUNTIME_OPTIONS": "VIRTUAL"}
-    assert [d.container_path for d in spec.devices] == ["/dev/vdavinci133", "/dev/davinci_manager"]
+    # the host's vdavinci133 at /dev/davinci133, as Ascend's docker runtime mounts a VIRTUAL device: one
+    # /dev/davinci[0-9]* in the container, which is what CANN and Ray's NPU manager count
+    assert [(d.container_path, d.host_path) for d in spec.devices] == [
+        ("/dev/davinci133", "/devroot/vdavinci133"), ("/dev/davinci_manager", "/devroot/davinci_manager")]
     with pytest.raises(AllocationRefused, match="cannot mix"):
         container_spec([slot.id, "Ascend910-0"], slots, {i: HEALTHY for i in slots}, dev_root="/devroot",
                        driver_mounts=(), exists=lambda p: True)

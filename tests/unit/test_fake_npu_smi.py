@@ -91,6 +91,21 @@ def test_vnpu_create_list_destroy(fake_node) -> None:
     assert [v["vnpu_id"] for v in json.loads(node.state.read_text())["vnpus"]] == [105]
 
 
+def test_vnpu_device_nodes_follow_create_and_destroy(fake_node, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With FAKE_NPU_SMI_DEV the simulated driver makes /dev/vdavinci<id> with a vNPU and removes it with the vNPU."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    monkeypatch.setenv("FAKE_NPU_SMI_DEV", str(dev))
+    client = NpuSmi(fake_node("910b4-8").path)
+    client.create_vnpu(1, 0, "vir05_1c_8g")
+    assert sorted(p.name for p in dev.iterdir()) == ["vdavinci116"]  # chip 1: ids 116..131
+    with pytest.raises(NpuSmiCommandFailed):
+        client.create_vnpu(1, 0, "no-such-template")
+    assert sorted(p.name for p in dev.iterdir()) == ["vdavinci116"]  # a failed create makes nothing
+    client.destroy_vnpu(1, 0, 116)
+    assert list(dev.iterdir()) == []
+
+
 def test_vnpu_in_use_cannot_be_destroyed(fake_node) -> None:
     node = fake_node("310p3-4")
     client = NpuSmi(node.path)

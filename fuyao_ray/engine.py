@@ -1,0 +1,147 @@
+"""The engine deployment's replica: one OpenAI-compatible engine process on the NPUs Ray assigned to the replica.
+
+Ray gives the replica its NPU slots (``ray.get_runtime_context().get_accelerator_ids()["NPU"]``) and sets
+``ASCEND_RT_VISIBLE_DEVICES`` to them; the engine process inherits it, so an Ascend engine (vLLM-Ascend, MindIE)
+uses exactly those NPUs. The engine listens on ``port + first slot`` and publishes its KV events on
+``kv_events_port + first slot``: one engine per NPU slot on a node, at addresses known in advance, so a
+Kubernetes Service (fuyao's router) and fuyao's KV-cache index (pod discovery) find the engines of a worker group
+the same way they find any engine pods (docs/ray.md).
+
+The replica forwards the ingress's requests to its engine (streamed chunks as they come), reports its engine in
+``record_replica_metadata`` (what :mod:`fuyao_ray.request_router` matches the index's answer against), health-checks
+it for Serve, and stops it with the replica: the engine gets SIGTERM when the replica process dies
+(``PR_SET_PDEATHSIG``), so no engine outlives its replica.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import ray
+
+from .ranking import OpenAiRequest
+from .settings import EngineSettings
+
+log = logging.getLogger("fuyao_ray.engine")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def npu_slots() -> list[str]:
+    """The NPU ids Ray assigned to this process (its slots, mapped through the node's ASCEND_RT_VISIBLE_DEVICES)."""
+    try:
+        return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("NPU", [])]
+    except Exception:
+        return []
+
+
+class EngineReplica:
+    """The body of the engine deployment (``fuyao_ray.app`` wraps it with ``serve.deployment``)."""
+
+    def __init__(self, engine: Mapping[str, Any] | EngineSettings | None = None):
+        self.settings = engine if isinstance(engine, EngineSettings) else EngineSettings.model_validate(engine or {})
+        self.slots = npu_slots()
+        offset = int(self.slots[0]) if self.slots and self.slots[0].isdigit() else 0
+        self.port = self.settings.port + offset
+        self.kv_events_port = self.settings.kv_events_port + offset
+        # the engine's name (its URL): the address it binds, or when it binds all of them, the node's (the pod IP)
+        address = self.settings.host
+        if address in ("", "0.0.0.0", "::"):
+            address = ray.util.get_node_ip_address()
+        self.url = f"http://[{address}]:{self.port}" if ":" in address else f"http://{address}:{self.port}"
+        args = self.settings.command_args(self.settings.host, self.port, self.kv_events_port)
+        env = {**os.environ, **self.settings.env, "PYTHONUNBUFFERED": "1"}
+        log.info("starting engine %s on NPU slots %s: python -m %s %s", self.url, self.slots or "-",
+                 self.settings.module, " ".join(args))
+        self.process = subprocess.Popen([sys.executable, "-m", self.settings.module, *args], env=env,
+                                        preexec_fn=_die_with_parent)
+        self._wait_ready()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.settings.startup_timeout
+        health = f"http://127.0.0.1:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the engine (python -m {self.settings.module}) exited with code "
+                                   f"{self.process.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.process.terminate()
+        raise RuntimeError(f"the engine did not answer {health} within {self.settings.startup_timeout:.0f} s")
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                f"http://127.0.0.1:{self.port}",
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    # Serve hooks ---------------------------------------------------------------------------------------------------
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Static metadata for request routers: the engine's name in fuyao's KV-cache index (its URL)."""
+        return {"engine": self.url, "model": self.settings.model, "npu_slots": self.slots}
+
+    async def check_health(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the engine exited with code {self.process.returncode}")
+        async with self._client().get("/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            if response.status != 200:
+                raise RuntimeError(f"the engine's /health answered {response.status}")
+
+    # Requests ------------------------------------------------------------------------------------------------------
+    async def complete(self, request: OpenAiRequest) -> tuple[int, dict[str, Any]]:
+        """A non-streamed request: the engine's status and JSON answer."""
+        async with self._client().post(request.path, json=dict(request.body)) as response:
+            try:
+                payload = await response.json(content_type=None)
+            except ValueError:
+                payload = {"error": {"message": (await response.text())[:2000], "type": "engine_error"}}
+            return response.status, payload
+
+    async def stream(self, request: OpenAiRequest) -> AsyncIterator[bytes]:
+        """A streamed request: the engine's server-sent-event bytes as they arrive."""
+        async with self._client().post(request.path, json=dict(request.body)) as response:
+            if response.status != 200:
+                error = {"error": {"message": (await response.text())[:2000], "code": response.status}}
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                return
+            async for chunk in response.content.iter_any():
+                yield chunk
+
+    async def models(self) -> dict[str, Any]:
+        async with self._client().get("/v1/models") as response:
+            return await response.json(content_type=None)  # type: ignore[no-any-return]
+
+    def engine_url(self) -> str:
+        return self.url
+
+    def __del__(self) -> None:
+        process = getattr(self, "process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,0 +1,88 @@
+"""``KvIndexRequestRouter``: a Ray Serve request router (``ray.serve.request_router.RequestRouter``, alpha in Ray
+2.60) that asks fuyao's KV-cache index which replica's engine already holds the prompt's leading KV blocks.
+
+For each request it sends the prompt (or chat messages, or token ids) to the index's ``POST /v1/lookup``; the index
+tokenizes it with the served model's tokenizer, hashes its blocks as the engines do, and answers, per engine, how
+many leading blocks that engine has cached (from the engines' KV events). Replicas are matched to engines by the
+``engine`` their ``record_replica_metadata`` reports. :func:`fuyao_ray.ranking.rank` turns that into Serve's ranks:
+the replicas holding the most, then the rest; Serve picks the least-loaded replica with room in the first rank
+that has one. When the index is slow (``lookup_timeout``), down, or knows nothing, all replicas form one rank:
+plain load balancing, never a failed request.
+
+Counters (Ray metrics, exported by Ray's metrics agent): ``fuyao_serve_route_total{outcome}`` with outcome ``hit``
+(some replica held part of the prompt), ``miss`` (none did), ``no_prompt``, ``index_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from .ranking import rank, request_of
+
+log = logging.getLogger("fuyao_ray.request_router")
+
+
+def _counter() -> Any:
+    try:
+        from ray.util.metrics import Counter
+
+        return Counter("fuyao_serve_route_total", description="Serve routing decisions of fuyao's KV-index router",
+                       tag_keys=("outcome",))
+    except Exception:
+        return None
+
+
+class KvIndexRequestRouter(RequestRouter):
+    def initialize_state(self, kv_index_url: str = "", lookup_timeout: float = 0.2, min_hit: float = 0.0,
+                         tolerance_blocks: int = 0, **_: Any) -> None:
+        if not kv_index_url:
+            raise ValueError("KvIndexRequestRouter needs request_router_kwargs.kv_index_url (fuyao-kvcache's URL)")
+        self._lookup_url = kv_index_url.rstrip("/") + "/v1/lookup"
+        self._timeout = float(lookup_timeout)
+        self._min_hit = float(min_hit)
+        self._tolerance = int(tolerance_blocks)
+        self._session: aiohttp.ClientSession | None = None
+        self._routed = _counter()
+        self.outcomes: dict[str, int] = {"hit": 0, "miss": 0, "no_prompt": 0, "index_error": 0}
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if self._routed is not None:
+            self._routed.inc(tags={"outcome": outcome})
+
+    async def _lookup(self, query: dict[str, Any]) -> dict[str, Any] | None:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        try:
+            async with self._session.post(self._lookup_url, json=query) as response:
+                if response.status != 200:
+                    log.warning("KV index lookup answered %s: %s", response.status, (await response.text())[:300])
+                    return None
+                return await response.json()  # type: ignore[no-any-return]
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            log.warning("KV index lookup failed (%s): routing on load alone", exc.__class__.__name__)
+            return None
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        request = request_of(pending_request.args, pending_request.kwargs) if pending_request else None
+        query = request.lookup_query() if request else None
+        if query is None:
+            self._count("no_prompt")
+            return [candidate_replicas]
+        answer = await self._lookup(query)
+        if answer is None:
+            self._count("index_error")
+            return [candidate_replicas]
+        engines = [(r.replica_metadata or {}).get("engine") for r in candidate_replicas]
+        ranks = rank(engines, answer.get("endpoints") or {}, int(answer.get("blocks") or 0),
+                     min_hit=self._min_hit, tolerance_blocks=self._tolerance)
+        self._count("hit" if len(ranks) > 1 or (ranks and answer.get("endpoints") and any(
+            v > 0 for v in answer["endpoints"].values())) else "miss")
+        return [[candidate_replicas[i] for i in group] for group in ranks]

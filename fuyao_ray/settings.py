@@ -1,0 +1,114 @@
+"""The Serve application's arguments (``args:`` of a Serve config / RayService ``serveConfigV2``, or the builder's
+dict), validated before anything starts: a bad value is a :class:`~fuyao.config_files.ConfigError` naming the field.
+snake_case keys, as Serve's own config writes them (camelCase is accepted too).
+
+```yaml
+args:
+  replicas: 2                   # engine replicas, one engine process each
+  npus_per_replica: 1           # Ray resource NPU per replica (the engine's tensor-parallel size)
+  max_ongoing_requests: 64
+  engine:
+    module: engine_sim.cli      # python -m <module> <args>; vLLM: vllm.entrypoints.openai.api_server
+    args: ["--host", "{host}", "--port", "{port}", "--model", "{model}", "--kv-events-endpoint", "tcp://*:{kv_events_port}"]
+    model: fuyao-sim
+    port: 8100                  # + the replica's first NPU slot: one engine per NPU slot on a node
+    kv_events_port: 5557        # + the same slot
+  router:
+    policy: kv-index            # power-of-two (Serve's default) | prefix-tree (Serve's PrefixCacheAffinityRouter)
+    kv_index_url: http://fuyao-kvcache:8100
+```
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fuyao.config_files import ConfigSection, Seconds, validated
+
+DEFAULT_ENGINE_ARGS = ("--host", "{host}", "--port", "{port}", "--model", "{model}",
+                       "--kv-events-endpoint", "tcp://*:{kv_events_port}")
+PLACEHOLDERS = ("host", "port", "kv_events_port", "model")
+
+ROUTER_CLASSES = {
+    "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    "prefix-tree": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+    "kv-index": "fuyao_ray.request_router:KvIndexRequestRouter",
+}
+"""Routing policies by name → Serve request-router class paths (Serve's default, Serve's own prefix router, and
+fuyao's KV-index router): the factory of :func:`router_config`."""
+
+
+class EngineSettings(ConfigSection):
+    module: str = Field(default="engine_sim.cli", min_length=1,
+                        description="the engine's Python module, run as python -m MODULE ARGS")
+    args: tuple[str, ...] = Field(default=DEFAULT_ENGINE_ARGS,
+                                  description="arguments; {host} {port} {kv_events_port} {model} are filled in")
+    model: str = Field(default="fuyao-sim", min_length=1, description="the served model name")
+    host: str = Field(default="0.0.0.0", description="where the engine listens (its pod's or node's address)")
+    port: int = Field(default=8100, ge=1, le=65535, description="base HTTP port; + the first NPU slot")
+    kv_events_port: int = Field(default=5557, ge=1, le=65535, description="base KV-events port; + the slot")
+    startup_timeout: Seconds = 180.0
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine process")
+
+    @field_validator("args")
+    @classmethod
+    def _placeholders_known(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in args:
+            try:
+                names = [name for _, name, _, _ in string.Formatter().parse(arg) if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"engine argument {arg!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+            for name in names:
+                if name not in PLACEHOLDERS:
+                    raise ValueError(f"engine argument {arg!r} names {{{name}}}; known: "
+                                     f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+        return args
+
+    def command_args(self, host: str, port: int, kv_events_port: int) -> list[str]:
+        values = {"host": host, "port": port, "kv_events_port": kv_events_port, "model": self.model}
+        return [arg.format(**values) for arg in self.args]
+
+
+class RouterSettings(ConfigSection):
+    policy: Literal["power-of-two", "prefix-tree", "kv-index"] = "kv-index"
+    kv_index_url: str | None = Field(default=None, pattern=r"^https?://",
+                                     description="fuyao-kvcache's URL (the kv-index policy)")
+    lookup_timeout: Seconds = 0.2
+    min_hit: float = Field(default=0.0, ge=0.0, le=1.0,
+                           description="below this share of the prompt cached anywhere, route on load alone")
+    tolerance_blocks: int = Field(default=0, ge=0,
+                                  description="replicas within this many blocks of the best hit share its rank")
+
+    @model_validator(mode="after")
+    def _index_for_kv_policy(self) -> RouterSettings:
+        if self.policy == "kv-index" and not self.kv_index_url:
+            raise ValueError("the kv-index policy needs kv_index_url (fuyao-kvcache's URL)")
+        return self
+
+
+class AppSettings(ConfigSection):
+    replicas: int = Field(default=2, ge=1)
+    npus_per_replica: float = Field(default=1.0, gt=0)
+    num_cpus: float = Field(default=0.0, ge=0, description="Ray CPUs per engine replica (the engine is a process)")
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    router: RouterSettings = Field(default_factory=lambda: RouterSettings(policy="power-of-two"))
+
+
+def app_settings(args: Mapping[str, Any] | None) -> AppSettings:
+    """The application's settings from its ``args`` (None: the defaults), or ConfigError naming the bad field."""
+    return validated(AppSettings, dict(args or {}), camel_case=False)
+
+
+def router_config(settings: RouterSettings) -> dict[str, Any]:
+    """Serve's ``request_router_config`` (as a dict) for the policy."""
+    config: dict[str, Any] = {"request_router_class": ROUTER_CLASSES[settings.policy]}
+    if settings.policy == "kv-index":
+        config["request_router_kwargs"] = {
+            "kv_index_url": settings.kv_index_url, "lookup_timeout": settings.lookup_timeout,
+            "min_hit": settings.min_hit, "tolerance_blocks": settings.tolerance_blocks}
+    return config

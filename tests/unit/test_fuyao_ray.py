@@ -1,0 +1,78 @@
+"""The pure parts of fuyao's Ray Serve application: the request the routers read, the ranking of replicas from the
+KV index's answer, and the application's validated arguments (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fuyao.config_files import ConfigError
+from fuyao_ray.ranking import OpenAiRequest, hit_scores, rank, request_of
+from fuyao_ray.settings import ROUTER_CLASSES, app_settings, router_config
+
+
+def test_the_request_exposes_prompt_and_messages_and_builds_the_lookup() -> None:
+    chat = OpenAiRequest("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.messages == [{"role": "user", "content": "hi"}] and chat.prompt is None
+    assert chat.lookup_query() == {"messages": [{"role": "user", "content": "hi"}], "model": "m"}
+    assert OpenAiRequest("/v1/completions", {"prompt": "abc"}).lookup_query() == {"prompt": "abc"}
+    assert OpenAiRequest("/v1/completions", {"prompt": [1, 2, 3]}).lookup_query() == {"token_ids": [1, 2, 3]}
+    assert OpenAiRequest("/v1/completions", {"prompt": {"bad": 1}}).lookup_query() is None
+    assert OpenAiRequest("/v1/completions", {"prompt": "x"}).lookup_query("served") == {"prompt": "x",
+                                                                                         "model": "served"}
+    assert request_of(("x", chat), {}) is chat and request_of((), {"r": chat}) is chat
+    assert request_of(("x", {"prompt": "p"}), {}) is None
+
+
+def test_the_replicas_holding_the_most_come_first() -> None:
+    engines = ["http://a", "http://b", None, "http://c"]
+    assert rank(engines, {"http://b": 8, "http://c": 3}, 10) == [[1], [0, 2, 3]]
+    assert rank(engines, {"http://b": 8, "http://c": 8}, 10) == [[1, 3], [0, 2]]
+    # within tolerance of the best: same rank
+    assert rank(engines, {"http://b": 8, "http://c": 7}, 10, tolerance_blocks=1) == [[1, 3], [0, 2]]
+    # nobody holds anything, or not enough: one rank (load alone)
+    assert rank(engines, {}, 10) == [[0, 1, 2, 3]]
+    assert rank(engines, {"http://a": 1}, 10, min_hit=0.5) == [[0, 1, 2, 3]]
+    assert rank(engines, {"http://a": 5}, 0) == [[0, 1, 2, 3]]
+    assert rank([], {"http://a": 5}, 10) == []
+    assert hit_scores(engines, {"http://a": 20, "http://b": -1}, 10) == [1.0, 0.0, 0.0, 0.0]
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c", "d", None]), min_size=1, max_size=6),
+       st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 40)),
+       st.integers(0, 40), st.floats(0, 1), st.integers(0, 5))
+def test_ranks_partition_the_candidates_and_lead_with_the_best(engines, cached, blocks, min_hit, tolerance) -> None:  # type: ignore[no-untyped-def]
+    ranks = rank(engines, cached, blocks, min_hit=min_hit, tolerance_blocks=tolerance)
+    flat = [i for group in ranks for i in group]
+    assert sorted(flat) == list(range(len(engines)))  # every replica exactly once: none is ever unreachable
+    assert all(group for group in ranks) and len(ranks) <= 2
+    scores = hit_scores(engines, cached, blocks)
+    if len(ranks) == 2:
+        assert min(scores[i] for i in ranks[0]) >= max(scores[i] for i in ranks[1]) - tolerance / max(blocks, 1)
+        assert max(scores) in [scores[i] for i in ranks[0]]
+
+
+def test_app_settings_are_validated_and_name_the_bad_field() -> None:
+    settings = app_settings({"replicas": 3, "router": {"policy": "kv-index", "kv_index_url": "http://kv:8100"}})
+    assert settings.replicas == 3 and settings.engine.module == "engine_sim.cli"
+    assert router_config(settings.router) == {
+        "request_router_class": ROUTER_CLASSES["kv-index"],
+        "request_router_kwargs": {"kv_index_url": "http://kv:8100", "lookup_timeout": 0.2, "min_hit": 0.0,
+                                  "tolerance_blocks": 0}}
+    assert app_settings(None).router.policy == "power-of-two"
+    assert router_config(app_settings(None).router) == {"request_router_class": ROUTER_CLASSES["power-of-two"]}
+    with pytest.raises(ConfigError, match=r"'router': .*kv_index_url"):
+        app_settings({"router": {"policy": "kv-index"}})
+    with pytest.raises(ConfigError, match="'replicas'"):
+        app_settings({"replicas": 0})
+    with pytest.raises(ConfigError, match=r"'engine\.args'.*names \{gpu\}"):
+        app_settings({"engine": {"args": ["--port", "{gpu}"]}})
+    with pytest.raises(ConfigError, match=r"'engine\.args'.*literal brace"):
+        app_settings({"engine": {"args": ["--json={bad"]}})
+    with pytest.raises(ConfigError, match=r"'router\.policy'"):
+        app_settings({"router": {"policy": "random"}})
+    with pytest.raises(ConfigError, match="'replcas'"):
+        app_settings({"replcas": 2})
+    assert app_settings({"engine": {"port": 9000}}).engine.command_args("0.0.0.0", 9001, 5558)[:4] == [
+        "--host", "0.0.0.0", "--port", "9001"]
