@@ -4,7 +4,8 @@ per replica, each on its own NPU slot) on a local Ray (``ray start --head --reso
 shared-prefix workload, with
 
 - ``serve power-of-two``: Serve's default request router (the baseline);
-- ``serve prefix-tree``: Serve's own ``PrefixCacheAffinityRouter`` (a prefix tree of the prompts it routed);
+- ``serve prefix-tree``: Serve's own ``PrefixCacheAffinityRouter`` (a prefix tree of the prompts it routed), only
+  where Ray's LLM module imports (it needs ``ray[llm]``: vLLM or SGLang beside Ray); otherwise reported as skipped;
 - ``serve kv-index``: fuyao's ``KvIndexRequestRouter`` (asks fuyao-kvcache, fed by the engines' KV events);
 - ``fuyao-router prefix-aware``: fuyao's router in front of the replicas' engines (its own KV index from the same
   events), Serve's data path bypassed.
@@ -91,6 +92,15 @@ def run(config: str, jobs: list[Any], replicas: int, blocks: int, seed: int) -> 
             index.close()
 
 
+def prefix_tree_available() -> bool:
+    import subprocess
+
+    from tests.support.ray_local import ray_python
+
+    return subprocess.run([ray_python(), "-c", "import ray.serve.llm.request_router"], capture_output=True,
+                          timeout=120).returncode == 0
+
+
 class _Known(Daemon):
     """An engine the Serve replica started (the router benchmark's Fleet wants Daemons: only ``url`` is used)."""
 
@@ -117,10 +127,18 @@ def main() -> None:
         job.body["model"] = MODEL
     rows: dict[str, dict[str, Any]] = {}
     for config in [c for c in CONFIGS if c in args.only.split(",")]:
+        if config == "serve prefix-tree" and not prefix_tree_available():
+            rows[config] = {"failed": "skipped: Serve's PrefixCacheAffinityRouter needs ray[llm] (vLLM or SGLang) "
+                                      "in the Ray environment"}
+            print(f"{config:28s} {rows[config]['failed']}", flush=True)
+            continue
         try:
             rows[config] = run(config, jobs, args.replicas, args.blocks, args.seed)
-        except RuntimeError as exc:
-            rows[config] = {"failed": str(exc)[:500]}
+        except (RuntimeError, OSError) as exc:  # a run that failed is reported, and the others still run
+            import traceback
+
+            traceback.print_exc()
+            rows[config] = {"failed": f"{type(exc).__name__}: {str(exc)[:500]}"}
         print(f"{config:28s} {json.dumps(rows[config])}", flush=True)
     measured = [(name, r) for name, r in rows.items() if "failed" not in r]
     print("\n" + "\n".join(comparison_lines(measured, "KV hit rate")))

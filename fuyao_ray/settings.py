@@ -39,7 +39,8 @@ ROUTER_CLASSES = {
     "kv-index": "fuyao_ray.request_router:KvIndexRequestRouter",
 }
 """Routing policies by name → Serve request-router class paths (Serve's default, Serve's own prefix router, and
-fuyao's KV-index router): the factory of :func:`router_config`."""
+fuyao's KV-index router): the factory of :func:`router_config`. ``prefix-tree`` imports Ray's LLM module, which
+needs ``ray[llm]`` (vLLM or SGLang) in the Ray image."""
 
 
 class EngineSettings(ConfigSection):
