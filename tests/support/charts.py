@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--monitoring", action="store_true",
                         help="install: with the charts' ServiceMonitors, PrometheusRules and dashboard (the cluster "
                              "runs Prometheus: hack/local-up.sh --monitoring)")
+    parser.add_argument("--ray", action="store_true",
+                        help="install: also import fuyao's Ray image (fuyao.local/fuyao-ray:dev, what "
+                             "docs/examples/ray/ use; hack/local-up.sh --ray imports it too)")
     args = parser.parse_args(argv)
     cluster = LocalCluster.running(args.state_dir)
     if cluster is None:
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     archive, tag = build()
     cluster.import_image(archive)
+    if args.ray:
+        ray_archive, ray_tag = build(ray=True)
+        cluster.import_image(ray_archive)
+        print(f"imported {ray_tag} (also tagged :dev)")
     if args.action == "operator":
         took = install_operator(cluster, tag)
         print("Ready: " + ", ".join(f"{step} at {seconds:.0f} s" for step, seconds in took.items()))
