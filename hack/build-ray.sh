@@ -7,10 +7,7 @@
 # comes from hack/cluster/versions.env (an environment variable wins).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-while IFS='=' read -r _name _value; do
-  [[ $_name =~ ^[A-Z][A-Z0-9_]*$ ]] || continue
-  [[ -n ${!_name+set} ]] || printf -v "$_name" '%s' "$_value"
-done <"$HERE/cluster/versions.env"
+source "$HERE/lib/versions.sh"
 RAY_VERSION="${RAY_VERSION:?RAY_VERSION is not set in hack/cluster/versions.env}"
 source "$HERE/lib/venv.sh"  # pick_python (it also sets REPO_ROOT and the project's VENV, replaced below)
 CACHE="${FUYAO_CACHE:-$HOME/.cache/fuyao}"

@@ -17,10 +17,7 @@
 set -euo pipefail
 
 # --- versions: hack/cluster/versions.env (an environment variable of the same name wins) -------
-while IFS='=' read -r _name _value; do
-  [[ $_name =~ ^[A-Z][A-Z0-9_]*$ ]] || continue
-  [[ -n ${!_name+set} ]] || printf -v "$_name" '%s' "$_value"
-done <"$(dirname "${BASH_SOURCE[0]}")/cluster/versions.env"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/versions.sh"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3 (its root package is main)
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"     # k8s.io/kubernetes; staging modules use v0.<minor>.<patch>
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"   # helm.sh/helm/v3 cmd/helm

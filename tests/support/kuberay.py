@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from .apiserver import BIN, binary
 from .polling import wait_for
-from .runtime_image import build, pinned_version
+from .runtime_image import build
+from .versions import pinned_version
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster

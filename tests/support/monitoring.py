@@ -30,6 +30,7 @@ import yaml
 from .apiserver import BIN, binary
 from .polling import wait_for
 from .runtime_image import BinaryImage, binary_images
+from .versions import pinned_versions
 
 NAMESPACE = "monitoring"
 KEDA_NAMESPACE = "keda"
@@ -37,12 +38,6 @@ PROMETHEUS_NAME = "fuyao"
 SELECTOR = {"app.kubernetes.io/part-of": "fuyao"}
 """What the Prometheus object selects: every ServiceMonitor and PrometheusRule fuyao's charts render."""
 CLUSTER_CA_CONFIGMAP = "fuyao-cluster-ca"
-
-
-def _versions() -> dict[str, str]:
-    path = Path(__file__).resolve().parents[2] / "hack" / "cluster" / "versions.env"
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and line[:1].isupper())
-    return {k: v for k, v in pairs}
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class Versions:
 
     @classmethod
     def pinned(cls) -> Versions:
-        v = _versions()
+        v = pinned_versions()
         minor = v["PROMETHEUS_VERSION"].removeprefix("v0.")
         return cls(prometheus=f"v{minor[0]}.{int(minor[1:3])}.{minor.split('.', 1)[1]}",
                    operator=v["PROMETHEUS_OPERATOR_VERSION"], metrics_server=v["METRICS_SERVER_VERSION"],

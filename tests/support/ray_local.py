@@ -16,17 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .apiserver import free_port
+from .versions import cached_venv_python
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def ray_python() -> str:
     """The Ray venv's python (built once by hack/build-ray.sh, then cached)."""
-    done = subprocess.run(["bash", str(REPO / "hack" / "build-ray.sh")], capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"hack/build-ray.sh failed: {done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return cached_venv_python("build-ray.sh", timeout=1800)
 
 
 DEPLOY = """

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .apiserver import binary
 from .images import Image, write_docker_archive, write_images
+from .versions import pinned_version
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "images"
@@ -91,17 +92,6 @@ def base_layer(cache: Path = CACHE, packages: tuple[str, ...] = BASE_PACKAGES) -
 
 def dependencies() -> list[str]:
     return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
-
-
-def pinned_version(name: str) -> str:
-    """A version from hack/cluster/versions.env (an environment variable of the same name wins)."""
-    if os.environ.get(name):
-        return os.environ[name]
-    for line in (REPO / "hack" / "cluster" / "versions.env").read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() == name and value.strip():
-            return value.strip()
-    raise RuntimeError(f"{name} is not set in hack/cluster/versions.env")
 
 
 def ray_requirement() -> str:

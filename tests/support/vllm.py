@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -14,6 +13,7 @@ from engine_sim import model_dir
 
 from .apiserver import free_port
 from .engines import Daemon
+from .versions import cached_venv_python
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "fuyao-tiny"
@@ -21,14 +21,9 @@ BLOCK_SIZE = 32  # vLLM's CPU attention wants multiples of 32
 STARTUP_S = 240.0
 
 
-@cache
 def vllm_python() -> str:
     """The cached venv's python (built on first use: a few minutes and ~6 GB, once per machine)."""
-    done = subprocess.run(["bash", str(REPO / "hack" / "build-vllm.sh")], capture_output=True, text=True,
-                          timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"hack/build-vllm.sh failed: {done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return cached_venv_python("build-vllm.sh")
 
 
 @cache
