@@ -179,6 +179,11 @@ ENV_ASCEND_RUNTIME_OPTIONS = "ASCEND_RUNTIME_OPTIONS"
 ANNOTATION_CONTAINER_DEVICES = "npu.openfuyao.com/devices"
 """Container annotation set at Allocate: the comma-separated device IDs the container received."""
 
+# Ray (fuyao_ray, docs/ray.md)
+RAY_RESOURCE_NPU = "NPU"
+"""Ray's resource name for Ascend NPUs (``ray/_private/accelerators/npu.py``): what a Ray node counts from the
+``/dev/davinci*`` fuyao's device plugin gave its container, and what a Serve replica asks for."""
+
 # Service annotations of the design doc (the doc writes ``inference.openFuyao.com``; keys must be lowercase)
 ANNOTATION_ENABLE_ROUTER = "inference.openfuyao.com/enable-router"
 ANNOTATION_LEADER_URL = "inference.openfuyao.com/leader-url"

@@ -14,6 +14,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from fuyao.contracts import RAY_RESOURCE_NPU
+
 from .engine import EngineReplica
 from .ingress import OpenAiIngress
 from .settings import app_settings, router_config
@@ -23,7 +25,7 @@ def build(args: Mapping[str, Any] | None = None) -> Application:
     settings = app_settings(args)
     engine = serve.deployment(EngineReplica).options(
         name="engine", num_replicas=settings.replicas, max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.num_cpus, "resources": {"NPU": settings.npus_per_replica}},
+        ray_actor_options={"num_cpus": settings.num_cpus, "resources": {RAY_RESOURCE_NPU: settings.npus_per_replica}},
         request_router_config=router_config(settings.router), health_check_period_s=10)
     ingress = serve.deployment(OpenAiIngress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},

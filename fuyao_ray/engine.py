@@ -31,6 +31,8 @@ from typing import Any
 import aiohttp
 import ray
 
+from fuyao.contracts import RAY_RESOURCE_NPU
+
 from .ranking import OpenAiRequest
 from .settings import EngineSettings
 
@@ -45,7 +47,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def npu_slots() -> list[str]:
     """The NPU ids Ray assigned to this process (its slots, mapped through the node's ASCEND_RT_VISIBLE_DEVICES)."""
     try:
-        return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("NPU", [])]
+        return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(RAY_RESOURCE_NPU, [])]
     except Exception:
         return []
 

@@ -81,8 +81,8 @@ class KvIndexRequestRouter(RequestRouter):
             self._count("index_error")
             return [candidate_replicas]
         engines = [(r.replica_metadata or {}).get("engine") for r in candidate_replicas]
-        ranks = rank(engines, answer.get("endpoints") or {}, int(answer.get("blocks") or 0),
-                     min_hit=self._min_hit, tolerance_blocks=self._tolerance)
-        self._count("hit" if len(ranks) > 1 or (ranks and answer.get("endpoints") and any(
-            v > 0 for v in answer["endpoints"].values())) else "miss")
+        cached = answer.get("endpoints") or {}
+        ranks = rank(engines, cached, int(answer.get("blocks") or 0), min_hit=self._min_hit,
+                     tolerance_blocks=self._tolerance)
+        self._count("hit" if any(cached.get(e, 0) > 0 for e in engines if e) else "miss")
         return [[candidate_replicas[i] for i in group] for group in ranks]

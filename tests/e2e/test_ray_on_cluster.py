@@ -311,21 +311,21 @@ def test_a_serve_app_on_npu_workers_answers_through_fuyaos_router_and_serve(clus
         # a. through fuyao's router, which found both engines through the annotated Service
         wait_for(lambda: router_backends(router) == engine_urls, 60, "the router's healthy backends = the engines")
         assert complete(router.url, "hello from the router")["choices"][0]["text"]
-        # b. through Serve's own endpoint: a shared prefix goes to the replica holding it (fuyao's request router)
         serve_ip = cluster.get_json("service", "npu-llm-serve-svc")["spec"]["clusterIP"]
-        serve_url = f"http://{serve_ip}:8000"
-        prefix = " ".join(f"basin{i % 17} levee{i % 5}" for i in range(300))
-        before = [engine_requests(u) for u in engine_urls]
-        complete(serve_url, prefix + " first")
-        after = [engine_requests(u) for u in engine_urls]
-        holder = next(i for i in range(2) if after[i] > before[i])
-        wait_for(lambda: http_json(f"{kv_url}/v1/lookup", {"prompt": prefix})["endpoints"].get(
-            engine_urls[holder], 0) > 10, 30, "the index to learn the holder's blocks")
-        before = after
-        for i in range(5):
-            assert complete(serve_url, f"{prefix} question {i}")["choices"][0]["text"]
-        after = [engine_requests(u) for u in engine_urls]
-        assert after[holder] - before[holder] == 5 and after[1 - holder] == before[1 - holder]
+        # each way in: a shared prefix goes to the engine that holds it, whichever replica that is
+        for way, url in (("router", router.url), ("serve", f"http://{serve_ip}:8000")):
+            prefix = f"[{way}] " + " ".join(f"basin{i % 17} levee{i % 5}" for i in range(300))
+            before = [engine_requests(u) for u in engine_urls]
+            complete(url, prefix + " first")
+            after = [engine_requests(u) for u in engine_urls]
+            holder = next(i for i in range(2) if after[i] > before[i])
+            wait_for(lambda p=prefix, h=holder: http_json(f"{kv_url}/v1/lookup", {"prompt": p})["endpoints"].get(
+                engine_urls[h], 0) > 10, 30, "the index to learn the holder's blocks")
+            before = after
+            for i in range(5):
+                assert complete(url, f"{prefix} question {i}")["choices"][0]["text"]
+            after = [engine_requests(u) for u in engine_urls]
+            assert (after[holder] - before[holder], after[1 - holder] - before[1 - holder]) == (5, 0), way
     finally:
         router.close()
         index.close()
