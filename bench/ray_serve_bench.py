@@ -25,7 +25,6 @@ import copy
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from bench import plots
 from bench.report import add_out_argument, emit
 from bench.router_bench import Fleet, comparison_lines, shared_prefix, start_router, steady_state_run
 from tests.support.apiserver import consecutive_free_ports
-from tests.support.engines import Daemon, kvcache, metric_total
+from tests.support.engines import Daemon, kvcache, scrape
 from tests.support.ray_local import LocalRay
 
 MODEL = "fuyao-sim-7b"
@@ -44,13 +43,8 @@ BASELINE = CONFIGS[0]
 
 
 def engine_counters(urls: list[str]) -> tuple[float, float]:
-    hits = queries = 0.0
-    for url in urls:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        hits += metric_total(text, "vllm:prefix_cache_hits_total")
-        queries += metric_total(text, "vllm:prefix_cache_queries_total")
-    return hits, queries
+    return (sum(scrape(url, "vllm:prefix_cache_hits_total") for url in urls),
+            sum(scrape(url, "vllm:prefix_cache_queries_total") for url in urls))
 
 
 def run(config: str, jobs: list[Any], replicas: int, blocks: int, seed: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support.apiserver import consecutive_free_ports
-from tests.support.engines import Daemon, kvcache, metric_total
+from tests.support.engines import Daemon, kvcache, scrape
 from tests.support.polling import wait_for
 from tests.support.ray_local import LocalRay
 
@@ -68,11 +68,7 @@ def post(url: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, Any]
 
 
 def requests_per_engine(ports: tuple[int, int]) -> list[float]:
-    counts = []
-    for slot in range(2):
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0] + slot}/metrics", timeout=10) as response:
-            counts.append(metric_total(response.read().decode(), "vllm:request_success_total"))
-    return counts
+    return [scrape(f"http://127.0.0.1:{ports[0] + slot}", "vllm:request_success_total") for slot in range(2)]
 
 
 def context(seed: int, words: int = 600) -> str:

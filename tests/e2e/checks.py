@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from typing import Any
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
@@ -34,3 +36,9 @@ def npu_pod(name: str, npus: int, scheduler_name: str | None = None) -> dict[str
         spec["schedulerName"] = scheduler_name
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "spec": spec}
 
+
+
+def explain(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    """The host extender's /explain of pod ``default/<name>`` (its filter and prioritize decisions)."""
+    with urllib.request.urlopen(f"{cluster.extender_url}/explain/default/{name}", timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]

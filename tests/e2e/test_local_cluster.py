@@ -21,7 +21,7 @@ from fuyao.contracts import (
     NodeTopology,
     parse_annotation,
 )
-from tests.e2e.checks import planned_and_visible_npus
+from tests.e2e.checks import explain, planned_and_visible_npus
 from tests.support.cluster import LocalCluster
 from tests.support.engines import metric_total
 from tests.support.polling import wait_for
@@ -335,13 +335,6 @@ def placed(cluster: LocalCluster, name: str) -> str:
 
 def zone_of(cluster: LocalCluster, node: str) -> str:
     return cluster.get_json("node", node)["metadata"]["labels"]["topology.kubernetes.io/zone"]  # type: ignore[no-any-return]
-
-
-def explain(cluster: LocalCluster, name: str) -> dict:  # type: ignore[type-arg]
-    import urllib.request
-
-    with urllib.request.urlopen(f"{cluster.extender_url}/explain/default/{name}", timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
 
 
 def test_decode_pods_join_their_prefill_pod(cluster: LocalCluster, kwok_nodes: list[str]) -> None:

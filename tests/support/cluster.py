@@ -171,9 +171,9 @@ class LocalCluster:
         self.kubectl("apply", "-f", str(path))
         return path
 
-    def kubectl(self, *args: str, check: bool = True) -> str:
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         result = subprocess.run([binary("kubectl"), "--kubeconfig", str(self.dir / "admin.kubeconfig"), *args],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout

@@ -39,6 +39,12 @@ def metric_total(text: str, name: str, **labels: str) -> float:
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
+def scrape(url: str, name: str, **labels: str) -> float:
+    """:func:`metric_total` of ``url``'s ``/metrics`` page (an engine, router or index by its base URL)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        return metric_total(response.read().decode(), name, **labels)
+
+
 class Daemon:
     """A ``python -m <module>`` process with an HTTP port; ``start()`` waits until ``health_path`` answers. Its
     output goes to a log file (``log_text()``): a pipe nobody reads would stop a chatty process once full."""
@@ -102,7 +108,7 @@ class Daemon:
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples on /metrics (0 when absent)."""
-        return metric_total(self.get("/metrics")[1], name)
+        return scrape(self.url, name)
 
     def stop(self, timeout: float = 5.0) -> tuple[int, float]:
         """SIGTERM; (exit code, seconds to exit)."""

@@ -37,16 +37,14 @@ class KubeRay:
     def __init__(self, cluster: LocalCluster):
         self.cluster = cluster
 
-    def install(self, image: bool = True) -> str | None:
-        """CRDs, the operator (waits until it serves), and (``image``) the Ray image; returns the image's tag."""
+    def install(self) -> None:
+        """CRDs, the operator (waits until it serves), and the Ray image."""
         crds = crd_dir()
         # server-side: each CRD is ~1 MB, beyond client-side apply's last-applied annotation
-        for name in CRDS:
-            self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
-                                 str(crds / f"ray.io_{name}.yaml"))
-        for name in CRDS:
-            self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                                 f"crd/{name}.ray.io")
+        self.cluster.kubectl("apply", "--server-side", "--force-conflicts",
+                             *[a for name in CRDS for a in ("-f", str(crds / f"ray.io_{name}.yaml"))])
+        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                             *[f"crd/{name}.ray.io" for name in CRDS])
         self.cluster._spawn("kuberay-operator", [
             binary("kuberay-operator"), "--enable-leader-election=false", "--metrics-addr=0",
             "--health-probe-bind-address=0", "--use-kubernetes-proxy", "--log-stdout-encoder=console"],
@@ -54,9 +52,4 @@ class KubeRay:
         log = self.cluster.dir / "logs" / "kuberay-operator.log"
         wait_for(lambda: "Starting workers" in log.read_text(errors="replace"), 60,
                  f"KubeRay's operator to start its controllers (log: {log})")
-        if not image:
-            return None
-        archive, tag = build(ray=True)
-        self.cluster.import_image(archive)
-        return tag
-
+        self.cluster.import_image(build(ray=True)[0])

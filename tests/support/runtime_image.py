@@ -197,8 +197,8 @@ def build(cache: Path = CACHE, ray: bool = False) -> tuple[Path, str]:
          f"pip install --target (pyproject dependencies{', ' + extra[0] if extra else ''})",
          "helm (hack/build-upstream.sh)", "fuyao packages and charts"])
     tmp.rename(out)
-    for stale in cache.glob(f"{prefix}-*.tar"):  # keep the newest archive only (layers stay cached)
-        if stale != out and (ray or not stale.name.startswith("fuyao-ray-")):
+    for stale in cache.glob(f"{prefix}-{'?' * 12}.tar"):  # keep the newest archive only (layers stay cached)
+        if stale != out:
             stale.unlink()
     return out, tag
 
