@@ -108,7 +108,7 @@ class Daemon:
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples on /metrics (0 when absent)."""
-        return scrape(self.url, name)
+        return metric_total(self.get("/metrics")[1], name)
 
     def stop(self, timeout: float = 5.0) -> tuple[int, float]:
         """SIGTERM; (exit code, seconds to exit)."""
