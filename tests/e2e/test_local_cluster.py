@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,36 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with running(tmp_path_factory.mktemp("cluster", numbered=True)) as local:
         wait_for(lambda: "default" in local.kubectl("get", "sa", "-o", "name"), 60, "the default service account")
         yield local
+
+
+def test_a_dead_clusters_network_is_swept_and_a_live_ones_is_kept() -> None:
+    """A harness run that was killed (or a machine restored from a snapshot) leaves its namespace, veth and host
+    routes behind, which blocked every later bring-up (``ip route add`` failed: the route exists). The bring-up
+    deletes a ``fuyao-*`` namespace nothing runs in, and only that one. Runs before this module's cluster is up."""
+    from tests.support.cluster import _sweep_stale_networks
+
+    ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+    stale, live = "fuyao-test-stale", "fuyao-test-live"
+    ip("netns", "add", stale)
+    ip("netns", "add", live)
+    holder = subprocess.Popen(["ip", "netns", "exec", live, "sleep", "60"])
+    try:
+        ip("link", "add", "fyhteststale", "type", "veth", "peer", "name", "fyn0", "netns", stale)
+        ip("addr", "add", "10.242.255.1/30", "dev", "fyhteststale")
+        ip("link", "set", "fyhteststale", "up")
+        ip("route", "add", "10.242.254.0/24", "via", "10.242.255.2", "dev", "fyhteststale")
+        wait_for(lambda: subprocess.run(["ip", "netns", "pids", live], capture_output=True, text=True).stdout.strip(),
+                 10, "the live namespace's process")
+        _sweep_stale_networks("fuyao-test-")
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert stale not in listing and live in listing
+        wait_for(lambda: not subprocess.run(["ip", "route", "show", "10.242.254.0/24"], capture_output=True,
+                                            text=True).stdout.strip(), 15, "the stale route to go with its namespace")
+    finally:
+        holder.kill()
+        holder.wait()
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def pod_manifest(name: str, npus: int = 0, command: str = "sleep 3600", labels: dict | None = None) -> str:  # type: ignore[type-arg]

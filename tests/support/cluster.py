@@ -283,7 +283,19 @@ state = "{base / 'state'}"
         reach the API server, tests and the demo reach pod IPs and ClusterIPs from the host. Nothing else on the
         host changes (no forwarding, no NAT); deleting the namespace deletes the pair and the routes."""
         self.link = f"fyh{os.getpid() % 100000}"
-        run = lambda *args: subprocess.run(list(args), check=True, capture_output=True)  # noqa: E731
+        run = _ip_run
+        swept = _sweep_stale_networks("fuyao-")
+        deadline, taken = time.monotonic() + (15 if swept else 0), "?"
+        while taken:  # the kernel drops a deleted namespace's links asynchronously
+            taken = subprocess.run(["ip", "route", "show", POD_SUBNET], capture_output=True, text=True).stdout.strip()
+            if not taken or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if taken:
+            raise RuntimeError(f"the pod subnet {POD_SUBNET} is routed already ({taken}): another local cluster is "
+                               "up; stop it first (hack/local-up.sh down, or python -m tests.support.cluster down "
+                               "--state-dir <its state directory>)")
+        _sweep_stale_networks("cni-")  # no other cluster is up: its pods' namespaces, if any, are left over
         run("ip", "netns", "add", self.netns)
         self._save()
         run("ip", "-n", self.netns, "link", "set", "lo", "up")
@@ -485,6 +497,34 @@ def _remove_kubepods_cgroups(root: Path = Path("/sys/fs/cgroup")) -> None:
             top.rmdir()
 
 
+def _ip_run(*args: str) -> None:
+    """One network command of the bring-up; a failure names the command and what it printed."""
+    result = subprocess.run(list(args), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
+
+
+def _netns_names() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]
+
+
+def _sweep_stale_networks(prefix: str) -> int:
+    """Delete the network namespaces named ``prefix*`` with no process left in them: those of harness clusters that
+    died without ``down`` (a killed test run, a machine restored from a snapshot) (``fuyao-*``), and of their pods
+    (containerd's ``cni-*``). Deleting the harness's deletes its veth pair and so the host routes through it, which
+    would block the next bring-up. A live cluster's namespace always holds its containerd: it is never touched. Returns
+    how many were deleted."""
+    deleted = 0
+    for name in _netns_names():
+        if not name.startswith(prefix):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        if pids.returncode == 0 and not pids.stdout.strip():
+            deleted += subprocess.run(["ip", "netns", "delete", name], capture_output=True).returncode == 0
+    return deleted
+
+
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -525,8 +565,7 @@ def down(state_dir: str | Path = "/tmp/fuyao-cluster") -> None:
         subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
     if state.get("link"):  # gone with the namespace already, normally
         subprocess.run(["ip", "link", "delete", state["link"]], capture_output=True)
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    for name in netns:
+    for name in _netns_names():
         if name == state.get("netns") or name.startswith("cni-"):  # ours, and our pods' (containerd's CNI)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
     _remove_kubepods_cgroups()
