@@ -26,9 +26,9 @@ PY
 PY=.venv/bin/python
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 E1=$(port); E2=$(port); R=$(port)
-$PY -m engine_sim.cli --port "$E1" --log-level warning & P1=$!
-$PY -m engine_sim.cli --port "$E2" --log-level warning & P2=$!
-$PY -m inference_router.cli --listen "127.0.0.1:$R" --backend "http://127.0.0.1:$E1" --backend "http://127.0.0.1:$E2" \
+$PY -m fuyao.engine_sim.cli --port "$E1" --log-level warning & P1=$!
+$PY -m fuyao.engine_sim.cli --port "$E2" --log-level warning & P2=$!
+$PY -m fuyao.inference_router.cli --listen "127.0.0.1:$R" --backend "http://127.0.0.1:$E1" --backend "http://127.0.0.1:$E2" \
   --log-level warning & P3=$!
 trap 'kill $P1 $P2 $P3 2>/dev/null; wait' EXIT
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$R/health" >/dev/null 2>&1 && break; sleep 0.2; done

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import plots
 from bench.report import add_out_argument, emit, quantiles
-from deviceplugin.daemon import WATCH_INTERVAL_S
 from fuyao.contracts import RESOURCE_NPU
-from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from fuyao.deviceplugin.daemon import WATCH_INTERVAL_S
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
 from tests.support.deviceplugin import PluginUnderTest
 
 

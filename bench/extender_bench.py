@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plots
 from bench.report import add_out_argument, emit, quantiles
 from fuyao.contracts import RESOURCE_NPU
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.metrics import ExtenderMetrics
-from scheduler_extender.server import build_app
-from scheduler_extender.service import ExtenderService
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.metrics import ExtenderMetrics
+from fuyao.scheduler_extender.server import build_app
+from fuyao.scheduler_extender.service import ExtenderService
 from tests.support.k8s_objects import go_extender_args, node, pod, topology
 
 

@@ -32,10 +32,10 @@ from bench import plots
 from bench.extender_bench import cluster
 from bench.report import add_out_argument, emit
 from fuyao.contracts import RESOURCE_NPU
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.metrics import ExtenderMetrics
-from scheduler_extender.service import ExtenderService
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.metrics import ExtenderMetrics
+from fuyao.scheduler_extender.service import ExtenderService
 from tests.support.k8s_objects import go_ordered_node, pod
 
 

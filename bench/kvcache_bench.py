@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plots
 from bench.report import add_out_argument, emit, quantiles
 from fuyao.kv_blocks import BlockRemoved, BlockStored, EventBatch, block_hashes, decode_batch, encode_batch
-from kvcache.index import KvIndex
-from kvcache.subscriber import Source, Subscriber
+from fuyao.kvcache.index import KvIndex
+from fuyao.kvcache.subscriber import Source, Subscriber
 from tests.support.apiserver import free_port
 
 

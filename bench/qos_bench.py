@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import plots
 from bench.report import add_out_argument, emit, quantiles
-from qos import cgroups
-from qos.agent import Agent
-from qos.collect import Collector
-from qos.config import build_config
-from qos.kube import NodeState
-from qos.metrics import AgentMetrics
+from fuyao.qos import cgroups
+from fuyao.qos.agent import Agent
+from fuyao.qos.collect import Collector
+from fuyao.qos.config import build_config
+from fuyao.qos.kube import NodeState
+from fuyao.qos.metrics import AgentMetrics
 from tests.support.cgroups import FakeCgroupTree
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Ray Serve on NPUs, routed four ways (issue 25): fuyao's Serve application (``fuyao_ray.app``: one engine simulator
-per replica, each on its own NPU slot) on a local Ray (``ray start --head --resources '{"NPU": N}'``), under the
-shared-prefix workload, with
+"""Ray Serve on NPUs, routed four ways (issue 25): fuyao's Serve application (``fuyao.ray_serve.app``: one engine
+simulator per replica, each on its own NPU slot) on a local Ray (``ray start --head --resources '{"NPU": N}'``), under
+the shared-prefix workload, with
 
 - ``serve power-of-two``: Serve's default request router (the baseline);
 - ``serve prefix-tree``: Serve's own ``PrefixCacheAffinityRouter`` (a prefix tree of the prompts it routed), only

@@ -168,7 +168,7 @@ def start_fleet(count: int, blocks: int, roles: list[str] | None = None, profile
             args += ["--role", roles[i]]
         if profile:
             args += ["--latency-profile", profile]
-        daemon = Daemon("engine_sim.cli", args, port, "/health")
+        daemon = Daemon("fuyao.engine_sim.cli", args, port, "/health")
         engines.append(daemon)
         events[daemon.url] = f"tcp://127.0.0.1:{events_port}"
     for daemon in engines:
@@ -240,7 +240,7 @@ def start_router(kind: str, strategy: str, fleet: Fleet, pd: tuple[list[str], li
         else:
             args += [a for e in fleet.engines for a in ("--backend", e.url)]
         args += [f"--kv-events={stream}={url}" for url, stream in fleet.events.items()]
-        return Daemon("inference_router.cli", args, port, "/health").start()
+        return Daemon("fuyao.inference_router.cli", args, port, "/health").start()
     binary = ensure_vllm_router()
     assert binary is not None
     args = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--policy", strategy, "--log-level", "warning",

@@ -65,7 +65,7 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     if with_extender:
         port = free_port()
         log = open(server.root / f"extender-{tag}.log", "wb")  # noqa: SIM115
-        extender = subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen",
+        extender = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
                                      f"127.0.0.1:{port}", "--kubeconfig", server.kubeconfig_for("admin"),
                                      "--log-level", "warning", *([] if bind else ["--no-bind"]),
                                      *(["--config", str(extender_config(server, shortlist))] if shortlist is not None

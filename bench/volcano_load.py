@@ -219,7 +219,7 @@ def run(n: int, cycles: int, prioritize_sizes: list[int], extra_args: list[str],
     encoded, _infos = build(n)
     built_s = time.perf_counter() - started
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
+    procs = [subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
                                "--log-level", "warning", *(["--reuse-port", "--no-bind"] if processes > 1 else []),
                                *extra_args],
                               cwd=REPO, env={k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"})

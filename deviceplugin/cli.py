@@ -1,4 +1,5 @@
-"""Entry point of ``fuyao-device-plugin``: flags and config file → :class:`~deviceplugin.daemon.DevicePluginDaemon`.
+"""Entry point of ``fuyao-device-plugin``: flags and config file →
+:class:`~fuyao.deviceplugin.daemon.DevicePluginDaemon`.
 
 Exit codes: 0 after SIGTERM/SIGINT, 2 for invalid flags or config (the message names the field).
 """
@@ -13,6 +14,7 @@ import sys
 
 from fuyao import __version__
 from fuyao import daemon as fuyao_daemon
+from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE
 
 from .config import (
     DEFAULT_DEVICE_PLUGIN_DIR,
@@ -52,7 +54,7 @@ _FLAG_FIELDS = {
 def build_parser() -> argparse.ArgumentParser:
     p = fuyao_daemon.parser(
         "fuyao-device-plugin",
-        "Kubelet device plugin for Huawei Ascend NPUs: advertises npu.huawei.com/NPU over the device-plugin API "
+        f"Kubelet device plugin for Huawei Ascend NPUs: advertises {RESOURCE_NPU} over the device-plugin API "
         "v1beta1, with health checks, topology-aware allocation, node labels and Prometheus metrics. Flags "
         "override the config file.", "docs/device-plugin.md")
     p.add_argument("--config", help="versioned YAML config file (version: v1)")
@@ -81,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"HOST:PORT for /metrics, empty to disable (default: {DEFAULT_METRICS_ADDRESS})")
     p.add_argument("--server-usage", help="value of the server-usage node label: train or infer (default: unset)")
     p.add_argument("--vnpu-mode", choices=["off", "static", "dynamic"],
-                   help="vNPUs: static slices from --vnpu-config, dynamic per-container vNPUs (npu.huawei.com/"
-                        "npu-core), or off (default: static when --vnpu-config is given, else off)")
+                   help=f"vNPUs: static slices from --vnpu-config, dynamic per-container vNPUs ({RESOURCE_NPU_CORE}),"
+                        " or off (default: static when --vnpu-config is given, else off)")
     p.add_argument("--vnpu-config", help="vnpu-config.json, the ConfigMap of static slices (re-read on change)")
     p.add_argument("--vnpu-ledger", help="file recording the vNPUs fuyao created (default: "
                                          "/var/lib/fuyao/vnpu-ledger.json; keep it on the host)")

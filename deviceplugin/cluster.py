@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from fuyao.backoff import Backoff
 from fuyao.contracts import (
     ANNOTATION_POD_ASSIGNED,
     ContainerAssignment,
@@ -78,7 +79,7 @@ class NodePublisher:
         return self._stopped or (self._wanted is not None and self._wanted != self._done)
 
     def _run(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(initial=1.0, factor=2.0, cap=30.0, jitter=0.1)
         while True:
             with self._cond:
                 self._cond.wait_for(self._has_work, timeout=RESYNC_S)
@@ -89,13 +90,14 @@ class NodePublisher:
                 continue
             try:
                 self.sync(*wanted)
-                self._done, backoff = wanted, 1.0
+                self._done = wanted
+                backoff.reset()
             except Exception as exc:
-                log.warning("cannot update node %s (retrying in %.0fs): %s", self.node_name, backoff, exc,
+                delay = backoff.next()
+                log.warning("cannot update node %s (retrying in %.0fs): %s", self.node_name, delay, exc,
                             extra={"node": self.node_name})
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stopped, timeout=backoff)
-                backoff = min(backoff * 2, 30.0)
+                    self._cond.wait_for(lambda: self._stopped, timeout=delay)
 
     def sync(self, labels: Mapping[str, str], annotations: Mapping[str, str]) -> bool:
         """Read the node and patch what differs; True when a patch was sent."""

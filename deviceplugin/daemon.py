@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from fuyao.backoff import Backoff
 from fuyao.contracts import (
     ANNOTATION_NODE_FAULTS,
     ANNOTATION_NODE_TOPOLOGY,
@@ -32,8 +33,8 @@ from fuyao.contracts import (
 from fuyao.inventory import NodeInventory, discover, read_node_cpus
 from fuyao.kube_client import connect
 from fuyao.npusmi import NpuSmi, NpuSmiError
-from vnpu.templates import Template
-from vnpu.usage import PodResourcesUnavailable, allocatable_cpus, holdings
+from fuyao.vnpu.templates import Template
+from fuyao.vnpu.usage import PodResourcesUnavailable, allocatable_cpus, holdings
 
 from . import cluster
 from .config import PluginConfig
@@ -111,11 +112,12 @@ class KubeletSession:
         self.registered_at = 0.0
         self.opened_before = 0
         self.next_attempt = 0.0
-        self.backoff = 0.2
+        self.backoff = Backoff(initial=0.2, factor=2.0, cap=MAX_BACKOFF_S)
+        """Between refused registrations with one kubelet socket."""
         self.backoff_for: tuple[int, int] | None = None
-        self.stream_grace = STREAM_GRACE_S
+        self.stream_grace = Backoff(initial=STREAM_GRACE_S, factor=2.0, cap=30.0)
+        """How long a registration may go without the kubelet's ListAndWatch stream before we register again."""
         self.waiting_logged = False
-        self.failures = 0
 
     def kubelet_identity(self) -> tuple[int, int] | None:
         """The socket file's identity. (Not its ctime: the kubelet's gRPC server changes the socket's mode right
@@ -161,17 +163,18 @@ class KubeletSession:
             return
         open_now, opened, ended_at = servicer.stream_state()
         if open_now:
-            self.stream_grace = STREAM_GRACE_S
+            self.stream_grace.reset()
         elif opened > self.opened_before and time.monotonic() - ended_at > STREAM_END_GRACE_S:
             self._restart(f"the kubelet's ListAndWatch stream for {name} ended")
-        elif opened == self.opened_before and time.monotonic() - self.registered_at > self.stream_grace:
-            self.stream_grace = min(self.stream_grace * 2, 30.0)
+        elif opened == self.opened_before and time.monotonic() - self.registered_at > self.stream_grace.current:
+            self.stream_grace.next()
             self._restart(f"the kubelet opened no ListAndWatch stream for {name} after registering")
 
     def _register(self, kubelet: tuple[int, int], now: float) -> None:
         name = self.server.resource.resource_name
         if self.backoff_for != kubelet:  # a new kubelet: forget the backoff earned by the old socket
-            self.backoff_for, self.backoff, self.next_attempt = kubelet, 0.2, 0.0
+            self.backoff_for, self.next_attempt = kubelet, 0.0
+            self.backoff.reset()
         if now < self.next_attempt:
             return
         if self.registered_with is not None:
@@ -183,15 +186,15 @@ class KubeletSession:
         except RegistrationFailed as exc:
             if self.stop is not None and self.stop.is_set():
                 return
-            self.failures += 1
-            level = logging.WARNING if self.failures == 1 or self.failures % 60 == 0 else logging.DEBUG
-            log.log(level, "registration of %s failed (%d in a row), retrying in %.1fs: %s", name, self.failures,
-                    self.backoff, exc, extra={"resource": name})
-            self.next_attempt = now + self.backoff
-            self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+            delay = self.backoff.next()
+            failures = self.backoff.failures
+            level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
+            log.log(level, "registration of %s failed (%d in a row), retrying in %.1fs: %s", name, failures, delay,
+                    exc, extra={"resource": name})
+            self.next_attempt = now + delay
             return
         self.registered_with, self.registered_at, self.opened_before = kubelet, time.monotonic(), opened_before
-        self.backoff, self.failures = 0.2, 0
+        self.backoff.reset()
 
 
 class DevicePluginDaemon:
@@ -272,11 +275,13 @@ class DevicePluginDaemon:
 
     def _discover(self) -> NodeInventory | None:
         """Discover until it works or we are told to stop; a broken npu-smi at start must not kill the pod."""
-        delay = min(self.config.health.interval, 5.0)
+        retry = min(self.config.health.interval, 5.0)
+        backoff = Backoff(initial=min(1.0, retry), factor=2.0, cap=retry)
         while not self.stop_event.is_set():
             try:
                 inventory = discover(self.npu_smi, self.config.sysfs_root)
             except NpuSmiError as exc:
+                delay = backoff.next()
                 log.error("NPU discovery failed, retrying in %.1fs: %s", delay, exc, extra={"error": str(exc)})
             else:
                 if inventory.devices:
@@ -285,6 +290,7 @@ class DevicePluginDaemon:
                              extra={"devices": [d.id for d in inventory.devices],
                                     "groups": {g.id: list(g.devices) for g in inventory.groups}})
                     return inventory
+                delay = backoff.next()
                 log.error("npu-smi reports no NPUs; retrying in %.1fs", delay)
             self.stop_event.wait(delay)
         return None
@@ -410,7 +416,7 @@ class DevicePluginDaemon:
             return
         labels = npu_node_labels(self.inventory.chip_model, len(self.inventory.devices),
                                  self.inventory.driver_version, self.config.server_usage)
-        slices: list[Slot] = list(self.vnpu.vnpu.advertised.slots().values()) if self.vnpu else []
+        slices: list[Slot] = self.vnpu.slices() if self.vnpu else []
         with self.chips.cond:  # health and faults as one health poll left them (HealthMonitor._apply)
             statuses = self.chips.statuses()
             faults = self.faults.published if self.faults else None

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from fuyao.contracts import DeviceHealth
 from fuyao.inventory import NpuDevice
 from fuyao.npusmi.models import ChipStatus, NpuSmiInfo
-from vnpu.ledger import VnpuRecord
+from fuyao.vnpu.ledger import VnpuRecord
 
 
 class DeviceStatus(BaseModel):

@@ -1,7 +1,7 @@
 """Polls ``npu-smi info`` and feeds device health and telemetry into the chip health and the metrics.
 
 One ``npu-smi info`` call per interval gives every chip's health, AICore usage, temperature, power and memory.
-Chips npu-smi does not call OK are graded by their error codes (:mod:`deviceplugin.faults`), which may keep them
+Chips npu-smi does not call OK are graded by their error codes (:mod:`fuyao.deviceplugin.faults`), which may keep them
 in service, reset or isolate them. A failing or hanging npu-smi never stops the loop: the client's timeout kills
 it, the failure is counted, and after ``failure_threshold`` consecutive failures every device is reported
 Unhealthy with the reason logged.

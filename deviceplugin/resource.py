@@ -1,4 +1,4 @@
-"""The resources the plugin advertises, each a set of :class:`~deviceplugin.devices.Slot` with its own rules.
+"""The resources the plugin advertises, each a set of :class:`~fuyao.deviceplugin.devices.Slot` with its own rules.
 
 - :class:`NpuResource` — ``npu.huawei.com/NPU``: whole dies not carved into vNPUs.
 - :class:`VnpuResource` — ``npu.huawei.com/vNPU``: static vNPUs created from the ConfigMap.
@@ -6,7 +6,7 @@
   vNPU covering the cores the kubelet picked.
 
 A die is offered under exactly one resource, so nothing is counted twice. The gRPC server
-(:mod:`deviceplugin.server`) only translates messages; what a resource decides lives here.
+(:mod:`fuyao.deviceplugin.server`) only translates messages; what a resource decides lives here.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from fuyao.inventory import NodeInventory, NpuDevice
 from fuyao.npusmi import NpuSmiError
 from fuyao.placement import Placement, preferred_allocation
 from fuyao.products import Product, product_of, shape_problem
-from vnpu.ledger import VnpuRecord
-from vnpu.manager import VnpuError, VnpuManager
-from vnpu.templates import Template
+from fuyao.vnpu.ledger import VnpuRecord
+from fuyao.vnpu.manager import VnpuError, VnpuManager
+from fuyao.vnpu.templates import Template
 
 from .config import PluginConfig
 from .container_spec import AllocationRefused, ContainerSpec, container_spec

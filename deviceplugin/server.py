@@ -13,8 +13,8 @@ from concurrent import futures
 
 import grpc
 
-from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
-from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 
 from .container_spec import AllocationRefused, ContainerSpec
 from .metrics import PluginMetrics

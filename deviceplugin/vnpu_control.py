@@ -18,14 +18,14 @@ from collections.abc import Callable
 from fuyao.contracts import RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
 from fuyao.inventory import NodeInventory
 from fuyao.npusmi import NpuSmi, NpuSmiError
-from vnpu.ledger import Ledger
-from vnpu.manager import VnpuManager
-from vnpu.plan import Plan, PlanError, load_vnpu_config, make_plan
-from vnpu.templates import Template, load_templates
-from vnpu.usage import PodResourcesUnavailable, held_devices
+from fuyao.vnpu.ledger import Ledger
+from fuyao.vnpu.manager import VnpuManager
+from fuyao.vnpu.plan import Plan, PlanError, load_vnpu_config, make_plan
+from fuyao.vnpu.templates import Template, load_templates
+from fuyao.vnpu.usage import PodResourcesUnavailable, held_devices
 
 from .config import PluginConfig
-from .devices import ChipHealth, ResourceDevices, whole_device_slots
+from .devices import ChipHealth, ResourceDevices, Slot, whole_device_slots
 from .metrics import PluginMetrics
 from .resource import (
     CoreResource,
@@ -84,6 +84,10 @@ class VnpuControl:
         if self.mode == "static":
             return [self.npu, self.vnpu]
         return [self.npu]
+
+    def slices(self) -> list[Slot]:
+        """The static vNPU slices advertised now (for the node's topology annotation)."""
+        return list(self.vnpu.advertised.slots().values())
 
     # Loop ---------------------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -8,7 +8,8 @@
 - ``config.json``: ``LlamaForCausalLM``, hidden 256, 4 heads of 64 (vLLM's CPU attention rejects smaller head
   dims), 2 KV heads, 2 layers, ``vocab_size`` = the tokenizer's.
 
-``python -m engine_sim.model_dir DIR`` writes it (idempotent: an existing directory with the same content is kept).
+``python -m fuyao.engine_sim.model_dir DIR`` writes it (idempotent: an existing directory with the same content is
+kept).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def write(directory: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine_sim.model_dir", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fuyao.engine_sim.model_dir", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", help="where to write the model (created)")
     print(write(parser.parse_args(argv).directory))
 

@@ -4,6 +4,7 @@ implementation, so every component reports a bad file the same way (exit 2, the 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,15 +23,28 @@ class ConfigSection(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
-def _duration(value: Any) -> Any:
-    from .contracts import ContractError, parse_duration
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-    if isinstance(value, str):
-        try:
-            return parse_duration("duration", value)
-        except ContractError:
-            raise ValueError(f"expected a positive duration such as 10s, 1m30s or 500ms, got {value!r}") from None
-    return value
+
+def parse_duration(raw: str) -> float:
+    """Seconds from a Go-style duration (``10s``, ``1m30s``, ``500ms``) or a bare number of seconds; a
+    ``ValueError`` saying what is expected otherwise (the caller names the field, flag or annotation)."""
+    text = raw.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"expected a duration such as 10s, 1m30s or 500ms, got {raw!r}") from None
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {raw!r}")
+    return seconds
+
+
+def _duration(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]

@@ -19,11 +19,14 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from .backoff import Backoff
 from .kube_client import RestEndpoint
 
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT_S = 300
+FAILING_AFTER = 5
+"""Failures in a row after which a kind is reported ``failing`` (readiness): what we hold is going stale."""
 
 
 class Sink(Protocol):
@@ -46,10 +49,10 @@ class _Follower:
         self.after_list = after_list
         self.failing = failing if failing is not None else {}
         """kind → the error of a list/watch that keeps failing (readiness); shared by several watches."""
-        self.backoff_s = backoff_s
-        """first retry delay; doubles up to 60x; from the fifth failure in a row the kind is reported ``failing``"""
+        self.backoff = Backoff(initial=backoff_s, factor=2.0, cap=60 * backoff_s, jitter=0.1)
+        """Re-list delays: from ``backoff_s``, doubling up to 60x, 10% jitter (replicas that lost the API server
+        together do not re-list together); from the fifth failure in a row the kind is reported ``failing``."""
         self.relists = 0
-        self._delay = backoff_s
 
     def _listed(self, body: bytes) -> str:
         """A full list's body into the sink; the resourceVersion to watch from."""
@@ -64,15 +67,14 @@ class _Follower:
 
     def _recovered(self) -> None:
         self.failing.pop(self.kind, None)
-        self._delay = self.backoff_s
+        self.backoff.reset()
 
     def _failed(self, exc: Exception) -> float:
         """Log a failed list or watch; the delay before re-listing."""
-        delay = self._delay
+        delay = self.backoff.next()
         log.warning("%s watch failed (re-listing in %.1fs): %s", self.kind, delay, exc)
-        if delay >= 16 * self.backoff_s:  # several attempts in a row: what we hold is going stale
+        if self.backoff.failures >= FAILING_AFTER:  # several attempts in a row: what we hold is going stale
             self.failing[self.kind] = str(exc)
-        self._delay = min(delay * 2, 60 * self.backoff_s)
         return delay
 
     def _applied(self, lines: list[bytes], version: str, stopped: Callable[[], bool]) -> str | None:

@@ -9,7 +9,7 @@ the ones the engine caches and reports in its KV events:
   takes string content (text parts joined with a newline).
 
 ``load(spec)``: ``None`` or ``"builtin"`` → the builtin one; a model directory or a ``tokenizer.json`` → HF. (The
-router's default, ``"engine"``, is no local tokenizer: it asks the engines, see ``inference_router.prompts``.)
+router's default, ``"engine"``, is no local tokenizer: it asks the engines, see ``fuyao.inference_router.prompts``.)
 Completions add the tokenizer's special tokens (BOS) by default, chat requests do not (vLLM's defaults).
 """
 

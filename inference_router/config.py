@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
-from kvcache.keys import BlockHashing
+from fuyao.kvcache.keys import BlockHashing
 
 CONFIG_VERSION = "v1"
 Strategy = Literal["round-robin", "least-connections", "intelligent", "prefix-aware"]

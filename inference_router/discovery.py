@@ -12,14 +12,13 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from fuyao.contracts import ContractError, Phase, RouterServiceSettings, parse_phase
+from fuyao.contracts import LABEL_SERVICE_NAME, ContractError, Phase, RouterServiceSettings, parse_phase
 from fuyao.kube_client import connect
 from fuyao.kube_watch import ListWatch
 
 from .fleet import Backend
 
 log = logging.getLogger(__name__)
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]],
@@ -38,7 +37,7 @@ def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappin
     out: dict[str, Backend] = {}
     for item in slices:
         meta = item.get("metadata") or {}
-        key = (meta.get("namespace") or "default", (meta.get("labels") or {}).get(SERVICE_NAME_LABEL, ""))
+        key = (meta.get("namespace") or "default", (meta.get("labels") or {}).get(LABEL_SERVICE_NAME, ""))
         settings = enabled.get(key)
         if settings is None:
             continue

@@ -17,9 +17,9 @@ from typing import Literal
 import aiohttp
 
 from fuyao.kv_blocks import BlockStored
-from kvcache.index import KvIndex
-from kvcache.keys import block_keys
-from kvcache.subscriber import Source, Subscriber
+from fuyao.kvcache.index import KvIndex
+from fuyao.kvcache.keys import block_keys
+from fuyao.kvcache.subscriber import Source, Subscriber
 
 from .balancing import Candidate, CircuitBreaker
 from .config import KvCacheSection, RouterSection

@@ -1,5 +1,5 @@
 """A request's prompt as the engines will cache it: its token ids, from the served model's own tokenizer, then its
-blocks' keys (``kvcache.keys``). A bounded cache keyed by what decides the tokens (the model, the prompt or the
+blocks' keys (``fuyao.kvcache.keys``). A bounded cache keyed by what decides the tokens (the model, the prompt or the
 messages and the flags that change their rendering) makes a prompt seen before cost one dictionary lookup, with
 no tokenizing and no round trip.
 
@@ -29,7 +29,7 @@ import orjson
 import xxhash
 
 from fuyao import tokenization
-from kvcache.keys import BlockKeys
+from fuyao.kvcache.keys import BlockKeys
 
 Source = Literal["ids", "cache", "local", "engine", "failed"]
 """How a prompt's ids were found: given as ids, cached, tokenized in the router, asked of an engine, or not at all."""

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
-from fuyao.contracts import KvCachePolicy
+from fuyao.contracts import LABEL_KV_EVENTS, KvCachePolicy
 
 from .keys import BlockHashing
 
@@ -58,7 +58,7 @@ class EndpointConfig(_Section):
 class DiscoveryConfig(_Section):
     enabled: bool = False
     namespace: str | None = None
-    label_selector: str = "inference.openfuyao.com/kv-events"
+    label_selector: str = LABEL_KV_EVENTS
 
 
 class EventsConfig(_Section):

@@ -15,7 +15,7 @@ event of another block size, cannot be placed and is skipped (fewer hits, never 
 hashes exactly as the index does (the simulator) is recognised per event by its first block, and its hashes are
 taken as they are. Events without ``token_ids`` are taken as they are too (the engine must then hash like the
 index), and so is every event with ``keys`` in vLLM's own hashes (``kv_cache.block_hashing.mode: vllm``, see
-``kvcache.keys``).
+``fuyao.kvcache.keys``).
 
 Single writer: the subscriber thread applies events; lookups may run in other threads (a dict read is atomic in
 CPython, and a lookup racing an update sees either state of a block).

@@ -2,7 +2,7 @@
 ``fuyao-kvcache``, and the function that turns token ids into those names.
 
 - ``content`` (the default): fuyao's own chain over the blocks' tokens (``fuyao.kv_blocks``). Engines' events are
-  translated into it from their ``token_ids`` (see ``kvcache.index``), so any hash algorithm and seed match, a
+  translated into it from their ``token_ids`` (see ``fuyao.kvcache.index``), so any hash algorithm and seed match, a
   mixed fleet too.
 - ``vllm``: vLLM's own block hashes (``fuyao.vllm_hashing``), for event streams that carry no ``token_ids``: the
   events' hashes are taken as they are, and prompts are hashed exactly as the engines hash them. Every engine must

@@ -1,6 +1,6 @@
 """Subscribes to the KV events of many engines (ZMQ SUB, one socket each, one thread for all) and applies them to
-a :class:`~kvcache.index.KvIndex`, never silently wrong (a lookup may find fewer blocks than an engine holds, never
-a block it no longer holds):
+a :class:`~fuyao.kvcache.index.KvIndex`, never silently wrong (a lookup may find fewer blocks than an engine holds,
+never a block it no longer holds):
 
 - on joining mid-stream, the batches the engine still buffers are replayed first (vLLM's ROUTER: ``["", start
   seq]`` → ``["", seq, payload]``… then seq -1); if that is impossible or incomplete, what was replayed is dropped;

@@ -20,22 +20,23 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fuyao import daemon as fuyao_daemon
-from fuyao.contracts import ContractError, parse_duration
+from fuyao.config_files import parse_duration
 
 log = logging.getLogger("npu_operator")
 DOCS = "docs/npu-operator.md"
 
 
-def _duration(flag: str):  # type: ignore[no-untyped-def]
+def _duration(flag: str) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
-            return parse_duration(flag, raw)
-        except ContractError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
     return parse
 
 

@@ -4,12 +4,12 @@ watches changes (the policy, nodes, its workloads and pods) and every ``resync``
 Each reconcile:
 
 1. reads the policy ``cluster`` (none: nothing to do; being deleted: :func:`cleanup`, then the finalizer goes);
-2. renders every enabled component (:mod:`npu_operator.render`) and server-side applies it, owned by the policy;
+2. renders every enabled component (:mod:`fuyao.npu_operator.render`) and server-side applies it, owned by the policy;
    applying everything each time is what corrects drift (an edited or deleted child comes back);
 3. prunes what the operator applied before but no longer wants (a component disabled, a chart object dropped);
 4. keeps one validation pod per NPU node, re-run when what it validates changes or after a failure;
 5. observes (workload status, allocatable NPUs, driver versions, validation results, the extender's ``/readyz``,
-   every device plugin's ``/metrics``) and writes the status that :mod:`npu_operator.status` computes from it.
+   every device plugin's ``/metrics``) and writes the status that :mod:`fuyao.npu_operator.status` computes from it.
 
 Why the official client and not kopf: the reconcile is level-triggered, so a watch only has to say "something
 changed"; ``fuyao.kube_watch.ListWatch`` (list + watch with resume and backoff, already used by three daemons)

@@ -24,9 +24,13 @@ import yaml
 from fuyao.contracts import (
     ACCELERATOR_ASCEND_NPU,
     LABEL_ACCELERATOR,
+    LABEL_APP_NAME,
+    LABEL_HELM_CHART,
+    LABEL_HOSTNAME,
     LABEL_MANAGED_BY,
     LABEL_OPERATOR_COMPONENT,
     LABEL_OPERATOR_REVISION,
+    LABEL_PART_OF,
     RESOURCE_NPU,
 )
 
@@ -169,7 +173,7 @@ def owned(objects: Iterable[Mapping[str, Any]], policy: Mapping[str, Any], compo
         obj = copy.deepcopy(dict(original))
         meta = obj.setdefault("metadata", {})
         labels = meta.setdefault("labels", {}) or {}
-        meta["labels"] = {k: v for k, v in labels.items() if k not in ("helm.sh/chart",)}
+        meta["labels"] = {k: v for k, v in labels.items() if k != LABEL_HELM_CHART}
         meta["labels"][LABEL_OPERATOR_COMPONENT] = component.value
         meta["labels"][LABEL_MANAGED_BY] = MANAGER
         meta["ownerReferences"] = [owner_reference(policy)]
@@ -193,14 +197,14 @@ def key(obj: Mapping[str, Any]) -> tuple[str, str, str, str]:
 def nfd_objects(settings: Settings) -> list[dict[str, Any]]:
     """A DaemonSet on every node that labels NPU nodes (and their driver version), with the RBAC it needs:
     get and patch nodes, nothing else."""
-    labels = {"app.kubernetes.io/name": NFD_NAME, "app.kubernetes.io/part-of": "fuyao"}
+    labels = {LABEL_APP_NAME: NFD_NAME, LABEL_PART_OF: "fuyao"}
     npu_smi_dir = str(Path(settings.npu_smi).parent)
     driver_dir = str(Path(settings.driver_version_file).parent)
     env = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
            *({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))]
     container = {
         "name": "nfd", "image": settings.image, "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python3", "-m", "npu_operator.cli", "nfd"],
+        "command": ["fuyao-npu-operator", "nfd"],
         "args": ["--sysfs-root=/host/sys", f"--npu-smi=/host/npu-smi/{Path(settings.npu_smi).name}",
                  f"--driver-version-file=/host/driver/{Path(settings.driver_version_file).name}",
                  f"--interval={settings.nfd_interval}"],
@@ -231,7 +235,7 @@ def nfd_objects(settings: Settings) -> list[dict[str, Any]]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NFD_NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NFD_NAME, "namespace": settings.namespace}]},
         {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": NFD_NAME, "labels": labels},
-         "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": NFD_NAME}},
+         "spec": {"selector": {"matchLabels": {LABEL_APP_NAME: NFD_NAME}},
                   "updateStrategy": {"type": "RollingUpdate"},
                   "template": {"metadata": {"labels": labels}, "spec": {
                       "serviceAccountName": NFD_NAME, "priorityClassName": "system-node-critical",
@@ -262,18 +266,18 @@ def validator_pod(node: str, settings: Settings, rev: str, image: str | None = N
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": validator_name(node),
-                     "labels": {"app.kubernetes.io/name": "npu-validator", "app.kubernetes.io/part-of": "fuyao",
+                     "labels": {LABEL_APP_NAME: "npu-validator", LABEL_PART_OF: "fuyao",
                                 LABEL_OPERATOR_REVISION: rev}},
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
-            "nodeSelector": {"kubernetes.io/hostname": node},
+            "nodeSelector": {LABEL_HOSTNAME: node},
             "tolerations": [{"key": RESOURCE_NPU, "operator": "Exists", "effect": "NoSchedule"}],
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": VALIDATOR_CONTAINER, "image": image or settings.image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": ["python3", "-m", "npu_operator.cli", "validate"],
+                "command": ["fuyao-npu-operator", "validate"],
                 "terminationMessagePolicy": "File",
                 "resources": {"limits": {RESOURCE_NPU: "1", "memory": "128Mi"},
                               "requests": {RESOURCE_NPU: "1", "cpu": "10m", "memory": "48Mi"}},

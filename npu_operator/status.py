@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from fuyao.contracts import RESOURCE_NPU
+
 from .api import (
     Component,
     ComponentState,
@@ -124,7 +126,7 @@ def _device_plugin(seen: Observed) -> ComponentStatus:
         empty = [n for n in seen.npu_nodes if seen.allocatable.get(n, 0) <= 0]
         if empty:
             state = ComponentState(type=S.DEGRADED, reason="NoAllocatableNpus",
-                                   message=f"no allocatable npu.huawei.com/NPU on {_named(empty)} (the plugin is "
+                                   message=f"no allocatable {RESOURCE_NPU} on {_named(empty)} (the plugin is "
                                            "not registered with the kubelet, or every NPU is unhealthy)")
     return ComponentStatus(name=Component.DEVICE_PLUGIN, state=state, nodes=counts, version=version)
 

@@ -40,11 +40,11 @@ class StateError(Exception):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("npu_sim.presets").iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in resources.files("fuyao.npu_sim.presets").iterdir() if p.name.endswith(".json"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = resources.files("npu_sim.presets") / f"{name}.json"
+    path = resources.files("fuyao.npu_sim.presets") / f"{name}.json"
     if not path.is_file():
         raise StateError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     return json.loads(path.read_text())

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fuyao.contracts import NodeUsage, QoSClass
+from fuyao.contracts import RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, NodeUsage, QoSClass
 
 from . import cgroups, policy
 from .collect import Collector, Measurement
@@ -292,8 +292,8 @@ class Agent:
 
     # Reporting ---------------------------------------------------------------------------------------------------
     def _observe(self, m: Measurement, batch: policy.BatchResources, plan: policy.SuppressPlan) -> None:
-        self.metrics.batch.labels("kubernetes.io/batch-cpu").set(batch.cpu_milli)
-        self.metrics.batch.labels("kubernetes.io/batch-memory").set(batch.memory_bytes)
+        self.metrics.batch.labels(RESOURCE_BATCH_CPU).set(batch.cpu_milli)
+        self.metrics.batch.labels(RESOURCE_BATCH_MEMORY).set(batch.memory_bytes)
         for name, value in _by_class(m).items():
             self.metrics.usage_cpu.labels(name).set(value["cpu_milli"])
             self.metrics.usage_memory.labels(name).set(value["memory_bytes"])
@@ -316,7 +316,7 @@ class Agent:
             pods=[PodLine(uid=p.uid, pod=p.key, qos=p.qos.value if p.known else QoSClass.LS.value, known=p.known,
                           cpu_milli=p.cpu_milli, cpu_peak_milli=p.cpu_peak_milli, memory_bytes=p.memory_bytes)
                   for p in m.pods],
-            batch={"kubernetes.io/batch-cpu": batch.cpu_milli, "kubernetes.io/batch-memory": batch.memory_bytes},
+            batch={RESOURCE_BATCH_CPU: batch.cpu_milli, RESOURCE_BATCH_MEMORY: batch.memory_bytes},
             batch_published=batch_due, usage_published=usage_due,
             suppress={"active": plan.active, "ls_and_system_cpu_milli": plan.ls_and_system_milli,
                       "be_cpu_allowed_milli": plan.be_allowed_milli},

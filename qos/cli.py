@@ -17,6 +17,7 @@ import time
 import orjson
 
 from fuyao import daemon
+from fuyao.contracts import ANNOTATION_NODE_USAGE, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY
 from fuyao.kube_client import connect
 
 from . import cgroups
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = daemon.parser(
         "fuyao-qos-agent",
         "LS/BE colocation on one node: measures node and pod usage (psutil, pod cgroups), publishes "
-        "kubernetes.io/batch-cpu / batch-memory and qos.openfuyao.com/usage on the Node, lowers BE "
+        f"{RESOURCE_BATCH_CPU} / {RESOURCE_BATCH_MEMORY} and {ANNOTATION_NODE_USAGE} on the Node, lowers BE "
         "pods' CPU weight, suppresses their CPU when LS usage is high and evicts them under memory "
         "pressure. LS pods are never throttled or evicted.", "docs/qos.md")
     p.add_argument("--config", help="versioned YAML config (version: v1)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from fuyao.contracts import RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY
 from fuyao.metrics_http import MetricsEndpoint
 
 
@@ -13,7 +14,8 @@ class AgentMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.batch = Gauge("fuyao_qos_batch_resource", "Batch resources computed for BE pods "
-                           "(kubernetes.io/batch-cpu in milli, batch-memory in bytes)", ("resource",), registry=r)
+                           f"({RESOURCE_BATCH_CPU} in milli, {RESOURCE_BATCH_MEMORY} in bytes)", ("resource",),
+                           registry=r)
         self.usage_cpu = Gauge("fuyao_qos_cpu_usage_milli", "CPU used, by class (LS, BE, system)", ("class",),
                                registry=r)
         self.usage_memory = Gauge("fuyao_qos_memory_usage_bytes", "Memory working set, by class (LS, BE, system)",

@@ -23,7 +23,7 @@ from .config import ConfigError, ExtenderConfig, build_config, load_config_file
 from .leading import LeaderBinder
 from .metrics import ExtenderMetrics
 from .server import build_app, ssl_context
-from .service import ExtenderService
+from .service import ExtenderService, pd_topology_key
 
 GO_IDLE_CONN_TIMEOUT_S = 90.0  # net/http DefaultTransport.IdleConnTimeout
 log = logging.getLogger("scheduler_extender")
@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> ExtenderConfig:
 
 
 async def serve(config: ExtenderConfig) -> int:
-    cache = ClusterCache(config.plugins.pd_affinity.topology_key)
+    cache = ClusterCache(pd_topology_key(config))
     metrics = ExtenderMetrics()
     api = connect(config.kubeconfig)
     watcher = elector = None

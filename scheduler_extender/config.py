@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_yaml, merged, validated
-from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT
+
+from .plugins.registry import settings_model
 
 CONFIG_VERSION = "v1"
 
@@ -63,57 +64,9 @@ class LeaderElectionSettings(ConfigSection):
         return self
 
 
-class DeviceFitArgs(ConfigSection):
-    weight: float = Field(default=3.0, ge=0)
-    strategy: Literal["binpack", "spread"] = "binpack"
-
-
-class NumaArgs(ConfigSection):
-    weight: float = Field(default=2.0, ge=0)
-
-
-class BusinessTypeArgs(ConfigSection):
-    weight: float = Field(default=1.0, ge=0)
-    stacking_penalty: float = Field(default=0.1, ge=0)
-
-
-class QosColocationArgs(ConfigSection):
-    weight: float = Field(default=2.0, ge=0)
-    ls_usage_watermark: float = Field(default=0.7, gt=0, le=1)
-    ls_max_usage: float = Field(default=0.95, gt=0, le=1)
-    be_pressure_watermark: float = Field(default=0.5, gt=0, le=1)
-
-
-class PdAffinityArgs(ConfigSection):
-    weight: float = Field(default=2.0, ge=0)
-    topology_key: str = Field(default=LABEL_PD_TOPOLOGY_DEFAULT, min_length=1)
-    ratio: str | None = Field(default=None, description="prefill:decode per topology domain, e.g. 1:2")
-    spread_penalty: float = Field(default=0.2, ge=0)
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = value.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ValueError("expected PREFILL:DECODE with positive integers, e.g. 1:2")
-        return value
-
-    @property
-    def ratio_pair(self) -> tuple[int, int] | None:
-        if self.ratio is None:
-            return None
-        p, d = self.ratio.split(":")
-        return int(p), int(d)
-
-
-class PluginSettings(ConfigSection):
-    device_fit: DeviceFitArgs = DeviceFitArgs()
-    numa: NumaArgs = NumaArgs()
-    business_type: BusinessTypeArgs = BusinessTypeArgs()
-    qos_colocation: QosColocationArgs = QosColocationArgs()
-    pd_affinity: PdAffinityArgs = PdAffinityArgs()
+PluginSettings = settings_model()
+"""``plugins:``: one section per registered plugin (``plugins.registry``), each its plugin's args with their
+defaults."""
 
 
 class ExtenderConfig(ConfigSection):
@@ -135,7 +88,7 @@ class ExtenderConfig(ConfigSection):
                            "soft preferences (preferred affinity, ScheduleAnyway spread), which get 16")
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
-    plugins: PluginSettings = PluginSettings()
+    plugins: PluginSettings = PluginSettings()  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _one_binder(self) -> ExtenderConfig:

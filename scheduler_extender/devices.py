@@ -140,18 +140,6 @@ def _memo(node: NodeInfo, key: str, compute):  # type: ignore[no-untyped-def]
     return node.memo[key]
 
 
-def cover(sizes: list[int], count: int) -> int | None:
-    """How many of the (descending) ``sizes`` it takes to add up to ``count``; None if they never do."""
-    if count <= 0:
-        return 0
-    total = 0
-    for n, size in enumerate(sizes, start=1):
-        total += size
-        if total >= count:
-            return n
-    return None
-
-
 def free_numa_sizes(node: NodeInfo) -> list[int]:
     """Free dies per NUMA node, largest first (dies with unknown NUMA count as their own node). Memoised."""
     def compute() -> list[int]:
@@ -185,7 +173,6 @@ __all__ = [
     "choose_npus",
     "choose_vnpus",
     "count_problem",
-    "cover",
     "free_cores",
     "free_group_sizes",
     "free_npus",

@@ -2,10 +2,12 @@
 [0, 1]; scores are combined as a weighted average (llm-d style profiles) and mapped to each scheduler's range.
 
 Plugins answer for all candidate nodes of a request at once, over the columns of a :class:`NodeView` (see
-``features``): ``filter`` returns a small integer per node (0 passes, k is the plugin's k-th kind of rejection),
-``reasons`` writes the text for the rejected ones, ``score`` returns an array in [0, 1]. Everything here is pure:
-a decision is a function of the pod, the candidates' features and the configuration, which is what makes it
-testable and explainable (``/explain``).
+``features``). A plugin is a :class:`FilterPlugin`, a :class:`ScorePlugin` or both, and implements only what it
+does (after kube-scheduler's framework): ``filter`` returns :class:`Verdicts` (per node 0 passes, k is the k-th
+member of the plugin's :class:`Reject` enum, plus what it found that the reason needs), ``reasons`` writes the text
+for the rejected ones from that, ``score`` returns an array in [0, 1]. Plugins are registered by name with their
+args (``plugins.registry``). Everything here is pure: a decision is a function of the pod, the candidates'
+features and the configuration, which is what makes it testable and explainable (``/explain``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from enum import IntEnum
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,13 +25,34 @@ from .model import NodeInfo, PodInfo
 from .row_cache import RowDecisions, decisions_for
 
 
-@dataclass(frozen=True)
-class RejectKind:
-    """One way a plugin rejects a node. ``unresolvable``: evicting pods would not help (kube-scheduler then skips
-    preemption on that node). ``code``: a short, fixed reason for metrics (the reason text carries numbers)."""
+class Reject(IntEnum):
+    """Base of a plugin's ways to reject a node: an enum whose members are ``NAME = k, code[, unresolvable]``
+    with k = 1, 2, ... (0 is "passes"). ``code``: a short, fixed reason for metrics (the reason text carries
+    numbers). ``unresolvable``: evicting pods would not help (kube-scheduler then skips preemption on that node)."""
 
     code: str
-    unresolvable: bool = False
+    unresolvable: bool
+
+    def __new__(cls, value: int, code: str, unresolvable: bool = False) -> Reject:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.code = code
+        member.unresolvable = unresolvable
+        return member
+
+
+DETAIL_WIDTH = 3
+"""Integers per node a filter may note for its reasons (:attr:`Verdicts.detail`)."""
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """A filter's answer for the candidates: ``kinds`` (int16 per node: 0 passes, k is ``Reject`` member k) and,
+    where its reasons need them, up to ``DETAIL_WIDTH`` integers per node of what it found (which request failed,
+    how many NUMA nodes it needs...), so that reasons never work out again what the filter found."""
+
+    kinds: np.ndarray
+    detail: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -50,23 +74,41 @@ class Cycle:
     now: float = field(default_factory=time.time)
 
 
-class Plugin(Protocol):
+@runtime_checkable
+class FilterPlugin(Protocol):
+    """Rejects nodes, each with a reason."""
+
     name: str
-    kinds: Sequence[RejectKind]
-    """``filter`` returns k for ``kinds[k - 1]``."""
+    kinds: type[Reject]
+    """The plugin's :class:`Reject` enum."""
 
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
-        """Per candidate: 0 passes, k > 0 is rejected by ``kinds[k - 1]``; None: every candidate passes."""
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> Verdicts | None:
+        """Per candidate: 0 passes, k > 0 is rejected by ``kinds(k)``; None: every candidate passes."""
 
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
-        """The reason texts of the candidates at positions ``at``, all rejected with ``kind``."""
+    def reasons(self, kind: Reject, pod: PodInfo, view: NodeView, at: np.ndarray, detail: np.ndarray,
+                cycle: Cycle) -> list[str]:
+        """The reason texts of the candidates at positions ``at``, all rejected with ``kind``; ``detail``: the
+        rows of :attr:`Verdicts.detail` the filter noted for them (zeros if it noted none)."""
+
+    def row_local(self, pod: PodInfo) -> bool:
+        """Whether ``filter`` decides each candidate from its own row alone (and the time, only through the
+        staleness of measured usage), so per-row results may be kept (``row_cache``)."""
+
+
+@runtime_checkable
+class ScorePlugin(Protocol):
+    """Scores nodes in [0, 1]."""
+
+    name: str
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         """Per candidate, in [0, 1] (a scalar: the same for all)."""
 
     def row_local(self, pod: PodInfo) -> bool:
-        """Whether ``filter`` and ``score`` decide each candidate from its own row alone (and the time, only
-        through the staleness of measured usage), so per-row results may be kept (``row_cache``)."""
+        """Whether ``score`` decides each candidate from its own row alone (see :class:`FilterPlugin`)."""
+
+
+Plugin = FilterPlugin | ScorePlugin
 
 
 class Explanation:
@@ -119,11 +161,14 @@ class FilterOutcome:
 
 
 class Framework:
-    """Runs the enabled plugins with their weights."""
+    """Runs the plugins: every filter in order (the first that rejects a node gives its reason), and the scorers
+    with a weight above 0, as a weighted average."""
 
     def __init__(self, plugins: Sequence[tuple[Plugin, float]]):
-        self.plugins = [(p, w) for p, w in plugins if w > 0]
-        self.filters = [p for p, _ in plugins]  # a plugin with weight 0 still filters
+        self.plugins: list[tuple[ScorePlugin, float]] = [(p, w) for p, w in plugins
+                                                         if w > 0 and isinstance(p, ScorePlugin)]
+        self.filters: list[FilterPlugin] = [p for p, _ in plugins if isinstance(p, FilterPlugin)]
+        """A plugin with weight 0 still filters."""
         self.total_weight = sum(w for _, w in self.plugins) or 1.0
         self._last_kept: tuple[PodInfo, NodeTable, RowDecisions | None] | None = None
 
@@ -134,36 +179,37 @@ class Framework:
         last = self._last_kept
         if last is not None and last[0] is pod and last[1] is view.table:  # filter, then shortlist's score
             return last[2]
-        kept = decisions_for(view.table, self, pod, len(self.plugins)) \
-            if all(p.row_local(pod) for p in self.filters) else None
+        kept = decisions_for(view.table, self, pod, len(self.plugins), DETAIL_WIDTH) \
+            if all(p.row_local(pod) for p in (*self.filters, *(s for s, _ in self.plugins))) else None
         self._last_kept = (pod, view.table, kept)
         return kept
 
-    def _verdicts(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> tuple[np.ndarray, np.ndarray]:
-        """Per candidate: which filter rejected it (-1: none) and with which of its kinds."""
+    def _verdicts(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> dict[str, np.ndarray]:
+        """Per candidate: which filter rejected it (``by``, -1: none), with which of its kinds, and what it noted."""
         n = len(view)
         by = np.full(n, -1, dtype=np.int16)
         kind = np.zeros(n, dtype=np.int16)
+        detail = np.zeros((n, DETAIL_WIDTH), dtype=np.int64)
         for i, plugin in enumerate(self.filters):
-            kinds = plugin.filter(pod, view, cycle)
-            if kinds is None:
+            found = plugin.filter(pod, view, cycle)
+            if found is None:
                 continue
-            hit = (by < 0) & (kinds > 0)
+            hit = (by < 0) & (found.kinds > 0)
             by[hit] = i
-            kind[hit] = kinds[hit]
-        return by, kind
+            kind[hit] = found.kinds[hit]
+            if found.detail is not None:
+                noted = found.detail if found.detail.ndim == 2 else found.detail[:, None]
+                detail[hit, : noted.shape[1]] = noted[hit]
+        return {"by": by, "kind": kind, "detail": detail}
 
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> FilterOutcome:
         """The first plugin (in order) that rejects a node gives its reason."""
         cycle = cycle or Cycle()
         n = len(view)
         kept = self._kept(pod, view)
-        if kept is not None:
-            found = kept.verdicts.get(view, cycle.now, lambda sub: dict(zip(
-                ("by", "kind"), self._verdicts(pod, sub, cycle), strict=True)))
-            by, kind = found["by"], found["kind"]
-        else:
-            by, kind = self._verdicts(pod, view, cycle)
+        found = kept.verdicts.get(view, cycle.now, lambda sub: self._verdicts(pod, sub, cycle)) \
+            if kept is not None else self._verdicts(pod, view, cycle)
+        by, kind, detail = found["by"], found["kind"], found["detail"]
         names = view.names
         passed_at = np.flatnonzero(by < 0)
         passed = names if len(passed_at) == n else [names[i] for i in passed_at.tolist()]
@@ -177,10 +223,11 @@ class Framework:
                 mine = by == i
                 for k in np.unique(kind[mine]).tolist():
                     at = np.flatnonzero(mine & (kind == k))
-                    what = plugin.kinds[k - 1]
+                    what = plugin.kinds(k)
                     target = unresolvable if what.unresolvable else failed
                     prefix = f"{plugin.name}: "
-                    for position, text in zip(at.tolist(), plugin.reasons(k, pod, view, at, cycle), strict=True):
+                    texts = plugin.reasons(what, pod, view, at, detail[at], cycle)
+                    for position, text in zip(at.tolist(), texts, strict=True):
                         target[names[position]] = rejected[names[position]] = prefix + text
                     key = (plugin.name, what.code)
                     counts[key] = counts.get(key, 0) + len(at)
@@ -236,10 +283,7 @@ class Framework:
         return Explanation(pod=pod.key, verb="prioritize", names=outcome.passed,
                            parts={p: v[best] for p, v in scored.parts.items()}, totals=scored.totals[best])
 
-    # Conveniences for nodes that are not in a table (the request carried them, or a what-if copy) -------------------
-    def table_of(self, nodes: Sequence[NodeInfo], domain_key: str = "") -> NodeView:
-        return NodeTable.of(nodes, domain_key).view_all()
-
+    # One node that is not in a table (the request carried it, or a what-if copy) ---------------------------------
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle | None = None) -> tuple[str, Rejection] | None:
         """One node: None if it passes every filter, else (plugin, rejection). The node's one-row table is kept in
         its memo (cleared whenever the node changes), so a node asked about again is not tabulated again."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fuyao.contracts import POD_INSTANCE_LABELS
+
 from .features import NodeTable, NodeView
 from .model import USAGE_STALE_S, PodInfo
 
@@ -44,9 +46,7 @@ def _hashable(value: Any) -> Hashable:
     return repr(value)
 
 
-_INSTANCE_LABELS = frozenset({
-    "statefulset.kubernetes.io/pod-name", "apps.kubernetes.io/pod-index", "batch.kubernetes.io/job-completion-index",
-    "leaderworkerset.sigs.k8s.io/worker-index", "pod-template-generation"})
+_INSTANCE_LABELS = POD_INSTANCE_LABELS
 """Labels a controller sets per pod (its name, its index): say who the pod is, like its name; left out of the
 shape so that the replicas of a StatefulSet, an indexed Job or a LeaderWorkerSet share one."""
 
@@ -110,19 +110,20 @@ class KeptRows:
 class RowDecisions:
     """The verdicts (which filter rejected, and how) and score parts of one shape, per table row."""
 
-    def __init__(self, plugins: int) -> None:
-        self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0)})
+    def __init__(self, plugins: int, detail: int) -> None:
+        self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0),
+                                  "detail": ((detail,), np.int64, 0)})
         self.scores = KeptRows({"parts": ((plugins,), np.float64, 0.0), "total": ((), np.float64, 0.0)})
 
 
-def decisions_for(table: NodeTable, owner: object, pod: PodInfo, plugins: int) -> RowDecisions:
+def decisions_for(table: NodeTable, owner: object, pod: PodInfo, plugins: int, detail: int) -> RowDecisions:
     """The kept decisions of ``owner`` (a framework: its plugins and weights made them) for this pod's shape in
     this table; least recently used shapes are dropped."""
     kept: OrderedDict[Hashable, RowDecisions] = table.decisions.setdefault(owner, OrderedDict())
     shape = pod_shape(pod)
     found = kept.get(shape)
     if found is None:
-        found = kept[shape] = RowDecisions(plugins)
+        found = kept[shape] = RowDecisions(plugins, detail)
         while len(kept) > SHAPES_KEPT:
             kept.popitem(last=False)
     else:

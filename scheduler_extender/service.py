@@ -24,7 +24,7 @@ from .framework import Cycle, Explanation, Framework, to_extender_scores
 from .metrics import ExtenderMetrics
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .partial import Kept
-from .plugins import BusinessTypePlugin, ColocationPlugin, DeviceFitPlugin, NumaPlugin, PdAffinityPlugin
+from .plugins import PdAffinityArgs, registry
 from .plugins.colocation import be_victims
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,15 @@ their preferences."""
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
-    p = config.plugins
-    return Framework([
-        (DeviceFitPlugin(p.device_fit.strategy), p.device_fit.weight),
-        (NumaPlugin(), p.numa.weight),
-        (BusinessTypePlugin(p.business_type.stacking_penalty), p.business_type.weight),
-        (ColocationPlugin(p.qos_colocation.ls_usage_watermark, p.qos_colocation.ls_max_usage,
-                          p.qos_colocation.be_pressure_watermark), p.qos_colocation.weight),
-        (PdAffinityPlugin(p.pd_affinity.topology_key, p.pd_affinity.ratio_pair, p.pd_affinity.spread_penalty),
-         p.pd_affinity.weight),
-    ])
+    """Every registered plugin, made from its args in the config, with its weight."""
+    return Framework(registry.build(config.plugins))
+
+
+def pd_topology_key(config: ExtenderConfig) -> str:
+    """The topology domain of prefill/decode affinity: what the node tables index domains by."""
+    args = registry.args_of(config.plugins, "pd-affinity")
+    assert isinstance(args, PdAffinityArgs)
+    return args.topology_key
 
 
 class Explanations:
@@ -101,7 +100,7 @@ class ExtenderService:
         for plugin in self.framework.filters:  # every (plugin, reason) at 0: a rejections rate is 0, not "no data"
             for kind in plugin.kinds:
                 metrics.rejections.labels(plugin.name, kind.code)
-        self.domain_key = config.plugins.pd_affinity.topology_key
+        self.domain_key = pd_topology_key(config)
         with cache.lock:
             cache.table.set_domain_key(self.domain_key)
         self.explanations = Explanations(config.explain_entries, config.explain_node_budget)

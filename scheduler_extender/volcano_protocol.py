@@ -70,7 +70,7 @@ SUCCESS, ERROR, UNSCHEDULABLE, UNSCHEDULABLE_AND_UNRESOLVABLE = 0, 1, 2, 3
 PERMIT, ABSTAIN, REJECT = 1, 0, -1
 
 
-# What the extender reads of the big requests (predicate, prioritize): partial types (scheduler_extender.partial),
+# What the extender reads of the big requests (predicate, prioritize): partial types (fuyao.scheduler_extender.partial),
 # every other field skipped without being built.
 class _Task(TypedDict, total=False):
     Status: Any

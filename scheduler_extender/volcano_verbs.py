@@ -32,7 +32,7 @@ from .features import RESOURCE_COLUMN
 from .framework import Cycle, Explanation, Framework
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .partial import Kept, ProtocolError, identity
-from .plugins import DeviceFitPlugin
+from .plugins import DeviceFitArgs, DeviceFitPlugin, registry
 from .volcano_protocol import (
     ABSTAIN,
     PERMIT,
@@ -69,7 +69,9 @@ class VolcanoVerbs:
         self.config = service.config
         self.metrics = service.metrics
         # jobEnqueueable asks only whether devices could ever fit: device-fit alone, whatever else is enabled
-        self.capacity = Framework([(DeviceFitPlugin(service.config.plugins.device_fit.strategy), 1.0)])
+        fit = registry.args_of(service.config.plugins, "device-fit")
+        assert isinstance(fit, DeviceFitArgs)
+        self.capacity = Framework([(DeviceFitPlugin(fit), 1.0)])
         # Volcano sends every node with all its pods in every call: 420 calls of ~200 kB for one task over 1,000
         # nodes, and the same nodes again for the next task and the next session. What was parsed is kept, by
         # what identifies it exactly: a pod by (uid, resourceVersion), a Node by (name, resourceVersion), a whole

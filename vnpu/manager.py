@@ -3,7 +3,7 @@
 Decisions are pure (:func:`static_changes`, :func:`choose_vnpu_id`, :func:`entry_in_use`); :class:`VnpuManager`
 is the I/O edge. Rules that keep vNPUs from leaking or vanishing under a workload:
 
-- a vNPU is recorded ``pending`` before it is created, ``created`` after (see :mod:`vnpu.ledger`);
+- a vNPU is recorded ``pending`` before it is created, ``created`` after (see :mod:`fuyao.vnpu.ledger`);
 - only vNPUs in the ledger are destroyed, and never one in use (npu-smi shows a container bound to it, or the
   caller's ``in_use`` set — from the kubelet's pod-resources API — names it);
 - a vNPU that disappeared behind our back (a reboot) is forgotten, not recreated twice.

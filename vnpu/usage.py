@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from kubeletapi.podresources.v1 import api_pb2 as pb
-from kubeletapi.podresources.v1 import api_pb2_grpc as pb_grpc
+from fuyao.kubeletapi.podresources.v1 import api_pb2 as pb
+from fuyao.kubeletapi.podresources.v1 import api_pb2_grpc as pb_grpc
 
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 

@@ -6,29 +6,33 @@ many pods of the same type on one node (they contend for the same resource)."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from fuyao.contracts import BusinessType
 
 from ..features import BUSINESS_COLUMN, NodeView
 from ..framework import Cycle
 from ..model import USAGE_STALE_S, PodInfo
+from .registry import PluginArgs, register
 
 
+class BusinessTypeArgs(PluginArgs):
+    weight: float = Field(default=1.0, ge=0)
+    stacking_penalty: float = Field(default=0.1, ge=0)
+
+
+@register("business-type", BusinessTypeArgs)
 class BusinessTypePlugin:
-    name = "business-type"
-    kinds = ()
+    """Scores only."""
 
-    def __init__(self, stacking_penalty: float = 0.1):
-        self.stacking_penalty = stacking_penalty
+    name = "business-type"
+
+    def __init__(self, args: BusinessTypeArgs | None = None):
+        self.args = args or BusinessTypeArgs()
+        self.stacking_penalty = self.args.stacking_penalty
 
     def row_local(self, pod: PodInfo) -> bool:
         return True
-
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
-        return None
-
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
-        return []
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         if pod.business is None:

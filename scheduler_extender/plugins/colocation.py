@@ -10,50 +10,64 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from fuyao.contracts import RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, QoSClass
+from fuyao.contracts import LABEL_VOLCANO_COLOCATION, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, QoSClass
 
 from ..features import NodeView
-from ..framework import Cycle, RejectKind
+from ..framework import Cycle, Reject, Verdicts
 from ..model import PodInfo
 from .business import fresh_usage
+from .registry import PluginArgs, register
 
-NOT_COLOCATION, NO_BATCH, TOO_BUSY = 1, 2, 3
+
+class QosColocationArgs(PluginArgs):
+    weight: float = Field(default=2.0, ge=0)
+    ls_usage_watermark: float = Field(default=0.7, gt=0, le=1)
+    ls_max_usage: float = Field(default=0.95, gt=0, le=1)
+    be_pressure_watermark: float = Field(default=0.5, gt=0, le=1)
 
 
+class ColocationReject(Reject):
+    NOT_COLOCATION = 1, "not-colocation-node", True
+    NO_BATCH = 2, "insufficient-batch"
+    TOO_BUSY = 3, "node-too-busy"
+
+
+R = ColocationReject
+
+
+@register("qos-colocation", QosColocationArgs)
 class ColocationPlugin:
     name = "qos-colocation"
-    kinds = (
-        RejectKind("not-colocation-node", unresolvable=True),
-        RejectKind("insufficient-batch"),
-        RejectKind("node-too-busy"),
-    )
+    kinds = ColocationReject
 
-    def __init__(self, ls_usage_watermark: float = 0.7, ls_max_usage: float = 0.95,
-                 be_pressure_watermark: float = 0.5):
-        self.ls_usage_watermark = ls_usage_watermark
-        self.ls_max_usage = ls_max_usage
-        self.be_pressure_watermark = be_pressure_watermark
+    def __init__(self, args: QosColocationArgs | None = None):
+        self.args = args or QosColocationArgs()
+        self.ls_usage_watermark = self.args.ls_usage_watermark
+        self.ls_max_usage = self.args.ls_max_usage
+        self.be_pressure_watermark = self.args.be_pressure_watermark
 
     def row_local(self, pod: PodInfo) -> bool:
         return True
 
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> Verdicts | None:
         out = np.zeros(len(view), dtype=np.int16)
         if pod.qos == QoSClass.BE:
             want = (pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY))
             short = (view.batch_free[:, 0] < want[0]) | (view.batch_free[:, 1] < want[1])
-            out[short] = NO_BATCH
-            out[~view.colocation] = NOT_COLOCATION
-            return out
+            out[short] = R.NO_BATCH
+            out[~view.colocation] = R.NOT_COLOCATION
+            return Verdicts(out)
         load = np.maximum(view.cpu_ratio, view.mem_ratio)
-        out[fresh_usage(view, cycle.now) & (load > self.ls_max_usage)] = TOO_BUSY
-        return out
+        out[fresh_usage(view, cycle.now) & (load > self.ls_max_usage)] = R.TOO_BUSY
+        return Verdicts(out)
 
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
-        if kind == NOT_COLOCATION:
-            return ["BE pods need a colocation node (label volcano.sh/colocation=true)"] * len(at)
-        if kind == NO_BATCH:
+    def reasons(self, kind: Reject, pod: PodInfo, view: NodeView, at: np.ndarray, detail: np.ndarray,
+                cycle: Cycle) -> list[str]:
+        if kind == R.NOT_COLOCATION:
+            return [f"BE pods need a colocation node (label {LABEL_VOLCANO_COLOCATION}=true)"] * len(at)
+        if kind == R.NO_BATCH:
             want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
             return [f"insufficient batch resources: cpu {cpu}m free / {want_cpu}m asked, memory {mem} free / "
                     f"{want_mem} asked" for cpu, mem in view.batch_free[at].tolist()]

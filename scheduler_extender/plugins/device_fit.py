@@ -13,104 +13,109 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
+from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
 
 from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
-from ..framework import Cycle, RejectKind
+from ..framework import Cycle, Reject, Verdicts
 from ..model import PodInfo
+from .registry import PluginArgs, register
 
 ACCELERATOR_NODE_SCORE = 0.25  # a pod that asks for no accelerator, on a node that has some
 
-TOO_SMALL, SHORT, UNHEALTHY, UNPLACED, COUNT_NEVER, SHAPE_NOW, CORES, VNPUS, LINKS = range(1, 10)
+
+class DeviceFitArgs(PluginArgs):
+    weight: float = Field(default=3.0, ge=0)
+    strategy: Literal["binpack", "spread"] = "binpack"
 
 
+class DeviceFitReject(Reject):
+    TOO_SMALL = 1, "node-too-small", True
+    SHORT = 2, "insufficient-devices"
+    UNHEALTHY = 3, "insufficient-healthy-devices"
+    UNPLACED = 4, "placement-unknown"
+    COUNT_NEVER = 5, "product-count", True  # a count the node's product never takes in one pod
+    SHAPE_NOW = 6, "product-shape"  # not with the dies free now
+    CORES = 7, "cores-not-on-one-die"
+    VNPUS = 8, "insufficient-vnpus"
+    LINKS = 9, "links-down"  # a multi-NPU request needs NPUs whose RoCE link is up
+
+
+R = DeviceFitReject
+
+
+@register("device-fit", DeviceFitArgs)
 class DeviceFitPlugin:
     name = "device-fit"
-    kinds = (
-        RejectKind("node-too-small", unresolvable=True),
-        RejectKind("insufficient-devices"),
-        RejectKind("insufficient-healthy-devices"),
-        RejectKind("placement-unknown"),
-        RejectKind("product-count", unresolvable=True),  # a count the node's product never takes in one pod
-        RejectKind("product-shape"),  # not with the dies free now
-        RejectKind("cores-not-on-one-die"),
-        RejectKind("insufficient-vnpus"),
-        RejectKind("links-down"),  # a multi-NPU request needs NPUs whose RoCE link is up
-    )
+    kinds = DeviceFitReject
 
-    def __init__(self, strategy: Literal["binpack", "spread"] = "binpack"):
-        self.strategy = strategy
+    def __init__(self, args: DeviceFitArgs | None = None):
+        self.args = args or DeviceFitArgs()
+        self.strategy = self.args.strategy
 
     def row_local(self, pod: PodInfo) -> bool:
         return True
 
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> Verdicts | None:
         wanted = pod.accelerators
         if not wanted:
             return None
         out = np.zeros(len(view), dtype=np.int16)
+        failed = np.zeros(len(view), dtype=np.int64)  # which of the pod's requests (its position) failed
 
-        def mark(condition: np.ndarray, kind: int) -> None:
-            out[(out == 0) & condition] = kind
+        def mark(condition: np.ndarray, kind: R, request: int) -> None:
+            hit = (out == 0) & condition
+            out[hit] = kind
+            failed[hit] = request
 
-        for resource, want in wanted.items():  # in ACCELERATOR_RESOURCES order: the first problem is reported
+        # in ACCELERATOR_RESOURCES order: the first problem is reported
+        for request, (resource, want) in enumerate(wanted.items()):
             column = RESOURCE_COLUMN[resource]
-            mark(view.alloc[:, column] < want, TOO_SMALL)
-            mark(view.free[:, column] < want, SHORT)
+            mark(view.alloc[:, column] < want, R.TOO_SMALL, request)
+            mark(view.free[:, column] < want, R.SHORT, request)
             topo = view.topo
             if resource == RESOURCE_NPU:
-                mark(topo & (view.free_by_device < want), UNHEALTHY)
+                mark(topo & (view.free_by_device < want), R.UNHEALTHY, request)
                 if want > 1:
-                    mark(topo & (view.free_linked < want), LINKS)
+                    mark(topo & (view.free_linked < want), R.LINKS, request)
                 if want > 1:
-                    mark(topo & view.shaped & (view.unplaced > 0), UNPLACED)
+                    mark(topo & view.shaped & (view.unplaced > 0), R.UNPLACED, request)
                 ruled = topo & view.ruled
                 if want <= 62:
-                    mark(ruled & ((view.counts_never >> want) & 1).astype(bool), COUNT_NEVER)
-                    mark(ruled & ~((view.counts_ok >> want) & 1).astype(bool), SHAPE_NOW)
+                    mark(ruled & ((view.counts_never >> want) & 1).astype(bool), R.COUNT_NEVER, request)
+                    mark(ruled & ~((view.counts_ok >> want) & 1).astype(bool), R.SHAPE_NOW, request)
             elif resource == RESOURCE_NPU_CORE:
-                mark(topo & (view.die_cores_max < want), CORES)
+                mark(topo & (view.die_cores_max < want), R.CORES, request)
             elif resource == RESOURCE_VNPU:
-                mark(topo & (view.vnpus_free < want), VNPUS)
-        return out
+                mark(topo & (view.vnpus_free < want), R.VNPUS, request)
+        return Verdicts(out, failed)
 
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+    def reasons(self, kind: Reject, pod: PodInfo, view: NodeView, at: np.ndarray, detail: np.ndarray,
+                cycle: Cycle) -> list[str]:
         wanted = pod.accelerators
-        # the resource that failed at each position: the first whose check matches (same order as filter)
-        def first(check) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
-            found = []
-            for i in at.tolist():
-                for resource, want in wanted.items():
-                    if check(resource, want, i):
-                        found.append((resource, want))
-                        break
-                else:
-                    found.append(next(iter(wanted.items())))
-            return found
-
+        requests = list(wanted.items())
+        failed = [requests[r] for r in detail[:, 0].tolist()]  # the request the filter found failing, per node
         alloc, free = view.alloc, view.free
-        if kind == TOO_SMALL:
+        if kind == R.TOO_SMALL:
             return [f"node has {alloc[i, RESOURCE_COLUMN[r]]} {r}, the pod asks for {w}"
-                    for i, (r, w) in zip(at.tolist(), first(lambda r, w, i: alloc[i, RESOURCE_COLUMN[r]] < w),
-                                         strict=True)]
-        if kind == SHORT:
+                    for i, (r, w) in zip(at.tolist(), failed, strict=True)]
+        if kind == R.SHORT:
             return [f"insufficient {r}: {free[i, RESOURCE_COLUMN[r]]} free, {w} requested"
-                    for i, (r, w) in zip(at.tolist(), first(lambda r, w, i: free[i, RESOURCE_COLUMN[r]] < w),
-                                         strict=True)]
+                    for i, (r, w) in zip(at.tolist(), failed, strict=True)]
         want = wanted.get(RESOURCE_NPU, 0)
-        if kind == UNHEALTHY:
+        if kind == R.UNHEALTHY:
             return [f"{n} healthy free NPUs by device, {want} requested" for n in view.free_by_device[at].tolist()]
-        if kind == LINKS:
+        if kind == R.LINKS:
             return [f"{n} free NPUs with their RoCE link up, {want} requested (NPUs whose link is down take "
                     "single-NPU pods only)" for n in view.free_linked[at].tolist()]
-        if kind == UNPLACED:
-            return [f"{n} NPUs of this node are held by pods bound without npu.openfuyao.com/assigned: whether "
+        if kind == R.UNPLACED:
+            return [f"{n} NPUs of this node are held by pods bound without {ANNOTATION_POD_ASSIGNED}: whether "
                     "dies its product lets go together are free is unknown" for n in view.unplaced[at].tolist()]
-        if kind in (COUNT_NEVER, SHAPE_NOW):
+        if kind in (R.COUNT_NEVER, R.SHAPE_NOW):
             return [dict(reasons).get(want) or f"{want} NPUs do not fit the node's product rules"
                     for reasons in view.count_reasons[at].tolist()]
-        if kind == CORES:
+        if kind == R.CORES:
             cores = wanted.get(RESOURCE_NPU_CORE, 0)
             return [f"no die has {cores} free AI cores (most free on one die: {m}); a vNPU lives on one die"
                     for m in view.die_cores_max[at].tolist()]

@@ -15,14 +15,29 @@ the same shape; ``best-effort`` / ``none`` only score. Score: 1 / NUMA nodes nee
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
-from fuyao.contracts import RESOURCE_NPU, NumaPolicy
+from fuyao.contracts import ANNOTATION_NODE_TOPOLOGY, ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, NumaPolicy
 
 from ..features import MAX_COVER, NodeView
-from ..framework import Cycle, RejectKind
+from ..framework import Cycle, Reject, Verdicts
 from ..model import PodInfo
+from .registry import PluginArgs, register
 
-UNKNOWN, UNPLACED, SINGLE_NEVER, SINGLE_NOW, RESTRICTED = range(1, 6)
+
+class NumaArgs(PluginArgs):
+    weight: float = Field(default=2.0, ge=0)
+
+
+class NumaReject(Reject):
+    UNKNOWN = 1, "numa-unknown", True
+    UNPLACED = 2, "placement-unknown"
+    SINGLE_NEVER = 3, "numa-single-node", True  # even the empty node needs several NUMA nodes
+    SINGLE_NOW = 4, "numa-single-node"
+    RESTRICTED = 5, "numa-restricted"
+
+
+R = NumaReject
 
 
 def _fewest(table: np.ndarray, cpus: int) -> np.ndarray:
@@ -33,15 +48,13 @@ def _fewest(table: np.ndarray, cpus: int) -> np.ndarray:
     return np.where(fits.any(axis=1), fits.argmax(axis=1), 0)
 
 
+@register("numa", NumaArgs)
 class NumaPlugin:
     name = "numa"
-    kinds = (
-        RejectKind("numa-unknown", unresolvable=True),
-        RejectKind("placement-unknown"),
-        RejectKind("numa-single-node", unresolvable=True),  # even the empty node needs several NUMA nodes
-        RejectKind("numa-single-node"),
-        RejectKind("numa-restricted"),
-    )
+    kinds = NumaReject
+
+    def __init__(self, args: NumaArgs | None = None):
+        self.args = args or NumaArgs()
 
     @staticmethod
     def _needed(pod: PodInfo, view: NodeView) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -74,49 +87,49 @@ class NumaPlugin:
     def row_local(self, pod: PodInfo) -> bool:
         return True
 
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
+    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> Verdicts | None:
         policy = pod.numa_policy
         if policy not in (NumaPolicy.SINGLE_NUMA_NODE, NumaPolicy.RESTRICTED):
             return None
         found = self._needed(pod, view)
         if found is None:
             return None
-        known, needed, ideal, _ = found
+        known, needed, ideal, joint = found
         want = pod.request(RESOURCE_NPU)
         out = np.zeros(len(view), dtype=np.int16)
         single = policy == NumaPolicy.SINGLE_NUMA_NODE
         if single and want > 0:
-            out[~known] = UNKNOWN  # a pod without NPUs on a node that publishes no CPUs: the kubelet decides
+            out[~known] = R.UNKNOWN  # a pod without NPUs on a node that publishes no CPUs: the kubelet decides
         placed = known & (needed > 0)  # not enough free dies or CPUs: device fit / the scheduler report the shortage
         if single:
             if want > 0:
-                out[placed & (view.unplaced > 0)] = UNPLACED
+                out[placed & (view.unplaced > 0)] = R.UNPLACED
             late = placed & (out == 0) & (needed > 1)
-            out[late & (ideal > 1)] = SINGLE_NEVER
-            out[late & (ideal <= 1)] = SINGLE_NOW
+            out[late & (ideal > 1)] = R.SINGLE_NEVER
+            out[late & (ideal <= 1)] = R.SINGLE_NOW
         else:
-            out[placed & (needed > ideal)] = RESTRICTED
-        return out
+            out[placed & (needed > ideal)] = R.RESTRICTED
+        return Verdicts(out, np.stack([needed, ideal, joint.astype(np.int64)], axis=1))
 
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
+    def reasons(self, kind: Reject, pod: PodInfo, view: NodeView, at: np.ndarray, detail: np.ndarray,
+                cycle: Cycle) -> list[str]:
         want = pod.request(RESOURCE_NPU)
-        if kind == UNKNOWN:
-            return ["single-numa-node: the node publishes no NUMA placement of its NPUs (no npu.openfuyao.com/"
-                    "topology, or npu-smi reports no CPU affinity)"] * len(at)
-        if kind == UNPLACED:
-            return [f"single-numa-node: {n} NPUs are held by pods bound without npu.openfuyao.com/assigned, so "
+        if kind == R.UNKNOWN:
+            return [f"single-numa-node: the node publishes no NUMA placement of its NPUs (no "
+                    f"{ANNOTATION_NODE_TOPOLOGY}, or npu-smi reports no CPU affinity)"] * len(at)
+        if kind == R.UNPLACED:
+            return [f"single-numa-node: {n} NPUs are held by pods bound without {ANNOTATION_POD_ASSIGNED}, so "
                     "which NUMA nodes are free is unknown" for n in view.unplaced[at].tolist()]
-        _, needed, ideal, joint = self._needed(pod, view)  # type: ignore[misc]
         texts = []
-        for i, k, best in zip(at.tolist(), needed[at].tolist(), ideal[at].tolist(), strict=True):
+        for i, (k, best, joint) in zip(at.tolist(), detail.tolist(), strict=True):  # as the filter found them
             asks = [f"{want} NPUs"] if want else []
             free = f"free NPUs per NUMA node: {view.numa_free[i]}" if want else ""
-            if joint[i]:
+            if joint:
                 asks.append(f"{pod.exclusive_cpus} exclusive CPUs")
                 free = ", ".join(x for x in (free, f"free exclusive CPUs per NUMA node: {view.numa_cpus_free[i]}")
                                  if x)
             what = " + ".join(asks)
-            if kind in (SINGLE_NEVER, SINGLE_NOW):
+            if kind in (R.SINGLE_NEVER, R.SINGLE_NOW):
                 texts.append(f"single-numa-node: {what} need {k} NUMA nodes ({free})")
             else:
                 texts.append(f"restricted: {what} span {k} NUMA nodes, {best} would do ({free})")

@@ -6,35 +6,57 @@ topology domain (``topology_key``, default the zone); replicas of the same phase
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from fuyao.contracts import Phase
+from fuyao.contracts import LABEL_PD_TOPOLOGY_DEFAULT, Phase
 
 from ..features import NodeView
 from ..framework import Cycle
 from ..model import PodInfo
+from .registry import PluginArgs, register
 
 _OTHER = {Phase.PREFILL: Phase.DECODE, Phase.DECODE: Phase.PREFILL}
 
 
-class PdAffinityPlugin:
-    name = "pd-affinity"
-    kinds = ()
+class PdAffinityArgs(PluginArgs):
+    weight: float = Field(default=2.0, ge=0)
+    topology_key: str = Field(default=LABEL_PD_TOPOLOGY_DEFAULT, min_length=1)
+    ratio: str | None = Field(default=None, description="prefill:decode per topology domain, e.g. 1:2")
+    spread_penalty: float = Field(default=0.2, ge=0)
 
-    def __init__(self, topology_key: str = "topology.kubernetes.io/zone", ratio: tuple[int, int] | None = None,
-                 spread_penalty: float = 0.2):
-        self.topology_key = topology_key
-        self.ratio = ratio
-        self.spread_penalty = spread_penalty
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError("expected PREFILL:DECODE with positive integers, e.g. 1:2")
+        return value
+
+    @property
+    def ratio_pair(self) -> tuple[int, int] | None:
+        if self.ratio is None:
+            return None
+        p, d = self.ratio.split(":")
+        return int(p), int(d)
+
+
+@register("pd-affinity", PdAffinityArgs)
+class PdAffinityPlugin:
+    """Scores only."""
+
+    name = "pd-affinity"
+
+    def __init__(self, args: PdAffinityArgs | None = None):
+        self.args = args or PdAffinityArgs()
+        self.topology_key = self.args.topology_key
+        self.ratio = self.args.ratio_pair
+        self.spread_penalty = self.args.spread_penalty
 
     def row_local(self, pod: PodInfo) -> bool:
         """A pod of a prefill/decode group is scored by where the group's other pods are (cluster-wide)."""
         return pod.phase not in _OTHER or pod.pd_group is None
-
-    def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | None:
-        return None
-
-    def reasons(self, kind: int, pod: PodInfo, view: NodeView, at: np.ndarray, cycle: Cycle) -> list[str]:
-        return []
 
     def score(self, pod: PodInfo, view: NodeView, cycle: Cycle) -> np.ndarray | float:
         if pod.phase not in _OTHER or pod.pd_group is None:

@@ -125,7 +125,7 @@ def test_rendered_objects_are_valid_kubernetes_1_34(chart: str, variant: str, tm
         if doc["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
             continue  # a CRD's kind: no schema in kubernetes-validate; the e2e tests apply them to the real CRDs
         if doc["kind"] == "NPUClusterPolicy":  # ours: checked against the CRD's model
-            from npu_operator.api import PolicySpec
+            from fuyao.npu_operator.api import PolicySpec
 
             PolicySpec.model_validate(doc["spec"])
             continue
@@ -156,11 +156,11 @@ def test_bad_values_are_refused_with_the_key_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", ["default", "custom"])
 def test_config_files_the_charts_write_are_accepted_by_the_components(variant: str, tmp_path: Path) -> None:
-    from deviceplugin.config import build_config as device_plugin_config
-    from inference_router.config import build_config as router_config
-    from kvcache.config import build_config as kvcache_config
-    from qos.config import build_config as qos_config
-    from scheduler_extender.config import build_config as extender_config
+    from fuyao.deviceplugin.config import build_config as device_plugin_config
+    from fuyao.inference_router.config import build_config as router_config
+    from fuyao.kvcache.config import build_config as kvcache_config
+    from fuyao.qos.config import build_config as qos_config
+    from fuyao.scheduler_extender.config import build_config as extender_config
 
     plugin = device_plugin_config(config_map(render("npu-device-plugin", variant, tmp_path), "config.yaml"))
     extender = extender_config(config_map(render("scheduler-extender", variant, tmp_path), "config.yaml"))
@@ -175,7 +175,7 @@ def test_config_files_the_charts_write_are_accepted_by_the_components(variant: s
         assert plugin.vnpu.mode == "static" and plugin.vnpu.config and plugin.server_usage == "infer"
         assert plugin.prefer_scheduler_assignment is False and plugin.health.failure_threshold == 5
         assert plugin.health.reset.max_attempts == 2 and plugin.health.hccn_tool == ""
-        from deviceplugin.faults.table import FaultLevel, parse_table
+        from fuyao.deviceplugin.faults.table import FaultLevel, parse_table
 
         table = parse_table(config_map(render("npu-device-plugin", variant, tmp_path), "fault-table.json"), "cm")
         assert plugin.health.fault_table == "/etc/fuyao/faults/fault-table.json"
@@ -228,7 +228,7 @@ def test_the_operator_holds_every_permission_it_grants_its_components(tmp_path: 
         return all(any(g in r["apiGroups"] and res in r["resources"] and verb in r["verbs"] for r in by)
                    for g in rule["apiGroups"] for res in rule["resources"] for verb in rule["verbs"])
 
-    from npu_operator.render import Settings, nfd_objects
+    from fuyao.npu_operator.render import Settings, nfd_objects
 
     component_roles = [rules_of(render(chart, variant, tmp_path)) for chart in INSTALL_ORDER[:3]
                        for variant in ("default", "custom")]
@@ -249,17 +249,17 @@ def test_the_operator_holds_every_permission_it_grants_its_components(tmp_path: 
 
 
 def test_the_operator_chart_carries_the_crd_the_api_generates() -> None:
-    from npu_operator.api import crd
+    from fuyao.npu_operator.api import crd
 
     committed = yaml.safe_load((CHARTS / "npu-operator" / "crds" / "npuclusterpolicies.yaml").read_text())
-    assert committed == crd(), "regenerate: python -m npu_operator.cli crd > charts/npu-operator/crds/..."
+    assert committed == crd(), "regenerate: python -m fuyao.npu_operator.cli crd > charts/npu-operator/crds/..."
 
 
 def test_the_design_doc_flags_make_the_policy(tmp_path: Path) -> None:
     docs = helm("template", "npu-operator", str(CHARTS / "npu-operator"), "--set", "driver.enabled=true",
                 "--set", "driver.version=24.1.rc2", "--set", "devicePlugin.enabled=true", "--set", "nfd.enabled=true",
                 "--set", "schedulerExtender.enabled=false").stdout
-    from npu_operator.api import Component, PolicySpec
+    from fuyao.npu_operator.api import Component, PolicySpec
 
     policy = next(d for d in yaml.safe_load_all(docs) if d and d["kind"] == "NPUClusterPolicy")
     spec = PolicySpec.model_validate(policy["spec"])
@@ -318,12 +318,12 @@ def exported_metrics() -> set[str]:
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from deviceplugin.metrics import PluginMetrics
-    from inference_router.metrics import RouterMetrics
-    from kvcache.config import KvCacheSection
-    from kvcache.service import KvCacheService
-    from qos.metrics import AgentMetrics
-    from scheduler_extender.metrics import ExtenderMetrics
+    from fuyao.deviceplugin.metrics import PluginMetrics
+    from fuyao.inference_router.metrics import RouterMetrics
+    from fuyao.kvcache.config import KvCacheSection
+    from fuyao.kvcache.service import KvCacheService
+    from fuyao.qos.metrics import AgentMetrics
+    from fuyao.scheduler_extender.metrics import ExtenderMetrics
 
     registries = [ExtenderMetrics().registry, AgentMetrics().registry, PluginMetrics("node").registry,
                   RouterMetrics().registry, KvCacheService(KvCacheSection(tokenizer="builtin")).metrics.registry]
@@ -344,7 +344,7 @@ def test_the_npu_fault_alerts_use_metrics_the_device_plugin_exports(tmp_path: Pa
     docs = render("npu-device-plugin", "custom", tmp_path)
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    from deviceplugin.faults.table import FaultLevel
+    from fuyao.deviceplugin.faults.table import FaultLevel
 
     # one alert per fault level, one for isolation, one for links, and the device and registration alerts
     assert set(alerts) == {f"NpuFault{level.value}" for level in FaultLevel} | {

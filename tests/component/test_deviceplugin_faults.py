@@ -96,11 +96,11 @@ def test_a_chip_that_resets_cannot_cure_is_isolated_until_released(make) -> None
     p.wait_log("stays isolated")
     p.kubelet.wait(lambda: p.kubelet.connections[RESOURCE_NPU].lists, 20, "a device list after the restart")
     assert health(p)["Ascend910-1"] == "Unhealthy"  # still isolated after the restart
-    out = subprocess.run([sys.executable, "-m", "deviceplugin.cli", "--isolation-state", str(p.isolation),
+    out = subprocess.run([sys.executable, "-m", "fuyao.deviceplugin.cli", "--isolation-state", str(p.isolation),
                           "--release-npu", "Ascend910-1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "released Ascend910-1" in out.stdout, out.stderr
     wait_for(lambda: health(p)["Ascend910-1"] == "Healthy", 20, "NPU 1 back after the release ")
-    again = subprocess.run([sys.executable, "-m", "deviceplugin.cli", "--isolation-state", str(p.isolation),
+    again = subprocess.run([sys.executable, "-m", "fuyao.deviceplugin.cli", "--isolation-state", str(p.isolation),
                             "--release-npu", "Ascend910-1"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "not isolated" in again.stderr
 
@@ -122,13 +122,13 @@ def test_levels_come_from_the_table_and_a_mindcluster_table_overrides_them(make,
 def test_a_bad_fault_table_is_refused_with_its_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
     table = tmp_path / "table.yaml"
     table.write_text("version: v1\nlevels:\n  RestartNPU: [81078603]\n")  # unquoted: YAML reads a number
-    out = subprocess.run([sys.executable, "-m", "deviceplugin.cli", "--fault-table", str(table)],
+    out = subprocess.run([sys.executable, "-m", "fuyao.deviceplugin.cli", "--fault-table", str(table)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "faultTable" in out.stderr and "quote hex codes" in out.stderr
     table.write_text(json.dumps({"RestartNPUCodes": ["not-hex"]}))
     table.rename(tmp_path / "t.json")
-    out = subprocess.run([sys.executable, "-m", "deviceplugin.cli", "--fault-table", str(tmp_path / "t.json")],
+    out = subprocess.run([sys.executable, "-m", "fuyao.deviceplugin.cli", "--fault-table", str(tmp_path / "t.json")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not-hex" in out.stderr and "RestartNPUCodes[0]" in out.stderr
 

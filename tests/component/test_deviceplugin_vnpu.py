@@ -226,9 +226,10 @@ def test_dynamic_lifecycles_with_failures_leak_nothing(made) -> None:  # type: i
             _restart_plugin(p)
             continue
         elif roll < 0.41:  # an operator runs gc while the plugin works
-            gc = subprocess.run([sys.executable, "-m", "vnpu.cli", "gc", "--npu-smi", "hack/fake-npu-smi", "--ledger",
-                                 str(p.ledger), "--pod-resources-socket", str(p.pod_resources), "--grace", "0.2",
-                                 "--log-level", "error"], env=p.env, capture_output=True, text=True, timeout=60)
+            gc = subprocess.run([sys.executable, "-m", "fuyao.vnpu.cli", "gc", "--npu-smi", "hack/fake-npu-smi",
+                                 "--ledger", str(p.ledger), "--pod-resources-socket", str(p.pod_resources),
+                                 "--grace", "0.2", "--log-level", "error"],
+                                env=p.env, capture_output=True, text=True, timeout=60)
             assert gc.returncode in (0, 1) and "Traceback" not in gc.stderr, gc.stderr  # 1: an injected failure
         try:
             k.admit(pod, RESOURCE_NPU_CORE, size)
@@ -279,8 +280,8 @@ def test_ledger_survives_for_static_slices_across_restart(made, tmp_path: Path) 
 def test_holdings_name_the_pod_holding_each_device(tmp_path: Path) -> None:
     """The pod-resources client reports which pod holds which device (the kubelet's truth the device plugin publishes
     as each die's holder), over the kubelet API's real gRPC on a unix socket."""
+    from fuyao.vnpu.usage import PodResourcesUnavailable, holdings
     from tests.support.kubelet import KubeletStandIn
-    from vnpu.usage import PodResourcesUnavailable, holdings
 
     socket = tmp_path / "pr" / "kubelet.sock"
     kubelet = KubeletStandIn(str(tmp_path / "plugins"), str(socket)).start()

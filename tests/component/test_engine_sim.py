@@ -242,11 +242,11 @@ def test_shared_tier_between_engines() -> None:
 def test_flag_errors_and_sigterm(tmp_path) -> None:  # type: ignore[no-untyped-def]
     profile = tmp_path / "profile.yaml"
     profile.write_text("step_base_ms: 5\nprefil_per_token_ms: 1\n")
-    result = subprocess.run([sys.executable, "-m", "engine_sim.cli", "--latency-profile", str(profile)],
+    result = subprocess.run([sys.executable, "-m", "fuyao.engine_sim.cli", "--latency-profile", str(profile)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "prefil_per_token_ms" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "engine_sim.cli", "--num-gpu-blocks", "0"], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "fuyao.engine_sim.cli", "--num-gpu-blocks", "0"],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--num-gpu-blocks" in result.stderr
     daemon = engine().start()
     code, seconds = daemon.stop()

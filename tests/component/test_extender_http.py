@@ -33,7 +33,7 @@ class Extender:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         self.log = tempfile.NamedTemporaryFile(prefix="extender-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen",
+        self.proc = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
                                       f"127.0.0.1:{self.port}", *args], cwd=REPO, env=env,
                                      stdout=self.log, stderr=self.log)  # a file: a full pipe would block it
         deadline = time.monotonic() + 30
@@ -281,7 +281,7 @@ def test_fuzzing_left_the_server_healthy(extender: Extender) -> None:
 def test_bad_config_exits_2_and_sigterm_exits_quickly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "c.yaml"
     bad.write_text("version: v1\nplugins: {pdAffinity: {ratio: '1:x'}}\n")
-    proc = subprocess.run([sys.executable, "-m", "scheduler_extender.cli", "--config", str(bad)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--config", str(bad)], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "'plugins.pdAffinity.ratio'" in proc.stderr
     e = Extender()
@@ -290,7 +290,7 @@ def test_bad_config_exits_2_and_sigterm_exits_quickly(tmp_path) -> None:  # type
 
 
 def test_several_processes_share_the_port_only_without_the_binder() -> None:
-    refused = subprocess.run([sys.executable, "-m", "scheduler_extender.cli", "--reuse-port"], cwd=REPO,
+    refused = subprocess.run([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--reuse-port"], cwd=REPO,
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "reuse_port needs bind: false" in refused.stderr
     first = Extender("--reuse-port", "--no-bind")

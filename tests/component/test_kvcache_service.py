@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from kvcache.discovery import _Pods, source_of
-from kvcache.subscriber import Source
+from fuyao.kvcache.discovery import _Pods, source_of
+from fuyao.kvcache.subscriber import Source
 from tests.support.engines import engine, kvcache
 from tests.support.polling import wait_for
 
@@ -54,14 +54,14 @@ def test_the_index_follows_engines_and_answers_lookups() -> None:
 def test_config_errors_exit_2_naming_the_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "kv.yaml"
     config.write_text("version: v1\nkv_cache:\n  eviction_policy: MRU\n")
-    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--config", str(config)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fuyao.kvcache.cli", "--config", str(config)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and "eviction_policy" in result.stderr
     config.write_text("version: v1\nkv_cache:\n  size: lots\n")
-    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--config", str(config)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fuyao.kvcache.cli", "--config", str(config)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and "size" in result.stderr and "quantity" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "kvcache.cli", "--kv-events", "no-url"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fuyao.kvcache.cli", "--kv-events", "no-url"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2 and "NAME=URL" in result.stderr
 

@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from qos.agent import Report
+from fuyao.qos.agent import Report
 from tests.support.cgroups import FakeCgroupTree
 
 UID = "0a1b2c3d-0000-4000-8000-00000000000a"
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qos.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fuyao.qos.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={"PATH": "/usr/bin:/bin"})
 
 
@@ -55,9 +55,9 @@ def test_no_kubepods_hierarchy_exits_1_saying_where_it_looked(tmp_path: Path) ->
 
 def test_sigterm_stops_the_daemon(tmp_path: Path) -> None:
     FakeCgroupTree(tmp_path, 1, "cgroupfs").add_pod(UID, "burstable")
-    proc = subprocess.Popen([sys.executable, "-m", "qos.cli", "--cgroup-root", str(tmp_path), "--interval", "0.2s",
-                             "--metrics-address", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fuyao.qos.cli", "--cgroup-root", str(tmp_path),
+                             "--interval", "0.2s", "--metrics-address", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)
         assert proc.poll() is None

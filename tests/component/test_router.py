@@ -189,10 +189,10 @@ def test_config_reload_and_a_bad_file_keeps_the_old_config(tmp_path: Path) -> No
 
 
 def test_flags_and_sigterm() -> None:
-    result = subprocess.run([sys.executable, "-m", "inference_router.cli", "--backend", "not-a-url"],
+    result = subprocess.run([sys.executable, "-m", "fuyao.inference_router.cli", "--backend", "not-a-url"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "router.backends" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "inference_router.cli"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fuyao.inference_router.cli"], capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 2 and "none configured" in result.stderr
     fake = FakeBackend()
@@ -209,7 +209,7 @@ def test_probes_liveness_and_readiness_do_not_depend_on_engines() -> None:
     """/health reports engines (503 with none healthy); /livez and /readyz (the chart's probes) answer 200 anyway,
     so a router installed before its engines is neither restarted nor kept out of its Service."""
     port = free_port()
-    front = Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", "--backend",
+    front = Daemon("fuyao.inference_router.cli", ["--listen", f"127.0.0.1:{port}", "--backend",
                                             f"http://127.0.0.1:{free_port()}"], port, "/livez").start()
     try:
         assert front.get("/health")[0] == 503

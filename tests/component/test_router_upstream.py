@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from inference_router import upstream as upstream_module
-from inference_router.upstream import HIGH_WATER, UpstreamError, UpstreamPool
+from fuyao.inference_router import upstream as upstream_module
+from fuyao.inference_router.upstream import HIGH_WATER, UpstreamError, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_sim.state import load_preset, preset_names
+from fuyao.npu_sim.state import load_preset, preset_names
 from tests.conftest import FAKE, REPO
 
 
@@ -36,7 +36,7 @@ class Node:
         return str(path)
 
     def command(self, verb: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", "vnpu.cli", verb, "--npu-smi", str(FAKE), "--ledger", str(self.ledger),
+        return [sys.executable, "-m", "fuyao.vnpu.cli", verb, "--npu-smi", str(FAKE), "--ledger", str(self.ledger),
                 "--log-level", "warning", *args]
 
     def vnpu(self, verb: str, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
@@ -184,9 +184,9 @@ def test_gc_destroys_unheld_dynamic_vnpus_only_when_the_kubelets_view_is_known(t
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from fuyao.inventory import discover
     from fuyao.npusmi import NpuSmi
-    from vnpu.ledger import Ledger
-    from vnpu.manager import VnpuManager
-    from vnpu.templates import builtin_templates
+    from fuyao.vnpu.ledger import Ledger
+    from fuyao.vnpu.manager import VnpuManager
+    from fuyao.vnpu.templates import builtin_templates
 
     node = Node(tmp_path, "910b4-8")
     monkeypatch.setenv("FAKE_NPU_SMI_STATE", node.env["FAKE_NPU_SMI_STATE"])

@@ -432,7 +432,7 @@ def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_thr
     cluster.import_image(archive)
     labels = {"app": "chat-sim"}
     container = {"name": "engine", "image": image, "imagePullPolicy": "Never",
-                 "command": ["python3", "-m", "engine_sim.cli", "--host", "0.0.0.0", "--port", "8000",
+                 "command": ["python3", "-m", "fuyao.engine_sim.cli", "--host", "0.0.0.0", "--port", "8000",
                              "--model", "sim-chat", "--time-scale", "20"],
                  "ports": [{"name": "http", "containerPort": 8000}],
                  "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1}}
@@ -461,7 +461,7 @@ def test_the_router_discovers_an_annotated_service_of_engine_pods_and_serves_thr
         "health_check": {"path": "/health", "interval": "1s", "timeout": "2s"}}}))
     port = free_port()
     log = open(cluster.dir / "logs" / "router.log", "ab")  # noqa: SIM115
-    router = subprocess.Popen([sys.executable, "-m", "inference_router.cli", "--config", str(config),
+    router = subprocess.Popen([sys.executable, "-m", "fuyao.inference_router.cli", "--config", str(config),
                                "--listen", f"127.0.0.1:{port}", "--kubeconfig",
                                str(cluster.dir / "admin.kubeconfig")], stdout=log, stderr=log)
     try:

@@ -20,7 +20,7 @@ from fuyao.contracts import (
     LABEL_DEVICE_COUNT,
     RESOURCE_NPU,
 )
-from npu_operator.render import validator_name
+from fuyao.npu_operator.render import validator_name
 from tests.support.charts import (
     OPERATOR_NAMESPACE,
     POLICY,

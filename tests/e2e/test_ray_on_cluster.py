@@ -265,11 +265,11 @@ def test_a_serve_app_on_npu_workers_answers_through_fuyaos_router_and_serve(clus
     ray_spec = service["spec"]["rayClusterConfig"]
     ray_spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = ray_image
     ray_spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"] = ray_image
-    index = host_daemon(cluster, "kvcache.cli", "kvcache", {
+    index = host_daemon(cluster, "fuyao.kvcache.cli", "kvcache", {
         "version": "v1", "listen": f"{LINK_HOST}:{kv_port}",
         "kv_cache": {"size": 0, "events": {"discovery": {"enabled": True, "namespace": "default"}}}},
         LINK_HOST, kv_port, "/healthz")
-    router = host_daemon(cluster, "inference_router.cli", "router", {
+    router = host_daemon(cluster, "fuyao.inference_router.cli", "router", {
         "version": "v1", "router": {"listen": f"127.0.0.1:{router_port}", "strategy": "prefix-aware",
                                     "discovery": {"enabled": True, "namespace": "default"},
                                     "health_check": {"interval": "1s"}},

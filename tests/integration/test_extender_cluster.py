@@ -15,7 +15,7 @@ import pytest
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from fuyao.kube_client import rest_endpoint
-from scheduler_extender.cluster import ClusterCache, Watcher
+from fuyao.scheduler_extender.cluster import ClusterCache, Watcher
 from tests.component.test_extender_http import Extender
 from tests.support.apiserver import LocalApiServer, least_privilege
 from tests.support.k8s_objects import node, pod, topology

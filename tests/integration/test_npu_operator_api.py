@@ -1,4 +1,4 @@
-"""The NPUClusterPolicy CRD (generated from npu_operator.api) on a real kube-apiserver: accepted as structural,
+"""The NPUClusterPolicy CRD (generated from fuyao.npu_operator.api) on a real kube-apiserver: accepted as structural,
 the policy must be named ``cluster``, unknown and invalid fields are refused, status is a subresource, and
 ``kubectl get npuclusterpolicy`` shows each component's state."""
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from npu_operator.api import GROUP, PLURAL, VERSION, PolicySpec, crd
-from npu_operator.status import Observed, policy_status
+from fuyao.npu_operator.api import GROUP, PLURAL, VERSION, PolicySpec, crd
+from fuyao.npu_operator.status import Observed, policy_status
 from tests.support.apiserver import LocalApiServer, binary, control_plane
 from tests.support.polling import wait_for
 

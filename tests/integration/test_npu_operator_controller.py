@@ -23,11 +23,11 @@ from fuyao.contracts import (
     LABEL_OPERATOR_COMPONENT,
     RESOURCE_NPU,
 )
-from npu_operator import agents
-from npu_operator.api import GROUP, PLURAL, VERSION, crd
-from npu_operator.controller import FINALIZER, Controller
-from npu_operator.kube import Rest
-from npu_operator.render import Settings, validator_name
+from fuyao.npu_operator import agents
+from fuyao.npu_operator.api import GROUP, PLURAL, VERSION, crd
+from fuyao.npu_operator.controller import FINALIZER, Controller
+from fuyao.npu_operator.kube import Rest
+from fuyao.npu_operator.render import Settings, validator_name
 from tests.support.apiserver import LocalApiServer, binary
 from tests.support.k8s_objects import node
 from tests.support.polling import wait_for
@@ -236,7 +236,7 @@ def test_a_node_labelled_later_is_served_without_touching_the_policy(server: Loc
 
 def test_deleting_the_policy_removes_discovery_labels_only(server: LocalApiServer, controller: Controller,
                                                            tmp_path: Path) -> None:
-    from npu_sim import state as st
+    from fuyao.npu_sim import state as st
 
     rest = admin(server)
     sysfs = tmp_path / "sys"

@@ -20,12 +20,12 @@ from fuyao.contracts import (
     NodeUsage,
     parse_annotation,
 )
-from qos import cgroups
-from qos.agent import Agent
-from qos.collect import Collector
-from qos.config import build_config
-from qos.kube import Evictor, NodeState, Publisher
-from qos.metrics import AgentMetrics
+from fuyao.qos import cgroups
+from fuyao.qos.agent import Agent
+from fuyao.qos.collect import Collector
+from fuyao.qos.config import build_config
+from fuyao.qos.kube import Evictor, NodeState, Publisher
+from fuyao.qos.metrics import AgentMetrics
 from tests.support.apiserver import LocalApiServer, least_privilege
 from tests.support.cgroups import FakeCgroupTree
 from tests.support.polling import wait_for
@@ -128,7 +128,7 @@ def test_the_agent_process_publishes_its_node(cluster: LocalApiServer, tmp_path:
     tree = FakeCgroupTree(tmp_path / "cg", 1, "cgroupfs")
     tree.add_pod(make_pod(cluster, "proc-ls", "colo-1", None), "burstable", memory=GiB)
     env = {**os.environ, "NODE_NAME": "colo-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qos.cli", "--kubeconfig", cluster.kubeconfig_for(USER),
+    proc = subprocess.Popen([sys.executable, "-m", "fuyao.qos.cli", "--kubeconfig", cluster.kubeconfig_for(USER),
                              "--cgroup-root", str(tmp_path / "cg"), "--interval", "0.5s", "--metrics-address", ""],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

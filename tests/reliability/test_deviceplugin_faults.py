@@ -28,8 +28,8 @@ import psutil
 import pytest
 
 from fuyao.contracts import RESOURCE_NPU
-from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
-from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from tests.support.deviceplugin import PluginUnderTest
 from tests.support.kubelet import PluginConnection
 

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, PodAssignment, parse_annotation
 from fuyao.http_body import MAX_DEPTH
-from scheduler_extender.server import MAX_BODY
+from fuyao.scheduler_extender.server import MAX_BODY
 from tests.component.test_extender_http import FOUR, NODES, Extender, volcano_node, volcano_task
 from tests.component.test_extender_http import extender as extender  # the module's extender process fixture
 from tests.conftest import REPO
@@ -374,7 +374,7 @@ class RestartableExtender:
         started = time.monotonic()
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "scheduler_extender.cli", "--listen",
+            self.proc = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
                                           f"127.0.0.1:{self.port}", *self.args], cwd=REPO, env=env,
                                          stdout=log, stderr=log)
         while time.monotonic() - started < timeout:

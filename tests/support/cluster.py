@@ -364,7 +364,7 @@ state = "{base / 'state'}"
         env = {"FAKE_NPU_SMI_STATE": str(self.npu_state), "FAKE_NPU_SMI_DEV": str(dev)}
         kubelet_root = self.dir / "kubelet"
         self._spawn("fuyao-device-plugin", [
-            sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(REPO / "hack" / "fake-npu-smi"),
+            sys.executable, "-m", "fuyao.deviceplugin.cli", "--npu-smi", str(REPO / "hack" / "fake-npu-smi"),
             "--device-plugin-dir", str(DEVICE_PLUGIN_DIR), "--dev-root", str(dev),
             "--node-name", self.node, "--kubeconfig", str(self.dir / "admin.kubeconfig"),
             "--pod-resources-socket", str(kubelet_root / "pod-resources" / "kubelet.sock"),
@@ -404,7 +404,7 @@ state = "{base / 'state'}"
             port = free_port()
             self.extender_url = f"http://127.0.0.1:{port}"
             self._spawn("fuyao-scheduler-extender", [
-                sys.executable, "-m", "scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
+                sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen", f"127.0.0.1:{port}",
                 "--kubeconfig", str(self.dir / "admin.kubeconfig")])
         else:
             self.extender_url = f"http://{EXTENDER_CLUSTER_IP}:8888"
@@ -426,7 +426,7 @@ state = "{base / 'state'}"
 
     def _qos_agent(self) -> None:
         self._spawn("fuyao-qos-agent", [
-            sys.executable, "-m", "qos.cli", "--node-name", self.node, "--kubeconfig",
+            sys.executable, "-m", "fuyao.qos.cli", "--node-name", self.node, "--kubeconfig",
             str(self.dir / "admin.kubeconfig"), "--cgroup-root", "/sys/fs/cgroup", "--interval", "2s",
             "--metrics-address", ""])
 

@@ -63,7 +63,7 @@ class PluginUnderTest:
 
     # The plugin process ----------------------------------------------------------------------------------------------
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "deviceplugin.cli", "--npu-smi", str(FAKE_NPU_SMI),
+        return [sys.executable, "-m", "fuyao.deviceplugin.cli", "--npu-smi", str(FAKE_NPU_SMI),
                 "--device-plugin-dir", str(self.plugin_dir), "--dev-root", str(self.dev_root),
                 "--node-name", "node-a", "--health-interval", self.health_interval,
                 "--metrics-address", "127.0.0.1:0", "--npu-smi-timeout", "2s", "--vnpu-ledger", str(self.ledger),

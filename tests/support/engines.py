@@ -140,7 +140,7 @@ def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: 
     """An engine simulator (fast clock); with ``events`` its KV events on a free port (``daemon.events``)."""
     port = free_port()
     args = ["--port", str(port), "--time-scale", str(time_scale), *extra]
-    daemon = Daemon("engine_sim.cli", args, port, "/health")
+    daemon = Daemon("fuyao.engine_sim.cli", args, port, "/health")
     daemon.events = daemon.replay = None  # type: ignore[attr-defined]
     if events:
         events_port = free_port()
@@ -156,9 +156,9 @@ def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: 
 def router(*args: str) -> Daemon:
     """``fuyao-router`` on a free loopback port (ready when its /health answers: at least one healthy backend)."""
     port = free_port()
-    return Daemon("inference_router.cli", ["--listen", f"127.0.0.1:{port}", *args], port, "/health")
+    return Daemon("fuyao.inference_router.cli", ["--listen", f"127.0.0.1:{port}", *args], port, "/health")
 
 
 def kvcache(*extra: str) -> Daemon:
     port = free_port()
-    return Daemon("kvcache.cli", ["--listen", f"127.0.0.1:{port}", *extra], port, "/healthz")
+    return Daemon("fuyao.kvcache.cli", ["--listen", f"127.0.0.1:{port}", *extra], port, "/healthz")

@@ -43,7 +43,7 @@ def pd_service(name: str, image: str, namespace: str = "default", model: str = "
         labels = {LABEL_APP: name, LABEL_PHASE: role, LABEL_PD_GROUP: name, LABEL_KV_EVENTS: "true"}
         container = {
             "name": "engine", "image": image, "imagePullPolicy": "Never",
-            "command": ["python3", "-m", "engine_sim.cli", "--host", "0.0.0.0",
+            "command": ["python3", "-m", "fuyao.engine_sim.cli", "--host", "0.0.0.0",
                         "--port", str(DEFAULT_ENGINE_HTTP_PORT), "--model", model, "--role", role,
                         "--num-gpu-blocks", str(blocks), "--time-scale", str(time_scale),
                         "--kv-events-endpoint", f"tcp://*:{DEFAULT_KV_EVENTS_PORT}"],

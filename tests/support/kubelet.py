@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
-from kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
-from kubeletapi.podresources.v1 import api_pb2 as pr
-from kubeletapi.podresources.v1 import api_pb2_grpc as pr_grpc
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2 as pb
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from fuyao.kubeletapi.podresources.v1 import api_pb2 as pr
+from fuyao.kubeletapi.podresources.v1 import api_pb2_grpc as pr_grpc
 
 # <DNS subdomain>/<name>, like the kubelet's IsExtendedResourceName check
 EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")

@@ -32,7 +32,7 @@ import ray
 from ray import serve
 ray.init(address="auto", logging_level="WARNING")
 serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
-from fuyao_ray.app import build
+from fuyao.ray_serve.app import build
 serve.run(build(json.loads(sys.argv[1])), name=sys.argv[3], route_prefix="/")
 print("deployed", flush=True)
 """
@@ -72,7 +72,7 @@ class LocalRay:
         return self
 
     def deploy(self, args: dict[str, Any], name: str = "llm", timeout: float = 300) -> None:
-        """``serve.run(fuyao_ray.app.build(args))`` (waits until the replicas are up)."""
+        """``serve.run(fuyao.ray_serve.app.build(args))`` (waits until the replicas are up)."""
         done = subprocess.run([self.python, "-c", DEPLOY, json.dumps(args), str(self.http_port), name],
                               capture_output=True, text=True, timeout=timeout, env=self.env)
         if done.returncode != 0 or "deployed" not in done.stdout:

@@ -41,8 +41,9 @@ BASE_PACKAGES = ("python3", "ca-certificates")
 RAY_BASE_PACKAGES = (*BASE_PACKAGES, "wget")
 """KubeRay's liveness and readiness probes run ``bash -c "wget … | grep success"`` in the Ray container."""
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's python3 sys.path
-SOURCE_PACKAGES = ("fuyao", "npu_sim", "kubeletapi", "deviceplugin", "scheduler_extender", "vnpu", "qos",
-                   "inference_router", "kvcache", "engine_sim", "npu_operator", "fuyao_ray")
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+"""fuyao's console scripts (``fuyao-device-plugin = fuyao.deviceplugin.cli:main``...): the image has them at
+``/usr/local/bin``, as ``pip install`` would write them, and the charts run them."""
 CHARTS_IN_IMAGE = "opt/fuyao/charts"
 """fuyao's charts, which the NPU operator renders (``helm template``) for the components it installs."""
 HELM_IN_IMAGE = "usr/local/bin/helm"
@@ -150,11 +151,25 @@ def tools_layer(cache: Path = CACHE) -> Path:
 
 
 def source_files() -> list[Path]:
+    """What the app layer is made of: pyproject, the charts, and the ``fuyao`` namespace with its components (the
+    symlinks ``fuyao/<component>`` lead to their folders at the top of the tree; ``rglob`` does not follow them)."""
     files = [REPO / "pyproject.toml"]
     files += sorted(p for p in (REPO / "charts").rglob("*") if p.is_file())
-    for package in SOURCE_PACKAGES:
-        files += sorted(p for p in (REPO / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    homes = [REPO / "fuyao", *(p.resolve() for p in sorted((REPO / "fuyao").iterdir()) if p.is_symlink())]
+    for home in homes:
+        files += sorted(p for p in home.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return files
+
+
+def _fuyao_scripts(dest: Path) -> None:
+    """``[project.scripts]`` as pip writes them: ``/usr/local/bin/<name>`` calling ``module:function``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, target in SCRIPTS.items():
+        module, function = target.split(":")
+        script = dest / name
+        script.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {module} import {function}\n\n"
+                          f"if __name__ == \"__main__\":\n    sys.exit({function}())\n")
+        script.chmod(0o755)
 
 
 def app_layer(cache: Path = CACHE) -> Path:
@@ -166,8 +181,9 @@ def app_layer(cache: Path = CACHE) -> Path:
         return out
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         target = Path(tmp) / SITE_PACKAGES
-        for package in SOURCE_PACKAGES:  # the packages as they are in the tree (what pip would install)
-            shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+        # the namespace as pip would install it: copytree follows the component symlinks (copies their folders)
+        shutil.copytree(REPO / "fuyao", target / "fuyao", ignore=shutil.ignore_patterns("__pycache__"))
+        _fuyao_scripts(Path(tmp) / "usr" / "local" / "bin")
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-d", "/" + SITE_PACKAGES, str(target)],
                        check=True)
         shutil.copytree(REPO / "charts", Path(tmp) / CHARTS_IN_IMAGE)

@@ -1,5 +1,5 @@
 """A real vLLM (the CPU build, from the cached venv ``hack/build-vllm.sh`` makes) serving the tiny generated model of
-``engine_sim.model_dir`` with random weights, as a process on free loopback ports with its KV events on ZMQ."""
+``fuyao.engine_sim.model_dir`` with random weights, as a process on free loopback ports with its KV events on ZMQ."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from engine_sim import model_dir
+from fuyao.engine_sim import model_dir
 
 from .apiserver import free_port
 from .engines import Daemon

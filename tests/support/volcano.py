@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler_extender.volcano_protocol import TaskStatus
+from fuyao.scheduler_extender.volcano_protocol import TaskStatus
 
 
 def _scalar(requests: dict[str, str]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from fuyao import contracts as c
+from fuyao.config_files import parse_duration
 
 device = hs.builds(
     c.DeviceTopology, npu_id=hs.integers(0, 64), chip_id=hs.integers(0, 1), physical_id=hs.integers(0, 128),
@@ -159,4 +160,11 @@ def test_router_service_settings() -> None:
 
 @pytest.mark.parametrize("raw,seconds", [("10s", 10), ("500ms", 0.5), ("1m30s", 90), ("2h", 7200), ("15", 15)])
 def test_durations(raw: str, seconds: float) -> None:
-    assert c.parse_duration("k", raw) == seconds
+    assert parse_duration(raw) == seconds
+
+
+@pytest.mark.parametrize("raw,fragment", [("10 parsecs", "such as 10s"), ("0s", "positive"), ("", "such as"),
+                                          ("-5", "positive"), ("1m30", "such as")])
+def test_bad_durations_say_what_is_expected(raw: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_duration(raw)

@@ -7,20 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from deviceplugin.cluster import assignments_for, node_patch
-from deviceplugin.config import ConfigError, build_config, load_config_file
-from deviceplugin.container_spec import AllocationRefused, container_spec
-from deviceplugin.daemon import node_topology
-from deviceplugin.devices import (
-    ChipHealth,
-    DeviceStatus,
-    ResourceDevices,
-    Slot,
-    statuses_after_failures,
-    statuses_from_info,
-    whole_device_slots,
-)
-from deviceplugin.resource import socket_name_for
 from fuyao.contracts import (
     ANNOTATION_POD_ASSIGNED,
     RESOURCE_NPU,
@@ -30,11 +16,25 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
+from fuyao.deviceplugin.cluster import assignments_for, node_patch
+from fuyao.deviceplugin.config import ConfigError, build_config, load_config_file
+from fuyao.deviceplugin.container_spec import AllocationRefused, container_spec
+from fuyao.deviceplugin.daemon import node_topology
+from fuyao.deviceplugin.devices import (
+    ChipHealth,
+    DeviceStatus,
+    ResourceDevices,
+    Slot,
+    statuses_after_failures,
+    statuses_from_info,
+    whole_device_slots,
+)
+from fuyao.deviceplugin.resource import socket_name_for
 from fuyao.inventory import build_inventory
 from fuyao.npusmi import parse
 from fuyao.npusmi.models import NpuHealthState
+from fuyao.vnpu.ledger import VnpuRecord
 from tests.conftest import sample
-from vnpu.ledger import VnpuRecord
 
 HEALTHY = DeviceStatus(health=DeviceHealth.HEALTHY, reason="ok")
 

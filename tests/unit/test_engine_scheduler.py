@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from engine_sim.engine import Engine, EngineSettings
-from engine_sim.profile import LatencyProfile
+from fuyao.engine_sim.engine import Engine, EngineSettings
+from fuyao.engine_sim.profile import LatencyProfile
 
 
 def engine(**settings: int) -> Engine:

@@ -7,11 +7,11 @@ from urllib.parse import urlparse
 
 import yaml
 
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.metrics import ExtenderMetrics
-from scheduler_extender.server import build_app
-from scheduler_extender.service import ExtenderService
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.metrics import ExtenderMetrics
+from fuyao.scheduler_extender.server import build_app
+from fuyao.scheduler_extender.service import ExtenderService
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "docs" / "examples"

@@ -12,18 +12,22 @@ from fuyao.contracts import (
     NumaCpus,
     QoSClass,
 )
-from scheduler_extender import devices
-from scheduler_extender.features import NodeTable, NodeView, PdIndex
-from scheduler_extender.framework import Cycle, Framework, Plugin, Rejection, to_extender_score
-from scheduler_extender.model import NodeInfo, PodInfo, parse_node, parse_pod
-from scheduler_extender.plugins import (
+from fuyao.scheduler_extender import devices
+from fuyao.scheduler_extender.features import NodeTable, NodeView, PdIndex
+from fuyao.scheduler_extender.framework import Cycle, Framework, Plugin, Rejection, to_extender_score
+from fuyao.scheduler_extender.model import NodeInfo, PodInfo, parse_node, parse_pod
+from fuyao.scheduler_extender.plugins import (
+    BusinessTypeArgs,
     BusinessTypePlugin,
     ColocationPlugin,
+    DeviceFitArgs,
     DeviceFitPlugin,
     NumaPlugin,
+    PdAffinityArgs,
     PdAffinityPlugin,
+    QosColocationArgs,
 )
-from scheduler_extender.plugins.colocation import be_victims
+from fuyao.scheduler_extender.plugins.colocation import be_victims
 from tests.support.k8s_objects import node, pod, topology, usage
 
 
@@ -172,8 +176,8 @@ def test_binpack_and_spread() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}))
     empty = info(node("empty", topo=topology()))
     half = info(node("half", topo=topology()), holding("half", 0, 1, 2, 3))
-    assert score(DeviceFitPlugin("binpack"), ask, half) > score(DeviceFitPlugin("binpack"), ask, empty)
-    assert score(DeviceFitPlugin("spread"), ask, empty) > score(DeviceFitPlugin("spread"), ask, half)
+    assert score(DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), ask, half) > score(DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), ask, empty)
+    assert score(DeviceFitPlugin(DeviceFitArgs(strategy="spread")), ask, empty) > score(DeviceFitPlugin(DeviceFitArgs(strategy="spread")), ask, half)
     # a 4-card job on an A1 board: the board that keeps it inside one ring wins
     four = parse_pod(pod("q", requests={RESOURCE_NPU: "4"}))
     ring_free = info(node("r1", topo=topology("a1")), holding("r1", 0))
@@ -252,7 +256,7 @@ def test_joint_table_matches_brute_force() -> None:
     import itertools
     import random
 
-    from scheduler_extender.features import MAX_COVER, joint_table
+    from fuyao.scheduler_extender.features import MAX_COVER, joint_table
 
     rng = random.Random(7)
     for _ in range(200):
@@ -267,7 +271,7 @@ def test_joint_table_matches_brute_force() -> None:
 
 # --- business type --------------------------------------------------------------------------------------------------
 def test_business_type_prefers_free_dominant_resource_and_penalises_stacking() -> None:
-    plugin = BusinessTypePlugin(stacking_penalty=0.5)
+    plugin = BusinessTypePlugin(BusinessTypeArgs(stacking_penalty=0.5))
     mem = parse_pod(pod("m", annotations={"business.workload/type": "memory-sensitive"},
                         requests={"cpu": "1", "memory": "8Gi"}))
     light = info(node("light", npus=0))
@@ -305,7 +309,7 @@ def test_be_pods_need_colocation_nodes_with_batch_capacity() -> None:
 
 
 def test_ls_pods_avoid_hot_nodes() -> None:
-    plugin = ColocationPlugin(ls_usage_watermark=0.7, ls_max_usage=0.95)
+    plugin = ColocationPlugin(QosColocationArgs(ls_usage_watermark=0.7, ls_max_usage=0.95))
     ls = parse_pod(pod("ls", requests={"cpu": "1"}))
     cool = info(node("cool", npus=0, usage=usage(0.3, 0.3)))
     warm = info(node("warm", npus=0, usage=usage(0.85, 0.3)))
@@ -332,7 +336,7 @@ def test_preemption_victims() -> None:
 
 # --- prefill/decode -------------------------------------------------------------------------------------------------
 def test_prefill_decode_affinity_spread_and_ratio() -> None:
-    plugin = PdAffinityPlugin(topology_key="zone", ratio=(1, 2))
+    plugin = PdAffinityPlugin(PdAffinityArgs(topology_key="zone", ratio="1:2"))
     decode = pod("d1", node_name="n1", phase="Running", labels={"app": "llama", "phase": "decode"})
     n1 = info(node("n1", labels={"zone": "a"}), decode)
     n2 = info(node("n2", labels={"zone": "a"}))
@@ -393,10 +397,10 @@ def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
 
 
 def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> None:
-    from scheduler_extender.cluster import ClusterCache
-    from scheduler_extender.config import build_config
-    from scheduler_extender.metrics import ExtenderMetrics
-    from scheduler_extender.service import ExtenderService
+    from fuyao.scheduler_extender.cluster import ClusterCache
+    from fuyao.scheduler_extender.config import build_config
+    from fuyao.scheduler_extender.metrics import ExtenderMetrics
+    from fuyao.scheduler_extender.service import ExtenderService
 
     be_big = pod("be-big", node_name="n1", phase="Running", labels={"volcano.sh/qos": "BE"}, uid="be-big",
                  requests={RESOURCE_NPU: "6"}, assigned={RESOURCE_NPU: [f"Ascend910-{i}" for i in range(6)]})
@@ -417,10 +421,10 @@ def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> Non
 
 
 def test_readiness_follows_the_watch() -> None:
-    from scheduler_extender.cluster import ClusterCache
-    from scheduler_extender.config import build_config
-    from scheduler_extender.metrics import ExtenderMetrics
-    from scheduler_extender.service import ExtenderService
+    from fuyao.scheduler_extender.cluster import ClusterCache
+    from fuyao.scheduler_extender.config import build_config
+    from fuyao.scheduler_extender.metrics import ExtenderMetrics
+    from fuyao.scheduler_extender.service import ExtenderService
 
     cache = ClusterCache()
     service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)

@@ -1,4 +1,4 @@
-"""Per-row decisions kept between requests (scheduler_extender.row_cache) equal decisions computed afresh, under
+"""Per-row decisions kept between requests (fuyao.scheduler_extender.row_cache) equal decisions computed afresh, under
 any interleaving of watch events (nodes and pods change), requests of several pod shapes, and time passing (a
 node's measured usage goes stale)."""
 
@@ -10,12 +10,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.framework import Cycle, Framework
-from scheduler_extender.model import USAGE_STALE_S, parse_pod
-from scheduler_extender.row_cache import pod_shape
-from scheduler_extender.service import build_framework
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.framework import Cycle, Framework
+from fuyao.scheduler_extender.model import USAGE_STALE_S, parse_pod
+from fuyao.scheduler_extender.row_cache import pod_shape
+from fuyao.scheduler_extender.service import build_framework
 from tests.support.k8s_objects import node, usage
 from tests.unit.test_extender_table import NODES, _ask, _node, _pod, asks
 

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuyao.contracts import RESOURCE_NPU, NumaCpus
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.features import COLUMNS, NodeTable, PdIndex
-from scheduler_extender.framework import Cycle
-from scheduler_extender.metrics import ExtenderMetrics
-from scheduler_extender.model import parse_pod
-from scheduler_extender.service import ExtenderService, build_framework
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.features import COLUMNS, NodeTable, PdIndex
+from fuyao.scheduler_extender.framework import Cycle
+from fuyao.scheduler_extender.metrics import ExtenderMetrics
+from fuyao.scheduler_extender.model import parse_pod
+from fuyao.scheduler_extender.service import ExtenderService, build_framework
 from tests.support.k8s_objects import node, pod, topology, usage
 
 NODES = [f"n{i}" for i in range(5)]
@@ -206,8 +206,8 @@ def test_nodes_mode_with_the_cached_versions_answers_like_node_names() -> None:
 
 
 def test_explanations_are_bounded_by_node_entries() -> None:
-    from scheduler_extender.framework import Explanation
-    from scheduler_extender.service import Explanations
+    from fuyao.scheduler_extender.framework import Explanation
+    from fuyao.scheduler_extender.service import Explanations
 
     kept = Explanations(limit=100, node_budget=10)
     for i in range(5):
@@ -248,7 +248,7 @@ def test_the_shortlist_passes_the_best_scoring_feasible_nodes(ask: dict, shape: 
 def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_preferences() -> None:
     """``shortlist: 1``: one node passes (kube-scheduler binds it without scoring), unless the pod has preferences
     only kube-scheduler's score plugins honour; then it gets SOFT_SHORTLIST nodes to weigh."""
-    from scheduler_extender.service import SOFT_SHORTLIST
+    from fuyao.scheduler_extender.service import SOFT_SHORTLIST
 
     cache = ClusterCache()
     cache.replace_nodes([_node(f"n{i}", 1, i % 2) for i in range(20)])

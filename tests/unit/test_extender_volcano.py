@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
-from scheduler_extender.cluster import ClusterCache
-from scheduler_extender.config import build_config
-from scheduler_extender.metrics import ExtenderMetrics
-from scheduler_extender.partial import ProtocolError
-from scheduler_extender.service import ExtenderService
-from scheduler_extender.volcano_protocol import ABSTAIN, REJECT, TaskStatus
-from scheduler_extender.volcano_verbs import VolcanoVerbs
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.config import build_config
+from fuyao.scheduler_extender.metrics import ExtenderMetrics
+from fuyao.scheduler_extender.partial import ProtocolError
+from fuyao.scheduler_extender.service import ExtenderService
+from fuyao.scheduler_extender.volcano_protocol import ABSTAIN, REJECT, TaskStatus
+from fuyao.scheduler_extender.volcano_verbs import VolcanoVerbs
 from tests.support import volcano as vc
 from tests.support.k8s_objects import node, pod, topology
 
@@ -183,8 +183,8 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     request's partial schema: the same PodInfo and NodeInfo."""
     import orjson
 
-    from scheduler_extender.model import parse_node, parse_pod
-    from scheduler_extender.volcano_protocol import decode_predicate
+    from fuyao.scheduler_extender.model import parse_node, parse_pod
+    from fuyao.scheduler_extender.volcano_protocol import decode_predicate
 
     rich = pod("rich", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"}, node_name="n1", phase="Running",
                labels={"volcano.sh/qos": "BE", "inference.openfuyao.com/phase": "decode"},
@@ -205,7 +205,7 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     info = vc.node_info(the_node, vc.task(rich, TaskStatus.RUNNING, node="n1"))
     task, node_bytes = decode_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))
     assert parse_pod(task["Pod"]) == parse_pod(rich)
-    from scheduler_extender.volcano_protocol import decode_node_info
+    from fuyao.scheduler_extender.volcano_protocol import decode_node_info
 
     partial = decode_node_info(node_bytes)  # type: ignore[arg-type]
     assert parse_pod(partial["Tasks"]["default/rich"]["Pod"]) == parse_pod(rich)

@@ -1,4 +1,4 @@
-"""kube-scheduler's full-Node requests decoded partially (scheduler_extender.kube_protocol): the byte-cut path for
+"""kube-scheduler's full-Node requests decoded partially (fuyao.scheduler_extender.kube_protocol): the byte-cut path for
 Go's encoding and the msgspec path agree with decoding the whole body, on every shape."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler_extender import kube_protocol as kp
-from scheduler_extender.partial import ProtocolError
+from fuyao.scheduler_extender import kube_protocol as kp
+from fuyao.scheduler_extender.partial import ProtocolError
 from tests.support.k8s_objects import go_extender_args, go_ordered_node, node, pod, topology
 
 ASK = pod("ask", requests={"npu.huawei.com/NPU": "2"}, labels={"app": "a"})

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from kubeletapi.deviceplugin.v1beta1 import api_pb2
-from kubeletapi.podresources.v1 import api_pb2 as podresources_pb2
+from fuyao.kubeletapi.deviceplugin.v1beta1 import api_pb2
+from fuyao.kubeletapi.podresources.v1 import api_pb2 as podresources_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py")
@@ -142,7 +142,7 @@ APIS = [
     pytest.param(api_pb2, "v1beta1", UPSTREAM_MESSAGES, UPSTREAM_SERVICES, id="deviceplugin-v1beta1"),
     pytest.param(podresources_pb2, "v1", PODRESOURCES_MESSAGES, PODRESOURCES_SERVICES, id="podresources-v1"),
 ]
-STUB_DIRS = ("kubeletapi/deviceplugin/v1beta1", "kubeletapi/podresources/v1")
+STUB_DIRS = ("fuyao/kubeletapi/deviceplugin/v1beta1", "fuyao/kubeletapi/podresources/v1")
 
 
 def _type_name(field: FieldDescriptor) -> str:

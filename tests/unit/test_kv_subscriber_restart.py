@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from engine_sim.events import KvEventPublisher
+from fuyao.engine_sim.events import KvEventPublisher
+from fuyao.inference_router.config import build_config
+from fuyao.inference_router.fleet import PrefixSource
 from fuyao.kv_blocks import BlockStored, EventBatch, encode_batch
-from inference_router.config import build_config
-from inference_router.fleet import PrefixSource
-from kvcache.index import KvIndex
-from kvcache.subscriber import Source, Subscriber
+from fuyao.kvcache.index import KvIndex
+from fuyao.kvcache.subscriber import Source, Subscriber
 from tests.support.apiserver import free_port
 from tests.support.polling import wait_for
 

@@ -10,13 +10,13 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_sim.kv import BlockPool
 from fuyao.contracts import KvCachePolicy
+from fuyao.engine_sim.kv import BlockPool
 from fuyao.kv_blocks import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, block_hashes, encode_batch
-from kvcache.index import KvIndex
-from kvcache.keys import VllmKeys
-from kvcache.subscriber import Source, Subscriber
-from kvcache.tier import SharedTier
+from fuyao.kvcache.index import KvIndex
+from fuyao.kvcache.keys import VllmKeys
+from fuyao.kvcache.subscriber import Source, Subscriber
+from fuyao.kvcache.tier import SharedTier
 from tests.support.apiserver import free_port
 
 

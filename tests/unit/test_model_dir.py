@@ -1,5 +1,5 @@
-"""engine_sim.model_dir: the tiny model directory a real vLLM serves in the tests is the same on every run, and its
-parts agree (the config's vocabulary is the tokenizer's; BOS is prepended; the chat template renders roles)."""
+"""fuyao.engine_sim.model_dir: the tiny model directory a real vLLM serves in the tests is the same on every run, and
+its parts agree (the config's vocabulary is the tokenizer's; BOS is prepended; the chat template renders roles)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from engine_sim import model_dir
+from fuyao.engine_sim import model_dir
 
 
 def test_the_model_directory_is_reproducible_and_consistent(tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deviceplugin.faults.isolation import IsolatedNpu, IsolationRecord
-from deviceplugin.faults.recovery import FaultState, Observation, ResetPolicy, Step, assess
-from deviceplugin.faults.table import ACTIONS, FaultLevel, load_table, parse_table
 from fuyao.config_files import ConfigError
 from fuyao.contracts import FaultAction
+from fuyao.deviceplugin.faults.isolation import IsolatedNpu, IsolationRecord
+from fuyao.deviceplugin.faults.recovery import FaultState, Observation, ResetPolicy, Step, assess
+from fuyao.deviceplugin.faults.table import ACTIONS, FaultLevel, load_table, parse_table
 from fuyao.npusmi import NpuHealthState, NpuSmiParseError, NpuSmiUnsupported
 from fuyao.npusmi import parse as p
 from tests.conftest import sample

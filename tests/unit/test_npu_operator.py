@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from npu_operator.api import Component, PolicySpec, PolicyStatus, StateType, crd
-from npu_operator.driver import version_from_board, version_from_file
-from npu_operator.nfd import ascend_devices, node_labels
-from npu_operator.status import Observed, Workload, component_statuses, policy_status
+from fuyao.npu_operator.api import Component, PolicySpec, PolicyStatus, StateType, crd
+from fuyao.npu_operator.driver import version_from_board, version_from_file
+from fuyao.npu_operator.nfd import ascend_devices, node_labels
+from fuyao.npu_operator.status import Observed, Workload, component_statuses, policy_status
 from tests.conftest import sample
 
 NODES = ("npu-0", "npu-1", "npu-2")

@@ -19,9 +19,9 @@ from fuyao.contracts import (
     LABEL_NPU_DRIVER,
     LABEL_OPERATOR_COMPONENT,
 )
-from npu_operator import agents, controller, render
-from npu_operator.api import Component, PolicySpec
-from npu_operator.render import RenderError, Settings
+from fuyao.npu_operator import agents, controller, render
+from fuyao.npu_operator.api import Component, PolicySpec
+from fuyao.npu_operator.render import RenderError, Settings
 from tests.support.apiserver import binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ def test_discovery_labels_exactly_what_it_records(tmp_path: Path) -> None:
 
 
 def test_discovery_reads_sysfs_npu_smi_and_the_version_file(tmp_path: Path) -> None:
-    from npu_sim import state as st
+    from fuyao.npu_sim import state as st
 
     state = tmp_path / "npu.json"
     subprocess.run([sys.executable, FAKE, "fake", "init", "--preset", "310p3-duo-4"], check=True,
@@ -213,8 +213,8 @@ def test_workloads_and_validation_pods_are_read_from_their_status() -> None:
 def test_the_cli_prints_the_crd_and_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from npu_operator.api import crd
-    from npu_operator.cli import main
+    from fuyao.npu_operator.api import crd
+    from fuyao.npu_operator.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["crd", "-o", "json"])
@@ -226,6 +226,6 @@ def test_the_cli_prints_the_crd_and_refuses_bad_flags(capsys: pytest.CaptureFixt
         main(["run", "--nfd-env", "NOVALUE"])
     assert done.value.code == 2 and "NAME=VALUE" in capsys.readouterr().err
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    out = subprocess.run([sys.executable, "-m", "npu_operator.cli", "run"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "fuyao.npu_operator.cli", "run"], capture_output=True, text=True,
                          env=env, cwd=REPO, timeout=60)
     assert out.returncode != 0 and "no cluster" in out.stderr

@@ -18,21 +18,47 @@ from tests.conftest import REPO
 
 COMPONENTS = {"deviceplugin", "scheduler_extender", "vnpu", "qos", "inference_router", "kvcache", "engine_sim"}
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+NAMESPACE = {p.name: p for p in (REPO / "fuyao").iterdir() if p.is_symlink()}
+"""The components installed under ``fuyao.``: each a symlink ``fuyao/<name>`` to its folder at the repo's top."""
+
+
+def _absolute_imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+    return names
+
+
+def test_every_component_folder_is_in_the_namespace() -> None:
+    assert set(NAMESPACE) >= COMPONENTS | {"npu_sim", "npu_operator", "kubeletapi", "ray_serve"}
+    for name, link in NAMESPACE.items():
+        assert link.resolve() == REPO / name and (REPO / name / "__init__.py").is_file(), name
 
 
 def test_kernel_imports_no_component() -> None:
-    for path in (REPO / "fuyao").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            for name in names:
-                assert name.split(".")[0] not in COMPONENTS | {"npu_sim"}, f"{path} imports {name}"
+    for path in (REPO / "fuyao").rglob("*.py"):  # rglob does not follow the component symlinks: the kernel only
+        for name in _absolute_imports(path):
+            parts = name.split(".")
+            assert not (parts[0] == "fuyao" and len(parts) > 1 and parts[1] in NAMESPACE), f"{path} imports {name}"
+
+
+def test_nothing_imports_a_component_outside_the_namespace() -> None:
+    """``import deviceplugin`` works from a checkout's root and would load a second copy of the module beside
+    ``fuyao.deviceplugin`` (two registries, two metric sets): every import goes through ``fuyao.``."""
+    roots = [*(REPO / name for name in NAMESPACE), REPO / "fuyao", REPO / "tests", REPO / "bench", REPO / "hack"]
+    for root in roots:
+        for path in root.rglob("*.py"):
+            for name in _absolute_imports(path):
+                assert name.split(".")[0] not in NAMESPACE, f"{path.relative_to(REPO)} imports {name}"
 
 
 def test_every_component_has_a_script() -> None:
-    targets = {v.split(".")[0] for v in SCRIPTS.values()}
+    targets = {v.split(":")[0].split(".")[1] for v in SCRIPTS.values() if v.startswith("fuyao.")}
     assert targets >= COMPONENTS
+    assert all(v.startswith("fuyao.") for v in SCRIPTS.values())
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +90,7 @@ def test_installed_script_help(installed: Path, script: str) -> None:
                           cwd=installed)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in (proc.stdout + proc.stderr).lower()
-    target_pkg = SCRIPTS[script].split(".")[0]
+    target_pkg = SCRIPTS[script].split(":")[0].split(".")[1]
     if target_pkg in COMPONENTS and "component_placeholder" in (REPO / target_pkg / "cli.py").read_text():
         run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60, cwd=installed)
         assert run.returncode == 2 and "not implemented yet" in run.stderr

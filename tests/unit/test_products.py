@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from fuyao.contracts import NodeTopology
 from fuyao.inventory import discover
+from fuyao.npu_sim.state import preset_names
 from fuyao.npusmi import NpuSmi
 from fuyao.placement import Placement, preferred_allocation
 from fuyao.products import PRODUCTS, count_problem, free_problem, product_of, shape_problem
-from npu_sim.state import preset_names
 from tests.support.deviceplugin import FAKE_NPU_SMI
 
 EXPECTED = {"910a1-8": "910-a1-module", "910b3-8": "910b-x8", "910b4-8": "910b-x8", "910b3-16": "910b-x16",

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from fuyao.contracts import QoSClass
-from qos import cgroups, policy
-from qos.agent import Agent, Report
-from qos.collect import Collector, HostReading
-from qos.config import ConfigError, build_config
-from qos.kube import NodeState, pod_facts
-from qos.metrics import AgentMetrics
+from fuyao.qos import cgroups, policy
+from fuyao.qos.agent import Agent, Report
+from fuyao.qos.collect import Collector, HostReading
+from fuyao.qos.config import ConfigError, build_config
+from fuyao.qos.kube import NodeState, pod_facts
+from fuyao.qos.metrics import AgentMetrics
 from tests.support.cgroups import FakeCgroupTree
 
 GiB = 2**30

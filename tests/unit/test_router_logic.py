@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from inference_router.balancing import Candidate, CircuitBreaker, RoundRobin, choose, health_scores, prefix_scores
-from inference_router.config import ConfigError, IntelligentWeights, PrefixWeights, build_config, with_overrides
-from inference_router.discovery import backends_from
-from inference_router.fleet import Fleet, PrefixSource, parse_vllm_metrics
+from fuyao.inference_router.balancing import Candidate, CircuitBreaker, RoundRobin, choose, health_scores, prefix_scores
+from fuyao.inference_router.config import ConfigError, IntelligentWeights, PrefixWeights, build_config, with_overrides
+from fuyao.inference_router.discovery import backends_from
+from fuyao.inference_router.fleet import Fleet, PrefixSource, parse_vllm_metrics
 
 
 def test_round_robin_and_least_connections() -> None:
@@ -173,7 +173,7 @@ def test_discovery_from_service_endpointslice_and_pod_fixtures() -> None:
 def test_decode_goes_next_to_its_prefill_unless_that_node_is_busier() -> None:
     import asyncio
 
-    from inference_router.proxy import Router
+    from fuyao.inference_router.proxy import Router
 
     config = build_config({"pd_separation": {"enabled": True, "prefill": ["http://p1:8000"],
                                              "decode": ["http://d1:8000", "http://d2:8000"]}})

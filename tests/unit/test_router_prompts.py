@@ -1,4 +1,4 @@
-"""inference_router.prompts: a prompt's tokens come from the router's tokenizer, or from an engine's /tokenize
+"""fuyao.inference_router.prompts: a prompt's tokens come from the router's tokenizer, or from an engine's /tokenize
 asked once per distinct prompt (the cache answers repeats without a round trip, keyed by everything that changes the
 tokens); token-id prompts need neither; a failed tokenization routes on load alone and is not cached; block keys
 follow kv_cache.block_hashing (vLLM's own hashes in vllm mode)."""
@@ -12,10 +12,10 @@ import pytest
 
 from fuyao import tokenizer
 from fuyao.config_files import ConfigError
+from fuyao.inference_router.config import build_config
+from fuyao.inference_router.prompts import Prompts
+from fuyao.kvcache.keys import BlockHashing, ContentKeys, VllmKeys, block_keys
 from fuyao.vllm_hashing import DEFAULT_SEED, VllmHasher, external
-from inference_router.config import build_config
-from inference_router.prompts import Prompts
-from kvcache.keys import BlockHashing, ContentKeys, VllmKeys, block_keys
 
 
 class FakeEngine:

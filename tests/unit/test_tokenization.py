@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from engine_sim import model_dir
 from fuyao import tokenization, tokenizer
 from fuyao.config_files import check_tokenizer_path
+from fuyao.engine_sim import model_dir
 
 
 @pytest.fixture(scope="module")

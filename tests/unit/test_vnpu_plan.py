@@ -10,9 +10,9 @@ import pytest
 
 from fuyao.inventory import NpuDevice
 from fuyao.npusmi.models import NpuHealthState, VnpuEntry
-from vnpu.ledger import Ledger, VnpuRecord, dynamic_owner
-from vnpu.manager import choose_vnpu_id, entry_in_use, static_changes, vnpu_id_range
-from vnpu.plan import (
+from fuyao.vnpu.ledger import Ledger, VnpuRecord, dynamic_owner
+from fuyao.vnpu.manager import choose_vnpu_id, entry_in_use, static_changes, vnpu_id_range
+from fuyao.vnpu.plan import (
     ChipCapacity,
     PlanError,
     VnpuConfig,
@@ -21,7 +21,7 @@ from vnpu.plan import (
     parse_memory_gb,
     parse_vnpu_config,
 )
-from vnpu.templates import Template, builtin_templates, smallest_covering
+from fuyao.vnpu.templates import Template, builtin_templates, smallest_covering
 
 # what the 910b4-8 preset's driver reports on top of the documented two
 B4 = (*builtin_templates("910B4"), Template(name="vir10_4c_16g_m", aicore=10, memory_gb=16, aicpu=4))
@@ -196,7 +196,7 @@ def test_ledger_round_trip_and_corruption(tmp_path: Path) -> None:
 
 
 def test_ledger_refuses_a_second_owner_and_removes_only_the_exact_record(tmp_path: Path) -> None:
-    from vnpu.ledger import LedgerConflict
+    from fuyao.vnpu.ledger import LedgerConflict
 
     ledger = Ledger(tmp_path / "l.json")
     ledger.put(rec(100))
@@ -240,7 +240,7 @@ def test_a_mix_that_contradicts_itself_is_refused_naming_it(entry: dict, problem
 def test_310p_vgroup_rules() -> None:
     """docs/facts/vnpu-template-rules.md: 7 vNPUs and 4 vGroups per 310P chip, vir01 pairs share a 2-core vGroup,
     vir04_4c_dvpp only beside vir04_3c_ndvpp. The documented valid combinations fit, the invalid ones do not."""
-    from vnpu.plan import fits_all
+    from fuyao.vnpu.plan import fits_all
 
     t = {x.name: x for x in builtin_templates("310P3")}
     cap = ChipCapacity(aicore=8, memory_gb=24, aicpu=7)

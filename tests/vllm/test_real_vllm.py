@@ -200,8 +200,8 @@ def test_vllm_exact_keys_match_the_engines_hashes_without_token_ids(engine: Daem
     their token_ids taken away still place its blocks, and a lookup by the prompt's ids — hashed as vLLM hashes
     them — finds every full block."""
     from fuyao.kv_blocks import BlockStored as Stored
-    from kvcache.index import KvIndex
-    from kvcache.keys import VllmKeys
+    from fuyao.kvcache.index import KvIndex
+    from fuyao.kvcache.keys import VllmKeys
 
     prompt = "Exact keys, no tokens. " + CONTEXT
     raw = _first_stored(engine, engine.events, prompt)  # type: ignore[attr-defined]

@@ -8,8 +8,8 @@ Kubernetes Service (fuyao's router) and fuyao's KV-cache index (pod discovery) f
 the same way they find any engine pods (docs/ray.md).
 
 The replica forwards the ingress's requests to its engine (streamed chunks as they come), reports its engine in
-``record_replica_metadata`` (what :mod:`fuyao_ray.request_router` matches the index's answer against), health-checks
-it for Serve, and stops it with the replica: the engine gets SIGTERM when the replica process dies
+``record_replica_metadata`` (what :mod:`fuyao.ray_serve.request_router` matches the index's answer against),
+health-checks it for Serve, and stops it with the replica: the engine gets SIGTERM when the replica process dies
 (``PR_SET_PDEATHSIG``), so no engine outlives its replica.
 """
 
@@ -36,7 +36,7 @@ from fuyao.contracts import RAY_RESOURCE_NPU
 from .ranking import OpenAiRequest
 from .settings import EngineSettings
 
-log = logging.getLogger("fuyao_ray.engine")
+log = logging.getLogger("fuyao.ray_serve.engine")
 PR_SET_PDEATHSIG = 1
 
 
@@ -53,7 +53,7 @@ def npu_slots() -> list[str]:
 
 
 class EngineReplica:
-    """The body of the engine deployment (``fuyao_ray.app`` wraps it with ``serve.deployment``)."""
+    """The body of the engine deployment (``fuyao.ray_serve.app`` wraps it with ``serve.deployment``)."""
 
     def __init__(self, engine: Mapping[str, Any] | EngineSettings | None = None):
         self.settings = engine if isinstance(engine, EngineSettings) else EngineSettings.model_validate(engine or {})

@@ -1,6 +1,6 @@
 """The application's HTTP ingress: the OpenAI API (``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /health``) in front of the engine deployment. It parses the JSON body once and hands
-the engine deployment an :class:`~fuyao_ray.ranking.OpenAiRequest`, so the engine deployment's request router sees
+the engine deployment an :class:`~fuyao.ray_serve.ranking.OpenAiRequest`, so the engine deployment's request router sees
 the prompt when it chooses a replica. Streamed requests (``"stream": true``) come back as server-sent events as
 the engine sends them.
 
@@ -26,7 +26,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 
 
 class OpenAiIngress:
-    """The body of the ingress deployment (``fuyao_ray.app`` wraps it with ``serve.deployment``)."""
+    """The body of the ingress deployment (``fuyao.ray_serve.app`` wraps it with ``serve.deployment``)."""
 
     def __init__(self, engine: DeploymentHandle):
         self.engine = engine

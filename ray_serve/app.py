@@ -1,9 +1,9 @@
-"""The Serve application builder: ``import_path: fuyao_ray.app:build`` in a Serve config or a RayService's
-``serveConfigV2`` (its ``args`` are :class:`fuyao_ray.settings.AppSettings`), or ``serve.run(build({...}))``.
+"""The Serve application builder: ``import_path: fuyao.ray_serve.app:build`` in a Serve config or a RayService's
+``serveConfigV2`` (its ``args`` are :class:`fuyao.ray_serve.settings.AppSettings`), or ``serve.run(build({...}))``.
 
-Two deployments: ``ingress`` (:class:`fuyao_ray.ingress.OpenAiIngress`, the OpenAI API over Serve's HTTP proxy) and
-``engine`` (:class:`fuyao_ray.engine.EngineReplica`: ``replicas`` replicas, each holding ``npus_per_replica`` of Ray's
-``NPU`` resource and one engine process), routed by the chosen policy (``router.policy``).
+Two deployments: ``ingress`` (:class:`fuyao.ray_serve.ingress.OpenAiIngress`, the OpenAI API over Serve's HTTP
+proxy) and ``engine`` (:class:`fuyao.ray_serve.engine.EngineReplica`: ``replicas`` replicas, each holding
+``npus_per_replica`` of Ray's ``NPU`` resource and one engine process), routed by the chosen policy (``router.policy``).
 """
 
 from __future__ import annotations

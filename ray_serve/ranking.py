@@ -1,6 +1,6 @@
 """Which Serve replicas a request should go to, from what fuyao's KV-cache index says each replica's engine holds.
 
-Pure: the request router (:mod:`fuyao_ray.request_router`) does the I/O (the index lookup) and hands the answer
+Pure: the request router (:mod:`fuyao.ray_serve.request_router`) does the I/O (the index lookup) and hands the answer
 here. The result is Serve's shape for ``choose_replicas``: ranks of replicas, most preferred first. Serve then picks
 the least-loaded replica of the first rank that has room (below ``max_ongoing_requests``) and falls through to the
 next rank when the whole rank is full, so a hot prefix never pins more load on a replica than it accepts.

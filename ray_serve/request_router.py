@@ -4,8 +4,8 @@
 For each request it sends the prompt (or chat messages, or token ids) to the index's ``POST /v1/lookup``; the index
 tokenizes it with the served model's tokenizer, hashes its blocks as the engines do, and answers, per engine, how
 many leading blocks that engine has cached (from the engines' KV events). Replicas are matched to engines by the
-``engine`` their ``record_replica_metadata`` reports. :func:`fuyao_ray.ranking.rank` turns that into Serve's ranks:
-the replicas holding the most, then the rest; Serve picks the least-loaded replica with room in the first rank
+``engine`` their ``record_replica_metadata`` reports. :func:`fuyao.ray_serve.ranking.rank` turns that into Serve's
+ranks: the replicas holding the most, then the rest; Serve picks the least-loaded replica with room in the first rank
 that has one. When the index is slow (``lookup_timeout``), down, or knows nothing, all replicas form one rank:
 plain load balancing, never a failed request.
 
@@ -23,7 +23,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from .ranking import rank, request_of
 
-log = logging.getLogger("fuyao_ray.request_router")
+log = logging.getLogger("fuyao.ray_serve.request_router")
 
 
 def _counter() -> Any:

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuyao.config_files import ConfigError
-from fuyao_ray.ranking import OpenAiRequest, hit_scores, rank, request_of
-from fuyao_ray.settings import ROUTER_CLASSES, app_settings, router_config
+from fuyao.ray_serve.ranking import OpenAiRequest, hit_scores, rank, request_of
+from fuyao.ray_serve.settings import ROUTER_CLASSES, app_settings, router_config
 
 
 def test_the_request_exposes_prompt_and_messages_and_builds_the_lookup() -> None:
@@ -55,7 +55,7 @@ def test_ranks_partition_the_candidates_and_lead_with_the_best(engines, cached, 
 
 def test_app_settings_are_validated_and_name_the_bad_field() -> None:
     settings = app_settings({"replicas": 3, "router": {"policy": "kv-index", "kv_index_url": "http://kv:8100"}})
-    assert settings.replicas == 3 and settings.engine.module == "engine_sim.cli"
+    assert settings.replicas == 3 and settings.engine.module == "fuyao.engine_sim.cli"
     assert router_config(settings.router) == {
         "request_router_class": ROUTER_CLASSES["kv-index"],
         "request_router_kwargs": {"kv_index_url": "http://kv:8100", "lookup_timeout": 0.2, "min_hit": 0.0,

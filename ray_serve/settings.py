@@ -8,7 +8,7 @@ args:
   npus_per_replica: 1           # Ray resource NPU per replica (the engine's tensor-parallel size)
   max_ongoing_requests: 64
   engine:
-    module: engine_sim.cli      # python -m <module> <args>; vLLM: vllm.entrypoints.openai.api_server
+    module: fuyao.engine_sim.cli      # python -m <module> <args>; vLLM: vllm.entrypoints.openai.api_server
     args: ["--host", "{host}", "--port", "{port}", "--model", "{model}", "--kv-events-endpoint", "tcp://*:{kv_events_port}"]
     model: fuyao-sim
     port: 8100                  # + the replica's first NPU slot: one engine per NPU slot on a node
@@ -36,7 +36,7 @@ PLACEHOLDERS = ("host", "port", "kv_events_port", "model")
 ROUTER_CLASSES = {
     "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
     "prefix-tree": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
-    "kv-index": "fuyao_ray.request_router:KvIndexRequestRouter",
+    "kv-index": "fuyao.ray_serve.request_router:KvIndexRequestRouter",
 }
 """Routing policies by name → Serve request-router class paths (Serve's default, Serve's own prefix router, and
 fuyao's KV-index router): the factory of :func:`router_config`. ``prefix-tree`` imports Ray's LLM module, which
@@ -44,7 +44,7 @@ needs ``ray[llm]`` (vLLM or SGLang) in the Ray image."""
 
 
 class EngineSettings(ConfigSection):
-    module: str = Field(default="engine_sim.cli", min_length=1,
+    module: str = Field(default="fuyao.engine_sim.cli", min_length=1,
                         description="the engine's Python module, run as python -m MODULE ARGS")
     args: tuple[str, ...] = Field(default=DEFAULT_ENGINE_ARGS,
                                   description="arguments; {host} {port} {kv_events_port} {model} are filled in")

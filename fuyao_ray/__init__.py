@@ -1,9 +1,0 @@
-"""fuyao on Ray (docs/ray.md): a Ray Serve application whose replicas each own one OpenAI-compatible engine on the
-NPUs Ray gave them (:mod:`fuyao_ray.engine`), its OpenAI ingress (:mod:`fuyao_ray.ingress`), a Serve request router
-that asks fuyao's KV-cache index which replica holds a prompt's prefix (:mod:`fuyao_ray.request_router`), and the
-application builder that wires them (:mod:`fuyao_ray.app`).
-
-Only :mod:`fuyao_ray.ranking` and :mod:`fuyao_ray.settings` import without Ray: the decisions are pure functions
-there, tested in fuyao's own environment; the modules that subclass Serve's types run inside Ray (the Ray image, or
-the venv ``hack/build-ray.sh`` makes).
-"""
