@@ -176,8 +176,9 @@ def test_binpack_and_spread() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}))
     empty = info(node("empty", topo=topology()))
     half = info(node("half", topo=topology()), holding("half", 0, 1, 2, 3))
-    assert score(DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), ask, half) > score(DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), ask, empty)
-    assert score(DeviceFitPlugin(DeviceFitArgs(strategy="spread")), ask, empty) > score(DeviceFitPlugin(DeviceFitArgs(strategy="spread")), ask, half)
+    binpack, spread = DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), DeviceFitPlugin(DeviceFitArgs(strategy="spread"))
+    assert score(binpack, ask, half) > score(binpack, ask, empty)
+    assert score(spread, ask, empty) > score(spread, ask, half)
     # a 4-card job on an A1 board: the board that keeps it inside one ring wins
     four = parse_pod(pod("q", requests={RESOURCE_NPU: "4"}))
     ring_free = info(node("r1", topo=topology("a1")), holding("r1", 0))
