@@ -176,7 +176,8 @@ def test_binpack_and_spread() -> None:
     ask = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}))
     empty = info(node("empty", topo=topology()))
     half = info(node("half", topo=topology()), holding("half", 0, 1, 2, 3))
-    binpack, spread = DeviceFitPlugin(DeviceFitArgs(strategy="binpack")), DeviceFitPlugin(DeviceFitArgs(strategy="spread"))
+    binpack = DeviceFitPlugin(DeviceFitArgs(strategy="binpack"))
+    spread = DeviceFitPlugin(DeviceFitArgs(strategy="spread"))
     assert score(binpack, ask, half) > score(binpack, ask, empty)
     assert score(spread, ask, empty) > score(spread, ask, half)
     # a 4-card job on an A1 board: the board that keeps it inside one ring wins
