@@ -61,8 +61,8 @@ def run(config: str, jobs: list[Any], replicas: int, blocks: int, seed: int) -> 
                             "--log-level", "warning").start()
         route = {"policy": policy if kind == "serve" else "power-of-two"}
         if index is not None:
-            route["kv_index_url"] = index.url
-        ray.deploy({"replicas": replicas, "npus_per_replica": 1, "max_ongoing_requests": 64, "router": route,
+            route["kvIndexUrl"] = index.url
+        ray.deploy({"replicas": replicas, "npusPerReplica": 1, "maxOngoingRequests": 64, "router": route,
                     "engine": {"host": "127.0.0.1", "port": http, "kv_events_port": events, "model": MODEL,
                                "args": ["--host", "{host}", "--port", "{port}", "--model", "{model}",
                                         "--kv-events-endpoint", "tcp://*:{kv_events_port}", "--num-gpu-blocks",

@@ -233,7 +233,7 @@ def start_router(kind: str, strategy: str, fleet: Fleet, pd: tuple[list[str], li
             args += ["--tokenizer", tokenizer]
         if fleet.block_size != 16:
             config = Path(f"/tmp/fuyao-bench-router-{port}.yaml")
-            config.write_text(f"version: v1\nkv_cache:\n  block_size: {fleet.block_size}\n")
+            config.write_text(f"version: v1\nkvCache:\n  blockSize: {fleet.block_size}\n")
             args += ["--config", str(config)]
         if pd:
             args += [a for url in pd[0] for a in ("--prefill", url)] + [a for url in pd[1] for a in ("--decode", url)]

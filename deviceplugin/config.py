@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, field_validator
 
@@ -38,7 +38,7 @@ from fuyao.contracts import (
     ServerUsage,
 )
 
-CONFIG_VERSION = "v1"
+CONFIG_VERSION: Final = "v1"
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
 MAX_SOCKET_NAME = 40  # our longest socket name is fuyao-npu.huawei.com-npu-core.sock (34)

@@ -97,7 +97,7 @@ class PluginMetrics:
             del self._fault_labels[device.id]
         if labels is not None:
             self.fault.labels(*labels).set(1)
-            self._fault_labels[device.id] = labels  # type: ignore[assignment]
+            self._fault_labels[device.id] = labels
 
     def set_isolated(self, device: NpuDevice, isolated: bool) -> None:
         self.isolated.labels(self.node, device.id).set(1 if isolated else 0)

@@ -186,7 +186,8 @@ class EngineApi:
             raise ApiError(500, str(exc), "InternalServerError") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        raw_options = body.get("stream_options")
+        stream_options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
         try:
             if body.get("stream"):
                 return await self._stream(http, requests, rid, created, chat, bool(stream_options.get(
@@ -275,7 +276,10 @@ class EngineApi:
                 return response
             final: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": request.finish_reason,
                                      "stop_reason": None}
-            final.update({"delta": {}} if chat else {"text": ""})
+            if chat:
+                final["delta"] = {}
+            else:
+                final["text"] = ""
             more = {"kv_transfer_params": self._transfer_result(request)} if request.remote_decode else {}
             await send([final], **more)
         if include_usage:

@@ -32,7 +32,7 @@ class KvEventPublisher:
         self._queue: queue.Queue[EventBatch | None] = queue.Queue(maxsize=100_000)
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(100_000)
         self._pub.setsockopt(zmq.LINGER, 0)

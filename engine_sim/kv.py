@@ -35,11 +35,11 @@ class BuiltinChain:
         self.block_size, self.seed = block_size, seed
 
     def states(self, tokens: Sequence[int], parent: Any, limit: int | None = None) -> list[Any]:
-        return block_hashes(tokens, self.block_size, self.seed, parent=parent, limit=limit)  # type: ignore[return-value]
+        return block_hashes(tokens, self.block_size, self.seed, parent=parent, limit=limit)
 
     @staticmethod
     def key(state: Any) -> int:
-        return state  # type: ignore[no-any-return]
+        return int(state)
 
 
 class VllmChain:
@@ -51,7 +51,7 @@ class VllmChain:
         self.hasher = VllmHasher(algo, seed)
 
     def states(self, tokens: Sequence[int], parent: Any, limit: int | None = None) -> list[Any]:
-        return self.hasher.block_hashes(tokens, self.block_size, parent=parent, limit=limit)  # type: ignore[return-value]
+        return self.hasher.block_hashes(tokens, self.block_size, parent=parent, limit=limit)
 
     @staticmethod
     def key(state: Any) -> int:

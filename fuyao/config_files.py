@@ -3,8 +3,11 @@ implementation, so every component reports a bad file the same way (exit 2, the 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,11 +17,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.alias_generators import to_camel
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("fuyao.config")
 
 
 class ConfigSection(BaseModel):
-    """Base of every section of a component's config file: camelCase keys (snake_case accepted), unknown keys are
-    errors (a typo must not fall back to a default silently), values frozen."""
+    """Base of every section of a component's config file: camelCase keys, as Kubernetes writes them (snake_case
+    keys still load, with a deprecation warning: :func:`camel_case_keys`), unknown keys are errors (a typo must not
+    fall back to a default silently), values frozen."""
 
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
@@ -108,14 +113,80 @@ def merged(file_values: Mapping[str, Any] | None, overrides: Mapping[str, Any] |
     return data
 
 
-def validated(model: type[M], data: Mapping[str, Any], camel_case: bool = True) -> M:
-    """The model, or :class:`ConfigError` naming the first bad field as the YAML writes it (camelCase, unless the
-    file's keys are snake_case)."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models a field holds: itself, or inside Optional / list / tuple / dict values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return []
+    args = typing.get_args(annotation)
+    if origin in (dict, Mapping):
+        args = args[1:]  # values only: a dict's keys are data (URLs, names), never renamed
+    found: list[type[BaseModel]] = []
+    for arg in args:
+        if origin is Annotated or origin in (typing.Union, types.UnionType, list, tuple, dict, Mapping):
+            found += _models_in(arg)
+    return found
+
+
+def camel_case_keys(model: type[BaseModel], data: Any, renamed: list[tuple[str, str]] | None = None,
+                    written_at: str = "", camel_at: str = "") -> Any:
+    """``data`` with every key written in snake_case where ``model`` says camelCase renamed, recursively; each rename
+    is appended to ``renamed`` as (the dotted key as written, as it should be). A mapping that has both spellings of
+    a key keeps both values, merged, the snake_case one over the other (a user's override merged onto generated
+    defaults, as a Helm chart does). Keys that are not the model's fields are left for validation to name."""
+    renamed = renamed if renamed is not None else []
+
+    def at(base: str, key: str) -> str:
+        return f"{base}.{key}" if base else key
+
+    if isinstance(data, list):
+        return [camel_case_keys(model, item, renamed, f"{written_at}[{i}]", f"{camel_at}[{i}]")
+                for i, item in enumerate(data)]
+    if not isinstance(data, Mapping):
+        return data
+    fields = model.model_fields
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        field = fields.get(key) if isinstance(key, str) else None
+        alias = (field.alias or key) if field is not None else None
+        if field is None:
+            field, alias = next((f for f in fields.values() if f.alias == key), None), key
+        if field is None or alias is None:
+            out[key] = value
+            continue
+        written, camel = at(written_at, str(key)), at(camel_at, alias)
+        for sub in _models_in(field.annotation):
+            if isinstance(value, Mapping) and typing.get_origin(field.annotation) in (dict, Mapping):
+                value = {k: camel_case_keys(sub, v, renamed, at(written, k), at(camel, k)) for k, v in value.items()}
+            else:
+                value = camel_case_keys(sub, value, renamed, written, camel)
+            break
+        if key != alias:
+            renamed.append((written, camel))
+            if alias in out and isinstance(out[alias], Mapping) and isinstance(value, Mapping):
+                value = {**out[alias], **value}
+        elif alias in out:  # the snake_case spelling came first, and wins
+            value = {**value, **out[alias]} if isinstance(value, Mapping) and isinstance(out[alias], Mapping) \
+                else out[alias]
+        out[alias] = value
+    return out
+
+
+def validated(model: type[M], data: Mapping[str, Any], what: str = "config") -> M:
+    """The model, or :class:`ConfigError` naming the first bad field as the YAML writes it (camelCase). Keys written
+    in snake_case load, with one deprecation warning each (they are refused from config version v2 on)."""
+    renamed: list[tuple[str, str]] = []
+    data = camel_case_keys(model, data, renamed=renamed)
+    for written, camel in renamed:
+        log.warning("%s key %r is deprecated (snake_case): write %r; snake_case keys load until config version v2",
+                    what, written, camel, extra={"key": written, "camelCase": camel})
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join((to_camel(p) if camel_case else p) if isinstance(p, str) else str(p) for p in first["loc"])
+        field = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in first["loc"])
         raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
 
 

@@ -59,7 +59,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
             if choice == "uvloop":
                 raise SystemExit("FUYAO_EVENT_LOOP=uvloop: uvloop is not installed") from None
         else:
-            return uvloop.run(main)  # type: ignore[no-any-return]
+            return uvloop.run(main)
     return asyncio.run(main)
 
 

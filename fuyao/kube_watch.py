@@ -77,7 +77,7 @@ class _Follower:
             self.failing[self.kind] = str(exc)
         return delay
 
-    def _applied(self, lines: list[bytes], version: str, stopped: Callable[[], bool]) -> str | None:
+    def _applied(self, lines: list[bytes], version: str | None, stopped: Callable[[], bool]) -> str | None:
         """Watch event lines into the sink; the version to resume from, or None (stopped, or re-list)."""
         for line in lines:
             if stopped():
@@ -170,7 +170,7 @@ class LineSplitter:
         return [rest] if rest.strip() else []
 
 
-def apply_event(kind: str, sink: Sink, line: bytes, version: str) -> str | None:
+def apply_event(kind: str, sink: Sink, line: bytes, version: str | None) -> str | None:
     """One watch event line into ``sink``; the resourceVersion to resume from, or None when the watch must re-list
     (410 Gone). Raises on an ERROR event of another kind."""
     if not line.strip():

@@ -120,7 +120,8 @@ def _block_hashes_vector(token_ids: Sequence[int], block_size: int, full: int, p
     content = x ^ (x >> np.uint64(31))
     up, down = _power_table(full)
     chain = up * (np.uint64(previous * _PRIME & _M64) + np.add.accumulate(content * down, dtype=np.uint64))
-    return (chain & np.uint64(HASH_MASK)).tolist()  # type: ignore[no-any-return]
+    hashes: list[int] = (chain & np.uint64(HASH_MASK)).tolist()
+    return hashes
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def encode_batch(batch: EventBatch, fmt: EventFormat = "release") -> bytes:
             body["data_parallel_rank"] = batch.data_parallel_rank
     else:
         body = [batch.ts, events] + ([batch.data_parallel_rank] if batch.data_parallel_rank is not None else [])
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 class EventDecodeError(ValueError):
@@ -204,7 +206,7 @@ def _event(raw: Any) -> KvEvent | None:
         values = dict(zip(_FIELDS.get(name, ()), raw[1:], strict=False))
     else:
         raise EventDecodeError(f"an event must be a tagged map or array, got {type(raw).__name__}")
-    kind = _TYPES.get(name)  # type: ignore[arg-type]
+    kind = _TYPES.get(name) if isinstance(name, str) else None
     if kind is None:
         return None  # an event type a newer vLLM added: skipped
     if kind is not AllBlocksCleared and not isinstance(values.get("block_hashes"), list):
@@ -212,7 +214,8 @@ def _event(raw: Any) -> KvEvent | None:
     if kind is BlockStored and (not isinstance(values.get("token_ids"), list)
                                 or not isinstance(values.get("block_size"), int)):
         raise EventDecodeError("BlockStored: token_ids (array) and block_size (int) are required")
-    return kind(**{k: v for k, v in values.items() if k in _FIELDS[name]})  # type: ignore[arg-type]
+    event: KvEvent = kind(**{k: v for k, v in values.items() if k in _FIELDS[kind.__name__]})
+    return event
 
 
 def decode_batch(payload: bytes) -> EventBatch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -36,7 +37,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
-def add_arguments(parser) -> None:  # type: ignore[no-untyped-def]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--log-level`` and ``--log-format`` for a daemon's argument parser."""
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="json", choices=["json", "text"])

@@ -88,10 +88,10 @@ class HfTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)  # type: ignore[no-any-return]
+        return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def _special(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -122,7 +122,7 @@ class HfTokenizer:
                 return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
             def _render(self, caller: Any) -> str:
-                return caller()  # type: ignore[no-any-return]
+                return str(caller())
 
         def raise_exception(message: str) -> None:
             raise jinja2.exceptions.TemplateError(message)
@@ -148,8 +148,9 @@ class HfTokenizer:
         prepared = [{**m, "content": _text(m.get("content"))} for m in messages]
         specials = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token") if (v := self._special(k))}
         try:
-            return self._template.render(messages=prepared, tools=None, documents=None,  # type: ignore[no-any-return]
-                                         add_generation_prompt=add_generation_prompt, **specials)
+            rendered: str = self._template.render(messages=prepared, tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt, **specials)
+            return rendered
         except jinja2.TemplateError as exc:
             raise builtin.ChatFormatError(f"the chat template refused the messages: {exc}") from None
 
@@ -170,7 +171,7 @@ def _text(content: Any) -> str | None:
     """Message content as vLLM hands it to a template that takes strings: text parts joined with newlines."""
     if isinstance(content, list):
         return "\n".join(part.get("text", "") for part in content if isinstance(part, Mapping) and "text" in part)
-    return content  # type: ignore[no-any-return]
+    return content if content is None or isinstance(content, str) else str(content)
 
 
 def load(spec: str | None) -> Tokenizer:

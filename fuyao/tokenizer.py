@@ -65,14 +65,16 @@ class ChatFormatError(ValueError):
 def check_token_ids(ids: Sequence[object], vocab_size: int = MAX_TOKEN_ID + 1) -> None:
     """Every element of ``ids`` is an integer token id below ``vocab_size``, else :class:`TokenIdError` with vLLM's
     wording ("Token id N is out of vocabulary")."""
+    checked: list[int] = []
     for token in ids:
         if type(token) is not int:
             raise TokenIdError(f"token ids must be integers, got {type(token).__name__}")
-    if ids:
-        low, high = min(ids), max(ids)  # type: ignore[type-var]
-        if low < 0:  # type: ignore[operator]
+        checked.append(token)
+    if checked:
+        low, high = min(checked), max(checked)
+        if low < 0:
             raise TokenIdError(f"Token id {low} is out of vocabulary")
-        if high >= vocab_size:  # type: ignore[operator]
+        if high >= vocab_size:
             raise TokenIdError(f"Token id {high} is out of vocabulary")
 
 

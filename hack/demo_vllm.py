@@ -127,7 +127,7 @@ def main() -> None:
 
 def _config() -> Path:
     path = Path("/tmp/fuyao-demo-vllm-router.yaml")
-    path.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
+    path.write_text(f"version: v1\nkvCache:\n  blockSize: {BLOCK_SIZE}\n")
     return path
 
 

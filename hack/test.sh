@@ -4,7 +4,7 @@
 # kubelet, kubectl, and for monitoring Prometheus, promtool, the Prometheus Operator, metrics-server, KEDA), installs
 # the local cluster's Debian packages (containerd, runc, CNI plugins), builds the
 # cached vLLM CPU venv the real-engine tests use (hack/build-vllm.sh) and the Ray venv (hack/build-ray.sh), runs
-# ruff and pytest. Extra args go to pytest.
+# ruff, mypy and pytest. Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
@@ -21,6 +21,8 @@ echo "==> Ray venv for the Ray Serve tests (cached after the first build: hack/b
 bash hack/build-ray.sh >/dev/null
 echo "==> ruff check"
 ruff check .
+echo "==> mypy (the kernel and every component: pyproject.toml [tool.mypy])"
+mypy
 echo "==> pytest"
 set +e
 python -m pytest "$@"

@@ -133,7 +133,8 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
                                   lambda found: loop.call_soon_threadsafe(fleet.set_discovered, found)).start()
         except RuntimeError as exc:
             log.error("%s", exc)
-    tasks = [loop.create_task(fleet.watch(router.session, stop))]  # type: ignore[arg-type]
+    assert router.session is not None  # opened above
+    tasks = [loop.create_task(fleet.watch(router.session, stop))]
     if args.config:
         tasks.append(loop.create_task(ConfigWatcher(args.config, args, apply).run(stop)))
 

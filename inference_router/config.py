@@ -1,39 +1,40 @@
 """The router's configuration: the design doc's ConfigMap ``inference-optimization-config`` → ``config.yaml``, with
-its four sections (``router``, ``kv_cache``, ``inference``, ``pd_separation``; snake_case keys as the doc writes
-them), validated; flags override the file; a changed file is reloaded, and a bad one keeps the old config.
+its four sections (``router``, ``kvCache``, ``inference``, ``pdSeparation``), validated; flags override the file; a
+changed file is reloaded, and a bad one keeps the old config. Keys are camelCase like every fuyao config; the
+design doc's snake_case spelling (``kv_cache``, ``pd_separation``...) still loads, with a deprecation warning.
 
 ```yaml
 version: v1
 router:
   listen: 127.0.0.1:9000
-  strategy: prefix-aware           # round-robin | least-connections | intelligent | prefix-aware
+  strategy: prefix-aware           # a registered policy: round-robin | least-connections | intelligent | prefix-aware
   backends: [http://10.0.0.5:8000] # static; or discovery below
-  max_concurrent_requests: 1000    # beyond: 429
+  maxConcurrentRequests: 1000    # beyond: 429
   retries: 2                       # on another backend, only before the first byte
-  health_check: {path: /health, interval: 5s, timeout: 2s}
-  metrics_interval: 1s             # scrape of the backends' vLLM metrics
-  circuit_breaker: {failure_threshold: 5, timeout: 30s}
-  intelligent: {queue_weight: 0.4, cpu_weight: 0.3, memory_weight: 0.3, queue_scale: 2, running_scale: 64}
-  prefix_aware: {decode_cost_tokens: 24, kv_pressure_tokens: 256, eviction_weight: 1.0, min_prefix_blocks: 1}
+  healthCheck: {path: /health, interval: 5s, timeout: 2s}
+  metricsInterval: 1s             # scrape of the backends' vLLM metrics
+  circuitBreaker: {failureThreshold: 5, timeout: 30s}
+  intelligent: {queueWeight: 0.4, cpuWeight: 0.3, memoryWeight: 0.3, queueScale: 2, runningScale: 64}
+  prefixAware: {decodeCostTokens: 24, kvPressureTokens: 256, evictionWeight: 1.0, minPrefixBlocks: 1}
   discovery: {enabled: false, namespace: null}
-kv_cache:
+kvCache:
   enabled: true
-  block_size: 16                   # the engines' --block-size
-  hash_seed: 0                     # the content chain's seed (the simulator's --seed hashes alike)
+  blockSize: 16                   # the engines' --block-size
+  hashSeed: 0                     # the content chain's seed (the simulator's --seed hashes alike)
   service: null                    # a fuyao-kvcache URL; null: the index runs in the router
   events: {}                       # engine KV event streams: {"tcp://10.0.0.5:5557": "http://10.0.0.5:8000"}
-  block_hashing: {mode: content}   # content: blocks keyed by their tokens (any engine hash algorithm and seed);
+  blockHashing: {mode: content}   # content: blocks keyed by their tokens (any engine hash algorithm and seed);
                                    # vllm (+ algo, seed): the engines' own hashes, for streams without token_ids
   tokenizer: engine                # engine: the engines' /tokenize | a model directory or tokenizer.json | builtin
-  tokenize_timeout: 1s
+  tokenizeTimeout: 1s
 inference:
   model: null                      # answered by /v1/models when no backend is up
-  prefill_timeout: 30s
-  decode_timeout: 300s
-  stream_idle_timeout: 60s         # a backend silent this long mid-answer is cut off (and counted against it)
-  request_body_timeout: 30s        # a client must have sent its whole body by then (else 408)
-  max_body_bytes: 67108864         # larger bodies: 413
-pd_separation:
+  prefillTimeout: 30s
+  decodeTimeout: 300s
+  streamIdleTimeout: 60s         # a backend silent this long mid-answer is cut off (and counted against it)
+  requestBodyTimeout: 30s        # a client must have sent its whole body by then (else 408)
+  maxBodyBytes: 67108864         # larger bodies: 413
+pdSeparation:
   enabled: false
   prefill: []                      # prefill engines
   decode: []                       # decode engines
@@ -43,20 +44,22 @@ pd_separation:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, create_model, field_validator
+from pydantic.alias_generators import to_camel
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.kvcache.keys import BlockHashing
 
-CONFIG_VERSION = "v1"
-Strategy = Literal["round-robin", "least-connections", "intelligent", "prefix-aware"]
+from .policies import POLICIES, PolicyArgs
+
+CONFIG_VERSION: Final = "v1"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(ConfigSection):
+    """camelCase keys (snake_case ones load with a deprecation warning), unknown keys refused, frozen."""
 
 
 def _url(value: str) -> str:
@@ -76,53 +79,45 @@ class CircuitBreaker(_Section):
     timeout: Seconds = Field(default=30.0, description="open this long, then one half-open probe")
 
 
-class IntelligentWeights(_Section):
-    """The design doc's health score 0.4*(1-queue) + 0.3*(1-cpu) + 0.3*(1-mem): queue = waiting requests / queue_scale
-    (capped at 1), cpu = running / max_num_seqs-like saturation, mem = KV-cache usage."""
-
-    queue_weight: float = Field(default=0.4, ge=0)
-    cpu_weight: float = Field(default=0.3, ge=0)
-    memory_weight: float = Field(default=0.3, ge=0)
-    queue_scale: float = Field(default=2.0, gt=0, description="the queue term is queued / max(this, the most queued)")
-    running_scale: float = Field(default=64.0, gt=0)
-
-
-class PrefixWeights(_Section):
-    """The prefix-aware cost model: estimated prefill tokens before this request's first token on each engine."""
-
-    decode_cost_tokens: float = Field(default=24.0, ge=0, description="prefill-token equivalent of one request "
-                                      "decoding on the engine (it shares every step)")
-    kv_pressure_tokens: float = Field(default=256.0, ge=0, description="penalty at 100% KV-cache usage (blocks held "
-                                      "by running requests)")
-    eviction_weight: float = Field(default=1.0, ge=0, description=(
-        "cost of the cached blocks a request's new blocks evict, per uncached token, at a full prefix cache (share "
-        "of its blocks from the engine's events and vllm:cache_config_info): 0 ignores it, 1 counts each evicted "
-        "block as recomputed once later"))
-    min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
-
-
 class Discovery(_Section):
     enabled: bool = False
     namespace: str | None = None
 
 
-class RouterSection(_Section):
+class _RouterBase(_Section):
     listen: HostPort = "127.0.0.1:9000"
-    strategy: Strategy = "prefix-aware"
+    strategy: str = "prefix-aware"
     backends: list[str] = []
     max_concurrent_requests: int = Field(default=1000, ge=1)
     retries: int = Field(default=2, ge=0, le=10)
     health_check: HealthCheck = HealthCheck()
     metrics_interval: Seconds = 1.0
     circuit_breaker: CircuitBreaker = CircuitBreaker()
-    intelligent: IntelligentWeights = IntelligentWeights()
-    prefix_aware: PrefixWeights = PrefixWeights()
     discovery: Discovery = Discovery()
 
     @field_validator("backends")
     @classmethod
     def _backends(cls, value: list[str]) -> list[str]:
         return [_url(u) for u in value]
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown routing policy {value!r}; registered: {', '.join(POLICIES)}")
+        return value
+
+
+RouterSection = create_model(
+    "RouterSection", __base__=_RouterBase,
+    **{r.field: (r.args, r.args()) for r in POLICIES.values()})  # type: ignore[call-overload]  # pydantic's stub types field kwargs loosely
+"""``router``: its own settings, plus one section per registered policy (``prefixAware``...), that policy's args."""
+
+
+def policy_args(settings: _RouterBase, name: str) -> PolicyArgs:
+    """The args of policy ``name`` in the ``router`` section."""
+    found: PolicyArgs = getattr(settings, POLICIES[name].field)
+    return found
 
 
 class KvCacheSection(_Section):
@@ -190,7 +185,7 @@ class RouterConfig(_Section):
 
 
 def build_config(file_values: dict[str, Any] | None = None) -> RouterConfig:
-    return validated(RouterConfig, merged(file_values, None), camel_case=False)
+    return validated(RouterConfig, merged(file_values, None))
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -198,8 +193,10 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def with_overrides(config: RouterConfig, **sections: dict[str, Any]) -> RouterConfig:
-    """``config`` with some keys of some sections replaced (flags; None: not given), validated again."""
-    data = config.model_dump()
+    """``config`` with some keys of some sections replaced (flags, snake_case names; None: not given), validated
+    again."""
+    data = config.model_dump(by_alias=True)
     for section, values in sections.items():
-        data[section] = {**data[section], **{k: v for k, v in values.items() if v is not None}}
-    return validated(RouterConfig, data, camel_case=False)
+        key = to_camel(section)
+        data[key] = {**data[key], **{to_camel(k): v for k, v in values.items() if v is not None}}
+    return validated(RouterConfig, data)

@@ -16,7 +16,7 @@ from fuyao.contracts import LABEL_SERVICE_NAME, ContractError, Phase, RouterServ
 from fuyao.kube_client import connect
 from fuyao.kube_watch import ListWatch
 
-from .fleet import Backend
+from .fleet import Backend, Role
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappin
     for item in slices:
         meta = item.get("metadata") or {}
         key = (meta.get("namespace") or "default", (meta.get("labels") or {}).get(LABEL_SERVICE_NAME, ""))
-        settings = enabled.get(key)
-        if settings is None:
+        routed = enabled.get(key)
+        if routed is None:
             continue
         ports = item.get("ports") or []
         port = next((p.get("port") for p in ports if p.get("name") == "http"), ports[0].get("port") if ports else None)
@@ -53,7 +53,7 @@ def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappin
                 continue
             ref = endpoint.get("targetRef") or {}
             pod = pods.get((ref.get("namespace") or key[0], ref.get("name") or ""), {})
-            role = "both"
+            role: Role = "both"
             try:
                 phase = parse_phase((pod.get("metadata") or {}).get("labels") or {})
             except ContractError as exc:
@@ -65,9 +65,10 @@ def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappin
                 role = "decode"
             host = addresses[0]
             url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            out[url] = Backend(url, role, node=endpoint.get("nodeName") or (pod.get("spec") or {}).get("nodeName"),  # type: ignore[arg-type]
-                               health_path=settings.health_check_path,
-                               health_interval=settings.health_check_interval_s)
+            node = endpoint.get("nodeName") or (pod.get("spec") or {}).get("nodeName")
+            out[url] = Backend(url, role, node=node if isinstance(node, str) else None,
+                               health_path=routed.health_check_path,
+                               health_interval=routed.health_check_interval_s)
     return list(out.values())
 
 
@@ -104,7 +105,7 @@ class Discovery:
     """Watches Services, EndpointSlices and Pods; hands the backend list to ``apply`` (called from watch threads,
     so ``apply`` must hand over to the event loop)."""
 
-    def __init__(self, kubeconfig: str | None, namespace: str | None, apply: Callable[[list[Backend]], None]):
+    def __init__(self, kubeconfig: str | None, namespace: str | None, apply: Callable[[list[Backend]], object]):
         self.apply = apply
         self.services, self.slices, self.pods = (_Store(self._changed) for _ in range(3))
         api = connect(kubeconfig)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from fuyao.kv_blocks import BlockStored
 from fuyao.kvcache.index import KvIndex
@@ -31,7 +31,8 @@ MODELS_INTERVAL_S = 30.0
 """How often a healthy backend's /v1/models is read again (a pod can be re-pointed at another model)."""
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
            "vllm:kv_cache_usage_perc": "kv_usage", "vllm:gpu_cache_usage_perc": "kv_usage"}
-_NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
+_CACHE_CONFIG = "vllm:cache_config_info"
+_READ = frozenset({*_GAUGES, _CACHE_CONFIG})
 
 
 @dataclass
@@ -113,25 +114,28 @@ class Dispatch:
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines)."""
+    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines), and the engine's
+    KV blocks (``num_gpu_blocks`` of ``vllm:cache_config_info``). Each sample of these families is parsed by
+    ``prometheus_client``'s parser; the rest of the page is skipped unparsed (a vLLM page is mostly histograms the
+    router does not read, and the scrape runs on the router's event loop every ``metrics_interval``), and so is a
+    sample the parser refuses (it costs that reading only)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        if line.startswith("vllm:cache_config_info"):
-            found = _NUM_BLOCKS.search(line)
-            if found:
-                out["num_blocks"] = out.get("num_blocks", 0.0) + float(found.group(1))
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        key = _GAUGES.get(name)
-        if key is None:
+        if line.split("{", 1)[0].split(" ", 1)[0] not in _READ:
             continue
         try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
+            samples = [sample for family in text_string_to_metric_families(line + "\n") for sample in family.samples]
+        except ValueError:
             continue
-        out[key] = out.get(key, 0.0) + value
+        for sample in samples:
+            if sample.name == _CACHE_CONFIG:
+                blocks = sample.labels.get("num_gpu_blocks", "")
+                if blocks.isdigit():
+                    out["num_blocks"] = out.get("num_blocks", 0.0) + float(blocks)
+                continue
+            key = _GAUGES.get(sample.name)
+            if key is not None and sample.value == sample.value:  # NaN: not a reading
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -155,8 +159,8 @@ class Fleet:
 
     def _rebuild(self) -> None:
         wanted: dict[str, tuple[Role, Backend | None]] = {url: (role, None) for url, role in self._static.items()}
-        for url, found in self._discovered.items():
-            wanted.setdefault(url, (found.role, found))
+        for url, discovered in self._discovered.items():
+            wanted.setdefault(url, (discovered.role, discovered))
         breaker = self.settings.circuit_breaker
         for url in list(self.backends):
             if url not in wanted:

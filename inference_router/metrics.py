@@ -85,9 +85,8 @@ class RouterMetrics:
 
     def __init__(self, in_flight: Callable[[], int] = lambda: 0,
                  backends: Callable[[], Iterable[tuple[str, str, bool]]] = tuple) -> None:
-        """``backends``: each backend's (url, circuit state, healthy) when scraped."""
-        self.in_flight = in_flight
-        self.backends = backends
+        """``backends``: each backend's (url, circuit state, healthy) when scraped (see :meth:`watch`)."""
+        self.watch(in_flight, backends)
         self.latency = Histogram("inference_latency", "End-to-end request latency through the router, seconds",
                                  _LATENCY)
         self.requests = Counter("inference_requests", "Requests answered, by HTTP status", ("code",))
@@ -110,7 +109,13 @@ class RouterMetrics:
                                        "chosen backend", (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
         self._status = {}  # type: dict[int, tuple[str]]
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]  # a collector: anything with collect()
+        self.registry.register(self)  # a collector: anything with collect()
+
+    def watch(self, in_flight: Callable[[], int], backends: Callable[[], Iterable[tuple[str, str, bool]]]) -> None:
+        """What the gauges read when scraped: the requests in flight, each backend's (url, circuit state,
+        healthy)."""
+        self.in_flight = in_flight
+        self.backends = backends
 
     def answered(self, status: int) -> None:
         key = self._status.get(status)

@@ -27,10 +27,11 @@ from aiohttp import web
 from fuyao.http_body import BodyError, read_json
 
 from . import admission
-from .balancing import Decision, RoundRobin, choose
-from .config import RouterConfig
-from .fleet import Backend, Dispatch, Fleet, PrefixSource
+from .balancing import Decision, RoundRobin
+from .config import RouterConfig, policy_args
+from .fleet import Backend, Dispatch, Fleet, PrefixSource, Role
 from .metrics import RouterMetrics
+from .policies import POLICIES, Policy, RoutingRequest, decide, make_policy
 from .prompts import Prompts
 from .upstream import Response as UpstreamResponse
 from .upstream import UpstreamError, UpstreamPool
@@ -86,18 +87,33 @@ def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> 
 
 
 class Router:
-    def __init__(self, config: RouterConfig, fleet: Fleet, prefix: PrefixSource):
+    def __init__(self, config: RouterConfig, fleet: Fleet, prefix: PrefixSource,
+                 metrics: RouterMetrics | None = None):
+        """``metrics``: where the router counts (a fresh :class:`RouterMetrics` by default); it reads the router's
+        in-flight count and the fleet's circuits from here when scraped."""
         self.config = config
         self.fleet = fleet
         self.prefix = prefix
         self.prompts = Prompts(config.kv_cache.tokenizer, prefix.keys, prefix.block_size)
-        self.metrics = RouterMetrics(lambda: self.in_flight, lambda: (
+        self.metrics = metrics or RouterMetrics()
+        self.metrics.watch(lambda: self.in_flight, lambda: (
             (b.url, b.breaker.state, b.healthy) for b in list(self.fleet.backends.values())))
         self.rr = RoundRobin()
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None  # the fleet's health checks, scrapes and index lookups
         self.upstream = UpstreamPool()  # the request path: proxied requests, prefills, /tokenize
         self.draining = False
+
+    @property
+    def config(self) -> RouterConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RouterConfig) -> None:
+        """A new config (a reloaded file) brings its policies' args with it."""
+        self._config = config
+        self.policies: dict[str, Policy] = {name: make_policy(name, policy_args(config.router, name))
+                                            for name in POLICIES}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
@@ -112,10 +128,10 @@ class Router:
             await self.session.close()
 
     # Choosing ----------------------------------------------------------------------------------------------------
-    async def _decide(self, role: str, hashes: list[int], exclude: list[str], strategy: str | None = None,
+    async def _decide(self, role: Role, hashes: list[int], exclude: list[str], strategy: str | None = None,
                       prompt_tokens: int = 0, near: str | None = None,
                       model: str | None = None) -> tuple[Backend, Decision] | None:
-        pool = self.fleet.pool(role, exclude, model=model)  # type: ignore[arg-type]
+        pool = self.fleet.pool(role, exclude, model=model)
         if not pool:
             return None
         if near is not None:
@@ -125,13 +141,11 @@ class Router:
             least = min(b.candidate().load for b in pool)
             if local and min(b.candidate().load for b in local) <= least + 2:
                 pool = local
-        settings = self.config.router
-        strategy = strategy or settings.strategy
-        matches = await self.prefix.matches(hashes, self.session) if hashes and strategy == "prefix-aware" else {}
+        policy = self.policies[strategy or self.config.router.strategy]
+        matches = await self.prefix.matches(hashes, self.session) if hashes and policy.uses_prefix else {}
         candidates = [b.candidate(matches.get(b.url, 0), self.prefix.cached_blocks(b.url)) for b in pool]
-        decision = choose(strategy, candidates, self.rr, total_blocks=len(hashes),  # type: ignore[arg-type]
-                          intelligent=settings.intelligent, prefix=settings.prefix_aware,
-                          prompt_tokens=prompt_tokens, block_size=self.prefix.block_size)
+        decision = decide(policy, candidates, RoutingRequest(prompt_tokens, len(hashes), self.prefix.block_size),
+                          self.rr)
         backend = next(b for b in pool if b.url == decision.url)
         return backend, decision
 
@@ -233,7 +247,7 @@ class Router:
         return response
 
     async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
-                       role: str, timeout_s: float, strategy: str | None = None,
+                       role: Role, timeout_s: float, strategy: str | None = None,
                        prompt_tokens: int = 0, near: str | None = None,
                        model: str | None = None) -> web.StreamResponse:
         tried: list[str] = []
@@ -296,8 +310,8 @@ class Router:
                     dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                 self.prefix.routed(backend.url, hashes)
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.headers
-                           if k.lower() not in _HOP_HEADERS]
+                answer_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.headers
+                                  if k.lower() not in _HOP_HEADERS]
                 length = upstream.content_length
                 if length is not None and length <= _WHOLE_BODY_BYTES:
                     # a complete answer of known, small size (not streamed): read it and answer in one write
@@ -309,8 +323,8 @@ class Router:
                     dispatch.first_byte()
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     dispatch.succeeded()
-                    return web.Response(body=body, status=upstream.status, headers=headers)
-                response = _Relayed(status=upstream.status, headers=headers)
+                    return web.Response(body=body, status=upstream.status, headers=answer_headers)
+                response = _Relayed(status=upstream.status, headers=answer_headers)
                 first = True
                 while True:
                     try:

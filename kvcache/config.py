@@ -1,19 +1,20 @@
-"""``fuyao-kvcache`` configuration: the design doc's ``kv_cache:`` section (snake_case keys, as the doc writes
-them), versioned; flags override; errors name the field.
+"""``fuyao-kvcache`` configuration: the design doc's ``kv_cache`` section as ``kvCache`` (camelCase keys like every
+fuyao config; snake_case ones still load, with a deprecation warning), versioned; flags override; errors name the
+field.
 
 ```yaml
 version: v1
 listen: 127.0.0.1:8100
-kv_cache:
-  block_size: 16              # must equal the engines' --block-size
-  hash_seed: 0                # the content chain's seed (any value; the simulator's --seed hashes alike)
-  block_hashing:              # content (default: blocks keyed by their tokens, any engine hash algorithm/seed)
-    mode: content             # or vllm: the engines' own hashes, for event streams without token_ids:
+kvCache:
+  blockSize: 16              # must equal the engines' --block-size
+  hashSeed: 0                # the content chain's seed (any value; the simulator's --seed hashes alike)
+  blockHashing:              # content (default: blocks keyed by their tokens, any engine hash algorithm/seed)
+    mode: content             # or vllm: the engines' own hashes, for event streams without tokenIds:
     algo: sha256              #   their --prefix-caching-hash-algo
     seed: null                #   their PYTHONHASHSEED (null: vLLM's default; xxhash algorithms need it)
   size: 10Gi                  # shared block tier capacity (Kubernetes quantity); 0 turns the tier off
-  bytes_per_token: 524288     # KV bytes per token (7B, fp16: 2 x 32 layers x 4096 x 2 bytes)
-  eviction_policy: LRU        # LRU | LFU | FIFO
+  bytesPerToken: 524288     # KV bytes per token (7B, fp16: 2 x 32 layers x 4096 x 2 bytes)
+  evictionPolicy: LRU        # LRU | LFU | FIFO
   ttl: 1h                     # blocks older than this are gone (none: keep until evicted)
   warming:
     enabled: true
@@ -24,28 +25,28 @@ kv_cache:
     discovery:                # or: engines found as pods
       enabled: false
       namespace: default
-      label_selector: app=vllm
+      labelSelector: app=vllm
 ```
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from kubernetes.utils.quantity import parse_quantity
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_KV_EVENTS, KvCachePolicy
 
 from .keys import BlockHashing
 
-CONFIG_VERSION = "v1"
+CONFIG_VERSION: Final = "v1"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(ConfigSection):
+    """camelCase keys (snake_case ones load with a deprecation warning), unknown keys refused, frozen."""
 
 
 class EndpointConfig(_Section):
@@ -118,7 +119,7 @@ class KvCacheConfig(_Section):
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> KvCacheConfig:
-    return validated(KvCacheConfig, merged(file_values, overrides), camel_case=False)
+    return validated(KvCacheConfig, merged(file_values, overrides))
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -74,7 +74,7 @@ class KvCacheService:
             ids = body["token_ids"]
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
                 raise web.HTTPBadRequest(text="token_ids: expected an array of integers in 0..2^32-1")
-            return ids
+            return list(ids)
         if isinstance(body.get("prompt"), str):
             return self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)
                                          is not False)
@@ -137,7 +137,7 @@ class KvCacheService:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
 
-        def post(call):  # type: ignore[no-untyped-def]
+        def post(call: Callable[[dict[str, Any]], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
             async def handler(request: web.Request) -> web.Response:
                 started = time.perf_counter()
                 try:

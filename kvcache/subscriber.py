@@ -69,7 +69,7 @@ class Subscriber:
         self.replay_timeout_s = replay_timeout_s
         self.on_batch = on_batch  # (endpoint, events, lag seconds), for metrics
         self.stats: dict[str, SourceStats] = {}
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sources: dict[str, Source] = {}
         self._sockets: dict[str, zmq.Socket] = {}
         self._monitors: dict[str, zmq.Socket] = {}
@@ -166,7 +166,7 @@ class Subscriber:
         (a disconnect reported meanwhile is handled before the batches that follow it)."""
         socket, monitor = self._sockets[name], self._monitors[name]
         while True:
-            if monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            if int(monitor.get(zmq.EVENTS)) & zmq.POLLIN:
                 self._connection_events(name)
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)

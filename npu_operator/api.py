@@ -176,7 +176,8 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
             return [walk(v) for v in node]
         return node
 
-    return walk(raw)  # type: ignore[no-any-return]
+    schema: dict[str, Any] = walk(raw)
+    return schema
 
 
 def crd() -> dict[str, Any]:

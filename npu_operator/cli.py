@@ -108,7 +108,11 @@ def _run(args: argparse.Namespace) -> int:
     for w in watches:
         w.start()
     stop = _stop_on_signals()
-    threading.Thread(target=lambda: (stop.wait(), controller.stop()), daemon=True).start()
+    def stop_when_told() -> None:
+        stop.wait()
+        controller.stop()
+
+    threading.Thread(target=stop_when_told, daemon=True).start()
     log.info("npu operator started (namespace %s, charts %s, image %s)", args.namespace, args.charts_dir,
              args.image)
     if args.health_address:

@@ -272,8 +272,8 @@ class Controller:
                 self.rest.delete(pod)
                 mine[name] = {}
         for name, node in wanted.items():
-            pod = mine.get(name)
-            if not pod:
+            found = mine.get(name)
+            if not found:
                 manifest = render.owned([render.validator_pod(node, self.settings, rev, spec.validator.image)],
                                         policy, Component.VALIDATOR, self.settings.namespace)[0]
                 try:
@@ -284,7 +284,7 @@ class Controller:
                         continue
                 results[node] = (None, "")
                 continue
-            results[node] = _validation_result(pod)
+            results[node] = _validation_result(found)
         return results
 
     # Observation -------------------------------------------------------------------------------------------------

@@ -94,14 +94,16 @@ class Rest:
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply as the operator's field manager, taking over fields another manager changed (drift)."""
-        return self.request("PATCH", object_path(obj), body=dict(obj),  # type: ignore[no-any-return]
-                            query={"fieldManager": MANAGER, "force": "true"},
-                            content_type="application/apply-patch+yaml")
+        applied: dict[str, Any] = self.request("PATCH", object_path(obj), body=dict(obj),
+                                               query={"fieldManager": MANAGER, "force": "true"},
+                                               content_type="application/apply-patch+yaml")
+        return applied
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         api_version, plural, namespaced = KINDS[obj["kind"]]
         path = collection(api_version, plural, obj["metadata"].get("namespace") if namespaced else None)
-        return self.request("POST", path, body=dict(obj))  # type: ignore[no-any-return]
+        created: dict[str, Any] = self.request("POST", path, body=dict(obj))
+        return created
 
     def delete(self, obj: Mapping[str, Any]) -> bool:
         """Delete (background propagation); False when it was already gone."""

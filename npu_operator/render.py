@@ -202,7 +202,7 @@ def nfd_objects(settings: Settings) -> list[dict[str, Any]]:
     driver_dir = str(Path(settings.driver_version_file).parent)
     env = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
            *({"name": k, "value": v} for k, v in sorted(settings.extra_env.items()))]
-    container = {
+    container: dict[str, Any] = {
         "name": "nfd", "image": settings.image, "imagePullPolicy": settings.image_pull_policy,
         "command": ["fuyao-npu-operator", "nfd"],
         "args": ["--sysfs-root=/host/sys", f"--npu-smi=/host/npu-smi/{Path(settings.npu_smi).name}",

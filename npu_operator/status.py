@@ -206,13 +206,13 @@ def conditions(statuses: Sequence[ComponentStatus], previous: Sequence[Condition
         ("Progressing", bool(pending), "ComponentsPending" if pending else "Settled", names(pending)),
         ("Degraded", bool(bad), "ComponentsDegraded" if bad else "NoProblems", names(bad)),
     )
-    before = {c.type: c for c in previous}
+    before: dict[str, Condition] = {c.type: c for c in previous}
     out = []
     for kind, value, reason, message in wanted:
         status = "True" if value else "False"
-        old = before.get(kind)  # type: ignore[call-overload]
+        old = before.get(kind)
         since = old.last_transition_time if old is not None and old.status == status else at
-        out.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
+        out.append(Condition(type=kind, status=status, reason=reason, message=message,
                              last_transition_time=since))
     return tuple(out)
 

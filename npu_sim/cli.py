@@ -214,7 +214,7 @@ def _reset(opts: dict[str, str]) -> str:
 def _apply_fault(argv: list[str], s: dict[str, Any]) -> dict[str, Any] | None:
     """Act on the first fault whose glob matches the command line (before the command runs). Returns it."""
     line = " ".join(argv)
-    fault = next((f for f in s["faults"] if fnmatch.fnmatchcase(line, f["command"])), None)
+    fault: dict[str, Any] | None = next((f for f in s["faults"] if fnmatch.fnmatchcase(line, f["command"])), None)
     if fault is None:
         return None
     if fault.get("times") is not None and st.state_path():

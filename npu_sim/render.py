@@ -37,7 +37,7 @@ def reset_result(status: str, message: str) -> str:
 
 
 def _is_310p(s: dict[str, Any]) -> bool:
-    return s["chip_model"].upper().startswith("310")
+    return str(s["chip_model"]).upper().startswith("310")
 
 
 def _pair(used: Any, total: Any, used_width: int, total_width: int) -> str:
@@ -120,7 +120,7 @@ def _processes(s: dict[str, Any], heavy: str, row: Any, width: int) -> list[str]
 
 def _name(s: dict[str, Any]) -> str:
     """Name column: the A3 prints 'Ascend910' for both dies; others print the chip model."""
-    return s.get("table_name") or s["chip_model"]
+    return str(s.get("table_name") or s["chip_model"])
 
 
 def _card_id(s: dict[str, Any], npu: int) -> int:
@@ -173,7 +173,7 @@ def _shown_health(c: dict[str, Any]) -> str:
     """npu-smi prints OK for Warning/Alarm/Critical when the driver returns no error code."""
     if c["health"] in ("Warning", "Alarm", "Critical") and not c["error_codes"]:
         return "OK"
-    return c["health"]
+    return str(c["health"])
 
 
 def _error_lines(c: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -223,6 +223,8 @@ def common(s: dict[str, Any], npu: int) -> str:
 
 def board(s: dict[str, Any], npu: int, chip: int | None) -> str:
     c = st.chip(s, npu, 0 if chip is None else chip)
+    if c is None:
+        raise st.StateError(f"no chip {0 if chip is None else chip} on NPU {npu}")
     if chip is None:
         return _kv([("NPU ID", _card_id(s, npu)), ("Software Version", s["driver_version"]),
                     ("Firmware Version", "7.5.0.1.220"), ("Compatibility", "OK"), ("Board ID", "0x02"),

@@ -47,7 +47,8 @@ def load_preset(name: str) -> dict[str, Any]:
     path = resources.files("fuyao.npu_sim.presets") / f"{name}.json"
     if not path.is_file():
         raise StateError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
-    return json.loads(path.read_text())
+    preset: dict[str, Any] = json.loads(path.read_text())
+    return preset
 
 
 def expand(raw: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def chips(state: dict[str, Any]) -> list[dict[str, Any]]:
 def _bus_id(state: dict[str, Any], phy: int) -> str:
     buses = state.get("bus_ids")
     if buses and phy < len(buses):
-        return buses[phy]
+        return str(buses[phy])
     return f"0000:{(0x01 + phy * 0x20) % 0x100:02X}:00.0"
 
 

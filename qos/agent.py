@@ -133,11 +133,13 @@ class Agent:
                     log.warning("cgroup write failed: %s", exc)
             if m.warm:
                 self.suppressed = plan.active
-            batch_due = batch_due and self._publish("batch", lambda: self.publisher.batch_resources(  # type: ignore[union-attr]
-                batch.cpu_milli, batch.memory_bytes))
+            publisher = self.publisher  # due only with one (a cluster)
+            batch_due = batch_due and publisher is not None and self._publish(
+                "batch", lambda: publisher.batch_resources(batch.cpu_milli, batch.memory_bytes))
             if batch_due:
                 self._batch, self._batch_at = (batch.cpu_milli, batch.memory_bytes), now
-            usage_due = usage_due and self._publish("usage", lambda: self.publisher.usage(usage))  # type: ignore[union-attr]
+            usage_due = usage_due and publisher is not None and self._publish(
+                "usage", lambda: publisher.usage(usage))
             if usage_due:
                 self._usage, self._usage_at = usage, now
         eviction_lines = [self._evict(e, dry_run) for e in evictions]
@@ -294,11 +296,11 @@ class Agent:
     def _observe(self, m: Measurement, batch: policy.BatchResources, plan: policy.SuppressPlan) -> None:
         self.metrics.batch.labels(RESOURCE_BATCH_CPU).set(batch.cpu_milli)
         self.metrics.batch.labels(RESOURCE_BATCH_MEMORY).set(batch.memory_bytes)
-        for name, value in _by_class(m).items():
-            self.metrics.usage_cpu.labels(name).set(value["cpu_milli"])
-            self.metrics.usage_memory.labels(name).set(value["memory_bytes"])
-        for name, value in m.io.items():
-            self.metrics.io.labels(name).set(value)
+        for name, used in _by_class(m).items():
+            self.metrics.usage_cpu.labels(name).set(used["cpu_milli"])
+            self.metrics.usage_memory.labels(name).set(used["memory_bytes"])
+        for name, rate in m.io.items():
+            self.metrics.io.labels(name).set(rate)
         self.metrics.suppressed.set(1 if plan.active else 0)
         self.metrics.be_allowed.set(plan.be_allowed_milli or 0)
 

@@ -49,10 +49,14 @@ class Layout:
         return f"cgroup v{self.version}, {self.driver} driver, under {self.root}"
 
 
+Tier = Literal["guaranteed", "burstable", "besteffort"]
+"""A pod's cgroup tier (its Kubernetes QoS class)."""
+
+
 @dataclass(frozen=True)
 class PodCgroup:
     uid: str
-    tier: Literal["guaranteed", "burstable", "besteffort"]
+    tier: Tier
     cpu: Path  # the directory with the cpu controller's files
     cpuacct: Path
     memory: Path
@@ -80,7 +84,7 @@ def _controller_root(layout: Layout, controller: str) -> Path:
     return layout.root if layout.version == 2 else layout.root / controller
 
 
-def _tier_dirs(layout: Layout, controller: str) -> list[tuple[str, Path]]:
+def _tier_dirs(layout: Layout, controller: str) -> list[tuple[Tier, Path]]:
     base = _controller_root(layout, controller)
     if layout.driver == "systemd":
         top = base / "kubepods.slice"
@@ -104,7 +108,7 @@ def pod_cgroups(layout: Layout) -> dict[str, PodCgroup]:
                 continue
             uid = match.group(1).replace("_", "-")
             relative = entry.relative_to(_controller_root(layout, "cpu"))
-            found[uid] = PodCgroup(uid=uid, tier=tier,  # type: ignore[arg-type]
+            found[uid] = PodCgroup(uid=uid, tier=tier,
                                    cpu=entry, cpuacct=_controller_root(layout, "cpuacct") / relative,
                                    memory=_controller_root(layout, "memory") / relative)
     return found

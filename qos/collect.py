@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from fuyao.contracts import QoSClass
+
 from . import cgroups
 from .policy import ContainerResources, NodeSample, PodSample
 
@@ -51,7 +53,7 @@ class PodFacts:
 
     namespace: str
     name: str
-    qos: object  # QoSClass
+    qos: QoSClass
     priority: int = 0
     terminating: bool = False
     cpu_limit_milli: int | None = None
@@ -130,7 +132,7 @@ class Collector:
             fact = facts.get(uid)
             pods.append(PodSample(
                 uid=uid, namespace=fact.namespace if fact else "", name=fact.name if fact else "",
-                qos=fact.qos if fact else PodSample.qos, known=fact is not None,  # type: ignore[arg-type]
+                qos=fact.qos if fact else QoSClass.LS, known=fact is not None,
                 priority=fact.priority if fact else 0, terminating=fact.terminating if fact else False,
                 cpu_limit_milli=fact.cpu_limit_milli if fact else None,
                 cpu_request_milli=fact.cpu_request_milli if fact else 0,

@@ -28,14 +28,14 @@ memoryEviction:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, Seconds, load_versioned_yaml, merged, validated
 
-CONFIG_VERSION = "v1"
+CONFIG_VERSION: Final = "v1"
 
 
 Percent = Annotated[float, Field(ge=0, le=100)]

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 def _quantity(raw: Any) -> Decimal | None:
     try:
-        return parse_quantity(raw)
+        value: Decimal = parse_quantity(raw)
+        return value
     except (ValueError, TypeError):
         return None
 
@@ -180,11 +181,11 @@ class NodeState:
         status = node.get("status") or {}
         capacity, allocatable = status.get("capacity") or {}, status.get("allocatable") or {}
         values = [_quantity(x.get(k)) for x in (capacity, allocatable) for k in ("cpu", "memory")]
-        if any(v is None for v in values):
-            return None
         cap_cpu, cap_mem, alloc_cpu, alloc_mem = values
-        return ((int(cap_cpu * 1000), int(cap_mem)),  # type: ignore[operator]
-                (max(0, int((cap_cpu - alloc_cpu) * 1000)), max(0, int(cap_mem - alloc_mem))))  # type: ignore[operator]
+        if cap_cpu is None or cap_mem is None or alloc_cpu is None or alloc_mem is None:
+            return None
+        return ((int(cap_cpu * 1000), int(cap_mem)),
+                (max(0, int((cap_cpu - alloc_cpu) * 1000)), max(0, int(cap_mem - alloc_mem))))
 
 
 class Publisher:

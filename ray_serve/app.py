@@ -3,7 +3,7 @@
 
 Two deployments: ``ingress`` (:class:`fuyao.ray_serve.ingress.OpenAiIngress`, the OpenAI API over Serve's HTTP
 proxy) and ``engine`` (:class:`fuyao.ray_serve.engine.EngineReplica`: ``replicas`` replicas, each holding
-``npus_per_replica`` of Ray's ``NPU`` resource and one engine process), routed by the chosen policy (``router.policy``).
+``npusPerReplica`` of Ray's ``NPU`` resource and one engine process), routed by the chosen policy (``router.policy``).
 """
 
 from __future__ import annotations

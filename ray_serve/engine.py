@@ -134,7 +134,8 @@ class EngineReplica:
 
     async def models(self) -> dict[str, Any]:
         async with self._client().get("/v1/models") as response:
-            return await response.json(content_type=None)  # type: ignore[no-any-return]
+            answer: dict[str, Any] = await response.json(content_type=None)
+            return answer
 
     def engine_url(self) -> str:
         return self.url

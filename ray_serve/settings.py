@@ -1,21 +1,21 @@
 """The Serve application's arguments (``args:`` of a Serve config / RayService ``serveConfigV2``, or the builder's
 dict), validated before anything starts: a bad value is a :class:`~fuyao.config_files.ConfigError` naming the field.
-snake_case keys, as Serve's own config writes them (camelCase is accepted too).
+camelCase keys like every fuyao config (snake_case ones still load, with a deprecation warning).
 
 ```yaml
 args:
   replicas: 2                   # engine replicas, one engine process each
-  npus_per_replica: 1           # Ray resource NPU per replica (the engine's tensor-parallel size)
-  max_ongoing_requests: 64
+  npusPerReplica: 1           # Ray resource NPU per replica (the engine's tensor-parallel size)
+  maxOngoingRequests: 64
   engine:
     module: fuyao.engine_sim.cli      # python -m <module> <args>; vLLM: vllm.entrypoints.openai.api_server
     args: ["--host", "{host}", "--port", "{port}", "--model", "{model}", "--kv-events-endpoint", "tcp://*:{kv_events_port}"]
     model: fuyao-sim
     port: 8100                  # + the replica's first NPU slot: one engine per NPU slot on a node
-    kv_events_port: 5557        # + the same slot
+    kvEventsPort: 5557        # + the same slot
   router:
     policy: kv-index            # power-of-two (Serve's default) | prefix-tree (Serve's PrefixCacheAffinityRouter)
-    kv_index_url: http://fuyao-kvcache:8100
+    kvIndexUrl: http://fuyao-kvcache:8100
 ```
 """
 
@@ -87,7 +87,7 @@ class RouterSettings(ConfigSection):
     @model_validator(mode="after")
     def _index_for_kv_policy(self) -> RouterSettings:
         if self.policy == "kv-index" and not self.kv_index_url:
-            raise ValueError("the kv-index policy needs kv_index_url (fuyao-kvcache's URL)")
+            raise ValueError("the kv-index policy needs kvIndexUrl (fuyao-kvcache's URL)")
         return self
 
 
@@ -102,7 +102,7 @@ class AppSettings(ConfigSection):
 
 def app_settings(args: Mapping[str, Any] | None) -> AppSettings:
     """The application's settings from its ``args`` (None: the defaults), or ConfigError naming the bad field."""
-    return validated(AppSettings, dict(args or {}), camel_case=False)
+    return validated(AppSettings, dict(args or {}))
 
 
 def router_config(settings: RouterSettings) -> dict[str, Any]:

@@ -178,8 +178,8 @@ class Binder:
                                            headers={**self.endpoint.headers(),
                                                     "Content-Type": "application/json"}) as response:
                 body = await response.read()
-                status = response.status
-            failure = f"{status} {_status_message(body)}" if status >= 300 else ""
+                code = status = response.status
+            failure = f"{code} {_status_message(body)}" if code >= 300 else ""
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, failure = "error", f"{type(exc).__name__}: {exc}"
         self._count("bind", status)

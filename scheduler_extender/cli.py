@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import sys
+from typing import TypedDict
 
 from fuyao import daemon
 from fuyao.kube_client import connect, rest_endpoint
@@ -114,7 +115,14 @@ async def serve(config: ExtenderConfig) -> int:
     return code
 
 
-def election_identity(config: ExtenderConfig) -> dict[str, str]:
+class ElectionIdentity(TypedDict):
+    namespace: str
+    name: str
+    identity: str
+    url: str
+
+
+def election_identity(config: ExtenderConfig) -> ElectionIdentity:
     """Where the Lease lives, who this replica is, and where followers reach it: from the config, else the pod's
     downward-API environment (POD_NAMESPACE, POD_NAME, POD_IP), else the service account's namespace and the host."""
     le = config.leader_election
@@ -127,7 +135,7 @@ def election_identity(config: ExtenderConfig) -> dict[str, str]:
         if host in ("", "0.0.0.0", "::"):
             host = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
         url = f"{'https' if config.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
-    return {"namespace": namespace, "name": le.lease_name, "identity": identity, "url": url}
+    return ElectionIdentity(namespace=namespace, name=le.lease_name, identity=identity, url=url)
 
 
 def _service_account_namespace() -> str | None:

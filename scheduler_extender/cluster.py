@@ -45,7 +45,7 @@ class ClusterCache:
         self._by_node: dict[str, set[str]] = {}
         self._assumed: dict[str, tuple[PodInfo, float]] = {}  # uid → (pod as bound, when)
         self._requested: OrderedDict[str, PodInfo] = OrderedDict()  # pending pods as the scheduler sent them
-        self._assumed_on: dict[str, set[str]] = {}  # node → uids assumed there (events touch one node each)
+        self._assumed_on: dict[str | None, set[str]] = {}  # node → uids assumed there (events touch one node each)
         self._infos: dict[str, NodeInfo] = {}  # name → node with its pods
         self.table = NodeTable(domain_key, long_lived=True)
         self.pd = PdIndex()
@@ -123,9 +123,9 @@ class ClusterCache:
             self._put_pod(pod)
             touched.add(pod.node_name)
             if pod.node_name:
-                assumed = self._unassume(pod.uid)
-                if assumed is not None:
-                    touched.add(assumed.node_name)
+                was = self._unassume(pod.uid)
+                if was is not None:
+                    touched.add(was.node_name)
             for name in touched:
                 if name:
                     self._touch(name)

@@ -26,7 +26,7 @@ plugins:                      # weight 0 turns scoring off (the filter still run
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, model_validator
 
@@ -35,7 +35,7 @@ from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_
 
 from .plugins.registry import settings_model
 
-CONFIG_VERSION = "v1"
+CONFIG_VERSION: Final = "v1"
 
 
 
@@ -88,7 +88,7 @@ class ExtenderConfig(ConfigSection):
                            "soft preferences (preferred affinity, ScheduleAnyway spread), which get 16")
     volcano_score_scale: float = Field(default=100.0, gt=0, description="Volcano adds extender scores raw to its "
                                        "node-order scores (0..100 scale): our [0,1] total is multiplied by this")
-    plugins: PluginSettings = PluginSettings()  # type: ignore[valid-type]
+    plugins: PluginSettings = PluginSettings()  # type: ignore[valid-type]  # a model made from the plugin registry
 
     @model_validator(mode="after")
     def _one_binder(self) -> ExtenderConfig:

@@ -9,6 +9,8 @@ in the ``npu.openfuyao.com/assigned`` annotations of the pods on the node. Pure 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
 
 from fuyao import products
 from fuyao.contracts import (
@@ -37,7 +39,7 @@ def product(node: NodeInfo) -> products.Product:
     found = node.memo.get("product")
     if found is None:
         found = node.memo["product"] = products.product_of(node.topology)
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def _placements(node: NodeInfo) -> dict[str, Placement]:
@@ -45,7 +47,7 @@ def _placements(node: NodeInfo) -> dict[str, Placement]:
     found = node.memo.get("placements")
     if found is None:
         found = node.memo["placements"] = placements(node.topology)
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def never(node: NodeInfo, count: int) -> bool:
@@ -134,10 +136,14 @@ def choose_vnpus(node: NodeInfo, count: int) -> list[str]:
     return sorted(free)[:count]
 
 
-def _memo(node: NodeInfo, key: str, compute):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def _memo(node: NodeInfo, key: str, compute: Callable[[], T]) -> T:
     if key not in node.memo:
         node.memo[key] = compute()
-    return node.memo[key]
+    found: T = node.memo[key]
+    return found
 
 
 def free_numa_sizes(node: NodeInfo) -> list[int]:
@@ -147,7 +153,7 @@ def free_numa_sizes(node: NodeInfo) -> list[int]:
         per = Counter(node.topology.devices[d].numa_node if node.topology.devices[d].numa_node is not None
                       else f"?{d}" for d in free_npus(node))
         return sorted(per.values(), reverse=True)
-    return _memo(node, "free_numa_sizes", compute)  # type: ignore[no-any-return]
+    return _memo(node, "free_numa_sizes", compute)
 
 
 def healthy_numa_sizes(node: NodeInfo) -> list[int]:
@@ -157,7 +163,7 @@ def healthy_numa_sizes(node: NodeInfo) -> list[int]:
         per = Counter(d.numa_node if d.numa_node is not None else f"?{i}" for i, d in node.topology.devices.items()
                       if d.health == DeviceHealth.HEALTHY and not d.vnpus)
         return sorted(per.values(), reverse=True)
-    return _memo(node, "healthy_numa_sizes", compute)  # type: ignore[no-any-return]
+    return _memo(node, "healthy_numa_sizes", compute)
 
 
 def free_group_sizes(node: NodeInfo) -> list[int]:
@@ -165,7 +171,7 @@ def free_group_sizes(node: NodeInfo) -> list[int]:
     def compute() -> list[int]:
         assert node.topology is not None
         return sorted(Counter(node.topology.devices[d].group for d in free_npus(node)).values(), reverse=True)
-    return _memo(node, "free_group_sizes", compute)  # type: ignore[no-any-return]
+    return _memo(node, "free_group_sizes", compute)
 
 
 __all__ = [

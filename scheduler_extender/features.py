@@ -103,7 +103,8 @@ def node_row(info: NodeInfo) -> dict[str, Any]:
     memo (cleared whenever the node changes): a node tabulated again is not computed again. Do not modify it."""
     kept = info.memo.get("row")
     if kept is not None:
-        return kept  # type: ignore[no-any-return]
+        row: dict[str, Any] = kept
+        return row
     row = info.memo["row"] = _node_row(info)
     return row
 
@@ -360,7 +361,7 @@ class NodeView:
             source = self.table.cols[column]
         except KeyError:
             raise AttributeError(column) from None
-        gathered = source[self.rows]
+        gathered: np.ndarray = source[self.rows]
         self.__dict__[column] = gathered
         return gathered
 
@@ -393,7 +394,8 @@ class NodeView:
             found = self.table.domains.get(value)
             if found is not None:
                 lut[found] = n
-        return lut[self.domain]
+        values: np.ndarray = lut[self.domain]
+        return values
 
 
 class PdIndex:
@@ -415,9 +417,10 @@ class PdIndex:
         if key is None:
             return
         counts = self.counts.setdefault(key, Counter())
-        counts[pod.node_name] += sign  # type: ignore[index]
-        if counts[pod.node_name] <= 0:  # type: ignore[index]
-            del counts[pod.node_name]  # type: ignore[arg-type]
+        node = pod.node_name or ""
+        counts[node] += sign
+        if counts[node] <= 0:
+            del counts[node]
             if not counts:
                 del self.counts[key]
         self._by_domain.clear()

@@ -179,8 +179,8 @@ class Framework:
         last = self._last_kept
         if last is not None and last[0] is pod and last[1] is view.table:  # filter, then shortlist's score
             return last[2]
-        kept = decisions_for(view.table, self, pod, len(self.plugins), DETAIL_WIDTH) \
-            if all(p.row_local(pod) for p in (*self.filters, *(s for s, _ in self.plugins))) else None
+        local = all(p.row_local(pod) for p in self.filters) and all(s.row_local(pod) for s, _ in self.plugins)
+        kept = decisions_for(view.table, self, pod, len(self.plugins), DETAIL_WIDTH) if local else None
         self._last_kept = (pod, view.table, kept)
         return kept
 
@@ -301,7 +301,8 @@ class Framework:
 
 def to_extender_scores(totals: np.ndarray, max_score: int = 10) -> list[int]:
     """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10)."""
-    return np.rint(np.clip(np.nan_to_num(totals, nan=0.0), 0.0, 1.0) * max_score).astype(np.int64).tolist()
+    scores: list[int] = np.rint(np.clip(np.nan_to_num(totals, nan=0.0), 0.0, 1.0) * max_score).astype(np.int64).tolist()
+    return scores
 
 
 def to_extender_score(total: float, max_score: int = 10) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict, cast
 
 import msgspec
 import orjson
@@ -58,7 +58,10 @@ class NodeRef(NamedTuple):
         """What the extender reads of the Node (partial decoding)."""
         if self.obj is not None:
             return self.obj
-        return partial.decode(partial.NODE, self.raw, f"ExtenderArgs.Nodes[{self.name}]")  # type: ignore[arg-type]
+        if self.raw is None:
+            raise ProtocolError(f"ExtenderArgs.Nodes[{self.name}]: neither the object nor its bytes")
+        node: dict[str, Any] = partial.decode(partial.NODE, self.raw, f"ExtenderArgs.Nodes[{self.name}]")
+        return node
 
     def json(self) -> bytes:
         return bytes(self.raw) if self.raw is not None else orjson.dumps(self.obj)
@@ -199,7 +202,7 @@ def _go_shaped(raw: bytes) -> ExtenderArgs | None:
             start = cut + 2
     elif start != end:
         return None
-    return ExtenderArgs(pod=pod, nodes=refs, node_names=None)
+    return ExtenderArgs(pod=cast(dict[str, Any], pod), nodes=refs, node_names=None)  # a Pod TypedDict is a dict
 
 
 def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],

@@ -63,7 +63,8 @@ QUANTITY_LIMIT = Decimal(2**53)
 @lru_cache(maxsize=4096)
 def quantity(raw: str | int | float) -> Decimal:
     """A Kubernetes quantity (``500m``, ``2Gi``, ``1e3``); garbage raises ValueError."""
-    return parse_quantity(raw)
+    value: Decimal = parse_quantity(raw)
+    return value
 
 
 def _resources(spec: Mapping[str, Any] | None) -> dict[str, Decimal]:

@@ -35,7 +35,8 @@ _SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not 
 def _hashable(value: Any) -> Hashable:
     try:
         hash(value)
-        return value  # type: ignore[no-any-return]
+        hashable: Hashable = value
+        return hashable
     except TypeError:
         pass
     if isinstance(value, (tuple, list)):

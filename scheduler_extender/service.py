@@ -230,7 +230,8 @@ class ExtenderService:
         self.metrics.decisions.labels("prioritize", "ok").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prioritize %s", pod.key, extra=explanation.as_dict())
-        return kp.priority_list(explanation.names, to_extender_scores(explanation.totals))  # type: ignore[arg-type]
+        assert explanation.totals is not None  # a score explanation has totals
+        return kp.priority_list(explanation.names, to_extender_scores(explanation.totals))
 
     async def bind(self, body: Any) -> dict[str, Any]:
         return await self._bind(body, forwarded=False)

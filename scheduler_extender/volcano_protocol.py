@@ -113,7 +113,7 @@ def _task_before(raw: bytes, key: bytes, end: bytes) -> tuple[Any, int] | None:
         return None
 
 
-def decode_predicate(raw: bytes) -> tuple[Any, bytes | msgspec.Raw | None]:
+def decode_predicate(raw: bytes) -> tuple[Any, bytes | memoryview | msgspec.Raw | None]:
     """A predicate request's task (decoded: the fields the model reads) and its node, undecoded: its bytes.
 
     Go's encoder writes ``{"task":<TaskInfo>,"node":<NodeInfo>}``. No key ``node`` with an object value exists in a
@@ -134,7 +134,7 @@ _NODES_KEY = b',"nodes":['
 _NEXT_NODE = b'},{"Name":"'  # between two NodeInfos: Name is NodeInfo's first field, so Go writes it first
 
 
-def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | msgspec.Raw]]:
+def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | memoryview | msgspec.Raw]]:
     """A prioritize request's task (decoded) and its nodes, each undecoded (its bytes). As for the predicate (see
     :func:`decode_predicate`), the Go-shaped body ``{"task":…,"nodes":[{"Name":…},{"Name":…}]}`` is cut by byte
     search; a cut in the wrong place leaves a piece that is not a whole JSON object, which fails to decode (it
@@ -143,11 +143,11 @@ def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | m
     if found is not None:
         task, at = found
         view, start, end = memoryview(raw), at + len(_NODES_KEY), len(raw) - 2
-        nodes: list[bytes | msgspec.Raw] = []
+        nodes: list[bytes | memoryview | msgspec.Raw] = []
         while start < end:
             next_at = raw.find(_NEXT_NODE, start, end)
             stop = end if next_at < 0 else next_at + 1
-            nodes.append(view[start:stop])  # type: ignore[arg-type]
+            nodes.append(view[start:stop])
             start = stop + 1
         return task, nodes
     body = partial.decode(_PRIORITIZE, raw, "PrioritizeRequest")
@@ -168,7 +168,8 @@ def task_pod(raw: Any, what: str = "task") -> dict[str, Any]:
     """The full v1.Pod of a ``TaskInfo``."""
     if not isinstance(raw, dict) or not isinstance(raw.get("Pod"), dict):
         raise ProtocolError(f"Volcano {what}: expected a TaskInfo with the full v1.Pod under 'Pod'")
-    return raw["Pod"]
+    pod: dict[str, Any] = raw["Pod"]
+    return pod
 
 
 def task_status(raw: Mapping[str, Any], where: str) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -60,7 +61,7 @@ def load_templates(npu_smi: NpuSmi, chip_model: str, npu_id: int | None = None) 
     return builtin, ("builtin" if builtin else "none")
 
 
-def smallest_covering(templates: tuple[Template, ...] | list[Template], *, aicore: int = 0,
+def smallest_covering(templates: Sequence[Template], *, aicore: int = 0,
                       memory_gb: float = 0.0) -> list[Template]:
     """Templates with at least ``aicore`` cores and ``memory_gb`` memory, smallest first (cores, memory, AICPU)."""
     fitting = [t for t in templates if t.aicore >= aicore and t.memory_gb + 1e-9 >= memory_gb]

@@ -4,7 +4,7 @@ bad value; dump is compact and deterministic)."""
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -38,7 +38,7 @@ def parse_annotation(key: str, raw: str | bytes, model: type[M] | None = None) -
     if version != 1:
         raise ContractError(key, "unsupported schema version (this build reads 1)", "schema_version", version)
     try:
-        return schema.model_validate(data)  # type: ignore[return-value]
+        return cast(M, schema.model_validate(data))  # ``model``'s type, or the key's registered one
     except ValidationError as exc:
         raise from_validation_error(key, exc) from None
 

@@ -69,9 +69,9 @@ def _to_float(text: str | None) -> float | None:
 
 
 def _to_fraction(text: str | None) -> Fraction | None:
-    if _missing(text) or "/" not in text:  # type: ignore[operator]
+    if text is None or _missing(text) or "/" not in text:
         return None
-    used, _, total = text.partition("/")  # type: ignore[union-attr]
+    used, _, total = text.partition("/")
     return Fraction(used=_to_float(used), total=_to_float(total))
 
 
@@ -175,7 +175,7 @@ def parse_info(text: str) -> NpuSmiInfo:
     tool_version = driver_version = None
     chips: list[ChipStatus] = []
     processes: list[ProcessRow] = []
-    header: list[list[str]] | None = None  # field names per cell, per header row
+    header: list[list[list[str]]] | None = None  # field names per cell, per header row
     kind = ""
     for block in blocks:
         if _is_header(block):
@@ -230,7 +230,7 @@ def _row_values(row: _Row, header_row: list[list[str]]) -> dict[str, str | None]
     return values
 
 
-def _chip_rows(block: _Block, header: list[list[str]]) -> Iterator[ChipStatus]:
+def _chip_rows(block: _Block, header: list[list[list[str]]]) -> Iterator[ChipStatus]:
     if len(header) < 2:
         raise NpuSmiParseError("info", "chip table header must have two rows", block.rows[0].raw,
                                block.rows[0].line_no)
@@ -265,7 +265,7 @@ def _chip_rows(block: _Block, header: list[list[str]]) -> Iterator[ChipStatus]:
         )
 
 
-def _process_rows(block: _Block, header: list[list[str]]) -> Iterator[ProcessRow]:
+def _process_rows(block: _Block, header: list[list[list[str]]]) -> Iterator[ProcessRow]:
     for row in block.rows:
         if row.raw.strip("| ").lower().startswith("no running"):
             continue
@@ -461,7 +461,7 @@ def parse_topology(text: str) -> Topology:
                 break
             log.debug("npu-smi topo: skipping line %d: %r", no, line)
             continue
-        devices = [h for h in header if _DEVICE_NAME.match(h)]
+        devices = tuple(h for h in header if _DEVICE_NAME.match(h))
         has_affinity = len(header) > len(devices)
         row = cols[1:]
         if len(row) != len(devices) + (1 if has_affinity else 0):

@@ -35,7 +35,7 @@ class PluginArgs(ConfigSection):
 
 
 A = TypeVar("A", bound=PluginArgs)
-P = TypeVar("P")
+P = TypeVar("P", bound=Callable[[Any], Plugin])
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def register(name: str, args: type[A]) -> Callable[[P], P]:
     def add(new: P) -> P:
         if name in REGISTRY:
             raise ValueError(f"extender plugin {name!r} is registered twice")
-        REGISTRY[name] = Registration(name, args, new)  # type: ignore[arg-type]
+        REGISTRY[name] = Registration(name, args, new)
         return new
 
     return add

@@ -53,7 +53,7 @@ CUSTOM_VALUES: dict[str, dict[str, Any]] = {
     "ai-inference-optimization": {
         "router": {"replicas": 3, "strategy": "intelligent", "discovery": {"namespace": "llm"},
                    "pdSeparation": {"enabled": True}, "model": "qwen", "config": {"router": {"retries": 1}}},
-        "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"eviction_policy": "LFU", "ttl": "1h"}},
+        "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"evictionPolicy": "LFU", "ttl": "1h"}},
         "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
                        "grafanaDashboard": {"enabled": True}, "enginePodMonitor": {"enabled": True}},
         "autoscaling": {"enabled": True, "targets": [

@@ -47,12 +47,12 @@ def serve_app(ports: tuple[int, int], index: Daemon) -> Iterator[LocalRay]:
     ray = LocalRay(npus=2).start()
     try:
         ray.deploy({
-            "replicas": 2, "npus_per_replica": 1,
+            "replicas": 2, "npusPerReplica": 1,
             "engine": {"host": "127.0.0.1", "port": http, "kv_events_port": events, "model": MODEL,
                        "args": ["--host", "{host}", "--port", "{port}", "--model", "{model}",
                                 "--kv-events-endpoint", "tcp://*:{kv_events_port}", "--time-scale", "20",
                                 "--num-gpu-blocks", "4000"]},
-            "router": {"policy": "kv-index", "kv_index_url": index.url}})
+            "router": {"policy": "kv-index", "kvIndexUrl": index.url}})
         yield ray
     finally:
         ray.stop()

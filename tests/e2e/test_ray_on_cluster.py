@@ -257,7 +257,7 @@ def test_a_serve_app_on_npu_workers_answers_through_fuyaos_router_and_serve(clus
     kv_port, router_port = free_port(), free_port()
     kv_url = f"http://{LINK_HOST}:{kv_port}"  # the host's end of the link: pods reach it
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    serve_config["applications"][0]["args"]["router"]["kv_index_url"] = kv_url
+    serve_config["applications"][0]["args"]["router"]["kvIndexUrl"] = kv_url
     serve_config["applications"][0]["args"]["engine"]["args"] = [
         "--host", "{host}", "--port", "{port}", "--model", "{model}", "--kv-events-endpoint",
         "tcp://*:{kv_events_port}", "--time-scale", "20"]

@@ -54,7 +54,7 @@ def test_ranks_partition_the_candidates_and_lead_with_the_best(engines, cached, 
 
 
 def test_app_settings_are_validated_and_name_the_bad_field() -> None:
-    settings = app_settings({"replicas": 3, "router": {"policy": "kv-index", "kv_index_url": "http://kv:8100"}})
+    settings = app_settings({"replicas": 3, "router": {"policy": "kv-index", "kvIndexUrl": "http://kv:8100"}})
     assert settings.replicas == 3 and settings.engine.module == "fuyao.engine_sim.cli"
     assert router_config(settings.router) == {
         "request_router_class": ROUTER_CLASSES["kv-index"],
@@ -62,7 +62,7 @@ def test_app_settings_are_validated_and_name_the_bad_field() -> None:
                                   "tolerance_blocks": 0}}
     assert app_settings(None).router.policy == "power-of-two"
     assert router_config(app_settings(None).router) == {"request_router_class": ROUTER_CLASSES["power-of-two"]}
-    with pytest.raises(ConfigError, match=r"'router': .*kv_index_url"):
+    with pytest.raises(ConfigError, match=r"'router': .*kvIndexUrl"):
         app_settings({"router": {"policy": "kv-index"}})
     with pytest.raises(ConfigError, match="'replicas'"):
         app_settings({"replicas": 0})

@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import pytest
 
-from fuyao.inference_router.balancing import Candidate, CircuitBreaker, RoundRobin, choose, health_scores, prefix_scores
-from fuyao.inference_router.config import ConfigError, IntelligentWeights, PrefixWeights, build_config, with_overrides
+from fuyao.inference_router.balancing import Candidate, CircuitBreaker, Decision, RoundRobin
+from fuyao.inference_router.config import ConfigError, build_config, with_overrides
 from fuyao.inference_router.discovery import backends_from
 from fuyao.inference_router.fleet import Fleet, PrefixSource, parse_vllm_metrics
+from fuyao.inference_router.policies import (
+    IntelligentArgs as IntelligentWeights,
+)
+from fuyao.inference_router.policies import (
+    PolicyArgs,
+    RoutingRequest,
+    decide,
+    health_scores,
+    make_policy,
+    prefix_scores,
+)
+from fuyao.inference_router.policies import (
+    PrefixAwareArgs as PrefixWeights,
+)
+
+
+def choose(strategy: str, candidates: list[Candidate], rr: RoundRobin, *, total_blocks: int = 0,
+           prompt_tokens: int = 0, prefix: PolicyArgs | None = None) -> Decision:
+    """The registered policy ``strategy`` (the factory) deciding among ``candidates``, as the router asks it."""
+    return decide(make_policy(strategy, prefix), candidates, RoutingRequest(prompt_tokens, total_blocks, 16), rr)
 
 
 def test_round_robin_and_least_connections() -> None:
@@ -104,15 +124,15 @@ vllm:num_requests_running{engine="1"} not-a-number
 
 def test_config_validation_overrides_and_pools() -> None:
     config = build_config({"router": {"strategy": "intelligent", "backends": ["http://a:8000/"]},
-                           "pd_separation": {"enabled": True, "prefill": ["http://p:8000"],
-                                             "decode": ["http://d:8000"]}})
+                           "pdSeparation": {"enabled": True, "prefill": ["http://p:8000"],
+                                            "decode": ["http://d:8000"]}})
     assert config.router.backends == ["http://a:8000"]
     assert with_overrides(config, router={"strategy": "round-robin", "listen": None}).router.strategy == "round-robin"
     for bad, field in (({"router": {"strategy": "fastest"}}, "router.strategy"),
                        ({"router": {"backends": ["a:8000"]}}, "router.backends"),
-                       ({"router": {"circuit_breaker": {"timeout": "soon"}}}, "router.circuit_breaker.timeout"),
-                       ({"kv_cache": {"events": {"a:5557": "http://a"}}}, "kv_cache.events"),
-                       ({"pd_separation": {"fallback": "retry"}}, "pd_separation.fallback"),
+                       ({"router": {"circuitBreaker": {"timeout": "soon"}}}, "router.circuitBreaker.timeout"),
+                       ({"kvCache": {"events": {"a:5557": "http://a"}}}, "kvCache.events"),
+                       ({"pdSeparation": {"fallback": "retry"}}, "pdSeparation.fallback"),
                        ({"routr": {}}, "routr")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             build_config(bad)
@@ -122,6 +142,25 @@ def test_config_validation_overrides_and_pools() -> None:
     assert [b.url for b in fleet.pool("both")] == ["http://a:8000"]
     fleet.backends["http://a:8000"].healthy = False
     assert fleet.pool("both") == [] and fleet.pool("decode")[0].url == "http://d:8000"
+
+
+def test_snake_case_keys_load_with_a_deprecation_warning_naming_the_camel_case_key(
+        caplog: pytest.LogCaptureFixture) -> None:
+    camel = build_config({"router": {"maxConcurrentRequests": 7, "prefixAware": {"decodeCostTokens": 3}},
+                          "kvCache": {"blockSize": 32}})
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    snake = build_config({"router": {"max_concurrent_requests": 7, "prefix_aware": {"decode_cost_tokens": 3}},
+                          "kv_cache": {"block_size": 32}})
+    assert snake == camel
+    warned = sorted(r.getMessage() for r in caplog.records if "deprecated" in r.getMessage())
+    assert len(warned) == 5  # each key written in snake_case, sections and fields alike
+    assert any("'kv_cache.block_size'" in w and "write 'kvCache.blockSize'" in w for w in warned)
+    assert any("'router.prefix_aware.decode_cost_tokens'" in w and "'router.prefixAware.decodeCostTokens'" in w
+               for w in warned)
+    # both spellings at once (a chart's generated camelCase defaults with a user's snake_case override on top): the
+    # snake_case value wins, and the two sections merge
+    both = build_config({"kvCache": {"blockSize": 16, "hashSeed": 5}, "kv_cache": {"block_size": 64}})
+    assert both.kv_cache.block_size == 64 and both.kv_cache.hash_seed == 5
 
 
 def test_prefix_source_remembers_routes() -> None:

@@ -37,11 +37,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "ai-inference-optimization.routerConfig" -}}
 {{- $discovery := dict "enabled" true "namespace" (default nil .Values.router.discovery.namespace) -}}
 {{- $router := dict "listen" (printf "0.0.0.0:%v" .Values.router.port) "strategy" .Values.router.strategy "discovery" $discovery -}}
-{{- $kv := dict "enabled" true "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed "block_hashing" .Values.kvCache.blockHashing "tokenizer" .Values.router.tokenizer -}}
+{{- $kv := dict "enabled" true "blockSize" .Values.kvCache.blockSize "hashSeed" .Values.kvCache.hashSeed "blockHashing" .Values.kvCache.blockHashing "tokenizer" .Values.router.tokenizer -}}
 {{- if .Values.kvCache.enabled -}}
 {{- $_ := set $kv "service" (printf "http://%s.%s.svc:%v" (include "ai-inference-optimization.kvcacheName" .) .Release.Namespace .Values.kvCache.port) -}}
 {{- end -}}
-{{- $cfg := dict "version" "v1" "router" $router "kv_cache" $kv "pd_separation" (dict "enabled" .Values.router.pdSeparation.enabled "fallback" .Values.router.pdSeparation.fallback) -}}
+{{- $cfg := dict "version" "v1" "router" $router "kvCache" $kv "pdSeparation" (dict "enabled" .Values.router.pdSeparation.enabled "fallback" .Values.router.pdSeparation.fallback) -}}
 {{- if .Values.router.model -}}
 {{- $_ := set $cfg "inference" (dict "model" .Values.router.model) -}}
 {{- end -}}
@@ -50,12 +50,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* fuyao-kvcache's config: the kv_cache section with engine discovery, then .Values.kvCache.config over it. */}}
 {{- define "ai-inference-optimization.kvcacheConfig" -}}
-{{- $discovery := dict "enabled" true "label_selector" .Values.kvCache.discovery.labelSelector -}}
+{{- $discovery := dict "enabled" true "labelSelector" .Values.kvCache.discovery.labelSelector -}}
 {{- if .Values.router.discovery.namespace -}}
 {{- $_ := set $discovery "namespace" .Values.router.discovery.namespace -}}
 {{- end -}}
-{{- $kv := dict "block_size" .Values.kvCache.blockSize "hash_seed" .Values.kvCache.hashSeed "block_hashing" .Values.kvCache.blockHashing "size" (toString .Values.kvCache.size) "events" (dict "discovery" $discovery) -}}
-{{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.kvCache.port) "kv_cache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
+{{- $kv := dict "blockSize" .Values.kvCache.blockSize "hashSeed" .Values.kvCache.hashSeed "blockHashing" .Values.kvCache.blockHashing "size" (toString .Values.kvCache.size) "events" (dict "discovery" $discovery) -}}
+{{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.kvCache.port) "kvCache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

@@ -1,0 +1,61 @@
+"""``prefix-aware``: the backend where this request's first token comes soonest, counting the prefill work queued
+there, the part of the prompt it does not cache, the decodes it runs, its KV pressure and what the new blocks evict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from ..balancing import Candidate
+from .base import PolicyArgs, RoutingRequest, register
+
+
+class PrefixAwareArgs(PolicyArgs):
+    """The prefix-aware cost model: estimated prefill tokens before this request's first token on each engine."""
+
+    decode_cost_tokens: float = Field(default=24.0, ge=0, description="prefill-token equivalent of one request "
+                                      "decoding on the engine (it shares every step)")
+    kv_pressure_tokens: float = Field(default=256.0, ge=0, description="penalty at 100% KV-cache usage (blocks held "
+                                      "by running requests)")
+    eviction_weight: float = Field(default=1.0, ge=0, description=(
+        "cost of the cached blocks a request's new blocks evict, per uncached token, at a full prefix cache (share "
+        "of its blocks from the engine's events and vllm:cache_config_info): 0 ignores it, 1 counts each evicted "
+        "block as recomputed once later"))
+    min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
+
+
+def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
+                  w: PrefixAwareArgs) -> dict[str, float]:
+    """Estimated cost of serving this request on each candidate, in prefill tokens (higher score = cheaper): the
+    prefill work already queued there by the router (``pending_tokens``), plus this prompt's tokens the candidate does
+    not cache, plus ``decode_cost_tokens`` per request decoding there (decodes share each step), plus
+    ``kv_pressure_tokens`` x KV-cache usage (blocks held by running requests), plus what the new blocks evict:
+    ``eviction_weight`` x the uncached tokens x the share of the engine's blocks its prefix cache holds. A full
+    cache drops a cached block for every block it stores, and that block is recomputed later by whoever needs it;
+    an engine with room drops nothing. So under KV pressure a context stays where it is cached unless the queue
+    there costs more than computing it twice, and is not copied to a second engine for a small gain; with room to
+    spare a hot prefix spreads as soon as its engine's queue costs more than recomputing it elsewhere. Scores are
+    ``1 - cost / the largest cost`` in [0, 1]."""
+    work = {}
+    for c in candidates:
+        cached = c.prefix_blocks * block_size if c.prefix_blocks >= max(1, w.min_prefix_blocks) else 0
+        uncached = max(0, prompt_tokens - cached)
+        decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
+        work[c.url] = (c.pending_tokens + uncached * (1.0 + w.eviction_weight * c.occupancy)
+                       + w.decode_cost_tokens * decoding
+                       + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage)))
+    most = max(work.values()) or 1.0
+    return {url: 1.0 - value / most for url, value in work.items()}
+
+
+@register("prefix-aware", PrefixAwareArgs)
+class PrefixAware:
+    name, uses_prefix = "prefix-aware", True
+
+    def __init__(self, args: PrefixAwareArgs | None = None) -> None:
+        self.args = args or PrefixAwareArgs()
+
+    def scores(self, candidates: Sequence[Candidate], request: RoutingRequest) -> dict[str, float]:
+        tokens = request.prompt_tokens or request.prompt_blocks * request.block_size
+        return prefix_scores(candidates, tokens, request.block_size, self.args)
