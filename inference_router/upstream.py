@@ -26,6 +26,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -195,8 +196,8 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol ---------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a TCP connection's
-        self.transport = transport
+        # a TCP connection's (uvloop's TCPTransport is one in all but name: not an asyncio.Transport subclass)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.response is None:

@@ -103,7 +103,7 @@ def test_vllm_keys_are_vllms_own_hashes() -> None:
     assert isinstance(block_keys(32, 5), ContentKeys) and not block_keys(32).exact
     with pytest.raises(ValueError, match="random seed per process"):
         BlockHashing(mode="vllm", algo="xxhash")
-    with pytest.raises(ConfigError, match=r"kv_cache\.block_hashing\.algo"):
-        build_config({"kv_cache": {"block_hashing": {"mode": "vllm", "algo": "md5"}}})
-    config = build_config({"kv_cache": {"block_hashing": {"mode": "vllm", "algo": "sha256_cbor"}}})
+    with pytest.raises(ConfigError, match=r"kvCache\.blockHashing\.algo"):
+        build_config({"kvCache": {"blockHashing": {"mode": "vllm", "algo": "md5"}}})
+    config = build_config({"kvCache": {"blockHashing": {"mode": "vllm", "algo": "sha256_cbor"}}})
     assert config.kv_cache.block_hashing.algo == "sha256_cbor" and config.kv_cache.tokenizer == "engine"
