@@ -180,7 +180,7 @@ class Framework:
         if last is not None and last[0] is pod and last[1] is view.table:  # filter, then shortlist's score
             return last[2]
         local = all(p.row_local(pod) for p in self.filters) and all(s.row_local(pod) for s, _ in self.plugins)
-        kept = decisions_for(view.table, self, pod, len(self.plugins), DETAIL_WIDTH) if local else None
+        kept = decisions_for(view.table, self, pod, len(self.plugins)) if local else None
         self._last_kept = (pod, view.table, kept)
         return kept
 
@@ -189,7 +189,7 @@ class Framework:
         n = len(view)
         by = np.full(n, -1, dtype=np.int16)
         kind = np.zeros(n, dtype=np.int16)
-        detail = np.zeros((n, DETAIL_WIDTH), dtype=np.int64)
+        detail: np.ndarray | None = None  # made only when a filter notes something (most pods: none does)
         for i, plugin in enumerate(self.filters):
             found = plugin.filter(pod, view, cycle)
             if found is None:
@@ -198,9 +198,11 @@ class Framework:
             by[hit] = i
             kind[hit] = found.kinds[hit]
             if found.detail is not None:
+                if detail is None:
+                    detail = np.zeros((n, DETAIL_WIDTH), dtype=np.int64)
                 noted = found.detail if found.detail.ndim == 2 else found.detail[:, None]
                 detail[hit, : noted.shape[1]] = noted[hit]
-        return {"by": by, "kind": kind, "detail": detail}
+        return {"by": by, "kind": kind} if detail is None else {"by": by, "kind": kind, "detail": detail}
 
     def filter(self, pod: PodInfo, view: NodeView, cycle: Cycle | None = None) -> FilterOutcome:
         """The first plugin (in order) that rejects a node gives its reason."""
@@ -209,7 +211,7 @@ class Framework:
         kept = self._kept(pod, view)
         found = kept.verdicts.get(view, cycle.now, lambda sub: self._verdicts(pod, sub, cycle)) \
             if kept is not None else self._verdicts(pod, view, cycle)
-        by, kind, detail = found["by"], found["kind"], found["detail"]
+        by, kind, detail = found["by"], found["kind"], found.get("detail")
         names = view.names
         passed_at = np.flatnonzero(by < 0)
         passed = names if len(passed_at) == n else [names[i] for i in passed_at.tolist()]
@@ -226,7 +228,8 @@ class Framework:
                     what = plugin.kinds(k)
                     target = unresolvable if what.unresolvable else failed
                     prefix = f"{plugin.name}: "
-                    texts = plugin.reasons(what, pod, view, at, detail[at], cycle)
+                    noted = detail[at] if detail is not None else np.zeros((len(at), DETAIL_WIDTH), dtype=np.int64)
+                    texts = plugin.reasons(what, pod, view, at, noted, cycle)
                     for position, text in zip(at.tolist(), texts, strict=True):
                         target[names[position]] = rejected[names[position]] = prefix + text
                     key = (plugin.name, what.code)

@@ -102,6 +102,9 @@ class KeptRows:
         if len(at):
             sub = view if len(at) == len(view) else view.take(at)
             for name, value in compute(sub).items():
+                if name not in self.values:  # a column computed only for some pod shapes (a filter's detail)
+                    self.values[name] = np.zeros((len(self.stamp), *value.shape[1:]), dtype=value.dtype)
+                    self._fills[name] = 0
                 self.values[name][sub.rows] = value
             self.stamp[sub.rows] = table.stamps[sub.rows]
             self.span[sub.rows, 0], self.span[sub.rows, 1] = now, valid_until(sub, now)
@@ -111,20 +114,19 @@ class KeptRows:
 class RowDecisions:
     """The verdicts (which filter rejected, and how) and score parts of one shape, per table row."""
 
-    def __init__(self, plugins: int, detail: int) -> None:
-        self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0),
-                                  "detail": ((detail,), np.int64, 0)})
+    def __init__(self, plugins: int) -> None:
+        self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0)})  # + "detail" when noted
         self.scores = KeptRows({"parts": ((plugins,), np.float64, 0.0), "total": ((), np.float64, 0.0)})
 
 
-def decisions_for(table: NodeTable, owner: object, pod: PodInfo, plugins: int, detail: int) -> RowDecisions:
+def decisions_for(table: NodeTable, owner: object, pod: PodInfo, plugins: int) -> RowDecisions:
     """The kept decisions of ``owner`` (a framework: its plugins and weights made them) for this pod's shape in
     this table; least recently used shapes are dropped."""
     kept: OrderedDict[Hashable, RowDecisions] = table.decisions.setdefault(owner, OrderedDict())
     shape = pod_shape(pod)
     found = kept.get(shape)
     if found is None:
-        found = kept[shape] = RowDecisions(plugins, detail)
+        found = kept[shape] = RowDecisions(plugins)
         while len(kept) > SHAPES_KEPT:
             kept.popitem(last=False)
     else:

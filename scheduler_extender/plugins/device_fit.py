@@ -62,12 +62,14 @@ class DeviceFitPlugin:
         if not wanted:
             return None
         out = np.zeros(len(view), dtype=np.int16)
-        failed = np.zeros(len(view), dtype=np.int64)  # which of the pod's requests (its position) failed
+        # which of the pod's requests (its position) failed; noted only when it asks for more than one
+        failed = np.zeros(len(view), dtype=np.int64) if len(wanted) > 1 else None
 
         def mark(condition: np.ndarray, kind: R, request: int) -> None:
             hit = (out == 0) & condition
             out[hit] = kind
-            failed[hit] = request
+            if failed is not None:
+                failed[hit] = request
 
         # in ACCELERATOR_RESOURCES order: the first problem is reported
         for request, (resource, want) in enumerate(wanted.items()):
