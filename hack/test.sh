@@ -23,6 +23,15 @@ echo "==> ruff check"
 ruff check .
 echo "==> mypy (the kernel and every component: pyproject.toml [tool.mypy])"
 mypy
+# A local cluster left up by hack/demo.sh or hack/local-up.sh holds the addresses the end-to-end tests' clusters use
+# (the harness refuses to start beside it): stop it, saying so. (A dead one's network is swept by the harness.)
+for state_dir in /tmp/fuyao-demo /tmp/fuyao-cluster; do
+  if [ -f "$state_dir/state.json" ]; then
+    echo "==> stopping the local cluster in $state_dir (left up by hack/demo.sh or hack/local-up.sh; the end-to-end" \
+      "tests need its addresses)"
+    python -m tests.support.cluster down --state-dir "$state_dir"
+  fi
+done
 echo "==> pytest"
 set +e
 python -m pytest "$@"
