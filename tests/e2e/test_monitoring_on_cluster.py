@@ -156,14 +156,15 @@ def test_every_service_monitor_has_an_up_target(cluster: LocalCluster, monitorin
     assert len(monitors) >= 5, [m["metadata"]["name"] for m in monitors]  # plugin, extender, agent, router, index
     expected = {f"serviceMonitor/{m['metadata']['namespace']}/{m['metadata']['name']}/0" for m in monitors}
 
-    def up_pools() -> set[str] | None:
-        targets = monitoring.targets()
-        pools = {t["scrapePool"] for t in targets if t["health"] == "up"}
-        return pools if expected <= pools else None
+    def scraped() -> list[dict[str, str]] | None:
+        """The pools' targets once every pool has an up target and every target was scraped at least once (a
+        target Prometheus has just discovered, such as a second extender replica, is "unknown" until then)."""
+        targets = [t for t in monitoring.targets() if t["scrapePool"] in expected]
+        up = {t["scrapePool"] for t in targets if t["health"] == "up"}
+        return targets if expected <= up and all(t["health"] != "unknown" for t in targets) else None
 
-    wait_for(up_pools, 120, f"an up target in every ServiceMonitor's pool: {sorted(expected)}")
-    down = [(t["scrapePool"], t["lastError"]) for t in monitoring.targets()
-            if t["scrapePool"] in expected and t["health"] != "up"]
+    targets = wait_for(scraped, 120, f"an up target in every ServiceMonitor's pool, all scraped: {sorted(expected)}")
+    down = [(t["scrapePool"], t["health"], t["lastError"]) for t in targets if t["health"] != "up"]
     assert not down, down
 
 
