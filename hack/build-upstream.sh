@@ -10,7 +10,8 @@
 #          VOLCANO_VERSION is set; best effort), and for monitoring: prometheus promtool prometheus-operator
 #          prometheus-config-reloader metrics-server keda-operator keda-adapter (the group name "monitoring" stands
 #          for all of them, plus the manifests keda-config and metrics-server-config), and for Ray: kuberay-operator
-#          and kuberay-crds (the group name "ray" stands for both).
+#          and kuberay-crds (the group name "ray" stands for both), and for kind clusters (hack/kind-up.sh): kind and
+#          kubeadm, and crictl for the node image (the group name "kind" stands for the three).
 # Idempotent: a cached binary that answers --version (helm: version) is not rebuilt.
 # Builds run at nice 19 on one core (go build -p 1, GOMAXPROCS=1); full output goes to
 # $CACHE/logs/build-<name>.log. See docs/upstream-binaries.md.
@@ -28,6 +29,8 @@ PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}" # github.com/prometheus/pro
 METRICS_SERVER_VERSION="${METRICS_SERVER_VERSION:-v0.8.0}" # sigs.k8s.io/metrics-server cmd/metrics-server
 KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"   # github.com/kedacore/keda/v2 cmd/operator, cmd/adapter
 KUBERAY_VERSION="${KUBERAY_VERSION:-v1.5.2}" # github.com/ray-project/kuberay/ray-operator (its root package is main)
+KIND_VERSION="${KIND_VERSION:-v0.33.0}"   # sigs.k8s.io/kind (its root package is main): hack/kind-up.sh
+CRICTL_VERSION="${CRICTL_VERSION:-v1.34.0}" # sigs.k8s.io/cri-tools cmd/crictl: in fuyao's kind node image
 # volcano.sh/volcano is not served by the module proxy (403 "not available"), so it is off by
 # default; set VOLCANO_VERSION to try anyway (a failure there only warns).
 VOLCANO_VERSION="${VOLCANO_VERSION:-}"
@@ -165,18 +168,20 @@ build_tags() {
     *) echo "" ;;
   esac
 }
+crictl_ldflags() { echo "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"; }
 kwok_ldflags() { echo "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"; }
 
-K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy)
+K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager kubelet kubectl kube-proxy kubeadm)
 k8s_pkgs() { local c; for c in "${K8S_CMDS[@]}"; do echo "k8s.io/kubernetes/cmd/$c"; done; }
 
 # spec NAME -> "key module version staging pkg ldflags-func version-args"
 spec() {
   case $1 in
     etcd) echo "etcd go.etcd.io/etcd/server/v3 $ETCD_VERSION - go.etcd.io/etcd/server/v3 no_ldflags --version" ;;
-    kube-apiserver | kube-scheduler | kube-controller-manager | kubelet | kubectl | kube-proxy)
+    kube-apiserver | kube-scheduler | kube-controller-manager | kubelet | kubectl | kube-proxy | kubeadm)
       local s=v0.${K8S_VERSION#v1.} varg=--version
       [[ $1 == kubectl ]] && varg=version,--client  # kubectl has no --version flag
+      [[ $1 == kubeadm ]] && varg=version
       echo "k8s k8s.io/kubernetes $K8S_VERSION $s k8s.io/kubernetes/cmd/$1 k8s_ldflags $varg" ;;
     helm) echo "helm helm.sh/helm/v3 $HELM_VERSION - helm.sh/helm/v3/cmd/helm helm_ldflags version" ;;
     coredns) echo "coredns github.com/coredns/coredns $COREDNS_VERSION - github.com/coredns/coredns no_ldflags -version" ;;
@@ -192,6 +197,8 @@ spec() {
       echo "keda github.com/kedacore/keda/v2 $KEDA_VERSION - github.com/kedacore/keda/v2/cmd/${1#keda-} keda_ldflags --help" ;;
     kuberay-operator)
       echo "kuberay github.com/ray-project/kuberay/ray-operator $KUBERAY_VERSION - github.com/ray-project/kuberay/ray-operator no_ldflags --help" ;;
+    kind) echo "kind sigs.k8s.io/kind $KIND_VERSION - sigs.k8s.io/kind no_ldflags version" ;;
+    crictl) echo "cri-tools sigs.k8s.io/cri-tools $CRICTL_VERSION - sigs.k8s.io/cri-tools/cmd/crictl crictl_ldflags --version" ;;
     vc-scheduler) echo "volcano volcano.sh/volcano $VOLCANO_VERSION - volcano.sh/volcano/cmd/scheduler no_ldflags --version" ;;
     *) echo "build-upstream: unknown binary '$1'" >&2; return 1 ;;
   esac
@@ -333,6 +340,8 @@ for n in "$@"; do
             metrics-server-config keda-config keda-operator keda-adapter)
   elif [[ $n == ray ]]; then
     names+=(kuberay-crds kuberay-operator)
+  elif [[ $n == kind ]]; then
+    names+=(kind kubeadm crictl)
   else
     names+=("$n")
   fi

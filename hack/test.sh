@@ -4,7 +4,8 @@
 # kubelet, kubectl, and for monitoring Prometheus, promtool, the Prometheus Operator, metrics-server, KEDA), installs
 # the local cluster's Debian packages (containerd, runc, CNI plugins), builds the
 # cached vLLM CPU venv the real-engine tests use (hack/build-vllm.sh) and the Ray venv (hack/build-ray.sh), runs
-# ruff, mypy and pytest. Extra args go to pytest.
+# ruff, mypy and pytest, then (a whole run, as root) the kind suite on fuyao's own dockerd (kind, kubeadm and crictl
+# built too; docs/kind.md). Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 ensure_venv test
@@ -12,7 +13,7 @@ cd "$REPO_ROOT"
 echo "==> upstream binaries (cached after the first build: hack/build-upstream.sh)"
 # nothing else runs yet: a cold build may use both cores
 BUILD_JOBS="${BUILD_JOBS:-2}" GOMAXPROCS="${GOMAXPROCS:-2}" bash hack/build-upstream.sh etcd kube-apiserver \
-  kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring ray
+  kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring ray kind
 source "$REPO_ROOT/hack/lib/cluster-deps.sh"
 ensure_cluster_deps
 echo "==> vLLM CPU venv for the real-engine tests (cached after the first build: hack/build-vllm.sh)"
@@ -40,5 +41,30 @@ set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
   exit 1
+fi
+
+# The kind suite (docs/kind.md): the chart end-to-end tests marked kind, once more on a kind cluster with fuyao's
+# node image, on fuyao's own dockerd (hack/lib/docker.sh: never the system's Docker). Only on a whole run (no test
+# selected by path or expression) and as root; stopped afterwards (its images stay cached).
+whole_run=true
+for arg in "$@"; do [[ $arg == -* ]] || whole_run=false; done
+if $whole_run && [ "$(id -u)" = 0 ]; then
+  source "$REPO_ROOT/hack/lib/docker.sh"
+  echo "==> the kind suite (pytest --cluster=kind -m kind) on fuyao's own dockerd"
+  ensure_private_docker
+  if [ -f /tmp/fuyao-kind/state.json ]; then
+    echo "==> deleting the kind cluster left up by hack/kind-up.sh (the kind suite needs its addresses)"
+    python -m tests.support.kind down --state-dir /tmp/fuyao-kind
+  fi
+  set +e
+  python -m pytest tests/e2e/test_charts_on_cluster.py --cluster=kind -m kind "$@"
+  kind_rc=$?
+  set -e
+  stop_private_docker
+  [ "$rc" -eq 0 ] && rc=$kind_rc
+elif ! $whole_run; then
+  echo "==> the kind suite is skipped (tests were selected; run it with pytest --cluster=kind -m kind, docs/kind.md)"
+else
+  echo "==> the kind suite is skipped (not root: it runs fuyao's own dockerd)"
 fi
 exit "$rc"

@@ -32,21 +32,31 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
 DEFAULT_PERIOD_US = 100_000
-_POD_DIR = re.compile(r"^(?:kubepods(?:-[a-z]+)?-)?pod([0-9a-fA-F_-]{8,})(?:\.slice)?$")
+_POD_DIR = re.compile(r"^(?:(?:[a-z0-9_]+-)*kubepods(?:-[a-z]+)?-)?pod([0-9a-fA-F_-]{8,})(?:\.slice)?$")
 
 
 class CgroupError(Exception):
     """A cgroup file is missing, unreadable or malformed; the message names the file."""
 
 
+Driver = Literal["cgroupfs", "systemd"]
+
+
 @dataclass(frozen=True)
 class Layout:
     version: Literal[1, 2]
-    driver: Literal["cgroupfs", "systemd"]
+    driver: Driver
     root: Path
+    kubepods: str = ""
+    """The kubepods directory under a controller's root: ``kubepods.slice`` / ``kubepods``, or one level deeper when
+    the kubelet has a ``cgroupRoot`` (kind's nodes: ``kubelet.slice/kubelet-kubepods.slice``)."""
+
+    def __post_init__(self) -> None:
+        if not self.kubepods:
+            object.__setattr__(self, "kubepods", "kubepods.slice" if self.driver == "systemd" else "kubepods")
 
     def describe(self) -> str:
-        return f"cgroup v{self.version}, {self.driver} driver, under {self.root}"
+        return f"cgroup v{self.version}, {self.driver} driver, under {self.root / self.kubepods}"
 
 
 Tier = Literal["guaranteed", "burstable", "besteffort"]
@@ -72,12 +82,21 @@ def detect(root: str | Path = DEFAULT_ROOT) -> Layout:
     else:
         version = 1
         probe = base / "cpu"
-    if (probe / "kubepods.slice").is_dir():
-        return Layout(version, "systemd", base)
-    if (probe / "kubepods").is_dir():
-        return Layout(version, "cgroupfs", base)
-    raise CgroupError(f"no kubepods cgroup under {probe} (looked for kubepods.slice and kubepods): is "
-                      f"--cgroup-root right, and is this a Kubernetes node?")
+    candidates: tuple[tuple[Driver, str, str], ...] = (("systemd", "kubepods.slice", "*.slice/*-kubepods.slice"),
+                                                       ("cgroupfs", "kubepods", "*/kubepods"))
+    for driver, top, nested in candidates:
+        if (probe / top).is_dir():
+            return Layout(version, driver, base, top)
+        # the kubelet's cgroupRoot (one level): systemd names a slice after its parents (kubelet-kubepods.slice)
+        found = sorted(str(p.relative_to(probe)) for p in probe.glob(nested) if p.is_dir()
+                       and (driver == "cgroupfs" or p.name == f"{p.parent.name.removesuffix('.slice')}-kubepods.slice"))
+        if len(found) == 1:
+            return Layout(version, driver, base, found[0])
+        if found:
+            raise CgroupError(f"several kubepods cgroups under {probe}: {', '.join(found)}: which kubelet is this "
+                              "node's?")
+    raise CgroupError(f"no kubepods cgroup under {probe} (looked for kubepods.slice and kubepods, also under a "
+                      f"kubelet cgroupRoot one level down): is --cgroup-root right, and is this a Kubernetes node?")
 
 
 def _controller_root(layout: Layout, controller: str) -> Path:
@@ -86,11 +105,11 @@ def _controller_root(layout: Layout, controller: str) -> Path:
 
 def _tier_dirs(layout: Layout, controller: str) -> list[tuple[Tier, Path]]:
     base = _controller_root(layout, controller)
+    top = base / layout.kubepods
     if layout.driver == "systemd":
-        top = base / "kubepods.slice"
-        return [("guaranteed", top), ("burstable", top / "kubepods-burstable.slice"),
-                ("besteffort", top / "kubepods-besteffort.slice")]
-    top = base / "kubepods"
+        prefix = top.name.removesuffix(".slice")
+        return [("guaranteed", top), ("burstable", top / f"{prefix}-burstable.slice"),
+                ("besteffort", top / f"{prefix}-besteffort.slice")]
     return [("guaranteed", top), ("burstable", top / "burstable"), ("besteffort", top / "besteffort")]
 
 

@@ -14,6 +14,22 @@ SAMPLES = REPO / "tests" / "samples"
 FAKE = REPO / "hack" / "fake-npu-smi"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cluster", choices=("local", "kind"), default="local",
+                     help="the cluster the chart end-to-end tests run on: the Docker-free local cluster (default) or "
+                          "a kind cluster with fuyao's node image (Docker: DOCKER_HOST, e.g. hack/lib/docker.sh's "
+                          "own dockerd); with kind, only the tests marked kind run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--cluster") != "kind":
+        return
+    skip = pytest.mark.skip(reason="runs on the local cluster only (not marked kind)")
+    for item in items:
+        if "kind" not in item.keywords:
+            item.add_marker(skip)
+
+
 def sample(name: str) -> str:
     return (SAMPLES / name).read_text()
 

@@ -21,7 +21,7 @@ from tests.charts.test_charts import CUSTOM_VALUES
 from tests.e2e.checks import npu_pod, planned_and_visible_npus
 from tests.support.apiserver import binary
 from tests.support.charts import CHARTS, INSTALL_ORDER, NAMESPACE, helm, install_stack, leftovers, uninstall_stack
-from tests.support.cluster import DEVICE_PLUGIN_DIR, EXTENDER_CLUSTER_IP, LocalCluster
+from tests.support.cluster import DEVICE_PLUGIN_DIR, LocalCluster
 from tests.support.engines import http_json, metric_total
 from tests.support.inference_service import pd_service
 from tests.support.polling import wait_for
@@ -43,7 +43,24 @@ def image(built: tuple[Path, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, built: tuple[Path, str]) -> Iterator[LocalCluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            built: tuple[Path, str]) -> Iterator[LocalCluster]:
+    """The Docker-free local cluster, or with ``--cluster=kind`` a kind cluster of one NPU worker on fuyao's node
+    image (tests.support.kind; the tests marked kind run there too)."""
+    if request.config.getoption("--cluster") == "kind":
+        from tests.support.images import build_busybox
+        from tests.support.kind import KindCluster
+
+        kind = KindCluster(tmp_path_factory.mktemp("kind-cluster", numbered=True), name="fuyao-e2e",
+                           local_image=True)
+        try:
+            kind.up(log=print)
+            kind.import_image(built[0])
+            kind.import_image(build_busybox(kind.dir))
+            yield kind  # type: ignore[misc]
+        finally:
+            kind.down()
+        return
     from tests.support.cluster import running
 
     with running(tmp_path_factory.mktemp("chart-cluster", numbered=True), built[0], components="chart") as local:
@@ -57,6 +74,7 @@ def stack(cluster: LocalCluster, image: str) -> Iterator[dict[str, float]]:
     # (uninstall is a test of its own, last; nothing to do if it ran)
 
 
+@pytest.mark.kind
 def test_every_chart_passes_a_server_side_dry_run_with_default_and_custom_values(cluster: LocalCluster) -> None:
     kubeconfig = cluster.dir / "admin.kubeconfig"
     for chart in INSTALL_ORDER:
@@ -112,6 +130,7 @@ def test_the_monitoring_objects_pass_the_prometheus_operator_crds(cluster: Local
             cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)
 
 
+@pytest.mark.kind
 def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluster: LocalCluster,
                                                                          stack: dict[str, float]) -> None:
     assert set(stack) == set(INSTALL_ORDER)
@@ -132,19 +151,20 @@ def test_the_stack_installs_and_the_device_plugin_pod_advertises_the_npus(cluste
              "batch-cpu published by the qos-agent pod")
 
 
-def explain(pod: str) -> dict | None:  # type: ignore[type-arg]
+def explain(cluster: LocalCluster, pod: str) -> dict | None:  # type: ignore[type-arg]
     """The extender's /explain of a pod, through the Service. Each replica keeps the decisions it made: kube-proxy
     picks a replica per connection, so a miss (404 from the other replica) is retried."""
     import urllib.error
 
     try:
-        return http_json(f"http://{EXTENDER_CLUSTER_IP}:8888/explain/default/{pod}")  # type: ignore[no-any-return]
+        return http_json(f"http://{cluster.extender_cluster_ip}:8888/explain/default/{pod}")  # type: ignore[no-any-return]
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
         raise
 
 
+@pytest.mark.kind
 def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster, stack: dict[str, float]) -> None:
     cluster.apply(npu_pod("two-npus", 2))
     try:
@@ -154,7 +174,8 @@ def test_an_npu_pod_is_placed_through_the_charts_extender(cluster: LocalCluster,
         devices = assignment.containers[0].devices
         assert assignment.node == cluster.node and len(devices) == 2
         assert sorted(visible) == sorted(d.rsplit("-", 1)[1] for d in devices)
-        explained = wait_for(lambda: explain("two-npus"), 30, "the /explain of the replica that filtered the pod")
+        explained = wait_for(lambda: explain(cluster, "two-npus"), 30,
+                             "the /explain of the replica that filtered the pod")
         assert explained["filter"]["pod"] == "default/two-npus" and explained["filter"]["rejected"] == {}
     finally:
         cluster.kubectl("delete", "pod", "two-npus", "--wait=false")
@@ -256,6 +277,7 @@ def test_with_the_whole_extender_down_npu_pods_wait_and_ignorable_lets_them_thro
     wait_for(lambda: len(extender_pods(cluster)) == 2, 120, "two extender replicas Ready")
 
 
+@pytest.mark.kind
 def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_its_events(
         cluster: LocalCluster, stack: dict[str, float], image: str) -> None:
     objects = pd_service("chat", image, replicas={"prefill": 1, "decode": 1}, time_scale=20)

@@ -9,8 +9,11 @@ from typing import Literal
 
 
 class FakeCgroupTree:
-    def __init__(self, root: Path, version: Literal[1, 2] = 2, driver: Literal["cgroupfs", "systemd"] = "cgroupfs"):
+    def __init__(self, root: Path, version: Literal[1, 2] = 2, driver: Literal["cgroupfs", "systemd"] = "cgroupfs",
+                 kubelet_root: str = ""):
+        """``kubelet_root``: the kubelet's ``cgroupRoot`` (kind's nodes: ``kubelet``), one level above kubepods."""
         self.root = root
+        self.kubelet_root = kubelet_root
         self.version = version
         self.driver = driver
         self.dirs: dict[str, Path] = {}  # uid → the pod directory under the cpu controller (v1) or the root (v2)
@@ -29,17 +32,24 @@ class FakeCgroupTree:
     def _controllers(self) -> list[Path]:
         return [self.root] if self.version == 2 else [self.root / "cpu,cpuacct", self.root / "memory"]
 
+    @property
+    def _slice(self) -> str:
+        """The systemd name of the kubepods slice: named after its parents (``kubelet-kubepods``)."""
+        return f"{self.kubelet_root}-kubepods" if self.kubelet_root else "kubepods"
+
     def _tier(self, base: Path, tier: str) -> Path:
         if self.driver == "systemd":
-            top = base / "kubepods.slice"
-            return top if tier == "guaranteed" else top / f"kubepods-{tier}.slice"
-        top = base / "kubepods"
+            parent = base / f"{self.kubelet_root}.slice" if self.kubelet_root else base
+            top = parent / f"{self._slice}.slice"
+            return top if tier == "guaranteed" else top / f"{self._slice}-{tier}.slice"
+        top = base / self.kubelet_root / "kubepods" if self.kubelet_root else base / "kubepods"
         return top if tier == "guaranteed" else top / tier
 
     def _pod_name(self, uid: str, tier: str) -> str:
         if self.driver == "systemd":
             escaped = uid.replace("-", "_")
-            return f"kubepods-pod{escaped}.slice" if tier == "guaranteed" else f"kubepods-{tier}-pod{escaped}.slice"
+            return (f"{self._slice}-pod{escaped}.slice" if tier == "guaranteed"
+                    else f"{self._slice}-{tier}-pod{escaped}.slice")
         return f"pod{uid}"
 
     def add_pod(self, uid: str, tier: str = "burstable", *, cpu_ns: int = 0, memory: int = 0, inactive_file: int = 0,

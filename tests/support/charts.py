@@ -20,6 +20,7 @@ from fuyao.contracts import ACCELERATOR_ASCEND_NPU, LABEL_ACCELERATOR
 
 from .apiserver import binary
 from .cluster import EXTENDER_CLUSTER_IP, REPO, LocalCluster
+from .kind import KindCluster
 
 CHARTS = REPO / "charts"
 INSTALL_ORDER = ("npu-device-plugin", "scheduler-extender", "qos-agent", "ai-inference-optimization")
@@ -84,7 +85,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def install_stack(cluster: LocalCluster, image: str, namespace: str = NAMESPACE, timeout: str = "240s",
+def install_stack(cluster: LocalCluster | KindCluster, image: str, namespace: str = NAMESPACE, timeout: str = "240s",
                   log: Any = print, monitoring: bool = False,
                   extra: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
     """Label the NPU node as an administrator would, then ``helm install --wait`` every chart in order (``monitoring``:
@@ -92,7 +93,7 @@ def install_stack(cluster: LocalCluster, image: str, namespace: str = NAMESPACE,
     each install took (until its pods were Ready)."""
     cluster.kubectl("label", "node", cluster.node, f"{LABEL_ACCELERATOR}={ACCELERATOR_ASCEND_NPU}", "--overwrite")
     kubeconfig = cluster.dir / "admin.kubeconfig"
-    values = local_values(cluster, image)
+    values = local_values(cluster, image) if isinstance(cluster, LocalCluster) else cluster.chart_values(image)
     if monitoring:
         values = {chart: _merge(v, monitoring_values()[chart]) for chart, v in values.items()}
     for chart, more in (extra or {}).items():
@@ -109,13 +110,13 @@ def install_stack(cluster: LocalCluster, image: str, namespace: str = NAMESPACE,
     return took
 
 
-def uninstall_stack(cluster: LocalCluster, namespace: str = NAMESPACE) -> None:
+def uninstall_stack(cluster: LocalCluster | KindCluster, namespace: str = NAMESPACE) -> None:
     kubeconfig = cluster.dir / "admin.kubeconfig"
     for chart in reversed(INSTALL_ORDER):
         helm("uninstall", chart, "--namespace", namespace, "--wait", "--timeout", "120s", kubeconfig=kubeconfig)
 
 
-def leftovers(cluster: LocalCluster) -> list[str]:
+def leftovers(cluster: LocalCluster | KindCluster) -> list[str]:
     """Every object labelled part-of=fuyao that still exists (namespaced or not), as ``kind/name``."""
     kinds = ("all,configmaps,secrets,serviceaccounts,roles,rolebindings,endpointslices,"
              "clusterroles,clusterrolebindings")

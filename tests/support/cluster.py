@@ -45,6 +45,7 @@ import yaml
 
 from .apiserver import LocalApiServer, binary, free_port
 from .images import PAUSE_IMAGE, build_busybox, build_pause
+from .kubectl import KubeCluster
 from .kwok import KWOK_ANNOTATION, kwok_command
 from .pki import ClusterPki
 from .pki import make as make_pki
@@ -68,7 +69,7 @@ DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
 
 
-class LocalCluster:
+class LocalCluster(KubeCluster):
     def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
                  kwok_nodes: int = 0, components: str = "host", monitoring: bool = False, ray: bool = False):
         """``components``: ``host`` runs fuyao's device plugin, extender and QoS agent as host processes (the e2e
@@ -90,6 +91,7 @@ class LocalCluster:
         self.api: LocalApiServer | None = None
         self.pki: ClusterPki | None = None
         self.extender_url = ""
+        self.extender_cluster_ip = EXTENDER_CLUSTER_IP
         self.link = ""
         self.npu_state = self.dir / "npu" / "npu.json"
         self.sysfs = self.dir / "sys"
@@ -134,9 +136,6 @@ class LocalCluster:
                               capture_output=True, text=True,
                               env={**os.environ, "FAKE_NPU_SMI_STATE": str(self.npu_state)}).stdout
 
-    def node_json(self) -> dict[str, Any]:
-        return self.get_json("node", self.node)  # type: ignore[no-any-return]
-
     def pod_log(self, namespace: str, pod: str, container: str = "main") -> str:
         """A container's log, from the kubelet's log directory (also after the pod is gone; ``kubectl logs``
         reads the same files through the kubelet while it exists)."""
@@ -162,25 +161,6 @@ class LocalCluster:
                  "kubeconfig": str(self.dir / "admin.kubeconfig")}
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
 
-    def apply(self, obj: dict[str, Any], name: str = "") -> Path:
-        """``kubectl apply`` of one object or a List, written to ``<state>/<name>.json`` (default: the object's
-        name); that file, for a later ``kubectl delete -f``."""
-        name = name or (obj.get("metadata") or {}).get("name") or f"list-{time.monotonic_ns()}"
-        path = self.dir / f"{name}.json"
-        path.write_text(json.dumps(obj))
-        self.kubectl("apply", "-f", str(path))
-        return path
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> str:
-        result = subprocess.run([binary("kubectl"), "--kubeconfig", str(self.dir / "admin.kubeconfig"), *args],
-                                capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
-
-    def get_json(self, *args: str, check: bool = True) -> dict[str, Any]:
-        """``kubectl get <args> -o json``, parsed."""
-        return json.loads(self.kubectl("get", *args, "-o", "json", check=check))  # type: ignore[no-any-return]
 
     # Bring-up --------------------------------------------------------------------------------------------------
     def up(self) -> LocalCluster:

@@ -47,6 +47,8 @@ SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scrip
 CHARTS_IN_IMAGE = "opt/fuyao/charts"
 """fuyao's charts, which the NPU operator renders (``helm template``) for the components it installs."""
 HELM_IN_IMAGE = "usr/local/bin/helm"
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""Every image's PATH, Debian's root one (kube-proxy and fuyao-kindnet in a kind node run iptables from sbin)."""
 
 
 def _key(*parts: object) -> str:
@@ -205,7 +207,7 @@ def build(cache: Path = CACHE, ray: bool = False) -> tuple[Path, str]:
     tmp = out.with_suffix(".tmp")
     write_docker_archive(
         tmp, [tag, f"{repository}:dev"], layers,
-        {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED=1",
+        {"Env": [f"PATH={IMAGE_PATH}", "PYTHONUNBUFFERED=1",
                  "PYTHONDONTWRITEBYTECODE=1"],
          "Cmd": ["python3", "-m", "fuyao.cli", "--help"], "WorkingDir": "/",
          "Labels": {"org.opencontainers.image.source": "fuyao (local build)"}},
@@ -248,28 +250,29 @@ def _binary_layer(image: BinaryImage, cache: Path) -> Path:
     return layer
 
 
-def binary_images(images: list[BinaryImage], name: str, cache: Path = CACHE) -> tuple[Path, list[str]]:
-    """One docker-archive ``<name>-<key>.docker.tar`` holding ``images`` (they share the base layer); returns it and
-    the tags. Rebuilt only when a binary changes."""
+def binary_images(images: list[BinaryImage], name: str, cache: Path = CACHE,
+                  base: Path | None = None) -> tuple[Path, list[str]]:
+    """One docker-archive ``<name>-<key>.docker.tar`` holding ``images`` (they share the base layer: ``base``, or the
+    runtime image's); returns it and the tags. Rebuilt only when a binary changes."""
     cache.mkdir(parents=True, exist_ok=True)
-    base = base_layer(cache)
+    base = base or base_layer(cache)
     layers = [_binary_layer(image, cache) for image in images]
     key = _key([base.name], [layer.name for layer in layers],
-               [(i.tag, i.entrypoint, i.cmd, i.workdir, i.user) for i in images])
+               [(i.tag, i.entrypoint, i.cmd, i.workdir, i.user) for i in images], IMAGE_PATH)
     out = cache / f"{name}-{key}.docker.tar"
     if not out.exists():
         for stale in cache.glob(f"{name}-*.docker.tar"):
             stale.unlink()
         specs = []
         for image, layer in zip(images, layers, strict=True):
-            config: dict[str, object] = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Entrypoint": image.entrypoint,
+            config: dict[str, object] = {"Env": [f"PATH={IMAGE_PATH}"], "Entrypoint": image.entrypoint,
                                          "Cmd": image.cmd}
             if image.workdir:
                 config["WorkingDir"] = image.workdir
             if image.user:
                 config["User"] = image.user
             specs.append(Image([image.tag], [base, layer], config,
-                               [f"debootstrap {SUITE} minbase", f"{', '.join(image.files)} (hack/build-upstream.sh)"]))
+                               [f"debootstrap {SUITE} minbase", f"{', '.join(image.files)} (local build)"]))
         write_images(out.with_suffix(".tmp"), specs)
         out.with_suffix(".tmp").rename(out)
     return out, [image.tag for image in images]

@@ -47,6 +47,24 @@ def test_layouts_are_detected_and_pods_found_read_and_written(tmp_path: Path, ve
     assert tree.weight(UID_LS) == ("1" if version == 2 else "2")
 
 
+@pytest.mark.parametrize(("version", "driver"), LAYOUTS)
+def test_kubepods_under_a_kubelet_cgroup_root_are_found(tmp_path: Path, version: int, driver: str) -> None:
+    """A kubelet with ``cgroupRoot: /kubelet`` (every kind node) nests kubepods one level down; systemd names the
+    slices after their parents (``kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice``)."""
+    tree = FakeCgroupTree(tmp_path, version, driver, kubelet_root="kubelet")  # type: ignore[arg-type]
+    tree.add_pod(UID_LS, "guaranteed", cpu_ns=3_000_000_000)
+    tree.add_pod(UID_BE, "besteffort", cpu_ns=1_000_000_000)
+    layout = cgroups.detect(tmp_path)
+    assert layout.kubepods == ("kubelet.slice/kubelet-kubepods.slice" if driver == "systemd" else "kubelet/kubepods")
+    pods = cgroups.pod_cgroups(layout)
+    assert {uid: pod.tier for uid, pod in pods.items()} == {UID_LS: "guaranteed", UID_BE: "besteffort"}
+    assert cgroups.cpu_usage_ns(layout, pods[UID_BE]) == 1_000_000_000
+    # two kubelets' trees side by side: which one is this node's is not guessed
+    FakeCgroupTree(tmp_path, version, driver, kubelet_root="other")  # type: ignore[arg-type]
+    with pytest.raises(cgroups.CgroupError, match="several kubepods cgroups"):
+        cgroups.detect(tmp_path)
+
+
 def test_no_kubepods_hierarchy_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(cgroups.CgroupError, match="no kubepods cgroup under"):
         cgroups.detect(tmp_path)
