@@ -19,6 +19,9 @@ kvCache:
   warming:
     enabled: true
     queries: ["You are a helpful assistant.", ...]   # prefilled into the tier once at start
+  volume:                     # real KV bytes: the directory engines' FuyaoKVConnector shares (docs/kv-cache.md)
+    path: /mnt/kv             # held at size, by evictionPolicy and ttl (null: none)
+    interval: 30s             # how often it is swept
   events:
     endpoints:                # engines whose KV events feed the index
       - {name: "http://10.0.0.5:8000", events: "tcp://10.0.0.5:5557", replay: "tcp://10.0.0.5:5558", model: m}
@@ -72,6 +75,13 @@ class WarmingConfig(_Section):
     queries: list[str] = []
 
 
+class VolumeConfig(_Section):
+    path: str | None = Field(default=None, description=(
+        "the shared tier's directory (an RWX volume the engines' FuyaoKVConnector writes to): held at size with "
+        "evictionPolicy and ttl; null: no volume tier"))
+    interval: Seconds = Field(default=30.0, gt=0, description="how often the volume is swept")
+
+
 class KvCacheSection(_Section):
     block_size: int = Field(default=16, ge=1, le=4096)
     hash_seed: int = 0
@@ -80,6 +90,7 @@ class KvCacheSection(_Section):
     eviction_policy: KvCachePolicy = KvCachePolicy.LRU
     ttl: Seconds | None = None
     warming: WarmingConfig = WarmingConfig()
+    volume: VolumeConfig = VolumeConfig()
     events: EventsConfig = EventsConfig()
     block_hashing: BlockHashing = Field(default=BlockHashing(), description=(
         "how blocks are named: by content (any engine hash) or by the engines' own vLLM hashes"))

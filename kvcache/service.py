@@ -18,9 +18,11 @@ untyped samples without the ``_total`` suffix a Prometheus counter would add.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -38,6 +40,7 @@ from .index import KvIndex
 from .keys import block_keys
 from .subscriber import SourceStats, Subscriber
 from .tier import SharedTier
+from .volume import VolumeTier
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class KvCacheService:
                              block_keys(settings.block_size, settings.hash_seed, settings.block_hashing))
         self.tier = SharedTier(settings.size, settings.bytes_per_token * settings.block_size,
                                settings.eviction_policy, settings.ttl) if settings.size > 0 else None
+        self.volume = (VolumeTier(settings.volume.path, settings.size, settings.eviction_policy, settings.ttl)
+                       if settings.volume.path else None)
         self.metrics = KvCacheMetrics(self)
         self.subscriber = Subscriber(self.index, on_batch=self.metrics.batch)
 
@@ -170,7 +175,32 @@ class KvCacheService:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", healthz)
         app.router.add_get("/metrics", metrics)
+        if self.volume is not None:
+            app.cleanup_ctx.append(self._sweeping)
         return app
+
+    async def _sweeping(self, _app: web.Application) -> AsyncIterator[None]:
+        """The volume tier's sweeps, every ``volume.interval``, in a thread (file I/O), for the app's lifetime."""
+        assert self.volume is not None
+        volume = self.volume
+
+        async def loop() -> None:
+            while True:
+                try:
+                    report = await asyncio.to_thread(volume.sweep)
+                    if report.evicted or report.expired:
+                        log.info("volume tier swept", extra={
+                            "blocks": report.blocks, "bytes": report.bytes, "evicted": report.evicted,
+                            "expired": report.expired, "freed_bytes": report.freed_bytes})
+                except OSError as exc:  # the volume went away: said, and tried again next time
+                    log.warning("volume tier sweep failed: %s", exc)
+                await asyncio.sleep(self.settings.volume.interval)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class _DesignDocNames(Collector):
@@ -242,6 +272,12 @@ class KvCacheMetrics:
         self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
                                ("policy",), registry=r)
         self.expirations = Gauge("fuyao_kvcache_tier_expirations", "Blocks expired by ttl (cumulative)", registry=r)
+        self.volume_blocks = Gauge("fuyao_kvcache_volume_blocks", "KV block files on the tier's volume (last sweep)",
+                                   registry=r)
+        self.volume_bytes = Gauge("fuyao_kvcache_volume_bytes", "Bytes of KV block files on the tier's volume (last "
+                                  "sweep; held at kvCache.size)", registry=r)
+        self.volume_removed = Gauge("fuyao_kvcache_volume_removed_blocks", "Block files removed from the volume "
+                                    "(cumulative), by reason", ("reason",), registry=r)
         r.register(_StreamCounters(service))
         self.latency = Histogram("fuyao_kvcache_request_duration_seconds", "HTTP request time by path", ("path",),
                                  buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
@@ -258,4 +294,10 @@ class KvCacheMetrics:
             self.tier_blocks.set(len(tier))
             self.evictions.labels(tier.policy.value).set(tier.evictions)
             self.expirations.set(tier.expirations)
+        volume = self.service.volume
+        if volume is not None:
+            self.volume_blocks.set(volume.last.blocks)
+            self.volume_bytes.set(volume.last.bytes)
+            self.volume_removed.labels("evicted").set(volume.evicted_total)
+            self.volume_removed.labels("expired").set(volume.expired_total)
         return generate_latest(self.registry)

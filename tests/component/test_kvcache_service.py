@@ -97,3 +97,36 @@ def test_discovery_turns_running_engine_pods_into_sources() -> None:
     pods.delete(moved)
     assert recorder.calls == [("add", "http://10.1.2.3:8080"), ("remove", "http://10.1.2.3:8080"),
                               ("add", "http://10.1.2.4:8080"), ("remove", "http://10.1.2.4:8080")]
+
+
+def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``kvCache.volume``: what engines' connectors stored on the volume (block files, written here with the
+    connector's own block store) is swept down to ``size``: the least recently loaded blocks go first (LRU), and
+    /metrics says what is held and what was removed."""
+    from fuyao.kvcache.blockstore import BlockStore, Namespace, chain_keys
+
+    ns = Namespace(model="m", dtype="bf16", block_size=4, num_kv_heads=1, head_size=64, num_layers=1, layout="t")
+    store = BlockStore(tmp_path / "tier", ns, writer="engine-1")
+    tokens = list(range(40))
+    keys = chain_keys(ns, tokens, 10)
+    for i, key in enumerate(keys):
+        store.write(key, keys[i - 1] if i else "", i, tokens[i * 4:(i + 1) * 4], [("layer", bytes(1000))])
+    sizes = {key: store.path(key).stat().st_size for key in keys}
+    old = time.time() - 600
+    for key in keys:
+        __import__("os").utime(store.path(key), (old, old))
+    assert store.read(keys[0]) is not None  # loaded lately: LRU keeps it
+    config = tmp_path / "kv.yaml"
+    capacity = max(sizes.values()) * 4 + 10  # room for 4 blocks, not 5
+    config.write_text(f"version: v1\nkvCache:\n  size: {capacity}\n  evictionPolicy: LRU\n"
+                      f"  volume:\n    path: {tmp_path / 'tier'}\n    interval: 200ms\n")
+    cache = kvcache("--config", str(config)).start()
+    try:
+        wait_for(lambda: cache.metric('fuyao_kvcache_volume_removed_blocks{reason="evicted"}') == 6, 20,
+                 "six blocks evicted")
+        left = sorted(p.name[:-3] for p in (tmp_path / "tier").rglob("*.kv"))
+        assert len(left) == 4 and keys[0] in left  # the loaded one stayed
+        assert cache.metric("fuyao_kvcache_volume_blocks") == 4
+        assert cache.metric("fuyao_kvcache_volume_bytes") <= capacity
+    finally:
+        cache.close()

@@ -1,0 +1,231 @@
+"""The shared KV tier's files: one file per KV block on a directory every engine mounts (an RWX volume), named by a
+content key, so any engine can reuse any prefix another engine computed.
+
+**Keys.** A block's key is a SHA-256 chain over the blocks of token ids that lead to it, inside a namespace:
+``k_i = SHA-256(namespace-digest || k_{i-1} || tokens_i as little-endian int32)`` (``k_{-1}`` empty). The namespace
+is everything that makes two engines' KV bytes interchangeable (model, dtype, block size, KV heads, head size, the
+attention backend's memory layout: ``Namespace``), so engines that differ never share a file. A cryptographic hash,
+not the index's fast content hash (``fuyao.kv_blocks``): a collision here would inject another prompt's KV.
+
+**Layout.** ``<root>/v1/<namespace id>/<key[:2]>/<key>.kv``. A file is written to a temporary name in the same
+directory and renamed (atomic on a local file system and on NFS), so a reader sees a whole file or none; no locks.
+Two engines storing the same block write the same bytes; the last rename wins.
+
+**Format.** ``FYKV`` magic, a format version byte, a 4-byte little-endian header length, a JSON header (namespace id,
+key, parent key, block position, its token ids, the payload's per-layer byte sizes, its size and BLAKE2b digest), then
+the payload (each layer's block page, opaque bytes). A reader checks all of it: a missing, partial, truncated or
+corrupt file is a miss (counted), never an exception; a corrupt one is removed so nobody claims it again.
+
+**Access records.** Loading a block sets its file's access time (the modification time stays its store time), so the
+tier manager can evict LRU from ``atime`` and FIFO/TTL from ``mtime`` without any other bookkeeping.
+
+Standard library only: it runs inside vLLM's processes (``fuyao.kvcache.connector``) and in the tier manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"FYKV"
+FORMAT_VERSION = 1
+SUFFIX = ".kv"
+ACCESS_DIR = ".access"
+"""Per namespace: each process's log of the keys it loaded, one per line (LFU's records; fuyao.kvcache.volume)."""
+_PREFIX = struct.Struct("<4sBI")  # magic, version, header length
+MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What must match for two engines' KV pages to be interchangeable."""
+
+    model: str
+    dtype: str
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    num_layers: int
+    layout: str
+    """The attention backend's page layout (on CPU: the kernel's instruction set, which orders the bytes)."""
+
+    def id(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def chain_keys(namespace: Namespace, token_ids: Sequence[int], blocks: int, parent: str = "",
+               start: int = 0) -> list[str]:
+    """Keys of blocks ``start .. blocks-1`` of ``token_ids`` (``parent``: the key of block ``start-1``)."""
+    bs = namespace.block_size
+    salt = bytes.fromhex(namespace.id())
+    keys: list[str] = []
+    previous = bytes.fromhex(parent) if parent else b""
+    for i in range(start, blocks):
+        chunk = token_ids[i * bs:(i + 1) * bs]
+        if len(chunk) < bs:
+            break
+        digest = hashlib.sha256(salt + previous + struct.pack(f"<{bs}i", *chunk)).digest()
+        keys.append(digest.hex())
+        previous = digest
+    return keys
+
+
+@dataclass
+class StoreStats:
+    """Counters of one process's use of the tier (the connector's metrics)."""
+
+    blocks_stored: int = 0
+    bytes_stored: int = 0
+    blocks_loaded: int = 0
+    bytes_loaded: int = 0
+    blocks_missed: int = 0
+    """Blocks claimed but not loadable at load time (gone, partial, corrupt): recomputed."""
+    blocks_corrupt: int = 0
+    write_errors: int = 0
+    load_seconds: float = 0.0
+    store_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block read from the tier: its header fields and payload."""
+
+    key: str
+    parent: str
+    position: int
+    token_ids: list[int]
+    layers: list[tuple[str, int]]
+    payload: bytes
+
+
+@dataclass
+class BlockStore:
+    root: Path
+    namespace: Namespace
+    stats: StoreStats = field(default_factory=StoreStats)
+    writer: str = ""
+    """Names this process's access log (e.g. ``<host>-<pid>``); empty: loads are not logged."""
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.dir = self.root / "v1" / self.namespace.id()
+        self.last_write_error = ""
+        self.volume_full = False
+        """The last write found the volume full (ENOSPC/EDQUOT): the connector stops storing for a while."""
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}{SUFFIX}"
+
+    def has(self, key: str) -> bool:
+        try:
+            return self.path(key).stat().st_size > _PREFIX.size
+        except OSError:
+            return False
+
+    def leading(self, keys: Sequence[str]) -> int:
+        """How many of ``keys``, from the first, the tier holds."""
+        for i, key in enumerate(keys):
+            if not self.has(key):
+                return i
+        return len(keys)
+
+    def write(self, key: str, parent: str, position: int, token_ids: Sequence[int],
+              layers: Sequence[tuple[str, bytes]]) -> bool:
+        """Store one block (all its layers' pages); False when it was not written (already there, or the volume
+        refused: counted in ``write_errors``, never raised)."""
+        path = self.path(key)
+        if path.exists():
+            return False
+        started = time.monotonic()
+        payload = b"".join(data for _, data in layers)
+        header = json.dumps({
+            "namespace": self.namespace.id(), "key": key, "parent": parent, "position": position,
+            "token_ids": list(token_ids), "layers": [[name, len(data)] for name, data in layers],
+            "size": len(payload), "digest": hashlib.blake2b(payload, digest_size=16).hexdigest(),
+        }, separators=(",", ":")).encode()
+        tmp = path.with_name(f".{key}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
+                f.write(header)
+                f.write(payload)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.stats.write_errors += 1
+            self.last_write_error = f"{path}: {exc.strerror or exc}"
+            self.volume_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        self.volume_full = False
+        self.stats.blocks_stored += 1
+        self.stats.bytes_stored += len(payload)
+        self.stats.store_seconds += time.monotonic() - started
+        return True
+
+    def read(self, key: str) -> Block | None:
+        """A whole, valid block, or None (a miss: gone, partial, from another namespace, or corrupt, which is also
+        removed). Sets the file's access time (the LRU record)."""
+        started = time.monotonic()
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.stats.blocks_missed += 1
+            return None
+        block = self._parse(key, data)
+        if block is None:
+            self.stats.blocks_missed += 1
+            self.stats.blocks_corrupt += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path, (time.time(), path.stat().st_mtime))
+        if self.writer:
+            with contextlib.suppress(OSError):
+                log = self.dir / ACCESS_DIR / f"{self.writer}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a") as f:  # opened per append: a consumer may have renamed the last one
+                    f.write(key + "\n")
+        self.stats.blocks_loaded += 1
+        self.stats.bytes_loaded += len(block.payload)
+        self.stats.load_seconds += time.monotonic() - started
+        return block
+
+    def _parse(self, key: str, data: bytes) -> Block | None:
+        if len(data) < _PREFIX.size:
+            return None
+        magic, version, length = _PREFIX.unpack_from(data)
+        if magic != MAGIC or version != FORMAT_VERSION or length > MAX_HEADER or len(data) < _PREFIX.size + length:
+            return None
+        try:
+            header: dict[str, Any] = json.loads(data[_PREFIX.size:_PREFIX.size + length])
+        except ValueError:
+            return None
+        payload = data[_PREFIX.size + length:]
+        if (not isinstance(header, dict) or header.get("key") != key
+                or header.get("namespace") != self.namespace.id() or header.get("size") != len(payload)
+                or header.get("digest") != hashlib.blake2b(payload, digest_size=16).hexdigest()):
+            return None
+        try:
+            layers = [(str(name), int(size)) for name, size in header["layers"]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if sum(size for _, size in layers) != len(payload):
+            return None
+        return Block(key=key, parent=str(header.get("parent", "")), position=int(header.get("position", -1)),
+                     token_ids=list(header.get("token_ids", [])), layers=layers, payload=payload)

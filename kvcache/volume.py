@@ -1,0 +1,176 @@
+"""The shared tier's size, held on the volume itself: which block files to remove so what the connectors stored
+(``fuyao.kvcache.blockstore``) fits ``size``, by the configured policy.
+
+Records come from the volume, with nothing else to keep in step:
+
+- a file's modification time is when it was stored (FIFO, and TTL: older than ``ttl`` since stored is gone,
+  whatever the policy);
+- its access time is when an engine last loaded it (a load sets it), or its store time if never loaded (LRU);
+- loads per block for LFU come from the connectors' access logs (``<namespace>/.access/<host>-<pid>.log``, one key
+  per line, each process its own file: appends never interleave across NFS clients), which the manager consumes by
+  renaming them (a writer opens per append, so it starts a new file).
+
+``plan`` is the decision, a pure function of the records, the clock and the settings (tested with a fake clock);
+``scan``, ``consume_access_logs`` and ``remove`` are the I/O around it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuyao.contracts import KvCachePolicy
+
+from .blockstore import ACCESS_DIR, SUFFIX
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    key: str
+    path: Path
+    size: int
+    stored_at: float
+    accessed_at: float
+
+    @property
+    def last_used(self) -> float:
+        return max(self.stored_at, self.accessed_at)
+
+
+@dataclass(frozen=True)
+class Plan:
+    expired: list[FileRecord]
+    evicted: list[FileRecord]
+    kept_bytes: int
+
+    @property
+    def removed(self) -> list[FileRecord]:
+        return self.expired + self.evicted
+
+
+def plan(records: Sequence[FileRecord], capacity_bytes: int, policy: KvCachePolicy, now: float,
+         ttl_s: float | None = None, hits: Counter[str] | None = None) -> Plan:
+    """What to remove: every block older than ``ttl_s`` since stored, then, while the rest is over
+    ``capacity_bytes``, blocks in the policy's order — LRU: least recently stored or loaded; LFU: fewest loads, the
+    least recently used among equals; FIFO: oldest stored (loads do not renew)."""
+    hits = hits or Counter()
+    expired = [r for r in records if ttl_s is not None and now - r.stored_at > ttl_s]
+    gone = {r.key for r in expired}
+    alive = [r for r in records if r.key not in gone]
+    total = sum(r.size for r in alive)
+    if policy == KvCachePolicy.FIFO:
+        order = sorted(alive, key=lambda r: (r.stored_at, r.key))
+    elif policy == KvCachePolicy.LFU:
+        order = sorted(alive, key=lambda r: (hits[r.key], r.last_used, r.key))
+    else:
+        order = sorted(alive, key=lambda r: (r.last_used, r.key))
+    evicted: list[FileRecord] = []
+    for record in order:
+        if total <= capacity_bytes:
+            break
+        evicted.append(record)
+        total -= record.size
+    return Plan(expired=expired, evicted=evicted, kept_bytes=total)
+
+
+def scan(namespace_dir: Path) -> list[FileRecord]:
+    """Every block file under a namespace's directory (files that vanish while scanned are skipped)."""
+    found: list[FileRecord] = []
+    for shard in sorted(namespace_dir.iterdir()) if namespace_dir.is_dir() else []:
+        if not shard.is_dir() or shard.name.startswith("."):
+            continue
+        for path in shard.iterdir():
+            if not path.name.endswith(SUFFIX) or path.name.startswith("."):
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append(FileRecord(key=path.name[:-len(SUFFIX)], path=path, size=stat.st_size,
+                                    stored_at=stat.st_mtime, accessed_at=stat.st_atime))
+    return found
+
+
+def access_log(namespace_dir: Path, writer: str) -> Path:
+    return namespace_dir / ACCESS_DIR / f"{writer}.log"
+
+
+def consume_access_logs(namespace_dir: Path) -> Counter[str]:
+    """Loads per key recorded since the last call (each log is renamed, read and removed)."""
+    counts: Counter[str] = Counter()
+    directory = namespace_dir / ACCESS_DIR
+    for log in sorted(directory.glob("*.log")) if directory.is_dir() else []:
+        taken = log.with_suffix(f".{os.getpid()}.consumed")
+        try:
+            log.rename(taken)
+            text = taken.read_text(errors="replace")
+            taken.unlink()
+        except OSError:
+            continue
+        counts.update(line.strip() for line in text.splitlines() if line.strip())
+    return counts
+
+
+def remove(records: Iterable[FileRecord]) -> int:
+    """Delete the files; returns the bytes freed (a file already gone frees nothing)."""
+    freed = 0
+    for record in records:
+        try:
+            record.path.unlink()
+            freed += record.size
+        except OSError:
+            continue
+    return freed
+
+
+@dataclass
+class SweepReport:
+    blocks: int = 0
+    bytes: int = 0
+    expired: int = 0
+    evicted: int = 0
+    freed_bytes: int = 0
+    seconds: float = 0.0
+
+
+class VolumeTier:
+    """Holds the tier at ``capacity_bytes`` on the volume at ``root`` (all namespaces together: one volume, one
+    size), one sweep at a time: scan, read the access logs, plan, remove. LFU's load counts persist across sweeps
+    (and are forgotten with their block)."""
+
+    def __init__(self, root: str | Path, capacity_bytes: int, policy: KvCachePolicy, ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.hits: Counter[str] = Counter()
+        self.last = SweepReport()
+        self.expired_total = 0
+        self.evicted_total = 0
+
+    def namespaces(self) -> list[Path]:
+        base = self.root / "v1"
+        return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def sweep(self) -> SweepReport:
+        started = time.monotonic()
+        records: list[FileRecord] = []
+        for directory in self.namespaces():
+            records += scan(directory)
+            self.hits.update(consume_access_logs(directory))
+        decided = plan(records, self.capacity_bytes, self.policy, self.clock(), self.ttl_s, self.hits)
+        freed = remove(decided.removed)
+        for record in decided.removed:
+            self.hits.pop(record.key, None)
+        self.expired_total += len(decided.expired)
+        self.evicted_total += len(decided.evicted)
+        self.last = SweepReport(blocks=len(records) - len(decided.removed), bytes=decided.kept_bytes,
+                                expired=len(decided.expired), evicted=len(decided.evicted), freed_bytes=freed,
+                                seconds=time.monotonic() - started)
+        return self.last

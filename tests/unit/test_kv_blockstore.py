@@ -1,0 +1,152 @@
+"""The shared KV tier's files (fuyao.kvcache.blockstore): content keys, atomic writes, validation of what is read,
+access records, and a volume that refuses writes. The connector that uses it inside vLLM: tests/vllm."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fuyao.contracts import KvCachePolicy
+from fuyao.kvcache import blockstore, volume
+from fuyao.kvcache.blockstore import BlockStore, Namespace, chain_keys
+
+NS = Namespace(model="tiny@/m", dtype="bfloat16/auto", block_size=4, num_kv_heads=2, head_size=64, num_layers=2,
+               layout="cpu/x86_64:avx2/tp1")
+TOKENS = list(range(100, 118))  # 4 full blocks of 4, and 2 tokens over
+
+
+def pages(seed: int) -> list[tuple[str, bytes]]:
+    return [(f"model.layers.{i}.self_attn.attn", bytes((seed + i + j) % 256 for j in range(64))) for i in range(2)]
+
+
+def test_keys_chain_every_earlier_token_and_the_namespace() -> None:
+    keys = chain_keys(NS, TOKENS, 10)
+    assert len(keys) == 4  # a partial block has no key
+    assert keys == chain_keys(NS, TOKENS, 4) and len(set(keys)) == 4
+    changed = list(TOKENS)
+    changed[5] += 1  # a token of block 1: blocks 1.. change, block 0 does not
+    other = chain_keys(NS, changed, 4)
+    assert other[0] == keys[0] and all(a != b for a, b in zip(other[1:], keys[1:], strict=True))
+    assert chain_keys(NS, TOKENS, 4, parent=keys[1], start=2) == keys[2:]  # extending a known chain
+    wider = Namespace(**{**NS.__dict__, "head_size": 128})  # another engine's page layout: no shared file
+    assert not set(chain_keys(wider, TOKENS, 4)) & set(keys)
+
+
+def test_a_block_round_trips_atomically_and_reads_record_the_access(tmp_path: Path) -> None:
+    store = BlockStore(tmp_path, NS)
+    keys = chain_keys(NS, TOKENS, 4)
+    assert store.leading(keys) == 0 and store.read(keys[0]) is None
+    assert store.stats.blocks_missed == 1
+    for i, key in enumerate(keys[:3]):
+        assert store.write(key, keys[i - 1] if i else "", i, TOKENS[i * 4:(i + 1) * 4], pages(i))
+    assert not store.write(keys[0], "", 0, TOKENS[:4], pages(0))  # already there: not rewritten
+    assert store.leading(keys) == 3 and store.has(keys[2]) and not store.has(keys[3])
+    assert not list(tmp_path.rglob("*.tmp"))  # written to a temporary name, then renamed
+    path = store.path(keys[1])
+    assert path.parent.parent == tmp_path / "v1" / NS.id()
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    block = store.read(keys[1])
+    assert block is not None and block.parent == keys[0] and block.position == 1
+    assert block.token_ids == TOKENS[4:8] and block.payload == b"".join(data for _, data in pages(1))
+    assert block.layers == [(name, len(data)) for name, data in pages(1)]
+    assert path.stat().st_atime > old + 3000 and path.stat().st_mtime == pytest.approx(old)  # LRU record, FIFO kept
+    assert (store.stats.blocks_stored, store.stats.blocks_loaded, store.stats.bytes_loaded) == (3, 1, 128)
+    # another namespace does not see it
+    assert BlockStore(tmp_path, Namespace(**{**NS.__dict__, "num_layers": 3})).leading(keys) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "header", "empty", "other-key"])
+def test_a_partial_or_corrupt_file_is_a_miss_and_is_removed(tmp_path: Path, damage: str) -> None:
+    store = BlockStore(tmp_path, NS)
+    keys = chain_keys(NS, TOKENS, 2)
+    for i, key in enumerate(keys):
+        store.write(key, keys[i - 1] if i else "", i, TOKENS[i * 4:(i + 1) * 4], pages(i))
+    path = store.path(keys[0])
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:-10])
+    elif damage == "flipped":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "header":
+        path.write_bytes(data[:12] + b"{" + data[13:])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(store.path(keys[1]).read_bytes())  # a whole, valid file under the wrong name
+    assert store.read(keys[0]) is None
+    assert store.stats.blocks_corrupt == 1 and store.stats.blocks_missed == 1
+    assert not path.exists()  # nobody claims it again
+    assert store.read(keys[1]) is not None  # its neighbour is untouched
+
+
+def test_a_volume_that_refuses_writes_is_counted_and_never_raises(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlockStore(tmp_path, NS)
+    keys = chain_keys(NS, TOKENS, 2)
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(blockstore, "open", full, raising=False)
+    assert not store.write(keys[0], "", 0, TOKENS[:4], pages(0))
+    assert store.stats.write_errors == 1 and store.volume_full and "No space left" in store.last_write_error
+    assert not store.has(keys[0]) and not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert store.write(keys[0], "", 0, TOKENS[:4], pages(0)) and not store.volume_full
+
+
+# The tier's size on the volume (fuyao.kvcache.volume) -------------------------------------------------------------
+def records(*specs: tuple[str, int, float, float]) -> list[volume.FileRecord]:
+    """(key, size, stored_at, accessed_at) → records (paths unused by the plan)."""
+    return [volume.FileRecord(key, Path(f"/x/{key}.kv"), size, stored, accessed)
+            for key, size, stored, accessed in specs]
+
+
+def test_the_plan_keeps_the_size_in_each_policys_order_and_drops_expired_blocks_first() -> None:
+    now = 1_000.0
+    tier = records(("a", 10, 100, 900), ("b", 10, 200, 200), ("c", 10, 300, 950), ("d", 10, 400, 400))
+
+    def keys(removed: list[volume.FileRecord]) -> list[str]:
+        return [r.key for r in removed]
+
+    # 40 bytes held, 25 allowed: two go
+    lru = volume.plan(tier, 25, KvCachePolicy.LRU, now)
+    assert keys(lru.evicted) == ["b", "d"] and lru.kept_bytes == 20  # a and c were loaded lately
+    fifo = volume.plan(tier, 25, KvCachePolicy.FIFO, now)
+    assert keys(fifo.evicted) == ["a", "b"]  # loads do not renew
+    lfu = volume.plan(tier, 25, KvCachePolicy.LFU, now, hits=Counter({"a": 5, "b": 3, "c": 0, "d": 1}))
+    assert keys(lfu.evicted) == ["c", "d"]  # fewest loads first, whatever their recency
+    assert volume.plan(tier, 40, KvCachePolicy.LRU, now).removed == []  # fits
+    # TTL: stored more than 750 s ago is gone whatever the policy, and counts towards the size
+    ttl = volume.plan(tier, 25, KvCachePolicy.LRU, now, ttl_s=750)
+    assert keys(ttl.expired) == ["a", "b"] and ttl.evicted == [] and ttl.kept_bytes == 20
+    later = volume.plan(tier, 100, KvCachePolicy.LFU, now + 100, ttl_s=750)  # the clock moves: c expires too
+    assert keys(later.expired) == ["a", "b", "c"]
+
+
+def test_the_volume_is_scanned_access_logs_are_consumed_once_and_removal_frees_the_bytes(tmp_path: Path) -> None:
+    writer = BlockStore(tmp_path, NS, writer="host-1")
+    other = BlockStore(tmp_path, NS, writer="host-2")
+    keys = chain_keys(NS, TOKENS, 3)
+    for i, key in enumerate(keys):
+        writer.write(key, keys[i - 1] if i else "", i, TOKENS[i * 4:(i + 1) * 4], pages(i))
+    for store, key in ((writer, keys[0]), (other, keys[0]), (other, keys[1])):
+        assert store.read(key) is not None
+    found = volume.scan(writer.dir)
+    assert sorted(r.key for r in found) == sorted(keys) and all(r.size > 128 for r in found)
+    assert volume.consume_access_logs(writer.dir) == Counter({keys[0]: 2, keys[1]: 1})
+    assert volume.consume_access_logs(writer.dir) == Counter()  # consumed
+    other.read(keys[2])  # a new log after the rename
+    assert volume.consume_access_logs(writer.dir) == Counter({keys[2]: 1})
+    planned = volume.plan(found, max(r.size for r in found), KvCachePolicy.LRU, time.time())
+    assert len(planned.evicted) == 2
+    assert volume.remove(planned.evicted) == sum(r.size for r in planned.evicted)
+    assert volume.remove(planned.evicted) == 0  # already gone
+    assert len(volume.scan(writer.dir)) == 1
