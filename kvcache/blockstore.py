@@ -40,6 +40,7 @@ MAGIC = b"FYKV"
 FORMAT_VERSION = 1
 SUFFIX = ".kv"
 ACCESS_DIR = ".access"
+NAMESPACE_FILE = "namespace.json"
 """Per namespace: each process's log of the keys it loaded, one per line (LFU's records; fuyao.kvcache.volume)."""
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 MAX_HEADER = 1 << 20
@@ -125,6 +126,23 @@ class BlockStore:
         self.volume_full = False
         """The last write found the volume full (ENOSPC/EDQUOT): the connector stops storing for a while."""
 
+    def describe(self) -> bool:
+        """Write ``namespace.json`` (what this namespace is: the tier manager publishes its blocks under the model's
+        name) unless it is there; False when the volume refused."""
+        target = self.dir / NAMESPACE_FILE
+        if target.exists():
+            return True
+        tmp = target.with_name(f".{NAMESPACE_FILE}.{os.getpid()}.tmp")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(asdict(self.namespace), indent=2) + "\n")
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        return True
+
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}{SUFFIX}"
 
@@ -207,18 +225,13 @@ class BlockStore:
         return block
 
     def _parse(self, key: str, data: bytes) -> Block | None:
-        if len(data) < _PREFIX.size:
+        header = parse_header(data)
+        if header is None:
             return None
-        magic, version, length = _PREFIX.unpack_from(data)
-        if magic != MAGIC or version != FORMAT_VERSION or length > MAX_HEADER or len(data) < _PREFIX.size + length:
-            return None
-        try:
-            header: dict[str, Any] = json.loads(data[_PREFIX.size:_PREFIX.size + length])
-        except ValueError:
-            return None
+        length = _PREFIX.unpack_from(data)[2]
         payload = data[_PREFIX.size + length:]
-        if (not isinstance(header, dict) or header.get("key") != key
-                or header.get("namespace") != self.namespace.id() or header.get("size") != len(payload)
+        if (header.get("key") != key or header.get("namespace") != self.namespace.id()
+                or header.get("size") != len(payload)
                 or header.get("digest") != hashlib.blake2b(payload, digest_size=16).hexdigest()):
             return None
         try:
@@ -229,3 +242,33 @@ class BlockStore:
             return None
         return Block(key=key, parent=str(header.get("parent", "")), position=int(header.get("position", -1)),
                      token_ids=list(header.get("token_ids", [])), layers=layers, payload=payload)
+
+
+def parse_header(data: bytes) -> dict[str, Any] | None:
+    """The JSON header of a block file's first bytes (at least the whole header), or None when they are not one."""
+    if len(data) < _PREFIX.size:
+        return None
+    magic, version, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION or length > MAX_HEADER or len(data) < _PREFIX.size + length:
+        return None
+    try:
+        header = json.loads(data[_PREFIX.size:_PREFIX.size + length])
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def read_header(path: Path) -> dict[str, Any] | None:
+    """A block file's header, reading only it (the tier manager's scan); None when missing or not a block file."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size:
+                return None
+            length = _PREFIX.unpack_from(prefix)[2]
+            if length > MAX_HEADER:
+                return None
+            return parse_header(prefix + f.read(length))
+    except OSError:
+        return None
+

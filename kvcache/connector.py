@@ -169,6 +169,9 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         self._namespace = namespace_of(vllm_config)
         self._store = BlockStore(path, self._namespace, writer=f"{socket.gethostname()}-{os.getpid()}")
         self._block_size = self._namespace.block_size
+        if not self._store.describe():
+            log.warning("FuyaoKVConnector: could not write %s/namespace.json (the tier manager publishes blocks by "
+                        "it); the volume may be read-only", self._store.dir)
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
         # worker side

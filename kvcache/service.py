@@ -58,7 +58,9 @@ class KvCacheService:
                              block_keys(settings.block_size, settings.hash_seed, settings.block_hashing))
         self.tier = SharedTier(settings.size, settings.bytes_per_token * settings.block_size,
                                settings.eviction_policy, settings.ttl) if settings.size > 0 else None
-        self.volume = (VolumeTier(settings.volume.path, settings.size, settings.eviction_policy, settings.ttl)
+        self.volume = (VolumeTier(settings.volume.path, settings.size, settings.eviction_policy, settings.ttl,
+                                  block_size=settings.block_size if settings.block_hashing.mode == "content" else 0,
+                                  seed=settings.hash_seed)
                        if settings.volume.path else None)
         self.metrics = KvCacheMetrics(self)
         self.subscriber = Subscriber(self.index, on_batch=self.metrics.batch)
@@ -103,8 +105,11 @@ class KvCacheService:
         self.metrics.requests.labels("index").inc(len(hashes))
         self.metrics.hits.labels("index").inc(best)
         tier_blocks = self.tier.peek(hashes) if self.tier is not None else 0
-        return {"block_size": self.index.block_size, "blocks": len(hashes), "endpoints": found,
-                "tier_blocks": tier_blocks}
+        answer = {"block_size": self.index.block_size, "blocks": len(hashes), "endpoints": found,
+                  "tier_blocks": tier_blocks}
+        if self.volume is not None:
+            answer["volume_blocks"] = self.volume.leading(hashes, model or "")
+        return answer
 
     @staticmethod
     def _hashes(body: dict[str, Any]) -> list[int]:

@@ -11,11 +11,13 @@ Records come from the volume, with nothing else to keep in step:
   renaming them (a writer opens per append, so it starts a new file).
 
 ``plan`` is the decision, a pure function of the records, the clock and the settings (tested with a fake clock);
-``scan``, ``consume_access_logs`` and ``remove`` are the I/O around it. Standard library only.
+``scan``, ``consume_access_logs`` and ``remove`` are the I/O around it; ``VolumeTier`` runs them as one sweep and
+publishes what the volume holds to the index's lookups.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -24,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuyao.contracts import KvCachePolicy
+from fuyao.kv_blocks import block_hashes
 
-from .blockstore import ACCESS_DIR, SUFFIX
+from .blockstore import ACCESS_DIR, NAMESPACE_FILE, SUFFIX, read_header
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,23 @@ class SweepReport:
 class VolumeTier:
     """Holds the tier at ``capacity_bytes`` on the volume at ``root`` (all namespaces together: one volume, one
     size), one sweep at a time: scan, read the access logs, plan, remove. LFU's load counts persist across sweeps
-    (and are forgotten with their block)."""
+    (and are forgotten with their block).
+
+    It also publishes what the volume holds in the index's own block keys (fuyao's content chain with
+    ``block_size`` and ``seed``), per served model: each new file's header (its tokens and parent) is read once, and
+    a block whose parent chain is complete gets the content hash an index lookup of the same tokens computes.
+    Namespaces of another block size are not published (their blocks are not the index's blocks)."""
 
     def __init__(self, root: str | Path, capacity_bytes: int, policy: KvCachePolicy, ttl_s: float | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, block_size: int = 0, seed: int = 0):
         self.root = Path(root)
+        self.block_size = block_size
+        self.seed = seed
+        self._held: dict[str, tuple[str, str, int, list[int]]] = {}  # key → (namespace dir, parent, position, tokens)
+        self._content: dict[str, int] = {}  # key → the index's key of that block
+        self._models: dict[str, str] = {}  # namespace dir → served model name ("" when unknown)
+        self.published: dict[str, frozenset[int]] = {}
+        """Served model → the index keys of the blocks the volume holds (replaced whole after each sweep)."""
         self.capacity_bytes = capacity_bytes
         self.policy = policy
         self.ttl_s = ttl_s
@@ -170,7 +185,67 @@ class VolumeTier:
             self.hits.pop(record.key, None)
         self.expired_total += len(decided.expired)
         self.evicted_total += len(decided.evicted)
+        gone = {r.key for r in decided.removed}
+        self._publish([r for r in records if r.key not in gone])
         self.last = SweepReport(blocks=len(records) - len(decided.removed), bytes=decided.kept_bytes,
                                 expired=len(decided.expired), evicted=len(decided.evicted), freed_bytes=freed,
                                 seconds=time.monotonic() - started)
         return self.last
+
+    def _model(self, namespace_dir: Path) -> str:
+        """The served model name of a namespace (its namespace.json, written by the connector), or "" when its block
+        size is not the index's (not published)."""
+        name = str(namespace_dir)
+        if name not in self._models:
+            try:
+                described = json.loads((namespace_dir / NAMESPACE_FILE).read_text())
+                model = str(described["model"]).split("@", 1)[0]
+                self._models[name] = model if int(described["block_size"]) == self.block_size else ""
+            except (OSError, ValueError, KeyError, TypeError):
+                return ""  # not described yet: asked again next sweep
+        return self._models[name]
+
+    def _publish(self, kept: list[FileRecord]) -> None:
+        if not self.block_size:
+            return
+        keep = {r.key for r in kept}
+        for key in [k for k in self._held if k not in keep]:
+            del self._held[key]
+            self._content.pop(key, None)
+        for record in kept:
+            if record.key in self._held:
+                continue
+            header = read_header(record.path)
+            if header is None:
+                continue
+            try:
+                self._held[record.key] = (str(record.path.parent.parent), str(header.get("parent", "")),
+                                          int(header["position"]), [int(t) for t in header["token_ids"]])
+            except (KeyError, TypeError, ValueError):
+                continue
+        published: dict[str, set[int]] = {}
+        for key, (namespace, parent, _position, tokens) in sorted(self._held.items(), key=lambda kv: kv[1][2]):
+            model = self._model(Path(namespace))
+            if not model or len(tokens) != self.block_size:
+                continue
+            if key not in self._content:
+                if parent and parent not in self._content:
+                    continue  # its parent is gone or not published: no lookup reaches it
+                try:
+                    self._content[key] = block_hashes(tokens, self.block_size, self.seed,
+                                                      parent=self._content[parent] if parent else None)[0]
+                except (ValueError, IndexError):
+                    continue
+            published.setdefault(model, set()).add(self._content[key])
+        self.published = {model: frozenset(keys) for model, keys in published.items()}
+
+    def leading(self, hashes: Sequence[int], model: str = "") -> int:
+        """How many of a prompt's leading blocks (index keys) the volume holds, for ``model`` (any when empty)."""
+        published = self.published
+        held = published.get(model, frozenset()) if model else frozenset().union(*published.values())
+        count = 0
+        for block in hashes:
+            if block not in held:
+                break
+            count += 1
+        return count

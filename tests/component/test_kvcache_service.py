@@ -107,6 +107,7 @@ def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  #
 
     ns = Namespace(model="m", dtype="bf16", block_size=4, num_kv_heads=1, head_size=64, num_layers=1, layout="t")
     store = BlockStore(tmp_path / "tier", ns, writer="engine-1")
+    assert store.describe()  # namespace.json: the manager publishes the blocks under model "m"
     tokens = list(range(40))
     keys = chain_keys(ns, tokens, 10)
     for i, key in enumerate(keys):
@@ -115,17 +116,24 @@ def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  #
     old = time.time() - 600
     for key in keys:
         __import__("os").utime(store.path(key), (old, old))
-    assert store.read(keys[0]) is not None  # loaded lately: LRU keeps it
+    for key in keys[:4]:
+        assert store.read(key) is not None  # loaded lately: LRU keeps them
     config = tmp_path / "kv.yaml"
     capacity = max(sizes.values()) * 4 + 10  # room for 4 blocks, not 5
-    config.write_text(f"version: v1\nkvCache:\n  size: {capacity}\n  evictionPolicy: LRU\n"
+    config.write_text(f"version: v1\nkvCache:\n  blockSize: 4\n  size: {capacity}\n  evictionPolicy: LRU\n"
                       f"  volume:\n    path: {tmp_path / 'tier'}\n    interval: 200ms\n")
     cache = kvcache("--config", str(config)).start()
     try:
         wait_for(lambda: cache.metric('fuyao_kvcache_volume_removed_blocks{reason="evicted"}') == 6, 20,
                  "six blocks evicted")
         left = sorted(p.name[:-3] for p in (tmp_path / "tier").rglob("*.kv"))
-        assert len(left) == 4 and keys[0] in left  # the loaded one stayed
+        assert left == sorted(keys[:4])  # the loaded ones stayed
+        # lookups say which leading blocks of a prompt the volume holds, in the index's own keys
+        found = wait_for(lambda: cache.post("/v1/lookup", {"token_ids": tokens, "model": "m"})[1]
+                         .get("volume_blocks"), 10, "the volume's blocks published")
+        assert found == 4
+        assert cache.post("/v1/lookup", {"token_ids": tokens, "model": "other"})[1]["volume_blocks"] == 0
+        assert cache.post("/v1/lookup", {"token_ids": [7, *tokens[1:]]})[1]["volume_blocks"] == 0
         assert cache.metric("fuyao_kvcache_volume_blocks") == 4
         assert cache.metric("fuyao_kvcache_volume_bytes") <= capacity
     finally:

@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from fuyao.contracts import KvCachePolicy
+from fuyao.kv_blocks import block_hashes
+from fuyao.kvcache.volume import VolumeTier
 from tests.support.engines import Daemon, http_json, metric_total
 from tests.support.polling import wait_for
 from tests.support.vllm import BLOCK_SIZE, MODEL, REPO, vllm_engine
@@ -93,6 +96,11 @@ def test_a_context_computed_on_one_engine_is_loaded_not_recomputed_on_the_other(
     # the loaded KV is the KV engine 1 computed: engine 2 answers as engine 1 does with that prefix cached
     assert loaded["choices"][0]["text"] == again["choices"][0]["text"]
     assert first["choices"][0]["text"]
+    # fuyao-kvcache's volume tier publishes these blocks under the served model, in the index's own keys
+    volume = VolumeTier(tier, 1 << 40, KvCachePolicy.LRU, block_size=BLOCK_SIZE)
+    volume.sweep()
+    ids = http_json(one.url + "/tokenize", {"model": MODEL, "prompt": prompt})["tokens"]
+    assert volume.leading(block_hashes(ids, BLOCK_SIZE), MODEL) == n // BLOCK_SIZE
 
 
 def test_another_question_after_the_same_context_reuses_the_contexts_blocks(engines: list[Daemon]) -> None:
