@@ -209,6 +209,13 @@ SCHEMAS: dict[str, Schema] = {
                                  "seed": {"type": ["string", "null"]}},
                                 description="how blocks are named, for the router and the index alike"),
             "discovery": obj({"labelSelector": string(minLength=1)}),
+            "volume": obj({
+                "enabled": boolean("the shared tier's RWX volume, where engines' FuyaoKVConnector keeps KV blocks"),
+                "existingClaim": string("a PVC to use; empty: the chart makes one"),
+                "storageClass": string("the made claim's class (e.g. nfs-client); empty: the cluster's default"),
+                "size": QUANTITY, "accessModes": STRING_LIST, "mountPath": ABS_PATH, "interval": DURATION,
+                "fsGroup": integer(0, description="the group that owns the tier's files (engine pods use it too)"),
+            }, description="real KV bytes: docs/kv-cache.md"),
             "config": {**FREE_MAP, "description": "merged into the kv_cache section (validated at start)"},
             "resources": RESOURCES, **placement(),
         }),

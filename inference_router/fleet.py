@@ -257,6 +257,14 @@ class Fleet:
         backend.num_blocks = int(values.get("num_blocks", backend.num_blocks))
 
 
+@dataclass(frozen=True)
+class Matches:
+    endpoints: dict[str, int]
+    """Backend URL → leading blocks of the prompt it caches."""
+    tier_blocks: int = 0
+    """Leading blocks of the prompt in the shared KV tier (the volume fuyao's KV connector shares)."""
+
+
 class PrefixSource:
     """Which backends hold which leading blocks of a prompt: the KV index (events from the engines, or the
     ``fuyao-kvcache`` service) merged with where the router itself sent each prefix lately (two generations, each
@@ -292,16 +300,25 @@ class PrefixSource:
 
     # Matches -----------------------------------------------------------------------------------------------------
     async def matches(self, hashes: list[int], session: aiohttp.ClientSession | None = None) -> dict[str, int]:
+        """Leading blocks of the prompt each backend holds."""
+        return (await self.lookup(hashes, session)).endpoints
+
+    async def lookup(self, hashes: list[int], session: aiohttp.ClientSession | None = None) -> Matches:
+        """What each backend holds of the prompt, and (from ``fuyao-kvcache`` with a volume tier) how many leading
+        blocks the shared tier holds, which any engine with fuyao's KV connector loads instead of computing."""
         self._rotate()
         found: dict[str, int] = {}
+        tier = 0
         if self.settings.service and session is not None:
             try:
                 async with session.post(self.settings.service + "/v1/lookup",
                                         json={"token_ids": [], "hashes": hashes},
                                         timeout=aiohttp.ClientTimeout(total=0.2)) as response:
                     if response.status == 200:
-                        found = dict((await response.json()).get("endpoints") or {})
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                        answer = await response.json()
+                        found = dict(answer.get("endpoints") or {})
+                        tier = int(answer.get("volume_blocks") or 0)
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
                 self.remote_errors += 1
         else:
             found = self.index.lookup(hashes=hashes)
@@ -309,7 +326,7 @@ class PrefixSource:
             for url, blocks in generation.lookup(hashes=hashes).items():
                 if blocks > found.get(url, 0):
                     found[url] = blocks
-        return found
+        return Matches(found, tier)
 
     def routed(self, url: str, hashes: list[int]) -> None:
         """The router sent these blocks to ``url``: they will be cached there (until events say otherwise)."""

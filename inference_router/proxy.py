@@ -29,7 +29,7 @@ from fuyao.http_body import BodyError, read_json
 from . import admission
 from .balancing import Decision, RoundRobin
 from .config import RouterConfig, policy_args
-from .fleet import Backend, Dispatch, Fleet, PrefixSource, Role
+from .fleet import Backend, Dispatch, Fleet, Matches, PrefixSource, Role
 from .metrics import RouterMetrics
 from .policies import POLICIES, Policy, RoutingRequest, decide, make_policy
 from .prompts import Prompts
@@ -142,10 +142,10 @@ class Router:
             if local and min(b.candidate().load for b in local) <= least + 2:
                 pool = local
         policy = self.policies[strategy or self.config.router.strategy]
-        matches = await self.prefix.matches(hashes, self.session) if hashes and policy.uses_prefix else {}
-        candidates = [b.candidate(matches.get(b.url, 0), self.prefix.cached_blocks(b.url)) for b in pool]
-        decision = decide(policy, candidates, RoutingRequest(prompt_tokens, len(hashes), self.prefix.block_size),
-                          self.rr)
+        found = await self.prefix.lookup(hashes, self.session) if hashes and policy.uses_prefix else Matches({})
+        candidates = [b.candidate(found.endpoints.get(b.url, 0), self.prefix.cached_blocks(b.url)) for b in pool]
+        decision = decide(policy, candidates, RoutingRequest(prompt_tokens, len(hashes), self.prefix.block_size,
+                                                             found.tier_blocks), self.rr)
         backend = next(b for b in pool if b.url == decision.url)
         return backend, decision
 

@@ -41,6 +41,10 @@ FORMAT_VERSION = 1
 SUFFIX = ".kv"
 ACCESS_DIR = ".access"
 NAMESPACE_FILE = "namespace.json"
+DIR_MODE = 0o2775
+FILE_MODE = 0o664
+"""Group-writable (the volume's group: the chart's ``kvCache.volume.fsGroup``), so any engine and the tier manager
+can replace and remove what another wrote."""
 """Per namespace: each process's log of the keys it loaded, one per line (LFU's records; fuyao.kvcache.volume)."""
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 MAX_HEADER = 1 << 20
@@ -134,8 +138,9 @@ class BlockStore:
             return True
         tmp = target.with_name(f".{NAMESPACE_FILE}.{os.getpid()}.tmp")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _shared_dirs(self.dir, self.root)
             tmp.write_text(json.dumps(asdict(self.namespace), indent=2) + "\n")
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, target)
         except OSError:
             with contextlib.suppress(OSError):
@@ -175,11 +180,12 @@ class BlockStore:
         }, separators=(",", ":")).encode()
         tmp = path.with_name(f".{key}.{os.getpid()}.{time.monotonic_ns()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _shared_dirs(path.parent, self.root)
             with open(tmp, "wb") as f:
                 f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
                 f.write(header)
                 f.write(payload)
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, path)
         except OSError as exc:
             self.stats.write_errors += 1
@@ -216,7 +222,7 @@ class BlockStore:
         if self.writer:
             with contextlib.suppress(OSError):
                 log = self.dir / ACCESS_DIR / f"{self.writer}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
+                _shared_dirs(log.parent, self.root)
                 with open(log, "a") as f:  # opened per append: a consumer may have renamed the last one
                     f.write(key + "\n")
         self.stats.blocks_loaded += 1
@@ -242,6 +248,22 @@ class BlockStore:
             return None
         return Block(key=key, parent=str(header.get("parent", "")), position=int(header.get("position", -1)),
                      token_ids=list(header.get("token_ids", [])), layers=layers, payload=payload)
+
+
+def _shared_dirs(directory: Path, root: Path) -> None:
+    """Make ``directory`` (and its missing parents below ``root``) writable by the volume's group: every engine and
+    the tier manager write and remove files there (setgid keeps the group on what is made inside)."""
+    missing = []
+    current = directory
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            made.mkdir()
+        if root in made.parents:  # not the volume's root itself (the mount point is the platform's)
+            with contextlib.suppress(OSError):
+                os.chmod(made, DIR_MODE)
 
 
 def parse_header(data: bytes) -> dict[str, Any] | None:

@@ -37,11 +37,13 @@ class PolicyArgs(ConfigSection):
 
 @dataclass(frozen=True)
 class RoutingRequest:
-    """What a policy knows of the request: its prompt's length in tokens and in KV blocks."""
+    """What a policy knows of the request: its prompt's length in tokens and in KV blocks, and how many of its leading
+    blocks the shared KV tier holds (``fuyao-kvcache`` with a volume: any engine with fuyao's connector loads them)."""
 
     prompt_tokens: int = 0
     prompt_blocks: int = 0
     block_size: int = 16
+    tier_blocks: int = 0
 
 
 class Policy(Protocol):

@@ -23,10 +23,14 @@ class PrefixAwareArgs(PolicyArgs):
         "of its blocks from the engine's events and vllm:cache_config_info): 0 ignores it, 1 counts each evicted "
         "block as recomputed once later"))
     min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
+    tier_load_cost: float = Field(default=0.2, ge=0, le=1, description=(
+        "cost of loading a token's KV from the shared tier (fuyao's KV connector), as a share of computing it; "
+        "measure it on your engines: fuyao_kv_tier_load_seconds_total per token loaded against prefill time per "
+        "token (docs/benchmarks.md)"))
 
 
 def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
-                  w: PrefixAwareArgs) -> dict[str, float]:
+                  w: PrefixAwareArgs, tier_blocks: int = 0) -> dict[str, float]:
     """Estimated cost of serving this request on each candidate, in prefill tokens (higher score = cheaper): the
     prefill work already queued there by the router (``pending_tokens``), plus this prompt's tokens the candidate does
     not cache, plus ``decode_cost_tokens`` per request decoding there (decodes share each step), plus
@@ -35,14 +39,21 @@ def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_siz
     cache drops a cached block for every block it stores, and that block is recomputed later by whoever needs it;
     an engine with room drops nothing. So under KV pressure a context stays where it is cached unless the queue
     there costs more than computing it twice, and is not copied to a second engine for a small gain; with room to
-    spare a hot prefix spreads as soon as its engine's queue costs more than recomputing it elsewhere. Scores are
-    ``1 - cost / the largest cost`` in [0, 1]."""
+    spare a hot prefix spreads as soon as its engine's queue costs more than recomputing it elsewhere.
+
+    Three cases for each part of the prompt: on the engine itself (free), in the shared tier beyond what the engine
+    holds (``tier_blocks``: loaded at ``tier_load_cost`` of computing it), or nowhere (a full prefill). With a tier,
+    a context need not stay pinned to the engine that computed it: another engine loads it cheaply, so load spreads.
+    Scores are ``1 - cost / the largest cost`` in [0, 1]."""
     work = {}
+    tier_tokens = tier_blocks * block_size
     for c in candidates:
         cached = c.prefix_blocks * block_size if c.prefix_blocks >= max(1, w.min_prefix_blocks) else 0
-        uncached = max(0, prompt_tokens - cached)
+        loaded = max(0, min(prompt_tokens, tier_tokens) - cached)
+        uncached = max(0, prompt_tokens - cached - loaded)
         decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
-        work[c.url] = (c.pending_tokens + uncached * (1.0 + w.eviction_weight * c.occupancy)
+        work[c.url] = (c.pending_tokens + uncached + w.tier_load_cost * loaded
+                       + (uncached + loaded) * w.eviction_weight * c.occupancy
                        + w.decode_cost_tokens * decoding
                        + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage)))
     most = max(work.values()) or 1.0
@@ -58,4 +69,4 @@ class PrefixAware:
 
     def scores(self, candidates: Sequence[Candidate], request: RoutingRequest) -> dict[str, float]:
         tokens = request.prompt_tokens or request.prompt_blocks * request.block_size
-        return prefix_scores(candidates, tokens, request.block_size, self.args)
+        return prefix_scores(candidates, tokens, request.block_size, self.args, request.tier_blocks)

@@ -53,7 +53,8 @@ CUSTOM_VALUES: dict[str, dict[str, Any]] = {
     "ai-inference-optimization": {
         "router": {"replicas": 3, "strategy": "intelligent", "discovery": {"namespace": "llm"},
                    "pdSeparation": {"enabled": True}, "model": "qwen", "config": {"router": {"retries": 1}}},
-        "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"evictionPolicy": "LFU", "ttl": "1h"}},
+        "kvCache": {"size": "20Gi", "blockSize": 32, "config": {"evictionPolicy": "LFU", "ttl": "1h"},
+                    "volume": {"enabled": True, "storageClass": "nfs-client", "size": "50Gi"}},
         "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
                        "grafanaDashboard": {"enabled": True}, "enginePodMonitor": {"enabled": True}},
         "autoscaling": {"enabled": True, "targets": [

@@ -134,6 +134,21 @@ def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  #
         assert found == 4
         assert cache.post("/v1/lookup", {"token_ids": tokens, "model": "other"})[1]["volume_blocks"] == 0
         assert cache.post("/v1/lookup", {"token_ids": [7, *tokens[1:]]})[1]["volume_blocks"] == 0
+        # the router asks the same service: its prefix source reads the tier's share of the prompt
+        import asyncio
+
+        import aiohttp
+
+        from fuyao.inference_router.config import build_config as router_config
+        from fuyao.inference_router.fleet import PrefixSource
+
+        source = PrefixSource(router_config({"kvCache": {"blockSize": 4, "service": cache.url}}).kv_cache)
+
+        async def ask() -> int:
+            async with aiohttp.ClientSession() as session:
+                return (await source.lookup(source.keys.chain(tokens), session)).tier_blocks
+
+        assert asyncio.run(ask()) == 4
         assert cache.metric("fuyao_kvcache_volume_blocks") == 4
         assert cache.metric("fuyao_kvcache_volume_bytes") <= capacity
     finally:

@@ -150,3 +150,15 @@ def test_the_volume_is_scanned_access_logs_are_consumed_once_and_removal_frees_t
     assert volume.remove(planned.evicted) == sum(r.size for r in planned.evicted)
     assert volume.remove(planned.evicted) == 0  # already gone
     assert len(volume.scan(writer.dir)) == 1
+
+
+def test_what_the_tier_makes_is_writable_by_the_volumes_group(tmp_path: Path) -> None:
+    """Every engine and the tier manager replace and remove each other's files: directories group-writable with
+    setgid, files group-writable (the chart's kvCache.volume.fsGroup is the group)."""
+    store = BlockStore(tmp_path / "tier", NS, writer="w")
+    key = chain_keys(NS, TOKENS, 1)[0]
+    assert store.describe() and store.write(key, "", 0, TOKENS[:4], pages(0)) and store.read(key)
+    for directory in (store.dir, store.path(key).parent, store.dir / blockstore.ACCESS_DIR):
+        assert directory.stat().st_mode & 0o7777 == blockstore.DIR_MODE, directory
+    assert store.path(key).stat().st_mode & 0o777 == blockstore.FILE_MODE
+    assert (store.dir / blockstore.NAMESPACE_FILE).stat().st_mode & 0o777 == blockstore.FILE_MODE

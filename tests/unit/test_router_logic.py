@@ -228,3 +228,29 @@ def test_decode_goes_next_to_its_prefill_unless_that_node_is_busier() -> None:
     fleet.backends["http://d1:8000"].in_flight = 9  # clearly busier: load wins
     chosen = asyncio.run(router._decide("decode", [], [], "least-connections", near="n1"))
     assert chosen is not None and chosen[0].url == "http://d2:8000"
+
+
+def test_with_a_shared_tier_a_context_is_not_pinned_to_the_engine_that_computed_it() -> None:
+    """Three cases per prompt part: on the engine (free), in the shared tier (loaded at tierLoadCost of computing
+    it), nowhere (a full prefill). The holder of a 480-token context has 1,000 prefill tokens queued: without a tier
+    the idle engine would recompute the context (512 tokens) and still win; with the context in the tier it only
+    loads it, at a fifth of the cost."""
+    w = PrefixWeights()
+    holder = Candidate("http://holder", in_flight=3, prefix_blocks=30, pending_tokens=1000, prefilling=2)
+    idle = Candidate("http://idle")
+    without = prefix_scores([holder, idle], 512, 16, w)
+    with_tier = prefix_scores([holder, idle], 512, 16, w, tier_blocks=30)
+    assert with_tier["http://idle"] > without["http://idle"]
+    # the idle engine's cost: 32 computed + 0.2 x 480 loaded, against 512 computed without the tier
+    work_idle = 32 + w.tier_load_cost * 480
+    work_holder = 1000 + 32 + w.decode_cost_tokens * 1
+    assert with_tier["http://idle"] == pytest.approx(1 - work_idle / max(work_idle, work_holder))
+    # a busy holder whose queue is short: a load still costs more than a local hit, the holder keeps it
+    light = Candidate("http://holder", in_flight=1, prefix_blocks=30, pending_tokens=40, prefilling=1)
+    assert choose("prefix-aware", [light, idle], RoundRobin(), total_blocks=32, prompt_tokens=512, prefix=w).url \
+        == "http://holder"
+    # a tier that holds less than the engine adds nothing for it
+    assert prefix_scores([holder], 512, 16, w, tier_blocks=10) == prefix_scores([holder], 512, 16, w)
+    assert PrefixWeights(tierLoadCost=1.0).tier_load_cost == 1.0  # camelCase in the file
+    with pytest.raises(ValueError):
+        PrefixWeights(tier_load_cost=1.5)

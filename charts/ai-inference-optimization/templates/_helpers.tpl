@@ -55,8 +55,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $_ := set $discovery "namespace" .Values.router.discovery.namespace -}}
 {{- end -}}
 {{- $kv := dict "blockSize" .Values.kvCache.blockSize "hashSeed" .Values.kvCache.hashSeed "blockHashing" .Values.kvCache.blockHashing "size" (toString .Values.kvCache.size) "events" (dict "discovery" $discovery) -}}
+{{- if .Values.kvCache.volume.enabled -}}
+{{- $_ := set $kv "volume" (dict "path" .Values.kvCache.volume.mountPath "interval" .Values.kvCache.volume.interval) -}}
+{{- end -}}
 {{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.kvCache.port) "kvCache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{- define "ai-inference-optimization.kvClaim" -}}
+{{- .Values.kvCache.volume.existingClaim | default (printf "%s-kv" (include "ai-inference-optimization.fullname" .) | trunc 63 | trimSuffix "-") -}}
 {{- end -}}
 
 {{- define "ai-inference-optimization.podSecurity" -}}
