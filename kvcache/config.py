@@ -19,6 +19,9 @@ kvCache:
   warming:
     enabled: true
     queries: ["You are a helpful assistant.", ...]   # prefilled into the tier once at start
+    engine: http://vllm:8000  # real KV: the queries sent there (1-token completions) at start and every interval
+    model: qwen
+    interval: 1h
   volume:                     # real KV bytes: the directory engines' FuyaoKVConnector shares (docs/kv-cache.md)
     path: /mnt/kv             # held at size, by evictionPolicy and ttl (null: none)
     interval: 30s             # how often it is swept
@@ -73,6 +76,13 @@ class EventsConfig(_Section):
 class WarmingConfig(_Section):
     enabled: bool = False
     queries: list[str] = []
+    engine: str | None = Field(default=None, pattern=r"^https?://", description=(
+        "an OpenAI-compatible URL (an engine running fuyao's KV connector, or the router in front of them): the "
+        "queries are sent there as completions (1 token), so their KV is computed and stored on the volume tier; "
+        "null: only the simulated tier is prefilled"))
+    model: str = Field(default="", description="the served model name the warming completions ask for")
+    interval: Seconds = Field(default=3600.0, gt=0, description="how often the queries are sent again (a tier "
+                              "evicts; engines restart)")
 
 
 class VolumeConfig(_Section):

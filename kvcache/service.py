@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -182,7 +183,48 @@ class KvCacheService:
         app.router.add_get("/metrics", metrics)
         if self.volume is not None:
             app.cleanup_ctx.append(self._sweeping)
+        if self.settings.warming.enabled and self.settings.warming.engine and self.settings.warming.queries:
+            app.cleanup_ctx.append(self._warming)
         return app
+
+    async def warm_engine(self, session: aiohttp.ClientSession) -> int:
+        """Send each warming query to the engine as a 1-token completion (its KV connector stores the blocks on the
+        volume); the number it answered. Failures are logged, never raised."""
+        warming = self.settings.warming
+        answered = 0
+        for query in warming.queries:
+            body = {"prompt": query, "max_tokens": 1, **({"model": warming.model} if warming.model else {})}
+            try:
+                async with session.post(f"{warming.engine}/v1/completions", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=120)) as response:
+                    if response.status == 200:
+                        answered += 1
+                    else:
+                        log.warning("warming query refused by %s: HTTP %s %s", warming.engine, response.status,
+                                    (await response.text())[:200])
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("warming query not sent to %s: %s", warming.engine, exc or type(exc).__name__)
+        self.metrics.warmed.inc(answered)
+        return answered
+
+    async def _warming(self, _app: web.Application) -> AsyncIterator[None]:
+        """The warming queries through the engine at start (until one round answers fully, every 10 s: the engines
+        may start after this service) and then every ``warming.interval``."""
+        warming = self.settings.warming
+
+        async def loop() -> None:
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    answered = await self.warm_engine(session)
+                    log.info("warming: %d of %d queries computed by %s", answered, len(warming.queries),
+                             warming.engine)
+                    await asyncio.sleep(warming.interval if answered == len(warming.queries) else 10.0)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _sweeping(self, _app: web.Application) -> AsyncIterator[None]:
         """The volume tier's sweeps, every ``volume.interval``, in a thread (file I/O), for the app's lifetime."""
@@ -277,6 +319,8 @@ class KvCacheMetrics:
         self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
                                ("policy",), registry=r)
         self.expirations = Gauge("fuyao_kvcache_tier_expirations", "Blocks expired by ttl (cumulative)", registry=r)
+        self.warmed = Counter("fuyao_kvcache_warming_queries", "Warming queries an engine computed (their KV stored "
+                              "on the volume tier by its connector)", registry=r)
         self.volume_blocks = Gauge("fuyao_kvcache_volume_blocks", "KV block files on the tier's volume (last sweep)",
                                    registry=r)
         self.volume_bytes = Gauge("fuyao_kvcache_volume_bytes", "Bytes of KV block files on the tier's volume (last "

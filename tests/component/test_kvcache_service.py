@@ -153,3 +153,23 @@ def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  #
         assert cache.metric("fuyao_kvcache_volume_bytes") <= capacity
     finally:
         cache.close()
+
+
+def test_warming_sends_the_queries_through_an_engine_and_survives_one_that_is_down(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``warming.engine``: the queries go to an engine as 1-token completions (with fuyao's KV connector their KV
+    lands on the volume tier), at start and again every interval; an engine that is not up yet is retried, and the
+    service keeps serving meanwhile."""
+    sim = engine()
+    config = tmp_path / "kv.yaml"
+    config.write_text(f"version: v1\nkvCache:\n  warming:\n    enabled: true\n    engine: {sim.url}\n"
+                      "    interval: 300ms\n    queries: ['You are a helpful assistant.', 'Answer briefly.']\n")
+    cache = kvcache("--config", str(config)).start()  # before the engine: its first round fails
+    try:
+        assert cache.get("/healthz")[0] == 200 and cache.metric("fuyao_kvcache_warming_queries_total") == 0
+        sim.start()
+        wait_for(lambda: cache.metric("fuyao_kvcache_warming_queries_total") >= 4, 30, "two warming rounds")
+        assert sim.metric("vllm:request_success_total") >= 4
+        assert "warming query not sent" in cache.log_text()  # the first round, said
+    finally:
+        cache.close()
+        sim.close()
