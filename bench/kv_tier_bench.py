@@ -24,6 +24,7 @@ Usage: bench/kv_tier_bench.py [--duration 40] [--rate 1.2] [--blocks 96] [--only
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import add_out_argument, emit
-from bench.router_bench import Job, comparison_lines, multi_turn, shared_prefix, steady_state_run
+from bench.router_bench import Job, comparison_lines, multi_turn, pct, run_load, shared_prefix, steady_state_run
 from tests.support.apiserver import free_port
 from tests.support.engines import Daemon, kvcache
 from tests.support.vllm import BLOCK_SIZE, MODEL, REPO, vllm_engine
@@ -130,7 +131,21 @@ def main() -> None:
     def run(name: str, router_url: str, engines: list[Daemon], workload_name: str) -> None:
         jobs = workload(workload_name, args.rate, args.duration, args.seed, args.words)
         tag = f"{workload_name}/{name}".replace(" ", "-")
-        result = steady_state_run(router_url, jobs, tag, lambda: counters(engines))
+        if "messages" in jobs[0].body:  # conversations: the run's name opens each one (no warm-up: turns build it)
+            for job in jobs:
+                first = job.body["messages"][0]
+                job.body["messages"] = [{**first, "content": f"[{tag}] " + first["content"]},
+                                        *job.body["messages"][1:]]
+            before = counters(engines)
+            samples, wall = asyncio.run(run_load(router_url, jobs))
+            after = counters(engines)
+            ok = [s.ttft for s in samples if s.error is None and s.ttft is not None]
+            queries = after[1] - before[1]
+            result = {"requests": len(samples), "errors": len(samples) - len(ok), "p50": pct(ok, 50),
+                      "p88": pct(ok, 88), "hit_rate": (after[0] - before[0]) / queries if queries else None,
+                      "wall": wall}
+        else:
+            result = steady_state_run(router_url, jobs, tag, lambda: counters(engines))
         rows[workload_name][name] = result
         print(f"{workload_name:14s} {name:34s} {json.dumps(result)}", flush=True)
 

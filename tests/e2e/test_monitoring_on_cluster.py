@@ -192,8 +192,9 @@ def test_the_design_doc_queries_are_answered_by_prometheus(cluster: LocalCluster
     assert len({r["metric"]["device"] for r in answers["NPU utilization"]}) == 8  # the node's NPUs
     assert any(r["metric"].get("verb") == "filter" for r in answers["extender decisions"])
     # the engines' own metrics, through the chart's PodMonitor
-    engines = wait_for(lambda: monitoring.query('count(up{job=~".*engines.*"} == 1)'), 60,
-                       "the engine pods' targets up")
+    # Prometheus discovers the two targets one by one: wait for both, not for the first
+    engines = wait_for(lambda: (up := monitoring.query('count(up{job=~".*engines.*"} == 1)'))
+                       and float(up[0]["value"][1]) >= 2 and up, 90, "both engine pods' targets up")
     assert float(engines[0]["value"][1]) >= 2
 
 
