@@ -25,7 +25,6 @@ Standard library only: it runs inside vLLM's processes (``fuyao.kvcache.connecto
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -127,8 +126,7 @@ class BlockStore:
         self.root = Path(self.root)
         self.dir = self.root / "v1" / self.namespace.id()
         self.last_write_error = ""
-        self.volume_full = False
-        """The last write found the volume full (ENOSPC/EDQUOT): the connector stops storing for a while."""
+        """What the volume said to the last write it refused (``stats.write_errors`` counts them)."""
 
     def describe(self) -> bool:
         """Write ``namespace.json`` (what this namespace is: the tier manager publishes its blocks under the model's
@@ -190,11 +188,9 @@ class BlockStore:
         except OSError as exc:
             self.stats.write_errors += 1
             self.last_write_error = f"{path}: {exc.strerror or exc}"
-            self.volume_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return False
-        self.volume_full = False
         self.stats.blocks_stored += 1
         self.stats.bytes_stored += len(payload)
         self.stats.store_seconds += time.monotonic() - started

@@ -176,6 +176,7 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         # worker side
         self._caches: dict[str, torch.Tensor] = {}
+        self._layout: list[tuple[str, int]] = []
         self._load_errors: set[int] = set()
         self._paused_until = 0.0
         self._reported = self._store.stats.as_dict()
@@ -216,20 +217,13 @@ class FuyaoKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = FuyaoConnectorMetadata()
-        bs = self._block_size
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
                 continue
             tracked.block_ids = list(new.block_ids[0])
-            if tracked.external > 0:
-                first = (new.num_computed_tokens - tracked.external) // bs
-                count = tracked.external // bs
-                keys = self._keys(tracked, first + count)
-                meta.loads += [(tracked.block_ids[first + i], keys[first + i]) for i in range(count)]
-                tracked.stored = first + count  # in the tier already
-                tracked.external = 0
+            self._loads(meta, tracked, new.num_computed_tokens)
             self._stores(meta, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         resumed: set[str] = set(getattr(cached, "resumed_req_ids", None) or ())
@@ -241,17 +235,23 @@ class FuyaoKVConnector(KVConnectorBase_V1):
             if req_id in resumed:
                 tracked.block_ids = list(new_ids[0]) if new_ids else []
                 tracked.stored = 0
-                if tracked.external > 0:  # a resumed request may load again
-                    first = (cached.num_computed_tokens[i] - tracked.external) // bs
-                    count = tracked.external // bs
-                    keys = self._keys(tracked, first + count)
-                    meta.loads += [(tracked.block_ids[first + j], keys[first + j]) for j in range(count)]
-                    tracked.stored = first + count
-                    tracked.external = 0
+                self._loads(meta, tracked, cached.num_computed_tokens[i])  # a resumed request may load again
             elif new_ids:
                 tracked.block_ids += list(new_ids[0])
             self._stores(meta, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
+
+    def _loads(self, meta: FuyaoConnectorMetadata, tracked: _Tracked, computed: int) -> None:
+        """The blocks ``update_state_after_alloc`` said to load: the ``external`` tokens just before ``computed``
+        (what the engine's own cache and the tier hold together), into the request's blocks there."""
+        if tracked.external <= 0:
+            return
+        bs = self._block_size
+        first, count = (computed - tracked.external) // bs, tracked.external // bs
+        keys = self._keys(tracked, first + count)
+        meta.loads += [(tracked.block_ids[first + i], keys[first + i]) for i in range(count)]
+        tracked.stored = first + count  # in the tier already
+        tracked.external = 0
 
     def _stores(self, meta: FuyaoConnectorMetadata, tracked: _Tracked, computed: int) -> None:
         """The blocks full and computed after this step that the tier does not hold yet."""
@@ -276,11 +276,13 @@ class FuyaoKVConnector(KVConnectorBase_V1):
     # Worker side -----------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._caches = dict(sorted(kv_caches.items()))
+        self._layout = [(name, cache[0].numel() * cache.element_size()) for name, cache in self._caches.items()]
+        """Each layer's page size in bytes: what a block file of this engine holds, in this order."""
 
-    def _pages(self, block_id: int) -> list[tuple[str, torch.Tensor]]:
-        """Each layer's page of a block, as bytes (a view: one contiguous block of the layer's cache)."""
-        return [(name, cache[block_id].contiguous().view(torch.uint8).reshape(-1))
-                for name, cache in self._caches.items()]
+    def _pages(self, block_id: int) -> list[torch.Tensor]:
+        """Each layer's page of a block as bytes: a view into the cache (a page is contiguous; a view of one that is
+        not fails here rather than being copied, which would load into the copy)."""
+        return [cache[block_id].view(torch.uint8).reshape(-1) for cache in self._caches.values()]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -288,8 +290,7 @@ class FuyaoKVConnector(KVConnectorBase_V1):
             return
         for block_id, key in meta.loads:
             block = self._store.read(key)
-            expected = [(name, page.numel()) for name, page in self._pages(block_id)]
-            if block is None or block.layers != expected:
+            if block is None or block.layers != self._layout:
                 if block is not None:
                     self._store.stats.blocks_missed += 1
                 self._load_errors.add(block_id)
@@ -298,11 +299,9 @@ class FuyaoKVConnector(KVConnectorBase_V1):
                 continue
             payload = torch.frombuffer(bytearray(block.payload), dtype=torch.uint8)
             offset = 0
-            for cache in self._caches.values():
-                page = cache[block_id]
-                size = page.numel() * page.element_size()
-                page.view(torch.uint8).reshape(-1).copy_(payload[offset:offset + size])
-                offset += size
+            for page in self._pages(block_id):
+                page.copy_(payload[offset:offset + page.numel()])
+                offset += page.numel()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads are synchronous: done in start_load_kv
@@ -318,15 +317,16 @@ class FuyaoKVConnector(KVConnectorBase_V1):
             return
         if time.monotonic() < self._paused_until:
             return
+        refused = self._store.stats.write_errors
         for block_id, key, parent, position, token_ids in meta.stores:
-            pages = [(name, page.numpy().tobytes()) for name, page in self._pages(block_id)]
-            if self._store.write(key, parent, position, token_ids, pages) or not self._store.last_write_error:
-                continue  # written, or already in the tier
-            self._paused_until = time.monotonic() + self._retry_s
-            log.warning("FuyaoKVConnector: the tier refused a write (%s): no stores for %.0f s",
-                        self._store.last_write_error, self._retry_s)
-            self._store.last_write_error = ""
-            return
+            pages = [(name, page.numpy().tobytes())
+                     for (name, _), page in zip(self._layout, self._pages(block_id), strict=True)]
+            self._store.write(key, parent, position, token_ids, pages)
+            if self._store.stats.write_errors > refused:
+                self._paused_until = time.monotonic() + self._retry_s
+                log.warning("FuyaoKVConnector: the tier refused a write (%s): no stores for %.0f s",
+                            self._store.last_write_error, self._retry_s)
+                return
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import aiohttp
@@ -182,9 +182,9 @@ class KvCacheService:
         app.router.add_get("/readyz", healthz)
         app.router.add_get("/metrics", metrics)
         if self.volume is not None:
-            app.cleanup_ctx.append(self._sweeping)
+            app.cleanup_ctx.append(_for_the_apps_lifetime(self._sweeping))
         if self.settings.warming.enabled and self.settings.warming.engine and self.settings.warming.queries:
-            app.cleanup_ctx.append(self._warming)
+            app.cleanup_ctx.append(_for_the_apps_lifetime(self._warming))
         return app
 
     async def warm_engine(self, session: aiohttp.ClientSession) -> int:
@@ -207,47 +207,43 @@ class KvCacheService:
         self.metrics.warmed.inc(answered)
         return answered
 
-    async def _warming(self, _app: web.Application) -> AsyncIterator[None]:
+    async def _warming(self) -> None:
         """The warming queries through the engine at start (until one round answers fully, every 10 s: the engines
         may start after this service) and then every ``warming.interval``."""
         warming = self.settings.warming
-
-        async def loop() -> None:
-            async with aiohttp.ClientSession() as session:
-                while True:
-                    answered = await self.warm_engine(session)
-                    log.info("warming: %d of %d queries computed by %s", answered, len(warming.queries),
-                             warming.engine)
-                    await asyncio.sleep(warming.interval if answered == len(warming.queries) else 10.0)
-
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def _sweeping(self, _app: web.Application) -> AsyncIterator[None]:
-        """The volume tier's sweeps, every ``volume.interval``, in a thread (file I/O), for the app's lifetime."""
-        assert self.volume is not None
-        volume = self.volume
-
-        async def loop() -> None:
+        async with aiohttp.ClientSession() as session:
             while True:
-                try:
-                    report = await asyncio.to_thread(volume.sweep)
-                    if report.evicted or report.expired:
-                        log.info("volume tier swept", extra={
-                            "blocks": report.blocks, "bytes": report.bytes, "evicted": report.evicted,
-                            "expired": report.expired, "freed_bytes": report.freed_bytes})
-                except OSError as exc:  # the volume went away: said, and tried again next time
-                    log.warning("volume tier sweep failed: %s", exc)
-                await asyncio.sleep(self.settings.volume.interval)
+                answered = await self.warm_engine(session)
+                log.info("warming: %d of %d queries computed by %s", answered, len(warming.queries), warming.engine)
+                await asyncio.sleep(warming.interval if answered == len(warming.queries) else 10.0)
 
-        task = asyncio.create_task(loop())
+    async def _sweeping(self) -> None:
+        """The volume tier's sweeps, every ``volume.interval``, in a thread (file I/O)."""
+        assert self.volume is not None
+        while True:
+            try:
+                report = await asyncio.to_thread(self.volume.sweep)
+                if report.evicted or report.expired:
+                    log.info("volume tier swept", extra={
+                        "blocks": report.blocks, "bytes": report.bytes, "evicted": report.evicted,
+                        "expired": report.expired, "freed_bytes": report.freed_bytes})
+            except OSError as exc:  # the volume went away: said, and tried again next time
+                log.warning("volume tier sweep failed: %s", exc)
+            await asyncio.sleep(self.settings.volume.interval)
+
+
+def _for_the_apps_lifetime(work: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[web.Application],
+                                                                           AsyncIterator[None]]:
+    """An aiohttp cleanup context running ``work()`` as a task from start-up until the app stops."""
+
+    async def context(_app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(work())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    return context
 
 
 class _DesignDocNames(Collector):

@@ -98,10 +98,6 @@ def scan(namespace_dir: Path) -> list[FileRecord]:
     return found
 
 
-def access_log(namespace_dir: Path, writer: str) -> Path:
-    return namespace_dir / ACCESS_DIR / f"{writer}.log"
-
-
 def consume_access_logs(namespace_dir: Path) -> Counter[str]:
     """Loads per key recorded since the last call (each log is renamed, read and removed)."""
     counts: Counter[str] = Counter()
@@ -159,7 +155,8 @@ class VolumeTier:
         self._content: dict[str, int] = {}  # key → the index's key of that block
         self._models: dict[str, str] = {}  # namespace dir → served model name ("" when unknown)
         self.published: dict[str, frozenset[int]] = {}
-        """Served model → the index keys of the blocks the volume holds (replaced whole after each sweep)."""
+        """Served model → the index keys of the blocks the volume holds, and "" → those of every model (replaced whole
+        after each sweep, so a lookup reads one set)."""
         self.capacity_bytes = capacity_bytes
         self.policy = policy
         self.ttl_s = ttl_s
@@ -237,12 +234,12 @@ class VolumeTier:
                 except (ValueError, IndexError):
                     continue
             published.setdefault(model, set()).add(self._content[key])
-        self.published = {model: frozenset(keys) for model, keys in published.items()}
+        every = frozenset().union(*published.values())
+        self.published = {"": every, **{model: frozenset(keys) for model, keys in published.items()}}
 
     def leading(self, hashes: Sequence[int], model: str = "") -> int:
         """How many of a prompt's leading blocks (index keys) the volume holds, for ``model`` (any when empty)."""
-        published = self.published
-        held = published.get(model, frozenset()) if model else frozenset().union(*published.values())
+        held = self.published.get(model, frozenset())
         count = 0
         for block in hashes:
             if block not in held:
