@@ -48,15 +48,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """The Docker-free local cluster, or with ``--cluster=kind`` a kind cluster of one NPU worker on fuyao's node
     image (tests.support.kind; the tests marked kind run there too)."""
     if request.config.getoption("--cluster") == "kind":
-        from tests.support.images import build_busybox
         from tests.support.kind import KindCluster
 
         kind = KindCluster(tmp_path_factory.mktemp("kind-cluster", numbered=True), name="fuyao-e2e",
                            local_image=True)
         try:
             kind.up(log=print)
-            kind.import_image(built[0])
-            kind.import_image(build_busybox(kind.dir))
+            kind.load_images(built[0])
             yield kind  # type: ignore[misc]
         finally:
             kind.down()

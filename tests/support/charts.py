@@ -93,7 +93,7 @@ def install_stack(cluster: LocalCluster | KindCluster, image: str, namespace: st
     each install took (until its pods were Ready)."""
     cluster.kubectl("label", "node", cluster.node, f"{LABEL_ACCELERATOR}={ACCELERATOR_ASCEND_NPU}", "--overwrite")
     kubeconfig = cluster.dir / "admin.kubeconfig"
-    values = local_values(cluster, image) if isinstance(cluster, LocalCluster) else cluster.chart_values(image)
+    values = cluster.chart_values(image)
     if monitoring:
         values = {chart: _merge(v, monitoring_values()[chart]) for chart, v in values.items()}
     for chart, more in (extra or {}).items():

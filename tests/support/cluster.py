@@ -263,7 +263,7 @@ state = "{base / 'state'}"
         reach the API server, tests and the demo reach pod IPs and ClusterIPs from the host. Nothing else on the
         host changes (no forwarding, no NAT); deleting the namespace deletes the pair and the routes."""
         self.link = f"fyh{os.getpid() % 100000}"
-        run = _ip_run
+        run = run_network_command
         swept = _sweep_stale_networks("fuyao-")
         deadline, taken = time.monotonic() + (15 if swept else 0), "?"
         while taken:  # the kernel drops a deleted namespace's links asynchronously
@@ -317,6 +317,12 @@ state = "{base / 'state'}"
 }}
 """)
         self._spawn("coredns", [binary("coredns"), "-conf", str(corefile)], netns=True)
+
+    def chart_values(self, image: str) -> dict[str, dict[str, Any]]:
+        """Per chart, the values for this cluster (``tests.support.charts.local_values``)."""
+        from .charts import local_values
+
+        return local_values(self, image)
 
     def import_image(self, archive: Path) -> None:
         """Load a docker-archive into the node's containerd (pods use it with ``imagePullPolicy: Never``)."""
@@ -477,7 +483,7 @@ def _remove_kubepods_cgroups(root: Path = Path("/sys/fs/cgroup")) -> None:
             top.rmdir()
 
 
-def _ip_run(*args: str) -> None:
+def run_network_command(*args: str) -> None:
     """One network command of the bring-up; a failure names the command and what it printed."""
     result = subprocess.run(list(args), capture_output=True, text=True)
     if result.returncode != 0:

@@ -117,14 +117,21 @@ def write_docker_archive(path: Path, tags: list[str], layers: Sequence[bytes | P
     return write_images(path, [Image(tags, layers, config, history)])
 
 
-def build_pause(out_dir: Path) -> Path:
+def compile_pause(binary: Path) -> Path:
+    """The pause program (``PAUSE_C``), compiled statically to ``binary``."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise RuntimeError("the pause image needs a C compiler (apt-get install gcc libc6-dev)")
     with tempfile.TemporaryDirectory() as tmp:
-        source, binary = Path(tmp) / "pause.c", Path(tmp) / "pause"
+        source = Path(tmp) / "pause.c"
         source.write_text(PAUSE_C)
         subprocess.run([gcc, "-static", "-Os", "-o", str(binary), str(source)], check=True, capture_output=True)
+    return binary
+
+
+def build_pause(out_dir: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = compile_pause(Path(tmp) / "pause")
         return _archive(out_dir / "pause.tar", PAUSE_IMAGE, {"pause": (binary.read_bytes(), 0o755, None)},
                         ["/pause"])
 

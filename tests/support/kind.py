@@ -39,6 +39,7 @@ import yaml
 from fuyao.contracts import ACCELERATOR_ASCEND_NPU, LABEL_ACCELERATOR, RESOURCE_NPU
 
 from .apiserver import binary
+from .cluster import run_network_command
 from .kubectl import KubeCluster
 from .polling import wait_for
 
@@ -218,9 +219,7 @@ class KindCluster(KubeCluster):
             ["ip", "route", "replace", POD_SUBNET, "via", self.netns_ip],
         ]
         for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise KindError(f"{' '.join(command)}: {done.stderr.strip()}")
+            run_network_command(*command)
 
     def up(self, log: Any = print) -> KindCluster:
         started = time.monotonic()
@@ -276,6 +275,13 @@ class KindCluster(KubeCluster):
         """``kind load image-archive`` into every node (pods use it with ``imagePullPolicy: Never``)."""
         self.kind("load", "image-archive", str(archive), "--name", self.name, timeout=900)
 
+    def load_images(self, archive: Path) -> None:
+        """fuyao's image (``archive``) and the busybox the tests' pods run, into every node."""
+        from .images import build_busybox
+
+        self.import_image(archive)
+        self.import_image(build_busybox(self.dir))
+
     def pod_log(self, namespace: str, pod: str, container: str = "main") -> str:
         return self.kubectl("logs", "-n", namespace, pod, "-c", container, check=False)
 
@@ -287,13 +293,11 @@ class KindCluster(KubeCluster):
 def install(cluster: KindCluster, log: Any = print) -> dict[str, float]:
     """fuyao's image and the test images loaded into the nodes, then the four charts (tests.support.charts)."""
     from .charts import install_stack
-    from .images import build_busybox
     from .runtime_image import build
 
     archive, tag = build()
     log(f"==> kind load image-archive {archive.name} (and busybox)")
-    cluster.import_image(archive)
-    cluster.import_image(build_busybox(cluster.dir))
+    cluster.load_images(archive)
     took = install_stack(cluster, tag, log=log)
     wait_for(lambda: all(v != "0" for v in cluster.npus_advertised().values()), 120,
              f"{RESOURCE_NPU} allocatable on every worker")
