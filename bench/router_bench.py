@@ -546,10 +546,10 @@ def main() -> None:
         jobs = shared_prefix(args.vllm_rate, args.duration, args.seed, groups=24, prefix_words=args.vllm_words,
                              output=16)
         rows = {}
-        from tests.support.vllm import tiny_model
+        from tests.support.vllm import generated_model
 
         for kind, strategy in (("fuyao", "round-robin"), ("fuyao", "prefix-aware"),
-                               ("fuyao", f"prefix-aware +tokenizer={tiny_model()}"),
+                               ("fuyao", f"prefix-aware +tokenizer={generated_model()}"),
                                ("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")):
             if kind == "vllm-router" and not have_vllm_router:
                 continue

@@ -216,16 +216,21 @@ class EngineApi:
                       "kv_transfer_params": self._transfer_result(requests[0])})
 
     async def _from_tier(self, ids: list[int]) -> int:
-        """Leading prompt tokens the shared tier can give beyond the local prefix cache (``--kv-remote``)."""
-        remote = self.engine.remote
-        if remote is None:
+        """Leading prompt tokens the shared tier gives beyond the local prefix cache (``--kv-volume``: read from the
+        volume now; ``--kv-remote``: the bookkeeping tier's count). Never the last token: the engine computes it."""
+        remote, volume = self.engine.remote, self.engine.volume
+        if remote is None and volume is None:
             return 0
         pool = self.engine.pool
         hashes = pool.hashes(ids, limit=(len(ids) - 1) // pool.block_size)
         local = len(pool.cached_prefix(hashes))
-        if local >= len(hashes):
-            return 0
-        found = await remote.fetchable(hashes[local:])
+        found = 0
+        if volume is not None:
+            found = await volume.load(ids, local, len(hashes))
+            if self.engine.metrics is not None:
+                self.engine.metrics.external(len(ids), found * pool.block_size)
+        elif local < len(hashes):
+            found = await remote.fetchable(hashes[local:])
         return (local + found) * pool.block_size if found else 0
 
     async def _collect(self, request: Request) -> str:

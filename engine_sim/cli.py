@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-events-format", choices=["release", "main", "array"], default="release",
                    help="vLLM's payload envelope (see docs/engine-sim.md)")
     p.add_argument("--kv-remote", help="URL of the shared KV block tier (fuyao-kvcache)")
+    p.add_argument("--kv-volume", help="directory of fuyao's shared KV tier (an RWX volume every engine mounts): "
+                   "computed blocks are stored there and missing prefix blocks loaded from it, in the files of "
+                   "fuyao's vLLM KV connector (docs/kv-cache.md)")
+    p.add_argument("--kv-volume-bytes-per-token", type=int, default=64,
+                   help="simulated KV bytes per token in the volume's files (their size, for eviction)")
     p.add_argument("--latency-profile", help="YAML latency profile (step_base_ms, prefill_per_token_ms, ...)")
     p.add_argument("--time-scale", type=float, default=1.0, help="run the clock this many times faster")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
@@ -62,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> str | None:
-    for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+    if args.kv_volume and args.kv_remote:
+        return "--kv-volume and --kv-remote: choose one shared tier"
+    for name in ("kv_volume_bytes_per_token", "block_size", "num_gpu_blocks", "max_num_seqs",
+                 "max_num_batched_tokens", "max_model_len",
                  "default_max_tokens"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')}: must be positive"
@@ -104,6 +112,11 @@ async def serve(args: argparse.Namespace) -> int:
         from .remote import RemoteTier
 
         engine.remote = RemoteTier(args.kv_remote, settings.block_size)
+    if args.kv_volume:
+        from .shared_volume import SharedVolume
+
+        engine.volume = SharedVolume(args.kv_volume, args.model, settings.block_size, args.kv_volume_bytes_per_token)
+        metrics.tier_stats = engine.volume.stats
     engine.start()
     api = EngineApi(engine, args.host, args.port, publisher, args.enable_fault_injection, tokenizer)
 
@@ -116,6 +129,8 @@ async def serve(args: argparse.Namespace) -> int:
     await engine.stop()
     if engine.remote is not None:
         await engine.remote.close()
+    if engine.volume is not None:
+        await engine.volume.close()
     if publisher:
         publisher.shutdown()
     return code

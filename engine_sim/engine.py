@@ -34,6 +34,7 @@ from fuyao.kv_blocks import BlockStored, EventBatch, KvEvent
 
 from .kv import Allocation, BlockPool, VllmChain
 from .profile import LatencyProfile
+from .shared_volume import SharedVolume
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class Request:
     remote_prefill: bool = False  # decode side of a P/D pair: pull the prompt's KV instead of computing it
     remote_decode: bool = False  # prefill side: stop after the first token, hand the KV over
     external_tokens: int = 0  # leading prompt tokens whose KV the shared tier has (fetched, not computed)
+    loaded_tokens: int = 0  # prompt tokens whose KV came from elsewhere (the tier, a prefill engine)
+    load_seconds: float = 0.0  # the modelled time its tier load took (wall time)
+    scheduled_at: float | None = None  # when the engine first took it up (vLLM's prefill time starts here)
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None  # the engine failed this request: why
@@ -119,6 +123,7 @@ class Engine:
         self.inject_request_errors = 0  # fault injection: this many next admitted requests raise inside the loop
         self.inject_loop_failure = False  # fault injection: every iteration raises outside any request
         self.remote: Any = None  # the shared block tier client (--kv-remote)
+        self.volume: SharedVolume | None = None  # the shared tier's volume (--kv-volume)
         self.steps = 0
         self.failure: str | None = None  # why the loop stopped, when it did
         self._current: Request | None = None  # the request the loop is working on, for failing just that one
@@ -279,6 +284,7 @@ class Engine:
                 self.inject_request_errors -= 1
                 raise RuntimeError("injected fault: this request fails inside the engine loop")
             if not request.allocation.blocks and not request.computed:
+                request.scheduled_at = request.scheduled_at or now
                 request.allocation, cached = self.pool.start(request.all_tokens(), count_query=not request.queried)
                 request.queried = True
                 request.computed = request.cached_tokens = cached
@@ -312,10 +318,15 @@ class Engine:
             return False
         transferred = target - request.computed
         request.computed = target
+        request.loaded_tokens = transferred
         self.pool.computed(request.allocation, request.all_tokens(), request.computed)
+        from_tier = not request.remote_prefill
         request.remote_prefill = False
         request.external_tokens = 0
-        request.ready_at = now + transferred * self.profile.kv_transfer_per_token_ms / 1000 / self.settings.time_scale
+        delay_s = transferred * self.profile.kv_transfer_per_token_ms / 1000
+        request.ready_at = now + delay_s / self.settings.time_scale
+        if from_tier and self.volume is not None:
+            request.load_seconds = delay_s / self.settings.time_scale  # counted with its first token (see _apply)
         if self.metrics is not None:
             self.metrics.kv_transferred_tokens.inc(transferred)
         return True
@@ -342,6 +353,9 @@ class Engine:
                 continue  # a prefill chunk: no token yet
             token = self.output_ids[request.rng.randrange(len(self.output_ids))]
             request.output.append(token)
+            if request.first_token_at is None and request.load_seconds and self.volume is not None:
+                # as vLLM's synchronous load: reported with the step that ends the prefill it belongs to
+                self.volume.stats.load_seconds += request.load_seconds
             if self.metrics is not None:
                 self.metrics.token(request, now)
             request.first_token_at = request.first_token_at or now
@@ -367,6 +381,8 @@ class Engine:
         events: list[KvEvent] = self.pool.take_events()
         if events and self.publish is not None:
             self.publish(EventBatch(time.time(), events, 0))
+        if events and self.volume is not None:
+            self.volume.stored([e for e in events if isinstance(e, BlockStored)])
         if events and self.remote is not None:
             stored = [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]
             if stored:

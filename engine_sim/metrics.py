@@ -9,8 +9,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from fuyao.kvcache.blockstore import COUNTERS, METRIC_PREFIX, StoreStats
+
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
             80.0)
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
@@ -44,6 +47,22 @@ class EngineMetrics:
                              labels, buckets=_ITL, registry=r).labels(*self._labels)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                              labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase "
+                                      "for request.", labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+        self.prefill_computed = Histogram("vllm:request_prefill_kv_computed_tokens", "Histogram of new KV tokens "
+                                          "computed during prefill (excluding cached tokens).", labels,
+                                          buckets=_TOKENS, registry=r).labels(*self._labels)
+        self.external_queries = Counter("vllm:external_prefix_cache_queries", "External prefix cache queries from "
+                                        "KV connector cross-instance cache sharing, in terms of number of queried "
+                                        "tokens.", labels, registry=r).labels(*self._labels)
+        self.external_hits = Counter("vllm:external_prefix_cache_hits", "External prefix cache hits from KV "
+                                     "connector cross-instance cache sharing, in terms of number of cached tokens.",
+                                     labels, registry=r).labels(*self._labels)
+        self._tier = {name: Counter(METRIC_PREFIX + name, text, labels, registry=r).labels(*self._labels)
+                      for name, text in COUNTERS.items()}
+        self._tier_reported: dict[str, float] = {}
+        self.tier_stats: StoreStats | None = None
+        """The shared volume's counters (``--kv-volume``), brought into ``fuyao_kv_tier_*`` at every scrape."""
         self.kv_transferred_tokens = Counter("fuyao_engine_kv_transfer_tokens", "Prompt tokens whose KV was pulled "
                                              "from a prefill engine or the shared tier instead of computed", labels,
                                              registry=r).labels(*self._labels)
@@ -54,6 +73,19 @@ class EngineMetrics:
                      ("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"), registry=r)
         info.labels(str(block_size), str(num_gpu_blocks), "True", engine).set(1)
         self._last_queries = self._last_hits = 0
+
+    def external(self, queried: int, hits: int) -> None:
+        """A prompt of ``queried`` tokens asked of the shared tier; ``hits`` tokens loaded (vLLM counts the same)."""
+        self.external_queries.inc(queried)
+        self.external_hits.inc(hits)
+
+    def _sync_tier(self, stats: StoreStats) -> None:
+        """Bring the ``fuyao_kv_tier_*`` counters (the connector's names) up to the volume's counts."""
+        for name, value in stats.as_dict().items():
+            delta = value - self._tier_reported.get(name, 0.0)
+            if delta > 0 and name in self._tier:
+                self._tier[name].inc(delta)
+                self._tier_reported[name] = value
 
     def state(self, running: int, waiting: int, pool: Any) -> None:
         self.running.set(running)
@@ -70,6 +102,8 @@ class EngineMetrics:
         if request.first_token_at is None:
             self.ttft.observe(now - request.arrival)
             self.prompt_tokens.inc(len(request.prompt))
+            self.prefill_time.observe(now - (request.scheduled_at or request.arrival))
+            self.prefill_computed.observe(max(0, len(request.prompt) - request.cached_tokens - request.loaded_tokens))
         elif request.last_token_at is not None:
             self.itl.observe(now - request.last_token_at)
         self.generation_tokens.inc()
@@ -79,4 +113,6 @@ class EngineMetrics:
         self.e2e.observe(time.monotonic() - request.arrival)
 
     def render(self) -> bytes:
+        if self.tier_stats is not None:
+            self._sync_tier(self.tier_stats)
         return generate_latest(self.registry)

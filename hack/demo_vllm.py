@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.router_bench import comparison_lines, shared_prefix, steady_state_run  # noqa: E402
 from tests.support.engines import Daemon, metric_total, router  # noqa: E402
-from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine, vllm_python  # noqa: E402
+from tests.support.vllm import BLOCK_SIZE, MODEL, generated_model, vllm_engine, vllm_python  # noqa: E402
 
 STEPS = 5
 
@@ -72,7 +72,7 @@ def main() -> None:
     since = step(1, "the vLLM CPU venv (built once: a few minutes, ~6 GB in ~/.cache/fuyao) and a tiny model")
     python = vllm_python()
     say(f"python: {python}")
-    say(f"model:  {tiny_model()} (random weights; its own tokenizer.json and chat template)")
+    say(f"model:  {generated_model()} (random weights; its own tokenizer.json and chat template)")
     say(f"done in {time.monotonic() - since:.1f} s")
 
     engines: list[Daemon] = []

@@ -26,6 +26,7 @@ class Candidate:
     pending_tokens: int = 0  # prompt tokens the router sent there that are not prefilled yet (no first byte)
     prefilling: int = 0  # requests among in_flight still waiting for their first byte
     occupancy: float = 0.0  # share of the engine's KV blocks its prefix cache holds (from its events)
+    tier_load_cost: float | None = None  # measured cost of a token loaded from the shared tier (tier_cost), or None
 
     @property
     def load(self) -> float:

@@ -16,7 +16,7 @@ router:
   circuitBreaker: {failureThreshold: 5, timeout: 30s}
   intelligent: {queueWeight: 0.4, cpuWeight: 0.3, memoryWeight: 0.3, queueScale: 2, runningScale: 64}
   prefixAware: {decodeCostTokens: 24, kvPressureTokens: 256, evictionWeight: 1.0, minPrefixBlocks: 1,
-                tierLoadCost: 0.2}
+                tierLoadCost: 0.2, learnTierLoadCost: true}
   discovery: {enabled: false, namespace: null}
 kvCache:
   enabled: true

@@ -17,12 +17,14 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from fuyao.kv_blocks import BlockStored
+from fuyao.kvcache.blockstore import METRIC_PREFIX
 from fuyao.kvcache.index import KvIndex
 from fuyao.kvcache.keys import block_keys
 from fuyao.kvcache.subscriber import Source, Subscriber
 
 from .balancing import Candidate, CircuitBreaker
 from .config import KvCacheSection, RouterSection
+from .tier_cost import TierReading, updated
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,12 @@ MODELS_INTERVAL_S = 30.0
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
            "vllm:kv_cache_usage_perc": "kv_usage", "vllm:gpu_cache_usage_perc": "kv_usage"}
 _CACHE_CONFIG = "vllm:cache_config_info"
-_READ = frozenset({*_GAUGES, _CACHE_CONFIG})
+_TIER_COUNTERS = {METRIC_PREFIX + "load_seconds_total": "load_seconds",
+                  METRIC_PREFIX + "blocks_loaded_total": "blocks_loaded",
+                  "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
+                  "vllm:request_prefill_kv_computed_tokens_sum": "computed_tokens"}
+"""What tierLoadCost is measured from (``tier_cost``)."""
+_READ = frozenset({*_GAUGES, _CACHE_CONFIG, *_TIER_COUNTERS})
 
 
 @dataclass
@@ -48,6 +55,9 @@ class Backend:
     running: float = 0.0
     kv_usage: float = 0.0
     num_blocks: int = 0  # the engine's KV blocks (vllm:cache_config_info)
+    block_size: int = 0  # its tokens per block (vllm:cache_config_info)
+    tier_reading: TierReading | None = None  # its tier and prefill counters when the last measurement ended
+    tier_load_cost: float | None = None  # measured: loading a token from the shared tier / computing it (tier_cost)
     scraped_at: float = 0.0
     node: str | None = None  # where the scheduler placed it (discovery), for prefill/decode co-location
     health_path: str = "/health"
@@ -64,7 +74,7 @@ class Backend:
     def candidate(self, prefix_blocks: int = 0, cached_blocks: int = 0) -> Candidate:
         occupancy = min(1.0, cached_blocks / self.num_blocks) if self.num_blocks else 0.0
         return Candidate(self.url, self.in_flight, self.waiting, self.running, self.kv_usage, prefix_blocks,
-                         self.pending_tokens, self.prefilling, occupancy)
+                         self.pending_tokens, self.prefilling, occupancy, self.tier_load_cost)
 
     def dispatch(self, uncached: int = 0) -> Dispatch:
         """One request's stay here, as a context manager: see :class:`Dispatch`."""
@@ -114,11 +124,11 @@ class Dispatch:
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines), and the engine's
-    KV blocks (``num_gpu_blocks`` of ``vllm:cache_config_info``). Each sample of these families is parsed by
-    ``prometheus_client``'s parser; the rest of the page is skipped unparsed (a vLLM page is mostly histograms the
-    router does not read, and the scrape runs on the router's event loop every ``metrics_interval``), and so is a
-    sample the parser refuses (it costs that reading only)."""
+    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines), the engine's
+    KV blocks and block size (``vllm:cache_config_info``), and the counters tierLoadCost is measured from. Each
+    sample of these families is parsed by ``prometheus_client``'s parser; the rest of the page is skipped unparsed
+    (a vLLM page is mostly histograms the router does not read, and the scrape runs on the router's event loop
+    every ``metrics_interval``), and so is a sample the parser refuses (it costs that reading only)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.split("{", 1)[0].split(" ", 1)[0] not in _READ:
@@ -132,8 +142,11 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
                 blocks = sample.labels.get("num_gpu_blocks", "")
                 if blocks.isdigit():
                     out["num_blocks"] = out.get("num_blocks", 0.0) + float(blocks)
+                size = sample.labels.get("block_size", "")
+                if size.isdigit():
+                    out["block_size"] = float(size)
                 continue
-            key = _GAUGES.get(sample.name)
+            key = _GAUGES.get(sample.name) or _TIER_COUNTERS.get(sample.name)
             if key is not None and sample.value == sample.value:  # NaN: not a reading
                 out[key] = out.get(key, 0.0) + sample.value
     return out
@@ -255,6 +268,12 @@ class Fleet:
         backend.running = values.get("running", 0.0)
         backend.kv_usage = values.get("kv_usage", 0.0)
         backend.num_blocks = int(values.get("num_blocks", backend.num_blocks))
+        backend.block_size = int(values.get("block_size", backend.block_size))
+        if "load_seconds" in values:  # the engine shares a KV tier
+            reading = TierReading(values.get("load_seconds", 0.0), values.get("blocks_loaded", 0.0),
+                                  values.get("prefill_seconds", 0.0), values.get("computed_tokens", 0.0))
+            backend.tier_load_cost, backend.tier_reading = updated(backend.tier_load_cost, backend.tier_reading,
+                                                                   reading, backend.block_size)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -80,12 +81,21 @@ class Histogram:
         return HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
+class BackendView(NamedTuple):
+    """What the router's per-backend gauges show of one backend when scraped."""
+
+    url: str
+    circuit: str
+    healthy: bool
+    tier_load_cost: float | None = None
+
+
 class RouterMetrics:
     """Every metric the router serves. ``queue_depth`` is read from ``in_flight`` when scraped."""
 
     def __init__(self, in_flight: Callable[[], int] = lambda: 0,
-                 backends: Callable[[], Iterable[tuple[str, str, bool]]] = tuple) -> None:
-        """``backends``: each backend's (url, circuit state, healthy) when scraped (see :meth:`watch`)."""
+                 backends: Callable[[], Iterable[BackendView]] = tuple) -> None:
+        """``backends``: each backend's view when scraped (see :meth:`watch`)."""
         self.watch(in_flight, backends)
         self.latency = Histogram("inference_latency", "End-to-end request latency through the router, seconds",
                                  _LATENCY)
@@ -111,9 +121,8 @@ class RouterMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # a collector: anything with collect()
 
-    def watch(self, in_flight: Callable[[], int], backends: Callable[[], Iterable[tuple[str, str, bool]]]) -> None:
-        """What the gauges read when scraped: the requests in flight, each backend's (url, circuit state,
-        healthy)."""
+    def watch(self, in_flight: Callable[[], int], backends: Callable[[], Iterable[BackendView]]) -> None:
+        """What the gauges read when scraped: the requests in flight, each backend's view."""
         self.in_flight = in_flight
         self.backends = backends
 
@@ -133,11 +142,17 @@ class RouterMetrics:
                                     "or half-open (it gets no requests, or one probe)", labels=("backend",))
         healthy = GaugeMetricFamily("inference_backend_healthy", "1 while the backend passes its health check",
                                     labels=("backend",))
-        for url, state, up in self.backends():
-            circuit.add_metric((url,), 0.0 if state == "closed" else 1.0)
-            healthy.add_metric((url,), 1.0 if up else 0.0)
+        load_cost = GaugeMetricFamily("fuyao_router_tier_load_cost", "The backend's measured cost of loading a token's "
+                                      "KV from the shared tier, as a share of computing it (prefix-aware's "
+                                      "learnTierLoadCost); absent until measured", labels=("backend",))
+        for view in self.backends():
+            circuit.add_metric((view.url,), 0.0 if view.circuit == "closed" else 1.0)
+            healthy.add_metric((view.url,), 1.0 if view.healthy else 0.0)
+            if view.tier_load_cost is not None:
+                load_cost.add_metric((view.url,), view.tier_load_cost)
         yield circuit
         yield healthy
+        yield load_cost
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,7 +30,7 @@ from . import admission
 from .balancing import Decision, RoundRobin
 from .config import RouterConfig, policy_args
 from .fleet import Backend, Dispatch, Fleet, Matches, PrefixSource, Role
-from .metrics import RouterMetrics
+from .metrics import BackendView, RouterMetrics
 from .policies import POLICIES, Policy, RoutingRequest, decide, make_policy
 from .prompts import Prompts
 from .upstream import Response as UpstreamResponse
@@ -97,7 +97,8 @@ class Router:
         self.prompts = Prompts(config.kv_cache.tokenizer, prefix.keys, prefix.block_size)
         self.metrics = metrics or RouterMetrics()
         self.metrics.watch(lambda: self.in_flight, lambda: (
-            (b.url, b.breaker.state, b.healthy) for b in list(self.fleet.backends.values())))
+            BackendView(b.url, b.breaker.state, b.healthy, b.tier_load_cost)
+            for b in list(self.fleet.backends.values())))
         self.rr = RoundRobin()
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None  # the fleet's health checks, scrapes and index lookups

@@ -27,24 +27,43 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import queue
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 MAGIC = b"FYKV"
 FORMAT_VERSION = 1
 SUFFIX = ".kv"
 ACCESS_DIR = ".access"
+"""Per namespace: each process's log of the keys it loaded, one per line (LFU's records; fuyao.kvcache.volume)."""
 NAMESPACE_FILE = "namespace.json"
 DIR_MODE = 0o2775
 FILE_MODE = 0o664
 """Group-writable (the volume's group: the chart's ``kvCache.volume.fsGroup``), so any engine and the tier manager
 can replace and remove what another wrote."""
-"""Per namespace: each process's log of the keys it loaded, one per line (LFU's records; fuyao.kvcache.volume)."""
+METRIC_PREFIX = "fuyao_kv_tier_"
+"""Every engine that uses the tier (the vLLM connector, the simulator) exposes ``StoreStats`` as counters named
+``fuyao_kv_tier_<field>`` (``_total`` on the page); the router reads the load time from them (tierLoadCost)."""
+COUNTERS = {
+    "blocks_stored": "KV blocks this engine wrote to fuyao's shared tier",
+    "bytes_stored": "bytes of KV this engine wrote to fuyao's shared tier",
+    "blocks_loaded": "KV blocks this engine loaded from fuyao's shared tier instead of computing them",
+    "bytes_loaded": "bytes of KV this engine loaded from fuyao's shared tier",
+    "blocks_missed": "KV blocks claimed from the tier that could not be loaded (gone, partial, corrupt): recomputed",
+    "blocks_corrupt": "tier files found corrupt or partial (removed)",
+    "write_errors": "tier writes the volume refused (full, read-only...)",
+    "blocks_dropped": "KV blocks not stored: the volume was behind (the write queue full) or refusing writes",
+    "load_seconds": "seconds spent loading KV blocks from the tier",
+}
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 MAX_HEADER = 1 << 20
 
@@ -95,6 +114,8 @@ class StoreStats:
     """Blocks claimed but not loadable at load time (gone, partial, corrupt): recomputed."""
     blocks_corrupt: int = 0
     write_errors: int = 0
+    blocks_dropped: int = 0
+    """Blocks not stored because the writer was behind or paused (``Writer``)."""
     load_seconds: float = 0.0
     store_seconds: float = 0.0
 
@@ -198,33 +219,46 @@ class BlockStore:
 
     def read(self, key: str) -> Block | None:
         """A whole, valid block, or None (a miss: gone, partial, from another namespace, or corrupt, which is also
-        removed). Sets the file's access time (the LRU record)."""
+        removed). Sets the file's access time (the LRU record) and logs the load (LFU's record)."""
+        return self.read_many([key])[0]
+
+    def read_many(self, keys: Sequence[str], until_miss: bool = False) -> list[Block | None]:
+        """``read`` for each of ``keys`` (one request's blocks), with one append to the access log for all;
+        ``until_miss``: stop at the first miss (the list ends with its None)."""
         started = time.monotonic()
-        path = self.path(key)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            self.stats.blocks_missed += 1
-            return None
-        block = self._parse(key, data)
-        if block is None:
-            self.stats.blocks_missed += 1
-            self.stats.blocks_corrupt += 1
+        blocks: list[Block | None] = []
+        for key in keys:
+            if until_miss and blocks and blocks[-1] is None:
+                break
+            path = self.path(key)
+            try:
+                data = path.read_bytes()
+            except OSError:
+                self.stats.blocks_missed += 1
+                blocks.append(None)
+                continue
+            block = self._parse(key, data)
+            if block is None:
+                self.stats.blocks_missed += 1
+                self.stats.blocks_corrupt += 1
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            else:
+                with contextlib.suppress(OSError):
+                    os.utime(path, (time.time(), path.stat().st_mtime))
+                self.stats.blocks_loaded += 1
+                self.stats.bytes_loaded += len(block.payload)
+            blocks.append(block)
+        loaded = [b.key for b in blocks if b is not None]
+        if self.writer and loaded:
             with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path, (time.time(), path.stat().st_mtime))
-        if self.writer:
-            with contextlib.suppress(OSError):
-                log = self.dir / ACCESS_DIR / f"{self.writer}.log"
-                _shared_dirs(log.parent, self.root)
-                with open(log, "a") as f:  # opened per append: a consumer may have renamed the last one
-                    f.write(key + "\n")
-        self.stats.blocks_loaded += 1
-        self.stats.bytes_loaded += len(block.payload)
-        self.stats.load_seconds += time.monotonic() - started
-        return block
+                log_path = self.dir / ACCESS_DIR / f"{self.writer}.log"
+                _shared_dirs(log_path.parent, self.root)
+                with open(log_path, "a") as f:  # opened per append: a consumer may have renamed the last one
+                    f.write("".join(key + "\n" for key in loaded))
+        if loaded:
+            self.stats.load_seconds += time.monotonic() - started
+        return blocks
 
     def _parse(self, key: str, data: bytes) -> Block | None:
         header = parse_header(data)
@@ -244,6 +278,77 @@ class BlockStore:
             return None
         return Block(key=key, parent=str(header.get("parent", "")), position=int(header.get("position", -1)),
                      token_ids=list(header.get("token_ids", [])), layers=layers, payload=payload)
+
+
+class Writer:
+    """Stores blocks in one background thread, so an engine's step never waits for the volume. The caller hands over
+    each block's bytes (already copied out of the KV cache); at most ``capacity`` blocks wait, and are written in
+    order. A block that finds the queue full (the volume is slower than the engine) is dropped and counted
+    (``blocks_dropped``). When the volume refuses a write (full, read-only), the writer pauses for ``retry_s``:
+    blocks handed over meanwhile are dropped, then writes are tried again."""
+
+    def __init__(self, store: BlockStore, capacity: int = 1024, retry_s: float = 30.0,
+                 logger: logging.Logger | None = None):
+        self.store, self.retry_s, self.log = store, retry_s, logger or log
+        self._queue: queue.Queue[tuple[str, str, int, list[int], list[tuple[str, bytes]]] | None] = \
+            queue.Queue(maxsize=capacity)
+        self._paused_until = 0.0
+        self._thread = threading.Thread(target=self._run, name="fuyao-kv-tier-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def paused(self) -> bool:
+        """The volume refused a write lately: blocks handed over now would be dropped (skip copying them)."""
+        return time.monotonic() < self._paused_until
+
+    def put(self, key: str, parent: str, position: int, token_ids: Sequence[int],
+            layers: Sequence[tuple[str, bytes]]) -> bool:
+        """Queue one block; False when it was dropped (paused, or the queue is full)."""
+        if self.paused:
+            self.store.stats.blocks_dropped += 1
+            return False
+        try:
+            self._queue.put_nowait((key, parent, position, list(token_ids), list(layers)))
+        except queue.Full:
+            self.store.stats.blocks_dropped += 1
+            return False
+        return True
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued block is written (or dropped); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout``), then stop the thread."""
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self.paused:
+                    self.store.stats.blocks_dropped += 1
+                    continue
+                refused = self.store.stats.write_errors
+                self.store.write(*item)
+                if self.store.stats.write_errors > refused:
+                    self._paused_until = time.monotonic() + self.retry_s
+                    self.log.warning("the KV tier refused a write (%s): no stores for %.0f s",
+                                     self.store.last_write_error, self.retry_s)
+            except Exception:  # a bug here must not end the thread (and with it every later store)
+                self.log.exception("storing a KV block failed")
+            finally:
+                self._queue.task_done()
 
 
 def _shared_dirs(directory: Path, root: Path) -> None:

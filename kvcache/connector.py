@@ -10,9 +10,10 @@ Start vLLM with the checkout on ``PYTHONPATH`` and::
 What it does (vLLM 0.32's ``KVConnectorBase_V1``; facts in docs/facts/vllm-kv-connector.md):
 
 - **Store.** After each step, every block of a request that became full and computed in that step (prompt and
-  generated tokens alike, so a multi-turn conversation's next turn finds its last answer) is written as one file
-  holding the block's page from every layer (``fuyao.kvcache.blockstore``: content keys, atomic renames). A block the
-  tier already holds is not written again.
+  generated tokens alike, so a multi-turn conversation's next turn finds its last answer) is copied out of the KV
+  cache and written, by a background thread, as one file holding the block's page from every layer
+  (``fuyao.kvcache.blockstore``: content keys, atomic renames; ``Writer``): the step never waits for the volume. A
+  block the tier already holds is not written again; one that finds the writer behind is dropped and counted.
 - **Load.** For a new request, the scheduler side counts the leading blocks after the engine's own prefix-cache hit
   whose files exist (never the prompt's last token: vLLM must compute at least one). The worker copies them into
   the blocks vLLM allocated, before the forward pass (a synchronous load). vLLM counts them in
@@ -23,7 +24,8 @@ What it does (vLLM 0.32's ``KVConnectorBase_V1``; facts in docs/facts/vllm-kv-co
   refuses writes (full, read-only) stops the stores for ``retry_s`` seconds and is retried; nothing else changes.
 - **Metrics** (on the engine's ``/metrics``): ``fuyao_kv_tier_{blocks,bytes}_{stored,loaded}_total``,
   ``fuyao_kv_tier_blocks_missed_total``, ``fuyao_kv_tier_blocks_corrupt_total``,
-  ``fuyao_kv_tier_write_errors_total``, ``fuyao_kv_tier_load_seconds_total``.
+  ``fuyao_kv_tier_write_errors_total``, ``fuyao_kv_tier_blocks_dropped_total``, ``fuyao_kv_tier_load_seconds_total``
+  (``blockstore.COUNTERS``).
 
 Extra config: ``path`` (required), ``retry_s`` (default 30). Two engines share files only when their namespace
 matches (``blockstore.Namespace``: model, dtype, block size, KV heads, head size, layers, and the CPU attention
@@ -39,7 +41,6 @@ import logging
 import os
 import platform
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from fuyao.kvcache.blockstore import BlockStore, Namespace, chain_keys
+from fuyao.kvcache.blockstore import COUNTERS, METRIC_PREFIX, BlockStore, Namespace, Writer, chain_keys
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -63,16 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.fuyao.kvcache.connector")  # under vLLM's logger: its handler and format
 
-COUNTERS = {
-    "blocks_stored": "KV blocks this engine wrote to fuyao's shared tier",
-    "bytes_stored": "bytes of KV this engine wrote to fuyao's shared tier",
-    "blocks_loaded": "KV blocks this engine loaded from fuyao's shared tier instead of computing them",
-    "bytes_loaded": "bytes of KV this engine loaded from fuyao's shared tier",
-    "blocks_missed": "KV blocks claimed from the tier that could not be loaded (gone, partial, corrupt): recomputed",
-    "blocks_corrupt": "tier files found corrupt or partial (removed)",
-    "write_errors": "tier writes the volume refused (full, read-only...)",
-    "load_seconds": "seconds spent loading KV blocks from the tier",
-}
 
 
 def _cpu_isa() -> str:
@@ -146,7 +137,7 @@ class FuyaoKVPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self.counters: dict[str, dict[int, Any]] = {}
         for name, documentation in COUNTERS.items():
-            counter = self._counter_cls(name=f"fuyao_kv_tier_{name}", documentation=documentation,
+            counter = self._counter_cls(name=METRIC_PREFIX + name, documentation=documentation,
                                         labelnames=labelnames)
             self.counters[name] = {engine: counter.labels(*values)
                                    for engine, values in per_engine_labelvalues.items()}
@@ -178,7 +169,7 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         self._caches: dict[str, torch.Tensor] = {}
         self._layout: list[tuple[str, int]] = []
         self._load_errors: set[int] = set()
-        self._paused_until = 0.0
+        self._writer: Writer | None = None  # the worker's background stores (made in register_kv_caches)
         self._reported = self._store.stats.as_dict()
         if role == KVConnectorRole.SCHEDULER:
             if getattr(transfer, "kv_load_failure_policy", "fail") == "fail":
@@ -275,6 +266,8 @@ class FuyaoKVConnector(KVConnectorBase_V1):
 
     # Worker side -----------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._writer is None:
+            self._writer = Writer(self._store, retry_s=self._retry_s, logger=log)
         self._caches = dict(sorted(kv_caches.items()))
         self._layout = [(name, cache[0].numel() * cache.element_size()) for name, cache in self._caches.items()]
         """Each layer's page size in bytes: what a block file of this engine holds, in this order."""
@@ -288,8 +281,8 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, FuyaoConnectorMetadata) or not meta.loads:
             return
-        for block_id, key in meta.loads:
-            block = self._store.read(key)
+        blocks = self._store.read_many([key for _, key in meta.loads])
+        for (block_id, key), block in zip(meta.loads, blocks, strict=True):
             if block is None or block.layers != self._layout:
                 if block is not None:
                     self._store.stats.blocks_missed += 1
@@ -310,23 +303,20 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         return None  # a block is stored whole (every layer) in wait_for_save, after the forward pass
 
     def wait_for_save(self) -> None:
+        """Copy each block to store out of the cache now (vLLM may reuse it after this step) and hand the copies to
+        the background writer: the step does not wait for the volume."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        if not isinstance(meta, FuyaoConnectorMetadata) or not meta.stores:
+        if not isinstance(meta, FuyaoConnectorMetadata) or not meta.stores or self._writer is None:
             return
-        if time.monotonic() < self._paused_until:
+        if self._writer.paused:  # the volume refused a write lately: not even the copies
+            self._store.stats.blocks_dropped += len(meta.stores)
             return
-        refused = self._store.stats.write_errors
         for block_id, key, parent, position, token_ids in meta.stores:
             pages = [(name, page.numpy().tobytes())
                      for (name, _), page in zip(self._layout, self._pages(block_id), strict=True)]
-            self._store.write(key, parent, position, token_ids, pages)
-            if self._store.stats.write_errors > refused:
-                self._paused_until = time.monotonic() + self._retry_s
-                log.warning("FuyaoKVConnector: the tier refused a write (%s): no stores for %.0f s",
-                            self._store.last_write_error, self._retry_s)
-                return
+            self._writer.put(key, parent, position, token_ids, pages)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -23,10 +23,12 @@ class PrefixAwareArgs(PolicyArgs):
         "of its blocks from the engine's events and vllm:cache_config_info): 0 ignores it, 1 counts each evicted "
         "block as recomputed once later"))
     min_prefix_blocks: int = Field(default=1, ge=0, description="shorter matches count as none")
-    tier_load_cost: float = Field(default=0.2, ge=0, le=1, description=(
-        "cost of loading a token's KV from the shared tier (fuyao's KV connector), as a share of computing it; "
-        "measure it on your engines: fuyao_kv_tier_load_seconds_total per token loaded against prefill time per "
-        "token (docs/benchmarks.md)"))
+    tier_load_cost: float = Field(default=0.2, ge=0, le=4, description=(
+        "cost of loading a token's KV from the shared tier (fuyao's KV connector), as a share of computing it: used "
+        "for an engine until its own is measured (learnTierLoadCost), or always when learning is off"))
+    learn_tier_load_cost: bool = Field(default=True, description=(
+        "measure each engine's tier load cost from its metrics (fuyao_kv_tier_load_seconds_total per token loaded "
+        "against vllm:request_prefill_time_seconds per computed token; docs/router.md)"))
 
 
 def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
@@ -42,7 +44,8 @@ def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_siz
     spare a hot prefix spreads as soon as its engine's queue costs more than recomputing it elsewhere.
 
     Three cases for each part of the prompt: on the engine itself (free), in the shared tier beyond what the engine
-    holds (``tier_blocks``: loaded at ``tier_load_cost`` of computing it), or nowhere (a full prefill). With a tier,
+    holds (``tier_blocks``: loaded at the engine's measured tier load cost, else ``tier_load_cost``, of computing
+    it), or nowhere (a full prefill). With a tier,
     a context need not stay pinned to the engine that computed it: another engine loads it cheaply, so load spreads.
     Scores are ``1 - cost / the largest cost`` in [0, 1]."""
     work = {}
@@ -52,7 +55,8 @@ def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_siz
         loaded = max(0, min(prompt_tokens, tier_tokens) - cached)
         uncached = max(0, prompt_tokens - cached - loaded)
         decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
-        work[c.url] = (c.pending_tokens + uncached + w.tier_load_cost * loaded
+        load_cost = c.tier_load_cost if w.learn_tier_load_cost and c.tier_load_cost is not None else w.tier_load_cost
+        work[c.url] = (c.pending_tokens + uncached + load_cost * loaded
                        + (uncached + loaded) * w.eviction_weight * c.occupancy
                        + w.decode_cost_tokens * decoding
                        + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage)))

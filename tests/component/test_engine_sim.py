@@ -19,6 +19,7 @@ import zmq
 
 from fuyao import tokenizer
 from tests.support.engines import Daemon, engine, kvcache
+from tests.support.polling import wait_for
 
 PROMPT = "The history of computing is long and full of interesting people and machines. " * 8
 
@@ -236,6 +237,53 @@ def test_shared_tier_between_engines() -> None:
         assert cache.metric('kv_cache_hits{layer="tier"}') == blocks
     finally:
         for daemon in (first, second, cache):
+            daemon.close()
+
+
+def test_engines_share_blocks_on_the_volume_and_the_manager_publishes_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--kv-volume``: the simulator writes the files of fuyao's vLLM connector (same keys and format), a second
+    engine loads a context the first computed instead of computing it (vLLM's external-hit counters and the
+    connector's ``fuyao_kv_tier_*`` say so), the tier manager publishes the files to lookups, and a corrupt file
+    only stops the load there (the rest is computed; nothing fails)."""
+    tier = tmp_path / "tier"
+    config = tmp_path / "kv.yaml"
+    config.write_text(f"version: v1\nkvCache:\n  volume:\n    path: {tier}\n    interval: 200ms\n")
+    cache = kvcache("--config", str(config)).start()
+    first = engine("--kv-volume", str(tier)).start()
+    second = engine("--kv-volume", str(tier)).start()
+    third = engine("--kv-volume", str(tier)).start()
+    try:
+        ids = tokenizer.encode(PROMPT, add_special_tokens=True)
+        blocks = (len(ids) - 1) // 16
+        first.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+        wait_for(lambda: first.metric("fuyao_kv_tier_blocks_stored_total") >= blocks, 10, "the blocks stored")
+        files = sorted(tier.rglob("*.kv"))
+        assert len(files) >= blocks
+        assert json.loads(next(tier.rglob("namespace.json")).read_text())["model"] == "fuyao-sim-7b"
+        second.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+        assert second.metric("fuyao_kv_tier_blocks_loaded_total") == blocks
+        assert second.metric("vllm:external_prefix_cache_hits_total") == blocks * 16
+        assert second.metric("vllm:external_prefix_cache_queries_total") == len(ids)
+        assert second.metric("fuyao_kv_tier_load_seconds_total") > 0  # the modelled transfer is counted
+        assert second.metric("vllm:request_prefill_kv_computed_tokens_sum") == len(ids) - blocks * 16
+        # the manager reads the files' headers and answers lookups with the volume's share of a prompt
+        found = wait_for(lambda: cache.post("/v1/lookup", {"prompt": PROMPT, "model": "fuyao-sim-7b"})[1]
+                         .get("volume_blocks"), 10, "the volume's blocks published")
+        assert found == blocks
+        # a corrupt file in the middle of the chain: the third engine loads up to it and computes the rest
+        from fuyao.kvcache.blockstore import BlockStore, Namespace, chain_keys
+
+        ns = Namespace(model="fuyao-sim-7b", dtype="simulated", block_size=16, num_kv_heads=0, head_size=0,
+                       num_layers=0, layout="fuyao-engine-sim")
+        middle = BlockStore(tier, ns).path(chain_keys(ns, ids, blocks)[blocks // 2])
+        middle.write_bytes(middle.read_bytes()[:-7] + b"garbage")
+        status, _ = third.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+        assert status == 200
+        assert third.metric("fuyao_kv_tier_blocks_loaded_total") == blocks // 2
+        assert third.metric("fuyao_kv_tier_blocks_corrupt_total") == 1
+        assert third.metric("vllm:external_prefix_cache_hits_total") == (blocks // 2) * 16
+    finally:
+        for daemon in (first, second, third, cache):
             daemon.close()
 
 

@@ -294,3 +294,48 @@ def test_prompts_are_tokenized_by_an_engine_once_and_an_engine_without_tokenize_
         plain.close()
         sim.close()
         fake.close()
+
+
+def test_the_router_measures_each_engines_tier_load_cost(tmp_path: Path) -> None:
+    """``learnTierLoadCost``: engines sharing the KV volume (simulators with ``--kv-volume``) report their load time
+    and prefill time; the router turns each engine's counters into its load cost per token as a share of computing
+    one, and shows it as ``fuyao_router_tier_load_cost``. An engine whose loads are slow (1 ms a token, against about
+    0.4 ms to compute one with its step's fixed cost) measures above 1; one whose loads are fast measures far
+    below."""
+    from tests.support.polling import wait_for
+
+    tier = tmp_path / "tier"
+    profiles = {}
+    for name, per_token in (("fast", 0.01), ("slow", 1.0)):
+        profiles[name] = tmp_path / f"{name}.yaml"
+        profiles[name].write_text(f"kv_transfer_per_token_ms: {per_token}\n")
+    writer = engine("--kv-volume", str(tier)).start()
+    fast = engine("--kv-volume", str(tier), "--latency-profile", str(profiles["fast"]), time_scale=1).start()
+    slow = engine("--kv-volume", str(tier), "--latency-profile", str(profiles["slow"]), time_scale=1).start()
+    config = tmp_path / "router.yaml"
+    config.write_text(f"version: v1\nrouter:\n  metricsInterval: 200ms\n  backends: [{fast.url}, {slow.url}]\n")
+    front = router("--config", str(config)).start()
+    try:
+        time.sleep(0.5)  # the router's first scrape: what later intervals are measured against
+        for topic in range(4):
+            context = f"Topic {topic}: " + "the water cycle and its seasons " * 30
+            writer.post("/v1/completions", {"prompt": context + "First question?", "max_tokens": 1})
+            wait_for(lambda n=8 * (topic + 1): writer.metric("fuyao_kv_tier_blocks_stored_total") >= n, 10, "stored")
+            for engine_, words in ((fast, "quick rivers "), (slow, "slow glaciers ")):  # each computes its question
+                engine_.post("/v1/completions", {"prompt": context + "Tell me about " + words * 30 + "?",
+                                                 "max_tokens": 1})
+        assert fast.metric("fuyao_kv_tier_blocks_loaded_total") >= 4 * 8
+        assert slow.metric("fuyao_kv_tier_blocks_loaded_total") >= 4 * 8
+
+        def costs() -> dict[str, float] | None:
+            from tests.support.engines import metric_total
+
+            page = front.get("/metrics")[1]
+            found = {e.url: metric_total(page, "fuyao_router_tier_load_cost", backend=e.url) for e in (fast, slow)}
+            return found if all(found.values()) else None
+
+        measured = wait_for(costs, 10, "both engines' load cost measured")
+        assert measured[fast.url] < 0.2 < 1.0 < measured[slow.url], measured
+    finally:
+        for daemon in (front, writer, fast, slow):
+            daemon.close()

@@ -331,6 +331,85 @@ def test_the_router_service_serves_a_pd_inference_service_and_the_index_follows_
 
 
 
+def test_engine_pods_share_kv_blocks_through_the_charts_volume(cluster: LocalCluster, stack: dict[str, float],
+                                                               image: str) -> None:
+    """``kvCache.volume``: the chart's RWX claim (bound here to a hostPath PV of a class of its own) is mounted by
+    fuyao-kvcache and by two engine pods (the simulator's ``--kv-volume``, the files of fuyao's vLLM connector). A
+    context computed by one pod is loaded by the other, not computed (vLLM's external-hit counter); the files are the
+    volume group's; and the manager publishes them to lookups."""
+    import os
+    import shutil
+
+    from fuyao import tokenizer
+    from tests.support.charts import merge_values
+    from tests.support.inference_service import tier_service
+
+    tier = cluster.dir / "kv-tier"
+    shutil.rmtree(tier, ignore_errors=True)
+    tier.mkdir()
+    os.chown(tier, 65534, 65534)  # hostPath ignores fsGroup: the volume's owner is the platform's to set
+    os.chmod(tier, 0o2775)
+    storage_class = "fuyao-e2e-kv-tier"
+    pv = cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume",
+                        "metadata": {"name": "fuyao-e2e-kv-tier"},
+                        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                                 "storageClassName": storage_class, "persistentVolumeReclaimPolicy": "Retain",
+                                 "hostPath": {"path": str(tier), "type": "Directory"}}})
+    kubeconfig = cluster.dir / "admin.kubeconfig"
+    chart = "ai-inference-optimization"
+    base = cluster.chart_values(image)[chart]
+    tiered = merge_values(base, {"kvCache": {"volume": {"enabled": True, "storageClass": storage_class, "size": "1Gi",
+                                                  "interval": "500ms"}}})
+
+    def upgrade(values: dict[str, object], name: str) -> None:
+        path = cluster.dir / f"values-{name}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        helm("upgrade", chart, str(CHARTS / chart), "--namespace", NAMESPACE, "--values",
+             str(path), "--wait", "--timeout", "180s", kubeconfig=kubeconfig)
+
+    engines = None
+    try:
+        upgrade(tiered, "kv-tier")
+        claim = cluster.get_json("pvc", "-n", NAMESPACE, "ai-inference-optimization-kv")
+        assert claim["status"]["phase"] == "Bound" and claim["spec"]["volumeName"] == "fuyao-e2e-kv-tier"
+        engines = cluster.apply({"apiVersion": "v1", "kind": "List", "items": tier_service(
+            "tiered", image, "ai-inference-optimization-kv", NAMESPACE, time_scale=20)}, "tier-service")
+
+        def ready_ips() -> list[str] | None:
+            pods = cluster.get_json("pods", "-n", NAMESPACE, "-l", "app=tiered")["items"]
+            ips = [p["status"]["podIP"] for p in pods if p["status"].get("podIP") and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+            return sorted(ips) if len(ips) == 2 else None
+
+        first, second = (f"http://{ip}:8000" for ip in wait_for(ready_ips, 120, "two engine pods Ready"))
+
+        def metric(url: str, name: str) -> float:
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+                return metric_total(response.read().decode(), name)
+
+        prompt = "A long shared context about river basins and their floods, season by season. " * 12
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        blocks = (len(ids) - 1) // 16
+        assert http_json(first + "/v1/completions", {"prompt": prompt, "max_tokens": 1})["choices"]
+        wait_for(lambda: metric(first, "fuyao_kv_tier_blocks_stored_total") >= blocks, 30, "the blocks stored")
+        files = list(tier.rglob("*.kv"))
+        assert len(files) >= blocks and all(f.stat().st_gid == 65534 for f in files)
+        assert http_json(second + "/v1/completions", {"prompt": prompt, "max_tokens": 1})["choices"]
+        assert metric(second, "fuyao_kv_tier_blocks_loaded_total") == blocks  # loaded, not computed
+        assert metric(second, "vllm:external_prefix_cache_hits_total") == blocks * 16
+        service = cluster.get_json("service", "-n", NAMESPACE, "ai-inference-optimization-kvcache")
+        index = f"http://{service['spec']['clusterIP']}:8100"
+        held = wait_for(lambda: http_json(index + "/v1/lookup", {"token_ids": ids, "model": "fuyao-sim-7b"})
+                        .get("volume_blocks"), 60, "the volume's blocks published by fuyao-kvcache")
+        assert held == blocks
+        assert metric(index, "fuyao_kvcache_volume_blocks") >= blocks
+    finally:
+        if engines is not None:
+            cluster.kubectl("delete", "-f", str(engines), "--wait=true", "--timeout=60s")
+        upgrade(base, "without-kv-tier")  # the claim goes with the chart's values; the PV is released
+        cluster.kubectl("delete", "-f", str(pv), "--wait=true", "--timeout=60s")
+
+
 def test_the_charts_second_kube_scheduler_places_the_pods_that_ask_for_it(cluster: LocalCluster,
                                                                          stack: dict[str, float]) -> None:
     """scheduler.enabled: a second kube-scheduler (the locally built binary in an image of its own) runs in the

@@ -78,10 +78,12 @@ def monitoring_values(interval: str = "5s") -> dict[str, dict[str, Any]]:
     }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, mappings merged key by key (as Helm merges values files)."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_values(out[key], value) if nested else value
     return out
 
 
@@ -95,9 +97,9 @@ def install_stack(cluster: LocalCluster | KindCluster, image: str, namespace: st
     kubeconfig = cluster.dir / "admin.kubeconfig"
     values = cluster.chart_values(image)
     if monitoring:
-        values = {chart: _merge(v, monitoring_values()[chart]) for chart, v in values.items()}
+        values = {chart: merge_values(v, monitoring_values()[chart]) for chart, v in values.items()}
     for chart, more in (extra or {}).items():
-        values[chart] = _merge(values[chart], more)
+        values[chart] = merge_values(values[chart], more)
     took: dict[str, float] = {}
     for chart in INSTALL_ORDER:
         path = cluster.dir / f"values-{chart}.yaml"

@@ -27,13 +27,20 @@ def vllm_python() -> str:
 
 
 @cache
-def tiny_model() -> Path:
-    return model_dir.write(Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "models"
-                           / "tiny-llama")
+def generated_model(size: str = "tiny") -> Path:
+    """The generated model directory (``size``: ``model_dir.SHAPES``), cached across runs."""
+    name = "tiny-llama" if size == "tiny" else f"{size}-llama"
+    return model_dir.write(Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao")) / "models" / name,
+                           size)
+
+
+def model_shape(size: str = "tiny") -> dict[str, int]:
+    return dict(model_dir.SHAPES[size])
 
 
 def vllm_engine(*extra: str, hash_algo: str | None = None, env: dict[str, str] | None = None,
-                port: int | None = None, events: str | None = None, replay_port: int | None = None) -> Daemon:
+                port: int | None = None, events: str | None = None, replay_port: int | None = None,
+                model_size: str = "tiny") -> Daemon:
     """``python -m vllm.entrypoints.openai.api_server`` with prefix caching and KV events (``.events``,
     ``.replay``: the ZMQ endpoints to connect to). vLLM binds its PUB socket only on a wildcard or an ipc endpoint,
     and connects to any other: the events go to an ipc socket (this machine only), the replays to loopback TCP.
@@ -43,10 +50,10 @@ def vllm_engine(*extra: str, hash_algo: str | None = None, env: dict[str, str] |
     events = events or f"ipc://{tempfile.mkdtemp(prefix='vllm-events-')}/events.sock"
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": events,
               "replay_endpoint": f"tcp://127.0.0.1:{replay_port}"}
-    args = ["--model", str(tiny_model()), "--served-model-name", MODEL, "--load-format", "dummy", "--enforce-eager",
-            "--dtype", "bfloat16", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching", "--max-model-len",
-            "2048", "--host", "127.0.0.1", "--port", str(port), "--kv-events-config", json.dumps(config),
-            "--seed", "0", *extra]
+    args = ["--model", str(generated_model(model_size)), "--served-model-name", MODEL, "--load-format", "dummy",
+            "--enforce-eager", "--dtype", "bfloat16", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
+            "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port), "--kv-events-config",
+            json.dumps(config), "--seed", "0", *extra]
     if hash_algo is not None:
         args += ["--prefix-caching-hash-algo", hash_algo]
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}

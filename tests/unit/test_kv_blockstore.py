@@ -102,6 +102,52 @@ def test_a_volume_that_refuses_writes_is_counted_and_never_raises(tmp_path: Path
     assert store.write(keys[0], "", 0, TOKENS[:4], pages(0)) and store.stats.write_errors == 1
 
 
+def test_the_background_writer_stores_in_order_drops_when_behind_and_pauses_on_a_refusal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Writer``: what an engine hands over is written by one thread; a full queue drops (counted), never blocks
+    the caller; a refused write pauses the stores for ``retry_s`` (what arrives meanwhile is dropped, counted), then
+    writes resume."""
+    import threading
+
+    store = BlockStore(tmp_path, NS)
+    keys = chain_keys(NS, TOKENS, 4)
+    gate = threading.Event()
+    real_write = store.write
+
+    def slow_write(*args: Any) -> bool:
+        gate.wait(5)
+        return real_write(*args)
+
+    monkeypatch.setattr(store, "write", slow_write)
+    writer = blockstore.Writer(store, capacity=2, retry_s=0.3)
+    try:
+        accepted = [writer.put(keys[i], keys[i - 1] if i else "", i, TOKENS[i * 4:(i + 1) * 4], pages(i))
+                    for i in range(4)]
+        # the thread holds the first, the queue two more: the fourth finds it full (the caller never waited)
+        assert accepted.count(False) >= 1 and store.stats.blocks_dropped == accepted.count(False)
+        gate.set()
+        assert writer.flush(5)
+        assert [store.has(k) for k in keys] == accepted
+        assert store.read(keys[0]) is not None
+        # a volume that refuses: the writer pauses, drops what comes, and resumes after retry_s
+        monkeypatch.setattr(store, "write", real_write)
+        monkeypatch.setattr(blockstore, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")),
+                            raising=False)
+        other = chain_keys(NS, [t + 1 for t in TOKENS], 2)
+        writer.put(other[0], "", 0, [t + 1 for t in TOKENS[:4]], pages(9))
+        assert writer.flush(5) and store.stats.write_errors == 1 and writer.paused
+        dropped = store.stats.blocks_dropped
+        assert not writer.put(other[1], other[0], 1, [t + 1 for t in TOKENS[4:8]], pages(9))
+        assert store.stats.blocks_dropped == dropped + 1
+        monkeypatch.undo()
+        time.sleep(0.35)
+        assert not writer.paused and writer.put(other[0], "", 0, [t + 1 for t in TOKENS[:4]], pages(9))
+        assert writer.flush(5) and store.has(other[0])
+    finally:
+        gate.set()
+        writer.close()
+
+
 # The tier's size on the volume (fuyao.kvcache.volume) -------------------------------------------------------------
 def records(*specs: tuple[str, int, float, float]) -> list[volume.FileRecord]:
     """(key, size, stored_at, accessed_at) → records (paths unused by the plan)."""
@@ -145,6 +191,11 @@ def test_the_volume_is_scanned_access_logs_are_consumed_once_and_removal_frees_t
     assert volume.consume_access_logs(writer.dir) == Counter()  # consumed
     other.read(keys[2])  # a new log after the rename
     assert volume.consume_access_logs(writer.dir) == Counter({keys[2]: 1})
+    # one request's blocks: read together, logged together; a gap ends the read when asked to
+    gone = "0" * 64
+    assert [b is not None for b in other.read_many([keys[0], gone, keys[1]])] == [True, False, True]
+    assert [b is not None for b in other.read_many([keys[0], gone, keys[1]], until_miss=True)] == [True, False]
+    assert volume.consume_access_logs(writer.dir) == Counter({keys[0]: 2, keys[1]: 1})
     planned = volume.plan(found, max(r.size for r in found), KvCachePolicy.LRU, time.time())
     assert len(planned.evicted) == 2
     assert volume.remove(planned.evicted) == sum(r.size for r in planned.evicted)

@@ -253,4 +253,45 @@ def test_with_a_shared_tier_a_context_is_not_pinned_to_the_engine_that_computed_
     assert prefix_scores([holder], 512, 16, w, tier_blocks=10) == prefix_scores([holder], 512, 16, w)
     assert PrefixWeights(tierLoadCost=1.0).tier_load_cost == 1.0  # camelCase in the file
     with pytest.raises(ValueError):
-        PrefixWeights(tier_load_cost=1.5)
+        PrefixWeights(tier_load_cost=5)
+    # an engine whose load cost is measured uses its own: at 2x a prefill, the tier makes the idle engine costlier
+    # than recomputing would (its connector loads what the tier holds), and with learning off the configured value
+    # stands
+    slow = Candidate("http://idle", tier_load_cost=2.0)
+    assert prefix_scores([holder, slow], 512, 16, w, tier_blocks=30)["http://idle"] < without["http://idle"]
+    fixed = PrefixWeights(learnTierLoadCost=False)
+    assert prefix_scores([holder, slow], 512, 16, fixed, tier_blocks=30) == with_tier
+
+
+def test_the_tier_load_cost_is_measured_from_the_engines_counters() -> None:
+    """tierLoadCost from two scrapes: load seconds per loaded token over prefill seconds (less the load) per
+    computed token; intervals that cannot tell leave the estimate; the estimate is smoothed and bounded."""
+    from fuyao.inference_router.tier_cost import MAX_COST, TierReading, interval_cost, updated
+
+    before = TierReading(load_seconds=1.0, blocks_loaded=10, prefill_seconds=5.0, computed_tokens=1000)
+    # 20 blocks of 16 tokens loaded in 0.32 s (1 ms/token); 2.32 s of prefill of which 2 s computed 1000 tokens
+    after = TierReading(load_seconds=1.32, blocks_loaded=30, prefill_seconds=7.32, computed_tokens=2000)
+    assert interval_cost(before, after, 16) == pytest.approx(0.5)
+    assert interval_cost(before, before, 16) is None  # nothing loaded
+    assert interval_cost(before, TierReading(1.32, 30, 7.32, 1005), 16) is None  # too little computed
+    assert interval_cost(after, before, 16) is None  # counters went back (a restart)
+    assert interval_cost(before, TierReading(11.0, 11, 15.5, 1100), 16) == MAX_COST  # a load far slower than compute
+    assert updated(None, None, after, 16) == (None, after)  # the first scrape: nothing to compare
+    cost, baseline = updated(None, before, after, 16)
+    assert cost == pytest.approx(0.5) and baseline == after
+    assert updated(1.0, before, after, 16)[0] == pytest.approx(0.7 * 1.0 + 0.3 * 0.5)
+    # a scrape between a load and its prefill: that interval cannot tell, its baseline stays, the next one counts both
+    loaded_only = TierReading(load_seconds=1.32, blocks_loaded=30, prefill_seconds=5.0, computed_tokens=1000)
+    assert updated(1.0, before, loaded_only, 16) == (1.0, before)
+    assert updated(None, before, after, 16)[0] == pytest.approx(0.5)
+    # counters that went back (the engine restarted): a new baseline, the estimate kept
+    assert updated(0.4, after, before, 16) == (0.4, before)
+    page = """vllm:cache_config_info{block_size="32",num_gpu_blocks="100",engine="0"} 1.0
+fuyao_kv_tier_load_seconds_total{engine="0",model_name="m"} 1.5
+fuyao_kv_tier_blocks_loaded_total{engine="0",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 9.0
+vllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 4000.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 3.0
+"""
+    assert parse_vllm_metrics(page) == {"num_blocks": 100.0, "block_size": 32.0, "load_seconds": 1.5,
+                                        "blocks_loaded": 12.0, "prefill_seconds": 9.0, "computed_tokens": 4000.0}

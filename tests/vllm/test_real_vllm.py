@@ -23,7 +23,7 @@ from fuyao import tokenization
 from fuyao.kv_blocks import BlockStored, decode_batch
 from tests.support.engines import Daemon, http_json, kvcache, metric_total, router
 from tests.support.engines import engine as sim_engine
-from tests.support.vllm import BLOCK_SIZE, MODEL, tiny_model, vllm_engine
+from tests.support.vllm import BLOCK_SIZE, MODEL, generated_model, vllm_engine
 
 pytestmark = pytest.mark.vllm
 
@@ -50,7 +50,7 @@ def engine(pair: list[Daemon]) -> Daemon:
 
 
 def tokenizer() -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_model() / "tokenizer.json"))
+    return Tokenizer.from_file(str(generated_model() / "tokenizer.json"))
 
 
 def complete(daemon: Daemon, prompt: str, max_tokens: int = 2) -> dict[str, Any]:
@@ -106,8 +106,8 @@ def test_chat_and_streaming_against_the_real_server(engine: Daemon) -> None:
 def test_fuyao_and_the_simulator_tokenize_as_the_engine(engine: Daemon) -> None:
     """The router's and the KV index's tokenizer (``--tokenizer`` the model directory), and the simulator started
     with it, give the engine's own ids for completions and chats (its chat template, no BOS for chat)."""
-    hf = tokenization.load(str(tiny_model()))
-    sim = sim_engine("--tokenizer", str(tiny_model()), "--model", MODEL).start()
+    hf = tokenization.load(str(generated_model()))
+    sim = sim_engine("--tokenizer", str(generated_model()), "--model", MODEL).start()
     try:
         chats = [[{"role": "user", "content": "Tell me about floods."}],
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
@@ -132,7 +132,7 @@ def test_through_the_router_a_context_returns_to_the_engine_that_holds_it(pair: 
     engines' own /tokenize, nothing but the engines given) and with the model directory."""
     config = tmp_path / "router.yaml"
     config.write_text(f"version: v1\nkv_cache:\n  block_size: {BLOCK_SIZE}\n")
-    local = ["--tokenizer", str(tiny_model())] if tokenizing == "model-dir" else []
+    local = ["--tokenizer", str(generated_model())] if tokenizing == "model-dir" else []
     front = router("--config", str(config), *local, "--strategy", "prefix-aware",
                    *[a for e in pair for a in ("--backend", e.url, "--kv-events", f"{e.events}={e.url}")])  # type: ignore[attr-defined]
     contexts = [f"Context {name} {tokenizing}: " + f"{name} floods, levees and rain storms by the river. " * 25
@@ -243,7 +243,7 @@ def test_the_simulator_is_faithful_to_the_engine(engine: Daemon) -> None:
     """Same model directory, vLLM's hashing (sha256, the default seed): the simulator's tokens, block hashes,
     event fields and metric names are the engine's."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
-    sim = sim_engine("--tokenizer", str(tiny_model()), "--model", MODEL, "--block-size", str(BLOCK_SIZE),
+    sim = sim_engine("--tokenizer", str(generated_model()), "--model", MODEL, "--block-size", str(BLOCK_SIZE),
                      "--prefix-caching-hash-algo", "sha256", events=True)
     sim.env = env
     sim.start()
@@ -273,7 +273,7 @@ def test_the_two_engines_hash_the_same_tokens_differently(pair: list[Daemon]) ->
 def test_the_router_in_front_of_the_real_server(pair: list[Daemon]) -> None:
     """Models, streaming and errors through the router, as the engine answers them."""
     engine = pair[0]
-    front = router("--backend", engine.url, "--tokenizer", str(tiny_model()), "--strategy", "least-connections")
+    front = router("--backend", engine.url, "--tokenizer", str(generated_model()), "--strategy", "least-connections")
     try:
         front.start()
         assert [m["id"] for m in json.loads(front.get("/v1/models")[1])["data"]] == [MODEL]
