@@ -97,7 +97,7 @@ class Engines:
                              str(self.block_size), "--log-level", "warning"]
                     if tier is not None:
                         extra += ["--kv-volume", str(tier), "--kv-volume-bytes-per-token", str(SIM_BYTES_PER_TOKEN)]
-                    engines.append(engine(*extra, events=True, time_scale=1.0).start(timeout=30))
+                    engines.append(engine(*extra, events=True, replay=True, time_scale=1.0).start(timeout=30))
                     continue
                 extra = ["--num-gpu-blocks-override", str(self.blocks), "--max-num-seqs", "32"]
                 env = None
@@ -126,14 +126,20 @@ def start_router(strategy: str, engines: list[Daemon], service: str | None, bloc
     return Daemon("fuyao.inference_router.cli", args, port, "/health").start()
 
 
-def start_tier_service(tier: Path, size: int, policy: str, fleet: Engines, warming: list[str] | None = None,
-                       warm_through: str | None = None, ttl: str | None = None) -> Daemon:
+def start_tier_service(tier: Path, size: int, policy: str, fleet: Engines, engines: list[Daemon],
+                       warming: list[str] | None = None, ttl: str | None = None) -> Daemon:
+    """fuyao-kvcache holding the volume at ``size``, following every engine's KV events (what each engine caches:
+    the router asks it, as in the chart) and, with ``warming``, computing those prompts through the first engine."""
     config = Path(tempfile.mkstemp(prefix="fuyao-tier-kv-", suffix=".yaml")[1])
+    endpoints = [{"name": e.url, "events": e.events, **({"replay": e.replay} if getattr(e, "replay", None) else {})}
+                 for e in engines]  # type: ignore[attr-defined]
     text = (f"version: v1\nkvCache:\n  blockSize: {fleet.block_size}\n  size: {size}\n  evictionPolicy: {policy}\n"
-            f"  volume:\n    path: {tier}\n    interval: 1s\n")
+            f"  volume:\n    path: {tier}\n    interval: 1s\n"
+            f"  events:\n    endpoints: {json.dumps(endpoints)}\n")
+    warm_through = engines[0].url
     if ttl:
         text += f"  ttl: {ttl}\n"
-    if warming and warm_through:
+    if warming:
         text += (f"  warming:\n    enabled: true\n    engine: {warm_through}\n    model: {fleet.model}\n"
                  "    interval: 1h\n")
         text += "    queries: " + json.dumps(warming) + "\n"
@@ -252,7 +258,7 @@ def main() -> None:
                     tag = f"{w}/{name}".replace(" ", "-")
                     warming = [f"[{tag}] " + c for c in contexts(jobs_for(w))]
                 ttl = policy == "TTL"
-                service = start_tier_service(tier, size, "LRU" if ttl else policy, fleet, warming, engines[0].url,
+                service = start_tier_service(tier, size, "LRU" if ttl else policy, fleet, engines, warming,
                                              ttl="10s" if ttl else None)
                 router = start_router(strategy, engines, service.url, fleet.block_size)
                 try:

@@ -300,6 +300,8 @@ class PrefixSource:
         self._routed = [KvIndex(settings.block_size, settings.hash_seed, self.keys)]
         self._routed_since = time.monotonic()
         self.remote_errors = 0
+        self._held: dict[str, int] = {}
+        """Blocks each engine caches, as the service said at the last lookup (``settings.service``)."""
 
     @property
     def event_fed(self) -> bool:
@@ -337,6 +339,7 @@ class PrefixSource:
                         answer = await response.json()
                         found = dict(answer.get("endpoints") or {})
                         tier = int(answer.get("volume_blocks") or 0)
+                        self._held = {str(url): int(n) for url, n in (answer.get("cached_blocks") or {}).items()}
             except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
                 self.remote_errors += 1
         else:
@@ -362,7 +365,10 @@ class PrefixSource:
             self._routed_since = now
 
     def cached_blocks(self, url: str) -> int:
-        """Blocks the engine reports holding (its prefix-cache occupancy), from its events."""
+        """Blocks the engine reports holding (its prefix-cache occupancy), from its events: followed here, or by
+        the ``fuyao-kvcache`` service (its last lookup's answer)."""
+        if self.settings.service:
+            return self._held.get(url, 0)
         state = self.index.endpoints.get(url)
         return len(state.hashes) if state is not None else 0
 

@@ -107,7 +107,8 @@ class KvCacheService:
         self.metrics.hits.labels("index").inc(best)
         tier_blocks = self.tier.peek(hashes) if self.tier is not None else 0
         answer = {"block_size": self.index.block_size, "blocks": len(hashes), "endpoints": found,
-                  "tier_blocks": tier_blocks}
+                  "tier_blocks": tier_blocks,
+                  "cached_blocks": {url: len(state.hashes) for url, state in self.index.endpoints.items()}}
         if self.volume is not None:
             answer["volume_blocks"] = self.volume.leading(hashes, model or "")
         return answer

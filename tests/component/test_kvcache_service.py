@@ -32,6 +32,8 @@ def test_the_index_follows_engines_and_answers_lookups() -> None:
                          ["endpoints"].get(a.url) and r)
         assert found["endpoints"][a.url] > found["endpoints"].get(b.url, 0)  # a holds the longer prefix
         assert found["block_size"] == 16 and found["blocks"] >= found["endpoints"][a.url]
+        # every engine's prefix-cache size comes with it (a router weighs what a new prompt evicts there)
+        assert found["cached_blocks"][a.url] >= found["endpoints"][a.url] and found["cached_blocks"][b.url] > 0
         endpoints = cache.post("/v1/lookup", {"prompt": "nothing like it"})[1]["endpoints"]
         assert endpoints == {}
         a.request("POST", "/reset_prefix_cache")  # AllBlocksCleared
