@@ -179,6 +179,7 @@ def main() -> None:
                         "simulator)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--only", default="shared-prefix,multi-turn")
+    parser.add_argument("--rows", help="run only these rows (names as printed, comma-separated); default: all")
     add_out_argument(parser)
     args = parser.parse_args()
     sim = args.engine == "sim"
@@ -195,6 +196,11 @@ def main() -> None:
 
     def jobs_for(workload_name: str) -> list[Job]:
         return workload(workload_name, rate, args.duration, args.seed, args.words, fleet.count)
+
+    chosen = set(args.rows.split(",")) if args.rows else None
+
+    def wanted_row(name: str) -> bool:
+        return chosen is None or name in chosen
 
     def run(name: str, router: Daemon, engines: list[Daemon], workload_name: str) -> None:
         jobs = jobs_for(workload_name)
@@ -223,9 +229,11 @@ def main() -> None:
 
     started = time.monotonic()
     # without a tier
-    engines = fleet.start(None)
+    engines = fleet.start(None) if any(wanted_row(f"{s}, no tier") for s in ("round-robin", "prefix-aware")) else []
     try:
         for strategy in ("round-robin", "prefix-aware"):
+            if not wanted_row(f"{strategy}, no tier"):
+                continue
             router = start_router(strategy, engines, None, fleet.block_size)
             try:
                 for w in wanted:
@@ -250,6 +258,8 @@ def main() -> None:
             ("prefix-aware + tier TTL 10s", "prefix-aware", roomy, "TTL", False),
             ("prefix-aware + tier + warming", "prefix-aware", roomy, "LRU", True)]
         for name, strategy, size, policy, warm in cases:
+            if not wanted_row(name):
+                continue
             for w in wanted:
                 if warm and w != "shared-prefix":
                     continue

@@ -39,6 +39,7 @@ class Decision:
     strategy: str
     scores: dict[str, float] = field(default_factory=dict)
     prefix_blocks: int = 0
+    tier_blocks: int = 0  # the prompt's leading blocks in the shared KV tier
 
 
 class RoundRobin:

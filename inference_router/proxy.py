@@ -31,7 +31,7 @@ from .balancing import Decision, RoundRobin
 from .config import RouterConfig, policy_args
 from .fleet import Backend, Dispatch, Fleet, Matches, PrefixSource, Role
 from .metrics import BackendView, RouterMetrics
-from .policies import POLICIES, Policy, RoutingRequest, decide, make_policy
+from .policies import POLICIES, Policy, PrefixAwareArgs, RoutingRequest, decide, make_policy, prefill_tokens
 from .prompts import Prompts
 from .upstream import Response as UpstreamResponse
 from .upstream import UpstreamError, UpstreamPool
@@ -262,7 +262,7 @@ class Router:
             if attempt:
                 self.metrics.retries.inc()
             self._log_decision(path, decision, len(hashes), role, attempt)
-            uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
+            uncached = self._pending_tokens(backend, decision, prompt_tokens)
             if hashes:
                 self.metrics.prefix_blocks.observe(decision.prefix_blocks / len(hashes))
             try:
@@ -277,6 +277,14 @@ class Router:
         reason = last.reason if last else "no healthy backend"
         self.metrics.errors.inc("no-backend" if last is None else "backend-failed")
         return _error(502 if last else 503, f"no backend could answer: {reason}")
+
+    def _pending_tokens(self, backend: Backend, decision: Decision, prompt_tokens: int) -> int:
+        """The prefill work this request queues on ``backend`` until its first byte, in prefill tokens: what it
+        computes there, and what it loads from the shared tier at that engine's load cost."""
+        bs = self.prefix.block_size
+        args = policy_args(self.config.router, "prefix-aware")
+        cost = args.load_cost(backend.tier_load_cost) if isinstance(args, PrefixAwareArgs) else 0.0
+        return round(prefill_tokens(prompt_tokens, decision.prefix_blocks * bs, decision.tier_blocks * bs, cost))
 
     def _dispatch(self, backend: Backend, role: str, uncached: int = 0) -> Dispatch:
         self.metrics.backend_requests.inc(backend.url, role)
@@ -386,7 +394,7 @@ class Router:
             backend, decision = chosen
             tried.append(backend.url)
             self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1)
-            uncached = max(0, prompt_tokens - decision.prefix_blocks * self.prefix.block_size)
+            uncached = self._pending_tokens(backend, decision, prompt_tokens)
             with self._dispatch(backend, "prefill", uncached) as dispatch:
                 try:
                     async with await self.upstream.request(backend.url, b"POST", path, orjson.dumps(prefill_body),

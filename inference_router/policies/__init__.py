@@ -6,8 +6,8 @@ from .base import POLICIES, Policy, PolicyArgs, RoutingRequest, decide, make_pol
 from .round_robin import RoundRobinPolicy
 from .least_connections import LeastConnections
 from .intelligent import IntelligentArgs, health_scores
-from .prefix_aware import PrefixAwareArgs, prefix_scores
+from .prefix_aware import PrefixAwareArgs, prefill_tokens, prefix_scores
 
 __all__ = ["POLICIES", "IntelligentArgs", "LeastConnections", "Policy", "PolicyArgs", "PrefixAwareArgs",
-           "RoundRobinPolicy", "RoutingRequest", "base", "decide", "health_scores", "make_policy", "prefix_scores",
-           "register"]
+           "RoundRobinPolicy", "RoutingRequest", "base", "decide", "health_scores", "make_policy", "prefill_tokens",
+           "prefix_scores", "register"]

@@ -103,4 +103,4 @@ def decide(policy: Policy, candidates: Sequence[Candidate], request: RoutingRequ
     tied = [url for url, score in scores.items() if score >= best - 1e-9]
     url = rr.pick(tied) if len(tied) > 1 else tied[0]
     matched = next((c.prefix_blocks for c in candidates if c.url == url), 0)
-    return Decision(url, policy.name, scores, matched)
+    return Decision(url, policy.name, scores, matched, request.tier_blocks)

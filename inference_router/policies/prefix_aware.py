@@ -30,6 +30,18 @@ class PrefixAwareArgs(PolicyArgs):
         "measure each engine's tier load cost from its metrics (fuyao_kv_tier_load_seconds_total per token loaded "
         "against vllm:request_prefill_time_seconds per computed token; docs/router.md)"))
 
+    def load_cost(self, measured: float | None) -> float:
+        """The tier load cost to use for an engine whose measured one is ``measured`` (None: not measured yet)."""
+        return measured if self.learn_tier_load_cost and measured is not None else self.tier_load_cost
+
+
+def prefill_tokens(prompt_tokens: int, cached_tokens: int, tier_tokens: int, load_cost: float) -> float:
+    """A request's prefill work on one engine, in prefill tokens: the prompt tokens it computes (neither cached there
+    nor in the shared tier) plus ``load_cost`` x those it loads from the tier. What prefix-aware weighs, and what the
+    router counts as queued on the engine until its first byte."""
+    loaded = max(0, min(prompt_tokens, tier_tokens) - cached_tokens)
+    return max(0, prompt_tokens - cached_tokens - loaded) + load_cost * loaded
+
 
 def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_size: int,
                   w: PrefixAwareArgs, tier_blocks: int = 0) -> dict[str, float]:
@@ -45,19 +57,20 @@ def prefix_scores(candidates: Sequence[Candidate], prompt_tokens: int, block_siz
 
     Three cases for each part of the prompt: on the engine itself (free), in the shared tier beyond what the engine
     holds (``tier_blocks``: loaded at the engine's measured tier load cost, else ``tier_load_cost``, of computing
-    it), or nowhere (a full prefill). With a tier,
-    a context need not stay pinned to the engine that computed it: another engine loads it cheaply, so load spreads.
+    it), or nowhere (a full prefill). With a tier, a context need not stay pinned to the engine that computed it:
+    another engine loads it cheaply, and the blocks its new ones evict are in the tier too (every computed block is
+    stored), so they cost a load later, not a prefill: the eviction term is weighed by the load cost. Load spreads.
     Scores are ``1 - cost / the largest cost`` in [0, 1]."""
     work = {}
     tier_tokens = tier_blocks * block_size
     for c in candidates:
         cached = c.prefix_blocks * block_size if c.prefix_blocks >= max(1, w.min_prefix_blocks) else 0
-        loaded = max(0, min(prompt_tokens, tier_tokens) - cached)
-        uncached = max(0, prompt_tokens - cached - loaded)
+        new_tokens = max(0, prompt_tokens - cached)  # computed or loaded: each takes a block, which may evict one
         decoding = max(0.0, max(float(c.in_flight), c.running + c.waiting) - c.prefilling)
-        load_cost = c.tier_load_cost if w.learn_tier_load_cost and c.tier_load_cost is not None else w.tier_load_cost
-        work[c.url] = (c.pending_tokens + uncached + load_cost * loaded
-                       + (uncached + loaded) * w.eviction_weight * c.occupancy
+        load_cost = w.load_cost(c.tier_load_cost)
+        evicted_cost = load_cost if tier_tokens else 1.0  # with a tier, what is evicted is loaded back, not recomputed
+        work[c.url] = (c.pending_tokens + prefill_tokens(prompt_tokens, cached, tier_tokens, load_cost)
+                       + new_tokens * w.eviction_weight * c.occupancy * evicted_cost
                        + w.decode_cost_tokens * decoding
                        + w.kv_pressure_tokens * min(1.0, max(0.0, c.kv_usage)))
     most = max(work.values()) or 1.0

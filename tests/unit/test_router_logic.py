@@ -249,6 +249,16 @@ def test_with_a_shared_tier_a_context_is_not_pinned_to_the_engine_that_computed_
     light = Candidate("http://holder", in_flight=1, prefix_blocks=30, pending_tokens=40, prefilling=1)
     assert choose("prefix-aware", [light, idle], RoundRobin(), total_blocks=32, prompt_tokens=512, prefix=w).url \
         == "http://holder"
+    # at full caches, without a tier the idle engine's new blocks evict others' contexts (recomputed later): the
+    # holder keeps the context despite its queue; with the context in the tier, what is evicted is in the tier too
+    # (loaded back later, not recomputed): the idle engine takes it
+    queued = Candidate("http://holder", in_flight=3, prefix_blocks=30, pending_tokens=300, prefilling=1,
+                       occupancy=1.0, tier_load_cost=0.05)
+    full_idle = Candidate("http://idle", occupancy=1.0, tier_load_cost=0.05)
+    assert choose("prefix-aware", [queued, full_idle], RoundRobin(), total_blocks=32, prompt_tokens=512,
+                  prefix=w).url == "http://holder"
+    tiered = prefix_scores([queued, full_idle], 512, 16, w, tier_blocks=30)
+    assert tiered["http://idle"] > tiered["http://holder"]
     # a tier that holds less than the engine adds nothing for it
     assert prefix_scores([holder], 512, 16, w, tier_blocks=10) == prefix_scores([holder], 512, 16, w)
     assert PrefixWeights(tierLoadCost=1.0).tier_load_cost == 1.0  # camelCase in the file
