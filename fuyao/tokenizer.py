@@ -81,6 +81,8 @@ def check_token_ids(ids: Sequence[object], vocab_size: int = MAX_TOKEN_ID + 1) -
 def _message(number: int, message: Mapping[str, object]) -> tuple[str, str]:
     """A chat message's role and text, or :class:`ChatFormatError` naming what is off (as the OpenAI schema has it:
     the role a string; the content a string, null, or a list of part objects whose ``text`` is a string)."""
+    if not isinstance(message, Mapping):
+        raise ChatFormatError(f"messages[{number}] must be an object, got {type(message).__name__}")
     role = message.get("role", "user")
     if not isinstance(role, str):
         raise ChatFormatError(f"messages[{number}].role must be a string, got {type(role).__name__}")

@@ -175,7 +175,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_service_still_answers() -> None:
         assert cache.post("/v1/blocks", {"hashes": hashes})[1] == {"stored": len(hashes)}
         assert cache.post("/v1/blocks/lookup", {"hashes": hashes})[1] == {"found": len(hashes)}
         assert _lookup(cache, prompt) == {"block_size": 16, "blocks": len(hashes), "endpoints": {},
-                                          "tier_blocks": len(hashes)}
+                                          "tier_blocks": len(hashes), "cached_blocks": {}}
         assert cache.post("/v1/lookup", {"prompt": prompt, "model": 7})[0] == 400
         assert cache.post("/v1/lookup", {"hashes": [2**64]})[0] == 400
         assert sum(statuses.values()) == 150 and statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0

@@ -46,6 +46,9 @@ def test_a_models_tokenizer_encodes_as_hf_tokenizers_and_renders_its_template(mo
     assert len(set(outputs)) == len(outputs) >= 50 and all(hf.decode([i]).strip() for i in outputs)
     with pytest.raises(tokenizer.ChatFormatError, match="role must be a string"):
         hf.render_chat([{"role": ["x"], "content": "y"}])
+    for chat in (hf, tokenization.load(None)):  # a message that is not an object (found by the fuzzer)
+        with pytest.raises(tokenizer.ChatFormatError, match=r"messages\[1\] must be an object"):
+            chat.render_chat([{"role": "user", "content": "y"}, None])  # type: ignore[list-item]
 
 
 def test_a_template_that_raises_is_a_chat_format_error(tmp_path: Path, model: Path) -> None:
