@@ -1,5 +1,6 @@
 """What every fuyao daemon's entry point shares: the standard flags, config errors as exit code 2 naming the
-field, and serving an aiohttp app until SIGTERM/SIGINT (exit 1 when the address cannot be bound)."""
+field, and serving an aiohttp app (or the router's :class:`~fuyao.http_server.HttpServer`) until SIGTERM/SIGINT
+(exit 1 when the address cannot be bound)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from . import __version__, logs
 from .config_files import ConfigError
+from .http_server import HttpServer
 
 T = TypeVar("T")
 
@@ -63,7 +65,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main)
 
 
-async def serve_until_signal(app: web.Application, listen: str, log: logging.Logger, *,
+async def serve_until_signal(app: web.Application | HttpServer, listen: str, log: logging.Logger, *,
                              ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
                              shutdown_timeout: float = 1.0, keepalive_timeout: float = 75.0,
                              reuse_port: bool = False,
@@ -74,21 +76,27 @@ async def serve_until_signal(app: web.Application, listen: str, log: logging.Log
     connection is closed after ``keepalive_timeout``. ``reuse_port``: several processes may listen on the port
     (SO_REUSEPORT; the kernel spreads new connections over them). Returns the exit code: 0, or 1 when the address
     cannot be bound."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
-                           keepalive_timeout=keepalive_timeout)
-    await runner.setup()
     host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=ssl_context, backlog=backlog,
-                       reuse_port=reuse_port or None)
+    host = host.strip("[]") or "0.0.0.0"
+    runner: web.AppRunner | None = None
     try:
-        await site.start()
+        if isinstance(app, HttpServer):
+            app.keepalive_timeout = keepalive_timeout
+            bound = await app.start(host, int(port), ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port)
+        else:
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                                   keepalive_timeout=keepalive_timeout)
+            await runner.setup()
+            site = web.TCPSite(runner, host, int(port), ssl_context=ssl_context, backlog=backlog,
+                               reuse_port=reuse_port or None)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []  # the bound address (port 0 → the kernel's pick)
+            bound = sockets[0].getsockname()[:2] if sockets else (host, int(port))
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc)
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         return 1
-    server = site._server  # the bound address (port 0 → the one the kernel picked)
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname() if sockets else (host, int(port))
     if started is not None:
         started(str(bound[0]), int(bound[1]))
     stop = asyncio.Event()
@@ -101,5 +109,9 @@ async def serve_until_signal(app: web.Application, listen: str, log: logging.Log
         result = stopping()
         if result is not None:
             await result
-    await runner.cleanup()
+    if runner is not None:
+        await runner.cleanup()
+    else:
+        assert isinstance(app, HttpServer)
+        await app.stop(shutdown_timeout)
     return 0

@@ -109,6 +109,11 @@ async def read_json(request: web.Request, max_bytes: int, max_depth: int = MAX_D
     """``(raw body, decoded body)``, refusing oversized (413), too deep or invalid (400), or too slow (408) bodies
     before any work; bodies over ``offload_above`` bytes are checked and parsed in a worker thread."""
     raw = await read_body(request, max_bytes, timeout_s)
+    return raw, await decode_json(raw, max_depth, offload_above)
+
+
+async def decode_json(raw: bytes, max_depth: int = MAX_DEPTH, offload_above: int = OFFLOAD_ABOVE) -> Any:
+    """:func:`parse_json`, in a worker thread for bodies over ``offload_above`` bytes."""
     if len(raw) > offload_above:
-        return raw, await asyncio.get_running_loop().run_in_executor(None, parse_json, raw, max_depth)
-    return raw, parse_json(raw, max_depth)
+        return await asyncio.get_running_loop().run_in_executor(None, parse_json, raw, max_depth)
+    return parse_json(raw, max_depth)

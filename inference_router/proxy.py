@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from fuyao.http_body import BodyError, read_json
+from fuyao.http_body import BodyError, decode_json
+from fuyao.http_server import HttpServer, Request, Response, Stream
 
 from . import admission
 from .balancing import Decision, RoundRobin
@@ -43,19 +43,13 @@ _HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"
                           b"proxy-connection", b"te", b"trailer", b"expect"})
 """Headers that belong to one connection (RFC 9110 §7.6.1), never passed on; ``expect`` is answered by the router."""
 _JSON = ((b"Content-Type", b"application/json"),)
+Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
 TOKENIZE_RETRY_S = 60.0
 """A backend without ``/tokenize`` is not asked again for this long."""
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
-
-
-class _Relayed(web.StreamResponse):
-    """A relayed stream whose headers go out with its first chunk (one write, not two; aiohttp's own
-    ``web.Response`` buffers them the same way)."""
-
-    _send_headers_immediately = False
 
 
 class _BackendFailed(Exception):
@@ -80,10 +74,9 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> web.Response:
-    return web.Response(body=orjson.dumps({"error": {"message": message, "type": kind, "param": None,
-                                                     "code": status}}),
-                        status=status, content_type="application/json")
+def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> Response:
+    return Response.json(orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}),
+                         status)
 
 
 class Router:
@@ -151,7 +144,7 @@ class Router:
         return backend, decision
 
     # The request path --------------------------------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Answer:
         started = time.perf_counter()
         if self.draining:
             return self._finish(_error(503, "the router is shutting down"), started, "draining")
@@ -163,7 +156,7 @@ class Router:
             return self._finish(await self._serve(request, started), started)
         except _ClientGone:
             self.metrics.client_disconnects.inc()
-            return self._finish(web.Response(status=499), started, "client-gone")  # nginx's "client closed request"
+            return self._finish(Response(status=499), started, "client-gone")  # nginx's "client closed request"
         except _Refused as exc:
             kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError", 404: "NotFoundError"}.get(
                 exc.status, "BadRequestError")
@@ -175,11 +168,12 @@ class Router:
         finally:
             self.in_flight -= 1
 
-    async def _serve(self, request: web.Request, started: float) -> web.StreamResponse:
+    async def _serve(self, request: Request, started: float) -> Answer:
         path = request.path
         try:
             inference = self.config.inference
-            raw, body = await read_json(request, inference.max_body_bytes, timeout_s=inference.request_body_timeout)
+            raw = await request.read(inference.max_body_bytes, inference.request_body_timeout)
+            body = await decode_json(raw)
         except BodyError as exc:
             raise _Refused(exc.status, exc.message, "bad-request") from None
         if not isinstance(body, dict):
@@ -240,17 +234,17 @@ class Router:
         return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"
                                                  or self.config.pd_separation.enabled)
 
-    def _finish(self, response: web.StreamResponse, started: float, error: str | None = None) -> web.StreamResponse:
+    def _finish(self, response: Answer, started: float, error: str | None = None) -> Answer:
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.answered(response.status)
         if error or response.status >= 400:
             self.metrics.errors.inc(error or f"http-{response.status}")
         return response
 
-    async def _forward(self, request: web.Request, path: str, raw: bytes, hashes: list[int], started: float,
+    async def _forward(self, request: Request, path: str, raw: bytes, hashes: list[int], started: float,
                        role: Role, timeout_s: float, strategy: str | None = None,
                        prompt_tokens: int = 0, near: str | None = None,
-                       model: str | None = None) -> web.StreamResponse:
+                       model: str | None = None) -> Answer:
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
@@ -273,7 +267,7 @@ class Router:
                             "; retrying on another" if attempt < self.config.router.retries else "",
                             extra={"backend": backend.url, "reason": exc.reason})
         if last is not None and last.body and last.status < 500:
-            return web.Response(body=last.body, status=last.status, content_type="application/json")
+            return Response.json(last.body, last.status)
         reason = last.reason if last else "no healthy backend"
         self.metrics.errors.inc("no-backend" if last is None else "backend-failed")
         return _error(502 if last else 503, f"no backend could answer: {reason}")
@@ -290,15 +284,15 @@ class Router:
         self.metrics.backend_requests.inc(backend.url, role)
         return backend.dispatch(uncached)
 
-    async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
-                     started: float, hashes: list[int], uncached: int = 0) -> web.StreamResponse:
+    async def _relay(self, request: Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
+                     started: float, hashes: list[int], uncached: int = 0) -> Answer:
         """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte.
         Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there.
         What goes wrong on the backend's side (connection, timeout, 5xx, a stream cut short) counts against it;
         a client that goes away does not (``inference_client_disconnects_total``): the backend's answer is then
         abandoned, which makes the engine abort the generation."""
-        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _HOP_HEADERS]
-        if request.transport is None or request.transport.is_closing():
+        headers = [(k, v) for k, v in request.headers if k.lower() not in _HOP_HEADERS]
+        if request.gone:
             raise _ClientGone  # it left while the request waited (admission, prefill, a retry): ask no engine
         inference = self.config.inference
         with self._dispatch(backend, backend.role, uncached) as dispatch:
@@ -319,8 +313,7 @@ class Router:
                     dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                 self.prefix.routed(backend.url, hashes)
-                answer_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.headers
-                                  if k.lower() not in _HOP_HEADERS]
+                answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_HEADERS]
                 length = upstream.content_length
                 if length is not None and length <= _WHOLE_BODY_BYTES:
                     # a complete answer of known, small size (not streamed): read it and answer in one write
@@ -332,8 +325,8 @@ class Router:
                     dispatch.first_byte()
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     dispatch.succeeded()
-                    return web.Response(body=body, status=upstream.status, headers=answer_headers)
-                response = _Relayed(status=upstream.status, headers=answer_headers)
+                    return Response(body, upstream.status, answer_headers)
+                response = request.stream(upstream.status, answer_headers)
                 first = True
                 while True:
                     try:
@@ -345,39 +338,35 @@ class Router:
                         log.warning("backend %s broke off a response: %s", backend.url, exc,
                                     extra={"backend": backend.url})
                         self.metrics.errors.inc("broken-stream")
-                        if request.transport is not None:
-                            request.transport.close()  # cut the client's answer too: never retried or duplicated
+                        request.abort()  # cut the client's answer too: never retried or duplicated
                         return response
                     if chunk is None:
                         break
                     try:
                         if first:
                             dispatch.first_byte()
-                            await response.prepare(request)
                             self.metrics.ttft.observe(time.perf_counter() - started)
                             first = False
                         await response.write(chunk)
-                    except (OSError, RuntimeError) as exc:  # ClientConnectionResetError: the client is gone
+                    except OSError as exc:  # ConnectionResetError: the client is gone
                         return self._client_gone(request, backend, upstream, response, exc)
                 try:
-                    if first:
-                        await response.prepare(request)
-                    await response.write_eof()
-                except (OSError, RuntimeError) as exc:
+                    await response.end()
+                except OSError as exc:
                     return self._client_gone(request, backend, upstream, response, exc)
                 dispatch.succeeded()
                 return response
 
-    def _client_gone(self, request: web.Request, backend: Backend, upstream: UpstreamResponse,
-                     response: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+    def _client_gone(self, request: Request, backend: Backend, upstream: UpstreamResponse,
+                     response: Stream, exc: BaseException) -> Stream:
         self.metrics.client_disconnects.inc()
         log.info("client went away during the answer from %s: %s", backend.url, exc,
                  extra={"backend": backend.url, "remote": request.remote})
         upstream.close()  # drop the backend connection: the engine sees the disconnect and aborts the request
         return response
 
-    async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
-                  started: float, prompt_tokens: int = 0, model: str | None = None) -> web.StreamResponse:
+    async def _pd(self, request: Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
+                  started: float, prompt_tokens: int = 0, model: str | None = None) -> Answer:
         """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
@@ -437,7 +426,7 @@ class Router:
                 "prompt_blocks": blocks, "scores": {u: round(s, 4) for u, s in decision.scores.items()}})
 
     # Other endpoints ---------------------------------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.StreamResponse:
+    async def models(self, _request: Request) -> Response:
         """Every model the healthy backends serve (vLLM's list shape, one entry per model id, from the first backend
         that lists it)."""
         assert self.session is not None
@@ -456,46 +445,44 @@ class Router:
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                     merged.setdefault(entry["id"], entry)
         if merged:
-            return web.json_response({"object": "list", "data": list(merged.values())})
+            return Response.json(orjson.dumps({"object": "list", "data": list(merged.values())}))
         model = self.config.inference.model
         if model:
-            return web.json_response({"object": "list", "data": [{"id": model, "object": "model",
-                                                                  "owned_by": "fuyao"}]})
+            return Response.json(orjson.dumps({"object": "list", "data": [{"id": model, "object": "model",
+                                                                           "owned_by": "fuyao"}]}))
         return _error(503, "no healthy backend")
 
-    async def health(self, _request: web.Request) -> web.Response:
+    async def health(self, _request: Request) -> Response:
         if self.draining:
-            return web.Response(status=503, text="draining")
+            return Response.text("draining", 503)
         up = [b.url for b in self.fleet.backends.values() if b.healthy]
-        return web.Response(status=200 if up else 503, text=f"{len(up)} healthy backends")
+        return Response.text(f"{len(up)} healthy backends", 200 if up else 503)
 
-    async def livez(self, _request: web.Request) -> web.Response:
+    async def livez(self, _request: Request) -> Response:
         """Liveness: the event loop answers. Unlike /health it does not depend on engines being up (a router with
         no engine yet must not be restarted)."""
-        return web.Response(text="ok")
+        return Response.text("ok")
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def readyz(self, _request: Request) -> Response:
         """Readiness: accepting requests (not draining); with no healthy engine it still answers, with a clear 503
         per request, so installs do not wait for the engines."""
-        return web.Response(status=503 if self.draining else 200, text="draining" if self.draining else "ok")
+        return Response.text("draining", 503) if self.draining else Response.text("ok")
 
-    async def metrics_page(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+    async def metrics_page(self, _request: Request) -> Response:
+        return Response(self.metrics.render(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
-    async def backends_page(self, _request: web.Request) -> web.Response:
-        return web.json_response({b.url: {"role": b.role, "healthy": b.healthy, "circuit": b.breaker.state,
-                                          "in_flight": b.in_flight, "waiting": b.waiting, "running": b.running,
-                                          "kv_usage": b.kv_usage} for b in self.fleet.backends.values()})
+    async def backends_page(self, _request: Request) -> Response:
+        return Response.json(orjson.dumps({
+            b.url: {"role": b.role, "healthy": b.healthy, "circuit": b.breaker.state, "in_flight": b.in_flight,
+                    "waiting": b.waiting, "running": b.running, "kv_usage": b.kv_usage}
+            for b in self.fleet.backends.values()}))
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.handle)
-        app.router.add_post("/v1/chat/completions", self.handle)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/livez", self.livez)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/debug/backends", self.backends_page)
-        return app
-
+    def app(self) -> HttpServer:
+        server = HttpServer()
+        server.route("POST", "/v1/completions", self.handle)
+        server.route("POST", "/v1/chat/completions", self.handle)
+        for path, handler in (("/v1/models", self.models), ("/health", self.health), ("/livez", self.livez),
+                              ("/readyz", self.readyz), ("/metrics", self.metrics_page),
+                              ("/debug/backends", self.backends_page)):
+            server.route("GET", path, handler)
+        return server

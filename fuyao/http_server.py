@@ -1,0 +1,487 @@
+"""A lean HTTP/1.1 server for the router's request path: requests parsed by ``httptools`` (llhttp, the parser
+uvicorn uses), answers written as one buffer, streams relayed as chunked frames with back-pressure.
+
+Why not ``aiohttp.web`` here: a profile of the router put about 40 % of its CPU per proxied request in aiohttp's
+server (request objects, header multidicts, stream readers, the response machinery), for features a reverse proxy
+never uses. The other daemons keep aiohttp; only the router, whose every request pays this, serves from here.
+
+What a client can rely on (the same as aiohttp gave the router):
+
+- keep-alive (HTTP/1.1 by default, HTTP/1.0 with ``Connection: keep-alive``) and pipelined requests, answered in
+  order; an idle connection is closed after ``keepalive_timeout``, and so is one whose headers do not complete in
+  that time (a slow client cannot hold a socket forever);
+- the request line and headers together are at most :data:`MAX_HEAD_BYTES` (else 431); a malformed request is
+  answered 400 and the connection closed;
+- the body is read only when the handler asks for it (:meth:`Request.read`), with its own cap (413 before reading
+  when ``Content-Length`` says so) and deadline (408); ``Expect: 100-continue`` is answered then; at most
+  :data:`HIGH_WATER` bytes are buffered before the socket stops being read. An answer sent before the whole body
+  arrived closes the connection (the rest of the body cannot be told from a next request);
+- unknown paths are 404 and known paths with another method 405 with ``Allow``; ``HEAD`` is served by the ``GET``
+  handler without the body;
+- a handler that raises answers 500 (logged); a client that goes away shows as :attr:`Request.gone` and makes
+  stream writes raise :class:`ConnectionResetError`;
+- shutdown: no new connections, idle ones closed, running handlers given ``timeout`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+
+from fuyao.http_body import BodyError
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Request line plus headers; aiohttp's limit was 8,190 bytes per line."""
+HIGH_WATER = 256 * 1024
+"""Body bytes buffered ahead of the handler before the socket stops being read."""
+
+Headers = Iterable[tuple[bytes, bytes]]
+Handler = Callable[["Request"], Awaitable["Response | Stream"]]
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus} | {499: b"Client Closed Request"}
+_HOP = frozenset({b"connection", b"content-length", b"transfer-encoding", b"keep-alive"})
+
+
+class _Clock:
+    """The ``Date`` header, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def date(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second, cls.value = now, formatdate(now, usegmt=True).encode()
+        return cls.value
+
+
+def _head(status: int, headers: Headers, content_type: bytes | None, length: int | None, keep_alive: bool,
+          chunked: bool = True) -> bytes:
+    """The status line and headers; the body's framing is ``length``, else chunked, else (``chunked=False``) the
+    connection's end."""
+    lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, _REASONS.get(status, b"Unknown"), _Clock.date())]
+    for name, value in headers:
+        if name.lower() in _HOP or b"\n" in value or b"\r" in value:
+            continue  # framing is the server's; no header injection
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if content_type is not None:
+        lines.append(b"Content-Type: %s\r\n" % content_type)
+    if length is not None:
+        lines.append(b"Content-Length: %d\r\n" % length)
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class Response:
+    """A complete answer, written in one buffer."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(self, body: bytes = b"", status: int = 200, headers: Headers = (),
+                 content_type: bytes | None = None):
+        self.body, self.status, self.headers, self.content_type = body, status, headers, content_type
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Response:
+        return cls(text.encode(), status, content_type=b"text/plain; charset=utf-8")
+
+    @classmethod
+    def json(cls, body: bytes, status: int = 200) -> Response:
+        return cls(body, status, content_type=b"application/json")
+
+
+class Stream:
+    """An answer relayed as it is produced: its head goes out with the first chunk (one write); HTTP/1.1 clients
+    get chunked frames, HTTP/1.0 ones the bytes until the connection closes. :meth:`write` waits while the client's
+    socket buffer is full and raises :class:`ConnectionResetError` once the client is gone."""
+
+    __slots__ = ("_conn", "_framed", "_head", "_request", "ended", "status")
+
+    def __init__(self, request: Request, status: int, headers: Headers):
+        self._request, self._conn = request, request._conn
+        self.status = status
+        self._framed = request.version != "1.0"
+        if not self._framed:
+            request.keep_alive = False
+        # HTTP/1.0: no length and no chunking, the end of the connection ends the body
+        self._head: bytes | None = _head(status, headers, None, None, request.keep_alive, chunked=self._framed)
+        self.ended = False
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        conn = self._conn
+        if conn.lost:
+            raise ConnectionResetError("the client closed the connection")
+        data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self._framed else chunk
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        conn.transport.write(data)
+        if conn.paused:
+            await conn.drain()
+
+    async def end(self) -> None:
+        """The end of the answer (the head too, when no chunk was written)."""
+        conn = self._conn
+        if conn.lost:
+            raise ConnectionResetError("the client closed the connection")
+        tail = b"0\r\n\r\n" if self._framed else b""
+        if self._head is not None:
+            tail, self._head = self._head + tail, None
+        if tail:
+            conn.transport.write(tail)
+        self.ended = True
+
+
+class Request:
+    """One request: method, path (without the query), query, HTTP version, headers as sent (raw pairs), the peer;
+    the body through :meth:`read`."""
+
+    __slots__ = (
+        "_body",
+        "_body_done",
+        "_body_size",
+        "_conn",
+        "_waiter",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "read_started",
+        "version",
+    )
+
+    def __init__(self, conn: _Connection, method: str, url: bytes, version: str, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool, content_length: int | None, expect_continue: bool):
+        self._conn = conn
+        self.method, self.version, self.headers = method, version, headers
+        path, _, query = url.partition(b"?")
+        self.path, self.query = path.decode("latin-1"), query.decode("latin-1")
+        self.keep_alive, self.content_length, self.expect_continue = keep_alive, content_length, expect_continue
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._body_done = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.read_started = False
+
+    @property
+    def remote(self) -> str | None:
+        peer = self._conn.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+    @property
+    def gone(self) -> bool:
+        """The client closed its side (or the server is dropping the connection)."""
+        return self._conn.lost or self._conn.transport.is_closing()
+
+    def abort(self) -> None:
+        """Cut the connection: the client sees its answer end short (never a duplicated or a made-up end)."""
+        self._conn.transport.close()
+
+    def stream(self, status: int, headers: Headers) -> Stream:
+        return Stream(self, status, headers)
+
+    # The body -----------------------------------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        self._body.append(data)
+        self._body_size += len(data)
+        if self._body_size > HIGH_WATER and not self.read_started:
+            self._conn.pause_reading()
+        self._wake()
+
+    def _complete(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, max_bytes: int, timeout_s: float | None = None) -> bytes:
+        """The whole body, at most ``max_bytes`` (else :class:`BodyError` 413, refused before reading when the
+        length is declared), all of it within ``timeout_s`` when given (else 408)."""
+        if self.content_length is not None and self.content_length > max_bytes:
+            raise BodyError(413, f"the request body is {self.content_length} bytes; at most {max_bytes} are accepted")
+        self.read_started = True
+        if not self._body_done:
+            if self.expect_continue:
+                self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._conn.resume_reading()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not self._body_done:
+                        if self._body_size > max_bytes:
+                            break
+                        if self._conn.lost:
+                            raise BodyError(400, "the client closed the connection before its body arrived")
+                        self._waiter = asyncio.get_running_loop().create_future()
+                        await self._waiter
+            except TimeoutError:
+                raise BodyError(408, f"the request body did not arrive within {timeout_s:g} s "
+                                     f"({self._body_size} bytes came)") from None
+            finally:
+                self._waiter = None
+        if self._body_size > max_bytes:
+            raise BodyError(413, f"the request body is over {max_bytes} bytes; at most {max_bytes} are accepted")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = [body] if body else []
+        return body
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests as bytes arrive and answers them in order, one at a time."""
+
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Request] = deque()
+        self.current: Request | None = None  # being parsed
+        self.task: asyncio.Task[None] | None = None
+        self.lost = False
+        self.paused = False
+        self._reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._url = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol ------------------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        self._disarm()
+        for request in ([self.current] if self.current else []) + list(self.queue):
+            request._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "protocol upgrades are not served")
+        except httptools.HttpParserError as exc:
+            if not self.transport.is_closing():
+                self._refuse(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drain(self) -> None:
+        while self.paused and not self.lost:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+        if self.lost:
+            raise ConnectionResetError("the client closed the connection")
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self.lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self.lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # Timers -------------------------------------------------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(self.server.keepalive_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.task is None and not self.queue:
+            self.transport.close()  # idle, or a head that never completed
+
+    # httptools callbacks ------------------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._grow(len(name) + len(value) + 4)
+
+    def _grow(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+            raise httptools.HttpParserCallbackError("head too large")  # stop parsing this connection
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        length: int | None = None
+        expect = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+            elif lowered == b"expect":
+                expect = value.lower() == b"100-continue"
+        parser = self.parser
+        request = Request(self, parser.get_method().decode("latin-1"), bytes(self._url), parser.get_http_version(),
+                          self._headers, parser.should_keep_alive(), length, expect)
+        self.current = request
+        self.queue.append(request)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._answer_all())
+
+    def on_body(self, body: bytes) -> None:
+        if self.current is not None:
+            self.current._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.current is not None:
+            self.current._complete()
+            self.current = None
+
+    # Answering ----------------------------------------------------------------------------------------------------
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer a request the parser could not take, and close."""
+        if self.task is None and not self.lost:
+            self.transport.write(_head(status, (), b"text/plain; charset=utf-8", len(message) + 1, False)
+                                 + message.encode() + b"\n")
+        self.transport.close()
+
+    async def _answer_all(self) -> None:
+        try:
+            while self.queue and not self.lost:
+                request = self.queue[0]
+                keep = await self._answer(request)
+                self.queue.popleft()
+                if not keep:
+                    self.transport.close()
+                    return
+            if not self.lost:
+                self.resume_reading()
+                self._arm_idle()
+        finally:
+            self.task = None
+
+    async def _answer(self, request: Request) -> bool:
+        """Run the request's handler and send its answer; whether the connection stays open."""
+        server = self.server
+        server.active += 1
+        try:
+            try:
+                response = await server.dispatch(request)
+            except Exception:
+                log.exception("request %s %s failed in its handler", request.method, request.path)
+                response = Response.text("internal server error", 500)
+            if self.lost:
+                return False
+            keep = request.keep_alive and request._body_done and not server.closing
+            if isinstance(response, Stream):
+                if not response.ended:
+                    return False  # a stream the handler gave up on: its end is the connection's
+                return keep
+            body = b"" if request.method == "HEAD" else response.body
+            self.transport.write(_head(response.status, response.headers, response.content_type,
+                                       len(response.body), keep) + body)
+            return keep
+        finally:
+            server.active -= 1
+            if server.active == 0 and server.idle is not None:
+                server.idle.set()
+
+
+class HttpServer:
+    """Routes by exact path and method; :meth:`start` listens, :meth:`stop` drains."""
+
+    def __init__(self, keepalive_timeout: float = 75.0):
+        self.keepalive_timeout = keepalive_timeout
+        self.routes: dict[str, dict[str, Handler]] = {}
+        self.connections: set[_Connection] = set()
+        self.active = 0
+        self.idle: asyncio.Event | None = None
+        self.closing = False
+        self._server: asyncio.Server | None = None
+
+    def route(self, method: str, path: str, handler: Handler) -> None:
+        self.routes.setdefault(path, {})[method] = handler
+        if method == "GET":
+            self.routes[path].setdefault("HEAD", handler)
+
+    async def dispatch(self, request: Request) -> Response | Stream:
+        methods = self.routes.get(request.path)
+        if methods is None:
+            return Response.text(f"404: no route {request.path}", 404)
+        handler = methods.get(request.method)
+        if handler is None:
+            return Response(f"405: {request.method} is not allowed on {request.path}\n".encode(), 405,
+                            ((b"Allow", ", ".join(sorted(methods)).encode()),), b"text/plain; charset=utf-8")
+        return await handler(request)
+
+    async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
+                    reuse_port: bool = False) -> tuple[str, int]:
+        """Listen; the bound address (port 0 → the one the kernel picked). Raises :class:`OSError`."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host or None, port, ssl=ssl_context,
+                                                backlog=backlog, reuse_port=reuse_port or None)
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, let running handlers finish for up to ``timeout``, then cut the
+        rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.transport.close()
+        if self.active:
+            self.idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.idle.wait()
+            except TimeoutError:
+                log.warning("%d requests still running after %.1f s; closing their connections", self.active, timeout)
+        for conn in list(self.connections):
+            conn.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()

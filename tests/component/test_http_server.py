@@ -1,0 +1,230 @@
+"""The router's HTTP/1.1 server (``fuyao/http_server.py``) over real loopback sockets: raw clients that send exactly
+the bytes a test needs (pipelining, chunked bodies, ``Expect``, HTTP/1.0, oversized heads, garbage), and the
+standard library's client for the ordinary paths."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from fuyao.http_body import BodyError
+from fuyao.http_server import MAX_HEAD_BYTES, HttpServer, Request, Response, Stream
+
+
+async def _server(keepalive_timeout: float = 75.0) -> tuple[HttpServer, int, dict[str, Any]]:
+    seen: dict[str, Any] = {"bodies": [], "gone": []}
+    release = asyncio.Event()
+    seen["release"] = release
+
+    async def echo(request: Request) -> Response:
+        try:
+            body = await request.read(1000, timeout_s=0.5)
+        except BodyError as exc:
+            return Response.text(exc.message, exc.status)
+        seen["bodies"].append(body)
+        return Response(body, headers=((b"X-Path", request.path.encode()), (b"X-Query", request.query.encode())),
+                        content_type=b"application/octet-stream")
+
+    async def stream(request: Request) -> Stream:
+        out = request.stream(200, ((b"Content-Type", b"text/event-stream"),))
+        for i in range(3):
+            await out.write(b"data: %d\n\n" % i)
+        await out.end()
+        return out
+
+    async def hold(request: Request) -> Stream:
+        out = request.stream(200, ())
+        try:
+            while True:
+                await out.write(b"x" * 65536)
+        except ConnectionResetError:
+            seen["gone"].append(request.gone)
+        return out
+
+    async def slow(_request: Request) -> Response:
+        await release.wait()
+        return Response.text("done")
+
+    async def boom(_request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    server = HttpServer(keepalive_timeout=keepalive_timeout)
+    server.route("POST", "/echo", echo)
+    server.route("POST", "/stream", stream)
+    server.route("POST", "/hold", hold)
+    server.route("GET", "/slow", slow)
+    server.route("GET", "/boom", boom)
+    _, port = await server.start("127.0.0.1", 0)
+    return server, port, seen
+
+
+async def _exchange(port: int, data: bytes, until: Callable[[bytes], bool], timeout: float = 5) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    got = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while not until(got):
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        writer.close()
+    return got
+
+
+def _run(test: Callable[[HttpServer, int, dict[str, Any]], Awaitable[None]], **kwargs: Any) -> None:
+    async def main() -> None:
+        server, port, seen = await _server(**kwargs)
+        try:
+            await test(server, port, seen)
+        finally:
+            seen["release"].set()
+            await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    async def test(_server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        one = b"POST /echo?a=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"
+        two = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n2\r\n!!\r\n0\r\n\r\n"
+        got = await _exchange(port, one + two, lambda g: g.count(b"HTTP/1.1 200") == 2 and g.endswith(b"two!!"))
+        first, second = got.split(b"HTTP/1.1 200 OK")[1:]
+        assert first.endswith(b"\r\n\r\none") and b"X-Query: a=1" in first and b"X-Path: /echo" in first
+        assert second.endswith(b"two!!") and b"Content-Length: 5" in second
+        assert seen["bodies"] == [b"one", b"two!!"]
+        assert b"Connection: close" not in got
+
+    _run(test)
+
+
+def test_routes_methods_head_and_a_failing_handler() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        def call(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request(method, path)
+            response = conn.getresponse()
+            result = response.status, dict(response.getheaders()), response.read()
+            conn.close()
+            return result
+
+        loop = asyncio.get_running_loop()
+        status, _, body = await loop.run_in_executor(None, call, "GET", "/nowhere")
+        assert status == 404 and b"/nowhere" in body
+        status, headers, _ = await loop.run_in_executor(None, call, "GET", "/echo")
+        assert status == 405 and headers["Allow"] == "POST"
+        status, _, body = await loop.run_in_executor(None, call, "GET", "/boom")
+        assert status == 500 and b"a bug" not in body  # the bug is logged, not shown
+        status, headers, body = await loop.run_in_executor(None, call, "POST", "/stream")
+        assert status == 200 and body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        assert headers["Transfer-Encoding"] == "chunked" and headers["Content-Type"] == "text/event-stream"
+
+    _run(test)
+
+
+def test_head_gets_the_get_answers_head_without_its_body() -> None:
+    async def test(_server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        seen["release"].set()
+        got = await _exchange(port, b"HEAD /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+                              lambda g: g.endswith(b"done"))
+        head, rest = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 4" in head
+        assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\ndone")
+
+    _run(test)
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", b"413"),  # declared: never read
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"100\r\n" + b"y" * 256 + b"\r\n"
+     + b"400\r\n" + b"y" * 1024 + b"\r\n", b"413"),  # counted while it arrives
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc", b"408"),  # never completes
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET /slow HTTP/1.1\r\nX-Big: " + b"z" * MAX_HEAD_BYTES + b"\r\n\r\n", b"431"),
+])
+def test_bad_requests_get_a_clear_status_and_the_connection_closes(request_bytes: bytes, status: bytes) -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        started = time.monotonic()
+        got = await _exchange(port, request_bytes, lambda g: False)  # read until the server closes
+        assert got.startswith(b"HTTP/1.1 " + status), got[:200]
+        assert b"Connection: close" in got
+        assert time.monotonic() - started < 3
+
+    _run(test)
+
+
+def test_expect_100_continue_is_answered_when_the_handler_reads() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"ping")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(4) == b"ping"
+        writer.close()
+
+    _run(test)
+
+
+def test_http_1_0_gets_its_stream_until_close_and_no_chunking() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        got = await _exchange(port, b"POST /stream HTTP/1.0\r\nContent-Length: 0\r\n\r\n", lambda g: False)
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert b"Transfer-Encoding" not in head and b"Content-Length" not in head and b"Connection: close" in head
+        assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+    _run(test)
+
+
+def test_a_client_that_leaves_mid_stream_makes_writes_fail_and_shows_as_gone() -> None:
+    async def test(_server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        await reader.read(1024)
+        writer.transport.abort()
+        deadline = time.monotonic() + 5
+        while not seen["gone"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert seen["gone"] == [True]
+
+    _run(test)
+
+
+def test_an_idle_connection_and_a_head_that_never_completes_are_closed_after_the_keepalive_timeout() -> None:
+    async def test(server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        partial = await asyncio.open_connection("127.0.0.1", port)
+        partial[1].write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for reader, _ in (idle, partial):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        assert 0.25 < time.monotonic() - started < 3
+        assert not server.connections
+
+    _run(test, keepalive_timeout=0.4)
+
+
+def test_stop_lets_a_running_request_finish_and_refuses_new_connections() -> None:
+    async def test(server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(server.stop(5.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        seen["release"].set()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done") and b"Connection: close" in answer
+        await stopping
+        writer.close()
+
+    _run(test)
