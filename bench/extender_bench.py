@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -121,11 +120,8 @@ def serve(service: ExtenderService) -> tuple[int, asyncio.AbstractEventLoop]:
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(build_app(service), access_log=None)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        port.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        _, bound = loop.run_until_complete(build_app(service).start("127.0.0.1", 0))
+        port.append(bound)
         ready.set()
         loop.run_forever()
 

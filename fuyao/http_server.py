@@ -15,9 +15,11 @@ What a client can rely on (the same as aiohttp gave the router):
 - the body is read only when the handler asks for it (:meth:`Request.read`), with its own cap (413 before reading
   when ``Content-Length`` says so) and deadline (408); ``Expect: 100-continue`` is answered then; at most
   :data:`HIGH_WATER` bytes are buffered before the socket stops being read. An answer sent before the whole body
-  arrived closes the connection (the rest of the body cannot be told from a next request);
-- unknown paths are 404 and known paths with another method 405 with ``Allow``; ``HEAD`` is served by the ``GET``
-  handler without the body;
+  arrived closes the connection (the rest of the body cannot be told from a next request), lingering for
+  :data:`LINGER_S` so the client reads it;
+- routes by exact path, then by the longest registered prefix (:meth:`HttpServer.route_prefix`); unknown paths are
+  404 and known paths with another method 405 with ``Allow``; ``HEAD`` is served by the ``GET`` handler without
+  the body;
 - a handler that raises answers 500 (logged); a client that goes away shows as :attr:`Request.gone` and makes
   stream writes raise :class:`ConnectionResetError`;
 - shutdown: no new connections, idle ones closed, running handlers given ``timeout`` to finish.
@@ -44,6 +46,10 @@ MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers; aiohttp's limit was 8,190 bytes per line."""
 HIGH_WATER = 256 * 1024
 """Body bytes buffered ahead of the handler before the socket stops being read."""
+LINGER_S = 2.0
+"""After an answer sent before its request's body ended, the rest is read and dropped for this long before the
+connection closes (a lingering close, RFC 9112 §9.6): closing at once would make the kernel reset the connection
+and the client could lose the answer."""
 
 Headers = Iterable[tuple[bytes, bytes]]
 Handler = Callable[["Request"], Awaitable["Response | Stream"]]
@@ -157,6 +163,7 @@ class Request:
         "_body_done",
         "_body_size",
         "_conn",
+        "_limit",
         "_waiter",
         "content_length",
         "expect_continue",
@@ -180,6 +187,7 @@ class Request:
         self._body_size = 0
         self._body_done = False
         self._waiter: asyncio.Future[None] | None = None
+        self._limit: int | None = None  # the cap of the read in progress
         self.read_started = False
 
     @property
@@ -203,8 +211,9 @@ class Request:
     def _feed(self, data: bytes) -> None:
         self._body.append(data)
         self._body_size += len(data)
-        if self._body_size > HIGH_WATER and not self.read_started:
-            self._conn.pause_reading()
+        if (self._body_size > HIGH_WATER and not self.read_started) or (
+                self._limit is not None and self._body_size > self._limit):
+            self._conn.pause_reading()  # over the cap: no more of it is read (the answer closes the connection)
         self._wake()
 
     def _complete(self) -> None:
@@ -221,6 +230,7 @@ class Request:
         if self.content_length is not None and self.content_length > max_bytes:
             raise BodyError(413, f"the request body is {self.content_length} bytes; at most {max_bytes} are accepted")
         self.read_started = True
+        self._limit = max_bytes
         if not self._body_done:
             if self.expect_continue:
                 self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -257,6 +267,7 @@ class _Connection(asyncio.Protocol):
         self.current: Request | None = None  # being parsed
         self.task: asyncio.Task[None] | None = None
         self.lost = False
+        self.discarding = False  # lingering: what arrives is dropped
         self.paused = False
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -281,6 +292,8 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -382,10 +395,12 @@ class _Connection(asyncio.Protocol):
     # Answering ----------------------------------------------------------------------------------------------------
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request the parser could not take, and close."""
-        if self.task is None and not self.lost:
+        if self.task is None and not self.lost and not self.discarding:
             self.transport.write(_head(status, (), b"text/plain; charset=utf-8", len(message) + 1, False)
                                  + message.encode() + b"\n")
-        self.transport.close()
+            self._close(lingering=True)
+        else:
+            self.transport.close()
 
     async def _answer_all(self) -> None:
         try:
@@ -394,13 +409,24 @@ class _Connection(asyncio.Protocol):
                 keep = await self._answer(request)
                 self.queue.popleft()
                 if not keep:
-                    self.transport.close()
+                    self._close(lingering=not request._body_done)
                     return
             if not self.lost:
                 self.resume_reading()
                 self._arm_idle()
         finally:
             self.task = None
+
+    def _close(self, lingering: bool) -> None:
+        if not lingering or self.lost or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.discarding = True
+        self.queue.clear()
+        self.transport.write_eof()  # the answer is out; the client sees the end of it
+        self.resume_reading()
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
     async def _answer(self, request: Request) -> bool:
         """Run the request's handler and send its answer; whether the connection stays open."""
@@ -430,11 +456,14 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpServer:
-    """Routes by exact path and method; :meth:`start` listens, :meth:`stop` drains."""
+    """Routes by exact path (or prefix) and method; :meth:`start` listens, :meth:`stop` drains and then runs
+    :attr:`on_stop`."""
 
     def __init__(self, keepalive_timeout: float = 75.0):
         self.keepalive_timeout = keepalive_timeout
         self.routes: dict[str, dict[str, Handler]] = {}
+        self.prefixes: dict[str, dict[str, Handler]] = {}
+        self.on_stop: list[Callable[[], None]] = []
         self.connections: set[_Connection] = set()
         self.active = 0
         self.idle: asyncio.Event | None = None
@@ -442,14 +471,25 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     def route(self, method: str, path: str, handler: Handler) -> None:
-        self.routes.setdefault(path, {})[method] = handler
+        methods = self.routes.setdefault(path, {})
+        methods[method] = handler
         if method == "GET":
-            self.routes[path].setdefault("HEAD", handler)
+            methods.setdefault("HEAD", handler)
+
+    def route_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """Every path under ``prefix`` (the handler reads the rest of :attr:`Request.path`)."""
+        methods = self.prefixes.setdefault(prefix, {})
+        methods[method] = handler
+        if method == "GET":
+            methods.setdefault("HEAD", handler)
 
     async def dispatch(self, request: Request) -> Response | Stream:
         methods = self.routes.get(request.path)
         if methods is None:
-            return Response.text(f"404: no route {request.path}", 404)
+            under = [p for p in self.prefixes if request.path.startswith(p)]
+            if not under:
+                return Response.text(f"404: no route {request.path}", 404)
+            methods = self.prefixes[max(under, key=len)]
         handler = methods.get(request.method)
         if handler is None:
             return Response(f"405: {request.method} is not allowed on {request.path}\n".encode(), 405,
@@ -485,3 +525,5 @@ class HttpServer:
             conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
+        for call in self.on_stop:
+            call()

@@ -1,7 +1,9 @@
-"""HTTP front of the extender (aiohttp): routes, JSON in and out (orjson), 400 for malformed bodies, 413 for
-oversized ones, latency metrics.
+"""HTTP front of the extender (:class:`fuyao.http_server.HttpServer`: the lean HTTP/1.1 server the router uses; the
+scheduler's three calls per pod, or Volcano's per-node predicates, each pay its cost): routes, JSON in and out
+(orjson), 400 for malformed bodies, 413 for oversized ones, latency metrics.
 
-Bodies are read with :func:`fuyao.http_body.read_json`: over ``MAX_BODY`` → 413 before any work, nested deeper than
+Bodies are read by :meth:`fuyao.http_server.Request.read` and decoded by :func:`fuyao.http_body.decode_json`: over
+``MAX_BODY`` → 413 before any work, nested deeper than
 ``MAX_DEPTH`` → 400 before parsing (so nothing later can recurse out of stack on a hostile document), and bodies over
 ``OFFLOAD_ABOVE`` are parsed in a worker thread. Decisions are CPU-bound and short for the requests schedulers send:
 they run inline on the event loop, which keeps a request's latency at the cost of its own work (no thread hops).
@@ -20,11 +22,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
-from aiohttp import web
 
-from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, read_body, read_json
+from fuyao.http_body import MAX_DEPTH, OFFLOAD_ABOVE, BodyError, decode_json
+from fuyao.http_server import HttpServer, Request, Response
 
 from .leading import FORWARDED_PATH
 from .partial import ProtocolError
@@ -32,6 +35,8 @@ from .service import ExtenderService
 from .volcano_verbs import VolcanoVerbs
 
 log = logging.getLogger(__name__)
+
+EXPLAIN = "/explain/"
 
 MAX_BODY = 64 * 1024 * 1024  # a NodeList of 5,000 full nodes is tens of MB
 VOLCANO_PRIORITIZE_MAX_BODY = 256 * 1024 * 1024
@@ -42,12 +47,12 @@ BIG_DECISION_WORKERS = 2
 from queueing another behind it."""
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+def _json(data: Any, status: int = 200) -> Response:
+    return Response.json(orjson.dumps(data), status)
 
 
-def _ack(service: ExtenderService, name: str) -> Callable[[web.Request], Any]:
-    async def handler(request: web.Request) -> web.Response:
+def _ack(service: ExtenderService, name: str) -> Callable[[Request], Any]:
+    async def handler(_request: Request) -> Response:
         service.metrics.decisions.labels(name, "ok").inc()
         return _json({})
 
@@ -68,7 +73,7 @@ def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
 
 def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
           big: ThreadPoolExecutor, raw_body: bool = False,
-          max_body: int = MAX_BODY) -> Callable[[web.Request], Any]:
+          max_body: int = MAX_BODY) -> Callable[[Request], Any]:
     """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
     coroutine function when it waits on the API server (bind). With ``raw_body`` it gets the request's bytes (after
     the size check) and decodes only what it reads, with msgspec, which refuses nesting deeper than the recursion
@@ -76,25 +81,25 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
     Volcano NodeInfo."""
     is_async = inspect.iscoroutinefunction(call)
 
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: Request) -> Response:
         started = time.perf_counter()
         status = 400
         try:
+            raw = await request.read(max_body)
             if raw_body:
-                raw = await read_body(request, max_body)
                 if len(raw) > OFFLOAD_ABOVE:
                     answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, raw)
                 else:
                     answer = _decide(call, raw)
-                return web.Response(body=answer, content_type="application/json")
-            raw, body = await read_json(request, max_body, MAX_DEPTH, OFFLOAD_ABOVE)
+                return Response.json(answer)
+            body = await decode_json(raw, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
                 return _json(await call(body))
             if len(raw) > OFFLOAD_ABOVE:
                 answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, body)
             else:
                 answer = _decide(call, body)
-            return web.Response(body=answer, content_type="application/json")
+            return Response.json(answer)
         except BodyError as exc:  # refused before any work: too big (413), too deep or not JSON (400)
             status, error = exc.status, exc.message
         except ProtocolError as exc:
@@ -112,14 +117,10 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
     return handler
 
 
-def build_app(service: ExtenderService) -> web.Application:
-    app = web.Application(client_max_size=VOLCANO_PRIORITIZE_MAX_BODY)  # each verb checks its own cap first
+def build_app(service: ExtenderService) -> HttpServer:
+    app = HttpServer()  # each verb checks its own body cap
     big = ThreadPoolExecutor(BIG_DECISION_WORKERS, thread_name_prefix="extender-big-decision")
-
-    async def stop_workers(_app: web.Application) -> None:
-        big.shutdown(wait=False, cancel_futures=True)
-
-    app.on_cleanup.append(stop_workers)
+    app.on_stop.append(lambda: big.shutdown(wait=False, cancel_futures=True))
     s = service
     routes = {
         "/filter": ("filter", s.filter),
@@ -131,34 +132,37 @@ def build_app(service: ExtenderService) -> web.Application:
     }
     raw_verbs = {"filter", "prioritize"} | {f"volcano-{verb}" for verb in VolcanoVerbs.RAW}
     for path, (name, call) in routes.items():
-        app.router.add_post(path, _verb(service, name, call, big, raw_body=name in raw_verbs,
-                                        max_body=VOLCANO_PRIORITIZE_MAX_BODY if name == "volcano-prioritize"
-                                        else MAX_BODY))
+        app.route("POST", path, _verb(service, name, call, big, raw_body=name in raw_verbs,
+                                      max_body=VOLCANO_PRIORITIZE_MAX_BODY if name == "volcano-prioritize"
+                                      else MAX_BODY))
     for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
-        app.router.add_post(f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
+        app.route("POST", f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+    async def healthz(_request: Request) -> Response:
+        return Response.text("ok")
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(_request: Request) -> Response:
         ready, why = service.readiness()
-        return web.Response(text=why, status=200 if ready else 503)
+        return Response.text(why, 200 if ready else 503)
 
-    async def metrics(_request: web.Request) -> web.Response:
+    async def metrics(_request: Request) -> Response:
         service.metrics.nodes.set(len(service.cache.node_names()))
-        return web.Response(body=service.metrics.render(), content_type="text/plain", charset="utf-8")
+        return Response(service.metrics.render(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
-    async def explain(request: web.Request) -> web.Response:
-        key = f"{request.match_info['namespace']}/{request.match_info['pod']}"
+    async def explain(request: Request) -> Response:
+        namespace, sep, pod = unquote(request.path.removeprefix(EXPLAIN)).partition("/")
+        if not (namespace and sep and pod) or "/" in pod:
+            return _json({"error": f"expected {EXPLAIN}<namespace>/<pod>, got {request.path}"}, status=404)
+        key = f"{namespace}/{pod}"
         found = service.explanations.get(key)
         if found is None:
             return _json({"error": f"no decision recorded for {key}"}, status=404)
         return _json(found)
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/explain/{namespace}/{pod}", explain)
+    app.route("GET", "/healthz", healthz)
+    app.route("GET", "/readyz", readyz)
+    app.route("GET", "/metrics", metrics)
+    app.route_prefix("GET", EXPLAIN, explain)
     return app
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -155,7 +156,28 @@ def test_bad_requests_get_a_clear_status_and_the_connection_closes(request_bytes
         got = await _exchange(port, request_bytes, lambda g: False)  # read until the server closes
         assert got.startswith(b"HTTP/1.1 " + status), got[:200]
         assert b"Connection: close" in got
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 2 + 2  # lingering (LINGER_S) until the server closes
+
+    _run(test)
+
+
+def test_an_answer_before_the_body_ends_reaches_a_client_that_keeps_sending() -> None:
+    """A 413 while the client is still sending: the server reads and drops the rest (lingering close) instead of
+    closing at once, which would reset the connection and could lose the answer in the client's buffers."""
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                chunk = b"100000\r\n" + b"z" * (1 << 20) + b"\r\n"
+                for _ in range(16):  # 16 MB after a 1,000-byte cap
+                    sock.sendall(chunk)
+                answer = b""
+                while data := sock.recv(65536):
+                    answer += data
+                return answer
+
+        answer = await asyncio.get_running_loop().run_in_executor(None, client)
+        assert answer.startswith(b"HTTP/1.1 413") and b"over 1000 bytes" in answer
 
     _run(test)
 
