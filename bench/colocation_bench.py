@@ -9,20 +9,28 @@ object; the figures and the method are in docs/benchmarks.md and docs/qos.md. Ne
 - BE: CPU burners (busybox `while :; do :; done`), `volcano.sh/qos: BE`, batch resources only (BestEffort to the
   kubelet): requests and limits of `kubernetes.io/batch-cpu` each.
 - Utilization: the node's busy CPU (/proc/stat, all cores) over each phase. Latency: the client's p50 and p99.
-- After 20 s of unmeasured load and 15 s of quiet (a fresh cluster's start-up settles), phases, each
-  ``--phase-seconds`` (default 60) after a 5 s settle: U0/L0 LS alone; U1/L1 LS + BE with the agent
-  stopped (nothing enforces the batch limits); U2/L2 LS + BE with the agent (batch limits in the cgroups, CPU
-  suppression above its threshold).
+- After 20 s of unmeasured load and 15 s of quiet (a fresh cluster's start-up settles), the BE pods are created
+  once, and the three phases are measured in interleaved windows, each ``--phase-seconds`` (default 30) after a 5 s
+  settle, in ``--rounds`` rounds (default 4) whose order rotates (L1 L2 L0, L2 L0 L1, L0 L1 L2, ...), so a drift of
+  the machine (a fresh cluster settling, other tenants of a VM) falls on every phase alike:
+  - U0/L0 LS alone: the BE pods frozen (cgroup freezer), the agent running;
+  - U1/L1 LS + BE without the agent: the agent stopped and the BE pods' cgroups at what the kubelet gives a
+    BestEffort pod (no CFS quota, 2 CPU shares): nothing enforces the batch limits;
+  - U2/L2 LS + BE with the agent (batch limits in the cgroups, CPU suppression above its threshold), measured from
+    6 s after it starts.
+  A phase's latency percentiles are over all its windows' requests together; its utilization is the mean of its
+  windows'. Each window's figures are printed too.
 - Memory pressure: the agent restarted with watermarks around the node's memory use; an LS pod and two BE pods
   (priorities 0 and -10) each fill a memory-backed emptyDir; the report says which pods were evicted, in what
   order, and whether any LS container was OOM-killed.
 
 Goals (issue 22): U2 >= 1.8 x U0 (the design doc's 35 % -> 65 %), L2 <= 1.15 x L0, L1 visibly worse than L0.
 
-Rounds (``--rounds``, default 1) repeat the three phases with new BE pods each time (no limit left over from the
-previous round's agent); the medians of each phase's figures give the ratios, and every round is printed.
+Why interleaved: measured one phase after the other (the first version of this bench), L0, L1 and L2 each took a
+minute in that order, and on this 2-core VM LS alone's p99 moves by 2x from one minute to the next; every run then
+put the agent's phase last.
 
-Usage: bench/colocation_bench.py [--rate 100] [--phase-seconds 60] [--rounds 3] [--burners 2] [--state-dir DIR]
+Usage: bench/colocation_bench.py [--rate 100] [--phase-seconds 30] [--rounds 4] [--burners 2] [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -131,12 +139,17 @@ async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict[st
             n += 1
             at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
-    latencies.sort()
+
+    return {"requests": n, "errors": errors, **latency_figures(latencies), "_latencies": latencies}
+
+
+def latency_figures(latencies: list[float]) -> dict[str, Any]:
+    latencies = sorted(latencies)
 
     def pct(p: float) -> float:
         return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 2) if latencies else 0.0
 
-    return {"requests": n, "errors": errors, "p50_ms": pct(50), "p99_ms": pct(99),
+    return {"p50_ms": pct(50), "p99_ms": pct(99),
             "mean_ms": round(statistics.fmean(latencies), 2) if latencies else 0.0,
             "cdf_ms": quantiles(latencies, 1.0, 2)}
 
@@ -200,12 +213,53 @@ def memory_phase(cluster: LocalCluster, size: int = 600 * 2**20) -> dict[str, An
             "ls_restarts": status.get("restartCount", 0), "ls_oom_killed": oom}
 
 
+class BePods:
+    """The BE pods' cgroups, for the phases: frozen (LS alone) or thawed, and set back to what the kubelet gives a
+    BestEffort pod (no quota, 2 shares) when the agent stops (it leaves its limits in place)."""
+
+    def __init__(self, uids: list[str]):
+        from fuyao.qos import cgroups
+
+        self.layout = cgroups.detect()
+        found = cgroups.pod_cgroups(self.layout)
+        self.pods = [found[uid] for uid in uids]
+
+    def _dirs(self, controller: str) -> list[Path]:
+        from fuyao.qos import cgroups
+
+        out = []
+        for pod in self.pods:
+            base = cgroups.controller_dir(self.layout, pod.cpu, controller)
+            out += [base, *sorted(d for d in base.iterdir() if d.is_dir())]
+        return out
+
+    def freeze(self, frozen: bool) -> None:
+        """Freezing a pod's cgroup freezes its containers too (v1 freezer, v2 ``cgroup.freeze``)."""
+        from fuyao.qos import cgroups
+
+        for pod in self.pods:
+            d = cgroups.controller_dir(self.layout, pod.cpu, "freezer")
+            if self.layout.version == 2:
+                (d / "cgroup.freeze").write_text("1" if frozen else "0")
+            else:
+                (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+    def kubelet_defaults(self) -> None:
+        for d in self._dirs("cpu"):  # the pod before its containers: v1 refuses a child quota above its parent's
+            if self.layout.version == 2:
+                (d / "cpu.max").write_text("max")
+                (d / "cpu.weight").write_text("1")
+            else:
+                (d / "cpu.cfs_quota_us").write_text("-1")
+                (d / "cpu.shares").write_text("2")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0, help="LS requests per second (open loop)")
     parser.add_argument("--work-ms", type=float, default=4.0, help="CPU per LS request")
-    parser.add_argument("--phase-seconds", type=float, default=60.0)
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of the three phases; medians are reported")
+    parser.add_argument("--phase-seconds", type=float, default=30.0, help="one window of one phase")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the three phases' windows, interleaved")
     parser.add_argument("--burners", type=int, default=2, help="BE CPU burner pods")
     parser.add_argument("--burner-milli", type=int, default=0, help="each burner's batch-cpu request and limit "
                         "(default: the node's allocatable batch-cpu shared among the burners, as a scheduler filling "
@@ -239,58 +293,81 @@ def main() -> None:
         # agent's window (6 samples) forgets the start-up peaks before it sizes the batch resources
         asyncio.run(open_loop(url, args.rate, 20, args.seed + 100))
         time.sleep(15)
-        rounds: list[dict[str, Any]] = []
-        for r in range(args.rounds):
-            seed = args.seed + 10 * r
-            one: dict[str, Any] = {"ls_alone": phase(url, args.rate, args.phase_seconds, seed)}
-            # the agent's estimate moves with the window's peaks (the previous round's load): wait until it
-            # offers every burner at least 50m, then stop it, so what is read is what the scheduler sees
-            try:
-                wait_for(lambda: int(cluster.node_json()["status"]["allocatable"].get(
-                    "kubernetes.io/batch-cpu", "0")) >= 55 * args.burners, 90, "batch-cpu for the burners")
-            except AssertionError:
-                if not rounds:
-                    raise
-                result["stopped_early"] = (f"round {r + 1}: the agent offered less than {55 * args.burners}m "
-                                           "batch-cpu for 90 s (its estimate after the previous round's load)")
-                break
-            cluster.stop("fuyao-qos-agent")
-            batch = int(cluster.node_json()["status"]["allocatable"]["kubernetes.io/batch-cpu"])
-            milli = args.burner_milli or max(50, int(batch * 0.95) // args.burners)
-            one["batch_cpu_allocatable_milli"], one["burner_milli"] = batch, milli
-            for i in range(args.burners):  # new pods: no limit left from the previous round's agent
-                cluster.apply(burner(i, milli), f"burner-{r}-{i}")
-            for i in range(args.burners):
-                wait_for(lambda n=i: cluster.get_json("pod", f"be-burner-{n}")["status"].get("phase") == "Running",
-                         90, f"burner {i} Running ({cluster.get_json('pod', f'be-burner-{i}')['status']}; node "
-                             f"allocatable {cluster.node_json()['status']['allocatable']}; each burner {milli}m)")
-            one["ls_be_without_agent"] = phase(url, args.rate, args.phase_seconds, seed + 1)
-            cluster.start("fuyao-qos-agent")
-            time.sleep(6)  # agent cycles: limits written, suppression measured
-            one["ls_be_with_agent"] = phase(url, args.rate, args.phase_seconds, seed + 2)
-            for i in range(args.burners):
-                cluster.kubectl("delete", "pod", f"be-burner-{i}", "--wait=true", "--timeout=60s")
-            rounds.append(one)
-        result["rounds"] = rounds
+        # the agent's estimate moves with the window's peaks: wait until it offers every burner at least 50m, then
+        # stop it, so what is read is what the scheduler sees
+        wait_for(lambda: int(cluster.node_json()["status"]["allocatable"].get(
+            "kubernetes.io/batch-cpu", "0")) >= 55 * args.burners, 90, "batch-cpu for the burners")
+        cluster.stop("fuyao-qos-agent")
+        batch = int(cluster.node_json()["status"]["allocatable"]["kubernetes.io/batch-cpu"])
+        milli = args.burner_milli or max(50, int(batch * 0.95) // args.burners)
+        result["batch_cpu_allocatable_milli"], result["burner_milli"] = batch, milli
+        for i in range(args.burners):
+            cluster.apply(burner(i, milli), f"burner-{i}")
+        for i in range(args.burners):
+            wait_for(lambda n=i: cluster.get_json("pod", f"be-burner-{n}")["status"].get("phase") == "Running",
+                     90, f"burner {i} Running ({cluster.get_json('pod', f'be-burner-{i}')['status']}; node "
+                         f"allocatable {cluster.node_json()['status']['allocatable']}; each burner {milli}m)")
+        be = BePods([cluster.get_json("pod", f"be-burner-{i}")["metadata"]["uid"] for i in range(args.burners)])
+        agent_running = False
+
+        def agent(running: bool) -> None:
+            nonlocal agent_running
+            if running and not agent_running:
+                cluster.start("fuyao-qos-agent")
+                time.sleep(6)  # agent cycles: limits written, suppression measured
+            elif not running and agent_running:
+                cluster.stop("fuyao-qos-agent")
+            agent_running = running
+
+        order = list(PHASES)[::-1]  # L1, L2, L0 first; rotated each round
+        windows: list[dict[str, Any]] = []
+        try:
+            for r in range(args.rounds):
+                for name in order[r % 3:] + order[:r % 3]:
+                    if name == "ls_be_without_agent":
+                        agent(False)
+                        be.freeze(False)
+                        be.kubelet_defaults()
+                    elif name == "ls_be_with_agent":
+                        be.freeze(False)
+                        agent(True)
+                    else:
+                        agent(True)
+                        be.freeze(True)
+                    window = phase(url, args.rate, args.phase_seconds, args.seed + 10 * r + len(windows))
+                    windows.append({"round": r, "phase": name, **window})
+                    print(f"round {r + 1} {PHASES[name]:18s} utilization {window['utilization']:.3f} p50 "
+                          f"{window['p50_ms']} ms p99 {window['p99_ms']} ms", file=sys.stderr, flush=True)
+        finally:
+            be.freeze(False)
+        agent(True)
+        for i in range(args.burners):
+            cluster.kubectl("delete", "pod", f"be-burner-{i}", "--wait=true", "--timeout=60s")
+        for name in PHASES:
+            mine = [w for w in windows if w["phase"] == name]
+            result[name] = {"utilization": round(statistics.fmean(w["utilization"] for w in mine), 3),
+                            "requests": sum(w["requests"] for w in mine), "errors": sum(w["errors"] for w in mine),
+                            **latency_figures([x for w in mine for x in w["_latencies"]])}
+        for window in windows:
+            del window["_latencies"], window["cdf_ms"]
+        result["windows"] = windows
         result["memory_pressure"] = memory_phase(cluster)
     finally:
         down(args.state_dir)
 
-    def median(phase_name: str, figure: str) -> float:
-        return round(statistics.median(r[phase_name][figure] for r in rounds), 3)
-
-    for name in ("ls_alone", "ls_be_without_agent", "ls_be_with_agent"):
-        result[name] = {f: median(name, f) for f in ("utilization", "p50_ms", "p99_ms", "mean_ms")}
     u0, l0 = result["ls_alone"]["utilization"], result["ls_alone"]["p99_ms"]
     u2, l2 = result["ls_be_with_agent"]["utilization"], result["ls_be_with_agent"]["p99_ms"]
     l1 = result["ls_be_without_agent"]["p99_ms"]
+
+    def window_p99(name: str, r: int) -> float:
+        return next(w["p99_ms"] for w in result["windows"] if w["round"] == r and w["phase"] == name)
+
     result["ratios"] = {"U2/U0": round(u2 / u0, 2) if u0 else None, "L2/L0 (p99)": round(l2 / l0, 2) if l0 else None,
                         "L1/L0 (p99)": round(l1 / l0, 2) if l0 else None,
-                        "per_round": [{"U2/U0": round(r["ls_be_with_agent"]["utilization"]
-                                                      / r["ls_alone"]["utilization"], 2),
-                                       "L2/L0": round(r["ls_be_with_agent"]["p99_ms"] / r["ls_alone"]["p99_ms"], 2),
-                                       "L1/L0": round(r["ls_be_without_agent"]["p99_ms"] / r["ls_alone"]["p99_ms"], 2)}
-                                      for r in rounds],
+                        "per_round": [{"L2/L0": round(window_p99("ls_be_with_agent", r) / window_p99("ls_alone", r), 2),
+                                       "L1/L0": round(window_p99("ls_be_without_agent", r)
+                                                      / window_p99("ls_alone", r), 2)}
+                                      for r in range(args.rounds)],
                         "goals": {"U2/U0": ">= 1.8", "L2/L0": "<= 1.15", "L1/L0": "visibly > 1"}}
     emit(result, args.out, "colocation", charts)
 
@@ -299,15 +376,14 @@ PHASES = {"ls_alone": "LS alone", "ls_be_without_agent": "LS + BE, no agent", "l
 
 
 def charts(result: dict[str, Any], out: Path) -> list[Path]:
-    rounds = result.get("rounds") or []
-    paths = [plots.grouped_bars(out / "colocation-phases.png", "colocation on the real kubelet (median of rounds)", {
+    paths = [plots.grouped_bars(out / "colocation-phases.png", "colocation on the real kubelet (interleaved windows)", {
         "node CPU utilization": {label: result[key]["utilization"] for key, label in PHASES.items()},
         "LS p99 / LS-alone p99": {label: result[key]["p99_ms"] / result["ls_alone"]["p99_ms"]
                                   for key, label in PHASES.items() if result["ls_alone"]["p99_ms"]}},
         "fraction / ratio", goal=1.15, goal_label="goal: L2/L0 <= 1.15")]
-    if rounds and "cdf_ms" in rounds[0]["ls_alone"]:
-        paths.append(plots.quantile_cdf(out / "colocation-ls-latency.png", "LS request latency (first round)",
-                                        {label: rounds[0][key]["cdf_ms"] for key, label in PHASES.items()}, "ms",
+    if "cdf_ms" in result["ls_alone"]:
+        paths.append(plots.quantile_cdf(out / "colocation-ls-latency.png", "LS request latency (all windows)",
+                                        {label: result[key]["cdf_ms"] for key, label in PHASES.items()}, "ms",
                                         log_x=True))
     return paths
 
