@@ -245,6 +245,9 @@ class BePods:
                 (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
 
     def kubelet_defaults(self) -> None:
+        """No quota, 2 shares, every CPU of the tier (the agent's cpuset policy narrows them)."""
+        from fuyao.qos import cgroups
+
         for d in self._dirs("cpu"):  # the pod before its containers: v1 refuses a child quota above its parent's
             if self.layout.version == 2:
                 (d / "cpu.max").write_text("max")
@@ -252,6 +255,9 @@ class BePods:
             else:
                 (d / "cpu.cfs_quota_us").write_text("-1")
                 (d / "cpu.shares").write_text("2")
+        tier = cgroups.format_cpus(cgroups.tier_cpus(self.layout))
+        for d in self._dirs("cpuset"):  # the pod widens before its containers
+            (d / "cpuset.cpus").write_text("" if self.layout.version == 2 else tier)
 
 
 def main() -> None:

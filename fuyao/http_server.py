@@ -180,6 +180,9 @@ class Request:
                  keep_alive: bool, content_length: int | None, expect_continue: bool):
         self._conn = conn
         self.method, self.version, self.headers = method, version, headers
+        if not url.startswith(b"/") and b"://" in url:  # absolute form (RFC 9112 §3.2.2): the path is what follows
+            rest = url.split(b"://", 1)[1]
+            url = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
         path, _, query = url.partition(b"?")
         self.path, self.query = path.decode("latin-1"), query.decode("latin-1")
         self.keep_alive, self.content_length, self.expect_continue = keep_alive, content_length, expect_continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -114,7 +115,8 @@ class Agent:
         if not m.warm:
             notes.append("first sample: CPU rates need a second one; no cgroup changes this cycle")
         batch = policy.batch_resources(m.node, m.pods, self.config)
-        plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed)
+        node_cpus = self._node_cpus(notes)
+        plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed, node_cpus)
         writes = self._writes(m, plan, notes) if m.warm else []
         evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config)
                      if time.monotonic() - self._evicted.get(e.pod.uid, -1e9) > EVICTION_RETRY_S]
@@ -161,6 +163,18 @@ class Agent:
             stop.wait(max(0.0, self.config.interval - (time.monotonic() - began)))
 
     # Decisions → actions -----------------------------------------------------------------------------------------
+    def _node_cpus(self, notes: list[str]) -> frozenset[int]:
+        """The CPUs of the BestEffort tier, for the cpuset policy (empty: not that policy, or unreadable; then the
+        CFS quota policy stands in and the cycle's notes say why)."""
+        if self.config.cpu_suppress.policy != "cpuset":
+            return frozenset()
+        try:
+            return cgroups.tier_cpus(self.collector.layout)
+        except cgroups.CgroupError as exc:
+            self.metrics.cgroup_errors.inc()
+            notes.append(f"cpuset policy: the BestEffort tier's CPUs are not readable ({exc}); CFS quotas this cycle")
+            return frozenset()
+
     def _writes(self, m: Measurement, plan: policy.SuppressPlan, notes: list[str]) -> list[WriteLine]:
         """cgroup writes that make each BE pod, and each of its containers, hold what its batch resources and the
         suppression plan say (only where a file differs). A pod that stopped being BE gets its spec's values back.
@@ -168,22 +182,32 @@ class Agent:
         out: list[WriteLine] = []
         present = {p.uid for p in m.pods}
         self._limited &= present  # a pod that went took its cgroups with it
+        restore_cpus = self._tier_cpus_or_none()
         for pod in m.pods:
             group = m.groups.get(pod.uid)
             if group is None:
                 continue
+            cpus: frozenset[int] | None = None
             if pod.be:
                 targets = policy.be_targets(pod, plan.limits.get(pod.uid, pod.cpu_limit_milli),
                                             self.config.be_cpu_shares)
-                why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
-                       f"{plan.ls_and_system_milli}m)" if plan.active else f"BE pod {pod.key}: its batch resources")
+                cpus = plan.cpus
+                if cpus is not None:
+                    why = (f"BE pod {pod.key}: on CPUs {cgroups.format_cpus(cpus)} (budget {plan.be_allowed_milli}m: "
+                           f"LS + system use {plan.ls_and_system_milli}m)")
+                elif plan.active:
+                    why = (f"BE pod {pod.key}: CPU suppressed to {plan.limits.get(pod.uid)}m (LS + system use "
+                           f"{plan.ls_and_system_milli}m)")
+                else:
+                    why = f"BE pod {pod.key}: its batch resources"
             elif pod.known and pod.uid in self._limited:
                 targets = policy.spec_targets(pod)
+                cpus = restore_cpus
                 why = f"pod {pod.key} is no longer BE: its spec's values back"
             else:
                 continue
             try:
-                out.extend(self._pod_writes(pod, group, targets, why, notes))
+                out.extend(self._pod_writes(pod, group, targets, why, notes, cpus))
             except cgroups.CgroupError as exc:
                 self.metrics.cgroup_errors.inc()
                 notes.append(f"BE pod {pod.key} left as is: {exc}")
@@ -195,11 +219,20 @@ class Agent:
                 self._limited.discard(pod.uid)
         return out
 
+    def _tier_cpus_or_none(self) -> frozenset[int] | None:
+        if self.config.cpu_suppress.policy != "cpuset":
+            return None
+        try:
+            return cgroups.tier_cpus(self.collector.layout)
+        except cgroups.CgroupError:
+            return None  # noted by _node_cpus
+
     def _pod_writes(self, pod: policy.PodSample, group: cgroups.PodCgroup, targets: policy.PodTargets, why: str,
-                    notes: list[str]) -> list[WriteLine]:
+                    notes: list[str], cpus: frozenset[int] | None = None) -> list[WriteLine]:
         layout = self.collector.layout
         pod_lines = self._target_writes(group, targets.pod, why)
         children: list[WriteLine] = []
+        child_dirs: list[Path] = []
         for container in pod.containers:
             target = targets.containers.get(container.name)
             if target is None:
@@ -214,11 +247,35 @@ class Agent:
             child = cgroups.PodCgroup(uid=pod.uid, tier=group.tier, cpu=cpu_dir,
                                       cpuacct=cgroups.controller_dir(layout, cpu_dir, "cpuacct"), memory=memory_dir)
             children += self._target_writes(child, target, f"{why} (container {container.name})")
+            child_dirs.append(cpu_dir)
         # cgroup v1 refuses a child CFS quota above its parent's: shrink children first, grow the pod first
         current = cgroups.cpu_limit(layout, group).milli
         shrinking = targets.pod.cpu_limit_milli is not None and (
             current is None or targets.pod.cpu_limit_milli < current)
-        return children + pod_lines if shrinking else pod_lines + children
+        cpuset_lines = [] if cpus is None else self._cpuset_writes(group.cpu, child_dirs, cpus, why)
+        return cpuset_lines + (children + pod_lines if shrinking else pod_lines + children)
+
+    def _cpuset_writes(self, pod_dir: Path, child_dirs: list[Path], cpus: frozenset[int], why: str) -> list[WriteLine]:
+        """The pod's and its containers' cpusets to ``cpus``. cgroup v1 refuses a child's CPUs outside its parent's,
+        so the pod first takes the union, then the containers move, then the pod narrows."""
+        layout = self.collector.layout
+        current = cgroups.cpuset(layout, pod_dir)
+        stale = [d for d in child_dirs if cgroups.cpuset(layout, d) != cpus]
+        if current == cpus and not stale:
+            return []
+        reason = f"{why}: CPUs {cgroups.format_cpus(cpus)}"
+        out: list[WriteLine] = []
+        union = current | cpus
+        if union != current:
+            write = cgroups.cpuset_write(layout, pod_dir, union)
+            out.append(WriteLine(path=write.path, value=write.value, reason=f"{reason} (the pod widens first)"))
+        for d in stale:
+            write = cgroups.cpuset_write(layout, d, cpus)
+            out.append(WriteLine(path=write.path, value=write.value, reason=f"{reason} (container)"))
+        if union != cpus:
+            write = cgroups.cpuset_write(layout, pod_dir, cpus)
+            out.append(WriteLine(path=write.path, value=write.value, reason=reason))
+        return out
 
     def _target_writes(self, group: cgroups.PodCgroup, target: policy.CgroupTarget, why: str) -> list[WriteLine]:
         layout = self.collector.layout

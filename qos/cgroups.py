@@ -292,6 +292,59 @@ def split_container_id(raw: str) -> tuple[str, str] | None:
     return runtime, cid
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A kernel CPU list (``0-3,6``) as a set; raises ValueError on anything else."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if last < first:
+            raise ValueError(part)
+        out.update(range(first, last + 1))
+    return frozenset(out)
+
+
+def format_cpus(cpus: frozenset[int]) -> str:
+    """The kernel's own form of a CPU list (ranges, ascending), so a write reads back as written."""
+    ordered = sorted(cpus)
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def cpuset_dir(layout: Layout, cpu_dir: Path) -> Path:
+    return controller_dir(layout, cpu_dir, "cpuset")
+
+
+def cpuset(layout: Layout, cpu_dir: Path) -> frozenset[int]:
+    """The CPUs the cgroup may run on (v2: the effective set when its own list is empty, i.e. inherited)."""
+    d = cpuset_dir(layout, cpu_dir)
+    text = _read(d / "cpuset.cpus").strip()
+    if not text and layout.version == 2:
+        text = _read(d / "cpuset.cpus.effective").strip()
+    try:
+        return parse_cpus(text)
+    except ValueError:
+        raise CgroupError(f"{d / 'cpuset.cpus'}: not a CPU list: {text[:40]!r}") from None
+
+
+def cpuset_write(layout: Layout, cpu_dir: Path, cpus: frozenset[int]) -> Write:
+    return Write(str(cpuset_dir(layout, cpu_dir) / "cpuset.cpus"), format_cpus(cpus))
+
+
+def tier_cpus(layout: Layout, tier: Tier = "besteffort") -> frozenset[int]:
+    """The CPUs a QoS tier's pods may use at most (the kubelet's cpuset for the tier: every CPU it allots pods)."""
+    return cpuset(layout, dict(_tier_dirs(layout, "cpu"))[tier])
+
+
 def container_dir(layout: Layout, pod_dir: Path, container_id: str) -> Path | None:
     """The directory of a container's cgroup under ``pod_dir`` (one controller's pod directory), or None when the
     runtime's layout for it does not exist there (not started yet, gone, or an unknown runtime)."""

@@ -15,7 +15,8 @@ usage:                        # node annotation qos.openfuyao.com/usage, for the
   jumpPercent: 10
 cpuSuppress:
   enabled: true
-  thresholdPercent: 65        # LS + system CPU above this share of capacity → BE pods get a CFS quota
+  policy: cpuset              # cpuset: BE pods on the CPUs their budget rounds up to (always); cfsQuota: a quota…
+  thresholdPercent: 65        # …above this share of capacity (budget: capacity x 65% - LS - system)
   hysteresisPercent: 5        # lifted below threshold - hysteresis
   minBeMilli: 100             # BE pods together never get less than this
 beCpuShares: 2                # BE pods' CPU weight (v1 cpu.shares; v2 cpu.weight converted)
@@ -57,6 +58,9 @@ class UsageSettings(ConfigSection):
 
 class CpuSuppressSettings(ConfigSection):
     enabled: bool = True
+    policy: Literal["cfsQuota", "cpuset"] = Field(
+        default="cpuset", description="cpuset: BE pods share the highest-numbered CPUs their budget rounds up to "
+        "(LS keeps the rest to itself); cfsQuota: BE pods share the budget as CFS quota above the threshold")
     threshold_percent: Percent = 65.0
     hysteresis_percent: Percent = 5.0
     min_be_milli: int = Field(default=100, ge=1)

@@ -106,17 +106,38 @@ class SuppressPlan:
     ls_and_system_milli: int
     be_allowed_milli: int | None  # None: not suppressed
     limits: dict[str, int | None]  # BE pod uid → CPU limit in milli (None: unlimited)
+    cpus: frozenset[int] | None = None  # the cpuset policy: the CPUs BE pods share (None: not managed)
 
 
-def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig, was_active: bool) -> SuppressPlan:
-    """When LS + system CPU passes the threshold, BE pods share what is left below it (at least ``minBeMilli``),
-    equally, as CFS quotas; below threshold - hysteresis the quotas go back to what the pods' specs say."""
+def be_cpus(allowed: frozenset[int], budget_milli: int) -> frozenset[int]:
+    """The CPUs BE pods share under the cpuset policy: the budget rounded up to whole CPUs (at least one), the
+    highest-numbered of ``allowed`` (the kubelet's BestEffort cpuset), so LS threads keep the others to themselves."""
+    count = min(len(allowed), max(1, -(-budget_milli // 1000)))
+    return frozenset(sorted(allowed)[len(allowed) - count:])
+
+
+def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig, was_active: bool,
+                 node_cpus: frozenset[int] = frozenset()) -> SuppressPlan:
+    """BE pods' CPU below what LS and the system leave under the threshold (the budget: capacity x threshold - LS -
+    system, at least ``minBeMilli``).
+
+    - ``cfsQuota``: when LS + system CPU passes the threshold, BE pods share the budget equally as CFS quotas; below
+      threshold - hysteresis the quotas go back to what the pods' specs say.
+    - ``cpuset``: always, BE pods share the budget's CPUs (:func:`be_cpus` of ``node_cpus``); their quotas are what
+      their specs say. A BE thread then never runs on the CPUs LS keeps: quotas bound how much BE runs, not when, so
+      an LS thread waking beside a running BE thread still waits (measured: docs/qos.md)."""
     settings = config.cpu_suppress
     be = [p for p in pods if p.be]
     ls_and_system = sum(p.cpu_milli for p in pods if not p.be) + max(
         0, node.cpu_used_milli - sum(p.cpu_milli for p in pods))
     ratio = ls_and_system / max(1, node.cpu_capacity_milli) * 100
     threshold = settings.threshold_percent
+    if settings.policy == "cpuset" and node_cpus:
+        specs = {p.uid: p.cpu_limit_milli for p in be}
+        if not settings.enabled:
+            return SuppressPlan(False, ls_and_system, None, specs)
+        budget = max(settings.min_be_milli, int(node.cpu_capacity_milli * threshold / 100) - ls_and_system)
+        return SuppressPlan(True, ls_and_system, budget, specs, be_cpus(node_cpus, budget))
     active = settings.enabled and (
         ratio > threshold or (was_active and ratio > threshold - settings.hysteresis_percent))
     if not active:

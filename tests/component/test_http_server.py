@@ -94,7 +94,7 @@ def _run(test: Callable[[HttpServer, int, dict[str, Any]], Awaitable[None]], **k
 
 def test_keep_alive_and_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     async def test(_server: HttpServer, port: int, seen: dict[str, Any]) -> None:
-        one = b"POST /echo?a=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"
+        one = b"POST http://x:80/echo?a=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"  # absolute form
         two = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n2\r\n!!\r\n0\r\n\r\n"
         got = await _exchange(port, one + two, lambda g: g.count(b"HTTP/1.1 200") == 2 and g.endswith(b"two!!"))
         first, second = got.split(b"HTTP/1.1 200 OK")[1:]

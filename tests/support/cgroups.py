@@ -10,8 +10,10 @@ from typing import Literal
 
 class FakeCgroupTree:
     def __init__(self, root: Path, version: Literal[1, 2] = 2, driver: Literal["cgroupfs", "systemd"] = "cgroupfs",
-                 kubelet_root: str = ""):
-        """``kubelet_root``: the kubelet's ``cgroupRoot`` (kind's nodes: ``kubelet``), one level above kubepods."""
+                 kubelet_root: str = "", cpus: str = "0-7"):
+        """``kubelet_root``: the kubelet's ``cgroupRoot`` (kind's nodes: ``kubelet``), one level above kubepods.
+        ``cpus``: the node's CPUs, in every cgroup's cpuset as the kubelet leaves it."""
+        self.cpus = cpus
         self.root = root
         self.kubelet_root = kubelet_root
         self.version = version
@@ -28,6 +30,31 @@ class FakeCgroupTree:
                     os.symlink("cpu,cpuacct", root / alias)
         for controller in self._controllers():
             self._tier(controller, "guaranteed").mkdir(parents=True, exist_ok=True)
+        for tier in ("guaranteed", "burstable", "besteffort"):
+            directory = self._tier(self._cpuset_root(), tier)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._cpuset_files(directory)
+
+    def _cpuset_root(self) -> Path:
+        return self.root if self.version == 2 else self.root / "cpuset"
+
+    def _cpuset_files(self, directory: Path) -> None:
+        """A new cgroup's cpuset as the kernel shows it: v1 copies its parent's list (the kubelet's hierarchy sets
+        clone_children), v2 leaves its own list empty (inherited) with the effective one beside it."""
+        if self.version == 2:
+            (directory / "cpuset.cpus").write_text("\n")
+            (directory / "cpuset.cpus.effective").write_text(f"{self.cpus}\n")
+        else:
+            (directory / "cpuset.cpus").write_text(f"{self.cpus}\n")
+
+    def cpuset_dir(self, uid: str, container_id: str | None = None) -> Path:
+        base = self.dirs[uid]
+        if self.version == 1:
+            base = self.root / "cpuset" / base.relative_to(self.root / "cpu,cpuacct")
+        return base / self.container_name(container_id) if container_id else base
+
+    def cpuset(self, uid: str, container_id: str | None = None) -> str:
+        return (self.cpuset_dir(uid, container_id) / "cpuset.cpus").read_text().strip()
 
     def _controllers(self) -> list[Path]:
         return [self.root] if self.version == 2 else [self.root / "cpu,cpuacct", self.root / "memory"]
@@ -61,6 +88,8 @@ class FakeCgroupTree:
             paths.append(directory)
         self.dirs[uid] = paths[0]
         self._files(paths, shares, quota_us, period_us)
+        self.cpuset_dir(uid).mkdir(parents=True, exist_ok=True)
+        self._cpuset_files(self.cpuset_dir(uid))
         self.set_usage(uid, cpu_ns=cpu_ns, memory=memory, inactive_file=inactive_file)
 
     def _files(self, paths: list[Path], shares: int, quota_us: int | None, period_us: int) -> None:
@@ -91,6 +120,8 @@ class FakeCgroupTree:
         if self.version == 2:
             paths.append(paths[0])
         self._files(paths, shares, None, 100_000)
+        self.cpuset_dir(uid, container_id).mkdir(exist_ok=True)
+        self._cpuset_files(self.cpuset_dir(uid, container_id))
         return paths
 
     def file(self, uid: str, name: str, container_id: str | None = None) -> str:

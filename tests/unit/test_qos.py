@@ -89,6 +89,7 @@ def test_malformed_cgroup_files_name_the_file(tmp_path: Path) -> None:
 
 # --- policy ----------------------------------------------------------------------------------------------------------
 CONFIG = build_config({})
+QUOTA_POLICY = build_config({"nodeName": "n1", "cpuSuppress": {"policy": "cfsQuota"}})
 
 
 def pod(uid: str, qos: QoSClass, cpu: int = 0, memory: int = 0, *, peak_cpu: int | None = None,
@@ -232,7 +233,7 @@ def test_a_cycle_suppresses_be_pods_restores_them_and_publishes(tmp_path: Path, 
     tree.add_pod(UID_BE2, "burstable", memory=GiB, quota_us=100_000)  # a BE pod with its own 1-CPU limit
     host = FakeHost()
     publisher = RecordingPublisher()
-    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
+    agent = Agent(QUOTA_POLICY, Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
                   _state(_raw(UID_LS, None), _raw(UID_BE, "BE"), _raw(UID_BE2, "BE", "1")), publisher)  # type: ignore[arg-type]
     first = agent.cycle()
     assert first.cgroup_writes == [] and any("first sample" in n for n in first.notes)
@@ -329,7 +330,7 @@ def test_a_cycle_writes_batch_limits_at_pod_and_container_level_and_checks_them(
     tree.add_container(UID_BE, CID_B)
     raw = _be_raw(UID_BE)
     raw["spec"]["containers"][2]["resources"]["limits"]["kubernetes.io/batch-memory"] = "1Gi"
-    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, FakeHost()),
+    agent = Agent(QUOTA_POLICY, Collector(cgroups.detect(tmp_path), 3, FakeHost()),
                   AgentMetrics(), _state(raw))  # type: ignore[arg-type]
     agent.cycle()
     report = agent.cycle()
@@ -380,3 +381,65 @@ def test_memory_limits_read_back_to_the_page() -> None:
     assert cgroups.split_container_id("containerd://" + "f" * 64) == ("containerd", "f" * 64)
     assert cgroups.split_container_id("containerd://../../etc") is None  # never a path
     assert cgroups.split_container_id("") is None
+
+
+# --- the cpuset policy ------------------------------------------------------------------------------------------------
+def test_be_cpus_are_the_budget_rounded_up_from_the_highest_numbered() -> None:
+    node = frozenset(range(8))
+    assert policy.be_cpus(node, 100) == {7}
+    assert policy.be_cpus(node, 2_100) == {5, 6, 7}
+    assert policy.be_cpus(node, 50_000) == node
+    assert policy.be_cpus(frozenset({0, 2, 4, 6}), 1_500) == {4, 6}
+    assert cgroups.parse_cpus("0-3,6\n") == {0, 1, 2, 3, 6}
+    assert cgroups.format_cpus(frozenset({0, 1, 2, 3, 6})) == "0-3,6"
+    assert cgroups.format_cpus(cgroups.parse_cpus("5,1-2,3")) == "1-3,5"
+    with pytest.raises(ValueError):
+        cgroups.parse_cpus("3-1")
+
+
+@pytest.mark.parametrize(("version", "driver"), [(1, "cgroupfs"), (2, "systemd")])
+def test_the_cpuset_policy_moves_be_pods_to_the_budgets_cpus_and_back(tmp_path: Path, version: int,
+                                                                     driver: str) -> None:
+    """BE pods (pod and container cgroups) share the budget's highest-numbered CPUs, always (not only above the
+    threshold); their quotas stay what their batch limits say; the set follows the LS load; a pod that stops being
+    BE gets the tier's CPUs back. A real cgroup v1 refuses a child's CPUs outside its parent's: the writes widen the
+    pod first and narrow it last, which the order of the report's writes shows."""
+    tree = FakeCgroupTree(tmp_path, version, driver)  # type: ignore[arg-type]
+    tree.add_pod(UID_LS, "burstable", memory=GiB)
+    tree.add_pod(UID_BE, "besteffort", memory=GiB, shares=2)
+    tree.add_container(UID_BE, CID_A)
+    host = FakeHost()
+    raw = _be_raw(UID_BE)
+    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
+                  _state(_raw(UID_LS, None), raw))  # type: ignore[arg-type]
+    agent.cycle()
+
+    def advance(ls_cores: float) -> Report:
+        current = cgroups.cpu_usage_ns(agent.collector.layout, cgroups.pod_cgroups(agent.collector.layout)[UID_LS])
+        tree.set_usage(UID_LS, cpu_ns=current + int(ls_cores * 1e9))
+        host.cpu_milli = int(ls_cores * 1000) + 500
+        return agent.cycle()
+
+    light = advance(1.0)  # budget 8 x 65% - (1 + 0.5 system) = 3.7 cores -> CPUs 4-7
+    shown = "" if version == 2 else "0-7"  # what the tier's own file says (v2: inherited)
+    assert light.suppress["active"] and light.suppress["be_cpu_allowed_milli"] == 3_700
+    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == "4-7" and tree.cpuset(UID_LS) == shown
+    assert tree.file(UID_BE, "cpu.max" if version == 2 else "cpu.cfs_quota_us", CID_A) == (
+        "150000 100000" if version == 2 else "150000")  # its own batch limit, not the budget
+    busy = advance(4.0)  # budget 5.2 - 4.5 = 0.7 core -> CPU 7
+    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == "7"
+    pod_dir = tree.cpuset_dir(UID_BE)
+
+    def cpuset_writes(report: Report) -> list[tuple[str, str]]:  # (whose, value) in the order written
+        return [("pod" if Path(w.path).parent == pod_dir else "container", w.value) for w in report.cgroup_writes
+                if w.path.endswith("cpuset.cpus")]
+
+    assert cpuset_writes(busy) == [("container", "7"), ("pod", "7")]  # narrowing: the container first
+    # less LS load: {7} -> {5, 6, 7}, the pod widens first
+    wider = advance(2.0)
+    assert cpuset_writes(wider) == [("pod", "5-7"), ("container", "5-7")] and tree.cpuset(UID_BE, CID_A) == "5-7"
+    assert advance(2.0).cgroup_writes == []  # idempotent
+    raw["metadata"]["labels"] = {}
+    NodeState._Pods(agent.state).upsert(raw)  # type: ignore[arg-type]
+    advance(2.0)
+    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == "0-7"  # the tier's CPUs back
