@@ -232,7 +232,6 @@ class Agent:
         layout = self.collector.layout
         pod_lines = self._target_writes(group, targets.pod, why)
         children: list[WriteLine] = []
-        child_dirs: list[Path] = []
         for container in pod.containers:
             target = targets.containers.get(container.name)
             if target is None:
@@ -247,34 +246,34 @@ class Agent:
             child = cgroups.PodCgroup(uid=pod.uid, tier=group.tier, cpu=cpu_dir,
                                       cpuacct=cgroups.controller_dir(layout, cpu_dir, "cpuacct"), memory=memory_dir)
             children += self._target_writes(child, target, f"{why} (container {container.name})")
-            child_dirs.append(cpu_dir)
         # cgroup v1 refuses a child CFS quota above its parent's: shrink children first, grow the pod first
         current = cgroups.cpu_limit(layout, group).milli
         shrinking = targets.pod.cpu_limit_milli is not None and (
             current is None or targets.pod.cpu_limit_milli < current)
-        cpuset_lines = [] if cpus is None else self._cpuset_writes(group.cpu, child_dirs, cpus, why)
+        cpuset_lines = [] if cpus is None else self._cpuset_writes(group.cpu, cpus, why)
         return cpuset_lines + (children + pod_lines if shrinking else pod_lines + children)
 
-    def _cpuset_writes(self, pod_dir: Path, child_dirs: list[Path], cpus: frozenset[int], why: str) -> list[WriteLine]:
-        """The pod's and its containers' cpusets to ``cpus``. cgroup v1 refuses a child's CPUs outside its parent's,
-        so the pod first takes the union, then the containers move, then the pod narrows."""
+    def _cpuset_writes(self, pod_cpu_dir: Path, cpus: frozenset[int], why: str) -> list[WriteLine]:
+        """The pod's cpuset, and every cgroup's under it (its containers and its sandbox), to ``cpus``. cgroup v1
+        refuses a child's CPUs outside its parent's (EBUSY), so the pod first takes the union, then the children
+        move, then the pod narrows."""
         layout = self.collector.layout
-        current = cgroups.cpuset(layout, pod_dir)
-        stale = [d for d in child_dirs if cgroups.cpuset(layout, d) != cpus]
+        pod_dir = cgroups.cpuset_dir(layout, pod_cpu_dir)
+        current = cgroups.cpuset_at(layout, pod_dir)
+        stale = [d for d in cgroups.cpuset_children(layout, pod_cpu_dir) if cgroups.cpuset_at(layout, d) != cpus]
         if current == cpus and not stale:
             return []
         reason = f"{why}: CPUs {cgroups.format_cpus(cpus)}"
+        value = cgroups.format_cpus
         out: list[WriteLine] = []
         union = current | cpus
         if union != current:
-            write = cgroups.cpuset_write(layout, pod_dir, union)
-            out.append(WriteLine(path=write.path, value=write.value, reason=f"{reason} (the pod widens first)"))
-        for d in stale:
-            write = cgroups.cpuset_write(layout, d, cpus)
-            out.append(WriteLine(path=write.path, value=write.value, reason=f"{reason} (container)"))
+            out.append(WriteLine(path=str(pod_dir / "cpuset.cpus"), value=value(union),
+                                 reason=f"{reason} (the pod widens first)"))
+        out += [WriteLine(path=str(d / "cpuset.cpus"), value=value(cpus), reason=f"{reason} ({d.name})")
+                for d in stale]
         if union != cpus:
-            write = cgroups.cpuset_write(layout, pod_dir, cpus)
-            out.append(WriteLine(path=write.path, value=write.value, reason=reason))
+            out.append(WriteLine(path=str(pod_dir / "cpuset.cpus"), value=value(cpus), reason=reason))
         return out
 
     def _target_writes(self, group: cgroups.PodCgroup, target: policy.CgroupTarget, why: str) -> list[WriteLine]:

@@ -326,7 +326,20 @@ def cpuset_dir(layout: Layout, cpu_dir: Path) -> Path:
 
 def cpuset(layout: Layout, cpu_dir: Path) -> frozenset[int]:
     """The CPUs the cgroup may run on (v2: the effective set when its own list is empty, i.e. inherited)."""
-    d = cpuset_dir(layout, cpu_dir)
+    return cpuset_at(layout, cpuset_dir(layout, cpu_dir))
+
+
+def cpuset_children(layout: Layout, cpu_dir: Path) -> list[Path]:
+    """Every cgroup right under the pod's in the cpuset hierarchy: its containers, and the sandbox (pause) one the
+    pod's status does not list, whose CPUs must also fit the pod's on v1."""
+    try:
+        return sorted(d for d in cpuset_dir(layout, cpu_dir).iterdir() if d.is_dir())
+    except OSError as exc:
+        raise CgroupError(f"cannot list {cpuset_dir(layout, cpu_dir)}: {exc.strerror or exc}") from None
+
+
+def cpuset_at(layout: Layout, d: Path) -> frozenset[int]:
+    """:func:`cpuset` of the cpuset hierarchy's directory ``d``."""
     text = _read(d / "cpuset.cpus").strip()
     if not text and layout.version == 2:
         text = _read(d / "cpuset.cpus.effective").strip()
@@ -335,9 +348,6 @@ def cpuset(layout: Layout, cpu_dir: Path) -> frozenset[int]:
     except ValueError:
         raise CgroupError(f"{d / 'cpuset.cpus'}: not a CPU list: {text[:40]!r}") from None
 
-
-def cpuset_write(layout: Layout, cpu_dir: Path, cpus: frozenset[int]) -> Write:
-    return Write(str(cpuset_dir(layout, cpu_dir) / "cpuset.cpus"), format_cpus(cpus))
 
 
 def tier_cpus(layout: Layout, tier: Tier = "besteffort") -> frozenset[int]:

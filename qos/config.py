@@ -15,7 +15,7 @@ usage:                        # node annotation qos.openfuyao.com/usage, for the
   jumpPercent: 10
 cpuSuppress:
   enabled: true
-  policy: cpuset              # cpuset: BE pods on the CPUs their budget rounds up to (always); cfsQuota: a quota…
+  policy: cfsQuota            # cfsQuota: a quota on BE pods… / cpuset: BE pods on the budget's CPUs (always)
   thresholdPercent: 65        # …above this share of capacity (budget: capacity x 65% - LS - system)
   hysteresisPercent: 5        # lifted below threshold - hysteresis
   minBeMilli: 100             # BE pods together never get less than this
@@ -59,7 +59,7 @@ class UsageSettings(ConfigSection):
 class CpuSuppressSettings(ConfigSection):
     enabled: bool = True
     policy: Literal["cfsQuota", "cpuset"] = Field(
-        default="cpuset", description="cpuset: BE pods share the highest-numbered CPUs their budget rounds up to "
+        default="cfsQuota", description="cpuset: BE pods share the highest-numbered CPUs their budget rounds up to "
         "(LS keeps the rest to itself); cfsQuota: BE pods share the budget as CFS quota above the threshold")
     threshold_percent: Percent = 65.0
     hysteresis_percent: Percent = 5.0

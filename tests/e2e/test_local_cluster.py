@@ -6,6 +6,7 @@ failure naming it, never a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -267,6 +268,50 @@ def test_a_be_pods_batch_limits_are_its_real_cgroup_limits_and_go_back(cluster: 
     wait_for(lambda: not cpu.exists() and not memory.exists(), 60, "the pod's cgroups removed with it")
 
 
+@contextlib.contextmanager
+def _agent_config(cluster: LocalCluster, config: Path) -> Iterator[None]:
+    """The QoS agent restarted with ``config``, then as it was."""
+    cluster.stop("fuyao-qos-agent")
+    try:
+        cluster.start("fuyao-qos-agent", ("--config", str(config)))
+        yield
+    finally:
+        cluster.stop("fuyao-qos-agent")
+        record = next(p for p in cluster.procs if p["name"] == "fuyao-qos-agent")
+        record["command"] = [a for a in record["command"] if a not in ("--config", str(config))]
+        cluster.start("fuyao-qos-agent")
+
+
+def test_the_cpuset_policy_puts_a_be_pod_on_the_highest_cpus_and_back(cluster: LocalCluster, tmp_path: Path) -> None:
+    """``cpuSuppress.policy: cpuset``: a BE pod, its container and its sandbox (a cgroup the pod's status does not
+    list, which cgroup v1 makes the pod wait for: EBUSY) go to the budget's highest-numbered CPUs in the real cpuset
+    files, and back to every CPU of the BestEffort tier when the pod stops being BE."""
+    from fuyao.qos.cgroups import parse_cpus
+
+    config = tmp_path / "qos.yaml"
+    # a 40 % threshold leaves BE at most 0.8 of the 2 CPUs' budget: one CPU, the highest
+    config.write_text("version: v1\ninterval: 1s\ncpuSuppress: {policy: cpuset, thresholdPercent: 40}\n")
+    manifest = json.loads(pod_manifest("be-cpuset", labels={"volcano.sh/qos": "BE"}))
+    manifest["spec"]["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "300"}}
+    apply(cluster, json.dumps(manifest))
+    wait_for(lambda: pod(cluster, "be-cpuset")["status"].get("phase") == "Running", 60, "the BE pod Running")
+    cpu, _, cid = _pod_cgroup(cluster, "be-cpuset")
+    cpuset = Path("/sys/fs/cgroup/cpuset") / cpu.relative_to("/sys/fs/cgroup/cpu")
+
+    def cpus(directory: Path) -> frozenset[int]:
+        return parse_cpus((directory / "cpuset.cpus").read_text())
+
+    tier = cpus(cpuset.parent)
+    children = [d for d in cpuset.iterdir() if d.is_dir()]
+    assert len(children) == 2 and cpuset / cid in children  # the container and the sandbox
+    with _agent_config(cluster, config):
+        wait_for(lambda: all(cpus(d) == {max(tier)} for d in [cpuset, *children]), 30,
+                 "the BE pod, its container and its sandbox on the highest CPU")
+        cluster.kubectl("label", "pod", "be-cpuset", "volcano.sh/qos=LS", "--overwrite")
+        wait_for(lambda: all(cpus(d) == tier for d in [cpuset, *children]), 30, "every CPU of the tier back")
+    cluster.kubectl("delete", "pod", "be-cpuset", "--wait=false")
+
+
 def test_memory_pressure_evicts_be_pods_lowest_priority_first_and_never_ls(cluster: LocalCluster,
                                                                            tmp_path: Path) -> None:
     """The agent restarted with watermarks set around the node's memory use now: two BE pods and an LS pod each
@@ -298,23 +343,18 @@ def test_memory_pressure_evicts_be_pods_lowest_priority_first_and_never_ls(clust
     for name in ("ls-mem", "be-mem-high", "be-mem-low"):
         wait_for(lambda n=name: pod(cluster, n)["status"].get("phase") == "Running", 60, f"{name} Running")
     time.sleep(3)  # the fills are written
-    cluster.stop("fuyao-qos-agent")
     try:
-        cluster.start("fuyao-qos-agent", ("--config", str(config)))
-        def evicted(name: str) -> bool:
-            found = cluster.kubectl("get", "pod", name, "--ignore-not-found", "-o", "json", check=False)
-            return not found.strip() or bool(json.loads(found)["metadata"].get("deletionTimestamp"))
+        with _agent_config(cluster, config):
+            def evicted(name: str) -> bool:
+                found = cluster.kubectl("get", "pod", name, "--ignore-not-found", "-o", "json", check=False)
+                return not found.strip() or bool(json.loads(found)["metadata"].get("deletionTimestamp"))
 
-        wait_for(lambda: evicted("be-mem-low"), 90, "be-mem-low evicted")
-        time.sleep(5)  # the agent keeps cycling: the node is below the low watermark now
-        assert not pod(cluster, "ls-mem")["metadata"].get("deletionTimestamp")
-        assert pod(cluster, "ls-mem")["status"]["phase"] == "Running"
-        assert not evicted("be-mem-high")
+            wait_for(lambda: evicted("be-mem-low"), 90, "be-mem-low evicted")
+            time.sleep(5)  # the agent keeps cycling: the node is below the low watermark now
+            assert not pod(cluster, "ls-mem")["metadata"].get("deletionTimestamp")
+            assert pod(cluster, "ls-mem")["status"]["phase"] == "Running"
+            assert not evicted("be-mem-high")
     finally:
-        cluster.stop("fuyao-qos-agent")
-        record = next(p for p in cluster.procs if p["name"] == "fuyao-qos-agent")
-        record["command"] = [a for a in record["command"] if a not in ("--config", str(config))]
-        cluster.start("fuyao-qos-agent")
         for name in ("ls-mem", "be-mem-high", "be-mem-low"):
             cluster.kubectl("delete", "pod", name, "--ignore-not-found", "--wait=false")
         cluster.kubectl("delete", "priorityclass", "e2e-be-0", "e2e-be-10", "--ignore-not-found")

@@ -408,9 +408,12 @@ def test_the_cpuset_policy_moves_be_pods_to_the_budgets_cpus_and_back(tmp_path: 
     tree.add_pod(UID_LS, "burstable", memory=GiB)
     tree.add_pod(UID_BE, "besteffort", memory=GiB, shares=2)
     tree.add_container(UID_BE, CID_A)
+    sandbox = "5" * 64
+    tree.add_container(UID_BE, sandbox)  # the pause container: a child the pod's status does not list
     host = FakeHost()
     raw = _be_raw(UID_BE)
-    agent = Agent(build_config({"nodeName": "n1"}), Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
+    agent = Agent(build_config({"nodeName": "n1", "cpuSuppress": {"policy": "cpuset"}}),
+                  Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
                   _state(_raw(UID_LS, None), raw))  # type: ignore[arg-type]
     agent.cycle()
 
@@ -423,7 +426,8 @@ def test_the_cpuset_policy_moves_be_pods_to_the_budgets_cpus_and_back(tmp_path: 
     light = advance(1.0)  # budget 8 x 65% - (1 + 0.5 system) = 3.7 cores -> CPUs 4-7
     shown = "" if version == 2 else "0-7"  # what the tier's own file says (v2: inherited)
     assert light.suppress["active"] and light.suppress["be_cpu_allowed_milli"] == 3_700
-    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == "4-7" and tree.cpuset(UID_LS) == shown
+    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == tree.cpuset(UID_BE, sandbox) == "4-7"
+    assert tree.cpuset(UID_LS) == shown
     assert tree.file(UID_BE, "cpu.max" if version == 2 else "cpu.cfs_quota_us", CID_A) == (
         "150000 100000" if version == 2 else "150000")  # its own batch limit, not the budget
     busy = advance(4.0)  # budget 5.2 - 4.5 = 0.7 core -> CPU 7
@@ -434,12 +438,12 @@ def test_the_cpuset_policy_moves_be_pods_to_the_budgets_cpus_and_back(tmp_path: 
         return [("pod" if Path(w.path).parent == pod_dir else "container", w.value) for w in report.cgroup_writes
                 if w.path.endswith("cpuset.cpus")]
 
-    assert cpuset_writes(busy) == [("container", "7"), ("pod", "7")]  # narrowing: the container first
+    assert cpuset_writes(busy) == [("container", "7"), ("container", "7"), ("pod", "7")]  # children first
     # less LS load: {7} -> {5, 6, 7}, the pod widens first
     wider = advance(2.0)
-    assert cpuset_writes(wider) == [("pod", "5-7"), ("container", "5-7")] and tree.cpuset(UID_BE, CID_A) == "5-7"
+    assert cpuset_writes(wider) == [("pod", "5-7"), ("container", "5-7"), ("container", "5-7")]
     assert advance(2.0).cgroup_writes == []  # idempotent
     raw["metadata"]["labels"] = {}
     NodeState._Pods(agent.state).upsert(raw)  # type: ignore[arg-type]
     advance(2.0)
-    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == "0-7"  # the tier's CPUs back
+    assert tree.cpuset(UID_BE) == tree.cpuset(UID_BE, CID_A) == tree.cpuset(UID_BE, sandbox) == "0-7"  # the tier's
