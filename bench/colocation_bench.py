@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--burner-milli", type=int, default=0, help="each burner's batch-cpu request and limit "
                         "(default: the node's allocatable batch-cpu shared among the burners, as a scheduler filling "
                         "the node would)")
+    parser.add_argument("--agent-config", help="the QoS agent's config file (e.g. cpuSuppress: {policy: cpuset})")
     parser.add_argument("--state-dir", default="/tmp/fuyao-colocation")
     parser.add_argument("--seed", type=int, default=11)
     add_out_argument(parser)
@@ -285,6 +286,10 @@ def main() -> None:
                               "burners": args.burners, "burner_milli": args.burner_milli}
     try:
         cluster.up()
+        if args.agent_config:
+            cluster.stop("fuyao-qos-agent")
+            cluster.start("fuyao-qos-agent", ("--config", str(Path(args.agent_config).resolve())))
+            result["agent_config"] = Path(args.agent_config).read_text()
         cluster.import_image(archive)
         wait_for(lambda: "default" in cluster.kubectl("get", "sa", "-o", "name"), 60, "the default service account")
         for i, obj in enumerate(ls_objects(image, iterations)):
