@@ -97,7 +97,10 @@ def parse_cpu_list(text: str) -> set[int]:
         if not part:
             continue
         lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+        first, last = int(lo), int(hi or lo)
+        if last < first:
+            raise ValueError(f"a descending range: {part!r}")
+        cpus.update(range(first, last + 1))
     return cpus
 
 

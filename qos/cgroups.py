@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fuyao.inventory import parse_cpu_list
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -294,16 +296,7 @@ def split_container_id(raw: str) -> tuple[str, str] | None:
 
 def parse_cpus(text: str) -> frozenset[int]:
     """A kernel CPU list (``0-3,6``) as a set; raises ValueError on anything else."""
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        first, last = int(low), int(high or low)
-        if last < first:
-            raise ValueError(part)
-        out.update(range(first, last + 1))
-    return frozenset(out)
+    return frozenset(parse_cpu_list(text))
 
 
 def format_cpus(cpus: frozenset[int]) -> str:
