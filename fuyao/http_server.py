@@ -302,7 +302,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(501, "protocol upgrades are not served")
         except httptools.HttpParserError as exc:
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and not self.discarding:  # (a refusal from a callback lingers)
                 self._refuse(400, f"malformed HTTP request: {exc}")
 
     def pause_writing(self) -> None:
