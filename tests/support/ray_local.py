@@ -95,5 +95,8 @@ class LocalRay:
         return "\n".join(out)
 
     def stop(self) -> None:
+        """Stop the cluster and remove its directory (kept with ``FUYAO_KEEP_RAY_LOGS=1``, to read a failure's
+        Serve, worker and engine logs under ``<temp>/session_latest/logs``)."""
         subprocess.run([f"{self.bin}/ray", "stop", "--force"], capture_output=True, timeout=120, env=self.env)
-        shutil.rmtree(self.temp, ignore_errors=True)
+        if not os.environ.get("FUYAO_KEEP_RAY_LOGS"):
+            shutil.rmtree(self.temp, ignore_errors=True)
