@@ -214,10 +214,12 @@ class Request:
     def _feed(self, data: bytes) -> None:
         self._body.append(data)
         self._body_size += len(data)
-        if (self._body_size > HIGH_WATER and not self.read_started) or (
-                self._limit is not None and self._body_size > self._limit):
+        if self._body_size > HIGH_WATER and not self.read_started:
+            self._conn.pause_reading()  # nobody reads it yet: no more of it is buffered
+        elif self._limit is not None and self._body_size > self._limit:
             self._conn.pause_reading()  # over the cap: no more of it is read (the answer closes the connection)
-        self._wake()
+            self._wake()
+        # otherwise the reader sleeps on: it wakes when the body is complete (one wake-up, not one per chunk)
 
     def _complete(self) -> None:
         self._body_done = True

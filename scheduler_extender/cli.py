@@ -160,6 +160,7 @@ def forwarding_ssl(config: ExtenderConfig) -> ssl.SSLContext | None:
 def main(argv: list[str] | None = None) -> None:
     args = daemon.parse(build_parser(), argv)
     config = daemon.config_or_exit("fuyao-scheduler-extender", lambda: config_from_args(args))
+    daemon.keep_freed_heap()  # Volcano's 200-300 kB predicate bodies, hundreds per task
     sys.exit(daemon.run(serve(config)))
 
 

@@ -243,8 +243,8 @@ class NodeTable:
         self._grow(capacity)
 
     @classmethod
-    def of(cls, infos: Iterable[NodeInfo], domain_key: str) -> NodeTable:
-        table = cls(domain_key)
+    def of(cls, infos: Iterable[NodeInfo], domain_key: str, capacity: int = 64, long_lived: bool = False) -> NodeTable:
+        table = cls(domain_key, capacity, long_lived)
         for info in infos:
             table.put(info)
         return table

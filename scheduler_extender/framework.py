@@ -289,10 +289,12 @@ class Framework:
     # One node that is not in a table (the request carried it, or a what-if copy) ---------------------------------
     def check(self, pod: PodInfo, node: NodeInfo, cycle: Cycle | None = None) -> tuple[str, Rejection] | None:
         """One node: None if it passes every filter, else (plugin, rejection). The node's one-row table is kept in
-        its memo (cleared whenever the node changes), so a node asked about again is not tabulated again."""
+        its memo (cleared whenever the node changes), so a node asked about again is not tabulated again; that table
+        lives as long as the node object, so its verdicts are kept per pod shape (``row_cache``) like the cluster
+        table's: Volcano asks about the same NodeInfo for every task of every session."""
         view = node.memo.get("one-node-view")
         if view is None:
-            view = node.memo["one-node-view"] = NodeTable.of([node], "").view_all()
+            view = node.memo["one-node-view"] = NodeTable.of([node], "", capacity=1, long_lived=True).view_all()
         outcome = self.filter(pod, view, cycle)
         if outcome.passed:
             return None

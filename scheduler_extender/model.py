@@ -9,9 +9,10 @@ that say which object it is (name, namespace, uid, node name...) must be strings
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cached_property, lru_cache
@@ -28,6 +29,7 @@ from fuyao.contracts import (
     ANNOTATION_POD_ASSIGNED,
     ANNOTATION_VNPU_MODE,
     LABEL_VOLCANO_COLOCATION,
+    POD_INSTANCE_LABELS,
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     BusinessType,
@@ -166,12 +168,60 @@ class PodInfo:
         return int(self.requests.get(MEMORY, Decimal(0)))
 
     @cached_property
+    def shape(self) -> PodShape:
+        """What the plugins can read from this pod (everything but who it is), as a key: two pods with the same
+        shape get the same per-node verdicts and scores (``row_cache``)."""
+        return PodShape(tuple(_hashable({k: v for k, v in self.labels.items() if k not in POD_INSTANCE_LABELS}
+                                        if name == "labels" else getattr(self, name)) for name in _SHAPE_FIELDS))
+
+    @cached_property
     def accelerators(self) -> dict[str, int]:
         return {r: self.request(r) for r in ACCELERATOR_RESOURCES if self.request(r) > 0}
 
     @property
     def terminal(self) -> bool:
         return self.phase_status in ("Succeeded", "Failed")
+
+
+_IDENTITY = frozenset({"namespace", "name", "uid", "resource_version", "creation", "problems"})
+"""PodInfo fields that say which pod it is, not what it asks for: every other field is part of the shape (a field
+added later is part of it unless listed here). Controller-set instance labels (``POD_INSTANCE_LABELS``: a
+StatefulSet's pod name, an indexed Job's index) are left out of it too, so that replicas share one shape."""
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not in _IDENTITY)
+
+
+def _hashable(value: Any) -> Hashable:
+    try:
+        hash(value)
+        hashable: Hashable = value
+        return hashable
+    except TypeError:
+        pass
+    if isinstance(value, (tuple, list)):
+        return tuple(_hashable(v) for v in value)
+    items = getattr(value, "items", None)
+    if items is not None:
+        return frozenset((k, _hashable(v)) for k, v in items())
+    return repr(value)
+
+
+class PodShape:
+    """:attr:`PodInfo.shape`: a tuple key whose hash is computed once (a tuple recomputes its hash at every lookup)."""
+
+    __slots__ = ("_hash", "key")
+
+    def __init__(self, key: tuple[Hashable, ...]):
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, PodShape) and self._hash == other._hash and self.key == other.key)
+
+    def __repr__(self) -> str:
+        return f"PodShape({self.key!r})"
 
 
 def infer_business(requests: Mapping[str, Decimal]) -> BusinessType:

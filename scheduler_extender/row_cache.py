@@ -12,51 +12,21 @@ changes).
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
-from fuyao.contracts import POD_INSTANCE_LABELS
-
 from .features import NodeTable, NodeView
 from .model import USAGE_STALE_S, PodInfo
 
 SHAPES_KEPT = 32  # per table and framework: the workloads being scheduled at the same time
 
-_IDENTITY = frozenset({"namespace", "name", "uid", "resource_version", "creation", "problems"})
-"""PodInfo fields that say which pod it is, not what it asks for: every other field is part of the shape (a field
-added later is part of it unless listed here)."""
-_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not in _IDENTITY)
-
-
-def _hashable(value: Any) -> Hashable:
-    try:
-        hash(value)
-        hashable: Hashable = value
-        return hashable
-    except TypeError:
-        pass
-    if isinstance(value, (tuple, list)):
-        return tuple(_hashable(v) for v in value)
-    items = getattr(value, "items", None)
-    if items is not None:
-        return frozenset((k, _hashable(v)) for k, v in items())
-    return repr(value)
-
-
-_INSTANCE_LABELS = POD_INSTANCE_LABELS
-"""Labels a controller sets per pod (its name, its index): say who the pod is, like its name; left out of the
-shape so that the replicas of a StatefulSet, an indexed Job or a LeaderWorkerSet share one."""
-
-
 def pod_shape(pod: PodInfo) -> Hashable:
     """What the plugins can read from a pod, as a key: two pods with the same shape get the same per-node
-    verdicts and scores."""
-    return tuple(_hashable({k: v for k, v in pod.labels.items() if k not in _INSTANCE_LABELS}
-                           if name == "labels" else getattr(pod, name)) for name in _SHAPE_FIELDS)
+    verdicts and scores (:attr:`PodInfo.shape`, computed once per pod object)."""
+    return pod.shape
 
 
 def valid_until(view: NodeView, now: float) -> np.ndarray:

@@ -10,7 +10,10 @@ they run inline on the event loop, which keeps a request's latency at the cost o
 A big body (over ``OFFLOAD_ABOVE``: thousands of full Node objects) is decided — and its answer encoded — in a worker
 thread instead: its work grows with its size (10 MB of Nodes is ~1-2 s), and on the loop it would hold up every
 request behind it. The loop keeps serving meanwhile (the worker and the loop share the GIL: a small request waits
-for at most a few switch intervals, plus any single C call such as orjson parsing the big body)."""
+for at most a few switch intervals, plus any single C call such as orjson parsing the big body).
+Volcano's predicate carries one NodeInfo (200-300 kB with its 20-60 pods): it is decided inline up to
+``PREDICATE_OFFLOAD_ABOVE``, since a NodeInfo seen before is a lookup by digest (a thread hop would cost more than
+the decision) and one never seen is a few milliseconds of parsing."""
 
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ VOLCANO_PRIORITIZE_MAX_BODY = 256 * 1024 * 1024
 """Volcano's prioritize carries every candidate's full NodeInfo, every pod of every node with its managedFields: about
 100 MB for 500 nodes. Only that verb may send this much."""
 BIG_DECISION_WORKERS = 2
+PREDICATE_OFFLOAD_ABOVE = 4 * 1024 * 1024
 """Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
 from queueing another behind it."""
 
@@ -73,7 +77,7 @@ def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
 
 def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
           big: ThreadPoolExecutor, raw_body: bool = False,
-          max_body: int = MAX_BODY) -> Callable[[Request], Any]:
+          max_body: int = MAX_BODY, offload_above: int = OFFLOAD_ABOVE) -> Callable[[Request], Any]:
     """``call`` decides inline on the event loop — in ``big``'s threads for bodies over ``OFFLOAD_ABOVE`` — or is a
     coroutine function when it waits on the API server (bind). With ``raw_body`` it gets the request's bytes (after
     the size check) and decodes only what it reads, with msgspec, which refuses nesting deeper than the recursion
@@ -87,7 +91,7 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
         try:
             raw = await request.read(max_body)
             if raw_body:
-                if len(raw) > OFFLOAD_ABOVE:
+                if len(raw) > offload_above:
                     answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, raw)
                 else:
                     answer = _decide(call, raw)
@@ -95,7 +99,7 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
             body = await decode_json(raw, MAX_DEPTH, OFFLOAD_ABOVE)
             if is_async:  # waits on the API server: its failures are answers or 500s, never "malformed request"
                 return _json(await call(body))
-            if len(raw) > OFFLOAD_ABOVE:
+            if len(raw) > offload_above:
                 answer = await asyncio.get_running_loop().run_in_executor(big, _decide, call, body)
             else:
                 answer = _decide(call, body)
@@ -134,7 +138,9 @@ def build_app(service: ExtenderService) -> HttpServer:
     for path, (name, call) in routes.items():
         app.route("POST", path, _verb(service, name, call, big, raw_body=name in raw_verbs,
                                       max_body=VOLCANO_PRIORITIZE_MAX_BODY if name == "volcano-prioritize"
-                                      else MAX_BODY))
+                                      else MAX_BODY,
+                                      offload_above=PREDICATE_OFFLOAD_ABOVE if name == "volcano-predicate"
+                                      else OFFLOAD_ABOVE))
     for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
         app.route("POST", f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 

@@ -101,16 +101,50 @@ _TASK = msgspec.json.Decoder(_Task | None)
 _NODE_KEY = b',"node":{'
 
 
-def _task_before(raw: bytes, key: bytes, end: bytes) -> tuple[Any, int] | None:
-    """When ``raw`` is ``{"task":<task><key>…<end>`` and the part before the first ``key`` decodes as a whole task:
-    the task and where ``key`` starts. Else None (the caller decodes the whole body)."""
+def _task_at(raw: bytes, key: bytes, end: bytes) -> int | None:
+    """When ``raw`` is ``{"task":<task><key>…<end>``: where the first ``key`` starts (the task's bytes are
+    ``raw[8:at]``, if they decode as a whole task: :func:`try_task`). Else None."""
     at = raw.find(key)
     if at <= 8 or not raw.startswith(b'{"task":') or not raw.endswith(end):
         return None
+    return at
+
+
+_NOT_A_TASK = object()
+
+
+def try_task(raw: bytes | memoryview) -> Any:
+    """``raw`` decoded as a whole TaskInfo (the fields the model reads; None for JSON null), or :data:`_NOT_A_TASK`
+    when it is not one (a cut in the wrong place)."""
     try:
-        return _TASK.decode(memoryview(raw)[8:at]), at
+        return _TASK.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return _NOT_A_TASK
+
+
+def is_task(decoded: Any) -> bool:
+    return decoded is not _NOT_A_TASK
+
+
+def _task_before(raw: bytes, key: bytes, end: bytes) -> tuple[Any, int] | None:
+    """When ``raw`` is ``{"task":<task><key>…<end>`` and the part before the first ``key`` decodes as a whole task:
+    the task and where ``key`` starts. Else None (the caller decodes the whole body)."""
+    at = _task_at(raw, key, end)
+    if at is None:
         return None
+    task = try_task(memoryview(raw)[8:at])
+    return None if task is _NOT_A_TASK else (task, at)
+
+
+def split_predicate(raw: bytes) -> tuple[memoryview, memoryview] | None:
+    """A Go-shaped predicate body's task bytes and node bytes, by byte search alone (see :func:`decode_predicate`):
+    the cut is right when the task bytes decode as a whole task (:func:`try_task`), which a caller that has
+    decoded these exact bytes before knows already. None for any other shape."""
+    at = _task_at(raw, _NODE_KEY, b"}")
+    if at is None:
+        return None
+    view = memoryview(raw)
+    return view[8:at], view[at + len(_NODE_KEY) - 1:-1]
 
 
 def decode_predicate(raw: bytes) -> tuple[Any, bytes | memoryview | msgspec.Raw | None]:
@@ -122,10 +156,17 @@ def decode_predicate(raw: bytes) -> tuple[Any, bytes | memoryview | msgspec.Raw 
     that costs a byte search instead of a pass of the decoder over the node's ~200 kB. The node's bytes are then
     decoded only if they were not seen before (:meth:`VolcanoVerbs._node_info_bytes`), which also checks that they
     are JSON. Any other shape is decoded whole."""
-    found = _task_before(raw, _NODE_KEY, b"}")
-    if found is not None:
-        task, at = found
-        return task, memoryview(raw)[at + len(_NODE_KEY) - 1:-1]
+    cut = split_predicate(raw)
+    if cut is not None:
+        task = try_task(cut[0])
+        if task is not _NOT_A_TASK:
+            return task, cut[1]
+    return decode_whole_predicate(raw)
+
+
+def decode_whole_predicate(raw: bytes) -> tuple[Any, msgspec.Raw | None]:
+    """A predicate request decoded by msgspec as a whole (the task's fields the model reads; the node as raw
+    bytes)."""
     body = partial.decode(_PREDICATE, raw, "PredicateRequest")
     return body.get("task"), body.get("node")
 

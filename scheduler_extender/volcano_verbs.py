@@ -42,13 +42,16 @@ from .volcano_protocol import (
     UNSCHEDULABLE_AND_UNRESOLVABLE,
     as_object,
     decode_node_info,
-    decode_predicate,
     decode_prioritize,
+    decode_whole_predicate,
+    is_task,
     node_info,
     parse_job,
     predicate_result,
     prioritize_result,
+    split_predicate,
     task_pod,
+    try_task,
     victims_result,
 )
 
@@ -61,6 +64,9 @@ PODS_KEPT = 200_000
 """Parsed pods kept by (uid, resourceVersion): every pod on every node a predicate or prioritize carries."""
 NODES_KEPT = 8_192
 """Parsed NodeInfos kept by the digest of their bytes, and parsed Nodes by (name, resourceVersion)."""
+
+TASKS_KEPT = 1_024
+"""Parsed task pods kept by the digest of the task's bytes (one task's predicates all carry the same bytes)."""
 
 
 class VolcanoVerbs:
@@ -80,6 +86,7 @@ class VolcanoVerbs:
         self._pods: Kept[tuple[str, str], PodInfo] = Kept(PODS_KEPT)
         self._nodes: Kept[tuple[str, str], NodeInfo] = Kept(NODES_KEPT)
         self._node_infos: Kept[bytes, NodeInfo] = Kept(NODES_KEPT)
+        self._task_pods: Kept[bytes, PodInfo] = Kept(TASKS_KEPT)
 
     def routes(self) -> dict[str, tuple[str, Callable[[Any], Any]]]:
         """URL path → (metric name, handler) for every verb Volcano's extender plugin can call."""
@@ -122,12 +129,30 @@ class VolcanoVerbs:
         return self._node_infos.get_or(xxhash.xxh3_128_digest(raw),
                                        lambda: self._node_info(decode_node_info(raw)))
 
+    def _predicate_parts(self, raw: bytes) -> tuple[PodInfo, Any]:
+        """The task's pod and the node's bytes of a predicate body. Every predicate of one task carries the same
+        task bytes (420 calls for 1,000 nodes): the pod is kept by their digest, and bytes that decoded as a whole
+        task once are known to be one (the cut of :func:`split_predicate` is right) without decoding them again."""
+        cut = split_predicate(raw)
+        if cut is not None:
+            task_bytes, node_bytes = cut
+            digest = xxhash.xxh3_128_digest(task_bytes)
+            pod = self._task_pods.get(digest)
+            if pod is not None:
+                return pod, node_bytes
+            task = try_task(task_bytes)
+            if is_task(task):
+                pod = self.service.pod(task_pod(task))
+                self._task_pods.get_or(digest, lambda: pod)
+                return pod, node_bytes
+        task, node = decode_whole_predicate(raw)
+        return self.service.pod(task_pod(task)), node
+
     # Placement ---------------------------------------------------------------------------------------------------
     def predicate(self, body: bytes | Any) -> dict[str, Any]:
         """``body``: the request's bytes (the server's path) or decoded JSON."""
         if isinstance(body, bytes):
-            task, node_bytes = decode_predicate(body)
-            pod = self.service.pod(task_pod(task))
+            pod, node_bytes = self._predicate_parts(body)
             node = self._node_info_bytes(node_bytes)
         else:
             body = as_object(body, "PredicateRequest")

@@ -162,6 +162,32 @@ def test_raw_bodies_decode_to_the_same_decisions_as_full_json() -> None:
         v.predicate(b'{"task":{"Pod":')
 
 
+def test_kept_tasks_and_verdicts_answer_as_a_fresh_extender_would() -> None:
+    """One extender keeps, across calls, the task's pod by the digest of its bytes and each NodeInfo's verdicts per
+    pod shape: random (task, node) sequences, with tasks that differ by one field and the same node bytes
+    asked about by every task, answer what a fresh extender answers for each call on decoded JSON."""
+    import random
+
+    import orjson
+
+    tasks = [preemptor("2"), preemptor("4"), preemptor("8"), preemptor("9"),
+             vc.task(pod("be-2", labels={"volcano.sh/qos": "BE"}, requests={RESOURCE_NPU: "2"})),
+             vc.task(pod("slice", requests={RESOURCE_VNPU: "2"}))]
+    nodes = [victim(TaskStatus.RUNNING, holder=True)[0], victim(TaskStatus.RELEASING, holder=True)[0],
+             victim(TaskStatus.RUNNING, holder=False)[0], vc.node_info(node("n2", topo=topology())),
+             vc.node_info(node("n3", topo=topology(vnpus={0: 2}), extra={RESOURCE_VNPU: "2"}))]
+    kept = verbs()
+    rng = random.Random(5)
+    answers = set()
+    for _ in range(300):
+        task, info = rng.choice(tasks), rng.choice(nodes)
+        got = kept.predicate(b'{"task":' + orjson.dumps(task) + b',"node":' + orjson.dumps(info) + b"}")
+        assert got == verbs().predicate({"task": task, "node": info}), (task["Pod"]["metadata"]["name"],
+                                                                        info["Name"])
+        answers.add(got["code"])
+    assert answers >= {0, 2, 3}  # the sequence met passing, preemptible and hopeless verdicts
+
+
 def test_pods_are_reused_by_uid_and_resource_version() -> None:
     import orjson
 
