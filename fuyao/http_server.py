@@ -229,6 +229,16 @@ class Request:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    async def _arrived(self, max_bytes: int) -> None:
+        """Until the body is complete or over ``max_bytes``."""
+        while not self._body_done:
+            if self._body_size > max_bytes:
+                break
+            if self._conn.lost:
+                raise BodyError(400, "the client closed the connection before its body arrived")
+            self._waiter = self._conn.loop.create_future()
+            await self._waiter
+
     async def read(self, max_bytes: int, timeout_s: float | None = None) -> bytes:
         """The whole body, at most ``max_bytes`` (else :class:`BodyError` 413, refused before reading when the
         length is declared), all of it within ``timeout_s`` when given (else 408)."""
@@ -241,14 +251,11 @@ class Request:
                 self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._conn.resume_reading()
             try:
-                async with asyncio.timeout(timeout_s):
-                    while not self._body_done:
-                        if self._body_size > max_bytes:
-                            break
-                        if self._conn.lost:
-                            raise BodyError(400, "the client closed the connection before its body arrived")
-                        self._waiter = asyncio.get_running_loop().create_future()
-                        await self._waiter
+                if timeout_s is None:
+                    await self._arrived(max_bytes)
+                else:
+                    async with asyncio.timeout(timeout_s):
+                        await self._arrived(max_bytes)
             except TimeoutError:
                 raise BodyError(408, f"the request body did not arrive within {timeout_s:g} s "
                                      f"({self._body_size} bytes came)") from None
@@ -267,6 +274,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer):
         self.server = server
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in connection_made
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Request] = deque()
         self.current: Request | None = None  # being parsed
@@ -284,6 +292,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
         self.server.connections.add(self)
         self._arm_idle()
 
@@ -317,7 +326,7 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.paused and not self.lost:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
             await self._drain
         if self.lost:
             raise ConnectionResetError("the client closed the connection")
@@ -335,7 +344,7 @@ class _Connection(asyncio.Protocol):
     # Timers -------------------------------------------------------------------------------------------------------
     def _arm_idle(self) -> None:
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(self.server.keepalive_timeout, self._expire)
+        self._timer = self.loop.call_later(self.server.keepalive_timeout, self._expire)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -386,7 +395,7 @@ class _Connection(asyncio.Protocol):
         self.current = request
         self.queue.append(request)
         if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._answer_all())
+            self.task = self.loop.create_task(self._answer_all())
 
     def on_body(self, body: bytes) -> None:
         if self.current is not None:
@@ -431,7 +440,7 @@ class _Connection(asyncio.Protocol):
         self.transport.write_eof()  # the answer is out; the client sees the end of it
         self.resume_reading()
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+        self._timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     async def _answer(self, request: Request) -> bool:
         """Run the request's handler and send its answer; whether the connection stays open."""
