@@ -102,3 +102,26 @@ def test_installed_script_help(installed: Path, script: str) -> None:
         proc = subprocess.run([str(exe), "info"], capture_output=True, text=True, env=env, timeout=60,
                               cwd=installed)
         assert "910B4" in proc.stdout  # presets ship as package data
+
+
+def test_hack_bench_runs_every_benchmark_by_name() -> None:
+    """``hack/bench.sh NAME`` is the one-liner for each benchmark: every name it lists resolves to a script in
+    ``bench/`` that answers --help, every benchmark script in ``bench/`` has a name, and an unknown name is refused."""
+    script = REPO / "hack" / "bench.sh"
+    names = next(line.split("=", 1)[1].strip('"').split() for line in script.read_text().splitlines()
+                 if line.startswith("NAMES="))
+    scripts = {p.name for p in (REPO / "bench").glob("*.py")} - {"report.py", "plots.py", "volcano_load.py",
+                                                                  "__init__.py"}
+    named = set()
+    for name in names:
+        path = {"qos-wakeup-probe": "qos_wakeup_probe.py", "extender-scale": "extender_scale.py"}.get(
+            name, f"{name.replace('-', '_')}_bench.py")
+        assert (REPO / "bench" / path).is_file(), name
+        named.add(path)
+    assert scripts == named  # a new benchmark gets its name in hack/bench.sh
+    unknown = subprocess.run(["bash", str(script), "no-such-bench"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown benchmark 'no-such-bench'" in unknown.stderr
+    listed = subprocess.run(["bash", str(script), "--list"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "colocation" in listed.stdout
+    helped = subprocess.run(["bash", str(script), "kvcache", "--help"], capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "usage:" in helped.stdout
