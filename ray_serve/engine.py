@@ -10,16 +10,15 @@ the same way they find any engine pods (docs/ray.md).
 The replica forwards the ingress's requests to its engine (streamed chunks as they come), reports its engine in
 ``record_replica_metadata`` (what :mod:`fuyao.ray_serve.request_router` matches the index's answer against),
 health-checks it for Serve, and stops it with the replica: the engine gets SIGTERM when the replica process dies
-(``PR_SET_PDEATHSIG``), so no engine outlives its replica.
+(``PR_SET_PDEATHSIG``, from a thread that lives as long as the process: :mod:`.child`), so no engine outlives
+its replica and none dies before it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,17 +32,11 @@ import ray
 
 from fuyao.contracts import RAY_RESOURCE_NPU
 
+from .child import spawn
 from .ranking import OpenAiRequest
 from .settings import EngineSettings
 
 log = logging.getLogger("fuyao.ray_serve.engine")
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def npu_slots() -> list[str]:
     """The NPU ids Ray assigned to this process (its slots, mapped through the node's ASCEND_RT_VISIBLE_DEVICES)."""
     try:
@@ -70,8 +63,7 @@ class EngineReplica:
         env = {**os.environ, **self.settings.env, "PYTHONUNBUFFERED": "1"}
         log.info("starting engine %s on NPU slots %s: python -m %s %s", self.url, self.slots or "-",
                  self.settings.module, " ".join(args))
-        self.process = subprocess.Popen([sys.executable, "-m", self.settings.module, *args], env=env,
-                                        preexec_fn=_die_with_parent)
+        self.process = spawn([sys.executable, "-m", self.settings.module, *args], env)
         self._wait_ready()
         self._session: aiohttp.ClientSession | None = None
 

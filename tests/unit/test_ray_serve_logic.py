@@ -76,3 +76,54 @@ def test_app_settings_are_validated_and_name_the_bad_field() -> None:
         app_settings({"replcas": 2})
     assert app_settings({"engine": {"port": 9000}}).engine.command_args("0.0.0.0", 9001, 5558)[:4] == [
         "--host", "0.0.0.0", "--port", "9001"]
+
+
+def test_an_engine_outlives_the_thread_that_started_it_but_not_its_process() -> None:
+    """fuyao.ray_serve.child: PR_SET_PDEATHSIG fires when the forking *thread* ends, so a child forked directly from
+    a short-lived thread (as a replica's constructor may be) dies with that thread; ``spawn`` forks from one
+    long-lived thread, so the child lives as long as the process, and no longer."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from fuyao.ray_serve.child import _die_with_parent, spawn
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    started: dict[str, subprocess.Popen[bytes]] = {}
+
+    def from_a_thread(direct: bool) -> subprocess.Popen[bytes]:
+        def run() -> None:
+            started["p"] = (subprocess.Popen(sleeper, preexec_fn=_die_with_parent) if direct
+                            else spawn(sleeper, os.environ))
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        time.sleep(1.0)
+        return started.pop("p")
+
+    direct, spawned = from_a_thread(direct=True), from_a_thread(direct=False)
+    try:
+        assert direct.poll() is not None  # the kernel's rule this module works around
+        assert spawned.poll() is None
+    finally:
+        for proc in (direct, spawned):
+            proc.kill()
+            proc.wait()
+    # and when the process that spawned it exits, the child gets SIGTERM
+    parent = subprocess.run([sys.executable, "-c", "import os, sys; from fuyao.ray_serve.child import spawn; "
+                             "print(spawn([sys.executable, '-c', 'import time; time.sleep(60)'], os.environ).pid)"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    orphan = int(parent.stdout.strip())
+    def alive() -> bool:  # a zombie (reaped by init soon) counts as gone
+        try:
+            return Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(), "the child outlived its process"
