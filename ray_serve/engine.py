@@ -37,6 +37,8 @@ from .ranking import OpenAiRequest
 from .settings import EngineSettings
 
 log = logging.getLogger("fuyao.ray_serve.engine")
+
+
 def npu_slots() -> list[str]:
     """The NPU ids Ray assigned to this process (its slots, mapped through the node's ASCEND_RT_VISIBLE_DEVICES)."""
     try:

@@ -46,9 +46,10 @@ VOLCANO_PRIORITIZE_MAX_BODY = 256 * 1024 * 1024
 """Volcano's prioritize carries every candidate's full NodeInfo, every pod of every node with its managedFields: about
 100 MB for 500 nodes. Only that verb may send this much."""
 BIG_DECISION_WORKERS = 2
-PREDICATE_OFFLOAD_ABOVE = 4 * 1024 * 1024
 """Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
 from queueing another behind it."""
+PREDICATE_OFFLOAD_ABOVE = 4 * 1024 * 1024
+"""Volcano's predicate is decided inline up to this size (one NodeInfo is 200-300 kB: see the module's doc)."""
 
 
 def _json(data: Any, status: int = 200) -> Response:
