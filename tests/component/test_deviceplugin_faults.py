@@ -153,7 +153,10 @@ def _config(*, reset_settle: str, max_attempts: int = 3) -> Path:
 def test_registration_and_allocation_are_metrics(make) -> None:  # type: ignore[no-untyped-def]
     """What the DevicePluginNotRegistered alert and the demo's NPU-allocation chart read."""
     p = make()
-    assert f'fuyao_deviceplugin_registered{{resource="{RESOURCE_NPU}"}} 1.0' in p.metrics()
+    # The gauge is set once the Register call has returned to the plugin, which may be after the kubelet has
+    # already opened ListAndWatch (what make() waits for).
+    wait_for(lambda: f'fuyao_deviceplugin_registered{{resource="{RESOURCE_NPU}"}} 1.0' in p.metrics(), 20,
+             "the registered gauge at 1")
     assert 'npu_allocated{chip="910B4",device="Ascend910-2",node="node-a"} 0.0' in p.metrics()
     hold(p, "default/engine-0", "Ascend910-2")
     wait_for(lambda: 'npu_allocated{chip="910B4",device="Ascend910-2",node="node-a"} 1.0' in p.metrics(), 20,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,6 +248,18 @@ def complete(url: str, prompt: str, timeout: float = 60) -> dict[str, Any]:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
+def answers(url: str) -> bool:
+    """Whether ``url`` answers at all. A ClusterIP that kube-proxy has not programmed yet is forwarded by the
+    harness namespace, which has no route for it: ENETUNREACH, then REJECT (refused) until endpoints are ready."""
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
 def test_a_serve_app_on_npu_workers_answers_through_fuyaos_router_and_serve(cluster: LocalCluster,
                                                                             ray_image: str) -> None:
     """docs/examples/ray/rayservice.yaml: two Serve replicas on two 1-NPU workers (placed by the extender), each
@@ -298,9 +311,14 @@ def test_a_serve_app_on_npu_workers_answers_through_fuyaos_router_and_serve(clus
         # a. through fuyao's router, which found both engines through the annotated Service
         wait_for(lambda: router_backends(router) == engine_urls, 60, "the router's healthy backends = the engines")
         assert complete(router.url, "hello from the router")["choices"][0]["text"]
-        serve_ip = cluster.get_json("service", "npu-llm-serve-svc")["spec"]["clusterIP"]
+
+        def serve_url() -> str | None:
+            url = f"http://{cluster.get_json('service', 'npu-llm-serve-svc')['spec']['clusterIP']}:8000"
+            return url if answers(f"{url}/-/routes") else None
+
+        serve = wait_for(serve_url, 60, "Serve's Service programmed by kube-proxy")
         # each way in: a shared prefix goes to the engine that holds it, whichever replica that is
-        for way, url in (("router", router.url), ("serve", f"http://{serve_ip}:8000")):
+        for way, url in (("router", router.url), ("serve", serve)):
             prefix = f"[{way}] " + " ".join(f"basin{i % 17} levee{i % 5}" for i in range(300))
             before = [engine_requests(u) for u in engine_urls]
             complete(url, prefix + " first")
