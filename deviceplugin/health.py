@@ -92,15 +92,16 @@ class HealthMonitor:
     def _apply(self, statuses: dict[str, DeviceStatus]) -> bool:
         """Apply statuses; True when a health changed (and ``on_change`` was called). The devices' health and the
         fault report change together (under the chips' lock, which node publishing takes too), so the node's
-        topology and faults annotations never disagree."""
+        topology and faults annotations never disagree. ``npu_health`` is set under that lock too, so no
+        ListAndWatch stream reports a health that the metrics do not show yet."""
         with self.chips.cond:
             changes = self.chips.update(statuses)
             if self.faults is not None:
                 self.faults.commit()
-        devices = self.chips.devices
-        for device_id, status in statuses.items():
-            if device_id in devices:
-                self.metrics.set_health(devices[device_id], status.healthy)
+            devices = self.chips.devices
+            for device_id, status in statuses.items():
+                if device_id in devices:
+                    self.metrics.set_health(devices[device_id], status.healthy)
         for device_id, old, new in changes:
             log.log(logging.INFO if new.healthy else logging.WARNING, "device %s is now %s (%s)", device_id,
                     new.health.value, new.reason,
