@@ -8,23 +8,31 @@ measured 0.11). Prints one JSON object.
 
 Usage: bench/scheduling_bench.py [--nodes 1000] [--pods 5000] [--no-bind] [--shortlist N] [--repeat N] [--no-kwok]
   --no-bind --shortlist 1: the extender's throughput profile (docs/scheduler-extender.md).
+  --null-extender: each pair also runs a null extender (bench/null_extender, Go: filter passes the first N names,
+  prioritize scores 0, bind posts the Binding): the floor of the extender protocol itself on this machine.
   FUYAO_BENCH_PROFILE=FILE: py-spy samples of the extender during its run (raw folded stacks; needs py-spy).
+  FUYAO_BENCH_PPROF=DIR: Go CPU profiles (pprof) of kube-apiserver and kube-scheduler, 20 s from each run's start
+  (DIR/<run>-<process>.pprof; read with go tool pprof -top).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,8 +63,34 @@ def populate(server: LocalApiServer, nodes: int, kwok: bool) -> None:
                                                                            "namespace": "default"}}])
 
 
-def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: bool = True,
+NULL_EXTENDER_SRC = REPO / "bench" / "null_extender"
+NULL_EXTENDER = Path.home() / ".cache" / "fuyao" / "bin" / "null-extender"
+
+
+def build_null_extender() -> Path:
+    """``bench/null_extender`` built with the Go toolchain (standard library only), rebuilt when its source changes."""
+    newest = max(f.stat().st_mtime for f in NULL_EXTENDER_SRC.iterdir())
+    if not NULL_EXTENDER.exists() or NULL_EXTENDER.stat().st_mtime < newest:
+        NULL_EXTENDER.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"}
+        subprocess.run(["go", "build", "-trimpath", "-o", str(NULL_EXTENDER), "."], cwd=NULL_EXTENDER_SRC, env=env,
+                       check=True)
+    return NULL_EXTENDER
+
+
+def start_null_extender(server: LocalApiServer, port: int, shortlist: int, log: Any) -> subprocess.Popen[bytes]:
+    token = server.root / "null-extender.token"
+    token.write_text(server.tokens["admin"])
+    token.chmod(0o600)
+    return subprocess.Popen([str(build_null_extender()), "--listen", f"127.0.0.1:{port}", "--server", server.url,
+                             "--ca", str(server.root / "certs" / "apiserver.crt"), "--token-file", str(token),
+                             "--shortlist", str(shortlist)], stdout=log, stderr=log)
+
+
+def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, bind: bool = True,
         shortlist: int | None = None, kwok: subprocess.Popen[bytes] | None = None) -> dict[str, float]:
+    """One run of ``pods`` pods: kube-scheduler alone (``with_extender`` False), with fuyao's extender (True) or
+    with the null extender (``"null"``)."""
     extender = None
     port = 0
     config = {"apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration",
@@ -65,19 +99,20 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     if with_extender:
         port = free_port()
         log = open(server.root / f"extender-{tag}.log", "wb")  # noqa: SIM115
-        extender = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
-                                     f"127.0.0.1:{port}", "--kubeconfig", server.kubeconfig_for("admin"),
-                                     "--log-level", "warning", *([] if bind else ["--no-bind"]),
-                                     *(["--config", str(extender_config(server, shortlist))] if shortlist is not None
-                                       else [])],
-                                    stdout=log, stderr=log)
+        if with_extender == "null":
+            extender = start_null_extender(server, port, 16 if shortlist is None else shortlist, log)
+        else:
+            extender = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
+                                         f"127.0.0.1:{port}", "--kubeconfig", server.kubeconfig_for("admin"),
+                                         "--log-level", "warning", *([] if bind else ["--no-bind"]),
+                                         *(["--config", str(extender_config(server, shortlist))]
+                                           if shortlist is not None else [])],
+                                        stdout=log, stderr=log)
         example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
         config["extenders"] = example["extenders"]
         config["extenders"][0]["urlPrefix"] = f"http://127.0.0.1:{port}"
         if not bind:  # kube-scheduler binds; the device plugin picks the dies on the chosen node
             del config["extenders"][0]["bindVerb"]
-        import urllib.request
-
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -90,7 +125,12 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     path = server.root / f"scheduler-{tag}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(server.root / f"scheduler-{tag}.log", "wb")  # noqa: SIM115
-    scheduler = subprocess.Popen([binary("kube-scheduler"), f"--config={path}", "--secure-port=0", "--v=0"],
+    pprof_dir = os.environ.get("FUYAO_BENCH_PPROF")
+    scheduler_port = free_port() if pprof_dir else 0
+    serving = [f"--secure-port={scheduler_port}"] + (
+        ["--bind-address=127.0.0.1", "--authorization-always-allow-paths=/healthz,/debug/pprof/*",
+         "--authentication-tolerate-lookup-failure"] if scheduler_port else [])
+    scheduler = subprocess.Popen([binary("kube-scheduler"), f"--config={path}", *serving, "--v=0"],
                                  stdout=log, stderr=log)
     api = server.client()
     namespace = f"bench-{tag}"
@@ -111,11 +151,18 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
                  "kube-scheduler": scheduler.pid, **({"extender": extender.pid} if extender else {}),
                  **({"kwok": kwok.pid} if kwok else {})}
     cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    api_before = api_server_counts(server)
     profile = os.environ.get("FUYAO_BENCH_PROFILE")  # py-spy samples of the extender's run (raw, folded stacks)
     profiler = subprocess.Popen(["py-spy", "record", "--pid", str(extender.pid), "--nonblocking", "-r", "200",
                                  "-f", "raw", "-o", profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
         if profile and extender is not None else None
     started = time.monotonic()
+    pprofs = [threading.Thread(target=go_profile, args=(url, token, Path(pprof_dir) / f"{tag}-{name}.pprof"))
+              for name, url, token in (("kube-apiserver", server.url, server.tokens["admin"]),
+                                       ("kube-scheduler", f"https://127.0.0.1:{scheduler_port}", None))
+              ] if pprof_dir else []
+    for thread in pprofs:
+        thread.start()
     creator = threading.Thread(target=lambda: list(ThreadPoolExecutor(8).map(create, range(pods))))
     creator.start()
     counter.done.wait(1800)
@@ -123,15 +170,26 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     bound = len(counter.bound)
     cpu = {name: round(1000 * (cpu_seconds(pid) - cpu_before[name]) / max(bound, 1), 2)
            for name, pid in processes.items()}
+    api_after = api_server_counts(server)
     creator.join()
+    for thread in pprofs:
+        thread.join()
     if profiler is not None:
         profiler.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         profiler.wait(60)
     scheduler.terminate()
     result: dict[str, Any] = {"pods": pods, "bound": bound, "seconds": round(elapsed, 1),
-                              "pods_per_s": round(bound / elapsed, 1), "cpu_ms_per_pod": cpu}
+                              "pods_per_s": round(bound / elapsed, 1), "cpu_ms_per_pod": cpu,
+                              "api_server_per_pod": {key: round((api_after[key] - api_before.get(key, 0.0))
+                                                                / max(bound, 1), 3)
+                                                     for key in sorted(api_after)
+                                                     if api_after[key] - api_before.get(key, 0.0) >= bound / 100}}
     if extender is not None:
-        result["extender_calls"] = extender_calls(port)
+        if with_extender is True:
+            result["extender_calls"] = extender_calls(port)
+        else:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+                result["extender_calls"] = json.loads(response.read())
         extender.terminate()
     counter.stop()
     # free the NPUs for the next run: no kubelet runs here, so pods go at once with grace period 0
@@ -141,10 +199,52 @@ def run(server: LocalApiServer, pods: int, with_extender: bool, tag: str, bind: 
     return result
 
 
+API_SERVER_SERIES = {"apiserver_request_total": "requests", "apiserver_watch_events_total": "watch events",
+                     "apiserver_watch_events_sizes_sum": "watch bytes"}
+
+
+def api_server_counts(server: LocalApiServer) -> dict[str, float]:
+    """What the API server served so far, from its own metrics: requests by verb and resource, watch events and their
+    bytes by kind (what each configuration asks of it, per bound pod in the result)."""
+    request = urllib.request.Request(server.url + "/metrics",
+                                     headers={"Authorization": f"Bearer {server.tokens['admin']}"})
+    context = ssl.create_default_context(cafile=str(server.root / "certs" / "apiserver.crt"))
+    with urllib.request.urlopen(request, timeout=30, context=context) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            what = API_SERVER_SERIES.get(sample.name)
+            if what is None:
+                continue
+            labels = sample.labels
+            if what == "requests":
+                key = f"{what} {labels.get('verb')} {labels.get('resource')}" + \
+                    (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            else:
+                key = f"{what} {labels.get('resource') or labels.get('kind')}"
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
 def extender_config(server: LocalApiServer, shortlist: int) -> Path:
     path = server.root / "extender.yaml"
     path.write_text(yaml.safe_dump({"version": "v1", "shortlist": shortlist}))
     return path
+
+
+def go_profile(base: str, token: str | None, out: Path, seconds: int = 20) -> None:
+    """A Go process's CPU profile over its /debug/pprof (the test CA is not checked: loopback, bench only)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = urllib.request.Request(f"{base}/debug/pprof/profile?seconds={seconds}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=seconds + 30, context=context) as response:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(response.read())
+    except OSError as exc:
+        print(f"no profile from {base}: {exc}", file=sys.stderr)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -203,6 +303,10 @@ def extender_calls(port: int) -> dict[str, dict[str, float]]:
                 calls.setdefault(verb, {})[sample.labels["result"]] = sample.value
             elif sample.name == "fuyao_extender_api_calls_total":
                 calls.setdefault(f"api_{sample.labels['call']}", {})[sample.labels["code"]] = sample.value
+            elif sample.name == "fuyao_extender_api_call_duration_seconds_sum":
+                sums[f"api_{sample.labels['call']}"] = sample.value
+            elif sample.name == "fuyao_extender_api_call_duration_seconds_count":
+                counts[f"api_{sample.labels['call']}"] = sample.value
             elif sample.name == "fuyao_extender_request_duration_seconds_sum":
                 sums[verb] = sample.value
             elif sample.name == "fuyao_extender_request_duration_seconds_count":
@@ -226,25 +330,40 @@ def main() -> None:
                         help="pairs of runs (alone and with the extender, in alternating order), on the same API "
                              "server and nodes; the ratio reported is the median of the pairs' ratios (on a shared "
                              "machine one pair can be off by 0.1 either way)")
+    parser.add_argument("--null-extender", action="store_true",
+                        help="each pair also runs the null extender (bench/null_extender, built with Go): the "
+                             "protocol's floor, reported as null_ratios")
     add_out_argument(parser)
     args = parser.parse_args()
+    if args.null_extender:
+        build_null_extender()  # fail before the API server starts
     server = LocalApiServer(extra_args=("--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000"))
     server.start()
     pairs = []
+    nulls: list[dict[str, Any]] = []
     kwok = None
     try:
         populate(server, args.nodes, kwok=not args.no_kwok)
         kwok = None if args.no_kwok else start_kwok(server)
         for i in range(max(1, args.repeat)):
             # alternate which goes first: the second of a pair meets a bigger etcd history
-            runs = {extended: run(server, args.pods, extended, f"{'fuyao' if extended else 'plain'}-{i}",
+            order: list[bool | str] = [False, True] if i % 2 == 0 else [True, False]
+            if args.null_extender:
+                order.insert(i % 3, "null")
+            runs = {extended: run(server, args.pods, extended,
+                                  f"{ {False: 'plain', True: 'fuyao', 'null': 'null'}[extended]}-{i}",
                                   bind=not args.no_bind, shortlist=args.shortlist, kwok=kwok)
-                    for extended in ((False, True) if i % 2 == 0 else (True, False))}
+                    for extended in order}
             without, with_extender = runs[False], runs[True]
             pairs.append((without, with_extender))
+            floor = ""
+            if "null" in runs:
+                nulls.append(runs["null"])
+                floor = (f", null extender {runs['null']['pods_per_s']} pods/s, ratio "
+                         f"{runs['null']['pods_per_s'] / without['pods_per_s']:.2f}")
             print(f"pair {i + 1}: alone {without['pods_per_s']} pods/s, with the extender "
                   f"{with_extender['pods_per_s']} pods/s, ratio "
-                  f"{with_extender['pods_per_s'] / without['pods_per_s']:.2f}", file=sys.stderr, flush=True)
+                  f"{with_extender['pods_per_s'] / without['pods_per_s']:.2f}{floor}", file=sys.stderr, flush=True)
     finally:
         if kwok is not None:
             kwok.terminate()
@@ -263,6 +382,13 @@ def main() -> None:
         result["median_pair"] = middle + 1
     result["pairs"] = [{"alone_pods_per_s": a["pods_per_s"], "with_extender_pods_per_s": w["pods_per_s"]}
                        for a, w in pairs]
+    if nulls:
+        null_ratios = [round(n["pods_per_s"] / a["pods_per_s"], 2) for (a, _), n in zip(pairs, nulls, strict=True)]
+        result["null_extender"] = nulls[middle]
+        result["null_ratios"] = null_ratios
+        result["null_ratio"] = sorted(null_ratios)[len(null_ratios) // 2]
+        for pair, n in zip(result["pairs"], nulls, strict=True):
+            pair["null_extender_pods_per_s"] = n["pods_per_s"]
     emit(result, args.out, "scheduling", charts)
 
 

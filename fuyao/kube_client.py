@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -31,14 +32,27 @@ class RestEndpoint:
     base_url: str
     ssl_context: ssl.SSLContext | None
     configuration: Any
+    _kept: list[Any] = field(default_factory=lambda: [0.0, {}], compare=False, repr=False)
+    """When the auth headers were read, and them."""
 
-    def headers(self) -> dict[str, str]:
-        """Auth headers for the next request (re-read each time: a bearer token file or an exec plugin rotates)."""
+    def headers(self, max_age_s: float = 0.0) -> dict[str, str]:
+        """Auth headers for the next request: read again for every call by default (a bearer token file or an exec
+        plugin rotates); a hot path (the extender's binds, where reading the kubeconfig cost more than the request)
+        passes ``max_age_s`` to reuse what was read that recently (client-go re-reads a token file every minute)."""
+        now = time.monotonic()
+        read_at, kept = self._kept
+        if kept and max_age_s > 0 and now - read_at < max_age_s:
+            return dict(kept)
         headers = {}
         for setting in self.configuration.auth_settings().values():
             if setting.get("in") == "header" and setting.get("value"):
                 headers[setting["key"]] = setting["value"]
-        return headers
+        self._kept[:] = [now, headers]
+        return dict(headers)
+
+
+HEADERS_KEPT_S = 10.0
+"""How long a hot path reuses the auth headers it read (:meth:`RestEndpoint.headers`)."""
 
 
 def rest_endpoint(api: Any) -> RestEndpoint:

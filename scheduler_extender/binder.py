@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +31,7 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
-from fuyao.kube_client import LazySession, RestEndpoint
+from fuyao.kube_client import HEADERS_KEPT_S, LazySession, RestEndpoint
 
 from . import devices
 from .cluster import ClusterCache
@@ -92,19 +93,22 @@ class Binder:
     async def close(self) -> None:
         await self._client.close()
 
-    def _count(self, call: str, code: int | str) -> None:
+    def _count(self, call: str, code: int | str, started: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.api_calls.labels(call, str(code)).inc()
+            if started is not None:
+                self.metrics.api_latency.labels(call).observe(time.monotonic() - started)
 
     def _pod_url(self, namespace: str, name: str) -> str:
         return f"{self.endpoint.base_url}/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
 
     async def _read_pod(self, args: BindingArgs) -> tuple[PodInfo | None, str]:
+        started = time.monotonic()
         try:
             async with self._client().get(self._pod_url(args.pod_namespace, args.pod_name),
-                                          headers=self.endpoint.headers()) as response:
+                                          headers=self.endpoint.headers(HEADERS_KEPT_S)) as response:
                 body = await response.read()
-                self._count("read", response.status)
+                self._count("read", response.status, started)
                 if response.status != 200:
                     return None, (f"cannot read pod {args.pod_namespace}/{args.pod_name}: {response.status} "
                                   f"{_status_message(body)}")
@@ -171,18 +175,19 @@ class Binder:
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": metadata,
                    "target": {"apiVersion": "v1", "kind": "Node", "name": args.node}}
         status: int | str
+        started = time.monotonic()
         try:
             # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
             async with self._client().post(self._pod_url(pod.namespace, pod.name) + "/binding",
                                            data=orjson.dumps(binding),
-                                           headers={**self.endpoint.headers(),
+                                           headers={**self.endpoint.headers(HEADERS_KEPT_S),
                                                     "Content-Type": "application/json"}) as response:
                 body = await response.read()
                 code = status = response.status
             failure = f"{code} {_status_message(body)}" if code >= 300 else ""
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, failure = "error", f"{type(exc).__name__}: {exc}"
-        self._count("bind", status)
+        self._count("bind", status, started)
         if failure:
             self.cache.forget_assumed(pod.uid)  # the devices are free again
             if status == 409:

@@ -22,6 +22,9 @@ class ExtenderMetrics:
         self.api_calls = Counter("fuyao_extender_api_calls_total", "The binder's API server calls: read (a pod the "
                                  "watch cache did not have yet, or a stale copy) and bind, by HTTP status",
                                  ("call", "code"), registry=r)
+        self.api_latency = Histogram("fuyao_extender_api_call_duration_seconds", "The binder's API server calls, "
+                                     "from sending the request to reading the whole answer", ("call",), registry=r,
+                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.nodes = Gauge("fuyao_extender_cached_nodes", "Nodes in the watch cache", registry=r)
         self.leader = Gauge("fuyao_extender_leader", "1 while this replica holds the binder lease (leaderElection; "
                             "always 1 for a single binder, 0 when not binding)", registry=r)

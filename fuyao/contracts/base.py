@@ -44,6 +44,8 @@ E = TypeVar("E", bound=StrEnum)
 
 def parse_enum(enum: type[E], key: str, raw: str, *, case_insensitive: bool = False) -> E:
     """``raw`` as a member of ``enum``; a :class:`ContractError` naming ``key`` and the allowed values otherwise."""
+    if not isinstance(raw, str):  # a label or annotation from a malformed object
+        raise ContractError(key, f"expected a string, one of {[m.value for m in enum]}", value=raw)
     value = raw.strip()
     for member in enum:
         if member.value == value or (case_insensitive and member.value.lower() == value.lower()):

@@ -3,6 +3,7 @@ node label, and the usage the QoS agent publishes."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Literal
@@ -41,6 +42,8 @@ def parse_volcano_qos_label(raw: str) -> QoSClass:
 
 def parse_volcano_qos_level(raw: str) -> QoSClass:
     """Volcano's names, or Huawei CCE's integers (-7..7, negative = offline/BE)."""
+    if not isinstance(raw, str):
+        raise ContractError(ANNOTATION_VOLCANO_QOS_LEVEL, "expected a string", value=raw)
     value = raw.strip()
     if value.upper() in _VOLCANO_QOS_LEVELS:
         return _VOLCANO_QOS_LEVELS[value.upper()]
@@ -55,6 +58,8 @@ def parse_volcano_qos_level(raw: str) -> QoSClass:
 
 
 def parse_koordinator_qos(raw: str) -> QoSClass:
+    if not isinstance(raw, str):
+        raise ContractError(LABEL_KOORDINATOR_QOS, "expected a string", value=raw)
     value = raw.strip().upper()
     if value not in _KOORDINATOR_QOS:
         raise ContractError(LABEL_KOORDINATOR_QOS, f"expected one of {list(_KOORDINATOR_QOS)}", value=raw)
@@ -76,19 +81,30 @@ def resolve_qos(labels: Mapping[str, str], annotations: Mapping[str, str]) -> Qo
 
     1. label ``volcano.sh/qos`` (the design doc's key), 2. annotation ``volcano.sh/qos-level``,
     3. label ``koordinator.sh/qosClass``, 4. default ``LS`` (never demote a pod we cannot classify).
-    An invalid value is reported in ``problems`` and the next key is tried.
+    An invalid value is reported in ``problems`` and the next key is tried. (Called for every pod event: the answer
+    for the three keys' values is kept.)
     """
+    values = (labels.get(LABEL_VOLCANO_QOS), annotations.get(ANNOTATION_VOLCANO_QOS_LEVEL),
+              labels.get(LABEL_KOORDINATOR_QOS))
+    if all(v is None or type(v) is str for v in values):
+        return _resolve_qos(*values)
+    return _resolve_qos.__wrapped__(*values)  # not strings (malformed input): not kept
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_qos(volcano_label: str | None, volcano_annotation: str | None,
+                 koordinator_label: str | None) -> QoSResolution:
     sources = (
-        (LABEL_VOLCANO_QOS, labels, parse_volcano_qos_label),
-        (ANNOTATION_VOLCANO_QOS_LEVEL, annotations, parse_volcano_qos_level),
-        (LABEL_KOORDINATOR_QOS, labels, parse_koordinator_qos),
+        (LABEL_VOLCANO_QOS, volcano_label, parse_volcano_qos_label),
+        (ANNOTATION_VOLCANO_QOS_LEVEL, volcano_annotation, parse_volcano_qos_level),
+        (LABEL_KOORDINATOR_QOS, koordinator_label, parse_koordinator_qos),
     )
     problems: list[str] = []
-    for key, where, parse in sources:
-        if key not in where:
+    for key, value, parse in sources:
+        if value is None:
             continue
         try:
-            return QoSResolution(qos=parse(where[key]), source=key, problems=tuple(problems))
+            return QoSResolution(qos=parse(value), source=key, problems=tuple(problems))
         except ContractError as exc:
             problems.append(str(exc))
     return QoSResolution(qos=QoSClass.LS, source=None, problems=tuple(problems))

@@ -168,3 +168,11 @@ def test_durations(raw: str, seconds: float) -> None:
 def test_bad_durations_say_what_is_expected(raw: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_duration(raw)
+
+
+def test_qos_answers_are_kept_per_value_and_a_non_string_is_still_refused() -> None:
+    first = c.resolve_qos({"volcano.sh/qos": "be"}, {})
+    assert c.resolve_qos({"volcano.sh/qos": "be", "app": "x"}, {"other": "y"}) is first  # kept: same three values
+    assert c.resolve_qos({"volcano.sh/qos": "LS"}, {}).qos is c.QoSClass.LS
+    odd = c.resolve_qos({"volcano.sh/qos": ["BE"]}, {"volcano.sh/qos-level": "BE"})  # type: ignore[dict-item]
+    assert odd.qos is c.QoSClass.BE and odd.source == c.ANNOTATION_VOLCANO_QOS_LEVEL and len(odd.problems) == 1

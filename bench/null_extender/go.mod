@@ -1,0 +1,3 @@
+module fuyao.local/bench/nullextender
+
+go 1.22
