@@ -14,6 +14,7 @@ from aiohttp import web
 
 from fuyao.kube_client import RestEndpoint
 from fuyao.kube_watch import AsyncListWatch
+from tests.support.apiserver import RotatingToken
 
 
 class FakeApiServer:
@@ -68,17 +69,6 @@ def event(kind: str, name: str, version: str) -> bytes:
     return orjson.dumps({"type": kind, "object": {"metadata": {"name": name, "resourceVersion": version}}})
 
 
-class Token:
-    """A configuration whose bearer token rotates (as a projected service-account token does)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def auth_settings(self) -> dict[str, dict[str, str]]:
-        self.n += 1
-        return {"BearerToken": {"in": "header", "key": "Authorization", "value": f"Bearer t{self.n}"}}
-
-
 async def until(check: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -98,7 +88,7 @@ def test_failing_then_recovered_then_events_resumes_and_relists() -> None:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         sink, failing = Sink(), {}  # type: ignore[var-annotated]
         watch = AsyncListWatch("pods", "/api/v1/pods", sink,
-                               RestEndpoint(f"http://127.0.0.1:{port}", None, Token()),
+                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
                                failing=failing, backoff_s=0.01)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:

@@ -198,3 +198,15 @@ class LocalApiServer:
                     proc.kill()
                     proc.wait(5)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RotatingToken:
+    """A client configuration (``kubernetes.client.Configuration``'s ``auth_settings``) whose bearer token changes on
+    every read, as a projected service-account token does, sped up: shows who reads it again and when."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def auth_settings(self) -> dict[str, dict[str, str]]:
+        self.reads += 1
+        return {"BearerToken": {"in": "header", "key": "Authorization", "value": f"Bearer t{self.reads}"}}

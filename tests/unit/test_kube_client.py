@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from fuyao import kube_client
 from fuyao.kube_client import RestEndpoint
-
-
-class Rotating:
-    """A configuration whose bearer token changes on every read (a projected service-account token, sped up)."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def auth_settings(self) -> dict[str, dict[str, str]]:
-        self.reads += 1
-        return {"BearerToken": {"in": "header", "key": "Authorization", "value": f"Bearer t{self.reads}"}}
+from tests.support.apiserver import RotatingToken
 
 
 def test_headers_are_read_per_call_unless_a_max_age_is_given(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     now = [100.0]
     monkeypatch.setattr(kube_client.time, "monotonic", lambda: now[0])
-    conf = Rotating()
+    conf = RotatingToken()
     endpoint = RestEndpoint("https://api", None, conf)
     assert endpoint.headers() == {"Authorization": "Bearer t1"}
     assert endpoint.headers() == {"Authorization": "Bearer t2"}  # no max age: read again
