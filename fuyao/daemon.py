@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -32,10 +33,12 @@ def parser(prog: str, description: str, docs: str) -> argparse.ArgumentParser:
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Add ``--log-level`` / ``--log-format``, parse, configure logging."""
+    """Add ``--log-level`` / ``--log-format``, parse, configure logging; from then on SIGUSR1 writes every thread's
+    stack to stderr (``kill -USR1 <pid>``: what a daemon that does not answer, or does not stop, is doing)."""
     logs.add_arguments(p)
     args = p.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return args
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 
@@ -363,3 +364,13 @@ def test_product_rules_shape_preferred_allocation_and_refuse_what_the_product_fo
         a1.kubelet.allocate(RESOURCE_NPU, [cards[0], cards[4]])
     assert "rule 910-a1-module/ring" in err.value.details()
     assert a1.kubelet.preferred(RESOURCE_NPU, [cards[0], *cards[4:8]], 4) == cards[4:8]
+
+
+def test_sigusr1_dumps_every_threads_stack_and_the_plugin_keeps_serving(plugin: PluginUnderTest) -> None:
+    """fuyao.daemon: ``kill -USR1`` shows what a daemon that hangs is doing, and does not stop it."""
+    assert plugin.proc is not None
+    plugin.proc.send_signal(signal.SIGUSR1)
+    assert plugin.wait_log("most recent call first")
+    assert "deviceplugin/daemon.py" in plugin.log_path.read_text()  # the main loop's frame, among the stacks
+    plugin.assert_running()
+    assert plugin.kubelet.allocate(RESOURCE_NPU, ["Ascend910-1"]).container_responses[0].envs

@@ -98,9 +98,7 @@ def test_the_monitoring_objects_pass_the_prometheus_operator_crds(cluster: Local
     for crd in found:
         cluster.kubectl("create", "-f", str(crd))
     try:
-        for name in ("servicemonitors", "prometheusrules"):
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}.monitoring.coreos.com",
-                            "--timeout=60s")
+        cluster.wait_established("servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com")
         wait_for(lambda: "monitoring.coreos.com/v1" in cluster.kubectl("api-versions"), 30, "the monitoring API")
         monitoring = {"ai-inference-optimization": ["--set", "monitoring.serviceMonitor.enabled=true",
                                                     "--set", "monitoring.prometheusRule.enabled=true"],

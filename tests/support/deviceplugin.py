@@ -120,7 +120,13 @@ class PluginUnderTest:
         assert self.proc is not None
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # fuyao.daemon: every thread's stack to stderr, our log
+            time.sleep(1.0)
+            raise AssertionError(f"the plugin did not exit within {timeout}s of SIGTERM; its log, ending with its "
+                                 f"threads' stacks:\n{self.log_path.read_text(errors='replace')[-6000:]}") from None
         return code, time.monotonic() - started
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .apiserver import binary
+from .polling import wait_for
 
 
 class KubeCluster:
@@ -32,6 +33,19 @@ class KubeCluster:
     def get_json(self, *args: str, check: bool = True) -> dict[str, Any]:
         """``kubectl get <args> -o json``, parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json", check=check))  # type: ignore[no-any-return]
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Until every CRD named (``rayclusters.ray.io``...) reports ``Established``. Polled here rather than with
+        ``kubectl wait --for=condition=Established``, which fails instead of waiting while a CRD just created has no
+        ``status.conditions`` yet."""
+        def established(name: str) -> bool:
+            out = self.kubectl("get", "crd", name, "-o", "json", check=False)
+            if not out.strip():  # not there yet
+                return False
+            conditions = (json.loads(out).get("status") or {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+        wait_for(lambda: all(established(name) for name in crds), timeout, f"CRDs {', '.join(crds)} Established")
 
     def node_json(self) -> dict[str, Any]:
         return self.get_json("node", self.node)

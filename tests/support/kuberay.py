@@ -43,8 +43,7 @@ class KubeRay:
         # server-side: each CRD is ~1 MB, beyond client-side apply's last-applied annotation
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts",
                              *[a for name in CRDS for a in ("-f", str(crds / f"ray.io_{name}.yaml"))])
-        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                             *[f"crd/{name}.ray.io" for name in CRDS])
+        self.cluster.wait_established(*[f"{name}.ray.io" for name in CRDS])
         self.cluster._spawn("kuberay-operator", [
             binary("kuberay-operator"), "--enable-leader-election=false", "--metrics-addr=0",
             "--health-probe-bind-address=0", "--use-kubernetes-proxy", "--log-stdout-encoder=console"],

@@ -219,9 +219,7 @@ class Monitoring:
         crds = BIN / f"prometheus-operator-crds-{self.versions.operator}"
         crd_objs = [o for p in sorted(crds.glob("monitoring.coreos.com_*.yaml")) for o in _load(p)]
         self._apply(crd_objs, "monitoring-crds")
-        for crd in crd_objs:
-            self.cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}",
-                                 "--timeout=60s")
+        self.cluster.wait_established(*[crd["metadata"]["name"] for crd in crd_objs])
         self.cluster.kubectl("create", "namespace", NAMESPACE, check=False)
         self._apply(operator_objects(tags, self.versions), "monitoring-operator")
         ca = (self.cluster.dir / "pki" / "ca.crt").read_text()  # tests.support.pki, written at bring-up
