@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import faulthandler
+import io
 import logging
 import os
 import signal
@@ -38,7 +40,8 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namesp
     logs.add_arguments(p)
     args = p.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):  # stderr without a descriptor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)                        # (embedded, captured)
     return args
 
 
