@@ -171,6 +171,7 @@ def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, 
     cpu = {name: round(1000 * (cpu_seconds(pid) - cpu_before[name]) / max(bound, 1), 2)
            for name, pid in processes.items()}
     api_after = api_server_counts(server)
+    api_served = {key: value - api_before.get(key, 0.0) for key, value in sorted(api_after.items())}
     creator.join()
     for thread in pprofs:
         thread.join()
@@ -180,10 +181,8 @@ def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, 
     scheduler.terminate()
     result: dict[str, Any] = {"pods": pods, "bound": bound, "seconds": round(elapsed, 1),
                               "pods_per_s": round(bound / elapsed, 1), "cpu_ms_per_pod": cpu,
-                              "api_server_per_pod": {key: round((api_after[key] - api_before.get(key, 0.0))
-                                                                / max(bound, 1), 3)
-                                                     for key in sorted(api_after)
-                                                     if api_after[key] - api_before.get(key, 0.0) >= bound / 100}}
+                              "api_server_per_pod": {key: round(served / max(bound, 1), 3)
+                                                     for key, served in api_served.items() if served >= bound / 100}}
     if extender is not None:
         if with_extender is True:
             result["extender_calls"] = extender_calls(port)
@@ -287,10 +286,6 @@ class BoundCounter:
 def extender_calls(port: int) -> dict[str, dict[str, float]]:
     """Per verb: answered requests by result and mean latency, from the extender's /metrics (a pod scheduled
     more than once — a failed bind, a retry — shows as more calls than pods)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     calls: dict[str, dict[str, float]] = {}
