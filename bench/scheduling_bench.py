@@ -84,7 +84,8 @@ def start_null_extender(server: LocalApiServer, port: int, shortlist: int, log: 
     token.chmod(0o600)
     return subprocess.Popen([str(build_null_extender()), "--listen", f"127.0.0.1:{port}", "--server", server.url,
                              "--ca", str(server.root / "certs" / "apiserver.crt"), "--token-file", str(token),
-                             "--shortlist", str(shortlist)], stdout=log, stderr=log)
+                             "--shortlist", str(shortlist), *os.environ.get("FUYAO_NULL_EXTENDER_ARGS", "").split()],
+                            stdout=log, stderr=log)
 
 
 def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, bind: bool = True,

@@ -24,6 +24,8 @@ import aiohttp
 import orjson
 
 from fuyao.http_body import BodyError, decode_json
+from fuyao.http_client import Response as UpstreamResponse
+from fuyao.http_client import UpstreamError, UpstreamPool
 from fuyao.http_server import HttpServer, Request, Response, Stream
 
 from . import admission
@@ -33,8 +35,6 @@ from .fleet import Backend, Dispatch, Fleet, Matches, PrefixSource, Role
 from .metrics import BackendView, RouterMetrics
 from .policies import POLICIES, Policy, PrefixAwareArgs, RoutingRequest, decide, make_policy, prefill_tokens
 from .prompts import Prompts
-from .upstream import Response as UpstreamResponse
-from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("inference_router.decisions")

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 
 from fuyao.contracts import (
@@ -31,7 +30,8 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
-from fuyao.kube_client import HEADERS_KEPT_S, LazySession, RestEndpoint
+from fuyao.http_client import UpstreamError, UpstreamPool
+from fuyao.kube_client import HEADERS_KEPT_S, RestEndpoint
 
 from . import devices
 from .cluster import ClusterCache
@@ -88,10 +88,28 @@ class Binder:
         self.metrics = metrics
         self.endpoint = endpoint
         self.cache = cache
-        self._client = LazySession(endpoint.ssl_context, 64, timeout_s)
+        self.timeout_s = timeout_s
+        self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context)
+        self._headers: tuple[dict[str, str] | None, list[tuple[bytes, bytes]]] = (None, [])
 
     async def close(self) -> None:
         await self._client.close()
+
+    def _request_headers(self) -> list[tuple[bytes, bytes]]:
+        """The endpoint's auth headers (re-read every ``HEADERS_KEPT_S``), encoded once per reading."""
+        auth = self.endpoint.headers(HEADERS_KEPT_S)
+        kept, headers = self._headers
+        if auth != kept:
+            headers = [(k.encode(), v.encode()) for k, v in auth.items()]
+            headers += [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+            self._headers = (auth, headers)
+        return headers
+
+    async def _call(self, method: bytes, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """One API call: (status, body); raises :class:`UpstreamError`."""
+        async with await self._client.request(self.endpoint.base_url, method, path, body, self._request_headers(),
+                                              total=self.timeout_s) as response:
+            return response.status, await response.read()
 
     def _count(self, call: str, code: int | str, started: float | None = None) -> None:
         if self.metrics is not None:
@@ -99,20 +117,19 @@ class Binder:
             if started is not None:
                 self.metrics.api_latency.labels(call).observe(time.monotonic() - started)
 
-    def _pod_url(self, namespace: str, name: str) -> str:
-        return f"{self.endpoint.base_url}/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+    @staticmethod
+    def _pod_path(namespace: str, name: str) -> str:
+        return f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
 
     async def _read_pod(self, args: BindingArgs) -> tuple[PodInfo | None, str]:
         started = time.monotonic()
         try:
-            async with self._client().get(self._pod_url(args.pod_namespace, args.pod_name),
-                                          headers=self.endpoint.headers(HEADERS_KEPT_S)) as response:
-                body = await response.read()
-                self._count("read", response.status, started)
-                if response.status != 200:
-                    return None, (f"cannot read pod {args.pod_namespace}/{args.pod_name}: {response.status} "
-                                  f"{_status_message(body)}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, body = await self._call(b"GET", self._pod_path(args.pod_namespace, args.pod_name))
+            self._count("read", status, started)
+            if status != 200:
+                return None, (f"cannot read pod {args.pod_namespace}/{args.pod_name}: {status} "
+                              f"{_status_message(body)}")
+        except UpstreamError as exc:
             self._count("read", "error")
             return None, f"cannot read pod {args.pod_namespace}/{args.pod_name}: {type(exc).__name__}: {exc}"
         try:
@@ -178,14 +195,11 @@ class Binder:
         started = time.monotonic()
         try:
             # POST pods/<name>/binding, the subresource kube-scheduler uses (RBAC: pods/binding create)
-            async with self._client().post(self._pod_url(pod.namespace, pod.name) + "/binding",
-                                           data=orjson.dumps(binding),
-                                           headers={**self.endpoint.headers(HEADERS_KEPT_S),
-                                                    "Content-Type": "application/json"}) as response:
-                body = await response.read()
-                code = status = response.status
+            code, body = await self._call(b"POST", self._pod_path(pod.namespace, pod.name) + "/binding",
+                                          orjson.dumps(binding))
+            status = code
             failure = f"{code} {_status_message(body)}" if code >= 300 else ""
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             status, failure = "error", f"{type(exc).__name__}: {exc}"
         self._count("bind", status, started)
         if failure:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -41,6 +41,8 @@ NUMA_SLOTS = 8
 RESOURCE_COLUMN = {r: i for i, r in enumerate(ACCELERATOR_RESOURCES)}
 BUSINESS_COLUMN = {b: i for i, b in enumerate(BusinessType)}
 NO_USAGE = -np.inf
+UNHELD_CLASSES = 1024
+"""Row classes that no node is in are kept this many (see ``NodeTable.classes``)."""
 
 # name → (dtype, trailing shape, empty value)
 COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
@@ -107,6 +109,25 @@ def node_row(info: NodeInfo) -> dict[str, Any]:
         return row
     row = info.memo["row"] = _node_row(info)
     return row
+
+
+def _frozen(values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A row's values (``node_row``) as one hashable key, column by column (absent: the column's empty value)."""
+    return tuple(_freeze(values.get(name, empty)) for name, (_dtype, _shape, empty) in COLUMNS.items()
+                 if name != "domain")
+
+
+def _freeze(value: Any) -> Any:
+    """Hashable and equal exactly when ``value`` is (lists of numbers, most columns: one ``tuple`` call)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    elif isinstance(value, dict):
+        value = tuple(value.items())  # built in sorted order (a different order is only another class)
+    try:
+        hash(value)
+    except TypeError:
+        return tuple(_freeze(v) for v in value) if isinstance(value, tuple) else repr(value)
+    return value
 
 
 def _node_row(info: NodeInfo) -> dict[str, Any]:
@@ -230,9 +251,22 @@ class NodeTable:
         self.version = 0  # grows when a node's domain changes (memos of domain counts key on it)
         self._spare: list[int] = []
         self.cols: dict[str, np.ndarray] = {}
-        self.stamps = np.zeros(0, dtype=np.int64)
-        """Per row: when it last changed (a counter; 0 = never written). Per-row results computed from a row stay
-        valid while its stamp does (the framework's decision cache)."""
+        self.classes = np.full(0, -1, dtype=np.int64)
+        """Per row: its *class*, the same for rows whose every column holds the same values (-1: no node). Plugins
+        that decide from a row alone decide equal rows alike, so per-row results are kept per class (the
+        framework's decision cache, ``row_cache``): in a cluster of like nodes, a row that changes usually becomes
+        a class already decided."""
+        self.class_stamps = np.zeros(0, dtype=np.int64)
+        """Per class: when it was last given to a new content (a counter). Results kept for a class stay valid
+        while its stamp does."""
+        self._class_of: dict[tuple[Any, int], int] = {}  # (content, domain) → class
+        self._class_keys: list[tuple[Any, int] | None] = []
+        self._class_rows: list[int] = []  # per class: the rows that have it
+        self._unheld: OrderedDict[int, None] = OrderedDict()
+        """Classes no row has now, oldest first: kept (with the results kept for them) up to
+        :data:`UNHELD_CLASSES`, for a row that comes back to that state; then the oldest is given to a new
+        content."""
+        self._contents: list[Any] = []  # per row: its columns' values, frozen (without the domain)
         self._clock = 0
         self.long_lived = long_lived
         """The cluster cache's table (rows outlive requests, so per-row results are worth keeping); a request's own
@@ -260,9 +294,10 @@ class NodeTable:
             if old is not None:
                 grown[: self._capacity] = old
             self.cols[name] = grown
-        stamps = np.zeros(capacity, dtype=np.int64)
-        stamps[: self._capacity] = self.stamps
-        self.stamps = stamps
+        classes = np.full(capacity, -1, dtype=np.int64)
+        classes[: self._capacity] = self.classes
+        self.classes = classes
+        self._contents.extend([None] * (capacity - self._capacity))
         self.names.extend([None] * (capacity - self._capacity))
         self.labels.extend([{}] * (capacity - self._capacity))
         self._spare.extend(range(capacity - 1, self._capacity - 1, -1))
@@ -297,12 +332,46 @@ class NodeTable:
             self.version += 1
         self.cols["domain"][row] = domain
         self.labels[row] = info.labels
-        self._stamp(row)
+        content = info.memo.get("row-content")
+        if content is None:
+            content = info.memo["row-content"] = _frozen(values)
+        self._contents[row] = content
+        self._classify(row, (content, domain))
         return row
 
-    def _stamp(self, rows: int | np.ndarray) -> None:
-        self._clock += 1
-        self.stamps[rows] = self._clock
+    def _classify(self, row: int, key: tuple[Any, int] | None) -> None:
+        """Give ``row`` the class of ``key`` (None: no class, the row is free)."""
+        old = int(self.classes[row])
+        if old >= 0:
+            if self._class_keys[old] == key:
+                return
+            self._class_rows[old] -= 1
+            if self._class_rows[old] == 0:
+                self._unheld[old] = None
+        if key is None:
+            self.classes[row] = -1
+            return
+        found = self._class_of.get(key)
+        if found is None:
+            if len(self._unheld) > UNHELD_CLASSES:
+                found, _ = self._unheld.popitem(last=False)
+                del self._class_of[self._class_keys[found]]  # type: ignore[arg-type]
+            else:
+                found = len(self._class_keys)
+                self._class_keys.append(None)
+                self._class_rows.append(0)
+                if found >= len(self.class_stamps):
+                    stamps = np.zeros(max(64, 2 * len(self.class_stamps)), dtype=np.int64)
+                    stamps[: len(self.class_stamps)] = self.class_stamps
+                    self.class_stamps = stamps
+            self._class_of[key] = found
+            self._class_keys[found] = key
+            self._clock += 1
+            self.class_stamps[found] = self._clock  # a new content: results kept for this class are void
+        elif self._class_rows[found] == 0:
+            del self._unheld[found]
+        self._class_rows[found] += 1
+        self.classes[row] = found
 
     def remove(self, name: str) -> None:
         row = self.index.pop(name, None)
@@ -312,8 +381,9 @@ class NodeTable:
             self.cols[column][row] = empty
         self.names[row] = None
         self.labels[row] = {}
+        self._contents[row] = None
+        self._classify(row, None)
         self._spare.append(row)
-        self._stamp(row)
         self.version += 1
 
     def set_domain_key(self, key: str) -> None:
@@ -323,8 +393,8 @@ class NodeTable:
         self.domain_key = key
         self.domains, self.domain_names = {}, []
         for row in self.index.values():
-            self.cols["domain"][row] = self._domain_id(self.labels[row])
-        self._stamp(np.arange(self._capacity))
+            domain = self.cols["domain"][row] = self._domain_id(self.labels[row])
+            self._classify(row, (self._contents[row], domain))
         self.version += 1
 
     def view(self, names: Sequence[str]) -> tuple[NodeView, list[str]]:

@@ -91,8 +91,9 @@ class FilterPlugin(Protocol):
         rows of :attr:`Verdicts.detail` the filter noted for them (zeros if it noted none)."""
 
     def row_local(self, pod: PodInfo) -> bool:
-        """Whether ``filter`` decides each candidate from its own row alone (and the time, only through the
-        staleness of measured usage), so per-row results may be kept (``row_cache``)."""
+        """Whether ``filter`` decides each candidate from the values of its own row alone — not from which node
+        it is, nor from other rows — and the time only through the staleness of measured usage, so results may be
+        kept per class of equal rows (``row_cache``)."""
 
 
 @runtime_checkable
@@ -305,8 +306,9 @@ class Framework:
 
 
 def to_extender_scores(totals: np.ndarray, max_score: int = 10) -> list[int]:
-    """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10)."""
-    scores: list[int] = np.rint(np.clip(np.nan_to_num(totals, nan=0.0), 0.0, 1.0) * max_score).astype(np.int64).tolist()
+    """kube-scheduler extenders answer integers 0..MaxExtenderPriority (10); NaN counts as 0 (``fmax`` takes the
+    number), and ±inf clamp to the ends."""
+    scores: list[int] = np.rint(np.fmin(np.fmax(totals, 0.0), 1.0) * max_score).astype(np.int64).tolist()
     return scores
 
 

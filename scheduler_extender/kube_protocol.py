@@ -205,6 +205,37 @@ def _go_shaped(raw: bytes) -> ExtenderArgs | None:
     return ExtenderArgs(pod=cast(dict[str, Any], pod), nodes=refs, node_names=None)  # a Pod TypedDict is a dict
 
 
+_NAMES_AT = b',"Nodes":null,"NodeNames":['
+_NAMES = msgspec.json.Decoder(list[str])
+
+
+def split_names_body(raw: bytes) -> tuple[memoryview, list[str]] | None:
+    """kube-scheduler's ``NodeNames`` body as Go's encoder writes it, ``{"Pod":<Pod>,"Nodes":null,"NodeNames":[…]}``,
+    cut into the Pod's bytes (undecoded) and the decoded names; None for any other shape. The names are the last
+    ``,"Nodes":null,"NodeNames":[`` on: an array of strings, checked here. The Pod part is the caller's to decode
+    (a part that is not one whole JSON object — say, the key sequence inside one of its strings — fails there,
+    and bytes that decoded as a Pod once are that Pod again)."""
+    if not raw.startswith(b'{"Pod":{') or not raw.endswith(b"]}"):
+        return None
+    at = raw.rfind(_NAMES_AT)
+    if at < 0:
+        return None
+    view = memoryview(raw)
+    try:
+        names = _NAMES.decode(view[at + len(_NAMES_AT) - 1: -1])
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return view[7:at], names
+
+
+def decode_pod(raw: bytes | memoryview) -> dict[str, Any]:
+    """A Pod's bytes (what :func:`split_names_body` cut), decoded as the other paths decode it."""
+    pod = partial.decode(_POD, raw, "ExtenderArgs.Pod")
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        raise ProtocolError("ExtenderArgs.Pod: expected a Pod object with metadata")
+    return cast(dict[str, Any], pod)
+
+
 def filter_result(args: ExtenderArgs, passed: list[str], failed: Mapping[str, str],
                   unresolvable: Mapping[str, str], error: str = "") -> bytes:
     """The encoded ``ExtenderFilterResult``. ``passed``: the feasible node names, in the order of the request. In

@@ -4,6 +4,10 @@ measured usage does not go stale. Replicas of one workload share a shape, and be
 the rows of the nodes that changed (one bind: one node) need computing again; the others are gathered. At 1,000
 nodes that turns ~100 numpy operations over every candidate into a gather and a comparison.
 
+Decisions are kept per *class* of rows (``NodeTable.classes``): rows whose columns hold the same values are decided
+alike by plugins that read only the row, so a node that changes into a state another node was already decided in
+(like nodes filling up one die at a time) costs a lookup, not the ~100 numpy operations of a one-row decision.
+
 Only for the cluster cache's table (``NodeTable.long_lived``) and for pods whose every plugin decides node by node
 (``row_local``: the prefill/decode score of a pod in a group reads the whole cluster's pods, so it is not).
 Results are identical to computing afresh (tests/unit/test_extender_row_cache.py checks that under random
@@ -37,18 +41,18 @@ def valid_until(view: NodeView, now: float) -> np.ndarray:
 
 
 class KeptRows:
-    """Named per-row values (rows on the first axis) with, per row, the table stamp and the time span they were
-    computed for."""
+    """Named per-class values (classes on the first axis: rows whose columns hold the same values share one, see
+    ``NodeTable.classes``) with, per class, the table's class stamp and the time span they were computed for."""
 
     def __init__(self, columns: dict[str, tuple[tuple[int, ...], Any, Any]]) -> None:
-        """``columns``: name → (shape after the row axis, dtype, fill)."""
+        """``columns``: name → (shape after the class axis, dtype, fill)."""
         self.stamp = np.zeros(0, dtype=np.int64)
         self.span = np.zeros((0, 2))  # computed at, valid until
         self.values = {name: np.full((0, *tail), fill, dtype=dtype) for name, (tail, dtype, fill) in columns.items()}
         self._fills = {name: fill for name, (_tail, _dtype, fill) in columns.items()}
 
     def _fit(self, capacity: int) -> None:
-        """Room for every row of the table (it grows)."""
+        """Room for every class of the table (their number grows)."""
         if capacity <= len(self.stamp):
             return
 
@@ -62,27 +66,30 @@ class KeptRows:
 
     def get(self, view: NodeView, now: float,
             compute: Callable[[NodeView], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """The values of the candidates; ``compute`` runs on those whose rows changed since (or whose results
-        expired) and its answers are kept."""
+        """The values of the candidates; ``compute`` runs on one candidate of each class that changed since (or
+        whose results expired), and its answers are kept for the class."""
         table = view.table
-        self._fit(len(table.stamps))
-        rows = view.rows
-        at = np.flatnonzero((self.stamp[rows] != table.stamps[rows]) | (self.span[rows, 0] > now)
-                            | (self.span[rows, 1] < now))
+        self._fit(len(table.class_stamps))
+        ids = table.classes[view.rows]
+        at = np.flatnonzero((self.stamp[ids] != table.class_stamps[ids]) | (self.span[ids, 0] > now)
+                            | (self.span[ids, 1] < now))
         if len(at):
+            fresh, first = np.unique(ids[at], return_index=True)  # one candidate per class
+            order = np.argsort(first)
+            at, fresh = at[first[order]], fresh[order]  # in request order (all of them: ``view`` itself)
             sub = view if len(at) == len(view) else view.take(at)
             for name, value in compute(sub).items():
                 if name not in self.values:  # a column computed only for some pod shapes (a filter's detail)
                     self.values[name] = np.zeros((len(self.stamp), *value.shape[1:]), dtype=value.dtype)
                     self._fills[name] = 0
-                self.values[name][sub.rows] = value
-            self.stamp[sub.rows] = table.stamps[sub.rows]
-            self.span[sub.rows, 0], self.span[sub.rows, 1] = now, valid_until(sub, now)
-        return {name: values[rows] for name, values in self.values.items()}
+                self.values[name][fresh] = value
+            self.stamp[fresh] = table.class_stamps[fresh]
+            self.span[fresh, 0], self.span[fresh, 1] = now, valid_until(sub, now)
+        return {name: values[ids] for name, values in self.values.items()}
 
 
 class RowDecisions:
-    """The verdicts (which filter rejected, and how) and score parts of one shape, per table row."""
+    """The verdicts (which filter rejected, and how) and score parts of one shape, per class of table rows."""
 
     def __init__(self, plugins: int) -> None:
         self.verdicts = KeptRows({"by": ((), np.int16, -1), "kind": ((), np.int16, 0)})  # + "detail" when noted

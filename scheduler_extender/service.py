@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
 REQUEST_NODES_KEPT = 16_384
+REQUEST_PODS_KEPT = 256
+"""Pods parsed from kube-scheduler's requests, by their bytes: its prioritize (and a filter it retries) carries the
+Pod the filter carried, byte for byte."""
 """Nodes parsed from kube-scheduler's full-Node requests, by (name, resourceVersion)."""
 SOFT_SHORTLIST = 16
 """With ``shortlist: 1``, pods with soft scheduling preferences still get this many nodes, for kube-scheduler to weigh
@@ -111,6 +114,7 @@ class ExtenderService:
         # pod uid → the shortlist's scores, computed by filter, answered by the prioritize that follows it
         self._shortlisted: OrderedDict[str, Explanation] = OrderedDict()
         self._request_nodes: Kept[Any, NodeInfo] = Kept(REQUEST_NODES_KEPT)
+        self._request_pods: Kept[bytes, PodInfo] = Kept(REQUEST_PODS_KEPT)
 
     # Shared ------------------------------------------------------------------------------------------------------
     def pod(self, raw: Mapping[str, Any]) -> PodInfo:
@@ -177,10 +181,21 @@ class ExtenderService:
         """``body``: the request's bytes (the server's path: only what is read is decoded) or decoded JSON."""
         return kp.decode_extender_args(body) if isinstance(body, bytes) else kp.parse_extender_args(body)
 
+    def request(self, body: bytes | Any) -> tuple[kp.ExtenderArgs, PodInfo]:
+        """The request's arguments and its pod. In kube-scheduler's ``NodeNames`` form the Pod is parsed once per
+        distinct bytes (its prioritize repeats the filter's Pod); ``args.pod`` is then left empty."""
+        split = kp.split_names_body(body) if isinstance(body, bytes) else None
+        if split is None:
+            args = self.args(body)
+            return args, self.pod(args.pod)
+        raw, names = split
+        key = xxhash.xxh3_128_digest(raw)
+        pod = self._request_pods.get_or(key, lambda: self.pod(kp.decode_pod(raw)))
+        return kp.ExtenderArgs(pod={}, nodes=None, node_names=names), pod
+
     def filter(self, body: bytes | Any) -> bytes:
         """The encoded ``ExtenderFilterResult``."""
-        args = self.args(body)
-        pod = self.pod(args.pod)
+        args, pod = self.request(body)
         self.cache.remember(pod)  # the copy the binder binds (the pod watch carries bound pods only)
         if args.node_names is not None and not self.cache.ready:
             self.metrics.decisions.labels("filter", "error").inc()
@@ -216,8 +231,7 @@ class ExtenderService:
         return self.config.shortlist
 
     def prioritize(self, body: bytes | Any) -> list[dict[str, Any]]:
-        args = self.args(body)
-        pod = self.pod(args.pod)
+        args, pod = self.request(body)
         if args.node_names is not None and not self.cache.ready:
             return []  # the filter already answered with an error
         with self.cache.lock:

@@ -54,6 +54,9 @@ type bindingResult struct {
 
 type server struct {
 	shortlist int
+	delay     time.Duration // filter's added latency (experiments: what the filter's time costs the scheduler)
+	spin      bool          // the delay burns CPU instead of sleeping
+	annotate  bool          // the binding carries an assignment annotation of fuyao's size
 	apiServer string
 	token     string
 	client    *http.Client
@@ -73,6 +76,14 @@ func (s *server) filter(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.shortlist > 0 && len(names) > s.shortlist {
 		names = names[:s.shortlist]
+	}
+	if s.delay > 0 {
+		if s.spin {
+			for until := time.Now().Add(s.delay); time.Now().Before(until); {
+			}
+		} else {
+			time.Sleep(s.delay)
+		}
 	}
 	writeJSON(w, filterResult{NodeNames: &names, FailedNodes: map[string]string{},
 		FailedAndUnresolvableNodes: map[string]string{}})
@@ -103,6 +114,11 @@ func (s *server) bind(w http.ResponseWriter, r *http.Request) {
 		"apiVersion": "v1", "kind": "Binding",
 		"metadata": map[string]any{"name": args.PodName, "namespace": args.PodNamespace, "uid": args.PodUID},
 		"target":   map[string]any{"apiVersion": "v1", "kind": "Node", "name": args.Node},
+	}
+	if s.annotate {
+		binding["metadata"].(map[string]any)["annotations"] = map[string]string{"npu.openfuyao.com/assigned": fmt.Sprintf(
+			`{"containers":[{"container":"main","devices":["Ascend910-%d"],"resource":"npu.huawei.com/NPU"}],`+
+				`"node":%q,"schema_version":1}`, s.binds.Load()%8, args.Node)}
 	}
 	body, _ := json.Marshal(binding)
 	url := fmt.Sprintf("%s/api/v1/namespaces/%s/pods/%s/binding", s.apiServer, args.PodNamespace, args.PodName)
@@ -149,6 +165,9 @@ func main() {
 	caFile := flag.String("ca", "", "the API server's CA certificate (PEM)")
 	tokenFile := flag.String("token-file", "", "a file holding a bearer token allowed to create pods/binding")
 	shortlist := flag.Int("shortlist", 16, "filter passes the first N node names (0: all)")
+	delay := flag.Duration("filter-delay", 0, "experiments: filter answers this much later")
+	spin := flag.Bool("filter-spin", false, "experiments: the filter's delay burns CPU instead of sleeping")
+	annotate := flag.Bool("annotate", false, "experiments: bind with an assignment annotation of fuyao's size")
 	flag.Parse()
 	if *apiServer == "" || *caFile == "" || *tokenFile == "" {
 		log.Fatal("null-extender: --server, --ca and --token-file are required")
@@ -167,7 +186,7 @@ func main() {
 	}
 	transport := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, MaxIdleConnsPerHost: 64,
 		ForceAttemptHTTP2: true}
-	s := &server{shortlist: *shortlist, apiServer: strings.TrimRight(*apiServer, "/"),
+	s := &server{shortlist: *shortlist, delay: *delay, spin: *spin, annotate: *annotate, apiServer: strings.TrimRight(*apiServer, "/"),
 		token: strings.TrimSpace(string(token)), client: &http.Client{Transport: transport, Timeout: 30 * time.Second}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /filter", s.filter)

@@ -1,6 +1,6 @@
-"""The router's upstream client (``inference_router/upstream.py``) against real HTTP servers on loopback: an aiohttp
-engine-like server for the normal paths, and raw asyncio servers that misbehave on purpose (malformed answers,
-closes mid-body, silence, bodies delimited by the connection's end)."""
+"""The lean HTTP client (``fuyao/http_client.py``: the router's upstream client, the extender binder's) against real
+HTTP servers on loopback: an aiohttp engine-like server for the normal paths, and raw asyncio servers that misbehave
+on purpose (malformed answers, closes mid-body, silence, bodies delimited by the connection's end)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from fuyao.inference_router import upstream as upstream_module
-from fuyao.inference_router.upstream import HIGH_WATER, UpstreamError, UpstreamPool
+from fuyao import http_client as upstream_module
+from fuyao.http_client import HIGH_WATER, UpstreamError, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

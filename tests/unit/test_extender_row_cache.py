@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuyao.scheduler_extender import features
 from fuyao.scheduler_extender.cluster import ClusterCache
 from fuyao.scheduler_extender.config import build_config
 from fuyao.scheduler_extender.framework import Cycle, Framework
@@ -54,6 +55,47 @@ def _decide(framework: Framework, cache: ClusterCache, ask: dict, now: float, na
 @settings(max_examples=200, deadline=None)
 @given(st.lists(asks, min_size=3, max_size=3), steps)
 def test_kept_decisions_equal_fresh_ones(shapes: list[dict], history: list[tuple]) -> None:  # type: ignore[type-arg]
+    _kept_equal_fresh(shapes, history)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(asks, min_size=3, max_size=3), steps)
+def test_kept_decisions_equal_fresh_ones_when_row_classes_are_reused_at_once(
+        shapes: list[dict], history: list[tuple]) -> None:  # type: ignore[type-arg]
+    """No class that no node holds is kept: its number goes to the next new content, whose results are computed
+    afresh (the stamp), never taken from the class's former content."""
+    kept = features.UNHELD_CLASSES
+    features.UNHELD_CLASSES = 0
+    try:
+        _kept_equal_fresh(shapes, history)
+    finally:
+        features.UNHELD_CLASSES = kept
+
+
+def test_like_rows_share_a_class_and_come_back_to_it() -> None:
+    cache = ClusterCache("topology.kubernetes.io/zone")
+    cache.replace_nodes([_node("n0", 2, 0), _node("n1", 2, 0), _node("n2", 4, 0), _node("n3", 2, 1)])
+    cache.replace_pods([])
+    table = cache.table
+
+    def cls(name: str) -> int:
+        return int(table.classes[table.index[name]])
+
+    first, other = cls("n0"), cls("n2")
+    assert cls("n1") == first != other
+    assert cls("n3") not in (first, other)  # another domain (the prefill/decode topology label): another class
+    cache.upsert_node(_node("n0", 4, 0))
+    assert cls("n0") == other
+    cache.upsert_node(_node("n1", 4, 0))  # no node holds the first class now: it is kept, with its stamp
+    stamp = int(table.class_stamps[first])
+    cache.upsert_node(_node("n1", 2, 0))  # back to that state
+    assert cls("n1") == first and table.class_stamps[first] == stamp
+    row = table.index["n1"]
+    cache.delete_node({"metadata": {"name": "n1"}})
+    assert table.classes[row] == -1
+
+
+def _kept_equal_fresh(shapes: list[dict], history: list[tuple]) -> None:  # type: ignore[type-arg]
     cache = ClusterCache("topology.kubernetes.io/zone")
     cache.replace_nodes([])
     cache.replace_pods([])

@@ -274,25 +274,29 @@ def test_a_decisive_shortlist_leaves_kube_scheduler_a_choice_only_for_soft_prefe
     assert len(_filter(service, {"Pod": hard, "NodeNames": names})["NodeNames"]) == 1
 
 
-def test_a_status_update_keeps_the_row_and_a_finished_pod_frees_its_node() -> None:
+def test_a_status_update_keeps_the_row_and_a_finished_pod_frees_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """Most pod events after binding only change the status (Running, conditions, IPs: a kubelet's or KWOK's
-    update): the node's row is kept as it is (its stamp does not move). A pod that finishes gives its NPUs back."""
+    update): the node's row is kept as it is (not computed again). A pod that finishes gives its NPUs back."""
     cache = ClusterCache()
     cache.replace_nodes([_node("n0", 1, 0)])
     cache.replace_pods([])
     raw = _pod("p0", "n0", [1, 2], None, 0, 0)
     cache.upsert_pod(raw)
+    puts: list[str] = []
+    original = cache.table.put
+    monkeypatch.setattr(cache.table, "put", lambda info: (puts.append(info.name), original(info))[1])
     row = cache.table.index["n0"]
-    stamp, free = cache.table.stamps[row], cache.all_nodes()["n0"].free(RESOURCE_NPU)
+    held, free = cache.table.classes[row], cache.all_nodes()["n0"].free(RESOURCE_NPU)
     raw["metadata"]["resourceVersion"] = "7"
     raw["status"] = {**raw["status"], "phase": "Running", "podIP": "10.0.0.9"}
     cache.upsert_pod(raw)
-    assert cache.table.stamps[row] == stamp and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free
+    assert puts == [] and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free
     assert cache.pod_by_uid("p0").resource_version == "7"  # type: ignore[union-attr]
     assert [p.resource_version for p in cache.all_nodes()["n0"].pods] == ["7"]
     raw["status"] = {**raw["status"], "phase": "Succeeded"}
     cache.upsert_pod(raw)
-    assert cache.table.stamps[row] > stamp and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free + 2
+    assert puts == ["n0"] and cache.all_nodes()["n0"].free(RESOURCE_NPU) == free + 2
+    assert cache.table.classes[row] != held  # two NPUs more free: another class of rows
 
 
 def test_the_watch_reporting_our_own_bind_costs_no_recomputation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,14 +1,17 @@
-"""The router's client to its engines: keep-alive HTTP/1.1 connections, one request in one write, and only what a
-relay needs from the answer (status, headers, length, body chunks as they arrive).
+"""A lean asyncio HTTP/1.1 client: keep-alive connections, one request in one write, and only what its callers need
+from the answer (status, headers, length, body chunks as they arrive). The router relays requests to its engines
+with it, and the scheduler extender's binder posts its Bindings to the API server (TLS, the cluster's CA and
+client certificate through ``ssl_context``).
 
 Why not aiohttp's client: a profile of the router put about 40 % of its CPU per proxied request in
 ``ClientRequest``/``ClientResponse`` (header multidicts, cookie and redirect machinery, stream readers), for
-features a reverse proxy to its own engines never uses. Here the response is parsed by ``httptools`` (llhttp, the
-parser uvicorn uses) and everything else is a few attribute updates per callback.
+features a reverse proxy to its own engines never uses; the extender's binds spent as much per Binding. Here the
+response is parsed by ``httptools`` (llhttp, the parser uvicorn uses) and everything else is a few attribute
+updates per callback.
 
 - Connections are pooled per ``(scheme, host, port)`` and reused newest first. An idle connection is dropped when
-  the engine closes it (the pool hears the close) or after :data:`IDLE_S`, below uvicorn's default keep-alive of 5 s
-  (vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so the router does not write into a connection the engine is closing.
+  the server closes it (the pool hears the close) or after :data:`IDLE_S`, below uvicorn's default keep-alive of 5 s
+  (vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so the client does not write into a connection the server is closing.
   A request is never sent twice: a POST that meets a closed connection fails, and the caller decides (the router
   retries on another backend only before the first byte reaches its client).
 - A connection goes back to the pool only after its answer was read to the end; an answer abandoned half way
@@ -40,7 +43,7 @@ MAX_IDLE_PER_ORIGIN = 256
 
 
 class UpstreamError(Exception):
-    """The engine could not be reached or broke off: refused, reset, closed early, a malformed answer, a timeout."""
+    """The server could not be reached or broke off: refused, reset, closed early, a malformed answer, a timeout."""
 
 
 class Origin:
@@ -48,12 +51,14 @@ class Origin:
 
     __slots__ = ("host", "host_header", "port", "prefix", "ssl")
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, ssl_context: ssl.SSLContext | None = None):
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base!r}")
         self.host = parts.hostname
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
         self.port = parts.port or (443 if self.ssl else 80)
         self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
         self.prefix = parts.path.rstrip("/").encode()
@@ -325,8 +330,10 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to every backend; see the module docstring."""
 
-    def __init__(self, connect_timeout: float = 10.0):
+    def __init__(self, connect_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None):
+        """``ssl_context``: for https origins (default: the system's trust store)."""
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._origins: dict[str, Origin] = {}
         self._closed = False
@@ -337,7 +344,7 @@ class UpstreamPool:
         if origin is None:
             if len(self._origins) > 4096:
                 self._origins.clear()
-            origin = self._origins[base] = Origin(base)
+            origin = self._origins[base] = Origin(base, self.ssl_context)
         return origin
 
     async def request(self, base: str, method: bytes, path: str, body: bytes,
@@ -349,7 +356,7 @@ class UpstreamPool:
         body bytes (seconds; None: unbounded). Raises :class:`UpstreamError` (and ``ValueError`` for a base that is
         not an http(s) URL)."""
         if self._closed:
-            raise UpstreamError("the router is shutting down")
+            raise UpstreamError("the client is closed (shutting down)")
         origin = self.origin(base)
         loop = asyncio.get_running_loop()
         now = loop.time()
