@@ -44,9 +44,11 @@ def feasible_to_find(nodes: int) -> int:
 class Driver:
     """kube-scheduler's calls to the extender, one pod at a time, over one keep-alive connection."""
 
-    def __init__(self, port: int, names: list[str]):
+    def __init__(self, port: int, names: list[str], npus: int = 8):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.names = names
+        self.npus = npus  # per node (``populate``'s nodes), each pod takes one
+        self.taken: dict[str, int] = {}
         self.start = 0
         self.took: dict[str, float] = {"filter": 0.0, "prioritize": 0.0, "bind": 0.0}
 
@@ -61,9 +63,15 @@ class Driver:
         return json.loads(answer)
 
     def schedule(self, pod: dict[str, Any]) -> None:
-        find = feasible_to_find(len(self.names))
-        names = [self.names[(self.start + i) % len(self.names)] for i in range(find)]
-        self.start = (self.start + find) % len(self.names)
+        """kube-scheduler's own filters run first: a node whose NPUs are all taken is not sent (its NodeResourcesFit
+        rejects it); the search stops after ``feasible_to_find`` nodes and the next pod's starts after them."""
+        find, names, looked = feasible_to_find(len(self.names)), [], 0
+        while len(names) < find and looked < len(self.names):
+            name = self.names[(self.start + looked) % len(self.names)]
+            looked += 1
+            if self.taken.get(name, 0) < self.npus:
+                names.append(name)
+        self.start = (self.start + looked) % len(self.names)
         pod_json = json.dumps(pod, separators=(",", ":"))
         found = self.call("filter", f'{{"Pod":{pod_json},"Nodes":null,"NodeNames":{json.dumps(names)}}}'.encode())
         if found.get("Error") or not found.get("NodeNames"):
@@ -79,6 +87,7 @@ class Driver:
                                               "PodUID": pod["metadata"]["uid"], "Node": best}).encode())
         if bound.get("Error"):
             raise RuntimeError(f"bind: {bound['Error']}")
+        self.taken[best] = self.taken.get(best, 0) + 1
 
 
 def ready(port: int) -> bool:

@@ -37,7 +37,7 @@ from . import devices
 from .cluster import ClusterCache
 from .kube_protocol import BindingArgs
 from .metrics import ExtenderMetrics
-from .model import NodeInfo, PodInfo, parse_pod
+from .model import NodeInfo, PodInfo, parse_pod, written
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class Binder:
         annotations = dict(pod.annotations)
         if assignment:
             annotations[ANNOTATION_POD_ASSIGNED] = dump_annotation(assignment)
+            written(annotations[ANNOTATION_POD_ASSIGNED], assignment)
         # assumed as the watch will report it (node, assignment annotation): then its event costs no recomputation
         self.cache.assume(dataclasses.replace(pod, node_name=args.node, assignment=assignment,
                                               annotations=annotations, phase_status="Pending"))

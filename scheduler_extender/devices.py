@@ -33,21 +33,33 @@ def placements(topology: NodeTopology) -> dict[str, Placement]:
             for i, d in topology.devices.items()}
 
 
-def product(node: NodeInfo) -> products.Product:
-    """The node's product (its rules on NPU counts and which NPUs go together); memoised per node state."""
-    assert node.topology is not None
-    found = node.memo.get("product")
+KEPT = 4096
+"""Entries of each per-topology memo below (emptied when full)."""
+_of_topology: dict[int, tuple[NodeTopology, products.Product, dict[str, Placement]]] = {}
+"""id(topology) → (the topology, its product, its placements): like nodes share one parsed topology (``model``), and
+an entry holds its topology, so its id is never another object's while the entry exists."""
+_chosen: dict[tuple[int, tuple[str, ...], int], tuple[NodeTopology, tuple[str, ...]]] = {}
+"""(id(topology), free dies, count) → the dies ``choose_npus`` picked (with the topology, as above)."""
+
+
+def _topology_facts(topology: NodeTopology) -> tuple[NodeTopology, products.Product, dict[str, Placement]]:
+    found = _of_topology.get(id(topology))
     if found is None:
-        found = node.memo["product"] = products.product_of(node.topology)
+        if len(_of_topology) >= KEPT:
+            _of_topology.clear()
+        found = _of_topology[id(topology)] = (topology, products.product_of(topology), placements(topology))
     return found
+
+
+def product(node: NodeInfo) -> products.Product:
+    """The node's product (its rules on NPU counts and which NPUs go together), a function of its topology."""
+    assert node.topology is not None
+    return _topology_facts(node.topology)[1]
 
 
 def _placements(node: NodeInfo) -> dict[str, Placement]:
     assert node.topology is not None
-    found = node.memo.get("placements")
-    if found is None:
-        found = node.memo["placements"] = placements(node.topology)
-    return found
+    return _topology_facts(node.topology)[2]
 
 
 def never(node: NodeInfo, count: int) -> bool:
@@ -109,10 +121,21 @@ def free_cores(node: NodeInfo) -> dict[str, list[str]]:
 
 
 def choose_npus(node: NodeInfo, count: int) -> list[str]:
-    """The dies the device plugin would prefer for ``count`` (the kernel's placement function)."""
-    assert node.topology is not None
-    return preferred_allocation(free_npus(node), [], count, _placements(node), product=product(node),
-                                single_only=[i for i, d in node.topology.devices.items() if d.link_up is False])
+    """The dies the device plugin would prefer for ``count`` (the kernel's placement function). A function of the
+    topology, the free dies and the count: kept, since like nodes pass through the same states."""
+    topology = node.topology
+    assert topology is not None
+    free = tuple(free_npus(node))
+    key = (id(topology), free, count)
+    found = _chosen.get(key)
+    if found is None or found[0] is not topology:
+        chosen = tuple(preferred_allocation(free, [], count, _placements(node), product=product(node),
+                                            single_only=[i for i, d in topology.devices.items()
+                                                         if d.link_up is False]))
+        if len(_chosen) >= KEPT:
+            _chosen.clear()
+        found = _chosen[key] = (topology, chosen)
+    return list(found[1])
 
 
 def choose_cores(node: NodeInfo, count: int) -> list[str]:

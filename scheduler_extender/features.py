@@ -26,6 +26,7 @@ from fuyao.contracts import (
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
     BusinessType,
     DeviceHealth,
 )
@@ -148,32 +149,55 @@ def _node_row(info: NodeInfo) -> dict[str, Any]:
         if not pod.terminal and pod.business is not None:
             business[BUSINESS_COLUMN[pod.business]] += 1
     row["business"] = business
+    if info.topology is not None:
+        row.update(_topology_row(info))
+    return row
+
+
+_TOPOLOGY_ROWS_KEPT = 4096
+_topology_rows: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
+"""What ``_topology_row`` computed, by (id(topology), what else it reads): like nodes share one parsed topology
+(``model``) and pass through the same states; an entry holds its topology, so the id stays that object's."""
+
+
+def _topology_row(info: NodeInfo) -> dict[str, Any]:
+    """The columns a node's NPU topology gives: a function of the topology, the free dies, the assigned cores and
+    vNPUs and the NPUs held without known dies (kept per those; do not modify the result)."""
     topo = info.topology
-    if topo is not None:
-        free = devices.free_npus(info)
-        product = devices.product(info)
-        row.update(topo=True, shaped=product.shaped, n_devices=len(topo.devices), free_by_device=len(free),
-                   free_linked=sum(1 for d in free if topo.devices[d].link_up is not False),
-                   unplaced=devices.unplaced_npus(info), vnpus_free=len(devices.free_vnpus(info)),
-                   die_cores_max=_most_free_cores(info),
-                   has_groups=bool(topo.groups), group_need=_covers(devices.free_group_sizes(info)))
-        if product.counts is not None or product.shaped:
-            ok = never = 0
-            reasons = []
-            for k in range(1, min(len(topo.devices), 62) + 1):
-                problem = devices.count_problem(info, k)
-                if problem is None:
-                    ok |= 1 << k
-                else:
-                    reasons.append((k, problem))
-                    if devices.never(info, k):
-                        never |= 1 << k
-            row.update(ruled=True, counts_ok=ok, counts_never=never, count_reasons=tuple(reasons))
-        if any(d.numa_node is not None for d in topo.devices.values()):
-            row.update(numa_known=True, numa_need=_covers(devices.free_numa_sizes(info)),
-                       numa_ideal=_covers(devices.healthy_numa_sizes(info)),
-                       numa_free=dict(sorted(Counter(topo.devices[d].numa_node for d in free).items(), key=str)))
-        row.update(_numa_cpu_rows(info, free))
+    assert topo is not None
+    free = devices.free_npus(info)
+    unplaced = devices.unplaced_npus(info)
+    key = (id(topo), tuple(free), unplaced, frozenset(info.assigned.get(RESOURCE_NPU_CORE, ())),
+           frozenset(info.assigned.get(RESOURCE_VNPU, ())))
+    found = _topology_rows.get(key)
+    if found is not None and found[0] is topo:
+        return found[1]
+    product = devices.product(info)
+    row: dict[str, Any] = dict(
+        topo=True, shaped=product.shaped, n_devices=len(topo.devices), free_by_device=len(free),
+        free_linked=sum(1 for d in free if topo.devices[d].link_up is not False),
+        unplaced=unplaced, vnpus_free=len(devices.free_vnpus(info)), die_cores_max=_most_free_cores(info),
+        has_groups=bool(topo.groups), group_need=_covers(devices.free_group_sizes(info)))
+    if product.counts is not None or product.shaped:
+        ok = never = 0
+        reasons = []
+        for k in range(1, min(len(topo.devices), 62) + 1):
+            problem = devices.count_problem(info, k)
+            if problem is None:
+                ok |= 1 << k
+            else:
+                reasons.append((k, problem))
+                if devices.never(info, k):
+                    never |= 1 << k
+        row.update(ruled=True, counts_ok=ok, counts_never=never, count_reasons=tuple(reasons))
+    if any(d.numa_node is not None for d in topo.devices.values()):
+        row.update(numa_known=True, numa_need=_covers(devices.free_numa_sizes(info)),
+                   numa_ideal=_covers(devices.healthy_numa_sizes(info)),
+                   numa_free=dict(sorted(Counter(topo.devices[d].numa_node for d in free).items(), key=str)))
+    row.update(_numa_cpu_rows(info, free))
+    if len(_topology_rows) >= _TOPOLOGY_ROWS_KEPT:
+        _topology_rows.clear()
+    _topology_rows[key] = (topo, row)
     return row
 
 

@@ -304,8 +304,10 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
     assignment = None
     if ANNOTATION_POD_ASSIGNED in annotations:
         try:
-            assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, annotations[ANNOTATION_POD_ASSIGNED],
-                                          PodAssignment)
+            raw = annotations[ANNOTATION_POD_ASSIGNED]
+            assignment = _WRITTEN.get(raw) if isinstance(raw, str) else None
+            if assignment is None:
+                assignment = parse_annotation(ANNOTATION_POD_ASSIGNED, raw, PodAssignment)
         except ContractError as exc:
             problems.append(str(exc))
     return PodInfo(
@@ -400,6 +402,25 @@ class NodeInfo:
         return self.usage
 
 
+_WRITTEN: dict[str, PodAssignment] = {}
+WRITTEN_KEPT = 4096
+
+
+def written(raw: str, assignment: PodAssignment) -> None:
+    """The binder wrote ``assignment`` as ``raw``: the pod watch then reports that value, and it is not parsed again
+    (kept for the last ``WRITTEN_KEPT`` binds)."""
+    if len(_WRITTEN) >= WRITTEN_KEPT:
+        _WRITTEN.clear()
+    _WRITTEN[raw] = assignment
+
+
+@lru_cache(maxsize=1024)
+def _node_topology(raw: str) -> NodeTopology:
+    """The topology annotation, parsed once per distinct value: like nodes publish the same one and share the
+    (frozen) result, so what is derived from a topology is kept once for all of them (``devices``)."""
+    return parse_annotation(ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology)
+
+
 def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo:
     """:class:`ProtocolError` when the name or resourceVersion is not a string."""
     meta = obj.get("metadata") or {}
@@ -416,8 +437,9 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
     topology = usage = None
     if ANNOTATION_NODE_TOPOLOGY in annotations:
         try:
-            topology = parse_annotation(ANNOTATION_NODE_TOPOLOGY, annotations[ANNOTATION_NODE_TOPOLOGY],
-                                        NodeTopology)
+            raw = annotations[ANNOTATION_NODE_TOPOLOGY]
+            topology = _node_topology(raw) if isinstance(raw, str) else parse_annotation(
+                ANNOTATION_NODE_TOPOLOGY, raw, NodeTopology)
         except ContractError as exc:
             problems.append(str(exc))
     if ANNOTATION_NODE_USAGE in annotations:

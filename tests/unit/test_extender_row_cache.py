@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuyao.scheduler_extender import features
+from fuyao.scheduler_extender import devices, features
 from fuyao.scheduler_extender.cluster import ClusterCache
 from fuyao.scheduler_extender.config import build_config
 from fuyao.scheduler_extender.framework import Cycle, Framework
@@ -153,3 +153,25 @@ def test_a_prefill_decode_pod_in_a_group_is_decided_afresh() -> None:
     assert not cache.table.decisions.get(framework)
     _decide(framework, cache, _ask(1, None, None, None, 0), START, ["n0"])
     assert len(cache.table.decisions[framework]) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(NODES), st.lists(st.integers(0, 7), max_size=4), st.integers(0, 2)),
+                max_size=12),
+       st.lists(st.tuples(st.sampled_from(NODES), st.integers(1, 4)), min_size=1, max_size=len(NODES)))
+def test_topology_columns_kept_across_like_nodes_equal_computed_ones(
+        held: list[tuple[str, list[int], int]], kinds: list[tuple[str, int]]) -> None:
+    """The topology part of a row, and the dies chosen for a pod, are kept per (topology, free dies, ...) and shared
+    by like nodes: every node's equal what is computed with nothing kept."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node(name, kind, 0) for name, kind in dict(kinds).items()])
+    cache.replace_pods([_pod(f"p{i}", name, dies, None, 0, business) for i, (name, dies, business) in enumerate(held)
+                        if name in dict(kinds)])
+    for info in cache.all_nodes().values():
+        kept = features._node_row(info)
+        features._topology_rows.clear()
+        assert features._node_row(info) == kept, info.name
+        if info.topology is not None:
+            chosen = [devices.choose_npus(info, k) for k in (1, 2, 4)]
+            devices._chosen.clear()
+            assert [devices.choose_npus(info, k) for k in (1, 2, 4)] == chosen, info.name
