@@ -330,10 +330,13 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to every backend; see the module docstring."""
 
-    def __init__(self, connect_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None):
-        """``ssl_context``: for https origins (default: the system's trust store)."""
+    def __init__(self, connect_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None,
+                 idle_s: float | None = None):
+        """``ssl_context``: for https origins (default: the system's trust store). ``idle_s``: how long an idle
+        connection is kept (default :data:`IDLE_S`; keep it below the server's own idle timeout)."""
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.idle_s = idle_s
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._origins: dict[str, Origin] = {}
         self._closed = False
@@ -387,7 +390,7 @@ class UpstreamPool:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < IDLE_S:
+                if not conn.closed and now - conn.idle_since < (self.idle_s or IDLE_S):
                     return conn
                 conn.abort()
         loop = asyncio.get_running_loop()

@@ -41,6 +41,9 @@ from .model import NodeInfo, PodInfo, parse_pod, written
 
 log = logging.getLogger(__name__)
 
+API_IDLE_S = 60.0
+"""Idle connections to the API server are kept this long (below its 90 s)."""
+
 _CHOOSERS: dict[str, Callable[[NodeInfo, int], list[str]]] = {
     RESOURCE_NPU: devices.choose_npus,
     RESOURCE_VNPU: devices.choose_vnpus,
@@ -89,7 +92,9 @@ class Binder:
         self.endpoint = endpoint
         self.cache = cache
         self.timeout_s = timeout_s
-        self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context)
+        # the API server closes idle connections after 90 s (its http.Server IdleTimeout); binds come in bursts of
+        # 5-10 in flight, and a connection opened again costs both sides a TLS handshake
+        self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context, idle_s=API_IDLE_S)
         self._headers: tuple[dict[str, str] | None, list[tuple[bytes, bytes]]] = (None, [])
 
     async def close(self) -> None:
