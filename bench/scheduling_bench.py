@@ -89,7 +89,8 @@ def start_null_extender(server: LocalApiServer, port: int, shortlist: int, log: 
 
 
 def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, bind: bool = True,
-        shortlist: int | None = None, kwok: subprocess.Popen[bytes] | None = None) -> dict[str, float]:
+        shortlist: int | None = None, kwok: subprocess.Popen[bytes] | None = None,
+        strategy: str | None = None) -> dict[str, float]:
     """One run of ``pods`` pods: kube-scheduler alone (``with_extender`` False), with fuyao's extender (True) or
     with the null extender (``"null"``)."""
     extender = None
@@ -106,8 +107,8 @@ def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, 
             extender = subprocess.Popen([sys.executable, "-m", "fuyao.scheduler_extender.cli", "--listen",
                                          f"127.0.0.1:{port}", "--kubeconfig", server.kubeconfig_for("admin"),
                                          "--log-level", "warning", *([] if bind else ["--no-bind"]),
-                                         *(["--config", str(extender_config(server, shortlist))]
-                                           if shortlist is not None else [])],
+                                         *(["--config", str(extender_config(server, shortlist, strategy))]
+                                           if shortlist is not None or strategy else [])],
                                         stdout=log, stderr=log)
         example = yaml.safe_load((REPO / "docs" / "examples" / "kube-scheduler-config.yaml").read_text())
         config["extenders"] = example["extenders"]
@@ -227,9 +228,14 @@ def api_server_counts(server: LocalApiServer) -> dict[str, float]:
     return counts
 
 
-def extender_config(server: LocalApiServer, shortlist: int) -> Path:
+def extender_config(server: LocalApiServer, shortlist: int | None, strategy: str | None = None) -> Path:
     path = server.root / "extender.yaml"
-    path.write_text(yaml.safe_dump({"version": "v1", "shortlist": shortlist}))
+    config: dict[str, Any] = {"version": "v1"}
+    if shortlist is not None:
+        config["shortlist"] = shortlist
+    if strategy:
+        config["plugins"] = {"deviceFit": {"strategy": strategy}}
+    path.write_text(yaml.safe_dump(config))
     return path
 
 
@@ -320,6 +326,9 @@ def main() -> None:
     parser.add_argument("--no-bind", action="store_true",
                         help="the extender filters and scores only (no bindVerb): kube-scheduler binds")
     parser.add_argument("--shortlist", type=int, help="the extender's shortlist (default: its config default, 16)")
+    parser.add_argument("--strategy", choices=("binpack", "spread"),
+                        help="the extender's device-fit strategy (default: its config default, binpack; binpack fills "
+                             "nodes, so kube-scheduler's own filter passes over more full nodes per pod)")
     parser.add_argument("--no-kwok", action="store_true",
                         help="plain node objects: no KWOK controller (no heartbeats, pods stay Pending after binding)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -348,7 +357,8 @@ def main() -> None:
                 order.insert(i % 3, "null")
             runs = {extended: run(server, args.pods, extended,
                                   f"{ {False: 'plain', True: 'fuyao', 'null': 'null'}[extended]}-{i}",
-                                  bind=not args.no_bind, shortlist=args.shortlist, kwok=kwok)
+                                  bind=not args.no_bind, shortlist=args.shortlist, kwok=kwok,
+                                  strategy=args.strategy)
                     for extended in order}
             without, with_extender = runs[False], runs[True]
             pairs.append((without, with_extender))
@@ -369,7 +379,7 @@ def main() -> None:
     middle = sorted(range(len(pairs)), key=lambda i: ratios[i])[len(pairs) // 2]  # the median pair (odd counts)
     result = {"benchmark": "scheduling", "nodes": args.nodes, "kwok": not args.no_kwok,
               "extender_binds": not args.no_bind,
-              "shortlist": args.shortlist,
+              "shortlist": args.shortlist, "strategy": args.strategy,
               "kube_scheduler_alone": pairs[middle][0],
               "with_fuyao_extender": pairs[middle][1],
               "ratio": ratios[middle], "goal_ratio": 0.7, "public_go_extender_ratio": 0.11}
