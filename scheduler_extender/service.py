@@ -190,7 +190,14 @@ class ExtenderService:
             return args, self.pod(args.pod)
         raw, names = split
         key = xxhash.xxh3_128_digest(raw)
-        pod = self._request_pods.get_or(key, lambda: self.pod(kp.decode_pod(raw)))
+        pod = self._request_pods.get(key)
+        if pod is None:
+            try:
+                decoded = kp.decode_pod(raw)
+            except kp.ProtocolError:  # not cut where the Pod ends: decoded whole (which names what is wrong)
+                args = self.args(body)
+                return args, self.pod(args.pod)
+            pod = self._request_pods.get_or(key, lambda: self.pod(decoded))
         return kp.ExtenderArgs(pod={}, nodes=None, node_names=names), pod
 
     def filter(self, body: bytes | Any) -> bytes:

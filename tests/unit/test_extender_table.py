@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuyao.contracts import RESOURCE_NPU, NumaCpus
+from fuyao.http_body import BodyError
+from fuyao.scheduler_extender import kube_protocol as kp
 from fuyao.scheduler_extender.cluster import ClusterCache
 from fuyao.scheduler_extender.config import build_config
 from fuyao.scheduler_extender.features import COLUMNS, NodeTable, PdIndex
@@ -174,6 +176,9 @@ def _filter(service: ExtenderService, body: dict) -> dict:  # type: ignore[type-
     """The filter's answer, decoded; the same from the request's bytes (the server's path) as from decoded JSON."""
     answer = service.filter(body)
     assert service.filter(orjson.dumps(body)) == answer
+    if "NodeNames" in body:  # as kube-scheduler's encoder writes it: the Pod's bytes cut out, parsed once per bytes
+        go_shaped = orjson.dumps({"Pod": body["Pod"], "Nodes": None, "NodeNames": body["NodeNames"]})
+        assert service.filter(go_shaped) == answer
     return orjson.loads(answer)  # type: ignore[no-any-return]
 
 
@@ -318,3 +323,28 @@ def test_the_watch_reporting_our_own_bind_costs_no_recomputation(monkeypatch: py
     cache.upsert_pod(_pod("d2", "n1", [3], "decode", 0, 0))  # bound with other devices than we assumed
     assert puts == ["n1", "n1", "n1"]
     assert cache.node_info("n1").assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1", "Ascend910-3"}  # type: ignore[union-attr]
+
+
+def test_kube_schedulers_pod_is_parsed_once_for_its_filter_and_prioritize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kube-scheduler's prioritize carries the filter's Pod byte for byte: it is not parsed again. A Pod whose
+    strings hold the body's own keys is still cut where it ends."""
+    cache = ClusterCache()
+    cache.replace_nodes([_node(f"n{i}", 2, 0) for i in range(3)])
+    cache.replace_pods([])
+    service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+    parsed: list[str] = []
+    original = service.pod
+    monkeypatch.setattr(service, "pod", lambda raw: (parsed.append(raw["metadata"]["name"]), original(raw))[1])
+    tricky = pod("tricky", uid="t1", requests={RESOURCE_NPU: "1"},
+                 annotations={"note": '{"Pod":{},"Nodes":null,"NodeNames":["n0"]}'})
+    body = orjson.dumps({"Pod": tricky, "Nodes": None, "NodeNames": ["n0", "n1", "n2"]})
+    assert kp.split_names_body(body) is not None
+    passed = orjson.loads(service.filter(body))["NodeNames"]
+    assert passed == ["n0", "n1", "n2"]
+    scores = orjson.loads(orjson.dumps(service.prioritize(
+        orjson.dumps({"Pod": tricky, "Nodes": None, "NodeNames": passed}))))
+    assert [s["Host"] for s in scores] == passed
+    assert parsed == ["tricky"]  # once, for both verbs
+    assert kp.split_names_body(b'{"Pod":{},"NodeNames":["n0"]}') is None  # another shape: decoded whole
+    with pytest.raises(BodyError, match="invalid JSON"):  # a broken Pod: decoded whole, the 400 names it
+        service.filter(b'{"Pod":{"metadata":{"name":"x"}],"Nodes":null,"NodeNames":["n0"]}')
