@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import add_out_argument, emit
-from bench.scheduling_bench import cpu_seconds, populate
+from bench.scheduling_bench import cpu_seconds, delete_all_pods, populate
 from tests.support.apiserver import LocalApiServer, free_port
 from tests.support.polling import wait_for
 
@@ -158,7 +158,7 @@ def main() -> None:
             finally:
                 extender.terminate()
                 extender.wait(30)
-            api.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _request_timeout=120)
+            delete_all_pods(api, namespace)
     finally:
         server.stop()
     cpus = sorted(r["cpu_ms_per_pod"] for r in rounds)

@@ -193,11 +193,24 @@ def run(server: LocalApiServer, pods: int, with_extender: bool | str, tag: str, 
                 result["extender_calls"] = json.loads(response.read())
         extender.terminate()
     counter.stop()
-    # free the NPUs for the next run: no kubelet runs here, so pods go at once with grace period 0
-    api.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _request_timeout=120)
-    while api.list_namespaced_pod(namespace, limit=1, _request_timeout=60).items:
-        time.sleep(0.5)
+    delete_all_pods(api, namespace)
     return result
+
+
+def delete_all_pods(api: Any, namespace: str) -> None:
+    """Free the NPUs for the next run: no kubelet runs here, so pods go at once with grace period 0. A collection of
+    thousands can outlast the API server's 60 s request timeout (504, the deletion stops part way): asked again
+    until none is left."""
+    from kubernetes.client.exceptions import ApiException
+
+    while api.list_namespaced_pod(namespace, limit=1, _request_timeout=60).items:
+        try:
+            api.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _request_timeout=120)
+        except ApiException as exc:
+            if exc.status != 504:
+                raise
+            print(f"deleting the pods of {namespace} timed out (504): asking again", file=sys.stderr)
+        time.sleep(0.5)
 
 
 API_SERVER_SERIES = {"apiserver_request_total": "requests", "apiserver_watch_events_total": "watch events",
