@@ -4,12 +4,12 @@
 #
 # Usage: hack/bench.sh NAME [ARGS...]     (ARGS go to the benchmark; hack/bench.sh NAME --help lists them)
 #        hack/bench.sh --list
-# NAME: colocation, cluster, qos-wakeup-probe (root), scheduling, extender, extender-scale, router, kv-tier,
-#       kvcache, qos, deviceplugin, ray-serve.
+# NAME: colocation, cluster, qos-wakeup-probe (root), scheduling, extender, extender-cycle, extender-scale, router,
+#       kv-tier, kvcache, qos, deviceplugin, ray-serve.
 # Example: sudo hack/bench.sh colocation --agent-config my-agent.yaml --burner-milli 332
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NAMES="colocation cluster qos-wakeup-probe scheduling extender extender-scale router kv-tier kvcache qos deviceplugin ray-serve"
+NAMES="colocation cluster qos-wakeup-probe scheduling extender extender-cycle extender-scale router kv-tier kvcache qos deviceplugin ray-serve"
 name=${1:-}
 if [ -z "$name" ] || [ "$name" = --help ] || [ "$name" = -h ] || [ "$name" = --list ]; then
   sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
@@ -33,7 +33,7 @@ case "$name" in
     ensure_cluster_deps
     hack/build-upstream.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy coredns kwok ;;
   qos-wakeup-probe) needs_root "cgroups and sched_setattr on other processes" ;;
-  scheduling|extender-scale) hack/build-upstream.sh etcd kube-apiserver kube-scheduler kwok ;;
+  scheduling|extender-scale|extender-cycle) hack/build-upstream.sh etcd kube-apiserver kube-scheduler kwok ;;
   router|kv-tier) hack/build-vllm.sh >/dev/null ;;  # the real-vLLM rows (vllm-router comes from PyPI on first use)
   ray-serve) hack/build-ray.sh >/dev/null ;;
 esac
