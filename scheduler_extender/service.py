@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 SHORTLISTS_KEPT = 4096  # filter results waiting for their prioritize (kube-scheduler skips it for one node)
 REQUEST_NODES_KEPT = 16_384
+"""Nodes parsed from kube-scheduler's full-Node requests, by (name, resourceVersion)."""
 REQUEST_PODS_KEPT = 256
 """Pods parsed from kube-scheduler's requests, by their bytes: its prioritize (and a filter it retries) carries the
 Pod the filter carried, byte for byte."""
-"""Nodes parsed from kube-scheduler's full-Node requests, by (name, resourceVersion)."""
 SOFT_SHORTLIST = 16
 """With ``shortlist: 1``, pods with soft scheduling preferences still get this many nodes, for kube-scheduler to weigh
 their preferences."""
