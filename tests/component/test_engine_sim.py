@@ -266,10 +266,18 @@ def test_engines_share_blocks_on_the_volume_and_the_manager_publishes_them(tmp_p
         assert second.metric("vllm:external_prefix_cache_queries_total") == len(ids)
         assert second.metric("fuyao_kv_tier_load_seconds_total") > 0  # the modelled transfer is counted
         assert second.metric("vllm:request_prefill_kv_computed_tokens_sum") == len(ids) - blocks * 16
-        # the manager reads the files' headers and answers lookups with the volume's share of a prompt
-        found = wait_for(lambda: cache.post("/v1/lookup", {"prompt": PROMPT, "model": "fuyao-sim-7b"})[1]
-                         .get("volume_blocks"), 10, "the volume's blocks published")
-        assert found == blocks
+        # the manager reads the files' headers and answers lookups with the volume's share of a prompt. It answers
+        # from its last sweep, which may have run while the first engine's files were still arriving (one answer of
+        # 6 of 7 blocks was seen in CI): the answer must come to the whole prompt, not just be non-zero.
+        answers: list[int] = []
+
+        def published() -> bool:
+            answers.append(cache.post("/v1/lookup", {"prompt": PROMPT, "model": "fuyao-sim-7b"})[1]
+                           .get("volume_blocks", 0))
+            return answers[-1] == blocks
+
+        wait_for(published, 10, "the volume's blocks published")
+        assert answers == sorted(answers)  # a sweep never takes back a block still on the volume
         # a corrupt file in the middle of the chain: the third engine loads up to it and computes the rest
         from fuyao.kvcache.blockstore import BlockStore, Namespace, chain_keys
 
