@@ -395,7 +395,7 @@ def main() -> None:
               "shortlist": args.shortlist, "strategy": args.strategy,
               "kube_scheduler_alone": pairs[middle][0],
               "with_fuyao_extender": pairs[middle][1],
-              "ratio": ratios[middle], "goal_ratio": 0.7, "public_go_extender_ratio": 0.11}
+              "ratio": ratios[middle], "goal_ratio": 0.8, "public_go_extender_ratio": 0.11}
     if len(pairs) > 1:
         result["ratios"] = ratios
         result["median_pair"] = middle + 1
