@@ -137,31 +137,20 @@ def _task_before(raw: bytes, key: bytes, end: bytes) -> tuple[Any, int] | None:
 
 
 def split_predicate(raw: bytes) -> tuple[memoryview, memoryview] | None:
-    """A Go-shaped predicate body's task bytes and node bytes, by byte search alone (see :func:`decode_predicate`):
-    the cut is right when the task bytes decode as a whole task (:func:`try_task`), which a caller that has
-    decoded these exact bytes before knows already. None for any other shape."""
+    """A Go-shaped predicate body's task bytes and node bytes, by byte search alone. None for any other shape.
+
+    Go's encoder writes ``{"task":<TaskInfo>,"node":<NodeInfo>}``. No key ``node`` with an object value exists in a
+    TaskInfo or a Pod, and a ``,"node":{`` nested inside the task would leave its braces unbalanced: so when the
+    part before the first ``,"node":{`` decodes as a whole task (:func:`try_task`), it is the task, and the rest is
+    the node. A caller that has decoded these exact task bytes before knows that already. Finding the cut costs a
+    byte search instead of a pass of the decoder over the node's ~200 kB; the node's bytes are then decoded only if
+    they were not seen before (``VolcanoVerbs._node_info_bytes``), which also checks that they are JSON. Any other
+    shape is decoded whole (:func:`decode_whole_predicate`)."""
     at = _task_at(raw, _NODE_KEY, b"}")
     if at is None:
         return None
     view = memoryview(raw)
     return view[8:at], view[at + len(_NODE_KEY) - 1:-1]
-
-
-def decode_predicate(raw: bytes) -> tuple[Any, bytes | memoryview | msgspec.Raw | None]:
-    """A predicate request's task (decoded: the fields the model reads) and its node, undecoded: its bytes.
-
-    Go's encoder writes ``{"task":<TaskInfo>,"node":<NodeInfo>}``. No key ``node`` with an object value exists in a
-    TaskInfo or a Pod, and a ``,"node":{`` nested inside the task would leave its braces unbalanced: so when the
-    part before the first ``,"node":{`` decodes as a whole task, it is the task, and the rest is the node. Finding
-    that costs a byte search instead of a pass of the decoder over the node's ~200 kB. The node's bytes are then
-    decoded only if they were not seen before (:meth:`VolcanoVerbs._node_info_bytes`), which also checks that they
-    are JSON. Any other shape is decoded whole."""
-    cut = split_predicate(raw)
-    if cut is not None:
-        task = try_task(cut[0])
-        if task is not _NOT_A_TASK:
-            return task, cut[1]
-    return decode_whole_predicate(raw)
 
 
 def decode_whole_predicate(raw: bytes) -> tuple[Any, msgspec.Raw | None]:
@@ -177,7 +166,7 @@ _NEXT_NODE = b'},{"Name":"'  # between two NodeInfos: Name is NodeInfo's first f
 
 def decode_prioritize(raw: bytes, cut: bool = True) -> tuple[Any, list[bytes | memoryview | msgspec.Raw]]:
     """A prioritize request's task (decoded) and its nodes, each undecoded (its bytes). As for the predicate (see
-    :func:`decode_predicate`), the Go-shaped body ``{"task":…,"nodes":[{"Name":…},{"Name":…}]}`` is cut by byte
+    :func:`split_predicate`), the Go-shaped body ``{"task":…,"nodes":[{"Name":…},{"Name":…}]}`` is cut by byte
     search; a cut in the wrong place leaves a piece that is not a whole JSON object, which fails to decode (it
     was never seen, so it is decoded), and then the whole body is decoded instead."""
     found = _task_before(raw, _NODES_KEY, b"]}") if cut else None

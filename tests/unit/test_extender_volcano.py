@@ -210,7 +210,7 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     import orjson
 
     from fuyao.scheduler_extender.model import parse_node, parse_pod
-    from fuyao.scheduler_extender.volcano_protocol import decode_predicate
+    from fuyao.scheduler_extender.volcano_protocol import is_task, split_predicate, try_task
 
     rich = pod("rich", requests={RESOURCE_NPU: "2", "cpu": "4", "memory": "16Gi"}, node_name="n1", phase="Running",
                labels={"volcano.sh/qos": "BE", "inference.openfuyao.com/phase": "decode"},
@@ -229,7 +229,10 @@ def test_the_partial_decoding_keeps_every_field_the_model_reads() -> None:
     the_node = node("n1", topo=topology(holders={0: "default/rich"}), labels={"zone": "a"})
     the_node["metadata"]["resourceVersion"] = "9"
     info = vc.node_info(the_node, vc.task(rich, TaskStatus.RUNNING, node="n1"))
-    task, node_bytes = decode_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))
+    cut = split_predicate(orjson.dumps({"task": vc.task(rich), "node": info}))  # the server's path: cut by bytes
+    assert cut is not None
+    task, node_bytes = try_task(cut[0]), cut[1]
+    assert is_task(task)
     assert parse_pod(task["Pod"]) == parse_pod(rich)
     from fuyao.scheduler_extender.volcano_protocol import decode_node_info
 
