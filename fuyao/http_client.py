@@ -12,11 +12,15 @@ updates per callback.
 - Connections are pooled per ``(scheme, host, port)`` and reused newest first. An idle connection is dropped when
   the server closes it (the pool hears the close) or after :data:`IDLE_S`, below uvicorn's default keep-alive of 5 s
   (vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so the client does not write into a connection the server is closing.
-  A request is never sent twice: a POST that meets a closed connection fails, and the caller decides (the router
-  retries on another backend only before the first byte reaches its client).
+  A POST is never sent twice: one that meets a closed connection fails, and the caller decides (the router
+  retries on another backend only before the first byte reaches its client). A GET or HEAD sent on a reused
+  connection that the server closed before answering is sent once more on a new one (an idempotent request, as
+  RFC 9112 §9.3.1 allows): a keep-alive connection can be closed by the server, or a load balancer in between,
+  just as it is taken from the pool.
 - A connection goes back to the pool only after its answer was read to the end; an answer abandoned half way
   (the client went away) closes it, which is how the engine learns to abort the generation.
 - Back-pressure: a streamed answer buffers at most :data:`HIGH_WATER` bytes before the socket stops being read.
+  :meth:`Response.read` wants the whole answer, so it is never paused; its ``limit`` bounds what it holds.
 - Timeouts: ``headers`` bounds the time to the answer's headers, ``total`` the whole exchange (both include
   connecting), ``idle`` each wait for the next bytes of the body. Each aborts the connection and raises
   :class:`UpstreamError`.
@@ -40,6 +44,8 @@ HIGH_WATER = 256 * 1024
 """Bytes of an answer buffered before reading from the engine pauses (resumed once the relay catches up)."""
 MAX_IDLE_PER_ORIGIN = 256
 """Idle connections kept per engine; more are closed when they come back."""
+_IDEMPOTENT = frozenset({b"GET", b"HEAD"})
+"""Methods sent again, once, when a reused connection turns out closed before any answer."""
 
 
 class UpstreamError(Exception):
@@ -76,6 +82,7 @@ class Response:
         "_error",
         "_idle",
         "_waiter",
+        "_whole",
         "chunked",
         "content_length",
         "headers",
@@ -94,6 +101,7 @@ class Response:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._idle = idle
+        self._whole = False  # read() wants all of it: no back-pressure pause
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower case), or None."""
@@ -117,14 +125,27 @@ class Response:
             conn.resume()
         return chunk
 
-    async def read(self) -> bytes:
-        """The whole body. Raises :class:`UpstreamError`."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body. ``limit``: an answer of more bytes is abandoned (its connection closed) and raises.
+        Raises :class:`UpstreamError`."""
+        self._whole = True
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()  # paused while nobody read (a body bigger than HIGH_WATER): read() takes it all
+        if limit is not None and self.content_length is not None and self.content_length > limit:
+            self.close()
+            raise UpstreamError(f"the answer is {self.content_length} bytes, over the {limit} expected")
         while not self._done:
             if self._error is not None:
                 raise self._error
+            if limit is not None and self._buffered > limit:
+                self.close()
+                raise UpstreamError(f"the answer is over the {limit} bytes expected")
             await self._wait()
         if self._error is not None:
             raise self._error
+        if limit is not None and self._buffered > limit:
+            raise UpstreamError(f"the answer is over the {limit} bytes expected")
         body = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -166,7 +187,7 @@ class Response:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > HIGH_WATER and self._conn is not None:
+        if self._buffered > HIGH_WATER and not self._whole and self._conn is not None:
             self._conn.pause()
         self._wake()
 
@@ -195,6 +216,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.paused = False
         self.closed = False
+        self.peer_closed = False  # the server (or something between) closed or reset it, not us
         self.idle_since = 0.0
         self.deadline: asyncio.TimerHandle | None = None
         self.headers_deadline: asyncio.TimerHandle | None = None
@@ -214,9 +236,14 @@ class _Connection(asyncio.Protocol):
             self.fail(UpstreamError(f"malformed HTTP answer from the engine: {exc}"))
 
     def eof_received(self) -> bool:
+        # the server is closing: never handed out again from now on (connection_lost comes after this)
+        self.peer_closed = self.peer_closed or not self.closed
+        self.closed = True
+        self.pool.forget(self)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.peer_closed = self.peer_closed or not self.closed
         self.closed = True
         self.pool.forget(self)
         response = self.response
@@ -366,7 +393,6 @@ class UpstreamPool:
         deadline = now + total if total is not None else None
         headers_deadline = now + first if first is not None else None
         limit = min(t for t in (self.connect_timeout, total, first) if t is not None)
-        conn = await self._acquire(origin, limit)
         head = [b"%s %s%s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
                 % (method, origin.prefix, path.encode(), origin.host_header, len(body))]
         for name, value in headers:
@@ -375,23 +401,38 @@ class UpstreamPool:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         head.append(body)
+        data = b"".join(head)
+        conn, reused = await self._acquire(origin, limit)
         response = Response(conn, idle)
         try:
-            await conn.send(b"".join(head), response, deadline, headers_deadline)
+            await conn.send(data, response, deadline, headers_deadline)
+        except UpstreamError:
+            conn.abort()
+            if not (reused and conn.peer_closed and method in _IDEMPOTENT and not response.status):
+                raise
+            # closed by the server as it was taken from the pool, before any answer: once more on a new connection
+            conn, _ = await self._acquire(origin, limit, fresh=True)
+            response = Response(conn, idle)
+            try:
+                await conn.send(data, response, deadline, headers_deadline)
+            except BaseException:
+                conn.abort()
+                raise
         except BaseException:
             conn.abort()  # cancelled or failed: this connection's state is unknown
             raise
         return response
 
-    async def _acquire(self, origin: Origin, limit: float) -> _Connection:
+    async def _acquire(self, origin: Origin, limit: float, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection to ``origin`` and whether it was reused from the pool (``fresh``: always a new one)."""
         key = (origin.host, origin.port, origin.ssl is not None)
-        idle = self._idle.get(key)
+        idle = None if fresh else self._idle.get(key)
         if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < (self.idle_s or IDLE_S):
-                    return conn
+                    return conn, True
                 conn.abort()
         loop = asyncio.get_running_loop()
         try:
@@ -403,7 +444,7 @@ class UpstreamPool:
             raise UpstreamError(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from None
-        return conn
+        return conn, False
 
     def release(self, conn: _Connection) -> None:
         if self._closed:

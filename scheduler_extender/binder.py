@@ -10,6 +10,7 @@ binding replicas devices of one node could still be chosen twice: run one active
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 API_IDLE_S = 60.0
 """Idle connections to the API server are kept this long (below its 90 s)."""
+API_IN_FLIGHT = 64
+"""API calls in flight at once (each holds a connection: a burst of binds against a slow API server opens at most
+this many TLS connections; the others wait their turn)."""
+MAX_API_ANSWER_BYTES = 16 * 1024 * 1024
+"""Bigger answers are refused (a Pod's JSON stays under a few MB: etcd stores at most ~1.5 MB per object)."""
 
 _CHOOSERS: dict[str, Callable[[NodeInfo, int], list[str]]] = {
     RESOURCE_NPU: devices.choose_npus,
@@ -96,6 +102,7 @@ class Binder:
         # 5-10 in flight, and a connection opened again costs both sides a TLS handshake
         self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context, idle_s=API_IDLE_S)
         self._headers: tuple[dict[str, str] | None, list[tuple[bytes, bytes]]] = (None, [])
+        self._in_flight = asyncio.Semaphore(API_IN_FLIGHT)
 
     async def close(self) -> None:
         await self._client.close()
@@ -112,9 +119,9 @@ class Binder:
 
     async def _call(self, method: bytes, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """One API call: (status, body); raises :class:`UpstreamError`."""
-        async with await self._client.request(self.endpoint.base_url, method, path, body, self._request_headers(),
-                                              total=self.timeout_s) as response:
-            return response.status, await response.read()
+        async with self._in_flight, await self._client.request(
+                self.endpoint.base_url, method, path, body, self._request_headers(), total=self.timeout_s) as response:
+            return response.status, await response.read(MAX_API_ANSWER_BYTES)
 
     def _count(self, call: str, code: int | str, started: float | None = None) -> None:
         if self.metrics is not None:

@@ -5,6 +5,7 @@ on purpose (malformed answers, closes mid-body, silence, bodies delimited by the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -314,6 +315,87 @@ def test_a_slow_reader_bounds_what_is_buffered() -> None:
             while (chunk := await response.next_chunk()) is not None:
                 total += len(chunk)
             assert total == 8 * HIGH_WATER  # and nothing was lost by pausing
+        finally:
+            await pool.close()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_read_takes_a_body_many_times_the_back_pressure_mark_and_its_limit_refuses_more() -> None:
+    """``read()`` wants the whole answer: it must never wait on the pause that bounds a streamed answer's buffer
+    (the binder reads Pods this way; a body over ~256 kB once stalled until the deadline). ``limit`` refuses an
+    answer over it, whether its length is announced or not."""
+    size = 8 * HIGH_WATER
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head, _ = await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            chunked = b"chunked" in head
+            writer.write(b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked
+                                                   else b"Content-Length: %d\r\n\r\n" % size))
+            try:
+                for _ in range(size // 65536):
+                    piece = b"y" * 65536
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    await writer.drain()
+                if chunked:
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            except ConnectionError:
+                return  # the client refused the answer and closed
+
+    async def run() -> None:
+        server, base, _ = await _raw_server(big)
+        pool = UpstreamPool()
+        try:
+            response = await pool.request(base, b"GET", "/pod", b"", total=10)
+            await asyncio.sleep(0.3)  # nobody reads yet: the connection pauses at the mark
+            started = time.monotonic()
+            assert len(await response.read()) == size
+            assert time.monotonic() - started < 5  # not the deadline: it resumed
+            with pytest.raises(UpstreamError, match=f"{size} bytes, over the {HIGH_WATER}"):
+                await (await pool.request(base, b"GET", "/pod", b"", total=10)).read(HIGH_WATER)
+            async with await pool.request(base, b"GET", "/pod", b"", [(b"X-Chunked", b"chunked")],
+                                          total=10) as response:
+                with pytest.raises(UpstreamError, match=f"over the {HIGH_WATER} bytes"):
+                    await response.read(HIGH_WATER)
+        finally:
+            await pool.close()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_a_get_on_a_reused_connection_closed_before_answering_is_sent_once_more_and_a_post_is_not() -> None:
+    """The server (or a load balancer) closes a keep-alive connection just as the pool hands it out: a GET is sent
+    again on a new connection (idempotent), a POST fails and the caller decides."""
+    answered = [0]
+
+    async def answers_once_then_drops(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        answered[0] += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await _read_request(reader)  # the next request on this connection: dropped unanswered
+
+    async def run() -> None:
+        server, base, connections = await _raw_server(answers_once_then_drops)
+        pool = UpstreamPool()
+        try:
+            async with await pool.request(base, b"GET", "/x", b"", total=5) as response:
+                assert await response.read() == b"ok"
+            assert pool.idle_connections() == 1
+            async with await pool.request(base, b"GET", "/x", b"", total=5) as response:
+                assert await response.read() == b"ok"  # the reused one was dropped; a new one answered
+            assert connections[0] == 2 and answered[0] == 2
+            with pytest.raises(UpstreamError, match="closed the connection"):
+                await pool.request(base, b"POST", "/x", b"{}", total=5)
+            assert answered[0] == 2  # never sent twice
         finally:
             await pool.close()
             server.close()

@@ -117,6 +117,27 @@ def test_bind_chooses_devices_annotates_and_binds(cluster: LocalApiServer, exten
     assert len(ring) == 1 and ring != {int(devices[0].rsplit("-", 1)[1]) // 4}
 
 
+def test_bind_reads_a_pod_bigger_than_the_clients_back_pressure_mark(cluster: LocalApiServer,
+                                                                     extender: Extender) -> None:
+    """A pod the extender never saw (no filter before the bind: a restart, another replica's filter) is read with
+    one GET; a big one (here ~600 kB of environment) must be read whole, not stall at the HTTP client's 256 kB
+    back-pressure mark until the bind's timeout."""
+    raw = pod("big-env", requests={RESOURCE_NPU: "1"})
+    raw["metadata"].pop("uid")
+    raw["metadata"].pop("creationTimestamp")
+    raw.pop("status")
+    raw["spec"]["containers"][0]["env"] = [{"name": f"BLOB_{i}", "value": "x" * 100_000} for i in range(6)]
+    created = cluster.client().api_client.sanitize_for_serialization(
+        cluster.client().create_namespaced_pod("default", raw))
+    started = time.monotonic()
+    status, result = extender.post("/bind", {"PodName": "big-env", "PodNamespace": "default",
+                                             "PodUID": created["metadata"]["uid"], "Node": "npu-a"})
+    assert (status, result) == (200, {"Error": ""})
+    assert time.monotonic() - started < 4  # not the 5 s API timeout
+    assert cluster.client().read_namespaced_pod("big-env", "default").spec.node_name == "npu-a"
+    assert assigned(cluster, "big-env") is not None
+
+
 def test_two_binds_racing_for_the_same_devices(cluster: LocalApiServer, extender: Extender) -> None:
     first = create_pod(cluster, "race-1", 6)
     second = create_pod(cluster, "race-2", 6)  # npu-a has 8: both cannot have 6
