@@ -24,6 +24,7 @@ from fuyao.contracts import (
 from fuyao.placement import Placement, preferred_allocation
 
 from .model import NodeInfo
+from .object_memo import ObjectMemo
 
 
 def placements(topology: NodeTopology) -> dict[str, Placement]:
@@ -33,33 +34,25 @@ def placements(topology: NodeTopology) -> dict[str, Placement]:
             for i, d in topology.devices.items()}
 
 
-KEPT = 4096
-"""Entries of each per-topology memo below (emptied when full)."""
-_of_topology: dict[int, tuple[NodeTopology, products.Product, dict[str, Placement]]] = {}
-"""id(topology) → (the topology, its product, its placements): like nodes share one parsed topology (``model``), and
-an entry holds its topology, so its id is never another object's while the entry exists."""
-_chosen: dict[tuple[int, tuple[str, ...], int], tuple[NodeTopology, tuple[str, ...]]] = {}
-"""(id(topology), free dies, count) → the dies ``choose_npus`` picked (with the topology, as above)."""
+_facts: ObjectMemo[tuple[products.Product, dict[str, Placement]]] = ObjectMemo()
+"""Per topology: its product and its dies' places."""
+_chosen: ObjectMemo[tuple[str, ...]] = ObjectMemo()
+"""Per topology, by (free dies, count): the dies ``choose_npus`` picked."""
 
 
-def _topology_facts(topology: NodeTopology) -> tuple[NodeTopology, products.Product, dict[str, Placement]]:
-    found = _of_topology.get(id(topology))
-    if found is None:
-        if len(_of_topology) >= KEPT:
-            _of_topology.clear()
-        found = _of_topology[id(topology)] = (topology, products.product_of(topology), placements(topology))
-    return found
+def _topology_facts(topology: NodeTopology) -> tuple[products.Product, dict[str, Placement]]:
+    return _facts.get(topology, None, lambda: (products.product_of(topology), placements(topology)))
 
 
 def product(node: NodeInfo) -> products.Product:
     """The node's product (its rules on NPU counts and which NPUs go together), a function of its topology."""
     assert node.topology is not None
-    return _topology_facts(node.topology)[1]
+    return _topology_facts(node.topology)[0]
 
 
 def _placements(node: NodeInfo) -> dict[str, Placement]:
     assert node.topology is not None
-    return _topology_facts(node.topology)[2]
+    return _topology_facts(node.topology)[1]
 
 
 def never(node: NodeInfo, count: int) -> bool:
@@ -126,16 +119,9 @@ def choose_npus(node: NodeInfo, count: int) -> list[str]:
     topology = node.topology
     assert topology is not None
     free = tuple(free_npus(node))
-    key = (id(topology), free, count)
-    found = _chosen.get(key)
-    if found is None or found[0] is not topology:
-        chosen = tuple(preferred_allocation(free, [], count, _placements(node), product=product(node),
-                                            single_only=[i for i, d in topology.devices.items()
-                                                         if d.link_up is False]))
-        if len(_chosen) >= KEPT:
-            _chosen.clear()
-        found = _chosen[key] = (topology, chosen)
-    return list(found[1])
+    return list(_chosen.get(topology, (free, count), lambda: tuple(preferred_allocation(
+        free, [], count, _placements(node), product=product(node),
+        single_only=[i for i, d in topology.devices.items() if d.link_up is False]))))
 
 
 def choose_cores(node: NodeInfo, count: int) -> list[str]:

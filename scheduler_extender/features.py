@@ -29,10 +29,12 @@ from fuyao.contracts import (
     RESOURCE_VNPU,
     BusinessType,
     DeviceHealth,
+    NodeTopology,
 )
 
 from . import devices
 from .model import NodeInfo, PodInfo
+from .object_memo import ObjectMemo
 
 MAX_COVER = 32
 """NPU counts up to this have their NUMA / group / ring feasibility precomputed (910C nodes have 16 dies)."""
@@ -154,10 +156,9 @@ def _node_row(info: NodeInfo) -> dict[str, Any]:
     return row
 
 
-_TOPOLOGY_ROWS_KEPT = 4096
-_topology_rows: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
-"""What ``_topology_row`` computed, by (id(topology), what else it reads): like nodes share one parsed topology
-(``model``) and pass through the same states; an entry holds its topology, so the id stays that object's."""
+_topology_rows: ObjectMemo[dict[str, Any]] = ObjectMemo()
+"""What ``_topology_row`` computed, per topology, by what else it reads: like nodes share one parsed topology
+(``model``) and pass through the same states."""
 
 
 def _topology_row(info: NodeInfo) -> dict[str, Any]:
@@ -167,11 +168,12 @@ def _topology_row(info: NodeInfo) -> dict[str, Any]:
     assert topo is not None
     free = devices.free_npus(info)
     unplaced = devices.unplaced_npus(info)
-    key = (id(topo), tuple(free), unplaced, frozenset(info.assigned.get(RESOURCE_NPU_CORE, ())),
+    key = (tuple(free), unplaced, frozenset(info.assigned.get(RESOURCE_NPU_CORE, ())),
            frozenset(info.assigned.get(RESOURCE_VNPU, ())))
-    found = _topology_rows.get(key)
-    if found is not None and found[0] is topo:
-        return found[1]
+    return _topology_rows.get(topo, key, lambda: _compute_topology_row(info, topo, free, unplaced))
+
+
+def _compute_topology_row(info: NodeInfo, topo: NodeTopology, free: list[str], unplaced: int) -> dict[str, Any]:
     product = devices.product(info)
     row: dict[str, Any] = dict(
         topo=True, shaped=product.shaped, n_devices=len(topo.devices), free_by_device=len(free),
@@ -195,9 +197,6 @@ def _topology_row(info: NodeInfo) -> dict[str, Any]:
                    numa_ideal=_covers(devices.healthy_numa_sizes(info)),
                    numa_free=dict(sorted(Counter(topo.devices[d].numa_node for d in free).items(), key=str)))
     row.update(_numa_cpu_rows(info, free))
-    if len(_topology_rows) >= _TOPOLOGY_ROWS_KEPT:
-        _topology_rows.clear()
-    _topology_rows[key] = (topo, row)
     return row
 
 

@@ -169,7 +169,7 @@ def test_topology_columns_kept_across_like_nodes_equal_computed_ones(
                         if name in dict(kinds)])
     for info in cache.all_nodes().values():
         kept = features._node_row(info)
-        features._topology_rows.clear()
+        features._topology_rows.clear()  # nothing kept: computed afresh
         assert features._node_row(info) == kept, info.name
         if info.topology is not None:
             chosen = [devices.choose_npus(info, k) for k in (1, 2, 4)]
