@@ -198,6 +198,10 @@ SCHEMAS: dict[str, Schema] = {
             "model": string(),
             "tokenizer": string("engine (the engines' /tokenize), builtin, or the served model's directory or "
                                 "tokenizer.json", minLength=1),
+            "engineApiKeySecret": obj({"name": string('a Secret in the release namespace ("": none)'),
+                                       "key": string(minLength=1)}, required=("name", "key"),
+                                      description="the engines' API key (vLLM --api-key) for the router's own /v1 "
+                                                  "calls, given to it as FUYAO_ENGINE_API_KEY"),
             "config": {**FREE_MAP, "description": "merged into the router's config.yaml (validated at start)"},
             "resources": RESOURCES, **placement(),
         }),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from .tier_cost import TierReading, updated
 log = logging.getLogger(__name__)
 
 Role = Literal["both", "prefill", "decode"]
+ENGINE_API_KEY_ENV = "FUYAO_ENGINE_API_KEY"
+"""The engines' API key (vLLM's ``--api-key`` / ``VLLM_API_KEY``) for the router's own calls to their ``/v1``
+routes (the models they serve); clients' requests carry their own Authorization, passed through. Never logged."""
 MODELS_INTERVAL_S = 30.0
 """How often a healthy backend's /v1/models is read again (a pod can be re-pointed at another model)."""
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
@@ -153,8 +157,11 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
 
 
 class Fleet:
-    def __init__(self, settings: RouterSection):
+    def __init__(self, settings: RouterSection, api_key: str | None = None):
+        """``api_key``: the engines' key (default: the ``FUYAO_ENGINE_API_KEY`` environment variable)."""
         self.settings = settings
+        self.api_key = api_key if api_key is not None else os.environ.get(ENGINE_API_KEY_ENV) or None
+        self._refused: set[str] = set()  # backends whose /v1/models refused the router (warned once)
         self.backends: dict[str, Backend] = {}
         self._static: dict[str, Role] = {}
         self._discovered: dict[str, Backend] = {}
@@ -242,7 +249,16 @@ class Fleet:
     async def _models(self, session: aiohttp.ClientSession, backend: Backend, timeout: aiohttp.ClientTimeout) -> None:
         """What the backend serves, from its ``/v1/models`` (vLLM's shape: ``data[].id``); kept when unreadable."""
         try:
-            async with session.get(backend.url + "/v1/models", timeout=timeout) as response:
+            async with session.get(backend.url + "/v1/models", headers=self.auth_headers(),
+                                   timeout=timeout) as response:
+                if response.status in (401, 403):
+                    if backend.url not in self._refused:
+                        self._refused.add(backend.url)
+                        log.warning("backend %s refuses the router's /v1/models (HTTP %d): its models are not known, "
+                                    "so requests are not routed by model; give the router the engines' API key in "
+                                    "%s", backend.url, response.status, ENGINE_API_KEY_ENV,
+                                    extra={"backend": backend.url})
+                    return
                 if response.status != 200:
                     return
                 data = (await response.json(content_type=None)).get("data")
@@ -254,6 +270,10 @@ class Fleet:
                 log.info("backend %s serves %s", backend.url, ", ".join(sorted(found)) or "no model",
                          extra={"backend": backend.url})
             backend.models, backend.models_at = found, time.monotonic()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The router's own Authorization for the engines' ``/v1`` routes (empty without a key)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     async def _scrape(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         try:
@@ -336,12 +356,12 @@ class PrefixSource:
                                         json={"token_ids": [], "hashes": hashes},
                                         timeout=aiohttp.ClientTimeout(total=0.2)) as response:
                     if response.status == 200:
-                        answer = await response.json()
-                        found = dict(answer.get("endpoints") or {})
-                        tier = int(answer.get("volume_blocks") or 0)
-                        self._held = {str(url): int(n) for url, n in (answer.get("cached_blocks") or {}).items()}
-            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+                        found, tier, held = _lookup_answer(await response.json())
+                        self._held = held
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, AttributeError):
+                # unreachable, slow or an answer not of the service's shape: routed on what is known locally
                 self.remote_errors += 1
+                found, tier = {}, 0
         else:
             found = self.index.lookup(hashes=hashes)
         for generation in self._routed:
@@ -375,3 +395,13 @@ class PrefixSource:
     def forget(self, url: str) -> None:
         for generation in self._routed:
             generation.drop(url)
+
+
+def _lookup_answer(answer: object) -> tuple[dict[str, int], int, dict[str, int]]:
+    """``fuyao-kvcache``'s lookup answer as (blocks per engine, the tier's leading blocks, blocks each engine holds);
+    ValueError / TypeError / AttributeError when it is not of that shape (the caller routes without it)."""
+    if not isinstance(answer, dict):
+        raise TypeError(f"the lookup answer is a {type(answer).__name__}, not an object")
+    endpoints = {str(url): int(n) for url, n in (answer.get("endpoints") or {}).items()}
+    held = {str(url): int(n) for url, n in (answer.get("cached_blocks") or {}).items()}
+    return endpoints, int(answer.get("volume_blocks") or 0), held

@@ -42,6 +42,8 @@ decisions_log = logging.getLogger("inference_router.decisions")
 _HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
                           b"proxy-connection", b"te", b"trailer", b"expect"})
 """Headers that belong to one connection (RFC 9110 §7.6.1), never passed on; ``expect`` is answered by the router."""
+_ANSWER_DROP = _HOP_HEADERS | {b"date"}
+"""An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two)."""
 _JSON = ((b"Content-Type", b"application/json"),)
 Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
@@ -68,6 +70,21 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, reason: str):
         super().__init__(message)
         self.status, self.message, self.reason = status, message, reason
+
+
+class _Answered(Exception):
+    """The router answers the request itself with ``response``, counted once as ``reason`` (no backend could)."""
+
+    def __init__(self, response: Response, reason: str):
+        super().__init__(reason)
+        self.response, self.reason = response, reason
+
+
+def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers a proxy passes on: without the hop-by-hop ones and without those the ``Connection`` header names
+    (RFC 9110 §7.6.1)."""
+    named = {n.strip().lower() for k, v in headers if k.lower() == b"connection" for n in v.split(b",")}
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS and k.lower() not in named]
 
 
 def _failure(exc: BaseException) -> str:
@@ -154,6 +171,8 @@ class Router:
         self.in_flight += 1
         try:
             return self._finish(await self._serve(request, started), started)
+        except _Answered as exc:
+            return self._finish(exc.response, started, exc.reason)
         except _ClientGone:
             self.metrics.client_disconnects.inc()
             return self._finish(Response(status=499), started, "client-gone")  # nginx's "client closed request"
@@ -192,10 +211,13 @@ class Router:
             if prompt is not None:
                 hashes, tokens = prompt.hashes, prompt.tokens
                 self.metrics.prompts.inc(prompt.source)
+        # vLLM sends a non-streamed answer's headers only once generation ends: only a stream's first byte is bounded
+        # by prefill_timeout (else every generation over it would fail, be retried and count against the engines)
+        first = self.config.inference.prefill_timeout if body.get("stream") is True else None
         if self.config.pd_separation.enabled and self.fleet.pool("decode", model=model):
-            return await self._pd(request, path, body, raw, hashes, started, tokens, model)
+            return await self._pd(request, path, body, raw, hashes, started, tokens, model, first)
         return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
-                                   prompt_tokens=tokens, model=model)
+                                   prompt_tokens=tokens, model=model, first_byte_s=first)
 
     async def _engine_tokenize(self, kind: str, payload: dict[str, Any], model: str | None) -> list[int] | None:
         """The prompt's token ids from an engine's own ``/tokenize`` (the least busy healthy engine serving
@@ -244,7 +266,7 @@ class Router:
     async def _forward(self, request: Request, path: str, raw: bytes, hashes: list[int], started: float,
                        role: Role, timeout_s: float, strategy: str | None = None,
                        prompt_tokens: int = 0, near: str | None = None,
-                       model: str | None = None) -> Answer:
+                       model: str | None = None, first_byte_s: float | None = None) -> Answer:
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
@@ -260,7 +282,8 @@ class Router:
             if hashes:
                 self.metrics.prefix_blocks.observe(decision.prefix_blocks / len(hashes))
             try:
-                return await self._relay(request, backend, path, raw, timeout_s, started, hashes, uncached)
+                return await self._relay(request, backend, path, raw, timeout_s, started, hashes, uncached,
+                                         first_byte_s)
             except _BackendFailed as exc:
                 last = exc
                 log.warning("backend %s failed before answering (%s)%s", backend.url, exc.reason,
@@ -269,8 +292,8 @@ class Router:
         if last is not None and last.body and last.status < 500:
             return Response.json(last.body, last.status)
         reason = last.reason if last else "no healthy backend"
-        self.metrics.errors.inc("no-backend" if last is None else "backend-failed")
-        return _error(502 if last else 503, f"no backend could answer: {reason}")
+        raise _Answered(_error(502 if last else 503, f"no backend could answer: {reason}"),
+                        "no-backend" if last is None else "backend-failed")
 
     def _pending_tokens(self, backend: Backend, decision: Decision, prompt_tokens: int) -> int:
         """The prefill work this request queues on ``backend`` until its first byte, in prefill tokens: what it
@@ -285,13 +308,14 @@ class Router:
         return backend.dispatch(uncached)
 
     async def _relay(self, request: Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
-                     started: float, hashes: list[int], uncached: int = 0) -> Answer:
+                     started: float, hashes: list[int], uncached: int = 0,
+                     first_byte_s: float | None = None) -> Answer:
         """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte.
         Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there.
         What goes wrong on the backend's side (connection, timeout, 5xx, a stream cut short) counts against it;
         a client that goes away does not (``inference_client_disconnects_total``): the backend's answer is then
         abandoned, which makes the engine abort the generation."""
-        headers = [(k, v) for k, v in request.headers if k.lower() not in _HOP_HEADERS]
+        headers = _end_to_end(request.headers)
         if request.gone:
             raise _ClientGone  # it left while the request waited (admission, prefill, a retry): ask no engine
         inference = self.config.inference
@@ -299,8 +323,7 @@ class Router:
             self.metrics.queue_time.observe(time.perf_counter() - started)
             try:
                 upstream = await self.upstream.request(backend.url, b"POST", path, raw, headers, total=timeout_s,
-                                                       first=inference.prefill_timeout,
-                                                       idle=inference.stream_idle_timeout)
+                                                       first=first_byte_s, idle=inference.stream_idle_timeout)
             except (UpstreamError, OSError) as exc:
                 dispatch.failed()
                 raise _BackendFailed(_failure(exc)) from None
@@ -312,8 +335,9 @@ class Router:
                         body = b""
                     dispatch.failed()
                     raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
-                self.prefix.routed(backend.url, hashes)
-                answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_HEADERS]
+                if upstream.status < 400:  # a request the engine refused leaves nothing cached there
+                    self.prefix.routed(backend.url, hashes)
+                answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _ANSWER_DROP]
                 length = upstream.content_length
                 if length is not None and length <= _WHOLE_BODY_BYTES:
                     # a complete answer of known, small size (not streamed): read it and answer in one write
@@ -366,7 +390,8 @@ class Router:
         return response
 
     async def _pd(self, request: Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
-                  started: float, prompt_tokens: int = 0, model: str | None = None) -> Answer:
+                  started: float, prompt_tokens: int = 0, model: str | None = None,
+                  first_byte_s: float | None = None) -> Answer:
         """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
@@ -376,6 +401,8 @@ class Router:
         params = None
         failure = "no prefill engine"
         tried: list[str] = []
+        # the client's own headers (its Authorization: engines started with --api-key check it on every /v1 call)
+        headers = [(k, v) for k, v in _end_to_end(request.headers) if k.lower() != b"content-type"] + list(_JSON)
         for _ in range(self.config.router.retries + 1):
             chosen = await self._decide("prefill", hashes, tried, "prefix-aware", prompt_tokens, model=model)
             if chosen is None:
@@ -387,7 +414,7 @@ class Router:
             with self._dispatch(backend, "prefill", uncached) as dispatch:
                 try:
                     async with await self.upstream.request(backend.url, b"POST", path, orjson.dumps(prefill_body),
-                                                           _JSON, total=self.config.inference.prefill_timeout
+                                                           headers, total=self.config.inference.prefill_timeout
                                                            ) as response:
                         data = await response.read()
                     dispatch.first_byte()
@@ -407,16 +434,16 @@ class Router:
                         dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
                     log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
         if params is None:
-            self.metrics.errors.inc("prefill-failed")
             if self.config.pd_separation.fallback == "error":
-                return _error(502, f"prefill failed: {failure}")
+                raise _Answered(_error(502, f"prefill failed: {failure}"), "prefill-failed")
+            self.metrics.errors.inc("prefill-failed")
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
         else:
             decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
         near = self.fleet.backends[tried[-1]].node if params is not None and tried else None
         return await self._forward(request, path, decode_raw, [], started, "decode",
                                    self.config.inference.decode_timeout, strategy="least-connections", near=near,
-                                   model=model)
+                                   model=model, first_byte_s=first_byte_s)
 
     def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
         if decisions_log.isEnabledFor(logging.INFO):
@@ -426,15 +453,17 @@ class Router:
                 "prompt_blocks": blocks, "scores": {u: round(s, 4) for u, s in decision.scores.items()}})
 
     # Other endpoints ---------------------------------------------------------------------------------------------
-    async def models(self, _request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
         """Every model the healthy backends serve (vLLM's list shape, one entry per model id, from the first backend
-        that lists it)."""
+        that lists it), asked with the client's Authorization (else the engines' key, ``FUYAO_ENGINE_API_KEY``)."""
         assert self.session is not None
         merged: dict[str, Any] = {}
+        auth = next((v.decode("latin-1") for k, v in request.headers if k.lower() == b"authorization"), None)
+        headers = {"Authorization": auth} if auth else self.fleet.auth_headers()
         healthy = {b.url: b for b in self.fleet.pool("both") + self.fleet.pool("decode")}  # each asked once
         for backend in healthy.values():
             try:
-                async with self.session.get(backend.url + "/v1/models",
+                async with self.session.get(backend.url + "/v1/models", headers=headers,
                                             timeout=aiohttp.ClientTimeout(total=5)) as response:
                     if response.status != 200:
                         continue
@@ -474,7 +503,7 @@ class Router:
     async def backends_page(self, _request: Request) -> Response:
         return Response.json(orjson.dumps({
             b.url: {"role": b.role, "healthy": b.healthy, "circuit": b.breaker.state, "in_flight": b.in_flight,
-                    "waiting": b.waiting, "running": b.running, "kv_usage": b.kv_usage}
+                    "waiting": b.waiting, "running": b.running, "kv_usage": b.kv_usage, "models": sorted(b.models)}
             for b in self.fleet.backends.values()}))
 
     def app(self) -> HttpServer:

@@ -387,3 +387,17 @@ def test_the_four_alerts_and_the_dashboard_use_metrics_fuyao_exports(tmp_path: P
     plain = helm("template", "rel", str(CHARTS / "ai-inference-optimization"),
                  *values_args("ai-inference-optimization", "custom", tmp_path)).stdout
     assert "monitoring.coreos.com" not in plain
+
+
+def test_the_router_gets_the_engines_api_key_from_a_secret_only_when_one_is_named(tmp_path: Path) -> None:
+    """``router.engineApiKeySecret``: the key reaches the router as ``FUYAO_ENGINE_API_KEY`` from the Secret (never
+    as a literal in the manifest); without a name the router has no such variable."""
+    def router_env(*extra: str) -> list[dict[str, Any]]:
+        docs = render("ai-inference-optimization", "default", tmp_path, *extra)
+        [deployment] = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-router")]
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        return container.get("env") or []
+
+    assert router_env() == []
+    assert router_env("--set", "router.engineApiKeySecret.name=vllm-key") == [{
+        "name": "FUYAO_ENGINE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vllm-key", "key": "api-key"}}}]

@@ -156,6 +156,8 @@ def test_prefill_decode_flow_and_fallback(tmp_path: Path) -> None:
     try:
         status, body = raw_post(strict, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3})
         assert status == 502 and b"prefill failed" in body
+        assert strict.metric("inference_errors_total") == 1  # counted once, by its reason (not again as http-502)
+        assert strict.metric('inference_errors_total{reason="prefill-failed"}') == 1
     finally:
         strict.close()
         prefill.close()
@@ -339,3 +341,74 @@ def test_the_router_measures_each_engines_tier_load_cost(tmp_path: Path) -> None
     finally:
         for daemon in (front, writer, fast, slow):
             daemon.close()
+
+
+def test_a_non_streamed_answer_longer_than_the_prefill_timeout_is_not_a_failure(tmp_path: Path) -> None:
+    """vLLM sends a non-streamed answer's headers only when generation ends: ``prefillTimeout`` bounds a stream's
+    first byte, not that. A long non-streamed generation answers 200, is neither retried nor counted against the
+    engine, while a stream still meets the first-byte bound."""
+    profile = tmp_path / "slow.yaml"
+    profile.write_text("step_base_ms: 100\nprefill_per_token_ms: 0\ndecode_per_seq_ms: 0\n")
+    slow = engine("--latency-profile", str(profile), time_scale=1.0).start()
+    config = tmp_path / "router.yaml"
+    config.write_text("version: v1\ninference: {prefillTimeout: 500ms}\n")
+    front = router("--config", str(config), "--backend", slow.url, "--strategy", "round-robin").start()
+    try:
+        started = time.monotonic()
+        status, body = raw_post(front, "/v1/completions", {"prompt": "hello", "max_tokens": 12})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 12, body
+        assert time.monotonic() - started > 0.5  # it did outlast the prefill timeout
+        assert slow.metric("vllm:request_success_total") == 1  # sent once, not retried
+        assert front.metric("inference_errors_total") == 0
+        assert backends(front)[slow.url]["circuit"] == "closed"
+        status, body = raw_post(front, "/v1/completions", {"prompt": "hello", "max_tokens": 3, "stream": True})
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n")  # its first token came in time
+    finally:
+        front.close()
+        slow.close()
+
+
+def test_engines_with_an_api_key_the_router_uses_the_clients_and_its_own(tmp_path: Path) -> None:
+    """Engines started with vLLM's ``--api-key`` check it on every /v1 call: the router asks /v1/models with
+    ``FUYAO_ENGINE_API_KEY`` (so requests still go by model), lists models with the client's own Authorization, and
+    passes that on with every request; a router without the key says so in its log."""
+    import os
+
+    first, second = FakeBackend(), FakeBackend()
+    for fake, model in ((first, "A"), (second, "B")):
+        fake.api_key, fake.models = "k", [model]
+        fake.script = Script(chunks=[b'{"model": "%s"}' % model.encode()], content_type="application/json")
+    keyed = router("--backend", first.url, "--backend", second.url, "--strategy", "round-robin")
+    keyed.env = {**os.environ, "FUYAO_ENGINE_API_KEY": "k"}
+    keyless = router("--backend", first.url, "--strategy", "round-robin")
+    try:
+        keyed.start()
+        keyless.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(b.get("models") for b in backends(keyed).values()):
+            time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", keyed.port, timeout=10)
+        for _ in range(4):  # round-robin would alternate: the model decides
+            conn.request("POST", "/v1/completions", body=json.dumps({"model": "A", "prompt": "x", "max_tokens": 1}),
+                         headers={"Content-Type": "application/json", "Authorization": "Bearer k",
+                                  "Connection": "keep-alive, X-Hop", "X-Hop": "not for the engine"})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["model"] == "A"
+            assert len(response.headers.get_all("Date") or []) == 1  # the router's, not the engine's as well
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer k"})
+        response = conn.getresponse()
+        assert sorted(m["id"] for m in json.loads(response.read())["data"]) == ["A", "B"]
+        conn.close()
+        completions = [h for p, h in zip(first.paths, first.headers, strict=True) if p == "/v1/completions"]
+        assert len(completions) == 4 and all(h.get("Authorization") == "Bearer k" for h in completions)
+        assert all("X-Hop" not in h for h in completions)  # named in Connection: hop-by-hop (RFC 9110 §7.6.1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "FUYAO_ENGINE_API_KEY" not in keyless.log_text():
+            time.sleep(0.2)
+        assert "refuses the router's /v1/models (HTTP 401)" in keyless.log_text()
+        assert "Bearer k" not in keyed.log_text()  # the key is never logged
+    finally:
+        keyed.close()
+        keyless.close()
+        first.close()
+        second.close()

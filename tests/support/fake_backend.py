@@ -29,7 +29,10 @@ class FakeBackend:
         self.script = Script()
         self.received: list[bytes] = []
         self.paths: list[str] = []  # every request's path, in order (routes it does not have too)
+        self.headers: list[dict[str, str]] = []  # the headers of every request, in order
         self.health_status = 200
+        self.api_key: str | None = None  # as vLLM's --api-key: every /v1 request must carry "Bearer <key>"
+        self.models: list[str] = []  # what its /v1/models lists
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         ready = threading.Event()
@@ -45,12 +48,17 @@ class FakeBackend:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             self.paths.append(request.path)
+            self.headers.append(dict(request.headers))
+            if self.api_key and request.path.startswith("/v1") and \
+                    request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return web.json_response({"error": "Unauthorized"}, status=401)
             return await handler(request)  # type: ignore[no-any-return]
 
         app = web.Application(middlewares=[record])
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
@@ -60,6 +68,9 @@ class FakeBackend:
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.Response(status=self.health_status)
+
+    async def _models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(text="vllm:num_requests_waiting 0\n")

@@ -174,6 +174,47 @@ def test_prefix_source_remembers_routes() -> None:
     assert asyncio.run(source.matches(hashes)) == {}
 
 
+def test_an_index_service_answer_of_the_wrong_shape_routes_on_what_the_router_knows() -> None:
+    """``fuyao-kvcache`` answering null, a list, or counts that are not numbers: the lookup degrades to the router's
+    own record (counted in ``remote_errors``), never fails the request; a well-formed answer is read."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    answers: list[object] = [None, [1], {"endpoints": {"http://a": "x"}}, {"endpoints": None, "cached_blocks": 7},
+                             {"endpoints": {"http://b": "3"}, "volume_blocks": 2, "cached_blocks": {"http://b": 9}}]
+
+    async def run() -> list[tuple[dict[str, int], int]]:
+        async def lookup(_request: web.Request) -> web.Response:
+            return web.json_response(answers.pop(0))
+
+        app = web.Application()
+        app.router.add_post("/v1/lookup", lookup)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        source = PrefixSource(build_config({"kvCache": {"service": f"http://127.0.0.1:{port}"}}).kv_cache)
+        hashes = source.keys.chain(list(range(100)), limit=6)
+        source.routed("http://a", hashes[:2])
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(5):
+                    found = await source.lookup(hashes, session)
+                    seen.append((found.endpoints, found.tier_blocks))
+        finally:
+            await runner.cleanup()
+        assert source.remote_errors == 4
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[:4] == [({"http://a": 2}, 0)] * 4  # the router's own record of where it sent the prefix
+    assert seen[4] == ({"http://b": 3, "http://a": 2}, 2)
+
+
 def test_discovery_from_service_endpointslice_and_pod_fixtures() -> None:
     services = [
         {"metadata": {"name": "llm", "namespace": "ai", "annotations": {
