@@ -22,7 +22,15 @@ What a client can rely on (the same as aiohttp gave the router):
   the body;
 - a handler that raises answers 500 (logged); a client that goes away shows as :attr:`Request.gone` and makes
   stream writes raise :class:`ConnectionResetError`;
-- shutdown: no new connections, idle ones closed, running handlers given ``timeout`` to finish.
+- shutdown: no new connections, idle ones closed, running handlers given ``timeout`` to finish, then cut;
+- what a proxy in front may send: an ``Upgrade`` (``curl --http2``'s h2c, websocket) is ignored (RFC 9110 §7.8):
+  the request is answered in HTTP/1.1 and the connection closed after it; bytes after a request that closes the
+  connection are dropped; a malformed request after valid pipelined ones is answered 400 after their answers; a
+  client that half-closes after its request still gets the answer; past :data:`MAX_QUEUED` pipelined requests
+  waiting for their answers the socket stops being read (what one read held is still parsed), and answers wait
+  while the client does not read them; a head line that never ends is refused 431 once over the limit;
+- a handler that raises after its stream's head went out cuts the connection (the client sees the answer end short,
+  never a second status line inside its body).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers; aiohttp's limit was 8,190 bytes per line."""
 HIGH_WATER = 256 * 1024
 """Body bytes buffered ahead of the handler before the socket stops being read."""
+MAX_QUEUED = 16
+"""Pipelined requests parsed ahead of the one being answered before the socket stops being read."""
 LINGER_S = 2.0
 """After an answer sent before its request's body ended, the rest is read and dropped for this long before the
 connection closes (a lingering close, RFC 9112 §9.6): closing at once would make the kernel reset the connection
@@ -73,9 +83,9 @@ class _Clock:
 
 
 def _head(status: int, headers: Headers, content_type: bytes | None, length: int | None, keep_alive: bool,
-          chunked: bool = True) -> bytes:
+          chunked: bool = True, http10: bool = False) -> bytes:
     """The status line and headers; the body's framing is ``length``, else chunked, else (``chunked=False``) the
-    connection's end."""
+    connection's end. ``http10``: an HTTP/1.0 client is told when the connection stays open."""
     lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, _REASONS.get(status, b"Unknown"), _Clock.date())]
     for name, value in headers:
         if name.lower() in _HOP or b"\n" in value or b"\r" in value:
@@ -89,6 +99,8 @@ def _head(status: int, headers: Headers, content_type: bytes | None, length: int
         lines.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
+    elif http10:
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
 
@@ -116,17 +128,26 @@ class Stream:
     get chunked frames, HTTP/1.0 ones the bytes until the connection closes. :meth:`write` waits while the client's
     socket buffer is full and raises :class:`ConnectionResetError` once the client is gone."""
 
-    __slots__ = ("_conn", "_framed", "_head", "_request", "ended", "status")
+    __slots__ = ("_conn", "_framed", "_head", "_head_only", "_request", "ended", "status")
 
     def __init__(self, request: Request, status: int, headers: Headers):
         self._request, self._conn = request, request._conn
         self.status = status
         self._framed = request.version != "1.0"
-        if not self._framed:
-            request.keep_alive = False
+        self._head_only = request.method == "HEAD"
+        conn = request._conn
+        if not self._framed or not request._body_done or conn.server.closing or conn.client_done:
+            request.keep_alive = False  # the connection closes after this answer: its head says so
         # HTTP/1.0: no length and no chunking, the end of the connection ends the body
         self._head: bytes | None = _head(status, headers, None, None, request.keep_alive, chunked=self._framed)
         self.ended = False
+
+    def _take_head(self, data: bytes) -> bytes:
+        head, self._head = self._head, None
+        if head is not None:
+            self._request.streamed = True
+            return head if self._head_only else head + data
+        return b"" if self._head_only else data
 
     async def write(self, chunk: bytes) -> None:
         if not chunk:
@@ -134,10 +155,9 @@ class Stream:
         conn = self._conn
         if conn.lost:
             raise ConnectionResetError("the client closed the connection")
-        data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self._framed else chunk
-        if self._head is not None:
-            data, self._head = self._head + data, None
-        conn.transport.write(data)
+        data = self._take_head(b"%x\r\n%s\r\n" % (len(chunk), chunk) if self._framed else chunk)
+        if data:
+            conn.transport.write(data)
         if conn.paused:
             await conn.drain()
 
@@ -146,9 +166,7 @@ class Stream:
         conn = self._conn
         if conn.lost:
             raise ConnectionResetError("the client closed the connection")
-        tail = b"0\r\n\r\n" if self._framed else b""
-        if self._head is not None:
-            tail, self._head = self._head + tail, None
+        tail = self._take_head(b"0\r\n\r\n" if self._framed else b"")
         if tail:
             conn.transport.write(tail)
         self.ended = True
@@ -162,6 +180,7 @@ class Request:
         "_body",
         "_body_done",
         "_body_size",
+        "_broken",
         "_conn",
         "_limit",
         "_waiter",
@@ -173,6 +192,8 @@ class Request:
         "path",
         "query",
         "read_started",
+        "refusal",
+        "streamed",
         "version",
     )
 
@@ -182,7 +203,8 @@ class Request:
         self.method, self.version, self.headers = method, version, headers
         if not url.startswith(b"/") and b"://" in url:  # absolute form (RFC 9112 §3.2.2): the path is what follows
             rest = url.split(b"://", 1)[1]
-            url = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
+            url = b"/" if cut < 0 else rest[cut:] if rest.startswith(b"/", cut) else b"/" + rest[cut:]
         path, _, query = url.partition(b"?")
         self.path, self.query = path.decode("latin-1"), query.decode("latin-1")
         self.keep_alive, self.content_length, self.expect_continue = keep_alive, content_length, expect_continue
@@ -191,7 +213,10 @@ class Request:
         self._body_done = False
         self._waiter: asyncio.Future[None] | None = None
         self._limit: int | None = None  # the cap of the read in progress
+        self._broken: str | None = None  # why its body will never complete (a malformed chunk, the client's EOF)
         self.read_started = False
+        self.refusal: tuple[int, str] | None = None  # not a request: the connection's refusal, answered in turn
+        self.streamed = False  # a stream's head went out
 
     @property
     def remote(self) -> str | None:
@@ -236,6 +261,8 @@ class Request:
                 break
             if self._conn.lost:
                 raise BodyError(400, "the client closed the connection before its body arrived")
+            if self._broken is not None:
+                raise BodyError(400, self._broken)
             self._waiter = self._conn.loop.create_future()
             await self._waiter
 
@@ -281,12 +308,20 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.lost = False
         self.discarding = False  # lingering: what arrives is dropped
+        self.no_more = False  # no request after those queued is read (a last request, an upgrade, a refusal)
+        self.refused = False  # a refusal is queued: the parser is done with this connection
+        self.client_done = False  # the client half-closed: answer what it asked, then close
+        self._upgrade_body: Request | None = None  # an ignored upgrade's request, its body read without the parser
+        self._upgrade_left = 0
         self.paused = False
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._in_head = False  # a request's head began and has not completed
+        self._began = False  # a head began in the bytes being fed
+        self._head_fed = 0  # bytes of chunks that were all head (llhttp buffers a long header line unseen)
         self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol ------------------------------------------------------------------------------------------------
@@ -306,15 +341,66 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.discarding:
+        if self._upgrade_body is not None:
+            self._feed_upgrade_body(data)
             return
+        if self.discarding or self.no_more:
+            return
+        was_in_head = self._in_head
+        self._began = False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(501, "protocol upgrades are not served")
+        except httptools.HttpParserUpgrade as exc:
+            self._ignore_upgrade(data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b"")
+            return
         except httptools.HttpParserError as exc:
-            if not self.transport.is_closing() and not self.discarding:  # (a refusal from a callback lingers)
+            if not self.no_more:  # (after a last request, what follows is dropped, not refused)
                 self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head and was_in_head and not self._began:
+            self._head_fed += len(data)  # all of it was head, and it is not over yet
+            if self._head_fed > MAX_HEAD_BYTES:
+                self._refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+
+    def eof_received(self) -> bool:
+        """The client half-closed: what it asked is still answered (then the connection closes); a body that had
+        not all arrived never will."""
+        self.client_done = True
+        current = self.current
+        if current is not None and not current._body_done:
+            current._broken = "the client closed its side before its body arrived"
+            current._wake()
+        return self.task is not None or bool(self.queue)  # True: keep our side open for the answers
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """llhttp stops at a request asking to upgrade (``Upgrade`` named in ``Connection``) and takes what follows
+        as the new protocol. We do not switch (RFC 9110 §7.8 lets a server ignore it): the request is answered in
+        HTTP/1.1 and the connection closes after it; its body, of declared length, is read as such."""
+        self.no_more = True
+        request = self.queue[-1] if self.queue else None
+        if request is None:
+            self.transport.close()
+            return
+        request.keep_alive = False
+        if any(k.lower() == b"transfer-encoding" for k, _ in request.headers):
+            self.queue.pop()  # not dispatched yet (this runs before its task does)
+            self._refuse(400, "a chunked body with an Upgrade is not served")
+            return
+        if request.content_length:
+            request._body_done = False  # llhttp took the body for the new protocol's bytes
+            self._upgrade_body, self._upgrade_left = request, request.content_length
+            self._feed_upgrade_body(rest)
+
+    def _feed_upgrade_body(self, data: bytes) -> None:
+        request = self._upgrade_body
+        assert request is not None
+        take = data[:self._upgrade_left]
+        if take:
+            self._upgrade_left -= len(take)
+            request._feed(take)
+        if self._upgrade_left == 0:
+            self._upgrade_body = None
+            request._complete()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -361,6 +447,8 @@ class _Connection(asyncio.Protocol):
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
+        self._in_head = self._began = True
+        self._head_fed = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -374,10 +462,11 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
-            raise httptools.HttpParserCallbackError("head too large")  # stop parsing this connection
+            raise httptools.HttpParserCallbackError("head too large")  # stop parsing this connection (no_more)
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head = False
         length: int | None = None
         expect = False
         for name, value in self._headers:
@@ -394,6 +483,8 @@ class _Connection(asyncio.Protocol):
                           self._headers, parser.should_keep_alive(), length, expect)
         self.current = request
         self.queue.append(request)
+        if len(self.queue) > MAX_QUEUED:
+            self.pause_reading()  # a client pipelining without reading its answers: parse no further ahead
         if self.task is None:
             self.task = self.loop.create_task(self._answer_all())
 
@@ -403,18 +494,28 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.current is not None:
+            if not self.current.keep_alive:
+                self.no_more = True  # the last request of this connection: nothing after it is read
             self.current._complete()
             self.current = None
 
     # Answering ----------------------------------------------------------------------------------------------------
     def _refuse(self, status: int, message: str) -> None:
-        """Answer a request the parser could not take, and close."""
-        if self.task is None and not self.lost and not self.discarding:
-            self.transport.write(_head(status, (), b"text/plain; charset=utf-8", len(message) + 1, False)
-                                 + message.encode() + b"\n")
-            self._close(lingering=True)
-        else:
-            self.transport.close()
+        """Answer what the parser could not take, after the answers to the requests before it, and close: nothing
+        more is read as HTTP. A request whose body it broke off answers 400 to a handler that reads it."""
+        if self.lost or self.discarding or self.refused:
+            return
+        self.refused = self.no_more = True
+        current = self.current
+        if current is not None and not current._body_done:
+            current._broken = message
+            current._wake()
+        self.current = None
+        refusal = Request(self, "", b"/", "1.1", [], False, None, False)
+        refusal.refusal = (status, message)
+        self.queue.append(refusal)
+        if self.task is None:
+            self.task = self.loop.create_task(self._answer_all())
 
     async def _answer_all(self) -> None:
         try:
@@ -425,14 +526,19 @@ class _Connection(asyncio.Protocol):
                 if not keep:
                     self._close(lingering=not request._body_done)
                     return
-            if not self.lost:
+                if len(self.queue) <= MAX_QUEUED // 2:
+                    self.resume_reading()
+            if self.client_done:
+                self.transport.close()  # it half-closed: everything it asked is answered
+            elif not self.lost:
                 self.resume_reading()
                 self._arm_idle()
         finally:
             self.task = None
 
     def _close(self, lingering: bool) -> None:
-        if not lingering or self.lost or not self.transport.can_write_eof():
+        if not lingering or self.lost or self.client_done or self.transport.is_closing() \
+                or not self.transport.can_write_eof():
             self.transport.close()
             return
         self.discarding = True
@@ -447,21 +553,34 @@ class _Connection(asyncio.Protocol):
         server = self.server
         server.active += 1
         try:
+            if request.refusal is not None:
+                status, message = request.refusal
+                self.transport.write(_head(status, (), b"text/plain; charset=utf-8", len(message) + 1, False)
+                                     + message.encode() + b"\n")
+                return False
             try:
                 response = await server.dispatch(request)
             except Exception:
                 log.exception("request %s %s failed in its handler", request.method, request.path)
+                if request.streamed:  # its head and part of its body are out: cutting it is the only honest end
+                    self.transport.close()
+                    return False
                 response = Response.text("internal server error", 500)
             if self.lost:
                 return False
-            keep = request.keep_alive and request._body_done and not server.closing
+            keep = request.keep_alive and request._body_done and not server.closing and not self.client_done
             if isinstance(response, Stream):
                 if not response.ended:
                     return False  # a stream the handler gave up on: its end is the connection's
                 return keep
             body = b"" if request.method == "HEAD" else response.body
             self.transport.write(_head(response.status, response.headers, response.content_type,
-                                       len(response.body), keep) + body)
+                                       len(response.body), keep, http10=request.version == "1.0") + body)
+            if self.paused:
+                try:
+                    await self.drain()  # the client is not reading its answers: answer no further ahead
+                except ConnectionResetError:
+                    return False
             return keep
         finally:
             server.active -= 1
@@ -536,7 +655,10 @@ class HttpServer:
             except TimeoutError:
                 log.warning("%d requests still running after %.1f s; closing their connections", self.active, timeout)
         for conn in list(self.connections):
-            conn.transport.close()
+            if conn.task is not None:
+                conn.transport.abort()  # a handler still running (a stream to a client that stopped reading)
+            else:
+                conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
         for call in self.on_stop:

@@ -5,6 +5,7 @@ standard library's client for the ordinary paths."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import socket
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from fuyao.http_body import BodyError
-from fuyao.http_server import MAX_HEAD_BYTES, HttpServer, Request, Response, Stream
+from fuyao.http_server import MAX_HEAD_BYTES, MAX_QUEUED, HttpServer, Request, Response, Stream
 
 
 async def _server(keepalive_timeout: float = 75.0) -> tuple[HttpServer, int, dict[str, Any]]:
@@ -54,8 +55,20 @@ async def _server(keepalive_timeout: float = 75.0) -> tuple[HttpServer, int, dic
     async def boom(_request: Request) -> Response:
         raise RuntimeError("a bug")
 
+    async def hello(_request: Request) -> Response:
+        return Response.text("hello")
+
+    async def stream_then_fail(request: Request) -> Stream:
+        out = request.stream(200, ())
+        await out.write(b"part1")
+        raise RuntimeError("a bug mid-stream")
+
     server = HttpServer(keepalive_timeout=keepalive_timeout)
+    server.route("GET", "/hello", hello)
+    server.route("GET", "/streamed", stream)
+    server.route("GET", "/stream-then-fail", stream_then_fail)
     server.route("POST", "/echo", echo)
+    server.route("POST", "/", echo)
     server.route("POST", "/stream", stream)
     server.route("POST", "/hold", hold)
     server.route("GET", "/slow", slow)
@@ -247,6 +260,144 @@ def test_stop_lets_a_running_request_finish_and_refuses_new_connections() -> Non
         answer = await asyncio.wait_for(reader.read(), 5)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done") and b"Connection: close" in answer
         await stopping
+        writer.close()
+
+    _run(test)
+
+
+def test_an_upgrade_is_ignored_and_the_request_answered_in_http_1_1() -> None:
+    """``curl --http2`` on an http:// URL asks to upgrade to h2c, a websocket client to websocket: the server does not
+    switch (RFC 9110 §7.8) and answers the request itself, in HTTP/1.1, then closes; a body of declared length is
+    still the request's."""
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        h2c = await _exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+                              lambda g: False)
+        assert h2c.startswith(b"HTTP/1.1 200") and h2c.endswith(b"hello") and b"Connection: close" in h2c
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: 5\r\n\r\nhel")
+        await asyncio.sleep(0.05)
+        writer.write(b"lo")  # the rest of the body in another segment
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer
+
+    _run(test)
+
+
+def test_bytes_after_a_last_request_are_dropped_and_garbage_after_valid_ones_is_refused_after_their_answers() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        closing = await _exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n", lambda g: False)
+        assert closing.count(b"HTTP/1.1 ") == 1 and closing.endswith(b"hello")  # answered, the rest dropped
+        refused = await _exchange(port, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n", lambda g: False)
+        assert refused.startswith(b"HTTP/1.1 200") and b"hello" in refused  # the valid one's answer first
+        assert b"HTTP/1.1 400" in refused.split(b"hello", 1)[1], refused
+
+    _run(test)
+
+
+def test_a_handler_that_raises_mid_stream_cuts_the_connection_instead_of_answering_500_inside_it() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        got = await _exchange(port, b"GET /stream-then-fail HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n", lambda g: False)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"5\r\npart1\r\n"), got  # no end chunk: cut short
+        assert got.count(b"HTTP/1.1") == 1 and b"500" not in got
+
+    _run(test)
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    async def test(_server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        await asyncio.sleep(0.2)
+        seen["release"].set()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done") and b"Connection: close" in answer
+
+    _run(test)
+
+
+def test_a_streams_head_says_close_when_the_connection_will_close_and_head_gets_no_stream_body() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        # the handler streams without reading the body: the rest of it cannot be told from a next request
+        unread = await _exchange(port, b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+                                 lambda g: False)
+        assert b"Transfer-Encoding: chunked" in unread and b"Connection: close" in unread.split(b"\r\n\r\n")[0]
+        head = await _exchange(port, b"HEAD /streamed HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n", lambda g: g.endswith(b"hello"))
+        first, second = head.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), head  # no body after HEAD
+
+    _run(test)
+
+
+def test_a_header_line_that_never_ends_is_refused_431_once_over_the_limit() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        answer = b""
+        for _ in range(40):  # 40 x 8 kB = 320 kB of one header value, no end of line
+            writer.write(b"a" * 8192)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+            with contextlib.suppress(TimeoutError):
+                answer += await asyncio.wait_for(reader.read(65536), 0.01)
+            if answer:
+                break
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431"), answer
+
+    _run(test)
+
+
+def test_a_client_that_pipelines_without_reading_is_not_parsed_far_ahead() -> None:
+    async def test(server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        batch = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" * 50
+        for _ in range(40):  # 2,000 requests, all waiting on the first
+            writer.write(batch)
+            await asyncio.sleep(0.01)
+        [conn] = list(server.connections)
+        assert len(conn.queue) <= MAX_QUEUED + 50 * 2, len(conn.queue)  # the mark, plus what one read held
+        seen["release"].set()
+        got = b""
+        while got.count(b"done") < 2000:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), 10)
+            assert chunk
+            got += chunk
+        writer.close()
+        assert got.count(b"HTTP/1.1 200") == 2000
+
+    _run(test)
+
+
+def test_http_1_0_keep_alive_is_confirmed_and_an_absolute_target_keeps_its_query() -> None:
+    async def test(_server: HttpServer, port: int, _seen: dict[str, Any]) -> None:
+        got = await _exchange(port, b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                                    b"GET /hello HTTP/1.0\r\n\r\n", lambda g: False)
+        first, _, second = got.partition(b"hello")
+        assert b"Connection: keep-alive" in first and second.startswith(b"HTTP/1.1 200") and got.endswith(b"hello")
+        absolute = await _exchange(port, b"POST http://x?a=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                                   lambda g: b"X-Query" in g)
+        assert b"X-Path: /\r\n" in absolute and b"X-Query: a=1\r\n" in absolute
+
+    _run(test)
+
+
+def test_stop_cuts_a_stream_whose_client_stopped_reading() -> None:
+    async def test(server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        await asyncio.sleep(0.3)  # the stream fills the socket buffers; nobody reads
+        started = time.monotonic()
+        await asyncio.wait_for(server.stop(0.3), 5)
+        await asyncio.sleep(0.1)
+        assert time.monotonic() - started < 3 and server.active == 0 and seen["gone"] == [True]
         writer.close()
 
     _run(test)
