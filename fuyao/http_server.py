@@ -26,9 +26,10 @@ What a client can rely on (the same as aiohttp gave the router):
 - what a proxy in front may send: an ``Upgrade`` (``curl --http2``'s h2c, websocket) is ignored (RFC 9110 §7.8):
   the request is answered in HTTP/1.1 and the connection closed after it; bytes after a request that closes the
   connection are dropped; a malformed request after valid pipelined ones is answered 400 after their answers; a
-  client that half-closes after its request still gets the answer; past :data:`MAX_QUEUED` pipelined requests
-  waiting for their answers the socket stops being read (what one read held is still parsed), and answers wait
-  while the client does not read them; a head line that never ends is refused 431 once over the limit;
+  client that half-closes after its request still gets the answer (unless the handler asked to be cancelled when
+  its client goes: the router takes an EOF as the client leaving, as most servers do); past :data:`MAX_QUEUED`
+  pipelined requests waiting for their answers the socket stops being read (what one read held is still parsed),
+  and answers wait while the client does not read them; a head line that never ends is refused 431 once over the limit;
 - a handler that raises after its stream's head went out cuts the connection (the client sees the answer end short,
   never a second status line inside its body).
 """
@@ -181,6 +182,7 @@ class Request:
         "_body_done",
         "_body_size",
         "_broken",
+        "_cancel_when_gone",
         "_conn",
         "_limit",
         "_waiter",
@@ -214,6 +216,7 @@ class Request:
         self._waiter: asyncio.Future[None] | None = None
         self._limit: int | None = None  # the cap of the read in progress
         self._broken: str | None = None  # why its body will never complete (a malformed chunk, the client's EOF)
+        self._cancel_when_gone = False
         self.read_started = False
         self.refusal: tuple[int, str] | None = None  # not a request: the connection's refusal, answered in turn
         self.streamed = False  # a stream's head went out
@@ -227,6 +230,12 @@ class Request:
     def gone(self) -> bool:
         """The client closed its side (or the server is dropping the connection)."""
         return self._conn.lost or self._conn.transport.is_closing()
+
+    def cancel_when_gone(self) -> None:
+        """Have the handler cancelled (``asyncio.CancelledError`` where it waits) if the client's connection is lost
+        while this request is answered: a proxy then drops its upstream request at once instead of when its
+        answer would be written (the engine aborts the generation and frees its KV blocks)."""
+        self._cancel_when_gone = True
 
     def abort(self) -> None:
         """Cut the connection: the client sees its answer end short (never a duplicated or a made-up end)."""
@@ -339,6 +348,8 @@ class _Connection(asyncio.Protocol):
             request._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self.queue and self.queue[0]._cancel_when_gone and self.task is not None:
+            self.task.cancel()  # the request being answered asked for it
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade_body is not None:
@@ -364,12 +375,15 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client half-closed: what it asked is still answered (then the connection closes); a body that had
-        not all arrived never will."""
+        not all arrived never will. A closed socket and a half-closed one look the same here, so a handler that
+        asked to be cancelled when its client goes (:meth:`Request.cancel_when_gone`) takes the EOF as that."""
         self.client_done = True
         current = self.current
         if current is not None and not current._body_done:
             current._broken = "the client closed its side before its body arrived"
             current._wake()
+        if self.queue and self.queue[0]._cancel_when_gone:
+            return False  # closed: connection_lost cancels the handler
         return self.task is not None or bool(self.queue)  # True: keep our side open for the answers
 
     def _ignore_upgrade(self, rest: bytes) -> None:

@@ -16,6 +16,7 @@ log line per request).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -169,8 +170,14 @@ class Router:
             return self._finish(_error(429, "too many requests in flight; retry later", "RateLimitError"), started,
                                 "overloaded")
         self.in_flight += 1
+        request.cancel_when_gone()  # a client that leaves while an engine works drops the engine's request at once
         try:
             return self._finish(await self._serve(request, started), started)
+        except asyncio.CancelledError:
+            if request.gone:  # the client left while the router waited (an engine, a lookup, a tokenization)
+                self.metrics.client_disconnects.inc()
+                self._finish(Response(status=499), started, "client-gone")
+            raise
         except _Answered as exc:
             return self._finish(exc.response, started, exc.reason)
         except _ClientGone:

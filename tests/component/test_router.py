@@ -412,3 +412,35 @@ def test_engines_with_an_api_key_the_router_uses_the_clients_and_its_own(tmp_pat
         keyless.close()
         first.close()
         second.close()
+
+
+def test_a_client_that_leaves_while_the_engine_works_frees_the_engine_and_the_routers_counts(tmp_path: Path) -> None:
+    """A non-streamed request (no byte goes to the client until the engine is done) whose client hangs up: the
+    router drops the engine's request at once (its connection closes, as vLLM needs to abort the generation), its
+    in-flight counts go back to zero and the disconnect is counted, not a success."""
+    import socket
+
+    profile = tmp_path / "slow.yaml"
+    profile.write_text("step_base_ms: 100\nprefill_per_token_ms: 0\ndecode_per_seq_ms: 0\n")
+    slow = engine("--latency-profile", str(profile), time_scale=1.0).start()
+    front = router("--backend", slow.url, "--strategy", "round-robin").start()
+    try:
+        client = socket.create_connection(("127.0.0.1", front.port))
+        body = json.dumps({"prompt": "hello", "max_tokens": 30}).encode()  # ~3 s of decoding
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 5
+        while backends(front)[slow.url]["in_flight"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backends(front)[slow.url]["in_flight"] == 1
+        client.close()
+        left = time.monotonic()
+        while backends(front)[slow.url]["in_flight"] != 0 and time.monotonic() < left + 5:
+            time.sleep(0.05)
+        assert time.monotonic() - left < 1.5  # not when the engine would have answered (~3 s)
+        assert front.metric("inference_client_disconnects_total") == 1
+        assert front.metric('inference_requests_total{code="200"}') == 0
+        assert backends(front)[slow.url]["circuit"] == "closed"  # not the engine's fault
+    finally:
+        front.close()
+        slow.close()
