@@ -6,7 +6,8 @@
 - completions: ``prompt`` a string, an array of strings, an array of token ids or an array of token-id arrays, each
   id an unsigned 32-bit integer (the engine then checks its own vocabulary);
 - chat: ``messages`` a non-empty array of messages whose role is a string and whose content is a string, null or
-  an array of parts with string ``text`` (what the chat template can render).
+  an array of parts with string ``text`` (what the chat template can render);
+- embeddings: ``input`` as ``prompt`` above (a string, strings, token ids or token-id arrays).
 
 A refused request gets a 400 in the OpenAI error shape naming the field, is counted (``inference_requests_total``
 by code, ``inference_errors_total{reason="bad-request"}``), and never reaches an engine: a malformed body must
@@ -43,15 +44,15 @@ def check(path: str, body: Mapping[str, Any]) -> None:
         except tokenizer.ChatFormatError as exc:
             raise BadRequest(str(exc), "messages") from None
         return
-    _check_prompt(body.get("prompt"))
+    _check_prompt(body.get("input"), "input") if path.endswith("/embeddings") else _check_prompt(body.get("prompt"))
 
 
-def _check_prompt(prompt: Any) -> None:
+def _check_prompt(prompt: Any, field: str = "prompt") -> None:
     if isinstance(prompt, str):
         return
     if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("prompt must be a string, an array of strings, an array of token ids or an array of "
-                         "token-id arrays", "prompt")
+        raise BadRequest(f"{field} must be a string, an array of strings, an array of token ids or an array of "
+                         "token-id arrays", field)
     if all(isinstance(p, str) for p in prompt):
         return
     if all(isinstance(p, list) and p for p in prompt):
@@ -59,9 +60,9 @@ def _check_prompt(prompt: Any) -> None:
     elif not any(isinstance(p, list | str) for p in prompt):
         arrays = [prompt]
     else:
-        raise BadRequest("prompt must not mix strings, token ids and token-id arrays", "prompt")
+        raise BadRequest(f"{field} must not mix strings, token ids and token-id arrays", field)
     for ids in arrays:
         try:
             tokenizer.check_token_ids(ids)
         except tokenizer.TokenIdError as exc:
-            raise BadRequest(str(exc), "prompt") from None
+            raise BadRequest(str(exc), field) from None

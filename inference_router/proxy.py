@@ -66,11 +66,11 @@ class _ClientGone(Exception):
 
 
 class _Refused(Exception):
-    """The request is answered at the door with ``status`` (bad body, bad fields)."""
+    """The request is answered at the door with ``status`` (bad body, bad fields; ``param``: the field)."""
 
-    def __init__(self, status: int, message: str, reason: str):
+    def __init__(self, status: int, message: str, reason: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.reason = status, message, reason
+        self.status, self.message, self.reason, self.param = status, message, reason, param
 
 
 class _Answered(Exception):
@@ -92,8 +92,8 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _error(status: int, message: str, kind: str = "ServiceUnavailableError") -> Response:
-    return Response.json(orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}),
+def _error(status: int, message: str, kind: str = "ServiceUnavailableError", param: str | None = None) -> Response:
+    return Response.json(orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}),
                          status)
 
 
@@ -186,7 +186,7 @@ class Router:
         except _Refused as exc:
             kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError", 404: "NotFoundError"}.get(
                 exc.status, "BadRequestError")
-            return self._finish(_error(exc.status, exc.message, kind), started, exc.reason)
+            return self._finish(_error(exc.status, exc.message, kind, exc.param), started, exc.reason)
         except Exception as exc:  # a bug answers a clear 500, counted and logged; the router goes on
             log.exception("request %s %s failed in the router", request.method, request.path)
             return self._finish(_error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError"),
@@ -207,10 +207,10 @@ class Router:
         try:
             admission.check(path, body)
         except admission.BadRequest as exc:
-            raise _Refused(400, f"{exc}", "bad-request") from None
+            raise _Refused(400, f"{exc}", "bad-request", exc.param) from None
         model = body.get("model")
         if model is not None and not self.fleet.serves(model):
-            raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model")
+            raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model", "model")
         hashes: list[int] = []
         tokens = 0
         if self._wants_prefix():
@@ -488,6 +488,9 @@ class Router:
                                                                            "owned_by": "fuyao"}]}))
         return _error(503, "no healthy backend")
 
+    async def no_route(self, request: Request) -> Response:
+        return _error(404, f"no route {request.method} {request.path} on this router", "NotFoundError")
+
     async def health(self, _request: Request) -> Response:
         if self.draining:
             return Response.text("draining", 503)
@@ -517,6 +520,9 @@ class Router:
         server = HttpServer()
         server.route("POST", "/v1/completions", self.handle)
         server.route("POST", "/v1/chat/completions", self.handle)
+        server.route("POST", "/v1/embeddings", self.handle)  # routed on load (no prompt prefix to keep)
+        for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+            server.route_prefix(method, "/", self.no_route)  # OpenAI clients read an error object, not text
         for path, handler in (("/v1/models", self.models), ("/health", self.health), ("/livez", self.livez),
                               ("/readyz", self.readyz), ("/metrics", self.metrics_page),
                               ("/debug/backends", self.backends_page)):

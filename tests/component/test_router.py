@@ -444,3 +444,26 @@ def test_a_client_that_leaves_while_the_engine_works_frees_the_engine_and_the_ro
     finally:
         front.close()
         slow.close()
+
+
+def test_embeddings_are_routed_and_refusals_name_their_field_in_the_openai_shape() -> None:
+    """``/v1/embeddings`` goes to an engine (on load: no prompt prefix to keep); a bad field is refused naming it in
+    ``param``; a path the router does not serve gets an OpenAI error object, not text."""
+    fake = FakeBackend()
+    fake.script = Script(chunks=[b'{"object": "list", "data": [{"embedding": [0.5]}]}'],
+                         content_type="application/json")
+    front = router("--backend", fake.url).start()
+    try:
+        status, body = raw_post(front, "/v1/embeddings", {"input": ["a", "b"], "model": "m"})
+        assert status == 200 and json.loads(body)["data"][0]["embedding"] == [0.5]
+        assert json.loads(fake.received[-1]) == {"input": ["a", "b"], "model": "m"}
+        for path, bad, param in (("/v1/embeddings", {"input": 7}, "input"),
+                                 ("/v1/completions", {"prompt": {}}, "prompt"),
+                                 ("/v1/completions", {"prompt": "x", "model": 3}, "model")):
+            status, body = raw_post(front, path, bad)
+            assert status == 400 and json.loads(body)["error"]["param"] == param, body
+        status, body = raw_post(front, "/v1/nothing-here", {})
+        assert status == 404 and json.loads(body)["error"]["type"] == "NotFoundError"
+    finally:
+        front.close()
+        fake.close()
