@@ -376,7 +376,7 @@ def parse_header(data: bytes) -> dict[str, Any] | None:
         return None
     try:
         header = json.loads(data[_PREFIX.size:_PREFIX.size + length])
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the recursion limit
         return None
     return header if isinstance(header, dict) else None
 

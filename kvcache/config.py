@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Any, Final, Literal
 
 from kubernetes.utils.quantity import parse_quantity
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
@@ -130,6 +130,13 @@ class KvCacheSection(_Section):
     @classmethod
     def _policy(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _volume_has_room(self) -> KvCacheSection:
+        if self.volume.path and self.size == 0:
+            raise ValueError("size: 0 with volume.path would delete every block file at each sweep (size is the "
+                             "volume's cap); give the volume a size, or no volume.path for an index only")
+        return self
 
 
 class KvCacheConfig(_Section):

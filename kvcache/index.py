@@ -236,12 +236,14 @@ class KvIndex:
     def _record(self, bits: int, depth: int, into: dict[str, int]) -> None:
         while bits:
             low = bits & -bits
-            into[self._by_bit[low.bit_length() - 1]] = depth
+            name = self._by_bit.get(low.bit_length() - 1)  # None: dropped meanwhile by the subscriber's thread
+            if name is not None:
+                into[name] = depth
             bits ^= low
 
     def _model_mask(self, model: str) -> int:
         mask = 0
-        for state in self.endpoints.values():
+        for state in list(self.endpoints.values()):  # a snapshot: the subscriber's thread may add or drop one
             if state.model in ("", model):
                 mask |= 1 << state.bit
         return mask

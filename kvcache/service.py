@@ -108,7 +108,7 @@ class KvCacheService:
         tier_blocks = self.tier.peek(hashes) if self.tier is not None else 0
         answer = {"block_size": self.index.block_size, "blocks": len(hashes), "endpoints": found,
                   "tier_blocks": tier_blocks,
-                  "cached_blocks": {url: len(state.hashes) for url, state in self.index.endpoints.items()}}
+                  "cached_blocks": {url: len(state.hashes) for url, state in list(self.index.endpoints.items())}}
         if self.volume is not None:
             answer["volume_blocks"] = self.volume.leading(hashes, model or "")
         return answer
@@ -230,6 +230,8 @@ class KvCacheService:
                         "expired": report.expired, "freed_bytes": report.freed_bytes})
             except OSError as exc:  # the volume went away: said, and tried again next time
                 log.warning("volume tier sweep failed: %s", exc)
+            except Exception:  # a bug or a file nothing expected: said with its trace, and the sweeps go on
+                log.exception("volume tier sweep failed")
             await asyncio.sleep(self.settings.volume.interval)
 
 

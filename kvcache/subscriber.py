@@ -253,7 +253,15 @@ class Subscriber:
             log.warning("undecodable KV event batch %d from %s (%s); dropped its %d entries", seq, name, exc,
                         dropped)
             return
-        self.index.apply(name, batch.events, self._sources[name].model if name in self._sources else "")
+        try:
+            self.index.apply(name, batch.events, self._sources[name].model if name in self._sources else "")
+        except Exception as exc:  # decodable but not applicable (a negative token id, an unhashable hash...)
+            stats.decode_errors += 1
+            stats.last_seq = seq
+            dropped = self.index.drop(name, forget=False)
+            log.warning("KV event batch %d from %s could not be applied (%s: %s); dropped its %d entries", seq,
+                        name, type(exc).__name__, exc, dropped)
+            return
         stats.last_seq = seq
         stats.batches += 1
         stats.lag_s = max(0.0, time.time() - batch.ts)

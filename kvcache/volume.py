@@ -38,6 +38,7 @@ class FileRecord:
     size: int
     stored_at: float
     accessed_at: float
+    depth: int = 0  # its position in its chain (when known): among equals, deeper blocks go first
 
     @property
     def last_used(self) -> float:
@@ -66,11 +67,11 @@ def plan(records: Sequence[FileRecord], capacity_bytes: int, policy: KvCachePoli
     alive = [r for r in records if r.key not in gone]
     total = sum(r.size for r in alive)
     if policy == KvCachePolicy.FIFO:
-        order = sorted(alive, key=lambda r: (r.stored_at, r.key))
+        order = sorted(alive, key=lambda r: (r.stored_at, -r.depth, r.key))
     elif policy == KvCachePolicy.LFU:
-        order = sorted(alive, key=lambda r: (hits[r.key], r.last_used, r.key))
+        order = sorted(alive, key=lambda r: (hits[r.key], r.last_used, -r.depth, r.key))
     else:
-        order = sorted(alive, key=lambda r: (r.last_used, r.key))
+        order = sorted(alive, key=lambda r: (r.last_used, -r.depth, r.key))
     evicted: list[FileRecord] = []
     for record in order:
         if total <= capacity_bytes:
@@ -80,13 +81,23 @@ def plan(records: Sequence[FileRecord], capacity_bytes: int, policy: KvCachePoli
     return Plan(expired=expired, evicted=evicted, kept_bytes=total)
 
 
-def scan(namespace_dir: Path) -> list[FileRecord]:
-    """Every block file under a namespace's directory (files that vanish while scanned are skipped)."""
+LEFTOVER_S = 3600.0
+"""A writer's temporary file (``.<key>.<pid>.<ns>.tmp``) or a consumed access log older than this was left by a
+process that died mid-write: removed by the sweep (else it would take volume space forever, uncounted)."""
+
+
+def scan(namespace_dir: Path, now: float | None = None) -> list[FileRecord]:
+    """Every block file under a namespace's directory (files that vanish while scanned are skipped); leftovers
+    older than :data:`LEFTOVER_S` are removed on the way."""
     found: list[FileRecord] = []
+    cutoff = (time.time() if now is None else now) - LEFTOVER_S
     for shard in sorted(namespace_dir.iterdir()) if namespace_dir.is_dir() else []:
         if not shard.is_dir() or shard.name.startswith("."):
             continue
         for path in shard.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                _remove_if_older(path, cutoff)
+                continue
             if not path.name.endswith(SUFFIX) or path.name.startswith("."):
                 continue
             try:
@@ -98,10 +109,22 @@ def scan(namespace_dir: Path) -> list[FileRecord]:
     return found
 
 
+def _remove_if_older(path: Path, cutoff: float) -> None:
+    try:
+        if path.stat().st_mtime < cutoff:
+            path.unlink()
+    except OSError:
+        pass  # gone already, or not ours to remove
+
+
 def consume_access_logs(namespace_dir: Path) -> Counter[str]:
-    """Loads per key recorded since the last call (each log is renamed, read and removed)."""
+    """Loads per key recorded since the last call (each log is renamed, read and removed; one a crashed manager
+    left renamed is removed once old)."""
     counts: Counter[str] = Counter()
     directory = namespace_dir / ACCESS_DIR
+    cutoff = time.time() - LEFTOVER_S
+    for leftover in directory.glob("*.consumed") if directory.is_dir() else []:
+        _remove_if_older(leftover, cutoff)
     for log in sorted(directory.glob("*.log")) if directory.is_dir() else []:
         taken = log.with_suffix(f".{os.getpid()}.consumed")
         try:
@@ -162,6 +185,7 @@ class VolumeTier:
         self.ttl_s = ttl_s
         self.clock = clock
         self.hits: Counter[str] = Counter()
+        self._loaded_at: dict[str, float] = {}  # key → when a sweep last saw it loaded (access logs)
         self.last = SweepReport()
         self.expired_total = 0
         self.evicted_total = 0
@@ -173,21 +197,50 @@ class VolumeTier:
     def sweep(self) -> SweepReport:
         started = time.monotonic()
         records: list[FileRecord] = []
+        now = self.clock()
         for directory in self.namespaces():
             records += scan(directory)
-            self.hits.update(consume_access_logs(directory))
-        decided = plan(records, self.capacity_bytes, self.policy, self.clock(), self.ttl_s, self.hits)
+            loaded = consume_access_logs(directory)
+            self.hits.update(loaded)
+            for key in loaded:  # the logs, not atime, say when a block was last loaded: a reader that does not
+                self._loaded_at[key] = now  # own the file cannot set its atime, and relatime updates it daily
+        self._learn(records)
+        if self._loaded_at:
+            records = [FileRecord(r.key, r.path, r.size, r.stored_at, max(r.accessed_at, self._loaded_at[r.key]))
+                       if r.key in self._loaded_at else r for r in records]
+        decided = plan(self._as_chains(records), self.capacity_bytes, self.policy, self.clock(), self.ttl_s,
+                       self.hits)
         freed = remove(decided.removed)
         for record in decided.removed:
             self.hits.pop(record.key, None)
         self.expired_total += len(decided.expired)
         self.evicted_total += len(decided.evicted)
         gone = {r.key for r in decided.removed}
-        self._publish([r for r in records if r.key not in gone])
+        kept = [r for r in records if r.key not in gone]
+        self._loaded_at = {r.key: self._loaded_at[r.key] for r in kept if r.key in self._loaded_at}
+        self._publish(kept)
         self.last = SweepReport(blocks=len(records) - len(decided.removed), bytes=decided.kept_bytes,
                                 expired=len(decided.expired), evicted=len(decided.evicted), freed_bytes=freed,
                                 seconds=time.monotonic() - started)
         return self.last
+
+    def _as_chains(self, records: list[FileRecord]) -> list[FileRecord]:
+        """The records with each block's times raised to the latest of the blocks after it in its chain (and its
+        depth set), from the headers read at earlier sweeps: a block no lookup reaches without its parent, so a
+        parent must never go before its children (a chain is stored and loaded parent first, so by its own times
+        the first block would always be the oldest, and its removal would strand the rest)."""
+        if not self._held:
+            return records
+        stored = {r.key: r.stored_at for r in records}
+        accessed = {r.key: r.accessed_at for r in records}
+        held = self._held
+        for key in sorted(stored, key=lambda k: -held[k][2] if k in held else 0):  # deepest first
+            parent = held[key][1] if key in held else ""
+            if parent in stored:
+                stored[parent] = max(stored[parent], stored[key])
+                accessed[parent] = max(accessed[parent], accessed[key])
+        return [FileRecord(r.key, r.path, r.size, stored[r.key], accessed[r.key],
+                           held[r.key][2] if r.key in held else 0) for r in records]
 
     def _model(self, namespace_dir: Path) -> str:
         """The served model name of a namespace (its namespace.json, written by the connector), or "" when its block
@@ -202,14 +255,10 @@ class VolumeTier:
                 return ""  # not described yet: asked again next sweep
         return self._models[name]
 
-    def _publish(self, kept: list[FileRecord]) -> None:
-        if not self.block_size:
-            return
-        keep = {r.key for r in kept}
-        for key in [k for k in self._held if k not in keep]:
-            del self._held[key]
-            self._content.pop(key, None)
-        for record in kept:
+    def _learn(self, records: list[FileRecord]) -> None:
+        """Read the headers of block files not seen before (chain, position, tokens): what eviction orders chains
+        by and what lookups are answered from."""
+        for record in records:
             if record.key in self._held:
                 continue
             header = read_header(record.path)
@@ -218,8 +267,16 @@ class VolumeTier:
             try:
                 self._held[record.key] = (str(record.path.parent.parent), str(header.get("parent", "")),
                                           int(header["position"]), [int(t) for t in header["token_ids"]])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # a header not of the connector's shape
                 continue
+
+    def _publish(self, kept: list[FileRecord]) -> None:
+        keep = {r.key for r in kept}
+        for key in [k for k in self._held if k not in keep]:
+            del self._held[key]
+            self._content.pop(key, None)
+        if not self.block_size:
+            return
         published: dict[str, set[int]] = {}
         for key, (namespace, parent, _position, tokens) in sorted(self._held.items(), key=lambda kv: kv[1][2]):
             model = self._model(Path(namespace))

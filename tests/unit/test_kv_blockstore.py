@@ -213,3 +213,76 @@ def test_what_the_tier_makes_is_writable_by_the_volumes_group(tmp_path: Path) ->
         assert directory.stat().st_mode & 0o7777 == blockstore.DIR_MODE, directory
     assert store.path(key).stat().st_mode & 0o777 == blockstore.FILE_MODE
     assert (store.dir / blockstore.NAMESPACE_FILE).stat().st_mode & 0o777 == blockstore.FILE_MODE
+
+
+def _chain(tmp_path: Path, tokens: list[int], blocks: int) -> tuple[BlockStore, list[str]]:
+    store = BlockStore(tmp_path, NS, writer="w")
+    keys = chain_keys(NS, tokens, blocks)
+    for i, key in enumerate(keys):
+        store.write(key, keys[i - 1] if i else "", i, tokens[i * 4:(i + 1) * 4], pages(i))
+    return store, keys
+
+
+@pytest.mark.parametrize("policy", list(KvCachePolicy))
+def test_a_sweep_evicts_a_chains_last_blocks_first_never_stranding_them(tmp_path: Path,
+                                                                         policy: KvCachePolicy) -> None:
+    """A chain is stored (and loaded) parent first, so by its own times its first block is always the oldest; a
+    block no lookup reaches without its parent must not outlive it. Over the cap by one block: the chain's last one
+    goes, whatever the policy, and what stays is still a chain from its first block."""
+    store, keys = _chain(tmp_path, TOKENS, 4)
+    size = max(r.size for r in volume.scan(store.dir))
+    tier = volume.VolumeTier(tmp_path, 3 * size, policy, block_size=4)
+    tier.sweep()  # reads the headers, then evicts one block
+    left = {r.key for r in volume.scan(store.dir)}
+    assert len(left) == 3 and left == set(keys[:3]), policy  # the deepest block went, not the first
+
+
+def test_the_last_load_comes_from_the_access_logs_not_atime(tmp_path: Path) -> None:
+    """A reader that does not own a block file cannot set its atime (and relatime updates it once a day): LRU reads
+    when a block was loaded from the access logs the sweep consumes."""
+    store, keys = _chain(tmp_path, TOKENS, 2)
+    _other, other_keys = _chain(tmp_path, [t + 1000 for t in TOKENS], 2)
+    old = time.time() - 7200
+    for path in [store.path(k) for k in keys + other_keys]:
+        os.utime(path, (old, old))
+    size = max(r.size for r in volume.scan(store.dir))
+    tier = volume.VolumeTier(tmp_path, 10 * size, KvCachePolicy.LRU, block_size=4)
+    tier.sweep()
+    reader = BlockStore(tmp_path, NS, writer="reader")
+    assert reader.read(keys[0]) is not None and reader.read(keys[1]) is not None
+    for path in [store.path(k) for k in keys]:
+        os.utime(path, (old, old))  # as if the reader could not touch them
+    tier.capacity_bytes = 2 * size
+    tier.sweep()
+    assert {r.key for r in volume.scan(store.dir)} == set(keys)  # the loaded chain stayed, the other went
+
+
+def test_a_sweep_removes_what_dead_writers_left_and_survives_a_strange_header(tmp_path: Path) -> None:
+    store, keys = _chain(tmp_path, TOKENS, 2)
+    shard = store.path(keys[0]).parent
+    old_tmp, new_tmp = shard / f".{keys[0]}.1.1.tmp", shard / f".{keys[1]}.2.2.tmp"
+    old_tmp.write_bytes(b"x" * 5000)
+    new_tmp.write_bytes(b"y")
+    stale = time.time() - 2 * volume.LEFTOVER_S
+    os.utime(old_tmp, (stale, stale))
+    logs = store.dir / blockstore.ACCESS_DIR
+    logs.mkdir(exist_ok=True)
+    consumed = logs / "host.123.consumed"
+    consumed.write_text("abc\n")
+    os.utime(consumed, (stale, stale))
+    weird = store.path(chain_keys(NS, [9] * 8, 2)[1])
+    weird.parent.mkdir(parents=True, exist_ok=True)
+    header = b'{"parent":"","position":1e400,"token_ids":[1,2,3,4]}'
+    weird.write_bytes(blockstore._PREFIX.pack(blockstore.MAGIC, blockstore.FORMAT_VERSION, len(header)) + header)
+    tier = volume.VolumeTier(tmp_path, 10**9, KvCachePolicy.LRU, block_size=4)
+    tier.sweep()  # neither the leftovers nor the header stop it
+    assert not old_tmp.exists() and new_tmp.exists() and not consumed.exists()
+    assert tier.leading([], "") == 0
+
+
+def test_a_volume_with_no_size_is_refused() -> None:
+    from fuyao.kvcache.config import build_config
+
+    with pytest.raises(Exception, match="would delete every block"):
+        build_config({"kvCache": {"size": 0, "volume": {"path": "/mnt/kv"}}})
+    assert build_config({"kvCache": {"size": 0}}).kv_cache.size == 0  # an index only

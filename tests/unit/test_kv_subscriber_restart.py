@@ -18,7 +18,7 @@ from fuyao.inference_router.config import build_config
 from fuyao.inference_router.fleet import PrefixSource
 from fuyao.kv_blocks import BlockStored, EventBatch, encode_batch
 from fuyao.kvcache.index import KvIndex
-from fuyao.kvcache.subscriber import Source, Subscriber
+from fuyao.kvcache.subscriber import Source, SourceStats, Subscriber
 from tests.support.apiserver import free_port
 from tests.support.polling import wait_for
 
@@ -208,3 +208,18 @@ def test_a_lost_connection_drops_the_engine_and_the_next_batch_is_a_fresh_join(p
     finally:
         engine.shutdown()
         sub.stop()
+
+
+def test_a_batch_that_decodes_but_cannot_be_applied_drops_that_engine_and_the_thread_goes_on() -> None:
+    """A token id the index cannot take (negative) in an otherwise well-formed batch: that engine's entries are
+    dropped and counted as a decode error; the subscriber's one thread serves every engine, so it must not die."""
+    sub = Subscriber(KvIndex(block_size=4))
+    sub.stats["engine"] = SourceStats()
+    good = encode_batch(_batch(100))
+    bad = encode_batch(EventBatch(ts=time.time(), events=[BlockStored([7], None, [-1, 2, 3, 4], 4)]))
+    sub._apply("engine", 0, good)
+    assert 100 in sub.index.blocks
+    sub._apply("engine", 1, bad)  # raised out of the subscriber's loop before
+    assert 100 not in sub.index.blocks and sub.stats["engine"].decode_errors == 1
+    sub._apply("engine", 2, encode_batch(_batch(101)))
+    assert 101 in sub.index.blocks and sub.stats["engine"].last_seq == 2
