@@ -86,8 +86,11 @@ class Namespace:
 
 
 def chain_keys(namespace: Namespace, token_ids: Sequence[int], blocks: int, parent: str = "",
-               start: int = 0) -> list[str]:
-    """Keys of blocks ``start .. blocks-1`` of ``token_ids`` (``parent``: the key of block ``start-1``)."""
+               start: int = 0, extras: Sequence[bytes] = ()) -> list[str]:
+    """Keys of blocks ``start .. blocks-1`` of ``token_ids`` (``parent``: the key of block ``start-1``).
+    ``extras[i - start]``: what else block ``i``'s KV depends on besides its tokens (vLLM's extra keys: a LoRA
+    adapter, images, a cache salt, prompt embeddings), mixed into its key; none for a plain block, whose key is
+    then the same as without."""
     bs = namespace.block_size
     salt = bytes.fromhex(namespace.id())
     keys: list[str] = []
@@ -96,7 +99,11 @@ def chain_keys(namespace: Namespace, token_ids: Sequence[int], blocks: int, pare
         chunk = token_ids[i * bs:(i + 1) * bs]
         if len(chunk) < bs:
             break
-        digest = hashlib.sha256(salt + previous + struct.pack(f"<{bs}i", *chunk)).digest()
+        extra = extras[i - start] if i - start < len(extras) else b""
+        material = salt + previous + struct.pack(f"<{bs}i", *chunk)
+        if extra:  # length-prefixed: no extra can pass for another block's tokens
+            material += b"extra" + struct.pack("<I", len(extra)) + extra
+        digest = hashlib.sha256(material).digest()
         keys.append(digest.hex())
         previous = digest
     return keys

@@ -29,7 +29,11 @@ What it does (vLLM 0.32's ``KVConnectorBase_V1``; facts in docs/facts/vllm-kv-co
 
 Extra config: ``path`` (required), ``retry_s`` (default 30). Two engines share files only when their namespace
 matches (``blockstore.Namespace``: model, dtype, block size, KV heads, head size, layers, and the CPU attention
-kernel's instruction set, which orders the bytes of a page).
+kernel's instruction set, which orders the bytes of a page). A block's key covers its tokens and everything before
+it, and what else vLLM's own block hash covers (its extra keys: the LoRA adapter, images, the request's
+``cache_salt``, prompt embeddings), so a block computed for one adapter, image or tenant is never loaded for
+another. With tensor or pipeline parallelism (each rank holds its own heads or layers) the connector stays off and
+says so at start: the tier holds one file per block.
 
 Imports only the standard library, vLLM and its dependencies (torch), and fuyao's kvcache block store, so it runs in
 any vLLM environment without fuyao's server dependencies.
@@ -51,6 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
 
 from fuyao.kvcache.blockstore import COUNTERS, METRIC_PREFIX, BlockStore, Namespace, Writer, chain_keys
 
@@ -111,6 +116,13 @@ class _Tracked:
     keys: list[str] = field(default_factory=list)
     stored: int = 0  # leading blocks stored or known to be in the tier
     external: int = 0  # tokens to load (update_state_after_alloc)
+    mm_index: int = 0  # vLLM's multimodal index after the last keyed block (its extra keys walk the images)
+
+
+def _has_extra_keys(request: Any) -> bool:
+    """Whether vLLM's block hash of this request covers more than tokens (LoRA, images, a salt, embeddings)."""
+    return (getattr(request, "lora_request", None) is not None or bool(getattr(request, "mm_features", None))
+            or bool(getattr(request, "cache_salt", None)) or getattr(request, "prompt_embeds", None) is not None)
 
 
 class FuyaoKVStats(KVConnectorStats):
@@ -158,6 +170,12 @@ class FuyaoKVConnector(KVConnectorBase_V1):
             raise ValueError('FuyaoKVConnector: kv_connector_extra_config needs "path" (the shared tier directory)')
         self._retry_s = float(transfer.get_from_extra_config("retry_s", 30))
         self._namespace = namespace_of(vllm_config)
+        parallel = vllm_config.parallel_config
+        self._off = ""
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            self._off = (f"tensor_parallel_size {parallel.tensor_parallel_size}, pipeline_parallel_size "
+                         f"{parallel.pipeline_parallel_size}: each rank holds its own heads or layers, and the tier "
+                         "keeps one file per block")
         self._store = BlockStore(path, self._namespace, writer=f"{socket.gethostname()}-{os.getpid()}")
         self._block_size = self._namespace.block_size
         if not self._store.describe():
@@ -171,6 +189,8 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._writer: Writer | None = None  # the worker's background stores (made in register_kv_caches)
         self._reported = self._store.stats.as_dict()
+        if self._off:
+            log.error("FuyaoKVConnector is off (nothing loaded or stored): %s", self._off)
         if role == KVConnectorRole.SCHEDULER:
             if getattr(transfer, "kv_load_failure_policy", "fail") == "fail":
                 log.warning('FuyaoKVConnector: kv_load_failure_policy is "fail": a tier file that goes missing or '
@@ -184,8 +204,21 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         if len(tracked.keys) < blocks:
             tokens = list(tracked.request.all_token_ids)
             parent = tracked.keys[-1] if tracked.keys else ""
-            tracked.keys += chain_keys(self._namespace, tokens, blocks, parent=parent, start=len(tracked.keys))
+            start = len(tracked.keys)
+            extras = self._extras(tracked, start, min(blocks, len(tokens) // self._block_size)) \
+                if _has_extra_keys(tracked.request) else ()
+            tracked.keys += chain_keys(self._namespace, tokens, blocks, parent=parent, start=start, extras=extras)
         return tracked.keys[:blocks]
+
+    def _extras(self, tracked: _Tracked, start: int, end: int) -> list[bytes]:
+        """vLLM's extra keys of blocks ``start .. end-1`` (its own function, so they are what its block hash
+        covers), as bytes (their repr: strings, bytes and numbers in tuples, the same in every process)."""
+        bs, out = self._block_size, []
+        for i in range(start, end):
+            extra, tracked.mm_index = generate_block_hash_extra_keys(tracked.request, i * bs, (i + 1) * bs,
+                                                                     tracked.mm_index)
+            out.append(repr(extra).encode() if extra else b"")
+        return out
 
     def _track(self, request: Request) -> _Tracked:
         tracked = self._tracked.get(request.request_id)
@@ -194,6 +227,8 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         return tracked
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._off:
+            return 0, False
         bs = self._block_size
         limit = (request.num_tokens - 1) // bs  # vLLM computes at least the last token
         local = num_computed_tokens // bs
@@ -246,6 +281,8 @@ class FuyaoKVConnector(KVConnectorBase_V1):
 
     def _stores(self, meta: FuyaoConnectorMetadata, tracked: _Tracked, computed: int) -> None:
         """The blocks full and computed after this step that the tier does not hold yet."""
+        if self._off:
+            return
         bs = self._block_size
         full = min(computed, tracked.request.num_tokens) // bs
         full = min(full, len(tracked.block_ids))

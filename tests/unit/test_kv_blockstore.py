@@ -286,3 +286,18 @@ def test_a_volume_with_no_size_is_refused() -> None:
     with pytest.raises(Exception, match="would delete every block"):
         build_config({"kvCache": {"size": 0, "volume": {"path": "/mnt/kv"}}})
     assert build_config({"kvCache": {"size": 0}}).kv_cache.size == 0  # an index only
+
+
+def test_what_else_a_block_depends_on_is_in_its_key() -> None:
+    """vLLM's extra keys (a LoRA adapter, images, a cache salt, prompt embeddings) mixed into a block's key: a block
+    of the same tokens for another adapter or tenant has another key, and so has every block after it; a plain
+    block's key is the same as without extras."""
+    plain = chain_keys(NS, TOKENS, 4)
+    assert chain_keys(NS, TOKENS, 4, extras=[b"", b"", b"", b""]) == plain
+    salted = chain_keys(NS, TOKENS, 4, extras=[b"(('cache_salt', 'tenant-a'),)", b"", b"", b""])
+    assert not set(salted) & set(plain)  # the salt is on block 0 only, and the chain carries it
+    other = chain_keys(NS, TOKENS, 4, extras=[b"(('cache_salt', 'tenant-b'),)", b"", b"", b""])
+    assert not set(other) & set(salted)
+    lora_late = chain_keys(NS, TOKENS, 4, extras=[b"", b"", b"('lora',)", b"('lora',)"])
+    assert lora_late[:2] == plain[:2] and not set(lora_late[2:]) & set(plain)
+    assert chain_keys(NS, TOKENS, 4, parent=salted[1], start=2, extras=[b"", b""]) == salted[2:]  # extending

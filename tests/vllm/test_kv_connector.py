@@ -131,6 +131,30 @@ def test_another_question_after_the_same_context_reuses_the_contexts_blocks(engi
     assert gained >= common - tokens(two, CONTEXT) - 2 * BLOCK_SIZE and gained > 0, (gained, common)
 
 
+def test_a_cache_salt_keeps_a_tenants_blocks_to_itself(engines: list[Daemon], tier: Path) -> None:
+    """vLLM's ``cache_salt`` separates tenants in its own prefix cache; the tier must too: a context computed under
+    one salt is loaded for that salt and never for another or for none (vLLM's external-hit counter says so)."""
+    one, two = engines
+    context = "Salted context about glaciers: " + "ice sheets moraines crevasses calving fjords " * 20
+    prompt = context + " Question: how do glaciers move?"
+    n = tokens(one, prompt)
+    before_files = len(list(tier.rglob("*.kv")))
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    http_json(one.url + "/v1/completions", {**body, "cache_salt": "tenant-a"}, timeout=120)
+    settled(tier, before_files + n // BLOCK_SIZE)
+
+    def external() -> float:
+        return metric_total(metrics(two), "vllm:external_prefix_cache_hits_total")
+
+    start = external()
+    for other in ({**body, "cache_salt": "tenant-b"}, body):  # another tenant, then no salt: nothing loaded
+        http_json(two.url + "/v1/completions", other, timeout=120)
+        time.sleep(1)
+        assert external() == start, other.get("cache_salt")
+    http_json(two.url + "/v1/completions", {**body, "cache_salt": "tenant-a"}, timeout=120)
+    wait_for(lambda: external() > start, 15, "tenant-a's blocks loaded on engine 2")
+
+
 def test_a_corrupt_block_is_recomputed_and_the_request_succeeds(engines: list[Daemon], tier: Path) -> None:
     """Half-written files (as a crash would leave) among the blocks engine 2 is about to load: they are misses,
     removed, reported to vLLM as load errors and recomputed; the request answers (no error)."""
