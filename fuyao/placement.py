@@ -137,8 +137,8 @@ def _die_pairs_pick(avail: list[str], must: list[str], size: int, place: PlaceOf
     whole = {card: devs for card, devs in cards.items() if len(devs) >= 2}
     heads = {ordered(devs)[0]: card for card, devs in whole.items()}
     must_heads = [h for h, card in heads.items() if any(place(m).card == card for m in must)]
-    if len(heads) < size // 2 or len(must_heads) < len({place(m).card for m in must}):
-        return None
+    if len(heads) < size // 2 or len(must_heads) < len({place(m).card for m in must}) or len(must_heads) > size // 2:
+        return None  # too few whole chips, a must-include die without its pair, or must-includes on too many chips
     picked = _best_fit(list(heads), must_heads, size // 2, place, ordered) or _spread(
         ordered(heads), must_heads, size // 2, place)
     return ordered(d for head in picked for d in whole[heads[head]])
@@ -201,5 +201,5 @@ def _spread(avail: list[str], must: list[str], size: int, place: PlaceOf) -> lis
                 p.numa not in must_numas, -cell_free[(p.group, p.numa)], p.order, device)
 
     rest = sorted((d for d in avail if d not in must), key=key)
-    chosen = must + rest[: size - len(must)]
+    chosen = must + rest[: max(0, size - len(must))]
     return sorted(chosen, key=lambda d: (place(d).order, d))

@@ -183,3 +183,23 @@ def test_single_only_devices_serve_one_device_requests_only() -> None:
     assert preferred_allocation(ids(0, 1, 2), [], 2, MESH, single_only=down) == ids(2)
     # a device the kubelet must include stays in
     assert ids(0)[0] in preferred_allocation(ids(0, 1, 2, 3), ids(0), 2, MESH, single_only=down)
+
+
+A3 = {f"d{i}": Placement(group="mesh", numa=i // 8, order=i, card=i // 2) for i in range(16)}
+"""An A3 (die pairs) board: 8 chips of 2 dies."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(sorted(A3)), min_size=1, unique=True), st.data())
+def test_die_pairs_never_answer_more_dies_than_asked(available: list[str], data: st.DataObject) -> None:
+    """Whatever the must-includes (also on more chips than the request has pairs), the answer holds at most
+    ``size`` distinct available dies (a preference the kubelet may complete; never more than the pod asked)."""
+    must = data.draw(st.lists(st.sampled_from(available), unique=True, max_size=4))
+    size = data.draw(st.integers(0, len(A3)))
+    got = preferred_allocation(available, must, size, A3, product=PRODUCTS["910c-a3"]) or []
+    assert len(got) <= size and len(set(got)) == len(got) and set(got) <= set(available), (must, size, got)
+
+
+def test_die_pairs_with_must_includes_on_more_chips_than_pairs_asked() -> None:
+    got = preferred_allocation(sorted(A3), ["d3", "d10", "d14"], 4, A3, product=PRODUCTS["910c-a3"]) or []
+    assert len(got) <= 4  # it was 14
