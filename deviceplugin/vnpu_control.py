@@ -15,14 +15,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from fuyao.contracts import RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
+from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
 from fuyao.inventory import NodeInventory
 from fuyao.npusmi import NpuSmi, NpuSmiError
 from fuyao.vnpu.ledger import Ledger
 from fuyao.vnpu.manager import VnpuManager
 from fuyao.vnpu.plan import Plan, PlanError, load_vnpu_config, make_plan
 from fuyao.vnpu.templates import Template, load_templates
-from fuyao.vnpu.usage import PodResourcesUnavailable, held_devices
+from fuyao.vnpu.usage import PodResourcesUnavailable, holdings
 
 from .config import PluginConfig
 from .devices import ChipHealth, ResourceDevices, Slot, whole_device_slots
@@ -60,8 +60,17 @@ class VnpuControl:
                                    templates=self.templates)
         self._retiring: dict[tuple[str, int], float] = {}
         self.held_at = time.time()
-        # Until the first reconcile knows better, a die with any record in the ledger is not offered whole.
-        carved = {r.device_id for r in self.manager.ledger.records()} if self.mode != "off" else set()
+        self.held_groups: list[frozenset[str]] | None = None  # the cores each container holds (last answer)
+        self.held_whole: set[str] | None = None  # dies containers hold as whole NPUs (last answer; None: unknown)
+        # Until the first reconcile knows better, a die with any record in the ledger is not offered whole; with
+        # vNPUs off nothing reconciles, so a die with vNPUs on it (left by another mode) is never offered whole
+        carved = {r.device_id for r in self.manager.ledger.records()}
+        if self.mode == "off":
+            carved |= self._dies_with_vnpus()
+            if carved:
+                log.warning("vNPU mode off, but %s have vNPUs (or the ledger's records of them): not offered as "
+                            "whole NPUs until those are destroyed (fuyao-vnpu) and the plugin restarts",
+                            ", ".join(sorted(carved)))
         self.npu = NpuResource(inventory, config, ResourceDevices(chips, whole_device_slots(
             d for d in inventory.devices if d.id not in carved)), scheduler_choices)
         self.vnpu = VnpuResource(inventory, config, ResourceDevices(chips), scheduler_choices)
@@ -109,13 +118,18 @@ class VnpuControl:
 
     def held(self) -> tuple[set[tuple[str, int]], set[str]] | None:
         """(vNPU slices held, npu-core devices held) from the kubelet, or None when it does not answer. The time
-        of the question is kept in ``held_at``: only vNPUs older than that (minus the grace) can be judged by it."""
+        of the question is kept in ``held_at``: only vNPUs older than that (minus the grace) can be judged by it;
+        the cores each container holds are kept in ``held_groups``."""
         self.held_at = time.time()
+        self.held_groups = self.held_whole = None
         try:
-            held = held_devices(self.settings.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
+            found = holdings(self.settings.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE, RESOURCE_NPU))
         except PodResourcesUnavailable as exc:
-            log.warning("%s; vNPUs are not destroyed until it answers", exc)
+            log.warning("%s; vNPUs are not destroyed (nor dies carved) until it answers", exc)
             return None
+        held = found.devices
+        self.held_groups = found.groups.get(RESOURCE_NPU_CORE, [])
+        self.held_whole = held[RESOURCE_NPU]
         slices = {p for d in held[RESOURCE_VNPU] if (p := parse_vnpu_device_id(d)) is not None}
         return slices, held[RESOURCE_NPU_CORE]
 
@@ -153,7 +167,7 @@ class VnpuControl:
         retiring: set[tuple[str, int]] = set()
         try:
             if plan is not None:
-                report = self.manager.apply(plan, held_slices, destroyable)
+                report = self.manager.apply(plan, held_slices, destroyable, held_whole=self.held_whole)
                 retiring = {(r.device_id, r.vnpu_id) for r in report.retiring + report.in_use}
                 if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
                     log.info("static vNPUs applied", extra={"report": report.summary()})
@@ -207,6 +221,8 @@ class VnpuControl:
     def _collect_dynamic(self, held_cores: set[str] | None) -> None:
         self.manager.recover()
         destroyed, errors = self.manager.collect_dynamic(held_cores, self.settings.collect_grace, self.templates,
+                                                         held_groups=None if held_cores is None else
+                                                         self.held_groups,
                                                          observed_at=self.held_at)
         for error in errors:
             log.warning("vNPU collection: %s", error)

@@ -25,7 +25,7 @@ from .ledger import DEFAULT_LEDGER, Ledger
 from .manager import VnpuError, VnpuManager, entry_in_use, static_changes
 from .plan import Plan, PlanError, load_vnpu_config, make_plan
 from .templates import load_templates
-from .usage import DEFAULT_POD_RESOURCES_SOCKET, PodResourcesUnavailable, held_devices
+from .usage import DEFAULT_POD_RESOURCES_SOCKET, PodResourcesUnavailable, holdings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,17 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _held(args: argparse.Namespace) -> tuple[set[tuple[str, int]], set[str], str | None]:
-    """(vNPU slices held, npu-core devices held, why unknown)."""
+def _held(args: argparse.Namespace) -> tuple[set[tuple[str, int]], set[str], str | None, list[frozenset[str]]]:
+    """(vNPU slices held, npu-core devices held, why unknown, the cores each container holds)."""
     if args.no_kubelet:
-        return set(), set(), None
+        return set(), set(), None, []
     try:
-        held = held_devices(args.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
+        found = holdings(args.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
     except PodResourcesUnavailable as exc:
-        return set(), set(), str(exc)
+        return set(), set(), str(exc), []
+    held = found.devices
     slices = {p for d in held[RESOURCE_VNPU] if (p := parse_vnpu_device_id(d)) is not None}
     cores = {d for d in held[RESOURCE_NPU_CORE] if parse_core_device_id(d) is not None}
-    return slices, cores, None
+    return slices, cores, None, found.groups.get(RESOURCE_NPU_CORE, [])
 
 
 def _plan(npu_smi: NpuSmi, inventory: NodeInventory, manager: VnpuManager, config_path: str) -> Plan:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "apply":
         plan = _plan(npu_smi, inventory, manager, args.config)
-        slices, _cores, unknown = _held(args)
+        slices, _cores, unknown, _groups = _held(args)
         if unknown:
             print(f"fuyao-vnpu: warning: {unknown}; vNPUs no longer in the plan are kept (use --no-kubelet on a "
                   "node without a kubelet)", file=sys.stderr)
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if report.errors else 0
     if args.command == "list":
         owners = {(r.device_id, r.vnpu_id): r for r in ledger.records()}
-        slices, cores, _unknown = _held(args)
+        slices, cores, _unknown, _groups = _held(args)
         rows = []
         for device in inventory.devices:
             try:
@@ -137,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # gc
     asked = time.time()
-    slices, cores, unknown = _held(args)
+    slices, cores, unknown, groups = _held(args)
     adopted = manager.recover()
-    destroyed, errors = manager.collect_dynamic(cores if unknown is None else None, args.grace, observed_at=asked)
+    destroyed, errors = manager.collect_dynamic(cores if unknown is None else None, args.grace, observed_at=asked,
+                                                held_groups=groups if unknown is None else None)
     _print({"adopted": [f"{r.device_id}/{r.vnpu_id}" for r in adopted],
             "destroyed": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed], "errors": errors,
             "pod_resources": unknown or "ok"}, args.json)

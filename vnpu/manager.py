@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -96,6 +96,7 @@ class ApplyReport:
     adopted: list[VnpuRecord] = field(default_factory=list)  # pending records whose vNPU turned out to exist
     rolled_back: list[VnpuRecord] = field(default_factory=list)  # created, then destroyed: the chip's split failed
     errors: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # dies in the plan not carved yet: a container may hold them
 
     def summary(self) -> dict[str, object]:
         return {
@@ -106,6 +107,7 @@ class ApplyReport:
             "adopted": [f"{r.device_id}/{r.vnpu_id}" for r in self.adopted], "errors": self.errors,
             "retiring": [f"{r.device_id}/{r.vnpu_id}" for r in self.retiring],
             "rolled_back": [f"{r.device_id}/{r.vnpu_id}:{r.template}" for r in self.rolled_back],
+            "waiting_for_release": self.waiting,
         }
 
 
@@ -270,11 +272,14 @@ class VnpuManager:
             self.on_event(action, result)
 
     def apply(self, plan: Plan, in_use: set[tuple[str, int]] | None,
-              destroyable: set[tuple[str, int]] | None = None) -> ApplyReport:
+              destroyable: set[tuple[str, int]] | None = None,
+              held_whole: Collection[str] | None = ()) -> ApplyReport:
         """Make the static vNPUs match ``plan``. ``in_use``: (device, vNPU id) pairs containers hold, from the
         kubelet; None when that is unknown — then nothing is destroyed (creations still happen). ``destroyable``:
         when given, only these surplus vNPUs are destroyed now; the others are reported as ``retiring`` (the
-        caller stops advertising them first and destroys them a grace period later)."""
+        caller stops advertising them first and destroys them a grace period later). ``held_whole``: dies a
+        container holds as a whole NPU (None: unknown): a die with no vNPU yet is not carved while it may be held
+        (its vNPUs would be handed to other pods while the container uses the die); it is carved once released."""
         with self.ledger.transaction():
             report = ApplyReport(adopted=self.recover())
             records = self.ledger.records()
@@ -310,6 +315,13 @@ class VnpuManager:
             for device_id, template, count in changes.create:
                 by_device.setdefault(device_id, []).append((template, count))
             for device_id, parts in by_device.items():
+                fresh = not observed.get(device_id) and not any(r.device_id == device_id for r in records)
+                if fresh and (held_whole is None or device_id in held_whole):
+                    report.waiting.append(device_id)
+                    log.info("%s is in the vNPU plan but %s: carved once it is free", device_id,
+                             "a container holds it whole" if held_whole is not None else
+                             "the kubelet's view of who holds it is unknown")
+                    continue
                 report.created.extend(self._create_split(device_id, parts, report))
             return report
 
@@ -382,9 +394,13 @@ class VnpuManager:
 
     def collect_dynamic(self, held_cores: set[str] | None, min_age_s: float = 0.0,
                         templates: Sequence[Template] = (),
-                        observed_at: float | None = None) -> tuple[list[VnpuRecord], list[str]]:
+                        observed_at: float | None = None,
+                        held_groups: Collection[frozenset[str]] | None = None) -> tuple[list[VnpuRecord], list[str]]:
         """Destroy our dynamic vNPUs whose cores no container holds; re-create (same id and template) those a
-        container holds but that vanished (a node reboot). ``held_cores`` is the kubelet's answer, asked at
+        container holds but that vanished (a node reboot). ``held_groups``: the cores each container holds (one
+        set per allocation): a vNPU is held when one container holds all its cores — a new pod given some of a dead
+        pod's cores does not keep the dead pod's vNPU alive (without groups: any of its cores held, the older,
+        looser test). ``held_cores`` is the kubelet's answer, asked at
         ``observed_at``: only vNPUs created at least ``min_age_s`` before that moment can be judged by it (the kubelet
         records an allocation after Allocate returns). ``held_cores`` None (the kubelet's view is unknown) changes
         nothing: a vNPU is never destroyed on a guess."""
@@ -396,7 +412,8 @@ class VnpuManager:
             for record in self.ledger.records():
                 if not record.dynamic or record.state != "created":
                     continue
-                if record.cores & held_cores:
+                if (any(record.cores <= group for group in held_groups) if held_groups is not None
+                        else record.cores & held_cores):
                     if sizes.get(record.template) and self.probe(record.device_id, record.vnpu_id) == "absent":
                         try:
                             self.ledger.remove(record)

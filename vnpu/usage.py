@@ -9,7 +9,7 @@ publishes which dies and (under the static CPU manager) which CPUs are taken. Th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -29,6 +29,8 @@ class Holdings:
     """resource name → device ID → ``namespace/name`` of the pod holding it (the kubelet's truth, which can differ
     from what a scheduler planned)."""
     exclusive_cpus: frozenset[int]  # CPUs the static CPU manager gave containers (empty under the none policy)
+    groups: dict[str, list[frozenset[str]]] = field(default_factory=dict)
+    """resource name → the device IDs of it each container holds, one set per container (an allocation)."""
 
     @property
     def devices(self) -> dict[str, set[str]]:
@@ -40,6 +42,7 @@ def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0)
     """What the containers on this node hold (one ``List`` call)."""
     wanted = set(resources)
     holders: dict[str, dict[str, str]] = {r: {} for r in wanted}
+    groups: dict[str, list[frozenset[str]]] = {r: [] for r in wanted}
     cpus: set[int] = set()
     try:
         with grpc.insecure_channel("unix://" + socket_path) as channel:
@@ -53,7 +56,8 @@ def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0)
                 if devices.resource_name in wanted:
                     holders[devices.resource_name].update(
                         dict.fromkeys(devices.device_ids, f"{pod.namespace}/{pod.name}"))
-    return Holdings(holders, frozenset(cpus))
+                    groups[devices.resource_name].append(frozenset(devices.device_ids))
+    return Holdings(holders, frozenset(cpus), groups)
 
 
 def held_devices(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0) -> dict[str, set[str]]:

@@ -14,6 +14,7 @@ import pytest
 from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
 from tests.support.deviceplugin import PluginUnderTest
 from tests.support.kubelet import AdmissionFailed
+from tests.support.polling import wait_for
 
 
 @pytest.fixture
@@ -146,6 +147,68 @@ def test_dynamic_vnpu_per_container_and_destroyed_after_the_pod(made) -> None:  
         time.sleep(0.1)
     assert chip_vnpus(p) == [] and ledger(p) == []
     k.wait_devices(RESOURCE_NPU_CORE, lambda ds: all(d.health == "Healthy" for d in ds), timeout=20)
+
+
+def test_a_dead_pods_vnpu_goes_when_a_new_pod_holds_some_of_its_cores(made) -> None:  # type: ignore[no-untyped-def]
+    """Placement picks the lowest free cores, so the next pod often gets some of a dead pod's: that must not keep
+    the dead pod's vNPU (and its cores) alive. A vNPU is held when one container holds all of its cores."""
+    p = start(made, "dynamic")
+    k = p.kubelet
+    k.wait_registered(RESOURCE_NPU_CORE, timeout=30)
+    k.wait_devices(RESOURCE_NPU_CORE)
+    for attempt in range(5):  # the plugin reconciles every 0.3 s: pod-b must come before it sees pod-a gone
+        k.admit(f"pod-a{attempt}", RESOURCE_NPU_CORE, 10)
+        time.sleep(1.0)  # older than the grace
+        k.delete_pod(f"pod-a{attempt}")
+        k.admit("pod-b", RESOURCE_NPU_CORE, 5)  # some of pod-a's cores
+        if len(chip_vnpus(p)) == 2:
+            break
+        k.delete_pod("pod-b")
+        wait_for(lambda: not chip_vnpus(p), 10, "no vNPU left")
+    assert len(chip_vnpus(p)) == 2
+    deadline = time.monotonic() + 10
+    while len(chip_vnpus(p)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [v["template"] for v in chip_vnpus(p)] == [json.loads(p.fake("fake", "show"))["vnpus"][0]["template"]]
+    assert len(chip_vnpus(p)) == 1 and len(ledger(p)) == 1  # pod-a's went; pod-b's stays
+
+
+def test_a_die_a_pod_holds_whole_is_carved_only_once_released(made) -> None:  # type: ignore[no-untyped-def]
+    """A ConfigMap edit that splits a die a running container holds as a whole NPU: its vNPUs would go to other
+    pods while the container uses the die. The die waits, uncarved, until it is released."""
+    p = start(made, "static", entries=[])
+    k = p.kubelet
+    k.wait_registered(RESOURCE_NPU, timeout=30)
+    k.wait_devices(RESOURCE_NPU, lambda ds: len(ds) == 8, timeout=30)
+    k.admit("pod-a", RESOURCE_NPU, 1)
+    held = k.pods["pod-a"][RESOURCE_NPU][0]
+    (p.root / "vnpu-config.json").write_text(json.dumps({"devices": [
+        {"device_id": held.rsplit("-", 1)[1], "vnpu_count": 2, "template": "vir10_3c_16g"}]}))
+    time.sleep(2.0)  # several reconciles
+    assert chip_vnpus(p) == [] and ledger(p) == []
+    assert any("carved once it is free" in str(e.get("msg")) for e in p.logs())
+    k.delete_pod("pod-a")
+    k.wait_registered(RESOURCE_VNPU, timeout=30)
+    k.wait_devices(RESOURCE_VNPU, lambda ds: len(ds) == 2, timeout=30)
+    assert len(chip_vnpus(p)) == 2
+
+
+def test_with_vnpus_off_a_die_that_still_has_vnpus_is_not_offered_whole(made) -> None:  # type: ignore[no-untyped-def]
+    p = start(made, "static", entries=[{"device_id": "0", "vnpu_count": 2, "template": "vir10_3c_16g"}])
+    k = p.kubelet
+    k.wait_registered(RESOURCE_VNPU, timeout=30)
+    k.wait_devices(RESOURCE_VNPU, lambda ds: len(ds) == 2, timeout=30)
+    k.admit("pod-a", RESOURCE_VNPU, 1)
+    p.terminate()
+    p.extra_args = ()  # the operator turns vNPUs off; die 0 keeps its vNPUs, pod-a still uses one
+    p.proc = None
+    p.start_kubelet = False
+    generation = len(k.registrations)
+    p.start()
+    k.wait(lambda: len(k.registrations) > generation, timeout=30, what="the plugin back")
+    npus = k.wait_devices(RESOURCE_NPU, timeout=30)
+    assert "Ascend910-0" not in ids(npus) and len(npus) == 7
+    assert len(chip_vnpus(p)) == 2  # nothing was destroyed behind pod-a's back
 
 
 def test_cores_of_two_chips_are_refused(made) -> None:  # type: ignore[no-untyped-def]
