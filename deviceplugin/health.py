@@ -76,6 +76,11 @@ class HealthMonitor:
         if not self._apply(statuses) and self.faults is not None and self.faults.published_changed \
                 and self.on_change is not None:
             self.on_change()
+        if self.faults is not None:
+            try:
+                self.faults.run_resets()  # after the Unhealthy statuses are out
+            except Exception:
+                log.exception("hot reset failed")
         self._telemetry(info)
 
     def _failed(self, error: str) -> None:

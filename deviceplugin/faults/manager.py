@@ -77,6 +77,7 @@ class FaultManager:
         self.clock = clock
         self.wall = wall
         self.states: dict[str, FaultState] = {}
+        self.due_resets: dict[str, FaultState] = {}  # decided by update(), run by run_resets() after it
         self.links: dict[str, bool | None] = {}
         self.holders: dict[str, str] = {}
         self.published = NodeFaults()  # the report as of the statuses last applied (commit)
@@ -162,7 +163,9 @@ class FaultManager:
             if step == Step.ISOLATE:
                 self._isolate(device, state)
             elif step == Step.RESET:
-                state = self._reset(device, state)
+                # not now: this poll's Unhealthy must reach the kubelet first (a reset takes up to its timeout,
+                # during which the die would still be advertised Healthy and could be allocated): run_resets
+                self.due_resets[device_id] = state
             self._announce(device, prev or FaultState(), state)
             self.states[device_id] = state
             self.metrics.set_fault(device, state.level.value if state.level else None,
@@ -177,6 +180,25 @@ class FaultManager:
                     reason=f"{base[device_id].reason}; {what} {' '.join(state.codes)}: {state.note}".strip())
         self._poll_links(now)
         return out
+
+    def run_resets(self) -> None:
+        """The resets ``update`` decided, run after its statuses were applied (the dies are Unhealthy, so the
+        kubelet allocates them to no one). A die a container took meanwhile (its Unhealthy came too late) is not
+        reset now: the next polls decide again."""
+        due, self.due_resets = self.due_resets, {}
+        if not due:
+            return
+        holders = self._holders()
+        for device_id, state in due.items():
+            device = self.devices[device_id]
+            if holders is None or holders.get(device_id):
+                log.warning("hot reset of NPU %s put off: %s", device_id, "the kubelet's view of its holders is "
+                            "unknown" if holders is None else f"{holders[device_id]} holds it now",
+                            extra={"device": device_id})
+                continue
+            after = self._reset(device, state)
+            if self.states.get(device_id) is state:  # no poll has moved its state on meanwhile
+                self.states[device_id] = after
 
     def _codes(self, device: NpuDevice, health: NpuHealthState) -> tuple[tuple[str, ...], NpuHealthState]:
         try:

@@ -48,6 +48,20 @@ def hold(p: PluginUnderTest, pod: str, device: str) -> None:
         p.kubelet.pods[pod] = {RESOURCE_NPU: [device]}
 
 
+def test_a_chip_is_unhealthy_before_its_reset_starts_and_cannot_be_allocated_during_it(make) -> None:  # type: ignore[no-untyped-def]
+    """A hot reset takes up to its timeout: the die's Unhealthy must reach the kubelet before it starts (else the
+    die is advertised Healthy for that long and a pod can be given a chip being reset)."""
+    import grpc
+
+    p = make("--config", str(_config(reset_settle="1s")))
+    p.fake("fake", "inject", "set -t reset*", "hang-after", "--seconds", "4")  # a slow reset
+    p.fake("fake", "set-health", "-i", "2", "Critical", "--code", "8C03A000")
+    wait_for(lambda: chip(p, 2).get("resets") == 1, 20, "the hot reset of NPU 2 under way")
+    assert health(p)["Ascend910-2"] == "Unhealthy"  # already, while the reset runs
+    with pytest.raises(grpc.RpcError):
+        p.kubelet.allocate(RESOURCE_NPU, ["Ascend910-2"])
+
+
 def test_a_reset_level_fault_on_a_free_chip_is_reset_and_the_chip_comes_back(make) -> None:  # type: ignore[no-untyped-def]
     p = make("--config", str(_config(reset_settle="1s")))
     p.fake("fake", "set-health", "-i", "2", "Critical", "--code", "8C03A000")  # ProcMgr heartbeat: RestartNPU
