@@ -69,6 +69,9 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         try:
             seen = -1
             while context.is_active() and not self.stopping.is_set():
+                if advertised.version == seen:  # nothing changed: no list is built
+                    advertised.wait_for_change(seen, _STREAM_POLL_S)
+                    continue
                 version, devices = advertised.snapshot()
                 if version != seen:
                     seen = version
