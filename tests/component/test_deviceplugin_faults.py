@@ -57,7 +57,9 @@ def test_a_chip_is_unhealthy_before_its_reset_starts_and_cannot_be_allocated_dur
     p.fake("fake", "inject", "set -t reset*", "hang-after", "--seconds", "4")  # a slow reset
     p.fake("fake", "set-health", "-i", "2", "Critical", "--code", "8C03A000")
     wait_for(lambda: chip(p, 2).get("resets") == 1, 20, "the hot reset of NPU 2 under way")
-    assert health(p)["Ascend910-2"] == "Unhealthy"  # already, while the reset runs
+    # the reset takes 4 s; the Unhealthy went out before it started (it came only after it before)
+    wait_for(lambda: health(p)["Ascend910-2"] == "Unhealthy", 2, "NPU 2 Unhealthy while its reset runs")
+    assert chip(p, 2).get("resets") == 1
     with pytest.raises(grpc.RpcError):
         p.kubelet.allocate(RESOURCE_NPU, ["Ascend910-2"])
 

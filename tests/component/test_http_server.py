@@ -341,14 +341,17 @@ def test_a_header_line_that_never_ends_is_refused_431_once_over_the_limit() -> N
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: ")
         answer = b""
-        for _ in range(40):  # 40 x 8 kB = 320 kB of one header value, no end of line
+        for _ in range(100):  # up to 100 x 8 kB = 800 kB of one header value, no end of line
             writer.write(b"a" * 8192)
-            await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
             await asyncio.sleep(0.005)
             with contextlib.suppress(TimeoutError):
                 answer += await asyncio.wait_for(reader.read(65536), 0.01)
             if answer:
                 break
+        if not answer:  # a busy machine: the answer may come after the last write
+            answer = await asyncio.wait_for(reader.read(65536), 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 431"), answer
 
@@ -358,20 +361,23 @@ def test_a_header_line_that_never_ends_is_refused_431_once_over_the_limit() -> N
 def test_a_client_that_pipelines_without_reading_is_not_parsed_far_ahead() -> None:
     async def test(server: HttpServer, port: int, seen: dict[str, Any]) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        batch = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" * 50
-        for _ in range(40):  # 2,000 requests, all waiting on the first
-            writer.write(batch)
-            await asyncio.sleep(0.01)
+        request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+        count = 30_000  # ~1 MB, all waiting on the first: parsed ahead, they would all be queued
+        writer.write(request * count)
+        await asyncio.sleep(1.0)
         [conn] = list(server.connections)
-        assert len(conn.queue) <= MAX_QUEUED + 50 * 2, len(conn.queue)  # the mark, plus what one read held
+        # the mark, plus what one read held (at most 256 kB: ~7,900 of these requests)
+        assert len(conn.queue) <= MAX_QUEUED + (256 * 1024) // len(request) + 1, len(conn.queue)
         seen["release"].set()
-        got = b""
-        while got.count(b"done") < 2000:
-            chunk = await asyncio.wait_for(reader.read(1 << 16), 10)
+        got, carry = 0, b""
+        while got < count:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
             assert chunk
-            got += chunk
+            carry += chunk
+            got += carry.count(b"done")
+            carry = carry[-3:]  # a "done" cut between two reads is counted with the next
         writer.close()
-        assert got.count(b"HTTP/1.1 200") == 2000
+        assert got == count
 
     _run(test)
 

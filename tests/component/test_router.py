@@ -426,7 +426,7 @@ def test_a_client_that_leaves_while_the_engine_works_frees_the_engine_and_the_ro
     front = router("--backend", slow.url, "--strategy", "round-robin").start()
     try:
         client = socket.create_connection(("127.0.0.1", front.port))
-        body = json.dumps({"prompt": "hello", "max_tokens": 30}).encode()  # ~3 s of decoding
+        body = json.dumps({"prompt": "hello", "max_tokens": 100}).encode()  # ~10 s of decoding
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 5
@@ -435,9 +435,9 @@ def test_a_client_that_leaves_while_the_engine_works_frees_the_engine_and_the_ro
         assert backends(front)[slow.url]["in_flight"] == 1
         client.close()
         left = time.monotonic()
-        while backends(front)[slow.url]["in_flight"] != 0 and time.monotonic() < left + 5:
+        while backends(front)[slow.url]["in_flight"] != 0 and time.monotonic() < left + 12:
             time.sleep(0.05)
-        assert time.monotonic() - left < 1.5  # not when the engine would have answered (~3 s)
+        assert time.monotonic() - left < 5  # not when the engine would have answered (~10 s)
         assert front.metric("inference_client_disconnects_total") == 1
         assert front.metric('inference_requests_total{code="200"}') == 0
         assert backends(front)[slow.url]["circuit"] == "closed"  # not the engine's fault
