@@ -138,9 +138,9 @@ class VnpuControl:
         try:
             if self.mode == "static":
                 self._reconcile_static(None if held is None else held[0])
-                self._collect_dynamic(None if held is None else held[1])  # leftovers of dynamic mode
+                self._collect_dynamic()  # leftovers of dynamic mode
             elif self.mode == "dynamic":
-                self._collect_dynamic(None if held is None else held[1])
+                self._collect_dynamic()
                 if self.manager.static_records():  # leftovers of static mode: an empty plan retires them
                     self.manager.apply(Plan(devices=()), None if held is None else held[0])
         finally:
@@ -218,12 +218,11 @@ class VnpuControl:
             log.error("vNPU config %s rejected, nothing changed: %s", path, exc)
         return self.plan
 
-    def _collect_dynamic(self, held_cores: set[str] | None) -> None:
+    def _collect_dynamic(self) -> None:
+        """Judged by the last answer of the kubelet (``held``): the cores each container holds, None if unknown."""
         self.manager.recover()
-        destroyed, errors = self.manager.collect_dynamic(held_cores, self.settings.collect_grace, self.templates,
-                                                         held_groups=None if held_cores is None else
-                                                         self.held_groups,
-                                                         observed_at=self.held_at)
+        destroyed, errors = self.manager.collect_dynamic(self.held_groups, self.settings.collect_grace,
+                                                         self.templates, observed_at=self.held_at)
         for error in errors:
             log.warning("vNPU collection: %s", error)
         if destroyed:

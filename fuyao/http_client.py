@@ -402,26 +402,21 @@ class UpstreamPool:
         head.append(b"\r\n")
         head.append(body)
         data = b"".join(head)
-        conn, reused = await self._acquire(origin, limit)
-        response = Response(conn, idle)
-        try:
-            await conn.send(data, response, deadline, headers_deadline)
-        except UpstreamError:
-            conn.abort()
-            if not (reused and conn.peer_closed and method in _IDEMPOTENT and not response.status):
-                raise
-            # closed by the server as it was taken from the pool, before any answer: once more on a new connection
-            conn, _ = await self._acquire(origin, limit, fresh=True)
+        fresh = False
+        while True:
+            conn, reused = await self._acquire(origin, limit, fresh=fresh)
             response = Response(conn, idle)
             try:
                 await conn.send(data, response, deadline, headers_deadline)
-            except BaseException:
+                return response
+            except UpstreamError:
                 conn.abort()
+                if not (reused and conn.peer_closed and method in _IDEMPOTENT and not response.status):
+                    raise
+                fresh = True  # closed by the server as it was taken from the pool, before any answer: once more
+            except BaseException:
+                conn.abort()  # cancelled or failed: this connection's state is unknown
                 raise
-        except BaseException:
-            conn.abort()  # cancelled or failed: this connection's state is unknown
-            raise
-        return response
 
     async def _acquire(self, origin: Origin, limit: float, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to ``origin`` and whether it was reused from the pool (``fresh``: always a new one)."""

@@ -175,14 +175,12 @@ class Router:
             return self._finish(await self._serve(request, started), started)
         except asyncio.CancelledError:
             if request.gone:  # the client left while the router waited (an engine, a lookup, a tokenization)
-                self.metrics.client_disconnects.inc()
-                self._finish(Response(status=499), started, "client-gone")
+                self._client_left(started)
             raise
         except _Answered as exc:
             return self._finish(exc.response, started, exc.reason)
         except _ClientGone:
-            self.metrics.client_disconnects.inc()
-            return self._finish(Response(status=499), started, "client-gone")  # nginx's "client closed request"
+            return self._client_left(started)
         except _Refused as exc:
             kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError", 404: "NotFoundError"}.get(
                 exc.status, "BadRequestError")
@@ -262,6 +260,10 @@ class Router:
     def _wants_prefix(self) -> bool:
         return self.config.kv_cache.enabled and (self.config.router.strategy == "prefix-aware"
                                                  or self.config.pd_separation.enabled)
+
+    def _client_left(self, started: float) -> Answer:
+        self.metrics.client_disconnects.inc()
+        return self._finish(Response(status=499), started, "client-gone")  # nginx's "client closed request"
 
     def _finish(self, response: Answer, started: float, error: str | None = None) -> Answer:
         self.metrics.latency.observe(time.perf_counter() - started)

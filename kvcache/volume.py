@@ -86,11 +86,11 @@ LEFTOVER_S = 3600.0
 process that died mid-write: removed by the sweep (else it would take volume space forever, uncounted)."""
 
 
-def scan(namespace_dir: Path, now: float | None = None) -> list[FileRecord]:
+def scan(namespace_dir: Path) -> list[FileRecord]:
     """Every block file under a namespace's directory (files that vanish while scanned are skipped); leftovers
     older than :data:`LEFTOVER_S` are removed on the way."""
     found: list[FileRecord] = []
-    cutoff = (time.time() if now is None else now) - LEFTOVER_S
+    cutoff = time.time() - LEFTOVER_S
     for shard in sorted(namespace_dir.iterdir()) if namespace_dir.is_dir() else []:
         if not shard.is_dir() or shard.name.startswith("."):
             continue
@@ -205,11 +205,7 @@ class VolumeTier:
             for key in loaded:  # the logs, not atime, say when a block was last loaded: a reader that does not
                 self._loaded_at[key] = now  # own the file cannot set its atime, and relatime updates it daily
         self._learn(records)
-        if self._loaded_at:
-            records = [FileRecord(r.key, r.path, r.size, r.stored_at, max(r.accessed_at, self._loaded_at[r.key]))
-                       if r.key in self._loaded_at else r for r in records]
-        decided = plan(self._as_chains(records), self.capacity_bytes, self.policy, self.clock(), self.ttl_s,
-                       self.hits)
+        decided = plan(self._for_eviction(records), self.capacity_bytes, self.policy, now, self.ttl_s, self.hits)
         freed = remove(decided.removed)
         for record in decided.removed:
             self.hits.pop(record.key, None)
@@ -224,15 +220,14 @@ class VolumeTier:
                                 seconds=time.monotonic() - started)
         return self.last
 
-    def _as_chains(self, records: list[FileRecord]) -> list[FileRecord]:
-        """The records with each block's times raised to the latest of the blocks after it in its chain (and its
-        depth set), from the headers read at earlier sweeps: a block no lookup reaches without its parent, so a
-        parent must never go before its children (a chain is stored and loaded parent first, so by its own times
-        the first block would always be the oldest, and its removal would strand the rest)."""
-        if not self._held:
-            return records
+    def _for_eviction(self, records: list[FileRecord]) -> list[FileRecord]:
+        """The records as eviction weighs them: last loaded when the access logs say so (atime may not move), and
+        each block's times raised to the latest of the blocks after it in its chain (and its depth set), from the
+        headers: a block no lookup reaches without its parent, so a parent must never go before its children (a
+        chain is stored and loaded parent first, so by its own times the first block would always be the oldest,
+        and its removal would strand the rest)."""
         stored = {r.key: r.stored_at for r in records}
-        accessed = {r.key: r.accessed_at for r in records}
+        accessed = {r.key: max(r.accessed_at, self._loaded_at.get(r.key, 0.0)) for r in records}
         held = self._held
         for key in sorted(stored, key=lambda k: -held[k][2] if k in held else 0):  # deepest first
             parent = held[key][1] if key in held else ""

@@ -138,10 +138,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # gc
     asked = time.time()
-    slices, cores, unknown, groups = _held(args)
+    _slices, _cores, unknown, groups = _held(args)
     adopted = manager.recover()
-    destroyed, errors = manager.collect_dynamic(cores if unknown is None else None, args.grace, observed_at=asked,
-                                                held_groups=groups if unknown is None else None)
+    destroyed, errors = manager.collect_dynamic(groups if unknown is None else None, args.grace, observed_at=asked)
     _print({"adopted": [f"{r.device_id}/{r.vnpu_id}" for r in adopted],
             "destroyed": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed], "errors": errors,
             "pod_resources": unknown or "ok"}, args.json)

@@ -392,19 +392,17 @@ class VnpuManager:
             raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU (free: "
                             f"{free.get('AICORE')} AICore, {free.get('Memory')} GB, {free.get('AICPU')} AICPU)")
 
-    def collect_dynamic(self, held_cores: set[str] | None, min_age_s: float = 0.0,
+    def collect_dynamic(self, held_groups: Collection[frozenset[str]] | None, min_age_s: float = 0.0,
                         templates: Sequence[Template] = (),
-                        observed_at: float | None = None,
-                        held_groups: Collection[frozenset[str]] | None = None) -> tuple[list[VnpuRecord], list[str]]:
+                        observed_at: float | None = None) -> tuple[list[VnpuRecord], list[str]]:
         """Destroy our dynamic vNPUs whose cores no container holds; re-create (same id and template) those a
         container holds but that vanished (a node reboot). ``held_groups``: the cores each container holds (one
         set per allocation): a vNPU is held when one container holds all its cores — a new pod given some of a dead
-        pod's cores does not keep the dead pod's vNPU alive (without groups: any of its cores held, the older,
-        looser test). ``held_cores`` is the kubelet's answer, asked at
+        pod's cores does not keep the dead pod's vNPU alive. It is the kubelet's answer, asked at
         ``observed_at``: only vNPUs created at least ``min_age_s`` before that moment can be judged by it (the kubelet
-        records an allocation after Allocate returns). ``held_cores`` None (the kubelet's view is unknown) changes
+        records an allocation after Allocate returns). ``held_groups`` None (the kubelet's view is unknown) changes
         nothing: a vNPU is never destroyed on a guess."""
-        if held_cores is None:
+        if held_groups is None:
             return [], []
         destroyed, errors = [], []
         sizes = {t.name: t for t in templates} | self.templates
@@ -412,8 +410,7 @@ class VnpuManager:
             for record in self.ledger.records():
                 if not record.dynamic or record.state != "created":
                     continue
-                if (any(record.cores <= group for group in held_groups) if held_groups is not None
-                        else record.cores & held_cores):
+                if any(record.cores <= group for group in held_groups):
                     if sizes.get(record.template) and self.probe(record.device_id, record.vnpu_id) == "absent":
                         try:
                             self.ledger.remove(record)
