@@ -218,23 +218,42 @@ def _post(daemon: Daemon, body: dict[str, Any]) -> tuple[int, Any]:
 
 
 def _first_stored(daemon: Daemon, events: str, prompt: str) -> dict[str, Any]:
-    """The raw map of the first BlockStored the engine publishes for ``prompt`` (sent until the subscription is up)."""
+    """The raw map of the first BlockStored the engine publishes for ``prompt``.
+
+    A SUB socket misses what is published before its subscription reaches the engine, and a prompt sent twice
+    publishes nothing the second time, so probes (each its own prompt) go first until one is heard; only then is
+    ``prompt`` sent, once, and only an event carrying its tokens is taken."""
     import msgpack
 
+    expected = tokenizer().encode(prompt).ids
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(events)
+
+    def stored(timeout_ms: int) -> list[dict[str, Any]]:
+        if not sub.poll(timeout_ms):
+            return []
+        body = msgpack.unpackb(sub.recv_multipart()[2], raw=False, strict_map_key=False)
+        return [e for e in body[1] if isinstance(e, dict) and e.get("type") == "BlockStored"]
+
     try:
         deadline = time.monotonic() + 30
+        probe = 0
+        while not stored(500):
+            if time.monotonic() > deadline:
+                raise AssertionError("the engine publishes no BlockStored for probes")
+            probe += 1
+            complete(daemon, f"Probe {probe} {time.monotonic_ns()}. " + CONTEXT)
+        while stored(300):  # the probes' late events
+            pass
+        complete(daemon, prompt)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            complete(daemon, prompt)
-            while sub.poll(500):
-                body = msgpack.unpackb(sub.recv_multipart()[2], raw=False, strict_map_key=False)
-                stored = [e for e in body[1] if isinstance(e, dict) and e.get("type") == "BlockStored"]
-                if stored:
-                    return stored[0]  # type: ignore[no-any-return]
-            prompt = "Again. " + prompt  # a cached prompt publishes nothing new
-        raise AssertionError("no BlockStored event")
+            for event in stored(500):
+                ids = event["token_ids"]
+                if ids and ids == expected[:len(ids)]:
+                    return event
+        raise AssertionError(f"no BlockStored event for {prompt[:40]!r}")
     finally:
         sub.close(linger=0)
 
