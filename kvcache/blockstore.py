@@ -99,14 +99,18 @@ def chain_keys(namespace: Namespace, token_ids: Sequence[int], blocks: int, pare
         chunk = token_ids[i * bs:(i + 1) * bs]
         if len(chunk) < bs:
             break
-        extra = extras[i - start] if i - start < len(extras) else b""
-        material = salt + previous + struct.pack(f"<{bs}i", *chunk)
-        if extra:  # length-prefixed: no extra can pass for another block's tokens
-            material += b"extra" + struct.pack("<I", len(extra)) + extra
-        digest = hashlib.sha256(material).digest()
+        digest = block_key(salt, previous, chunk, extras[i - start] if i - start < len(extras) else b"")
         keys.append(digest.hex())
         previous = digest
     return keys
+
+
+def block_key(salt: bytes, parent: bytes, chunk: Sequence[int], extra: bytes = b"") -> bytes:
+    """One block's key (as bytes): its namespace's id, its parent's key, its tokens and its extra keys, if any."""
+    material = salt + parent + struct.pack(f"<{len(chunk)}i", *chunk)
+    if extra:  # length-prefixed: no extra can pass for another block's tokens
+        material += b"extra" + struct.pack("<I", len(extra)) + extra
+    return hashlib.sha256(material).digest()
 
 
 @dataclass

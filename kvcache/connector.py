@@ -351,7 +351,7 @@ class FuyaoKVConnector(KVConnectorBase_V1):
             self._store.stats.blocks_dropped += len(meta.stores)
             return
         for block_id, key, parent, position, token_ids in meta.stores:
-            pages = [(name, page.numpy().tobytes())
+            pages = [(name, page.cpu().numpy().tobytes())  # a device page (GPU, NPU) copied to the host first
                      for (name, _), page in zip(self._layout, self._pages(block_id), strict=True)]
             self._writer.put(key, parent, position, token_ids, pages)
 

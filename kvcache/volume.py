@@ -17,8 +17,10 @@ publishes what the volume holds to the index's lookups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +30,7 @@ from pathlib import Path
 from fuyao.contracts import KvCachePolicy
 from fuyao.kv_blocks import block_hashes
 
-from .blockstore import ACCESS_DIR, NAMESPACE_FILE, SUFFIX, read_header
+from .blockstore import ACCESS_DIR, NAMESPACE_FILE, SUFFIX, block_key, read_header
 
 
 @dataclass(frozen=True)
@@ -117,24 +119,56 @@ def _remove_if_older(path: Path, cutoff: float) -> None:
         pass  # gone already, or not ours to remove
 
 
-def consume_access_logs(namespace_dir: Path) -> Counter[str]:
-    """Loads per key recorded since the last call (each log is renamed, read and removed; one a crashed manager
-    left renamed is removed once old)."""
+def consume_access_logs(namespace_dir: Path, held: dict[Path, int] | None = None) -> Counter[str]:
+    """Loads per key recorded since the last call. Each log is renamed, then read.
+
+    A writer opens its log per append, so one that opened it just before the rename appends to the renamed file
+    after it was read. With ``held`` (renamed file → bytes read so far, kept by the caller between calls) such
+    files stay until the next call, which reads what was appended since and removes them, so no such append is
+    lost. Without it they are removed at once. A file a crashed manager left renamed is removed once old."""
     counts: Counter[str] = Counter()
     directory = namespace_dir / ACCESS_DIR
+    if held is not None:
+        for taken in [p for p in held if p.parent == directory]:
+            counts.update(_read_keys(taken, held.pop(taken)))
+            with contextlib.suppress(OSError):
+                taken.unlink()
     cutoff = time.time() - LEFTOVER_S
     for leftover in directory.glob("*.consumed") if directory.is_dir() else []:
         _remove_if_older(leftover, cutoff)
     for log in sorted(directory.glob("*.log")) if directory.is_dir() else []:
-        taken = log.with_suffix(f".{os.getpid()}.consumed")
+        taken = log.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.consumed")
         try:
             log.rename(taken)
-            text = taken.read_text(errors="replace")
-            taken.unlink()
         except OSError:
             continue
-        counts.update(line.strip() for line in text.splitlines() if line.strip())
+        offset = _end_of_lines(taken)
+        counts.update(_read_keys(taken, 0, offset))
+        if held is not None:
+            held[taken] = offset
+        else:
+            with contextlib.suppress(OSError):
+                taken.unlink()
     return counts
+
+
+def _end_of_lines(path: Path) -> int:
+    """The length of ``path`` up to its last newline (a line still being appended is read next time)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 0
+    return data.rfind(b"\n") + 1
+
+
+def _read_keys(path: Path, start: int, end: int | None = None) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(max(0, end - start))
+    except OSError:
+        return []
+    return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
 
 
 def remove(records: Iterable[FileRecord]) -> int:
@@ -174,7 +208,8 @@ class VolumeTier:
         self.root = Path(root)
         self.block_size = block_size
         self.seed = seed
-        self._held: dict[str, tuple[str, str, int, list[int]]] = {}  # key → (namespace dir, parent, position, tokens)
+        self._held: dict[str, tuple[str, str, int, list[int], bool]] = {}
+        """key → (namespace dir, parent, position, tokens, plain: its key is of its tokens alone, no extra keys)."""
         self._content: dict[str, int] = {}  # key → the index's key of that block
         self._models: dict[str, str] = {}  # namespace dir → served model name ("" when unknown)
         self.published: dict[str, frozenset[int]] = {}
@@ -186,6 +221,7 @@ class VolumeTier:
         self.clock = clock
         self.hits: Counter[str] = Counter()
         self._loaded_at: dict[str, float] = {}  # key → when a sweep last saw it loaded (access logs)
+        self._logs_read: dict[Path, int] = {}  # renamed access logs → bytes read (finished next sweep)
         self.last = SweepReport()
         self.expired_total = 0
         self.evicted_total = 0
@@ -197,16 +233,23 @@ class VolumeTier:
     def sweep(self) -> SweepReport:
         started = time.monotonic()
         records: list[FileRecord] = []
+        loaded_now: set[str] = set()
         now = self.clock()
         for directory in self.namespaces():
             records += scan(directory)
-            loaded = consume_access_logs(directory)
+            loaded = consume_access_logs(directory, self._logs_read)
             self.hits.update(loaded)
+            loaded_now.update(loaded)
             for key in loaded:  # the logs, not atime, say when a block was last loaded: a reader that does not
                 self._loaded_at[key] = now  # own the file cannot set its atime, and relatime updates it daily
+        access_dirs = {d / ACCESS_DIR for d in self.namespaces()}
+        self._logs_read = {p: n for p, n in self._logs_read.items() if p.parent in access_dirs}
         self._learn(records)
         decided = plan(self._for_eviction(records), self.capacity_bytes, self.policy, now, self.ttl_s, self.hits)
         freed = remove(decided.removed)
+        seen = {r.key for r in records}
+        for key in [k for k in self.hits if k not in seen and k not in loaded_now]:
+            del self.hits[key]  # removed by a reader (corrupt) or by hand, or never a file here: forgotten
         for record in decided.removed:
             self.hits.pop(record.key, None)
         self.expired_total += len(decided.expired)
@@ -260,9 +303,11 @@ class VolumeTier:
             if header is None:
                 continue
             try:
-                self._held[record.key] = (str(record.path.parent.parent), str(header.get("parent", "")),
-                                          int(header["position"]), [int(t) for t in header["token_ids"]])
-            except (KeyError, TypeError, ValueError, OverflowError):  # a header not of the connector's shape
+                namespace, parent = record.path.parent.parent, str(header.get("parent", ""))
+                tokens = [int(t) for t in header["token_ids"]]
+                plain = block_key(bytes.fromhex(namespace.name), bytes.fromhex(parent), tokens).hex() == record.key
+                self._held[record.key] = (str(namespace), parent, int(header["position"]), tokens, plain)
+            except (KeyError, TypeError, ValueError, OverflowError, struct.error):  # not of the connector's shape
                 continue
 
     def _publish(self, kept: list[FileRecord]) -> None:
@@ -273,10 +318,10 @@ class VolumeTier:
         if not self.block_size:
             return
         published: dict[str, set[int]] = {}
-        for key, (namespace, parent, _position, tokens) in sorted(self._held.items(), key=lambda kv: kv[1][2]):
+        for key, (namespace, parent, _position, tokens, plain) in sorted(self._held.items(), key=lambda kv: kv[1][2]):
             model = self._model(Path(namespace))
-            if not model or len(tokens) != self.block_size:
-                continue
+            if not model or not plain or len(tokens) != self.block_size:
+                continue  # a block keyed with a LoRA adapter, images or a salt is not a plain prompt's (nor below it)
             if key not in self._content:
                 if parent and parent not in self._content:
                     continue  # its parent is gone or not published: no lookup reaches it

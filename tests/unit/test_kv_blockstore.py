@@ -257,6 +257,59 @@ def test_the_last_load_comes_from_the_access_logs_not_atime(tmp_path: Path) -> N
     assert {r.key for r in volume.scan(store.dir)} == set(keys)  # the loaded chain stayed, the other went
 
 
+def test_an_append_to_a_log_already_read_is_counted_by_the_next_consumption(tmp_path: Path) -> None:
+    """A writer opens its log per append: one that opened it just before the manager renamed it appends to the
+    renamed file after the manager read it. That load still counts, once, at the next consumption."""
+    store, keys = _chain(tmp_path, TOKENS, 2)
+    log_dir = store.dir / blockstore.ACCESS_DIR
+    log_dir.mkdir(exist_ok=True)
+    held: dict[Path, int] = {}
+    with open(log_dir / "slow-1.log", "a") as late:  # opened before the rename ...
+        late.write(keys[0] + "\n")
+        late.flush()
+        assert volume.consume_access_logs(store.dir, held) == Counter({keys[0]: 1})
+        late.write(keys[1] + "\n" + keys[0] + "\n")  # ... appended to after the read
+    assert volume.consume_access_logs(store.dir, held) == Counter({keys[1]: 1, keys[0]: 1})
+    assert held == {} and list(log_dir.iterdir()) == []  # finished and removed
+    assert volume.consume_access_logs(store.dir, held) == Counter()
+
+
+def test_lfu_forgets_the_loads_of_blocks_that_are_gone_however_they_went(tmp_path: Path) -> None:
+    """Load counts live as long as their block file: one a reader removed (corrupt) or an operator deleted takes
+    its count with it, so the counts never grow beyond what the volume holds."""
+    store, keys = _chain(tmp_path, TOKENS, 3)
+    size = max(r.size for r in volume.scan(store.dir))
+    tier = volume.VolumeTier(tmp_path, 10 * size, KvCachePolicy.LFU, block_size=4)
+    reader = BlockStore(tmp_path, NS, writer="reader")
+    for key in keys:
+        assert reader.read(key) is not None
+    tier.sweep()
+    assert set(tier.hits) == set(keys)
+    store.path(keys[2]).unlink()  # gone behind the manager's back
+    tier.sweep()
+    tier.sweep()  # the log read last time is finished now
+    assert set(tier.hits) == set(keys[:2]) and tier.hits[keys[0]] == 1
+
+
+def test_the_tier_publishes_plain_blocks_only_not_those_keyed_with_a_lora_or_a_salt(tmp_path: Path) -> None:
+    """A block keyed with vLLM's extra keys (a LoRA adapter, images, a cache salt) holds KV a plain request of the
+    same tokens cannot use: lookups are told of the plain chain only (a salted first block hides its whole chain)."""
+    from fuyao.kv_blocks import block_hashes
+
+    store, _plain = _chain(tmp_path, TOKENS, 2)
+    assert store.describe()
+    salted_tokens = [t + 500 for t in TOKENS]
+    salted = chain_keys(NS, salted_tokens, 2, extras=[b"('salt',)"])
+    assert salted != chain_keys(NS, salted_tokens, 2)
+    for i, key in enumerate(salted):
+        store.write(key, salted[i - 1] if i else "", i, salted_tokens[i * 4:(i + 1) * 4], pages(i))
+    tier = volume.VolumeTier(tmp_path, 10**9, KvCachePolicy.LRU, block_size=4)
+    tier.sweep()
+    assert tier.leading(block_hashes(TOKENS[:8], 4, 0), "tiny") == 2
+    assert tier.leading(block_hashes(salted_tokens[:8], 4, 0), "tiny") == 0
+    assert len(tier.published["tiny"]) == 2 and len(volume.scan(store.dir)) == 4  # kept, just not published
+
+
 def test_a_sweep_removes_what_dead_writers_left_and_survives_a_strange_header(tmp_path: Path) -> None:
     store, keys = _chain(tmp_path, TOKENS, 2)
     shard = store.path(keys[0]).parent
