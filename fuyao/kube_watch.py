@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,6 +26,8 @@ from .kube_client import RestEndpoint
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT_S = 300
+HEALTHY_WATCH_S = 5.0
+"""A watch open this long (or carrying any event) worked: the re-list backoff starts over."""
 FAILING_AFTER = 5
 """Failures in a row after which a kind is reported ``failing`` (readiness): what we hold is going stale."""
 
@@ -53,6 +56,7 @@ class _Follower:
         """Re-list delays: from ``backoff_s``, doubling up to 60x, 10% jitter (replicas that lost the API server
         together do not re-list together); from the fifth failure in a row the kind is reported ``failing``."""
         self.relists = 0
+        self.events = 0  # watch event lines applied (bookmarks too)
 
     def _listed(self, body: bytes) -> str:
         """A full list's body into the sink; the resourceVersion to watch from."""
@@ -69,6 +73,16 @@ class _Follower:
         self.failing.pop(self.kind, None)
         self.backoff.reset()
 
+    def _watched(self, started: float, events_before: int) -> float | None:
+        """After a watch ended without an error: None when it worked (it carried an event, or stayed open
+        :data:`HEALTHY_WATCH_S`), which resets the backoff; else the delay before the next try. A list alone never
+        resets it: a watch that fails or ends at once after every good list (RBAC without ``watch``, a proxy that
+        cuts long requests) backs off and is reported ``failing`` instead of re-listing twice a second."""
+        if self.events > events_before or time.monotonic() - started >= HEALTHY_WATCH_S:
+            self._recovered()
+            return None
+        return self._failed(RuntimeError("the watch ended at once, with no event"))
+
     def _failed(self, exc: Exception) -> float:
         """Log a failed list or watch; the delay before re-listing."""
         delay = self.backoff.next()
@@ -83,6 +97,7 @@ class _Follower:
             if stopped():
                 return None
             found = apply_event(self.kind, self.sink, line, version)
+            self.events += 1
             if found is None:
                 return None
             version = found
@@ -114,9 +129,13 @@ class ListWatch(_Follower):
         while not self._stop.is_set():
             try:
                 version: str | None = self._list()
-                self._recovered()
+                self.failing.pop(self.kind, None)  # fresh again; the backoff waits for a working watch
                 while not self._stop.is_set() and version is not None:
+                    started, before = time.monotonic(), self.events
                     version = self._watch(version)
+                    delay = self._watched(started, before)
+                    if delay is not None:
+                        self._stop.wait(delay)
             except Exception as exc:
                 self._stop.wait(self._failed(exc))
 
@@ -213,9 +232,14 @@ class AsyncListWatch(_Follower):
         while not stop.is_set():
             try:
                 version: str | None = await self._list(session)
-                self._recovered()
+                self.failing.pop(self.kind, None)  # fresh again; the backoff waits for a working watch
                 while not stop.is_set() and version is not None:
+                    started, before = time.monotonic(), self.events
                     version = await self._watch(session, version, stop)
+                    delay = self._watched(started, before)
+                    if delay is not None:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -26,6 +26,7 @@ class FakeApiServer:
         self.watch_versions: list[str] = []
         self.headers: list[str] = []
         self.script: list[list[bytes]] = []
+        self.watch_refused = False  # list allowed, watch 403 (RBAC without the watch verb)
 
     async def pods(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(request.headers.get("Authorization", ""))
@@ -36,6 +37,8 @@ class FakeApiServer:
             return web.Response(body=orjson.dumps({"metadata": {"resourceVersion": "10"}, "items": [
                 {"metadata": {"name": "listed", "resourceVersion": "10"}}]}), content_type="application/json")
         self.watch_versions.append(request.query["resourceVersion"])
+        if self.watch_refused:
+            return web.Response(status=403, text='pods is forbidden: cannot watch resource "pods"')
         lines = self.script.pop(0) if self.script else []
         if lines == [b"410"]:
             return web.Response(status=410, text="too old")
@@ -104,6 +107,41 @@ def test_failing_then_recovered_then_events_resumes_and_relists() -> None:
             assert api.watch_versions[:4] == ["10", "12", "13", "10"]
             assert sink.replaced == 2 and sink.names == {"listed": "10"}  # the re-list's view
             assert len(set(api.headers)) == len(api.headers)  # the token is read again for every request
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_watch_that_fails_after_every_good_list_backs_off_and_is_reported_failing() -> None:
+    """A good list alone does not reset the backoff: with watches refused the re-lists slow down (doubling) and the
+    kind is reported failing, instead of a list (and a full replace downstream) every initial delay forever."""
+    async def scenario() -> None:
+        api = FakeApiServer()
+        api.down, api.watch_refused = False, True
+        app = web.Application()
+        app.router.add_get("/api/v1/pods", api.pods)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sink, failing = Sink(), {}  # type: ignore[var-annotated]
+        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
+                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
+                               failing=failing, backoff_s=0.05)
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(watch.run(session, stop))
+            await asyncio.sleep(2.0)
+            # delays 0.05, 0.1, 0.2, 0.4, 0.8 (+10 % jitter): at most 6 lists in 2 s; a reset after every list
+            # would make ~30
+            assert 3 <= api.lists <= 6, api.lists
+            assert "cannot watch" in failing.get("pods", "")
+            api.watch_refused = False  # RBAC fixed: the next watch works and the kind recovers
+            await until(lambda: "pods" not in failing, timeout=5)
+            stop.set()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
