@@ -180,7 +180,7 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "qos-agent": obj({
         **common(), **node_agent(),
-        "cgroupRoot": ABS_PATH, "interval": DURATION,
+        "cgroupRoot": ABS_PATH, "stateDir": ABS_PATH, "interval": DURATION,
         "metrics": obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR,
                         "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
                                                "evictionStorm": integer(1)})},

@@ -5,7 +5,9 @@ file, an API call) fails alone: logged, counted, retried next cycle; the daemon 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -87,7 +89,11 @@ class Agent:
         self._usage: NodeUsage | None = None
         self._usage_at = 0.0
         self._evicted: dict[str, float] = {}
-        self._limited: set[str] = set()  # pods whose cgroups hold BE limits the agent wrote
+        self._limited: set[str] = _load_limited(config.state_file)
+        """Pods whose cgroups hold BE limits the agent wrote (kept in ``state_file``: a pod that turns LS after a
+        restart of the agent still gets its own values back)."""
+        self._saved_limited = set(self._limited)
+        self._restoring: dict[str, list[WriteLine]] = {}  # this cycle's restores, per pod
 
     # --------------------------------------------------------------------------------------------------------------
     def cycle(self, dry_run: bool = False) -> Report:
@@ -106,8 +112,9 @@ class Agent:
                 notes.append("the Node has no readable capacity: the host's CPUs and memory are used")
             else:
                 capacity, reserved = found
-        if self.state is not None and self.state.failing:
-            notes.append(f"API server watch failing, pod classes may be stale: {self.state.failing}")
+        failing = dict(self.state.failing) if self.state is not None else {}  # a copy: the watches change it
+        if failing:
+            notes.append(f"API server watch failing, pod classes may be stale: {failing}")
         m = self.collector.sample(facts, capacity, reserved or (0, 0))
         if m.errors:
             self.metrics.cgroup_errors.inc(len(m.errors))
@@ -118,11 +125,15 @@ class Agent:
         node_cpus = self._node_cpus(notes)
         plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed, node_cpus)
         writes = self._writes(m, plan, notes) if m.warm else []
-        evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config)
-                     if time.monotonic() - self._evicted.get(e.pod.uid, -1e9) > EVICTION_RETRY_S]
+        clock = time.monotonic()
+        self._evicted = {uid: at for uid, at in self._evicted.items() if clock - at <= EVICTION_RETRY_S}
+        evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config) if e.pod.uid not in self._evicted]
+        if evictions and "pods" in failing:
+            notes.append("evictions held: the pod watch is failing, so which pods are BE may be stale")
+            evictions = []
         now = time.time()
         usage = self._usage_value(m, now)
-        batch_due = self._batch_due(m, batch, now)
+        batch_due = capacity is not None and self._batch_due(m, batch, now)  # from a full view of the node only
         usage_due = m.warm and self._usage_due(usage, now)
         if not dry_run:
             for line in writes:
@@ -133,6 +144,10 @@ class Agent:
                     line.error = str(exc)
                     self.metrics.cgroup_writes.labels("error").inc()
                     log.warning("cgroup write failed: %s", exc)
+            for uid, lines in self._restoring.items():
+                if not any(line.error for line in lines):
+                    self._limited.discard(uid)  # its own values are back: only then forgotten
+            self._save_limited()
             if m.warm:
                 self.suppressed = plan.active
             publisher = self.publisher  # due only with one (a cluster)
@@ -180,7 +195,8 @@ class Agent:
         suppression plan say (only where a file differs). A pod that stopped being BE gets its spec's values back.
         A container whose cgroup is not where its runtime puts it is reported, never guessed."""
         out: list[WriteLine] = []
-        present = {p.uid for p in m.pods}
+        self._restoring = {}
+        present = {p.uid for p in m.pods} | set(m.groups)
         self._limited &= present  # a pod that went took its cgroups with it
         restore_cpus = self._tier_cpus_or_none()
         for pod in m.pods:
@@ -207,17 +223,34 @@ class Agent:
             else:
                 continue
             try:
-                out.extend(self._pod_writes(pod, group, targets, why, notes, cpus))
+                lines = self._pod_writes(pod, group, targets, why, notes, cpus)
             except cgroups.CgroupError as exc:
                 self.metrics.cgroup_errors.inc()
                 notes.append(f"BE pod {pod.key} left as is: {exc}")
                 log.warning("BE pod %s left as is: %s", pod.key, exc)
                 continue
+            out.extend(lines)
             if pod.be:
                 self._limited.add(pod.uid)
             else:
-                self._limited.discard(pod.uid)
+                self._restoring[pod.uid] = lines  # forgotten once every one of them is written
         return out
+
+    def _save_limited(self) -> None:
+        """Write the limited pods to ``state_file`` when they changed (atomically; a failure is logged and the
+        write is tried again next cycle)."""
+        path = self.config.state_file
+        if not path or self._limited == self._saved_limited:
+            return
+        try:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(json.dumps({"version": 1, "limited": sorted(self._limited)}))
+            os.replace(tmp, target)
+            self._saved_limited = set(self._limited)
+        except OSError as exc:
+            log.warning("cannot save the QoS agent's state to %s (retried next cycle): %s", path, exc)
 
     def _tier_cpus_or_none(self) -> frozenset[int] | None:
         if self.config.cpu_suppress.policy != "cpuset":
@@ -299,7 +332,7 @@ class Agent:
         line = EvictionLine(pod=pod.key, uid=pod.uid, memory_bytes=pod.memory_bytes, reason=eviction.reason)
         if dry_run or self.evictor is None:
             return line
-        line.error = self.evictor.evict(pod.namespace, pod.name)
+        line.error = self.evictor.evict(pod.namespace, pod.name, pod.uid)
         self.metrics.evictions.labels("error" if line.error else "ok").inc()
         if not line.error:
             self._evicted[pod.uid] = time.monotonic()
@@ -322,11 +355,13 @@ class Agent:
             return False
         settings = self.config.batch
         old = self._batch
+        if old is not None and self.state is not None and self.state.published_batch() != old:
+            old = None  # the Node lost them or holds others (re-registered, edited): published again, paced
         moved = (policy.changed_enough(old and old[0], batch.cpu_milli, m.node.cpu_capacity_milli,
                                        settings.change_threshold_percent)
                  or policy.changed_enough(old and old[1], batch.memory_bytes, m.node.memory_capacity_bytes,
                                           settings.change_threshold_percent))
-        return moved and (old is None or now - self._batch_at >= settings.min_publish_interval)
+        return moved and (self._batch is None or now - self._batch_at >= settings.min_publish_interval)
 
     def _usage_due(self, usage: NodeUsage, now: float) -> bool:
         if self.publisher is None:
@@ -379,6 +414,23 @@ class Agent:
             suppress={"active": plan.active, "ls_and_system_cpu_milli": plan.ls_and_system_milli,
                       "be_cpu_allowed_milli": plan.be_allowed_milli},
             cgroup_writes=writes, evictions=evictions)
+
+
+def _load_limited(path: str) -> set[str]:
+    """The pods a previous run of the agent left with BE limits (``state_file``); none when there is no file, and
+    none (with a warning naming the file) when it is unreadable or not the agent's."""
+    if not path:
+        return set()
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("limited"), list):
+            raise ValueError('not {"version": 1, "limited": [...]}')
+        return {str(uid) for uid in data["limited"]}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the QoS agent's state file %s: %s", path, exc)
+        return set()
 
 
 def _by_class(m: Measurement) -> dict[str, dict[str, int]]:

@@ -390,5 +390,8 @@ def apply(write: Write) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise CgroupError(f"wrote {write.value!r} to {write.path} but it reads "
-                          f"{Path(write.path).read_text().strip()[:40]!r}")
+        try:
+            now = repr(Path(write.path).read_text().strip()[:40])
+        except OSError as exc:
+            now = f"unreadable ({exc.strerror or exc})"
+        raise CgroupError(f"wrote {write.value!r} to {write.path} but it reads {now}")

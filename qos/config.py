@@ -86,6 +86,8 @@ class AgentConfig(ConfigSection):
     cgroup_root: str = "/sys/fs/cgroup"
     kubeconfig: str | None = None
     metrics_address: str = "127.0.0.1:9401"
+    state_file: str = Field(default="", description="where the agent keeps which pods hold BE limits it wrote, so "
+                            "that a pod turning LS after an agent restart gets its values back (empty: memory only)")
     batch: BatchSettings = BatchSettings()
     usage: UsageSettings = UsageSettings()
     cpu_suppress: CpuSuppressSettings = CpuSuppressSettings()

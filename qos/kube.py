@@ -80,30 +80,60 @@ def container_resources(container: Mapping[str, Any], container_id: str = "", ba
                               memory_limit_bytes=memory_limit if memory_limit and memory_limit > 0 else None)
 
 
-def _total(values: list[int | None]) -> int | None:
-    """The pod's limit: the sum of its containers', or None (unlimited) when one of them has none."""
-    if not values or any(v is None for v in values):
+def _effective(app: list[int | None], init: list[tuple[bool, int | None]], unset_is_unlimited: bool) -> int | None:
+    """The pod's value as the kubelet sizes its cgroup: the larger of its app containers plus its sidecars (init
+    containers with ``restartPolicy: Always``) and, for each regular init container, itself plus the sidecars
+    started before it. ``unset_is_unlimited`` (limits): a container without one leaves the pod unlimited (None);
+    else (requests) it counts 0."""
+    values = app + [v for _, v in init]
+    if unset_is_unlimited and (not app or any(v is None for v in values)):
         return None
-    return sum(v for v in values if v is not None)
+    running = sum(v or 0 for v in app)
+    sidecars, peak = 0, 0
+    for sidecar, value in init:
+        if sidecar:
+            sidecars += value or 0
+        else:
+            peak = max(peak, (value or 0) + sidecars)
+    return max(running + sidecars, peak)
 
 
 def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
-    """(uid, facts) of a pod object; None without a uid."""
+    """(uid, facts) of a pod object; None without a uid. Its containers are the app containers and the sidecars
+    (which run beside them, in cgroups of their own); its totals follow the kubelet's pod rule (``_effective``)."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     uid = meta.get("uid")
     if not uid:
         return None
-    ids = {s.get("name"): s.get("containerID") or "" for s in (obj.get("status") or {}).get("containerStatuses") or []}
+    status = obj.get("status") or {}
+    ids = {s.get("name"): s.get("containerID") or ""
+           for key in ("containerStatuses", "initContainerStatuses") for s in status.get(key) or []
+           if isinstance(s, Mapping)}
     qos = resolve_qos(meta.get("labels") or {}, meta.get("annotations") or {}).qos
-    containers = tuple(container_resources(c, ids.get(c.get("name"), ""), batch=qos == QoSClass.BE)
-                       for c in spec.get("containers") or [])
+    batch = qos == QoSClass.BE
+    app = [container_resources(c, ids.get(c.get("name"), ""), batch=batch)
+           for c in spec.get("containers") or [] if isinstance(c, Mapping)]
+    init = [(c.get("restartPolicy") == "Always", container_resources(c, ids.get(c.get("name"), ""), batch=batch))
+            for c in spec.get("initContainers") or [] if isinstance(c, Mapping)]
+    containers = tuple(app + [c for sidecar, c in init if sidecar])
+
+    overhead = spec.get("overhead") if isinstance(spec.get("overhead"), Mapping) else {}
+    extra = {"cpu_limit_milli": _milli(overhead.get("cpu"), batch=False) or 0,
+             "cpu_request_milli": _milli(overhead.get("cpu"), batch=False) or 0,
+             "memory_limit_bytes": _bytes(overhead.get("memory")) or 0}  # a RuntimeClass's, on top (as the kubelet)
+
+    def total(field: str, unset_is_unlimited: bool) -> int | None:
+        value = _effective([getattr(c, field) for c in app], [(s, getattr(c, field)) for s, c in init],
+                           unset_is_unlimited)
+        return None if value is None else value + extra[field]
+
     return uid, PodFacts(
         namespace=meta.get("namespace") or "default", name=meta.get("name") or "", qos=qos,
         priority=int(spec.get("priority") or 0), terminating=bool(meta.get("deletionTimestamp")),
-        cpu_limit_milli=_total([c.cpu_limit_milli for c in containers]),
-        cpu_request_milli=sum(c.cpu_request_milli for c in containers),
-        memory_limit_bytes=_total([c.memory_limit_bytes for c in containers]), containers=containers)
+        cpu_limit_milli=total("cpu_limit_milli", True),
+        cpu_request_milli=total("cpu_request_milli", False) or 0,
+        memory_limit_bytes=total("memory_limit_bytes", True), containers=containers)
 
 
 class NodeState:
@@ -172,6 +202,14 @@ class NodeState:
         with self._lock:
             return dict(self.pods)
 
+    def published_batch(self) -> tuple[int | None, int | None]:
+        """The batch resources the Node's allocatable holds now (None where absent or unreadable)."""
+        with self._lock:
+            node = self.node
+        allocatable = ((node or {}).get("status") or {}).get("allocatable") or {}
+        values = [_quantity(allocatable.get(k)) for k in (RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY)]
+        return (None if values[0] is None else int(values[0]), None if values[1] is None else int(values[1]))
+
     def capacity(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
         """((CPU milli, memory bytes) capacity, capacity - allocatable) from the Node status."""
         with self._lock:
@@ -210,13 +248,15 @@ class Evictor:
     def __init__(self, api: Any):
         self.api = api
 
-    def evict(self, namespace: str, name: str) -> str:
-        """Create an Eviction (honours PodDisruptionBudgets); returns "" or why it did not happen."""
-        from kubernetes.client import V1DeleteOptions, V1Eviction, V1ObjectMeta
+    def evict(self, namespace: str, name: str, uid: str = "") -> str:
+        """Create an Eviction (honours PodDisruptionBudgets) of that pod only (``uid``: a pod recreated under the
+        same name is not it); returns "" or why it did not happen."""
+        from kubernetes.client import V1DeleteOptions, V1Eviction, V1ObjectMeta, V1Preconditions
         from kubernetes.client.exceptions import ApiException
 
         body = V1Eviction(metadata=V1ObjectMeta(name=name, namespace=namespace),
-                          delete_options=V1DeleteOptions(grace_period_seconds=30))
+                          delete_options=V1DeleteOptions(grace_period_seconds=30,
+                                                         preconditions=V1Preconditions(uid=uid) if uid else None))
         try:
             self.api.create_namespaced_pod_eviction(name, namespace, body, _request_timeout=10)
         except ApiException as exc:
@@ -224,5 +264,9 @@ class Evictor:
                 return ""  # already gone
             if exc.status == 429:
                 return "refused by a PodDisruptionBudget (429); retried next cycle"
+            if exc.status == 409:
+                return "the pod of that name is another one now (its uid differs): not evicted"
             return f"{exc.status} {exc.reason}"
+        except Exception as exc:  # a timeout, a reset: retried next cycle, the cycle goes on
+            return f"eviction request failed: {exc}"
         return ""

@@ -182,6 +182,34 @@ def test_pod_facts_from_the_api_object() -> None:
     assert pod_facts({"metadata": {}}) is None
 
 
+def test_pod_totals_follow_the_kubelets_rule_for_init_containers_sidecars_and_overhead() -> None:
+    """The pod cgroup the kubelet makes: max(app containers + sidecars, each init container + the sidecars started
+    before it), plus the RuntimeClass overhead; sidecars run beside the app and get their own cgroups (their ids
+    come from initContainerStatuses)."""
+    def c(name: str, cpu: str, memory: str, **extra: str) -> dict:  # type: ignore[type-arg]
+        return {"name": name, "resources": {"limits": {"cpu": cpu, "memory": memory},
+                                            "requests": {"cpu": cpu}}, **extra}
+
+    raw = {"metadata": {"uid": UID_BE, "name": "p", "namespace": "d"},
+           "spec": {"initContainers": [c("setup", "4", "8Gi"), c("proxy", "500m", "1Gi", restartPolicy="Always"),
+                                       c("late-init", "1", "1Gi")],
+                    "containers": [c("main", "1", "1Gi")], "overhead": {"cpu": "250m", "memory": "64Mi"}},
+           "status": {"containerStatuses": [{"name": "main", "containerID": "containerd://m"}],
+                      "initContainerStatuses": [{"name": "proxy", "containerID": "containerd://p"},
+                                                {"name": "setup", "containerID": "containerd://s"}]}}
+    _uid, facts = pod_facts(raw)  # type: ignore[misc]
+    assert facts.cpu_limit_milli == 4_000 + 250  # the first init container is the peak
+    assert facts.memory_limit_bytes == 8 * GiB + 64 * 2**20
+    assert facts.cpu_request_milli == 4_250
+    assert [(x.name, x.container_id) for x in facts.containers] == [("main", "containerd://m"),
+                                                                    ("proxy", "containerd://p")]
+    raw["spec"]["initContainers"] = [c("proxy", "500m", "1Gi", restartPolicy="Always"), c("late-init", "1", "1Gi")]
+    _uid, facts = pod_facts(raw)  # type: ignore[misc]
+    assert facts.cpu_limit_milli == 1_500 + 250  # app + sidecar (1.5) vs late-init + sidecar (1.5)
+    raw["spec"]["initContainers"].append({"name": "open", "resources": {}})
+    assert pod_facts(raw)[1].cpu_limit_milli is None  # type: ignore[index]  # an init container without limits
+
+
 # --- a whole cycle ---------------------------------------------------------------------------------------------------
 class FakeHost:
     """Host readings advancing by one second per sample, with busy CPU and memory the test sets."""
@@ -373,6 +401,77 @@ def test_a_cycle_writes_batch_limits_at_pod_and_container_level_and_checks_them(
     restored = agent.cycle()
     assert restored.cgroup_writes and tree.file(UID_BE, memory) in ("max", "-1")  # the kernel shows -1 as 2^63-4096
     assert tree.file(UID_BE, quota) in ("max 100000", "-1")
+
+
+def test_a_pod_turning_ls_gets_its_values_back_after_a_failed_write_and_after_an_agent_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which pods hold BE limits the agent wrote lives in its state file, and a pod is forgotten only once every
+    restore write went through: a restore write that fails is tried again next cycle, and an agent restarted
+    between the BE limits and the pod's turn to LS still restores them."""
+    tree = FakeCgroupTree(tmp_path / "cg", 2, "cgroupfs")
+    tree.add_pod(UID_BE, "besteffort", memory=GiB, shares=2)
+    tree.add_container(UID_BE, CID_A)
+    tree.add_container(UID_BE, CID_B)
+    raw = _be_raw(UID_BE)
+    config = QUOTA_POLICY.model_copy(update={"state_file": str(tmp_path / "state" / "state.json")})
+
+    def agent() -> Agent:
+        return Agent(config, Collector(cgroups.detect(tmp_path / "cg"), 3, FakeHost()), AgentMetrics(),
+                     _state(raw))  # type: ignore[arg-type]
+
+    first = agent()
+    first.cycle()
+    first.cycle()
+    assert tree.file(UID_BE, "cpu.max") == "210000 100000"  # BE limits written
+    raw["metadata"]["labels"] = {}  # the pod turns LS while the agent is down
+    second = agent()  # a restarted agent: it knows the pod's limits are its own from the state file
+    real_apply, failed = cgroups.apply, []
+
+    def flaky(write: cgroups.Write) -> None:
+        if write.path.endswith("memory.max") and not failed:
+            failed.append(write.path)
+            raise cgroups.CgroupError(f"cannot write to {write.path}: Device or resource busy")
+        real_apply(write)
+
+    monkeypatch.setattr(cgroups, "apply", flaky)
+    second.cycle()
+    once = second.cycle()
+    assert failed and any(w.error for w in once.cgroup_writes)
+    again = second.cycle()  # the failed write is tried again
+    assert any(w.path == failed[0] and not w.error for w in again.cgroup_writes)
+    assert tree.file(UID_BE, "memory.max") == "max" and tree.file(UID_BE, "cpu.max") == "max 100000"
+    assert second.cycle().cgroup_writes == []  # done, and forgotten
+    assert '"limited": []' in (tmp_path / "state" / "state.json").read_text()
+
+
+def test_batch_resources_wait_for_a_full_view_and_come_back_when_the_node_lost_them(tmp_path: Path) -> None:
+    """Nothing is published until the node's capacity and its pods are known (values from the host alone would
+    hold for the whole publish interval); published values the Node no longer shows are published again."""
+    tree = FakeCgroupTree(tmp_path, 2, "cgroupfs")
+    tree.add_pod(UID_LS, "burstable", memory=GiB)
+    state, publisher = NodeState(), RecordingPublisher()
+    agent = Agent(QUOTA_POLICY.model_copy(update={"batch": QUOTA_POLICY.batch.model_copy(
+        update={"min_publish_interval": 0.0})}), Collector(cgroups.detect(tmp_path), 3, FakeHost()), AgentMetrics(),
+        state, publisher)  # type: ignore[arg-type]
+    agent.cycle()
+    NodeState._Node(state).replace([{"metadata": {"name": "n1"}, "status": {
+        "capacity": {"cpu": "8", "memory": "64Gi"}, "allocatable": {"cpu": "7", "memory": "60Gi"}}}])
+    agent.cycle()  # the pods are not listed yet
+    assert publisher.batch == []
+    NodeState._Pods(state).replace([_raw(UID_LS, None)])
+    agent.cycle()
+    assert len(publisher.batch) == 1
+    cpu, memory = publisher.batch[0]
+    NodeState._Node(state).upsert({"metadata": {"name": "n1"}, "status": {
+        "capacity": {"cpu": "8", "memory": "64Gi"},
+        "allocatable": {"cpu": "7", "memory": "60Gi", "kubernetes.io/batch-cpu": str(cpu),
+                        "kubernetes.io/batch-memory": str(memory)}}})
+    agent.cycle()
+    assert len(publisher.batch) == 1  # the Node shows them: nothing to do
+    NodeState._Node(state).upsert({"metadata": {"name": "n1"}, "status": {  # re-registered: they are gone
+        "capacity": {"cpu": "8", "memory": "64Gi"}, "allocatable": {"cpu": "7", "memory": "60Gi"}}})
+    agent.cycle()
+    assert len(publisher.batch) == 2
 
 
 def test_memory_limits_read_back_to_the_page() -> None:
