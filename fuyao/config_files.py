@@ -4,6 +4,7 @@ implementation, so every component reports a bad file the same way (exit 2, the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import types
@@ -43,6 +44,8 @@ def parse_duration(raw: str) -> float:
         if not parts or "".join(n + u for n, u in parts) != text:
             raise ValueError(f"expected a duration such as 10s, 1m30s or 500ms, got {raw!r}") from None
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be a finite number of seconds, got {raw!r}")
     if seconds <= 0:
         raise ValueError(f"a duration must be positive, got {raw!r}")
     return seconds
@@ -52,7 +55,7 @@ def _duration(value: Any) -> Any:
     return parse_duration(value) if isinstance(value, str) else value
 
 
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, allow_inf_nan=False)]
 """A duration in a config file (``10s``, ``1m30s``, ``500ms`` or a number of seconds), as seconds."""
 
 
@@ -104,12 +107,15 @@ def merged(file_values: Mapping[str, Any] | None, overrides: Mapping[str, Any] |
         if value is None:
             continue
         target = data
-        *parents, leaf = [to_camel(part) for part in dotted.split(".")]
-        for parent in parents:
-            section = target.get(parent)
-            target[parent] = dict(section) if isinstance(section, dict) else {}
-            target = target[parent]
-        target[leaf] = value
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            # into the spelling the file used: a snake_case section is merged over its camelCase twin on loading
+            key = part if part != to_camel(part) and isinstance(target.get(part), dict) else to_camel(part)
+            section = target.get(key)
+            target[key] = dict(section) if isinstance(section, dict) else {}
+            target = target[key]
+        target.pop(leaf, None)  # a snake_case spelling in the file would win over the flag on loading
+        target[to_camel(leaf)] = value
     return data
 
 
@@ -186,8 +192,15 @@ def validated(model: type[M], data: Mapping[str, Any], what: str = "config") -> 
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in first["loc"])
+        field = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))  # locations are by alias already
         raise ConfigError(field, first["msg"].removeprefix("Value error, ")) from None
+
+
+def _is_union_tag(part: Any) -> bool:
+    """A part of a pydantic error location that names a union member or a validator (``function-after[...]``,
+    ``list[...]``, ``str``), not a key the user wrote."""
+    return isinstance(part, str) and ("[" in part or part.startswith("function-") or part in (
+        "str", "int", "float", "bool", "list", "dict", "none"))
 
 
 TOKENIZER_KEYWORDS = ("builtin", "engine")

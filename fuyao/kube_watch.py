@@ -91,6 +91,13 @@ class _Follower:
             self.failing[self.kind] = str(exc)
         return delay
 
+    def _cut(self, found: str | None, exc: Exception) -> str | None:
+        """A watch stream broken mid-way (a reset, an idle cut by a load balancer, a read timeout): resumed from the
+        last event applied, as client-go does, instead of a full re-list (the partial line is dropped: that event
+        comes again from that version)."""
+        log.info("%s watch stream cut (%s); resuming from %s", self.kind, exc or type(exc).__name__, found)
+        return found
+
     def _applied(self, lines: list[bytes], version: str | None, stopped: Callable[[], bool]) -> str | None:
         """Watch event lines into the sink; the version to resume from, or None (stopped, or re-list)."""
         for line in lines:
@@ -155,14 +162,18 @@ class ListWatch(_Follower):
                 log.info("%s watch from %s expired (410 Gone); re-listing", self.kind, version)
                 return None
             raise
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+        lines = LineSplitter()
+        found: str | None = version
         try:
-            lines = LineSplitter()
-            found: str | None = version
             for chunk in response.stream(65536, decode_content=True):
                 found = self._applied(lines.feed(chunk), found, self._stop.is_set)
                 if found is None:
                     return None
             return self._applied(lines.rest(), found, self._stop.is_set)
+        except (ProtocolError, ReadTimeoutError, ConnectionError) as exc:
+            return self._cut(found, exc)
         finally:
             response.release_conn()
 
@@ -254,7 +265,9 @@ class AsyncListWatch(_Follower):
                                  timeout=timeout)
 
     async def _list(self, session: aiohttp.ClientSession) -> str:
-        async with await self._get(session, {}, aiohttp.ClientTimeout(total=60)) as response:
+        # no deadline on the whole download (tens of MB from a loaded API server): on connecting and on each read
+        async with await self._get(session, {}, aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                      sock_read=60)) as response:
             if response.status != 200:
                 raise RuntimeError(f"list {self.path}: HTTP {response.status}: {(await response.text())[:300]}")
             body = await response.read()
@@ -273,12 +286,15 @@ class AsyncListWatch(_Follower):
                 raise RuntimeError(f"watch {self.path}: HTTP {response.status}: {(await response.text())[:300]}")
             lines = LineSplitter()
             found: str | None = version
-            async for chunk in response.content.iter_any():
-                batch = lines.feed(chunk)
-                for at in range(0, len(batch), self.EVENTS_PER_TURN):
-                    if at:
-                        await asyncio.sleep(0)
-                    found = self._applied(batch[at:at + self.EVENTS_PER_TURN], found, stop.is_set)
-                    if found is None:
-                        return None
+            try:
+                async for chunk in response.content.iter_any():
+                    batch = lines.feed(chunk)
+                    for at in range(0, len(batch), self.EVENTS_PER_TURN):
+                        if at:
+                            await asyncio.sleep(0)
+                        found = self._applied(batch[at:at + self.EVENTS_PER_TURN], found, stop.is_set)
+                        if found is None:
+                            return None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                return self._cut(found, exc)
             return self._applied(lines.rest(), found, stop.is_set)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -105,10 +106,10 @@ def claimed(record: Record | None, me: str, url: str, duration_s: float, wall: d
     released) counts a transition and sets the acquire time, as client-go does; a renewal keeps both."""
     stamp = wall.astimezone(dt.UTC).strftime(MICRO_TIME)
     if record is not None and record.holder == me:
-        return Record(holder=me, duration_s=int(duration_s), acquire_time=record.acquire_time or stamp,
+        return Record(holder=me, duration_s=math.ceil(duration_s), acquire_time=record.acquire_time or stamp,
                       renew_time=stamp, transitions=record.transitions, url=url,
                       resource_version=record.resource_version)
-    return Record(holder=me, duration_s=int(duration_s), acquire_time=stamp, renew_time=stamp,
+    return Record(holder=me, duration_s=math.ceil(duration_s), acquire_time=stamp, renew_time=stamp,
                   transitions=record.transitions + 1 if record is not None else 0,  # as client-go counts them
                   url=url, resource_version=record.resource_version if record is not None else "")
 
@@ -232,6 +233,9 @@ class LeaderElector:
             except (aiohttp.ClientError, TimeoutError, LeaseError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("leader election: %s", self.last_error, extra={"identity": self.identity})
+            except Exception as exc:  # anything else (a token file, a bug) must not end the campaign silently
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("leader election: unexpected error", extra={"identity": self.identity})
             self.is_leader  # noqa: B018 (steps down when the renew deadline passed)
             # client-go: wait.JitterUntil(retryPeriod, JitterFactor 1.2) while campaigning; renew every retryPeriod
             await asyncio.sleep(self.timing.retry_period_s * (1.0 if self._leading else 1.0 + random.random() * 0.2))

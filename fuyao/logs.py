@@ -9,6 +9,7 @@ import sys
 import time
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
+_FIXED = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,7 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):  # an extra named like a fixed field is kept beside it
+                entry[f"extra_{key}" if key in _FIXED else key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -45,6 +45,11 @@ class FakeApiServer:
         response = web.StreamResponse()
         await response.prepare(request)
         for line in lines:
+            if line == b"CUT":  # the connection drops mid-stream (a reset, a load balancer's idle cut)
+                await response.write(b'{"type":"ADDED","obj')  # half an event
+                assert request.transport is not None
+                request.transport.abort()
+                return response
             await response.write(line[: len(line) // 2])  # events arrive split across chunks
             await response.write(line[len(line) // 2:] + b"\n")
         if not lines:
@@ -141,6 +146,35 @@ def test_a_watch_that_fails_after_every_good_list_backs_off_and_is_reported_fail
             assert "cannot watch" in failing.get("pods", "")
             api.watch_refused = False  # RBAC fixed: the next watch works and the kind recovers
             await until(lambda: "pods" not in failing, timeout=5)
+            stop.set()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_watch_stream_cut_midway_resumes_from_its_last_event_without_a_relist() -> None:
+    async def scenario() -> None:
+        api = FakeApiServer()
+        api.down = False
+        api.script = [[event("ADDED", "a", "11"), b"CUT"], [event("MODIFIED", "a", "12")]]
+        app = web.Application()
+        app.router.add_get("/api/v1/pods", api.pods)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sink = Sink()
+        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
+                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()), backoff_s=0.01)
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(watch.run(session, stop))
+            await until(lambda: len(api.watch_versions) >= 3)
+            assert api.watch_versions[:3] == ["10", "11", "12"]  # resumed after the cut, not re-listed
+            assert api.lists == 1 and sink.names == {"listed": "10", "a": "12"}
             stop.set()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -57,3 +57,10 @@ def test_timings_follow_client_gos_rule() -> None:
     for bad in ((10, 10, 2), (15, 10, 10), (15, 10, 0)):
         with pytest.raises(ValueError, match="retryPeriod < renewDeadline < leaseDuration"):
             Timing(*bad)
+
+
+def test_a_fractional_lease_duration_is_written_rounded_up_never_down() -> None:
+    """Followers take over ``leaseDurationSeconds`` after the last renewal they saw; rounding 10.9 s down to 10 would
+    let them take it while the holder still counts itself leader."""
+    assert claimed(None, "a", "", 10.9, WALL).duration_s == 11
+    assert claimed(None, "a", "", 15, WALL).duration_s == 15
