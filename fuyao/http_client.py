@@ -52,6 +52,11 @@ class UpstreamError(Exception):
     """The server could not be reached or broke off: refused, reset, closed early, a malformed answer, a timeout."""
 
 
+class ConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, a TLS handshake refused, timed out): nothing was sent, so
+    the request certainly did not happen. Any other :class:`UpstreamError` may come after the server acted."""
+
+
 class Origin:
     """Where to connect for one backend base URL (parsed once)."""
 
@@ -436,9 +441,9 @@ class UpstreamPool:
                     lambda: _Connection(self, key), origin.host, origin.port, ssl=origin.ssl,
                     server_hostname=origin.host if origin.ssl else None)
         except TimeoutError:
-            raise UpstreamError(f"connecting to {origin.host}:{origin.port} timed out") from None
+            raise ConnectError(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from None
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from None
         return conn, False
 
     def release(self, conn: _Connection) -> None:

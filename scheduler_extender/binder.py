@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from fuyao.contracts import (
     PodAssignment,
     dump_annotation,
 )
-from fuyao.http_client import UpstreamError, UpstreamPool
+from fuyao.http_client import ConnectError, UpstreamError, UpstreamPool
 from fuyao.kube_client import HEADERS_KEPT_S, RestEndpoint
 
 from . import devices
@@ -79,6 +80,10 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
             if len(chosen) < want:
                 raise AssignmentFailed(f"node {node.name} has no {want} free {resource} for container {name} "
                                        f"(found {len(chosen)})")
+            problem = devices.set_problem(working, chosen) if resource == RESOURCE_NPU else None
+            if problem:  # the kubelet's device plugin would refuse it: the pod goes back to the queue instead
+                raise AssignmentFailed(f"node {node.name} has no allowed set of {want} free NPUs for container "
+                                       f"{name}: {problem}")
             working.assigned.setdefault(resource, set()).update(chosen)
             working.memo = {}
             containers.append(ContainerAssignment(container=name or "main", resource=resource,
@@ -179,6 +184,8 @@ class Binder:
         if pod.node_name:
             # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod
             return "" if pod.node_name == args.node else f"pod {pod.key} is already bound to {pod.node_name}"
+        if not self.cache.ready:  # a node without its pods looks free: its devices would be handed out again
+            return "the extender is still listing nodes and pods; the scheduler retries"
         node = self.cache.node_info(args.node)
         if node is None:
             return f"node {args.node} is unknown to the extender"
@@ -214,9 +221,13 @@ class Binder:
             failure = f"{code} {_status_message(body)}" if code >= 300 else ""
         except UpstreamError as exc:
             status, failure = "error", f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, ConnectError):  # sent, then the answer was lost: the Binding may have happened
+                self._count("bind", status, started)
+                return (f"bind of {pod.key} to {args.node}: no answer ({failure}); its devices stay counted until "
+                        "the watch shows whether it was bound")
         self._count("bind", status, started)
         if failure:
-            self.cache.forget_assumed(pod.uid)  # the devices are free again
+            self.cache.forget_assumed(pod.uid)  # refused, or never sent: the devices are free again
             if status == 409:
                 raise _Conflict
             return f"bind of {pod.key} to {args.node} failed: {failure}"
@@ -243,12 +254,33 @@ def _status_message(body: bytes) -> str:
 class PodWarnings:
     """Warning events on pods (``kubectl describe pod`` shows why an annotation was ignored)."""
 
+    QUEUED = 256
+    """Events waiting for the one sender thread; beyond that they are dropped (counted in ``dropped``): a
+    Deployment of thousands of replicas with one bad annotation must not start a thread per pod."""
+
     def __init__(self, api: Any, component: str = "fuyao-scheduler-extender"):
         self.api = api
         self.component = component
+        self.dropped = 0
+        self._queue: queue.Queue[tuple[PodInfo, str]] = queue.Queue(self.QUEUED)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, pod: PodInfo, message: str) -> None:
-        threading.Thread(target=self._send, args=(pod, message), daemon=True).start()
+        try:
+            self._queue.put_nowait((pod, message))
+        except queue.Full:
+            self.dropped += 1
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pod-warnings", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            pod, message = self._queue.get()
+            self._send(pod, message)
 
     def _send(self, pod: PodInfo, message: str) -> None:
         from kubernetes.client import CoreV1Event, V1EventSource, V1ObjectMeta, V1ObjectReference

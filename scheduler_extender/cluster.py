@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -23,8 +23,10 @@ from fuyao.kube_watch import WATCH_TIMEOUT_S, AsyncListWatch
 
 from .features import NodeTable, PdIndex
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
+from .partial import ProtocolError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ASSUME_TTL_S = 60.0
 REQUESTED_KEPT = 8192
@@ -55,7 +57,7 @@ class ClusterCache:
 
     # Updates (from the watch) ------------------------------------------------------------------------------------
     def replace_nodes(self, items: Iterable[dict[str, Any]]) -> None:
-        parsed = [parse_node(n) for n in items]
+        parsed = _each(parse_node, items, "node")
         with self.lock:
             gone = set(self._nodes) - {n.name for n in parsed}
             self._nodes = {n.name: n for n in parsed}
@@ -78,7 +80,7 @@ class ClusterCache:
             self._forget_node(name)
 
     def replace_pods(self, items: Iterable[dict[str, Any]]) -> None:
-        parsed = [parse_pod(item) for item in items]
+        parsed = _each(parse_pod, items, "pod")
         with self.lock:
             # an assumed pod the list shows bound is counted from the list from now on (as upsert_pod does): keeping
             # the assumption would count it twice in the prefill/decode index until it expired
@@ -287,6 +289,19 @@ _UNACCOUNTED = frozenset({"resource_version", "phase_status", "problems"})
 """PodInfo fields nothing derived from a node's pods reads (rows, the P/D index): the phase only through
 ``terminal``, compared on its own."""
 _ACCOUNTED = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not in _UNACCOUNTED)
+
+
+def _each(parse: Callable[[dict[str, Any]], T], items: Iterable[dict[str, Any]], what: str) -> list[T]:
+    """Every item of a list parsed; one that cannot be (an identifying field of the wrong type) is logged and left
+    out instead of failing the whole list (and every re-list after it)."""
+    out: list[T] = []
+    for item in items:
+        try:
+            out.append(parse(item))
+        except ProtocolError as exc:
+            name = (item.get("metadata") or {}).get("name") if isinstance(item, dict) else None
+            log.warning("left out of the %s list: %r: %s", what, name, exc)
+    return out
 
 
 def _same_accounting(old: PodInfo, new: PodInfo) -> bool:

@@ -70,6 +70,13 @@ def count_problem(node: NodeInfo, count: int) -> str | None:
     return products.free_problem(product(node), free, count, _placements(node), len(node.topology.devices))
 
 
+def set_problem(node: NodeInfo, chosen: list[str]) -> str | None:
+    """Why these dies may not go to one pod on this node (its product's rules; None: they may). The placement
+    function falls back to a set outside the rules when no allowed one is free (a bind racing another)."""
+    assert node.topology is not None
+    return products.shape_problem(product(node), chosen, _placements(node), len(node.topology.devices))
+
+
 def free_npus(node: NodeInfo) -> list[str]:
     """Healthy whole dies no pod holds and no static vNPU carves, in npu-smi order (memoised per node state)."""
     if node.topology is None:

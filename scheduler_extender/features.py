@@ -340,6 +340,7 @@ class NodeTable:
         return found
 
     def put(self, info: NodeInfo) -> int:
+        values = node_row(info)  # first: a node whose row cannot be computed claims no row
         row = self.index.get(info.name)
         if row is None:
             if not self._spare:
@@ -347,7 +348,6 @@ class NodeTable:
             row = self._spare.pop()
             self.index[info.name] = row
             self.names[row] = info.name
-        values = node_row(info)
         for name, (_dtype, _shape, empty) in COLUMNS.items():
             self.cols[name][row] = values.get(name, empty)
         domain = self._domain_id(info.labels)

@@ -147,6 +147,9 @@ class PodInfo:
     """CPUs the static CPU manager would pin (Guaranteed pod, integer CPUs)."""
     resource_version: str = ""
     """The version the binder's Binding requires (a precondition of the API server)."""
+    acknowledged: bool = False
+    """The kubelet has taken the pod in (``status.startTime`` set): devices held under its name are its own, not a
+    deleted namesake's."""
     soft_preferences: bool = False
     """The pod asks kube-scheduler to weigh something (preferred node or pod (anti-)affinity, a ScheduleAnyway
     topology spread): the extender must leave it a choice (see ``shortlist``)."""
@@ -183,7 +186,7 @@ class PodInfo:
         return self.phase_status in ("Succeeded", "Failed")
 
 
-_IDENTITY = frozenset({"namespace", "name", "uid", "resource_version", "creation", "problems"})
+_IDENTITY = frozenset({"namespace", "name", "uid", "resource_version", "creation", "problems", "acknowledged"})
 """PodInfo fields that say which pod it is, not what it asks for: every other field is part of the shape (a field
 added later is part of it unless listed here). Controller-set instance labels (``POD_INSTANCE_LABELS``: a
 StatefulSet's pod name, an indexed Job's index) are left out of it too, so that replicas share one shape."""
@@ -319,6 +322,7 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         creation=ids.get("creationTimestamp", ""), qos_explicit=qos.source is not None,
         exclusive_cpus=exclusive_cpus(spec) if isinstance(spec, dict) else 0,
         resource_version=ids.get("resourceVersion", ""),
+        acknowledged=bool((obj.get("status") or {}).get("startTime")),
         soft_preferences=has_soft_preferences(spec) if isinstance(spec, dict) else False)
 
 
@@ -351,18 +355,35 @@ class NodeInfo:
         self.used = {}
         self.assigned = {}
         self.memo = {}
-        admitted = {d.holder for d in self.topology.devices.values() if d.holder} if self.topology else set()
+        held: dict[str, set[str]] = {}
+        for index, device in (self.topology.devices.items() if self.topology else ()):
+            if device.holder:
+                held.setdefault(device.holder, set()).add(index)
         for pod in self.pods:
             if pod.terminal:
                 continue
             for name, value in pod.requests.items():
                 self.used[name] = self.used.get(name, Decimal(0)) + value
-            if pod.key in admitted:
+            if pod.assignment is None or pod.assignment.node != self.name:
                 continue
-            if pod.assignment is not None and pod.assignment.node == self.name:
-                for c in pod.assignment.containers:
-                    self.assigned.setdefault(c.resource, set()).update(c.devices)
+            planned = {d for c in pod.assignment.containers for d in c.devices}
+            mine = held.get(pod.key)
+            if mine is not None and (pod.acknowledged or mine & planned):
+                continue  # accounted by what the kubelet gave it (a deleted namesake's entry is neither)
+            for c in pod.assignment.containers:
+                self.assigned.setdefault(c.resource, set()).update(c.devices)
         return self
+
+    def without(self, keys: set[str]) -> NodeInfo:
+        """A copy without the pods ``keys`` (``namespace/name``) and with the devices the topology says they hold
+        free: the node once they are gone (preemption victims, Volcano's Releasing tasks)."""
+        topology = self.topology
+        if topology is not None and any(d.holder in keys for d in topology.devices.values()):
+            topology = topology.model_copy(update={"devices": {
+                i: d.model_copy(update={"holder": None, "allocated": False}) if d.holder in keys else d
+                for i, d in topology.devices.items()}})
+        return dataclasses.replace(self, pods=[p for p in self.pods if p.key not in keys], topology=topology,
+                                   memo={}).refresh()
 
     def allocatable_int(self, resource: str) -> int:
         return int(self.allocatable.get(resource, 0))
@@ -430,7 +451,7 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
     allocatable: dict[str, Decimal] = {}
     for name, raw in (status.get("allocatable") or status.get("capacity") or {}).items():
         try:
-            allocatable[name] = quantity(raw)
+            allocatable[name] = max(Decimal(0), min(QUANTITY_LIMIT, quantity(raw)))  # int64 columns hold it
         except ValueError:
             log.debug("node %s: unparseable allocatable %s=%r", ids.get("name"), name, raw)
     problems: list[str] = []

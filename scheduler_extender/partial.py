@@ -48,6 +48,7 @@ class PodSpec(TypedDict, total=False):
 
 class PodStatus(TypedDict, total=False):
     phase: Any
+    startTime: Any
 
 
 class Pod(TypedDict, total=False):

@@ -204,7 +204,8 @@ class ExtenderService:
         """The encoded ``ExtenderFilterResult``."""
         args, pod = self.request(body)
         self.cache.remember(pod)  # the copy the binder binds (the pod watch carries bound pods only)
-        if args.node_names is not None and not self.cache.ready:
+        if not self.cache.ready and (args.node_names is not None or self.has_cluster):
+            # full Nodes too: the pods on them (what they hold) come from the cache, which is not there yet
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=(
                 "the extender has no cluster state (use nodeCacheCapable: false, or give it a kubeconfig)"
@@ -239,7 +240,7 @@ class ExtenderService:
 
     def prioritize(self, body: bytes | Any) -> list[dict[str, Any]]:
         args, pod = self.request(body)
-        if args.node_names is not None and not self.cache.ready:
+        if not self.cache.ready and (args.node_names is not None or self.has_cluster):
             return []  # the filter already answered with an error
         with self.cache.lock:
             explanation = self._shortlisted.pop(pod.uid or pod.key, None)
@@ -297,7 +298,7 @@ class ExtenderService:
         info = self.cache.node_info(node) if self.cache.ready else None
         if info is None:
             return True
-        reduced = dataclasses.replace(info, pods=[p for p in info.pods if p.uid not in victims], memo={}).refresh()
+        reduced = info.without({p.key for p in info.pods if p.uid in victims})  # their devices free too
         return self.framework.check(preemptor, reduced) is None
 
     # Health ----------------------------------------------------------------------------------------------------

@@ -236,15 +236,7 @@ def node_info(raw: Any, parse_pod: Callable[[Mapping[str, Any]], PodInfo],
         else:
             pods.append(pod)
     node = parse_node(raw["Node"], pods)
-    if freed and node.topology is not None:
-        held = {i: d for i, d in node.topology.devices.items() if d.holder in freed}
-        if held:
-            devices = dict(node.topology.devices)
-            for i, d in held.items():
-                devices[i] = d.model_copy(update={"holder": None, "allocated": False})
-            node.topology = node.topology.model_copy(update={"devices": devices})
-            node.refresh()
-    return node
+    return node.without(freed) if freed else node
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .framework import Cycle, Explanation, Framework
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .partial import Kept, ProtocolError, identity
 from .plugins import DeviceFitArgs, DeviceFitPlugin, registry
+from .plugins.colocation import be_victims
 from .volcano_protocol import (
     ABSTAIN,
     PERMIT,
@@ -200,14 +201,15 @@ class VolcanoVerbs:
         return prioritize_result({n: round(t * scale, 3) for n, t in zip(view.names, totals, strict=True)})
 
     def victims(self, body: Any, verb: str) -> dict[str, Any]:
-        """preemptable / reclaimable: an LS evictor may evict BE evictees (returned verbatim); a BE evictor none."""
+        """preemptable / reclaimable: an LS evictor may evict BE evictees and those without a QoS key (ordinary
+        priority preemption; returned verbatim), never one marked LS; a BE evictor none (as ``be_victims``)."""
         body = as_object(body, f"{verb} request")
         evictor = self.service.pod(task_pod(body.get("evictor"), "evictor"))
         evictees = body.get("evictees") or []
         if not isinstance(evictees, list):
             raise ProtocolError(f"{verb} request.evictees: expected an array of TaskInfo")
         victims = [t for t in evictees if isinstance(t, dict) and isinstance(t.get("Pod"), dict)
-                   and evictor.qos == QoSClass.LS and parse_pod(t["Pod"]).qos == QoSClass.BE]
+                   and evictor.qos == QoSClass.LS and be_victims(evictor, [parse_pod(t["Pod"])]) is not None]
         self._count(verb, "ok" if victims else "none")
         return victims_result(victims, PERMIT)
 
@@ -239,17 +241,18 @@ class VolcanoVerbs:
             view, _ = cache.table.view(cache.node_names())
             capacity = {r: int(view.alloc[:, column].sum()) for r, column in RESOURCE_COLUMN.items()}
             fits: dict[tuple[tuple[str, int], ...], bool] = {}
-            placeable = len(pods) - len(wanted)  # tasks without devices are not ours to judge
+            never = 0  # tasks without devices, and tasks not created yet, are not ours to judge: they may fit
             for pod in wanted:
                 shape = tuple(sorted(pod.accelerators.items()))
                 if shape not in fits:
                     outcome = self.capacity.filter(pod, view, Cycle(pd=cache.pd, domains=cache.table))
                     fits[shape] = len(outcome.unresolvable) < len(view)
-                placeable += fits[shape]
-        if wanted and placeable < needed:
+                never += not fits[shape]
+        tasks = max(len(pods), needed)
+        if wanted and tasks - never < needed:
             impossible = [dict(s) for s, ok in fits.items() if not ok]
-            return REJECT, (f"{len(pods) - placeable} of its tasks can never fit on any node (devices {impossible}), "
-                            f"and it needs {needed} of {len(pods)}")
+            return REJECT, (f"{never} of its tasks can never fit on any node (devices {impossible}), "
+                            f"and it needs {needed} of {tasks}")
         if wanted:
             for resource in ACCELERATOR_RESOURCES:
                 sizes = sorted(p.accelerators.get(resource, 0) for p in pods)

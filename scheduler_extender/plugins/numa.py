@@ -102,8 +102,8 @@ class NumaPlugin:
             out[~known] = R.UNKNOWN  # a pod without NPUs on a node that publishes no CPUs: the kubelet decides
         placed = known & (needed > 0)  # not enough free dies or CPUs: device fit / the scheduler report the shortage
         if single:
-            if want > 0:
-                out[placed & (view.unplaced > 0)] = R.UNPLACED
+            if want > 0:  # one die is on one NUMA node wherever it is: unknown holders matter for more, or CPUs
+                out[placed & (view.unplaced > 0) & (joint | (want > 1))] = R.UNPLACED
             late = placed & (out == 0) & (needed > 1)
             out[late & (ideal > 1)] = R.SINGLE_NEVER
             out[late & (ideal <= 1)] = R.SINGLE_NOW

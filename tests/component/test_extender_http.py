@@ -162,10 +162,11 @@ def test_volcano_prioritize_and_victims(extender: Extender) -> None:
     assert status == 200 and result["errorMessage"] == "" and set(result["nodeScore"]) == {"mesh", "a1"}
     assert all(0 <= v <= 100 for v in result["nodeScore"].values())
     be_task = volcano_task(pod("batch", labels={"volcano.sh/qos": "BE"}))
-    ls_task = volcano_task(pod("web"))
+    ls_task = volcano_task(pod("web", labels={"volcano.sh/qos": "LS"}))
+    plain_task = volcano_task(pod("plain"))  # no QoS key: ordinary priority preemption may take it
     _, result = extender.post("/volcano/preemptable", {"evictor": volcano_task(FOUR),
-                                                       "evictees": [be_task, ls_task]})
-    assert result == {"status": 1, "victims": [be_task]}  # returned verbatim
+                                                       "evictees": [be_task, ls_task, plain_task]})
+    assert result == {"status": 1, "victims": [be_task, plain_task]}  # returned verbatim, never the LS one
     _, result = extender.post("/volcano/reclaimable", {"evictor": be_task, "evictees": [ls_task]})
     assert result == {"status": 1, "victims": []}
     assert extender.post("/volcano/onSessionOpen", {"Jobs": {}, "Nodes": {}})[0] == 200

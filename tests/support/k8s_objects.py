@@ -88,7 +88,8 @@ def pod(name: str, *, namespace: str = "default", requests: dict[str, str] | Non
                 "requests": requests, "limits": extended}}]} if node_name else
             {"containers": [{"name": "main", "image": "vllm", "resources": {"requests": requests,
                                                                             "limits": extended}}]},
-            "status": {"phase": phase}}
+            "status": {"phase": phase, **({} if phase == "Pending" else {"startTime": "2026-11-30T00:00:01Z"})}}
+    # the kubelet sets startTime when it takes a pod in: every Running or finished pod has it
 
 
 def usage(cpu_ratio: float, memory_ratio: float, be: float = 0.0, age_s: float = 0.0) -> NodeUsage:

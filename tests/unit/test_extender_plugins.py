@@ -384,6 +384,9 @@ def test_npus_held_without_an_assignment_make_topology_decisions_conservative() 
                            annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
     mesh = info(node("m", topo=topology()), pod("f2", node_name="m", phase="Running", requests={RESOURCE_NPU: "2"}))
     assert "which NUMA nodes are free is unknown" in reject(NumaPlugin(), strict, mesh).reason  # type: ignore[union-attr]
+    one = parse_pod(pod("s1", requests={RESOURCE_NPU: "1"},
+                        annotations={"volcano.sh/numa-topology-policy": "single-numa-node"}))
+    assert reject(NumaPlugin(), one, mesh) is None  # one die sits on one NUMA node, whichever it is
 
 
 def test_dies_the_device_plugin_reports_allocated_are_taken() -> None:
@@ -420,6 +423,80 @@ def test_preempt_keeps_a_node_only_when_evicting_the_victims_makes_room() -> Non
         "n2": {"Pods": [{"UID": "be-small"}], "NumPDBViolations": 0},  # 3 free after: evicting it does not help
         "n3": {"Pods": [{"UID": "stranger"}], "NumPDBViolations": 0}}})  # unknown victim: never evicted
     assert result == {"NodeNameToMetaVictims": {"n1": {"Pods": [{"UID": "be-big"}], "NumPDBViolations": 0}}}
+
+
+def test_preempt_frees_the_devices_the_kubelet_gave_the_victims() -> None:
+    """Victims the kubelet admitted hold their dies per the topology annotation (``holder``): evicting them frees
+    those dies, so the node helps the preemptor."""
+    from fuyao.scheduler_extender.cluster import ClusterCache
+    from fuyao.scheduler_extender.config import build_config
+    from fuyao.scheduler_extender.metrics import ExtenderMetrics
+    from fuyao.scheduler_extender.service import ExtenderService
+
+    victim = pod("be-all", node_name="n1", phase="Running", labels={"volcano.sh/qos": "BE"}, uid="be-all",
+                 requests={RESOURCE_NPU: "8"})
+    cache = ClusterCache()
+    cache.replace_nodes([node("n1", topo=topology(holders=dict.fromkeys(range(8), "default/be-all")))])
+    cache.replace_pods([victim])
+    service = ExtenderService(build_config({}), cache, ExtenderMetrics(), has_cluster=True)
+    preemptor = pod("ls-8", labels={"volcano.sh/qos": "LS"}, requests={RESOURCE_NPU: "8"})
+    result = service.preempt({"Pod": preemptor, "NodeNameToMetaVictims": {
+        "n1": {"Pods": [{"UID": "be-all"}], "NumPDBViolations": 0}}})
+    assert result == {"NodeNameToMetaVictims": {"n1": {"Pods": [{"UID": "be-all"}], "NumPDBViolations": 0}}}
+
+
+def test_a_recreated_namesake_keeps_its_planned_dies_while_the_annotation_names_the_old_pod() -> None:
+    """A StatefulSet pod recreated under its name: until the device plugin publishes again, the topology still says
+    the old pod holds die 0. The new pod's planned die 1 stays taken (a die held under its name counts for it only
+    once the kubelet took it in, or when it is one it was planned)."""
+    base = parse_node(node("n1", topo=topology(holders={0: "default/web-0"})))
+    new = pod("web-0", node_name="n1", uid="new", requests={RESOURCE_NPU: "1"},
+              assigned={RESOURCE_NPU: ["Ascend910-1"]})
+    info = NodeInfo(**{**base.__dict__, "pods": [parse_pod(new)], "memo": {}}).refresh()
+    assert "Ascend910-1" in info.assigned[RESOURCE_NPU]
+    started = {**new, "status": {"phase": "Pending", "startTime": "2026-12-07T00:00:00Z"}}
+    info = NodeInfo(**{**base.__dict__, "pods": [parse_pod(started)], "memo": {}}).refresh()
+    assert RESOURCE_NPU not in info.assigned  # taken in: what it holds is what the annotation says
+    same = pod("web-0", node_name="n1", uid="new", requests={RESOURCE_NPU: "1"},
+               assigned={RESOURCE_NPU: ["Ascend910-0"]})
+    info = NodeInfo(**{**base.__dict__, "pods": [parse_pod(same)], "memo": {}}).refresh()
+    assert RESOURCE_NPU not in info.assigned  # it got the die it was planned: counted once
+
+
+def test_the_binder_never_writes_a_set_the_products_rules_refuse() -> None:
+    """kube-scheduler binds after its filter: a bind racing another can find only a set outside the product's rules
+    (a 910 A1 module with two dies free in each ring, a pod of 4). The placement function falls back to any set;
+    the binder refuses it (the pod is scheduled again) instead of writing what the device plugin would refuse."""
+    from fuyao.scheduler_extender.binder import AssignmentFailed, assignment_for
+
+    split = info(node("a1", topo=topology("a1", allocated=(0, 1, 4, 5))))
+    four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
+    try:
+        assignment_for(four, split)
+    except AssignmentFailed as exc:
+        assert "one HCCS ring" in str(exc)
+    else:
+        raise AssertionError("a set across rings was assigned")
+    two = assignment_for(parse_pod(pod("q", requests={RESOURCE_NPU: "2"})), split)
+    assert two is not None and {d for c in two.containers for d in c.devices} in (
+        {"Ascend910-2", "Ascend910-3"}, {"Ascend910-6", "Ascend910-7"})
+
+
+def test_one_bad_node_or_pod_in_a_list_leaves_out_only_itself() -> None:
+    """A Node with an absurd allocatable (100Ei) is clamped into the table's integer columns; a Node or Pod whose
+    name is not a string is left out; every other object of the list is kept."""
+    from fuyao.scheduler_extender.cluster import ClusterCache
+
+    big = node("big", memory="100Ei")
+    odd = node("odd")
+    odd["metadata"]["name"] = ["not", "a", "name"]
+    bad_pod = pod("p1", node_name="a")
+    bad_pod["metadata"]["name"] = 7
+    cache = ClusterCache()
+    cache.replace_nodes([node("a"), big, odd, node("z")])
+    cache.replace_pods([bad_pod, pod("p2", node_name="z", phase="Running", requests={RESOURCE_NPU: "1"})])
+    assert cache.ready and sorted(cache.node_names()) == ["a", "big", "z"] and len(cache.table) == 3
+    assert cache.node_info("z").free(RESOURCE_NPU) == 7  # type: ignore[union-attr]
 
 
 def test_readiness_follows_the_watch() -> None:

@@ -103,6 +103,8 @@ def test_job_enqueueable_rejects_only_gangs_that_could_never_fit() -> None:
     assert v.job_enqueueable({"job": gang("16", 2, 2)}) == {"status": REJECT}  # no node has 16 dies
     assert v.job_enqueueable({"job": gang("8", 3, 3)}) == {"status": REJECT}  # 24 dies > 16 in the cluster
     assert v.job_enqueueable({"job": gang("8", 3, 2)}) == {"status": ABSTAIN}  # only 2 of 3 needed
+    assert v.job_enqueueable({"job": gang("8", 1, 2)}) == {"status": ABSTAIN}  # its 2nd task is not created yet
+    assert v.job_enqueueable({"job": gang("16", 1, 2)}) == {"status": REJECT}  # but the one there never fits
     mixed = vc.job_info("mixed", [vc.task(pod("big", requests={RESOURCE_NPU: "16"})),
                                   vc.task(pod("ok", requests={RESOURCE_NPU: "8"}))], min_available=1)
     assert v.job_enqueueable({"job": mixed}) == {"status": ABSTAIN}  # one task that can fit is enough
@@ -114,7 +116,7 @@ def test_job_enqueueable_rejects_only_gangs_that_could_never_fit() -> None:
     cpu_only = vc.job_info("web", [vc.task(pod("web-0", requests={"cpu": "4"}))], 1)
     assert v.job_enqueueable({"job": cpu_only}) == {"status": ABSTAIN}  # not ours to judge
     metrics = v.metrics.render().decode()
-    assert 'fuyao_extender_decisions_total{result="reject",verb="volcano-jobEnqueueable"} 3.0' in metrics
+    assert 'fuyao_extender_decisions_total{result="reject",verb="volcano-jobEnqueueable"} 4.0' in metrics
 
 
 def test_job_enqueueable_abstains_without_cluster_state() -> None:

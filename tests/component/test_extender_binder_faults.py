@@ -1,0 +1,98 @@
+"""The binder when the API server's answer is lost: a Binding sent and not answered may have happened, so the
+devices it chose stay counted (until the watch says); one never sent (no connection) gives them back at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from fuyao.contracts import RESOURCE_NPU
+from fuyao.kube_client import RestEndpoint
+from fuyao.scheduler_extender.binder import Binder
+from fuyao.scheduler_extender.cluster import ClusterCache
+from fuyao.scheduler_extender.kube_protocol import BindingArgs
+from fuyao.scheduler_extender.model import parse_pod
+from tests.support.apiserver import RotatingToken
+from tests.support.k8s_objects import node, pod, topology
+
+
+def _cache_with_pending_pod() -> tuple[ClusterCache, str]:
+    cache = ClusterCache()
+    cache.replace_nodes([node("n1", topo=topology())])
+    cache.replace_pods([])
+    pending = pod("p", requests={RESOURCE_NPU: "2"}, uid="uid-p")
+    cache.remember(parse_pod(pending))
+    return cache, "uid-p"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_binding_whose_answer_is_lost_keeps_its_devices_and_one_never_sent_frees_them() -> None:
+    async def scenario() -> None:
+        received: list[bytes] = []
+
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            received.append(await reader.read(65536))  # the request arrives (the API server may act on it) ...
+            writer.close()  # ... and the connection drops before any answer
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cache, uid = _cache_with_pending_pod()
+        binder = Binder(RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()), cache, timeout_s=2)
+        try:
+            error = await binder(BindingArgs("p", "default", uid, "n1"))
+            assert received and b"/binding" in received[0]
+            assert "no answer" in error
+            assert [p.uid for p in cache.pods_on("n1")] == [uid]  # still counted: it may be bound
+            info = cache.node_info("n1")
+            assert info is not None and len(info.assigned[RESOURCE_NPU]) == 2
+        finally:
+            await binder.close()
+            server.close()
+            await server.wait_closed()
+
+        cache, uid = _cache_with_pending_pod()
+        closed = Binder(RestEndpoint(f"http://127.0.0.1:{_free_port()}", None, RotatingToken()), cache, timeout_s=2)
+        try:
+            error = await closed(BindingArgs("p", "default", uid, "n1"))
+            assert "cannot connect" in error
+            assert cache.pods_on("n1") == []  # never sent: its devices are free again
+        finally:
+            await closed.close()
+
+    asyncio.run(scenario())
+
+
+def test_warning_events_go_through_one_bounded_sender() -> None:
+    """A thousand pods with a bad annotation: one sender thread, at most ``QUEUED`` events waiting, the rest
+    dropped and counted (never a thread per pod)."""
+    import threading
+    import time
+
+    from fuyao.scheduler_extender.binder import PodWarnings
+
+    class SlowApi:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+            self.gate = threading.Event()
+
+        def create_namespaced_event(self, namespace: str, event: object, _request_timeout: float) -> None:
+            self.gate.wait(5)
+            self.sent.append(namespace)
+
+    api = SlowApi()
+    warnings = PodWarnings(api)
+    before = threading.active_count()
+    for i in range(1000):
+        warnings(parse_pod(pod(f"w-{i}", uid=f"u-{i}")), "bad annotation")
+    assert threading.active_count() <= before + 1
+    assert warnings.dropped >= 1000 - PodWarnings.QUEUED - 1
+    api.gate.set()
+    deadline = time.monotonic() + 10
+    while len(api.sent) < 1000 - warnings.dropped and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(api.sent) == 1000 - warnings.dropped
