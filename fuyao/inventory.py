@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from .contracts import DeviceHealth, DeviceTopology, InterconnectGroup, InterconnectKind, NodeTopology
-from .npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
+from .npusmi import NpuSmi, NpuSmiError, NpuSmiParseError, NpuSmiUnsupported
 from .npusmi.models import ChipMapping, NpuHealthState, NpuSmiInfo, Topology
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,10 @@ def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
         log.info("topology not supported by this device/driver: %s", exc)
     except NpuSmiError as exc:
         log.warning("npu-smi -t topo failed, NUMA and interconnect groups unknown: %s", exc)
+    if topo is not None and len(topo.devices) > len(info.chips):
+        # a table cut exactly at a chip's border parses as fewer chips: the topology matrix counts them all
+        raise NpuSmiParseError("info", f"lists {len(info.chips)} chips but 'npu-smi info -t topo' lists "
+                               f"{len(topo.devices)} (npu-smi info's output cut short?)")
     aicore: dict[int, int] = {}
     for npu_id in sorted({c.npu_id for c in info.chips}):
         try:

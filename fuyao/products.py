@@ -20,6 +20,7 @@ topology (:func:`product_of`), the same ``NodeTopology`` the device plugin publi
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def product_of(topology: NodeTopology) -> Product:
     rings = [g for g in topology.groups if g.kind == InterconnectKind.HCCS_RING]
     if model.startswith("910C") or (model.startswith("910") and dies_per_card == 2):
         return PRODUCTS["910c-a3"]
-    if model.startswith("910B"):
+    if re.match(r"910B\d", model):  # 910B1..B4 (Atlas 800 A2); a bare "910B" is a first-generation 910 (A1)
         hccs = any(g.kind in (InterconnectKind.HCCS_MESH, InterconnectKind.HCCS_RING) for g in topology.groups)
         if n == 16 and hccs:
             return PRODUCTS["910b-x16"]

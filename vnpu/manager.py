@@ -63,21 +63,30 @@ class Changes:
     forget: list[VnpuRecord] = field(default_factory=list)  # ledger entries whose vNPU no longer exists
 
 
-def static_changes(plan: Plan, records: Sequence[VnpuRecord], existing: Mapping[str, set[int]]) -> Changes:
-    """What to do to make the static vNPUs match ``plan``. ``existing``: device → vNPU ids npu-smi reports."""
+def static_changes(plan: Plan, records: Sequence[VnpuRecord],
+                   existing: Mapping[str, Collection[int] | Mapping[int, str]],
+                   in_use: Collection[tuple[str, int]] = ()) -> Changes:
+    """What to do to make the static vNPUs match ``plan``. ``existing``: device → the vNPU ids npu-smi reports
+    (or id → its template: a record whose id now holds another template is someone else's vNPU, and ours has
+    vanished). ``in_use``: (device, vNPU id) pairs containers hold: when a template has more than it needs, the
+    ones in use are kept first."""
     changes = Changes()
     static = [r for r in records if r.owner == OWNER_STATIC and r.state == "created"]
     devices = {r.device_id for r in static} | {d.device_id for d in plan.devices}
+    busy = set(in_use)
     for device in sorted(devices):
         target = plan.for_device(device)
         ours = [r for r in static if r.device_id == device]
-        alive = [r for r in ours if r.vnpu_id in existing.get(device, set())]
+        seen = existing.get(device, ())
+        alive = [r for r in ours if r.vnpu_id in seen and (not isinstance(seen, Mapping)
+                                                           or seen[r.vnpu_id] == r.template)]
         changes.forget.extend(r for r in ours if r not in alive)
         parts = target.parts if target is not None else ()
         wanted = {t.name for t, _ in parts}
         changes.destroy.extend(r for r in alive if r.template not in wanted)
         for template, want in parts:
-            matching = sorted((r for r in alive if r.template == template.name), key=lambda r: r.vnpu_id)
+            matching = sorted((r for r in alive if r.template == template.name),
+                              key=lambda r: ((r.device_id, r.vnpu_id) not in busy, r.vnpu_id))
             changes.keep.extend(matching[:want])
             changes.destroy.extend(matching[want:])
             if want > len(matching):
@@ -141,8 +150,17 @@ class VnpuManager:
         self.templates = {t.name: t for t in templates}
 
     # Observation -----------------------------------------------------------------------------------------------
+    def device(self, device_id: str) -> NpuDevice:
+        """The chip of a device id; :class:`NpuSmiError` naming it when today's inventory has no such chip (a
+        ledger record from before a chip went missing, or before its ids changed): never a crash."""
+        found = self.devices.get(device_id)
+        if found is None:
+            raise NpuSmiError(f"{device_id} is not in this node's inventory (npu-smi info lists no such chip now); "
+                              "its vNPU records are left as they are")
+        return found
+
     def observe(self, device_id: str) -> VnpuInfo:
-        d = self.devices[device_id]
+        d = self.device(device_id)
         return self.npu_smi.vnpu_info(d.npu_id, d.chip_id)
 
     def probe(self, device_id: str, vnpu_id: int, template: str | None = None) -> Presence:
@@ -167,24 +185,27 @@ class VnpuManager:
         except NpuSmiError as exc:
             log.warning("cannot read vNPU capacity of %s: %s", device_id, exc)
             info = None
+        model = self.devices[device_id].chip_model if device_id in self.devices else ""
         if info is not None:
             r = info.resources
             core, mem, cpu = r.get("AICORE"), r.get("Memory"), r.get("AICPU")
             if core and core.total is not None and mem and mem.total is not None:
                 if not for_plan:
-                    return ChipCapacity(aicore=int(core.total), memory_gb=mem.total,
+                    return ChipCapacity(aicore=int(core.total), memory_gb=mem.total, chip_model=model,
                                         aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
+                alive = {e.vnpu_id: e.template for e in info.vnpus}
                 ours = [self.templates.get(r.template) for r in self.ledger.records()
-                        if r.device_id == device_id and r.owner == OWNER_STATIC]
+                        if r.device_id == device_id and r.owner == OWNER_STATIC and r.state == "created"
+                        and alive.get(r.vnpu_id) == r.template]  # a vanished one's room is free already
                 sizes = [t for t in ours if t is not None]
                 return ChipCapacity(
-                    aicore=int(core.free or 0) + sum(t.aicore for t in sizes),
+                    chip_model=model, aicore=int(core.free or 0) + sum(t.aicore for t in sizes),
                     memory_gb=(mem.free or 0) + sum(t.memory_gb for t in sizes),
                     aicpu=(int(cpu.free or 0) + sum(t.aicpu for t in sizes)) if cpu and cpu.free is not None else None)
-        d = self.devices[device_id]
-        if d.aicore is None:
+        d = self.devices.get(device_id)
+        if d is None or d.aicore is None:
             return None
-        return ChipCapacity(aicore=d.aicore, memory_gb=float("inf"))
+        return ChipCapacity(aicore=d.aicore, memory_gb=float("inf"), chip_model=d.chip_model)
 
     def existing(self, device_ids: Iterable[str]) -> dict[str, dict[int, VnpuEntry]]:
         out: dict[str, dict[int, VnpuEntry]] = {}
@@ -218,7 +239,10 @@ class VnpuManager:
     def create(self, device_id: str, template: Template, owner: str, vnpu_id: int | None = None) -> VnpuRecord:
         """Create a vNPU (``vnpu_id``: re-create a known one with its id). Raises :class:`VnpuError`; when npu-smi
         failed in a way that leaves the outcome unknown, the record stays pending for :meth:`recover`."""
-        d = self.devices[device_id]
+        try:
+            d = self.device(device_id)
+        except NpuSmiError as exc:
+            raise VnpuError(str(exc)) from None
         with self.ledger.transaction():
             entries = {e.vnpu_id for e in self.observe(device_id).vnpus}
             if vnpu_id is None:
@@ -285,8 +309,15 @@ class VnpuManager:
             records = self.ledger.records()
             devices = sorted({d.device_id for d in plan.devices} | {r.device_id for r in records
                                                                     if r.owner == OWNER_STATIC})
-            observed = self.existing(devices)
-            changes = static_changes(plan, records, {d: set(e) for d, e in observed.items()})
+            missing = {d for d in devices if d not in self.devices}
+            for device_id in sorted(missing):  # its records stay: the chip may come back with its vNPUs
+                report.errors.append(f"{device_id} is not in this node's inventory now: its vNPUs are left as they "
+                                     "are until it is")
+            observed = self.existing(d for d in devices if d not in missing)
+            templates = {d: {i: e.template for i, e in entries.items()} for d, entries in observed.items()}
+            bound = {(d, i) for d, entries in observed.items() for i, e in entries.items() if entry_in_use(e)}
+            changes = static_changes(plan.without(missing), [r for r in records if r.device_id not in missing],
+                                     templates, in_use=set(in_use or ()) | bound)
             report.kept = changes.keep
             for record in changes.forget:
                 self.ledger.remove(record)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from fuyao.inventory import NpuDevice
 
@@ -42,6 +42,8 @@ _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|G|GIB|GI|MB|M|MIB|MI)?\s*$", re
 
 def parse_memory_gb(raw: str | int | float) -> float:
     """``"16GB"``, ``"16G"``, ``"16Gi"``, ``"16384MB"``, ``16`` → GB (the unit templates are sized in)."""
+    if isinstance(raw, bool):
+        raise ValueError(f"expected a size such as 16GB or 8192MB, got {raw!r}")
     if isinstance(raw, int | float):
         value, unit = float(raw), "GB"
     else:
@@ -59,16 +61,19 @@ class DeviceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device_id: str = Field(min_length=1)
-    vnpu_count: int = Field(default=0, ge=0, le=MAX_VNPUS_PER_CHIP)
+    vnpu_count: StrictInt = Field(default=0, ge=0, le=MAX_VNPUS_PER_CHIP)
     vnpu_memory: str | None = None
     template: str | None = None
-    mix: dict[str, int] | None = Field(default=None, description="a mixed split: template → how many, e.g. "
+    mix: dict[str, StrictInt] | None = Field(default=None, description="a mixed split: template → how many, e.g. "
                                        "{\"vir10_3c_32g\": 1, \"vir05_1c_16g\": 2} (instead of vnpu_count with "
                                        "template or vnpu_memory)")
 
     @model_validator(mode="after")
     def _one_way(self) -> DeviceEntry:
         if self.mix is None:
+            if self.vnpu_count == 0 and (self.template is not None or self.vnpu_memory is not None):
+                raise ValueError("template / vnpu_memory without vnpu_count: say how many vNPUs (vnpu_count >= 1), "
+                                 "or leave both out to keep the chip whole")
             return self
         if self.template is not None or self.vnpu_memory is not None:
             raise ValueError("mix names its templates: leave template and vnpu_memory out")
@@ -90,8 +95,10 @@ class DeviceEntry(BaseModel):
     def _memory(cls, value: Any) -> Any:
         if value is None:
             return None
-        parse_memory_gb(value)
-        return str(value)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected a size such as 16GB or 8192MB, got {value!r}")
+        gb = parse_memory_gb(value)
+        return value if isinstance(value, str) else f"{gb:.6f}".rstrip("0").rstrip(".") + "GB"
 
     @property
     def memory_gb(self) -> float | None:
@@ -139,6 +146,12 @@ class ChipCapacity(BaseModel):
     aicore: int
     memory_gb: float
     aicpu: int | None = None
+    chip_model: str = ""
+    """npu-smi's chip name (``310P3``, ``910B4``, ``910ProB``...): which family's rules apply ("" unknown)."""
+
+    @property
+    def is_310p(self) -> bool | None:
+        return self.chip_model.upper().startswith("310P") if self.chip_model else None
 
 
 class DevicePlan(BaseModel):
@@ -170,6 +183,10 @@ class Plan(BaseModel):
     def for_device(self, device_id: str) -> DevicePlan | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
 
+    def without(self, device_ids: Collection[str]) -> Plan:
+        """The plan for every other device."""
+        return Plan(devices=tuple(d for d in self.devices if d.device_id not in device_ids)) if device_ids else self
+
     @property
     def carved(self) -> set[str]:
         """Devices that are split into vNPUs (no longer offered whole)."""
@@ -199,7 +216,8 @@ def fits_all(parts: Sequence[tuple[Template, int]], capacity: ChipCapacity) -> s
     cpus = sum(n * t.aicpu for t, n in parts)
     if capacity.aicpu is not None and cpus > capacity.aicpu:
         return f"{what} need {cpus} AICPU, the chip has {capacity.aicpu}"
-    if parts and all(_P310_TEMPLATE.match(t.name) for t, _ in parts):
+    family = capacity.is_310p  # the 910 A1's vir02/vir04 share names with 310P templates, not their rules
+    if parts and (family or (family is None and all(_P310_TEMPLATE.match(t.name) for t, _ in parts))):
         return _vgroup_problem(parts, capacity, what)
     return None
 

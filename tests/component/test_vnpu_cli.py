@@ -282,3 +282,31 @@ def test_a_mixed_split_applies_changes_and_rolls_back_as_one(tmp_path: Path) -> 
     report = json.loads(node.vnpu("apply", "--config", mixed, "--json", code=1).stdout)
     assert "refused vNPU 2 of 2 x vir05_1c_16g" in report["errors"][0] and "rolled back the 2" in report["errors"][0]
     assert node.vnpus() == [] and node.ledger_records() == []
+
+
+def test_records_of_a_chip_missing_from_the_inventory_are_left_alone_not_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chip npu-smi no longer lists (or whose id changed) while the ledger holds its vNPUs: apply and gc report it
+    and carry on with the other chips; its records stay for when it is back (never forgotten, never a KeyError)."""
+    from fuyao.inventory import discover
+    from fuyao.npusmi import NpuSmi
+    from fuyao.vnpu.cli import _plan
+    from fuyao.vnpu.ledger import Ledger
+    from fuyao.vnpu.manager import VnpuManager
+    from fuyao.vnpu.templates import builtin_templates
+
+    node = Node(tmp_path, "910b4-8")
+    monkeypatch.setenv("FAKE_NPU_SMI_STATE", node.env["FAKE_NPU_SMI_STATE"])
+    npu_smi = NpuSmi(str(FAKE))
+    inventory = discover(npu_smi)
+    devices = inventory.devices
+    manager = VnpuManager(npu_smi, Ledger(node.ledger), devices, templates=builtin_templates("910B4"))
+    plan = _plan(npu_smi, inventory, manager, node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "16GB"},
+                                                           {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "16GB"}]))
+    assert not manager.apply(plan, in_use=set()).errors and len(node.ledger_records()) == 4
+    shorter = VnpuManager(npu_smi, Ledger(node.ledger), [d for d in devices if d.id != "Ascend910-1"])
+    report = shorter.apply(plan, in_use=set())
+    assert any("Ascend910-1 is not in this node's inventory" in e for e in report.errors)
+    assert len(report.kept) == 2 and not report.forgotten and len(node.ledger_records()) == 4
+    assert shorter.probe("Ascend910-1", 100) == "unknown"
+    assert shorter.collect_dynamic(held_groups=[]) == ([], [])

@@ -96,3 +96,32 @@ def test_invalid_card_id(fake_node) -> None:
     assert proc.returncode == 1 and proc.stdout == "Invalid card id.\nError parameter of -i\n"
     with pytest.raises(NpuSmiCommandFailed, match="Error parameter of -i"):
         NpuSmi(node.path).health(9)
+
+
+def test_an_info_table_cut_at_a_chips_border_is_caught_by_the_topology_count() -> None:
+    """Cut exactly after a chip's closing border, ``npu-smi info`` still parses (a real npu-smi may print no
+    process table), as fewer chips; discovery compares it with the ``-t topo`` matrix, which lists every NPU,
+    and refuses the short read (the plugin retries) instead of serving half the node until a restart."""
+    from fuyao.inventory import discover
+
+    lines = sample("S1-info-910b4-8.txt").splitlines()
+    borders = [i for i, line in enumerate(lines) if line.startswith("+====")]
+    cut = "\n".join(lines[:borders[4] + 1]) + "\n"  # the header's border, then 4 chips: a short table
+    short = p.parse_info(cut)
+    assert 0 < len(short.chips) < 8
+
+    class CutNpuSmi:
+        def info(self) -> object:
+            return short
+
+        def topology(self) -> object:
+            return p.parse_topology(sample("S12-topo-910b-hccs.txt"))
+
+        def chip_map(self) -> object:
+            raise NpuSmiUnsupported("info -m", "not here")
+
+        def common(self, npu_id: int) -> object:
+            raise NpuSmiUnsupported("common", "not here")
+
+    with pytest.raises(NpuSmiParseError, match="lists 4 chips but 'npu-smi info -t topo' lists 8"):
+        discover(CutNpuSmi(), "/nonexistent")  # type: ignore[arg-type]

@@ -48,6 +48,16 @@ def test_every_preset_has_its_product() -> None:
         assert product_of(topology(preset)).name == name, preset
 
 
+def test_a_first_generation_910b_is_an_a1_module_not_an_a2() -> None:
+    """npu-smi names some first-generation 910 chips "910B" (no digit): their rings are the A1's (the 910B1..B4 of
+    an Atlas 800 A2 always carry a digit)."""
+    a1 = topology("910a1-8")
+    named = a1.model_copy(update={"chip_model": "910B", "devices": {
+        i: d.model_copy(update={"chip_model": "910B"}) for i, d in a1.devices.items()}})
+    assert product_of(named).name == "910-a1-module"
+    assert product_of(topology("910b4-8").model_copy(update={"chip_model": "910B4"})).name == "910b-x8"
+
+
 def test_counts_each_product_takes() -> None:
     a1, x16, a3 = PRODUCTS["910-a1-module"], PRODUCTS["910b-x16"], PRODUCTS["910c-a3"]
     assert [k for k in range(1, 9) if count_problem(a1, k, 8) is None] == [1, 2, 4, 8]

@@ -146,6 +146,27 @@ def test_config_file_errors(tmp_path: Path) -> None:
         {"devices": [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "16GB"}]})
 
 
+@pytest.mark.parametrize(("entry", "says"), [
+    ({"device_id": "0", "vnpu_count": 2, "vnpu_memory": True}, "vnpu_memory"),
+    ({"device_id": "0", "template": "vir10_3c_32g"}, "without vnpu_count"),
+    ({"device_id": "0", "vnpu_memory": "16GB"}, "without vnpu_count"),
+    ({"device_id": "0", "vnpu_count": True, "vnpu_memory": "16GB"}, "vnpu_count"),
+    ({"device_id": "0", "mix": {"vir05_1c_16g": True}}, "mix"),
+])
+def test_garbage_vnpu_entries_are_refused_naming_the_field(tmp_path: Path, entry: dict, says: str) -> None:  # type: ignore[type-arg]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"devices": [entry]}))
+    with pytest.raises(PlanError, match=says):
+        load_vnpu_config(path)
+
+
+def test_a_numeric_vnpu_memory_is_kept_as_a_size_that_parses_again() -> None:
+    entry = VnpuConfig.model_validate({"devices": [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": 1e-05}]})
+    assert entry.devices[0].memory_gb == pytest.approx(1e-05)
+    assert VnpuConfig.model_validate({"devices": [{"device_id": "0", "vnpu_count": 2, "vnpu_memory": 16}]}
+                                     ).devices[0].memory_gb == 16
+
+
 # --- static changes ---------------------------------------------------------------------------------------------
 def rec(vnpu_id: int, template: str = "vir05_1c_8g", device: str = "Ascend910-0", owner: str = "static",
         state: str = "created") -> VnpuRecord:
@@ -168,6 +189,19 @@ def test_static_changes_after_the_plan_drops_a_device() -> None:
     plan = plan_for([{"device_id": "1", "vnpu_count": 0}])
     changes = static_changes(plan, [rec(100), rec(101)], {"Ascend910-0": {100, 101}})
     assert [r.vnpu_id for r in changes.destroy] == [100, 101] and not changes.create
+
+
+def test_a_shrinking_plan_keeps_the_vnpus_in_use_and_forgets_ids_another_template_took() -> None:
+    """From two vir10 to one: the idle one goes, not the one a container holds (by id it would be the last). A
+    record whose id npu-smi now shows with another template is someone else's vNPU: ours vanished."""
+    plan = plan_for([{"device_id": "0", "vnpu_count": 1, "template": "vir10_3c_16g"}])
+    records = [rec(100, "vir10_3c_16g"), rec(101, "vir10_3c_16g")]
+    seen = {"Ascend910-0": {100: "vir10_3c_16g", 101: "vir10_3c_16g"}}
+    changes = static_changes(plan, records, seen, in_use={("Ascend910-0", 101)})
+    assert [r.vnpu_id for r in changes.keep] == [101] and [r.vnpu_id for r in changes.destroy] == [100]
+    assert [r.vnpu_id for r in static_changes(plan, records, seen).destroy] == [101]  # nothing in use: by id
+    other = static_changes(plan, records, {"Ascend910-0": {100: "vir10_3c_16g", 101: "vir05_1c_8g"}})
+    assert [r.vnpu_id for r in other.forget] == [101] and not other.destroy
 
 
 def test_vnpu_ids_and_binding() -> None:
@@ -260,3 +294,10 @@ def test_310p_vgroup_rules() -> None:
     assert fits_all(((t["vir01"], 2), (t["vir02"], 2), (t["vir02_1c"], 1)), ChipCapacity(aicore=8, memory_gb=24,
                                                                                          aicpu=7)) is None
     assert "rule 310p/dvpp" in (check(vir04_4c_dvpp=1, vir02_1c=1) or "")
+    # the 910 A1's vir02 / vir04 share names with 310P templates, not their rules: decided by the chip
+    a1 = {x.name: x for x in (Template(name="vir04", aicore=4, memory_gb=8.0, aicpu=0),
+                              Template(name="vir02", aicore=2, memory_gb=4.0, aicpu=0))}
+    module = ChipCapacity(aicore=32, memory_gb=32, chip_model="910ProB")
+    assert fits_all(((a1["vir04"], 8),), module) is None and fits_all(((a1["vir02"], 16),), module) is None
+    assert "rule 310p/vnpus" in (fits_all(((t["vir01"], 8),), ChipCapacity(aicore=8, memory_gb=24, aicpu=8,
+                                                                           chip_model="310P3")) or "")
