@@ -118,7 +118,8 @@ def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
             for c in spec.get("initContainers") or [] if isinstance(c, Mapping)]
     containers = tuple(app + [c for sidecar, c in init if sidecar])
 
-    overhead = spec.get("overhead") if isinstance(spec.get("overhead"), Mapping) else {}
+    raw_overhead = spec.get("overhead")
+    overhead: Mapping[str, Any] = raw_overhead if isinstance(raw_overhead, Mapping) else {}
     extra = {"cpu_limit_milli": _milli(overhead.get("cpu"), batch=False) or 0,
              "cpu_request_milli": _milli(overhead.get("cpu"), batch=False) or 0,
              "memory_limit_bytes": _bytes(overhead.get("memory")) or 0}  # a RuntimeClass's, on top (as the kubelet)
