@@ -83,14 +83,17 @@ def _run(args: argparse.Namespace) -> int:
     controller = Controller(Rest(api_client), settings, resync_s=args.resync)
 
     class Wake:
+        def __init__(self, urgent: bool = False) -> None:
+            self.urgent = urgent  # the policy: reconciled at once; other kinds at most every min_interval_s
+
         def replace(self, items: list[dict[str, Any]]) -> None:
-            controller.wake()
+            controller.wake(self.urgent)
 
         def upsert(self, obj: dict[str, Any]) -> None:
-            controller.wake()
+            controller.wake(self.urgent)
 
         def delete(self, obj: dict[str, Any]) -> None:
-            controller.wake()
+            controller.wake(self.urgent)
 
     from .api import GROUP, PLURAL, VERSION
 
@@ -98,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         api_client)
     ns = {"namespace": args.namespace}
     watches = [
-        ListWatch("npuclusterpolicies", custom.list_cluster_custom_object, Wake(),
+        ListWatch("npuclusterpolicies", custom.list_cluster_custom_object, Wake(urgent=True),
                   kwargs={"group": GROUP, "version": VERSION, "plural": PLURAL}),
         ListWatch("nodes", core.list_node, Wake()),
         ListWatch("pods", core.list_namespaced_pod, Wake(), kwargs=ns),

@@ -19,6 +19,7 @@ annotations for a controller with a single object.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -46,6 +47,9 @@ from fuyao.contracts import (
     LABEL_OPERATOR_COMPONENT,
     LABEL_OPERATOR_REVISION,
     NPU_RESOURCES,
+    RESOURCE_NPU,
+    RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
 )
 
 from . import render
@@ -63,13 +67,15 @@ from .api import (
 )
 from .kube import KINDS, KubeError, Rest, collection
 from .render import MANAGER, RenderError, Settings
-from .status import Observed, Workload, policy_status, transitions, was_up
+from .status import Observed, Workload, invalid_spec_status, policy_status, transitions, was_up
 
 log = logging.getLogger(__name__)
 
 FINALIZER = f"{GROUP}/cleanup"
 POLICY_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}/{POLICY_NAME}"
 MANAGED = f"{LABEL_MANAGED_BY}={MANAGER}"
+STOP_WAIT_S = 120.0
+"""How long a deleted policy waits for its component pods to go before cleaning the node labels anyway."""
 MONITORING = "monitoring.coreos.com/v1"
 
 
@@ -85,11 +91,20 @@ class Controller:
     _renders: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
+    min_interval_s: float = 5.0
+    """The least time between passes woken by node, pod or workload events (the policy's wake at once)."""
     reconciles: int = 0
     last_error: str = ""
+    _urgent: bool = False
+    _stopping: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of workloads a deletion removed
+    _stopping_since: float | None = None
 
     # The loop ----------------------------------------------------------------------------------------------------
-    def wake(self) -> None:
+    def wake(self, urgent: bool = False) -> None:
+        """Reconcile soon: at once when ``urgent`` (the policy changed), else no sooner than ``min_interval_s``
+        after the last pass (node and pod events of a large cluster arrive all the time)."""
+        if urgent:
+            self._urgent = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -97,13 +112,22 @@ class Controller:
         self._wake.set()
 
     def run(self) -> None:
-        """Reconcile until stopped: on every wake-up (debounced by 0.3 s) and every ``resync_s``."""
+        """Reconcile until stopped: on every wake-up (debounced by 0.3 s; other than the policy's, at most once
+        per ``min_interval_s``) and every ``resync_s``."""
+        last = -float("inf")
         while not self._stop.is_set():
             self._wake.wait(self.resync_s)
             if self._stop.is_set():
                 return
             time.sleep(0.3)  # a burst of watch events makes one reconcile
+            wait = self.min_interval_s - (time.monotonic() - last)
+            if not self._urgent and wait > 0:
+                self._stop.wait(wait)  # events meanwhile fold into this pass
+                if self._stop.is_set():
+                    return
             self._wake.clear()
+            self._urgent = False
+            last = time.monotonic()
             try:
                 self.reconcile()
                 self.last_error = ""
@@ -121,6 +145,12 @@ class Controller:
             return None
         meta = policy["metadata"]
         if meta.get("deletionTimestamp"):
+            running = self._stop_components()
+            if running:  # their pods would write the node labels back after the cleanup: wait until they are gone
+                log.info("policy %s is being deleted: waiting for %d component pods to go (%s)", POLICY_NAME,
+                         len(running), ", ".join(running[:10]))
+                self._wake_in(2.0)
+                return None
             cleanup(self.rest, self.settings.namespace)
             if FINALIZER in (meta.get("finalizers") or []):
                 self._drop_finalizer(policy)
@@ -132,8 +162,16 @@ class Controller:
         try:
             spec = PolicySpec.model_validate(policy.get("spec") or {})
         except ValidationError as exc:  # the CRD's schema prevents this; an older CRD might not
-            log.error("policy spec is invalid: %s", exc)
-            return None
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("spec", *first["loc"]))
+            problem = f"{where}: {first['msg']}"
+            log.error("policy spec is invalid: %s", problem)
+            previous = _status_model(policy.get("status"))
+            status = invalid_spec_status(problem, int(meta.get("generation") or 0), previous)
+            body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if body != (policy.get("status") or {}):
+                self.rest.merge_patch(POLICY_PATH + "/status", {"status": body})
+            return status
         errors: dict[Component, str] = {}
         desired = self._desired(spec, policy, errors)
         applied = self._apply(desired, errors)
@@ -142,7 +180,8 @@ class Controller:
         npu_nodes = sorted(n["metadata"]["name"] for n in nodes
                            if (n["metadata"].get("labels") or {}).get(LABEL_ACCELERATOR) == ACCELERATOR_ASCEND_NPU)
         pods = self.rest.list(collection("v1", "pods", self.settings.namespace))
-        validation = self._validate(spec, policy, npu_nodes, pods, applied)
+        allocatable = {n["metadata"]["name"]: (n.get("status") or {}).get("allocatable") or {} for n in nodes}
+        validation = self._validate(spec, policy, npu_nodes, pods, applied, allocatable)
         previous = _status_model(policy.get("status"))
         seen = self._observe(spec, nodes, npu_nodes, pods, applied, validation, errors, was_up(previous))
         status = policy_status(spec, seen, int(meta.get("generation") or 0), previous)
@@ -152,6 +191,40 @@ class Controller:
             for changed in transitions(previous, status):
                 self._event(policy, changed)
         return status
+
+    def _stop_components(self) -> list[str]:
+        """Delete the component DaemonSets and Deployments; the names of their pods still running (a discovery or
+        QoS pod would write its node labels back after the cleanup). After :data:`STOP_WAIT_S` of waiting (pods
+        stuck terminating on a dead node) none are waited for any more."""
+        ns = self.settings.namespace
+        for kind in ("DaemonSet", "Deployment"):
+            api_version, plural, namespaced = KINDS[kind]
+            for obj in self.rest.list(collection(api_version, plural, ns if namespaced else None), MANAGED):
+                self._stopping.add((kind, obj["metadata"]["name"]))
+                self.rest.delete(obj)
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+        if time.monotonic() - self._stopping_since > STOP_WAIT_S:
+            return []
+        daemonsets = {name for kind, name in self._stopping if kind == "DaemonSet"}
+        deployments = {name for kind, name in self._stopping if kind == "Deployment"}
+
+        def ours(pod: Mapping[str, Any]) -> bool:
+            for ref in pod["metadata"].get("ownerReferences") or []:
+                if ref.get("kind") == "DaemonSet" and ref.get("name") in daemonsets:
+                    return True
+                if ref.get("kind") == "ReplicaSet" and any(str(ref.get("name", "")).startswith(d + "-")
+                                                           for d in deployments):
+                    return True
+            return False
+
+        return [p["metadata"]["name"] for p in self.rest.list(collection("v1", "pods", ns))
+                if ours(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+
+    def _wake_in(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._wake.set)
+        timer.daemon = True
+        timer.start()
 
     def _event(self, policy: Mapping[str, Any], changed: ComponentStatus) -> None:
         """A Kubernetes Event on the policy for a component's state change (``kubectl describe`` shows them)."""
@@ -208,6 +281,9 @@ class Controller:
             except RenderError as exc:
                 errors[component] = str(exc)
                 continue
+            except (TypeError, AttributeError, ValueError) as exc:  # values of a shape the chart cannot take
+                errors[component] = f"spec.{component.value} cannot be rendered: {type(exc).__name__}: {exc}"
+                continue
             out += render.owned(self._renders[cache_key], policy, component, ns)
         if spec.enabled(Component.NODE_FEATURE_DISCOVERY):
             out += render.owned(render.nfd_objects(self.settings), policy, Component.NODE_FEATURE_DISCOVERY, ns)
@@ -250,7 +326,8 @@ class Controller:
 
     # Validation pods ---------------------------------------------------------------------------------------------
     def _validate(self, spec: PolicySpec, policy: Mapping[str, Any], npu_nodes: list[str],
-                  pods: list[dict[str, Any]], applied: list[dict[str, Any]]) -> dict[str, tuple[bool | None, str]]:
+                  pods: list[dict[str, Any]], applied: list[dict[str, Any]],
+                  allocatable: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, tuple[bool | None, str]]:
         mine = {p["metadata"]["name"]: p for p in pods
                 if (p["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT) == Component.VALIDATOR.value}
         if not spec.enabled(Component.VALIDATOR):
@@ -261,12 +338,18 @@ class Controller:
                   if o.get("kind") == "DaemonSet"
                   and o["metadata"]["labels"].get(LABEL_OPERATOR_COMPONENT) == Component.DEVICE_PLUGIN.value]
         rev = render.revision(plugin, spec.validator.image or self.settings.image)
+        # the device plugin not applied this pass (an error, a render problem): its revision is unknown, and the
+        # validation pods of the last known one stay (not all re-run for an error, and again when it clears)
+        rev_known = bool(plugin) or not spec.enabled(Component.DEVICE_PLUGIN)
         wanted = {render.validator_name(n): n for n in npu_nodes}
+        resource = {n: validator_resource(spec, (allocatable or {}).get(n) or {}) for n in npu_nodes}
         results: dict[str, tuple[bool | None, str]] = {}
         now = time.time()
         for name, pod in mine.items():
             labels = pod["metadata"].get("labels") or {}
-            stale = name not in wanted or labels.get(LABEL_OPERATOR_REVISION) != rev
+            stale = name not in wanted or (rev_known and labels.get(LABEL_OPERATOR_REVISION) != rev) or (
+                (pod.get("status") or {}).get("phase") == "Pending"
+                and _requested(pod) != resource.get(wanted[name]))  # waits for a resource the node does not offer
             failed_at = _finished_at(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None
             if stale or (failed_at is not None and now - failed_at > self.validator_retry_s):
                 self.rest.delete(pod)
@@ -274,7 +357,8 @@ class Controller:
         for name, node in wanted.items():
             found = mine.get(name)
             if not found:
-                manifest = render.owned([render.validator_pod(node, self.settings, rev, spec.validator.image)],
+                manifest = render.owned([render.validator_pod(node, self.settings, rev, spec.validator.image,
+                                                              resource[node])],
                                         policy, Component.VALIDATOR, self.settings.namespace)[0]
                 try:
                     self.rest.create(manifest)
@@ -335,7 +419,14 @@ class Controller:
             return False
 
     def _probe_metrics(self, plugin: Workload, urls: Mapping[str, str]) -> Workload:
-        silent = tuple(sorted(node for node, url in urls.items() if not self._get(url)))
+        """Every node's exporter asked at once (at most 32 in flight): a pass over a hundred unreachable ones
+        takes a timeout or a few, not a hundred."""
+        if urls:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(urls))) as pool:
+                answered = dict(zip(urls, pool.map(self._get, urls.values()), strict=True))
+        else:
+            answered = {}
+        silent = tuple(sorted(node for node, ok in answered.items() if not ok))
         return Workload(desired=plugin.desired, ready=len(urls) - len(silent), updated=plugin.updated,
                         generation_seen=plugin.generation_seen, not_ready_nodes=silent + tuple(
                             n for n in plugin.not_ready_nodes if n not in urls), version=plugin.version)
@@ -461,11 +552,37 @@ def _service_url(service: Mapping[str, Any]) -> str:
 
 
 def _finished_at(pod: Mapping[str, Any]) -> float | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        at = ((status.get("state") or {}).get("terminated") or {}).get("finishedAt")
+    """When a failed pod finished: its container's end, else (a pod the kubelet refused at admission has no
+    container) when it started, or was created."""
+    status = pod.get("status") or {}
+    candidates = [((c.get("state") or {}).get("terminated") or {}).get("finishedAt")
+                  for c in status.get("containerStatuses") or []]
+    candidates += [status.get("startTime"), (pod.get("metadata") or {}).get("creationTimestamp")]
+    for at in candidates:
         if at:
-            return datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+            try:
+                return datetime.strptime(str(at), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+            except ValueError:
+                continue
     return None
+
+
+def validator_resource(spec: PolicySpec, allocatable: Mapping[str, Any]) -> str:
+    """What a node's validation pod asks for: one whole NPU, or where vNPUs take the dies (dynamic mode offers
+    cores only; a static plan may carve every die) one vNPU or one core, whichever the node offers."""
+    order = [RESOURCE_NPU, RESOURCE_VNPU, RESOURCE_NPU_CORE]
+    if spec.vnpu.enabled and spec.vnpu.mode == "dynamic":
+        order = [RESOURCE_NPU_CORE, RESOURCE_NPU, RESOURCE_VNPU]
+    for resource in order:
+        if _int(allocatable.get(resource)) > 0:
+            return resource
+    return order[0]
+
+
+def _requested(pod: Mapping[str, Any]) -> str | None:
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    limits = (containers[0].get("resources") or {}).get("limits") or {}
+    return next((r for r in (RESOURCE_NPU, RESOURCE_VNPU, RESOURCE_NPU_CORE) if r in limits), None)
 
 
 def _validation_result(pod: Mapping[str, Any]) -> tuple[bool | None, str]:

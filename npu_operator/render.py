@@ -260,9 +260,11 @@ def validator_name(node: str) -> str:
     return f"{VALIDATOR_PREFIX}{stem}-{digest}"
 
 
-def validator_pod(node: str, settings: Settings, rev: str, image: str | None = None) -> dict[str, Any]:
-    """A pod on ``node`` that asks for one NPU and runs ``npu-smi info`` (through the scheduler and its extender,
-    as any NPU pod; its result lands in the pod's termination message, which the operator reads)."""
+def validator_pod(node: str, settings: Settings, rev: str, image: str | None = None,
+                  resource: str = RESOURCE_NPU) -> dict[str, Any]:
+    """A pod on ``node`` that asks for one NPU (or one vNPU / core: ``resource``) and runs ``npu-smi info``
+    (through the scheduler and its extender, as any NPU pod; its result lands in the pod's termination message,
+    which the operator reads)."""
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": validator_name(node),
@@ -279,8 +281,8 @@ def validator_pod(node: str, settings: Settings, rev: str, image: str | None = N
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["fuyao-npu-operator", "validate"],
                 "terminationMessagePolicy": "File",
-                "resources": {"limits": {RESOURCE_NPU: "1", "memory": "128Mi"},
-                              "requests": {RESOURCE_NPU: "1", "cpu": "10m", "memory": "48Mi"}},
+                "resources": {"limits": {resource: "1", "memory": "128Mi"},
+                              "requests": {resource: "1", "cpu": "10m", "memory": "48Mi"}},
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
             }],
         },

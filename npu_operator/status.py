@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 from fuyao.contracts import RESOURCE_NPU
 
@@ -161,12 +162,27 @@ def _validator(seen: Observed) -> ComponentStatus:
         type=S.RUNNING, reason="Validated", message=f"a one-NPU pod ran npu-smi info on {len(nodes)} node(s)"))
 
 
+NEEDS: dict[Component, Component] = {
+    Component.DRIVER: Component.NODE_FEATURE_DISCOVERY,  # the driver versions come from discovery's labels
+    Component.VNPU: Component.DEVICE_PLUGIN,
+    Component.EXPORTER: Component.DEVICE_PLUGIN,
+    Component.VALIDATOR: Component.DEVICE_PLUGIN,
+}
+"""What each component cannot work without."""
+
+
 def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatus, ...]:
     out = []
     for component in Component:
+        needed = NEEDS.get(component)
         if not spec.enabled(component):
             out.append(ComponentStatus(name=component, state=ComponentState(
                 type=S.DISABLED, reason="Disabled", message=f"spec.{component.value}.enabled is false")))
+        elif needed is not None and not spec.enabled(needed):
+            out.append(ComponentStatus(name=component, state=ComponentState(
+                type=S.FAILED, reason="MissingDependency",
+                message=f"spec.{component.value} needs spec.{needed.value}.enabled: true (or disable "
+                        f"spec.{component.value})")))
         elif component in seen.errors:
             out.append(ComponentStatus(name=component, state=ComponentState(
                 type=S.FAILED, reason="ApplyFailed", message=seen.errors[component][:500])))
@@ -234,3 +250,23 @@ def policy_status(spec: PolicySpec, seen: Observed, generation: int, previous: P
     statuses = component_statuses(spec, seen)
     return PolicyStatus(observed_generation=generation, component_statuses=statuses,
                         conditions=conditions(statuses, previous.conditions if previous else (), now))
+
+
+def invalid_spec_status(problem: str, generation: int, previous: PolicyStatus | None = None,
+                        now: datetime | None = None) -> PolicyStatus:
+    """The status of a policy whose spec does not validate (an older CRD without the schema let it in): not Ready,
+    with the field and why, for this generation; the components are left as the last valid spec made them."""
+    at = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before: dict[str, Condition] = {c.type: c for c in (previous.conditions if previous else ())}
+
+    def condition(kind: Literal["Ready", "Progressing", "Degraded"], status: Literal["True", "False"],
+                  reason: str, message: str) -> Condition:
+        old = before.get(kind)
+        since = old.last_transition_time if old is not None and old.status == status else at
+        return Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=since)
+
+    return PolicyStatus(
+        observed_generation=generation, component_statuses=previous.component_statuses if previous else (),
+        conditions=(condition("Ready", "False", "InvalidSpec", problem),
+                    condition("Progressing", "False", "InvalidSpec", ""),
+                    condition("Degraded", "True", "InvalidSpec", problem)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,3 +29,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def spawn(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     """``argv`` started with ``env``; it gets SIGTERM when this process dies (Linux), however it dies."""
     return _FORKER.submit(subprocess.Popen, list(argv), env=dict(env), preexec_fn=_die_with_parent).result()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``port`` (of ``host``, or of every address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host or "", port))
+        except OSError:
+            return False
+    return True

@@ -32,7 +32,7 @@ import ray
 
 from fuyao.contracts import RAY_RESOURCE_NPU
 
-from .child import spawn
+from .child import port_free, spawn
 from .ranking import OpenAiRequest
 from .settings import EngineSettings
 
@@ -61,6 +61,12 @@ class EngineReplica:
         if address in ("", "0.0.0.0", "::"):
             address = ray.util.get_node_ip_address()
         self.url = f"http://[{address}]:{self.port}" if ":" in address else f"http://{address}:{self.port}"
+        # where this replica reaches its own engine: loopback when it binds every address, else the one it binds
+        self.local_url = f"http://127.0.0.1:{self.port}" if self.settings.host in ("", "0.0.0.0", "::") else self.url
+        if not port_free(self.settings.host, self.port):
+            raise RuntimeError(f"port {self.port} (engine.port {self.settings.port} + NPU slot {offset}) is taken: "
+                               "another engine (a replica sharing this NPU slot, or one still stopping) listens "
+                               "there")
         args = self.settings.command_args(self.settings.host, self.port, self.kv_events_port)
         env = {**os.environ, **self.settings.env, "PYTHONUNBUFFERED": "1"}
         log.info("starting engine %s on NPU slots %s: python -m %s %s", self.url, self.slots or "-",
@@ -71,14 +77,14 @@ class EngineReplica:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout
-        health = f"http://127.0.0.1:{self.port}/health"
+        health = f"{self.local_url}/health"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the engine (python -m {self.settings.module}) exited with code "
                                    f"{self.process.returncode} before it was ready")
             try:
                 with urllib.request.urlopen(health, timeout=2) as response:
-                    if response.status == 200:
+                    if response.status == 200 and self.process.poll() is None:  # and it is ours, still running
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -89,7 +95,7 @@ class EngineReplica:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                f"http://127.0.0.1:{self.port}",
+                self.local_url,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
                 connector=aiohttp.TCPConnector(limit=0))
         return self._session
@@ -142,3 +148,4 @@ class EngineReplica:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+

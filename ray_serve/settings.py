@@ -75,7 +75,7 @@ class EngineSettings(ConfigSection):
 
 
 class RouterSettings(ConfigSection):
-    policy: Literal["power-of-two", "prefix-tree", "kv-index"] = "kv-index"
+    policy: Literal["power-of-two", "prefix-tree", "kv-index"] = "power-of-two"
     kv_index_url: str | None = Field(default=None, pattern=r"^https?://",
                                      description="fuyao-kvcache's URL (the kv-index policy)")
     lookup_timeout: Seconds = 0.2
@@ -97,7 +97,14 @@ class AppSettings(ConfigSection):
     num_cpus: float = Field(default=0.0, ge=0, description="Ray CPUs per engine replica (the engine is a process)")
     max_ongoing_requests: int = Field(default=64, ge=1)
     engine: EngineSettings = Field(default_factory=EngineSettings)
-    router: RouterSettings = Field(default_factory=lambda: RouterSettings(policy="power-of-two"))
+    router: RouterSettings = Field(default_factory=RouterSettings)
+
+    @field_validator("npus_per_replica")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"above 1 an engine takes whole NPUs (1, 2, 4...), got {value:g}")
+        return value
 
 
 def app_settings(args: Mapping[str, Any] | None) -> AppSettings:

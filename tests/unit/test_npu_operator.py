@@ -157,3 +157,39 @@ def test_the_crd_is_structural_and_names_the_policy() -> None:
         return (isinstance(node, dict) and ("$ref" in node or any(refs(v) for v in node.values()))) or \
             (isinstance(node, list) and any(refs(v) for v in node))
     assert not refs(schema)
+
+
+def test_a_component_whose_prerequisite_is_off_fails_naming_the_field() -> None:
+    spec = PolicySpec.model_validate({"devicePlugin": {"enabled": False}, "vnpu": {"enabled": True}})
+    got = states(spec, healthy())
+    for component in ("exporter", "vnpu", "validator"):
+        kind, message = got[component]
+        assert kind == StateType.FAILED and "spec.devicePlugin.enabled: true" in message, component
+    nfd_off = states(PolicySpec.model_validate({"nodeFeatureDiscovery": {"enabled": False}}), healthy())
+    assert nfd_off["driver"][0] == StateType.FAILED and "spec.nodeFeatureDiscovery" in nfd_off["driver"][1]
+
+
+def test_an_invalid_spec_is_a_condition_naming_the_field() -> None:
+    from fuyao.npu_operator.status import invalid_spec_status
+
+    previous = policy_status(PolicySpec(), healthy(), generation=3)
+    status = invalid_spec_status("spec.driver.version: Input should be a valid string", 4, previous)
+    conditions = {c.type: (c.status, c.reason, c.message) for c in status.conditions}
+    assert conditions["Ready"] == ("False", "InvalidSpec", "spec.driver.version: Input should be a valid string")
+    assert status.observed_generation == 4 and status.component_statuses == previous.component_statuses
+
+
+def test_the_validation_pod_asks_for_what_the_node_offers_and_a_refused_pod_is_retried() -> None:
+    from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
+    from fuyao.npu_operator.controller import _finished_at, validator_resource
+
+    plain, dynamic = PolicySpec(), PolicySpec.model_validate({"vnpu": {"enabled": True, "mode": "dynamic"}})
+    static = PolicySpec.model_validate({"vnpu": {"enabled": True, "mode": "static"}})
+    assert validator_resource(plain, {RESOURCE_NPU: "8"}) == RESOURCE_NPU
+    assert validator_resource(dynamic, {RESOURCE_NPU_CORE: "160"}) == RESOURCE_NPU_CORE
+    assert validator_resource(dynamic, {}) == RESOURCE_NPU_CORE
+    assert validator_resource(static, {RESOURCE_NPU: "0", RESOURCE_VNPU: "32"}) == RESOURCE_VNPU  # all carved
+    assert validator_resource(static, {RESOURCE_NPU: "4", RESOURCE_VNPU: "16"}) == RESOURCE_NPU
+    refused = {"metadata": {"creationTimestamp": "2026-12-07T00:00:00Z"},
+               "status": {"phase": "Failed", "reason": "UnexpectedAdmissionError"}}  # no container ever ran
+    assert _finished_at(refused) == datetime(2026, 12, 7, tzinfo=UTC).timestamp()

@@ -61,6 +61,11 @@ def test_app_settings_are_validated_and_name_the_bad_field() -> None:
         "request_router_kwargs": {"kv_index_url": "http://kv:8100", "lookup_timeout": 0.2, "min_hit": 0.0,
                                   "tolerance_blocks": 0}}
     assert app_settings(None).router.policy == "power-of-two"
+    # a router section that does not name a policy keeps the default one (it did switch to kv-index)
+    assert app_settings({"router": {"lookupTimeout": "500ms"}}).router.policy == "power-of-two"
+    with pytest.raises(ConfigError, match=r"'npusPerReplica'.*whole NPUs"):
+        app_settings({"npusPerReplica": 1.5})
+    assert app_settings({"npusPerReplica": 0.5}).npus_per_replica == 0.5
     assert router_config(app_settings(None).router) == {"request_router_class": ROUTER_CLASSES["power-of-two"]}
     with pytest.raises(ConfigError, match=r"'router': .*kvIndexUrl"):
         app_settings({"router": {"policy": "kv-index"}})
@@ -127,3 +132,18 @@ def test_an_engine_outlives_the_thread_that_started_it_but_not_its_process() -> 
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(), "the child outlived its process"
+
+
+def test_an_engine_port_already_listened_on_is_seen_taken() -> None:
+    """Two replicas on one NPU slot (fractional npusPerReplica) or one still stopping: the second sees its port
+    taken before it starts an engine (else it would take the other engine's /health for its own)."""
+    import socket
+
+    from fuyao.ray_serve.child import port_free as _port_free
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not _port_free("127.0.0.1", port) and not _port_free("0.0.0.0", port)
+    assert _port_free("127.0.0.1", port)
