@@ -21,7 +21,7 @@ from typing import Literal
 import psutil
 
 from fuyao.inventory import NpuDevice
-from fuyao.npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
+from fuyao.npusmi import NpuSmi, NpuSmiError, NpuSmiTimeout, NpuSmiUnsupported
 from fuyao.npusmi.models import VnpuEntry, VnpuInfo
 
 from .ledger import OWNER_STATIC, Ledger, VnpuRecord, dynamic_owner
@@ -135,6 +135,9 @@ def _process_alive(pid: int | None, started: float | None) -> bool:
 
 
 _SELF_STARTED = psutil.Process().create_time()
+PENDING_GRACE_S = 60.0
+"""A creation of this process that timed out and is found absent is dropped only this long after it began: it may
+still take effect in the driver after npu-smi was killed (dropping it sooner would leak that vNPU, unrecorded)."""
 
 
 class VnpuManager:
@@ -229,8 +232,8 @@ class VnpuManager:
                     adopted.append(done)
                     log.info("adopted vNPU %d on %s (created before a crash)", record.vnpu_id, record.device_id,
                              extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
-                elif presence == "absent":
-                    self.ledger.remove(record)
+                elif presence == "absent" and (record.pid != os.getpid() or time.time() - record.at >= PENDING_GRACE_S):
+                    self.ledger.remove(record)  # ours (a create that timed out) only after the grace
                     log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id,
                              record.device_id, extra={"device": record.device_id, "vnpu": record.vnpu_id})
         return adopted
@@ -257,8 +260,12 @@ class VnpuManager:
             try:
                 self.npu_smi.create_vnpu(d.npu_id, d.chip_id, template.name, vnpu_id=vnpu_id)
             except NpuSmiError as exc:
-                # The driver may have acted before the call failed (a timeout): look before giving up.
+                # The driver may have acted before the call failed (a timeout): look before giving up. After a
+                # timeout the driver may still act (the killed npu-smi's call finishing in the kernel): absent
+                # now proves nothing, so the record stays pending and recover() decides after PENDING_GRACE_S.
                 presence = self.probe(device_id, vnpu_id, template.name)
+                if presence == "absent" and isinstance(exc, NpuSmiTimeout):
+                    presence = "unknown"
                 if presence == "absent":
                     self.ledger.remove(record)
                     self._event("create", "error")

@@ -301,3 +301,43 @@ def test_310p_vgroup_rules() -> None:
     assert fits_all(((a1["vir04"], 8),), module) is None and fits_all(((a1["vir02"], 16),), module) is None
     assert "rule 310p/vnpus" in (fits_all(((t["vir01"], 8),), ChipCapacity(aicore=8, memory_gb=24, aicpu=8,
                                                                            chip_model="310P3")) or "")
+
+
+def test_a_create_that_timed_out_stays_pending_until_the_driver_can_no_longer_act(tmp_path: Path) -> None:
+    """npu-smi killed on a timeout may still finish creating the vNPU in the driver. Absent right after the timeout
+    proves nothing: the record stays pending (its id reserved); recover() adopts the vNPU if it appears, and drops
+    the record only after PENDING_GRACE_S. Dropping it at once leaked the vNPU, unrecorded."""
+    from types import SimpleNamespace
+
+    from fuyao.npusmi import NpuSmiTimeout
+    from fuyao.vnpu import manager as m
+
+    class SlowDriver:
+        def __init__(self) -> None:
+            self.vnpus: list[VnpuEntry] = []
+
+        def vnpu_info(self, npu_id: int, chip_id: int) -> SimpleNamespace:
+            return SimpleNamespace(vnpus=list(self.vnpus), resources={})
+
+        def create_vnpu(self, npu_id: int, chip_id: int, template: str, vnpu_id: int) -> None:
+            raise NpuSmiTimeout(5.0, ("npu-smi", "set", "-t", "create-vnpu"))
+
+    driver = SlowDriver()
+    ledger = Ledger(tmp_path / "ledger.json")
+    manager = m.VnpuManager(driver, ledger, devices("910B4", 1))  # type: ignore[arg-type]
+    template = next(t for t in B4 if t.name == "vir05_1c_8g")
+    with pytest.raises(m.VnpuError, match="unknown outcome"):
+        manager.create("Ascend910-0", template, dynamic_owner(["Ascend910-0-c0"]))
+    assert [(r.vnpu_id, r.state) for r in ledger.records()] == [(100, "pending")]
+    assert manager.recover() == [] and len(ledger.records()) == 1  # absent, but within the grace: kept
+    driver.vnpus = [VnpuEntry(vnpu_id=100, vgroup_id=0, container_id=None, status=None, template="vir05_1c_8g")]
+    assert [r.vnpu_id for r in manager.recover()] == [100]  # the driver finished it: adopted, never leaked
+    assert [r.state for r in ledger.records()] == ["created"]
+    with pytest.raises(m.VnpuError):
+        manager.create("Ascend910-0", template, dynamic_owner(["Ascend910-0-c1"]))
+    late = [r for r in ledger.records() if r.state == "pending"]
+    assert [r.vnpu_id for r in late] == [101]
+    with ledger.transaction():
+        ledger.replace(late[0], late[0].model_copy(update={"at": late[0].at - m.PENDING_GRACE_S - 1}))
+    manager.recover()
+    assert [r.vnpu_id for r in ledger.records()] == [100]  # never appeared within the grace: dropped
