@@ -84,6 +84,7 @@ class Agent:
         self.publisher = publisher
         self.evictor = evictor
         self.suppressed = False
+        self._be_cpus: int | None = None  # how many CPUs the cpuset policy gave BE pods last cycle
         self._batch: tuple[int, int] | None = None
         self._batch_at = 0.0
         self._usage: NodeUsage | None = None
@@ -123,7 +124,7 @@ class Agent:
             notes.append("first sample: CPU rates need a second one; no cgroup changes this cycle")
         batch = policy.batch_resources(m.node, m.pods, self.config)
         node_cpus = self._node_cpus(notes)
-        plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed, node_cpus)
+        plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed, node_cpus, self._be_cpus)
         writes = self._writes(m, plan, notes) if m.warm else []
         clock = time.monotonic()
         self._evicted = {uid: at for uid, at in self._evicted.items() if clock - at <= EVICTION_RETRY_S}
@@ -150,6 +151,7 @@ class Agent:
             self._save_limited()
             if m.warm:
                 self.suppressed = plan.active
+                self._be_cpus = len(plan.cpus) if plan.cpus is not None else None
             publisher = self.publisher  # due only with one (a cluster)
             batch_due = batch_due and publisher is not None and self._publish(
                 "batch", lambda: publisher.batch_resources(batch.cpu_milli, batch.memory_bytes))

@@ -117,7 +117,7 @@ def be_cpus(allowed: frozenset[int], budget_milli: int) -> frozenset[int]:
 
 
 def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig, was_active: bool,
-                 node_cpus: frozenset[int] = frozenset()) -> SuppressPlan:
+                 node_cpus: frozenset[int] = frozenset(), was_cpus: int | None = None) -> SuppressPlan:
     """BE pods' CPU below what LS and the system leave under the threshold (the budget: capacity x threshold - LS -
     system, at least ``minBeMilli``).
 
@@ -125,7 +125,10 @@ def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfi
       threshold - hysteresis the quotas go back to what the pods' specs say.
     - ``cpuset``: always, BE pods share the budget's CPUs (:func:`be_cpus` of ``node_cpus``); their quotas are what
       their specs say. A BE thread then never runs on the CPUs LS keeps: quotas bound how much BE runs, not when, so
-      an LS thread waking beside a running BE thread still waits (measured: docs/qos.md)."""
+      an LS thread waking beside a running BE thread still waits (measured: docs/qos.md). ``was_cpus``: how many
+      CPUs BE had last cycle; BE gets another CPU only once the budget passes that boundary by ``hysteresisPercent``
+      of capacity (it loses one at once: LS first), so a load near a whole CPU does not move BE pods back and forth
+      every cycle."""
     settings = config.cpu_suppress
     be = [p for p in pods if p.be]
     ls_and_system = sum(p.cpu_milli for p in pods if not p.be) + max(
@@ -137,7 +140,11 @@ def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfi
         if not settings.enabled:
             return SuppressPlan(False, ls_and_system, None, specs)
         budget = max(settings.min_be_milli, int(node.cpu_capacity_milli * threshold / 100) - ls_and_system)
-        return SuppressPlan(True, ls_and_system, budget, specs, be_cpus(node_cpus, budget))
+        cpus = be_cpus(node_cpus, budget)
+        margin = node.cpu_capacity_milli * settings.hysteresis_percent / 100
+        if was_cpus is not None and len(cpus) > was_cpus and budget <= was_cpus * 1000 + margin:
+            cpus = be_cpus(node_cpus, max(1, was_cpus) * 1000)  # not past the boundary by the margin: as before
+        return SuppressPlan(True, ls_and_system, budget, specs, cpus)
     active = settings.enabled and (
         ratio > threshold or (was_active and ratio > threshold - settings.hysteresis_percent))
     if not active:

@@ -483,6 +483,28 @@ def test_memory_limits_read_back_to_the_page() -> None:
 
 
 # --- the cpuset policy ------------------------------------------------------------------------------------------------
+def test_the_cpuset_budget_grows_past_a_cpu_boundary_only_by_the_hysteresis_and_shrinks_at_once() -> None:
+    """LS load near a whole CPU: the budget crosses N x 1000m back and forth every cycle; BE pods must not be moved
+    between N and N+1 CPUs each time. Growth waits until the budget passes the boundary by hysteresisPercent of
+    capacity; a shrink (LS needs the CPU) is immediate."""
+    config = build_config({"nodeName": "n1", "cpuSuppress": {"policy": "cpuset", "thresholdPercent": 65,
+                                                              "hysteresisPercent": 5}})
+    cpus = frozenset(range(8))
+
+    def plan(ls_cpu: int, was: int | None) -> int:
+        used = policy.NodeSample(cpu_capacity_milli=8_000, memory_capacity_bytes=GiB, cpu_used_milli=ls_cpu)
+        found = policy.cpu_suppress(used, [pod("ls", QoSClass.LS, ls_cpu), pod("be", QoSClass.BE, 100)], config,
+                                    False, cpus, was)
+        assert found.cpus is not None
+        return len(found.cpus)
+
+    # budget = 8000 x 65% - LS = 5200 - LS; the margin is 5% of 8000 = 400m
+    assert plan(3_150, None) == 3  # 2050m: 3 CPUs without history
+    assert plan(3_150, 2) == 2  # 2050m is past 2000 by 50m only: stays at 2
+    assert plan(2_700, 2) == 3  # 2500m: past it by 500m > 400m: grows
+    assert plan(3_300, 3) == 2  # 1900m: shrinks at once
+
+
 def test_be_cpus_are_the_budget_rounded_up_from_the_highest_numbered() -> None:
     node = frozenset(range(8))
     assert policy.be_cpus(node, 100) == {7}
