@@ -210,8 +210,9 @@ class ClusterCache:
 
     def expire_assumed(self) -> None:
         """Forget assumed pods the watch never reported (their bind was lost). ``_assumed`` is in the order of
-        assumption (a re-assumed pod moves to the end), so only the expired head is visited."""
-        if not self._assumed:
+        assumption (a re-assumed pod moves to the end), so only the expired head is visited. Not while the pod
+        watch is failing: then its silence says nothing, and a bound pod forgotten would free its devices twice."""
+        if not self._assumed or "pods" in self.failing:
             return
         cutoff = time.monotonic() - ASSUME_TTL_S
         with self.lock:

@@ -4,6 +4,7 @@ devices it chose stay counted (until the watch says); one never sent (no connect
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 from fuyao.contracts import RESOURCE_NPU
@@ -96,3 +97,28 @@ def test_warning_events_go_through_one_bounded_sender() -> None:
     while len(api.sent) < 1000 - warnings.dropped and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(api.sent) == 1000 - warnings.dropped
+
+
+def test_assumed_binds_do_not_expire_while_the_pod_watch_is_failing() -> None:
+    """An assumption is forgotten when the watch never reported its bind within the TTL; while the pod watch fails
+    the watch's silence says nothing, so assumptions are kept (a bound pod forgotten would free its devices)."""
+    import time
+
+    from fuyao.scheduler_extender import cluster as c
+
+    cache, uid = _cache_with_pending_pod()
+    cache.assume(dataclasses.replace(parse_pod(pod("p", requests={RESOURCE_NPU: "2"}, uid="uid-p")),
+                                     node_name="n1"))
+    assert [p.uid for p in cache.pods_on("n1")] == [uid]
+    later = time.monotonic() + c.ASSUME_TTL_S + 1
+    real = time.monotonic
+    try:
+        time.monotonic = lambda: later  # type: ignore[assignment]
+        cache.failing["pods"] = "connection refused"
+        cache.expire_assumed()
+        assert [p.uid for p in cache.pods_on("n1")] == [uid]  # kept while the watch is failing
+        del cache.failing["pods"]
+        cache.expire_assumed()
+        assert cache.pods_on("n1") == []  # the watch works and never reported it: forgotten
+    finally:
+        time.monotonic = real  # type: ignore[assignment]
