@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from .contracts import DeviceHealth, DeviceTopology, InterconnectGroup, InterconnectKind, NodeTopology
-from .npusmi import NpuSmi, NpuSmiError, NpuSmiParseError, NpuSmiUnsupported
+from .npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
 from .npusmi.models import ChipMapping, NpuHealthState, NpuSmiInfo, Topology
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,10 @@ def read_node_cpus(sysfs_root: str | Path = "/sys") -> dict[int, set[int]]:
     return out
 
 
+INFO_REREADS = 2
+"""How often ``npu-smi info`` is read again when it lists fewer chips than the topology matrix."""
+
+
 def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
     """Run npu-smi (info, -m, -t topo, -t common) and build the inventory. ``info`` errors propagate; the others
     only reduce what is known (logged)."""
@@ -245,10 +249,17 @@ def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
         log.info("topology not supported by this device/driver: %s", exc)
     except NpuSmiError as exc:
         log.warning("npu-smi -t topo failed, NUMA and interconnect groups unknown: %s", exc)
-    if topo is not None and len(topo.devices) > len(info.chips):
-        # a table cut exactly at a chip's border parses as fewer chips: the topology matrix counts them all
-        raise NpuSmiParseError("info", f"lists {len(info.chips)} chips but 'npu-smi info -t topo' lists "
-                               f"{len(topo.devices)} (npu-smi info's output cut short?)")
+    for _ in range(INFO_REREADS):
+        if topo is None or len(topo.devices) <= len(info.chips):
+            break
+        # a table cut exactly at a chip's border parses as fewer chips; the topology matrix counts them all
+        log.warning("npu-smi info lists %d chips but -t topo lists %d (output cut short?): reading it again",
+                    len(info.chips), len(topo.devices))
+        info = npu_smi.info()
+    else:
+        if topo is not None and len(topo.devices) > len(info.chips):
+            log.warning("npu-smi info keeps listing %d chips where -t topo lists %d: serving the %d it lists",
+                        len(info.chips), len(topo.devices), len(info.chips))
     aicore: dict[int, int] = {}
     for npu_id in sorted({c.npu_id for c in info.chips}):
         try:

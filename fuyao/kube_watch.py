@@ -140,6 +140,8 @@ class ListWatch(_Follower):
                 while not self._stop.is_set() and version is not None:
                     started, before = time.monotonic(), self.events
                     version = self._watch(version)
+                    if self._stop.is_set():
+                        return
                     delay = self._watched(started, before)
                     if delay is not None:
                         self._stop.wait(delay)
@@ -247,6 +249,8 @@ class AsyncListWatch(_Follower):
                 while not stop.is_set() and version is not None:
                     started, before = time.monotonic(), self.events
                     version = await self._watch(session, version, stop)
+                    if stop.is_set():
+                        return
                     delay = self._watched(started, before)
                     if delay is not None:
                         with contextlib.suppress(TimeoutError):

@@ -142,23 +142,18 @@ def consume_access_logs(namespace_dir: Path, held: dict[Path, int] | None = None
             log.rename(taken)
         except OSError:
             continue
-        offset = _end_of_lines(taken)
-        counts.update(_read_keys(taken, 0, offset))
+        try:
+            data = taken.read_bytes()
+        except OSError:
+            data = b""
+        offset = data.rfind(b"\n") + 1  # a line still being appended is read next time
+        counts.update(_keys(data[:offset]))
         if held is not None:
             held[taken] = offset
         else:
             with contextlib.suppress(OSError):
                 taken.unlink()
     return counts
-
-
-def _end_of_lines(path: Path) -> int:
-    """The length of ``path`` up to its last newline (a line still being appended is read next time)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return 0
-    return data.rfind(b"\n") + 1
 
 
 def _read_keys(path: Path, start: int, end: int | None = None) -> list[str]:
@@ -168,6 +163,10 @@ def _read_keys(path: Path, start: int, end: int | None = None) -> list[str]:
             data = f.read() if end is None else f.read(max(0, end - start))
     except OSError:
         return []
+    return _keys(data)
+
+
+def _keys(data: bytes) -> list[str]:
     return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
 
 

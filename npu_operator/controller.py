@@ -40,6 +40,8 @@ from fuyao.contracts import (
     ANNOTATION_NODE_USAGE,
     LABEL_ACCELERATE_TYPE,
     LABEL_ACCELERATOR,
+    LABEL_APP_INSTANCE,
+    LABEL_APP_NAME,
     LABEL_DEVICE_COUNT,
     LABEL_MANAGED_BY,
     LABEL_NPU_DRIVER,
@@ -96,8 +98,8 @@ class Controller:
     reconciles: int = 0
     last_error: str = ""
     _urgent: bool = False
-    _stopping: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of workloads a deletion removed
-    _stopping_since: float | None = None
+    _stopping_since: float | None = None  # when the deletion of the policy began waiting for component pods
+    _kick: threading.Event = field(default_factory=threading.Event)  # ends a min_interval_s wait: urgent, stop
 
     # The loop ----------------------------------------------------------------------------------------------------
     def wake(self, urgent: bool = False) -> None:
@@ -105,10 +107,12 @@ class Controller:
         after the last pass (node and pod events of a large cluster arrive all the time)."""
         if urgent:
             self._urgent = True
+            self._kick.set()
         self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._kick.set()
         self._wake.set()
 
     def run(self) -> None:
@@ -121,8 +125,9 @@ class Controller:
                 return
             time.sleep(0.3)  # a burst of watch events makes one reconcile
             wait = self.min_interval_s - (time.monotonic() - last)
+            self._kick.clear()
             if not self._urgent and wait > 0:
-                self._stop.wait(wait)  # events meanwhile fold into this pass
+                self._kick.wait(wait)  # events meanwhile fold into this pass; the policy's or stop() end it
                 if self._stop.is_set():
                     return
             self._wake.clear()
@@ -152,9 +157,11 @@ class Controller:
                 self._wake_in(2.0)
                 return None
             cleanup(self.rest, self.settings.namespace)
+            self._stopping_since = None
             if FINALIZER in (meta.get("finalizers") or []):
                 self._drop_finalizer(policy)
             return None
+        self._stopping_since = None  # a policy that is not being deleted (again): a later deletion waits afresh
         if FINALIZER not in (meta.get("finalizers") or []):
             self.rest.merge_patch(POLICY_PATH, {"metadata": {
                 "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
@@ -194,29 +201,23 @@ class Controller:
 
     def _stop_components(self) -> list[str]:
         """Delete the component DaemonSets and Deployments; the names of their pods still running (a discovery or
-        QoS pod would write its node labels back after the cleanup). After :data:`STOP_WAIT_S` of waiting (pods
-        stuck terminating on a dead node) none are waited for any more."""
+        QoS pod would write its node labels back after the cleanup), found by their charts' labels (so an operator
+        restarted mid-deletion still waits for them). After :data:`STOP_WAIT_S` of waiting (pods stuck terminating
+        on a dead node) none are waited for any more."""
         ns = self.settings.namespace
         for kind in ("DaemonSet", "Deployment"):
             api_version, plural, namespaced = KINDS[kind]
             for obj in self.rest.list(collection(api_version, plural, ns if namespaced else None), MANAGED):
-                self._stopping.add((kind, obj["metadata"]["name"]))
                 self.rest.delete(obj)
         if self._stopping_since is None:
             self._stopping_since = time.monotonic()
         if time.monotonic() - self._stopping_since > STOP_WAIT_S:
             return []
-        daemonsets = {name for kind, name in self._stopping if kind == "DaemonSet"}
-        deployments = {name for kind, name in self._stopping if kind == "Deployment"}
+        releases = set(render.CHARTS.values())
 
         def ours(pod: Mapping[str, Any]) -> bool:
-            for ref in pod["metadata"].get("ownerReferences") or []:
-                if ref.get("kind") == "DaemonSet" and ref.get("name") in daemonsets:
-                    return True
-                if ref.get("kind") == "ReplicaSet" and any(str(ref.get("name", "")).startswith(d + "-")
-                                                           for d in deployments):
-                    return True
-            return False
+            labels = pod["metadata"].get("labels") or {}
+            return labels.get(LABEL_APP_INSTANCE) in releases or labels.get(LABEL_APP_NAME) == render.NFD_NAME
 
         return [p["metadata"]["name"] for p in self.rest.list(collection("v1", "pods", ns))
                 if ours(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
@@ -356,6 +357,9 @@ class Controller:
                 mine[name] = {}
         for name, node in wanted.items():
             found = mine.get(name)
+            if not found and not rev_known:
+                results[node] = (None, "waiting for the device plugin to be applied")
+                continue
             if not found:
                 manifest = render.owned([render.validator_pod(node, self.settings, rev, spec.validator.image,
                                                               resource[node])],

@@ -163,7 +163,6 @@ def _validator(seen: Observed) -> ComponentStatus:
 
 
 NEEDS: dict[Component, Component] = {
-    Component.DRIVER: Component.NODE_FEATURE_DISCOVERY,  # the driver versions come from discovery's labels
     Component.VNPU: Component.DEVICE_PLUGIN,
     Component.EXPORTER: Component.DEVICE_PLUGIN,
     Component.VALIDATOR: Component.DEVICE_PLUGIN,

@@ -126,9 +126,9 @@ def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfi
     - ``cpuset``: always, BE pods share the budget's CPUs (:func:`be_cpus` of ``node_cpus``); their quotas are what
       their specs say. A BE thread then never runs on the CPUs LS keeps: quotas bound how much BE runs, not when, so
       an LS thread waking beside a running BE thread still waits (measured: docs/qos.md). ``was_cpus``: how many
-      CPUs BE had last cycle; BE gets another CPU only once the budget passes that boundary by ``hysteresisPercent``
-      of capacity (it loses one at once: LS first), so a load near a whole CPU does not move BE pods back and forth
-      every cycle."""
+      CPUs BE had last cycle; BE gets more only once the budget passes the whole-CPU boundary below it by
+      ``hysteresisPercent`` of capacity (at most 1000m), else one CPU fewer than the budget rounds up to (it loses
+      CPUs at once: LS first), so a load near a whole CPU does not move BE pods back and forth every cycle."""
     settings = config.cpu_suppress
     be = [p for p in pods if p.be]
     ls_and_system = sum(p.cpu_milli for p in pods if not p.be) + max(
@@ -142,8 +142,9 @@ def cpu_suppress(node: NodeSample, pods: Sequence[PodSample], config: AgentConfi
         budget = max(settings.min_be_milli, int(node.cpu_capacity_milli * threshold / 100) - ls_and_system)
         cpus = be_cpus(node_cpus, budget)
         margin = node.cpu_capacity_milli * settings.hysteresis_percent / 100
-        if was_cpus is not None and len(cpus) > was_cpus and budget <= was_cpus * 1000 + margin:
-            cpus = be_cpus(node_cpus, max(1, was_cpus) * 1000)  # not past the boundary by the margin: as before
+        lower = (len(cpus) - 1) * 1000  # the whole-CPU boundary just below the budget
+        if was_cpus is not None and len(cpus) > was_cpus and budget <= lower + min(margin, 1000):
+            cpus = be_cpus(node_cpus, max(was_cpus * 1000, lower))  # not past it by the margin: one CPU fewer
         return SuppressPlan(True, ls_and_system, budget, specs, cpus)
     active = settings.enabled and (
         ratio > threshold or (was_active and ratio > threshold - settings.hysteresis_percent))

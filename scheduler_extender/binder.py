@@ -280,7 +280,10 @@ class PodWarnings:
     def _run(self) -> None:
         while True:
             pod, message = self._queue.get()
-            self._send(pod, message)
+            try:
+                self._send(pod, message)
+            except Exception:  # one bad event must not end the only sender
+                log.exception("cannot record an event on %s", pod.key)
 
     def _send(self, pod: PodInfo, message: str) -> None:
         from kubernetes.client import CoreV1Event, V1EventSource, V1ObjectMeta, V1ObjectReference

@@ -68,7 +68,10 @@ class ClusterCache:
                 self._touch(name)
 
     def upsert_node(self, obj: dict[str, Any]) -> None:
-        info = parse_node(obj)
+        found = _each(parse_node, [obj], "node")  # a bad object is logged and left out, not a re-list
+        if not found:
+            return
+        info = found[0]
         with self.lock:
             self._nodes[info.name] = info
             self._touch(info.name)
@@ -99,7 +102,10 @@ class ClusterCache:
                 self._touch(name)
 
     def upsert_pod(self, obj: dict[str, Any]) -> None:
-        pod = parse_pod(obj)
+        found = _each(parse_pod, [obj], "pod")  # a bad object is logged and left out, not a re-list
+        if not found:
+            return
+        pod = found[0]
         with self.lock:
             touched = set()
             old = self._pods.get(pod.uid)

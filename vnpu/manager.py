@@ -79,7 +79,7 @@ def static_changes(plan: Plan, records: Sequence[VnpuRecord],
         ours = [r for r in static if r.device_id == device]
         seen = existing.get(device, ())
         alive = [r for r in ours if r.vnpu_id in seen and (not isinstance(seen, Mapping)
-                                                           or seen[r.vnpu_id] == r.template)]
+                                                           or seen[r.vnpu_id] in ("", r.template))]
         changes.forget.extend(r for r in ours if r not in alive)
         parts = target.parts if target is not None else ()
         wanted = {t.name for t, _ in parts}
@@ -199,7 +199,7 @@ class VnpuManager:
                 alive = {e.vnpu_id: e.template for e in info.vnpus}
                 ours = [self.templates.get(r.template) for r in self.ledger.records()
                         if r.device_id == device_id and r.owner == OWNER_STATIC and r.state == "created"
-                        and alive.get(r.vnpu_id) == r.template]  # a vanished one's room is free already
+                        and alive.get(r.vnpu_id) in ("", r.template)]  # a vanished one's room is free already
                 sizes = [t for t in ours if t is not None]
                 return ChipCapacity(
                     chip_model=model, aicore=int(core.free or 0) + sum(t.aicore for t in sizes),

@@ -503,6 +503,11 @@ def test_the_cpuset_budget_grows_past_a_cpu_boundary_only_by_the_hysteresis_and_
     assert plan(3_150, 2) == 2  # 2050m is past 2000 by 50m only: stays at 2
     assert plan(2_700, 2) == 3  # 2500m: past it by 500m > 400m: grows
     assert plan(3_300, 3) == 2  # 1900m: shrinks at once
+    # a big node: the margin never holds BE more than one CPU below its budget (5% of 128 CPUs is 6.4 CPUs)
+    big = policy.NodeSample(cpu_capacity_milli=128_000, memory_capacity_bytes=GiB, cpu_used_milli=75_000)
+    found = policy.cpu_suppress(big, [pod("ls", QoSClass.LS, 75_000), pod("be", QoSClass.BE, 100)], config, False,
+                                frozenset(range(128)), 2)
+    assert found.cpus is not None and len(found.cpus) == 8  # budget 8200m: 8, not stuck at the 2 it had
 
 
 def test_be_cpus_are_the_budget_rounded_up_from_the_highest_numbered() -> None:
