@@ -88,17 +88,23 @@ def test_apply_is_idempotent_and_follows_plan_changes(tmp_path: Path) -> None:
     assert second["created"] == [] and second["destroyed"] == [] and second["kept"] == 6
     assert len(node.vnpus()) == 6 and len(node.ledger_records()) == 6
 
-    # shrink device 0 to 2; a container holds one of the surplus vNPUs (npu-smi shows it bound)
+    # shrink device 0 to 2; a container holds vNPU 103 (npu-smi shows it bound): it is one of the two kept, and the
+    # idle surplus goes at once (keeping the lowest ids would leave the chip over its plan until the pod ends)
     node.fake("fake", "bind-vnpu", "103")
     smaller = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"},
                            {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "16GB"}])
     third = json.loads(node.vnpu("apply", "--config", smaller, "--json").stdout)
-    assert third["destroyed"] == ["Ascend910-0/102:vir05_1c_8g"]
-    assert third["in_use_not_destroyed"] == ["Ascend910-0/103"]
+    assert third["destroyed"] == ["Ascend910-0/101:vir05_1c_8g", "Ascend910-0/102:vir05_1c_8g"]
+    assert third["in_use_not_destroyed"] == []
     node.fake("fake", "unbind-vnpu", "103")
     fourth = json.loads(node.vnpu("apply", "--config", smaller, "--json").stdout)
-    assert fourth["destroyed"] == ["Ascend910-0/103:vir05_1c_8g"]
-    assert sorted(v["vnpu_id"] for v in node.vnpus()) == [100, 101, 116, 117]
+    assert fourth["destroyed"] == [] and fourth["kept"] == 4
+    assert sorted(v["vnpu_id"] for v in node.vnpus()) == [100, 103, 116, 117]
+    # shrink again with 103 idle now: by id, the highest goes
+    one = node.config([{"device_id": "0", "vnpu_count": 1, "vnpu_memory": "8GB"},
+                       {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "16GB"}])
+    assert json.loads(node.vnpu("apply", "--config", one, "--json").stdout)["destroyed"] == [
+        "Ascend910-0/103:vir05_1c_8g"]
 
 
 def test_vnpus_made_by_others_are_left_alone(tmp_path: Path) -> None:
