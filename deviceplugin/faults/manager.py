@@ -254,7 +254,7 @@ class FaultManager:
             kind = "Normal" if new.action == FaultAction.KEEP else "Warning"
             log.log(logging.INFO if kind == "Normal" else logging.WARNING, "NPU %s fault %s (%s): %s", device.id,
                     " ".join(new.codes) or "(no code)", new.level.value, new.note,
-                    extra={"device": device.id, "codes": list(new.codes), "level": new.level.value})
+                    extra={"device": device.id, "codes": list(new.codes), "fault_level": new.level.value})
             self.events(kind, "NpuFault", f"NPU {device.id} fault {' '.join(new.codes) or '(no code)'}, level "
                                           f"{new.level.value}: {new.note}")
         elif new.level is None and prev.level is not None and not new.isolated:
