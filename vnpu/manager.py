@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ from fuyao.npusmi import NpuSmi, NpuSmiError, NpuSmiTimeout, NpuSmiUnsupported
 from fuyao.npusmi.models import VnpuEntry, VnpuInfo
 
 from .ledger import OWNER_STATIC, Ledger, VnpuRecord, dynamic_owner
-from .plan import MAX_VNPUS_PER_CHIP, ChipCapacity, Plan
+from .plan import MAX_VNPUS_PER_CHIP, ChipCapacity, Plan, fits_all
 from .templates import Template, smallest_covering
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ _UNBOUND_CONTAINERS = {"", "0", "-", "NA", "000000000000"}
 
 class VnpuError(Exception):
     """A vNPU could not be created or destroyed; the message says which and why."""
+
+
+class VnpuOutcomeUnknown(VnpuError):
+    """npu-smi failed in a way that leaves a creation's outcome unknown: its record stays pending (never retried
+    with another template or id meanwhile)."""
 
 
 def entry_in_use(entry: VnpuEntry) -> bool:
@@ -272,8 +278,8 @@ class VnpuManager:
                     raise VnpuError(f"cannot create {template.name} vNPU {vnpu_id} on {device_id}: {exc}") from None
                 if presence == "unknown":
                     self._event("create", "error")
-                    raise VnpuError(f"creating {template.name} vNPU {vnpu_id} on {device_id} has an unknown outcome "
-                                    f"({exc}); it stays pending until npu-smi answers") from None
+                    raise VnpuOutcomeUnknown(f"creating {template.name} vNPU {vnpu_id} on {device_id} has an unknown "
+                                             f"outcome ({exc}); it stays pending until npu-smi answers") from None
                 log.warning("npu-smi reported an error but vNPU %d on %s exists; keeping it: %s", vnpu_id,
                             device_id, exc)
             done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
@@ -420,15 +426,46 @@ class VnpuManager:
                 if not candidates:
                     raise VnpuError(f"the scheduler's template {template_name!r} is unknown here or has fewer than "
                                     f"{len(cores)} AICores (templates: {[t.name for t in templates]})")
+            refused: list[str] = []
             for template in candidates:
                 # AICores and AICPUs, as npu-smi checks them; never the memory figure (ChipCapacity)
                 if (free.get("AICORE") is None or template.aicore <= (free["AICORE"] or 0)) and \
                         (free.get("AICPU") is None or template.aicpu <= (free["AICPU"] or 0)):
-                    return self.create(device_id, template, owner)
+                    problem = self._chip_rules(device_id, info, template, templates)
+                    if problem:
+                        refused.append(problem)
+                        continue
+                    try:
+                        return self.create(device_id, template, owner)
+                    except VnpuOutcomeUnknown:
+                        raise
+                    except VnpuError as exc:  # the driver refused this one: the next template may do
+                        refused.append(str(exc))
+            if refused:
+                raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU: {'; '.join(refused)}")
             if not candidates:
                 raise VnpuError(f"no template has {len(cores)} AICores (templates: {[t.name for t in templates]})")
             raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU (free: "
                             f"{free.get('AICORE')} AICore, {free.get('Memory')} GB, {free.get('AICPU')} AICPU)")
+
+    def _chip_rules(self, device_id: str, info: VnpuInfo, template: Template,
+                    templates: Sequence[Template]) -> str | None:
+        """Why ``template`` may not join the chip's vNPUs under its family's rules (a 310P's vGroups, at most 7
+        vNPUs, DVPP), None when it may; the AICore and AICPU budget is checked by the caller."""
+        model = self.devices[device_id].chip_model if device_id in self.devices else ""
+        if not model.upper().startswith("310P"):
+            return None
+        known = {t.name: t for t in templates} | self.templates
+        counts = Counter(e.template for e in info.vnpus)
+        counts[template.name] += 1
+        if any(name not in known for name in counts):
+            return None  # a vNPU of a template we do not know: npu-smi decides
+        r = info.resources
+        core, cpu = r.get("AICORE"), r.get("AICPU")
+        capacity = ChipCapacity(aicore=int(core.total) if core and core.total is not None else 10**6,
+                                memory_gb=float("inf"), chip_model=model,
+                                aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
+        return fits_all(tuple((known[name], n) for name, n in counts.items()), capacity)
 
     def collect_dynamic(self, held_groups: Collection[frozenset[str]] | None, min_age_s: float = 0.0,
                         templates: Sequence[Template] = (),

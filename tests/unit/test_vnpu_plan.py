@@ -341,3 +341,36 @@ def test_a_create_that_timed_out_stays_pending_until_the_driver_can_no_longer_ac
         ledger.replace(late[0], late[0].model_copy(update={"at": late[0].at - m.PENDING_GRACE_S - 1}))
     manager.recover()
     assert [r.vnpu_id for r in ledger.records()] == [100]  # never appeared within the grace: dropped
+
+
+def test_dynamic_creation_keeps_a_310p_chips_rules_and_tries_the_next_template(tmp_path: Path) -> None:
+    """A dynamic vNPU on a 310P joins the vNPUs already there under the chip's rules (vir04_4c_dvpp takes every media
+    unit: only vir04_3c_ndvpp may sit beside it); a template the rules refuse is skipped for the next one."""
+    from types import SimpleNamespace
+
+    from fuyao.vnpu import manager as m
+
+    class Chip:
+        def __init__(self) -> None:
+            self.created: list[str] = []
+
+        def vnpu_info(self, npu_id: int, chip_id: int) -> SimpleNamespace:
+            entries = [VnpuEntry(vnpu_id=100, vgroup_id=0, container_id=None, status=None, template="vir04_4c_dvpp")]
+            entries += [VnpuEntry(vnpu_id=101 + i, vgroup_id=1, container_id=None, status=None, template=t)
+                        for i, t in enumerate(self.created)]
+            used = 4 + sum(3 if t.startswith("vir04") else 2 for t in self.created)
+            return SimpleNamespace(vnpus=entries, resources={"AICORE": SimpleNamespace(free=8 - used, total=8),
+                                                             "AICPU": SimpleNamespace(free=7 - used, total=7)})
+
+        def create_vnpu(self, npu_id: int, chip_id: int, template: str, vnpu_id: int) -> None:
+            self.created.append(template)
+
+    chip = Chip()
+    templates = builtin_templates("310P3")
+    manager = m.VnpuManager(chip, Ledger(tmp_path / "l.json"), devices("310P3", 1))  # type: ignore[arg-type]
+    # two cores: vir02 / vir02_1c / vir04_3c would break the DVPP rule; the smallest allowed one is vir04_3c_ndvpp
+    record = manager.create_dynamic("Ascend310P-0", ["Ascend310P-0-c4", "Ascend310P-0-c5"], templates)
+    assert record.template == "vir04_3c_ndvpp" and chip.created == ["vir04_3c_ndvpp"]  # none refused was tried
+    assert m.VnpuManager(chip, Ledger(tmp_path / "l2.json"), devices("910B4", 1))._chip_rules(  # type: ignore[arg-type]
+        "Ascend910-0", chip.vnpu_info(0, 0), templates[0], templates) is None  # 910 chips: no vGroup rules
+
