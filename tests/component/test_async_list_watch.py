@@ -84,16 +84,21 @@ async def until(check: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def serve(api: FakeApiServer) -> tuple[web.AppRunner, int]:
+    """The fake API server on a free loopback port: its runner (to clean up) and the port."""
+    app = web.Application()
+    app.router.add_get("/api/v1/pods", api.pods)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 def test_failing_then_recovered_then_events_resumes_and_relists() -> None:
     async def scenario() -> None:
         api = FakeApiServer()
-        app = web.Application()
-        app.router.add_get("/api/v1/pods", api.pods)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await serve(api)
         sink, failing = Sink(), {}  # type: ignore[var-annotated]
         watch = AsyncListWatch("pods", "/api/v1/pods", sink,
                                RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
@@ -125,13 +130,7 @@ def test_a_watch_that_fails_after_every_good_list_backs_off_and_is_reported_fail
     async def scenario() -> None:
         api = FakeApiServer()
         api.down, api.watch_refused = False, True
-        app = web.Application()
-        app.router.add_get("/api/v1/pods", api.pods)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await serve(api)
         sink, failing = Sink(), {}  # type: ignore[var-annotated]
         watch = AsyncListWatch("pods", "/api/v1/pods", sink,
                                RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
@@ -159,13 +158,7 @@ def test_a_watch_stream_cut_midway_resumes_from_its_last_event_without_a_relist(
         api = FakeApiServer()
         api.down = False
         api.script = [[event("ADDED", "a", "11"), b"CUT"], [event("MODIFIED", "a", "12")]]
-        app = web.Application()
-        app.router.add_get("/api/v1/pods", api.pods)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await serve(api)
         sink = Sink()
         watch = AsyncListWatch("pods", "/api/v1/pods", sink,
                                RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()), backoff_s=0.01)
