@@ -156,11 +156,12 @@ def consume_access_logs(namespace_dir: Path, held: dict[Path, int] | None = None
     return counts
 
 
-def _read_keys(path: Path, start: int, end: int | None = None) -> list[str]:
+def _read_keys(path: Path, start: int) -> list[str]:
+    """The keys in ``path`` from byte ``start`` on."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            data = f.read() if end is None else f.read(max(0, end - start))
+            data = f.read()
     except OSError:
         return []
     return _keys(data)

@@ -574,7 +574,7 @@ def _finished_at(pod: Mapping[str, Any]) -> float | None:
 def validator_resource(spec: PolicySpec, allocatable: Mapping[str, Any]) -> str:
     """What a node's validation pod asks for: one whole NPU, or where vNPUs take the dies (dynamic mode offers
     cores only; a static plan may carve every die) one vNPU or one core, whichever the node offers."""
-    order = [RESOURCE_NPU, RESOURCE_VNPU, RESOURCE_NPU_CORE]
+    order = list(NPU_RESOURCES)
     if spec.vnpu.enabled and spec.vnpu.mode == "dynamic":
         order = [RESOURCE_NPU_CORE, RESOURCE_NPU, RESOURCE_VNPU]
     for resource in order:
@@ -586,7 +586,7 @@ def validator_resource(spec: PolicySpec, allocatable: Mapping[str, Any]) -> str:
 def _requested(pod: Mapping[str, Any]) -> str | None:
     containers = (pod.get("spec") or {}).get("containers") or [{}]
     limits = (containers[0].get("resources") or {}).get("limits") or {}
-    return next((r for r in (RESOURCE_NPU, RESOURCE_VNPU, RESOURCE_NPU_CORE) if r in limits), None)
+    return next((r for r in NPU_RESOURCES if r in limits), None)
 
 
 def _validation_result(pod: Mapping[str, Any]) -> tuple[bool | None, str]:

@@ -68,10 +68,9 @@ class ClusterCache:
                 self._touch(name)
 
     def upsert_node(self, obj: dict[str, Any]) -> None:
-        found = _each(parse_node, [obj], "node")  # a bad object is logged and left out, not a re-list
-        if not found:
+        info = _parsed(parse_node, obj, "node")  # a bad object is logged and left out, not a re-list
+        if info is None:
             return
-        info = found[0]
         with self.lock:
             self._nodes[info.name] = info
             self._touch(info.name)
@@ -102,10 +101,9 @@ class ClusterCache:
                 self._touch(name)
 
     def upsert_pod(self, obj: dict[str, Any]) -> None:
-        found = _each(parse_pod, [obj], "pod")  # a bad object is logged and left out, not a re-list
-        if not found:
+        pod = _parsed(parse_pod, obj, "pod")  # a bad object is logged and left out, not a re-list
+        if pod is None:
             return
-        pod = found[0]
         with self.lock:
             touched = set()
             old = self._pods.get(pod.uid)
@@ -298,17 +296,20 @@ _UNACCOUNTED = frozenset({"resource_version", "phase_status", "problems"})
 _ACCOUNTED = tuple(f.name for f in dataclasses.fields(PodInfo) if f.name not in _UNACCOUNTED)
 
 
+def _parsed(parse: Callable[[dict[str, Any]], T], item: dict[str, Any], what: str) -> T | None:
+    """One object parsed, or None when it cannot be (an identifying field of the wrong type): logged and left out
+    instead of failing its list or watch (and every re-list after it)."""
+    try:
+        return parse(item)
+    except ProtocolError as exc:
+        name = (item.get("metadata") or {}).get("name") if isinstance(item, dict) else None
+        log.warning("left out: the %s %r: %s", what, name, exc)
+        return None
+
+
 def _each(parse: Callable[[dict[str, Any]], T], items: Iterable[dict[str, Any]], what: str) -> list[T]:
-    """Every item of a list parsed; one that cannot be (an identifying field of the wrong type) is logged and left
-    out instead of failing the whole list (and every re-list after it)."""
-    out: list[T] = []
-    for item in items:
-        try:
-            out.append(parse(item))
-        except ProtocolError as exc:
-            name = (item.get("metadata") or {}).get("name") if isinstance(item, dict) else None
-            log.warning("left out of the %s list: %r: %s", what, name, exc)
-    return out
+    """Every item of a list parsed (see :func:`_parsed`)."""
+    return [x for item in items if (x := _parsed(parse, item, what)) is not None]
 
 
 def _same_accounting(old: PodInfo, new: PodInfo) -> bool:

@@ -204,7 +204,7 @@ class ExtenderService:
         """The encoded ``ExtenderFilterResult``."""
         args, pod = self.request(body)
         self.cache.remember(pod)  # the copy the binder binds (the pod watch carries bound pods only)
-        if not self.cache.ready and (args.node_names is not None or self.has_cluster):
+        if self._unsynced(args):
             # full Nodes too: the pods on them (what they hold) come from the cache, which is not there yet
             self.metrics.decisions.labels("filter", "error").inc()
             return kp.filter_result(args, [], {}, {}, error=(
@@ -238,9 +238,13 @@ class ExtenderService:
             return SOFT_SHORTLIST
         return self.config.shortlist
 
+    def _unsynced(self, args: kp.ExtenderArgs) -> bool:
+        """The request needs the cache (node names; or full Nodes, whose pods come from it) and it is not synced."""
+        return not self.cache.ready and (args.node_names is not None or self.has_cluster)
+
     def prioritize(self, body: bytes | Any) -> list[dict[str, Any]]:
         args, pod = self.request(body)
-        if not self.cache.ready and (args.node_names is not None or self.has_cluster):
+        if self._unsynced(args):
             return []  # the filter already answered with an error
         with self.cache.lock:
             explanation = self._shortlisted.pop(pod.uid or pod.key, None)

@@ -168,6 +168,10 @@ class VnpuManager:
                               "its vNPU records are left as they are")
         return found
 
+    def _chip_model(self, device_id: str) -> str:
+        found = self.devices.get(device_id)
+        return found.chip_model if found is not None else ""
+
     def observe(self, device_id: str) -> VnpuInfo:
         d = self.device(device_id)
         return self.npu_smi.vnpu_info(d.npu_id, d.chip_id)
@@ -194,7 +198,7 @@ class VnpuManager:
         except NpuSmiError as exc:
             log.warning("cannot read vNPU capacity of %s: %s", device_id, exc)
             info = None
-        model = self.devices[device_id].chip_model if device_id in self.devices else ""
+        model = self._chip_model(device_id)
         if info is not None:
             r = info.resources
             core, mem, cpu = r.get("AICORE"), r.get("Memory"), r.get("AICPU")
@@ -452,19 +456,18 @@ class VnpuManager:
                     templates: Sequence[Template]) -> str | None:
         """Why ``template`` may not join the chip's vNPUs under its family's rules (a 310P's vGroups, at most 7
         vNPUs, DVPP), None when it may; the AICore and AICPU budget is checked by the caller."""
-        model = self.devices[device_id].chip_model if device_id in self.devices else ""
-        if not model.upper().startswith("310P"):
+        r = info.resources
+        core, cpu = r.get("AICORE"), r.get("AICPU")
+        capacity = ChipCapacity(aicore=int(core.total) if core and core.total is not None else 10**6,
+                                memory_gb=float("inf"), chip_model=self._chip_model(device_id),
+                                aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
+        if not capacity.is_310p:
             return None
         known = {t.name: t for t in templates} | self.templates
         counts = Counter(e.template for e in info.vnpus)
         counts[template.name] += 1
         if any(name not in known for name in counts):
             return None  # a vNPU of a template we do not know: npu-smi decides
-        r = info.resources
-        core, cpu = r.get("AICORE"), r.get("AICPU")
-        capacity = ChipCapacity(aicore=int(core.total) if core and core.total is not None else 10**6,
-                                memory_gb=float("inf"), chip_model=model,
-                                aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
         return fits_all(tuple((known[name], n) for name, n in counts.items()), capacity)
 
     def collect_dynamic(self, held_groups: Collection[frozenset[str]] | None, min_age_s: float = 0.0,

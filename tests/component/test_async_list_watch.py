@@ -95,14 +95,18 @@ async def serve(api: FakeApiServer) -> tuple[web.AppRunner, int]:
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
+def follower(port: int, sink: Sink, failing: dict[str, str] | None, backoff_s: float) -> AsyncListWatch:
+    """The list + watch of pods from the fake API server on ``port``."""
+    return AsyncListWatch("pods", "/api/v1/pods", sink, RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
+                          failing=failing, backoff_s=backoff_s)
+
+
 def test_failing_then_recovered_then_events_resumes_and_relists() -> None:
     async def scenario() -> None:
         api = FakeApiServer()
         runner, port = await serve(api)
         sink, failing = Sink(), {}  # type: ignore[var-annotated]
-        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
-                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
-                               failing=failing, backoff_s=0.01)
+        watch = follower(port, sink, failing, backoff_s=0.01)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
             task = asyncio.create_task(watch.run(session, stop))
@@ -132,9 +136,7 @@ def test_a_watch_that_fails_after_every_good_list_backs_off_and_is_reported_fail
         api.down, api.watch_refused = False, True
         runner, port = await serve(api)
         sink, failing = Sink(), {}  # type: ignore[var-annotated]
-        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
-                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()),
-                               failing=failing, backoff_s=0.05)
+        watch = follower(port, sink, failing, backoff_s=0.05)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
             task = asyncio.create_task(watch.run(session, stop))
@@ -160,8 +162,7 @@ def test_a_watch_stream_cut_midway_resumes_from_its_last_event_without_a_relist(
         api.script = [[event("ADDED", "a", "11"), b"CUT"], [event("MODIFIED", "a", "12")]]
         runner, port = await serve(api)
         sink = Sink()
-        watch = AsyncListWatch("pods", "/api/v1/pods", sink,
-                               RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()), backoff_s=0.01)
+        watch = follower(port, sink, None, backoff_s=0.01)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
             task = asyncio.create_task(watch.run(session, stop))
