@@ -423,6 +423,7 @@ def test_a_pod_turning_ls_gets_its_values_back_after_a_failed_write_and_after_an
     first.cycle()
     first.cycle()
     assert tree.file(UID_BE, "cpu.max") == "210000 100000"  # BE limits written
+    assert tree.file(UID_BE, "memory.max", CID_A) == str(2 * GiB)
     raw["metadata"]["labels"] = {}  # the pod turns LS while the agent is down
     second = agent()  # a restarted agent: it knows the pod's limits are its own from the state file
     real_apply, failed = cgroups.apply, []
@@ -439,7 +440,7 @@ def test_a_pod_turning_ls_gets_its_values_back_after_a_failed_write_and_after_an
     assert failed and any(w.error for w in once.cgroup_writes)
     again = second.cycle()  # the failed write is tried again
     assert any(w.path == failed[0] and not w.error for w in again.cgroup_writes)
-    assert tree.file(UID_BE, "memory.max") == "max" and tree.file(UID_BE, "cpu.max") == "max 100000"
+    assert tree.file(UID_BE, "memory.max", CID_A) == "max" and tree.file(UID_BE, "cpu.max") == "max 100000"
     assert second.cycle().cgroup_writes == []  # done, and forgotten
     assert '"limited": []' in (tmp_path / "state" / "state.json").read_text()
 
