@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from fuyao import netaddr
 from fuyao.contracts import LABEL_SERVICE_NAME, ContractError, Phase, RouterServiceSettings, parse_phase
 from fuyao.kube_client import connect
 from fuyao.kube_watch import ListWatch
@@ -64,7 +65,7 @@ def backends_from(services: Iterable[Mapping[str, Any]], slices: Iterable[Mappin
             elif phase == Phase.DECODE:
                 role = "decode"
             host = addresses[0]
-            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            url = netaddr.url("http", host, port)
             node = endpoint.get("nodeName") or (pod.get("spec") or {}).get("nodeName")
             out[url] = Backend(url, role, node=node if isinstance(node, str) else None,
                                health_path=routed.health_check_path,

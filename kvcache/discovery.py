@@ -17,6 +17,7 @@ from fuyao.contracts import (
 )
 from fuyao.kube_client import connect
 from fuyao.kube_watch import ListWatch
+from fuyao.netaddr import url
 
 from .config import DiscoveryConfig
 from .subscriber import Source, Subscriber
@@ -44,9 +45,9 @@ def source_of(pod: dict[str, Any]) -> Source | None:
         ports[key] = int(raw)
     http = next((p.get("containerPort") for c in spec.get("containers") or [] for p in c.get("ports") or []
                  if p.get("name") == "http"), DEFAULT_ENGINE_HTTP_PORT)
-    replay = ports[ANNOTATION_KV_REPLAY_PORT]
-    return Source(name=f"http://{ip}:{http}", events=f"tcp://{ip}:{ports[ANNOTATION_KV_EVENTS_PORT]}",
-                  replay=f"tcp://{ip}:{replay}" if replay else None, model=annotations.get(ANNOTATION_SERVED_MODEL, ""))
+    replay, events = ports[ANNOTATION_KV_REPLAY_PORT], ports[ANNOTATION_KV_EVENTS_PORT] or DEFAULT_KV_EVENTS_PORT
+    return Source(name=url("http", ip, http), events=url("tcp", ip, events),
+                  replay=url("tcp", ip, replay) if replay else None, model=annotations.get(ANNOTATION_SERVED_MODEL, ""))
 
 
 class _Pods:

@@ -109,6 +109,7 @@ class Subscriber:
                 continue
             socket = self._ctx.socket(zmq.SUB)
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.IPV6, 1)  # an IPv6 pod's tcp://[addr]:port (IPv4 addresses still connect)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
             monitor = socket.get_monitor_socket(CONNECTION_EVENTS)  # before connecting: no event is missed
             socket.connect(source.events)
@@ -275,6 +276,7 @@ class Subscriber:
             return False
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IPV6, 1)
         try:
             socket.connect(source.replay)
             socket.send_multipart((b"", start.to_bytes(8, "big")))

@@ -16,7 +16,6 @@ its replica and none dies before it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -31,9 +30,10 @@ import aiohttp
 import ray
 
 from fuyao.contracts import RAY_RESOURCE_NPU
+from fuyao.netaddr import url
 
 from .child import port_free, spawn
-from .ranking import OpenAiRequest
+from .ranking import OpenAiRequest, StreamHead
 from .settings import EngineSettings
 
 log = logging.getLogger("fuyao.ray_serve.engine")
@@ -60,7 +60,7 @@ class EngineReplica:
         address = self.settings.host
         if address in ("", "0.0.0.0", "::"):
             address = ray.util.get_node_ip_address()
-        self.url = f"http://[{address}]:{self.port}" if ":" in address else f"http://{address}:{self.port}"
+        self.url = url("http", address, self.port)
         # where this replica reaches its own engine: loopback when it binds every address, else the one it binds
         self.local_url = f"http://127.0.0.1:{self.port}" if self.settings.host in ("", "0.0.0.0", "::") else self.url
         if not port_free(self.settings.host, self.port):
@@ -122,13 +122,22 @@ class EngineReplica:
                 payload = {"error": {"message": (await response.text())[:2000], "type": "engine_error"}}
             return response.status, payload
 
-    async def stream(self, request: OpenAiRequest) -> AsyncIterator[bytes]:
-        """A streamed request: the engine's server-sent-event bytes as they arrive."""
+    async def stream(self, request: OpenAiRequest) -> AsyncIterator[StreamHead | bytes]:
+        """A streamed request: first a :class:`StreamHead` (the engine's status; for an error, its JSON answer, so
+        the ingress answers with that status as vLLM does, not a 200 stream holding an error), then, when the
+        engine accepted it, the engine's server-sent-event bytes as they arrive."""
         async with self._client().post(request.path, json=dict(request.body)) as response:
             if response.status != 200:
-                error = {"error": {"message": (await response.text())[:2000], "code": response.status}}
-                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                try:
+                    payload = await response.json(content_type=None)
+                except ValueError:
+                    payload = None
+                if not isinstance(payload, dict):
+                    payload = {"error": {"message": (await response.text())[:2000], "type": "engine_error",
+                                         "code": response.status}}
+                yield StreamHead(response.status, payload)
                 return
+            yield StreamHead(200)
             async for chunk in response.content.iter_any():
                 yield chunk
 

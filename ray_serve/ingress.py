@@ -4,7 +4,8 @@ the engine deployment an :class:`~fuyao.ray_serve.ranking.OpenAiRequest`, so the
 the prompt when it chooses a replica. Streamed requests (``"stream": true``) come back as server-sent events as
 the engine sends them.
 
-Errors are the OpenAI API's: a body that is not a JSON object → 400 naming the problem; an unknown path → 404.
+Errors are the OpenAI API's: a body that is not a JSON object → 400 naming the problem; an unknown path → 404; a
+streamed request the engine refuses → the engine's status and error answer (not a 200 stream holding an error).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .ranking import OpenAiRequest
+from .ranking import OpenAiRequest, StreamHead
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -51,6 +52,11 @@ class OpenAiIngress:
         call = OpenAiRequest(path, body)
         if body.get("stream"):
             chunks = self.engine.options(stream=True).stream.remote(call)
+            head = await chunks.__anext__()
+            if not isinstance(head, StreamHead):
+                return _error(502, "the engine deployment's stream did not start with its status", "engine_error")
+            if head.status != 200:  # the engine refused it before streaming: its status and answer, as vLLM's
+                return JSONResponse(dict(head.error or {}), status_code=head.status)
             return StreamingResponse(chunks, media_type="text/event-stream")
         status, payload = await self.engine.complete.remote(call)
         return JSONResponse(payload, status_code=status)

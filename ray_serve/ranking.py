@@ -49,6 +49,15 @@ class OpenAiRequest:
         return query
 
 
+@dataclass(frozen=True)
+class StreamHead:
+    """The first item of a streamed answer from the engine deployment: the engine's HTTP status and, when it
+    refused the request, its JSON error answer (the stream then ends)."""
+
+    status: int
+    error: Mapping[str, Any] | None = None
+
+
 def request_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> OpenAiRequest | None:
     """The OpenAI request among a pending request's arguments (the first :class:`OpenAiRequest`), or None."""
     for value in (*args, *kwargs.values()):

@@ -14,7 +14,7 @@ import ssl
 import sys
 from typing import TypedDict
 
-from fuyao import daemon
+from fuyao import daemon, netaddr
 from fuyao.kube_client import connect, rest_endpoint
 from fuyao.leader import LeaderElector, Timing
 
@@ -134,7 +134,7 @@ def election_identity(config: ExtenderConfig) -> ElectionIdentity:
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
-        url = f"{'https' if config.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+        url = netaddr.url("https" if config.tls else "http", host, port)
     return ElectionIdentity(namespace=namespace, name=le.lease_name, identity=identity, url=url)
 
 

@@ -104,6 +104,10 @@ def test_the_openai_api_answers_through_serve(serve_app: LocalRay) -> None:
     with urllib.request.urlopen(request, timeout=60) as response:
         text = response.read().decode()
     assert text.count("data: ") >= 5 and text.rstrip().endswith("data: [DONE]")
+    # a streamed request the engine refuses: the engine's status and error answer, not a 200 stream
+    status, body = post(f"{serve_app.http_url}/v1/completions",
+                        {"model": "no-such-model", "prompt": "x", "max_tokens": 2, "stream": True})
+    assert status == 404 and "no-such-model" in body["error"]["message"]
     # a client's mistake is a 4xx naming it
     request = urllib.request.Request(f"{serve_app.http_url}/v1/completions", b"{not json",
                                      {"Content-Type": "application/json"})

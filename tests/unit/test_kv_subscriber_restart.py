@@ -223,3 +223,29 @@ def test_a_batch_that_decodes_but_cannot_be_applied_drops_that_engine_and_the_th
     assert 100 not in sub.index.blocks and sub.stats["engine"].decode_errors == 1
     sub._apply("engine", 2, encode_batch(_batch(101)))
     assert 101 in sub.index.blocks and sub.stats["engine"].last_seq == 2
+
+
+def test_an_engine_on_an_ipv6_address_is_followed(subscriber: Subscriber, ports: tuple[int, int]) -> None:
+    # an IPv6 pod network: discovery names the engine tcp://[addr]:port, and the SUB socket must be IPv6-enabled
+    # to connect there (ZeroMQ refuses an IPv6 endpoint on a socket without ZMQ_IPV6)
+    from fuyao.kvcache.discovery import source_of
+
+    events_port, _ = ports
+    pod = {"metadata": {"uid": "u6", "name": "vllm-6", "annotations": {
+        "inference.openfuyao.com/kv-events-port": str(events_port)}},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 8000}]}]},
+        "status": {"phase": "Running", "podIP": "::1"}}
+    source = source_of(pod)
+    assert source is not None and source.name == "http://[::1]:8000" and source.events == f"tcp://[::1]:{events_port}"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.IPV6, 1)
+    pub.bind(f"tcp://[::1]:{events_port}")
+    try:
+        subscriber.add(source)
+        seq = iter(range(1000))
+        wait_for(lambda: pub.send_multipart(_frames(next(seq), 7)) or time.sleep(0.02) or 7 in subscriber.index.blocks,
+                 5, "a batch over IPv6")
+        assert subscriber.stats[source.name].decode_errors == 0
+    finally:
+        pub.close(linger=0)
