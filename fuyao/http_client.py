@@ -363,11 +363,14 @@ class UpstreamPool:
     """Keep-alive connections to every backend; see the module docstring."""
 
     def __init__(self, connect_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None,
-                 idle_s: float | None = None):
+                 idle_s: float | None = None, server_hostname: str | None = None):
         """``ssl_context``: for https origins (default: the system's trust store). ``idle_s``: how long an idle
-        connection is kept (default :data:`IDLE_S`; keep it below the server's own idle timeout)."""
+        connection is kept (default :data:`IDLE_S`; keep it below the server's own idle timeout).
+        ``server_hostname``: the name https certificates are checked against (and sent as SNI) instead of each
+        URL's host (a kubeconfig's ``tls-server-name``)."""
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self.idle_s = idle_s
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._origins: dict[str, Origin] = {}
@@ -439,7 +442,7 @@ class UpstreamPool:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, key), origin.host, origin.port, ssl=origin.ssl,
-                    server_hostname=origin.host if origin.ssl else None)
+                    server_hostname=(self.server_hostname or origin.host) if origin.ssl else None)
         except TimeoutError:
             raise ConnectError(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:

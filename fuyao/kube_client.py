@@ -3,11 +3,14 @@ when running in a pod, else no cluster at all (every daemon has a mode that work
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def connect(kubeconfig: str | None) -> Any | None:
@@ -18,9 +21,63 @@ def connect(kubeconfig: str | None) -> Any | None:
     from kubernetes import client, config
 
     if kubeconfig:
-        return client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+        api_client = config.new_client_from_config(config_file=kubeconfig)
+        token_file = _token_file(kubeconfig)
+        if token_file:
+            _reread_token_file(api_client.configuration, token_file)
+        return client.CoreV1Api(api_client)
     config.load_incluster_config()
     return client.CoreV1Api(client.ApiClient())
+
+
+TOKEN_FILE_REREAD_S = 60.0
+"""How often a kubeconfig's ``tokenFile`` is read again (client-go's cached file token source: every minute), so a
+rotated token (a projected service-account token, a credential refresher's output) is picked up without a restart.
+The ``kubernetes`` package reads it once."""
+
+
+def _token_file(kubeconfig: str) -> str | None:
+    """The ``tokenFile`` of the kubeconfig's current context's user (relative paths: from the kubeconfig's
+    directory), or None."""
+    import yaml
+
+    try:
+        with open(kubeconfig, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        context = next(c.get("context") or {} for c in doc.get("contexts") or []
+                       if c.get("name") == doc.get("current-context"))
+        user = next(u.get("user") or {} for u in doc.get("users") or [] if u.get("name") == context.get("user"))
+    except (OSError, yaml.YAMLError, StopIteration, AttributeError, TypeError):
+        return None  # the kubernetes package has already refused or accepted this file; nothing more to add
+    path = user.get("tokenFile") if isinstance(user, dict) else None
+    if not isinstance(path, str) or not path:
+        return None
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(kubeconfig)), path)
+
+
+def _reread_token_file(configuration: Any, path: str) -> None:
+    """Make ``configuration`` read its bearer token from ``path`` again every :data:`TOKEN_FILE_REREAD_S` (its
+    ``refresh_api_key_hook``, which the client calls before every request's auth settings). A read that fails keeps
+    the last token (client-go does the same) and says so once per period. The first call reads it too: the
+    ``kubernetes`` package keeps the file's trailing newline in the header (a header value no HTTP client sends)."""
+    read_at = [float("-inf")]
+
+    def refresh(conf: Any) -> None:
+        now = time.monotonic()
+        if now - read_at[0] < TOKEN_FILE_REREAD_S:
+            return
+        read_at[0] = now
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            log.warning("kubeconfig tokenFile %s cannot be read again (%s): keeping the last token", path,
+                        exc.strerror or exc)
+            return
+        if token:  # trimmed, as client-go does
+            conf.api_key["BearerToken"] = f"Bearer {token}"
+
+    configuration.refresh_api_key_hook = refresh
 
 
 @dataclass(frozen=True)
@@ -32,6 +89,9 @@ class RestEndpoint:
     base_url: str
     ssl_context: ssl.SSLContext | None
     configuration: Any
+    server_hostname: str | None = None
+    """The name the API server's certificate is checked against when it is not the URL's host (the kubeconfig's
+    ``tls-server-name``: an API server reached by IP or through a tunnel); also sent as SNI."""
     _kept: list[Any] = field(default_factory=lambda: [0.0, {}], compare=False, repr=False)
     """When the auth headers were read, and them."""
 
@@ -46,7 +106,7 @@ class RestEndpoint:
         headers = {}
         for setting in self.configuration.auth_settings().values():
             if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
+                headers[setting["key"]] = str(setting["value"]).strip()  # a token file's newline is not the token
         self._kept[:] = [now, headers]
         return dict(headers)
 
@@ -68,7 +128,8 @@ def rest_endpoint(api: Any) -> RestEndpoint:
             context.check_hostname = False
         if conf.cert_file:
             context.load_cert_chain(conf.cert_file, conf.key_file or None)
-    return RestEndpoint(base_url=conf.host.rstrip("/"), ssl_context=context, configuration=conf)
+    return RestEndpoint(base_url=conf.host.rstrip("/"), ssl_context=context, configuration=conf,
+                        server_hostname=(getattr(conf, "tls_server_name", None) or None) if context else None)
 
 
 class LazySession:

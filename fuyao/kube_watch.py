@@ -266,7 +266,7 @@ class AsyncListWatch(_Follower):
         return await session.get(self.endpoint.base_url + self.path, params={**self.params, **params},
                                  headers={"Accept": "application/json", **self.endpoint.headers()},
                                  ssl=self.endpoint.ssl_context if self.endpoint.ssl_context is not None else True,
-                                 timeout=timeout)
+                                 server_hostname=self.endpoint.server_hostname, timeout=timeout)
 
     async def _list(self, session: aiohttp.ClientSession) -> str:
         # no deadline on the whole download (tens of MB from a loaded API server): on connecting and on each read

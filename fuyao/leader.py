@@ -181,7 +181,7 @@ class LeaderElector:
         headers = self.endpoint.headers()
         if body is not None:
             headers["Content-Type"] = "application/json"
-        async with self._client().request(method, url, headers=headers,
+        async with self._client().request(method, url, headers=headers, server_hostname=self.endpoint.server_hostname,
                                           data=orjson.dumps(body) if body is not None else None) as response:
             data = await response.read()
             try:

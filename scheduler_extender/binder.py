@@ -105,7 +105,8 @@ class Binder:
         self.timeout_s = timeout_s
         # the API server closes idle connections after 90 s (its http.Server IdleTimeout); binds come in bursts of
         # 5-10 in flight, and a connection opened again costs both sides a TLS handshake
-        self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context, idle_s=API_IDLE_S)
+        self._client = UpstreamPool(connect_timeout=timeout_s, ssl_context=endpoint.ssl_context, idle_s=API_IDLE_S,
+                                    server_hostname=endpoint.server_hostname)
         self._headers: tuple[dict[str, str] | None, list[tuple[bytes, bytes]]] = (None, [])
         self._in_flight = asyncio.Semaphore(API_IN_FLIGHT)
 
