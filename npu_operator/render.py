@@ -101,9 +101,24 @@ def _image(settings: Settings, override: str | None) -> dict[str, str]:
     return {"repository": repository, "tag": tag, "pullPolicy": settings.image_pull_policy}
 
 
+RENAMING_VALUES = ("fullnameOverride", "nameOverride")
+"""Chart values that rename a component's objects. The operator's ClusterRole may touch only the cluster-scoped
+objects named after the charts (its chart's RBAC lists them), so a policy may not rename them."""
+
 def chart_values(spec: PolicySpec, component: Component, settings: Settings) -> dict[str, Any]:
     """The chart values for ``component``: what the policy says, then its section's free-form ``values`` (the
-    chart's own keys, for anything the policy does not model) merged over them."""
+    chart's own keys, for anything the policy does not model) merged over them. Raises :class:`RenderError` for
+    values the operator cannot install (:data:`RENAMING_VALUES`, the extender's second scheduler)."""
+    values = _chart_values(spec, component, settings)
+    for key in RENAMING_VALUES:
+        if values.get(key):
+            raise RenderError(f"{component.value}.values.{key}: the operator names "
+                              f"its components' objects after their charts ({CHARTS.get(component)}), the only "
+                              "cluster-wide names its RBAC may write; install the chart yourself to rename them")
+    return values
+
+
+def _chart_values(spec: PolicySpec, component: Component, settings: Settings) -> dict[str, Any]:
     if component == Component.DEVICE_PLUGIN:
         dp = spec.device_plugin
         values: dict[str, Any] = {

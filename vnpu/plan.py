@@ -285,7 +285,27 @@ def make_plan(config: VnpuConfig, devices: Sequence[NpuDevice], templates: Seque
             parts = ((_choose(entry, templates, cap, names, index), entry.vnpu_count),)
         planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
                                   physical_id=device.physical_id, parts=parts))
-    return Plan(devices=tuple(planned))
+    plan = Plan(devices=tuple(planned))
+    _duo_cards_one_mode(plan, devices, config, seen)
+    return plan
+
+
+def _duo_cards_one_mode(plan: Plan, devices: Sequence[NpuDevice], config: VnpuConfig, seen: Mapping[str, int]) -> None:
+    """Both chips of an Atlas 300I Duo card (two 310P chips behind one card id) are split into vNPUs, or both stay
+    whole: the driver splits a Duo card as a whole (docs/facts/vnpu-template-rules.md)."""
+    carved = plan.carved
+    cards: dict[int, list[NpuDevice]] = {}
+    for device in devices:
+        if device.chip_model.upper().startswith("310P"):
+            cards.setdefault(device.npu_id, []).append(device)
+    for npu_id, chips in sorted(cards.items()):
+        split = [d for d in chips if d.id in carved]
+        whole = [d for d in chips if d.id not in carved]
+        if len(chips) > 1 and split and whole:
+            index = seen[split[0].id]
+            raise PlanError(f"{split[0].id} is split but {', '.join(d.id for d in whole)} on the same Atlas 300I Duo "
+                            f"card (card {npu_id}) is not: both chips of a Duo card are split into vNPUs, or both "
+                            "stay whole; list every chip of the card", index, config.devices[index].device_id)
 
 
 def _named(name: str, templates: Sequence[Template], names: list[str], entry: DeviceEntry, index: int) -> Template:

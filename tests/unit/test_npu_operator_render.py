@@ -79,6 +79,27 @@ def test_helm_errors_name_the_chart_and_the_key() -> None:
         render.helm_template(REPO / "charts" / "qos-agent", "x", "ns", {}, helm="/nonexistent/helm")
 
 
+def test_a_policy_may_not_rename_the_components_cluster_objects(tmp_path: Path) -> None:
+    # the operator's ClusterRole writes only the ClusterRoles/Bindings named after the charts (resourceNames): a
+    # renamed one would be refused by the API server mid-apply, so the policy is refused first, naming the key
+    spec = PolicySpec.model_validate({"qosAgent": {"enabled": True, "values": {"fullnameOverride": "my-qos"}}})
+    with pytest.raises(RenderError, match=r"qosAgent\.values\.fullnameOverride"):
+        render.chart_values(spec, Component.QOS_AGENT, Settings())
+    spec = PolicySpec.model_validate({"devicePlugin": {"values": {"nameOverride": "dp"}}})
+    with pytest.raises(RenderError, match=r"devicePlugin\.values\.nameOverride"):
+        render.chart_values(spec, Component.DEVICE_PLUGIN, Settings())
+    # the names rendered with the operator's own values are exactly those its chart's RBAC lists
+    rbac = render.helm_template(REPO / "charts" / "npu-operator", "npu-operator", "ns", {}, helm=binary("helm"))
+    named = next(rule["resourceNames"] for doc in rbac if doc.get("kind") == "ClusterRole"
+                 for rule in doc["rules"] if "clusterroles" in rule["resources"] and rule.get("resourceNames"))
+    rendered = {render.NFD_NAME}
+    for component, chart in render.CHARTS.items():
+        values = render.chart_values(PolicySpec.model_validate({}), component, Settings())
+        docs = render.helm_template(REPO / "charts" / chart, chart, "ns", values, helm=binary("helm"))
+        rendered |= {d["metadata"]["name"] for d in docs if d.get("kind") in ("ClusterRole", "ClusterRoleBinding")}
+    assert set(named) == rendered
+
+
 def test_validation_pod_names_fit_and_differ() -> None:
     long_a, long_b = "n" * 200 + ".a", "n" * 200 + ".b"
     names = {render.validator_name(n) for n in ("npu-0", "NPU-0.example.com", long_a, long_b)}

@@ -113,6 +113,27 @@ def test_310p3_plans() -> None:
         plan_for([{"device_id": "0", "vnpu_count": 3, "vnpu_memory": "12GB"}], "310P3", P3_CAP)
 
 
+def test_both_chips_of_a_duo_card_are_split_or_both_whole() -> None:
+    # an Atlas 300I Duo: two 310P3 chips per card id, physical ids 0..3 on cards 0 and 1
+    duo = [NpuDevice(id=f"Ascend310P-{p}", npu_id=p // 2, chip_id=p % 2, physical_id=p, chip_model="310P3",
+                     health=NpuHealthState.OK) for p in range(4)]
+    templates = builtin_templates("310P3")
+
+    def plan(entries: list[dict]):  # type: ignore[no-untyped-def,type-arg]
+        return make_plan(parse_vnpu_config({"devices": entries}), duo, templates, {d.id: P3_CAP for d in duo})
+
+    with pytest.raises(PlanError, match=r"devices\[0\].*Ascend310P-2 is split but Ascend310P-3 .*card 1"):
+        plan([{"device_id": "2", "vnpu_count": 2, "template": "vir04"}])
+    with pytest.raises(PlanError, match="Duo"):  # listed, but kept whole
+        plan([{"device_id": "0", "vnpu_count": 2, "template": "vir04"}, {"device_id": "1"}])
+    both = plan([{"device_id": "0", "vnpu_count": 2, "template": "vir04"},
+                 {"device_id": "Ascend310P-1", "vnpu_count": 4, "template": "vir02_1c"}])
+    assert both.carved == {"Ascend310P-0", "Ascend310P-1"}
+    # single-chip 310P cards (one chip per card id) are free to differ, as before
+    assert plan_for([{"device_id": "0", "vnpu_count": 2, "template": "vir04"}], "310P3", P3_CAP).carved == {
+        "Ascend310P-0"}
+
+
 def test_chips_without_templates_cannot_be_carved() -> None:
     devs = devices("910ProB", 2)
     with pytest.raises(PlanError, match="cannot be split into vNPUs"):
