@@ -29,7 +29,8 @@ class KvEventPublisher:
         self.fmt = fmt
         self.enabled = True  # fault injection: "stop emitting events"
         self._topic = topic.encode()
-        self._queue: queue.Queue[EventBatch | None] = queue.Queue(maxsize=100_000)
+        self._queue: queue.Queue[tuple[int, EventBatch] | None] = queue.Queue(maxsize=100_000)
+        self._numbering = threading.Lock()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -59,10 +60,13 @@ class KvEventPublisher:
     def publish(self, batch: EventBatch) -> None:
         if not self.enabled:
             return
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            log.warning("KV event queue full: batch dropped (subscribers will see a sequence gap)")
+        with self._numbering:  # numbered here, so a batch dropped below is a gap subscribers see
+            seq = self._seq
+            self._seq += 1
+            try:
+                self._queue.put_nowait((seq, batch))
+            except queue.Full:
+                log.warning("KV event queue full: batch %d dropped (subscribers will see a sequence gap)", seq)
 
     def shutdown(self) -> None:
         self._queue.put(None)
@@ -79,14 +83,13 @@ class KvEventPublisher:
                 except zmq.ZMQError as exc:
                     log.warning("replay request failed: %s", exc)
             try:
-                batch = self._queue.get(timeout=0.05)
+                item = self._queue.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if batch is None:
+            if item is None:
                 return
+            seq, batch = item
             payload = encode_batch(batch, self.fmt)
-            seq = self._seq
-            self._seq += 1
             try:
                 self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
             except zmq.ZMQError as exc:
@@ -101,7 +104,7 @@ class KvEventPublisher:
             return
         client, _, start = frames
         first = int.from_bytes(start, "big")
-        for seq, payload in list(self._buffer):
+        for seq, payload in list(self._buffer):  # vLLM 0.32's framing: the topic frame before the sequence
             if seq >= first:
-                self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
-        self._replay.send_multipart((client, b"", END_SEQ, b""))
+                self._replay.send_multipart((client, b"", self._topic, seq.to_bytes(8, "big"), payload))
+        self._replay.send_multipart((client, b"", b"", END_SEQ, b""))

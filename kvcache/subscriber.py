@@ -286,16 +286,17 @@ class Subscriber:
                 if not socket.poll(timeout=max(1, int((deadline - time.monotonic()) * 1000))):
                     break
                 frames = socket.recv_multipart()
-                if len(frames) != 3:
+                # vLLM 0.32: ("", topic, seq, payload); earlier releases sent no topic frame: ("", seq, payload)
+                if len(frames) not in (3, 4):
                     return False
-                seq = int.from_bytes(frames[1], "big", signed=True)
+                seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq == END_SEQ:
                     break
                 if seq < want or seq >= until:
                     continue
                 if seq != want:
                     return False  # the engine's buffer no longer has what we missed
-                self._apply(name, seq, frames[2])
+                self._apply(name, seq, frames[-1])
                 want += 1
             self.stats[name].replays += 1
             return want == until

@@ -33,9 +33,11 @@ def _frames(seq: int, *hashes: int) -> list[bytes]:
 
 class _Replay:
     """A replay ROUTER serving ``buffer`` (seq → hashes) the way vLLM does, in a thread; ``requests`` are the start
-    sequence numbers asked."""
+    sequence numbers asked. ``topic``: vLLM 0.32's framing (``"", topic, seq, payload``; its end marker
+    ``"", "", -1, ""``); without it, earlier releases' (``"", seq, payload``)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, topic: bool = True):
+        self.topic = topic
         self.buffer: dict[int, tuple[int, ...]] = {}
         self.requests: list[int] = []
         self._router = zmq.Context.instance().socket(zmq.ROUTER)
@@ -52,9 +54,12 @@ class _Replay:
             client, _, start = self._router.recv_multipart()
             first = int.from_bytes(start, "big")
             self.requests.append(first)
+            head = [client, b""]
             for seq in sorted(s for s in self.buffer if s >= first):
-                self._router.send_multipart([client, b"", *_frames(seq, *self.buffer[seq])[1:]])
-            self._router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+                frames = _frames(seq, *self.buffer[seq])
+                self._router.send_multipart(head + (frames if self.topic else frames[1:]))
+            self._router.send_multipart(head + ([b""] if self.topic else []) + [(-1).to_bytes(8, "big", signed=True),
+                                                                                   b""])
 
     def close(self) -> None:
         self._stop.set()
@@ -76,14 +81,15 @@ def subscriber() -> Iterator[Subscriber]:
         sub.stop()
 
 
-@pytest.mark.parametrize("with_replay", [True, False])
+@pytest.mark.parametrize("framing", ["vllm-0.32", "earlier", None])
 def test_a_sequence_going_back_is_a_restart(subscriber: Subscriber, ports: tuple[int, int],
-                                            with_replay: bool) -> None:
+                                            framing: str | None) -> None:
+    with_replay = framing is not None
     events_port, replay_port = ports
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     pub.bind(f"tcp://127.0.0.1:{events_port}")
-    replay = _Replay(replay_port) if with_replay else None
+    replay = _Replay(replay_port, topic=framing == "vllm-0.32") if with_replay else None
     subscriber.add(Source("engine", f"tcp://127.0.0.1:{events_port}",
                           f"tcp://127.0.0.1:{replay_port}" if with_replay else None))
     index, stats = subscriber.index, subscriber.stats
