@@ -15,3 +15,8 @@ def host_port(host: str, port: int | str) -> str:
 def url(scheme: str, host: str, port: int | str) -> str:
     """``scheme://host:port`` (``http``, ``https``, ``tcp``), with an IPv6 literal in brackets."""
     return f"{scheme}://{host_port(host, port)}"
+
+
+ZMQ_ENDPOINT = r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+)$"
+"""A ZeroMQ endpoint a subscriber can connect to (a pattern for config fields): ``tcp://`` needs a host, an IPv6
+literal in brackets, and a port (ZeroMQ refuses less when it connects)."""

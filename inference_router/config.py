@@ -45,6 +45,7 @@ pdSeparation:
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, Literal
 
 from pydantic import Field, create_model, field_validator
@@ -53,6 +54,7 @@ from pydantic.alias_generators import to_camel
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.kvcache.keys import BlockHashing
+from fuyao.netaddr import ZMQ_ENDPOINT
 
 from .policies import POLICIES, PolicyArgs
 
@@ -146,8 +148,8 @@ class KvCacheSection(_Section):
     @classmethod
     def _events(cls, value: dict[str, str]) -> dict[str, str]:
         for stream, backend in value.items():
-            if not stream.startswith(("tcp://", "ipc://")):
-                raise ValueError(f"event stream {stream!r}: expected tcp:// or ipc://")
+            if not re.match(ZMQ_ENDPOINT, stream):
+                raise ValueError(f"event stream {stream!r}: expected tcp://host:port, tcp://[ipv6]:port or ipc://path")
             _url(backend)
         return {k: v.rstrip("/") for k, v in value.items()}
 

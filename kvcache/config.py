@@ -45,6 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, TokenizerPath, load_versioned_yaml, merged, validated
 from fuyao.contracts import LABEL_KV_EVENTS, KvCachePolicy
+from fuyao.netaddr import ZMQ_ENDPOINT
 
 from .keys import BlockHashing
 
@@ -57,8 +58,9 @@ class _Section(ConfigSection):
 
 class EndpointConfig(_Section):
     name: str = Field(min_length=1, description="how the index calls the engine (the router's backend URL)")
-    events: str = Field(pattern=r"^(tcp|ipc|inproc)://", description="the engine's KV event PUB endpoint")
-    replay: str | None = Field(default=None, pattern=r"^(tcp|ipc|inproc)://")
+    events: str = Field(pattern=ZMQ_ENDPOINT, description="the engine's KV event PUB endpoint (tcp://host:port, "
+                        "tcp://[ipv6]:port, ipc://path)")
+    replay: str | None = Field(default=None, pattern=ZMQ_ENDPOINT)
     model: str = ""
 
 

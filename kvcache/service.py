@@ -142,7 +142,8 @@ class KvCacheService:
                          **({"last_seq": stats.last_seq, "batches": stats.batches, "gaps": stats.gaps,
                              "replays": stats.replays, "drops": stats.drops, "decode_errors": stats.decode_errors,
                              "restarts": stats.restarts, "disconnects": stats.disconnects,
-                             "connected": stats.connected, "lag_s": round(stats.lag_s, 4)} if stats else {})}
+                             "connected": stats.connected, "lag_s": round(stats.lag_s, 4),
+                             **({"error": stats.error} if stats.error else {})} if stats else {})}
         return out
 
     # HTTP --------------------------------------------------------------------------------------------------------

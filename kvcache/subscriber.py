@@ -60,6 +60,7 @@ class SourceStats:
     disconnects: int = 0  # the connection was lost: entries dropped, the next batch starts a fresh join
     connected: bool = False
     lag_s: float = 0.0
+    error: str | None = None  # why the endpoint is not followed (ZeroMQ refused its address, its handling failed)
 
 
 class Subscriber:
@@ -112,7 +113,15 @@ class Subscriber:
             socket.setsockopt(zmq.IPV6, 1)  # an IPv6 pod's tcp://[addr]:port (IPv4 addresses still connect)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
             monitor = socket.get_monitor_socket(CONNECTION_EVENTS)  # before connecting: no event is missed
-            socket.connect(source.events)
+            try:
+                socket.connect(source.events)
+            except zmq.ZMQError as exc:  # an address ZeroMQ cannot use: this endpoint only, never the thread
+                monitor.close(linger=0)
+                socket.close(linger=0)
+                self._sources[name] = source
+                self.stats[name] = SourceStats(error=f"cannot connect to {source.events}: {exc}")
+                log.error("not following the KV events of %s: cannot connect to %s (%s)", name, source.events, exc)
+                continue
             poller.register(socket, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
             self._sockets[name], self._monitors[name] = socket, monitor
@@ -154,13 +163,28 @@ class Subscriber:
                 # connection events first: batches that follow a reconnect must not be taken as a continuation
                 for socket, _ in ready:
                     if (name := self._watched.get(socket)) is not None:
-                        self._connection_events(name)
+                        self._guarded(name, self._connection_events, poller)
                 for socket, _ in ready:
                     if (name := self._names.get(socket)) is not None:
-                        self._drain(name)
+                        self._guarded(name, self._drain, poller)
         finally:
             for name in list(self._sockets):
                 self._close(name)
+
+    def _guarded(self, name: str, step: Callable[[str], None], poller: zmq.Poller) -> None:
+        """Run one endpoint's step; a failure stops following that endpoint (its entries dropped, the reason in its
+        stats and the log), never the thread that follows every other one."""
+        if name not in self._sockets:
+            return  # closed by an earlier step of this round
+        try:
+            step(name)
+        except Exception as exc:  # one engine's stream must not stop the others'
+            log.exception("stopped following the KV events of %s: %s", name, exc)
+            self._close(name, poller)
+            self.index.drop(name, forget=False)
+            stats = self.stats.get(name)
+            if stats is not None:
+                stats.connected, stats.error = False, f"{exc.__class__.__name__}: {exc}"
 
     def _drain(self, name: str) -> None:
         """Apply what the endpoint's socket holds, a batch at a time, looking at its connection events before each
@@ -278,7 +302,12 @@ class Subscriber:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.IPV6, 1)
         try:
-            socket.connect(source.replay)
+            try:
+                socket.connect(source.replay)
+            except zmq.ZMQError as exc:
+                log.warning("cannot ask %s for a replay at %s (%s): its entries are dropped instead", name,
+                            source.replay, exc)
+                return False
             socket.send_multipart((b"", start.to_bytes(8, "big")))
             want = start
             deadline = time.monotonic() + self.replay_timeout_s

@@ -255,3 +255,36 @@ def test_an_engine_on_an_ipv6_address_is_followed(subscriber: Subscriber, ports:
         assert subscriber.stats[source.name].decode_errors == 0
     finally:
         pub.close(linger=0)
+
+
+def test_an_endpoint_zeromq_cannot_use_is_reported_and_the_others_are_still_followed(
+        subscriber: Subscriber, ports: tuple[int, int]) -> None:
+    from fuyao.kvcache.config import build_config as build_kv_config
+    from fuyao.kvcache.config import ConfigError
+
+    events_port, other_port = ports
+    subscriber.add(Source("bad", "tcp://10.0.0.5"))  # no port: ZeroMQ refuses it when connecting
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{events_port}")
+    try:
+        subscriber.add(Source("good", f"tcp://127.0.0.1:{events_port}"))
+        seq = iter(range(1000))
+        wait_for(lambda: pub.send_multipart(_frames(next(seq), 9)) or time.sleep(0.02) or 9 in subscriber.index.blocks,
+                 5, "the good endpoint's batch")
+        assert "cannot connect to tcp://10.0.0.5" in (subscriber.stats["bad"].error or "")
+        # added after the bad one: still followed (the thread did not die)
+        pub2 = zmq.Context.instance().socket(zmq.PUB)
+        pub2.setsockopt(zmq.LINGER, 0)
+        pub2.bind(f"tcp://127.0.0.1:{other_port}")
+        try:
+            subscriber.add(Source("later", f"tcp://127.0.0.1:{other_port}"))
+            wait_for(lambda: pub2.send_multipart(_frames(next(seq), 11)) or time.sleep(0.02)
+                     or 11 in subscriber.index.blocks, 5, "the later endpoint's batch")
+        finally:
+            pub2.close(linger=0)
+    finally:
+        pub.close(linger=0)
+    # and the config names such an address before anything starts
+    with pytest.raises(ConfigError, match="events"):
+        build_kv_config({"kvCache": {"events": {"endpoints": [{"name": "e", "events": "tcp://10.0.0.5"}]}}})
