@@ -1,7 +1,9 @@
 """What a container needs to use the NPUs it was given: environment, device nodes, driver mounts, annotations.
 
 Whole dies get ``ASCEND_VISIBLE_DEVICES=<physical ids>`` and ``/dev/davinci<N>``; vNPUs get their vNPU ids,
-``ASCEND_VNPU_SPECS=<template>``, ``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` and the host's ``/dev/vdavinci<id>`` at
+``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` (an existing vNPU, as Ascend's docker runtime mounts one: never
+``ASCEND_VNPU_SPECS``, which asks that runtime to create another), their templates in a container annotation, and
+the host's ``/dev/vdavinci<id>`` at
 ``/dev/davinci<id>`` in the container when the driver made it, as Ascend's docker runtime mounts it (so the CANN
 runtime, and Ray's NPU manager, which counts ``/dev/davinci[0-9]*``, see one device). The decision is pure
 (:func:`container_spec`); the only host facts it needs, which device nodes and driver paths exist, come in through
@@ -16,9 +18,9 @@ from dataclasses import dataclass, field
 
 from fuyao.contracts import (
     ANNOTATION_CONTAINER_DEVICES,
+    ANNOTATION_CONTAINER_VNPU_TEMPLATES,
     ENV_ASCEND_RUNTIME_OPTIONS,
     ENV_ASCEND_VISIBLE_DEVICES,
-    ENV_ASCEND_VNPU_SPECS,
 )
 
 from .config import DriverMount
@@ -89,6 +91,7 @@ def container_spec(
         raise AllocationRefused("INVALID_ARGUMENT", "a container cannot mix whole NPUs and vNPUs")
     nodes: list[DeviceNode] = []
     envs: dict[str, str]
+    annotations: dict[str, str] = {}
     if vnpus:
         ordered = sorted(vnpus, key=lambda s: s.vnpu.vnpu_id if s.vnpu else 0)
         for slot in ordered:
@@ -98,9 +101,9 @@ def container_spec(
                 # the container path is /dev/davinci<id>, as Ascend's docker runtime mounts it (VIRTUAL)
                 nodes.append(DeviceNode(container_path=f"/dev/davinci{slot.vnpu.vnpu_id}", host_path=host))
         envs = {ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(s.vnpu.vnpu_id) for s in ordered if s.vnpu),
-                ENV_ASCEND_VNPU_SPECS: ",".join(s.vnpu.template for s in ordered if s.vnpu),
                 ENV_ASCEND_RUNTIME_OPTIONS: "VIRTUAL"}
         ids = [s.id for s in ordered]
+        annotations[ANNOTATION_CONTAINER_VNPU_TEMPLATES] = ",".join(s.vnpu.template for s in ordered if s.vnpu)
     else:
         whole = sorted({s.parent.physical_id: s for s in chosen}.values(), key=lambda s: s.parent.physical_id)
         for slot in whole:
@@ -123,4 +126,4 @@ def container_spec(
     )
     envs = {**(extra_env or {}), **envs}  # the device variables always win
     return ContainerSpec(envs=envs, mounts=mounts, devices=tuple(nodes),
-                         annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(ids)})
+                         annotations={ANNOTATION_CONTAINER_DEVICES: ",".join(ids), **annotations})

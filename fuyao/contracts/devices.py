@@ -51,11 +51,16 @@ def parse_core_device_id(device: str) -> tuple[str, int] | None:
 ENV_ASCEND_VISIBLE_DEVICES = "ASCEND_VISIBLE_DEVICES"
 """Comma-separated physical (logic) ids of the NPUs given to a container (MindCluster/HAMi convention)."""
 ENV_ASCEND_VNPU_SPECS = "ASCEND_VNPU_SPECS"
-"""vNPU template of a container's slice (HAMi convention)."""
+"""Ascend's docker runtime reads it as "create a vNPU of this template on the physical chip in
+ASCEND_VISIBLE_DEVICES" (its dynamic mode). fuyao creates vNPUs itself, so it never sets it (with a vNPU id in
+ASCEND_VISIBLE_DEVICES the runtime refuses the container), and a user's value is refused."""
 ENV_ASCEND_RUNTIME_OPTIONS = "ASCEND_RUNTIME_OPTIONS"
 """``VIRTUAL`` for vNPU containers (Ascend docker runtime convention)."""
 ANNOTATION_CONTAINER_DEVICES = "npu.openfuyao.com/devices"
 """Container annotation set at Allocate: the comma-separated device IDs the container received."""
+ANNOTATION_CONTAINER_VNPU_TEMPLATES = "npu.openfuyao.com/vnpu-templates"
+"""Container annotation set at Allocate for vNPUs: their templates, comma-separated, in the order of the vNPU ids in
+ASCEND_VISIBLE_DEVICES."""
 
 
 # vNPU mode ----------------------------------------------------------------------------------------------------

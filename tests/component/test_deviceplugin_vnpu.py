@@ -96,7 +96,8 @@ def test_static_slices_replace_the_whole_die(made) -> None:  # type: ignore[no-u
 
     response = k.admit("pod-a", RESOURCE_VNPU, 1)
     assert response.envs["ASCEND_RUNTIME_OPTIONS"] == "VIRTUAL"
-    assert response.envs["ASCEND_VNPU_SPECS"] in ("vir05_1c_8g", "vir10_3c_16g")
+    assert response.annotations["npu.openfuyao.com/vnpu-templates"] in ("vir05_1c_8g", "vir10_3c_16g")
+    assert "ASCEND_VNPU_SPECS" not in response.envs
     assert response.envs["ASCEND_VISIBLE_DEVICES"] in {d.rsplit("-v", 1)[1] for d in ids(slices)}
 
 
@@ -134,7 +135,7 @@ def test_dynamic_vnpu_per_container_and_destroyed_after_the_pod(made) -> None:  
     assert len(cores) == 8 * 20
     assert all(r.resource_name != RESOURCE_NPU for r in k.registrations)  # dies are offered as cores only
     response = k.admit("pod-a", RESOURCE_NPU_CORE, 3)  # 3 cores → the smallest template with >= 3: vir05_1c_8g
-    assert response.envs["ASCEND_VNPU_SPECS"] == "vir05_1c_8g"
+    assert response.annotations["npu.openfuyao.com/vnpu-templates"] == "vir05_1c_8g"
     vnpus = chip_vnpus(p)
     assert len(vnpus) == 1 and vnpus[0]["template"] == "vir05_1c_8g"
     chip = vnpus[0]["npu"]

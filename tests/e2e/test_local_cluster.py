@@ -375,7 +375,8 @@ def test_static_vnpus_from_a_config_are_advertised_and_used(cluster: LocalCluste
     wait_for(lambda: int(cluster.node_json()["status"]["allocatable"].get("npu.huawei.com/vNPU", "0")) == 4, 90,
              "4 vNPU slices on the node")
     assert npus(cluster) == 7  # the carved die is no longer a whole NPU
-    manifest = json.loads(pod_manifest("vnpu-pod", command="echo ASCEND_VNPU_SPECS=$ASCEND_VNPU_SPECS "
+    manifest = json.loads(pod_manifest("vnpu-pod", command="echo ASCEND_VNPU_SPECS=$ASCEND_VNPU_SPECS. "
+                                                          "ASCEND_RUNTIME_OPTIONS=$ASCEND_RUNTIME_OPTIONS "
                                                           "ASCEND_VISIBLE_DEVICES=$ASCEND_VISIBLE_DEVICES; sleep 3600"))
     manifest["spec"]["containers"][0]["resources"] = {"limits": {"npu.huawei.com/vNPU": "1"}}
     apply(cluster, json.dumps(manifest))
@@ -383,7 +384,9 @@ def test_static_vnpus_from_a_config_are_advertised_and_used(cluster: LocalCluste
     log = wait_for(lambda: "ASCEND_VNPU_SPECS=" in (text := cluster.pod_log("default", "vnpu-pod")) and text, 30,
                    "the vNPU pod's log")
     # a vNPU is visible by its vNPU id (physical id x 16 + 100 + k: 100..103 on die 0), Ascend's convention
-    assert "ASCEND_VNPU_SPECS=vir05_1c_8g" in log
+    # an existing vNPU, as Ascend's runtime mounts one: VIRTUAL, and no ASCEND_VNPU_SPECS (which would ask it to
+    # create another vNPU on a "physical chip" with the vNPU's id)
+    assert "ASCEND_VNPU_SPECS=." in log and "ASCEND_RUNTIME_OPTIONS=VIRTUAL" in log
     first = die.physical_id * 16 + 100
     assert log.split("ASCEND_VISIBLE_DEVICES=", 1)[1].split()[0] in {str(first + k) for k in range(4)}
 

@@ -240,7 +240,8 @@ def test_dynamic_vnpu_uses_the_template_the_scheduler_chose(cluster: LocalApiSer
         p.kubelet.wait_devices(RESOURCE_NPU_CORE)
         response = p.kubelet.admit("dyn", RESOURCE_NPU_CORE, 4)
         # the scheduler's chip and template, not the smallest covering one (vir05_1c_8g)
-        assert response.envs["ASCEND_VNPU_SPECS"] == "vir10_3c_16g"
+        assert response.annotations["npu.openfuyao.com/vnpu-templates"] == "vir10_3c_16g"
+        assert "ASCEND_VNPU_SPECS" not in response.envs
         assert p.kubelet.pods["dyn"][RESOURCE_NPU_CORE] == list(cores)
         assert 'fuyao_vnpu_operations_total{action="create",result="ok"} 1.0' in p.metrics()
     finally:

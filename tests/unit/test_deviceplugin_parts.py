@@ -185,8 +185,10 @@ def test_container_spec_for_vnpu_slices(inventory) -> None:  # type: ignore[no-u
     slots = {slot.id: slot} | {s.id: s for s in whole_device_slots(inventory.devices)}
     spec = container_spec([slot.id], slots, {i: HEALTHY for i in slots}, dev_root="/devroot", driver_mounts=(),
                           exists=lambda p: p in {"/devroot/vdavinci133", "/devroot/davinci_manager"})
-    assert spec.envs == {"ASCEND_VISIBLE_DEVICES": "133", "ASCEND_VNPU_SPECS": "vir05_1c_8g",
-                         "ASCEND_RUNTIME_OPTIONS": "VIRTUAL"}
+    # an existing vNPU: its id and VIRTUAL, never ASCEND_VNPU_SPECS (Ascend's runtime would try to create one on
+    # "physical chip 133" and refuse the container); the template is in the container's annotations
+    assert spec.envs == {"ASCEND_VISIBLE_DEVICES": "133", "ASCEND_RUNTIME_OPTIONS": "VIRTUAL"}
+    assert spec.annotations["npu.openfuyao.com/vnpu-templates"] == "vir05_1c_8g"
     # the host's vdavinci133 at /dev/davinci133, as Ascend's docker runtime mounts a VIRTUAL device: one
     # /dev/davinci[0-9]* in the container, which is what CANN and Ray's NPU manager count
     assert [(d.container_path, d.host_path) for d in spec.devices] == [
