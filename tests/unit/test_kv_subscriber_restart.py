@@ -259,8 +259,8 @@ def test_an_engine_on_an_ipv6_address_is_followed(subscriber: Subscriber, ports:
 
 def test_an_endpoint_zeromq_cannot_use_is_reported_and_the_others_are_still_followed(
         subscriber: Subscriber, ports: tuple[int, int]) -> None:
-    from fuyao.kvcache.config import build_config as build_kv_config
     from fuyao.kvcache.config import ConfigError
+    from fuyao.kvcache.config import build_config as build_kv_config
 
     events_port, other_port = ports
     subscriber.add(Source("bad", "tcp://10.0.0.5"))  # no port: ZeroMQ refuses it when connecting
