@@ -59,6 +59,7 @@ QUANTITY: Schema = {"type": ["string", "integer"], "description": "a Kubernetes 
 ABS_PATH = string(pattern=r"^/")
 RESOURCE_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                  r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # a Kubernetes resource name, prefix optional
+EXTENDED_RESOURCE_NAME = RESOURCE_NAME.replace(")?[A-Za-z0-9]", ")[A-Za-z0-9]", 1)  # the domain prefix required
 
 IMAGE = obj({"repository": string("image repository", minLength=1), "tag": string("default: the chart's appVersion"),
              "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, ("repository",))
@@ -151,8 +152,9 @@ SCHEMAS: dict[str, Schema] = {
                               "ignorable": boolean(),
                               "managedResources": {
                                   "type": "array", "uniqueItems": True, "description":
-                                  "resource names (a YAML list: Volcano exits on any other type)",
-                                  "items": string(pattern=RESOURCE_NAME)},
+                                  "extended resource names, domain/name (a YAML list: Volcano exits on any other "
+                                  "type; kube-scheduler refuses names without a domain)",
+                                  "items": string(pattern=EXTENDED_RESOURCE_NAME)},
                               "volcanoJobEnqueueable": boolean("serve Volcano's jobEnqueueable verb")}),
         "extraArgs": STRING_LIST, "extraEnv": ENV_LIST,
     }),

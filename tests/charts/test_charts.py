@@ -247,6 +247,9 @@ def test_the_operator_holds_every_permission_it_grants_its_components(tmp_path: 
     assert covered({"apiGroups": ["npu.openfuyao.com"], "resources": ["npuclusterpolicies/status"],
                     "verbs": ["patch"]}, held)
     assert not any("escalate" in r["verbs"] or "bind" in r["verbs"] or "*" in r["verbs"] for r in held + namespaced)
+    # nothing it or a component does needs it to change pods cluster-wide (an image swap on any pod would be)
+    assert not covered({"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}, held)
+    assert not covered({"apiGroups": [""], "resources": ["pods"], "verbs": ["update"]}, held)
 
 
 def test_the_operator_chart_carries_the_crd_the_api_generates() -> None:
@@ -401,3 +404,33 @@ def test_the_router_gets_the_engines_api_key_from_a_secret_only_when_one_is_name
     assert router_env() == []
     assert router_env("--set", "router.engineApiKeySecret.name=vllm-key") == [{
         "name": "FUYAO_ENGINE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vllm-key", "key": "api-key"}}}]
+
+
+def test_inference_rbac_binds_the_service_account_its_pods_run_as(tmp_path: Path) -> None:
+    docs = render("ai-inference-optimization", "default", tmp_path, "--set", "serviceAccount.create=false",
+                  "--set", "serviceAccount.name=llm-sa", "--set", "kvCache.enabled=true")
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["serviceAccountName"]
+            for d in of_kind(docs, "Deployment")}
+    assert set(pods.values()) == {"llm-sa"}
+    bound = {s["name"] for kind in ("ClusterRoleBinding", "RoleBinding") for d in of_kind(docs, kind)
+             for s in d["subjects"]}
+    assert bound == {"llm-sa"}  # the bindings name the account the pods use (they named an uncreated one)
+    assert not of_kind(docs, "ServiceAccount")
+
+
+def test_long_and_dotted_release_names_give_distinct_valid_names(tmp_path: Path) -> None:
+    release = "my.inference-release-with-a-rather-long-name-01"  # 47 characters, a dot
+    out = helm("template", release, str(CHARTS / "ai-inference-optimization"), "--namespace", "llm",
+               "--kube-version", K8S_VERSION, "--set", "kvCache.enabled=true").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    for kind in ("Service", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"):
+        names = [d["metadata"]["name"] for d in of_kind(docs, kind)]
+        assert len(names) == len(set(names)), (kind, names)  # router and kvcache never truncate to one name
+        assert all(len(n) <= 63 and "." not in n for n in names), (kind, names)
+
+
+def test_managed_resources_without_a_domain_are_refused(tmp_path: Path) -> None:
+    # kube-scheduler exits on such a managedResources entry ("an invalid extended resource name")
+    result = helm("template", "rel", str(CHARTS / "scheduler-extender"),
+                  "--set-json", 'extenderEntry.managedResources=["npu.huawei.com/NPU","gpu"]', check=False)
+    assert result.returncode != 0 and "managedResources" in result.stderr

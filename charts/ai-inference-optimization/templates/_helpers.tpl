@@ -29,8 +29,27 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* A component's object name, (list $root "router"): the fullname cut so that "-<component>" always fits in 63
+characters (so two components never truncate to the same name), dots replaced (Service names take none). */}}
+{{- define "ai-inference-optimization.componentName" -}}
+{{- $root := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $base := include "ai-inference-optimization.fullname" $root | replace "." "-" | trunc (int (sub 62 (len $component))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $base $component -}}
+{{- end -}}
+
+{{/* The ServiceAccount a component's pods run as, (list $root "router"): the chart's own, or serviceAccount.name. */}}
+{{- define "ai-inference-optimization.serviceAccountName" -}}
+{{- $root := index . 0 -}}
+{{- if $root.Values.serviceAccount.create -}}
+{{- include "ai-inference-optimization.componentName" . -}}
+{{- else -}}
+{{- default "default" $root.Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "ai-inference-optimization.kvcacheName" -}}
-{{- printf "%s-kvcache" (include "ai-inference-optimization.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "ai-inference-optimization.componentName" (list . "kvcache") -}}
 {{- end -}}
 
 {{/* The router's config.yaml: the design doc's four sections, then .Values.router.config over them. */}}

@@ -72,8 +72,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   ignorable: {{ .Values.extenderEntry.ignorable }}
   managedResources:
   {{- range .Values.extenderEntry.managedResources }}
-  {{- /* kube-scheduler refuses names in the kubernetes.io domain here ("an invalid extended resource name") */}}
-  {{- if not (hasPrefix "kubernetes.io/" .) }}
+  {{- /* kube-scheduler refuses names in the kubernetes.io domains (any *kubernetes.io/ prefix) here ("an invalid
+  extended resource name") */}}
+  {{- if not (contains "kubernetes.io/" .) }}
   - {name: {{ . }}, ignoredByScheduler: false}
   {{- end }}
   {{- end }}
