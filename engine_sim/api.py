@@ -125,12 +125,18 @@ class EngineApi:
         except tokenizer.ChatFormatError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
-    def _check_length(self, ids: list[int], max_tokens: int) -> None:
+    def _fit_length(self, ids: list[int], max_tokens: int, key: str) -> int:
+        """``max_tokens`` as vLLM 0.32 takes it: refused above the context length, or when the prompt alone leaves no
+        room for one output token; else cut to what the context has left (``get_max_tokens``)."""
         limit = self.engine.settings.max_model_len
-        if len(ids) + max_tokens > limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
-                                "completion). Please reduce the length of the messages or completion.")
+        if max_tokens > limit:
+            raise ApiError(400, f"{key}={max_tokens} cannot be greater than max_model_len={limit}. Please request "
+                                "fewer output tokens.", param=key)
+        if len(ids) > limit - 1:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
+                                f"contains {len(ids)} input tokens, which exceeds this limit even without any output "
+                                "tokens. Please reduce the length of the input prompt.", param="input_tokens")
+        return min(max_tokens, limit - len(ids))
 
     def _transfer(self, body: dict[str, Any]) -> tuple[bool, bool]:
         params = body.get("kv_transfer_params")
@@ -175,13 +181,16 @@ class EngineApi:
         assert max_tokens is not None
         seed = body.get("seed") if isinstance(body.get("seed"), int) else None
         remote_prefill, remote_decode = self._transfer(body)
-        for ids in prompts:
-            self._check_length(ids, max_tokens)
+        lengths = [self._fit_length(ids, max_tokens, key) for ids in prompts]
+        min_tokens = self._int(body, "min_tokens", 0, minimum=0) or 0  # vLLM's SamplingParams check
+        if min_tokens > min(lengths):
+            raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={min(lengths)}, got "
+                                f"{min_tokens}.", param="min_tokens")
         external = [await self._from_tier(ids) if not remote_prefill else 0 for ids in prompts]
         try:
-            requests = [self.engine.submit(ids, max_tokens, request_seed=seed, remote_prefill=remote_prefill,
+            requests = [self.engine.submit(ids, n, request_seed=seed, remote_prefill=remote_prefill,
                                            remote_decode=remote_decode, external_tokens=ext)
-                        for ids, ext in zip(prompts, external, strict=True)]
+                        for ids, n, ext in zip(prompts, lengths, external, strict=True)]
         except EngineDead as exc:
             raise ApiError(500, str(exc), "InternalServerError") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

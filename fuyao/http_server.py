@@ -21,7 +21,8 @@ What a client can rely on (the same as aiohttp gave the router):
   404 and known paths with another method 405 with ``Allow``; ``HEAD`` is served by the ``GET`` handler without
   the body;
 - a handler that raises answers 500 (logged); a client that goes away shows as :attr:`Request.gone` and makes
-  stream writes raise :class:`ConnectionResetError`;
+  stream writes raise :class:`ConnectionResetError`, and so does one that reads nothing of an answer for
+  ``write_timeout`` (its connection is cut);
 - shutdown: no new connections, idle ones closed, running handlers given ``timeout`` to finish, then cut;
 - what a proxy in front may send: an ``Upgrade`` (``curl --http2``'s h2c, websocket) is ignored (RFC 9110 §7.8):
   the request is answered in HTTP/1.1 and the connection closed after it; bytes after a request that closes the
@@ -425,9 +426,16 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
 
     async def drain(self) -> None:
+        deadline = self.loop.time() + self.server.write_timeout
         while self.paused and not self.lost:
             self._drain = self.loop.create_future()
-            await self._drain
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._drain
+            except TimeoutError:
+                self.transport.abort()  # connection_lost follows: the connection is gone for every handler
+                self.lost = True
+                raise ConnectionResetError(f"the client read nothing for {self.server.write_timeout:g} s") from None
         if self.lost:
             raise ConnectionResetError("the client closed the connection")
 
@@ -606,8 +614,12 @@ class HttpServer:
     """Routes by exact path (or prefix) and method; :meth:`start` listens, :meth:`stop` drains and then runs
     :attr:`on_stop`."""
 
-    def __init__(self, keepalive_timeout: float = 75.0):
+    def __init__(self, keepalive_timeout: float = 75.0, write_timeout: float = 60.0):
+        """``write_timeout``: how long an answer may wait for a client that reads nothing (its socket buffers full)
+        before the connection is cut and the handler's write raises :class:`ConnectionResetError` (a client that
+        stops reading a stream but keeps its socket open must not hold the handler, and what it holds, forever)."""
         self.keepalive_timeout = keepalive_timeout
+        self.write_timeout = write_timeout
         self.routes: dict[str, dict[str, Handler]] = {}
         self.prefixes: dict[str, dict[str, Handler]] = {}
         self.on_stop: list[Callable[[], None]] = []

@@ -405,11 +405,14 @@ class Router:
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
         prefill_body.pop("stream_options", None)
+        prefill_body.pop("min_tokens", None)  # vLLM refuses min_tokens > max_tokens; the decode keeps the client's
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
         params = None
         failure = "no prefill engine"
+        refused: _BackendFailed | None = None  # a 4xx about the request itself: every prefill engine would say it
         tried: list[str] = []
+        near: str | None = None
         # the client's own headers (its Authorization: engines started with --api-key check it on every /v1 call)
         headers = [(k, v) for k, v in _end_to_end(request.headers) if k.lower() != b"content-type"] + list(_JSON)
         for _ in range(self.config.router.retries + 1):
@@ -434,6 +437,7 @@ class Router:
                         raise _BackendFailed("the prefill answer has no kv_transfer_params")
                     dispatch.succeeded()
                     self.prefix.routed(backend.url, hashes)
+                    near = backend.node
                     break
                 except (_BackendFailed, UpstreamError, OSError, ValueError) as exc:
                     failure = _failure(exc)
@@ -442,14 +446,18 @@ class Router:
                     else:
                         dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
                     log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
+                    if isinstance(exc, _BackendFailed) and 400 <= exc.status < 500:
+                        refused = exc
+                        break  # not retried: another prefill engine would refuse the same request
         if params is None:
             if self.config.pd_separation.fallback == "error":
+                if refused is not None and refused.body:  # the engine's own answer, as a colocated fleet gives it
+                    raise _Answered(Response.json(refused.body, refused.status), "prefill-failed")
                 raise _Answered(_error(502, f"prefill failed: {failure}"), "prefill-failed")
             self.metrics.errors.inc("prefill-failed")
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
         else:
             decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
-        near = self.fleet.backends[tried[-1]].node if params is not None and tried else None
         return await self._forward(request, path, decode_raw, [], started, "decode",
                                    self.config.inference.decode_timeout, strategy="least-connections", near=near,
                                    model=model, first_byte_s=first_byte_s)
@@ -519,7 +527,8 @@ class Router:
             for b in self.fleet.backends.values()}))
 
     def app(self) -> HttpServer:
-        server = HttpServer()
+        # a client that stops reading a stream is cut after as long as an engine may stay silent in one
+        server = HttpServer(write_timeout=self.config.inference.stream_idle_timeout)
         server.route("POST", "/v1/completions", self.handle)
         server.route("POST", "/v1/chat/completions", self.handle)
         server.route("POST", "/v1/embeddings", self.handle)  # routed on load (no prompt prefix to keep)

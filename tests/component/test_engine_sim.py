@@ -101,8 +101,16 @@ def test_models_tokenize_render_and_errors(sim: Daemon) -> None:
     assert status == 404 and error["error"]["type"] == "NotFoundError" and "gpt-4" in error["error"]["message"]
     status, error = sim.post("/v1/completions", {"prompt": 42})
     assert status == 400 and error["error"]["param"] == "prompt"
+    # vLLM 0.32's length rules: max_tokens above the context length is refused; a prompt that leaves no room for one
+    # output token is refused; else max_tokens is cut to what the context has left
     status, error = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 40000})
+    assert status == 400 and "max_model_len=32768" in error["error"]["message"]
+    status, error = sim.post("/v1/completions", {"prompt": [1] * 32768, "max_tokens": 1})
     assert status == 400 and "maximum context length is 32768" in error["error"]["message"]
+    status, answer = sim.post("/v1/completions", {"prompt": [1] * 32760, "max_tokens": 100, "ignore_eos": True})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 8
+    status, error = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "min_tokens": 4})
+    assert status == 400 and error["error"]["param"] == "min_tokens"
     status, raw = sim.request("POST", "/v1/completions", None)
     assert status == 400 and b"invalid JSON" in raw
     assert sim.get("/health")[0] == 200 and "fuyao-engine-sim" in sim.get("/version")[1]
@@ -157,7 +165,7 @@ def test_kv_events_on_the_wire_and_replay(sim: Daemon) -> None:
         assert stored["block_size"] == 16 and stored["medium"] == "GPU" and rank == 0 and ts > 0
         assert len(stored["token_ids"]) == 16 * len(stored["block_hashes"])
         assert all(isinstance(h, int) and h >= 0 for h in stored["block_hashes"])
-        # the replay socket answers [seq, payload]... then -1
+        # the replay socket answers as vLLM 0.32's does: ["", topic, seq, payload]... then ["", "", -1, ""]
         dealer = ctx.socket(zmq.DEALER)
         dealer.connect(sim.replay)  # type: ignore[attr-defined]
         dealer.send_multipart([b"", seq])
@@ -165,10 +173,11 @@ def test_kv_events_on_the_wire_and_replay(sim: Daemon) -> None:
         while dealer.poll(2000):
             reply = dealer.recv_multipart()
             replies.append(reply)
-            if int.from_bytes(reply[1], "big", signed=True) == -1:
+            if int.from_bytes(reply[2], "big", signed=True) == -1:
                 break
         dealer.close(linger=0)
-        assert replies[0][1:] == [seq, payload] and int.from_bytes(replies[-1][1], "big", signed=True) == -1
+        assert replies[0] == [b"", topic, seq, payload]
+        assert replies[-1] == [b"", b"", (-1).to_bytes(8, "big", signed=True), b""]
     finally:
         sub.close(linger=0)
 

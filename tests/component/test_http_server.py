@@ -18,7 +18,8 @@ from fuyao.http_body import BodyError
 from fuyao.http_server import MAX_HEAD_BYTES, MAX_QUEUED, HttpServer, Request, Response, Stream
 
 
-async def _server(keepalive_timeout: float = 75.0) -> tuple[HttpServer, int, dict[str, Any]]:
+async def _server(keepalive_timeout: float = 75.0,
+                  write_timeout: float = 60.0) -> tuple[HttpServer, int, dict[str, Any]]:
     seen: dict[str, Any] = {"bodies": [], "gone": []}
     release = asyncio.Event()
     seen["release"] = release
@@ -63,7 +64,7 @@ async def _server(keepalive_timeout: float = 75.0) -> tuple[HttpServer, int, dic
         await out.write(b"part1")
         raise RuntimeError("a bug mid-stream")
 
-    server = HttpServer(keepalive_timeout=keepalive_timeout)
+    server = HttpServer(keepalive_timeout=keepalive_timeout, write_timeout=write_timeout)
     server.route("GET", "/hello", hello)
     server.route("GET", "/streamed", stream)
     server.route("GET", "/stream-then-fail", stream_then_fail)
@@ -407,3 +408,19 @@ def test_stop_cuts_a_stream_whose_client_stopped_reading() -> None:
         writer.close()
 
     _run(test)
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_after_the_write_timeout() -> None:
+    # the socket stays open, nothing is read: the handler must not wait forever on its writes (in the router it
+    # held a concurrency slot and the backend's in-flight count until the client closed)
+    async def test(server: HttpServer, port: int, seen: dict[str, Any]) -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        started = time.monotonic()
+        deadline = started + 5
+        while not seen["gone"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert seen["gone"] == [True] and 0.4 < time.monotonic() - started < 4
+        writer.close()
+
+    _run(test, write_timeout=0.5)

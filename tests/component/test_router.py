@@ -144,10 +144,18 @@ def test_prefill_decode_flow_and_fallback(tmp_path: Path) -> None:
         assert status == 200 and body.endswith(b"data: [DONE]\n\n") and body.count(b'"content"') >= 5
         prompt_tokens = prefill.metric("vllm:prompt_tokens_total")
         assert prompt_tokens > 0 and decode.metric("fuyao_engine_kv_transfer_tokens_total") == prompt_tokens - 1
+        # min_tokens stays with the decode: the prefill's 1 token would make the engine refuse min_tokens > 1
+        status, body = raw_post(front, "/v1/completions", {"prompt": PREFIX + " again", "max_tokens": 5,
+                                                           "min_tokens": 3})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] >= 3
+        assert decode.metric("fuyao_engine_kv_transfer_tokens_total") > prompt_tokens - 1  # pulled: prefill worked
+        assert front.metric('inference_errors_total{reason="prefill-failed"}') == 0
+        prompt_tokens = prefill.metric("vllm:prompt_tokens_total")
+        transferred = decode.metric("fuyao_engine_kv_transfer_tokens_total")
         prefill.post("/fault", {"error_count": 100})
         status, body = raw_post(front, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3  # decode-only fallback
-        assert decode.metric("fuyao_engine_kv_transfer_tokens_total") == prompt_tokens - 1  # computed, not pulled
+        assert decode.metric("fuyao_engine_kv_transfer_tokens_total") == transferred  # computed, not pulled
     finally:
         front.close()
     config = tmp_path / "pd.yaml"
@@ -157,6 +165,16 @@ def test_prefill_decode_flow_and_fallback(tmp_path: Path) -> None:
         status, body = raw_post(strict, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3})
         assert status == 502 and b"prefill failed" in body
         assert strict.metric("inference_errors_total") == 1  # counted once, by its reason (not again as http-502)
+        assert strict.metric('inference_errors_total{reason="prefill-failed"}') == 1
+    finally:
+        strict.close()
+    prefill.request("DELETE", "/fault")
+    strict = router("--config", str(config), "--prefill", prefill.url, "--prefill", decode.url,
+                    "--decode", decode.url).start()
+    try:
+        # a request the prefill engine refuses (4xx): the engine's own answer, and no other prefill engine asked
+        status, body = raw_post(strict, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3, "n": 2})
+        assert status == 400 and json.loads(body)["error"]["param"] == "n", body
         assert strict.metric('inference_errors_total{reason="prefill-failed"}') == 1
     finally:
         strict.close()
