@@ -114,6 +114,7 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
     fleet = Fleet(config.router)
     fleet.configure(config.router, static_backends(config))
     prefix = PrefixSource(config.kv_cache)
+    fleet.on_reset.append(prefix.forget)  # the router's record of what it sent there: gone with the engine
     prefix.start()
     router = Router(config, fleet, prefix)
     await router.open()

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -128,12 +128,14 @@ class Dispatch:
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several engines), the engine's
+    """The load gauges of a vLLM ``/metrics`` page, summed over label sets (e.g. several data-parallel engines; the
+    KV cache usage, a fraction per engine, averaged over them instead), the engine's
     KV blocks and block size (``vllm:cache_config_info``), and the counters tierLoadCost is measured from. Each
     sample of these families is parsed by ``prometheus_client``'s parser; the rest of the page is skipped unparsed
     (a vLLM page is mostly histograms the router does not read, and the scrape runs on the router's event loop
     every ``metrics_interval``), and so is a sample the parser refuses (it costs that reading only)."""
     out: dict[str, float] = {}
+    usage: list[float] = []
     for line in text.splitlines():
         if line.split("{", 1)[0].split(" ", 1)[0] not in _READ:
             continue
@@ -151,8 +153,12 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
                     out["block_size"] = float(size)
                 continue
             key = _GAUGES.get(sample.name) or _TIER_COUNTERS.get(sample.name)
-            if key is not None and sample.value == sample.value:  # NaN: not a reading
+            if key == "kv_usage" and sample.value == sample.value:
+                usage.append(sample.value)
+            elif key is not None and sample.value == sample.value:  # NaN: not a reading
                 out[key] = out.get(key, 0.0) + sample.value
+    if usage:  # two engines at half each hold half of their caches, not a full one
+        out["kv_usage"] = sum(usage) / len(usage)
     return out
 
 
@@ -165,6 +171,9 @@ class Fleet:
         self.backends: dict[str, Backend] = {}
         self._static: dict[str, Role] = {}
         self._discovered: dict[str, Backend] = {}
+        self.on_reset: list[Callable[[str], None]] = []
+        """Called with a backend's URL when what it held may be gone: it left the fleet, or it failed its health
+        check and passes again (an engine restarted behind the same address: its KV cache is empty)."""
 
     # Membership --------------------------------------------------------------------------------------------------
     def configure(self, settings: RouterSection, static: Mapping[str, Role]) -> None:
@@ -185,6 +194,7 @@ class Fleet:
         for url in list(self.backends):
             if url not in wanted:
                 del self.backends[url]
+                self._reset(url)
         for url, (role, found) in wanted.items():
             backend = self.backends.get(url)
             if backend is None:
@@ -194,6 +204,13 @@ class Fleet:
             backend.health_path = found.health_path if found else self.settings.health_check.path
             backend.health_interval = found.health_interval if found else self.settings.health_check.interval
             backend.node = found.node if found else None
+
+    def _reset(self, url: str) -> None:
+        for callback in self.on_reset:
+            try:
+                callback(url)
+            except Exception:
+                log.exception("forgetting what backend %s held failed", url)
 
     def pool(self, role: Role, exclude: Sequence[str] = (), now: float | None = None,
              model: str | None = None) -> list[Backend]:
@@ -240,6 +257,8 @@ class Fleet:
         if healthy != backend.healthy:
             log.warning("backend %s is now %s", backend.url, "healthy" if healthy else "unhealthy",
                         extra={"backend": backend.url, "healthy": healthy})
+            if healthy:
+                self._reset(backend.url)
         backend.healthy = healthy
         if healthy and backend.breaker.state == "open":
             backend.breaker.opened_at = 0.0  # a passing health check lets the half-open probe through now

@@ -92,6 +92,15 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _is_error_body(body: bytes) -> bool:
+    """Whether ``body`` is an OpenAI-style error object (an engine's answer, not a proxy's HTML page)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict | str)
+
+
 def _error(status: int, message: str, kind: str = "ServiceUnavailableError", param: str | None = None) -> Response:
     return Response.json(orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}),
                          status)
@@ -298,7 +307,9 @@ class Router:
                 log.warning("backend %s failed before answering (%s)%s", backend.url, exc.reason,
                             "; retrying on another" if attempt < self.config.router.retries else "",
                             extra={"backend": backend.url, "reason": exc.reason})
-        if last is not None and last.body and last.status < 500:
+        if last is not None and last.body and (last.status < 500 or _is_error_body(last.body)):
+            # the last engine's own answer (vLLM's 503 "ServiceUnavailableError", its 500 "EngineDeadError"...): its
+            # message says more than a generic 502
             return Response.json(last.body, last.status)
         reason = last.reason if last else "no healthy backend"
         raise _Answered(_error(502 if last else 503, f"no backend could answer: {reason}"),

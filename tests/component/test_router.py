@@ -485,3 +485,21 @@ def test_embeddings_are_routed_and_refusals_name_their_field_in_the_openai_shape
     finally:
         front.close()
         fake.close()
+
+
+def test_when_every_engine_fails_the_last_ones_own_error_answer_reaches_the_client() -> None:
+    # vLLM's 503 ServiceUnavailableError (or 500 EngineDeadError) says more than a generic 502
+    a, b = FakeBackend(), FakeBackend()
+    for fake in (a, b):
+        fake.script = Script(chunks=[b'{"error": {"message": "engine overloaded: 512 waiting", "type": '
+                                     b'"ServiceUnavailableError", "code": 503}}'], status=503,
+                             content_type="application/json")
+    front = router("--backend", a.url, "--backend", b.url).start()
+    try:
+        status, body = raw_post(front, "/v1/completions", {"prompt": "x"})
+        assert status == 503 and "engine overloaded" in json.loads(body)["error"]["message"]
+        assert len(a.received) + len(b.received) == 2  # retried on the other first
+    finally:
+        front.close()
+        a.close()
+        b.close()

@@ -120,6 +120,9 @@ garbage line
 vllm:num_requests_running{engine="1"} not-a-number
 """
     assert parse_vllm_metrics(text) == {"waiting": 5.0, "running": 7.0, "kv_usage": 0.25}
+    # data-parallel engines: requests add up, the KV cache usage (a fraction of each engine's cache) does not
+    two = 'vllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.5\n'
+    assert parse_vllm_metrics(two)["kv_usage"] == 0.5
 
 
 def test_config_validation_overrides_and_pools() -> None:
@@ -172,6 +175,14 @@ def test_prefix_source_remembers_routes() -> None:
     assert asyncio.run(source.matches(hashes)) == {"http://a": 6}
     source.forget("http://a")
     assert asyncio.run(source.matches(hashes)) == {}
+    # wired to the fleet (as the router's cli does): a backend that leaves takes the record of what was sent there
+    fleet = Fleet(build_config({}).router)
+    fleet.on_reset.append(source.forget)
+    fleet.configure(build_config({}).router, {"http://a": "both", "http://b": "both"})
+    source.routed("http://a", hashes)
+    source.routed("http://b", hashes)
+    fleet.configure(build_config({}).router, {"http://b": "both"})
+    assert asyncio.run(source.matches(hashes)) == {"http://b": 6}
 
 
 def test_an_index_service_answer_of_the_wrong_shape_routes_on_what_the_router_knows() -> None:
