@@ -137,8 +137,12 @@ class Slot:
 class ResourceDevices:
     """The devices one resource advertises; ``version`` grows on every change the kubelet must see."""
 
-    def __init__(self, chips: ChipHealth, slots: Sequence[Slot] = ()):
+    def __init__(self, chips: ChipHealth, slots: Sequence[Slot] = (), numa: bool = True):
+        """``numa``: tell the kubelet each device's NUMA node. Only when they are the host's real NUMA nodes
+        (``NodeInventory.numa_source == "sysfs"``): numbers made up from CPU affinity order would have the kubelet's
+        Topology Manager line CPUs up with the wrong node, or refuse pods under ``single-numa-node``."""
         self.chips = chips
+        self.numa = numa
         self._slots = {s.id: s for s in slots}
         self._reserved: dict[str, str] = {}
         self._version = 1
@@ -174,7 +178,8 @@ class ResourceDevices:
         with self.cond:
             statuses = self.statuses()  # once (per device, a snapshot was quadratic: 384 cores, 0.1 s locked)
             return self._version, tuple(
-                AdvertisedDevice(id=i, health=statuses[i].health, numa_node=slot.parent.numa_node)
+                AdvertisedDevice(id=i, health=statuses[i].health,
+                                 numa_node=slot.parent.numa_node if self.numa else None)
                 for i, slot in self._slots.items())
 
     @property

@@ -35,6 +35,7 @@ class HealthMonitor:
         self.on_change = on_change
         self.faults = faults
         self.failures = 0
+        self._graded: dict[str, DeviceStatus] = {}  # the last statuses fault handling gave
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,8 +72,13 @@ class HealthMonitor:
         if self.faults is not None:
             try:
                 statuses = self.faults.update(info, statuses)
+                self._graded = statuses
             except Exception:  # a bug in fault handling must not end health checking
-                log.exception("fault handling failed; health from npu-smi's Health column only")
+                # nor bring back a die it had taken out (isolated, faulted): those stay as the last grading said
+                log.exception("fault handling failed; health from npu-smi's Health column, and the dies fault "
+                              "handling had taken out stay out")
+                statuses = {d: (self._graded[d] if d in self._graded and not self._graded[d].healthy else s)
+                            for d, s in statuses.items()}
         if not self._apply(statuses) and self.faults is not None and self.faults.published_changed \
                 and self.on_change is not None:
             self.on_change()

@@ -71,14 +71,15 @@ class VnpuControl:
                 log.warning("vNPU mode off, but %s have vNPUs (or the ledger's records of them): not offered as "
                             "whole NPUs until those are destroyed (fuyao-vnpu) and the plugin restarts",
                             ", ".join(sorted(carved)))
+        numa = inventory.numa_source == "sysfs"  # the kubelet gets real NUMA nodes or none
         self.npu = NpuResource(inventory, config, ResourceDevices(chips, whole_device_slots(
-            d for d in inventory.devices if d.id not in carved)), scheduler_choices)
-        self.vnpu = VnpuResource(inventory, config, ResourceDevices(chips), scheduler_choices)
+            d for d in inventory.devices if d.id not in carved), numa=numa), scheduler_choices)
+        self.vnpu = VnpuResource(inventory, config, ResourceDevices(chips, numa=numa), scheduler_choices)
         self.cores: CoreResource | None = None
         if self.mode == "dynamic":
             aicore = {d.id: c.aicore for d in inventory.devices if (c := self.manager.capacity(d.id)) is not None}
             self.cores = CoreResource(inventory, config, ResourceDevices(chips, core_slots(inventory.devices,
-                                                                                            aicore)),
+                                                                                            aicore), numa=numa),
                                       self.manager, self.templates, scheduler_choices)
         self.plan: Plan | None = None
         self._config_stamp: tuple[float, int] | None = None

@@ -59,15 +59,25 @@ class IsolationRecord:
             raw = self.path.read_text()
         except FileNotFoundError:
             return {}
+        except UnicodeDecodeError as exc:
+            return self._aside(exc)
+        except OSError as exc:  # a directory, no permission...: said, and the plugin keeps running
+            log.error("isolation record %s cannot be read (%s): NPUs isolated before are back in service unless "
+                      "their fault is still there", self.path, exc.strerror or exc)
+            return {}
         try:
             return _File.model_validate(json.loads(raw)).devices
         except (json.JSONDecodeError, ValidationError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                os.replace(self.path, aside)
-            log.error("isolation record %s is unreadable (%s); moved it to %s: NPUs isolated before are back in "
-                      "service unless their fault is still there", self.path, exc, aside)
-            return {}
+            return self._aside(exc)
+
+    def _aside(self, exc: Exception) -> dict[str, IsolatedNpu]:
+        """Move an unreadable record aside (kept for a person to read) and start from an empty one."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(self.path, aside)
+        log.error("isolation record %s is unreadable (%s); moved it to %s: NPUs isolated before are back in "
+                  "service unless their fault is still there", self.path, exc, aside)
+        return {}
 
     def _write(self, devices: dict[str, IsolatedNpu]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -221,8 +221,13 @@ class FaultManager:
 
     def _isolate(self, device: NpuDevice, state: FaultState) -> None:
         reason = state.note.removeprefix("isolated: ")
-        self.record.add(device.id, IsolatedNpu(codes=state.codes, level=state.level.value if state.level else None,
-                                               reason=reason, since=rfc3339(self.wall())))
+        try:
+            self.record.add(device.id, IsolatedNpu(codes=state.codes, level=state.level.value if state.level else None,
+                                                   reason=reason, since=rfc3339(self.wall())))
+        except OSError as exc:  # isolated all the same (in memory): a full or read-only disk must not put it back
+            log.error("NPU %s is isolated but the isolation record %s cannot be written (%s): it stays isolated "
+                      "until this plugin restarts", device.id, self.record.path, exc.strerror or exc,
+                      extra={"device": device.id})
         self._record_stamp = self.record.stamp()
         self.metrics.set_isolated(device, True)
         log.error("NPU %s isolated: %s (codes %s); release it with fuyao-device-plugin --release-npu %s once it is "

@@ -42,17 +42,25 @@ def health(devices) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {d.ID: d.health for d in devices}
 
 
-def test_advertises_eight_910b_devices_with_numa(plugin: PluginUnderTest) -> None:
+def test_advertises_eight_910b_devices_with_numa(plugin: PluginUnderTest, plugin_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = plugin.kubelet.registrations[-1]
     assert reg.version == "v1beta1" and reg.endpoint == "fuyao-npu.huawei.com-NPU.sock"
     assert reg.preferred_available
     devices = plugin.kubelet.wait_devices(RESOURCE_NPU)
     assert sorted(d.ID for d in devices) == sorted(f"Ascend910-{i}" for i in range(8))
     assert set(health(devices).values()) == {"Healthy"}
-    numa = {d.ID: [n.ID for n in d.topology.nodes] for d in devices}
-    assert all(len(v) == 1 for v in numa.values()) and len({v[0] for v in numa.values()}) == 4
-    # devices sharing a CPU affinity share a NUMA node (910B4 preset: two NPUs per range)
-    assert numa["Ascend910-0"] == numa["Ascend910-1"] != numa["Ascend910-2"]
+    # this host's NUMA nodes do not hold the fake chips' CPU affinity ranges: no NUMA node is made up for the
+    # kubelet (its Topology Manager would align CPUs with a node that is not the device's)
+    assert all(not d.HasField("topology") for d in devices)
+    # a host whose sysfs NUMA nodes hold those ranges (910B4 preset: two NPUs per range): the real node ids
+    sysfs = tmp_path / "sys"
+    for node, cpus in enumerate(("0-47", "48-95", "96-143", "144-191")):
+        (sysfs / f"devices/system/node/node{node}").mkdir(parents=True)
+        (sysfs / f"devices/system/node/node{node}/cpulist").write_text(cpus + "\n")
+    real = plugin_factory("910b4-8", extra_args=("--sysfs-root", str(sysfs))).start()
+    numa = {d.ID: [n.ID for n in d.topology.nodes] for d in real.wait_ready()}
+    assert numa["Ascend910-0"] == numa["Ascend910-1"] == [3] and numa["Ascend910-2"] == [2]
+    assert numa["Ascend910-4"] == [0] and numa["Ascend910-6"] == [1]
 
 
 def test_advertises_sixteen_dies_on_910c(plugin_factory) -> None:  # type: ignore[no-untyped-def]

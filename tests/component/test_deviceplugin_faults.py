@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,26 @@ def test_registration_and_allocation_are_metrics(make) -> None:  # type: ignore[
     wait_for(lambda: 'npu_allocated{chip="910B4",device="Ascend910-2",node="node-a"} 1.0' in p.metrics(), 20,
              "NPU 2 counted as allocated once a container holds it")
     assert 'npu_allocated{chip="910B4",device="Ascend910-3",node="node-a"} 0.0' in p.metrics()
+
+
+def test_an_isolation_the_record_cannot_keep_still_keeps_the_chip_out() -> None:
+    # the isolation record's directory is unusable (here: a file where the directory should be): the plugin starts,
+    # and a chip with an isolate-level fault is still advertised Unhealthy (it went back Healthy, through the
+    # fallback for a failing fault handler)
+    p = PluginUnderTest("910b4-8", extra_args=("--link-interval", "0.3s"))
+    blocker = p.root / "not-a-directory"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file")
+    p.isolation = blocker / "npu-isolated.json"
+    try:
+        p.start()
+        p.wait_ready()
+        p.fake("fake", "set-health", "-i", "2", "Warning", "--code", "80E18402")  # SeparateNPU: isolate at once
+        p.wait_log("cannot be written")
+        wait_for(lambda: health(p).get("Ascend910-2") == "Unhealthy", 20, "NPU 2 out")
+        p.fake("fake", "set-health", "-i", "2", "OK")
+        p.kubelet.wait_devices(RESOURCE_NPU, lambda ds: len(ds) == 8)
+        time.sleep(2)  # several health polls: the chip stays isolated (in memory) and the plugin keeps running
+        assert health(p)["Ascend910-2"] == "Unhealthy" and p.proc.poll() is None  # type: ignore[union-attr]
+    finally:
+        p.close()

@@ -169,3 +169,7 @@ def test_the_isolation_record_survives_and_a_corrupt_one_is_set_aside(tmp_path) 
     (tmp_path / "iso.json").write_text("{not json")
     assert record.read() == {}
     assert list(tmp_path.glob("iso.json.corrupt-*"))
+    (tmp_path / "iso.json").write_bytes(b"\xff\xfe not utf-8")  # set aside too (it crashed the plugin's start)
+    assert record.read() == {} and not (tmp_path / "iso.json").exists()
+    (tmp_path / "iso.json").mkdir()  # not a file: said, never raised
+    assert record.read() == {}
