@@ -9,6 +9,8 @@ these breaks it serves a fresh socket and registers again, keeping the devices a
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import socket
@@ -201,6 +203,7 @@ class DevicePluginDaemon:
     def __init__(self, config: PluginConfig, node_name: str | None = None):
         self.config = config
         self.node_name = node_name or config.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+        self._publishing = threading.Lock()
         self.npu_smi = NpuSmi(config.npu_smi.path, timeout_s=config.npu_smi.timeout)
         self.metrics = PluginMetrics(self.node_name)
         self.stop_event = threading.Event()
@@ -256,14 +259,24 @@ class DevicePluginDaemon:
 
     def _hold_instance_lock(self) -> bool:
         """One plugin per device-plugin directory: two would delete each other's sockets and both carve vNPUs.
-        The lock is an abstract unix socket (no file for the kubelet to delete; released when we die). A second
-        instance (a rolling update with surge) waits for the first to exit."""
-        name = "\0fuyao-device-plugin:" + os.path.realpath(self.config.device_plugin_dir)
-        self._lock_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        The lock is an ``flock`` on a file in the vNPU ledger's directory (the node's state hostPath: seen by every
+        plugin pod of the node, unlike an abstract unix socket, which is private to a pod's network namespace, and
+        not in the device-plugin directory, whose files the kubelet deletes when it restarts); released when we
+        die. A second instance (a rolling update with surge) waits for the first to exit."""
+        key = hashlib.sha256(os.path.realpath(self.config.device_plugin_dir).encode()).hexdigest()[:16]
+        path = os.path.join(os.path.dirname(os.path.abspath(self.config.vnpu.ledger)) or ".",
+                            f".fuyao-device-plugin-{key}.lock")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._lock_file = open(path, "a")  # noqa: SIM115 - held open for the process's life
+        except OSError as exc:
+            log.error("cannot open the instance lock %s (%s): not checking for another plugin on this node", path,
+                      exc.strerror or exc)
+            return True
         logged = False
         while not self.stop_event.is_set():
             try:
-                self._lock_socket.bind(name[:107])
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except OSError:
                 if not logged:
@@ -409,6 +422,12 @@ class DevicePluginDaemon:
         return api
 
     def _publish(self) -> None:
+        # called from the health thread, the vNPU thread and the main loop: one at a time, so an older snapshot
+        # never replaces a newer one as the wanted state
+        with self._publishing:
+            self._publish_locked()
+
+    def _publish_locked(self) -> None:
         if self.inventory is not None:
             self.metrics.observe_allocation(self.inventory.devices, self.holders)
         if self.publisher is None or self.inventory is None or self.chips is None \

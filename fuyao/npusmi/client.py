@@ -52,7 +52,7 @@ class NpuSmi:
         self.timeout_s = timeout_s
         self.env = env
         self._running: set[subprocess.Popen[bytes]] = set()
-        self._running_lock = threading.Lock()
+        self._running_lock = threading.RLock()  # close() runs from a signal handler on a thread inside run()
         self._closed = False
 
     def resolve(self) -> str:

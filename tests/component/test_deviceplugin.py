@@ -187,11 +187,17 @@ def test_stale_kubelet_socket_then_a_new_kubelet(plugin_factory, tmp_path) -> No
     assert elapsed < 2.0, f"registered {elapsed:.2f}s after the new kubelet.sock appeared"
 
 
-def test_a_second_instance_waits_for_the_first(plugin: PluginUnderTest) -> None:
+@pytest.mark.parametrize("own_netns", [False, True])
+def test_a_second_instance_waits_for_the_first(plugin: PluginUnderTest, own_netns: bool) -> None:
+    import shutil
     import subprocess
 
-    second = subprocess.Popen(plugin.command(), env=plugin.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=plugin.root, start_new_session=True)
+    # in its own network namespace, as a second plugin pod of the node is (no hostNetwork)
+    if own_netns and (os.geteuid() != 0 or shutil.which("unshare") is None):
+        pytest.skip("needs root and unshare for a network namespace")
+    prefix = ["unshare", "--net"] if own_netns else []
+    second = subprocess.Popen([*prefix, *plugin.command()], env=plugin.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, cwd=plugin.root, start_new_session=True)
     try:
         time.sleep(2.0)
         assert second.poll() is None

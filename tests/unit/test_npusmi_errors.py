@@ -129,3 +129,24 @@ def test_an_info_table_cut_at_a_chips_border_is_read_again_against_the_topology_
 
     assert len(discover(CutNpuSmi([short, full]), "/nonexistent").devices) == 8  # type: ignore[arg-type]
     assert len(discover(CutNpuSmi([short]), "/nonexistent").devices) == 4  # type: ignore[arg-type]
+
+
+def test_close_from_a_signal_handler_inside_a_running_call_does_not_deadlock() -> None:
+    # SIGTERM lands on the main thread while it is inside run()'s locked section (starting npu-smi); the handler
+    # calls close(), which takes the same lock: a plain Lock deadlocked the plugin until the kubelet's SIGKILL
+    import threading
+
+    from fuyao.npusmi.client import NpuSmi
+
+    client = NpuSmi("/bin/true")
+    done = threading.Event()
+
+    def handler_inside_run() -> None:
+        with client._running_lock:  # what run() holds while it starts the process
+            client.close()
+        done.set()
+
+    threading.Thread(target=handler_inside_run, daemon=True).start()
+    assert done.wait(5), "close() deadlocked on the lock its own thread held"
+    with pytest.raises(Exception, match="closed"):
+        client.run(["info"])
