@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .products import Product
+from .products import Product, shape_problem
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,11 @@ def preferred_allocation(
     accounting matches the scheduler's), then the ``product``'s rules (:func:`_product_pick`), then the smallest
     (group, NUMA) cell, group or NUMA node that holds the request and every ``must_include`` device, then a spread
     over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
-    ``single_only`` devices (an NPU whose RoCE link is down) are offered to one-device requests only.
+    ``single_only`` devices (an NPU whose RoCE link is down) are kept out of multi-device sets when a set of the
+    right size that the product's rules allow exists without them; else they are used (a pod the node can take
+    never fails admission for a soft preference).
     """
-    avail = list(dict.fromkeys(available))
-    if size > 1:
-        excluded = set(single_only) - set(must_include)
-        avail = [d for d in avail if d not in excluded]
-    avail_set = set(avail)
+    full = list(dict.fromkeys(available))
 
     def place(device: str) -> Placement:
         return placement.get(device) or Placement(None, None, 1 << 30)
@@ -65,17 +63,37 @@ def preferred_allocation(
     def ordered(devices: Iterable[str]) -> list[str]:
         return sorted(devices, key=lambda d: (place(d).order, d))
 
-    must = ordered(d for d in dict.fromkeys(must_include) if d in avail_set)
     if size <= 0:
         return []
+    full_set = set(full)
+    must = ordered(d for d in dict.fromkeys(must_include) if d in full_set)
+    for choice in scheduler_choices:  # what the scheduler chose is checked against everything available
+        chosen = set(choice)
+        if len(chosen) == size and chosen <= full_set and set(must) <= chosen:
+            return ordered(chosen)
+    excluded = set(single_only) - set(must) if size > 1 else set()
+    if excluded & full_set:
+        def allowed(picked: list[str]) -> bool:
+            return len(picked) == size and (product is None or shape_problem(
+                product, picked, {d: place(d) for d in picked}, len(placement)) is None)
+
+        rest = [d for d in full if d not in excluded]
+        picked = _pick(rest, must, size, place, ordered, product)
+        if allowed(picked):
+            return picked
+        if len(rest) < size:  # every device with its link up, and as few link-down ones as it takes
+            picked = _pick(full, ordered(set(must) | set(rest)), size, place, ordered, product)
+            if allowed(picked):
+                return picked
+    return _pick(full, must, size, place, ordered, product)
+
+
+def _pick(avail: list[str], must: list[str], size: int, place: PlaceOf, ordered: Ordered,
+          product: Product | None) -> list[str]:
     if len(must) >= size:
         return must[:size]
     if size >= len(avail):
         return ordered(avail)
-    for choice in scheduler_choices:
-        chosen = set(choice)
-        if len(chosen) == size and chosen <= avail_set and set(must) <= chosen:
-            return ordered(chosen)
     if product is not None:
         picked = _product_pick(product, avail, must, size, place, ordered)
         if picked is not None:

@@ -179,8 +179,9 @@ def test_single_only_devices_serve_one_device_requests_only() -> None:
     down = ids(0, 1)
     assert set(preferred_allocation(ids(0, 1, 2, 3), [], 2, MESH, single_only=down)) == set(ids(2, 3))
     assert preferred_allocation(ids(0, 1, 2), [], 1, MESH, single_only=down)[0] in ids(0, 1, 2)
-    # too few others: only what may be given (the kubelet then decides)
-    assert preferred_allocation(ids(0, 1, 2), [], 2, MESH, single_only=down) == ids(2)
+    # too few others: a link-down device rather than fewer than asked (the kubelet would fill in its own order)
+    got = preferred_allocation(ids(0, 1, 2), [], 2, MESH, single_only=down)
+    assert len(got) == 2 and ids(2)[0] in got
     # a device the kubelet must include stays in
     assert ids(0)[0] in preferred_allocation(ids(0, 1, 2, 3), ids(0), 2, MESH, single_only=down)
 
@@ -203,3 +204,18 @@ def test_die_pairs_never_answer_more_dies_than_asked(available: list[str], data:
 def test_die_pairs_with_must_includes_on_more_chips_than_pairs_asked() -> None:
     got = preferred_allocation(sorted(A3), ["d3", "d10", "d14"], 4, A3, product=PRODUCTS["910c-a3"]) or []
     assert len(got) <= 4  # it was 14
+
+
+def test_a_link_down_die_is_used_when_the_products_rules_leave_no_set_without_it() -> None:
+    # 910B x16: free dies 0-3 and 10-12, die 2's link down, 4 asked: without die 2 the only 4 cross the halves
+    # (refused at Allocate by rule 910b-x16/halves); with it, 0-3 is a set the rules allow
+    x16 = {f"Ascend910-{i}": Placement(group=f"half-{i // 8}", numa=i // 4, order=i) for i in range(16)}
+    free = ids(0, 1, 2, 3, 10, 11, 12)
+    got = preferred_allocation(free, [], 4, x16, product=PRODUCTS["910b-x16"], single_only=ids(2))
+    assert sorted(got) == sorted(ids(0, 1, 2, 3))
+    # and when a set without it exists, it stays out
+    got = preferred_allocation(free, [], 3, x16, product=PRODUCTS["910b-x16"], single_only=ids(2))
+    assert ids(2)[0] not in got and len(got) == 3
+    # a scheduler's choice holding a link-down die is still the answer (checked against all available)
+    assert sorted(preferred_allocation(free, [], 2, x16, product=PRODUCTS["910b-x16"], single_only=ids(2),
+                                       scheduler_choices=[ids(2, 3)])) == sorted(ids(2, 3))
