@@ -340,8 +340,8 @@ class EngineApi:
         return _json({"token_ids": self._chat_ids(body)})
 
     async def health(self, _http: web.Request) -> web.Response:
-        if self.engine.failure is not None:  # a dead loop is not healthy, whatever else still answers
-            return web.Response(status=500, text=self.engine.failure)
+        if self.engine.failure is not None:  # a dead loop is not healthy: 503, as vLLM answers on EngineDeadError
+            return web.Response(status=503, text=self.engine.failure)
         return web.Response(status=200)
 
     async def version(self, _http: web.Request) -> web.Response:

@@ -187,7 +187,8 @@ class Engine:
             self.waiting.remove(request)
         if request in self.running:
             self.running.remove(request)
-            self.pool.release(request.allocation)
+        # a waiting request may hold blocks too (its KV still arriving from a prefill engine or the tier)
+        self.pool.release(request.allocation)
         request.finished = True
 
     def _fail(self, request: Request, why: str) -> None:

@@ -81,3 +81,15 @@ def test_decode_side_pulls_the_prompt() -> None:
         assert granted == [("d", 1)] and prefill == 0 and decodes == 1 and len(r.output) == 1
         assert r.cached_tokens == 0 and e.pool.cached  # the pulled full blocks entered the prefix cache
     asyncio.run(scenario())
+
+
+def test_aborting_a_request_whose_kv_is_still_arriving_frees_its_blocks() -> None:
+    async def scenario() -> None:
+        e = engine()
+        free = len(e.pool.free)
+        r = e.submit(list(range(30)), max_tokens=3, remote_prefill=True, request_id="d")
+        step(e)  # the prompt's KV is in transfer: blocks taken, the request still waiting
+        assert r in e.waiting and len(e.pool.free) < free
+        e.abort(r)  # the client went away meanwhile
+        assert len(e.pool.free) == free  # every block back (they leaked: the pool shrank with each such abort)
+    asyncio.run(scenario())
