@@ -35,6 +35,11 @@ from .index import KvIndex
 log = logging.getLogger(__name__)
 
 END_SEQ = -1
+HEARTBEAT_IVL_MS = 5000
+HEARTBEAT_TIMEOUT_MS = 15000
+"""ZeroMQ heartbeats on each event socket (the engine's libzmq answers them by itself): a connection whose peer
+vanished without closing it (a node crash, a partition) is seen as lost after this long and the engine's entries
+dropped, instead of staying "connected" with stale blocks until TCP gives up, which can take hours."""
 CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
@@ -111,6 +116,8 @@ class Subscriber:
             socket = self._ctx.socket(zmq.SUB)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.IPV6, 1)  # an IPv6 pod's tcp://[addr]:port (IPv4 addresses still connect)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
             monitor = socket.get_monitor_socket(CONNECTION_EVENTS)  # before connecting: no event is missed
             try:

@@ -288,3 +288,77 @@ def test_an_endpoint_zeromq_cannot_use_is_reported_and_the_others_are_still_foll
     # and the config names such an address before anything starts
     with pytest.raises(ConfigError, match="events"):
         build_kv_config({"kvCache": {"events": {"endpoints": [{"name": "e", "events": "tcp://10.0.0.5"}]}}})
+
+
+class _Relay:
+    """A TCP relay between the subscriber and an engine that can go silent without closing anything (a node that
+    vanished, a partition): ``freeze`` stops moving bytes both ways and keeps both connections open."""
+
+    def __init__(self, target: int):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.target = target
+        self.frozen = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.held += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.frozen.is_set():
+                time.sleep(0.05)  # hold the bytes: nothing arrives, nothing is closed
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.held:
+            s.close()
+
+
+def test_an_engine_that_vanishes_without_closing_is_dropped_after_the_heartbeat_timeout(
+        monkeypatch: pytest.MonkeyPatch, ports: tuple[int, int]) -> None:
+    from fuyao.kvcache import subscriber as module
+
+    monkeypatch.setattr(module, "HEARTBEAT_IVL_MS", 200)
+    monkeypatch.setattr(module, "HEARTBEAT_TIMEOUT_MS", 600)
+    events_port, _ = ports
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{events_port}")
+    relay = _Relay(events_port)
+    sub = Subscriber(KvIndex(block_size=4)).start()
+    try:
+        sub.add(Source("engine", f"tcp://127.0.0.1:{relay.port}"))
+        seq = iter(range(1000))
+        wait_for(lambda: pub.send_multipart(_frames(next(seq), 5)) or time.sleep(0.02) or 5 in sub.index.blocks, 5,
+                 "the engine's batch through the relay")
+        relay.frozen.set()  # the engine's node is gone: no FIN, no RST, no bytes
+        wait_for(lambda: not sub.stats["engine"].connected and 5 not in sub.index.blocks, 10,
+                 "the silent engine dropped")
+        assert sub.stats["engine"].disconnects >= 1
+    finally:
+        sub.stop()
+        relay.close()
+        pub.close(linger=0)
