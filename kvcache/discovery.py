@@ -62,20 +62,19 @@ class _Pods:
         if old == source:
             return
         if old is not None:
-            self.subscriber.remove(old.name)
             del self.by_uid[uid]
+            if not any(s.name == old.name for s in self.by_uid.values()):  # a new pod may hold its IP already
+                self.subscriber.remove(old.name)
         if source is not None:
             self.subscriber.add(source)
             self.by_uid[uid] = source
 
     def replace(self, items: list[dict[str, Any]]) -> None:
-        seen = set()
-        for pod in items:
-            uid = (pod.get("metadata") or {}).get("uid", "")
-            seen.add(uid)
-            self._set(uid, source_of(pod))
-        for uid in set(self.by_uid) - seen:
+        found = {(pod.get("metadata") or {}).get("uid", ""): pod for pod in items}
+        for uid in set(self.by_uid) - set(found):  # gone pods first: a new pod may have taken one's IP
             self._set(uid, None)
+        for uid, pod in found.items():
+            self._set(uid, source_of(pod))
 
     def upsert(self, obj: dict[str, Any]) -> None:
         self._set((obj.get("metadata") or {}).get("uid", ""), source_of(obj))

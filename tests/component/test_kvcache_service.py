@@ -99,6 +99,19 @@ def test_discovery_turns_running_engine_pods_into_sources() -> None:
     pods.delete(moved)
     assert recorder.calls == [("add", "http://10.1.2.3:8080"), ("remove", "http://10.1.2.3:8080"),
                               ("add", "http://10.1.2.4:8080"), ("remove", "http://10.1.2.4:8080")]
+    # a new pod takes a deleted one's IP before the old pod's deletion arrives (or a re-list sees both at once):
+    # the new pod stays followed
+    recorder.calls.clear()
+    old = {**pod, "metadata": {**pod["metadata"], "uid": "old"}}
+    new = {**pod, "metadata": {**pod["metadata"], "uid": "new", "name": "vllm-1"}}
+    pods.upsert(old)
+    pods.upsert(new)
+    pods.delete(old)
+    assert recorder.calls[-1] == ("add", "http://10.1.2.3:8080") and pods.by_uid["new"].name == "http://10.1.2.3:8080"
+    pods.upsert(old)
+    recorder.calls.clear()
+    pods.replace([new])  # a re-list: the old pod is gone, the new one holds its address
+    assert ("remove", "http://10.1.2.3:8080") not in recorder.calls
 
 
 def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
