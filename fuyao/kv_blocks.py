@@ -197,6 +197,10 @@ class EventDecodeError(ValueError):
     """The payload is not a KV event batch in any vLLM encoding; the message says what is wrong."""
 
 
+def _int_hash(value: Any) -> Any:
+    return int.from_bytes(value, "big") & 0xFFFF_FFFF_FFFF_FFFF if isinstance(value, bytes) else value
+
+
 def _event(raw: Any) -> KvEvent | None:
     if isinstance(raw, dict):
         name = raw.get("type")
@@ -214,6 +218,11 @@ def _event(raw: Any) -> KvEvent | None:
     if kind is BlockStored and (not isinstance(values.get("token_ids"), list)
                                 or not isinstance(values.get("block_size"), int)):
         raise EventDecodeError("BlockStored: token_ids (array) and block_size (int) are required")
+    if kind is not AllBlocksCleared:  # bytes hashes (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0): their low 64 bits,
+        # the integer vLLM publishes otherwise, so either stream meets the same lookups
+        values["block_hashes"] = [_int_hash(h) for h in values["block_hashes"] or ()]
+        if isinstance(values.get("parent_block_hash"), bytes):
+            values["parent_block_hash"] = _int_hash(values["parent_block_hash"])
     event: KvEvent = kind(**{k: v for k, v in values.items() if k in _FIELDS[kind.__name__]})
     return event
 

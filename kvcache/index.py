@@ -24,6 +24,7 @@ CPython, and a lookup racing an update sees either state of a block).
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,8 @@ import xxhash
 from fuyao.kv_blocks import HASH_MASK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
 
 from .keys import BlockKeys, ContentKeys
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class EndpointState:
     ours: dict[int, int] = field(default_factory=dict)  # engine block hash → the index's content hash
     removed: OrderedDict[int, int] = field(default_factory=OrderedDict)  # recently removed, for late children
     skipped: int = 0  # blocks that could not be placed (parent unknown, other block size)
+    size_warned: bool = False
 
     def translate(self, engine_hash: int) -> int | None:
         found = self.ours.get(engine_hash)
@@ -116,6 +120,11 @@ class KvIndex:
             return list(engine)  # the engines' own hashes (block_hashing.mode vllm), or no content to key by
         if event.block_size != self.block_size or len(tokens) != len(engine) * event.block_size:
             state.skipped += len(engine)
+            if event.block_size != self.block_size and not state.size_warned:
+                state.size_warned = True  # else every event is skipped in silence and no lookup ever hits
+                log.warning("engine %s publishes %d-token blocks, the index is configured for %d (kvCache.blockSize "
+                            "must be the engines' --block-size): its blocks are not indexed", state.name,
+                            event.block_size, self.block_size, extra={"endpoint": state.name})
             return []
         if event.parent_block_hash is None:
             parent = None

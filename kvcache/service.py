@@ -138,7 +138,7 @@ class KvCacheService:
         out = {}
         for name, state in list(self.index.endpoints.items()):  # the subscriber thread may add one meanwhile
             stats = self.subscriber.stats.get(name)
-            out[name] = {"model": state.model, "entries": len(state.hashes),
+            out[name] = {"model": state.model, "entries": len(state.hashes), "skipped_blocks": state.skipped,
                          **({"last_seq": stats.last_seq, "batches": stats.batches, "gaps": stats.gaps,
                              "replays": stats.replays, "drops": stats.drops, "decode_errors": stats.decode_errors,
                              "restarts": stats.restarts, "disconnects": stats.disconnects,
@@ -328,15 +328,24 @@ class KvCacheMetrics:
         self.volume_removed = Gauge("fuyao_kvcache_volume_removed_blocks", "Block files removed from the volume "
                                     "(cumulative), by reason", ("reason",), registry=r)
         r.register(_StreamCounters(service))
+        self._labelled: set[str] = set()  # endpoints with series in the families above
         self.latency = Histogram("fuyao_kvcache_request_duration_seconds", "HTTP request time by path", ("path",),
                                  buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
 
     def batch(self, endpoint: str, events: int, lag: float) -> None:
+        self._labelled.add(endpoint)
         self.events.labels(endpoint).inc(events)
         self.lag.labels(endpoint).set(lag)
         self.last_event.labels(endpoint).set_to_current_time()
 
     def render(self) -> bytes:
+        # engines no longer followed (pods gone): their series go too (a frozen lag would alert forever, and pod
+        # churn would grow the page without bound)
+        for endpoint in self._labelled - set(self.service.subscriber.stats):
+            for family in (self.events, self.lag, self.last_event):
+                with contextlib.suppress(KeyError):
+                    family.remove(endpoint)
+            self._labelled.discard(endpoint)
         self.index_blocks.set(len(self.service.index))
         tier = self.service.tier
         if tier is not None:

@@ -9,7 +9,7 @@ import sys
 import time
 
 from fuyao.kvcache.discovery import _Pods, source_of
-from fuyao.kvcache.subscriber import Source
+from fuyao.kvcache.subscriber import Source, SourceStats
 from tests.support.engines import engine, kvcache
 from tests.support.polling import wait_for
 
@@ -188,3 +188,18 @@ def test_warming_sends_the_queries_through_an_engine_and_survives_one_that_is_do
     finally:
         cache.close()
         sim.close()
+
+
+def test_an_engine_no_longer_followed_leaves_no_metric_series() -> None:
+    # pod churn: per-endpoint series of engines that left went on forever (a frozen lag alerting for a dead pod)
+    from fuyao.kvcache.config import build_config
+    from fuyao.kvcache.service import KvCacheService
+
+    service = KvCacheService(build_config({}).kv_cache)
+    service.subscriber.stats["http://10.0.0.1:8000"] = SourceStats()
+    service.metrics.batch("http://10.0.0.1:8000", 3, 0.2)
+    service.metrics.batch("http://10.0.0.2:8000", 1, 0.1)
+    # the subscriber follows only the first (the second was never added, or its pod went)
+    page = service.metrics.render().decode()
+    assert 'fuyao_kvcache_event_lag_seconds{endpoint="http://10.0.0.1:8000"}' in page
+    assert "10.0.0.2" not in page

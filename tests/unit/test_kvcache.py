@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import pytest
 import zmq
 from hypothesis import given, settings
@@ -124,11 +125,16 @@ def test_index_lookups_equal_a_brute_force_model(history: list[tuple]) -> None: 
     assert set(index.blocks) == set().union(*model.values())
 
 
-def test_blocks_of_another_size_or_with_an_unknown_parent_are_skipped_not_guessed() -> None:
+def test_blocks_of_another_size_or_with_an_unknown_parent_are_skipped_not_guessed(
+        caplog: pytest.LogCaptureFixture) -> None:
     index = KvIndex(block_size=4)
     index.apply("b", [engine_event("b", 0, 2, 3)])  # its parent (block 1) was never stored
     index.apply("b", [BlockStored([99], None, list(range(8)), 8)])  # 8-token blocks: not this index's
-    assert index.lookup(hashes=CHAINS[0]) == {} and index.endpoints["b"].skipped == 4
+    index.apply("b", [BlockStored([98], None, list(range(8)), 8)])
+    assert index.lookup(hashes=CHAINS[0]) == {} and index.endpoints["b"].skipped == 5
+    # a block size that is not the engine's is said, once per engine (every event was skipped in silence)
+    said = [r.getMessage() for r in caplog.records if "8-token blocks" in r.getMessage()]
+    assert len(said) == 1 and "kvCache.blockSize" in said[0]
     index.apply("b", [engine_event("b", 0, 0, 5)])
     assert index.lookup(TOKENS[0]) == {"b": 5}
 
@@ -268,3 +274,21 @@ def test_a_sequence_gap_is_replayed_or_the_endpoint_dropped(with_replay: bool) -
         subscriber.stop()
         pub.close(linger=0)
         router.close(linger=0)
+
+
+def test_engines_publishing_bytes_hashes_meet_the_same_lookups() -> None:
+    # VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0: events carry the full digests; in vllm mode they were stored as bytes
+    # while lookups hash to 64-bit integers: never a hit
+    from fuyao.kv_blocks import decode_batch
+
+    keys = VllmKeys(4, "sha256")
+    index = KvIndex(block_size=4, keys=keys)
+    prompt = list(range(300, 317))
+    digests = keys.hasher.block_hashes(prompt, 4)
+    payload = msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": digests, "parent_block_hash": None,
+                                    "token_ids": prompt[:16], "block_size": 4, "lora_id": None, "medium": "GPU"}]])
+    index.apply("a", decode_batch(payload).events)
+    assert index.lookup(prompt) == {"a": 4}
+    removed = msgpack.packb([2.0, [{"type": "BlockRemoved", "block_hashes": digests[2:], "medium": "GPU"}]])
+    index.apply("a", decode_batch(removed).events)
+    assert index.lookup(prompt) == {"a": 2}
