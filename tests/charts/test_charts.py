@@ -434,3 +434,38 @@ def test_managed_resources_without_a_domain_are_refused(tmp_path: Path) -> None:
     result = helm("template", "rel", str(CHARTS / "scheduler-extender"),
                   "--set-json", 'extenderEntry.managedResources=["npu.huawei.com/NPU","gpu"]', check=False)
     assert result.returncode != 0 and "managedResources" in result.stderr
+
+
+def test_the_bundled_scheduler_pods_are_not_counted_as_extender_replicas(tmp_path: Path) -> None:
+    # scheduler.enabled: its kube-scheduler pods carry the chart's name and instance labels; the PDB counted them
+    # (a drain could take both extender replicas) and the Service could send them the extender's traffic
+    docs = render("scheduler-extender", "default", tmp_path, "--set", "scheduler.enabled=true")
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")}
+
+    def matches(selector: dict[str, str]) -> set[str]:
+        return {name for name, labels in pods.items() if selector.items() <= labels.items()}
+
+    extender = {n for n in pods if not n.endswith("-scheduler")}
+    assert matches(of_kind(docs, "Service")[0]["spec"]["selector"]) == extender
+    assert matches(of_kind(docs, "PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"]) == extender
+    deployment = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] in extender)
+    terms = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = (terms.get("preferredDuringSchedulingIgnoredDuringExecution") or [{}])[0].get("podAffinityTerm") or \
+        terms["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert matches(term["labelSelector"]["matchLabels"]) == extender
+
+
+def test_hard_anti_affinity_rolls_one_replica_at_a_time_and_a_fixed_cluster_ip_is_the_url(tmp_path: Path) -> None:
+    hard = render("scheduler-extender", "default", tmp_path, "--set", "antiAffinity=hard")
+    strategy = of_kind(hard, "Deployment")[0]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}  # a surge pod could never be placed
+    # a fixed clusterIP is what the snippet for a hostNetwork kube-scheduler (no cluster DNS) must point at
+    fixed = yaml.safe_dump(render("scheduler-extender", "default", tmp_path, "--set", "service.clusterIP=10.96.0.50"))
+    assert "urlPrefix: http://10.96.0.50:8888" in fixed and "svc:8888" not in fixed
+
+
+def test_operator_arguments_are_quoted(tmp_path: Path) -> None:
+    docs = render("npu-operator", "default", tmp_path, "--set-string", "operator.nfdEnv.OPTS=--level debug #x",
+                  "--set-string", "operator.nfdEnv.MAP=a: b")
+    args = of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--nfd-env=OPTS=--level debug #x" in args and "--nfd-env=MAP=a: b" in args

@@ -17,6 +17,14 @@ app.kubernetes.io/name: {{ include "scheduler-extender.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The extender's own pods: its Deployment's selector (unchanged: immutable) plus the component, so the Service,
+the PodDisruptionBudget and the anti-affinity never count the bundled kube-scheduler's pods (scheduler.enabled),
+which carry the same name and instance labels. */}}
+{{- define "scheduler-extender.podSelectorLabels" -}}
+{{ include "scheduler-extender.selectorLabels" . }}
+app.kubernetes.io/component: extender
+{{- end -}}
+
 {{- define "scheduler-extender.labels" -}}
 {{ include "scheduler-extender.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -37,8 +45,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* Where kube-scheduler reaches the extender: the fixed service.clusterIP when one is set (a kubeadm kube-scheduler
+is a hostNetwork static pod with the node's resolv.conf: it cannot resolve .svc names), else the Service's name. */}}
 {{- define "scheduler-extender.url" -}}
-{{- printf "%s://%s.%s.svc:%v" (ternary "https" "http" (ne .Values.tls.secretName "")) (include "scheduler-extender.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- $scheme := ternary "https" "http" (ne .Values.tls.secretName "") -}}
+{{- $ip := .Values.service.clusterIP -}}
+{{- if and $ip (ne $ip "None") -}}
+{{- printf "%s://%s:%v" $scheme (ternary (printf "[%s]" $ip) $ip (contains ":" $ip)) .Values.service.port -}}
+{{- else -}}
+{{- printf "%s://%s.%s.svc:%v" $scheme (include "scheduler-extender.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The extender's config file (scheduler_extender config v1): what the chart decides, then .Values.config over it. */}}
