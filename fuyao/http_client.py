@@ -52,6 +52,11 @@ class UpstreamError(Exception):
     """The server could not be reached or broke off: refused, reset, closed early, a malformed answer, a timeout."""
 
 
+class DeadlineError(UpstreamError):
+    """The whole exchange took longer than its ``total``: the engine works (it answered until then); the request's
+    time budget ran out."""
+
+
 class ConnectError(UpstreamError):
     """No connection could be made (refused, unreachable, a TLS handshake refused, timed out): nothing was sent, so
     the request certainly did not happen. Any other :class:`UpstreamError` may come after the server acted."""
@@ -171,7 +176,11 @@ class Response:
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._idle, self._idle_expired, waiter) if self._idle else None
+        conn = self._conn
+        # before the first body byte, ``first`` (when given) bounds the wait, not ``idle``: a long prefill is not a
+        # silent engine
+        waiting_first = conn is not None and conn.headers_deadline is not None
+        timer = loop.call_later(self._idle, self._idle_expired, waiter) if self._idle and not waiting_first else None
         try:
             await waiter
         finally:
@@ -278,14 +287,16 @@ class _Connection(asyncio.Protocol):
             elif lower == b"transfer-encoding" and b"chunked" in value.lower():
                 response.chunked = True
         self.keep_alive = self.parser.should_keep_alive()
-        if self.headers_deadline is not None:
-            self.headers_deadline.cancel()
-            self.headers_deadline = None
+        # ``first`` bounds the first byte of the body, not the headers: an engine that streams sends its headers at
+        # once and its first token after the prefill (on_body / _complete cancel it)
         ready = self.headers_ready
         if ready is not None and not ready.done():
             ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.headers_deadline is not None:
+            self.headers_deadline.cancel()
+            self.headers_deadline = None
         self.response._feed(body)  # type: ignore[union-attr]  # as on_header (the hot path: no assert per chunk)
 
     def on_message_complete(self) -> None:
@@ -301,14 +312,14 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.headers_ready = loop.create_future()
         if deadline is not None:
-            self.deadline = loop.call_at(deadline, self._timed_out, "finish its answer")
+            self.deadline = loop.call_at(deadline, self._timed_out, "finish its answer", DeadlineError)
         if headers_deadline is not None:
             self.headers_deadline = loop.call_at(headers_deadline, self._timed_out, "start its answer")
         self.transport.write(data)
         return self.headers_ready
 
-    def _timed_out(self, what: str) -> None:
-        self.fail(UpstreamError(f"the engine did not {what} in time"))
+    def _timed_out(self, what: str, kind: type[UpstreamError] = UpstreamError) -> None:
+        self.fail(kind(f"the engine did not {what} in time"))
 
     def _cancel_timers(self) -> None:
         if self.deadline is not None:
@@ -390,7 +401,8 @@ class UpstreamPool:
                       first: float | None = None, idle: float | None = None) -> Response:
         """Send one request to the backend at ``base`` and return once the answer's headers have arrived.
         ``headers`` must not hold hop-by-hop headers (the caller filters them); Host and Content-Length are set
-        here. ``first`` bounds the time to the answer's headers, ``total`` the whole exchange, ``idle`` each wait for
+        here. ``first`` bounds the time to the answer's first body byte (a stream's first token), ``total`` the whole
+        exchange (:class:`DeadlineError` when it runs out), ``idle`` each wait for
         body bytes (seconds; None: unbounded). Raises :class:`UpstreamError` (and ``ValueError`` for a base that is
         not an http(s) URL)."""
         if self._closed:

@@ -25,8 +25,8 @@ import aiohttp
 import orjson
 
 from fuyao.http_body import BodyError, decode_json
+from fuyao.http_client import DeadlineError, UpstreamError, UpstreamPool
 from fuyao.http_client import Response as UpstreamResponse
-from fuyao.http_client import UpstreamError, UpstreamPool
 from fuyao.http_server import HttpServer, Request, Response, Stream
 
 from . import admission
@@ -344,6 +344,9 @@ class Router:
             try:
                 upstream = await self.upstream.request(backend.url, b"POST", path, raw, headers, total=timeout_s,
                                                        first=first_byte_s, idle=inference.stream_idle_timeout)
+            except DeadlineError:  # the request's time ran out on a working engine: not its failure, not retried
+                raise _Answered(_error(504, f"the answer took longer than {timeout_s:g} s (inference timeouts)",
+                                       "TimeoutError"), "deadline") from None
             except (UpstreamError, OSError) as exc:
                 dispatch.failed()
                 raise _BackendFailed(_failure(exc)) from None
@@ -376,12 +379,17 @@ class Router:
                     try:
                         chunk = await upstream.next_chunk()
                     except UpstreamError as exc:
-                        dispatch.failed()
+                        deadline = isinstance(exc, DeadlineError)  # a generation longer than its budget: cut,
+                        if not deadline:                           # but the engine did nothing wrong
+                            dispatch.failed()
                         if first:
+                            if deadline:
+                                raise _Answered(_error(504, f"the answer took longer than {timeout_s:g} s "
+                                                       "(inference timeouts)", "TimeoutError"), "deadline") from None
                             raise _BackendFailed(_failure(exc)) from None
                         log.warning("backend %s broke off a response: %s", backend.url, exc,
                                     extra={"backend": backend.url})
-                        self.metrics.errors.inc("broken-stream")
+                        self.metrics.errors.inc("deadline" if deadline else "broken-stream")
                         request.abort()  # cut the client's answer too: never retried or duplicated
                         return response
                     if chunk is None:

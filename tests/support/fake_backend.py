@@ -21,6 +21,8 @@ class Script:
     status: int = 200
     break_after: int | None = None  # close the connection after this many chunks
     content_type: str = "text/event-stream"
+    head_delay_s: float = 0.0  # before the headers (vLLM's non-streamed answers: headers when generation ends)
+    first_delay_s: float = 0.0  # after the headers, before the first chunk (a stream's prefill)
 
 
 class FakeBackend:
@@ -79,8 +81,10 @@ class FakeBackend:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.received.append(await request.read())
         script = self.script
+        await asyncio.sleep(script.head_delay_s)
         response = web.StreamResponse(status=script.status, headers={"Content-Type": script.content_type})
         await response.prepare(request)
+        await asyncio.sleep(script.first_delay_s)
         for n, chunk in enumerate(script.chunks):
             if script.break_after is not None and n >= script.break_after:
                 assert request.transport is not None
