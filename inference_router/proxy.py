@@ -491,26 +491,43 @@ class Router:
     # Other endpoints ---------------------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         """Every model the healthy backends serve (vLLM's list shape, one entry per model id, from the first backend
-        that lists it), asked with the client's Authorization (else the engines' key, ``FUYAO_ENGINE_API_KEY``)."""
+        that lists it), asked concurrently with the client's own Authorization: never the engines' key
+        (``FUYAO_ENGINE_API_KEY`` is for the router's own reads), so a client the engines refuse is refused here
+        too, with their status and answer."""
         assert self.session is not None
-        merged: dict[str, Any] = {}
+        session = self.session
         auth = next((v.decode("latin-1") for k, v in request.headers if k.lower() == b"authorization"), None)
-        headers = {"Authorization": auth} if auth else self.fleet.auth_headers()
+        headers = {"Authorization": auth} if auth else {}
         healthy = {b.url: b for b in self.fleet.pool("both") + self.fleet.pool("decode")}  # each asked once
-        for backend in healthy.values():
+
+        async def ask(backend: Backend) -> tuple[int, bytes]:
             try:
-                async with self.session.get(backend.url + "/v1/models", headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=5)) as response:
-                    if response.status != 200:
-                        continue
-                    data = orjson.loads(await response.read()).get("data")
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
+                async with session.get(backend.url + "/v1/models", headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    return response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return 0, b""
+
+        answers = await asyncio.gather(*(ask(b) for b in healthy.values()))
+        merged: dict[str, Any] = {}
+        for status, raw in answers:
+            if status != 200:
+                continue
+            try:
+                data = orjson.loads(raw).get("data")
+            except (ValueError, AttributeError):
                 continue
             for entry in data if isinstance(data, list) else []:
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                     merged.setdefault(entry["id"], entry)
         if merged:
             return Response.json(orjson.dumps({"object": "list", "data": list(merged.values())}))
+        refused = [(status, raw) for status, raw in answers if status in (401, 403)]
+        if refused and len(refused) == len([a for a in answers if a[0]]):  # every engine that answered refused
+            status, raw = refused[0]
+            return Response.json(raw, status) if _is_error_body(raw) else _error(status, "the engines refuse this "
+                                                                                "client's credentials",
+                                                                                "AuthenticationError")
         model = self.config.inference.model
         if model:
             return Response.json(orjson.dumps({"object": "list", "data": [{"id": model, "object": "model",

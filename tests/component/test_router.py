@@ -419,6 +419,12 @@ def test_engines_with_an_api_key_the_router_uses_the_clients_and_its_own(tmp_pat
         conn.request("GET", "/v1/models", headers={"Authorization": "Bearer k"})
         response = conn.getresponse()
         assert sorted(m["id"] for m in json.loads(response.read())["data"]) == ["A", "B"]
+        # a client without the key, or with a wrong one, is refused as the engines refuse it (the router's own
+        # key is never lent to it; a wrong key answered 503 "no healthy backend")
+        for client_headers in ({}, {"Authorization": "Bearer wrong"}):
+            conn.request("GET", "/v1/models", headers=client_headers)
+            response = conn.getresponse()
+            assert response.status == 401 and "Unauthorized" in response.read().decode()
         conn.close()
         completions = [h for p, h in zip(first.paths, first.headers, strict=True) if p == "/v1/completions"]
         assert len(completions) == 4 and all(h.get("Authorization") == "Bearer k" for h in completions)
