@@ -46,6 +46,7 @@ _HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"
 _ANSWER_DROP = _HOP_HEADERS | {b"date"}
 """An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two)."""
 _JSON = ((b"Content-Type", b"application/json"),)
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
@@ -228,7 +229,8 @@ class Router:
         # vLLM sends a non-streamed answer's headers only once generation ends: only a stream's first byte is bounded
         # by prefill_timeout (else every generation over it would fail, be retried and count against the engines)
         first = self.config.inference.prefill_timeout if body.get("stream") is True else None
-        if self.config.pd_separation.enabled and self.fleet.pool("decode", model=model):
+        if self.config.pd_separation.enabled and path in _GENERATION_PATHS and self.fleet.pool("decode", model=model):
+            # generation only: an embedding has no decode (through P/D it failed the prefill and was computed twice)
             return await self._pd(request, path, body, raw, hashes, started, tokens, model, first)
         return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
                                    prompt_tokens=tokens, model=model, first_byte_s=first)

@@ -547,3 +547,23 @@ def test_timeouts_bound_the_first_token_and_the_whole_answer_without_blaming_a_w
         front.close()
         a.close()
         b.close()
+
+
+def test_embeddings_on_a_disaggregated_router_skip_the_prefill_decode_path() -> None:
+    # an embedding has no decode: through P/D it was sent as a 1-token prefill, failed for want of
+    # kv_transfer_params, counted prefill-failed and was then computed again
+    prefill, decode = FakeBackend(), FakeBackend()
+    for fake in (prefill, decode):
+        fake.script = Script(chunks=[b'{"object": "list", "data": [{"embedding": [0.1]}]}'],
+                             content_type="application/json")
+    front = router("--prefill", prefill.url, "--decode", decode.url).start()
+    try:
+        status, body = raw_post(front, "/v1/embeddings", {"input": "hello"})
+        assert status == 200 and json.loads(body)["data"][0]["embedding"] == [0.1]
+        sent = prefill.received + decode.received
+        assert len(sent) == 1 and b"kv_transfer_params" not in sent[0]
+        assert front.metric("inference_errors_total") == 0
+    finally:
+        front.close()
+        prefill.close()
+        decode.close()
