@@ -33,6 +33,8 @@ Role = Literal["both", "prefill", "decode"]
 ENGINE_API_KEY_ENV = "FUYAO_ENGINE_API_KEY"
 """The engines' API key (vLLM's ``--api-key`` / ``VLLM_API_KEY``) for the router's own calls to their ``/v1``
 routes (the models they serve); clients' requests carry their own Authorization, passed through. Never logged."""
+MODELS_REFRESH_S = 2.0
+"""The least time between two reads of every backend's models asked for by requests for an unknown model."""
 MODELS_INTERVAL_S = 30.0
 """How often a healthy backend's /v1/models is read again (a pod can be re-pointed at another model)."""
 _GAUGES = {"vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
@@ -171,6 +173,7 @@ class Fleet:
         self.backends: dict[str, Backend] = {}
         self._static: dict[str, Role] = {}
         self._discovered: dict[str, Backend] = {}
+        self._models_refreshed = float("-inf")
         self.on_reset: list[Callable[[str], None]] = []
         """Called with a backend's URL when what it held may be gone: it left the fleet, or it failed its health
         check and passes again (an engine restarted behind the same address: its KV cache is empty)."""
@@ -289,6 +292,16 @@ class Fleet:
                 log.info("backend %s serves %s", backend.url, ", ".join(sorted(found)) or "no model",
                          extra={"backend": backend.url})
             backend.models, backend.models_at = found, time.monotonic()
+
+    async def refresh_models(self, session: aiohttp.ClientSession) -> None:
+        """Read every healthy backend's ``/v1/models`` now (a request named a model nobody listed: an engine may
+        serve it since the last read, a LoRA adapter just loaded); at most once per :data:`MODELS_REFRESH_S`."""
+        now = time.monotonic()
+        if now - self._models_refreshed < MODELS_REFRESH_S:
+            return
+        self._models_refreshed = now
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_check.timeout)
+        await asyncio.gather(*(self._models(session, b, timeout) for b in list(self.backends.values()) if b.healthy))
 
     def auth_headers(self) -> dict[str, str]:
         """The router's own Authorization for the engines' ``/v1`` routes (empty without a key)."""

@@ -217,6 +217,8 @@ class Router:
         except admission.BadRequest as exc:
             raise _Refused(400, f"{exc}", "bad-request", exc.param) from None
         model = body.get("model")
+        if model is not None and not self.fleet.serves(model) and self.session is not None:
+            await self.fleet.refresh_models(self.session)  # served since the last read (a LoRA adapter loaded)?
         if model is not None and not self.fleet.serves(model):
             raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model", "model")
         hashes: list[int] = []

@@ -567,3 +567,24 @@ def test_embeddings_on_a_disaggregated_router_skip_the_prefill_decode_path() -> 
         front.close()
         prefill.close()
         decode.close()
+
+
+def test_a_model_an_engine_starts_serving_is_routed_at_once() -> None:
+    # a LoRA adapter loaded on the engines (/v1/load_lora_adapter): the router answered 404 until its next read of
+    # the models, up to 30 s later
+    fake = FakeBackend()
+    fake.models = ["base"]
+    fake.script = Script(chunks=[b'{"ok": true}'], content_type="application/json")
+    front = router("--backend", fake.url).start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not backends(front)[fake.url].get("models"):
+            time.sleep(0.1)
+        assert raw_post(front, "/v1/completions", {"model": "nope", "prompt": "x"})[0] == 404
+        fake.models = ["base", "lora-1"]
+        time.sleep(2.1)  # past the refresh's rate limit
+        status, _ = raw_post(front, "/v1/completions", {"model": "lora-1", "prompt": "x"})
+        assert status == 200
+    finally:
+        front.close()
+        fake.close()
