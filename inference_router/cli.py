@@ -17,7 +17,7 @@ from typing import Any
 
 from fuyao import daemon
 
-from .config import ConfigError, RouterConfig, build_config, load_config_file, with_overrides
+from .config import ConfigError, RouterConfig, build_config, load_config_file, reloadable, with_overrides
 from .fleet import Fleet, PrefixSource, Role
 from .proxy import Router
 
@@ -120,6 +120,10 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
     await router.open()
 
     def apply(new: RouterConfig) -> None:
+        new, held = reloadable(router.config, new)
+        if held:
+            log.warning("config: %s changed but take effect only when the router restarts; running with the old "
+                        "values", ", ".join(held), extra={"restart_needed": held})
         router.config = new
         fleet.configure(new.router, static_backends(new))
 

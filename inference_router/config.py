@@ -187,6 +187,25 @@ class RouterConfig(_Section):
     pd_separation: PdSection = PdSection()
 
 
+def reloadable(old: RouterConfig, new: RouterConfig) -> tuple[RouterConfig, list[str]]:
+    """What a changed config file changes in a running router: ``new`` with the settings that only take effect at a
+    restart (the listen address, discovery, the KV cache's tokenizer, block keys and index) kept as they are, and
+    the names of those that differ (the caller says so, instead of logging "reloaded" over them)."""
+    held: list[str] = []
+    router = new.router
+    for key in ("listen", "discovery"):
+        if getattr(old.router, key) != getattr(new.router, key):
+            held.append(f"router.{key}")
+            router = router.model_copy(update={key: getattr(old.router, key)})
+    kv_cache = new.kv_cache
+    if old.kv_cache != new.kv_cache:
+        held.append("kvCache")
+        kv_cache = old.kv_cache
+    if old.kubeconfig != new.kubeconfig:
+        held.append("kubeconfig")
+    return new.model_copy(update={"router": router, "kv_cache": kv_cache, "kubeconfig": old.kubeconfig}), held
+
+
 def build_config(file_values: dict[str, Any] | None = None) -> RouterConfig:
     return validated(RouterConfig, merged(file_values, None))
 

@@ -138,4 +138,6 @@ class Discovery:
         with self.services.lock, self.slices.lock, self.pods.lock:
             found = backends_from(list(self.services.items.values()), list(self.slices.items.values()),
                                   dict(self.pods.items))
-        self.apply(found)
+            # handed on under the locks: two watch threads' lists reach the fleet in the order they were computed
+            # (else an older list could replace a newer one until the next event)
+            self.apply(found)

@@ -357,3 +357,17 @@ vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 3.0
 """
     assert parse_vllm_metrics(page) == {"num_blocks": 100.0, "block_size": 32.0, "load_seconds": 1.5,
                                         "blocks_loaded": 12.0, "prefill_seconds": 9.0, "computed_tokens": 4000.0}
+
+
+def test_a_reload_keeps_the_settings_that_need_a_restart_and_names_them() -> None:
+    from fuyao.inference_router.config import reloadable
+
+    old = build_config({"router": {"listen": "127.0.0.1:9000", "strategy": "round-robin"},
+                        "kvCache": {"blockSize": 16}})
+    new = build_config({"router": {"listen": "0.0.0.0:9001", "strategy": "least-connections"},
+                        "kvCache": {"blockSize": 32}})
+    effective, held = reloadable(old, new)
+    assert held == ["router.listen", "kvCache"]
+    assert effective.router.strategy == "least-connections"  # what a reload does change
+    assert effective.router.listen == "127.0.0.1:9000" and effective.kv_cache.block_size == 16
+    assert reloadable(old, old) == (old, [])
