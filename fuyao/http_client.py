@@ -384,6 +384,7 @@ class UpstreamPool:
         self.server_hostname = server_hostname
         self.idle_s = idle_s
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._swept = time.monotonic()
         self._origins: dict[str, Origin] = {}
         self._closed = False
 
@@ -465,13 +466,31 @@ class UpstreamPool:
         if self._closed:
             conn.abort()
             return
+        now = time.monotonic()
+        if now - self._swept >= (self.idle_s or IDLE_S):
+            self._sweep(now)
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
             conn.abort()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         conn.headers_ready = None
         idle.append(conn)
+
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections past their idle time, for every origin (one is otherwise looked at only when
+        its origin is asked again: an engine that left, or a node that died without closing its sockets, kept up
+        to :data:`MAX_IDLE_PER_ORIGIN` of them open for good)."""
+        self._swept = now
+        limit = self.idle_s or IDLE_S
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if not c.closed and now - c.idle_since < limit]
+            for conn in [c for c in idle if c not in keep]:
+                conn.abort()  # (takes itself out of the pool's list)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     def forget(self, conn: _Connection) -> None:
         idle = self._idle.get(conn.key)

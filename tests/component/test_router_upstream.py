@@ -401,3 +401,43 @@ def test_a_get_on_a_reused_connection_closed_before_answering_is_sent_once_more_
             server.close()
 
     asyncio.run(run())
+
+
+def test_first_bounds_the_first_body_byte_and_idle_connections_of_every_engine_are_swept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stream's headers come at once and its first token after the prefill: ``first`` bounds that token (it
+    # stopped at the headers); and an engine nobody asks again has its idle connections closed all the same
+    monkeypatch.setattr(upstream_module, "IDLE_S", 0.1)
+
+    async def headers_then_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        slow, slow_base, _ = await _raw_server(headers_then_nothing)
+        a, a_base, _ = await _engine()
+        b, b_base, _ = await _engine()
+        pool = UpstreamPool()
+        try:
+            started = time.monotonic()
+            response = await pool.request(slow_base, b"POST", "/x", b"", first=0.2, idle=30, total=10)
+            with pytest.raises(UpstreamError, match="did not start its answer in time"):
+                await response.next_chunk()
+            assert time.monotonic() - started < 1.5  # not the 30 s idle bound
+            for base in (a_base, b_base):
+                async with await pool.request(base, b"POST", "/v1/completions", b"{}", total=5) as answer:
+                    await answer.read()
+            assert pool.idle_connections() == 2
+            await asyncio.sleep(0.2)  # both idle past IDLE_S; engine b is never asked again
+            async with await pool.request(a_base, b"POST", "/v1/completions", b"{}", total=5) as answer:
+                await answer.read()
+            assert pool.idle_connections() == 1  # a's new one; b's was swept when a's came back
+        finally:
+            await pool.close()
+            slow.close()
+            await a.cleanup()
+            await b.cleanup()
+
+    asyncio.run(run())
