@@ -142,6 +142,7 @@ class BlockStored:
 class BlockRemoved:
     block_hashes: list[int]
     medium: str | None = MEDIUM_GPU
+    group_idx: int | None = None  # the KV cache group (vLLM 0.32)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class EventBatch:
 _FIELDS: dict[str, tuple[str, ...]] = {
     "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
                     "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind"),
-    "BlockRemoved": ("block_hashes", "medium"),
+    "BlockRemoved": ("block_hashes", "medium", "group_idx"),
     "AllBlocksCleared": (),
 }
 _TYPES = {"BlockStored": BlockStored, "BlockRemoved": BlockRemoved, "AllBlocksCleared": AllBlocksCleared}

@@ -56,6 +56,7 @@ class EndpointState:
         return found if found is not None else self.removed.get(engine_hash)
 
 
+DEFAULT_RESIDENCY = ("GPU", 0)
 REMEMBER_REMOVED = 4096
 """Removed blocks whose content hash is kept per engine, for children stored after their parent was evicted."""
 
@@ -66,7 +67,10 @@ class KvIndex:
         self.seed = seed
         self.keys = keys or ContentKeys(block_size, seed)
         self.blocks: dict[int, int] = {}  # hash → bitmask of endpoints
-        self.media: dict[tuple[int, str], str] = {}  # (hash, endpoint) → medium, when not GPU
+        self.where: dict[tuple[int, str], set[tuple[str, int]]] = {}
+        """(hash, endpoint) → where the engine holds the block, as (medium, KV cache group), kept only when that is
+        not just :data:`DEFAULT_RESIDENCY`: vLLM reports the same block per medium (GPU, and CPU when it offloads)
+        and per group (hybrid models), and a removal from one leaves it in the others."""
         self.endpoints: dict[str, EndpointState] = {}
         self._by_bit: dict[int, str] = {}
         self.events_applied = 0
@@ -95,21 +99,59 @@ class KvIndex:
             if isinstance(event, BlockStored):
                 state.block_size = event.block_size
                 stored = self._content(state, event)
+                residency = (event.medium or "GPU", event.group_idx or 0)
+                if residency != DEFAULT_RESIDENCY or self.where:
+                    self._held(endpoint, stored, flag, residency)
                 for h in stored:
                     blocks[h] = get(h, 0) | flag
                 state.hashes.update(stored)
-                if event.medium not in (None, "GPU"):
-                    for h in stored:
-                        self.media[(h, endpoint)] = event.medium
             elif isinstance(event, BlockRemoved):
-                removed = self._forget(state, event.block_hashes)
+                engine = event.block_hashes
+                if self.where or (event.medium or "GPU", event.group_idx or 0) != DEFAULT_RESIDENCY:
+                    engine = self._released(state, engine, (event.medium or "GPU", event.group_idx or 0))
+                removed = self._forget(state, engine)
                 self._unset(removed, keep)
-                if self.media:
-                    for h in removed:
-                        self.media.pop((h, endpoint), None)
                 state.hashes.difference_update(removed)
             elif isinstance(event, AllBlocksCleared):
                 self.drop(endpoint, forget=False)
+
+    def _held(self, endpoint: str, stored: list[int], flag: int, residency: tuple[str, int]) -> None:
+        """Record that the engine holds these blocks at ``residency`` too."""
+        where, blocks = self.where, self.blocks
+        for h in stored:
+            key = (h, endpoint)
+            held = where.get(key)
+            if held is None:
+                if residency == DEFAULT_RESIDENCY:
+                    continue  # the usual case: nothing to keep
+                held = where[key] = {DEFAULT_RESIDENCY} if blocks.get(h, 0) & flag else set()
+            held.add(residency)
+            if held == {DEFAULT_RESIDENCY}:
+                del where[key]
+
+    def _released(self, state: EndpointState, engine: list[int], residency: tuple[str, int]) -> list[int]:
+        """The engine hashes of a removal at ``residency`` that the engine no longer holds anywhere (the others
+        stay: held on another medium or in another KV cache group)."""
+        gone = []
+        for theirs in engine:
+            mine = state.ours.get(theirs)
+            if mine is None:
+                mine = theirs
+            key = (mine, state.name)
+            held = self.where.get(key)
+            if held is None:
+                if residency != DEFAULT_RESIDENCY:
+                    continue  # removed from where we never saw it: it is still where we did
+                gone.append(theirs)
+                continue
+            held.discard(residency)
+            if held:
+                if held == {DEFAULT_RESIDENCY}:
+                    del self.where[key]
+                continue
+            del self.where[key]
+            gone.append(theirs)
+        return gone
 
     def _content(self, state: EndpointState, event: BlockStored) -> list[int]:
         """The index's hashes for the blocks of ``event`` (recorded against the engine's), in order; blocks that
@@ -186,9 +228,9 @@ class KvIndex:
         if state is None:
             return 0
         self._unset(state.hashes, ~(1 << state.bit))
-        if self.media:
-            for key in [k for k in self.media if k[1] == endpoint]:
-                del self.media[key]
+        if self.where:
+            for key in [k for k in self.where if k[1] == endpoint]:
+                del self.where[key]
         count = len(state.hashes)
         state.hashes = set()
         state.ours, state.removed = {}, OrderedDict()
@@ -258,7 +300,11 @@ class KvIndex:
         return mask
 
     def medium(self, block: int, endpoint: str) -> str:
-        return self.media.get((block, endpoint), "GPU")
+        """Where the engine holds the block: GPU when it does there, else the other medium (CPU...)."""
+        held = self.where.get((block, endpoint))
+        if not held or any(m == "GPU" for m, _ in held):
+            return "GPU"
+        return min(m for m, _ in held)
 
     def stats(self) -> dict[str, int]:
         return {"blocks": len(self.blocks), "endpoints": len(self.endpoints),

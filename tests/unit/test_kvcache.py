@@ -292,3 +292,24 @@ def test_engines_publishing_bytes_hashes_meet_the_same_lookups() -> None:
     removed = msgpack.packb([2.0, [{"type": "BlockRemoved", "block_hashes": digests[2:], "medium": "GPU"}]])
     index.apply("a", decode_batch(removed).events)
     assert index.lookup(prompt) == {"a": 2}
+
+
+def test_a_block_removed_from_one_medium_or_group_stays_where_it_still_is() -> None:
+    # vLLM reports a block per medium (GPU, and CPU when it offloads) and per KV cache group (hybrid models): the
+    # CPU tier evicting its copy, or a sliding-window group dropping an early block, left the engine holding it
+    for keys in (None, VllmKeys(4, "sha256")):
+        index = KvIndex(block_size=4, keys=keys)
+        prompt = list(range(700, 716))
+        theirs = (keys or index.keys).chain(prompt) if keys else block_hashes(prompt, 4)
+        index.apply("e", [BlockStored(theirs, None, prompt, 4)])  # on the GPU
+        index.apply("e", [BlockStored(theirs, None, prompt, 4, medium="CPU")])  # offloaded: a copy on CPU too
+        assert index.medium(index.hashes(prompt)[0], "e") == "GPU"
+        index.apply("e", [BlockRemoved(theirs, "CPU")])  # the CPU tier evicts its copy
+        assert index.lookup(prompt) == {"e": 4}
+        index.apply("e", [BlockStored(theirs[:2], None, prompt[:8], 4, group_idx=1)])  # a second group holds two
+        index.apply("e", [BlockRemoved(theirs[:2], "GPU", 1)])  # that group drops them: group 0 still has them
+        assert index.lookup(prompt) == {"e": 4}
+        index.apply("e", [BlockRemoved(theirs[2:], "GPU")])  # gone from the only place it was
+        assert index.lookup(prompt) == {"e": 2} and not index.where
+        index.apply("e", [BlockStored(theirs[2:], theirs[1], prompt[8:], 4, medium="CPU")])  # on CPU only
+        assert index.lookup(prompt) == {"e": 4} and index.medium(index.hashes(prompt)[3], "e") == "CPU"
