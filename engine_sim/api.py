@@ -176,6 +176,8 @@ class EngineApi:
                         chat: bool) -> web.StreamResponse:
         if self._int(body, "n", 1) != 1:
             raise ApiError(400, "n > 1 is not supported by the simulator", param="n")
+        if body.get("stream_options") and not body.get("stream"):  # vLLM's request validation
+            raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = self._int(body, key, 16 if not chat else self.engine.settings.default_max_tokens)
         assert max_tokens is not None
@@ -199,8 +201,9 @@ class EngineApi:
         stream_options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
         try:
             if body.get("stream"):
-                return await self._stream(http, requests, rid, created, chat, bool(stream_options.get(
-                    "include_usage")))
+                include = bool(stream_options.get("include_usage"))
+                return await self._stream(http, requests, rid, created, chat, include,
+                                          include and bool(stream_options.get("continuous_usage_stats")))
             outputs = [await self._collect(r) for r in requests]
         except BaseException:
             for r in requests:
@@ -258,15 +261,20 @@ class EngineApi:
                 "prompt_tokens_details": None}
 
     async def _stream(self, http: web.Request, requests: list[Request], rid: str, created: int, chat: bool,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, continuous_usage: bool = False) -> web.StreamResponse:
+        """As vLLM streams: chunks carry ``usage`` only with ``continuous_usage_stats`` (the usage so far; vLLM
+        leaves unset fields out), and ``include_usage`` adds a last chunk with the whole usage and no choices."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         kind = "chat.completion.chunk" if chat else "text_completion"
-        extra = {"usage": None} if include_usage else {}
+        sent = [0] * len(requests)  # tokens streamed so far, per request (continuous usage)
 
         async def send(choices: list[dict[str, Any]], **more: Any) -> None:
-            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": choices,
-                     **extra, **more}
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": choices, **more}
+            if continuous_usage:
+                index = min(choices[0]["index"], len(requests) - 1) if choices else 0
+                prompt, done = len(requests[index].prompt), sent[index]
+                chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
         if chat:
@@ -274,6 +282,7 @@ class EngineApi:
                          "finish_reason": None}])
         for index, request in enumerate(requests):
             while (token := await request.tokens_out.get()) is not None:
+                sent[index] += 1
                 text = self.tokenizer.decode([token])
                 if chat:
                     await send([{"index": index, "delta": {"content": text}, "logprobs": None,
@@ -297,8 +306,9 @@ class EngineApi:
             more = {"kv_transfer_params": self._transfer_result(request)} if request.remote_decode else {}
             await send([final], **more)
         if include_usage:
+            usage = {k: v for k, v in self._usage(requests).items() if v is not None}  # vLLM: exclude_none
             chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [],
-                     "usage": self._usage(requests)}
+                     "usage": usage}
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

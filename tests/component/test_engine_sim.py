@@ -80,6 +80,13 @@ def test_chat_shape_and_streams(sim: Daemon) -> None:
     assert "".join(c["choices"][0]["delta"]["content"] for c in middle) == message["content"]  # type: ignore[index]
     assert final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4  # type: ignore[index]
+    # as vLLM: no "usage": null on the other chunks, no null fields in the usage (its exclude_unset/exclude_none)
+    assert all("usage" not in c for c in chunks[:-2]) and None not in usage["usage"].values()  # type: ignore[union-attr,operator]
+    continuous = stream(sim, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    assert [c["usage"]["completion_tokens"] for c in continuous[:3]] == [1, 2, 3]  # type: ignore[index]
+    status, error = sim.post("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}})
+    assert status == 400 and error["error"]["param"] == "stream_options"
     completion = stream(sim, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True})
     assert completion[-1] == "[DONE]" and len(completion) == 5  # 3 tokens, the final chunk, [DONE]
     assert all("usage" not in c for c in completion[:-1])  # type: ignore[operator]
