@@ -55,7 +55,7 @@ LIST: Schema = {"type": "array"}
 DURATION = string("a duration: 500ms, 5s, 1m, 1h", pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
 PORT = integer(1, 65535)
 QUANTITY: Schema = {"type": ["string", "integer"], "description": "a Kubernetes quantity, e.g. 10Gi",
-                    "pattern": r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[mkMGTPE]|e[0-9]+)?$"}
+                    "pattern": r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[mkMGTPE]|e[0-9]+)?$"}  # "10K": refused by Kubernetes
 ABS_PATH = string(pattern=r"^/")
 RESOURCE_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                  r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # a Kubernetes resource name, prefix optional

@@ -469,3 +469,22 @@ def test_operator_arguments_are_quoted(tmp_path: Path) -> None:
                   "--set-string", "operator.nfdEnv.MAP=a: b")
     args = of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--nfd-env=OPTS=--level debug #x" in args and "--nfd-env=MAP=a: b" in args
+
+
+def test_values_that_would_render_harmful_manifests_are_refused(tmp_path: Path) -> None:
+    # a PDB as large as the Deployment blocks every drain; hccnTool at the root would mount the host's /; "10K" is
+    # no Kubernetes quantity
+    pdb = helm("template", "r", str(CHARTS / "scheduler-extender"), "--set", "podDisruptionBudget.minAvailable=2",
+               check=False)
+    assert pdb.returncode != 0 and "must be below replicas" in pdb.stderr
+    root = helm("template", "r", str(CHARTS / "npu-device-plugin"), "--set", "health.hccnTool=/hccn_tool",
+                check=False)
+    assert root.returncode != 0 and "host's root" in root.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_schemas", REPO / "hack" / "gen-chart-schemas.py")
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    quantity = re.compile(generator.QUANTITY["pattern"])
+    assert quantity.match("10Ki") and quantity.match("10k") and quantity.match("1.5G") and not quantity.match("10K")
