@@ -240,13 +240,15 @@ def test_half_and_quarter_chip_splits_of_every_preset_plan_and_apply(tmp_path: P
     state = json.loads(node.fake("fake", "show"))
     template = next(t for t in state["templates"] if t["aicore"] * parts == state["aicore"]
                     and t["aicpu"] * parts <= state["aicpu"])
-    split = node.config([{"device_id": "0", "vnpu_count": parts, "template": template["name"]}])
+    # an Atlas 300I Duo card's two chips are split together (or neither): physical ids 0 and 1 share card 0
+    chips = ["0", "1"] if "duo" in preset else ["0"]
+    split = node.config([{"device_id": c, "vnpu_count": parts, "template": template["name"]} for c in chips])
     report = json.loads(node.vnpu("apply", "--config", split, "--json").stdout)
-    assert len(report["created"]) == parts and not report["errors"], report
-    assert [v["template"] for v in node.vnpus()] == [template["name"]] * parts
+    assert len(report["created"]) == parts * len(chips) and not report["errors"], report
+    assert [v["template"] for v in node.vnpus()] == [template["name"]] * parts * len(chips)
     node.vnpu("apply", "--config", node.config([{"device_id": "0", "vnpu_count": 0}]))
     assert node.vnpus() == []
-    too_many = node.config([{"device_id": "0", "vnpu_count": parts + 1, "template": template["name"]}])
+    too_many = node.config([{"device_id": c, "vnpu_count": parts + 1, "template": template["name"]} for c in chips])
     proc = node.vnpu("apply", "--config", too_many, code=2)
     assert "plan rejected, nothing changed" in proc.stderr and "AICore" in proc.stderr
     assert node.vnpus() == [] and node.ledger_records() == []
