@@ -87,12 +87,22 @@ class HealthMonitor:
                 self.faults.run_resets()  # after the Unhealthy statuses are out
             except Exception:
                 log.exception("hot reset failed")
+            try:  # after the statuses too; a link change is published on its own
+                self.faults.poll_links()
+                with self.chips.cond:
+                    self.faults.commit()
+                if self.faults.published_changed and self.on_change is not None:
+                    self.on_change()
+            except Exception:
+                log.exception("reading the NPUs' links failed")
         self._telemetry(info)
 
     def _failed(self, error: str) -> None:
         self.failures += 1
         self.metrics.npu_smi_failures.inc()
         if self.failures == self.failure_threshold:
+            for device in self.chips.devices.values():  # npu-smi says nothing: no reading is current any more
+                self.metrics.observe_chip(device, None)
             log.error("npu-smi failed %d times in a row; reporting every device Unhealthy: %s", self.failures, error,
                       extra={"failures": self.failures, "error": error})
         else:
@@ -124,5 +134,4 @@ class HealthMonitor:
 
     def _telemetry(self, info: NpuSmiInfo) -> None:
         for device, chip in match_chips(self.chips.devices.values(), info):
-            if chip is not None:
-                self.metrics.observe_chip(device, chip)
+            self.metrics.observe_chip(device, chip)  # None: gone from npu-smi's table, so are its readings

@@ -69,20 +69,23 @@ class PluginMetrics:
         for device in devices:
             self.allocated.labels(self.node, device.id, device.chip_model).set(1 if device.id in held else 0)
 
-    def observe_chip(self, device: NpuDevice, chip: ChipStatus) -> None:
+    def observe_chip(self, device: NpuDevice, chip: ChipStatus | None) -> None:
+        """The chip's telemetry as npu-smi printed it; a value it no longer prints (or a chip it no longer lists:
+        ``None``) leaves the page, instead of its last reading staying there for good."""
         labels = (self.node, device.id, device.chip_model)
-        if chip.aicore_percent is not None:
-            self.utilization.labels(*labels).set(chip.aicore_percent / 100.0)
-        if chip.temp_c is not None:
-            self.temperature.labels(*labels).set(chip.temp_c)
-        if chip.power_w is not None:
-            self.power.labels(*labels).set(chip.power_w)
-        memory = chip.hbm_mb or chip.memory_mb
-        if memory is not None:
-            if memory.used is not None:
-                self.hbm_used.labels(*labels).set(memory.used * _MB)
-            if memory.total is not None:
-                self.hbm_total.labels(*labels).set(memory.total * _MB)
+        memory = (chip.hbm_mb or chip.memory_mb) if chip is not None else None
+        readings = ((self.utilization, chip.aicore_percent / 100.0
+                     if chip is not None and chip.aicore_percent is not None else None),
+                    (self.temperature, chip.temp_c if chip is not None else None),
+                    (self.power, chip.power_w if chip is not None else None),
+                    (self.hbm_used, memory.used * _MB if memory is not None and memory.used is not None else None),
+                    (self.hbm_total, memory.total * _MB if memory is not None and memory.total is not None else None))
+        for family, value in readings:
+            if value is not None:
+                family.labels(*labels).set(value)
+            else:
+                with contextlib.suppress(KeyError):
+                    family.remove(*labels)
 
     def set_health(self, device: NpuDevice, healthy: bool) -> None:
         self.health.labels(self.node, device.id, device.chip_model).set(1 if healthy else 0)

@@ -102,7 +102,8 @@ class SlotResource:
         down = set(self.links_down())
         single_only = [i for i, s in slots.items() if s.parent.id in down and s.vnpu is None and s.core is None]
         return preferred_allocation(available, must_include, size, placement, product=self.product,
-                                    scheduler_choices=[c.devices for c in self.choices()], single_only=single_only)
+                                    scheduler_choices=[c.devices for c in self.choices()], single_only=single_only,
+                                    node_size=len(self.inventory.devices))
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec:
         return container_spec(device_ids, self.advertised.slots(), self.advertised.statuses(),

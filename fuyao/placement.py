@@ -44,6 +44,7 @@ def preferred_allocation(
     product: Product | None = None,
     scheduler_choices: Iterable[Sequence[str]] = (),
     single_only: Iterable[str] = (),
+    node_size: int | None = None,
 ) -> list[str]:
     """The devices to suggest for one container, ``size`` of them (fewer only if fewer are available).
 
@@ -53,7 +54,8 @@ def preferred_allocation(
     over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
     ``single_only`` devices (an NPU whose RoCE link is down) are kept out of multi-device sets when a set of the
     right size that the product's rules allow exists without them; else they are used (a pod the node can take
-    never fails admission for a soft preference).
+    never fails admission for a soft preference). ``node_size``: the node's NPUs for those rules (default: the
+    devices ``placement`` knows).
     """
     full = list(dict.fromkeys(available))
 
@@ -75,7 +77,7 @@ def preferred_allocation(
     if excluded & full_set:
         def allowed(picked: list[str]) -> bool:
             return len(picked) == size and (product is None or shape_problem(
-                product, picked, {d: place(d) for d in picked}, len(placement)) is None)
+                product, picked, {d: place(d) for d in picked}, node_size or len(placement)) is None)
 
         rest = [d for d in full if d not in excluded]
         picked = _pick(rest, must, size, place, ordered, product)

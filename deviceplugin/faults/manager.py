@@ -69,6 +69,7 @@ class FaultManager:
         self._table_stamp = _stamp(table_path)
         self.policy = policy
         self.record = record
+        self._unrecorded: dict[str, IsolatedNpu] = {}  # isolated in memory: the record could not be written
         self.metrics = metrics
         self.holders_fn = holders
         self.events = events or (lambda _type, _reason, _message: None)
@@ -102,13 +103,20 @@ class FaultManager:
             self.metrics.set_isolated(self.devices[device], True)
 
     def _check_releases(self) -> None:
+        for device_id, entry in list(self._unrecorded.items()):  # isolations the record could not take before
+            try:
+                self.record.add(device_id, entry)
+            except OSError:
+                break
+            del self._unrecorded[device_id]
+            self._record_stamp = self.record.stamp()
         stamp = self.record.stamp()
         if stamp == self._record_stamp:
             return
         self._record_stamp = stamp
         isolated = self.record.read()
         for device, state in list(self.states.items()):
-            if state.isolated and device not in isolated:
+            if state.isolated and device not in isolated and device not in self._unrecorded:
                 self.states[device] = FaultState()
                 self.metrics.set_isolated(self.devices[device], False)
                 log.warning("NPU %s released from isolation by an operator", device, extra={"device": device})
@@ -178,7 +186,6 @@ class FaultManager:
                 out[device_id] = DeviceStatus(
                     health=DeviceHealth.UNHEALTHY,
                     reason=f"{base[device_id].reason}; {what} {' '.join(state.codes)}: {state.note}".strip())
-        self._poll_links(now)
         return out
 
     def run_resets(self) -> None:
@@ -221,12 +228,14 @@ class FaultManager:
 
     def _isolate(self, device: NpuDevice, state: FaultState) -> None:
         reason = state.note.removeprefix("isolated: ")
+        entry = IsolatedNpu(codes=state.codes, level=state.level.value if state.level else None, reason=reason,
+                            since=rfc3339(self.wall()))
         try:
-            self.record.add(device.id, IsolatedNpu(codes=state.codes, level=state.level.value if state.level else None,
-                                                   reason=reason, since=rfc3339(self.wall())))
+            self.record.add(device.id, entry)
         except OSError as exc:  # isolated all the same (in memory): a full or read-only disk must not put it back
-            log.error("NPU %s is isolated but the isolation record %s cannot be written (%s): it stays isolated "
-                      "until this plugin restarts", device.id, self.record.path, exc.strerror or exc,
+            self._unrecorded[device.id] = entry  # written when the record can take it (_check_releases)
+            log.error("NPU %s is isolated but the isolation record %s cannot be written (%s): it stays isolated, "
+                      "and the record is written again each poll", device.id, self.record.path, exc.strerror or exc,
                       extra={"device": device.id})
         self._record_stamp = self.record.stamp()
         self.metrics.set_isolated(device, True)
@@ -269,7 +278,10 @@ class FaultManager:
             self.events("Normal", "NpuRecovered", f"NPU {device.id} recovered from {what} ({prev.level.value})")
 
     # -- network -------------------------------------------------------------------------------------------------
-    def _poll_links(self, now: float) -> None:
+    def poll_links(self, now: float | None = None) -> None:
+        """Read every NPU's RoCE link when ``link.interval`` has passed. Called after a poll's statuses are applied
+        (a hung ``hccn_tool`` takes its timeout per NPU: a failure that poll found must not wait behind it)."""
+        now = self.clock() if now is None else now
         if self.link is None or self.link.tool is None or now < self._next_link_poll:
             return
         self._next_link_poll = now + self.link.interval_s

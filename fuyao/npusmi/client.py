@@ -81,6 +81,8 @@ class NpuSmi:
             except OSError as exc:
                 raise NpuSmiNotFound(f"cannot start npu-smi: {exc}", command) from None
             self._running.add(proc)
+            if self._closed:  # close() ran (from a signal handler on this thread) between Popen and here
+                _kill_group(proc)
         try:
             out, err = proc.communicate(None if answer is None else answer.encode(), timeout=limit)
         except subprocess.TimeoutExpired:

@@ -250,3 +250,28 @@ def test_assignments_for_reads_this_nodes_npu_choices_and_skips_bad_ones() -> No
 def test_socket_names_are_basenames_unique_per_resource() -> None:
     names = {socket_name_for(r) for r in (RESOURCE_NPU, RESOURCE_VNPU, "npu.huawei.com/npu-core")}
     assert len(names) == 3 and all("/" not in n and n.endswith(".sock") for n in names)
+
+
+def test_telemetry_of_a_chip_npu_smi_no_longer_reports_leaves_the_page() -> None:
+    # a chip gone from npu-smi's table (or npu-smi failing) kept its last utilization, temperature, power and HBM
+    # readings for good: dashboards and alerts saw a dead chip as busy and warm
+    from prometheus_client import generate_latest
+
+    from fuyao.deviceplugin.metrics import PluginMetrics
+    from fuyao.inventory import NpuDevice, NpuHealthState
+    from fuyao.npusmi.models import ChipStatus, Fraction
+
+    metrics = PluginMetrics("node-a")
+    device = NpuDevice(id="Ascend910-0", npu_id=0, chip_id=0, physical_id=0, chip_model="910B4",
+                       health=NpuHealthState.OK)
+    chip = ChipStatus(npu_id=0, chip_id=0, name="910B4", health=NpuHealthState.OK, health_raw="OK", power_w=90.0,
+                      temp_c=41.0, aicore_percent=50.0, hbm_mb=Fraction(used=1024, total=32768))
+    metrics.observe_chip(device, chip)
+    page = generate_latest(metrics.registry).decode()
+    assert 'npu_temperature_celsius{chip="910B4",device="Ascend910-0",node="node-a"} 41.0' in page
+    metrics.observe_chip(device, chip.model_copy(update={"temp_c": None}))  # no longer printed: no reading
+    assert "npu_temperature_celsius{" not in generate_latest(metrics.registry).decode()
+    metrics.observe_chip(device, None)
+    page = generate_latest(metrics.registry).decode()
+    assert "Ascend910-0" not in page.split("npu_utilization")[-1].split("# HELP")[0]
+    assert all(f"{name}{{" not in page for name in ("npu_power_watts", "npu_hbm_used_bytes", "npu_utilization"))
