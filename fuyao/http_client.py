@@ -21,9 +21,12 @@ updates per callback.
   (the client went away) closes it, which is how the engine learns to abort the generation.
 - Back-pressure: a streamed answer buffers at most :data:`HIGH_WATER` bytes before the socket stops being read.
   :meth:`Response.read` wants the whole answer, so it is never paused; its ``limit`` bounds what it holds.
-- Timeouts: ``headers`` bounds the time to the answer's headers, ``total`` the whole exchange (both include
-  connecting), ``idle`` each wait for the next bytes of the body. Each aborts the connection and raises
-  :class:`UpstreamError`.
+- Idle connections of every origin are swept once per idle time (on any request or release), so an engine that
+  left, or a node that died without closing its sockets, does not keep connections open.
+- Timeouts: ``first`` bounds the time to the first byte of the answer's body (a stream's first token: an engine
+  that streams sends its headers at once), ``total`` the whole exchange (both include connecting; ``total`` raises
+  :class:`DeadlineError`), ``idle`` each wait for the next bytes of the body once it has started. Each aborts the
+  connection and raises :class:`UpstreamError`.
 """
 
 from __future__ import annotations
@@ -442,6 +445,8 @@ class UpstreamPool:
     async def _acquire(self, origin: Origin, limit: float, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to ``origin`` and whether it was reused from the pool (``fresh``: always a new one)."""
         key = (origin.host, origin.port, origin.ssl is not None)
+        if time.monotonic() - self._swept >= (self.idle_s or IDLE_S):
+            self._sweep(time.monotonic())
         idle = None if fresh else self._idle.get(key)
         if idle:
             now = time.monotonic()

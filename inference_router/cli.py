@@ -125,6 +125,8 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
             log.warning("config: %s changed but take effect only when the router restarts; running with the old "
                         "values", ", ".join(held), extra={"restart_needed": held})
         router.config = new
+        if router.server is not None:
+            router.server.write_timeout = new.inference.stream_idle_timeout
         fleet.configure(new.router, static_backends(new))
 
     stop = asyncio.Event()

@@ -189,7 +189,8 @@ class RouterConfig(_Section):
 
 def reloadable(old: RouterConfig, new: RouterConfig) -> tuple[RouterConfig, list[str]]:
     """What a changed config file changes in a running router: ``new`` with the settings that only take effect at a
-    restart (the listen address, discovery, the KV cache's tokenizer, block keys and index) kept as they are, and
+    restart (the listen address, discovery, the KV cache's settings but ``enabled`` and ``tokenizeTimeout``) kept as
+    they are, and
     the names of those that differ (the caller says so, instead of logging "reloaded" over them)."""
     held: list[str] = []
     router = new.router
@@ -198,9 +199,10 @@ def reloadable(old: RouterConfig, new: RouterConfig) -> tuple[RouterConfig, list
             held.append(f"router.{key}")
             router = router.model_copy(update={key: getattr(old.router, key)})
     kv_cache = new.kv_cache
-    if old.kv_cache != new.kv_cache:
+    live = {"enabled": new.kv_cache.enabled, "tokenize_timeout": new.kv_cache.tokenize_timeout}  # read per request
+    if old.kv_cache.model_copy(update=live) != new.kv_cache:
         held.append("kvCache")
-        kv_cache = old.kv_cache
+        kv_cache = old.kv_cache.model_copy(update=live)
     if old.kubeconfig != new.kubeconfig:
         held.append("kubeconfig")
     return new.model_copy(update={"router": router, "kv_cache": kv_cache, "kubeconfig": old.kubeconfig}), held

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -174,6 +174,7 @@ class Fleet:
         self._static: dict[str, Role] = {}
         self._discovered: dict[str, Backend] = {}
         self._models_refreshed = float("-inf")
+        self._refreshing: asyncio.Future[Any] | None = None
         self.on_reset: list[Callable[[str], None]] = []
         """Called with a backend's URL when what it held may be gone: it left the fleet, or it failed its health
         check and passes again (an engine restarted behind the same address: its KV cache is empty)."""
@@ -296,12 +297,18 @@ class Fleet:
     async def refresh_models(self, session: aiohttp.ClientSession) -> None:
         """Read every healthy backend's ``/v1/models`` now (a request named a model nobody listed: an engine may
         serve it since the last read, a LoRA adapter just loaded); at most once per :data:`MODELS_REFRESH_S`."""
+        running = self._refreshing
+        if running is not None and not running.done():
+            await asyncio.shield(running)  # requests arriving meanwhile wait for that read, not a 404
+            return
         now = time.monotonic()
         if now - self._models_refreshed < MODELS_REFRESH_S:
             return
         self._models_refreshed = now
         timeout = aiohttp.ClientTimeout(total=self.settings.health_check.timeout)
-        await asyncio.gather(*(self._models(session, b, timeout) for b in list(self.backends.values()) if b.healthy))
+        self._refreshing = asyncio.ensure_future(asyncio.gather(
+            *(self._models(session, b, timeout) for b in list(self.backends.values()) if b.healthy)))
+        await asyncio.shield(self._refreshing)
 
     def auth_headers(self) -> dict[str, str]:
         """The router's own Authorization for the engines' ``/v1`` routes (empty without a key)."""

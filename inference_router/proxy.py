@@ -47,6 +47,9 @@ _ANSWER_DROP = _HOP_HEADERS | {b"date"}
 """An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two)."""
 _JSON = ((b"Content-Type", b"application/json"),)
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_REQUEST_REFUSED = frozenset({400, 413, 422})
+"""An engine's answers about the request itself, which every engine would give (not a 404 for a model one engine
+does not serve, nor a proxy's 408/429)."""
 Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
@@ -123,6 +126,7 @@ class Router:
         self.rr = RoundRobin()
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None  # the fleet's health checks, scrapes and index lookups
+        self.server: HttpServer | None = None
         self.upstream = UpstreamPool()  # the request path: proxied requests, prefills, /tokenize
         self.draining = False
 
@@ -348,7 +352,10 @@ class Router:
             try:
                 upstream = await self.upstream.request(backend.url, b"POST", path, raw, headers, total=timeout_s,
                                                        first=first_byte_s, idle=inference.stream_idle_timeout)
-            except DeadlineError:  # the request's time ran out on a working engine: not its failure, not retried
+            except DeadlineError:
+                # nothing at all came back in the request's whole time: a hung engine (its /health may still pass)
+                # counts it, so its circuit opens; never retried (a long generation would take as long elsewhere)
+                dispatch.failed()
                 raise _Answered(_error(504, f"the answer took longer than {timeout_s:g} s (inference timeouts)",
                                        "TimeoutError"), "deadline") from None
             except (UpstreamError, OSError) as exc:
@@ -469,7 +476,7 @@ class Router:
                     else:
                         dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
                     log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
-                    if isinstance(exc, _BackendFailed) and 400 <= exc.status < 500:
+                    if isinstance(exc, _BackendFailed) and exc.status in _REQUEST_REFUSED:
                         refused = exc
                         break  # not retried: another prefill engine would refuse the same request
         if params is None:
@@ -568,7 +575,7 @@ class Router:
 
     def app(self) -> HttpServer:
         # a client that stops reading a stream is cut after as long as an engine may stay silent in one
-        server = HttpServer(write_timeout=self.config.inference.stream_idle_timeout)
+        server = self.server = HttpServer(write_timeout=self.config.inference.stream_idle_timeout)
         server.route("POST", "/v1/completions", self.handle)
         server.route("POST", "/v1/chat/completions", self.handle)
         server.route("POST", "/v1/embeddings", self.handle)  # routed on load (no prompt prefix to keep)
