@@ -35,6 +35,8 @@ from .index import KvIndex
 log = logging.getLogger(__name__)
 
 END_SEQ = -1
+RETRY_S = 30.0
+"""An endpoint left out after a failure (an address refused, its handling failed) is followed again after this."""
 HEARTBEAT_IVL_MS = 5000
 HEARTBEAT_TIMEOUT_MS = 15000
 """ZeroMQ heartbeats on each event socket (the engine's libzmq answers them by itself): a connection whose peer
@@ -83,6 +85,7 @@ class Subscriber:
         self._watched: dict[zmq.Socket, str] = {}  # monitor socket → endpoint
         self._seq_before: dict[str, int] = {}  # the last sequence number before the connection was lost
         self._pending: list[tuple[str, Source | None]] = []
+        self._retry: dict[str, tuple[float, Source]] = {}  # endpoints left out after a failure: when to try again
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,12 +98,18 @@ class Subscriber:
     def remove(self, name: str) -> None:
         with self._lock:
             self._pending.append((name, None))
+            self._retry.pop(name, None)
 
     def sources(self) -> dict[str, Source]:
         return dict(self._sources)
 
     def _apply_pending(self, poller: zmq.Poller) -> None:
         with self._lock:
+            now = time.monotonic()
+            for name, (at, again) in list(self._retry.items()):
+                if at <= now and not any(n == name for n, _ in self._pending):
+                    del self._retry[name]
+                    self._pending.append((name, again))  # followed again: the failure may have been passing
             pending, self._pending = self._pending, []
         for name, source in pending:
             if name in self._sockets:
@@ -127,6 +136,8 @@ class Subscriber:
                 socket.close(linger=0)
                 self._sources[name] = source
                 self.stats[name] = SourceStats(error=f"cannot connect to {source.events}: {exc}")
+                self.index.endpoint(name, source.model)  # listed (with the error) in /v1/endpoints
+                self._later(name, source)
                 log.error("not following the KV events of %s: cannot connect to %s (%s)", name, source.events, exc)
                 continue
             poller.register(socket, zmq.POLLIN)
@@ -186,12 +197,19 @@ class Subscriber:
         try:
             step(name)
         except Exception as exc:  # one engine's stream must not stop the others'
-            log.exception("stopped following the KV events of %s: %s", name, exc)
+            log.exception("stopped following the KV events of %s (again in %g s): %s", name, RETRY_S, exc)
             self._close(name, poller)
             self.index.drop(name, forget=False)
             stats = self.stats.get(name)
             if stats is not None:
                 stats.connected, stats.error = False, f"{exc.__class__.__name__}: {exc}"
+            source = self._sources.get(name)
+            if source is not None:
+                self._later(name, source)
+
+    def _later(self, name: str, source: Source) -> None:
+        with self._lock:
+            self._retry[name] = (time.monotonic() + RETRY_S, source)
 
     def _drain(self, name: str) -> None:
         """Apply what the endpoint's socket holds, a batch at a time, looking at its connection events before each

@@ -273,6 +273,7 @@ def test_an_endpoint_zeromq_cannot_use_is_reported_and_the_others_are_still_foll
         wait_for(lambda: pub.send_multipart(_frames(next(seq), 9)) or time.sleep(0.02) or 9 in subscriber.index.blocks,
                  5, "the good endpoint's batch")
         assert "cannot connect to tcp://10.0.0.5" in (subscriber.stats["bad"].error or "")
+        assert "bad" in subscriber.index.endpoints  # listed, with its error, in /v1/endpoints
         # added after the bad one: still followed (the thread did not die)
         pub2 = zmq.Context.instance().socket(zmq.PUB)
         pub2.setsockopt(zmq.LINGER, 0)
@@ -361,4 +362,37 @@ def test_an_engine_that_vanishes_without_closing_is_dropped_after_the_heartbeat_
     finally:
         sub.stop()
         relay.close()
+        pub.close(linger=0)
+
+
+def test_an_engine_whose_handling_failed_is_followed_again_after_a_while(monkeypatch: pytest.MonkeyPatch,
+                                                                       ports: tuple[int, int]) -> None:
+    # one failure (a bug, a ZeroMQ error in a replay) left the engine unfollowed for good; its entries go at once
+    # and it is followed again after RETRY_S
+    from fuyao.kvcache import subscriber as module
+
+    monkeypatch.setattr(module, "RETRY_S", 0.3)
+    failures = [RuntimeError("a passing failure")]
+    handle = Subscriber._handle
+
+    def flaky(self: Subscriber, name: str, frames: list[bytes]) -> None:
+        if failures:
+            raise failures.pop()
+        handle(self, name, frames)
+
+    monkeypatch.setattr(Subscriber, "_handle", flaky)
+    events_port, _ = ports
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{events_port}")
+    sub = Subscriber(KvIndex(block_size=4)).start()
+    try:
+        sub.add(Source("engine", f"tcp://127.0.0.1:{events_port}"))
+        seq = iter(range(10_000))
+        wait_for(lambda: pub.send_multipart(_frames(next(seq), 3)) or time.sleep(0.02) or not failures, 5,
+                 "the failure")
+        wait_for(lambda: pub.send_multipart(_frames(next(seq), 4)) or time.sleep(0.02) or 4 in sub.index.blocks, 5,
+                 "the engine followed again")
+    finally:
+        sub.stop()
         pub.close(linger=0)
