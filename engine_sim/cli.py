@@ -105,7 +105,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("cannot open KV event endpoint %s: %s", args.kv_events_endpoint, exc)
             return 1
         log.info("KV events on %s", publisher.endpoint, extra={"replay": publisher.replay_endpoint})
-    metrics = EngineMetrics(args.model, args.block_size, args.num_gpu_blocks)
+    metrics = EngineMetrics(args.model, args.block_size, args.num_gpu_blocks, max_model_len=args.max_model_len)
     engine = Engine(settings, profile, metrics, publisher.publish if publisher else None,
                     output_ids=tokenizer.output_ids())
     if args.kv_remote:

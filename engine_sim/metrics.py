@@ -11,14 +11,31 @@ from prometheus_client.exposition import generate_latest
 
 from fuyao.kvcache.blockstore import COUNTERS, METRIC_PREFIX, StoreStats
 
-_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-            80.0)
-_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# vLLM 0.32's bucket families (vllm/v1/metrics/buckets.py), so a query on an `le` means what it means on vLLM
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+         160.0, 640.0, 2560.0)
+_REQUEST_LATENCY = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                    480.0, 960.0, 1920.0, 7680.0)
+_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+"""vLLM's FinishReason strings: every ``vllm:request_success`` series exists from the start, at 0."""
+
+
+def request_tokens_buckets(max_model_len: int) -> list[int]:
+    """vLLM's ``request_tokens`` family: 1, 2, 5, 10, 20, 50... up to the model's context length."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return out
+            out.append(m * scale)
+        scale *= 10
 _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class EngineMetrics:
-    def __init__(self, model: str, block_size: int, num_gpu_blocks: int, engine: str = "0"):
+    def __init__(self, model: str, block_size: int, num_gpu_blocks: int, engine: str = "0",
+                 max_model_len: int = 32768):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ("model_name", "engine")
@@ -41,17 +58,21 @@ class EngineMetrics:
                                          registry=r).labels(*self._labels)
         self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                (*labels, "finished_reason"), registry=r)
+        for reason in _FINISH_REASONS:
+            self.success.labels(*self._labels, reason)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+                              labels, buckets=_TTFT, registry=r).labels(*self._labels)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              labels, buckets=_ITL, registry=r).labels(*self._labels)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+                             labels, buckets=_REQUEST_LATENCY, registry=r).labels(*self._labels)
         self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase "
-                                      "for request.", labels, buckets=_LATENCY, registry=r).labels(*self._labels)
+                                      "for request.", labels, buckets=_REQUEST_LATENCY,
+                                      registry=r).labels(*self._labels)
         self.prefill_computed = Histogram("vllm:request_prefill_kv_computed_tokens", "Histogram of new KV tokens "
                                           "computed during prefill (excluding cached tokens).", labels,
-                                          buckets=_TOKENS, registry=r).labels(*self._labels)
+                                          buckets=request_tokens_buckets(max_model_len),
+                                          registry=r).labels(*self._labels)
         self.external_queries = Counter("vllm:external_prefix_cache_queries", "External prefix cache queries from "
                                         "KV connector cross-instance cache sharing, in terms of number of queried "
                                         "tokens.", labels, registry=r).labels(*self._labels)

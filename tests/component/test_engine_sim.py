@@ -323,3 +323,19 @@ def test_flag_errors_and_sigterm(tmp_path) -> None:  # type: ignore[no-untyped-d
     daemon = engine().start()
     code, seconds = daemon.stop()
     assert code == 0 and seconds < 3
+
+
+def test_histograms_use_vllms_bucket_families_and_every_finish_reason_is_there_from_the_start(sim: Daemon) -> None:
+    # a query on an `le` means on the simulator what it means on vLLM 0.32 (vllm/v1/metrics/buckets.py)
+    page = sim.get("/metrics")[1]
+
+    def bounds(name: str) -> list[str]:
+        return [line.split('le="', 1)[1].split('"', 1)[0] for line in page.splitlines()
+                if line.startswith(name + "_bucket{")]
+
+    assert bounds("vllm:e2e_request_latency_seconds")[:3] == ["0.3", "0.5", "0.8"]  # request_latency family
+    assert "7680.0" in bounds("vllm:request_prefill_time_seconds")
+    assert "2560.0" in bounds("vllm:time_to_first_token_seconds")
+    assert bounds("vllm:request_prefill_kv_computed_tokens")[:5] == ["1.0", "2.0", "5.0", "10.0", "20.0"]  # 1-2-5
+    for reason in ("stop", "length", "abort", "error", "repetition"):
+        assert f'finished_reason="{reason}"' in page
