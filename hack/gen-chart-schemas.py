@@ -141,7 +141,9 @@ SCHEMAS: dict[str, Schema] = {
                         "clusterIP": string(pattern=r"^$|^None$|^[0-9a-fA-F.:]+$")}),
         "tls": obj({"secretName": string("a kubernetes.io/tls Secret; empty: plain HTTP")}),
         "bind": boolean("act as the binder (bindVerb)"),
-        "metrics": obj({"serviceMonitor": SERVICE_MONITOR,
+        "metrics": obj({"serviceMonitor": obj({**SERVICE_MONITOR["properties"], "tlsConfig": {
+                            **FREE_MAP, "description": "the scrape's TLS (Prometheus Operator SafeTLSConfig) when "
+                            "tls.secretName is set; empty: the Secret's ca.crt and the Service's DNS name"}}),
                         "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
                                                "slowSeconds": {"type": "number", "exclusiveMinimum": 0}})}),
         "config": {**FREE_MAP, "description": "merged into the extender's config file (validated at start)"},
@@ -149,6 +151,10 @@ SCHEMAS: dict[str, Schema] = {
                           "schedulerName": string(minLength=1), "image": string(minLength=1),
                           "replicas": integer(0), "leaderElect": boolean(), "resources": RESOURCES}),
         "extenderEntry": obj({"weight": integer(1), "httpTimeout": DURATION, "volcanoHttpTimeout": DURATION,
+                              "tlsConfig": obj({k: string() for k in ("serverName", "caData", "caFile", "certData",
+                                                                      "certFile", "keyData", "keyFile")}
+                                               | {"insecure": boolean()},
+                                               description="kube-scheduler's extenders[].tlsConfig"),
                               "ignorable": boolean(),
                               "managedResources": {
                                   "type": "array", "uniqueItems": True, "description":

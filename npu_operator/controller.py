@@ -321,6 +321,12 @@ class Controller:
                     try:
                         self.rest.delete(obj)
                     except KubeError as exc:
+                        if exc.status == 403 and not namespaced:
+                            # a cluster-scoped object named otherwise than the charts (an earlier fullnameOverride):
+                            # the operator's RBAC may touch only its components' own names; a person removes it
+                            log.warning("cannot remove %s %s (not one of the names the operator may write): delete "
+                                        "it by hand", kind, obj["metadata"]["name"])
+                            continue
                         label = (obj["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT, "")
                         if label in {c.value for c in Component}:
                             errors.setdefault(Component(label), f"removing {kind} {obj['metadata']['name']}: {exc}")

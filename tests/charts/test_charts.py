@@ -438,27 +438,44 @@ def test_managed_resources_without_a_domain_are_refused(tmp_path: Path) -> None:
 
 def test_the_bundled_scheduler_pods_are_not_counted_as_extender_replicas(tmp_path: Path) -> None:
     # scheduler.enabled: its kube-scheduler pods carry the chart's name and instance labels; the PDB counted them
-    # (a drain could take both extender replicas) and the Service could send them the extender's traffic
+    # (a drain could take both extender replicas) and the anti-affinity kept them apart from the extender
     docs = render("scheduler-extender", "default", tmp_path, "--set", "scheduler.enabled=true")
-    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")}
+    deployments = {d["metadata"]["name"]: d for d in of_kind(docs, "Deployment")}
+    pods = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
 
-    def matches(selector: dict[str, str]) -> set[str]:
-        return {name for name, labels in pods.items() if selector.items() <= labels.items()}
+    def matches(selector: dict[str, Any]) -> set[str]:
+        def one(labels: dict[str, str]) -> bool:
+            if not (selector.get("matchLabels") or {}).items() <= labels.items():
+                return False
+            return all(e["operator"] == "NotIn" and labels.get(e["key"]) not in e["values"]
+                       for e in selector.get("matchExpressions") or [])
+        return {name for name, labels in pods.items() if one(labels)}
 
     extender = {n for n in pods if not n.endswith("-scheduler")}
-    assert matches(of_kind(docs, "Service")[0]["spec"]["selector"]) == extender
-    assert matches(of_kind(docs, "PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"]) == extender
-    deployment = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] in extender)
+    assert matches(of_kind(docs, "PodDisruptionBudget")[0]["spec"]["selector"]) == extender
+    # pods of an earlier chart version (no component label) still count: an upgrade never empties the PDB
+    assert matches({"matchLabels": {"app.kubernetes.io/name": "scheduler-extender"},
+                    "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "NotIn",
+                                          "values": ["scheduler"]}]}) >= extender
+    deployment = deployments[next(iter(extender))]
     terms = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     term = (terms.get("preferredDuringSchedulingIgnoredDuringExecution") or [{}])[0].get("podAffinityTerm") or \
         terms["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    assert matches(term["labelSelector"]["matchLabels"]) == extender
+    assert matches(term["labelSelector"]) == extender
+    # the Service's named target port is declared by the extender's pods only: never the scheduler's endpoints
+    target = of_kind(docs, "Service")[0]["spec"]["ports"][0]["targetPort"]
+    declared = {n: {p.get("name") for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports") or []}
+                for n, d in deployments.items()}
+    assert {n for n, ports in declared.items() if target in ports} == extender
 
 
 def test_hard_anti_affinity_rolls_one_replica_at_a_time_and_a_fixed_cluster_ip_is_the_url(tmp_path: Path) -> None:
     hard = render("scheduler-extender", "default", tmp_path, "--set", "antiAffinity=hard")
     strategy = of_kind(hard, "Deployment")[0]["spec"]["strategy"]
-    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}  # a surge pod could never be placed
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}  # a surge pod may have no node
+    one = render("scheduler-extender", "default", tmp_path, "--set", "antiAffinity=hard", "--set", "replicas=1",
+                 "--set", "leaderElection.enabled=true")
+    assert of_kind(one, "Deployment")[0]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1  # never zero replicas
     # a fixed clusterIP is what the snippet for a hostNetwork kube-scheduler (no cluster DNS) must point at
     fixed = yaml.safe_dump(render("scheduler-extender", "default", tmp_path, "--set", "service.clusterIP=10.96.0.50"))
     assert "urlPrefix: http://10.96.0.50:8888" in fixed and "svc:8888" not in fixed
@@ -488,3 +505,34 @@ def test_values_that_would_render_harmful_manifests_are_refused(tmp_path: Path) 
     spec.loader.exec_module(generator)
     quantity = re.compile(generator.QUANTITY["pattern"])
     assert quantity.match("10Ki") and quantity.match("10k") and quantity.match("1.5G") and not quantity.match("10K")
+
+
+def test_a_tls_extenders_service_monitor_checks_its_certificate(tmp_path: Path) -> None:
+    # scheme https without tlsConfig: Prometheus checked the pod IP against the system CAs and the scrape failed
+    # for good (SchedulerExtenderDown fired)
+    docs = render("scheduler-extender", "default", tmp_path, "--set", "metrics.serviceMonitor.enabled=true",
+                  "--set", "tls.secretName=ext-tls")
+    endpoint = of_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"serverName": "rel-scheduler-extender.fuyao-system.svc",
+                                     "ca": {"secret": {"name": "ext-tls", "key": "ca.crt"}}}
+    own = render("scheduler-extender", "default", tmp_path, "--set", "metrics.serviceMonitor.enabled=true",
+                 "--set", "tls.secretName=ext-tls", "--set", "metrics.serviceMonitor.tlsConfig.insecureSkipVerify=true")
+    assert of_kind(own, "ServiceMonitor")[0]["spec"]["endpoints"][0]["tlsConfig"] == {"insecureSkipVerify": True}
+
+
+def test_the_kube_scheduler_entry_can_check_the_extenders_certificate(tmp_path: Path) -> None:
+    docs = render("scheduler-extender", "default", tmp_path, "--set", "tls.secretName=ext-tls", "--set",
+                  "extenderEntry.tlsConfig.serverName=rel-scheduler-extender.fuyao-system.svc",
+                  "--set", "extenderEntry.tlsConfig.caData=QUJD")
+    text = "\n".join(v for d in of_kind(docs, "ConfigMap") for v in (d.get("data") or {}).values())
+    assert "caData: QUJD" in text and "serverName: rel-scheduler-extender.fuyao-system.svc" in text
+    bad = helm("template", "r", str(CHARTS / "scheduler-extender"), "--set", "extenderEntry.tlsConfig.caDta=x",
+               check=False)
+    assert bad.returncode != 0 and "caDta" in bad.stderr  # a misspelt field is refused, not silently dropped
+
+
+def test_the_inference_chart_never_grants_its_rights_to_the_default_service_account() -> None:
+    result = helm("template", "r", str(CHARTS / "ai-inference-optimization"), "--set", "serviceAccount.create=false",
+                  check=False)
+    assert result.returncode != 0 and "serviceAccount.name" in result.stderr

@@ -17,12 +17,16 @@ app.kubernetes.io/name: {{ include "scheduler-extender.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* The extender's own pods: its Deployment's selector (unchanged: immutable) plus the component, so the Service,
-the PodDisruptionBudget and the anti-affinity never count the bundled kube-scheduler's pods (scheduler.enabled),
-which carry the same name and instance labels. */}}
-{{- define "scheduler-extender.podSelectorLabels" -}}
-{{ include "scheduler-extender.selectorLabels" . }}
-app.kubernetes.io/component: extender
+{{/* A label selector for the extender's own pods: its Deployment's (immutable) labels, without the bundled
+kube-scheduler's pods (scheduler.enabled: the same name and instance labels, component scheduler). NotIn, not a
+component label to match: pods started by an earlier chart version have none, and an upgrade must not leave the
+PodDisruptionBudget empty meanwhile. (The Service needs no such care: its target port "http" is a port the
+scheduler's pods do not declare, so they are never its endpoints.) */}}
+{{- define "scheduler-extender.podSelector" -}}
+matchLabels:
+  {{- include "scheduler-extender.selectorLabels" . | nindent 2 }}
+matchExpressions:
+- {key: app.kubernetes.io/component, operator: NotIn, values: [scheduler]}
 {{- end -}}
 
 {{- define "scheduler-extender.labels" -}}
@@ -83,6 +87,10 @@ is a hostNetwork static pod with the node's resolv.conf: it cannot resolve .svc 
   {{- end }}
   weight: {{ .Values.extenderEntry.weight }}
   enableHTTPS: {{ ne .Values.tls.secretName "" }}
+  {{- if and .Values.tls.secretName .Values.extenderEntry.tlsConfig }}
+  tlsConfig:
+    {{- toYaml .Values.extenderEntry.tlsConfig | nindent 4 }}
+  {{- end }}
   httpTimeout: {{ .Values.extenderEntry.httpTimeout }}
   nodeCacheCapable: true
   ignorable: {{ .Values.extenderEntry.ignorable }}
