@@ -15,7 +15,8 @@ echo "==> upstream binaries (cached after the first build: hack/build-upstream.s
 BUILD_JOBS="${BUILD_JOBS:-2}" GOMAXPROCS="${GOMAXPROCS:-2}" bash hack/build-upstream.sh etcd kube-apiserver \
   kube-scheduler kube-controller-manager kubelet kubectl kube-proxy coredns kwok helm monitoring ray kind
 source "$REPO_ROOT/hack/lib/cluster-deps.sh"
-ensure_cluster_deps
+# not root: the checks still run; the local-cluster tests need root (and these packages) anyway and say so
+ensure_cluster_deps || echo "==> going on without them: the local-cluster tests will fail or skip" >&2
 echo "==> vLLM CPU venv for the real-engine tests (cached after the first build: hack/build-vllm.sh)"
 bash hack/build-vllm.sh >/dev/null
 echo "==> Ray venv for the Ray Serve tests (cached after the first build: hack/build-ray.sh)"
@@ -51,16 +52,22 @@ for arg in "$@"; do [[ $arg == -* ]] || whole_run=false; done
 if $whole_run && [ "$(id -u)" = 0 ]; then
   source "$REPO_ROOT/hack/lib/docker.sh"
   echo "==> the kind suite (pytest --cluster=kind -m kind) on fuyao's own dockerd"
-  ensure_private_docker
-  if [ -f /tmp/fuyao-kind/state.json ]; then
-    echo "==> deleting the kind cluster left up by hack/kind-up.sh (the kind suite needs its addresses)"
-    python -m tests.support.kind down --state-dir /tmp/fuyao-kind
-  fi
+  trap stop_private_docker EXIT  # a dockerd that failed to come up, or a failure below, is not left running
   set +e
-  python -m pytest tests/e2e/test_charts_on_cluster.py --cluster=kind -m kind "$@"
-  kind_rc=$?
+  if ensure_private_docker; then
+    if [ -f /tmp/fuyao-kind/state.json ]; then
+      echo "==> deleting the kind cluster left up by hack/kind-up.sh (the kind suite needs its addresses)"
+      python -m tests.support.kind down --state-dir /tmp/fuyao-kind
+    fi
+    python -m pytest tests/e2e/test_charts_on_cluster.py --cluster=kind -m kind "$@"
+    kind_rc=$?
+  else
+    echo "==> fuyao's own dockerd did not start: the kind suite fails" >&2
+    kind_rc=1
+  fi
   set -e
   stop_private_docker
+  trap - EXIT
   [ "$rc" -eq 0 ] && rc=$kind_rc
 elif ! $whole_run; then
   echo "==> the kind suite is skipped (tests were selected; run it with pytest --cluster=kind -m kind, docs/kind.md)"

@@ -54,7 +54,8 @@ ensure_private_docker() {
   [[ $(id -u) == 0 ]] || { echo "private docker: needs root (its own dockerd and network namespace)" >&2; return 1; }
   if ! command -v dockerd >/dev/null || [[ ! -x $DOCKER_CLI ]]; then
     echo "==> apt-get install docker.io (Debian's Docker, for fuyao's own daemon)" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; }
   fi
   export DOCKER_HOST="unix://$FUYAO_DOCKER_DIR/docker.sock" FUYAO_DOCKER_NETNS_IP
   if private_docker_running; then
