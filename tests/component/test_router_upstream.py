@@ -43,6 +43,16 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+def _sends_then_stalls(data: bytes) -> Handler:
+    """A raw server's handler: reads the request, sends ``data`` (part of an answer) and then nothing for 5 s."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(5)
+    return handler
+
+
 async def _engine() -> tuple[web.AppRunner, str, dict[str, object]]:
     """An aiohttp server with a JSON answer, a chunked stream, and a record of what it saw."""
     seen: dict[str, object] = {"peers": set(), "headers": []}
@@ -168,15 +178,10 @@ def test_timeouts_to_the_headers_to_the_end_and_between_chunks() -> None:
         await _read_request(reader)
         await asyncio.sleep(5)
 
-    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
     async def run() -> None:
         quiet, quiet_base, _ = await _raw_server(silent)
-        stall, stall_base, _ = await _raw_server(stalls)
+        stall, stall_base, _ = await _raw_server(_sends_then_stalls(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
         pool = UpstreamPool()
         try:
             started = time.monotonic()
@@ -409,14 +414,9 @@ def test_first_bounds_the_first_body_byte_and_idle_connections_of_every_engine_a
     # stopped at the headers); and an engine nobody asks again has its idle connections closed all the same
     monkeypatch.setattr(upstream_module, "IDLE_S", 0.1)
 
-    async def headers_then_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
     async def run() -> None:
-        slow, slow_base, _ = await _raw_server(headers_then_nothing)
+        slow, slow_base, _ = await _raw_server(_sends_then_stalls(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"))
         a, a_base, _ = await _engine()
         b, b_base, _ = await _engine()
         pool = UpstreamPool()
