@@ -17,6 +17,7 @@ log line per request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -94,6 +95,10 @@ def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 
 def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k.lower() == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers)
 
 
 def _is_error_body(body: bytes) -> bool:
@@ -401,6 +406,13 @@ class Router:
                         log.warning("backend %s broke off a response: %s", backend.url, exc,
                                     extra={"backend": backend.url})
                         self.metrics.errors.inc("deadline" if deadline else "broken-stream")
+                        if _is_event_stream(answer_headers):  # said, as vLLM says an error mid-stream (a client
+                            # reading to the connection's end, HTTP/1.0, would otherwise take the cut for the end)
+                            with contextlib.suppress(OSError):
+                                await response.write(b"data: " + orjson.dumps({"error": {
+                                    "message": f"the engine broke off the answer: {exc}", "type":
+                                    "TimeoutError" if deadline else "InternalServerError", "param": None,
+                                    "code": 504 if deadline else 502}}) + b"\n\n")
                         request.abort()  # cut the client's answer too: never retried or duplicated
                         return response
                     if chunk is None:

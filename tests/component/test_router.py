@@ -51,6 +51,7 @@ def test_streams_are_relayed_byte_for_byte_and_never_duplicated() -> None:
         except (http.client.IncompleteRead, ConnectionError) as exc:
             body = getattr(exc, "partial", b"")
         assert b"[DONE]" not in body and len(fake.received) == before + 1
+        assert b'"error"' in body and b"broke off" in body  # said in the stream, as vLLM says an error
     finally:
         front.close()
         fake.close()
