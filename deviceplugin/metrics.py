@@ -38,7 +38,8 @@ class PluginMetrics:
                                    "Allocate calls per container by result", ("resource", "result"), registry=r)
         self.allocate_seconds = Histogram(
             "fuyao_deviceplugin_allocate_duration_seconds", "Time to answer one Allocate call", ("resource",),
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 5.0, 10.0),
+            registry=r)  # dynamic vNPUs: Allocate runs npu-smi's create
         self.registrations = Counter("fuyao_deviceplugin_registrations_total",
                                      "Registrations with the kubelet by result", ("resource", "result"), registry=r)
         self.registered = Gauge("fuyao_deviceplugin_registered", "1 while the resource is registered with the "

@@ -117,6 +117,7 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
     fleet.on_reset.append(prefix.forget)  # the router's record of what it sent there: gone with the engine
     prefix.start()
     router = Router(config, fleet, prefix)
+    fleet.on_removed.append(lambda url: router.metrics.backend_requests.forget(0, url))  # its series go with it
     await router.open()
 
     def apply(new: RouterConfig) -> None:

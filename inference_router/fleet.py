@@ -175,6 +175,8 @@ class Fleet:
         self._discovered: dict[str, Backend] = {}
         self._models_refreshed = float("-inf")
         self._refreshing: asyncio.Future[Any] | None = None
+        self.on_removed: list[Callable[[str], None]] = []
+        """Called with a backend's URL when it left the fleet (its metric series go)."""
         self.on_reset: list[Callable[[str], None]] = []
         """Called with a backend's URL when what it held may be gone: it left the fleet, or it failed its health
         check and passes again (an engine restarted behind the same address: its KV cache is empty)."""
@@ -198,7 +200,7 @@ class Fleet:
         for url in list(self.backends):
             if url not in wanted:
                 del self.backends[url]
-                self._reset(url)
+                self._reset(url, self.on_removed + self.on_reset)
         for url, (role, found) in wanted.items():
             backend = self.backends.get(url)
             if backend is None:
@@ -209,8 +211,8 @@ class Fleet:
             backend.health_interval = found.health_interval if found else self.settings.health_check.interval
             backend.node = found.node if found else None
 
-    def _reset(self, url: str) -> None:
-        for callback in self.on_reset:
+    def _reset(self, url: str, callbacks: list[Callable[[str], None]] | None = None) -> None:
+        for callback in self.on_reset if callbacks is None else callbacks:
             try:
                 callback(url)
             except Exception:

@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ERROR_REASONS = ("no-backend", "backend-failed", "broken-stream", "prefill-failed")
+ERROR_REASONS = ("no-backend", "backend-failed", "broken-stream", "prefill-failed", "deadline")
 """The router's own failure reasons (a backend's error answer counts as ``http-<status>`` or its error type)."""
 MAX_SERIES = 4096
 """Label combinations kept per counter; beyond that (backends churning for days) the counter starts over."""
@@ -46,6 +46,11 @@ class Counter:
 
     def value(self, *label_values: str) -> float:
         return self.values.get(label_values, 0.0)
+
+    def forget(self, position: int, value: str) -> None:
+        """Drop every series whose label at ``position`` is ``value`` (a backend that left the fleet)."""
+        for key in [k for k in self.values if len(k) > position and k[position] == value]:
+            del self.values[key]
 
     def zero(self, *label_values: str) -> None:
         """Export these label values at 0 before the first increment: ``rate()`` over them is 0, not "no data"."""
@@ -105,7 +110,8 @@ class RouterMetrics:
             self.errors.zero(reason)
         self.queue_time = Histogram("queue_time", "Time from arrival to the backend's first byte is asked "
                                     "(admission, tokenising, choosing, prefill in P/D), seconds",
-                                    (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+                                    (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5,
+                                     10, 30))  # a P/D request's queue time holds its prefill
         self.ttft = Histogram("inference_ttft_seconds", "Time to the first byte of the answer, seconds", _LATENCY)
         self.retries = Counter("inference_retries", "Requests retried on another backend")
         self.client_disconnects = Counter("inference_client_disconnects", "Clients that went away before their "

@@ -29,12 +29,16 @@ class AgentMetrics:
                                  ("result",), registry=r)
         self.cgroup_writes = Counter("fuyao_qos_cgroup_writes_total", "cgroup file writes by result", ("result",),
                                      registry=r)
+        for result in ("ok", "error"):  # at 0 from the start: increase() counts the first ones too
+            self.evictions.labels(result)
+            self.cgroup_writes.labels(result)
         self.cgroup_errors = Counter("fuyao_qos_cgroup_read_errors_total", "Pod cgroup files that could not be read",
                                      registry=r)
         self.publishes = Counter("fuyao_qos_publishes_total", "Writes to the Node object by what and result",
                                  ("what", "result"), registry=r)
         self.cycle_seconds = Histogram("fuyao_qos_cycle_duration_seconds", "Time of one collection cycle",
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+                                       registry=r)  # a cycle may wait on Node writes and evictions (10 s bound)
         self.endpoint = MetricsEndpoint(self.registry)
 
     def render(self) -> str:

@@ -9,7 +9,8 @@ ranks: the replicas holding the most, then the rest; Serve picks the least-loade
 that has one. When the index is slow (``lookup_timeout``), down, or knows nothing, all replicas form one rank:
 plain load balancing, never a failed request.
 
-Counters (Ray metrics, exported by Ray's metrics agent): ``fuyao_serve_route_total{outcome}`` with outcome ``hit``
+Counters (Ray metrics, exported by Ray's metrics agent as ``ray_fuyao_serve_route_total``):
+``fuyao_serve_route_total{outcome}`` with outcome ``hit``
 (some replica held part of the prompt), ``miss`` (none did), ``no_prompt``, ``index_error``.
 """
 

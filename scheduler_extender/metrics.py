@@ -12,7 +12,8 @@ class ExtenderMetrics:
         r = self.registry
         self.latency = Histogram("fuyao_extender_request_duration_seconds", "Time to answer a request, per verb",
                                  ("verb",), registry=r,
-                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                          2.5, 5.0, 10.0))  # 0.5: the slow alert's default threshold
         self.decisions = Counter("fuyao_extender_decisions_total", "Answered requests by verb and result",
                                  ("verb", "result"), registry=r)
         self.rejections = Counter("fuyao_extender_rejections_total", "Node rejections by plugin and reason",

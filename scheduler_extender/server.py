@@ -111,6 +111,7 @@ def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
             error = str(exc)
         except Exception as exc:  # a bug must not take the server down; the scheduler sees a clear 500
             log.exception("%s failed", name)
+            service.metrics.decisions.labels(name, "error").inc()  # what SchedulerExtenderErrors alerts on
             return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, status=500)
         finally:
             service.metrics.latency.labels(name).observe(time.perf_counter() - started)

@@ -102,11 +102,15 @@ CASES: dict[str, list[Case]] = {
         Case("HighInferenceErrorRate",
              fires={'inference_requests_total{code="200"}': "0+100x20", 'inference_errors_total{reason="backend"}':
                     "0+2x20"},
+             # clients' mistakes and clients leaving are not the service failing (they paged critical before)
              quiet={'inference_requests_total{code="200"}': "0+100x20", 'inference_errors_total{reason="backend"}':
-                    "0+0.5x20"},
+                    "0+0.5x20", 'inference_errors_total{reason="bad-request"}': "0+5x20",
+                    'inference_errors_total{reason="client-gone"}': "0+5x20"},
              fired_at="7m", pending_at="5m", labels={"severity": "critical"},
              annotations={"summary": "more than 1% of inference requests fail",
-                          "description": "error ratio 2%; inference_errors_total by reason tells why."}),
+                          "description": "error ratio 2% (failures of the router and the engines: not bad requests, "
+                                         "unknown models or clients leaving, nor a prefill that fell back to "
+                                         "decode-only); inference_errors_total by reason tells why."}),
         Case("LowCacheHitRate",
              fires={'kv_cache_hits{layer="index"}': "0+3x40", 'kv_cache_requests{layer="index"}': "0+10x40"},
              quiet={'kv_cache_hits{layer="index"}': "0+8x40", 'kv_cache_requests{layer="index"}': "0+10x40"},

@@ -371,3 +371,17 @@ def test_a_reload_keeps_the_settings_that_need_a_restart_and_names_them() -> Non
     assert effective.router.strategy == "least-connections"  # what a reload does change
     assert effective.router.listen == "127.0.0.1:9000" and effective.kv_cache.block_size == 16
     assert reloadable(old, old) == (old, [])
+
+
+def test_a_backend_that_leaves_takes_its_metric_series_with_it() -> None:
+    # pod churn: inference_backend_requests_total kept a series per engine pod ever seen (then cleared them all)
+    from fuyao.inference_router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    fleet = Fleet(build_config({}).router)
+    fleet.on_removed.append(lambda url: metrics.backend_requests.forget(0, url))
+    fleet.configure(build_config({}).router, {"http://a": "both", "http://b": "both"})
+    metrics.backend_requests.inc("http://a", "both")
+    metrics.backend_requests.inc("http://b", "both")
+    fleet.configure(build_config({}).router, {"http://b": "both"})
+    assert set(metrics.backend_requests.values) == {("http://b", "both")}
