@@ -185,6 +185,12 @@ def parse_info(text: str) -> NpuSmiInfo:
                 kind = "chips"
             elif "processid" in names:
                 kind = "processes"
+            elif kind == "chips":
+                # inside the chip table, a block that starts with no number is a chip row pair whose NPU id is
+                # garbled, not a new table: taking it for one dropped every chip after it in silence
+                first = block.rows[0]
+                raise NpuSmiParseError("info", f"a chip row's NPU id is not a number: {_first_token(first)!r}",
+                                       first.raw, first.line_no)
             else:
                 kind = "unknown"
                 log.debug("npu-smi info: unknown table header at line %d", block.rows[0].line_no)

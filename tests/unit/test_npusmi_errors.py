@@ -150,3 +150,14 @@ def test_close_from_a_signal_handler_inside_a_running_call_does_not_deadlock() -
     assert done.wait(5), "close() deadlocked on the lock its own thread held"
     with pytest.raises(Exception, match="closed"):
         client.run(["info"])
+
+
+def test_a_garbled_npu_id_is_named_not_taken_for_a_new_table() -> None:
+    # one chip row with a non-numeric NPU id was read as an unknown table's header: every chip after it vanished
+    text = sample("S1-info-910b4-8.txt")
+    assert len(p.parse_info(text).chips) == 8
+    garbled = text.replace("| 3     910B4", "| x     910B4", 1)
+    assert garbled != text
+    with pytest.raises(NpuSmiParseError) as err:
+        p.parse_info(garbled)
+    assert "not a number" in str(err.value) and "'x'" in str(err.value) and err.value.line_no
