@@ -208,7 +208,12 @@ def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None,
         by_id = {label_to_device[lbl]: n for lbl, n in numa.items() if lbl in label_to_device}
         groups = interconnect_groups(topo, label_to_device)
         devices = [d.model_copy(update={"numa_node": by_id.get(d.id)}) for d in devices]
-    elif devices and _A1_MODELS.match(devices[0].chip_model) and len({d.npu_id for d in devices}) == 8:
+    cards = len({d.npu_id for d in devices})
+    if devices and _A1_MODELS.match(devices[0].chip_model) and cards in (4, 8) and (
+            not any(g.kind in (InterconnectKind.HCCS_MESH, InterconnectKind.HCCS_RING) for g in groups)
+            or (cards == 4 and len(groups) == 1 and len(groups[0].devices) == 4)):
+        # a first-generation 910 board is HCCS rings of four whatever -t topo prints (no topology, only PCIe links,
+        # or a half board's four cards that look like one mesh): its ring rules must apply
         groups = _a1_ring_groups(devices)
     group_of = {dev: g.id for g in groups for dev in g.devices}
     devices = [d.model_copy(update={"group": group_of.get(d.id)}) for d in devices]

@@ -85,3 +85,24 @@ def test_cpu_list() -> None:
     assert inv.parse_cpu_list("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
     with pytest.raises(ValueError):
         inv.parse_cpu_list("zero")
+
+
+def test_a_first_generation_910_half_board_keeps_its_ring_rules(fake_node, tmp_path: Path) -> None:
+    # four 910 A1 cards that -t topo shows all HCCS-linked looked like one mesh: the product was generic and a
+    # 3-card pod was admitted (the ring rule takes 1, 2 or 4); and cards whose topology shows no HCCS at all lost it
+    from fuyao.npusmi.models import Topology
+    from fuyao.products import product_of
+
+    full = inv.discover(NpuSmi(fake_node("910a1-8").path), sysfs_root=tmp_path)
+    half = [d for d in full.devices if d.npu_id < 4]
+    info = p.parse_info(NpuSmi(fake_node("910a1-8").path).run(["info"]))
+    info = info.model_copy(update={"chips": [c for c in info.chips if c.npu_id < 4]})
+    labels = tuple(f"NPU{d.physical_id}" for d in half)
+    mesh = Topology(devices=labels, links={a: {b: "X" if a == b else "HCCS" for b in labels} for a in labels},
+                    cpu_affinity={a: None for a in labels})
+    built = inv.build_inventory(info, topo=mesh)
+    assert [g.kind for g in built.groups] == [InterconnectKind.HCCS_RING]
+    assert product_of(built.to_topology()).name == "910-a1-half"
+    pcie = Topology(devices=labels, links={a: {b: "X" if a == b else "PIX" for b in labels} for a in labels},
+                    cpu_affinity={a: None for a in labels})
+    assert product_of(inv.build_inventory(info, topo=pcie).to_topology()).name == "910-a1-half"
