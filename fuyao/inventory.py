@@ -175,8 +175,11 @@ def _a1_ring_groups(devices: Iterable[NpuDevice]) -> list[InterconnectGroup]:
 
 def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None, topo: Topology | None = None,
                     node_cpus: Mapping[int, set[int]] | None = None,
-                    aicore: Mapping[int, int] | None = None) -> NodeInventory:
-    """The node's NPU inventory from parsed npu-smi output (pure; see :func:`discover` for the I/O)."""
+                    aicore: Mapping[int, int] | None = None,
+                    pci_numa: Mapping[str, int] | None = None) -> NodeInventory:
+    """The node's NPU inventory from parsed npu-smi output (pure; see :func:`discover` for the I/O).
+    ``pci_numa``: each PCI device's NUMA node as sysfs knows it (lower-case bus id → node), used when the CPU
+    affinity ranges do not give real NUMA nodes (an Arm A3 host's -t topo prints none)."""
     logic_ids = {(m.npu_id, m.chip_id): (m.phy_id if m.phy_id is not None else m.logic_id)
                  for m in (chip_map or []) if m.is_compute_chip}
     devices: list[NpuDevice] = []
@@ -208,6 +211,10 @@ def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None,
         by_id = {label_to_device[lbl]: n for lbl, n in numa.items() if lbl in label_to_device}
         groups = interconnect_groups(topo, label_to_device)
         devices = [d.model_copy(update={"numa_node": by_id.get(d.id)}) for d in devices]
+    if numa_source != "sysfs" and pci_numa and devices and all(
+            d.bus_id and d.bus_id.lower() in pci_numa for d in devices):
+        devices = [d.model_copy(update={"numa_node": pci_numa[(d.bus_id or "").lower()]}) for d in devices]
+        numa_source = "sysfs"
     cards = len({d.npu_id for d in devices})
     if devices and _A1_MODELS.match(devices[0].chip_model) and cards in (4, 8) and (
             not any(g.kind in (InterconnectKind.HCCS_MESH, InterconnectKind.HCCS_RING) for g in groups)
@@ -220,6 +227,20 @@ def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None,
     model = devices[0].chip_model if devices else ""
     return NodeInventory(chip_model=model, driver_version=info.driver_version, tool_version=info.tool_version,
                          devices=tuple(devices), groups=tuple(groups), numa_source=numa_source)
+
+
+def read_pci_numa(sysfs_root: str | Path, bus_ids: Iterable[str]) -> dict[str, int]:
+    """The NUMA node of each PCI device (``/sys/bus/pci/devices/<bus id>/numa_node``; -1, unknown, left out)."""
+    out: dict[str, int] = {}
+    for bus_id in bus_ids:
+        key = bus_id.lower()
+        try:
+            node = int(Path(sysfs_root, "bus/pci/devices", key, "numa_node").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if node >= 0:
+            out[key] = node
+    return out
 
 
 def read_node_cpus(sysfs_root: str | Path = "/sys") -> dict[int, set[int]]:
@@ -274,7 +295,8 @@ def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
             continue
         if value and value.isdigit():
             aicore[npu_id] = int(value)
-    return build_inventory(info, chip_map, topo, read_node_cpus(sysfs_root), aicore)
+    return build_inventory(info, chip_map, topo, read_node_cpus(sysfs_root), aicore,
+                           read_pci_numa(sysfs_root, [c.bus_id for c in info.chips if c.bus_id]))
 
 
 __all__ = [

@@ -106,3 +106,21 @@ def test_a_first_generation_910_half_board_keeps_its_ring_rules(fake_node, tmp_p
     pcie = Topology(devices=labels, links={a: {b: "X" if a == b else "PIX" for b in labels} for a in labels},
                     cpu_affinity={a: None for a in labels})
     assert product_of(inv.build_inventory(info, topo=pcie).to_topology()).name == "910-a1-half"
+
+
+def test_numa_from_each_npus_pci_device_when_cpu_affinity_gives_none(fake_node, tmp_path: Path) -> None:
+    # an Atlas 800 A3 (Arm) prints no CPU Affinity column: its dies had no NUMA node, and the kubelet got none
+    node = fake_node("910c-8")
+    info = p.parse_info(NpuSmi(node.path).run(["info"]))
+    buses = sorted({c.bus_id for c in info.chips if c.bus_id})
+    assert buses
+    for i, bus in enumerate(buses):
+        d = tmp_path / "bus/pci/devices" / bus.lower()
+        d.mkdir(parents=True)
+        (d / "numa_node").write_text(f"{i // (len(buses) // 2 or 1)}\n")
+    found = inv.discover(NpuSmi(node.path), sysfs_root=tmp_path)
+    assert found.numa_source == "sysfs"
+    by_bus = {d.bus_id: d.numa_node for d in found.devices}
+    assert {by_bus[b] for b in buses} == {0, 1} and all(n is not None for n in by_bus.values())
+    (tmp_path / "bus/pci/devices" / buses[0].lower() / "numa_node").write_text("-1\n")  # unknown to the kernel
+    assert inv.discover(NpuSmi(node.path), sysfs_root=tmp_path).numa_source != "sysfs"
