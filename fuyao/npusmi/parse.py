@@ -350,6 +350,7 @@ def parse_health(text: str) -> HealthReport:
         raise NpuSmiParseError("health", "no 'Health' or 'Health Status' line", text.strip()[:200], 1)
     codes = [c for k, v in pairs if k == "Error Code" for c in v.split() if not _missing(c)]
     infos = [v for k, v in pairs if k == "Error Information" and not _missing(v)]
+    infos += _continued(text, "Error Information")
     return HealthReport(
         npu_id=_to_int(report.first("NPU ID")),
         chip_id=_to_int(report.first("Chip ID")),
@@ -358,6 +359,23 @@ def parse_health(text: str) -> HealthReport:
         error_codes=tuple(codes),
         error_information=tuple(infos),
     )
+
+
+_CONTINUATION = re.compile(r"^\s*:\s*(\S.*?)\s*$")
+_KEYED = re.compile(r"^\s*([^:\s][^:]*?)\s*:")
+
+
+def _continued(text: str, key: str) -> list[str]:
+    """The values npu-smi prints on lines of their own below ``key`` (``\t   : <value>``, one per further error code;
+    blank lines may come between), which a key-value parse leaves out for having no key."""
+    out: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if (m := _KEYED.match(line)) is not None:
+            inside = m.group(1) == key
+        elif inside and (m := _CONTINUATION.match(line)) is not None and not _missing(m.group(1)):
+            out.append(m.group(1))
+    return out
 
 
 def parse_set_result(text: str, what: str = "set") -> SetResult:

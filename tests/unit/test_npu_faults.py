@@ -34,6 +34,8 @@ def test_reset_results_parse_by_their_last_status_and_message() -> None:
 def test_chip_health_with_two_codes() -> None:
     report = p.parse_health(sample("F2a-health-chip-two-codes.txt"))
     assert report.health == H.ALARM and report.error_codes == ("80E01801", "80C98008")
+    # one description per code: the second sits on a line of its own with no key (it was dropped)
+    assert [i.split(",")[0] for i in report.error_information] == ["node type=HBM", "node type=AICORE"]
 
 
 def test_link_status() -> None:
