@@ -103,7 +103,7 @@ def test_health_with_error_codes_in_source_format() -> None:
     report = p.parse_health(text)
     assert report.health is NpuHealthState.ALARM
     assert report.error_codes == ("80E18005", "80CB8009")
-    assert report.error_information == ("node type=SOC, sensor type=Temperature",)
+    assert report.error_information == ("node type=SOC, sensor type=Temperature", "node type=HBM, sensor type=ECC")
 
 
 @pytest.mark.parametrize("name,sections,key,value", [
