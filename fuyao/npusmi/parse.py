@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -282,7 +282,7 @@ def _process_rows(block: _Block, header: list[list[list[str]]]) -> Iterator[Proc
             log.debug("npu-smi info: skipping process line %d: %r", row.line_no, row.raw)
             continue
         yield ProcessRow(npu_id=npu_id, chip_id=chip_id, pid=pid, name=values.get("processname"),
-                         memory_mb=_to_float(values.get("processmemorymb")))
+                         memory_mb=_process_memory_mb(values))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,6 +363,15 @@ def parse_health(text: str) -> HealthReport:
 
 _CONTINUATION = re.compile(r"^\s*:\s*(\S.*?)\s*$")
 _KEYED = re.compile(r"^\s*([^:\s][^:]*?)\s*:")
+
+
+def _process_memory_mb(values: Mapping[str, str | None]) -> float | None:
+    """A process's memory: ``Process memory(MB)``, or ``Process memory(B)`` (910 A1 drivers) in MB."""
+    mb = _to_float(values.get("processmemorymb"))
+    if mb is not None:
+        return mb
+    in_bytes = _to_float(values.get("processmemoryb"))
+    return in_bytes / 2**20 if in_bytes is not None else None
 
 
 def _continued(text: str, key: str) -> list[str]:

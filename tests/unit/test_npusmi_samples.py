@@ -190,3 +190,12 @@ def test_every_shared_sample_has_a_fixture() -> None:
     ids = re.findall(r"^## (S\d+b?|V\d+)\. ", shared.read_text(), re.M)
     have = {f.name.split("-")[0] for f in Path(SAMPLES).glob("*.txt")}
     assert ids and set(ids) <= have, f"samples without a fixture: {sorted(set(ids) - have)}"
+
+
+def test_a_process_table_in_bytes_gives_megabytes() -> None:
+    # a 910 A1 capture headed "Process memory(B)": the process's memory was lost (None)
+    text = sample("S1-info-910b4-8.txt")
+    mb = p.parse_info(text).processes[0].memory_mb
+    in_bytes = p.parse_info(text.replace("Process memory(MB)", "Process memory(B) ").replace(
+        f"{int(mb or 0)}", f"{int((mb or 0) * 2**20)}", 1) if "Process memory(MB)" in text else text)
+    assert mb and in_bytes.processes[0].memory_mb == mb
