@@ -445,8 +445,7 @@ class UpstreamPool:
     async def _acquire(self, origin: Origin, limit: float, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to ``origin`` and whether it was reused from the pool (``fresh``: always a new one)."""
         key = (origin.host, origin.port, origin.ssl is not None)
-        if time.monotonic() - self._swept >= (self.idle_s or IDLE_S):
-            self._sweep(time.monotonic())
+        self._sweep_if_due(time.monotonic())
         idle = None if fresh else self._idle.get(key)
         if idle:
             now = time.monotonic()
@@ -472,8 +471,7 @@ class UpstreamPool:
             conn.abort()
             return
         now = time.monotonic()
-        if now - self._swept >= (self.idle_s or IDLE_S):
-            self._sweep(now)
+        self._sweep_if_due(now)
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
             conn.abort()
@@ -481,6 +479,10 @@ class UpstreamPool:
         conn.idle_since = now
         conn.headers_ready = None
         idle.append(conn)
+
+    def _sweep_if_due(self, now: float) -> None:
+        if now - self._swept >= (self.idle_s or IDLE_S):
+            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Close the idle connections past their idle time, for every origin (one is otherwise looked at only when

@@ -97,6 +97,11 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _deadline(timeout_s: float) -> Response:
+    """The answer to a request whose whole time (``decode_timeout``) ran out."""
+    return _error(504, f"the answer took longer than {timeout_s:g} s (inference timeouts)", "TimeoutError")
+
+
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers)
 
@@ -361,8 +366,7 @@ class Router:
                 # nothing at all came back in the request's whole time: a hung engine (its /health may still pass)
                 # counts it, so its circuit opens; never retried (a long generation would take as long elsewhere)
                 dispatch.failed()
-                raise _Answered(_error(504, f"the answer took longer than {timeout_s:g} s (inference timeouts)",
-                                       "TimeoutError"), "deadline") from None
+                raise _Answered(_deadline(timeout_s), "deadline") from None
             except (UpstreamError, OSError) as exc:
                 dispatch.failed()
                 raise _BackendFailed(_failure(exc)) from None
@@ -400,8 +404,7 @@ class Router:
                             dispatch.failed()
                         if first:
                             if deadline:
-                                raise _Answered(_error(504, f"the answer took longer than {timeout_s:g} s "
-                                                       "(inference timeouts)", "TimeoutError"), "deadline") from None
+                                raise _Answered(_deadline(timeout_s), "deadline") from None
                             raise _BackendFailed(_failure(exc)) from None
                         log.warning("backend %s broke off a response: %s", backend.url, exc,
                                     extra={"backend": backend.url})

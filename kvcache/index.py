@@ -61,6 +61,11 @@ REMEMBER_REMOVED = 4096
 """Removed blocks whose content hash is kept per engine, for children stored after their parent was evicted."""
 
 
+def _residency(event: BlockStored | BlockRemoved) -> tuple[str, int]:
+    """Where an event says the blocks are: (medium, KV cache group); vLLM's None is the GPU, group 0."""
+    return event.medium or "GPU", event.group_idx or 0
+
+
 class KvIndex:
     def __init__(self, block_size: int = 16, seed: int = 0, keys: BlockKeys | None = None):
         self.block_size = block_size
@@ -99,7 +104,7 @@ class KvIndex:
             if isinstance(event, BlockStored):
                 state.block_size = event.block_size
                 stored = self._content(state, event)
-                residency = (event.medium or "GPU", event.group_idx or 0)
+                residency = _residency(event)
                 if residency != DEFAULT_RESIDENCY or self.where:
                     self._held(endpoint, stored, flag, residency)
                 for h in stored:
@@ -107,8 +112,9 @@ class KvIndex:
                 state.hashes.update(stored)
             elif isinstance(event, BlockRemoved):
                 engine = event.block_hashes
-                if self.where or (event.medium or "GPU", event.group_idx or 0) != DEFAULT_RESIDENCY:
-                    engine = self._released(state, engine, (event.medium or "GPU", event.group_idx or 0))
+                residency = _residency(event)
+                if self.where or residency != DEFAULT_RESIDENCY:
+                    engine = self._released(state, engine, residency)
                 removed = self._forget(state, engine)
                 self._unset(removed, keep)
                 state.hashes.difference_update(removed)
