@@ -300,6 +300,37 @@ class _StreamCounters(Collector):
             yield family
 
 
+class _TierCounters(Collector):
+    """The shared tier's cumulative counts, read at scrape time as counters (``rate()`` and ``increase()`` need
+    counters): ``fuyao_kvcache_tier_evictions_total{policy}``, ``fuyao_kvcache_tier_expirations_total`` (the
+    in-memory tier) and ``fuyao_kvcache_volume_removed_blocks_total{reason}`` (the volume tier's sweeps)."""
+
+    def __init__(self, service: KvCacheService):
+        self._service = service
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None, None)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._service.tier, self._service.volume)
+
+    @staticmethod
+    def _families(tier: SharedTier | None, volume: VolumeTier | None) -> Iterator[Metric]:
+        evictions = CounterMetricFamily("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier",
+                                        labels=("policy",))
+        expirations = CounterMetricFamily("fuyao_kvcache_tier_expirations", "Blocks of the shared tier expired by "
+                                          "ttl")
+        removed = CounterMetricFamily("fuyao_kvcache_volume_removed_blocks", "Block files removed from the tier's "
+                                      "volume, by reason", labels=("reason",))
+        if tier is not None:
+            evictions.add_metric((tier.policy.value,), tier.evictions)
+            expirations.add_metric((), tier.expirations)
+        if volume is not None:
+            removed.add_metric(("evicted",), volume.evicted_total)
+            removed.add_metric(("expired",), volume.expired_total)
+        yield from (evictions, expirations, removed)
+
+
 class KvCacheMetrics:
     def __init__(self, service: KvCacheService):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -310,24 +341,21 @@ class KvCacheMetrics:
         self.requests = Counter("fuyao_kvcache_requests", "Prompt blocks asked for", ("layer",), registry=r)
         r.register(_DesignDocNames(self.hits, self.requests))
         self.events = Counter("fuyao_kvcache_events", "KV events applied to the index", ("endpoint",), registry=r)
-        self.lag = Gauge("fuyao_kvcache_event_lag_seconds", "Age of the newest applied event batch",
+        self.lag = Gauge("fuyao_kvcache_event_lag_seconds", "How late the newest applied event batch arrived (its "
+                         "timestamp to when it was applied; staleness: fuyao_kvcache_last_event_timestamp_seconds)",
                          ("endpoint",), registry=r)
         self.last_event = Gauge("fuyao_kvcache_last_event_timestamp_seconds", "When the newest event batch of the "
                                 "endpoint was applied (Unix time)", ("endpoint",), registry=r)
         self.index_blocks = Gauge("fuyao_kvcache_index_blocks", "Distinct blocks in the index", registry=r)
         self.tier_blocks = Gauge("fuyao_kvcache_tier_blocks", "Blocks in the shared tier", registry=r)
-        self.evictions = Gauge("fuyao_kvcache_tier_evictions", "Blocks evicted from the shared tier (cumulative)",
-                               ("policy",), registry=r)
-        self.expirations = Gauge("fuyao_kvcache_tier_expirations", "Blocks expired by ttl (cumulative)", registry=r)
         self.warmed = Counter("fuyao_kvcache_warming_queries", "Warming queries an engine computed (their KV stored "
                               "on the volume tier by its connector)", registry=r)
         self.volume_blocks = Gauge("fuyao_kvcache_volume_blocks", "KV block files on the tier's volume (last sweep)",
                                    registry=r)
         self.volume_bytes = Gauge("fuyao_kvcache_volume_bytes", "Bytes of KV block files on the tier's volume (last "
                                   "sweep; held at kvCache.size)", registry=r)
-        self.volume_removed = Gauge("fuyao_kvcache_volume_removed_blocks", "Block files removed from the volume "
-                                    "(cumulative), by reason", ("reason",), registry=r)
         r.register(_StreamCounters(service))
+        r.register(_TierCounters(service))
         self._labelled: set[str] = set()  # endpoints with series in the families above
         self.latency = Histogram("fuyao_kvcache_request_duration_seconds", "HTTP request time by path", ("path",),
                                  buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05), registry=r)
@@ -350,12 +378,8 @@ class KvCacheMetrics:
         tier = self.service.tier
         if tier is not None:
             self.tier_blocks.set(len(tier))
-            self.evictions.labels(tier.policy.value).set(tier.evictions)
-            self.expirations.set(tier.expirations)
         volume = self.service.volume
         if volume is not None:
             self.volume_blocks.set(volume.last.blocks)
             self.volume_bytes.set(volume.last.bytes)
-            self.volume_removed.labels("evicted").set(volume.evicted_total)
-            self.volume_removed.labels("expired").set(volume.expired_total)
         return generate_latest(self.registry)

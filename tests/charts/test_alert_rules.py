@@ -140,14 +140,17 @@ CASES: dict[str, list[Case]] = {
                           "description": "Prefix-aware routing cannot see that engine's cache: check its "
                                          "--kv-events-config (publisher zmq, endpoint) and the network policy."}),
         Case("KvEventStreamStale",
-             # the last event at t=0 while requests keep coming: stale from 5 min on, firing 5 min later
+             # the last event at t=0 while the router keeps sending the engine requests: stale from 5 min on, firing
+             # 5 min later
              fires={'fuyao_kvcache_last_event_timestamp_seconds{endpoint="engine-0"}': "0x30",
-                    'inference_requests_total{code="200"}': "0+10x30"},
-             # the same silence, but no requests: an idle engine publishes nothing
+                    'inference_backend_requests_total{backend="engine-0",role="both"}': "0+10x30"},
+             # the same silence while requests flow, but to other engines: an engine without requests publishes
+             # nothing (this fired for every idle engine of a busy fleet)
              quiet={'fuyao_kvcache_last_event_timestamp_seconds{endpoint="engine-0"}': "0x30",
-                    'inference_requests_total{code="200"}': "5x30"},
+                    'inference_backend_requests_total{backend="engine-0",role="both"}': "5x30",
+                    'inference_backend_requests_total{backend="engine-1",role="both"}': "0+10x30"},
              fired_at="12m", pending_at="10m", labels={"severity": "warning", "endpoint": "engine-0"},
-             annotations={"summary": "no KV event from engine-0 for 300s while requests flow",
+             annotations={"summary": "no KV event from engine-0 for 300s while the router sends it requests",
                           "description": "The index goes stale and prefix-aware routing falls back to load. Check "
                                          "the engine and fuyao_kvcache_event_gaps_total / decode_errors_total."}),
     ],

@@ -139,7 +139,7 @@ def test_the_volume_tier_is_held_at_its_size_by_the_policy(tmp_path) -> None:  #
                       f"  volume:\n    path: {tmp_path / 'tier'}\n    interval: 200ms\n")
     cache = kvcache("--config", str(config)).start()
     try:
-        wait_for(lambda: cache.metric('fuyao_kvcache_volume_removed_blocks{reason="evicted"}') == 6, 20,
+        wait_for(lambda: cache.metric('fuyao_kvcache_volume_removed_blocks_total{reason="evicted"}') == 6, 20,
                  "six blocks evicted")
         left = sorted(p.name[:-3] for p in (tmp_path / "tier").rglob("*.kv"))
         assert left == sorted(keys[:4])  # the loaded ones stayed
@@ -203,3 +203,22 @@ def test_an_engine_no_longer_followed_leaves_no_metric_series() -> None:
     page = service.metrics.render().decode()
     assert 'fuyao_kvcache_event_lag_seconds{endpoint="http://10.0.0.1:8000"}' in page
     assert "10.0.0.2" not in page
+
+
+def test_the_tiers_cumulative_counts_are_counters() -> None:
+    # they were gauges holding running totals: rate() and increase() over them are wrong, and a restart looked like
+    # a drop instead of a counter reset
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fuyao.kvcache.config import build_config
+    from fuyao.kvcache.service import KvCacheService
+
+    service = KvCacheService(build_config({"kvCache": {"size": 8, "blockSize": 4, "bytesPerToken": 1}}).kv_cache)
+    assert service.tier is not None
+    service.tier.put([1, 2, 3])  # room for two: one evicted
+    families = {f.name: f for f in text_string_to_metric_families(service.metrics.render().decode())}
+    evictions = families["fuyao_kvcache_tier_evictions"]
+    assert evictions.type == "counter"
+    assert [(s.name, s.value) for s in evictions.samples] == [("fuyao_kvcache_tier_evictions_total", 1.0)]
+    assert families["fuyao_kvcache_tier_expirations"].type == "counter"
+    assert families["fuyao_kvcache_volume_removed_blocks"].type == "counter"  # described even without a volume
