@@ -3,11 +3,11 @@
 Whole dies get ``ASCEND_VISIBLE_DEVICES=<physical ids>`` and ``/dev/davinci<N>``; vNPUs get their vNPU ids,
 ``ASCEND_RUNTIME_OPTIONS=VIRTUAL`` (an existing vNPU, as Ascend's docker runtime mounts one: never
 ``ASCEND_VNPU_SPECS``, which asks that runtime to create another), their templates in a container annotation, and
-the host's ``/dev/vdavinci<id>`` at
-``/dev/davinci<id>`` in the container when the driver made it, as Ascend's docker runtime mounts it (so the CANN
+the host's ``/dev/vdavinci<id>`` (made by the driver with the vNPU) at
+``/dev/davinci<id>`` in the container, as Ascend's docker runtime mounts it (so the CANN
 runtime, and Ray's NPU manager, which counts ``/dev/davinci[0-9]*``, see one device). The decision is pure
 (:func:`container_spec`); the only host facts it needs, which device nodes and driver paths exist, come in through
-``exists``, so a missing ``/dev/davinciN`` is reported before the runtime fails on it.
+``exists``, so a missing ``/dev/davinciN`` or ``/dev/vdavinciN`` is reported before the runtime fails on it.
 """
 
 from __future__ import annotations
@@ -97,9 +97,12 @@ def container_spec(
         for slot in ordered:
             assert slot.vnpu is not None
             host = os.path.join(dev_root, f"vdavinci{slot.vnpu.vnpu_id}")
-            if exists(host):
-                # the container path is /dev/davinci<id>, as Ascend's docker runtime mounts it (VIRTUAL)
-                nodes.append(DeviceNode(container_path=f"/dev/davinci{slot.vnpu.vnpu_id}", host_path=host))
+            if not exists(host):  # the driver makes it with the vNPU: without it the container has no device
+                raise AllocationRefused("FAILED_PRECONDITION",
+                                        f"device node {host} for vNPU {slot.id} does not exist (check --dev-root, "
+                                        "the Ascend driver and npu-smi info -t info-vnpu)")
+            # the container path is /dev/davinci<id>, as Ascend's docker runtime mounts it (VIRTUAL)
+            nodes.append(DeviceNode(container_path=f"/dev/davinci{slot.vnpu.vnpu_id}", host_path=host))
         envs = {ENV_ASCEND_VISIBLE_DEVICES: ",".join(str(s.vnpu.vnpu_id) for s in ordered if s.vnpu),
                 ENV_ASCEND_RUNTIME_OPTIONS: "VIRTUAL"}
         ids = [s.id for s in ordered]

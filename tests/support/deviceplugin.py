@@ -33,8 +33,10 @@ class PluginUnderTest:
         self.root = Path(tempfile.mkdtemp(prefix="fdp", dir="/tmp"))
         self.preset = preset
         self.state = self.root / "npu.json"
-        self.env = {**os.environ, "FAKE_NPU_SMI_STATE": str(self.state), "PYTHONUNBUFFERED": "1"}
         self.dev_root = self.root / "dev"
+        # the simulated driver makes (and removes) vdavinci<id> under the dev root with each vNPU, as the real one
+        self.env = {**os.environ, "FAKE_NPU_SMI_STATE": str(self.state), "FAKE_NPU_SMI_DEV": str(self.dev_root),
+                    "PYTHONUNBUFFERED": "1"}
         self.plugin_dir = self.root / "dp"
         self.log_path = self.root / "plugin.log"
         self.health_interval = health_interval

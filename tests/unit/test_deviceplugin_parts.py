@@ -196,6 +196,11 @@ def test_container_spec_for_vnpu_slices(inventory) -> None:  # type: ignore[no-u
     with pytest.raises(AllocationRefused, match="cannot mix"):
         container_spec([slot.id, "Ascend910-0"], slots, {i: HEALTHY for i in slots}, dev_root="/devroot",
                        driver_mounts=(), exists=lambda p: True)
+    # no /dev/vdavinci133 (a --dev-root that is not the host's /dev, a driver that did not make it): refused,
+    # naming the node, instead of a container that starts without its device
+    with pytest.raises(AllocationRefused, match="/devroot/vdavinci133 for vNPU Ascend910-2-v133 does not exist"):
+        container_spec([slot.id], slots, {i: HEALTHY for i in slots}, dev_root="/devroot", driver_mounts=(),
+                       exists=lambda p: p == "/devroot/davinci_manager")
 
 
 def test_container_env_reaches_every_npu_container_and_never_overrides_the_devices(inventory) -> None:  # type: ignore[no-untyped-def]
