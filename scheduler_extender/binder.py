@@ -171,8 +171,8 @@ class Binder:
                 return error
             try:
                 error = await self._bind(args, pod)
-            except _Conflict:
-                error = (f"bind of {pod.key} to {args.node} failed: the pod changed meanwhile (409); "
+            except _Conflict as conflict:
+                error = (f"bind of {pod.key} to {args.node} failed: the pod changed meanwhile ({conflict}); "
                          "the scheduler retries")
         if error:
             log.warning("%s", error, extra={"pod": f"{args.pod_namespace}/{args.pod_name}", "node": args.node})
@@ -183,7 +183,10 @@ class Binder:
         if args.pod_uid and pod.uid != args.pod_uid:
             return f"pod {pod.key} is now uid {pod.uid}, not {args.pod_uid}: it was re-created"
         if pod.node_name:
-            # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod
+            # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod. Read from the
+            # API server, it may be news to the watch (an earlier attempt whose answer was lost, to this node or
+            # another, then replaced by this attempt's assumption): its devices count from now on
+            self.cache.assume(pod)
             return "" if pod.node_name == args.node else f"pod {pod.key} is already bound to {pod.node_name}"
         if not self.cache.ready:  # a node without its pods looks free: its devices would be handed out again
             return "the extender is still listing nodes and pods; the scheduler retries"
@@ -199,8 +202,9 @@ class Binder:
             annotations[ANNOTATION_POD_ASSIGNED] = dump_annotation(assignment)
             written(annotations[ANNOTATION_POD_ASSIGNED], assignment)
         # assumed as the watch will report it (node, assignment annotation): then its event costs no recomputation
-        self.cache.assume(dataclasses.replace(pod, node_name=args.node, assignment=assignment,
-                                              annotations=annotations, phase_status="Pending"))
+        assumed = dataclasses.replace(pod, node_name=args.node, assignment=assignment, annotations=annotations,
+                                      phase_status="Pending")
+        self.cache.assume(assumed)
         # One request, atomic in the API server: the binding sets the node and the annotations together, on the
         # condition that the pod still has this uid and resourceVersion (409 otherwise).
         metadata: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace}
@@ -228,9 +232,10 @@ class Binder:
                         "the watch shows whether it was bound")
         self._count("bind", status, started)
         if failure:
-            self.cache.forget_assumed(pod.uid)  # refused, or never sent: the devices are free again
+            # refused, or never sent: the devices are free again, unless another attempt has assumed the pod since
+            self.cache.forget_assumed(pod.uid, only=assumed)
             if status == 409:
-                raise _Conflict
+                raise _Conflict(failure)  # the API server's reason: a stale copy, or a pod being deleted...
             return f"bind of {pod.key} to {args.node} failed: {failure}"
         log.info("bound %s to %s", pod.key, args.node,
                  extra={"pod": pod.key, "node": args.node,

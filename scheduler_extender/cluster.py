@@ -187,10 +187,13 @@ class ClusterCache:
             if pod.node_name:
                 self._touch(pod.node_name)
 
-    def forget_assumed(self, uid: str) -> None:
-        """A bind we assumed did not happen: give its devices back."""
+    def forget_assumed(self, uid: str, only: PodInfo | None = None) -> None:
+        """A bind we assumed did not happen: give its devices back. ``only``: if the pod is still assumed as that
+        (the very object given to :meth:`assume`), not as another attempt's later assumption."""
         with self.lock:
-            self._forget(uid)
+            entry = self._assumed.get(uid)
+            if entry is not None and (only is None or entry[0] is only):
+                self._forget(uid)
 
     def _forget(self, uid: str) -> None:
         """Stop counting an assumed pod and recompute its node (under the lock)."""

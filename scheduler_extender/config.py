@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_yaml, merged, validated
@@ -70,6 +70,8 @@ defaults."""
 
 
 class ExtenderConfig(ConfigSection):
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite volcanoScoreScale sent every score as null
+
     version: Literal["v1"] = CONFIG_VERSION
     listen: HostPort = "127.0.0.1:8888"
     reuse_port: bool = Field(default=False, description="listen with SO_REUSEPORT, so that several extender "

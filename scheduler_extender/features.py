@@ -23,6 +23,7 @@ import numpy as np
 
 from fuyao.contracts import (
     ACCELERATOR_RESOURCES,
+    ANNOTATION_NODE_TOPOLOGY,
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU_CORE,
@@ -52,6 +53,7 @@ COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "alloc": (np.int64, (len(ACCELERATOR_RESOURCES),), 0),  # allocatable per accelerator resource
     "free": (np.int64, (len(ACCELERATOR_RESOURCES),), 0),  # allocatable - requested by pods on the node
     "topo": (np.bool_, (), False),  # publishes npu.openfuyao.com/topology
+    "topo_problem": (object, (), None),  # without a topology: why its annotation did not parse (None: absent)
     "shaped": (np.bool_, (), False),  # the node's product has rules on which NPUs go together (fuyao.products)
     "n_devices": (np.int32, (), 0),
     "free_by_device": (np.int32, (), 0),  # healthy whole dies no pod holds
@@ -153,6 +155,8 @@ def _node_row(info: NodeInfo) -> dict[str, Any]:
     row["business"] = business
     if info.topology is not None:
         row.update(_topology_row(info))
+    else:
+        row["topo_problem"] = next((p for p in info.problems if ANNOTATION_NODE_TOPOLOGY in p), None)
     return row
 
 

@@ -18,8 +18,9 @@ class ExtenderMetrics:
                                  ("verb", "result"), registry=r)
         self.rejections = Counter("fuyao_extender_rejections_total", "Node rejections by plugin and reason",
                                   ("plugin", "reason"), registry=r)
-        self.bad_requests = Counter("fuyao_extender_bad_requests_total", "Requests answered 400", ("verb",),
-                                    registry=r)
+        self.bad_requests = Counter("fuyao_extender_bad_requests_total", "Requests refused as the client's error: "
+                                    "malformed or too deep (400), too big (413), too slow to arrive (408)",
+                                    ("verb",), registry=r)
         self.api_calls = Counter("fuyao_extender_api_calls_total", "The binder's API server calls: read (a pod the "
                                  "watch cache did not have yet, or a stale copy) and bind, by HTTP status",
                                  ("call", "code"), registry=r)

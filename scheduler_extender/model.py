@@ -32,6 +32,7 @@ from fuyao.contracts import (
     POD_INSTANCE_LABELS,
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
+    RESOURCE_NPU,
     BusinessType,
     ContractError,
     NodeTopology,
@@ -85,19 +86,39 @@ def _resources(spec: Mapping[str, Any] | None) -> dict[str, Decimal]:
 
 
 def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[dict[str, Decimal], list[tuple[str, dict[str, Decimal]]]]:
-    """(pod total, per container): the pod total is max(sum of containers, largest init container), as the
-    kube-scheduler computes it."""
+    """(pod total, per container) as kube-scheduler computes them (component-helpers ``PodRequests``): a native
+    sidecar (an init container with ``restartPolicy: Always``) runs beside the containers, so it adds to their sum
+    and holds its devices like one of them (listed first: the kubelet starts it first); a plain init container runs
+    alone beside the sidecars started before it. The pod total is max(containers + sidecars, the largest of those
+    init steps), plus the pod's overhead."""
     containers = [(c.get("name", ""), _resources(c.get("resources"))) for c in pod_spec.get("containers") or []]
-    total: dict[str, Decimal] = {}
-    for _, req in containers:
-        for name, value in req.items():
-            total[name] = total.get(name, Decimal(0)) + value
+    sidecars: list[tuple[str, dict[str, Decimal]]] = []
+    sidecar_sum: dict[str, Decimal] = {}
+    init_peak: dict[str, Decimal] = {}
     for init in pod_spec.get("initContainers") or []:
-        for name, value in _resources(init.get("resources")).items():
-            total[name] = max(total.get(name, Decimal(0)), value)
-    for name, value in _resources(pod_spec.get("overhead") and {"requests": pod_spec["overhead"]}).items():
-        total[name] = total.get(name, Decimal(0)) + value
-    return total, containers
+        requests = _resources(init.get("resources"))
+        if init.get("restartPolicy") == "Always":
+            sidecars.append((init.get("name", ""), requests))
+            _add(sidecar_sum, requests)
+            step = sidecar_sum
+        else:
+            step = _add(dict(sidecar_sum), requests)
+        for name, value in step.items():
+            init_peak[name] = max(init_peak.get(name, Decimal(0)), value)
+    running = sidecars + containers
+    total: dict[str, Decimal] = {}
+    for _, req in running:
+        _add(total, req)
+    for name, value in init_peak.items():
+        total[name] = max(total.get(name, Decimal(0)), value)
+    _add(total, _resources(pod_spec.get("overhead") and {"requests": pod_spec["overhead"]}))
+    return total, running
+
+
+def _add(into: dict[str, Decimal], requests: Mapping[str, Decimal]) -> dict[str, Decimal]:
+    for name, value in requests.items():
+        into[name] = into.get(name, Decimal(0)) + value
+    return into
 
 
 def exclusive_cpus(pod_spec: Mapping[str, Any]) -> int:
@@ -180,6 +201,13 @@ class PodInfo:
     @cached_property
     def accelerators(self) -> dict[str, int]:
         return {r: self.request(r) for r in ACCELERATOR_RESOURCES if self.request(r) > 0}
+
+    @cached_property
+    def npu_counts(self) -> tuple[int, ...]:
+        """The whole NPUs each container asks for (those asking for some): the device plugin gives each its own
+        set, so a product's count and shape rules apply to each of them, not to the pod's total."""
+        counts = tuple(n for _, requests in self.containers if (n := int(requests.get(RESOURCE_NPU, 0))) > 0)
+        return counts if len(counts) > 1 else ((self.request(RESOURCE_NPU),) if self.request(RESOURCE_NPU) else ())
 
     @property
     def terminal(self) -> bool:

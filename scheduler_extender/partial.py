@@ -35,6 +35,7 @@ class Meta(TypedDict, total=False):
 class Container(TypedDict, total=False):
     name: Any
     resources: Any
+    restartPolicy: Any  # an init container's: Always makes it a native sidecar
 
 
 class PodSpec(TypedDict, total=False):

@@ -18,6 +18,7 @@ the decision) and one never seen is a few milliseconds of parsing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import ssl
@@ -57,7 +58,12 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _ack(service: ExtenderService, name: str) -> Callable[[Request], Any]:
-    async def handler(_request: Request) -> Response:
+    async def handler(request: Request) -> Response:
+        # the body is read (and dropped) so that the connection stays open for the scheduler's next call: an
+        # answer before the body closes it. Volcano's onSessionOpen carries the whole session (up to the
+        # prioritize cap); over it, the answer is the same and the connection closes.
+        with contextlib.suppress(BodyError):
+            await request.read(VOLCANO_PRIORITIZE_MAX_BODY)
         service.metrics.decisions.labels(name, "ok").inc()
         return _json({})
 
@@ -73,7 +79,26 @@ def _decide(call: Callable[[Any], Any], body: Any) -> bytes:
     except ProtocolError:
         raise
     except (AttributeError, TypeError, ValueError, ArithmeticError, KeyError) as exc:
+        if _raised_deciding(exc):
+            raise  # a bug in the decision on parsed objects: a 500 counted as result=error, not a bad request
         raise ProtocolError(f"malformed object in the request: {type(exc).__name__}: {exc}") from None
+
+
+_DECIDING = ("features", "framework", "row_cache", "devices", "object_memo")
+"""The extender's modules that decide on objects already parsed (with ``plugins.*``): an exception raised in one is
+the extender's bug, whatever its type."""
+
+
+def _raised_deciding(exc: BaseException) -> bool:
+    """Whether the innermost frame of this package that ``exc`` passed through decides on parsed objects."""
+    innermost = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if "scheduler_extender." in module:
+            innermost = module.rsplit("scheduler_extender.", 1)[1]
+        tb = tb.tb_next
+    return innermost.startswith("plugins.") or innermost in _DECIDING
 
 
 def _verb(service: ExtenderService, name: str, call: Callable[[Any], Any],
@@ -143,7 +168,7 @@ def build_app(service: ExtenderService) -> HttpServer:
                                       else MAX_BODY,
                                       offload_above=PREDICATE_OFFLOAD_ABOVE if name == "volcano-predicate"
                                       else OFFLOAD_ABOVE))
-    for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status: the body is not read
+    for verb in ("onSessionOpen", "onSessionClose"):  # Volcano reads only the status
         app.route("POST", f"/volcano/{verb}", _ack(service, f"volcano-{verb}"))
 
     async def healthz(_request: Request) -> Response:

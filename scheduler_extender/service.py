@@ -16,6 +16,8 @@ from typing import Any
 
 import xxhash
 
+from fuyao.config_files import ConfigSection
+
 from . import kube_protocol as kp
 from .cluster import ClusterCache
 from .config import ExtenderConfig
@@ -24,7 +26,7 @@ from .framework import Cycle, Explanation, Framework, to_extender_scores
 from .metrics import ExtenderMetrics
 from .model import NodeInfo, PodInfo, parse_node, parse_pod
 from .partial import Kept
-from .plugins import PdAffinityArgs, registry
+from .plugins import DeviceFitArgs, PdAffinityArgs, registry
 from .plugins.colocation import be_victims
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,15 @@ their preferences."""
 
 
 def build_framework(config: ExtenderConfig) -> Framework:
-    """Every registered plugin, made from its args in the config, with its weight."""
-    return Framework(registry.build(config.plugins))
+    """Every registered plugin, made from its args in the config, with its weight; device-fit's
+    ``requireTopology: null`` resolved to whether this extender binds."""
+    plugins: ConfigSection = config.plugins
+    fit = registry.args_of(plugins, "device-fit")
+    assert isinstance(fit, DeviceFitArgs)
+    if fit.require_topology is None:
+        fit = fit.model_copy(update={"require_topology": config.bind})
+        plugins = plugins.model_copy(update={registry.REGISTRY["device-fit"].field: fit})
+    return Framework(registry.build(plugins))
 
 
 def pd_topology_key(config: ExtenderConfig) -> str:

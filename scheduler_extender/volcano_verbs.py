@@ -240,17 +240,19 @@ class VolcanoVerbs:
         with cache.lock:
             view, _ = cache.table.view(cache.node_names())
             capacity = {r: int(view.alloc[:, column].sum()) for r, column in RESOURCE_COLUMN.items()}
-            fits: dict[tuple[tuple[str, int], ...], bool] = {}
+            # per shape of its requests (the pod's totals, and each container's NPUs: product rules apply to each)
+            fits: dict[tuple[tuple[tuple[str, int], ...], tuple[int, ...]], bool] = {}
             never = 0  # tasks without devices, and tasks not created yet, are not ours to judge: they may fit
             for pod in wanted:
-                shape = tuple(sorted(pod.accelerators.items()))
+                shape = (tuple(sorted(pod.accelerators.items())), pod.npu_counts)
                 if shape not in fits:
                     outcome = self.capacity.filter(pod, view, Cycle(pd=cache.pd, domains=cache.table))
                     fits[shape] = len(outcome.unresolvable) < len(view)
                 never += not fits[shape]
         tasks = max(len(pods), needed)
         if wanted and tasks - never < needed:
-            impossible = [dict(s) for s, ok in fits.items() if not ok]
+            impossible = [dict(s) | ({"containers' NPUs": list(c)} if len(c) > 1 else {})
+                          for (s, c), ok in fits.items() if not ok]
             return REJECT, (f"{never} of its tasks can never fit on any node (devices {impossible}), "
                             f"and it needs {needed} of {tasks}")
         if wanted:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fuyao.contracts import LABEL_VOLCANO_COLOCATION, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, QoSClass
 
@@ -26,6 +26,13 @@ class QosColocationArgs(PluginArgs):
     ls_usage_watermark: float = Field(default=0.7, gt=0, le=1)
     ls_max_usage: float = Field(default=0.95, gt=0, le=1)
     be_pressure_watermark: float = Field(default=0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _watermark_below_max(self) -> QosColocationArgs:
+        if self.ls_usage_watermark > self.ls_max_usage:
+            raise ValueError(f"lsUsageWatermark ({self.ls_usage_watermark}) is above lsMaxUsage "
+                             f"({self.ls_max_usage}): LS scores go down from the watermark to 0 at the maximum")
+        return self
 
 
 class ColocationReject(Reject):

@@ -15,7 +15,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from fuyao.contracts import ANNOTATION_POD_ASSIGNED, RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU
+from fuyao.contracts import (
+    ANNOTATION_NODE_TOPOLOGY,
+    ANNOTATION_POD_ASSIGNED,
+    RESOURCE_NPU,
+    RESOURCE_NPU_CORE,
+    RESOURCE_VNPU,
+)
 
 from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
 from ..framework import Cycle, Reject, Verdicts
@@ -23,11 +29,16 @@ from ..model import PodInfo
 from .registry import PluginArgs, register
 
 ACCELERATOR_NODE_SCORE = 0.25  # a pod that asks for no accelerator, on a node that has some
+DIE_RESOURCES = frozenset({RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU})  # the binder chooses their dies
 
 
 class DeviceFitArgs(PluginArgs):
     weight: float = Field(default=3.0, ge=0)
     strategy: Literal["binpack", "spread"] = "binpack"
+    require_topology: bool | None = Field(default=None, description=(
+        f"refuse NPU, vNPU and npu-core requests on nodes without a usable {ANNOTATION_NODE_TOPOLOGY} annotation "
+        "(the device plugin has not published it, or it does not parse): the binder cannot choose their dies, so "
+        "every bind there would fail. null: true when the extender binds (bind: true)"))
 
 
 class DeviceFitReject(Reject):
@@ -40,9 +51,15 @@ class DeviceFitReject(Reject):
     CORES = 7, "cores-not-on-one-die"
     VNPUS = 8, "insufficient-vnpus"
     LINKS = 9, "links-down"  # a multi-NPU request needs NPUs whose RoCE link is up
+    NO_TOPOLOGY = 10, "no-topology", True  # the binder cannot choose dies on a node that publishes none
 
 
 R = DeviceFitReject
+
+
+def _linked_need(counts: tuple[int, ...]) -> int:
+    """NPUs that must have their RoCE link up: those of containers asking for more than one."""
+    return sum(c for c in counts if c > 1)
 
 
 @register("device-fit", DeviceFitArgs)
@@ -53,6 +70,7 @@ class DeviceFitPlugin:
     def __init__(self, args: DeviceFitArgs | None = None):
         self.args = args or DeviceFitArgs()
         self.strategy = self.args.strategy
+        self.require_topology = bool(self.args.require_topology)  # unresolved (null): not required
 
     def row_local(self, pod: PodInfo) -> bool:
         return True
@@ -77,16 +95,23 @@ class DeviceFitPlugin:
             mark(view.alloc[:, column] < want, R.TOO_SMALL, request)
             mark(view.free[:, column] < want, R.SHORT, request)
             topo = view.topo
+            if self.require_topology and resource in DIE_RESOURCES:
+                mark(~topo, R.NO_TOPOLOGY, request)
             if resource == RESOURCE_NPU:
+                # the device plugin gives each container its own set: links and product rules apply per container
+                counts = pod.npu_counts
                 mark(topo & (view.free_by_device < want), R.UNHEALTHY, request)
-                if want > 1:
-                    mark(topo & (view.free_linked < want), R.LINKS, request)
-                if want > 1:
+                if linked := _linked_need(counts):
+                    mark(topo & (view.free_linked < linked), R.LINKS, request)
+                if max(counts) > 1:
                     mark(topo & view.shaped & (view.unplaced > 0), R.UNPLACED, request)
                 ruled = topo & view.ruled
-                if want <= 62:
-                    mark(ruled & ((view.counts_never >> want) & 1).astype(bool), R.COUNT_NEVER, request)
-                    mark(ruled & ~((view.counts_ok >> want) & 1).astype(bool), R.SHAPE_NOW, request)
+                for count in counts:
+                    if count <= 62:
+                        mark(ruled & ((view.counts_never >> count) & 1).astype(bool), R.COUNT_NEVER, request)
+                for count in counts:
+                    if count <= 62:
+                        mark(ruled & ~((view.counts_ok >> count) & 1).astype(bool), R.SHAPE_NOW, request)
             elif resource == RESOURCE_NPU_CORE:
                 mark(topo & (view.die_cores_max < want), R.CORES, request)
             elif resource == RESOURCE_VNPU:
@@ -105,18 +130,29 @@ class DeviceFitPlugin:
         if kind == R.SHORT:
             return [f"insufficient {r}: {free[i, RESOURCE_COLUMN[r]]} free, {w} requested"
                     for i, (r, w) in zip(at.tolist(), failed, strict=True)]
+        if kind == R.NO_TOPOLOGY:
+            return [f"the node publishes no usable {ANNOTATION_NODE_TOPOLOGY} annotation"
+                    f"{f' ({problem})' if problem else ''}: its dies cannot be chosen (is the device plugin running?)"
+                    for problem in view.topo_problem[at].tolist()]
         want = wanted.get(RESOURCE_NPU, 0)
         if kind == R.UNHEALTHY:
             return [f"{n} healthy free NPUs by device, {want} requested" for n in view.free_by_device[at].tolist()]
         if kind == R.LINKS:
-            return [f"{n} free NPUs with their RoCE link up, {want} requested (NPUs whose link is down take "
-                    "single-NPU pods only)" for n in view.free_linked[at].tolist()]
+            linked = _linked_need(pod.npu_counts)
+            return [f"{n} free NPUs with their RoCE link up, {linked} requested by multi-NPU containers (NPUs whose "
+                    "link is down take single-NPU containers only)" for n in view.free_linked[at].tolist()]
         if kind == R.UNPLACED:
             return [f"{n} NPUs of this node are held by pods bound without {ANNOTATION_POD_ASSIGNED}: whether "
                     "dies its product lets go together are free is unknown" for n in view.unplaced[at].tolist()]
         if kind in (R.COUNT_NEVER, R.SHAPE_NOW):
-            return [dict(reasons).get(want) or f"{want} NPUs do not fit the node's product rules"
-                    for reasons in view.count_reasons[at].tolist()]
+            counts = pod.npu_counts
+            bits = (view.counts_never if kind == R.COUNT_NEVER else ~view.counts_ok)[at].tolist()
+            out = []
+            for mask, reasons in zip(bits, view.count_reasons[at].tolist(), strict=True):
+                count = next((c for c in counts if c <= 62 and (mask >> c) & 1), want)
+                why = dict(reasons).get(count) or f"{count} NPUs do not fit the node's product rules"
+                out.append(why if len(counts) == 1 else f"a container asking for {count} NPUs: {why}")
+            return out
         if kind == R.CORES:
             cores = wanted.get(RESOURCE_NPU_CORE, 0)
             return [f"no die has {cores} free AI cores (most free on one die: {m}); a vNPU lives on one die"

@@ -7,7 +7,9 @@ Adding a plugin is one new module in ``plugins/`` that ends with its registratio
 ``plugins/__init__.py`` (docs/architecture.md has a worked example)::
 
     class GpuAffinityArgs(PluginArgs):
-        weight: float = Field(default=1.0, ge=0)
+        model_config = ConfigDict(allow_inf_nan=False)  # an infinite weight made every score NaN (sent as null: 0)
+
+    weight: float = Field(default=1.0, ge=0)
 
     @register("gpu-affinity", GpuAffinityArgs)
     class GpuAffinityPlugin:
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
 
 from fuyao.config_files import ConfigSection
 
@@ -30,6 +32,8 @@ from ..framework import Plugin
 class PluginArgs(ConfigSection):
     """Base of a plugin's args (its section under ``plugins:``): ``weight`` of its score in the weighted average
     (0: it does not score; its filter still runs)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite weight made every score NaN (sent as null: 0)
 
     weight: float = Field(default=1.0, ge=0)
 

@@ -122,3 +122,68 @@ def test_assumed_binds_do_not_expire_while_the_pod_watch_is_failing() -> None:
         assert cache.pods_on("n1") == []  # the watch works and never reported it: forgotten
     finally:
         time.monotonic = real  # type: ignore[assignment]
+
+
+def test_a_retried_bind_to_another_node_keeps_what_the_lost_first_one_did() -> None:
+    """kube-scheduler's bind times out on node n1 (the Binding happened; its answer was lost) and it retries on n2:
+    the API server refuses with 409 and the pod, read again, is on n1. The second attempt's assumption had replaced
+    the first's and was then dropped, leaving n1's two NPUs free in the cache until the watch caught up (another
+    bind could be given them). Now the pod read bound to n1 counts there, and the 409's reason is in the error."""
+    from aiohttp import web
+
+    async def scenario() -> None:
+        cache, uid = _cache_with_pending_pod()
+        cache.replace_nodes([node("n1", topo=topology()), node("n2", topo=topology())])
+        bound = pod("p", requests={RESOURCE_NPU: "2"}, uid=uid, node_name="n1", phase="Pending",
+                    assigned={RESOURCE_NPU: ["Ascend910-0", "Ascend910-1"]})
+        bound["metadata"]["resourceVersion"] = "7"
+        conflict = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                    "message": 'Operation cannot be fulfilled on pods/binding "p": pod p is already assigned to '
+                               'node "n1"'}
+
+        async def binding(_request: web.Request) -> web.Response:
+            return web.json_response(conflict, status=409)
+
+        async def read(_request: web.Request) -> web.Response:
+            return web.json_response(bound)
+
+        app = web.Application()
+        app.router.add_post("/api/v1/namespaces/default/pods/p/binding", binding)
+        app.router.add_get("/api/v1/namespaces/default/pods/p", read)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        binder = Binder(RestEndpoint(f"http://127.0.0.1:{port}", None, RotatingToken()), cache, timeout_s=2)
+        try:
+            error = await binder(BindingArgs("p", "default", uid, "n2"))
+            assert error == "pod default/p is already bound to n1"
+            assert [p.uid for p in cache.pods_on("n1")] == [uid] and cache.pods_on("n2") == []
+            info = cache.node_info("n1")
+            assert info is not None and info.assigned[RESOURCE_NPU] == {"Ascend910-0", "Ascend910-1"}
+            # a 409 whose re-read shows nothing new (the pod is being deleted...): the API server's reason is said
+            bound["spec"].pop("nodeName")
+            cache.forget_assumed(uid)
+            error = await binder(BindingArgs("p", "default", uid, "n2"))
+            assert "already assigned to node" in error and "409" in error, error
+        finally:
+            await binder.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_attempt_forgets_only_its_own_assumption() -> None:
+    # attempt 1 (n1) fails with a 500 after attempt 2 (n2) assumed the pod: attempt 1 dropped attempt 2's devices
+    # while its Binding was still in flight
+    cache, uid = _cache_with_pending_pod()
+    cache.replace_nodes([node("n1", topo=topology()), node("n2", topo=topology())])
+    pending = parse_pod(pod("p", requests={RESOURCE_NPU: "2"}, uid=uid))
+    first, second = (dataclasses.replace(pending, node_name=n) for n in ("n1", "n2"))
+    cache.assume(first)
+    cache.assume(second)
+    cache.forget_assumed(uid, only=first)
+    assert [p.uid for p in cache.pods_on("n2")] == [uid]
+    cache.forget_assumed(uid, only=second)
+    assert cache.pods_on("n2") == []

@@ -173,6 +173,25 @@ def test_volcano_prioritize_and_victims(extender: Extender) -> None:
     assert extender.post("/volcano/onSessionClose", {})[0] == 200
 
 
+def test_volcano_session_verbs_keep_the_connection(extender: Extender) -> None:
+    # they answered before reading the body, and the server then closes the connection: Volcano's client opened
+    # a new one for its next call every session
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", extender.port, timeout=10)
+    try:
+        body = json.dumps({"Jobs": {f"j{i}": {"Name": "x" * 200} for i in range(2000)}, "Nodes": {}})
+        for verb in ("onSessionOpen", "onSessionClose", "onSessionOpen"):
+            conn.request("POST", f"/volcano/{verb}", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read()) == {}
+            assert response.getheader("Connection", "").lower() != "close"
+            sock = conn.sock
+            assert sock is not None  # the same connection serves the next call
+    finally:
+        conn.close()
+
+
 def test_every_volcano_verb_is_served_with_its_shape(extender: Extender) -> None:
     """Each verb Volcano's extender plugin can be configured with answers 200 and the fields its response struct
     decodes (a 404 would be an error for Volcano)."""

@@ -150,6 +150,67 @@ def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     assert "rule 910-a1-module/counts" in rejection.reason and rejection.code == "product-count"
 
 
+def test_product_rules_apply_to_each_containers_npus() -> None:
+    # the device plugin gives each container its own set: on an A1 board (1, 2, 4 or 8 per set) containers of 3 + 1
+    # can never be placed (the filter passed them on their total of 4 and every bind failed), while 1 + 1 + 1 can
+    # (it was refused on its total of 3)
+    plugin = DeviceFitPlugin()
+    board = info(node("a1", topo=topology("a1")))
+
+    def split(*counts: int) -> PodInfo:
+        raw = pod("p", requests={RESOURCE_NPU: str(counts[0])})
+        raw["spec"]["containers"] += [{"name": f"c{i}", "resources": {"limits": {RESOURCE_NPU: str(n)}}}
+                                      for i, n in enumerate(counts[1:], 1)]
+        return parse_pod(raw)
+
+    rejection = reject(plugin, split(3, 1), board)
+    assert rejection and rejection.unresolvable and rejection.code == "product-count"
+    assert "a container asking for 3 NPUs" in rejection.reason and "not 3" in rejection.reason
+    assert reject(plugin, split(1, 1, 1), board) is None
+    assert reject(plugin, split(2, 2), board) is None
+
+
+def test_native_sidecars_count_beside_the_containers() -> None:
+    # an init container with restartPolicy Always runs for the pod's life (kube-scheduler's PodRequests adds it to
+    # the containers' sum); a plain init container runs beside the sidecars started before it
+    raw = pod("a", requests={RESOURCE_NPU: "1", "cpu": "1"})
+    raw["spec"]["initContainers"] = [
+        {"name": "proxy", "restartPolicy": "Always", "resources": {"requests": {RESOURCE_NPU: "1", "cpu": "1"}}},
+        {"name": "warm", "resources": {"requests": {"cpu": "3"}}}]
+    p = parse_pod(raw)
+    assert p.request(RESOURCE_NPU) == 2 and p.cpu_milli == 4000  # cpu: max(1 + 1, 1 + 3)
+    assert [name for name, _ in p.containers] == ["proxy", raw["spec"]["containers"][0]["name"]]
+    assert p.npu_counts == (1, 1)
+    raw["spec"]["initContainers"][0].pop("restartPolicy")  # a plain init container: max, not sum
+    assert parse_pod(raw).request(RESOURCE_NPU) == 1
+
+
+def test_a_binding_extender_refuses_nodes_without_a_usable_topology() -> None:
+    # the binder cannot choose dies there: the node passed filter and prioritize (scoring like a good one) and every
+    # bind to it failed, the pod looping on bind errors
+    from fuyao.contracts import ANNOTATION_NODE_TOPOLOGY
+    from fuyao.scheduler_extender.config import build_config
+    from fuyao.scheduler_extender.service import build_framework
+
+    ask = parse_pod(pod("p", requests={RESOURCE_NPU: "1"}))
+    bare = info(node("n"))  # NPUs, no annotation yet
+    garbled = node("g")
+    garbled["metadata"]["annotations"][ANNOTATION_NODE_TOPOLOGY] = "{not json"
+    requiring = DeviceFitPlugin(DeviceFitArgs(require_topology=True))
+    rejection = reject(requiring, ask, bare)
+    assert rejection and rejection.code == "no-topology" and rejection.unresolvable
+    assert "publishes no usable npu.openfuyao.com/topology annotation: " in rejection.reason
+    rejection = reject(requiring, ask, info(garbled))
+    assert rejection and "npu.openfuyao.com/topology annotation (" in rejection.reason  # the parse error, named
+    assert reject(requiring, parse_pod(pod("cpu-only")), bare) is None
+    assert reject(DeviceFitPlugin(), ask, bare) is None  # not required: the device plugin picks the dies
+    # null follows bind
+    for bind in (True, False):
+        framework = build_framework(build_config({"bind": bind}))
+        fit = next(p for p, _ in framework.plugins if isinstance(p, DeviceFitPlugin))
+        assert fit.require_topology is bind
+
+
 def test_npu_core_requests_must_fit_one_die() -> None:
     plugin = DeviceFitPlugin()
     raw = node("d", npus=0, topo=topology(aicore=20), extra={RESOURCE_NPU_CORE: "160"})
@@ -544,3 +605,20 @@ def test_product_rules_in_the_extender_agree_with_the_device_plugin() -> None:
     numbers = [int(d.rsplit("-", 1)[1]) for d in twelve]
     low, high = {i for i in numbers if i < 8}, {i - 8 for i in numbers if i >= 8}
     assert low == high and len(low) == 6  # matched pairs i, i+8
+
+
+def test_config_refuses_infinite_numbers_and_a_watermark_above_the_maximum() -> None:
+    # an infinite weight made every kube-scheduler score NaN (clamped to 0) and Volcano's null; an infinite
+    # volcanoScoreScale the same; a watermark above the maximum inverted the LS score ramp
+    import pytest
+
+    from fuyao.config_files import ConfigError
+    from fuyao.scheduler_extender.config import build_config
+
+    for values, field in (({"plugins": {"deviceFit": {"weight": float("inf")}}}, "plugins.deviceFit.weight"),
+                          ({"plugins": {"numa": {"weight": float("nan")}}}, "plugins.numa.weight"),
+                          ({"volcanoScoreScale": float("inf")}, "volcanoScoreScale"),
+                          ({"plugins": {"qosColocation": {"lsUsageWatermark": 0.9, "lsMaxUsage": 0.8}}},
+                           "lsUsageWatermark (0.9) is above lsMaxUsage (0.8)")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+            build_config(values)

@@ -70,3 +70,20 @@ def test_shapes_the_cut_does_not_take_are_decoded_and_bad_ones_named() -> None:
                              (go_extender_args(ASK, [{"metadata": {"uid": "x"}}]), "metadata.name")):
         with pytest.raises((ProtocolError, Exception), match=fragment):
             kp.decode_extender_args(broken)
+
+
+def test_a_bug_in_a_plugin_is_a_500_not_the_clients_malformed_request() -> None:
+    # any TypeError / KeyError / ValueError... raised while deciding was answered 400 "malformed object in the
+    # request" and counted as a bad request: a plugin bug never reached the SchedulerExtenderErrors alert
+    from fuyao.scheduler_extender import server
+    from fuyao.scheduler_extender.model import parse_pod
+    from fuyao.scheduler_extender.partial import ProtocolError
+    from fuyao.scheduler_extender.plugins.device_fit import DeviceFitPlugin
+
+    def plugin_bug(_body: object) -> object:
+        return DeviceFitPlugin().filter(None, None, None)  # type: ignore[arg-type]  # AttributeError inside
+
+    with pytest.raises(AttributeError):
+        server._decide(plugin_bug, b"{}")
+    with pytest.raises(ProtocolError, match="malformed object in the request"):
+        server._decide(lambda body: parse_pod(body), {"metadata": "not a map"})
