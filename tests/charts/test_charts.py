@@ -283,6 +283,10 @@ def test_only_the_device_plugin_is_privileged_and_api_pods_run_as_non_root(tmp_p
                     assert pod["securityContext"]["runAsNonRoot"] is True
                     assert security["capabilities"] == {"drop": ["ALL"]}
                     assert security["readOnlyRootFilesystem"] is True
+                if chart == "qos-agent":  # root for the host's cgroup files, but no capability
+                    assert security["capabilities"] == {"drop": ["ALL"]}
+                    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+                    assert security["allowPrivilegeEscalation"] is False
 
 
 def test_scheduler_snippets_match_the_documented_examples(tmp_path: Path) -> None:
