@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import __version__, logs
+from . import __version__, logs, netaddr
 from .config_files import ConfigError
 from .http_server import HttpServer
 
@@ -104,22 +104,26 @@ async def serve_until_signal(app: web.Application | HttpServer, listen: str, log
     connection is closed after ``keepalive_timeout``. ``reuse_port``: several processes may listen on the port
     (SO_REUSEPORT; the kernel spreads new connections over them). Returns the exit code: 0, or 1 when the address
     cannot be bound."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port = netaddr.listen_parts(listen)
     runner: web.AppRunner | None = None
     try:
+        # an empty host: every address of every family, on one socket
+        sock = netaddr.wildcard_socket(port, reuse_port, backlog) if host == "" else None
         if isinstance(app, HttpServer):
             app.keepalive_timeout = keepalive_timeout
-            bound = await app.start(host, int(port), ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port)
+            bound = await app.start(host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port,
+                                    sock=sock)
         else:
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
                                    keepalive_timeout=keepalive_timeout)
             await runner.setup()
-            site = web.TCPSite(runner, host, int(port), ssl_context=ssl_context, backlog=backlog,
-                               reuse_port=reuse_port or None)
+            site: web.BaseSite = (
+                web.SockSite(runner, sock, ssl_context=ssl_context, backlog=backlog) if sock is not None else
+                web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=backlog,
+                            reuse_port=reuse_port or None))
             await site.start()
             sockets = getattr(site._server, "sockets", None) or []  # the bound address (port 0 → the kernel's pick)
-            bound = sockets[0].getsockname()[:2] if sockets else (host, int(port))
+            bound = sockets[0].getsockname()[:2] if sockets else (host, port)
     except OSError as exc:
         log.error("cannot listen on %s: %s", listen, exc)
         if runner is not None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections import deque
@@ -48,6 +49,7 @@ from http import HTTPStatus
 
 import httptools
 
+from fuyao import netaddr
 from fuyao.http_body import BodyError
 
 log = logging.getLogger(__name__)
@@ -656,11 +658,18 @@ class HttpServer:
         return await handler(request)
 
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
-                    reuse_port: bool = False) -> tuple[str, int]:
-        """Listen; the bound address (port 0 → the one the kernel picked). Raises :class:`OSError`."""
+                    reuse_port: bool = False, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on ``host:port`` (an empty host: every address of every family) or on ``sock``, already bound;
+        the bound address (port 0 → the one the kernel picked). Raises :class:`OSError`."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host or None, port, ssl=ssl_context,
-                                                backlog=backlog, reuse_port=reuse_port or None)
+        if sock is None and not host:
+            sock = netaddr.wildcard_socket(port, reuse_port, backlog)
+        if sock is not None:
+            self._server = await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ssl_context,
+                                                    backlog=backlog)
+        else:
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=ssl_context,
+                                                    backlog=backlog, reuse_port=reuse_port or None)
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 

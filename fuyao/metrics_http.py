@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .netaddr import WILDCARDS, listen_parts
+
 
 class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry):
@@ -16,8 +18,15 @@ class MetricsEndpoint:
     def serve(self, address: str) -> tuple[str, int]:
         """Serve /metrics on ``HOST:PORT`` (port 0 picks a free one); returns the bound address. OSError when the
         address cannot be bound."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        host, port = listen_parts(address)
+        hosts = WILDCARDS if host == "" else (host,)  # an empty host: every family, else IPv4's (IPv6 off)
+        for index, attempt in enumerate(hosts):
+            try:
+                server, _thread = start_http_server(port, addr=attempt, registry=self.registry)
+                break
+            except OSError:
+                if index == len(hosts) - 1:
+                    raise
         self._server = server
         bound = server.server_address
         return str(bound[0]), int(bound[1])

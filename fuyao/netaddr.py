@@ -4,12 +4,55 @@ in the router, the KV index and Ray Serve whatever the pod network's address fam
 
 from __future__ import annotations
 
+import socket
+
 
 def host_port(host: str, port: int | str) -> str:
     """``host:port``, with an IPv6 literal in brackets (already bracketed hosts are kept as they are)."""
     if ":" in host and not host.startswith("["):
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def listen_parts(address: str) -> tuple[str, int]:
+    """A listen address ``HOST:PORT`` as (host, port), an IPv6 literal's brackets dropped. An empty host
+    (``:9000``) is "": every address of every family the host has, which an IPv6 single-stack pod network needs
+    (``0.0.0.0`` is IPv4 only); see :data:`WILDCARDS`."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+WILDCARDS = ("::", "0.0.0.0")
+"""What an empty listen host binds, tried in order by a server on one socket: ``::`` takes IPv4 too (a dual-stack
+socket, Linux's default), and a host with IPv6 turned off refuses it, where ``0.0.0.0`` still works."""
+
+
+def wildcard_socket(port: int, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on every address of every family (:data:`WILDCARDS`, in order): one socket, so port
+    0 gives one port for both. Raises :class:`OSError` when neither binds."""
+    error: OSError | None = None
+    for host in WILDCARDS:
+        sock = socket.socket(family(host), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    assert error is not None
+    raise error
+
+
+def family(host: str) -> socket.AddressFamily:
+    """The address family of a host literal (a name: IPv4's, as socketserver assumes)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def url(scheme: str, host: str, port: int | str) -> str:

@@ -169,7 +169,11 @@ def test_config_files_the_charts_write_are_accepted_by_the_components(variant: s
     inference = render("ai-inference-optimization", variant, tmp_path)
     router = router_config(config_map(inference, "config.yaml"))
     index = kvcache_config(config_map(inference, "kvcache.yaml"))
-    assert plugin.metrics_address.startswith("0.0.0.0:") and extender.listen.startswith("0.0.0.0:")
+    # every address of every family (an IPv6 single-stack cluster's pods have no 0.0.0.0 to be reached on)
+    assert plugin.metrics_address.startswith(":") and extender.listen.startswith(":")
+    assert agent.metrics_address.startswith(":") or not agent.metrics_address  # "": metrics off
+    assert router.router.listen.startswith(":")
+    assert index.listen.startswith(":")
     assert agent.cgroup_root == "/host/sys/fs/cgroup" and router.router.discovery.enabled
     assert index.kv_cache.events.discovery.enabled
     if variant == "custom":  # the chart's values and the free-form config both arrive

@@ -50,3 +50,45 @@ def test_large_bodies_reuse_freed_heap_instead_of_fresh_pages() -> None:
 def test_an_operators_glibc_settings_win() -> None:
     applied, _faults = probe("tuned", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"})
     assert applied == "False"
+
+
+def _answers(host: str, port: int, path: str = "/metrics") -> bool:
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status in (200, 404)
+    finally:
+        conn.close()
+
+
+def test_an_empty_listen_host_takes_both_address_families() -> None:
+    # the charts listen on ":PORT": 0.0.0.0 was IPv4 only, unreachable in an IPv6 single-stack cluster
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from fuyao.http_server import HttpServer
+    from fuyao.metrics_http import MetricsEndpoint
+    from fuyao.netaddr import listen_parts
+
+    assert listen_parts(":9400") == ("", 9400) and listen_parts("[fd00::1]:80") == ("fd00::1", 80)
+    endpoint = MetricsEndpoint(CollectorRegistry())
+    _host, port = endpoint.serve(":0")
+    try:
+        assert _answers("127.0.0.1", port) and _answers("::1", port)
+    finally:
+        endpoint.shutdown()
+
+    async def served() -> None:
+        app = HttpServer()
+        _bound, port = await app.start("", 0)
+        loop = asyncio.get_running_loop()
+        try:
+            for host in ("127.0.0.1", "::1"):
+                assert await loop.run_in_executor(None, _answers, host, port, "/")
+        finally:
+            await app.stop(1)
+
+    asyncio.run(served())

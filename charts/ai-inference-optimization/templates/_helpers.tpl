@@ -55,7 +55,7 @@ characters (so two components never truncate to the same name), dots replaced (S
 {{/* The router's config.yaml: the design doc's four sections, then .Values.router.config over them. */}}
 {{- define "ai-inference-optimization.routerConfig" -}}
 {{- $discovery := dict "enabled" true "namespace" (default nil .Values.router.discovery.namespace) -}}
-{{- $router := dict "listen" (printf "0.0.0.0:%v" .Values.router.port) "strategy" .Values.router.strategy "discovery" $discovery -}}
+{{- $router := dict "listen" (printf ":%v" .Values.router.port) "strategy" .Values.router.strategy "discovery" $discovery -}}
 {{- $kv := dict "enabled" true "blockSize" .Values.kvCache.blockSize "hashSeed" .Values.kvCache.hashSeed "blockHashing" .Values.kvCache.blockHashing "tokenizer" .Values.router.tokenizer -}}
 {{- if .Values.kvCache.enabled -}}
 {{- $_ := set $kv "service" (printf "http://%s.%s.svc:%v" (include "ai-inference-optimization.kvcacheName" .) .Release.Namespace .Values.kvCache.port) -}}
@@ -77,7 +77,7 @@ characters (so two components never truncate to the same name), dots replaced (S
 {{- if .Values.kvCache.volume.enabled -}}
 {{- $_ := set $kv "volume" (dict "path" .Values.kvCache.volume.mountPath "interval" .Values.kvCache.volume.interval) -}}
 {{- end -}}
-{{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.kvCache.port) "kvCache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
+{{- $cfg := dict "version" "v1" "listen" (printf ":%v" .Values.kvCache.port) "kvCache" (mustMergeOverwrite $kv (deepCopy .Values.kvCache.config)) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

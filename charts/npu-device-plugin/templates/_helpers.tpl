@@ -55,7 +55,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if $h.faultTable -}}
 {{- $_ := set $health "faultTable" "/etc/fuyao/faults/fault-table.json" -}}
 {{- end -}}
-{{- $cfg := dict "version" "v1" "npuSmi" (dict "path" .Values.npuSmi.path "timeout" .Values.npuSmi.timeout) "devicePluginDir" .Values.hostPaths.devicePlugins "devRoot" .Values.hostPaths.dev "health" $health "metricsAddress" (ternary (printf "0.0.0.0:%v" .Values.metrics.port) "" .Values.metrics.enabled) "driverMounts" $mounts "vnpu" $vnpu -}}
+{{- $cfg := dict "version" "v1" "npuSmi" (dict "path" .Values.npuSmi.path "timeout" .Values.npuSmi.timeout) "devicePluginDir" .Values.hostPaths.devicePlugins "devRoot" .Values.hostPaths.dev "health" $health "metricsAddress" (ternary (printf ":%v" .Values.metrics.port) "" .Values.metrics.enabled) "driverMounts" $mounts "vnpu" $vnpu -}}
 {{- if .Values.serverUsage -}}
 {{- $_ := set $cfg "serverUsage" .Values.serverUsage -}}
 {{- end -}}

@@ -39,6 +39,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The agent's config file (qos config v1): what the chart decides, then .Values.config over it. */}}
 {{- define "qos-agent.config" -}}
-{{- $cfg := dict "version" "v1" "cgroupRoot" "/host/sys/fs/cgroup" "stateFile" (printf "%s/state.json" .Values.stateDir) "interval" .Values.interval "metricsAddress" (ternary (printf "0.0.0.0:%v" .Values.metrics.port) "" .Values.metrics.enabled) -}}
+{{- $cfg := dict "version" "v1" "cgroupRoot" "/host/sys/fs/cgroup" "stateFile" (printf "%s/state.json" .Values.stateDir) "interval" .Values.interval "metricsAddress" (ternary (printf ":%v" .Values.metrics.port) "" .Values.metrics.enabled) -}}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) -}}
 {{- end -}}

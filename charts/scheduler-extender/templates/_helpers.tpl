@@ -63,7 +63,7 @@ is a hostNetwork static pod with the node's resolv.conf: it cannot resolve .svc 
 
 {{/* The extender's config file (scheduler_extender config v1): what the chart decides, then .Values.config over it. */}}
 {{- define "scheduler-extender.config" -}}
-{{- $cfg := dict "version" "v1" "listen" (printf "0.0.0.0:%v" .Values.service.port) "bind" .Values.bind -}}
+{{- $cfg := dict "version" "v1" "listen" (printf ":%v" .Values.service.port) "bind" .Values.bind -}}
 {{- if and .Values.bind (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "scheduler-extender: replicas > 1 with bind: true needs leaderElection.enabled (one binder; see values.yaml)" -}}
 {{- end -}}
