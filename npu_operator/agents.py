@@ -1,7 +1,8 @@
 """The operator's two small programs that run in pods it creates:
 
 - ``nfd``: on every node, label NPU nodes (``accelerator``, ``accelerate-type``, the driver version) from sysfs and
-  npu-smi, and record which label keys it set so deleting the policy removes exactly those;
+  npu-smi, and record which label keys it set so deleting the policy removes exactly those (an ``accelerator`` label
+  already there, such as MindCluster's ``huawei-Ascend910``, is someone else's: left alone, never recorded);
 - ``validate``: in a pod given one NPU, run ``npu-smi info`` and report what it shows through the container's
   termination message (the operator reads it from the pod's status; no log access needed).
 """
@@ -21,6 +22,7 @@ from typing import Any
 from fuyao.contracts import (
     ANNOTATION_NFD_LABELS,
     ENV_ASCEND_VISIBLE_DEVICES,
+    LABEL_ACCELERATOR,
     LABEL_NPU_DRIVER,
     LABEL_NPU_FIRMWARE,
     label_value,
@@ -77,7 +79,9 @@ def discover(sysfs_root: str, npu_smi: str, driver_version_file: str, timeout_s:
 
 def label_patch(found: Discovered, node_meta: Mapping[str, Any]) -> dict[str, Any] | None:
     """The node patch that makes its labels say what was found (None: nothing to change). Keys set earlier but not
-    found now are removed; keys never recorded are never touched."""
+    found now are removed; keys never recorded are never touched. An ``accelerator`` label discovery did not record
+    was set by someone else (an administrator, MindCluster and Volcano's ``huawei-Ascend910``...): it is neither
+    overwritten nor recorded, so deleting the policy leaves it too."""
     labels = nfd.node_labels(list(found.devices), found.chip_model)
     if labels and found.driver_version:
         labels[LABEL_NPU_DRIVER] = label_value(found.driver_version)
@@ -86,6 +90,8 @@ def label_patch(found: Discovered, node_meta: Mapping[str, Any]) -> dict[str, An
     current = node_meta.get("labels") or {}
     recorded_raw = (node_meta.get("annotations") or {}).get(ANNOTATION_NFD_LABELS)
     recorded = {k for k in (recorded_raw or "").split(",") if k}
+    if LABEL_ACCELERATOR in current and LABEL_ACCELERATOR not in recorded:
+        labels.pop(LABEL_ACCELERATOR, None)
     stale = recorded - set(labels)
     if all(current.get(k) == v for k, v in labels.items()) and not stale and (
             recorded_raw == ",".join(sorted(labels)) or (not labels and recorded_raw is None)):

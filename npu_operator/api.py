@@ -147,7 +147,9 @@ class Condition(_Api):
 class PolicyStatus(_Api):
     observed_generation: int = 0
     component_statuses: tuple[ComponentStatus, ...] = ()
-    conditions: tuple[Condition, ...] = ()
+    conditions: tuple[Condition, ...] = Field(default=(), json_schema_extra={
+        # metav1.Condition's convention: one entry per type, merged by type (server-side apply, kubectl)
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:

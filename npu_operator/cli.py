@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from fuyao import daemon as fuyao_daemon
+from fuyao import netaddr
 from fuyao.config_files import parse_duration
+
+from .controller import CLEANUP_MARGIN_S, CLEANUP_TIMEOUT_S, stop_wait
 
 log = logging.getLogger("npu_operator")
 DOCS = "docs/npu-operator.md"
@@ -37,6 +40,18 @@ def _duration(flag: str) -> Callable[[str], float]:
             return parse_duration(raw)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+    return parse
+
+
+def _cleanup_timeout(flag: str) -> Callable[[str], float]:
+    """A duration long enough for the operator's wait for the components' pods (:func:`controller.stop_wait`)."""
+    def parse(raw: str) -> float:
+        seconds = _duration(flag)(raw)
+        try:
+            stop_wait(seconds)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+        return seconds
     return parse
 
 
@@ -70,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from fuyao.kube_watch import ListWatch
 
-    from .controller import Controller
+    from .controller import Controller, PolicyEvents
     from .kube import Rest
     from .render import Settings
 
@@ -80,20 +95,20 @@ def _run(args: argparse.Namespace) -> int:
                         sysfs_root=args.sysfs_root, driver_version_file=args.driver_version_file,
                         nfd_interval=args.nfd_interval, extra_env=dict(args.nfd_env),
                         host_dirs=tuple(args.nfd_host_dir))
-    controller = Controller(Rest(api_client), settings, resync_s=args.resync)
+    controller = Controller(Rest(api_client), settings, resync_s=args.resync,
+                            stop_wait_s=stop_wait(args.cleanup_timeout))
 
     class Wake:
-        def __init__(self, urgent: bool = False) -> None:
-            self.urgent = urgent  # the policy: reconciled at once; other kinds at most every min_interval_s
+        """Other kinds than the policy: a pass at most every min_interval_s."""
 
         def replace(self, items: list[dict[str, Any]]) -> None:
-            controller.wake(self.urgent)
+            controller.wake()
 
         def upsert(self, obj: dict[str, Any]) -> None:
-            controller.wake(self.urgent)
+            controller.wake()
 
         def delete(self, obj: dict[str, Any]) -> None:
-            controller.wake(self.urgent)
+            controller.wake()
 
     from .api import GROUP, PLURAL, VERSION
 
@@ -101,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         api_client)
     ns = {"namespace": args.namespace}
     watches = [
-        ListWatch("npuclusterpolicies", custom.list_cluster_custom_object, Wake(urgent=True),
+        ListWatch("npuclusterpolicies", custom.list_cluster_custom_object,
+                  PolicyEvents(lambda: controller.wake(urgent=True)),
                   kwargs={"group": GROUP, "version": VERSION, "plural": PLURAL}),
         ListWatch("nodes", core.list_node, Wake()),
         ListWatch("pods", core.list_namespaced_pod, Wake(), kwargs=ns),
@@ -144,8 +160,16 @@ def _serve_health(address: str, controller: Any) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
-    host, _, port = address.rpartition(":")
-    server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), Handler)
+    host, port = netaddr.listen_parts(address)
+    hosts = netaddr.WILDCARDS if host == "" else (host,)  # an empty host: every family, else IPv4's (IPv6 off)
+    for index, attempt in enumerate(hosts):
+        try:
+            server_class = type("HealthServer", (ThreadingHTTPServer,), {"address_family": netaddr.family(attempt)})
+            server = server_class((attempt, port), Handler)
+            break
+        except OSError:
+            if index == len(hosts) - 1:
+                raise
     threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
 
@@ -234,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nfd-host-dir", action="append", default=[], metavar="DIR",
                    help="a host directory mounted read-only into discovery's pods (repeatable)")
     r.add_argument("--health-address", default="0.0.0.0:8081", help="/healthz and /readyz; empty: off")
+    r.add_argument("--cleanup-timeout", type=_cleanup_timeout("--cleanup-timeout"), default=CLEANUP_TIMEOUT_S,
+                   help="the uninstall hook's --timeout (the chart passes both operator.cleanupTimeout): a deleted "
+                        f"policy waits for its components' pods {CLEANUP_MARGIN_S:g}s less, then cleans the nodes "
+                        f"(default {CLEANUP_TIMEOUT_S:g}s)")
     r.set_defaults(func=_run)
 
     n = sub.add_parser("nfd", help="label this node's NPUs")
@@ -254,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="delete the policy and wait for the stack to go (Helm pre-delete hook)")
     c.add_argument("--kubeconfig")
     c.add_argument("--namespace", default=env("POD_NAMESPACE", "npu-operator"))
-    c.add_argument("--timeout", type=_duration("--timeout"), default=60.0)
+    c.add_argument("--timeout", type=_cleanup_timeout("--timeout"), default=CLEANUP_TIMEOUT_S,
+                   help="how long to wait for the operator's cleanup before doing it here; the operator's "
+                        f"--cleanup-timeout must say the same (default {CLEANUP_TIMEOUT_S:g}s)")
     c.set_defaults(func=_cleanup)
 
     d = sub.add_parser("crd", help="print the CustomResourceDefinition")

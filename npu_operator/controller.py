@@ -20,6 +20,7 @@ annotations for a controller with a single object.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -49,6 +51,8 @@ from fuyao.contracts import (
     LABEL_OPERATOR_COMPONENT,
     LABEL_OPERATOR_REVISION,
     NPU_RESOURCES,
+    RESOURCE_BATCH_CPU,
+    RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU,
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
@@ -76,8 +80,31 @@ log = logging.getLogger(__name__)
 FINALIZER = f"{GROUP}/cleanup"
 POLICY_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}/{POLICY_NAME}"
 MANAGED = f"{LABEL_MANAGED_BY}={MANAGER}"
-STOP_WAIT_S = 120.0
-"""How long a deleted policy waits for its component pods to go before cleaning the node labels anyway."""
+CLEANUP_TIMEOUT_S = 150.0
+"""How long the uninstall hook waits for the operator's cleanup by default (the chart's ``operator.cleanupTimeout``,
+which it passes to the operator too)."""
+CLEANUP_MARGIN_S = 30.0
+"""What the operator needs within the hook's timeout after its wait for the component pods: a pass to notice they
+are gone, the node cleanup, the finalizer."""
+MIN_STOP_WAIT_S = 30.0
+"""The least wait for the component pods (their termination grace periods are 5 to 10 s)."""
+
+
+def stop_wait(cleanup_timeout_s: float) -> float:
+    """How long a deleted policy waits for its component pods to go before cleaning the nodes anyway, given the
+    uninstall hook's timeout: what is left of it after :data:`CLEANUP_MARGIN_S`, so the operator has cleaned up
+    before the hook gives up and does it itself (with pods that may still write their labels back). ValueError for
+    a timeout that leaves less than :data:`MIN_STOP_WAIT_S`."""
+    wait = cleanup_timeout_s - CLEANUP_MARGIN_S
+    if wait < MIN_STOP_WAIT_S:
+        raise ValueError(f"{cleanup_timeout_s:g}s is too short: a deleted policy waits for its components' pods "
+                         f"{CLEANUP_MARGIN_S:g}s less than the cleanup timeout, and at least {MIN_STOP_WAIT_S:g}s "
+                         f"(give {CLEANUP_MARGIN_S + MIN_STOP_WAIT_S:g}s or more)")
+    return wait
+
+
+STOP_WAIT_S = stop_wait(CLEANUP_TIMEOUT_S)
+"""How long a deleted policy waits for its component pods by default."""
 MONITORING = "monitoring.coreos.com/v1"
 
 
@@ -100,6 +127,9 @@ class Controller:
     _urgent: bool = False
     _stopping_since: float | None = None  # when the deletion of the policy began waiting for component pods
     _kick: threading.Event = field(default_factory=threading.Event)  # ends a min_interval_s wait: urgent, stop
+    stop_wait_s: float = STOP_WAIT_S
+    """How long a deleted policy waits for its component pods (:func:`stop_wait` of the hook's timeout)."""
+    _qos_leftovers_since: float | None = None  # when the operator removed its QoS agent, until its node keys go
 
     # The loop ----------------------------------------------------------------------------------------------------
     def wake(self, urgent: bool = False) -> None:
@@ -176,7 +206,7 @@ class Controller:
             previous = _status_model(policy.get("status"))
             status = invalid_spec_status(problem, int(meta.get("generation") or 0), previous)
             body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-            if body != (policy.get("status") or {}):
+            if status_differs(body, policy.get("status")):
                 self.rest.merge_patch(POLICY_PATH + "/status", {"status": body})
             return status
         errors: dict[Component, str] = {}
@@ -190,10 +220,11 @@ class Controller:
         allocatable = {n["metadata"]["name"]: (n.get("status") or {}).get("allocatable") or {} for n in nodes}
         validation = self._validate(spec, policy, npu_nodes, pods, applied, allocatable)
         previous = _status_model(policy.get("status"))
+        self._remove_qos_leftovers(spec, previous, nodes, pods)
         seen = self._observe(spec, nodes, npu_nodes, pods, applied, validation, errors, was_up(previous))
         status = policy_status(spec, seen, int(meta.get("generation") or 0), previous)
         body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        if body != (policy.get("status") or {}):
+        if status_differs(body, policy.get("status")):
             self.rest.merge_patch(POLICY_PATH + "/status", {"status": body})
             for changed in transitions(previous, status):
                 self._event(policy, changed)
@@ -211,16 +242,43 @@ class Controller:
                 self.rest.delete(obj)
         if self._stopping_since is None:
             self._stopping_since = time.monotonic()
-        if time.monotonic() - self._stopping_since > STOP_WAIT_S:
+        if time.monotonic() - self._stopping_since > self.stop_wait_s:
             return []
-        releases = set(render.CHARTS.values())
+        return component_pods(self.rest.list(collection("v1", "pods", ns)), set(render.CHARTS.values()),
+                              nfd=True)
 
-        def ours(pod: Mapping[str, Any]) -> bool:
-            labels = pod["metadata"].get("labels") or {}
-            return labels.get(LABEL_APP_INSTANCE) in releases or labels.get(LABEL_APP_NAME) == render.NFD_NAME
-
-        return [p["metadata"]["name"] for p in self.rest.list(collection("v1", "pods", ns))
-                if ours(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    def _remove_qos_leftovers(self, spec: PolicySpec, previous: PolicyStatus | None,
+                              nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+        """Once the QoS agent the operator ran is disabled and its pods are gone, remove what it wrote on nodes: its
+        extended resources (no kubelet owns them, so they would stay in every node's status) and its usage
+        annotation. Only after the operator removed its own agent (this process pruned it, or the last status showed
+        it enabled), never for one installed otherwise while the policy's is off. Pods stuck terminating are waited
+        for no longer than a deleted policy waits for its components."""
+        if spec.enabled(Component.QOS_AGENT):
+            self._qos_leftovers_since = None
+            return
+        was_enabled = any(s.name == Component.QOS_AGENT and s.state.type != StateType.DISABLED
+                          for s in (previous.component_statuses if previous else ()))
+        if was_enabled and self._qos_leftovers_since is None:
+            self._qos_leftovers_since = time.monotonic()
+        if self._qos_leftovers_since is None:
+            return
+        waiting = component_pods(pods, {render.CHARTS[Component.QOS_AGENT]})
+        if waiting and time.monotonic() - self._qos_leftovers_since <= self.stop_wait_s:
+            log.info("qosAgent disabled: waiting for %d of its pods to go before removing its node resources",
+                     len(waiting))
+            return
+        for node in nodes:
+            patches = qos_node_patches(node)
+            for path, patch in patches:
+                try:
+                    self.rest.merge_patch(path, patch)
+                except KubeError as exc:
+                    if exc.status != 404:  # a node deleted meanwhile has nothing left to remove
+                        raise
+            if patches:
+                log.info("node %s: removed what the disabled QoS agent wrote", node["metadata"]["name"])
+        self._qos_leftovers_since = None
 
     def _wake_in(self, seconds: float) -> None:
         timer = threading.Timer(seconds, self._wake.set)
@@ -318,6 +376,8 @@ class Controller:
                     continue
                 if render.key(obj) not in wanted:
                     log.info("removing %s %s (no longer wanted by the policy)", kind, obj["metadata"]["name"])
+                    if label == Component.QOS_AGENT.value and self._qos_leftovers_since is None:
+                        self._qos_leftovers_since = time.monotonic()  # its node resources go once its pods have
                     try:
                         self.rest.delete(obj)
                     except KubeError as exc:
@@ -417,7 +477,8 @@ class Controller:
             answers = self._get(extender_url + "/readyz")
         return Observed(npu_nodes=tuple(npu_nodes), workloads=workloads, allocatable=allocatable,
                         driver_versions=drivers, firmware_versions=firmware, validation=validation,
-                        extender_answers=answers, errors=dict(errors), was_up=up)
+                        extender_answers=answers, errors=dict(errors), was_up=up,
+                        foreign_accelerators=foreign_accelerators(nodes))
 
     def _get(self, url: str) -> bool:
         if self.probe is not None:
@@ -449,25 +510,78 @@ COMPONENT_NODE_LABELS = frozenset({LABEL_ACCELERATE_TYPE, LABEL_DEVICE_COUNT, LA
 """Node labels the device plugin writes (besides ``accelerator``, which an administrator may have set)."""
 COMPONENT_NODE_ANNOTATIONS = frozenset({ANNOTATION_NODE_TOPOLOGY, ANNOTATION_NODE_FAULTS, ANNOTATION_NODE_USAGE})
 """Node annotations the device plugin and the QoS agent write."""
+QOS_NODE_RESOURCES = (RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY)
+"""Extended resources the QoS agent writes into nodes' status (capacity and allocatable). No device plugin
+registers them, so the kubelet keeps them after the agent is gone: only removing them takes them away."""
+QOS_NODE_ANNOTATIONS = frozenset({ANNOTATION_NODE_USAGE})
+"""Node annotations the QoS agent writes."""
+
+
+def _node_path(node: Mapping[str, Any]) -> str:
+    return f"/api/v1/nodes/{quote(node['metadata']['name'])}"
+
+
+def _status_resources_patch(node: Mapping[str, Any], resources: Sequence[str]) -> dict[str, Any] | None:
+    """The ``nodes/status`` merge patch that deletes ``resources`` from the node's capacity and allocatable (a null
+    value deletes the key), naming only the keys the node has; None when it has none of them."""
+    status = node.get("status") or {}
+    fields = {name: dict.fromkeys(r for r in resources if r in (status.get(name) or {}))
+              for name in ("capacity", "allocatable")}
+    fields = {name: keys for name, keys in fields.items() if keys}
+    return {"status": fields} if fields else None
+
+
+def qos_node_patches(node: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(path, merge patch) for each request that removes what the QoS agent wrote on ``node``: its extended
+    resources from the node's status, its usage annotation. Empty when the node has neither."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    resources = _status_resources_patch(node, QOS_NODE_RESOURCES)
+    if resources is not None:
+        out.append((_node_path(node) + "/status", resources))
+    notes = sorted(QOS_NODE_ANNOTATIONS & set(node["metadata"].get("annotations") or {}))
+    if notes:
+        out.append((_node_path(node), {"metadata": {"annotations": dict.fromkeys(notes)}}))
+    return out
+
+
+def node_cleanup(node: Mapping[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]], str]:
+    """(path, merge patch) for each request that removes what the stack wrote on ``node``, and what they remove
+    (empty when there is nothing): the labels discovery recorded (an ``accelerator`` label whose value is no longer
+    the one discovery writes was changed by someone else, and stays), the labels and annotations the components
+    write, the QoS agent's extended resources."""
+    meta = node["metadata"]
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    recorded = {k for k in (annotations.get(ANNOTATION_NFD_LABELS) or "").split(",") if k}
+    if labels.get(LABEL_ACCELERATOR) != ACCELERATOR_ASCEND_NPU:
+        recorded.discard(LABEL_ACCELERATOR)
+    keys = sorted((recorded & set(labels)) | (COMPONENT_NODE_LABELS & set(labels)))
+    notes = sorted(({ANNOTATION_NFD_LABELS} | COMPONENT_NODE_ANNOTATIONS) & set(annotations))
+    resources = _status_resources_patch(node, QOS_NODE_RESOURCES)
+    patches: list[tuple[str, dict[str, Any]]] = []
+    if keys or notes:
+        patches.append((_node_path(node), {"metadata": {"labels": dict.fromkeys(keys),
+                                                        "annotations": dict.fromkeys(notes)}}))
+    if resources is not None:
+        patches.append((_node_path(node) + "/status", resources))
+    if not patches:
+        return [], ""
+    removed = sorted({r for fields in (resources or {}).get("status", {}).values() for r in fields})
+    return patches, (f"node {meta['name']}: removed labels {', '.join(keys) or '-'}, annotations "
+                     f"{', '.join(notes) or '-'}, resources {', '.join(removed) or '-'}")
 
 
 def cleanup(rest: Rest, namespace: str) -> list[str]:
-    """Undo what ownership does not: the node labels discovery set (exactly the keys it recorded; a label an
-    administrator set stays), the labels and annotations the components write on nodes, and the validation pods.
-    Every other object is owned by the policy and goes with it. Returns what it did."""
+    """Undo what ownership does not (:func:`node_cleanup` on every node: the labels discovery set, exactly the keys
+    it recorded, so a label an administrator set stays; the labels, annotations and extended resources the
+    components write on nodes) and delete the validation pods. Every other object is owned by the policy and goes
+    with it. Returns what it did."""
     done = []
     for node in rest.list("/api/v1/nodes"):
-        meta = node["metadata"]
-        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
-        recorded = annotations.get(ANNOTATION_NFD_LABELS)
-        keys = sorted({k for k in (recorded or "").split(",") if k} | (COMPONENT_NODE_LABELS & set(labels)))
-        notes = sorted(({ANNOTATION_NFD_LABELS} | COMPONENT_NODE_ANNOTATIONS) & set(annotations))
-        if not keys and not notes:
-            continue
-        rest.merge_patch(f"/api/v1/nodes/{meta['name']}", {"metadata": {
-            "labels": dict.fromkeys(keys), "annotations": dict.fromkeys(notes)}})
-        done.append(f"node {meta['name']}: removed labels {', '.join(keys) or '-'}, annotations "
-                    f"{', '.join(notes) or '-'}")
+        patches, what = node_cleanup(node)
+        for path, patch in patches:
+            rest.merge_patch(path, patch)
+        if what:
+            done.append(what)
     for pod in rest.list(collection("v1", "pods", namespace),
                          f"{LABEL_OPERATOR_COMPONENT}={Component.VALIDATOR.value}"):
         if rest.delete(pod):
@@ -612,8 +726,118 @@ def _validation_result(pod: Mapping[str, Any]) -> tuple[bool | None, str]:
     return None, f"pending: {waiting[0]}" if waiting and waiting[0] else ""
 
 
+def component_pods(pods: Sequence[Mapping[str, Any]], releases: set[str], nfd: bool = False) -> list[str]:
+    """The names of the pods still running (or starting) of the charts released as ``releases``, found by their
+    charts' labels (so an operator restarted meanwhile still finds them); ``nfd``: discovery's too."""
+    def ours(pod: Mapping[str, Any]) -> bool:
+        labels = pod["metadata"].get("labels") or {}
+        return labels.get(LABEL_APP_INSTANCE) in releases or (nfd and labels.get(LABEL_APP_NAME) == render.NFD_NAME)
+
+    return [p["metadata"]["name"] for p in pods
+            if ours(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+
+
+def foreign_accelerators(nodes: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Node → value, for the nodes where discovery found NPUs (it recorded the labels it set) but ``accelerator``
+    holds a value someone else set (MindCluster's and Volcano's ``huawei-Ascend910``...): discovery leaves it, so the
+    components, which select discovery's value, do not run there."""
+    out = {}
+    for node in nodes:
+        meta = node["metadata"]
+        value = (meta.get("labels") or {}).get(LABEL_ACCELERATOR)
+        if (meta.get("annotations") or {}).get(ANNOTATION_NFD_LABELS) and value not in (None, ACCELERATOR_ASCEND_NPU):
+            out[str(meta["name"])] = str(value)
+    return out
+
+
+def status_differs(body: Mapping[str, Any], stored: Any) -> bool:
+    """Whether writing ``body`` (a merge patch of ``status``) changes the stored status. Keys of the stored status
+    the operator does not write (a newer operator's, left after a rollback) are left alone by the patch, so they do
+    not count: otherwise every pass would write the status again."""
+    before = stored if isinstance(stored, Mapping) else {}
+    return any(before.get(key) != value for key, value in body.items())
+
+
+_SALVAGE_ROUNDS = 8
+
+
 def _status_model(raw: Any) -> PolicyStatus | None:
-    try:
-        return PolicyStatus.model_validate(raw) if raw else None
-    except ValidationError:
+    """The stored status as far as this operator reads it: keys it does not know (a newer operator's, left after a
+    rollback) and list entries it cannot read are left out, so what it does read keeps its ``lastTransitionTime``
+    and its components' states. A status it could not read at all would be written anew on every pass, with new
+    transition times and an Event per component."""
+    if not isinstance(raw, Mapping) or not raw:
         return None
+    data: dict[str, Any] = copy.deepcopy(dict(raw))
+    for _ in range(_SALVAGE_ROUNDS):
+        try:
+            return PolicyStatus.model_validate(data)
+        except ValidationError as exc:
+            if not _drop_unreadable(data, exc):
+                return None
+    return None
+
+
+def _drop_unreadable(data: dict[str, Any], exc: ValidationError) -> bool:
+    """Remove from ``data`` what each error of ``exc`` is about: an unknown key itself; otherwise the innermost list
+    entry holding the bad value, or else the top-level key (its field then takes its default). True when anything
+    was removed."""
+    targets: set[tuple[str | int, ...]] = set()
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if not loc:
+            continue
+        if error["type"] == "extra_forbidden":
+            targets.add(loc)
+            continue
+        entries = [i for i, part in enumerate(loc) if isinstance(part, int)]
+        targets.add(loc[: entries[-1] + 1] if entries else loc[:1])
+    removed = False
+    # deepest first, and a list's later entries before its earlier ones, so every path still points where it did
+    for path in sorted(targets, key=lambda p: (len(p), [(0, x) if isinstance(x, int) else (1, x) for x in p]),
+                       reverse=True):
+        parent: Any = data
+        for part in path[:-1]:
+            parent = parent[part] if _holds(parent, part) else None
+        if _holds(parent, path[-1]):
+            del parent[path[-1]]
+            removed = True
+    return removed
+
+
+def _holds(container: Any, key: str | int) -> bool:
+    if isinstance(container, dict):
+        return key in container
+    return isinstance(container, list) and isinstance(key, int) and 0 <= key < len(container)
+
+
+class PolicyEvents:
+    """The policy watch's sink (:class:`fuyao.kube_watch.ListWatch`): ``wake`` (a pass at once) when a policy
+    appears or goes, its spec changes (``metadata.generation``) or its deletion begins, and for nothing else: the
+    operator's own writes (its status above all, its finalizer) would otherwise each start the next pass at once,
+    which writes the status again (the GPU Operator's GenerationChangedPredicate). The resync covers the rest."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self._wake = wake
+        self._seen: dict[str, tuple[int, bool]] = {}
+
+    @staticmethod
+    def _mark(obj: Mapping[str, Any]) -> tuple[str, tuple[int, bool]]:
+        meta = obj.get("metadata") or {}
+        return str(meta.get("name", "")), (_int(meta.get("generation")), bool(meta.get("deletionTimestamp")))
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        seen = dict(self._mark(obj) for obj in items)
+        changed, self._seen = seen != self._seen, seen
+        if changed:
+            self._wake()
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        name, mark = self._mark(obj)
+        if self._seen.get(name) != mark:
+            self._seen[name] = mark
+            self._wake()
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        self._seen.pop(self._mark(obj)[0], None)
+        self._wake()

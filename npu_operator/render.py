@@ -33,6 +33,7 @@ from fuyao.contracts import (
     LABEL_PART_OF,
     RESOURCE_NPU,
 )
+from fuyao.vnpu.plan import PlanError, parse_vnpu_config
 
 from .api import GROUP, KIND, VERSION, Component, PolicySpec
 
@@ -129,8 +130,8 @@ def _chart_values(spec: PolicySpec, component: Component, settings: Settings) ->
             "metrics": {"enabled": spec.exporter.enabled,
                         "serviceMonitor": {"enabled": spec.exporter.enabled and spec.exporter.service_monitor}},
         }
-        if spec.vnpu.enabled and spec.vnpu.mode == "static":
-            values["vnpu"]["config"] = spec.vnpu.config or {"devices": []}
+        if (config := vnpu_config(spec)) is not None:
+            values["vnpu"]["config"] = config
         return deep_merge(values, dp.values)
     if component == Component.SCHEDULER_EXTENDER:
         ext = spec.scheduler_extender
@@ -145,6 +146,26 @@ def _chart_values(spec: PolicySpec, component: Component, settings: Settings) ->
         return deep_merge({"image": _image(settings, qos.image),
                            "nodeSelector": {LABEL_ACCELERATOR: ACCELERATOR_ASCEND_NPU}}, qos.values)
     raise ValueError(f"{component.value} is not rendered from a chart")
+
+
+def vnpu_config(spec: PolicySpec) -> dict[str, Any] | None:
+    """The vnpu-config.json the device plugin gets (static mode only; None otherwise)."""
+    if spec.vnpu.enabled and spec.vnpu.mode == "static":
+        return spec.vnpu.config or {"devices": []}
+    return None
+
+
+def vnpu_config_problem(spec: PolicySpec) -> str:
+    """Why the device plugin would reject the policy's vnpu-config.json (its own parser's message, naming the
+    field), or "" when it accepts it or gets none. The plugin keeps its current vNPUs on a rejected file."""
+    config = vnpu_config(spec)
+    if config is None:
+        return ""
+    try:
+        parse_vnpu_config(config, "spec.vnpu.config")
+    except PlanError as exc:
+        return str(exc)
+    return ""
 
 
 def helm_template(chart: Path, release: str, namespace: str, values: Mapping[str, Any], *, helm: str = "helm",

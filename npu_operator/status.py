@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from fuyao.contracts import RESOURCE_NPU
+from fuyao.contracts import ACCELERATOR_ASCEND_NPU, LABEL_ACCELERATOR, RESOURCE_NPU
 
 from .api import (
     Component,
@@ -21,6 +21,7 @@ from .api import (
     PolicyStatus,
     StateType,
 )
+from .render import vnpu_config_problem
 
 S = StateType
 MAX_NAMED = 5  # nodes named in a message before "and N more"
@@ -52,6 +53,8 @@ class Observed:
     extender_answers: bool | None = None  # the extender's /readyz (None: not probed)
     errors: Mapping[Component, str] = field(default_factory=dict)  # a component that could not be applied: why
     was_up: frozenset[Component] = frozenset()  # components running or degraded in the previous status
+    foreign_accelerators: Mapping[str, str] = field(default_factory=dict)
+    """Node → the ``accelerator`` value someone else set where discovery found NPUs (discovery leaves it)."""
 
 
 def _named(nodes: Sequence[str]) -> str:
@@ -112,6 +115,14 @@ def _driver(spec: PolicySpec, seen: Observed) -> ComponentStatus:
 
 
 def _nfd(seen: Observed) -> ComponentStatus:
+    if seen.foreign_accelerators:
+        values = sorted(set(seen.foreign_accelerators.values()))
+        return ComponentStatus(name=Component.NODE_FEATURE_DISCOVERY, nodes=NodeCounts(
+            desired=len(seen.npu_nodes) + len(seen.foreign_accelerators), ready=len(seen.npu_nodes)),
+            state=ComponentState(type=S.DEGRADED, reason="AcceleratorLabelInUse", message=(
+                f"{_named(list(seen.foreign_accelerators))} already carry {LABEL_ACCELERATOR}="
+                f"{'|'.join(values)}, set by someone else: discovery leaves it, and the components, which select "
+                f"{LABEL_ACCELERATOR}={ACCELERATOR_ASCEND_NPU}, do not run there")))
     if not seen.npu_nodes:
         return ComponentStatus(name=Component.NODE_FEATURE_DISCOVERY, state=ComponentState(
             type=S.PENDING, reason="NoNpuNodes", message="no node with a Huawei PCI device (vendor 0x19e5) found"))
@@ -195,6 +206,9 @@ def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatu
             out.append(_extender(seen))
         elif component == Component.VALIDATOR:
             out.append(_validator(seen))
+        elif component == Component.VNPU and (problem := vnpu_config_problem(spec)):
+            out.append(ComponentStatus(name=component, state=ComponentState(
+                type=S.FAILED, reason="InvalidConfig", message=problem[:500])))
         else:
             state, counts, version = _workload_state(f"the {component.value} workload", seen.workloads.get(component),
                                                      component in seen.was_up)

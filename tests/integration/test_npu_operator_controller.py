@@ -17,10 +17,13 @@ import yaml
 
 from fuyao.contracts import (
     ANNOTATION_NFD_LABELS,
+    ANNOTATION_NODE_USAGE,
     LABEL_ACCELERATE_TYPE,
     LABEL_ACCELERATOR,
     LABEL_NPU_DRIVER,
     LABEL_OPERATOR_COMPONENT,
+    RESOURCE_BATCH_CPU,
+    RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU,
 )
 from fuyao.npu_operator import agents
@@ -182,6 +185,70 @@ def test_a_disabled_component_is_removed(server: LocalApiServer, controller: Con
     assert rest.get(f"/apis/apps/v1/namespaces/{NS}/deployments/scheduler-extender") is not None
 
 
+def _batch_resources(rest: Rest, name: str) -> dict[str, set[str]]:
+    status = rest.get(f"/api/v1/nodes/{name}")["status"]
+    return {field: {k for k in status.get(field) or {} if k in (RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY)}
+            for field in ("capacity", "allocatable")}
+
+
+def _as_the_qos_agent(rest: Rest, name: str) -> None:
+    """What the QoS agent writes on a node (no kubelet runs its pods here)."""
+    values = {RESOURCE_BATCH_CPU: "12000", RESOURCE_BATCH_MEMORY: "1073741824"}
+    rest.merge_patch(f"/api/v1/nodes/{name}/status", {"status": {"capacity": values, "allocatable": values}})
+    rest.merge_patch(f"/api/v1/nodes/{name}", {"metadata": {"annotations": {ANNOTATION_NODE_USAGE: "{}"}}})
+
+
+def test_a_disabled_qos_agent_leaves_no_extended_resources(server: LocalApiServer, controller: Controller) -> None:
+    rest = admin(server)
+    rest.merge_patch(POLICY, {"spec": {"qosAgent": {"enabled": True}}})
+    controller.reconcile()
+    assert rest.get(f"/apis/apps/v1/namespaces/{NS}/daemonsets/qos-agent") is not None
+    _as_the_qos_agent(rest, "npu-0")
+    controller.reconcile()  # enabled: the agent's resources are its own
+    assert _batch_resources(rest, "npu-0") == {"capacity": {RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY},
+                                               "allocatable": {RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY}}
+    rest.merge_patch(POLICY, {"spec": {"qosAgent": {"enabled": False}}})
+    status = controller.reconcile()  # no pod of it runs (no kubelet): removed at once
+    assert states(status)["qosAgent"][0] == "disabled"
+    assert rest.get(f"/apis/apps/v1/namespaces/{NS}/daemonsets/qos-agent") is None
+    assert _batch_resources(rest, "npu-0") == {"capacity": set(), "allocatable": set()}
+    node0 = rest.get("/api/v1/nodes/npu-0")
+    assert ANNOTATION_NODE_USAGE not in (node0["metadata"].get("annotations") or {})
+    assert node0["status"]["allocatable"][RESOURCE_NPU] == "8"  # nothing else goes
+    _as_the_qos_agent(rest, "npu-0")  # an agent installed otherwise while the policy's is off: left alone
+    controller.reconcile()
+    assert _batch_resources(rest, "npu-0")["allocatable"] == {RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY}
+    rest.merge_patch("/api/v1/nodes/npu-0/status", {"status": {
+        "capacity": {RESOURCE_BATCH_CPU: None, RESOURCE_BATCH_MEMORY: None},
+        "allocatable": {RESOURCE_BATCH_CPU: None, RESOURCE_BATCH_MEMORY: None}}})
+    rest.merge_patch("/api/v1/nodes/npu-0", {"metadata": {"annotations": {ANNOTATION_NODE_USAGE: None}}})
+
+
+def test_the_operators_own_status_write_is_not_repeated(server: LocalApiServer, controller: Controller) -> None:
+    rest = admin(server)
+    controller.reconcile()
+    # a key a newer operator's status carries (its CRD, which Helm never downgrades, keeps it) is read past
+    rest.request("PATCH", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{PLURAL}.{GROUP}", body=[
+        {"op": "add", "path": "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/upgradeState",
+         "value": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}],
+        content_type="application/json-patch+json")
+    try:
+        wait_for(lambda: _with_upgrade_state(rest), 30, "the CRD keeping status.upgradeState")
+        before = rest.get(POLICY)
+        controller.reconcile()
+        after = rest.get(POLICY)
+        assert after["status"]["upgradeState"] == {"phase": "idle"}
+        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # nothing written
+    finally:
+        rest.request("PATCH", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{PLURAL}.{GROUP}",
+                     body=crd(), content_type="application/merge-patch+json")
+
+
+def _with_upgrade_state(rest: Rest) -> bool:
+    rest.merge_patch(POLICY + "/status", {"status": {"upgradeState": {"phase": "idle"}}})
+    return (rest.get(POLICY).get("status") or {}).get("upgradeState") == {"phase": "idle"}
+
+
 def test_a_driver_mismatch_names_the_node(server: LocalApiServer, controller: Controller) -> None:
     rest = admin(server)
     rest.merge_patch("/api/v1/nodes/npu-0", {"metadata": {"labels": {LABEL_NPU_DRIVER: "23.0.5"}}})
@@ -239,6 +306,7 @@ def test_deleting_the_policy_removes_discovery_labels_only(server: LocalApiServe
     from fuyao.npu_sim import state as st
 
     rest = admin(server)
+    _as_the_qos_agent(rest, "cpu-0")
     sysfs = tmp_path / "sys"
     st.write_sysfs(st.expand({"preset": "910b4-8"}), sysfs)
     found = agents.discover(str(sysfs), str(tmp_path / "no-npu-smi"), str(tmp_path / "no-version.info"))
@@ -259,6 +327,8 @@ def test_deleting_the_policy_removes_discovery_labels_only(server: LocalApiServe
     assert LABEL_ACCELERATOR not in after["labels"] and LABEL_ACCELERATE_TYPE not in after["labels"]
     assert ANNOTATION_NFD_LABELS not in (after.get("annotations") or {})
     assert after["labels"]["team"] == "infra"
+    assert _batch_resources(rest, "cpu-0") == {"capacity": set(), "allocatable": set()}  # the QoS agent's went too
+    assert ANNOTATION_NODE_USAGE not in (after.get("annotations") or {})
     npu0 = rest.get("/api/v1/nodes/npu-0")["metadata"]["labels"]
     assert npu0[LABEL_ACCELERATOR] == "huawei-ascend-npu"  # set by the administrator, never recorded: kept
     assert rest.list(f"/api/v1/namespaces/{NS}/pods", f"{LABEL_OPERATOR_COMPONENT}=validator") == [] or all(

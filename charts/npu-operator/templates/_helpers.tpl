@@ -47,3 +47,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- toYaml $out -}}
 {{- end -}}
+
+{{/* operator.cleanupTimeout, a duration (90s, 2m30s, 500ms; the schema checks its form), for the uninstall hook and,
+the same value, the operator, which waits for its components' pods 30s less: refused below 60s, as both refuse it. */}}
+{{- define "npu-operator.cleanupTimeout" -}}
+{{- $raw := .Values.operator.cleanupTimeout -}}
+{{- $seconds := 0.0 -}}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 -}}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ms|s|m|h)" $raw -1 -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . -}}
+{{- $seconds = addf $seconds (mulf (float64 $number) (get $units (trimPrefix $number .))) -}}
+{{- end -}}
+{{- if lt $seconds 60.0 -}}
+{{- fail (printf "npu-operator: operator.cleanupTimeout (%s) must be at least 60s: the operator waits for its components' pods 30s less than the uninstall hook, and at least 30s" $raw) -}}
+{{- end -}}
+{{- $raw -}}
+{{- end -}}
