@@ -90,11 +90,14 @@ class Agent:
         self._usage: NodeUsage | None = None
         self._usage_at = 0.0
         self._evicted: dict[str, float] = {}
-        self._limited: set[str] = _load_limited(config.state_file)
-        """Pods whose cgroups hold BE limits the agent wrote (kept in ``state_file``: a pod that turns LS after a
-        restart of the agent still gets its own values back)."""
-        self._saved_limited = set(self._limited)
-        self._restoring: dict[str, list[WriteLine]] = {}  # this cycle's restores, per pod
+        self._limited, self._pinned = _load_state(config.state_file)
+        """``_limited``: pods whose cgroups hold BE limits the agent wrote; ``_pinned``: pods whose cpusets the
+        cpuset policy narrowed. Kept in ``state_file``: a pod that turns LS, or a node whose policy changes, while
+        the agent restarts still gets its own values (the tier's CPUs) back."""
+        self._saved: tuple[set[str], set[str]] = (set(self._limited), set(self._pinned))
+        self._restoring: dict[str, list[WriteLine]] = {}  # this cycle's restores of limits, per pod
+        self._unpinning: dict[str, list[WriteLine]] = {}  # this cycle's restores of cpusets, per pod
+        self._tier_cpus: frozenset[int] | None = None  # the BestEffort tier's CPUs, as last read
 
     # --------------------------------------------------------------------------------------------------------------
     def cycle(self, dry_run: bool = False) -> Report:
@@ -122,10 +125,10 @@ class Agent:
             notes.extend(f"skipped: {e}" for e in m.errors)
         if not m.warm:
             notes.append("first sample: CPU rates need a second one; no cgroup changes this cycle")
-        batch = policy.batch_resources(m.node, m.pods, self.config)
+        batch = policy.batch_resources(m.node, m.pods, self.config, m.unsampled)
         node_cpus = self._node_cpus(notes)
         plan = policy.cpu_suppress(m.node, m.pods, self.config, self.suppressed, node_cpus, self._be_cpus)
-        writes = self._writes(m, plan, notes) if m.warm else []
+        writes = self._writes(m, plan, notes, node_cpus) if m.warm else []
         clock = time.monotonic()
         self._evicted = {uid: at for uid, at in self._evicted.items() if clock - at <= EVICTION_RETRY_S}
         evictions = [e for e in policy.memory_evictions(m.node, m.pods, self.config) if e.pod.uid not in self._evicted]
@@ -137,9 +140,10 @@ class Agent:
         batch_due = capacity is not None and self._batch_due(m, batch, now)  # from a full view of the node only
         usage_due = m.warm and self._usage_due(usage, now)
         if not dry_run:
+            page_size = self.collector.layout.page_size
             for line in writes:
                 try:
-                    cgroups.apply(cgroups.Write(line.path, line.value))
+                    cgroups.apply(cgroups.Write(line.path, line.value), page_size)
                     self.metrics.cgroup_writes.labels("ok").inc()
                 except cgroups.CgroupError as exc:
                     line.error = str(exc)
@@ -148,7 +152,10 @@ class Agent:
             for uid, lines in self._restoring.items():
                 if not any(line.error for line in lines):
                     self._limited.discard(uid)  # its own values are back: only then forgotten
-            self._save_limited()
+            for uid, lines in self._unpinning.items():
+                if not any(line.error for line in lines):
+                    self._pinned.discard(uid)  # the tier's CPUs are back
+            self._save_state()
             if m.warm:
                 self.suppressed = plan.active
                 self._be_cpus = len(plan.cpus) if plan.cpus is not None else None
@@ -186,29 +193,44 @@ class Agent:
         if self.config.cpu_suppress.policy != "cpuset":
             return frozenset()
         try:
-            return cgroups.tier_cpus(self.collector.layout)
+            return self._read_tier_cpus()
         except cgroups.CgroupError as exc:
             self.metrics.cgroup_errors.inc()
             notes.append(f"cpuset policy: the BestEffort tier's CPUs are not readable ({exc}); CFS quotas this cycle")
             return frozenset()
 
-    def _writes(self, m: Measurement, plan: policy.SuppressPlan, notes: list[str]) -> list[WriteLine]:
+    def _writes(self, m: Measurement, plan: policy.SuppressPlan, notes: list[str],
+                node_cpus: frozenset[int] = frozenset()) -> list[WriteLine]:
         """cgroup writes that make each BE pod, and each of its containers, hold what its batch resources and the
         suppression plan say (only where a file differs). A pod that stopped being BE gets its spec's values back.
-        A container whose cgroup is not where its runtime puts it is reported, never guessed."""
+        A container whose cgroup is not where its runtime puts it is reported, never guessed. A pod the cpuset policy
+        narrowed gets the tier's CPUs back once no cpuset policy applies to it (not BE any more, ``cpuSuppress``
+        disabled or ``cfsQuota``, the tier unreadable: Koordinator's recoverCPUSetIfNeed); pods it never narrowed
+        keep whatever cpusets they have (the kubelet's static CPU manager writes them). Limits and cpusets fail
+        alone: one that cannot be read or written does not hold the other back."""
         out: list[WriteLine] = []
-        self._restoring = {}
+        self._restoring, self._unpinning = {}, {}
         present = {p.uid for p in m.pods} | set(m.groups)
         self._limited &= present  # a pod that went took its cgroups with it
-        restore_cpus = self._tier_cpus_or_none()
+        self._pinned &= present
+        full: list[frozenset[int] | None] = []  # the tier's CPUs, looked up once, when a pod needs them back
+
+        def tier_cpus() -> frozenset[int] | None:
+            if not full:
+                full.append(self._restore_cpus(node_cpus))
+            return full[0]
+
+        unknown: list[str] = []
         for pod in m.pods:
             group = m.groups.get(pod.uid)
             if group is None:
                 continue
+            targets: policy.PodTargets | None = None
             cpus: frozenset[int] | None = None
+            unpin = False
             if pod.be:
                 targets = policy.be_targets(pod, plan.limits.get(pod.uid, pod.cpu_limit_milli),
-                                            self.config.be_cpu_shares)
+                                            self.config.be_cpu_shares, in_besteffort_tier=group.tier == "besteffort")
                 cpus = plan.cpus
                 if cpus is not None:
                     why = (f"BE pod {pod.key}: on CPUs {cgroups.format_cpus(cpus)} (budget {plan.be_allowed_milli}m: "
@@ -218,52 +240,92 @@ class Agent:
                            f"{plan.ls_and_system_milli}m)")
                 else:
                     why = f"BE pod {pod.key}: its batch resources"
-            elif pod.known and pod.uid in self._limited:
-                targets = policy.spec_targets(pod)
-                cpus = restore_cpus
-                why = f"pod {pod.key} is no longer BE: its spec's values back"
+                unpin = cpus is None and pod.uid in self._pinned
+                cpus_why = f"BE pod {pod.key}: no cpuset policy applies now: the BestEffort tier's CPUs back"
+            elif pod.known and (pod.uid in self._limited or pod.uid in self._pinned):
+                targets = policy.spec_targets(pod) if pod.uid in self._limited else None
+                # a pod limited under the cpuset policy was on its CPUs (also when a state file predates pinning)
+                unpin = pod.uid in self._pinned or self.config.cpu_suppress.policy == "cpuset"
+                why = cpus_why = f"pod {pod.key} is no longer BE: its spec's values back"
             else:
                 continue
-            try:
-                lines = self._pod_writes(pod, group, targets, why, notes, cpus)
-            except cgroups.CgroupError as exc:
-                self.metrics.cgroup_errors.inc()
-                notes.append(f"BE pod {pod.key} left as is: {exc}")
-                log.warning("BE pod %s left as is: %s", pod.key, exc)
-                continue
-            out.extend(lines)
-            if pod.be:
-                self._limited.add(pod.uid)
-            else:
-                self._restoring[pod.uid] = lines  # forgotten once every one of them is written
+            if unpin:
+                cpus = tier_cpus()
+                if cpus is None:
+                    unknown.append(pod.key)
+                else:
+                    self._pinned.add(pod.uid)  # until the tier's CPUs are back
+            limit_lines: list[WriteLine] = []
+            if targets is not None:
+                try:
+                    limit_lines = self._pod_writes(pod, group, targets, why, notes)
+                except cgroups.CgroupError as exc:
+                    self._left_as_is(pod, "limits", exc, notes)
+                else:
+                    if pod.be:
+                        self._limited.add(pod.uid)
+                    else:
+                        self._restoring[pod.uid] = limit_lines  # forgotten once every one of them is written
+            cpuset_lines: list[WriteLine] = []
+            if cpus is not None:
+                try:
+                    cpuset_lines = self._cpuset_writes(group.cpu, cpus, cpus_why if unpin else why)
+                except cgroups.CgroupError as exc:
+                    self._left_as_is(pod, "CPUs", exc, notes)
+                else:
+                    if unpin:
+                        self._unpinning[pod.uid] = cpuset_lines  # forgotten once every one of them is written
+                    else:
+                        self._pinned.add(pod.uid)
+            out += cpuset_lines + limit_lines
+        if unknown:
+            self.metrics.cgroup_errors.inc()
+            notes.append(f"cpusets of {', '.join(unknown)} left narrowed: the BestEffort tier's CPUs were never read "
+                         "(they go back once it is readable)")
         return out
 
-    def _save_limited(self) -> None:
-        """Write the limited pods to ``state_file`` when they changed (atomically; a failure is logged and the
-        write is tried again next cycle)."""
+    def _left_as_is(self, pod: policy.PodSample, what: str, exc: cgroups.CgroupError, notes: list[str]) -> None:
+        self.metrics.cgroup_errors.inc()
+        notes.append(f"{'BE pod' if pod.be else 'pod'} {pod.key}: its {what} left as is this cycle: {exc}")
+        log.warning("%s of pod %s left as is this cycle: %s", what, pod.key, exc)
+
+    def _save_state(self) -> None:
+        """Write the limited and pinned pods to ``state_file`` when they changed (atomically; a failure is logged
+        and the write is tried again next cycle)."""
         path = self.config.state_file
-        if not path or self._limited == self._saved_limited:
+        if not path or (self._limited, self._pinned) == self._saved:
             return
         try:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_text(json.dumps({"version": 1, "limited": sorted(self._limited)}))
+            tmp.write_text(json.dumps({"version": 1, "limited": sorted(self._limited),
+                                       "pinned": sorted(self._pinned)}))
             os.replace(tmp, target)
-            self._saved_limited = set(self._limited)
+            self._saved = (set(self._limited), set(self._pinned))
         except OSError as exc:
             log.warning("cannot save the QoS agent's state to %s (retried next cycle): %s", path, exc)
 
-    def _tier_cpus_or_none(self) -> frozenset[int] | None:
-        if self.config.cpu_suppress.policy != "cpuset":
-            return None
-        try:
-            return cgroups.tier_cpus(self.collector.layout)
-        except cgroups.CgroupError:
-            return None  # noted by _node_cpus
+    def _read_tier_cpus(self) -> frozenset[int]:
+        """The BestEffort tier's CPUs now (remembered: a pod narrowed by the cpuset policy gets them back also when
+        the tier turns unreadable); CgroupError when unreadable."""
+        self._tier_cpus = cgroups.tier_cpus(self.collector.layout)
+        return self._tier_cpus
+
+    def _restore_cpus(self, node_cpus: frozenset[int]) -> frozenset[int] | None:
+        """The CPUs a narrowed pod gets back: the tier's, as read this cycle, else as last read (None: never)."""
+        if node_cpus:
+            return node_cpus
+        if self.config.cpu_suppress.policy != "cpuset":  # not read this cycle yet
+            try:
+                return self._read_tier_cpus()
+            except cgroups.CgroupError:
+                pass
+        return self._tier_cpus
 
     def _pod_writes(self, pod: policy.PodSample, group: cgroups.PodCgroup, targets: policy.PodTargets, why: str,
-                    notes: list[str], cpus: frozenset[int] | None = None) -> list[WriteLine]:
+                    notes: list[str]) -> list[WriteLine]:
+        """The pod's and its containers' CPU weight, quota and memory limit writes."""
         layout = self.collector.layout
         pod_lines = self._target_writes(group, targets.pod, why)
         children: list[WriteLine] = []
@@ -285,8 +347,7 @@ class Agent:
         current = cgroups.cpu_limit(layout, group).milli
         shrinking = targets.pod.cpu_limit_milli is not None and (
             current is None or targets.pod.cpu_limit_milli < current)
-        cpuset_lines = [] if cpus is None else self._cpuset_writes(group.cpu, cpus, why)
-        return cpuset_lines + (children + pod_lines if shrinking else pod_lines + children)
+        return children + pod_lines if shrinking else pod_lines + children
 
     def _cpuset_writes(self, pod_cpu_dir: Path, cpus: frozenset[int], why: str) -> list[WriteLine]:
         """The pod's cpuset, and every cgroup's under it (its containers and its sandbox), to ``cpus``. cgroup v1
@@ -323,7 +384,8 @@ class Agent:
         if quota.quota_us != current.quota_us:
             out.extend(WriteLine(path=w.path, value=w.value, reason=f"{why}: CPU limit {target.cpu_limit_milli}m")
                        for w in cgroups.cpu_limit_write(layout, group, quota))
-        if not cgroups.same_memory(cgroups.memory_limit(layout, group.memory), target.memory_limit_bytes):
+        if not cgroups.same_memory(cgroups.memory_limit(layout, group.memory), target.memory_limit_bytes,
+                                   layout.page_size):
             write = cgroups.memory_limit_write(layout, group.memory, target.memory_limit_bytes)
             out.append(WriteLine(path=write.path, value=write.value,
                                  reason=f"{why}: memory limit {target.memory_limit_bytes}"))
@@ -418,21 +480,23 @@ class Agent:
             cgroup_writes=writes, evictions=evictions)
 
 
-def _load_limited(path: str) -> set[str]:
-    """The pods a previous run of the agent left with BE limits (``state_file``); none when there is no file, and
-    none (with a warning naming the file) when it is unreadable or not the agent's."""
+def _load_state(path: str) -> tuple[set[str], set[str]]:
+    """The pods a previous run of the agent left with BE limits, and those it left on the cpuset policy's CPUs
+    (``state_file``; a file from before pinning was kept has no ``pinned``); none when there is no file, and none
+    (with a warning naming the file) when it is unreadable or not the agent's."""
     if not path:
-        return set()
+        return set(), set()
     try:
         data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("limited"), list):
-            raise ValueError('not {"version": 1, "limited": [...]}')
-        return {str(uid) for uid in data["limited"]}
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("limited"), list) \
+                or not isinstance(data.get("pinned", []), list):
+            raise ValueError('not {"version": 1, "limited": [...], "pinned": [...]}')
+        return {str(uid) for uid in data["limited"]}, {str(uid) for uid in data.get("pinned", [])}
     except FileNotFoundError:
-        return set()
+        return set(), set()
     except (OSError, ValueError) as exc:
         log.warning("ignoring the QoS agent's state file %s: %s", path, exc)
-        return set()
+        return set(), set()
 
 
 def _by_class(m: Measurement) -> dict[str, dict[str, int]]:

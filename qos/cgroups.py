@@ -23,8 +23,9 @@ pages), as the kubelet computes it for eviction.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "/sys/fs/cgroup"
 DEFAULT_PERIOD_US = 100_000
 _POD_DIR = re.compile(r"^(?:(?:[a-z0-9_]+-)*kubepods(?:-[a-z]+)?-)?pod([0-9a-fA-F_-]{8,})(?:\.slice)?$")
+
+
+def host_page_size() -> int:
+    """The kernel's page size: 4 KiB on x86-64, 64 KiB on many aarch64 kernels (RHEL, Kylin). Memory limits are
+    kept in whole pages."""
+    return os.sysconf("SC_PAGE_SIZE")
 
 
 class CgroupError(Exception):
@@ -52,6 +59,8 @@ class Layout:
     kubepods: str = ""
     """The kubepods directory under a controller's root: ``kubepods.slice`` / ``kubepods``, or one level deeper when
     the kubelet has a ``cgroupRoot`` (kind's nodes: ``kubelet.slice/kubelet-kubepods.slice``)."""
+    page_size: int = field(default_factory=host_page_size)
+    """The kernel's page size (memory limits read back in whole pages; v1's "unlimited" depends on it)."""
 
     def __post_init__(self) -> None:
         if not self.kubepods:
@@ -115,13 +124,20 @@ def _tier_dirs(layout: Layout, controller: str) -> list[tuple[Tier, Path]]:
     return [("guaranteed", top), ("burstable", top / "burstable"), ("besteffort", top / "besteffort")]
 
 
-def pod_cgroups(layout: Layout) -> dict[str, PodCgroup]:
-    """Every pod cgroup on the node, by pod UID (dashes restored)."""
+def pod_cgroups(layout: Layout, errors: list[str] | None = None) -> dict[str, PodCgroup]:
+    """Every pod cgroup on the node, by pod UID (dashes restored). A tier directory that cannot be listed is
+    appended to ``errors`` (and logged without it), never taken for a tier without pods; only a burstable or
+    besteffort tier that does not exist is (the kubelet creates them; an empty node may not have them yet)."""
     found: dict[str, PodCgroup] = {}
     for tier, directory in _tier_dirs(layout, "cpu"):
         try:
             entries = list(directory.iterdir())
-        except OSError:
+        except FileNotFoundError:
+            if tier == "guaranteed":  # kubepods itself is gone: every pod would be missed
+                _tier_error(errors, f"cannot list {directory}: it is gone (kubelet restarted or reconfigured?)")
+            continue
+        except OSError as exc:
+            _tier_error(errors, f"cannot list {directory}: {exc.strerror or exc}: its pods are missed this cycle")
             continue
         for entry in entries:
             match = _POD_DIR.match(entry.name)
@@ -133,6 +149,13 @@ def pod_cgroups(layout: Layout) -> dict[str, PodCgroup]:
                                    cpu=entry, cpuacct=_controller_root(layout, "cpuacct") / relative,
                                    memory=_controller_root(layout, "memory") / relative)
     return found
+
+
+def _tier_error(errors: list[str] | None, message: str) -> None:
+    if errors is None:
+        log.warning("%s", message)
+    else:
+        errors.append(message)
 
 
 def _read(path: Path) -> str:
@@ -240,18 +263,23 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
-PAGE = 4096
-UNLIMITED_V1_MEMORY = 9223372036854771712  # what memory.limit_in_bytes reads when unlimited (PAGE_COUNTER_MAX)
+LONG_MAX = 2**63 - 1
 
 
-def _memory_bytes(text: str) -> int | None:
+def unlimited_memory(page_size: int) -> int:
+    """What v1's ``memory.limit_in_bytes`` reads when unlimited: PAGE_COUNTER_MAX (LONG_MAX / PAGE_SIZE) pages, in
+    bytes (9223372036854771712 with 4 KiB pages, 9223372036854710272 with 64 KiB ones)."""
+    return LONG_MAX // page_size * page_size
+
+
+def _memory_bytes(text: str, page_size: int) -> int | None:
     """A memory limit file's value (``max``, ``-1`` or v1's page-counter maximum: unlimited, None); ValueError when
     it is not a number."""
     text = text.strip()
     if text == "max":
         return None
     value = int(text)
-    return None if value < 0 or value >= UNLIMITED_V1_MEMORY else value
+    return None if value < 0 or value >= unlimited_memory(page_size) else value
 
 
 def memory_limit(layout: Layout, directory: Path) -> int | None:
@@ -259,7 +287,7 @@ def memory_limit(layout: Layout, directory: Path) -> int | None:
     path = directory / ("memory.max" if layout.version == 2 else "memory.limit_in_bytes")
     text = _read(path)
     try:
-        return _memory_bytes(text)
+        return _memory_bytes(text, layout.page_size)
     except ValueError:
         raise CgroupError(f"{path}: expected 'max' or bytes, got {text.strip()[:40]!r}") from None
 
@@ -270,11 +298,13 @@ def memory_limit_write(layout: Layout, directory: Path, limit: int | None) -> Wr
     return Write(str(directory / "memory.limit_in_bytes"), "-1" if limit is None else str(limit))
 
 
-def same_memory(current: int | None, want: int | None) -> bool:
-    """The kernel stores a memory limit rounded down to whole pages."""
+def same_memory(current: int | None, want: int | None, page_size: int | None = None) -> bool:
+    """Whether a limit that reads ``current`` is ``want``: the kernel stores a memory limit rounded down to whole
+    pages (``page_size``, default this host's)."""
     if current is None or want is None:
         return current is None and want is None
-    return want - PAGE < current <= want
+    page = page_size or host_page_size()
+    return current // page == want // page
 
 
 # Container cgroups: the runtime names them after the container ID, below the pod's directory. Only these layouts
@@ -369,22 +399,22 @@ def controller_dir(layout: Layout, cpu_dir: Path, controller: str) -> Path:
     return _controller_root(layout, controller) / cpu_dir.relative_to(_controller_root(layout, "cpu"))
 
 
-def _reads_as(write: Write) -> bool:
-    """Whether the file now holds what was written (memory limits: to the page)."""
-    text = Path(write.path).read_text().strip()
-    name = Path(write.path).name
-    if name in ("memory.max", "memory.limit_in_bytes"):
-        return same_memory(_memory_bytes(text), _memory_bytes(write.value))
-    return text.split() == write.value.split()
+def reads_as(write: Write, shown: str, page_size: int) -> bool:
+    """Whether a file that shows ``shown`` holds what ``write`` wrote (memory limits: to the page, and v1's
+    "unlimited" as the kernel shows it with pages of ``page_size``); ValueError when a memory limit is no number."""
+    if Path(write.path).name in ("memory.max", "memory.limit_in_bytes"):
+        return same_memory(_memory_bytes(shown, page_size), _memory_bytes(write.value, page_size), page_size)
+    return shown.split() == write.value.split()
 
 
-def apply(write: Write) -> None:
+def apply(write: Write, page_size: int | None = None) -> None:
     """Write one cgroup file (the value is one line, as the kernel expects), then read it back: a value the kernel
-    did not take (clamped, refused silently) is an error naming the file."""
+    did not take (clamped, refused silently) is an error naming the file. ``page_size``: the kernel's (default this
+    host's; :attr:`Layout.page_size`)."""
     try:
         with open(write.path, "w") as handle:
             handle.write(write.value)
-        ok = _reads_as(write)
+        ok = reads_as(write, Path(write.path).read_text(), page_size or host_page_size())
     except OSError as exc:
         raise CgroupError(f"cannot write {write.value!r} to {write.path}: {exc.strerror or exc}") from None
     except ValueError:

@@ -3,6 +3,10 @@ and kept in a sliding window.
 
 CPU is cumulative in both sources; a rate needs two samples, so the first cycle reports 0 CPU. A pod cgroup that
 vanishes or has a file the agent cannot read is logged and skipped for that cycle, never fatal.
+
+CPU, memory and disk IO are the host's (``/proc/stat``, ``/proc/meminfo``, ``/proc/diskstats`` are not namespaced);
+network IO is the agent pod's own network namespace (``/proc/net/dev``: the DaemonSet has no ``hostNetwork`` and
+does not mount the host's ``/proc``), not the node's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class HostReading:
     memory_total_bytes: int
     cpus: int
     io_bytes: tuple[int, int, int, int] = (0, 0, 0, 0)  # disk read, disk write, network rx, network tx
+    """Disk: the host's; network: the agent pod's network namespace (module docstring)."""
 
 
 def read_host() -> HostReading:
@@ -59,7 +64,23 @@ class PodFacts:
     cpu_limit_milli: int | None = None
     cpu_request_milli: int = 0
     memory_limit_bytes: int | None = None
+    memory_request_bytes: int = 0
+    finished: bool = False  # phase Succeeded or Failed
     containers: tuple[ContainerResources, ...] = ()
+
+
+def _pod_sample(uid: str, fact: PodFacts | None, cpu_milli: int = 0, cpu_peak_milli: int = 0, memory_bytes: int = 0,
+                memory_peak_bytes: int = 0) -> PodSample:
+    """A pod's sample: what the API says about it (``fact``; None: only its cgroup was seen) and its usage."""
+    if fact is None:
+        return PodSample(uid=uid, cpu_milli=cpu_milli, cpu_peak_milli=cpu_peak_milli, memory_bytes=memory_bytes,
+                         memory_peak_bytes=memory_peak_bytes)
+    return PodSample(uid=uid, namespace=fact.namespace, name=fact.name, qos=fact.qos, known=True,
+                     priority=fact.priority, terminating=fact.terminating, cpu_limit_milli=fact.cpu_limit_milli,
+                     cpu_request_milli=fact.cpu_request_milli, memory_limit_bytes=fact.memory_limit_bytes,
+                     memory_request_bytes=fact.memory_request_bytes, finished=fact.finished,
+                     containers=fact.containers, cpu_milli=cpu_milli, cpu_peak_milli=cpu_peak_milli,
+                     memory_bytes=memory_bytes, memory_peak_bytes=memory_peak_bytes)
 
 
 @dataclass
@@ -76,8 +97,11 @@ class Measurement:
     pods: list[PodSample]
     errors: list[str]
     warm: bool  # CPU rates are measured (not the first sample)
-    io: dict[str, int]  # node IO, bytes per second: disk_read, disk_write, net_rx, net_tx
+    io: dict[str, int]  # IO, bytes per second: disk_read, disk_write (the host's), net_rx, net_tx (the agent pod's)
     groups: dict[str, cgroups.PodCgroup]  # uid → cgroup, for the writes
+    unsampled: list[PodSample] = field(default_factory=list)
+    """Pods the API binds to this node that gave no cgroup sample this cycle (no cgroup yet: pulling its image;
+    or unreadable), with what their specs ask (no usage)."""
 
 class Collector:
     def __init__(self, layout: cgroups.Layout, window: int, read: Callable[[], HostReading] = read_host):
@@ -111,7 +135,7 @@ class Collector:
         errors: list[str] = []
         pods: list[PodSample] = []
         seen = set()
-        groups = cgroups.pod_cgroups(self.layout)
+        groups = cgroups.pod_cgroups(self.layout, errors)
         for uid, group in groups.items():
             try:
                 cpu_ns = cgroups.cpu_usage_ns(self.layout, group)
@@ -129,23 +153,14 @@ class Collector:
             if not first:
                 self._push(series.cpu, rate)
             self._push(series.memory, memory)
-            fact = facts.get(uid)
-            pods.append(PodSample(
-                uid=uid, namespace=fact.namespace if fact else "", name=fact.name if fact else "",
-                qos=fact.qos if fact else QoSClass.LS, known=fact is not None,
-                priority=fact.priority if fact else 0, terminating=fact.terminating if fact else False,
-                cpu_limit_milli=fact.cpu_limit_milli if fact else None,
-                cpu_request_milli=fact.cpu_request_milli if fact else 0,
-                memory_limit_bytes=fact.memory_limit_bytes if fact else None,
-                containers=fact.containers if fact else (), cpu_milli=rate,
-                cpu_peak_milli=max(series.cpu, default=0), memory_bytes=memory,
-                memory_peak_bytes=max(series.memory, default=memory)))
+            pods.append(_pod_sample(uid, facts.get(uid), cpu_milli=rate, cpu_peak_milli=max(series.cpu, default=0),
+                                    memory_bytes=memory, memory_peak_bytes=max(series.memory, default=memory)))
         for gone in set(self._pods) - seen:
             del self._pods[gone]
         if errors:
             self.errors_total += len(errors)
             for error in errors:
-                log.warning("pod cgroup skipped this cycle: %s", error)
+                log.warning("cgroup skipped this cycle: %s", error)
         if previous is not None:
             self._push(self._system_cpu, max(0, node_cpu - sum(p.cpu_milli for p in pods)))
         self._push(self._system_memory, max(0, host.memory_used_bytes - sum(p.memory_bytes for p in pods)))
@@ -155,4 +170,5 @@ class Collector:
             cpu_reserved_milli=reserved[0], memory_reserved_bytes=reserved[1], cpu_used_milli=node_cpu,
             memory_used_bytes=host.memory_used_bytes, system_cpu_peak_milli=max(self._system_cpu, default=0),
             system_memory_peak_bytes=max(self._system_memory, default=0))
-        return Measurement(node, pods, errors, warm=previous is not None, io=io, groups=groups)
+        unsampled = [_pod_sample(uid, fact) for uid, fact in facts.items() if uid not in seen]
+        return Measurement(node, pods, errors, warm=previous is not None, io=io, groups=groups, unsampled=unsampled)

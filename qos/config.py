@@ -2,9 +2,10 @@
 
 ```yaml
 version: v1
-interval: 10s                 # one collection cycle
+interval: 10s                 # one collection cycle (at least 100ms)
 window: 6                     # samples in the sliding window (LS usage = the window's peak)
-cgroupRoot: /sys/fs/cgroup
+cgroupRoot: /sys/fs/cgroup    # not empty
+metricsAddress: 127.0.0.1:9401  # HOST:PORT of /metrics (empty: none)
 batch:                        # kubernetes.io/batch-cpu / batch-memory (Koordinator's usage policy)
   cpuReclaimPercent: 65       # capacity x 65% - max(system used, reserved) - Σ LS used
   memoryReclaimPercent: 65
@@ -17,8 +18,8 @@ cpuSuppress:
   enabled: true
   policy: cfsQuota            # cfsQuota: a quota on BE pods… / cpuset: BE pods on the budget's CPUs (always)
   thresholdPercent: 65        # …above this share of capacity (budget: capacity x 65% - LS - system)
-  hysteresisPercent: 5        # lifted below threshold - hysteresis
-  minBeMilli: 100             # BE pods together never get less than this
+  hysteresisPercent: 5        # lifted below threshold - hysteresis (at most thresholdPercent; unset: 5 or less)
+  minBeMilli: 100             # BE pods together never get less than this (1..1000000)
 beCpuShares: 2                # BE pods' CPU weight (v1 cpu.shares; v2 cpu.weight converted)
 memoryEviction:
   enabled: true
@@ -31,17 +32,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
-from fuyao.config_files import ConfigSection, Seconds, load_versioned_yaml, merged, validated
+from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_yaml, merged, validated
 
 CONFIG_VERSION: Final = "v1"
+MIN_INTERVAL_S: Final = 0.1
+"""The shortest cycle: each one reads every pod's cgroup files and may write Node status; below this it is a busy
+loop on the node it is meant to protect."""
+MAX_MIN_BE_MILLI: Final = 1_000_000  # 1,000 CPUs: more is a unit mistake, not a node
 
 
 Percent = Annotated[float, Field(ge=0, le=100)]
 
 
+def _interval(seconds: float) -> float:
+    if seconds < MIN_INTERVAL_S:
+        raise ValueError(f"{seconds * 1000:g}ms is too short: at least {MIN_INTERVAL_S * 1000:g}ms (each cycle reads "
+                         "every pod's cgroup files)")
+    return seconds
 
 
 class BatchSettings(ConfigSection):
@@ -63,7 +73,18 @@ class CpuSuppressSettings(ConfigSection):
         "(LS keeps the rest to itself); cfsQuota: BE pods share the budget as CFS quota above the threshold")
     threshold_percent: Percent = 65.0
     hysteresis_percent: Percent = 5.0
-    min_be_milli: int = Field(default=100, ge=1)
+    min_be_milli: int = Field(default=100, ge=1, le=MAX_MIN_BE_MILLI)
+
+    @model_validator(mode="after")
+    def _hysteresis_within_threshold(self) -> CpuSuppressSettings:
+        """Suppression lifts below threshold - hysteresis: above the threshold it would never lift. An unset
+        hysteresis is the default capped at the threshold (thresholdPercent: 1 keeps BE pods suppressed)."""
+        if self.hysteresis_percent > self.threshold_percent:
+            if "hysteresis_percent" in self.model_fields_set:
+                raise ValueError(f"hysteresisPercent ({self.hysteresis_percent:g}) must not be above "
+                                 f"thresholdPercent ({self.threshold_percent:g}): suppression would never be lifted")
+            object.__setattr__(self, "hysteresis_percent", self.threshold_percent)
+        return self
 
 
 class MemoryEvictionSettings(ConfigSection):
@@ -81,13 +102,15 @@ class MemoryEvictionSettings(ConfigSection):
 class AgentConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
     node_name: str = Field(default="", description="this node (flag --node-name, env NODE_NAME)")
-    interval: Seconds = 10.0
+    interval: Annotated[Seconds, AfterValidator(_interval)] = 10.0
     window: int = Field(default=6, ge=1, le=360)
-    cgroup_root: str = "/sys/fs/cgroup"
+    cgroup_root: str = Field(default="/sys/fs/cgroup", min_length=1)
     kubeconfig: str | None = None
-    metrics_address: str = "127.0.0.1:9401"
-    state_file: str = Field(default="", description="where the agent keeps which pods hold BE limits it wrote, so "
-                            "that a pod turning LS after an agent restart gets its values back (empty: memory only)")
+    metrics_address: HostPort | Literal[""] = Field(default="127.0.0.1:9401",
+                                                  description="HOST:PORT for /metrics (empty: no metrics)")
+    state_file: str = Field(default="", description="where the agent keeps which pods hold BE limits it wrote and "
+                            "which the cpuset policy narrowed, so that a pod turning LS, or a policy changed, across "
+                            "an agent restart gets its values and CPUs back (empty: memory only)")
     batch: BatchSettings = BatchSettings()
     usage: UsageSettings = UsageSettings()
     cpu_suppress: CpuSuppressSettings = CpuSuppressSettings()

@@ -2,8 +2,9 @@
 selectors, not a list per cycle) and what it writes (batch resources in the Node status, measured usage as a
 Node annotation, evictions of BE pods through the Eviction API).
 
-RBAC (the chart grants exactly this): nodes get/list/watch/patch, nodes/status patch, pods get/list/watch,
-pods/eviction create.
+RBAC (what it calls; charts/qos-agent/templates/rbac.yaml grants exactly this): nodes list/watch/patch,
+nodes/status patch, pods list/watch, pods/eviction create. Nothing is read with a get: the watches' lists hold the
+Node and the pods.
 """
 
 from __future__ import annotations
@@ -71,13 +72,16 @@ def container_resources(container: Mapping[str, Any], container_id: str = "", ba
         return own if own is not None or not batch else _bytes(values.get(RESOURCE_BATCH_MEMORY))
 
     cpu_limit, memory_limit = cpu(limits), memory(limits)
-    cpu_request = cpu(requests)
+    cpu_request, memory_request = cpu(requests), memory(requests)
     if cpu_request is None and batch and "cpu" not in limits:  # an extended resource's request defaults to its limit
         cpu_request = _milli(limits.get(RESOURCE_BATCH_CPU), batch=True)
+    if memory_request is None and batch and "memory" not in limits:
+        memory_request = _bytes(limits.get(RESOURCE_BATCH_MEMORY))
     return ContainerResources(name=str(container.get("name") or ""), container_id=container_id,
                               cpu_request_milli=max(0, cpu_request or 0),
                               cpu_limit_milli=cpu_limit if cpu_limit and cpu_limit > 0 else None,
-                              memory_limit_bytes=memory_limit if memory_limit and memory_limit > 0 else None)
+                              memory_limit_bytes=memory_limit if memory_limit and memory_limit > 0 else None,
+                              memory_request_bytes=max(0, memory_request or 0))
 
 
 def _effective(app: list[int | None], init: list[tuple[bool, int | None]], unset_is_unlimited: bool) -> int | None:
@@ -122,7 +126,8 @@ def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
     overhead: Mapping[str, Any] = raw_overhead if isinstance(raw_overhead, Mapping) else {}
     extra = {"cpu_limit_milli": _milli(overhead.get("cpu"), batch=False) or 0,
              "cpu_request_milli": _milli(overhead.get("cpu"), batch=False) or 0,
-             "memory_limit_bytes": _bytes(overhead.get("memory")) or 0}  # a RuntimeClass's, on top (as the kubelet)
+             "memory_limit_bytes": _bytes(overhead.get("memory")) or 0,
+             "memory_request_bytes": _bytes(overhead.get("memory")) or 0}  # a RuntimeClass's, on top (as the kubelet)
 
     def total(field: str, unset_is_unlimited: bool) -> int | None:
         value = _effective([getattr(c, field) for c in app], [(s, getattr(c, field)) for s, c in init],
@@ -134,7 +139,9 @@ def pod_facts(obj: Mapping[str, Any]) -> tuple[str, PodFacts] | None:
         priority=int(spec.get("priority") or 0), terminating=bool(meta.get("deletionTimestamp")),
         cpu_limit_milli=total("cpu_limit_milli", True),
         cpu_request_milli=total("cpu_request_milli", False) or 0,
-        memory_limit_bytes=total("memory_limit_bytes", True), containers=containers)
+        memory_limit_bytes=total("memory_limit_bytes", True),
+        memory_request_bytes=total("memory_request_bytes", False) or 0,
+        finished=status.get("phase") in ("Succeeded", "Failed"), containers=containers)
 
 
 class NodeState:

@@ -20,8 +20,9 @@ class AgentMetrics:
                                registry=r)
         self.usage_memory = Gauge("fuyao_qos_memory_usage_bytes", "Memory working set, by class (LS, BE, system)",
                                   ("class",), registry=r)
-        self.io = Gauge("fuyao_qos_node_io_bytes_per_second", "Node IO rate (disk_read, disk_write, net_rx, net_tx)",
-                        ("kind",), registry=r)
+        self.io = Gauge("fuyao_qos_node_io_bytes_per_second", "IO rate: disk_read, disk_write of the node; net_rx, "
+                        "net_tx of the agent pod's network namespace (not the node's: no hostNetwork)", ("kind",),
+                        registry=r)
         self.suppressed = Gauge("fuyao_qos_cpu_suppressed", "1 while BE pods are CPU-suppressed", registry=r)
         self.be_allowed = Gauge("fuyao_qos_be_cpu_allowed_milli", "CPU BE pods may use together while suppressed",
                                 registry=r)

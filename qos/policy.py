@@ -28,6 +28,7 @@ class ContainerResources:
     cpu_request_milli: int = 0
     cpu_limit_milli: int | None = None  # None: unlimited
     memory_limit_bytes: int | None = None
+    memory_request_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class PodSample:
     cpu_limit_milli: int | None = None  # from the pod spec (what the kubelet set); None: unlimited
     cpu_request_milli: int = 0
     memory_limit_bytes: int | None = None
+    memory_request_bytes: int = 0
+    finished: bool = False  # phase Succeeded or Failed: its containers are gone for good
     containers: tuple[ContainerResources, ...] = ()
     cpu_milli: int = 0  # latest rate
     cpu_peak_milli: int = 0  # peak over the window
@@ -81,11 +84,16 @@ class BatchResources:
     system_memory_bytes: int
 
 
-def batch_resources(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig) -> BatchResources:
+def batch_resources(node: NodeSample, pods: Sequence[PodSample], config: AgentConfig,
+                    unsampled: Sequence[PodSample] = ()) -> BatchResources:
     """Koordinator's usage policy: capacity x reclaim% - max(system used, reserved) - Σ LS used (window peaks),
-    never negative. BE pods' own usage is not subtracted: it is what the batch resources hand out."""
-    ls_cpu = sum(p.cpu_peak_milli for p in pods if not p.be)
-    ls_memory = sum(p.memory_peak_bytes for p in pods if not p.be)
+    never negative. BE pods' own usage is not subtracted: it is what the batch resources hand out. ``unsampled``:
+    pods the API binds to the node whose cgroups gave no sample (not created yet: the image is still pulling, or
+    unreadable this cycle); an LS one among them uses its requests (Koordinator's calculateOnNode), unless it has
+    finished."""
+    waiting = [p for p in unsampled if not p.be and not p.finished]
+    ls_cpu = sum(p.cpu_peak_milli for p in pods if not p.be) + sum(p.cpu_request_milli for p in waiting)
+    ls_memory = sum(p.memory_peak_bytes for p in pods if not p.be) + sum(p.memory_request_bytes for p in waiting)
     cpu = node.cpu_capacity_milli * config.batch.cpu_reclaim_percent / 100 \
         - max(node.system_cpu_peak_milli, node.cpu_reserved_milli) - ls_cpu
     memory = node.memory_capacity_bytes * config.batch.memory_reclaim_percent / 100 \
@@ -189,11 +197,18 @@ def _min_limit(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def be_targets(pod: PodSample, cpu_limit_milli: int | None, be_cpu_shares: int) -> PodTargets:
+def be_targets(pod: PodSample, cpu_limit_milli: int | None, be_cpu_shares: int,
+               in_besteffort_tier: bool = True) -> PodTargets:
     """A BE pod's cgroups from its batch requests and limits (``cpu_limit_milli``: the pod's CPU allowance now,
     its own limit or less while suppressed). CPU weight from the request (``be_cpu_shares`` without one); a
-    container's quota never above the pod's, which the kernel (cgroup v1) refuses."""
+    container's quota never above the pod's, which the kernel (cgroup v1) refuses.
+
+    ``in_besteffort_tier`` False: the kubelet put the pod in the burstable (or guaranteed) tier because it also
+    requests cpu or memory; there its weight competes with LS pods' own, not within the besteffort tier's 2 shares,
+    so it is at most ``be_cpu_shares`` (a BE pod asking 4000m batch-cpu must not weigh as much as 4 LS CPUs)."""
     shares = milli_to_shares(pod.cpu_request_milli) if pod.cpu_request_milli > 0 else be_cpu_shares
+    if not in_besteffort_tier:
+        shares = min(shares, be_cpu_shares)
     containers = {}
     for c in pod.containers:
         if not c.container_id:

@@ -48,6 +48,15 @@ def test_invalid_flags_and_config_exit_2_naming_the_field(tmp_path: Path) -> Non
     assert "LS/BE colocation" in run("--help").stdout
 
 
+def test_a_metrics_address_that_is_no_host_port_exits_2_naming_the_field(tmp_path: Path) -> None:
+    """Checked with the config, before any watch starts: not a ValueError or OverflowError from the HTTP server."""
+    FakeCgroupTree(tmp_path, 2, "cgroupfs").add_pod(UID, "burstable")
+    for address in ("localhost", "127.0.0.1:99999"):
+        result = run("--cgroup-root", str(tmp_path), "--metrics-address", address, "--interval", "0.2s")
+        assert result.returncode == 2 and "metricsAddress" in result.stderr, (address, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_no_kubepods_hierarchy_exits_1_saying_where_it_looked(tmp_path: Path) -> None:
     result = run("--once", "--cgroup-root", str(tmp_path))
     assert result.returncode == 1 and "no kubepods cgroup under" in result.stderr

@@ -428,11 +428,11 @@ def test_a_pod_turning_ls_gets_its_values_back_after_a_failed_write_and_after_an
     second = agent()  # a restarted agent: it knows the pod's limits are its own from the state file
     real_apply, failed = cgroups.apply, []
 
-    def flaky(write: cgroups.Write) -> None:
+    def flaky(write: cgroups.Write, page_size: int | None = None) -> None:
         if write.path.endswith("memory.max") and not failed:
             failed.append(write.path)
             raise cgroups.CgroupError(f"cannot write to {write.path}: Device or resource busy")
-        real_apply(write)
+        real_apply(write, page_size)
 
     monkeypatch.setattr(cgroups, "apply", flaky)
     second.cycle()
