@@ -4,7 +4,8 @@
 ``/v1/chat/completions/render``, ``/reset_prefix_cache``; and, with ``--enable-fault-injection``, ``/fault``.
 
 Unknown request fields are ignored (routers add ``echo``, ``ignore_eos``…); an unknown model is 404; errors use
-vLLM's ``{"error": {"message", "type", "param", "code"}}``.
+vLLM's ``{"error": {"message", "type", "param", "code"}}``. ``tests/vllm/test_sim_fidelity.py`` compares the shapes
+with a real vLLM 0.32 (what still differs: ``docs/engine-sim.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import xxhash
 from aiohttp import web
 
 from fuyao import tokenization, tokenizer
@@ -46,6 +48,60 @@ def _json(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
+def invalid(message: str, param: str | None = None, value: Any = None) -> ApiError:
+    """A 400 worded as vLLM's ``VLLMValidationError`` prints: the parameter and the refused value after the message
+    (``message (parameter=max_tokens, value=0)``)."""
+    extras = [f"{name}={v}" for name, v in (("parameter", param), ("value", value)) if v is not None]
+    return ApiError(400, f"{message} ({', '.join(extras)})" if extras else message, param=param)
+
+
+def check_text_length(text: str, limit: int, chars_per_token: int | None) -> None:
+    """vLLM 0.32's check before tokenizing (``TokenizeParams._text_len_check``): a prompt text longer than
+    ``max_model_len`` times the vocabulary's longest token is refused unread."""
+    if chars_per_token is not None and len(text) > limit * chars_per_token:
+        raise invalid(f"This model's maximum context length is {limit} tokens. However, your prompt contains "
+                      f"{len(text)} characters (more than {limit * chars_per_token} characters, which is the upper "
+                      f"bound for {limit} input tokens). Please reduce the length of the input prompt.",
+                      "input_text", len(text))
+
+
+def check_prompt_length(length: int, limit: int, from_text: bool) -> None:
+    """vLLM 0.32's check after tokenizing (``TokenizeParams._token_len_check``): more than ``limit`` prompt tokens; a
+    text is tokenized to at most ``limit + 1`` tokens ("at least"), ids are counted as given. A prompt of exactly
+    ``limit`` tokens passes, to be refused by :func:`output_budget` as ``max_tokens`` 0, as vLLM refuses it."""
+    if length <= limit:
+        return
+    count = min(length, limit + 1) if from_text else length
+    qualifier = "at least " if count == limit + 1 else ""
+    raise invalid(f"This model's maximum context length is {limit} tokens. However, your prompt contains "
+                  f"{qualifier}{count} input tokens, which exceeds this limit even without any output tokens. Please "
+                  "reduce the length of the input prompt.", "input_tokens", count)
+
+
+def output_budget(length: int, limit: int, requested: int | None, min_tokens: int) -> int:
+    """A prompt's ``max_tokens`` as vLLM 0.32 sets it (``get_max_tokens``): the request's, cut to what the context
+    has left (all of it when none was asked), then ``SamplingParams``' checks."""
+    left = limit - length
+    budget = left if requested is None else min(requested, left)
+    if budget < 1:
+        raise invalid(f"max_tokens must be at least 1, got {budget}.", "max_tokens", budget)
+    if min_tokens < 0:
+        raise invalid(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+    if min_tokens > budget:  # vLLM names no parameter here (a plain ValueError)
+        raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={budget}, got {min_tokens}.")
+    return budget
+
+
+def max_chars_per_token(tokenizer: tokenization.Tokenizer) -> int | None:
+    """The longest entry of the model's vocabulary (vLLM's ``max_chars_per_token``); None for the builtin tokenizer,
+    which has no vocabulary file (no text-length check then)."""
+    if not isinstance(tokenizer, tokenization.HfTokenizer):
+        return None
+    from tokenizers import Tokenizer as Rust
+
+    return max(map(len, Rust.from_file(tokenizer.name).get_vocab(with_added_tokens=True)), default=None)
+
+
 @dataclass
 class Faults:
     """What ``POST /fault`` injected: the next ``error_count`` requests answer ``error_status``; the next
@@ -67,6 +123,14 @@ class EngineApi:
         self.fault_injection = fault_injection
         self.faults = Faults()
         self.started = int(time.time())
+        self.chars_per_token = max_chars_per_token(self.tokenizer)
+        settings = engine.settings
+        from fuyao import __version__
+
+        config = repr((settings.model, settings.block_size, settings.num_gpu_blocks, settings.max_model_len,
+                       settings.hash_algo, settings.seed, settings.role, self.tokenizer.name))
+        # as vLLM's system_fingerprint ("vllm-<version>-<hash of the config>")
+        self.fingerprint = f"fuyao-engine-sim-{__version__}-{xxhash.xxh64_hexdigest(config.encode())[:8]}"
 
     # Parsing -----------------------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -82,12 +146,13 @@ class EngineApi:
         return body
 
     @staticmethod
-    def _int(body: dict[str, Any], key: str, default: int | None, minimum: int = 1) -> int | None:
+    def _int(body: dict[str, Any], key: str, default: int | None, minimum: int | None = 1) -> int | None:
         value = body.get(key)
         if value is None:
             return default
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ApiError(400, f"{key} must be an integer >= {minimum}", param=key)
+        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            raise ApiError(400, f"{key} must be an integer" + (f" >= {minimum}" if minimum is not None else ""),
+                           param=key)
         return value
 
     def _prompts(self, body: dict[str, Any]) -> list[list[int]]:
@@ -114,29 +179,18 @@ class EngineApi:
                 raise ApiError(400, str(exc), param="prompt") from None
         return prompts
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+    def _chat_text(self, body: dict[str, Any]) -> str:
+        """The chat rendered by the model's template (what is then tokenized, without special tokens by default)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty array of message objects", param="messages")
         try:
-            return tokenization.chat_ids(self.tokenizer, messages,
-                                         body.get("add_generation_prompt", True) is not False,
-                                         body.get("add_special_tokens", False) is True)
+            return self.tokenizer.render_chat(messages, body.get("add_generation_prompt", True) is not False)
         except tokenizer.ChatFormatError as exc:
             raise ApiError(400, str(exc), param="messages") from None
 
-    def _fit_length(self, ids: list[int], max_tokens: int, key: str) -> int:
-        """``max_tokens`` as vLLM 0.32 takes it: refused above the context length, or when the prompt alone leaves no
-        room for one output token; else cut to what the context has left (``get_max_tokens``)."""
-        limit = self.engine.settings.max_model_len
-        if max_tokens > limit:
-            raise ApiError(400, f"{key}={max_tokens} cannot be greater than max_model_len={limit}. Please request "
-                                "fewer output tokens.", param=key)
-        if len(ids) > limit - 1:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                                f"contains {len(ids)} input tokens, which exceeds this limit even without any output "
-                                "tokens. Please reduce the length of the input prompt.", param="input_tokens")
-        return min(max_tokens, limit - len(ids))
+    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+        return self.tokenizer.encode(self._chat_text(body), body.get("add_special_tokens", False) is True)
 
     def _transfer(self, body: dict[str, Any]) -> tuple[bool, bool]:
         params = body.get("kv_transfer_params")
@@ -165,29 +219,54 @@ class EngineApi:
     # Generation --------------------------------------------------------------------------------------------------
     async def completions(self, http: web.Request) -> web.StreamResponse:
         body = await self._body(http)
-        prompts = self._prompts(body)
-        return await self._generate(http, body, prompts, chat=False)
+        self._check_request(body, chat=False)
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else \
+            [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []
+        for text in texts:
+            check_text_length(text, self.engine.settings.max_model_len, self.chars_per_token)
+        return await self._generate(http, body, self._prompts(body), chat=False, from_text=bool(texts))
 
     async def chat(self, http: web.Request) -> web.StreamResponse:
         body = await self._body(http)
-        return await self._generate(http, body, [self._chat_ids(body)], chat=True)
+        self._check_request(body, chat=True)
+        text = self._chat_text(body)
+        check_text_length(text, self.engine.settings.max_model_len, self.chars_per_token)
+        ids = self.tokenizer.encode(text, body.get("add_special_tokens", False) is True)
+        return await self._generate(http, body, [ids], chat=True, from_text=True)
+
+    def _check_request(self, body: dict[str, Any], chat: bool) -> None:
+        """What vLLM 0.32 refuses before it renders or tokenizes, in its order: ``stream_options`` without
+        ``stream`` (its request model), then ``max_tokens`` above the context length."""
+        if body.get("stream_options") and not body.get("stream"):
+            raise invalid("Stream options can only be defined when `stream=True`.", "stream_options")
+        key = self._max_tokens_key(body, chat)
+        requested = self._int(body, key, None, minimum=None)
+        limit = self.engine.settings.max_model_len
+        if requested is not None and requested > limit:
+            raise invalid(f"{key}={requested} cannot be greater than max_model_len={limit}. Please request fewer "
+                          "output tokens.", key, requested)
+
+    @staticmethod
+    def _max_tokens_key(body: dict[str, Any], chat: bool) -> str:
+        return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
 
     async def _generate(self, http: web.Request, body: dict[str, Any], prompts: list[list[int]],
-                        chat: bool) -> web.StreamResponse:
+                        chat: bool, from_text: bool = False) -> web.StreamResponse:
         if self._int(body, "n", 1) != 1:
             raise ApiError(400, "n > 1 is not supported by the simulator", param="n")
-        if body.get("stream_options") and not body.get("stream"):  # vLLM's request validation
-            raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = self._int(body, key, 16 if not chat else self.engine.settings.default_max_tokens)
-        assert max_tokens is not None
+        # completions default to 16 tokens (vLLM's request model); vLLM lets a chat run to what the context has
+        # left: the simulator too with ignore_eos, else it stops at --default-max-tokens (the EOS it never samples)
+        default = 16 if not chat else None if body.get("ignore_eos") is True else \
+            self.engine.settings.default_max_tokens
+        requested = self._int(body, self._max_tokens_key(body, chat), default, minimum=None)
         seed = body.get("seed") if isinstance(body.get("seed"), int) else None
         remote_prefill, remote_decode = self._transfer(body)
-        lengths = [self._fit_length(ids, max_tokens, key) for ids in prompts]
-        min_tokens = self._int(body, "min_tokens", 0, minimum=0) or 0  # vLLM's SamplingParams check
-        if min_tokens > min(lengths):
-            raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={min(lengths)}, got "
-                                f"{min_tokens}.", param="min_tokens")
+        limit = self.engine.settings.max_model_len
+        for ids in prompts:
+            check_prompt_length(len(ids), limit, from_text)
+        min_tokens = self._int(body, "min_tokens", 0, minimum=None) or 0
+        lengths = [output_budget(len(ids), limit, requested, min_tokens) for ids in prompts]
         external = [await self._from_tier(ids) if not remote_prefill else 0 for ids in prompts]
         try:
             requests = [self.engine.submit(ids, n, request_seed=seed, remote_prefill=remote_prefill,
@@ -211,21 +290,26 @@ class EngineApi:
                     self.engine.abort(r)
             raise
         usage = self._usage(requests)
-        if chat:
+        if chat:  # vLLM 0.32's fields (its message drops an empty tool_calls)
             r = requests[0]
             return _json({"id": rid, "object": "chat.completion", "created": created, "model": self.model,
                           "choices": [{"index": 0, "message": {
                               "role": "assistant", "content": outputs[0], "refusal": None, "annotations": None,
-                              "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None},
-                              "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": None}],
-                          "service_tier": None, "system_fingerprint": None, "usage": usage,
-                          "prompt_logprobs": None, "kv_transfer_params": self._transfer_result(r)})
+                              "audio": None, "function_call": None, "reasoning": None},
+                              "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": None,
+                              "token_ids": None, "routed_experts": None}],
+                          "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
+                          "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+                          "kv_transfer_params": self._transfer_result(r), "ec_transfer_params": None,
+                          "metrics": None})
         return _json({"id": rid, "object": "text_completion", "created": created, "model": self.model,
                       "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": r.finish_reason,
-                                   "stop_reason": None, "prompt_logprobs": None}
+                                   "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                                   "prompt_token_ids": None, "routed_experts": None}
                                   for i, (r, text) in enumerate(zip(requests, outputs, strict=True))],
-                      "service_tier": None, "system_fingerprint": None, "usage": usage,
-                      "kv_transfer_params": self._transfer_result(requests[0])})
+                      "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
+                      "kv_transfer_params": self._transfer_result(requests[0]), "ec_transfer_params": None,
+                      "metrics": None})
 
     async def _from_tier(self, ids: list[int]) -> int:
         """Leading prompt tokens the shared tier gives beyond the local prefix cache (``--kv-volume``: read from the
@@ -258,38 +342,54 @@ class EngineApi:
         prompt = sum(len(r.prompt) for r in requests)
         completion = sum(len(r.output) for r in requests)
         return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion,
-                "prompt_tokens_details": None}
+                "prompt_tokens_details": None, "completion_tokens_details": None}
 
     async def _stream(self, http: web.Request, requests: list[Request], rid: str, created: int, chat: bool,
                       include_usage: bool, continuous_usage: bool = False) -> web.StreamResponse:
-        """As vLLM streams: chunks carry ``usage`` only with ``continuous_usage_stats`` (the usage so far; vLLM
-        leaves unset fields out), and ``include_usage`` adds a last chunk with the whole usage and no choices."""
+        """As vLLM 0.32 streams (its chunks' fields, unset ones left out): chunks carry ``usage`` only with
+        ``continuous_usage_stats`` (the usage so far), ``include_usage`` adds a last chunk with the whole usage, no
+        choices and the ``system_fingerprint`` (else the finishing chunk has it). The finish reason comes with the
+        last token's chunk, as vLLM sends it: a token is the last when the request has finished and no other of its
+        tokens is still queued (the engine queues a request's last token and finishes it in one step)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         kind = "chat.completion.chunk" if chat else "text_completion"
         sent = [0] * len(requests)  # tokens streamed so far, per request (continuous usage)
 
-        async def send(choices: list[dict[str, Any]], **more: Any) -> None:
-            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": choices, **more}
+        async def send(index: int, choice: dict[str, Any], **more: Any) -> None:
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [choice]}
             if continuous_usage:
-                index = min(choices[0]["index"], len(requests) - 1) if choices else 0
                 prompt, done = len(requests[index].prompt), sent[index]
-                chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + done,
+                                         "completion_tokens": done}
+                if chat:
+                    usage["completion_tokens_details"] = None
+                chunk["usage"] = usage
+            await response.write(b"data: " + orjson.dumps({**chunk, **more}) + b"\n\n")
+
+        def choice(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+            if chat:
+                finished = {"stop_reason": None} if finish_reason is not None else {}
+                return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": finish_reason,
+                        **finished, "token_ids": None}
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                    "stop_reason": None, "prompt_token_ids": None, "token_ids": None}
 
         if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}])
+            await send(0, {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}, prompt_token_ids=None, prompt_text=None)
         for index, request in enumerate(requests):
+            finished = False
             while (token := await request.tokens_out.get()) is not None:
                 sent[index] += 1
+                last = request.finished and request.error is None and sent[index] == len(request.output)
                 text = self.tokenizer.decode([token])
-                if chat:
-                    await send([{"index": index, "delta": {"content": text}, "logprobs": None,
-                                 "finish_reason": None}])
+                if last:
+                    await send(index, choice(index, text, request.finish_reason),
+                               **self._finishing(request, include_usage))
                 else:
-                    await send([{"index": index, "text": text, "logprobs": None, "finish_reason": None,
-                                 "stop_reason": None}])
+                    await send(index, choice(index, text))
+                finished = finished or last
             if request.error is not None:  # vLLM's streamed error: an error object, then [DONE]
                 await response.write(b"data: " + orjson.dumps({"error": {
                     "message": f"the engine failed this request: {request.error}", "type": "InternalServerError",
@@ -297,22 +397,24 @@ class EngineApi:
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
                 return response
-            final: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": request.finish_reason,
-                                     "stop_reason": None}
-            if chat:
-                final["delta"] = {}
-            else:
-                final["text"] = ""
-            more = {"kv_transfer_params": self._transfer_result(request)} if request.remote_decode else {}
-            await send([final], **more)
+            if not finished:  # no token carried the finish reason (none came): a chunk of its own
+                await send(index, choice(index, "", request.finish_reason), **self._finishing(request, include_usage))
         if include_usage:
             usage = {k: v for k, v in self._usage(requests).items() if v is not None}  # vLLM: exclude_none
             chunk = {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [],
-                     "usage": usage}
+                     "usage": usage, "system_fingerprint": self.fingerprint}
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _finishing(self, request: Request, include_usage: bool) -> dict[str, Any]:
+        """What a request's finishing chunk carries beyond its choice: the ``system_fingerprint`` unless a usage
+        chunk follows (vLLM's), and for a prefill engine's request the ``kv_transfer_params``."""
+        more: dict[str, Any] = {} if include_usage else {"system_fingerprint": self.fingerprint}
+        if request.remote_decode:
+            more["kv_transfer_params"] = self._transfer_result(request)
+        return more
 
     # Other endpoints ---------------------------------------------------------------------------------------------
     async def models(self, _http: web.Request) -> web.Response:
@@ -364,8 +466,9 @@ class EngineApi:
         return web.Response(body=metrics.render() if metrics else b"", content_type="text/plain", charset="utf-8")
 
     async def reset_prefix_cache(self, _http: web.Request) -> web.Response:
-        self.engine.reset_prefix_cache()
-        return web.Response(status=200)
+        """vLLM's: ``{"success": false}`` while requests hold blocks; the ``AllBlocksCleared`` goes out with the next
+        step. vLLM serves it only with ``VLLM_SERVER_DEV_MODE=1``; the simulator, a test tool, always."""
+        return _json({"success": self.engine.reset_prefix_cache()})
 
     async def fault(self, http: web.Request) -> web.Response:
         """``POST /fault {"slowdown": 3, "error_status": 503, "error_count": 2, "drop_count": 1, "events": false,

@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 import uuid
 
 from fuyao import daemon, tokenization
-from fuyao.kv_blocks import topic as kv_topic
 from fuyao.vllm_hashing import ALGORITHMS
 
 from .api import EngineApi
@@ -44,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill/decode disaggregation role (vLLM's kv_role producer/consumer/both)")
     p.add_argument("--kv-events-endpoint", help="ZMQ PUB endpoint for KV events, e.g. tcp://*:5557 (binds)")
     p.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER endpoint for replays, e.g. tcp://*:5558")
-    p.add_argument("--kv-events-topic", help="default kv@<host>@<model>")
+    p.add_argument("--kv-events-topic", default="",
+                   help="the events' ZMQ topic (vLLM's --kv-events-config topic; default '', vLLM's)")
     p.add_argument("--kv-events-format", choices=["release", "main", "array"], default="release",
                    help="vLLM's payload envelope (see docs/engine-sim.md)")
     p.add_argument("--kv-remote", help="URL of the shared KV block tier (fuyao-kvcache)")
@@ -55,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated KV bytes per token in the volume's files (their size, for eviction)")
     p.add_argument("--latency-profile", help="YAML latency profile (step_base_ms, prefill_per_token_ms, ...)")
     p.add_argument("--time-scale", type=float, default=1.0, help="run the clock this many times faster")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="chat completions without max_tokens")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="chat completions without max_tokens, standing in for the EOS a model would sample (with "
+                        "ignore_eos they run to what the context has left, as vLLM's)")
     p.add_argument("--tokenizer", help="the served model's tokenizer: a model directory or tokenizer.json (HF "
                    "tokenizers, with its chat template), as a real vLLM serving that model tokenizes; default: "
                    "fuyao's builtin tokenizer")
@@ -97,10 +98,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.kv_events_endpoint:
         from .events import KvEventPublisher
 
-        host = args.host if args.host not in ("0.0.0.0", "::", "") else socket.gethostname()
         try:
             publisher = KvEventPublisher(args.kv_events_endpoint, args.kv_events_replay_endpoint,
-                                         args.kv_events_topic or kv_topic(host, args.model), args.kv_events_format)
+                                         args.kv_events_topic, args.kv_events_format)
         except Exception as exc:
             log.error("cannot open KV event endpoint %s: %s", args.kv_events_endpoint, exc)
             return 1

@@ -57,7 +57,7 @@ class EngineSettings:
     max_model_len: int = 32768
     seed: int = 0
     time_scale: float = 1.0
-    default_max_tokens: int = 256
+    default_max_tokens: int = 256  # chats without max_tokens (nor ignore_eos): the EOS a model would sample
     role: str = "both"  # prefill | decode | both
     engine_id: str = ""
     hash_algo: str = "builtin"  # builtin (fuyao.kv_blocks, seeded by seed) | one of vLLM's (fuyao.vllm_hashing)
@@ -393,6 +393,8 @@ class Engine:
         if self.metrics is not None:
             self.metrics.state(len(self.running), len(self.waiting), self.pool)
 
-    def reset_prefix_cache(self) -> None:
-        self.pool.clear()
-        self._publish_events()
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache; False (nothing dropped) while requests hold blocks, as vLLM's. Its
+        ``AllBlocksCleared`` goes out with the events of the next step, as vLLM's (its scheduler publishes what the
+        block pool queued in ``update_from_output``): an idle engine publishes it with its next request's."""
+        return self.pool.clear()

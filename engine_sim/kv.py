@@ -189,12 +189,16 @@ class BlockPool:
         allocation.hashed = 0
         allocation.parent = None
 
-    def clear(self) -> None:
-        """Drop the whole prefix cache (``AllBlocksCleared``); blocks held by requests stay held."""
+    def clear(self) -> bool:
+        """Drop the whole prefix cache (``AllBlocksCleared``); False, and nothing dropped, while requests hold blocks
+        (vLLM's ``BlockPool.reset_prefix_cache``)."""
+        if len(self.free) != len(self.blocks):
+            return False
         for block in self.blocks:
             block.hash = None
         self.cached.clear()
         self.events.append(AllBlocksCleared())
+        return True
 
     def take_events(self) -> list[KvEvent]:
         events, self.events = self.events, []

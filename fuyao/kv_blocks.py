@@ -244,8 +244,3 @@ def decode_batch(payload: bytes) -> EventBatch:
         raise EventDecodeError("event batch: ts must be a number and events an array")
     return EventBatch(float(ts), [e for raw in events if (e := _event(raw)) is not None],
                       rank if isinstance(rank, int) else None)
-
-
-def topic(host: str, model: str) -> str:
-    """vLLM's conventional topic: ``kv@<pod ip>@<model>``."""
-    return f"kv@{host}@{model}"

@@ -58,7 +58,7 @@ def test_completion_shape(sim: Daemon) -> None:
     usage = body["usage"]
     prompt_tokens = len(tokenizer.encode(PROMPT, add_special_tokens=True))
     assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7,
-                     "prompt_tokens_details": None}
+                     "prompt_tokens_details": None, "completion_tokens_details": None}  # vLLM 0.32's UsageInfo
     again = sim.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 7})[1]
     assert again["choices"][0]["text"] == choice["text"]  # deterministic (seeded)
     batch = sim.post("/v1/completions", {"prompt": ["a b c", "d e f"], "max_tokens": 2})[1]
@@ -70,25 +70,31 @@ def test_chat_shape_and_streams(sim: Daemon) -> None:
     status, body = sim.post("/v1/chat/completions", {"model": "sim-7b", "messages": messages, "max_tokens": 4})
     assert status == 200 and body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     message = body["choices"][0]["message"]
-    assert message["role"] == "assistant" and isinstance(message["content"], str) and message["tool_calls"] == []
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    assert "tool_calls" not in message  # vLLM 0.32's message leaves an empty tool_calls out
     chunks = stream(sim, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "stream": True,
                                                   "stream_options": {"include_usage": True}})
     assert chunks[-1] == "[DONE]"
-    first, *middle, final, usage = chunks[:-1]
+    first, *tokens, usage = chunks[:-1]
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {  # type: ignore[index]
         "role": "assistant", "content": ""}
-    assert "".join(c["choices"][0]["delta"]["content"] for c in middle) == message["content"]  # type: ignore[index]
-    assert final["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    assert len(tokens) == 4  # one chunk a token
+    assert "".join(c["choices"][0]["delta"]["content"] for c in tokens) == message["content"]  # type: ignore[index]
+    # as vLLM: the finish reason comes with the last token, not in a chunk of its own
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, None, None, "length"]  # type: ignore[index]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4  # type: ignore[index]
     # as vLLM: no "usage": null on the other chunks, no null fields in the usage (its exclude_unset/exclude_none)
     assert all("usage" not in c for c in chunks[:-2]) and None not in usage["usage"].values()  # type: ignore[union-attr,operator]
     continuous = stream(sim, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True, "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}})
     assert [c["usage"]["completion_tokens"] for c in continuous[:3]] == [1, 2, 3]  # type: ignore[index]
+    assert continuous[2]["choices"][0]["finish_reason"] == "length" and continuous[3]["choices"] == []  # type: ignore[index]
     status, error = sim.post("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}})
     assert status == 400 and error["error"]["param"] == "stream_options"
     completion = stream(sim, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True})
-    assert completion[-1] == "[DONE]" and len(completion) == 5  # 3 tokens, the final chunk, [DONE]
+    assert completion[-1] == "[DONE]" and len(completion) == 4  # 3 tokens (the last one finishing), [DONE]
+    assert [c["choices"][0]["finish_reason"] for c in completion[:-1]] == [None, None, "length"]  # type: ignore[index]
+    assert all(c["choices"][0]["text"] for c in completion[:-1])  # type: ignore[index]  # no empty finishing chunk
     assert all("usage" not in c for c in completion[:-1])  # type: ignore[operator]
 
 
@@ -109,15 +115,22 @@ def test_models_tokenize_render_and_errors(sim: Daemon) -> None:
     status, error = sim.post("/v1/completions", {"prompt": 42})
     assert status == 400 and error["error"]["param"] == "prompt"
     # vLLM 0.32's length rules: max_tokens above the context length is refused; a prompt that leaves no room for one
-    # output token is refused; else max_tokens is cut to what the context has left
+    # output token is refused (over the context: as too long; filling it exactly: as max_tokens 0, which the
+    # context leaves); else max_tokens is cut to what the context has left
     status, error = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 40000})
     assert status == 400 and "max_model_len=32768" in error["error"]["message"]
-    status, error = sim.post("/v1/completions", {"prompt": [1] * 32768, "max_tokens": 1})
+    status, error = sim.post("/v1/completions", {"prompt": [1] * 32769, "max_tokens": 1})
     assert status == 400 and "maximum context length is 32768" in error["error"]["message"]
+    assert error["error"]["param"] == "input_tokens"
+    status, error = sim.post("/v1/completions", {"prompt": [1] * 32768, "max_tokens": 1})
+    assert status == 400 and error["error"] == {
+        "message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        "type": "BadRequestError", "param": "max_tokens", "code": 400}
     status, answer = sim.post("/v1/completions", {"prompt": [1] * 32760, "max_tokens": 100, "ignore_eos": True})
     assert status == 200 and answer["usage"]["completion_tokens"] == 8
     status, error = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "min_tokens": 4})
-    assert status == 400 and error["error"]["param"] == "min_tokens"
+    assert status == 400 and error["error"]["param"] is None  # vLLM names no parameter here
+    assert error["error"]["message"] == "min_tokens must be less than or equal to max_tokens=1, got 4."
     status, raw = sim.request("POST", "/v1/completions", None)
     assert status == 400 and b"invalid JSON" in raw
     assert sim.get("/health")[0] == 200 and "fuyao-engine-sim" in sim.get("/version")[1]
@@ -163,7 +176,7 @@ def test_kv_events_on_the_wire_and_replay(sim: Daemon) -> None:
                     break
         assert frames is not None
         topic, seq, payload = frames
-        assert topic == b"kv@127.0.0.1@sim-7b" and len(seq) == 8
+        assert topic == b"" and len(seq) == 8  # vLLM's default topic
         ts, events, rank = msgpack.unpackb(payload, raw=False)  # vLLM's release envelope
         stored = next(e for e in events if e["type"] == "BlockStored")
         assert set(stored) == {"type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
