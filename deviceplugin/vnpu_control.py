@@ -101,9 +101,14 @@ class VnpuControl:
 
     # Loop ---------------------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Reconcile once (static: the plan is applied before anything is advertised, so no die is offered twice),
+        then start the loop — also when that first round failed: the loop retries it."""
         if self.mode == "off":
             return
-        self.reconcile()
+        try:
+            self.reconcile()
+        except Exception:
+            log.exception("vNPU reconcile at start failed (retried every %gs)", self.settings.reconcile_interval)
         self._thread = threading.Thread(target=self._run, name="vnpu-reconcile", daemon=True)
         self._thread.start()
 
@@ -143,7 +148,7 @@ class VnpuControl:
             elif self.mode == "dynamic":
                 self._collect_dynamic()
                 if self.manager.static_records():  # leftovers of static mode: an empty plan retires them
-                    self.manager.apply(Plan(devices=()), None if held is None else held[0])
+                    self._retire_static_leftovers(None if held is None else held[0])
         finally:
             if self.mode == "dynamic":
                 assert self.cores is not None
@@ -155,6 +160,16 @@ class VnpuControl:
             self.metrics.vnpus.set(len([r for r in self.manager.ledger.records() if r.state == "created"]))
             if self.on_reconciled is not None:
                 self.on_reconciled()
+
+    def _retire_static_leftovers(self, held_slices: set[tuple[str, int]] | None) -> None:
+        try:
+            report = self.manager.apply(Plan(devices=()), held_slices)
+        except NpuSmiError as exc:
+            log.error("retiring the static vNPUs left from static mode failed (retried every %gs): %s",
+                      self.settings.reconcile_interval, exc)
+            return
+        if report.destroyed or report.errors or report.forgotten:
+            log.info("static vNPUs left from static mode retired", extra={"report": report.summary()})
 
     def _reconcile_static(self, held_slices: set[tuple[str, int]] | None) -> None:
         """Apply the plan. A slice the plan drops is first withdrawn from ListAndWatch and destroyed only a grace

@@ -5,19 +5,25 @@
     fuyao-vnpu list                                every vNPU, its owner and whether a container uses it
     fuyao-vnpu gc                                  resolve interrupted creations, destroy our unused dynamic vNPUs
 
-Exit codes: 0 done, 1 npu-smi or a vNPU change failed, 2 invalid config or plan (the entry and reason are named).
+``apply`` is for nodes whose device plugin does not run a static plan (it applies its ConfigMap itself: apply
+refuses while it serves ``npu.huawei.com/vNPU``); like the plugin, it does not carve a die a container holds whole.
+
+Exit codes: 0 done, 1 npu-smi or a vNPU change failed (or apply refused), 2 invalid config or plan (the entry and
+reason are named).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from fuyao import __version__, logs
-from fuyao.contracts import RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_core_device_id, parse_vnpu_device_id
+from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
 from fuyao.inventory import NodeInventory, discover
 from fuyao.npusmi import DEFAULT_TIMEOUT_S, NpuSmi, NpuSmiError
 
@@ -26,6 +32,10 @@ from .manager import VnpuError, VnpuManager, entry_in_use, static_changes
 from .plan import Plan, PlanError, load_vnpu_config, make_plan
 from .templates import load_templates
 from .usage import DEFAULT_POD_RESOURCES_SOCKET, PodResourcesUnavailable, holdings
+
+DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+STATIC_SLICES_SOCKET = "fuyao-" + RESOURCE_VNPU.replace("/", "-") + ".sock"
+"""Where fuyao's device plugin serves ``npu.huawei.com/vNPU`` — only in static mode (its ``socket_name_for``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,22 +62,47 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--no-kubelet", action="store_true",
                            help="this node runs no kubelet: trust npu-smi's container binding alone (without this, "
                                 "nothing is destroyed when the pod-resources API does not answer)")
+            if name == "apply":
+                s.add_argument("--device-plugin-dir", default=DEFAULT_DEVICE_PLUGIN_DIR,
+                               help="the kubelet's device-plugin directory: apply refuses while fuyao's device plugin "
+                                    f"serves static vNPUs there (default: {DEFAULT_DEVICE_PLUGIN_DIR})")
         logs.add_arguments(s)
     return p
 
 
-def _held(args: argparse.Namespace) -> tuple[set[tuple[str, int]], set[str], str | None, list[frozenset[str]]]:
-    """(vNPU slices held, npu-core devices held, why unknown, the cores each container holds)."""
+class Held(NamedTuple):
+    """What containers hold, per the kubelet (nothing with ``--no-kubelet``)."""
+
+    slices: set[tuple[str, int]]  # static vNPU slices (device, vNPU id)
+    whole: set[str]  # dies held as whole NPUs
+    unknown: str | None  # why the kubelet's view is unknown (then the sets are empty)
+    groups: list[frozenset[str]]  # the npu-core devices each container holds
+
+
+def _held(args: argparse.Namespace) -> Held:
     if args.no_kubelet:
-        return set(), set(), None, []
+        return Held(set(), set(), None, [])
     try:
-        found = holdings(args.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE))
+        found = holdings(args.pod_resources_socket, (RESOURCE_VNPU, RESOURCE_NPU_CORE, RESOURCE_NPU))
     except PodResourcesUnavailable as exc:
-        return set(), set(), str(exc), []
+        return Held(set(), set(), str(exc), [])
     held = found.devices
     slices = {p for d in held[RESOURCE_VNPU] if (p := parse_vnpu_device_id(d)) is not None}
-    cores = {d for d in held[RESOURCE_NPU_CORE] if parse_core_device_id(d) is not None}
-    return slices, cores, None, found.groups.get(RESOURCE_NPU_CORE, [])
+    return Held(slices, held[RESOURCE_NPU], None, found.groups.get(RESOURCE_NPU_CORE, []))
+
+
+def plugin_serves_static_slices(device_plugin_dir: str) -> bool:
+    """Whether fuyao's device plugin serves static vNPU slices on this node now (its socket answers): it applies
+    its own ConfigMap then, and offers the slices — an apply from here would fight its plan and destroy slices the
+    kubelet may be handing out."""
+    path = os.path.join(device_plugin_dir, STATIC_SLICES_SOCKET)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except OSError:  # no such socket, or a stale one from a plugin that is gone
+            return False
+    return True
 
 
 def _plan(npu_smi: NpuSmi, inventory: NodeInventory, manager: VnpuManager, config_path: str) -> Plan:
@@ -110,17 +145,24 @@ def run(args: argparse.Namespace) -> int:
                 "keep": [f"{r.device_id}/{r.vnpu_id} ({r.template})" for r in changes.keep]}, args.json)
         return 0
     if args.command == "apply":
+        if not args.no_kubelet and plugin_serves_static_slices(args.device_plugin_dir):
+            raise VnpuError(f"apply refused, nothing changed: the device plugin serves static vNPUs on this node "
+                            f"({os.path.join(args.device_plugin_dir, STATIC_SLICES_SOCKET)}) and applies its "
+                            "vnpu-config ConfigMap itself — change the ConfigMap instead (an apply from here would "
+                            "fight its plan and destroy slices it still offers)")
         plan = _plan(npu_smi, inventory, manager, args.config)
-        slices, _cores, unknown, _groups = _held(args)
-        if unknown:
-            print(f"fuyao-vnpu: warning: {unknown}; vNPUs no longer in the plan are kept (use --no-kubelet on a "
-                  "node without a kubelet)", file=sys.stderr)
-        report = manager.apply(plan, None if unknown else slices)
+        held = _held(args)
+        if held.unknown:
+            print(f"fuyao-vnpu: warning: {held.unknown}; vNPUs no longer in the plan are kept and dies not carved yet "
+                  "stay whole (use --no-kubelet on a node without a kubelet)", file=sys.stderr)
+        report = manager.apply(plan, None if held.unknown else held.slices,
+                               held_whole=None if held.unknown else held.whole)
         _print(report.summary(), args.json)
         return 1 if report.errors else 0
     if args.command == "list":
         owners = {(r.device_id, r.vnpu_id): r for r in ledger.records()}
-        slices, cores, _unknown, _groups = _held(args)
+        held = _held(args)
+        allocations = set(held.groups)
         rows = []
         for device in inventory.devices:
             try:
@@ -132,18 +174,19 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({"device": device.id, "vnpu_id": entry.vnpu_id, "template": entry.template,
                              "owner": record.owner if record else "not fuyao",
                              "state": record.state if record else "-",
-                             "in_use": entry_in_use(entry) or (device.id, entry.vnpu_id) in slices
-                             or bool(record and record.cores & cores)})
+                             "in_use": entry_in_use(entry) or (device.id, entry.vnpu_id) in held.slices
+                             or bool(record and record.dynamic and record.cores in allocations)})
         _print(rows, args.json)
         return 0
     # gc
     asked = time.time()
-    _slices, _cores, unknown, groups = _held(args)
+    held = _held(args)
     adopted = manager.recover()
-    destroyed, errors = manager.collect_dynamic(groups if unknown is None else None, args.grace, observed_at=asked)
+    destroyed, errors = manager.collect_dynamic(held.groups if held.unknown is None else None, args.grace,
+                                                observed_at=asked)
     _print({"adopted": [f"{r.device_id}/{r.vnpu_id}" for r in adopted],
             "destroyed": [f"{r.device_id}/{r.vnpu_id}" for r in destroyed], "errors": errors,
-            "pod_resources": unknown or "ok"}, args.json)
+            "pod_resources": held.unknown or "ok"}, args.json)
     return 1 if errors else 0
 
 

@@ -6,10 +6,12 @@ record (with the vNPU id we are about to ask for) is written, then npu-smi creat
 dropped if not — so a crash at any point leaves neither an orphan nor a duplicate. Only vNPUs in the ledger are
 ever destroyed automatically; vNPUs made by others are left alone.
 
-The file is rewritten atomically (temp file, fsync, rename), with a backup copy a corrupted file falls back to.
+The file is rewritten atomically and durably (temp file, fsync, rename, fsync of the directory: the rename is on disk
+before the caller acts on it), with a backup copy a corrupted file falls back to.
 Every create, destroy and recovery runs inside :meth:`Ledger.transaction` (an flock), so the device plugin's
 threads and an operator's ``fuyao-vnpu`` never interleave, and a pending record is only resolved once the process
-that wrote it is gone.
+that wrote it is gone — and dropped, its vNPU absent, only a grace period after the creation began (a killed npu-smi
+call may still take effect in the driver).
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class Ledger:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            _sync_directory(target.parent)  # the rename itself: a power loss must not bring back the old file
 
     def update(self, change: Callable[[list[VnpuRecord]], list[VnpuRecord]]) -> list[VnpuRecord]:
         """Read, apply ``change``, write — atomically with respect to other writers."""
@@ -168,6 +171,14 @@ class Ledger:
 
         self.update(change)
         return removed
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _put(records: list[VnpuRecord], record: VnpuRecord) -> list[VnpuRecord]:

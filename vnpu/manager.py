@@ -6,12 +6,16 @@ is the I/O edge. Rules that keep vNPUs from leaking or vanishing under a workloa
 - a vNPU is recorded ``pending`` before it is created, ``created`` after (see :mod:`fuyao.vnpu.ledger`);
 - only vNPUs in the ledger are destroyed, and never one in use (npu-smi shows a container bound to it, or the
   caller's ``in_use`` set — from the kubelet's pod-resources API — names it);
-- a vNPU that disappeared behind our back (a reboot) is forgotten, not recreated twice.
+- a vNPU that disappeared behind our back (a reboot) is forgotten, not recreated twice;
+- a pending creation is resolved only ``PENDING_GRACE_S`` after it began, whoever wrote it (a killed npu-smi call
+  may still finish in the driver), and a record is replaced, never removed, before its vNPU is re-created;
+- a static plan change creates nothing on a chip while surplus vNPUs of the old plan are still on it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -112,6 +116,7 @@ class ApplyReport:
     rolled_back: list[VnpuRecord] = field(default_factory=list)  # created, then destroyed: the chip's split failed
     errors: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # dies in the plan not carved yet: a container may hold them
+    deferred: list[str] = field(default_factory=list)  # chips whose new vNPUs wait for their surplus ones to go
 
     def summary(self) -> dict[str, object]:
         return {
@@ -122,7 +127,7 @@ class ApplyReport:
             "adopted": [f"{r.device_id}/{r.vnpu_id}" for r in self.adopted], "errors": self.errors,
             "retiring": [f"{r.device_id}/{r.vnpu_id}" for r in self.retiring],
             "rolled_back": [f"{r.device_id}/{r.vnpu_id}:{r.template}" for r in self.rolled_back],
-            "waiting_for_release": self.waiting,
+            "waiting_for_release": self.waiting, "waiting_for_surplus": self.deferred,
         }
 
 
@@ -142,8 +147,14 @@ def _process_alive(pid: int | None, started: float | None) -> bool:
 
 _SELF_STARTED = psutil.Process().create_time()
 PENDING_GRACE_S = 60.0
-"""A creation of this process that timed out and is found absent is dropped only this long after it began: it may
-still take effect in the driver after npu-smi was killed (dropping it sooner would leak that vNPU, unrecorded)."""
+"""A pending creation found absent is dropped only this long after it began, whoever wrote it (this process after a
+timeout, a plugin killed by its liveness probe, ``fuyao-vnpu`` in another pid namespace): the killed npu-smi call
+may still take effect in the driver (dropping it sooner would leak that vNPU, unrecorded)."""
+
+
+def pending_expired(record: VnpuRecord, now: float) -> bool:
+    """Whether a pending creation began long enough ago that its npu-smi call can no longer take effect."""
+    return now - record.at >= PENDING_GRACE_S
 
 
 class VnpuManager:
@@ -228,8 +239,9 @@ class VnpuManager:
 
     # Recovery ----------------------------------------------------------------------------------------------------
     def recover(self) -> list[VnpuRecord]:
-        """Resolve creations left pending by a process that is gone: adopt the vNPU if npu-smi shows it, drop the
-        record if npu-smi shows it absent, leave it if npu-smi cannot tell. Returns the adopted records."""
+        """Resolve creations left pending by a process that is gone (or by a create of ours that timed out): adopt
+        the vNPU if npu-smi shows it, drop the record if npu-smi shows it absent once ``PENDING_GRACE_S`` has passed
+        since the creation began, leave it otherwise (or if npu-smi cannot tell). Returns the adopted records."""
         adopted = []
         with self.ledger.transaction():
             for record in [r for r in self.ledger.records() if r.state == "pending"]:
@@ -242,16 +254,20 @@ class VnpuManager:
                     adopted.append(done)
                     log.info("adopted vNPU %d on %s (created before a crash)", record.vnpu_id, record.device_id,
                              extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
-                elif presence == "absent" and (record.pid != os.getpid() or time.time() - record.at >= PENDING_GRACE_S):
-                    self.ledger.remove(record)  # ours (a create that timed out) only after the grace
+                elif presence == "absent" and pending_expired(record, time.time()):
+                    self.ledger.remove(record)  # the killed npu-smi call can no longer take effect
                     log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id,
                              record.device_id, extra={"device": record.device_id, "vnpu": record.vnpu_id})
         return adopted
 
     # Changes ----------------------------------------------------------------------------------------------------
-    def create(self, device_id: str, template: Template, owner: str, vnpu_id: int | None = None) -> VnpuRecord:
-        """Create a vNPU (``vnpu_id``: re-create a known one with its id). Raises :class:`VnpuError`; when npu-smi
-        failed in a way that leaves the outcome unknown, the record stays pending for :meth:`recover`."""
+    def create(self, device_id: str, template: Template, owner: str, vnpu_id: int | None = None,
+               replacing: VnpuRecord | None = None) -> VnpuRecord:
+        """Create a vNPU (``vnpu_id``: re-create a known one with its id; ``replacing``: its record, which the pending
+        record replaces in one write and which is put back if the driver refuses — a record is never removed before
+        its replacement is written). Raises :class:`VnpuError`, or :class:`NpuSmiError` when npu-smi cannot list the
+        chip's vNPUs (nothing changed); when npu-smi failed in a way that leaves the outcome unknown, the record stays
+        pending for :meth:`recover`."""
         try:
             d = self.device(device_id)
         except NpuSmiError as exc:
@@ -266,7 +282,10 @@ class VnpuManager:
             record = VnpuRecord(vnpu_id=vnpu_id, device_id=device_id, npu_id=d.npu_id, chip_id=d.chip_id,
                                 template=template.name, owner=owner, state="pending", at=time.time(),
                                 pid=os.getpid(), pid_started=_SELF_STARTED)
-            self.ledger.put(record)
+            if replacing is not None:
+                self.ledger.replace(replacing, record)
+            else:
+                self.ledger.put(record)
             try:
                 self.npu_smi.create_vnpu(d.npu_id, d.chip_id, template.name, vnpu_id=vnpu_id)
             except NpuSmiError as exc:
@@ -277,7 +296,10 @@ class VnpuManager:
                 if presence == "absent" and isinstance(exc, NpuSmiTimeout):
                     presence = "unknown"
                 if presence == "absent":
-                    self.ledger.remove(record)
+                    if replacing is not None:
+                        self.ledger.replace(record, replacing)  # still there, still held: the next round retries
+                    else:
+                        self.ledger.remove(record)
                     self._event("create", "error")
                     raise VnpuError(f"cannot create {template.name} vNPU {vnpu_id} on {device_id}: {exc}") from None
                 if presence == "unknown":
@@ -316,7 +338,9 @@ class VnpuManager:
               destroyable: set[tuple[str, int]] | None = None,
               held_whole: Collection[str] | None = ()) -> ApplyReport:
         """Make the static vNPUs match ``plan``. ``in_use``: (device, vNPU id) pairs containers hold, from the
-        kubelet; None when that is unknown — then nothing is destroyed (creations still happen). ``destroyable``:
+        kubelet; None when that is unknown — then nothing is destroyed (creations still happen on chips with no
+        surplus vNPU). A chip whose surplus vNPUs stay (in use, retiring, or not destroyed) gets no new ones until
+        they are gone (``deferred``): the new split is planned for the chip without them. ``destroyable``:
         when given, only these surplus vNPUs are destroyed now; the others are reported as ``retiring`` (the
         caller stops advertising them first and destroys them a grace period later). ``held_whole``: dies a
         container holds as a whole NPU (None: unknown): a die with no vNPU yet is not carved while it may be held
@@ -342,27 +366,38 @@ class VnpuManager:
                 log.warning("vNPU %d on %s vanished (reboot or someone else destroyed it); forgetting it",
                             record.vnpu_id, record.device_id)
             busy = set(in_use or ())
+            surplus_left: set[str] = set()  # chips that still carry vNPUs the plan no longer wants
             for record in changes.destroy:
                 entry = observed.get(record.device_id, {}).get(record.vnpu_id)
                 key = (record.device_id, record.vnpu_id)
                 if in_use is None or key in busy or (entry is not None and entry_in_use(entry)):
                     report.in_use.append(record)
+                    surplus_left.add(record.device_id)
                     log.info("vNPU %d on %s is no longer in the plan; kept while %s", record.vnpu_id,
                              record.device_id, "a container uses it" if in_use is not None else
                              "the kubelet's view of which containers use it is unknown")
                     continue
                 if destroyable is not None and key not in destroyable:
                     report.retiring.append(record)
+                    surplus_left.add(record.device_id)
                     continue
                 try:
                     self.destroy(record)
                     report.destroyed.append(record)
                 except VnpuError as exc:
                     report.errors.append(str(exc))
+                    surplus_left.add(record.device_id)
             by_device: dict[str, list[tuple[Template, int]]] = {}
             for device_id, template, count in changes.create:
                 by_device.setdefault(device_id, []).append((template, count))
             for device_id, parts in by_device.items():
+                if device_id in surplus_left:
+                    # the new vNPUs do not fit beside the old ones: creating them would have the driver refuse one
+                    # and the split roll back, every round, while the old ones stay
+                    report.deferred.append(device_id)
+                    log.info("%s: its new vNPUs (%s) are created once the vNPUs the plan dropped are gone", device_id,
+                             " + ".join(f"{n} x {t.name}" for t, n in parts))
+                    continue
                 fresh = not observed.get(device_id) and not any(r.device_id == device_id for r in records)
                 if fresh and (held_whole is None or device_id in held_whole):
                     report.waiting.append(device_id)
@@ -374,8 +409,10 @@ class VnpuManager:
             return report
 
     def _create_split(self, device_id: str, parts: list[tuple[Template, int]], report: ApplyReport) -> list[VnpuRecord]:
-        """Create the missing vNPUs of one chip; if the driver refuses one, undo what this call created on the chip,
-        so it is left as it was (whole, or as the previous plan had it) rather than half carved."""
+        """Create the missing vNPUs of one chip — a chip with no surplus vNPU of ours left (:meth:`apply` defers the
+        others), so of ours only those the plan keeps are beside them. If the driver refuses one, undo what this call
+        created on the chip, so it is left with the vNPUs it had when the call began rather than half carved; the
+        next apply tries again (a destroy that fails in the undo leaves the older ones, reported)."""
         made: list[VnpuRecord] = []
         for template, count in parts:
             for k in range(count):
@@ -408,9 +445,16 @@ class VnpuManager:
                        template_name: str | None = None) -> VnpuRecord:
         """The vNPU for a container given ``cores`` (npu-core devices of one chip): ``template_name`` when the
         scheduler chose one, else the smallest template with at least that many AICores that still fits the chip.
-        The same core set again re-uses its vNPU (the kubelet only hands out devices whose holder is gone)."""
+        The same core set again re-uses its vNPU (the kubelet only hands out devices whose holder is gone); while an
+        earlier creation for it has an unknown outcome (its npu-smi call timed out), that one is adopted once it
+        appears, and the retry is refused with :class:`VnpuOutcomeUnknown` until then (or until its grace is over)."""
         owner = dynamic_owner(cores)
         with self.ledger.transaction():
+            pending = next((r for r in self.ledger.records() if r.owner == owner and r.state == "pending"), None)
+            if pending is not None:
+                adopted = self._settle_pending(pending)
+                if adopted is not None:
+                    return adopted
             existing = next((r for r in self.ledger.records() if r.owner == owner and r.state == "created"), None)
             if existing is not None:
                 presence = self.probe(existing.device_id, existing.vnpu_id, existing.template)
@@ -452,6 +496,33 @@ class VnpuManager:
             raise VnpuError(f"{device_id} has no room for a {len(cores)}-core vNPU (free: "
                             f"{free.get('AICORE')} AICore, {free.get('Memory')} GB, {free.get('AICPU')} AICPU)")
 
+    def _settle_pending(self, pending: VnpuRecord) -> VnpuRecord | None:
+        """An earlier creation for the same cores whose outcome is unknown: its vNPU (adopted, with a new grace
+        period) once npu-smi shows it; None once its grace is over without it (the record is dropped: create anew);
+        else :class:`VnpuOutcomeUnknown` — a second vNPU for the same container must not be made meanwhile."""
+        presence = self.probe(pending.device_id, pending.vnpu_id, pending.template)
+        now = time.time()
+        if presence == "present":
+            done = pending.model_copy(update={"state": "created", "pid": None, "pid_started": None, "at": now})
+            self.ledger.replace(pending, done)
+            log.info("adopted vNPU %d on %s: the earlier creation for these cores finished", pending.vnpu_id,
+                     pending.device_id, extra={"device": pending.device_id, "vnpu": pending.vnpu_id,
+                                               "template": pending.template, "owner": pending.owner})
+            return done
+        if presence == "absent" and pending_expired(pending, now):
+            self.ledger.remove(pending)
+            log.info("dropped pending vNPU %d on %s: it was never created", pending.vnpu_id, pending.device_id,
+                     extra={"device": pending.device_id, "vnpu": pending.vnpu_id})
+            return None
+        wait = max(1, math.ceil(pending.at + PENDING_GRACE_S - now))
+        why = ("npu-smi cannot tell now whether it exists" if presence == "unknown" else
+               f"its creation was interrupted {now - pending.at:.0f} s ago (npu-smi timed out, or its caller stopped) "
+               "and may still take effect in the driver")
+        raise VnpuOutcomeUnknown(
+            f"vNPU {pending.vnpu_id} ({pending.template}) on {pending.device_id} for these cores may still be "
+            f"created: {why}; retry in {wait} s (it is adopted once it appears, or made anew once "
+            f"{PENDING_GRACE_S:g} s have passed without it)")
+
     def _chip_rules(self, device_id: str, info: VnpuInfo, template: Template,
                     templates: Sequence[Template]) -> str | None:
         """Why ``template`` may not join the chip's vNPUs under its family's rules (a 310P's vGroups, at most 7
@@ -474,9 +545,11 @@ class VnpuManager:
                         templates: Sequence[Template] = (),
                         observed_at: float | None = None) -> tuple[list[VnpuRecord], list[str]]:
         """Destroy our dynamic vNPUs whose cores no container holds; re-create (same id and template) those a
-        container holds but that vanished (a node reboot). ``held_groups``: the cores each container holds (one
-        set per allocation): a vNPU is held when one container holds all its cores — a new pod given some of a dead
-        pod's cores does not keep the dead pod's vNPU alive. It is the kubelet's answer, asked at
+        container holds but that vanished (a node reboot; its record is replaced, never removed first, so a failed
+        re-create is retried next time). ``held_groups``: the cores each container holds (one set per container):
+        a vNPU is held when a container holds exactly its cores, the set Allocate created it for — a new pod given
+        some of a dead pod's cores, or all of them and more, does not keep the dead pod's vNPU alive. It is the
+        kubelet's answer, asked at
         ``observed_at``: only vNPUs created at least ``min_age_s`` before that moment can be judged by it (the kubelet
         records an allocation after Allocate returns). ``held_groups`` None (the kubelet's view is unknown) changes
         nothing: a vNPU is never destroyed on a guess."""
@@ -484,19 +557,21 @@ class VnpuManager:
             return [], []
         destroyed, errors = [], []
         sizes = {t.name: t for t in templates} | self.templates
+        held = set(held_groups)
         with self.ledger.transaction():
             for record in self.ledger.records():
                 if not record.dynamic or record.state != "created":
                     continue
-                if any(record.cores <= group for group in held_groups):
-                    if sizes.get(record.template) and self.probe(record.device_id, record.vnpu_id) == "absent":
+                if record.cores in held:
+                    template = sizes.get(record.template)
+                    if template is not None and self.probe(record.device_id, record.vnpu_id) == "absent":
                         try:
-                            self.ledger.remove(record)
-                            self.create(record.device_id, sizes[record.template], record.owner, record.vnpu_id)
+                            self.create(record.device_id, template, record.owner, record.vnpu_id, replacing=record)
                             log.warning("re-created vNPU %d on %s: a container holds it but it had vanished",
                                         record.vnpu_id, record.device_id)
-                        except VnpuError as exc:
-                            errors.append(str(exc))
+                        except (VnpuError, NpuSmiError) as exc:
+                            errors.append(f"{record.device_id}: cannot re-create vNPU {record.vnpu_id} a container "
+                                          f"holds (retried next time): {exc}")
                     continue
                 if record.at > (observed_at if observed_at is not None else time.time()) - min_age_s:
                     continue  # too young for this answer of the kubelet to know about it

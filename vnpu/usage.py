@@ -30,7 +30,8 @@ class Holdings:
     from what a scheduler planned)."""
     exclusive_cpus: frozenset[int]  # CPUs the static CPU manager gave containers (empty under the none policy)
     groups: dict[str, list[frozenset[str]]] = field(default_factory=dict)
-    """resource name → the device IDs of it each container holds, one set per container (an allocation)."""
+    """resource name → the device IDs of it each container holds, one set per container (its allocation: the
+    kubelet calls Allocate once per container and resource), however many entries the kubelet listed them in."""
 
     @property
     def devices(self) -> dict[str, set[str]]:
@@ -52,11 +53,15 @@ def holdings(socket_path: str, resources: Iterable[str], timeout_s: float = 5.0)
     for pod in response.pod_resources:
         for container in pod.containers:
             cpus.update(container.cpu_ids)
+            # the kubelet lists one entry per device (and NUMA node), not one per resource: join them per container
+            held: dict[str, set[str]] = {}
             for devices in container.devices:
                 if devices.resource_name in wanted:
                     holders[devices.resource_name].update(
                         dict.fromkeys(devices.device_ids, f"{pod.namespace}/{pod.name}"))
-                    groups[devices.resource_name].append(frozenset(devices.device_ids))
+                    held.setdefault(devices.resource_name, set()).update(devices.device_ids)
+            for resource, ids in held.items():
+                groups[resource].append(frozenset(ids))
     return Holdings(holders, frozenset(cpus), groups)
 
 

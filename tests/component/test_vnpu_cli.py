@@ -181,9 +181,84 @@ def test_crash_before_the_create_took_effect_drops_the_intent(tmp_path: Path) ->
     proc.wait(10)
     assert [r["state"] for r in node.ledger_records()] == ["pending"] and node.vnpus() == []
     node.fake("fake", "clear-faults")
+    # the killed npu-smi call may still finish in the driver: the intent keeps its id until the grace is over
     report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
-    assert report["adopted"] == [] and len(report["created"]) == 2
-    assert len(node.vnpus()) == 2 and len(node.ledger_records()) == 2
+    assert report["adopted"] == [] and report["created"] == ["Ascend910-0/101:vir05_1c_8g",
+                                                            "Ascend910-0/102:vir05_1c_8g"]
+    assert [(r["vnpu_id"], r["state"]) for r in node.ledger_records()] == [(100, "pending"), (101, "created"),
+                                                                           (102, "created")]
+    data = json.loads(node.ledger.read_text())
+    data["records"][0]["at"] -= 61  # PENDING_GRACE_S later, never having appeared: dropped
+    node.ledger.write_text(json.dumps(data))
+    report = json.loads(node.vnpu("apply", "--config", config, "--json").stdout)
+    assert report["adopted"] == [] and report["created"] == [] and report["kept"] == 2
+    assert len(node.vnpus()) == 2 and [r["vnpu_id"] for r in node.ledger_records()] == [101, 102]
+
+
+def test_apply_leaves_a_die_a_pod_holds_whole_uncarved(tmp_path: Path) -> None:
+    """Like the device plugin: a die the plan newly splits while a container holds it as a whole NPU is not carved
+    (its vNPUs would go to other pods while that container uses the die); the kubelet's pod-resources API says."""
+    from fuyao.contracts import RESOURCE_NPU
+    from tests.support.kubelet import KubeletStandIn
+
+    node = Node(tmp_path, "910b4-8")
+    socket = tmp_path / "pr.sock"
+    kubelet = KubeletStandIn(str(tmp_path / "dp"), str(socket)).start()
+    try:
+        kubelet.pods["decode-0"] = {RESOURCE_NPU: ["Ascend910-0"]}
+        config = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"},
+                              {"device_id": "1", "vnpu_count": 2, "vnpu_memory": "8GB"}])
+
+        def apply() -> dict:  # type: ignore[type-arg]
+            proc = subprocess.run(node.command("apply", "--json", "--pod-resources-socket", str(socket),
+                                               "--device-plugin-dir", str(tmp_path / "dp"), "--config", config),
+                                  env=node.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+        report = apply()
+        assert report["waiting_for_release"] == ["Ascend910-0"] and not report["errors"]
+        assert sorted({v["npu"] for v in node.vnpus()}) == [1]
+        kubelet.delete_pod("decode-0")
+        assert len(apply()["created"]) == 2 and sorted({v["npu"] for v in node.vnpus()}) == [0, 1]
+    finally:
+        kubelet.stop()
+    proc = subprocess.run(node.command("apply", "--json", "--pod-resources-socket", str(socket), "--device-plugin-dir",
+                                       str(tmp_path / "dp"), "--config", node.config([])),
+                          env=node.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "pod-resources" in proc.stderr  # the kubelet is gone: nothing destroyed
+    assert json.loads(proc.stdout)["in_use_not_destroyed"] and len(node.vnpus()) == 4
+
+
+def test_apply_refuses_while_the_device_plugin_serves_static_vnpus(tmp_path: Path) -> None:
+    """The plugin applies its own ConfigMap and offers the slices: an apply from here would fight its plan and
+    destroy slices the kubelet may be handing out. Refused, naming why; a stale socket (plugin gone) does not count."""
+    import socket
+
+    from fuyao.deviceplugin.resource import socket_name_for
+    from fuyao.vnpu.cli import STATIC_SLICES_SOCKET
+
+    assert socket_name_for("npu.huawei.com/vNPU") == STATIC_SLICES_SOCKET
+    node = Node(tmp_path, "910b4-8")
+    plugins = tmp_path / "dp"
+    plugins.mkdir()
+    config = node.config([{"device_id": "0", "vnpu_count": 2, "vnpu_memory": "8GB"}])
+    command = node.command("apply", "--pod-resources-socket", str(tmp_path / "none.sock"), "--device-plugin-dir",
+                           str(plugins), "--config", config)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as plugin:
+        plugin.bind(str(plugins / STATIC_SLICES_SOCKET))
+        plugin.listen(1)
+        proc = subprocess.run(command, env=node.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "apply refused, nothing changed: the device plugin serves static vNPUs" in proc.stderr
+    assert node.vnpus() == [] and node.ledger_records() == []
+    # the socket file is left behind, nobody listens: no plugin, apply goes ahead (the die is not carved while the
+    # kubelet's view is unknown, as the plugin would not)
+    proc = subprocess.run(command, env=node.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert node.vnpus() == [] and "dies not carved yet stay whole" in proc.stderr
+    node.vnpu("apply", "--config", config)  # --no-kubelet: no kubelet, no device plugin
+    assert len(node.vnpus()) == 2
 
 
 def test_gc_destroys_unheld_dynamic_vnpus_only_when_the_kubelets_view_is_known(tmp_path: Path,
