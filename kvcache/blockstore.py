@@ -9,12 +9,14 @@ not the index's fast content hash (``fuyao.kv_blocks``): a collision here would 
 
 **Layout.** ``<root>/v1/<namespace id>/<key[:2]>/<key>.kv``. A file is written to a temporary name in the same
 directory and renamed (atomic on a local file system and on NFS), so a reader sees a whole file or none; no locks.
-Two engines storing the same block write the same bytes; the last rename wins.
+Two engines storing the same block at once each write a whole, valid file of it (not necessarily the same bytes: a
+different batch can round differently); the last rename wins. A block already on the volume is not written again.
 
 **Format.** ``FYKV`` magic, a format version byte, a 4-byte little-endian header length, a JSON header (namespace id,
 key, parent key, block position, its token ids, the payload's per-layer byte sizes, its size and BLAKE2b digest), then
-the payload (each layer's block page, opaque bytes). A reader checks all of it: a missing, partial, truncated or
-corrupt file is a miss (counted), never an exception; a corrupt one is removed so nobody claims it again.
+the payload (each layer's block page, opaque bytes). A reader checks all of it, the header's fields and their types
+included: a missing, partial, truncated or corrupt file is a miss (counted), never an exception; a corrupt one is
+removed so nobody claims it again.
 
 **Access records.** Loading a block sets its file's access time (the modification time stays its store time), so the
 tier manager can evict LRU from ``atime`` and FIFO/TTL from ``mtime`` without any other bookkeeping.
@@ -33,7 +35,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +63,14 @@ COUNTERS = {
     "blocks_missed": "KV blocks claimed from the tier that could not be loaded (gone, partial, corrupt): recomputed",
     "blocks_corrupt": "tier files found corrupt or partial (removed)",
     "write_errors": "tier writes the volume refused (full, read-only...)",
-    "blocks_dropped": "KV blocks not stored: the volume was behind (the write queue full) or refusing writes",
+    "blocks_dropped": "KV blocks not stored: the volume was behind (the write queue full: its blocks or its bytes) or "
+                      "refusing writes",
     "load_seconds": "seconds spent loading KV blocks from the tier",
 }
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 MAX_HEADER = 1 << 20
+DEFAULT_QUEUE_BYTES = 256 << 20
+"""What a ``Writer`` holds at most by default: the bytes of the blocks handed over and not yet written."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,17 @@ class Namespace:
     """What must match for two engines' KV pages to be interchangeable."""
 
     model: str
+    """The served model's name (before the first ``@``: the tier manager publishes blocks under it), then what
+    else identifies the weights and the computation (the vLLM connector: ``<name>@<path>#<digest of its model
+    config's revision, quantization, hf_overrides...>``)."""
     dtype: str
     block_size: int
     num_kv_heads: int
     head_size: int
     num_layers: int
     layout: str
-    """The attention backend's page layout (on CPU: the kernel's instruction set, which orders the bytes)."""
+    """The page layout: the device, the attention backend's (on CPU: the kernel's instruction set, which orders the
+    bytes), the parallelism and vLLM's KV cache layout."""
 
     def id(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
@@ -126,7 +135,8 @@ class StoreStats:
     blocks_corrupt: int = 0
     write_errors: int = 0
     blocks_dropped: int = 0
-    """Blocks not stored because the writer was behind or paused (``Writer``)."""
+    """Blocks not stored because the writer was behind or paused (``Writer``, which counts them under its lock: more
+    than one thread drops blocks)."""
     load_seconds: float = 0.0
     store_seconds: float = 0.0
 
@@ -235,41 +245,66 @@ class BlockStore:
 
     def read_many(self, keys: Sequence[str], until_miss: bool = False) -> list[Block | None]:
         """``read`` for each of ``keys`` (one request's blocks), with one append to the access log for all;
-        ``until_miss``: stop at the first miss (the list ends with its None)."""
-        started = time.monotonic()
+        ``until_miss``: stop at the first miss (the list ends with its None). Holds every block in memory at once:
+        ``iter_read`` holds one."""
         blocks: list[Block | None] = []
-        for key in keys:
-            if until_miss and blocks and blocks[-1] is None:
-                break
-            path = self.path(key)
-            try:
-                data = path.read_bytes()
-            except OSError:
-                self.stats.blocks_missed += 1
-                blocks.append(None)
-                continue
-            block = self._parse(key, data)
-            if block is None:
-                self.stats.blocks_missed += 1
-                self.stats.blocks_corrupt += 1
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            else:
-                with contextlib.suppress(OSError):
-                    os.utime(path, (time.time(), path.stat().st_mtime))
-                self.stats.blocks_loaded += 1
-                self.stats.bytes_loaded += len(block.payload)
-            blocks.append(block)
-        loaded = [b.key for b in blocks if b is not None]
-        if self.writer and loaded:
-            with contextlib.suppress(OSError):
-                log_path = self.dir / ACCESS_DIR / f"{self.writer}.log"
-                _shared_dirs(log_path.parent, self.root)
-                with open(log_path, "a") as f:  # opened per append: a consumer may have renamed the last one
-                    f.write("".join(key + "\n" for key in loaded))
-        if loaded:
-            self.stats.load_seconds += time.monotonic() - started
+        reads = self.iter_read(keys)
+        try:
+            for block in reads:
+                blocks.append(block)
+                if until_miss and block is None:
+                    break
+        finally:
+            reads.close()  # the access log is appended now, not when the generator is collected
         return blocks
+
+    def iter_read(self, keys: Sequence[str]) -> Generator[Block | None, None, None]:
+        """``read`` for each of ``keys`` in turn, each block read only when the previous one has been taken (so a
+        caller that copies each before taking the next holds one block in memory, not the request's every block);
+        the loads are appended to the access log together, when the iteration ends or is closed."""
+        loaded: list[str] = []
+        spent = 0.0
+        try:
+            for key in keys:
+                started = time.monotonic()
+                block = self._read_one(key)
+                spent += time.monotonic() - started
+                if block is not None:
+                    loaded.append(block.key)
+                yield block
+        finally:
+            if loaded:
+                self._log_access(loaded)
+                self.stats.load_seconds += spent
+
+    def _read_one(self, key: str) -> Block | None:
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.stats.blocks_missed += 1
+            return None
+        block = self._parse(key, data)
+        if block is None:
+            self.stats.blocks_missed += 1
+            self.stats.blocks_corrupt += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path, (time.time(), path.stat().st_mtime))
+        self.stats.blocks_loaded += 1
+        self.stats.bytes_loaded += len(block.payload)
+        return block
+
+    def _log_access(self, keys: Sequence[str]) -> None:
+        if not self.writer:
+            return
+        with contextlib.suppress(OSError):
+            log_path = self.dir / ACCESS_DIR / f"{self.writer}.log"
+            _shared_dirs(log_path.parent, self.root)
+            with open(log_path, "a") as f:  # opened per append: a consumer may have renamed the last one
+                f.write("".join(key + "\n" for key in keys))
 
     def _parse(self, key: str, data: bytes) -> Block | None:
         header = parse_header(data)
@@ -281,28 +316,54 @@ class BlockStore:
                 or header.get("size") != len(payload)
                 or header.get("digest") != hashlib.blake2b(payload, digest_size=16).hexdigest()):
             return None
-        try:
-            layers = [(str(name), int(size)) for name, size in header["layers"]]
-        except (KeyError, TypeError, ValueError):
-            return None
-        if sum(size for _, size in layers) != len(payload):
-            return None
-        return Block(key=key, parent=str(header.get("parent", "")), position=int(header.get("position", -1)),
-                     token_ids=list(header.get("token_ids", [])), layers=layers, payload=payload)
+        return block_of(key, header, payload)
+
+
+def block_of(key: str, header: dict[str, Any], payload: bytes) -> Block | None:
+    """The block a checked header and its payload describe, or None when a field is missing or of the wrong type (a
+    file some other writer or a damaged volume made: a corrupt file, never an exception)."""
+    position, parent = header.get("position", -1), header.get("parent", "")
+    token_ids, layers = header.get("token_ids", []), header.get("layers")
+    if not (_is_int(position) and isinstance(parent, str) and isinstance(token_ids, list)
+            and all(_is_int(token) for token in token_ids) and isinstance(layers, list)
+            and all(_is_layer(layer) for layer in layers)):
+        return None
+    pages = [(str(name), int(size)) for name, size in layers]
+    if sum(size for _, size in pages) != len(payload):
+        return None
+    return Block(key=key, parent=parent, position=position, token_ids=token_ids, layers=pages, payload=payload)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_layer(value: Any) -> bool:
+    """A header's ``[layer name, page bytes]``."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and _is_int(value[1])
+            and value[1] >= 0)
+
+
+_Item = tuple[str, str, int, list[int], list[tuple[str, bytes]], int]
+"""A queued block: key, parent key, position, token ids, its layers' pages, their size in bytes."""
 
 
 class Writer:
     """Stores blocks in one background thread, so an engine's step never waits for the volume. The caller hands over
-    each block's bytes (already copied out of the KV cache); at most ``capacity`` blocks wait, and are written in
-    order. A block that finds the queue full (the volume is slower than the engine) is dropped and counted
-    (``blocks_dropped``). When the volume refuses a write (full, read-only), the writer pauses for ``retry_s``:
-    blocks handed over meanwhile are dropped, then writes are tried again."""
+    each block's bytes (already copied out of the KV cache); at most ``capacity`` blocks and ``max_bytes`` bytes wait
+    (a block counts until it is written), and are written in order. A block that finds the queue full (the volume
+    is slower than the engine) is dropped and counted (``blocks_dropped``). When the volume refuses a write (full,
+    read-only), the writer pauses for ``retry_s``: blocks handed over meanwhile are dropped, then writes are tried
+    again. Safe to call from any thread (the counters it keeps are updated under its lock)."""
 
     def __init__(self, store: BlockStore, capacity: int = 1024, retry_s: float = 30.0,
-                 logger: logging.Logger | None = None):
-        self.store, self.retry_s, self.log = store, retry_s, logger or log
-        self._queue: queue.Queue[tuple[str, str, int, list[int], list[tuple[str, bytes]]] | None] = \
-            queue.Queue(maxsize=capacity)
+                 logger: logging.Logger | None = None, max_bytes: int = DEFAULT_QUEUE_BYTES):
+        if max_bytes <= 0:
+            raise ValueError(f"Writer: max_bytes must be positive, not {max_bytes}")
+        self.store, self.retry_s, self.log, self.max_bytes = store, retry_s, logger or log, max_bytes
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=capacity)
+        self._lock = threading.Lock()
+        self._queued_bytes = 0
         self._paused_until = 0.0
         self._thread = threading.Thread(target=self._run, name="fuyao-kv-tier-writer", daemon=True)
         self._thread.start()
@@ -312,17 +373,36 @@ class Writer:
         """The volume refused a write lately: blocks handed over now would be dropped (skip copying them)."""
         return time.monotonic() < self._paused_until
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of the blocks handed over and not written yet."""
+        return self._queued_bytes
+
+    def accepts(self, size: int) -> bool:
+        """Whether a block of ``size`` bytes handed over now would be queued (so a caller copies it out of its
+        cache only then); ``put`` decides."""
+        with self._lock:
+            return not self.paused and not self._queue.full() and self._queued_bytes + size <= self.max_bytes
+
+    def drop(self, blocks: int = 1) -> None:
+        """Count ``blocks`` the caller did not hand over (they would have been dropped)."""
+        with self._lock:
+            self.store.stats.blocks_dropped += blocks
+
     def put(self, key: str, parent: str, position: int, token_ids: Sequence[int],
             layers: Sequence[tuple[str, bytes]]) -> bool:
-        """Queue one block; False when it was dropped (paused, or the queue is full)."""
-        if self.paused:
-            self.store.stats.blocks_dropped += 1
-            return False
-        try:
-            self._queue.put_nowait((key, parent, position, list(token_ids), list(layers)))
-        except queue.Full:
-            self.store.stats.blocks_dropped += 1
-            return False
+        """Queue one block; False when it was dropped (paused, or the queue is full: its blocks or its bytes)."""
+        size = sum(len(data) for _, data in layers)
+        with self._lock:
+            if self.paused or self._queued_bytes + size > self.max_bytes:
+                self.store.stats.blocks_dropped += 1
+                return False
+            try:
+                self._queue.put_nowait((key, parent, position, list(token_ids), list(layers), size))
+            except queue.Full:
+                self.store.stats.blocks_dropped += 1
+                return False
+            self._queued_bytes += size
         return True
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -348,10 +428,10 @@ class Writer:
                 if item is None:
                     return
                 if self.paused:
-                    self.store.stats.blocks_dropped += 1
+                    self.drop()
                     continue
                 refused = self.store.stats.write_errors
-                self.store.write(*item)
+                self.store.write(*item[:5])
                 if self.store.stats.write_errors > refused:
                     self._paused_until = time.monotonic() + self.retry_s
                     self.log.warning("the KV tier refused a write (%s): no stores for %.0f s",
@@ -359,6 +439,9 @@ class Writer:
             except Exception:  # a bug here must not end the thread (and with it every later store)
                 self.log.exception("storing a KV block failed")
             finally:
+                if item is not None:
+                    with self._lock:
+                        self._queued_bytes -= item[5]
                 self._queue.task_done()
 
 

@@ -4,6 +4,7 @@ access records, and a volume that refuses writes. The connector that uses it ins
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections import Counter
@@ -143,6 +144,144 @@ def test_the_background_writer_stores_in_order_drops_when_behind_and_pauses_on_a
         time.sleep(0.35)
         assert not writer.paused and writer.put(other[0], "", 0, [t + 1 for t in TOKENS[:4]], pages(9))
         assert writer.flush(5) and store.has(other[0])
+    finally:
+        gate.set()
+        writer.close()
+
+
+def _rewrite_header(path: Path, **fields: Any) -> None:
+    """Replace fields of a block file's header, keeping its payload (and so its size and digest) valid."""
+    data = path.read_bytes()
+    header = blockstore.parse_header(data)
+    assert header is not None
+    length = blockstore._PREFIX.unpack_from(data)[2]
+    payload = data[blockstore._PREFIX.size + length:]
+    encoded = json.dumps({**header, **fields}).encode()
+    path.write_bytes(blockstore._PREFIX.pack(blockstore.MAGIC, blockstore.FORMAT_VERSION, len(encoded)) + encoded
+                     + payload)
+
+
+@pytest.mark.parametrize("fields", [{"position": None}, {"position": "1"}, {"token_ids": 5}, {"token_ids": None},
+                                    {"token_ids": [1, "2"]}, {"parent": 7}, {"layers": [["a", "b"]]}],
+                         ids=["position-null", "position-string", "tokens-int", "tokens-null", "tokens-string",
+                              "parent-int", "layer-size-string"])
+def test_a_header_with_a_field_of_the_wrong_type_is_a_corrupt_file_never_an_exception(
+        tmp_path: Path, fields: dict[str, Any]) -> None:
+    """Valid JSON, the right key, namespace, size and digest, but a field no writer of ours makes (another writer,
+    a damaged volume): a miss, counted corrupt and removed, like any corrupt file; the engine's worker goes on."""
+    store = BlockStore(tmp_path, NS)
+    key = chain_keys(NS, TOKENS, 1)[0]
+    assert store.write(key, "", 0, TOKENS[:4], pages(0))
+    _rewrite_header(store.path(key), **fields)
+    assert store.read(key) is None
+    assert (store.stats.blocks_corrupt, store.stats.blocks_missed) == (1, 1)
+    assert not store.path(key).exists()
+
+
+def test_blocks_are_read_one_at_a_time_and_their_loads_logged_together(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``iter_read`` reads a block only when the caller takes it (a caller copying each block into its cache holds
+    one in memory, not a whole prompt's), and appends the loads to the access log once, at the end."""
+    _store, keys = _chain(tmp_path, TOKENS, 3)
+    reader = BlockStore(tmp_path, NS, writer="reader")
+    opened: list[str] = []
+    real = reader._read_one
+
+    def spy(key: str) -> blockstore.Block | None:
+        opened.append(key)
+        return real(key)
+
+    monkeypatch.setattr(reader, "_read_one", spy)
+    reads = reader.iter_read([keys[0], "0" * 64, keys[2]])
+    assert opened == []
+    first = next(reads)
+    assert first is not None and first.key == keys[0] and opened == [keys[0]]
+    assert not (reader.dir / blockstore.ACCESS_DIR).exists()  # logged when the iteration ends
+    assert [b is not None for b in reads] == [False, True] and opened == [keys[0], "0" * 64, keys[2]]
+    assert volume.consume_access_logs(reader.dir) == Counter({keys[0]: 1, keys[2]: 1})
+    assert (reader.stats.blocks_loaded, reader.stats.blocks_missed) == (2, 1) and reader.stats.load_seconds > 0
+
+
+def test_the_writer_holds_at_most_its_byte_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue is capped in bytes as well as blocks (a 16 MiB block times 1,024 would be 16 GiB): a block that
+    would take the queued bytes over ``max_bytes`` is dropped and counted, and a block counts until written."""
+    import threading
+
+    store = BlockStore(tmp_path, NS)
+    keys = chain_keys(NS, TOKENS, 4)
+    gate = threading.Event()
+    real_write = store.write
+
+    def slow_write(*args: Any) -> bool:
+        gate.wait(5)
+        return real_write(*args)
+
+    monkeypatch.setattr(store, "write", slow_write)
+    size = sum(len(data) for _, data in pages(0))  # 128 bytes a block
+    writer = blockstore.Writer(store, capacity=100, max_bytes=2 * size + size // 2)
+    assert blockstore.Writer(store).max_bytes == blockstore.DEFAULT_QUEUE_BYTES == 256 << 20
+    try:
+        assert writer.put(keys[0], "", 0, TOKENS[:4], pages(0)) and writer.put(keys[1], keys[0], 1, TOKENS[4:8],
+                                                                                 pages(1))
+        assert writer.queued_bytes == 2 * size and not writer.accepts(size)
+        assert not writer.put(keys[2], keys[1], 2, TOKENS[8:12], pages(2))  # a third would be over the budget
+        assert store.stats.blocks_dropped == 1
+        gate.set()
+        assert writer.flush(5) and writer.queued_bytes == 0 and writer.accepts(size)
+        assert [store.has(k) for k in keys[:3]] == [True, True, False]
+        assert writer.put(keys[2], keys[1], 2, TOKENS[8:12], pages(2)) and writer.flush(5) and store.has(keys[2])
+    finally:
+        gate.set()
+        writer.close()
+
+
+def test_blocks_dropped_by_two_threads_at_once_are_all_counted(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's thread (a paused writer drops what it is handed) and the writer's thread (dropping what was
+    queued before the pause) count drops at the same time: none is lost. The counter here reads slowly, so two
+    unguarded ``+= 1`` would interleave."""
+    import threading
+
+    class SlowStats(blockstore.StoreStats):
+        @property
+        def blocks_dropped(self) -> int:
+            value = self.__dict__.get("_dropped", 0)
+            time.sleep(0.0005)  # the window in which another thread's increment is lost without a lock
+            return int(value)
+
+        @blocks_dropped.setter
+        def blocks_dropped(self, value: int) -> None:
+            self.__dict__["_dropped"] = value
+
+    store = BlockStore(tmp_path, NS, stats=SlowStats())
+    keys = chain_keys(NS, list(range(400)), 100)
+    gate, entered = threading.Event(), threading.Event()
+    real_write = store.write
+
+    def refuse_first(*args: Any) -> bool:  # the first write waits, then the volume refuses it: the writer pauses
+        entered.set()
+        gate.wait(5)
+        store.stats.write_errors += 1
+        store.last_write_error = "full"
+        return False
+
+    monkeypatch.setattr(store, "write", refuse_first)
+    writer = blockstore.Writer(store, capacity=200, retry_s=30)
+    try:
+        queued = 40
+        for i in range(queued + 1):  # the first is held by the thread, 40 wait behind it
+            assert writer.put(keys[i], "", i, list(range(i * 4, i * 4 + 4)), pages(i))
+        assert entered.wait(5)
+        monkeypatch.setattr(store, "write", real_write)
+        gate.set()
+        deadline = time.monotonic() + 5
+        while not writer.paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        handed = 40
+        for i in range(handed):  # while the writer thread drops the 40 queued ones
+            assert not writer.put(keys[50 + i], "", 0, [0, 1, 2, 3], pages(i))
+        assert writer.flush(10)
+        assert store.stats.blocks_dropped == queued + handed
     finally:
         gate.set()
         writer.close()
