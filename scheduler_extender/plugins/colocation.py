@@ -14,9 +14,9 @@ from pydantic import Field, model_validator
 
 from fuyao.contracts import LABEL_VOLCANO_COLOCATION, RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, QoSClass
 
-from ..features import NodeView
+from ..features import NO_USAGE, NodeView
 from ..framework import Cycle, Reject, Verdicts
-from ..model import PodInfo
+from ..model import USAGE_STALE_S, PodInfo
 from .business import fresh_usage
 from .registry import PluginArgs, register
 
@@ -39,6 +39,7 @@ class ColocationReject(Reject):
     NOT_COLOCATION = 1, "not-colocation-node", True
     NO_BATCH = 2, "insufficient-batch"
     TOO_BUSY = 3, "node-too-busy"
+    AGENT_SILENT = 4, "qos-agent-stale"  # its batch resources may no longer be enforced (the agent stopped)
 
 
 R = ColocationReject
@@ -64,6 +65,9 @@ class ColocationPlugin:
             want = (pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY))
             short = (view.batch_free[:, 0] < want[0]) | (view.batch_free[:, 1] < want[1])
             out[short] = R.NO_BATCH
+            # the QoS agent reported usage once and has stopped: the batch resources it published stay on the Node,
+            # but nothing limits BE pods there any more (Koordinator resets them when its reports go stale)
+            out[(view.usage_at > NO_USAGE) & ~fresh_usage(view, cycle.now)] = R.AGENT_SILENT
             out[~view.colocation] = R.NOT_COLOCATION
             return Verdicts(out)
         load = np.maximum(view.cpu_ratio, view.mem_ratio)
@@ -74,6 +78,10 @@ class ColocationPlugin:
                 cycle: Cycle) -> list[str]:
         if kind == R.NOT_COLOCATION:
             return [f"BE pods need a colocation node (label {LABEL_VOLCANO_COLOCATION}=true)"] * len(at)
+        if kind == R.AGENT_SILENT:
+            return [f"the node's QoS agent last reported {max(0.0, cycle.now - at):.0f} s ago (more than "
+                    f"{USAGE_STALE_S:.0f} s): its batch resources are not enforced while it is down"
+                    for at in view.usage_at[at].tolist()]
         if kind == R.NO_BATCH:
             want_cpu, want_mem = pod.request(RESOURCE_BATCH_CPU), pod.request(RESOURCE_BATCH_MEMORY)
             return [f"insufficient batch resources: cpu {cpu}m free / {want_cpu}m asked, memory {mem} free / "

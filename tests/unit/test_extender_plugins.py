@@ -369,6 +369,14 @@ def test_be_pods_need_colocation_nodes_with_batch_capacity() -> None:
     rejection = reject(plugin, be, full)
     assert rejection and "insufficient batch resources: cpu 3000m free / 4000m asked" in rejection.reason
     assert score(plugin, be, colo) > score(plugin, be, full)
+    # the node's QoS agent stopped reporting (crash loop, uninstalled): the batch resources it published stay, but
+    # nothing limits BE pods there; a node whose batch resources come from elsewhere (no usage report) still takes them
+    silent = info(node("silent", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch,
+                       usage=usage(0.3, 0.3, age_s=600)))
+    rejection = reject(plugin, be, silent)
+    assert rejection and rejection.code == "qos-agent-stale" and "last reported 600 s ago" in rejection.reason
+    live = info(node("live", npus=0, labels={"volcano.sh/colocation": "true"}, extra=batch, usage=usage(0.3, 0.3)))
+    assert reject(plugin, be, live) is None
 
 
 def test_ls_pods_avoid_hot_nodes() -> None:
