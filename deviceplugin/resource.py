@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from fuyao.contracts import (
-    ANNOTATION_POD_ASSIGNED,
     RESOURCE_NPU,
     RESOURCE_NPU_CORE,
     RESOURCE_VNPU,
@@ -31,7 +30,7 @@ from fuyao.placement import Placement, preferred_allocation
 from fuyao.products import Product, product_of, shape_problem
 from fuyao.vnpu.ledger import VnpuRecord
 from fuyao.vnpu.manager import VnpuError, VnpuManager
-from fuyao.vnpu.templates import Template, smallest_covering
+from fuyao.vnpu.templates import Template
 
 from .config import PluginConfig
 from .container_spec import AllocationRefused, ContainerSpec, container_spec
@@ -157,12 +156,6 @@ def core_slots(devices: Iterable[NpuDevice], aicore: dict[str, int]) -> list[Slo
     return [Slot(id=core_device_id(d.id, k), parent=d, core=k) for d in devices for k in range(aicore.get(d.id, 0))]
 
 
-def sized_templates(templates: Sequence[Template], cores: int) -> set[str]:
-    """The templates a container given ``cores`` AI cores may have: those of the smallest size that covers them."""
-    covering = smallest_covering(templates, aicore=cores)
-    return {t.name for t in covering if t.aicore == covering[0].aicore} if covering else set()
-
-
 class CoreResource(SlotResource):
     """Dynamic vNPUs: the kubelet counts AICores; Allocate turns the cores it picked into a vNPU."""
 
@@ -195,14 +188,6 @@ class CoreResource(SlotResource):
         parent = slots[device_ids[0]].parent
         template = next((c.vnpu_template for c in self.choices()
                          if c.vnpu_template and set(c.devices) == set(device_ids)), None)
-        if template is not None:
-            # a pod's annotation may pick among the templates of the size its cores get, never a larger one: the
-            # cores it does not hold would be taken from the chip (reserved) without the kubelet counting them
-            sized = sized_templates(self.templates, len(device_ids))
-            if template not in sized:
-                raise AllocationRefused("FAILED_PRECONDITION", (
-                    f"the pod's {ANNOTATION_POD_ASSIGNED} names vNPU template {template!r} for a container given "
-                    f"{len(device_ids)} AI cores; templates of that size here: {sorted(sized) or 'none'}"))
         try:
             record = self.manager.create_dynamic(parent.id, list(device_ids), self.templates, template)
         except (VnpuError, NpuSmiError) as exc:

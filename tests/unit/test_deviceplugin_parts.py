@@ -280,17 +280,3 @@ def test_telemetry_of_a_chip_npu_smi_no_longer_reports_leaves_the_page() -> None
     page = generate_latest(metrics.registry).decode()
     assert "Ascend910-0" not in page.split("npu_utilization")[-1].split("# HELP")[0]
     assert all(f"{name}{{" not in page for name in ("npu_power_watts", "npu_hbm_used_bytes", "npu_utilization"))
-
-
-def test_an_annotation_may_pick_a_template_of_its_containers_size_only() -> None:
-    # a pod's npu.openfuyao.com/assigned chose any template with at least its cores: one core asking for vir04
-    # took four from the chip (three reserved behind the kubelet's back)
-    from fuyao.deviceplugin.resource import sized_templates
-    from fuyao.vnpu.templates import builtin_templates
-
-    duo = builtin_templates("310P3")
-    assert sized_templates(duo, 1) == {"vir01"}
-    assert sized_templates(duo, 2) == {"vir02", "vir02_1c"}  # variants of one size: the annotation picks
-    assert sized_templates(duo, 3) == {"vir04", "vir04_3c", "vir04_3c_ndvpp", "vir04_4c_dvpp"}
-    assert sized_templates(builtin_templates("910B3"), 6) == {"vir10_3c_32g"}
-    assert sized_templates(builtin_templates("910B3"), 11) == set()
