@@ -12,6 +12,10 @@
 A refused request gets a 400 in the OpenAI error shape naming the field, is counted (``inference_requests_total``
 by code, ``inference_errors_total{reason="bad-request"}``), and never reaches an engine: a malformed body must
 not be retried on every engine and open their circuits.
+
+Fields only the router may set (:data:`ROUTER_FIELDS`, vLLM's disaggregation parameters) are dropped from a
+client's body: a client's ``kv_transfer_params`` would pin its blocks on an engine for the lease time, or point an
+engine at an address of its choosing to read KV from.
 """
 
 from __future__ import annotations
@@ -20,6 +24,30 @@ from collections.abc import Mapping
 from typing import Any
 
 from fuyao import tokenizer
+
+ROUTER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+"""vLLM's KV and encoder-cache transfer parameters: set by the router on the prefill / decode legs, never by
+clients."""
+
+
+def without_router_fields(body: dict[str, Any]) -> bool:
+    """Drop :data:`ROUTER_FIELDS` from a client's ``body``; whether any was there (the body must be re-encoded)."""
+    found = False
+    for name in ROUTER_FIELDS:
+        if name in body:
+            del body[name]
+            found = True
+    return found
+
+
+def one_sequence(body: Mapping[str, Any]) -> bool:
+    """Whether a generation request makes one sequence from one prompt: what prefill/decode disaggregation carries
+    (vLLM answers a prefill's ``kv_transfer_params`` for the first prompt only; a batch of prompts, ``n`` > 1 or
+    beam search would decode with another sequence's KV)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list):
+        return False  # several prompts (strings or token-id arrays); a flat array of ids is one prompt
+    return body.get("n") in (None, 1) and body.get("best_of") in (None, 1) and not body.get("use_beam_search")
 
 
 class BadRequest(ValueError):

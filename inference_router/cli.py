@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from fuyao import daemon
+from fuyao import daemon, netaddr
 
 from .config import ConfigError, RouterConfig, build_config, load_config_file, reloadable, with_overrides
 from .fleet import Fleet, PrefixSource, Role
@@ -147,7 +147,7 @@ async def serve(config: RouterConfig, args: argparse.Namespace) -> int:
         tasks.append(loop.create_task(ConfigWatcher(args.config, args, apply).run(stop)))
 
     def started(host: str, port: int) -> None:
-        log.info("routing on http://%s:%s", host, port,
+        log.info("routing on %s", netaddr.url("http", host, port),
                  extra={"strategy": config.router.strategy, "backends": list(fleet.backends),
                         "pd": config.pd_separation.enabled})
 

@@ -48,14 +48,16 @@ _ANSWER_DROP = _HOP_HEADERS | {b"date"}
 """An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two)."""
 _JSON = ((b"Content-Type", b"application/json"),)
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-_REQUEST_REFUSED = frozenset({400, 413, 422})
+_REQUEST_REFUSED = frozenset({400, 413, 422, 501})
 """An engine's answers about the request itself, which every engine would give (not a 404 for a model one engine
-does not serve, nor a proxy's 408/429)."""
+does not serve, nor a proxy's 408/429; 501: vLLM's "not implemented", e.g. a model without the Completions API)."""
 Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
 TOKENIZE_RETRY_S = 60.0
 """A backend without ``/tokenize`` is not asked again for this long."""
+_STREAM_ERROR = b'data: {"error"'
+"""How vLLM's streams begin an error event (a failure during generation, after its 200)."""
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
@@ -106,6 +108,25 @@ def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers)
 
 
+def _answered_busy(failed: _BackendFailed) -> bool:
+    """vLLM's 503 when its queue is full (``--max-num-queued-reqs`` / ``--max-num-queued-tokens``: its
+    ``GracefulHTTPError``, type "Service Unavailable"), asking to retry on another instance: not the engine
+    failing (a 503 of another type is)."""
+    if failed.status != 503:
+        return False
+    try:
+        error = orjson.loads(failed.body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("type") == "Service Unavailable"
+
+
+def _sse_comments_only(chunk: bytes) -> bool:
+    """Whether a chunk of an event stream holds only comment lines (``: keep-alive``), no event."""
+    lines = [line for line in chunk.split(b"\n") if line.strip()]
+    return bool(lines) and all(line.startswith(b":") for line in lines)
+
+
 def _is_error_body(body: bytes) -> bool:
     """Whether ``body`` is an OpenAI-style error object (an engine's answer, not a proxy's HTML page)."""
     try:
@@ -139,6 +160,7 @@ class Router:
         self.server: HttpServer | None = None
         self.upstream = UpstreamPool()  # the request path: proxied requests, prefills, /tokenize
         self.draining = False
+        self._said: set[tuple[str, str]] = set()  # (backend, message) logged once
 
     @property
     def config(self) -> RouterConfig:
@@ -230,6 +252,8 @@ class Router:
             admission.check(path, body)
         except admission.BadRequest as exc:
             raise _Refused(400, f"{exc}", "bad-request", exc.param) from None
+        if admission.without_router_fields(body):
+            raw = orjson.dumps(body)
         model = body.get("model")
         if model is not None and not self.fleet.serves(model) and self.session is not None:
             await self.fleet.refresh_models(self.session)  # served since the last read (a LoRA adapter loaded)?
@@ -245,11 +269,14 @@ class Router:
         # vLLM sends a non-streamed answer's headers only once generation ends: only a stream's first byte is bounded
         # by prefill_timeout (else every generation over it would fail, be retried and count against the engines)
         first = self.config.inference.prefill_timeout if body.get("stream") is True else None
-        if self.config.pd_separation.enabled and path in _GENERATION_PATHS and self.fleet.pool("decode", model=model):
-            # generation only: an embedding has no decode (through P/D it failed the prefill and was computed twice)
+        # generation only: an embedding has no decode (through P/D it failed the prefill and was computed twice)
+        pd = self.config.pd_separation.enabled and path in _GENERATION_PATHS and self.fleet.pool("decode", model=model)
+        if pd and admission.one_sequence(body):
             return await self._pd(request, path, body, raw, hashes, started, tokens, model, first)
-        return await self._forward(request, path, raw, hashes, started, "both", self.config.inference.decode_timeout,
-                                   prompt_tokens=tokens, model=model, first_byte_s=first)
+        # a generation P/D does not carry (several sequences) is computed whole where decodes run
+        return await self._forward(request, path, raw, hashes, started, "decode" if pd else "both",
+                                   self.config.inference.decode_timeout, prompt_tokens=tokens, model=model,
+                                   first_byte_s=first)
 
     async def _engine_tokenize(self, kind: str, payload: dict[str, Any], model: str | None) -> list[int] | None:
         """The prompt's token ids from an engine's own ``/tokenize`` (the least busy healthy engine serving
@@ -371,13 +398,16 @@ class Router:
                 dispatch.failed()
                 raise _BackendFailed(_failure(exc)) from None
             async with upstream:
-                if upstream.status >= 500:
+                if upstream.status >= 500 and upstream.status != 501:
                     try:
                         body = await upstream.read()
                     except UpstreamError:
                         body = b""
-                    dispatch.failed()
-                    raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
+                    failed = _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
+                    # vLLM's "busy" (its queue is full) asks to be retried elsewhere: the engine works, so its
+                    # circuit stays closed
+                    dispatch.succeeded() if _answered_busy(failed) else dispatch.failed()
+                    raise failed
                 if upstream.status < 400:  # a request the engine refused leaves nothing cached there
                     self.prefix.routed(backend.url, hashes)
                 answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _ANSWER_DROP]
@@ -395,6 +425,8 @@ class Router:
                     return Response(body, upstream.status, answer_headers)
                 response = request.stream(upstream.status, answer_headers)
                 first = True
+                ended = True  # the bytes relayed so far end an event (an error event written now stands alone)
+                errored = False  # the engine sent an error event
                 while True:
                     try:
                         chunk = await upstream.next_chunk()
@@ -412,27 +444,34 @@ class Router:
                         if _is_event_stream(answer_headers):  # said, as vLLM says an error mid-stream (a client
                             # reading to the connection's end, HTTP/1.0, would otherwise take the cut for the end)
                             with contextlib.suppress(OSError):
-                                await response.write(b"data: " + orjson.dumps({"error": {
-                                    "message": f"the engine broke off the answer: {exc}", "type":
-                                    "TimeoutError" if deadline else "InternalServerError", "param": None,
-                                    "code": 504 if deadline else 502}}) + b"\n\n")
+                                await response.write((b"" if ended else b"\n\n") + b"data: " + orjson.dumps(
+                                    {"error": {"message": f"the engine broke off the answer: {exc}", "type":
+                                               "TimeoutError" if deadline else "InternalServerError", "param": None,
+                                               "code": 504 if deadline else 502}}) + b"\n\n")
                         request.abort()  # cut the client's answer too: never retried or duplicated
                         return response
                     if chunk is None:
                         break
                     try:
-                        if first:
+                        if first and not _sse_comments_only(chunk):  # vLLM's ": keep-alive" is no token
                             dispatch.first_byte()
                             self.metrics.ttft.observe(time.perf_counter() - started)
                             first = False
                         await response.write(chunk)
+                        ended = chunk.endswith(b"\n\n")
+                        # vLLM reports a failure during generation as an error event in a 200 stream
+                        errored = errored or _STREAM_ERROR in chunk
                     except OSError as exc:  # ConnectionResetError: the client is gone
                         return self._client_gone(request, backend, upstream, response, exc)
                 try:
                     await response.end()
                 except OSError as exc:
                     return self._client_gone(request, backend, upstream, response, exc)
-                dispatch.succeeded()
+                if errored:
+                    self.metrics.errors.inc("engine-stream-error")
+                    dispatch.failed()
+                else:
+                    dispatch.succeeded()
                 return response
 
     def _client_gone(self, request: Request, backend: Backend, upstream: UpstreamResponse,
@@ -477,19 +516,27 @@ class Router:
                     dispatch.first_byte()
                     if response.status != 200:
                         raise _BackendFailed(f"HTTP {response.status}", response.status, data)
-                    params = orjson.loads(data).get("kv_transfer_params")
-                    if not isinstance(params, dict):
-                        raise _BackendFailed("the prefill answer has no kv_transfer_params")
+                    answer = orjson.loads(data)
+                    params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+                    if params is not None and not isinstance(params, dict):
+                        raise _BackendFailed(f"the prefill answer's kv_transfer_params is a {type(params).__name__}")
+                    if params is None:
+                        # a connector that moves KV through storage (fuyao's shared tier, vLLM's ExampleConnector)
+                        # answers none: the prefill stored it, and the decode engine loads it from there
+                        params = {}
+                        self._say_once(backend, "prefill engine %s answers no kv_transfer_params: its KV goes "
+                                                "through its connector's storage; decodes get the plain request")
                     dispatch.succeeded()
                     self.prefix.routed(backend.url, hashes)
                     near = backend.node
                     break
                 except (_BackendFailed, UpstreamError, OSError, ValueError) as exc:
                     failure = _failure(exc)
-                    if not isinstance(exc, _BackendFailed) or exc.status >= 500:
+                    if not isinstance(exc, _BackendFailed) or (exc.status >= 500 and not _answered_busy(exc)
+                                                               and exc.status not in _REQUEST_REFUSED):
                         dispatch.failed()
                     else:
-                        dispatch.succeeded()  # it answered (a 4xx about the request): the backend works
+                        dispatch.succeeded()  # it answered (about the request, or busy): the backend works
                     log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
                     if isinstance(exc, _BackendFailed) and exc.status in _REQUEST_REFUSED:
                         refused = exc
@@ -502,10 +549,16 @@ class Router:
             self.metrics.errors.inc("prefill-failed")
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
         else:
-            decode_raw = orjson.dumps({**body, "kv_transfer_params": params})
+            decode_raw = orjson.dumps({**body, "kv_transfer_params": params}) if params else raw
         return await self._forward(request, path, decode_raw, [], started, "decode",
                                    self.config.inference.decode_timeout, strategy="least-connections", near=near,
                                    model=model, first_byte_s=first_byte_s)
+
+    def _say_once(self, backend: Backend, message: str) -> None:
+        """Log ``message`` (``%s``: the backend) once per backend."""
+        if (backend.url, message) not in self._said:
+            self._said.add((backend.url, message))
+            log.info(message, backend.url, extra={"backend": backend.url})
 
     def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
         if decisions_log.isEnabledFor(logging.INFO):

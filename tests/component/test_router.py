@@ -177,8 +177,8 @@ def test_prefill_decode_flow_and_fallback(tmp_path: Path) -> None:
                     "--decode", decode.url).start()
     try:
         # a request the prefill engine refuses (4xx): the engine's own answer, and no other prefill engine asked
-        status, body = raw_post(strict, "/v1/completions", {"prompt": PREFIX, "max_tokens": 3, "n": 2})
-        assert status == 400 and json.loads(body)["error"]["param"] == "n", body
+        status, body = raw_post(strict, "/v1/completions", {"prompt": [4_000_000_000], "max_tokens": 3})
+        assert status == 400 and json.loads(body)["error"]["param"] == "prompt", body  # not in the vocabulary
         assert strict.metric('inference_errors_total{reason="prefill-failed"}') == 1
     finally:
         strict.close()
@@ -586,6 +586,97 @@ def test_a_model_an_engine_starts_serving_is_routed_at_once() -> None:
         time.sleep(2.1)  # past the refresh's rate limit
         status, _ = raw_post(front, "/v1/completions", {"model": "lora-1", "prompt": "x"})
         assert status == 200
+    finally:
+        front.close()
+        fake.close()
+
+
+def test_busy_engines_keep_their_circuits_and_unsupported_requests_are_not_retried() -> None:
+    # vLLM's 503 (queue full) asks to be retried elsewhere: a burst opened every circuit for 30 s after 5 of them;
+    # its 501 (not implemented here) is the same on every engine: it was retried and counted as a failure
+    a, b = FakeBackend(), FakeBackend()
+    busy = Script(chunks=[b'{"error": {"message": "queue full", "type": "Service Unavailable", "code": 503}}'],
+                  status=503, content_type="application/json")
+    for fake in (a, b):
+        fake.script = busy
+    front = router("--backend", a.url, "--backend", b.url).start()
+    try:
+        for _ in range(8):
+            assert raw_post(front, "/v1/completions", {"prompt": "x"})[0] == 503
+        assert front.metric("inference_backend_circuit_open") == 0  # every series 0
+        for fake in (a, b):
+            fake.received.clear()
+            fake.script = Script(chunks=[b'{"error": {"message": "The model does not support Completions API", '
+                                         b'"type": "NotImplementedError", "code": 501}}'], status=501,
+                                 content_type="application/json")
+        status, body = raw_post(front, "/v1/completions", {"prompt": "x"})
+        assert status == 501 and b"does not support" in body
+        assert len(a.received) + len(b.received) == 1  # relayed, not retried
+    finally:
+        front.close()
+        a.close()
+        b.close()
+
+
+def test_a_clients_kv_transfer_params_never_reach_an_engine() -> None:
+    # they pin the prompt's blocks on the engine for the lease time (do_remote_decode) or make it read KV from an
+    # address the client chose (do_remote_prefill): only the router sets them
+    fake = FakeBackend()
+    front = router("--backend", fake.url).start()
+    try:
+        status, _ = raw_post(front, "/v1/completions", {"prompt": "x", "max_tokens": 2, "kv_transfer_params": {
+            "do_remote_prefill": True, "remote_host": "10.0.0.66", "remote_port": 5600}, "ec_transfer_params": {}})
+        assert status == 200
+        sent = json.loads(fake.received[-1])
+        assert "kv_transfer_params" not in sent and "ec_transfer_params" not in sent and sent["prompt"] == "x"
+    finally:
+        front.close()
+        fake.close()
+
+
+def test_prefill_decode_through_a_storage_connector_and_batches_that_skip_it() -> None:
+    # a prefill engine whose connector moves KV through storage (fuyao's shared tier, vLLM's ExampleConnector)
+    # answers kv_transfer_params null: that is a prefill done, not a failure (every request was prefilled on every
+    # prefill engine, their circuits opened, and fallback: error answered 502); a batch of prompts or n > 1 does not
+    # go through P/D (vLLM answers the first prompt's params only: the others would decode with its KV)
+    prefill, decode = FakeBackend(), FakeBackend()
+    prefill.script = Script(chunks=[b'{"choices": [{"text": "a"}], "kv_transfer_params": null}'],
+                            content_type="application/json")
+    front = router("--prefill", prefill.url, "--decode", decode.url).start()
+    try:
+        for _ in range(6):
+            assert raw_post(front, "/v1/completions", {"prompt": "one prompt", "max_tokens": 4})[0] == 200
+        def completions(fake: FakeBackend) -> int:
+            return fake.paths.count("/v1/completions")
+
+        assert completions(prefill) == 6 and completions(decode) == 6
+        assert "kv_transfer_params" not in json.loads(decode.received[-1])  # the plain request
+        assert front.metric('inference_errors_total{reason="prefill-failed"}') == 0
+        assert front.metric("inference_backend_circuit_open") == 0
+        for batch in ({"prompt": ["first", "second"], "max_tokens": 4}, {"prompt": "x", "n": 2, "max_tokens": 4}):
+            assert raw_post(front, "/v1/completions", batch)[0] == 200
+        assert completions(prefill) == 6 and completions(decode) == 8  # straight to the decode engine
+    finally:
+        front.close()
+        prefill.close()
+        decode.close()
+
+
+def test_an_error_event_in_a_stream_counts_against_the_engine_and_keep_alives_are_no_first_token() -> None:
+    # vLLM reports a failure during generation as an error event in its 200 stream: it was counted a success;
+    # vLLM's ": keep-alive" comments (--sse-keep-alive-interval) were taken for the first token (TTFT too early)
+    fake = FakeBackend()
+    fake.script = Script(chunks=[b": keep-alive\n\n", b'data: {"choices": [{"text": "a"}]}\n\n',
+                                 b'data: {"error": {"message": "Internal server error", "type": '
+                                 b'"InternalServerError", "param": null, "code": 500}}\n\n', b"data: [DONE]\n\n"],
+                         first_delay_s=0.0, delay_s=0.3)
+    front = router("--backend", fake.url).start()
+    try:
+        status, body = raw_post(front, "/v1/completions", {"prompt": "x", "stream": True})
+        assert status == 200 and b"Internal server error" in body  # relayed as vLLM sent it
+        assert front.metric('inference_errors_total{reason="engine-stream-error"}') == 1
+        # the first token came after the keep-alive (0.3 s later), not with it
+        assert front.metric("inference_ttft_seconds_sum") >= 0.25
     finally:
         front.close()
         fake.close()
