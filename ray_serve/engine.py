@@ -20,10 +20,11 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,9 @@ from .ranking import OpenAiRequest, StreamHead
 from .settings import EngineSettings
 
 log = logging.getLogger("fuyao.ray_serve.engine")
+ENV_VISIBLE_NPUS = "ASCEND_RT_VISIBLE_DEVICES"  # what Ray sets for its NPU resource (ray._private.accelerators.npu)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""The readiness probe's opener: to the engine on loopback directly, never through the pod's http_proxy."""
 
 
 def npu_slots() -> list[str]:
@@ -53,7 +57,8 @@ class EngineReplica:
     def __init__(self, engine: Mapping[str, Any] | EngineSettings | None = None):
         self.settings = engine if isinstance(engine, EngineSettings) else EngineSettings.model_validate(engine or {})
         self.slots = npu_slots()
-        offset = int(self.slots[0]) if self.slots and self.slots[0].isdigit() else 0
+        # the lowest slot (Ray's ids come from a set: their order is not stable)
+        offset = min((int(s) for s in self.slots if s.isdigit()), default=0)
         self.port = self.settings.port + offset
         self.kv_events_port = self.settings.kv_events_port + offset
         # the engine's name (its URL): the address it binds, or when it binds all of them, the node's (the pod IP)
@@ -69,11 +74,26 @@ class EngineReplica:
                                "there")
         args = self.settings.command_args(self.settings.host, self.port, self.kv_events_port)
         env = {**os.environ, **self.settings.env, "PYTHONUNBUFFERED": "1"}
+        if self.slots:  # exactly this replica's NPUs, also where Ray was told not to set it (RAY_EXPERIMENTAL_NOSET_…)
+            env[ENV_VISIBLE_NPUS] = ",".join(self.slots)
         log.info("starting engine %s on NPU slots %s: python -m %s %s", self.url, self.slots or "-",
                  self.settings.module, " ".join(args))
         self.process = spawn([sys.executable, "-m", self.settings.module, *args], env)
+        self._stopping = False
         self._wait_ready()
         self._session: aiohttp.ClientSession | None = None
+        threading.Thread(target=self._exit_with_engine, daemon=True, name="engine-watch").start()
+
+    def _exit_with_engine(self, exit_process: Callable[[int], Any] = os._exit) -> None:
+        """The replica ends when its engine does, so that Serve replaces it at once: a live replica whose engine is
+        gone fails its health check only three times in a row (~30 s), and meanwhile answers every request with an
+        error at once, which makes it look the least loaded to Serve's routers."""
+        code = self.process.wait()
+        if self._stopping:
+            return
+        log.error("the engine (python -m %s) exited with code %s: ending the replica for Serve to replace it",
+                  self.settings.module, code)
+        exit_process(1)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout
@@ -83,7 +103,7 @@ class EngineReplica:
                 raise RuntimeError(f"the engine (python -m {self.settings.module}) exited with code "
                                    f"{self.process.returncode} before it was ready")
             try:
-                with urllib.request.urlopen(health, timeout=2) as response:
+                with _DIRECT.open(health, timeout=2) as response:
                     if response.status == 200 and self.process.poll() is None:  # and it is ours, still running
                         return
             except (urllib.error.URLError, OSError):
@@ -150,6 +170,7 @@ class EngineReplica:
         return self.url
 
     def __del__(self) -> None:
+        self._stopping = True
         process = getattr(self, "process", None)
         if process is not None and process.poll() is None:
             process.terminate()

@@ -24,13 +24,19 @@ class OpenAiRequest:
     path: str
     body: Mapping[str, Any]
 
+    # only the one the request carries exists: Serve's prefix router takes ``messages`` whenever hasattr says it
+    # is there, and a completion's None made it raise (the request then hung, never routed)
     @property
     def prompt(self) -> Any:
-        return self.body.get("prompt")
+        if "prompt" not in self.body:
+            raise AttributeError("prompt")
+        return self.body["prompt"]
 
     @property
     def messages(self) -> Any:
-        return self.body.get("messages")
+        if "messages" not in self.body:
+            raise AttributeError("messages")
+        return self.body["messages"]
 
     def lookup_query(self, model: str | None = None) -> dict[str, Any] | None:
         """The index's ``POST /v1/lookup`` body for this request, or None when it carries no prompt or messages."""

@@ -10,13 +10,15 @@ that has one. When the index is slow (``lookup_timeout``), down, or knows nothin
 plain load balancing, never a failed request.
 
 Counters (Ray metrics, exported by Ray's metrics agent as ``ray_fuyao_serve_route_total``):
-``fuyao_serve_route_total{outcome}`` with outcome ``hit``
-(some replica held part of the prompt), ``miss`` (none did), ``no_prompt``, ``index_error``.
+``fuyao_serve_route_total{outcome}``, once per request, with outcome ``hit`` (the index's answer ordered the
+replicas: some engine held at least ``min_hit`` of the prompt), ``miss`` (it did not), ``no_prompt``,
+``index_error``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,8 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from .ranking import rank, request_of
 
 log = logging.getLogger("fuyao.ray_serve.request_router")
+ANSWERS_KEPT = 4096
+"""Index answers kept by request id, for Serve's later passes over a request that found every replica full."""
 
 
 def _counter() -> Any:
@@ -49,6 +53,7 @@ class KvIndexRequestRouter(RequestRouter):
         self._session: aiohttp.ClientSession | None = None
         self._routed = _counter()
         self.outcomes: dict[str, int] = {"hit": 0, "miss": 0, "no_prompt": 0, "index_error": 0}
+        self._answers: OrderedDict[str, dict[str, Any] | None] = OrderedDict()  # by request id, newest last
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
@@ -63,7 +68,10 @@ class KvIndexRequestRouter(RequestRouter):
                 if response.status != 200:
                     log.warning("KV index lookup answered %s: %s", response.status, (await response.text())[:300])
                     return None
-                answer: dict[str, Any] = await response.json()
+                answer = await response.json()
+                if not isinstance(answer, dict):
+                    log.warning("KV index lookup answered a %s, not an object", type(answer).__name__)
+                    return None
                 return answer
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             log.warning("KV index lookup failed (%s): routing on load alone", exc.__class__.__name__)
@@ -73,18 +81,45 @@ class KvIndexRequestRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # Serve calls again while every replica is full: with this it waits (backing off) between passes;
+            # without it, it called back at once, asking the index each time, just when the fleet is overloaded
+            pending_request.routing_context.should_backoff = True
+        try:
+            return await self._choose(candidate_replicas, pending_request)
+        except Exception:  # Serve drops a request whose routing raised, unanswered: route it on load instead
+            log.exception("KV-index routing failed: routing on load alone")
+            return [candidate_replicas]
+
+    async def _choose(self, candidate_replicas: list[RunningReplica],
+                      pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         request = request_of(pending_request.args, pending_request.kwargs) if pending_request else None
         query = request.lookup_query() if request else None
         if query is None:
             self._count("no_prompt")
             return [candidate_replicas]
-        answer = await self._lookup(query)
+        # one lookup per request: the passes Serve makes while the replicas are full reuse its answer
+        # (by Serve's internal id: the request id may be the client's, and clients reuse them)
+        key: str | None = pending_request.metadata.internal_request_id if pending_request is not None else None
+        first = key is None or key not in self._answers
+        if key is not None and not first:
+            answer = self._answers[key]
+        else:
+            answer = await self._lookup(query)
+            if key is not None:
+                self._answers[key] = answer
+                while len(self._answers) > ANSWERS_KEPT:
+                    self._answers.popitem(last=False)
         if answer is None:
-            self._count("index_error")
+            if first:
+                self._count("index_error")
             return [candidate_replicas]
         engines = [(r.replica_metadata or {}).get("engine") for r in candidate_replicas]
         cached = answer.get("endpoints") or {}
+        if not isinstance(cached, dict):
+            raise ValueError(f"the KV index answered endpoints {type(cached).__name__}, not an object")
         ranks = rank(engines, cached, int(answer.get("blocks") or 0), min_hit=self._min_hit,
                      tolerance_blocks=self._tolerance)
-        self._count("hit" if any(cached.get(e, 0) > 0 for e in engines if e) else "miss")
+        if first:
+            self._count("hit" if len(ranks) > 1 else "miss")  # a hit: the index's answer ordered the replicas
         return [[candidate_replicas[i] for i in group] for group in ranks]

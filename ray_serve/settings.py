@@ -32,6 +32,8 @@ from fuyao.config_files import ConfigSection, Seconds, validated
 DEFAULT_ENGINE_ARGS = ("--host", "{host}", "--port", "{port}", "--model", "{model}",
                        "--kv-events-endpoint", "tcp://*:{kv_events_port}")
 PLACEHOLDERS = ("host", "port", "kv_events_port", "model")
+MAX_SLOTS = 16
+"""NPU slots a node may have (an Atlas 900 A3 node's 16 dies): each adds its number to the engine's ports."""
 
 ROUTER_CLASSES = {
     "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -53,7 +55,27 @@ class EngineSettings(ConfigSection):
     port: int = Field(default=8100, ge=1, le=65535, description="base HTTP port; + the first NPU slot")
     kv_events_port: int = Field(default=5557, ge=1, le=65535, description="base KV-events port; + the slot")
     startup_timeout: Seconds = 180.0
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine process")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine process "
+                                "(not ASCEND_RT_VISIBLE_DEVICES: the replica's NPU slots set it)")
+
+    @field_validator("env")
+    @classmethod
+    def _npus_from_ray(cls, env: dict[str, str]) -> dict[str, str]:
+        if "ASCEND_RT_VISIBLE_DEVICES" in env:
+            raise ValueError("ASCEND_RT_VISIBLE_DEVICES is set from the NPU slots Ray gives each replica")
+        return env
+
+    @model_validator(mode="after")
+    def _port_ranges_apart(self) -> EngineSettings:
+        # an engine listens on port + slot and publishes on kvEventsPort + slot: a node's slots must not make the
+        # two ranges meet, or run past the last port
+        if abs(self.port - self.kv_events_port) < MAX_SLOTS:
+            raise ValueError(f"port ({self.port}) and kvEventsPort ({self.kv_events_port}) must be at least "
+                             f"{MAX_SLOTS} apart: each NPU slot of a node adds its number to both")
+        for name, base in (("port", self.port), ("kvEventsPort", self.kv_events_port)):
+            if base + MAX_SLOTS - 1 > 65535:
+                raise ValueError(f"{name} {base} + an NPU slot up to {MAX_SLOTS - 1} is past port 65535")
+        return self
 
     @field_validator("args")
     @classmethod

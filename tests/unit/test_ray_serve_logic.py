@@ -14,7 +14,7 @@ from fuyao.ray_serve.settings import ROUTER_CLASSES, app_settings, router_config
 
 def test_the_request_exposes_prompt_and_messages_and_builds_the_lookup() -> None:
     chat = OpenAiRequest("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert chat.messages == [{"role": "user", "content": "hi"}] and chat.prompt is None
+    assert chat.messages == [{"role": "user", "content": "hi"}] and not hasattr(chat, "prompt")  # what it carries
     assert chat.lookup_query() == {"messages": [{"role": "user", "content": "hi"}], "model": "m"}
     assert OpenAiRequest("/v1/completions", {"prompt": "abc"}).lookup_query() == {"prompt": "abc"}
     assert OpenAiRequest("/v1/completions", {"prompt": [1, 2, 3]}).lookup_query() == {"token_ids": [1, 2, 3]}
@@ -66,6 +66,13 @@ def test_app_settings_are_validated_and_name_the_bad_field() -> None:
     with pytest.raises(ConfigError, match=r"'npusPerReplica'.*whole NPUs"):
         app_settings({"npusPerReplica": 1.5})
     assert app_settings({"npusPerReplica": 0.5}).npus_per_replica == 0.5
+    # each NPU slot adds its number to both ports: slot 1's engine port was slot 0's events port
+    with pytest.raises(ConfigError, match=r"port \(8100\) and kvEventsPort \(8101\) must be at least 16 apart"):
+        app_settings({"engine": {"port": 8100, "kvEventsPort": 8101}})
+    with pytest.raises(ConfigError, match=r"port 65530 \+ an NPU slot up to 15 is past port 65535"):
+        app_settings({"engine": {"port": 65530}})
+    with pytest.raises(ConfigError, match="ASCEND_RT_VISIBLE_DEVICES is set from the NPU slots"):
+        app_settings({"engine": {"env": {"ASCEND_RT_VISIBLE_DEVICES": "0,1"}}})
     assert router_config(app_settings(None).router) == {"request_router_class": ROUTER_CLASSES["power-of-two"]}
     with pytest.raises(ConfigError, match=r"'router': .*kvIndexUrl"):
         app_settings({"router": {"policy": "kv-index"}})
