@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -106,6 +107,7 @@ async def serve_until_signal(app: web.Application | HttpServer, listen: str, log
     cannot be bound."""
     host, port = netaddr.listen_parts(listen)
     runner: web.AppRunner | None = None
+    sock: socket.socket | None = None
     try:
         # an empty host: every address of every family, on one socket
         sock = netaddr.wildcard_socket(port, reuse_port, backlog) if host == "" else None
@@ -128,6 +130,8 @@ async def serve_until_signal(app: web.Application | HttpServer, listen: str, log
         log.error("cannot listen on %s: %s", listen, exc)
         if runner is not None:
             await runner.cleanup()
+        if sock is not None:
+            sock.close()
         return 1
     if started is not None:
         started(str(bound[0]), int(bound[1]))

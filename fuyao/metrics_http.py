@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from .netaddr import WILDCARDS, listen_parts
+from .netaddr import FAMILY_UNAVAILABLE, WILDCARDS, listen_parts
 
 
 class MetricsEndpoint:
@@ -24,8 +24,8 @@ class MetricsEndpoint:
             try:
                 server, _thread = start_http_server(port, addr=attempt, registry=self.registry)
                 break
-            except OSError:
-                if index == len(hosts) - 1:
+            except OSError as exc:
+                if index == len(hosts) - 1 or exc.errno not in FAMILY_UNAVAILABLE:
                     raise
         self._server = server
         bound = server.server_address

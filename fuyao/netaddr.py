@@ -4,6 +4,7 @@ in the router, the KV index and Ray Serve whatever the pod network's address fam
 
 from __future__ import annotations
 
+import errno
 import socket
 
 
@@ -45,9 +46,15 @@ def wildcard_socket(port: int, reuse_port: bool = False, backlog: int = 1024) ->
             return sock
         except OSError as exc:
             sock.close()
+            if exc.errno not in FAMILY_UNAVAILABLE:
+                raise  # e.g. the port is taken: never fall back to IPv4 alone (unreachable on IPv6 single-stack)
             error = exc
     assert error is not None
     raise error
+
+
+FAMILY_UNAVAILABLE = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+"""The errors that say an address family is not there (IPv6 turned off): only then is the next wildcard tried."""
 
 
 def family(host: str) -> socket.AddressFamily:

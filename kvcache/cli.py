@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from fuyao import daemon
+from fuyao import daemon, netaddr
 from fuyao.config_files import check_tokenizer_path
 
 from .config import ConfigError, EndpointConfig, KvCacheConfig, build_config, load_config_file
@@ -76,7 +76,7 @@ async def serve(config: KvCacheConfig) -> int:
         watch = follow_pods(config.kubeconfig, config.kv_cache.events.discovery, service.subscriber)
 
     def started(host: str, port: int) -> None:
-        log.info("serving on http://%s:%s", host, port,
+        log.info("serving on %s", netaddr.url("http", host, port),
                  extra={"endpoints": len(config.kv_cache.events.endpoints), "tier": config.kv_cache.size,
                         "policy": config.kv_cache.eviction_policy.value})
 

@@ -167,8 +167,8 @@ def _serve_health(address: str, controller: Any) -> None:
             server_class = type("HealthServer", (ThreadingHTTPServer,), {"address_family": netaddr.family(attempt)})
             server = server_class((attempt, port), Handler)
             break
-        except OSError:
-            if index == len(hosts) - 1:
+        except OSError as exc:
+            if index == len(hosts) - 1 or exc.errno not in netaddr.FAMILY_UNAVAILABLE:
                 raise
     threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 

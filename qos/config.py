@@ -36,6 +36,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from fuyao.config_files import ConfigError as ConfigError  # re-exported: callers catch it from here
 from fuyao.config_files import ConfigSection, HostPort, Seconds, load_versioned_yaml, merged, validated
+from fuyao.contracts import USAGE_STALE_S
 
 CONFIG_VERSION: Final = "v1"
 MIN_INTERVAL_S: Final = 0.1
@@ -54,6 +55,13 @@ def _interval(seconds: float) -> float:
     return seconds
 
 
+def _fresh_enough(seconds: float) -> float:
+    if seconds > USAGE_STALE_S / 2:
+        raise ValueError(f"{seconds:g}s is too long: at most {USAGE_STALE_S / 2:g}s (the scheduler extender takes a "
+                         f"usage report older than {USAGE_STALE_S:g}s for a stopped agent and refuses BE pods there)")
+    return seconds
+
+
 class BatchSettings(ConfigSection):
     cpu_reclaim_percent: Percent = 65.0
     memory_reclaim_percent: Percent = 65.0
@@ -62,7 +70,7 @@ class BatchSettings(ConfigSection):
 
 
 class UsageSettings(ConfigSection):
-    publish_interval: Seconds = 60.0
+    publish_interval: Annotated[Seconds, AfterValidator(_fresh_enough)] = 60.0
     jump_percent: Percent = 10.0
 
 
@@ -102,7 +110,7 @@ class MemoryEvictionSettings(ConfigSection):
 class AgentConfig(ConfigSection):
     version: Literal["v1"] = CONFIG_VERSION
     node_name: str = Field(default="", description="this node (flag --node-name, env NODE_NAME)")
-    interval: Annotated[Seconds, AfterValidator(_interval)] = 10.0
+    interval: Annotated[Seconds, AfterValidator(_interval), AfterValidator(_fresh_enough)] = 10.0
     window: int = Field(default=6, ge=1, le=360)
     cgroup_root: str = Field(default="/sys/fs/cgroup", min_length=1)
     kubeconfig: str | None = None

@@ -186,7 +186,8 @@ class Binder:
             # a retried bind whose first attempt succeeded: never re-choose devices of a bound pod. Read from the
             # API server, it may be news to the watch (an earlier attempt whose answer was lost, to this node or
             # another, then replaced by this attempt's assumption): its devices count from now on
-            self.cache.assume(pod)
+            if not pod.terminal:
+                self.cache.assume(pod)
             return "" if pod.node_name == args.node else f"pod {pod.key} is already bound to {pod.node_name}"
         if not self.cache.ready:  # a node without its pods looks free: its devices would be handed out again
             return "the extender is still listing nodes and pods; the scheduler retries"

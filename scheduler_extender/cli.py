@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "/onSessionOpen, /onSessionClose). Also /healthz, /readyz, /metrics, /explain/<ns>/<pod>.",
         "docs/scheduler-extender.md")
     p.add_argument("--config", help="versioned YAML config (version: v1)")
-    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8888; the chart sets 0.0.0.0:8888)")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8888; the chart sets :8888, every address of "
+                                    "every family)")
     p.add_argument("--kubeconfig", help="kubeconfig for watches and binding (default: in-cluster config in a pod; "
                                         "without either, requests must carry full Node objects)")
     p.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (with --tls-key-file)")
@@ -99,7 +100,7 @@ async def serve(config: ExtenderConfig) -> int:
     context = ssl_context(config.tls.cert_file, config.tls.key_file) if config.tls else None
 
     def started(host: str, port: int) -> None:
-        log.info("listening on %s://%s:%s", "https" if context else "http", host, port,
+        log.info("listening on %s", netaddr.url("https" if context else "http", host, port),
                  extra={"bind": binder is not None, "cluster": api is not None})
 
     # Go's default transport keeps idle connections for 90 s and does not retry a POST the server closed under it:

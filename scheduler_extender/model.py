@@ -33,6 +33,7 @@ from fuyao.contracts import (
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU,
+    USAGE_STALE_S,
     BusinessType,
     ContractError,
     NodeTopology,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 CPU = "cpu"
 MEMORY = "memory"
-USAGE_STALE_S = 120.0
 GiB = 1024**3
 QUANTITY_LIMIT = Decimal(2**53)
 """Requests beyond this (9 PB, 9e15 cores) are clamped: they fit nowhere anyway, and stay exact in int64/float."""
@@ -496,6 +496,9 @@ def parse_node(obj: Mapping[str, Any], pods: Iterable[PodInfo] = ()) -> NodeInfo
             usage = parse_annotation(ANNOTATION_NODE_USAGE, annotations[ANNOTATION_NODE_USAGE], NodeUsage)
         except ContractError as exc:
             problems.append(str(exc))
-    return NodeInfo(name=ids.get("name", ""), labels=meta.get("labels") or {}, annotations=annotations,
+    labels = meta.get("labels") or {}
+    if not all(isinstance(v, str) for v in labels.values()):  # a label value is a string: the request is malformed
+        raise TypeError(f"node {ids.get('name')!r}: label values must be strings")
+    return NodeInfo(name=ids.get("name", ""), labels=labels, annotations=annotations,
                     allocatable=allocatable, topology=topology, usage=usage, pods=list(pods),
                     problems=tuple(problems), resource_version=ids.get("resourceVersion", "")).refresh()

@@ -49,6 +49,8 @@ VOLCANO_PRIORITIZE_MAX_BODY = 256 * 1024 * 1024
 BIG_DECISION_WORKERS = 2
 """Threads deciding big bodies: they share the GIL, so more would not decide faster; two keep one slow big request
 from queueing another behind it."""
+SESSION_BODY_READ = 1024 * 1024
+"""Volcano's session verbs: bodies up to this are read so that the connection stays open; bigger ones close it."""
 PREDICATE_OFFLOAD_ABOVE = 4 * 1024 * 1024
 """Volcano's predicate is decided inline up to this size (one NodeInfo is 200-300 kB: see the module's doc)."""
 
@@ -59,11 +61,11 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _ack(service: ExtenderService, name: str) -> Callable[[Request], Any]:
     async def handler(request: Request) -> Response:
-        # the body is read (and dropped) so that the connection stays open for the scheduler's next call: an
-        # answer before the body closes it. Volcano's onSessionOpen carries the whole session (up to the
-        # prioritize cap); over it, the answer is the same and the connection closes.
+        # a small body is read (and dropped) so that the connection stays open for the scheduler's next call (an
+        # answer before the body closes it); a big one (Volcano's onSessionOpen carries the whole session, ~100 MB
+        # at 500 nodes, every second) is not held in memory for nothing: the connection closes after the answer
         with contextlib.suppress(BodyError):
-            await request.read(VOLCANO_PRIORITIZE_MAX_BODY)
+            await request.read(SESSION_BODY_READ)
         service.metrics.decisions.labels(name, "ok").inc()
         return _json({})
 

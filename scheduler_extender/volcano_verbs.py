@@ -78,7 +78,8 @@ class VolcanoVerbs:
         # jobEnqueueable asks only whether devices could ever fit: device-fit alone, whatever else is enabled
         fit = registry.args_of(service.config.plugins, "device-fit")
         assert isinstance(fit, DeviceFitArgs)
-        self.capacity = Framework([(DeviceFitPlugin(fit), 1.0)])
+        # (a node without its topology yet may publish it: not "never")
+        self.capacity = Framework([(DeviceFitPlugin(fit.model_copy(update={"require_topology": False})), 1.0)])
         # Volcano sends every node with all its pods in every call: 420 calls of ~200 kB for one task over 1,000
         # nodes, and the same nodes again for the next task and the next session. What was parsed is kept, by
         # what identifies it exactly: a pod by (uid, resourceVersion), a Node by (name, resourceVersion), a whole

@@ -110,6 +110,12 @@ def _resolve_qos(volcano_label: str | None, volcano_annotation: str | None,
     return QoSResolution(qos=QoSClass.LS, source=None, problems=tuple(problems))
 
 
+USAGE_STALE_S = 120.0
+"""A ``qos.openfuyao.com/usage`` older than this is stale: the extender ignores its measurement and takes the QoS
+agent that wrote it for stopped (its batch resources no longer enforced). The agent publishes at least twice as
+often."""
+
+
 class NodeUsage(Schema):
     """Value of node annotation ``qos.openfuyao.com/usage``: real usage measured by the QoS agent (LS and BE), so
     the scheduler extender can place by what nodes do, not only by what pods requested."""

@@ -17,6 +17,9 @@ ANNOTATION_NUMA_POLICY = "volcano.sh/numa-topology-policy"
 """Pod annotation (Volcano's key): the NUMA policy of its NPUs and CPUs."""
 
 
+INT32_MAX = 2**31 - 1
+"""Counts in the annotation the extender keeps in int32 columns: larger values are refused when it is read."""
+
 class NumaPolicy(StrEnum):
     NONE = "none"
     BEST_EFFORT = "best-effort"
@@ -53,9 +56,9 @@ class DeviceTopology(Schema):
     physical_id: int = Field(ge=0, description="Physical (logic) id used in ASCEND_VISIBLE_DEVICES")
     chip_model: str = Field(min_length=1)
     health: DeviceHealth
-    numa_node: int | None = Field(default=None, ge=0)
+    numa_node: int | None = Field(default=None, ge=0, le=INT32_MAX)
     group: str | None = Field(default=None, description="Interconnect group id (HCCS ring / mesh / PCIe)")
-    aicore: int | None = Field(default=None, ge=0)
+    aicore: int | None = Field(default=None, ge=0, le=INT32_MAX)
     memory_mb: int | None = Field(default=None, ge=0)
     vnpus: tuple[VnpuSlice, ...] = ()
     holder: str | None = Field(default=None, description="namespace/name of the pod holding it, per the kubelet's "
@@ -78,8 +81,8 @@ class NumaCpus(Schema):
     """CPUs of one NUMA node as the kubelet's static CPU manager sees them (pod-resources API): those it can give
     containers exclusively, and those it has given. Free = allocatable - exclusive."""
 
-    allocatable: int = Field(ge=0)
-    exclusive: int = Field(ge=0)
+    allocatable: int = Field(ge=0, le=INT32_MAX)
+    exclusive: int = Field(ge=0, le=INT32_MAX)
 
 
 class NodeTopology(Schema):

@@ -7,9 +7,7 @@ Adding a plugin is one new module in ``plugins/`` that ends with its registratio
 ``plugins/__init__.py`` (docs/architecture.md has a worked example)::
 
     class GpuAffinityArgs(PluginArgs):
-        model_config = ConfigDict(allow_inf_nan=False)  # an infinite weight made every score NaN (sent as null: 0)
-
-    weight: float = Field(default=1.0, ge=0)
+        weight: float = Field(default=1.0, ge=0)
 
     @register("gpu-affinity", GpuAffinityArgs)
     class GpuAffinityPlugin:

@@ -181,13 +181,16 @@ def test_a_chunked_body_over_the_cap_is_413_as_soon_as_it_passes_it(extender: Ex
     assert_filter_is_right(extender)
 
 
+BIG_TOPOLOGY = topology()
+
+
 def big_filter_body(size: int = 10_000_000) -> bytes:
-    """A filter with full Node objects, ``size`` bytes: ~34,000 plain nodes, a couple of seconds of decision work
+    """A filter with full Node objects, ``size`` bytes: thousands of NPU nodes, a couple of seconds of decision work
     (parsing each node, building the request's node table)."""
     items = []
     total = 0
     while total < size:
-        n = node(f"big-{len(items)}")
+        n = node(f"big-{len(items)}", topo=BIG_TOPOLOGY)  # a binding extender needs it (requireTopology)
         items.append(n)
         total += len(json.dumps(n))
     return json.dumps({"Pod": FOUR, "Nodes": {"metadata": {}, "items": items}, "NodeNames": None}).encode()

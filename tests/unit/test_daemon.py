@@ -63,6 +63,18 @@ def _answers(host: str, port: int, path: str = "/metrics") -> bool:
         conn.close()
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
 def test_an_empty_listen_host_takes_both_address_families() -> None:
     # the charts listen on ":PORT": 0.0.0.0 was IPv4 only, unreachable in an IPv6 single-stack cluster
     import asyncio
@@ -92,3 +104,21 @@ def test_an_empty_listen_host_takes_both_address_families() -> None:
             await app.stop(1)
 
     asyncio.run(served())
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_a_taken_port_is_an_error_not_a_fall_back_to_ipv4_alone() -> None:
+    # any error fell back to 0.0.0.0: with [::]:P taken, the daemon listened on IPv4 alone, silently (unreachable in
+    # an IPv6 single-stack cluster); only an address family that is not there falls back
+    import errno
+    import socket
+
+    from fuyao.netaddr import wildcard_socket
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        taken.bind(("::", 0))
+        taken.listen()
+        with pytest.raises(OSError) as raised:
+            wildcard_socket(taken.getsockname()[1]).close()
+        assert raised.value.errno == errno.EADDRINUSE

@@ -87,3 +87,27 @@ def test_a_bug_in_a_plugin_is_a_500_not_the_clients_malformed_request() -> None:
         server._decide(plugin_bug, b"{}")
     with pytest.raises(ProtocolError, match="malformed object in the request"):
         server._decide(lambda body: parse_pod(body), {"metadata": "not a map"})
+
+
+def test_out_of_range_annotation_numbers_and_non_string_labels_are_the_requests_fault() -> None:
+    # a topology annotation with an AI-core or CPU count past int32 passed validation and overflowed the int32
+    # columns while deciding: a 500 (the whole filter failed, even for CPU-only pods); now the annotation is a
+    # problem of the node (treated as absent), and a label that is no string is a malformed request
+    from fuyao.contracts import ANNOTATION_NODE_TOPOLOGY, NumaCpus
+    from fuyao.scheduler_extender.features import node_row
+    from fuyao.scheduler_extender.model import parse_node
+    from tests.support.k8s_objects import node, topology
+
+    raw = node("n", topo=None)
+    annotation = topology(aicore=20).model_dump_json()
+    assert '"aicore":20' in annotation
+    raw["metadata"]["annotations"][ANNOTATION_NODE_TOPOLOGY] = annotation.replace('"aicore":20', f'"aicore":{2**40}')
+    info = parse_node(raw)
+    assert info.topology is None and any(ANNOTATION_NODE_TOPOLOGY in p for p in info.problems)
+    node_row(info)  # decided without error
+    with pytest.raises(ValueError):
+        NumaCpus(allocatable=2**40, exclusive=0)
+    bad = node("m")
+    bad["metadata"]["labels"]["topology.kubernetes.io/zone"] = ["a", "b"]  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="label values must be strings"):
+        parse_node(bad)

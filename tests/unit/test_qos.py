@@ -476,7 +476,7 @@ def test_batch_resources_wait_for_a_full_view_and_come_back_when_the_node_lost_t
 
 
 def test_memory_limits_read_back_to_the_page() -> None:
-    assert cgroups.same_memory(999_424, 1_000_000) and not cgroups.same_memory(995_000, 1_000_000)
+    assert cgroups.same_memory(999_424, 1_000_000, 4096) and not cgroups.same_memory(995_000, 1_000_000, 4096)
     assert cgroups.same_memory(None, None) and not cgroups.same_memory(None, 1)
     assert cgroups.split_container_id("containerd://" + "f" * 64) == ("containerd", "f" * 64)
     assert cgroups.split_container_id("containerd://../../etc") is None  # never a path

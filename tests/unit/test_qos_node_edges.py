@@ -249,6 +249,9 @@ def test_ls_pods_without_a_cgroup_sample_yet_count_their_requests(tmp_path: Path
     ({"metricsAddress": "localhost"}, "metricsAddress", "HOST:PORT"),
     ({"metricsAddress": "127.0.0.1:99999"}, "metricsAddress", "HOST:PORT"),
     ({"interval": "1ms"}, "interval", "at least 100ms"),
+    # the extender takes a usage report older than 120 s for a stopped agent (and refuses BE pods there)
+    ({"interval": "3m"}, "interval", "at most 60s"),
+    ({"usage": {"publishInterval": "2m"}}, "usage.publishInterval", "at most 60s"),
     ({"cgroupRoot": ""}, "cgroupRoot", "at least 1 character"),
     ({"cpuSuppress": {"thresholdPercent": 10, "hysteresisPercent": 20}}, "cpuSuppress",
      "hysteresisPercent (20) must not be above thresholdPercent (10)"),

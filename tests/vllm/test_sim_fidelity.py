@@ -193,16 +193,18 @@ def test_streams_frame_usage_and_keys_as_vllm(pair: Pair, endpoint: str, options
     assert real.body[-1] == sim.body[-1] == "[DONE]"
     # every chunk's fields, in order (a run of token chunks as one): which carry usage, the usage-only last one
     assert chunk_shapes(sim.body) == chunk_shapes(real.body)
-    assert len(sim.body) == len(real.body)  # one chunk a token, the finish reason on the last token's
-    assert [frozenset(paths(e)) if isinstance(e, dict) else e for e in sim.body] == \
-        [frozenset(paths(e)) if isinstance(e, dict) else e for e in real.body]
-    usages = [collapsed([e.get("usage") for e in a.body[:-1]]) for a in (real, sim)]
-    assert usages[1] == usages[0]  # the same counts (the same tokenizer), the same way
-    for answer in (real, sim):  # the finish reason once, on the last token's chunk
+    # one chunk a token on the simulator; vLLM carries several tokens in one chunk when its output loop runs behind
+    # the engine (a busy machine), so its token chunks are compared as a run (chunk_shapes) and counted 1 to 3
+    for answer, most in ((real, 3), (sim, 3)):  # the finish reason once, on the last token's chunk
         finished = [i for i, e in enumerate(answer.body[:-1]) if e["choices"] and e["choices"][0]["finish_reason"]]
         assert len(finished) == 1 and answer.body[finished[0]]["choices"][0]["finish_reason"] == "length"
         tokens = [e for e in answer.body[:-1] if e["choices"] and "role" not in e["choices"][0].get("delta", {})]
-        assert len(tokens) == 3 and tokens[-1] is answer.body[finished[0]]
+        assert 1 <= len(tokens) <= most and tokens[-1] is answer.body[finished[0]]
+        counts = [e["usage"]["completion_tokens"] for e in answer.body[:-1] if e.get("usage")]
+        assert counts == sorted(counts) and (not counts or counts[-1] == 3)  # running counts, the same total
+    assert len([e for e in sim.body[:-1] if e["choices"] and "role" not in e["choices"][0].get("delta", {})]) == 3
+    finals = [[e["usage"] for e in a.body[:-1] if e.get("usage")][-1:] for a in (real, sim)]
+    assert finals[1] == finals[0]  # the same counts (the same tokenizer)
     include = bool(options and options.get("include_usage"))
     continuous = include and bool(options and options.get("continuous_usage_stats"))
     chunks = real.body[:-1]
