@@ -22,6 +22,7 @@ from fuyao.contracts import (
     RESOURCE_VNPU,
     ContainerAssignment,
     core_device_id,
+    socket_name_for,
     vnpu_device_id,
 )
 from fuyao.inventory import NodeInventory, NpuDevice
@@ -54,11 +55,6 @@ class ResourcePlugin(Protocol):
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]: ...
 
     def allocate(self, device_ids: Sequence[str]) -> ContainerSpec: ...
-
-
-def socket_name_for(resource_name: str) -> str:
-    """``npu.huawei.com/NPU`` → ``fuyao-npu.huawei.com-NPU.sock`` (unique per resource, no path separators)."""
-    return "fuyao-" + resource_name.replace("/", "-") + ".sock"
 
 
 class SlotResource:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from .netaddr import FAMILY_UNAVAILABLE, WILDCARDS, listen_parts
+from .netaddr import bind_listen, listen_parts
 
 
 class MetricsEndpoint:
@@ -19,14 +19,7 @@ class MetricsEndpoint:
         """Serve /metrics on ``HOST:PORT`` (port 0 picks a free one); returns the bound address. OSError when the
         address cannot be bound."""
         host, port = listen_parts(address)
-        hosts = WILDCARDS if host == "" else (host,)  # an empty host: every family, else IPv4's (IPv6 off)
-        for index, attempt in enumerate(hosts):
-            try:
-                server, _thread = start_http_server(port, addr=attempt, registry=self.registry)
-                break
-            except OSError as exc:
-                if index == len(hosts) - 1 or exc.errno not in FAMILY_UNAVAILABLE:
-                    raise
+        server, _thread = bind_listen(host, lambda at: start_http_server(port, addr=at, registry=self.registry))
         self._server = server
         bound = server.server_address
         return str(bound[0]), int(bound[1])

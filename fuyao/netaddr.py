@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def host_port(host: str, port: int | str) -> str:
@@ -29,10 +33,10 @@ socket, Linux's default), and a host with IPv6 turned off refuses it, where ``0.
 
 
 def wildcard_socket(port: int, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on every address of every family (:data:`WILDCARDS`, in order): one socket, so port
-    0 gives one port for both. Raises :class:`OSError` when neither binds."""
-    error: OSError | None = None
-    for host in WILDCARDS:
+    """A listening TCP socket on every address of every family (:data:`WILDCARDS`, in order, by
+    :func:`bind_listen`): one socket, so port 0 gives one port for both. Raises :class:`OSError` when none binds."""
+
+    def bind(host: str) -> socket.socket:
         sock = socket.socket(family(host), socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,17 +48,28 @@ def wildcard_socket(port: int, reuse_port: bool = False, backlog: int = 1024) ->
             sock.listen(backlog)
             sock.setblocking(False)
             return sock
-        except OSError as exc:
+        except OSError:
             sock.close()
-            if exc.errno not in FAMILY_UNAVAILABLE:
-                raise  # e.g. the port is taken: never fall back to IPv4 alone (unreachable on IPv6 single-stack)
-            error = exc
-    assert error is not None
-    raise error
+            raise
+
+    return bind_listen("", bind)
 
 
 FAMILY_UNAVAILABLE = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 """The errors that say an address family is not there (IPv6 turned off): only then is the next wildcard tried."""
+
+
+def bind_listen(host: str, bind: Callable[[str], T]) -> T:
+    """``bind(host)``, for a server that binds its own socket; an empty host (every address) tries
+    :data:`WILDCARDS` in order, the next only when the family is not there."""
+    hosts = WILDCARDS if host == "" else (host,)
+    for attempt in hosts[:-1]:
+        try:
+            return bind(attempt)
+        except OSError as exc:
+            if exc.errno not in FAMILY_UNAVAILABLE:
+                raise  # e.g. the port is taken: never IPv4 alone instead (unreachable on IPv6 single-stack)
+    return bind(hosts[-1])
 
 
 def family(host: str) -> socket.AddressFamily:

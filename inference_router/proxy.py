@@ -406,7 +406,10 @@ class Router:
                     failed = _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
                     # vLLM's "busy" (its queue is full) asks to be retried elsewhere: the engine works, so its
                     # circuit stays closed
-                    dispatch.succeeded() if _answered_busy(failed) else dispatch.failed()
+                    if _answered_busy(failed):
+                        dispatch.succeeded()
+                    else:
+                        dispatch.failed()
                     raise failed
                 if upstream.status < 400:  # a request the engine refused leaves nothing cached there
                     self.prefix.routed(backend.url, hashes)

@@ -160,16 +160,13 @@ def _serve_health(address: str, controller: Any) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
+    def bind(at: str) -> ThreadingHTTPServer:
+        server_class: type[ThreadingHTTPServer] = type("HealthServer", (ThreadingHTTPServer,),
+                                                       {"address_family": netaddr.family(at)})
+        return server_class((at, port), Handler)
+
     host, port = netaddr.listen_parts(address)
-    hosts = netaddr.WILDCARDS if host == "" else (host,)  # an empty host: every family, else IPv4's (IPv6 off)
-    for index, attempt in enumerate(hosts):
-        try:
-            server_class = type("HealthServer", (ThreadingHTTPServer,), {"address_family": netaddr.family(attempt)})
-            server = server_class((attempt, port), Handler)
-            break
-        except OSError as exc:
-            if index == len(hosts) - 1 or exc.errno not in netaddr.FAMILY_UNAVAILABLE:
-                raise
+    server = netaddr.bind_listen(host, bind)
     threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
 

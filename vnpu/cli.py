@@ -23,7 +23,7 @@ import time
 from typing import Any, NamedTuple
 
 from fuyao import __version__, logs
-from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id
+from fuyao.contracts import RESOURCE_NPU, RESOURCE_NPU_CORE, RESOURCE_VNPU, parse_vnpu_device_id, socket_name_for
 from fuyao.inventory import NodeInventory, discover
 from fuyao.npusmi import DEFAULT_TIMEOUT_S, NpuSmi, NpuSmiError
 
@@ -34,8 +34,8 @@ from .templates import load_templates
 from .usage import DEFAULT_POD_RESOURCES_SOCKET, PodResourcesUnavailable, holdings
 
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-STATIC_SLICES_SOCKET = "fuyao-" + RESOURCE_VNPU.replace("/", "-") + ".sock"
-"""Where fuyao's device plugin serves ``npu.huawei.com/vNPU`` — only in static mode (its ``socket_name_for``)."""
+STATIC_SLICES_SOCKET = socket_name_for(RESOURCE_VNPU)
+"""Where fuyao's device plugin serves ``npu.huawei.com/vNPU`` — only in static mode."""
 
 
 def build_parser() -> argparse.ArgumentParser:

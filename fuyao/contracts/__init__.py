@@ -123,6 +123,7 @@ from .resources import (
     RESOURCE_NVIDIA_GPU,
     RESOURCE_VNPU,
     kube_scheduler_managed,
+    socket_name_for,
 )
 from .schemas import (
     ANNOTATION_SCHEMAS,
@@ -249,5 +250,6 @@ __all__ = [
     "parse_volcano_qos_level",
     "pd_group",
     "resolve_qos",
+    "socket_name_for",
     "vnpu_device_id",
 ]

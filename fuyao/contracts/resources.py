@@ -26,6 +26,12 @@ Volcano's ``managedResources``; both skip the extender for pods that ask for non
 extended resource name"), so its entry leaves the batch resources out (:func:`kube_scheduler_managed`)."""
 
 
+def socket_name_for(resource_name: str) -> str:
+    """The device plugin's socket in the kubelet's plugin directory for a resource: ``npu.huawei.com/NPU`` →
+    ``fuyao-npu.huawei.com-NPU.sock`` (unique per resource, no path separators)."""
+    return "fuyao-" + resource_name.replace("/", "-") + ".sock"
+
+
 def kube_scheduler_managed(resources: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The names kube-scheduler accepts in an extender's ``managedResources``."""
     return tuple(r for r in resources or EXTENDER_MANAGED_RESOURCES if not r.startswith("kubernetes.io/"))
