@@ -24,8 +24,8 @@ PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token
                         eos_token="</s>").save_pretrained(sys.argv[1])
 PY
 PY=.venv/bin/python
-port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-E1=$(port); E2=$(port); R=$(port)
+# three ports from one process (free_port never hands out the same one twice, nor one from the ephemeral range)
+read -r E1 E2 R < <($PY -c 'from tests.support.apiserver import free_port; print(free_port(), free_port(), free_port())')
 $PY -m fuyao.engine_sim.cli --port "$E1" --log-level warning & P1=$!
 $PY -m fuyao.engine_sim.cli --port "$E2" --log-level warning & P2=$!
 $PY -m fuyao.inference_router.cli --listen "127.0.0.1:$R" --backend "http://127.0.0.1:$E1" --backend "http://127.0.0.1:$E2" \

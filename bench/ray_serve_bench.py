@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plots
 from bench.report import add_out_argument, emit
 from bench.router_bench import Fleet, comparison_lines, shared_prefix, start_router, steady_state_run
-from tests.support.apiserver import consecutive_free_ports
+from tests.support.apiserver import free_port
 from tests.support.engines import Daemon, kvcache, scrape
 from tests.support.ray_local import LocalRay
 
@@ -48,7 +48,7 @@ def engine_counters(urls: list[str]) -> tuple[float, float]:
 
 
 def run(config: str, jobs: list[Any], replicas: int, blocks: int, seed: int) -> dict[str, Any]:
-    http, events = consecutive_free_ports(replicas), consecutive_free_ports(replicas)
+    http, events = free_port(replicas), free_port(replicas)
     engines = [f"http://127.0.0.1:{http + i}" for i in range(replicas)]
     streams = {url: f"tcp://127.0.0.1:{events + i}" for i, url in enumerate(engines)}
     kind, _, policy = config.partition(" ")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 
 from fuyao.contracts import RESOURCE_NPU
 from fuyao.kube_client import RestEndpoint
@@ -13,7 +12,7 @@ from fuyao.scheduler_extender.binder import Binder
 from fuyao.scheduler_extender.cluster import ClusterCache
 from fuyao.scheduler_extender.kube_protocol import BindingArgs
 from fuyao.scheduler_extender.model import parse_pod
-from tests.support.apiserver import RotatingToken
+from tests.support.apiserver import RotatingToken, free_port
 from tests.support.k8s_objects import node, pod, topology
 
 
@@ -24,12 +23,6 @@ def _cache_with_pending_pod() -> tuple[ClusterCache, str]:
     pending = pod("p", requests={RESOURCE_NPU: "2"}, uid="uid-p")
     cache.remember(parse_pod(pending))
     return cache, "uid-p"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_binding_whose_answer_is_lost_keeps_its_devices_and_one_never_sent_frees_them() -> None:
@@ -57,7 +50,7 @@ def test_a_binding_whose_answer_is_lost_keeps_its_devices_and_one_never_sent_fre
             await server.wait_closed()
 
         cache, uid = _cache_with_pending_pod()
-        closed = Binder(RestEndpoint(f"http://127.0.0.1:{_free_port()}", None, RotatingToken()), cache, timeout_s=2)
+        closed = Binder(RestEndpoint(f"http://127.0.0.1:{free_port()}", None, RotatingToken()), cache, timeout_s=2)
         try:
             error = await closed(BindingArgs("p", "default", uid, "n1"))
             assert "cannot connect" in error

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.apiserver import consecutive_free_ports
+from tests.support.apiserver import free_port
 from tests.support.engines import Daemon, kvcache, scrape
 from tests.support.polling import wait_for
 from tests.support.ray_local import LocalRay
@@ -26,7 +26,7 @@ WORDS = ("river", "flood", "basin", "rainfall", "gauge", "levee", "delta", "chan
 
 @pytest.fixture(scope="module")
 def ports() -> tuple[int, int]:
-    return consecutive_free_ports(2), consecutive_free_ports(2)
+    return free_port(2), free_port(2)
 
 
 @pytest.fixture(scope="module")

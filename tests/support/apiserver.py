@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -25,32 +26,46 @@ CACHE = Path(os.environ.get("FUYAO_CACHE", Path.home() / ".cache" / "fuyao"))
 BIN = CACHE / "bin"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Ports free_port hands out: never the kernel's ephemeral range (below), nor the NodePort range, nor the
+# well-known ports of the local clusters' components (kubelet 10250, ...).
+_PORT_RANGES = ((20000, 29999), (61000, 65535))
+_handed_out: set[int] = set()
+_pick = random.Random(os.urandom(16))  # not the global generator: a test that seeds it would repeat ports
 
 
-def consecutive_free_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that were all free (for daemons that number their ports
-    from a base: fuyao's Ray engines listen on base + NPU slot)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        held: list[socket.socket] = []
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def _bindable(port: int) -> bool:
+    """Nothing holds ``port`` on any local address (a wildcard bind fails on any of them)."""
+    with socket.socket() as probe:
         try:
-            for port in range(base, base + count):
-                probe = socket.socket()
-                held.append(probe)
-                probe.bind(("127.0.0.1", port))
+            probe.bind(("0.0.0.0", port))
         except OSError:
-            continue
-        finally:
-            for probe in held:
-                probe.close()
-        return base
-    raise RuntimeError(f"no {count} consecutive free loopback ports")
+            return False
+    return True
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports nothing holds, for a daemon to listen on later, and never handed
+    out before in this process. Never from the kernel's ephemeral range: a port found by binding port 0 is one the
+    kernel gives the next process that binds port 0 or connects out (vLLM's engine core picks its ZMQ ports so),
+    and a vLLM engine started second lost its port to the first one's that way (the CI run of 2026-12-07)."""
+    low, high = _ephemeral_range()
+    candidates = [(first, last) for first, last in _PORT_RANGES if last < low or first > high]
+    for _ in range(2000):
+        first, last = _pick.choice(candidates)
+        base = _pick.randint(first, last - count + 1)
+        ports = range(base, base + count)
+        if not _handed_out.intersection(ports) and all(_bindable(port) for port in ports):
+            _handed_out.update(ports)
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports in {candidates} outside the ephemeral range {low}-{high}")
 
 
 def binary(name: str) -> str:
