@@ -292,7 +292,7 @@ class DevicePluginDaemon:
         backoff = Backoff(initial=min(1.0, retry), factor=2.0, cap=retry)
         while not self.stop_event.is_set():
             try:
-                inventory = discover(self.npu_smi, self.config.sysfs_root)
+                inventory = discover(self.npu_smi, self.config.sysfs_root, self.config.dev_root)
             except NpuSmiError as exc:
                 delay = backoff.next()
                 log.error("NPU discovery failed, retrying in %.1fs: %s", delay, exc, extra={"error": str(exc)})

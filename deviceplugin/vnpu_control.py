@@ -62,6 +62,9 @@ class VnpuControl:
         self.held_at = time.time()
         self.held_groups: list[frozenset[str]] | None = None  # the cores each container holds (last answer)
         self.held_whole: set[str] | None = None  # dies containers hold as whole NPUs (last answer; None: unknown)
+        # Whether the kubelet may have been offered dies whole: not before start()'s first round (nothing is advertised
+        # yet, so the plan carves at once), always after it (a die the plan newly carves waits to be withdrawn)
+        self._advertising = False
         # Until the first reconcile knows better, a die with any record in the ledger is not offered whole; with
         # vNPUs off nothing reconciles, so a die with vNPUs on it (left by another mode) is never offered whole
         carved = {r.device_id for r in self.manager.ledger.records()}
@@ -109,6 +112,7 @@ class VnpuControl:
             self.reconcile()
         except Exception:
             log.exception("vNPU reconcile at start failed (retried every %gs)", self.settings.reconcile_interval)
+        self._advertising = True
         self._thread = threading.Thread(target=self._run, name="vnpu-reconcile", daemon=True)
         self._thread.start()
 
@@ -173,7 +177,9 @@ class VnpuControl:
 
     def _reconcile_static(self, held_slices: set[tuple[str, int]] | None) -> None:
         """Apply the plan. A slice the plan drops is first withdrawn from ListAndWatch and destroyed only a grace
-        period later, judged by a fresh pod-resources answer (one allocated in between is then seen as held)."""
+        period later, judged by a fresh pod-resources answer (one allocated in between is then seen as held). A die
+        the plan newly carves, once offered whole, is likewise withdrawn first and carved a grace period later if a
+        fresh answer shows it still free (the kubelet records an allocation only after Allocate returns)."""
         plan = self._current_plan()
         now = time.monotonic()
         grace = self.settings.collect_grace
@@ -183,7 +189,8 @@ class VnpuControl:
         retiring: set[tuple[str, int]] = set()
         try:
             if plan is not None:
-                report = self.manager.apply(plan, held_slices, destroyable, held_whole=self.held_whole)
+                report = self.manager.apply(plan, held_slices, destroyable, held_whole=self.held_whole,
+                                            withdraw_grace=grace if self._advertising else 0.0)
                 retiring = {(r.device_id, r.vnpu_id) for r in report.retiring + report.in_use}
                 if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
                     log.info("static vNPUs applied", extra={"report": report.summary()})

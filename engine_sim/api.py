@@ -97,9 +97,7 @@ def max_chars_per_token(tokenizer: tokenization.Tokenizer) -> int | None:
     which has no vocabulary file (no text-length check then)."""
     if not isinstance(tokenizer, tokenization.HfTokenizer):
         return None
-    from tokenizers import Tokenizer as Rust
-
-    return max(map(len, Rust.from_file(tokenizer.name).get_vocab(with_added_tokens=True)), default=None)
+    return max(map(len, tokenizer.vocabulary()), default=None)
 
 
 @dataclass

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from .contracts import DeviceHealth, DeviceTopology, InterconnectGroup, InterconnectKind, NodeTopology
-from .npusmi import NpuSmi, NpuSmiError, NpuSmiUnsupported
-from .npusmi.models import ChipMapping, NpuHealthState, NpuSmiInfo, Topology
+from .npusmi import NpuSmi, NpuSmiError, NpuSmiPhysicalIdUnknown, NpuSmiUnsupported
+from .npusmi.models import ChipMapping, NpuHealthState, NpuSmiInfo, PhyIdRemap, Topology
 
 log = logging.getLogger(__name__)
 
 # Link kinds of `npu-smi info -t topo` that mean a direct high-bandwidth NPU interconnect.
 _FABRIC_LINKS = re.compile(r"^(HCCS|HCCS_SW|SIO|XLINK|UB)", re.IGNORECASE)
+_UB_LINKS = re.compile(r"^UB", re.IGNORECASE)  # UnifiedBus (Ascend 950): a group of its own kind, not an HCCS one
 _PCIE_SWITCH_LINKS = {"PIX"}
 # First-generation 910 (A1) boards: two HCCS rings of four cards (0-3, 4-7).
 _A1_MODELS = re.compile(r"^910(A|B|ProA|ProB|PremiumA)?$", re.IGNORECASE)
@@ -133,7 +134,8 @@ def numa_from_affinity(affinity: Mapping[str, str | None],
 
 
 def interconnect_groups(topo: Topology, label_to_device: Mapping[str, str]) -> list[InterconnectGroup]:
-    """Connected components of the fabric (HCCS/SIO) links; without fabric links, of same-PCIe-switch links."""
+    """Connected components of the fabric (HCCS/SIO/UB) links, UB-joined ones of kind ``ub``; without fabric links,
+    of same-PCIe-switch links."""
     labels = [lbl for lbl in topo.devices if lbl in label_to_device]
 
     def components(linked: Callable[[str], bool]) -> list[list[str]]:
@@ -156,13 +158,14 @@ def interconnect_groups(topo: Topology, label_to_device: Mapping[str, str]) -> l
 
     fabric = components(lambda link: bool(_FABRIC_LINKS.match(link)))
     if any(len(c) > 1 for c in fabric):
-        kind = InterconnectKind.HCCS_MESH if len(fabric) == 1 else InterconnectKind.HCCS_RING
-        comps, prefix = fabric, ("hccs-mesh" if kind == InterconnectKind.HCCS_MESH else "hccs-ring")
-    else:
-        kind, prefix = InterconnectKind.PCIE, "pcie-switch"
-        comps = components(lambda link: link.upper() in _PCIE_SWITCH_LINKS)
-    return [InterconnectGroup(id=f"{prefix}-{i}", kind=kind, devices=tuple(label_to_device[x] for x in comp))
-            for i, comp in enumerate(comps)]
+        hccs = InterconnectKind.HCCS_MESH if len(fabric) == 1 else InterconnectKind.HCCS_RING
+        kinds = [InterconnectKind.UB if any(_UB_LINKS.match(topo.links[a].get(b, "")) for a in comp for b in comp)
+                 else hccs for comp in fabric]
+        return [InterconnectGroup(id=f"{kind.value}-{i}", kind=kind, devices=tuple(label_to_device[x] for x in comp))
+                for i, (kind, comp) in enumerate(zip(kinds, fabric, strict=True))]
+    comps = components(lambda link: link.upper() in _PCIE_SWITCH_LINKS)
+    return [InterconnectGroup(id=f"pcie-switch-{i}", kind=InterconnectKind.PCIE,
+                              devices=tuple(label_to_device[x] for x in comp)) for i, comp in enumerate(comps)]
 
 
 def _a1_ring_groups(devices: Iterable[NpuDevice]) -> list[InterconnectGroup]:
@@ -173,24 +176,49 @@ def _a1_ring_groups(devices: Iterable[NpuDevice]) -> list[InterconnectGroup]:
             for i, ids in sorted(rings.items())]
 
 
+def physical_ids(info: NpuSmiInfo, chip_map: Sequence[ChipMapping] | None = None,
+                 remaps: Sequence[PhyIdRemap] = ()) -> dict[tuple[int, int], int]:
+    """(NPU ID, Chip ID) → physical id (the N of ``/dev/davinciN``, what ``ASCEND_VISIBLE_DEVICES`` names), from what
+    npu-smi states: the ``Phy-ID`` column of ``npu-smi info``, else the ``Chip Phy-ID`` column of ``info -m``, else
+    an ``info -t phyid-remap`` answer. Never the logic id (``Chip Logic ID``, the 310P ``Device`` column): it is
+    renumbered when a chip is missing and differs inside containers. Chips with none are left out."""
+    stated = {(r.npu_id, r.chip_id): r.phy_id for r in remaps}
+    stated.update({(m.npu_id, m.chip_id): m.phy_id for m in chip_map or () if m.is_compute_chip
+                   and m.phy_id is not None})
+    stated.update({(c.npu_id, c.chip_id): c.phy_id for c in info.chips if c.phy_id is not None})
+    return {(c.npu_id, c.chip_id): stated[(c.npu_id, c.chip_id)] for c in info.chips
+            if (c.npu_id, c.chip_id) in stated}
+
+
+def logic_ids(info: NpuSmiInfo, chip_map: Sequence[ChipMapping] | None = None) -> dict[tuple[int, int], int]:
+    """(NPU ID, Chip ID) → logic id where npu-smi prints one (``info -m``, the 310P ``Device`` column)."""
+    out = {(m.npu_id, m.chip_id): m.logic_id for m in chip_map or () if m.is_compute_chip and m.logic_id is not None}
+    out.update({(c.npu_id, c.chip_id): c.logic_id for c in info.chips if c.logic_id is not None})
+    return out
+
+
 def build_inventory(info: NpuSmiInfo, chip_map: list[ChipMapping] | None = None, topo: Topology | None = None,
                     node_cpus: Mapping[int, set[int]] | None = None,
                     aicore: Mapping[int, int] | None = None,
-                    pci_numa: Mapping[str, int] | None = None) -> NodeInventory:
+                    pci_numa: Mapping[str, int] | None = None,
+                    remaps: Sequence[PhyIdRemap] = ()) -> NodeInventory:
     """The node's NPU inventory from parsed npu-smi output (pure; see :func:`discover` for the I/O).
     ``pci_numa``: each PCI device's NUMA node as sysfs knows it (lower-case bus id → node), used when the CPU
-    affinity ranges do not give real NUMA nodes (an Arm A3 host's -t topo prints none)."""
-    logic_ids = {(m.npu_id, m.chip_id): (m.phy_id if m.phy_id is not None else m.logic_id)
-                 for m in (chip_map or []) if m.is_compute_chip}
+    affinity ranges do not give real NUMA nodes (an Arm A3 host's -t topo prints none). ``remaps``: ``info -t
+    phyid-remap`` answers, for chips whose physical id neither table prints. A chip whose physical id is still
+    unknown (:func:`physical_ids`) is left out, logged; :class:`NpuSmiPhysicalIdUnknown` when that is every chip."""
+    phys = physical_ids(info, chip_map, remaps)
+    unknown = tuple((c.npu_id, c.chip_id) for c in info.chips if (c.npu_id, c.chip_id) not in phys)
+    if unknown:
+        error = NpuSmiPhysicalIdUnknown(unknown, "npu-smi prints no Phy-ID for them and no 'info -t phyid-remap' "
+                                                 "answer named them")
+        if len(unknown) == len(info.chips):
+            raise error
+        log.error("%s: left out, the other chips are served", error)  # one such chip does not take the node out
     devices: list[NpuDevice] = []
     for chip in info.chips:
-        phy = chip.phy_id
+        phy = phys.get((chip.npu_id, chip.chip_id))
         if phy is None:
-            phy = logic_ids.get((chip.npu_id, chip.chip_id))
-        if phy is None:
-            phy = chip.npu_id if chip.chip_id == 0 else None
-        if phy is None:
-            log.warning("no physical id for NPU %d chip %d; skipping it", chip.npu_id, chip.chip_id)
             continue
         memory = chip.hbm_mb or chip.memory_mb
         devices.append(NpuDevice(
@@ -258,16 +286,62 @@ INFO_REREADS = 2
 """How often ``npu-smi info`` is read again when it lists fewer chips than the topology matrix."""
 
 
-def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
-    """Run npu-smi (info, -m, -t topo, -t common) and build the inventory. ``info`` errors propagate; the others
+def davinci_numbers(dev_root: str | Path) -> list[int]:
+    """The N of every ``davinciN`` device node under ``dev_root`` (the physical ids the driver made nodes for)."""
+    try:
+        names = [p.name for p in Path(dev_root).iterdir()]
+    except OSError:
+        return []
+    return sorted(int(n[7:]) for n in names if re.fullmatch(r"davinci\d+", n))
+
+
+def remap_physical_ids(npu_smi: NpuSmi, info: NpuSmiInfo, chip_map: Sequence[ChipMapping] | None,
+                       dev_root: str | Path) -> list[PhyIdRemap]:
+    """The physical ids of the chips whose physical id no table prints. On a host with every chip up
+    (:func:`all_chips_up`) they are the logic ids, with no call. Otherwise ``npu-smi info -t phyid-remap -p N`` is
+    asked which chip each candidate physical id is: their logic ids first, then the ``davinciN`` nodes under
+    ``dev_root``; only npu-smi's answers are used, and a candidate it does not know is skipped."""
+    wanted = {(c.npu_id, c.chip_id) for c in info.chips} - set(physical_ids(info, chip_map))
+    if not wanted:
+        return []
+    logic = logic_ids(info, chip_map)
+    davinci = davinci_numbers(dev_root)
+    if all_chips_up(info, logic, davinci):
+        log.info("npu-smi prints no physical ids; every chip is up (a /dev/davinciN for each logic id and no other),"
+                 " so the logic ids are the physical ids")
+        return [PhyIdRemap(phy_id=logic[k], logic_id=logic[k], npu_id=k[0], chip_id=k[1]) for k in sorted(wanted)]
+    candidates = list(dict.fromkeys([logic[k] for k in sorted(wanted) if k in logic] + davinci))
+    found: list[PhyIdRemap] = []
+    for phy in candidates:
+        if not wanted:
+            break
+        try:
+            remap = npu_smi.phyid_remap(phy)
+        except NpuSmiUnsupported as exc:
+            log.warning("npu-smi info -t phyid-remap is not supported: %s", exc)
+            break
+        except NpuSmiError as exc:
+            log.debug("npu-smi info -t phyid-remap -p %d: %s", phy, exc)
+            continue
+        if remap.phy_id == phy and (remap.npu_id, remap.chip_id) in wanted:
+            found.append(remap)
+            wanted.discard((remap.npu_id, remap.chip_id))
+    return found
+
+
+def all_chips_up(info: NpuSmiInfo, logic: Mapping[tuple[int, int], int], davinci: Sequence[int]) -> bool:
+    """Whether the logic ids are the physical ids: every chip has a logic id, and the ``davinciN`` nodes are exactly
+    those ids (logic ids are renumbered only when a chip is missing, which leaves a node without its logic id or a
+    logic id without its node)."""
+    ids = [logic.get((c.npu_id, c.chip_id)) for c in info.chips]
+    return bool(ids) and None not in ids and sorted(ids) == sorted(davinci)  # type: ignore[type-var]
+
+
+def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys", dev_root: str | Path = "/dev") -> NodeInventory:
+    """Run npu-smi (info, -m, -t topo, -t common, -t phyid-remap when no table prints physical ids) and build the
+    inventory. ``info`` errors propagate, and so does :class:`NpuSmiPhysicalIdUnknown` (no chip placed); the others
     only reduce what is known (logged)."""
     info = npu_smi.info()
-    chip_map: list[ChipMapping] | None = None
-    if any(c.phy_id is None for c in info.chips):
-        try:
-            chip_map = npu_smi.chip_map()
-        except NpuSmiError as exc:
-            log.warning("npu-smi info -m failed, physical ids fall back to card ids: %s", exc)
     topo: Topology | None = None
     try:
         topo = npu_smi.topology()
@@ -286,6 +360,13 @@ def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
         if topo is not None and len(topo.devices) > len(info.chips):
             log.warning("npu-smi info keeps listing %d chips where -t topo lists %d: serving the %d it lists",
                         len(info.chips), len(topo.devices), len(info.chips))
+    chip_map: list[ChipMapping] | None = None
+    if any(c.phy_id is None for c in info.chips):
+        try:
+            chip_map = npu_smi.chip_map()
+        except NpuSmiError as exc:
+            log.warning("npu-smi info -m failed: %s", exc)
+    remaps = remap_physical_ids(npu_smi, info, chip_map, dev_root)
     aicore: dict[int, int] = {}
     for npu_id in sorted({c.npu_id for c in info.chips}):
         try:
@@ -296,7 +377,7 @@ def discover(npu_smi: NpuSmi, sysfs_root: str | Path = "/sys") -> NodeInventory:
         if value and value.isdigit():
             aicore[npu_id] = int(value)
     return build_inventory(info, chip_map, topo, read_node_cpus(sysfs_root), aicore,
-                           read_pci_numa(sysfs_root, [c.bus_id for c in info.chips if c.bus_id]))
+                           read_pci_numa(sysfs_root, [c.bus_id for c in info.chips if c.bus_id]), remaps)
 
 
 __all__ = [
@@ -305,10 +386,12 @@ __all__ = [
     "NpuDevice",
     "build_inventory",
     "chip_family",
+    "davinci_numbers",
     "device_id",
     "discover",
     "interconnect_groups",
     "numa_from_affinity",
     "parse_cpu_list",
+    "physical_ids",
     "read_node_cpus",
 ]

@@ -93,6 +93,10 @@ class HfTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text (added tokens included) and id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def _special(self, key: str) -> str | None:
         value = self.config.get(key)
         if isinstance(value, dict):  # AddedToken serialised: {"content": "<s>", ...}

@@ -74,6 +74,11 @@ MOUNT_LIST: Schema = {"type": "array", "items": {"type": "object", "required": [
 STRING_LIST: Schema = {"type": "array", "items": {"type": "string"}}
 
 
+KV_BLOCK_SIZE: Schema = {**integer(16, 4096, "tokens per KV block, the engines' --block-size: vLLM on CPU takes "
+                                      "multiples of 32 (default 128), vLLM-Ascend 128, the engine simulator 16"),
+                          "multipleOf": 16}
+
+
 def common() -> dict[str, Schema]:
     """Keys of every chart."""
     return {
@@ -169,7 +174,9 @@ SCHEMAS: dict[str, Schema] = {
         "operator": obj({"resync": DURATION, "npuSmi": ABS_PATH, "sysfsRoot": ABS_PATH, "driverVersionFile": ABS_PATH,
                          "nfdInterval": DURATION, "nfdEnv": STRING_MAP,
                          "nfdHostDirs": {"type": "array", "items": ABS_PATH}, "extraArgs": STRING_LIST,
-                         "cleanupTimeout": DURATION}),
+                         "cleanupTimeout": DURATION,
+                         "upgradeCRD": boolean("a pre-install/pre-upgrade hook applies the NPUClusterPolicy CRD "
+                                               "(Helm never upgrades crds/)")}),
         "policy": obj({"create": boolean("install the NPUClusterPolicy 'cluster' from the sections below")}),
         "driver": obj({"enabled": boolean("check each NPU node's driver version"),
                        "version": string("expected driver version; empty: report what is found"),
@@ -189,6 +196,10 @@ SCHEMAS: dict[str, Schema] = {
     "qos-agent": obj({
         **common(), **node_agent(),
         "cgroupRoot": ABS_PATH, "stateDir": ABS_PATH, "interval": DURATION,
+        "kubeletRootDir": string("the kubelet's --root-dir, mounted read-only for its cpu_manager_state (\"\": not "
+                                 "mounted)", pattern=r"^(/.*)?$"),
+        "nodeRestriction": obj({"enabled": boolean()}, description="a ValidatingAdmissionPolicy limiting the agent "
+                               "to its own Node (Kubernetes >= 1.30)"),
         "metrics": obj({"enabled": boolean(), "port": PORT, "serviceMonitor": SERVICE_MONITOR,
                         "prometheusRule": obj({"enabled": boolean(), "labels": STRING_MAP,
                                                "evictionStorm": integer(1)})},
@@ -214,7 +225,7 @@ SCHEMAS: dict[str, Schema] = {
             "resources": RESOURCES, **placement(),
         }),
         "kvCache": obj({
-            "enabled": boolean(), "replicas": integer(0), "size": QUANTITY, "blockSize": integer(1, 4096),
+            "enabled": boolean(), "replicas": integer(0), "size": QUANTITY, "blockSize": KV_BLOCK_SIZE,
             "hashSeed": integer(0), "port": PORT,
             "blockHashing": obj({"mode": {"enum": ["content", "vllm"]},
                                  "algo": {"enum": ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]},

@@ -4,7 +4,8 @@
   at most ``fuyao.http_body.MAX_DEPTH`` levels deep (400), a JSON object;
 - ``model`` a string when given, ``stream`` a boolean when given;
 - completions: ``prompt`` a string, an array of strings, an array of token ids or an array of token-id arrays, each
-  id an unsigned 32-bit integer (the engine then checks its own vocabulary);
+  id an unsigned 32-bit integer (the engine then checks its own vocabulary), unless the request gives
+  ``prompt_embeds`` instead (vLLM: "either prompt or prompt_embeds"; the engine checks them);
 - chat: ``messages`` a non-empty array of messages whose role is a string and whose content is a string, null or
   an array of parts with string ``text`` (what the chat template can render);
 - embeddings: ``input`` as ``prompt`` above (a string, strings, token ids or token-id arrays).
@@ -47,6 +48,11 @@ def one_sequence(body: Mapping[str, Any]) -> bool:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list):
         return False  # several prompts (strings or token-id arrays); a flat array of ids is one prompt
+    embeds = body.get("prompt_embeds")
+    if isinstance(embeds, list) and len(embeds) > 1:
+        return False  # several prompts' embeddings
+    if embeds and prompt is not None:
+        return False  # vLLM runs the embeddings and the prompt (even an empty one) as two sequences
     return body.get("n") in (None, 1) and body.get("best_of") in (None, 1) and not body.get("use_beam_search")
 
 
@@ -72,7 +78,10 @@ def check(path: str, body: Mapping[str, Any]) -> None:
         except tokenizer.ChatFormatError as exc:
             raise BadRequest(str(exc), "messages") from None
         return
-    _check_prompt(body.get("input"), "input") if path.endswith("/embeddings") else _check_prompt(body.get("prompt"))
+    if path.endswith("/embeddings"):
+        _check_prompt(body.get("input"), "input")
+    elif not (body.get("prompt") in (None, "") and body.get("prompt_embeds")):
+        _check_prompt(body.get("prompt"))
 
 
 def _check_prompt(prompt: Any, field: str = "prompt") -> None:

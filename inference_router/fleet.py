@@ -70,6 +70,7 @@ class Backend:
     health_interval: float = 5.0
     checked_at: float = 0.0
     models: frozenset[str] = frozenset()  # what it serves (its /v1/models); empty until known
+    adapters: frozenset[str] = frozenset()  # those of its models that are LoRA adapters (listed with a parent)
     models_at: float = 0.0
     tokenize_after: float = 0.0  # monotonic time before which its /tokenize is not asked (it had none)
 
@@ -175,6 +176,9 @@ class Fleet:
         self._discovered: dict[str, Backend] = {}
         self._models_refreshed = float("-inf")
         self._refreshing: asyncio.Future[Any] | None = None
+        self.adapters: frozenset[str] = frozenset()
+        """Every model name a backend lists as a LoRA adapter (vLLM's /v1/models gives adapters a ``parent``): vLLM
+        keys an adapter's KV blocks apart from its base model's."""
         self.on_removed: list[Callable[[str], None]] = []
         """Called with a backend's URL when it left the fleet (its metric series go)."""
         self.on_reset: list[Callable[[str], None]] = []
@@ -290,11 +294,16 @@ class Fleet:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
             return
         if isinstance(data, list):
-            found = frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+            cards = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            found = frozenset(m["id"] for m in cards)
             if found != backend.models:
                 log.info("backend %s serves %s", backend.url, ", ".join(sorted(found)) or "no model",
                          extra={"backend": backend.url})
             backend.models, backend.models_at = found, time.monotonic()
+            adapters = frozenset(m["id"] for m in cards if m.get("parent") and m.get("parent") != m["id"])
+            if adapters != backend.adapters:
+                backend.adapters = adapters
+                self.adapters = frozenset(a for b in self.backends.values() for a in b.adapters)
 
     async def refresh_models(self, session: aiohttp.ClientSession) -> None:
         """Read every healthy backend's ``/v1/models`` now (a request named a model nobody listed: an engine may

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ import orjson
 import xxhash
 
 from fuyao import tokenization
+from fuyao.kv_blocks import HASH_MASK
 from fuyao.kvcache.keys import BlockKeys
 
 Source = Literal["ids", "cache", "local", "engine", "failed"]
@@ -42,6 +43,25 @@ OFF_LOOP_CHARS = 64 * 1024
 
 EngineTokenize = Callable[[str, dict[str, Any], "str | None"], Awaitable["list[int] | None"]]
 """``(kind, payload, model)`` → the engine's token ids, or None (no engine answered); ``kind``: chat or completion."""
+
+
+def prompt_keys(hashes: list[int], body: Mapping[str, Any], adapters: Collection[str]) -> list[int]:
+    """The keys of a request's prompt blocks as the engines keep them apart: vLLM's block hash covers more than the
+    tokens (0.32 ``generate_block_hash_extra_keys``: the LoRA adapter on every block, the request's ``cache_salt``
+    on the first one and so on the whole chain, prompt embeddings), so the same tokens under another adapter or
+    salt never share blocks there and must not in the router's record either. ``hashes`` (the plain chain) is
+    returned as it is for a plain request; moved into a space of its own (each key xor a hash of the adapter and
+    the salt, which keeps the chain's prefixes) for an adapter's (``model`` in ``adapters``) or a salted one; and
+    dropped for ``prompt_embeds`` (the tokens do not name those blocks)."""
+    salt = body.get("cache_salt")
+    model = body.get("model")
+    adapter = model if model in adapters else None
+    if not hashes or (not salt and adapter is None and "prompt_embeds" not in body):
+        return hashes
+    if "prompt_embeds" in body:
+        return []
+    space = xxhash.xxh3_64_intdigest(orjson.dumps(["lora", adapter, "cache_salt", salt]))
+    return [(h ^ space) & HASH_MASK for h in hashes]
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,17 @@ log line per request).
 - Forwarding: one keep-alive connection pool to all backends; bodies pass through untouched; a streamed answer is
   relayed chunk by chunk as it arrives (never buffered), so the client sees the backend's bytes exactly.
 - Retries: a request that fails before the first byte reaches the client (connection refused or reset, timeout
-  to the first byte, a 5xx) is retried on another backend, at most ``retries`` times; once bytes have gone out it
-  never is (a streamed answer is never duplicated). Failures feed the backend's circuit breaker.
+  to the first byte, a 5xx, vLLM's 404 for a model that engine does not serve) is retried on another backend, at
+  most ``retries`` times; once bytes have gone out it never is (a streamed answer is never duplicated). What an
+  answer means is :func:`retry.verdict`'s decision; only failures feed the backend's circuit breaker.
 - Prefill/decode: the prefill engine computes the prompt (``max_tokens: 1``, ``kv_transfer_params.do_remote_decode``),
   its ``kv_transfer_params`` go with the original request to the decode engine, whose answer is streamed back. A
-  failed prefill falls back to decode-only or answers 502, per ``pd_separation.fallback``.
+  failed prefill falls back to decode-only or answers 502, per ``pd_separation.fallback``; a failed decode is
+  retried on another decode engine as the plain request (the KV the params name may be gone).
+- Request ids: the client's ``X-Request-Id`` (or one the router makes) goes to the engine (vLLM names the request
+  after it), comes back in the answer's ``X-Request-Id`` and is in the router's log lines. Both legs of a
+  prefill/decode pair get one fresh id, as vLLM's P/D proxies send (its connectors match the legs by it, so it
+  must be unique: never the client's).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -30,13 +37,13 @@ from fuyao.http_client import DeadlineError, UpstreamError, UpstreamPool
 from fuyao.http_client import Response as UpstreamResponse
 from fuyao.http_server import HttpServer, Request, Response, Stream
 
-from . import admission
+from . import admission, retry
 from .balancing import Decision, RoundRobin
 from .config import RouterConfig, policy_args
 from .fleet import Backend, Dispatch, Fleet, Matches, PrefixSource, Role
 from .metrics import BackendView, RouterMetrics
 from .policies import POLICIES, Policy, PrefixAwareArgs, RoutingRequest, decide, make_policy, prefill_tokens
-from .prompts import Prompts
+from .prompts import Prompts, prompt_keys
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("inference_router.decisions")
@@ -44,13 +51,12 @@ decisions_log = logging.getLogger("inference_router.decisions")
 _HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
                           b"proxy-connection", b"te", b"trailer", b"expect"})
 """Headers that belong to one connection (RFC 9110 §7.6.1), never passed on; ``expect`` is answered by the router."""
-_ANSWER_DROP = _HOP_HEADERS | {b"date"}
-"""An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two)."""
+_REQUEST_ID = b"x-request-id"
+_ANSWER_DROP = _HOP_HEADERS | {b"date", _REQUEST_ID}
+"""An engine's answer headers not passed on: the router's server writes its own ``Date`` (one, not two), and its
+own ``X-Request-Id`` (the client's; an engine with ``--enable-request-id-headers`` echoes the one it was sent)."""
 _JSON = ((b"Content-Type", b"application/json"),)
 _GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-_REQUEST_REFUSED = frozenset({400, 413, 422, 501})
-"""An engine's answers about the request itself, which every engine would give (not a 404 for a model one engine
-does not serve, nor a proxy's 408/429; 501: vLLM's "not implemented", e.g. a model without the Completions API)."""
 Answer = Response | Stream
 _WHOLE_BODY_BYTES = 1 << 20
 """Answers of known length up to this size are read whole and sent in one write; longer ones are relayed in chunks."""
@@ -63,9 +69,20 @@ _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote
 
 
 class _BackendFailed(Exception):
-    def __init__(self, reason: str, status: int = 502, body: bytes = b""):
+    """An engine did not answer the request, or answered what :func:`retry.verdict` says another engine is asked
+    after (``verdict``)."""
+
+    def __init__(self, reason: str, status: int = 502, body: bytes = b"",
+                 verdict: retry.Verdict = retry.Verdict.FAILED, answered: bool = False):
         super().__init__(reason)
-        self.reason, self.status, self.body = reason, status, body
+        self.reason, self.status, self.body, self.verdict = reason, status, body, verdict
+        self.answered = answered  # the engine answered (an HTTP status), not a connection that failed
+
+    @property
+    def engine_failed(self) -> bool:
+        """Whether an engine that took the request failed at it (a 5xx it answered): a decode's KV load may be what
+        failed (vLLM's 500 under ``kv_load_failure_policy: fail``), so its retry goes without the prefill's KV."""
+        return self.answered and self.verdict is retry.Verdict.FAILED
 
 
 class _ClientGone(Exception):
@@ -90,9 +107,10 @@ class _Answered(Exception):
 
 def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The headers a proxy passes on: without the hop-by-hop ones and without those the ``Connection`` header names
-    (RFC 9110 §7.6.1)."""
+    (RFC 9110 §7.6.1); an empty ``X-Request-Id`` goes too (the router sends its own: :func:`_request_ids`)."""
     named = {n.strip().lower() for k, v in headers if k.lower() == b"connection" for n in v.split(b",")}
-    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS and k.lower() not in named]
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS and k.lower() not in named
+            and (v or k.lower() != _REQUEST_ID)]
 
 
 def _failure(exc: BaseException) -> str:
@@ -108,17 +126,17 @@ def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers)
 
 
-def _answered_busy(failed: _BackendFailed) -> bool:
-    """vLLM's 503 when its queue is full (``--max-num-queued-reqs`` / ``--max-num-queued-tokens``: its
-    ``GracefulHTTPError``, type "Service Unavailable"), asking to retry on another instance: not the engine
-    failing (a 503 of another type is)."""
-    if failed.status != 503:
-        return False
-    try:
-        error = orjson.loads(failed.body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(error, dict) and error.get("type") == "Service Unavailable"
+def _request_ids(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None]:
+    """The request's id (the client's ``X-Request-Id``, else a new one) and the client's (None when it sent none or
+    an empty one: vLLM would name that request ``cmpl-`` while the router's logs named it otherwise)."""
+    given = next((v for k, v in headers if k.lower() == _REQUEST_ID), None) or None
+    return (given if given is not None else uuid.uuid4().hex.encode()), given
+
+
+def _with_id(response: Response, request_id: bytes) -> Response:
+    """A response the router makes itself, with the request's ``X-Request-Id``."""
+    response.headers = (*response.headers, (b"X-Request-Id", request_id))
+    return response
 
 
 def _sse_comments_only(chunk: bytes) -> bool:
@@ -161,6 +179,7 @@ class Router:
         self.upstream = UpstreamPool()  # the request path: proxied requests, prefills, /tokenize
         self.draining = False
         self._said: set[tuple[str, str]] = set()  # (backend, message) logged once
+        self._background: set[asyncio.Future[None]] = set()  # refreshes a request started and does not wait for
 
     @property
     def config(self) -> RouterConfig:
@@ -181,6 +200,9 @@ class Router:
                                              cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
+        for task in list(self._background):  # model refreshes still running would meet a closed session
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.upstream.close()
         if self.session is not None:
             await self.session.close()
@@ -210,35 +232,39 @@ class Router:
     # The request path --------------------------------------------------------------------------------------------
     async def handle(self, request: Request) -> Answer:
         started = time.perf_counter()
+        request_id, given = _request_ids(request.headers)
         if self.draining:
-            return self._finish(_error(503, "the router is shutting down"), started, "draining")
+            return self._finish(_with_id(_error(503, "the router is shutting down"), request_id), started, "draining")
         if self.in_flight >= self.config.router.max_concurrent_requests:
-            return self._finish(_error(429, "too many requests in flight; retry later", "RateLimitError"), started,
-                                "overloaded")
+            return self._finish(_with_id(_error(429, "too many requests in flight; retry later", "RateLimitError"),
+                                         request_id), started, "overloaded")
         self.in_flight += 1
         request.cancel_when_gone()  # a client that leaves while an engine works drops the engine's request at once
         try:
-            return self._finish(await self._serve(request, started), started)
+            return self._finish(await self._serve(request, started, request_id, given), started)
         except asyncio.CancelledError:
             if request.gone:  # the client left while the router waited (an engine, a lookup, a tokenization)
                 self._client_left(started)
             raise
         except _Answered as exc:
-            return self._finish(exc.response, started, exc.reason)
+            return self._finish(_with_id(exc.response, request_id), started, exc.reason)
         except _ClientGone:
             return self._client_left(started)
         except _Refused as exc:
             kind = {413: "RequestEntityTooLargeError", 408: "RequestTimeoutError", 404: "NotFoundError"}.get(
                 exc.status, "BadRequestError")
-            return self._finish(_error(exc.status, exc.message, kind, exc.param), started, exc.reason)
+            return self._finish(_with_id(_error(exc.status, exc.message, kind, exc.param), request_id), started,
+                                exc.reason)
         except Exception as exc:  # a bug answers a clear 500, counted and logged; the router goes on
-            log.exception("request %s %s failed in the router", request.method, request.path)
-            return self._finish(_error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError"),
-                                started, "internal")
+            log.exception("request %s %s failed in the router", request.method, request.path,
+                          extra={"request_id": request_id.decode("latin-1")})
+            return self._finish(_with_id(_error(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                "InternalServerError"), request_id), started, "internal")
         finally:
             self.in_flight -= 1
 
-    async def _serve(self, request: Request, started: float) -> Answer:
+    async def _serve(self, request: Request, started: float, request_id: bytes, given: bytes | None) -> Answer:
+        """``request_id``: the request's ``X-Request-Id`` (``given``: the client's, None when it sent none)."""
         path = request.path
         try:
             inference = self.config.inference
@@ -254,29 +280,40 @@ class Router:
             raise _Refused(400, f"{exc}", "bad-request", exc.param) from None
         if admission.without_router_fields(body):
             raw = orjson.dumps(body)
-        model = body.get("model")
+        model = body.get("model") or None  # vLLM serves its base model for an absent or empty model
         if model is not None and not self.fleet.serves(model) and self.session is not None:
             await self.fleet.refresh_models(self.session)  # served since the last read (a LoRA adapter loaded)?
         if model is not None and not self.fleet.serves(model):
             raise _Refused(404, f"The model `{model}` does not exist.", "unknown-model", "model")
         hashes: list[int] = []
         tokens = 0
-        if self._wants_prefix():
+        if self._wants_prefix() and "prompt_embeds" not in body:  # embeddings: routed on load (prompt_keys)
             prompt = await self.prompts.resolve(path, body, self._engine_tokenize)
             if prompt is not None:
-                hashes, tokens = prompt.hashes, prompt.tokens
+                # kept apart per LoRA adapter and cache_salt, as vLLM's own block hashes are
+                hashes, tokens = prompt_keys(prompt.hashes, body, self.fleet.adapters), prompt.tokens
                 self.metrics.prompts.inc(prompt.source)
+        # the client's own headers (its Authorization: engines started with --api-key check it on every /v1 call)
+        headers = _end_to_end(request.headers)
         # vLLM sends a non-streamed answer's headers only once generation ends: only a stream's first byte is bounded
         # by prefill_timeout (else every generation over it would fail, be retried and count against the engines)
         first = self.config.inference.prefill_timeout if body.get("stream") is True else None
         # generation only: an embedding has no decode (through P/D it failed the prefill and was computed twice)
         pd = self.config.pd_separation.enabled and path in _GENERATION_PATHS and self.fleet.pool("decode", model=model)
         if pd and admission.one_sequence(body):
-            return await self._pd(request, path, body, raw, hashes, started, tokens, model, first)
+            # the two legs' id: fresh, as vLLM's P/D proxies make it (a connector pairs the legs by it)
+            leg_id = request_id if given is None else uuid.uuid4().hex.encode()
+            if given is not None:
+                headers = [(k, v) for k, v in headers if k.lower() != _REQUEST_ID]
+            headers.append((b"X-Request-Id", leg_id))
+            return await self._pd(request, path, body, raw, hashes, started, headers, request_id, tokens, model,
+                                  first)
+        if given is None:
+            headers.append((b"X-Request-Id", request_id))
         # a generation P/D does not carry (several sequences) is computed whole where decodes run
-        return await self._forward(request, path, raw, hashes, started, "decode" if pd else "both",
-                                   self.config.inference.decode_timeout, prompt_tokens=tokens, model=model,
-                                   first_byte_s=first)
+        return await self._forward(request, path, raw, hashes, started, headers, request_id,
+                                   "decode" if pd else "both", self.config.inference.decode_timeout,
+                                   prompt_tokens=tokens, model=model, first_byte_s=first)
 
     async def _engine_tokenize(self, kind: str, payload: dict[str, Any], model: str | None) -> list[int] | None:
         """The prompt's token ids from an engine's own ``/tokenize`` (the least busy healthy engine serving
@@ -327,9 +364,13 @@ class Router:
         return response
 
     async def _forward(self, request: Request, path: str, raw: bytes, hashes: list[int], started: float,
+                       headers: list[tuple[bytes, bytes]], request_id: bytes,
                        role: Role, timeout_s: float, strategy: str | None = None,
                        prompt_tokens: int = 0, near: str | None = None,
-                       model: str | None = None, first_byte_s: float | None = None) -> Answer:
+                       model: str | None = None, first_byte_s: float | None = None,
+                       retry_raw: bytes | None = None) -> Answer:
+        """Send ``raw`` with ``headers`` to the best engine of ``role``, and to others after an answer
+        :func:`retry.verdict` retries; ``retry_raw``: what goes to them instead (a decode's plain request)."""
         tried: list[str] = []
         last: _BackendFailed | None = None
         for attempt in range(self.config.router.retries + 1):
@@ -340,25 +381,37 @@ class Router:
             tried.append(backend.url)
             if attempt:
                 self.metrics.retries.inc()
-            self._log_decision(path, decision, len(hashes), role, attempt)
+            self._log_decision(path, decision, len(hashes), role, attempt, request_id, headers)
             uncached = self._pending_tokens(backend, decision, prompt_tokens)
             if hashes:
                 self.metrics.prefix_blocks.observe(decision.prefix_blocks / len(hashes))
             try:
-                return await self._relay(request, backend, path, raw, timeout_s, started, hashes, uncached,
-                                         first_byte_s)
+                return await self._relay(request, backend, path, raw, headers, request_id, timeout_s, started,
+                                         hashes, uncached, first_byte_s)
             except _BackendFailed as exc:
                 last = exc
+                self._learn(exc)
                 log.warning("backend %s failed before answering (%s)%s", backend.url, exc.reason,
                             "; retrying on another" if attempt < self.config.router.retries else "",
-                            extra={"backend": backend.url, "reason": exc.reason})
+                            extra={"backend": backend.url, "reason": exc.reason,
+                                   "request_id": request_id.decode("latin-1")})
+                if retry_raw is not None and exc.engine_failed:
+                    raw = retry_raw  # busy, not served, unreachable: the prefill's KV is still good elsewhere
         if last is not None and last.body and (last.status < 500 or _is_error_body(last.body)):
             # the last engine's own answer (vLLM's 503 "ServiceUnavailableError", its 500 "EngineDeadError"...): its
             # message says more than a generic 502
-            return Response.json(last.body, last.status)
+            return _with_id(Response.json(last.body, last.status), request_id)
         reason = last.reason if last else "no healthy backend"
         raise _Answered(_error(502 if last else 503, f"no backend could answer: {reason}"),
                         "no-backend" if last is None else "backend-failed")
+
+    def _learn(self, failed: _BackendFailed) -> None:
+        """What an engine's answer tells the router beyond this request: one that does not serve a model it was
+        thought to serve makes the router read the engines' models again (in the background, rate-limited)."""
+        if failed.verdict is retry.Verdict.NOT_SERVED and self.session is not None:
+            task = asyncio.ensure_future(self.fleet.refresh_models(self.session))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _pending_tokens(self, backend: Backend, decision: Decision, prompt_tokens: int) -> int:
         """The prefill work this request queues on ``backend`` until its first byte, in prefill tokens: what it
@@ -372,15 +425,16 @@ class Router:
         self.metrics.backend_requests.inc(backend.url, role)
         return backend.dispatch(uncached)
 
-    async def _relay(self, request: Request, backend: Backend, path: str, raw: bytes, timeout_s: float,
+    async def _relay(self, request: Request, backend: Backend, path: str, raw: bytes,
+                     headers: list[tuple[bytes, bytes]], request_id: bytes, timeout_s: float,
                      started: float, hashes: list[int], uncached: int = 0,
                      first_byte_s: float | None = None) -> Answer:
-        """Send to ``backend`` and relay its answer; raises :class:`_BackendFailed` only before the first byte.
-        Until that first byte the request counts as ``uncached`` prompt tokens of prefill work queued there.
-        What goes wrong on the backend's side (connection, timeout, 5xx, a stream cut short) counts against it;
-        a client that goes away does not (``inference_client_disconnects_total``): the backend's answer is then
-        abandoned, which makes the engine abort the generation."""
-        headers = _end_to_end(request.headers)
+        """Send to ``backend`` and relay its answer (with ``request_id`` as its ``X-Request-Id``); raises
+        :class:`_BackendFailed` only before the first byte. Until that first byte the request counts as ``uncached``
+        prompt tokens of prefill work queued there. What goes wrong on the backend's side (connection, timeout, 5xx,
+        a stream cut short) counts against it; a client that goes away does not
+        (``inference_client_disconnects_total``): the backend's answer is then abandoned, which makes the engine
+        abort the generation."""
         if request.gone:
             raise _ClientGone  # it left while the request waited (admission, prefill, a retry): ask no engine
         inference = self.config.inference
@@ -398,22 +452,14 @@ class Router:
                 dispatch.failed()
                 raise _BackendFailed(_failure(exc)) from None
             async with upstream:
-                if upstream.status >= 500 and upstream.status != 501:
-                    try:
-                        body = await upstream.read()
-                    except UpstreamError:
-                        body = b""
-                    failed = _BackendFailed(f"HTTP {upstream.status}", upstream.status, body)
-                    # vLLM's "busy" (its queue is full) asks to be retried elsewhere: the engine works, so its
-                    # circuit stays closed
-                    if _answered_busy(failed):
-                        dispatch.succeeded()
-                    else:
-                        dispatch.failed()
-                    raise failed
+                answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _ANSWER_DROP]
+                answer_headers.append((b"X-Request-Id", request_id))
+                if upstream.status in retry.INSPECTED:  # tried elsewhere (raises), or relayed whole
+                    body = await self._judge(upstream, dispatch)
+                    dispatch.first_byte()
+                    return Response(body, upstream.status, answer_headers)
                 if upstream.status < 400:  # a request the engine refused leaves nothing cached there
                     self.prefix.routed(backend.url, hashes)
-                answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _ANSWER_DROP]
                 length = upstream.content_length
                 if length is not None and length <= _WHOLE_BODY_BYTES:
                     # a complete answer of known, small size (not streamed): read it and answer in one write
@@ -477,6 +523,23 @@ class Router:
                     dispatch.succeeded()
                 return response
 
+    @staticmethod
+    async def _judge(upstream: UpstreamResponse, dispatch: Dispatch) -> bytes:
+        """An answer :data:`retry.INSPECTED` looks at: its body, when it is relayed; :class:`_BackendFailed` when
+        another engine is to be asked. The engine's circuit hears :func:`retry.verdict`'s verdict."""
+        try:
+            body = await upstream.read()
+        except UpstreamError:
+            body = b""
+        verdict = retry.verdict(upstream.status, body)
+        if verdict.blames:
+            dispatch.failed()
+        else:
+            dispatch.succeeded()
+        if verdict.retried:
+            raise _BackendFailed(f"HTTP {upstream.status}", upstream.status, body, verdict, answered=True)
+        return body
+
     def _client_gone(self, request: Request, backend: Backend, upstream: UpstreamResponse,
                      response: Stream, exc: BaseException) -> Stream:
         self.metrics.client_disconnects.inc()
@@ -486,9 +549,10 @@ class Router:
         return response
 
     async def _pd(self, request: Request, path: str, body: dict[str, Any], raw: bytes, hashes: list[int],
-                  started: float, prompt_tokens: int = 0, model: str | None = None,
-                  first_byte_s: float | None = None) -> Answer:
-        """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``."""
+                  started: float, headers: list[tuple[bytes, bytes]], request_id: bytes, prompt_tokens: int = 0,
+                  model: str | None = None, first_byte_s: float | None = None) -> Answer:
+        """Prefill on a prefill engine, then decode (streamed) on a decode engine with its ``kv_transfer_params``;
+        ``headers`` go to both (with the legs' one ``X-Request-Id``), the client's answer carries ``request_id``."""
         assert self.session is not None
         prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
         prefill_body.pop("stream_options", None)
@@ -500,25 +564,25 @@ class Router:
         refused: _BackendFailed | None = None  # a 4xx about the request itself: every prefill engine would say it
         tried: list[str] = []
         near: str | None = None
-        # the client's own headers (its Authorization: engines started with --api-key check it on every /v1 call)
-        headers = [(k, v) for k, v in _end_to_end(request.headers) if k.lower() != b"content-type"] + list(_JSON)
+        prefill_headers = [(k, v) for k, v in headers if k.lower() != b"content-type"] + list(_JSON)
         for _ in range(self.config.router.retries + 1):
             chosen = await self._decide("prefill", hashes, tried, "prefix-aware", prompt_tokens, model=model)
             if chosen is None:
                 break
             backend, decision = chosen
             tried.append(backend.url)
-            self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1)
+            self._log_decision(path, decision, len(hashes), "prefill", len(tried) - 1, request_id, headers)
             uncached = self._pending_tokens(backend, decision, prompt_tokens)
             with self._dispatch(backend, "prefill", uncached) as dispatch:
                 try:
                     async with await self.upstream.request(backend.url, b"POST", path, orjson.dumps(prefill_body),
-                                                           headers, total=self.config.inference.prefill_timeout
-                                                           ) as response:
+                                                           prefill_headers,
+                                                           total=self.config.inference.prefill_timeout) as response:
                         data = await response.read()
                     dispatch.first_byte()
                     if response.status != 200:
-                        raise _BackendFailed(f"HTTP {response.status}", response.status, data)
+                        raise _BackendFailed(f"HTTP {response.status}", response.status, data,
+                                             retry.verdict(response.status, data), answered=True)
                     answer = orjson.loads(data)
                     params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
                     if params is not None and not isinstance(params, dict):
@@ -535,14 +599,16 @@ class Router:
                     break
                 except (_BackendFailed, UpstreamError, OSError, ValueError) as exc:
                     failure = _failure(exc)
-                    if not isinstance(exc, _BackendFailed) or (exc.status >= 500 and not _answered_busy(exc)
-                                                               and exc.status not in _REQUEST_REFUSED):
+                    failed = exc if isinstance(exc, _BackendFailed) else _BackendFailed(failure)
+                    if failed.verdict.blames:
                         dispatch.failed()
                     else:
-                        dispatch.succeeded()  # it answered (about the request, or busy): the backend works
-                    log.warning("prefill on %s failed: %s", backend.url, failure, extra={"backend": backend.url})
-                    if isinstance(exc, _BackendFailed) and exc.status in _REQUEST_REFUSED:
-                        refused = exc
+                        dispatch.succeeded()  # it answered (about the request, busy, another model): it works
+                    self._learn(failed)
+                    log.warning("prefill on %s failed: %s", backend.url, failure,
+                                extra={"backend": backend.url, "request_id": request_id.decode("latin-1")})
+                    if failed.verdict is retry.Verdict.REFUSED:
+                        refused = failed
                         break  # not retried: another prefill engine would refuse the same request
         if params is None:
             if self.config.pd_separation.fallback == "error":
@@ -553,9 +619,12 @@ class Router:
             decode_raw = raw  # decode-only: the decode engine computes the prompt itself
         else:
             decode_raw = orjson.dumps({**body, "kv_transfer_params": params}) if params else raw
-        return await self._forward(request, path, decode_raw, [], started, "decode",
+        # a decode that fails is retried on another decode engine as the plain request: the KV its params name may
+        # be gone (vLLM's kv_load_failure_policy "fail" answers a failed load with a 500; the prefill's blocks are
+        # freed once a reader is done or their lease ends), and the plain request needs nothing from the prefill
+        return await self._forward(request, path, decode_raw, [], started, headers, request_id, "decode",
                                    self.config.inference.decode_timeout, strategy="least-connections", near=near,
-                                   model=model, first_byte_s=first_byte_s)
+                                   model=model, first_byte_s=first_byte_s, retry_raw=raw)
 
     def _say_once(self, backend: Backend, message: str) -> None:
         """Log ``message`` (``%s``: the backend) once per backend."""
@@ -563,12 +632,19 @@ class Router:
             self._said.add((backend.url, message))
             log.info(message, backend.url, extra={"backend": backend.url})
 
-    def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int) -> None:
+    def _log_decision(self, path: str, decision: Decision, blocks: int, role: str, attempt: int, request_id: bytes,
+                      headers: list[tuple[bytes, bytes]]) -> None:
+        """One ``routing_decision`` line: ``request_id`` is the client's ``X-Request-Id``, ``engine_request_id``
+        the one in ``headers`` (the engine's), when they differ (a prefill/decode pair's own)."""
         if decisions_log.isEnabledFor(logging.INFO):
-            decisions_log.info("routing_decision", extra={
-                "event": "routing_decision", "path": path, "endpoint": decision.url, "strategy": decision.strategy,
-                "role": role, "attempt": attempt, "prefix_blocks_matched": decision.prefix_blocks,
-                "prompt_blocks": blocks, "scores": {u: round(s, 4) for u, s in decision.scores.items()}})
+            engine_id = next((v for k, v in headers if k.lower() == _REQUEST_ID), request_id)
+            extra = {"event": "routing_decision", "request_id": request_id.decode("latin-1"), "path": path,
+                     "endpoint": decision.url, "strategy": decision.strategy, "role": role, "attempt": attempt,
+                     "prefix_blocks_matched": decision.prefix_blocks, "prompt_blocks": blocks,
+                     "scores": {u: round(s, 4) for u, s in decision.scores.items()}}
+            if engine_id != request_id:
+                extra["engine_request_id"] = engine_id.decode("latin-1")
+            decisions_log.info("routing_decision", extra=extra)
 
     # Other endpoints ---------------------------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:

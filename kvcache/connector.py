@@ -18,7 +18,9 @@ What it does (vLLM 0.32's ``KVConnectorBase_V1``; facts in docs/facts/vllm-kv-co
 - **Load.** For a new request, the scheduler side counts the leading blocks after the engine's own prefix-cache hit
   whose files exist (never the prompt's last token: vLLM must compute at least one). The worker copies them into
   the blocks vLLM allocated, one block at a time, before the forward pass (a synchronous load). vLLM counts them in
-  ``vllm:external_prefix_cache_hits_total``.
+  ``vllm:external_prefix_cache_hits_total``, labelled ``disk`` in ``vllm:prompt_tokens_cached_by_source``.
+- **Best effort.** ``requires_kv_delivery`` is False (vLLM's default for ``kv_both`` is True): a store the tier
+  misses is a miss later, so vLLM need not recompute a preempted request for the connector's sake.
 - **Faults.** A file that is gone, partial or corrupt at load time is reported to vLLM as a load error for that block
   (``get_block_ids_with_load_errors``), and vLLM recomputes it and what follows: the connector refuses to start
   unless ``"kv_load_failure_policy": "recompute"`` (vLLM's default, ``fail``, would fail the request). Nothing a
@@ -33,12 +35,13 @@ What it does (vLLM 0.32's ``KVConnectorBase_V1``; facts in docs/facts/vllm-kv-co
 Extra config: ``path`` (required), ``retry_s`` (default 30), ``write_queue_mb`` (default 256: the copies of blocks
 waiting for the volume, at most). Two engines share files only when their namespace matches
 (``blockstore.Namespace``: the model and what changes its weights or computation (revision, quantization,
-``hf_overrides``...), dtype, block size, KV heads, head size, the KV cache's layers, vLLM's KV cache layout, and the
-CPU attention kernel's instruction set, which orders the bytes of a page). A block's key covers its tokens and
-everything before it, and what else vLLM's own block hash covers (its extra keys: the LoRA adapter, images, the
-request's ``cache_salt``, prompt embeddings), so a block computed for one adapter, image or tenant is never loaded
-for another. With tensor or pipeline parallelism (each rank holds its own heads or layers) the connector stays off
-and says so at start: the tier holds one file per block.
+``hf_overrides``...), dtype, block size, KV heads, head size, the KV cache's layers, vLLM's KV cache layout, and, on
+CPU, the attention kernel's instruction set, which orders the bytes of a page: vLLM's own choice,
+``attention_isa``). A block's key covers its tokens and everything before it, and what else vLLM's own block hash
+covers (its extra keys: the LoRA adapter, images, the request's ``cache_salt``, prompt embeddings), so a block
+computed for one adapter, image or tenant is never loaded for another. With tensor, pipeline, prefill context or
+decode context parallelism (each rank holds or computes its own heads, layers or tokens of a block) the connector
+stays off and says so at start (``parallelism_problem``): the tier holds one file per block.
 
 Imports only the standard library, vLLM and its dependencies (torch), and fuyao's kvcache block store, so it runs in
 any vLLM environment without fuyao's server dependencies.
@@ -66,6 +69,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from fuyao.kvcache.blockstore import (
     COUNTERS,
@@ -100,15 +104,16 @@ scheduler's: their namespaces must be equal), and covers settings that change no
 ``max_logprobs``...), which would keep engines apart for nothing."""
 
 
-def _cpu_isa() -> str:
-    """What orders the bytes of a CPU attention page (vLLM picks the kernel by these CPU features)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-    except OSError:
-        flags = []
-    wanted = ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx512vl", "avx2", "asimd", "sve")
-    return f"{platform.machine()}:" + ",".join(sorted(f for f in flags if f in wanted))
+def attention_isa(dtype: Any, block_size: int, head_size: int, cache_dtype: str) -> str:
+    """The instruction set of the CPU attention kernel vLLM runs for these settings, which orders the bytes of a
+    page: vLLM's own choice (``_get_attn_isa`` of its CPU attention backend, called with what its metadata builder
+    passes: the model's dtype, the block size, the head size, the KV cache dtype), so engines share files only when
+    their kernels write the same bytes (``amx`` only for bfloat16 with AMX tiles, ``vec16`` for a head size that is a
+    multiple of 16 and not of 32, ...); with the machine, whose byte order the pages keep. Imported here, not at the
+    top: only a CPU engine has that backend."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return f"{platform.machine()}:{_get_attn_isa(dtype, block_size, head_size, cache_dtype)}"
 
 
 def stable(value: Any) -> Any:
@@ -150,21 +155,41 @@ def kv_layers(kv_cache_config: KVCacheConfig | None) -> list[str]:
 def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None) -> Namespace:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
     device = getattr(vllm_config.device_config, "device_type", "cpu")
-    kv_layout = (getattr(vllm_config.cache_config, "kv_cache_layout", None)
+    kv_layout = (getattr(cache, "kv_cache_layout", None)
                  or getattr(kv_cache_config, "kv_cache_layout", None) or "unresolved")
     layers = kv_layers(kv_cache_config)
     served = str(model.served_model_name if isinstance(model.served_model_name, str)
                  else (model.served_model_name or [model.model])[0])
+    block_size, head_size = int(cache.block_size), int(model.get_head_size())
+    kernel = attention_isa(model.dtype, block_size, head_size, cache.cache_dtype) if device == "cpu" else device
     return Namespace(
         model=f"{served}@{model.model}#{model_digest(model)}",
-        dtype=f"{model.dtype}/{vllm_config.cache_config.cache_dtype}",
-        block_size=int(vllm_config.cache_config.block_size),
+        dtype=f"{model.dtype}/{cache.cache_dtype}",
+        block_size=block_size,
         num_kv_heads=int(model.get_num_kv_heads(parallel)),
-        head_size=int(model.get_head_size()),
+        head_size=head_size,
         num_layers=len(layers) if layers else int(model.get_num_layers(parallel)),
-        layout=f"{device}/{_cpu_isa() if device == 'cpu' else device}/tp{parallel.tensor_parallel_size}/{kv_layout}",
+        layout=f"{device}/{kernel}/tp{parallel.tensor_parallel_size}/{kv_layout}",
     )
+
+
+def parallelism_problem(parallel: Any) -> str:
+    """Why the tier cannot serve this engine's parallelism (empty when it can): with tensor or pipeline parallelism
+    each rank holds its own heads or layers, with decode context parallelism each rank holds its own tokens of a
+    block, and with prefill context parallelism each rank computes its own part of a prompt; the tier keeps one file
+    per block, written and read by one worker."""
+    sizes = {"tensor_parallel_size": parallel.tensor_parallel_size,
+             "pipeline_parallel_size": parallel.pipeline_parallel_size,
+             "prefill_context_parallel_size": getattr(parallel, "prefill_context_parallel_size", 1),
+             "decode_context_parallel_size": getattr(parallel, "decode_context_parallel_size", 1)}
+    over = {name: size for name, size in sizes.items() if size > 1}
+    if not over:
+        return ""
+    return (", ".join(f"{name} {size}" for name, size in over.items())
+            + ": each rank holds or computes its own part of a block's KV (heads, layers or tokens), and the tier "
+              "keeps one file per block, written and read by one worker")
 
 
 def queue_bytes(extra: Any) -> int:
@@ -290,6 +315,18 @@ class FuyaoKVPromMetrics(KVConnectorPromMetrics):
 
 
 class FuyaoKVConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.DISK
+    """What vLLM labels this connector's hits with (``vllm:prompt_tokens_cached_by_source{source="disk"}``): a
+    shared volume, as vLLM's own file-backed offload labels its hits."""
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """False: the tier is a best-effort cache (a store dropped is a miss later), so a request vLLM preempts is
+        not recomputed for the connector's sake (vLLM's default is True for ``kv_both``, a producer's). Every store
+        is copied out of the cache in the step that computed it (``wait_for_save``): a preemption's freed blocks
+        are never read."""
+        return False
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = vllm_config.kv_transfer_config
@@ -306,12 +343,7 @@ class FuyaoKVConnector(KVConnectorBase_V1):
         self._queue_bytes = queue_bytes(transfer.get_from_extra_config("write_queue_mb", None))
         self._namespace = namespace_of(vllm_config, kv_cache_config)
         self._kv_layers = kv_layers(kv_cache_config)
-        parallel = vllm_config.parallel_config
-        self._off = ""
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            self._off = (f"tensor_parallel_size {parallel.tensor_parallel_size}, pipeline_parallel_size "
-                         f"{parallel.pipeline_parallel_size}: each rank holds its own heads or layers, and the tier "
-                         "keeps one file per block")
+        self._off = parallelism_problem(vllm_config.parallel_config)
         self._store = BlockStore(path, self._namespace, writer=f"{socket.gethostname()}-{os.getpid()}")
         self._block_size = self._namespace.block_size
         if not self._store.describe():

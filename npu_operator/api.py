@@ -4,6 +4,8 @@ operator validate the same shape."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ VERSION = "v1alpha1"
 KIND = "NPUClusterPolicy"
 PLURAL = "npuclusterpolicies"
 POLICY_NAME = "cluster"
+CRD_NAME = f"{PLURAL}.{GROUP}"
 
 
 class _Api(ConfigSection):
@@ -190,7 +193,7 @@ def crd() -> dict[str, Any]:
                                       Component.DRIVER))]
     return {
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": CRD_NAME},
         "spec": {
             "group": GROUP, "scope": "Cluster",
             "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": KIND.lower(),
@@ -212,3 +215,17 @@ def crd() -> dict[str, Any]:
             }],
         },
     }
+
+
+def crd_update(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The object to PUT so that the stored CRD ``current`` becomes ``desired``: ``desired``'s spec whole (a newer CRD
+    that drops a field drops it, whoever else manages it), with ``current``'s metadata (its resourceVersion, so a
+    change made meanwhile is a conflict rather than lost; its finalizers, labels and annotations, with ``desired``'s
+    merged over them)."""
+    meta = {k: copy.deepcopy(v) for k, v in (current.get("metadata") or {}).items() if k != "managedFields"}
+    wanted = desired.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        merged = {**(meta.get(key) or {}), **(wanted.get(key) or {})}
+        if merged:
+            meta[key] = merged
+    return {**copy.deepcopy(dict(desired)), "metadata": meta}

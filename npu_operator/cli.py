@@ -6,8 +6,10 @@ Subcommands:
   validate  the validation pod's check: one NPU, npu-smi info
   cleanup   delete the policy and wait for the operator to remove the stack (Helm's pre-delete hook)
   crd       print the CustomResourceDefinition
+  apply-crd create or update the CustomResourceDefinition in the cluster (Helm's pre-install/pre-upgrade hook)
 
-Exit codes: 0 after SIGTERM/SIGINT or success, 1 for a failed validation or cleanup, 2 for invalid flags.
+Exit codes: 0 after SIGTERM/SIGINT or success, 1 for a failed validation, cleanup or CRD update, 2 for invalid
+flags.
 """
 
 from __future__ import annotations
@@ -230,6 +232,20 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_crd(args: argparse.Namespace) -> int:
+    """The CRD this package generates (the chart's ``crds/`` file is the same, tests/charts checks it) into the
+    cluster: Helm installs ``crds/`` once and never upgrades them."""
+    from .api import crd
+    from .kube import KubeError, Rest, apply_crd
+
+    try:
+        print(apply_crd(Rest(_client(args.kubeconfig)), crd()), flush=True)
+    except KubeError as exc:
+        print(f"cannot apply the CustomResourceDefinition: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = fuyao_daemon.parser("fuyao-npu-operator", "The NPU operator: one NPUClusterPolicy installs, validates and "
                             "reports every NPU component.", DOCS)
@@ -287,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("crd", help="print the CustomResourceDefinition")
     d.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     d.set_defaults(func=_crd)
+
+    a = sub.add_parser("apply-crd", help="create or update the CustomResourceDefinition in the cluster (the chart's "
+                                         "pre-install/pre-upgrade hook: Helm never upgrades crds/)")
+    a.add_argument("--kubeconfig", help="default: the in-cluster service account")
+    a.set_defaults(func=_apply_crd)
     return p
 
 

@@ -5,7 +5,9 @@ Each reconcile:
 
 1. reads the policy ``cluster`` (none: nothing to do; being deleted: :func:`cleanup`, then the finalizer goes);
 2. renders every enabled component (:mod:`fuyao.npu_operator.render`) and server-side applies it, owned by the policy;
-   applying everything each time is what corrects drift (an edited or deleted child comes back);
+   applying everything each time is what corrects drift (an edited or deleted child comes back). The components
+   that use the NPUs through the driver (:data:`status.AFTER_DRIVER`) are held back while the driver check does not
+   pass: neither applied nor pruned, so what runs stays as it is (the GPU Operator's state order);
 3. prunes what the operator applied before but no longer wants (a component disabled, a chart object dropped);
 4. keeps one validation pod per NPU node, re-run when what it validates changes or after a failure;
 5. observes (workload status, allocatable NPUs, driver versions, validation results, the extender's ``/readyz``,
@@ -73,11 +75,23 @@ from .api import (
 )
 from .kube import KINDS, KubeError, Rest, collection
 from .render import MANAGER, RenderError, Settings
-from .status import Observed, Workload, invalid_spec_status, policy_status, transitions, was_up
+from .status import (
+    Observed,
+    Workload,
+    driver_status,
+    held_back,
+    invalid_spec_status,
+    policy_status,
+    transitions,
+    was_up,
+)
 
 log = logging.getLogger(__name__)
 
 FINALIZER = f"{GROUP}/cleanup"
+QOS_CLEANUP = f"{GROUP}/qos-cleanup-since"
+"""The policy's annotation that says the operator removed the QoS agent it ran and has yet to remove what the agent
+wrote on nodes, since when (RFC 3339). On the policy, not in memory, so an operator restarted meanwhile finishes it."""
 POLICY_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}/{POLICY_NAME}"
 MANAGED = f"{LABEL_MANAGED_BY}={MANAGER}"
 CLEANUP_TIMEOUT_S = 150.0
@@ -129,7 +143,9 @@ class Controller:
     _kick: threading.Event = field(default_factory=threading.Event)  # ends a min_interval_s wait: urgent, stop
     stop_wait_s: float = STOP_WAIT_S
     """How long a deleted policy waits for its component pods (:func:`stop_wait` of the hook's timeout)."""
-    _qos_leftovers_since: float | None = None  # when the operator removed its QoS agent, until its node keys go
+    _qos_leftovers_since: float | None = None
+    """When the operator removed its QoS agent (wall clock), until its node keys go: :data:`QOS_CLEANUP`, as this
+    pass read it and wrote it."""
 
     # The loop ----------------------------------------------------------------------------------------------------
     def wake(self, urgent: bool = False) -> None:
@@ -192,6 +208,7 @@ class Controller:
                 self._drop_finalizer(policy)
             return None
         self._stopping_since = None  # a policy that is not being deleted (again): a later deletion waits afresh
+        self._qos_leftovers_since = qos_cleanup_since(meta)
         if FINALIZER not in (meta.get("finalizers") or []):
             self.rest.merge_patch(POLICY_PATH, {"metadata": {
                 "finalizers": [*(meta.get("finalizers") or []), FINALIZER],
@@ -209,19 +226,24 @@ class Controller:
             if status_differs(body, policy.get("status")):
                 self.rest.merge_patch(POLICY_PATH + "/status", {"status": body})
             return status
-        errors: dict[Component, str] = {}
-        desired = self._desired(spec, policy, errors)
-        applied = self._apply(desired, errors)
-        self._prune({render.key(o) for o in desired}, errors)
         nodes = self.rest.list("/api/v1/nodes")
         npu_nodes = sorted(n["metadata"]["name"] for n in nodes
                            if (n["metadata"].get("labels") or {}).get(LABEL_ACCELERATOR) == ACCELERATOR_ASCEND_NPU)
+        drivers, firmware = node_versions(nodes, npu_nodes)
+        held = held_back(spec, driver_status(spec, Observed(npu_nodes=tuple(npu_nodes), driver_versions=drivers,
+                                                            firmware_versions=firmware)))
+        if held:
+            log.info("not rolling out %s: %s", ", ".join(c.value for c in held), next(iter(held.values())))
+        errors: dict[Component, str] = {}
+        desired = self._desired(spec, policy, errors, held)
+        applied = self._apply(desired, errors)
+        self._prune({render.key(o) for o in desired}, errors, held)
         pods = self.rest.list(collection("v1", "pods", self.settings.namespace))
         allocatable = {n["metadata"]["name"]: (n.get("status") or {}).get("allocatable") or {} for n in nodes}
         validation = self._validate(spec, policy, npu_nodes, pods, applied, allocatable)
         previous = _status_model(policy.get("status"))
         self._remove_qos_leftovers(spec, previous, nodes, pods)
-        seen = self._observe(spec, nodes, npu_nodes, pods, applied, validation, errors, was_up(previous))
+        seen = self._observe(spec, nodes, npu_nodes, pods, applied, validation, errors, was_up(previous), held)
         status = policy_status(spec, seen, int(meta.get("generation") or 0), previous)
         body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         if status_differs(body, policy.get("status")):
@@ -251,20 +273,22 @@ class Controller:
                               nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
         """Once the QoS agent the operator ran is disabled and its pods are gone, remove what it wrote on nodes: its
         extended resources (no kubelet owns them, so they would stay in every node's status) and its usage
-        annotation. Only after the operator removed its own agent (this process pruned it, or the last status showed
-        it enabled), never for one installed otherwise while the policy's is off. Pods stuck terminating are waited
-        for no longer than a deleted policy waits for its components."""
+        annotation. Only after the operator removed its own agent (it pruned it, or the last status showed it
+        enabled), never for one installed otherwise while the policy's is off. That it is pending is kept on the
+        policy (:data:`QOS_CLEANUP`), so an operator restarted during the wait still does it. Pods stuck terminating
+        are waited for no longer than a deleted policy waits for its components."""
         if spec.enabled(Component.QOS_AGENT):
-            self._qos_leftovers_since = None
+            if self._qos_leftovers_since is not None:  # enabled again before the cleanup: its resources are its own
+                self._set_qos_cleanup(None)
             return
         was_enabled = any(s.name == Component.QOS_AGENT and s.state.type != StateType.DISABLED
                           for s in (previous.component_statuses if previous else ()))
-        if was_enabled and self._qos_leftovers_since is None:
-            self._qos_leftovers_since = time.monotonic()
+        if was_enabled:
+            self._begin_qos_cleanup()
         if self._qos_leftovers_since is None:
             return
         waiting = component_pods(pods, {render.CHARTS[Component.QOS_AGENT]})
-        if waiting and time.monotonic() - self._qos_leftovers_since <= self.stop_wait_s:
+        if waiting and time.time() - self._qos_leftovers_since <= self.stop_wait_s:
             log.info("qosAgent disabled: waiting for %d of its pods to go before removing its node resources",
                      len(waiting))
             return
@@ -278,7 +302,17 @@ class Controller:
                         raise
             if patches:
                 log.info("node %s: removed what the disabled QoS agent wrote", node["metadata"]["name"])
-        self._qos_leftovers_since = None
+        self._set_qos_cleanup(None)
+
+    def _begin_qos_cleanup(self) -> None:
+        """Record on the policy that the QoS agent's node keys are to be removed (once; the first time stays)."""
+        if self._qos_leftovers_since is None:
+            self._set_qos_cleanup(time.time())
+
+    def _set_qos_cleanup(self, since: float | None) -> None:
+        at = None if since is None else datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.rest.merge_patch(POLICY_PATH, {"metadata": {"annotations": {QOS_CLEANUP: at}}})
+        self._qos_leftovers_since = since
 
     def _wake_in(self, seconds: float) -> None:
         timer = threading.Timer(seconds, self._wake.set)
@@ -320,13 +354,14 @@ class Controller:
             kinds = set()
         return tuple(f"{MONITORING}/{k}" for k in sorted(kinds & {"ServiceMonitor", "PrometheusRule"}))
 
-    def _desired(self, spec: PolicySpec, policy: Mapping[str, Any],
-                 errors: dict[Component, str]) -> list[dict[str, Any]]:
+    def _desired(self, spec: PolicySpec, policy: Mapping[str, Any], errors: dict[Component, str],
+                 held: Mapping[Component, str] | None = None) -> list[dict[str, Any]]:
+        """The objects of every enabled component but those ``held`` back (:func:`status.held_back`)."""
         out: list[dict[str, Any]] = []
         ns = self.settings.namespace
         api_versions = self._api_versions()
         for component, chart in render.CHARTS.items():
-            if not spec.enabled(component):
+            if not spec.enabled(component) or component in (held or {}):
                 continue
             try:
                 values = render.chart_values(spec, component, self.settings)
@@ -358,9 +393,10 @@ class Controller:
                 errors.setdefault(component, f"applying {obj['kind']} {obj['metadata']['name']}: {exc}")
         return applied
 
-    def _prune(self, wanted: set[tuple[str, str, str, str]], errors: dict[Component, str]) -> None:
+    def _prune(self, wanted: set[tuple[str, str, str, str]], errors: dict[Component, str],
+               held: Mapping[Component, str] | None = None) -> None:
         ns = self.settings.namespace
-        failed = {c.value for c in errors}
+        failed = {c.value for c in (*errors, *(held or {}))}
         for kind, (api_version, plural, namespaced) in KINDS.items():
             if kind == "Pod":
                 continue
@@ -372,12 +408,12 @@ class Controller:
                 raise
             for obj in found:
                 label = (obj["metadata"].get("labels") or {}).get(LABEL_OPERATOR_COMPONENT, "")
-                if label in failed:  # a component that could not be rendered keeps what it runs
+                if label in failed:  # a component that could not be rendered, or is held back, keeps what it runs
                     continue
                 if render.key(obj) not in wanted:
                     log.info("removing %s %s (no longer wanted by the policy)", kind, obj["metadata"]["name"])
-                    if label == Component.QOS_AGENT.value and self._qos_leftovers_since is None:
-                        self._qos_leftovers_since = time.monotonic()  # its node resources go once its pods have
+                    if label == Component.QOS_AGENT.value:  # recorded before the delete: its node resources go
+                        self._begin_qos_cleanup()  # once its pods have, even if this process does not live that long
                     try:
                         self.rest.delete(obj)
                     except KubeError as exc:
@@ -445,17 +481,14 @@ class Controller:
     def _observe(self, spec: PolicySpec, nodes: list[dict[str, Any]], npu_nodes: list[str],
                  pods: list[dict[str, Any]], applied: list[dict[str, Any]],
                  validation: Mapping[str, tuple[bool | None, str]], errors: Mapping[Component, str],
-                 up: frozenset[Component] = frozenset()) -> Observed:
+                 up: frozenset[Component] = frozenset(),
+                 held: Mapping[Component, str] | None = None) -> Observed:
         by_name = {n["metadata"]["name"]: n for n in nodes}
         allocatable = {}
-        drivers: dict[str, str | None] = {}
-        firmware: dict[str, str | None] = {}
         for name in npu_nodes:
-            node = by_name[name]
-            alloc = (node.get("status") or {}).get("allocatable") or {}
+            alloc = (by_name[name].get("status") or {}).get("allocatable") or {}
             allocatable[name] = sum(_int(alloc.get(r)) for r in NPU_RESOURCES)
-            drivers[name] = (node["metadata"].get("labels") or {}).get(LABEL_NPU_DRIVER)
-            firmware[name] = (node["metadata"].get("labels") or {}).get(LABEL_NPU_FIRMWARE)
+        drivers, firmware = node_versions(nodes, npu_nodes)
         workloads: dict[Component, Workload] = {}
         extender_url = ""
         metrics_urls: dict[str, str] = {}
@@ -478,7 +511,7 @@ class Controller:
         return Observed(npu_nodes=tuple(npu_nodes), workloads=workloads, allocatable=allocatable,
                         driver_versions=drivers, firmware_versions=firmware, validation=validation,
                         extender_answers=answers, errors=dict(errors), was_up=up,
-                        foreign_accelerators=foreign_accelerators(nodes))
+                        foreign_accelerators=foreign_accelerators(nodes), held=dict(held or {}))
 
     def _get(self, url: str) -> bool:
         if self.probe is not None:
@@ -592,6 +625,26 @@ def cleanup(rest: Rest, namespace: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading workload and pod status (pure)
 # ---------------------------------------------------------------------------------------------------------------
+def qos_cleanup_since(meta: Mapping[str, Any]) -> float | None:
+    """When the policy's :data:`QOS_CLEANUP` says the pending QoS cleanup began (epoch seconds); None when there is
+    none. A value that does not parse (edited by hand) counts as pending since 0: its wait is over."""
+    raw = (meta.get("annotations") or {}).get(QOS_CLEANUP)
+    if raw is None:
+        return None
+    try:
+        return datetime.strptime(str(raw), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def node_versions(nodes: Sequence[Mapping[str, Any]], npu_nodes: Sequence[str]
+                  ) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """(driver, firmware) versions of each NPU node, as discovery labelled them (None: not labelled)."""
+    labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
+    return ({n: labels.get(n, {}).get(LABEL_NPU_DRIVER) for n in npu_nodes},
+            {n: labels.get(n, {}).get(LABEL_NPU_FIRMWARE) for n in npu_nodes})
+
+
 def _int(value: Any) -> int:
     try:
         return int(str(value or 0))

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import orjson
 
+from .api import CRD_NAME, crd_update
 from .render import MANAGER
 
 KINDS: dict[str, tuple[str, str, bool]] = {
@@ -95,12 +96,18 @@ class Rest:
             item.setdefault("kind", kind)
         return items
 
-    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply as the operator's field manager, taking over fields another manager changed (drift)."""
-        applied: dict[str, Any] = self.request("PATCH", object_path(obj), body=dict(obj),
+    def apply(self, obj: Mapping[str, Any], path: str | None = None) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager, taking over fields another manager changed (drift).
+        ``path``: the object's, for a kind outside :data:`KINDS`."""
+        applied: dict[str, Any] = self.request("PATCH", path or object_path(obj), body=dict(obj),
                                                query={"fieldManager": MANAGER, "force": "true"},
                                                content_type="application/apply-patch+yaml")
         return applied
+
+    def replace(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT: the whole object (a 409 when its resourceVersion is no longer the stored one)."""
+        replaced: dict[str, Any] = self.request("PUT", path, body=dict(obj))
+        return replaced
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         api_version, plural, namespaced = KINDS[obj["kind"]]
@@ -125,3 +132,30 @@ class Rest:
         """The kinds a group version serves (empty when it is not served)."""
         answer = self.get(f"/apis/{group_version}")
         return {r["kind"] for r in (answer or {}).get("resources") or [] if "/" not in r["name"]}
+
+
+CRD_PATH = f"{collection('apiextensions.k8s.io/v1', 'customresourcedefinitions')}/{quote(CRD_NAME)}"
+
+
+def apply_crd(rest: Rest, desired: Mapping[str, Any], attempts: int = 5) -> str:
+    """Make the stored NPUClusterPolicy CRD ``desired`` (Helm's pre-install and pre-upgrade hook: Helm installs a
+    chart's ``crds/`` once and never upgrades them). A missing CRD is created by server-side apply, which the API
+    server authorizes as ``create`` of that name, so the hook's ClusterRole can name the CRD for every verb (a POST
+    cannot be limited by name). An existing one gets ``desired``'s spec by a PUT (:func:`api.crd_update`): an apply
+    would leave the fields a newer CRD drops wherever another field manager (Helm's create from ``crds/``) co-owns
+    them. A conflict (the CRD changed meanwhile) is read again and retried. Returns what it did."""
+    for _ in range(attempts):
+        current = rest.get(CRD_PATH)
+        if current is None:
+            rest.apply(desired, path=CRD_PATH)
+            return f"customresourcedefinition {CRD_NAME} created"
+        try:
+            stored = rest.replace(CRD_PATH, crd_update(current, desired))
+        except KubeError as exc:
+            if exc.status == 409:
+                continue
+            raise
+        before = (current.get("metadata") or {}).get("resourceVersion")
+        changed = (stored.get("metadata") or {}).get("resourceVersion") != before
+        return f"customresourcedefinition {CRD_NAME} {'updated' if changed else 'unchanged'}"
+    raise KubeError(409, f"customresourcedefinition {CRD_NAME} kept changing: {attempts} attempts conflicted")

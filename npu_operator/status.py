@@ -55,6 +55,8 @@ class Observed:
     was_up: frozenset[Component] = frozenset()  # components running or degraded in the previous status
     foreign_accelerators: Mapping[str, str] = field(default_factory=dict)
     """Node → the ``accelerator`` value someone else set where discovery found NPUs (discovery leaves it)."""
+    held: Mapping[Component, str] = field(default_factory=dict)
+    """Components the operator did not roll out this pass (:func:`held_back`): why."""
 
 
 def _named(nodes: Sequence[str]) -> str:
@@ -89,7 +91,8 @@ def _mismatches(nodes: Sequence[str], found: Mapping[str, str | None], expected:
     return wrong[:MAX_NAMED] + ([f"{len(wrong) - MAX_NAMED} more"] if len(wrong) > MAX_NAMED else [])
 
 
-def _driver(spec: PolicySpec, seen: Observed) -> ComponentStatus:
+def driver_status(spec: PolicySpec, seen: Observed) -> ComponentStatus:
+    """The driver check: every NPU node's driver (and firmware) version known and the expected one."""
     nodes = seen.npu_nodes
     counts = NodeCounts(desired=len(nodes), ready=sum(1 for n in nodes if seen.driver_versions.get(n)))
     unknown = [n for n in nodes if not seen.driver_versions.get(n)]
@@ -181,6 +184,25 @@ NEEDS: dict[Component, Component] = {
 """What each component cannot work without."""
 
 
+AFTER_DRIVER = (Component.DEVICE_PLUGIN, Component.VNPU, Component.EXPORTER, Component.VALIDATOR)
+"""The components that use the NPUs through the host's driver, and so come after the driver check: the GPU Operator's
+state order (driver, then the device plugin and what uses it). vNPUs and the exporter are settings of the device
+plugin's chart; the validator runs on the device plugin's NPUs."""
+
+
+def held_back(spec: PolicySpec, driver: ComponentStatus) -> dict[Component, str]:
+    """The enabled components of :data:`AFTER_DRIVER` not to roll out while the driver check finds a version that
+    is not the expected one, each with why; empty when it passes, is disabled, or has not read a version yet (the
+    device plugin labels the version too, and is the only one to when discovery is off or finds no npu-smi: holding
+    it back until then would wait forever). What already runs is left as it is: held back means not created, not
+    changed, not pruned."""
+    if not spec.enabled(Component.DRIVER) or driver.state.reason != "VersionMismatch":
+        return {}
+    why = (f"held back until the driver check passes (driver {driver.state.type.value}, {driver.state.reason}: "
+           f"{driver.state.message}); what already runs is left as it is")
+    return {c: why for c in AFTER_DRIVER if spec.enabled(c)}
+
+
 def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatus, ...]:
     out = []
     for component in Component:
@@ -196,8 +218,11 @@ def component_statuses(spec: PolicySpec, seen: Observed) -> tuple[ComponentStatu
         elif component in seen.errors:
             out.append(ComponentStatus(name=component, state=ComponentState(
                 type=S.FAILED, reason="ApplyFailed", message=seen.errors[component][:500])))
+        elif component in seen.held:
+            out.append(ComponentStatus(name=component, state=ComponentState(
+                type=S.PENDING, reason="WaitingForDriver", message=seen.held[component][:500])))
         elif component == Component.DRIVER:
-            out.append(_driver(spec, seen))
+            out.append(driver_status(spec, seen))
         elif component == Component.NODE_FEATURE_DISCOVERY:
             out.append(_nfd(seen))
         elif component == Component.DEVICE_PLUGIN:

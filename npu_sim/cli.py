@@ -31,7 +31,7 @@ from typing import Any
 from . import render
 from . import state as st
 
-QUERY_TYPES = ("health", "usages", "memory", "board", "common", "topo", "template-info", "info-vnpu")
+QUERY_TYPES = ("health", "usages", "memory", "board", "common", "topo", "template-info", "info-vnpu", "phyid-remap")
 USAGE = """Usage: npu-smi <Command|-h|-v> [Options...]
 
 npu-smi Command:
@@ -94,10 +94,16 @@ def info(s: dict[str, Any], args: list[str]) -> str:
         return render.npu_list(s)
     if args == ["-m"]:
         return render.chip_map(s)
-    opts = _options(args, "tic")
+    opts = _options(args, "ticp")
     kind = opts.get("t")
     if kind not in QUERY_TYPES:
         raise Failure("Error parameter of -t")
+    if kind == "phyid-remap":
+        raw = opts.get("p", "")
+        text = render.phyid_remap(s, int(raw)) if raw.isdigit() else None
+        if text is None:
+            raise Failure("Error parameter of -p")
+        return text
     if kind == "topo":
         if s["topology"] == "unsupported":
             return "This device does not support querying topo.\n"
@@ -148,7 +154,7 @@ def _create(s: dict[str, Any], npu: int, chip: int, phy: int, opts: dict[str, st
     if template is None:
         raise Failure("create vnpu failed.")
     used = {v["vnpu_id"] for v in s["vnpus"]}
-    allowed = st.vnpu_id_range(phy)
+    allowed = st.vnpu_id_range(s, phy)
     if "v" in opts:
         if not opts["v"].isdigit() or int(opts["v"]) not in allowed or int(opts["v"]) in used:
             raise Failure("create vnpu failed.")

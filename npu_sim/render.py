@@ -159,6 +159,16 @@ def chip_map(s: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def phyid_remap(s: dict[str, Any], phy: int) -> str | None:
+    """``info -t phyid-remap -p P`` (``\t%-30s:%d`` lines, as Huawei's page shows); None for an unknown id."""
+    match = next((c for c in st.chips(s) if c["phy"] == phy), None)
+    if match is None:
+        return None
+    pairs = [("Chip Physical ID", phy), ("Chip Logic ID", phy), ("NPU ID", _card_id(s, match["npu"])),
+             ("Chip ID", match["chip"])]
+    return "".join(f"\t{k:<30}:{v}\n" for k, v in pairs)
+
+
 def health(s: dict[str, Any], npu: int, chip: int | None) -> str:
     chips = [c for c in st.chips(s) if c["npu"] == npu and (chip is None or c["chip"] == chip)]
     if chip is None:

@@ -204,9 +204,11 @@ def template(state: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((t for t in state["templates"] if t["name"] == name), None)
 
 
-def vnpu_id_range(phy: int) -> range:
-    """vNPU ids a chip may use: phy_id*16+100 .. +115 (MindCluster's rule)."""
-    return range(phy * 16 + 100, phy * 16 + 116)
+def vnpu_id_range(state: dict[str, Any], phy: int) -> range:
+    """vNPU ids a chip may use: phy_id*16+100 .. +107 on the Atlas inference series (310P), .. +115 on the others
+    (Ascend's "Creating vNPUs")."""
+    ids = 8 if state["chip_model"].upper().removeprefix("ASCEND").startswith("310P") else 16
+    return range(phy * 16 + 100, phy * 16 + 100 + ids)
 
 
 def vnpu_memory_gb(state: dict[str, Any]) -> float:

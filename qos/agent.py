@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from fuyao.contracts import RESOURCE_BATCH_CPU, RESOURCE_BATCH_MEMORY, NodeUsage, QoSClass
 
-from . import cgroups, policy
+from . import cgroups, cpumanager, policy
 from .collect import Collector, Measurement
 from .config import AgentConfig
 from .kube import Evictor, NodeState, Publisher
@@ -26,6 +26,9 @@ from .metrics import AgentMetrics
 log = logging.getLogger(__name__)
 
 EVICTION_RETRY_S = 60.0
+DEFAULT_CONVERSION: cgroups.WeightConversion = "quadratic"
+"""cgroup v2 containers' shares-to-weight conversion until one is detected (``cpuWeightConversion: auto``): current
+runtimes' (runc >= 1.3.2, crun >= 1.23)."""
 
 
 class PodLine(BaseModel):
@@ -97,7 +100,10 @@ class Agent:
         self._saved: tuple[set[str], set[str]] = (set(self._limited), set(self._pinned))
         self._restoring: dict[str, list[WriteLine]] = {}  # this cycle's restores of limits, per pod
         self._unpinning: dict[str, list[WriteLine]] = {}  # this cycle's restores of cpusets, per pod
-        self._tier_cpus: frozenset[int] | None = None  # the BestEffort tier's CPUs, as last read
+        self._tier_cpus: frozenset[int] | None = None  # the CPUs BE pods may have, as last read
+        self._state_error = ""  # the kubelet's CPU manager checkpoint's last error (logged once per change)
+        self._conversion: cgroups.WeightConversion | None = (
+            None if config.cpu_weight_conversion == "auto" else config.cpu_weight_conversion)
 
     # --------------------------------------------------------------------------------------------------------------
     def cycle(self, dry_run: bool = False) -> Report:
@@ -188,16 +194,23 @@ class Agent:
 
     # Decisions → actions -----------------------------------------------------------------------------------------
     def _node_cpus(self, notes: list[str]) -> frozenset[int]:
-        """The CPUs of the BestEffort tier, for the cpuset policy (empty: not that policy, or unreadable; then the
-        CFS quota policy stands in and the cycle's notes say why)."""
+        """The CPUs BE pods may have, for the cpuset policy (empty: not that policy, or unreadable; then the CFS
+        quota policy stands in and the cycle's notes say why)."""
         if self.config.cpu_suppress.policy != "cpuset":
             return frozenset()
         try:
-            return self._read_tier_cpus()
+            cpus = self._read_tier_cpus()
         except cgroups.CgroupError as exc:
             self.metrics.cgroup_errors.inc()
             notes.append(f"cpuset policy: the BestEffort tier's CPUs are not readable ({exc}); CFS quotas this cycle")
             return frozenset()
+        except cpumanager.StateError as exc:
+            notes.append(f"cpuset policy: the kubelet's CPU manager state is not usable ({exc}); CFS quotas this "
+                         "cycle (BE pods could otherwise land on CPUs the kubelet gave a container for its own)")
+            self._state_failed(str(exc))
+            return frozenset()
+        self._state_failed("")
+        return cpus
 
     def _writes(self, m: Measurement, plan: policy.SuppressPlan, notes: list[str],
                 node_cpus: frozenset[int] = frozenset()) -> list[WriteLine]:
@@ -210,6 +223,8 @@ class Agent:
         alone: one that cannot be read or written does not hold the other back."""
         out: list[WriteLine] = []
         self._restoring, self._unpinning = {}, {}
+        if self._conversion is None and self.collector.layout.version == 2:
+            self._conversion = self._detect_conversion(m)
         present = {p.uid for p in m.pods} | set(m.groups)
         self._limited &= present  # a pod that went took its cgroups with it
         self._pinned &= present
@@ -284,6 +299,34 @@ class Agent:
                          "(they go back once it is readable)")
         return out
 
+    def _detect_conversion(self, m: Measurement) -> cgroups.WeightConversion | None:
+        """The runtime's shares-to-weight conversion, read off running LS containers with a CPU request (the agent
+        never writes their weights): the kubelet gave the runtime the kubelet's MilliCPUToShares of it (of the limit
+        without a request), the runtime wrote the cpu.weight it converted that to. None while no container tells
+        (any with more than 2 shares does: the conversions differ for every such value)."""
+        layout = self.collector.layout
+        samples: list[tuple[int, int]] = []
+        for pod in m.pods:
+            group = m.groups.get(pod.uid)
+            if pod.be or not pod.known or group is None:
+                continue
+            for container in pod.containers:
+                milli = container.cpu_request_milli or container.cpu_limit_milli or 0
+                directory = cgroups.container_dir(layout, group.cpu, container.container_id) if milli else None
+                if directory is None:
+                    continue
+                try:
+                    weight = cgroups.cpu_weight(layout, cgroups.PodCgroup(uid=pod.uid, tier=group.tier, cpu=directory,
+                                                                          cpuacct=directory, memory=directory))
+                except cgroups.CgroupError:
+                    continue  # exiting: another container tells
+                samples.append((policy.milli_to_shares(milli), weight))
+        found = cgroups.detect_conversion(samples)
+        if found is not None:
+            log.info("the container runtime converts cpu.shares to cgroup v2 cpu.weight the %s way (read off %d LS "
+                     "containers); BE containers' weights follow it", found, len(samples))
+        return found
+
     def _left_as_is(self, pod: policy.PodSample, what: str, exc: cgroups.CgroupError, notes: list[str]) -> None:
         self.metrics.cgroup_errors.inc()
         notes.append(f"{'BE pod' if pod.be else 'pod'} {pod.key}: its {what} left as is this cycle: {exc}")
@@ -307,10 +350,27 @@ class Agent:
             log.warning("cannot save the QoS agent's state to %s (retried next cycle): %s", path, exc)
 
     def _read_tier_cpus(self) -> frozenset[int]:
-        """The BestEffort tier's CPUs now (remembered: a pod narrowed by the cpuset policy gets them back also when
-        the tier turns unreadable); CgroupError when unreadable."""
-        self._tier_cpus = cgroups.tier_cpus(self.collector.layout)
-        return self._tier_cpus
+        """The CPUs BE pods may have now: the BestEffort tier's, less those the kubelet's static CPU manager gave
+        containers exclusively (``cpuManagerStateFile``; Koordinator's calcBECPUSet likewise leaves out exclusive
+        CPUs). Remembered: a pod narrowed by the cpuset policy gets them back also when either turns unreadable.
+        CgroupError when the tier is unreadable, cpumanager.StateError when the checkpoint is, or leaves no CPU."""
+        tier = cgroups.tier_cpus(self.collector.layout)
+        path = self.config.cpu_manager_state_file
+        cpus = tier - cpumanager.read_exclusive_cpus(path)
+        if not cpus:
+            raise cpumanager.StateError(f"{path}: every CPU of the BestEffort tier ({cgroups.format_cpus(tier)}) is "
+                                        "a container's own: none left for BE pods")
+        self._tier_cpus = cpus
+        return cpus
+
+    def _state_failed(self, error: str) -> None:
+        """Log the CPU manager checkpoint's error when it changes (an error each cycle would flood the log)."""
+        if error and error != self._state_error:
+            log.error("the kubelet's CPU manager state is not usable, the cpuset policy gives way to CFS quotas "
+                      "until it is: %s", error)
+        elif not error and self._state_error:
+            log.info("the kubelet's CPU manager state is readable again: back to the cpuset policy")
+        self._state_error = error
 
     def _restore_cpus(self, node_cpus: frozenset[int]) -> frozenset[int] | None:
         """The CPUs a narrowed pod gets back: the tier's, as read this cycle, else as last read (None: never)."""
@@ -319,7 +379,7 @@ class Agent:
         if self.config.cpu_suppress.policy != "cpuset":  # not read this cycle yet
             try:
                 return self._read_tier_cpus()
-            except cgroups.CgroupError:
+            except (cgroups.CgroupError, cpumanager.StateError):
                 pass
         return self._tier_cpus
 
@@ -327,7 +387,8 @@ class Agent:
                     notes: list[str]) -> list[WriteLine]:
         """The pod's and its containers' CPU weight, quota and memory limit writes."""
         layout = self.collector.layout
-        pod_lines = self._target_writes(group, targets.pod, why)
+        pod_lines = self._target_writes(group, targets.pod, why, "linear")  # the kubelet's, for pod cgroups
+        conversion = self._conversion or DEFAULT_CONVERSION  # the runtime's, for containers
         children: list[WriteLine] = []
         for container in pod.containers:
             target = targets.containers.get(container.name)
@@ -342,7 +403,7 @@ class Agent:
                 continue
             child = cgroups.PodCgroup(uid=pod.uid, tier=group.tier, cpu=cpu_dir,
                                       cpuacct=cgroups.controller_dir(layout, cpu_dir, "cpuacct"), memory=memory_dir)
-            children += self._target_writes(child, target, f"{why} (container {container.name})")
+            children += self._target_writes(child, target, f"{why} (container {container.name})", conversion)
         # cgroup v1 refuses a child CFS quota above its parent's: shrink children first, grow the pod first
         current = cgroups.cpu_limit(layout, group).milli
         shrinking = targets.pod.cpu_limit_milli is not None and (
@@ -372,12 +433,15 @@ class Agent:
             out.append(WriteLine(path=str(pod_dir / "cpuset.cpus"), value=value(cpus), reason=reason))
         return out
 
-    def _target_writes(self, group: cgroups.PodCgroup, target: policy.CgroupTarget, why: str) -> list[WriteLine]:
+    def _target_writes(self, group: cgroups.PodCgroup, target: policy.CgroupTarget, why: str,
+                       conversion: cgroups.WeightConversion) -> list[WriteLine]:
+        """``conversion``: of shares to a v2 weight, as whoever made the cgroup does (kubelet or runtime)."""
         layout = self.collector.layout
         out = []
-        want_weight = target.cpu_shares if layout.version == 1 else cgroups.shares_to_weight(target.cpu_shares)
+        want_weight = target.cpu_shares if layout.version == 1 else cgroups.shares_to_weight(target.cpu_shares,
+                                                                                              conversion)
         if cgroups.cpu_weight(layout, group) != want_weight:
-            write = cgroups.cpu_weight_write(layout, group, target.cpu_shares)
+            write = cgroups.cpu_weight_write(layout, group, target.cpu_shares, conversion)
             out.append(WriteLine(path=write.path, value=write.value, reason=f"{why}: CPU weight"))
         current = cgroups.cpu_limit(layout, group)
         quota = cgroups.CpuLimit(policy.quota_us(target.cpu_limit_milli, current.period_us), current.period_us)

@@ -23,8 +23,10 @@ pages), as the kubelet computes it for eviction.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -250,17 +252,48 @@ def cpu_weight(layout: Layout, pod: PodCgroup) -> int:
     return _int(pod.cpu / ("cpu.weight" if layout.version == 2 else "cpu.shares"))
 
 
-def cpu_weight_write(layout: Layout, pod: PodCgroup, shares: int) -> Write:
-    """Set the CPU weight given in v1 shares (converted for v2 the way the kubelet and runc do)."""
+WeightConversion = Literal["linear", "quadratic"]
+"""How cgroup v1 cpu.shares [2, 262144] become v2 cpu.weight [1, 10000]. ``linear``: KEP-2254's, which the kubelet
+uses for the pod and QoS cgroups it writes (``getCPUWeight``) and runtimes used before runc 1.3.2 / crun 1.23;
+``quadratic``: opencontainers/cgroups' ``ConvertCPUSharesToCgroupV2Value`` since v0.0.3 (runc >= 1.3.2) and crun
+>= 1.23 (``convert_shares_to_weight``), for the containers they create (kubernetes/kubernetes#131216)."""
+
+
+def cpu_weight_write(layout: Layout, pod: PodCgroup, shares: int, conversion: WeightConversion = "linear") -> Write:
+    """Set the CPU weight given in v1 shares; on v2 converted the way whoever owns the cgroup converts it (a pod's:
+    the kubelet, ``linear``; a container's: its runtime, :func:`shares_to_weight`)."""
     if layout.version == 2:
-        return Write(str(pod.cpu / "cpu.weight"), str(shares_to_weight(shares)))
+        return Write(str(pod.cpu / "cpu.weight"), str(shares_to_weight(shares, conversion)))
     return Write(str(pod.cpu / "cpu.shares"), str(shares))
 
 
-def shares_to_weight(shares: int) -> int:
-    """runc's conversion of cgroup v1 cpu.shares [2, 262144] to v2 cpu.weight [1, 10000]."""
+def shares_to_weight(shares: int, conversion: WeightConversion = "linear") -> int:
+    """cgroup v1 cpu.shares to v2 cpu.weight (:data:`WeightConversion`); shares outside [2, 262144] are clamped.
+    ``quadratic``: ceil(10^((L² + 125L)/612 - 7/34)) with L = log2(shares), through (2, 1), (1024, 100) and
+    (262144, 10000)."""
+    if conversion == "quadratic":
+        if shares <= 2:
+            return 1
+        if shares >= 262144:
+            return 10000
+        level = math.log2(shares)
+        return math.ceil(10 ** ((level * level + 125 * level) / 612.0 - 7.0 / 34.0))
     shares = max(2, min(262144, shares))
     return 1 + ((shares - 2) * 9999) // 262142
+
+
+def detect_conversion(samples: Iterable[tuple[int, int]]) -> WeightConversion | None:
+    """Which conversion the runtime used, from (shares it was given, cpu.weight it wrote) of containers: the one that
+    explains more of them, counting only those where the two conversions differ (None: no such container, or a
+    tie)."""
+    votes = {"linear": 0, "quadratic": 0}
+    for shares, weight in samples:
+        linear, quadratic = shares_to_weight(shares, "linear"), shares_to_weight(shares, "quadratic")
+        if linear != quadratic and weight in (linear, quadratic):
+            votes["linear" if weight == linear else "quadratic"] += 1
+    if votes["linear"] == votes["quadratic"]:
+        return None
+    return "linear" if votes["linear"] > votes["quadratic"] else "quadratic"
 
 
 LONG_MAX = 2**63 - 1

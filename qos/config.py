@@ -21,6 +21,9 @@ cpuSuppress:
   hysteresisPercent: 5        # lifted below threshold - hysteresis (at most thresholdPercent; unset: 5 or less)
   minBeMilli: 100             # BE pods together never get less than this (1..1000000)
 beCpuShares: 2                # BE pods' CPU weight (v1 cpu.shares; v2 cpu.weight converted)
+cpuWeightConversion: auto     # v2: how the runtime turns containers' shares into cpu.weight (auto|linear|quadratic)
+cpuManagerStateFile: /var/lib/kubelet/cpu_manager_state  # the kubelet's static CPU manager: its exclusive CPUs
+                              # are never BE's under the cpuset policy (empty: not read)
 memoryEviction:
   enabled: true
   highPercent: 85             # node memory above this → evict BE pods…
@@ -123,6 +126,15 @@ class AgentConfig(ConfigSection):
     usage: UsageSettings = UsageSettings()
     cpu_suppress: CpuSuppressSettings = CpuSuppressSettings()
     be_cpu_shares: int = Field(default=2, ge=2, le=262144)
+    cpu_weight_conversion: Literal["auto", "linear", "quadratic"] = Field(
+        default="auto", description="cgroup v2: how the container runtime converts a container's cpu.shares to "
+        "cpu.weight, which the agent follows for containers' weights (pods' follow the kubelet's, always linear): "
+        "quadratic (runc >= 1.3.2, crun >= 1.23), linear (older runtimes); auto: read off a running LS container with "
+        "a CPU request, quadratic until one is seen")
+    cpu_manager_state_file: str = Field(
+        default="/var/lib/kubelet/cpu_manager_state", description="the kubelet's CPU manager checkpoint: under the "
+        "cpuset policy, CPUs its static policy gave containers exclusively are never BE pods' (empty: not read; "
+        "missing or garbled: the cpuset policy gives way to CFS quotas until it reads again)")
     memory_eviction: MemoryEvictionSettings = MemoryEvictionSettings()
 
 

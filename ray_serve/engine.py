@@ -11,14 +11,17 @@ The replica forwards the ingress's requests to its engine (streamed chunks as th
 ``record_replica_metadata`` (what :mod:`fuyao.ray_serve.request_router` matches the index's answer against),
 health-checks it for Serve, and stops it with the replica: the engine gets SIGTERM when the replica process dies
 (``PR_SET_PDEATHSIG``, from a thread that lives as long as the process: :mod:`.child`), so no engine outlives
-its replica and none dies before it.
+its replica and none dies before it. The engine leads its own process group; stopping it ends that group and every
+process below it (vLLM's engine core too, whatever session it set). Calls to the engine have a read timeout
+(``engine.readTimeout``, :mod:`.engine_client`): a hung engine fails its requests with 504, never holds them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import subprocess
+import signal
 import sys
 import threading
 import time
@@ -27,13 +30,13 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import ray
 
 from fuyao.contracts import RAY_RESOURCE_NPU
 from fuyao.netaddr import url
 
-from .child import port_free, spawn
+from .child import port_free, spawn, stop
+from .engine_client import EngineClient
 from .ranking import OpenAiRequest, StreamHead
 from .settings import EngineSettings
 
@@ -81,7 +84,7 @@ class EngineReplica:
         self.process = spawn([sys.executable, "-m", self.settings.module, *args], env)
         self._stopping = False
         self._wait_ready()
-        self._session: aiohttp.ClientSession | None = None
+        self.client = EngineClient(self.local_url, self.settings.read_timeout)
         threading.Thread(target=self._exit_with_engine, daemon=True, name="engine-watch").start()
 
     def _exit_with_engine(self, exit_process: Callable[[int], Any] = os._exit) -> None:
@@ -93,6 +96,7 @@ class EngineReplica:
             return
         log.error("the engine (python -m %s) exited with code %s: ending the replica for Serve to replace it",
                   self.settings.module, code)
+        stop(self.process, self.settings.stop_timeout)  # what it started may live on
         exit_process(1)
 
     def _wait_ready(self) -> None:
@@ -100,6 +104,7 @@ class EngineReplica:
         health = f"{self.local_url}/health"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                stop(self.process, self.settings.stop_timeout)  # what it started may live on
                 raise RuntimeError(f"the engine (python -m {self.settings.module}) exited with code "
                                    f"{self.process.returncode} before it was ready")
             try:
@@ -109,16 +114,8 @@ class EngineReplica:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        self.process.terminate()
+        stop(self.process, self.settings.stop_timeout)
         raise RuntimeError(f"the engine did not answer {health} within {self.settings.startup_timeout:.0f} s")
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                self.local_url,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                connector=aiohttp.TCPConnector(limit=0))
-        return self._session
 
     # Serve hooks ---------------------------------------------------------------------------------------------------
     def record_replica_metadata(self) -> dict[str, Any]:
@@ -128,43 +125,21 @@ class EngineReplica:
     async def check_health(self) -> None:
         if self.process.poll() is not None:
             raise RuntimeError(f"the engine exited with code {self.process.returncode}")
-        async with self._client().get("/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
-            if response.status != 200:
-                raise RuntimeError(f"the engine's /health answered {response.status}")
+        await self.client.health()
 
     # Requests ------------------------------------------------------------------------------------------------------
     async def complete(self, request: OpenAiRequest) -> tuple[int, dict[str, Any]]:
         """A non-streamed request: the engine's status and JSON answer."""
-        async with self._client().post(request.path, json=dict(request.body)) as response:
-            try:
-                payload = await response.json(content_type=None)
-            except ValueError:
-                payload = {"error": {"message": (await response.text())[:2000], "type": "engine_error"}}
-            return response.status, payload
+        return await self.client.complete(request)
 
     async def stream(self, request: OpenAiRequest) -> AsyncIterator[StreamHead | bytes]:
-        """A streamed request: first a :class:`StreamHead` (the engine's status; for an error, its JSON answer, so
-        the ingress answers with that status as vLLM does, not a 200 stream holding an error), then, when the
-        engine accepted it, the engine's server-sent-event bytes as they arrive."""
-        async with self._client().post(request.path, json=dict(request.body)) as response:
-            if response.status != 200:
-                try:
-                    payload = await response.json(content_type=None)
-                except ValueError:
-                    payload = None
-                if not isinstance(payload, dict):
-                    payload = {"error": {"message": (await response.text())[:2000], "type": "engine_error",
-                                         "code": response.status}}
-                yield StreamHead(response.status, payload)
-                return
-            yield StreamHead(200)
-            async for chunk in response.content.iter_any():
-                yield chunk
+        """A streamed request: a :class:`StreamHead`, then the engine's server-sent-event bytes
+        (:meth:`EngineClient.stream`)."""
+        async for item in self.client.stream(request):
+            yield item
 
     async def models(self) -> dict[str, Any]:
-        async with self._client().get("/v1/models") as response:
-            answer: dict[str, Any] = await response.json(content_type=None)
-            return answer
+        return await self.client.models()
 
     def engine_url(self) -> str:
         return self.url
@@ -172,10 +147,12 @@ class EngineReplica:
     def __del__(self) -> None:
         self._stopping = True
         process = getattr(self, "process", None)
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if process is None:
+            return
+        try:
+            stop(process, self.settings.stop_timeout)  # its group and every process below it, not the engine alone
+        except Exception:  # the interpreter is exiting (psutil half torn down): the group, at least
+            if process.returncode is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGKILL)
 

@@ -7,12 +7,14 @@ many leading blocks that engine has cached (from the engines' KV events). Replic
 ``engine`` their ``record_replica_metadata`` reports. :func:`fuyao.ray_serve.ranking.rank` turns that into Serve's
 ranks: the replicas holding the most, then the rest; Serve picks the least-loaded replica with room in the first rank
 that has one. When the index is slow (``lookup_timeout``), down, or knows nothing, all replicas form one rank:
-plain load balancing, never a failed request.
+plain load balancing, never a failed request. After ``index_failure_threshold`` failed lookups in a row the router
+stops asking the index for ``index_cool_down`` seconds, then probes it with one request (:mod:`.kv_lookup`), so a
+hung index does not slow every routing decision by ``lookup_timeout``.
 
 Counters (Ray metrics, exported by Ray's metrics agent as ``ray_fuyao_serve_route_total``):
 ``fuyao_serve_route_total{outcome}``, once per request, with outcome ``hit`` (the index's answer ordered the
 replicas: some engine held at least ``min_hit`` of the prompt), ``miss`` (it did not), ``no_prompt``,
-``index_error``.
+``index_error`` (the lookup failed), ``index_skipped`` (the index's circuit was open: not asked).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-import aiohttp
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from .kv_lookup import IndexLookup
 from .ranking import rank, request_of
 
 log = logging.getLogger("fuyao.ray_serve.request_router")
@@ -43,39 +45,22 @@ def _counter() -> Any:
 
 class KvIndexRequestRouter(RequestRouter):
     def initialize_state(self, kv_index_url: str = "", lookup_timeout: float = 0.2, min_hit: float = 0.0,
-                         tolerance_blocks: int = 0, **_: Any) -> None:
+                         tolerance_blocks: int = 0, index_failure_threshold: int = 3, index_cool_down: float = 10.0,
+                         **_: Any) -> None:
         if not kv_index_url:
             raise ValueError("KvIndexRequestRouter needs request_router_kwargs.kv_index_url (fuyao-kvcache's URL)")
-        self._lookup_url = kv_index_url.rstrip("/") + "/v1/lookup"
-        self._timeout = float(lookup_timeout)
+        self._lookup = IndexLookup(kv_index_url, lookup_timeout, int(index_failure_threshold),
+                                   float(index_cool_down))
         self._min_hit = float(min_hit)
         self._tolerance = int(tolerance_blocks)
-        self._session: aiohttp.ClientSession | None = None
         self._routed = _counter()
-        self.outcomes: dict[str, int] = {"hit": 0, "miss": 0, "no_prompt": 0, "index_error": 0}
+        self.outcomes: dict[str, int] = {"hit": 0, "miss": 0, "no_prompt": 0, "index_error": 0, "index_skipped": 0}
         self._answers: OrderedDict[str, dict[str, Any] | None] = OrderedDict()  # by request id, newest last
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
         if self._routed is not None:
             self._routed.inc(tags={"outcome": outcome})
-
-    async def _lookup(self, query: dict[str, Any]) -> dict[str, Any] | None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
-        try:
-            async with self._session.post(self._lookup_url, json=query) as response:
-                if response.status != 200:
-                    log.warning("KV index lookup answered %s: %s", response.status, (await response.text())[:300])
-                    return None
-                answer = await response.json()
-                if not isinstance(answer, dict):
-                    log.warning("KV index lookup answered a %s, not an object", type(answer).__name__)
-                    return None
-                return answer
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            log.warning("KV index lookup failed (%s): routing on load alone", exc.__class__.__name__)
-            return None
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -105,14 +90,15 @@ class KvIndexRequestRouter(RequestRouter):
         if key is not None and not first:
             answer = self._answers[key]
         else:
-            answer = await self._lookup(query)
+            lookup = await self._lookup(query)
+            answer = lookup.answer
             if key is not None:
                 self._answers[key] = answer
                 while len(self._answers) > ANSWERS_KEPT:
                     self._answers.popitem(last=False)
+            if answer is None:
+                self._count("index_skipped" if lookup.outcome == "skipped" else "index_error")
         if answer is None:
-            if first:
-                self._count("index_error")
             return [candidate_replicas]
         engines = [(r.replica_metadata or {}).get("engine") for r in candidate_replicas]
         cached = answer.get("endpoints") or {}

@@ -13,6 +13,7 @@ args:
     model: fuyao-sim
     port: 8100                  # + the replica's first NPU slot: one engine per NPU slot on a node
     kvEventsPort: 5557        # + the same slot
+    readTimeout: 600s           # the engine silent this long within an answer: 504
   router:
     policy: kv-index            # power-of-two (Serve's default) | prefix-tree (Serve's PrefixCacheAffinityRouter)
     kvIndexUrl: http://fuyao-kvcache:8100
@@ -55,6 +56,11 @@ class EngineSettings(ConfigSection):
     port: int = Field(default=8100, ge=1, le=65535, description="base HTTP port; + the first NPU slot")
     kv_events_port: int = Field(default=5557, ge=1, le=65535, description="base KV-events port; + the slot")
     startup_timeout: Seconds = 180.0
+    read_timeout: Seconds = Field(default=600.0, description="longest silence of the engine within an answer "
+                                  "before the request fails with 504 (a non-streamed answer comes in one piece at "
+                                  "the end: above the longest generation)")
+    stop_timeout: Seconds = Field(default=10.0, description="from SIGTERM to SIGKILL when the replica stops its "
+                                  "engine (its process group and every process below it)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine process "
                                 "(not ASCEND_RT_VISIBLE_DEVICES: the replica's NPU slots set it)")
 
@@ -101,6 +107,10 @@ class RouterSettings(ConfigSection):
     kv_index_url: str | None = Field(default=None, pattern=r"^https?://",
                                      description="fuyao-kvcache's URL (the kv-index policy)")
     lookup_timeout: Seconds = 0.2
+    index_failure_threshold: int = Field(default=3, ge=1, description="failed index lookups in a row that make the "
+                                         "router stop asking it for indexCoolDown (route on load alone)")
+    index_cool_down: Seconds = Field(default=10.0, description="how long the index is not asked after "
+                                     "indexFailureThreshold failures; then one request probes it")
     min_hit: float = Field(default=0.0, ge=0.0, le=1.0,
                            description="below this share of the prompt cached anywhere, route on load alone")
     tolerance_blocks: int = Field(default=0, ge=0,
@@ -140,5 +150,7 @@ def router_config(settings: RouterSettings) -> dict[str, Any]:
     if settings.policy == "kv-index":
         config["request_router_kwargs"] = {
             "kv_index_url": settings.kv_index_url, "lookup_timeout": settings.lookup_timeout,
-            "min_hit": settings.min_hit, "tolerance_blocks": settings.tolerance_blocks}
+            "min_hit": settings.min_hit, "tolerance_blocks": settings.tolerance_blocks,
+            "index_failure_threshold": settings.index_failure_threshold,
+            "index_cool_down": settings.index_cool_down}
     return config

@@ -69,21 +69,25 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
         if any(pod.request(r) for r in _CHOOSERS):
             raise AssignmentFailed(f"node {node.name} publishes no NPU topology (is the device plugin running?)")
         return None
+    steps = pod.npu_steps
+    plan = devices.plan_npus(devices.node_dies(node), steps) if steps.counts else None
+    if plan is not None and plan.problem is not None:  # the device plugin would refuse a set: back to the queue
+        name, want, beside = pod.npu_step(plan.failed)
+        raise AssignmentFailed(f"node {node.name} has no allowed set of {want} free NPUs for "
+                               f"{'container' if beside is None else 'init container'} {name}"
+                               f"{' after the containers before it' if any(plan.sets) else ''}: {plan.problem}")
     working = dataclasses.replace(node, assigned={r: set(d) for r, d in node.assigned.items()}, memo={})
     containers = []
-    for name, requests in pod.containers:
+    for index, (name, requests) in enumerate(pod.containers):
         for resource, choose in _CHOOSERS.items():
             want = int(requests.get(resource, 0))
             if want <= 0:
                 continue
-            chosen = choose(working, want)
+            # whole NPUs: the plan's (each container in turn, as the kubelet asks the device plugin)
+            chosen = list(plan.sets[index]) if plan is not None and resource == RESOURCE_NPU else choose(working, want)
             if len(chosen) < want:
                 raise AssignmentFailed(f"node {node.name} has no {want} free {resource} for container {name} "
                                        f"(found {len(chosen)})")
-            problem = devices.set_problem(working, chosen) if resource == RESOURCE_NPU else None
-            if problem:  # the kubelet's device plugin would refuse it: the pod goes back to the queue instead
-                raise AssignmentFailed(f"node {node.name} has no allowed set of {want} free NPUs for container "
-                                       f"{name}: {problem}")
             working.assigned.setdefault(resource, set()).update(chosen)
             working.memo = {}
             containers.append(ContainerAssignment(container=name or "main", resource=resource,

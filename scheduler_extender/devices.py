@@ -9,7 +9,8 @@ in the ``npu.openfuyao.com/assigned`` annotations of the pods on the node. Pure 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fuyao import products
@@ -23,7 +24,7 @@ from fuyao.contracts import (
 )
 from fuyao.placement import Placement, preferred_allocation
 
-from .model import NodeInfo
+from .model import NodeInfo, NpuSteps
 from .object_memo import ObjectMemo
 
 
@@ -64,17 +65,15 @@ def never(node: NodeInfo, count: int) -> bool:
 def count_problem(node: NodeInfo, count: int) -> str | None:
     """Why a pod of ``count`` NPUs cannot get a set the node's product allows from the dies free now."""
     assert node.topology is not None
-    free = free_npus(node)
-    if count > 1:  # a multi-die pod never gets a die whose link is down
-        free = [d for d in free if node.topology.devices[d].link_up is not False]
-    return products.free_problem(product(node), free, count, _placements(node), len(node.topology.devices))
+    return _free_problem(node.topology, free_npus(node), count)
 
 
-def set_problem(node: NodeInfo, chosen: list[str]) -> str | None:
-    """Why these dies may not go to one pod on this node (its product's rules; None: they may). The placement
-    function falls back to a set outside the rules when no allowed one is free (a bind racing another)."""
-    assert node.topology is not None
-    return products.shape_problem(product(node), chosen, _placements(node), len(node.topology.devices))
+def _free_problem(topology: NodeTopology, free: Sequence[str], count: int) -> str | None:
+    """Why no set of ``count`` of the ``free`` dies that the product allows can go to one container."""
+    if count > 1:  # a multi-die container never gets a die whose link is down
+        free = [d for d in free if topology.devices[d].link_up is not False]
+    found, placed = _topology_facts(topology)
+    return products.free_problem(found, free, count, placed, len(topology.devices))
 
 
 def free_npus(node: NodeInfo) -> list[str]:
@@ -123,12 +122,97 @@ def free_cores(node: NodeInfo) -> dict[str, list[str]]:
 def choose_npus(node: NodeInfo, count: int) -> list[str]:
     """The dies the device plugin would prefer for ``count`` (the kernel's placement function). A function of the
     topology, the free dies and the count: kept, since like nodes pass through the same states."""
-    topology = node.topology
-    assert topology is not None
-    free = tuple(free_npus(node))
-    return list(_chosen.get(topology, (free, count), lambda: tuple(preferred_allocation(
-        free, [], count, _placements(node), product=product(node),
-        single_only=[i for i, d in topology.devices.items() if d.link_up is False]))))
+    assert node.topology is not None
+    return list(_choose(node.topology, tuple(free_npus(node)), count))
+
+
+def _choose(topology: NodeTopology, free: tuple[str, ...], count: int) -> tuple[str, ...]:
+    found, placed = _topology_facts(topology)
+    return _chosen.get(topology, (free, count), lambda: tuple(preferred_allocation(
+        free, [], count, placed, product=found,
+        single_only=[i for i, d in topology.devices.items() if d.link_up is False])))
+
+
+@dataclass(frozen=True, eq=False)
+class FreeDies:
+    """A node's topology with its free whole dies (:func:`free_npus`): what placing a pod's containers one after
+    another needs (the table's ``npu_dies`` column). Equal when the free dies are, of the same topology object
+    (like nodes share one, see ``ObjectMemo``): frozen pydantic models compare and hash by value, which costs more
+    than a row's class saves."""
+
+    topology: NodeTopology
+    free: tuple[str, ...]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FreeDies) and other.topology is self.topology and other.free == self.free
+
+    def __hash__(self) -> int:
+        return hash((id(self.topology), self.free))
+
+
+@dataclass(frozen=True)
+class NpuPlan:
+    """Where a pod's NPU containers go (:func:`plan_npus`)."""
+
+    sets: tuple[tuple[str, ...], ...]
+    """Per running container (``NpuSteps.running``), in order: its dies (empty: it asks for none). When a step
+    fails: those placed before it."""
+    problem: str | None = None
+    """Why a step gets no set the node's product allows (None: every step gets one)."""
+    failed: int = -1
+    """The step that failed: i < len(running) is running container i, len(running) + j the j-th plain init
+    container of ``NpuSteps.init``."""
+
+
+_plans: ObjectMemo[NpuPlan] = ObjectMemo()
+"""Per topology, by (free dies, steps): what ``plan_npus`` found."""
+
+
+def plan_npus(dies: FreeDies, steps: NpuSteps) -> NpuPlan:
+    """The dies the device plugin gives each of a pod's containers, as the kubelet asks for them: one container at a
+    time, each getting what the placement function (:func:`choose_npus`) picks from the dies the ones before left,
+    and each set checked against the product's rules (the device plugin's Allocate refuses a set they forbid). A
+    plain init container is placed alone beside the sidecars started before it (its dies are given back before the
+    containers start). Pure; kept per topology, free dies and steps."""
+    return _plans.get(dies.topology, (dies.free, steps), lambda: _plan(dies.topology, dies.free, steps))
+
+
+def node_dies(node: NodeInfo) -> FreeDies:
+    """The node's :class:`FreeDies` (for the binder: a node of the cache, as it is now)."""
+    assert node.topology is not None
+    return FreeDies(node.topology, tuple(free_npus(node)))
+
+
+def _plan(topology: NodeTopology, free: tuple[str, ...], steps: NpuSteps) -> NpuPlan:
+    sets: list[tuple[str, ...]] = []
+    left = free
+    for i, count in enumerate(steps.running):
+        chosen, problem = _step(topology, left, count)
+        if problem is not None:
+            return NpuPlan(tuple(sets), problem, i)
+        sets.append(chosen)
+        taken = set(chosen)
+        left = tuple(d for d in left if d not in taken)
+    for j, (count, before) in enumerate(steps.init):
+        beside = {d for chosen in sets[:before] for d in chosen}
+        _, problem = _step(topology, tuple(d for d in free if d not in beside), count)
+        if problem is not None:
+            return NpuPlan(tuple(sets), problem, len(steps.running) + j)
+    return NpuPlan(tuple(sets))
+
+
+def _step(topology: NodeTopology, free: tuple[str, ...], count: int) -> tuple[tuple[str, ...], str | None]:
+    """One container's dies from ``free`` and why the product's rules refuse them (None: they allow them)."""
+    if count <= 0:
+        return (), None
+    problem = _free_problem(topology, free, count)
+    if problem is not None:
+        return (), problem
+    chosen = _choose(topology, free, count)
+    if len(chosen) < count:
+        return (), f"{len(free)} NPUs free, {count} requested"
+    found, placed = _topology_facts(topology)
+    return chosen, products.shape_problem(found, chosen, placed, len(topology.devices))
 
 
 def choose_cores(node: NodeInfo, count: int) -> list[str]:
@@ -191,6 +275,8 @@ def free_group_sizes(node: NodeInfo) -> list[int]:
 
 
 __all__ = [
+    "FreeDies",
+    "NpuPlan",
     "choose_cores",
     "choose_npus",
     "choose_vnpus",
@@ -202,7 +288,9 @@ __all__ = [
     "free_vnpus",
     "healthy_numa_sizes",
     "never",
+    "node_dies",
     "placements",
+    "plan_npus",
     "product",
     "unplaced_npus",
 ]

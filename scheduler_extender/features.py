@@ -58,6 +58,7 @@ COLUMNS: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "n_devices": (np.int32, (), 0),
     "free_by_device": (np.int32, (), 0),  # healthy whole dies no pod holds
     "free_linked": (np.int32, (), 0),  # of those, the dies whose RoCE link is not down (multi-die requests)
+    "npu_dies": (object, (), None),  # devices.FreeDies: the free dies themselves (several containers' placement)
     "unplaced": (np.int32, (), 0),  # NPUs held by pods whose devices are unknown
     "ruled": (np.bool_, (), False),  # the product limits counts or shapes (counts_ok / counts_never apply)
     "counts_ok": (np.int64, (), 0),  # bit k: the product's rules allow a k-NPU pod with the dies free now
@@ -181,6 +182,7 @@ def _compute_topology_row(info: NodeInfo, topo: NodeTopology, free: list[str], u
     product = devices.product(info)
     row: dict[str, Any] = dict(
         topo=True, shaped=product.shaped, n_devices=len(topo.devices), free_by_device=len(free),
+        npu_dies=devices.FreeDies(topo, tuple(free)),
         free_linked=sum(1 for d in free if topo.devices[d].link_up is not False),
         unplaced=unplaced, vnpus_free=len(devices.free_vnpus(info)), die_cores_max=_most_free_cores(info),
         has_groups=bool(topo.groups), group_need=_covers(devices.free_group_sizes(info)))

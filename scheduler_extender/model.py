@@ -85,16 +85,22 @@ def _resources(spec: Mapping[str, Any] | None) -> dict[str, Decimal]:
     return out
 
 
-def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[dict[str, Decimal], list[tuple[str, dict[str, Decimal]]]]:
-    """(pod total, per container) as kube-scheduler computes them (component-helpers ``PodRequests``): a native
-    sidecar (an init container with ``restartPolicy: Always``) runs beside the containers, so it adds to their sum
-    and holds its devices like one of them (listed first: the kubelet starts it first); a plain init container runs
-    alone beside the sidecars started before it. The pod total is max(containers + sidecars, the largest of those
-    init steps), plus the pod's overhead."""
+Requests = dict[str, Decimal]
+
+
+def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[
+        Requests, list[tuple[str, Requests]], list[tuple[str, Requests, int]]]:
+    """(pod total, running containers, plain init containers) as kube-scheduler computes them (component-helpers
+    ``PodRequests``): a native sidecar (an init container with ``restartPolicy: Always``) runs beside the
+    containers, so it adds to their sum and holds its devices like one of them (listed first: the kubelet starts it
+    first); a plain init container runs alone beside the sidecars started before it (listed with how many of the
+    running containers those are) and gives its devices back before the containers start. The pod total is
+    max(containers + sidecars, the largest of those init steps), plus the pod's overhead."""
     containers = [(c.get("name", ""), _resources(c.get("resources"))) for c in pod_spec.get("containers") or []]
-    sidecars: list[tuple[str, dict[str, Decimal]]] = []
-    sidecar_sum: dict[str, Decimal] = {}
-    init_peak: dict[str, Decimal] = {}
+    sidecars: list[tuple[str, Requests]] = []
+    plain: list[tuple[str, Requests, int]] = []
+    sidecar_sum: Requests = {}
+    init_peak: Requests = {}
     for init in pod_spec.get("initContainers") or []:
         requests = _resources(init.get("resources"))
         if init.get("restartPolicy") == "Always":
@@ -102,17 +108,18 @@ def effective_requests(pod_spec: Mapping[str, Any]) -> tuple[dict[str, Decimal],
             _add(sidecar_sum, requests)
             step = sidecar_sum
         else:
+            plain.append((init.get("name", ""), requests, len(sidecars)))
             step = _add(dict(sidecar_sum), requests)
         for name, value in step.items():
             init_peak[name] = max(init_peak.get(name, Decimal(0)), value)
     running = sidecars + containers
-    total: dict[str, Decimal] = {}
+    total: Requests = {}
     for _, req in running:
         _add(total, req)
     for name, value in init_peak.items():
         total[name] = max(total.get(name, Decimal(0)), value)
     _add(total, _resources(pod_spec.get("overhead") and {"requests": pod_spec["overhead"]}))
-    return total, running
+    return total, running, plain
 
 
 def _add(into: dict[str, Decimal], requests: Mapping[str, Decimal]) -> dict[str, Decimal]:
@@ -139,6 +146,41 @@ def exclusive_cpus(pod_spec: Mapping[str, Any]) -> int:
             if kind == "containers" and cpu == cpu.to_integral_value():
                 total += int(cpu)
     return min(total, 2**31)
+
+
+@dataclass(frozen=True)
+class NpuSteps:
+    """A pod's whole-NPU requests in the order the kubelet's device manager hands them out, one container at a time
+    (GetPreferredAllocation, then Allocate), each from what the ones before left.
+
+    ``running``: the NPUs of each of ``PodInfo.containers`` (native sidecars in spec order, then the containers;
+    0 for those asking for none): they hold their dies together while the pod runs. ``init``: per plain init
+    container asking for NPUs, (its NPUs, how many of ``running`` start before it: the sidecars beside it). A plain
+    init container runs alone beside those sidecars; its dies are given back before the containers start (the
+    kubelet reuses them for the containers), so it needs a set of its own only beside them."""
+
+    running: tuple[int, ...]
+    init: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Every set asked for: the running containers' (those asking for some), then the plain init
+        containers'."""
+        return tuple(n for n in self.running if n > 0) + tuple(n for n, _ in self.init)
+
+    @property
+    def joint(self) -> bool:
+        """More than one container asks for NPUs: where one's set goes decides what the others can get."""
+        return len(self.counts) > 1
+
+    @property
+    def linked(self) -> int:
+        """NPUs that must have their RoCE link up at once: those of containers asking for more than one, running
+        together (the running containers; each plain init container with the sidecars beside it)."""
+        def multi(counts: Iterable[int]) -> int:
+            return sum(n for n in counts if n > 1)
+
+        return max([multi(self.running)] + [multi((n, *self.running[:before])) for n, before in self.init])
 
 
 @dataclass(frozen=True)
@@ -174,6 +216,9 @@ class PodInfo:
     soft_preferences: bool = False
     """The pod asks kube-scheduler to weigh something (preferred node or pod (anti-)affinity, a ScheduleAnyway
     topology spread): the extender must leave it a choice (see ``shortlist``)."""
+    init_containers: tuple[tuple[str, Mapping[str, Decimal], int], ...] = ()
+    """Plain (not sidecar) init containers, in spec order: (name, requests, how many of ``containers`` run beside
+    it: the sidecars started before it). Each runs alone before the containers and gives its devices back."""
 
     @property
     def key(self) -> str:
@@ -203,10 +248,28 @@ class PodInfo:
         return {r: self.request(r) for r in ACCELERATOR_RESOURCES if self.request(r) > 0}
 
     @cached_property
+    def npu_steps(self) -> NpuSteps:
+        """The whole NPUs of each container, in the order the kubelet hands them out (see :class:`NpuSteps`)."""
+        return NpuSteps(running=tuple(int(requests.get(RESOURCE_NPU, 0)) for _, requests in self.containers),
+                        init=tuple((n, before) for _, requests, before in self.init_containers
+                                   if (n := int(requests.get(RESOURCE_NPU, 0))) > 0))
+
+    def npu_step(self, step: int) -> tuple[str, int, int | None]:
+        """Step ``step`` of :attr:`npu_steps` (running containers first, then the plain init containers asking for
+        NPUs): (the container's name, its NPUs, None for a running container, else how many running containers
+        run beside it)."""
+        running = len(self.containers)
+        if step < running:
+            return self.containers[step][0], self.npu_steps.running[step], None
+        name, _, beside = [c for c in self.init_containers if int(c[1].get(RESOURCE_NPU, 0)) > 0][step - running]
+        return name, self.npu_steps.init[step - running][0], beside
+
+    @cached_property
     def npu_counts(self) -> tuple[int, ...]:
-        """The whole NPUs each container asks for (those asking for some): the device plugin gives each its own
-        set, so a product's count and shape rules apply to each of them, not to the pod's total."""
-        counts = tuple(n for _, requests in self.containers if (n := int(requests.get(RESOURCE_NPU, 0))) > 0)
+        """The whole NPUs of each container asking for some, plain init containers included: the device plugin
+        gives each its own set, so a product's count and shape rules apply to each of them, not to the pod's
+        total (one such container, or none named: the pod's total)."""
+        counts = self.npu_steps.counts
         return counts if len(counts) > 1 else ((self.request(RESOURCE_NPU),) if self.request(RESOURCE_NPU) else ())
 
     @property
@@ -304,7 +367,7 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     problems: list[str] = []
-    total, containers = effective_requests(spec)
+    total, containers, init_containers = effective_requests(spec)
     business, explicit = None, False
     if ANNOTATION_BUSINESS_TYPE in annotations:
         try:
@@ -345,6 +408,7 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         namespace=ids.get("namespace") or "default", name=ids.get("name", ""), uid=ids.get("uid", ""),
         node_name=node_name or None, phase_status=(obj.get("status") or {}).get("phase") or "",
         labels=labels, annotations=annotations, requests=total, containers=tuple(containers),
+        init_containers=tuple(init_containers),
         business=business, business_explicit=explicit, qos=qos.qos, phase=phase, pd_group=pd_group(labels),
         numa_policy=numa, vnpu_mode=vnpu_mode, assignment=assignment, problems=tuple(problems),
         creation=ids.get("creationTimestamp", ""), qos_explicit=qos.source is not None,

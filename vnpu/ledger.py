@@ -52,6 +52,9 @@ class VnpuRecord(BaseModel):
     """The process that wrote a ``pending`` record (with its start time): while it lives, the creation may still
     be in flight and the record must not be resolved by anyone else."""
     pid_started: float | None = None
+    recreate: bool = False
+    """A ``pending`` record that replaced a ``created`` one to re-create its vanished vNPU (a container holds it):
+    if that vNPU never appears, the record goes back to ``created`` — and is re-created again — rather than away."""
 
     @property
     def dynamic(self) -> bool:

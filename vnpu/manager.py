@@ -8,7 +8,10 @@ is the I/O edge. Rules that keep vNPUs from leaking or vanishing under a workloa
   caller's ``in_use`` set — from the kubelet's pod-resources API — names it);
 - a vNPU that disappeared behind our back (a reboot) is forgotten, not recreated twice;
 - a pending creation is resolved only ``PENDING_GRACE_S`` after it began, whoever wrote it (a killed npu-smi call
-  may still finish in the driver), and a record is replaced, never removed, before its vNPU is re-created;
+  may still finish in the driver), and a record is replaced, never removed, before its vNPU is re-created — a
+  re-create that never takes effect puts the record back (``created``, retried), it is never dropped;
+- a die with no vNPU is carved only once no container may hold it whole (``apply``'s ``held_whole`` and
+  ``withdraw_grace``);
 - a static plan change creates nothing on a chip while surplus vNPUs of the old plan are still on it.
 """
 
@@ -27,11 +30,11 @@ import psutil
 
 from fuyao.inventory import NpuDevice
 from fuyao.npusmi import NpuSmi, NpuSmiError, NpuSmiTimeout, NpuSmiUnsupported
-from fuyao.npusmi.models import VnpuEntry, VnpuInfo
+from fuyao.npusmi.models import FreeTotal, VnpuEntry, VnpuInfo
 
 from .ledger import OWNER_STATIC, Ledger, VnpuRecord, dynamic_owner
-from .plan import MAX_VNPUS_PER_CHIP, ChipCapacity, Plan, fits_all
-from .templates import Template, smallest_covering
+from .plan import ChipCapacity, Plan, fits_all, vnpu_id_count
+from .templates import Template, aicpu_with_vnpus, smallest_covering
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +57,30 @@ def entry_in_use(entry: VnpuEntry) -> bool:
     return container not in _UNBOUND_CONTAINERS or status not in ("0", "")
 
 
-def vnpu_id_range(physical_id: int) -> range:
-    """The vNPU ids a chip may use: ``phy*16+100`` … ``+115``."""
-    start = physical_id * MAX_VNPUS_PER_CHIP + 100
-    return range(start, start + MAX_VNPUS_PER_CHIP)
+def vnpu_id_range(physical_id: int, chip_model: str = "") -> range:
+    """The vNPU ids a chip may use: ``phy*16+100`` … ``+107`` on a 310P (Atlas inference series), … ``+115`` on
+    the others (:func:`~fuyao.vnpu.plan.vnpu_id_count`)."""
+    start = physical_id * 16 + 100
+    return range(start, start + vnpu_id_count(chip_model))
 
 
-def choose_vnpu_id(physical_id: int, taken: Iterable[int]) -> int | None:
+def choose_vnpu_id(physical_id: int, taken: Iterable[int], chip_model: str = "") -> int | None:
     used = set(taken)
-    return next((i for i in vnpu_id_range(physical_id) if i not in used), None)
+    return next((i for i in vnpu_id_range(physical_id, chip_model) if i not in used), None)
+
+
+def with_sriov_aicpus(info: VnpuInfo, chip_model: str) -> VnpuInfo:
+    """``info-vnpu`` with the AICPUs the driver budgets vNPUs with. A chip without vNPUs has SR-IOV off and reports
+    its AICPUs before the first vNPU turns data CPUs into AICPUs (a 910B4: ``6/6``, then ``x/7``): its free and total
+    AICPUs are raised to the model's figure with vNPUs (:func:`~fuyao.vnpu.templates.aicpu_with_vnpus`), when
+    known and higher. A chip with vNPUs already reports that figure; it is returned as it is."""
+    cpu = info.resources.get("AICPU")
+    sriov = aicpu_with_vnpus(chip_model)
+    if info.vnpus or cpu is None or cpu.total is None or sriov is None or sriov <= cpu.total:
+        return info
+    extra = sriov - cpu.total
+    raised = FreeTotal(free=None if cpu.free is None else cpu.free + extra, total=float(sriov))
+    return info.model_copy(update={"resources": {**info.resources, "AICPU": raised}})
 
 
 @dataclass
@@ -117,6 +135,7 @@ class ApplyReport:
     errors: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # dies in the plan not carved yet: a container may hold them
     deferred: list[str] = field(default_factory=list)  # chips whose new vNPUs wait for their surplus ones to go
+    withdrawing: list[str] = field(default_factory=list)  # dies to carve once withdrawn from whole offers long enough
 
     def summary(self) -> dict[str, object]:
         return {
@@ -128,6 +147,7 @@ class ApplyReport:
             "retiring": [f"{r.device_id}/{r.vnpu_id}" for r in self.retiring],
             "rolled_back": [f"{r.device_id}/{r.vnpu_id}:{r.template}" for r in self.rolled_back],
             "waiting_for_release": self.waiting, "waiting_for_surplus": self.deferred,
+            "waiting_for_withdrawal": self.withdrawing,
         }
 
 
@@ -168,6 +188,8 @@ class VnpuManager:
         self.devices = {d.id: d for d in devices}
         self.on_event = on_event  # (action, result) → metrics
         self.templates = {t.name: t for t in templates}
+        self.clock: Callable[[], float] = time.monotonic
+        self._withdrawn: dict[str, float] = {}  # die → when apply first found it to carve, free (clock)
 
     # Observation -----------------------------------------------------------------------------------------------
     def device(self, device_id: str) -> NpuDevice:
@@ -184,8 +206,9 @@ class VnpuManager:
         return found.chip_model if found is not None else ""
 
     def observe(self, device_id: str) -> VnpuInfo:
+        """The chip's ``info-vnpu``, its AICPUs counted as the driver budgets vNPUs (:func:`with_sriov_aicpus`)."""
         d = self.device(device_id)
-        return self.npu_smi.vnpu_info(d.npu_id, d.chip_id)
+        return with_sriov_aicpus(self.npu_smi.vnpu_info(d.npu_id, d.chip_id), d.chip_model)
 
     def probe(self, device_id: str, vnpu_id: int, template: str | None = None) -> Presence:
         """Is the vNPU on the chip? ``unknown`` when npu-smi cannot tell (never treat that as absent)."""
@@ -249,16 +272,30 @@ class VnpuManager:
                     continue  # its creator may still be waiting on npu-smi
                 presence = self.probe(record.device_id, record.vnpu_id, record.template)
                 if presence == "present":
-                    done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
+                    done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None,
+                                                     "recreate": False})
                     self.ledger.replace(record, done)
                     adopted.append(done)
                     log.info("adopted vNPU %d on %s (created before a crash)", record.vnpu_id, record.device_id,
                              extra={"device": record.device_id, "vnpu": record.vnpu_id, "template": record.template})
                 elif presence == "absent" and pending_expired(record, time.time()):
-                    self.ledger.remove(record)  # the killed npu-smi call can no longer take effect
-                    log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id,
-                             record.device_id, extra={"device": record.device_id, "vnpu": record.vnpu_id})
+                    self._expire(record)
         return adopted
+
+    def _expire(self, record: VnpuRecord) -> None:
+        """A pending creation that never took effect and no longer can: dropped — unless it re-created a vNPU a
+        container holds (``recreate``), whose record goes back to ``created`` (its vNPU still absent), so the next
+        :meth:`collect_dynamic` re-creates it again (or drops it once nobody holds it)."""
+        if record.recreate:
+            back = record.model_copy(update={"state": "created", "pid": None, "pid_started": None, "recreate": False})
+            self.ledger.replace(record, back)
+            log.warning("re-creating vNPU %d on %s never took effect; its record is kept and the re-create retried",
+                        record.vnpu_id, record.device_id,
+                        extra={"device": record.device_id, "vnpu": record.vnpu_id, "owner": record.owner})
+            return
+        self.ledger.remove(record)  # the killed npu-smi call can no longer take effect
+        log.info("dropped pending vNPU %d on %s: it was never created", record.vnpu_id, record.device_id,
+                 extra={"device": record.device_id, "vnpu": record.vnpu_id})
 
     # Changes ----------------------------------------------------------------------------------------------------
     def create(self, device_id: str, template: Template, owner: str, vnpu_id: int | None = None,
@@ -272,16 +309,21 @@ class VnpuManager:
             d = self.device(device_id)
         except NpuSmiError as exc:
             raise VnpuError(str(exc)) from None
+        ids = vnpu_id_range(d.physical_id, d.chip_model)
+        where = f"a {d.chip_model or 'chip'} with physical id {d.physical_id} has vNPU ids {ids.start}..{ids.stop - 1}"
+        if vnpu_id is not None and vnpu_id not in ids:
+            raise VnpuError(f"cannot create vNPU {vnpu_id} on {device_id}: {where} (phy_id*16+100 .. "
+                            f"+{99 + len(ids)})")
         with self.ledger.transaction():
             entries = {e.vnpu_id for e in self.observe(device_id).vnpus}
             if vnpu_id is None:
                 taken = entries | {r.vnpu_id for r in self.ledger.records() if r.device_id == device_id}
-                vnpu_id = choose_vnpu_id(d.physical_id, taken)
+                vnpu_id = choose_vnpu_id(d.physical_id, taken, d.chip_model)
                 if vnpu_id is None:
-                    raise VnpuError(f"{device_id} has no free vNPU id (16 per chip)")
+                    raise VnpuError(f"{device_id} has no free vNPU id: {where}, all taken")
             record = VnpuRecord(vnpu_id=vnpu_id, device_id=device_id, npu_id=d.npu_id, chip_id=d.chip_id,
                                 template=template.name, owner=owner, state="pending", at=time.time(),
-                                pid=os.getpid(), pid_started=_SELF_STARTED)
+                                pid=os.getpid(), pid_started=_SELF_STARTED, recreate=replacing is not None)
             if replacing is not None:
                 self.ledger.replace(replacing, record)
             else:
@@ -308,7 +350,8 @@ class VnpuManager:
                                              f"outcome ({exc}); it stays pending until npu-smi answers") from None
                 log.warning("npu-smi reported an error but vNPU %d on %s exists; keeping it: %s", vnpu_id,
                             device_id, exc)
-            done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None})
+            done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None,
+                                             "recreate": False})
             self.ledger.replace(record, done)
         self._event("create", "ok")
         log.info("created vNPU %d (%s) on %s for %s", vnpu_id, template.name, device_id, owner,
@@ -336,7 +379,7 @@ class VnpuManager:
 
     def apply(self, plan: Plan, in_use: set[tuple[str, int]] | None,
               destroyable: set[tuple[str, int]] | None = None,
-              held_whole: Collection[str] | None = ()) -> ApplyReport:
+              held_whole: Collection[str] | None = (), withdraw_grace: float = 0.0) -> ApplyReport:
         """Make the static vNPUs match ``plan``. ``in_use``: (device, vNPU id) pairs containers hold, from the
         kubelet; None when that is unknown — then nothing is destroyed (creations still happen on chips with no
         surplus vNPU). A chip whose surplus vNPUs stay (in use, retiring, or not destroyed) gets no new ones until
@@ -344,7 +387,13 @@ class VnpuManager:
         when given, only these surplus vNPUs are destroyed now; the others are reported as ``retiring`` (the
         caller stops advertising them first and destroys them a grace period later). ``held_whole``: dies a
         container holds as a whole NPU (None: unknown): a die with no vNPU yet is not carved while it may be held
-        (its vNPUs would be handed to other pods while the container uses the die); it is carved once released."""
+        (its vNPUs would be handed to other pods while the container uses the die); it is carved once released.
+        ``withdraw_grace``: for a caller that offers dies whole (the device plugin's ``npu.huawei.com/NPU``), which
+        must stop offering every die the plan carves (``plan.carved``) as soon as apply reports it
+        (``withdrawing``): such a die is carved only on an apply at least this long after the first that found it
+        free, and only if ``held_whole`` (asked anew, after the withdrawal) still does not name it — the kubelet may
+        have handed it out whole just before the withdrawal and records that only after Allocate returns. A die
+        found held starts over. 0 (a caller that offers no die whole): carved at once."""
         with self.ledger.transaction():
             report = ApplyReport(adopted=self.recover())
             records = self.ledger.records()
@@ -399,14 +448,34 @@ class VnpuManager:
                              " + ".join(f"{n} x {t.name}" for t, n in parts))
                     continue
                 fresh = not observed.get(device_id) and not any(r.device_id == device_id for r in records)
-                if fresh and (held_whole is None or device_id in held_whole):
-                    report.waiting.append(device_id)
-                    log.info("%s is in the vNPU plan but %s: carved once it is free", device_id,
-                             "a container holds it whole" if held_whole is not None else
-                             "the kubelet's view of who holds it is unknown")
+                if fresh and not self._may_carve(device_id, held_whole, withdraw_grace, report):
                     continue
+                self._withdrawn.pop(device_id, None)
                 report.created.extend(self._create_split(device_id, parts, report))
+            for device_id in set(self._withdrawn) - set(by_device):  # no longer to carve here
+                del self._withdrawn[device_id]
             return report
+
+    def _may_carve(self, device_id: str, held_whole: Collection[str] | None, withdraw_grace: float,
+                   report: ApplyReport) -> bool:
+        """Whether a die with no vNPU may be carved now (see :meth:`apply`); else it is reported ``waiting`` (held,
+        or unknown) or ``withdrawing`` (free, but not withdrawn from whole offers for ``withdraw_grace`` yet)."""
+        if held_whole is not None and device_id in held_whole:
+            self._withdrawn.pop(device_id, None)  # once released, it must stay withdrawn a whole grace again
+        if held_whole is None or device_id in held_whole:
+            report.waiting.append(device_id)
+            log.info("%s is in the vNPU plan but %s: carved once it is free", device_id,
+                     "a container holds it whole" if held_whole is not None else
+                     "the kubelet's view of who holds it is unknown")
+            return False
+        now = self.clock()
+        since = self._withdrawn.setdefault(device_id, now)
+        if now - since < withdraw_grace:
+            report.withdrawing.append(device_id)
+            log.info("%s is in the vNPU plan and free: carved once it has not been offered whole for %gs and is "
+                     "still free", device_id, withdraw_grace)
+            return False
+        return True
 
     def _create_split(self, device_id: str, parts: list[tuple[Template, int]], report: ApplyReport) -> list[VnpuRecord]:
         """Create the missing vNPUs of one chip — a chip with no surplus vNPU of ours left (:meth:`apply` defers the
@@ -503,16 +572,15 @@ class VnpuManager:
         presence = self.probe(pending.device_id, pending.vnpu_id, pending.template)
         now = time.time()
         if presence == "present":
-            done = pending.model_copy(update={"state": "created", "pid": None, "pid_started": None, "at": now})
+            done = pending.model_copy(update={"state": "created", "pid": None, "pid_started": None, "at": now,
+                                              "recreate": False})
             self.ledger.replace(pending, done)
             log.info("adopted vNPU %d on %s: the earlier creation for these cores finished", pending.vnpu_id,
                      pending.device_id, extra={"device": pending.device_id, "vnpu": pending.vnpu_id,
                                                "template": pending.template, "owner": pending.owner})
             return done
         if presence == "absent" and pending_expired(pending, now):
-            self.ledger.remove(pending)
-            log.info("dropped pending vNPU %d on %s: it was never created", pending.vnpu_id, pending.device_id,
-                     extra={"device": pending.device_id, "vnpu": pending.vnpu_id})
+            self._expire(pending)  # a re-create's record is back to created: the caller finds it absent, anew
             return None
         wait = max(1, math.ceil(pending.at + PENDING_GRACE_S - now))
         why = ("npu-smi cannot tell now whether it exists" if presence == "unknown" else
@@ -525,15 +593,16 @@ class VnpuManager:
 
     def _chip_rules(self, device_id: str, info: VnpuInfo, template: Template,
                     templates: Sequence[Template]) -> str | None:
-        """Why ``template`` may not join the chip's vNPUs under its family's rules (a 310P's vGroups, at most 7
-        vNPUs, DVPP), None when it may; the AICore and AICPU budget is checked by the caller."""
+        """Why ``template`` may not join the chip's vNPUs under its family's rules (a 310P's vGroups and at most 7
+        vNPUs; on every chip, a template taking every media unit shares it only with media-less ones), None when
+        it may; the AICore and AICPU budget is checked by the caller."""
         r = info.resources
         core, cpu = r.get("AICORE"), r.get("AICPU")
         capacity = ChipCapacity(aicore=int(core.total) if core and core.total is not None else 10**6,
                                 memory_gb=float("inf"), chip_model=self._chip_model(device_id),
                                 aicpu=int(cpu.total) if cpu and cpu.total is not None else None)
-        if not capacity.is_310p:
-            return None
+        if not capacity.is_310p:  # no vGroups: of the rules only the media one is left
+            capacity = ChipCapacity(aicore=10**6, memory_gb=float("inf"), chip_model=capacity.chip_model)
         known = {t.name: t for t in templates} | self.templates
         counts = Counter(e.template for e in info.vnpus)
         counts[template.name] += 1

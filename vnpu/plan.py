@@ -24,7 +24,19 @@ from fuyao.inventory import NpuDevice
 
 from .templates import Template, smallest_covering
 
-MAX_VNPUS_PER_CHIP = 16  # vNPU ids phy*16+100 .. +115
+MAX_VNPUS_PER_CHIP = 16  # vNPU ids phy*16+100 .. +115 (Atlas training series, A2, A3)
+INFERENCE_VNPU_IDS = 8  # vNPU ids phy*16+100 .. +107 (Atlas inference series: 310P)
+
+
+def is_310p_model(chip_model: str) -> bool:
+    """npu-smi's chip name (``310P3``, ``Ascend310P3``) is an Atlas inference series (310P) chip."""
+    return chip_model.strip().upper().removeprefix("ASCEND").startswith("310P")
+
+
+def vnpu_id_count(chip_model: str) -> int:
+    """How many vNPU ids a chip has (Ascend's "Creating vNPUs", ``-v vnpu_id``): ``phy_id*16+100`` … ``+107`` on
+    the Atlas inference series (310P), … ``+115`` on the others."""
+    return INFERENCE_VNPU_IDS if is_310p_model(chip_model) else MAX_VNPUS_PER_CHIP
 
 
 class PlanError(ValueError):
@@ -151,7 +163,7 @@ class ChipCapacity(BaseModel):
 
     @property
     def is_310p(self) -> bool | None:
-        return self.chip_model.upper().startswith("310P") if self.chip_model else None
+        return is_310p_model(self.chip_model) if self.chip_model else None
 
 
 class DevicePlan(BaseModel):
@@ -218,7 +230,27 @@ def fits_all(parts: Sequence[tuple[Template, int]], capacity: ChipCapacity) -> s
         return f"{what} need {cpus} AICPU, the chip has {capacity.aicpu}"
     family = capacity.is_310p  # the 910 A1's vir02/vir04 share names with 310P templates, not their rules
     if parts and (family or (family is None and all(_P310_TEMPLATE.match(t.name) for t, _ in parts))):
-        return _vgroup_problem(parts, capacity, what)
+        problem = _vgroup_problem(parts, capacity, what)
+        if problem:
+            return problem
+    return _media_problem(parts, what)
+
+
+# A template ending in _m / _dvpp takes every media unit of its chip (VPC, VDEC, JPEGD, PNGD, VENC, JPEGE), one ending
+# in _nm / _ndvpp takes none (Ascend's template naming): only media-less templates may share a chip with the former.
+_ALL_MEDIA = re.compile(r"_(m|dvpp)$")
+_NO_MEDIA = re.compile(r"_(nm|ndvpp)$")
+
+
+def _media_problem(parts: Sequence[tuple[Template, int]], what: str) -> str | None:
+    names = {t.name: n for t, n in parts if n}
+    every = [name for name in names if _ALL_MEDIA.search(name)]
+    if not every:
+        return None
+    others = [name for name in names if not _NO_MEDIA.search(name)]
+    if names[every[0]] > 1 or len(others) > 1:
+        return (f"{what}: {every[0]} takes every media unit of the chip; only templates without media units "
+                "(_nm, _ndvpp) may share its chip (rule dvpp)")
     return None
 
 
@@ -245,9 +277,6 @@ def _vgroup_problem(parts: Sequence[tuple[Template, int]], capacity: ChipCapacit
     if cores > capacity.aicore:
         return (f"{what} need {cores} AICore (a vir01 vGroup takes 2, shared by two vir01), the chip has "
                 f"{capacity.aicore} (rule 310p/vgroups)")
-    if "vir04_4c_dvpp" in count and set(count) - {"vir04_4c_dvpp", "vir04_3c_ndvpp"}:
-        return (f"{what}: vir04_4c_dvpp takes every media unit; only vir04_3c_ndvpp may share its chip "
-                "(rule 310p/dvpp)")
     return None
 
 
@@ -283,6 +312,11 @@ def make_plan(config: VnpuConfig, devices: Sequence[NpuDevice], templates: Seque
                 raise PlanError(problem, index, entry.device_id)
         else:
             parts = ((_choose(entry, templates, cap, names, index), entry.vnpu_count),)
+        ids = vnpu_id_count(device.chip_model)
+        count = sum(n for _, n in parts)
+        if count > ids:
+            raise PlanError(f"{count} vNPUs, but a {device.chip_model} chip has {ids} vNPU ids (phy_id*16+100 .. "
+                            f"+{99 + ids})", index, entry.device_id)
         planned.append(DevicePlan(device_id=device.id, npu_id=device.npu_id, chip_id=device.chip_id,
                                   physical_id=device.physical_id, parts=parts))
     plan = Plan(devices=tuple(planned))
@@ -296,7 +330,7 @@ def _duo_cards_one_mode(plan: Plan, devices: Sequence[NpuDevice], config: VnpuCo
     carved = plan.carved
     cards: dict[int, list[NpuDevice]] = {}
     for device in devices:
-        if device.chip_model.upper().startswith("310P"):
+        if is_310p_model(device.chip_model):
             cards.setdefault(device.npu_id, []).append(device)
     for npu_id, chips in sorted(cards.items()):
         split = [d for d in chips if d.id in carved]

@@ -32,8 +32,13 @@ def parse_numa_policy(raw: str) -> NumaPolicy:
 
 
 class InterconnectKind(StrEnum):
+    """How the devices of an interconnect group are joined (``npu-smi info -t topo``): HCCS (one mesh of the whole
+    node, or several groups), UB (UnifiedBus, Ascend 950: its topo legend prints ``UB = Connection traversing
+    UB``), or only PCIe."""
+
     HCCS_MESH = "hccs-mesh"
     HCCS_RING = "hccs-ring"
+    UB = "ub"
     PCIE = "pcie"
     UNKNOWN = "unknown"
 

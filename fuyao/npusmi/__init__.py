@@ -7,7 +7,9 @@ from .errors import (
     NpuSmiError,
     NpuSmiNotFound,
     NpuSmiParseError,
+    NpuSmiPhysicalIdUnknown,
     NpuSmiTimeout,
+    NpuSmiTruncated,
     NpuSmiUnsupported,
 )
 from .models import NpuHealthState
@@ -21,6 +23,8 @@ __all__ = [
     "NpuSmiError",
     "NpuSmiNotFound",
     "NpuSmiParseError",
+    "NpuSmiPhysicalIdUnknown",
     "NpuSmiTimeout",
+    "NpuSmiTruncated",
     "NpuSmiUnsupported",
 ]

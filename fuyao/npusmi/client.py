@@ -24,6 +24,7 @@ from .models import (
     KeyValueReport,
     NpuCount,
     NpuSmiInfo,
+    PhyIdRemap,
     SetResult,
     Topology,
     VnpuInfo,
@@ -124,6 +125,10 @@ class NpuSmi:
 
     def chip_map(self) -> list[ChipMapping]:
         return parse.parse_chip_map(self.run(["info", "-m"]))
+
+    def phyid_remap(self, phy_id: int) -> PhyIdRemap:
+        """Which card and chip physical id ``phy_id`` (``/dev/davinci<phy_id>``) is."""
+        return parse.parse_phyid_remap(self.run(["info", "-t", "phyid-remap", "-p", str(phy_id)]))
 
     def health(self, npu_id: int, chip_id: int | None = None) -> HealthReport:
         return parse.parse_health(self.run(["info", "-t", "health", *_target(npu_id, chip_id)]))

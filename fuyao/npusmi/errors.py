@@ -52,3 +52,20 @@ class NpuSmiParseError(NpuSmiError):
         self.line_no = line_no
         at = f" at line {line_no}: {line.strip()!r}" if line is not None and line_no is not None else ""
         super().__init__(f"cannot parse npu-smi {what}: {reason}{at}", command)
+
+
+class NpuSmiTruncated(NpuSmiParseError):
+    """The output stops inside a table (a row or border cut short, or no closing border): ``line`` is the last line
+    printed and ``reason`` says what was expected after it."""
+
+
+class NpuSmiPhysicalIdUnknown(NpuSmiError):
+    """npu-smi lists chips whose physical id (the N of ``/dev/davinciN``) it does not tell: no ``Phy-ID`` column in
+    ``npu-smi info`` or ``info -m``, and no ``info -t phyid-remap -p N`` answer naming them. The logic id is not a
+    stand-in (it differs from the physical id once a chip is missing or in a container), so such a chip cannot be
+    handed out. ``chips``: (NPU ID, Chip ID) of each."""
+
+    def __init__(self, chips: tuple[tuple[int, int], ...], hint: str = "", command: tuple[str, ...] = ()):
+        self.chips = chips
+        named = ", ".join(f"NPU {n} chip {c}" for n, c in chips)
+        super().__init__(f"no physical id (/dev/davinciN) for {named}{': ' + hint if hint else ''}", command)

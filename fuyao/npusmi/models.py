@@ -47,7 +47,10 @@ class ChipStatus(_Model):
 
     npu_id: int
     chip_id: int
-    phy_id: int | None = Field(default=None, description="From the 'Phy-ID' or 'Device' column when printed")
+    phy_id: int | None = Field(default=None, description="From the 'Phy-ID' column when printed (A3): the N of "
+                                                         "/dev/davinciN")
+    logic_id: int | None = Field(default=None, description="From the 'Device' column when printed (310/310P "
+                                                           "tables): the chip's logic id, not its physical id")
     name: str
     health: NpuHealthState
     health_raw: str
@@ -98,6 +101,16 @@ class ChipMapping(_Model):
     def is_compute_chip(self) -> bool:
         """MCU rows carry no logic id and are not compute dies."""
         return self.logic_id is not None and self.name.lower() != "mcu"
+
+
+class PhyIdRemap(_Model):
+    """``npu-smi info -t phyid-remap -p P``: which card and chip (and logic id) physical id P (``/dev/davinciP``)
+    is."""
+
+    phy_id: int
+    logic_id: int | None
+    npu_id: int
+    chip_id: int
 
 
 class HealthReport(_Model):

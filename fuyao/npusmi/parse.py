@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import NpuSmiParseError, NpuSmiUnsupported
+from .errors import NpuSmiParseError, NpuSmiTruncated, NpuSmiUnsupported
 from .models import (
     ChipMapping,
     ChipStatus,
@@ -24,6 +24,7 @@ from .models import (
     NpuCount,
     NpuHealthState,
     NpuSmiInfo,
+    PhyIdRemap,
     ProcessRow,
     SetResult,
     Topology,
@@ -122,11 +123,24 @@ class _Block:
 
 
 def _boxed_blocks(text: str, what: str) -> list[_Block]:
-    """Split a boxed table into blocks of bordered rows, each closed by a ``+---+`` or ``+===+`` line."""
+    """Split a boxed table into blocks of bordered rows, each closed by a ``+---+`` or ``+===+`` line. Output that
+    stops inside the table (the last row or border cut short, or no closing border after the last row) raises
+    :class:`NpuSmiTruncated` naming the last line and what should have followed."""
+    lines = text.splitlines()
+    last_no = next((i for i in range(len(lines), 0, -1) if lines[i - 1].strip()), 0)
+    widths = [len(ln.strip()) for ln in lines if _SEPARATOR.match(ln.strip())]
+    if last_no:
+        last = lines[last_no - 1].strip()
+        if last.startswith("|") and not last.endswith("|"):
+            raise NpuSmiTruncated(what, "output ends inside a table row (truncated?): expected the row to end with "
+                                        "'|'", lines[last_no - 1], last_no)
+        if re.fullmatch(r"\+[-=+]*", last) and widths and len(last) < max(widths):
+            raise NpuSmiTruncated(what, f"output ends inside a border line (truncated?): expected {max(widths)} "
+                                        f"characters, got {len(last)}", lines[last_no - 1], last_no)
     blocks: list[_Block] = []
     rows: list[_Row] = []
     seen_box = False
-    for no, line in enumerate(text.splitlines(), 1):
+    for no, line in enumerate(lines, 1):
         stripped = line.strip()
         if not stripped:
             continue
@@ -144,11 +158,12 @@ def _boxed_blocks(text: str, what: str) -> list[_Block]:
             rows.append(_Row(inner.split("|"), line, no))
         else:
             log.debug("npu-smi %s: skipping unboxed line %d: %r", what, no, line)
-    if rows:
-        blocks.append(_Block(rows, ""))
     if not seen_box:
         first = _first_line(text)
         raise NpuSmiParseError(what, "no table found", first[1], first[0])
+    if rows:
+        raise NpuSmiTruncated(what, "table ends without its closing border (truncated output?): expected a "
+                                    "'+---+' line after this row", rows[-1].raw, rows[-1].line_no)
     return [b for b in blocks if b.rows or b.closed_by]
 
 
@@ -211,10 +226,6 @@ def parse_info(text: str) -> NpuSmiInfo:
             chips.extend(_chip_rows(block, header))
         else:
             processes.extend(_process_rows(block, header))
-    if blocks and blocks[-1].rows and not blocks[-1].closed_by:
-        last = blocks[-1].rows[-1]
-        raise NpuSmiParseError("info", "table ends without its closing border (truncated output?)", last.raw,
-                               last.line_no)
     if header is None:
         line = next((r for b in blocks for r in b.rows), None)
         raise NpuSmiParseError("info", "no table header (expected 'NPU  Name | Health | ...')",
@@ -253,11 +264,11 @@ def _chip_rows(block: _Block, header: list[list[list[str]]]) -> Iterator[ChipSta
         if npu_id is None or chip_id is None:
             raise NpuSmiParseError("info", "NPU and Chip must be integers", rows[i].raw, rows[i].line_no)
         health_raw = values.get("health") or ""
-        phy = values.get("phyid", values.get("device"))
         yield ChipStatus(
             npu_id=npu_id,
             chip_id=chip_id,
-            phy_id=_to_int(phy),
+            phy_id=_to_int(values.get("phyid")),
+            logic_id=_to_int(values.get("device")),  # 310/310P "Device": the logic id (not /dev/davinciN)
             name=values.get("name") or "",
             health=NpuHealthState.parse(health_raw),
             health_raw=health_raw,
@@ -359,6 +370,17 @@ def parse_health(text: str) -> HealthReport:
         error_codes=tuple(codes),
         error_information=tuple(infos),
     )
+
+
+def parse_phyid_remap(text: str) -> PhyIdRemap:
+    """``npu-smi info -t phyid-remap -p P``: ``Chip Physical ID``, ``Chip Logic ID``, ``NPU ID``, ``Chip ID``."""
+    report = parse_key_values(text, "-t phyid-remap")
+    phy, npu, chip = (_to_int(report.first(k)) for k in ("Chip Physical ID", "NPU ID", "Chip ID"))
+    if phy is None or npu is None or chip is None or npu < 0:
+        first = _first_line(text)
+        raise NpuSmiParseError("-t phyid-remap", "expected integer 'Chip Physical ID', 'NPU ID' and 'Chip ID'",
+                               first[1], first[0])
+    return PhyIdRemap(phy_id=phy, logic_id=_to_int(report.first("Chip Logic ID")), npu_id=npu, chip_id=chip)
 
 
 _CONTINUATION = re.compile(r"^\s*:\s*(\S.*?)\s*$")

@@ -23,6 +23,7 @@ from fuyao.contracts import (
     RESOURCE_VNPU,
 )
 
+from .. import devices
 from ..features import MAX_COVER, RESOURCE_COLUMN, NodeView
 from ..framework import Cycle, Reject, Verdicts
 from ..model import PodInfo
@@ -57,9 +58,17 @@ class DeviceFitReject(Reject):
 R = DeviceFitReject
 
 
-def _linked_need(counts: tuple[int, ...]) -> int:
-    """NPUs that must have their RoCE link up: those of containers asking for more than one."""
-    return sum(c for c in counts if c > 1)
+def _plan_reason(pod: PodInfo, plan: devices.NpuPlan) -> str:
+    """Which of the pod's containers gets no set its product allows, after what the ones before it got."""
+    name, want, beside = pod.npu_step(plan.failed)
+    placed = zip((n for n, _ in pod.containers[:beside]), plan.sets, strict=False)  # beside None: all before it
+    after = "; ".join(f"{n or '?'} got {', '.join(chosen)}" for n, chosen in placed if chosen)
+    what = f"{'container' if beside is None else 'init container'} {name or '?'} asking for {want} NPUs"
+    if beside is not None:
+        what += " (it runs before the containers, beside only the sidecars started before it)"
+    return (f"{what} gets no set the node's product allows"
+            f"{f' after {after}' if after else ''} (the device plugin gives each container its set in turn, from "
+            f"what the ones before left): {plan.problem}")
 
 
 @register("device-fit", DeviceFitArgs)
@@ -99,9 +108,9 @@ class DeviceFitPlugin:
                 mark(~topo, R.NO_TOPOLOGY, request)
             if resource == RESOURCE_NPU:
                 # the device plugin gives each container its own set: links and product rules apply per container
-                counts = pod.npu_counts
+                steps, counts = pod.npu_steps, pod.npu_counts
                 mark(topo & (view.free_by_device < want), R.UNHEALTHY, request)
-                if linked := _linked_need(counts):
+                if linked := steps.linked:
                     mark(topo & (view.free_linked < linked), R.LINKS, request)
                 if max(counts) > 1:
                     mark(topo & view.shaped & (view.unplaced > 0), R.UNPLACED, request)
@@ -109,9 +118,15 @@ class DeviceFitPlugin:
                 for count in counts:
                     if count <= 62:
                         mark(ruled & ((view.counts_never >> count) & 1).astype(bool), R.COUNT_NEVER, request)
-                for count in counts:
-                    if count <= 62:
-                        mark(ruled & ~((view.counts_ok >> count) & 1).astype(bool), R.SHAPE_NOW, request)
+                if steps.joint:  # one after another, each from what the ones before left (as the kubelet asks)
+                    dies, unplaceable = view.npu_dies, np.zeros(len(view), dtype=bool)
+                    for i in np.flatnonzero(ruled & (out == 0)).tolist():
+                        unplaceable[i] = devices.plan_npus(dies[i], steps).problem is not None
+                    mark(unplaceable, R.SHAPE_NOW, request)
+                else:
+                    for count in counts:
+                        if count <= 62:
+                            mark(ruled & ~((view.counts_ok >> count) & 1).astype(bool), R.SHAPE_NOW, request)
             elif resource == RESOURCE_NPU_CORE:
                 mark(topo & (view.die_cores_max < want), R.CORES, request)
             elif resource == RESOURCE_VNPU:
@@ -138,12 +153,14 @@ class DeviceFitPlugin:
         if kind == R.UNHEALTHY:
             return [f"{n} healthy free NPUs by device, {want} requested" for n in view.free_by_device[at].tolist()]
         if kind == R.LINKS:
-            linked = _linked_need(pod.npu_counts)
+            linked = pod.npu_steps.linked
             return [f"{n} free NPUs with their RoCE link up, {linked} requested by multi-NPU containers (NPUs whose "
                     "link is down take single-NPU containers only)" for n in view.free_linked[at].tolist()]
         if kind == R.UNPLACED:
             return [f"{n} NPUs of this node are held by pods bound without {ANNOTATION_POD_ASSIGNED}: whether "
                     "dies its product lets go together are free is unknown" for n in view.unplaced[at].tolist()]
+        if kind == R.SHAPE_NOW and pod.npu_steps.joint:
+            return [_plan_reason(pod, devices.plan_npus(dies, pod.npu_steps)) for dies in view.npu_dies[at].tolist()]
         if kind in (R.COUNT_NEVER, R.SHAPE_NOW):
             counts = pod.npu_counts
             bits = (view.counts_never if kind == R.COUNT_NEVER else ~view.counts_ok)[at].tolist()

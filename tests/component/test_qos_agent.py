@@ -68,10 +68,15 @@ def test_sigterm_stops_the_daemon(tmp_path: Path) -> None:
                              "--interval", "0.2s", "--metrics-address", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        started = []  # its log up to the metrics line (a loaded machine takes seconds to import it)
+        for line in proc.stderr:  # type: ignore[union-attr]
+            started.append(line)
+            if "metrics on http://127.0.0.1:" in line:
+                break
+        assert started and "metrics on" in started[-1], "".join(started)
+        time.sleep(0.5)  # the signal handlers come right after
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-        assert "metrics on http://127.0.0.1:" in proc.stderr.read()  # type: ignore[union-attr]
     finally:
         proc.kill()

@@ -43,11 +43,13 @@ USER = "npu-operator"
 
 
 def _chart_rbac() -> list[dict[str, Any]]:
-    """The npu-operator chart's ClusterRole and Role, bound to USER instead of the chart's ServiceAccount."""
+    """The npu-operator chart's ClusterRole and Role, bound to USER instead of the chart's ServiceAccount (not the
+    hooks' own: the CRD upgrade Job's account is another)."""
     out = subprocess.run([binary("helm"), "template", "npu-operator", str(REPO / "charts" / "npu-operator"),
                           "--namespace", NS], capture_output=True, text=True, check=True, timeout=60).stdout
     docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("ClusterRole", "Role",
-                                                                       "ClusterRoleBinding", "RoleBinding")]
+                                                                       "ClusterRoleBinding", "RoleBinding")
+            and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
     for doc in docs:
         doc["metadata"].pop("labels", None)
         if doc["kind"].endswith("Binding"):

@@ -61,7 +61,7 @@ def local_values(cluster: LocalCluster, image: str) -> dict[str, dict[str, Any]]
         "scheduler-extender": {**common, "service": {"clusterIP": EXTENDER_CLUSTER_IP}},
         "qos-agent": {**common, "tolerations": [], "interval": "2s"},
         "ai-inference-optimization": {**common, "router": {"replicas": 1, "pdSeparation": {"enabled": True}},
-                                      "kvCache": {"size": "256Mi"}},
+                                      "kvCache": {"size": "256Mi", "blockSize": 16}},  # the engine simulator's blocks
     }
 
 

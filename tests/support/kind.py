@@ -163,7 +163,7 @@ class KindCluster(KubeCluster):
             "scheduler-extender": {**common, "service": {"clusterIP": EXTENDER_CLUSTER_IP}},
             "qos-agent": {**common, "interval": "2s"},
             "ai-inference-optimization": {**common, "router": {"replicas": 1, "pdSeparation": {"enabled": True}},
-                                          "kvCache": {"size": "256Mi"}},
+                                          "kvCache": {"size": "256Mi", "blockSize": 16}},  # the simulator's blocks
         }
 
     # Bring-up --------------------------------------------------------------------------------------------------

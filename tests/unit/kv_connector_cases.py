@@ -26,9 +26,16 @@ from typing import Any, overload
 import torch
 from vllm.config import KVTransferConfig, ParallelConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from fuyao.kvcache.blockstore import DEFAULT_QUEUE_BYTES
-from fuyao.kvcache.connector import FuyaoConnectorMetadata, FuyaoKVConnector, namespace_of, stable
+from fuyao.kvcache.connector import (
+    FuyaoConnectorMetadata,
+    FuyaoKVConnector,
+    namespace_of,
+    parallelism_problem,
+    stable,
+)
 
 MARK = "KV-CONNECTOR-CASES "
 BS = 4
@@ -43,7 +50,7 @@ class Model:
 
     served_model_name = "tiny"
     model = "/models/tiny"
-    dtype = "bfloat16"
+    dtype = torch.bfloat16  # a torch dtype, as vLLM's ModelConfig.dtype (its CPU kernel choice compares it)
 
     def get_num_kv_heads(self, parallel: Any) -> int:
         return HEADS
@@ -56,14 +63,14 @@ class Model:
 
 
 def vllm_config(tier: Path, policy: str = "recompute", layout: str = "LBHNC", model: Any = None,
-                extra: dict[str, Any] | None = None) -> Any:
+                extra: dict[str, Any] | None = None, parallel: Any = None, block_size: int = BS) -> Any:
     transfer = KVTransferConfig(kv_connector="FuyaoKVConnector", kv_connector_module_path="fuyao.kvcache.connector",
                                 kv_role="kv_both", kv_load_failure_policy=policy,
                                 kv_connector_extra_config={"path": str(tier), **(extra or {})})
     return SimpleNamespace(
         model_config=model or Model(), kv_transfer_config=transfer,
-        cache_config=SimpleNamespace(block_size=BS, cache_dtype="auto", kv_cache_layout=layout),
-        parallel_config=ParallelConfig(),  # one rank
+        cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto", kv_cache_layout=layout),
+        parallel_config=parallel or ParallelConfig(),  # one rank
         device_config=SimpleNamespace(device_type="cpu"))
 
 
@@ -393,12 +400,80 @@ def a_growing_request_reads_each_token_a_bounded_number_of_times(tier: Path) -> 
     engine.close()
 
 
+def the_tier_is_a_best_effort_disk_cache_to_vllm(tier: Path) -> None:
+    """vLLM asks ``requires_kv_delivery`` (for kv_both its default is True: a preempted request is recomputed for a
+    pending hand-off) and labels external hits by ``get_external_cache_hit_sources``: the tier is a best-effort
+    cache on a volume, its hits ``disk``."""
+    seeded(tier, 2)
+    engine = Engine(tier)
+    scheduler = engine.scheduler
+    assert scheduler._kv_transfer_config.is_kv_producer  # kv_both: vLLM's default would be True
+    assert scheduler.requires_kv_delivery is False and engine.worker.requires_kv_delivery is False
+    request = Request("r", PROMPT[:2 * BS + 1])
+    hits = engine.admit(request)
+    assert hits == 2 * BS
+    sources = scheduler.get_external_cache_hit_sources(request, hits)
+    assert sources == {CacheHitSource.DISK: hits} and next(iter(sources)).value == "disk", sources
+    assert scheduler.get_external_cache_hit_sources(request, 0) == {}
+    engine.close()
+
+
+def context_parallelism_keeps_the_connector_off(tier: Path) -> None:
+    """Prefill or decode context parallelism (each rank computes or holds its own tokens of a block), like tensor and
+    pipeline parallelism: nothing is looked up, loaded or stored, and the reason names the setting."""
+    seeded(tier, 2)
+    for field_name in ("prefill_context_parallel_size", "decode_context_parallel_size", "tensor_parallel_size",
+                       "pipeline_parallel_size"):
+        parallel = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, prefill_context_parallel_size=1,
+                                   decode_context_parallel_size=1)
+        setattr(parallel, field_name, 2)
+        assert field_name in parallelism_problem(parallel), field_name
+        scheduler = FuyaoKVConnector(vllm_config(tier, parallel=parallel), SCHEDULER, kv_cache_config())
+        request = Request("r", PROMPT[:2 * BS + 1])
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False), field_name
+        meta = scheduler.build_connector_meta(output(new=[(request, range(3), 0, 2 * BS + 1)]))
+        assert isinstance(meta, FuyaoConnectorMetadata) and not meta.stores and not meta.loads, field_name
+    assert parallelism_problem(ParallelConfig()) == ""
+    # vLLM 0.32's ParallelConfig has both context parallel sizes (the guard reads them, not a default)
+    assert all(hasattr(ParallelConfig(), name) for name in ("prefill_context_parallel_size",
+                                                           "decode_context_parallel_size"))
+
+
+def the_namespace_names_the_kernel_vllm_picks(tier: Path) -> None:
+    """On CPU the namespace carries the attention ISA vLLM's own CPU backend picks (``_get_attn_isa``), whatever the
+    CPU flags say: AMX tiles change it for bfloat16 (vLLM's ``amx`` kernel) and not for float32 (``vec`` either way);
+    a head size that is a multiple of 16 and not of 32 is ``vec16``."""
+    from unittest import mock
+
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    class Float32(Model):
+        dtype = torch.float32
+
+    class Head48(Model):
+        def get_head_size(self) -> int:
+            return 48
+
+    def layout(model: Any = None, amx: bool = False) -> str:
+        with mock.patch.object(torch.cpu, "_is_amx_tile_supported", return_value=amx):
+            return namespace_of(vllm_config(tier, model=model, block_size=32), kv_cache_config()).layout
+
+    bf16, bf16_amx = layout(), layout(amx=True)
+    assert ":amx/" in bf16_amx and ":amx/" not in bf16, (bf16, bf16_amx)
+    assert layout(Float32()) == layout(Float32(), amx=True)
+    assert f":{_get_attn_isa(torch.bfloat16, 32, WIDTH // 2, 'auto')}/" in bf16, bf16
+    assert ":vec16/" in layout(Head48(), amx=True)
+    assert all(layout(model).count("/") == 3 for model in (None, Float32(), Head48()))  # device/isa/tp/layout
+
+
 CASES: dict[str, Callable[[Path], None]] = {case.__name__: case for case in (
     load_error_stores_nothing_computed_on_the_bad_block, a_spoiled_request_stores_nothing_until_vllm_rolls_it_back,
     a_non_contiguous_page_is_loaded_into_the_cache, caches_the_tier_cannot_use_are_refused_at_registration,
     loads_read_one_block_at_a_time,
     the_write_queue_holds_at_most_write_queue_mb, the_namespace_covers_what_changes_the_kv,
-    the_fail_policy_is_refused_at_start, a_growing_request_reads_each_token_a_bounded_number_of_times)}
+    the_fail_policy_is_refused_at_start, a_growing_request_reads_each_token_a_bounded_number_of_times,
+    the_tier_is_a_best_effort_disk_cache_to_vllm, context_parallelism_keeps_the_connector_off,
+    the_namespace_names_the_kernel_vllm_picks)}
 
 
 def main(argv: list[str]) -> int:

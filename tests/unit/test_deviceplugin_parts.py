@@ -35,14 +35,16 @@ from fuyao.npusmi import parse
 from fuyao.npusmi.models import NpuHealthState
 from fuyao.vnpu.ledger import VnpuRecord
 from tests.conftest import sample
+from tests.support.phy_ids import remaps_in_table_order
 
 HEALTHY = DeviceStatus(health=DeviceHealth.HEALTHY, reason="ok")
 
 
 @pytest.fixture(scope="module")
 def inventory():  # type: ignore[no-untyped-def]
-    return build_inventory(parse.parse_info(sample("S1-info-910b4-8.txt")),
-                           topo=parse.parse_topology(sample("S12-topo-910b-hccs.txt")))
+    info = parse.parse_info(sample("S1-info-910b4-8.txt"))
+    return build_inventory(info, topo=parse.parse_topology(sample("S12-topo-910b-hccs.txt")),
+                           remaps=remaps_in_table_order(info))
 
 
 # --- config ---------------------------------------------------------------------------------------------------------

@@ -170,6 +170,105 @@ def test_product_rules_apply_to_each_containers_npus() -> None:
     assert reject(plugin, split(2, 2), board) is None
 
 
+def _npu_pod(name: str, *counts: int, init: tuple[tuple[int, bool], ...] = ()) -> PodInfo:
+    """A pod whose containers c0, c1... ask for ``counts`` NPUs, after init containers i0, i1... of (NPUs, native
+    sidecar)."""
+    raw = pod(name)
+    raw["spec"]["containers"] = [{"name": f"c{i}", "resources": {"limits": {RESOURCE_NPU: str(n)}}}
+                                 for i, n in enumerate(counts)]
+    raw["spec"]["initContainers"] = [{"name": f"i{i}", "resources": {"limits": {RESOURCE_NPU: str(n)}}}
+                                     | ({"restartPolicy": "Always"} if sidecar else {})
+                                     for i, (n, sidecar) in enumerate(init)]
+    return parse_pod(raw)
+
+
+def _device_plugin_sets(board: NodeInfo, p: PodInfo) -> list[list[str]]:
+    """What the kubelet gets for the pod's running containers asking the device plugin one after another (its
+    GetPreferredAllocation: the shared placement function on the dies the containers before left)."""
+    from fuyao.placement import preferred_allocation
+    from fuyao.products import product_of
+
+    assert board.topology is not None
+    available, out = devices.free_npus(board), []
+    for _, requests in p.containers:
+        want = int(requests.get(RESOURCE_NPU, 0))
+        chosen = preferred_allocation(available, [], want, devices.placements(board.topology),
+                                      product=product_of(board.topology)) if want else []
+        available = [d for d in available if d not in chosen]
+        out.append(chosen)
+    return out
+
+
+def test_containers_of_a_pod_are_placed_one_after_another_as_the_kubelet_asks() -> None:
+    """Two containers of 2 NPUs on an A1 board whose rings have 1 and 3 free: each alone fits (the filter passed
+    the pod, container by container) but the device plugin gives the first 2 of the ring with 3 free (keeping
+    whole rings whole), and the second finds 1 free in each ring: every bind failed. The filter now places them in
+    turn as the kubelet asks for them, and the binder writes those very sets."""
+    from fuyao.scheduler_extender.binder import AssignmentFailed, assignment_for
+
+    plugin = DeviceFitPlugin()
+    two_two = _npu_pod("p", 2, 2)
+    uneven = info(node("a1", topo=topology("a1")), holding("a1", 0, 1, 2, 4))  # ring 0: 1 free, ring 1: 3 free
+    rejection = reject(plugin, two_two, uneven)
+    assert rejection and rejection.code == "product-shape" and not rejection.unresolvable
+    assert "container c1 asking for 2 NPUs" in rejection.reason and "c0 got Ascend910-5, Ascend910-6" in \
+        rejection.reason and "one HCCS ring with 2 free" in rejection.reason and "[1, 1]" in rejection.reason
+    try:
+        assignment_for(two_two, uneven)
+    except AssignmentFailed as exc:
+        assert "container c1" in str(exc) and "one HCCS ring with 2 free" in str(exc)
+    else:
+        raise AssertionError("a pod the device plugin cannot place was given devices")
+    assert reject(plugin, _npu_pod("q", 1, 2), uneven) is None  # 1 takes ring 0's lone die, 2 of ring 1's 3
+    # where they can be placed, the binder's sets are the device plugin's, container by container
+    for board, p in ((uneven, _npu_pod("q", 1, 2)), (info(node("a1", topo=topology("a1")), holding("a1", 4)),
+                                                     _npu_pod("r", 4, 2, 1))):
+        assert reject(plugin, p, board) is None
+        assignment = assignment_for(p, board)
+        assert assignment is not None
+        assert [list(c.devices) for c in assignment.containers] == _device_plugin_sets(board, p)
+    # the order is the kubelet's: 2 first takes half of the whole ring (none has exactly 2 free), and 4 finds none
+    assert "container c2 asking for 4 NPUs" in reject(  # type: ignore[union-attr]
+        plugin, _npu_pod("s", 2, 1, 4), info(node("a1", topo=topology("a1")), holding("a1", 4))).reason
+
+
+def test_plain_init_containers_need_a_set_of_their_own_beside_the_sidecars_before_them() -> None:
+    """A plain init container runs alone (beside the sidecars started before it) before the containers, and gets
+    its own set from the device plugin: the product's rules apply to it too. With two containers asking for NPUs
+    only theirs were checked: an init container of 3 (a count A1 never takes) or of 4 (no ring with 4 free)
+    passed, and the kubelet refused the pod."""
+    from fuyao.scheduler_extender.binder import AssignmentFailed, assignment_for
+
+    plugin = DeviceFitPlugin()
+    board = info(node("a1", topo=topology("a1")))
+    rejection = reject(plugin, _npu_pod("p", 1, 1, init=((3, False),)), board)
+    assert rejection and rejection.unresolvable and rejection.code == "product-count" and "not 3" in rejection.reason
+    split = info(node("a1", topo=topology("a1")), holding("a1", 0, 4))  # 3 free in each ring
+    warm = _npu_pod("w", 1, 1, init=((4, False),))
+    assert warm.request(RESOURCE_NPU) == 4  # what kube-scheduler counts: 6 free are enough
+    rejection = reject(plugin, warm, split)
+    assert rejection and rejection.code == "product-shape" and "init container i0 asking for 4 NPUs" in \
+        rejection.reason and "one HCCS ring with 4 free" in rejection.reason
+    try:
+        assignment_for(warm, split)
+    except AssignmentFailed as exc:
+        assert "init container i0" in str(exc)
+    else:
+        raise AssertionError("a pod whose init container cannot be placed was given devices")
+    assert reject(plugin, warm, board) is None  # a whole ring is free
+    # beside a sidecar started before it: the sidecar's 2 come out of the whole ring (none has exactly 2 free)
+    three_four = info(node("a1", topo=topology("a1")), holding("a1", 4))  # ring 0: 4 free, ring 1: 3 free
+    rejection = reject(plugin, _npu_pod("s", 0, init=((2, True), (4, False))), three_four)
+    assert rejection and "init container i1 asking for 4 NPUs" in rejection.reason and "i0 got" in rejection.reason
+    # started after it, the sidecar is not there yet: the init container takes the whole ring alone
+    assert reject(plugin, _npu_pod("t", 0, init=((4, False), (2, True))), three_four) is None
+    # its 4 NPUs need their RoCE links up as much as a container's (3 are)
+    down = info(node("m", topo=topology("mesh", links_down=(0, 1, 2, 3, 4))))
+    rejection = reject(plugin, warm, down)
+    assert rejection and rejection.code == "links-down" and "4 requested by multi-NPU containers" in rejection.reason
+    assert reject(plugin, _npu_pod("v", 1, 1, init=((2, False),)), down) is None
+
+
 def test_native_sidecars_count_beside_the_containers() -> None:
     # an init container with restartPolicy Always runs for the pod's life (kube-scheduler's PodRequests adds it to
     # the containers' sum); a plain init container runs beside the sidecars started before it

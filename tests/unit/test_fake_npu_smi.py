@@ -67,6 +67,15 @@ def test_template_info_matches_the_real_capture(fake_node) -> None:
     assert fake == sample("R6b-template-info-910b4.txt")
 
 
+def test_vnpu_ids_are_the_products_documented_range(fake_node) -> None:  # type: ignore[no-untyped-def]
+    """phy_id*16+100 .. +107 on the Atlas inference series (310P), .. +115 on the others."""
+    client = NpuSmi(fake_node("310p3-4").path)
+    with pytest.raises(NpuSmiCommandFailed, match="create vnpu failed"):
+        client.create_vnpu(0, 0, "vir01", vnpu_id=108)
+    assert client.create_vnpu(0, 0, "vir01", vnpu_id=107).status == "OK"
+    assert NpuSmi(fake_node("910b4-8").path).create_vnpu(0, 0, "vir05_1c_8g", vnpu_id=115).status == "OK"
+
+
 def test_vnpu_create_list_destroy(fake_node) -> None:
     node = fake_node("910b4-8")
     client = NpuSmi(node.path)

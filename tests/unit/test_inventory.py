@@ -11,6 +11,7 @@ from fuyao.contracts import ANNOTATION_NODE_TOPOLOGY, InterconnectKind, dump_ann
 from fuyao.npusmi import NpuSmi
 from fuyao.npusmi import parse as p
 from tests.conftest import sample
+from tests.support.phy_ids import remaps_in_table_order
 
 
 @pytest.mark.parametrize("preset,count,groups,kind", [
@@ -66,12 +67,13 @@ def test_topology_unsupported_leaves_groups_unknown(fake_node, tmp_path: Path) -
 def test_real_samples_build() -> None:
     info = p.parse_info(sample("S1-info-910b4-8.txt"))
     found = inv.build_inventory(info, p.parse_chip_map(sample("S6-info-m-910b4.txt")),
-                                p.parse_topology(sample("S12-topo-910b-hccs.txt")))
+                                p.parse_topology(sample("S12-topo-910b-hccs.txt")), remaps=remaps_in_table_order(info))
     assert [d.id for d in found.devices][:2] == ["Ascend910-0", "Ascend910-1"]
     assert [d.numa_node for d in found.devices] == [3, 3, 2, 2, 0, 0, 1, 1]
     a3 = inv.build_inventory(p.parse_info(sample("R2a-info-910c-a3-16dies.txt")))
     assert [d.physical_id for d in a3.devices] == list(range(16))
-    duo = inv.build_inventory(p.parse_info(sample("R1a-info-310p3-duo-processes.txt")))
+    duo_info = p.parse_info(sample("R1a-info-310p3-duo-processes.txt"))
+    duo = inv.build_inventory(duo_info, remaps=remaps_in_table_order(duo_info))
     assert [d.id for d in duo.devices] == ["Ascend310P-0", "Ascend310P-1", "Ascend310P-2", "Ascend310P-3"]
 
 
@@ -90,7 +92,7 @@ def test_cpu_list() -> None:
 def test_a_first_generation_910_half_board_keeps_its_ring_rules(fake_node, tmp_path: Path) -> None:
     # four 910 A1 cards that -t topo shows all HCCS-linked looked like one mesh: the product was generic and a
     # 3-card pod was admitted (the ring rule takes 1, 2 or 4); and cards whose topology shows no HCCS at all lost it
-    from fuyao.npusmi.models import Topology
+    from fuyao.npusmi.models import PhyIdRemap, Topology
     from fuyao.products import product_of
 
     full = inv.discover(NpuSmi(fake_node("910a1-8").path), sysfs_root=tmp_path)
@@ -100,12 +102,14 @@ def test_a_first_generation_910_half_board_keeps_its_ring_rules(fake_node, tmp_p
     labels = tuple(f"NPU{d.physical_id}" for d in half)
     mesh = Topology(devices=labels, links={a: {b: "X" if a == b else "HCCS" for b in labels} for a in labels},
                     cpu_affinity={a: None for a in labels})
-    built = inv.build_inventory(info, topo=mesh)
+    remaps = [PhyIdRemap(phy_id=d.physical_id, logic_id=d.physical_id, npu_id=d.npu_id, chip_id=d.chip_id)
+              for d in half]
+    built = inv.build_inventory(info, topo=mesh, remaps=remaps)
     assert [g.kind for g in built.groups] == [InterconnectKind.HCCS_RING]
     assert product_of(built.to_topology()).name == "910-a1-half"
     pcie = Topology(devices=labels, links={a: {b: "X" if a == b else "PIX" for b in labels} for a in labels},
                     cpu_affinity={a: None for a in labels})
-    assert product_of(inv.build_inventory(info, topo=pcie).to_topology()).name == "910-a1-half"
+    assert product_of(inv.build_inventory(info, topo=pcie, remaps=remaps).to_topology()).name == "910-a1-half"
 
 
 def test_numa_from_each_npus_pci_device_when_cpu_affinity_gives_none(fake_node, tmp_path: Path) -> None:

@@ -80,3 +80,19 @@ def test_the_connector_refuses_to_start_unless_load_failures_are_recomputed(outc
 
 def test_a_growing_request_reads_its_tokens_once_not_at_every_block(outcomes: dict[str, str]) -> None:
     check(outcomes, "a_growing_request_reads_each_token_a_bounded_number_of_times")
+
+
+def test_the_tier_is_a_best_effort_disk_cache_to_vllm(outcomes: dict[str, str]) -> None:
+    """``requires_kv_delivery`` False (vLLM's default for kv_both is True), and hits labelled ``disk`` in
+    ``vllm:prompt_tokens_cached_by_source`` (not ``external_unspecified``)."""
+    check(outcomes, "the_tier_is_a_best_effort_disk_cache_to_vllm")
+
+
+def test_context_parallelism_keeps_the_connector_off(outcomes: dict[str, str]) -> None:
+    """vLLM 0.32's prefill and decode context parallel sizes, like TP and PP: nothing looked up, loaded or stored."""
+    check(outcomes, "context_parallelism_keeps_the_connector_off")
+
+
+def test_the_namespace_names_the_attention_kernel_vllm_picks(outcomes: dict[str, str]) -> None:
+    """The CPU attention ISA from vLLM's own ``_get_attn_isa`` (dtype, block size, head size), not the CPU flags."""
+    check(outcomes, "the_namespace_names_the_kernel_vllm_picks")

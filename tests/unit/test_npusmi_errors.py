@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,12 +99,13 @@ def test_invalid_card_id(fake_node) -> None:
         NpuSmi(node.path).health(9)
 
 
-def test_an_info_table_cut_at_a_chips_border_is_read_again_against_the_topology_count() -> None:
+def test_an_info_table_cut_at_a_chips_border_is_read_again_against_the_topology_count(tmp_path: Path) -> None:
     """Cut exactly after a chip's closing border, ``npu-smi info`` still parses (a real npu-smi may print no
     process table), as fewer chips; discovery compares it with the ``-t topo`` matrix, which lists every NPU, and
     reads ``info`` again instead of serving half the node until a restart (a chip that stays missing is served
     without, with a warning: the others still work)."""
     from fuyao.inventory import discover
+    from fuyao.npusmi.models import PhyIdRemap
 
     lines = sample("S1-info-910b4-8.txt").splitlines()
     borders = [i for i, line in enumerate(lines) if line.startswith("+====")]
@@ -127,8 +129,13 @@ def test_an_info_table_cut_at_a_chips_border_is_read_again_against_the_topology_
         def common(self, npu_id: int) -> object:
             raise NpuSmiUnsupported("common", "not here")
 
-    assert len(discover(CutNpuSmi([short, full]), "/nonexistent").devices) == 8  # type: ignore[arg-type]
-    assert len(discover(CutNpuSmi([short]), "/nonexistent").devices) == 4  # type: ignore[arg-type]
+        def phyid_remap(self, phy_id: int) -> object:  # the host's NPU i is /dev/davinci<i>
+            return PhyIdRemap(phy_id=phy_id, logic_id=phy_id, npu_id=phy_id, chip_id=0)
+
+    for i in range(8):
+        (tmp_path / f"davinci{i}").touch()
+    assert len(discover(CutNpuSmi([short, full]), "/nonexistent", tmp_path).devices) == 8  # type: ignore[arg-type]
+    assert len(discover(CutNpuSmi([short]), "/nonexistent", tmp_path).devices) == 4  # type: ignore[arg-type]
 
 
 def test_close_from_a_signal_handler_inside_a_running_call_does_not_deadlock() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from fuyao.contracts import QoSClass
 from fuyao.qos import cgroups, policy
-from fuyao.qos.agent import Agent, Report
+from fuyao.qos.agent import DEFAULT_CONVERSION, Agent, Report
 from fuyao.qos.collect import Collector, HostReading
 from fuyao.qos.config import ConfigError, build_config
 from fuyao.qos.kube import NodeState, pod_facts
@@ -368,14 +368,15 @@ def test_a_cycle_writes_batch_limits_at_pod_and_container_level_and_checks_them(
     def expect_quota(milli: int) -> str:
         return f"{milli * 100} 100000" if version == 2 else str(milli * 100)
 
-    def expect_weight(shares: int) -> str:
-        return str(cgroups.shares_to_weight(shares)) if version == 2 else str(shares)
+    def expect_weight(shares: int, conversion: cgroups.WeightConversion = "linear") -> str:
+        """Pods: the kubelet's conversion; containers: the runtime's (no LS container tells here: the default)."""
+        return str(cgroups.shares_to_weight(shares, conversion)) if version == 2 else str(shares)
 
     assert tree.file(UID_BE, quota) == expect_quota(2_100)
     assert tree.file(UID_BE, weight) == expect_weight(2_150)
     assert tree.file(UID_BE, memory) == str(2 * GiB + 512 * 2**20 + GiB)
     assert tree.file(UID_BE, quota, CID_A) == expect_quota(1_500)
-    assert tree.file(UID_BE, weight, CID_A) == expect_weight(1_536)
+    assert tree.file(UID_BE, weight, CID_A) == expect_weight(1_536, DEFAULT_CONVERSION)
     assert tree.file(UID_BE, memory, CID_A) == str(2 * GiB)
     assert tree.file(UID_BE, memory, CID_B) == str(512 * 2**20)
     assert all(not w.error for w in report.cgroup_writes) and len(report.cgroup_writes) == 9
@@ -539,7 +540,7 @@ def test_the_cpuset_policy_moves_be_pods_to_the_budgets_cpus_and_back(tmp_path: 
     tree.add_container(UID_BE, sandbox)  # the pause container: a child the pod's status does not list
     host = FakeHost()
     raw = _be_raw(UID_BE)
-    agent = Agent(build_config({"nodeName": "n1", "cpuSuppress": {"policy": "cpuset"}}),
+    agent = Agent(build_config({"nodeName": "n1", "cpuSuppress": {"policy": "cpuset"}, "cpuManagerStateFile": ""}),
                   Collector(cgroups.detect(tmp_path), 3, host), AgentMetrics(),
                   _state(_raw(UID_LS, None), raw))  # type: ignore[arg-type]
     agent.cycle()

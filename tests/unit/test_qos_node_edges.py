@@ -40,7 +40,7 @@ from tests.unit.test_qos import (
 ROOT = Path(__file__).resolve().parents[2]
 PAGE_64K = 65536
 UNLIMITED_64K = "9223372036854710272"  # PAGE_COUNTER_MAX (LONG_MAX / 64 KiB) pages, in bytes
-CPUSET = {"nodeName": "n1", "cpuSuppress": {"policy": "cpuset"}}
+CPUSET = {"nodeName": "n1", "cpuSuppress": {"policy": "cpuset"}, "cpuManagerStateFile": ""}  # no kubelet here
 
 
 def _files(version: int) -> tuple[str, str, str]:
@@ -167,7 +167,8 @@ def test_pods_the_cpuset_policy_narrowed_get_the_tiers_cpus_back_once_it_no_long
     state_file = tmp_path / "state" / "state.json"
 
     def agent(**cpu_suppress: Any) -> Agent:
-        config = build_config({"nodeName": "n1", "stateFile": str(state_file), "cpuSuppress": cpu_suppress})
+        config = build_config({"nodeName": "n1", "stateFile": str(state_file), "cpuSuppress": cpu_suppress,
+                               "cpuManagerStateFile": ""})
         return Agent(config, Collector(cgroups.detect(tmp_path / "cg"), 3, FakeHost()), AgentMetrics(),
                      _state(_be_raw(UID_BE)))
 

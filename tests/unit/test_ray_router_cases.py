@@ -13,9 +13,10 @@ from tests.support.ray_local import REPO, ray_python
 pytestmark = pytest.mark.ray
 
 CASES = r'''
-import asyncio, json, types
+import asyncio, json, sys, time, types
 from aiohttp import web
 from ray.serve._private.request_router.common import PendingRequest
+from fuyao.ray_serve.child import spawn
 from fuyao.ray_serve.engine import EngineReplica
 from fuyao.ray_serve.ranking import OpenAiRequest
 from fuyao.ray_serve.request_router import KvIndexRequestRouter
@@ -40,6 +41,8 @@ async def main():
 
     async def lookup(request):
         calls.append(await request.json())
+        if answers["value"] == "hang":
+            await asyncio.sleep(30)
         return web.json_response(answers["value"])
 
     app = web.Application()
@@ -63,22 +66,32 @@ async def main():
     out["list_answer"] = len(await router.choose_replicas(replicas, pending(completion, "r2")))
     answers["value"] = {"blocks": 4, "endpoints": ["http://b"]}
     out["bad_endpoints"] = len(await router.choose_replicas(replicas, pending(completion, "r3")))
-    out["outcomes"] = router.outcomes
-    await router._session.close()
+    out["outcomes"] = dict(router.outcomes)
+    # a hung index: three lookups time out, then the router stops asking it and routes on load at once
+    answers["value"] = "hang"
+    hung = object.__new__(KvIndexRequestRouter)
+    hung.initialize_state(kv_index_url=f"http://127.0.0.1:{port}", lookup_timeout=0.2, index_failure_threshold=3)
+    started = time.monotonic()
+    for i in range(3):
+        await hung.choose_replicas(replicas, pending(completion, f"h{i}"))
+    out["hung_failing_s"] = time.monotonic() - started
+    started = time.monotonic()
+    for i in range(20):
+        ranks = await hung.choose_replicas(replicas, pending(completion, f"s{i}"))
+    out["hung_skipping_s"] = time.monotonic() - started
+    out["hung_ranks"] = len(ranks[0])
+    out["hung_outcomes"] = hung.outcomes
+    await hung._lookup.close()
+    await router._lookup.close()
     await runner.cleanup()
 
 asyncio.run(main())
 
-class Process:
-    def __init__(self, code):
-        self.code = code
-    def wait(self):
-        return self.code
-
 exits = []
 replica = object.__new__(EngineReplica)
-replica.settings = types.SimpleNamespace(module="engine")
-replica.process, replica._stopping = Process(3), False
+replica.settings = types.SimpleNamespace(module="engine", stop_timeout=1.0)
+replica.process = spawn([sys.executable, "-c", "import sys; sys.exit(3)"], {})
+replica._stopping = False
 replica._exit_with_engine(exits.append)
 replica._stopping = True
 replica._exit_with_engine(exits.append)  # stopped by the replica itself: no exit
@@ -115,6 +128,13 @@ def test_an_index_answer_of_the_wrong_shape_routes_on_load(results: dict) -> Non
     # a list, or endpoints that are no object, raised out of choose_replicas: Serve drops such a request
     assert results["list_answer"] == 1 and results["bad_endpoints"] == 1
     assert results["outcomes"]["hit"] == 1 and results["outcomes"]["index_error"] == 1
+
+
+def test_a_hung_index_stops_being_asked(results: dict) -> None:  # type: ignore[type-arg]
+    # every request waited lookup_timeout for a hung index: with Serve's 2 x replicas routing tasks, that capped the
+    # deployment's routing rate; after three failures the router routes on load without asking
+    assert results["hung_failing_s"] >= 0.5 and results["hung_skipping_s"] < 0.5 and results["hung_ranks"] == 2
+    assert results["hung_outcomes"]["index_error"] == 3 and results["hung_outcomes"]["index_skipped"] == 20
 
 
 def test_the_replica_ends_with_its_engine(results: dict) -> None:  # type: ignore[type-arg]

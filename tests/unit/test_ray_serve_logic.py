@@ -59,7 +59,7 @@ def test_app_settings_are_validated_and_name_the_bad_field() -> None:
     assert router_config(settings.router) == {
         "request_router_class": ROUTER_CLASSES["kv-index"],
         "request_router_kwargs": {"kv_index_url": "http://kv:8100", "lookup_timeout": 0.2, "min_hit": 0.0,
-                                  "tolerance_blocks": 0}}
+                                  "tolerance_blocks": 0, "index_failure_threshold": 3, "index_cool_down": 10.0}}
     assert app_settings(None).router.policy == "power-of-two"
     # a router section that does not name a policy keeps the default one (it did switch to kv-index)
     assert app_settings({"router": {"lookupTimeout": "500ms"}}).router.policy == "power-of-two"
@@ -101,15 +101,19 @@ def test_an_engine_outlives_the_thread_that_started_it_but_not_its_process() -> 
     import time
     from pathlib import Path
 
-    from fuyao.ray_serve.child import _die_with_parent, spawn
+    from fuyao.ray_serve import child
+    from fuyao.ray_serve.child import spawn
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     started: dict[str, subprocess.Popen[bytes]] = {}
 
     def from_a_thread(direct: bool) -> subprocess.Popen[bytes]:
         def run() -> None:
-            started["p"] = (subprocess.Popen(sleeper, preexec_fn=_die_with_parent) if direct
-                            else spawn(sleeper, os.environ))
+            if direct:  # the child's own death-signal request, forked by this short-lived thread itself
+                started["p"] = subprocess.Popen([sys.executable, "-I", child.__file__, str(os.getpid()), *sleeper])
+                time.sleep(1.0)  # ends once the child has asked for it (else the signal follows the next thread)
+            else:
+                started["p"] = spawn(sleeper, os.environ)
         thread = threading.Thread(target=run)
         thread.start()
         thread.join()
@@ -120,6 +124,8 @@ def test_an_engine_outlives_the_thread_that_started_it_but_not_its_process() -> 
     try:
         assert direct.poll() is not None  # the kernel's rule this module works around
         assert spawned.poll() is None
+        # the death-signal helper exec'd the engine in place: the pid Popen holds is the engine's
+        assert Path(f"/proc/{spawned.pid}/cmdline").read_bytes().split(b"\0")[:2] == [sys.executable.encode(), b"-c"]
     finally:
         for proc in (direct, spawned):
             proc.kill()

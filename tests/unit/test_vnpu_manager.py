@@ -375,3 +375,120 @@ def test_the_ledger_syncs_its_directory_after_each_rename(ledger: Ledger, monkey
                           state="created", at=0.0))
     assert synced == ["file", "dir", "file", "dir"]  # the ledger, then its backup: each written, then renamed
 
+
+
+# --- a die is withdrawn from whole offers before it is carved --------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_free_die_is_carved_only_after_it_was_withdrawn_from_whole_offers_for_the_grace(
+        manager: m.VnpuManager, driver: Driver) -> None:
+    """The kubelet may hand the die out whole in the moment before the plugin stops offering it (and shows that
+    only after Allocate returns): carving it at once gave its vNPUs to other pods while that container used it."""
+    clock = _Clock()
+    manager.clock = clock
+    halves = plan(("vir10_3c_32g", 2))
+    report = manager.apply(halves, set(), held_whole=set(), withdraw_grace=30)
+    assert report.withdrawing == [D] and not report.created and driver.vnpus == {}  # the caller withdraws it now
+    assert report.summary()["waiting_for_withdrawal"] == [D]
+    clock.now += 29
+    assert manager.apply(halves, set(), held_whole=set(), withdraw_grace=30).withdrawing == [D]
+    clock.now += 2  # withdrawn past the grace, but the kubelet's fresh answer shows it handed out whole meanwhile
+    report = manager.apply(halves, set(), held_whole={D}, withdraw_grace=30)
+    assert report.waiting == [D] and not report.created and driver.vnpus == {}
+    clock.now += 60  # released: a fresh grace, counted from now
+    assert manager.apply(halves, set(), held_whole=set(), withdraw_grace=30).withdrawing == [D]
+    clock.now += 30
+    report = manager.apply(halves, set(), held_whole=set(), withdraw_grace=30)
+    assert [r.vnpu_id for r in report.created] == [100, 101] and not report.withdrawing
+
+
+# --- AICPUs: before and after SR-IOV ---------------------------------------------------------------------------------
+B4 = NpuDevice(id="Ascend910-0", npu_id=0, chip_id=0, physical_id=0, chip_model="910B4", health=NpuHealthState.OK,
+               aicore=20)
+B4_T = {t.name: t for t in builtin_templates("910B4")}
+
+
+class SriovDriver(Driver):
+    """A 910B4 as npu-smi shows it: 6 AICPUs while it has no vNPU, 7 once one exists (SR-IOV turns data CPUs into
+    AICPUs)."""
+
+    def vnpu_info(self, npu_id: int, chip_id: int) -> VnpuInfo:
+        mine = self.vnpus.get(npu_id, {})
+        total = 7 if mine else 6
+        return VnpuInfo(resources={"AICORE": FreeTotal(free=20 - sum(B4_T[t].aicore for t in mine.values()), total=20),
+                                   "Memory": FreeTotal(free=28, total=32),
+                                   "AICPU": FreeTotal(free=total - sum(B4_T[t].aicpu for t in mine.values()),
+                                                      total=total)},
+                        total_vnpus=len(mine),
+                        vnpus=tuple(VnpuEntry(vnpu_id=i, vgroup_id=0, template=t, container_id="000000000000",
+                                              status="0") for i, t in mine.items()))
+
+    def create_vnpu(self, npu_id: int, chip_id: int, template: str, vnpu_id: int | None = None) -> None:
+        assert vnpu_id is not None
+        self.vnpus.setdefault(npu_id, {})[vnpu_id] = template
+
+
+def test_the_aicpu_budget_of_an_uncarved_chip_counts_the_aicpus_sr_iov_adds(tmp_path: Path) -> None:
+    """An uncarved 910B4 reports 6/6 AICPUs, 1/7 after two vir10_3c_16g: planning with the 6 refused the media half
+    beside the media-less one (4 + 3 = 7 AICPUs) until some vNPU happened to exist."""
+    from fuyao.vnpu.plan import make_plan, parse_vnpu_config
+
+    driver = SriovDriver()
+    manager = m.VnpuManager(driver, Ledger(tmp_path / "l.json"), [B4], templates=tuple(B4_T.values()))  # type: ignore[arg-type]
+    config = parse_vnpu_config({"devices": [{"device_id": "0", "mix": {"vir10_4c_16g_m": 1, "vir10_3c_16g_nm": 1}}]})
+    for state in ({}, {100: "vir10_3c_16g"}):  # uncarved, then with a vNPU of another tool on it
+        driver.vnpus[0] = dict(state)
+        cap = manager.capacity(D)
+        assert cap is not None and cap.aicpu == 7
+    driver.vnpus[0] = {}
+    uncarved = manager.capacity(D, for_plan=True)
+    assert uncarved is not None and uncarved.aicpu == 7
+    made = make_plan(config, [B4], tuple(B4_T.values()), {D: uncarved})
+    report = manager.apply(made, set(), held_whole=set())
+    assert not report.errors and sorted(driver.vnpus[0].values()) == ["vir10_3c_16g_nm", "vir10_4c_16g_m"]
+    assert manager.capacity(D, for_plan=True).aicpu == 7  # type: ignore[union-attr]  # free 0 + ours 7: the same
+
+
+# --- vNPU ids per product ---------------------------------------------------------------------------------------------
+def test_a_310p_chip_uses_only_its_eight_documented_vnpu_ids(driver: Driver, tmp_path: Path) -> None:
+    chip = NpuDevice(id="Ascend310P-1", npu_id=1, chip_id=0, physical_id=1, chip_model="310P3",
+                     health=NpuHealthState.OK, aicore=8)
+    ledger = Ledger(tmp_path / "l.json")
+    manager = m.VnpuManager(driver, ledger, [chip], templates=TEMPLATES)  # type: ignore[arg-type]
+    with pytest.raises(m.VnpuError, match=r"vNPU 124 .*310P3 with physical id 1 has vNPU ids 116\.\.123"):
+        manager.create(chip.id, T["vir05_1c_16g"], OWNER_STATIC, vnpu_id=124)
+    for i in range(116, 124):  # every id of the chip taken (by records of ours)
+        ledger.put(VnpuRecord(vnpu_id=i, device_id=chip.id, npu_id=1, chip_id=0, template="vir05_1c_16g",
+                              owner=OWNER_STATIC, state="created", at=0.0))
+    with pytest.raises(m.VnpuError, match=r"no free vNPU id: .*116\.\.123, all taken"):
+        manager.create(chip.id, T["vir05_1c_16g"], OWNER_STATIC)
+    assert driver.ops == []  # npu-smi was never asked for an id the driver refuses
+
+
+# --- a held vNPU's re-create that never takes effect -----------------------------------------------------------------
+def test_a_held_vnpus_re_create_that_times_out_and_never_appears_keeps_its_record(
+        manager: m.VnpuManager, driver: Driver, ledger: Ledger) -> None:
+    """The re-create of a vanished vNPU a container holds times out and never takes effect: once its grace was
+    over, the pending record was dropped — the container's vNPU forgotten, never re-created again."""
+    record = manager.create_dynamic(D, cores(range(5)), TEMPLATES)
+    held = [frozenset(cores(range(5)))]
+    driver.vnpus[0].clear()  # a reboot
+    driver.create_timeouts = 1
+    destroyed, errors = manager.collect_dynamic(held, observed_at=later())
+    assert not destroyed and errors and "unknown outcome" in errors[0]
+    driver.late.clear()  # the killed call never takes effect
+    pending = ledger.records()[0]
+    assert (pending.state, pending.recreate) == ("pending", True)
+    age(ledger, pending, m.PENDING_GRACE_S + 1)
+    manager.recover()
+    assert [(r.vnpu_id, r.owner, r.state, r.recreate) for r in ledger.records()] == [
+        (record.vnpu_id, record.owner, "created", False)]
+    assert manager.collect_dynamic(held, observed_at=later()) == ([], [])  # re-created at last
+    assert driver.vnpus[0] == {record.vnpu_id: "vir05_1c_16g"}
+    assert [(r.vnpu_id, r.state) for r in ledger.records()] == [(record.vnpu_id, "created")]

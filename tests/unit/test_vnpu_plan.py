@@ -23,8 +23,7 @@ from fuyao.vnpu.plan import (
 )
 from fuyao.vnpu.templates import Template, builtin_templates, smallest_covering
 
-# what the 910b4-8 preset's driver reports on top of the documented two
-B4 = (*builtin_templates("910B4"), Template(name="vir10_4c_16g_m", aicore=10, memory_gb=16, aicpu=4))
+B4 = builtin_templates("910B4")
 B4_CAP = ChipCapacity(aicore=20, memory_gb=32, aicpu=7)
 P3_CAP = ChipCapacity(aicore=8, memory_gb=24, aicpu=8)
 
@@ -54,9 +53,15 @@ def test_bad_memory_sizes(raw: str) -> None:
 
 
 def test_builtin_catalog_matches_the_documented_sizes() -> None:
+    # a 910B4's template-info (docs/vnpu.md, "Templates"): the media (_m) and media-less (_nm) halves too
     assert [(t.name, t.aicore, t.memory_gb, t.aicpu) for t in builtin_templates("Ascend910B4")] == [
-        ("vir05_1c_8g", 5, 8, 1), ("vir10_3c_16g", 10, 16, 3)]
-    assert len(builtin_templates("310P3")) == 7 and builtin_templates("910ProB") == ()
+        ("vir05_1c_8g", 5, 8, 1), ("vir10_3c_16g", 10, 16, 3), ("vir10_3c_16g_nm", 10, 16, 3),
+        ("vir10_4c_16g_m", 10, 16, 4)]
+    # 910B1 and 910B2C take the 24-core A2 templates of the 910B2 (MindCluster's chip → template map)
+    assert builtin_templates("910B1") == builtin_templates("910B2C") == builtin_templates("910B2") != ()
+    # the first-generation 910 (A1): no source gives its templates' memory and AICPUs
+    assert builtin_templates("910ProB") == builtin_templates("910A") == builtin_templates("910") == ()
+    assert len(builtin_templates("310P3")) == 7
     assert [t.name for t in smallest_covering(builtin_templates("310P3"), aicore=2)][:2] == ["vir02_1c", "vir02"]
 
 
@@ -229,6 +234,10 @@ def test_vnpu_ids_and_binding() -> None:
     assert list(vnpu_id_range(1))[:2] == [116, 117] and len(vnpu_id_range(1)) == 16
     assert choose_vnpu_id(0, {100, 101, 103}) == 102
     assert choose_vnpu_id(0, set(range(100, 116))) is None
+    # Atlas inference series (310P): phy_id*16+100 .. +107 only; the training, A2 and A3 parts: .. +115
+    assert vnpu_id_range(1, "310P3") == range(116, 124) and vnpu_id_range(1, "910B4") == range(116, 132)
+    assert choose_vnpu_id(0, set(range(100, 108)), "Ascend310P3") is None
+    assert choose_vnpu_id(0, set(range(100, 108)), "910B3") == 108
     assert not entry_in_use(VnpuEntry(vnpu_id=100, vgroup_id=0, container_id="000000000000", status="0",
                                       template="t"))
     assert entry_in_use(VnpuEntry(vnpu_id=100, vgroup_id=0, container_id="3f2a9c1d0b7e", status="1", template="t"))
@@ -267,7 +276,8 @@ def test_ledger_refuses_a_second_owner_and_removes_only_the_exact_record(tmp_pat
 @pytest.mark.parametrize(("mix", "problem"), [
     ({"vir10_3c_16g": 1, "vir05_1c_8g": 2}, None),  # a half and two quarters: 20 cores, 5 AICPUs
     ({"vir10_3c_16g": 2}, None),
-    ({"vir10_4c_16g_m": 1, "vir10_3c_16g": 1}, None),  # 7 AICPUs exactly
+    ({"vir10_4c_16g_m": 1, "vir10_3c_16g_nm": 1}, None),  # 7 AICPUs exactly
+    ({"vir10_4c_16g_m": 1, "vir10_3c_16g": 1}, "vir10_4c_16g_m takes every media unit of the chip"),  # 13 VPC > 9
     ({"vir10_4c_16g_m": 2}, "2 x vir10_4c_16g_m need 8 AICPU, the chip has 7"),
     ({"vir10_3c_16g": 1, "vir05_1c_8g": 3}, "1 x vir10_3c_16g + 3 x vir05_1c_8g need 25 AICore, the chip has 20"),
     ({"vir-unknown": 1}, "unknown template 'vir-unknown'"),
@@ -314,7 +324,7 @@ def test_310p_vgroup_rules() -> None:
     assert "rule 310p/vgroups" in (fits_all(((t["vir01"], 1), (t["vir02"], 3)), seven) or "")
     assert fits_all(((t["vir01"], 2), (t["vir02"], 2), (t["vir02_1c"], 1)), ChipCapacity(aicore=8, memory_gb=24,
                                                                                          aicpu=7)) is None
-    assert "rule 310p/dvpp" in (check(vir04_4c_dvpp=1, vir02_1c=1) or "")
+    assert "rule dvpp" in (check(vir04_4c_dvpp=1, vir02_1c=1) or "")
     # the 910 A1's vir02 / vir04 share names with 310P templates, not their rules: decided by the chip
     a1 = {x.name: x for x in (Template(name="vir04", aicore=4, memory_gb=8.0, aicpu=0),
                               Template(name="vir02", aicore=2, memory_gb=4.0, aicpu=0))}
@@ -392,6 +402,8 @@ def test_dynamic_creation_keeps_a_310p_chips_rules_and_tries_the_next_template(t
     # two cores: vir02 / vir02_1c / vir04_3c would break the DVPP rule; the smallest allowed one is vir04_3c_ndvpp
     record = manager.create_dynamic("Ascend310P-0", ["Ascend310P-0-c4", "Ascend310P-0-c5"], templates)
     assert record.template == "vir04_3c_ndvpp" and chip.created == ["vir04_3c_ndvpp"]  # none refused was tried
-    assert m.VnpuManager(chip, Ledger(tmp_path / "l2.json"), devices("910B4", 1))._chip_rules(  # type: ignore[arg-type]
-        "Ascend910-0", chip.vnpu_info(0, 0), templates[0], templates) is None  # 910 chips: no vGroup rules
+    ndvpp = next(t for t in templates if t.name == "vir04_3c_ndvpp")  # a 5th vGroup, 12 cores: not on a 310P
+    other = m.VnpuManager(chip, Ledger(tmp_path / "l2.json"), devices("910B4", 1))  # type: ignore[arg-type]
+    assert other._chip_rules("Ascend910-0", chip.vnpu_info(0, 0), ndvpp, templates) is None  # 910: no vGroup rules
+    assert "rule dvpp" in (other._chip_rules("Ascend910-0", chip.vnpu_info(0, 0), templates[0], templates) or "")
 

@@ -37,8 +37,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* The kubelet's root directory to mount (for its CPU manager checkpoint), only under the cpuset policy: it holds
+the node's kubelet credentials and every pod's volumes, so it is not mounted where nothing reads it. "": none. */}}
+{{- define "qos-agent.kubeletRoot" -}}
+{{- if eq (dig "cpuSuppress" "policy" "" .Values.config) "cpuset" -}}{{ .Values.kubeletRootDir }}{{- end -}}
+{{- end -}}
+
 {{/* The agent's config file (qos config v1): what the chart decides, then .Values.config over it. */}}
 {{- define "qos-agent.config" -}}
-{{- $cfg := dict "version" "v1" "cgroupRoot" "/host/sys/fs/cgroup" "stateFile" (printf "%s/state.json" .Values.stateDir) "interval" .Values.interval "metricsAddress" (ternary (printf ":%v" .Values.metrics.port) "" .Values.metrics.enabled) -}}
+{{- $kubelet := include "qos-agent.kubeletRoot" . -}}
+{{- $cfg := dict "version" "v1" "cgroupRoot" "/host/sys/fs/cgroup" "stateFile" (printf "%s/state.json" .Values.stateDir) "interval" .Values.interval "metricsAddress" (ternary (printf ":%v" .Values.metrics.port) "" .Values.metrics.enabled) "cpuManagerStateFile" (ternary (printf "/host%s/cpu_manager_state" $kubelet) "" (ne $kubelet "")) -}}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) -}}
 {{- end -}}
