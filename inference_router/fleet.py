@@ -205,6 +205,7 @@ class Fleet:
             if url not in wanted:
                 del self.backends[url]
                 self._reset(url, self.on_removed + self.on_reset)
+        self.adapters = frozenset(a for b in self.backends.values() for a in b.adapters)  # a gone engine's go too
         for url, (role, found) in wanted.items():
             backend = self.backends.get(url)
             if backend is None:

@@ -145,15 +145,6 @@ def _sse_comments_only(chunk: bytes) -> bool:
     return bool(lines) and all(line.startswith(b":") for line in lines)
 
 
-def _is_error_body(body: bytes) -> bool:
-    """Whether ``body`` is an OpenAI-style error object (an engine's answer, not a proxy's HTML page)."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict | str)
-
-
 def _error(status: int, message: str, kind: str = "ServiceUnavailableError", param: str | None = None) -> Response:
     return Response.json(orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}),
                          status)
@@ -397,7 +388,7 @@ class Router:
                                    "request_id": request_id.decode("latin-1")})
                 if retry_raw is not None and exc.engine_failed:
                     raw = retry_raw  # busy, not served, unreachable: the prefill's KV is still good elsewhere
-        if last is not None and last.body and (last.status < 500 or _is_error_body(last.body)):
+        if last is not None and last.body and (last.status < 500 or retry.is_error_body(last.body)):
             # the last engine's own answer (vLLM's 503 "ServiceUnavailableError", its 500 "EngineDeadError"...): its
             # message says more than a generic 502
             return _with_id(Response.json(last.body, last.status), request_id)
@@ -683,7 +674,7 @@ class Router:
         refused = [(status, raw) for status, raw in answers if status in (401, 403)]
         if refused and len(refused) == len([a for a in answers if a[0]]):  # every engine that answered refused
             status, raw = refused[0]
-            return Response.json(raw, status) if _is_error_body(raw) else _error(status, "the engines refuse this "
+            return Response.json(raw, status) if retry.is_error_body(raw) else _error(status, "the engines refuse this "
                                                                                 "client's credentials",
                                                                                 "AuthenticationError")
         model = self.config.inference.model

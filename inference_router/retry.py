@@ -50,14 +50,24 @@ INSPECTED = frozenset({404, *range(500, 600)} - {501})
 """The statuses whose body a plain request's relay reads to decide (any other answer is relayed as it comes)."""
 
 
-def _error(body: bytes) -> dict[str, object] | None:
-    """The ``error`` object of an OpenAI-style error body, if it is one."""
+def _error_field(body: bytes) -> object:
+    """The ``error`` field of a JSON object body (None: none, or not JSON)."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return parsed.get("error") if isinstance(parsed, dict) else None
+
+
+def _error(body: bytes) -> dict[str, object] | None:
+    """The ``error`` object of an OpenAI-style error body, if it is one."""
+    error = _error_field(body)
     return error if isinstance(error, dict) else None
+
+
+def is_error_body(body: bytes) -> bool:
+    """Whether ``body`` is an OpenAI-style error (an engine's answer, not a proxy's HTML page)."""
+    return isinstance(_error_field(body), dict | str)
 
 
 def model_not_served(body: bytes) -> bool:
