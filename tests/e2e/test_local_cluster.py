@@ -292,7 +292,9 @@ def test_the_cpuset_policy_puts_a_be_pod_on_the_highest_cpus_and_back(cluster: L
 
     config = tmp_path / "qos.yaml"
     # a 40 % threshold leaves BE at most 0.8 of the 2 CPUs' budget: one CPU, the highest
-    config.write_text("version: v1\ninterval: 1s\ncpuSuppress: {policy: cpuset, thresholdPercent: 40}\n")
+    # the cluster kubelet's CPU manager checkpoint (under its --root-dir): its exclusive CPUs are never BE's
+    config.write_text("version: v1\ninterval: 1s\ncpuSuppress: {policy: cpuset, thresholdPercent: 40}\n"
+                      f"cpuManagerStateFile: {cluster.dir / 'kubelet' / 'cpu_manager_state'}\n")
     manifest = json.loads(pod_manifest("be-cpuset", labels={"volcano.sh/qos": "BE"}))
     manifest["spec"]["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "300"}}
     apply(cluster, json.dumps(manifest))
