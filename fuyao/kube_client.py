@@ -136,9 +136,10 @@ class LazySession:
     """An ``aiohttp.ClientSession`` made on first use (inside the running event loop) and made again if it was
     closed: one per client of fuyao's asyncio daemons (the binder, leader election, forwarded binds)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None, limit: int, timeout_s: float):
+    def __init__(self, ssl_context: ssl.SSLContext | None, limit: int, timeout_s: float,
+                 connect_timeout_s: float | None = None):
         self.ssl_context, self.limit = ssl_context, limit
-        self.timeout_s = timeout_s
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self._session: Any = None
 
     def __call__(self) -> Any:
@@ -148,7 +149,7 @@ class LazySession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self.ssl_context or False, limit=self.limit),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s))
         return self._session
 
     async def close(self) -> None:

@@ -36,7 +36,7 @@ for state_dir in /tmp/fuyao-demo /tmp/fuyao-cluster; do
 done
 echo "==> pytest"
 set +e
-python -m pytest "$@"
+python -m pytest --durations=25 "$@"  # the slowest tests named: where the time of a slow run went
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -30,11 +30,19 @@ FORWARDED_PATH = "/bind/forwarded"
 """Where a follower sends a bind to the leader (the leader binds it, never forwards it)."""
 
 
+FORWARD_CONNECT_TIMEOUT_S = 1.0
+"""How long a follower waits to connect to the leader: a leader whose pod is gone (force-deleted, its node down)
+holds the Lease until it expires, and a connection to its address hangs instead of being refused. Failing fast
+lets the scheduler's retries come round sooner; the lease's expiry, not this, decides when the binds resume."""
+
+
 class LeaderBinder:
     def __init__(self, binder: Binder, elector: LeaderElector, metrics: ExtenderMetrics,
-                 ssl_context: ssl.SSLContext | None = None, timeout_s: float = 5.0):
+                 ssl_context: ssl.SSLContext | None = None, timeout_s: float = 4.0):
+        """``timeout_s``: a forwarded bind's whole time, under kube-scheduler's extender ``httpTimeout`` (5 s in
+        the chart), so that the scheduler reads the follower's error rather than its own timeout."""
         self.binder, self.elector, self.metrics = binder, elector, metrics
-        self._client = LazySession(ssl_context, 64, timeout_s)
+        self._client = LazySession(ssl_context, 64, timeout_s, connect_timeout_s=FORWARD_CONNECT_TIMEOUT_S)
 
     async def close(self) -> None:
         await self._client.close()

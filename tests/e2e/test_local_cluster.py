@@ -24,7 +24,7 @@ from fuyao.contracts import (
     parse_annotation,
 )
 from tests.e2e.checks import explain, planned_and_visible_npus
-from tests.support.cluster import LocalCluster
+from tests.support.cluster import QOS_AGENT_CONFIG, LocalCluster
 from tests.support.engines import metric_total
 from tests.support.polling import wait_for
 
@@ -227,7 +227,10 @@ def test_the_qos_agent_publishes_batch_resources_that_be_pods_use(cluster: Local
     manifest["spec"]["containers"][0]["resources"] = {"limits": {"kubernetes.io/batch-cpu": "100",
                                                                  "kubernetes.io/batch-memory": str(64 * 2**20)}}
     apply(cluster, json.dumps(manifest))
-    wait_for(lambda: pod(cluster, "batch-job")["status"].get("phase") == "Running", 60, "the BE pod Running")
+    try:
+        wait_for(lambda: pod(cluster, "batch-job")["status"].get("phase") == "Running", 60, "the BE pod Running")
+    finally:
+        cluster.kubectl("delete", "pod", "batch-job", "--ignore-not-found", "--wait=false")
 
 
 def _pod_cgroup(cluster: LocalCluster, name: str) -> tuple[Path, Path, str]:
@@ -272,15 +275,20 @@ def test_a_be_pods_batch_limits_are_its_real_cgroup_limits_and_go_back(cluster: 
 
 @contextlib.contextmanager
 def _agent_config(cluster: LocalCluster, config: Path) -> Iterator[None]:
-    """The QoS agent restarted with ``config``, then as it was."""
+    """The QoS agent restarted with ``config`` (the cluster's settings, then the test's), then as it was."""
+    record = next(p for p in cluster.procs if p["name"] == "fuyao-qos-agent")
+    command = list(record["command"])
+    settings = config.read_text()
+    assert settings.startswith("version: v1\n")
+    config.write_text(QOS_AGENT_CONFIG + settings.removeprefix("version: v1\n"))
     cluster.stop("fuyao-qos-agent")
     try:
-        cluster.start("fuyao-qos-agent", ("--config", str(config)))
+        cluster.start("fuyao-qos-agent", ("--config", str(config)))  # the later --config is the one read
         yield
     finally:
         cluster.stop("fuyao-qos-agent")
         record = next(p for p in cluster.procs if p["name"] == "fuyao-qos-agent")
-        record["command"] = [a for a in record["command"] if a not in ("--config", str(config))]
+        record["command"] = command
         cluster.start("fuyao-qos-agent")
 
 

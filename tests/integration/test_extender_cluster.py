@@ -155,7 +155,7 @@ def test_two_binds_racing_for_the_same_devices(cluster: LocalApiServer, extender
         t.join(30)
     errors = [r["Error"] for r in results.values()]
     assert sorted(bool(e) for e in errors) == [False, True], results
-    assert "no 6 free npu.huawei.com/NPU" in next(e for e in errors if e)
+    assert "no allowed set of 6 free NPUs" in next(e for e in errors if e)
     winner = next(n for n, r in results.items() if not r["Error"])
     loser = next(n for n in results if n != winner)
     assert cluster.client().read_namespaced_pod(loser, "default").spec.node_name is None

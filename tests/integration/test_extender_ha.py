@@ -144,7 +144,7 @@ def test_one_replica_binds_the_other_forwards_and_no_npu_is_given_twice(cluster:
                         result="ok") == 4
     # a ninth finds the node full, whichever replica it reaches
     uid = create_pod(cluster, "ha-8")
-    assert "no 1 free" in bind(replicas[follower], "ha-8", uid, "npu-a")
+    assert "no allowed set of 1 free NPUs" in bind(replicas[follower], "ha-8", uid, "npu-a")
 
 
 def test_the_follower_takes_over_when_the_leader_dies_and_at_once_when_it_stops(

@@ -69,6 +69,15 @@ DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")
 """The kubelet's device-plugin directory is a constant of the API (not under --root-dir): one cluster per host."""
 
 
+QOS_AGENT_CONFIG = """version: v1
+# The whole 2-core test machine runs this node: the control plane, the test harness and the tests' own processes
+# are all the node's system usage, so the default 65 % would leave BE pods almost nothing while a test is busy.
+batch: {cpuReclaimPercent: 100, minPublishInterval: 10s}
+"""
+"""The local cluster's QoS agent config (``<dir>/qos-agent.yaml``); tests that restart the agent with their own
+settings start from it."""
+
+
 class LocalCluster(KubeCluster):
     def __init__(self, state_dir: str | Path = "/tmp/fuyao-cluster", node: str = NODE, preset: str = "910b4-8",
                  kwok_nodes: int = 0, components: str = "host", monitoring: bool = False, ray: bool = False):
@@ -411,10 +420,12 @@ state = "{base / 'state'}"
         self._spawn(name, [binary("kube-scheduler"), f"--config={config}", "--secure-port=0", "--v=1"])
 
     def _qos_agent(self) -> None:
+        config = self.dir / "qos-agent.yaml"
+        config.write_text(QOS_AGENT_CONFIG)
         self._spawn("fuyao-qos-agent", [
             sys.executable, "-m", "fuyao.qos.cli", "--node-name", self.node, "--kubeconfig",
             str(self.dir / "admin.kubeconfig"), "--cgroup-root", "/sys/fs/cgroup", "--interval", "2s",
-            "--metrics-address", ""])
+            "--metrics-address", "", "--config", str(config)])
 
     def add_kwok_nodes(self, count: int, zones: int = 2) -> list[str]:
         """``count`` fake nodes run by KWOK (its controller keeps them Ready and moves their pods to Running): NPU
