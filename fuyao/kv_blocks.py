@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import msgpack
 import numpy as np
+import orjson
+import xxhash
 
 HASH_MASK = (1 << 63) - 1
 _M64 = (1 << 64) - 1
@@ -87,6 +89,23 @@ def block_hashes(token_ids: Sequence[int], block_size: int, seed: int = 0, paren
         previous = (previous * _PRIME + _content(token_ids[start:start + block_size], weights)) & HASH_MASK
         out.append(previous)
     return out
+
+
+def key_space(adapter: str | None, salt: str | None) -> int:
+    """The space a request's block keys live in apart from the plain chain (0: the plain chain itself). vLLM's block
+    hash covers more than the tokens (0.32 ``generate_block_hash_extra_keys``): the LoRA adapter on every block and
+    the request's ``cache_salt`` on the first (so, through the parents, on the whole chain); the same tokens under
+    another adapter or salt never share blocks there. The router (from a request's ``model`` and ``cache_salt``) and
+    the KV index (from an event's ``lora_name`` and ``extra_keys``) both key such blocks as the plain chain xor this,
+    so that each finds the other's. The adapter is named, not numbered (``lora_id`` is per engine)."""
+    if adapter is None and not salt:
+        return 0
+    return xxhash.xxh3_64_intdigest(orjson.dumps(["lora", adapter, "cache_salt", salt or None])) & HASH_MASK
+
+
+def in_space(hashes: Sequence[int], space: int) -> list[int]:
+    """``hashes`` (a plain chain) moved into ``space`` (:func:`key_space`); a chain's prefixes stay its prefixes."""
+    return [(h ^ space) & HASH_MASK for h in hashes] if space else list(hashes)
 
 
 _powers: dict[str, np.ndarray] = {}

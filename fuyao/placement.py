@@ -54,8 +54,9 @@ def preferred_allocation(
     over as few groups and NUMA nodes as possible. ``must_include`` devices are always part of the result.
     ``single_only`` devices (an NPU whose RoCE link is down) are kept out of multi-device sets when a set of the
     right size that the product's rules allow exists without them; else they are used (a pod the node can take
-    never fails admission for a soft preference). ``node_size``: the node's NPUs for those rules (default: the
-    devices ``placement`` knows).
+    never fails admission for a soft preference). A one-device request takes one of them first: they serve nothing
+    else, and a pod's later multi-device container (or the next pod) needs the linked ones. ``node_size``: the
+    node's NPUs for those rules (default: the devices ``placement`` knows).
     """
     full = list(dict.fromkeys(available))
 
@@ -73,6 +74,10 @@ def preferred_allocation(
         chosen = set(choice)
         if len(chosen) == size and chosen <= full_set and set(must) <= chosen:
             return ordered(chosen)
+    if size == 1 and not must:
+        down = [d for d in full if d in set(single_only)]
+        if down:
+            return _pick(down, [], 1, place, ordered, product)
     excluded = set(single_only) - set(must) if size > 1 else set()
     if excluded & full_set:
         def allowed(picked: list[str]) -> bool:

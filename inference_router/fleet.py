@@ -322,6 +322,14 @@ class Fleet:
             *(self._models(session, b, timeout) for b in list(self.backends.values()) if b.healthy)))
         await asyncio.shield(self._refreshing)
 
+    async def stop_refreshing(self) -> None:
+        """Cancel a models read still running (its callers only wait on it shielded: cancelling them leaves it
+        running against a session about to close) and wait for it to end."""
+        running, self._refreshing = self._refreshing, None
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
     def auth_headers(self) -> dict[str, str]:
         """The router's own Authorization for the engines' ``/v1`` routes (empty without a key)."""
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -29,7 +29,7 @@ import orjson
 import xxhash
 
 from fuyao import tokenization
-from fuyao.kv_blocks import HASH_MASK
+from fuyao.kv_blocks import in_space, key_space
 from fuyao.kvcache.keys import BlockKeys
 
 Source = Literal["ids", "cache", "local", "engine", "failed"]
@@ -60,8 +60,7 @@ def prompt_keys(hashes: list[int], body: Mapping[str, Any], adapters: Collection
         return hashes
     if "prompt_embeds" in body:
         return []
-    space = xxhash.xxh3_64_intdigest(orjson.dumps(["lora", adapter, "cache_salt", salt]))
-    return [(h ^ space) & HASH_MASK for h in hashes]
+    return in_space(hashes, key_space(adapter, salt if salt is None or isinstance(salt, str) else str(salt)))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 
 from fuyao.http_body import BodyError, decode_json
-from fuyao.http_client import DeadlineError, UpstreamError, UpstreamPool
+from fuyao.http_client import ConnectError, DeadlineError, UpstreamError, UpstreamPool
 from fuyao.http_client import Response as UpstreamResponse
 from fuyao.http_server import HttpServer, Request, Response, Stream
 
@@ -73,16 +73,20 @@ class _BackendFailed(Exception):
     after (``verdict``)."""
 
     def __init__(self, reason: str, status: int = 502, body: bytes = b"",
-                 verdict: retry.Verdict = retry.Verdict.FAILED, answered: bool = False):
+                 verdict: retry.Verdict = retry.Verdict.FAILED, answered: bool = False, unsent: bool = False):
         super().__init__(reason)
         self.reason, self.status, self.body, self.verdict = reason, status, body, verdict
         self.answered = answered  # the engine answered (an HTTP status), not a connection that failed
+        self.unsent = unsent  # no connection was made: the request was never sent
 
     @property
-    def engine_failed(self) -> bool:
-        """Whether an engine that took the request failed at it (a 5xx it answered): a decode's KV load may be what
-        failed (vLLM's 500 under ``kv_load_failure_policy: fail``), so its retry goes without the prefill's KV."""
-        return self.answered and self.verdict is retry.Verdict.FAILED
+    def untouched(self) -> bool:
+        """Whether the engine certainly did nothing with the request: never sent (no connection), or refused at
+        the door (busy, a model it does not serve). Only then may a decode's retry carry the prefill's KV: an
+        engine that took it may have loaded the blocks already, and the prefill engine frees them once they are
+        read (NIXL's pull), so another decode engine would read freed blocks without an error. Any other failure
+        (a 5xx, a reset or timeout after sending) retries the plain request."""
+        return self.unsent or (self.answered and self.verdict in (retry.Verdict.BUSY, retry.Verdict.NOT_SERVED))
 
 
 class _ClientGone(Exception):
@@ -194,6 +198,7 @@ class Router:
         for task in list(self._background):  # model refreshes still running would meet a closed session
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.fleet.stop_refreshing()  # the read those tasks waited on, shielded: not cancelled with them
         await self.upstream.close()
         if self.session is not None:
             await self.session.close()
@@ -386,8 +391,8 @@ class Router:
                             "; retrying on another" if attempt < self.config.router.retries else "",
                             extra={"backend": backend.url, "reason": exc.reason,
                                    "request_id": request_id.decode("latin-1")})
-                if retry_raw is not None and exc.engine_failed:
-                    raw = retry_raw  # busy, not served, unreachable: the prefill's KV is still good elsewhere
+                if retry_raw is not None and not exc.untouched:
+                    raw = retry_raw  # the engine may have read the prefill's KV: the retry goes without it
         if last is not None and last.body and (last.status < 500 or retry.is_error_body(last.body)):
             # the last engine's own answer (vLLM's 503 "ServiceUnavailableError", its 500 "EngineDeadError"...): its
             # message says more than a generic 502
@@ -441,7 +446,7 @@ class Router:
                 raise _Answered(_deadline(timeout_s), "deadline") from None
             except (UpstreamError, OSError) as exc:
                 dispatch.failed()
-                raise _BackendFailed(_failure(exc)) from None
+                raise _BackendFailed(_failure(exc), unsent=isinstance(exc, ConnectError)) from None
             async with upstream:
                 answer_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _ANSWER_DROP]
                 answer_headers.append((b"X-Request-Id", request_id))
@@ -474,7 +479,8 @@ class Router:
                         deadline = isinstance(exc, DeadlineError)  # a generation longer than its budget: cut,
                         if not deadline:                           # but the engine did nothing wrong
                             dispatch.failed()
-                        if first:
+                        if not request.streamed:  # nothing went out yet (vLLM's ": keep-alive" comments do go
+                            # out, head first: after one of them a retry would write a second answer into this one)
                             if deadline:
                                 raise _Answered(_deadline(timeout_s), "deadline") from None
                             raise _BackendFailed(_failure(exc)) from None

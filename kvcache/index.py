@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from fuyao.kv_blocks import HASH_MASK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, block_hashes
+from fuyao.kv_blocks import (
+    HASH_MASK,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+    block_hashes,
+    in_space,
+    key_space,
+)
 
 from .keys import BlockKeys, ContentKeys
 
@@ -47,6 +56,7 @@ class EndpointState:
     hashes: set[int] = field(default_factory=set)
     block_size: int | None = None
     ours: dict[int, int] = field(default_factory=dict)  # engine block hash → the index's content hash
+    spaces: dict[int, int] = field(default_factory=dict)  # engine block hash → its key space, when not 0 (LoRA, salt)
     removed: OrderedDict[int, int] = field(default_factory=OrderedDict)  # recently removed, for late children
     skipped: int = 0  # blocks that could not be placed (parent unknown, other block size)
     size_warned: bool = False
@@ -183,8 +193,17 @@ class KvIndex:
                 return []
         size = self.block_size
         keys = event.extra_keys or []
-        if event.lora_name is not None or event.lora_id is not None or any(k is not None for k in keys):
-            ours = self._salted(event, parent)  # LoRA / multimodal / cache-salt blocks: kept apart, as in vLLM
+        extra = event.lora_name is not None or event.lora_id is not None or any(k is not None for k in keys)
+        inherited = 0 if event.parent_block_hash is None else state.spaces.get(event.parent_block_hash, 0)
+        if extra or inherited:  # (a salted chain's later blocks carry no extra keys: the salt is their parent's)
+            space = self._space(state, event) if extra else inherited
+            if space is not None:  # an adapter's or a salted chain: keyed as the router keys such requests
+                plain = None if parent is None else parent ^ state.spaces.get(event.parent_block_hash or 0, 0)
+                ours = in_space(block_hashes(tokens, size, self.seed, parent=plain), space)
+                for theirs in engine:
+                    state.spaces[theirs] = space
+            else:
+                ours = self._salted(event, parent)  # multimodal / embeddings blocks: kept apart, as in vLLM
             for theirs, mine in zip(engine, ours, strict=True):
                 state.ours[theirs] = mine
             return ours
@@ -197,6 +216,40 @@ class KvIndex:
         for theirs, mine in zip(engine, ours, strict=True):
             state.ours[theirs] = mine
         return ours
+
+    @staticmethod
+    def _space(state: EndpointState, event: BlockStored) -> int | None:
+        """The key space (:func:`fuyao.kv_blocks.key_space`) of an event's blocks when what sets them apart is a
+        LoRA adapter and a ``cache_salt`` only (vLLM publishes each block's extra keys untagged: the adapter's name
+        first on every block, the salt last on a request's first block); None for anything else (multimodal
+        inputs, prompt embeddings, an adapter without a name), or a chain whose space the index did not see."""
+        adapter = event.lora_name
+        if adapter is None and event.lora_id is not None:
+            return None
+        keys = list(event.extra_keys or [])
+        rest = []
+        for extra in keys + [None] * (len(event.block_hashes) - len(keys)):
+            values = list(extra or ())
+            if adapter is not None:
+                if not values or values[0] != adapter:
+                    return None
+                values = values[1:]
+            rest.append(values)
+        if event.parent_block_hash is None:
+            first = rest[0] if rest else []
+            if len(first) > 1 or (first and not isinstance(first[0], str)):
+                return None
+            salt = first[0] if first else None
+            space = key_space(adapter, salt)
+        else:
+            space = state.spaces.get(event.parent_block_hash, 0)  # the salt is the parent's (its first block's)
+            if space == 0 and adapter is not None:
+                return None  # an adapter's chain whose space the index never saw (or forgot): cannot be keyed
+            if rest and rest[0]:
+                return None  # a salt past a request's first block: not vLLM's shape
+        if any(rest[1:]):
+            return None
+        return space
 
     def _salted(self, event: BlockStored, parent: int | None) -> list[int]:
         """The chain with each block's extra keys (and the LoRA adapter) mixed in, so such blocks never match the
@@ -225,7 +278,7 @@ class KvIndex:
             out.append(mine)
             state.removed[theirs] = mine
             if len(state.removed) > REMEMBER_REMOVED:
-                state.removed.popitem(last=False)
+                state.spaces.pop(state.removed.popitem(last=False)[0], None)
         return out
 
     def drop(self, endpoint: str, forget: bool = True) -> int:
@@ -239,7 +292,7 @@ class KvIndex:
                 del self.where[key]
         count = len(state.hashes)
         state.hashes = set()
-        state.ours, state.removed = {}, OrderedDict()
+        state.ours, state.removed, state.spaces = {}, OrderedDict(), {}
         if forget:
             del self.endpoints[endpoint]
             del self._by_bit[state.bit]

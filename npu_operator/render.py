@@ -143,6 +143,10 @@ def _chart_values(spec: PolicySpec, component: Component, settings: Settings) ->
         return deep_merge({"image": _image(settings, ext.image)}, ext.values)
     if component == Component.QOS_AGENT:
         qos = spec.qos_agent
+        if (qos.values.get("nodeRestriction") or {}).get("enabled"):
+            raise RenderError("qosAgent.values.nodeRestriction.enabled: the chart's ValidatingAdmissionPolicy and "
+                              "its binding are cluster-wide admission objects, which the operator is not granted; "
+                              "install the qos-agent chart yourself to have it")
         return deep_merge({"image": _image(settings, qos.image),
                            "nodeSelector": {LABEL_ACCELERATOR: ACCELERATOR_ASCEND_NPU}}, qos.values)
     raise ValueError(f"{component.value} is not rendered from a chart")

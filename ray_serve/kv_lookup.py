@@ -68,14 +68,15 @@ class IndexLookup:
                 self.breaker.release()
 
     async def _ask(self, query: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-        """The answer, and whether the index works (a 4xx about this request says it does)."""
+        """The answer, and whether the index works: a 400 or 422 about this request says it does; a 404 or 405
+        (a wrong ``kvIndexUrl`` or path: every lookup would fail the same way) and a 5xx say it does not."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         try:
             async with self._session.post(self.url, json=query) as response:
                 if response.status != 200:
                     log.warning("KV index lookup answered %s: %s", response.status, (await response.text())[:300])
-                    return None, response.status < 500
+                    return None, response.status in (400, 422)
                 answer = await response.json()
                 if not isinstance(answer, dict):
                     log.warning("KV index lookup answered a %s, not an object", type(answer).__name__)

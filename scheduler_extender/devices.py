@@ -8,6 +8,8 @@ in the ``npu.openfuyao.com/assigned`` annotations of the pods on the node. Pure 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,10 +72,15 @@ def count_problem(node: NodeInfo, count: int) -> str | None:
 
 def _free_problem(topology: NodeTopology, free: Sequence[str], count: int) -> str | None:
     """Why no set of ``count`` of the ``free`` dies that the product allows can go to one container."""
+    down = 0
     if count > 1:  # a multi-die container never gets a die whose link is down
-        free = [d for d in free if topology.devices[d].link_up is not False]
+        linked = [d for d in free if topology.devices[d].link_up is not False]
+        down, free = len(free) - len(linked), linked
     found, placed = _topology_facts(topology)
-    return products.free_problem(found, free, count, placed, len(topology.devices))
+    problem = products.free_problem(found, free, count, placed, len(topology.devices))
+    if problem is not None and down:
+        problem += f" ({down} more free with their RoCE link down: those take single-NPU containers only)"
+    return problem
 
 
 def free_npus(node: NodeInfo) -> list[str]:
@@ -126,10 +133,11 @@ def choose_npus(node: NodeInfo, count: int) -> list[str]:
     return list(_choose(node.topology, tuple(free_npus(node)), count))
 
 
-def _choose(topology: NodeTopology, free: tuple[str, ...], count: int) -> tuple[str, ...]:
+def _choose(topology: NodeTopology, free: tuple[str, ...], count: int,
+            must: tuple[str, ...] = ()) -> tuple[str, ...]:
     found, placed = _topology_facts(topology)
-    return _chosen.get(topology, (free, count), lambda: tuple(preferred_allocation(
-        free, [], count, placed, product=found,
+    return _chosen.get(topology, (free, count, must), lambda: tuple(preferred_allocation(
+        free, must, count, placed, product=found,
         single_only=[i for i, d in topology.devices.items() if d.link_up is False])))
 
 
@@ -155,25 +163,38 @@ class NpuPlan:
     """Where a pod's NPU containers go (:func:`plan_npus`)."""
 
     sets: tuple[tuple[str, ...], ...]
-    """Per running container (``NpuSteps.running``), in order: its dies (empty: it asks for none). When a step
-    fails: those placed before it."""
+    """Per running container (``NpuSteps.running``), in order: its dies (empty: it asks for none, or the plan
+    failed before it)."""
     problem: str | None = None
     """Why a step gets no set the node's product allows (None: every step gets one)."""
     failed: int = -1
     """The step that failed: i < len(running) is running container i, len(running) + j the j-th plain init
     container of ``NpuSteps.init``."""
+    init_sets: tuple[tuple[str, ...], ...] = ()
+    """Per plain init container of ``NpuSteps.init``: its dies. The kubelet keeps them for the pod's whole life
+    (those no later container reuses sit idle), so the binder writes them too and they count as taken."""
+    reused: bool = False
+    """Whether a step's dies were (or had to be) taken from a plain init container's (the failure's cause, when it
+    failed there)."""
 
 
 _plans: ObjectMemo[NpuPlan] = ObjectMemo()
 """Per topology, by (free dies, steps): what ``plan_npus`` found."""
 
+MAX_SUBSETS = 4096
+"""Reused sets are checked subset by subset up to this many (C(8, 4) = 70; C(16, 8) = 12,870 is refused)."""
+
 
 def plan_npus(dies: FreeDies, steps: NpuSteps) -> NpuPlan:
-    """The dies the device plugin gives each of a pod's containers, as the kubelet asks for them: one container at a
-    time, each getting what the placement function (:func:`choose_npus`) picks from the dies the ones before left,
-    and each set checked against the product's rules (the device plugin's Allocate refuses a set they forbid). A
-    plain init container is placed alone beside the sidecars started before it (its dies are given back before the
-    containers start). Pure; kept per topology, free dies and steps."""
+    """The dies each of a pod's containers gets, as the kubelet's device manager hands them out (1.34
+    ``ManagerImpl.Allocate`` / ``devicesToAllocate``): the init containers in spec order (plain ones and sidecars
+    interleaved), then the containers, each from what the ones before left, each set checked against the product's
+    rules (the device plugin's Allocate refuses a set they forbid). A plain init container's dies stay the pod's and
+    are *reusable*: the next container asking for NPUs takes them first, before any other die. Asking for at most as
+    many, it gets that many of them, which ones the kubelet's choice (no GetPreferredAllocation), so every such
+    subset must be allowed; asking for more, it gets all of them plus what the placement function picks with them
+    (GetPreferredAllocation's must-include). A sidecar's or a container's dies leave the reusable ones. Pure; kept
+    per topology, free dies and steps."""
     return _plans.get(dies.topology, (dies.free, steps), lambda: _plan(dies.topology, dies.free, steps))
 
 
@@ -183,32 +204,77 @@ def node_dies(node: NodeInfo) -> FreeDies:
     return FreeDies(node.topology, tuple(free_npus(node)))
 
 
+def kubelet_order(steps: NpuSteps) -> list[tuple[bool, int]]:
+    """The order the kubelet allocates a pod's containers' devices in: (plain init?, index into ``steps.init`` or
+    ``steps.running``). A plain init container comes after the sidecars started before it (its ``before``)."""
+    order: list[tuple[bool, int]] = []
+    j = 0
+    for i in range(len(steps.running)):
+        while j < len(steps.init) and steps.init[j][1] <= i:
+            order.append((True, j))
+            j += 1
+        order.append((False, i))
+    order += [(True, k) for k in range(j, len(steps.init))]
+    return order
+
+
 def _plan(topology: NodeTopology, free: tuple[str, ...], steps: NpuSteps) -> NpuPlan:
-    sets: list[tuple[str, ...]] = []
-    left = free
-    for i, count in enumerate(steps.running):
-        chosen, problem = _step(topology, left, count)
+    running = len(steps.running)
+    sets: list[tuple[str, ...]] = [()] * running
+    init_sets: list[tuple[str, ...]] = [()] * len(steps.init)
+    held: set[str] = set()
+    reuse: list[str] = []  # plain init containers' dies no later container took yet (the kubelet's devicesToReuse)
+    for is_init, k in kubelet_order(steps):
+        count = steps.init[k][0] if is_init else steps.running[k]
+        if count <= 0:
+            continue
+        from_reuse = bool(reuse)
+        if reuse and count <= len(reuse):
+            chosen, problem = tuple(reuse[:count]), _subsets_problem(topology, reuse, count)
+        else:
+            left = tuple(d for d in free if d not in held)
+            chosen, problem = _step(topology, left + tuple(reuse), count, must=tuple(reuse))
         if problem is not None:
-            return NpuPlan(tuple(sets), problem, i)
-        sets.append(chosen)
-        taken = set(chosen)
-        left = tuple(d for d in left if d not in taken)
-    for j, (count, before) in enumerate(steps.init):
-        beside = {d for chosen in sets[:before] for d in chosen}
-        _, problem = _step(topology, tuple(d for d in free if d not in beside), count)
-        if problem is not None:
-            return NpuPlan(tuple(sets), problem, len(steps.running) + j)
-    return NpuPlan(tuple(sets))
+            return NpuPlan(tuple(sets), problem, running + k if is_init else k, tuple(init_sets), from_reuse)
+        held.update(chosen)
+        if is_init:
+            init_sets[k] = chosen
+            reuse += [d for d in chosen if d not in reuse]
+        else:
+            sets[k] = chosen
+            reuse = [d for d in reuse if d not in chosen]
+    return NpuPlan(tuple(sets), init_sets=tuple(init_sets))
 
 
-def _step(topology: NodeTopology, free: tuple[str, ...], count: int) -> tuple[tuple[str, ...], str | None]:
-    """One container's dies from ``free`` and why the product's rules refuse them (None: they allow them)."""
+def _subsets_problem(topology: NodeTopology, reused: Sequence[str], count: int) -> str | None:
+    """Why some set of ``count`` of the ``reused`` dies (the kubelet picks which) is one the product forbids."""
+    found, placed = _topology_facts(topology)
+    problem = products.count_problem(found, count, len(topology.devices))
+    if problem is not None or not found.shaped or count <= 1:
+        return problem
+    if math.comb(len(reused), count) > MAX_SUBSETS:
+        return (f"the kubelet gives it {count} of the {len(reused)} NPUs of the init containers before it, which "
+                "ones its own choice: too many such sets to check against the product's rules")
+    for subset in itertools.combinations(reused, count):
+        problem = products.shape_problem(found, subset, placed, len(topology.devices))
+        if problem is not None:
+            return (f"the kubelet gives it {count} of the {len(reused)} NPUs the init containers before it held "
+                    f"({', '.join(reused)}), which ones its own choice, and {', '.join(subset)} is not a set "
+                    f"the product allows: {problem}")
+    return None
+
+
+def _step(topology: NodeTopology, free: tuple[str, ...], count: int,
+          must: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str | None]:
+    """One container's dies from ``free`` (with every one of ``must``) and why the product's rules refuse them
+    (None: they allow them)."""
     if count <= 0:
         return (), None
-    problem = _free_problem(topology, free, count)
-    if problem is not None:
-        return (), problem
-    chosen = _choose(topology, free, count)
+    if not must:
+        problem = _free_problem(topology, free, count)
+        if problem is not None:
+            return (), problem
+    chosen = _choose(topology, free, count, must)
     if len(chosen) < count:
         return (), f"{len(free)} NPUs free, {count} requested"
     found, placed = _topology_facts(topology)

@@ -155,9 +155,10 @@ class NpuSteps:
 
     ``running``: the NPUs of each of ``PodInfo.containers`` (native sidecars in spec order, then the containers;
     0 for those asking for none): they hold their dies together while the pod runs. ``init``: per plain init
-    container asking for NPUs, (its NPUs, how many of ``running`` start before it: the sidecars beside it). A plain
-    init container runs alone beside those sidecars; its dies are given back before the containers start (the
-    kubelet reuses them for the containers), so it needs a set of its own only beside them."""
+    container asking for NPUs, (its NPUs, how many of ``running`` start before it: the sidecars beside it). The
+    kubelet allocates a plain init container's dies after those sidecars' and keeps them the pod's: the containers
+    after it take them first (``devicesToReuse``), and those none takes stay held, idle, while the pod lives
+    (``devices.plan_npus`` follows this)."""
 
     running: tuple[int, ...]
     init: tuple[tuple[int, int], ...] = ()
@@ -218,7 +219,9 @@ class PodInfo:
     topology spread): the extender must leave it a choice (see ``shortlist``)."""
     init_containers: tuple[tuple[str, Mapping[str, Decimal], int], ...] = ()
     """Plain (not sidecar) init containers, in spec order: (name, requests, how many of ``containers`` run beside
-    it: the sidecars started before it). Each runs alone before the containers and gives its devices back."""
+    it: the sidecars started before it). Each runs alone before the containers; its resources count for the
+    scheduler only while it runs, but its devices stay the pod's (the kubelet hands them to the containers after it
+    first)."""
 
     @property
     def key(self) -> str:
@@ -461,7 +464,15 @@ class NodeInfo:
             planned = {d for c in pod.assignment.containers for d in c.devices}
             mine = held.get(pod.key)
             if mine is not None and (pod.acknowledged or mine & planned):
-                continue  # accounted by what the kubelet gave it (a deleted namesake's entry is neither)
+                # accounted by what the kubelet gave it (a deleted namesake's entry is neither); but the kubelet
+                # keeps a plain init container's dies the pod's too, and its pod-resources answer leaves plain init
+                # containers out: the planned ones no running container holds are taken all the same
+                inits = {name for name, requests, _ in pod.init_containers if requests.get(RESOURCE_NPU)}
+                idle = {d for c in pod.assignment.containers if c.resource == RESOURCE_NPU and c.container in inits
+                        for d in c.devices} - mine
+                if idle:
+                    self.assigned.setdefault(RESOURCE_NPU, set()).update(idle)
+                continue
             for c in pod.assignment.containers:
                 self.assigned.setdefault(c.resource, set()).update(c.devices)
         return self

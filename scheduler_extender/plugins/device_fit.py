@@ -66,6 +66,8 @@ def _plan_reason(pod: PodInfo, plan: devices.NpuPlan) -> str:
     what = f"{'container' if beside is None else 'init container'} {name or '?'} asking for {want} NPUs"
     if beside is not None:
         what += " (it runs before the containers, beside only the sidecars started before it)"
+    if plan.reused:
+        what += " (the kubelet gives it the NPUs of the plain init containers before it first)"
     return (f"{what} gets no set the node's product allows"
             f"{f' after {after}' if after else ''} (the device plugin gives each container its set in turn, from "
             f"what the ones before left): {plan.problem}")

@@ -25,7 +25,10 @@ def test_a_pre_install_and_pre_upgrade_job_applies_the_crd_with_least_privilege(
     for doc in found:
         notes = doc["metadata"]["annotations"]
         assert set(notes["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
-        assert set(notes["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+        # its cluster-wide RBAC goes also when the Job failed (hooks are no release's objects: helm uninstall
+        # would never remove them); the Job stays then, for its logs
+        assert set(notes["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"} | (
+            set() if doc["kind"] == "Job" else {"hook-failed"})
     weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in found}
     assert max(weight[k] for k in HOOK_KINDS[:3]) < weight["Job"]  # its RBAC exists before the Job runs
 

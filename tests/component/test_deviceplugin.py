@@ -385,6 +385,10 @@ def test_sigusr1_dumps_every_threads_stack_and_the_plugin_keeps_serving(plugin: 
     assert plugin.proc is not None
     plugin.proc.send_signal(signal.SIGUSR1)
     assert plugin.wait_log("most recent call first")
-    assert "deviceplugin/daemon.py" in plugin.log_path.read_text()  # the main loop's frame, among the stacks
+    # the main loop's frame, among the stacks (the dump is written frame by frame: wait for it, do not read once)
+    deadline = time.monotonic() + 10
+    while "deviceplugin/daemon.py" not in plugin.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "deviceplugin/daemon.py" in plugin.log_path.read_text(), plugin.log_path.read_text()[-3000:]
     plugin.assert_running()
     assert plugin.kubelet.allocate(RESOURCE_NPU, ["Ascend910-1"]).container_responses[0].envs

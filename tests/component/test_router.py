@@ -57,6 +57,27 @@ def test_streams_are_relayed_byte_for_byte_and_never_duplicated() -> None:
         fake.close()
 
 
+def test_a_stream_cut_after_a_keep_alive_comment_is_not_retried_into_the_same_answer() -> None:
+    # vLLM's ": keep-alive" comment goes out to the client with the stream's head; an engine that dies after it, before
+    # its first token, was retried on another engine, whose head and stream went into the middle of the first answer
+    first, second = FakeBackend(), FakeBackend()
+    first.script = Script(chunks=[b": keep-alive\n\n", b'data: {"choices": [{"text": "a"}]}\n\n'], break_after=1)
+    front = router("--backend", first.url, "--backend", second.url, "--strategy", "round-robin").start()
+    try:
+        for _ in range(2):  # round-robin: one of the two requests starts on the engine that dies
+            try:
+                status, body = raw_post(front, "/v1/completions", {"prompt": "hi", "stream": True})
+            except (http.client.IncompleteRead, ConnectionError) as exc:
+                status, body = 200, getattr(exc, "partial", b"")
+            assert status == 200
+            assert body.count(b"HTTP/1.1") == 0 and body.count(b": keep-alive") <= 1, body
+        assert len(first.received) == 1 and len(second.received) == 1  # each request went to one engine only
+    finally:
+        front.close()
+        first.close()
+        second.close()
+
+
 def test_prefix_aware_keeps_a_prefix_on_one_engine_and_spreads_others() -> None:
     fleet = [engine(events=True).start() for _ in range(3)]
     events = [f"--kv-events={e.events}={e.url}" for e in fleet]  # type: ignore[attr-defined]

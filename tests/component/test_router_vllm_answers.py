@@ -157,6 +157,29 @@ def test_a_decode_that_fails_is_retried_on_another_decode_engine_as_the_plain_re
         working.close()
 
 
+def test_a_decode_engine_that_breaks_off_before_answering_is_retried_without_the_prefills_kv() -> None:
+    # an engine that took the request and then broke off may have read the prefill's blocks already, and the prefill
+    # engine frees them once read (NIXL's pull): the retry carried the same kv_transfer_params to another engine,
+    # which would read freed blocks without an error
+    prefill, breaking, working = FakeBackend(), FakeBackend(), FakeBackend()
+    prefill.script = Script(chunks=[b'{"choices": [{"text": "a"}], "kv_transfer_params": {"remote_engine_id": "p", '
+                                    b'"remote_block_ids": [1]}}'], content_type="application/json")
+    breaking.script = Script(chunks=[b"data: {}\n\n"], break_after=0)
+    working.script = OK
+    front = router("--prefill", prefill.url, "--decode", breaking.url, "--decode", working.url).start()
+    try:
+        for _ in range(4):
+            assert post(front, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200
+        assert breaking.received and all("kv_transfer_params" in json.loads(r) for r in breaking.received)
+        sent = [json.loads(r) for r in working.received]
+        assert sum("kv_transfer_params" not in r for r in sent) == len(breaking.received)  # each retry: plain
+    finally:
+        front.close()
+        prefill.close()
+        breaking.close()
+        working.close()
+
+
 def test_a_decode_refused_as_busy_is_retried_with_the_prefills_kv() -> None:
     # vLLM's 503 (queue full) comes before the engine touched the KV: the retry keeps kv_transfer_params (the plain
     # request would recompute the whole prompt on a saturated decode pool and waste the prefill)
@@ -223,3 +246,36 @@ def test_the_fleet_knows_which_models_are_lora_adapters() -> None:
         return fleet.adapters
 
     assert asyncio.run(scenario()) == {"tenant-a"}
+
+
+def test_closing_stops_a_models_read_still_running() -> None:
+    # the requests waiting on a models read wait on it shielded: cancelling them left the read running against a
+    # session about to close ("Session is closed", an exception nobody retrieved)
+    async def models(_request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({"object": "list", "data": []})
+
+    async def scenario() -> tuple[bool, bool]:
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        fleet = Fleet(build_config().router)
+        fleet.backends[f"http://127.0.0.1:{port}"] = Backend(f"http://127.0.0.1:{port}")
+        try:
+            async with aiohttp.ClientSession() as session:
+                waiting = asyncio.ensure_future(fleet.refresh_models(session))
+                await asyncio.sleep(0.2)
+                running = fleet._refreshing
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+                still = running is not None and not running.done()  # what close() met before
+                await asyncio.wait_for(fleet.stop_refreshing(), 5)
+                return still, running is not None and running.done()  # ended now, not in 30 s
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) == (True, True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fuyao.contracts import (
+    ANNOTATION_POD_ASSIGNED,
     RESOURCE_BATCH_CPU,
     RESOURCE_BATCH_MEMORY,
     RESOURCE_NPU,
@@ -136,6 +139,20 @@ def test_npus_whose_link_is_down_take_single_npu_pods_only() -> None:
     assert len(devices.choose_npus(linkless, 1)) == 1
 
 
+def test_a_single_npu_container_takes_the_link_down_die_its_pods_multi_npu_container_cannot() -> None:
+    # containers 1 + 7 on an 8-die board whose die 7's link is down: the filter passed it (7 linked dies free for
+    # the 7), but the plan gave the 1 a linked die and the 7 came up short, so every bind failed
+    plugin = DeviceFitPlugin()
+    board = info(node("mesh", topo=topology(links_down=(7,))))
+    raw = pod("p", requests={RESOURCE_NPU: "1"})
+    raw["spec"]["containers"].append({"name": "c1", "resources": {"limits": {RESOURCE_NPU: "7"}}})
+    joint = parse_pod(raw)
+    assert reject(plugin, joint, board) is None
+    plan = devices.plan_npus(devices.node_dies(board), joint.npu_steps)
+    assert plan.problem is None and plan.sets[0] == ("Ascend910-7",) and "Ascend910-7" not in plan.sets[1]
+    assert devices.choose_npus(board, 1) == ["Ascend910-7"]  # a lone single-NPU pod too: the linked dies stay free
+
+
 def test_a1_rings_need_whole_rings_for_four_cards() -> None:
     plugin = DeviceFitPlugin()
     four = parse_pod(pod("p", requests={RESOURCE_NPU: "4"}))
@@ -230,6 +247,54 @@ def test_containers_of_a_pod_are_placed_one_after_another_as_the_kubelet_asks() 
     # the order is the kubelet's: 2 first takes half of the whole ring (none has exactly 2 free), and 4 finds none
     assert "container c2 asking for 4 NPUs" in reject(  # type: ignore[union-attr]
         plugin, _npu_pod("s", 2, 1, 4), info(node("a1", topo=topology("a1")), holding("a1", 4))).reason
+
+
+def test_the_containers_after_a_plain_init_container_get_its_npus_first_as_the_kubelet_gives_them() -> None:
+    """The kubelet keeps a plain init container's dies the pod's and hands them to the next containers first
+    (1.34 devicesToReuse): asking for fewer, a container gets that many of them, which ones the kubelet's choice;
+    asking for more, all of them and what the device plugin adds. The plan picked each container's set afresh: on an
+    A1 board an init container of 8 then a container of 2 passed, and 16 of the 28 pairs the kubelet may give the
+    container cross the rings (the device plugin refuses them)."""
+    from fuyao.scheduler_extender.binder import assignment_for
+
+    plugin = DeviceFitPlugin()
+    a1 = info(node("a1", topo=topology("a1")))
+    rejection = reject(plugin, _npu_pod("p", 2, init=((8, False),)), a1)
+    assert rejection and rejection.code == "product-shape" and "container c0 asking for 2 NPUs" in rejection.reason
+    assert "the kubelet gives it 2 of the 8 NPUs" in rejection.reason and "HCCS ring" in rejection.reason
+    assert reject(plugin, _npu_pod("q", 2, init=((4, False),)), a1) is None  # any 2 of one ring: allowed
+    # a full-mesh board: any subset is allowed; the sets written are the kubelet's
+    mesh = info(node("m", topo=topology()))
+    fewer = assignment_for(_npu_pod("f", 2, init=((4, False),)), mesh)
+    assert fewer is not None
+    sets = {c.container: set(c.devices) for c in fewer.containers}
+    assert len(sets["i0"]) == 4 and len(sets["c0"]) == 2 and sets["c0"] <= sets["i0"]
+    more = assignment_for(_npu_pod("m", 4, init=((2, False),)), mesh)
+    assert more is not None
+    sets = {c.container: set(c.devices) for c in more.containers}
+    assert len(sets["c0"]) == 4 and sets["i0"] <= sets["c0"]  # all of the init container's, and 2 more
+    # a sidecar listed after the plain init container takes from its dies too; the container after both gets the rest
+    plan = devices.plan_npus(devices.node_dies(mesh), _npu_pod("s", 2, init=((4, False), (1, True))).npu_steps)
+    sidecar, container = plan.sets
+    assert plan.problem is None and len(set(sidecar) | set(container)) == 3  # one of the 4 stays idle, the pod's
+    assert set(sidecar) | set(container) <= set(plan.init_sets[0])
+
+
+def test_a_plain_init_containers_idle_npus_stay_taken_while_its_pod_runs() -> None:
+    """The pod-resources answer the device plugin publishes leaves plain init containers out, yet the kubelet holds
+    their dies for the pod's life: the two of an init container of 4 that no container reused looked free, and the
+    pod's 4 against 2 published holders made every multi-NPU pod wait for "unplaced" NPUs."""
+    mesh = node("m", topo=topology(holders={0: "default/p", 1: "default/p"}))
+    raw = pod("p", node_name="m", phase="Running", requests={RESOURCE_NPU: "2"},
+              assigned={RESOURCE_NPU: ["Ascend910-0", "Ascend910-1"]})
+    raw["spec"]["initContainers"] = [{"name": "i0", "resources": {"limits": {RESOURCE_NPU: "4"}}}]
+    assignment = json.loads(raw["metadata"]["annotations"][ANNOTATION_POD_ASSIGNED])
+    assignment["containers"].append({"container": "i0", "resource": RESOURCE_NPU,
+                                     "devices": [f"Ascend910-{i}" for i in range(4)]})
+    raw["metadata"]["annotations"][ANNOTATION_POD_ASSIGNED] = json.dumps(assignment)
+    n = info(mesh, raw)
+    assert n.free(RESOURCE_NPU) == 4 and sorted(devices.free_npus(n)) == [f"Ascend910-{i}" for i in range(4, 8)]
+    assert devices.unplaced_npus(n) == 0
 
 
 def test_plain_init_containers_need_a_set_of_their_own_beside_the_sidecars_before_them() -> None:

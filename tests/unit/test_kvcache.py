@@ -154,6 +154,36 @@ def test_lora_and_extra_key_blocks_are_kept_apart_from_plain_ones() -> None:
     assert index.endpoints["salt"].hashes == index.endpoints["lora"].hashes == set() and len(index) == 4
 
 
+def test_an_adapters_and_a_salted_requests_blocks_are_found_by_the_routers_keys_for_them() -> None:
+    """vLLM 0.32 publishes extra keys untagged (``to_event_extra_keys``): the adapter's name first on every block,
+    the cache salt on a request's first block only, nothing on a salted chain's later events. The router keys such a
+    request as the plain chain moved into its space (``prompt_keys``): the index keys the events the same way, so
+    each finds the other's blocks (they never did), and no other tenant's or adapter's."""
+    from fuyao.inference_router.prompts import prompt_keys
+
+    index = KvIndex(block_size=4)
+    tokens = TOKENS[0][:16]
+    plain = index.hashes(tokens)
+    adapters = frozenset({"adapter", "other"})
+    index.apply("lora", [BlockStored([1, 2, 3, 4], None, tokens, 4, lora_id=7, lora_name="adapter",
+                                     extra_keys=[("adapter",)] * 4)])
+    index.apply("salt", [BlockStored([5, 6], None, tokens[:8], 4, extra_keys=[("s",), None])])
+    index.apply("salt", [BlockStored([7, 8], 6, tokens[8:], 4)])  # a later step: no extra keys, the parent's salt
+    index.apply("both", [BlockStored([9, 10, 11, 12], None, tokens, 4, lora_id=3, lora_name="adapter",
+                                     extra_keys=[("adapter", "s"), ("adapter",), ("adapter",), ("adapter",)])])
+    index.apply("mm", [BlockStored([13, 14, 15, 16], None, tokens, 4, extra_keys=[(("img", 0),), None, None, None])])
+
+    def found(body: dict) -> dict[str, int]:  # type: ignore[type-arg]
+        return index.lookup(hashes=prompt_keys(plain, body, adapters))
+
+    assert found({"model": "adapter"}) == {"lora": 4}
+    assert found({"cache_salt": "s"}) == {"salt": 4}
+    assert found({"model": "adapter", "cache_salt": "s"}) == {"both": 4}
+    assert found({"model": "other"}) == {} and found({"cache_salt": "t"}) == {} and found({}) == {}
+    index.apply("salt", [BlockRemoved([7, 8])])
+    assert found({"cache_salt": "s"}) == {"salt": 2}
+
+
 def test_vllm_exact_keys_take_event_hashes_as_they_are() -> None:
     """block_hashing.mode vllm: the engines' own hashes are the keys (streams without token_ids, and with them),
     and a lookup by tokens hashes them as vLLM does."""

@@ -79,6 +79,16 @@ def test_helm_errors_name_the_chart_and_the_key() -> None:
         render.helm_template(REPO / "charts" / "qos-agent", "x", "ns", {}, helm="/nonexistent/helm")
 
 
+def test_a_policy_asking_for_the_qos_agents_admission_policy_is_refused_naming_the_key() -> None:
+    # the chart renders a ValidatingAdmissionPolicy and its binding, kinds the operator may not write: every
+    # apply failed mid-way (400) and the component stayed ApplyFailed
+    spec = PolicySpec.model_validate({"qosAgent": {"enabled": True, "values": {"nodeRestriction": {"enabled": True}}}})
+    with pytest.raises(RenderError, match=r"qosAgent\.values\.nodeRestriction\.enabled"):
+        render.chart_values(spec, Component.QOS_AGENT, Settings())
+    off = PolicySpec.model_validate({"qosAgent": {"enabled": True, "values": {"nodeRestriction": {"enabled": False}}}})
+    assert render.chart_values(off, Component.QOS_AGENT, Settings())["nodeRestriction"] == {"enabled": False}
+
+
 def test_a_policy_may_not_rename_the_components_cluster_objects(tmp_path: Path) -> None:
     # the operator's ClusterRole writes only the ClusterRoles/Bindings named after the charts (resourceNames): a
     # renamed one would be refused by the API server mid-apply, so the policy is refused first, naming the key

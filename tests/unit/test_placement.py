@@ -219,3 +219,12 @@ def test_a_link_down_die_is_used_when_the_products_rules_leave_no_set_without_it
     # a scheduler's choice holding a link-down die is still the answer (checked against all available)
     assert sorted(preferred_allocation(free, [], 2, x16, product=PRODUCTS["910b-x16"], single_only=ids(2),
                                        scheduler_choices=[ids(2, 3)])) == sorted(ids(2, 3))
+
+
+def test_a_one_device_request_takes_a_link_down_device_first() -> None:
+    # it serves single-device requests only: taking a linked one leaves the next multi-device set short
+    x8 = {f"Ascend910-{i}": Placement(group="mesh", numa=i // 4, order=i) for i in range(8)}
+    assert preferred_allocation(ids(0, 1, 4, 5), [], 1, x8) == ids(0)
+    assert preferred_allocation(ids(0, 1, 4, 5), [], 1, x8, single_only=ids(1)) == ids(1)
+    assert preferred_allocation(ids(0, 1, 4, 5), ids(4), 1, x8, single_only=ids(1)) == ids(4)  # must-include wins
+    assert preferred_allocation(ids(0, 4, 5), [], 1, x8, single_only=ids(1)) == ids(0)  # none free: as before

@@ -108,6 +108,22 @@ def test_index_errors_about_the_request_do_not_open_the_circuit() -> None:
     assert asyncio.run(main()) == ["answered"] * 5 + ["failed"] * 3 + ["skipped"]
 
 
+def test_an_index_at_a_wrong_path_opens_the_circuit() -> None:
+    # a 404 (a wrong kvIndexUrl or path) was taken for "the index works": every request paid the round trip and a
+    # warning, forever
+    async def main() -> list[Any]:
+        async def elsewhere(request: web.Request) -> web.Response:
+            return web.json_response({})
+
+        async with serving({"/v2/lookup": elsewhere}) as url:  # the index's lookup is not where it is asked
+            index = IndexLookup(url, timeout=1.0, failure_threshold=3, cool_down=10.0, clock=Clock())
+            outcomes = [(await index({"prompt": "p"})).outcome for _ in range(4)]
+            await index.close()
+        return outcomes
+
+    assert asyncio.run(main()) == ["failed"] * 3 + ["skipped"]
+
+
 def test_a_cancelled_probe_frees_the_half_open_slot() -> None:
     async def main() -> list[Any]:
         async def lookup(request: web.Request) -> web.Response:
