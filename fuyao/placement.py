@@ -74,11 +74,12 @@ def preferred_allocation(
         chosen = set(choice)
         if len(chosen) == size and chosen <= full_set and set(must) <= chosen:
             return ordered(chosen)
+    single = set(single_only)  # (once: an iterator would be spent by a second reading)
     if size == 1 and not must:
-        down = [d for d in full if d in set(single_only)]
+        down = [d for d in full if d in single]
         if down:
             return _pick(down, [], 1, place, ordered, product)
-    excluded = set(single_only) - set(must) if size > 1 else set()
+    excluded = single - set(must) if size > 1 else set()
     if excluded & full_set:
         def allowed(picked: list[str]) -> bool:
             return len(picked) == size and (product is None or shape_problem(

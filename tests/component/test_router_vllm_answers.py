@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -221,6 +222,20 @@ def test_an_empty_model_and_prompt_embeds_reach_the_engine_as_vllm_takes_them() 
         fake.close()
 
 
+async def _fleet_of_one(models: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, Fleet]:
+    """A fleet of one engine whose ``/v1/models`` is ``models`` (an aiohttp stand-in on a loopback port)."""
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fleet = Fleet(build_config().router)
+    fleet.backends[f"http://127.0.0.1:{port}"] = Backend(f"http://127.0.0.1:{port}")
+    return runner, fleet
+
+
 def test_the_fleet_knows_which_models_are_lora_adapters() -> None:
     # vLLM's /v1/models lists an adapter with its base model as parent
     async def models(_request: web.Request) -> web.Response:
@@ -229,15 +244,7 @@ def test_the_fleet_knows_which_models_are_lora_adapters() -> None:
             {"id": "tenant-a", "object": "model", "root": "/loras/a", "parent": "base"}]})
 
     async def scenario() -> frozenset[str]:
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        fleet = Fleet(build_config().router)
-        fleet.backends[f"http://127.0.0.1:{port}"] = Backend(f"http://127.0.0.1:{port}")
+        runner, fleet = await _fleet_of_one(models)
         try:
             async with aiohttp.ClientSession() as session:
                 await fleet.refresh_models(session)
@@ -256,15 +263,7 @@ def test_closing_stops_a_models_read_still_running() -> None:
         return web.json_response({"object": "list", "data": []})
 
     async def scenario() -> tuple[bool, bool]:
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        fleet = Fleet(build_config().router)
-        fleet.backends[f"http://127.0.0.1:{port}"] = Backend(f"http://127.0.0.1:{port}")
+        runner, fleet = await _fleet_of_one(models)
         try:
             async with aiohttp.ClientSession() as session:
                 waiting = asyncio.ensure_future(fleet.refresh_models(session))
