@@ -196,9 +196,9 @@ class KvIndex:
         extra = event.lora_name is not None or event.lora_id is not None or any(k is not None for k in keys)
         inherited = 0 if event.parent_block_hash is None else state.spaces.get(event.parent_block_hash, 0)
         if extra or inherited:  # (a salted chain's later blocks carry no extra keys: the salt is their parent's)
-            space = self._space(state, event) if extra else inherited
+            space = self._space(event, inherited) if extra else inherited
             if space is not None:  # an adapter's or a salted chain: keyed as the router keys such requests
-                plain = None if parent is None else parent ^ state.spaces.get(event.parent_block_hash or 0, 0)
+                plain = None if parent is None else parent ^ inherited  # the parent's plain-chain hash
                 ours = in_space(block_hashes(tokens, size, self.seed, parent=plain), space)
                 for theirs in engine:
                     state.spaces[theirs] = space
@@ -218,11 +218,12 @@ class KvIndex:
         return ours
 
     @staticmethod
-    def _space(state: EndpointState, event: BlockStored) -> int | None:
+    def _space(event: BlockStored, inherited: int) -> int | None:
         """The key space (:func:`fuyao.kv_blocks.key_space`) of an event's blocks when what sets them apart is a
         LoRA adapter and a ``cache_salt`` only (vLLM publishes each block's extra keys untagged: the adapter's name
         first on every block, the salt last on a request's first block); None for anything else (multimodal
-        inputs, prompt embeddings, an adapter without a name), or a chain whose space the index did not see."""
+        inputs, prompt embeddings, an adapter without a name), or a chain whose space the index did not see.
+        ``inherited``: the parent's space (0 for none, or a plain parent)."""
         adapter = event.lora_name
         if adapter is None and event.lora_id is not None:
             return None
@@ -242,7 +243,7 @@ class KvIndex:
             salt = first[0] if first else None
             space = key_space(adapter, salt)
         else:
-            space = state.spaces.get(event.parent_block_hash, 0)  # the salt is the parent's (its first block's)
+            space = inherited  # the salt is the parent's (its first block's)
             if space == 0 and adapter is not None:
                 return None  # an adapter's chain whose space the index never saw (or forgot): cannot be keyed
             if rest and rest[0]:

@@ -93,9 +93,8 @@ def assignment_for(pod: PodInfo, node: NodeInfo) -> PodAssignment | None:
             containers.append(ContainerAssignment(container=name or "main", resource=resource,
                                                   devices=tuple(chosen)))
     if plan is not None:  # plain init containers' dies: the kubelet keeps them the pod's (reused or idle)
-        inits = [name for name, requests, _ in pod.init_containers if int(requests.get(RESOURCE_NPU, 0)) > 0]
         containers += [ContainerAssignment(container=name or "init", resource=RESOURCE_NPU, devices=chosen)
-                       for name, chosen in zip(inits, plan.init_sets, strict=True) if chosen]
+                       for (name, _, _), chosen in zip(pod.npu_inits, plan.init_sets, strict=True) if chosen]
     return PodAssignment(node=node.name, containers=tuple(containers)) if containers else None
 
 

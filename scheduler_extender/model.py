@@ -254,8 +254,14 @@ class PodInfo:
     def npu_steps(self) -> NpuSteps:
         """The whole NPUs of each container, in the order the kubelet hands them out (see :class:`NpuSteps`)."""
         return NpuSteps(running=tuple(int(requests.get(RESOURCE_NPU, 0)) for _, requests in self.containers),
-                        init=tuple((n, before) for _, requests, before in self.init_containers
-                                   if (n := int(requests.get(RESOURCE_NPU, 0))) > 0))
+                        init=tuple((n, before) for _, n, before in self.npu_inits))
+
+    @cached_property
+    def npu_inits(self) -> tuple[tuple[str, int, int], ...]:
+        """The plain init containers asking for whole NPUs, in spec order: (name, NPUs, how many of ``containers``
+        run beside it). ``NpuSteps.init`` and ``NpuPlan.init_sets`` follow this order."""
+        return tuple((name, n, before) for name, requests, before in self.init_containers
+                     if (n := int(requests.get(RESOURCE_NPU, 0))) > 0)
 
     def npu_step(self, step: int) -> tuple[str, int, int | None]:
         """Step ``step`` of :attr:`npu_steps` (running containers first, then the plain init containers asking for
@@ -264,8 +270,8 @@ class PodInfo:
         running = len(self.containers)
         if step < running:
             return self.containers[step][0], self.npu_steps.running[step], None
-        name, _, beside = [c for c in self.init_containers if int(c[1].get(RESOURCE_NPU, 0)) > 0][step - running]
-        return name, self.npu_steps.init[step - running][0], beside
+        name, count, beside = self.npu_inits[step - running]
+        return name, count, beside
 
     @cached_property
     def npu_counts(self) -> tuple[int, ...]:
@@ -467,7 +473,7 @@ class NodeInfo:
                 # accounted by what the kubelet gave it (a deleted namesake's entry is neither); but the kubelet
                 # keeps a plain init container's dies the pod's too, and its pod-resources answer leaves plain init
                 # containers out: the planned ones no running container holds are taken all the same
-                inits = {name for name, requests, _ in pod.init_containers if requests.get(RESOURCE_NPU)}
+                inits = {name or "init" for name, _, _ in pod.npu_inits}  # as the binder names them
                 idle = {d for c in pod.assignment.containers if c.resource == RESOURCE_NPU and c.container in inits
                         for d in c.devices} - mine
                 if idle:
