@@ -12,11 +12,11 @@ import copy
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SCHEMA_VERSION = 1
 STATE_ENV = "FAKE_NPU_SMI_STATE"
@@ -39,12 +39,18 @@ class StateError(Exception):
     """The state file or a preset is invalid; the message names the field."""
 
 
+def _presets():  # type: ignore[no-untyped-def]
+    from importlib import resources  # imported when used: each npu-smi call is a process start
+
+    return resources.files("fuyao.npu_sim.presets")
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("fuyao.npu_sim.presets").iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in _presets().iterdir() if p.name.endswith(".json"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = resources.files("fuyao.npu_sim.presets") / f"{name}.json"
+    path = _presets() / f"{name}.json"
     if not path.is_file():
         raise StateError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     preset: dict[str, Any] = json.loads(path.read_text())
@@ -134,6 +140,8 @@ def locked_update() -> Iterator[dict[str, Any]]:
 
 
 def write(path: str, state: dict[str, Any]) -> None:
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fake-npu-smi.", dir=directory)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -181,6 +189,8 @@ def pci_device_id(state: dict[str, Any]) -> str:
 def write_sysfs(state: dict[str, Any], root: str | Path) -> list[Path]:
     """A sysfs tree with one PCI function per NPU card (``bus/pci/devices/<bdf>/{vendor,device,class}``), as node
     feature discovery reads it, plus a Huawei NIC that is not an NPU. Returns the NPU device directories."""
+    from pathlib import Path
+
     base = Path(root) / "bus" / "pci" / "devices"
     made = []
     cards = [c for c in chips(state) if c["chip"] == 0]
@@ -247,6 +257,8 @@ def vnpu_device_node(vnpu_id: int, present: bool) -> None:
     root = os.environ.get(DEV_ENV)
     if not root:
         return
+    from pathlib import Path
+
     path = Path(root) / f"vdavinci{vnpu_id}"
     if not present:
         path.unlink(missing_ok=True)

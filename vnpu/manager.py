@@ -350,8 +350,10 @@ class VnpuManager:
                                              f"outcome ({exc}); it stays pending until npu-smi answers") from None
                 log.warning("npu-smi reported an error but vNPU %d on %s exists; keeping it: %s", vnpu_id,
                             device_id, exc)
-            done = record.model_copy(update={"state": "created", "pid": None, "pid_started": None,
-                                             "recreate": False})
+            # its age counts from now: a reconcile that asked the kubelet while npu-smi worked (a create can take
+            # seconds, or its whole timeout) must not judge the vNPU by that answer before Allocate returns
+            done = record.model_copy(update={"state": "created", "at": time.time(), "pid": None,
+                                             "pid_started": None, "recreate": False})
             self.ledger.replace(record, done)
         self._event("create", "ok")
         log.info("created vNPU %d (%s) on %s for %s", vnpu_id, template.name, device_id, owner,

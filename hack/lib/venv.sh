@@ -30,11 +30,16 @@ ensure_venv() {
     }
   fi
   # Reinstall only when pyproject.toml changed (or the extra differs).
-  stamp="$VENV/.fuyao-installed-$extra"
+  stamp="$VENV/.fuyao-installed-$extra-path"
   if [ ! -f "$stamp" ] || [ "$REPO_ROOT/pyproject.toml" -nt "$stamp" ] || [ ! -x "$VENV/bin/fuyao" ]; then
     echo "==> installing fuyao${extra:+[$extra]} into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install -q -e "$spec"
+    # setuptools' 'compat' editable mode puts the checkout on sys.path with a plain .pth line; the default mode's
+    # import hook costs every Python start about 25 ms (pathlib and importlib.util at interpreter start), and the
+    # tests start Python thousands of times (each fake npu-smi call is one). A setuptools without the mode (it is
+    # transitional): the default install.
+    "$VENV/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat 2>/dev/null ||
+      "$VENV/bin/python" -m pip install -q -e "$spec"
     touch "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"

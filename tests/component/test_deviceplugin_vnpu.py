@@ -26,11 +26,11 @@ def made() -> Iterator[list[PluginUnderTest]]:
 
 
 def start(made: list[PluginUnderTest], mode: str, entries: list[dict] | None = None,  # type: ignore[type-arg]
-          preset: str = "910b4-8", grace: str = "0.5s") -> PluginUnderTest:
+          preset: str = "910b4-8", grace: str = "0.5s", reconcile: str = "0.3s") -> PluginUnderTest:
     p = PluginUnderTest(preset)
     made.append(p)
     config = p.root / "plugin.yaml"
-    config.write_text(f"version: v1\nvnpu: {{mode: {mode}, reconcileInterval: 0.3s, collectGrace: {grace}}}\n")
+    config.write_text(f"version: v1\nvnpu: {{mode: {mode}, reconcileInterval: {reconcile}, collectGrace: {grace}}}\n")
     args = ["--config", str(config)]
     if entries is not None:
         (p.root / "vnpu-config.json").write_text(json.dumps({"devices": entries}))
@@ -242,8 +242,9 @@ def test_dynamic_lifecycles_with_failures_leak_nothing(made) -> None:  # type: i
     rng = random.Random(20261130)
     # the grace covers the time from Allocate (the vNPU is created) to the kubelet recording the pod: 30 s in
     # production; 1 s here, as 0.2 s was shorter than that time on a loaded 2-core CI machine (the stand-in records
-    # the pod after Allocate's answer arrives) and a held vNPU could then be collected
-    p = start(made, "dynamic", grace="1s")
+    # the pod after Allocate's answer arrives) and a held vNPU could then be collected. A reconcile reads every
+    # chip's vNPUs (nine npu-smi calls): every 0.3 s it kept a core busy for the whole test (4 min in CI)
+    p = start(made, "dynamic", grace="1s", reconcile="1.5s")
     k = p.kubelet
     k.wait_registered(RESOURCE_NPU_CORE, timeout=30)
     k.wait_devices(RESOURCE_NPU_CORE)

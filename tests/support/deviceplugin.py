@@ -28,15 +28,17 @@ FAKE_HCCN_TOOL = REPO / "hack" / "fake-hccn-tool"
 
 
 class PluginUnderTest:
-    def __init__(self, preset: str = "910b4-8", *, health_interval: str = "0.2s", extra_args: tuple[str, ...] = (),
+    def __init__(self, preset: str = "910b4-8", *, health_interval: str = "0.5s", extra_args: tuple[str, ...] = (),
                  start_kubelet: bool = True):
         self.root = Path(tempfile.mkdtemp(prefix="fdp", dir="/tmp"))
         self.preset = preset
         self.state = self.root / "npu.json"
         self.dev_root = self.root / "dev"
         # the simulated driver makes (and removes) vdavinci<id> under the dev root with each vNPU, as the real one
+        # the fake npu-smi's "#!/usr/bin/env python3" finds this interpreter first (not a pyenv shim: a bash
+        # script around every call); every health poll, reconcile and vNPU change starts one
         self.env = {**os.environ, "FAKE_NPU_SMI_STATE": str(self.state), "FAKE_NPU_SMI_DEV": str(self.dev_root),
-                    "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.plugin_dir = self.root / "dp"
         self.log_path = self.root / "plugin.log"
         self.health_interval = health_interval

@@ -71,11 +71,20 @@ class Daemon:
             return log.read()
 
     def start(self, timeout: float = 20.0) -> Daemon:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> Daemon:
+        """Start the process without waiting for it (:meth:`wait_ready`; :func:`start_all` for several)."""
         with tempfile.NamedTemporaryFile(prefix=f"{self.module}-", suffix=".log", delete=False) as log:
             self.log_path = log.name
             self.proc = subprocess.Popen([self.python, "-m", self.module, *self.args, *self.log_args],
                                          stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=self.group)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> Daemon:
+        """Wait until ``health_path`` answers (the process launched)."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -134,6 +143,17 @@ class Daemon:
         if self.log_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.log_path)
+
+
+def start_all(daemons: list[Daemon], timeout: float = 20.0) -> list[Daemon]:
+    """Launch every daemon, then wait for each: slow starters (a vLLM engine takes ~40 s, much of it waiting on
+    imports and its own worker) start side by side instead of one after the other."""
+    for daemon in daemons:
+        daemon.launch()
+    deadline = time.monotonic() + timeout
+    for daemon in daemons:
+        daemon.wait_ready(max(1.0, deadline - time.monotonic()))
+    return daemons
 
 
 def engine(*extra: str, events: bool = False, replay: bool = False, time_scale: float = 20.0) -> Daemon:

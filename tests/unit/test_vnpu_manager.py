@@ -122,6 +122,28 @@ def age(ledger: Ledger, record: VnpuRecord, seconds: float) -> VnpuRecord:
     return older
 
 
+def test_a_kubelet_answer_asked_while_npu_smi_created_the_vnpu_does_not_judge_it(
+        manager: m.VnpuManager, driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that took longer than the grace (npu-smi slow, or killed at its timeout after acting): a reconcile
+    that asked the kubelet meanwhile (no pod holds the cores yet: Allocate has not returned) waited for the ledger,
+    then destroyed the vNPU Allocate was about to hand out. Its age counts from the create's end."""
+    create = driver.create_vnpu
+
+    def slow(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        create(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "create_vnpu", slow)
+    began = time.time()
+    record = manager.create_dynamic(D, cores(range(5)), TEMPLATES)
+    asked = began + 0.2  # while npu-smi worked
+    assert manager.collect_dynamic([], min_age_s=0.1, observed_at=asked) == ([], [])
+    assert driver.vnpus[0] == {record.vnpu_id: record.template}
+    # an answer asked a grace after the create ended, still without it: collected
+    destroyed, _ = manager.collect_dynamic([], min_age_s=0.1, observed_at=time.time() + 0.2)
+    assert [r.vnpu_id for r in destroyed] == [record.vnpu_id]
+
+
 # --- dynamic vNPUs: held means exactly its cores --------------------------------------------------------------------
 def test_a_dead_pods_vnpu_goes_although_a_new_pod_holds_a_superset_of_its_cores(manager: m.VnpuManager,
                                                                                    driver: Driver) -> None:

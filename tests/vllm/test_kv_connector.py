@@ -19,7 +19,7 @@ import pytest
 from fuyao.contracts import KvCachePolicy
 from fuyao.kv_blocks import block_hashes
 from fuyao.kvcache.volume import VolumeTier
-from tests.support.engines import Daemon, http_json, metric_total
+from tests.support.engines import Daemon, http_json, metric_total, start_all
 from tests.support.polling import wait_for
 from tests.support.vllm import BLOCK_SIZE, MODEL, REPO, vllm_engine
 
@@ -45,8 +45,7 @@ def engines(tier: Path) -> Iterator[list[Daemon]]:
     env = {"PYTHONPATH": str(REPO)}  # the checkout: vLLM imports the connector by module path
     pair = [vllm_engine(*connector_args(tier), env=env), vllm_engine(*connector_args(tier), env=env)]
     try:
-        for daemon in pair:
-            daemon.start(timeout=300)
+        start_all(pair, timeout=420)  # side by side: each takes ~40-100 s, mostly its own start-up
         yield pair
     finally:
         for daemon in pair:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from fuyao import tokenization
 from fuyao.kv_blocks import BlockStored, decode_batch
-from tests.support.engines import Daemon, http_json, kvcache, metric_total, router
+from tests.support.engines import Daemon, http_json, kvcache, metric_total, router, start_all
 from tests.support.engines import engine as sim_engine
 from tests.support.vllm import BLOCK_SIZE, MODEL, generated_model, vllm_engine
 
@@ -36,8 +36,7 @@ def pair() -> Iterator[list[Daemon]]:
     random seed per process) — the same tokens get unrelated hashes on the two, and again after a restart."""
     engines = [vllm_engine(), vllm_engine(hash_algo="xxhash")]
     try:
-        for daemon in engines:
-            daemon.start(timeout=240)
+        start_all(engines, timeout=360)  # side by side: each takes ~40-100 s, mostly its own start-up
         yield engines
     finally:
         for daemon in engines:
