@@ -181,7 +181,7 @@ class VnpuControl:
         the plan newly carves, once offered whole, is likewise withdrawn first and carved a grace period later if a
         fresh answer shows it still free (the kubelet records an allocation only after Allocate returns)."""
         plan = self._current_plan()
-        now = time.monotonic()
+        now = self.manager.clock()  # monotonic: the manager's withdrawal times are on the same clock
         grace = self.settings.collect_grace
         # withdrawn at least a grace period before this round's question to the kubelet
         asked = now - (time.time() - self.held_at)
@@ -190,21 +190,24 @@ class VnpuControl:
         try:
             if plan is not None:
                 report = self.manager.apply(plan, held_slices, destroyable, held_whole=self.held_whole,
-                                            withdraw_grace=grace if self._advertising else 0.0)
+                                            withdraw_grace=grace if self._advertising else 0.0, asked_at=asked)
                 retiring = {(r.device_id, r.vnpu_id) for r in report.retiring + report.in_use}
                 if report.created or report.destroyed or report.errors or report.adopted or report.forgotten:
                     log.info("static vNPUs applied", extra={"report": report.summary()})
         except NpuSmiError as exc:
             log.error("applying the vNPU plan failed (retried every %gs): %s", self.settings.reconcile_interval, exc)
         finally:
-            self._retiring = {k: self._retiring.get(k, now) for k in retiring}
             records = self.manager.static_records()
-            offered = [r for r in records if (r.device_id, r.vnpu_id) not in self._retiring
+            offered = [r for r in records if (r.device_id, r.vnpu_id) not in retiring
                        or (held_slices is not None and (r.device_id, r.vnpu_id) in held_slices)]
             carved = {r.device_id for r in self.manager.ledger.records()} | (plan.carved if plan else set()) | \
                 self._dies_with_vnpus()
             self.vnpu.advertised.set_slots(vnpu_slots(self.devices, offered))
             self.npu.advertised.set_slots(whole_device_slots(d for d in self.inventory.devices if d.id not in carved))
+            # withdrawn now, not when this round began: the apply above may have taken seconds (npu-smi creates)
+            withdrawn = self.manager.clock()
+            self._retiring = {k: self._retiring.get(k, withdrawn) for k in retiring}
+            self.manager.withdrawn_at(withdrawn)
 
     def _dies_with_vnpus(self) -> set[str]:
         """Dies npu-smi shows any vNPU on (ours, another tool's, a leftover): never offered whole."""

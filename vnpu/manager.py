@@ -189,7 +189,8 @@ class VnpuManager:
         self.on_event = on_event  # (action, result) → metrics
         self.templates = {t.name: t for t in templates}
         self.clock: Callable[[], float] = time.monotonic
-        self._withdrawn: dict[str, float] = {}  # die → when apply first found it to carve, free (clock)
+        self._withdrawn: dict[str, float] = {}  # die → when it stopped being offered whole (clock)
+        self._unconfirmed: set[str] = set()  # dies first found to carve by the last apply: withdrawn_at() stamps them
 
     # Observation -----------------------------------------------------------------------------------------------
     def device(self, device_id: str) -> NpuDevice:
@@ -381,7 +382,8 @@ class VnpuManager:
 
     def apply(self, plan: Plan, in_use: set[tuple[str, int]] | None,
               destroyable: set[tuple[str, int]] | None = None,
-              held_whole: Collection[str] | None = (), withdraw_grace: float = 0.0) -> ApplyReport:
+              held_whole: Collection[str] | None = (), withdraw_grace: float = 0.0,
+              asked_at: float | None = None) -> ApplyReport:
         """Make the static vNPUs match ``plan``. ``in_use``: (device, vNPU id) pairs containers hold, from the
         kubelet; None when that is unknown — then nothing is destroyed (creations still happen on chips with no
         surplus vNPU). A chip whose surplus vNPUs stay (in use, retiring, or not destroyed) gets no new ones until
@@ -395,7 +397,10 @@ class VnpuManager:
         (``withdrawing``): such a die is carved only on an apply at least this long after the first that found it
         free, and only if ``held_whole`` (asked anew, after the withdrawal) still does not name it — the kubelet may
         have handed it out whole just before the withdrawal and records that only after Allocate returns. A die
-        found held starts over. 0 (a caller that offers no die whole): carved at once."""
+        found held starts over. 0 (a caller that offers no die whole): carved at once. The grace runs from the
+        withdrawal the caller reports with :meth:`withdrawn_at` (else from this apply) to ``asked_at``, when
+        ``held_whole`` was asked (``clock`` time; else now): an apply that takes seconds (slow creates elsewhere)
+        or a question asked well before it must not count toward it."""
         with self.ledger.transaction():
             report = ApplyReport(adopted=self.recover())
             records = self.ledger.records()
@@ -450,29 +455,44 @@ class VnpuManager:
                              " + ".join(f"{n} x {t.name}" for t, n in parts))
                     continue
                 fresh = not observed.get(device_id) and not any(r.device_id == device_id for r in records)
-                if fresh and not self._may_carve(device_id, held_whole, withdraw_grace, report):
+                if fresh and not self._may_carve(device_id, held_whole, withdraw_grace, report, asked_at):
                     continue
                 self._withdrawn.pop(device_id, None)
+                self._unconfirmed.discard(device_id)
                 report.created.extend(self._create_split(device_id, parts, report))
             for device_id in set(self._withdrawn) - set(by_device):  # no longer to carve here
                 del self._withdrawn[device_id]
+                self._unconfirmed.discard(device_id)
             return report
 
+    def withdrawn_at(self, at: float) -> None:
+        """The caller stopped offering whole, at ``at`` (``clock`` time), the dies the last :meth:`apply` first
+        found to carve (``withdrawing``): their grace runs from then."""
+        for device_id in self._unconfirmed:
+            if device_id in self._withdrawn:
+                self._withdrawn[device_id] = at
+        self._unconfirmed.clear()
+
     def _may_carve(self, device_id: str, held_whole: Collection[str] | None, withdraw_grace: float,
-                   report: ApplyReport) -> bool:
+                   report: ApplyReport, asked_at: float | None = None) -> bool:
         """Whether a die with no vNPU may be carved now (see :meth:`apply`); else it is reported ``waiting`` (held,
         or unknown) or ``withdrawing`` (free, but not withdrawn from whole offers for ``withdraw_grace`` yet)."""
         if held_whole is not None and device_id in held_whole:
             self._withdrawn.pop(device_id, None)  # once released, it must stay withdrawn a whole grace again
+            self._unconfirmed.discard(device_id)
         if held_whole is None or device_id in held_whole:
             report.waiting.append(device_id)
             log.info("%s is in the vNPU plan but %s: carved once it is free", device_id,
                      "a container holds it whole" if held_whole is not None else
                      "the kubelet's view of who holds it is unknown")
             return False
-        now = self.clock()
-        since = self._withdrawn.setdefault(device_id, now)
-        if now - since < withdraw_grace:
+        if withdraw_grace <= 0:
+            return True  # a caller that offers no die whole
+        if device_id not in self._withdrawn:
+            self._withdrawn[device_id] = self.clock()  # until the caller says when it withdrew it (withdrawn_at)
+            self._unconfirmed.add(device_id)
+        now = self.clock() if asked_at is None else asked_at
+        if now - self._withdrawn[device_id] < withdraw_grace:
             report.withdrawing.append(device_id)
             log.info("%s is in the vNPU plan and free: carved once it has not been offered whole for %gs and is "
                      "still free", device_id, withdraw_grace)

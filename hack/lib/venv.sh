@@ -38,8 +38,10 @@ ensure_venv() {
     # import hook costs every Python start about 25 ms (pathlib and importlib.util at interpreter start), and the
     # tests start Python thousands of times (each fake npu-smi call is one). A setuptools without the mode (it is
     # transitional): the default install.
-    "$VENV/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat 2>/dev/null ||
+    if ! "$VENV/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat 2>/dev/null; then
+      echo "==> setuptools' compat editable mode failed: the default editable install" >&2
       "$VENV/bin/python" -m pip install -q -e "$spec"
+    fi
     touch "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"

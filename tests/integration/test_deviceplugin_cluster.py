@@ -90,7 +90,7 @@ def test_labels_and_topology_are_published_and_patched_only_on_change(
     assert {d.numa_node for d in topo.devices.values()} == {0, 1, 2, 3}
 
     version = api.read_node(node).metadata.resource_version
-    time.sleep(1.5)  # about seven health polls with nothing changing
+    time.sleep(2.5)  # about five health polls (every 0.5 s) with nothing changing
     assert api.read_node(node).metadata.resource_version == version
 
     # a container gets two dies: the annotation says which (the extender then knows, whoever bound the pod)

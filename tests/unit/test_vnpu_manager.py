@@ -360,6 +360,29 @@ def test_the_reconcile_loop_starts_although_the_first_reconcile_fails(tmp_path: 
         control.stop()
 
 
+def test_a_retiring_slice_is_timed_from_its_withdrawal_not_from_the_rounds_start(
+        tmp_path: Path, driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice the plan drops is destroyed a grace after it stopped being offered. It is withdrawn once apply
+    returns, and apply can take seconds (npu-smi creates on other chips): timed from the round's start, it was
+    destroyed up to that long early, while a container the kubelet gave it just before the withdrawal was
+    starting."""
+    control = _control(tmp_path, driver, monkeypatch, "static")
+    clock = _Clock()
+    control.manager.clock = clock
+    record = VnpuRecord(vnpu_id=100, device_id=D, npu_id=0, chip_id=0, template="vir10_3c_32g", owner=OWNER_STATIC,
+                        state="created", at=0.0)
+
+    def slow_apply(*args, **kwargs) -> m.ApplyReport:  # type: ignore[no-untyped-def]
+        clock.now += 10
+        return m.ApplyReport(retiring=[record])
+
+    monkeypatch.setattr(control.manager, "apply", slow_apply)
+    monkeypatch.setattr(control, "_current_plan", lambda: Plan(devices=()))
+    control.held_at = time.time()
+    control._reconcile_static(set())
+    assert control._retiring == {(D, 100): 1010.0}  # withdrawn when apply returned
+
+
 def test_whatever_the_first_reconcile_raises_the_loop_starts_and_retries(tmp_path: Path, driver: Driver,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     control = _control(tmp_path, driver, monkeypatch, "dynamic")
@@ -428,6 +451,29 @@ def test_a_free_die_is_carved_only_after_it_was_withdrawn_from_whole_offers_for_
     clock.now += 30
     report = manager.apply(halves, set(), held_whole=set(), withdraw_grace=30)
     assert [r.vnpu_id for r in report.created] == [100, 101] and not report.withdrawing
+
+
+def test_the_withdrawal_grace_runs_from_the_withdrawal_to_the_question(manager: m.VnpuManager,
+                                                                          driver: Driver) -> None:
+    """The grace is what the kubelet had to record a whole-die Allocate made just before the withdrawal: it runs from
+    when the caller stopped offering the die (after an apply that may take seconds) to when the kubelet was asked
+    (before the next apply), not from one apply's start to the next's."""
+    clock = _Clock()
+    manager.clock = clock
+    halves = plan(("vir10_3c_32g", 2))
+    assert manager.apply(halves, set(), held_whole=set(), withdraw_grace=30, asked_at=999).withdrawing == [D]
+    clock.now += 10  # the rest of that round's apply (slow creates on other chips), then the withdrawal
+    manager.withdrawn_at(clock.now)
+    clock.now += 26  # 36 s after the first apply, but the question was only 25 s after the withdrawal
+    report = manager.apply(halves, set(), held_whole=set(), withdraw_grace=30, asked_at=clock.now - 1)
+    assert report.withdrawing == [D] and driver.vnpus == {}
+    clock.now += 6  # asked 30 s after the withdrawal, still free: carved
+    report = manager.apply(halves, set(), held_whole=set(), withdraw_grace=30, asked_at=clock.now - 1)
+    assert [r.vnpu_id for r in report.created] == [100, 101] and not report.withdrawing
+    # a caller that offers no die whole: carved at once, whatever the question's time
+    other = m.VnpuManager(Driver(), Ledger(manager.ledger.path.parent / "other.json"), [CHIP],  # type: ignore[arg-type]
+                          templates=TEMPLATES)
+    assert len(other.apply(halves, set(), held_whole=set(), withdraw_grace=0, asked_at=0.0).created) == 2
 
 
 # --- AICPUs: before and after SR-IOV ---------------------------------------------------------------------------------
