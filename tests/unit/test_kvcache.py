@@ -19,6 +19,7 @@ from fuyao.kvcache.keys import VllmKeys
 from fuyao.kvcache.subscriber import Source, Subscriber
 from fuyao.kvcache.tier import SharedTier
 from tests.support.apiserver import free_port
+from tests.support.polling import wait_for
 
 
 # --- the engine's block pool ------------------------------------------------------------------------------------------
@@ -261,15 +262,6 @@ def _frames(seq: int, hashes: list[int]) -> list[bytes]:
     return [b"kv@test@m", seq.to_bytes(8, "big"), encode_batch(batch)]
 
 
-def _wait(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    # a bound for failures only: each condition holds within milliseconds on a quiet machine, but a loaded CI
-    # machine took more than 5 s to connect a SUB socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.02)
-    assert predicate()
-
-
 @pytest.mark.parametrize("with_replay", [True, False])
 def test_a_sequence_gap_is_replayed_or_the_endpoint_dropped(with_replay: bool) -> None:
     ctx = zmq.Context.instance()
@@ -284,25 +276,27 @@ def test_a_sequence_gap_is_replayed_or_the_endpoint_dropped(with_replay: bool) -
     try:
         # the slow-joiner problem: publish until the subscriber is connected (each repeat of batch 0 is taken as a
         # restart: its entries dropped and batch 0 applied again, so 100 is back after every whole batch)
-        _wait(lambda: "engine" in subscriber.stats and subscriber.stats["engine"].connected)
-        _wait(lambda: pub.send_multipart(_frames(0, [100])) or 100 in index.blocks)
+        # (the waits are failure bounds: each condition holds within milliseconds on a quiet machine, but a loaded
+        # CI machine took more than 5 s to connect the SUB socket)
+        wait_for(lambda: "engine" in subscriber.stats and subscriber.stats["engine"].connected, what="connected")
+        wait_for(lambda: pub.send_multipart(_frames(0, [100])) or 100 in index.blocks, what="batch 0")
         pub.send_multipart(_frames(1, [101]))
-        _wait(lambda: 101 in index.blocks)
+        wait_for(lambda: 101 in index.blocks, what="block 101")
         pub.send_multipart(_frames(3, [103]))  # 2 was lost
         if with_replay:
             request = router.recv_multipart()  # [identity, "", start]
             assert int.from_bytes(request[2], "big") == 2
             router.send_multipart([request[0], b"", (2).to_bytes(8, "big"), _frames(2, [102])[2]])
             router.send_multipart([request[0], b"", (-1).to_bytes(8, "big", signed=True), b""])
-            _wait(lambda: 103 in index.blocks)
+            wait_for(lambda: 103 in index.blocks, what="block 103")
             assert {100, 101, 102, 103} <= set(index.blocks) and subscriber.stats["engine"].replays == 1
         else:
-            _wait(lambda: 103 in index.blocks)
+            wait_for(lambda: 103 in index.blocks, what="block 103")
             assert set(index.blocks) == {103}  # what came before the gap cannot be trusted any more
             assert subscriber.stats["engine"].drops == 1
         assert subscriber.stats["engine"].gaps == 1
         pub.send_multipart([b"t", (4).to_bytes(8, "big"), b"\xc1 not msgpack"])
-        _wait(lambda: subscriber.stats["engine"].decode_errors == 1)
+        wait_for(lambda: subscriber.stats["engine"].decode_errors == 1, what="a decode error")
         assert not index.blocks  # an undecodable batch: the endpoint's state is unknown
     finally:
         subscriber.stop()
